@@ -1,0 +1,32 @@
+"""The slmops wire contract: messages, resource names, histogram maths, bundle format and
+signature, configuration, logging and NATS helpers. Imports neither ``edge`` nor ``cloud``."""
+
+from shared.errors import BundleError, ConfigError, NatsUnavailable, ResourceConflict, SlmopsError
+from shared.histogram import Histogram
+from shared.messages import (
+    Assignment,
+    DeviceProfile,
+    DriftEvent,
+    ModelManifest,
+    ModelRef,
+    NodeStatus,
+    RolloutEvent,
+    TelemetryAggregate,
+)
+
+__all__ = [
+    "Assignment",
+    "BundleError",
+    "ConfigError",
+    "DeviceProfile",
+    "DriftEvent",
+    "Histogram",
+    "ModelManifest",
+    "ModelRef",
+    "NatsUnavailable",
+    "NodeStatus",
+    "ResourceConflict",
+    "RolloutEvent",
+    "SlmopsError",
+    "TelemetryAggregate",
+]

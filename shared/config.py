@@ -1,0 +1,75 @@
+"""Configuration Structs. Unknown keys are errors (a typo must not become a silent default);
+values come from a TOML/JSON file, ``SLMOPS_*`` environment variables or CLI flags."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.errors import ConfigError
+
+__all__ = ["Config", "load_config", "parse_duration", "parse_size"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "ki": 1024, "m": 1000**2, "mi": 1024**2, "g": 1000**3, "gi": 1024**3}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from ``500ms``, ``2s``, ``1m``, ``1.5h``, ``2d`` or a bare number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value!r}")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"duration {value!r} is not valid: use e.g. 500ms, 2s, 1m, 1h, 2d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``4096``, ``64k``, ``10MB``, ``1GiB`` (k/M/G = 1000s, Ki/Mi/Gi = 1024s)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"size must not be negative, got {value!r}")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"size {value!r} is not valid: use e.g. 4096, 64k, 10MB, 1GiB")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config Struct: unknown keys are rejected with the key's name."""
+
+
+C = TypeVar("C", bound=Config)
+
+
+def load_config(type_: type[C], data: dict[str, Any] | None = None, path: Path | None = None) -> C:
+    """Build ``type_`` from a TOML/JSON file overlaid with ``data`` (flags/env win).
+
+    Raises ``ConfigError`` naming the source and the bad key or value."""
+    merged: dict[str, Any] = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = Path(path).read_bytes()
+            loaded = tomllib.loads(raw.decode()) if str(path).endswith(".toml") else msgspec.json.decode(raw)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
+            raise ConfigError(source, f"cannot read: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, "top level must be a table/object")
+        merged.update(loaded)
+    merged.update({k: v for k, v in (data or {}).items() if v is not None})
+    try:
+        return msgspec.convert(merged, type_, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(source, str(exc)) from exc

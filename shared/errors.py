@@ -1,0 +1,73 @@
+"""The exception tree shared by every slmops package.
+
+Each error keeps its data as attributes and builds its message from them, so a caller can
+react to the data and a log line still reads well.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "ConfigError",
+    "NatsUnavailable",
+    "ResourceConflict",
+    "ServerStartError",
+    "SlmopsError",
+]
+
+
+class SlmopsError(Exception):
+    """Base class of every error slmops raises on purpose."""
+
+
+class ConfigError(SlmopsError, ValueError):
+    """A configuration value (file, flag or environment variable) is invalid."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"invalid configuration in {source}: {reason}")
+
+
+class ServerStartError(SlmopsError):
+    """The embedded nats-server did not become ready."""
+
+    def __init__(self, reason: str, stderr: str = "") -> None:
+        self.reason = reason
+        self.stderr = stderr
+        tail = f"\n--- nats-server output ---\n{stderr.strip()}" if stderr.strip() else ""
+        super().__init__(f"nats-server did not start: {reason}{tail}")
+
+
+class NatsUnavailable(SlmopsError):
+    """NATS could not be reached, or is not connected right now."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"NATS at {url} unavailable: {reason}")
+
+
+class ResourceConflict(SlmopsError):
+    """An existing NATS resource has a configuration slmops cannot work with."""
+
+    def __init__(self, kind: str, name: str, field: str, have: object, want: object) -> None:
+        self.kind = kind
+        self.name = name
+        self.field = field
+        self.have = have
+        self.want = want
+        super().__init__(
+            f"existing {kind} {name!r} has {field}={have!r}, slmops needs {want!r}; "
+            f"fix or delete it by hand (slmops never deletes data on its own)"
+        )
+
+
+class BundleError(SlmopsError):
+    """A model bundle is invalid: bad manifest, hash, signature, model or smoke test."""
+
+    def __init__(self, bundle: str, reason: str, code: str = "invalid") -> None:
+        self.bundle = bundle
+        self.reason = reason
+        self.code = code
+        super().__init__(f"model bundle {bundle}: {reason}")

@@ -1,0 +1,335 @@
+"""The wire messages: msgspec Structs, encoded as maps with named fields.
+
+Rules (DESIGN §4): every message carries ``v`` (schema version); new fields get defaults and a
+field never changes type; wire messages accept unknown fields so old and new nodes live side by
+side. Telemetry travels as msgpack, everything meant for people and other languages as JSON.
+Encoders and decoders are built once here and reused.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from shared.histogram import Histogram
+
+__all__ = [
+    "WIRE_TYPES",
+    "Assignment",
+    "DeviceProfile",
+    "DriftEvent",
+    "HistogramEdges",
+    "ModelManifest",
+    "ModelRef",
+    "NodeStatus",
+    "Preprocessing",
+    "Privacy",
+    "ReferenceProfile",
+    "RolloutEvent",
+    "Signature",
+    "SmokeTest",
+    "TelemetryAggregate",
+    "TensorSpec",
+    "decode_json",
+    "decode_telemetry",
+    "encode_json",
+    "encode_telemetry",
+    "json_schemas",
+]
+
+SCHEMA_VERSION = 1
+
+
+class Wire(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """Base of wire messages: named-field maps, unknown fields ignored."""
+
+
+class ModelRef(Wire, kw_only=True):
+    name: str
+    version: int
+    variant: str = "fp32"
+
+
+class Privacy(Wire, kw_only=True):
+    """What the edge applied before publishing: k-anonymity bound and optional DP noise."""
+
+    k: int
+    epsilon: float | None = None
+    #: "none" or "geometric" (two-sided geometric noise on every histogram and class count).
+    mechanism: str = "none"
+
+
+class TelemetryAggregate(Wire, kw_only=True):
+    """One window of one node's privacy-filtered inference statistics (msgpack)."""
+
+    v: int = SCHEMA_VERSION
+    fleet: str
+    node: str
+    model: ModelRef
+    #: Per-node, monotonic from 1; with ``node`` it identifies the aggregate exactly once.
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    #: Inferences in the window (exact, never noised: it is what fleet counts are built on).
+    count: int
+    errors: int = 0
+    #: Predicted label -> count.
+    class_counts: dict[str, int] = {}
+    confidence: Histogram
+    input_length: Histogram
+    latency_ms: Histogram
+    #: Ground truth from apps: true label -> predicted label -> count.
+    feedback: dict[str, dict[str, int]] = {}
+    privacy: Privacy
+    #: How many original windows were merged into this one (outbox compaction, DESIGN §5).
+    windows: int = 1
+    #: Loss receipt: inferences and aggregates dropped because the outbox was full.
+    dropped_inferences: int = 0
+    dropped_aggregates: int = 0
+
+
+class DeviceProfile(Wire, kw_only=True):
+    arch: str = ""
+    os: str = ""
+    cores: int = 0
+    memory_mb: int = 0
+    free_disk_mb: int = 0
+    ort_version: str = ""
+    providers: list[str] = []
+    #: A name for a class of device, e.g. "gateway-small"; free text.
+    profile: str = ""
+
+
+class RefreshResult(Wire, kw_only=True):
+    model: ModelRef
+    ok: bool
+    #: Machine-readable reason when not ok: bad_signature, unknown_key, hash_mismatch,
+    #: truncated, load_failed, smoke_failed, incompatible, too_large, download_failed.
+    code: str = ""
+    reason: str = ""
+    at: datetime | None = None
+
+
+class NodeStatus(Wire, kw_only=True):
+    """A node's self-report (JSON), on connect and periodically."""
+
+    v: int = SCHEMA_VERSION
+    fleet: str
+    node: str
+    time: datetime
+    #: "connect", "periodic", "model_installed", "model_rejected", "rollback", "shutdown".
+    event: str = "periodic"
+    device: DeviceProfile = msgspec.field(default_factory=DeviceProfile)
+    model: ModelRef | None = None
+    previous_model: ModelRef | None = None
+    outbox_depth: int = 0
+    buffer_bytes: int = 0
+    dropped_inferences: int = 0
+    dropped_aggregates: int = 0
+    served: int = 0
+    last_seq: int = 0
+    last_sync: datetime | None = None
+    last_error: str | None = None
+    refresh: RefreshResult | None = None
+
+
+class TensorSpec(Wire, kw_only=True):
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class Preprocessing(Wire, kw_only=True):
+    """How text becomes model input; run by ``shared.preprocess`` at the edge and factory."""
+
+    kind: str = "hashed_ngrams"
+    buckets: int = 4096
+    max_tokens: int = 64
+    word_ngrams: list[int] = msgspec.field(default_factory=lambda: [1, 2])
+    char_ngrams: list[int] = msgspec.field(default_factory=lambda: [3])
+    lowercase: bool = True
+
+
+class HistogramEdges(Wire, kw_only=True):
+    """Bin edges every aggregate of a model uses, so aggregates merge by adding counts."""
+
+    confidence: list[float]
+    input_length: list[float]
+    latency_ms: list[float]
+
+
+class ReferenceProfile(Wire, kw_only=True):
+    """What the model's traffic looked like on held-out data (drift reference)."""
+
+    count: int
+    class_counts: dict[str, int]
+    confidence: Histogram
+    input_length: Histogram
+    latency_ms: Histogram | None = None
+    accuracy: float | None = None
+    #: Held-out confusion: true label -> predicted label -> count (for BBSE).
+    confusion: dict[str, dict[str, int]] = {}
+    #: Class priors of the held-out data (true labels).
+    priors: dict[str, float] = {}
+    source: str = "held-out"
+
+
+class SmokeTest(Wire, kw_only=True):
+    text: str
+    label: str
+    probs: list[float]
+    tolerance: float = 1e-3
+
+
+class Signature(Wire, kw_only=True):
+    key_id: str
+    algorithm: str = "ed25519"
+    #: Base64 of the signature over ``shared.bundle.canonical_bytes(manifest)``.
+    value: str
+
+
+class ModelManifest(Wire, kw_only=True):
+    """Everything a node needs to trust, load, feed and watch a model."""
+
+    v: int = SCHEMA_VERSION
+    name: str
+    version: int
+    variant: str = "fp32"
+    sha256: str
+    size_bytes: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    preprocessing: Preprocessing
+    labels: list[str]
+    edges: HistogramEdges
+    reference: ReferenceProfile | None = None
+    smoke_tests: list[SmokeTest] = []
+    min_memory_mb: int = 0
+    parent_version: int | None = None
+    created: datetime
+    notes: str = ""
+    signature: Signature | None = None
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version, variant=self.variant)
+
+
+class Assignment(Wire, kw_only=True):
+    """KV ``slmops_assignments`` value: the model version a node (or whole fleet) should run."""
+
+    v: int = SCHEMA_VERSION
+    fleet: str
+    node: str | None = None
+    model: str
+    version: int
+    #: A fixed variant, or None: the node picks from ``variants`` by its device profile.
+    variant: str | None = None
+    variants: list[str] = msgspec.field(default_factory=lambda: ["fp32"])
+    rollout: str | None = None
+    assigned_at: datetime
+
+
+DriftState = Literal["opened", "updated", "resolved"]
+
+
+class DriftEvent(Wire, kw_only=True):
+    """A drift finding for analysts (JSON on ``slmops.drift.<fleet>``)."""
+
+    v: int = SCHEMA_VERSION
+    id: str
+    fleet: str
+    scope: Literal["fleet", "node"]
+    node: str | None = None
+    model: ModelRef
+    #: "class_prior", "confidence", "input_length", "latency", "error_rate", "accuracy".
+    signal: str
+    statistic: str
+    value: float
+    p_value: float | None = None
+    evidence: float | None = None
+    effect_size: float
+    window_start: datetime
+    window_end: datetime
+    windows: int = 1
+    state: DriftState
+    severity: Literal["info", "warning", "critical"] = "warning"
+    #: Reference used: "manifest" or "first_windows".
+    reference: str = "manifest"
+    estimated_priors: dict[str, float] | None = None
+    expected_accuracy: float | None = None
+    suggested_action: str = ""
+    proposed_version: int | None = None
+    time: datetime
+
+
+class RolloutEvent(Wire, kw_only=True):
+    """A rollout's progress (JSON on ``slmops.rollout.<fleet>``)."""
+
+    v: int = SCHEMA_VERSION
+    rollout: str
+    fleet: str
+    model: str
+    version: int
+    previous_version: int | None = None
+    #: "started", "stage_started", "stage_passed", "gate_failed", "rolled_back", "completed",
+    #: "paused", "resumed", "aborted", "node_rollback".
+    state: str
+    stage: int = 0
+    percent: int = 0
+    nodes: list[str] = []
+    reason: str = ""
+    gates: dict[str, Any] = {}
+    time: datetime
+
+
+WIRE_TYPES: tuple[type[Wire], ...] = (
+    TelemetryAggregate,
+    NodeStatus,
+    DriftEvent,
+    RolloutEvent,
+    ModelManifest,
+    Assignment,
+)
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_telemetry_decoder = msgspec.msgpack.Decoder(TelemetryAggregate)
+_json_encoder = msgspec.json.Encoder()
+_json_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {t: msgspec.json.Decoder(t) for t in WIRE_TYPES}
+
+T = TypeVar("T", bound=Wire)
+
+
+def encode_telemetry(msg: TelemetryAggregate) -> bytes:
+    return _msgpack_encoder.encode(msg)
+
+
+def decode_telemetry(data: bytes) -> TelemetryAggregate:
+    """Decode one aggregate; raises ``msgspec.ValidationError``/``DecodeError`` (with a path)."""
+    return _telemetry_decoder.decode(data)
+
+
+def encode_json(msg: Wire) -> bytes:
+    return _json_encoder.encode(msg)
+
+
+def decode_json(data: bytes, type_: type[T]) -> T:
+    decoder = _json_decoders.get(type_)
+    if decoder is None:
+        decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
+    result: T = decoder.decode(data)
+    return result
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schema of every wire message, keyed by message name (``slmops schema``)."""
+    schemas, components = msgspec.json.schema_components(WIRE_TYPES, ref_template="#/$defs/{name}")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "slmops wire messages",
+        "schema_version": SCHEMA_VERSION,
+        "messages": {t.__name__: s for t, s in zip(WIRE_TYPES, schemas, strict=True)},
+        "$defs": components,
+    }

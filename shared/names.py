@@ -1,0 +1,111 @@
+"""NATS resource names and subject builders: part of the wire contract (DESIGN §3)."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "ASSIGNMENTS_BUCKET",
+    "DEADLETTER_STREAM",
+    "DEADLETTER_SUBJECT",
+    "DRIFT_STREAM",
+    "FLEET_WIDE",
+    "MODELS_BUCKET",
+    "MODELS_MANIFEST_BUCKET",
+    "ROLLOUT_STREAM",
+    "STATUS_STREAM",
+    "TELEMETRY_STREAM",
+    "assignment_key",
+    "drift_subject",
+    "inbox_prefix",
+    "manifest_key",
+    "model_object_name",
+    "msg_id",
+    "rollout_subject",
+    "status_subject",
+    "telemetry_subject",
+    "validate_id",
+    "validate_model_name",
+]
+
+TELEMETRY_STREAM = "SLMOPS_TELEMETRY"
+DRIFT_STREAM = "SLMOPS_DRIFT"
+STATUS_STREAM = "SLMOPS_STATUS"
+ROLLOUT_STREAM = "SLMOPS_ROLLOUT"
+DEADLETTER_STREAM = "SLMOPS_DEADLETTER"
+DEADLETTER_SUBJECT = "slmops.deadletter"
+ASSIGNMENTS_BUCKET = "slmops_assignments"
+MODELS_BUCKET = "slmops_models"
+MODELS_MANIFEST_BUCKET = "slmops_manifests"
+#: The assignment key token that applies to every node of a fleet without a key of its own.
+#: Node ids may not start with "_", so it cannot collide with a node.
+FLEET_WIDE = "_fleet"
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a valid fleet or node id, else raise ``ValueError``.
+
+    An id is one NATS subject token: 1-64 characters of ``[A-Za-z0-9_-]``, starting with a
+    letter or digit (a leading ``_`` is reserved for slmops' own keys).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}: {value!r}")
+    if not _ID.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ -, "
+            "starting with a letter or digit (it becomes one NATS subject token)"
+        )
+    return value
+
+
+def validate_model_name(value: object) -> str:
+    """Return ``value`` if it is a valid model name (letters, digits, ``_ . -``)."""
+    if not isinstance(value, str) or not _MODEL.fullmatch(value):
+        raise ValueError(f"model name {value!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def telemetry_subject(fleet: str, node: str) -> str:
+    return f"slmops.telemetry.{validate_id(fleet, 'fleet')}.{validate_id(node, 'node')}"
+
+
+def status_subject(fleet: str, node: str) -> str:
+    return f"slmops.status.{validate_id(fleet, 'fleet')}.{validate_id(node, 'node')}"
+
+
+def drift_subject(fleet: str) -> str:
+    return f"slmops.drift.{validate_id(fleet, 'fleet')}"
+
+
+def rollout_subject(fleet: str) -> str:
+    return f"slmops.rollout.{validate_id(fleet, 'fleet')}"
+
+
+def assignment_key(fleet: str, node: str | None = None) -> str:
+    """KV key of a node's assignment, or of the fleet-wide default when ``node`` is None."""
+    token = FLEET_WIDE if node is None else validate_id(node, "node")
+    return f"{validate_id(fleet, 'fleet')}.{token}"
+
+
+def model_object_name(model: str, version: int, variant: str) -> str:
+    """Object-store name of one bundle archive: ``<model>/<version>/<variant>``."""
+    return f"{validate_model_name(model)}/{int(version)}/{validate_id(variant, 'variant')}"
+
+
+def manifest_key(model: str, version: int, variant: str) -> str:
+    """KV key (in ``slmops_manifests``) of one bundle's manifest: ``<model>.<version>.<variant>``."""
+    name = validate_model_name(model).replace(".", "_")
+    return f"{name}.{int(version)}.{validate_id(variant, 'variant')}"
+
+
+def msg_id(node: str, seq: int) -> str:
+    """The ``Nats-Msg-Id`` of a telemetry aggregate: ``<node>:<seq>``."""
+    return f"{node}:{seq}"
+
+
+def inbox_prefix(node: str | None) -> str:
+    """A per-client inbox prefix, so permissions can allow each node only its own replies."""
+    return "_INBOX" if node is None else f"_INBOX_{validate_id(node, 'node')}"

@@ -1,0 +1,1 @@
+"""slmops: the composition root (CLI, demo, bench). Imports shared, edge and cloud."""
