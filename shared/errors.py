@@ -10,6 +10,7 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "NatsUnavailable",
+    "ProvisionError",
     "ResourceConflict",
     "ServerStartError",
     "SlmopsError",
@@ -61,6 +62,16 @@ class ResourceConflict(SlmopsError):
             f"existing {kind} {name!r} has {field}={have!r}, slmops needs {want!r}; "
             f"fix or delete it by hand (slmops never deletes data on its own)"
         )
+
+
+class ProvisionError(SlmopsError):
+    """The server refused to create a NATS resource (limits, permissions, cluster size...)."""
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.reason = reason
+        super().__init__(f"cannot create {kind} {name!r}: {reason}")
 
 
 class BundleError(SlmopsError):

@@ -1,0 +1,432 @@
+"""Connecting to NATS: a background link for services, a fail-fast connect for commands.
+
+nats-py's ``connect`` blocks through its retries (DESIGN §9), so a long-lived service never
+awaits it directly: ``Link`` runs the initial attempts in its own task, with exponential
+backoff and jitter, and once connected lets nats-py reconnect forever. Callers look at
+``state`` or wait with ``wait_online``; ``nc``/``js`` raise ``NatsUnavailable`` while the link
+is not online, so nothing is published into nats-py's offline buffer by accident.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from shared.errors import NatsUnavailable
+from shared.names import inbox_prefix
+
+__all__ = [
+    "ConnectFactory",
+    "Link",
+    "LinkState",
+    "LinkStatistics",
+    "connect_attempt",
+    "connect_once",
+]
+
+log = structlog.get_logger(__name__)
+
+#: nats-py buffers up to this many bytes of publishes while reconnecting (default 2 MiB).
+#: Link refuses ``nc`` while offline anyway; this bounds what slips in during the moment
+#: between a drop and our state change. 1 MiB = the server's default max payload, so one
+#: message in flight can still be buffered.
+PENDING_SIZE = 1024 * 1024
+
+#: ``await factory(url, **options)`` makes ONE connection attempt and returns a connected
+#: client, or raises. Tests inject their own to simulate failures.
+ConnectFactory = Callable[..., Awaitable[NATS]]
+
+
+# Errors that mean "the connection is gone or not there yet", not "something is wrong".
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    nats.errors.NoServersError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+)
+
+
+class LinkState(enum.StrEnum):
+    OFFLINE = "offline"
+    CONNECTING = "connecting"
+    ONLINE = "online"
+
+
+class LinkStatistics:
+    """A snapshot of a link's counters (see ``Link.statistics()``)."""
+
+    __slots__ = ("attempts", "connects", "disconnects", "last_error", "since", "state")
+
+    def __init__(
+        self,
+        state: LinkState,
+        since: float,
+        attempts: int,
+        connects: int,
+        disconnects: int,
+        last_error: str | None,
+    ) -> None:
+        self.state = state
+        self.since = since  #: clock() of the last state change
+        self.attempts = attempts  #: initial-connect attempts that failed, in total
+        self.connects = connects  #: connects + reconnects that succeeded
+        self.disconnects = disconnects
+        self.last_error = last_error
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"LinkStatistics({fields})"
+
+
+async def connect_attempt(url: str, **options: Any) -> NATS:
+    """Make one connection attempt with nats-py, then leave reconnecting to it.
+
+    ``options`` go to ``NATS.connect``; their ``max_reconnect_attempts`` and
+    ``reconnect_time_wait`` apply after the first successful connect. (nats-py reads both from
+    ``nc.options`` on every reconnect, and offers no other way to make its initial connect
+    try once: with -1 it would block forever.)
+    """
+    after_attempts = options.pop("max_reconnect_attempts", -1)
+    after_wait = options.pop("reconnect_time_wait", 2)
+    nc = NATS()
+    try:
+        # max_reconnect_attempts=1 with no wait: nats-py tries the server twice, at once,
+        # then raises NoServersError.
+        await nc.connect(url, max_reconnect_attempts=1, reconnect_time_wait=0, **options)
+    except BaseException:
+        await _close_quietly(nc)
+        raise
+    nc.options["max_reconnect_attempts"] = after_attempts
+    nc.options["reconnect_time_wait"] = after_wait
+    return nc
+
+
+async def connect_once(
+    url: str, timeout: float = 5.0, *, name: str | None = None, node: str | None = None
+) -> NATS:
+    """Connect for a short-lived command; raise ``NatsUnavailable`` naming ``url`` if that
+    fails within ``timeout`` seconds. The client does not reconnect: commands fail fast."""
+    _check_url(url)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    errors: list[BaseException] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:
+        with anyio.fail_after(timeout):
+            return await connect_attempt(
+                url,
+                name=name,
+                inbox_prefix=inbox_prefix(node),
+                allow_reconnect=False,
+                connect_timeout=min(timeout, 2.0),
+                pending_size=PENDING_SIZE,
+                error_cb=error_cb,
+            )
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        cause = errors[-1] if errors else exc
+        reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        raise NatsUnavailable(url, reason) from exc
+
+
+class Link:
+    """A NATS connection that is made, and kept, in the background.
+
+    ``async with Link(url, name="edge-n1", node="n1") as link:`` returns at once, whatever the
+    network does. ``state`` goes ``offline`` → ``connecting`` → ``online``; after a drop it is
+    ``offline`` while nats-py reconnects, and ``online`` again when it has. Leaving the block
+    closes the connection (flushing what was published).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        node: str | None = None,
+        connect: ConnectFactory = connect_attempt,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
+        rng: random.Random | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        connect_timeout: float = 2.0,
+        reconnect_time_wait: float = 2.0,
+        pending_size: int = PENDING_SIZE,
+    ) -> None:
+        _check_url(url)
+        self._prefix = inbox_prefix(node)  # validates node
+        for what, value in (
+            ("backoff_initial", backoff_initial),
+            ("backoff_max", backoff_max),
+            ("connect_timeout", connect_timeout),
+            ("reconnect_time_wait", reconnect_time_wait),
+        ):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+        if backoff_max < backoff_initial:
+            raise ValueError(
+                f"backoff_max {backoff_max!r} must not be below backoff_initial {backoff_initial!r}"
+            )
+        if isinstance(pending_size, bool) or not isinstance(pending_size, int) or pending_size < 0:
+            raise ValueError(f"pending_size must be an int >= 0, got {pending_size!r}")
+        self._url = url
+        self._name = name
+        self._connect = connect
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+        self._backoff = (float(backoff_initial), float(backoff_max))
+        self._connect_timeout = connect_timeout
+        self._reconnect_time_wait = reconnect_time_wait
+        self._pending_size = pending_size
+
+        self._state = LinkState.OFFLINE
+        self._since = clock()
+        self._subscribers: list[Callable[[LinkState], object]] = []
+        self._changed: anyio.Event | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._attempts = 0
+        self._connects = 0
+        self._disconnects = 0
+        self._last_error: str | None = None
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    @property
+    def nc(self) -> NATS:
+        """The connected client; raises ``NatsUnavailable`` unless the link is online."""
+        if self._state is not LinkState.ONLINE or self._nc is None:
+            raise NatsUnavailable(self._url, f"link is {self._state.value}")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """JetStream on the connected client; raises ``NatsUnavailable`` unless online."""
+        nc = self.nc
+        if self._js is None:
+            self._js = nc.jetstream()
+        return self._js
+
+    def statistics(self) -> LinkStatistics:
+        return LinkStatistics(
+            self._state,
+            self._since,
+            self._attempts,
+            self._connects,
+            self._disconnects,
+            self._last_error,
+        )
+
+    def on_change(self, callback: Callable[[LinkState], object]) -> Callable[[], None]:
+        """Call ``callback(new_state)`` on every state change; returns an unsubscribe function.
+
+        Callbacks run synchronously in the event loop and must not block; an exception in
+        one is logged and does not affect the link or the other callbacks.
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    async def wait_state(self, state: LinkState, timeout: float | None = None) -> None:
+        """Return once the link is in ``state``; ``NatsUnavailable`` after ``timeout`` s."""
+        state = LinkState(state)
+        with anyio.move_on_after(timeout):
+            while self._state is not state:
+                await self._event().wait()
+            return
+        raise NatsUnavailable(
+            self._url,
+            f"not {state.value} within {timeout}s (state {self._state.value}, last error {self._last_error})",
+        )
+
+    async def wait_online(self, timeout: float | None = None) -> None:
+        """Return once online; raise ``NatsUnavailable`` after ``timeout`` seconds."""
+        await self.wait_state(LinkState.ONLINE, timeout)
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            raise RuntimeError("this Link is already open")
+        self._changed = anyio.Event()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        tg.start_soon(self._run, name=f"nats-link {self._url}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        if tg is None:
+            raise RuntimeError("this Link is not open")
+        tg.cancel_scope.cancel()
+        try:
+            return await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            nc, self._nc, self._js = self._nc, None, None
+            if nc is not None:
+                await _close_quietly(nc)
+            self._set_state(LinkState.OFFLINE)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _event(self) -> anyio.Event:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _set_state(self, state: LinkState) -> None:
+        if state is self._state:
+            return
+        old, self._state, self._since = self._state, state, self._clock()
+        log.info("link_state", url=self._url, old=old.value, new=state.value)
+        event, self._changed = self._changed, anyio.Event()
+        if event is not None:
+            event.set()
+        for callback in list(self._subscribers):
+            try:
+                callback(state)
+            except Exception:
+                log.exception("link_subscriber_failed", callback=repr(callback))
+
+    def _delay(self, failures: int) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random."""
+        initial, cap = self._backoff
+        ceiling = min(cap, initial * 2.0 ** min(failures - 1, 30))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            session = _Session()
+            self._set_state(LinkState.CONNECTING)
+            try:
+                # nats-py bounds each try by connect_timeout and tries twice; this bounds an
+                # injected factory too.
+                with anyio.fail_after(self._connect_timeout * 3):
+                    nc = await self._connect(self._url, **self._options(session))
+            except Exception as exc:  # any failed attempt, even a surprising one, backs off
+                failures += 1
+                self._attempts += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._set_state(LinkState.OFFLINE)
+                delay = self._delay(failures)
+                expected = isinstance(exc, (*_CONNECTION_ERRORS, nats.errors.Error))
+                (log.info if expected else log.warning)(
+                    "link_connect_failed",
+                    url=self._url,
+                    failures=failures,
+                    retry_in=round(delay, 3),
+                    error=self._last_error,
+                    exc_info=None if expected else exc,
+                )
+                await self._sleep(delay)
+                continue
+            failures = 0
+            self._nc, self._js = nc, None
+            session.current = True
+            self._connects += 1
+            self._set_state(LinkState.ONLINE)
+            await session.closed.wait()
+            # nats-py gave up on this client (e.g. the server refused our credentials):
+            # start over with a new one.
+            session.current = False
+            self._nc, self._js = None, None
+            self._set_state(LinkState.OFFLINE)
+            await _close_quietly(nc)
+
+    def _options(self, session: _Session) -> dict[str, Any]:
+        async def error_cb(exc: Exception) -> None:
+            if isinstance(exc, _CONNECTION_ERRORS):
+                # A drop or a failed (re)connect: the state change and the backoff loop
+                # already say so.
+                log.debug("nats_error", url=self._url, error=repr(exc))
+            else:
+                # Permission violations and other server errors only ever arrive here.
+                log.warning("nats_error", url=self._url, error=repr(exc))
+            if session.current:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+
+        async def disconnected_cb() -> None:
+            # nats-py calls this on the drop and again on close; count the drop once.
+            if session.current and self._state is LinkState.ONLINE:
+                self._disconnects += 1
+                self._set_state(LinkState.OFFLINE)
+
+        async def reconnected_cb() -> None:
+            if session.current:
+                self._connects += 1
+                self._set_state(LinkState.ONLINE)
+
+        async def closed_cb() -> None:
+            session.closed.set()
+
+        return {
+            "name": self._name,
+            "inbox_prefix": self._prefix,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": self._reconnect_time_wait,
+            "connect_timeout": self._connect_timeout,
+            "pending_size": self._pending_size,
+            "error_cb": error_cb,
+            "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb,
+            "closed_cb": closed_cb,
+        }
+
+
+class _Session:
+    """One nats-py client's lifetime, so a stale client cannot move the link's state."""
+
+    def __init__(self) -> None:
+        self.current = False
+        self.closed = anyio.Event()
+
+
+async def _close_quietly(nc: NATS) -> None:
+    """Close a client, shielded and bounded; errors of an already broken client are logged."""
+    with anyio.move_on_after(5, shield=True):
+        try:
+            await nc.close()
+        except Exception as exc:  # a half-connected client can fail to close cleanly
+            log.debug("nats_close_failed", error=repr(exc))
+
+
+def _check_url(url: object) -> None:
+    if not isinstance(url, str) or ":" not in url:
+        raise ValueError(f"url must be a NATS URL like 'nats://host:4222', got {url!r}")

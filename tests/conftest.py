@@ -1,0 +1,69 @@
+"""Shared fixtures: one real nats-server per session, a private one per test when needed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from _nats import new_fleet
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from shared.provision import ensure_resources
+from shared.server import EmbeddedServer
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """nats-py is asyncio-only (DESIGN §9)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """A JetStream server on a free loopback port for the whole session. Do not stop it:
+    tests that stop or restart a server use ``private_server``."""
+    server = EmbeddedServer(store_dir=tmp_path_factory.mktemp("jetstream"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server of this test's own, free to stop/kill/restart. Its store is in ``tmp_path``,
+    so ``stop()`` then ``start()`` keeps the data and the port."""
+    server = EmbeddedServer(store_dir=tmp_path / "jetstream")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fleet() -> str:
+    """A fleet id unique to this test."""
+    return new_fleet()
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedServer) -> AsyncIterator[NATS]:
+    """A plain nats-py client of the session server."""
+    client = await nats.connect(nats_server.url, allow_reconnect=False, connect_timeout=5)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def js(nc: NATS) -> JetStreamContext:
+    """JetStream of the session server, with slmops' streams and buckets provisioned."""
+    context = nc.jetstream()
+    await ensure_resources(context)
+    return context
