@@ -82,5 +82,9 @@ def schema() -> None:
     click.echo(json.dumps(json_schemas(), indent=2))
 
 
+from slmops.cli_bench import bench as _bench  # noqa: E402
+
+main.add_command(_bench)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,65 @@
+"""``slmops bench``: measure the project against the bare libraries, same machine, same run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import anyio
+import click
+
+from slmops.bench import SCENARIOS, machine, run_scenario
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+@click.command()
+@click.argument("scenario", type=click.Choice([*SCENARIOS, "all"]))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
+@click.option("--quick", is_flag=True, help="Small sizes: a fast smoke run, figures not representative.")
+def bench(scenario: str, as_json: bool, quick: bool) -> None:
+    """Measure a scenario: the project's path and the bare-library baseline, in the same run.
+
+    \b
+    edge      predictions/s via Python API and HTTP vs bare session.run
+    buffer    telemetry events/s into SQLite vs bare aiosqlite executemany
+    ingest    cloud aggregates/s vs bare nats-py fetch+ack
+    drift     detection quality on synthetic fleets vs PSI and χ² rules
+    refresh   assignment → nodes serving; delivery MB/s vs bare object get; int8 vs fp32
+
+    Prints what it measured and the baseline beside it; never passes or fails on a time
+    (shared machines are noisy: compare the ratio, not the absolute figures).
+    """
+    names = SCENARIOS if scenario == "all" else (scenario,)
+    info = machine()
+    if not as_json:
+        click.echo("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    failed = False
+    for name in names:
+        try:
+            results = anyio.run(lambda n=name: run_scenario(n, quick=quick))  # type: ignore[misc]
+        except Exception as exc:  # one broken scenario must not hide the others' figures
+            failed = True
+            click.echo(f"bench {name} failed: {type(exc).__name__}: {exc}", err=True)
+            continue
+        for r in results:
+            if as_json:
+                click.echo(json.dumps({**r, "machine": info}))
+            else:
+                extra = {
+                    k: v
+                    for k, v in r.items()
+                    if k not in ("scenario", "project", "baseline", "ratio", "units")
+                }
+                click.echo(
+                    f"{r['scenario']:<28} project {_fmt(r['project'])} {r['units']}  "
+                    f"baseline {_fmt(r['baseline'])}  ratio {_fmt(r['ratio'])}"
+                    + (f"  {json.dumps(extra)}" if extra else "")
+                )
+    if failed:
+        sys.exit(1)
