@@ -33,7 +33,7 @@ async def _serve(host: str, port: int, store: Path | None) -> int:
             async with anyio.create_task_group() as tg:
 
                 async def watch_process() -> None:
-                    while srv.running:
+                    while srv.running:  # noqa: ASYNC110 -- polls a child process, no event to await
                         await anyio.sleep(0.5)
                     tg.cancel_scope.cancel()
 
