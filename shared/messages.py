@@ -20,6 +20,7 @@ __all__ = [
     "Assignment",
     "DeviceProfile",
     "DriftEvent",
+    "HeldOutScores",
     "HistogramEdges",
     "ModelManifest",
     "ModelRef",
@@ -160,6 +161,18 @@ class HistogramEdges(Wire, kw_only=True):
     latency_ms: list[float]
 
 
+class HeldOutScores(Wire, kw_only=True):
+    """Per-example model outputs on the held-out set (numbers, never text), so the cloud can
+    re-derive an exact reference after changing the model's priors (recalibration)."""
+
+    #: True label index of each example.
+    true: list[int]
+    #: The model's probabilities for each example (rounded to 6 digits).
+    probs: list[list[float]]
+    #: Input length (tokens) of each example.
+    lengths: list[int]
+
+
 class ReferenceProfile(Wire, kw_only=True):
     """What the model's traffic looked like on held-out data (drift reference)."""
 
@@ -174,6 +187,7 @@ class ReferenceProfile(Wire, kw_only=True):
     #: Class priors of the held-out data (true labels).
     priors: dict[str, float] = {}
     source: str = "held-out"
+    held_out: HeldOutScores | None = None
 
 
 class SmokeTest(Wire, kw_only=True):
