@@ -86,5 +86,11 @@ from slmops.cli_bench import bench as _bench  # noqa: E402
 
 main.add_command(_bench)
 
+from slmops.cli_models import keys as _keys  # noqa: E402
+from slmops.cli_models import models as _models  # noqa: E402
+
+main.add_command(_models)
+main.add_command(_keys)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,280 @@
+"""The model registry: verified bundles in the ``slmops_models`` object store, their manifests in
+KV ``slmops_manifests``, and assignments in KV ``slmops_assignments`` (DESIGN §3, §7).
+
+A pushed version is immutable: pushing the same bundle again is a no-op, pushing different
+bytes under an existing name/version/variant is refused. The archive is stored before its
+manifest, so a manifest in KV always has its object behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+import msgspec
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from cloud.errors import CloudError
+from shared import names
+from shared.bundle import Bundle, TrustStore, check_hash, pack_archive
+from shared.connect import connect_once
+from shared.errors import BundleError, NatsUnavailable
+from shared.messages import Assignment, ModelManifest, NodeStatus, decode_json, encode_json
+from shared.provision import ensure_resources
+from shared.runtime import load_session
+from shared.variants import PREFERENCE, choose_variant
+
+__all__ = ["PushResult", "Registry", "RegistryError", "open_registry", "verify_bundle"]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class RegistryError(CloudError):
+    """A registry operation cannot be done as asked (unknown version, immutable version...)."""
+
+    def __init__(self, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"registry {operation}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    manifest: ModelManifest
+    object_name: str
+    #: False when exactly this bundle was already in the registry (nothing written).
+    stored: bool
+
+
+def verify_bundle(bundle: Bundle, trust: TrustStore) -> ModelManifest:
+    """Everything a node will check, checked before anything is published: signature against
+    ``trust``, model size and sha256, ONNX Runtime load with matching inputs/outputs, smoke
+    tests. Raises ``BundleError`` whose ``code`` names the failed check. CPU-bound."""
+    if len(trust) == 0:
+        raise BundleError(
+            str(bundle.path), "no trusted public key given to verify the signature", "unknown_key"
+        )
+    trust.verify(bundle.manifest, str(bundle.path))
+    check_hash(bundle)
+    load_session(bundle.model_path, bundle.manifest).smoke_test()
+    return bundle.manifest
+
+
+@asynccontextmanager
+async def open_registry(url: str, *, timeout: float = 30.0) -> AsyncIterator[Registry]:
+    """Connect (failing fast with ``NatsUnavailable``), provision the resources of DESIGN §3
+    if missing, yield a ``Registry``; the connection is drained on exit. For commands."""
+    nc = await connect_once(url, timeout=min(timeout, 10.0), name="slmops-registry")
+    try:
+        js = nc.jetstream()
+        await ensure_resources(js)
+        yield Registry(js, url=url, timeout=timeout)
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await nc.drain()
+
+
+class Registry:
+    """Registry operations on one JetStream context (the caller provisions the resources with
+    ``shared.provision.ensure_resources`` and owns the connection)."""
+
+    def __init__(self, js: JetStreamContext, *, url: str = "<nats>", timeout: float = 30.0) -> None:
+        self._js = js
+        self._url = url
+        self._timeout = timeout
+        self._kv: dict[str, KeyValue] = {}
+        self._obs: ObjectStore | None = None
+
+    # -- plumbing: every NATS call goes through _call, so callers only see our errors -------
+
+    async def _call(self, what: str, op: Awaitable[T]) -> T:
+        try:
+            with anyio.fail_after(self._timeout):
+                return await op
+        except TimeoutError as exc:  # ours (fail_after) or nats-py's, which subclasses it
+            raise NatsUnavailable(self._url, f"{what}: timed out") from exc
+        except js_errors.APIError as exc:
+            raise RegistryError(what, f"server refused: {exc}") from exc
+        except js_errors.Error as exc:
+            raise RegistryError(what, f"{type(exc).__name__}: {exc}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    async def _bucket(self, bucket: str) -> KeyValue:
+        if bucket not in self._kv:
+            self._kv[bucket] = await self._call(f"open KV {bucket}", self._js.key_value(bucket))
+        return self._kv[bucket]
+
+    async def _store(self) -> ObjectStore:
+        if self._obs is None:
+            self._obs = await self._call("open object store", self._js.object_store(names.MODELS_BUCKET))
+        return self._obs
+
+    async def _kv_get(self, bucket: str, key: str) -> bytes | None:
+        kv = await self._bucket(bucket)
+        try:
+            entry = await self._call(f"read {bucket} {key}", kv.get(key))
+        except RegistryError as exc:
+            if isinstance(exc.__cause__, js_errors.NotFoundError):  # missing or deleted
+                return None
+            raise
+        return entry.value
+
+    # -- push ------------------------------------------------------------------------------
+
+    async def push(self, bundle: Bundle, trust: TrustStore) -> PushResult:
+        """Verify ``bundle`` (see ``verify_bundle``; a ``BundleError`` means nothing was
+        written), then store archive and manifest. ``RegistryError`` if this name/version/
+        variant already holds a different bundle."""
+        manifest = await anyio.to_thread.run_sync(verify_bundle, bundle, trust)
+        obj = names.model_object_name(manifest.name, manifest.version, manifest.variant)
+        key = names.manifest_key(manifest.name, manifest.version, manifest.variant)
+        existing = await self.manifest(manifest.name, manifest.version, manifest.variant)
+        store = await self._store()
+        if existing is not None:
+            if existing.sha256 != manifest.sha256 or existing.signature != manifest.signature:
+                raise RegistryError(
+                    "push",
+                    f"{obj} already holds a different bundle (sha256 {existing.sha256[:12]}…, "
+                    f"pushing {manifest.sha256[:12]}…); versions are immutable, push a new version",
+                )
+            if await self._object_exists(store, obj):
+                log.info("model_push_unchanged", object=obj)
+                return PushResult(manifest, obj, stored=False)
+        archive = await anyio.to_thread.run_sync(pack_archive, bundle)
+        meta = js_api.ObjectMeta(
+            name=obj,
+            description=f"{manifest.name} v{manifest.version} {manifest.variant} sha256={manifest.sha256}",
+        )
+        await self._call(f"store {obj}", store.put(obj, archive, meta=meta))
+        kv = await self._bucket(names.MODELS_MANIFEST_BUCKET)
+        await self._call(f"store manifest {key}", kv.put(key, encode_json(manifest)))
+        log.info("model_pushed", object=obj, size_bytes=len(archive), sha256=manifest.sha256)
+        return PushResult(manifest, obj, stored=True)
+
+    async def _object_exists(self, store: ObjectStore, obj: str) -> bool:
+        try:
+            info = await self._call(f"look up {obj}", store.get_info(obj))
+        except RegistryError as exc:
+            if isinstance(exc.__cause__, js_errors.NotFoundError):
+                return False
+            raise
+        return not info.deleted
+
+    # -- read ------------------------------------------------------------------------------
+
+    async def manifest(self, model: str, version: int, variant: str) -> ModelManifest | None:
+        data = await self._kv_get(names.MODELS_MANIFEST_BUCKET, names.manifest_key(model, version, variant))
+        return None if data is None else decode_json(data, ModelManifest)
+
+    async def manifests(self) -> list[ModelManifest]:
+        """Every manifest in the registry, sorted by name, version, variant. A value that does
+        not decode is logged and skipped (someone else wrote it)."""
+        kv = await self._bucket(names.MODELS_MANIFEST_BUCKET)
+        try:
+            keys = await self._call("list manifests", kv.keys())
+        except RegistryError as exc:
+            if isinstance(exc.__cause__, js_errors.NoKeysError):
+                return []
+            raise
+        found: list[ModelManifest] = []
+        for key in keys:
+            data = await self._kv_get(names.MODELS_MANIFEST_BUCKET, key)
+            if data is None:
+                continue
+            try:
+                found.append(decode_json(data, ModelManifest))
+            except msgspec.DecodeError as exc:
+                log.warning("manifest_undecodable", key=key, error=str(exc))
+        return sorted(found, key=lambda m: (m.name, m.version, _variant_rank(m.variant)))
+
+    async def variants(self, model: str, version: int) -> dict[str, ModelManifest]:
+        return {m.variant: m for m in await self.manifests() if m.name == model and m.version == version}
+
+    async def latest_status(self, fleet: str, node: str) -> NodeStatus | None:
+        """The node's last status report on ``SLMOPS_STATUS``, or None (none, or undecodable)."""
+        subject = names.status_subject(fleet, node)
+        try:
+            msg = await self._call(f"read {subject}", self._js.get_last_msg(names.STATUS_STREAM, subject))
+        except RegistryError as exc:
+            if isinstance(exc.__cause__, js_errors.NotFoundError):
+                return None
+            raise
+        try:
+            return decode_json(msg.data or b"", NodeStatus)
+        except msgspec.DecodeError as exc:
+            log.warning("status_undecodable", subject=subject, error=str(exc))
+            return None
+
+    # -- assign ----------------------------------------------------------------------------
+
+    async def assign(
+        self,
+        fleet: str,
+        version: int,
+        *,
+        model: str | None = None,
+        node: str | None = None,
+        variant: str | None = None,
+        now: datetime | None = None,
+    ) -> Assignment:
+        """Write the assignment of ``model`` ``version`` for one node, or fleet-wide when
+        ``node`` is None. The variant is ``variant`` if given; else, for a node whose last
+        status reports its device, the one ``shared.variants.choose_variant`` picks; else None
+        (the node picks from ``variants`` itself)."""
+        names.validate_id(fleet, "fleet")
+        if node is not None:
+            names.validate_id(node, "node")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"version must be a positive int, got {version!r}")
+        manifests = await self.manifests()
+        if model is None:
+            models = sorted({m.name for m in manifests})
+            if len(models) != 1:
+                raise RegistryError("assign", f"the registry holds models {models}; name one with --model")
+            model = models[0]
+        available = {m.variant: m for m in manifests if m.name == model and m.version == version}
+        if not available:
+            have = sorted({m.version for m in manifests if m.name == model})
+            raise RegistryError(
+                "assign", f"{model!r} version {version} is not in the registry (versions: {have})"
+            )
+        if variant is not None and variant not in available:
+            raise RegistryError(
+                "assign", f"{model!r} v{version} has no variant {variant!r} (has {sorted(available)})"
+            )
+        if variant is None and node is not None:
+            status = await self.latest_status(fleet, node)
+            if status is not None:
+                variant = choose_variant({v: m.min_memory_mb for v, m in available.items()}, status.device)
+                log.info("variant_chosen", node=node, variant=variant, memory_mb=status.device.memory_mb)
+        assignment = Assignment(
+            fleet=fleet,
+            node=node,
+            model=model,
+            version=version,
+            variant=variant,
+            variants=sorted(available, key=_variant_rank),
+            assigned_at=now or datetime.now(UTC),
+        )
+        kv = await self._bucket(names.ASSIGNMENTS_BUCKET)
+        key = names.assignment_key(fleet, node)
+        await self._call(f"write assignment {key}", kv.put(key, encode_json(assignment)))
+        log.info("model_assigned", key=key, model=model, version=version, variant=variant)
+        return assignment
+
+
+def _variant_rank(variant: str) -> tuple[int, str]:
+    return (PREFERENCE.index(variant) if variant in PREFERENCE else len(PREFERENCE), variant)

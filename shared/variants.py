@@ -1,0 +1,36 @@
+"""Which variant of a model version a device should run. Used by the cloud when it assigns a
+node whose device profile it knows, and by a node itself when its assignment leaves the choice
+to it (``Assignment.variant`` is None), so both decide the same way.
+
+Rule: among the variants whose ``min_memory_mb`` fits the device's memory, the one needing the
+most memory wins (the bigger variant is the more accurate one: fp32 over int8); a device that
+reports no memory (0) is assumed to fit everything. When nothing fits, the smallest variant is
+chosen: the node will refuse it as ``too_large`` and report that, which an operator sees, rather
+than silently running nothing new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from shared.messages import DeviceProfile
+
+__all__ = ["PREFERENCE", "choose_variant"]
+
+#: Tie-break between variants with the same memory need: earlier is preferred.
+PREFERENCE = ("fp32", "fp16", "int8")
+
+
+def _rank(variant: str) -> int:
+    return PREFERENCE.index(variant) if variant in PREFERENCE else len(PREFERENCE)
+
+
+def choose_variant(min_memory_mb: Mapping[str, int], device: DeviceProfile) -> str:
+    """Pick from ``{variant: min_memory_mb}`` for ``device`` (see the module docstring)."""
+    if not min_memory_mb:
+        raise ValueError("no variants to choose from")
+    memory = device.memory_mb
+    fits = [v for v, need in min_memory_mb.items() if memory <= 0 or need <= memory]
+    if fits:
+        return min(fits, key=lambda v: (-min_memory_mb[v], _rank(v), v))
+    return min(min_memory_mb, key=lambda v: (min_memory_mb[v], _rank(v), v))

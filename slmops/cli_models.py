@@ -1,0 +1,348 @@
+"""``slmops models ...`` and ``slmops keys ...``: build, quantize, sign, push, list and assign
+model bundles; make signing keys. Parsing only; the work is in ``cloud.factory``,
+``cloud.quantize`` and ``cloud.registry``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import click
+
+from shared.errors import BundleError, SlmopsError
+
+__all__ = ["keys", "models"]
+
+T = TypeVar("T")
+
+_nats = click.option(
+    "--nats",
+    "nats_url",
+    envvar="SLMOPS_NATS_URL",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="NATS server URL. Env: SLMOPS_NATS_URL.",
+)
+_key = click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="SLMOPS_SIGNING_KEY",
+    help="Ed25519 private key (*.key from `slmops keys new`) that signs the bundle. Env: SLMOPS_SIGNING_KEY.",
+)
+_bundle_arg = click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run async work; turn our errors into a one-line message and exit status 1."""
+    try:
+        return anyio.run(fn)
+    except BundleError as exc:
+        raise click.ClickException(f"bundle refused [{exc.code}]: {exc.reason} ({exc.bundle})") from exc
+    except (SlmopsError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _sync(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except BundleError as exc:
+        raise click.ClickException(f"bundle refused [{exc.code}]: {exc.reason} ({exc.bundle})") from exc
+    except (SlmopsError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+def models() -> None:
+    """Build, quantize, sign, push, list and assign model bundles.
+
+    A bundle is a directory with model.onnx and a signed manifest.json (or both in one tar
+    archive). Typical flow: `keys new`, `models build`, `models quantize`, `models push`,
+    `models assign`.
+    """
+
+
+@models.command()
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Bundle directory to create (must be empty or absent).",
+)
+@_key
+@click.option(
+    "--version",
+    "version",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Model version number.",
+)
+@click.option("--name", default="topics", show_default=True, help="Model name (letters, digits, _ . -).")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the train/held-out split, initialisation and shuffles (same seed, same model).",
+)
+@click.option(
+    "--min-memory-mb",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Device memory the model needs (nodes with less refuse it). Default: factory's.",
+)
+def build(
+    out_dir: Path, key_path: Path, version: int, name: str, seed: int, min_memory_mb: int | None
+) -> None:
+    """Train the default topic classifier and write a signed fp32 bundle.
+
+    Trains a hashed n-gram embedding classifier on the English topic files of
+    chatterbot-corpus, reports held-out accuracy, and writes the reference profile and smoke
+    tests into the manifest.
+    """
+    from cloud.factory import FP32_MIN_MEMORY_MB
+    from cloud.factory import build as build_model
+    from shared.bundle import load_private_key
+
+    key = _sync(lambda: load_private_key(key_path))
+    report = _sync(
+        lambda: build_model(
+            out_dir,
+            key,
+            name=name,
+            version=version,
+            seed=seed,
+            min_memory_mb=FP32_MIN_MEMORY_MB if min_memory_mb is None else min_memory_mb,
+        )
+    )
+    m = report.bundle.manifest
+    click.echo(f"bundle       {out_dir}  ({m.name} v{m.version} {m.variant}, {m.size_bytes} bytes)")
+    click.echo(f"labels       {len(m.labels)}: {', '.join(m.labels)}")
+    click.echo(f"data         train {report.train_size}, held-out {report.held_out_size} (seed {seed})")
+    click.echo(
+        f"accuracy     held-out {report.accuracy:.4f}   (majority class {report.majority_accuracy:.4f})"
+    )
+    click.echo(f"training     {report.train_seconds:.2f} s")
+    click.echo(f"sha256       {m.sha256}")
+
+
+@models.command()
+@_bundle_arg
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the int8 bundle to create (must be empty or absent).",
+)
+@_key
+@click.option(
+    "--seed",
+    default=None,
+    type=int,
+    help="Seed the fp32 model was built with (default: the one its manifest records); "
+    "its held-out split re-measures the int8 reference profile.",
+)
+@click.option(
+    "--min-memory-mb",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Device memory the int8 model needs. Default: half the fp32 bundle's.",
+)
+def quantize(
+    bundle: Path, out_dir: Path, key_path: Path, seed: int | None, min_memory_mb: int | None
+) -> None:
+    """Write the int8 variant of an fp32 BUNDLE and compare it with the fp32 model.
+
+    Prints sizes, per-call speed and agreement (top-1 agreement, largest probability
+    difference) on the corpus; the int8 smoke tests are derived from the int8 model itself.
+    """
+    from cloud.factory import factory_split
+    from cloud.quantize import quantize as quantize_model
+    from shared.bundle import load_private_key, read_bundle
+
+    key = _sync(lambda: load_private_key(key_path))
+    parent = _sync(lambda: read_bundle(bundle))
+    split = _sync(lambda: factory_split(parent.manifest, seed=seed))
+    if split is not None:
+        texts = split.held_out_texts + split.train_texts
+        held_out: tuple[list[str], list[int]] | None = (split.held_out_texts, split.held_out_labels)
+    else:
+        texts, held_out = [t.text for t in parent.manifest.smoke_tests], None
+        click.echo("labels are not the corpus topics: comparing on the smoke-test texts only", err=True)
+    r = _sync(
+        lambda: quantize_model(
+            bundle, out_dir, key, eval_texts=texts, held_out=held_out, min_memory_mb=min_memory_mb
+        )
+    )
+    m = r.bundle.manifest
+    click.echo(f"bundle       {out_dir}  ({m.name} v{m.version} {m.variant}, setting {r.setting})")
+    click.echo(f"size         fp32 {r.fp32_bytes} B   int8 {r.int8_bytes} B   ratio {r.size_ratio:.3f}")
+    click.echo(
+        f"speed        fp32 {r.fp32_us:.1f} µs   int8 {r.int8_us:.1f} µs per call   ratio {r.speed_ratio:.3f}"
+    )
+    click.echo(
+        f"agreement    top-1 {r.agreement:.4f} on {r.eval_size} texts   max |Δp| {r.max_prob_diff:.5f}"
+    )
+    if m.reference is not None and m.reference.accuracy is not None and held_out is not None:
+        click.echo(f"accuracy     int8 held-out {m.reference.accuracy:.4f}")
+
+
+@models.command()
+@_bundle_arg
+@_key
+def sign(bundle: Path, key_path: Path) -> None:
+    """Re-sign BUNDLE (a directory) after an edit: recompute the model's sha256 and size and
+    sign the manifest with KEY, in place."""
+    from shared.bundle import MODEL_FILE, load_private_key, read_bundle, write_bundle
+
+    key = _sync(lambda: load_private_key(key_path))
+    b = _sync(lambda: read_bundle(bundle))
+    signed = _sync(lambda: write_bundle(bundle, (bundle / MODEL_FILE).read_bytes(), b.manifest, key))
+    sig = signed.manifest.signature
+    click.echo(f"signed {bundle} with key {sig.key_id if sig else '?'}; sha256 {signed.manifest.sha256}")
+
+
+@models.command()
+@_bundle_arg
+@_nats
+@click.option(
+    "--trust",
+    "trust",
+    multiple=True,
+    envvar="SLMOPS_TRUST",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Public key (*.pub) whose signatures are accepted; repeatable. Env: SLMOPS_TRUST (space-separated).",
+)
+def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
+    """Verify BUNDLE (directory or archive) and store it in the registry.
+
+    Checks the signature against the --trust keys, the model's sha256, that ONNX Runtime
+    loads it, and its smoke tests; a bundle failing any check is refused (exit status 1)
+    and nothing is stored.
+    """
+    from cloud.registry import open_registry
+    from shared.bundle import TrustStore, read_bundle, unpack_archive
+
+    if not trust:
+        raise click.UsageError("give at least one --trust public key (or SLMOPS_TRUST)")
+    store = _sync(lambda: TrustStore.from_files(trust))
+    is_archive = bundle.is_file()
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory(prefix="slmops-push-") as tmp:
+            b = unpack_archive(bundle, Path(tmp)) if is_archive else read_bundle(bundle)
+            async with open_registry(nats_url) as registry:
+                result = await registry.push(b, store)
+        m = result.manifest
+        what = "stored" if result.stored else "already in the registry, unchanged"
+        click.echo(f"{result.object_name}: {what} ({m.size_bytes} bytes, sha256 {m.sha256[:16]}…)")
+
+    _run(main)
+
+
+@models.command(name="list")
+@_nats
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of manifest summaries.")
+def list_(nats_url: str, as_json: bool) -> None:
+    """List the model bundles in the registry."""
+    from cloud.registry import open_registry
+
+    async def main() -> None:
+        async with open_registry(nats_url) as registry:
+            manifests = await registry.manifests()
+        rows = [
+            {
+                "name": m.name,
+                "version": m.version,
+                "variant": m.variant,
+                "size_bytes": m.size_bytes,
+                "sha256": m.sha256,
+                "accuracy": m.reference.accuracy if m.reference else None,
+                "min_memory_mb": m.min_memory_mb,
+                "parent_version": m.parent_version,
+                "key_id": m.signature.key_id if m.signature else None,
+                "created": m.created.isoformat(),
+            }
+            for m in manifests
+        ]
+        if as_json:
+            click.echo(json.dumps(rows))
+            return
+        if not rows:
+            click.echo("no models in the registry")
+            return
+        click.echo(f"{'name':<16} {'ver':>4} {'variant':<8} {'bytes':>9} {'acc':>6} {'mem MB':>6}  created")
+        for r in rows:
+            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+            click.echo(
+                f"{r['name']!s:<16} {r['version']!s:>4} {r['variant']!s:<8} {r['size_bytes']!s:>9} "
+                f"{acc:>6} {r['min_memory_mb']!s:>6}  {r['created']}"
+            )
+
+    _run(main)
+
+
+@models.command()
+@_nats
+@click.option("--fleet", required=True, help="Fleet id.")
+@click.option("--version", "version", required=True, type=click.IntRange(min=1), help="Version to run.")
+@click.option("--model", default=None, help="Model name (needed when the registry holds several).")
+@click.option("--node", default=None, help="One node; default: the fleet-wide assignment.")
+@click.option(
+    "--variant",
+    default=None,
+    help="Force a variant; default: chosen from the node's reported device profile, or left to each node.",
+)
+def assign(
+    nats_url: str, fleet: str, version: int, model: str | None, node: str | None, variant: str | None
+) -> None:
+    """Assign a model version to a fleet, or to one node of it.
+
+    Nodes follow their own key, else the fleet-wide one; online nodes switch within moments,
+    offline nodes on reconnect.
+    """
+    from cloud.registry import open_registry
+
+    async def main() -> None:
+        async with open_registry(nats_url) as registry:
+            a = await registry.assign(fleet, version, model=model, node=node, variant=variant)
+        who = f"node {a.node}" if a.node else "the whole fleet"
+        chosen = a.variant or f"node's choice of {', '.join(a.variants)}"
+        click.echo(f"assigned {a.model} v{a.version} ({chosen}) to {who} of {a.fleet}")
+
+    _run(main)
+
+
+@click.group()
+def keys() -> None:
+    """Make Ed25519 signing keys for model bundles."""
+
+
+@keys.command()
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the key pair (created).",
+)
+@click.option("--name", default="slmops", show_default=True, help="File name stem: NAME.key and NAME.pub.")
+def new(out_dir: Path, name: str) -> None:
+    """Write a new key pair: NAME.key (private, mode 0600) and NAME.pub (public).
+
+    Keep the .key with whoever builds models; give the .pub to nodes (--trust) and to
+    `models push`. Existing files are never overwritten.
+    """
+    from shared.bundle import key_id, load_public_key, new_keypair
+
+    priv, pub = _sync(lambda: new_keypair(out_dir, name))
+    click.echo(f"private key  {priv}\npublic key   {pub}\nkey id       {key_id(load_public_key(pub))}")
