@@ -1,0 +1,239 @@
+"""The node's local HTTP API (aiohttp, meant for loopback):
+
+- ``POST /v1/predict`` ``{"text": "..."}`` or ``{"texts": [...]}`` → ``{"predictions": [{
+  "prediction_id", "label", "confidence", "model": {...}}], "model": {name, version, variant}}``
+- ``POST /v1/feedback`` ``{"prediction_id": "...", "label": "..."}`` → ``{"ok": true}``
+- ``GET /v1/health`` → ``EdgeNode.health()``
+- ``GET /metrics`` → Prometheus text format
+
+Errors are JSON ``{"error": {"code", "field", "message"}}`` with a 4xx status naming the
+field; 503 ``no_model`` until a model is installed. Nothing a client sends can stop the node.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from edge.config import is_loopback
+from edge.errors import FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
+from edge.inference import InferenceFailed
+
+if TYPE_CHECKING:
+    from edge.node import EdgeNode
+
+__all__ = ["build_app", "start_api"]
+
+_NODE: web.AppKey[EdgeNode] = web.AppKey("node")
+_COUNTS: web.AppKey[dict[tuple[str, int], int]] = web.AppKey("counts")
+_json = msgspec.json.Encoder()
+_decode_any = msgspec.json.Decoder()
+
+
+class _PredictBody(msgspec.Struct, forbid_unknown_fields=True):
+    text: Any = None
+    texts: Any = None
+
+
+class _FeedbackBody(msgspec.Struct, forbid_unknown_fields=True):
+    prediction_id: Any = None
+    label: Any = None
+
+
+def _error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    body = {"error": {"code": code, "field": field, "message": message}}
+    return web.Response(status=status, body=_json.encode(body), content_type="application/json")
+
+
+def _ok(payload: Any) -> web.Response:
+    return web.Response(body=_json.encode(payload), content_type="application/json")
+
+
+async def _body(request: web.Request, type_: type[Any]) -> Any:
+    """Decode the request body as JSON into ``type_``; raises ``InvalidInput``."""
+    if request.content_type not in ("application/json", "", "application/octet-stream", "text/plain"):
+        raise InvalidInput("body", f"content type {request.content_type!r} is not application/json")
+    raw = await request.read()
+    if not raw.strip():
+        raise InvalidInput("body", "is empty; send a JSON object")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("body", f"is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        data = _decode_any.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidInput("body", f"is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput("body", f"must be a JSON object, got {type(data).__name__}")
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Object contains unknown field `txt`"
+        field = str(exc).split("`")[1] if "`" in str(exc) else "body"
+        raise InvalidInput(field, str(exc)) from exc
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    node = request.app[_NODE]
+    try:
+        response: web.StreamResponse = await handler(request)
+    except InvalidInput as exc:
+        response = _error(400, "invalid_input", exc.reason, exc.field)
+    except UnknownPrediction as exc:
+        response = _error(404, "unknown_prediction", str(exc), "prediction_id")
+    except FeedbackConflict as exc:
+        response = _error(409, "feedback_exists", str(exc), "prediction_id")
+    except NoModel:
+        response = _error(503, "no_model", "no model installed yet")
+    except NodeClosed as exc:
+        response = _error(503, "shutting_down", str(exc))
+    except InferenceFailed as exc:
+        response = _error(500, "inference_failed", str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app._client_max_size  # aiohttp keeps the limit private
+        response = _error(413, "too_large", f"body is larger than {limit} bytes", "body")
+    except web.HTTPNotFound:
+        response = _error(404, "not_found", f"no endpoint {request.path!r}")
+    except web.HTTPMethodNotAllowed as exc:
+        response = _error(
+            405, "method_not_allowed", f"{request.method} not allowed; use {sorted(exc.allowed_methods)}"
+        )
+    except web.HTTPException as exc:
+        response = _error(exc.status, "http_error", exc.reason)
+    except Exception as exc:  # a bug must answer 500, not kill the node
+        node.log.exception("api_handler_failed", path=request.path)
+        response = _error(500, "internal", f"{type(exc).__name__}")
+    counts = request.app[_COUNTS]
+    key = (request.path if request.path in _ROUTES else "other", response.status)
+    counts[key] = counts.get(key, 0) + 1
+    return response
+
+
+async def _predict(request: web.Request) -> web.Response:
+    node = request.app[_NODE]
+    body: _PredictBody = await _body(request, _PredictBody)
+    if (body.text is None) == (body.texts is None):
+        raise InvalidInput("text", 'send exactly one of "text" (a string) or "texts" (a list of strings)')
+    if body.text is not None:
+        if not isinstance(body.text, str):
+            raise InvalidInput("text", f"must be a string, got {type(body.text).__name__}")
+        texts = node.validate_texts(body.text, "text")
+    else:
+        texts = node.validate_texts(body.texts, "texts")
+    preds = await node.predict(texts)
+    return _ok({"predictions": preds, "model": preds[0].model if preds else None})
+
+
+async def _feedback(request: web.Request) -> web.Response:
+    node = request.app[_NODE]
+    body: _FeedbackBody = await _body(request, _FeedbackBody)
+    if not isinstance(body.prediction_id, str) or not body.prediction_id:
+        raise InvalidInput("prediction_id", "must be a non-empty string")
+    if not isinstance(body.label, str) or not body.label:
+        raise InvalidInput("label", "must be a non-empty string")
+    await node.feedback(body.prediction_id, body.label)
+    return _ok({"ok": True})
+
+
+async def _health(request: web.Request) -> web.Response:
+    return _ok(request.app[_NODE].health())
+
+
+def _metrics_text(node: EdgeNode, counts: dict[tuple[str, int], int]) -> str:
+    h = node.health()
+    b = node.batcher
+    lines = [
+        "# HELP slmops_edge_predictions_total Inferences served.",
+        "# TYPE slmops_edge_predictions_total counter",
+        f"slmops_edge_predictions_total {b.served}",
+        "# HELP slmops_edge_inference_errors_total Inferences that failed in the model.",
+        "# TYPE slmops_edge_inference_errors_total counter",
+        f"slmops_edge_inference_errors_total {b.failed}",
+        "# HELP slmops_edge_batches_total Micro-batches run.",
+        "# TYPE slmops_edge_batches_total counter",
+        f"slmops_edge_batches_total {b.batches}",
+        "# HELP slmops_edge_model_seconds_total Seconds spent in featurize + ONNX Runtime.",
+        "# TYPE slmops_edge_model_seconds_total counter",
+        f"slmops_edge_model_seconds_total {b.model_seconds:.6f}",
+        "# HELP slmops_edge_outbox_depth Aggregates waiting for the cloud.",
+        "# TYPE slmops_edge_outbox_depth gauge",
+        f"slmops_edge_outbox_depth {h['outbox']}",
+        "# HELP slmops_edge_buffer_bytes Bytes of the SQLite buffer (db + wal + shm).",
+        "# TYPE slmops_edge_buffer_bytes gauge",
+        f"slmops_edge_buffer_bytes {h['buffer_bytes']}",
+        "# HELP slmops_edge_link_up 1 while the NATS link is online.",
+        "# TYPE slmops_edge_link_up gauge",
+        f"slmops_edge_link_up {1 if h['link'] == 'online' else 0}",
+        "# HELP slmops_edge_published_total Aggregates acknowledged by JetStream.",
+        "# TYPE slmops_edge_published_total counter",
+        f"slmops_edge_published_total {node.publisher.published}",
+        "# HELP slmops_edge_dropped_inferences_total Inferences dropped by outbox compaction.",
+        "# TYPE slmops_edge_dropped_inferences_total counter",
+        f"slmops_edge_dropped_inferences_total {h['dropped_inferences']}",
+        "# HELP slmops_edge_dropped_aggregates_total Aggregates dropped by outbox compaction.",
+        "# TYPE slmops_edge_dropped_aggregates_total counter",
+        f"slmops_edge_dropped_aggregates_total {h['dropped_aggregates']}",
+        "# HELP slmops_edge_model_info The current model (value 1).",
+        "# TYPE slmops_edge_model_info gauge",
+    ]
+    m = h["model"]
+    if m is not None:
+        labels = f'name="{m["name"]}",version="{m["version"]}",variant="{m["variant"]}"'
+        lines.append(f"slmops_edge_model_info{{{labels}}} 1")
+    lines += [
+        "# HELP slmops_edge_http_requests_total HTTP requests by path and status.",
+        "# TYPE slmops_edge_http_requests_total counter",
+    ]
+    for (path, status), n in sorted(counts.items()):
+        lines.append(f'slmops_edge_http_requests_total{{path="{path}",code="{status}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    text = _metrics_text(request.app[_NODE], request.app[_COUNTS])
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+_ROUTES = {"/v1/predict", "/v1/feedback", "/v1/health", "/metrics"}
+
+
+def build_app(node: EdgeNode) -> web.Application:
+    """The aiohttp application for ``node``. Bodies above what ``max_texts`` texts of
+    ``max_text_chars`` need are refused with 413 before they are read."""
+    cfg = node.config
+    limit = 1024 + cfg.max_texts * (cfg.max_text_chars * 4 + 16)
+    app = web.Application(middlewares=[_errors], client_max_size=limit)
+    app[_NODE] = node
+    app[_COUNTS] = {}
+    app.router.add_post("/v1/predict", _predict)
+    app.router.add_post("/v1/feedback", _feedback)
+    app.router.add_get("/v1/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def start_api(node: EdgeNode) -> web.AppRunner:
+    """Serve ``node``'s API on ``config.http``; sets ``node.http_port`` (useful with port 0).
+    Returns the runner; ``await runner.cleanup()`` stops it."""
+    address = node.config.http_address
+    assert address is not None
+    host, port = address
+    if not is_loopback(host):
+        node.log.warning("http_not_loopback", host=host, note="the API has no authentication")
+    runner = web.AppRunner(build_app(node), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    node.http_port = sockets[0].getsockname()[1] if sockets else port
+    node.log.info("http_listening", host=host, port=node.http_port)
+    return runner

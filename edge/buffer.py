@@ -1,0 +1,525 @@
+"""The node's SQLite store: privacy-filtered event rows, the outbox of numbered aggregates,
+the models served, node state and the DP ledger (DESIGN §5–6).
+
+One connection, one writer: every transaction runs under ``self._lock`` with explicit
+``BEGIN IMMEDIATE``/``COMMIT``, so the group-commit writer, the window closer and the outbox
+publisher never interleave statements. WAL with ``synchronous=NORMAL``: a commit is in the
+WAL file (the OS has it) when ``COMMIT`` returns, which survives ``kill -9`` of the process
+(not a power cut; that would need ``synchronous=FULL``).
+
+Durability contract: ``append(rows)`` returns once the rows are committed. A window close
+builds its aggregates, gives each the next ``seq``, inserts them into the outbox and deletes
+their events in ONE transaction, so a crash leaves either the events or the aggregate, never
+both or neither. ``next_seq`` lives in the same database and survives restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+import anyio
+import msgspec
+import numpy as np
+import structlog
+
+from edge.errors import NodeClosed, StoreError
+from edge.privacy import EventRow, add_noise, suppress
+from edge.window import ModelInfo, build_aggregate, compact
+from shared.messages import HistogramEdges, ModelRef, TelemetryAggregate, decode_telemetry, encode_telemetry
+
+__all__ = ["Buffer", "BufferStats", "Commit"]
+
+log = structlog.get_logger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models(
+  id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, info BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events(
+  id INTEGER PRIMARY KEY, t REAL NOT NULL, model INTEGER NOT NULL, label INTEGER NOT NULL,
+  conf INTEGER NOT NULL, len INTEGER NOT NULL, lat INTEGER NOT NULL, err INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback(
+  id INTEGER PRIMARY KEY, t REAL NOT NULL, model INTEGER NOT NULL,
+  true_label TEXT NOT NULL, pred_label TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox(
+  seq INTEGER PRIMARY KEY, attempted INTEGER NOT NULL DEFAULT 0,
+  bytes INTEGER NOT NULL, count INTEGER NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS node_state(key TEXT PRIMARY KEY, value NUMERIC NOT NULL);
+CREATE TABLE IF NOT EXISTS dp_ledger(
+  id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, epsilon REAL NOT NULL, t REAL NOT NULL);
+"""
+_INSERT_EVENT = "INSERT INTO events(t, model, label, conf, len, lat, err) VALUES (?,?,?,?,?,?,?)"
+#: Rows one group commit takes at most (measured: 4096 rows commit in ~6 ms here).
+_GROUP_ROWS = 4096
+_STATE_KEYS = (
+    "next_seq",
+    "carry_inferences",
+    "carry_aggregates",
+    "dropped_inferences",
+    "dropped_aggregates",
+    "merges",
+    "sent",
+    "last_sync",
+)
+_info_decoder = msgspec.json.Decoder(ModelInfo)
+
+
+class Commit:
+    """Completion of one ``append``: ``done`` is set once the rows are committed (or failed,
+    then ``error`` says why)."""
+
+    __slots__ = ("done", "error", "rows")
+
+    def __init__(self, rows: Sequence[EventRow]) -> None:
+        self.rows = rows
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class BufferStats(msgspec.Struct, kw_only=True):
+    outbox_depth: int
+    outbox_bytes: int
+    file_bytes: int
+    next_seq: int
+    dropped_inferences: int
+    dropped_aggregates: int
+    merges: int
+    sent: int
+    last_sync: float | None
+    committed_events: int
+    lost_events: int
+
+
+class Buffer:
+    """The SQLite buffer of one node. ``async with Buffer(...) as buf:`` opens (creating the
+    schema), then run ``buf.run_writer()`` in a task for ``append`` to complete."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fleet: str,
+        node: str,
+        k: int,
+        window: float,
+        outbox_max_bytes: int,
+        dp_epsilon: float | None = None,
+        dp_budget: float | None = None,
+        queue: int = 1024,
+        clock: Callable[[], float],
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.fleet, self.node, self.k, self.window = fleet, node, k, window
+        self.outbox_max_bytes = outbox_max_bytes
+        self.dp_epsilon, self.dp_budget = dp_epsilon, dp_budget
+        self._clock = clock
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._db: aiosqlite.Connection | None = None
+        self._lock = anyio.Lock()
+        # Bounded: when the disk lags, inference waits here (backpressure) rather than
+        # queueing rows without limit or answering apps for rows that may never be stored.
+        self._send, self._recv = anyio.create_memory_object_stream[Commit](queue)
+        self._models: dict[int, ModelInfo] = {}
+        self._state: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0)
+        self._outbox_depth = self._outbox_bytes = 0
+        self._committed = self._lost = 0
+        self.outbox_changed = anyio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000"):
+                await self._db.execute(f"PRAGMA {pragma}")
+            await self._db.executescript(_SCHEMA)
+            async with self._db.execute("SELECT key, value FROM node_state") as cur:
+                for key, value in await cur.fetchall():
+                    self._state[key] = value
+            if not self._state["next_seq"]:
+                self._state["next_seq"] = 1
+            async with self._db.execute("SELECT id, info FROM models") as cur:
+                for mid, info in await cur.fetchall():
+                    self._models[mid] = msgspec.structs.replace(_info_decoder.decode(info), model_id=mid)
+            await self._refresh_outbox_stats()
+        except sqlite3.Error as exc:
+            await self._close_db()
+            raise StoreError(str(self.path), f"cannot open: {exc}") from exc
+        log.info(
+            "buffer_opened",
+            path=str(self.path),
+            next_seq=int(self._state["next_seq"]),
+            outbox=self._outbox_depth,
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            self._send.close()
+            await self._drain()
+            await self._close_db()
+
+    async def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                await db.close()
+            except sqlite3.Error as exc:
+                log.warning("buffer_close_failed", error=repr(exc))
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise NodeClosed("telemetry buffer")
+        return self._db
+
+    # -- models -----------------------------------------------------------------------------
+
+    async def register_model(self, ref: ModelRef, labels: list[str], edges: HistogramEdges) -> ModelInfo:
+        """The id under which events of this model are stored (created on first use)."""
+        key = f"{ref.name}/{ref.version}/{ref.variant}"
+        for info in self._models.values():
+            if info.ref == ref:
+                return info
+        blob = msgspec.json.encode(ModelInfo(model_id=0, ref=ref, labels=labels, edges=edges))
+        async with self._tx():
+            cur = await self.db.execute("INSERT INTO models(key, info) VALUES (?, ?)", (key, blob))
+            mid = cur.lastrowid
+        assert mid is not None
+        info = ModelInfo(model_id=mid, ref=ref, labels=labels, edges=edges)
+        self._models[mid] = info
+        return info
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def append(self, rows: Sequence[EventRow]) -> Commit:
+        """Queue ``rows`` for the next group commit; returns at once with a ``Commit`` whose
+        ``done`` is set once they are durable (waits only when the queue is full)."""
+        commit = Commit(rows)
+        try:
+            await self._send.send(commit)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            raise NodeClosed("telemetry buffer") from exc
+        return commit
+
+    async def run_writer(self) -> None:
+        """Group commit: take every queued ``append`` (up to ``_GROUP_ROWS`` rows), insert
+        them with one ``executemany`` and one commit, then release their waiters."""
+        while True:
+            try:
+                first = await self._recv.receive()
+            except anyio.EndOfStream:
+                return
+            await self._commit_group(self._gather(first))
+
+    def _gather(self, first: Commit) -> list[Commit]:
+        group, n = [first], len(first.rows)
+        while n < _GROUP_ROWS:
+            try:
+                item = self._recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            group.append(item)
+            n += len(item.rows)
+        return group
+
+    async def _commit_group(self, group: list[Commit]) -> None:
+        rows = [r for c in group for r in c.rows]
+        try:
+            async with self._tx():
+                await self.db.executemany(_INSERT_EVENT, rows)
+        except (StoreError, NodeClosed) as exc:
+            self._lost += len(rows)
+            log.error("events_not_stored", rows=len(rows), error=str(exc))
+            for c in group:
+                c.error = exc
+                c.done.set()
+            raise
+        self._committed += len(rows)
+        for c in group:
+            c.done.set()
+
+    async def _drain(self) -> None:
+        """Commit what is still queued (shutdown path)."""
+        while True:
+            try:
+                first = self._recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            if self._db is None:
+                return
+            try:
+                await self._commit_group(self._gather(first))
+            except (StoreError, NodeClosed):
+                return
+
+    async def add_feedback(self, model_id: int, true_label: str, pred_label: str) -> None:
+        """Store one ground-truth pair (labels only) for the next window of ``model_id``."""
+        async with self._tx():
+            await self.db.execute(
+                "INSERT INTO feedback(t, model, true_label, pred_label) VALUES (?,?,?,?)",
+                (self._clock(), model_id, true_label, pred_label),
+            )
+
+    # -- windows ----------------------------------------------------------------------------
+
+    async def close_window(self, now: float) -> int:
+        """Turn the stored events of each model into one numbered aggregate in the outbox, in
+        one transaction; a model with fewer than ``k`` events keeps them for the next window
+        (k-anonymity). Compacts the outbox if it outgrew its bound. Returns aggregates made."""
+        made = 0
+        async with self._tx():
+            db = self.db
+            async with db.execute(
+                "SELECT model, count(*), min(t), max(id) FROM events GROUP BY model"
+            ) as cur:
+                groups = await cur.fetchall()
+            for mid, n, t0, max_id in groups:
+                info = self._models.get(mid)
+                if n < self.k or info is None:
+                    continue
+                async with db.execute(
+                    "SELECT label, conf, len, lat, err, count(*) FROM events WHERE model=? AND id<=? "
+                    "GROUP BY label, conf, len, lat, err",
+                    (mid, max_id),
+                ) as cur:
+                    cells = await cur.fetchall()
+                async with db.execute(
+                    "SELECT true_label, pred_label, count(*), max(id) FROM feedback WHERE model=? "
+                    "GROUP BY true_label, pred_label",
+                    (mid,),
+                ) as cur:
+                    fb = await cur.fetchall()
+                seq = int(self._state["next_seq"])
+                agg = build_aggregate(
+                    fleet=self.fleet,
+                    node=self.node,
+                    info=info,
+                    seq=seq,
+                    start=math.floor(t0 / self.window) * self.window,
+                    end=now,
+                    cells=cells,  # type: ignore[arg-type]  # sqlite rows are tuples of int
+                    feedback=[(a, b, c) for a, b, c, _ in fb],
+                    k=self.k,
+                )
+                agg = await self._privatize(agg, now)
+                agg = msgspec.structs.replace(
+                    agg,
+                    dropped_inferences=int(self._state["carry_inferences"]),
+                    dropped_aggregates=int(self._state["carry_aggregates"]),
+                )
+                self._state["carry_inferences"] = self._state["carry_aggregates"] = 0
+                await self._insert_outbox([agg])
+                await db.execute("DELETE FROM events WHERE model=? AND id<=?", (mid, max_id))
+                if fb:
+                    await db.execute(
+                        "DELETE FROM feedback WHERE model=? AND id<=?", (mid, max(r[3] for r in fb))
+                    )
+                self._state["next_seq"] = seq + 1
+                made += 1
+            if made:
+                await self._enforce_bound()
+                await self._save_state()
+        if made:
+            await self._refresh_outbox_stats()
+            self._notify()
+        return made
+
+    async def _privatize(self, agg: TelemetryAggregate, now: float) -> TelemetryAggregate:
+        eps = self.dp_epsilon
+        if eps is None:
+            return agg
+        async with self.db.execute("SELECT coalesce(sum(epsilon), 0) FROM dp_ledger") as cur:
+            row = await cur.fetchone()
+        spent = float(row[0]) if row else 0.0
+        if self.dp_budget is not None and spent + eps > self.dp_budget + 1e-12:
+            log.warning("dp_budget_spent", spent=spent, budget=self.dp_budget, seq=agg.seq)
+            return suppress(agg)
+        await self.db.execute("INSERT INTO dp_ledger(seq, epsilon, t) VALUES (?,?,?)", (agg.seq, eps, now))
+        return add_noise(agg, eps, self._rng)
+
+    async def dp_spent(self) -> float:
+        async with self.db.execute("SELECT coalesce(sum(epsilon), 0) FROM dp_ledger") as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row else 0.0
+
+    async def _insert_outbox(self, aggs: Sequence[TelemetryAggregate]) -> None:
+        rows = []
+        for a in aggs:
+            payload = encode_telemetry(a)
+            rows.append((a.seq, len(payload), a.count, payload))
+        await self.db.executemany("INSERT INTO outbox(seq, bytes, count, payload) VALUES (?,?,?,?)", rows)
+
+    async def _enforce_bound(self) -> None:
+        """DESIGN §5: merge never-attempted aggregates, then drop the oldest with a receipt."""
+        db = self.db
+        async with db.execute("SELECT coalesce(sum(bytes), 0) FROM outbox") as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] <= self.outbox_max_bytes:
+            return
+        async with db.execute("SELECT coalesce(sum(bytes), 0) FROM outbox WHERE attempted=1") as cur:
+            sent_row = await cur.fetchone()
+        attempted_bytes = int(sent_row[0]) if sent_row else 0
+        async with db.execute("SELECT payload FROM outbox WHERE attempted=0 ORDER BY seq") as cur:
+            pending = [decode_telemetry(p) for (p,) in await cur.fetchall()]
+        if not pending:
+            return
+        result = compact(pending, max(0, self.outbox_max_bytes - attempted_bytes))
+        await db.execute("DELETE FROM outbox WHERE attempted=0")
+        await self._insert_outbox(result.aggregates)
+        self._state["next_seq"] = pending[0].seq + len(result.aggregates)
+        self._state["carry_inferences"] += result.carry_inferences
+        self._state["carry_aggregates"] += result.carry_aggregates
+        self._state["dropped_inferences"] += result.dropped_inferences
+        self._state["dropped_aggregates"] += result.dropped_aggregates
+        self._state["merges"] += result.merges
+        log.warning(
+            "outbox_compacted",
+            before=len(pending),
+            after=len(result.aggregates),
+            merges=result.merges,
+            dropped_aggregates=result.dropped_aggregates,
+            dropped_inferences=result.dropped_inferences,
+        )
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    async def outbox_take(self, limit: int) -> list[tuple[int, bytes]]:
+        """The oldest ``limit`` aggregates ``(seq, payload)`` in ``seq`` order, marked
+        attempted (committed) before the caller may publish them: from then on they are
+        never merged or renumbered, so a ghost write's ``Nats-Msg-Id`` stays true."""
+        async with self._tx():
+            async with self.db.execute(
+                "SELECT seq, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            ) as cur:
+                rows = [(int(s), bytes(p)) for s, p in await cur.fetchall()]
+            if rows:
+                await self.db.execute(
+                    "UPDATE outbox SET attempted=1 WHERE seq<=? AND attempted=0", (rows[-1][0],)
+                )
+        return rows
+
+    async def outbox_done(self, seqs: Sequence[int]) -> None:
+        """Delete acknowledged aggregates (after their PubAck)."""
+        if not seqs:
+            return
+        async with self._tx():
+            await self.db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+            self._state["sent"] += len(seqs)
+            self._state["last_sync"] = self._clock()
+            await self._save_state()
+        await self._refresh_outbox_stats()
+
+    # -- state ------------------------------------------------------------------------------
+
+    async def _save_state(self) -> None:
+        await self.db.executemany(
+            "INSERT INTO node_state(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            list(self._state.items()),
+        )
+
+    async def _refresh_outbox_stats(self) -> None:
+        async with self.db.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM outbox") as cur:
+            row = await cur.fetchone()
+        self._outbox_depth, self._outbox_bytes = (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def _notify(self) -> None:
+        event, self.outbox_changed = self.outbox_changed, anyio.Event()
+        event.set()
+
+    async def pending_events(self) -> int:
+        async with self.db.execute("SELECT count(*) FROM events") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def outbox_counts(self) -> list[tuple[int, int]]:
+        """``(seq, count)`` of every aggregate in the outbox (for tests and operators)."""
+        async with self.db.execute("SELECT seq, count FROM outbox ORDER BY seq") as cur:
+            return [(int(s), int(c)) for s, c in await cur.fetchall()]
+
+    def statistics(self) -> BufferStats:
+        size = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):  # -wal/-shm exist only while open
+                size += Path(f"{self.path}{suffix}").stat().st_size
+        s = self._state
+        return BufferStats(
+            outbox_depth=self._outbox_depth,
+            outbox_bytes=self._outbox_bytes,
+            file_bytes=size,
+            next_seq=int(s["next_seq"]),
+            dropped_inferences=int(s["dropped_inferences"]),
+            dropped_aggregates=int(s["dropped_aggregates"]),
+            merges=int(s["merges"]),
+            sent=int(s["sent"]),
+            last_sync=float(s["last_sync"]) or None,
+            committed_events=self._committed,
+            lost_events=self._lost,
+        )
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` under the buffer's lock; rolls back on error and
+    translates sqlite errors to ``StoreError``. In-memory state changed inside is reloaded
+    from the database on rollback."""
+
+    def __init__(self, buf: Buffer) -> None:
+        self.buf = buf
+
+    async def __aenter__(self) -> None:
+        await self.buf._lock.acquire()
+        self.saved = dict(self.buf._state)
+        try:
+            await self.buf.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self.buf._lock.release()
+            raise StoreError(str(self.buf.path), f"cannot begin a transaction: {exc}") from exc
+        except BaseException:
+            self.buf._lock.release()
+            raise
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        buf = self.buf
+        try:
+            with anyio.CancelScope(shield=True):
+                if et is None:
+                    try:
+                        await buf.db.execute("COMMIT")
+                        return False
+                    except sqlite3.Error as exc:
+                        await _rollback(buf.db)
+                        buf._state = self.saved
+                        raise StoreError(str(buf.path), f"commit failed: {exc}") from exc
+                await _rollback(buf.db)
+                buf._state = self.saved
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(str(buf.path), str(e)) from e
+                return False
+        finally:
+            buf._lock.release()
+        return False
+
+
+async def _rollback(db: Any) -> None:
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.Error as exc:  # nothing to roll back (the error ended the transaction)
+        log.debug("rollback_failed", error=repr(exc))

@@ -1,0 +1,176 @@
+"""The edge node's configuration (a ``shared.config.Config``: unknown keys are errors).
+
+Durations are seconds (``window=0.5``); sizes are bytes. ``EdgeConfig.build`` also accepts the
+human forms ``"500ms"``, ``"1m"``, ``"64k"`` for those fields, as the CLI and config files do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from shared.config import Config, load_config, parse_duration, parse_size
+from shared.names import validate_id
+
+__all__ = ["DURATION_FIELDS", "SIZE_FIELDS", "EdgeConfig", "parse_hostport"]
+
+#: Fields given in seconds; ``build`` parses "500ms", "2s", "1m" for them.
+DURATION_FIELDS = ("window", "max_batch_wait", "status_interval", "publish_timeout")
+#: Fields given in bytes; ``build`` parses "64k", "10MB" for them.
+SIZE_FIELDS = ("outbox_max_bytes",)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8470"`` → ``("127.0.0.1", 8470)``; port 0 picks a free port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"http address {value!r} is not valid: use HOST:PORT, e.g. 127.0.0.1:8470")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EdgeConfig(Config, kw_only=True):
+    """Everything one edge node needs. Callers may rely on every value being validated."""
+
+    fleet: str
+    node: str
+    #: Directory for the SQLite buffer and the model cache (created if missing).
+    data_dir: str
+    nats_url: str = "nats://127.0.0.1:4222"
+    #: A bundle directory to install at start (else the cached model, else none).
+    model: str | None = None
+    #: Public key files (PEM) whose bundle signatures this node accepts.
+    trust: list[str] = msgspec.field(default_factory=list)
+    #: ``HOST:PORT`` of the local HTTP API, or None for no HTTP API (Python API only).
+    http: str | None = "127.0.0.1:8470"
+    #: Seconds per telemetry window.
+    window: float = 60.0
+    #: k of k-anonymity: a window with fewer inferences is not published alone.
+    min_count: int = 10
+    #: Longest accepted input text, in characters.
+    max_text_chars: int = 10_000
+    #: Most texts in one request.
+    max_texts: int = 256
+    #: Most texts ORT runs in one micro-batch.
+    max_batch: int = 32
+    #: How long a micro-batch waits for more requests; 0 = take what is queued (batches
+    #: still form while ORT is busy with the previous one).
+    max_batch_wait: float = 0.0
+    intra_op_threads: int = 1
+    #: Bound on the outbox (encoded aggregates waiting for the cloud), in bytes (DESIGN §5).
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    #: Optional differential privacy: epsilon spent per published window (None = off).
+    dp_epsilon: float | None = None
+    #: Total epsilon this node may ever spend; once spent, windows go out without
+    #: histograms (counts only). None = no limit.
+    dp_budget: float | None = None
+    status_interval: float = 30.0
+    #: Timeout of one JetStream publish (its PubAck).
+    publish_timeout: float = 5.0
+    #: Most telemetry publishes awaiting their PubAck at once.
+    max_in_flight: int = 32
+    #: True: an answer is sent only once its telemetry row is committed to SQLite, so a
+    #: ``kill -9`` never loses telemetry of an answered inference. False: answer first.
+    durable_ack: bool = True
+    #: Remembered prediction ids (for feedback); the oldest are forgotten first.
+    feedback_memory: int = 100_000
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, "fleet")
+        validate_id(self.node, "node")
+        if not self.nats_url or ("://" not in self.nats_url and ":" not in self.nats_url):
+            raise ValueError(f"nats_url {self.nats_url!r} is not a NATS URL like nats://host:4222")
+        if not self.data_dir:
+            raise ValueError("data_dir must be a directory path, got an empty string")
+        if self.http is not None:
+            parse_hostport(self.http)
+        positive = {
+            "window": self.window,
+            "publish_timeout": self.publish_timeout,
+            "status_interval": self.status_interval,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        if self.max_batch_wait < 0:
+            raise ValueError(f"max_batch_wait must be >= 0 seconds, got {self.max_batch_wait!r}")
+        at_least_one = {
+            "min_count": self.min_count,
+            "max_text_chars": self.max_text_chars,
+            "max_texts": self.max_texts,
+            "max_batch": self.max_batch,
+            "intra_op_threads": self.intra_op_threads,
+            "max_in_flight": self.max_in_flight,
+            "feedback_memory": self.feedback_memory,
+        }
+        for name, ivalue in at_least_one.items():
+            if ivalue < 1:
+                raise ValueError(f"{name} must be >= 1, got {ivalue!r}")
+        if self.outbox_max_bytes < 1024:
+            raise ValueError(f"outbox_max_bytes must be >= 1024, got {self.outbox_max_bytes!r}")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            raise ValueError(f"dp_epsilon must be > 0 (or unset), got {self.dp_epsilon!r}")
+        if self.dp_budget is not None and not self.dp_budget > 0:
+            raise ValueError(f"dp_budget must be > 0 (or unset), got {self.dp_budget!r}")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def model_path(self) -> Path | None:
+        return None if self.model is None else Path(self.model)
+
+    @property
+    def trust_paths(self) -> list[Path]:
+        return [Path(p) for p in self.trust]
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        return None if self.http is None else parse_hostport(self.http)
+
+    @classmethod
+    def build(cls, data: dict[str, Any] | None = None, path: Path | None = None) -> EdgeConfig:
+        """Build from a TOML/JSON file overlaid with ``data``; durations and sizes may be
+        strings. Raises ``shared.errors.ConfigError`` naming the bad key."""
+        fixed = {k: _plain(v) for k, v in (data or {}).items()}
+        for key in DURATION_FIELDS:
+            if isinstance(fixed.get(key), str):
+                fixed[key] = _convert(key, fixed[key], parse_duration)
+        for key in SIZE_FIELDS:
+            if isinstance(fixed.get(key), str):
+                fixed[key] = _convert(key, fixed[key], parse_size)
+        return load_config(cls, fixed, path)
+
+    def replace(self, **changes: Any) -> EdgeConfig:
+        """A copy with ``changes`` applied and validated again."""
+        return msgspec.convert({**msgspec.structs.asdict(self), **changes}, EdgeConfig, strict=False)
+
+
+def _plain(value: Any) -> Any:
+    """Paths (and lists of them) as strings, the form the config Struct holds."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _convert(key: str, value: str, parse: Any) -> Any:
+    from shared.errors import ConfigError
+
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ConfigError("flags", f"{key}: {exc}") from exc

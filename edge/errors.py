@@ -1,0 +1,75 @@
+"""The edge node's exception tree. Every error keeps its data as attributes.
+
+``EdgeError`` derives from ``shared.errors.SlmopsError``; bundle problems are reported with
+``shared.errors.BundleError`` (it carries a machine-readable ``code``).
+"""
+
+from __future__ import annotations
+
+from shared.errors import SlmopsError
+
+__all__ = [
+    "EdgeError",
+    "FeedbackConflict",
+    "InvalidInput",
+    "NoModel",
+    "NodeClosed",
+    "StoreError",
+    "UnknownPrediction",
+]
+
+
+class EdgeError(SlmopsError):
+    """Base of the errors the edge node raises on purpose."""
+
+
+class NoModel(EdgeError):
+    """No model is installed yet, so the node cannot predict."""
+
+    def __init__(self) -> None:
+        super().__init__("no model installed yet")
+
+
+class NodeClosed(EdgeError):
+    """The node is shutting down or was never started."""
+
+    def __init__(self, what: str = "node") -> None:
+        self.what = what
+        super().__init__(f"{what} is not running")
+
+
+class InvalidInput(EdgeError, ValueError):
+    """A request value is invalid. ``field`` names it (``texts[3]``, ``label``...)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class UnknownPrediction(EdgeError, KeyError):
+    """Feedback names a prediction id this node does not (or no longer) remember."""
+
+    def __init__(self, prediction_id: str) -> None:
+        self.prediction_id = prediction_id
+        super().__init__(f"unknown prediction_id {prediction_id!r}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return f"unknown prediction_id {self.prediction_id!r}"
+
+
+class StoreError(EdgeError):
+    """The local SQLite buffer failed (disk full, corrupt file, permissions)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"telemetry buffer {path}: {reason}")
+
+
+class FeedbackConflict(EdgeError):
+    """Feedback for this prediction was already given (each prediction counts once)."""
+
+    def __init__(self, prediction_id: str) -> None:
+        self.prediction_id = prediction_id
+        super().__init__(f"feedback for prediction_id {prediction_id!r} was already given")

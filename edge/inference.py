@@ -1,0 +1,195 @@
+"""Micro-batched inference: concurrent requests share one ONNX Runtime call in a worker thread.
+
+``Batcher.run`` takes the first queued request, adds what else is queued (up to
+``max_batch`` texts, waiting at most ``max_wait`` for more), runs featurize + ORT in a worker
+thread, and hands each request its predictions. While ORT works on one batch the next one
+queues, so batches form by themselves under load even with ``max_wait = 0``.
+
+Each batch's telemetry rows go to the buffer before the requests are released; a request
+then gets the buffer's ``Commit`` and decides whether to wait for it (``durable_ack``).
+Inference itself never waits for the disk, the network or a download.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from edge.buffer import Buffer, Commit
+from edge.errors import EdgeError, NodeClosed, NoModel
+from edge.models import ActiveModel, ModelManager
+from edge.privacy import derive_rows, error_rows
+from shared.runtime import Prediction
+
+__all__ = ["Batcher", "InferenceFailed", "Result"]
+
+log = structlog.get_logger(__name__)
+
+
+class InferenceFailed(EdgeError):
+    """ONNX Runtime (or preprocessing) failed on a batch; counted as errors in telemetry."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"inference failed: {reason}")
+
+
+class Result:
+    """What one request gets back: its predictions, the model that made them, and the
+    commit of their telemetry rows."""
+
+    __slots__ = ("commit", "model", "predictions")
+
+    def __init__(self, predictions: list[Prediction], model: ActiveModel, commit: Commit) -> None:
+        self.predictions = predictions
+        self.model = model
+        self.commit = commit
+
+
+class _Request:
+    __slots__ = ("done", "error", "result", "texts")
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.texts = texts
+        self.done = anyio.Event()
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher:
+    """Runs the model for queued requests in micro-batches (see the module docstring)."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        buffer: Buffer,
+        *,
+        max_batch: int,
+        max_wait: float,
+        queue: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.models = models
+        self.buffer = buffer
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self._clock = clock
+        # Bounded: under overload callers wait to enqueue (backpressure to the HTTP layer).
+        self._send, self._recv = anyio.create_memory_object_stream[_Request](queue)
+        self.served = 0
+        self.failed = 0
+        self.batches = 0
+        self.model_seconds = 0.0
+
+    async def predict(self, texts: Sequence[str]) -> Result:
+        """Predict ``texts`` (already validated) with the current model. Raises ``NoModel``,
+        ``InferenceFailed`` or ``NodeClosed``."""
+        if self.models.current is None:
+            raise NoModel
+        req = _Request(texts)
+        try:
+            await self._send.send(req)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            raise NodeClosed("inference") from exc
+        await req.done.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def close(self) -> None:
+        """Refuse new requests; queued ones are still served by ``run``."""
+        self._send.close()
+
+    async def run(self) -> None:
+        """Serve queued requests until the queue is closed and empty, or cancelled."""
+        while True:
+            try:
+                first = await self._recv.receive()
+            except anyio.EndOfStream:
+                return
+            batch = await self._gather(first)
+            try:
+                await self._serve(batch)
+            except BaseException as exc:
+                for r in batch:
+                    if not r.done.is_set():
+                        r.error = exc if isinstance(exc, Exception) else NodeClosed("inference")
+                        r.done.set()
+                raise
+
+    async def _gather(self, first: _Request) -> list[_Request]:
+        batch, n = [first], len(first.texts)
+        deadline = time.monotonic() + self.max_wait
+        while n < self.max_batch:
+            req: _Request | None = None
+            try:
+                req = self._recv.receive_nowait()
+            except anyio.WouldBlock:
+                left = deadline - time.monotonic()
+                if left > 0:
+                    with anyio.move_on_after(left):
+                        try:
+                            req = await self._recv.receive()
+                        except anyio.EndOfStream:
+                            req = None
+            except anyio.EndOfStream:
+                pass
+            if req is None:
+                break
+            batch.append(req)
+            n += len(req.texts)
+        return batch
+
+    async def _serve(self, batch: list[_Request]) -> None:
+        active = self.models.current
+        if active is None:
+            for r in batch:
+                r.error = NoModel()
+                r.done.set()
+            return
+        texts = [t for r in batch for t in r.texts]
+        session = active.session
+        try:
+            preds, seconds = await anyio.to_thread.run_sync(_run, session.predict, texts)
+        except Exception as exc:  # ORT raises several unrelated types; each is one failed batch
+            log.error("inference_failed", texts=len(texts), error=repr(exc), model_version=active.ref.version)
+            self.failed += len(texts)
+            commit = await self.buffer.append(
+                error_rows(len(texts), t=self._clock(), model_id=active.model_id)
+            )
+            failure = InferenceFailed(f"{type(exc).__name__}: {exc}")
+            for r in batch:
+                r.error = failure
+                r.done.set()
+            await commit.done.wait()
+            return
+        self.batches += 1
+        self.served += len(texts)
+        self.model_seconds += seconds
+        rows = derive_rows(
+            preds,
+            t=self._clock(),
+            model_id=active.model_id,
+            edges=active.manifest.edges,
+            latency_ms=seconds * 1000.0,
+        )
+        commit = await self.buffer.append(rows)
+        i = 0
+        for r in batch:
+            j = i + len(r.texts)
+            r.result = Result(preds[i:j], active, commit)
+            r.done.set()
+            i = j
+
+
+def _run(
+    predict: Callable[[Sequence[str]], list[Prediction]], texts: list[str]
+) -> tuple[list[Prediction], float]:
+    t0 = time.perf_counter()
+    preds = predict(texts)
+    return preds, time.perf_counter() - t0

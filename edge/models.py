@@ -1,0 +1,243 @@
+"""The node's models: a local cache holding the current and the previous bundle, verified
+installs, atomic swaps and rollback (DESIGN §6).
+
+Cache layout under ``cache_dir``: one directory per bundle, ``<name>__<version>__<variant>``
+(``model.onnx`` + ``manifest.json``), and ``state.json`` naming ``current`` and ``previous``.
+``state.json`` is replaced atomically, so a crash at any instant leaves the old or the new
+choice, never a mix; unfinished copies are ``.tmp-*`` directories removed at the next start.
+
+A swap replaces one reference: requests already running keep the session they started with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import msgspec
+import structlog
+
+from shared.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, TrustStore, check_hash, read_bundle
+from shared.errors import BundleError
+from shared.messages import ModelManifest, ModelRef
+from shared.runtime import Session, load_session
+
+__all__ = ["ActiveModel", "ModelManager"]
+
+log = structlog.get_logger(__name__)
+
+_STATE = "state.json"
+
+
+class ActiveModel(msgspec.Struct, frozen=True, kw_only=True):
+    """A loaded model as inference uses it; immutable, swapped as a whole."""
+
+    session: Session
+    manifest: ModelManifest
+    path: Path
+    #: The buffer's id for this model's events.
+    model_id: int
+
+    @property
+    def ref(self) -> ModelRef:
+        return self.manifest.ref
+
+
+#: ``await register(manifest)`` → the buffer's model id (called before a model goes live).
+Register = Callable[[ModelManifest], Awaitable[int]]
+
+
+def _dirname(ref: ModelRef) -> str:
+    return f"{ref.name}__{ref.version}__{ref.variant}"
+
+
+class ModelManager:
+    """Installs, caches and swaps models. ``current`` is None until a model is installed."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        trust: TrustStore,
+        *,
+        register: Register,
+        intra_op_threads: int = 1,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.trust = trust
+        self._register = register
+        self._threads = intra_op_threads
+        self._current: ActiveModel | None = None
+        self._previous: ModelRef | None = None
+        self._lock = anyio.Lock()
+        self._listeners: list[Callable[[str, ActiveModel], object]] = []
+
+    @property
+    def current(self) -> ActiveModel | None:
+        return self._current
+
+    @property
+    def previous(self) -> ModelRef | None:
+        return self._previous
+
+    def on_change(self, callback: Callable[[str, ActiveModel], object]) -> None:
+        """Call ``callback(event, model)`` after every swap; event is ``model_installed``
+        or ``rollback``. Callbacks must not block."""
+        self._listeners.append(callback)
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def open(self) -> ActiveModel | None:
+        """Load the cached current model (or, if it fails its checks, the previous one)."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for junk in self.cache_dir.glob(".tmp-*"):
+            shutil.rmtree(junk, ignore_errors=True)
+        for junk in self.cache_dir.glob(".state-*"):
+            junk.unlink(missing_ok=True)
+        state = self._read_state()
+        for role in ("current", "previous"):
+            name = state.get(role)
+            if not name:
+                continue
+            try:
+                active = await self._load(self.cache_dir / name, verify=True)
+            except BundleError as exc:
+                log.error("cached_model_rejected", role=role, dir=name, code=exc.code, reason=exc.reason)
+                continue
+            self._current = active
+            other = state.get("previous") if role == "current" else None
+            self._previous = self._ref_of(other) if other else None
+            log.info("model_loaded", model=active.ref.name, version=active.ref.version, role=role)
+            return active
+        return None
+
+    def _read_state(self) -> dict[str, str]:
+        try:
+            data = json.loads((self.cache_dir / _STATE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("model_state_unreadable", error=repr(exc))
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+    def _ref_of(self, dirname: str) -> ModelRef | None:
+        try:
+            return read_bundle(self.cache_dir / dirname).manifest.ref
+        except BundleError:
+            return None
+
+    # -- install ----------------------------------------------------------------------------
+
+    async def install(self, bundle_dir: Path, *, source: str) -> ModelRef:
+        """Verify ``bundle_dir`` (hash, signature against the trusted keys, load, smoke
+        tests), copy it into the cache and make it current. Raises ``BundleError`` with a
+        ``code`` on any failure; then nothing changed and no partial file is left."""
+        async with self._lock:
+            bundle = read_bundle(Path(bundle_dir))
+            ref = bundle.manifest.ref
+            cur = self._current
+            if cur is not None and cur.ref == ref:
+                log.info("model_already_current", model=ref.name, version=ref.version, source=source)
+                return ref
+            await self._verify(bundle)
+            session = await self._session(bundle)
+            path = await anyio.to_thread.run_sync(self._copy_into_cache, bundle)
+            model_id = await self._register(bundle.manifest)
+            active = ActiveModel(session=session, manifest=bundle.manifest, path=path, model_id=model_id)
+            self._swap(active, "model_installed")
+            log.info(
+                "model_installed", model=ref.name, version=ref.version, variant=ref.variant, source=source
+            )
+            return ref
+
+    async def rollback(self) -> ModelRef:
+        """Make the previous model current again. Raises ``BundleError`` (code
+        ``no_previous`` or a verification code) when that is not possible."""
+        async with self._lock:
+            prev = self._previous
+            if prev is None:
+                raise BundleError("cache", "there is no previous model to roll back to", "no_previous")
+            active = await self._load(self.cache_dir / _dirname(prev), verify=True)
+            self._swap(active, "rollback")
+            log.warning("model_rolled_back", model=prev.name, version=prev.version)
+            return prev
+
+    async def _verify(self, bundle: Bundle) -> None:
+        if len(self.trust) == 0:
+            raise BundleError(str(bundle.path), "no trusted keys are configured (--trust)", "unknown_key")
+        self.trust.verify(bundle.manifest, str(bundle.path))
+        await anyio.to_thread.run_sync(check_hash, bundle)
+
+    async def _session(self, bundle: Bundle) -> Session:
+        def load() -> Session:
+            session = load_session(bundle.model_path, bundle.manifest, intra_op_threads=self._threads)
+            session.smoke_test()
+            return session
+
+        return await anyio.to_thread.run_sync(load)
+
+    async def _load(self, path: Path, *, verify: bool) -> ActiveModel:
+        bundle = read_bundle(path)
+        if verify:
+            await self._verify(bundle)
+        session = await self._session(bundle)
+        model_id = await self._register(bundle.manifest)
+        return ActiveModel(session=session, manifest=bundle.manifest, path=path, model_id=model_id)
+
+    def _copy_into_cache(self, bundle: Bundle) -> Path:
+        final = self.cache_dir / _dirname(bundle.manifest.ref)
+        if final.exists():
+            try:
+                check_hash(read_bundle(final))
+                if read_bundle(final).manifest == bundle.manifest:
+                    return final
+            except BundleError:
+                pass
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
+        try:
+            for name in (MODEL_FILE, MANIFEST_FILE):
+                shutil.copyfile(bundle.path / name, tmp / name)
+                with (tmp / name).open("rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _swap(self, active: ActiveModel, event: str) -> None:
+        old = self._current
+        state = {"current": active.path.name}
+        if old is not None and old.ref != active.ref:
+            state["previous"] = old.path.name
+        self._write_state(state)
+        self._current = active
+        self._previous = old.ref if old is not None and old.ref != active.ref else self._previous
+        keep = set(state.values())
+        for d in self.cache_dir.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+        for callback in list(self._listeners):
+            try:
+                callback(event, active)
+            except Exception:
+                log.exception("model_listener_failed", callback=repr(callback))
+
+    def _write_state(self, state: dict[str, str]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".state-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.cache_dir / _STATE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

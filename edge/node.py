@@ -1,0 +1,368 @@
+"""``EdgeNode``: one edge node — local inference, telemetry buffer, windows, link, outbox,
+status and (optionally) the HTTP API — as one async context manager owning one task group.
+
+    async with EdgeNode(config) as node:
+        answers = await node.predict(["some text"])
+
+Entering returns once the buffer is open and the cached (or ``config.model``) model is
+loaded; it never waits for the network. A crash in a background task is logged with its
+context and the task restarted with backoff; a task that keeps crashing stops the node (the
+error comes out of the ``async with``).
+
+When is telemetry durable? With ``durable_ack`` (the default) ``predict`` returns — and the
+HTTP answer is sent — only after the group commit holding the inference's event row, so a
+``kill -9`` at any instant loses no telemetry of an answered inference; the restarted node
+continues ``seq`` from SQLite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from edge.buffer import Buffer
+from edge.config import EdgeConfig
+from edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
+from edge.inference import Batcher
+from edge.models import ActiveModel, ModelManager
+from edge.outbox import Publisher
+from edge.status import StatusReporter, device_profile
+from edge.window import Windower
+from shared.bundle import TrustStore, read_bundle
+from shared.connect import ConnectFactory, Link, connect_attempt
+from shared.errors import BundleError
+from shared.messages import ModelManifest, ModelRef, NodeStatus
+from shared.names import status_subject, telemetry_subject
+
+__all__ = ["EdgeNode", "PredictionOut"]
+
+#: A task that crashed this many times within ``_CRASH_WINDOW`` seconds stops the node.
+_MAX_CRASHES = 5
+_CRASH_WINDOW = 60.0
+
+
+class PredictionOut(msgspec.Struct, kw_only=True):
+    """One answer: what the app gets per text."""
+
+    prediction_id: str
+    label: str
+    confidence: float
+    model: ModelRef
+
+
+class _Remembered:
+    __slots__ = ("labels", "model_id", "predicted", "used")
+
+    def __init__(self, model_id: int, labels: list[str], predicted: str) -> None:
+        self.model_id = model_id
+        self.labels = labels
+        self.predicted = predicted
+        self.used = False
+
+
+class EdgeNode:
+    """See the module docstring. Public attributes: ``config``, ``models`` (ModelManager),
+    ``link`` (shared.connect.Link), ``buffer``, ``log``."""
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        connect: ConnectFactory = connect_attempt,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self.log = structlog.get_logger("edge").bind(fleet=config.fleet, node=config.node)
+        self.data_dir = config.data_path
+        self.buffer = Buffer(
+            config.data_path / "telemetry.db",
+            fleet=config.fleet,
+            node=config.node,
+            k=config.min_count,
+            window=config.window,
+            outbox_max_bytes=config.outbox_max_bytes,
+            dp_epsilon=config.dp_epsilon,
+            dp_budget=config.dp_budget,
+            clock=clock,
+        )
+        self.models = ModelManager(
+            config.data_path / "models",
+            TrustStore.from_files(config.trust_paths),
+            register=self._register_model,
+            intra_op_threads=config.intra_op_threads,
+        )
+        self.link = Link(
+            config.nats_url, name=f"slmops-edge-{config.node}", node=config.node, connect=connect
+        )
+        self.batcher = Batcher(
+            self.models, self.buffer, max_batch=config.max_batch, max_wait=config.max_batch_wait, clock=clock
+        )
+        self.windower = Windower(config.window, self.buffer.close_window, clock=clock)
+        self.publisher = Publisher(
+            self.buffer,
+            self.link,
+            subject=telemetry_subject(config.fleet, config.node),
+            node=config.node,
+            max_in_flight=config.max_in_flight,
+            timeout=config.publish_timeout,
+        )
+        self.status = StatusReporter(
+            self.link,
+            status_subject(config.fleet, config.node),
+            self._snapshot,
+            interval=config.status_interval,
+        )
+        self.started_at = clock()
+        self.last_error: str | None = None
+        self.http_port: int | None = None
+        self._boot = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+        self._memory: OrderedDict[str, _Remembered] = OrderedDict()
+        self._stack: AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._api: Any = None
+        self.models.on_change(self._on_model_change)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError("this EdgeNode is already running")
+        self.config.data_path.mkdir(parents=True, exist_ok=True)
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self.buffer)
+            await self._load_models()
+            await stack.enter_async_context(self.link)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            for name, fn in (
+                ("writer", self.buffer.run_writer),
+                ("batcher", self.batcher.run),
+                ("windower", self.windower.run),
+                ("publisher", self.publisher.run),
+                ("status", self.status.run),
+            ):
+                self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
+            if self.config.http is not None:
+                from edge.api import start_api
+
+                self._api = await start_api(self)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        self.log.info("node_started", model=self._model_dict(), http_port=self.http_port)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        with anyio.CancelScope(shield=True):
+            if self._api is not None:
+                await self._api.cleanup()
+                self._api = None
+            self.batcher.close()
+            with anyio.move_on_after(1.0):
+                await self.report_status("shutdown")
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+        self.log.info("node_stopping")
+        return await stack.__aexit__(et, e, tb)
+
+    async def _load_models(self) -> None:
+        active = await self.models.open()
+        path = self.config.model_path
+        if path is None:
+            return
+        try:
+            wanted = read_bundle(path).manifest.ref
+        except BundleError as exc:
+            raise BundleError(exc.bundle, f"--model: {exc.reason}", exc.code) from exc
+        if active is not None and active.ref.name == wanted.name and active.ref.version > wanted.version:
+            # A newer version arrived (e.g. by assignment) since the flag was written: a
+            # restart must not silently downgrade the node.
+            self.log.warning("model_flag_skipped", flag_version=wanted.version, current=active.ref.version)
+            return
+        await self.models.install(path, source="local")
+
+    async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        crashes: list[float] = []
+        delay = 0.1
+        while True:
+            try:
+                await fn()
+                return
+            except Exception as exc:
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < _CRASH_WINDOW] + [now]
+                self.last_error = f"{name}: {type(exc).__name__}: {exc}"
+                if len(crashes) >= _MAX_CRASHES:
+                    self.log.error(
+                        "task_failed_stopping_node", task=name, crashes=len(crashes), exc_info=True
+                    )
+                    raise
+                self.log.error("task_crashed", task=name, restart_in=delay, exc_info=True)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # -- models -----------------------------------------------------------------------------
+
+    async def _register_model(self, manifest: ModelManifest) -> int:
+        info = await self.buffer.register_model(manifest.ref, list(manifest.labels), manifest.edges)
+        return info.model_id
+
+    def _on_model_change(self, event: str, active: ActiveModel) -> None:
+        self.log = self.log.bind(model_version=active.ref.version)
+        if self._tg is not None:
+            self._tg.start_soon(self.report_status, event)
+
+    # -- Python API -------------------------------------------------------------------------
+
+    def validate_texts(self, texts: object, field: str = "texts") -> list[str]:
+        """``texts`` as a list of valid texts, else ``InvalidInput`` naming the field."""
+        single = isinstance(texts, str)
+        if single:
+            texts = [texts]
+        if not isinstance(texts, list | tuple):
+            raise InvalidInput(field, f"must be a list of strings, got {type(texts).__name__}")
+        if not texts:
+            raise InvalidInput(field, "must hold at least one text")
+        if len(texts) > self.config.max_texts:
+            raise InvalidInput(
+                field, f"holds {len(texts)} texts, more than the limit {self.config.max_texts}"
+            )
+        limit = self.config.max_text_chars
+        for i, t in enumerate(texts):
+            name = field if single else f"{field}[{i}]"
+            if not isinstance(t, str):
+                raise InvalidInput(name, f"must be a string, got {type(t).__name__}")
+            if not t.strip():
+                raise InvalidInput(name, "must not be empty or only whitespace")
+            if len(t) > limit:
+                raise InvalidInput(name, f"is {len(t)} characters, more than the limit {limit}")
+        return list(texts)
+
+    async def predict(self, texts: Sequence[str] | str) -> list[PredictionOut]:
+        """Predict each text with the current model. Returns once the telemetry of these
+        inferences is committed (``durable_ack``). Raises ``InvalidInput``, ``NoModel``,
+        ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
+        if self._stack is None:
+            raise NodeClosed()
+        valid = self.validate_texts(texts)
+        result = await self.batcher.predict(valid)
+        if self.config.durable_ack:
+            await result.commit.done.wait()
+        model = result.model
+        ref, labels, memory = model.ref, model.manifest.labels, self._memory
+        out = []
+        for p in result.predictions:
+            pid = f"{self._boot}-{next(self._ids)}"
+            memory[pid] = _Remembered(model.model_id, labels, p.label)
+            out.append(PredictionOut(prediction_id=pid, label=p.label, confidence=p.confidence, model=ref))
+        while len(memory) > self.config.feedback_memory:
+            memory.popitem(last=False)
+        return out
+
+    async def feedback(self, prediction_id: str, label: str) -> None:
+        """Record the true ``label`` of a recent prediction (labels only, never text).
+        Raises ``UnknownPrediction``, ``FeedbackConflict`` or ``InvalidInput``."""
+        if not isinstance(prediction_id, str) or not prediction_id:
+            raise InvalidInput("prediction_id", "must be a non-empty string")
+        if not isinstance(label, str):
+            raise InvalidInput("label", f"must be a string, got {type(label).__name__}")
+        entry = self._memory.get(prediction_id)
+        if entry is None:
+            raise UnknownPrediction(prediction_id)
+        if label not in entry.labels:
+            raise InvalidInput("label", f"{label[:64]!r} is not one of the model's labels {entry.labels}")
+        if entry.used:
+            raise FeedbackConflict(prediction_id)
+        entry.used = True
+        try:
+            await self.buffer.add_feedback(entry.model_id, label, entry.predicted)
+        except BaseException:
+            entry.used = False
+            raise
+
+    def _model_dict(self) -> dict[str, Any] | None:
+        active = self.models.current
+        return None if active is None else msgspec.structs.asdict(active.ref)
+
+    def health(self) -> dict[str, Any]:
+        """A JSON-able snapshot: model, link, outbox, buffer, last sync, dropped counts."""
+        s = self.buffer.statistics()
+        return {
+            "status": "ok" if self.models.current is not None else "no_model",
+            "fleet": self.config.fleet,
+            "node": self.config.node,
+            "model": self._model_dict(),
+            "previous_model": None
+            if self.models.previous is None
+            else msgspec.structs.asdict(self.models.previous),
+            "link": self.link.state.value,
+            "outbox": s.outbox_depth,
+            "outbox_bytes": s.outbox_bytes,
+            "buffer_bytes": s.file_bytes,
+            "last_sync": None
+            if s.last_sync is None
+            else datetime.fromtimestamp(s.last_sync, UTC).isoformat(),
+            "dropped_inferences": s.dropped_inferences,
+            "dropped_aggregates": s.dropped_aggregates,
+            "lost_events": s.lost_events,
+            "merged_windows": s.merges,
+            "served": self.batcher.served,
+            "next_seq": s.next_seq,
+            "uptime_s": round(self._clock() - self.started_at, 3),
+            "last_error": self.last_error or self.publisher.last_error,
+        }
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _snapshot(self, event: str, **fields: Any) -> NodeStatus:
+        s = self.buffer.statistics()
+        active = self.models.current
+        status = NodeStatus(
+            fleet=self.config.fleet,
+            node=self.config.node,
+            time=datetime.fromtimestamp(self._clock(), UTC),
+            event=event,
+            device=device_profile(self.config.data_path),
+            model=None if active is None else active.ref,
+            previous_model=self.models.previous,
+            outbox_depth=s.outbox_depth,
+            buffer_bytes=s.file_bytes,
+            dropped_inferences=s.dropped_inferences,
+            dropped_aggregates=s.dropped_aggregates,
+            served=self.batcher.served,
+            last_seq=s.next_seq - 1,
+            last_sync=None if s.last_sync is None else datetime.fromtimestamp(s.last_sync, UTC),
+            last_error=self.last_error or self.publisher.last_error,
+        )
+        return msgspec.structs.replace(status, **fields) if fields else status
+
+    async def report_status(self, event: str, **fields: Any) -> bool:
+        """Publish a ``NodeStatus`` with ``event`` (and any NodeStatus ``fields``, e.g.
+        ``refresh=RefreshResult(...)``) now, if online. Returns whether it was sent."""
+        return await self.status.publish(self._snapshot(event, **fields))
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,145 @@
+"""The privacy filter: what of an inference may be kept, and the noise added before publishing.
+
+An inference becomes an ``EventRow`` of small integers — predicted class index, confidence bin,
+input-length bin (token count, binned), latency bin, error flag — plus its time and model id.
+The text, its tokens and its exact length never leave ``derive_rows``: there is no field that
+could hold them. Feedback holds only labels that are among the model's own labels.
+
+Optional differential privacy: every published count (class counts, the three histograms,
+feedback confusion) gets independent two-sided geometric noise, the discrete Laplace mechanism
+(Ghosh, Roughgarden, Sundararajan 2009). One inference changes at most ``SENSITIVITY`` of
+those counts by 1 each, so noise with ``alpha = exp(-epsilon / SENSITIVITY)`` makes a window
+epsilon-DP per inference. ``count`` and ``errors`` stay exact (the wire contract).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+
+from shared.histogram import Histogram, bin_index
+from shared.messages import HistogramEdges, Privacy, TelemetryAggregate
+from shared.runtime import Prediction
+
+__all__ = [
+    "SENSITIVITY",
+    "EventRow",
+    "add_noise",
+    "derive_rows",
+    "error_rows",
+    "suppress",
+    "two_sided_geometric",
+]
+
+#: Counts one inference can change: its class, confidence, length and latency bins, and one
+#: feedback cell.
+SENSITIVITY = 5
+
+
+class EventRow(NamedTuple):
+    """One inference as stored in SQLite: derived numbers only (never text)."""
+
+    t: float
+    model_id: int
+    label: int  #: class index, -1 for a failed inference
+    conf_bin: int
+    len_bin: int
+    lat_bin: int
+    error: int
+
+
+def derive_rows(
+    preds: Sequence[Prediction],
+    *,
+    t: float,
+    model_id: int,
+    edges: HistogramEdges,
+    latency_ms: float,
+) -> list[EventRow]:
+    """Event rows for one micro-batch: each prediction's class and bins. ``latency_ms`` is
+    the batch's model time, which every inference in it shared."""
+    lat_bin = bin_index(edges.latency_ms, latency_ms)
+    conf_edges, len_edges = edges.confidence, edges.input_length
+    return [
+        EventRow(
+            t,
+            model_id,
+            p.index,
+            bin_index(conf_edges, p.confidence),
+            bin_index(len_edges, p.input_length),
+            lat_bin,
+            0,
+        )
+        for p in preds
+    ]
+
+
+def error_rows(n: int, *, t: float, model_id: int) -> list[EventRow]:
+    """Rows for ``n`` inferences that failed inside the model (counted as errors)."""
+    return [EventRow(t, model_id, -1, 0, 0, 0, 1)] * n
+
+
+def two_sided_geometric(rng: np.random.Generator, alpha: float, size: int) -> list[int]:
+    """``size`` draws of the two-sided geometric distribution P(k) ∝ alpha^|k| (integers)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if size == 0:
+        return []
+    p = 1.0 - alpha
+    # The difference of two i.i.d. geometric variables (failures before a success) is
+    # two-sided geometric; numpy's geometric counts trials, so subtract the two offsets.
+    a = rng.geometric(p, size) - 1
+    b = rng.geometric(p, size) - 1
+    return [int(x) for x in a - b]
+
+
+def add_noise(agg: TelemetryAggregate, epsilon: float, rng: np.random.Generator) -> TelemetryAggregate:
+    """A copy of ``agg`` with geometric noise on every published count and its ``privacy``
+    stating it. Noised counts may be negative: clamping would bias every sum the cloud makes."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    alpha = math.exp(-epsilon / SENSITIVITY)
+
+    def noisy(h: Histogram) -> Histogram:
+        noise = two_sided_geometric(rng, alpha, len(h.counts))
+        return Histogram(edges=list(h.edges), counts=[c + n for c, n in zip(h.counts, noise, strict=True)])
+
+    labels = sorted(agg.class_counts)
+    class_noise = two_sided_geometric(rng, alpha, len(labels))
+    feedback: dict[str, dict[str, int]] = {}
+    for true in sorted(agg.feedback):
+        row = agg.feedback[true]
+        cells = sorted(row)
+        noise = two_sided_geometric(rng, alpha, len(cells))
+        feedback[true] = {c: row[c] + n for c, n in zip(cells, noise, strict=True)}
+    return msgspec.structs.replace(
+        agg,
+        class_counts={lb: agg.class_counts[lb] + n for lb, n in zip(labels, class_noise, strict=True)},
+        confidence=noisy(agg.confidence),
+        input_length=noisy(agg.input_length),
+        latency_ms=noisy(agg.latency_ms),
+        feedback=feedback,
+        privacy=Privacy(k=agg.privacy.k, epsilon=epsilon, mechanism="geometric"),
+    )
+
+
+def suppress(agg: TelemetryAggregate) -> TelemetryAggregate:
+    """A copy without anything beyond the exact counts: what goes out once the DP budget is
+    spent (``privacy.mechanism = "suppressed"``)."""
+
+    def empty(h: Histogram) -> Histogram:
+        return Histogram.empty(h.edges)
+
+    return msgspec.structs.replace(
+        agg,
+        class_counts={},
+        confidence=empty(agg.confidence),
+        input_length=empty(agg.input_length),
+        latency_ms=empty(agg.latency_ms),
+        feedback={},
+        privacy=Privacy(k=agg.privacy.k, epsilon=None, mechanism="suppressed"),
+    )

@@ -1,0 +1,270 @@
+"""Window aggregates: building one from event counts, merging two, and compacting an outbox
+that outgrew its bound (DESIGN §4–5). Pure functions plus the clock-driven ``Windower`` loop.
+
+Merging is adding counts — exact, associative, commutative — so an aggregate merged from many
+windows says what the windows said together, and ``count`` sums stay exact under compaction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+
+import anyio
+import msgspec
+import structlog
+
+from shared.histogram import Histogram
+from shared.messages import (
+    HistogramEdges,
+    ModelRef,
+    Privacy,
+    TelemetryAggregate,
+    encode_telemetry,
+)
+
+__all__ = [
+    "Cell",
+    "Compaction",
+    "ModelInfo",
+    "Windower",
+    "build_aggregate",
+    "compact",
+    "merge",
+    "mergeable",
+    "next_tick",
+    "to_datetime",
+]
+
+log = structlog.get_logger(__name__)
+
+#: ``(label index or -1, conf bin, length bin, latency bin, error flag, how many)``.
+Cell = tuple[int, int, int, int, int, int]
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What aggregation needs to know of a model the node served."""
+
+    model_id: int
+    ref: ModelRef
+    labels: list[str]
+    edges: HistogramEdges
+
+
+def to_datetime(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+def next_tick(now: float, window: float) -> float:
+    """The next window boundary after ``now``: boundaries are multiples of ``window``
+    seconds since the epoch, so every node of a fleet closes windows at the same instants."""
+    return (math.floor(now / window) + 1) * window
+
+
+def build_aggregate(
+    *,
+    fleet: str,
+    node: str,
+    info: ModelInfo,
+    seq: int,
+    start: float,
+    end: float,
+    cells: Iterable[Cell],
+    feedback: Iterable[tuple[str, str, int]] = (),
+    k: int,
+) -> TelemetryAggregate:
+    """One aggregate from grouped event counts (``cells``) and feedback ``(true, predicted,
+    n)`` triples. Rows with an unknown class index count as errors."""
+    e = info.edges
+    conf, length, lat = (
+        Histogram.empty(e.confidence),
+        Histogram.empty(e.input_length),
+        Histogram.empty(e.latency_ms),
+    )
+    classes: dict[str, int] = {}
+    count = errors = 0
+    for label, cb, lb, tb, err, n in cells:
+        count += n
+        if err or not 0 <= label < len(info.labels):
+            errors += n
+            continue
+        name = info.labels[label]
+        classes[name] = classes.get(name, 0) + n
+        conf.counts[min(max(cb, 0), len(conf.counts) - 1)] += n
+        length.counts[min(max(lb, 0), len(length.counts) - 1)] += n
+        lat.counts[min(max(tb, 0), len(lat.counts) - 1)] += n
+    fb: dict[str, dict[str, int]] = {}
+    for true, pred, n in feedback:
+        row = fb.setdefault(true, {})
+        row[pred] = row.get(pred, 0) + n
+    return TelemetryAggregate(
+        fleet=fleet,
+        node=node,
+        model=info.ref,
+        seq=seq,
+        window_start=to_datetime(start),
+        window_end=to_datetime(max(end, start)),
+        count=count,
+        errors=errors,
+        class_counts=classes,
+        confidence=conf,
+        input_length=length,
+        latency_ms=lat,
+        feedback=fb,
+        privacy=Privacy(k=k),
+    )
+
+
+def mergeable(a: TelemetryAggregate, b: TelemetryAggregate) -> bool:
+    """Whether ``merge(a, b)`` is defined: same node, model, bin edges and privacy."""
+    return (
+        a.fleet == b.fleet
+        and a.node == b.node
+        and a.model == b.model
+        and a.privacy == b.privacy
+        and a.confidence.edges == b.confidence.edges
+        and a.input_length.edges == b.input_length.edges
+        and a.latency_ms.edges == b.latency_ms.edges
+    )
+
+
+def _add(x: dict[str, int], y: dict[str, int]) -> dict[str, int]:
+    out = dict(x)
+    for key, n in y.items():
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def merge(a: TelemetryAggregate, b: TelemetryAggregate) -> TelemetryAggregate:
+    """One aggregate covering both windows; every count is the sum. Takes the lower ``seq``.
+    Raises ``ValueError`` when the two are not ``mergeable``."""
+    if not mergeable(a, b):
+        raise ValueError(
+            f"aggregates seq {a.seq!r} and {b.seq!r} differ in node, model, edges or privacy; "
+            "they cannot be merged"
+        )
+    feedback = {t: dict(row) for t, row in a.feedback.items()}
+    for true, row in b.feedback.items():
+        feedback[true] = _add(feedback.get(true, {}), row)
+    return msgspec.structs.replace(
+        a,
+        seq=min(a.seq, b.seq),
+        window_start=min(a.window_start, b.window_start),
+        window_end=max(a.window_end, b.window_end),
+        count=a.count + b.count,
+        errors=a.errors + b.errors,
+        class_counts=_add(a.class_counts, b.class_counts),
+        confidence=a.confidence.merge(b.confidence),
+        input_length=a.input_length.merge(b.input_length),
+        latency_ms=a.latency_ms.merge(b.latency_ms),
+        feedback=feedback,
+        windows=a.windows + b.windows,
+        dropped_inferences=a.dropped_inferences + b.dropped_inferences,
+        dropped_aggregates=a.dropped_aggregates + b.dropped_aggregates,
+    )
+
+
+class Compaction(msgspec.Struct, kw_only=True):
+    """The result of ``compact``: what stays (renumbered), what was merged and dropped."""
+
+    aggregates: list[TelemetryAggregate]
+    merges: int = 0
+    #: Aggregates and inferences dropped by this compaction (the newly lost).
+    dropped_aggregates: int = 0
+    dropped_inferences: int = 0
+    #: Loss receipts no surviving aggregate could carry: add them to the next one made.
+    carry_inferences: int = 0
+    carry_aggregates: int = 0
+
+
+def compact(
+    pending: Sequence[TelemetryAggregate],
+    budget: int,
+    size: Callable[[TelemetryAggregate], int] = lambda a: len(encode_telemetry(a)),
+) -> Compaction:
+    """Shrink never-sent aggregates (in ``seq`` order, contiguous) to at most ``budget``
+    bytes, DESIGN §5: first merge adjacent mergeable pairs — the pair spanning the fewest
+    windows, the oldest on a tie, so old data coarsens gradually — and only when no pair is
+    left drop the oldest, moving its count (and the receipts it carried) into the loss
+    receipt of the next survivor. Survivors are renumbered from the first ``seq``, so the
+    node's sequence has no gap (none of them was ever sent, so no one saw the old numbers).
+
+    Invariant (tested): sum of surviving ``count`` + ``dropped_inferences`` + carried
+    receipts equals the input's sum of ``count`` + ``dropped_inferences``.
+    """
+    if not pending:
+        return Compaction(aggregates=[])
+    first = pending[0].seq
+    aggs = list(pending)
+    sizes = [size(a) for a in aggs]
+    out = Compaction(aggregates=[])
+    while aggs and sum(sizes) > budget:
+        best: int | None = None
+        for i in range(len(aggs) - 1):
+            if mergeable(aggs[i], aggs[i + 1]) and (
+                best is None
+                or aggs[i].windows + aggs[i + 1].windows < aggs[best].windows + aggs[best + 1].windows
+            ):
+                best = i
+        if best is not None:
+            merged = merge(aggs[best], aggs[best + 1])
+            aggs[best : best + 2] = [merged]
+            sizes[best : best + 2] = [size(merged)]
+            out.merges += 1
+            continue
+        gone = aggs.pop(0)
+        sizes.pop(0)
+        out.dropped_aggregates += 1
+        out.dropped_inferences += gone.count
+        lost_inf = gone.count + gone.dropped_inferences
+        lost_agg = 1 + gone.dropped_aggregates
+        if aggs:
+            aggs[0] = msgspec.structs.replace(
+                aggs[0],
+                dropped_inferences=aggs[0].dropped_inferences + lost_inf,
+                dropped_aggregates=aggs[0].dropped_aggregates + lost_agg,
+            )
+            sizes[0] = size(aggs[0])
+        else:
+            out.carry_inferences += lost_inf
+            out.carry_aggregates += lost_agg
+    out.aggregates = [msgspec.structs.replace(a, seq=first + i) for i, a in enumerate(aggs)]
+    return out
+
+
+class Windower:
+    """Closes a window at every boundary of ``window`` seconds on ``clock``: calls
+    ``close(now)`` (which builds, numbers and stores the aggregates in one transaction).
+
+    ``clock`` gives seconds since the epoch and ``sleep`` waits; both are injected so tests
+    can drive time."""
+
+    def __init__(
+        self,
+        window: float,
+        close: Callable[[float], Awaitable[int]],
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
+    ) -> None:
+        if not window > 0:
+            raise ValueError(f"window must be > 0 seconds, got {window!r}")
+        self.window = window
+        self._close = close
+        self._clock = clock
+        self._sleep = sleep
+        self.closed = 0  #: aggregates made so far
+
+    async def tick(self) -> int:
+        """Close the window now; returns how many aggregates were made."""
+        made = await self._close(self._clock())
+        self.closed += made
+        return made
+
+    async def run(self) -> None:
+        """Close windows at each boundary until cancelled."""
+        while True:
+            now = self._clock()
+            await self._sleep(max(0.0, next_tick(now, self.window) - now))
+            await self.tick()
