@@ -1,0 +1,138 @@
+"""A loopback TCP proxy whose link can be cut and restored: the fault tests (DESIGN §8) and the
+demo put one between a node and NATS to cut that node's link for real.
+
+async with TcpProxy("127.0.0.1", server.port) as proxy:
+    ... connect a node to proxy.url ...
+    await proxy.cut()      # open connections are closed, new ones refused
+    await proxy.restore()  # listening again, on the same port
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+__all__ = ["TcpProxy"]
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1") -> None:
+        if not isinstance(target_port, int) or not 0 < target_port < 65536:
+            raise ValueError(f"target_port must be 1..65535, got {target_port!r}")
+        self.target = (target_host, target_port)
+        self.listen_host = listen_host
+        self._port = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._listening: anyio.CancelScope | None = None
+        self._listener_closed: anyio.Event | None = None
+        self._conns: set[anyio.CancelScope] = set()
+        self._conn_closed = anyio.Event()
+        self.accepted = 0  #: connections accepted in total
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.listen_host}:{self._port}"
+
+    @property
+    def is_cut(self) -> bool:
+        return self._listening is None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    async def __aenter__(self) -> Self:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        await self._listen()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(exc_type, exc, tb)
+
+    async def cut(self) -> None:
+        """Close every open connection and stop listening (new connects are refused)."""
+        if self._listening is not None:
+            self._listening.cancel()
+            self._listening = None
+            assert self._listener_closed is not None
+            await self._listener_closed.wait()
+        for scope in list(self._conns):
+            scope.cancel()
+        with anyio.fail_after(5):
+            while self._conns:
+                self._conn_closed = anyio.Event()
+                await self._conn_closed.wait()
+
+    async def restore(self) -> None:
+        """Listen again on the same port."""
+        if self._listening is None:
+            await self._listen()
+
+    async def _listen(self) -> None:
+        assert self._tg is not None
+        listener = await anyio.create_tcp_listener(local_host=self.listen_host, local_port=self._port)
+        self._port = listener.extra(SocketAttribute.local_port)
+        self._listening = anyio.CancelScope()
+        self._listener_closed = anyio.Event()
+        self._tg.start_soon(self._serve, listener, self._listening, self._listener_closed)
+
+    async def _serve(
+        self,
+        listener: anyio.abc.Listener[anyio.abc.SocketStream],
+        scope: anyio.CancelScope,
+        closed: anyio.Event,
+    ) -> None:
+        assert self._tg is not None
+        try:
+            with scope:
+                async with listener:
+                    await listener.serve(self._handle, task_group=self._tg)
+        finally:
+            closed.set()
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        self.accepted += 1
+        scope = anyio.CancelScope()
+        self._conns.add(scope)
+        try:
+            with scope:
+                async with client:
+                    try:
+                        upstream = await anyio.connect_tcp(*self.target)
+                    except OSError:
+                        return
+                    async with upstream, anyio.create_task_group() as tg:
+                        tg.start_soon(self._pipe, client, upstream, tg.cancel_scope)
+                        tg.start_soon(self._pipe, upstream, client, tg.cancel_scope)
+        finally:
+            self._conns.discard(scope)
+            self._conn_closed.set()
+
+    @staticmethod
+    async def _pipe(
+        src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, both: anyio.CancelScope
+    ) -> None:
+        # Either side ending (EOF or error) ends the whole connection: NATS needs no half-close.
+        try:
+            async for chunk in src:
+                await dst.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            both.cancel()
