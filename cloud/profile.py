@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from shared.histogram import Histogram
-from shared.messages import HistogramEdges, ReferenceProfile, SmokeTest
+from shared.messages import HeldOutScores, HistogramEdges, ReferenceProfile, SmokeTest
 from shared.runtime import Session
 
 __all__ = ["DEFAULT_EDGES", "reference_profile", "smoke_tests"]
@@ -37,8 +37,8 @@ def reference_profile(
     latency_samples: int = 200,
 ) -> ReferenceProfile:
     """Predicted-class counts, confidence/input-length histograms, accuracy, confusion
-    (true -> predicted) and true-label priors of ``texts``; latency measured one text per call
-    (as a node serves) on the first ``latency_samples`` texts."""
+    (true -> predicted), true-label priors and per-example scores (no text) of ``texts``;
+    latency measured one text per call (as a node serves) on the first ``latency_samples``."""
     if len(texts) != len(true_labels) or not texts:
         raise ValueError(f"need as many labels as texts (>0), got {len(texts)} and {len(true_labels)}")
     labels = session.manifest.labels
@@ -68,6 +68,11 @@ def reference_profile(
         accuracy=correct / len(texts),
         confusion={k: dict(sorted(v.items())) for k, v in sorted(confusion.items())},
         priors={labels[i]: float(c / counts.sum()) for i, c in enumerate(counts)},
+        held_out=HeldOutScores(
+            true=[int(t) for t in true_labels],
+            probs=[[round(x, 6) for x in p.probs] for p in preds],
+            lengths=[p.input_length for p in preds],
+        ),
     )
 
 
