@@ -92,5 +92,13 @@ from slmops.cli_models import models as _models  # noqa: E402
 main.add_command(_models)
 main.add_command(_keys)
 
+from slmops.cli_edge import edge as _edge  # noqa: E402
+
+main.add_command(_edge)
+
+from slmops.cli_demo import demo as _demo  # noqa: E402
+
+main.add_command(_demo)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
