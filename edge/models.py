@@ -67,9 +67,12 @@ class ModelManager:
         *,
         register: Register,
         intra_op_threads: int = 1,
+        memory_mb: int = 0,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.trust = trust
+        #: Device memory a bundle's ``min_memory_mb`` is checked against; 0 = unknown, no check.
+        self.memory_mb = memory_mb
         self._register = register
         self._threads = intra_op_threads
         self._current: ActiveModel | None = None
@@ -172,6 +175,13 @@ class ModelManager:
         if len(self.trust) == 0:
             raise BundleError(str(bundle.path), "no trusted keys are configured (--trust)", "unknown_key")
         self.trust.verify(bundle.manifest, str(bundle.path))
+        need = bundle.manifest.min_memory_mb
+        if self.memory_mb > 0 and need > self.memory_mb:
+            raise BundleError(
+                str(bundle.path),
+                f"needs {need} MB of memory, this device has {self.memory_mb} MB",
+                "too_large",
+            )
         await anyio.to_thread.run_sync(check_hash, bundle)
 
     async def _session(self, bundle: Bundle) -> Session:
