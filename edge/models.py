@@ -23,6 +23,7 @@ import anyio.to_thread
 import msgspec
 import structlog
 
+from edge.status import device_profile
 from shared.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, TrustStore, check_hash, read_bundle
 from shared.errors import BundleError
 from shared.messages import ModelManifest, ModelRef
@@ -67,12 +68,13 @@ class ModelManager:
         *,
         register: Register,
         intra_op_threads: int = 1,
-        memory_mb: int = 0,
+        memory_mb: int | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.trust = trust
-        #: Device memory a bundle's ``min_memory_mb`` is checked against; 0 = unknown, no check.
-        self.memory_mb = memory_mb
+        #: Device memory (MB) a bundle's ``min_memory_mb`` is checked against; None at
+        #: construction means this machine's physical memory; 0 = unknown, no check.
+        self.memory_mb = device_profile(self.cache_dir).memory_mb if memory_mb is None else memory_mb
         self._register = register
         self._threads = intra_op_threads
         self._current: ActiveModel | None = None
