@@ -1,0 +1,421 @@
+"""deploy/: the NATS configs run on a real nats-server and enforce what they promise; the
+service, compose and k8s files parse and name what the README says.
+
+Servers here are started from copies of the shipped configs with only addresses, ports and
+store directories rewritten (each rewrite fails loudly if its text is gone from the config).
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import nats
+import nats.errors
+import pytest
+import yaml
+from _nats import free_port
+from nats.aio.client import Client as NATS
+from nats.js import api as js_api
+
+from shared import names
+from shared.errors import NatsUnavailable
+from shared.provision import ensure_resources
+from shared.server import find_nats_server
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+NATS_DIR = DEPLOY / "nats"
+CONFS = sorted(NATS_DIR.rglob("*.conf"))
+
+FLEET, NODE, OTHER = "shop", "till-001", "till-002"
+CLOUD_PW = "EXAMPLE-cloud-password-CHANGE-ME"
+NODE_PW = "EXAMPLE-node-till-001-password-CHANGE-ME"
+BCRYPT_NODE_PW = "EXAMPLE-node-till-002-password-CHANGE-ME"
+# Big enough that the server sends flow-control requests during an object download (it did
+# from 8 MB on with nats-server 2.15 / nats-py 2.16; 2 MB downloads needed none).
+BIG_OBJECT = 8 * 1024 * 1024
+
+
+def _load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_node_users", NATS_DIR / "make_node_users.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+# -- running servers from the shipped configs -------------------------------------------------
+
+
+def _rewrite(text: str, replacements: dict[str, str], what: str) -> str:
+    for old, new in replacements.items():
+        if old not in text:
+            pytest.fail(f"{what} no longer contains {old!r}: update tests/test_deploy.py with it")
+        text = text.replace(old, new)
+    return text
+
+
+def _copy_conf(src: Path, dst: Path, replacements: dict[str, str]) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(_rewrite(src.read_text(), replacements, str(src.relative_to(ROOT))))
+    return dst
+
+
+def _local(store: Path | None) -> dict[str, str]:
+    """Loopback on a free client port, no monitoring port, the store in the test's tmp dir."""
+    out = {"listen: 0.0.0.0:4222": "listen: 127.0.0.1:-1", "http: 127.0.0.1:8222\n": ""}
+    if store is not None:
+        out['store_dir: "/var/lib/nats/jetstream"'] = f"store_dir: {json.dumps(str(store))}"
+    return out
+
+
+class _Server:
+    """One nats-server process run from a config file; ``url`` without credentials."""
+
+    def __init__(self, conf: Path, run_dir: Path) -> None:
+        self.conf = conf
+        self.run_dir = run_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def log(self) -> str:
+        path = self.run_dir / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start and return once the ports file names the client URL (blocking: run it in a
+        worker thread from async code)."""
+        ports = self.run_dir / "ports"
+        ports.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "server.log").open("wb") as log:
+            argv = [str(find_nats_server()), "-c", str(self.conf), "--ports_file_dir", str(ports)]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while not self.url:
+            if self.proc.poll() is not None:
+                pytest.fail(f"nats-server -c {self.conf} exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"nats-server -c {self.conf} wrote no ports file in {timeout}s:\n{self.log()}")
+            for path in ports.glob("*.ports"):
+                try:
+                    self.url = json.loads(path.read_text())["nats"][0]
+                except (ValueError, KeyError, IndexError):
+                    pass  # half written: read again
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def creds(self, user: str, password: str) -> str:
+        return self.url.replace("nats://", f"nats://{user}:{password}@", 1)
+
+
+@asynccontextmanager
+async def _servers(*pairs: tuple[Path, Path]) -> AsyncIterator[list[_Server]]:
+    """Start the servers in order (in a worker thread), stop them all at the end."""
+    servers = [_Server(conf, run_dir) for conf, run_dir in pairs]
+    try:
+        for server in servers:
+            await anyio.to_thread.run_sync(server.start)
+        yield servers
+    finally:
+        with anyio.CancelScope(shield=True):
+            for server in servers:
+                await anyio.to_thread.run_sync(server.stop)
+
+
+class _Client:
+    """A nats-py client that records what arrives on ``error_cb`` (permission violations)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: NATS | None = None
+
+    async def error_cb(self, exc: Exception) -> None:
+        self.errors.append(str(exc))
+
+    async def wait_error(self, needle: str, timeout: float = 5.0) -> None:
+        with anyio.fail_after(timeout):
+            while not any(needle in e for e in self.errors):
+                await anyio.sleep(0.02)
+
+
+@asynccontextmanager
+async def _connect(url: str, node: str | None = None) -> AsyncIterator[tuple[NATS, _Client]]:
+    client = _Client()
+    nc = NATS()
+    try:
+        await nc.connect(
+            url,
+            inbox_prefix=names.inbox_prefix(node),
+            allow_reconnect=False,
+            connect_timeout=5,
+            error_cb=client.error_cb,
+        )
+    except BaseException:
+        await nc.close()  # a refused connect leaves nats-py's socket open otherwise
+        raise
+    client.nc = nc
+    try:
+        yield nc, client
+    finally:
+        await nc.close()
+
+
+async def _provision(url: str, replicas: int = 1, timeout: float = 30.0) -> None:
+    """``ensure_resources`` as the cloud user, retried while JetStream elects its leaders."""
+    with anyio.fail_after(timeout):
+        while True:
+            async with _connect(url) as (nc, _):
+                try:
+                    await ensure_resources(nc.jetstream(timeout=2), replicas=replicas)
+                    return
+                except NatsUnavailable:
+                    await anyio.sleep(0.2)
+
+
+async def _assert_denied_publish(js: Any, client: _Client, subject: str) -> None:
+    """The server refuses ``subject``: the publisher only times out, the reason comes on error_cb."""
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.publish(subject, b"x", timeout=1)
+    await client.wait_error(f'permissions violation for publish to "{subject.lower()}"')
+
+
+# -- every config parses ------------------------------------------------------------------------
+
+
+def test_configs_exist() -> None:
+    """The layouts the README offers are all there."""
+    rel = {str(p.relative_to(NATS_DIR)) for p in CONFS}
+    assert {"single.conf", "accounts.conf", "cluster/n1.conf", "cluster/n2.conf", "cluster/n3.conf"} <= rel
+    assert {"leaf/hub.conf", "leaf/site.conf"} <= rel
+
+
+@pytest.mark.parametrize("conf", CONFS, ids=[str(p.relative_to(NATS_DIR)) for p in CONFS])
+def test_nats_config_passes_the_servers_config_test(conf: Path) -> None:
+    """`nats-server -t -c FILE` accepts every shipped config (includes resolved in place)."""
+    done = subprocess.run(
+        [str(find_nats_server()), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "is valid" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("conf", "indent"), [("single.conf", 6), ("accounts.conf", 6), ("leaf/site.conf", 6)]
+)
+def test_node_user_in_configs_is_what_the_generator_prints(conf: str, indent: int) -> None:
+    """The example node user in each config is exactly the generator's block, so the rights
+    tested on single.conf are the rights every layout ships."""
+    block = gen.node_block(FLEET, NODE, NODE_PW, indent)
+    assert block in (NATS_DIR / conf).read_text()
+
+
+def test_generator_id_rule_matches_shared_names() -> None:
+    """make_node_users.py (stdlib only) accepts exactly the ids shared.names does."""
+    for candidate in ["till-001", "a", "A_b-9", "_fleet", "-x", "a.b", "a b", "", "x" * 64, "x" * 65]:
+        try:
+            names.validate_id(candidate)
+            ok = True
+        except ValueError:
+            ok = False
+        assert bool(gen._ID.fullmatch(candidate)) is ok, candidate
+
+
+def test_generator_rejects_bad_ids_with_a_clear_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(NATS_DIR / "make_node_users.py"), "--fleet", "shop", "till.1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "node 'till.1' is not valid" in done.stderr
+
+
+# -- single.conf on a real server ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def single(tmp_path: Path) -> AsyncIterator[_Server]:
+    """A server run from deploy/nats/single.conf, provisioned by the cloud user, with the
+    node's assignment, the fleet-wide assignment and a manifest written by the cloud."""
+    conf = _copy_conf(NATS_DIR / "single.conf", tmp_path / "single.conf", _local(tmp_path / "js"))
+    async with _servers((conf, tmp_path / "run")) as (server,):
+        await _provision(server.creds("cloud", CLOUD_PW))
+        async with _connect(server.creds("cloud", CLOUD_PW)) as (nc, client):
+            js = nc.jetstream()
+            kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+            await kv.put(names.assignment_key(FLEET, NODE), b"own-v1")
+            await kv.put(names.assignment_key(FLEET), b"fleet-v1")
+            await kv.put(names.assignment_key(FLEET, OTHER), b"other-v1")
+            manifests = await js.key_value(names.MODELS_MANIFEST_BUCKET)
+            await manifests.put(names.manifest_key("kw", 1, "fp32"), b"manifest-1")
+            assert client.errors == []
+        yield server
+
+
+@pytest.mark.anyio
+async def test_single_node_publishes_its_own_telemetry_and_status_with_acks(single: _Server) -> None:
+    """The node user's JetStream publishes to its own subjects are stored and acked."""
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        js = nc.jetstream()
+        ack = await js.publish(
+            names.telemetry_subject(FLEET, NODE),
+            b"aggregate",
+            headers={"Nats-Msg-Id": names.msg_id(NODE, 1)},
+            timeout=5,
+        )
+        assert ack.stream == names.TELEMETRY_STREAM
+        again = await js.publish(
+            names.telemetry_subject(FLEET, NODE),
+            b"aggregate",
+            headers={"Nats-Msg-Id": names.msg_id(NODE, 1)},
+            timeout=5,
+        )
+        assert again.duplicate is True
+        status = await js.publish(names.status_subject(FLEET, NODE), b"{}", timeout=5)
+        assert status.stream == names.STATUS_STREAM
+        assert client.errors == []
+
+
+@pytest.mark.anyio
+async def test_single_node_is_denied_other_subjects_and_all_writes(single: _Server) -> None:
+    """Another node's subjects, drift events, KV writes and stream management are refused;
+    the publisher sees a timeout and the reason arrives on error_cb (DESIGN §9)."""
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        js = nc.jetstream(timeout=1)
+        await _assert_denied_publish(js, client, names.telemetry_subject(FLEET, OTHER))
+        await _assert_denied_publish(js, client, names.status_subject("other-fleet", NODE))
+        await _assert_denied_publish(js, client, names.drift_subject(FLEET))
+        await _assert_denied_publish(js, client, f"$KV.{names.ASSIGNMENTS_BUCKET}.{FLEET}.{NODE}")
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.delete_stream(names.TELEMETRY_STREAM)
+        await client.wait_error("permissions violation for publish to \"$js.api.stream.delete")
+        # Nothing it tried reached the streams.
+    async with _connect(single.creds("cloud", CLOUD_PW)) as (nc, _):
+        info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
+        assert info.state.messages == 0
+        kv = await nc.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+        assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
+
+
+@pytest.mark.anyio
+async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> None:
+    """The node reads its own and the fleet-wide key, and its watch sees the cloud's update."""
+    async with (
+        _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client),
+        _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _),
+    ):
+        kv = await nc.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+        assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
+        assert (await kv.get(names.assignment_key(FLEET))).value == b"fleet-v1"
+        manifests = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
+        assert (await manifests.get(names.manifest_key("kw", 1, "fp32"))).value == b"manifest-1"
+
+        watcher = await kv.watch(names.assignment_key(FLEET, NODE))
+        try:
+            first = await watcher.updates(timeout=5)
+            assert first is not None and first.value == b"own-v1"
+            cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+            await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
+            with anyio.fail_after(5):
+                entry = None
+                while entry is None:  # an empty marker may come first (end of initial values)
+                    entry = await watcher.updates(timeout=5)
+            assert entry.value == b"own-v2"
+        finally:
+            await watcher.stop()
+        assert client.errors == []
+
+
+@pytest.mark.anyio
+async def test_single_node_downloads_a_model_bundle_object(single: _Server) -> None:
+    """The node downloads an object big enough to need flow-control replies, byte-exact."""
+    blob = os.urandom(BIG_OBJECT)
+    name = names.model_object_name("kw", 1, "fp32")
+    async with _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _):
+        store = await cloud.jetstream().object_store(names.MODELS_BUCKET)
+        await store.put(name, blob)
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        store = await nc.jetstream().object_store(names.MODELS_BUCKET)
+        out = io.BytesIO()
+        with anyio.fail_after(30):
+            await store.get(name, writeinto=out)
+        assert hashlib.sha256(out.getvalue()).digest() == hashlib.sha256(blob).digest()
+        with pytest.raises(nats.errors.TimeoutError):
+            await store.put("evil/1/fp32", b"x")
+        await client.wait_error("permissions violation for publish to \"$o.slmops_models")
+        assert not any("$js.fc" in e for e in client.errors)
+
+
+@pytest.mark.anyio
+async def test_single_bcrypt_node_logs_in_and_wrong_password_is_refused(single: _Server) -> None:
+    """till-002's bcrypt-hashed password works, a wrong one and a missing one are refused,
+    and till-002 may not publish as till-001."""
+    async with _connect(single.creds(f"node-{OTHER}", BCRYPT_NODE_PW), node=OTHER) as (nc, client):
+        js = nc.jetstream()
+        ack = await js.publish(names.telemetry_subject(FLEET, OTHER), b"aggregate", timeout=5)
+        assert ack.stream == names.TELEMETRY_STREAM
+        await _assert_denied_publish(js, client, names.telemetry_subject(FLEET, NODE))
+    for url in (single.creds(f"node-{OTHER}", "wrong"), single.url):
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            async with _connect(url, node=OTHER):
+                pass
+
+
+@pytest.mark.anyio
+async def test_single_node_cannot_receive_other_inboxes(single: _Server) -> None:
+    """A node may subscribe only to its own inbox prefix, so it cannot read others' replies."""
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        await nc.subscribe(f"{names.inbox_prefix(OTHER)}.>")
+        await client.wait_error(f'permissions violation for subscription to "{names.inbox_prefix(OTHER).lower()}')
+        await nc.subscribe(names.telemetry_subject(FLEET, OTHER))
+        await client.wait_error("permissions violation for subscription to \"slmops.telemetry")
+
+
+@pytest.mark.anyio
+async def test_single_cloud_ingests_with_a_durable_pull_consumer_and_acks(single: _Server) -> None:
+    """The cloud user can do what the cloud does: pull, ack, publish drift, write KV."""
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, _):
+        await nc.jetstream().publish(names.telemetry_subject(FLEET, NODE), b"agg", timeout=5)
+    async with _connect(single.creds("cloud", CLOUD_PW)) as (nc, client):
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            "slmops.telemetry.>",
+            durable="ingest-test",
+            stream=names.TELEMETRY_STREAM,
+            config=js_api.ConsumerConfig(ack_wait=30),
+        )
+        msgs = await sub.fetch(1, timeout=5)
+        assert [m.data for m in msgs] == [b"agg"]
+        await msgs[0].ack_sync(timeout=5)
+        info = await js.consumer_info(names.TELEMETRY_STREAM, "ingest-test")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+        ack = await js.publish(names.drift_subject(FLEET), b"{}", timeout=5)
+        assert ack.stream == names.DRIFT_STREAM
+        assert client.errors == []
