@@ -122,6 +122,8 @@ async def _predict(request: web.Request) -> web.Response:
         if not isinstance(body.text, str):
             raise InvalidInput("text", f"must be a string, got {type(body.text).__name__}")
         texts = node.validate_texts(body.text, "text")
+    elif not isinstance(body.texts, list):
+        raise InvalidInput("texts", f"must be a list of strings, got {type(body.texts).__name__}")
     else:
         texts = node.validate_texts(body.texts, "texts")
     preds = await node.predict(texts)

@@ -167,6 +167,7 @@ class Buffer:
         with anyio.CancelScope(shield=True):
             self._send.close()
             await self._drain()
+            self._recv.close()
             await self._close_db()
 
     async def _close_db(self) -> None:

@@ -18,7 +18,7 @@ from shared.names import validate_id
 __all__ = ["DURATION_FIELDS", "SIZE_FIELDS", "EdgeConfig", "parse_hostport"]
 
 #: Fields given in seconds; ``build`` parses "500ms", "2s", "1m" for them.
-DURATION_FIELDS = ("window", "max_batch_wait", "status_interval", "publish_timeout")
+DURATION_FIELDS = ("window", "max_batch_wait", "status_interval", "publish_timeout", "link_backoff_max")
 #: Fields given in bytes; ``build`` parses "64k", "10MB" for them.
 SIZE_FIELDS = ("outbox_max_bytes",)
 
@@ -52,7 +52,7 @@ class EdgeConfig(Config, kw_only=True):
     model: str | None = None
     #: Public key files (PEM) whose bundle signatures this node accepts.
     trust: list[str] = msgspec.field(default_factory=list)
-    #: ``HOST:PORT`` of the local HTTP API, or None for no HTTP API (Python API only).
+    #: ``HOST:PORT`` of the local HTTP API, or None (or "off") for no HTTP API.
     http: str | None = "127.0.0.1:8470"
     #: Seconds per telemetry window.
     window: float = 60.0
@@ -76,6 +76,8 @@ class EdgeConfig(Config, kw_only=True):
     #: histograms (counts only). None = no limit.
     dp_budget: float | None = None
     status_interval: float = 30.0
+    #: Longest pause between attempts to make the first NATS connection (backoff cap).
+    link_backoff_max: float = 30.0
     #: Timeout of one JetStream publish (its PubAck).
     publish_timeout: float = 5.0
     #: Most telemetry publishes awaiting their PubAck at once.
@@ -93,12 +95,15 @@ class EdgeConfig(Config, kw_only=True):
             raise ValueError(f"nats_url {self.nats_url!r} is not a NATS URL like nats://host:4222")
         if not self.data_dir:
             raise ValueError("data_dir must be a directory path, got an empty string")
+        if self.http is not None and self.http.strip().lower() in ("", "off"):
+            self.http = None
         if self.http is not None:
             parse_hostport(self.http)
         positive = {
             "window": self.window,
             "publish_timeout": self.publish_timeout,
             "status_interval": self.status_interval,
+            "link_backoff_max": self.link_backoff_max,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -105,6 +105,18 @@ class Batcher:
         """Refuse new requests; queued ones are still served by ``run``."""
         self._send.close()
 
+    def aclose_nowait(self) -> None:
+        """Fail what is still queued and release the queue (the node's last step)."""
+        self._send.close()
+        while True:
+            try:
+                req = self._recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            req.error = NodeClosed("inference")
+            req.done.set()
+        self._recv.close()
+
     async def run(self) -> None:
         """Serve queued requests until the queue is closed and empty, or cancelled."""
         while True:

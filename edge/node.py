@@ -106,7 +106,12 @@ class EdgeNode:
             intra_op_threads=config.intra_op_threads,
         )
         self.link = Link(
-            config.nats_url, name=f"slmops-edge-{config.node}", node=config.node, connect=connect
+            config.nats_url,
+            name=f"slmops-edge-{config.node}",
+            node=config.node,
+            connect=connect,
+            backoff_initial=min(0.5, config.link_backoff_max),
+            backoff_max=config.link_backoff_max,
         )
         self.batcher = Batcher(
             self.models, self.buffer, max_batch=config.max_batch, max_wait=config.max_batch_wait, clock=clock
@@ -185,7 +190,10 @@ class EdgeNode:
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
         self.log.info("node_stopping")
-        return await stack.__aexit__(et, e, tb)
+        try:
+            return await stack.__aexit__(et, e, tb)
+        finally:
+            self.batcher.aclose_nowait()
 
     async def _load_models(self) -> None:
         active = await self.models.open()

@@ -1,0 +1,169 @@
+"""``slmops edge``: run one edge node (thin: parse, then ``anyio.run`` into ``edge.node``)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import click
+
+if TYPE_CHECKING:
+    from edge.config import EdgeConfig
+
+
+@click.command()
+@click.option(
+    "--nats",
+    "nats_url",
+    envvar="SLMOPS_NATS_URL",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="NATS server URL (comma-separated for a cluster). Env: SLMOPS_NATS_URL.",
+)
+@click.option("--fleet", required=True, help="Fleet id (one subject token: A-Z a-z 0-9 _ -).")
+@click.option("--node", required=True, help="This node's id, unique in the fleet (same rules).")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data directory: SQLite telemetry buffer and model cache (created if missing).",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Bundle directory to install at start. Without it the cached model is used; with "
+    "neither, /v1/predict answers 503 until an assigned model arrives. A cached newer "
+    "version of the same model is kept (no silent downgrade on restart).",
+)
+@click.option(
+    "--trust",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Public key (PEM) whose bundle signatures are accepted; repeat for several. "
+    "Env: SLMOPS_EDGE_TRUST (space-separated).",
+)
+@click.option(
+    "--http",
+    default="127.0.0.1:8470",
+    show_default=True,
+    help="HOST:PORT of the local HTTP API (port 0 = any free port), or 'off'.",
+)
+@click.option("--window", default="60s", show_default=True, help="Telemetry window, e.g. 500ms, 2s, 1m.")
+@click.option(
+    "--min-count",
+    default=10,
+    show_default=True,
+    type=int,
+    help="k of k-anonymity: a window with fewer inferences is not published alone (it joins the next).",
+)
+@click.option("--max-text-chars", default=10_000, show_default=True, type=int, help="Longest accepted text.")
+@click.option("--max-batch", default=32, show_default=True, type=int, help="Most texts per ORT micro-batch.")
+@click.option(
+    "--max-batch-wait",
+    default="0ms",
+    show_default=True,
+    help="How long a micro-batch waits for more requests (0 = take what is queued).",
+)
+@click.option("--threads", default=1, show_default=True, type=int, help="ORT intra-op threads.")
+@click.option(
+    "--outbox-max",
+    default="16MiB",
+    show_default=True,
+    help="Disk bound of the outbox; beyond it old unsent windows are merged, then dropped "
+    "with a loss receipt.",
+)
+@click.option(
+    "--dp-epsilon", type=float, default=None, help="Differential privacy: epsilon per window (off if unset)."
+)
+@click.option(
+    "--dp-budget", type=float, default=None, help="Total epsilon this node may spend (unlimited if unset)."
+)
+@click.option("--status-interval", default="30s", show_default=True, help="Period of status reports.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML/JSON file with EdgeConfig keys; flags given on the command line win.",
+)
+def edge(
+    nats_url: str,
+    fleet: str,
+    node: str,
+    data_dir: Path,
+    model: Path | None,
+    trust: tuple[Path, ...],
+    http: str,
+    window: str,
+    min_count: int,
+    max_text_chars: int,
+    max_batch: int,
+    max_batch_wait: str,
+    threads: int,
+    outbox_max: str,
+    dp_epsilon: float | None,
+    dp_budget: float | None,
+    status_interval: str,
+    config_file: Path | None,
+) -> None:
+    """Run an edge node: local ONNX inference over HTTP, privacy-filtered telemetry in SQLite,
+    window aggregates sent to NATS JetStream whenever the link is up.
+
+    The node starts and serves even when NATS is unreachable. Every flag can also be set
+    with an SLMOPS_EDGE_* environment variable (e.g. SLMOPS_EDGE_FLEET); --nats with
+    SLMOPS_NATS_URL. Stops cleanly on Ctrl-C or SIGTERM.
+    """
+    from edge.config import EdgeConfig
+    from shared.errors import ConfigError
+
+    data = {
+        "nats_url": nats_url,
+        "fleet": fleet,
+        "node": node,
+        "data_dir": data_dir,
+        "model": model,
+        "trust": list(trust) or None,
+        "http": http,
+        "window": window,
+        "min_count": min_count,
+        "max_text_chars": max_text_chars,
+        "max_batch": max_batch,
+        "max_batch_wait": max_batch_wait,
+        "intra_op_threads": threads,
+        "outbox_max_bytes": outbox_max,
+        "dp_epsilon": dp_epsilon,
+        "dp_budget": dp_budget,
+        "status_interval": status_interval,
+    }
+    try:
+        config = EdgeConfig.build(data, config_file)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sys.exit(anyio.run(_serve, config))
+
+
+async def _serve(config: EdgeConfig) -> int:
+    from edge.node import EdgeNode
+    from shared.errors import BundleError, SlmopsError
+
+    try:
+        async with EdgeNode(config) as node:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    node.log.info("signal_received", signal=signal.Signals(signum).name)
+                    break
+    except BundleError as exc:
+        click.echo(f"error: {exc} (code {exc.code})", err=True)
+        return 2
+    except SlmopsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except OSError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    return 0

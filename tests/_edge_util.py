@@ -1,0 +1,91 @@
+"""Helpers for the edge node tests: keys, bundles, configs, and reading telemetry back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+from _models import make_bundle
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.js import JetStreamContext
+
+from edge.config import EdgeConfig
+from shared.bundle import Bundle
+from shared.messages import TelemetryAggregate, decode_telemetry
+from shared.names import TELEMETRY_STREAM
+
+__all__ = ["Keys", "edge_config", "read_telemetry"]
+
+
+class Keys:
+    """A signing key and its public key file, plus bundles signed with it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.key = Ed25519PrivateKey.generate()
+        self.pub = root / "fleet.pub"
+        root.mkdir(parents=True, exist_ok=True)
+        self.pub.write_bytes(
+            self.key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    def bundle(self, version: int = 1, **kw: Any) -> Bundle:
+        return make_bundle(
+            self.root / f"bundle-v{version}-{kw.get('variant', 'fp32')}", self.key, version=version, **kw
+        )
+
+
+def edge_config(
+    tmp: Path, keys: Keys, *, fleet: str, node: str = "n1", url: str = "nats://127.0.0.1:1", **kw: Any
+) -> EdgeConfig:
+    """A fast-windowed config (no HTTP unless asked) with the keys trusted."""
+    data: dict[str, Any] = {
+        "fleet": fleet,
+        "node": node,
+        "data_dir": tmp / f"data-{node}",
+        "trust": [keys.pub],
+        "nats_url": url,
+        "http": None,
+        "window": 0.2,
+        "min_count": 1,
+        "publish_timeout": 2.0,
+        "status_interval": 5.0,
+        "link_backoff_max": 0.5,
+    }
+    data.update(kw)
+    if data.get("http") is None:
+        data["http"] = "off"
+    return EdgeConfig.build(data)
+
+
+async def read_telemetry(js: JetStreamContext, fleet: str) -> list[TelemetryAggregate]:
+    """Every aggregate of ``fleet`` in SLMOPS_TELEMETRY, in stream order (duplicates kept)."""
+    sub = await js.pull_subscribe(f"slmops.telemetry.{fleet}.>", stream=TELEMETRY_STREAM)
+    out: list[TelemetryAggregate] = []
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(256, timeout=0.5)
+            except nats.errors.TimeoutError:
+                break
+            for m in msgs:
+                out.append(decode_telemetry(m.data))
+                await m.ack()
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+def distinct_total(aggs: list[TelemetryAggregate]) -> tuple[int, dict[tuple[str, int], int]]:
+    """Sum of ``count`` over distinct ``(node, seq)`` (asserting repeats agree)."""
+    seen: dict[tuple[str, int], int] = {}
+    for a in aggs:
+        key = (a.node, a.seq)
+        if key in seen:
+            assert seen[key] == a.count, f"{key} published twice with different counts"
+        seen[key] = a.count
+    return sum(seen.values()), seen

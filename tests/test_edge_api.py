@@ -1,0 +1,202 @@
+"""The node's HTTP API and Python API on a real node (real ORT, real SQLite, no NATS
+reachable): answers, 503 without a model, and a clear 4xx for every kind of bad input."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from _edge_util import Keys, edge_config
+
+from edge.errors import InvalidInput, NoModel
+from edge.node import EdgeNode
+from shared.messages import decode_telemetry
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "keys")
+
+
+@pytest.fixture
+async def node(tmp_path: Path, keys: Keys, fleet: str) -> AsyncIterator[EdgeNode]:
+    cfg = edge_config(
+        tmp_path,
+        keys,
+        fleet=fleet,
+        model=keys.bundle().path,
+        http="127.0.0.1:0",
+        max_text_chars=100,
+        max_texts=4,
+        window=60.0,
+    )
+    async with EdgeNode(cfg) as n:
+        yield n
+
+
+@pytest.fixture
+async def http(node: EdgeNode) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    async with aiohttp.ClientSession() as session:
+        yield session, f"http://127.0.0.1:{node.http_port}"
+
+
+async def call(
+    http: tuple[aiohttp.ClientSession, str], method: str, path: str, data: Any = None, **kw: Any
+) -> tuple[int, Any]:
+    session, base = http
+    async with session.request(method, base + path, data=data, **kw) as resp:
+        body = (
+            await resp.json(content_type=None)
+            if resp.content_type == "application/json"
+            else await resp.text()
+        )
+        return resp.status, body
+
+
+@pytest.mark.anyio
+async def test_predict_answers_with_labels_ids_and_model(http: tuple[aiohttp.ClientSession, str]) -> None:
+    status, body = await call(http, "POST", "/v1/predict", json={"texts": ["about alpha", "a beta thing"]})
+    assert status == 200
+    assert [p["label"] for p in body["predictions"]] == ["alpha", "beta"]
+    assert body["model"] == {"name": "testclf", "version": 1, "variant": "fp32"}
+    ids = [p["prediction_id"] for p in body["predictions"]]
+    assert len(set(ids)) == 2
+    status, body = await call(http, "POST", "/v1/predict", json={"text": "gamma gamma"})
+    assert status == 200 and body["predictions"][0]["label"] == "gamma"
+    assert 0.0 < body["predictions"][0]["confidence"] <= 1.0
+
+
+BAD_PREDICT = [
+    ("not json", b"{nope", "body"),
+    ("non-utf8", b'{"text": "\xff\xfe"}', "body"),
+    ("empty body", b"", "body"),
+    ("top-level array", b'["alpha"]', "body"),
+    ("text not a string", b'{"text": 5}', "text"),
+    ("texts not a list", b'{"texts": "alpha"}', "texts"),
+    ("texts item not a string", b'{"texts": ["ok", 3]}', "texts[1]"),
+    ("empty text", b'{"text": ""}', "text"),
+    ("whitespace text", b'{"text": "   "}', "text"),
+    ("oversize text", b'{"text": "' + b"a" * 101 + b'"}', "text"),
+    ("too many texts", b'{"texts": ["a", "b", "c", "d", "e"]}', "texts"),
+    ("empty texts", b'{"texts": []}', "texts"),
+    ("both text and texts", b'{"text": "a", "texts": ["b"]}', "text"),
+    ("neither", b"{}", "text"),
+    ("unknown field", b'{"txt": "alpha"}', "txt"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("case", "raw", "field"), BAD_PREDICT, ids=[c[0] for c in BAD_PREDICT])
+async def test_bad_predict_bodies_get_400_naming_the_field(
+    http: tuple[aiohttp.ClientSession, str], node: EdgeNode, case: str, raw: bytes, field: str
+) -> None:
+    status, body = await call(
+        http, "POST", "/v1/predict", data=raw, headers={"Content-Type": "application/json"}
+    )
+    assert status == 400, (case, body)
+    assert body["error"]["field"] == field, body
+    assert body["error"]["message"]
+    # the node is unaffected
+    status, _ = await call(http, "POST", "/v1/predict", json={"text": "alpha"})
+    assert status == 200
+
+
+@pytest.mark.anyio
+async def test_feedback_errors_and_success(http: tuple[aiohttp.ClientSession, str]) -> None:
+    _, body = await call(http, "POST", "/v1/predict", json={"text": "alpha here"})
+    pid = body["predictions"][0]["prediction_id"]
+    cases = [
+        ({"prediction_id": "nope-1", "label": "alpha"}, 404, "prediction_id"),
+        ({"prediction_id": pid, "label": "delta"}, 400, "label"),
+        ({"prediction_id": pid}, 400, "label"),
+        ({"label": "alpha"}, 400, "prediction_id"),
+        ({"prediction_id": 7, "label": "alpha"}, 400, "prediction_id"),
+        ({"prediction_id": pid, "label": ["alpha"]}, 400, "label"),
+        ({"prediction_id": pid, "label": "alpha", "text": "x"}, 400, "text"),
+    ]
+    for payload, want, field in cases:
+        status, err = await call(http, "POST", "/v1/feedback", json=payload)
+        assert (status, err["error"]["field"]) == (want, field), (payload, err)
+    status, ok = await call(http, "POST", "/v1/feedback", json={"prediction_id": pid, "label": "beta"})
+    assert (status, ok) == (200, {"ok": True})
+    status, err = await call(http, "POST", "/v1/feedback", json={"prediction_id": pid, "label": "beta"})
+    assert status == 409 and err["error"]["code"] == "feedback_exists"
+    status, err = await call(
+        http, "POST", "/v1/feedback", data=b"\xff", headers={"Content-Type": "application/json"}
+    )
+    assert status == 400 and err["error"]["field"] == "body"
+
+
+@pytest.mark.anyio
+async def test_wrong_methods_paths_and_huge_bodies_are_json_errors(
+    http: tuple[aiohttp.ClientSession, str],
+) -> None:
+    status, err = await call(http, "GET", "/v1/predict")
+    assert status == 405 and err["error"]["code"] == "method_not_allowed"
+    status, err = await call(http, "GET", "/v1/nothing")
+    assert status == 404 and err["error"]["code"] == "not_found"
+    status, err = await call(
+        http,
+        "POST",
+        "/v1/predict",
+        data=io.BytesIO(b'{"text": "' + b"a" * 3_000_000 + b'"}'),
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413 and err["error"]["field"] == "body"
+    status, err = await call(
+        http, "POST", "/v1/predict", data=b'{"text": "a"}', headers={"Content-Type": "image/png"}
+    )
+    assert status == 400 and err["error"]["field"] == "body"
+
+
+@pytest.mark.anyio
+async def test_health_and_metrics_report_the_node(http: tuple[aiohttp.ClientSession, str]) -> None:
+    await call(http, "POST", "/v1/predict", json={"texts": ["alpha", "beta"]})
+    status, health = await call(http, "GET", "/v1/health")
+    assert status == 200
+    assert health["model"] == {"name": "testclf", "version": 1, "variant": "fp32"}
+    assert health["link"] in ("offline", "connecting")
+    assert health["outbox"] == 0 and health["served"] == 2
+    assert health["buffer_bytes"] > 0
+    for key in ("last_sync", "dropped_inferences", "dropped_aggregates"):
+        assert key in health
+    status, text = await call(http, "GET", "/metrics")
+    assert status == 200
+    assert "slmops_edge_predictions_total 2" in text
+    assert 'slmops_edge_model_info{name="testclf",version="1",variant="fp32"} 1' in text
+    assert 'slmops_edge_http_requests_total{path="/v1/predict",code="200"} 1' in text
+
+
+@pytest.mark.anyio
+async def test_feedback_reaches_the_aggregate_as_labels_only(node: EdgeNode) -> None:
+    """Python API: feedback becomes confusion counts (true → predicted) in the next window."""
+    preds = await node.predict(["alpha one", "beta two", "alpha three"])
+    await node.feedback(preds[0].prediction_id, "alpha")
+    await node.feedback(preds[2].prediction_id, "gamma")
+    assert await node.windower.tick() == 1
+    ((_, payload),) = await node.buffer.outbox_take(5)
+    agg = decode_telemetry(payload)
+    assert agg.count == 3
+    assert agg.class_counts == {"alpha": 2, "beta": 1}
+    assert agg.feedback == {"alpha": {"alpha": 1}, "gamma": {"alpha": 1}}
+    with pytest.raises(InvalidInput):
+        await node.predict([])
+
+
+@pytest.mark.anyio
+async def test_without_a_model_predict_is_503_and_health_says_so(
+    tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    cfg = edge_config(tmp_path, keys, fleet=fleet, http="127.0.0.1:0")
+    async with EdgeNode(cfg) as n, aiohttp.ClientSession() as session:
+        h = (session, f"http://127.0.0.1:{n.http_port}")
+        status, err = await call(h, "POST", "/v1/predict", json={"text": "alpha"})
+        assert status == 503 and err["error"]["message"] == "no model installed yet"
+        status, health = await call(h, "GET", "/v1/health")
+        assert health["model"] is None and health["status"] == "no_model"
+        with pytest.raises(NoModel):
+            await n.predict(["alpha"])

@@ -1,0 +1,137 @@
+"""The SQLite buffer (real files): group commit, window close, k-anonymity, seq across
+restarts, the disk bound, the attempted mark and the DP ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge.buffer import Buffer
+from edge.privacy import EventRow
+from shared.messages import HistogramEdges, ModelRef, decode_telemetry
+
+EDGES = HistogramEdges(confidence=[0.0, 0.5, 1.0], input_length=[0, 4, 1000], latency_ms=[0, 1, 1e6])
+REF = ModelRef(name="m", version=1)
+
+
+def make(path: Path, **kw: object) -> Buffer:
+    args: dict[str, object] = {
+        "fleet": "f",
+        "node": "n",
+        "k": 3,
+        "window": 1.0,
+        "outbox_max_bytes": 1 << 20,
+        "clock": lambda: 1000.0,
+    }
+    args.update(kw)
+    return Buffer(path, **args)  # type: ignore[arg-type]
+
+
+def rows(mid: int, n: int, label: int = 0) -> list[EventRow]:
+    return [EventRow(1000.0, mid, label, 1, 0, 0, 0)] * n
+
+
+async def append_and_commit(buf: Buffer, rs: list[EventRow]) -> None:
+    commit = await buf.append(rs)
+    group = buf._gather(await buf._recv.receive())  # the writer's own steps, inline
+    await buf._commit_group(group)
+    assert commit.done.is_set() and commit.error is None
+
+
+@pytest.mark.anyio
+async def test_window_close_numbers_aggregates_and_seq_survives_reopen(tmp_path: Path) -> None:
+    """Each close makes one aggregate per model with the next seq; a reopened buffer
+    continues the sequence from SQLite."""
+    db = tmp_path / "t.db"
+    async with make(db) as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        await append_and_commit(buf, rows(info.model_id, 5))
+        assert await buf.close_window(1001.0) == 1
+        await append_and_commit(buf, rows(info.model_id, 4, label=1))
+        assert await buf.close_window(1002.0) == 1
+        assert await buf.outbox_counts() == [(1, 5), (2, 4)]
+        assert await buf.pending_events() == 0
+    async with make(db) as buf:
+        info2 = await buf.register_model(REF, ["a", "b"], EDGES)
+        assert info2.model_id == info.model_id
+        await append_and_commit(buf, rows(info.model_id, 3))
+        assert await buf.close_window(1003.0) == 1
+        assert await buf.outbox_counts() == [(1, 5), (2, 4), (3, 3)]
+        taken = await buf.outbox_take(10)
+        assert [decode_telemetry(p).seq for _, p in taken] == [1, 2, 3]
+        assert decode_telemetry(taken[1][1]).class_counts == {"b": 4}
+
+
+@pytest.mark.anyio
+async def test_window_below_k_is_carried_to_the_next(tmp_path: Path) -> None:
+    """k-anonymity: 2 events (k=3) are not published alone; they join the next window."""
+    async with make(tmp_path / "t.db") as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        await append_and_commit(buf, rows(info.model_id, 2))
+        assert await buf.close_window(1001.0) == 0
+        assert await buf.pending_events() == 2
+        await append_and_commit(buf, rows(info.model_id, 1))
+        assert await buf.close_window(1002.0) == 1
+        assert await buf.outbox_counts() == [(1, 3)]
+
+
+@pytest.mark.anyio
+async def test_tiny_bound_merges_unsent_windows_and_keeps_every_count(tmp_path: Path) -> None:
+    """Past the bound, never-attempted aggregates merge into coarser windows; attempted ones
+    are left alone; counts still sum to what was stored; seqs stay contiguous."""
+    async with make(tmp_path / "t.db", k=1, outbox_max_bytes=1200) as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        await append_and_commit(buf, rows(info.model_id, 1))
+        await buf.close_window(1001.0)
+        taken = await buf.outbox_take(1)  # seq 1 is now "attempted": never merged
+        assert [s for s, _ in taken] == [1]
+        total = 1
+        for i in range(40):
+            await append_and_commit(buf, rows(info.model_id, i + 1))
+            total += i + 1
+            await buf.close_window(1002.0 + i)
+        counts = await buf.outbox_counts()
+        stats = buf.statistics()
+        assert counts[0] == (1, 1)
+        assert [s for s, _ in counts] == list(range(1, len(counts) + 1))
+        assert stats.outbox_bytes <= 1200
+        assert stats.merges > 0
+        assert sum(c for _, c in counts) + stats.dropped_inferences == total
+        assert stats.next_seq == len(counts) + 1
+
+
+@pytest.mark.anyio
+async def test_when_merging_cannot_fit_a_loss_receipt_accounts_for_the_drop(tmp_path: Path) -> None:
+    """Aggregates of alternating models cannot merge: the oldest are dropped and the next
+    aggregate carries their count as ``dropped_inferences``."""
+    refs = [ModelRef(name="m", version=v) for v in (1, 2)]
+    async with make(tmp_path / "t.db", k=1, outbox_max_bytes=1024) as buf:
+        infos = [await buf.register_model(r, ["a", "b"], EDGES) for r in refs]
+        total = 0
+        for i in range(12):
+            await append_and_commit(buf, rows(infos[i % 2].model_id, 2))
+            total += 2
+            await buf.close_window(1001.0 + i)
+        payloads = [decode_telemetry(p) for _, p in await buf.outbox_take(100)]
+        stats = buf.statistics()
+        assert stats.dropped_aggregates > 0
+        receipts = sum(a.dropped_inferences for a in payloads)
+        assert receipts == stats.dropped_inferences
+        assert sum(a.count for a in payloads) + receipts == total
+
+
+@pytest.mark.anyio
+async def test_dp_noise_spends_budget_then_suppresses(tmp_path: Path) -> None:
+    """With epsilon 1 and budget 2, two windows get geometric noise (ledger) and the third
+    goes out with exact counts only."""
+    async with make(tmp_path / "t.db", k=1, dp_epsilon=1.0, dp_budget=2.0) as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        for i in range(3):
+            await append_and_commit(buf, rows(info.model_id, 50))
+            await buf.close_window(1001.0 + i)
+        aggs = [decode_telemetry(p) for _, p in await buf.outbox_take(10)]
+        assert [a.privacy.mechanism for a in aggs] == ["geometric", "geometric", "suppressed"]
+        assert [a.count for a in aggs] == [50, 50, 50]
+        assert aggs[2].class_counts == {}
+        assert await buf.dp_spent() == pytest.approx(2.0)

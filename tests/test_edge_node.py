@@ -1,0 +1,162 @@
+"""The node against a real nats-server: offline start then drain, privacy of every stored and
+sent byte, the outbox bound over a long outage, and status reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from _edge_util import Keys, distinct_total, edge_config, read_telemetry
+from _nats import free_port
+
+from edge.node import EdgeNode
+from shared.messages import NodeStatus, decode_json
+from shared.names import STATUS_STREAM
+from shared.provision import ensure_resources
+from shared.server import EmbeddedServer
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "keys")
+
+
+async def wait_drained(node: EdgeNode, timeout: float = 20.0) -> None:
+    """Until every event is in a sent aggregate: no pending events, empty outbox."""
+    with anyio.fail_after(timeout):
+        while True:
+            if await node.buffer.pending_events() == 0 and node.health()["outbox"] == 0:
+                return
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_offline_start_serves_then_drains_when_the_server_appears(
+    tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    """No server at start: the node answers, windows pile up in the outbox; once a server
+    listens on the configured address, the outbox drains and the counts sum to N."""
+    port = free_port()
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=f"nats://127.0.0.1:{port}", model=keys.bundle().path)
+    n = 0
+    async with EdgeNode(cfg) as node:
+        for i in range(30):
+            answers = await node.predict([f"alpha {i}", f"beta {i}"])
+            assert len(answers) == 2
+            n += 2
+        await node.windower.tick()
+        assert node.link.state.value != "online"
+        assert node.health()["outbox"] >= 1
+        async with EmbeddedServer(port=port, store_dir=tmp_path / "js") as server:
+            nc = await nats.connect(server.url)
+            try:
+                js = nc.jetstream()
+                await ensure_resources(js)
+                await node.link.wait_online(timeout=10)
+                for i in range(10):
+                    await node.predict([f"gamma {i}"])
+                    n += 1
+                await wait_drained(node)
+                total, _ = distinct_total(await read_telemetry(js, fleet))
+                assert total == n
+                assert node.health()["last_sync"] is not None
+            finally:
+                await nc.close()
+
+
+CANARIES = [
+    "CANARY-7f3a9c1e",
+    "jane.doe+secret@example.com",
+    "+1 (415) 555-0134",
+    "0044 20 7946 0958",
+    "zq-canary-tail",
+]
+
+
+def all_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+@pytest.mark.anyio
+async def test_no_input_text_reaches_disk_or_the_server(
+    tmp_path: Path, keys: Keys, fleet: str, nats_server: EmbeddedServer
+) -> None:
+    """Canary strings, e-mail addresses and phone numbers in inputs appear in no byte of the
+    data directory (SQLite db, -wal, -shm, model cache) and in no message on the server."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_resources(js)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle().path)
+    try:
+        async with EdgeNode(cfg) as node:
+            await node.link.wait_online(timeout=10)
+            answers = []
+            for i in range(20):
+                texts = [f"{c} alpha {i} call me" for c in CANARIES] + [" ".join(CANARIES)]
+                answers += await node.predict(texts)
+            await node.feedback(answers[0].prediction_id, "beta")
+            await node.report_status("periodic")
+            await wait_drained(node)
+            while_running = all_bytes(cfg.data_path)
+        after = all_bytes(cfg.data_path)
+        aggs = await read_telemetry(js, fleet)
+        assert sum(a.count for a in aggs) == 20 * (len(CANARIES) + 1)
+        sub = await js.pull_subscribe(f"slmops.status.{fleet}.>", stream=STATUS_STREAM)
+        statuses = await sub.fetch(50, timeout=2)
+        assert statuses
+        wire = b"".join(m.data for m in statuses)
+        assert decode_json(statuses[0].data, NodeStatus).device.cores > 0
+        tele = await js.pull_subscribe(f"slmops.telemetry.{fleet}.>", stream="SLMOPS_TELEMETRY")
+        wire += b"".join(m.data for m in await tele.fetch(100, timeout=2))
+        for canary in CANARIES:
+            for blob, where in ((while_running, "data dir (running)"), (after, "data dir"), (wire, "server")):
+                for form in (canary, canary.lower(), canary.upper()):
+                    assert form.encode() not in blob, f"{form!r} found in {where}"
+                    assert form.encode("utf-16-le") not in blob, f"{form!r} (utf-16) found in {where}"
+    finally:
+        await nc.close()
+
+
+@pytest.mark.anyio
+async def test_tiny_outbox_over_a_long_outage_compacts_and_still_sums_to_n(
+    tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    """With a 2 KiB outbox and 60 windows offline the node keeps serving, merges old windows,
+    and after reconnect the counts plus loss receipts equal N (and nothing was dropped,
+    since merging suffices for one model)."""
+    port = free_port()
+    cfg = edge_config(
+        tmp_path,
+        keys,
+        fleet=fleet,
+        url=f"nats://127.0.0.1:{port}",
+        model=keys.bundle().path,
+        outbox_max_bytes=2048,
+    )
+    n = 0
+    async with EdgeNode(cfg) as node:
+        for w in range(60):
+            await node.predict([f"alpha {w}"] * (1 + w % 5))
+            n += 1 + w % 5
+            await node.windower.tick()
+        health = node.health()
+        assert health["outbox_bytes"] <= 2048
+        assert health["merged_windows"] > 0
+        assert health["outbox"] < 60
+        async with EmbeddedServer(port=port, store_dir=tmp_path / "js") as server:
+            nc = await nats.connect(server.url)
+            try:
+                js = nc.jetstream()
+                await ensure_resources(js)
+                await wait_drained(node)
+                aggs = await read_telemetry(js, fleet)
+                total, seen = distinct_total(aggs)
+                receipts = sum(a.dropped_inferences for a in aggs)
+                assert total + receipts == n
+                assert receipts == node.health()["dropped_inferences"] == 0
+                assert sorted(s for _, s in seen) == list(range(1, len(seen) + 1))
+                assert sum(a.windows for a in aggs) >= 60
+            finally:
+                await nc.close()
