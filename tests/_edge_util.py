@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
-from _models import make_bundle
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
+from _models import make_bundle
 from edge.config import EdgeConfig
 from shared.bundle import Bundle
 from shared.messages import TelemetryAggregate, decode_telemetry

@@ -66,7 +66,8 @@ async def test_predict_answers_with_labels_ids_and_model(http: tuple[aiohttp.Cli
     ids = [p["prediction_id"] for p in body["predictions"]]
     assert len(set(ids)) == 2
     status, body = await call(http, "POST", "/v1/predict", json={"text": "gamma gamma"})
-    assert status == 200 and body["predictions"][0]["label"] == "gamma"
+    assert status == 200
+    assert body["predictions"][0]["label"] == "gamma"
     assert 0.0 < body["predictions"][0]["confidence"] <= 1.0
 
 
@@ -124,11 +125,13 @@ async def test_feedback_errors_and_success(http: tuple[aiohttp.ClientSession, st
     status, ok = await call(http, "POST", "/v1/feedback", json={"prediction_id": pid, "label": "beta"})
     assert (status, ok) == (200, {"ok": True})
     status, err = await call(http, "POST", "/v1/feedback", json={"prediction_id": pid, "label": "beta"})
-    assert status == 409 and err["error"]["code"] == "feedback_exists"
+    assert status == 409
+    assert err["error"]["code"] == "feedback_exists"
     status, err = await call(
         http, "POST", "/v1/feedback", data=b"\xff", headers={"Content-Type": "application/json"}
     )
-    assert status == 400 and err["error"]["field"] == "body"
+    assert status == 400
+    assert err["error"]["field"] == "body"
 
 
 @pytest.mark.anyio
@@ -136,9 +139,11 @@ async def test_wrong_methods_paths_and_huge_bodies_are_json_errors(
     http: tuple[aiohttp.ClientSession, str],
 ) -> None:
     status, err = await call(http, "GET", "/v1/predict")
-    assert status == 405 and err["error"]["code"] == "method_not_allowed"
+    assert status == 405
+    assert err["error"]["code"] == "method_not_allowed"
     status, err = await call(http, "GET", "/v1/nothing")
-    assert status == 404 and err["error"]["code"] == "not_found"
+    assert status == 404
+    assert err["error"]["code"] == "not_found"
     status, err = await call(
         http,
         "POST",
@@ -146,11 +151,13 @@ async def test_wrong_methods_paths_and_huge_bodies_are_json_errors(
         data=io.BytesIO(b'{"text": "' + b"a" * 3_000_000 + b'"}'),
         headers={"Content-Type": "application/json"},
     )
-    assert status == 413 and err["error"]["field"] == "body"
+    assert status == 413
+    assert err["error"]["field"] == "body"
     status, err = await call(
         http, "POST", "/v1/predict", data=b'{"text": "a"}', headers={"Content-Type": "image/png"}
     )
-    assert status == 400 and err["error"]["field"] == "body"
+    assert status == 400
+    assert err["error"]["field"] == "body"
 
 
 @pytest.mark.anyio
@@ -160,7 +167,8 @@ async def test_health_and_metrics_report_the_node(http: tuple[aiohttp.ClientSess
     assert status == 200
     assert health["model"] == {"name": "testclf", "version": 1, "variant": "fp32"}
     assert health["link"] in ("offline", "connecting")
-    assert health["outbox"] == 0 and health["served"] == 2
+    assert health["outbox"] == 0
+    assert health["served"] == 2
     assert health["buffer_bytes"] > 0
     for key in ("last_sync", "dropped_inferences", "dropped_aggregates"):
         assert key in health
@@ -195,8 +203,10 @@ async def test_without_a_model_predict_is_503_and_health_says_so(
     async with EdgeNode(cfg) as n, aiohttp.ClientSession() as session:
         h = (session, f"http://127.0.0.1:{n.http_port}")
         status, err = await call(h, "POST", "/v1/predict", json={"text": "alpha"})
-        assert status == 503 and err["error"]["message"] == "no model installed yet"
+        assert status == 503
+        assert err["error"]["message"] == "no model installed yet"
         status, health = await call(h, "GET", "/v1/health")
-        assert health["model"] is None and health["status"] == "no_model"
+        assert health["model"] is None
+        assert health["status"] == "no_model"
         with pytest.raises(NoModel):
             await n.predict(["alpha"])

@@ -36,7 +36,8 @@ async def append_and_commit(buf: Buffer, rs: list[EventRow]) -> None:
     commit = await buf.append(rs)
     group = buf._gather(await buf._recv.receive())  # the writer's own steps, inline
     await buf._commit_group(group)
-    assert commit.done.is_set() and commit.error is None
+    assert commit.done.is_set()
+    assert commit.error is None
 
 
 @pytest.mark.anyio

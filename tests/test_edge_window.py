@@ -186,7 +186,9 @@ def test_event_rows_hold_only_numbers(preds: list[tuple[str, float, int]], laten
     for row in rows:
         assert isinstance(row, EventRow)
         assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in row)
-        assert 0 <= row.conf_bin < 3 and 0 <= row.len_bin < 3 and 0 <= row.lat_bin < 3
+        assert 0 <= row.conf_bin < 3
+        assert 0 <= row.len_bin < 3
+        assert 0 <= row.lat_bin < 3
 
 
 def test_geometric_noise_is_integer_centred_and_scaled() -> None:
@@ -203,12 +205,15 @@ def test_geometric_noise_is_integer_centred_and_scaled() -> None:
 def test_noise_keeps_exact_count_and_states_the_mechanism() -> None:
     a = agg(1, [(0, 1, 1, 1, 0, 30), (1, 2, 0, 0, 0, 20)], [("a", "b", 2)])
     noisy = add_noise(a, 1.0, np.random.default_rng(3))
-    assert noisy.count == a.count and noisy.errors == a.errors
+    assert noisy.count == a.count
+    assert noisy.errors == a.errors
     assert noisy.privacy == Privacy(k=1, epsilon=1.0, mechanism="geometric")
     assert noisy.confidence.edges == a.confidence.edges
     assert set(noisy.class_counts) == set(a.class_counts)
     hidden = suppress(a)
-    assert hidden.count == a.count and hidden.class_counts == {} and hidden.confidence.total == 0
+    assert hidden.count == a.count
+    assert hidden.class_counts == {}
+    assert hidden.confidence.total == 0
     assert hidden.privacy.mechanism == "suppressed"
 
 

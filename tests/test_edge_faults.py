@@ -1,0 +1,118 @@
+"""Exactly-once effect under faults, with real parts: a node subprocess (`slmops edge`) driven
+over HTTP, its link cut and restored by a TCP proxy, and three `kill -9` restarts. The distinct
+``(node, seq)`` aggregates in SLMOPS_TELEMETRY must sum to exactly the inferences answered."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+import anyio
+import anyio.abc
+import nats
+import pytest
+from _edge_util import Keys, distinct_total, read_telemetry
+from _nats import free_port
+from _proxy import TcpProxy
+
+from shared.provision import ensure_resources
+from shared.server import EmbeddedServer
+
+
+async def wait_ready(session: aiohttp.ClientSession, base: str, proc: anyio.abc.Process, log: Path) -> None:
+    with anyio.fail_after(30):
+        while True:
+            if proc.returncode is not None:
+                raise AssertionError(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                async with session.get(base + "/v1/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await anyio.sleep(0.05)
+
+
+async def predict_batch(session: aiohttp.ClientSession, base: str, texts: list[str]) -> int:
+    async with session.post(base + "/v1/predict", json={"texts": texts}) as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        return len(body["predictions"])
+
+
+@pytest.mark.anyio
+async def test_exactly_once_across_link_cuts_and_three_kill9_restarts(
+    tmp_path: Path, fleet: str, private_server: EmbeddedServer
+) -> None:
+    keys = Keys(tmp_path / "keys")
+    bundle = keys.bundle()
+    nc = await nats.connect(private_server.url)
+    js = nc.jetstream()
+    await ensure_resources(js)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "node.log"
+    answered = 0
+    try:
+        async with TcpProxy("127.0.0.1", private_server.port) as proxy, aiohttp.ClientSession() as session:
+            args = [
+                sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
+                "edge", "--nats", proxy.url, "--fleet", fleet, "--node", "n1",
+                "--data", str(tmp_path / "data"), "--model", str(bundle.path), "--trust", str(keys.pub),
+                "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
+                "--status-interval", "1s",
+            ]  # fmt: skip
+            for life in range(4):
+                out: IO[bytes] = log.open("ab")
+                proc = await anyio.open_process(args, stdout=out, stderr=subprocess.STDOUT)
+                try:
+                    await wait_ready(session, base, proc, log)
+                    for rnd in range(6):
+                        async with anyio.create_task_group() as tg:
+                            counts: list[int] = []
+
+                            async def go(i: int, counts: list[int] = counts, rnd: int = rnd) -> None:
+                                counts.append(
+                                    await predict_batch(session, base, [f"alpha {rnd} {i}"] * (1 + i % 3))
+                                )
+
+                            for i in range(8):
+                                tg.start_soon(go, i)
+                        answered += sum(counts)
+                        if rnd == 1:
+                            await proxy.cut()  # the node keeps answering while cut
+                        elif rnd == 3:
+                            await proxy.restore()
+                        await anyio.sleep(0.07 * (life + 1))  # lands kills at varied window phases
+                    if life < 3:
+                        if life == 1:
+                            await proxy.cut()  # one kill while the link is down
+                        proc.send_signal(signal.SIGKILL)
+                        await proc.wait()
+                        await proxy.restore()
+                    else:
+                        with anyio.fail_after(60):
+                            while True:
+                                total, _ = distinct_total(await read_telemetry(js, fleet))
+                                if total >= answered:
+                                    break
+                                await anyio.sleep(0.3)
+                        proc.send_signal(signal.SIGTERM)
+                        with anyio.fail_after(20):
+                            assert await proc.wait() == 0, log.read_text()[-3000:]
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                    out.close()
+        aggs = await read_telemetry(js, fleet)
+        total, seen = distinct_total(aggs)
+        assert total == answered, f"telemetry counts {total}, answered {answered}"
+        assert sorted(seq for _, seq in seen) == list(range(1, len(seen) + 1)), "a gap in seq"
+        assert all(a.dropped_inferences == 0 for a in aggs)
+    finally:
+        await nc.close()
