@@ -22,12 +22,13 @@ from shared.connect import Link, LinkState
 from shared.errors import NatsUnavailable
 from shared.messages import DeviceProfile, NodeStatus, encode_json
 
-__all__ = ["StatusReporter", "device_profile"]
+__all__ = ["StatusReporter", "device_profile", "memory_mb"]
 
 log = structlog.get_logger(__name__)
 
 
-def _memory_mb() -> int:
+def memory_mb() -> int:
+    """Physical memory of this device in MiB (0 when the platform does not say)."""
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024))
     except (ValueError, OSError, AttributeError):  # not every platform names these
@@ -44,7 +45,7 @@ def device_profile(data_dir: Path) -> DeviceProfile:
         arch=platform.machine(),
         os=f"{platform.system()} {platform.release()}",
         cores=os.cpu_count() or 0,
-        memory_mb=_memory_mb(),
+        memory_mb=memory_mb(),
         free_disk_mb=int(free),
         ort_version=str(ort.__version__),
         providers=list(ort.get_available_providers()),
