@@ -39,6 +39,7 @@ from edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPredi
 from edge.inference import Batcher
 from edge.models import ActiveModel, ModelManager
 from edge.outbox import Publisher
+from edge.refresh import Refresher
 from edge.status import StatusReporter, device_profile
 from edge.window import Windower
 from shared.bundle import TrustStore, read_bundle
@@ -131,6 +132,7 @@ class EdgeNode:
             self._snapshot,
             interval=config.status_interval,
         )
+        self.refresher = Refresher.for_node(self)
         self.started_at = clock()
         self.last_error: str | None = None
         self.http_port: int | None = None
@@ -161,6 +163,7 @@ class EdgeNode:
                 ("windower", self.windower.run),
                 ("publisher", self.publisher.run),
                 ("status", self.status.run),
+                ("refresh", self.refresher.run),
             ):
                 self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
             if self.config.http is not None:

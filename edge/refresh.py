@@ -111,9 +111,9 @@ class Refresher:
         self._retry = (retry_initial, retry_max)
         self._now = now
         self._failures = 0
-        self._wake = anyio.Event()
+        self._wake: anyio.Event | None = None  # made in the event loop, by run()
         #: (ref, assigned_at) of assignments whose bundle was refused: not fetched again.
-        self._refused: set[tuple[ModelRef, datetime]] = set()
+        self._refused: set[tuple[str, int, str, datetime]] = set()
         self.stats = RefreshStatistics()
 
     @classmethod
@@ -170,12 +170,12 @@ class Refresher:
                     watchers.append(watcher)
                     tg.start_soon(self._pump, watcher)
                 while True:
+                    self._wake = anyio.Event()
                     result = await self._check(js, kv)
                     retry = result is not None and not result.ok and result.code in RETRYABLE
                     wait = self._retry_delay(self._failures) if retry else self._poll
                     with anyio.move_on_after(wait):
                         await self._wake.wait()
-                    self._wake = anyio.Event()
         finally:
             unsubscribe()
             with anyio.move_on_after(1.0, shield=True):
@@ -187,7 +187,8 @@ class Refresher:
 
     async def _pump(self, watcher: KeyValue.KeyWatcher) -> None:
         async for _ in watcher:  # entries, delete markers, the initial "up to date" None
-            self._wake.set()
+            if self._wake is not None:
+                self._wake.set()
 
     def _retry_delay(self, failures: int) -> float:
         initial, cap = self._retry
@@ -221,7 +222,7 @@ class Refresher:
         if current is not None and current.ref == ref:
             self._failures = 0
             return None
-        if (ref, assignment.assigned_at) in self._refused:
+        if (ref.name, ref.version, ref.variant, assignment.assigned_at) in self._refused:
             return None
         log.info("refresh_start", model=ref.name, version=ref.version, variant=ref.variant)
         try:
@@ -245,7 +246,7 @@ class Refresher:
                 "refresh_failed", model=ref.name, version=ref.version, code=exc.code, reason=exc.reason
             )
         else:
-            self._refused.add((ref, assignment.assigned_at))
+            self._refused.add((ref.name, ref.version, ref.variant, assignment.assigned_at))
             self.stats.rejections += 1
             self.stats.rejected[f"{ref.name}/{ref.version}/{ref.variant}"] = exc.code
             log.error("model_rejected", model=ref.name, version=ref.version, code=exc.code, reason=exc.reason)

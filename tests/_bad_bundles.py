@@ -18,8 +18,8 @@ from shared.messages import ModelManifest
 
 __all__ = ["BAD_BUNDLES", "BadBundle", "resign"]
 
-#: ``maker(out_dir, trusted_key, version) -> expected code``.
-BadBundle = Callable[[Path, Ed25519PrivateKey, int], str]
+#: ``maker(out_dir, trusted_key, version, name) -> expected code``.
+BadBundle = Callable[[Path, Ed25519PrivateKey, int, str], str]
 
 
 def resign(path: Path, key: Ed25519PrivateKey, model: bytes | None = None, **changes: object) -> None:
@@ -30,48 +30,48 @@ def resign(path: Path, key: Ed25519PrivateKey, model: bytes | None = None, **cha
     write_bundle(path, model if model is not None else b.model_path.read_bytes(), manifest, key)
 
 
-def bad_signature(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def bad_signature(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """The manifest was edited after signing (notes changed, signature kept)."""
-    make_bundle(out, key, version=version)
+    make_bundle(out, key, version=version, name=name)
     doc = json.loads((out / MANIFEST_FILE).read_text())
     doc["notes"] = "edited after signing"
     (out / MANIFEST_FILE).write_text(json.dumps(doc))
     return "bad_signature"
 
 
-def unknown_key(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def unknown_key(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """Validly signed, by a key nobody trusts."""
-    make_bundle(out, Ed25519PrivateKey.generate(), version=version)
+    make_bundle(out, Ed25519PrivateKey.generate(), version=version, name=name)
     return "unknown_key"
 
 
-def hash_mismatch(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def hash_mismatch(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """The model's bytes changed (same size) after the manifest was signed."""
-    make_bundle(out, key, version=version)
+    make_bundle(out, key, version=version, name=name)
     data = bytearray((out / MODEL_FILE).read_bytes())
     data[-1] ^= 0xFF
     (out / MODEL_FILE).write_bytes(bytes(data))
     return "hash_mismatch"
 
 
-def truncated(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def truncated(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """The model file lost its tail."""
-    make_bundle(out, key, version=version)
+    make_bundle(out, key, version=version, name=name)
     data = (out / MODEL_FILE).read_bytes()
     (out / MODEL_FILE).write_bytes(data[: len(data) // 2])
     return "truncated"
 
 
-def load_failed(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def load_failed(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """Signed and hashed correctly, but the model is not ONNX."""
-    make_bundle(out, key, version=version)
+    make_bundle(out, key, version=version, name=name)
     resign(out, key, model=b"this is not an onnx model" * 10)
     return "load_failed"
 
 
-def smoke_failed(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def smoke_failed(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """A smoke test expects an answer the model does not give."""
-    b = make_bundle(out, key, version=version)
+    b = make_bundle(out, key, version=version, name=name)
     tests = list(b.manifest.smoke_tests)
     first = tests[0]
     wrong = next(label for label in b.manifest.labels if label != first.label)
@@ -80,9 +80,9 @@ def smoke_failed(out: Path, key: Ed25519PrivateKey, version: int) -> str:
     return "smoke_failed"
 
 
-def incompatible(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def incompatible(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """A loadable model whose input is not one the runtime feeds (``tokens``, not ``ids``)."""
-    make_bundle(out, key, version=version)
+    make_bundle(out, key, version=version, name=name)
     model = onnx.load_from_string((out / MODEL_FILE).read_bytes())
     for value in model.graph.input:
         if value.name == "ids":
@@ -93,9 +93,9 @@ def incompatible(out: Path, key: Ed25519PrivateKey, version: int) -> str:
     return "incompatible"
 
 
-def too_large(out: Path, key: Ed25519PrivateKey, version: int) -> str:
+def too_large(out: Path, key: Ed25519PrivateKey, version: int, name: str = "testclf") -> str:
     """Needs more memory than any test device has."""
-    make_bundle(out, key, version=version)
+    make_bundle(out, key, version=version, name=name)
     resign(out, key, min_memory_mb=1_000_000)
     return "too_large"
 

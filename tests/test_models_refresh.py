@@ -1,0 +1,280 @@
+"""A node follows its assignment on a real server: the whole path from factory build to the
+node serving the new version; every bad bundle rejected with a status naming the reason while
+the old model keeps serving and no partial file stays; refresh on reconnect; a swap under
+continuous load without a failed request; the variant picked by the node's memory; the node's
+own key overriding the fleet's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from _bad_bundles import BAD_BUNDLES, resign
+from _edge_util import Keys, edge_config
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from _models import make_bundle
+from _nats import wait_until
+from _proxy import TcpProxy
+from cloud.factory import build
+from cloud.registry import Registry
+from edge.node import EdgeNode
+from shared import names
+from shared.bundle import TrustStore, pack_archive, read_bundle
+from shared.messages import Assignment, ModelRef, NodeStatus, decode_json, encode_json
+from shared.server import EmbeddedServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def model(fleet: str) -> str:
+    """A model name of this test's own: the object store is shared by the whole session."""
+    return "m" + fleet[2:]
+
+
+class Statuses:
+    """Every NodeStatus published by the fleet's nodes, as they arrive."""
+
+    def __init__(self) -> None:
+        self.items: list[NodeStatus] = []
+
+    def of(self, node: str, event: str) -> list[NodeStatus]:
+        return [s for s in self.items if s.node == node and s.event == event]
+
+
+@pytest.fixture
+async def statuses(nc: NATS, fleet: str) -> AsyncIterator[Statuses]:
+    found = Statuses()
+
+    async def on_msg(msg: Any) -> None:
+        found.items.append(decode_json(msg.data, NodeStatus))
+
+    sub = await nc.subscribe(f"slmops.status.{fleet}.>", cb=on_msg)
+    try:
+        yield found
+    finally:
+        await sub.unsubscribe()
+
+
+async def store_raw(js: JetStreamContext, bundle_dir: Path, archive: bytes | None = None) -> ModelRef:
+    """Put a bundle into the registry WITHOUT push's checks, as a broken or hostile registry
+    would, so the node's own checks are what is tested."""
+    b = read_bundle(bundle_dir)
+    m = b.manifest
+    obs = await js.object_store(names.MODELS_BUCKET)
+    await obs.put(names.model_object_name(m.name, m.version, m.variant), archive or pack_archive(b))
+    kv = await js.key_value(names.MODELS_MANIFEST_BUCKET)
+    await kv.put(names.manifest_key(m.name, m.version, m.variant), encode_json(m))
+    return m.ref
+
+
+async def assign(js: JetStreamContext, fleet: str, model: str, version: int, **kw: Any) -> Assignment:
+    return await Registry(js).assign(fleet, version, model=model, **kw)
+
+
+def serving(node: EdgeNode) -> ModelRef | None:
+    current = node.models.current
+    return None if current is None else current.ref
+
+
+def leftovers(node: EdgeNode) -> list[str]:
+    """Files and directories in the model cache besides the bundles it keeps and its state."""
+    keep = {"state.json"}
+    for ref in (serving(node), node.models.previous):
+        if ref is not None:
+            keep.add(f"{ref.name}__{ref.version}__{ref.variant}")
+    return sorted(p.name for p in node.models.cache_dir.iterdir() if p.name not in keep)
+
+
+async def test_build_push_assign_and_the_node_serves_the_new_version(
+    js: JetStreamContext,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    model: str,
+    statuses: Statuses,
+) -> None:
+    v1 = build(tmp_path / "v1", keys.key, name=model, version=1, seed=0).bundle
+    v2 = build(tmp_path / "v2", keys.key, name=model, version=2, seed=1).bundle
+    registry = Registry(js)
+    for b in (v1, v2):
+        await registry.push(b, TrustStore([keys.key.public_key()]))
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    async with EdgeNode(cfg) as node:
+        assert serving(node) == ModelRef(name=model, version=1)
+        await node.link.wait_online(10)
+        await registry.assign(fleet, 2, model=model)
+        await wait_until(lambda: serving(node) == ModelRef(name=model, version=2), 20, what="v2 serving")
+        answer = await node.predict(["What is AI?"])
+        assert answer[0].model == ModelRef(name=model, version=2)
+        assert answer[0].label in v2.manifest.labels
+        await wait_until(lambda: bool(statuses.of("n1", "model_installed")), 10, what="installed status")
+        reports = [s.refresh for s in statuses.of("n1", "model_installed") if s.refresh is not None]
+        assert reports
+        assert reports[-1].ok
+        assert reports[-1].model.version == 2
+        assert node.models.previous == ModelRef(name=model, version=1)
+        assert leftovers(node) == []
+
+
+@pytest.mark.parametrize("case", [*sorted(BAD_BUNDLES), "truncated_download"])
+async def test_a_bad_bundle_is_rejected_and_the_old_model_keeps_serving(
+    case: str,
+    js: JetStreamContext,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    model: str,
+    statuses: Statuses,
+) -> None:
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    bad = tmp_path / "v2"
+    if case == "truncated_download":
+        # The stored archive lost its tail: the object is consistent, its content is not.
+        good = make_bundle(bad, keys.key, version=2, name=model)
+        archive = pack_archive(good)
+        await store_raw(js, bad, archive[: len(archive) // 2])
+        expected = "truncated"
+    else:
+        expected = BAD_BUNDLES[case](bad, keys.key, 2, model)
+        await store_raw(js, bad)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(10)
+        await assign(js, fleet, model, 2, variant="fp32")
+        await wait_until(lambda: bool(statuses.of("n1", "model_rejected")), 20, what="rejected status")
+        report = statuses.of("n1", "model_rejected")[-1].refresh
+        assert report is not None
+        assert (report.ok, report.code, report.model.version) == (False, expected, 2)
+        assert report.reason
+        assert serving(node) == ModelRef(name=model, version=1)
+        answer = await node.predict(["about beta"])
+        assert (answer[0].label, answer[0].model.version) == ("beta", 1)
+        assert leftovers(node) == []
+        # Refused for what it is: not fetched again for the same assignment.
+        checks = node.refresher.stats.checks
+        await node.refresher.check()
+        assert node.refresher.stats.checks == checks + 1
+        assert len(statuses.of("n1", "model_rejected")) == 1
+
+
+async def test_a_version_assigned_while_offline_runs_soon_after_reconnect(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    v2 = make_bundle(tmp_path / "v2", keys.key, version=2, name=model)
+    await Registry(js).push(v2, TrustStore([keys.key.public_key()]))
+    async with TcpProxy("127.0.0.1", nats_server.port) as proxy:
+        cfg = edge_config(tmp_path, keys, fleet=fleet, url=proxy.url, model=v1.path)
+        async with EdgeNode(cfg) as node:
+            await node.link.wait_online(10)
+            await proxy.cut()
+            await wait_until(lambda: node.link.state.value != "online", 10, what="node offline")
+            await assign(js, fleet, model, 2)
+            assert serving(node) == ModelRef(name=model, version=1)
+            await proxy.restore()
+            t0 = anyio.current_time()
+            await node.link.wait_online(15)
+            await wait_until(
+                lambda: serving(node) == ModelRef(name=model, version=2), 10, what="v2 after reconnect"
+            )
+            # "Within seconds": nats-py's reconnect wait (2 s) plus one download and install.
+            assert anyio.current_time() - t0 < 10
+
+
+async def test_a_swap_under_continuous_load_fails_no_request(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    v2 = make_bundle(tmp_path / "v2", keys.key, version=2, name=model)
+    await Registry(js).push(v2, TrustStore([keys.key.public_key()]))
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    served: dict[int, int] = {}
+    failures: list[BaseException] = []
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(10)
+        stop = anyio.Event()
+
+        async def client(i: int) -> None:
+            texts = ["about alpha", "about beta", "about gamma"]
+            while not stop.is_set():
+                try:
+                    answer = await node.predict([texts[i % 3]])
+                except Exception as exc:
+                    failures.append(exc)
+                    continue
+                assert answer[0].label == texts[i % 3].split()[1]
+                served[answer[0].model.version] = served.get(answer[0].model.version, 0) + 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(client, i)
+            await wait_until(lambda: served.get(1, 0) > 50, 10, what="load on v1")
+            await assign(js, fleet, model, 2)
+            await wait_until(lambda: served.get(2, 0) > 50, 20, what="load on v2")
+            stop.set()
+    assert failures == []
+    assert served[1] > 0
+    assert served[2] > 0
+
+
+async def test_the_node_picks_the_variant_its_memory_fits(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    trust = TrustStore([keys.key.public_key()])
+    registry = Registry(js)
+    fp32 = make_bundle(tmp_path / "fp32", keys.key, version=2, name=model)
+    resign(fp32.path, keys.key, min_memory_mb=256)
+    int8 = make_bundle(tmp_path / "int8", keys.key, version=2, name=model, variant="int8")
+    resign(int8.path, keys.key, min_memory_mb=64, parent_version=2)
+    for path in (fp32.path, int8.path):
+        await registry.push(read_bundle(path), trust)
+    small = edge_config(tmp_path, keys, fleet=fleet, node="small", url=nats_server.url, model=v1.path)
+    big = edge_config(tmp_path, keys, fleet=fleet, node="big", url=nats_server.url, model=v1.path)
+    async with EdgeNode(small) as s, EdgeNode(big) as b:
+        s.models.memory_mb = 128
+        b.models.memory_mb = 4096
+        await s.link.wait_online(10)
+        await b.link.wait_online(10)
+        a = await registry.assign(fleet, 2, model=model)  # fleet-wide: each node chooses
+        assert a.variant is None
+        await wait_until(
+            lambda: serving(s) == ModelRef(name=model, version=2, variant="int8"), 20, what="small"
+        )
+        await wait_until(
+            lambda: serving(b) == ModelRef(name=model, version=2, variant="fp32"), 20, what="big"
+        )
+
+
+async def test_the_node_key_overrides_the_fleet_key_and_falling_back_works(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    trust = TrustStore([keys.key.public_key()])
+    registry = Registry(js)
+    for v in (2, 3):
+        await registry.push(make_bundle(tmp_path / f"v{v}", keys.key, version=v, name=model), trust)
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(10)
+        await registry.assign(fleet, 3, model=model, node="n1")
+        await registry.assign(fleet, 2, model=model)
+        await wait_until(lambda: serving(node) == ModelRef(name=model, version=3), 20, what="node key wins")
+        kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+        await kv.delete(names.assignment_key(fleet, "n1"))
+        await wait_until(
+            lambda: serving(node) == ModelRef(name=model, version=2), 20, what="fleet key after delete"
+        )
