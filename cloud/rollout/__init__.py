@@ -1,0 +1,38 @@
+"""Staged rollouts: cohorts by stable hash, quality gates, automatic rollback (DESIGN §7).
+
+``start_rollout`` records a rollout in KV ``slmops_rollouts``; a ``RolloutRunner`` (in the cloud
+service, or ``slmops rollout run``) drives it with a ``RolloutController``.
+"""
+
+from cloud.rollout.assign import Assigner, start_rollout
+from cloud.rollout.cohort import cohort, hash_point
+from cloud.rollout.controller import RolloutController
+from cloud.rollout.gates import GateResult, Metrics, evaluate, total_variation
+from cloud.rollout.runner import RolloutRunner
+from cloud.rollout.state import (
+    ROLLOUTS_BUCKET,
+    RolloutConfig,
+    RolloutConflict,
+    RolloutError,
+    RolloutState,
+    RolloutStore,
+)
+
+__all__ = [
+    "ROLLOUTS_BUCKET",
+    "Assigner",
+    "GateResult",
+    "Metrics",
+    "RolloutConfig",
+    "RolloutConflict",
+    "RolloutController",
+    "RolloutError",
+    "RolloutRunner",
+    "RolloutState",
+    "RolloutStore",
+    "cohort",
+    "evaluate",
+    "hash_point",
+    "start_rollout",
+    "total_variation",
+]

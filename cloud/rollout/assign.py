@@ -1,0 +1,165 @@
+"""What a rollout writes into KV ``slmops_assignments``, and how a rollout is started.
+
+A rollout gives each cohort node a key of its own (``<fleet>.<node>``), which overrides the
+fleet-wide key. Rolling back restores each node's key to what it was before the rollout —
+deleted when the node followed the fleet-wide key — so nothing is left pinned. Completing
+writes the fleet-wide key and then deletes the nodes' own keys (they already run the version
+the fleet key now names, so nothing moves).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+
+import anyio
+import msgspec
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js import errors as js_errors
+from nats.js.kv import KeyValue
+
+from cloud.registry import Registry, RegistryError
+from cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
+from shared import names
+from shared.errors import NatsUnavailable
+from shared.messages import Assignment, DeviceProfile, decode_json, encode_json
+from shared.variants import choose_variant
+
+__all__ = ["Assigner", "start_rollout"]
+
+log = structlog.get_logger(__name__)
+
+
+class Assigner:
+    """Node and fleet assignment writes for rollouts, through ``Registry.assign``."""
+
+    def __init__(self, js: JetStreamContext, registry: Registry, *, url: str = "<nats>") -> None:
+        self._js = js
+        self.registry = registry
+        self._url = url
+        self._kv: KeyValue | None = None
+        self._memory: dict[tuple[str, int], dict[str, int]] = {}
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            try:
+                with anyio.fail_after(10):
+                    self._kv = await self._js.key_value(names.ASSIGNMENTS_BUCKET)
+            except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+                raise NatsUnavailable(self._url, f"open KV {names.ASSIGNMENTS_BUCKET}: {exc!r}") from exc
+        return self._kv
+
+    async def current(self, fleet: str, node: str | None) -> Assignment | None:
+        """The assignment under the node's own key (or the fleet-wide key when None)."""
+        kv = await self._bucket()
+        key = names.assignment_key(fleet, node)
+        try:
+            with anyio.fail_after(10):
+                entry = await kv.get(key)
+        except js_errors.NotFoundError:
+            return None
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"read {key}: {exc!r}") from exc
+        try:
+            return decode_json(entry.value or b"", Assignment)
+        except msgspec.DecodeError as exc:
+            log.warning("assignment_undecodable", key=key, error=str(exc))
+            return None
+
+    async def variant_needs(self, model: str, version: int) -> dict[str, int]:
+        """``{variant: min_memory_mb}`` of a version (cached: versions are immutable)."""
+        key = (model, version)
+        if key not in self._memory:
+            found = await self.registry.variants(model, version)
+            if not found:
+                return {}
+            self._memory[key] = {v: m.min_memory_mb for v, m in found.items()}
+        return self._memory[key]
+
+    async def assign_node(self, state: RolloutState, node: str, device: DeviceProfile | None) -> str | None:
+        """Give ``node`` the rollout's version, in the variant its device profile calls for
+        (None when its device is unknown: the node then picks by the same rule)."""
+        needs = await self.variant_needs(state.model, state.version)
+        variant = choose_variant(needs, device) if needs and device is not None else None
+        await self.registry.assign(state.fleet, state.version, model=state.model, node=node, variant=variant)
+        return variant
+
+    async def restore_node(self, fleet: str, node: str, prior: Assignment | None) -> None:
+        """Put back the node's own key as it was before the rollout (delete it if none)."""
+        kv = await self._bucket()
+        key = names.assignment_key(fleet, node)
+        try:
+            with anyio.fail_after(10):
+                if prior is None:
+                    await kv.delete(key)
+                else:
+                    await kv.put(key, encode_json(prior))
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"restore {key}: {exc!r}") from exc
+        log.info("assignment_restored", key=key, version=None if prior is None else prior.version)
+
+    async def complete(self, state: RolloutState) -> None:
+        """Fleet-wide key to the new version, then the nodes' own keys removed."""
+        await self.registry.assign(state.fleet, state.version, model=state.model)
+        for node in sorted(state.nodes):
+            await self.restore_node(state.fleet, node, None)
+
+
+async def start_rollout(
+    js: JetStreamContext,
+    registry: Registry,
+    store: RolloutStore,
+    *,
+    fleet: str,
+    version: int,
+    model: str | None = None,
+    config: RolloutConfig | None = None,
+    now: float | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> RolloutState:
+    """Validate and record a new rollout for a controller to drive. Raises ``RolloutError``
+    (active rollout, unknown version) or ``NatsUnavailable``."""
+    names.validate_id(fleet, "fleet")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive int, got {version!r}")
+    assigner = Assigner(js, registry)
+    fleet_wide = await assigner.current(fleet, None)
+    if model is None:
+        if fleet_wide is not None:
+            model = fleet_wide.model
+        else:
+            models = sorted({m.name for m in await registry.manifests()})
+            if len(models) != 1:
+                raise RolloutError(fleet, f"the registry holds models {models}; name one with --model")
+            model = models[0]
+    names.validate_model_name(model)
+    try:
+        variants = await registry.variants(model, version)
+    except RegistryError as exc:
+        raise RolloutError(fleet, exc.reason) from exc
+    if not variants:
+        raise RolloutError(fleet, f"{model!r} version {version} is not in the registry (push it first)")
+    previous = fleet_wide.version if fleet_wide is not None and fleet_wide.model == model else None
+    if previous == version:
+        raise RolloutError(fleet, f"the fleet already runs {model!r} version {version}")
+    t = time.time() if now is None else now
+    state = RolloutState(
+        id=f"{fleet}-{model.replace('.', '_')}-v{version}-{secrets.token_hex(3)}",
+        fleet=fleet,
+        model=model,
+        version=version,
+        previous_version=previous,
+        config=config or RolloutConfig(),
+        created=t,
+        stage_started=t,
+        updated=t,
+        reason=", ".join(f"{k}={v}" for k, v in (extra or {}).items()),
+    )
+    await store.create(state)
+    log.info(
+        "rollout_created", fleet=fleet, rollout=state.id, model=model, version=version, previous=previous
+    )
+    return state

@@ -1,0 +1,390 @@
+"""The rollout controller: a plain object fed node statuses and telemetry aggregates, and
+stepped with the time. Each ``step(now)`` reads every rollout state from KV and moves each
+active one on:
+
+``assigning`` (write the stage's node assignments) → ``installing`` (until every stage node
+runs the version, or ``install_timeout_s``) → ``soaking`` (``soak_s``, gates judged all along:
+a failure rolls back at once, a pass counts after the soak) → next stage, or ``completed``.
+
+Every transition is written (compare-and-set) before its side effects, and the effects are
+idempotent, so a controller killed anywhere resumes correctly from KV; a second controller's
+conflicting write is refused and it re-reads. Terminal states keep ``phase="cleanup"`` until
+their assignment writes are done.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+
+from cloud.rollout.assign import Assigner
+from cloud.rollout.cohort import cohort
+from cloud.rollout.gates import GateResult, Metrics, evaluate, install_gate, verdict
+from cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
+from shared.errors import SlmopsError
+from shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
+
+__all__ = ["Publish", "RolloutController"]
+
+log = structlog.get_logger(__name__)
+
+#: ``await publish(fleet, event, msg_id)`` publishes one RolloutEvent with that Nats-Msg-Id.
+Publish = Callable[[str, RolloutEvent, str], Awaitable[None]]
+
+#: Aggregates kept per fleet so a rollout seen late (restart, or created by another process)
+#: can replay what it missed. Bounded: 4096 windows ≈ 4 MB of aggregates.
+_RECENT = 4096
+
+
+class _Tracker:
+    """In-memory metrics of one rollout, rebuilt from the recent aggregates when needed."""
+
+    def __init__(self, state: RolloutState) -> None:
+        self.id = state.id
+        self.stage = -1
+        self.canary = Metrics()
+        self.control = Metrics()  # previous version, outside the cohort, this stage
+        self.baseline = Metrics()  # previous version, anywhere, since the rollout started
+
+    def add(self, state: RolloutState, agg: TelemetryAggregate) -> None:
+        if agg.model.name != state.model:
+            return
+        end = agg.window_end.timestamp()
+        if agg.model.version == state.version:
+            self.canary.add(agg)
+            return
+        if state.previous_version is not None and agg.model.version != state.previous_version:
+            return
+        if end >= state.created:
+            self.baseline.add(agg)
+        if end >= state.stage_started and agg.node not in state.nodes:
+            self.control.add(agg)
+
+
+class RolloutController:
+    """See the module docstring. ``observe_*`` never block; ``step`` does the I/O."""
+
+    def __init__(
+        self,
+        assigner: Assigner,
+        store: RolloutStore,
+        publish: Publish,
+        *,
+        node_ttl_s: float = 900.0,
+    ) -> None:
+        self.assigner = assigner
+        self.store = store
+        self._publish = publish
+        self.node_ttl_s = node_ttl_s
+        self._status: dict[str, dict[str, NodeStatus]] = collections.defaultdict(dict)
+        self._recent: dict[str, collections.deque[TelemetryAggregate]] = {}
+        self._trackers: dict[str, _Tracker] = {}
+        self._states: dict[str, RolloutState] = {}
+        self._refs: dict[tuple[str, int], ReferenceProfile | None] = {}
+        self.steps = self.conflicts = self.errors = 0
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "steps": self.steps,
+            "conflicts": self.conflicts,
+            "errors": self.errors,
+            "rollouts_tracked": len(self._trackers),
+            "nodes_known": sum(len(v) for v in self._status.values()),
+        }
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def observe_status(self, status: NodeStatus) -> None:
+        nodes = self._status[status.fleet]
+        old = nodes.get(status.node)
+        if old is None or status.time >= old.time:
+            nodes[status.node] = status
+
+    def observe_aggregate(self, agg: TelemetryAggregate) -> None:
+        recent = self._recent.get(agg.fleet)
+        if recent is None:
+            recent = self._recent[agg.fleet] = collections.deque(maxlen=_RECENT)
+        recent.append(agg)
+        state = self._states.get(agg.fleet)
+        if state is not None and state.active:
+            tracker = self._tracker(state)
+            tracker.add(state, agg)
+
+    def _tracker(self, state: RolloutState) -> _Tracker:
+        t = self._trackers.get(state.fleet)
+        if t is None or t.id != state.id or t.stage != state.stage:
+            fresh = _Tracker(state)
+            fresh.stage = state.stage
+            for agg in self._recent.get(state.fleet, ()):
+                fresh.add(state, agg)
+            self._trackers[state.fleet] = t = fresh
+        return t
+
+    def live_nodes(self, fleet: str, now: float) -> dict[str, NodeStatus]:
+        """Nodes of ``fleet`` that reported within ``node_ttl_s`` and did not shut down."""
+        return {
+            n: s
+            for n, s in self._status.get(fleet, {}).items()
+            if s.event != "shutdown" and s.time.timestamp() >= now - self.node_ttl_s
+        }
+
+    # -- stepping --------------------------------------------------------------------------
+
+    async def step(self, now: float | None = None) -> None:
+        """Advance every rollout one step. Errors of one rollout are logged and retried at
+        the next step; they never stop the others."""
+        now = time.time() if now is None else now
+        self.steps += 1
+        for state, revision in await self.store.all():
+            self._states[state.fleet] = state
+            if state.phase == "done" and not state.pending:
+                continue
+            try:
+                await self._advance(state, revision, now)
+            except RolloutConflict:
+                self.conflicts += 1
+                log.info("rollout_conflict", fleet=state.fleet, rollout=state.id)
+            except SlmopsError as exc:
+                self.errors += 1
+                log.warning("rollout_step_failed", fleet=state.fleet, rollout=state.id, error=str(exc))
+
+    async def _save(self, state: RolloutState, revision: int, now: float) -> tuple[RolloutState, int]:
+        state = msgspec.structs.replace(state, updated=now)
+        revision = await self.store.put(state, revision)
+        self._states[state.fleet] = state
+        if state.pending:
+            for p in state.pending:
+                await self._publish(state.fleet, p.event, f"{state.id}:{p.n}")
+            state = msgspec.structs.replace(state, pending=[])
+            revision = await self.store.put(state, revision)
+            self._states[state.fleet] = state
+        return state, revision
+
+    def _event(self, state: RolloutState, kind: str, now: float, **fields: Any) -> RolloutState:
+        n = state.events + 1
+        event = RolloutEvent(
+            rollout=state.id,
+            fleet=state.fleet,
+            model=state.model,
+            version=state.version,
+            previous_version=state.previous_version,
+            state=kind,
+            stage=state.stage,
+            percent=state.percent,
+            time=datetime.fromtimestamp(now, UTC),
+            **fields,
+        )
+        log.info("rollout_" + kind, fleet=state.fleet, rollout=state.id, stage=state.stage, **fields)
+        return msgspec.structs.replace(
+            state, events=n, pending=[*state.pending, PendingEvent(n=n, event=event)]
+        )
+
+    async def _advance(self, state: RolloutState, revision: int, now: float) -> None:
+        if state.pending:  # a previous run persisted events it could not publish
+            state, revision = await self._save(state, revision, now)
+        if state.phase == "cleanup":
+            await self._cleanup(state, revision, now)
+            return
+        if not state.active:
+            return
+        if state.events == 0:
+            state = self._event(state, "started", now, reason=state.reason)
+            state, revision = await self._save(state, revision, now)
+        if state.command is not None:
+            state, revision, stop = await self._command(state, revision, now)
+            if stop:
+                return
+        if state.phase == "assigning":
+            if state.status == "paused":
+                return
+            await self._assign(state, revision, now)
+            return
+        await self._judge(state, revision, now)
+
+    async def _command(
+        self, state: RolloutState, revision: int, now: float
+    ) -> tuple[RolloutState, int, bool]:
+        cmd = state.command
+        state = msgspec.structs.replace(state, command=None)
+        if cmd == "abort":
+            state = msgspec.structs.replace(
+                state, status="aborted", phase="cleanup", reason="aborted by operator"
+            )
+            state = self._event(state, "aborted", now, nodes=sorted(state.nodes), reason=state.reason)
+            state, revision = await self._save(state, revision, now)
+            await self._cleanup(state, revision, now)
+            return state, revision, True
+        if cmd == "pause" and state.status == "running":
+            state = self._event(msgspec.structs.replace(state, status="paused"), "paused", now)
+        elif cmd == "resume" and state.status == "paused":
+            # A pause for missing samples restarts the sample clock when resumed.
+            soak = now if state.phase == "soaking" else state.soak_started
+            state = msgspec.structs.replace(state, status="running", soak_started=soak, reason="")
+            state = self._event(state, "resumed", now)
+        state, revision = await self._save(state, revision, now)
+        return state, revision, False
+
+    async def _assign(self, state: RolloutState, revision: int, now: float) -> None:
+        live = self.live_nodes(state.fleet, now)
+        if not live and not state.nodes:
+            log.info("rollout_waiting_for_nodes", fleet=state.fleet, rollout=state.id)
+            return
+        target = cohort(state.fleet, live, state.percent, already=state.nodes)
+        fresh = sorted(target - set(state.nodes))
+        nodes = dict(state.nodes)
+        for node in fresh:  # read what to restore before anything is written
+            prior = await self.assigner.current(state.fleet, node)
+            nodes[node] = NodeEntry(stage=state.stage, assigned_at=now, prior=prior)
+        if fresh:
+            state, revision = await self._save(msgspec.structs.replace(state, nodes=nodes), revision, now)
+        # Every node of this stage is (re)assigned: idempotent, and covers a restart between
+        # the write above and these assignments.
+        for node, entry in sorted(state.nodes.items()):
+            if entry.stage == state.stage:
+                status = live.get(node)
+                variant = await self.assigner.assign_node(
+                    state, node, None if status is None else status.device
+                )
+                state.nodes[node] = msgspec.structs.replace(entry, variant=variant)
+        stage_nodes = sorted(n for n, e in state.nodes.items() if e.stage == state.stage)
+        state = msgspec.structs.replace(state, phase="installing", stage_started=now)
+        state = self._event(state, "stage_started", now, nodes=stage_nodes)
+        await self._save(state, revision, now)
+
+    def _failures(self, state: RolloutState) -> dict[str, str]:
+        """Nodes that rejected the version or left it on their own, from their statuses."""
+        found = dict(state.failures)
+        statuses = self._status.get(state.fleet, {})
+        for node, entry in state.nodes.items():
+            s = statuses.get(node)
+            if s is None or node in found or s.time.timestamp() < entry.assigned_at - 1.0:
+                continue
+            r = s.refresh
+            if (
+                r is not None
+                and not r.ok
+                and r.model.name == state.model
+                and r.model.version == state.version
+            ):
+                found[node] = f"rejected: {r.code or 'error'} {r.reason}".strip()
+            elif (
+                s.previous_model is not None
+                and s.previous_model.version == state.version
+                and s.previous_model.name == state.model
+                and (s.model is None or s.model.version != state.version)
+            ):
+                found[node] = "rolled back on the node (local health limits)"
+        return found
+
+    def _installed(self, state: RolloutState) -> set[str]:
+        statuses = self._status.get(state.fleet, {})
+        return {
+            n
+            for n in state.nodes
+            if (s := statuses.get(n)) is not None
+            and s.model is not None
+            and (s.model.name, s.model.version) == (state.model, state.version)
+        }
+
+    async def _reference(self, model: str, version: int | None) -> ReferenceProfile | None:
+        if version is None:
+            return None
+        key = (model, version)
+        if key not in self._refs:
+            variants = await self.assigner.registry.variants(model, version)
+            m = variants.get("fp32") or next(iter(variants.values()), None)
+            self._refs[key] = None if m is None else m.reference
+        return self._refs[key]
+
+    async def _judge(self, state: RolloutState, revision: int, now: float) -> None:
+        failures = self._failures(state)
+        if failures != state.failures:
+            for node in sorted(set(failures) - set(state.failures)):
+                state = self._event(
+                    state,
+                    "node_rollback" if "rolled back" in failures[node] else "node_failed",
+                    now,
+                    nodes=[node],
+                    reason=failures[node],
+                )
+            state = msgspec.structs.replace(state, failures=failures)
+            state, revision = await self._save(state, revision, now)
+        gates: list[GateResult] = [install_gate(state.config, len(state.nodes), len(failures))]
+        if gates[0].outcome == "fail":
+            await self._roll_back(state, revision, now, gates, "install failures over the limit")
+            return
+        if state.phase == "installing":
+            installed = self._installed(state) - set(failures)
+            pending = set(state.nodes) - installed - set(failures)
+            timed_out = now - state.stage_started >= state.config.install_timeout_s
+            if pending and not timed_out:
+                return
+            if not installed:
+                await self._roll_back(state, revision, now, gates, "no node installed the version in time")
+                return
+            state = msgspec.structs.replace(state, phase="soaking", soak_started=now)
+            state, revision = await self._save(state, revision, now)
+        tracker = self._tracker(state)
+        canary_ref = await self._reference(state.model, state.version)
+        control_ref = await self._reference(state.model, state.previous_version)
+        gates += evaluate(
+            state.config,
+            tracker.canary,
+            [tracker.control, tracker.baseline],
+            canary_ref=canary_ref,
+            control_ref=control_ref,
+        )
+        outcome = verdict(gates)
+        summary = {g.name: msgspec.structs.asdict(g) for g in gates}
+        if outcome == "fail":
+            failed = ", ".join(g.name for g in gates if g.outcome == "fail")
+            await self._roll_back(state, revision, now, gates, f"gate failed: {failed}")
+            return
+        soaked = now - (state.soak_started or now)
+        if outcome == "waiting":
+            if soaked > state.config.sample_timeout_s and state.status == "running":
+                reason = f"too few samples after {soaked:.0f}s of soak; resume to wait longer, or abort"
+                state = msgspec.structs.replace(state, status="paused", reason=reason, gates=summary)
+                state = self._event(state, "paused", now, reason=reason, gates=summary)
+                await self._save(state, revision, now)
+            return
+        if soaked < state.config.soak_s or state.status == "paused":
+            return
+        state = self._event(msgspec.structs.replace(state, gates=summary), "stage_passed", now, gates=summary)
+        if state.stage + 1 >= len(state.config.stages):
+            state = msgspec.structs.replace(state, status="completed", phase="cleanup")
+            state = self._event(state, "completed", now, nodes=sorted(state.nodes))
+            state, revision = await self._save(state, revision, now)
+            await self._cleanup(state, revision, now)
+            return
+        state = msgspec.structs.replace(state, stage=state.stage + 1, phase="assigning", soak_started=None)
+        await self._save(state, revision, now)
+
+    async def _roll_back(
+        self, state: RolloutState, revision: int, now: float, gates: list[GateResult], reason: str
+    ) -> None:
+        summary = {g.name: msgspec.structs.asdict(g) for g in gates}
+        state = msgspec.structs.replace(
+            state, status="rolled_back", phase="cleanup", reason=reason, gates=summary
+        )
+        state = self._event(state, "gate_failed", now, reason=reason, gates=summary)
+        state = self._event(state, "rolled_back", now, reason=reason, nodes=sorted(state.nodes))
+        state, revision = await self._save(state, revision, now)
+        await self._cleanup(state, revision, now)
+
+    async def _cleanup(self, state: RolloutState, revision: int, now: float) -> None:
+        if state.status == "completed":
+            await self.assigner.complete(state)
+        else:
+            for node, entry in sorted(state.nodes.items()):
+                await self.assigner.restore_node(state.fleet, node, entry.prior)
+        state = msgspec.structs.replace(state, phase="done")
+        await self._save(state, revision, now)
+        self._trackers.pop(state.fleet, None)
+        log.info("rollout_finished", fleet=state.fleet, rollout=state.id, status=state.status)

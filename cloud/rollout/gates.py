@@ -1,0 +1,236 @@
+"""Quality gates of a rollout stage: canary against control on merged telemetry aggregates.
+
+Each gate needs ``min_samples`` inferences of the canary before it judges (until then it says
+"waiting"). The control is the previous version on the nodes outside the cohort; when those
+have too few samples (the last stage has no outside) the previous version's traffic since the
+rollout started is used, and without that the canary's own reference profile. Gates:
+
+* ``install``: nodes that rejected the bundle or rolled back on their own, as a fraction of the
+  stage's nodes, at most ``max_failures``.
+* ``error_rate``: canary rate − control rate ≤ ``max_error_rate_increase``.
+* ``latency_p95``: canary p95 / control p95 ≤ ``max_latency_ratio`` (histogram quantiles).
+* ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
+  of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
+* ``drift``: each side's class mix against its own version's reference (total variation);
+  canary's may exceed control's by at most ``max_drift_increase``. A version answering one
+  class whatever the input fails here; a recalibrated one, whose reference holds its new
+  priors, does not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import msgspec
+
+from cloud.rollout.state import RolloutConfig
+from shared.histogram import Histogram, HistogramMismatch
+from shared.messages import ReferenceProfile, TelemetryAggregate
+
+__all__ = ["GateResult", "Metrics", "evaluate", "install_gate", "total_variation", "verdict"]
+
+Outcome = Literal["pass", "fail", "waiting"]
+
+
+class Metrics:
+    """Aggregates merged by adding counts, each ``(node, seq)`` counted once."""
+
+    __slots__ = ("class_counts", "confidence", "count", "errors", "latency", "nodes", "seen")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors = 0
+        self.class_counts: dict[str, int] = {}
+        self.confidence: Histogram | None = None
+        self.latency: Histogram | None = None
+        self.nodes: set[str] = set()
+        self.seen: set[tuple[str, int]] = set()
+
+    def add(self, agg: TelemetryAggregate) -> bool:
+        """Merge ``agg``; False (nothing changed) if it was already counted."""
+        key = (agg.node, agg.seq)
+        if key in self.seen:
+            return False
+        try:
+            confidence = agg.confidence if self.confidence is None else self.confidence.merge(agg.confidence)
+            latency = agg.latency_ms if self.latency is None else self.latency.merge(agg.latency_ms)
+        except HistogramMismatch:
+            return False  # another build of the model with other edges: not comparable
+        self.seen.add(key)
+        self.confidence, self.latency = confidence, latency
+        self.count += agg.count
+        self.errors += agg.errors
+        for label, n in agg.class_counts.items():
+            self.class_counts[label] = self.class_counts.get(label, 0) + n
+        self.nodes.add(agg.node)
+        return True
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.count if self.count else 0.0
+
+    @property
+    def latency_p95(self) -> float:
+        return self.latency.quantile(0.95) if self.latency is not None else math.nan
+
+    @property
+    def mean_confidence(self) -> float:
+        return _hist_mean(self.confidence) if self.confidence is not None else math.nan
+
+
+def _hist_mean(h: Histogram) -> float:
+    counts = [max(c, 0) for c in h.counts]  # DP noise can make a count negative
+    total = sum(counts)
+    if total == 0:
+        return math.nan
+    mids = [(a + b) / 2 for a, b in zip(h.edges, h.edges[1:], strict=False)]
+    return sum(m * c for m, c in zip(mids, counts, strict=True)) / total
+
+
+def total_variation(counts: dict[str, int], reference: dict[str, int] | dict[str, float]) -> float:
+    """Total variation distance between two class mixes (counts or probabilities)."""
+    a = {k: max(v, 0) for k, v in counts.items()}
+    b = {k: max(float(v), 0.0) for k, v in reference.items()}
+    sa, sb = sum(a.values()), sum(b.values())
+    if sa <= 0 or sb <= 0:
+        return 0.0
+    labels = set(a) | set(b)
+    return 0.5 * sum(abs(a.get(k, 0) / sa - b.get(k, 0.0) / sb) for k in labels)
+
+
+class GateResult(msgspec.Struct, kw_only=True):
+    name: str
+    outcome: Outcome
+    canary: float | None = None
+    control: float | None = None
+    limit: float | None = None
+    samples: int = 0
+    detail: str = ""
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 6)
+
+
+def install_gate(config: RolloutConfig, stage_nodes: int, failures: int) -> GateResult:
+    rate = failures / stage_nodes if stage_nodes else 0.0
+    return GateResult(
+        name="install",
+        outcome="fail" if rate > config.max_failures else "pass",
+        canary=round(rate, 6),
+        limit=config.max_failures,
+        samples=stage_nodes,
+        detail=f"{failures} of {stage_nodes} nodes rejected the version or rolled back",
+    )
+
+
+def _ref_mix(ref: ReferenceProfile | None) -> dict[str, int] | dict[str, float] | None:
+    if ref is None:
+        return None
+    return ref.class_counts or ref.priors or None
+
+
+def evaluate(
+    config: RolloutConfig,
+    canary: Metrics,
+    controls: list[Metrics],
+    *,
+    canary_ref: ReferenceProfile | None,
+    control_ref: ReferenceProfile | None,
+) -> list[GateResult]:
+    """The metric gates (not ``install``). ``controls`` in order of preference; the first
+    with ``min_samples`` is the control."""
+    n = config.min_samples
+    control = next((c for c in controls if c.count >= n), None)
+    if canary.count < n:
+        return [
+            GateResult(name=g, outcome="waiting", samples=canary.count, detail=f"canary has < {n} inferences")
+            for g in ("error_rate", "latency_p95", "confidence", "drift")
+        ]
+    results: list[GateResult] = []
+    # Error rate: without a control the canary is held to the increase over zero.
+    c_err = control.error_rate if control is not None else 0.0
+    results.append(
+        GateResult(
+            name="error_rate",
+            outcome="fail" if canary.error_rate - c_err > config.max_error_rate_increase else "pass",
+            canary=_num(canary.error_rate),
+            control=_num(c_err),
+            limit=config.max_error_rate_increase,
+            samples=canary.count,
+        )
+    )
+    # Latency p95: a ratio needs a control; the reference latency (if the factory measured
+    # one) stands in, else the gate cannot judge and passes saying so.
+    c_lat = control.latency_p95 if control is not None else math.nan
+    if math.isnan(c_lat) and canary_ref is not None and canary_ref.latency_ms is not None:
+        c_lat = canary_ref.latency_ms.quantile(0.95)
+    lat = canary.latency_p95
+    if math.isnan(c_lat) or c_lat <= 0 or math.isnan(lat):
+        results.append(GateResult(name="latency_p95", outcome="pass", canary=_num(lat), detail="no control"))
+    else:
+        results.append(
+            GateResult(
+                name="latency_p95",
+                outcome="fail" if lat / c_lat > config.max_latency_ratio else "pass",
+                canary=_num(lat),
+                control=_num(c_lat),
+                limit=config.max_latency_ratio,
+                samples=canary.count,
+                detail=f"ratio {lat / c_lat:.2f}",
+            )
+        )
+    # Confidence: control's mean, else the canary's reference.
+    c_conf = control.mean_confidence if control is not None else math.nan
+    if math.isnan(c_conf) and canary_ref is not None:
+        c_conf = _hist_mean(canary_ref.confidence)
+    conf = canary.mean_confidence
+    if math.isnan(c_conf) or math.isnan(conf):
+        results.append(GateResult(name="confidence", outcome="pass", canary=_num(conf), detail="no control"))
+    else:
+        results.append(
+            GateResult(
+                name="confidence",
+                outcome="fail" if c_conf - conf > config.max_confidence_drop else "pass",
+                canary=_num(conf),
+                control=_num(c_conf),
+                limit=config.max_confidence_drop,
+                samples=canary.count,
+            )
+        )
+    # Drift: each side against its own version's reference; without references, canary
+    # against control directly.
+    can_mix, ctl_mix = _ref_mix(canary_ref), _ref_mix(control_ref)
+    if can_mix is not None:
+        d_can = total_variation(canary.class_counts, can_mix)
+        d_ctl = total_variation(control.class_counts, ctl_mix or can_mix) if control is not None else 0.0
+        detail = "class mix vs own reference (total variation)"
+    elif control is not None:
+        d_can, d_ctl = total_variation(canary.class_counts, control.class_counts), 0.0
+        detail = "class mix vs control (total variation)"
+    else:
+        d_can, d_ctl, detail = math.nan, math.nan, "no reference and no control"
+    if math.isnan(d_can):
+        results.append(GateResult(name="drift", outcome="pass", detail=detail))
+    else:
+        results.append(
+            GateResult(
+                name="drift",
+                outcome="fail" if d_can - d_ctl > config.max_drift_increase else "pass",
+                canary=_num(d_can),
+                control=_num(d_ctl),
+                limit=config.max_drift_increase,
+                samples=canary.count,
+                detail=detail,
+            )
+        )
+    return results
+
+
+def verdict(results: list[GateResult]) -> Outcome:
+    if any(r.outcome == "fail" for r in results):
+        return "fail"
+    if any(r.outcome == "waiting" for r in results):
+        return "waiting"
+    return "pass"

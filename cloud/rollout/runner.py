@@ -1,0 +1,127 @@
+"""Feeds a ``RolloutController`` from NATS and steps it: the rollout service.
+
+It runs its own consumers rather than hooking into the ingest path: an ordered consumer on
+``SLMOPS_STATUS`` starting with the last status of every node, and an ordered consumer on
+``SLMOPS_TELEMETRY`` starting at the creation of the oldest active rollout (live only, when
+none is active). Both are ephemeral: after a restart the controller re-reads what it needs
+from the streams, and the metrics count each ``(node, seq)`` once, so nothing durable has to
+be acknowledged and nothing is counted twice. Rollout state itself lives in KV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import anyio
+import anyio.abc
+import msgspec
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+
+from cloud.registry import Registry
+from cloud.rollout.assign import Assigner
+from cloud.rollout.controller import RolloutController
+from cloud.rollout.state import RolloutStore
+from shared import names
+from shared.errors import NatsUnavailable, SlmopsError
+from shared.messages import NodeStatus, RolloutEvent, decode_json, decode_telemetry, encode_json
+
+__all__ = ["RolloutRunner"]
+
+log = structlog.get_logger(__name__)
+
+
+class RolloutRunner:
+    """``await tg.start(runner.run)``: consumers + a step every ``interval`` seconds, until
+    cancelled. ``controller`` is public for inspection."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        url: str = "<nats>",
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        node_ttl_s: float = 900.0,
+    ) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval must be positive, got {interval!r}")
+        self._js = js
+        self._url = url
+        self.interval = interval
+        self._clock = clock
+        self.store = RolloutStore(js, url=url)
+        self.registry = Registry(js, url=url)
+        self.controller = RolloutController(
+            Assigner(js, self.registry, url=url), self.store, self._publish, node_ttl_s=node_ttl_s
+        )
+        self.bad_messages = 0
+
+    async def _publish(self, fleet: str, event: RolloutEvent, msg_id: str) -> None:
+        try:
+            with anyio.fail_after(10):
+                await self._js.publish(
+                    names.rollout_subject(fleet), encode_json(event), headers={"Nats-Msg-Id": msg_id}
+                )
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"publish rollout event {msg_id}: {exc!r}") from exc
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        states = [s for s, _ in await self.store.all() if s.active or s.phase != "done"]
+        start = min((s.created for s in states), default=None)
+        status_sub = await self._js.subscribe(
+            "slmops.status.>",
+            ordered_consumer=True,
+            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT),
+        )
+        if start is None:
+            tele_config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW)
+        else:
+            tele_config = js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
+                opt_start_time=datetime.fromtimestamp(start - 1, UTC),
+            )
+        tele_sub = await self._js.subscribe("slmops.telemetry.>", ordered_consumer=True, config=tele_config)
+        log.info("rollout_runner_started", active=len(states), replay_from=start)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._statuses, status_sub, name="rollout-status")
+                tg.start_soon(self._telemetry, tele_sub, name="rollout-telemetry")
+                tg.start_soon(self._stepper, name="rollout-step")
+                task_status.started()
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                for sub in (status_sub, tele_sub):
+                    # The connection may already be gone.
+                    with contextlib.suppress(nats.errors.Error, OSError):
+                        await sub.unsubscribe()
+
+    async def _statuses(self, sub: object) -> None:
+        async for msg in sub.messages:  # type: ignore[attr-defined]
+            try:
+                self.controller.observe_status(decode_json(msg.data, NodeStatus))
+            except msgspec.DecodeError as exc:
+                self.bad_messages += 1
+                log.warning("status_undecodable", subject=msg.subject, error=str(exc))
+
+    async def _telemetry(self, sub: object) -> None:
+        async for msg in sub.messages:  # type: ignore[attr-defined]
+            try:
+                self.controller.observe_aggregate(decode_telemetry(msg.data))
+            except msgspec.DecodeError as exc:
+                self.bad_messages += 1
+                log.warning("telemetry_undecodable", subject=msg.subject, error=str(exc))
+
+    async def _stepper(self) -> None:
+        while True:
+            try:
+                await self.controller.step(self._clock())
+            except SlmopsError as exc:  # NATS down for a moment: try again next step
+                log.warning("rollout_step_unavailable", error=str(exc))
+            await anyio.sleep(self.interval)

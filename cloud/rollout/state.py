@@ -1,0 +1,314 @@
+"""Rollout state: what a staged rollout is doing, persisted in KV ``slmops_rollouts`` (key = fleet).
+
+The state is the only memory a controller has: every transition is written (compare-and-set on
+the key's revision) before its effects, so a controller killed at any instant resumes from the
+state on restart, and two controllers never both drive one rollout — the second one's write is
+refused and it re-reads. Operators' commands (pause/resume/abort) are written into the same
+key's ``command`` field, also with compare-and-set, and applied at the controller's next step.
+Events not yet published travel in ``pending`` with their sequence number, so a restart
+re-publishes them with the same ``Nats-Msg-Id`` and the stream drops the duplicates.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Literal
+
+import anyio
+import msgspec
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+from nats.js.kv import KeyValue
+
+from cloud.errors import CloudError
+from shared.errors import NatsUnavailable
+from shared.messages import Assignment, RolloutEvent
+from shared.names import validate_id
+
+__all__ = [
+    "ACTIVE",
+    "ROLLOUTS_BUCKET",
+    "TERMINAL",
+    "NodeEntry",
+    "PendingEvent",
+    "RolloutConfig",
+    "RolloutConflict",
+    "RolloutError",
+    "RolloutState",
+    "RolloutStore",
+]
+
+log = structlog.get_logger(__name__)
+
+#: KV bucket of rollout states, one key per fleet (created idempotently by ``RolloutStore``).
+ROLLOUTS_BUCKET = "slmops_rollouts"
+
+Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
+Phase = Literal["assigning", "installing", "soaking", "cleanup", "done"]
+Command = Literal["pause", "resume", "abort"]
+ACTIVE: frozenset[str] = frozenset({"running", "paused"})
+TERMINAL: frozenset[str] = frozenset({"completed", "rolled_back", "aborted"})
+_ERR_STREAM_NAME_IN_USE = 10058
+
+
+class RolloutError(CloudError):
+    """A rollout operation cannot be done as asked."""
+
+    def __init__(self, fleet: str, reason: str) -> None:
+        self.fleet = fleet
+        self.reason = reason
+        super().__init__(f"rollout of fleet {fleet!r}: {reason}")
+
+
+class RolloutConflict(RolloutError):
+    """Someone else wrote the rollout state since it was read (compare-and-set refused)."""
+
+
+class RolloutConfig(msgspec.Struct, kw_only=True):
+    """How a rollout advances and what stops it. Validated on construction."""
+
+    #: Cumulative percentages of the fleet per stage; the last is 100.
+    stages: list[int] = msgspec.field(default_factory=lambda: [5, 25, 100])
+    #: Seconds each stage runs after its nodes installed, before its gates are judged.
+    soak_s: float = 120.0
+    #: Fraction of a stage's nodes that may fail to install (rejected, rolled back locally).
+    max_failures: float = 0.02
+    #: Seconds to wait for a stage's nodes to install; then the stage soaks with those that
+    #: did (nodes offline for days must not hold a rollout forever) unless none did.
+    install_timeout_s: float = 300.0
+    #: Inferences the canary (and, for comparisons, the control) needs before a gate judges.
+    min_samples: int = 200
+    #: Past this many seconds of soak without enough samples the rollout pauses for a person.
+    sample_timeout_s: float = 1800.0
+    #: Canary error rate may exceed control's by at most this (absolute).
+    max_error_rate_increase: float = 0.01
+    #: Canary latency p95 may be at most this times control's.
+    max_latency_ratio: float = 1.5
+    #: Canary mean confidence (the expected-accuracy proxy) may be at most this lower.
+    max_confidence_drop: float = 0.05
+    #: Canary's class-mix distance to its own reference may exceed control's by at most this
+    #: (total variation), so a recalibrated version that predicts a new mix on purpose passes.
+    max_drift_increase: float = 0.1
+
+    def __post_init__(self) -> None:
+        st = self.stages
+        if not st or any(isinstance(p, bool) or not isinstance(p, int) for p in st):
+            raise ValueError(f"stages must be a non-empty list of ints, got {st!r}")
+        if any(not 0 < p <= 100 for p in st) or any(b <= a for a, b in itertools.pairwise(st)):
+            raise ValueError(f"stages must increase strictly within 1..100, got {st!r}")
+        if st[-1] != 100:
+            raise ValueError(f"the last stage must be 100 (the whole fleet), got {st!r}")
+        if not 0 <= self.max_failures < 1:
+            raise ValueError(f"max_failures must be a fraction in [0, 1), got {self.max_failures!r}")
+        for name in ("soak_s", "install_timeout_s", "sample_timeout_s", "max_error_rate_increase"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        for name in ("max_latency_ratio", "max_confidence_drop", "max_drift_increase"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if isinstance(self.min_samples, bool) or self.min_samples < 1:
+            raise ValueError(f"min_samples must be a positive int, got {self.min_samples!r}")
+
+
+class NodeEntry(msgspec.Struct, kw_only=True):
+    """A node the rollout assigned the new version to, and what to restore on rollback."""
+
+    stage: int
+    variant: str | None = None
+    assigned_at: float
+    #: The node's own assignment before the rollout (None: it followed the fleet-wide key).
+    prior: Assignment | None = None
+
+
+class PendingEvent(msgspec.Struct, kw_only=True):
+    n: int
+    event: RolloutEvent
+
+
+class RolloutState(msgspec.Struct, kw_only=True):
+    """One fleet's rollout. Times are Unix seconds from the controller's clock."""
+
+    v: int = 1
+    id: str
+    fleet: str
+    model: str
+    version: int
+    #: The fleet-wide version when the rollout started (None: the fleet had none).
+    previous_version: int | None = None
+    config: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    status: Status = "running"
+    phase: Phase = "assigning"
+    stage: int = 0
+    created: float
+    stage_started: float
+    soak_started: float | None = None
+    nodes: dict[str, NodeEntry] = {}
+    #: Node -> why it counts as failed (rejected the bundle, rolled back on its own).
+    failures: dict[str, str] = {}
+    #: An operator's command not yet applied.
+    command: Command | None = None
+    reason: str = ""
+    #: Events numbered so far (the next one is ``events + 1``).
+    events: int = 0
+    pending: list[PendingEvent] = []
+    gates: dict[str, object] = {}
+    updated: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def percent(self) -> int:
+        return self.config.stages[self.stage]
+
+
+_decoder = msgspec.json.Decoder(RolloutState)
+_encoder = msgspec.json.Encoder()
+
+
+class RolloutStore:
+    """Rollout states in KV: read, create, compare-and-set, command. Translates NATS errors
+    into ``NatsUnavailable``/``RolloutError``."""
+
+    def __init__(self, js: JetStreamContext, *, url: str = "<nats>", timeout: float = 10.0) -> None:
+        self._js = js
+        self._url = url
+        self._timeout = timeout
+        self._kv: KeyValue | None = None
+
+    async def bucket(self) -> KeyValue:
+        """The bucket, created on first use if missing (safe from several processes)."""
+        if self._kv is not None:
+            return self._kv
+        try:
+            with anyio.fail_after(self._timeout):
+                try:
+                    self._kv = await self._js.key_value(ROLLOUTS_BUCKET)
+                except js_errors.BucketNotFoundError:
+                    try:
+                        self._kv = await self._js.create_key_value(
+                            js_api.KeyValueConfig(
+                                bucket=ROLLOUTS_BUCKET, history=10, storage=js_api.StorageType.FILE
+                            )
+                        )
+                        log.info("kv_created", bucket=ROLLOUTS_BUCKET)
+                    except js_errors.APIError as exc:
+                        if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                            raise
+                        self._kv = await self._js.key_value(ROLLOUTS_BUCKET)
+        except TimeoutError as exc:
+            raise NatsUnavailable(self._url, f"open KV {ROLLOUTS_BUCKET}: timed out") from exc
+        except (js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"open KV {ROLLOUTS_BUCKET}: {exc!r}") from exc
+        return self._kv
+
+    async def get(self, fleet: str) -> tuple[RolloutState, int] | None:
+        """The fleet's rollout and its revision, or None. A value that does not decode is
+        logged and treated as absent (it is overwritten by the next rollout)."""
+        kv = await self.bucket()
+        try:
+            with anyio.fail_after(self._timeout):
+                entry = await kv.get(validate_id(fleet, "fleet"))
+        except js_errors.NotFoundError:  # also KeyDeletedError
+            return None
+        except TimeoutError as exc:
+            raise NatsUnavailable(self._url, f"read rollout {fleet}: timed out") from exc
+        except (js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"read rollout {fleet}: {exc!r}") from exc
+        try:
+            return _decoder.decode(entry.value or b""), int(entry.revision or 0)
+        except msgspec.DecodeError as exc:
+            log.error("rollout_state_undecodable", fleet=fleet, error=str(exc))
+            return None
+
+    async def fleets(self) -> list[str]:
+        kv = await self.bucket()
+        try:
+            with anyio.fail_after(self._timeout):
+                keys = await kv.keys()
+        except js_errors.NoKeysError:
+            return []
+        except TimeoutError as exc:
+            raise NatsUnavailable(self._url, "list rollouts: timed out") from exc
+        except (js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"list rollouts: {exc!r}") from exc
+        return sorted(keys)
+
+    async def all(self) -> list[tuple[RolloutState, int]]:
+        found = []
+        for fleet in await self.fleets():
+            got = await self.get(fleet)
+            if got is not None:
+                found.append(got)
+        return found
+
+    async def put(self, state: RolloutState, revision: int | None) -> int:
+        """Write ``state`` if the key is still at ``revision`` (None: the key must not hold
+        an active rollout). Returns the new revision; ``RolloutConflict`` when refused."""
+        kv = await self.bucket()
+        data = _encoder.encode(state)
+        try:
+            with anyio.fail_after(self._timeout):
+                if revision is None:
+                    return int(await kv.create(state.fleet, data))
+                return int(await kv.update(state.fleet, data, last=revision))
+        except js_errors.KeyWrongLastSequenceError as exc:
+            raise RolloutConflict(state.fleet, "its state changed since it was read") from exc
+        except TimeoutError as exc:
+            raise NatsUnavailable(self._url, f"write rollout {state.fleet}: timed out") from exc
+        except (js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"write rollout {state.fleet}: {exc!r}") from exc
+
+    async def create(self, state: RolloutState) -> int:
+        """Store a new rollout; refused with ``RolloutError`` while the fleet has an active one.
+        A finished rollout is replaced (its events stay in the ``SLMOPS_ROLLOUT`` stream)."""
+        existing = await self.get(state.fleet)
+        if existing is None:
+            try:
+                return await self.put(state, None)
+            except RolloutConflict:
+                existing = await self.get(state.fleet)
+                if existing is None:
+                    raise
+        old, revision = existing
+        if old.active:
+            raise RolloutError(
+                state.fleet,
+                f"rollout {old.id} of version {old.version} is still {old.status}; "
+                "abort it first (slmops rollout abort)",
+            )
+        return await self.put(state, revision)
+
+    async def modify(self, fleet: str, change: Callable[[RolloutState], RolloutState]) -> RolloutState:
+        """Apply ``change`` to the current state with compare-and-set, retrying on conflict
+        (operators' commands). ``RolloutError`` if the fleet has no rollout."""
+        for _ in range(20):
+            got = await self.get(fleet)
+            if got is None:
+                raise RolloutError(fleet, "there is no rollout for this fleet")
+            state, revision = got
+            new = change(state)
+            try:
+                await self.put(new, revision)
+            except RolloutConflict:
+                await anyio.sleep(0.05)
+                continue
+            return new
+        raise RolloutConflict(fleet, "the state kept changing; try again")
+
+    async def command(self, fleet: str, command: Command) -> RolloutState:
+        """Record an operator's command for the controller's next step."""
+        if command not in ("pause", "resume", "abort"):
+            raise ValueError(f"command must be pause, resume or abort, got {command!r}")
+
+        def change(state: RolloutState) -> RolloutState:
+            if not state.active:
+                raise RolloutError(fleet, f"rollout {state.id} already ended ({state.status})")
+            return msgspec.structs.replace(state, command=command)
+
+        return await self.modify(fleet, change)

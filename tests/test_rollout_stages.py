@@ -1,0 +1,251 @@
+"""Staged rollouts on a real server with 20 simulated nodes: a good version goes through every
+stage, a bad one is caught at the first stage and rolled back, a restart mid-rollout resumes
+where it was, variants follow each node's device."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from _models import make_bundle
+from _nats import wait_until
+from _simfleet import Profile, SimFleet
+from cloud.registry import Registry
+from cloud.rollout import RolloutConfig, RolloutRunner, RolloutState, RolloutStore, start_rollout
+from shared import names
+from shared.bundle import TrustStore, write_bundle
+from shared.messages import Assignment, ModelRef, RolloutEvent, decode_json
+
+N_NODES = 20
+FAST = RolloutConfig(stages=[5, 25, 100], soak_s=0.3, min_samples=200, install_timeout_s=10)
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+async def _push(registry: Registry, tmp: Path, key: Ed25519PrivateKey, model: str, version: int) -> None:
+    """Push ``version`` as fp32 (needs 256 MB) and int8 (needs 0 MB)."""
+    trust = TrustStore([key.public_key()])
+    fp32 = make_bundle(tmp / f"{model}-{version}-fp32", key, version=version, name=model)
+    fp32 = write_bundle(
+        tmp / f"{model}-{version}-fp32b",
+        fp32.model_path.read_bytes(),
+        msgspec.structs.replace(fp32.manifest, min_memory_mb=256),
+        key,
+    )
+    await registry.push(fp32, trust)
+    int8 = make_bundle(tmp / f"{model}-{version}-int8", key, version=version, name=model, variant="int8")
+    await registry.push(int8, trust)
+
+
+@pytest.fixture
+async def setup(
+    nc: NATS, js: JetStreamContext, fleet: str, tmp_path: Path, key: Ed25519PrivateKey
+) -> AsyncIterator[tuple[Registry, RolloutStore, str]]:
+    registry = Registry(js)
+    model = f"clf_{fleet}"
+    for version in (1, 2, 3):
+        await _push(registry, tmp_path, key, model, version)
+    await registry.assign(fleet, 1, model=model)
+    return registry, RolloutStore(js), model
+
+
+async def _wait_state(store: RolloutStore, fleet: str, pred: object, timeout: float = 30) -> RolloutState:
+    found: list[RolloutState] = []
+
+    async def check() -> bool:
+        got = await store.get(fleet)
+        if got is not None and pred(got[0]):  # type: ignore[operator]
+            found.append(got[0])
+            return True
+        return False
+
+    await wait_until(check, timeout=timeout, interval=0.05, what="rollout state")
+    return found[-1]
+
+
+async def _events(js: JetStreamContext, fleet: str) -> list[RolloutEvent]:
+    subject = names.rollout_subject(fleet)
+    info = await js.stream_info(names.ROLLOUT_STREAM, subjects_filter=subject)
+    total = (info.state.subjects or {}).get(subject, 0)
+    out: list[RolloutEvent] = []
+    if not total:
+        return out
+    sub = await js.subscribe(
+        subject,
+        ordered_consumer=True,
+        config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
+    )
+    try:
+        with anyio.fail_after(10):
+            async for msg in sub.messages:
+                out.append(decode_json(msg.data, RolloutEvent))
+                if len(out) >= total:
+                    break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+@pytest.mark.anyio
+async def test_good_version_goes_through_every_stage_with_variants_per_device(
+    nc: NATS, js: JetStreamContext, fleet: str, setup: tuple[Registry, RolloutStore, str]
+) -> None:
+    registry, store, model = setup
+    sim = SimFleet(nc, js, fleet, n=N_NODES, model=model, profiles={}, start=ModelRef(name=model, version=1))
+    runner = RolloutRunner(js, interval=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sim.run)
+        await tg.start(runner.run)
+        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+        await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=FAST)
+        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        await wait_until(lambda: sim.running(2) == set(sim.nodes), timeout=10, what="all nodes on v2")
+        tg.cancel_scope.cancel()
+    assert final.status == "completed", final.reason
+    # Each device got its variant: small ones int8, big ones fp32, at every stage.
+    for node in sim.nodes.values():
+        assert node.model is not None
+        assert node.model.variant == ("int8" if node.memory_mb < 256 else "fp32"), node
+    kinds = [(e.state, e.stage) for e in await _events(js, fleet)]
+    assert kinds == [
+        ("started", 0),
+        ("stage_started", 0),
+        ("stage_passed", 0),
+        ("stage_started", 1),
+        ("stage_passed", 1),
+        ("stage_started", 2),
+        ("stage_passed", 2),
+        ("completed", 2),
+    ]
+    assert len(final.nodes) == N_NODES
+    assert sum(1 for e in final.nodes.values() if e.stage == 0) == 1  # 5% of 20
+    assert sum(1 for e in final.nodes.values() if e.stage <= 1) == 5  # 25% of 20
+    # The fleet-wide key names v2 and no node is left pinned.
+    kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+    fleet_wide = decode_json((await kv.get(names.assignment_key(fleet))).value or b"", Assignment)
+    assert (fleet_wide.model, fleet_wide.version) == (model, 2)
+    assert sim.fleet_wide is not None
+    assert all(n.own is None for n in sim.nodes.values())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("bad", "gate"),
+    [
+        (Profile(mix={"alpha": 1.0}), "drift"),
+        (Profile(latency_ms=15.0), "latency_p95"),
+        (Profile(error_rate=0.2), "error_rate"),
+        (Profile(reject=True), "install"),
+    ],
+    ids=["one_class", "ten_times_slower", "errors", "smoke_test_fails"],
+)
+async def test_bad_version_is_caught_at_the_first_stage_and_rolled_back(
+    nc: NATS,
+    js: JetStreamContext,
+    fleet: str,
+    setup: tuple[Registry, RolloutStore, str],
+    bad: Profile,
+    gate: str,
+) -> None:
+    registry, store, model = setup
+    sim = SimFleet(
+        nc, js, fleet, n=N_NODES, model=model, profiles={3: bad}, start=ModelRef(name=model, version=1)
+    )
+    runner = RolloutRunner(js, interval=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sim.run)
+        await tg.start(runner.run)
+        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+        await start_rollout(js, registry, store, fleet=fleet, version=3, model=model, config=FAST)
+        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        await wait_until(lambda: not sim.running(3), timeout=10, what="nobody on v3")
+        tg.cancel_scope.cancel()
+    assert final.status == "rolled_back"
+    assert final.stage == 0
+    assert final.gates[gate]["outcome"] == "fail", final.gates  # type: ignore[index]
+    never = N_NODES - len(sim.ran(3))
+    assert never / N_NODES >= 0.95, sim.ran(3)
+    assert sim.running(1) == set(sim.nodes)
+    kinds = [e.state for e in await _events(js, fleet)]
+    assert kinds[:2] == ["started", "stage_started"]
+    assert kinds[-2:] == ["gate_failed", "rolled_back"]
+    assert "stage_passed" not in kinds
+    # Restored exactly: no node keeps a key of its own, the fleet still says v1.
+    assert all(n.own is None for n in sim.nodes.values())
+    assert sim.fleet_wide is not None
+    assert sim.fleet_wide.version == 1
+
+
+@pytest.mark.anyio
+async def test_restart_mid_rollout_resumes_where_it_was_without_duplicate_events(
+    nc: NATS, js: JetStreamContext, fleet: str, setup: tuple[Registry, RolloutStore, str]
+) -> None:
+    registry, store, model = setup
+    sim = SimFleet(nc, js, fleet, n=N_NODES, model=model, profiles={}, start=ModelRef(name=model, version=1))
+    config = msgspec.structs.replace(FAST, soak_s=1.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sim.run)
+        first = RolloutRunner(js, interval=0.05)
+        async with anyio.create_task_group() as inner:
+            await inner.start(first.run)
+            await wait_until(lambda: len(first.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+            await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
+            mid = await _wait_state(store, fleet, lambda s: s.stage == 1 and s.phase == "soaking")
+            inner.cancel_scope.cancel()  # the cloud dies mid-stage
+        assert mid.status == "running"
+        second = RolloutRunner(js, interval=0.05)
+        await tg.start(second.run)
+        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        tg.cancel_scope.cancel()
+    assert final.status == "completed", final.reason
+    assert final.id == mid.id
+    # Stage 1's nodes were not assigned afresh: the resumed state kept them.
+    assert {n for n, e in final.nodes.items() if e.stage <= 1} == {n for n, e in mid.nodes.items()}
+    kinds = [(e.state, e.stage) for e in await _events(js, fleet)]
+    assert len(kinds) == len(set(kinds)), kinds
+    assert kinds[-1] == ("completed", 2)
+    assert sim.running(2) == set(sim.nodes)
+
+
+@pytest.mark.anyio
+async def test_pause_holds_the_rollout_resume_continues_abort_restores(
+    nc: NATS, js: JetStreamContext, fleet: str, setup: tuple[Registry, RolloutStore, str]
+) -> None:
+    registry, store, model = setup
+    sim = SimFleet(nc, js, fleet, n=N_NODES, model=model, profiles={}, start=ModelRef(name=model, version=1))
+    runner = RolloutRunner(js, interval=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sim.run)
+        await tg.start(runner.run)
+        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+        await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=FAST)
+        await store.command(fleet, "pause")
+        paused = await _wait_state(store, fleet, lambda s: s.status == "paused")
+        # Held: well past the soak, it does not leave its stage.
+        await anyio.sleep(FAST.soak_s * 4)
+        got = await store.get(fleet)
+        assert got is not None
+        assert got[0].stage == paused.stage
+        assert got[0].status == "paused"
+        await store.command(fleet, "resume")
+        await _wait_state(store, fleet, lambda s: s.stage >= 1 and s.status == "running")
+        await store.command(fleet, "abort")
+        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        await wait_until(lambda: sim.running(1) == set(sim.nodes), timeout=10, what="all back on v1")
+        tg.cancel_scope.cancel()
+    assert final.status == "aborted"
+    kinds = [e.state for e in await _events(js, fleet)]
+    assert "paused" in kinds
+    assert "resumed" in kinds
+    assert kinds[-1] == "aborted"
