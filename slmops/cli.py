@@ -100,5 +100,9 @@ from slmops.cli_demo import demo as _demo  # noqa: E402
 
 main.add_command(_demo)
 
+from slmops.cli_rollout import rollout as _rollout  # noqa: E402
+
+main.add_command(_rollout)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,265 @@
+"""``slmops rollout ...``: start, watch and steer staged rollouts. Parsing only; the work is in
+``cloud.rollout`` (state in KV ``slmops_rollouts``, driven by the rollout controller that runs in
+the cloud service or in ``slmops rollout run``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+import click
+import msgspec
+from nats.js import JetStreamContext
+
+from shared.config import parse_duration
+from shared.errors import SlmopsError
+
+if TYPE_CHECKING:
+    from cloud.rollout import RolloutState
+
+__all__ = ["parse_percent", "parse_stages", "rollout"]
+
+T = TypeVar("T")
+
+_nats = click.option(
+    "--nats",
+    "nats_url",
+    envvar="SLMOPS_NATS_URL",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="NATS server URL. Env: SLMOPS_NATS_URL.",
+)
+_fleet = click.option("--fleet", required=True, help="Fleet id.")
+
+
+def parse_stages(value: str) -> list[int]:
+    """``"5,25,100"`` → ``[5, 25, 100]`` (validated by ``RolloutConfig``)."""
+    try:
+        return [int(p.strip().rstrip("%")) for p in value.split(",") if p.strip()]
+    except ValueError as exc:
+        raise ValueError(f"stages {value!r} is not valid: use percentages like 5,25,100") from exc
+
+
+def parse_percent(value: str) -> float:
+    """``"2%"`` → 0.02; a bare number ≤ 1 is a fraction, above 1 a percentage."""
+    text = value.strip()
+    try:
+        number = float(text.rstrip("%"))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a percentage: use e.g. 2% or 0.02") from exc
+    fraction = number / 100 if text.endswith("%") or number > 1 else number
+    if not 0 <= fraction < 1:
+        raise ValueError(f"{value!r} must be between 0% and 100%")
+    return fraction
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return anyio.run(fn)
+    except (SlmopsError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@asynccontextmanager
+async def _jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+    from shared.connect import connect_once
+    from shared.provision import ensure_resources
+
+    nc = await connect_once(url, timeout=5.0, name="slmops-rollout")
+    try:
+        js = nc.jetstream()
+        await ensure_resources(js)
+        yield js
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await nc.drain()
+
+
+@click.group()
+def rollout() -> None:
+    """Staged rollouts of a model version to a fleet, with quality gates and automatic rollback.
+
+    Nodes are split into cohorts by a stable hash of their id. Each stage assigns the version
+    to its cohort (variant per device), waits for the installs, soaks, and judges canary
+    against control: install/smoke-test failures, latency p95, error rate, confidence and
+    class-mix drift, each with a minimum sample count. A failing gate returns the stage's
+    nodes to the previous version; the last stage makes the version fleet-wide. Events go to
+    slmops.rollout.<fleet>. The controller runs in the cloud service or `slmops rollout run`.
+    """
+
+
+@rollout.command()
+@_nats
+@_fleet
+@click.option("--version", "version", required=True, type=click.IntRange(min=1), help="Version to roll out.")
+@click.option("--model", default=None, help="Model name (default: the fleet's current model).")
+@click.option(
+    "--stages", default="5,25,100", show_default=True, help="Cumulative percentages, ending at 100."
+)
+@click.option(
+    "--soak", default="2m", show_default=True, help="Soak time per stage after installs (500ms, 2m...)."
+)
+@click.option(
+    "--max-failures",
+    default="2%",
+    show_default=True,
+    help="Share of a stage's nodes that may fail to install or roll back on their own.",
+)
+@click.option(
+    "--min-samples",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Inferences the canary needs before the gates judge.",
+)
+@click.option(
+    "--install-timeout",
+    default="5m",
+    show_default=True,
+    help="How long a stage waits for its nodes to install.",
+)
+def start(
+    nats_url: str,
+    fleet: str,
+    version: int,
+    model: str | None,
+    stages: str,
+    soak: str,
+    max_failures: str,
+    min_samples: int,
+    install_timeout: str,
+) -> None:
+    """Start rolling out --version to --fleet (refused while another rollout is active)."""
+    from cloud.registry import Registry
+    from cloud.rollout import RolloutConfig, RolloutStore, start_rollout
+
+    try:
+        config = RolloutConfig(
+            stages=parse_stages(stages),
+            soak_s=parse_duration(soak),
+            max_failures=parse_percent(max_failures),
+            min_samples=min_samples,
+            install_timeout_s=parse_duration(install_timeout),
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+    async def go() -> None:
+        async with _jetstream(nats_url) as js:
+            state = await start_rollout(
+                js, Registry(js, url=nats_url), RolloutStore(js, url=nats_url),
+                fleet=fleet, version=version, model=model, config=config,
+            )  # fmt: skip
+            click.echo(
+                f"rollout {state.id}: {state.model} v{state.version} "
+                f"(from v{state.previous_version}) stages {config.stages}, soak {config.soak_s:g}s"
+            )
+
+    _run(go)
+
+
+@rollout.command()
+@_nats
+@click.option("--fleet", default=None, help="Only this fleet (default: every fleet with a rollout).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full states as JSON (one array).")
+def status(nats_url: str, fleet: str | None, as_json: bool) -> None:
+    """Show rollouts: stage, phase, nodes, failures and the last gate results."""
+    from cloud.rollout import RolloutStore
+
+    async def go() -> list[RolloutState]:
+        async with _jetstream(nats_url) as js:
+            store = RolloutStore(js, url=nats_url)
+            if fleet is not None:
+                got = await store.get(fleet)
+                return [] if got is None else [got[0]]
+            return [s for s, _ in await store.all()]
+
+    states = _run(go)
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(states), indent=2))
+        return
+    if not states:
+        click.echo("no rollouts")
+        return
+    for s in states:
+        _print_state(s)
+
+
+def _print_state(s: RolloutState) -> None:
+    updated = datetime.fromtimestamp(s.updated, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    click.echo(f"{s.fleet}  {s.id}")
+    click.echo(
+        f"  {s.model} v{s.previous_version} → v{s.version}   {s.status}/{s.phase}   updated {updated}Z"
+    )
+    click.echo(f"  stage {s.stage + 1}/{len(s.config.stages)} ({s.percent}%), {len(s.nodes)} nodes assigned")
+    for node, why in sorted(s.failures.items()):
+        click.echo(f"  failed {node}: {why}")
+    for name, g in s.gates.items():
+        if isinstance(g, dict):
+            click.echo(
+                f"  gate {name:<12} {g.get('outcome')}  canary {g.get('canary')}  "
+                f"control {g.get('control')}  limit {g.get('limit')}"
+            )
+    if s.reason:
+        click.echo(f"  reason: {s.reason}")
+
+
+def _command(name: str, doc: str) -> click.Command:
+    @click.command(name=name, help=doc)
+    @_nats
+    @_fleet
+    def cmd(nats_url: str, fleet: str) -> None:
+        from cloud.rollout import RolloutStore
+
+        async def go() -> None:
+            async with _jetstream(nats_url) as js:
+                state = await RolloutStore(js, url=nats_url).command(fleet, name)  # type: ignore[arg-type]
+                click.echo(
+                    f"{name} recorded for rollout {state.id}; the controller applies it at its next step"
+                )
+
+        _run(go)
+
+    return cmd
+
+
+rollout.add_command(_command("pause", "Hold the rollout at its stage (gates still roll back a bad canary)."))
+rollout.add_command(_command("resume", "Let a paused rollout continue (restarts a sample wait)."))
+rollout.add_command(
+    _command("abort", "Stop the rollout and return every node it moved to what it ran before.")
+)
+
+
+@rollout.command()
+@_nats
+@click.option("--interval", default="1s", show_default=True, help="Time between controller steps.")
+def run(nats_url: str, interval: str) -> None:
+    """Run the rollout controller in the foreground until Ctrl-C or SIGTERM.
+
+    Only needed when the cloud service does not run it. Safe to run twice: state writes are
+    compare-and-set, so two controllers never both drive one rollout.
+    """
+    from cloud.rollout import RolloutRunner
+
+    try:
+        seconds = parse_duration(interval)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+    async def go() -> None:
+        async with _jetstream(nats_url) as js:
+            runner = RolloutRunner(js, url=nats_url, interval=max(seconds, 0.01))
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(runner.run)
+                    click.echo("rollout controller running; Ctrl-C stops it", err=True)
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        break
+
+    _run(go)

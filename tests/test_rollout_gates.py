@@ -1,0 +1,133 @@
+"""Cohorts and gates as plain functions: stable, growing cohorts; each gate judges only with
+enough samples and fails on what it watches; config validation names the bad value."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from _models import EDGES
+from cloud.rollout import Metrics, RolloutConfig, cohort, evaluate, hash_point, total_variation
+from cloud.rollout.gates import install_gate, verdict
+from shared.histogram import Histogram
+from shared.messages import ModelRef, Privacy, ReferenceProfile, TelemetryAggregate
+
+NODES = [f"node{i}" for i in range(200)]
+
+
+def test_cohort_is_stable_grows_and_has_the_asked_size() -> None:
+    assert hash_point("f", "a") == hash_point("f", "a")
+    assert 0 <= hash_point("f", "a") < 100
+    c5 = cohort("f", NODES, 5)
+    assert len(c5) == 10
+    assert c5 == cohort("f", list(reversed(NODES)), 5)  # order of discovery does not matter
+    c25 = cohort("f", NODES, 25, already=c5)
+    assert c5 < c25
+    assert len(c25) == 50
+    assert cohort("f", NODES, 100) == set(NODES)
+    assert len(cohort("f", NODES[:3], 5)) == 1  # at least one node
+    assert cohort("other", NODES, 5) != c5  # fleets are hashed apart
+    with pytest.raises(ValueError, match="percent"):
+        cohort("f", NODES, 0)
+
+
+def _agg(node: str, seq: int, *, n: int = 100, lat: float = 1.5, errors: int = 0,
+         mix: dict[str, float] | None = None, conf: float = 0.85) -> TelemetryAggregate:  # fmt: skip
+    mix = mix or {"alpha": 0.4, "beta": 0.35, "gamma": 0.25}
+    now = datetime.now(UTC)
+    return TelemetryAggregate(
+        fleet="f",
+        node=node,
+        model=ModelRef(name="m", version=1),
+        seq=seq,
+        window_start=now,
+        window_end=now,
+        count=n,
+        errors=errors,
+        class_counts={k: round(v * n) for k, v in mix.items()},
+        confidence=Histogram.of(EDGES.confidence, [conf] * n),
+        input_length=Histogram.of(EDGES.input_length, [5] * n),
+        latency_ms=Histogram.of(EDGES.latency_ms, [lat] * n),
+        privacy=Privacy(k=1),
+    )
+
+
+def _metrics(*aggs: TelemetryAggregate) -> Metrics:
+    m = Metrics()
+    for a in aggs:
+        m.add(a)
+    return m
+
+
+CFG = RolloutConfig(min_samples=200)
+
+
+def test_metrics_count_each_window_once() -> None:
+    m = _metrics(_agg("a", 1), _agg("a", 1), _agg("a", 2))
+    assert m.count == 200
+
+
+def test_gates_wait_until_the_canary_has_enough_samples() -> None:
+    results = evaluate(CFG, _metrics(_agg("a", 1)), [_metrics(_agg("b", 1), _agg("b", 2))],
+                       canary_ref=None, control_ref=None)  # fmt: skip
+    assert verdict(results) == "waiting"
+
+
+@pytest.mark.parametrize(
+    ("canary", "gate"),
+    [
+        ({"lat": 15.0}, "latency_p95"),
+        ({"errors": 10}, "error_rate"),
+        ({"mix": {"alpha": 1.0}}, "drift"),
+        ({"conf": 0.55}, "confidence"),
+    ],
+)
+def test_each_gate_fails_on_what_it_watches(canary: dict[str, object], gate: str) -> None:
+    control = _metrics(*(_agg("b", i) for i in range(1, 4)))
+    good = evaluate(CFG, _metrics(_agg("a", 1), _agg("a", 2)), [control], canary_ref=None, control_ref=None)
+    assert verdict(good) == "pass"
+    bad = _metrics(_agg("a", 1, **canary), _agg("a", 2, **canary))  # type: ignore[arg-type]
+    results = {r.name: r.outcome for r in evaluate(CFG, bad, [control], canary_ref=None, control_ref=None)}
+    assert results[gate] == "fail", results
+    assert [k for k, v in results.items() if v == "fail"] == [gate]
+
+
+def test_drift_is_judged_against_each_versions_own_reference() -> None:
+    """A recalibrated version predicts a new class mix on purpose: compared with its own
+    reference (which holds the new priors) it passes; a version stuck on one class fails."""
+    hist = Histogram.of(EDGES.confidence, [0.85] * 10)
+    ref_old = ReferenceProfile(count=100, class_counts={"alpha": 40, "beta": 35, "gamma": 25},
+                               confidence=hist, input_length=hist)  # fmt: skip
+    ref_new = ReferenceProfile(count=100, class_counts={"alpha": 80, "beta": 10, "gamma": 10},
+                               confidence=hist, input_length=hist)  # fmt: skip
+    control = _metrics(*(_agg("b", i) for i in range(1, 4)))
+    shifted = {"alpha": 0.8, "beta": 0.1, "gamma": 0.1}
+    recal = _metrics(_agg("a", 1, mix=shifted), _agg("a", 2, mix=shifted))
+    out = {r.name: r for r in evaluate(CFG, recal, [control], canary_ref=ref_new, control_ref=ref_old)}
+    assert out["drift"].outcome == "pass"
+    stuck = _metrics(_agg("a", 1, mix={"beta": 1.0}), _agg("a", 2, mix={"beta": 1.0}))
+    out = {r.name: r for r in evaluate(CFG, stuck, [control], canary_ref=ref_new, control_ref=ref_old)}
+    assert out["drift"].outcome == "fail"
+    assert total_variation({"a": 1}, {"a": 0.5, "b": 0.5}) == pytest.approx(0.5)
+
+
+def test_install_gate_counts_failed_nodes_against_the_limit() -> None:
+    cfg = RolloutConfig(max_failures=0.1)
+    assert install_gate(cfg, 20, 2).outcome == "pass"
+    assert install_gate(cfg, 20, 3).outcome == "fail"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stages": [5, 25]}, "last stage must be 100"),
+        ({"stages": [25, 5, 100]}, "increase strictly"),
+        ({"max_failures": 1.5}, "max_failures"),
+        ({"min_samples": 0}, "min_samples"),
+        ({"max_latency_ratio": 0}, "max_latency_ratio"),
+    ],
+)
+def test_config_refuses_bad_values_naming_them(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RolloutConfig(**kwargs)  # type: ignore[arg-type]
