@@ -105,6 +105,9 @@ class _Server:
         worker thread from async code)."""
         ports = self.run_dir / "ports"
         ports.mkdir(parents=True, exist_ok=True)
+        for stale in ports.glob("*.ports"):  # from a previous run of this server
+            stale.unlink()
+        self.url = ""
         with (self.run_dir / "server.log").open("wb") as log:
             argv = [str(find_nats_server()), "-c", str(self.conf), "--ports_file_dir", str(ports)]
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -165,7 +168,7 @@ class _Client:
 
 
 @asynccontextmanager
-async def _connect(url: str, node: str | None = None) -> AsyncIterator[tuple[NATS, _Client]]:
+async def _connect(url: str | list[str], node: str | None = None) -> AsyncIterator[tuple[NATS, _Client]]:
     client = _Client()
     nc = NATS()
     try:
@@ -226,12 +229,12 @@ def test_nats_config_passes_the_servers_config_test(conf: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("conf", "indent"), [("single.conf", 6), ("accounts.conf", 6), ("leaf/site.conf", 6)]
+    ("conf", "hub_domain"), [("single.conf", None), ("accounts.conf", None), ("leaf/site.conf", "hub")]
 )
-def test_node_user_in_configs_is_what_the_generator_prints(conf: str, indent: int) -> None:
+def test_node_user_in_configs_is_what_the_generator_prints(conf: str, hub_domain: str | None) -> None:
     """The example node user in each config is exactly the generator's block, so the rights
     tested on single.conf are the rights every layout ships."""
-    block = gen.node_block(FLEET, NODE, NODE_PW, indent)
+    block = gen.node_block(FLEET, NODE, NODE_PW, 6, hub_domain)
     assert block in (NATS_DIR / conf).read_text()
 
 
@@ -367,8 +370,9 @@ async def test_single_node_downloads_a_model_bundle_object(single: _Server) -> N
         with anyio.fail_after(30):
             await store.get(name, writeinto=out)
         assert hashlib.sha256(out.getvalue()).digest() == hashlib.sha256(blob).digest()
+        denied = await nc.jetstream(timeout=1).object_store(names.MODELS_BUCKET)
         with pytest.raises(nats.errors.TimeoutError):
-            await store.put("evil/1/fp32", b"x")
+            await denied.put("evil/1/fp32", b"x")
         await client.wait_error("permissions violation for publish to \"$o.slmops_models")
         assert not any("$js.fc" in e for e in client.errors)
 
@@ -419,3 +423,119 @@ async def test_single_cloud_ingests_with_a_durable_pull_consumer_and_acks(single
         ack = await js.publish(names.drift_subject(FLEET), b"{}", timeout=5)
         assert ack.stream == names.DRIFT_STREAM
         assert client.errors == []
+
+
+# -- the 3-node cluster ---------------------------------------------------------------------------
+
+
+async def _publish_until_acked(url: str | list[str], subject: str, msg_id: str, timeout: float = 30.0) -> Any:
+    """Publish (same Nats-Msg-Id each try, as the edge outbox does) until a PubAck comes:
+    right after a start or a server loss JetStream answers 503 until leaders are elected."""
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                async with _connect(url, node=NODE) as (nc, _):
+                    return await nc.jetstream().publish(
+                        subject, b"aggregate", headers={"Nats-Msg-Id": msg_id}, timeout=2
+                    )
+            except (nats.errors.Error, OSError):
+                await anyio.sleep(0.2)
+
+
+@pytest.mark.anyio
+async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_stops(tmp_path: Path) -> None:
+    """cluster/n1..n3.conf form one JetStream cluster; resources provisioned with replicas=3
+    take node publishes, and keep taking them (with the data) after one server stops."""
+    (tmp_path / "accounts.conf").write_text((NATS_DIR / "accounts.conf").read_text())
+    route_ports = {n: free_port() for n in (1, 2, 3)}
+    pairs = []
+    for n in (1, 2, 3):
+        rewrites = _local(tmp_path / f"js{n}")
+        rewrites["listen: 0.0.0.0:6222"] = f"listen: 127.0.0.1:{route_ports[n]}"
+        for m in (1, 2, 3):
+            rewrites[f"@n{m}:6222"] = f"@127.0.0.1:{route_ports[m]}"
+        conf = _copy_conf(NATS_DIR / "cluster" / f"n{n}.conf", tmp_path / "cluster" / f"n{n}.conf", rewrites)
+        pairs.append((conf, tmp_path / f"run{n}"))
+    async with _servers(*pairs) as servers:
+        await _provision(servers[0].creds("cloud", CLOUD_PW), replicas=3)
+        # nats-py takes several servers as a list (a comma-separated string is refused).
+        node_url = [s.creds(f"node-{NODE}", NODE_PW) for s in servers]
+        subject = names.telemetry_subject(FLEET, NODE)
+        ack = await _publish_until_acked(node_url, subject, names.msg_id(NODE, 1))
+        assert ack.stream == names.TELEMETRY_STREAM
+        async with _connect(servers[1].creds("cloud", CLOUD_PW)) as (nc, _):
+            info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
+            assert info.config.num_replicas == 3
+            assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+
+        await anyio.to_thread.run_sync(servers[0].stop)
+        survivors = [s.creds(f"node-{NODE}", NODE_PW) for s in servers[1:]]
+        ack = await _publish_until_acked(survivors, subject, names.msg_id(NODE, 2))
+        assert ack.seq == 2 and not ack.duplicate
+        async with _connect(servers[2].creds("cloud", CLOUD_PW)) as (nc, _):
+            info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
+            assert info.state.messages == 2
+
+
+# -- hub and site leaf node -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_path: Path) -> None:
+    """A device logged in at the site (no JetStream there) gets PubAcks, KV reads and watches
+    and a model download from the hub's JetStream, with slmops' plain (domain-less) JetStream
+    API; its permissions are enforced at the site; with the hub down its publish
+    is not acked (the edge keeps it in its outbox), and the retry with the same Nats-Msg-Id
+    is stored once the hub is back."""
+    (tmp_path / "accounts.conf").write_text((NATS_DIR / "accounts.conf").read_text())
+    leaf_port = free_port()
+    hub_rewrites = _local(tmp_path / "js")
+    hub_rewrites["listen: 0.0.0.0:7422"] = f"listen: 127.0.0.1:{leaf_port}"
+    hub_conf = _copy_conf(NATS_DIR / "leaf" / "hub.conf", tmp_path / "leaf" / "hub.conf", hub_rewrites)
+    site_rewrites = _local(None)
+    site_rewrites["@hub.example.com:7422"] = f"@127.0.0.1:{leaf_port}"
+    site_conf = _copy_conf(NATS_DIR / "leaf" / "site.conf", tmp_path / "leaf" / "site.conf", site_rewrites)
+    assert "jetstream {" not in site_conf.read_text().replace("# jetstream {", "")
+
+    async with _servers((hub_conf, tmp_path / "hub"), (site_conf, tmp_path / "site")) as (hub, site):
+        await _provision(hub.creds("cloud", CLOUD_PW))
+        async with _connect(hub.creds("cloud", CLOUD_PW)) as (nc, _):
+            kv = await nc.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+            await kv.put(names.assignment_key(FLEET, NODE), b"own-v1")
+            blob, name = os.urandom(BIG_OBJECT), names.model_object_name("kw", 1, "fp32")
+            await (await nc.jetstream().object_store(names.MODELS_BUCKET)).put(name, blob)
+
+        at_site = site.creds(f"node-{NODE}", NODE_PW)
+        subject = names.telemetry_subject(FLEET, NODE)
+        ack = await _publish_until_acked(at_site, subject, names.msg_id(NODE, 1))  # leaf link up
+        assert ack.stream == names.TELEMETRY_STREAM and ack.seq == 1
+        async with _connect(at_site, node=NODE) as (nc, client):
+            js = nc.jetstream(timeout=2)
+            kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+            assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
+            watcher = await kv.watch(names.assignment_key(FLEET, NODE))
+            try:
+                entry = await watcher.updates(timeout=5)
+                assert entry is not None and entry.value == b"own-v1"
+            finally:
+                await watcher.stop()
+            store = await js.object_store(names.MODELS_BUCKET)
+            out = io.BytesIO()
+            with anyio.fail_after(30):
+                await store.get(name, writeinto=out)
+            assert out.getvalue() == blob
+            await _assert_denied_publish(js, client, names.telemetry_subject(FLEET, OTHER))
+            assert not any("$js.fc" in e or "$js.api" in e or "$js.hub" in e for e in client.errors)
+
+        await anyio.to_thread.run_sync(hub.stop)
+        async with _connect(at_site, node=NODE) as (nc, _):
+            with pytest.raises(nats.errors.Error):  # no responders or timeout: nothing acked
+                await nc.jetstream().publish(
+                    subject, b"aggregate", headers={"Nats-Msg-Id": names.msg_id(NODE, 2)}, timeout=2
+                )
+        await anyio.to_thread.run_sync(hub.start)
+        ack = await _publish_until_acked(at_site, subject, names.msg_id(NODE, 2))
+        assert ack.seq == 2
+        async with _connect(hub.creds("cloud", CLOUD_PW)) as (nc, _):
+            info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
+            assert info.state.messages == 2

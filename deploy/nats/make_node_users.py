@@ -5,7 +5,8 @@
         --env-dir ./node-env --url nats://nats.example.com:4222 till-001 till-002
 
 prints one ``{ user: node-<node> ... }`` block per node, to paste into the ``users: [...]`` list
-of the SLMOPS account (deploy/nats/single.conf, cluster/*.conf or leaf/site.conf), and with
+of the SLMOPS account (deploy/nats/single.conf or accounts.conf; for leaf/site.conf add
+``--hub-domain hub``), and with
 ``--env-dir`` writes ``<dir>/<node>.env`` (mode 0600) holding SLMOPS_NATS_URL with that node's
 credentials, SLMOPS_EDGE_FLEET and SLMOPS_EDGE_NODE: copy it to /etc/slmops/edge.env on the
 device. Passwords are random (32 URL-safe characters, so they need no escaping in a URL).
@@ -76,11 +77,24 @@ _BLOCK = """\
 }}"""
 
 
-def node_block(fleet: str, node: str, password: str, indent: int = 0) -> str:
-    """The nats-server config block of one node user, indented by ``indent`` spaces."""
+def node_block(fleet: str, node: str, password: str, indent: int = 0, hub_domain: str | None = None) -> str:
+    """The nats-server config block of one node user, indented by ``indent`` spaces.
+
+    ``hub_domain`` is for a site leaf server (leaf/site.conf) that maps ``$JS.API.>`` to the
+    hub's ``$JS.<domain>.API.>``: the server checks a publish against both the subject the
+    client sent and the mapped one, so every ``$JS.API`` right is granted under both names.
+    """
     text = _BLOCK.format(fleet=_check_id(fleet, "fleet"), node=_check_id(node, "node"), password=password)
+    lines = text.splitlines()
+    if hub_domain is not None:
+        prefix = f'"$JS.{_check_id(hub_domain, "hub domain")}.API.'
+        lines = [
+            twin
+            for line in lines
+            for twin in ([line, line.replace('"$JS.API.', prefix)] if '"$JS.API.' in line else [line])
+        ]
     pad = " " * indent
-    return "\n".join(pad + line if line else line for line in text.splitlines())
+    return "\n".join(pad + line if line else line for line in lines)
 
 
 def bcrypt_hash(password: str) -> str:
@@ -145,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="nats://127.0.0.1:4222",
         help="server URL(s), comma-separated, written into the env files (default: %(default)s)",
     )
+    parser.add_argument(
+        "--hub-domain",
+        help="for leaf/site.conf: the hub's JetStream domain the site maps $JS.API.> to (e.g. hub)",
+    )
     parser.add_argument("--indent", type=int, default=6, help="indent of the printed blocks (default 6)")
     args = parser.parse_args(argv)
     if args.bcrypt and args.env_dir is None:
@@ -158,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for node in nodes:
             password = secrets.token_urlsafe(24)
             stored = bcrypt_hash(password) if args.bcrypt else password
-            blocks.append(node_block(fleet, node, stored, args.indent))
+            blocks.append(node_block(fleet, node, stored, args.indent, args.hub_domain))
             if args.env_dir is not None:
                 args.env_dir.mkdir(parents=True, exist_ok=True)
                 path = args.env_dir / f"{node}.env"
