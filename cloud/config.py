@@ -1,0 +1,87 @@
+"""The cloud service's configuration (``CloudConfig``); unknown keys are errors."""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared.config import Config
+from shared.names import validate_id
+
+__all__ = ["CloudConfig", "DriftConfig"]
+
+
+class DriftConfig(Config, kw_only=True):
+    """Drift-detection knobs (DESIGN §7). Defaults are what ``slmops bench drift`` measured."""
+
+    #: Target false drift events per node-window on stationary traffic (1 per 10,000).
+    target_false_rate: float = 1e-4
+    #: A node's counts are tested only once at least this many inferences accumulated; a
+    #: smaller window is carried into the node's next one (never tested alone).
+    min_count: int = 100
+    #: Minimum effect (total-variation distance to the reference) for an event to open.
+    min_effect: float = 0.02
+    #: CUSUM allowance subtracted from every per-window z-score.
+    cusum_allowance: float = 0.5
+    #: Consecutive quiet windows before an open event resolves (hysteresis).
+    resolve_windows: int = 3
+    #: A window is "quiet" below this z-score (one-sided 5%).
+    quiet_z: float = 1.645
+    #: Rounds of fleet traffic used as reference when the manifest has none for a signal.
+    warmup_rounds: int = 5
+    #: Simulated windows per calibration (per signal, window-size bucket and noise level).
+    calibration_windows: int = 200_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_false_rate < 1:
+            raise ValueError(f"target_false_rate must be in (0, 1), got {self.target_false_rate!r}")
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count!r}")
+        if not 0 <= self.min_effect < 1:
+            raise ValueError(f"min_effect must be in [0, 1), got {self.min_effect!r}")
+        if self.resolve_windows < 1 or self.warmup_rounds < 1:
+            raise ValueError(
+                f"resolve_windows and warmup_rounds must be >= 1, got "
+                f"{self.resolve_windows!r}, {self.warmup_rounds!r}"
+            )
+        if self.calibration_windows < 10_000:
+            raise ValueError(f"calibration_windows must be >= 10000, got {self.calibration_windows!r}")
+
+
+class CloudConfig(Config, kw_only=True):
+    """What ``CloudService`` needs. ``fleets`` empty means every fleet."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    state_dir: str = "./slmops-cloud"
+    fleets: list[str] = msgspec.field(default_factory=list)
+    #: Messages per pull (one SQLite transaction, one round of acks per batch).
+    batch_size: int = 256
+    #: How long one fetch waits for messages before the loop looks around again.
+    fetch_timeout: float = 1.0
+    #: Seconds a message may stay unacked before JetStream redelivers it.
+    ack_wait: float = 30.0
+    #: Single-active lease time-to-live; renewed every third of it.
+    lease_ttl: float = 10.0
+    #: How often dirty node states are written to the ``slmops_fleet`` KV bucket.
+    snapshot_interval: float = 1.0
+    #: Out-of-order seqs kept per node above the contiguous mark before the oldest gap is
+    #: declared lost (bounds memory when a node never resends a seq).
+    max_pending_seqs: int = 4096
+    drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
+
+    def __post_init__(self) -> None:
+        for fleet in self.fleets:
+            validate_id(fleet, "fleet")
+        if not 1 <= self.batch_size <= 4096:
+            raise ValueError(f"batch_size must be in 1..4096, got {self.batch_size!r}")
+        for what, value in (
+            ("fetch_timeout", self.fetch_timeout),
+            ("ack_wait", self.ack_wait),
+            ("lease_ttl", self.lease_ttl),
+            ("snapshot_interval", self.snapshot_interval),
+        ):
+            if not value > 0:
+                raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+        if self.lease_ttl < 1:
+            raise ValueError(f"lease_ttl must be >= 1 s (KV TTL granularity), got {self.lease_ttl!r}")
+        if self.max_pending_seqs < 16:
+            raise ValueError(f"max_pending_seqs must be >= 16, got {self.max_pending_seqs!r}")

@@ -1,0 +1,23 @@
+"""Drift detection on telemetry aggregates (DESIGN §7): tests, calibration, label shift."""
+
+from .calibrate import Calibration, Calibrator, calibrate
+from .detector import DriftDetector, Group, NodeUnit, UnitSig, group_key
+from .labelshift import bbse_priors, confusion_matrix, em_priors, expected_accuracy
+from .stats import benjamini_hochberg, window_test
+
+__all__ = [
+    "Calibration",
+    "Calibrator",
+    "DriftDetector",
+    "Group",
+    "NodeUnit",
+    "UnitSig",
+    "bbse_priors",
+    "benjamini_hochberg",
+    "calibrate",
+    "confusion_matrix",
+    "em_priors",
+    "expected_accuracy",
+    "group_key",
+    "window_test",
+]

@@ -1,0 +1,432 @@
+"""The drift detector: per-window tests, CUSUM evidence, BH across the fleet, hysteresis.
+
+How a decision is made (DESIGN §7):
+
+1. **Groups.** Aggregates are grouped by fleet and model (name, version, variant); each group
+   has one reference per signal (``signals.py``).
+2. **Node windows.** Each node's counts of a signal accumulate until they hold ``min_count``
+   inferences — a smaller window is never tested alone, it is carried into the next one — and
+   are then tested against the reference (``stats.window_test``: a χ² z-score with the
+   reference's and the DP noise's variance in the null). The z-score feeds a one-sided CUSUM,
+   ``S = max(0, S + z - k)``.
+3. **Rounds (fleet pooling first).** A round is one window from every node that reports: it
+   closes when a node sends its next aggregate. At round close, all the round's counts pooled
+   fleet-wide are tested the same way (a fleet-wide shift shows there with far more power), and
+   every unit × signal updated in the round gets a p-value: the calibrated chance that a null
+   CUSUM stands at its ``S`` (``calibrate.py``).
+4. **Benjamini–Hochberg** over that family (fleet × signals and nodes × signals) at level
+   ``q = target_false_rate × node windows in the round``: under stationary traffic the chance of
+   any false event in a round is at most ``q``, so false events per node-window stay below the
+   target.
+5. **Hysteresis.** A rejected unit opens an event only if its effect (total-variation distance
+   of the counts since its CUSUM left zero) reaches ``min_effect``, and a node-level event is not
+   opened for a signal the whole fleet already has open. An open event is ``updated`` when its
+   severity rises and ``resolved`` after ``resolve_windows`` consecutive quiet windows, which
+   also resets its CUSUM.
+
+Not thread-safe; one detector per service. State is plain msgspec Structs so the caller persists
+exactly the groups and node units a batch touched (``take_dirty``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+import numpy as np
+import structlog
+
+from cloud.config import DriftConfig
+from shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggregate
+
+from .calibrate import Calibrator
+from .labelshift import confusion_matrix, em_priors, expected_accuracy
+from .signals import ONE_SIDED, Acc, SignalRef, extract, manifest_refs, mean_of_histogram
+from .stats import benjamini_hochberg, normalise, total_variation, window_test
+
+__all__ = ["DriftDetector", "Group", "NodeUnit", "UnitSig", "group_key"]
+
+log = structlog.get_logger(__name__)
+
+_ACTIONS = {
+    "class_prior": "class mix changed: check the estimated priors; a recalibrated version "
+    "(logit bias + log(new/old prior)) can absorb a pure label shift",
+    "confidence": "model confidence changed: review recent inputs; retrain if accuracy falls",
+    "input_length": "inputs changed length: check what the apps send",
+    "latency": "latency changed: check device load and the model variant assigned",
+    "error_rate": "inference errors rose: check node logs and the installed model",
+    "accuracy": "accuracy from app feedback fell: retrain on recent feedback",
+}
+
+
+def group_key(fleet: str, model: ModelRef) -> str:
+    return f"{fleet}/{model.name}/{model.version}/{model.variant}"
+
+
+class UnitSig(msgspec.Struct, kw_only=True):
+    """Evidence and event state of one signal of one unit (the fleet, or one node)."""
+
+    s: float = 0.0
+    run: Acc | None = None  #: counts since S last left zero
+    last: list[float] = []  #: counts of the last window tested
+    last_n: float = 0.0
+    last_noise: float = 0.0
+    last_effect: float = 0.0
+    quiet: int = 0
+    fresh: bool = False  #: tested in the current round
+    pi: float = 1.0
+    open: bool = False
+    episode: int = 0
+    updates: int = 0
+    severity: str = ""
+
+
+class NodeUnit(msgspec.Struct, kw_only=True):
+    acc: dict[str, Acc] = {}
+    sig: dict[str, UnitSig] = {}
+
+
+class Group(msgspec.Struct, kw_only=True):
+    key: str
+    fleet: str
+    model: ModelRef
+    labels: list[str] = []
+    edges: dict[str, list[float]] = {}
+    refs: dict[str, SignalRef] = {}
+    warm: dict[str, Acc] = {}
+    warm_rounds: int = 0
+    round: dict[str, Acc] = {}
+    round_nodes: list[str] = []
+    round_node_windows: int = 0
+    rounds: int = 0
+    fleet_sig: dict[str, UnitSig] = {}
+    joint: list[list[float]] | None = None
+    confusion_source: str = ""
+    ref_accuracy: float | None = None
+    ref_mean_conf: float | None = None
+
+
+def new_group(fleet: str, model: ModelRef, manifest: ModelManifest | None) -> Group:
+    g = Group(key=group_key(fleet, model), fleet=fleet, model=model)
+    if manifest is not None:
+        g.labels = list(manifest.labels)
+        g.edges = {
+            "confidence": list(manifest.edges.confidence),
+            "input_length": list(manifest.edges.input_length),
+            "latency": list(manifest.edges.latency_ms),
+        }
+        g.refs = manifest_refs(manifest)
+        ref = manifest.reference
+        if ref is not None:
+            g.ref_accuracy = ref.accuracy
+            if ref.confusion:
+                g.confusion_source = "manifest_confusion"
+                g.joint = confusion_matrix(g.labels, ref.confusion, None).tolist()
+            g.ref_mean_conf = mean_of_histogram(
+                [float(c) for c in ref.confidence.counts], ref.confidence.edges
+            )
+    return g
+
+
+class DriftDetector:
+    """Feeds aggregates through the detection pipeline; returns the drift events they cause."""
+
+    def __init__(
+        self,
+        config: DriftConfig,
+        clock: Callable[[], datetime],
+        calibrator: Calibrator | None = None,
+    ) -> None:
+        self._cfg = config
+        self._clock = clock
+        self._cal = calibrator or Calibrator(
+            allowance=config.cusum_allowance, windows=config.calibration_windows
+        )
+        self.groups: dict[str, Group] = {}
+        self.units: dict[tuple[str, str], NodeUnit] = {}
+        self._dirty_groups: set[str] = set()
+        self._dirty_units: set[tuple[str, str]] = set()
+
+    def statistics(self) -> dict[str, int]:
+        return {"groups": len(self.groups), "node_units": len(self.units), **self._cal.statistics()}
+
+    def load(self, groups: list[Group], units: dict[tuple[str, str], NodeUnit]) -> None:
+        self.groups = {g.key: g for g in groups}
+        self.units = dict(units)
+
+    def has_group(self, fleet: str, model: ModelRef) -> bool:
+        return group_key(fleet, model) in self.groups
+
+    def add_group(self, fleet: str, model: ModelRef, manifest: ModelManifest | None) -> None:
+        """Start watching a (fleet, model); ``manifest`` supplies the reference when given."""
+        g = new_group(fleet, model, manifest)
+        self.groups[g.key] = g
+        self._dirty_groups.add(g.key)
+        log.info(
+            "drift_group_added",
+            group=g.key,
+            manifest=manifest is not None,
+            references={s: r.source for s, r in g.refs.items()},
+        )
+
+    def take_dirty(self) -> tuple[list[Group], list[tuple[str, str, NodeUnit]]]:
+        groups = [self.groups[k] for k in self._dirty_groups]
+        units = [(k[0], k[1], self.units[k]) for k in self._dirty_units]
+        self._dirty_groups.clear()
+        self._dirty_units.clear()
+        return groups, units
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    def observe(self, agg: TelemetryAggregate) -> list[DriftEvent]:
+        """Account one (deduplicated) aggregate. ``add_group`` must have been called for it."""
+        g = self.groups[group_key(agg.fleet, agg.model)]
+        self._dirty_groups.add(g.key)
+        events: list[DriftEvent] = []
+        if agg.node in g.round_nodes:
+            events = self._close_round(g)
+        if not g.labels and agg.class_counts:
+            g.labels = sorted(agg.class_counts)
+        for name, hist in (
+            ("confidence", agg.confidence),
+            ("input_length", agg.input_length),
+            ("latency", agg.latency_ms),
+        ):
+            g.edges.setdefault(name, list(hist.edges))
+        ukey = (g.key, agg.node)
+        unit = self.units.get(ukey)
+        if unit is None:
+            unit = self.units[ukey] = NodeUnit()
+        self._dirty_units.add(ukey)
+        g.round_nodes.append(agg.node)
+        tested = False
+        for signal, (counts, noise) in extract(agg, g.labels, g.edges).items():
+            racc = g.round.get(signal)
+            if racc is None:
+                racc = g.round[signal] = Acc.empty(len(counts))
+            racc.add(counts, noise, agg.window_start, agg.window_end)
+            ref = g.refs.get(signal)
+            if ref is None:
+                continue
+            acc = unit.acc.get(signal)
+            if acc is None:
+                acc = unit.acc[signal] = Acc.empty(len(counts))
+            acc.add(counts, noise, agg.window_start, agg.window_end)
+            if acc.n >= self._cfg.min_count:
+                us = unit.sig.get(signal)
+                if us is None:
+                    us = unit.sig[signal] = UnitSig()
+                self._step(us, signal, ref, acc)
+                unit.acc[signal] = Acc.empty(len(counts))
+                tested = True
+        if tested:
+            g.round_node_windows += 1
+        return events
+
+    def _step(self, us: UnitSig, signal: str, ref: SignalRef, acc: Acc) -> None:
+        z, effect = window_test(acc.counts, ref.probs, ref.n_ref, acc.noise, upper_cell=ONE_SIDED.get(signal))
+        was_zero = us.s <= 0
+        us.s = max(0.0, us.s + z - self._cfg.cusum_allowance)
+        if us.s > 0 or us.open:
+            if was_zero or us.run is None:
+                us.run = Acc(
+                    counts=list(acc.counts),
+                    noise=acc.noise,
+                    windows=acc.windows,
+                    start=acc.start,
+                    end=acc.end,
+                )
+            else:
+                assert acc.start is not None
+                assert acc.end is not None
+                us.run.add(acc.counts, acc.noise, acc.start, acc.end)
+                us.run.windows += acc.windows - 1
+        else:
+            us.run = None
+        quiet = z < self._cfg.quiet_z or effect < self._cfg.min_effect / 2
+        us.quiet = us.quiet + 1 if quiet else 0
+        us.last = list(acc.counts)
+        us.last_n = acc.n
+        us.last_noise = acc.noise
+        us.last_effect = effect
+        us.fresh = True
+
+    def _close_round(self, g: Group) -> list[DriftEvent]:
+        cfg = self._cfg
+        for signal, acc in g.round.items():
+            ref = g.refs.get(signal)
+            if ref is not None:
+                if acc.n >= cfg.min_count:
+                    us = g.fleet_sig.get(signal)
+                    if us is None:
+                        us = g.fleet_sig[signal] = UnitSig()
+                    self._step(us, signal, ref, acc)
+            else:
+                warm = g.warm.get(signal)
+                if warm is None or len(warm.counts) != len(acc.counts):
+                    warm = g.warm[signal] = Acc.empty(len(acc.counts))
+                assert acc.start is not None
+                assert acc.end is not None
+                warm.add(acc.counts, acc.noise, acc.start, acc.end)
+        if g.warm:
+            g.warm_rounds += 1
+            if g.warm_rounds >= cfg.warmup_rounds:
+                for signal, warm in g.warm.items():
+                    if warm.n > 0:
+                        g.refs[signal] = SignalRef(
+                            probs=normalise(warm.counts), n_ref=warm.n, source="first_windows"
+                        )
+                        log.info("drift_reference_from_windows", group=g.key, signal=signal, count=warm.n)
+                if "confidence" in g.refs and g.ref_mean_conf is None:
+                    g.ref_mean_conf = self._mean_conf(g, g.refs["confidence"].probs)
+                g.warm = {}
+        family: list[tuple[str | None, str, UnitSig]] = [
+            (None, s, us) for s, us in g.fleet_sig.items() if us.fresh
+        ]
+        for node in dict.fromkeys(g.round_nodes):
+            unit = self.units.get((g.key, node))
+            if unit is not None:
+                family += [(node, s, us) for s, us in unit.sig.items() if us.fresh]
+        events: list[DriftEvent] = []
+        if family:
+            pis = []
+            for _, signal, us in family:
+                ref = g.refs[signal]
+                cal = self._cal.get(
+                    f"{g.key}/{signal}", ref.probs, us.last_n, ref.n_ref, us.last_noise, ONE_SIDED.get(signal)
+                )
+                us.pi = cal.tail(us.s)
+                pis.append(us.pi)
+            q = min(0.1, cfg.target_false_rate * max(1, g.round_node_windows))
+            rejected = benjamini_hochberg(pis, q)
+            for (unit_node, signal, us), rej in zip(family, rejected, strict=True):
+                events += self._hysteresis(g, unit_node, signal, us, rej)
+                us.fresh = False
+        g.round = {}
+        g.round_nodes = []
+        g.round_node_windows = 0
+        g.rounds += 1
+        return events
+
+    def _hysteresis(
+        self, g: Group, node: str | None, signal: str, us: UnitSig, rejected: bool
+    ) -> list[DriftEvent]:
+        cfg = self._cfg
+        effect = (
+            total_variation(us.run.counts, g.refs[signal].probs) if us.run is not None else us.last_effect
+        )
+        if us.open:
+            if us.quiet >= cfg.resolve_windows:
+                event = self._event(g, node, signal, us, "resolved", effect)
+                us.open = False
+                us.s = 0.0
+                us.run = None
+                us.quiet = 0
+                if node is None:
+                    self._reset_nodes(g, signal)
+                return [event]
+            sev = self._severity(effect)
+            if rejected and _RANK[sev] > _RANK[us.severity]:
+                us.updates += 1
+                us.severity = sev
+                return [self._event(g, node, signal, us, "updated", effect)]
+            return []
+        if not rejected or effect < cfg.min_effect or us.s <= 0:
+            return []
+        if node is not None:
+            fleet_us = g.fleet_sig.get(signal)
+            if fleet_us is not None and fleet_us.open:
+                return []  # the fleet-wide event already covers this node
+        us.open = True
+        us.episode += 1
+        us.updates = 0
+        us.quiet = 0
+        us.severity = self._severity(effect)
+        return [self._event(g, node, signal, us, "opened", effect)]
+
+    def _reset_nodes(self, g: Group, signal: str) -> None:
+        """A fleet-wide episode is over: the evidence its nodes gathered meanwhile was the
+        fleet's (their own events were suppressed), so it must not open node events now."""
+        for (gk, _node), unit in self.units.items():
+            us = unit.sig.get(signal) if gk == g.key else None
+            if us is not None and not us.open:
+                us.s = 0.0
+                us.run = None
+                self._dirty_units.add((gk, _node))
+
+    def _severity(self, effect: float) -> str:
+        if effect >= 5 * self._cfg.min_effect:
+            return "critical"
+        if effect >= 2 * self._cfg.min_effect:
+            return "warning"
+        return "info"
+
+    def _mean_conf(self, g: Group, counts: list[float]) -> float | None:
+        edges = g.edges.get("confidence")
+        if edges is None or len(edges) != len(counts) + 1:
+            return None
+        return mean_of_histogram(counts, edges)
+
+    def _estimates(
+        self, g: Group, node: str | None, signal: str, us: UnitSig
+    ) -> tuple[dict[str, float] | None, float | None]:
+        sigs = g.fleet_sig if node is None else self.units[(g.key, node)].sig
+        priors = None
+        prior_us = us if signal == "class_prior" else sigs.get("class_prior")
+        if prior_us is not None and g.labels and len(g.labels) >= 2:
+            counts = prior_us.run.counts if prior_us.run is not None else prior_us.last
+            if len(counts) == len(g.labels) and sum(max(c, 0) for c in counts) > 0:
+                joint = (
+                    np.asarray(g.joint)
+                    if g.joint is not None
+                    else confusion_matrix(g.labels, None, g.ref_accuracy)
+                )
+                priors = {
+                    label: round(p, 4) for label, p in zip(g.labels, em_priors(counts, joint), strict=True)
+                }
+        acc = None
+        conf_us = sigs.get("confidence")
+        if conf_us is not None and conf_us.last:
+            acc = expected_accuracy(self._mean_conf(g, conf_us.last), g.ref_mean_conf, g.ref_accuracy)
+        return priors, (round(acc, 4) if acc is not None else None)
+
+    def _event(
+        self, g: Group, node: str | None, signal: str, us: UnitSig, state: str, effect: float
+    ) -> DriftEvent:
+        scope: Literal["fleet", "node"] = "fleet" if node is None else "node"
+        suffix = f".{us.updates}" if state == "updated" else ""
+        m = g.model
+        parts = (g.fleet, scope, node or "_", m.name, m.version, m.variant, signal, us.episode, state)
+        event_id = ".".join(str(p) for p in parts) + suffix
+        priors, acc = self._estimates(g, node, signal, us)
+        run = us.run
+        now = self._clock()
+        action = _ACTIONS[signal] if state != "resolved" else "none: traffic matches the reference again"
+        return DriftEvent(
+            id=event_id,
+            fleet=g.fleet,
+            scope=scope,
+            node=node,
+            model=m,
+            signal=signal,
+            statistic="cusum_chi2_z",
+            value=round(us.s, 4),
+            p_value=us.pi,
+            evidence=round(us.s, 4),
+            effect_size=round(effect, 5),
+            window_start=run.start if run is not None and run.start is not None else now,
+            window_end=run.end if run is not None and run.end is not None else now,
+            windows=run.windows if run is not None else 0,
+            state=state,  # type: ignore[arg-type]
+            severity=us.severity or "info",  # type: ignore[arg-type]
+            reference=g.refs[signal].source,
+            estimated_priors=priors,
+            expected_accuracy=acc,
+            suggested_action=action,
+            time=now,
+        )
+
+
+_RANK = {"": 0, "info": 1, "warning": 2, "critical": 3}

@@ -1,0 +1,148 @@
+"""The drift signals of an aggregate, as count vectors, and the references they are tested
+against (DESIGN §7).
+
+Signals: ``class_prior`` (predicted-class counts), ``confidence``, ``input_length`` and
+``latency`` (histograms), ``error_rate`` (errors vs successes, one-sided: only a rise counts),
+``accuracy`` (wrong vs right predictions from app feedback, one-sided: only a fall in accuracy
+counts). The reference of a signal comes from the model manifest's ``ReferenceProfile`` when it
+has one; latency and error rate never come from the manifest (held-out data says nothing about
+a device's speed or its apps' failures), so they, and any signal the manifest lacks, use the
+first rounds of fleet traffic (``source="first_windows"``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime
+
+import msgspec
+
+from shared.messages import ModelManifest, TelemetryAggregate
+
+from .stats import geometric_noise_var, normalise
+
+__all__ = [
+    "NOISED",
+    "ONE_SIDED",
+    "SIGNALS",
+    "Acc",
+    "SignalRef",
+    "extract",
+    "manifest_refs",
+]
+
+SIGNALS = ("class_prior", "confidence", "input_length", "latency", "error_rate", "accuracy")
+#: Two-cell signals tested one-sided: the cell whose rise is evidence.
+ONE_SIDED = {"error_rate": 0, "accuracy": 0}
+#: Signals whose counts carry the edge's DP noise ("every histogram and class count").
+NOISED = frozenset({"class_prior", "confidence", "input_length", "latency", "accuracy"})
+#: Counts one inference changes at the edge (class, three histogram bins, one feedback cell):
+#: the edge draws noise with ``alpha = exp(-epsilon / 5)`` (edge/privacy.py ``SENSITIVITY``,
+#: restated here because cloud may not import edge).
+DP_SENSITIVITY = 5.0
+
+
+class SignalRef(msgspec.Struct, kw_only=True):
+    """A signal's reference distribution (smoothed) and how many counts it was built from."""
+
+    probs: list[float]
+    n_ref: float
+    source: str  # "manifest" or "first_windows"
+
+
+class Acc(msgspec.Struct, kw_only=True):
+    """Counts of one signal added over one or more aggregates (exact, associative)."""
+
+    counts: list[float]
+    noise: float = 0.0  #: summed per-cell DP noise variance
+    windows: int = 0
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @property
+    def n(self) -> float:
+        return sum(c for c in self.counts if c > 0)
+
+    def add(self, counts: list[float], noise: float, start: datetime, end: datetime) -> None:
+        if len(counts) != len(self.counts):
+            raise ValueError(f"{len(counts)} cells added to an accumulator of {len(self.counts)}")
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.noise += noise
+        self.windows += 1
+        self.start = start if self.start is None or start < self.start else self.start
+        self.end = end if self.end is None or end > self.end else self.end
+
+    @classmethod
+    def empty(cls, cells: int) -> Acc:
+        return cls(counts=[0.0] * cells)
+
+
+def extract(
+    agg: TelemetryAggregate, labels: list[str], edges: dict[str, list[float]]
+) -> dict[str, tuple[list[float], float]]:
+    """Each signal's ``(counts, noise_var)`` in this aggregate; signals it cannot provide
+    (no feedback, histogram with other edges than the model's) are left out."""
+    noise = (
+        geometric_noise_var(agg.privacy.epsilon, DP_SENSITIVITY) if agg.privacy.mechanism != "none" else 0.0
+    )
+    out: dict[str, tuple[list[float], float]] = {}
+    if labels:
+        out["class_prior"] = ([float(agg.class_counts.get(label, 0)) for label in labels], noise)
+    for signal, hist in (
+        ("confidence", agg.confidence),
+        ("input_length", agg.input_length),
+        ("latency", agg.latency_ms),
+    ):
+        want = edges.get(signal)
+        if want is None or hist.edges == want:
+            out[signal] = ([float(c) for c in hist.counts], noise)
+    if agg.count > 0:
+        out["error_rate"] = ([float(agg.errors), float(max(agg.count - agg.errors, 0))], 0.0)
+    right = wrong = 0
+    for truth, predicted in agg.feedback.items():
+        for label, c in predicted.items():
+            if label == truth:
+                right += c
+            else:
+                wrong += c
+    if right + wrong > 0:
+        out["accuracy"] = ([float(wrong), float(right)], noise)
+    return out
+
+
+def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
+    """References a manifest provides (class prior, confidence, input length, accuracy)."""
+    ref = manifest.reference
+    if ref is None:
+        return {}
+    out: dict[str, SignalRef] = {}
+    if ref.class_counts and manifest.labels:
+        counts = [float(ref.class_counts.get(label, 0)) for label in manifest.labels]
+        if sum(counts) > 0:
+            out["class_prior"] = SignalRef(probs=normalise(counts), n_ref=sum(counts), source="manifest")
+    for signal, hist, edges in (
+        ("confidence", ref.confidence, manifest.edges.confidence),
+        ("input_length", ref.input_length, manifest.edges.input_length),
+    ):
+        if hist.edges == edges and hist.total > 0:
+            out[signal] = SignalRef(
+                probs=normalise([float(c) for c in hist.counts]), n_ref=float(hist.total), source="manifest"
+            )
+    if ref.accuracy is not None and 0 <= ref.accuracy <= 1:
+        wrong = 1.0 - ref.accuracy
+        # The manifest's accuracy is a point estimate; its count is the held-out size.
+        out["accuracy"] = SignalRef(
+            probs=normalise([wrong * ref.count, ref.accuracy * ref.count]),
+            n_ref=float(ref.count),
+            source="manifest",
+        )
+    return out
+
+
+def mean_of_histogram(counts: list[float], edges: list[float]) -> float | None:
+    """Mean of a histogram by bin midpoints (None when empty)."""
+    total = sum(c for c in counts if c > 0)
+    if total <= 0:
+        return None
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+    return sum(max(c, 0) * m for c, m in zip(counts, mids, strict=True)) / total

@@ -1,0 +1,217 @@
+"""Telemetry in: a durable pull consumer on ``SLMOPS_TELEMETRY``, in batches.
+
+Per batch: decode every message (``shared.messages.decode_telemetry``) and check it belongs
+to its subject; apply the good ones through ``Applier`` (dedupe by ``(node, seq)``, fleet state,
+detectors, one SQLite transaction); then ack them. A message that does not decode, or claims
+another node than its subject, is logged with msgspec's error (which names the field path),
+copied to ``slmops.deadletter`` with headers saying why and where from, terminated
+(``msg.term()``: never redelivered) and counted. If the dead-letter copy cannot be stored the
+message is nak'ed with a delay instead, so nothing is lost.
+
+Acks go out only after the commit: a crash in between redelivers the batch, and the stored seq
+tracker drops what was already applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import msgspec
+import nats.errors
+import structlog
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from shared.messages import TelemetryAggregate, decode_telemetry
+from shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, validate_id
+
+from .apply import Applier
+
+__all__ = ["PullLoop", "TelemetryIngest", "consumer_name", "deadletter"]
+
+log = structlog.get_logger(__name__)
+
+_DEADLETTER_TIMEOUT = 5.0
+_NAK_DELAY = 5.0
+_MAX_CONSUMER_NAME = 48
+
+
+def consumer_name(base: str, fleets: Sequence[str]) -> str:
+    """Durable name for a fleet selection: ``base`` for all fleets, else base + the fleets
+    (hashed when long), so instances watching different fleets never share a consumer."""
+    if not fleets:
+        return base
+    joined = "-".join(sorted(fleets))
+    name = f"{base}-{joined}"
+    if len(name) > _MAX_CONSUMER_NAME:
+        name = f"{base}-{hashlib.sha256(joined.encode()).hexdigest()[:16]}"
+    return name
+
+
+async def deadletter(js: JetStreamContext, msg: Msg, reason: str, kind: str) -> bool:
+    """Copy ``msg`` to the dead-letter subject with headers saying why, then ``term()`` it.
+    Returns False (and naks with a delay) if the copy could not be stored."""
+    meta = msg.metadata
+    stream_seq = str(meta.sequence.stream) if meta else "?"
+    stream = meta.stream if meta else "?"
+    headers = {
+        "Nats-Msg-Id": f"deadletter:{stream}:{stream_seq}",
+        "Slmops-Reason": reason[:1000].replace("\r", " ").replace("\n", " "),
+        "Slmops-Kind": kind,
+        "Slmops-Subject": msg.subject,
+        "Slmops-Stream": stream,
+        "Slmops-Stream-Seq": stream_seq,
+    }
+    try:
+        with anyio.fail_after(_DEADLETTER_TIMEOUT):
+            await js.publish(DEADLETTER_SUBJECT, msg.data, headers=headers)
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        log.error("deadletter_failed", subject=msg.subject, stream_seq=stream_seq, error=repr(exc))
+        await msg.nak(delay=_NAK_DELAY)
+        return False
+    await msg.term()
+    log.warning("deadlettered", subject=msg.subject, stream_seq=stream_seq, kind=kind, reason=reason)
+    return True
+
+
+def check_telemetry(msg: Msg) -> TelemetryAggregate:
+    """Decode and check one telemetry message; ``ValueError``/``msgspec`` errors say why not."""
+    agg = decode_telemetry(msg.data)
+    parts = msg.subject.split(".")
+    if len(parts) != 4 or parts[2] != agg.fleet or parts[3] != agg.node:
+        raise ValueError(f"aggregate of {agg.fleet}.{agg.node} published on subject {msg.subject!r}")
+    validate_id(agg.fleet, "fleet")
+    validate_id(agg.node, "node")
+    if agg.seq < 1:
+        raise ValueError(f"$.seq must be >= 1, got {agg.seq!r}")
+    if agg.count < 0 or agg.errors < 0 or agg.windows < 1:
+        raise ValueError(
+            f"negative count/errors or windows < 1: {agg.count!r}/{agg.errors!r}/{agg.windows!r}"
+        )
+    return agg
+
+
+class PullLoop:
+    """A durable pull consumer fetched in batches, handing each batch to ``handle``."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        stream: str,
+        subjects: list[str],
+        durable: str,
+        batch: int,
+        fetch_timeout: float,
+        ack_wait: float,
+        handle: Callable[[list[Msg]], Awaitable[None]],
+    ) -> None:
+        self._js = js
+        self._stream = stream
+        self._subjects = subjects
+        self._durable = durable
+        self._batch = batch
+        self._timeout = fetch_timeout
+        self._ack_wait = ack_wait
+        self._handle = handle
+        self.batches = 0
+        self.messages = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        config = js_api.ConsumerConfig(
+            durable_name=self._durable,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            ack_wait=self._ack_wait,
+            max_ack_pending=max(self._batch * 4, 1024),
+            max_deliver=-1,
+        )
+        if len(self._subjects) > 1:
+            config.filter_subjects = self._subjects
+        sub = await self._js.pull_subscribe(
+            self._subjects[0], durable=self._durable, stream=self._stream, config=config
+        )
+        log.info("consumer_bound", stream=self._stream, durable=self._durable, subjects=self._subjects)
+        task_status.started()
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(self._batch, timeout=self._timeout)
+                except nats.errors.TimeoutError:
+                    continue
+                except (nats.errors.Error, OSError) as exc:
+                    # Disconnected or the server is restarting: nats-py reconnects on its own.
+                    log.warning("fetch_failed", durable=self._durable, error=repr(exc))
+                    await anyio.sleep(0.5)
+                    continue
+                self.batches += 1
+                self.messages += len(msgs)
+                await self._handle(msgs)
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                try:
+                    await sub.unsubscribe()
+                except (nats.errors.Error, OSError) as exc:
+                    log.debug("unsubscribe_failed", error=repr(exc))
+
+
+class TelemetryIngest:
+    """The telemetry consumer of the active instance."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        applier: Applier,
+        *,
+        fleets: Sequence[str],
+        batch: int,
+        fetch_timeout: float,
+        ack_wait: float,
+    ) -> None:
+        self._js = js
+        self._applier = applier
+        subjects = [f"slmops.telemetry.{f}.>" for f in fleets] or ["slmops.telemetry.>"]
+        self.loop = PullLoop(
+            js,
+            stream=TELEMETRY_STREAM,
+            subjects=subjects,
+            durable=consumer_name("slmops-cloud", fleets),
+            batch=batch,
+            fetch_timeout=fetch_timeout,
+            ack_wait=ack_wait,
+            handle=self.handle,
+        )
+        self.deadlettered = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.loop.run(task_status=task_status)
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        good: list[Msg] = []
+        aggs: list[TelemetryAggregate] = []
+        bad: list[tuple[Msg, str, str]] = []
+        for msg in msgs:
+            try:
+                aggs.append(check_telemetry(msg))
+                good.append(msg)
+            except msgspec.ValidationError as exc:
+                bad.append((msg, str(exc), "invalid"))
+            except msgspec.DecodeError as exc:
+                bad.append((msg, str(exc), "undecodable"))
+            except (ValueError, TypeError) as exc:
+                bad.append((msg, str(exc), "invalid"))
+        if aggs:
+            await self._applier.apply_aggregates(self._js, aggs)
+        for msg in good:
+            await msg.ack()
+        if bad:
+            stored = 0
+            for msg, reason, kind in bad:
+                stored += await deadletter(self._js, msg, reason, kind)
+            self.deadlettered += stored
+            if stored:
+                await self._applier.count_deadletters(stored)

@@ -1,0 +1,141 @@
+"""Single-active cloud instance: a lease in the KV bucket ``slmops_leases``.
+
+The holder creates the key (``create`` succeeds only when it is absent) and renews it every
+third of the TTL with a revision compare-and-set (``update(last=revision)``), so two instances
+can never both renew the same lease. The bucket's TTL (``max_age``) removes a lease its holder
+stopped renewing (crash, partition), and a standby takes over after at most one TTL.
+
+``valid()`` is the fence the ingest loop checks before each commit: it is false as soon as the
+last successful renewal is older than ``ttl * FENCE``, i.e. before the key can have expired
+and been taken by someone else, so a holder that was paused never commits after losing it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+import nats.errors
+import structlog
+from anyio.abc import TaskStatus
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+from nats.js.kv import KeyValue
+
+from .errors import LeaseLost
+
+__all__ = ["LEASES_BUCKET", "Lease", "ensure_leases_bucket"]
+
+log = structlog.get_logger(__name__)
+
+LEASES_BUCKET = "slmops_leases"
+#: Fraction of the TTL after the last renewal during which the holder may still commit.
+FENCE = 0.6
+_ERR_STREAM_NAME_IN_USE = 10058
+
+
+async def ensure_leases_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
+    """The leases bucket, created with ``ttl`` if missing (an existing one is kept as is)."""
+    try:
+        return await js.key_value(LEASES_BUCKET)
+    except js_errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(
+            js_api.KeyValueConfig(bucket=LEASES_BUCKET, history=1, ttl=ttl, storage=js_api.StorageType.FILE)
+        )
+    except js_errors.APIError as exc:
+        if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+            raise
+        return await js.key_value(LEASES_BUCKET)
+
+
+class Lease:
+    """One named lease held by ``holder``. ``acquire`` waits for it; ``keep`` renews it."""
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        key: str,
+        holder: str,
+        ttl: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl > 0:
+            raise ValueError(f"ttl must be positive, got {ttl!r}")
+        self.key = key
+        self.holder = holder
+        self.ttl = ttl
+        self._kv = kv
+        self._clock = clock
+        self._revision: int | None = None
+        self._renewed = float("-inf")
+
+    @property
+    def held(self) -> bool:
+        return self._revision is not None
+
+    def valid(self) -> bool:
+        """True while this instance may commit (see the module docstring)."""
+        return self._revision is not None and self._clock() - self._renewed < self.ttl * FENCE
+
+    async def try_acquire(self) -> bool:
+        started = self._clock()
+        try:
+            self._revision = await self._kv.create(self.key, self.holder.encode())
+        except js_errors.KeyWrongLastSequenceError:
+            return False
+        self._renewed = started
+        log.info("lease_acquired", key=self.key, holder=self.holder, revision=self._revision)
+        return True
+
+    async def acquire(self, poll: float | None = None) -> None:
+        """Wait until this instance holds the lease (polls every third of the TTL)."""
+        interval = poll if poll is not None else self.ttl / 3
+        waited = False
+        while True:
+            try:
+                if await self.try_acquire():
+                    return
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("lease_acquire_failed", key=self.key, error=repr(exc))
+            if not waited:
+                log.info("lease_standby", key=self.key, holder=self.holder)
+                waited = True
+            await anyio.sleep(interval)
+
+    async def keep(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Renew until the lease is lost; then raise ``LeaseLost``."""
+        task_status.started()
+        while True:
+            await anyio.sleep(self.ttl / 3)
+            started = self._clock()
+            try:
+                with anyio.fail_after(self.ttl / 3):
+                    self._revision = await self._kv.update(
+                        self.key, self.holder.encode(), last=self._revision
+                    )
+            except js_errors.KeyWrongLastSequenceError as exc:
+                self._revision = None
+                raise LeaseLost(self.key, self.holder, "someone else holds it now") from exc
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                if not self.valid():
+                    self._revision = None
+                    raise LeaseLost(self.key, self.holder, f"cannot renew: {exc!r}") from exc
+                log.warning("lease_renew_failed", key=self.key, error=repr(exc))
+                continue
+            self._renewed = started
+
+    async def release(self) -> None:
+        """Give the lease up at once (a clean stop), so a standby need not wait for the TTL."""
+        revision, self._revision = self._revision, None
+        if revision is None:
+            return
+        try:
+            await self._kv.delete(self.key, last=revision)
+            log.info("lease_released", key=self.key, holder=self.holder)
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("lease_release_failed", key=self.key, error=repr(exc))

@@ -1,0 +1,218 @@
+"""``CloudService``: ingest, fleet state, drift detection and events in one task group.
+
+**One active instance, by a lease.** Several ``slmops cloud`` processes may run against the
+same NATS (for availability); exactly one is *active*: the holder of the lease key ``cloud``
+(or ``cloud-<fleets>`` for an instance limited to some fleets) in the KV bucket
+``slmops_leases`` (``lease.py``: create-if-absent, renewals by revision compare-and-set, TTL).
+Standbys poll for the lease and touch nothing else: no consumer, no state, no events — so a
+second instance can neither count an aggregate twice nor publish an event twice. The active
+instance fences every commit on its lease (it stops committing before the lease can expire),
+and on taking over an instance loads the state from its SQLite file, so with a shared state
+directory (same host or shared volume) a failover resumes exactly where the last commit left
+it; with a separate state directory the new active instance counts from its own (empty or old)
+state onwards, and nothing is counted twice in either. Partitioning nodes across instances was
+not chosen: drift pooling needs the whole fleet in one place.
+
+Inside the active instance (each a task of one group): lease renewal, the telemetry consumer
+(``ingest.py``), the status consumer (``status.py``), the drift-event publisher
+(``events.py``) and the fleet snapshot writer (``snapshot.py``). Losing the lease cancels them
+all and the instance goes back to standby.
+
+Resources beyond DESIGN §3 (``slmops_leases``, ``slmops_fleet``) are created idempotently here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from nats.js import JetStreamContext
+
+from shared.connect import Link
+from shared.provision import ensure_resources
+
+from .apply import Applier
+from .config import CloudConfig
+from .drift.detector import DriftDetector
+from .errors import LeaseLost
+from .events import EventPublisher
+from .ingest import TelemetryIngest, consumer_name
+from .lease import Lease, ensure_leases_bucket
+from .snapshot import SnapshotWriter, ensure_fleet_bucket
+from .state import NodeState, StateStore
+from .status import StatusIngest
+
+__all__ = ["CloudService"]
+
+log = structlog.get_logger(__name__)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CloudService:
+    """``async with CloudService(config) as svc:`` runs the service until the block exits.
+
+    Entering returns at once (connecting happens in the background); ``wait_active`` waits
+    until this instance holds the lease and consumes. ``statistics()`` is a cheap snapshot.
+    """
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        holder: str | None = None,
+    ) -> None:
+        if not isinstance(config, CloudConfig):
+            raise TypeError(f"config must be a CloudConfig, got {type(config).__name__}")
+        self.config = config
+        self._clock = clock
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_key = consumer_name("cloud", config.fleets)
+        self._link = Link(config.nats_url, name=f"slmops-cloud {self.holder}")
+        self._tg: TaskGroup | None = None
+        self._active = anyio.Event()
+        self._applier: Applier | None = None
+        self._ingest: TelemetryIngest | None = None
+        self._publisher: EventPublisher | None = None
+        self.takeovers = 0
+
+    @property
+    def active(self) -> bool:
+        return self._active.is_set()
+
+    @property
+    def nodes(self) -> dict[tuple[str, str], NodeState]:
+        """The active instance's fleet state (empty on a standby)."""
+        return dict(self._applier.nodes) if self._applier is not None else {}
+
+    @property
+    def detector(self) -> DriftDetector | None:
+        return self._applier.detector if self._applier is not None else None
+
+    async def wait_active(self, timeout: float | None = None) -> None:
+        """Return once this instance is the active one; ``TimeoutError`` after ``timeout``."""
+        with anyio.fail_after(timeout):
+            await self._active.wait()
+
+    def statistics(self) -> dict[str, Any]:
+        a = self._applier
+        return {
+            "holder": self.holder,
+            "active": self.active,
+            "takeovers": self.takeovers,
+            "counters": dict(a.counters) if a is not None else {},
+            "nodes": len(a.nodes) if a is not None else 0,
+            "events_published": self._publisher.published if self._publisher else 0,
+            "events_pending": self._publisher.pending if self._publisher else 0,
+            "batches": self._ingest.loop.batches if self._ingest else 0,
+            "messages": self._ingest.loop.messages if self._ingest else 0,
+        }
+
+    async def __aenter__(self) -> Self:
+        await self._link.__aenter__()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        tg.start_soon(self._run, name="cloud-service")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._link.__aexit__(exc_type, exc, tb)
+        return None
+
+    async def _run(self) -> None:
+        await self._link.wait_online()
+        js = self._link.js
+        await ensure_resources(js)
+        leases = await ensure_leases_bucket(js, self.config.lease_ttl)
+        fleet_kv = await ensure_fleet_bucket(js)
+        lease = Lease(leases, self.lease_key, self.holder, self.config.lease_ttl)
+        while True:
+            await lease.acquire()
+            self.takeovers += 1
+            try:
+                await self._serve(js, lease, fleet_kv)
+            except* LeaseLost as group:
+                log.warning("lease_lost", key=self.lease_key, reason=str(group.exceptions[0]))
+            finally:
+                self._active = anyio.Event()
+                with anyio.CancelScope(shield=True):
+                    await lease.release()
+
+    async def _serve(self, js: JetStreamContext, lease: Lease, fleet_kv: Any) -> None:
+        cfg = self.config
+
+        def fence() -> None:
+            if not lease.valid():
+                raise LeaseLost(lease.key, lease.holder, "not renewed in time; refusing to commit")
+
+        path = Path(cfg.state_dir) / "cloud.sqlite3"
+        async with StateStore(path) as store:
+            stored = await store.load()
+            detector = DriftDetector(cfg.drift, self._clock)
+            detector.load(stored.groups, stored.units)
+            publisher = EventPublisher(js, store, stored.outbox)
+            snapshots = SnapshotWriter(fleet_kv, stored.nodes, cfg.snapshot_interval)
+            applier = Applier(
+                store,
+                detector,
+                stored.nodes,
+                stored.counters,
+                publisher,
+                snapshots,
+                clock=self._clock,
+                max_pending_seqs=cfg.max_pending_seqs,
+                fence=fence,
+            )
+            ingest = TelemetryIngest(
+                js,
+                applier,
+                fleets=cfg.fleets,
+                batch=cfg.batch_size,
+                fetch_timeout=cfg.fetch_timeout,
+                ack_wait=cfg.ack_wait,
+            )
+            status = StatusIngest(
+                js,
+                applier,
+                fleets=cfg.fleets,
+                batch=cfg.batch_size,
+                fetch_timeout=cfg.fetch_timeout,
+                ack_wait=cfg.ack_wait,
+            )
+            self._applier, self._ingest, self._publisher = applier, ingest, publisher
+            log.info(
+                "cloud_active",
+                holder=self.holder,
+                state=str(path),
+                nodes=len(stored.nodes),
+                groups=len(stored.groups),
+                pending_events=len(stored.outbox),
+            )
+            async with anyio.create_task_group() as tg:
+                await tg.start(lease.keep)
+                await tg.start(publisher.run)
+                await tg.start(snapshots.run)
+                await tg.start(ingest.run)
+                await tg.start(status.run)
+                self._active.set()

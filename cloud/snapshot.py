@@ -1,0 +1,156 @@
+"""The fleet state for analysts: one JSON value per node in the KV bucket ``slmops_fleet``.
+
+Key ``<fleet>.<node>``. The active cloud instance writes the nodes a batch changed, at most
+every ``snapshot_interval`` seconds, so ``slmops fleet status`` needs no running query service
+and works with the cloud stopped (it shows the last state written). Values are
+``NodeSnapshot`` JSON; the bucket keeps one revision per key.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import anyio
+import msgspec
+import nats.errors
+import structlog
+from anyio.abc import TaskStatus
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+from nats.js.kv import KeyValue
+
+from .state import NodeState
+
+__all__ = ["FLEET_BUCKET", "NodeSnapshot", "SnapshotWriter", "ensure_fleet_bucket", "snapshot_of"]
+
+log = structlog.get_logger(__name__)
+
+FLEET_BUCKET = "slmops_fleet"
+_ERR_STREAM_NAME_IN_USE = 10058
+
+
+class NodeSnapshot(msgspec.Struct, kw_only=True):
+    """One node as ``slmops fleet status --json`` shows it."""
+
+    node: str
+    fleet: str
+    model: str | None
+    model_version: int | None
+    variant: str | None
+    last_seen: datetime | None
+    last_window_end: datetime | None
+    inferences: int
+    errors: int
+    windows: int
+    aggregates: int
+    duplicates: int
+    late: int
+    seq_high: int
+    missing_seqs: int
+    missing_ranges: list[tuple[int, int]]
+    gaps: int
+    abandoned_seqs: int
+    dropped_inferences: int
+    dropped_aggregates: int
+    outbox_depth: int
+    served: int
+    status_event: str | None
+    status_time: datetime | None
+    last_error: str | None
+    device: str | None
+    arch: str | None
+    cores: int | None
+    memory_mb: int | None
+
+
+def snapshot_of(n: NodeState) -> NodeSnapshot:
+    dev = n.device
+    return NodeSnapshot(
+        node=n.node,
+        fleet=n.fleet,
+        model=n.model.name if n.model else None,
+        model_version=n.model.version if n.model else None,
+        variant=n.model.variant if n.model else None,
+        last_seen=n.last_seen,
+        last_window_end=n.last_window_end,
+        inferences=n.inferences,
+        errors=n.errors,
+        windows=n.windows,
+        aggregates=n.aggregates,
+        duplicates=n.duplicates,
+        late=n.late,
+        seq_high=n.seqs.high,
+        missing_seqs=n.seqs.missing,
+        missing_ranges=n.seqs.missing_ranges(),
+        gaps=n.seqs.gaps_opened,
+        abandoned_seqs=n.seqs.abandoned,
+        dropped_inferences=max(n.dropped_inferences, n.status_dropped_inferences),
+        dropped_aggregates=max(n.dropped_aggregates, n.status_dropped_aggregates),
+        outbox_depth=n.outbox_depth,
+        served=n.served,
+        status_event=n.status_event,
+        status_time=n.status_time,
+        last_error=n.last_error,
+        device=dev.profile or None if dev else None,
+        arch=dev.arch or None if dev else None,
+        cores=dev.cores if dev else None,
+        memory_mb=dev.memory_mb if dev else None,
+    )
+
+
+async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:
+    """The ``slmops_fleet`` bucket, created if missing (idempotent, concurrent-safe)."""
+    try:
+        return await js.key_value(FLEET_BUCKET)
+    except js_errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(
+            js_api.KeyValueConfig(bucket=FLEET_BUCKET, history=1, storage=js_api.StorageType.FILE)
+        )
+    except js_errors.APIError as exc:
+        if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+            raise
+        return await js.key_value(FLEET_BUCKET)
+
+
+_enc = msgspec.json.Encoder()
+
+
+class SnapshotWriter:
+    """Writes the nodes marked dirty to KV, every ``interval`` seconds."""
+
+    def __init__(self, kv: KeyValue, nodes: dict[tuple[str, str], NodeState], interval: float) -> None:
+        self._kv = kv
+        self._nodes = nodes
+        self._interval = interval
+        self._dirty: set[tuple[str, str]] = set()
+        self.writes = 0
+
+    def mark(self, keys: set[tuple[str, str]] | list[tuple[str, str]]) -> None:
+        self._dirty.update(keys)
+
+    async def flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            n = self._nodes.get(key)
+            if n is None:
+                continue
+            try:
+                with anyio.fail_after(5):
+                    await self._kv.put(f"{n.fleet}.{n.node}", _enc.encode(snapshot_of(n)))
+                self.writes += 1
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                self._dirty.add(key)  # try again next round
+                log.warning("fleet_snapshot_failed", fleet=n.fleet, node=n.node, error=repr(exc))
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                await anyio.sleep(self._interval)
+                await self.flush()
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                await self.flush()

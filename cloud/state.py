@@ -1,0 +1,224 @@
+"""The cloud's durable state in SQLite: fleet state, seq tracking, detector state, event outbox.
+
+Everything a batch of aggregates changes is written in ONE transaction (``commit``); the caller
+acks the batch's messages only after it returns. A crash before the commit loses nothing (the
+messages are redelivered and applied again from the old state); a crash after it duplicates
+nothing (the redelivered seqs are already in the stored ``SeqTracker``). Drift events are
+written to an outbox table in the same transaction and published afterwards, so an event is
+neither lost nor (thanks to its deterministic ``Nats-Msg-Id``) doubled.
+
+Blobs are msgpack of the msgspec Structs below; WAL with ``synchronous=FULL`` so a commit
+survives an OS crash, not only a process crash.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+import anyio
+import msgspec
+
+from shared.messages import DeviceProfile, ModelRef
+
+from .dedupe import SeqTracker
+from .drift.detector import Group, NodeUnit
+from .errors import StateError
+
+__all__ = ["NodeState", "StateStore", "StoredState"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (fleet TEXT NOT NULL, node TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (fleet, node));
+CREATE TABLE IF NOT EXISTS groups (key TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS units (grp TEXT NOT NULL, node TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (grp, node));
+CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, subject TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class NodeState(msgspec.Struct, kw_only=True):
+    """What the cloud knows about one node (the fleet state of the issue)."""
+
+    fleet: str
+    node: str
+    model: ModelRef | None = None
+    device: DeviceProfile | None = None
+    first_seen: datetime | None = None
+    #: When the cloud last applied an aggregate or status of this node (its clock).
+    last_seen: datetime | None = None
+    last_window_end: datetime | None = None
+    #: Exact sum of ``count`` over distinct aggregates.
+    inferences: int = 0
+    errors: int = 0
+    #: Edge windows covered (an aggregate merged from several windows counts each).
+    windows: int = 0
+    aggregates: int = 0
+    duplicates: int = 0
+    late: int = 0
+    seqs: SeqTracker = msgspec.field(default_factory=SeqTracker)
+    #: Loss receipts carried by aggregates (outbox overflow at the edge).
+    dropped_inferences: int = 0
+    dropped_aggregates: int = 0
+    # From the node's latest status message:
+    status_time: datetime | None = None
+    status_event: str | None = None
+    outbox_depth: int = 0
+    served: int = 0
+    status_dropped_inferences: int = 0
+    status_dropped_aggregates: int = 0
+    last_error: str | None = None
+
+
+class StoredState(msgspec.Struct, kw_only=True):
+    nodes: dict[tuple[str, str], NodeState]
+    groups: list[Group]
+    units: dict[tuple[str, str], NodeUnit]
+    counters: dict[str, int]
+    outbox: list[tuple[str, str, bytes]]
+
+
+_enc = msgspec.msgpack.Encoder()
+_node_dec = msgspec.msgpack.Decoder(NodeState)
+_group_dec = msgspec.msgpack.Decoder(Group)
+_unit_dec = msgspec.msgpack.Decoder(NodeUnit)
+
+
+class StateStore:
+    """``async with StateStore(path) as store:`` opens (creating) the database."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(str(self.path), "open", str(exc)) from exc
+        self._db = db
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            await self._close()
+            raise StateError(str(self.path), "create schema", str(exc)) from exc
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            # Shielded: the worker thread must finish before the loop may go away.
+            with anyio.CancelScope(shield=True):
+                await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StateError(str(self.path), "use", "the store is not open")
+        return self._db
+
+    async def load(self) -> StoredState:
+        """Everything stored, for a service taking over (start or lease acquired)."""
+        try:
+            nodes = {}
+            async with self.db.execute("SELECT data FROM nodes") as cur:
+                for (data,) in await cur.fetchall():
+                    n = _node_dec.decode(data)
+                    nodes[(n.fleet, n.node)] = n
+            async with self.db.execute("SELECT data FROM groups") as cur:
+                groups = [_group_dec.decode(d) for (d,) in await cur.fetchall()]
+            async with self.db.execute("SELECT grp, node, data FROM units") as cur:
+                units = {(g, n): _unit_dec.decode(d) for g, n, d in await cur.fetchall()}
+            async with self.db.execute("SELECT name, value FROM counters") as cur:
+                counters = {name: int(v) for name, v in await cur.fetchall()}
+            async with self.db.execute("SELECT id, subject, data FROM outbox ORDER BY rowid") as cur:
+                outbox = [(i, s, bytes(d)) for i, s, d in await cur.fetchall()]
+        except (sqlite3.Error, msgspec.DecodeError) as exc:
+            raise StateError(str(self.path), "load", str(exc)) from exc
+        return StoredState(nodes=nodes, groups=groups, units=units, counters=counters, outbox=outbox)
+
+    async def commit(
+        self,
+        *,
+        nodes: Sequence[NodeState] = (),
+        groups: Sequence[Group] = (),
+        units: Sequence[tuple[str, str, NodeUnit]] = (),
+        counters: dict[str, int] | None = None,
+        events: Sequence[tuple[str, str, bytes]] = (),
+    ) -> None:
+        """Write one batch's changes atomically (all or nothing). Shielded from cancellation:
+        a commit that started finishes (or rolls back) before the caller sees the cancel."""
+        with anyio.CancelScope(shield=True):
+            await self._commit(nodes, groups, units, counters, events)
+
+    async def _commit(
+        self,
+        nodes: Sequence[NodeState],
+        groups: Sequence[Group],
+        units: Sequence[tuple[str, str, NodeUnit]],
+        counters: dict[str, int] | None,
+        events: Sequence[tuple[str, str, bytes]],
+    ) -> None:
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                if nodes:
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO nodes(fleet, node, data) VALUES (?,?,?)",
+                        [(n.fleet, n.node, _enc.encode(n)) for n in nodes],
+                    )
+                if groups:
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO groups(key, data) VALUES (?,?)",
+                        [(g.key, _enc.encode(g)) for g in groups],
+                    )
+                if units:
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO units(grp, node, data) VALUES (?,?,?)",
+                        [(g, n, _enc.encode(u)) for g, n, u in units],
+                    )
+                if counters:
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO counters(name, value) VALUES (?,?)", list(counters.items())
+                    )
+                if events:
+                    await db.executemany(
+                        "INSERT OR IGNORE INTO outbox(id, subject, data) VALUES (?,?,?)", events
+                    )
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(str(self.path), "commit", str(exc)) from exc
+
+    async def outbox_done(self, ids: list[str]) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+        except sqlite3.Error as exc:
+            raise StateError(str(self.path), "outbox delete", str(exc)) from exc
+
+    async def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Read-only helper for tests and tools."""
+        try:
+            async with self.db.execute(sql, args) as cur:
+                return [tuple(r) for r in await cur.fetchall()]
+        except sqlite3.Error as exc:
+            raise StateError(str(self.path), "query", str(exc)) from exc

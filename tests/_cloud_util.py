@@ -1,0 +1,143 @@
+"""Helpers for the cloud tests: real aggregates built with shared.messages, a manifest with a
+reference profile, publishing with ``Nats-Msg-Id``, and reading drift events back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import numpy as np
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from cloud.config import CloudConfig, DriftConfig
+from shared.histogram import Histogram
+from shared.messages import (
+    DriftEvent,
+    HistogramEdges,
+    ModelManifest,
+    ModelRef,
+    Preprocessing,
+    Privacy,
+    ReferenceProfile,
+    TelemetryAggregate,
+    decode_json,
+    encode_json,
+    encode_telemetry,
+)
+from shared.names import MODELS_MANIFEST_BUCKET, drift_subject, manifest_key, msg_id, telemetry_subject
+
+LABELS = ["alpha", "beta", "gamma"]
+CONF_EDGES = [0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]
+LEN_EDGES = [0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 1e9]
+LAT_EDGES = [0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 1e9]
+PRIOR = [0.5, 0.3, 0.2]
+CONF_P = [0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.2, 0.2]
+LEN_P = [0.05, 0.15, 0.3, 0.3, 0.15, 0.04, 0.01]
+LAT_P = [0.3, 0.4, 0.2, 0.08, 0.015, 0.005]
+MODEL = ModelRef(name="kw", version=1, variant="fp32")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def make_aggregate(
+    fleet: str,
+    node: str,
+    seq: int,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    prior: list[float] = PRIOR,
+    model: ModelRef = MODEL,
+) -> TelemetryAggregate:
+    start = T0 + timedelta(minutes=seq)
+    cc = rng.multinomial(n, prior)
+    return TelemetryAggregate(
+        fleet=fleet,
+        node=node,
+        model=model,
+        seq=seq,
+        window_start=start,
+        window_end=start + timedelta(minutes=1),
+        count=n,
+        errors=int(rng.binomial(n, 0.01)),
+        class_counts={label: int(c) for label, c in zip(LABELS, cc, strict=True)},
+        confidence=Histogram(edges=CONF_EDGES, counts=rng.multinomial(n, CONF_P).tolist()),
+        input_length=Histogram(edges=LEN_EDGES, counts=rng.multinomial(n, LEN_P).tolist()),
+        latency_ms=Histogram(edges=LAT_EDGES, counts=rng.multinomial(n, LAT_P).tolist()),
+        privacy=Privacy(k=5),
+    )
+
+
+def make_manifest(model: ModelRef = MODEL, count: int = 20000) -> ModelManifest:
+    ref = ReferenceProfile(
+        count=count,
+        class_counts={label: round(p * count) for label, p in zip(LABELS, PRIOR, strict=True)},
+        confidence=Histogram(edges=CONF_EDGES, counts=[round(p * count) for p in CONF_P]),
+        input_length=Histogram(edges=LEN_EDGES, counts=[round(p * count) for p in LEN_P]),
+        accuracy=0.9,
+        confusion={
+            "alpha": {"alpha": 900, "beta": 60, "gamma": 40},
+            "beta": {"alpha": 50, "beta": 900, "gamma": 50},
+            "gamma": {"alpha": 30, "beta": 70, "gamma": 900},
+        },
+    )
+    return ModelManifest(
+        name=model.name,
+        version=model.version,
+        variant=model.variant,
+        sha256="0" * 64,
+        size_bytes=1,
+        inputs=[],
+        outputs=[],
+        preprocessing=Preprocessing(),
+        labels=LABELS,
+        edges=HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES),
+        reference=ref,
+        created=T0,
+    )
+
+
+async def put_manifest(js: JetStreamContext, manifest: ModelManifest) -> None:
+    kv = await js.key_value(MODELS_MANIFEST_BUCKET)
+    await kv.put(manifest_key(manifest.name, manifest.version, manifest.variant), encode_json(manifest))
+
+
+async def publish(js: JetStreamContext, agg: TelemetryAggregate) -> None:
+    await js.publish(
+        telemetry_subject(agg.fleet, agg.node),
+        encode_telemetry(agg),
+        headers={"Nats-Msg-Id": msg_id(agg.node, agg.seq)},
+    )
+
+
+async def drift_events(js: JetStreamContext, fleet: str) -> list[DriftEvent]:
+    """Every drift event stored for ``fleet`` so far, in order."""
+    subject = drift_subject(fleet)
+    info = await js.stream_info("SLMOPS_DRIFT", subjects_filter=subject)
+    total = (info.state.subjects or {}).get(subject, 0)
+    if not total:
+        return []
+    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL)
+    out = []
+    try:
+        for _ in range(total):
+            msg = await sub.next_msg(timeout=5)
+            out.append(decode_json(msg.data, DriftEvent))
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+def cloud_config(url: str, state: Path, fleet: str, **drift: object) -> CloudConfig:
+    return CloudConfig(
+        nats_url=url,
+        state_dir=str(state),
+        fleets=[fleet],
+        batch_size=64,
+        fetch_timeout=0.2,
+        ack_wait=5.0,
+        lease_ttl=2.0,
+        snapshot_interval=0.1,
+        drift=msgspec.convert({"calibration_windows": 50_000, **drift}, DriftConfig),
+    )

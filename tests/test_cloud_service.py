@@ -1,0 +1,241 @@
+"""The cloud service against a real nats-server and real SQLite: counting, drift events,
+dead-lettering, restarts and a second instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+from _cloud_util import (
+    PRIOR,
+    cloud_config,
+    drift_events,
+    make_aggregate,
+    make_manifest,
+    publish,
+    put_manifest,
+)
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from _nats import wait_until
+from cloud.service import CloudService
+from cloud.snapshot import FLEET_BUCKET, NodeSnapshot
+from shared.messages import encode_telemetry
+from shared.names import DEADLETTER_STREAM, DEADLETTER_SUBJECT, msg_id, telemetry_subject
+from shared.server import EmbeddedServer
+
+pytestmark = pytest.mark.anyio
+
+NODES = ["n1", "n2", "n3", "n4"]
+
+# Node ids are made unique per test (``<fleet>-n1``): JetStream's duplicate window is per
+# stream and ``shared.names.msg_id`` is ``<node>:<seq>`` without the fleet, so equal node ids
+# in two fleets would collide within two minutes (reported to the lead).
+
+
+def _nodes(fleet: str) -> list[str]:
+    return [f"{fleet}-{n}" for n in NODES]
+
+
+def _applied(svc: CloudService, fleet: str) -> int:
+    return sum(n.aggregates for (f, _), n in svc.nodes.items() if f == fleet)
+
+
+def _inferences(svc: CloudService, fleet: str) -> int:
+    return sum(n.inferences for (f, _), n in svc.nodes.items() if f == fleet)
+
+
+async def test_stationary_then_shift_opens_one_fleet_event_and_resolves_when_traffic_returns(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """Stationary traffic opens nothing; a fleet-wide class-prior shift opens one fleet
+    event (with estimated priors near the truth), which resolves once traffic returns."""
+    rng = np.random.default_rng(1)
+    await put_manifest(js, make_manifest())
+    shifted = [0.3, 0.3, 0.4]
+    plan = [PRIOR] * 10 + [shifted] * 6 + [PRIOR] * 10
+    sent = 0
+    async with CloudService(cloud_config(nats_server.url, tmp_path, fleet)) as svc:
+        await svc.wait_active(20)
+        for seq, prior in enumerate(plan, start=1):
+            for node in _nodes(fleet):
+                agg = make_aggregate(fleet, node, seq, 300, rng, prior=prior)
+                sent += agg.count
+                await publish(js, agg)
+            if seq == 10:
+                await wait_until(lambda: _applied(svc, fleet) == 40, 20, what="stationary part applied")
+                assert await drift_events(js, fleet) == []
+        await wait_until(lambda: _applied(svc, fleet) == len(plan) * 4, 30, what="all applied")
+        await wait_until(lambda: svc.statistics()["events_pending"] == 0, 10, what="events out")
+        assert _inferences(svc, fleet) == sent
+    events = await drift_events(js, fleet)
+    prior_events = [(e.scope, e.state) for e in events if e.signal == "class_prior"]
+    assert prior_events == [("fleet", "opened"), ("fleet", "resolved")], events
+    opened = next(e for e in events if e.state == "opened")
+    assert opened.reference == "manifest"
+    assert opened.estimated_priors is not None
+    l1 = sum(
+        abs(opened.estimated_priors[k] - p) for k, p in zip(["alpha", "beta", "gamma"], shifted, strict=True)
+    )
+    assert l1 < 0.1, opened.estimated_priors
+    assert opened.window_start.minute >= 11  # the run starts at the shift, not before
+
+
+async def test_duplicated_reordered_and_late_aggregates_count_once_and_gaps_are_reported(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """Seqs 1,2,2,5,4 then 3 late: each counted once; the hole at 3 is reported until 3
+    arrives; a re-sent duplicate outside JetStream's duplicate window (new msg id) is dropped."""
+    rng = np.random.default_rng(2)
+    n1 = f"{fleet}-n1"
+    aggs = {s: make_aggregate(fleet, n1, s, 100 + s, rng) for s in range(1, 6)}
+    async with CloudService(cloud_config(nats_server.url, tmp_path, fleet)) as svc:
+        await svc.wait_active(20)
+        for s in (1, 2, 2, 5, 4):
+            await publish(js, aggs[s])
+        # Same seq under another Nats-Msg-Id: JetStream stores it, the cloud must drop it.
+        await js.publish(
+            telemetry_subject(fleet, n1),
+            encode_telemetry(aggs[2]),
+            headers={"Nats-Msg-Id": f"{fleet}-other-id"},
+        )
+        await wait_until(lambda: svc.statistics()["counters"].get("duplicates", 0) >= 1, 20, what="dup")
+        node = svc.nodes[(fleet, n1)]
+        assert node.aggregates == 4
+        assert node.seqs.missing == 1
+        assert node.seqs.missing_ranges() == [(3, 3)]
+        assert node.seqs.gaps_opened == 1
+        await publish(js, aggs[3])
+        await wait_until(lambda: svc.nodes[(fleet, n1)].aggregates == 5, 20, what="late applied")
+        node = svc.nodes[(fleet, n1)]
+        assert node.inferences == sum(a.count for a in aggs.values())
+        assert node.late == 2  # 4 (below 5) and 3
+        assert node.seqs.missing == 0
+        assert node.seqs.high == 5
+        kv = await js.key_value(FLEET_BUCKET)
+
+        async def snapshot_done() -> bool:
+            try:
+                entry = await kv.get(f"{fleet}.{n1}")
+            except KeyNotFoundError:
+                return False
+            snap = msgspec.json.decode(entry.value or b"{}", type=NodeSnapshot)
+            return snap.aggregates == 5 and snap.missing_seqs == 0
+
+        await wait_until(snapshot_done, 10, what="fleet snapshot written")
+
+
+async def test_malformed_messages_are_deadlettered_and_the_service_keeps_going(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """Garbage, a wrong field type and an aggregate on another node's subject go to the
+    dead-letter subject with a reason header; good aggregates around them are counted."""
+    rng = np.random.default_rng(3)
+    n1, n2 = f"{fleet}-n1", f"{fleet}-n2"
+    good = [make_aggregate(fleet, n1, s, 100, rng) for s in (1, 2)]
+    wrong_type = msgspec.msgpack.encode({**msgspec.to_builtins(good[0]), "seq": "one"})
+    wrong_node = make_aggregate(fleet, n2, 1, 100, rng)
+    dl = await js.subscribe(
+        DEADLETTER_SUBJECT, stream=DEADLETTER_STREAM, ordered_consumer=True, deliver_policy=None
+    )
+    async with CloudService(cloud_config(nats_server.url, tmp_path, fleet)) as svc:
+        await svc.wait_active(20)
+        await publish(js, good[0])
+        await js.publish(
+            telemetry_subject(fleet, n1), b"\xc1 not msgpack", headers={"Nats-Msg-Id": f"{fleet}-x1"}
+        )
+        await js.publish(telemetry_subject(fleet, n1), wrong_type, headers={"Nats-Msg-Id": f"{fleet}-x2"})
+        await js.publish(
+            telemetry_subject(fleet, n1), encode_telemetry(wrong_node), headers={"Nats-Msg-Id": f"{fleet}-x3"}
+        )
+        await publish(js, good[1])
+        await wait_until(lambda: _applied(svc, fleet) == 2, 20, what="good ones applied")
+        await wait_until(lambda: svc.statistics()["counters"].get("deadlettered", 0) == 3, 20, what="3 dead")
+    reasons = {}
+    with anyio.fail_after(10):
+        while len(reasons) < 3:
+            msg = await dl.next_msg(timeout=5)
+            if msg.headers and msg.headers.get("Slmops-Subject") == telemetry_subject(fleet, n1):
+                reasons[msg.headers["Slmops-Stream-Seq"]] = (
+                    msg.headers["Slmops-Kind"],
+                    msg.headers["Slmops-Reason"],
+                )
+    await dl.unsubscribe()
+    kinds = sorted(k for k, _ in reasons.values())
+    assert kinds == ["invalid", "invalid", "undecodable"]
+    assert any("$.seq" in r for _, r in reasons.values())  # msgspec's path of the bad field
+    assert any(n2 in r for _, r in reasons.values())
+
+
+async def test_restart_mid_stream_loses_no_window_and_counts_none_twice(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """The service is stopped while aggregates keep arriving, then restarted on the same
+    state: every aggregate is counted exactly once."""
+    rng = np.random.default_rng(4)
+    await put_manifest(js, make_manifest())
+    aggs = [make_aggregate(fleet, node, s, 150, rng) for s in range(1, 31) for node in _nodes(fleet)]
+    cfg = cloud_config(nats_server.url, tmp_path, fleet)
+    async with CloudService(cfg) as svc:
+        await svc.wait_active(20)
+        for agg in aggs[:60]:
+            await publish(js, agg)
+        await wait_until(lambda: _applied(svc, fleet) >= 20, 20, what="some applied")
+    # Stopped mid-stream: the rest arrives while no cloud runs, plus re-sends of old ones.
+    for agg in aggs[60:]:
+        await publish(js, agg)
+    for agg in aggs[:10]:
+        await js.publish(
+            telemetry_subject(fleet, agg.node),
+            encode_telemetry(agg),
+            headers={"Nats-Msg-Id": msg_id(agg.node, agg.seq) + "r"},
+        )
+    async with CloudService(cfg) as svc:
+        await svc.wait_active(20)
+        await wait_until(lambda: _applied(svc, fleet) == len(aggs), 30, what="all applied after restart")
+        await wait_until(
+            lambda: svc.statistics()["counters"].get("duplicates", 0) >= 10, 10, what="dups seen"
+        )
+        assert _inferences(svc, fleet) == sum(a.count for a in aggs)
+        assert all(n.seqs.missing == 0 and n.seqs.high == 30 for n in svc.nodes.values())
+
+
+async def test_a_second_instance_stands_by_and_takes_over_without_double_counting(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """Two instances on one NATS: only the lease holder consumes and publishes events; when
+    it stops, the standby takes over from the shared state and counts on exactly."""
+    rng = np.random.default_rng(5)
+    await put_manifest(js, make_manifest())
+    shifted = [0.2, 0.3, 0.5]
+    aggs = [
+        make_aggregate(fleet, node, s, 200, rng, prior=PRIOR if s <= 8 else shifted)
+        for s in range(1, 21)
+        for node in NODES
+    ]
+    cfg = cloud_config(nats_server.url, tmp_path, fleet)
+    a = CloudService(cfg, holder="a")
+    b = CloudService(cfg, holder="b")
+    async with b:
+        async with a:
+            await a.wait_active(20)
+            await anyio.sleep(0.1)
+            for agg in aggs[:48]:
+                await publish(js, agg)
+            await wait_until(lambda: _applied(a, fleet) == 48, 20, what="first part applied by a")
+            assert not b.active
+            assert b.statistics()["messages"] == 0
+        await b.wait_active(20)
+        for agg in aggs[48:]:
+            await publish(js, agg)
+        await wait_until(lambda: _applied(b, fleet) == len(aggs), 30, what="rest applied by b")
+        assert _inferences(b, fleet) == sum(x.count for x in aggs)
+        await wait_until(lambda: b.statistics()["events_pending"] == 0, 10, what="events out")
+    events = await drift_events(js, fleet)
+    ids = [e.id for e in events]
+    assert len(ids) == len(set(ids))
+    assert [(e.scope, e.state) for e in events if e.signal == "class_prior"] == [("fleet", "opened")]
