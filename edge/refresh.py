@@ -4,9 +4,10 @@ While online it watches its own key and the fleet-wide key of KV ``slmops_assign
 every (re)connect, at start and every ``poll_interval`` it re-reads both, because a watch can
 miss updates (a watcher took 10-20 s to recover after a server restart here). The node's own
 key overrides the fleet-wide one. A wanted version that is not current is downloaded from the
-``slmops_models`` object store into a temp file (``writeinto``: linear, unlike a plain get) under
-an overall timeout, unpacked into a temp directory inside the model cache, and handed to
-``ModelManager.install``, which verifies, smoke-tests and swaps atomically. The temp directory
+``slmops_models`` object store into a temp file (streamed to disk, linear, unlike a plain get;
+``edge._fetch`` says why not ``get(writeinto=...)``) under an overall timeout, unpacked into a
+temp directory inside the model cache, and handed to ``ModelManager.install``, which
+verifies, smoke-tests and swaps atomically. The temp directory
 is removed whatever happens (and a crash leaves only ``.tmp-*``, which the cache removes at
 start). Every outcome is reported with ``NodeStatus.refresh``.
 
@@ -34,6 +35,7 @@ from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
+from edge._fetch import FetchError, fetch_object
 from edge.models import ModelManager
 from shared import names
 from shared.bundle import Bundle, unpack_archive
@@ -314,17 +316,16 @@ class Refresher:
         archive = work_dir / "bundle.tar"
         t0 = time.perf_counter()
         try:
-            with anyio.fail_after(self._download_timeout):
-                store = await js.object_store(names.MODELS_BUCKET)
-                # nats-py writes each chunk from a worker thread (run_in_executor).
-                with archive.open("wb") as f:
-                    await store.get(obj, writeinto=f)
+            with anyio.fail_after(self._download_timeout), archive.open("wb") as f:
+                await fetch_object(js, names.MODELS_BUCKET, obj, f)
         except TimeoutError as exc:
             raise BundleError(
                 obj, f"download did not finish within {self._download_timeout}s", "download_failed"
             ) from exc
         except js_errors.NotFoundError as exc:
             raise BundleError(obj, "no such object in the model store", "download_failed") from exc
+        except FetchError as exc:
+            raise BundleError(obj, f"download incomplete: {exc.reason}", "download_failed") from exc
         except (*_NATS_ERRORS,) as exc:
             raise BundleError(
                 obj, f"download failed: {type(exc).__name__}: {exc}", "download_failed"
