@@ -54,7 +54,15 @@ CREATE TABLE IF NOT EXISTS node_state(key TEXT PRIMARY KEY, value NUMERIC NOT NU
 CREATE TABLE IF NOT EXISTS dp_ledger(
   id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, epsilon REAL NOT NULL, t REAL NOT NULL);
 """
-_INSERT_EVENT = "INSERT INTO events(t, model, label, conf, len, lat, err) VALUES (?,?,?,?,?,?,?)"
+#: One statement inserts a whole group from a JSON array of rows. In autocommit mode one
+#: statement is one atomic transaction, so a group commit is ONE trip to the aiosqlite thread
+#: instead of three (BEGIN, executemany, COMMIT); a trip costs ~130 µs on the 2-core test
+#: machine, the insert itself ~2 µs/row (measured: 457k rows/s in 4096-row groups).
+_INSERT_EVENTS = (
+    "INSERT INTO events(t, model, label, conf, len, lat, err) SELECT "
+    "value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)"
+)
+_rows_encoder = msgspec.json.Encoder()
 #: Rows one group commit takes at most (measured: 4096 rows commit in ~6 ms here).
 _GROUP_ROWS = 4096
 _STATE_KEYS = (
@@ -215,7 +223,7 @@ class Buffer:
 
     async def run_writer(self) -> None:
         """Group commit: take every queued ``append`` (up to ``_GROUP_ROWS`` rows), insert
-        them with one ``executemany`` and one commit, then release their waiters."""
+        them with one statement (one atomic commit), then release their waiters."""
         while True:
             try:
                 first = await self._recv.receive()
@@ -237,17 +245,24 @@ class Buffer:
     async def _commit_group(self, group: list[Commit]) -> None:
         rows = [r for c in group for r in c.rows]
         try:
-            async with self._tx():
-                await self.db.executemany(_INSERT_EVENT, rows)
+            async with self._lock:  # no explicit transaction may be open around ours
+                await self.db.execute(_INSERT_EVENTS, (_rows_encoder.encode(rows),))
+        except sqlite3.Error as exc:
+            error = StoreError(str(self.path), f"cannot store events: {exc}")
+            self._fail(group, len(rows), error)
+            raise error from exc
         except (StoreError, NodeClosed) as exc:
-            self._lost += len(rows)
-            log.error("events_not_stored", rows=len(rows), error=str(exc))
-            for c in group:
-                c.error = exc
-                c.done.set()
+            self._fail(group, len(rows), exc)
             raise
         self._committed += len(rows)
         for c in group:
+            c.done.set()
+
+    def _fail(self, group: list[Commit], n: int, exc: BaseException) -> None:
+        self._lost += n
+        log.error("events_not_stored", rows=n, error=str(exc))
+        for c in group:
+            c.error = exc
             c.done.set()
 
     async def _drain(self) -> None:

@@ -2,7 +2,9 @@
 
 ``Batcher.run`` takes the first queued request, adds what else is queued (up to
 ``max_batch`` texts, waiting at most ``max_wait`` for more), runs featurize + ORT in a worker
-thread, and hands each request its predictions. While ORT works on one batch the next one
+thread — or, for a batch of at most ``inline_max_chars`` characters, right in the event loop,
+where it takes less time than the hand-off to a thread — and hands each request its
+predictions. While ORT works on one batch the next one
 queues, so batches form by themselves under load even with ``max_wait = 0``.
 
 Each batch's telemetry rows go to the buffer before the requests are released; a request
@@ -14,16 +16,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import anyio
 import anyio.to_thread
+import numpy as np
 import structlog
 
 from edge.buffer import Buffer, Commit
 from edge.errors import EdgeError, NodeClosed, NoModel
 from edge.models import ActiveModel, ModelManager
 from edge.privacy import derive_rows, error_rows
-from shared.runtime import Prediction
+from shared.runtime import Session
 
 __all__ = ["Batcher", "InferenceFailed", "Result"]
 
@@ -39,13 +43,15 @@ class InferenceFailed(EdgeError):
 
 
 class Result:
-    """What one request gets back: its predictions, the model that made them, and the
-    commit of their telemetry rows."""
+    """What one request gets back: per text the class index and confidence, the model that
+    made them (labels are ``model.manifest.labels[index]``), and the commit of their
+    telemetry rows."""
 
-    __slots__ = ("commit", "model", "predictions")
+    __slots__ = ("commit", "confidence", "index", "model")
 
-    def __init__(self, predictions: list[Prediction], model: ActiveModel, commit: Commit) -> None:
-        self.predictions = predictions
+    def __init__(self, index: list[int], confidence: list[float], model: ActiveModel, commit: Commit) -> None:
+        self.index = index
+        self.confidence = confidence
         self.model = model
         self.commit = commit
 
@@ -70,6 +76,7 @@ class Batcher:
         *,
         max_batch: int,
         max_wait: float,
+        inline_max_chars: int = 0,
         queue: int = 4096,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -77,6 +84,7 @@ class Batcher:
         self.buffer = buffer
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.inline_max_chars = inline_max_chars
         self._clock = clock
         # Bounded: under overload callers wait to enqueue (backpressure to the HTTP layer).
         self._send, self._recv = anyio.create_memory_object_stream[_Request](queue)
@@ -167,7 +175,11 @@ class Batcher:
         texts = [t for r in batch for t in r.texts]
         session = active.session
         try:
-            preds, seconds = await anyio.to_thread.run_sync(_run, session.predict, texts)
+            if sum(map(len, texts)) <= self.inline_max_chars:
+                # Cheaper than the hand-off itself (see EdgeConfig.inline_max_chars).
+                out = _run(session, texts)
+            else:
+                out = await anyio.to_thread.run_sync(_run, session, texts)
         except Exception as exc:  # ORT raises several unrelated types; each is one failed batch
             log.error("inference_failed", texts=len(texts), error=repr(exc), model_version=active.ref.version)
             self.failed += len(texts)
@@ -182,26 +194,40 @@ class Batcher:
             return
         self.batches += 1
         self.served += len(texts)
-        self.model_seconds += seconds
+        self.model_seconds += out.seconds
         rows = derive_rows(
-            preds,
+            out.classes,
+            out.confidence,
+            out.lengths,
             t=self._clock(),
             model_id=active.model_id,
             edges=active.manifest.edges,
-            latency_ms=seconds * 1000.0,
+            latency_ms=out.seconds * 1000.0,
         )
         commit = await self.buffer.append(rows)
+        if len(batch) == 1:
+            batch[0].result = Result(out.classes, out.confidence, active, commit)
+            batch[0].done.set()
+            return
         i = 0
         for r in batch:
             j = i + len(r.texts)
-            r.result = Result(preds[i:j], active, commit)
+            r.result = Result(out.classes[i:j], out.confidence[i:j], active, commit)
             r.done.set()
             i = j
 
 
-def _run(
-    predict: Callable[[Sequence[str]], list[Prediction]], texts: list[str]
-) -> tuple[list[Prediction], float]:
+class _Output(NamedTuple):
+    classes: list[int]
+    confidence: list[float]
+    lengths: list[int]
+    seconds: float
+
+
+def _run(session: Session, texts: list[str]) -> _Output:
+    """featurize + ORT (``Session.probs``), then argmax: no per-text objects are made."""
     t0 = time.perf_counter()
-    preds = predict(texts)
-    return preds, time.perf_counter() - t0
+    probs, lengths = session.probs(texts)
+    idx = probs.argmax(axis=1)
+    conf = probs[np.arange(len(idx)), idx]
+    return _Output(idx.tolist(), conf.tolist(), lengths, time.perf_counter() - t0)

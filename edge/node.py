@@ -115,7 +115,12 @@ class EdgeNode:
             backoff_max=config.link_backoff_max,
         )
         self.batcher = Batcher(
-            self.models, self.buffer, max_batch=config.max_batch, max_wait=config.max_batch_wait, clock=clock
+            self.models,
+            self.buffer,
+            max_batch=config.max_batch,
+            max_wait=config.max_batch_wait,
+            inline_max_chars=config.inline_max_chars,
+            clock=clock,
         )
         self.windower = Windower(config.window, self.buffer.close_window, clock=clock)
         self.publisher = Publisher(
@@ -282,12 +287,14 @@ class EdgeNode:
         if self.config.durable_ack:
             await result.commit.done.wait()
         model = result.model
-        ref, labels, memory = model.ref, model.manifest.labels, self._memory
+        ref, labels, memory, mid = model.ref, model.manifest.labels, self._memory, model.model_id
+        boot, ids = self._boot, self._ids
         out = []
-        for p in result.predictions:
-            pid = f"{self._boot}-{next(self._ids)}"
-            memory[pid] = _Remembered(model.model_id, labels, p.label)
-            out.append(PredictionOut(prediction_id=pid, label=p.label, confidence=p.confidence, model=ref))
+        for i, conf in zip(result.index, result.confidence, strict=True):
+            pid = f"{boot}-{next(ids)}"
+            label = labels[i]
+            memory[pid] = _Remembered(mid, labels, label)
+            out.append(PredictionOut(prediction_id=pid, label=label, confidence=conf, model=ref))
         while len(memory) > self.config.feedback_memory:
             memory.popitem(last=False)
         return out

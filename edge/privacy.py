@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from shared.histogram import Histogram, bin_index
 from shared.messages import HistogramEdges, Privacy, TelemetryAggregate
-from shared.runtime import Prediction
 
 __all__ = [
     "SENSITIVITY",
     "EventRow",
     "add_noise",
+    "bins",
     "derive_rows",
     "error_rows",
     "suppress",
@@ -52,29 +53,32 @@ class EventRow(NamedTuple):
     error: int
 
 
+def bins(edges: Sequence[float], values: npt.NDArray[np.floating[Any]] | Sequence[float]) -> list[int]:
+    """``shared.histogram.bin_index`` of each value, vectorized (same clamping)."""
+    e = np.asarray(edges, dtype=np.float64)
+    idx = np.searchsorted(e, np.asarray(values, dtype=np.float64), side="right") - 1
+    return [int(i) for i in np.clip(idx, 0, len(e) - 2)]
+
+
 def derive_rows(
-    preds: Sequence[Prediction],
+    index: Sequence[int],
+    confidence: npt.NDArray[np.floating[Any]] | Sequence[float],
+    input_length: Sequence[int],
     *,
     t: float,
     model_id: int,
     edges: HistogramEdges,
     latency_ms: float,
 ) -> list[EventRow]:
-    """Event rows for one micro-batch: each prediction's class and bins. ``latency_ms`` is
-    the batch's model time, which every inference in it shared."""
+    """Event rows for one micro-batch: each inference's class index and bins — the only
+    things of it that are kept. ``latency_ms`` is the batch's model time, which every
+    inference in it shared."""
     lat_bin = bin_index(edges.latency_ms, latency_ms)
-    conf_edges, len_edges = edges.confidence, edges.input_length
+    conf_bins = bins(edges.confidence, confidence)
+    len_bins = bins(edges.input_length, input_length)
     return [
-        EventRow(
-            t,
-            model_id,
-            p.index,
-            bin_index(conf_edges, p.confidence),
-            bin_index(len_edges, p.input_length),
-            lat_bin,
-            0,
-        )
-        for p in preds
+        EventRow(t, model_id, int(i), c, n, lat_bin, 0)
+        for i, c, n in zip(index, conf_bins, len_bins, strict=True)
     ]
 
 

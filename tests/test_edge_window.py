@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 from edge.privacy import EventRow, add_noise, derive_rows, suppress, two_sided_geometric
 from edge.window import ModelInfo, Windower, build_aggregate, compact, merge, mergeable, next_tick
-from shared.histogram import Histogram
+from shared.histogram import Histogram, bin_index
 from shared.messages import HistogramEdges, ModelRef, Privacy, TelemetryAggregate
-from shared.runtime import Prediction
 
 EDGES = HistogramEdges(
     confidence=[0.0, 0.5, 0.8, 1.0], input_length=[0, 4, 16, 1000], latency_ms=[0, 1, 10, 1e6]
@@ -167,28 +166,28 @@ async def test_windower_closes_at_boundaries_of_the_injected_clock() -> None:
     assert w.closed >= 3
 
 
-texts = st.text(min_size=1, max_size=200)
-
-
 @settings(max_examples=100, deadline=None)
 @given(
-    st.lists(st.tuples(texts, st.floats(0, 1), st.integers(0, 10_000)), min_size=1, max_size=10),
+    st.lists(st.tuples(st.integers(0, 2), st.floats(0, 1), st.integers(0, 10_000)), min_size=1, max_size=10),
     st.floats(0, 1e4),
 )
-def test_event_rows_hold_only_numbers(preds: list[tuple[str, float, int]], latency: float) -> None:
-    """Whatever the text, an event row is made of small numbers: no field can carry text."""
-    ps = [
-        Prediction(label=t, index=i % 3, confidence=c, probs=[c], input_length=n)
-        for i, (t, c, n) in enumerate(preds)
-    ]
-    rows = derive_rows(ps, t=1.0, model_id=7, edges=EDGES, latency_ms=latency)
-    assert len(rows) == len(ps)
-    for row in rows:
+def test_event_rows_hold_only_numbers_binned_like_histograms(
+    preds: list[tuple[int, float, int]], latency: float
+) -> None:
+    """An event row is made of small numbers (no field can carry text), and its bins are the
+    ones ``shared.histogram.bin_index`` gives."""
+    idx, conf, lengths = zip(*preds, strict=True)
+    rows = derive_rows(
+        list(idx), list(conf), list(lengths), t=1.0, model_id=7, edges=EDGES, latency_ms=latency
+    )
+    assert len(rows) == len(preds)
+    for row, (i, c, n) in zip(rows, preds, strict=True):
         assert isinstance(row, EventRow)
         assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in row)
-        assert 0 <= row.conf_bin < 3
-        assert 0 <= row.len_bin < 3
-        assert 0 <= row.lat_bin < 3
+        assert row.label == i
+        assert row.conf_bin == bin_index(EDGES.confidence, c)
+        assert row.len_bin == bin_index(EDGES.input_length, n)
+        assert row.lat_bin == bin_index(EDGES.latency_ms, latency)
 
 
 def test_geometric_noise_is_integer_centred_and_scaled() -> None:
