@@ -5,8 +5,8 @@ verifier must answer with (``RefreshResult.code`` at the edge)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 import onnx
@@ -18,8 +18,11 @@ from shared.messages import ModelManifest
 
 __all__ = ["BAD_BUNDLES", "BadBundle", "resign"]
 
-#: ``maker(out_dir, trusted_key, version, name) -> expected code``.
-BadBundle = Callable[[Path, Ed25519PrivateKey, int, str], str]
+
+class BadBundle(Protocol):
+    """``maker(out_dir, trusted_key, version, name) -> expected code``."""
+
+    def __call__(self, out: Path, key: Ed25519PrivateKey, version: int, name: str = ...) -> str: ...
 
 
 def resign(path: Path, key: Ed25519PrivateKey, model: bytes | None = None, **changes: object) -> None:

@@ -21,7 +21,7 @@ from _models import make_bundle
 from _nats import new_fleet
 from cloud.registry import Registry, RegistryError
 from shared import names
-from shared.bundle import TrustStore, load_private_key, new_keypair, read_bundle, unpack_archive
+from shared.bundle import TrustStore, load_private_key, new_keypair, pack_archive, read_bundle, unpack_archive
 from shared.errors import BundleError
 from shared.messages import Assignment, DeviceProfile, NodeStatus, decode_json, encode_json
 from shared.server import EmbeddedServer
@@ -252,3 +252,15 @@ def test_cli_sign_makes_an_edited_bundle_valid_again(tmp_path: Path) -> None:
     TrustStore.from_files([pub]).verify(b.manifest)
     assert b.manifest.notes == "edited after signing"
     assert msgspec.json.decode((tmp_path / "b" / "manifest.json").read_bytes())["signature"] is not None
+
+
+def test_cli_push_accepts_the_archive_form(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+    priv, pub = new_keypair(tmp_path / "keys")
+    name = _model_name()
+    bundle = make_bundle(tmp_path / "b", load_private_key(priv), version=7, name=name)
+    archive = tmp_path / "bundle.tar"
+    archive.write_bytes(pack_archive(bundle))
+    exit_code, output = _cli("models", "push", str(archive), "--nats", nats_server.url, "--trust", str(pub))
+    assert exit_code == 0, output
+    assert f"{name}/7/fp32: stored" in output
+    assert names.manifest_key(name, 7, "fp32") in anyio.run(_manifest_keys, nats_server.url)
