@@ -1,0 +1,386 @@
+"""The closed loop: a confirmed fleet-wide label shift becomes a recalibrated model version.
+
+On a drift event with ``scope="fleet"``, ``signal="class_prior"``, state ``opened``/``updated``
+and ``estimated_priors`` — for the version the fleet runs now — the loop fetches that version's
+bundles from the object store, builds the recalibrated version of each variant
+(``cloud.recalibrate``: output bias += log(π'/π), reference re-derived for π'), signs them with
+the cloud's key, pushes them (the registry verifies them like any push), and then, by policy:
+
+* ``auto``: starts a staged rollout of the new version (``cloud.rollout``), whose gates judge
+  it like any other version;
+* ``suggest``: publishes a follow-up drift event (same ``id``, ``proposed_version`` set,
+  ``suggested_action`` the command to run) and leaves the decision to a person;
+* ``off``: ignores drift events.
+
+One proposal per (fleet, model, parent version): it is recorded in KV ``slmops_loop`` before
+the rollout starts, so repeated or redelivered events do not build or roll out twice.
+
+**The cloud's signing key.** A file holding the Ed25519 private key (``slmops keys new``
+writes ``<name>.key`` with mode 0600), given by ``--key`` or ``SLMOPS_CLOUD_KEY``; the file is
+refused when group or others can read it. Nodes trust its public key (``<name>.pub``) with
+``--trust``. Rotation without a gap: make a new pair; give every node both public keys
+(``--trust old.pub --trust new.pub``) and restart them; point the cloud at the new key; once
+every version still in use is signed by the new key, drop ``old.pub`` from the nodes.
+"""
+
+from __future__ import annotations
+
+import stat
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import msgspec
+import nats.errors
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+from nats.js.kv import KeyValue
+
+from cloud.errors import CloudError
+from cloud.recalibrate import RecalibrationError, recalibrate_bundle
+from cloud.registry import Registry, RegistryError
+from cloud.rollout.assign import Assigner, start_rollout
+from cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
+from shared import names
+from shared.bundle import Bundle, TrustStore, load_private_key, unpack_archive
+from shared.errors import BundleError, NatsUnavailable
+from shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
+
+__all__ = [
+    "LOOP_BUCKET",
+    "LOOP_CONSUMER",
+    "KeyFileError",
+    "Policy",
+    "Proposal",
+    "RecalibrationLoop",
+    "is_label_shift",
+    "load_cloud_key",
+    "run_loop",
+]
+
+log = structlog.get_logger(__name__)
+
+#: KV bucket of proposals, key ``<fleet>.<model>.<parent version>``.
+LOOP_BUCKET = "slmops_loop"
+Policy = Literal["auto", "suggest", "off"]
+_ERR_STREAM_NAME_IN_USE = 10058
+
+
+class KeyFileError(CloudError):
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cloud signing key {path}: {reason}")
+
+
+def load_cloud_key(path: Path) -> Ed25519PrivateKey:
+    """The cloud's private key from ``path``; ``KeyFileError`` when missing, unreadable,
+    readable by group/others (it must be 0600 or stricter), or not an Ed25519 key."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise KeyFileError(str(path), f"cannot read: {exc.strerror}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(str(path), f"mode {stat.S_IMODE(mode):o} lets others read it; chmod 600 it")
+    try:
+        return load_private_key(Path(path))
+    except (BundleError, ValueError, OSError) as exc:
+        raise KeyFileError(str(path), str(exc)) from exc
+
+
+class Proposal(msgspec.Struct, kw_only=True):
+    """What the loop did about one label-shift event."""
+
+    fleet: str
+    model: str
+    parent_version: int
+    version: int
+    variants: list[str]
+    priors: dict[str, float]
+    event_id: str
+    policy: str
+    #: "building" (recorded before the build), "rollout_started", "suggested", or
+    #: "rollout_refused: <reason>".
+    outcome: str
+    rollout: str | None = None
+    time: datetime
+
+
+_proposal_decoder = msgspec.json.Decoder(Proposal)
+
+
+def is_label_shift(event: DriftEvent) -> bool:
+    """A confirmed fleet-wide class-prior shift with an estimate, not one of our follow-ups."""
+    return (
+        event.scope == "fleet"
+        and event.signal == "class_prior"
+        and event.state in ("opened", "updated")
+        and bool(event.estimated_priors)
+        and event.proposed_version is None
+    )
+
+
+class RecalibrationLoop:
+    """``await on_drift(event)`` for each drift event (see the module docstring)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        key: Ed25519PrivateKey,
+        *,
+        policy: Policy = "suggest",
+        rollout: RolloutConfig | None = None,
+        url: str = "<nats>",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if policy not in ("auto", "suggest", "off"):
+            raise ValueError(f"policy must be auto, suggest or off, got {policy!r}")
+        self._js = js
+        self._key = key
+        self._trust = TrustStore([key.public_key()])
+        self.policy = policy
+        self.rollout = rollout or RolloutConfig()
+        self._url = url
+        self._clock = clock
+        self.registry = Registry(js, url=url)
+        self.store = RolloutStore(js, url=url)
+        self._assigner = Assigner(js, self.registry, url=url)
+        self._kv: KeyValue | None = None
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            try:
+                with anyio.fail_after(10):
+                    try:
+                        self._kv = await self._js.key_value(LOOP_BUCKET)
+                    except js_errors.BucketNotFoundError:
+                        try:
+                            cfg = js_api.KeyValueConfig(bucket=LOOP_BUCKET, storage=js_api.StorageType.FILE)
+                            self._kv = await self._js.create_key_value(cfg)
+                        except js_errors.APIError as exc:
+                            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                                raise
+                            self._kv = await self._js.key_value(LOOP_BUCKET)
+            except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+                raise NatsUnavailable(self._url, f"open KV {LOOP_BUCKET}: {exc!r}") from exc
+        return self._kv
+
+    async def proposal(self, fleet: str, model: str, parent: int) -> Proposal | None:
+        kv = await self._bucket()
+        try:
+            with anyio.fail_after(10):
+                entry = await kv.get(_proposal_key(fleet, model, parent))
+        except js_errors.NotFoundError:
+            return None
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"read proposal: {exc!r}") from exc
+        try:
+            return _proposal_decoder.decode(entry.value or b"")
+        except msgspec.DecodeError:
+            return None
+
+    async def _record(self, p: Proposal) -> None:
+        kv = await self._bucket()
+        try:
+            with anyio.fail_after(10):
+                await kv.put(_proposal_key(p.fleet, p.model, p.parent_version), msgspec.json.encode(p))
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"record proposal: {exc!r}") from exc
+
+    async def on_drift(self, event: DriftEvent) -> Proposal | None:
+        """Act on one drift event; None when it is not for the loop (or policy is off).
+        Raises ``NatsUnavailable`` (retry later) or ``CloudError`` (this event cannot be acted
+        on: no reference priors, the bundle does not recalibrate...)."""
+        if self.policy == "off" or not is_label_shift(event):
+            return None
+        fleet, model, parent = event.fleet, event.model.name, event.model.version
+        current = await self._assigner.current(fleet, None)
+        if current is None or (current.model, current.version) != (model, parent):
+            log.info("recalibration_skipped", fleet=fleet, reason="the fleet no longer runs this version",
+                     drift_event=event.id)  # fmt: skip
+            return None
+        done = await self.proposal(fleet, model, parent)
+        if done is not None and done.outcome != "building":
+            log.info(
+                "recalibration_already_proposed", fleet=fleet, version=done.version, drift_event=event.id
+            )
+            return done
+        priors = dict(event.estimated_priors or {}) if done is None else done.priors
+        if done is None:  # the version is chosen and recorded first: a restart reuses it
+            version = await self._next_version(model, parent)
+        else:
+            version = done.version
+        proposal = Proposal(
+            fleet=fleet,
+            model=model,
+            parent_version=parent,
+            version=version,
+            variants=[],
+            priors=priors,
+            event_id=event.id,
+            policy=self.policy,
+            outcome="building",
+            time=self._clock(),
+        )
+        await self._record(proposal)
+        variants = await self._build(model, parent, priors, version)
+        proposal = msgspec.structs.replace(proposal, variants=variants, outcome="suggested")
+        if self.policy == "auto":
+            try:
+                state = await start_rollout(
+                    self._js, self.registry, self.store,
+                    fleet=fleet, version=version, model=model, config=self.rollout,
+                    extra={"trigger": f"drift {event.id}"},
+                )  # fmt: skip
+                proposal = msgspec.structs.replace(proposal, outcome="rollout_started", rollout=state.id)
+            except RolloutError as exc:
+                proposal = msgspec.structs.replace(proposal, outcome=f"rollout_refused: {exc.reason}")
+        await self._record(proposal)
+        await self._follow_up(event, proposal)
+        log.info("recalibration_proposed", fleet=fleet, model=model, parent=parent, version=version,
+                 outcome=proposal.outcome, priors=priors)  # fmt: skip
+        return proposal
+
+    async def _manifests(self) -> list[ModelManifest]:
+        try:
+            return await self.registry.manifests()
+        except RegistryError as exc:
+            raise NatsUnavailable(self._url, f"list manifests: {exc.reason}") from exc
+
+    async def _next_version(self, model: str, parent: int) -> int:
+        return 1 + max((m.version for m in await self._manifests() if m.name == model), default=parent)
+
+    async def _build(self, model: str, parent: int, priors: dict[str, float], version: int) -> list[str]:
+        """Recalibrate every variant of ``parent`` into ``version`` and push them; variants
+        already there (pushed before a restart) are kept."""
+        manifests = await self._manifests()
+        parents = [m for m in manifests if m.name == model and m.version == parent]
+        if not parents:
+            raise RecalibrationError(model, f"version {parent} is not in the registry")
+        have = {m.variant for m in manifests if m.name == model and m.version == version}
+        pushed: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="slmops-recal-") as tmp:
+            for m in parents:
+                if m.variant in have:
+                    pushed.append(m.variant)
+                    continue
+                work = Path(tmp) / m.variant
+                bundle = await self._fetch(model, parent, m.variant, work)
+                try:
+                    new = await anyio.to_thread.run_sync(
+                        lambda b=bundle, w=work: recalibrate_bundle(  # type: ignore[misc]
+                            b, priors, key=self._key, version=version, out_dir=w / "new"
+                        )
+                    )
+                except (RecalibrationError, ValueError, BundleError) as exc:
+                    if m.variant == "fp32" or len(parents) == 1:
+                        raise RecalibrationError(model, f"variant {m.variant}: {exc}") from exc
+                    log.warning("recalibration_variant_skipped", variant=m.variant, error=str(exc))
+                    continue
+                await self.registry.push(new, self._trust)
+                pushed.append(m.variant)
+        return pushed
+
+    async def _fetch(self, model: str, version: int, variant: str, work: Path) -> Bundle:
+        obj = names.model_object_name(model, version, variant)
+        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
+        archive = work / "bundle.tar"
+        try:
+            with anyio.fail_after(120):
+                store = await self._js.object_store(names.MODELS_BUCKET)
+                with archive.open("wb") as f:  # writeinto: linear time (DESIGN §9)
+                    await store.get(obj, writeinto=f)
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"fetch {obj}: {exc!r}") from exc
+        return await anyio.to_thread.run_sync(unpack_archive, archive, work / "old")
+
+    async def _follow_up(self, event: DriftEvent, p: Proposal) -> None:
+        """The drift event again, naming the proposed version (both policies: the record of
+        what the loop did travels where analysts already look)."""
+        action = (
+            f"rollout {p.rollout} started for version {p.version}"
+            if p.rollout is not None
+            else f"slmops rollout start --fleet {p.fleet} --model {p.model} --version {p.version}"
+        )
+        follow = msgspec.structs.replace(
+            event, state="updated", proposed_version=p.version, suggested_action=action, time=self._clock()
+        )
+        try:
+            with anyio.fail_after(10):
+                await self._js.publish(
+                    names.drift_subject(event.fleet),
+                    encode_json(follow),
+                    headers={"Nats-Msg-Id": f"{event.id}:proposal:{p.version}"},
+                )
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"publish proposal event: {exc!r}") from exc
+
+
+def _proposal_key(fleet: str, model: str, parent: int) -> str:
+    return (
+        f"{names.validate_id(fleet, 'fleet')}.{names.validate_model_name(model).replace('.', '_')}.{parent}"
+    )
+
+
+#: Durable consumer of the loop on ``SLMOPS_DRIFT``; it starts with events published after its
+#: creation (old events are history, not orders).
+LOOP_CONSUMER = "slmops_loop"
+
+
+async def run_loop(
+    js: JetStreamContext,
+    loop: RecalibrationLoop,
+    *,
+    durable: str = LOOP_CONSUMER,
+    fetch_timeout: float = 1.0,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Feed ``loop`` every drift event, once: a durable pull consumer, acknowledged after the
+    event was acted on. An event that does not decode, or cannot be acted on, is logged and
+    terminated; NATS trouble while acting asks for redelivery later."""
+    config = js_api.ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=js_api.DeliverPolicy.NEW,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=300.0,  # a recalibration (fetch, build, verify, push) takes seconds
+        max_deliver=20,
+        filter_subject="slmops.drift.>",
+    )
+    try:
+        sub = await js.pull_subscribe(
+            "slmops.drift.>", durable=durable, stream=names.DRIFT_STREAM, config=config
+        )
+    except (js_errors.Error, nats.errors.Error, OSError) as exc:
+        raise NatsUnavailable("<nats>", f"create consumer {durable}: {exc!r}") from exc
+    task_status.started()
+    while True:
+        try:
+            msgs = await sub.fetch(8, timeout=fetch_timeout)
+        except nats.errors.TimeoutError:
+            continue
+        for msg in msgs:
+            try:
+                event = decode_json(msg.data, DriftEvent)
+            except msgspec.DecodeError as exc:  # ValidationError included
+                log.warning("drift_event_undecodable", subject=msg.subject, error=str(exc))
+                await msg.term()
+                continue
+            try:
+                await loop.on_drift(event)
+            except NatsUnavailable as exc:
+                log.warning("recalibration_retry", drift_event=event.id, error=str(exc))
+                await msg.nak(delay=5.0)
+                continue
+            except CloudError as exc:
+                log.error("recalibration_failed", drift_event=event.id, error=str(exc))
+                await msg.term()
+                continue
+            await msg.ack()
