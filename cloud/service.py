@@ -18,6 +18,9 @@ Inside the active instance (each a task of one group): lease renewal, the teleme
 (``events.py``) and the fleet snapshot writer (``snapshot.py``). Losing the lease cancels them
 all and the instance goes back to standby.
 
+``extra_tasks`` run in the same group, only while active (the composition root passes the
+recalibration loop here, so a standby never acts on drift events either).
+
 Resources beyond DESIGN §3 (``slmops_leases``, ``slmops_fleet``) are created idempotently here.
 """
 
@@ -26,8 +29,9 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -51,7 +55,11 @@ from .snapshot import SnapshotWriter, ensure_fleet_bucket
 from .state import NodeState, StateStore
 from .status import StatusIngest
 
-__all__ = ["CloudService"]
+__all__ = ["ActiveTask", "CloudService"]
+
+#: ``await task(js, task_status=...)``: extra work that must run only in the active instance
+#: (e.g. the recalibration loop); started after the consumers, cancelled on losing the lease.
+ActiveTask = Callable[..., Coroutine[Any, Any, None]]
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +81,7 @@ class CloudService:
         *,
         clock: Callable[[], datetime] = _utcnow,
         holder: str | None = None,
+        extra_tasks: Sequence[ActiveTask] = (),
     ) -> None:
         if not isinstance(config, CloudConfig):
             raise TypeError(f"config must be a CloudConfig, got {type(config).__name__}")
@@ -86,6 +95,7 @@ class CloudService:
         self._applier: Applier | None = None
         self._ingest: TelemetryIngest | None = None
         self._publisher: EventPublisher | None = None
+        self._extra = list(extra_tasks)
         self.takeovers = 0
 
     @property
@@ -215,4 +225,6 @@ class CloudService:
                 await tg.start(snapshots.run)
                 await tg.start(ingest.run)
                 await tg.start(status.run)
+                for task in self._extra:
+                    await tg.start(partial(task, js))
                 self._active.set()

@@ -104,5 +104,13 @@ from slmops.cli_rollout import rollout as _rollout  # noqa: E402
 
 main.add_command(_rollout)
 
+from slmops.cli_cloud import cloud as _cloud  # noqa: E402
+from slmops.cli_cloud import drift as _drift  # noqa: E402
+from slmops.cli_cloud import fleet as _fleet  # noqa: E402
+
+main.add_command(_cloud)
+main.add_command(_drift)
+main.add_command(_fleet)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

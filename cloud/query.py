@@ -1,0 +1,98 @@
+"""Read-only views for analysts: the drift event stream and the fleet state snapshot.
+
+``watch_drift`` replays ``SLMOPS_DRIFT`` (everything, or from a start time) with an ordered
+consumer and then follows it live; ``fleet_status`` reads the per-node snapshots the active
+cloud instance writes to KV ``slmops_fleet`` (``snapshot.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+
+from shared.errors import NatsUnavailable
+from shared.messages import DriftEvent, decode_json
+from shared.names import DRIFT_STREAM, drift_subject
+
+from .snapshot import FLEET_BUCKET, NodeSnapshot
+
+__all__ = ["fleet_status", "watch_drift"]
+
+log = structlog.get_logger(__name__)
+
+_snapshot_decoder = msgspec.json.Decoder(NodeSnapshot)
+
+
+async def watch_drift(nc: NATS, fleet: str | None, since: datetime | None) -> AsyncIterator[DriftEvent]:
+    """Drift events of ``fleet`` (all fleets when None) from ``since`` (all stored when None),
+    then new ones as they arrive, forever. Undecodable events are logged and skipped."""
+    js = nc.jetstream()
+    subject = drift_subject(fleet) if fleet else "slmops.drift.>"
+    if since is None:
+        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+    else:
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_TIME, opt_start_time=since
+        )
+    try:
+        sub = await js.subscribe(subject, stream=DRIFT_STREAM, ordered_consumer=True, config=config)
+    except (js_errors.Error, nats.errors.Error, OSError) as exc:
+        raise NatsUnavailable(_url(nc), f"cannot subscribe to {subject}: {exc!r}") from exc
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=None)
+            except nats.errors.TimeoutError:
+                continue
+            try:
+                yield decode_json(msg.data, DriftEvent)
+            except msgspec.DecodeError as exc:
+                log.warning("drift_event_undecodable", subject=msg.subject, error=str(exc))
+    finally:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await sub.unsubscribe()
+
+
+async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:
+    """The last snapshot of every node (of ``fleet``), sorted by fleet and node; empty when the
+    cloud never ran."""
+    js = nc.jetstream()
+    try:
+        kv = await js.key_value(FLEET_BUCKET)
+    except js_errors.BucketNotFoundError:
+        return []
+    except (nats.errors.Error, OSError) as exc:
+        raise NatsUnavailable(_url(nc), f"cannot open KV {FLEET_BUCKET}: {exc!r}") from exc
+    out = []
+    try:
+        # kv.keys() filters by substring on the client; a watch on the subject filters on the
+        # server and hands over the values too. It ends its initial replay with None.
+        watcher = await kv.watch(f"{fleet}.*" if fleet else ">", ignore_deletes=True)
+        try:
+            while True:
+                entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]  # nats-py
+                if entry is None:
+                    break
+                if entry.value:
+                    try:
+                        out.append(_snapshot_decoder.decode(entry.value))
+                    except msgspec.DecodeError as exc:
+                        log.warning("fleet_snapshot_undecodable", key=entry.key, error=str(exc))
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py has no hints here
+    except (nats.errors.Error, OSError) as exc:
+        raise NatsUnavailable(_url(nc), f"cannot read KV {FLEET_BUCKET}: {exc!r}") from exc
+    return sorted(out, key=lambda s: (s.fleet, s.node))
+
+
+def _url(nc: NATS) -> str:
+    url = nc.connected_url
+    return f"{url.scheme}://{url.hostname}:{url.port}" if url is not None else "<nats>"

@@ -1,0 +1,383 @@
+"""``slmops cloud``, ``slmops drift watch`` and ``slmops fleet status``: parsing and output
+only; the work is in ``cloud.service`` and ``cloud.query``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import click
+import msgspec
+
+from shared.config import parse_duration
+from shared.errors import SlmopsError
+from shared.names import validate_id
+
+if TYPE_CHECKING:
+    from cloud.snapshot import NodeSnapshot
+    from shared.messages import DriftEvent
+
+__all__ = ["cloud", "drift", "fleet"]
+
+_nats = click.option(
+    "--nats",
+    "nats_url",
+    envvar="SLMOPS_NATS_URL",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="NATS server URL (several, comma-separated, for a cluster). Env: SLMOPS_NATS_URL.",
+)
+
+
+def _fleet_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    try:
+        if isinstance(value, tuple):
+            return tuple(validate_id(v, "fleet") for v in value)
+        return validate_id(value, "fleet") if value is not None else None
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _run(main: Callable[[], Awaitable[int]]) -> None:
+    """Run ``main`` under anyio; SIGINT/SIGTERM end it cleanly with code 0; our errors exit 1
+    with their message."""
+
+    async def guarded() -> int:
+        result = 0
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def body() -> None:
+                    nonlocal result
+                    try:
+                        result = await main()
+                    except SlmopsError as exc:
+                        click.echo(f"error: {exc}", err=True)
+                        result = 1
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(body)
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    break
+        return result
+
+    try:
+        code = anyio.run(guarded)
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+# -- slmops cloud ------------------------------------------------------------------------------
+
+
+@click.command("cloud")
+@_nats
+@click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("slmops-cloud"),
+    show_default=True,
+    envvar="SLMOPS_CLOUD_STATE",
+    help="Directory of the cloud's SQLite state. Standbys that should take over without losing "
+    "totals must share it. Env: SLMOPS_CLOUD_STATE.",
+)
+@click.option(
+    "--fleet",
+    "fleets",
+    multiple=True,
+    callback=_fleet_id,
+    help="Watch only this fleet (repeatable). Default: every fleet.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="TOML/JSON file with CloudConfig keys (e.g. batch_size, lease_ttl, [drift] min_count); "
+    "flags win over it.",
+)
+@click.option("--batch-size", type=int, default=None, help="Messages per fetch and transaction [256].")
+@click.option("--lease-ttl", default=None, help="Single-active lease TTL, e.g. 10s [10s].")
+@click.option(
+    "--min-count", type=int, default=None, help="Inferences a node window needs to be tested [100]."
+)
+@click.option(
+    "--target-false-rate",
+    type=float,
+    default=None,
+    help="Target false drift events per node-window on stationary traffic [1e-4].",
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SLMOPS_CLOUD_KEY",
+    default=None,
+    help="The cloud's Ed25519 private key file, to sign recalibrated versions. Env: SLMOPS_CLOUD_KEY.",
+)
+@click.option(
+    "--recalibrate",
+    type=click.Choice(["off", "suggest", "auto"]),
+    default="off",
+    show_default=True,
+    help="On a fleet-wide label shift: build a recalibrated version and roll it out (auto), "
+    "propose it in a drift event (suggest), or do nothing (off). Needs --key.",
+)
+@click.option(
+    "--rollouts/--no-rollouts",
+    default=True,
+    show_default=True,
+    help="Run the rollout controller in the active instance.",
+)
+def cloud(
+    nats_url: str,
+    state_dir: Path,
+    fleets: tuple[str, ...],
+    config_path: Path | None,
+    batch_size: int | None,
+    lease_ttl: str | None,
+    min_count: int | None,
+    target_false_rate: float | None,
+    key_path: Path | None,
+    recalibrate: str,
+    rollouts: bool,
+) -> None:
+    """Run the cloud service: ingest telemetry, keep the fleet state, detect drift, publish
+    drift events on slmops.drift.<fleet>. Runs until Ctrl-C or SIGTERM.
+
+    Several instances may run against one NATS: one is active (it holds the lease
+    `cloud[-<fleets>]` in KV slmops_leases), the others stand by and take over within one
+    lease TTL when it stops.
+    """
+    from cloud.config import CloudConfig
+    from shared.config import load_config
+
+    data: dict[str, Any] = {"nats_url": nats_url, "state_dir": str(state_dir), "fleets": list(fleets)}
+    if batch_size is not None:
+        data["batch_size"] = batch_size
+    try:
+        if lease_ttl is not None:
+            data["lease_ttl"] = parse_duration(lease_ttl)
+        drift_flags = {"min_count": min_count, "target_false_rate": target_false_rate}
+        drift_flags = {k: v for k, v in drift_flags.items() if v is not None}
+        config = load_config(CloudConfig, data, config_path)
+        if drift_flags:
+            merged = {**msgspec.to_builtins(config.drift), **drift_flags}
+            config = msgspec.structs.replace(config, drift=msgspec.convert(merged, type(config.drift)))
+    except (ValueError, msgspec.ValidationError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+    if recalibrate != "off" and key_path is None:
+        raise click.UsageError("--recalibrate suggest/auto needs --key (the cloud's signing key)")
+
+    async def main() -> int:
+        from cloud.service import ActiveTask, CloudService
+
+        extra: list[ActiveTask] = []
+        if rollouts:
+            from cloud.rollout import RolloutRunner
+
+            async def run_rollouts(js: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+                await RolloutRunner(js, url=nats_url).run(task_status=task_status)
+
+            extra.append(run_rollouts)
+        if recalibrate != "off" and key_path is not None:
+            from cloud.loop import RecalibrationLoop, load_cloud_key, run_loop
+
+            key = load_cloud_key(key_path)
+
+            async def run_recalibration(js: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+                loop = RecalibrationLoop(js, key, policy=recalibrate, url=nats_url)  # type: ignore[arg-type]
+                await run_loop(js, loop, task_status=task_status)
+
+            extra.append(run_recalibration)
+        async with CloudService(config, extra_tasks=extra) as svc:
+            click.echo(
+                f"slmops cloud {svc.holder}: state {config.state_dir}, fleets "
+                f"{', '.join(config.fleets) or 'all'}; Ctrl-C stops it",
+                err=True,
+            )
+            await anyio.sleep_forever()
+        return 0
+
+    _run(main)
+
+
+# -- slmops drift watch ------------------------------------------------------------------------
+
+
+@click.group("drift")
+def drift() -> None:
+    """Drift events: what the cloud found in the fleet's traffic."""
+
+
+def _event_row(e: DriftEvent) -> list[str]:
+    where = e.node if e.scope == "node" and e.node else "(fleet)"
+    stat = f"{e.statistic}={e.value:.3g}"
+    if e.p_value is not None:
+        stat += f" p={e.p_value:.2g}"
+    extra = []
+    if e.estimated_priors:
+        extra.append("priors " + ",".join(f"{k}={v:.2f}" for k, v in e.estimated_priors.items()))
+    if e.expected_accuracy is not None:
+        extra.append(f"exp.acc {e.expected_accuracy:.3f}")
+    if e.reference != "manifest":
+        extra.append(f"ref {e.reference}")
+    return [
+        e.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        e.fleet,
+        where,
+        f"{e.model.name} v{e.model.version}",
+        e.signal,
+        e.state,
+        e.severity,
+        f"{e.effect_size:.3f}",
+        stat,
+        "; ".join(extra),
+    ]
+
+
+_EVENT_HEADER = [
+    "time (UTC)",
+    "fleet",
+    "node",
+    "model",
+    "signal",
+    "state",
+    "severity",
+    "effect",
+    "statistic",
+    "",
+]
+_EVENT_WIDTHS = [19, 14, 16, 12, 12, 8, 8, 6, 28, 0]
+
+
+def _line(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) if w else c for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+@drift.command("watch")
+@_nats
+@click.option("--fleet", default=None, callback=_fleet_id, help="Only this fleet. Default: every fleet.")
+@click.option(
+    "--since", default="1h", show_default=True, help="Replay events from this long ago, e.g. 30m, 2d."
+)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every stored event (overrides --since).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line instead of a table.")
+@click.option("--limit", type=int, default=None, help="Exit after this many events (for scripts).")
+def watch(
+    nats_url: str, fleet: str | None, since: str, replay_all: bool, as_json: bool, limit: int | None
+) -> None:
+    """Replay recent drift events, then follow new ones live. Ctrl-C exits (code 0)."""
+    try:
+        seconds = parse_duration(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from exc
+    if limit is not None and limit < 1:
+        raise click.BadParameter(f"must be >= 1, got {limit!r}", param_hint="--limit")
+    start = None if replay_all else datetime.now(UTC) - timedelta(seconds=seconds)
+
+    async def main() -> int:
+        from cloud.query import watch_drift
+        from shared.connect import connect_once
+        from shared.messages import encode_json
+
+        nc = await connect_once(nats_url)
+        seen = 0
+        try:
+            if not as_json:
+                click.echo(_line(_EVENT_HEADER, _EVENT_WIDTHS))
+            async for event in watch_drift(nc, fleet, start):
+                if as_json:
+                    click.echo(encode_json(event).decode())
+                else:
+                    click.echo(_line(_event_row(event), _EVENT_WIDTHS))
+                seen += 1
+                if limit is not None and seen >= limit:
+                    break
+        finally:
+            with anyio.CancelScope(shield=True):
+                await nc.close()
+        return 0
+
+    _run(main)
+
+
+# -- slmops fleet status -----------------------------------------------------------------------
+
+
+@click.group("fleet")
+def fleet() -> None:
+    """The fleet as the cloud sees it."""
+
+
+def _ago(t: datetime | None) -> str:
+    if t is None:
+        return "-"
+    s = (datetime.now(UTC) - t).total_seconds()
+    return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago")
+
+
+def _node_row(n: NodeSnapshot) -> list[str]:
+    model = f"{n.model} v{n.model_version} {n.variant}" if n.model else "-"
+    return [
+        n.fleet,
+        n.node,
+        model,
+        _ago(n.last_seen),
+        str(n.inferences),
+        str(n.windows),
+        str(n.seq_high),
+        str(n.missing_seqs),
+        str(n.duplicates),
+        str(n.outbox_depth),
+        f"{n.dropped_inferences}/{n.dropped_aggregates}",
+        n.device or n.arch or "-",
+    ]
+
+
+_NODE_HEADER = ["fleet", "node", "model", "last seen", "inferences", "windows", "seq", "missing", "dups",
+                "outbox", "dropped", "device"]  # fmt: skip
+_NODE_WIDTHS = [14, 16, 16, 9, 10, 7, 6, 7, 5, 6, 7, 0]
+
+
+@fleet.command("status")
+@_nats
+@click.option("--fleet", "fleet_id", default=None, callback=_fleet_id, help="Only this fleet.")
+@click.option("--json", "as_json", is_flag=True, help='JSON: {"nodes": [{"node", "model_version", ...}]}.')
+def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
+    """Per node: model, last seen, inferences counted exactly once, windows, seq high-water
+    mark and missing seqs, duplicates dropped, outbox depth and drops from status reports.
+
+    Read from KV slmops_fleet, which the active cloud instance keeps up to date (within about
+    a second); works while the cloud is down, showing its last state."""
+
+    async def main() -> int:
+        from cloud.query import fleet_status
+        from shared.connect import connect_once
+
+        nc = await connect_once(nats_url)
+        try:
+            nodes = await fleet_status(nc, fleet_id)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await nc.close()
+        if as_json:
+            click.echo(json.dumps({"nodes": msgspec.to_builtins(nodes)}))
+        else:
+            click.echo(_line(_NODE_HEADER, _NODE_WIDTHS))
+            for n in nodes:
+                click.echo(_line(_node_row(n), _NODE_WIDTHS))
+            if not nodes:
+                click.echo("(no nodes: has the cloud service run against this NATS?)", err=True)
+        return 0
+
+    _run(main)
