@@ -40,6 +40,7 @@ from edge.inference import Batcher
 from edge.models import ActiveModel, ModelManager
 from edge.outbox import Publisher
 from edge.refresh import Refresher
+from edge.safety import SafetyMonitor
 from edge.status import StatusReporter, device_profile
 from edge.window import Windower
 from shared.bundle import TrustStore, read_bundle
@@ -98,6 +99,7 @@ class EdgeNode:
             outbox_max_bytes=config.outbox_max_bytes,
             dp_epsilon=config.dp_epsilon,
             dp_budget=config.dp_budget,
+            commit_interval=config.commit_interval,
             clock=clock,
         )
         self.models = ModelManager(
@@ -138,6 +140,8 @@ class EdgeNode:
             interval=config.status_interval,
         )
         self.refresher = Refresher.for_node(self)
+        #: Node-local safety: a new version over its health limits is rolled back here.
+        self.safety = SafetyMonitor.for_node(self)
         self.started_at = clock()
         self.last_error: str | None = None
         self.http_port: int | None = None
@@ -169,6 +173,7 @@ class EdgeNode:
                 ("publisher", self.publisher.run),
                 ("status", self.status.run),
                 ("refresh", self.refresher.run),
+                ("safety", self.safety.run),
             ):
                 self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
             if self.config.http is not None:

@@ -1,0 +1,302 @@
+"""Node-local safety: a freshly swapped-in model that breaches the node's health limits is
+replaced by the previous one, by the node itself — online or not — and the node says so.
+
+After every install the new version is watched for ``watch_s``. Each ``interval`` the monitor
+reads the inference counters (served, failed, batches, model seconds) and attributes the change
+to the version that is current; the swap itself closes the previous version's window, so the
+two never mix. Once the new version has ``min_samples`` inferences it is judged:
+
+* error rate above ``max_error_rate``, or above the previous version's by more than
+  ``max_error_increase``;
+* latency p95 above ``max_latency_ms`` (when set), or above ``max_latency_ratio`` times the
+  previous version's (when that one had ``min_samples`` too). Latency is the mean model time
+  per batch over one interval; p95 is taken over those interval means, weighted by batches —
+  what the counters allow without touching the hot path.
+
+A breach: ``ModelManager.rollback()``, the version goes on the node's block list (persisted,
+so a restart does not forget it), and a ``NodeStatus`` with event ``rollback`` is reported —
+retried every interval until it was sent, so an offline node reports when it is back. A
+blocked version that gets installed again (its assignment still names it) is rolled back at
+once, without waiting for samples: ``is_blocked`` is there for the refresher to consult
+before it downloads.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import anyio
+import msgspec
+import structlog
+
+from edge.models import ActiveModel, ModelManager
+from shared.errors import BundleError
+from shared.messages import ModelRef
+
+if TYPE_CHECKING:
+    from edge.node import EdgeNode
+
+__all__ = ["Counters", "SafetyLimits", "SafetyMonitor", "VersionHealth"]
+
+log = structlog.get_logger(__name__)
+
+#: Interval samples kept per version (at 1 s per interval: the last ~8.5 minutes).
+_SAMPLES = 512
+
+
+class SafetyLimits(msgspec.Struct, kw_only=True, frozen=True):
+    """When a node abandons a new version on its own. Validated on construction."""
+
+    min_samples: int = 50
+    watch_s: float = 600.0
+    max_error_rate: float = 0.05
+    max_error_increase: float = 0.02
+    max_latency_ratio: float = 3.0
+    max_latency_ms: float | None = None
+    interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_samples, bool) or self.min_samples < 1:
+            raise ValueError(f"min_samples must be a positive int, got {self.min_samples!r}")
+        for name in ("watch_s", "interval", "max_latency_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("max_error_rate", "max_error_increase"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ValueError(f"max_latency_ms must be positive, got {self.max_latency_ms!r}")
+
+
+class Counters(NamedTuple):
+    """Cumulative inference counters (``edge.inference.Batcher``'s)."""
+
+    served: int
+    failed: int
+    batches: int
+    model_seconds: float
+
+
+class VersionHealth:
+    """What one version did on this node since it became current."""
+
+    __slots__ = ("failed", "latency", "ref", "served", "since")
+
+    def __init__(self, ref: ModelRef, since: float) -> None:
+        self.ref = ref
+        self.since = since
+        self.served = 0
+        self.failed = 0
+        #: (mean batch latency in ms over one interval, batches in it)
+        self.latency: collections.deque[tuple[float, int]] = collections.deque(maxlen=_SAMPLES)
+
+    @property
+    def samples(self) -> int:
+        return self.served + self.failed
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.samples if self.samples else 0.0
+
+    def latency_p95(self) -> float | None:
+        if not self.latency:
+            return None
+        ordered = sorted(self.latency)
+        total = sum(w for _, w in ordered)
+        seen = 0
+        for value, w in ordered:
+            seen += w
+            if seen >= 0.95 * total:
+                return value
+        return ordered[-1][0]
+
+    def add(self, before: Counters, after: Counters) -> None:
+        self.served += max(0, after.served - before.served)
+        self.failed += max(0, after.failed - before.failed)
+        batches = after.batches - before.batches
+        if batches > 0:
+            self.latency.append(((after.model_seconds - before.model_seconds) * 1000.0 / batches, batches))
+
+
+#: ``await report(event, **NodeStatus fields)`` → whether the status was sent.
+Report = Callable[..., Awaitable[bool]]
+
+
+class SafetyMonitor:
+    """See the module docstring. ``run`` until cancelled; ``tick(now)`` is one check."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        counters: Callable[[], Counters],
+        report: Report,
+        *,
+        state_path: Path,
+        limits: SafetyLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.models = models
+        self.limits = limits or SafetyLimits()
+        self._counters = counters
+        self._report = report
+        self._clock = clock
+        self.state_path = Path(state_path)
+        self.blocked: set[tuple[str, int]] = self._load_blocked()
+        self._last = counters()
+        self._current: VersionHealth | None = None
+        self._baseline: VersionHealth | None = None
+        self._watching = False
+        self._pending_report: dict[str, Any] | None = None
+        self._rolling_back = False
+        self.rollbacks = 0
+        current = models.current
+        if current is not None:
+            self._current = VersionHealth(current.ref, clock())
+        models.on_change(self._on_change)
+
+    @classmethod
+    def for_node(cls, node: EdgeNode, **options: Any) -> SafetyMonitor:
+        b = node.batcher
+        return cls(
+            node.models,
+            lambda: Counters(b.served, b.failed, b.batches, b.model_seconds),
+            node.report_status,
+            state_path=Path(node.config.data_dir) / "safety.json",
+            **options,
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        cur = self._current
+        return {
+            "watching": self._watching,
+            "version": None if cur is None else cur.ref.version,
+            "samples": 0 if cur is None else cur.samples,
+            "rollbacks": self.rollbacks,
+            "blocked": sorted(f"{n}/{v}" for n, v in self.blocked),
+        }
+
+    def is_blocked(self, ref: ModelRef) -> bool:
+        """Whether this node abandoned ``ref``'s version for breaching its health limits."""
+        return (ref.name, ref.version) in self.blocked
+
+    # -- swaps -----------------------------------------------------------------------------
+
+    def _on_change(self, event: str, active: ActiveModel) -> None:
+        now = self._clock()
+        if self._current is not None:  # close the outgoing version's window at the swap
+            snap = self._counters()
+            self._current.add(self._last, snap)
+            self._last = snap
+        outgoing, previous = self._current, self.models.previous
+        self._current = VersionHealth(active.ref, now)
+        # Watch a fresh install that has something to go back to; compare it with the
+        # outgoing version when that is the one a rollback would restore.
+        self._watching = event == "model_installed" and previous is not None and previous != active.ref
+        self._baseline = outgoing if outgoing is not None and outgoing.ref == previous else None
+        if self._watching:
+            log.info("safety_watching", version=active.ref.version, previous=previous and previous.version)
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def judge(self) -> str | None:
+        """The breach of the version being watched, or None (healthy or too few samples)."""
+        cur, base, lim = self._current, self._baseline, self.limits
+        if cur is None or not self._watching:
+            return None
+        if self.is_blocked(cur.ref):
+            return f"version {cur.ref.version} is blocked on this node"
+        if cur.samples < lim.min_samples:
+            return None
+        if cur.error_rate > lim.max_error_rate:
+            return f"error rate {cur.error_rate:.3f} > limit {lim.max_error_rate}"
+        base_ok = base is not None and base.samples >= lim.min_samples
+        if base is not None and base_ok and cur.error_rate - base.error_rate > lim.max_error_increase:
+            return f"error rate {cur.error_rate:.3f} vs {base.error_rate:.3f} before"
+        p95 = cur.latency_p95()
+        if p95 is not None and lim.max_latency_ms is not None and p95 > lim.max_latency_ms:
+            return f"latency p95 {p95:.3f} ms > limit {lim.max_latency_ms} ms"
+        base_p95 = base.latency_p95() if base is not None and base_ok else None
+        if (
+            p95 is not None
+            and base_p95 is not None
+            and base_p95 > 0
+            and p95 / base_p95 > lim.max_latency_ratio
+        ):
+            return f"latency p95 {p95:.3f} ms = {p95 / base_p95:.1f}x the previous version's"
+        return None
+
+    async def tick(self, now: float | None = None) -> str | None:
+        """Attribute the counters, judge, roll back on a breach, (re)send a pending report.
+        Returns the breach acted on, if any."""
+        now = self._clock() if now is None else now
+        snap = self._counters()
+        if self._current is None and self.models.current is not None:  # loaded from the cache
+            self._current = VersionHealth(self.models.current.ref, now)
+        elif self._current is not None:
+            self._current.add(self._last, snap)
+        self._last = snap
+        breach = None
+        if self._watching and self._current is not None:
+            if now - self._current.since > self.limits.watch_s and not self.is_blocked(self._current.ref):
+                self._watching = False
+                log.info("safety_watch_passed", version=self._current.ref.version)
+            else:
+                breach = self.judge()
+                if breach is not None:
+                    await self._roll_back(breach)
+        if self._pending_report is not None and await self._report("rollback", **self._pending_report):
+            self._pending_report = None
+        return breach
+
+    async def _roll_back(self, breach: str) -> None:
+        cur = self._current
+        assert cur is not None  # judged above
+        bad = cur.ref
+        self.blocked.add((bad.name, bad.version))
+        await anyio.to_thread.run_sync(self._save_blocked)
+        try:
+            back = await self.models.rollback()
+        except BundleError as exc:
+            self._watching = False
+            log.error("safety_rollback_impossible", version=bad.version, reason=breach, code=exc.code)
+            return
+        self.rollbacks += 1
+        log.warning("safety_rollback", bad_version=bad.version, to_version=back.version, reason=breach)
+        self._pending_report = {"last_error": f"safety rollback from version {bad.version}: {breach}"}
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self.limits.interval)
+            await self.tick()
+
+    # -- block list ------------------------------------------------------------------------
+
+    def _load_blocked(self) -> set[tuple[str, int]]:
+        try:
+            data = json.loads(self.state_path.read_text())
+            return {(str(n), int(v)) for n, v in data.get("blocked", [])}
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.error("safety_state_unreadable", path=str(self.state_path), error=repr(exc))
+            return set()
+
+    def _save_blocked(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=".safety-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"blocked": sorted(self.blocked)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,238 @@
+"""Node-local safety: after a swap, a version that breaches the node's health limits is
+replaced by the previous one by the node itself (even offline), blocked, and reported.
+
+The logic is driven with a real ModelManager (real bundles, real ORT) and injected inference
+counters and clock; the last test runs a real EdgeNode on a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from _edge_util import Keys, edge_config
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from _models import make_bundle
+from _nats import wait_until
+from edge.models import ModelManager
+from edge.node import EdgeNode
+from edge.safety import Counters, SafetyLimits, SafetyMonitor
+from shared import names
+from shared.bundle import TrustStore
+from shared.messages import NodeStatus, decode_json
+from shared.server import EmbeddedServer
+
+LIMITS = SafetyLimits(min_samples=50, watch_s=60, interval=1.0)
+
+
+class Traffic:
+    """The node's inference counters, advanced by the test."""
+
+    def __init__(self) -> None:
+        self.c = Counters(0, 0, 0, 0.0)
+
+    def __call__(self) -> Counters:
+        return self.c
+
+    def serve(self, n: int, *, ms: float, failed: int = 0, batches: int = 10) -> None:
+        s = self.c
+        self.c = Counters(
+            s.served + n, s.failed + failed, s.batches + batches, s.model_seconds + ms * batches / 1000
+        )
+
+
+class Reports:
+    def __init__(self, online: bool = True) -> None:
+        self.online = online
+        self.sent: list[tuple[str, dict[str, object]]] = []
+        self.attempts = 0
+
+    async def __call__(self, event: str, **fields: object) -> bool:
+        self.attempts += 1
+        if self.online:
+            self.sent.append((event, fields))
+        return self.online
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> tuple[ModelManager, Path, Path, Ed25519PrivateKey]:
+    key = Ed25519PrivateKey.generate()
+    v1 = make_bundle(tmp_path / "v1", key, version=1).path
+    v2 = make_bundle(tmp_path / "v2", key, version=2).path
+
+    async def register(_: object) -> int:
+        return 1
+
+    models = ModelManager(tmp_path / "cache", TrustStore([key.public_key()]), register=register, memory_mb=0)
+    await models.open()
+    await models.install(v1, source="test")
+    return models, v1, v2, key
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def _baseline(monitor: SafetyMonitor, traffic: Traffic, clock: Clock) -> None:
+    for _ in range(3):
+        traffic.serve(100, ms=1.0)
+        clock.t += 1
+        assert await monitor.tick() is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [({"ms": 10.0}, "latency p95"), ({"ms": 1.0, "failed": 10}, "error rate")],
+    ids=["ten_times_slower", "errors"],
+)
+async def test_breaching_version_is_rolled_back_blocked_and_reported_once_online(
+    setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path, bad: dict[str, float], why: str
+) -> None:
+    models, _, v2, _ = setup
+    traffic, clock, reports = Traffic(), Clock(), Reports(online=False)
+    monitor = SafetyMonitor(
+        models, traffic, reports, state_path=tmp_path / "safety.json", limits=LIMITS, clock=clock
+    )
+    await _baseline(monitor, traffic, clock)
+    await models.install(v2, source="test")
+    # Below the minimum sample count nothing is judged, however bad.
+    traffic.serve(30, **bad)  # type: ignore[arg-type]
+    clock.t += 1
+    assert await monitor.tick() is None
+    traffic.serve(30, **bad)  # type: ignore[arg-type]
+    clock.t += 1
+    breach = await monitor.tick()
+    assert breach is not None
+    assert why in breach
+    current = models.current
+    assert current is not None
+    assert current.ref.version == 1
+    assert monitor.is_blocked(models.previous or current.ref)
+    # Offline: the report waits, and goes out (once) when the node is back.
+    assert reports.sent == []
+    reports.online = True
+    clock.t += 1
+    await monitor.tick()
+    await monitor.tick()
+    assert [event for event, _ in reports.sent] == ["rollback"]
+    assert "version 2" in str(reports.sent[0][1]["last_error"])
+
+
+@pytest.mark.anyio
+async def test_healthy_version_stays_and_the_watch_ends(
+    setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path
+) -> None:
+    models, _, v2, _ = setup
+    traffic, clock, reports = Traffic(), Clock(), Reports()
+    monitor = SafetyMonitor(
+        models, traffic, reports, state_path=tmp_path / "safety.json", limits=LIMITS, clock=clock
+    )
+    await _baseline(monitor, traffic, clock)
+    await models.install(v2, source="test")
+    for _ in range(5):
+        traffic.serve(100, ms=1.3)  # a little slower: within the 3x limit
+        clock.t += 1
+        assert await monitor.tick() is None
+    clock.t += LIMITS.watch_s
+    await monitor.tick()
+    assert monitor.statistics()["watching"] is False
+    traffic.serve(100, ms=50)  # after the watch, the swap is settled: no local rollback
+    clock.t += 1
+    assert await monitor.tick() is None
+    current = models.current
+    assert current is not None
+    assert current.ref.version == 2
+    assert reports.sent == []
+
+
+@pytest.mark.anyio
+async def test_block_list_survives_a_restart_and_a_reinstall_is_undone_at_once(
+    setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path
+) -> None:
+    models, _, v2, _ = setup
+    traffic, clock, reports = Traffic(), Clock(), Reports()
+    state = tmp_path / "safety.json"
+    monitor = SafetyMonitor(models, traffic, reports, state_path=state, limits=LIMITS, clock=clock)
+    await _baseline(monitor, traffic, clock)
+    await models.install(v2, source="test")
+    traffic.serve(100, ms=10.0)
+    clock.t += 1
+    assert await monitor.tick() is not None
+    # A new monitor (node restart) still knows; the assignment installs v2 again.
+    again = SafetyMonitor(models, traffic, reports, state_path=state, limits=LIMITS, clock=clock)
+    await models.install(v2, source="refresh")
+    clock.t += 1
+    breach = await again.tick()
+    assert breach is not None
+    assert "blocked" in breach
+    current = models.current
+    assert current is not None
+    assert current.ref.version == 1
+
+
+def test_limits_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="min_samples"):
+        SafetyLimits(min_samples=0)
+    with pytest.raises(ValueError, match="max_error_rate"):
+        SafetyLimits(max_error_rate=2)
+
+
+@pytest.mark.anyio
+async def test_real_edge_node_rolls_back_on_its_own_and_reports_it(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """A real node over its absolute latency limit (set below any real latency) right after
+    a swap goes back to the previous version and publishes a ``rollback`` status."""
+    keys = Keys(tmp_path / "keys")
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle(1).path)
+    v2 = keys.bundle(2).path
+    async with EdgeNode(cfg) as node:
+        node.safety.limits = SafetyLimits(min_samples=20, max_latency_ms=1e-6, interval=0.05)
+        await node.link.wait_online()
+        await node.predict(["alpha words"] * 5)
+        await node.models.install(v2, source="test")
+        for _ in range(10):
+            await node.predict(["beta words"] * 5)
+        await wait_until(lambda: node.models.current is not None and node.models.current.ref.version == 1,
+                         timeout=10, what="rolled back to v1")  # fmt: skip
+        assert node.safety.is_blocked(node.models.previous)  # type: ignore[arg-type]
+        await wait_until(lambda: _any_rollback(js, fleet), timeout=10, what="rollback status")
+    rollbacks = [s for s in await _statuses(js, fleet) if s.event == "rollback"]
+    assert rollbacks
+    assert rollbacks[-1].model is not None
+    assert rollbacks[-1].model.version == 1
+
+
+async def _statuses(js: JetStreamContext, fleet: str) -> list[NodeStatus]:
+    subject = f"slmops.status.{fleet}.>"
+    info = await js.stream_info(names.STATUS_STREAM, subjects_filter=subject)
+    total = sum((info.state.subjects or {}).values())
+    out: list[NodeStatus] = []
+    if not total:
+        return out
+    config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+    sub = await js.subscribe(subject, ordered_consumer=True, config=config)
+    try:
+        with anyio.fail_after(10):
+            async for msg in sub.messages:
+                out.append(decode_json(msg.data, NodeStatus))
+                if len(out) >= total:
+                    break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def _any_rollback(js: JetStreamContext, fleet: str) -> bool:
+    return any(
+        s.event == "rollback" and s.last_error and "safety" in s.last_error
+        for s in await _statuses(js, fleet)
+    )
