@@ -8,14 +8,17 @@ store directories rewritten (each rewrite fails loudly if its text is gone from 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,10 +31,10 @@ import nats
 import nats.errors
 import pytest
 import yaml
-from _nats import free_port
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
+from _nats import free_port
 from shared import names
 from shared.errors import NatsUnavailable
 from shared.provision import ensure_resources
@@ -53,7 +56,8 @@ BIG_OBJECT = 8 * 1024 * 1024
 
 def _load_generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("make_node_users", NATS_DIR / "make_node_users.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -118,10 +122,8 @@ class _Server:
             if time.monotonic() > deadline:
                 pytest.fail(f"nats-server -c {self.conf} wrote no ports file in {timeout}s:\n{self.log()}")
             for path in ports.glob("*.ports"):
-                try:
+                with contextlib.suppress(ValueError, KeyError, IndexError):  # half written: read again
                     self.url = json.loads(path.read_text())["nats"][0]
-                except (ValueError, KeyError, IndexError):
-                    pass  # half written: read again
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -157,14 +159,18 @@ class _Client:
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.nc: NATS | None = None
+        self._arrived = anyio.Event()
 
     async def error_cb(self, exc: Exception) -> None:
         self.errors.append(str(exc))
+        self._arrived.set()
+        self._arrived = anyio.Event()
 
     async def wait_error(self, needle: str, timeout: float = 5.0) -> None:
+        """Return once an error containing ``needle`` has arrived; TimeoutError after ``timeout``."""
         with anyio.fail_after(timeout):
             while not any(needle in e for e in self.errors):
-                await anyio.sleep(0.02)
+                await self._arrived.wait()
 
 
 @asynccontextmanager
@@ -318,7 +324,7 @@ async def test_single_node_is_denied_other_subjects_and_all_writes(single: _Serv
         await _assert_denied_publish(js, client, f"$KV.{names.ASSIGNMENTS_BUCKET}.{FLEET}.{NODE}")
         with pytest.raises(nats.errors.TimeoutError):
             await js.delete_stream(names.TELEMETRY_STREAM)
-        await client.wait_error("permissions violation for publish to \"$js.api.stream.delete")
+        await client.wait_error('permissions violation for publish to "$js.api.stream.delete')
         # Nothing it tried reached the streams.
     async with _connect(single.creds("cloud", CLOUD_PW)) as (nc, _):
         info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
@@ -340,10 +346,11 @@ async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> 
         manifests = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
         assert (await manifests.get(names.manifest_key("kw", 1, "fp32"))).value == b"manifest-1"
 
-        watcher = await kv.watch(names.assignment_key(FLEET, NODE))
+        watcher: Any = await kv.watch(names.assignment_key(FLEET, NODE))
         try:
             first = await watcher.updates(timeout=5)
-            assert first is not None and first.value == b"own-v1"
+            assert first is not None
+            assert first.value == b"own-v1"
             cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
             await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
             with anyio.fail_after(5):
@@ -373,7 +380,7 @@ async def test_single_node_downloads_a_model_bundle_object(single: _Server) -> N
         denied = await nc.jetstream(timeout=1).object_store(names.MODELS_BUCKET)
         with pytest.raises(nats.errors.TimeoutError):
             await denied.put("evil/1/fp32", b"x")
-        await client.wait_error("permissions violation for publish to \"$o.slmops_models")
+        await client.wait_error('permissions violation for publish to "$o.slmops_models')
         assert not any("$js.fc" in e for e in client.errors)
 
 
@@ -397,9 +404,11 @@ async def test_single_node_cannot_receive_other_inboxes(single: _Server) -> None
     """A node may subscribe only to its own inbox prefix, so it cannot read others' replies."""
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
         await nc.subscribe(f"{names.inbox_prefix(OTHER)}.>")
-        await client.wait_error(f'permissions violation for subscription to "{names.inbox_prefix(OTHER).lower()}')
+        await client.wait_error(
+            f'permissions violation for subscription to "{names.inbox_prefix(OTHER).lower()}'
+        )
         await nc.subscribe(names.telemetry_subject(FLEET, OTHER))
-        await client.wait_error("permissions violation for subscription to \"slmops.telemetry")
+        await client.wait_error('permissions violation for subscription to "slmops.telemetry')
 
 
 @pytest.mark.anyio
@@ -419,7 +428,8 @@ async def test_single_cloud_ingests_with_a_durable_pull_consumer_and_acks(single
         assert [m.data for m in msgs] == [b"agg"]
         await msgs[0].ack_sync(timeout=5)
         info = await js.consumer_info(names.TELEMETRY_STREAM, "ingest-test")
-        assert info.num_ack_pending == 0 and info.num_pending == 0
+        assert info.num_ack_pending == 0
+        assert info.num_pending == 0
         ack = await js.publish(names.drift_subject(FLEET), b"{}", timeout=5)
         assert ack.stream == names.DRIFT_STREAM
         assert client.errors == []
@@ -466,12 +476,14 @@ async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_s
         async with _connect(servers[1].creds("cloud", CLOUD_PW)) as (nc, _):
             info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
             assert info.config.num_replicas == 3
-            assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+            assert info.cluster is not None
+            assert len(info.cluster.replicas or []) == 2
 
         await anyio.to_thread.run_sync(servers[0].stop)
         survivors = [s.creds(f"node-{NODE}", NODE_PW) for s in servers[1:]]
         ack = await _publish_until_acked(survivors, subject, names.msg_id(NODE, 2))
-        assert ack.seq == 2 and not ack.duplicate
+        assert ack.seq == 2
+        assert not ack.duplicate
         async with _connect(servers[2].creds("cloud", CLOUD_PW)) as (nc, _):
             info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
             assert info.state.messages == 2
@@ -508,15 +520,17 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
         at_site = site.creds(f"node-{NODE}", NODE_PW)
         subject = names.telemetry_subject(FLEET, NODE)
         ack = await _publish_until_acked(at_site, subject, names.msg_id(NODE, 1))  # leaf link up
-        assert ack.stream == names.TELEMETRY_STREAM and ack.seq == 1
+        assert ack.stream == names.TELEMETRY_STREAM
+        assert ack.seq == 1
         async with _connect(at_site, node=NODE) as (nc, client):
             js = nc.jetstream(timeout=2)
             kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
             assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
-            watcher = await kv.watch(names.assignment_key(FLEET, NODE))
+            watcher: Any = await kv.watch(names.assignment_key(FLEET, NODE))
             try:
                 entry = await watcher.updates(timeout=5)
-                assert entry is not None and entry.value == b"own-v1"
+                assert entry is not None
+                assert entry.value == b"own-v1"
             finally:
                 await watcher.stop()
             store = await js.object_store(names.MODELS_BUCKET)
@@ -539,3 +553,243 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
         async with _connect(hub.creds("cloud", CLOUD_PW)) as (nc, _):
             info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
             assert info.state.messages == 2
+
+
+# -- the real edge node with generated credentials -------------------------------------------------
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as systemd's EnvironmentFile= and `set -a; . file` read them."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path}: not KEY=VALUE: {line!r}"
+            out[key.strip()] = value.strip()
+    return out
+
+
+@pytest.mark.anyio
+async def test_real_edge_node_with_generated_credentials_installs_its_model_and_reports(
+    tmp_path: Path,
+) -> None:
+    """The whole operator path: make_node_users.py (bcrypt) prints a user block and writes the
+    node's env file; single.conf with that block runs; `slmops edge` started with only that env
+    file (as the systemd unit does) connects, follows its fleet's assignment (KV watch, object
+    download), serves predictions and sends status and telemetry — with no permission error."""
+    from _edge_util import Keys
+
+    from cloud.registry import Registry
+    from shared.bundle import TrustStore
+
+    node, port = "till-777", free_port()
+    env_dir = tmp_path / "env"
+    done = subprocess.run(
+        [
+            sys.executable, str(NATS_DIR / "make_node_users.py"), "--fleet", FLEET, "--bcrypt",
+            "--env-dir", str(env_dir), "--url", f"nats://127.0.0.1:{port}", node,
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "$2" in done.stdout  # a bcrypt hash, not the password
+    env_file = env_dir / f"{node}.env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    env = _read_env_file(env_file)
+    assert env["SLMOPS_EDGE_NODE"] == node
+    assert env["SLMOPS_EDGE_FLEET"] == FLEET
+    assert env["SLMOPS_NATS_URL"].split("@")[0].split(":")[-1] not in done.stdout
+
+    rewrites = _local(tmp_path / "js")
+    rewrites["listen: 0.0.0.0:4222"] = f"listen: 127.0.0.1:{port}"
+    rewrites["      # Example 2:"] = done.stdout + "      # Example 2:"
+    conf = _copy_conf(NATS_DIR / "single.conf", tmp_path / "single.conf", rewrites)
+    keys = Keys(tmp_path / "keys")
+    async with _servers((conf, tmp_path / "run")) as (server,):
+        await _provision(server.creds("cloud", CLOUD_PW))
+        async with _connect(server.creds("cloud", CLOUD_PW)) as (nc, _):
+            registry = Registry(nc.jetstream())
+            await registry.push(keys.bundle(1, name="kw"), TrustStore([keys.key.public_key()]))
+            await registry.assign(FLEET, 1, model="kw")
+
+        log_path = tmp_path / "edge.log"
+        argv = [
+            sys.executable, "-m", "slmops.cli", "--log-json", "edge", "--data", str(tmp_path / "data"),
+            "--trust", str(keys.pub), "--http", "127.0.0.1:0", "--window", "200ms", "--min-count", "1",
+            "--status-interval", "1s",
+        ]  # fmt: skip
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")}
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(argv, env={**clean, **env}, cwd=ROOT, stdout=log, stderr=log)
+        try:
+            await _exercise_edge(server, node, proc, log_path)
+        finally:
+            proc.terminate()
+            await anyio.to_thread.run_sync(proc.wait, 30)
+        text = log_path.read_text()
+        assert "permissions violation" not in text.lower(), text
+        assert '"nats_error"' not in text, text
+
+
+async def _exercise_edge(server: _Server, node: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    import aiohttp
+
+    def log_events() -> list[dict[str, Any]]:
+        events = []
+        for line in log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a traceback line shows in the failure message
+                events.append(json.loads(line))
+        return events
+
+    with anyio.fail_after(60):
+        port = None
+        while port is None:
+            assert proc.poll() is None, log_path.read_text()
+            port = next((e["port"] for e in log_events() if e.get("event") == "http_listening"), None)
+            await anyio.sleep(0.05)
+        async with aiohttp.ClientSession() as http:
+            while True:  # 503 until the assigned model is downloaded and installed
+                resp = await http.post(f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["alpha"] * 5})
+                body = await resp.json()
+                if resp.status == 200:
+                    break
+                assert resp.status == 503, body
+                await anyio.sleep(0.1)
+        assert body["model"]["name"] == "kw"
+        assert body["model"]["version"] == 1
+        async with _connect(server.creds("cloud", CLOUD_PW)) as (nc, _):
+            js = nc.jetstream()
+            for subject in (names.telemetry_subject(FLEET, node), names.status_subject(FLEET, node)):
+                stream = names.TELEMETRY_STREAM if "telemetry" in subject else names.STATUS_STREAM
+                while True:
+                    try:
+                        await js.get_last_msg(stream, subject)
+                        break
+                    except nats.js.errors.NotFoundError:
+                        await anyio.sleep(0.1)
+
+
+# -- service units, env files, compose, k8s, Dockerfile -------------------------------------------
+
+UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+
+
+def _unit(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    parser.read_string(path.read_text(), source=str(path))
+    return parser
+
+
+def test_systemd_units_exist() -> None:
+    assert [u.name for u in UNITS] == ["nats-server.service", "slmops-cloud.service", "slmops-edge.service"]
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_systemd_unit_parses_and_is_hardened(unit: Path) -> None:
+    """Each unit is INI with [Unit]/[Service]/[Install], restarts always, runs unprivileged
+    with a state directory, and (where systemd-analyze exists) verifies without a warning."""
+    parser = _unit(unit)
+    assert set(parser.sections()) == {"Unit", "Service", "Install"}
+    service = parser["Service"]
+    assert service["Restart"] == "always"
+    assert service.get("DynamicUser") == "yes" or service.get("User") == "nats"
+    assert service["StateDirectory"]
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["ProtectSystem"] == "strict"
+    assert parser["Install"]["WantedBy"] == "multi-user.target"
+    if unit.name.startswith("slmops-"):
+        role = unit.name.removeprefix("slmops-").removesuffix(".service")
+        assert service["EnvironmentFile"] == f"/etc/slmops/{role}.env"
+        assert (DEPLOY / "systemd" / f"{role}.env.example").is_file()
+        flag = "--data" if role == "edge" else "--state"
+        assert service["ExecStart"].split()[1:5] == ["--log-json", role, flag, "${STATE_DIRECTORY}"]
+    systemd_analyze = shutil.which("systemd-analyze")
+    if systemd_analyze is not None:
+        # Verify a copy whose binaries exist here; unknown keys or bad values print warnings.
+        copy = unit.read_text().replace("/opt/slmops/venv/bin/slmops", "/bin/true")
+        copy = copy.replace("/usr/local/bin/nats-server", "/bin/true")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / unit.name
+            path.write_text(copy)
+            done = subprocess.run(
+                [systemd_analyze, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60
+            )
+        assert done.returncode == 0
+        assert unit.name not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def _edge_env_names() -> set[str]:
+    """The environment variables `slmops edge` reads (click: explicit envvar, else the
+    auto_envvar_prefix SLMOPS + command + parameter name)."""
+    from slmops.cli_edge import edge
+
+    out = set()
+    for param in edge.params:
+        envvar = getattr(param, "envvar", None)
+        out.add(envvar if isinstance(envvar, str) else f"SLMOPS_EDGE_{(param.name or '').upper()}")
+    return out
+
+
+def test_edge_environment_names_in_deploy_files_are_ones_slmops_edge_reads() -> None:
+    """Every SLMOPS_EDGE_* / SLMOPS_NATS_URL name used for an edge in deploy/ is one that
+    `slmops edge` really reads, so no setting is silently ignored."""
+    known = _edge_env_names()
+    files = [
+        DEPLOY / "systemd" / "edge.env.example",
+        DEPLOY / "systemd" / "slmops-edge.service",
+        DEPLOY / "compose.yaml",
+        DEPLOY / "k8s" / "edge-daemonset.yaml",
+        DEPLOY / "container" / "Dockerfile",
+    ]
+    used = {m for f in files for m in re.findall(r"SLMOPS_EDGE_[A-Z_]+", f.read_text())}
+    assert used, "no SLMOPS_EDGE_ variable found: the pattern or the files changed"
+    assert used <= known, f"not read by `slmops edge`: {sorted(used - known)}"
+    assert "SLMOPS_NATS_URL" in known
+    assert set(_read_env_file(DEPLOY / "systemd" / "edge.env.example")) == {
+        "SLMOPS_NATS_URL", "SLMOPS_EDGE_FLEET", "SLMOPS_EDGE_NODE",
+    }  # fmt: skip
+
+
+def test_compose_file_names_nats_cloud_and_two_edges() -> None:
+    """compose.yaml is YAML; nats runs single.conf; cloud and edges build the right targets."""
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = doc["services"]
+    assert set(services) == {"nats", "cloud", "edge-1", "edge-2"}
+    assert "./nats/single.conf:/etc/nats/nats-server.conf:ro" in services["nats"]["volumes"]
+    assert services["cloud"]["build"]["target"] == "cloud"
+    for name, node in (("edge-1", "till-001"), ("edge-2", "till-002")):
+        svc = services[name]
+        assert svc["build"]["target"] == "edge"
+        assert svc["environment"]["SLMOPS_EDGE_NODE"] == node
+        assert svc["environment"]["SLMOPS_NATS_URL"].startswith(f"nats://node-{node}:")
+        assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+    assert (DEPLOY / services["cloud"]["build"]["dockerfile"].removeprefix("deploy/")).is_file()
+
+
+def test_k8s_manifests_parse_and_hold_nats_cloud_and_edge_daemonset() -> None:
+    docs = [
+        d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d
+    ]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("StatefulSet", "nats"), ("Service", "nats"), ("Deployment", "slmops-cloud")} <= kinds
+    assert ("DaemonSet", "slmops-edge") in kinds
+    assert all(d.get("apiVersion") for d in docs)
+    assert all(d["metadata"].get("namespace") == "slmops" for d in docs if d["kind"] != "Namespace")
+    cloud = next(d for d in docs if d["kind"] == "Deployment")
+    assert cloud["spec"]["replicas"] == 1
+    edge = next(d for d in docs if d["kind"] == "DaemonSet")
+    volumes = {v["name"]: v for v in edge["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["hostPath"]["path"] == "/var/lib/slmops-edge"
+
+
+def test_dockerfile_has_edge_and_cloud_targets_with_the_right_extras() -> None:
+    text = (DEPLOY / "container" / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim AS" in text
+    targets = re.findall(r"^FROM \S+ AS (\w+)$", text, flags=re.MULTILINE)
+    assert {"edge", "cloud"} <= set(targets)
+    edge = text[text.index("AS edge") : text.index("AS cloud")]
+    cloud = text[text.index("AS cloud") :]
+    assert "pip install /tmp/src " in edge
+    assert "[cloud]" not in edge
+    assert 'pip install "/tmp/src[cloud]"' in cloud
