@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -238,18 +239,38 @@ rollout.add_command(
 @rollout.command()
 @_nats
 @click.option("--interval", default="1s", show_default=True, help="Time between controller steps.")
-def run(nats_url: str, interval: str) -> None:
-    """Run the rollout controller in the foreground until Ctrl-C or SIGTERM.
+@click.option(
+    "--key",
+    "key_path",
+    default=None,
+    envvar="SLMOPS_CLOUD_KEY",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The cloud's Ed25519 private key (mode 0600) that signs recalibrated versions; nodes "
+    "trust its .pub with --trust. Env: SLMOPS_CLOUD_KEY. Without it, no recalibration.",
+)
+@click.option(
+    "--recalibrate",
+    type=click.Choice(["auto", "suggest", "off"]),
+    default="suggest",
+    show_default=True,
+    help="On a fleet-wide label-shift drift event: build, sign and push a recalibrated version, "
+    "then roll it out (auto) or name it in a follow-up drift event (suggest).",
+)
+def run(nats_url: str, interval: str, key_path: Path | None, recalibrate: str) -> None:
+    """Run the rollout controller (and the recalibration loop) until Ctrl-C or SIGTERM.
 
-    Only needed when the cloud service does not run it. Safe to run twice: state writes are
-    compare-and-set, so two controllers never both drive one rollout.
+    Only needed when the cloud service does not run them. Safe to run twice: state writes
+    are compare-and-set, so two controllers never both drive one rollout, and drift events
+    go to one durable consumer, so each is acted on once.
     """
+    from cloud.loop import RecalibrationLoop, load_cloud_key, run_loop
     from cloud.rollout import RolloutRunner
 
     try:
         seconds = parse_duration(interval)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    key = None if key_path is None or recalibrate == "off" else _sync_key(load_cloud_key, key_path)
 
     async def go() -> None:
         async with _jetstream(nats_url) as js:
@@ -257,9 +278,23 @@ def run(nats_url: str, interval: str) -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with anyio.create_task_group() as tg:
                     await tg.start(runner.run)
-                    click.echo("rollout controller running; Ctrl-C stops it", err=True)
+                    if key is not None:
+                        loop = RecalibrationLoop(js, key, policy=recalibrate, url=nats_url)  # type: ignore[arg-type]
+                        await tg.start(lambda task_status: run_loop(js, loop, task_status=task_status))
+                    click.echo(
+                        f"rollout controller running (recalibration: {recalibrate if key else 'off'}); "
+                        "Ctrl-C stops it",
+                        err=True,
+                    )
                     async for _ in signals:
                         tg.cancel_scope.cancel()
                         break
 
     _run(go)
+
+
+def _sync_key(load: Callable[[Path], T], path: Path) -> T:
+    try:
+        return load(path)
+    except (SlmopsError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc

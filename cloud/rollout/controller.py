@@ -232,7 +232,7 @@ class RolloutController:
 
     async def _assign(self, state: RolloutState, revision: int, now: float) -> None:
         live = self.live_nodes(state.fleet, now)
-        if not live and not state.nodes:
+        if not live:  # none known yet (or after a restart, not re-read yet): a stage needs them
             log.info("rollout_waiting_for_nodes", fleet=state.fleet, rollout=state.id)
             return
         target = cohort(state.fleet, live, state.percent, already=state.nodes)

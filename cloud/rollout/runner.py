@@ -36,6 +36,9 @@ __all__ = ["RolloutRunner"]
 
 log = structlog.get_logger(__name__)
 
+#: Longest wait for the status replay before the first step.
+_SYNC_TIMEOUT = 5.0
+
 
 class RolloutRunner:
     """``await tg.start(runner.run)``: consumers + a step every ``interval`` seconds, until
@@ -62,6 +65,7 @@ class RolloutRunner:
             Assigner(js, self.registry, url=url), self.store, self._publish, node_ttl_s=node_ttl_s
         )
         self.bad_messages = 0
+        self._synced = anyio.Event()
 
     async def _publish(self, fleet: str, event: RolloutEvent, msg_id: str) -> None:
         try:
@@ -88,6 +92,13 @@ class RolloutRunner:
                 opt_start_time=datetime.fromtimestamp(start - 1, UTC),
             )
         tele_sub = await self._js.subscribe("slmops.telemetry.>", ordered_consumer=True, config=tele_config)
+        self._synced = anyio.Event()
+        try:
+            info = await self._js.stream_info(names.STATUS_STREAM)
+            if not info.state.messages:
+                self._synced.set()
+        except (js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"stream info {names.STATUS_STREAM}: {exc!r}") from exc
         log.info("rollout_runner_started", active=len(states), replay_from=start)
         try:
             async with anyio.create_task_group() as tg:
@@ -109,6 +120,8 @@ class RolloutRunner:
             except msgspec.DecodeError as exc:
                 self.bad_messages += 1
                 log.warning("status_undecodable", subject=msg.subject, error=str(exc))
+            if msg.metadata.num_pending == 0:
+                self._synced.set()
 
     async def _telemetry(self, sub: object) -> None:
         async for msg in sub.messages:  # type: ignore[attr-defined]
@@ -119,6 +132,11 @@ class RolloutRunner:
                 log.warning("telemetry_undecodable", subject=msg.subject, error=str(exc))
 
     async def _stepper(self) -> None:
+        # The first step waits for the nodes' last statuses (bounded: a stream that only
+        # holds other subjects never says it is done), so a restarted controller does not
+        # judge a stage on a fleet it has not re-read yet.
+        with anyio.move_on_after(_SYNC_TIMEOUT):
+            await self._synced.wait()
         while True:
             try:
                 await self.controller.step(self._clock())
