@@ -295,7 +295,27 @@ class Refresher:
 
     # -- download and install ---------------------------------------------------------------
 
+    async def _precheck(self, js: JetStreamContext, ref: ModelRef) -> None:
+        """Refuse before downloading what the registry's manifest already says cannot run
+        here. Only ever refuses: the signed manifest inside the bundle is what install trusts."""
+        memory = self.models.memory_mb
+        if memory <= 0:
+            return
+        kv = await self._op(js.key_value(names.MODELS_MANIFEST_BUCKET))
+        try:
+            entry = await self._op(kv.get(names.manifest_key(ref.name, ref.version, ref.variant)))
+            need = decode_json(entry.value or b"", ModelManifest).min_memory_mb
+        except (js_errors.NotFoundError, msgspec.DecodeError):
+            return  # the download will tell
+        if need > memory:
+            raise BundleError(
+                f"{ref.name}/{ref.version}/{ref.variant}",
+                f"needs {need} MB of memory, this device has {memory} MB (not downloaded)",
+                "too_large",
+            )
+
     async def _fetch_and_install(self, js: JetStreamContext, ref: ModelRef) -> None:
+        await self._precheck(js, ref)
         self.models.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-refresh-", dir=self.models.cache_dir))
         try:

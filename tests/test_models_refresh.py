@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from _bad_bundles import BAD_BUNDLES, resign
 from _edge_util import Keys, edge_config
@@ -25,7 +26,15 @@ from cloud.registry import Registry
 from edge.node import EdgeNode
 from shared import names
 from shared.bundle import TrustStore, pack_archive, read_bundle
-from shared.messages import Assignment, ModelRef, NodeStatus, decode_json, encode_json
+from shared.messages import (
+    Assignment,
+    ModelManifest,
+    ModelRef,
+    NodeStatus,
+    RefreshResult,
+    decode_json,
+    encode_json,
+)
 from shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
@@ -66,15 +75,18 @@ async def statuses(nc: NATS, fleet: str) -> AsyncIterator[Statuses]:
         await sub.unsubscribe()
 
 
-async def store_raw(js: JetStreamContext, bundle_dir: Path, archive: bytes | None = None) -> ModelRef:
+async def store_raw(
+    js: JetStreamContext, bundle_dir: Path, archive: bytes | None = None, listed: ModelManifest | None = None
+) -> ModelRef:
     """Put a bundle into the registry WITHOUT push's checks, as a broken or hostile registry
-    would, so the node's own checks are what is tested."""
+    would, so the node's own checks are what is tested. ``listed``: the manifest the registry's
+    KV shows (default: the bundle's own)."""
     b = read_bundle(bundle_dir)
     m = b.manifest
     obs = await js.object_store(names.MODELS_BUCKET)
     await obs.put(names.model_object_name(m.name, m.version, m.variant), archive or pack_archive(b))
     kv = await js.key_value(names.MODELS_MANIFEST_BUCKET)
-    await kv.put(names.manifest_key(m.name, m.version, m.variant), encode_json(m))
+    await kv.put(names.manifest_key(m.name, m.version, m.variant), encode_json(listed or m))
     return m.ref
 
 
@@ -119,16 +131,18 @@ async def test_build_push_assign_and_the_node_serves_the_new_version(
         answer = await node.predict(["What is AI?"])
         assert answer[0].model == ModelRef(name=model, version=2)
         assert answer[0].label in v2.manifest.labels
-        await wait_until(lambda: bool(statuses.of("n1", "model_installed")), 10, what="installed status")
-        reports = [s.refresh for s in statuses.of("n1", "model_installed") if s.refresh is not None]
-        assert reports
-        assert reports[-1].ok
-        assert reports[-1].model.version == 2
+
+        def reports() -> list[RefreshResult]:
+            return [s.refresh for s in statuses.of("n1", "model_installed") if s.refresh is not None]
+
+        await wait_until(lambda: bool(reports()), 10, what="installed status with its refresh result")
+        assert reports()[-1].ok
+        assert reports()[-1].model == ModelRef(name=model, version=2)
         assert node.models.previous == ModelRef(name=model, version=1)
         assert leftovers(node) == []
 
 
-@pytest.mark.parametrize("case", [*sorted(BAD_BUNDLES), "truncated_download"])
+@pytest.mark.parametrize("case", [*sorted(BAD_BUNDLES), "truncated_download", "too_large_listed_small"])
 async def test_a_bad_bundle_is_rejected_and_the_old_model_keeps_serving(
     case: str,
     js: JetStreamContext,
@@ -147,6 +161,12 @@ async def test_a_bad_bundle_is_rejected_and_the_old_model_keeps_serving(
         archive = pack_archive(good)
         await store_raw(js, bad, archive[: len(archive) // 2])
         expected = "truncated"
+    elif case == "too_large_listed_small":
+        # The registry's KV understates the need, so only the bundle's signed manifest,
+        # checked after the download, can refuse it.
+        expected = BAD_BUNDLES["too_large"](bad, keys.key, 2, model)
+        listed = msgspec.structs.replace(read_bundle(bad).manifest, min_memory_mb=0)
+        await store_raw(js, bad, listed=listed)
     else:
         expected = BAD_BUNDLES[case](bad, keys.key, 2, model)
         await store_raw(js, bad)
@@ -159,6 +179,8 @@ async def test_a_bad_bundle_is_rejected_and_the_old_model_keeps_serving(
         assert report is not None
         assert (report.ok, report.code, report.model.version) == (False, expected, 2)
         assert report.reason
+        # The registry's listing already shows a too-large model: it is refused unfetched.
+        assert ("not downloaded" in report.reason) == (case == "too_large")
         assert serving(node) == ModelRef(name=model, version=1)
         answer = await node.predict(["about beta"])
         assert (answer[0].label, answer[0].model.version) == ("beta", 1)
