@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -120,6 +121,7 @@ class Buffer:
         dp_epsilon: float | None = None,
         dp_budget: float | None = None,
         queue: int = 1024,
+        commit_interval: float = 0.0,
         clock: Callable[[], float],
         rng: np.random.Generator | None = None,
     ) -> None:
@@ -128,6 +130,7 @@ class Buffer:
         self.outbox_max_bytes = outbox_max_bytes
         self.dp_epsilon, self.dp_budget = dp_epsilon, dp_budget
         self._clock = clock
+        self.commit_interval = commit_interval
         self._rng = rng if rng is not None else np.random.default_rng()
         self._db: aiosqlite.Connection | None = None
         self._lock = anyio.Lock()
@@ -229,7 +232,12 @@ class Buffer:
                 first = await self._recv.receive()
             except anyio.EndOfStream:
                 return
+            started = time.monotonic()
             await self._commit_group(self._gather(first))
+            if self.commit_interval > 0:
+                # Fewer, larger commits: each trip to the SQLite thread also fights the
+                # event loop for the GIL (see EdgeConfig.commit_interval).
+                await anyio.sleep(max(0.0, self.commit_interval - (time.monotonic() - started)))
 
     def _gather(self, first: Commit) -> list[Commit]:
         group, n = [first], len(first.rows)

@@ -18,7 +18,14 @@ from shared.names import validate_id
 __all__ = ["DURATION_FIELDS", "SIZE_FIELDS", "EdgeConfig", "parse_hostport"]
 
 #: Fields given in seconds; ``build`` parses "500ms", "2s", "1m" for them.
-DURATION_FIELDS = ("window", "max_batch_wait", "status_interval", "publish_timeout", "link_backoff_max")
+DURATION_FIELDS = (
+    "window",
+    "max_batch_wait",
+    "status_interval",
+    "publish_timeout",
+    "link_backoff_max",
+    "commit_interval",
+)
 #: Fields given in bytes; ``build`` parses "64k", "10MB" for them.
 SIZE_FIELDS = ("outbox_max_bytes",)
 
@@ -70,9 +77,10 @@ class EdgeConfig(Config, kw_only=True):
     intra_op_threads: int = 1
     #: A micro-batch of at most this many characters runs in the event loop instead of a
     #: worker thread: handing work to a thread and back costs ~130 µs on the 2-core test
-    #: machine, featurize + ORT of one short text ~30 µs (``slmops bench edge``). 0 = always
-    #: a worker thread.
-    inline_max_chars: int = 512
+    #: machine, featurize + ORT of one short text 30-80 µs (``slmops bench edge``); 4096
+    #: characters (~32 short texts) block the loop well under a millisecond. 0 = always a
+    #: worker thread.
+    inline_max_chars: int = 4096
     #: Bound on the outbox (encoded aggregates waiting for the cloud), in bytes (DESIGN §5).
     outbox_max_bytes: int = 16 * 1024 * 1024
     #: Optional differential privacy: epsilon spent per published window (None = off).
@@ -90,6 +98,10 @@ class EdgeConfig(Config, kw_only=True):
     #: True: an answer is sent only once its telemetry row is committed to SQLite, so a
     #: ``kill -9`` never loses telemetry of an answered inference. False: answer first.
     durable_ack: bool = True
+    #: Shortest time between two group commits of telemetry rows: longer = fewer, larger
+    #: commits and less contention between the event loop and the SQLite thread, but a
+    #: durable answer waits up to this long for its commit.
+    commit_interval: float = 0.0
     #: Remembered prediction ids (for feedback); the oldest are forgotten first.
     feedback_memory: int = 100_000
 
@@ -113,6 +125,8 @@ class EdgeConfig(Config, kw_only=True):
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        if self.commit_interval < 0:
+            raise ValueError(f"commit_interval must be >= 0 seconds, got {self.commit_interval!r}")
         if self.inline_max_chars < 0:
             raise ValueError(f"inline_max_chars must be >= 0, got {self.inline_max_chars!r}")
         if self.max_batch_wait < 0:

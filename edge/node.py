@@ -56,6 +56,13 @@ _MAX_CRASHES = 5
 _CRASH_WINDOW = 60.0
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 class PredictionOut(msgspec.Struct, kw_only=True):
     """One answer: what the app gets per text."""
 
@@ -205,6 +212,11 @@ class EdgeNode:
         self.log.info("node_stopping")
         try:
             return await stack.__aexit__(et, e, tb)
+        except BaseExceptionGroup as group:
+            # The caller's own error comes back wrapped by our task groups: unwrap it.
+            if e is not None and _leaves(group) == [e]:
+                raise e from None
+            raise
         finally:
             self.batcher.aclose_nowait()
 
