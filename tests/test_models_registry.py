@@ -25,6 +25,7 @@ from shared.bundle import TrustStore, load_private_key, new_keypair, pack_archiv
 from shared.errors import BundleError
 from shared.messages import Assignment, DeviceProfile, NodeStatus, decode_json, encode_json
 from shared.server import EmbeddedServer
+from shared.variants import choose_variant
 from slmops.cli import main
 
 pytestmark = pytest.mark.anyio
@@ -264,3 +265,19 @@ def test_cli_push_accepts_the_archive_form(nats_server: EmbeddedServer, tmp_path
     assert exit_code == 0, output
     assert f"{name}/7/fp32: stored" in output
     assert names.manifest_key(name, 7, "fp32") in anyio.run(_manifest_keys, nats_server.url)
+
+
+@pytest.mark.parametrize(
+    ("memory_mb", "expected"),
+    [(0, "fp32"), (4096, "fp32"), (256, "fp32"), (255, "int8"), (64, "int8"), (10, "int8")],
+)
+def test_choose_variant_takes_the_biggest_that_fits_else_the_smallest(memory_mb: int, expected: str) -> None:
+    """0 = memory unknown: everything is assumed to fit."""
+    assert choose_variant({"int8": 64, "fp32": 256}, DeviceProfile(memory_mb=memory_mb)) == expected
+
+
+def test_choose_variant_breaks_ties_by_preference_and_needs_a_choice() -> None:
+    assert choose_variant({"int8": 64, "fp32": 64}, DeviceProfile(memory_mb=128)) == "fp32"
+    assert choose_variant({"custom": 64, "int8": 64}, DeviceProfile()) == "int8"
+    with pytest.raises(ValueError, match="no variants"):
+        choose_variant({}, DeviceProfile())
