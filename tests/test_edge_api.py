@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from _edge_util import Keys, edge_config
 
+from _edge_util import Keys, edge_config
 from edge.errors import InvalidInput, NoModel
 from edge.node import EdgeNode
 from shared.messages import decode_telemetry

@@ -15,10 +15,10 @@ import anyio
 import anyio.abc
 import nats
 import pytest
+
 from _edge_util import Keys, distinct_total, read_telemetry
 from _nats import free_port
 from _proxy import TcpProxy
-
 from shared.provision import ensure_resources
 from shared.server import EmbeddedServer
 
@@ -114,5 +114,74 @@ async def test_exactly_once_across_link_cuts_and_three_kill9_restarts(
         assert total == answered, f"telemetry counts {total}, answered {answered}"
         assert sorted(seq for _, seq in seen) == list(range(1, len(seen) + 1)), "a gap in seq"
         assert all(a.dropped_inferences == 0 for a in aggs)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.anyio
+async def test_kill9_under_load_loses_no_answered_inference(
+    tmp_path: Path, fleet: str, nats_server: EmbeddedServer
+) -> None:
+    """``kill -9`` while 16 clients are mid-request: after a restart the telemetry holds every
+    answered inference, and at most the ones that were sent (an unanswered request may or
+    may not have been counted — the app never got its answer)."""
+    keys = Keys(tmp_path / "keys")
+    bundle = keys.bundle()
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_resources(js)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "node.log"
+    args = [
+        sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
+        "edge", "--nats", nats_server.url, "--fleet", fleet, "--node", "n2",
+        "--data", str(tmp_path / "data"), "--model", str(bundle.path), "--trust", str(keys.pub),
+        "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
+    ]  # fmt: skip
+    answered = sent = 0
+    try:
+        async with aiohttp.ClientSession() as session:
+            for life in range(2):
+                with log.open("ab") as out:
+                    proc = await anyio.open_process(args, stdout=out, stderr=subprocess.STDOUT)
+                try:
+                    await wait_ready(session, base, proc, log)
+                    if life == 1:
+                        break
+
+                    async def client(i: int) -> None:
+                        nonlocal answered, sent
+                        while True:
+                            sent += 2
+                            try:
+                                answered += await predict_batch(session, base, [f"beta {i}", f"gamma {i}"])
+                            except (aiohttp.ClientError, AssertionError):
+                                return  # the node died under this request
+
+                    async with anyio.create_task_group() as tg:
+                        for i in range(16):
+                            tg.start_soon(client, i)
+                        await anyio.sleep(0.8)
+                        proc.send_signal(signal.SIGKILL)
+                        await proc.wait()
+                finally:
+                    if proc.returncode is None and life == 0:
+                        proc.kill()
+                        await proc.wait()
+            try:
+                with anyio.fail_after(30):
+                    while True:
+                        total, _ = distinct_total(await read_telemetry(js, fleet))
+                        if total >= answered:
+                            break
+                        await anyio.sleep(0.3)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(20):
+                    await proc.wait()
+        total, _ = distinct_total(await read_telemetry(js, fleet))
+        assert answered > 100
+        assert answered <= total <= sent, (answered, total, sent)
     finally:
         await nc.close()

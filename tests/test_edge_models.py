@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 from _bad_bundles import BAD_BUNDLES
-from _edge_util import Keys, edge_config
 
+from _edge_util import Keys, edge_config
 from edge.models import ModelManager
 from edge.node import EdgeNode
 from shared.bundle import TrustStore

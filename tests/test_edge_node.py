@@ -8,8 +8,8 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
-from _edge_util import Keys, distinct_total, edge_config, read_telemetry
 
+from _edge_util import Keys, distinct_total, edge_config, read_telemetry
 from _nats import free_port
 from edge.node import EdgeNode
 from shared.messages import NodeStatus, decode_json
