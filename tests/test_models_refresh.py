@@ -14,10 +14,10 @@ import anyio
 import msgspec
 import pytest
 from _bad_bundles import BAD_BUNDLES, resign
-from _edge_util import Keys, edge_config
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from _edge_util import Keys, edge_config
 from _models import make_bundle
 from _nats import wait_until
 from _proxy import TcpProxy
@@ -300,3 +300,19 @@ async def test_the_node_key_overrides_the_fleet_key_and_falling_back_works(
         await wait_until(
             lambda: serving(node) == ModelRef(name=model, version=2), 20, what="fleet key after delete"
         )
+
+
+async def test_a_node_without_a_model_takes_its_assignment_at_start(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    """The assignment was written before the node ever ran: no watch event will come, the
+    read at start finds it."""
+    v4 = make_bundle(tmp_path / "v4", keys.key, version=4, name=model)
+    await Registry(js).push(v4, TrustStore([keys.key.public_key()]))
+    await assign(js, fleet, model, 4)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
+    async with EdgeNode(cfg) as node:
+        assert serving(node) is None
+        await wait_until(lambda: serving(node) == ModelRef(name=model, version=4), 20, what="v4 at start")
+        assert (await node.predict(["gamma"]))[0].label == "gamma"
+        assert leftovers(node) == []
