@@ -31,6 +31,7 @@ def bench(scenario: str, as_json: bool, quick: bool) -> None:
     ingest    cloud aggregates/s vs bare nats-py fetch+ack
     drift     detection quality on synthetic fleets vs PSI and χ² rules
     refresh   assignment → nodes serving; delivery MB/s vs bare object get; int8 vs fp32
+    recalibration  accuracy on label-shifted traffic: recalibrated vs unchanged model
 
     Prints what it measured and the baseline beside it; never passes or fails on a time
     (shared machines are noisy: compare the ratio, not the absolute figures).
