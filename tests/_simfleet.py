@@ -58,6 +58,10 @@ class SimNode:
     history: list[ModelRef] = field(default_factory=list)
     rejected: set[int] = field(default_factory=set)
     own: Assignment | None = None
+    #: Versions this node alone refuses to install (its smoke test fails here).
+    refuse: set[int] = field(default_factory=set)
+    #: Versions this node installs, then leaves on its own (local safety rollback).
+    abandon: set[int] = field(default_factory=set)
 
 
 class SimFleet:
@@ -133,7 +137,9 @@ class SimFleet:
         ref = ModelRef(name=a.model, version=a.version, variant=variant)
         if node.model == ref:
             return
-        if self.profiles.get(a.version, Profile()).reject:
+        if node.previous == ref and a.version in node.abandon:
+            return  # abandoned here already: a real node's block list keeps it off
+        if self.profiles.get(a.version, Profile()).reject or a.version in node.refuse:
             if a.version not in node.rejected:
                 node.rejected.add(a.version)
                 await self._status(
@@ -147,6 +153,10 @@ class SimFleet:
         node.previous, node.model = node.model, ref
         node.history.append(ref)
         await self._status(node, "model_installed", refresh=RefreshResult(model=ref, ok=True))
+        if a.version in node.abandon:
+            node.previous, node.model = node.model, node.previous
+            node.history.append(node.model)  # type: ignore[arg-type]
+            await self._status(node, "rollback", last_error=f"safety rollback from version {a.version}")
 
     async def _status(self, node: SimNode, event: str, **fields: object) -> None:
         status = NodeStatus(

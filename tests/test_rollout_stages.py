@@ -19,7 +19,7 @@ from _models import make_bundle
 from _nats import wait_until
 from _simfleet import Profile, SimFleet
 from cloud.registry import Registry
-from cloud.rollout import RolloutConfig, RolloutRunner, RolloutState, RolloutStore, start_rollout
+from cloud.rollout import RolloutConfig, RolloutRunner, RolloutState, RolloutStore, cohort, start_rollout
 from shared import names
 from shared.bundle import TrustStore, write_bundle
 from shared.messages import Assignment, ModelRef, RolloutEvent, decode_json
@@ -249,3 +249,41 @@ async def test_pause_holds_the_rollout_resume_continues_abort_restores(
     assert "paused" in kinds
     assert "resumed" in kinds
     assert kinds[-1] == "aborted"
+
+
+@pytest.mark.anyio
+async def test_nodes_that_fail_the_version_go_back_at_once_and_stay_back_when_it_completes(
+    nc: NATS, js: JetStreamContext, fleet: str, setup: tuple[Registry, RolloutStore, str]
+) -> None:
+    """Within the failure budget the rollout completes; the node that refused the version and
+    the one that rolled back on its own are returned to v1 at once and kept there (pinned),
+    never offered v2 again."""
+    registry, store, model = setup
+    sim = SimFleet(nc, js, fleet, n=N_NODES, model=model, profiles={}, start=ModelRef(name=model, version=1))
+    stage1 = sorted(cohort(fleet, sim.nodes, 25) - cohort(fleet, sim.nodes, 5))
+    refuser, leaver = stage1[0], stage1[1]
+    sim.nodes[refuser].refuse = {2}
+    sim.nodes[leaver].abandon = {2}
+    config = msgspec.structs.replace(FAST, max_failures=0.45)
+    runner = RolloutRunner(js, interval=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sim.run)
+        await tg.start(runner.run)
+        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+        await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
+        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        await wait_until(lambda: len(sim.running(2)) == N_NODES - 2, timeout=10, what="the others on v2")
+        tg.cancel_scope.cancel()
+    assert final.status == "completed", final.reason
+    assert set(final.failures) == {refuser, leaver}
+    assert "rejected" in final.failures[refuser]
+    assert "rolled back" in final.failures[leaver]
+    assert sim.running(1) == {refuser, leaver}
+    assert [r.version for r in sim.nodes[leaver].history].count(2) == 1  # no flapping
+    for node in (refuser, leaver):
+        own = sim.nodes[node].own
+        assert own is not None
+        assert own.version == 1
+    kinds = [e.state for e in await _events(js, fleet)]
+    assert kinds.count("node_failed") == 1
+    assert kinds.count("node_rollback") == 1

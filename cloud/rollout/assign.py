@@ -102,10 +102,18 @@ class Assigner:
         log.info("assignment_restored", key=key, version=None if prior is None else prior.version)
 
     async def complete(self, state: RolloutState) -> None:
-        """Fleet-wide key to the new version, then the nodes' own keys removed."""
+        """Fleet-wide key to the new version, then the nodes' own keys removed — except on
+        nodes that failed the version (``state.failures``): they keep a key of their own
+        naming what they ran before, so the fleet-wide key does not offer it to them again
+        (``slmops rollout status`` lists them; assigning them by hand clears it)."""
         await self.registry.assign(state.fleet, state.version, model=state.model)
-        for node in sorted(state.nodes):
-            await self.restore_node(state.fleet, node, None)
+        for node, entry in sorted(state.nodes.items()):
+            if node not in state.failures:
+                await self.restore_node(state.fleet, node, None)
+            elif entry.prior is not None:
+                await self.restore_node(state.fleet, node, entry.prior)
+            elif state.previous_version is not None:
+                await self.registry.assign(state.fleet, state.previous_version, model=state.model, node=node)
 
 
 async def start_rollout(

@@ -315,6 +315,11 @@ class RolloutController:
                 )
             state = msgspec.structs.replace(state, failures=failures)
             state, revision = await self._save(state, revision, now)
+            # A node that refused the version or left it on its own goes back to what it ran
+            # before at once, even while the stage goes on: otherwise its assignment would
+            # keep offering it a version it has already judged bad.
+            for node in sorted(failures):
+                await self.assigner.restore_node(state.fleet, node, state.nodes[node].prior)
         gates: list[GateResult] = [install_gate(state.config, len(state.nodes), len(failures))]
         if gates[0].outcome == "fail":
             await self._roll_back(state, revision, now, gates, "install failures over the limit")
