@@ -163,6 +163,8 @@ class Buffer:
             await self._refresh_outbox_stats()
         except sqlite3.Error as exc:
             await self._close_db()
+            self._send.close()
+            self._recv.close()
             raise StoreError(str(self.path), f"cannot open: {exc}") from exc
         log.info(
             "buffer_opened",

@@ -188,7 +188,10 @@ class EdgeNode:
 
                 self._api = await start_api(self)
         except BaseException:
-            await stack.__aexit__(None, None, None)
+            try:
+                await stack.__aexit__(None, None, None)
+            finally:
+                self.batcher.aclose_nowait()
             raise
         self._stack = stack
         self.log.info("node_started", model=self._model_dict(), http_port=self.http_port)

@@ -172,7 +172,7 @@ def _bare_rss(bundle: Bundle, texts: list[str]) -> int:
 async def run(quick: bool = False) -> list[dict[str, Any]]:
     from cloud.factory import build
 
-    seconds = 0.3 if quick else 2.0
+    seconds = 0.15 if quick else 2.0
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slmops-bench-edge-") as tmp_name:
         tmp = Path(tmp_name)

@@ -1,0 +1,38 @@
+"""`slmops bench edge|buffer --quick` run end to end and report each figure with its baseline."""
+
+from __future__ import annotations
+
+import pytest
+
+from slmops.bench import REQUIRED_KEYS, run_scenario
+
+
+def check(results: list[dict[str, object]]) -> None:
+    assert results
+    for r in results:
+        assert all(k in r for k in REQUIRED_KEYS), r
+        project, baseline = r["project"], r["baseline"]
+        assert isinstance(project, int | float)
+        assert isinstance(baseline, int | float)
+        assert project > 0
+        assert baseline > 0
+        assert r["ratio"] == pytest.approx(project / baseline)
+
+
+@pytest.mark.anyio
+async def test_buffer_bench_quick() -> None:
+    results = await run_scenario("buffer", quick=True)
+    check(results)
+    assert {r["rows_per_append"] for r in results} == {1, 32}
+
+
+@pytest.mark.anyio
+async def test_edge_bench_quick_covers_python_http_and_rss() -> None:
+    results = await run_scenario("edge", quick=True)
+    check(results)
+    names = [str(r["scenario"]) for r in results]
+    assert any(n.startswith("edge python b1") for n in names)
+    assert any(n.startswith("edge python b32") for n in names)
+    assert any(n.startswith("edge http b1") for n in names)
+    assert any(n.startswith("edge http b32") for n in names)
+    assert names[-1] == "edge node rss"

@@ -1,0 +1,105 @@
+"""`slmops edge`: help, clear errors for bad flags and environment values, a bad --model
+refused with its code; EdgeConfig validation; task supervision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+from click.testing import CliRunner
+
+from _edge_util import Keys, edge_config
+from edge.config import EdgeConfig
+from edge.node import EdgeNode
+from shared.bundle import MANIFEST_FILE
+from shared.errors import ConfigError
+from slmops.cli import main
+
+
+def test_help_explains_the_command() -> None:
+    result = CliRunner().invoke(main, ["edge", "--help"])
+    assert result.exit_code == 0
+    for words in ("--min-count", "k-anonymity", "SLMOPS_EDGE_", "--window", "--trust"):
+        assert words in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--fleet", "bad.fleet"], {}, "fleet"),
+        (["--node", "-x"], {}, "node"),
+        (["--window", "5 parsecs"], {}, "window"),
+        (["--http", "nohost"], {}, "http"),
+        (["--min-count", "0"], {}, "min_count"),
+        ([], {"SLMOPS_EDGE_FLEET": "from env!"}, "fleet"),
+    ],
+)
+def test_bad_values_are_usage_errors_naming_them(
+    tmp_path: Path, args: list[str], env: dict[str, str], named: str
+) -> None:
+    base = {"--fleet": "f1", "--node": "n1", "--data": str(tmp_path / "d")}
+    for flag in args[::2]:
+        base.pop(flag, None)
+    for key in env:
+        base.pop("--" + key.removeprefix("SLMOPS_EDGE_").lower(), None)
+    argv = ["edge", *[x for kv in base.items() for x in kv], *args]
+    result = CliRunner().invoke(main, argv, env=env)
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+
+
+def test_a_tampered_model_is_refused_with_its_code(tmp_path: Path) -> None:
+    keys = Keys(tmp_path / "keys")
+    bundle = keys.bundle()
+    doc = json.loads((bundle.path / MANIFEST_FILE).read_text())
+    doc["labels"] = ["x", "y", "z"]
+    (bundle.path / MANIFEST_FILE).write_text(json.dumps(doc))
+    argv = [
+        "edge", "--fleet", "f1", "--node", "n1", "--data", str(tmp_path / "d"), "--nats", "nats://127.0.0.1:1",
+        "--model", str(bundle.path), "--trust", str(keys.pub), "--http", "off",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.output
+    assert "bad_signature" in result.output
+
+
+def test_config_accepts_human_durations_and_sizes_and_rejects_unknown_keys(tmp_path: Path) -> None:
+    cfg = EdgeConfig.build(
+        {"fleet": "f", "node": "n", "data_dir": tmp_path, "window": "500ms", "outbox_max_bytes": "64k"}
+    )
+    assert cfg.window == 0.5
+    assert cfg.outbox_max_bytes == 64_000
+    assert cfg.http_address == ("127.0.0.1", 8470)
+    with pytest.raises(ConfigError, match="windw"):
+        EdgeConfig.build({"fleet": "f", "node": "n", "data_dir": tmp_path, "windw": 1})
+    with pytest.raises(ConfigError, match="dp_epsilon"):
+        EdgeConfig.build({"fleet": "f", "node": "n", "data_dir": tmp_path, "dp_epsilon": -1})
+    toml = tmp_path / "edge.toml"
+    toml.write_text('fleet = "f"\nnode = "n"\nmin_count = 3\n')
+    assert EdgeConfig.build({"data_dir": tmp_path}, toml).min_count == 3
+
+
+@pytest.mark.anyio
+async def test_a_crashing_task_is_restarted_then_stops_the_node(tmp_path: Path, fleet: str) -> None:
+    """Supervision: a task that raises is logged and restarted with backoff; after 5 crashes
+    within a minute the error propagates (the node stops instead of hanging)."""
+    calls = 0
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError(f"boom {calls}")
+
+    async def broken() -> None:
+        raise RuntimeError("always")
+
+    async with EdgeNode(edge_config(tmp_path, Keys(tmp_path / "k"), fleet=fleet)) as node:
+        with anyio.fail_after(10):
+            await node._supervise("flaky", flaky)
+        assert calls == 3
+        assert node.last_error == "flaky: RuntimeError: boom 2"
+        with anyio.fail_after(10), pytest.raises(RuntimeError, match="always"):
+            await node._supervise("broken", broken)
