@@ -1,0 +1,37 @@
+"""The edge node runtime: local ONNX inference with an HTTP and a Python API, privacy-filtered
+telemetry in SQLite, window aggregates forwarded to NATS JetStream whenever the link is up.
+
+    from edge import EdgeConfig, EdgeNode
+
+    async with EdgeNode(EdgeConfig(fleet="f1", node="n1", data_dir="/var/lib/slmops")) as node:
+        answers = await node.predict(["some text"])
+
+Imports neither ``cloud`` nor cloud-only packages.
+"""
+
+from edge.config import EdgeConfig
+from edge.errors import (
+    EdgeError,
+    FeedbackConflict,
+    InvalidInput,
+    NodeClosed,
+    NoModel,
+    StoreError,
+    UnknownPrediction,
+)
+from edge.inference import InferenceFailed
+from edge.node import EdgeNode, PredictionOut
+
+__all__ = [
+    "EdgeConfig",
+    "EdgeError",
+    "EdgeNode",
+    "FeedbackConflict",
+    "InferenceFailed",
+    "InvalidInput",
+    "NoModel",
+    "NodeClosed",
+    "PredictionOut",
+    "StoreError",
+    "UnknownPrediction",
+]
