@@ -263,10 +263,17 @@ class Refresher:
         if entry.value is None:
             return None
         try:
-            return decode_json(entry.value, Assignment)
-        except msgspec.DecodeError as exc:
-            log.error("assignment_undecodable", key=key, error=str(exc))
+            a = decode_json(entry.value, Assignment)
+            names.validate_model_name(a.model)
+            for variant in [a.variant] if a.variant is not None else a.variants:
+                names.validate_id(variant, "variant")
+            if a.version < 1:
+                raise ValueError(f"version must be >= 1, got {a.version!r}")
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            # Someone else's bad write must not stop the node following later good ones.
+            log.error("assignment_invalid", key=key, error=str(exc))
             return None
+        return a
 
     async def _wanted(self, js: JetStreamContext, a: Assignment) -> ModelRef:
         if a.variant is not None:

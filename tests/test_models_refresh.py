@@ -316,3 +316,22 @@ async def test_a_node_without_a_model_takes_its_assignment_at_start(
         await wait_until(lambda: serving(node) == ModelRef(name=model, version=4), 20, what="v4 at start")
         assert (await node.predict(["gamma"]))[0].label == "gamma"
         assert leftovers(node) == []
+
+
+async def test_a_garbled_node_assignment_is_ignored_and_the_fleet_one_followed(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    v2 = make_bundle(tmp_path / "v2", keys.key, version=2, name=model)
+    await Registry(js).push(v2, TrustStore([keys.key.public_key()]))
+    kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+    await kv.put(names.assignment_key(fleet, "n1"), b'{"fleet": "x", "model": "../etc", "version": 1}')
+    await assign(js, fleet, model, 2)
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    async with EdgeNode(cfg) as node:
+        await wait_until(lambda: serving(node) == ModelRef(name=model, version=2), 20, what="fleet version")
+        checks = node.refresher.stats.checks
+        await kv.put(names.assignment_key(fleet, "n1"), b"not json at all")
+        await wait_until(lambda: node.refresher.stats.checks > checks, 10, what="re-check after the write")
+        assert serving(node) == ModelRef(name=model, version=2)
+        assert node.last_error is None
