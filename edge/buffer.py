@@ -138,6 +138,8 @@ class Buffer:
         # queueing rows without limit or answering apps for rows that may never be stored.
         self._send, self._recv = anyio.create_memory_object_stream[Commit](queue)
         self._models: dict[int, ModelInfo] = {}
+        #: The model now serving (set by the node); others' leftovers below k are flushed.
+        self.current_model_id: int | None = None
         self._state: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0)
         self._outbox_depth = self._outbox_bytes = 0
         self._committed = self._lost = 0
@@ -307,12 +309,18 @@ class Buffer:
         async with self._tx():
             db = self.db
             async with db.execute(
-                "SELECT model, count(*), min(t), max(id) FROM events GROUP BY model"
+                "SELECT model, count(*), min(t), max(id), max(t) FROM events GROUP BY model"
             ) as cur:
                 groups = await cur.fetchall()
-            for mid, n, t0, max_id in groups:
+            for mid, n, t0, max_id, t1 in groups:
                 info = self._models.get(mid)
-                if n < self.k or info is None:
+                if info is None:
+                    continue
+                # A retired model's last < k events would wait forever for company: after
+                # two quiet windows they go out as counts only (no distribution), so the
+                # fleet's totals stay exact without publishing a small window's mix.
+                retired = mid != self.current_model_id and t1 < now - 2 * self.window
+                if n < self.k and not retired:
                     continue
                 async with db.execute(
                     "SELECT label, conf, len, lat, err, count(*) FROM events WHERE model=? AND id<=? "
@@ -338,7 +346,7 @@ class Buffer:
                     feedback=[(a, b, c) for a, b, c, _ in fb],
                     k=self.k,
                 )
-                agg = await self._privatize(agg, now)
+                agg = suppress(agg) if n < self.k else await self._privatize(agg, now)
                 agg = msgspec.structs.replace(
                     agg,
                     dropped_inferences=int(self._state["carry_inferences"]),

@@ -225,6 +225,8 @@ class EdgeNode:
 
     async def _load_models(self) -> None:
         active = await self.models.open()
+        if active is not None:
+            self.buffer.current_model_id = active.model_id
         path = self.config.model_path
         if path is None:
             return
@@ -266,6 +268,7 @@ class EdgeNode:
         return info.model_id
 
     def _on_model_change(self, event: str, active: ActiveModel) -> None:
+        self.buffer.current_model_id = active.model_id
         self.log = self.log.bind(model_version=active.ref.version)
         if self._tg is not None:
             self._tg.start_soon(self.report_status, event)

@@ -136,3 +136,25 @@ async def test_dp_noise_spends_budget_then_suppresses(tmp_path: Path) -> None:
         assert [a.count for a in aggs] == [50, 50, 50]
         assert aggs[2].class_counts == {}
         assert await buf.dp_spent() == pytest.approx(2.0)
+
+
+@pytest.mark.anyio
+async def test_retired_model_leftovers_below_k_go_out_as_counts_only(tmp_path: Path) -> None:
+    """Events of a model no longer serving, fewer than k, are not carried forever: two quiet
+    windows later they are published with their exact count and no distribution. The
+    serving model's leftovers below k keep waiting."""
+    async with make(tmp_path / "t.db") as buf:
+        old = await buf.register_model(REF, ["a", "b"], EDGES)
+        new = await buf.register_model(ModelRef(name="m", version=2), ["a", "b"], EDGES)
+        buf.current_model_id = new.model_id
+        await append_and_commit(buf, rows(old.model_id, 2) + rows(new.model_id, 2))
+        assert await buf.close_window(1001.5) == 0  # within two windows of the last event
+        assert await buf.close_window(1002.5) == 1
+        ((_, payload),) = await buf.outbox_take(5)
+        agg = decode_telemetry(payload)
+        assert agg.model == REF
+        assert agg.count == 2
+        assert agg.class_counts == {}
+        assert agg.confidence.total == 0
+        assert agg.privacy.mechanism == "suppressed"
+        assert await buf.pending_events() == 2
