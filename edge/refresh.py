@@ -12,7 +12,8 @@ is removed whatever happens (and a crash leaves only ``.tmp-*``, which the cache
 start). Every outcome is reported with ``NodeStatus.refresh``.
 
 A bundle refused for what it is (signature, hash, load, smoke test...) is not fetched again
-for the same assignment; a failed download is retried with backoff.
+for the same assignment; a failed download is retried with backoff. A version the node's
+safety monitor rolled back and blocked is not fetched again at all.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class RefreshStatistics:
     installs: int = 0
     rejections: int = 0
     download_failures: int = 0
+    #: Checks that found the assigned version on the node's block list (``edge.safety``).
+    blocked_skips: int = 0
     bytes_downloaded: int = 0
     last: RefreshResult | None = None
     rejected: dict[str, str] = field(default_factory=dict)
@@ -92,6 +95,7 @@ class Refresher:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         now: Callable[[], datetime] = _utcnow,
+        is_blocked: Callable[[ModelRef], bool] | None = None,
     ) -> None:
         self._node_key = names.assignment_key(fleet, names.validate_id(node, "node"))
         self._fleet_key = names.assignment_key(fleet)
@@ -112,10 +116,13 @@ class Refresher:
         self._poll = poll_interval
         self._retry = (retry_initial, retry_max)
         self._now = now
+        #: Versions this node abandoned on its own (``edge.safety``): never fetched again.
+        self._is_blocked = is_blocked or (lambda ref: False)
         self._failures = 0
         self._wake: anyio.Event | None = None  # made in the event loop, by run()
         #: (ref, assigned_at) of assignments whose bundle was refused: not fetched again.
         self._refused: set[tuple[str, int, str, datetime]] = set()
+        self._skipped: set[tuple[str, int, str, datetime]] = set()
         self.stats = RefreshStatistics()
 
     @classmethod
@@ -126,6 +133,8 @@ class Refresher:
             link=node.link,
             models=node.models,
             report=node.report_status,
+            # Late-bound: the node makes its safety monitor after its refresher.
+            is_blocked=lambda ref: node.safety.is_blocked(ref),
             **options,
         )
 
@@ -225,6 +234,12 @@ class Refresher:
             self._failures = 0
             return None
         if (ref.name, ref.version, ref.variant, assignment.assigned_at) in self._refused:
+            return None
+        if self._is_blocked(ref):
+            self.stats.blocked_skips += 1
+            if (ref.name, ref.version, ref.variant, assignment.assigned_at) not in self._skipped:
+                self._skipped.add((ref.name, ref.version, ref.variant, assignment.assigned_at))
+                log.warning("refresh_skipped_blocked", model=ref.name, version=ref.version)
             return None
         log.info("refresh_start", model=ref.name, version=ref.version, variant=ref.variant)
         try:

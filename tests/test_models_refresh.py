@@ -335,3 +335,24 @@ async def test_a_garbled_node_assignment_is_ignored_and_the_fleet_one_followed(
         await wait_until(lambda: node.refresher.stats.checks > checks, 10, what="re-check after the write")
         assert serving(node) == ModelRef(name=model, version=2)
         assert node.last_error is None
+
+
+async def test_a_version_the_node_blocked_is_not_fetched_again(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    """edge.safety blocks a version it rolled back; its assignment must not bring it back."""
+    trust = TrustStore([keys.key.public_key()])
+    registry = Registry(js)
+    for v in (2, 3):
+        await registry.push(make_bundle(tmp_path / f"v{v}", keys.key, version=v, name=model), trust)
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    async with EdgeNode(cfg) as node:
+        node.safety.blocked.add((model, 2))
+        await node.link.wait_online(10)
+        await assign(js, fleet, model, 2)
+        await wait_until(lambda: node.refresher.stats.blocked_skips > 0, 10, what="blocked version skipped")
+        assert serving(node) == ModelRef(name=model, version=1)
+        assert node.refresher.stats.bytes_downloaded == 0
+        await assign(js, fleet, model, 3)
+        await wait_until(lambda: serving(node) == ModelRef(name=model, version=3), 20, what="v3")
