@@ -70,7 +70,7 @@ async def read_telemetry(js: JetStreamContext, fleet: str) -> list[TelemetryAggr
         while True:
             try:
                 msgs = await sub.fetch(256, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
                 break
             for m in msgs:
                 out.append(decode_telemetry(m.data))
