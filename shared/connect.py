@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import unquote
 
 import anyio
 import anyio.abc
@@ -34,6 +35,7 @@ __all__ = [
     "LinkStatistics",
     "connect_attempt",
     "connect_once",
+    "split_servers",
 ]
 
 log = structlog.get_logger(__name__)
@@ -102,11 +104,14 @@ async def connect_attempt(url: str, **options: Any) -> NATS:
     """
     after_attempts = options.pop("max_reconnect_attempts", -1)
     after_wait = options.pop("reconnect_time_wait", 2)
+    servers, auth = split_servers(url)
+    for key, value in auth.items():
+        options.setdefault(key, value)
     nc = NATS()
     try:
         # max_reconnect_attempts=1 with no wait: nats-py tries the server twice, at once,
         # then raises NoServersError.
-        await nc.connect(url, max_reconnect_attempts=1, reconnect_time_wait=0, **options)
+        await nc.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, **options)
     except BaseException:
         await _close_quietly(nc)
         raise
@@ -425,6 +430,37 @@ async def _close_quietly(nc: NATS) -> None:
             await nc.close()
         except Exception as exc:  # a half-connected client can fail to close cleanly
             log.debug("nats_close_failed", error=repr(exc))
+
+
+def split_servers(url: str) -> tuple[list[str], dict[str, str]]:
+    """``"nats://u:p@a:4222,nats://u:p@b:4222"`` → ``(["nats://a:4222", "nats://b:4222"],
+    {"user": "u", "password": "p"})``; a user without a password is a token.
+
+    nats-py takes several servers only as a list, and applies credentials written in a URL to
+    that URL alone — not to the cluster members it discovers and fails over to — so they
+    become connect options, which apply to every server. Raises ``ValueError`` for an empty
+    entry or for URLs with different credentials (the message never shows a password).
+    """
+    servers: list[str] = []
+    creds: set[tuple[str, str | None]] = set()
+    for raw in url.split(","):
+        part = raw.strip()
+        scheme, sep, rest = part.partition("://")
+        if not sep:
+            scheme, rest = "nats", part
+        userinfo, at, hostport = rest.rpartition("@")
+        if not hostport:
+            raise ValueError(f"url has an empty server entry: {', '.join(servers) or '(first)'}")
+        if at:
+            user, colon, password = userinfo.partition(":")
+            creds.add((unquote(user), unquote(password) if colon else None))
+        servers.append(f"{scheme}://{hostport}")
+    if len(creds) > 1:
+        raise ValueError(f"the servers {servers} carry different credentials; use one user for all")
+    if not creds:
+        return servers, {}
+    user, secret = creds.pop()
+    return servers, ({"token": user} if secret is None else {"user": user, "password": secret})
 
 
 def _check_url(url: object) -> None:
