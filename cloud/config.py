@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from cloud.rollout.state import RolloutConfig
 from shared.config import Config
 from shared.names import validate_id
 
@@ -28,6 +29,10 @@ class DriftConfig(Config, kw_only=True):
     quiet_z: float = 1.645
     #: Rounds of fleet traffic used as reference when the manifest has none for a signal.
     warmup_rounds: int = 5
+    #: Tested windows that make a node's own baseline, against which its later windows are
+    #: tested (nodes differ in class mix; the manifest describes the fleet, not each node).
+    #: Long, so the baseline's own sampling error stays small beside one window's (1/20).
+    node_baseline_windows: int = 20
     #: Simulated windows per calibration (per signal, window-size bucket and noise level).
     calibration_windows: int = 200_000
 
@@ -38,7 +43,7 @@ class DriftConfig(Config, kw_only=True):
             raise ValueError(f"min_count must be >= 1, got {self.min_count!r}")
         if not 0 <= self.min_effect < 1:
             raise ValueError(f"min_effect must be in [0, 1), got {self.min_effect!r}")
-        if self.resolve_windows < 1 or self.warmup_rounds < 1:
+        if self.resolve_windows < 1 or self.warmup_rounds < 1 or self.node_baseline_windows < 1:
             raise ValueError(
                 f"resolve_windows and warmup_rounds must be >= 1, got "
                 f"{self.resolve_windows!r}, {self.warmup_rounds!r}"
@@ -67,6 +72,8 @@ class CloudConfig(Config, kw_only=True):
     #: declared lost (bounds memory when a node never resends a seq).
     max_pending_seqs: int = 4096
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
+    #: How rollouts the cloud starts itself (recalibration policy ``auto``) advance.
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
 
     def __post_init__(self) -> None:
         for fleet in self.fleets:

@@ -364,7 +364,7 @@ async def run_loop(
     while True:
         try:
             msgs = await sub.fetch(8, timeout=fetch_timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises both its own and asyncio's TimeoutError here
             continue
         for msg in msgs:
             try:

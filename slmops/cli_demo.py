@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,7 +26,13 @@ import click
     "--json", "as_json", is_flag=True, help="No live view; print the summary as one JSON line at the end."
 )
 @click.option("--seed", default=7, show_default=True, type=int, help="Seed of the model and the traffic.")
-def demo(nodes: int, duration: float, as_json: bool, seed: int) -> None:
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep logs, stores and databases in this new directory (default: a temporary one, removed).",
+)
+def demo(nodes: int, duration: float, as_json: bool, seed: int, workdir: Path | None) -> None:
     """Run the whole story on this machine, nothing else needed.
 
     Starts an embedded nats-server, the cloud and NODES edge node processes with the factory's
@@ -37,7 +44,7 @@ def demo(nodes: int, duration: float, as_json: bool, seed: int) -> None:
     """
     from slmops.demo.story import DemoOptions, run_demo
 
-    opts = DemoOptions(nodes=nodes, duration=duration, seed=seed)
+    opts = DemoOptions(nodes=nodes, duration=duration, seed=seed, workdir=workdir)
     if as_json or not sys.stdout.isatty():
         summary = anyio.run(lambda: run_demo(opts))
     else:

@@ -171,21 +171,21 @@ class Fleet:
         return preds
 
     async def stop(self) -> None:
+        """Terminate every process (kill after 10 s), then close the link proxies."""
         with anyio.CancelScope(shield=True):
             if self._session is not None:
                 await self._session.close()
-            procs = [n.process for n in self.nodes] + [self.cloud]
+            procs = [p for p in [*(n.process for n in self.nodes), self.cloud] if p is not None]
             for p in procs:
-                if p is not None and p.returncode is None:
+                if p.returncode is None:
                     p.terminate()
             for p in procs:
-                if p is None:
-                    continue
                 with anyio.move_on_after(10):
                     await p.wait()
                 if p.returncode is None:
                     p.kill()
                     await p.wait()
-            await self._stack.aclose()
             for f in self._files:
                 f.close()
+        # The proxies' task groups were entered outside the shield: leave them outside it.
+        await self._stack.aclose()

@@ -48,6 +48,8 @@ class DemoOptions:
     rate: float = 40.0
     window: str = "2s"
     min_count: int = 5
+    #: Keep every log, store and database here (must not exist); default: a temporary dir.
+    workdir: Path | None = None
 
 
 @dataclass
@@ -118,8 +120,12 @@ async def run_demo(
 
     story = Story()
     update = on_update or (lambda s, f: None)
-    with tempfile.TemporaryDirectory(prefix="slmops-demo-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if opts.workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slmops-demo-")))
+        else:
+            root = opts.workdir
+            root.mkdir(parents=True, exist_ok=False)
         server = EmbeddedServer(store_dir=root / "js")
         await server.start_async()
         fleet = Fleet(root, server.url, server.port, FLEET)
@@ -177,7 +183,13 @@ async def _story(
 
     story.phase = "starting cloud and nodes"
     update(story, fleet)
-    await fleet.start_cloud(["--key", str(key_path), "--recalibrate", "auto"])
+    cloud_config = root / "cloud.toml"
+    # Demo-sized rollouts: two stages, seconds of soak, gates judged on 100 inferences.
+    cloud_config.write_text(
+        "[drift]\nmin_count = 40\n\n[rollout]\nstages = [40, 100]\nsoak_s = 4.0\n"
+        "install_timeout_s = 20.0\nmin_samples = 100\n"
+    )
+    await fleet.start_cloud(["--key", str(key_path), "--recalibrate", "auto", "--config", str(cloud_config)])
     nodes = [
         await fleet.start_node(
             i, model=bundle_dir, trust=pub_path, window=opts.window, min_count=opts.min_count
@@ -189,15 +201,16 @@ async def _story(
 
     split = split_topics(load_topics(), seed=opts.seed)
     traffic = Traffic(split.held_out_texts, split.held_out_labels, split.labels, seed=opts.seed)
-    favoured = traffic.classes[:2]
-    shifted_nodes = set(range(1, max(2, (opts.nodes * 3) // 5 + 1)))
+    favoured = traffic.favoured(["sports", "money"])
+    # The shift hits every node but the last: part of the fleet, and the offline node with it.
+    shifted_nodes = set(range(opts.nodes - 1))
     shift_on = anyio.Event()
 
     def mix_for(i: int) -> Callable[[], dict[int, float]]:
         def mix() -> dict[int, float]:
             if shift_on.is_set() and i in shifted_nodes:
-                return traffic.shifted(favoured, 6.0)
-            return traffic.uniform()
+                return traffic.shifted(favoured, 4.0)
+            return traffic.natural()
 
         return mix
 
@@ -270,7 +283,7 @@ async def _story(
         # A last burst of k inferences per node so every node's final window reaches k and is
         # published (k-anonymity holds smaller windows back until more traffic comes).
         for n in nodes:
-            await _send(fleet, n, [t for t, _ in traffic.sample(traffic.uniform(), opts.min_count)], story)
+            await _send(fleet, n, [t for t, _ in traffic.sample(traffic.natural(), opts.min_count)], story)
         counted = await _wait_counted(fleet, nodes, server.url, story, update)
     finally:
         await nc.close()

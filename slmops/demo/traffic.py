@@ -22,12 +22,18 @@ class Traffic:
         self.classes = sorted(self.by_class)
         self.rng = random.Random(seed)
 
-    def uniform(self) -> dict[int, float]:
-        return dict.fromkeys(self.classes, 1.0)
+    def natural(self) -> dict[int, float]:
+        """The held-out set's own class mix: what the model's reference profile describes."""
+        return {c: float(len(self.by_class[c])) for c in self.classes}
 
-    def shifted(self, favoured: Sequence[int], weight: float) -> dict[int, float]:
-        """A mix where ``favoured`` classes are ``weight`` times as likely as the others."""
-        return {c: (weight if c in favoured else 1.0) for c in self.classes}
+    def shifted(self, favoured: Sequence[int], factor: float) -> dict[int, float]:
+        """The natural mix with the ``favoured`` classes ``factor`` times as likely."""
+        return {c: n * (factor if c in favoured else 1.0) for c, n in self.natural().items()}
+
+    def favoured(self, names: Sequence[str], fallback: int = 2) -> list[int]:
+        """Indices of ``names`` that exist, else the first ``fallback`` classes."""
+        found = [self.label_names.index(n) for n in names if n in self.label_names]
+        return found or self.classes[:fallback]
 
     def sample(self, mix: dict[int, float], n: int) -> list[tuple[str, int]]:
         classes = list(mix)
