@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import aiosqlite
 import anyio
@@ -30,6 +30,7 @@ import msgspec
 import numpy as np
 import structlog
 
+from edge._sqlite import SCHEMA, Transaction
 from edge.errors import NodeClosed, StoreError
 from edge.privacy import EventRow, add_noise, suppress
 from edge.window import ModelInfo, build_aggregate, compact
@@ -39,22 +40,6 @@ __all__ = ["Buffer", "BufferStats", "Commit"]
 
 log = structlog.get_logger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS models(
-  id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, info BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS events(
-  id INTEGER PRIMARY KEY, t REAL NOT NULL, model INTEGER NOT NULL, label INTEGER NOT NULL,
-  conf INTEGER NOT NULL, len INTEGER NOT NULL, lat INTEGER NOT NULL, err INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS feedback(
-  id INTEGER PRIMARY KEY, t REAL NOT NULL, model INTEGER NOT NULL,
-  true_label TEXT NOT NULL, pred_label TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS outbox(
-  seq INTEGER PRIMARY KEY, attempted INTEGER NOT NULL DEFAULT 0,
-  bytes INTEGER NOT NULL, count INTEGER NOT NULL, payload BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS node_state(key TEXT PRIMARY KEY, value NUMERIC NOT NULL);
-CREATE TABLE IF NOT EXISTS dp_ledger(
-  id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, epsilon REAL NOT NULL, t REAL NOT NULL);
-"""
 #: One statement inserts a whole group from a JSON array of rows. In autocommit mode one
 #: statement is one atomic transaction, so a group commit is ONE trip to the aiosqlite thread
 #: instead of three (BEGIN, executemany, COMMIT); a trip costs ~130 µs on the 2-core test
@@ -153,7 +138,7 @@ class Buffer:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000"):
                 await self._db.execute(f"PRAGMA {pragma}")
-            await self._db.executescript(_SCHEMA)
+            await self._db.executescript(SCHEMA)
             async with self._db.execute("SELECT key, value FROM node_state") as cur:
                 for key, value in await cur.fetchall():
                     self._state[key] = value
@@ -504,56 +489,10 @@ class Buffer:
 
     # -- transactions -----------------------------------------------------------------------
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self)
+    def _tx(self) -> Transaction:
+        saved = dict(self._state)
 
+        def restore() -> None:  # in-memory state changed inside follows the rollback
+            self._state = saved
 
-class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` under the buffer's lock; rolls back on error and
-    translates sqlite errors to ``StoreError``. In-memory state changed inside is reloaded
-    from the database on rollback."""
-
-    def __init__(self, buf: Buffer) -> None:
-        self.buf = buf
-
-    async def __aenter__(self) -> None:
-        await self.buf._lock.acquire()
-        self.saved = dict(self.buf._state)
-        try:
-            await self.buf.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self.buf._lock.release()
-            raise StoreError(str(self.buf.path), f"cannot begin a transaction: {exc}") from exc
-        except BaseException:
-            self.buf._lock.release()
-            raise
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> bool:
-        buf = self.buf
-        try:
-            with anyio.CancelScope(shield=True):
-                if et is None:
-                    try:
-                        await buf.db.execute("COMMIT")
-                        return False
-                    except sqlite3.Error as exc:
-                        await _rollback(buf.db)
-                        buf._state = self.saved
-                        raise StoreError(str(buf.path), f"commit failed: {exc}") from exc
-                await _rollback(buf.db)
-                buf._state = self.saved
-                if isinstance(e, sqlite3.Error):
-                    raise StoreError(str(buf.path), str(e)) from e
-                return False
-        finally:
-            buf._lock.release()
-        return False
-
-
-async def _rollback(db: Any) -> None:
-    try:
-        await db.execute("ROLLBACK")
-    except sqlite3.Error as exc:  # nothing to roll back (the error ended the transaction)
-        log.debug("rollback_failed", error=repr(exc))
+        return Transaction(self.db, self._lock, str(self.path), on_rollback=restore)
