@@ -495,9 +495,10 @@ async def _publish_until_acked(url: str | list[str], subject: str, msg_id: str, 
 # ResourceWarning when collected); that is the library's, not what this test checks.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_stops(tmp_path: Path) -> None:
-    """cluster/n1..n3.conf form one JetStream cluster; resources provisioned with replicas=3
-    take node publishes, and keep taking them (with the data) after one server stops — also
-    from a client that was given only the stopped server's URL."""
+    """cluster/n1..n3.conf form one JetStream cluster; set_replicas.py takes the resources
+    `slmops cloud` provisions to 3 replicas; they take node publishes, and keep taking them
+    (with the data) after one server stops — also through slmops' Link given only the stopped
+    server's URL, or all three comma-separated."""
     (tmp_path / "accounts.conf").write_text((NATS_DIR / "accounts.conf").read_text())
     route_ports = {n: free_port() for n in (1, 2, 3)}
     pairs = []
@@ -509,15 +510,31 @@ async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_s
         conf = _copy_conf(NATS_DIR / "cluster" / f"n{n}.conf", tmp_path / "cluster" / f"n{n}.conf", rewrites)
         pairs.append((conf, tmp_path / f"run{n}"))
     async with _servers(*pairs) as servers:
-        await _provision(servers[0].creds("cloud", CLOUD_PW), replicas=3)
+        # As `slmops cloud` does (one replica), then set_replicas.py as the README says.
+        await _provision(servers[0].creds("cloud", CLOUD_PW))
+        argv = [
+            sys.executable,
+            str(NATS_DIR / "set_replicas.py"),
+            "3",
+            "--nats",
+            servers[1].creds("cloud", CLOUD_PW),
+        ]
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "KV_slmops_assignments" in done.stdout
+        assert "OBJ_slmops_models" in done.stdout
+        assert "1 -> 3" in done.stdout
         # nats-py takes several servers as a list (a comma-separated string is refused).
         node_url = [s.creds(f"node-{NODE}", NODE_PW) for s in servers]
         subject = names.telemetry_subject(FLEET, NODE)
         ack = await _publish_until_acked(node_url, subject, names.msg_id(NODE, 1))
         assert ack.stream == names.TELEMETRY_STREAM
         async with _connect(servers[1].creds("cloud", CLOUD_PW)) as (nc, _):
+            for stream in await nc.jetstream().streams_info():
+                assert stream.config.num_replicas == 3, stream.config.name
             info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
-            assert info.config.num_replicas == 3
             assert info.cluster is not None
             assert len(info.cluster.replicas or []) == 2
 
@@ -787,36 +804,37 @@ def test_systemd_unit_parses_and_is_hardened(unit: Path) -> None:
         assert unit.name not in done.stdout + done.stderr, done.stdout + done.stderr
 
 
-def _edge_env_names() -> set[str]:
-    """The environment variables `slmops edge` reads (click: explicit envvar, else the
+def _env_names(role: str) -> set[str]:
+    """The environment variables `slmops <role>` reads (click: an explicit envvar, else the
     auto_envvar_prefix SLMOPS + command + parameter name)."""
-    from slmops.cli_edge import edge
+    from slmops.cli import main
 
+    command = main.commands[role]
     out = set()
-    for param in edge.params:
+    for param in command.params:
         envvar = getattr(param, "envvar", None)
-        out.add(envvar if isinstance(envvar, str) else f"SLMOPS_EDGE_{(param.name or '').upper()}")
+        out.add(envvar if isinstance(envvar, str) else f"SLMOPS_{role.upper()}_{(param.name or '').upper()}")
     return out
 
 
-def test_edge_environment_names_in_deploy_files_are_ones_slmops_edge_reads() -> None:
-    """Every SLMOPS_EDGE_* / SLMOPS_NATS_URL name used for an edge in deploy/ is one that
-    `slmops edge` really reads, so no setting is silently ignored."""
-    known = _edge_env_names()
+@pytest.mark.parametrize("role", ["edge", "cloud"])
+def test_environment_names_in_deploy_files_are_ones_slmops_reads(role: str) -> None:
+    """Every SLMOPS_<ROLE>_* / SLMOPS_NATS_URL name deploy/ uses for `slmops edge` or
+    `slmops cloud` (set or commented) is one that command really reads: no setting is
+    silently ignored."""
+    known = _env_names(role)
     files = [
-        DEPLOY / "systemd" / "edge.env.example",
-        DEPLOY / "systemd" / "slmops-edge.service",
+        DEPLOY / "systemd" / f"{role}.env.example",
+        DEPLOY / "systemd" / f"slmops-{role}.service",
         DEPLOY / "compose.yaml",
-        DEPLOY / "k8s" / "edge-daemonset.yaml",
         DEPLOY / "container" / "Dockerfile",
+        *(DEPLOY / "k8s").glob("*.yaml"),
     ]
-    used = {m for f in files for m in re.findall(r"SLMOPS_EDGE_[A-Z_]+", f.read_text())}
-    assert used, "no SLMOPS_EDGE_ variable found: the pattern or the files changed"
-    assert used <= known, f"not read by `slmops edge`: {sorted(used - known)}"
+    used = {m for f in files for m in re.findall(rf"SLMOPS_{role.upper()}_[A-Z_]+", f.read_text())}
+    assert used, f"no SLMOPS_{role.upper()}_ variable found: the pattern or the files changed"
+    assert used <= known, f"not read by `slmops {role}`: {sorted(used - known)}"
     assert "SLMOPS_NATS_URL" in known
-    assert set(_read_env_file(DEPLOY / "systemd" / "edge.env.example")) == {
-        "SLMOPS_NATS_URL", "SLMOPS_EDGE_FLEET", "SLMOPS_EDGE_NODE",
-    }  # fmt: skip
+    assert "SLMOPS_NATS_URL" in _read_env_file(DEPLOY / "systemd" / f"{role}.env.example")
 
 
 def test_compose_file_names_nats_cloud_and_two_edges() -> None:
