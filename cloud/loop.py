@@ -212,6 +212,9 @@ class RecalibrationLoop:
             log.info(
                 "recalibration_already_proposed", fleet=fleet, version=done.version, drift_event=event.id
             )
+            # Again, in case the first follow-up was lost between the record and the publish
+            # (a redelivered event has the same Nats-Msg-Id: the stream drops the duplicate).
+            await self._follow_up(event, done)
             return done
         priors = dict(event.estimated_priors or {}) if done is None else done.priors
         if done is None:  # the version is chosen and recorded first: a restart reuses it

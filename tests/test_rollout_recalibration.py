@@ -158,6 +158,8 @@ async def test_label_shift_becomes_a_recalibrated_rollout_that_restores_accuracy
         await js.publish(names.drift_subject(fleet), encode_json(event), headers={"Nats-Msg-Id": event.id})
         await wait_until(lambda: _has(registry, m1.name, 2), timeout=60, what="version 2 pushed")
         state = await _wait_rollout(RolloutStore(js), fleet)
+        # The drift event is followed by one naming the proposed version and the rollout.
+        original, follow = await _drift_events(js, fleet, 2)
         tg.cancel_scope.cancel()
     await js.delete_consumer(names.DRIFT_STREAM, durable)
     assert (state.version, state.previous_version, state.status) == (2, 1, "running")
@@ -176,8 +178,6 @@ async def test_label_shift_becomes_a_recalibrated_rollout_that_restores_accuracy
     )
     assert shifted < before - 0.05  # the shift really hurt
     assert recalibrated >= before - 0.02
-    # The drift event is followed by one naming the proposed version and the rollout.
-    original, follow = await _drift_events(js, fleet, 2)
     assert original.proposed_version is None
     assert (follow.id, follow.proposed_version) == (event.id, 2)
     assert state.id in follow.suggested_action
