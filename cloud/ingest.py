@@ -120,6 +120,17 @@ class PullLoop:
         self._handle = handle
         self.batches = 0
         self.messages = 0
+        self._stop = False
+        self._stopped = anyio.Event()
+
+    def request_stop(self) -> None:
+        """Stop after the current fetch and batch: a fetch cut off by cancellation leaves its
+        pull request open on the server, and what it then delivers sits unacked for
+        ``ack_wait`` (30 s by default) before anyone else may have it."""
+        self._stop = True
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = js_api.ConsumerConfig(
@@ -138,10 +149,10 @@ class PullLoop:
         log.info("consumer_bound", stream=self._stream, durable=self._durable, subjects=self._subjects)
         task_status.started()
         try:
-            while True:
+            while not self._stop:
                 try:
                     msgs = await sub.fetch(self._batch, timeout=self._timeout)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats' and asyncio's (nats-py raises either when idle)
                     continue
                 except (nats.errors.Error, OSError) as exc:
                     # Disconnected or the server is restarting: nats-py reconnects on its own.
@@ -150,8 +161,20 @@ class PullLoop:
                     continue
                 self.batches += 1
                 self.messages += len(msgs)
-                await self._handle(msgs)
+                try:
+                    await self._handle(msgs)
+                finally:
+                    # Cancelled (lease lost, shutdown) or failed before acking: hand the rest
+                    # back at once rather than after ack_wait, so the next holder goes on.
+                    unacked = [m for m in msgs if not m.is_acked]
+                    if unacked:
+                        with anyio.move_on_after(2, shield=True):
+                            for m in unacked:
+                                await m.nak()
+            self._stopped.set()
+            await anyio.sleep_forever()  # stopped cleanly: wait to be cancelled with the group
         finally:
+            self._stopped.set()
             with anyio.move_on_after(2, shield=True):
                 try:
                     await sub.unsubscribe()

@@ -46,6 +46,7 @@ from shared.provision import ensure_resources
 
 from .apply import Applier
 from .config import CloudConfig
+from .drift.calibrate import shared_calibrator
 from .drift.detector import DriftDetector
 from .errors import LeaseLost
 from .events import EventPublisher
@@ -94,6 +95,7 @@ class CloudService:
         self._active = anyio.Event()
         self._applier: Applier | None = None
         self._ingest: TelemetryIngest | None = None
+        self._status: StatusIngest | None = None
         self._publisher: EventPublisher | None = None
         self._extra = list(extra_tasks)
         self.takeovers = 0
@@ -144,11 +146,22 @@ class CloudService:
         tg, self._tg = self._tg, None
         try:
             if tg is not None:
+                await self._drain()
                 tg.cancel_scope.cancel()
                 await tg.__aexit__(exc_type, exc, tb)
         finally:
             await self._link.__aexit__(exc_type, exc, tb)
         return None
+
+    async def _drain(self) -> None:
+        """Let the consumers finish their current fetch and batch (bounded), so no message is
+        left pending on the server for ``ack_wait`` when this instance stops."""
+        loops = [x.loop for x in (self._ingest, self._status) if x is not None]
+        for loop in loops:
+            loop.request_stop()
+        with anyio.move_on_after(self.config.fetch_timeout + 5, shield=True):
+            for loop in loops:
+                await loop.wait_stopped()
 
     async def _run(self) -> None:
         await self._link.wait_online()
@@ -179,7 +192,8 @@ class CloudService:
         path = Path(cfg.state_dir) / "cloud.sqlite3"
         async with StateStore(path) as store:
             stored = await store.load()
-            detector = DriftDetector(cfg.drift, self._clock)
+            calibrator = shared_calibrator(cfg.drift.cusum_allowance, cfg.drift.calibration_windows)
+            detector = DriftDetector(cfg.drift, self._clock, calibrator.non_blocking())
             detector.load(stored.groups, stored.units)
             publisher = EventPublisher(js, store, stored.outbox)
             snapshots = SnapshotWriter(fleet_kv, stored.nodes, cfg.snapshot_interval)
@@ -211,6 +225,7 @@ class CloudService:
                 ack_wait=cfg.ack_wait,
             )
             self._applier, self._ingest, self._publisher = applier, ingest, publisher
+            self._status = status
             log.info(
                 "cloud_active",
                 holder=self.holder,
@@ -221,6 +236,7 @@ class CloudService:
             )
             async with anyio.create_task_group() as tg:
                 await tg.start(lease.keep)
+                await tg.start(detector.calibrator.run_worker)
                 await tg.start(publisher.run)
                 await tg.start(snapshots.run)
                 await tg.start(ingest.run)

@@ -22,10 +22,13 @@ from __future__ import annotations
 import math
 import zlib
 
+import anyio
+import anyio.to_thread
 import msgspec
 import numpy as np
+from anyio.abc import TaskStatus
 
-__all__ = ["Calibration", "Calibrator", "calibrate", "n_bucket"]
+__all__ = ["Calibration", "Calibrator", "calibrate", "n_bucket", "shared_calibrator"]
 
 _STEP = 0.02  # grid of the CUSUM level
 _S_MAX = 40.0
@@ -160,15 +163,35 @@ def stationary_tail(z: np.ndarray, allowance: float) -> Calibration:
 
 
 class Calibrator:
-    """Caches calibrations per (signal key, window-size bucket, noise level)."""
+    """Caches calibrations per (signal key, window-size bucket, noise level).
 
-    def __init__(self, *, allowance: float = 0.5, windows: int = 200_000) -> None:
+    ``blocking=True`` computes a missing calibration on the spot (benches, unit tests).
+    ``blocking=False`` (the service) never blocks the event loop: ``get`` returns None for a
+    missing one and queues it; ``run_worker`` computes queued ones in a worker thread. Until
+    then the detector uses a conservative analytic tail (``DriftDetector._fallback_tail``).
+    """
+
+    def __init__(
+        self,
+        *,
+        allowance: float = 0.5,
+        windows: int = 200_000,
+        blocking: bool = True,
+        cache: dict[tuple[object, ...], Calibration] | None = None,
+    ) -> None:
         self._allowance = allowance
         self._windows = windows
-        self._cache: dict[tuple[object, ...], Calibration] = {}
+        self._blocking = blocking
+        self._cache: dict[tuple[object, ...], Calibration] = cache if cache is not None else {}
+        self._wanted: dict[tuple[object, ...], tuple[list[float], int, float, float, int | None]] = {}
+        self._wake = anyio.Event()
 
     def statistics(self) -> dict[str, int]:
-        return {"calibrations": len(self._cache)}
+        return {"calibrations": len(self._cache), "calibrations_queued": len(self._wanted)}
+
+    def non_blocking(self) -> Calibrator:
+        """A non-blocking calibrator sharing this one's cache."""
+        return Calibrator(allowance=self._allowance, windows=self._windows, blocking=False, cache=self._cache)
 
     def get(
         self,
@@ -178,22 +201,58 @@ class Calibrator:
         n_ref: float,
         noise_var: float = 0.0,
         upper_cell: int | None = None,
-    ) -> Calibration:
+    ) -> Calibration | None:
         nb = n_bucket(n)
         noise = float(f"{noise_var:.2g}") if noise_var > 0 else 0.0
         ck = (key, nb, noise, upper_cell)
         cal = self._cache.get(ck)
-        if cal is None:
-            seed = zlib.crc32(repr(ck).encode())
-            cal = calibrate(
-                probs,
-                nb,
-                n_ref,
-                noise,
-                allowance=self._allowance,
-                windows=self._windows,
-                seed=seed,
-                upper_cell=upper_cell,
-            )
-            self._cache[ck] = cal
+        if cal is not None:
+            return cal
+        args = (list(probs), nb, n_ref, noise, upper_cell)
+        if not self._blocking:
+            if ck not in self._wanted:
+                self._wanted[ck] = args
+                self._wake.set()
+            return None
+        cal = self._cache[ck] = self._compute(ck, args)
         return cal
+
+    def _compute(
+        self, ck: tuple[object, ...], args: tuple[list[float], int, float, float, int | None]
+    ) -> Calibration:
+        probs, nb, n_ref, noise, upper_cell = args
+        return calibrate(
+            probs,
+            nb,
+            n_ref,
+            noise,
+            allowance=self._allowance,
+            windows=self._windows,
+            seed=zlib.crc32(repr(ck).encode()),
+            upper_cell=upper_cell,
+        )
+
+    async def run_worker(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Compute queued calibrations one at a time in a worker thread, forever."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            while self._wanted:
+                ck, args = next(iter(self._wanted.items()))
+                cal = await anyio.to_thread.run_sync(self._compute, ck, args)
+                self._cache[ck] = cal
+                del self._wanted[ck]
+
+
+_SHARED: dict[tuple[float, int], Calibrator] = {}
+
+
+def shared_calibrator(allowance: float, windows: int) -> Calibrator:
+    """One cache per process and settings: calibrations are seeded and deterministic, so a
+    restarted detector (lease takeover, tests, benches) reuses them instead of re-simulating."""
+    key = (allowance, windows)
+    cal = _SHARED.get(key)
+    if cal is None:
+        cal = _SHARED[key] = Calibrator(allowance=allowance, windows=windows)
+    return cal

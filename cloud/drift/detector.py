@@ -30,6 +30,7 @@ exactly the groups and node units a batch touched (``take_dirty``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import Literal
@@ -41,7 +42,7 @@ import structlog
 from cloud.config import DriftConfig
 from shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggregate
 
-from .calibrate import Calibrator
+from .calibrate import Calibrator, shared_calibrator
 from .labelshift import confusion_matrix, em_priors, expected_accuracy
 from .signals import ONE_SIDED, Acc, SignalRef, extract, manifest_refs, mean_of_histogram
 from .stats import benjamini_hochberg, normalise, total_variation, window_test
@@ -86,6 +87,9 @@ class UnitSig(msgspec.Struct, kw_only=True):
 class NodeUnit(msgspec.Struct, kw_only=True):
     acc: dict[str, Acc] = {}
     sig: dict[str, UnitSig] = {}
+    #: The node's own baseline per signal (its first tested windows), see the module docstring.
+    refs: dict[str, SignalRef] = {}
+    warm: dict[str, Acc] = {}
 
 
 class Group(msgspec.Struct, kw_only=True):
@@ -141,9 +145,9 @@ class DriftDetector:
     ) -> None:
         self._cfg = config
         self._clock = clock
-        self._cal = calibrator or Calibrator(
-            allowance=config.cusum_allowance, windows=config.calibration_windows
-        )
+        self._cal = calibrator or shared_calibrator(config.cusum_allowance, config.calibration_windows)
+        #: Public so the service can run its worker (``Calibrator.run_worker``).
+        self.calibrator = self._cal
         self.groups: dict[str, Group] = {}
         self.units: dict[tuple[str, str], NodeUnit] = {}
         self._dirty_groups: set[str] = set()
@@ -202,52 +206,61 @@ class DriftDetector:
         self._dirty_units.add(ukey)
         g.round_nodes.append(agg.node)
         tested = False
+        min_count = self._cfg.min_count
+        start, end = agg.window_start, agg.window_end
         for signal, (counts, noise) in extract(agg, g.labels, g.edges).items():
             racc = g.round.get(signal)
             if racc is None:
                 racc = g.round[signal] = Acc.empty(len(counts))
-            racc.add(counts, noise, agg.window_start, agg.window_end)
-            ref = g.refs.get(signal)
-            if ref is None:
-                continue
-            acc = unit.acc.get(signal)
+            racc.add(counts, noise, start, end)
+            acc = unit.acc.pop(signal, None)
             if acc is None:
-                acc = unit.acc[signal] = Acc.empty(len(counts))
-            acc.add(counts, noise, agg.window_start, agg.window_end)
-            if acc.n >= self._cfg.min_count:
-                us = unit.sig.get(signal)
-                if us is None:
-                    us = unit.sig[signal] = UnitSig()
-                self._step(us, signal, ref, acc)
-                unit.acc[signal] = Acc.empty(len(counts))
-                tested = True
+                # Hot path: most windows are big enough to be tested on their own.
+                acc = Acc(counts=counts, total=sum(counts), noise=noise, windows=1, start=start, end=end)
+            else:
+                acc.add(counts, noise, start, end)
+            if acc.n < min_count:
+                unit.acc[signal] = acc  # carried into the node's next window
+                continue
+            ref = unit.refs.get(signal)
+            if ref is None:
+                fleet_us = g.fleet_sig.get(signal)
+                if fleet_us is None or not fleet_us.open:  # a drifting fleet is no baseline
+                    self._warm_node(unit, signal, acc)
+                continue
+            us = unit.sig.get(signal)
+            if us is None:
+                us = unit.sig[signal] = UnitSig()
+            self._step(us, signal, ref, acc)
+            tested = True
         if tested:
             g.round_node_windows += 1
         return events
+
+    def _warm_node(self, unit: NodeUnit, signal: str, acc: Acc) -> None:
+        warm = unit.warm.get(signal)
+        if warm is None or len(warm.counts) != len(acc.counts):
+            warm = unit.warm[signal] = Acc.empty(len(acc.counts))
+        warm.merge(acc)
+        if warm.windows >= self._cfg.node_baseline_windows:
+            unit.refs[signal] = SignalRef(probs=normalise(warm.counts), n_ref=warm.n, source="node_baseline")
+            del unit.warm[signal]
 
     def _step(self, us: UnitSig, signal: str, ref: SignalRef, acc: Acc) -> None:
         z, effect = window_test(acc.counts, ref.probs, ref.n_ref, acc.noise, upper_cell=ONE_SIDED.get(signal))
         was_zero = us.s <= 0
         us.s = max(0.0, us.s + z - self._cfg.cusum_allowance)
         if us.s > 0 or us.open:
+            # ``acc`` is handed over: the caller replaces it with a fresh one after the test.
             if was_zero or us.run is None:
-                us.run = Acc(
-                    counts=list(acc.counts),
-                    noise=acc.noise,
-                    windows=acc.windows,
-                    start=acc.start,
-                    end=acc.end,
-                )
+                us.run = acc.copy()
             else:
-                assert acc.start is not None
-                assert acc.end is not None
-                us.run.add(acc.counts, acc.noise, acc.start, acc.end)
-                us.run.windows += acc.windows - 1
+                us.run.merge(acc)
         else:
             us.run = None
         quiet = z < self._cfg.quiet_z or effect < self._cfg.min_effect / 2
         us.quiet = us.quiet + 1 if quiet else 0
-        us.last = list(acc.counts)
+        us.last = acc.counts  # Acc.add/merge build new lists, never mutate this one
         us.last_n = acc.n
         us.last_noise = acc.noise
         us.last_effect = effect
@@ -267,9 +280,7 @@ class DriftDetector:
                 warm = g.warm.get(signal)
                 if warm is None or len(warm.counts) != len(acc.counts):
                     warm = g.warm[signal] = Acc.empty(len(acc.counts))
-                assert acc.start is not None
-                assert acc.end is not None
-                warm.add(acc.counts, acc.noise, acc.start, acc.end)
+                warm.merge(acc)
         if g.warm:
             g.warm_rounds += 1
             if g.warm_rounds >= cfg.warmup_rounds:
@@ -282,27 +293,30 @@ class DriftDetector:
                 if "confidence" in g.refs and g.ref_mean_conf is None:
                     g.ref_mean_conf = self._mean_conf(g, g.refs["confidence"].probs)
                 g.warm = {}
-        family: list[tuple[str | None, str, UnitSig]] = [
-            (None, s, us) for s, us in g.fleet_sig.items() if us.fresh
+        family: list[tuple[str | None, str, UnitSig, SignalRef]] = [
+            (None, s, us, g.refs[s]) for s, us in g.fleet_sig.items() if us.fresh
         ]
         for node in dict.fromkeys(g.round_nodes):
             unit = self.units.get((g.key, node))
             if unit is not None:
-                family += [(node, s, us) for s, us in unit.sig.items() if us.fresh]
+                family += [(node, s, us, unit.refs[s]) for s, us in unit.sig.items() if us.fresh]
         events: list[DriftEvent] = []
         if family:
             pis = []
-            for _, signal, us in family:
-                ref = g.refs[signal]
+            for unit_node, signal, us, ref in family:
+                # Node baselines share one calibration per signal: the null shape of z
+                # depends on the cell count and window size far more than on the exact mix.
+                shared = g.refs.get(signal, ref) if unit_node is not None else ref
+                key = f"{g.key}/{signal}/{'node' if unit_node is not None else 'fleet'}"
                 cal = self._cal.get(
-                    f"{g.key}/{signal}", ref.probs, us.last_n, ref.n_ref, us.last_noise, ONE_SIDED.get(signal)
+                    key, shared.probs, us.last_n, ref.n_ref, us.last_noise, ONE_SIDED.get(signal)
                 )
-                us.pi = cal.tail(us.s)
+                us.pi = cal.tail(us.s) if cal is not None else self._fallback_tail(us.s)
                 pis.append(us.pi)
             q = min(0.1, cfg.target_false_rate * max(1, g.round_node_windows))
             rejected = benjamini_hochberg(pis, q)
-            for (unit_node, signal, us), rej in zip(family, rejected, strict=True):
-                events += self._hysteresis(g, unit_node, signal, us, rej)
+            for (unit_node, signal, us, ref), rej in zip(family, rejected, strict=True):
+                events += self._hysteresis(g, unit_node, signal, us, ref, rej)
                 us.fresh = False
         g.round = {}
         g.round_nodes = []
@@ -310,16 +324,22 @@ class DriftDetector:
         g.rounds += 1
         return events
 
+    def _fallback_tail(self, s: float) -> float:
+        """Until a signal is calibrated: the stationary tail of a CUSUM with N(0, 1)
+        increments, ``exp(-2k·s)``, its slope flattened by 10% (the calibrated tails measured
+        steeper than this for every signal shape tried, so it errs towards fewer events)."""
+        return min(1.0, math.exp(-1.8 * self._cfg.cusum_allowance * s))
+
     def _hysteresis(
-        self, g: Group, node: str | None, signal: str, us: UnitSig, rejected: bool
+        self, g: Group, node: str | None, signal: str, us: UnitSig, ref: SignalRef, rejected: bool
     ) -> list[DriftEvent]:
         cfg = self._cfg
-        effect = (
-            total_variation(us.run.counts, g.refs[signal].probs) if us.run is not None else us.last_effect
-        )
+        if not us.open and not rejected:
+            return []  # the common case, decided before computing anything
+        effect = total_variation(us.run.counts, ref.probs) if us.run is not None else us.last_effect
         if us.open:
             if us.quiet >= cfg.resolve_windows:
-                event = self._event(g, node, signal, us, "resolved", effect)
+                event = self._event(g, node, signal, us, ref, "resolved", effect)
                 us.open = False
                 us.s = 0.0
                 us.run = None
@@ -331,7 +351,7 @@ class DriftDetector:
             if rejected and _RANK[sev] > _RANK[us.severity]:
                 us.updates += 1
                 us.severity = sev
-                return [self._event(g, node, signal, us, "updated", effect)]
+                return [self._event(g, node, signal, us, ref, "updated", effect)]
             return []
         if not rejected or effect < cfg.min_effect or us.s <= 0:
             return []
@@ -339,12 +359,17 @@ class DriftDetector:
             fleet_us = g.fleet_sig.get(signal)
             if fleet_us is not None and fleet_us.open:
                 return []  # the fleet-wide event already covers this node
+        if node is None:
+            # Baselines being learnt now likely hold the shift's first windows: start over.
+            for ukey, unit in self.units.items():
+                if ukey[0] == g.key and unit.warm.pop(signal, None) is not None:
+                    self._dirty_units.add(ukey)
         us.open = True
         us.episode += 1
         us.updates = 0
         us.quiet = 0
         us.severity = self._severity(effect)
-        return [self._event(g, node, signal, us, "opened", effect)]
+        return [self._event(g, node, signal, us, ref, "opened", effect)]
 
     def _reset_nodes(self, g: Group, signal: str) -> None:
         """A fleet-wide episode is over: the evidence its nodes gathered meanwhile was the
@@ -393,7 +418,7 @@ class DriftDetector:
         return priors, (round(acc, 4) if acc is not None else None)
 
     def _event(
-        self, g: Group, node: str | None, signal: str, us: UnitSig, state: str, effect: float
+        self, g: Group, node: str | None, signal: str, us: UnitSig, ref: SignalRef, state: str, effect: float
     ) -> DriftEvent:
         scope: Literal["fleet", "node"] = "fleet" if node is None else "node"
         suffix = f".{us.updates}" if state == "updated" else ""
@@ -421,7 +446,7 @@ class DriftDetector:
             windows=run.windows if run is not None else 0,
             state=state,  # type: ignore[arg-type]
             severity=us.severity or "info",  # type: ignore[arg-type]
-            reference=g.refs[signal].source,
+            reference=ref.source,
             estimated_priors=priors,
             expected_accuracy=acc,
             suggested_action=action,

@@ -54,6 +54,8 @@ class Acc(msgspec.Struct, kw_only=True):
     """Counts of one signal added over one or more aggregates (exact, associative)."""
 
     counts: list[float]
+    #: Sum of ``counts`` (kept, not recomputed: this is on the ingest hot path).
+    total: float = 0.0
     noise: float = 0.0  #: summed per-cell DP noise variance
     windows: int = 0
     start: datetime | None = None
@@ -61,16 +63,43 @@ class Acc(msgspec.Struct, kw_only=True):
 
     @property
     def n(self) -> float:
-        return sum(c for c in self.counts if c > 0)
+        """Inferences counted (DP noise can make single cells negative, rarely the sum)."""
+        return self.total if self.total > 0 else 0.0
 
     def add(self, counts: list[float], noise: float, start: datetime, end: datetime) -> None:
         if len(counts) != len(self.counts):
             raise ValueError(f"{len(counts)} cells added to an accumulator of {len(self.counts)}")
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.total += sum(counts)
         self.noise += noise
         self.windows += 1
-        self.start = start if self.start is None or start < self.start else self.start
-        self.end = end if self.end is None or end > self.end else self.end
+        if self.start is None or start < self.start:
+            self.start = start
+        if self.end is None or end > self.end:
+            self.end = end
+
+    def merge(self, other: Acc) -> None:
+        """Add ``other``'s counts, noise, windows and time range (in place)."""
+        if len(other.counts) != len(self.counts):
+            raise ValueError(f"{len(other.counts)} cells merged into an accumulator of {len(self.counts)}")
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+        self.noise += other.noise
+        self.windows += other.windows
+        for t in (other.start, other.end):
+            if t is not None:
+                self.start = t if self.start is None or t < self.start else self.start
+                self.end = t if self.end is None or t > self.end else self.end
+
+    def copy(self) -> Acc:
+        return Acc(
+            counts=list(self.counts),
+            total=self.total,
+            noise=self.noise,
+            windows=self.windows,
+            start=self.start,
+            end=self.end,
+        )
 
     @classmethod
     def empty(cls, cells: int) -> Acc:
@@ -86,8 +115,11 @@ def extract(
         geometric_noise_var(agg.privacy.epsilon, DP_SENSITIVITY) if agg.privacy.mechanism != "none" else 0.0
     )
     out: dict[str, tuple[list[float], float]] = {}
+    # Integer counts are used as they are (int is a float for msgspec and arithmetic): no
+    # conversion on the hot path. The lists are never mutated downstream.
+    cc = agg.class_counts
     if labels:
-        out["class_prior"] = ([float(agg.class_counts.get(label, 0)) for label in labels], noise)
+        out["class_prior"] = ([cc.get(label, 0) for label in labels], noise)
     for signal, hist in (
         ("confidence", agg.confidence),
         ("input_length", agg.input_length),
@@ -95,9 +127,9 @@ def extract(
     ):
         want = edges.get(signal)
         if want is None or hist.edges == want:
-            out[signal] = ([float(c) for c in hist.counts], noise)
+            out[signal] = (hist.counts, noise)  # type: ignore[assignment]
     if agg.count > 0:
-        out["error_rate"] = ([float(agg.errors), float(max(agg.count - agg.errors, 0))], 0.0)
+        out["error_rate"] = ([agg.errors, max(agg.count - agg.errors, 0)], 0.0)
     right = wrong = 0
     for truth, predicted in agg.feedback.items():
         for label, c in predicted.items():

@@ -87,24 +87,30 @@ def window_test(
 
     ``z`` is ~N(0, 1) under the null, large when the window differs. ``upper_cell`` makes the
     test one-sided for two-cell signals: only a rise of that cell's share counts as evidence (a
-    fall gives ``-|z|``). ``effect`` is the total-variation distance.
+    fall gives ``-|z|``). ``effect`` is the total-variation distance. Negative counts (DP noise)
+    count as zero. One pass over the cells: this runs for every signal of every window.
     """
     if len(counts) != len(probs):
         raise ValueError(f"{len(counts)} counts against {len(probs)} reference cells")
-    n = sum(max(c, 0.0) for c in counts)
+    n = 0.0
+    for c in counts:
+        if c > 0:
+            n += c
     if n <= 0:
         return 0.0, 0.0
-    inflate = 1.0 + (n / n_ref if n_ref > 0 else 0.0)
+    inflate = n * (1.0 + (n / n_ref if n_ref > 0 else 0.0))
     stat = 0.0
+    tv = 0.0
+    inv_n = 1.0 / n
     for c, p in zip(counts, probs, strict=True):
-        e = n * p
-        d = c - e
-        stat += d * d / (e * inflate + noise_var)
+        d = c - n * p
+        stat += d * d / (p * inflate + noise_var)
+        share = c * inv_n if c > 0 else 0.0
+        tv += share - p if share > p else p - share
     z = wilson_hilferty_z(stat, len(counts) - 1)
-    effect = total_variation(counts, probs)
     if upper_cell is not None and counts[upper_cell] < n * probs[upper_cell]:
         z = -abs(z)
-    return z, effect
+    return z, 0.5 * tv
 
 
 def benjamini_hochberg(p_values: Sequence[float], q: float) -> list[bool]:
