@@ -62,6 +62,14 @@ async def test_offline_start_serves_then_drains_when_the_server_appears(
                 total, _ = distinct_total(await read_telemetry(js, fleet))
                 assert total == n
                 assert node.health()["last_sync"] is not None
+                # the node reported itself on connect: device profile, model, outbox
+                sub = await js.pull_subscribe(f"slmops.status.{fleet}.n1", stream=STATUS_STREAM)
+                first = decode_json((await sub.fetch(1, timeout=5))[0].data, NodeStatus)
+                assert first.event == "connect"
+                assert first.model is not None
+                assert first.model.version == 1
+                assert first.device.cores > 0
+                assert first.device.ort_version
             finally:
                 await nc.close()
 
