@@ -47,7 +47,7 @@ from nats.js.kv import KeyValue
 from cloud.errors import CloudError
 from cloud.recalibrate import RecalibrationError, recalibrate_bundle
 from cloud.registry import Registry, RegistryError
-from cloud.rollout.assign import Assigner, start_rollout
+from cloud.rollout.assign import Assigner, start_rollout, variants_of
 from cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
 from shared import names
 from shared.bundle import Bundle, TrustStore, load_private_key, unpack_archive
@@ -259,16 +259,18 @@ class RecalibrationLoop:
             raise NatsUnavailable(self._url, f"list manifests: {exc.reason}") from exc
 
     async def _next_version(self, model: str, parent: int) -> int:
-        return 1 + max((m.version for m in await self._manifests() if m.name == model), default=parent)
+        version = 1 + max((m.version for m in await self._manifests() if m.name == model), default=parent)
+        while await variants_of(self.registry, model, version):  # a short listing: look again
+            version += 1
+        return version
 
     async def _build(self, model: str, parent: int, priors: dict[str, float], version: int) -> list[str]:
         """Recalibrate every variant of ``parent`` into ``version`` and push them; variants
         already there (pushed before a restart) are kept."""
-        manifests = await self._manifests()
-        parents = [m for m in manifests if m.name == model and m.version == parent]
+        parents = list((await variants_of(self.registry, model, parent)).values())
         if not parents:
             raise RecalibrationError(model, f"version {parent} is not in the registry")
-        have = {m.variant for m in manifests if m.name == model and m.version == version}
+        have = set(await variants_of(self.registry, model, version))
         pushed: list[str] = []
         with tempfile.TemporaryDirectory(prefix="slmops-recal-") as tmp:
             for m in parents:

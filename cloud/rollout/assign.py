@@ -25,10 +25,10 @@ from cloud.registry import Registry, RegistryError
 from cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
 from shared import names
 from shared.errors import NatsUnavailable
-from shared.messages import Assignment, DeviceProfile, decode_json, encode_json
-from shared.variants import choose_variant
+from shared.messages import Assignment, DeviceProfile, ModelManifest, decode_json, encode_json
+from shared.variants import PREFERENCE, choose_variant
 
-__all__ = ["Assigner", "start_rollout"]
+__all__ = ["Assigner", "start_rollout", "variants_of"]
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +73,7 @@ class Assigner:
         """``{variant: min_memory_mb}`` of a version (cached: versions are immutable)."""
         key = (model, version)
         if key not in self._memory:
-            found = await self.registry.variants(model, version)
+            found = await variants_of(self.registry, model, version)
             if not found:
                 return {}
             self._memory[key] = {v: m.min_memory_mb for v, m in found.items()}
@@ -116,6 +116,20 @@ class Assigner:
                 await self.registry.assign(state.fleet, state.previous_version, model=state.model, node=node)
 
 
+async def variants_of(registry: Registry, model: str, version: int) -> dict[str, ModelManifest]:
+    """The manifests of a version by variant. The usual variants are read by key first: a
+    listing of the manifest bucket (``Registry.variants``) was seen to come back short while
+    the bucket was busy, and a rollout must not be refused for that."""
+    found: dict[str, ModelManifest] = {}
+    for variant in PREFERENCE:
+        m = await registry.manifest(model, version, variant)
+        if m is not None:
+            found[variant] = m
+    if not found:
+        found = await registry.variants(model, version)
+    return found
+
+
 async def start_rollout(
     js: JetStreamContext,
     registry: Registry,
@@ -145,7 +159,7 @@ async def start_rollout(
             model = models[0]
     names.validate_model_name(model)
     try:
-        variants = await registry.variants(model, version)
+        variants = await variants_of(registry, model, version)
     except RegistryError as exc:
         raise RolloutError(fleet, exc.reason) from exc
     if not variants:

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from cloud.rollout.assign import Assigner
+from cloud.rollout.assign import Assigner, variants_of
 from cloud.rollout.cohort import cohort
 from cloud.rollout.gates import GateResult, Metrics, evaluate, install_gate, verdict
 from cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
@@ -297,7 +297,7 @@ class RolloutController:
             return None
         key = (model, version)
         if key not in self._refs:
-            variants = await self.assigner.registry.variants(model, version)
+            variants = await variants_of(self.assigner.registry, model, version)
             m = variants.get("fp32") or next(iter(variants.values()), None)
             self._refs[key] = None if m is None else m.reference
         return self._refs[key]
