@@ -87,6 +87,8 @@ class BufferStats(msgspec.Struct, kw_only=True):
     sent: int
     last_sync: float | None
     committed_events: int
+    #: Events stored and not yet in an aggregate (waiting for their window, or for k).
+    pending_events: int
     lost_events: int
 
 
@@ -127,7 +129,7 @@ class Buffer:
         self.current_model_id: int | None = None
         self._state: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0)
         self._outbox_depth = self._outbox_bytes = 0
-        self._committed = self._lost = 0
+        self._committed = self._lost = self._pending = 0
         self.outbox_changed = anyio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -148,6 +150,7 @@ class Buffer:
                 for mid, info in await cur.fetchall():
                     self._models[mid] = msgspec.structs.replace(_info_decoder.decode(info), model_id=mid)
             await self._refresh_outbox_stats()
+            self._pending = await self.pending_events()
         except sqlite3.Error as exc:
             await self._close_db()
             self._send.close()
@@ -252,6 +255,7 @@ class Buffer:
             self._fail(group, len(rows), exc)
             raise
         self._committed += len(rows)
+        self._pending += len(rows)
         for c in group:
             c.done.set()
 
@@ -290,7 +294,7 @@ class Buffer:
         """Turn the stored events of each model into one numbered aggregate in the outbox, in
         one transaction; a model with fewer than ``k`` events keeps them for the next window
         (k-anonymity). Compacts the outbox if it outgrew its bound. Returns aggregates made."""
-        made = 0
+        made = closed = 0
         async with self._tx():
             db = self.db
             async with db.execute(
@@ -340,6 +344,7 @@ class Buffer:
                 self._state["carry_inferences"] = self._state["carry_aggregates"] = 0
                 await self._insert_outbox([agg])
                 await db.execute("DELETE FROM events WHERE model=? AND id<=?", (mid, max_id))
+                closed += n
                 if fb:
                     await db.execute(
                         "DELETE FROM feedback WHERE model=? AND id<=?", (mid, max(r[3] for r in fb))
@@ -349,6 +354,7 @@ class Buffer:
             if made:
                 await self._enforce_bound()
                 await self._save_state()
+        self._pending -= closed
         if made:
             await self._refresh_outbox_stats()
             self._notify()
@@ -484,6 +490,7 @@ class Buffer:
             sent=int(s["sent"]),
             last_sync=float(s["last_sync"]) or None,
             committed_events=self._committed,
+            pending_events=self._pending,
             lost_events=self._lost,
         )
 

@@ -360,6 +360,7 @@ class EdgeNode:
             else msgspec.structs.asdict(self.models.previous),
             "link": self.link.state.value,
             "outbox": s.outbox_depth,
+            "pending_events": s.pending_events,
             "outbox_bytes": s.outbox_bytes,
             "buffer_bytes": s.file_bytes,
             "last_sync": None

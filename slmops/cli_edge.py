@@ -148,8 +148,13 @@ def edge(
 
 
 async def _serve(config: EdgeConfig) -> int:
+    import structlog
+
     from edge.node import EdgeNode
     from shared.errors import BundleError, SlmopsError
+
+    # Every log line of this process names the node (tasks inherit context variables).
+    structlog.contextvars.bind_contextvars(fleet=config.fleet, node=config.node)
 
     try:
         async with EdgeNode(config) as node:

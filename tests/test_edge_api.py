@@ -170,6 +170,7 @@ async def test_health_and_metrics_report_the_node(http: tuple[aiohttp.ClientSess
     assert health["outbox"] == 0
     assert health["served"] == 2
     assert health["buffer_bytes"] > 0
+    assert health["pending_events"] == 2
     for key in ("last_sync", "dropped_inferences", "dropped_aggregates"):
         assert key in health
     status, text = await call(http, "GET", "/metrics")

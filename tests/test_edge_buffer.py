@@ -72,9 +72,11 @@ async def test_window_below_k_is_carried_to_the_next(tmp_path: Path) -> None:
         await append_and_commit(buf, rows(info.model_id, 2))
         assert await buf.close_window(1001.0) == 0
         assert await buf.pending_events() == 2
+        assert buf.statistics().pending_events == 2
         await append_and_commit(buf, rows(info.model_id, 1))
         assert await buf.close_window(1002.0) == 1
         assert await buf.outbox_counts() == [(1, 3)]
+        assert buf.statistics().pending_events == 0
 
 
 @pytest.mark.anyio
