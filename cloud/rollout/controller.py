@@ -43,25 +43,27 @@ _RECENT = 4096
 
 
 class _Tracker:
-    """In-memory metrics of one rollout, rebuilt from the recent aggregates when needed."""
+    """In-memory metrics of one rollout. Canary and baseline accumulate for the whole
+    rollout; the control restarts with each stage (its nodes change)."""
 
     def __init__(self, state: RolloutState) -> None:
         self.id = state.id
-        self.stage = -1
+        self.stage = state.stage
         self.canary = Metrics()
         self.control = Metrics()  # previous version, outside the cohort, this stage
         self.baseline = Metrics()  # previous version, anywhere, since the rollout started
 
-    def add(self, state: RolloutState, agg: TelemetryAggregate) -> None:
+    def add(self, state: RolloutState, agg: TelemetryAggregate, *, control_only: bool = False) -> None:
         if agg.model.name != state.model:
             return
         end = agg.window_end.timestamp()
         if agg.model.version == state.version:
-            self.canary.add(agg)
+            if not control_only:
+                self.canary.add(agg)
             return
         if state.previous_version is not None and agg.model.version != state.previous_version:
             return
-        if end >= state.created:
+        if end >= state.created and not control_only:
             self.baseline.add(agg)
         if end >= state.stage_started and agg.node not in state.nodes:
             self.control.add(agg)
@@ -116,14 +118,23 @@ class RolloutController:
             tracker = self._tracker(state)
             tracker.add(state, agg)
 
+    def load(self, states: list[RolloutState]) -> None:
+        """Know these rollouts before the first step, so the telemetry replayed at a restart
+        goes straight into their metrics (the recent-aggregate buffer is bounded)."""
+        for state in states:
+            self._states[state.fleet] = state
+
     def _tracker(self, state: RolloutState) -> _Tracker:
         t = self._trackers.get(state.fleet)
-        if t is None or t.id != state.id or t.stage != state.stage:
-            fresh = _Tracker(state)
-            fresh.stage = state.stage
-            for agg in self._recent.get(state.fleet, ()):
-                fresh.add(state, agg)
-            self._trackers[state.fleet] = t = fresh
+        recent = self._recent.get(state.fleet, ())
+        if t is None or t.id != state.id:
+            t = self._trackers[state.fleet] = _Tracker(state)
+            for agg in recent:
+                t.add(state, agg)
+        elif t.stage != state.stage:
+            t.stage, t.control = state.stage, Metrics()
+            for agg in recent:
+                t.add(state, agg, control_only=True)
         return t
 
     def live_nodes(self, fleet: str, now: float) -> dict[str, NodeStatus]:

@@ -78,6 +78,7 @@ class RolloutRunner:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         states = [s for s, _ in await self.store.all() if s.active or s.phase != "done"]
+        self.controller.load(states)
         start = min((s.created for s in states), default=None)
         status_sub = await self._js.subscribe(
             "slmops.status.>",
