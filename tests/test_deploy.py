@@ -285,7 +285,7 @@ async def single(tmp_path: Path) -> AsyncIterator[_Server]:
             await kv.put(names.assignment_key(FLEET), b"fleet-v1")
             await kv.put(names.assignment_key(FLEET, OTHER), b"other-v1")
             manifests = await js.key_value(names.MODELS_MANIFEST_BUCKET)
-            await manifests.put(names.manifest_key("kw", 1, "fp32"), b"manifest-1")
+            await manifests.put(names.manifest_key("other-model", 1, "fp32"), b"manifest-1")
             assert client.errors == []
         yield server
 
@@ -346,7 +346,7 @@ async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> 
         assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
         assert (await kv.get(names.assignment_key(FLEET))).value == b"fleet-v1"
         manifests = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
-        assert (await manifests.get(names.manifest_key("kw", 1, "fp32"))).value == b"manifest-1"
+        assert (await manifests.get(names.manifest_key("other-model", 1, "fp32"))).value == b"manifest-1"
 
         watcher: Any = await kv.watch(names.assignment_key(FLEET, NODE))
         try:
@@ -456,9 +456,10 @@ async def test_single_cloud_service_runs_as_the_cloud_user(
     config = cloud_config(single.creds("cloud", CLOUD_PW), tmp_path / "cloud", FLEET)
     async with CloudService(config) as svc:
         await svc.wait_active(20)
-        state = svc.nodes.get
         await wait_until(
-            lambda: (n := state((FLEET, NODE))) is not None and n.aggregates == 3, 20, what="3 applied"
+            lambda: (n := svc.nodes.get((FLEET, NODE))) is not None and n.aggregates == 3,
+            20,
+            what="3 applied",
         )
     async with _connect(single.creds("cloud", CLOUD_PW)) as (nc, _):
         infos = [await nc.jetstream().consumer_info(names.TELEMETRY_STREAM, c) for c in await _consumers(nc)]
