@@ -33,6 +33,9 @@ __all__ = ["Calibration", "Calibrator", "calibrate", "n_bucket", "shared_calibra
 _STEP = 0.02  # grid of the CUSUM level
 _S_MAX = 40.0
 _MARGIN = 2.0
+_TRUTHS = 8
+#: Chain iterations; a stationary chain converges in a few hundred (measured 150-500).
+_MAX_ITER = 4000
 
 
 class Calibration(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,11 +86,15 @@ def simulate_z(
     shape: tuple[int, int],
     rng: np.random.Generator,
     upper_cell: int | None = None,
+    *,
+    truth: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-window z-scores of null windows, shape ``(length, streams)``."""
+    """Per-window z-scores of null windows, shape ``(length, streams)``: counts drawn from
+    ``truth`` (default: the reference ``probs`` itself), tested against ``probs``."""
     length, streams = shape
     k = probs.shape[0]
-    counts = rng.multinomial(n, probs, size=(length, streams)).astype(np.float64)
+    source = probs if truth is None else truth
+    counts = rng.multinomial(n, source, size=(length, streams)).astype(np.float64)
     if noise_var > 0:
         alpha = _noise_alpha(noise_var)
         counts += rng.geometric(1 - alpha, counts.shape) - rng.geometric(1 - alpha, counts.shape)
@@ -115,8 +122,15 @@ def calibrate(
     windows: int = 200_000,
     seed: int = 0,
     upper_cell: int | None = None,
+    ref_error: bool = False,
 ) -> Calibration:
-    """Stationary null tail of the CUSUM for one signal at window size ``n`` (seeded)."""
+    """Stationary null tail of the CUSUM for one signal at window size ``n`` (seeded).
+
+    ``ref_error``: the reference is itself an estimate from ``n_ref`` counts of the same
+    stream (a node's own baseline), so its error is a *persistent* bias of every later window.
+    The tail is then the average over ``_TRUTHS`` true distributions drawn from the
+    reference's Dirichlet posterior, each solved as its own chain.
+    """
     if len(probs) < 2:
         raise ValueError(f"a signal needs at least 2 cells, got {probs!r}")
     if n < 1:
@@ -124,35 +138,54 @@ def calibrate(
     rng = np.random.default_rng(seed)
     p = np.asarray(probs, dtype=np.float64)
     streams = 1000
-    z = simulate_z(p, n, n_ref, noise_var, (max(windows // streams, 1), streams), rng, upper_cell)
-    return stationary_tail(z.ravel(), allowance)
+    if not (ref_error and n_ref > 0):
+        z = simulate_z(p, n, n_ref, noise_var, (max(windows // streams, 1), streams), rng, upper_cell)
+        return _calibration(_stationary(z.ravel(), allowance))
+    truths = rng.dirichlet(p * n_ref + 0.5, size=_TRUTHS)
+    per = max(windows // (streams * _TRUTHS), 1)
+    tails = [
+        _stationary(
+            simulate_z(p, n, n_ref, noise_var, (per, streams), rng, upper_cell, truth=t).ravel(), allowance
+        )
+        for t in truths
+    ]
+    return _calibration(np.mean(tails, axis=0))
 
 
 def stationary_tail(z: np.ndarray, allowance: float) -> Calibration:
     """Solve ``P(S ≥ s)`` for ``S = max(0, S + z - k)`` with ``z`` drawn from the samples."""
+    return _calibration(_stationary(z, allowance))
+
+
+def _stationary(z: np.ndarray, allowance: float) -> np.ndarray:
+    """``P(S ≥ s)`` on the grid (Brook & Evans chain); a CUSUM that drifts upwards (no
+    stationary law) piles its mass at the top of the grid, i.e. a tail near 1 everywhere."""
     steps = np.round((z - allowance) / _STEP).astype(np.int64)
     lo = int(steps.min())
     pmf = np.bincount(steps - lo) / steps.size  # pmf[i]: increment (lo + i) * _STEP
     size = int(_S_MAX / _STEP) + 1
     dist = np.zeros(size)
     dist[0] = 1.0
-    index: np.ndarray | None = None
-    inside: np.ndarray | None = None
-    for _ in range(20_000):
+    index = np.arange(size + pmf.size - 1) + lo
+    inside = (index > 0) & (index < size)
+    below = index <= 0
+    above = index >= size
+    for _ in range(_MAX_ITER):
         conv = np.convolve(dist, pmf)
-        if index is None:
-            index = np.arange(conv.size) + lo
-            inside = (index > 0) & (index < size)
-        assert inside is not None
         new = np.zeros(size)
-        new[0] = conv[index <= 0].sum()
+        new[0] = conv[below].sum()
         new[index[inside]] = conv[inside]
-        new /= new.sum()
+        new[-1] += conv[above].sum()
         done = float(np.abs(new - dist).sum()) < 1e-13
         dist = new
         if done:
             break
-    tail = np.cumsum(dist[::-1])[::-1] * _MARGIN
+    tail: np.ndarray = np.cumsum(dist[::-1])[::-1]
+    return tail
+
+
+def _calibration(tail: np.ndarray) -> Calibration:
+    tail = tail * _MARGIN
     log_tail = np.log(np.clip(tail, 1e-300, None))
     # Beyond the grid (or where mass underflows), continue with the slope of the last decade.
     usable = np.nonzero(tail > 1e-12)[0]
@@ -201,14 +234,23 @@ class Calibrator:
         n_ref: float,
         noise_var: float = 0.0,
         upper_cell: int | None = None,
+        baseline_windows: int = 0,
     ) -> Calibration | None:
+        """``baseline_windows > 0``: the reference is the unit's own first windows, so
+        ``n_ref`` is taken as that many windows of this size (see ``calibrate(ref_error=)``)."""
         nb = n_bucket(n)
         noise = float(f"{noise_var:.2g}") if noise_var > 0 else 0.0
-        ck = (key, nb, noise, upper_cell)
+        ck = (key, nb, noise, upper_cell, baseline_windows)
         cal = self._cache.get(ck)
         if cal is not None:
             return cal
-        args = (list(probs), nb, n_ref, noise, upper_cell)
+        args = (
+            list(probs),
+            nb,
+            float(nb * baseline_windows) if baseline_windows else n_ref,
+            noise,
+            upper_cell,
+        )
         if not self._blocking:
             if ck not in self._wanted:
                 self._wanted[ck] = args
@@ -230,6 +272,7 @@ class Calibrator:
             windows=self._windows,
             seed=zlib.crc32(repr(ck).encode()),
             upper_cell=upper_cell,
+            ref_error=bool(ck[-1]),
         )
 
     async def run_worker(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -309,7 +309,13 @@ class DriftDetector:
                 shared = g.refs.get(signal, ref) if unit_node is not None else ref
                 key = f"{g.key}/{signal}/{'node' if unit_node is not None else 'fleet'}"
                 cal = self._cal.get(
-                    key, shared.probs, us.last_n, ref.n_ref, us.last_noise, ONE_SIDED.get(signal)
+                    key,
+                    shared.probs,
+                    us.last_n,
+                    ref.n_ref,
+                    us.last_noise,
+                    ONE_SIDED.get(signal),
+                    baseline_windows=cfg.node_baseline_windows if unit_node is not None else 0,
                 )
                 us.pi = cal.tail(us.s) if cal is not None else self._fallback_tail(us.s)
                 pis.append(us.pi)
@@ -401,7 +407,9 @@ class DriftDetector:
         priors = None
         prior_us = us if signal == "class_prior" else sigs.get("class_prior")
         if prior_us is not None and g.labels and len(g.labels) >= 2:
-            counts = prior_us.run.counts if prior_us.run is not None else prior_us.last
+            # The latest tested window (for the fleet: the whole last round): the evidence run
+            # may reach back before the shift and would mix old and new priors.
+            counts = prior_us.last
             if len(counts) == len(g.labels) and sum(max(c, 0) for c in counts) > 0:
                 joint = (
                     np.asarray(g.joint)
