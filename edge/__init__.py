@@ -11,6 +11,7 @@ Imports neither ``cloud`` nor cloud-only packages.
 
 from edge.config import EdgeConfig
 from edge.errors import (
+    DataDirInUse,
     EdgeError,
     FeedbackConflict,
     InvalidInput,
@@ -23,6 +24,7 @@ from edge.inference import InferenceFailed
 from edge.node import EdgeNode, PredictionOut
 
 __all__ = [
+    "DataDirInUse",
     "EdgeConfig",
     "EdgeError",
     "EdgeNode",

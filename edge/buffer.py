@@ -173,6 +173,11 @@ class Buffer:
             self._recv.close()
             await self._close_db()
 
+    def discard(self) -> None:
+        """Release the commit queue of a buffer that was never opened (idempotent)."""
+        self._send.close()
+        self._recv.close()
+
     async def _close_db(self) -> None:
         db, self._db = self._db, None
         if db is not None:

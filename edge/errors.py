@@ -9,6 +9,7 @@ from __future__ import annotations
 from shared.errors import SlmopsError
 
 __all__ = [
+    "DataDirInUse",
     "EdgeError",
     "FeedbackConflict",
     "InvalidInput",
@@ -73,3 +74,12 @@ class FeedbackConflict(EdgeError):
     def __init__(self, prediction_id: str) -> None:
         self.prediction_id = prediction_id
         super().__init__(f"feedback for prediction_id {prediction_id!r} was already given")
+
+
+class DataDirInUse(EdgeError):
+    """Another running node holds this data directory (two writers would reuse seqs)."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(f"data directory {path} is in use by another node ({holder})")

@@ -17,6 +17,7 @@ continues ``seq`` from SQLite.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import secrets
@@ -25,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -35,7 +37,7 @@ import structlog
 
 from edge.buffer import Buffer
 from edge.config import EdgeConfig
-from edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
+from edge.errors import DataDirInUse, FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
 from edge.inference import Batcher
 from edge.models import ActiveModel, ModelManager
 from edge.outbox import Publisher
@@ -54,6 +56,33 @@ __all__ = ["EdgeNode", "PredictionOut"]
 #: A task that crashed this many times within ``_CRASH_WINDOW`` seconds stops the node.
 _MAX_CRASHES = 5
 _CRASH_WINDOW = 60.0
+
+
+class _DataDirLock:
+    """An exclusive ``flock`` on ``<data>/node.lock`` for the node's lifetime: a second node
+    on the same directory would hand out the same seqs. The kernel drops the lock when the
+    process dies, even by ``kill -9``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "node.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown pid"
+            os.close(fd)
+            raise DataDirInUse(str(self.path.parent), holder) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self.fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -169,6 +198,7 @@ class EdgeNode:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
+            stack.enter_context(_DataDirLock(self.config.data_path))
             await stack.enter_async_context(self.buffer)
             await self._load_models()
             await stack.enter_async_context(self.link)
@@ -192,6 +222,7 @@ class EdgeNode:
                 await stack.__aexit__(None, None, None)
             finally:
                 self.batcher.aclose_nowait()
+                self.buffer.discard()
             raise
         self._stack = stack
         self.log.info("node_started", model=self._model_dict(), http_port=self.http_port)

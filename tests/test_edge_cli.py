@@ -4,6 +4,7 @@ refused with its code; EdgeConfig validation; task supervision."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import anyio
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 
 from _edge_util import Keys, edge_config
 from edge.config import EdgeConfig
+from edge.errors import DataDirInUse
 from edge.node import EdgeNode
 from shared.bundle import MANIFEST_FILE
 from shared.errors import ConfigError
@@ -103,3 +105,16 @@ async def test_a_crashing_task_is_restarted_then_stops_the_node(tmp_path: Path, 
         assert node.last_error == "flaky: RuntimeError: boom 2"
         with anyio.fail_after(10), pytest.raises(RuntimeError, match="always"):
             await node._supervise("broken", broken)
+
+
+@pytest.mark.anyio
+async def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path, fleet: str) -> None:
+    """Two nodes on one data directory would reuse seqs: the second is refused, naming the
+    holder; once the first stops, the directory is free again."""
+    cfg = edge_config(tmp_path, Keys(tmp_path / "k"), fleet=fleet)
+    async with EdgeNode(cfg):
+        with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
+            async with EdgeNode(cfg):
+                pass
+    async with EdgeNode(cfg) as node:
+        assert node.health()["status"] == "no_model"
