@@ -168,3 +168,48 @@ async def test_tiny_outbox_over_a_long_outage_compacts_and_still_sums_to_n(
                 assert sum(a.windows for a in aggs) >= 60
             finally:
                 await nc.close()
+
+
+@pytest.mark.anyio
+async def test_server_restart_loses_and_duplicates_nothing_and_dp_is_stated(
+    tmp_path: Path, keys: Keys, fleet: str, private_server: EmbeddedServer
+) -> None:
+    """The server stops and comes back (same store): the node reconnects on its own and the
+    distinct aggregates still sum to N. With DP on, each aggregate says what was applied."""
+    nc = await nats.connect(private_server.url)
+    try:
+        await ensure_resources(nc.jetstream())
+    finally:
+        await nc.close()
+    cfg = edge_config(
+        tmp_path,
+        keys,
+        fleet=fleet,
+        url=private_server.url,
+        model=keys.bundle().path,
+        dp_epsilon=2.0,
+        min_count=5,
+    )
+    n = 0
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(timeout=10)
+        for i in range(20):
+            n += len(await node.predict([f"beta {i}", "gamma"]))
+        await wait_drained(node)
+        await private_server.stop_async(keep_store=True)
+        for i in range(20):
+            n += len(await node.predict([f"alpha {i}"]))
+        await node.windower.tick()
+        assert node.health()["outbox"] >= 1
+        await private_server.start_async()
+        await node.link.wait_online(timeout=20)
+        await wait_drained(node, timeout=30)
+    nc = await nats.connect(private_server.url)
+    try:
+        aggs = await read_telemetry(nc.jetstream(), fleet)
+    finally:
+        await nc.close()
+    total, _ = distinct_total(aggs)
+    assert total == n
+    assert all(a.privacy.mechanism == "geometric" and a.privacy.epsilon == 2.0 for a in aggs)
+    assert all(a.privacy.k == 5 and a.count >= 5 for a in aggs)
