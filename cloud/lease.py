@@ -135,7 +135,12 @@ class Lease:
         if revision is None:
             return
         try:
-            await self._kv.delete(self.key, last=revision)
+            with anyio.fail_after(self.ttl / 3):
+                await self._kv.delete(self.key, last=revision)
             log.info("lease_released", key=self.key, holder=self.holder)
-        except (nats.errors.Error, OSError) as exc:
+        except js_errors.APIError as exc:
+            # 10071: the revision moved on — a renewal cut off by our own shutdown landed, or
+            # someone else holds the lease now. Either way it expires on its own.
+            log.info("lease_release_skipped", key=self.key, error=exc.description, code=exc.err_code)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
             log.warning("lease_release_failed", key=self.key, error=repr(exc))

@@ -3,6 +3,7 @@ dead-lettering, restarts and a second instance."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -24,8 +25,8 @@ from nats.js.errors import KeyNotFoundError
 from _nats import wait_until
 from cloud.service import CloudService
 from cloud.snapshot import FLEET_BUCKET, NodeSnapshot
-from shared.messages import encode_telemetry
-from shared.names import DEADLETTER_STREAM, DEADLETTER_SUBJECT, msg_id, telemetry_subject
+from shared.messages import DeviceProfile, ModelRef, NodeStatus, encode_json, encode_telemetry
+from shared.names import DEADLETTER_STREAM, DEADLETTER_SUBJECT, msg_id, status_subject, telemetry_subject
 from shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
@@ -239,3 +240,57 @@ async def test_a_second_instance_stands_by_and_takes_over_without_double_countin
     ids = [e.id for e in events]
     assert len(ids) == len(set(ids))
     assert [(e.scope, e.state) for e in events if e.signal == "class_prior"] == [("fleet", "opened")]
+
+
+async def test_without_a_manifest_the_first_windows_are_the_reference_and_the_event_says_so(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """No manifest in KV: the first rounds become the reference; a later shift opens an
+    event whose ``reference`` is ``first_windows``."""
+    rng = np.random.default_rng(6)
+    model = ModelRef(name=f"nomanifest-{fleet}", version=3)
+    async with CloudService(cloud_config(nats_server.url, tmp_path, fleet, warmup_rounds=4)) as svc:
+        await svc.wait_active(20)
+        for seq in range(1, 17):
+            prior = PRIOR if seq <= 8 else [0.2, 0.3, 0.5]
+            for node in _nodes(fleet):
+                await publish(js, make_aggregate(fleet, node, seq, 300, rng, prior=prior, model=model))
+        await wait_until(lambda: _applied(svc, fleet) == 64, 20, what="all applied")
+        await wait_until(lambda: svc.statistics()["events_published"] >= 1, 10, what="event out")
+    events = [e for e in await drift_events(js, fleet) if e.signal == "class_prior"]
+    assert [(e.scope, e.state, e.reference) for e in events][:1] == [("fleet", "opened", "first_windows")]
+    assert events[0].model == model
+
+
+async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_roll_it_back(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """Outbox depth, drops, device and model come from NodeStatus; a late older report is
+    ignored; an undecodable report is dead-lettered."""
+    node = f"{fleet}-n1"
+    t1 = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    newer = NodeStatus(
+        fleet=fleet,
+        node=node,
+        time=t1,
+        device=DeviceProfile(arch="aarch64", cores=4, memory_mb=2048, profile="gateway-small"),
+        model=ModelRef(name="kw", version=2, variant="int8"),
+        outbox_depth=7,
+        dropped_inferences=3,
+        dropped_aggregates=1,
+        served=1234,
+    )
+    older = msgspec.structs.replace(newer, time=t1 - timedelta(minutes=5), outbox_depth=99)
+    async with CloudService(cloud_config(nats_server.url, tmp_path, fleet)) as svc:
+        await svc.wait_active(20)
+        await js.publish(status_subject(fleet, node), encode_json(newer))
+        await js.publish(status_subject(fleet, node), encode_json(older))
+        await js.publish(status_subject(fleet, node), b"{not json")
+        await wait_until(lambda: svc.statistics()["counters"].get("statuses", 0) >= 2, 20, what="statuses")
+        await wait_until(lambda: svc.statistics()["counters"].get("deadlettered", 0) >= 1, 20, what="dead")
+        state = svc.nodes[(fleet, node)]
+        assert (state.outbox_depth, state.served, state.status_dropped_inferences) == (7, 1234, 3)
+        assert state.device is not None
+        assert state.device.profile == "gateway-small"
+        assert state.model == ModelRef(name="kw", version=2, variant="int8")
+        assert state.status_time == t1
