@@ -54,7 +54,11 @@ def _ok(payload: Any) -> web.Response:
 async def _body(request: web.Request, type_: type[Any]) -> Any:
     """Decode the request body as JSON into ``type_``; raises ``InvalidInput``."""
     if request.content_type not in ("application/json", "", "application/octet-stream", "text/plain"):
-        raise InvalidInput("body", f"content type {request.content_type!r} is not application/json")
+        raise InvalidInput(
+            "body",
+            f"content type {request.content_type!r} is not application/json "
+            "(with curl: -H 'Content-Type: application/json')",
+        )
     raw = await request.read()
     if not raw.strip():
         raise InvalidInput("body", "is empty; send a JSON object")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 @click.option(
     "--data",
     "data_dir",
+    envvar="SLMOPS_EDGE_DATA",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="Data directory: SQLite telemetry buffer and model cache (created if missing).",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
 @click.option(
     "--config",
     "config_file",
+    envvar="SLMOPS_EDGE_CONFIG",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="TOML/JSON file with EdgeConfig keys; flags given on the command line win.",
