@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import anyio
 import anyio.abc
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -93,6 +94,7 @@ class SimFleet:
         for node in self.nodes.values():
             node.history.append(start)
         self.fleet_wide: Assignment | None = None
+        self.lost = 0
 
     def ran(self, version: int) -> set[str]:
         return {n.name for n in self.nodes.values() if any(r.version == version for r in n.history)}
@@ -170,18 +172,27 @@ class SimFleet:
         )
         if fields:
             status = msgspec.structs.replace(status, **fields)
-        await self.js.publish(names.status_subject(self.fleet, node.name), encode_json(status))
+        await self._send(names.status_subject(self.fleet, node.name), encode_json(status))
 
     async def _telemetry(self) -> None:
         for _ in itertools.count():
             for node in self.nodes.values():
                 if node.model is not None:
-                    await self.js.publish(
+                    agg = self.aggregate(node)
+                    await self._send(
                         names.telemetry_subject(self.fleet, node.name),
-                        encode_telemetry(self.aggregate(node)),
-                        headers={"Nats-Msg-Id": names.msg_id(node.name, node.seq)},
+                        encode_telemetry(agg),
+                        {"Nats-Msg-Id": names.msg_id(node.name, agg.seq)},
                     )
             await anyio.sleep(self.tick)
+
+    async def _send(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """Publish, or drop it while the server is away (a real node would keep it in its
+        outbox; for the rollout the next window carries the same picture)."""
+        try:
+            await self.js.publish(subject, data, headers=headers, timeout=2)
+        except (TimeoutError, nats.errors.Error, OSError):
+            self.lost += 1
 
     def aggregate(self, node: SimNode) -> TelemetryAggregate:
         assert node.model is not None

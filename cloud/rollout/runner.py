@@ -80,11 +80,6 @@ class RolloutRunner:
         states = [s for s, _ in await self.store.all() if s.active or s.phase != "done"]
         self.controller.load(states)
         start = min((s.created for s in states), default=None)
-        status_sub = await self._js.subscribe(
-            "slmops.status.>",
-            ordered_consumer=True,
-            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT),
-        )
         if start is None:
             tele_config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW)
         else:
@@ -92,14 +87,22 @@ class RolloutRunner:
                 deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
                 opt_start_time=datetime.fromtimestamp(start - 1, UTC),
             )
-        tele_sub = await self._js.subscribe("slmops.telemetry.>", ordered_consumer=True, config=tele_config)
         self._synced = anyio.Event()
         try:
-            info = await self._js.stream_info(names.STATUS_STREAM)
-            if not info.state.messages:
-                self._synced.set()
-        except (js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"stream info {names.STATUS_STREAM}: {exc!r}") from exc
+            with anyio.fail_after(30):
+                status_sub = await self._js.subscribe(
+                    "slmops.status.>",
+                    ordered_consumer=True,
+                    config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT),
+                )
+                tele_sub = await self._js.subscribe(
+                    "slmops.telemetry.>", ordered_consumer=True, config=tele_config
+                )
+                info = await self._js.stream_info(names.STATUS_STREAM)
+        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            raise NatsUnavailable(self._url, f"rollout consumers: {exc!r}") from exc
+        if not info.state.messages:
+            self._synced.set()
         log.info("rollout_runner_started", active=len(states), replay_from=start)
         try:
             async with anyio.create_task_group() as tg:
@@ -138,9 +141,16 @@ class RolloutRunner:
         # judge a stage on a fleet it has not re-read yet.
         with anyio.move_on_after(_SYNC_TIMEOUT):
             await self._synced.wait()
+        delay = self.interval
         while True:
             try:
                 await self.controller.step(self._clock())
+                delay = self.interval
             except SlmopsError as exc:  # NATS down for a moment: try again next step
                 log.warning("rollout_step_unavailable", error=str(exc))
-            await anyio.sleep(self.interval)
+            except Exception:
+                # A bug must not take the cloud service down with it: log it with its
+                # traceback and try again, backing off so it does not flood the log.
+                log.exception("rollout_step_crashed", retry_in=delay)
+                delay = min(delay * 2, 60.0)
+            await anyio.sleep(delay)
