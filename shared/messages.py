@@ -289,7 +289,8 @@ class RolloutEvent(Wire, kw_only=True):
     version: int
     previous_version: int | None = None
     #: "started", "stage_started", "stage_passed", "gate_failed", "rolled_back", "completed",
-    #: "paused", "resumed", "aborted", "node_rollback".
+    #: "paused", "resumed", "aborted", "node_rollback" (a node left it on its own), "node_failed"
+    #: (a node refused it: bundle rejected).
     state: str
     stage: int = 0
     percent: int = 0
