@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from _models import EDGES
@@ -131,3 +132,31 @@ def test_install_gate_counts_failed_nodes_against_the_limit() -> None:
 def test_config_refuses_bad_values_naming_them(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RolloutConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_chance_at_the_minimum_sample_count_does_not_fail_a_good_version() -> None:
+    """5 errors in 200 against a 1% control is within chance (not significant); a 12-class
+    sample of 200 that is 0.12 from its own source by chance is within the drift limit."""
+    control = _metrics(*(_agg("b", i, errors=1) for i in range(1, 41)))  # 1% of 4000
+    canary = _metrics(_agg("a", 1, errors=3), _agg("a", 2, errors=2))
+    out = {r.name: r for r in evaluate(CFG, canary, [control], canary_ref=None, control_ref=None)}
+    assert out["error_rate"].canary == pytest.approx(0.025)
+    assert out["error_rate"].outcome == "pass"
+    worse = _metrics(_agg("a", 1, errors=12), _agg("a", 2, errors=12))  # 12%: significant
+    out = {r.name: r for r in evaluate(CFG, worse, [control], canary_ref=None, control_ref=None)}
+    assert out["error_rate"].outcome == "fail"
+    labels = [f"c{i}" for i in range(12)]
+    source = dict.fromkeys(labels, 1 / 12)
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(200, [1 / 12] * 12)
+    sample = Metrics()
+    sample.class_counts = {label: int(c) for label, c in zip(labels, counts, strict=True)}
+    assert total_variation(sample.class_counts, source) > 0.08
+    hist = Histogram.of(EDGES.confidence, [0.85] * 10)
+    ref = ReferenceProfile(
+        count=1200, class_counts=dict.fromkeys(labels, 100), confidence=hist, input_length=hist
+    )
+    sample.count = 200
+    out = {r.name: r for r in evaluate(CFG, sample, [], canary_ref=ref, control_ref=None)}
+    assert out["drift"].outcome == "pass"
+    assert (out["drift"].canary or 0) < 0.05
