@@ -37,6 +37,11 @@ log = structlog.get_logger(__name__)
 #: ``await publish(fleet, event, msg_id)`` publishes one RolloutEvent with that Nats-Msg-Id.
 Publish = Callable[[str, RolloutEvent, str], Awaitable[None]]
 
+#: Node clocks may run behind the controller's: a node's report counts for a stage when it is
+#: stamped at most this long before the node's assignment.
+_SKEW_S = 60.0
+#: Refresh outcomes the node retries by itself: not a verdict on the version.
+_TRANSIENT = frozenset({"download_failed"})
 #: Aggregates kept per fleet so a rollout seen late (restart, or created by another process)
 #: can replay what it missed. Bounded: 4096 windows ≈ 4 MB of aggregates.
 _RECENT = 4096
@@ -89,6 +94,7 @@ class RolloutController:
         self._trackers: dict[str, _Tracker] = {}
         self._states: dict[str, RolloutState] = {}
         self._refs: dict[tuple[str, int], ReferenceProfile | None] = {}
+        self._rejects: dict[tuple[str, str], NodeStatus] = {}
         self.steps = self.conflicts = self.errors = 0
 
     def statistics(self) -> dict[str, int]:
@@ -107,6 +113,11 @@ class RolloutController:
         old = nodes.get(status.node)
         if old is None or status.time >= old.time:
             nodes[status.node] = status
+        # A rejection is reported once (the node's next periodic status no longer carries
+        # it), so it is kept here until the node reports another.
+        r = status.refresh
+        if r is not None and not r.ok and r.code not in _TRANSIENT:
+            self._rejects[(status.fleet, status.node)] = status
 
     def observe_aggregate(self, agg: TelemetryAggregate) -> None:
         recent = self._recent.get(agg.fleet)
@@ -273,18 +284,18 @@ class RolloutController:
         found = dict(state.failures)
         statuses = self._status.get(state.fleet, {})
         for node, entry in state.nodes.items():
-            s = statuses.get(node)
-            if s is None or node in found or s.time.timestamp() < entry.assigned_at - 1.0:
+            if node in found:
                 continue
-            r = s.refresh
-            if (
-                r is not None
-                and not r.ok
-                and r.model.name == state.model
-                and r.model.version == state.version
-            ):
+            since = entry.assigned_at - _SKEW_S
+            rejected = self._rejects.get((state.fleet, node))
+            r = rejected.refresh if rejected is not None and rejected.time.timestamp() >= since else None
+            if r is not None and r.model.name == state.model and r.model.version == state.version:
                 found[node] = f"rejected: {r.code or 'error'} {r.reason}".strip()
-            elif (
+                continue
+            s = statuses.get(node)
+            if s is None or s.time.timestamp() < since:
+                continue
+            if (
                 s.previous_model is not None
                 and s.previous_model.version == state.version
                 and s.previous_model.name == state.model
