@@ -533,11 +533,19 @@ async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_s
         ack = await _publish_until_acked(node_url, subject, names.msg_id(NODE, 1))
         assert ack.stream == names.TELEMETRY_STREAM
         async with _connect(servers[1].creds("cloud", CLOUD_PW)) as (nc, _):
-            for stream in await nc.jetstream().streams_info():
-                assert stream.config.num_replicas == 3, stream.config.name
-            info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
-            assert info.cluster is not None
-            assert len(info.cluster.replicas or []) == 2
+            js = nc.jetstream()
+            assert all(s.config.num_replicas == 3 for s in await js.streams_info())
+
+            async def all_replicated() -> bool:
+                # Scaling up copies the data in the background; a server may only go down
+                # once every stream has two current followers (as the README tells operators).
+                for stream in await js.streams_info():
+                    followers = (stream.cluster.replicas if stream.cluster else None) or []
+                    if len(followers) != 2 or not all(f.current for f in followers):
+                        return False
+                return True
+
+            await wait_until(all_replicated, 30, what="every stream with 2 current followers")
 
         # slmops' own Link, given only n1 (it learns n2, n3 from the cluster) or all three as
         # the comma-separated SLMOPS_NATS_URL, fails over with the node's credentials.
