@@ -414,6 +414,25 @@ async def test_single_node_cannot_receive_other_inboxes(single: _Server) -> None
 
 
 @pytest.mark.anyio
+async def test_single_analyst_reads_drift_events_live_and_cannot_publish(single: _Server) -> None:
+    """The analyst user receives the cloud's drift events (core NATS, live) and may publish
+    nothing, not even a fake drift event."""
+    async with (
+        _connect(single.creds("analyst", "EXAMPLE-analyst-password-CHANGE-ME")) as (nc, client),
+        _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _),
+    ):
+        sub = await nc.subscribe(names.drift_subject(FLEET))
+        await nc.flush()
+        await cloud.jetstream().publish(names.drift_subject(FLEET), b'{"event": 1}', timeout=5)
+        msg = await sub.next_msg(timeout=5)
+        assert msg.data == b'{"event": 1}'
+        await nc.publish(names.drift_subject(FLEET), b"fake")
+        await client.wait_error(f'permissions violation for publish to "{names.drift_subject(FLEET)}"')
+        await nc.subscribe(names.telemetry_subject(FLEET, NODE))
+        await client.wait_error('permissions violation for subscription to "slmops.telemetry')
+
+
+@pytest.mark.anyio
 async def test_single_cloud_ingests_with_a_durable_pull_consumer_and_acks(single: _Server) -> None:
     """The cloud user can do what the cloud does: pull, ack, publish drift, write KV."""
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, _):
