@@ -10,11 +10,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _edge_util import Keys, edge_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
+from _edge_util import Keys, edge_config
 from _models import make_bundle
 from _nats import wait_until
 from edge.models import ModelManager
@@ -25,7 +25,7 @@ from shared.bundle import TrustStore
 from shared.messages import NodeStatus, decode_json
 from shared.server import EmbeddedServer
 
-LIMITS = SafetyLimits(min_samples=50, watch_s=60, interval=1.0)
+LIMITS = SafetyLimits(min_samples=50, min_intervals=5, watch_s=60, interval=1.0)
 
 
 class Traffic:
@@ -72,6 +72,18 @@ async def setup(tmp_path: Path) -> tuple[ModelManager, Path, Path, Ed25519Privat
     return models, v1, v2, key
 
 
+async def _until_breach(
+    monitor: SafetyMonitor, traffic: Traffic, clock: Clock, bad: dict[str, float]
+) -> tuple[str | None, int]:
+    for ticks in range(1, 20):
+        traffic.serve(30, **bad)  # type: ignore[arg-type]
+        clock.t += 1
+        breach = await monitor.tick()
+        if breach is not None:
+            return breach, ticks
+    return None, 20
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 1000.0
@@ -81,7 +93,7 @@ class Clock:
 
 
 async def _baseline(monitor: SafetyMonitor, traffic: Traffic, clock: Clock) -> None:
-    for _ in range(3):
+    for _ in range(LIMITS.min_intervals + 1):
         traffic.serve(100, ms=1.0)
         clock.t += 1
         assert await monitor.tick() is None
@@ -107,11 +119,11 @@ async def test_breaching_version_is_rolled_back_blocked_and_reported_once_online
     traffic.serve(30, **bad)  # type: ignore[arg-type]
     clock.t += 1
     assert await monitor.tick() is None
-    traffic.serve(30, **bad)  # type: ignore[arg-type]
-    clock.t += 1
-    breach = await monitor.tick()
+    breach, ticks = await _until_breach(monitor, traffic, clock, bad)
     assert breach is not None
     assert why in breach
+    if why == "latency p95":  # the warm-up interval, then min_intervals of them
+        assert ticks == LIMITS.min_intervals
     current = models.current
     assert current is not None
     assert current.ref.version == 1
@@ -163,9 +175,8 @@ async def test_block_list_survives_a_restart_and_a_reinstall_is_undone_at_once(
     monitor = SafetyMonitor(models, traffic, reports, state_path=state, limits=LIMITS, clock=clock)
     await _baseline(monitor, traffic, clock)
     await models.install(v2, source="test")
-    traffic.serve(100, ms=10.0)
-    clock.t += 1
-    assert await monitor.tick() is not None
+    breach, _ = await _until_breach(monitor, traffic, clock, {"ms": 10.0})
+    assert breach is not None
     # A new monitor (node restart) still knows; the assignment installs v2 again.
     again = SafetyMonitor(models, traffic, reports, state_path=state, limits=LIMITS, clock=clock)
     await models.install(v2, source="refresh")
@@ -199,10 +210,13 @@ async def test_real_edge_node_rolls_back_on_its_own_and_reports_it(
         await node.link.wait_online()
         await node.predict(["alpha words"] * 5)
         await node.models.install(v2, source="test")
-        for _ in range(10):
-            await node.predict(["beta words"] * 5)
-        await wait_until(lambda: node.models.current is not None and node.models.current.ref.version == 1,
-                         timeout=10, what="rolled back to v1")  # fmt: skip
+
+        async def serving_v1_again() -> bool:
+            await node.predict(["beta words"] * 5)  # traffic until the monitor acts
+            current = node.models.current
+            return current is not None and current.ref.version == 1
+
+        await wait_until(serving_v1_again, timeout=10, what="rolled back to v1")
         assert node.safety.is_blocked(node.models.previous)  # type: ignore[arg-type]
         await wait_until(lambda: _any_rollback(js, fleet), timeout=10, what="rollback status")
     rollbacks = [s for s in await _statuses(js, fleet) if s.event == "rollback"]

@@ -1,0 +1,91 @@
+"""A rollout driving 20 real EdgeNodes (in-process: real refresh from KV and the object store,
+real ORT, real SQLite windows and telemetry, real safety monitors): a good version reaches
+every node, stage by stage, and no node's safety monitor mistakes noise for a breach."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.js import JetStreamContext
+
+from _edge_util import Keys, edge_config
+from _nats import wait_until
+from cloud.registry import Registry
+from cloud.rollout import RolloutConfig, RolloutRunner, RolloutStore, start_rollout
+from edge.node import EdgeNode
+from shared.bundle import TrustStore
+from shared.server import EmbeddedServer
+
+N = 20
+TEXTS = ["alpha news today", "beta things here", "gamma rays now", "plain words", "alpha beta"]
+
+
+async def _traffic(node: EdgeNode) -> None:
+    while True:
+        await node.predict(TEXTS)
+        await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_real_nodes_follow_a_rollout_stage_by_stage_to_completion(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    keys = Keys(tmp_path / "keys")
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    v1, v2 = keys.bundle(1), keys.bundle(2)
+    model = v1.manifest.name
+    for b in (v1, v2):
+        await registry.push(b, trust)
+    await registry.assign(fleet, 1, model=model)
+    # Real latencies on a shared machine are noisy; this test is about the flow, not speed.
+    config = RolloutConfig(stages=[5, 25, 100], soak_s=0.3, min_samples=100, max_latency_ratio=20,
+                           install_timeout_s=30)  # fmt: skip
+    runner = RolloutRunner(js, interval=0.05)
+    store = RolloutStore(js)
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                EdgeNode(
+                    edge_config(
+                        tmp_path,
+                        keys,
+                        fleet=fleet,
+                        node=f"{fleet}-e{i}",
+                        url=nats_server.url,
+                        model=str(v1.path),
+                        status_interval=0.5,
+                    )
+                )
+            )
+            for i in range(N)
+        ]
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        for node in nodes:
+            tg.start_soon(_traffic, node)
+        await tg.start(runner.run)
+        await wait_until(
+            lambda: len(runner.controller.live_nodes(fleet, 0)) == N, timeout=20, what="statuses"
+        )
+        await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
+
+        async def done() -> bool:
+            got = await store.get(fleet)
+            return got is not None and got[0].phase == "done"
+
+        await wait_until(done, timeout=60, interval=0.1, what="rollout finished")
+        got = await store.get(fleet)
+        assert got is not None
+        state = got[0]
+        assert state.status == "completed", (state.reason, state.gates)
+        await wait_until(
+            lambda: all(n.models.current is not None and n.models.current.ref.version == 2 for n in nodes),
+            timeout=20,
+            what="every node serving v2",
+        )
+        assert sum(1 for e in state.nodes.values() if e.stage == 0) == 1  # 5% of 20
+        assert [n.safety.rollbacks for n in nodes] == [0] * N
+        tg.cancel_scope.cancel()
