@@ -7,12 +7,14 @@ human forms ``"500ms"``, ``"1m"``, ``"64k"`` for those fields, as the CLI and co
 from __future__ import annotations
 
 import ipaddress
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from shared.config import Config, load_config, parse_duration, parse_size
+from shared.errors import ConfigError
 from shared.names import validate_id
 
 __all__ = ["DURATION_FIELDS", "SIZE_FIELDS", "EdgeConfig", "parse_hostport"]
@@ -176,16 +178,23 @@ class EdgeConfig(Config, kw_only=True):
 
     @classmethod
     def build(cls, data: dict[str, Any] | None = None, path: Path | None = None) -> EdgeConfig:
-        """Build from a TOML/JSON file overlaid with ``data``; durations and sizes may be
-        strings. Raises ``shared.errors.ConfigError`` naming the bad key."""
-        fixed = {k: _plain(v) for k, v in (data or {}).items()}
+        """Build from a TOML/JSON file overlaid with ``data`` (None values are ignored);
+        durations and sizes may be strings in both. Raises ``shared.errors.ConfigError``
+        naming the source and the bad key."""
+        source = "flags" if path is None else str(path)
+        merged = _read_file(Path(path)) if path is not None else {}
+        merged.update({k: v for k, v in (data or {}).items() if v is not None})
+        fixed = {k: _plain(v) for k, v in merged.items()}
         for key in DURATION_FIELDS:
             if isinstance(fixed.get(key), str):
-                fixed[key] = _convert(key, fixed[key], parse_duration)
+                fixed[key] = _convert(source, key, fixed[key], parse_duration)
         for key in SIZE_FIELDS:
             if isinstance(fixed.get(key), str):
-                fixed[key] = _convert(key, fixed[key], parse_size)
-        return load_config(cls, fixed, path)
+                fixed[key] = _convert(source, key, fixed[key], parse_size)
+        try:
+            return load_config(cls, fixed)
+        except ConfigError as exc:
+            raise ConfigError(source, exc.reason) from exc
 
     def replace(self, **changes: Any) -> EdgeConfig:
         """A copy with ``changes`` applied and validated again."""
@@ -201,10 +210,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _convert(key: str, value: str, parse: Any) -> Any:
-    from shared.errors import ConfigError
-
+def _convert(source: str, key: str, value: str, parse: Any) -> Any:
     try:
         return parse(value)
     except ValueError as exc:
-        raise ConfigError("flags", f"{key}: {exc}") from exc
+        raise ConfigError(source, f"{key}: {exc}") from exc
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+        loaded = tomllib.loads(raw.decode()) if path.suffix == ".toml" else msgspec.json.decode(raw)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(str(path), "top level must be a table/object")
+    return loaded

@@ -23,15 +23,15 @@ if TYPE_CHECKING:
     show_default=True,
     help="NATS server URL (comma-separated for a cluster). Env: SLMOPS_NATS_URL.",
 )
-@click.option("--fleet", required=True, help="Fleet id (one subject token: A-Z a-z 0-9 _ -).")
-@click.option("--node", required=True, help="This node's id, unique in the fleet (same rules).")
+@click.option("--fleet", default=None, help="Fleet id (one subject token: A-Z a-z 0-9 _ -). Required.")
+@click.option("--node", default=None, help="This node's id, unique in the fleet (same rules). Required.")
 @click.option(
     "--data",
     "data_dir",
     envvar="SLMOPS_EDGE_DATA",
-    required=True,
+    default=None,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Data directory: SQLite telemetry buffer and model cache (created if missing).",
+    help="Data directory: SQLite telemetry buffer and model cache (created if missing). Required.",
 )
 @click.option(
     "--model",
@@ -95,9 +95,9 @@ if TYPE_CHECKING:
 )
 def edge(
     nats_url: str,
-    fleet: str,
-    node: str,
-    data_dir: Path,
+    fleet: str | None,
+    node: str | None,
+    data_dir: Path | None,
     model: Path | None,
     trust: tuple[Path, ...],
     http: str,
@@ -142,6 +142,14 @@ def edge(
         "dp_budget": dp_budget,
         "status_interval": status_interval,
     }
+    # Only values given on the command line or in the environment override the --config
+    # file; click's defaults must not (they equal EdgeConfig's own defaults).
+    ctx = click.get_current_context()
+    param_of = {"nats_url": "nats_url", "intra_op_threads": "threads", "outbox_max_bytes": "outbox_max"}
+    for key in list(data):
+        source = ctx.get_parameter_source(param_of.get(key, key))
+        if source in (None, click.core.ParameterSource.DEFAULT):
+            data[key] = None
     try:
         config = EdgeConfig.build(data, config_file)
     except ConfigError as exc:

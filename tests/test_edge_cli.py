@@ -79,8 +79,12 @@ def test_config_accepts_human_durations_and_sizes_and_rejects_unknown_keys(tmp_p
     with pytest.raises(ConfigError, match="dp_epsilon"):
         EdgeConfig.build({"fleet": "f", "node": "n", "data_dir": tmp_path, "dp_epsilon": -1})
     toml = tmp_path / "edge.toml"
-    toml.write_text('fleet = "f"\nnode = "n"\nmin_count = 3\n')
-    assert EdgeConfig.build({"data_dir": tmp_path}, toml).min_count == 3
+    toml.write_text('fleet = "f"\nnode = "n"\nmin_count = 3\nwindow = "2m"\n')
+    from_file = EdgeConfig.build({"data_dir": tmp_path, "node": "n2"}, toml)
+    assert (from_file.min_count, from_file.window, from_file.node) == (3, 120.0, "n2")
+    toml.write_text('fleet = "f"\nnode = "n"\nwindow = "soon"\n')
+    with pytest.raises(ConfigError, match=r"edge\.toml.*window"):
+        EdgeConfig.build({"data_dir": tmp_path}, toml)
 
 
 @pytest.mark.anyio
@@ -118,3 +122,16 @@ async def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path, fle
                 pass
     async with EdgeNode(cfg) as node:
         assert node.health()["status"] == "no_model"
+
+
+def test_config_file_values_hold_unless_a_flag_is_given(tmp_path: Path) -> None:
+    """--config sets values; click defaults do not override them, explicit flags do."""
+    toml = tmp_path / "edge.toml"
+    toml.write_text('fleet = "from_file"\nnode = "n"\nwindow = "2m"\nmin_count = 0\n')
+    base = ["edge", "--config", str(toml), "--data", str(tmp_path / "d")]
+    result = CliRunner().invoke(main, base)
+    assert result.exit_code == 2
+    assert "min_count" in result.output  # the file's invalid 0 was used, not the default 10
+    result = CliRunner().invoke(main, [*base, "--fleet", "x", "--node", "y", "--window", "nope"])
+    assert result.exit_code == 2
+    assert "window" in result.output
