@@ -26,6 +26,7 @@ from _nats import wait_until
 from cloud.drift.labelshift import confusion_matrix, em_priors
 from cloud.factory import build, factory_split
 from cloud.loop import KeyFileError, RecalibrationLoop, load_cloud_key, run_loop
+from cloud.quantize import quantize
 from cloud.registry import Registry
 from cloud.rollout import RolloutConfig, RolloutState, RolloutStore
 from shared import names
@@ -42,6 +43,7 @@ N_SHIFTED = 3000
 @dataclass
 class Scenario:
     bundle: Bundle
+    int8: Bundle
     key: Ed25519PrivateKey
     texts: list[str]
     truth: npt.NDArray[np.int64]
@@ -67,7 +69,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
             for k in range(len(labels))
         ]
     )
-    return Scenario(report.bundle, key, split.held_out_texts, truth, shifted)
+    int8 = quantize(
+        report.bundle.path,
+        tmp_path_factory.mktemp("factory") / "v1-int8",
+        key,
+        eval_texts=split.held_out_texts,
+        held_out=(split.held_out_texts, split.held_out_labels),
+    ).bundle
+    return Scenario(report.bundle, int8, key, split.held_out_texts, truth, shifted)
 
 
 def _accuracy(bundle: Bundle, s: Scenario, idx: npt.NDArray[np.int64] | None) -> float:
@@ -110,7 +119,8 @@ def _event(fleet: str, manifest: ModelManifest, priors: dict[str, float]) -> Dri
 @pytest.fixture
 async def fleet_on_v1(js: JetStreamContext, fleet: str, scenario: Scenario) -> AsyncIterator[Registry]:
     registry = Registry(js)
-    await registry.push(scenario.bundle, TrustStore([scenario.key.public_key()]))
+    for bundle in (scenario.bundle, scenario.int8):
+        await registry.push(bundle, TrustStore([scenario.key.public_key()]))
     await registry.assign(fleet, 1, model=scenario.bundle.manifest.name)
     return registry
 
@@ -193,6 +203,12 @@ async def test_suggest_policy_proposes_without_rolling_out_and_only_once(
     first = await loop.on_drift(event)
     assert first is not None
     assert first.outcome == "suggested"
+    assert first.variants == ["fp32", "int8"]  # every variant, so small devices get theirs
+    int8 = await fleet_on_v1.manifest(m1.name, first.version, "int8")
+    assert int8 is not None
+    assert int8.min_memory_mb == scenario.int8.manifest.min_memory_mb
+    assert int8.reference is not None
+    assert int8.reference.priors["science"] == pytest.approx(first.priors["science"], abs=0.01)
     again = await loop.on_drift(event)  # redelivered or "updated": no second build
     assert again is not None
     assert again.version == first.version
