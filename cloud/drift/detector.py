@@ -343,6 +343,11 @@ class DriftDetector:
         if not us.open and not rejected:
             return []  # the common case, decided before computing anything
         effect = total_variation(us.run.counts, ref.probs) if us.run is not None else us.last_effect
+        if node is None:
+            # A fleet unit's evidence run can reach far back (a large fleet differs a little
+            # from any reference, so its CUSUM rarely sits at zero); its last window alone is
+            # large enough to measure the effect now.
+            effect = max(effect, us.last_effect)
         if us.open:
             if us.quiet >= cfg.resolve_windows:
                 event = self._event(g, node, signal, us, ref, "resolved", effect)
