@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -35,6 +36,7 @@ __all__ = [
     "LinkStatistics",
     "connect_attempt",
     "connect_once",
+    "redact_url",
     "split_servers",
 ]
 
@@ -147,7 +149,7 @@ async def connect_once(
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         cause = errors[-1] if errors else exc
         reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-        raise NatsUnavailable(url, reason) from exc
+        raise NatsUnavailable(redact_url(url), reason) from exc
 
 
 class Link:
@@ -192,6 +194,7 @@ class Link:
         if isinstance(pending_size, bool) or not isinstance(pending_size, int) or pending_size < 0:
             raise ValueError(f"pending_size must be an int >= 0, got {pending_size!r}")
         self._url = url
+        self._shown_url = redact_url(url)
         self._name = name
         self._connect = connect
         self._clock = clock
@@ -218,7 +221,7 @@ class Link:
 
     @property
     def url(self) -> str:
-        return self._url
+        return self._shown_url
 
     @property
     def state(self) -> LinkState:
@@ -228,7 +231,7 @@ class Link:
     def nc(self) -> NATS:
         """The connected client; raises ``NatsUnavailable`` unless the link is online."""
         if self._state is not LinkState.ONLINE or self._nc is None:
-            raise NatsUnavailable(self._url, f"link is {self._state.value}")
+            raise NatsUnavailable(self._shown_url, f"link is {self._state.value}")
         return self._nc
 
     @property
@@ -271,7 +274,7 @@ class Link:
                 await self._event().wait()
             return
         raise NatsUnavailable(
-            self._url,
+            self._shown_url,
             f"not {state.value} within {timeout}s (state {self._state.value}, last error {self._last_error})",
         )
 
@@ -286,7 +289,7 @@ class Link:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        tg.start_soon(self._run, name=f"nats-link {self._url}")
+        tg.start_soon(self._run, name=f"nats-link {self._shown_url}")
         return self
 
     async def __aexit__(
@@ -318,7 +321,7 @@ class Link:
         if state is self._state:
             return
         old, self._state, self._since = self._state, state, self._clock()
-        log.info("link_state", url=self._url, old=old.value, new=state.value)
+        log.info("link_state", url=self._shown_url, old=old.value, new=state.value)
         event, self._changed = self._changed, anyio.Event()
         if event is not None:
             event.set()
@@ -353,7 +356,7 @@ class Link:
                 expected = isinstance(exc, (*_CONNECTION_ERRORS, nats.errors.Error))
                 (log.info if expected else log.warning)(
                     "link_connect_failed",
-                    url=self._url,
+                    url=self._shown_url,
                     failures=failures,
                     retry_in=round(delay, 3),
                     error=self._last_error,
@@ -379,10 +382,10 @@ class Link:
             if isinstance(exc, _CONNECTION_ERRORS):
                 # A drop or a failed (re)connect: the state change and the backoff loop
                 # already say so.
-                log.debug("nats_error", url=self._url, error=repr(exc))
+                log.debug("nats_error", url=self._shown_url, error=repr(exc))
             else:
                 # Permission violations and other server errors only ever arrive here.
-                log.warning("nats_error", url=self._url, error=repr(exc))
+                log.warning("nats_error", url=self._shown_url, error=repr(exc))
             if session.current:
                 self._last_error = f"{type(exc).__name__}: {exc}"
 
@@ -430,6 +433,16 @@ async def _close_quietly(nc: NATS) -> None:
             await nc.close()
         except Exception as exc:  # a half-connected client can fail to close cleanly
             log.debug("nats_close_failed", error=repr(exc))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password or token replaced by ``***``: what logs and errors show."""
+
+    def hide(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"  # a bare user is a token
+
+    return re.sub(r"(://)([^/@,]+)@", hide, url)
 
 
 def split_servers(url: str) -> tuple[list[str], dict[str, str]]:

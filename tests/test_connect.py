@@ -9,10 +9,10 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
-from _nats import free_port, wait_until
-from _proxy import TcpProxy
 from nats.aio.client import Client as NATS
 
+from _nats import free_port, wait_until
+from _proxy import TcpProxy
 from shared.connect import Link, LinkState, connect_once
 from shared.errors import NatsUnavailable
 from shared.server import EmbeddedServer
@@ -158,3 +158,29 @@ async def test_connect_once_connects_to_a_live_server(nats_server: EmbeddedServe
         assert nc.new_inbox().startswith("_INBOX_n1.")
     finally:
         await nc.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "nats://cloud:s3cret@a:4222,nats://cloud:s3cret@b:4222",
+            "nats://cloud:***@a:4222,nats://cloud:***@b:4222",
+        ),
+        ("nats://mytoken@a:4222", "nats://***@a:4222"),
+        ("nats://a:4222", "nats://a:4222"),
+    ],
+)
+def test_logs_and_errors_never_show_a_password_or_token(url: str, shown: str) -> None:
+    from shared.connect import redact_url
+
+    assert redact_url(url) == shown
+    assert Link(url).url == shown
+
+
+@pytest.mark.anyio
+async def test_connect_failure_message_hides_the_password() -> None:
+    port = free_port()
+    with pytest.raises(NatsUnavailable) as info:
+        await connect_once(f"nats://cloud:s3cret@127.0.0.1:{port}", timeout=2)
+    assert "s3cret" not in str(info.value)

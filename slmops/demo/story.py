@@ -348,6 +348,7 @@ def _summary(
         "nodes": rows,
         "drift_events": len(story.drift_events),
         "drift_opened": len(opened),
+        "drift_event_example": msgspec.to_builtins(opened[0]) if opened else None,
         "rollout_events": len(story.rollout_events),
         "versions": versions,
         "bytes_sent": story.bytes_sent,
