@@ -162,7 +162,9 @@ async def test_kill9_under_load_loses_no_answered_inference(
                     async with anyio.create_task_group() as tg:
                         for i in range(16):
                             tg.start_soon(client, i)
-                        await anyio.sleep(0.8)
+                        with anyio.fail_after(30):
+                            while answered < 100:  # well into the load, windows closing
+                                await anyio.sleep(0.02)
                         proc.send_signal(signal.SIGKILL)
                         await proc.wait()
                 finally:
@@ -181,7 +183,6 @@ async def test_kill9_under_load_loses_no_answered_inference(
                 with anyio.fail_after(20):
                     await proc.wait()
         total, _ = distinct_total(await read_telemetry(js, fleet))
-        assert answered > 100
         assert answered <= total <= sent, (answered, total, sent)
     finally:
         await nc.close()
