@@ -140,6 +140,7 @@ async def test_kill9_under_load_loses_no_answered_inference(
         "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
     ]  # fmt: skip
     answered = sent = 0
+    enough = anyio.Event()
     try:
         async with aiohttp.ClientSession() as session:
             for life in range(2):
@@ -158,13 +159,14 @@ async def test_kill9_under_load_loses_no_answered_inference(
                                 answered += await predict_batch(session, base, [f"beta {i}", f"gamma {i}"])
                             except (aiohttp.ClientError, AssertionError):
                                 return  # the node died under this request
+                            if answered >= 100:
+                                enough.set()
 
                     async with anyio.create_task_group() as tg:
                         for i in range(16):
                             tg.start_soon(client, i)
                         with anyio.fail_after(30):
-                            while answered < 100:  # well into the load, windows closing
-                                await anyio.sleep(0.02)
+                            await enough.wait()  # well into the load, windows closing
                         proc.send_signal(signal.SIGKILL)
                         await proc.wait()
                 finally:
