@@ -119,6 +119,12 @@ class RolloutController:
         if r is not None and not r.ok and r.code not in _TRANSIENT:
             self._rejects[(status.fleet, status.node)] = status
 
+    def wants(self, fleet: str) -> bool:
+        """Whether aggregates of ``fleet`` matter now (it has an active rollout): the runner
+        skips decoding the others."""
+        state = self._states.get(fleet)
+        return state is not None and (state.active or state.phase != "done")
+
     def observe_aggregate(self, agg: TelemetryAggregate) -> None:
         recent = self._recent.get(agg.fleet)
         if recent is None:

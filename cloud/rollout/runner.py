@@ -65,6 +65,7 @@ class RolloutRunner:
             Assigner(js, self.registry, url=url), self.store, self._publish, node_ttl_s=node_ttl_s
         )
         self.bad_messages = 0
+        self.skipped = 0
         self._synced = anyio.Event()
 
     async def _publish(self, fleet: str, event: RolloutEvent, msg_id: str) -> None:
@@ -129,6 +130,11 @@ class RolloutRunner:
 
     async def _telemetry(self, sub: object) -> None:
         async for msg in sub.messages:  # type: ignore[attr-defined]
+            # slmops.telemetry.<fleet>.<node>: most fleets have no rollout most of the time.
+            parts = msg.subject.split(".")
+            if len(parts) != 4 or not self.controller.wants(parts[2]):
+                self.skipped += 1
+                continue
             try:
                 self.controller.observe_aggregate(decode_telemetry(msg.data))
             except msgspec.DecodeError as exc:
