@@ -19,6 +19,7 @@ from _cloud_util import (
     publish,
     put_manifest,
 )
+from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
@@ -40,6 +41,12 @@ NODES = ["n1", "n2", "n3", "n4"]
 
 def _nodes(fleet: str) -> list[str]:
     return [f"{fleet}-{n}" for n in NODES]
+
+
+async def _serve(svc: CloudService, stop: anyio.Event, *, task_status: TaskStatus[None]) -> None:
+    async with svc:
+        task_status.started()
+        await stop.wait()
 
 
 def _applied(svc: CloudService, fleet: str) -> int:
@@ -221,21 +228,25 @@ async def test_a_second_instance_stands_by_and_takes_over_without_double_countin
     cfg = cloud_config(nats_server.url, tmp_path, fleet)
     a = CloudService(cfg, holder="a")
     b = CloudService(cfg, holder="b")
-    async with b:
-        async with a:
-            await a.wait_active(20)
-            await anyio.sleep(0.1)
-            for agg in aggs[:48]:
-                await publish(js, agg)
-            await wait_until(lambda: _applied(a, fleet) == 48, 20, what="first part applied by a")
-            assert not b.active
-            assert b.statistics()["messages"] == 0
+    stop_a, stop_b = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        # Each instance in a task of its own, as two processes would be.
+        await tg.start(_serve, a, stop_a)
+        await a.wait_active(20)
+        await tg.start(_serve, b, stop_b)  # b starts after a holds the lease: b stands by
+        for agg in aggs[:48]:
+            await publish(js, agg)
+        await wait_until(lambda: _applied(a, fleet) == 48, 20, what="first part applied by a")
+        assert not b.active
+        assert b.statistics()["messages"] == 0
+        stop_a.set()
         await b.wait_active(20)
         for agg in aggs[48:]:
             await publish(js, agg)
         await wait_until(lambda: _applied(b, fleet) == len(aggs), 30, what="rest applied by b")
         assert _inferences(b, fleet) == sum(x.count for x in aggs)
         await wait_until(lambda: b.statistics()["events_pending"] == 0, 10, what="events out")
+        stop_b.set()
     events = await drift_events(js, fleet)
     ids = [e.id for e in events]
     assert len(ids) == len(set(ids))

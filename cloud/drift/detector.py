@@ -45,7 +45,7 @@ from shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggreg
 from .calibrate import Calibrator, shared_calibrator
 from .labelshift import confusion_matrix, em_priors, expected_accuracy
 from .signals import ONE_SIDED, Acc, SignalRef, extract, manifest_refs, mean_of_histogram
-from .stats import benjamini_hochberg, normalise, total_variation, window_test
+from .stats import benjamini_hochberg, noise_tv, normalise, total_variation, window_test
 
 __all__ = ["DriftDetector", "Group", "NodeUnit", "UnitSig", "group_key"]
 
@@ -330,6 +330,13 @@ class DriftDetector:
         g.rounds += 1
         return events
 
+    @staticmethod
+    def _effect(counts: list[float], ref: SignalRef) -> float:
+        """Total-variation distance beyond what sampling noise alone gives (of these counts
+        and of the reference's): the minimum effect size gates *real* differences."""
+        n = sum(c for c in counts if c > 0)
+        return max(0.0, total_variation(counts, ref.probs) - noise_tv(ref.probs, n, ref.n_ref))
+
     def _fallback_tail(self, s: float) -> float:
         """Until a signal is calibrated: the stationary tail of a CUSUM with N(0, 1)
         increments, ``exp(-2k·s)``, its slope flattened by 10% (the calibrated tails measured
@@ -342,12 +349,12 @@ class DriftDetector:
         cfg = self._cfg
         if not us.open and not rejected:
             return []  # the common case, decided before computing anything
-        effect = total_variation(us.run.counts, ref.probs) if us.run is not None else us.last_effect
+        effect = self._effect(us.run.counts, ref) if us.run is not None else 0.0
         if node is None:
             # A fleet unit's evidence run can reach far back (a large fleet differs a little
             # from any reference, so its CUSUM rarely sits at zero); its last window alone is
             # large enough to measure the effect now.
-            effect = max(effect, us.last_effect)
+            effect = max(effect, self._effect(us.last, ref))
         if us.open:
             if us.quiet >= cfg.resolve_windows:
                 event = self._event(g, node, signal, us, ref, "resolved", effect)

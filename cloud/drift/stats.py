@@ -23,6 +23,7 @@ from collections.abc import Sequence
 __all__ = [
     "benjamini_hochberg",
     "geometric_noise_var",
+    "noise_tv",
     "normalise",
     "total_variation",
     "wilson_hilferty_z",
@@ -73,6 +74,16 @@ def total_variation(counts: Sequence[float], probs: Sequence[float]) -> float:
     if total <= 0:
         return 0.0
     return 0.5 * sum(abs(max(c, 0.0) / total - p) for c, p in zip(counts, probs, strict=True))
+
+
+def noise_tv(probs: Sequence[float], n: float, n_ref: float) -> float:
+    """Expected total-variation distance from sampling noise alone, for ``n`` counts against
+    a reference estimated from ``n_ref``: ``½ Σ E|p̂ - p|`` with the normal approximation
+    ``E|X| = σ·√(2/π)``, ``σ² = p(1-p)·(1/n + 1/n_ref)``."""
+    if n <= 0:
+        return 1.0
+    inv = 1.0 / n + (1.0 / n_ref if n_ref > 0 else 0.0)
+    return 0.5 * math.sqrt(2.0 / math.pi * inv) * sum(math.sqrt(p * (1.0 - p)) for p in probs)
 
 
 def window_test(
