@@ -4,6 +4,7 @@ Model: the model factory's default model (``cloud.factory.build``), fed held-out
 baseline: in this process, a loop of ``featurize`` (the manifest's preprocessing) +
 ``InferenceSession.run`` + argmax at the same batch size — what an app embedding ONNX Runtime
 itself would do.
+Project and baseline alternate in slices within each case (the machine's load drifts).
 project: ``EdgeNode.predict`` (Python API) with telemetry on, and ``POST /v1/predict`` to an
 ``slmops edge`` subprocess. ``durable`` = the answer waits for the group commit holding its
 telemetry (the default, what makes ``kill -9`` lose nothing answered); ``concurrency`` =
@@ -60,14 +61,19 @@ def _texts() -> list[str]:
     return [t for utterances in topics.values() for t in utterances]
 
 
-async def _rate(
+#: Project and baseline alternate in this many slices per case, so a change in the shared
+#: machine's load hits both alike.
+_SLICES = 4
+
+
+async def _callers(
     call: Callable[[list[str]], Awaitable[object]],
     texts: list[str],
     batch: int,
     concurrency: int,
     seconds: float,
-) -> float:
-    """Predictions/s of ``concurrency`` callers each calling ``call(batch texts)`` in a loop."""
+) -> tuple[int, float]:
+    """(predictions, seconds) of ``concurrency`` callers each calling ``call(batch texts)``."""
     done = [0]
     deadline = time.perf_counter() + seconds
 
@@ -83,21 +89,42 @@ async def _rate(
     async with anyio.create_task_group() as tg:
         for c in range(concurrency):
             tg.start_soon(caller, c * batch)
-    return done[0] / (time.perf_counter() - t0)
+    return done[0], time.perf_counter() - t0
 
 
-def _bare_rate(bundle: Bundle, texts: list[str], batch: int, seconds: float) -> float:
-    session = load_session(bundle.model_path, bundle.manifest)
-    pp, ort, out = bundle.manifest.preprocessing, session.ort, bundle.manifest.outputs[-1].name
-    n, i = 0, 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
-        (probs,) = ort.run([out], featurize(chunk, pp).feeds())
-        probs.argmax(axis=1)
-        n += batch
-        i += batch
-    return n / (time.perf_counter() - t0)
+class _Bare:
+    """The baseline: featurize + ``InferenceSession.run`` + argmax, in a loop."""
+
+    def __init__(self, bundle: Bundle, texts: list[str]) -> None:
+        self.session = load_session(bundle.model_path, bundle.manifest)
+        self.pp = bundle.manifest.preprocessing
+        self.out = bundle.manifest.outputs[-1].name
+        self.texts = texts
+
+    def run(self, batch: int, seconds: float) -> tuple[int, float]:
+        ort, pp, texts = self.session.ort, self.pp, self.texts
+        n = i = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
+            (probs,) = ort.run([self.out], featurize(chunk, pp).feeds())
+            probs.argmax(axis=1)
+            n += batch
+            i += batch
+        return n, time.perf_counter() - t0
+
+
+async def _paired(
+    call: Callable[[list[str]], Awaitable[object]], bare: _Bare, batch: int, concurrency: int, seconds: float
+) -> tuple[float, float]:
+    """(project, baseline) predictions/s, measured in alternating slices."""
+    pn = pt = bn = bt = 0.0
+    for _ in range(_SLICES):
+        n, t = await _callers(call, bare.texts, batch, concurrency, seconds / _SLICES)
+        pn, pt = pn + n, pt + t
+        n, t = bare.run(batch, seconds / _SLICES)
+        bn, bt = bn + n, bt + t
+    return pn / pt, bn / bt
 
 
 def _rss_mb(pid: int) -> int:
@@ -117,8 +144,8 @@ def _free_port() -> int:
 
 
 async def _http_cases(
-    tmp: Path, bundle: Bundle, pub: Path, texts: list[str], cases: list[tuple[int, int]], seconds: float
-) -> tuple[list[tuple[int, int, float]], int]:
+    tmp: Path, bundle: Bundle, pub: Path, bare: _Bare, cases: list[tuple[int, int]], seconds: float
+) -> tuple[list[tuple[int, int, float, float]], int]:
     port = _free_port()
     args = [
         sys.executable, "-m", "slmops.cli", "--log-level", "warning", "edge",
@@ -127,7 +154,7 @@ async def _http_cases(
         "--http", f"127.0.0.1:{port}", "--window", "1s", "--min-count", "1",
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    out: list[tuple[int, int, float]] = []
+    out: list[tuple[int, int, float, float]] = []
     async with await anyio.open_process(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         try:
             connector = aiohttp.TCPConnector(limit=64)
@@ -148,7 +175,7 @@ async def _http_cases(
                         await r.read()
 
                 for batch, conc in cases:
-                    out.append((batch, conc, await _rate(call, texts, batch, conc, seconds)))
+                    out.append((batch, conc, *await _paired(call, bare, batch, conc, seconds)))
             rss = _rss_mb(proc.pid)
         finally:
             proc.terminate()
@@ -172,7 +199,7 @@ def _bare_rss(bundle: Bundle, texts: list[str]) -> int:
 async def run(quick: bool = False) -> list[dict[str, Any]]:
     from cloud.factory import build
 
-    seconds = 0.15 if quick else 2.0
+    seconds = 0.2 if quick else 4.0
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slmops-bench-edge-") as tmp_name:
         tmp = Path(tmp_name)
@@ -186,15 +213,16 @@ async def run(quick: bool = False) -> list[dict[str, Any]]:
         bundle = build(tmp / "bundle", key).bundle
         texts = _texts()
 
-        def result(case: str, batch: int, conc: int, durable: bool, rate: float) -> dict[str, Any]:
-            # The baseline is measured right after each case: on a shared machine the load
-            # changes from minute to minute, the ratio of neighbours much less.
-            bare = _bare_rate(bundle, texts, batch, seconds)
+        bare = _Bare(bundle, texts)
+
+        def result(
+            case: str, batch: int, conc: int, durable: bool, rate: float, base: float
+        ) -> dict[str, Any]:
             return {
                 "scenario": f"edge {case} b{batch} c{conc}{'' if durable else ' fast-ack'}",
                 "project": rate,
-                "baseline": bare,
-                "ratio": rate / bare,
+                "baseline": base,
+                "ratio": rate / base,
                 "units": "predictions/s",
                 "batch": batch,
                 "concurrency": conc,
@@ -221,11 +249,11 @@ async def run(quick: bool = False) -> list[dict[str, Any]]:
             async with EdgeNode(config) as node:
                 await node.predict(texts[:32])  # warm-up
                 for batch, conc in cases:
-                    rate = await _rate(node.predict, texts, batch, conc, seconds)
-                    results.append(result("python", batch, conc, durable, rate))
-        http, rss = await _http_cases(tmp, bundle, pub, texts, [(1, 1), (1, 32), (32, 1), (32, 8)], seconds)
-        for batch, conc, rate in http:
-            results.append(result("http", batch, conc, True, rate))
+                    rate, base = await _paired(node.predict, bare, batch, conc, seconds)
+                    results.append(result("python", batch, conc, durable, rate, base))
+        http, rss = await _http_cases(tmp, bundle, pub, bare, [(1, 1), (1, 32), (32, 1), (32, 8)], seconds)
+        for batch, conc, rate, base in http:
+            results.append(result("http", batch, conc, True, rate, base))
         bare_rss = _bare_rss(bundle, texts)
         results.append(
             {
