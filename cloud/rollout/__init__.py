@@ -8,6 +8,7 @@ from cloud.rollout.assign import Assigner, start_rollout
 from cloud.rollout.cohort import cohort, hash_point
 from cloud.rollout.controller import RolloutController
 from cloud.rollout.gates import GateResult, Metrics, evaluate, total_variation
+from cloud.rollout.nodes import NodeView
 from cloud.rollout.runner import RolloutRunner
 from cloud.rollout.state import (
     ROLLOUTS_BUCKET,
@@ -23,6 +24,7 @@ __all__ = [
     "Assigner",
     "GateResult",
     "Metrics",
+    "NodeView",
     "RolloutConfig",
     "RolloutConflict",
     "RolloutController",

@@ -26,6 +26,7 @@ import structlog
 from cloud.rollout.assign import Assigner, variants_of
 from cloud.rollout.cohort import cohort
 from cloud.rollout.gates import GateResult, Metrics, evaluate, install_gate, verdict
+from cloud.rollout.nodes import NodeView
 from cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
 from shared.errors import SlmopsError
 from shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
@@ -37,11 +38,6 @@ log = structlog.get_logger(__name__)
 #: ``await publish(fleet, event, msg_id)`` publishes one RolloutEvent with that Nats-Msg-Id.
 Publish = Callable[[str, RolloutEvent, str], Awaitable[None]]
 
-#: Node clocks may run behind the controller's: a node's report counts for a stage when it is
-#: stamped at most this long before the node's assignment.
-_SKEW_S = 60.0
-#: Refresh outcomes the node retries by itself: not a verdict on the version.
-_TRANSIENT = frozenset({"download_failed"})
 #: Aggregates kept per fleet so a rollout seen late (restart, or created by another process)
 #: can replay what it missed. Bounded: 4096 windows ≈ 4 MB of aggregates.
 _RECENT = 4096
@@ -89,12 +85,11 @@ class RolloutController:
         self.store = store
         self._publish = publish
         self.node_ttl_s = node_ttl_s
-        self._status: dict[str, dict[str, NodeStatus]] = collections.defaultdict(dict)
+        self.nodes = NodeView(node_ttl_s=node_ttl_s)
         self._recent: dict[str, collections.deque[TelemetryAggregate]] = {}
         self._trackers: dict[str, _Tracker] = {}
         self._states: dict[str, RolloutState] = {}
         self._refs: dict[tuple[str, int], ReferenceProfile | None] = {}
-        self._rejects: dict[tuple[str, str], NodeStatus] = {}
         self.steps = self.conflicts = self.errors = 0
 
     def statistics(self) -> dict[str, int]:
@@ -103,21 +98,17 @@ class RolloutController:
             "conflicts": self.conflicts,
             "errors": self.errors,
             "rollouts_tracked": len(self._trackers),
-            "nodes_known": sum(len(v) for v in self._status.values()),
+            "nodes_known": len(self.nodes),
         }
 
     # -- feeding ---------------------------------------------------------------------------
 
     def observe_status(self, status: NodeStatus) -> None:
-        nodes = self._status[status.fleet]
-        old = nodes.get(status.node)
-        if old is None or status.time >= old.time:
-            nodes[status.node] = status
-        # A rejection is reported once (the node's next periodic status no longer carries
-        # it), so it is kept here until the node reports another.
-        r = status.refresh
-        if r is not None and not r.ok and r.code not in _TRANSIENT:
-            self._rejects[(status.fleet, status.node)] = status
+        self.nodes.observe(status)
+
+    def live_nodes(self, fleet: str, now: float) -> dict[str, NodeStatus]:
+        """Nodes of ``fleet`` that reported within ``node_ttl_s`` and did not shut down."""
+        return self.nodes.live(fleet, now)
 
     def wants(self, fleet: str) -> bool:
         """Whether aggregates of ``fleet`` matter now (it has an active rollout): the runner
@@ -153,14 +144,6 @@ class RolloutController:
             for agg in recent:
                 t.add(state, agg, control_only=True)
         return t
-
-    def live_nodes(self, fleet: str, now: float) -> dict[str, NodeStatus]:
-        """Nodes of ``fleet`` that reported within ``node_ttl_s`` and did not shut down."""
-        return {
-            n: s
-            for n, s in self._status.get(fleet, {}).items()
-            if s.event != "shutdown" and s.time.timestamp() >= now - self.node_ttl_s
-        }
 
     # -- stepping --------------------------------------------------------------------------
 
@@ -285,41 +268,6 @@ class RolloutController:
         state = self._event(state, "stage_started", now, nodes=stage_nodes)
         await self._save(state, revision, now)
 
-    def _failures(self, state: RolloutState) -> dict[str, str]:
-        """Nodes that rejected the version or left it on their own, from their statuses."""
-        found = dict(state.failures)
-        statuses = self._status.get(state.fleet, {})
-        for node, entry in state.nodes.items():
-            if node in found:
-                continue
-            since = entry.assigned_at - _SKEW_S
-            rejected = self._rejects.get((state.fleet, node))
-            r = rejected.refresh if rejected is not None and rejected.time.timestamp() >= since else None
-            if r is not None and r.model.name == state.model and r.model.version == state.version:
-                found[node] = f"rejected: {r.code or 'error'} {r.reason}".strip()
-                continue
-            s = statuses.get(node)
-            if s is None or s.time.timestamp() < since:
-                continue
-            if (
-                s.previous_model is not None
-                and s.previous_model.version == state.version
-                and s.previous_model.name == state.model
-                and (s.model is None or s.model.version != state.version)
-            ):
-                found[node] = "rolled back on the node (local health limits)"
-        return found
-
-    def _installed(self, state: RolloutState) -> set[str]:
-        statuses = self._status.get(state.fleet, {})
-        return {
-            n
-            for n in state.nodes
-            if (s := statuses.get(n)) is not None
-            and s.model is not None
-            and (s.model.name, s.model.version) == (state.model, state.version)
-        }
-
     async def _reference(self, model: str, version: int | None) -> ReferenceProfile | None:
         if version is None:
             return None
@@ -331,7 +279,7 @@ class RolloutController:
         return self._refs[key]
 
     async def _judge(self, state: RolloutState, revision: int, now: float) -> None:
-        failures = self._failures(state)
+        failures = self.nodes.failures(state)
         if failures != state.failures:
             for node in sorted(set(failures) - set(state.failures)):
                 state = self._event(
@@ -353,7 +301,7 @@ class RolloutController:
             await self._roll_back(state, revision, now, gates, "install failures over the limit")
             return
         if state.phase == "installing":
-            installed = self._installed(state) - set(failures)
+            installed = self.nodes.installed(state) - set(failures)
             pending = set(state.nodes) - installed - set(failures)
             timed_out = now - state.stage_started >= state.config.install_timeout_s
             if pending and not timed_out:
