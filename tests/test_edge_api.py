@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 
 from _edge_util import Keys, edge_config
@@ -211,3 +212,25 @@ async def test_without_a_model_predict_is_503_and_health_says_so(
         assert health["status"] == "no_model"
         with pytest.raises(NoModel):
             await n.predict(["alpha"])
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_micro_batches(tmp_path: Path, keys: Keys, fleet: str) -> None:
+    """32 callers at once with a 20 ms batch wait: ORT runs far fewer batches than requests,
+    no batch exceeds max_batch, and every caller gets the answer for its own text."""
+    cfg = edge_config(
+        tmp_path, keys, fleet=fleet, model=keys.bundle().path, max_batch=8, max_batch_wait=0.02, window=60.0
+    )
+    async with EdgeNode(cfg) as n:
+        got: dict[int, str] = {}
+
+        async def one(i: int) -> None:
+            (p,) = await n.predict([f"{['alpha', 'beta', 'gamma'][i % 3]} {i}"])
+            got[i] = p.label
+
+        async with anyio.create_task_group() as tg:
+            for i in range(32):
+                tg.start_soon(one, i)
+        assert got == {i: ["alpha", "beta", "gamma"][i % 3] for i in range(32)}
+        assert n.batcher.served == 32
+        assert 4 <= n.batcher.batches < 32
