@@ -160,3 +160,15 @@ def test_chance_at_the_minimum_sample_count_does_not_fail_a_good_version() -> No
     out = {r.name: r for r in evaluate(CFG, sample, [], canary_ref=ref, control_ref=None)}
     assert out["drift"].outcome == "pass"
     assert (out["drift"].canary or 0) < 0.05
+
+
+def test_latency_below_the_floor_never_fails_the_ratio() -> None:
+    """0.2 ms → 0.9 ms is 4.5x, but sub-floor: noise-level figures do not roll a version back."""
+    control = _metrics(*(_agg("b", i, lat=0.15) for i in range(1, 4)))
+    canary = _metrics(_agg("a", 1, lat=0.9), _agg("a", 2, lat=0.9))
+    out = {r.name: r for r in evaluate(CFG, canary, [control], canary_ref=None, control_ref=None)}
+    assert (out["latency_p95"].canary or 0) / (out["latency_p95"].control or 1) > 1.5
+    assert out["latency_p95"].outcome == "pass"
+    strict = RolloutConfig(min_samples=200, latency_floor_ms=0.0)
+    out = {r.name: r for r in evaluate(strict, canary, [control], canary_ref=None, control_ref=None)}
+    assert out["latency_p95"].outcome == "fail"

@@ -11,7 +11,8 @@ rollout started is used, and without that the canary's own reference profile. Ga
   and the increase is significant (one-sided two-proportion z-test at 1%): at the minimum
   sample count a good version with a 1% base rate would otherwise fail by chance ~5% of the
   time.
-* ``latency_p95``: canary p95 / control p95 ≤ ``max_latency_ratio`` (histogram quantiles).
+* ``latency_p95``: canary p95 / control p95 ≤ ``max_latency_ratio`` (histogram quantiles),
+  or the canary's p95 below ``latency_floor_ms``.
 * ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
   of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
 * ``drift``: each side's class mix against its own version's reference (total variation);
@@ -201,7 +202,9 @@ def evaluate(
         results.append(
             GateResult(
                 name="latency_p95",
-                outcome="fail" if lat / c_lat > config.max_latency_ratio else "pass",
+                outcome="fail"
+                if lat / c_lat > config.max_latency_ratio and lat > config.latency_floor_ms
+                else "pass",
                 canary=_num(lat),
                 control=_num(c_lat),
                 limit=config.max_latency_ratio,

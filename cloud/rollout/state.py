@@ -89,6 +89,9 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_error_rate_increase: float = 0.01
     #: Canary latency p95 may be at most this times control's.
     max_latency_ratio: float = 1.5
+    #: ... unless the canary's p95 is below this: sub-millisecond figures (one ORT call of the
+    #: default model is ~0.1 ms) move by bins with scheduling noise alone.
+    latency_floor_ms: float = 2.0
     #: Canary mean confidence (the expected-accuracy proxy) may be at most this lower.
     max_confidence_drop: float = 0.05
     #: Canary's class-mix distance to its own reference may exceed control's by at most this
@@ -105,7 +108,13 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"the last stage must be 100 (the whole fleet), got {st!r}")
         if not 0 <= self.max_failures < 1:
             raise ValueError(f"max_failures must be a fraction in [0, 1), got {self.max_failures!r}")
-        for name in ("soak_s", "install_timeout_s", "sample_timeout_s", "max_error_rate_increase"):
+        for name in (
+            "soak_s",
+            "install_timeout_s",
+            "sample_timeout_s",
+            "max_error_rate_increase",
+            "latency_floor_ms",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
         for name in ("max_latency_ratio", "max_confidence_drop", "max_drift_increase"):
