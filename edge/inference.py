@@ -26,7 +26,7 @@ import structlog
 from edge.buffer import Buffer, Commit
 from edge.errors import EdgeError, NodeClosed, NoModel
 from edge.models import ActiveModel, ModelManager
-from edge.privacy import derive_rows, error_rows
+from edge.privacy import EventRow, derive_rows, error_rows
 from shared.runtime import Session
 
 __all__ = ["Batcher", "InferenceFailed", "Result"]
@@ -92,6 +92,7 @@ class Batcher:
         self.failed = 0
         self.batches = 0
         self.model_seconds = 0.0
+        self._busy = False
 
     async def predict(self, texts: Sequence[str]) -> Result:
         """Predict ``texts`` (already validated) with the current model. Raises ``NoModel``,
@@ -108,6 +109,38 @@ class Batcher:
             raise req.error
         assert req.result is not None
         return req.result
+
+    async def serve_now(self, texts: Sequence[str]) -> Result | None:
+        """Serve ``texts`` right here, in the caller's task, when nothing is queued or
+        running and they are small enough to run inline; else None (use ``predict``).
+
+        A lone caller then skips the queue and two task switches (~100-200 µs on the 2-core
+        test machine); concurrent callers still queue and share micro-batches."""
+        if self.max_wait > 0 or self._busy or self._recv.statistics().current_buffer_used:
+            return None
+        active = self.models.current
+        if active is None or sum(map(len, texts)) > self.inline_max_chars:
+            return None
+        try:
+            out = _run(active.session, list(texts))
+        except Exception:  # the queued path runs it again and reports the failure
+            return None
+        commit = await self.buffer.append(self._rows(active, out))
+        return Result(out.classes, out.confidence, active, commit)
+
+    def _rows(self, active: ActiveModel, out: _Output) -> list[EventRow]:
+        self.batches += 1
+        self.served += len(out.classes)
+        self.model_seconds += out.seconds
+        return derive_rows(
+            out.classes,
+            out.confidence,
+            out.lengths,
+            t=self._clock(),
+            model_id=active.model_id,
+            edges=active.manifest.edges,
+            latency_ms=out.seconds * 1000.0,
+        )
 
     def close(self) -> None:
         """Refuse new requests; queued ones are still served by ``run``."""
@@ -174,6 +207,7 @@ class Batcher:
             return
         texts = [t for r in batch for t in r.texts]
         session = active.session
+        self._busy = True
         try:
             if sum(map(len, texts)) <= self.inline_max_chars:
                 # Cheaper than the hand-off itself (see EdgeConfig.inline_max_chars).
@@ -192,19 +226,9 @@ class Batcher:
                 r.done.set()
             await commit.done.wait()
             return
-        self.batches += 1
-        self.served += len(texts)
-        self.model_seconds += out.seconds
-        rows = derive_rows(
-            out.classes,
-            out.confidence,
-            out.lengths,
-            t=self._clock(),
-            model_id=active.model_id,
-            edges=active.manifest.edges,
-            latency_ms=out.seconds * 1000.0,
-        )
-        commit = await self.buffer.append(rows)
+        finally:
+            self._busy = False
+        commit = await self.buffer.append(self._rows(active, out))
         if len(batch) == 1:
             batch[0].result = Result(out.classes, out.confidence, active, commit)
             batch[0].done.set()

@@ -183,6 +183,7 @@ class EdgeNode:
         self.http_port: int | None = None
         self._boot = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        self._calls = 0  #: predict calls in progress
         self._memory: OrderedDict[str, _Remembered] = OrderedDict()
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -337,9 +338,17 @@ class EdgeNode:
         if self._stack is None:
             raise NodeClosed()
         valid = self.validate_texts(texts)
-        result = await self.batcher.predict(valid)
-        if self.config.durable_ack:
-            await result.commit.done.wait()
+        self._calls += 1
+        try:
+            # A lone caller is served in its own task; with company, requests queue and
+            # share micro-batches.
+            result = await self.batcher.serve_now(valid) if self._calls == 1 else None
+            if result is None:
+                result = await self.batcher.predict(valid)
+            if self.config.durable_ack:
+                await result.commit.done.wait()
+        finally:
+            self._calls -= 1
         model = result.model
         ref, labels, memory, mid = model.ref, model.manifest.labels, self._memory, model.model_id
         boot, ids = self._boot, self._ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats.errors
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -16,7 +17,7 @@ from shared.bundle import Bundle
 from shared.messages import TelemetryAggregate, decode_telemetry
 from shared.names import TELEMETRY_STREAM
 
-__all__ = ["Keys", "edge_config", "read_telemetry"]
+__all__ = ["Keys", "distinct_total", "edge_config", "read_raw", "read_telemetry"]
 
 
 class Keys:
@@ -62,22 +63,29 @@ def edge_config(
     return EdgeConfig.build(data)
 
 
-async def read_telemetry(js: JetStreamContext, fleet: str) -> list[TelemetryAggregate]:
-    """Every aggregate of ``fleet`` in SLMOPS_TELEMETRY, in stream order (duplicates kept)."""
-    sub = await js.pull_subscribe(f"slmops.telemetry.{fleet}.>", stream=TELEMETRY_STREAM)
-    out: list[TelemetryAggregate] = []
+async def read_raw(js: JetStreamContext, subject: str, stream: str) -> list[bytes]:
+    """The data of every message on ``subject`` in ``stream``, in stream order."""
+    sub = await js.pull_subscribe(subject, stream=stream)
+    out: list[bytes] = []
     try:
-        while True:
-            try:
-                msgs = await sub.fetch(256, timeout=0.5)
-            except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
-                break
-            for m in msgs:
-                out.append(decode_telemetry(m.data))
-                await m.ack()
+        want = (await sub.consumer_info()).num_pending
+        with anyio.fail_after(30):
+            while len(out) < want:
+                try:
+                    msgs = await sub.fetch(min(256, want - len(out)), timeout=2)
+                except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
+                    continue
+                for m in msgs:
+                    out.append(m.data)
+                    await m.ack()
     finally:
         await sub.unsubscribe()
     return out
+
+
+async def read_telemetry(js: JetStreamContext, fleet: str) -> list[TelemetryAggregate]:
+    """Every aggregate of ``fleet`` in SLMOPS_TELEMETRY, in stream order (duplicates kept)."""
+    return [decode_telemetry(d) for d in await read_raw(js, f"slmops.telemetry.{fleet}.>", TELEMETRY_STREAM)]
 
 
 def distinct_total(aggs: list[TelemetryAggregate]) -> tuple[int, dict[tuple[str, int], int]]:

@@ -9,7 +9,7 @@ import anyio
 import nats
 import pytest
 
-from _edge_util import Keys, distinct_total, edge_config, read_telemetry
+from _edge_util import Keys, distinct_total, edge_config, read_raw, read_telemetry
 from _nats import free_port
 from edge.node import EdgeNode
 from shared.messages import NodeStatus, decode_json
@@ -111,13 +111,11 @@ async def test_no_input_text_reaches_disk_or_the_server(
         after = all_bytes(cfg.data_path)
         aggs = await read_telemetry(js, fleet)
         assert sum(a.count for a in aggs) == 20 * (len(CANARIES) + 1)
-        sub = await js.pull_subscribe(f"slmops.status.{fleet}.>", stream=STATUS_STREAM)
-        statuses = await sub.fetch(50, timeout=2)
+        statuses = await read_raw(js, f"slmops.status.{fleet}.>", STATUS_STREAM)
         assert statuses
-        wire = b"".join(m.data for m in statuses)
-        assert decode_json(statuses[0].data, NodeStatus).device.cores > 0
-        tele = await js.pull_subscribe(f"slmops.telemetry.{fleet}.>", stream="SLMOPS_TELEMETRY")
-        wire += b"".join(m.data for m in await tele.fetch(100, timeout=2))
+        assert decode_json(statuses[0], NodeStatus).device.cores > 0
+        telemetry = await read_raw(js, f"slmops.telemetry.{fleet}.>", "SLMOPS_TELEMETRY")
+        wire = b"".join(statuses + telemetry)
         for canary in CANARIES:
             for blob, where in ((while_running, "data dir (running)"), (after, "data dir"), (wire, "server")):
                 for form in (canary, canary.lower(), canary.upper()):
