@@ -90,11 +90,13 @@ async def run(quick: bool = False) -> list[dict[str, Any]]:
     total = 40_960 if quick else 409_600
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slmops-bench-buffer-") as tmp:
-        base = await _baseline(Path(tmp) / "bare.db", total)
         for chunk, producers in ((32, 16), (1, 64)):
+            # Baseline before and after each case, averaged: the shared machine's load drifts.
+            before = await _baseline(Path(tmp) / f"bare-{chunk}-a.db", total)
             rate, close_rate = await _project(
                 Path(tmp) / f"buf-{chunk}.db", total if chunk > 1 else total // 8, chunk, producers
             )
+            base = (before + await _baseline(Path(tmp) / f"bare-{chunk}-b.db", total)) / 2
             results.append(
                 {
                     "scenario": f"buffer append {chunk}-row batches",
