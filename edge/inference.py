@@ -1,11 +1,12 @@
-"""Micro-batched inference: concurrent requests share one ONNX Runtime call in a worker thread.
+"""Micro-batched inference: concurrent requests share one ONNX Runtime call.
 
 ``Batcher.run`` takes the first queued request, adds what else is queued (up to
 ``max_batch`` texts, waiting at most ``max_wait`` for more), runs featurize + ORT in a worker
 thread — or, for a batch of at most ``inline_max_chars`` characters, right in the event loop,
 where it takes less time than the hand-off to a thread — and hands each request its
-predictions. While ORT works on one batch the next one
-queues, so batches form by themselves under load even with ``max_wait = 0``.
+predictions. While one batch runs the next one queues, so batches form by themselves under
+load even with ``max_wait = 0``. A lone caller with nothing queued is served directly in its
+own task (``serve_now``).
 
 Each batch's telemetry rows go to the buffer before the requests are released; a request
 then gets the buffer's ``Commit`` and decides whether to wait for it (``durable_ack``).

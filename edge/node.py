@@ -12,12 +12,16 @@ error comes out of the ``async with``).
 When is telemetry durable? With ``durable_ack`` (the default) ``predict`` returns — and the
 HTTP answer is sent — only after the group commit holding the inference's event row, so a
 ``kill -9`` at any instant loses no telemetry of an answered inference; the restarted node
-continues ``seq`` from SQLite.
+continues ``seq`` from SQLite. With ``durable_ack=False`` the answer comes first and the
+rows of the last few milliseconds can be lost to a ``kill -9``.
+
+A data directory belongs to one running node at a time (``DataDirInUse`` otherwise).
+Prediction ids for feedback are remembered in memory (``feedback_memory`` most recent); after
+a restart, feedback on older ids answers ``UnknownPrediction``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
 import secrets
@@ -26,7 +30,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -35,9 +38,10 @@ import anyio.abc
 import msgspec
 import structlog
 
+from edge._lock import DataDirLock
 from edge.buffer import Buffer
 from edge.config import EdgeConfig
-from edge.errors import DataDirInUse, FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
+from edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
 from edge.inference import Batcher
 from edge.models import ActiveModel, ModelManager
 from edge.outbox import Publisher
@@ -56,33 +60,6 @@ __all__ = ["EdgeNode", "PredictionOut"]
 #: A task that crashed this many times within ``_CRASH_WINDOW`` seconds stops the node.
 _MAX_CRASHES = 5
 _CRASH_WINDOW = 60.0
-
-
-class _DataDirLock:
-    """An exclusive ``flock`` on ``<data>/node.lock`` for the node's lifetime: a second node
-    on the same directory would hand out the same seqs. The kernel drops the lock when the
-    process dies, even by ``kill -9``."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "node.lock"
-        self.fd: int | None = None
-
-    def __enter__(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown pid"
-            os.close(fd)
-            raise DataDirInUse(str(self.path.parent), holder) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self.fd = fd
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the lock
-            self.fd = None
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -199,7 +176,7 @@ class EdgeNode:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            stack.enter_context(_DataDirLock(self.config.data_path))
+            stack.enter_context(DataDirLock(self.config.data_path))
             await stack.enter_async_context(self.buffer)
             await self._load_models()
             await stack.enter_async_context(self.link)
