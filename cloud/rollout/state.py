@@ -68,9 +68,9 @@ class RolloutConflict(RolloutError):
     """Someone else wrote the rollout state since it was read (compare-and-set refused)."""
 
 
-class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """How a rollout advances and what stops it. Validated on construction. It is also the
-    ``[rollout]`` table of the cloud's config file, so unknown keys are errors."""
+class RolloutConfig(msgspec.Struct, kw_only=True):
+    """How a rollout advances and what stops it. Validated on construction. Stored inside the
+    rollout state in KV, so it tolerates fields a newer controller added."""
 
     #: Cumulative percentages of the fleet per stage; the last is 100.
     stages: list[int] = msgspec.field(default_factory=lambda: [5, 25, 100])
