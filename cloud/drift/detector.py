@@ -193,12 +193,13 @@ class DriftDetector:
             events = self._close_round(g)
         if not g.labels and agg.class_counts:
             g.labels = sorted(agg.class_counts)
-        for name, hist in (
-            ("confidence", agg.confidence),
-            ("input_length", agg.input_length),
-            ("latency", agg.latency_ms),
-        ):
-            g.edges.setdefault(name, list(hist.edges))
+        if len(g.edges) < 3:
+            for name, hist in (
+                ("confidence", agg.confidence),
+                ("input_length", agg.input_length),
+                ("latency", agg.latency_ms),
+            ):
+                g.edges.setdefault(name, list(hist.edges))
         ukey = (g.key, agg.node)
         unit = self.units.get(ukey)
         if unit is None:

@@ -1,6 +1,6 @@
 """``slmops bench ingest``: cloud ingest throughput vs bare nats-py fetch+ack, same server, same run.
 
-Project: ``CloudService`` consuming aggregates already in ``SLMOPS_TELEMETRY`` — fetch 256,
+Project: ``CloudService`` consuming aggregates already in ``SLMOPS_TELEMETRY`` — fetch 1024,
 decode, check, dedupe by (node, seq), fleet state, drift detection on 6 signals, one SQLite
 transaction (WAL, synchronous=FULL) and acks per batch. A warm-up part of the stream is consumed
 first, until the node baselines are learnt and the detector has calibrated its thresholds
@@ -41,8 +41,8 @@ async def _publish_all(js: JetStreamContext, items: list[tuple[str, bytes, str]]
                 await f
 
 
-def _payloads(fleet: str, nodes: int, windows: range, seed: int) -> list[tuple[str, bytes, str]]:
-    synth = SyntheticFleet(fleet, nodes, seed)
+def _payloads(synth: SyntheticFleet, windows: range) -> list[tuple[str, bytes, str]]:
+    fleet, nodes = synth.fleet, len(synth.names)
     out = []
     for w in windows:
         for i in range(nodes):
@@ -72,7 +72,15 @@ async def _bare(js: JetStreamContext, fleet: str, total: int) -> float:
     return (total - first) / elapsed
 
 
-async def _project(url: str, fleet: str, state: str, warm: int, total: int) -> tuple[float, dict[str, Any]]:
+async def _project(
+    url: str,
+    js: JetStreamContext,
+    fleet: str,
+    state: str,
+    warm_msgs: list[tuple[str, bytes, str]],
+    timed_msgs: list[tuple[str, bytes, str]],
+) -> tuple[float, dict[str, Any]]:
+    warm, total = len(warm_msgs), len(warm_msgs) + len(timed_msgs)
     config = CloudConfig(nats_url=url, state_dir=state, fleets=[fleet], snapshot_interval=1.0)
 
     def applied(svc: CloudService) -> int:
@@ -82,11 +90,13 @@ async def _project(url: str, fleet: str, state: str, warm: int, total: int) -> t
         det = svc.detector
         return det is None or det.statistics().get("calibrations_queued", 0) > 0
 
+    await _publish_all(js, warm_msgs)
     async with CloudService(config) as svc:
         await svc.wait_active(30)
         with anyio.fail_after(600):
             while applied(svc) < warm or calibrating(svc):  # noqa: ASYNC110 -- polling counters
                 await anyio.sleep(0.01)
+    await _publish_all(js, timed_msgs)  # while no cloud runs: a backlog to work through
     async with CloudService(config) as svc:
         await svc.wait_active(30)
         with anyio.fail_after(600):
@@ -113,15 +123,17 @@ async def run(quick: bool = False) -> list[dict[str, object]]:
             await ensure_resources(js)
             kv = await js.key_value(MODELS_MANIFEST_BUCKET)
             await kv.put(manifest_key(MODEL.name, MODEL.version, MODEL.variant), encode_json(manifest_for()))
-            project_msgs = _payloads("bench_p", nodes, range(1, windows + 1), seed=1)
-            bare_msgs = _payloads("bench_b", nodes, range(warm_windows + 1, windows + 1), seed=1)
-            await _publish_all(js, project_msgs)
+            # Stationary traffic: the same nodes (class mixes, window sizes) throughout.
+            project_fleet = SyntheticFleet("bench_p", nodes, seed=1)
+            warm_msgs = _payloads(project_fleet, range(1, warm_windows + 1))
+            timed_msgs = _payloads(project_fleet, range(warm_windows + 1, windows + 1))
+            bare_msgs = _payloads(
+                SyntheticFleet("bench_b", nodes, seed=1), range(warm_windows + 1, windows + 1)
+            )
             await _publish_all(js, bare_msgs)
             baseline = await _bare(js, "bench_b", len(bare_msgs))
             with tempfile.TemporaryDirectory(prefix="slmops-bench-ingest-") as state:
-                project, stats = await _project(
-                    server.url, "bench_p", state, warm_windows * nodes, len(project_msgs)
-                )
+                project, stats = await _project(server.url, js, "bench_p", state, warm_msgs, timed_msgs)
         finally:
             await nc.close()
     return [
@@ -133,7 +145,8 @@ async def run(quick: bool = False) -> list[dict[str, object]]:
             "units": "aggregates/s",
             "aggregates_timed": len(bare_msgs),
             "nodes": nodes,
-            "batch_size": 256,
+            "batch_size": CloudConfig().batch_size,
+            "baseline_batch": 256,
             "signals": 6,
             "sqlite": "WAL, synchronous=FULL, one transaction per batch",
             "counters": stats["counters"],
