@@ -340,7 +340,7 @@ class Buffer:
                     feedback=[(a, b, c) for a, b, c, _ in fb],
                     k=self.k,
                 )
-                agg = suppress(agg) if n < self.k else await self._privatize(agg, now)
+                agg = suppress(agg) if n < self.k else await self._privatize(agg, info, now)
                 agg = msgspec.structs.replace(
                     agg,
                     dropped_inferences=int(self._state["carry_inferences"]),
@@ -365,7 +365,7 @@ class Buffer:
             self._notify()
         return made
 
-    async def _privatize(self, agg: TelemetryAggregate, now: float) -> TelemetryAggregate:
+    async def _privatize(self, agg: TelemetryAggregate, info: ModelInfo, now: float) -> TelemetryAggregate:
         eps = self.dp_epsilon
         if eps is None:
             return agg
@@ -376,7 +376,7 @@ class Buffer:
             log.warning("dp_budget_spent", spent=spent, budget=self.dp_budget, seq=agg.seq)
             return suppress(agg)
         await self.db.execute("INSERT INTO dp_ledger(seq, epsilon, t) VALUES (?,?,?)", (agg.seq, eps, now))
-        return add_noise(agg, eps, self._rng)
+        return add_noise(agg, eps, self._rng, info.labels)
 
     async def dp_spent(self) -> float:
         async with self.db.execute("SELECT coalesce(sum(epsilon), 0) FROM dp_ledger") as cur:

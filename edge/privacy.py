@@ -104,9 +104,13 @@ def two_sided_geometric(rng: np.random.Generator, alpha: float, size: int) -> li
     return [int(x) for x in a - b]
 
 
-def add_noise(agg: TelemetryAggregate, epsilon: float, rng: np.random.Generator) -> TelemetryAggregate:
-    """A copy of ``agg`` with geometric noise on every published count and its ``privacy``
-    stating it. Noised counts may be negative: clamping would bias every sum the cloud makes."""
+def add_noise(
+    agg: TelemetryAggregate, epsilon: float, rng: np.random.Generator, labels: Sequence[str]
+) -> TelemetryAggregate:
+    """A copy of ``agg`` with geometric noise on every count it could publish — every label's
+    class count and every (true, predicted) feedback cell over the model's ``labels``, even
+    those that are 0, since leaving zeros out would reveal them — and ``privacy`` stating
+    it. Noised counts may be negative: clamping would bias every sum the cloud makes."""
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     alpha = math.exp(-epsilon / SENSITIVITY)
@@ -115,17 +119,17 @@ def add_noise(agg: TelemetryAggregate, epsilon: float, rng: np.random.Generator)
         noise = two_sided_geometric(rng, alpha, len(h.counts))
         return Histogram(edges=list(h.edges), counts=[c + n for c, n in zip(h.counts, noise, strict=True)])
 
-    labels = sorted(agg.class_counts)
-    class_noise = two_sided_geometric(rng, alpha, len(labels))
+    names = sorted(set(labels) | set(agg.class_counts))
+    class_noise = two_sided_geometric(rng, alpha, len(names))
     feedback: dict[str, dict[str, int]] = {}
-    for true in sorted(agg.feedback):
-        row = agg.feedback[true]
-        cells = sorted(row)
+    for true in sorted(set(names) | set(agg.feedback)):
+        row = agg.feedback.get(true, {})
+        cells = sorted(set(names) | set(row))
         noise = two_sided_geometric(rng, alpha, len(cells))
-        feedback[true] = {c: row[c] + n for c, n in zip(cells, noise, strict=True)}
+        feedback[true] = {c: row.get(c, 0) + n for c, n in zip(cells, noise, strict=True)}
     return msgspec.structs.replace(
         agg,
-        class_counts={lb: agg.class_counts[lb] + n for lb, n in zip(labels, class_noise, strict=True)},
+        class_counts={lb: agg.class_counts.get(lb, 0) + n for lb, n in zip(names, class_noise, strict=True)},
         confidence=noisy(agg.confidence),
         input_length=noisy(agg.input_length),
         latency_ms=noisy(agg.latency_ms),

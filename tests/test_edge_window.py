@@ -203,12 +203,15 @@ def test_geometric_noise_is_integer_centred_and_scaled() -> None:
 
 def test_noise_keeps_exact_count_and_states_the_mechanism() -> None:
     a = agg(1, [(0, 1, 1, 1, 0, 30), (1, 2, 0, 0, 0, 20)], [("a", "b", 2)])
-    noisy = add_noise(a, 1.0, np.random.default_rng(3))
+    noisy = add_noise(a, 1.0, np.random.default_rng(3), INFO.labels)
     assert noisy.count == a.count
     assert noisy.errors == a.errors
     assert noisy.privacy == Privacy(k=1, epsilon=1.0, mechanism="geometric")
     assert noisy.confidence.edges == a.confidence.edges
-    assert set(noisy.class_counts) == set(a.class_counts)
+    # every label and feedback cell is published, zeros included (absent keys would tell)
+    assert set(noisy.class_counts) == {"a", "b", "c"}
+    assert set(noisy.feedback) == {"a", "b", "c"}
+    assert all(set(row) == {"a", "b", "c"} for row in noisy.feedback.values())
     hidden = suppress(a)
     assert hidden.count == a.count
     assert hidden.class_counts == {}
