@@ -195,7 +195,13 @@ def cloud(
             key = load_cloud_key(key_path)
 
             async def run_recalibration(js: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-                loop = RecalibrationLoop(js, key, policy=recalibrate, rollout=config.rollout.config(), url=nats_url)  # type: ignore[arg-type]
+                loop = RecalibrationLoop(
+                    js,
+                    key,
+                    policy=recalibrate,  # type: ignore[arg-type]  # click.Choice checked it
+                    rollout=config.rollout.config(),
+                    url=nats_url,
+                )
                 await run_loop(js, loop, task_status=task_status)
 
             extra.append(run_recalibration)

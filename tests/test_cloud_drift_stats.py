@@ -129,7 +129,7 @@ def _run_fleet(
     model = ModelRef(name="kw", version=1)
     det.add_group("f", model, make_manifest())
     sizes = rng.choice([150, 300, 600], size=nodes)
-    found = []
+    found: list[tuple[int, str, str | None, str]] = []
     for w in range(1, windows + 1):
         prior = [0.43, 0.3, 0.27] if shift_at is not None and w >= shift_at else PRIOR
         for i in range(nodes):

@@ -163,7 +163,7 @@ async def test_malformed_messages_are_deadlettered_and_the_service_keeps_going(
         await publish(js, good[1])
         await wait_until(lambda: _applied(svc, fleet) == 2, 20, what="good ones applied")
         await wait_until(lambda: svc.statistics()["counters"].get("deadlettered", 0) == 3, 20, what="3 dead")
-    reasons = {}
+    reasons: dict[str, tuple[str, str]] = {}
     with anyio.fail_after(10):
         while len(reasons) < 3:
             msg = await dl.next_msg(timeout=5)

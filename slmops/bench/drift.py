@@ -1,7 +1,8 @@
 """``slmops bench drift``: detection quality on synthetic fleets, beside established rules.
 
-Fleets of 200 nodes (20 with ``--quick``, figures not representative), each with its own class mix (Dirichlet around the
-fleet's) and window size (100..2000 inferences), send aggregates built exactly as an edge does.
+Fleets of 200 nodes (20 with ``--quick``, figures not representative), each with its own class
+mix (Dirichlet around the fleet's) and window size (100..2000 inferences), send aggregates built
+exactly as an edge does.
 The project is ``cloud.drift.DriftDetector`` (the service's detector, in memory). On the very
 same windows run, side by side:
 
