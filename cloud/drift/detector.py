@@ -210,17 +210,28 @@ class DriftDetector:
         min_count = self._cfg.min_count
         start, end = agg.window_start, agg.window_end
         for signal, (counts, noise) in extract(agg, g.labels, g.edges).items():
+            total = sum(counts)
             racc = g.round.get(signal)
             if racc is None:
-                racc = g.round[signal] = Acc.empty(len(counts))
-            racc.add(counts, noise, start, end)
+                g.round[signal] = Acc(
+                    counts=list(counts), total=total, noise=noise, windows=1, start=start, end=end
+                )
+            else:  # Acc.add inlined: this runs 6 times per aggregate
+                racc.counts = [a + b for a, b in zip(racc.counts, counts, strict=True)]
+                racc.total += total
+                racc.noise += noise
+                racc.windows += 1
+                if racc.start is None or start < racc.start:
+                    racc.start = start
+                if racc.end is None or end > racc.end:
+                    racc.end = end
             acc = unit.acc.pop(signal, None)
             if acc is None:
                 # Hot path: most windows are big enough to be tested on their own.
-                acc = Acc(counts=counts, total=sum(counts), noise=noise, windows=1, start=start, end=end)
+                acc = Acc(counts=counts, total=total, noise=noise, windows=1, start=start, end=end)
             else:
                 acc.add(counts, noise, start, end)
-            if acc.n < min_count:
+            if acc.total < min_count:
                 unit.acc[signal] = acc  # carried into the node's next window
                 continue
             ref = unit.refs.get(signal)
@@ -247,21 +258,31 @@ class DriftDetector:
             unit.refs[signal] = SignalRef(probs=normalise(warm.counts), n_ref=warm.n, source="node_baseline")
             del unit.warm[signal]
 
-    def _step(self, us: UnitSig, signal: str, ref: SignalRef, acc: Acc) -> None:
-        z, effect = window_test(acc.counts, ref.probs, ref.n_ref, acc.noise, upper_cell=ONE_SIDED.get(signal))
+    def _step(self, us: UnitSig, signal: str, ref: SignalRef, acc: Acc, *, fleet: bool = False) -> None:
+        """One tested window into the unit's CUSUM. A window is *quiet* (towards resolving)
+        when its z is below ``quiet_z``; for the fleet also when its effect net of noise is
+        below half the minimum (a pooled window is so large that z alone never calms down
+        against a reference that differs a little)."""
+        cfg = self._cfg
+        z, _ = window_test(
+            acc.counts, ref.probs, ref.n_ref, acc.noise, upper_cell=ONE_SIDED.get(signal), want_effect=False
+        )
+        effect = self._effect(acc.counts, ref) if fleet else 0.0
         was_zero = us.s <= 0
-        us.s = max(0.0, us.s + z - self._cfg.cusum_allowance)
-        if us.s > 0 or us.open:
-            # ``acc`` is handed over: the caller replaces it with a fresh one after the test.
+        s = us.s + z - cfg.cusum_allowance
+        us.s = s if s > 0 else 0.0
+        if s > 0 or us.open:
+            # ``acc`` is handed over (the caller never touches it again, and Acc.add/merge
+            # build new lists), so it can become the run without a copy.
             if was_zero or us.run is None:
-                us.run = acc.copy()
+                us.run = acc
             else:
                 us.run.merge(acc)
         else:
             us.run = None
-        quiet = z < self._cfg.quiet_z or effect < self._cfg.min_effect / 2
+        quiet = z < cfg.quiet_z or (fleet and effect < cfg.min_effect / 2)
         us.quiet = us.quiet + 1 if quiet else 0
-        us.last = acc.counts  # Acc.add/merge build new lists, never mutate this one
+        us.last = acc.counts
         us.last_n = acc.n
         us.last_noise = acc.noise
         us.last_effect = effect
@@ -276,7 +297,7 @@ class DriftDetector:
                     us = g.fleet_sig.get(signal)
                     if us is None:
                         us = g.fleet_sig[signal] = UnitSig()
-                    self._step(us, signal, ref, acc)
+                    self._step(us, signal, ref, acc, fleet=True)
             else:
                 warm = g.warm.get(signal)
                 if warm is None or len(warm.counts) != len(acc.counts):

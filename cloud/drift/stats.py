@@ -93,8 +93,10 @@ def window_test(
     noise_var: float = 0.0,
     *,
     upper_cell: int | None = None,
+    want_effect: bool = True,
 ) -> tuple[float, float]:
-    """``(z, effect)`` of one window's ``counts`` against reference ``probs``.
+    """``(z, effect)`` of one window's ``counts`` against reference ``probs``
+    (``effect`` is 0.0 when not ``want_effect``, which saves a third of the work).
 
     ``z`` is ~N(0, 1) under the null, large when the window differs. ``upper_cell`` makes the
     test one-sided for two-cell signals: only a rise of that cell's share counts as evidence (a
@@ -113,11 +115,16 @@ def window_test(
     stat = 0.0
     tv = 0.0
     inv_n = 1.0 / n
-    for c, p in zip(counts, probs, strict=True):
-        d = c - n * p
-        stat += d * d / (p * inflate + noise_var)
-        share = c * inv_n if c > 0 else 0.0
-        tv += share - p if share > p else p - share
+    if want_effect:
+        for c, p in zip(counts, probs, strict=True):
+            d = c - n * p
+            stat += d * d / (p * inflate + noise_var)
+            share = c * inv_n if c > 0 else 0.0
+            tv += share - p if share > p else p - share
+    else:
+        for c, p in zip(counts, probs, strict=True):
+            d = c - n * p
+            stat += d * d / (p * inflate + noise_var)
     z = wilson_hilferty_z(stat, len(counts) - 1)
     if upper_cell is not None and counts[upper_cell] < n * probs[upper_cell]:
         z = -abs(z)
