@@ -36,20 +36,33 @@ FENCE = 0.6
 _ERR_STREAM_NAME_IN_USE = 10058
 
 
-async def ensure_leases_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
-    """The leases bucket, created with ``ttl`` if missing (an existing one is kept as is)."""
+async def ensure_leases_bucket(js: JetStreamContext, ttl: float) -> tuple[KeyValue, float]:
+    """The leases bucket, created with ``ttl`` if missing (an existing one is kept as is), and
+    the TTL it really has: that one, not ours, decides when an unrenewed lease vanishes, so
+    the caller must renew and fence by it."""
     try:
-        return await js.key_value(LEASES_BUCKET)
+        kv = await js.key_value(LEASES_BUCKET)
     except js_errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(
-            js_api.KeyValueConfig(bucket=LEASES_BUCKET, history=1, ttl=ttl, storage=js_api.StorageType.FILE)
+        try:
+            kv = await js.create_key_value(
+                js_api.KeyValueConfig(
+                    bucket=LEASES_BUCKET, history=1, ttl=ttl, storage=js_api.StorageType.FILE
+                )
+            )
+        except js_errors.APIError as exc:
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                raise
+            kv = await js.key_value(LEASES_BUCKET)
+    info = await js.stream_info(f"KV_{LEASES_BUCKET}")
+    actual = info.config.max_age or 0.0
+    if actual <= 0:
+        log.warning("lease_bucket_without_ttl", bucket=LEASES_BUCKET, note="a crashed holder keeps the lease")
+        return kv, ttl
+    if abs(actual - ttl) > 1e-3:
+        log.warning(
+            "lease_ttl_differs", bucket=LEASES_BUCKET, configured=ttl, bucket_ttl=actual, using=actual
         )
-    except js_errors.APIError as exc:
-        if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-            raise
-        return await js.key_value(LEASES_BUCKET)
+    return kv, float(actual)
 
 
 class Lease:

@@ -167,9 +167,9 @@ class CloudService:
         await self._link.wait_online()
         js = self._link.js
         await ensure_resources(js)
-        leases = await ensure_leases_bucket(js, self.config.lease_ttl)
+        leases, ttl = await ensure_leases_bucket(js, self.config.lease_ttl)
         fleet_kv = await ensure_fleet_bucket(js)
-        lease = Lease(leases, self.lease_key, self.holder, self.config.lease_ttl)
+        lease = Lease(leases, self.lease_key, self.holder, ttl)
         while True:
             await lease.acquire()
             self.takeovers += 1
