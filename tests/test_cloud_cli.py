@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import anyio.abc
+import nats
 import numpy as np
 import pytest
 from _cloud_util import PRIOR, cloud_config, make_aggregate, make_manifest, publish, put_manifest
 from nats.js import JetStreamContext
 
 from _nats import wait_until
+from cloud.query import fleet_status
 from cloud.service import CloudService
 from shared.server import EmbeddedServer
 
@@ -126,3 +130,59 @@ async def test_cloud_command_rejects_a_bad_fleet_id_naming_it() -> None:
     proc = await anyio.run_process([*SLMOPS, "cloud", "--fleet", "bad.fleet"], check=False)
     assert proc.returncode == 2
     assert b"bad.fleet" in proc.stderr
+
+
+async def test_cloud_killed_mid_stream_restarts_without_losing_or_double_counting(
+    private_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """`slmops cloud` is SIGKILLed while aggregates stream in (small batches, so it dies
+    between commits and acks); a restart on the same state counts every aggregate once."""
+    fleet = "crash"
+    config = tmp_path / "cloud.toml"
+    config.write_text("ack_wait = 2.0\nlease_ttl = 2.0\nbatch_size = 8\nfetch_timeout = 0.2\n")
+    argv = [*SLMOPS, "--log-json", "cloud", "--nats", private_server.url, "--state", str(tmp_path / "state"),
+            "--fleet", fleet, "--no-rollouts", "--config", str(config)]  # fmt: skip
+    rng = np.random.default_rng(21)
+    aggs = [make_aggregate(fleet, node, s, 50 + s, rng) for s in range(1, 41) for node in ("a", "b", "c")]
+    nc = await nats.connect(private_server.url)
+    js = nc.jetstream()
+
+    async def counted() -> int:
+        nodes = await fleet_status(nc, fleet)
+        return sum(n.aggregates for n in nodes)
+
+    async def started(proc: anyio.abc.Process) -> None:
+        assert proc.stderr is not None
+        seen = b""
+        while b"cloud_active" not in seen:
+            seen += await proc.stderr.receive()
+
+    try:
+        with anyio.fail_after(90):
+            async with await anyio.open_process(argv) as first:
+                await started(first)
+                for agg in aggs[:60]:
+                    await publish(js, agg)
+                await wait_until(_at_least(counted, 20), 20, what="some applied")
+                first.kill()  # SIGKILL: no drain, no lease release, batches half done
+                await first.wait()
+            for agg in aggs[60:]:
+                await publish(js, agg)
+            async with await anyio.open_process(argv) as second:
+                await started(second)
+                await wait_until(_at_least(counted, len(aggs)), 40, what="all counted after restart")
+                nodes = await fleet_status(nc, fleet)
+                second.send_signal(signal.SIGTERM)
+                assert await second.wait() == 0
+    finally:
+        await nc.close()
+    assert sum(n.aggregates for n in nodes) == len(aggs)
+    assert sum(n.inferences for n in nodes) == sum(a.count for a in aggs)
+    assert all(n.seq_high == 40 and n.missing_seqs == 0 for n in nodes)
+
+
+def _at_least(counter: Callable[[], Awaitable[int]], target: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await counter() >= target
+
+    return check
