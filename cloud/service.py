@@ -26,6 +26,7 @@ Resources beyond DESIGN §3 (``slmops_leases``, ``slmops_fleet``) are created id
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import uuid
@@ -56,13 +57,24 @@ from .snapshot import SnapshotWriter, ensure_fleet_bucket
 from .state import NodeState, StateStore
 from .status import StatusIngest
 
-__all__ = ["ActiveTask", "CloudService"]
+__all__ = ["ActiveTask", "CloudService", "tune_gc"]
 
 #: ``await task(js, task_status=...)``: extra work that must run only in the active instance
 #: (e.g. the recalibration loop); started after the consumers, cancelled on losing the lease.
 ActiveTask = Callable[..., Coroutine[Any, Any, None]]
 
 log = structlog.get_logger(__name__)
+
+
+def tune_gc() -> None:
+    """Tune the cyclic garbage collector for an ingest process (call once, from the command).
+
+    Ingest allocates many short-lived objects per aggregate (decoded Structs, count lists);
+    with the default gen-0 threshold of 700 the collector ran every few aggregates and took
+    10-20% of the time (`slmops bench ingest`: 207 → 170 µs per aggregate at 100,000). Cycles
+    are rare here, so collecting less often costs little memory.
+    """
+    gc.set_threshold(100_000, 20, 50)
 
 
 def _utcnow() -> datetime:

@@ -179,7 +179,9 @@ def cloud(
         raise click.UsageError("--recalibrate suggest/auto needs --key (the cloud's signing key)")
 
     async def main() -> int:
-        from cloud.service import ActiveTask, CloudService
+        from cloud.service import ActiveTask, CloudService, tune_gc
+
+        tune_gc()
 
         extra: list[ActiveTask] = []
         if rollouts:

@@ -22,7 +22,7 @@ import nats
 from nats.js import JetStreamContext
 
 from cloud.config import CloudConfig
-from cloud.service import CloudService
+from cloud.service import CloudService, tune_gc
 from shared.messages import encode_json, encode_telemetry
 from shared.names import MODELS_MANIFEST_BUCKET, TELEMETRY_STREAM, manifest_key, msg_id, telemetry_subject
 from shared.provision import ensure_resources
@@ -107,6 +107,7 @@ async def _project(
 
 
 async def run(quick: bool = False) -> list[dict[str, object]]:
+    tune_gc()  # as `slmops cloud` does; the bare baseline runs in the same process with it
     nodes = 50 if quick else 200
     # Past the node baselines (20 tested windows), so every calibration is made before timing.
     warm_windows = 24
