@@ -142,6 +142,7 @@ class EdgeNode:
             self.buffer,
             self.link,
             subject=telemetry_subject(config.fleet, config.node),
+            fleet=config.fleet,
             node=config.node,
             max_in_flight=config.max_in_flight,
             timeout=config.publish_timeout,

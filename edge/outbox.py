@@ -1,6 +1,7 @@
 """Store-and-forward: publish the outbox to JetStream while the link is online (DESIGN §5).
 
-Each aggregate goes out with ``Nats-Msg-Id = <node>:<seq>`` and leaves the outbox only after
+Each aggregate goes out with ``Nats-Msg-Id = <fleet>/<node>:<seq>`` (``shared.names.msg_id``;
+the fleet keeps two fleets' ``n1`` apart in the one stream) and leaves the outbox only after
 its PubAck. Rows are marked "attempted" (committed) before the first send, so compaction never
 renumbers a ``seq`` the server may already hold (a ghost write of a timed-out publish).
 
@@ -43,6 +44,7 @@ class Publisher:
         link: Link,
         *,
         subject: str,
+        fleet: str,
         node: str,
         max_in_flight: int,
         timeout: float,
@@ -53,6 +55,7 @@ class Publisher:
         self.buffer = buffer
         self.link = link
         self.subject = subject
+        self.fleet = fleet
         self.node = node
         self.max_in_flight = max_in_flight
         self.timeout = timeout
@@ -113,7 +116,7 @@ class Publisher:
                     self.subject,
                     payload,
                     timeout=self.timeout,
-                    headers={"Nats-Msg-Id": msg_id(self.node, seq)},
+                    headers={"Nats-Msg-Id": msg_id(self.node, seq, fleet=self.fleet)},
                 )
         except (NatsUnavailable, nats.errors.Error, TimeoutError, OSError) as exc:
             results[seq] = f"seq {seq}: {type(exc).__name__}: {exc}"

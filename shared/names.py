@@ -101,9 +101,12 @@ def manifest_key(model: str, version: int, variant: str) -> str:
     return f"{name}.{int(version)}.{validate_id(variant, 'variant')}"
 
 
-def msg_id(node: str, seq: int) -> str:
-    """The ``Nats-Msg-Id`` of a telemetry aggregate: ``<node>:<seq>``."""
-    return f"{node}:{seq}"
+def msg_id(node: str, seq: int, fleet: str | None = None) -> str:
+    """The ``Nats-Msg-Id`` of a telemetry aggregate: ``<node>:<seq>``, or with ``fleet``
+    ``<fleet>/<node>:<seq>``. Nodes publish the fleet form: the server dedupes per stream, and
+    SLMOPS_TELEMETRY holds every fleet, so two fleets' ``n1:1`` inside the duplicate window
+    would otherwise make the server drop the second as a duplicate."""
+    return f"{node}:{seq}" if fleet is None else f"{fleet}/{node}:{seq}"
 
 
 def inbox_prefix(node: str | None) -> str:

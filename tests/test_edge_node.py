@@ -211,3 +211,29 @@ async def test_server_restart_loses_and_duplicates_nothing_and_dp_is_stated(
     assert total == n
     assert all(a.privacy.mechanism == "geometric" and a.privacy.epsilon == 2.0 for a in aggs)
     assert all(a.privacy.k == 5 and a.count >= 5 for a in aggs)
+
+
+@pytest.mark.anyio
+async def test_same_node_id_in_two_fleets_is_not_deduplicated_away(
+    tmp_path: Path, keys: Keys, nats_server: EmbeddedServer
+) -> None:
+    """Node ids are unique per fleet only: ``n1`` of two fleets publishing seq 1 within the
+    server's duplicate window must both be stored (the Nats-Msg-Id carries the fleet)."""
+    from _nats import new_fleet
+
+    fleets = [new_fleet(), new_fleet()]
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_resources(js)
+    try:
+        for i, f in enumerate(fleets):
+            cfg = edge_config(tmp_path / f, keys, fleet=f, url=nats_server.url, model=keys.bundle().path)
+            async with EdgeNode(cfg) as node:
+                await node.link.wait_online(timeout=10)
+                await node.predict(["alpha"] * (i + 1))
+                await wait_drained(node)
+        for i, f in enumerate(fleets):
+            aggs = await read_telemetry(js, f)
+            assert [(a.node, a.seq, a.count) for a in aggs] == [("n1", 1, i + 1)]
+    finally:
+        await nc.close()
