@@ -119,12 +119,19 @@ def _shifted_prior(mix: np.ndarray, points: float) -> np.ndarray:
 
 
 def _trial(
-    kind: str, magnitude: float, fraction: float, seed: int, nodes: int, windows: int, pre: int
+    kind: str,
+    magnitude: float,
+    fraction: float,
+    seed: int,
+    nodes: int,
+    windows: int,
+    pre: int,
+    config: DriftConfig | None = None,
 ) -> _Trial:
     # One fleet name for every trial: calibrations are cached per (fleet, model, signal, size),
     # so trials share them instead of re-simulating (the seed still changes the traffic).
     fleet = SyntheticFleet("bench", nodes, seed)
-    det = DriftDetector(DriftConfig(), clock=lambda: datetime.now(UTC))
+    det = DriftDetector(config or DriftConfig(), clock=lambda: datetime.now(UTC))
     manifest = manifest_for()
     det.add_group(fleet.fleet, MODEL, manifest)
     group = next(iter(det.groups.values()))
@@ -201,10 +208,12 @@ def _run_sync(quick: bool) -> list[dict[str, object]]:
     nodes = 20 if quick else 200
     trials = 1 if quick else 5
     stationary_windows = 40 if quick else 250
+    # Quick: coarser calibrations (50k simulated windows instead of 200k), for speed only.
+    config = DriftConfig(calibration_windows=50_000) if quick else DriftConfig()
     results: list[dict[str, object]] = []
 
     stationary = [
-        _trial("none", 0, 1, 100 + s, nodes, stationary_windows, stationary_windows)
+        _trial("none", 0, 1, 100 + s, nodes, stationary_windows, stationary_windows, config)
         for s in range(1 if quick else 2)
     ]
     fp = _false_per_10k(stationary, stationary_windows)
@@ -234,7 +243,7 @@ def _run_sync(quick: bool) -> list[dict[str, object]]:
     ]
     for name, kind, magnitude, fraction, signal in scenarios:
         runs = [
-            _trial(kind, magnitude, fraction, 1000 * i + len(name), nodes, _PRE + _POST, _PRE)
+            _trial(kind, magnitude, fraction, 1000 * i + len(name), nodes, _PRE + _POST, _PRE, config)
             for i in range(trials)
         ]
         d = _delays(runs, signal, [], fraction < 1)

@@ -21,7 +21,7 @@ import anyio
 import nats
 from nats.js import JetStreamContext
 
-from cloud.config import CloudConfig
+from cloud.config import CloudConfig, DriftConfig
 from cloud.service import CloudService, tune_gc
 from shared.messages import encode_json, encode_telemetry
 from shared.names import MODELS_MANIFEST_BUCKET, TELEMETRY_STREAM, manifest_key, msg_id, telemetry_subject
@@ -77,9 +77,17 @@ async def _project(
     state: str,
     warm_msgs: list[tuple[str, bytes, str]],
     timed_msgs: list[tuple[str, bytes, str]],
+    quick: bool,
 ) -> tuple[float, dict[str, Any]]:
     warm, total = len(warm_msgs), len(warm_msgs) + len(timed_msgs)
-    config = CloudConfig(nats_url=url, state_dir=state, fleets=[fleet], snapshot_interval=1.0)
+    config = CloudConfig(
+        nats_url=url,
+        state_dir=state,
+        fleets=[fleet],
+        snapshot_interval=1.0,
+        # Quick: coarser calibrations, for speed only (they are made before the timed part).
+        drift=DriftConfig(calibration_windows=50_000) if quick else DriftConfig(),
+    )
 
     def applied(svc: CloudService) -> int:
         return sum(n.aggregates for n in svc.nodes.values())
@@ -108,7 +116,7 @@ async def _project(
 
 async def run(quick: bool = False) -> list[dict[str, object]]:
     tune_gc()  # as `slmops cloud` does; the bare baseline runs in the same process with it
-    nodes = 50 if quick else 200
+    nodes = 20 if quick else 200
     # Past the node baselines (20 tested windows), so every calibration is made before timing.
     warm_windows = 24
     windows = 44 if quick else 124
@@ -129,7 +137,9 @@ async def run(quick: bool = False) -> list[dict[str, object]]:
             await _publish_all(js, bare_msgs)
             baseline = await _bare(js, "bench_b", len(bare_msgs))
             with tempfile.TemporaryDirectory(prefix="slmops-bench-ingest-") as state:
-                project, stats = await _project(server.url, js, "bench_p", state, warm_msgs, timed_msgs)
+                project, stats = await _project(
+                    server.url, js, "bench_p", state, warm_msgs, timed_msgs, quick
+                )
         finally:
             await nc.close()
     return [
