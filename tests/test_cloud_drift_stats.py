@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import numpy as np
 import pytest
 from _cloud_util import LABELS, PRIOR, make_aggregate, make_manifest
@@ -14,7 +15,7 @@ from cloud.drift import DriftDetector, benjamini_hochberg, calibrate, window_tes
 from cloud.drift.calibrate import simulate_z
 from cloud.drift.labelshift import bbse_priors, confusion_matrix, em_priors, expected_accuracy
 from cloud.drift.stats import geometric_noise_var, normalise
-from shared.messages import ModelRef
+from shared.messages import ModelRef, TelemetryAggregate
 
 
 def _null_levels(probs: list[float], n: int, seed: int, length: int = 2000, streams: int = 300) -> np.ndarray:
@@ -150,3 +151,27 @@ def test_detector_opens_a_fleet_event_within_three_windows_of_a_7_point_shift() 
     w, signal, node = opened[0]
     assert (signal, node) == ("class_prior", None)
     assert 20 <= w <= 23
+
+
+def test_accuracy_from_app_feedback_opens_an_event_only_when_it_falls() -> None:
+    """Feedback (true -> predicted counts) is the accuracy signal, tested one-sided against
+    the manifest's accuracy (0.9): a rise to 0.97 opens nothing, a fall to 0.75 opens."""
+    rng = np.random.default_rng(8)
+    det = DriftDetector(DriftConfig(calibration_windows=50_000), clock=lambda: datetime.now(UTC))
+    det.add_group("f", ModelRef(name="kw", version=1), make_manifest())
+
+    def with_feedback(agg: TelemetryAggregate, accuracy: float) -> TelemetryAggregate:
+        right = int(rng.binomial(200, accuracy))
+        feedback = {"alpha": {"alpha": right, "beta": 200 - right}}
+        return msgspec.structs.replace(agg, feedback=feedback)
+
+    opened = []
+    for w in range(1, 41):
+        accuracy = 0.97 if w <= 20 else 0.75
+        for i in range(6):
+            agg = with_feedback(make_aggregate("f", f"n{i}", w, 200, rng), accuracy)
+            opened += [(w, e.signal, e.node) for e in det.observe(agg) if e.state == "opened"]
+    accuracy_events = [(w, node) for w, signal, node in opened if signal == "accuracy"]
+    assert accuracy_events, opened
+    assert all(w > 20 for w, _ in accuracy_events)
+    assert accuracy_events[0][1] is None  # the fleet-wide test sees it first
