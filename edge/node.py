@@ -6,7 +6,9 @@ status and (optionally) the HTTP API — as one async context manager owning one
 
 Entering returns once the buffer is open and the cached (or ``config.model``) model is
 loaded; it never waits for the network. A crash in a background task is logged with its
-context and the task restarted with backoff; a task that keeps crashing stops the node (the
+context and the task restarted with backoff; a network-side task (publisher, status, refresh,
+safety) is restarted for as long as the node runs, while an essential one (writer, batcher,
+windower) that keeps crashing stops the node (the
 error comes out of the ``async with``).
 
 When is telemetry durable? With ``durable_ack`` (the default) ``predict`` returns — and the
@@ -57,9 +59,15 @@ from shared.names import status_subject, telemetry_subject
 
 __all__ = ["EdgeNode", "PredictionOut"]
 
-#: A task that crashed this many times within ``_CRASH_WINDOW`` seconds stops the node.
+#: An essential task that crashed this many times within ``_CRASH_WINDOW`` seconds stops
+#: the node: without its writer, batcher or windower it cannot keep its promises.
 _MAX_CRASHES = 5
 _CRASH_WINDOW = 60.0
+#: Tasks that only talk to the network (or watch health) never stop the node: inference goes
+#: on offline, so a refused permission or a broken server must not take answers down. They
+#: restart with backoff up to this many seconds, for as long as the node runs.
+_OPTIONAL_TASKS = frozenset({"publisher", "status", "refresh", "safety"})
+_OPTIONAL_MAX_DELAY = 60.0
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -262,14 +270,14 @@ class EdgeNode:
                 now = time.monotonic()
                 crashes = [t for t in crashes if now - t < _CRASH_WINDOW] + [now]
                 self.last_error = f"{name}: {type(exc).__name__}: {exc}"
-                if len(crashes) >= _MAX_CRASHES:
+                if len(crashes) >= _MAX_CRASHES and name not in _OPTIONAL_TASKS:
                     self.log.error(
                         "task_failed_stopping_node", task=name, crashes=len(crashes), exc_info=True
                     )
                     raise
                 self.log.error("task_crashed", task=name, restart_in=delay, exc_info=True)
             await anyio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, _OPTIONAL_MAX_DELAY if name in _OPTIONAL_TASKS else 10.0)
 
     # -- models -----------------------------------------------------------------------------
 

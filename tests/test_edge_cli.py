@@ -112,6 +112,28 @@ async def test_a_crashing_task_is_restarted_then_stops_the_node(tmp_path: Path, 
 
 
 @pytest.mark.anyio
+async def test_a_network_task_that_keeps_crashing_never_stops_inference(tmp_path: Path, fleet: str) -> None:
+    """A refused permission or a broken server can crash the refresh task again and again:
+    it is restarted past the essential tasks' limit of 5 while the node keeps answering."""
+    calls = 0
+
+    async def refresh_refused() -> None:
+        nonlocal calls
+        calls += 1
+        raise PermissionError("permissions violation for subscription")
+
+    keys = Keys(tmp_path / "k")
+    async with EdgeNode(edge_config(tmp_path, keys, fleet=fleet, model=keys.bundle().path)) as node:
+        with anyio.move_on_after(4.5):  # backoff 0.1+0.2+0.4+0.8+1.6+3.2 s: 6 crashes by ~3.1 s
+            await node._supervise("refresh", refresh_refused)
+        assert calls >= 6
+        assert node.last_error is not None
+        assert "PermissionError" in node.last_error
+        answers = await node.predict(["alpha"])
+        assert len(answers) == 1
+
+
+@pytest.mark.anyio
 async def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path, fleet: str) -> None:
     """Two nodes on one data directory would reuse seqs: the second is refused, naming the
     holder; once the first stops, the directory is free again."""
