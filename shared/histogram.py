@@ -30,6 +30,11 @@ def bin_index(edges: Sequence[float], value: float) -> int:
     return 0 if i < 0 else (nbins - 1 if i >= nbins else i)
 
 
+#: Edges tuples already checked (valid ones only); bounded by ``_VALID_EDGES_MAX``.
+_VALID_EDGES: set[tuple[float, ...]] = set()
+_VALID_EDGES_MAX = 256
+
+
 class Histogram(msgspec.Struct, kw_only=True):
     """Counts over ``len(edges) - 1`` bins. Counts are integers (DP noise is integer too)."""
 
@@ -37,10 +42,17 @@ class Histogram(msgspec.Struct, kw_only=True):
     counts: list[int]
 
     def __post_init__(self) -> None:
-        if len(self.edges) < 2:
-            raise ValueError(f"a histogram needs at least 2 edges, got {self.edges!r}")
-        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
-            raise ValueError(f"histogram edges must increase strictly, got {self.edges!r}")
+        # Runs on every decode (3 histograms per telemetry aggregate, the cloud's hot path):
+        # edges are checked once per distinct edges tuple, the count length every time.
+        key = tuple(self.edges)
+        if key not in _VALID_EDGES:
+            if len(self.edges) < 2:
+                raise ValueError(f"a histogram needs at least 2 edges, got {self.edges!r}")
+            if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+                raise ValueError(f"histogram edges must increase strictly, got {self.edges!r}")
+            if len(_VALID_EDGES) >= _VALID_EDGES_MAX:
+                _VALID_EDGES.clear()  # bounded: arbitrary edges from outside cannot grow it
+            _VALID_EDGES.add(key)
         if len(self.counts) != len(self.edges) - 1:
             raise ValueError(
                 f"histogram with {len(self.edges)} edges needs {len(self.edges) - 1} counts, "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shared import histogram as histogram_module
 from shared.histogram import Histogram, HistogramMismatch
 
 EDGES = [0.0, 1.0, 2.5, 10.0]
@@ -57,6 +59,23 @@ def test_invalid_histograms_are_rejected_naming_the_rule(
 ) -> None:
     with pytest.raises(ValueError, match=rule):
         Histogram(edges=edges, counts=counts)
+
+
+def test_edges_checked_once_still_reject_bad_ones_on_every_decode() -> None:
+    """The per-edges-tuple check cache holds valid edges only and stays bounded: bad edges
+    fail every time (decoded or built), valid ones keep checking the count length."""
+    good = msgspec.msgpack.encode(Histogram(edges=EDGES, counts=[1, 2, 3]))
+    assert msgspec.msgpack.decode(good, type=Histogram).counts == [1, 2, 3]
+    bad = msgspec.msgpack.encode({"edges": [0.0, 2.0, 1.0], "counts": [1, 2]})
+    for _ in range(2):
+        with pytest.raises(msgspec.ValidationError, match="increase strictly"):
+            msgspec.msgpack.decode(bad, type=Histogram)
+    short = msgspec.msgpack.encode({"edges": EDGES, "counts": [1]})
+    with pytest.raises(msgspec.ValidationError, match="needs 3"):
+        msgspec.msgpack.decode(short, type=Histogram)
+    for i in range(2 * histogram_module._VALID_EDGES_MAX):
+        Histogram.empty([0.0, float(i + 1)])
+    assert len(histogram_module._VALID_EDGES) <= histogram_module._VALID_EDGES_MAX
 
 
 def test_quantile_interpolates_inside_the_bin() -> None:
