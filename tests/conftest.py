@@ -7,10 +7,10 @@ from pathlib import Path
 
 import nats
 import pytest
-from _nats import new_fleet
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from _nats import new_fleet
 from shared.provision import ensure_resources
 from shared.server import EmbeddedServer
 

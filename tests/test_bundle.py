@@ -8,9 +8,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from _models import make_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from _models import make_bundle
 from shared.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,

@@ -6,8 +6,8 @@ import anyio
 import anyio.abc
 import nats
 import pytest
-from _proxy import TcpProxy
 
+from _proxy import TcpProxy
 from shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
