@@ -66,7 +66,17 @@ class Calibration(msgspec.Struct, frozen=True, kw_only=True):
 
 def n_bucket(n: float) -> int:
     """Window sizes are calibrated at powers of two (factor √2 either side is close enough)."""
-    return int(2 ** round(math.log2(max(n, 1.0))))
+    nb = _BUCKETS.get(n)
+    if nb is None:
+        nb = int(2 ** round(math.log2(max(n, 1.0))))
+        if len(_BUCKETS) >= 4096:
+            _BUCKETS.clear()  # bounded; window sizes repeat, so it refills with the common ones
+        _BUCKETS[n] = nb
+    return nb
+
+
+#: Window size -> its bucket: asked for every tested unit × signal of every round.
+_BUCKETS: dict[float, int] = {}
 
 
 def _noise_alpha(noise_var: float) -> float:

@@ -45,7 +45,7 @@ from shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggreg
 from .calibrate import Calibrator, shared_calibrator
 from .labelshift import confusion_matrix, em_priors, expected_accuracy
 from .signals import ONE_SIDED, Acc, SignalRef, extract, manifest_refs, mean_of_histogram
-from .stats import benjamini_hochberg, noise_tv, normalise, total_variation, window_test
+from .stats import benjamini_hochberg, noise_tv, normalise, total_variation, window_z
 
 __all__ = ["DriftDetector", "Group", "NodeUnit", "UnitSig", "group_key"]
 
@@ -152,6 +152,14 @@ class DriftDetector:
         self.units: dict[tuple[str, str], NodeUnit] = {}
         self._dirty_groups: set[str] = set()
         self._dirty_units: set[tuple[str, str]] = set()
+        #: Group key -> set of ``Group.round_nodes`` (rebuilt from the list when missing): the
+        #: round-close check runs per aggregate, a list scan would be O(nodes).
+        self._round_sets: dict[str, set[str]] = {}
+        #: Group key -> signal -> this round's windows not yet added into ``Group.round``
+        #: (counts, noise, start, end), added per batch (``take_dirty``) and at round close:
+        #: one column sum per signal instead of a list sum per aggregate. Integer counts, so the
+        #: sums are exact in any grouping; noise is added in arrival order as before.
+        self._round_pending: dict[str, dict[str, list[tuple[list[float], float, datetime, datetime]]]] = {}
 
     def statistics(self) -> dict[str, int]:
         return {"groups": len(self.groups), "node_units": len(self.units), **self._cal.statistics()}
@@ -159,6 +167,8 @@ class DriftDetector:
     def load(self, groups: list[Group], units: dict[tuple[str, str], NodeUnit]) -> None:
         self.groups = {g.key: g for g in groups}
         self.units = dict(units)
+        self._round_sets = {}
+        self._round_pending = {}
 
     def has_group(self, fleet: str, model: ModelRef) -> bool:
         return group_key(fleet, model) in self.groups
@@ -176,6 +186,8 @@ class DriftDetector:
         )
 
     def take_dirty(self) -> tuple[list[Group], list[tuple[str, str, NodeUnit]]]:
+        for k in self._dirty_groups:
+            self._flush_round(self.groups[k])
         groups = [self.groups[k] for k in self._dirty_groups]
         units = [(k[0], k[1], self.units[k]) for k in self._dirty_units]
         self._dirty_groups.clear()
@@ -189,7 +201,10 @@ class DriftDetector:
         g = self.groups[group_key(agg.fleet, agg.model)]
         self._dirty_groups.add(g.key)
         events: list[DriftEvent] = []
-        if agg.node in g.round_nodes:
+        in_round = self._round_sets.get(g.key)
+        if in_round is None:
+            in_round = self._round_sets[g.key] = set(g.round_nodes)
+        if agg.node in in_round:
             events = self._close_round(g)
         if not g.labels and agg.class_counts:
             g.labels = sorted(agg.class_counts)
@@ -206,25 +221,20 @@ class DriftDetector:
             unit = self.units[ukey] = NodeUnit()
         self._dirty_units.add(ukey)
         g.round_nodes.append(agg.node)
+        in_round.add(agg.node)
         tested = False
         min_count = self._cfg.min_count
         start, end = agg.window_start, agg.window_end
+        pending = self._round_pending.get(g.key)
+        if pending is None:
+            pending = self._round_pending[g.key] = {}
         for signal, (counts, noise) in extract(agg, g.labels, g.edges).items():
             total = sum(counts)
-            racc = g.round.get(signal)
-            if racc is None:
-                g.round[signal] = Acc(
-                    counts=list(counts), total=total, noise=noise, windows=1, start=start, end=end
-                )
-            else:  # Acc.add inlined: this runs 6 times per aggregate
-                racc.counts = [a + b for a, b in zip(racc.counts, counts, strict=True)]
-                racc.total += total
-                racc.noise += noise
-                racc.windows += 1
-                if racc.start is None or start < racc.start:
-                    racc.start = start
-                if racc.end is None or end > racc.end:
-                    racc.end = end
+            waiting = pending.get(signal)
+            if waiting is None:
+                pending[signal] = [(counts, noise, start, end)]
+            else:
+                waiting.append((counts, noise, start, end))
             acc = unit.acc.pop(signal, None)
             if acc is None:
                 # Hot path: most windows are big enough to be tested on their own.
@@ -264,9 +274,7 @@ class DriftDetector:
         below half the minimum (a pooled window is so large that z alone never calms down
         against a reference that differs a little)."""
         cfg = self._cfg
-        z, _ = window_test(
-            acc.counts, ref.probs, ref.n_ref, acc.noise, upper_cell=ONE_SIDED.get(signal), want_effect=False
-        )
+        z = window_z(acc.counts, ref.probs, ref.n_ref, acc.noise, ONE_SIDED.get(signal))
         effect = self._effect(acc.counts, ref) if fleet else 0.0
         was_zero = us.s <= 0
         s = us.s + z - cfg.cusum_allowance
@@ -288,8 +296,39 @@ class DriftDetector:
         us.last_effect = effect
         us.fresh = True
 
+    def _flush_round(self, g: Group) -> None:
+        """Add the round's pending windows into ``g.round`` (see ``_round_pending``)."""
+        pending = self._round_pending.pop(g.key, None)
+        if not pending:
+            return
+        for signal, windows in pending.items():
+            cells = len(windows[0][0])
+            if any(len(w[0]) != cells for w in windows):
+                raise ValueError(f"{signal}: windows of different cell counts in one round")
+            sums = [sum(col) for col in zip(*[w[0] for w in windows], strict=True)]
+            racc = g.round.get(signal)
+            if racc is None:
+                racc = g.round[signal] = Acc(counts=sums, total=sum(sums), windows=0)
+                racc.noise = windows[0][1]
+                rest = windows[1:]
+            else:
+                if len(racc.counts) != cells:
+                    raise ValueError(f"{cells} cells added to an accumulator of {len(racc.counts)}")
+                racc.counts = [a + b for a, b in zip(racc.counts, sums, strict=True)]
+                racc.total += sum(sums)
+                rest = windows
+            for w in rest:
+                racc.noise += w[1]
+            racc.windows += len(windows)
+            for _counts, _noise, start, end in windows:
+                if racc.start is None or start < racc.start:
+                    racc.start = start
+                if racc.end is None or end > racc.end:
+                    racc.end = end
+
     def _close_round(self, g: Group) -> list[DriftEvent]:
         cfg = self._cfg
+        self._flush_round(g)
         for signal, acc in g.round.items():
             ref = g.refs.get(signal)
             if ref is not None:
@@ -325,11 +364,15 @@ class DriftDetector:
         events: list[DriftEvent] = []
         if family:
             pis = []
+            keys: dict[tuple[str, bool], str] = {}  # one calibration key string per signal/scope
             for unit_node, signal, us, ref in family:
                 # Node baselines share one calibration per signal: the null shape of z
                 # depends on the cell count and window size far more than on the exact mix.
-                shared = g.refs.get(signal, ref) if unit_node is not None else ref
-                key = f"{g.key}/{signal}/{'node' if unit_node is not None else 'fleet'}"
+                is_node = unit_node is not None
+                shared = g.refs.get(signal, ref) if is_node else ref
+                key = keys.get((signal, is_node))
+                if key is None:
+                    key = keys[signal, is_node] = f"{g.key}/{signal}/{'node' if is_node else 'fleet'}"
                 cal = self._cal.get(
                     key,
                     shared.probs,
@@ -344,10 +387,14 @@ class DriftDetector:
             q = min(0.1, cfg.target_false_rate * max(1, g.round_node_windows))
             rejected = benjamini_hochberg(pis, q)
             for (unit_node, signal, us, ref), rej in zip(family, rejected, strict=True):
-                events += self._hysteresis(g, unit_node, signal, us, ref, rej)
+                if rej or us.open:  # else _hysteresis has nothing to do (the common case)
+                    events += self._hysteresis(g, unit_node, signal, us, ref, rej)
                 us.fresh = False
         g.round = {}
         g.round_nodes = []
+        in_round = self._round_sets.get(g.key)
+        if in_round is not None:
+            in_round.clear()
         g.round_node_windows = 0
         g.rounds += 1
         return events

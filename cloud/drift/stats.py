@@ -28,6 +28,7 @@ __all__ = [
     "total_variation",
     "wilson_hilferty_z",
     "window_test",
+    "window_z",
     "z_to_p",
 ]
 
@@ -131,17 +132,58 @@ def window_test(
     return z, 0.5 * tv
 
 
+def window_z(
+    counts: Sequence[float],
+    probs: Sequence[float],
+    n_ref: float,
+    noise_var: float = 0.0,
+    upper_cell: int | None = None,
+) -> float:
+    """``window_test(...)[0]`` with ``want_effect=False``, bit for bit, for the ingest hot path
+    (no effect, no tuple, the Wilson–Hilferty constants of each ``df`` computed once)."""
+    if len(counts) != len(probs):
+        raise ValueError(f"{len(counts)} counts against {len(probs)} reference cells")
+    n = 0.0
+    for c in counts:
+        if c > 0:
+            n += c
+    if n <= 0:
+        return 0.0
+    inflate = n * (1.0 + (n / n_ref if n_ref > 0 else 0.0))
+    stat = 0.0
+    for c, p in zip(counts, probs, strict=True):
+        d = c - n * p
+        stat += d * d / (p * inflate + noise_var)
+    df = len(counts) - 1
+    wh = _WH.get(df)
+    if wh is None:
+        if df < 1:
+            raise ValueError(f"df must be >= 1, got {df!r}")
+        c = 2.0 / (9.0 * df)
+        wh = _WH[df] = (1.0 - c, math.sqrt(c))
+    z = (math.pow(max(stat, 0.0) / df, 1.0 / 3.0) - wh[0]) / wh[1]
+    if upper_cell is not None and counts[upper_cell] < n * probs[upper_cell]:
+        z = -abs(z)
+    return z
+
+
+#: df -> (1 - c, √c) of the Wilson–Hilferty transform, c = 2 / (9 df).
+_WH: dict[int, tuple[float, float]] = {}
+
+
 def benjamini_hochberg(p_values: Sequence[float], q: float) -> list[bool]:
     """Which hypotheses Benjamini–Hochberg rejects at false-discovery rate ``q``."""
     if not 0 < q < 1:
         raise ValueError(f"q must be in (0, 1), got {q!r}")
     m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
+    ordered = sorted(p_values)
     k = 0
-    for rank, i in enumerate(order, start=1):
-        if p_values[i] <= q * rank / m:
+    for rank, p in enumerate(ordered, start=1):
+        if p <= q * rank / m:
             k = rank
-    rejected = [False] * m
-    for i in order[:k]:
-        rejected[i] = True
-    return rejected
+    if k == 0:
+        return [False] * m
+    # The step-up set is every p at or below the k-th smallest: a p tied with it has rank <= k
+    # (a tie at rank k + 1 would pass the test too, so k would not be the largest).
+    cut = ordered[k - 1]
+    return [p <= cut for p in p_values]
