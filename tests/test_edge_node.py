@@ -24,10 +24,12 @@ def keys(tmp_path: Path) -> Keys:
 
 
 async def wait_drained(node: EdgeNode, timeout: float = 20.0) -> None:
-    """Until every event is in a sent aggregate: no pending events, empty outbox."""
+    """Until every event is in a sent aggregate: no pending events, empty outbox. Both are read
+    from the database, in that order: a window close moves events to the outbox in one
+    transaction, while the cached ``health()["outbox"]`` is refreshed just after it."""
     with anyio.fail_after(timeout):
         while True:
-            if await node.buffer.pending_events() == 0 and node.health()["outbox"] == 0:
+            if await node.buffer.pending_events() == 0 and not await node.buffer.outbox_counts():
                 return
             await anyio.sleep(0.05)
 
