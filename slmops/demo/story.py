@@ -202,7 +202,7 @@ async def _story(
     split = split_topics(load_topics(), seed=opts.seed)
     traffic = Traffic(split.held_out_texts, split.held_out_labels, split.labels, seed=opts.seed)
     favoured = traffic.favoured(["sports", "money"])
-    # The shift hits every node but the last: part of the fleet, and the offline node with it.
+    # The shift hits every node but the last (which also loses its link): part of the fleet.
     shifted_nodes = set(range(opts.nodes - 1))
     shift_on = anyio.Event()
 
@@ -241,7 +241,7 @@ async def _story(
 
         traffic_time = max(30.0, opts.duration - 25.0)
         stop = anyio.Event()
-        offline = nodes[0]
+        offline = nodes[-1]  # the one node the shift does not hit: the shift stays visible online
         async with anyio.create_task_group() as tg:
             for i, n in enumerate(nodes):
                 tg.start_soon(_drive, fleet, n, traffic, mixes[i], opts.rate, story, stop)
