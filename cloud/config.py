@@ -83,6 +83,9 @@ class CloudConfig(Config, kw_only=True):
     #: declared lost (bounds memory when a node never resends a seq).
     max_pending_seqs: int = 4096
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
+    #: Seconds after proposing a recalibrated version during which drift on that version
+    #: starts no further recalibration (it would chain estimate errors into v3, v4...).
+    recalibration_cooldown: float = 600.0
     #: How rollouts the cloud starts itself (recalibration policy ``auto``) advance.
     rollout: RolloutSettings = msgspec.field(default_factory=lambda: RolloutSettings())
 

@@ -138,6 +138,7 @@ class RecalibrationLoop:
         *,
         policy: Policy = "suggest",
         rollout: RolloutConfig | None = None,
+        cooldown: float = 600.0,
         url: str = "<nats>",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -148,6 +149,12 @@ class RecalibrationLoop:
         self._trust = TrustStore([key.public_key()])
         self.policy = policy
         self.rollout = rollout or RolloutConfig()
+        if not cooldown >= 0:
+            raise ValueError(f"cooldown must be >= 0 seconds, got {cooldown!r}")
+        #: Seconds after a recalibrated version was proposed during which a drift event on that
+        #: version does not start another recalibration: the new version's reference comes
+        #: from an estimate, and residual differences must not chain v2 -> v3 -> v4.
+        self.cooldown = cooldown
         self._url = url
         self._clock = clock
         self.registry = Registry(js, url=url)
@@ -208,6 +215,10 @@ class RecalibrationLoop:
                      drift_event=event.id)  # fmt: skip
             return None
         done = await self.proposal(fleet, model, parent)
+        if done is None and await self._cooling_down(fleet, model, parent, event.model.variant):
+            log.info("recalibration_cooldown", fleet=fleet, version=parent, cooldown_s=self.cooldown,
+                     drift_event=event.id)  # fmt: skip
+            return None
         if done is not None and done.outcome != "building":
             log.info(
                 "recalibration_already_proposed", fleet=fleet, version=done.version, drift_event=event.id
@@ -251,6 +262,22 @@ class RecalibrationLoop:
         log.info("recalibration_proposed", fleet=fleet, model=model, parent=parent, version=version,
                  outcome=proposal.outcome, priors=priors)  # fmt: skip
         return proposal
+
+    async def _cooling_down(self, fleet: str, model: str, version: int, variant: str) -> bool:
+        """True while ``version`` is a recalibration this loop proposed less than ``cooldown``
+        seconds ago."""
+        if self.cooldown <= 0:
+            return False
+        try:
+            manifest = await self.registry.manifest(model, version, variant)
+        except RegistryError:
+            return False
+        if manifest is None or manifest.parent_version is None:
+            return False
+        made = await self.proposal(fleet, model, manifest.parent_version)
+        if made is None or made.version != version:
+            return False
+        return (self._clock() - made.time).total_seconds() < self.cooldown
 
     async def _manifests(self) -> list[ModelManifest]:
         try:

@@ -202,6 +202,7 @@ def cloud(
                     key,
                     policy=recalibrate,  # type: ignore[arg-type]  # click.Choice checked it
                     rollout=config.rollout.config(),
+                    cooldown=config.recalibration_cooldown,
                     url=nats_url,
                 )
                 await run_loop(js, loop, task_status=task_status)

@@ -222,6 +222,26 @@ async def test_suggest_policy_proposes_without_rolling_out_and_only_once(
     assert await loop.on_drift(msgspec.structs.replace(node_event, signal="latency")) is None
 
 
+@pytest.mark.anyio
+async def test_drift_on_a_fresh_recalibration_waits_out_the_cooldown(
+    js: JetStreamContext, fleet: str, scenario: Scenario, fleet_on_v1: Registry
+) -> None:
+    """A recalibrated version's reference comes from an estimate: drift seen on it right after
+    its proposal must not chain into v3, v4...; once the cooldown is over it may."""
+    m1 = scenario.bundle.manifest
+    priors = _estimated_priors(scenario)
+    first = await RecalibrationLoop(js, scenario.key, policy="suggest").on_drift(_event(fleet, m1, priors))
+    assert first is not None
+    await fleet_on_v1.assign(fleet, first.version, model=m1.name)
+    m2 = await fleet_on_v1.manifest(m1.name, first.version, "fp32")
+    assert m2 is not None
+    on_v2 = _event(fleet, m2, {SHIFT_CLASS: 0.2})
+    assert await RecalibrationLoop(js, scenario.key, policy="suggest").on_drift(on_v2) is None
+    later = await RecalibrationLoop(js, scenario.key, policy="suggest", cooldown=0).on_drift(on_v2)
+    assert later is not None
+    assert (later.parent_version, later.version) == (first.version, first.version + 1)
+
+
 def test_cloud_key_must_be_private_to_its_owner(tmp_path: Path) -> None:
     private, _ = new_keypair(tmp_path, "cloud")
     os.chmod(private, 0o600)
