@@ -43,6 +43,11 @@ _NAK_DELAY = 5.0
 _MAX_CONSUMER_NAME = 48
 
 
+def fleet_subjects(kind: str, fleets: Sequence[str]) -> list[str]:
+    """Subjects of ``slmops.<kind>.…`` for a fleet selection: one per fleet, or all fleets."""
+    return [f"slmops.{kind}.{f}.>" for f in fleets] or [f"slmops.{kind}.>"]
+
+
 def consumer_name(base: str, fleets: Sequence[str]) -> str:
     """Durable name for a fleet selection: ``base`` for all fleets, else base + the fleets
     (hashed when long), so instances watching different fleets never share a consumer."""
@@ -215,11 +220,10 @@ class TelemetryIngest:
     ) -> None:
         self._js = js
         self._applier = applier
-        subjects = [f"slmops.telemetry.{f}.>" for f in fleets] or ["slmops.telemetry.>"]
         self.loop = PullLoop(
             js,
             stream=TELEMETRY_STREAM,
-            subjects=subjects,
+            subjects=fleet_subjects("telemetry", fleets),
             durable=consumer_name("slmops-cloud", fleets),
             batch=batch,
             fetch_timeout=fetch_timeout,

@@ -20,7 +20,7 @@ from shared.messages import NodeStatus, decode_json
 from shared.names import STATUS_STREAM
 
 from .apply import Applier
-from .ingest import PullLoop, consumer_name, deadletter
+from .ingest import PullLoop, consumer_name, deadletter, fleet_subjects
 
 __all__ = ["StatusIngest"]
 
@@ -38,11 +38,10 @@ class StatusIngest:
     ) -> None:
         self._js = js
         self._applier = applier
-        subjects = [f"slmops.status.{f}.>" for f in fleets] or ["slmops.status.>"]
         self.loop = PullLoop(
             js,
             stream=STATUS_STREAM,
-            subjects=subjects,
+            subjects=fleet_subjects("status", fleets),
             durable=consumer_name("slmops-cloud-status", fleets),
             batch=batch,
             fetch_timeout=fetch_timeout,

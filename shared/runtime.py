@@ -83,16 +83,17 @@ class Session:
         return took
 
 
-def load_session(model_path: Path, manifest: ModelManifest, *, intra_op_threads: int = 1) -> Session:
-    """Load ``model_path`` and check its inputs/outputs against the manifest. Raises
-    ``BundleError`` with code ``load_failed`` or ``incompatible``."""
+def load_session(model_path: Path | bytes, manifest: ModelManifest, *, intra_op_threads: int = 1) -> Session:
+    """Load ``model_path`` (or the serialized model itself) and check its inputs/outputs
+    against the manifest. Raises ``BundleError`` with code ``load_failed`` or ``incompatible``."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    where = str(model_path)
+    where = "<in-memory model>" if isinstance(model_path, bytes) else str(model_path)
+    source = model_path if isinstance(model_path, bytes) else str(model_path)
     try:
-        sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises several unrelated types (Fail, InvalidGraph, RuntimeError)
         raise BundleError(where, f"ONNX Runtime cannot load the model: {exc}", "load_failed") from exc
     have_in = {i.name for i in sess.get_inputs()}

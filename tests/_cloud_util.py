@@ -18,7 +18,6 @@ from shared.messages import (
     HistogramEdges,
     ModelManifest,
     ModelRef,
-    Preprocessing,
     Privacy,
     ReferenceProfile,
     TelemetryAggregate,
@@ -27,6 +26,7 @@ from shared.messages import (
     encode_telemetry,
 )
 from shared.names import MODELS_MANIFEST_BUCKET, drift_subject, manifest_key, msg_id, telemetry_subject
+from slmops.bench._fleet import synthetic_manifest
 
 LABELS = ["alpha", "beta", "gamma"]
 CONF_EDGES = [0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]
@@ -82,19 +82,11 @@ def make_manifest(model: ModelRef = MODEL, count: int = 20000) -> ModelManifest:
             "gamma": {"alpha": 30, "beta": 70, "gamma": 900},
         },
     )
-    return ModelManifest(
-        name=model.name,
-        version=model.version,
-        variant=model.variant,
-        sha256="0" * 64,
-        size_bytes=1,
-        inputs=[],
-        outputs=[],
-        preprocessing=Preprocessing(),
-        labels=LABELS,
-        edges=HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES),
-        reference=ref,
-        created=T0,
+    return synthetic_manifest(
+        model,
+        LABELS,
+        HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES),
+        ref,
     )
 
 

@@ -23,6 +23,7 @@ from _nats import wait_until
 from _proxy import TcpProxy
 from cloud.factory import build
 from cloud.registry import Registry
+from edge.config import EdgeConfig
 from edge.node import EdgeNode
 from shared import names
 from shared.bundle import TrustStore, pack_archive, read_bundle
@@ -281,15 +282,22 @@ async def test_the_node_picks_the_variant_its_memory_fits(
         )
 
 
-async def test_the_node_key_overrides_the_fleet_key_and_falling_back_works(
-    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
-) -> None:
+async def _v1_node_with_v2_v3_pushed(
+    js: JetStreamContext, server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> tuple[Registry, EdgeConfig]:
+    """Versions 2 and 3 in the registry, and the config of a node starting on version 1."""
     trust = TrustStore([keys.key.public_key()])
     registry = Registry(js)
     for v in (2, 3):
         await registry.push(make_bundle(tmp_path / f"v{v}", keys.key, version=v, name=model), trust)
     v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    return registry, edge_config(tmp_path, keys, fleet=fleet, url=server.url, model=v1.path)
+
+
+async def test_the_node_key_overrides_the_fleet_key_and_falling_back_works(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    registry, cfg = await _v1_node_with_v2_v3_pushed(js, nats_server, tmp_path, keys, fleet, model)
     async with EdgeNode(cfg) as node:
         await node.link.wait_online(10)
         await registry.assign(fleet, 3, model=model, node="n1")
@@ -341,12 +349,7 @@ async def test_a_version_the_node_blocked_is_not_fetched_again(
     js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
 ) -> None:
     """edge.safety blocks a version it rolled back; its assignment must not bring it back."""
-    trust = TrustStore([keys.key.public_key()])
-    registry = Registry(js)
-    for v in (2, 3):
-        await registry.push(make_bundle(tmp_path / f"v{v}", keys.key, version=v, name=model), trust)
-    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    _, cfg = await _v1_node_with_v2_v3_pushed(js, nats_server, tmp_path, keys, fleet, model)
     async with EdgeNode(cfg) as node:
         node.safety.blocked.add((model, 2))
         await node.link.wait_online(10)

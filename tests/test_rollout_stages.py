@@ -5,6 +5,7 @@ where it was, variants follow each node's device."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -97,21 +98,29 @@ async def _events(js: JetStreamContext, fleet: str) -> list[RolloutEvent]:
     return out
 
 
+@asynccontextmanager
+async def _running(sim: SimFleet, js: JetStreamContext, fleet: str) -> AsyncIterator[None]:
+    """The simulated fleet and a rollout runner, running until the block ends; entered once
+    the runner sees every node."""
+    runner = RolloutRunner(js, interval=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sim.run)
+        await tg.start(runner.run)
+        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+        yield
+        tg.cancel_scope.cancel()
+
+
 @pytest.mark.anyio
 async def test_good_version_goes_through_every_stage_with_variants_per_device(
     nc: NATS, js: JetStreamContext, fleet: str, setup: tuple[Registry, RolloutStore, str]
 ) -> None:
     registry, store, model = setup
     sim = SimFleet(nc, js, fleet, n=N_NODES, model=model, profiles={}, start=ModelRef(name=model, version=1))
-    runner = RolloutRunner(js, interval=0.05)
-    async with anyio.create_task_group() as tg:
-        await tg.start(sim.run)
-        await tg.start(runner.run)
-        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+    async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=FAST)
         final = await _wait_state(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: sim.running(2) == set(sim.nodes), timeout=10, what="all nodes on v2")
-        tg.cancel_scope.cancel()
     assert final.status == "completed", final.reason
     # Each device got its variant: small ones int8, big ones fp32, at every stage.
     for node in sim.nodes.values():
@@ -162,15 +171,10 @@ async def test_bad_version_is_caught_at_the_first_stage_and_rolled_back(
     sim = SimFleet(
         nc, js, fleet, n=N_NODES, model=model, profiles={3: bad}, start=ModelRef(name=model, version=1)
     )
-    runner = RolloutRunner(js, interval=0.05)
-    async with anyio.create_task_group() as tg:
-        await tg.start(sim.run)
-        await tg.start(runner.run)
-        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+    async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=3, model=model, config=FAST)
         final = await _wait_state(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: not sim.running(3), timeout=10, what="nobody on v3")
-        tg.cancel_scope.cancel()
     assert final.status == "rolled_back"
     assert final.stage == 0
     assert final.gates[gate]["outcome"] == "fail", final.gates  # type: ignore[index]
@@ -224,11 +228,7 @@ async def test_pause_holds_the_rollout_resume_continues_abort_restores(
 ) -> None:
     registry, store, model = setup
     sim = SimFleet(nc, js, fleet, n=N_NODES, model=model, profiles={}, start=ModelRef(name=model, version=1))
-    runner = RolloutRunner(js, interval=0.05)
-    async with anyio.create_task_group() as tg:
-        await tg.start(sim.run)
-        await tg.start(runner.run)
-        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+    async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=FAST)
         await store.command(fleet, "pause")
         paused = await _wait_state(store, fleet, lambda s: s.status == "paused")
@@ -243,7 +243,6 @@ async def test_pause_holds_the_rollout_resume_continues_abort_restores(
         await store.command(fleet, "abort")
         final = await _wait_state(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: sim.running(1) == set(sim.nodes), timeout=10, what="all back on v1")
-        tg.cancel_scope.cancel()
     assert final.status == "aborted"
     kinds = [e.state for e in await _events(js, fleet)]
     assert "paused" in kinds
@@ -265,15 +264,10 @@ async def test_nodes_that_fail_the_version_go_back_at_once_and_stay_back_when_it
     sim.nodes[refuser].refuse = {2}
     sim.nodes[leaver].abandon = {2}
     config = msgspec.structs.replace(FAST, max_failures=0.45)
-    runner = RolloutRunner(js, interval=0.05)
-    async with anyio.create_task_group() as tg:
-        await tg.start(sim.run)
-        await tg.start(runner.run)
-        await wait_until(lambda: len(runner.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
+    async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
         final = await _wait_state(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: len(sim.running(2)) == N_NODES - 2, timeout=10, what="the others on v2")
-        tg.cancel_scope.cancel()
     assert final.status == "completed", final.reason
     assert set(final.failures) == {refuser, leaver}
     assert "rejected" in final.failures[refuser]

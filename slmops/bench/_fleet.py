@@ -18,7 +18,7 @@ from shared.messages import (
     TelemetryAggregate,
 )
 
-__all__ = ["SyntheticFleet", "manifest_for"]
+__all__ = ["SyntheticFleet", "manifest_for", "synthetic_manifest"]
 
 LABELS = ["greeting", "billing", "support", "sales", "other"]
 CONF_EDGES = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0001]
@@ -55,6 +55,27 @@ def _cond() -> np.ndarray:
 COND = _cond()
 
 
+def synthetic_manifest(
+    model: ModelRef, labels: list[str], edges: HistogramEdges, reference: ReferenceProfile
+) -> ModelManifest:
+    """A manifest that carries only what drift detection reads (labels, edges, reference):
+    no model file behind it, for benches and tests that publish synthetic aggregates."""
+    return ModelManifest(
+        name=model.name,
+        version=model.version,
+        variant=model.variant,
+        sha256="0" * 64,
+        size_bytes=1,
+        inputs=[],
+        outputs=[],
+        preprocessing=Preprocessing(),
+        labels=labels,
+        edges=edges,
+        reference=reference,
+        created=T0,
+    )
+
+
 def manifest_for(model: ModelRef = MODEL, count: int = 50_000) -> ModelManifest:
     pred = COND @ PRIOR
     ref = ReferenceProfile(
@@ -66,19 +87,11 @@ def manifest_for(model: ModelRef = MODEL, count: int = 50_000) -> ModelManifest:
         confusion=confusion(),
         priors={label: float(p) for label, p in zip(LABELS, PRIOR, strict=True)},
     )
-    return ModelManifest(
-        name=model.name,
-        version=model.version,
-        variant=model.variant,
-        sha256="0" * 64,
-        size_bytes=1,
-        inputs=[],
-        outputs=[],
-        preprocessing=Preprocessing(),
-        labels=LABELS,
-        edges=HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES),
-        reference=ref,
-        created=T0,
+    return synthetic_manifest(
+        model,
+        LABELS,
+        HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES),
+        ref,
     )
 
 

@@ -115,9 +115,6 @@ async def run_demo(
     opts: DemoOptions, *, on_update: Callable[[Story, Fleet | None], None] | None = None
 ) -> dict[str, Any]:
     """Run the story; returns the summary (``ok`` says whether every check held)."""
-    from cloud.corpus import load_topics, split_topics  # cloud extra: the demo's corpus
-    from cloud.factory import build
-
     story = Story()
     update = on_update or (lambda s, f: None)
     with contextlib.ExitStack() as stack:
@@ -130,7 +127,7 @@ async def run_demo(
         await server.start_async()
         fleet = Fleet(root, server.url, server.port, FLEET)
         try:
-            return await _story(opts, story, update, root, server, fleet, build, load_topics, split_topics)
+            return await _story(opts, story, update, root, server, fleet)
         finally:
             story.phase = "stopping"
             update(story, fleet)
@@ -145,10 +142,10 @@ async def _story(
     root: Path,
     server: EmbeddedServer,
     fleet: Fleet,
-    build: Any,
-    load_topics: Any,
-    split_topics: Any,
 ) -> dict[str, Any]:
+    from cloud.corpus import load_topics, split_topics  # cloud extra: the model and its corpus
+    from cloud.factory import build
+
     # -- set-up: key, model v1, registry, cloud, nodes ------------------------------------------
     story.phase = "building the model"
     update(story, fleet)
@@ -156,12 +153,8 @@ async def _story(
     report = await anyio.to_thread.run_sync(
         lambda: build(root / "bundles" / "v1", load_private_key(key_path), seed=opts.seed)
     )
-    bundle_dir = root / "bundles" / "v1"
-    story.notes.append(
-        f"model v1 held-out accuracy {report.accuracy:.3f}"
-        if hasattr(report, "accuracy")
-        else "model v1 built"
-    )
+    bundle_dir = report.bundle.path
+    story.notes.append(f"model v1 held-out accuracy {report.accuracy:.3f}")
     await _run_ok(
         [*slmops_cmd(), "models", "push", str(bundle_dir), "--nats", server.url, "--trust", str(pub_path)]
     )
@@ -177,7 +170,7 @@ async def _story(
             "--version",
             "1",
             "--model",
-            report.manifest.name if hasattr(report, "manifest") else "topics",
+            report.bundle.manifest.name,
         ]
     )
 
@@ -355,6 +348,7 @@ def _summary(
         "bytes_raw_equivalent": sum(n.raw_bytes for n in nodes),
         "checks": story.checks,
         "missing": story.missing,
+        "notes": story.notes[-20:],
         "seconds": round(story.elapsed(), 1),
         "nodes_requested": opts.nodes,
     }
