@@ -6,13 +6,18 @@ detectors, one SQLite transaction); then ack them. A message that does not decod
 another node than its subject, is logged with msgspec's error (which names the field path),
 copied to ``slmops.deadletter`` with headers saying why and where from, terminated
 (``msg.term()``: never redelivered) and counted. If the dead-letter copy cannot be stored the
-message is nak'ed with a delay instead, so nothing is lost.
+message is nak'ed with a delay instead (explicit-ack consumers), or the copy is retried until
+it is stored (the ack-all telemetry consumer, where a later ack would drop a nak'ed message), so
+nothing is lost.
 
 Acks go out only after the commit: a crash in between redelivers the batch, and the stored seq
 tracker drops what was already applied. The telemetry consumer uses ack policy "all": one ack
 per batch, on its last good message (halves the messages per aggregate; measured by ``slmops
-bench ingest``). A message nak'ed because its dead-letter copy failed makes that batch fall
-back to one ack per message, so the ack of a later message cannot drop it.
+bench ingest``).
+
+Messages come through ``pull.PullBatches`` (the pull protocol over one subscription, with the
+next batch prefetched while this one is handled) rather than nats-py's ``fetch``, which costs
+about three times as much per message.
 """
 
 from __future__ import annotations
@@ -25,16 +30,19 @@ import msgspec
 import nats.errors
 import structlog
 from anyio.abc import TaskStatus
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from nats.js import errors as js_errors
 
 from shared.messages import TelemetryAggregate, decode_telemetry
 from shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, validate_id
 
 from .apply import Applier
+from .pull import ConsumerGone, PullBatches, PullError
 
-__all__ = ["PullLoop", "TelemetryIngest", "consumer_name", "deadletter"]
+__all__ = ["PullLoop", "TelemetryIngest", "consumer_name", "deadletter", "deadletter_until_stored"]
 
 log = structlog.get_logger(__name__)
 
@@ -60,9 +68,12 @@ def consumer_name(base: str, fleets: Sequence[str]) -> str:
     return name
 
 
-async def deadletter(js: JetStreamContext, msg: Msg, reason: str, kind: str) -> bool:
+async def deadletter(
+    js: JetStreamContext, msg: Msg, reason: str, kind: str, *, nak_on_failure: bool = True
+) -> bool:
     """Copy ``msg`` to the dead-letter subject with headers saying why, then ``term()`` it.
-    Returns False (and naks with a delay) if the copy could not be stored."""
+    Returns False if the copy could not be stored (after a nak with a delay, unless
+    ``nak_on_failure`` is off)."""
     meta = msg.metadata
     stream_seq = str(meta.sequence.stream) if meta else "?"
     stream = meta.stream if meta else "?"
@@ -79,11 +90,21 @@ async def deadletter(js: JetStreamContext, msg: Msg, reason: str, kind: str) -> 
             await js.publish(DEADLETTER_SUBJECT, msg.data, headers=headers)
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         log.error("deadletter_failed", subject=msg.subject, stream_seq=stream_seq, error=repr(exc))
-        await msg.nak(delay=_NAK_DELAY)
+        if nak_on_failure:
+            await msg.nak(delay=_NAK_DELAY)
         return False
     await msg.term()
     log.warning("deadlettered", subject=msg.subject, stream_seq=stream_seq, kind=kind, reason=reason)
     return True
+
+
+async def deadletter_until_stored(js: JetStreamContext, msg: Msg, reason: str, kind: str) -> None:
+    """``deadletter`` retried (backing off to 5 s) until the copy is stored. For an ack-all
+    consumer: a nak'ed message would be dropped by the next batch's ack, so the batch waits."""
+    delay = 0.5
+    while not await deadletter(js, msg, reason, kind, nak_on_failure=False):
+        await anyio.sleep(delay)
+        delay = min(delay * 2, _NAK_DELAY)
 
 
 def check_telemetry(msg: Msg) -> TelemetryAggregate:
@@ -108,6 +129,7 @@ class PullLoop:
 
     def __init__(
         self,
+        nc: Client,
         js: JetStreamContext,
         *,
         stream: str,
@@ -119,6 +141,7 @@ class PullLoop:
         handle: Callable[[list[Msg]], Awaitable[None]],
         ack_all: bool = False,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._stream = stream
         self._subjects = subjects
@@ -145,21 +168,26 @@ class PullLoop:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def _bind(self) -> None:
+        """Bind the durable consumer, creating it when absent (an existing one keeps its own
+        config, so its ack policy is read back from the server)."""
         config = js_api.ConsumerConfig(
             durable_name=self._durable,
             ack_policy=js_api.AckPolicy.ALL if self.ack_all else js_api.AckPolicy.EXPLICIT,
             deliver_policy=js_api.DeliverPolicy.ALL,
             ack_wait=self._ack_wait,
+            # Room for the batch being handled and the one prefetched (``pull.py``).
             max_ack_pending=max(self._batch * 4, 1024),
             max_deliver=-1,
         )
         if len(self._subjects) > 1:
             config.filter_subjects = self._subjects
-        sub = await self._js.pull_subscribe(
-            self._subjects[0], durable=self._durable, stream=self._stream, config=config
-        )
-        info = await sub.consumer_info()
+        else:
+            config.filter_subject = self._subjects[0]
+        try:
+            info = await self._js.consumer_info(self._stream, self._durable)
+        except js_errors.NotFoundError:
+            info = await self._js.add_consumer(self._stream, config)
         self.ack_all = info.config.ack_policy == js_api.AckPolicy.ALL
         log.info(
             "consumer_bound",
@@ -168,41 +196,51 @@ class PullLoop:
             subjects=self._subjects,
             ack_all=self.ack_all,
         )
-        task_status.started()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self._bind()
         try:
-            while not self._stop:
-                try:
-                    msgs = await sub.fetch(self._batch, timeout=self._timeout)
-                except TimeoutError:  # nats' and asyncio's (nats-py raises either when idle)
-                    self.idle_fetches += 1
-                    continue
-                except (nats.errors.Error, OSError) as exc:
-                    # Disconnected or the server is restarting: nats-py reconnects on its own.
-                    log.warning("fetch_failed", durable=self._durable, error=repr(exc))
-                    await anyio.sleep(0.5)
-                    continue
-                self.batches += 1
-                self.messages += len(msgs)
-                try:
-                    await self._handle(msgs)
-                except BaseException:
-                    # Cancelled (lease lost, shutdown) or failed before acking: hand the rest
-                    # back at once rather than after ack_wait, so the next holder goes on.
-                    unacked = [m for m in msgs if not m.is_acked]
-                    if unacked:
-                        with anyio.move_on_after(2, shield=True):
-                            for m in unacked:
-                                await m.nak()
-                    raise
+            async with PullBatches(self._nc, self._stream, self._durable) as pull:
+                task_status.started()
+                await self._consume(pull)
             self._stopped.set()
             await anyio.sleep_forever()  # stopped cleanly: wait to be cancelled with the group
         finally:
             self._stopped.set()
-            with anyio.move_on_after(2, shield=True):
+
+    async def _consume(self, pull: PullBatches) -> None:
+        while not self._stop:
+            try:
+                msgs = await pull.fetch(self._batch, self._timeout)
+            except ConsumerGone as exc:
+                log.warning("consumer_gone", durable=self._durable, error=str(exc))
+                await anyio.sleep(0.5)
                 try:
-                    await sub.unsubscribe()
-                except (nats.errors.Error, OSError) as exc:
-                    log.debug("unsubscribe_failed", error=repr(exc))
+                    await self._bind()
+                except (js_errors.Error, nats.errors.Error, OSError) as bind_exc:
+                    log.warning("consumer_bind_failed", durable=self._durable, error=repr(bind_exc))
+                continue
+            except (PullError, nats.errors.Error, OSError) as exc:
+                # Disconnected or the server is restarting: nats-py reconnects on its own.
+                log.warning("fetch_failed", durable=self._durable, error=repr(exc))
+                await anyio.sleep(0.5)
+                continue
+            if not msgs:
+                self.idle_fetches += 1
+                continue
+            self.batches += 1
+            self.messages += len(msgs)
+            try:
+                await self._handle(msgs)
+            except BaseException:
+                # Cancelled (lease lost, shutdown) or failed before acking: hand the rest
+                # back at once rather than after ack_wait, so the next holder goes on.
+                unacked = [m for m in msgs if not m.is_acked]
+                if unacked:
+                    with anyio.move_on_after(2, shield=True):
+                        for m in unacked:
+                            await m.nak()
+                raise
 
 
 class TelemetryIngest:
@@ -210,6 +248,7 @@ class TelemetryIngest:
 
     def __init__(
         self,
+        nc: Client,
         js: JetStreamContext,
         applier: Applier,
         *,
@@ -221,6 +260,7 @@ class TelemetryIngest:
         self._js = js
         self._applier = applier
         self.loop = PullLoop(
+            nc,
             js,
             stream=TELEMETRY_STREAM,
             subjects=fleet_subjects("telemetry", fleets),
@@ -254,16 +294,19 @@ class TelemetryIngest:
             await self._applier.apply_aggregates(self._js, aggs)
         stored = 0
         for msg, reason, kind in bad:
-            stored += await deadletter(self._js, msg, reason, kind)
+            if self.loop.ack_all:
+                await deadletter_until_stored(self._js, msg, reason, kind)
+                stored += 1
+            else:
+                stored += await deadletter(self._js, msg, reason, kind)
         self.deadlettered += stored
         if stored:
             await self._applier.count_deadletters(stored)
-        if self.loop.ack_all and stored == len(bad):
-            # One ack for the batch: every good message is at or below the last one.
+        if self.loop.ack_all:
+            # One ack for the batch: every good message is at or below the last one, and
+            # every bad one was copied and terminated above.
             if good:
                 await good[-1].ack()
         else:
-            # Explicit acks, or a dead-letter copy failed (its message was nak'ed): an
-            # ack-all past it would drop it, so ack the good ones one by one.
             for msg in good:
                 await msg.ack()

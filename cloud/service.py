@@ -221,6 +221,7 @@ class CloudService:
                 fence=fence,
             )
             ingest = TelemetryIngest(
+                self._link.nc,
                 js,
                 applier,
                 fleets=cfg.fleets,
@@ -229,6 +230,7 @@ class CloudService:
                 ack_wait=cfg.ack_wait,
             )
             status = StatusIngest(
+                self._link.nc,
                 js,
                 applier,
                 fleets=cfg.fleets,

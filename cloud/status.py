@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -28,6 +29,7 @@ __all__ = ["StatusIngest"]
 class StatusIngest:
     def __init__(
         self,
+        nc: Client,
         js: JetStreamContext,
         applier: Applier,
         *,
@@ -39,6 +41,7 @@ class StatusIngest:
         self._js = js
         self._applier = applier
         self.loop = PullLoop(
+            nc,
             js,
             stream=STATUS_STREAM,
             subjects=fleet_subjects("status", fleets),
