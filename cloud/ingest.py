@@ -49,6 +49,7 @@ log = structlog.get_logger(__name__)
 _DEADLETTER_TIMEOUT = 5.0
 _NAK_DELAY = 5.0
 _MAX_CONSUMER_NAME = 48
+_KNOWN_SUBJECTS = 100_000
 
 
 def fleet_subjects(kind: str, fleets: Sequence[str]) -> list[str]:
@@ -107,14 +108,27 @@ async def deadletter_until_stored(js: JetStreamContext, msg: Msg, reason: str, k
         delay = min(delay * 2, _NAK_DELAY)
 
 
-def check_telemetry(msg: Msg) -> TelemetryAggregate:
-    """Decode and check one telemetry message; ``ValueError``/``msgspec`` errors say why not."""
+def check_telemetry(msg: Msg, known: set[str] | None = None) -> TelemetryAggregate:
+    """Decode and check one telemetry message; ``ValueError``/``msgspec`` errors say why not.
+
+    ``known``: subjects whose fleet and node ids were validated already (the caller keeps it,
+    bounded); for those, the aggregate only has to name the same fleet and node."""
     agg = decode_telemetry(msg.data)
-    parts = msg.subject.split(".")
-    if len(parts) != 4 or parts[2] != agg.fleet or parts[3] != agg.node:
-        raise ValueError(f"aggregate of {agg.fleet}.{agg.node} published on subject {msg.subject!r}")
-    validate_id(agg.fleet, "fleet")
-    validate_id(agg.node, "node")
+    subject = msg.subject
+    if known is not None and subject in known:
+        # Ids of a known subject are dot-free, so equal strings mean equal tokens.
+        if subject != f"slmops.telemetry.{agg.fleet}.{agg.node}":
+            raise ValueError(f"aggregate of {agg.fleet}.{agg.node} published on subject {subject!r}")
+    else:
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[2] != agg.fleet or parts[3] != agg.node:
+            raise ValueError(f"aggregate of {agg.fleet}.{agg.node} published on subject {subject!r}")
+        validate_id(agg.fleet, "fleet")
+        validate_id(agg.node, "node")
+        if known is not None:
+            if len(known) >= _KNOWN_SUBJECTS:
+                known.clear()  # bounded; the live ones come back at the cost of one check each
+            known.add(subject)
     if agg.seq < 1:
         raise ValueError(f"$.seq must be >= 1, got {agg.seq!r}")
     if agg.count < 0 or agg.errors < 0 or agg.windows < 1:
@@ -272,6 +286,7 @@ class TelemetryIngest:
             ack_all=True,
         )
         self.deadlettered = 0
+        self._known: set[str] = set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.loop.run(task_status=task_status)
@@ -280,9 +295,10 @@ class TelemetryIngest:
         good: list[Msg] = []
         aggs: list[TelemetryAggregate] = []
         bad: list[tuple[Msg, str, str]] = []
+        known = self._known
         for msg in msgs:
             try:
-                aggs.append(check_telemetry(msg))
+                aggs.append(check_telemetry(msg, known))
                 good.append(msg)
             except msgspec.ValidationError as exc:
                 bad.append((msg, str(exc), "invalid"))

@@ -123,7 +123,8 @@ class PullBatches:
             return  # a heartbeat, or the end of a request given up on already
         self._open = None
         if status not in (_NO_MESSAGES, _EXPIRED):
-            description = headers.get("Description", "") if headers else ""
+            # nats-py leaves the raw header block in a 503's description: first line only.
+            description = (headers.get("Description", "") if headers else "").strip().split("\n")[0]
             gone = status == _NO_RESPONDERS or "consumer deleted" in description.lower()
             kind = ConsumerGone if gone else PullError
             self._error = kind(self._stream, self._durable, status, description)
@@ -202,11 +203,18 @@ class PullBatches:
             return
         with anyio.move_on_after(_CLOSE_WAIT, shield=True):
             await self._wait(1 << 30)  # the open request's answer, so nothing is left in flight
-            for msg in self._buf:
-                if not msg.is_acked:
-                    await msg.nak()
-            self._buf = []
+        # Separately bounded: a request that outlives the wait above must not cost the naks.
+        # (Once its status came, every message before it has been through ``_on_msg``.)
+        with anyio.move_on_after(_CLOSE_WAIT, shield=True):
+            await self._nak_buffered()
             try:
                 await sub.unsubscribe()
             except (nats.errors.Error, OSError) as exc:
                 log.debug("unsubscribe_failed", error=repr(exc))
+            await self._nak_buffered()  # any that came while the naks above went out
+
+    async def _nak_buffered(self) -> None:
+        buffered, self._buf = self._buf, []
+        for msg in buffered:
+            if not msg.is_acked:
+                await msg.nak()

@@ -13,7 +13,7 @@ from cloud.config import DriftConfig
 from cloud.drift import DriftDetector, benjamini_hochberg, window_test
 from cloud.drift.calibrate import Calibrator
 from cloud.drift.detector import Group, NodeUnit
-from cloud.drift.stats import window_z
+from cloud.drift.stats import window_z, window_z_rows
 from shared.messages import DriftEvent, ModelRef
 
 
@@ -31,6 +31,29 @@ def test_window_z_is_window_test_z_bit_for_bit() -> None:
         assert window_z(counts, probs, n_ref, noise, upper) == want
     with pytest.raises(ValueError, match="2 counts against 3"):
         window_z([1, 2], [0.2, 0.3, 0.5], 10.0)
+
+
+def test_window_z_rows_is_window_z_bit_for_bit() -> None:
+    """Many windows at once (mixed cell counts, DP noise, negative cells, empty windows, both
+    sidednesses) give exactly the doubles ``window_z`` gives one by one."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for _ in range(1500):
+        cells = int(rng.choice([2, 5, 10]))
+        probs = rng.dirichlet(np.ones(cells)).tolist()
+        n = int(rng.choice([0, 3, 200, 5000]))
+        counts = (rng.multinomial(n, probs) + rng.integers(-2, 3, cells)).tolist()
+        rows.append((counts, probs, float(rng.choice([0.0, 500.0, 1e6])), float(rng.choice([0.0, 3.7]))))
+    got = window_z_rows(*(list(col) for col in zip(*rows, strict=True)))
+    assert got == [window_z(*r) for r in rows]
+    two = [r for r in rows if len(r[0]) == 2]
+    got = window_z_rows(*(list(col) for col in zip(*two, strict=True)), upper_cell=0)
+    assert got == [window_z(*r, 0) for r in two]
+    assert any(z < 0 for z in got)  # the one-sided flip happened
+    with pytest.raises(ValueError, match="2 counts against 3"):
+        window_z_rows([[1, 2]], [[0.2, 0.3, 0.5]], [10.0], [0.0])
+    with pytest.raises(ValueError, match="row counts differ"):
+        window_z_rows([[1, 2]], [], [10.0], [0.0])
 
 
 def _bh_by_rank(p: list[float], q: float) -> list[bool]:
@@ -90,3 +113,29 @@ def test_round_pooling_is_the_same_whenever_the_state_is_taken() -> None:
     )
     assert groups_back[0].round
     assert groups_back[0].round["class_prior"].windows == len(groups_back[0].round_nodes)
+
+
+def test_node_tests_run_together_give_the_state_of_tests_run_one_by_one() -> None:
+    """Node windows are tested in bulk (``window_z_rows`` from 32 windows of a signal on) at a
+    round close or ``take_dirty``: 40 nodes persisted after every aggregate (one window per
+    test run, ``window_z``) or every 64 or once at the end give the same state and events."""
+    rng = np.random.default_rng(13)
+    nodes = 40
+    sizes = rng.choice([150, 300, 600], size=nodes)
+    aggs = [
+        make_aggregate("f", f"n{i}", w, int(sizes[i]), rng, prior=[0.45, 0.3, 0.25] if w > 30 else PRIOR)
+        for w in range(1, 45)
+        for i in range(nodes)
+    ]
+    runs: list[tuple[bytes, list[DriftEvent]]] = []
+    for every in (1, 64, len(aggs)):
+        det = _detector()
+        events: list[DriftEvent] = []
+        for k, agg in enumerate(aggs, start=1):
+            events += det.observe(agg)
+            if k % every == 0:
+                det.take_dirty()
+        det.take_dirty()
+        runs.append((msgspec.msgpack.encode([list(det.groups.values()), sorted(det.units.items())]), events))
+    assert runs[0][1], "the shift opens events"
+    assert runs[0] == runs[1] == runs[2]

@@ -302,3 +302,28 @@ async def test_a_failed_deadletter_copy_under_ack_all_is_retried_until_stored_an
         assert info.num_redelivered == 0
     finally:
         await nc.close()
+
+
+async def test_close_after_a_cancelled_lingering_fetch_hands_its_messages_back(
+    nc: NATS, js: JetStreamContext, stream: str, fleet: str
+) -> None:
+    """A fetch cancelled while its lingering request (10 s) is still open, e.g. on a lost
+    lease: ``close()`` still naks what it buffered, so another instance gets it at once."""
+    await _add_consumer(js, stream, ack_wait=30.0)
+    a = PullBatches(nc, stream, DURABLE)
+    await a.__aenter__()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.fetch, 10, 10)
+        await wait_until(lambda: _waiting(js, stream), 5)
+        for i in range(3):
+            await js.publish(f"t.{fleet}.a", str(i).encode())
+        await wait_until(lambda: a.buffered == 3, 5)
+        tg.cancel_scope.cancel()
+    await a.close()
+    assert a.buffered == 0
+    got: list[Msg] = []
+    async with PullBatches(nc, stream, DURABLE) as b:
+        with anyio.move_on_after(5):
+            while len(got) < 3:
+                got += await b.fetch(10, timeout=1)
+    assert sorted(m.data for m in got) == [b"0", b"1", b"2"]

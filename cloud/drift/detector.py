@@ -45,7 +45,7 @@ from shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggreg
 from .calibrate import Calibrator, shared_calibrator
 from .labelshift import confusion_matrix, em_priors, expected_accuracy
 from .signals import ONE_SIDED, Acc, SignalRef, extract, manifest_refs, mean_of_histogram
-from .stats import benjamini_hochberg, noise_tv, normalise, total_variation, window_z
+from .stats import benjamini_hochberg, noise_tv, normalise, total_variation, window_z, window_z_rows
 
 __all__ = ["DriftDetector", "Group", "NodeUnit", "UnitSig", "group_key"]
 
@@ -160,6 +160,10 @@ class DriftDetector:
         #: one column sum per signal instead of a list sum per aggregate. Integer counts, so the
         #: sums are exact in any grouping; noise is added in arrival order as before.
         self._round_pending: dict[str, dict[str, list[tuple[list[float], float, datetime, datetime]]]] = {}
+        #: Signal -> node windows due for their test, run together (``_run_tests``) before
+        #: anything reads a node's CUSUM: at a round close and in ``take_dirty``. A node is in
+        #: a round once, so no unit appears twice here.
+        self._tests: dict[str, list[tuple[UnitSig, SignalRef, Acc]]] = {}
 
     def statistics(self) -> dict[str, int]:
         return {"groups": len(self.groups), "node_units": len(self.units), **self._cal.statistics()}
@@ -169,6 +173,7 @@ class DriftDetector:
         self.units = dict(units)
         self._round_sets = {}
         self._round_pending = {}
+        self._tests = {}
 
     def has_group(self, fleet: str, model: ModelRef) -> bool:
         return group_key(fleet, model) in self.groups
@@ -186,6 +191,9 @@ class DriftDetector:
         )
 
     def take_dirty(self) -> tuple[list[Group], list[tuple[str, str, NodeUnit]]]:
+        """The groups and node units changed since the last call, up to date (node tests
+        still due are run first)."""
+        self._run_tests()
         for k in self._dirty_groups:
             self._flush_round(self.groups[k])
         groups = [self.groups[k] for k in self._dirty_groups]
@@ -228,6 +236,7 @@ class DriftDetector:
         pending = self._round_pending.get(g.key)
         if pending is None:
             pending = self._round_pending[g.key] = {}
+        tests = self._tests
         for signal, (counts, noise) in extract(agg, g.labels, g.edges).items():
             total = sum(counts)
             waiting = pending.get(signal)
@@ -253,7 +262,11 @@ class DriftDetector:
             us = unit.sig.get(signal)
             if us is None:
                 us = unit.sig[signal] = UnitSig()
-            self._step(us, signal, ref, acc)
+            due = tests.get(signal)
+            if due is None:
+                tests[signal] = [(us, ref, acc)]
+            else:
+                due.append((us, ref, acc))
             tested = True
         if tested:
             g.round_node_windows += 1
@@ -273,11 +286,34 @@ class DriftDetector:
         when its z is below ``quiet_z``; for the fleet also when its effect net of noise is
         below half the minimum (a pooled window is so large that z alone never calms down
         against a reference that differs a little)."""
-        cfg = self._cfg
         z = window_z(acc.counts, ref.probs, ref.n_ref, acc.noise, ONE_SIDED.get(signal))
         effect = self._effect(acc.counts, ref) if fleet else 0.0
+        quiet = z < self._cfg.quiet_z or (fleet and effect < self._cfg.min_effect / 2)
+        self._advance(us, z, acc, quiet, effect)
+
+    def _run_tests(self) -> None:
+        """The node windows due (``_tests``): their z-scores together per signal
+        (``window_z_rows``, the same doubles as ``window_z``), then each into its CUSUM."""
+        tests, self._tests = self._tests, {}
+        quiet_z = self._cfg.quiet_z
+        for signal, due in tests.items():
+            upper = ONE_SIDED.get(signal)
+            if len(due) >= _ROWS_MIN:
+                zs = window_z_rows(
+                    [acc.counts for _, _, acc in due],
+                    [ref.probs for _, ref, _ in due],
+                    [ref.n_ref for _, ref, _ in due],
+                    [acc.noise for _, _, acc in due],
+                    upper,
+                )
+            else:
+                zs = [window_z(acc.counts, ref.probs, ref.n_ref, acc.noise, upper) for _, ref, acc in due]
+            for (us, _ref, acc), z in zip(due, zs, strict=True):
+                self._advance(us, z, acc, z < quiet_z, 0.0)
+
+    def _advance(self, us: UnitSig, z: float, acc: Acc, quiet: bool, effect: float) -> None:
         was_zero = us.s <= 0
-        s = us.s + z - cfg.cusum_allowance
+        s = us.s + z - self._cfg.cusum_allowance
         us.s = s if s > 0 else 0.0
         if s > 0 or us.open:
             # ``acc`` is handed over (the caller never touches it again, and Acc.add/merge
@@ -288,7 +324,6 @@ class DriftDetector:
                 us.run.merge(acc)
         else:
             us.run = None
-        quiet = z < cfg.quiet_z or (fleet and effect < cfg.min_effect / 2)
         us.quiet = us.quiet + 1 if quiet else 0
         us.last = acc.counts
         us.last_n = acc.n
@@ -328,6 +363,7 @@ class DriftDetector:
 
     def _close_round(self, g: Group) -> list[DriftEvent]:
         cfg = self._cfg
+        self._run_tests()
         self._flush_round(g)
         for signal, acc in g.round.items():
             ref = g.refs.get(signal)
@@ -366,6 +402,12 @@ class DriftDetector:
             pis = []
             keys: dict[tuple[str, bool], str] = {}  # one calibration key string per signal/scope
             for unit_node, signal, us, ref in family:
+                if us.s <= 0:
+                    # A CUSUM at zero has p = 1 under any calibration (``tail(0)``, and the
+                    # fallback's too): no lookup. About half the family, stationary.
+                    us.pi = 1.0
+                    pis.append(1.0)
+                    continue
                 # Node baselines share one calibration per signal: the null shape of z
                 # depends on the cell count and window size far more than on the exact mix.
                 is_node = unit_node is not None
@@ -544,3 +586,6 @@ class DriftDetector:
 
 
 _RANK = {"": 0, "info": 1, "warning": 2, "critical": 3}
+#: From this many windows of a signal on, ``window_z_rows`` beats ``window_z`` (measured: 1.6
+#: against 3.6 µs per window at 200 rows, break-even near 30).
+_ROWS_MIN = 32

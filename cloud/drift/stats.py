@@ -12,13 +12,17 @@ each cell's variance widened for what else is random under the null:
 few hundredths of a unit in the range that matters and costs a few floating-point operations (no
 scipy call per window: ingest must stay above 10k aggregates/s). Calibration (``calibrate``)
 then corrects what the χ² approximation gets wrong for small windows, by simulation.
-Everything here is pure Python on short lists: windows have 2–30 cells.
+Everything here is pure Python on short lists (windows have 2–30 cells), except
+``window_z_rows``: the same z for many windows at once, in numpy, for the ingest hot path.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 __all__ = [
     "benjamini_hochberg",
@@ -29,6 +33,7 @@ __all__ = [
     "wilson_hilferty_z",
     "window_test",
     "window_z",
+    "window_z_rows",
     "z_to_p",
 ]
 
@@ -169,6 +174,84 @@ def window_z(
 
 #: df -> (1 - c, √c) of the Wilson–Hilferty transform, c = 2 / (9 df).
 _WH: dict[int, tuple[float, float]] = {}
+
+
+def window_z_rows(
+    counts: Sequence[Sequence[float]],
+    probs: Sequence[Sequence[float]],
+    n_ref: Sequence[float],
+    noise_var: Sequence[float],
+    upper_cell: int | None = None,
+) -> list[float]:
+    """``window_z`` of many windows (row i: ``counts[i]`` against ``probs[i]``), equal to it
+    bit for bit: element-wise the scalar version's operations in its order (IEEE doubles round
+    the same in numpy and Python), sums taken column by column, and the cube root is the same
+    ``math.pow``. About three times cheaper per window than ``window_z`` at 200 rows of 10
+    cells; dearer below a few dozen rows. Rows may have different cell counts (they are grouped)."""
+    m = len(counts)
+    if not len(probs) == len(n_ref) == len(noise_var) == m:
+        raise ValueError(f"row counts differ: {m}, {len(probs)}, {len(n_ref)}, {len(noise_var)}")
+    out = [0.0] * m
+    groups: dict[int, list[int]] = {}
+    for i in range(m):
+        cells = len(counts[i])
+        if cells != len(probs[i]):
+            raise ValueError(f"{cells} counts against {len(probs[i])} reference cells")
+        groups.setdefault(cells, []).append(i)
+    for cells, rows in groups.items():
+        df = cells - 1
+        wh = _WH.get(df)
+        if wh is None:
+            if df < 1:
+                raise ValueError(f"df must be >= 1, got {df!r}")
+            c = 2.0 / (9.0 * df)
+            wh = _WH[df] = (1.0 - c, math.sqrt(c))
+        k = len(rows)
+        if k == m:
+            cnt = _matrix(counts, k, cells)
+            prb = _matrix(probs, k, cells)
+            nref = np.array(n_ref, dtype=np.float64)
+            noise = np.array(noise_var, dtype=np.float64)
+        else:
+            cnt = _matrix([counts[i] for i in rows], k, cells)
+            prb = _matrix([probs[i] for i in rows], k, cells)
+            nref = np.array([n_ref[i] for i in rows], dtype=np.float64)
+            noise = np.array([noise_var[i] for i in rows], dtype=np.float64)
+        pos = np.where(cnt > 0, cnt, 0.0)
+        n = _column_sum(pos)
+        ratio = np.zeros(k)
+        np.divide(n, nref, out=ratio, where=nref > 0)
+        inflate = n * (1.0 + ratio)
+        with np.errstate(divide="ignore", invalid="ignore"):  # rows with n <= 0 are skipped
+            d = cnt - n[:, None] * prb
+            stat = _column_sum(d * d / (prb * inflate[:, None] + noise[:, None]))
+        ups = (cnt[:, upper_cell] < n * prb[:, upper_cell]).tolist() if upper_cell is not None else None
+        a, b = wh
+        third = 1.0 / 3.0
+        for r, (i, nr, st) in enumerate(zip(rows, n.tolist(), stat.tolist(), strict=True)):
+            if nr <= 0:
+                continue
+            z = (math.pow(max(st, 0.0) / df, third) - a) / b
+            if ups is not None and ups[r]:
+                z = -abs(z)
+            out[i] = z
+    return out
+
+
+def _column_sum(a: np.ndarray) -> np.ndarray:
+    """Row sums added column by column, left to right: the scalar loop's order, so the same
+    doubles (``a.sum(axis=1)`` may pair the terms differently)."""
+    total = a[:, 0] + 0.0
+    for j in range(1, a.shape[1]):
+        total = total + a[:, j]
+    return total
+
+
+def _matrix(rows: Sequence[Sequence[float]], k: int, cells: int) -> np.ndarray:
+    """``k`` rows of ``cells`` numbers as a float64 matrix (``fromiter`` over the chained rows
+    is several times faster than ``np.array`` of nested lists)."""
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.float64, count=k * cells)
+    return flat.reshape(k, cells)
 
 
 def benjamini_hochberg(p_values: Sequence[float], q: float) -> list[bool]:
