@@ -105,7 +105,7 @@ def _run(main: Callable[[], Awaitable[int]]) -> None:
     help="TOML/JSON file with CloudConfig keys (e.g. batch_size, lease_ttl, [drift] min_count); "
     "flags win over it.",
 )
-@click.option("--batch-size", type=int, default=None, help="Messages per fetch and transaction [256].")
+@click.option("--batch-size", type=int, default=None, help="Messages per fetch and transaction [4096].")
 @click.option("--lease-ttl", default=None, help="Single-active lease TTL, e.g. 10s [10s].")
 @click.option(
     "--min-count", type=int, default=None, help="Inferences a node window needs to be tested [100]."
