@@ -19,6 +19,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 
 from shared.errors import NatsUnavailable
+from shared.kv import kv_keys
 from shared.messages import DriftEvent, decode_json
 from shared.names import DRIFT_STREAM, drift_subject
 
@@ -73,22 +74,18 @@ async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:
         raise NatsUnavailable(_url(nc), f"cannot open KV {FLEET_BUCKET}: {exc!r}") from exc
     out = []
     try:
-        # kv.keys() filters by substring on the client; a watch on the subject filters on the
-        # server and hands over the values too. It ends its initial replay with None.
-        watcher = await kv.watch(f"{fleet}.*" if fleet else ">", ignore_deletes=True)
-        try:
-            while True:
-                entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]  # nats-py
-                if entry is None:
-                    break
-                if entry.value:
-                    try:
-                        out.append(_snapshot_decoder.decode(entry.value))
-                    except msgspec.DecodeError as exc:
-                        log.warning("fleet_snapshot_undecodable", key=entry.key, error=str(exc))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py has no hints here
-    except (nats.errors.Error, OSError) as exc:
+        # Not kv.keys() or a watch: both can end their replay early (shared/kv.py).
+        for key in await kv_keys(js, FLEET_BUCKET, f"{fleet}.*" if fleet else ">"):
+            try:
+                entry = await kv.get(key)
+            except js_errors.NotFoundError:  # deleted (KeyDeletedError) or purged meanwhile
+                continue
+            if entry.value:
+                try:
+                    out.append(_snapshot_decoder.decode(entry.value))
+                except msgspec.DecodeError as exc:
+                    log.warning("fleet_snapshot_undecodable", key=key, error=str(exc))
+    except (js_errors.Error, nats.errors.Error, OSError) as exc:
         raise NatsUnavailable(_url(nc), f"cannot read KV {FLEET_BUCKET}: {exc!r}") from exc
     return sorted(out, key=lambda s: (s.fleet, s.node))
 

@@ -188,7 +188,7 @@ def cloud(
             from cloud.rollout import RolloutRunner
 
             async def run_rollouts(js: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-                await RolloutRunner(js, url=nats_url).run(task_status=task_status)
+                await RolloutRunner(js, url=nats_url, fleets=config.fleets).run(task_status=task_status)
 
             extra.append(run_rollouts)
         if recalibrate != "off" and key_path is not None:

@@ -57,7 +57,8 @@ async def world(
         )
     await registry.assign(fleet, 1, model=model)
     store, events = RolloutStore(js), Events()
-    controller = RolloutController(Assigner(js, registry), store, events)
+    # Its own fleet only: the session server holds other tests' rollouts too.
+    controller = RolloutController(Assigner(js, registry), store, events, fleets=[fleet])
     for node in NODES:
         controller.observe_status(_status(fleet, node, T0, ModelRef(name=model, version=1)))
     return controller, store, events, registry, model
@@ -129,3 +130,27 @@ async def test_too_few_samples_pause_the_rollout_for_a_person_instead_of_passing
     assert got is not None
     assert (got[0].status, got[0].soak_started) == ("running", T0 + 401)
     assert events.kinds == ["started", "stage_started", "paused", "resumed"]
+
+
+@pytest.mark.anyio
+async def test_a_controller_limited_to_some_fleets_leaves_the_others_rollouts_alone(
+    js: JetStreamContext, fleet: str, world: tuple[RolloutController, RolloutStore, Events, Registry, str]
+) -> None:
+    """`slmops cloud --fleet A` runs A's rollouts only: a rollout of fleet B in the same
+    bucket is neither advanced nor announced by A's controller."""
+    controller, store, events, registry, model = world
+    other = f"{fleet}b"
+    await registry.assign(other, 1, model=model)
+    for f in (fleet, other):
+        await start_rollout(js, registry, store, fleet=f, version=2, model=model,
+                            config=RolloutConfig(install_timeout_s=60), now=T0)  # fmt: skip
+    before = await store.get(other)
+    assert before is not None
+    await controller.step(T0 + 1)
+    mine, theirs = await store.get(fleet), await store.get(other)
+    assert mine is not None
+    assert theirs is not None
+    assert mine[0].phase == "installing"  # advanced
+    assert theirs == before  # untouched: same state, same revision
+    assert events.kinds == ["started", "stage_started"]
+    assert all(msg_id.startswith(mine[0].id) for _, msg_id in events.seen)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,8 +80,12 @@ class RolloutController:
         publish: Publish,
         *,
         node_ttl_s: float = 900.0,
+        fleets: Sequence[str] = (),
     ) -> None:
         self.assigner = assigner
+        #: Fleets whose rollouts this controller advances (empty: every fleet); an instance
+        #: limited to some fleets (``slmops cloud --fleet``) leaves the others' alone.
+        self.fleets = frozenset(fleets)
         self.store = store
         self._publish = publish
         self.node_ttl_s = node_ttl_s
@@ -130,7 +134,8 @@ class RolloutController:
         """Know these rollouts before the first step, so the telemetry replayed at a restart
         goes straight into their metrics (the recent-aggregate buffer is bounded)."""
         for state in states:
-            self._states[state.fleet] = state
+            if not self.fleets or state.fleet in self.fleets:
+                self._states[state.fleet] = state
 
     def _tracker(self, state: RolloutState) -> _Tracker:
         t = self._trackers.get(state.fleet)
@@ -153,6 +158,8 @@ class RolloutController:
         now = time.time() if now is None else now
         self.steps += 1
         for state, revision in await self.store.all():
+            if self.fleets and state.fleet not in self.fleets:
+                continue
             self._states[state.fleet] = state
             if state.phase == "done" and not state.pending:
                 continue

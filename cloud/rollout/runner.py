@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import anyio
@@ -52,7 +52,9 @@ class RolloutRunner:
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
         node_ttl_s: float = 900.0,
+        fleets: Sequence[str] = (),
     ) -> None:
+        """``fleets``: advance only these fleets' rollouts (empty: all)."""
         if not interval > 0:
             raise ValueError(f"interval must be positive, got {interval!r}")
         self._js = js
@@ -62,7 +64,11 @@ class RolloutRunner:
         self.store = RolloutStore(js, url=url)
         self.registry = Registry(js, url=url)
         self.controller = RolloutController(
-            Assigner(js, self.registry, url=url), self.store, self._publish, node_ttl_s=node_ttl_s
+            Assigner(js, self.registry, url=url),
+            self.store,
+            self._publish,
+            node_ttl_s=node_ttl_s,
+            fleets=fleets,
         )
         self.bad_messages = 0
         self.skipped = 0

@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from cloud.errors import CloudError
 from shared.errors import NatsUnavailable
+from shared.kv import kv_keys
 from shared.messages import Assignment, RolloutEvent
 from shared.names import validate_id
 
@@ -237,12 +238,11 @@ class RolloutStore:
             return None
 
     async def fleets(self) -> list[str]:
-        kv = await self.bucket()
+        """Fleets with a rollout key (a deleted one included: ``get`` returns None for it)."""
+        await self.bucket()
         try:
             with anyio.fail_after(self._timeout):
-                keys = await kv.keys()
-        except js_errors.NoKeysError:
-            return []
+                keys = await kv_keys(self._js, ROLLOUTS_BUCKET)
         except TimeoutError as exc:
             raise NatsUnavailable(self._url, "list rollouts: timed out") from exc
         except (js_errors.Error, nats.errors.Error, OSError) as exc:

@@ -1,0 +1,38 @@
+"""``shared.kv.kv_keys`` lists a bucket's keys from the stream's subjects (real server)."""
+
+from __future__ import annotations
+
+import pytest
+from nats.js import JetStreamContext
+from nats.js import errors as js_errors
+
+from shared.kv import kv_keys
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_every_key_put_is_listed_at_once_filtered_and_deleted_ones_too(
+    js: JetStreamContext, fleet: str
+) -> None:
+    """Right after 300 puts all 300 keys are listed (nats-py's keys() could end its replay
+    early); a subject filter narrows the list; a deleted key stays listed (reading it says
+    it is gone), a missing bucket is NotFoundError."""
+    bucket = f"KVT_{fleet}"
+    kv = await js.create_key_value(bucket=bucket, history=1)
+    try:
+        for i in range(300):
+            await kv.put(f"{'a' if i % 3 else 'b'}.k{i:03d}", b"x")
+        keys = await kv_keys(js, bucket)
+        assert len(keys) == 300
+        assert keys == sorted(keys)
+        assert keys[0] == "a.k001"
+        b_keys = await kv_keys(js, bucket, "b.*")
+        assert b_keys == [f"b.k{i:03d}" for i in range(0, 300, 3)]
+        await kv.delete("b.k000")
+        assert "b.k000" in await kv_keys(js, bucket, "b.*")
+        with pytest.raises(js_errors.KeyNotFoundError):  # nats-py's answer for a deleted key
+            await kv.get("b.k000")
+        with pytest.raises(js_errors.NotFoundError):
+            await kv_keys(js, f"KVT_{fleet}_missing")
+    finally:
+        await js.delete_key_value(bucket)
