@@ -14,7 +14,7 @@ from cloud.drift import DriftDetector, benjamini_hochberg, window_test
 from cloud.drift.calibrate import Calibrator
 from cloud.drift.detector import Group, NodeUnit
 from cloud.drift.stats import window_z, window_z_rows
-from shared.messages import DriftEvent, ModelRef
+from shared.messages import DriftEvent, ModelRef, TelemetryAggregate
 
 
 def test_window_z_is_window_test_z_bit_for_bit() -> None:
@@ -83,6 +83,19 @@ def _detector() -> DriftDetector:
     return det
 
 
+def _replay(aggs: list[TelemetryAggregate], every: int) -> tuple[bytes, list[DriftEvent]]:
+    """``aggs`` through a fresh detector, its state taken every ``every`` aggregates: the
+    stored state (encoded) and the events."""
+    det = _detector()
+    events: list[DriftEvent] = []
+    for k, agg in enumerate(aggs, start=1):
+        events += det.observe(agg)
+        if k % every == 0:
+            det.take_dirty()
+    det.take_dirty()
+    return msgspec.msgpack.encode([list(det.groups.values()), sorted(det.units.items())]), events
+
+
 def test_round_pooling_is_the_same_whenever_the_state_is_taken() -> None:
     """A round's pooled counts wait for ``take_dirty`` or the round's close: persisting after
     every aggregate or once at the end gives the same events and the same stored state."""
@@ -94,17 +107,7 @@ def test_round_pooling_is_the_same_whenever_the_state_is_taken() -> None:
         for i in range(12)
         if (w + i) % 9  # some nodes skip some windows: rounds of different sizes
     ]
-    runs: list[tuple[bytes, list[DriftEvent]]] = []
-    for every in (1, len(aggs)):
-        det = _detector()
-        events: list[DriftEvent] = []
-        for k, agg in enumerate(aggs, start=1):
-            events += det.observe(agg)
-            if k % every == 0:
-                det.take_dirty()
-        det.take_dirty()
-        stored = msgspec.msgpack.encode([list(det.groups.values()), sorted(det.units.items())])
-        runs.append((stored, events))
+    runs = [_replay(aggs, every) for every in (1, len(aggs))]
     assert runs[0][1], "the shift opens events"
     assert runs[0] == runs[1]
     # The stored state holds the open round's pooled counts.
@@ -127,15 +130,6 @@ def test_node_tests_run_together_give_the_state_of_tests_run_one_by_one() -> Non
         for w in range(1, 45)
         for i in range(nodes)
     ]
-    runs: list[tuple[bytes, list[DriftEvent]]] = []
-    for every in (1, 64, len(aggs)):
-        det = _detector()
-        events: list[DriftEvent] = []
-        for k, agg in enumerate(aggs, start=1):
-            events += det.observe(agg)
-            if k % every == 0:
-                det.take_dirty()
-        det.take_dirty()
-        runs.append((msgspec.msgpack.encode([list(det.groups.values()), sorted(det.units.items())]), events))
+    runs = [_replay(aggs, every) for every in (1, 64, len(aggs))]
     assert runs[0][1], "the shift opens events"
     assert runs[0] == runs[1] == runs[2]

@@ -160,12 +160,7 @@ def window_z(
         d = c - n * p
         stat += d * d / (p * inflate + noise_var)
     df = len(counts) - 1
-    wh = _WH.get(df)
-    if wh is None:
-        if df < 1:
-            raise ValueError(f"df must be >= 1, got {df!r}")
-        c = 2.0 / (9.0 * df)
-        wh = _WH[df] = (1.0 - c, math.sqrt(c))
+    wh = _WH.get(df) or _wh(df)
     z = (math.pow(max(stat, 0.0) / df, 1.0 / 3.0) - wh[0]) / wh[1]
     if upper_cell is not None and counts[upper_cell] < n * probs[upper_cell]:
         z = -abs(z)
@@ -174,6 +169,15 @@ def window_z(
 
 #: df -> (1 - c, √c) of the Wilson–Hilferty transform, c = 2 / (9 df).
 _WH: dict[int, tuple[float, float]] = {}
+
+
+def _wh(df: int) -> tuple[float, float]:
+    """Compute and cache ``_WH[df]`` (callers look in ``_WH`` first: the hot path)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df!r}")
+    c = 2.0 / (9.0 * df)
+    wh = _WH[df] = (1.0 - c, math.sqrt(c))
+    return wh
 
 
 def window_z_rows(
@@ -200,12 +204,7 @@ def window_z_rows(
         groups.setdefault(cells, []).append(i)
     for cells, rows in groups.items():
         df = cells - 1
-        wh = _WH.get(df)
-        if wh is None:
-            if df < 1:
-                raise ValueError(f"df must be >= 1, got {df!r}")
-            c = 2.0 / (9.0 * df)
-            wh = _WH[df] = (1.0 - c, math.sqrt(c))
+        wh = _WH.get(df) or _wh(df)
         k = len(rows)
         if k == m:
             cnt = _matrix(counts, k, cells)
