@@ -203,6 +203,15 @@ class PullLoop:
         except js_errors.NotFoundError:
             info = await self._js.add_consumer(self._stream, config)
         self.ack_all = info.config.ack_policy == js_api.AckPolicy.ALL
+        room = info.config.max_ack_pending or 0
+        if 0 < room < 2 * self._batch:
+            log.warning(
+                "consumer_max_ack_pending_small",
+                durable=self._durable,
+                max_ack_pending=room,
+                batch=self._batch,
+                hint="the next batch cannot be prefetched; raise it or lower batch_size",
+            )
         log.info(
             "consumer_bound",
             stream=self._stream,

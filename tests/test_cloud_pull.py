@@ -45,14 +45,16 @@ async def stream(js: JetStreamContext, fleet: str) -> AsyncIterator[str]:
         await js.delete_stream(name)
 
 
-async def _add_consumer(js: JetStreamContext, stream: str, *, ack_wait: float = 30.0) -> None:
+async def _add_consumer(
+    js: JetStreamContext, stream: str, *, ack_wait: float = 30.0, max_ack_pending: int = 10_000
+) -> None:
     await js.add_consumer(
         stream,
         js_api.ConsumerConfig(
             durable_name=DURABLE,
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=ack_wait,
-            max_ack_pending=10_000,
+            max_ack_pending=max_ack_pending,
         ),
     )
 
@@ -327,3 +329,48 @@ async def test_close_after_a_cancelled_lingering_fetch_hands_its_messages_back(
             while len(got) < 3:
                 got += await b.fetch(10, timeout=1)
     assert sorted(m.data for m in got) == [b"0", b"1", b"2"]
+
+
+async def test_a_full_max_ack_pending_holds_the_next_batch_back_without_an_error(
+    nc: NATS, js: JetStreamContext, stream: str, fleet: str
+) -> None:
+    """A consumer with room for one batch only (max_ack_pending = batch): the prefetch and the
+    next fetch get nothing (nats-server 2.15 answers 404/408 here), without an error; once
+    the first batch is acked, the next one comes."""
+    await _add_consumer(js, stream, max_ack_pending=5)
+    await _fill(nc, js, stream, f"t.{fleet}.a", 12)
+    async with PullBatches(nc, stream, DURABLE) as pull:
+        first = await pull.fetch(5, timeout=5)
+        assert [m.data for m in first] == [str(i).encode() for i in range(5)]
+        assert await pull.fetch(5, timeout=0.5) == []
+        for m in first:
+            await m.ack()
+        second = await pull.fetch(5, timeout=5)
+        assert [m.data for m in second] == [str(i).encode() for i in range(5, 10)]
+
+
+async def test_an_existing_consumer_too_small_for_a_prefetch_is_named_and_still_drained(
+    nats_server: EmbeddedServer, nc: NATS, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """A telemetry consumer made by an older version (max_ack_pending 100, below two batches
+    of 64) keeps its config; the service says so in a warning and still counts everything."""
+    durable = consumer_name("slmops-cloud", [fleet])
+    await js.add_consumer(
+        TELEMETRY_STREAM,
+        js_api.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=js_api.AckPolicy.ALL,
+            filter_subject=f"slmops.telemetry.{fleet}.>",
+            max_ack_pending=100,
+        ),
+    )
+    rng = np.random.default_rng(14)
+    aggs = [make_aggregate(fleet, f"{fleet}-n{i}", s, 100, rng) for s in range(1, 41) for i in range(5)]
+    with capture_logs() as logs:
+        async with CloudService(cloud_config(nats_server.url, tmp_path, fleet)) as svc:
+            await svc.wait_active(20)
+            await _publish_all(nc, aggs)
+            await wait_until(lambda: _applied(svc, fleet) == len(aggs), 30, what="all applied")
+    warnings = [e for e in logs if e["event"] == "consumer_max_ack_pending_small"]
+    assert warnings
+    assert (warnings[0]["max_ack_pending"], warnings[0]["batch"]) == (100, 64)
