@@ -45,6 +45,8 @@ class Profile:
     error_rate: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"alpha": 0.4, "beta": 0.35, "gamma": 0.25})
     confidence: float = 0.85
+    #: Share of the answers the apps' feedback marks right (every answer gets feedback).
+    accuracy: float = 0.9
     #: The node refuses to install this version (status model_rejected, smoke_failed).
     reject: bool = False
 
@@ -207,6 +209,8 @@ class SimFleet:
         lat.add(p.latency_ms, n)
         length = Histogram.empty(EDGES.input_length)
         length.add(5, n)
+        right = round(p.accuracy * n)
+        feedback = {"alpha": {"alpha": right, "beta": n - right}}
         return TelemetryAggregate(
             fleet=self.fleet,
             node=node.name,
@@ -221,4 +225,5 @@ class SimFleet:
             input_length=length,
             latency_ms=lat,
             privacy=Privacy(k=1),
+            feedback=feedback,
         )

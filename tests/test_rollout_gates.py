@@ -10,7 +10,7 @@ import pytest
 
 from _models import EDGES
 from cloud.rollout import Metrics, RolloutConfig, cohort, evaluate, hash_point, total_variation
-from cloud.rollout.gates import install_gate, verdict
+from cloud.rollout.gates import GateResult, install_gate, verdict
 from shared.histogram import Histogram
 from shared.messages import ModelRef, Privacy, ReferenceProfile, TelemetryAggregate
 
@@ -34,8 +34,10 @@ def test_cohort_is_stable_grows_and_has_the_asked_size() -> None:
 
 
 def _agg(node: str, seq: int, *, n: int = 100, lat: float = 1.5, errors: int = 0,
-         mix: dict[str, float] | None = None, conf: float = 0.85) -> TelemetryAggregate:  # fmt: skip
+         mix: dict[str, float] | None = None, conf: float = 0.85,
+         acc: float | None = None) -> TelemetryAggregate:  # fmt: skip
     mix = mix or {"alpha": 0.4, "beta": 0.35, "gamma": 0.25}
+    feedback = {"alpha": {"alpha": round(acc * n), "gamma": n - round(acc * n)}} if acc is not None else {}
     now = datetime.now(UTC)
     return TelemetryAggregate(
         fleet="f",
@@ -51,6 +53,7 @@ def _agg(node: str, seq: int, *, n: int = 100, lat: float = 1.5, errors: int = 0
         input_length=Histogram.of(EDGES.input_length, [5] * n),
         latency_ms=Histogram.of(EDGES.latency_ms, [lat] * n),
         privacy=Privacy(k=1),
+        feedback=feedback,
     )
 
 
@@ -82,12 +85,15 @@ def test_gates_wait_until_the_canary_has_enough_samples() -> None:
         ({"errors": 10}, "error_rate"),
         ({"mix": {"alpha": 1.0}}, "drift"),
         ({"conf": 0.55}, "confidence"),
+        ({"acc": 0.7}, "accuracy"),
     ],
 )
 def test_each_gate_fails_on_what_it_watches(canary: dict[str, object], gate: str) -> None:
-    control = _metrics(*(_agg("b", i) for i in range(1, 4)))
-    good = evaluate(CFG, _metrics(_agg("a", 1), _agg("a", 2)), [control], canary_ref=None, control_ref=None)
+    control = _metrics(*(_agg("b", i, acc=0.9) for i in range(1, 4)))
+    good = evaluate(CFG, _metrics(_agg("a", 1, acc=0.9), _agg("a", 2, acc=0.9)), [control],
+                    canary_ref=None, control_ref=None)  # fmt: skip
     assert verdict(good) == "pass"
+    canary = {"acc": 0.9, **canary}
     bad = _metrics(_agg("a", 1, **canary), _agg("a", 2, **canary))  # type: ignore[arg-type]
     results = {r.name: r.outcome for r in evaluate(CFG, bad, [control], canary_ref=None, control_ref=None)}
     assert results[gate] == "fail", results
@@ -127,6 +133,8 @@ def test_install_gate_counts_failed_nodes_against_the_limit() -> None:
         ({"max_failures": 1.5}, "max_failures"),
         ({"min_samples": 0}, "min_samples"),
         ({"max_latency_ratio": 0}, "max_latency_ratio"),
+        ({"max_accuracy_drop": 0}, "max_accuracy_drop"),
+        ({"min_feedback": 0}, "min_feedback"),
     ],
 )
 def test_config_refuses_bad_values_naming_them(kwargs: dict[str, object], match: str) -> None:
@@ -172,3 +180,40 @@ def test_latency_below_the_floor_never_fails_the_ratio() -> None:
     strict = RolloutConfig(min_samples=200, latency_floor_ms=0.0)
     out = {r.name: r for r in evaluate(strict, canary, [control], canary_ref=None, control_ref=None)}
     assert out["latency_p95"].outcome == "fail"
+
+
+def test_accuracy_gate_needs_labelled_answers_a_real_drop_and_falls_back_to_held_out() -> None:
+    """Feedback accuracy: no or too little feedback passes saying so; a small or chance-level
+    drop passes; 0.90 -> 0.70 on 200 labelled answers fails; without control feedback the
+    canary's held-out accuracy is the control; negative (DP-noised) cells are not counted."""
+    control = _metrics(*(_agg("b", i, acc=0.9) for i in range(1, 11)))
+    cfg = RolloutConfig(min_samples=200, min_feedback=100)
+
+    def gate(canary: Metrics, controls: list[Metrics], ref: ReferenceProfile | None = None) -> GateResult:
+        results = evaluate(cfg, canary, controls, canary_ref=ref, control_ref=None)
+        return next(r for r in results if r.name == "accuracy")
+
+    none = gate(_metrics(_agg("a", 1), _agg("a", 2)), [control])
+    assert (none.outcome, none.samples) == ("pass", 0)
+    assert "labelled" in none.detail
+    small = gate(_metrics(_agg("a", 1, acc=0.87), _agg("a", 2, acc=0.87)), [control])
+    assert small.outcome == "pass"
+    worse = gate(_metrics(_agg("a", 1, acc=0.7), _agg("a", 2, acc=0.7)), [control])
+    assert worse.outcome == "fail"
+    assert (worse.canary, worse.control, worse.samples) == (0.7, 0.9, 200)
+    # 0.84 against 0.90 on 200 answers: over the 0.05 limit, but within chance (z ~ 2.0 < 2.33).
+    chance = gate(_metrics(_agg("a", 1, acc=0.84), _agg("a", 2, acc=0.84)), [control])
+    assert chance.outcome == "pass"
+    hist = Histogram.of(EDGES.confidence, [0.85] * 10)
+    ref = ReferenceProfile(
+        count=400, class_counts={"alpha": 1}, confidence=hist, input_length=hist, accuracy=0.9
+    )
+    held_out = gate(_metrics(_agg("a", 1, acc=0.7), _agg("a", 2, acc=0.7)), [], ref)
+    assert held_out.outcome == "fail"
+    assert "held-out" in held_out.detail
+    alone = gate(_metrics(_agg("a", 1, acc=0.7), _agg("a", 2, acc=0.7)), [])
+    assert (alone.outcome, alone.detail.startswith("no control")) == ("pass", True)
+    noisy = _agg("a", 3, acc=0.9)
+    noisy.feedback["beta"] = {"beta": -2, "alpha": -1}
+    m = _metrics(noisy)
+    assert (m.right, m.wrong) == (90, 10)

@@ -102,7 +102,7 @@ async def _events(js: JetStreamContext, fleet: str) -> list[RolloutEvent]:
 async def _running(sim: SimFleet, js: JetStreamContext, fleet: str) -> AsyncIterator[None]:
     """The simulated fleet and a rollout runner, running until the block ends; entered once
     the runner sees every node."""
-    runner = RolloutRunner(js, interval=0.05)
+    runner = RolloutRunner(js, interval=0.05, fleets=[fleet])  # not other tests' rollouts
     async with anyio.create_task_group() as tg:
         await tg.start(sim.run)
         await tg.start(runner.run)
@@ -156,8 +156,9 @@ async def test_good_version_goes_through_every_stage_with_variants_per_device(
         (Profile(latency_ms=15.0), "latency_p95"),
         (Profile(error_rate=0.2), "error_rate"),
         (Profile(reject=True), "install"),
+        (Profile(accuracy=0.7), "accuracy"),
     ],
-    ids=["one_class", "ten_times_slower", "errors", "smoke_test_fails"],
+    ids=["one_class", "ten_times_slower", "errors", "smoke_test_fails", "feedback_accuracy_drop"],
 )
 async def test_bad_version_is_caught_at_the_first_stage_and_rolled_back(
     nc: NATS,

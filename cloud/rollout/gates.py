@@ -15,6 +15,11 @@ rollout started is used, and without that the canary's own reference profile. Ga
   or the canary's p95 below ``latency_floor_ms``.
 * ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
   of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
+* ``accuracy``: accuracy from app feedback (``TelemetryAggregate.feedback``: true label ->
+  predicted label -> count); control's (else the canary's reference accuracy, measured on
+  held-out data) − canary's may be at most ``max_accuracy_drop``, and the drop must be
+  significant (one-sided two-proportion z-test at 1%). Each side needs ``min_feedback``
+  labelled answers; with fewer the gate passes saying so, since apps need not send feedback.
 * ``drift``: each side's class mix against its own version's reference (total variation);
   canary's may exceed control's by at most ``max_drift_increase``. A version answering one
   class whatever the input fails here; a recalibrated one, whose reference holds its new
@@ -41,7 +46,17 @@ Outcome = Literal["pass", "fail", "waiting"]
 class Metrics:
     """Aggregates merged by adding counts, each ``(node, seq)`` counted once."""
 
-    __slots__ = ("class_counts", "confidence", "count", "errors", "latency", "nodes", "seen")
+    __slots__ = (
+        "class_counts",
+        "confidence",
+        "count",
+        "errors",
+        "latency",
+        "nodes",
+        "right",
+        "seen",
+        "wrong",
+    )
 
     def __init__(self) -> None:
         self.count = 0
@@ -51,6 +66,9 @@ class Metrics:
         self.latency: Histogram | None = None
         self.nodes: set[str] = set()
         self.seen: set[tuple[str, int]] = set()
+        #: Labelled answers from app feedback: predicted label equal to / other than the truth.
+        self.right = 0
+        self.wrong = 0
 
     def add(self, agg: TelemetryAggregate) -> bool:
         """Merge ``agg``; False (nothing changed) if it was already counted."""
@@ -68,8 +86,23 @@ class Metrics:
         self.errors += agg.errors
         for label, n in agg.class_counts.items():
             self.class_counts[label] = self.class_counts.get(label, 0) + n
+        for truth, predicted in agg.feedback.items():
+            for label, n in predicted.items():
+                if n > 0:  # DP noise can make a cell negative
+                    if label == truth:
+                        self.right += n
+                    else:
+                        self.wrong += n
         self.nodes.add(agg.node)
         return True
+
+    @property
+    def labelled(self) -> int:
+        return self.right + self.wrong
+
+    @property
+    def accuracy(self) -> float:
+        return self.right / self.labelled if self.labelled else math.nan
 
     @property
     def error_rate(self) -> float:
@@ -169,7 +202,7 @@ def evaluate(
     if canary.count < n:
         return [
             GateResult(name=g, outcome="waiting", samples=canary.count, detail=f"canary has < {n} inferences")
-            for g in ("error_rate", "latency_p95", "confidence", "drift")
+            for g in ("error_rate", "latency_p95", "confidence", "accuracy", "drift")
         ]
     results: list[GateResult] = []
     # Error rate: without a control the canary is held to the increase over zero.
@@ -230,6 +263,7 @@ def evaluate(
                 samples=canary.count,
             )
         )
+    results.append(_accuracy_gate(config, canary, controls, canary_ref))
     # Drift: each side against its own version's reference; without references, canary
     # against control directly.
     can_mix, ctl_mix = _ref_mix(canary_ref), _ref_mix(control_ref)
@@ -257,6 +291,47 @@ def evaluate(
             )
         )
     return results
+
+
+def _accuracy_gate(
+    config: RolloutConfig, canary: Metrics, controls: list[Metrics], canary_ref: ReferenceProfile | None
+) -> GateResult:
+    """See the module docstring (``accuracy``)."""
+    need = config.min_feedback
+    if canary.labelled < need:
+        return GateResult(
+            name="accuracy",
+            outcome="pass",
+            canary=_num(canary.accuracy),
+            samples=canary.labelled,
+            detail=f"canary has < {need} labelled answers (app feedback)",
+        )
+    control = next((c for c in controls if c.labelled >= need), None)
+    if control is not None:
+        c_acc, c_n, source = control.accuracy, control.labelled, "control feedback"
+    elif canary_ref is not None and canary_ref.accuracy is not None and canary_ref.count > 0:
+        c_acc, c_n, source = canary_ref.accuracy, canary_ref.count, "canary's held-out accuracy"
+    else:
+        return GateResult(
+            name="accuracy",
+            outcome="pass",
+            canary=_num(canary.accuracy),
+            samples=canary.labelled,
+            detail="no control: no labelled control answers and no reference accuracy",
+        )
+    acc, n = canary.accuracy, canary.labelled
+    drop = c_acc - acc
+    se = math.sqrt(acc * (1 - acc) / n + c_acc * (1 - c_acc) / c_n)
+    significant = drop > _Z_ONE_SIDED_1PCT * se
+    return GateResult(
+        name="accuracy",
+        outcome="fail" if drop > config.max_accuracy_drop and significant else "pass",
+        canary=_num(acc),
+        control=_num(c_acc),
+        limit=config.max_accuracy_drop,
+        samples=n,
+        detail=f"against {source} ({c_n} answers)",
+    )
 
 
 def verdict(results: list[GateResult]) -> Outcome:

@@ -98,6 +98,11 @@ class RolloutConfig(msgspec.Struct, kw_only=True):
     #: Canary's class-mix distance to its own reference may exceed control's by at most this
     #: (total variation), so a recalibrated version that predicts a new mix on purpose passes.
     max_drift_increase: float = 0.1
+    #: Canary accuracy from app feedback may be at most this lower than control's (absolute).
+    max_accuracy_drop: float = 0.05
+    #: Labelled answers (app feedback) each side needs before the accuracy gate judges; with
+    #: fewer it passes saying so (apps need not send feedback at all).
+    min_feedback: int = 100
 
     def __post_init__(self) -> None:
         st = self.stages
@@ -118,11 +123,13 @@ class RolloutConfig(msgspec.Struct, kw_only=True):
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
-        for name in ("max_latency_ratio", "max_confidence_drop", "max_drift_increase"):
+        for name in ("max_latency_ratio", "max_confidence_drop", "max_drift_increase", "max_accuracy_drop"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if isinstance(self.min_samples, bool) or self.min_samples < 1:
-            raise ValueError(f"min_samples must be a positive int, got {self.min_samples!r}")
+        for name in ("min_samples", "min_feedback"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class NodeEntry(msgspec.Struct, kw_only=True):
