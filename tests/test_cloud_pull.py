@@ -11,9 +11,10 @@ from pathlib import Path
 
 import anyio
 import nats
+import nats.errors
 import numpy as np
 import pytest
-from _cloud_util import cloud_config, make_aggregate
+from _cloud_util import cloud_config, make_aggregate, publish
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -374,3 +375,48 @@ async def test_an_existing_consumer_too_small_for_a_prefetch_is_named_and_still_
     warnings = [e for e in logs if e["event"] == "consumer_max_ack_pending_small"]
     assert warnings
     assert (warnings[0]["max_ack_pending"], warnings[0]["batch"]) == (100, 64)
+
+
+async def test_the_service_rides_out_a_server_restart_and_counts_each_aggregate_once(
+    private_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The NATS server is stopped under a running service (its open pull request dies with
+    the server) and started again on the same store: the service reconnects, pulls again and
+    counts every aggregate once, those sent before and after the outage alike."""
+    fleet = "rs"
+    rng = np.random.default_rng(15)
+    nodes = [f"{fleet}-n{i}" for i in range(4)]
+    before = [make_aggregate(fleet, node, s, 100, rng) for s in range(1, 11) for node in nodes]
+    after = [make_aggregate(fleet, node, s, 100, rng) for s in range(11, 21) for node in nodes]
+    total = len(before) + len(after)
+    with capture_logs() as logs:
+        async with CloudService(cloud_config(private_server.url, tmp_path, fleet)) as svc:
+            await svc.wait_active(20)
+            await _publish_acked(private_server.url, before)
+            await wait_until(lambda: _applied(svc, fleet) == len(before), 20, what="first part applied")
+            await private_server.stop_async(keep_store=True)
+            await anyio.sleep(1.0)  # the service's pulls fail meanwhile; it must keep trying
+            await private_server.start_async()
+            await _publish_acked(private_server.url, after)
+            await wait_until(lambda: _applied(svc, fleet) == total, 40, what="rest applied after restart")
+            assert _inferences(svc, fleet) == sum(a.count for a in before + after)
+            assert all(n.seqs.missing == 0 and n.seqs.high == 20 for n in svc.nodes.values())
+    # The outage reached the service (its pull failed, or its lease lapsed and came back).
+    assert {"fetch_failed", "lease_lost"} & {e["event"] for e in logs}
+
+
+async def _publish_acked(url: str, aggs: list[TelemetryAggregate]) -> None:
+    """Publish through JetStream, each acked (retried while a restarted server recovers)."""
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        for agg in aggs:
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        await publish(js, agg)
+                        break
+                    except (nats.errors.Error, TimeoutError):
+                        await anyio.sleep(0.2)
+    finally:
+        await nc.close()
