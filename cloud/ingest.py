@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -42,7 +43,14 @@ from shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, validate_id
 from .apply import Applier
 from .pull import ConsumerGone, PullBatches, PullError
 
-__all__ = ["PullLoop", "TelemetryIngest", "consumer_name", "deadletter", "deadletter_until_stored"]
+__all__ = [
+    "Consumer",
+    "PullLoop",
+    "TelemetryIngest",
+    "consumer_name",
+    "deadletter",
+    "deadletter_until_stored",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -266,8 +274,14 @@ class PullLoop:
                 raise
 
 
-class TelemetryIngest:
-    """The telemetry consumer of the active instance."""
+class Consumer:
+    """A consumer of the active instance: a ``PullLoop`` on ``stream`` for the selected fleets
+    (subjects ``slmops.<kind>.<fleet>.>``), handing each batch to ``handle``."""
+
+    stream: ClassVar[str]
+    kind: ClassVar[str]
+    durable_base: ClassVar[str]
+    ack_all: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -285,20 +299,35 @@ class TelemetryIngest:
         self.loop = PullLoop(
             nc,
             js,
-            stream=TELEMETRY_STREAM,
-            subjects=fleet_subjects("telemetry", fleets),
-            durable=consumer_name("slmops-cloud", fleets),
+            stream=self.stream,
+            subjects=fleet_subjects(self.kind, fleets),
+            durable=consumer_name(self.durable_base, fleets),
             batch=batch,
             fetch_timeout=fetch_timeout,
             ack_wait=ack_wait,
             handle=self.handle,
-            ack_all=True,
+            ack_all=self.ack_all,
         )
-        self.deadlettered = 0
-        self._known: set[str] = set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.loop.run(task_status=task_status)
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        raise NotImplementedError
+
+
+class TelemetryIngest(Consumer):
+    """The telemetry consumer of the active instance."""
+
+    stream = TELEMETRY_STREAM
+    kind = "telemetry"
+    durable_base = "slmops-cloud"
+    ack_all = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadlettered = 0
+        self._known: set[str] = set()
 
     async def handle(self, msgs: list[Msg]) -> None:
         good: list[Msg] = []

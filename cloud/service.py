@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import structlog
@@ -51,7 +51,7 @@ from .drift.calibrate import shared_calibrator
 from .drift.detector import DriftDetector
 from .errors import LeaseLost
 from .events import EventPublisher
-from .ingest import TelemetryIngest, consumer_name
+from .ingest import Consumer, TelemetryIngest, consumer_name
 from .lease import Lease, ensure_leases_bucket
 from .snapshot import SnapshotWriter, ensure_fleet_bucket
 from .state import NodeState, StateStore
@@ -64,6 +64,8 @@ __all__ = ["ActiveTask", "CloudService", "tune_gc"]
 ActiveTask = Callable[..., Coroutine[Any, Any, None]]
 
 log = structlog.get_logger(__name__)
+
+C = TypeVar("C", bound=Consumer)
 
 
 def tune_gc() -> None:
@@ -194,6 +196,18 @@ class CloudService:
                 with anyio.CancelScope(shield=True):
                     await lease.release()
 
+    def _consumer(self, kind: type[C], js: JetStreamContext, applier: Applier) -> C:
+        cfg = self.config
+        return kind(
+            self._link.nc,
+            js,
+            applier,
+            fleets=cfg.fleets,
+            batch=cfg.batch_size,
+            fetch_timeout=cfg.fetch_timeout,
+            ack_wait=cfg.ack_wait,
+        )
+
     async def _serve(self, js: JetStreamContext, lease: Lease, fleet_kv: Any) -> None:
         cfg = self.config
 
@@ -220,24 +234,8 @@ class CloudService:
                 max_pending_seqs=cfg.max_pending_seqs,
                 fence=fence,
             )
-            ingest = TelemetryIngest(
-                self._link.nc,
-                js,
-                applier,
-                fleets=cfg.fleets,
-                batch=cfg.batch_size,
-                fetch_timeout=cfg.fetch_timeout,
-                ack_wait=cfg.ack_wait,
-            )
-            status = StatusIngest(
-                self._link.nc,
-                js,
-                applier,
-                fleets=cfg.fleets,
-                batch=cfg.batch_size,
-                fetch_timeout=cfg.fetch_timeout,
-                ack_wait=cfg.ack_wait,
-            )
+            ingest = self._consumer(TelemetryIngest, js, applier)
+            status = self._consumer(StatusIngest, js, applier)
             self._applier, self._ingest, self._publisher = applier, ingest, publisher
             self._status = status
             log.info(

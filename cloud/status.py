@@ -8,52 +8,23 @@ dead-lettered like telemetry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import anyio
 import msgspec
-from anyio.abc import TaskStatus
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from shared.messages import NodeStatus, decode_json
 from shared.names import STATUS_STREAM
 
-from .apply import Applier
-from .ingest import PullLoop, consumer_name, deadletter, fleet_subjects
+from .ingest import Consumer, deadletter
 
 __all__ = ["StatusIngest"]
 
 
-class StatusIngest:
-    def __init__(
-        self,
-        nc: Client,
-        js: JetStreamContext,
-        applier: Applier,
-        *,
-        fleets: Sequence[str],
-        batch: int,
-        fetch_timeout: float,
-        ack_wait: float,
-    ) -> None:
-        self._js = js
-        self._applier = applier
-        self.loop = PullLoop(
-            nc,
-            js,
-            stream=STATUS_STREAM,
-            subjects=fleet_subjects("status", fleets),
-            durable=consumer_name("slmops-cloud-status", fleets),
-            batch=batch,
-            fetch_timeout=fetch_timeout,
-            ack_wait=ack_wait,
-            handle=self.handle,
-        )
+class StatusIngest(Consumer):
+    """The node-status consumer of the active instance."""
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self.loop.run(task_status=task_status)
+    stream = STATUS_STREAM
+    kind = "status"
+    durable_base = "slmops-cloud-status"
 
     async def handle(self, msgs: list[Msg]) -> None:
         good: list[Msg] = []
