@@ -27,7 +27,7 @@ import msgspec
 from shared.messages import DeviceProfile, ModelRef
 
 from .dedupe import SeqTracker
-from .drift.detector import Group, NodeUnit
+from .drift.units import Group, NodeUnit
 from .errors import StateError
 
 __all__ = ["NodeState", "StateStore", "StoredState"]

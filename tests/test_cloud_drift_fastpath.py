@@ -12,8 +12,8 @@ from _cloud_util import PRIOR, make_aggregate, make_manifest
 from cloud.config import DriftConfig
 from cloud.drift import DriftDetector, benjamini_hochberg, window_test
 from cloud.drift.calibrate import Calibrator
-from cloud.drift.detector import Group, NodeUnit
 from cloud.drift.stats import window_z, window_z_rows
+from cloud.drift.units import Group, NodeUnit
 from shared.messages import DriftEvent, ModelRef, TelemetryAggregate
 
 

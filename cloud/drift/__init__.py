@@ -1,9 +1,10 @@
 """Drift detection on telemetry aggregates (DESIGN §7): tests, calibration, label shift."""
 
 from .calibrate import Calibration, Calibrator, calibrate
-from .detector import DriftDetector, Group, NodeUnit, UnitSig, group_key
+from .detector import DriftDetector
 from .labelshift import bbse_priors, confusion_matrix, em_priors, expected_accuracy
 from .stats import benjamini_hochberg, window_test
+from .units import Group, NodeUnit, UnitSig, group_key
 
 __all__ = [
     "Calibration",

@@ -24,8 +24,9 @@ How a decision is made (DESIGN §7):
    severity rises and ``resolved`` after ``resolve_windows`` consecutive quiet windows, which
    also resets its CUSUM.
 
-Not thread-safe; one detector per service. State is plain msgspec Structs so the caller persists
-exactly the groups and node units a batch touched (``take_dirty``).
+Not thread-safe; one detector per service. Its state is the plain msgspec Structs of
+``units.py``, so the caller persists exactly the groups and node units a batch touched
+(``take_dirty``).
 """
 
 from __future__ import annotations
@@ -33,105 +34,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Literal
 
-import msgspec
-import numpy as np
 import structlog
 
 from cloud.config import DriftConfig
 from shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggregate
 
 from .calibrate import Calibrator, shared_calibrator
-from .labelshift import confusion_matrix, em_priors, expected_accuracy
-from .signals import ONE_SIDED, Acc, SignalRef, extract, manifest_refs, mean_of_histogram
+from .report import build_event, mean_confidence
+from .signals import ONE_SIDED, Acc, SignalRef, extract
 from .stats import benjamini_hochberg, noise_tv, normalise, total_variation, window_z, window_z_rows
+from .units import Group, NodeUnit, UnitSig, group_key, new_group
 
-__all__ = ["DriftDetector", "Group", "NodeUnit", "UnitSig", "group_key"]
+__all__ = ["DriftDetector"]
 
 log = structlog.get_logger(__name__)
-
-_ACTIONS = {
-    "class_prior": "class mix changed: check the estimated priors; a recalibrated version "
-    "(logit bias + log(new/old prior)) can absorb a pure label shift",
-    "confidence": "model confidence changed: review recent inputs; retrain if accuracy falls",
-    "input_length": "inputs changed length: check what the apps send",
-    "latency": "latency changed: check device load and the model variant assigned",
-    "error_rate": "inference errors rose: check node logs and the installed model",
-    "accuracy": "accuracy from app feedback fell: retrain on recent feedback",
-}
-
-
-def group_key(fleet: str, model: ModelRef) -> str:
-    return f"{fleet}/{model.name}/{model.version}/{model.variant}"
-
-
-class UnitSig(msgspec.Struct, kw_only=True):
-    """Evidence and event state of one signal of one unit (the fleet, or one node)."""
-
-    s: float = 0.0
-    run: Acc | None = None  #: counts since S last left zero
-    last: list[float] = []  #: counts of the last window tested
-    last_n: float = 0.0
-    last_noise: float = 0.0
-    last_effect: float = 0.0
-    quiet: int = 0
-    fresh: bool = False  #: tested in the current round
-    pi: float = 1.0
-    open: bool = False
-    episode: int = 0
-    updates: int = 0
-    severity: str = ""
-
-
-class NodeUnit(msgspec.Struct, kw_only=True):
-    acc: dict[str, Acc] = {}
-    sig: dict[str, UnitSig] = {}
-    #: The node's own baseline per signal (its first tested windows), see the module docstring.
-    refs: dict[str, SignalRef] = {}
-    warm: dict[str, Acc] = {}
-
-
-class Group(msgspec.Struct, kw_only=True):
-    key: str
-    fleet: str
-    model: ModelRef
-    labels: list[str] = []
-    edges: dict[str, list[float]] = {}
-    refs: dict[str, SignalRef] = {}
-    warm: dict[str, Acc] = {}
-    warm_rounds: int = 0
-    round: dict[str, Acc] = {}
-    round_nodes: list[str] = []
-    round_node_windows: int = 0
-    rounds: int = 0
-    fleet_sig: dict[str, UnitSig] = {}
-    joint: list[list[float]] | None = None
-    confusion_source: str = ""
-    ref_accuracy: float | None = None
-    ref_mean_conf: float | None = None
-
-
-def new_group(fleet: str, model: ModelRef, manifest: ModelManifest | None) -> Group:
-    g = Group(key=group_key(fleet, model), fleet=fleet, model=model)
-    if manifest is not None:
-        g.labels = list(manifest.labels)
-        g.edges = {
-            "confidence": list(manifest.edges.confidence),
-            "input_length": list(manifest.edges.input_length),
-            "latency": list(manifest.edges.latency_ms),
-        }
-        g.refs = manifest_refs(manifest)
-        ref = manifest.reference
-        if ref is not None:
-            g.ref_accuracy = ref.accuracy
-            if ref.confusion:
-                g.confusion_source = "manifest_confusion"
-                g.joint = confusion_matrix(g.labels, ref.confusion, None).tolist()
-            g.ref_mean_conf = mean_of_histogram(
-                [float(c) for c in ref.confidence.counts], ref.confidence.edges
-            )
-    return g
 
 
 class DriftDetector:
@@ -388,7 +305,7 @@ class DriftDetector:
                         )
                         log.info("drift_reference_from_windows", group=g.key, signal=signal, count=warm.n)
                 if "confidence" in g.refs and g.ref_mean_conf is None:
-                    g.ref_mean_conf = self._mean_conf(g, g.refs["confidence"].probs)
+                    g.ref_mean_conf = mean_confidence(g, g.refs["confidence"].probs)
                 g.warm = {}
         family: list[tuple[str | None, str, UnitSig, SignalRef]] = [
             (None, s, us, g.refs[s]) for s, us in g.fleet_sig.items() if us.fresh
@@ -517,72 +434,11 @@ class DriftDetector:
             return "warning"
         return "info"
 
-    def _mean_conf(self, g: Group, counts: list[float]) -> float | None:
-        edges = g.edges.get("confidence")
-        if edges is None or len(edges) != len(counts) + 1:
-            return None
-        return mean_of_histogram(counts, edges)
-
-    def _estimates(
-        self, g: Group, node: str | None, signal: str, us: UnitSig
-    ) -> tuple[dict[str, float] | None, float | None]:
-        sigs = g.fleet_sig if node is None else self.units[(g.key, node)].sig
-        priors = None
-        prior_us = us if signal == "class_prior" else sigs.get("class_prior")
-        if prior_us is not None and g.labels and len(g.labels) >= 2:
-            # The latest tested window (for the fleet: the whole last round): the evidence run
-            # may reach back before the shift and would mix old and new priors.
-            counts = prior_us.last
-            if len(counts) == len(g.labels) and sum(max(c, 0) for c in counts) > 0:
-                joint = (
-                    np.asarray(g.joint)
-                    if g.joint is not None
-                    else confusion_matrix(g.labels, None, g.ref_accuracy)
-                )
-                priors = {
-                    label: round(p, 4) for label, p in zip(g.labels, em_priors(counts, joint), strict=True)
-                }
-        acc = None
-        conf_us = sigs.get("confidence")
-        if conf_us is not None and conf_us.last:
-            acc = expected_accuracy(self._mean_conf(g, conf_us.last), g.ref_mean_conf, g.ref_accuracy)
-        return priors, (round(acc, 4) if acc is not None else None)
-
     def _event(
         self, g: Group, node: str | None, signal: str, us: UnitSig, ref: SignalRef, state: str, effect: float
     ) -> DriftEvent:
-        scope: Literal["fleet", "node"] = "fleet" if node is None else "node"
-        suffix = f".{us.updates}" if state == "updated" else ""
-        m = g.model
-        parts = (g.fleet, scope, node or "_", m.name, m.version, m.variant, signal, us.episode, state)
-        event_id = ".".join(str(p) for p in parts) + suffix
-        priors, acc = self._estimates(g, node, signal, us)
-        run = us.run
-        now = self._clock()
-        action = _ACTIONS[signal] if state != "resolved" else "none: traffic matches the reference again"
-        return DriftEvent(
-            id=event_id,
-            fleet=g.fleet,
-            scope=scope,
-            node=node,
-            model=m,
-            signal=signal,
-            statistic="cusum_chi2_z",
-            value=round(us.s, 4),
-            p_value=us.pi,
-            evidence=round(us.s, 4),
-            effect_size=round(effect, 5),
-            window_start=run.start if run is not None and run.start is not None else now,
-            window_end=run.end if run is not None and run.end is not None else now,
-            windows=run.windows if run is not None else 0,
-            state=state,  # type: ignore[arg-type]
-            severity=us.severity or "info",  # type: ignore[arg-type]
-            reference=ref.source,
-            estimated_priors=priors,
-            expected_accuracy=acc,
-            suggested_action=action,
-            time=now,
-        )
+        sigs = g.fleet_sig if node is None else self.units[(g.key, node)].sig
+        return build_event(g, node, signal, us, ref, state, effect, sigs=sigs, now=self._clock())
 
 
 _RANK = {"": 0, "info": 1, "warning": 2, "critical": 3}
