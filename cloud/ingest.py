@@ -23,6 +23,7 @@ about three times as much per message.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
@@ -274,7 +275,7 @@ class PullLoop:
                 raise
 
 
-class Consumer:
+class Consumer(ABC):
     """A consumer of the active instance: a ``PullLoop`` on ``stream`` for the selected fleets
     (subjects ``slmops.<kind>.<fleet>.>``), handing each batch to ``handle``."""
 
@@ -312,8 +313,9 @@ class Consumer:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.loop.run(task_status=task_status)
 
+    @abstractmethod
     async def handle(self, msgs: list[Msg]) -> None:
-        raise NotImplementedError
+        """Apply one batch and settle (ack, dead-letter) its messages."""
 
 
 class TelemetryIngest(Consumer):

@@ -23,6 +23,7 @@ from cloud.registry import Registry, RegistryError
 from shared import names
 from shared.bundle import TrustStore, load_private_key, new_keypair, pack_archive, read_bundle, unpack_archive
 from shared.errors import BundleError
+from shared.kv import kv_keys
 from shared.messages import Assignment, DeviceProfile, NodeStatus, decode_json, encode_json
 from shared.server import EmbeddedServer
 from shared.variants import choose_variant
@@ -171,13 +172,10 @@ def _cli(*args: str) -> tuple[int, str]:
 
 
 async def _manifest_keys(url: str) -> list[str]:
+    """Not kv.keys(): its replay can end before the entries it received (shared/kv.py)."""
     nc = await nats.connect(url)
     try:
-        kv = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
-        try:
-            return list(await kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        return await kv_keys(nc.jetstream(), names.MODELS_MANIFEST_BUCKET)
     finally:
         await nc.close()
 
