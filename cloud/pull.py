@@ -115,6 +115,9 @@ class PullBatches:
                 self._remaining -= 1
                 if self._remaining <= 0:
                     self._open = None
+                else:
+                    # Still delivering: a big batch on a slow link is not overdue.
+                    self._deadline = max(self._deadline, time.monotonic() + _GRACE)
             if len(self._buf) >= self._want or self._open is None:
                 self._notify()
             return
