@@ -99,7 +99,7 @@ async def publish(js: JetStreamContext, agg: TelemetryAggregate) -> None:
     await js.publish(
         telemetry_subject(agg.fleet, agg.node),
         encode_telemetry(agg),
-        headers={"Nats-Msg-Id": msg_id(agg.node, agg.seq)},
+        headers={"Nats-Msg-Id": msg_id(agg.node, agg.seq, agg.fleet)},  # as the edge does
     )
 
 

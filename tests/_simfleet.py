@@ -87,8 +87,8 @@ class SimFleet:
         self.nc, self.js, self.fleet, self.model = nc, js, fleet, model
         self.profiles = profiles
         self.tick, self.per_tick = tick, per_tick
-        # Node ids carry the fleet: Nats-Msg-Id is <node>:<seq>, and the telemetry stream's
-        # duplicate window would drop another test's "n00:1" as a duplicate.
+        # Node ids carry the fleet, so tests sharing a server never mix up their nodes (and the
+        # stream's duplicate window keeps them apart whichever Nats-Msg-Id form is used).
         self.nodes = {
             name: SimNode(name, memory_mb=128 if i % small_every == 0 else 4096, model=start)
             for i, name in ((i, f"{fleet}-n{i:02d}") for i in range(n))

@@ -34,9 +34,9 @@ pytestmark = pytest.mark.anyio
 
 NODES = ["n1", "n2", "n3", "n4"]
 
-# Node ids are made unique per test (``<fleet>-n1``): JetStream's duplicate window is per
-# stream and ``shared.names.msg_id`` is ``<node>:<seq>`` without the fleet, so equal node ids
-# in two fleets would collide within two minutes (reported to the lead).
+# Node ids are made unique per test (``<fleet>-n1``) as well, though the ``Nats-Msg-Id`` of
+# ``_cloud_util.publish`` (``<fleet>/<node>:<seq>``, as the edge sends it) already keeps two
+# fleets' equal node ids apart in the stream's duplicate window.
 
 
 def _nodes(fleet: str) -> list[str]:
