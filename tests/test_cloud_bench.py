@@ -30,3 +30,7 @@ async def test_ingest_bench_quick_measures_project_and_bare_fetch_ack() -> None:
     assert project > 0
     assert baseline > 0
     assert result["ratio"] == pytest.approx(project / baseline, rel=1e-2)
+    batched = result["bare_fetch_batch_ack_all"]
+    assert isinstance(batched, float)
+    assert batched > 0
+    assert result["ratio_to_bare_fetch_batch_ack_all"] == pytest.approx(project / batched, rel=1e-2)
