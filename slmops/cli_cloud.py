@@ -95,7 +95,7 @@ def _run(main: Callable[[], Awaitable[int]]) -> None:
     "fleets",
     multiple=True,
     callback=_fleet_id,
-    help="Watch only this fleet (repeatable). Default: every fleet.",
+    help="Watch only this fleet and run only its rollouts (repeatable). Default: every fleet.",
 )
 @click.option(
     "--config",
@@ -105,7 +105,12 @@ def _run(main: Callable[[], Awaitable[int]]) -> None:
     help="TOML/JSON file with CloudConfig keys (e.g. batch_size, lease_ttl, [drift] min_count); "
     "flags win over it.",
 )
-@click.option("--batch-size", type=int, default=None, help="Messages per fetch and transaction [4096].")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Aggregates per pull, transaction and ack; the next batch is prefetched [4096].",
+)
 @click.option("--lease-ttl", default=None, help="Single-active lease TTL, e.g. 10s [10s].")
 @click.option(
     "--min-count", type=int, default=None, help="Inferences a node window needs to be tested [100]."
