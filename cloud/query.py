@@ -19,7 +19,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 
 from shared.errors import NatsUnavailable
-from shared.kv import kv_keys
+from shared.kv import kv_values
 from shared.messages import DriftEvent, decode_json
 from shared.names import DRIFT_STREAM, drift_subject
 
@@ -67,26 +67,18 @@ async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:
     cloud never ran."""
     js = nc.jetstream()
     try:
-        kv = await js.key_value(FLEET_BUCKET)
-    except js_errors.BucketNotFoundError:
+        # Not kv.keys() or a bare watch: both can end their replay early (shared/kv.py).
+        values = await kv_values(js, FLEET_BUCKET, f"{fleet}.*" if fleet else ">")
+    except js_errors.NotFoundError:  # no bucket: the cloud never ran
         return []
-    except (nats.errors.Error, OSError) as exc:
-        raise NatsUnavailable(_url(nc), f"cannot open KV {FLEET_BUCKET}: {exc!r}") from exc
-    out = []
-    try:
-        # Not kv.keys() or a watch: both can end their replay early (shared/kv.py).
-        for key in await kv_keys(js, FLEET_BUCKET, f"{fleet}.*" if fleet else ">"):
-            try:
-                entry = await kv.get(key)
-            except js_errors.NotFoundError:  # deleted (KeyDeletedError) or purged meanwhile
-                continue
-            if entry.value:
-                try:
-                    out.append(_snapshot_decoder.decode(entry.value))
-                except msgspec.DecodeError as exc:
-                    log.warning("fleet_snapshot_undecodable", key=key, error=str(exc))
-    except (js_errors.Error, nats.errors.Error, OSError) as exc:
+    except (nats.errors.Error, OSError) as exc:  # TimeoutError included (nats-py's)
         raise NatsUnavailable(_url(nc), f"cannot read KV {FLEET_BUCKET}: {exc!r}") from exc
+    out = []
+    for key, value in values.items():
+        try:
+            out.append(_snapshot_decoder.decode(value))
+        except msgspec.DecodeError as exc:
+            log.warning("fleet_snapshot_undecodable", key=key, error=str(exc))
     return sorted(out, key=lambda s: (s.fleet, s.node))
 
 

@@ -30,7 +30,7 @@ from shared import names
 from shared.bundle import Bundle, TrustStore, check_hash, pack_archive
 from shared.connect import connect_once
 from shared.errors import BundleError, NatsUnavailable
-from shared.kv import kv_keys
+from shared.kv import kv_values
 from shared.messages import Assignment, ModelManifest, NodeStatus, decode_json, encode_json
 from shared.provision import ensure_resources
 from shared.runtime import load_session
@@ -184,12 +184,9 @@ class Registry:
         """Every manifest in the registry, sorted by name, version, variant. A value that does
         not decode is logged and skipped (someone else wrote it)."""
         await self._bucket(names.MODELS_MANIFEST_BUCKET)
-        keys = await self._call("list manifests", kv_keys(self._js, names.MODELS_MANIFEST_BUCKET))
+        values = await self._call("list manifests", kv_values(self._js, names.MODELS_MANIFEST_BUCKET))
         found: list[ModelManifest] = []
-        for key in keys:
-            data = await self._kv_get(names.MODELS_MANIFEST_BUCKET, key)
-            if data is None:
-                continue
+        for key, data in values.items():
             try:
                 found.append(decode_json(data, ModelManifest))
             except msgspec.DecodeError as exc:

@@ -7,13 +7,15 @@ here as ``registry assign: ... (versions: [])`` right after three versions were 
 loaded machine). ``kv_keys`` asks the stream for its subjects instead (``STREAM.INFO`` with a
 subject filter): one request, nothing to race. The answer holds every key written and not
 purged, deleted ones too (their last entry is a delete marker): read a key to know.
+``kv_values`` reads them all through one watch, which it ends only once it has seen every
+listed key (not at the watch's own "no more" marker), instead of one request per key.
 """
 
 from __future__ import annotations
 
 from nats.js import JetStreamContext
 
-__all__ = ["kv_keys"]
+__all__ = ["kv_keys", "kv_values"]
 
 
 async def kv_keys(js: JetStreamContext, bucket: str, key_filter: str = ">") -> list[str]:
@@ -26,3 +28,30 @@ async def kv_keys(js: JetStreamContext, bucket: str, key_filter: str = ">") -> l
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + key_filter)
     subjects = info.state.subjects or {}
     return sorted(s[len(prefix) :] for s in subjects if s.startswith(prefix))
+
+
+async def kv_values(
+    js: JetStreamContext, bucket: str, key_filter: str = ">", *, timeout: float = 5.0
+) -> dict[str, bytes]:
+    """The current value of every live key of KV ``bucket`` matching ``key_filter`` (deleted
+    and purged keys are left out). Raises nats-py's ``NotFoundError`` for a missing bucket
+    and its ``TimeoutError`` when the watch stalls for ``timeout`` seconds."""
+    want = set(await kv_keys(js, bucket, key_filter))
+    if not want:
+        return {}
+    kv = await js.key_value(bucket)
+    out: dict[str, bytes] = {}
+    watcher = await kv.watch(key_filter)  # last entry per key, delete markers included
+    try:
+        while want:
+            entry = await watcher.updates(timeout=timeout)  # type: ignore[no-untyped-call]
+            if entry is None:  # the watch's "initial values done": not trusted, see above
+                continue
+            want.discard(entry.key)
+            if entry.operation is None and entry.value is not None:  # a put
+                out[entry.key] = entry.value
+            else:
+                out.pop(entry.key, None)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return out

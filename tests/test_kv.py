@@ -6,7 +6,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
-from shared.kv import kv_keys
+from shared.kv import kv_keys, kv_values
 
 pytestmark = pytest.mark.anyio
 
@@ -34,5 +34,27 @@ async def test_every_key_put_is_listed_at_once_filtered_and_deleted_ones_too(
             await kv.get("b.k000")
         with pytest.raises(js_errors.NotFoundError):
             await kv_keys(js, f"KVT_{fleet}_missing")
+    finally:
+        await js.delete_key_value(bucket)
+
+
+async def test_values_of_live_keys_come_through_one_watch_deleted_ones_left_out(
+    js: JetStreamContext, fleet: str
+) -> None:
+    """``kv_values``: every live key's latest value, filtered; deleted keys are left out; an
+    empty bucket gives {} and a missing one NotFoundError."""
+    bucket = f"KVV_{fleet}"
+    kv = await js.create_key_value(bucket=bucket, history=2)
+    try:
+        assert await kv_values(js, bucket) == {}
+        for i in range(50):
+            await kv.put(f"{'a' if i % 2 else 'b'}.k{i:02d}", b"old")
+            await kv.put(f"{'a' if i % 2 else 'b'}.k{i:02d}", str(i).encode())
+        await kv.delete("a.k01")
+        values = await kv_values(js, bucket, "a.*")
+        assert values == {f"a.k{i:02d}": str(i).encode() for i in range(3, 50, 2)}
+        assert len(await kv_values(js, bucket)) == 49
+        with pytest.raises(js_errors.NotFoundError):
+            await kv_values(js, f"KVV_{fleet}_missing")
     finally:
         await js.delete_key_value(bucket)

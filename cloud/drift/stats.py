@@ -206,16 +206,10 @@ def window_z_rows(
         df = cells - 1
         wh = _WH.get(df) or _wh(df)
         k = len(rows)
-        if k == m:
-            cnt = _matrix(counts, k, cells)
-            prb = _matrix(probs, k, cells)
-            nref = np.array(n_ref, dtype=np.float64)
-            noise = np.array(noise_var, dtype=np.float64)
-        else:
-            cnt = _matrix([counts[i] for i in rows], k, cells)
-            prb = _matrix([probs[i] for i in rows], k, cells)
-            nref = np.array([n_ref[i] for i in rows], dtype=np.float64)
-            noise = np.array([noise_var[i] for i in rows], dtype=np.float64)
+        cnt = _matrix([counts[i] for i in rows], k, cells)
+        prb = _matrix([probs[i] for i in rows], k, cells)
+        nref = np.array([n_ref[i] for i in rows], dtype=np.float64)
+        noise = np.array([noise_var[i] for i in rows], dtype=np.float64)
         pos = np.where(cnt > 0, cnt, 0.0)
         n = _column_sum(pos)
         ratio = np.zeros(k)
