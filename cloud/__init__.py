@@ -1,7 +1,7 @@
 """The cloud side of slmops: telemetry ingest with exactly-once counting, fleet state, drift
 detection and drift events, the model registry and factory, recalibration and staged rollouts.
 
-    from cloud import CloudConfig, CloudService
+    from slmops.cloud import CloudConfig, CloudService
 
     async with CloudService(CloudConfig(nats_url="nats://127.0.0.1:4222")) as svc:
         ...
@@ -11,10 +11,10 @@ Never imports ``edge``. Everything here needs the ``cloud`` extra (``pip install
 pyyaml and the corpus for training).
 """
 
-from cloud.config import CloudConfig
-from cloud.errors import CloudError, LeaseLost, StateError
-from cloud.registry import Registry, RegistryError, open_registry
-from cloud.service import CloudService
+from slmops.cloud.config import CloudConfig
+from slmops.cloud.errors import CloudError, LeaseLost, StateError
+from slmops.cloud.registry import Registry, RegistryError, open_registry
+from slmops.cloud.service import CloudService
 
 __all__ = [
     "CloudConfig",

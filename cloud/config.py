@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from cloud.rollout.state import RolloutConfig
-from shared.config import Config
-from shared.names import validate_id
+from slmops.cloud.rollout.state import RolloutConfig
+from slmops.shared.config import Config
+from slmops.shared.names import validate_id
 
 __all__ = ["CloudConfig", "DriftConfig"]
 

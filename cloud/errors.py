@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from shared.errors import SlmopsError
+from slmops.shared.errors import SlmopsError
 
 __all__ = ["CloudError", "LeaseLost", "StateError"]
 

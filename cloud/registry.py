@@ -25,16 +25,16 @@ from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from cloud.errors import CloudError
-from shared import names
-from shared.bundle import Bundle, TrustStore, check_hash, pack_archive
-from shared.connect import connect_once
-from shared.errors import BundleError, NatsUnavailable
-from shared.kv import kv_values
-from shared.messages import Assignment, ModelManifest, NodeStatus, decode_json, encode_json
-from shared.provision import ensure_resources
-from shared.runtime import load_session
-from shared.variants import PREFERENCE, choose_variant
+from slmops.cloud.errors import CloudError
+from slmops.shared import names
+from slmops.shared.bundle import Bundle, TrustStore, check_hash, pack_archive
+from slmops.shared.connect import connect_once
+from slmops.shared.errors import BundleError, NatsUnavailable
+from slmops.shared.kv import kv_values
+from slmops.shared.messages import Assignment, ModelManifest, NodeStatus, decode_json, encode_json
+from slmops.shared.provision import ensure_resources
+from slmops.shared.runtime import load_session
+from slmops.shared.variants import PREFERENCE, choose_variant
 
 __all__ = ["PushResult", "Registry", "RegistryError", "open_registry", "verify_bundle"]
 

@@ -42,20 +42,19 @@ import structlog
 from anyio.abc import TaskGroup
 from nats.js import JetStreamContext
 
-from shared.connect import Link
-from shared.provision import ensure_resources
-
-from .apply import Applier
-from .config import CloudConfig
-from .drift.calibrate import shared_calibrator
-from .drift.detector import DriftDetector
-from .errors import LeaseLost
-from .events import EventPublisher
-from .ingest import Consumer, TelemetryIngest, consumer_name
-from .lease import Lease, ensure_leases_bucket
-from .snapshot import SnapshotWriter, ensure_fleet_bucket
-from .state import NodeState, StateStore
-from .status import StatusIngest
+from slmops.cloud.config import CloudConfig
+from slmops.cloud.drift.calibrate import shared_calibrator
+from slmops.cloud.drift.detector import DriftDetector
+from slmops.cloud.errors import LeaseLost
+from slmops.cloud.ingest.apply import Applier
+from slmops.cloud.ingest.consumers import Consumer, TelemetryIngest, consumer_name
+from slmops.cloud.ingest.events import EventPublisher
+from slmops.cloud.ingest.lease import Lease, ensure_leases_bucket
+from slmops.cloud.ingest.snapshot import SnapshotWriter, ensure_fleet_bucket
+from slmops.cloud.ingest.state import NodeState, StateStore
+from slmops.cloud.ingest.status import StatusIngest
+from slmops.shared.connect import Link
+from slmops.shared.provision import ensure_resources
 
 __all__ = ["ActiveTask", "CloudService", "tune_gc"]
 

@@ -1,7 +1,7 @@
 """The edge node runtime: local ONNX inference with an HTTP and a Python API, privacy-filtered
 telemetry in SQLite, window aggregates forwarded to NATS JetStream whenever the link is up.
 
-    from edge import EdgeConfig, EdgeNode
+    from slmops.edge import EdgeConfig, EdgeNode
 
     async with EdgeNode(EdgeConfig(fleet="f1", node="n1", data_dir="/var/lib/slmops")) as node:
         answers = await node.predict(["some text"])
@@ -9,8 +9,8 @@ telemetry in SQLite, window aggregates forwarded to NATS JetStream whenever the 
 Imports neither ``cloud`` nor cloud-only packages.
 """
 
-from edge.config import EdgeConfig
-from edge.errors import (
+from slmops.edge.config import EdgeConfig
+from slmops.edge.errors import (
     DataDirInUse,
     EdgeError,
     FeedbackConflict,
@@ -20,8 +20,8 @@ from edge.errors import (
     StoreError,
     UnknownPrediction,
 )
-from edge.inference import InferenceFailed
-from edge.node import EdgeNode, PredictionOut
+from slmops.edge.inference import InferenceFailed
+from slmops.edge.node import EdgeNode, PredictionOut
 
 __all__ = [
     "DataDirInUse",

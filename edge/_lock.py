@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from edge.errors import DataDirInUse
+from slmops.edge.errors import DataDirInUse
 
 __all__ = ["DataDirLock"]
 

@@ -10,7 +10,7 @@ import aiosqlite
 import anyio
 import structlog
 
-from edge.errors import StoreError
+from slmops.edge.errors import StoreError
 
 __all__ = ["SCHEMA", "Transaction"]
 

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from edge.config import is_loopback
-from edge.errors import FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
-from edge.inference import InferenceFailed
+from slmops.edge.config import is_loopback
+from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
+from slmops.edge.inference import InferenceFailed
 
 if TYPE_CHECKING:
-    from edge.node import EdgeNode
+    from slmops.edge.node import EdgeNode
 
 __all__ = ["build_app", "start_api"]
 

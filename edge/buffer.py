@@ -30,11 +30,17 @@ import msgspec
 import numpy as np
 import structlog
 
-from edge._sqlite import SCHEMA, Transaction
-from edge.errors import NodeClosed, StoreError
-from edge.privacy import EventRow, add_noise, suppress
-from edge.window import ModelInfo, build_aggregate, compact
-from shared.messages import HistogramEdges, ModelRef, TelemetryAggregate, decode_telemetry, encode_telemetry
+from slmops.edge._sqlite import SCHEMA, Transaction
+from slmops.edge.errors import NodeClosed, StoreError
+from slmops.edge.privacy import EventRow, add_noise, suppress
+from slmops.edge.window import ModelInfo, build_aggregate, compact
+from slmops.shared.messages import (
+    HistogramEdges,
+    ModelRef,
+    TelemetryAggregate,
+    decode_telemetry,
+    encode_telemetry,
+)
 
 __all__ = ["Buffer", "BufferStats", "Commit"]
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from shared.config import Config, load_config, parse_duration, parse_size
-from shared.errors import ConfigError
-from shared.names import validate_id
+from slmops.shared.config import Config, load_config, parse_duration, parse_size
+from slmops.shared.errors import ConfigError
+from slmops.shared.names import validate_id
 
 __all__ = ["DURATION_FIELDS", "SIZE_FIELDS", "EdgeConfig", "parse_hostport"]
 

@@ -24,11 +24,11 @@ import anyio.to_thread
 import numpy as np
 import structlog
 
-from edge.buffer import Buffer, Commit
-from edge.errors import EdgeError, NodeClosed, NoModel
-from edge.models import ActiveModel, ModelManager
-from edge.privacy import EventRow, derive_rows, error_rows
-from shared.runtime import Session
+from slmops.edge.buffer import Buffer, Commit
+from slmops.edge.errors import EdgeError, NodeClosed, NoModel
+from slmops.edge.models import ActiveModel, ModelManager
+from slmops.edge.privacy import EventRow, derive_rows, error_rows
+from slmops.shared.runtime import Session
 
 __all__ = ["Batcher", "InferenceFailed", "Result"]
 

@@ -23,11 +23,11 @@ import anyio.to_thread
 import msgspec
 import structlog
 
-from edge.status import device_profile
-from shared.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, TrustStore, check_hash, read_bundle
-from shared.errors import BundleError
-from shared.messages import ModelManifest, ModelRef
-from shared.runtime import Session, load_session
+from slmops.edge.status import device_profile
+from slmops.shared.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, TrustStore, check_hash, read_bundle
+from slmops.shared.errors import BundleError
+from slmops.shared.messages import ModelManifest, ModelRef
+from slmops.shared.runtime import Session, load_session
 
 __all__ = ["ActiveModel", "ModelManager"]
 

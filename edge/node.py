@@ -40,22 +40,22 @@ import anyio.abc
 import msgspec
 import structlog
 
-from edge._lock import DataDirLock
-from edge.buffer import Buffer
-from edge.config import EdgeConfig
-from edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
-from edge.inference import Batcher
-from edge.models import ActiveModel, ModelManager
-from edge.outbox import Publisher
-from edge.refresh import Refresher
-from edge.safety import SafetyMonitor
-from edge.status import StatusReporter, device_profile
-from edge.window import Windower
-from shared.bundle import TrustStore, read_bundle
-from shared.connect import ConnectFactory, Link, connect_attempt
-from shared.errors import BundleError
-from shared.messages import ModelManifest, ModelRef, NodeStatus
-from shared.names import status_subject, telemetry_subject
+from slmops.edge._lock import DataDirLock
+from slmops.edge.buffer import Buffer
+from slmops.edge.config import EdgeConfig
+from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
+from slmops.edge.inference import Batcher
+from slmops.edge.models import ActiveModel, ModelManager
+from slmops.edge.outbox import Publisher
+from slmops.edge.refresh import Refresher
+from slmops.edge.safety import SafetyMonitor
+from slmops.edge.status import StatusReporter, device_profile
+from slmops.edge.window import Windower
+from slmops.shared.bundle import TrustStore, read_bundle
+from slmops.shared.connect import ConnectFactory, Link, connect_attempt
+from slmops.shared.errors import BundleError
+from slmops.shared.messages import ModelManifest, ModelRef, NodeStatus
+from slmops.shared.names import status_subject, telemetry_subject
 
 __all__ = ["EdgeNode", "PredictionOut"]
 
@@ -201,7 +201,7 @@ class EdgeNode:
             ):
                 self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
             if self.config.http is not None:
-                from edge.api import start_api
+                from slmops.edge.api import start_api
 
                 self._api = await start_api(self)
         except BaseException:

@@ -22,10 +22,10 @@ import anyio
 import nats.errors
 import structlog
 
-from edge.buffer import Buffer
-from shared.connect import Link
-from shared.errors import NatsUnavailable
-from shared.names import msg_id
+from slmops.edge.buffer import Buffer
+from slmops.shared.connect import Link
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.names import msg_id
 
 __all__ = ["Publisher"]
 

@@ -22,8 +22,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from shared.histogram import Histogram, bin_index
-from shared.messages import HistogramEdges, Privacy, TelemetryAggregate
+from slmops.shared.histogram import Histogram, bin_index
+from slmops.shared.messages import HistogramEdges, Privacy, TelemetryAggregate
 
 __all__ = [
     "SENSITIVITY",

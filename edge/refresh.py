@@ -36,17 +36,24 @@ from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from edge._fetch import FetchError, fetch_object
-from edge.models import ModelManager
-from shared import names
-from shared.bundle import Bundle, unpack_archive
-from shared.connect import Link, LinkState
-from shared.errors import BundleError, NatsUnavailable
-from shared.messages import Assignment, DeviceProfile, ModelManifest, ModelRef, RefreshResult, decode_json
-from shared.variants import choose_variant
+from slmops.edge._fetch import FetchError, fetch_object
+from slmops.edge.models import ModelManager
+from slmops.shared import names
+from slmops.shared.bundle import Bundle, unpack_archive
+from slmops.shared.connect import Link, LinkState
+from slmops.shared.errors import BundleError, NatsUnavailable
+from slmops.shared.messages import (
+    Assignment,
+    DeviceProfile,
+    ModelManifest,
+    ModelRef,
+    RefreshResult,
+    decode_json,
+)
+from slmops.shared.variants import choose_variant
 
 if TYPE_CHECKING:
-    from edge.node import EdgeNode
+    from slmops.edge.node import EdgeNode
 
 __all__ = ["RETRYABLE", "RefreshStatistics", "Refresher"]
 

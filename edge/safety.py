@@ -41,12 +41,12 @@ import anyio
 import msgspec
 import structlog
 
-from edge.models import ActiveModel, ModelManager
-from shared.errors import BundleError
-from shared.messages import ModelRef
+from slmops.edge.models import ActiveModel, ModelManager
+from slmops.shared.errors import BundleError
+from slmops.shared.messages import ModelRef
 
 if TYPE_CHECKING:
-    from edge.node import EdgeNode
+    from slmops.edge.node import EdgeNode
 
 __all__ = ["Counters", "SafetyLimits", "SafetyMonitor", "VersionHealth"]
 

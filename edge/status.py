@@ -18,9 +18,9 @@ import nats.errors
 import onnxruntime as ort
 import structlog
 
-from shared.connect import Link, LinkState
-from shared.errors import NatsUnavailable
-from shared.messages import DeviceProfile, NodeStatus, encode_json
+from slmops.shared.connect import Link, LinkState
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.messages import DeviceProfile, NodeStatus, encode_json
 
 __all__ = ["StatusReporter", "device_profile", "memory_mb"]
 

@@ -15,8 +15,8 @@ import anyio
 import msgspec
 import structlog
 
-from shared.histogram import Histogram
-from shared.messages import (
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import (
     HistogramEdges,
     ModelRef,
     Privacy,

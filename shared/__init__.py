@@ -1,9 +1,9 @@
 """The slmops wire contract: messages, resource names, histogram maths, bundle format and
 signature, configuration, logging and NATS helpers. Imports neither ``edge`` nor ``cloud``."""
 
-from shared.errors import BundleError, ConfigError, NatsUnavailable, ResourceConflict, SlmopsError
-from shared.histogram import Histogram
-from shared.messages import (
+from slmops.shared.errors import BundleError, ConfigError, NatsUnavailable, ResourceConflict, SlmopsError
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import (
     Assignment,
     DeviceProfile,
     DriftEvent,

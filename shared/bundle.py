@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.errors import BundleError
-from shared.messages import ModelManifest, Signature
+from slmops.shared.errors import BundleError
+from slmops.shared.messages import ModelManifest, Signature
 
 __all__ = [
     "MANIFEST_FILE",

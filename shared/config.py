@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from shared.errors import ConfigError
+from slmops.shared.errors import ConfigError
 
 __all__ = ["Config", "load_config", "parse_duration", "parse_size"]
 

@@ -26,8 +26,8 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from shared.errors import NatsUnavailable
-from shared.names import inbox_prefix
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.names import inbox_prefix
 
 __all__ = [
     "ConnectFactory",

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from shared.histogram import Histogram
+from slmops.shared.histogram import Histogram
 
 __all__ = [
     "WIRE_TYPES",

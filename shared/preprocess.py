@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from shared.messages import Preprocessing
+from slmops.shared.messages import Preprocessing
 
 __all__ = ["Features", "featurize", "tokenize"]
 

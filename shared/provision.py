@@ -18,8 +18,8 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 
-from shared import names
-from shared.errors import NatsUnavailable, ProvisionError, ResourceConflict
+from slmops.shared import names
+from slmops.shared.errors import NatsUnavailable, ProvisionError, ResourceConflict
 
 __all__ = ["STREAMS", "StreamSpec", "ensure_resources"]
 

@@ -13,9 +13,9 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from shared.errors import BundleError
-from shared.messages import ModelManifest
-from shared.preprocess import featurize
+from slmops.shared.errors import BundleError
+from slmops.shared.messages import ModelManifest
+from slmops.shared.preprocess import featurize
 
 __all__ = ["Prediction", "Session", "load_session"]
 

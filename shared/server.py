@@ -28,7 +28,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from shared.errors import ServerStartError
+from slmops.shared.errors import ServerStartError
 
 __all__ = ["EmbeddedServer", "find_nats_server"]
 

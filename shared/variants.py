@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.messages import DeviceProfile
+from slmops.shared.messages import DeviceProfile
 
 __all__ = ["PREFERENCE", "choose_variant"]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import anyio
 import click
 
-from shared.connect import connect_once
-from shared.errors import SlmopsError
-from shared.logging import get_logger
-from shared.provision import ensure_resources
-from shared.server import EmbeddedServer
+from slmops.shared.connect import connect_once
+from slmops.shared.errors import SlmopsError
+from slmops.shared.logging import get_logger
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
 
 log = get_logger("slmops.server")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from shared.logging import configure_logging
+from slmops.shared.logging import configure_logging
 
 CONTEXT = {"auto_envvar_prefix": "SLMOPS", "help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -77,7 +77,7 @@ def schema() -> None:
     For clients in other languages: telemetry is msgpack with the same field names,
     everything else JSON.
     """
-    from shared.messages import json_schemas
+    from slmops.shared.messages import json_schemas
 
     click.echo(json.dumps(json_schemas(), indent=2))
 

@@ -15,13 +15,13 @@ import anyio
 import click
 import msgspec
 
-from shared.config import parse_duration
-from shared.errors import SlmopsError
-from shared.names import validate_id
+from slmops.shared.config import parse_duration
+from slmops.shared.errors import SlmopsError
+from slmops.shared.names import validate_id
 
 if TYPE_CHECKING:
-    from cloud.snapshot import NodeSnapshot
-    from shared.messages import DriftEvent
+    from slmops.cloud.ingest.snapshot import NodeSnapshot
+    from slmops.shared.messages import DriftEvent
 
 __all__ = ["cloud", "drift", "fleet"]
 
@@ -163,8 +163,8 @@ def cloud(
     `cloud[-<fleets>]` in KV slmops_leases), the others stand by and take over within one
     lease TTL when it stops.
     """
-    from cloud.config import CloudConfig
-    from shared.config import load_config
+    from slmops.cloud.config import CloudConfig
+    from slmops.shared.config import load_config
 
     data: dict[str, Any] = {"nats_url": nats_url, "state_dir": str(state_dir), "fleets": list(fleets)}
     if batch_size is not None:
@@ -184,20 +184,20 @@ def cloud(
         raise click.UsageError("--recalibrate suggest/auto needs --key (the cloud's signing key)")
 
     async def main() -> int:
-        from cloud.service import ActiveTask, CloudService, tune_gc
+        from slmops.cloud.service import ActiveTask, CloudService, tune_gc
 
         tune_gc()
 
         extra: list[ActiveTask] = []
         if rollouts:
-            from cloud.rollout import RolloutRunner
+            from slmops.cloud.rollout import RolloutRunner
 
             async def run_rollouts(js: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
                 await RolloutRunner(js, url=nats_url, fleets=config.fleets).run(task_status=task_status)
 
             extra.append(run_rollouts)
         if recalibrate != "off" and key_path is not None:
-            from cloud.loop import RecalibrationLoop, load_cloud_key, run_loop
+            from slmops.cloud.recalibration.loop import RecalibrationLoop, load_cloud_key, run_loop
 
             key = load_cloud_key(key_path)
 
@@ -300,9 +300,9 @@ def watch(
     start = None if replay_all else datetime.now(UTC) - timedelta(seconds=seconds)
 
     async def main() -> int:
-        from cloud.query import watch_drift
-        from shared.connect import connect_once
-        from shared.messages import encode_json
+        from slmops.cloud.ingest.query import watch_drift
+        from slmops.shared.connect import connect_once
+        from slmops.shared.messages import encode_json
 
         nc = await connect_once(nats_url)
         seen = 0
@@ -375,8 +375,8 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
     a second); works while the cloud is down, showing its last state."""
 
     async def main() -> int:
-        from cloud.query import fleet_status
-        from shared.connect import connect_once
+        from slmops.cloud.ingest.query import fleet_status
+        from slmops.shared.connect import connect_once
 
         nc = await connect_once(nats_url)
         try:

@@ -11,7 +11,7 @@ import anyio
 import click
 
 if TYPE_CHECKING:
-    from edge.config import EdgeConfig
+    from slmops.edge.config import EdgeConfig
 
 
 @click.command()
@@ -120,8 +120,8 @@ def edge(
     with an SLMOPS_EDGE_* environment variable (e.g. SLMOPS_EDGE_FLEET); --nats with
     SLMOPS_NATS_URL. Stops cleanly on Ctrl-C or SIGTERM.
     """
-    from edge.config import EdgeConfig
-    from shared.errors import ConfigError
+    from slmops.edge.config import EdgeConfig
+    from slmops.shared.errors import ConfigError
 
     data = {
         "nats_url": nats_url,
@@ -160,8 +160,8 @@ def edge(
 async def _serve(config: EdgeConfig) -> int:
     import structlog
 
-    from edge.node import EdgeNode
-    from shared.errors import BundleError, SlmopsError
+    from slmops.edge.node import EdgeNode
+    from slmops.shared.errors import BundleError, SlmopsError
 
     # Every log line of this process names the node (tasks inherit context variables).
     structlog.contextvars.bind_contextvars(fleet=config.fleet, node=config.node)

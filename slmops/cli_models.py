@@ -14,7 +14,7 @@ from typing import TypeVar
 import anyio
 import click
 
-from shared.errors import BundleError, SlmopsError
+from slmops.shared.errors import BundleError, SlmopsError
 
 __all__ = ["keys", "models"]
 
@@ -108,9 +108,9 @@ def build(
     chatterbot-corpus, reports held-out accuracy, and writes the reference profile and smoke
     tests into the manifest.
     """
-    from cloud.factory import FP32_MIN_MEMORY_MB
-    from cloud.factory import build as build_model
-    from shared.bundle import load_private_key
+    from slmops.cloud.factory.build import FP32_MIN_MEMORY_MB
+    from slmops.cloud.factory.build import build as build_model
+    from slmops.shared.bundle import load_private_key
 
     key = _sync(lambda: load_private_key(key_path))
     report = _sync(
@@ -165,9 +165,9 @@ def quantize(
     Prints sizes, per-call speed and agreement (top-1 agreement, largest probability
     difference) on the corpus; the int8 smoke tests are derived from the int8 model itself.
     """
-    from cloud.factory import factory_split
-    from cloud.quantize import quantize as quantize_model
-    from shared.bundle import load_private_key, read_bundle
+    from slmops.cloud.factory.build import factory_split
+    from slmops.cloud.factory.quantize import quantize as quantize_model
+    from slmops.shared.bundle import load_private_key, read_bundle
 
     key = _sync(lambda: load_private_key(key_path))
     parent = _sync(lambda: read_bundle(bundle))
@@ -202,7 +202,7 @@ def quantize(
 def sign(bundle: Path, key_path: Path) -> None:
     """Re-sign BUNDLE (a directory) after an edit: recompute the model's sha256 and size and
     sign the manifest with KEY, in place."""
-    from shared.bundle import MODEL_FILE, load_private_key, read_bundle, write_bundle
+    from slmops.shared.bundle import MODEL_FILE, load_private_key, read_bundle, write_bundle
 
     key = _sync(lambda: load_private_key(key_path))
     b = _sync(lambda: read_bundle(bundle))
@@ -229,8 +229,8 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
     loads it, and its smoke tests; a bundle failing any check is refused (exit status 1)
     and nothing is stored.
     """
-    from cloud.registry import open_registry
-    from shared.bundle import TrustStore, read_bundle, unpack_archive
+    from slmops.cloud.registry import open_registry
+    from slmops.shared.bundle import TrustStore, read_bundle, unpack_archive
 
     if not trust:
         raise click.UsageError("give at least one --trust public key (or SLMOPS_TRUST)")
@@ -254,7 +254,7 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of manifest summaries.")
 def list_(nats_url: str, as_json: bool) -> None:
     """List the model bundles in the registry."""
-    from cloud.registry import open_registry
+    from slmops.cloud.registry import open_registry
 
     async def main() -> None:
         async with open_registry(nats_url) as registry:
@@ -310,7 +310,7 @@ def assign(
     Nodes follow their own key, else the fleet-wide one; online nodes switch within moments,
     offline nodes on reconnect.
     """
-    from cloud.registry import open_registry
+    from slmops.cloud.registry import open_registry
 
     async def main() -> None:
         async with open_registry(nats_url) as registry:
@@ -342,7 +342,7 @@ def new(out_dir: Path, name: str) -> None:
     Keep the .key with whoever builds models; give the .pub to nodes (--trust) and to
     `models push`. Existing files are never overwritten.
     """
-    from shared.bundle import key_id, load_public_key, new_keypair
+    from slmops.shared.bundle import key_id, load_public_key, new_keypair
 
     priv, pub = _sync(lambda: new_keypair(out_dir, name))
     click.echo(f"private key  {priv}\npublic key   {pub}\nkey id       {key_id(load_public_key(pub))}")

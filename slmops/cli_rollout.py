@@ -17,11 +17,11 @@ import click
 import msgspec
 from nats.js import JetStreamContext
 
-from shared.config import parse_duration
-from shared.errors import SlmopsError
+from slmops.shared.config import parse_duration
+from slmops.shared.errors import SlmopsError
 
 if TYPE_CHECKING:
-    from cloud.rollout import RolloutState
+    from slmops.cloud.rollout import RolloutState
 
 __all__ = ["parse_percent", "parse_stages", "rollout"]
 
@@ -68,8 +68,8 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 
 @asynccontextmanager
 async def _jetstream(url: str) -> AsyncIterator[JetStreamContext]:
-    from shared.connect import connect_once
-    from shared.provision import ensure_resources
+    from slmops.shared.connect import connect_once
+    from slmops.shared.provision import ensure_resources
 
     nc = await connect_once(url, timeout=5.0, name="slmops-rollout")
     try:
@@ -136,8 +136,8 @@ def start(
     install_timeout: str,
 ) -> None:
     """Start rolling out --version to --fleet (refused while another rollout is active)."""
-    from cloud.registry import Registry
-    from cloud.rollout import RolloutConfig, RolloutStore, start_rollout
+    from slmops.cloud.registry import Registry
+    from slmops.cloud.rollout import RolloutConfig, RolloutStore, start_rollout
 
     try:
         config = RolloutConfig(
@@ -170,7 +170,7 @@ def start(
 @click.option("--json", "as_json", is_flag=True, help="Print the full states as JSON (one array).")
 def status(nats_url: str, fleet: str | None, as_json: bool) -> None:
     """Show rollouts: stage, phase, nodes, failures and the last gate results."""
-    from cloud.rollout import RolloutStore
+    from slmops.cloud.rollout import RolloutStore
 
     async def go() -> list[RolloutState]:
         async with _jetstream(nats_url) as js:
@@ -215,7 +215,7 @@ def _command(name: str, doc: str) -> click.Command:
     @_nats
     @_fleet
     def cmd(nats_url: str, fleet: str) -> None:
-        from cloud.rollout import RolloutStore
+        from slmops.cloud.rollout import RolloutStore
 
         async def go() -> None:
             async with _jetstream(nats_url) as js:
@@ -263,8 +263,8 @@ def run(nats_url: str, interval: str, key_path: Path | None, recalibrate: str) -
     are compare-and-set, so two controllers never both drive one rollout, and drift events
     go to one durable consumer, so each is acted on once.
     """
-    from cloud.loop import RecalibrationLoop, load_cloud_key, run_loop
-    from cloud.rollout import RolloutRunner
+    from slmops.cloud.recalibration.loop import RecalibrationLoop, load_cloud_key, run_loop
+    from slmops.cloud.rollout import RolloutRunner
 
     try:
         seconds = parse_duration(interval)

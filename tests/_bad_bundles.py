@@ -13,8 +13,8 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from _models import make_bundle
-from shared.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle, write_bundle
-from shared.messages import ModelManifest
+from slmops.shared.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle, write_bundle
+from slmops.shared.messages import ModelManifest
 
 __all__ = ["BAD_BUNDLES", "BadBundle", "resign"]
 

@@ -11,9 +11,10 @@ import numpy as np
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from cloud.config import CloudConfig, DriftConfig
-from shared.histogram import Histogram
-from shared.messages import (
+from slmops.bench._fleet import synthetic_manifest
+from slmops.cloud.config import CloudConfig, DriftConfig
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import (
     DriftEvent,
     HistogramEdges,
     ModelManifest,
@@ -25,8 +26,7 @@ from shared.messages import (
     encode_json,
     encode_telemetry,
 )
-from shared.names import MODELS_MANIFEST_BUCKET, drift_subject, manifest_key, msg_id, telemetry_subject
-from slmops.bench._fleet import synthetic_manifest
+from slmops.shared.names import MODELS_MANIFEST_BUCKET, drift_subject, manifest_key, msg_id, telemetry_subject
 
 LABELS = ["alpha", "beta", "gamma"]
 CONF_EDGES = [0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]

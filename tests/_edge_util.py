@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _models import make_bundle
-from edge.config import EdgeConfig
-from shared.bundle import Bundle
-from shared.messages import TelemetryAggregate, decode_telemetry
-from shared.names import TELEMETRY_STREAM
+from slmops.edge.config import EdgeConfig
+from slmops.shared.bundle import Bundle
+from slmops.shared.messages import TelemetryAggregate, decode_telemetry
+from slmops.shared.names import TELEMETRY_STREAM
 
 __all__ = ["Keys", "distinct_total", "edge_config", "read_raw", "read_telemetry"]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.graph import build_classifier
-from shared.bundle import Bundle, write_bundle
-from shared.messages import HistogramEdges, ModelManifest, Preprocessing, SmokeTest, TensorSpec
-from shared.preprocess import featurize
+from slmops.cloud.factory.graph import build_classifier
+from slmops.shared.bundle import Bundle, write_bundle
+from slmops.shared.messages import HistogramEdges, ModelManifest, Preprocessing, SmokeTest, TensorSpec
+from slmops.shared.preprocess import featurize
 
 LABELS = ["alpha", "beta", "gamma"]
 EDGES = HistogramEdges(

@@ -21,9 +21,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from _models import EDGES
-from shared import names
-from shared.histogram import Histogram
-from shared.messages import (
+from slmops.shared import names
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import (
     Assignment,
     DeviceProfile,
     ModelRef,

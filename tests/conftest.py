@@ -11,8 +11,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from _nats import new_fleet
-from shared.provision import ensure_resources
-from shared.server import EmbeddedServer
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from _models import make_bundle
-from shared.bundle import (
+from slmops.shared.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
     TrustStore,
@@ -24,8 +24,8 @@ from shared.bundle import (
     sign_manifest,
     unpack_archive,
 )
-from shared.errors import BundleError
-from shared.runtime import load_session
+from slmops.shared.errors import BundleError
+from slmops.shared.runtime import load_session
 
 
 @pytest.fixture(scope="module")

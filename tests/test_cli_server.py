@@ -14,8 +14,8 @@ import nats
 import pytest
 
 from _nats import free_port
-from shared.messages import WIRE_TYPES
-from shared.names import TELEMETRY_STREAM
+from slmops.shared.messages import WIRE_TYPES
+from slmops.shared.names import TELEMETRY_STREAM
 
 SLMOPS = [sys.executable, "-m", "slmops.cli"]
 

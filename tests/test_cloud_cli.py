@@ -17,9 +17,9 @@ from _cloud_util import PRIOR, cloud_config, make_aggregate, make_manifest, publ
 from nats.js import JetStreamContext
 
 from _nats import wait_until
-from cloud.query import fleet_status
-from cloud.service import CloudService
-from shared.server import EmbeddedServer
+from slmops.cloud.ingest.query import fleet_status
+from slmops.cloud.service import CloudService
+from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 

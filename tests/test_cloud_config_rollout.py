@@ -8,10 +8,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from cloud.config import CloudConfig
-from cloud.rollout.state import RolloutConfig
-from shared.config import load_config
-from shared.errors import ConfigError
+from slmops.cloud.config import CloudConfig
+from slmops.cloud.rollout.state import RolloutConfig
+from slmops.shared.config import load_config
+from slmops.shared.errors import ConfigError
 
 
 def test_rollout_table_typo_is_an_error_naming_it(tmp_path: Path) -> None:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from _cloud_util import PRIOR, make_aggregate, make_manifest
 
-from cloud.config import DriftConfig
-from cloud.drift import DriftDetector, benjamini_hochberg, window_test
-from cloud.drift.calibrate import Calibrator
-from cloud.drift.stats import window_z, window_z_rows
-from cloud.drift.units import Group, NodeUnit
-from shared.messages import DriftEvent, ModelRef, TelemetryAggregate
+from slmops.cloud.config import DriftConfig
+from slmops.cloud.drift import DriftDetector, benjamini_hochberg, window_test
+from slmops.cloud.drift.calibrate import Calibrator
+from slmops.cloud.drift.stats import window_z, window_z_rows
+from slmops.cloud.drift.units import Group, NodeUnit
+from slmops.shared.messages import DriftEvent, ModelRef, TelemetryAggregate
 
 
 def test_window_z_is_window_test_z_bit_for_bit() -> None:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from _cloud_util import LABELS, PRIOR, make_aggregate, make_manifest
 
-from cloud.config import DriftConfig
-from cloud.dedupe import Admit, SeqTracker
-from cloud.drift import DriftDetector, benjamini_hochberg, calibrate, window_test
-from cloud.drift.calibrate import simulate_z
-from cloud.drift.labelshift import bbse_priors, confusion_matrix, em_priors, expected_accuracy
-from cloud.drift.stats import geometric_noise_var, normalise
-from shared.messages import ModelRef, TelemetryAggregate
+from slmops.cloud.config import DriftConfig
+from slmops.cloud.drift import DriftDetector, benjamini_hochberg, calibrate, window_test
+from slmops.cloud.drift.calibrate import simulate_z
+from slmops.cloud.drift.labelshift import bbse_priors, confusion_matrix, em_priors, expected_accuracy
+from slmops.cloud.drift.stats import geometric_noise_var, normalise
+from slmops.cloud.ingest.dedupe import Admit, SeqTracker
+from slmops.shared.messages import ModelRef, TelemetryAggregate
 
 
 def _null_levels(probs: list[float], n: int, seed: int, length: int = 2000, streams: int = 300) -> np.ndarray:

@@ -22,13 +22,13 @@ from nats.js import api as js_api
 from structlog.testing import capture_logs
 
 from _nats import wait_until
-from cloud.ingest import consumer_name
-from cloud.pull import ConsumerGone, PullBatches
-from cloud.service import CloudService
-from shared.messages import TelemetryAggregate, encode_telemetry
-from shared.names import DEADLETTER_STREAM, TELEMETRY_STREAM, telemetry_subject
-from shared.provision import ensure_resources
-from shared.server import EmbeddedServer
+from slmops.cloud.ingest.consumers import consumer_name
+from slmops.cloud.ingest.pull import ConsumerGone, PullBatches
+from slmops.cloud.service import CloudService
+from slmops.shared.messages import TelemetryAggregate, encode_telemetry
+from slmops.shared.names import DEADLETTER_STREAM, TELEMETRY_STREAM, telemetry_subject
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 

@@ -24,11 +24,17 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from _nats import wait_until
-from cloud.service import CloudService
-from cloud.snapshot import FLEET_BUCKET, NodeSnapshot
-from shared.messages import DeviceProfile, ModelRef, NodeStatus, encode_json, encode_telemetry
-from shared.names import DEADLETTER_STREAM, DEADLETTER_SUBJECT, msg_id, status_subject, telemetry_subject
-from shared.server import EmbeddedServer
+from slmops.cloud.ingest.snapshot import FLEET_BUCKET, NodeSnapshot
+from slmops.cloud.service import CloudService
+from slmops.shared.messages import DeviceProfile, ModelRef, NodeStatus, encode_json, encode_telemetry
+from slmops.shared.names import (
+    DEADLETTER_STREAM,
+    DEADLETTER_SUBJECT,
+    msg_id,
+    status_subject,
+    telemetry_subject,
+)
+from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Config, load_config, parse_duration, parse_size
-from shared.errors import ConfigError
-from shared.names import assignment_key, model_object_name, msg_id, telemetry_subject, validate_id
+from slmops.shared.config import Config, load_config, parse_duration, parse_size
+from slmops.shared.errors import ConfigError
+from slmops.shared.names import assignment_key, model_object_name, msg_id, telemetry_subject, validate_id
 
 
 class DemoConfig(Config, kw_only=True):

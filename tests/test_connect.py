@@ -13,9 +13,9 @@ from nats.aio.client import Client as NATS
 
 from _nats import free_port, wait_until
 from _proxy import TcpProxy
-from shared.connect import Link, LinkState, connect_once
-from shared.errors import NatsUnavailable
-from shared.server import EmbeddedServer
+from slmops.shared.connect import Link, LinkState, connect_once
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 
@@ -172,7 +172,7 @@ async def test_connect_once_connects_to_a_live_server(nats_server: EmbeddedServe
     ],
 )
 def test_logs_and_errors_never_show_a_password_or_token(url: str, shown: str) -> None:
-    from shared.connect import redact_url
+    from slmops.shared.connect import redact_url
 
     assert redact_url(url) == shown
     assert Link(url).url == shown

@@ -36,11 +36,11 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from _nats import free_port, wait_until
-from shared import names
-from shared.connect import Link
-from shared.errors import NatsUnavailable
-from shared.provision import ensure_resources
-from shared.server import find_nats_server
+from slmops.shared import names
+from slmops.shared.connect import Link
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import find_nats_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -471,7 +471,7 @@ async def test_single_cloud_service_runs_as_the_cloud_user(
     import numpy as np
     from _cloud_util import cloud_config, make_aggregate, publish
 
-    from cloud.service import CloudService
+    from slmops.cloud.service import CloudService
 
     rng = np.random.default_rng(0)
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
@@ -694,8 +694,8 @@ async def test_real_edge_node_with_generated_credentials_installs_its_model_and_
     file (as the systemd unit does) connects, follows its fleet's assignment (KV watch, object
     download), serves predictions and sends status and telemetry — with no permission error."""
     from _edge_util import Keys
-    from cloud.registry import Registry
-    from shared.bundle import TrustStore
+    from slmops.cloud.registry import Registry
+    from slmops.shared.bundle import TrustStore
 
     node, port = "till-777", free_port()
     env_dir = tmp_path / "env"

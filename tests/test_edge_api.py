@@ -13,9 +13,9 @@ import anyio
 import pytest
 
 from _edge_util import Keys, edge_config
-from edge.errors import InvalidInput, NoModel
-from edge.node import EdgeNode
-from shared.messages import decode_telemetry
+from slmops.edge.errors import InvalidInput, NoModel
+from slmops.edge.node import EdgeNode
+from slmops.shared.messages import decode_telemetry
 
 
 @pytest.fixture

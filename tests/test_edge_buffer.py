@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.buffer import Buffer
-from edge.privacy import EventRow
-from shared.messages import HistogramEdges, ModelRef, decode_telemetry
+from slmops.edge.buffer import Buffer
+from slmops.edge.privacy import EventRow
+from slmops.shared.messages import HistogramEdges, ModelRef, decode_telemetry
 
 EDGES = HistogramEdges(confidence=[0.0, 0.5, 1.0], input_length=[0, 4, 1000], latency_ms=[0, 1, 1e6])
 REF = ModelRef(name="m", version=1)

@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from _edge_util import Keys, edge_config
-from edge.config import EdgeConfig
-from edge.errors import DataDirInUse
-from edge.node import EdgeNode
-from shared.bundle import MANIFEST_FILE
-from shared.errors import ConfigError
 from slmops.cli import main
+from slmops.edge.config import EdgeConfig
+from slmops.edge.errors import DataDirInUse
+from slmops.edge.node import EdgeNode
+from slmops.shared.bundle import MANIFEST_FILE
+from slmops.shared.errors import ConfigError
 
 
 def test_help_explains_the_command() -> None:

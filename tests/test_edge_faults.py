@@ -19,8 +19,8 @@ import pytest
 from _edge_util import Keys, distinct_total, read_telemetry
 from _nats import free_port
 from _proxy import TcpProxy
-from shared.provision import ensure_resources
-from shared.server import EmbeddedServer
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
 
 
 async def wait_ready(session: aiohttp.ClientSession, base: str, proc: anyio.abc.Process, log: Path) -> None:

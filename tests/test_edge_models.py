@@ -11,11 +11,11 @@ import pytest
 from _bad_bundles import BAD_BUNDLES
 
 from _edge_util import Keys, edge_config
-from edge.models import ModelManager
-from edge.node import EdgeNode
-from shared.bundle import TrustStore
-from shared.errors import BundleError
-from shared.messages import ModelManifest
+from slmops.edge.models import ModelManager
+from slmops.edge.node import EdgeNode
+from slmops.shared.bundle import TrustStore
+from slmops.shared.errors import BundleError
+from slmops.shared.messages import ModelManifest
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import pytest
 
 from _edge_util import Keys, distinct_total, edge_config, read_raw, read_telemetry
 from _nats import free_port
-from edge.node import EdgeNode
-from shared.messages import NodeStatus, decode_json
-from shared.names import STATUS_STREAM
-from shared.provision import ensure_resources
-from shared.server import EmbeddedServer
+from slmops.edge.node import EdgeNode
+from slmops.shared.messages import NodeStatus, decode_json
+from slmops.shared.names import STATUS_STREAM
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
 
 
 @pytest.fixture

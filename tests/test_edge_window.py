@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.privacy import EventRow, add_noise, derive_rows, suppress, two_sided_geometric
-from edge.window import ModelInfo, Windower, build_aggregate, compact, merge, mergeable, next_tick
-from shared.histogram import Histogram, bin_index
-from shared.messages import HistogramEdges, ModelRef, Privacy, TelemetryAggregate
+from slmops.edge.privacy import EventRow, add_noise, derive_rows, suppress, two_sided_geometric
+from slmops.edge.window import ModelInfo, Windower, build_aggregate, compact, merge, mergeable, next_tick
+from slmops.shared.histogram import Histogram, bin_index
+from slmops.shared.messages import HistogramEdges, ModelRef, Privacy, TelemetryAggregate
 
 EDGES = HistogramEdges(
     confidence=[0.0, 0.5, 0.8, 1.0], input_length=[0, 4, 16, 1000], latency_ms=[0, 1, 10, 1e6]
@@ -114,7 +114,7 @@ def test_compact_keeps_every_count_or_a_receipt(spec: list[tuple[list, bool]], b
     out = compact(pending, budget)
     kept = out.aggregates
     assert [a.seq for a in kept] == list(range(5, 5 + len(kept)))
-    from shared.messages import encode_telemetry
+    from slmops.shared.messages import encode_telemetry
 
     assert not kept or sum(len(encode_telemetry(a)) for a in kept) <= budget
     after = sum(a.count + a.dropped_inferences for a in kept) + out.carry_inferences
@@ -125,7 +125,7 @@ def test_compact_keeps_every_count_or_a_receipt(spec: list[tuple[list, bool]], b
 def test_compact_merges_before_dropping() -> None:
     """With room for one merged aggregate, nothing is dropped."""
     pending = [agg(1 + i, [(0, 0, 0, 0, 0, 1)]) for i in range(8)]
-    from shared.messages import encode_telemetry
+    from slmops.shared.messages import encode_telemetry
 
     one = len(encode_telemetry(pending[0]))
     out = compact(pending, one + 40)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import histogram as histogram_module
-from shared.histogram import Histogram, HistogramMismatch
+from slmops.shared import histogram as histogram_module
+from slmops.shared.histogram import Histogram, HistogramMismatch
 
 EDGES = [0.0, 1.0, 2.5, 10.0]
 hists = st.lists(st.integers(-1000, 10**9), min_size=3, max_size=3).map(

@@ -6,7 +6,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
-from shared.kv import kv_keys, kv_values
+from slmops.shared.kv import kv_keys, kv_values
 
 pytestmark = pytest.mark.anyio
 

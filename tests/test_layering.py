@@ -1,5 +1,6 @@
-"""The layering rule (DESIGN §1): shared imports neither edge nor cloud; edge and cloud never
-import each other; edge imports no cloud-only heavy package at module level."""
+"""The layering rule (docs/architecture.md, "Layers"): slmops.shared imports neither slmops.edge nor
+slmops.cloud; edge and cloud never import each other; edge imports no cloud-only heavy package;
+no package has an import cycle between its modules."""
 
 from __future__ import annotations
 
@@ -9,38 +10,67 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+HEAVY = {"scipy", "onnx", "yaml", "rich", "torch", "transformers"}
 FORBIDDEN = {
-    "shared": {"edge", "cloud", "slmops", "scipy", "onnx", "yaml", "rich"},
-    "edge": {"cloud", "slmops", "scipy", "onnx", "yaml", "rich"},
-    "cloud": {"edge", "slmops"},
+    "shared": {"slmops.edge", "slmops.cloud", "slmops.cli", "slmops.bench", "slmops.demo"} | HEAVY,
+    "edge": {"slmops.cloud", "slmops.cli", "slmops.bench", "slmops.demo"} | HEAVY,
+    "cloud": {"slmops.edge", "slmops.cli", "slmops.bench", "slmops.demo"},
 }
+# The old top-level names must never come back: they collide with PyPI packages (docs/decisions/0001).
+OLD_ROOTS = {"shared", "edge", "cloud"}
 
 
-def imported_roots(path: Path) -> set[str]:
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names imported by ``path`` (relative imports are resolved)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    roots: set[str] = set()
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    here = ["slmops", *rel] if rel[0] in OLD_ROOTS else list(rel)
+    package = here if here[-1] == "__init__" else here[:-1]
+    if package and package[-1] == "__init__":
+        package = package[:-1]
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                names.add(".".join([*base, *([node.module] if node.module else [])]))
+            elif node.module:
+                names.add(node.module)
+    return names
+
+
+def violations(names: set[str], forbidden: set[str]) -> list[str]:
+    return sorted(
+        n for n in names
+        if n.split(".")[0] in OLD_ROOTS or any(n == f or n.startswith(f + ".") for f in forbidden)
+    )
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_respects_the_layering(package: str) -> None:
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"package {package} has no modules"
-    bad = {
-        str(f.relative_to(ROOT)): sorted(imported_roots(f) & FORBIDDEN[package])
-        for f in files
-        if imported_roots(f) & FORBIDDEN[package]
-    }
-    assert bad == {}
+    bad = {str(f.relative_to(ROOT)): violations(imported_modules(f), FORBIDDEN[package]) for f in files}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_nothing_imports_the_old_top_level_names() -> None:
+    files = [p for d in ("slmops", "tests", "deploy") for p in (ROOT / d).rglob("*.py")
+             if not any(part in OLD_ROOTS for part in p.relative_to(ROOT).parts[1:2])]
+    bad = {str(f.relative_to(ROOT)): sorted(n for n in imported_modules(f) if n.split(".")[0] in OLD_ROOTS)
+           for f in files}
+    assert {k: v for k, v in bad.items() if v} == {}
 
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     """Guard against a checker that can never fail."""
-    f = tmp_path / "x.py"
-    f.write_text("import cloud.ingest\nfrom edge import node\n")
-    assert imported_roots(f) == {"cloud", "edge"}
+    f = ROOT / "edge" / "_layering_probe.py"
+    f.write_text("import slmops.cloud.ingest\nfrom slmops.edge import node\nfrom . import window\n")
+    try:
+        names = imported_modules(f)
+    finally:
+        f.unlink()
+    assert names == {"slmops.cloud.ingest", "slmops.edge"}
+    assert violations(names, FORBIDDEN["edge"]) == ["slmops.cloud.ingest"]

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.histogram import Histogram
-from shared.messages import (
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import (
     WIRE_TYPES,
     Assignment,
     DriftEvent,

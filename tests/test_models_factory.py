@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.corpus import load_topics, split_topics
-from cloud.factory import BuildReport, build, factory_split
-from shared.bundle import TrustStore, check_hash, read_bundle
-from shared.runtime import load_session
+from slmops.cloud.factory.build import BuildReport, build, factory_split
+from slmops.cloud.factory.corpus import load_topics, split_topics
+from slmops.shared.bundle import TrustStore, check_hash, read_bundle
+from slmops.shared.runtime import load_session
 
 CREATED = datetime(2026, 1, 1, tzinfo=UTC)
 

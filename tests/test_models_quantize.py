@@ -10,11 +10,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from _models import make_bundle
-from cloud.factory import BuildReport, build, factory_split
-from cloud.quantize import QuantizeReport, quantize
-from shared.bundle import TrustStore, check_hash, read_bundle
-from shared.preprocess import featurize
-from shared.runtime import load_session
+from slmops.cloud.factory.build import BuildReport, build, factory_split
+from slmops.cloud.factory.quantize import QuantizeReport, quantize
+from slmops.shared.bundle import TrustStore, check_hash, read_bundle
+from slmops.shared.preprocess import featurize
+from slmops.shared.runtime import load_session
 
 
 @dataclass

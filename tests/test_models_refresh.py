@@ -21,13 +21,13 @@ from _edge_util import Keys, edge_config
 from _models import make_bundle
 from _nats import wait_until
 from _proxy import TcpProxy
-from cloud.factory import build
-from cloud.registry import Registry
-from edge.config import EdgeConfig
-from edge.node import EdgeNode
-from shared import names
-from shared.bundle import TrustStore, pack_archive, read_bundle
-from shared.messages import (
+from slmops.cloud.factory.build import build
+from slmops.cloud.registry import Registry
+from slmops.edge.config import EdgeConfig
+from slmops.edge.node import EdgeNode
+from slmops.shared import names
+from slmops.shared.bundle import TrustStore, pack_archive, read_bundle
+from slmops.shared.messages import (
     Assignment,
     ModelManifest,
     ModelRef,
@@ -36,7 +36,7 @@ from shared.messages import (
     decode_json,
     encode_json,
 )
-from shared.server import EmbeddedServer
+from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 

@@ -19,15 +19,22 @@ from nats.js import JetStreamContext
 
 from _models import make_bundle
 from _nats import new_fleet
-from cloud.registry import Registry, RegistryError
-from shared import names
-from shared.bundle import TrustStore, load_private_key, new_keypair, pack_archive, read_bundle, unpack_archive
-from shared.errors import BundleError
-from shared.kv import kv_keys
-from shared.messages import Assignment, DeviceProfile, NodeStatus, decode_json, encode_json
-from shared.server import EmbeddedServer
-from shared.variants import choose_variant
 from slmops.cli import main
+from slmops.cloud.registry import Registry, RegistryError
+from slmops.shared import names
+from slmops.shared.bundle import (
+    TrustStore,
+    load_private_key,
+    new_keypair,
+    pack_archive,
+    read_bundle,
+    unpack_archive,
+)
+from slmops.shared.errors import BundleError
+from slmops.shared.kv import kv_keys
+from slmops.shared.messages import Assignment, DeviceProfile, NodeStatus, decode_json, encode_json
+from slmops.shared.server import EmbeddedServer
+from slmops.shared.variants import choose_variant
 
 pytestmark = pytest.mark.anyio
 

@@ -8,10 +8,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from shared import names
-from shared.errors import ResourceConflict
-from shared.provision import ensure_resources
-from shared.server import EmbeddedServer
+from slmops.shared import names
+from slmops.shared.errors import ResourceConflict
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 

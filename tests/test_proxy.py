@@ -8,7 +8,7 @@ import nats
 import pytest
 
 from _proxy import TcpProxy
-from shared.server import EmbeddedServer
+from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 

@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from _models import LABELS, make_bundle
-from cloud.recalibrate import RecalibrationError, log_prior_ratio, recalibrate_bundle
-from shared.bundle import Bundle, TrustStore, check_hash, read_bundle, write_bundle
-from shared.histogram import Histogram
-from shared.messages import HeldOutScores, ReferenceProfile
-from shared.runtime import load_session
+from slmops.cloud.recalibration.recalibrate import RecalibrationError, log_prior_ratio, recalibrate_bundle
+from slmops.shared.bundle import Bundle, TrustStore, check_hash, read_bundle, write_bundle
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import HeldOutScores, ReferenceProfile
+from slmops.shared.runtime import load_session
 
 TEXTS = ["alpha news", "beta things", "gamma rays", "plain words", "alpha beta", "nothing here"]
 TRUE = [0, 1, 2, 0, 1, 2]

@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _models import make_bundle
-from cloud.registry import Registry
-from shared.bundle import TrustStore
-from shared.server import EmbeddedServer
 from slmops.cli import main
 from slmops.cli_rollout import parse_percent, parse_stages
+from slmops.cloud.registry import Registry
+from slmops.shared.bundle import TrustStore
+from slmops.shared.server import EmbeddedServer
 
 
 def _invoke(*args: str) -> tuple[int, str]:

@@ -27,17 +27,17 @@ from nats.js import JetStreamContext
 
 from _nats import wait_until
 from _simfleet import SimFleet, SimNode
-from cloud.factory import build, factory_split
-from cloud.loop import RecalibrationLoop, run_loop
-from cloud.registry import Registry
-from cloud.rollout import RolloutConfig, RolloutRunner, RolloutStore
-from cloud.service import CloudService
-from shared import names
-from shared.bundle import TrustStore, unpack_archive
-from shared.histogram import Histogram
-from shared.messages import HistogramEdges, ModelRef, Privacy, TelemetryAggregate
-from shared.runtime import load_session
-from shared.server import EmbeddedServer
+from slmops.cloud.factory.build import build, factory_split
+from slmops.cloud.recalibration.loop import RecalibrationLoop, run_loop
+from slmops.cloud.registry import Registry
+from slmops.cloud.rollout import RolloutConfig, RolloutRunner, RolloutStore
+from slmops.cloud.service import CloudService
+from slmops.shared import names
+from slmops.shared.bundle import TrustStore, unpack_archive
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import HistogramEdges, ModelRef, Privacy, TelemetryAggregate
+from slmops.shared.runtime import load_session
+from slmops.shared.server import EmbeddedServer
 
 N_NODES = 20
 PER_TICK = 40

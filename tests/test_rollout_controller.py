@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _models import make_bundle
-from cloud.registry import Registry
-from cloud.rollout import Assigner, RolloutConfig, RolloutController, RolloutStore, start_rollout
-from shared.bundle import TrustStore
-from shared.messages import DeviceProfile, ModelRef, NodeStatus, RolloutEvent
+from slmops.cloud.registry import Registry
+from slmops.cloud.rollout import Assigner, RolloutConfig, RolloutController, RolloutStore, start_rollout
+from slmops.shared.bundle import TrustStore
+from slmops.shared.messages import DeviceProfile, ModelRef, NodeStatus, RolloutEvent
 
 T0 = 1_900_000_000.0
 NODES = [f"c{i:02d}" for i in range(20)]

@@ -13,11 +13,11 @@ from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_config
 from _nats import wait_until
-from cloud.registry import Registry
-from cloud.rollout import RolloutConfig, RolloutRunner, RolloutStore, start_rollout
-from edge.node import EdgeNode
-from shared.bundle import TrustStore
-from shared.server import EmbeddedServer
+from slmops.cloud.registry import Registry
+from slmops.cloud.rollout import RolloutConfig, RolloutRunner, RolloutStore, start_rollout
+from slmops.edge.node import EdgeNode
+from slmops.shared.bundle import TrustStore
+from slmops.shared.server import EmbeddedServer
 
 N = 20
 TEXTS = ["alpha news today", "beta things here", "gamma rays now", "plain words", "alpha beta"]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from _models import EDGES
-from cloud.rollout import Metrics, RolloutConfig, cohort, evaluate, hash_point, total_variation
-from cloud.rollout.gates import GateResult, install_gate, verdict
-from shared.histogram import Histogram
-from shared.messages import ModelRef, Privacy, ReferenceProfile, TelemetryAggregate
+from slmops.cloud.rollout import Metrics, RolloutConfig, cohort, evaluate, hash_point, total_variation
+from slmops.cloud.rollout.gates import GateResult, install_gate, verdict
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import ModelRef, Privacy, ReferenceProfile, TelemetryAggregate
 
 NODES = [f"node{i}" for i in range(200)]
 

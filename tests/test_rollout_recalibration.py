@@ -23,16 +23,16 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from _nats import wait_until
-from cloud.drift.labelshift import confusion_matrix, em_priors
-from cloud.factory import build, factory_split
-from cloud.loop import KeyFileError, RecalibrationLoop, load_cloud_key, run_loop
-from cloud.quantize import quantize
-from cloud.registry import Registry
-from cloud.rollout import RolloutConfig, RolloutState, RolloutStore
-from shared import names
-from shared.bundle import Bundle, TrustStore, new_keypair, read_bundle, unpack_archive
-from shared.messages import DriftEvent, ModelManifest, ModelRef, decode_json, encode_json
-from shared.runtime import load_session
+from slmops.cloud.drift.labelshift import confusion_matrix, em_priors
+from slmops.cloud.factory.build import build, factory_split
+from slmops.cloud.factory.quantize import quantize
+from slmops.cloud.recalibration.loop import KeyFileError, RecalibrationLoop, load_cloud_key, run_loop
+from slmops.cloud.registry import Registry
+from slmops.cloud.rollout import RolloutConfig, RolloutState, RolloutStore
+from slmops.shared import names
+from slmops.shared.bundle import Bundle, TrustStore, new_keypair, read_bundle, unpack_archive
+from slmops.shared.messages import DriftEvent, ModelManifest, ModelRef, decode_json, encode_json
+from slmops.shared.runtime import load_session
 
 #: The shift: half the traffic becomes "science" (held-out recall ≈ 0.4), the other half keeps
 #: the reference mix. Seeded, so the figures below are reproducible.

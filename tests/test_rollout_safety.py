@@ -17,13 +17,13 @@ from nats.js import api as js_api
 from _edge_util import Keys, edge_config
 from _models import make_bundle
 from _nats import wait_until
-from edge.models import ModelManager
-from edge.node import EdgeNode
-from edge.safety import Counters, SafetyLimits, SafetyMonitor
-from shared import names
-from shared.bundle import TrustStore
-from shared.messages import NodeStatus, decode_json
-from shared.server import EmbeddedServer
+from slmops.edge.models import ModelManager
+from slmops.edge.node import EdgeNode
+from slmops.edge.safety import Counters, SafetyLimits, SafetyMonitor
+from slmops.shared import names
+from slmops.shared.bundle import TrustStore
+from slmops.shared.messages import NodeStatus, decode_json
+from slmops.shared.server import EmbeddedServer
 
 LIMITS = SafetyLimits(min_samples=50, min_intervals=5, watch_s=60, interval=1.0)
 

@@ -19,11 +19,18 @@ from nats.js import api as js_api
 from _models import make_bundle
 from _nats import wait_until
 from _simfleet import Profile, SimFleet
-from cloud.registry import Registry
-from cloud.rollout import RolloutConfig, RolloutRunner, RolloutState, RolloutStore, cohort, start_rollout
-from shared import names
-from shared.bundle import TrustStore, write_bundle
-from shared.messages import Assignment, ModelRef, RolloutEvent, decode_json
+from slmops.cloud.registry import Registry
+from slmops.cloud.rollout import (
+    RolloutConfig,
+    RolloutRunner,
+    RolloutState,
+    RolloutStore,
+    cohort,
+    start_rollout,
+)
+from slmops.shared import names
+from slmops.shared.bundle import TrustStore, write_bundle
+from slmops.shared.messages import Assignment, ModelRef, RolloutEvent, decode_json
 
 N_NODES = 20
 FAST = RolloutConfig(stages=[5, 25, 100], soak_s=0.3, min_samples=200, install_timeout_s=10)

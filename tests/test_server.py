@@ -8,8 +8,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from shared.errors import ServerStartError
-from shared.server import EmbeddedServer, find_nats_server
+from slmops.shared.errors import ServerStartError
+from slmops.shared.server import EmbeddedServer, find_nats_server
 
 
 def test_finds_the_wheel_binary() -> None:

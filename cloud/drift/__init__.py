@@ -1,10 +1,10 @@
 """Drift detection on telemetry aggregates (DESIGN §7): tests, calibration, label shift."""
 
-from .calibrate import Calibration, Calibrator, calibrate
-from .detector import DriftDetector
-from .labelshift import bbse_priors, confusion_matrix, em_priors, expected_accuracy
-from .stats import benjamini_hochberg, window_test
-from .units import Group, NodeUnit, UnitSig, group_key
+from slmops.cloud.drift.calibrate import Calibration, Calibrator, calibrate
+from slmops.cloud.drift.detector import DriftDetector
+from slmops.cloud.drift.labelshift import bbse_priors, confusion_matrix, em_priors, expected_accuracy
+from slmops.cloud.drift.stats import benjamini_hochberg, window_test
+from slmops.cloud.drift.units import Group, NodeUnit, UnitSig, group_key
 
 __all__ = [
     "Calibration",

@@ -37,14 +37,20 @@ from datetime import datetime
 
 import structlog
 
-from cloud.config import DriftConfig
-from shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggregate
-
-from .calibrate import Calibrator, shared_calibrator
-from .report import build_event, mean_confidence
-from .signals import ONE_SIDED, Acc, SignalRef, extract
-from .stats import benjamini_hochberg, noise_tv, normalise, total_variation, window_z, window_z_rows
-from .units import Group, NodeUnit, UnitSig, group_key, new_group
+from slmops.cloud.config import DriftConfig
+from slmops.cloud.drift.calibrate import Calibrator, shared_calibrator
+from slmops.cloud.drift.report import build_event, mean_confidence
+from slmops.cloud.drift.signals import ONE_SIDED, Acc, SignalRef, extract
+from slmops.cloud.drift.stats import (
+    benjamini_hochberg,
+    noise_tv,
+    normalise,
+    total_variation,
+    window_z,
+    window_z_rows,
+)
+from slmops.cloud.drift.units import Group, NodeUnit, UnitSig, group_key, new_group
+from slmops.shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggregate
 
 __all__ = ["DriftDetector"]
 

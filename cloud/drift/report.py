@@ -8,11 +8,10 @@ from typing import Literal
 
 import numpy as np
 
-from shared.messages import DriftEvent
-
-from .labelshift import confusion_matrix, em_priors, expected_accuracy
-from .signals import SignalRef, mean_of_histogram
-from .units import Group, UnitSig
+from slmops.cloud.drift.labelshift import confusion_matrix, em_priors, expected_accuracy
+from slmops.cloud.drift.signals import SignalRef, mean_of_histogram
+from slmops.cloud.drift.units import Group, UnitSig
+from slmops.shared.messages import DriftEvent
 
 __all__ = ["ACTIONS", "build_event", "mean_confidence"]
 

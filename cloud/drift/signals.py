@@ -17,9 +17,8 @@ from datetime import datetime
 
 import msgspec
 
-from shared.messages import ModelManifest, TelemetryAggregate
-
-from .stats import geometric_noise_var, normalise
+from slmops.cloud.drift.stats import geometric_noise_var, normalise
+from slmops.shared.messages import ModelManifest, TelemetryAggregate
 
 __all__ = [
     "NOISED",

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.messages import ModelManifest, ModelRef
-
-from .labelshift import confusion_matrix
-from .signals import Acc, SignalRef, manifest_refs, mean_of_histogram
+from slmops.cloud.drift.labelshift import confusion_matrix
+from slmops.cloud.drift.signals import Acc, SignalRef, manifest_refs, mean_of_histogram
+from slmops.shared.messages import ModelManifest, ModelRef
 
 __all__ = ["Group", "NodeUnit", "UnitSig", "group_key", "new_group"]
 

@@ -4,13 +4,13 @@
 service, or ``slmops rollout run``) drives it with a ``RolloutController``.
 """
 
-from cloud.rollout.assign import Assigner, start_rollout
-from cloud.rollout.cohort import cohort, hash_point
-from cloud.rollout.controller import RolloutController
-from cloud.rollout.gates import GateResult, Metrics, evaluate, total_variation
-from cloud.rollout.nodes import NodeView
-from cloud.rollout.runner import RolloutRunner
-from cloud.rollout.state import (
+from slmops.cloud.rollout.assign import Assigner, start_rollout
+from slmops.cloud.rollout.cohort import cohort, hash_point
+from slmops.cloud.rollout.controller import RolloutController
+from slmops.cloud.rollout.gates import GateResult, Metrics, evaluate, total_variation
+from slmops.cloud.rollout.nodes import NodeView
+from slmops.cloud.rollout.runner import RolloutRunner
+from slmops.cloud.rollout.state import (
     ROLLOUTS_BUCKET,
     RolloutConfig,
     RolloutConflict,

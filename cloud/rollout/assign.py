@@ -21,12 +21,12 @@ from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from cloud.registry import Registry, RegistryError
-from cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
-from shared import names
-from shared.errors import NatsUnavailable
-from shared.messages import Assignment, DeviceProfile, ModelManifest, decode_json, encode_json
-from shared.variants import PREFERENCE, choose_variant
+from slmops.cloud.registry import Registry, RegistryError
+from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
+from slmops.shared import names
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.messages import Assignment, DeviceProfile, ModelManifest, decode_json, encode_json
+from slmops.shared.variants import PREFERENCE, choose_variant
 
 __all__ = ["Assigner", "start_rollout", "variants_of"]
 

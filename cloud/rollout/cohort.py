@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from shared.names import validate_id
+from slmops.shared.names import validate_id
 
 __all__ = ["cohort", "hash_point"]
 

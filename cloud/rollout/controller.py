@@ -23,13 +23,13 @@ from typing import Any
 import msgspec
 import structlog
 
-from cloud.rollout.assign import Assigner, variants_of
-from cloud.rollout.cohort import cohort
-from cloud.rollout.gates import GateResult, Metrics, evaluate, install_gate, verdict
-from cloud.rollout.nodes import NodeView
-from cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
-from shared.errors import SlmopsError
-from shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
+from slmops.cloud.rollout.assign import Assigner, variants_of
+from slmops.cloud.rollout.cohort import cohort
+from slmops.cloud.rollout.gates import GateResult, Metrics, evaluate, install_gate, verdict
+from slmops.cloud.rollout.nodes import NodeView
+from slmops.cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
+from slmops.shared.errors import SlmopsError
+from slmops.shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
 
 __all__ = ["Publish", "RolloutController"]
 

@@ -34,9 +34,9 @@ from typing import Literal
 
 import msgspec
 
-from cloud.rollout.state import RolloutConfig
-from shared.histogram import Histogram, HistogramMismatch
-from shared.messages import ReferenceProfile, TelemetryAggregate
+from slmops.cloud.rollout.state import RolloutConfig
+from slmops.shared.histogram import Histogram, HistogramMismatch
+from slmops.shared.messages import ReferenceProfile, TelemetryAggregate
 
 __all__ = ["GateResult", "Metrics", "evaluate", "install_gate", "total_variation", "verdict"]
 

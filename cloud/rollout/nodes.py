@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import collections
 
-from cloud.rollout.state import RolloutState
-from shared.messages import NodeStatus
+from slmops.cloud.rollout.state import RolloutState
+from slmops.shared.messages import NodeStatus
 
 __all__ = ["NodeView"]
 

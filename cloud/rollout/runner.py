@@ -24,13 +24,13 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 
-from cloud.registry import Registry
-from cloud.rollout.assign import Assigner
-from cloud.rollout.controller import RolloutController
-from cloud.rollout.state import RolloutStore
-from shared import names
-from shared.errors import NatsUnavailable, SlmopsError
-from shared.messages import NodeStatus, RolloutEvent, decode_json, decode_telemetry, encode_json
+from slmops.cloud.registry import Registry
+from slmops.cloud.rollout.assign import Assigner
+from slmops.cloud.rollout.controller import RolloutController
+from slmops.cloud.rollout.state import RolloutStore
+from slmops.shared import names
+from slmops.shared.errors import NatsUnavailable, SlmopsError
+from slmops.shared.messages import NodeStatus, RolloutEvent, decode_json, decode_telemetry, encode_json
 
 __all__ = ["RolloutRunner"]
 

@@ -24,11 +24,11 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from cloud.errors import CloudError
-from shared.errors import NatsUnavailable
-from shared.kv import kv_keys
-from shared.messages import Assignment, RolloutEvent
-from shared.names import validate_id
+from slmops.cloud.errors import CloudError
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.kv import kv_keys
+from slmops.shared.messages import Assignment, RolloutEvent
+from slmops.shared.names import validate_id
 
 __all__ = [
     "ACTIVE",

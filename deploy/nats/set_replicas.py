@@ -23,8 +23,8 @@ import nats.errors
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 
-from shared.connect import connect_once
-from shared.errors import SlmopsError
+from slmops.shared.connect import connect_once
+from slmops.shared.errors import SlmopsError
 
 PREFIXES = ("SLMOPS_", "KV_slmops_", "OBJ_slmops_")
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from shared.histogram import Histogram
-from shared.messages import (
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import (
     HistogramEdges,
     ModelManifest,
     ModelRef,

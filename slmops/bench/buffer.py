@@ -17,9 +17,9 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from edge.buffer import Buffer
-from edge.privacy import EventRow
-from shared.messages import HistogramEdges, ModelRef
+from slmops.edge.buffer import Buffer
+from slmops.edge.privacy import EventRow
+from slmops.shared.messages import HistogramEdges, ModelRef
 
 __all__ = ["run"]
 

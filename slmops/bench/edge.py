@@ -29,11 +29,11 @@ import anyio.abc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.config import EdgeConfig
-from edge.node import EdgeNode
-from shared.bundle import Bundle
-from shared.preprocess import featurize
-from shared.runtime import load_session
+from slmops.edge.config import EdgeConfig
+from slmops.edge.node import EdgeNode
+from slmops.shared.bundle import Bundle
+from slmops.shared.preprocess import featurize
+from slmops.shared.runtime import load_session
 
 __all__ = ["run"]
 
@@ -55,7 +55,7 @@ for line in open("/proc/self/status"):
 
 
 def _texts() -> list[str]:
-    from cloud.corpus import load_topics
+    from slmops.cloud.factory.corpus import load_topics
 
     topics = load_topics()
     return [t for utterances in topics.values() for t in utterances]
@@ -197,7 +197,7 @@ def _bare_rss(bundle: Bundle, texts: list[str]) -> int:
 
 
 async def run(quick: bool = False) -> list[dict[str, Any]]:
-    from cloud.factory import build
+    from slmops.cloud.factory.build import build
 
     seconds = 0.2 if quick else 4.0
     results: list[dict[str, Any]] = []

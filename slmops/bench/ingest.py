@@ -24,12 +24,18 @@ import nats
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from cloud.config import CloudConfig, DriftConfig
-from cloud.service import CloudService, tune_gc
-from shared.messages import encode_json, encode_telemetry
-from shared.names import MODELS_MANIFEST_BUCKET, TELEMETRY_STREAM, manifest_key, msg_id, telemetry_subject
-from shared.provision import ensure_resources
-from shared.server import EmbeddedServer
+from slmops.cloud.config import CloudConfig, DriftConfig
+from slmops.cloud.service import CloudService, tune_gc
+from slmops.shared.messages import encode_json, encode_telemetry
+from slmops.shared.names import (
+    MODELS_MANIFEST_BUCKET,
+    TELEMETRY_STREAM,
+    manifest_key,
+    msg_id,
+    telemetry_subject,
+)
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
 
 from ._fleet import MODEL, SyntheticFleet, manifest_for
 

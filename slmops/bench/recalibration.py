@@ -28,10 +28,10 @@ __all__ = ["run"]
 
 
 def _measure(quick: bool) -> list[dict[str, Any]]:
-    from cloud.drift.labelshift import confusion_matrix, em_priors
-    from cloud.factory import build, factory_split
-    from cloud.recalibrate import recalibrate_bundle
-    from shared.runtime import load_session
+    from slmops.cloud.drift.labelshift import confusion_matrix, em_priors
+    from slmops.cloud.factory.build import build, factory_split
+    from slmops.cloud.recalibration.recalibrate import recalibrate_bundle
+    from slmops.shared.runtime import load_session
 
     key = Ed25519PrivateKey.generate()
     results: list[dict[str, Any]] = []

@@ -24,21 +24,21 @@ import anyio
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.factory import build, classifier_manifest, factory_split
-from cloud.graph import build_classifier
-from cloud.profile import smoke_tests
-from cloud.quantize import quantize
-from cloud.registry import Registry
-from edge.models import ModelManager
-from edge.refresh import Refresher
-from shared import names
-from shared.bundle import Bundle, TrustStore, write_bundle
-from shared.connect import Link, LinkState
-from shared.messages import ModelManifest, ModelRef, Preprocessing
-from shared.provision import ensure_resources
-from shared.runtime import load_session
-from shared.server import EmbeddedServer
+from slmops.cloud.factory.build import build, classifier_manifest, factory_split
+from slmops.cloud.factory.graph import build_classifier
+from slmops.cloud.factory.profile import smoke_tests
+from slmops.cloud.factory.quantize import quantize
+from slmops.cloud.registry import Registry
+from slmops.edge.models import ModelManager
+from slmops.edge.refresh import Refresher
 from slmops.netproxy import TcpProxy
+from slmops.shared import names
+from slmops.shared.bundle import Bundle, TrustStore, write_bundle
+from slmops.shared.connect import Link, LinkState
+from slmops.shared.messages import ModelManifest, ModelRef, Preprocessing
+from slmops.shared.provision import ensure_resources
+from slmops.shared.runtime import load_session
+from slmops.shared.server import EmbeddedServer
 
 __all__ = ["run"]
 

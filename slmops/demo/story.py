@@ -25,13 +25,13 @@ import anyio
 import msgspec
 import nats
 
-from shared.bundle import load_private_key, new_keypair
-from shared.logging import get_logger
-from shared.messages import DriftEvent, RolloutEvent, decode_json
-from shared.names import drift_subject, rollout_subject
-from shared.server import EmbeddedServer
 from slmops.demo.fleet import Fleet, NodeProc, slmops_cmd
 from slmops.demo.traffic import Traffic, raw_event_bytes
+from slmops.shared.bundle import load_private_key, new_keypair
+from slmops.shared.logging import get_logger
+from slmops.shared.messages import DriftEvent, RolloutEvent, decode_json
+from slmops.shared.names import drift_subject, rollout_subject
+from slmops.shared.server import EmbeddedServer
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -143,8 +143,8 @@ async def _story(
     server: EmbeddedServer,
     fleet: Fleet,
 ) -> dict[str, Any]:
-    from cloud.corpus import load_topics, split_topics  # cloud extra: the model and its corpus
-    from cloud.factory import build
+    from slmops.cloud.factory.build import build
+    from slmops.cloud.factory.corpus import load_topics, split_topics  # cloud extra: the model and its corpus
 
     # -- set-up: key, model v1, registry, cloud, nodes ------------------------------------------
     story.phase = "building the model"

@@ -11,10 +11,9 @@ from __future__ import annotations
 import msgspec
 from nats.aio.msg import Msg
 
-from shared.messages import NodeStatus, decode_json
-from shared.names import STATUS_STREAM
-
-from .ingest import Consumer, deadletter
+from slmops.cloud.ingest.consumers import Consumer, deadletter
+from slmops.shared.messages import NodeStatus, decode_json
+from slmops.shared.names import STATUS_STREAM
 
 __all__ = ["StatusIngest"]
 

@@ -44,15 +44,15 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from cloud.errors import CloudError
-from cloud.recalibrate import RecalibrationError, recalibrate_bundle
-from cloud.registry import Registry, RegistryError
-from cloud.rollout.assign import Assigner, start_rollout, variants_of
-from cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
-from shared import names
-from shared.bundle import Bundle, TrustStore, load_private_key, unpack_archive
-from shared.errors import BundleError, NatsUnavailable
-from shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
+from slmops.cloud.errors import CloudError
+from slmops.cloud.recalibration.recalibrate import RecalibrationError, recalibrate_bundle
+from slmops.cloud.registry import Registry, RegistryError
+from slmops.cloud.rollout.assign import Assigner, start_rollout, variants_of
+from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
+from slmops.shared import names
+from slmops.shared.bundle import Bundle, TrustStore, load_private_key, unpack_archive
+from slmops.shared.errors import BundleError, NatsUnavailable
+from slmops.shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
 
 __all__ = [
     "LOOP_BUCKET",

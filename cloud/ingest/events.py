@@ -15,10 +15,9 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
-from shared.messages import DriftEvent, encode_json
-from shared.names import drift_subject
-
-from .state import StateStore
+from slmops.cloud.ingest.state import StateStore
+from slmops.shared.messages import DriftEvent, encode_json
+from slmops.shared.names import drift_subject
 
 __all__ = ["EventPublisher", "encode_event"]
 

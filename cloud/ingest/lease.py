@@ -24,7 +24,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from .errors import LeaseLost
+from slmops.cloud.errors import LeaseLost
 
 __all__ = ["LEASES_BUCKET", "Lease", "ensure_leases_bucket"]
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.histogram import Histogram
-from shared.messages import HeldOutScores, HistogramEdges, ReferenceProfile, SmokeTest
-from shared.runtime import Session
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import HeldOutScores, HistogramEdges, ReferenceProfile, SmokeTest
+from slmops.shared.runtime import Session
 
 __all__ = ["DEFAULT_EDGES", "reference_profile", "smoke_tests"]
 

@@ -20,7 +20,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from .state import NodeState
+from slmops.cloud.ingest.state import NodeState
 
 __all__ = ["FLEET_BUCKET", "NodeSnapshot", "SnapshotWriter", "ensure_fleet_bucket", "snapshot_of"]
 

@@ -24,11 +24,10 @@ import aiosqlite
 import anyio
 import msgspec
 
-from shared.messages import DeviceProfile, ModelRef
-
-from .dedupe import SeqTracker
-from .drift.units import Group, NodeUnit
-from .errors import StateError
+from slmops.cloud.drift.units import Group, NodeUnit
+from slmops.cloud.errors import StateError
+from slmops.cloud.ingest.dedupe import SeqTracker
+from slmops.shared.messages import DeviceProfile, ModelRef
 
 __all__ = ["NodeState", "StateStore", "StoredState"]
 

@@ -19,14 +19,13 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
-from shared.messages import ModelManifest, ModelRef, NodeStatus, TelemetryAggregate, decode_json
-from shared.names import MODELS_MANIFEST_BUCKET, manifest_key
-
-from .dedupe import Admit
-from .drift.detector import DriftDetector
-from .events import EventPublisher, encode_event
-from .snapshot import SnapshotWriter
-from .state import NodeState, StateStore
+from slmops.cloud.drift.detector import DriftDetector
+from slmops.cloud.ingest.dedupe import Admit
+from slmops.cloud.ingest.events import EventPublisher, encode_event
+from slmops.cloud.ingest.snapshot import SnapshotWriter
+from slmops.cloud.ingest.state import NodeState, StateStore
+from slmops.shared.messages import ModelManifest, ModelRef, NodeStatus, TelemetryAggregate, decode_json
+from slmops.shared.names import MODELS_MANIFEST_BUCKET, manifest_key
 
 __all__ = ["Applier", "fetch_manifest"]
 

@@ -22,11 +22,11 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import numpy_helper
 
-from cloud.errors import CloudError
-from shared.bundle import Bundle, write_bundle
-from shared.histogram import Histogram
-from shared.messages import HeldOutScores, ModelManifest, ReferenceProfile, SmokeTest
-from shared.runtime import Session, load_session
+from slmops.cloud.errors import CloudError
+from slmops.shared.bundle import Bundle, write_bundle
+from slmops.shared.histogram import Histogram
+from slmops.shared.messages import HeldOutScores, ModelManifest, ReferenceProfile, SmokeTest
+from slmops.shared.runtime import Session, load_session
 
 __all__ = ["RecalibrationError", "log_prior_ratio", "recalibrate_bundle", "shift_bias"]
 

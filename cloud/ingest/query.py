@@ -18,12 +18,11 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 
-from shared.errors import NatsUnavailable
-from shared.kv import kv_values
-from shared.messages import DriftEvent, decode_json
-from shared.names import DRIFT_STREAM, drift_subject
-
-from .snapshot import FLEET_BUCKET, NodeSnapshot
+from slmops.cloud.ingest.snapshot import FLEET_BUCKET, NodeSnapshot
+from slmops.shared.errors import NatsUnavailable
+from slmops.shared.kv import kv_values
+from slmops.shared.messages import DriftEvent, decode_json
+from slmops.shared.names import DRIFT_STREAM, drift_subject
 
 __all__ = ["fleet_status", "watch_drift"]
 

@@ -25,14 +25,14 @@ import scipy.sparse as sp
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.corpus import Split, load_topics, split_topics
-from cloud.graph import build_classifier
-from cloud.profile import DEFAULT_EDGES, reference_profile, smoke_tests
-from shared.bundle import Bundle, write_bundle
-from shared.messages import HistogramEdges, ModelManifest, Preprocessing, TensorSpec
-from shared.names import validate_model_name
-from shared.preprocess import featurize
-from shared.runtime import load_session
+from slmops.cloud.factory.corpus import Split, load_topics, split_topics
+from slmops.cloud.factory.graph import build_classifier
+from slmops.cloud.factory.profile import DEFAULT_EDGES, reference_profile, smoke_tests
+from slmops.shared.bundle import Bundle, write_bundle
+from slmops.shared.messages import HistogramEdges, ModelManifest, Preprocessing, TensorSpec
+from slmops.shared.names import validate_model_name
+from slmops.shared.preprocess import featurize
+from slmops.shared.runtime import load_session
 
 __all__ = [
     "BuildReport",

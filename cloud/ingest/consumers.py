@@ -38,11 +38,10 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 
-from shared.messages import TelemetryAggregate, decode_telemetry
-from shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, validate_id
-
-from .apply import Applier
-from .pull import ConsumerGone, PullBatches, PullError
+from slmops.cloud.ingest.apply import Applier
+from slmops.cloud.ingest.pull import ConsumerGone, PullBatches, PullError
+from slmops.shared.messages import TelemetryAggregate, decode_telemetry
+from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, validate_id
 
 __all__ = [
     "Consumer",

@@ -29,10 +29,10 @@ import numpy.typing as npt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.profile import reference_profile, smoke_tests
-from shared.bundle import Bundle, check_hash, read_bundle, write_bundle
-from shared.preprocess import featurize
-from shared.runtime import Session, load_session
+from slmops.cloud.factory.profile import reference_profile, smoke_tests
+from slmops.shared.bundle import Bundle, check_hash, read_bundle, write_bundle
+from slmops.shared.preprocess import featurize
+from slmops.shared.runtime import Session, load_session
 
 __all__ = ["SETTINGS", "QuantizeReport", "Setting", "compare", "quantize"]
 

@@ -1,0 +1,1 @@
+"""The model factory: corpus, ONNX graph, reference profile, quantized variants (cloud-only)."""

@@ -1,0 +1,1 @@
+"""Ingest: durable pull consumers, dedupe, fleet state, drift events, snapshots, the lease."""

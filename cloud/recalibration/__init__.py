@@ -1,0 +1,1 @@
+"""The closed loop: label-shift recalibration of a drifting model into a new version."""
