@@ -8,26 +8,60 @@
 
 Errors are JSON ``{"error": {"code", "field", "message"}}`` with a 4xx status naming the
 field; 503 ``no_model`` until a model is installed. Nothing a client sends can stop the node.
+
+The command serves the API of a running node (``async with EdgeNode(config) as node,
+serve_api(node, host, port) as api:``); this module knows the node only through the
+``NodeService`` protocol, so it imports nothing of ``edge.node``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgspec
+import structlog
 from aiohttp import web
 
-from slmops.edge.config import is_loopback
+from slmops.edge.config import EdgeConfig, is_loopback
 from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
 from slmops.edge.inference import InferenceFailed
 
-if TYPE_CHECKING:
-    from slmops.edge.node import EdgeNode
+__all__ = ["ApiServer", "NodeService", "build_app", "serve_api"]
 
-__all__ = ["build_app", "start_api"]
 
-_NODE: web.AppKey[EdgeNode] = web.AppKey("node")
+class _Counters(Protocol):
+    @property
+    def served(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def batches(self) -> int: ...
+    @property
+    def model_seconds(self) -> float: ...
+    @property
+    def published(self) -> int: ...
+
+
+class NodeService(Protocol):
+    """What the API needs of a node (``edge.node.EdgeNode`` is one)."""
+
+    @property
+    def config(self) -> EdgeConfig: ...
+    @property
+    def log(self) -> Any: ...
+    def texts(self, value: object, field: str = "texts", *, one: bool | None = None) -> Sequence[str]: ...
+    async def predict(self, texts: Sequence[str]) -> Sequence[Any]: ...
+    async def feedback(self, prediction_id: str, label: str) -> None: ...
+    def health(self) -> dict[str, Any]: ...
+    def statistics(self) -> _Counters: ...
+
+
+_NODE: web.AppKey[NodeService] = web.AppKey("node")
 _COUNTS: web.AppKey[dict[tuple[str, int], int]] = web.AppKey("counts")
+_LIMIT: web.AppKey[int] = web.AppKey("body_limit")
 _json = msgspec.json.Encoder()
 _decode_any = msgspec.json.Decoder()
 
@@ -98,7 +132,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except InferenceFailed as exc:
         response = _error(500, "inference_failed", str(exc))
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app._client_max_size  # aiohttp keeps the limit private
+        limit = request.app[_LIMIT]
         response = _error(413, "too_large", f"body is larger than {limit} bytes", "body")
     except web.HTTPNotFound:
         response = _error(404, "not_found", f"no endpoint {request.path!r}")
@@ -123,13 +157,9 @@ async def _predict(request: web.Request) -> web.Response:
     if (body.text is None) == (body.texts is None):
         raise InvalidInput("text", 'send exactly one of "text" (a string) or "texts" (a list of strings)')
     if body.text is not None:
-        if not isinstance(body.text, str):
-            raise InvalidInput("text", f"must be a string, got {type(body.text).__name__}")
-        texts = node.validate_texts(body.text, "text")
-    elif not isinstance(body.texts, list):
-        raise InvalidInput("texts", f"must be a list of strings, got {type(body.texts).__name__}")
+        texts = node.texts(body.text, "text", one=True)
     else:
-        texts = node.validate_texts(body.texts, "texts")
+        texts = node.texts(body.texts, "texts", one=False)
     preds = await node.predict(texts)
     return _ok({"predictions": preds, "model": preds[0].model if preds else None})
 
@@ -149,9 +179,9 @@ async def _health(request: web.Request) -> web.Response:
     return _ok(request.app[_NODE].health())
 
 
-def _metrics_text(node: EdgeNode, counts: dict[tuple[str, int], int]) -> str:
+def _metrics_text(node: NodeService, counts: dict[tuple[str, int], int]) -> str:
     h = node.health()
-    b = node.batcher
+    b = node.statistics()
     lines = [
         "# HELP slmops_edge_predictions_total Inferences served.",
         "# TYPE slmops_edge_predictions_total counter",
@@ -176,7 +206,7 @@ def _metrics_text(node: EdgeNode, counts: dict[tuple[str, int], int]) -> str:
         f"slmops_edge_link_up {1 if h['link'] == 'online' else 0}",
         "# HELP slmops_edge_published_total Aggregates acknowledged by JetStream.",
         "# TYPE slmops_edge_published_total counter",
-        f"slmops_edge_published_total {node.publisher.published}",
+        f"slmops_edge_published_total {b.published}",
         "# HELP slmops_edge_dropped_inferences_total Inferences dropped by outbox compaction.",
         "# TYPE slmops_edge_dropped_inferences_total counter",
         f"slmops_edge_dropped_inferences_total {h['dropped_inferences']}",
@@ -207,7 +237,7 @@ async def _metrics(request: web.Request) -> web.Response:
 _ROUTES = {"/v1/predict", "/v1/feedback", "/v1/health", "/metrics"}
 
 
-def build_app(node: EdgeNode) -> web.Application:
+def build_app(node: NodeService) -> web.Application:
     """The aiohttp application for ``node``. Bodies above what ``max_texts`` texts of
     ``max_text_chars`` need are refused with 413 before they are read."""
     cfg = node.config
@@ -215,6 +245,7 @@ def build_app(node: EdgeNode) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=limit)
     app[_NODE] = node
     app[_COUNTS] = {}
+    app[_LIMIT] = limit
     app.router.add_post("/v1/predict", _predict)
     app.router.add_post("/v1/feedback", _feedback)
     app.router.add_get("/v1/health", _health)
@@ -222,24 +253,34 @@ def build_app(node: EdgeNode) -> web.Application:
     return app
 
 
-async def start_api(node: EdgeNode) -> web.AppRunner:
-    """Serve ``node``'s API on ``config.http``; sets ``node.http_port`` (useful with port 0).
-    Returns the runner; ``await runner.cleanup()`` stops it."""
+@dataclass(frozen=True)
+class ApiServer:
+    """A listening API: where it listens (``port`` is the real one, also with port 0)."""
+
+    host: str
+    port: int
+
+
+@asynccontextmanager
+async def serve_api(node: NodeService) -> AsyncIterator[ApiServer]:
+    """Serve ``node``'s API on its ``config.http`` address until the block ends. Raises
+    ``ValueError`` when the config has no address (``http = "off"``) and ``OSError`` when the
+    address cannot be bound (e.g. ``errno.EADDRINUSE``), before serving anything."""
     address = node.config.http_address
-    assert address is not None
+    if address is None:
+        raise ValueError("the node's config has no HTTP address (http is off)")
     host, port = address
+    log = structlog.get_logger("edge.api")
     if not is_loopback(host):
-        node.log.warning("http_not_loopback", host=host, note="the API has no authentication")
-    runner = web.AppRunner(build_app(node), access_log=None, handle_signals=False)
+        log.warning("http_not_loopback", host=host, note="the API has no authentication")
+    app = build_app(node)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
-    except OSError:
+        await web.TCPSite(runner, host, port).start()
+        addresses = runner.addresses
+        bound = int(addresses[0][1]) if addresses else port
+        log.info("http_listening", host=host, port=bound)
+        yield ApiServer(host, bound)
+    finally:
         await runner.cleanup()
-        raise
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    node.http_port = sockets[0].getsockname()[1] if sockets else port
-    node.log.info("http_listening", host=host, port=node.http_port)
-    return runner

@@ -17,7 +17,15 @@ from slmops.shared.config import Config, load_config, parse_duration, parse_size
 from slmops.shared.errors import ConfigError
 from slmops.shared.names import validate_id
 
-__all__ = ["DURATION_FIELDS", "SIZE_FIELDS", "EdgeConfig", "parse_hostport"]
+__all__ = [
+    "DURATION_FIELDS",
+    "SIZE_FIELDS",
+    "EdgeConfig",
+    "RefreshTimings",
+    "SafetyLimits",
+    "is_loopback",
+    "parse_hostport",
+]
 
 #: Fields given in seconds; ``build`` parses "500ms", "2s", "1m" for them.
 DURATION_FIELDS = (
@@ -47,6 +55,60 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class SafetyLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """When a node abandons a new version on its own (``edge.safety``); the ``[safety]``
+    table of an edge config file. Validated on construction."""
+
+    min_samples: int = 50
+    watch_s: float = 600.0
+    max_error_rate: float = 0.05
+    max_error_increase: float = 0.02
+    max_latency_ratio: float = 3.0
+    max_latency_ms: float | None = None
+    #: A p95 below this is never a breach by ratio (noise dominates sub-millisecond figures).
+    latency_floor_ms: float = 5.0
+    #: Interval samples each version needs before latency is judged.
+    min_intervals: int = 5
+    interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_samples", "min_intervals"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.latency_floor_ms >= 0:
+            raise ValueError(f"latency_floor_ms must not be negative, got {self.latency_floor_ms!r}")
+        for name in ("watch_s", "interval", "max_latency_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("max_error_rate", "max_error_increase"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ValueError(f"max_latency_ms must be positive, got {self.max_latency_ms!r}")
+
+
+class RefreshTimings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How the node follows its assignment (``edge.refresh``); the ``[refresh]`` table of an
+    edge config file. Seconds, all positive."""
+
+    #: Longest one bundle download may take.
+    download_timeout: float = 120.0
+    #: Longest one KV read or watch set-up may take.
+    op_timeout: float = 10.0
+    #: The assignment is re-read this often even when no watch fired (a watch can miss one).
+    poll_interval: float = 60.0
+    #: Backoff of a failed download: first delay and cap.
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("download_timeout", "op_timeout", "poll_interval", "retry_initial", "retry_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 class EdgeConfig(Config, kw_only=True):
@@ -107,6 +169,10 @@ class EdgeConfig(Config, kw_only=True):
     commit_interval: float | None = None
     #: Remembered prediction ids (for feedback); the oldest are forgotten first.
     feedback_memory: int = 100_000
+    #: When the node rolls a new version back on its own.
+    safety: SafetyLimits = msgspec.field(default_factory=SafetyLimits)
+    #: Timings of following the model assignment.
+    refresh: RefreshTimings = msgspec.field(default_factory=RefreshTimings)
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, "fleet")

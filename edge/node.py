@@ -17,6 +17,17 @@ HTTP answer is sent — only after the group commit holding the inference's even
 continues ``seq`` from SQLite. With ``durable_ack=False`` the answer comes first and the
 rows of the last few milliseconds can be lost to a ``kill -9``.
 
+The node is the one wiring point: it builds every part and hands each what it needs (the
+safety monitor's ``is_blocked`` to the refresher, counters and ``report_status`` to the
+monitor); no part imports the node. The command serves the HTTP API on a running node
+(``edge.api.serve_api``).
+
+Closing a window, the one path from stored events to a numbered aggregate:
+``Windower.tick`` (``edge.window``, at each boundary) → ``Buffer.close_window``
+(``edge.buffer``, one transaction) → ``window.build_aggregate`` → ``privacy.suppress`` for a
+window under k, else ``privacy.add_noise`` when DP is on → the outbox row → ``window.compact``
+when the outbox outgrew its bound.
+
 A data directory belongs to one running node at a time (``DataDirInUse`` otherwise).
 Prediction ids for feedback are remembered in memory (``feedback_memory`` most recent); after
 a restart, feedback on older ids answers ``UnknownPrediction``.
@@ -25,15 +36,15 @@ a restart, feedback on older ids answers ``UnknownPrediction``.
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import anyio
 import anyio.abc
@@ -48,7 +59,7 @@ from slmops.edge.inference import Batcher
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.outbox import Publisher
 from slmops.edge.refresh import Refresher
-from slmops.edge.safety import SafetyMonitor
+from slmops.edge.safety import Counters, SafetyMonitor
 from slmops.edge.status import StatusReporter, device_profile
 from slmops.edge.window import Windower
 from slmops.shared.bundle import TrustStore, read_bundle
@@ -57,7 +68,7 @@ from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelManifest, ModelRef, NodeStatus
 from slmops.shared.names import status_subject, telemetry_subject
 
-__all__ = ["EdgeNode", "PredictionOut"]
+__all__ = ["EdgeNode", "NodeCounters", "PredictionOut", "Texts"]
 
 #: An essential task that crashed this many times within ``_CRASH_WINDOW`` seconds stops
 #: the node: without its writer, batcher or windower it cannot keep its promises.
@@ -84,6 +95,23 @@ class PredictionOut(msgspec.Struct, kw_only=True):
     label: str
     confidence: float
     model: ModelRef
+
+
+class Texts(tuple[str, ...]):
+    """Texts already checked against a node's limits (``EdgeNode.texts``)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCounters:
+    """Cumulative counters of a running node (``EdgeNode.statistics()``)."""
+
+    served: int  #: inferences answered
+    failed: int  #: inferences that failed in the model
+    batches: int  #: micro-batches run
+    model_seconds: float  #: seconds spent in featurize + ONNX Runtime
+    published: int  #: aggregates acknowledged by JetStream
 
 
 class _Remembered:
@@ -145,6 +173,7 @@ class EdgeNode:
             inline_max_chars=config.inline_max_chars,
             clock=clock,
         )
+        # The close path (module docstring): windower -> buffer -> window -> privacy -> buffer.
         self.windower = Windower(config.window, self.buffer.close_window, clock=clock)
         self.publisher = Publisher(
             self.buffer,
@@ -161,19 +190,37 @@ class EdgeNode:
             self._snapshot,
             interval=config.status_interval,
         )
-        self.refresher = Refresher.for_node(self)
+        batcher = self.batcher
         #: Node-local safety: a new version over its health limits is rolled back here.
-        self.safety = SafetyMonitor.for_node(self)
+        self.safety = SafetyMonitor(
+            self.models,
+            lambda: Counters(batcher.served, batcher.failed, batcher.batches, batcher.model_seconds),
+            self.report_status,
+            state_path=config.data_path / "safety.json",
+            limits=config.safety,
+        )
+        timings = config.refresh
+        self.refresher = Refresher(
+            fleet=config.fleet,
+            node=config.node,
+            link=self.link,
+            models=self.models,
+            report=self.report_status,
+            download_timeout=timings.download_timeout,
+            op_timeout=timings.op_timeout,
+            poll_interval=timings.poll_interval,
+            retry_initial=timings.retry_initial,
+            retry_max=timings.retry_max,
+            is_blocked=self.safety.is_blocked,
+        )
         self.started_at = clock()
         self.last_error: str | None = None
-        self.http_port: int | None = None
         self._boot = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._calls = 0  #: predict calls in progress
         self._memory: OrderedDict[str, _Remembered] = OrderedDict()
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._api: Any = None
         self.models.on_change(self._on_model_change)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -200,10 +247,6 @@ class EdgeNode:
                 ("safety", self.safety.run),
             ):
                 self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
-            if self.config.http is not None:
-                from slmops.edge.api import start_api
-
-                self._api = await start_api(self)
         except BaseException:
             try:
                 await stack.__aexit__(None, None, None)
@@ -212,7 +255,7 @@ class EdgeNode:
                 self.buffer.discard()
             raise
         self._stack = stack
-        self.log.info("node_started", model=self._model_dict(), http_port=self.http_port)
+        self.log.info("node_started", model=self._model_dict())
         return self
 
     async def __aexit__(
@@ -222,9 +265,6 @@ class EdgeNode:
         if stack is None:
             return None
         with anyio.CancelScope(shield=True):
-            if self._api is not None:
-                await self._api.cleanup()
-                self._api = None
             self.batcher.close()
             with anyio.move_on_after(1.0):
                 await self.report_status("shutdown")
@@ -293,21 +333,25 @@ class EdgeNode:
 
     # -- Python API -------------------------------------------------------------------------
 
-    def validate_texts(self, texts: object, field: str = "texts") -> list[str]:
-        """``texts`` as a list of valid texts, else ``InvalidInput`` naming the field."""
-        single = isinstance(texts, str)
-        if single:
-            texts = [texts]
-        if not isinstance(texts, list | tuple):
-            raise InvalidInput(field, f"must be a list of strings, got {type(texts).__name__}")
-        if not texts:
+    def texts(self, value: object, field: str = "texts", *, one: bool | None = None) -> Texts:
+        """``value`` checked once against this node's limits: a string (``one=True``), a list
+        of strings (``one=False``) or either (None, the Python API). Raises ``InvalidInput``
+        naming ``field`` (``field[i]`` for an item)."""
+        single = isinstance(value, str)
+        if one is True and not single:
+            raise InvalidInput(field, f"must be a string, got {type(value).__name__}")
+        if single and one is not False:
+            value = [value]
+        elif not isinstance(value, list | tuple):
+            raise InvalidInput(field, f"must be a list of strings, got {type(value).__name__}")
+        if not value:
             raise InvalidInput(field, "must hold at least one text")
-        if len(texts) > self.config.max_texts:
+        if len(value) > self.config.max_texts:
             raise InvalidInput(
-                field, f"holds {len(texts)} texts, more than the limit {self.config.max_texts}"
+                field, f"holds {len(value)} texts, more than the limit {self.config.max_texts}"
             )
         limit = self.config.max_text_chars
-        for i, t in enumerate(texts):
+        for i, t in enumerate(value):
             name = field if single else f"{field}[{i}]"
             if not isinstance(t, str):
                 raise InvalidInput(name, f"must be a string, got {type(t).__name__}")
@@ -315,15 +359,16 @@ class EdgeNode:
                 raise InvalidInput(name, "must not be empty or only whitespace")
             if len(t) > limit:
                 raise InvalidInput(name, f"is {len(t)} characters, more than the limit {limit}")
-        return list(texts)
+        return Texts(cast("list[str]", value))
 
     async def predict(self, texts: Sequence[str] | str) -> list[PredictionOut]:
         """Predict each text with the current model. Returns once the telemetry of these
-        inferences is committed (``durable_ack``). Raises ``InvalidInput``, ``NoModel``,
+        inferences is committed (``durable_ack``). ``texts`` made by ``texts()`` are not
+        checked again. Raises ``InvalidInput``, ``NoModel``,
         ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
         if self._stack is None:
             raise NodeClosed()
-        valid = self.validate_texts(texts)
+        valid = texts if isinstance(texts, Texts) else self.texts(texts)
         self._calls += 1
         try:
             # A lone caller is served in its own task; with company, requests queue and
@@ -368,6 +413,11 @@ class EdgeNode:
         except BaseException:
             entry.used = False
             raise
+
+    def statistics(self) -> NodeCounters:
+        """The node's cumulative counters (for ``/metrics``)."""
+        b = self.batcher
+        return NodeCounters(b.served, b.failed, b.batches, b.model_seconds, self.publisher.published)
 
     def _model_dict(self) -> dict[str, Any] | None:
         active = self.models.current
@@ -430,7 +480,3 @@ class EdgeNode:
         """Publish a ``NodeStatus`` with ``event`` (and any NodeStatus ``fields``, e.g.
         ``refresh=RefreshResult(...)``) now, if online. Returns whether it was sent."""
         return await self.status.publish(self._snapshot(event, **fields))
-
-    @property
-    def pid(self) -> int:
-        return os.getpid()

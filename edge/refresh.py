@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -51,9 +51,6 @@ from slmops.shared.messages import (
     decode_json,
 )
 from slmops.shared.variants import choose_variant
-
-if TYPE_CHECKING:
-    from slmops.edge.node import EdgeNode
 
 __all__ = ["RETRYABLE", "RefreshStatistics", "Refresher"]
 
@@ -131,19 +128,6 @@ class Refresher:
         self._refused: set[tuple[str, int, str, datetime]] = set()
         self._skipped: set[tuple[str, int, str, datetime]] = set()
         self.stats = RefreshStatistics()
-
-    @classmethod
-    def for_node(cls, node: EdgeNode, **options: Any) -> Refresher:
-        return cls(
-            fleet=node.config.fleet,
-            node=node.config.node,
-            link=node.link,
-            models=node.models,
-            report=node.report_status,
-            # Late-bound: the node makes its safety monitor after its refresher.
-            is_blocked=lambda ref: node.safety.is_blocked(ref),
-            **options,
-        )
 
     def statistics(self) -> RefreshStatistics:
         return self.stats

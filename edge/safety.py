@@ -35,18 +35,15 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
-import msgspec
 import structlog
 
+from slmops.edge.config import SafetyLimits
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelRef
-
-if TYPE_CHECKING:
-    from slmops.edge.node import EdgeNode
 
 __all__ = ["Counters", "SafetyLimits", "SafetyMonitor", "VersionHealth"]
 
@@ -54,38 +51,6 @@ log = structlog.get_logger(__name__)
 
 #: Interval samples kept per version (at 1 s per interval: the last ~8.5 minutes).
 _SAMPLES = 512
-
-
-class SafetyLimits(msgspec.Struct, kw_only=True, frozen=True):
-    """When a node abandons a new version on its own. Validated on construction."""
-
-    min_samples: int = 50
-    watch_s: float = 600.0
-    max_error_rate: float = 0.05
-    max_error_increase: float = 0.02
-    max_latency_ratio: float = 3.0
-    max_latency_ms: float | None = None
-    #: A p95 below this is never a breach by ratio (noise dominates sub-millisecond figures).
-    latency_floor_ms: float = 5.0
-    #: Interval samples each version needs before latency is judged.
-    min_intervals: int = 5
-    interval: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("min_samples", "min_intervals"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.latency_floor_ms >= 0:
-            raise ValueError(f"latency_floor_ms must not be negative, got {self.latency_floor_ms!r}")
-        for name in ("watch_s", "interval", "max_latency_ratio"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_error_rate", "max_error_increase"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
-        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
-            raise ValueError(f"max_latency_ms must be positive, got {self.max_latency_ms!r}")
 
 
 class Counters(NamedTuple):
@@ -177,17 +142,6 @@ class SafetyMonitor:
         if current is not None:
             self._current = VersionHealth(current.ref, clock())
         models.on_change(self._on_change)
-
-    @classmethod
-    def for_node(cls, node: EdgeNode, **options: Any) -> SafetyMonitor:
-        b = node.batcher
-        return cls(
-            node.models,
-            lambda: Counters(b.served, b.failed, b.batches, b.model_seconds),
-            node.report_status,
-            state_path=Path(node.config.data_dir) / "safety.json",
-            **options,
-        )
 
     def statistics(self) -> dict[str, Any]:
         cur = self._current

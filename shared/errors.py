@@ -10,6 +10,7 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "NatsUnavailable",
+    "PortUnavailable",
     "ProvisionError",
     "ResourceConflict",
     "ServerStartError",
@@ -47,6 +48,18 @@ class NatsUnavailable(SlmopsError):
         self.url = url
         self.reason = reason
         super().__init__(f"NATS at {url} unavailable: {reason}")
+
+
+class PortUnavailable(SlmopsError):
+    """A local port cannot be listened on (taken, or not allowed); ``option`` is the flag
+    that chose it."""
+
+    def __init__(self, host: str, port: int, option: str, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.option = option
+        self.reason = reason
+        super().__init__(f"cannot listen on {host}:{port} ({option}): {reason}")
 
 
 class ResourceConflict(SlmopsError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -160,14 +161,22 @@ def edge(
 async def _serve(config: EdgeConfig) -> int:
     import structlog
 
+    from slmops.edge.api import serve_api
     from slmops.edge.node import EdgeNode
-    from slmops.shared.errors import BundleError, SlmopsError
+    from slmops.shared.errors import BundleError, PortUnavailable, SlmopsError
 
     # Every log line of this process names the node (tasks inherit context variables).
     structlog.contextvars.bind_contextvars(fleet=config.fleet, node=config.node)
 
     try:
-        async with EdgeNode(config) as node:
+        async with EdgeNode(config) as node, AsyncExitStack() as stack:
+            address = config.http_address
+            if address is not None:
+                try:
+                    await stack.enter_async_context(serve_api(node))
+                except OSError as exc:
+                    reason = (exc.strerror or str(exc)).lower()
+                    raise PortUnavailable(*address, "--http", reason) from exc
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     node.log.info("signal_received", signal=signal.Signals(signum).name)
@@ -175,10 +184,7 @@ async def _serve(config: EdgeConfig) -> int:
     except BundleError as exc:
         click.echo(f"error: {exc} (code {exc.code})", err=True)
         return 2
-    except SlmopsError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return 1
-    except OSError as exc:
+    except (SlmopsError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
     return 0

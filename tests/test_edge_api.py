@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from _edge_util import Keys, edge_config
+from slmops.edge.api import ApiServer, serve_api
 from slmops.edge.errors import InvalidInput, NoModel
 from slmops.edge.node import EdgeNode
 from slmops.shared.messages import decode_telemetry
@@ -24,7 +25,7 @@ def keys(tmp_path: Path) -> Keys:
 
 
 @pytest.fixture
-async def node(tmp_path: Path, keys: Keys, fleet: str) -> AsyncIterator[EdgeNode]:
+async def served(tmp_path: Path, keys: Keys, fleet: str) -> AsyncIterator[tuple[EdgeNode, ApiServer]]:
     cfg = edge_config(
         tmp_path,
         keys,
@@ -35,14 +36,19 @@ async def node(tmp_path: Path, keys: Keys, fleet: str) -> AsyncIterator[EdgeNode
         max_texts=4,
         window=60.0,
     )
-    async with EdgeNode(cfg) as n:
-        yield n
+    async with EdgeNode(cfg) as n, serve_api(n) as api:
+        yield n, api
 
 
 @pytest.fixture
-async def http(node: EdgeNode) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+def node(served: tuple[EdgeNode, ApiServer]) -> EdgeNode:
+    return served[0]
+
+
+@pytest.fixture
+async def http(served: tuple[EdgeNode, ApiServer]) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
     async with aiohttp.ClientSession() as session:
-        yield session, f"http://127.0.0.1:{node.http_port}"
+        yield session, f"http://127.0.0.1:{served[1].port}"
 
 
 async def call(
@@ -202,8 +208,8 @@ async def test_without_a_model_predict_is_503_and_health_says_so(
     tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
     cfg = edge_config(tmp_path, keys, fleet=fleet, http="127.0.0.1:0")
-    async with EdgeNode(cfg) as n, aiohttp.ClientSession() as session:
-        h = (session, f"http://127.0.0.1:{n.http_port}")
+    async with EdgeNode(cfg) as n, serve_api(n) as api, aiohttp.ClientSession() as session:
+        h = (session, f"http://127.0.0.1:{api.port}")
         status, err = await call(h, "POST", "/v1/predict", json={"text": "alpha"})
         assert status == 503
         assert err["error"]["message"] == "no model installed yet"

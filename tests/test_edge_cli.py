@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -157,3 +161,24 @@ def test_config_file_values_hold_unless_a_flag_is_given(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [*base, "--fleet", "x", "--node", "y", "--window", "nope"])
     assert result.exit_code == 2
     assert "window" in result.output
+
+
+def test_a_taken_http_port_stops_the_command_at_once_naming_port_and_flag(tmp_path: Path) -> None:
+    """`slmops edge` on a port another process listens on exits non-zero within seconds,
+    naming the address and --http (it used to hang forever with its tasks running)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [
+            sys.executable, "-m", "slmops.cli", "edge", "--fleet", "f1", "--node", "n1",
+            "--data", str(tmp_path / "d"), "--nats", "nats://127.0.0.1:1", "--http", f"127.0.0.1:{port}",
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        took = time.monotonic() - t0
+    assert done.returncode != 0, done.stderr
+    assert took < 30, took
+    assert f"127.0.0.1:{port} (--http)" in done.stderr, done.stderr
+    assert "address already in use" in done.stderr
+    assert "Traceback" not in done.stderr

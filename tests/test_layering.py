@@ -43,7 +43,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def violations(names: set[str], forbidden: set[str]) -> list[str]:
     return sorted(
-        n for n in names
+        n
+        for n in names
         if n.split(".")[0] in OLD_ROOTS or any(n == f or n.startswith(f + ".") for f in forbidden)
     )
 
@@ -57,10 +58,16 @@ def test_package_respects_the_layering(package: str) -> None:
 
 
 def test_nothing_imports_the_old_top_level_names() -> None:
-    files = [p for d in ("slmops", "tests", "deploy") for p in (ROOT / d).rglob("*.py")
-             if not any(part in OLD_ROOTS for part in p.relative_to(ROOT).parts[1:2])]
-    bad = {str(f.relative_to(ROOT)): sorted(n for n in imported_modules(f) if n.split(".")[0] in OLD_ROOTS)
-           for f in files}
+    files = [
+        p
+        for d in ("slmops", "tests", "deploy")
+        for p in (ROOT / d).rglob("*.py")
+        if not any(part in OLD_ROOTS for part in p.relative_to(ROOT).parts[1:2])
+    ]
+    bad = {
+        str(f.relative_to(ROOT)): sorted(n for n in imported_modules(f) if n.split(".")[0] in OLD_ROOTS)
+        for f in files
+    }
     assert {k: v for k, v in bad.items() if v} == {}
 
 

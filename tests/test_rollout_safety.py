@@ -203,10 +203,12 @@ async def test_real_edge_node_rolls_back_on_its_own_and_reports_it(
     """A real node over its absolute latency limit (set below any real latency) right after
     a swap goes back to the previous version and publishes a ``rollback`` status."""
     keys = Keys(tmp_path / "keys")
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle(1).path)
+    limits = SafetyLimits(min_samples=20, max_latency_ms=1e-6, interval=0.05)
+    cfg = edge_config(
+        tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle(1).path, safety=limits
+    )
     v2 = keys.bundle(2).path
     async with EdgeNode(cfg) as node:
-        node.safety.limits = SafetyLimits(min_samples=20, max_latency_ms=1e-6, interval=0.05)
         await node.link.wait_online()
         await node.predict(["alpha words"] * 5)
         await node.models.install(v2, source="test")
