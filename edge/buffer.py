@@ -19,6 +19,7 @@ import contextlib
 import math
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -137,6 +138,8 @@ class Buffer:
         self._outbox_depth = self._outbox_bytes = 0
         self._committed = self._lost = self._pending = 0
         self.outbox_changed = anyio.Event()
+        #: This data directory's install id (see ``_load_install``); "" for a legacy database.
+        self.install = ""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -150,8 +153,10 @@ class Buffer:
             async with self._db.execute("SELECT key, value FROM node_state") as cur:
                 for key, value in await cur.fetchall():
                     self._state[key] = value
-            if not self._state["next_seq"]:
+            fresh = not self._state["next_seq"]
+            if fresh:
                 self._state["next_seq"] = 1
+            self.install = await self._load_install(fresh)
             async with self._db.execute("SELECT id, info FROM models") as cur:
                 for mid, info in await cur.fetchall():
                     self._models[mid] = msgspec.structs.replace(_info_decoder.decode(info), model_id=mid)
@@ -165,6 +170,7 @@ class Buffer:
         log.info(
             "buffer_opened",
             path=str(self.path),
+            install=self.install,
             next_seq=int(self._state["next_seq"]),
             outbox=self._outbox_depth,
         )
@@ -178,6 +184,28 @@ class Buffer:
             await self._drain()
             self._recv.close()
             await self._close_db()
+
+    async def _load_install(self, fresh: bool) -> str:
+        """The install id stored beside ``seq`` (table ``node_meta``), made on first open: a
+        new database (no ``next_seq`` yet, nothing stored) gets a random uuid4 hex, so its
+        ``seq`` 1 is a new epoch; a database of an older release (``seq`` already running)
+        keeps the legacy epoch "" so its numbering stays one sequence."""
+        async with self.db.execute("SELECT value FROM node_meta WHERE key='install'") as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row[0])
+        if fresh:
+            async with self.db.execute(
+                "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM events)"
+            ) as cur:
+                stored = await cur.fetchone()
+            fresh = not (stored and stored[0])
+        install = uuid.uuid4().hex if fresh else ""
+        await self.db.execute("INSERT INTO node_meta(key, value) VALUES ('install', ?); ", (install,))
+        if fresh:  # next_seq is stored with the id: a reopened database is never "fresh" again
+            await self.db.execute("INSERT OR IGNORE INTO node_state(key, value) VALUES ('next_seq', 1)")
+        log.info("install_id", install=install or "(legacy)", new=fresh)
+        return install
 
     def discard(self) -> None:
         """Release the commit queue of a buffer that was never opened (idempotent)."""
@@ -345,6 +373,7 @@ class Buffer:
                     cells=cells,  # type: ignore[arg-type]  # sqlite rows are tuples of int
                     feedback=[(a, b, c) for a, b, c, _ in fb],
                     k=self.k,
+                    install=self.install,
                 )
                 agg = suppress(agg) if n < self.k else await self._privatize(agg, info, now)
                 agg = msgspec.structs.replace(

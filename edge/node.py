@@ -430,6 +430,7 @@ class EdgeNode:
             "status": "ok" if self.models.current is not None else "no_model",
             "fleet": self.config.fleet,
             "node": self.config.node,
+            "install": self.buffer.install,
             "model": self._model_dict(),
             "previous_model": None
             if self.models.previous is None
@@ -460,6 +461,7 @@ class EdgeNode:
         status = NodeStatus(
             fleet=self.config.fleet,
             node=self.config.node,
+            install=self.buffer.install,
             time=datetime.fromtimestamp(self._clock(), UTC),
             event=event,
             device=device_profile(self.config.data_path),

@@ -1,7 +1,9 @@
 """Store-and-forward: publish the outbox to JetStream while the link is online (DESIGN §5).
 
-Each aggregate goes out with ``Nats-Msg-Id = <fleet>/<node>:<seq>`` (``shared.names.msg_id``;
-the fleet keeps two fleets' ``n1`` apart in the one stream) and leaves the outbox only after
+Each aggregate goes out with ``Nats-Msg-Id = <fleet>/<node>/<install>:<seq>``
+(``shared.names.msg_id``; the fleet keeps two fleets' ``n1`` apart in the one stream, the
+install id a wiped database's new ``seq`` 1 apart from the old one; a legacy database without
+an install id publishes ``<fleet>/<node>:<seq>``) and leaves the outbox only after
 its PubAck. Rows are marked "attempted" (committed) before the first send, so compaction never
 renumbers a ``seq`` the server may already hold (a ghost write of a timed-out publish).
 
@@ -108,6 +110,9 @@ class Publisher:
         errors = [results[seq] for seq, _ in rows if results.get(seq) is not None]
         return acked, errors[0] if errors else None
 
+    def _msg_id(self, seq: int) -> str:
+        return msg_id(self.node, seq, fleet=self.fleet, install=self.buffer.install)
+
     async def _one(self, seq: int, payload: bytes, results: dict[int, str | None]) -> None:
         try:
             js = self.link.js
@@ -116,7 +121,7 @@ class Publisher:
                     self.subject,
                     payload,
                     timeout=self.timeout,
-                    headers={"Nats-Msg-Id": msg_id(self.node, seq, fleet=self.fleet)},
+                    headers={"Nats-Msg-Id": self._msg_id(seq)},
                 )
         except (NatsUnavailable, nats.errors.Error, TimeoutError, OSError) as exc:
             results[seq] = f"seq {seq}: {type(exc).__name__}: {exc}"

@@ -73,9 +73,11 @@ def build_aggregate(
     cells: Iterable[Cell],
     feedback: Iterable[tuple[str, str, int]] = (),
     k: int,
+    install: str = "",
 ) -> TelemetryAggregate:
     """One aggregate from grouped event counts (``cells``) and feedback ``(true, predicted,
-    n)`` triples. Rows with an unknown class index count as errors."""
+    n)`` triples, numbered ``seq`` of node install ``install``. Rows with an unknown class
+    index count as errors."""
     e = info.edges
     conf, length, lat = (
         Histogram.empty(e.confidence),
@@ -113,14 +115,16 @@ def build_aggregate(
         latency_ms=lat,
         feedback=fb,
         privacy=Privacy(k=k),
+        install=install,
     )
 
 
 def mergeable(a: TelemetryAggregate, b: TelemetryAggregate) -> bool:
-    """Whether ``merge(a, b)`` is defined: same node, model, bin edges and privacy."""
+    """Whether ``merge(a, b)`` is defined: same node install, model, bin edges and privacy."""
     return (
         a.fleet == b.fleet
         and a.node == b.node
+        and a.install == b.install
         and a.model == b.model
         and a.privacy == b.privacy
         and a.confidence.edges == b.confidence.edges

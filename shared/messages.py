@@ -86,9 +86,14 @@ class TelemetryAggregate(Wire, kw_only=True):
     privacy: Privacy
     #: How many original windows were merged into this one (outbox compaction, DESIGN §5).
     windows: int = 1
-    #: Loss receipt: inferences and aggregates dropped because the outbox was full.
+    #: Loss receipt: inferences and aggregates the node could not keep (outbox full) or
+    #: could not store (disk full/failing). Client-answered == counted + these receipts.
     dropped_inferences: int = 0
     dropped_aggregates: int = 0
+    #: The node install (uuid4 hex, 32 chars) that numbered ``seq``: made once per data
+    #: directory in the same SQLite database as ``seq``, so a wiped or quarantined database
+    #: starts a new ``seq`` epoch. "" = an old node (the legacy epoch).
+    install: str = ""
 
 
 class DeviceProfile(Wire, kw_only=True):
@@ -134,6 +139,13 @@ class NodeStatus(Wire, kw_only=True):
     last_sync: datetime | None = None
     last_error: str | None = None
     refresh: RefreshResult | None = None
+    #: The node install whose ``seq`` ``last_seq`` counts (see ``TelemetryAggregate.install``).
+    install: str = ""
+    #: "ok", or "degraded" while the node's disk fails (answers go on; what cannot be stored
+    #: is counted in the loss receipt). "" = an old node that does not say.
+    storage: str = ""
+    #: File names of unreadable databases the node set aside (renamed) and replaced.
+    quarantined: list[str] = []
 
 
 class TensorSpec(Wire, kw_only=True):

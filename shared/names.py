@@ -101,12 +101,16 @@ def manifest_key(model: str, version: int, variant: str) -> str:
     return f"{name}.{int(version)}.{validate_id(variant, 'variant')}"
 
 
-def msg_id(node: str, seq: int, fleet: str | None = None) -> str:
-    """The ``Nats-Msg-Id`` of a telemetry aggregate: ``<node>:<seq>``, or with ``fleet``
-    ``<fleet>/<node>:<seq>``. Nodes publish the fleet form: the server dedupes per stream, and
-    SLMOPS_TELEMETRY holds every fleet, so two fleets' ``n1:1`` inside the duplicate window
-    would otherwise make the server drop the second as a duplicate."""
-    return f"{node}:{seq}" if fleet is None else f"{fleet}/{node}:{seq}"
+def msg_id(node: str, seq: int, fleet: str | None = None, install: str = "") -> str:
+    """The ``Nats-Msg-Id`` of a telemetry aggregate: ``<node>:<seq>``, with ``fleet``
+    ``<fleet>/<node>:<seq>``, and with ``install`` too ``<fleet>/<node>/<install>:<seq>``.
+    Nodes publish the fleet form: the server dedupes per stream, and SLMOPS_TELEMETRY holds
+    every fleet, so two fleets' ``n1:1`` inside the duplicate window would otherwise make the
+    server drop the second as a duplicate. The install id keeps a new install's ``seq`` 1
+    (a wiped or quarantined database) apart from the old install's."""
+    if fleet is None:
+        return f"{node}/{install}:{seq}" if install else f"{node}:{seq}"
+    return f"{fleet}/{node}/{install}:{seq}" if install else f"{fleet}/{node}:{seq}"
 
 
 def inbox_prefix(node: str | None) -> str:

@@ -66,5 +66,7 @@ def test_subjects_and_keys_follow_the_contract() -> None:
     assert assignment_key("shops") == "shops._fleet"
     assert model_object_name("clf", 3, "int8") == "clf/3/int8"
     assert msg_id("till-7", 42) == "till-7:42"
+    assert msg_id("till-7", 42, "f1") == "f1/till-7:42"
+    assert msg_id("till-7", 42, "f1", install="ab" * 16) == "f1/till-7/" + "ab" * 16 + ":42"
     with pytest.raises(ValueError, match="node"):
         telemetry_subject("shops", "till.7")
