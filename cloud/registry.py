@@ -27,13 +27,13 @@ from nats.js.object_store import ObjectStore
 
 from slmops.cloud.errors import CloudError
 from slmops.shared import names
-from slmops.shared.bundle import Bundle, TrustStore, check_hash, pack_archive
+from slmops.shared.bundle import Bundle, TrustStore, pack_archive
 from slmops.shared.connect import connect_once
-from slmops.shared.errors import BundleError, NatsUnavailable
+from slmops.shared.errors import NatsUnavailable
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import Assignment, ModelManifest, NodeStatus, decode_json, encode_json
 from slmops.shared.provision import ensure_resources
-from slmops.shared.runtime import load_session
+from slmops.shared.runtime import verify_bundle as run_verification
 from slmops.shared.variants import PREFERENCE, choose_variant
 
 __all__ = ["PushResult", "Registry", "RegistryError", "open_registry", "verify_bundle"]
@@ -60,16 +60,11 @@ class PushResult:
 
 
 def verify_bundle(bundle: Bundle, trust: TrustStore) -> ModelManifest:
-    """Everything a node will check, checked before anything is published: signature against
-    ``trust``, model size and sha256, ONNX Runtime load with matching inputs/outputs, smoke
-    tests. Raises ``BundleError`` whose ``code`` names the failed check. CPU-bound."""
-    if len(trust) == 0:
-        raise BundleError(
-            str(bundle.path), "no trusted public key given to verify the signature", "unknown_key"
-        )
-    trust.verify(bundle.manifest, str(bundle.path))
-    check_hash(bundle)
-    load_session(bundle.model_path, bundle.manifest).smoke_test()
+    """Everything a node will check, checked before anything is published: the edge's own
+    ``shared.runtime.verify_bundle`` (signature over the raw manifest, requirements, every
+    file's size and sha256, ONNX Runtime load, smoke tests and hostile inputs). Raises
+    ``BundleError`` whose ``code`` names the failed check. CPU-bound."""
+    run_verification(bundle, trust)
     return bundle.manifest
 
 

@@ -24,10 +24,10 @@ import msgspec
 import structlog
 
 from slmops.edge.status import device_profile
-from slmops.shared.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, TrustStore, check_hash, read_bundle
+from slmops.shared.bundle import MANIFEST_FILE, Bundle, TrustStore, check_files, read_bundle
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelManifest, ModelRef
-from slmops.shared.runtime import Session, load_session
+from slmops.shared.runtime import Session, verify_bundle
 
 __all__ = ["ActiveModel", "ModelManager"]
 
@@ -110,7 +110,7 @@ class ModelManager:
             if not name:
                 continue
             try:
-                active = await self._load(self.cache_dir / name, verify=True)
+                active = await self._load(self.cache_dir / name)
             except BundleError as exc:
                 log.error("cached_model_rejected", role=role, dir=name, code=exc.code, reason=exc.reason)
                 continue
@@ -150,7 +150,6 @@ class ModelManager:
             if cur is not None and cur.ref == ref:
                 log.info("model_already_current", model=ref.name, version=ref.version, source=source)
                 return ref
-            await self._verify(bundle)
             session = await self._session(bundle)
             path = await anyio.to_thread.run_sync(self._copy_into_cache, bundle)
             model_id = await self._register(bundle.manifest)
@@ -168,36 +167,23 @@ class ModelManager:
             prev = self._previous
             if prev is None:
                 raise BundleError("cache", "there is no previous model to roll back to", "no_previous")
-            active = await self._load(self.cache_dir / _dirname(prev), verify=True)
+            active = await self._load(self.cache_dir / _dirname(prev))
             self._swap(active, "rollback")
             log.warning("model_rolled_back", model=prev.name, version=prev.version)
             return prev
 
-    async def _verify(self, bundle: Bundle) -> None:
+    async def _session(self, bundle: Bundle) -> Session:
+        """``shared.runtime.verify_bundle``: the same checks as ``models push``."""
         if len(self.trust) == 0:
             raise BundleError(str(bundle.path), "no trusted keys are configured (--trust)", "unknown_key")
-        self.trust.verify(bundle.manifest, str(bundle.path))
-        need = bundle.manifest.min_memory_mb
-        if self.memory_mb > 0 and need > self.memory_mb:
-            raise BundleError(
-                str(bundle.path),
-                f"needs {need} MB of memory, this device has {self.memory_mb} MB",
-                "too_large",
+        return await anyio.to_thread.run_sync(
+            lambda: verify_bundle(
+                bundle, self.trust, memory_mb=self.memory_mb, intra_op_threads=self._threads
             )
-        await anyio.to_thread.run_sync(check_hash, bundle)
+        )
 
-    async def _session(self, bundle: Bundle) -> Session:
-        def load() -> Session:
-            session = load_session(bundle.model_path, bundle.manifest, intra_op_threads=self._threads)
-            session.smoke_test()
-            return session
-
-        return await anyio.to_thread.run_sync(load)
-
-    async def _load(self, path: Path, *, verify: bool) -> ActiveModel:
+    async def _load(self, path: Path) -> ActiveModel:
         bundle = read_bundle(path)
-        if verify:
-            await self._verify(bundle)
         session = await self._session(bundle)
         model_id = await self._register(bundle.manifest)
         return ActiveModel(session=session, manifest=bundle.manifest, path=path, model_id=model_id)
@@ -206,15 +192,17 @@ class ModelManager:
         final = self.cache_dir / _dirname(bundle.manifest.ref)
         if final.exists():
             try:
-                check_hash(read_bundle(final))
-                if read_bundle(final).manifest == bundle.manifest:
+                cached = read_bundle(final)
+                check_files(cached)
+                if cached.raw == bundle.raw:
                     return final
             except BundleError:
                 pass
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir))
         try:
-            for name in (MODEL_FILE, MANIFEST_FILE):
+            for name in [MANIFEST_FILE, *(f.path for f in bundle.files)]:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(bundle.path / name, tmp / name)
                 with (tmp / name).open("rb") as f:
                     os.fsync(f.fileno())

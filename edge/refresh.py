@@ -366,7 +366,9 @@ class Refresher:
         size = archive.stat().st_size
         self.stats.bytes_downloaded += size
         log.info("model_downloaded", object=obj, bytes=size, seconds=round(time.perf_counter() - t0, 3))
-        bundle = await anyio.to_thread.run_sync(unpack_archive, archive, work_dir / "bundle")
+        bundle = await anyio.to_thread.run_sync(
+            unpack_archive, archive, work_dir / "bundle", self.models.trust
+        )
         archive.unlink()
         if bundle.manifest.ref != ref:
             raise BundleError(obj, f"archive holds {bundle.manifest.ref}, not the assigned {ref}", "invalid")

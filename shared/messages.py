@@ -18,6 +18,7 @@ from slmops.shared.histogram import Histogram
 __all__ = [
     "WIRE_TYPES",
     "Assignment",
+    "BundleFile",
     "DeviceProfile",
     "DriftEvent",
     "HeldOutScores",
@@ -28,6 +29,7 @@ __all__ = [
     "Preprocessing",
     "Privacy",
     "ReferenceProfile",
+    "Requirements",
     "RolloutEvent",
     "Signature",
     "SmokeTest",
@@ -106,6 +108,9 @@ class DeviceProfile(Wire, kw_only=True):
     providers: list[str] = []
     #: A name for a class of device, e.g. "gateway-small"; free text.
     profile: str = ""
+    #: What this node's runtime can run (``shared.capabilities``): preprocessing kinds, tasks,
+    #: "multi_file", and "runtime:<level>". Empty = an old node (n-gram classifiers only).
+    capabilities: list[str] = []
 
 
 class RefreshResult(Wire, kw_only=True):
@@ -155,11 +160,22 @@ class TensorSpec(Wire, kw_only=True):
 
 
 class Preprocessing(Wire, kw_only=True):
-    """How text becomes model input; run by ``shared.preprocess`` at the edge and factory."""
+    """How text becomes model input; run by ``shared.preprocess`` at the edge and factory.
+
+    ``kind`` is "hashed_ngrams" (``buckets``, n-gram settings) or "tokenizer" (the HF
+    ``tokenizers`` file at bundle path ``tokenizer``, truncated at ``max_tokens``, padded to the
+    longest text of each length-grouped micro-batch)."""
 
     kind: str = "hashed_ngrams"
     buckets: int = 4096
+    #: Truncation length (n-gram features or tokens, special tokens included).
     max_tokens: int = 64
+    #: Bundle path of the tokenizer file (kind "tokenizer").
+    tokenizer: str = "tokenizer.json"
+    #: Role ("input_ids", "attention_mask", "token_type_ids") -> graph input name (kind
+    #: "tokenizer"); a role left out is not fed. Empty = the role names themselves, those the
+    #: graph has.
+    input_names: dict[str, str] = {}
     word_ngrams: list[int] = msgspec.field(default_factory=lambda: [1, 2])
     char_ngrams: list[int] = msgspec.field(default_factory=lambda: [3])
     lowercase: bool = True
@@ -216,8 +232,34 @@ class Signature(Wire, kw_only=True):
     value: str
 
 
+class BundleFile(Wire, kw_only=True):
+    """One file of a multi-file bundle; the manifest's signature covers its hash and size."""
+
+    #: Relative path inside the bundle ("/"-separated, no "..", no leading "/").
+    path: str
+    sha256: str
+    size_bytes: int
+    #: "model", "head", "tokenizer" or "data" (e.g. external weights).
+    role: str = ""
+
+
+class Requirements(Wire, kw_only=True):
+    """What a node must be able to do to run a bundle (matched against
+    ``DeviceProfile.capabilities`` before assignment and before download)."""
+
+    preprocessing: str = "hashed_ngrams"
+    task: str = "classification"
+    multi_file: bool = False
+    #: Node runtime capability level: 1 = the n-gram-only runtime, 2 = this build.
+    min_runtime: int = 1
+
+
 class ModelManifest(Wire, kw_only=True):
-    """Everything a node needs to trust, load, feed and watch a model."""
+    """Everything a node needs to trust, load, feed and watch a model.
+
+    ``sha256``/``size_bytes`` describe ``model.onnx`` of a legacy single-file bundle (``files``
+    empty); a multi-file bundle lists every file in ``files`` and repeats its "model" file's
+    hash and size there for old readers."""
 
     v: int = SCHEMA_VERSION
     name: str
@@ -237,6 +279,16 @@ class ModelManifest(Wire, kw_only=True):
     created: datetime
     notes: str = ""
     signature: Signature | None = None
+    #: Every file of the bundle; empty = the legacy single-file bundle (``model.onnx``).
+    files: list[BundleFile] = []
+    #: "classification" (``labels``) or "embedding" (pooled, L2-normalised vector).
+    task: str = "classification"
+    #: Graph output to read (of the head when there is one); "" = the first graph output,
+    #: except in a legacy single-file bundle, where it is the last manifest output ("probs").
+    output: str = ""
+    #: "probs", "logits" (softmax applied by the runtime) or "embedding".
+    output_kind: str = "probs"
+    requires: Requirements | None = None
 
     @property
     def ref(self) -> ModelRef:

@@ -1,6 +1,13 @@
 """Text -> model input, as a bundle's manifest declares. The edge and the model factory both
 call this, so a model sees at serving time exactly what it saw in training.
 
+``tokenizer``: the HF ``tokenizers`` library (Rust) reads the bundle's ``tokenizer.json``;
+whatever padding the file configures is switched off and truncation set to ``max_tokens``
+(special tokens included). ``TokenizerFeaturizer.encode`` returns unpadded token rows;
+``TokenizerFeaturizer.feeds`` pads a group of rows to its longest, so the runtime can group
+texts by length before padding. A text's input length is its token count as fed (special
+tokens included, after truncation).
+
 ``hashed_ngrams``: lower-cased word tokens, word n-grams and character n-grams of each word,
 hashed (CRC-32, stable across processes and platforms) into ``buckets - 1`` ids; id 0 is
 padding. Each row gets ``max_tokens`` ids and matching weights ``1/n`` (0 for padding), so the
@@ -12,13 +19,17 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from slmops.shared.messages import Preprocessing
 
-__all__ = ["Features", "featurize", "tokenize"]
+__all__ = ["TOKEN_ROLES", "Features", "TokenRows", "TokenizerFeaturizer", "featurize", "tokenize"]
+
+#: Graph input roles the tokenizer featurizer can feed.
+TOKEN_ROLES = ("input_ids", "attention_mask", "token_type_ids")
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -71,3 +82,64 @@ def featurize(texts: Sequence[str], pp: Preprocessing) -> Features:
         ids[row, : len(feats)] = [1 + zlib.crc32(f.encode()) % mod for f in feats]
         weights[row, : len(feats)] = 1.0 / len(feats)
     return Features(ids, weights, lengths)
+
+
+class TokenRows:
+    """Unpadded token ids (and type ids) of a batch of texts."""
+
+    __slots__ = ("ids", "lengths", "types")
+
+    def __init__(self, ids: list[list[int]], types: list[list[int]]) -> None:
+        self.ids = ids
+        self.types = types
+        self.lengths = [len(r) for r in ids]
+
+
+class TokenizerFeaturizer:
+    """The ``tokenizer`` preprocessing: one ``tokenizers.Tokenizer`` from a bundle file.
+
+    ``input_names`` maps roles (``TOKEN_ROLES``) to graph input names; ``dtypes`` gives each
+    graph input's numpy integer type. Raises ``ValueError`` for a file the library cannot read.
+    Thread-safe after construction (encoding does not mutate the tokenizer)."""
+
+    def __init__(
+        self, path: Path, pp: Preprocessing, input_names: dict[str, str], dtypes: dict[str, type[np.integer]]
+    ) -> None:
+        from tokenizers import Tokenizer  # the edge's only extra dependency; imported when used
+
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the library raises a bare Exception for a bad file
+            raise ValueError(f"tokenizer {path.name}: cannot read it: {exc}") from exc
+        padding = tok.padding
+        pad = padding.get("pad_id") if padding else None
+        if not isinstance(pad, int):
+            pad = tok.token_to_id("[PAD]")
+        self.pad_id = pad if isinstance(pad, int) else 0
+        tok.no_padding()
+        tok.enable_truncation(max_length=pp.max_tokens)
+        self._tok = tok
+        self.input_names = dict(input_names)
+        self._dtypes = dtypes
+
+    def encode(self, texts: Sequence[str]) -> TokenRows:
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=True)
+        return TokenRows([e.ids for e in encs], [e.type_ids for e in encs])
+
+    def feeds(self, rows: TokenRows, index: Sequence[int]) -> dict[str, npt.NDArray[np.generic]]:
+        """Graph feeds for rows ``index`` of ``rows``, padded to their longest (at least 1)."""
+        width = max(1, max((rows.lengths[i] for i in index), default=1))
+        n = len(index)
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for r, i in enumerate(index):
+            k = rows.lengths[i]
+            ids[r, :k] = rows.ids[i]
+            mask[r, :k] = 1
+            types[r, :k] = rows.types[i]
+        by_role = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {
+            name: by_role[role].astype(self._dtypes.get(name, np.int64), copy=False)
+            for role, name in self.input_names.items()
+        }

@@ -200,13 +200,12 @@ def quantize(
 @_bundle_arg
 @_key
 def sign(bundle: Path, key_path: Path) -> None:
-    """Re-sign BUNDLE (a directory) after an edit: recompute the model's sha256 and size and
-    sign the manifest with KEY, in place."""
-    from slmops.shared.bundle import MODEL_FILE, load_private_key, read_bundle, write_bundle
+    """Re-sign BUNDLE (a directory) after an edit: recompute the sha256 and size of every file
+    it lists and sign the manifest with KEY, in place."""
+    from slmops.shared.bundle import load_private_key, resign_bundle
 
     key = _sync(lambda: load_private_key(key_path))
-    b = _sync(lambda: read_bundle(bundle))
-    signed = _sync(lambda: write_bundle(bundle, (bundle / MODEL_FILE).read_bytes(), b.manifest, key))
+    signed = _sync(lambda: resign_bundle(bundle, key))
     sig = signed.manifest.signature
     click.echo(f"signed {bundle} with key {sig.key_id if sig else '?'}; sha256 {signed.manifest.sha256}")
 
@@ -239,7 +238,7 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
 
     async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="slmops-push-") as tmp:
-            b = unpack_archive(bundle, Path(tmp)) if is_archive else read_bundle(bundle)
+            b = unpack_archive(bundle, Path(tmp), store) if is_archive else read_bundle(bundle)
             async with open_registry(nats_url) as registry:
                 result = await registry.push(b, store)
         m = result.manifest
