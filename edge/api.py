@@ -130,7 +130,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except NodeClosed as exc:
         response = _error(503, "shutting_down", str(exc))
     except InferenceFailed as exc:
-        response = _error(500, "inference_failed", str(exc))
+        response = _error(500, exc.code, str(exc))
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[_LIMIT]
         response = _error(413, "too_large", f"body is larger than {limit} bytes", "body")

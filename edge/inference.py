@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
 import anyio
@@ -36,10 +37,13 @@ log = structlog.get_logger(__name__)
 
 
 class InferenceFailed(EdgeError):
-    """ONNX Runtime (or preprocessing) failed on a batch; counted as errors in telemetry."""
+    """ONNX Runtime (or preprocessing) failed on a batch, or the model gave a non-finite
+    output for some of a request's texts; counted as errors in telemetry. ``code`` is
+    ``inference_failed`` or ``non_finite_output`` (the API's error code)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "inference_failed") -> None:
         self.reason = reason
+        self.code = code
         super().__init__(f"inference failed: {reason}")
 
 
@@ -126,22 +130,42 @@ class Batcher:
             out = _run(active.session, list(texts))
         except Exception:  # the queued path runs it again and reports the failure
             return None
+        if not all(out.ok):  # the queued path reports it too (rows, error per request)
+            return None
         commit = await self.buffer.append(self._rows(active, out))
         return Result(out.classes, out.confidence, active, commit)
 
-    def _rows(self, active: ActiveModel, out: _Output) -> list[EventRow]:
+    def _rows(
+        self, active: ActiveModel, out: _Output, failed: AbstractSet[int] = frozenset()
+    ) -> list[EventRow]:
+        """Telemetry rows of a batch; texts at ``failed`` positions are error rows."""
         self.batches += 1
-        self.served += len(out.classes)
         self.model_seconds += out.seconds
-        return derive_rows(
-            out.classes,
-            out.confidence,
-            out.lengths,
-            t=self._clock(),
+        t = self._clock()
+        if not failed:
+            self.served += len(out.classes)
+            return derive_rows(
+                out.classes,
+                out.confidence,
+                out.lengths,
+                t=t,
+                model_id=active.model_id,
+                edges=active.manifest.edges,
+                latency_ms=out.seconds * 1000.0,
+            )
+        good = [i for i in range(len(out.classes)) if i not in failed]
+        self.served += len(good)
+        self.failed += len(failed)
+        rows = derive_rows(
+            [out.classes[i] for i in good],
+            [out.confidence[i] for i in good],
+            [out.lengths[i] for i in good],
+            t=t,
             model_id=active.model_id,
             edges=active.manifest.edges,
             latency_ms=out.seconds * 1000.0,
         )
+        return rows + error_rows(len(failed), t=t, model_id=active.model_id)
 
     def close(self) -> None:
         """Refuse new requests; queued ones are still served by ``run``."""
@@ -229,17 +253,44 @@ class Batcher:
             return
         finally:
             self._busy = False
-        commit = await self.buffer.append(self._rows(active, out))
-        if len(batch) == 1:
+        # A request with a non-finite output for any of its texts is not answered: all its
+        # texts are error rows, the other requests of the batch are served as usual.
+        failed: set[int] = set()
+        bad_requests: dict[int, list[int]] = {}
+        if not all(out.ok):
+            i = 0
+            for k, r in enumerate(batch):
+                j = i + len(r.texts)
+                bad = [n for n in range(j - i) if not out.ok[i + n]]
+                if bad:
+                    bad_requests[k] = bad
+                    failed.update(range(i, j))
+                i = j
+            log.warning(
+                "non_finite_output",
+                texts=len(failed),
+                requests=len(bad_requests),
+                model_version=active.ref.version,
+            )
+        commit = await self.buffer.append(self._rows(active, out, failed))
+        if len(batch) == 1 and not failed:
             batch[0].result = Result(out.classes, out.confidence, active, commit)
             batch[0].done.set()
             return
         i = 0
-        for r in batch:
+        for k, r in enumerate(batch):
             j = i + len(r.texts)
-            r.result = Result(out.classes[i:j], out.confidence[i:j], active, commit)
+            if k in bad_requests:
+                r.error = InferenceFailed(
+                    f"the model gave a non-finite output for text(s) {bad_requests[k][:20]} of this request",
+                    "non_finite_output",
+                )
+            else:
+                r.result = Result(out.classes[i:j], out.confidence[i:j], active, commit)
             r.done.set()
             i = j
+        if failed:
+            await commit.done.wait()
 
 
 class _Output(NamedTuple):
@@ -247,12 +298,16 @@ class _Output(NamedTuple):
     confidence: list[float]
     lengths: list[int]
     seconds: float
+    #: False where the model gave a non-finite value (that text is an error).
+    ok: list[bool]
 
 
 def _run(session: Session, texts: list[str]) -> _Output:
-    """featurize + ORT (``Session.probs``), then argmax: no per-text objects are made."""
+    """Preprocessing + ORT (``Session.run``, grouped by length), then argmax: no per-text
+    objects are made."""
     t0 = time.perf_counter()
-    probs, lengths = session.probs(texts)
+    out = session.run(texts)
+    probs = out.values
     idx = probs.argmax(axis=1)
     conf = probs[np.arange(len(idx)), idx]
-    return _Output(idx.tolist(), conf.tolist(), lengths, time.perf_counter() - t0)
+    return _Output(idx.tolist(), conf.tolist(), out.lengths, time.perf_counter() - t0, out.ok.tolist())
