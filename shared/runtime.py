@@ -245,7 +245,14 @@ class Session:
                         f"smoke test {t.text!r}: values differ by {diff:.4g} > {t.tolerance}",
                         "smoke_failed",
                     )
-        hostile = self.run(list(HOSTILE_TEXTS))
+        try:
+            hostile = self.run(list(HOSTILE_TEXTS))
+        except Exception as exc:  # ORT raises several unrelated types
+            raise BundleError(
+                name,
+                f"hostile smoke inputs: the model fails: {str(exc).splitlines()[0][:300]}",
+                "smoke_failed",
+            ) from exc
         for text, good in zip(HOSTILE_TEXTS, hostile.ok.tolist(), strict=True):
             if not good:
                 raise BundleError(

@@ -28,7 +28,7 @@ LABELS = ["alpha", "beta", "gamma"]
 WORDS = ["some", "words", "about", "the", "a", "text", "hello", "world", "nanword", "long", "##s"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 DIM = 16
-MAX_POS = 64
+MAX_POS = 512
 OPSET = 17
 
 

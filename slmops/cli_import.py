@@ -1,0 +1,113 @@
+"""``slmops models import``: bring your own ONNX model and tokenizer (``cloud.factory.importer``
+does the work; this parses)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+__all__ = ["import_cmd"]
+
+_file = click.Path(dir_okay=False, exists=True, path_type=Path)
+
+
+@click.command(name="import")
+@click.option(
+    "--onnx", "onnx_path", required=True, type=_file, help="The ONNX model (inputs named as the tokenizer's)."
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_path",
+    required=True,
+    type=_file,
+    help="Its HF tokenizers file (tokenizer.json).",
+)
+@click.option("--labels", default=None, help="Comma-separated class labels, in the model's output order.")
+@click.option(
+    "--task",
+    type=click.Choice(["classification", "embedding"]),
+    default=None,
+    help="embedding: the output is a pooled [batch, dim] vector (no --labels). Default: classification.",
+)
+@click.option(
+    "--data", "data_path", required=True, type=_file, help='Held-out JSON lines {"text": ..., "label": ...}.'
+)
+@click.option("--name", required=True, help="Model name.")
+@click.option("--version", required=True, type=click.IntRange(min=1), help="Model version.")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=_file,
+    envvar="SLMOPS_SIGNING_KEY",
+    help="Ed25519 private key that signs the bundle. Env: SLMOPS_SIGNING_KEY.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Bundle directory to write (must be empty or absent). Default: ./<name>-v<version>.",
+)
+@click.option("--output", default="", help="Model output to read. Default: its first output.")
+@click.option(
+    "--max-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Truncation length in tokens.",
+)
+@click.option("--min-memory-mb", default=0, type=click.IntRange(min=0), help="Device memory the model needs.")
+def import_cmd(
+    onnx_path: Path,
+    tokenizer_path: Path,
+    labels: str | None,
+    task: str | None,
+    data_path: Path,
+    name: str,
+    version: int,
+    key_path: Path,
+    out_dir: Path | None,
+    output: str,
+    max_tokens: int,
+    min_memory_mb: int,
+) -> None:
+    """Check an ONNX model against its tokenizer and held-out data, and write a signed bundle.
+
+    Refuses, with one line naming the model input/output, the file and the data line, a model
+    whose inputs the tokenizer does not produce, an output whose width is not the number of
+    labels, a tokenizer whose vocabulary does not fit the model, a bad data line, or a model
+    that gives non-finite values. Measures the reference profile and smoke tests on --data.
+    """
+    from slmops.cloud.factory.importer import ImportRefused, import_model
+    from slmops.shared.bundle import load_private_key
+
+    label_list = [x.strip() for x in labels.split(",")] if labels is not None else None
+    try:
+        key = load_private_key(key_path)
+        report = import_model(
+            onnx_path=onnx_path,
+            tokenizer_path=tokenizer_path,
+            data_path=data_path,
+            name=name,
+            version=version,
+            key=key,
+            out_dir=out_dir or Path(f"{name}-v{version}"),
+            labels=label_list,
+            task=task or "classification",
+            output=output,
+            max_tokens=max_tokens,
+            min_memory_mb=min_memory_mb,
+        )
+    except (ImportRefused, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    m = report.bundle.manifest
+    click.echo(f"bundle       {report.bundle.path}  ({m.name} v{m.version}, task {m.task})")
+    click.echo(f"inputs       {', '.join(sorted(report.inputs))}")
+    click.echo(f"output       {report.output} ({report.output_kind})")
+    click.echo(f"files        {', '.join(f'{f.path} ({f.size_bytes} B)' for f in m.files)}")
+    if report.accuracy is not None:
+        click.echo(f"held-out     {report.held_out} texts, accuracy {report.accuracy:.4f}")
+    else:
+        click.echo(f"held-out     {report.held_out} texts")
