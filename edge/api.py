@@ -1,7 +1,10 @@
 """The node's local HTTP API (aiohttp, meant for loopback):
 
 - ``POST /v1/predict`` ``{"text": "..."}`` or ``{"texts": [...]}`` → ``{"predictions": [{
-  "prediction_id", "label", "confidence", "model": {...}}], "model": {name, version, variant}}``
+  "prediction_id", "label", "confidence", "model": {...}, "durable"}], "model": {name, version,
+  variant}, "durable": bool}`` — ``durable`` is false when the node's disk failed and the
+  answer's telemetry was counted in the loss receipt instead of stored (``/v1/health``
+  ``storage`` is then "degraded")
 - ``POST /v1/feedback`` ``{"prediction_id": "...", "label": "..."}`` → ``{"ok": true}``
 - ``GET /v1/health`` → ``EdgeNode.health()``
 - ``GET /metrics`` → Prometheus text format
@@ -161,7 +164,8 @@ async def _predict(request: web.Request) -> web.Response:
     else:
         texts = node.texts(body.texts, "texts", one=False)
     preds = await node.predict(texts)
-    return _ok({"predictions": preds, "model": preds[0].model if preds else None})
+    durable = all(getattr(p, "durable", True) for p in preds)
+    return _ok({"predictions": preds, "model": preds[0].model if preds else None, "durable": durable})
 
 
 async def _feedback(request: web.Request) -> web.Response:

@@ -7,7 +7,13 @@ publisher never interleave statements. WAL with ``synchronous=NORMAL``: a commit
 WAL file (the OS has it) when ``COMMIT`` returns, which survives ``kill -9`` of the process
 (not a power cut; that would need ``synchronous=FULL``).
 
-Durability contract: ``append(rows)`` returns once the rows are committed. A window close
+Durability contract: an ``append``'s ``Commit`` is done once its rows are committed — or, when
+the disk fails (full, I/O errors), once they are counted in the durable loss receipt
+(``edge.receipt``; ``Commit.stored`` is then False and the buffer is ``degraded``). A degraded
+buffer stops trying SQLite for every group and probes it every ``_PROBE_INTERVAL`` seconds;
+the first probe that stores ends the spell. Nothing a failing disk does stops the writer.
+The receipt reaches the cloud in ``dropped_inferences`` of the next aggregate, moved in the
+same transaction that records how much was moved (``receipt_reported``). A window close
 builds its aggregates, gives each the next ``seq``, inserts them into the outbox and deletes
 their events in ONE transaction, so a crash leaves either the events or the aggregate, never
 both or neither. ``next_seq`` lives in the same database and survives restarts.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sqlite3
 import time
 import uuid
@@ -34,6 +41,7 @@ import structlog
 from slmops.edge._sqlite import SCHEMA, Transaction
 from slmops.edge.errors import NodeClosed, StoreError
 from slmops.edge.privacy import EventRow, add_noise, suppress
+from slmops.edge.receipt import LossReceipt
 from slmops.edge.window import ModelInfo, build_aggregate, compact
 from slmops.shared.messages import (
     HistogramEdges,
@@ -67,20 +75,41 @@ _STATE_KEYS = (
     "merges",
     "sent",
     "last_sync",
+    "receipt_reported",
 )
+#: WAL with ``synchronous=NORMAL`` (see the module docstring). The WAL is checkpointed every
+#: 256 pages (1 MiB, SQLite's default is 4 MiB) and cut back to 1 MiB after a checkpoint, so
+#: on a small disk it does not hold 4 MiB for good after a burst (a 4 MiB tmpfs filled with
+#: the WAL alone).
+_PRAGMAS = (
+    "journal_mode=WAL",
+    "synchronous=NORMAL",
+    "busy_timeout=5000",
+    "wal_autocheckpoint=256",
+    f"journal_size_limit={1 << 20}",
+)
+#: Seconds between attempts to store again while the disk fails.
+_PROBE_INTERVAL = 1.0
 _info_decoder = msgspec.json.Decoder(ModelInfo)
 
 
 class Commit:
-    """Completion of one ``append``: ``done`` is set once the rows are committed (or failed,
-    then ``error`` says why)."""
+    """Completion of one ``append``: ``done`` is set once the rows are committed (``stored``)
+    or could not be (``error`` says why; they are then counted in the loss receipt unless
+    even that failed, see ``receipted``)."""
 
-    __slots__ = ("done", "error", "rows")
+    __slots__ = ("done", "error", "receipted", "rows")
 
     def __init__(self, rows: Sequence[EventRow]) -> None:
         self.rows = rows
         self.done = anyio.Event()
         self.error: BaseException | None = None
+        self.receipted = False
+
+    @property
+    def stored(self) -> bool:
+        """Whether the rows are in SQLite (meaningful once ``done`` is set)."""
+        return self.done.is_set() and self.error is None
 
 
 class BufferStats(msgspec.Struct, kw_only=True):
@@ -96,7 +125,16 @@ class BufferStats(msgspec.Struct, kw_only=True):
     committed_events: int
     #: Events stored and not yet in an aggregate (waiting for their window, or for k).
     pending_events: int
+    #: Event rows not stored since start (disk failures), and how many of them the loss
+    #: receipt could not count either (the receipt file itself failing).
     lost_events: int
+    unrecorded_events: int = 0
+    #: The durable loss receipt: inferences not stored, cumulative for this install, and how
+    #: many of them are already in an aggregate.
+    receipt_lost: int = 0
+    receipt_reported: int = 0
+    #: Why storage is degraded (None while SQLite takes rows).
+    degraded: str | None = None
 
 
 class Buffer:
@@ -136,7 +174,11 @@ class Buffer:
         self.current_model_id: int | None = None
         self._state: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0)
         self._outbox_depth = self._outbox_bytes = 0
-        self._committed = self._lost = self._pending = 0
+        self._committed = self._lost = self._pending = self._unrecorded = 0
+        self.receipt = LossReceipt(self.path.with_name("loss_receipt.bin"))
+        #: Why storage is degraded, None while SQLite takes rows; see the module docstring.
+        self.degraded: str | None = None
+        self._next_probe = 0.0
         self.outbox_changed = anyio.Event()
         #: This data directory's install id (see ``_load_install``); "" for a legacy database.
         self.install = ""
@@ -147,7 +189,7 @@ class Buffer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000"):
+            for pragma in _PRAGMAS:
                 await self._db.execute(f"PRAGMA {pragma}")
             await self._db.executescript(SCHEMA)
             async with self._db.execute("SELECT key, value FROM node_state") as cur:
@@ -157,13 +199,15 @@ class Buffer:
             if fresh:
                 self._state["next_seq"] = 1
             self.install = await self._load_install(fresh)
+            self.receipt.open(self.install, floor=int(self._state["receipt_reported"]))
             async with self._db.execute("SELECT id, info FROM models") as cur:
                 for mid, info in await cur.fetchall():
                     self._models[mid] = msgspec.structs.replace(_info_decoder.decode(info), model_id=mid)
             await self._refresh_outbox_stats()
             self._pending = await self.pending_events()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             await self._close_db()
+            self.receipt.close()
             self._send.close()
             self._recv.close()
             raise StoreError(str(self.path), f"cannot open: {exc}") from exc
@@ -184,6 +228,7 @@ class Buffer:
             await self._drain()
             self._recv.close()
             await self._close_db()
+            self.receipt.close()
 
     async def _load_install(self, fresh: bool) -> str:
         """The install id stored beside ``seq`` (table ``node_meta``), made on first open: a
@@ -257,10 +302,19 @@ class Buffer:
 
     async def run_writer(self) -> None:
         """Group commit: take every queued ``append`` (up to ``_GROUP_ROWS`` rows), insert
-        them with one statement (one atomic commit), then release their waiters."""
+        them with one statement (one atomic commit), then release their waiters. Never
+        raises for a failing disk (see the module docstring); while degraded and idle it
+        probes the disk every ``_PROBE_INTERVAL`` seconds, so the spell ends without traffic."""
         while True:
             try:
-                first = await self._recv.receive()
+                if self.degraded is None:
+                    first = await self._recv.receive()
+                else:
+                    with anyio.move_on_after(_PROBE_INTERVAL) as idle:
+                        first = await self._recv.receive()
+                    if idle.cancelled_caught:
+                        await self._probe()
+                        continue
             except anyio.EndOfStream:
                 return
             started = time.monotonic()
@@ -283,26 +337,63 @@ class Buffer:
 
     async def _commit_group(self, group: list[Commit]) -> None:
         rows = [r for c in group for r in c.rows]
+        if self.degraded is not None and time.monotonic() < self._next_probe:
+            self._fail(group, len(rows), StoreError(str(self.path), self.degraded))
+            return
         try:
             async with self._lock:  # no explicit transaction may be open around ours
                 await self.db.execute(_INSERT_EVENTS, (_rows_encoder.encode(rows),))
-        except sqlite3.Error as exc:
-            error = StoreError(str(self.path), f"cannot store events: {exc}")
+        except (sqlite3.Error, StoreError, NodeClosed) as exc:
+            error = exc if isinstance(exc, StoreError | NodeClosed) else self._store_error(exc)
+            self._degrade(error)
             self._fail(group, len(rows), error)
-            raise error from exc
-        except (StoreError, NodeClosed) as exc:
-            self._fail(group, len(rows), exc)
-            raise
+            return
+        self._recovered()
         self._committed += len(rows)
         self._pending += len(rows)
         for c in group:
             c.done.set()
 
+    def _store_error(self, exc: sqlite3.Error) -> StoreError:
+        return StoreError(str(self.path), f"cannot store events: {exc}")
+
+    def _degrade(self, error: BaseException) -> None:
+        if self.degraded is None:
+            log.error("storage_degraded", error=str(error), note="answering on; losses go to the receipt")
+        self.degraded = str(error)
+        self._next_probe = time.monotonic() + _PROBE_INTERVAL
+
+    def _recovered(self) -> None:
+        if self.degraded is not None:
+            log.warning("storage_resumed", receipt_lost=self.receipt.lost)
+            self.degraded = None
+
+    async def _probe(self) -> None:
+        """One small write: does the disk take rows again?"""
+        try:
+            async with self._lock:
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO node_meta(key, value) VALUES ('probe', ?)", (str(self._clock()),)
+                )
+        except (sqlite3.Error, NodeClosed) as exc:
+            self._degrade(exc if isinstance(exc, NodeClosed) else self._store_error(exc))
+            return
+        self._recovered()
+
     def _fail(self, group: list[Commit], n: int, exc: BaseException) -> None:
+        """Rows not stored: count them in the durable receipt, then release their waiters."""
         self._lost += n
-        log.error("events_not_stored", rows=n, error=str(exc))
+        receipted = True
+        try:
+            self.receipt.add(n)
+        except OSError as rexc:
+            receipted = False
+            self._unrecorded += n
+            log.error("loss_receipt_failed", rows=n, error=repr(rexc))
+        log.debug("events_not_stored", rows=n, error=str(exc), receipted=receipted)
         for c in group:
             c.error = exc
+            c.receipted = receipted
             c.done.set()
 
     async def _drain(self) -> None:
@@ -314,10 +405,7 @@ class Buffer:
                 return
             if self._db is None:
                 return
-            try:
-                await self._commit_group(self._gather(first))
-            except (StoreError, NodeClosed):
-                return
+            await self._commit_group(self._gather(first))
 
     async def add_feedback(self, model_id: int, true_label: str, pred_label: str) -> None:
         """Store one ground-truth pair (labels only) for the next window of ``model_id``."""
@@ -332,10 +420,15 @@ class Buffer:
     async def close_window(self, now: float) -> int:
         """Turn the stored events of each model into one numbered aggregate in the outbox, in
         one transaction; a model with fewer than ``k`` events keeps them for the next window
-        (k-anonymity). Compacts the outbox if it outgrew its bound. Returns aggregates made."""
+        (k-anonymity). The first aggregate also carries the loss receipts not yet reported
+        (inferences not stored on a failing disk, and what compaction could not put into a
+        survivor); with none made, a count-0 aggregate of the current model carries them.
+        Compacts the outbox if it outgrew its bound. Returns aggregates made.
+        Raises ``StoreError`` when the database cannot take the window (it stays open)."""
         made = closed = 0
         async with self._tx():
             db = self.db
+            receipt_lost = self.receipt.lost
             async with db.execute(
                 "SELECT model, count(*), min(t), max(id), max(t) FROM events GROUP BY model"
             ) as cur:
@@ -376,19 +469,24 @@ class Buffer:
                     install=self.install,
                 )
                 agg = suppress(agg) if n < self.k else await self._privatize(agg, info, now)
-                agg = msgspec.structs.replace(
-                    agg,
-                    dropped_inferences=int(self._state["carry_inferences"]),
-                    dropped_aggregates=int(self._state["carry_aggregates"]),
-                )
-                self._state["carry_inferences"] = self._state["carry_aggregates"] = 0
-                await self._insert_outbox([agg])
+                await self._insert_outbox([self._with_receipts(agg, receipt_lost)])
                 await db.execute("DELETE FROM events WHERE model=? AND id<=?", (mid, max_id))
                 closed += n
                 if fb:
                     await db.execute(
                         "DELETE FROM feedback WHERE model=? AND id<=?", (mid, max(r[3] for r in fb))
                     )
+                self._state["next_seq"] = seq + 1
+                made += 1
+            info = self._models.get(self.current_model_id) if self.current_model_id is not None else None
+            owed = receipt_lost > self._state["receipt_reported"] or self._state["carry_inferences"] > 0
+            if not made and owed and info is not None:
+                seq = int(self._state["next_seq"])
+                agg = build_aggregate(
+                    fleet=self.fleet, node=self.node, info=info, seq=seq, start=now, end=now,
+                    cells=[], k=self.k, install=self.install,
+                )  # fmt: skip
+                await self._insert_outbox([self._with_receipts(suppress(agg), receipt_lost)])
                 self._state["next_seq"] = seq + 1
                 made += 1
             if made:
@@ -399,6 +497,20 @@ class Buffer:
             await self._refresh_outbox_stats()
             self._notify()
         return made
+
+    def _with_receipts(self, agg: TelemetryAggregate, receipt_lost: int) -> TelemetryAggregate:
+        """``agg`` carrying every receipt not reported yet; marks them reported (in memory:
+        the caller's transaction saves or rolls back the state with the aggregate)."""
+        s = self._state
+        unreported = max(0, receipt_lost - int(s["receipt_reported"]))
+        agg = msgspec.structs.replace(
+            agg,
+            dropped_inferences=agg.dropped_inferences + int(s["carry_inferences"]) + unreported,
+            dropped_aggregates=agg.dropped_aggregates + int(s["carry_aggregates"]),
+        )
+        s["carry_inferences"] = s["carry_aggregates"] = 0
+        s["receipt_reported"] = max(receipt_lost, int(s["receipt_reported"]))
+        return agg
 
     async def _privatize(self, agg: TelemetryAggregate, info: ModelInfo, now: float) -> TelemetryAggregate:
         eps = self.dp_epsilon
@@ -425,12 +537,24 @@ class Buffer:
             rows.append((a.seq, len(payload), a.count, payload))
         await self.db.executemany("INSERT INTO outbox(seq, bytes, count, payload) VALUES (?,?,?,?)", rows)
 
+    def outbox_bound(self, outbox_bytes: int) -> int:
+        """The outbox's byte bound now: ``outbox_max_bytes``, and at most half of what the
+        outbox plus the free disk space could hold, so a small or shared disk keeps as much
+        room free as the outbox takes (for the WAL, compaction and the rest of the device)."""
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            return self.outbox_max_bytes
+        return min(self.outbox_max_bytes, (outbox_bytes + free) // 2)
+
     async def _enforce_bound(self) -> None:
-        """DESIGN §5: merge never-attempted aggregates, then drop the oldest with a receipt."""
+        """DESIGN §5: merge never-attempted aggregates, then drop the oldest with a receipt,
+        until the outbox fits ``outbox_bound``."""
         db = self.db
         async with db.execute("SELECT coalesce(sum(bytes), 0) FROM outbox") as cur:
             row = await cur.fetchone()
-        if row is None or row[0] <= self.outbox_max_bytes:
+        bound = self.outbox_bound(int(row[0]) if row else 0)
+        if row is None or row[0] <= bound:
             return
         async with db.execute("SELECT coalesce(sum(bytes), 0) FROM outbox WHERE attempted=1") as cur:
             sent_row = await cur.fetchone()
@@ -439,7 +563,7 @@ class Buffer:
             pending = [decode_telemetry(p) for (p,) in await cur.fetchall()]
         if not pending:
             return
-        result = compact(pending, max(0, self.outbox_max_bytes - attempted_bytes))
+        result = compact(pending, max(0, bound - attempted_bytes))
         await db.execute("DELETE FROM outbox WHERE attempted=0")
         await self._insert_outbox(result.aggregates)
         self._state["next_seq"] = pending[0].seq + len(result.aggregates)
@@ -532,6 +656,10 @@ class Buffer:
             committed_events=self._committed,
             pending_events=self._pending,
             lost_events=self._lost,
+            unrecorded_events=self._unrecorded,
+            receipt_lost=self.receipt.lost,
+            receipt_reported=int(s["receipt_reported"]),
+            degraded=self.degraded,
         )
 
     # -- transactions -----------------------------------------------------------------------

@@ -95,6 +95,10 @@ class PredictionOut(msgspec.Struct, kw_only=True):
     label: str
     confidence: float
     model: ModelRef
+    #: Whether this inference's telemetry row is stored (False while the disk fails: it is
+    #: then counted in the durable loss receipt instead; also False without ``durable_ack``,
+    #: when the answer does not wait for the commit).
+    durable: bool = True
 
 
 class Texts(tuple[str, ...]):
@@ -380,6 +384,7 @@ class EdgeNode:
                 await result.commit.done.wait()
         finally:
             self._calls -= 1
+        durable = result.commit.stored
         model = result.model
         ref, labels, memory, mid = model.ref, model.manifest.labels, self._memory, model.model_id
         boot, ids = self._boot, self._ids
@@ -388,7 +393,9 @@ class EdgeNode:
             pid = f"{boot}-{next(ids)}"
             label = labels[i]
             memory[pid] = _Remembered(mid, labels, label)
-            out.append(PredictionOut(prediction_id=pid, label=label, confidence=conf, model=ref))
+            out.append(
+                PredictionOut(prediction_id=pid, label=label, confidence=conf, model=ref, durable=durable)
+            )
         while len(memory) > self.config.feedback_memory:
             memory.popitem(last=False)
         return out
@@ -426,8 +433,16 @@ class EdgeNode:
     def health(self) -> dict[str, Any]:
         """A JSON-able snapshot: model, link, outbox, buffer, last sync, dropped counts."""
         s = self.buffer.statistics()
+        status = "no_model" if self.models.current is None else "degraded" if s.degraded else "ok"
         return {
-            "status": "ok" if self.models.current is not None else "no_model",
+            "status": status,
+            "storage": "degraded" if s.degraded else "ok",
+            "storage_error": s.degraded,
+            "loss_receipt": {
+                "lost_inferences": s.receipt_lost,
+                "reported": s.receipt_reported,
+                "unrecorded": s.unrecorded_events,
+            },
             "fleet": self.config.fleet,
             "node": self.config.node,
             "install": self.buffer.install,
@@ -450,7 +465,7 @@ class EdgeNode:
             "served": self.batcher.served,
             "next_seq": s.next_seq,
             "uptime_s": round(self._clock() - self.started_at, 3),
-            "last_error": self.last_error or self.publisher.last_error,
+            "last_error": self.last_error or self.windower.last_error or self.publisher.last_error,
         }
 
     # -- status -----------------------------------------------------------------------------
@@ -462,6 +477,7 @@ class EdgeNode:
             fleet=self.config.fleet,
             node=self.config.node,
             install=self.buffer.install,
+            storage="degraded" if s.degraded else "ok",
             time=datetime.fromtimestamp(self._clock(), UTC),
             event=event,
             device=device_profile(self.config.data_path),
@@ -469,7 +485,7 @@ class EdgeNode:
             previous_model=self.models.previous,
             outbox_depth=s.outbox_depth,
             buffer_bytes=s.file_bytes,
-            dropped_inferences=s.dropped_inferences,
+            dropped_inferences=s.dropped_inferences + s.receipt_lost,
             dropped_aggregates=s.dropped_aggregates,
             served=self.batcher.served,
             last_seq=s.next_seq - 1,

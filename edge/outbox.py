@@ -25,6 +25,7 @@ import nats.errors
 import structlog
 
 from slmops.edge.buffer import Buffer
+from slmops.edge.errors import StoreError
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.names import msg_id
@@ -74,14 +75,21 @@ class Publisher:
         while True:
             await self.link.wait_online()
             changed = self.buffer.outbox_changed
-            rows = await self.buffer.outbox_take(self.max_in_flight)
-            if not rows:
-                with anyio.move_on_after(_IDLE_POLL):
-                    await changed.wait()
-                continue
-            acked, error = await self._round(rows)
-            if acked:
-                await self.buffer.outbox_done(acked)
+            acked: list[int] = []
+            rows: list[tuple[int, bytes]] = []
+            try:
+                rows = await self.buffer.outbox_take(self.max_in_flight)
+                if not rows:
+                    with anyio.move_on_after(_IDLE_POLL):
+                        await changed.wait()
+                    continue
+                acked, error = await self._round(rows)
+                if acked:
+                    # On a failing disk the acked rows stay and go out again later: the
+                    # server (msg id) and the cloud (install, seq) drop the repeats.
+                    await self.buffer.outbox_done(acked)
+            except StoreError as exc:
+                error = f"outbox: {exc}"
             if error is None:
                 failures = 0
                 continue

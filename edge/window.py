@@ -15,6 +15,7 @@ import anyio
 import msgspec
 import structlog
 
+from slmops.edge.errors import StoreError
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
     HistogramEdges,
@@ -259,6 +260,8 @@ class Windower:
         self._clock = clock
         self._sleep = sleep
         self.closed = 0  #: aggregates made so far
+        #: Why the last close failed (None once one succeeds).
+        self.last_error: str | None = None
 
     async def tick(self) -> int:
         """Close the window now; returns how many aggregates were made."""
@@ -267,8 +270,22 @@ class Windower:
         return made
 
     async def run(self) -> None:
-        """Close windows at each boundary until cancelled."""
+        """Close windows at each boundary until cancelled. A close the store refuses (a full
+        or failing disk: ``StoreError``) leaves the window open for the next boundary, so the
+        loop never stops on it; the first failure and the recovery are logged."""
+        failing = False
         while True:
             now = self._clock()
             await self._sleep(max(0.0, next_tick(now, self.window) - now))
-            await self.tick()
+            try:
+                await self.tick()
+            except StoreError as exc:
+                if not failing:
+                    log.error("window_not_closed", error=str(exc), note="retried at the next boundary")
+                failing = True
+                self.last_error = str(exc)
+                continue
+            if failing:
+                log.warning("windows_closing_again")
+                failing = False
+                self.last_error = None
