@@ -28,6 +28,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -91,6 +92,21 @@ _PRAGMAS = (
 #: Seconds between attempts to store again while the disk fails.
 _PROBE_INTERVAL = 1.0
 _info_decoder = msgspec.json.Decoder(ModelInfo)
+
+
+class _Corrupt(Exception):
+    """The database opened but fails its integrity check."""
+
+
+#: SQLite primary result codes of a file that is not (or no longer) a readable database.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _corrupt(exc: BaseException) -> bool:
+    if isinstance(exc, _Corrupt | msgspec.DecodeError):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 class Commit:
@@ -182,35 +198,41 @@ class Buffer:
         self.outbox_changed = anyio.Event()
         #: This data directory's install id (see ``_load_install``); "" for a legacy database.
         self.install = ""
+        #: File names of quarantined databases beside ``path`` (see ``__aenter__``).
+        self.quarantined: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        """Open (creating the schema). An unreadable database — not SQLite, truncated,
+        failing its ``quick_check`` — is quarantined: renamed (with its -wal/-shm) to
+        ``<name>.quarantined-<UTC time>`` and replaced by a fresh one, which is a new install
+        (listed in ``quarantined``). Raises ``StoreError`` for anything else (e.g. a
+        directory the node may not write)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            for pragma in _PRAGMAS:
-                await self._db.execute(f"PRAGMA {pragma}")
-            await self._db.executescript(SCHEMA)
-            async with self._db.execute("SELECT key, value FROM node_state") as cur:
-                for key, value in await cur.fetchall():
-                    self._state[key] = value
-            fresh = not self._state["next_seq"]
-            if fresh:
-                self._state["next_seq"] = 1
-            self.install = await self._load_install(fresh)
-            self.receipt.open(self.install, floor=int(self._state["receipt_reported"]))
-            async with self._db.execute("SELECT id, info FROM models") as cur:
-                for mid, info in await cur.fetchall():
-                    self._models[mid] = msgspec.structs.replace(_info_decoder.decode(info), model_id=mid)
-            await self._refresh_outbox_stats()
-            self._pending = await self.pending_events()
+            try:
+                await self._open()
+            except (sqlite3.DatabaseError, msgspec.DecodeError, _Corrupt) as exc:
+                if not _corrupt(exc):
+                    raise
+                await self._close_db()
+                self.receipt.close()
+                self._state = dict.fromkeys(_STATE_KEYS, 0)
+                self._models.clear()
+                self._quarantine(exc)
+                await self._open()
         except (sqlite3.Error, OSError) as exc:
             await self._close_db()
             self.receipt.close()
             self._send.close()
             self._recv.close()
             raise StoreError(str(self.path), f"cannot open: {exc}") from exc
+        self.quarantined = sorted(
+            p.name
+            for p in self.path.parent.glob(f"{self.path.name}.quarantined-*")
+            if not p.name.endswith(("-wal", "-shm"))
+        )
         log.info(
             "buffer_opened",
             path=str(self.path),
@@ -219,6 +241,46 @@ class Buffer:
             outbox=self._outbox_depth,
         )
         return self
+
+    def _quarantine(self, why: BaseException) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                dst = src.with_name(f"{self.path.name}.quarantined-{stamp}{suffix}")
+                src.rename(dst)
+                moved.append(dst.name)
+        log.error(
+            "database_quarantined",
+            path=str(self.path),
+            error=str(why),
+            moved=moved,
+            note="serving on with a fresh database (a new install)",
+        )
+
+    async def _open(self) -> None:
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in _PRAGMAS:
+            await self._db.execute(f"PRAGMA {pragma}")
+        async with self._db.execute("PRAGMA quick_check") as cur:
+            check = [str(r[0]) for r in await cur.fetchall()]
+        if check != ["ok"]:
+            raise _Corrupt("; ".join(check[:3]))
+        await self._db.executescript(SCHEMA)
+        async with self._db.execute("SELECT key, value FROM node_state") as cur:
+            for key, value in await cur.fetchall():
+                self._state[key] = value
+        fresh = not self._state["next_seq"]
+        if fresh:
+            self._state["next_seq"] = 1
+        self.install = await self._load_install(fresh)
+        self.receipt.open(self.install, floor=int(self._state["receipt_reported"]))
+        async with self._db.execute("SELECT id, info FROM models") as cur:
+            for mid, info in await cur.fetchall():
+                self._models[mid] = msgspec.structs.replace(_info_decoder.decode(info), model_id=mid)
+        await self._refresh_outbox_stats()
+        self._pending = await self.pending_events()
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None

@@ -438,6 +438,7 @@ class EdgeNode:
             "status": status,
             "storage": "degraded" if s.degraded else "ok",
             "storage_error": s.degraded,
+            "quarantined": self.buffer.quarantined,
             "loss_receipt": {
                 "lost_inferences": s.receipt_lost,
                 "reported": s.receipt_reported,
@@ -478,6 +479,7 @@ class EdgeNode:
             node=self.config.node,
             install=self.buffer.install,
             storage="degraded" if s.degraded else "ok",
+            quarantined=list(self.buffer.quarantined),
             time=datetime.fromtimestamp(self._clock(), UTC),
             event=event,
             device=device_profile(self.config.data_path),

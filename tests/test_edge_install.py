@@ -116,3 +116,37 @@ async def test_install_id_survives_restarts_and_a_legacy_database_keeps_the_lega
         async with buffer(legacy) as b:
             assert b.install == ""
             assert b.statistics().next_seq == 7
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("damage", ["half_truncated", "not_a_database"])
+async def test_an_unreadable_database_is_quarantined_and_the_node_serves_on(
+    tmp_path: Path, keys: Keys, fleet: str, damage: str
+) -> None:
+    """Old code: ``StoreError`` at start — the node exits and serves nothing."""
+    cfg = edge_config(tmp_path, keys, fleet=fleet, model=keys.bundle().path, link_backoff_max=30.0)
+    async with EdgeNode(cfg) as node:
+        for i in range(40):
+            await node.predict([f"alpha {i}", f"beta {i}"])
+            await node.windower.tick()  # offline: 40 aggregates wait in the outbox
+        first = node.buffer.install
+    db = tmp_path / "data-n1" / "telemetry.db"
+    size = db.stat().st_size
+    if damage == "half_truncated":
+        with db.open("r+b") as f:
+            f.truncate(size // 2)
+    else:
+        db.write_bytes(b"this is no SQLite file, whatever it was " * 100)
+    async with EdgeNode(cfg) as node:
+        assert len(await node.predict(["gamma"])) == 1
+        health = node.health()
+        assert health["status"] == "ok", health
+        assert len(health["quarantined"]) == 1
+        assert (db.parent / health["quarantined"][0]).stat().st_size > 0
+        assert node.buffer.install != first
+        assert HEX32.fullmatch(node.buffer.install)
+        status = node._snapshot("periodic")
+        assert status.quarantined == health["quarantined"]
+        assert status.install == node.buffer.install
+        await node.windower.tick()
+        assert await node.buffer.outbox_counts() == [(1, 1)]  # a new epoch from seq 1
