@@ -132,53 +132,75 @@ async def test_cloud_command_rejects_a_bad_fleet_id_naming_it() -> None:
     assert b"bad.fleet" in proc.stderr
 
 
-async def test_cloud_killed_mid_stream_restarts_without_losing_or_double_counting(
+async def test_cloud_killed_twice_under_load_loses_nothing_with_default_settings(
     private_server: EmbeddedServer, tmp_path: Path
 ) -> None:
-    """`slmops cloud` is SIGKILLed while aggregates stream in (small batches, so it dies
-    between commits and acks); a restart on the same state counts every aggregate once."""
+    """Issue 13 fault 1. `slmops cloud` with DEFAULT settings (ack wait 30 s, lease 10 s,
+    batches of 4096, fetch timeout 1 s) is SIGKILLed twice while a node keeps publishing at
+    10/s; each restart counts every window once: published == counted, 0 missing.
+
+    This replaces a test that hid the fault: it set ack_wait = lease_ttl = 2 s and published
+    every message before the restart, so the dead instance's unacked batch was redelivered
+    before the new instance acked anything. Under ack policy "all" with the default 30 s ack
+    wait, the new instance's first ack covered that batch and it was never redelivered."""
     fleet = "crash"
-    config = tmp_path / "cloud.toml"
-    config.write_text("ack_wait = 2.0\nlease_ttl = 2.0\nbatch_size = 8\nfetch_timeout = 0.2\n")
     argv = [*SLMOPS, "--log-json", "cloud", "--nats", private_server.url, "--state", str(tmp_path / "state"),
-            "--fleet", fleet, "--no-rollouts", "--config", str(config)]  # fmt: skip
+            "--fleet", fleet, "--no-rollouts"]  # fmt: skip
     rng = np.random.default_rng(21)
-    aggs = [make_aggregate(fleet, node, s, 50 + s, rng) for s in range(1, 41) for node in ("a", "b", "c")]
+    aggs = [make_aggregate(fleet, "a", s, 50 + s, rng) for s in range(1, 201)]
     nc = await nats.connect(private_server.url)
     js = nc.jetstream()
+    published = 0
+
+    logs = [tmp_path / f"cloud{i}.log" for i in range(3)]
+
+    async def cloud(i: int) -> anyio.abc.Process:
+        # Logs to a file: a pipe nobody reads would fill up and stall the process.
+        with logs[i].open("wb") as err:
+            return await anyio.open_process(argv, stdout=None, stderr=err)
+
+    async def started(i: int) -> None:
+        await wait_until(lambda: b"cloud_active" in logs[i].read_bytes(), 30, what=f"cloud {i} active")
+
+    async def publish_until(n: int) -> None:
+        nonlocal published
+        while published < n:
+            await publish(js, aggs[published])
+            published += 1
+            await anyio.sleep(0.1)
 
     async def counted() -> int:
-        nodes = await fleet_status(nc, fleet)
-        return sum(n.aggregates for n in nodes)
-
-    async def started(proc: anyio.abc.Process) -> None:
-        assert proc.stderr is not None
-        seen = b""
-        while b"cloud_active" not in seen:
-            seen += await proc.stderr.receive()
+        return sum(n.aggregates for n in await fleet_status(nc, fleet))
 
     try:
-        with anyio.fail_after(90):
-            async with await anyio.open_process(argv) as first:
-                await started(first)
-                for agg in aggs[:60]:
-                    await publish(js, agg)
-                await wait_until(_at_least(counted, 20), 20, what="some applied")
-                first.kill()  # SIGKILL: no drain, no lease release, batches half done
-                await first.wait()
-            for agg in aggs[60:]:
-                await publish(js, agg)
-            async with await anyio.open_process(argv) as second:
-                await started(second)
-                await wait_until(_at_least(counted, len(aggs)), 40, what="all counted after restart")
-                nodes = await fleet_status(nc, fleet)
-                second.send_signal(signal.SIGTERM)
-                assert await second.wait() == 0
+        with anyio.fail_after(110):
+            async with anyio.create_task_group() as tg:
+                async with await cloud(0) as first:
+                    await started(0)
+                    await publish_until(60)
+                    first.kill()  # SIGKILL: a fetched, unapplied batch stays unacked
+                    await first.wait()
+                await publish_until(80)
+                async with await cloud(1) as second:
+                    await started(1)
+                    tg.start_soon(publish_until, 200)  # keeps sending through the next kill
+                    await wait_until(lambda: published >= 130, 30, what="publisher past 130")
+                    second.kill()
+                    await second.wait()
+                await anyio.sleep(1)
+                async with await cloud(2) as third:
+                    await started(2)
+                    await wait_until(lambda: published == 200, 40, what="all published")
+                    await wait_until(_at_least(counted, 200), 30, what="all counted")
+                    nodes = await fleet_status(nc, fleet)
+                    third.send_signal(signal.SIGTERM)
+                    assert await third.wait() == 0
     finally:
         await nc.close()
-    assert sum(n.aggregates for n in nodes) == len(aggs)
-    assert sum(n.inferences for n in nodes) == sum(a.count for a in aggs)
-    assert all(n.seq_high == 40 and n.missing_seqs == 0 for n in nodes)
+    (node,) = nodes
+    assert node.aggregates == 200
+    assert node.inferences == sum(a.count for a in aggs)
+    assert node.seq_high == 200 and node.missing_seqs == 0 and node.gaps == 0
 
 
 def _at_least(counter: Callable[[], Awaitable[int]], target: int) -> Callable[[], Awaitable[bool]]:

@@ -23,6 +23,7 @@ about three times as much per message.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
@@ -58,6 +59,8 @@ _DEADLETTER_TIMEOUT = 5.0
 _NAK_DELAY = 5.0
 _MAX_CONSUMER_NAME = 48
 _KNOWN_SUBJECTS = 100_000
+#: Seconds an abandoned recovery consumer lives on the server before it removes itself.
+_RECOVER_INACTIVE = 60.0
 
 
 def fleet_subjects(kind: str, fleets: Sequence[str]) -> list[str]:
@@ -168,6 +171,7 @@ class PullLoop:
         self._stream = stream
         self._subjects = subjects
         self._durable = durable
+        self.durable = durable
         self._batch = batch
         self._timeout = fetch_timeout
         self._ack_wait = ack_wait
@@ -178,6 +182,13 @@ class PullLoop:
         self.batches = 0
         self.messages = 0
         self.idle_fetches = 0
+        #: Times the range below a batch was re-read from the stream (``_recover``), and the
+        #: messages found there that this instance had not been handed.
+        self.recoveries = 0
+        self.recovered = 0
+        #: Ack-all only: the consumer sequence the next delivery must carry for this
+        #: instance to have seen every delivery before it; None = unknown, so recover.
+        self._next_cseq: int | None = None
         self._stop = False
         self._stopped = anyio.Event()
 
@@ -211,6 +222,10 @@ class PullLoop:
         except js_errors.NotFoundError:
             info = await self._js.add_consumer(self._stream, config)
         self.ack_all = info.config.ack_policy == js_api.AckPolicy.ALL
+        # Deliveries before this bind that nobody acked (a predecessor killed mid-batch):
+        # recover them before the first ack, which would cover them.
+        pending = info.num_ack_pending or 0
+        self._next_cseq = None if pending else (info.delivered.consumer_seq or 0) + 1
         room = info.config.max_ack_pending or 0
         if 0 < room < 2 * self._batch:
             log.warning(
@@ -253,7 +268,9 @@ class PullLoop:
                 continue
             except (PullError, nats.errors.Error, OSError) as exc:
                 # Disconnected or the server is restarting: nats-py reconnects on its own.
+                # Deliveries may have been lost on the way: recover before the next ack.
                 log.warning("fetch_failed", durable=self._durable, error=repr(exc))
+                self._next_cseq = None
                 await anyio.sleep(0.5)
                 continue
             if not msgs:
@@ -262,6 +279,8 @@ class PullLoop:
             self.batches += 1
             self.messages += len(msgs)
             try:
+                if self.ack_all and not self._contiguous(msgs):
+                    msgs = await self._recover(msgs)
                 await self._handle(msgs)
             except BaseException:
                 # Cancelled (lease lost, shutdown) or failed before acking: hand the rest
@@ -272,6 +291,84 @@ class PullLoop:
                         for m in unacked:
                             await m.nak()
                 raise
+
+    def _contiguous(self, msgs: list[Msg]) -> bool:
+        """True when this batch follows on the deliveries this instance saw (consumer
+        sequences run on by one per delivery, redeliveries included). A jump means some
+        delivery never reached this instance (a predecessor's batch, a connection lost
+        mid-batch): under ack policy "all" our ack would cover it unapplied."""
+        expect = self._next_cseq
+        ok = expect is not None
+        for m in msgs:
+            meta = m.metadata
+            if meta.sequence.consumer != expect:
+                ok = False
+            expect = meta.sequence.consumer + 1
+        self._next_cseq = expect
+        return ok
+
+    async def _recover(self, msgs: list[Msg]) -> list[Msg]:
+        """``msgs`` preceded by every message of the consumer's subjects between its ack
+        floor and this batch that the batch does not hold, read again from the stream (an
+        ephemeral, ack-less consumer). Applying those (dedupe drops the ones applied before)
+        makes the batch's ack cover only applied messages. Raises nats errors when the
+        stream cannot be read: the batch is then nak'ed and fetched again."""
+        info = await self._js.consumer_info(self._stream, self._durable)
+        floor = info.ack_floor.stream_seq or 0
+        held = {m.metadata.sequence.stream for m in msgs}
+        top = max(held)
+        if top <= floor + 1:
+            return msgs
+        name = f"{self._durable}-recover-{uuid.uuid4().hex[:8]}"
+        config = js_api.ConsumerConfig(
+            name=name,
+            ack_policy=js_api.AckPolicy.NONE,
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=floor + 1,
+            inactive_threshold=_RECOVER_INACTIVE,
+            max_deliver=1,
+        )
+        if len(self._subjects) > 1:
+            config.filter_subjects = self._subjects
+        else:
+            config.filter_subject = self._subjects[0]
+        await self._js.add_consumer(self._stream, config)
+        found: list[Msg] = []
+        try:
+            async with PullBatches(self._nc, self._stream, name, prefetch=False) as pull:
+                done = False
+                while not done:
+                    got = await pull.fetch(self._batch, self._timeout)
+                    if not got:
+                        break
+                    for m in got:
+                        meta = m.metadata
+                        seq = meta.sequence.stream
+                        if seq >= top:
+                            done = True
+                            break
+                        if seq not in held:
+                            found.append(m)
+                        if meta.num_pending == 0:
+                            done = True
+        finally:
+            with anyio.move_on_after(_DEADLETTER_TIMEOUT, shield=True):
+                try:
+                    await self._js.delete_consumer(self._stream, name)
+                except (js_errors.Error, nats.errors.Error, OSError) as exc:
+                    log.debug("recover_consumer_delete_failed", name=name, error=repr(exc))
+        self.recoveries += 1
+        self.recovered += len(found)
+        log.warning(
+            "ingest_recovered",
+            durable=self._durable,
+            ack_floor=floor,
+            batch_first=min(held),
+            batch_last=top,
+            reread=len(found),
+            note="deliveries this instance never saw, re-read from the stream before acking past them",
+        )
+        return sorted(found + msgs, key=lambda m: m.metadata.sequence.stream)
 
 
 class Consumer(ABC):
@@ -360,8 +457,11 @@ class TelemetryIngest(Consumer):
         if self.loop.ack_all:
             # One ack for the batch: every good message is at or below the last one, and
             # every bad one was copied and terminated above.
-            if good:
-                await good[-1].ack()
+            # (Messages re-read by ``PullLoop._recover`` came through another consumer.)
+            durable = self.loop.durable
+            own = [m for m in good if m.metadata.consumer == durable]
+            if own:
+                await own[-1].ack()
         else:
             for msg in good:
                 await msg.ack()
