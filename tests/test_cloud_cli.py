@@ -200,7 +200,9 @@ async def test_cloud_killed_twice_under_load_loses_nothing_with_default_settings
     (node,) = nodes
     assert node.aggregates == 200
     assert node.inferences == sum(a.count for a in aggs)
-    assert node.seq_high == 200 and node.missing_seqs == 0 and node.gaps == 0
+    assert node.seq_high == 200
+    assert node.missing_seqs == 0
+    assert node.gaps == 0
 
 
 def _at_least(counter: Callable[[], Awaitable[int]], target: int) -> Callable[[], Awaitable[bool]]:
