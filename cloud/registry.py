@@ -2,16 +2,20 @@
 KV ``slmops_manifests``, and assignments in KV ``slmops_assignments`` (DESIGN §3, §7).
 
 A pushed version is immutable: pushing the same bundle again is a no-op, pushing different
-bytes under an existing name/version/variant is refused. The archive is stored before its
-manifest, so a manifest in KV always has its object behind it.
+bytes under an existing name/version/variant is refused. Bundle files are stored once by
+sha256 (``files/<sha256>``), so a version that changes only a small head file re-uses the
+encoder; the archive and files are stored before the manifest and index, so a manifest in KV
+always has its objects behind it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TypeVar
 
 import anyio
@@ -28,10 +32,18 @@ from nats.js.object_store import ObjectStore
 from slmops.cloud.errors import CloudError
 from slmops.shared import names
 from slmops.shared.bundle import Bundle, TrustStore, pack_archive
+from slmops.shared.capabilities import requirements_of
 from slmops.shared.connect import connect_once
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.kv import kv_values
-from slmops.shared.messages import Assignment, ModelManifest, NodeStatus, decode_json, encode_json
+from slmops.shared.messages import (
+    Assignment,
+    BundleIndex,
+    ModelManifest,
+    NodeStatus,
+    decode_json,
+    encode_json,
+)
 from slmops.shared.provision import ensure_resources
 from slmops.shared.runtime import verify_bundle as run_verification
 from slmops.shared.variants import PREFERENCE, choose_variant
@@ -40,6 +52,10 @@ __all__ = ["PushResult", "Registry", "RegistryError", "open_registry", "verify_b
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+#: Chunk size of content-addressed file objects: small enough that a chunk arrives well within
+#: a node's stall timeout on a slow link (32 KiB at 1 kB/s: ~33 s), so progress is visible.
+FILE_CHUNK_BYTES = 32 * 1024
 
 
 class RegistryError(CloudError):
@@ -132,33 +148,82 @@ class Registry:
 
     async def push(self, bundle: Bundle, trust: TrustStore) -> PushResult:
         """Verify ``bundle`` (see ``verify_bundle``; a ``BundleError`` means nothing was
-        written), then store archive and manifest. ``RegistryError`` if this name/version/
-        variant already holds a different bundle."""
+        written), then store it: each listed file and the raw signed manifest by sha256
+        (``files/<sha256>``, skipped when already there: a new version re-uses the unchanged
+        files of the old), the archive (``<model>/<version>/<variant>``, for nodes and tools
+        that read archives), then the raw manifest and the small ``BundleIndex`` in KV.
+        ``RegistryError`` if this name/version/variant already holds a different bundle."""
         manifest = await anyio.to_thread.run_sync(verify_bundle, bundle, trust)
+        raw = bundle.raw or encode_json(manifest)
         obj = names.model_object_name(manifest.name, manifest.version, manifest.variant)
         key = names.manifest_key(manifest.name, manifest.version, manifest.variant)
         existing = await self.manifest(manifest.name, manifest.version, manifest.variant)
         store = await self._store()
-        if existing is not None:
-            if existing.sha256 != manifest.sha256 or existing.signature != manifest.signature:
-                raise RegistryError(
-                    "push",
-                    f"{obj} already holds a different bundle (sha256 {existing.sha256[:12]}…, "
-                    f"pushing {manifest.sha256[:12]}…); versions are immutable, push a new version",
-                )
-            if await self._object_exists(store, obj):
-                log.info("model_push_unchanged", object=obj)
-                return PushResult(manifest, obj, stored=False)
-        archive = await anyio.to_thread.run_sync(pack_archive, bundle)
-        meta = js_api.ObjectMeta(
-            name=obj,
-            description=f"{manifest.name} v{manifest.version} {manifest.variant} sha256={manifest.sha256}",
-        )
-        await self._call(f"store {obj}", store.put(obj, archive, meta=meta))
+        if existing is not None and (
+            existing.sha256 != manifest.sha256 or existing.signature != manifest.signature
+        ):
+            raise RegistryError(
+                "push",
+                f"{obj} already holds a different bundle (sha256 {existing.sha256[:12]}…, "
+                f"pushing {manifest.sha256[:12]}…); versions are immutable, push a new version",
+            )
+        stored = await self._store_files(store, bundle, raw)
+        if not await self._object_exists(store, obj):
+            archive = await anyio.to_thread.run_sync(pack_archive, bundle)
+            meta = js_api.ObjectMeta(
+                name=obj,
+                description=f"{manifest.name} v{manifest.version} {manifest.variant} "
+                f"sha256={manifest.sha256}",
+            )
+            await self._call(f"store {obj}", store.put(obj, archive, meta=meta))
+            log.info("model_archive_stored", object=obj, size_bytes=len(archive))
+            stored += 1
         kv = await self._bucket(names.MODELS_MANIFEST_BUCKET)
-        await self._call(f"store manifest {key}", kv.put(key, encode_json(manifest)))
-        log.info("model_pushed", object=obj, size_bytes=len(archive), sha256=manifest.sha256)
+        index_key = names.bundle_index_key(manifest.name, manifest.version, manifest.variant)
+        if existing is None:
+            await self._call(f"store manifest {key}", kv.put(key, raw))
+            stored += 1
+        if await self._kv_get(names.MODELS_MANIFEST_BUCKET, index_key) is None:
+            index = BundleIndex(
+                name=manifest.name,
+                version=manifest.version,
+                variant=manifest.variant,
+                manifest_sha256=hashlib.sha256(raw).hexdigest(),
+                manifest_size=len(raw),
+                min_memory_mb=manifest.min_memory_mb,
+                requires=requirements_of(manifest),
+                files_bytes=sum(f.size_bytes for f in bundle.files),
+            )
+            await self._call(f"store index {index_key}", kv.put(index_key, encode_json(index)))
+            stored += 1
+        if not stored:
+            log.info("model_push_unchanged", object=obj)
+            return PushResult(manifest, obj, stored=False)
+        log.info("model_pushed", object=obj, sha256=manifest.sha256, writes=stored)
         return PushResult(manifest, obj, stored=True)
+
+    async def _store_files(self, store: ObjectStore, bundle: Bundle, raw: bytes) -> int:
+        """Put the raw manifest and each listed file under ``files/<sha256>`` unless there;
+        returns how many objects were written."""
+        written = 0
+        items: list[tuple[str, int, Path | bytes]] = [(hashlib.sha256(raw).hexdigest(), len(raw), raw)]
+        items += [(f.sha256, f.size_bytes, bundle.path / f.path) for f in bundle.files]
+        for sha, size, src in items:
+            name = names.file_object_name(sha)
+            if await self._object_exists(store, name):
+                continue
+            meta = js_api.ObjectMeta(
+                name=name,
+                description=f"sha256={sha} size={size}",
+                options=js_api.ObjectMetaOptions(max_chunk_size=FILE_CHUNK_BYTES),
+            )
+            if isinstance(src, bytes):
+                await self._call(f"store {name}", store.put(name, src, meta=meta))
+            else:
+                with src.open("rb") as f:
+                    await self._call(f"store {name}", store.put(name, f, meta=meta))
+            written += 1
+        return written
 
     async def _object_exists(self, store: ObjectStore, obj: str) -> bool:
         try:
@@ -182,6 +247,8 @@ class Registry:
         values = await self._call("list manifests", kv_values(self._js, names.MODELS_MANIFEST_BUCKET))
         found: list[ModelManifest] = []
         for key, data in values.items():
+            if key.startswith("_"):  # bundle indexes (names.bundle_index_key), not manifests
+                continue
             try:
                 found.append(decode_json(data, ModelManifest))
             except msgspec.DecodeError as exc:

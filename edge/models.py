@@ -137,6 +137,22 @@ class ModelManager:
         except BundleError:
             return None
 
+    def find_file(self, sha256: str, size: int) -> Path | None:
+        """A file with this sha256 and size in a bundle the cache holds (current, previous),
+        for a download to re-use instead of fetching; None if there is none. Blocking."""
+        for d in sorted(self.cache_dir.iterdir()) if self.cache_dir.is_dir() else []:
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            try:
+                bundle = read_bundle(d)
+            except BundleError:
+                continue
+            for f in bundle.files:
+                p = d / f.path
+                if f.sha256 == sha256 and f.size_bytes == size and p.is_file() and p.stat().st_size == size:
+                    return p
+        return None
+
     # -- install ----------------------------------------------------------------------------
 
     async def install(self, bundle_dir: Path, *, source: str) -> ModelRef:

@@ -3,13 +3,23 @@
 While online it watches its own key and the fleet-wide key of KV ``slmops_assignments``; on
 every (re)connect, at start and every ``poll_interval`` it re-reads both, because a watch can
 miss updates (a watcher took 10-20 s to recover after a server restart here). The node's own
-key overrides the fleet-wide one. A wanted version that is not current is downloaded from the
-``slmops_models`` object store into a temp file (streamed to disk, linear, unlike a plain get;
-``edge._fetch`` says why not ``get(writeinto=...)``) under an overall timeout, unpacked into a
-temp directory inside the model cache, and handed to ``ModelManager.install``, which
-verifies, smoke-tests and swaps atomically. The temp directory
-is removed whatever happens (and a crash leaves only ``.tmp-*``, which the cache removes at
-start). Every outcome is reported with ``NodeStatus.refresh``.
+key overrides the fleet-wide one.
+
+A wanted version that is not current is fetched file by file. The node reads only the
+bundle's small index (``BundleIndex``: memory, requirements, the manifest's sha256) and refuses
+what it cannot run before downloading anything; it then fetches the signed manifest by its
+sha256 and verifies the signature before any other byte, and fetches each listed file it
+does not already hold (content-addressed ``files/<sha256>``, so a new version that changes only
+``head.onnx`` does not re-ship the encoder), each capped at its signed size and hash-checked.
+Downloads resume where the last attempt stopped (``edge._fetch.fetch_resumable`` keeps the
+chunk offset beside a partial file in ``.partial/``, across attempts and restarts). An attempt
+fails when no chunk arrives for ``STALL_SECONDS`` or when it outlasts ``download_timeout`` plus
+the bundle's size at ``MIN_RATE`` bytes/s, so the limit scales with size and progress. A bundle
+pushed by an older registry (no index) comes as one archive, also resumable, unpacked
+signature-first. The assembled directory is handed to ``ModelManager.install``, which verifies,
+smoke-tests and swaps atomically; the temp directory is removed whatever happens (a crash
+leaves only ``.tmp-*``, removed at start). Every outcome, every failure included, is reported
+with ``NodeStatus.refresh`` (``download_failed`` with the reason).
 
 A bundle refused for what it is (signature, hash, load, smoke test...) is not fetched again
 for the same assignment; a failed download is retried with backoff. A version the node's
@@ -18,6 +28,9 @@ safety monitor rolled back and blocked is not fetched again at all.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -36,18 +49,29 @@ from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from slmops.edge._fetch import FetchError, fetch_object
+from slmops.edge._fetch import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.edge.models import ModelManager
 from slmops.shared import names
-from slmops.shared.bundle import Bundle, unpack_archive
+from slmops.shared.bundle import (
+    MANIFEST_FILE,
+    Bundle,
+    parse_manifest,
+    read_bundle,
+    sha256_file,
+    unpack_archive,
+)
+from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import BundleError, NatsUnavailable
 from slmops.shared.messages import (
     Assignment,
+    BundleFile,
+    BundleIndex,
     DeviceProfile,
     ModelManifest,
     ModelRef,
     RefreshResult,
+    Requirements,
     decode_json,
 )
 from slmops.shared.variants import choose_variant
@@ -63,6 +87,11 @@ Report = Callable[..., Awaitable[bool]]
 RETRYABLE = frozenset({"download_failed"})
 
 _NATS_ERRORS = (nats.errors.Error, OSError, NatsUnavailable)
+#: An attempt fails when no chunk arrives for this long (chunks are 32 KiB: ~33 s at 1 kB/s).
+STALL_SECONDS = 60.0
+#: The slowest link an attempt is sized for: its limit is ``download_timeout + bytes / MIN_RATE``.
+MIN_RATE = 1024.0
+PARTIAL_DIR = ".partial"
 
 
 @dataclass
@@ -74,6 +103,9 @@ class RefreshStatistics:
     #: Checks that found the assigned version on the node's block list (``edge.safety``).
     blocked_skips: int = 0
     bytes_downloaded: int = 0
+    #: Bundle files taken from bundles the node already held instead of downloaded.
+    files_reused: int = 0
+    bytes_reused: int = 0
     last: RefreshResult | None = None
     rejected: dict[str, str] = field(default_factory=dict)
 
@@ -127,6 +159,8 @@ class Refresher:
         #: (ref, assigned_at) of assignments whose bundle was refused: not fetched again.
         self._refused: set[tuple[str, int, str, datetime]] = set()
         self._skipped: set[tuple[str, int, str, datetime]] = set()
+        #: The download cut short by cancellation (link lost): reported at the next attempt.
+        self._interrupted: tuple[ModelRef, str] | None = None
         self.stats = RefreshStatistics()
 
     def statistics(self) -> RefreshStatistics:
@@ -142,6 +176,11 @@ class Refresher:
                 await self._online_session()
             except _NATS_ERRORS as exc:
                 log.info("refresh_session_ended", error=f"{type(exc).__name__}: {exc}")
+            except BaseExceptionGroup as group:  # from the session's task group
+                network, rest = group.split(_NATS_ERRORS)
+                if rest is not None:
+                    raise rest from None
+                log.info("refresh_session_ended", error=repr(network))
             if self._link.state is LinkState.ONLINE:
                 # Still online, so the session failed on its own: do not spin.
                 await anyio.sleep(self._retry_delay(max(1, self._failures)))
@@ -216,6 +255,15 @@ class Refresher:
             return None
         try:
             ref = await self._wanted(js, assignment)
+        except _NATS_ERRORS as exc:  # a timeout reading the registry on a slow link
+            failure = BundleError(
+                f"{assignment.model}/{assignment.version}",
+                f"reading the registry failed: {type(exc).__name__}: {exc}",
+                "download_failed",
+            )
+            return await self._refused_result(
+                ModelRef(name=assignment.model, version=assignment.version, variant="?"), assignment, failure
+            )
         except BundleError as exc:  # no variant's manifest is in the registry (yet)
             return await self._refused_result(
                 ModelRef(name=assignment.model, version=assignment.version, variant="?"), assignment, exc
@@ -232,11 +280,25 @@ class Refresher:
                 self._skipped.add((ref.name, ref.version, ref.variant, assignment.assigned_at))
                 log.warning("refresh_skipped_blocked", model=ref.name, version=ref.version)
             return None
+        before = self.stats.bytes_downloaded
+        interrupted, self._interrupted = self._interrupted, None
+        if interrupted is not None and interrupted[0] == ref:
+            # The last attempt was cut off with the link: report it now that we can.
+            self.stats.download_failures += 1
+            failed = RefreshResult(
+                model=ref, ok=False, code="download_failed", reason=interrupted[1], at=self._now()
+            )
+            self.stats.last = failed
+            await self._report("model_rejected", refresh=failed)
         log.info("refresh_start", model=ref.name, version=ref.version, variant=ref.variant)
         try:
             await self._fetch_and_install(js, ref)
         except BundleError as exc:
             return await self._refused_result(ref, assignment, exc)
+        except anyio.get_cancelled_exc_class():
+            held = self.stats.bytes_downloaded - before
+            self._interrupted = (ref, f"interrupted (link lost or node stopping) after {held} bytes; resumes")
+            raise
         self._failures = 0
         self.stats.installs += 1
         result = RefreshResult(model=ref, ok=True, at=self._now())
@@ -284,17 +346,24 @@ class Refresher:
     async def _wanted(self, js: JetStreamContext, a: Assignment) -> ModelRef:
         if a.variant is not None:
             return ModelRef(name=a.model, version=a.version, variant=a.variant)
-        kv = await self._op(js.key_value(names.MODELS_MANIFEST_BUCKET))
         needs: dict[str, int] = {}
+        unmet_by: dict[str, list[str]] = {}
         for variant in a.variants:
-            try:
-                entry = await self._op(kv.get(names.manifest_key(a.model, a.version, variant)))
-                needs[variant] = decode_json(entry.value or b"", ModelManifest).min_memory_mb
-            except js_errors.NotFoundError:
+            index = await self._index(js, a.model, a.version, variant)
+            if index is None:
                 continue
-            except (msgspec.DecodeError, ValueError) as exc:
-                log.warning("manifest_undecodable", variant=variant, error=str(exc))
+            missing = unmet(index.requires or Requirements(), CAPABILITIES)
+            if missing:
+                unmet_by[variant] = missing
+                continue
+            needs[variant] = index.min_memory_mb
         if not needs:
+            if unmet_by:
+                raise BundleError(
+                    f"{a.model}/{a.version}",
+                    f"this runtime can run none of the variants: {unmet_by} (not downloaded)",
+                    "incompatible",
+                )
             raise BundleError(
                 f"{a.model}/{a.version}",
                 f"no manifest of variants {a.variants} in the registry",
@@ -306,33 +375,76 @@ class Refresher:
             variant=choose_variant(needs, DeviceProfile(memory_mb=self.models.memory_mb)),
         )
 
+    async def _index(
+        self, js: JetStreamContext, model: str, version: int, variant: str
+    ) -> BundleIndex | None:
+        """The bundle's small index; for a bundle pushed by an older registry, the index
+        fields of its manifest (read whole: older registries wrote nothing smaller)."""
+        kv = await self._op(js.key_value(names.MODELS_MANIFEST_BUCKET))
+        for key in (
+            names.bundle_index_key(model, version, variant),
+            names.manifest_key(model, version, variant),
+        ):
+            try:
+                entry = await self._op(kv.get(key))
+            except js_errors.NotFoundError:
+                continue
+            try:
+                if key.startswith("_"):
+                    return decode_json(entry.value or b"", BundleIndex)
+                m = decode_json(entry.value or b"", ModelManifest)
+            except (msgspec.DecodeError, ValueError) as exc:
+                log.warning("index_undecodable", key=key, error=str(exc))
+                continue
+            return BundleIndex(
+                name=m.name,
+                version=m.version,
+                variant=m.variant,
+                manifest_sha256="",
+                manifest_size=0,
+                min_memory_mb=m.min_memory_mb,
+                requires=requirements_of(m),
+            )
+        return None
+
     # -- download and install ---------------------------------------------------------------
 
-    async def _precheck(self, js: JetStreamContext, ref: ModelRef) -> None:
-        """Refuse before downloading what the registry's manifest already says cannot run
-        here. Only ever refuses: the signed manifest inside the bundle is what install trusts."""
-        memory = self.models.memory_mb
-        if memory <= 0:
-            return
-        kv = await self._op(js.key_value(names.MODELS_MANIFEST_BUCKET))
-        try:
-            entry = await self._op(kv.get(names.manifest_key(ref.name, ref.version, ref.variant)))
-            need = decode_json(entry.value or b"", ModelManifest).min_memory_mb
-        except (js_errors.NotFoundError, msgspec.DecodeError):
-            return  # the download will tell
-        if need > memory:
+    def _precheck(self, ref: ModelRef, index: BundleIndex) -> None:
+        """Refuse before downloading what the registry's index already says cannot run
+        here. Only ever refuses: the signed manifest is what install trusts."""
+        where = f"{ref.name}/{ref.version}/{ref.variant}"
+        missing = unmet(index.requires or Requirements(), CAPABILITIES)
+        if missing:
             raise BundleError(
-                f"{ref.name}/{ref.version}/{ref.variant}",
-                f"needs {need} MB of memory, this device has {memory} MB (not downloaded)",
+                where,
+                f"this runtime cannot run it: needs {', '.join(missing)} (not downloaded)",
+                "incompatible",
+            )
+        memory = self.models.memory_mb
+        if memory > 0 and index.min_memory_mb > memory:
+            raise BundleError(
+                where,
+                f"needs {index.min_memory_mb} MB of memory, this device has {memory} MB (not downloaded)",
                 "too_large",
             )
 
     async def _fetch_and_install(self, js: JetStreamContext, ref: ModelRef) -> None:
-        await self._precheck(js, ref)
+        where = f"{ref.name}/{ref.version}/{ref.variant}"
+        try:
+            index = await self._index(js, ref.name, ref.version, ref.variant)
+        except _NATS_ERRORS as exc:
+            raise BundleError(
+                where, f"reading the bundle index failed: {type(exc).__name__}: {exc}", "download_failed"
+            ) from exc
+        if index is not None:
+            self._precheck(ref, index)
         self.models.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-refresh-", dir=self.models.cache_dir))
         try:
-            bundle = await self.download(js, ref, tmp)
+            if index is not None and index.manifest_sha256:
+                bundle = await self.download_files(js, ref, index, tmp)
+            else:
+                bundle = await self.download(js, ref, tmp)
             try:
                 await self.models.install(bundle.path, source=f"assignment {ref.name}/{ref.version}")
             except OSError as exc:  # disk full, permissions: the bundle may be fine
@@ -341,35 +453,156 @@ class Refresher:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, tmp, True)
 
-    async def download(self, js: JetStreamContext, ref: ModelRef, work_dir: Path) -> Bundle:
-        """Fetch ``ref``'s archive into ``work_dir`` and unpack it there (not yet verified:
-        that is ``ModelManager.install``'s job). Raises ``BundleError``: ``download_failed``
-        (timeout, network, missing object), ``truncated``/``invalid`` (a bad archive)."""
-        obj = names.model_object_name(ref.name, ref.version, ref.variant)
-        archive = work_dir / "bundle.tar"
-        t0 = time.perf_counter()
+    # -- downloads --------------------------------------------------------------------------
+
+    def _partial(self, name: str) -> Path:
+        return self.models.cache_dir / PARTIAL_DIR / name
+
+    def _attempt_limit(self, total_bytes: int) -> float:
+        return self._download_timeout + total_bytes / MIN_RATE
+
+    async def _fetch(self, js: JetStreamContext, obj: str, partial: Path, max_size: int | None) -> int:
+        """One resumable object download; errors become ``BundleError(download_failed)``
+        naming the object and what went wrong (the partial file stays for the next attempt)."""
+
+        def progress(n: int) -> None:
+            self.stats.bytes_downloaded += n
+
         try:
-            with anyio.fail_after(self._download_timeout), archive.open("wb") as f:
-                await fetch_object(js, names.MODELS_BUCKET, obj, f)
-        except TimeoutError as exc:
-            raise BundleError(
-                obj, f"download did not finish within {self._download_timeout}s", "download_failed"
-            ) from exc
+            return await fetch_resumable(
+                js,
+                names.MODELS_BUCKET,
+                obj,
+                partial,
+                max_size=max_size,
+                stall_timeout=STALL_SECONDS,
+                on_chunk=progress,
+            )
         except js_errors.NotFoundError as exc:
             raise BundleError(obj, "no such object in the model store", "download_failed") from exc
         except FetchError as exc:
             raise BundleError(obj, f"download incomplete: {exc.reason}", "download_failed") from exc
-        except (*_NATS_ERRORS,) as exc:
+        except _NATS_ERRORS as exc:
             raise BundleError(
                 obj, f"download failed: {type(exc).__name__}: {exc}", "download_failed"
             ) from exc
-        size = archive.stat().st_size
-        self.stats.bytes_downloaded += size
-        log.info("model_downloaded", object=obj, bytes=size, seconds=round(time.perf_counter() - t0, 3))
-        bundle = await anyio.to_thread.run_sync(
-            unpack_archive, archive, work_dir / "bundle", self.models.trust
+
+    async def download_files(
+        self, js: JetStreamContext, ref: ModelRef, index: BundleIndex, work_dir: Path
+    ) -> Bundle:
+        """Fetch ``ref``'s signed manifest (verified before anything else) and each file it
+        lists that the node does not hold, into ``work_dir/bundle`` (verification of the files
+        is ``ModelManager.install``'s job; each is already hash-checked here). Raises
+        ``BundleError``: ``download_failed`` (timeout, stall, network, missing object) or
+        what the manifest's checks say (signature, ``invalid``, ``incompatible``)."""
+        out = work_dir / "bundle"
+        t0 = time.perf_counter()
+        limit = self._attempt_limit(index.manifest_size + index.files_bytes)
+        try:
+            with anyio.fail_after(limit):
+                bundle = await self._download_files(js, ref, index, out)
+        except TimeoutError as exc:
+            raise BundleError(
+                f"{ref.name}/{ref.version}/{ref.variant}",
+                f"download did not finish within {limit:.0f}s (resumes at the next attempt)",
+                "download_failed",
+            ) from exc
+        log.info(
+            "model_downloaded",
+            model=ref.name,
+            version=ref.version,
+            seconds=round(time.perf_counter() - t0, 3),
         )
-        archive.unlink()
+        return bundle
+
+    async def _download_files(
+        self, js: JetStreamContext, ref: ModelRef, index: BundleIndex, out: Path
+    ) -> Bundle:
+        where = f"{ref.name}/{ref.version}/{ref.variant}"
+        manifest_obj = names.file_object_name(index.manifest_sha256)
+        part = self._partial(index.manifest_sha256)
+        await self._fetch(js, manifest_obj, part, index.manifest_size)
+        raw = await anyio.to_thread.run_sync(part.read_bytes)
+        if hashlib.sha256(raw).hexdigest() != index.manifest_sha256:
+            raise BundleError(
+                where, "the manifest object does not match the index's sha256", "download_failed"
+            )
+        self.models.trust.verify(raw, where)  # signature first: nothing else is fetched for a forgery
+        bundle = await anyio.to_thread.run_sync(manifest_only_bundle, out, raw, where)
+        if bundle.manifest.ref != ref:
+            raise BundleError(where, f"manifest is {bundle.manifest.ref}, not the assigned {ref}", "invalid")
+        for f in bundle.files:
+            target = out / f.path
+            if await anyio.to_thread.run_sync(self._reuse, f, target):
+                continue
+            part = self._partial(f.sha256)
+            await self._fetch(js, names.file_object_name(f.sha256), part, f.size_bytes)
+            await anyio.to_thread.run_sync(_move_checked, part, target, f, where)
+        await anyio.to_thread.run_sync(self._clean_partials, index.manifest_sha256)
+        return await anyio.to_thread.run_sync(read_bundle, out)
+
+    def _reuse(self, f: BundleFile, target: Path) -> bool:
+        """Link (or copy) ``f`` from a bundle the node already holds; False if none has it."""
+        held = self.models.find_file(f.sha256, f.size_bytes)
+        if held is None:
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(held, target)
+        except OSError:
+            shutil.copyfile(held, target)
+        self.stats.files_reused += 1
+        self.stats.bytes_reused += f.size_bytes
+        log.info("bundle_file_reused", path=f.path, bytes=f.size_bytes)
+        return True
+
+    def _clean_partials(self, manifest_sha: str) -> None:
+        d = self.models.cache_dir / PARTIAL_DIR
+        for p in (d / manifest_sha, d / (manifest_sha + STATE_SUFFIX)):
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty: other partials wait for their next attempt
+
+    async def download(self, js: JetStreamContext, ref: ModelRef, work_dir: Path) -> Bundle:
+        """Fetch ``ref``'s archive (a bundle pushed by an older registry) into ``work_dir``,
+        resumable, and unpack it there signature-first (not yet verified otherwise: that is
+        ``ModelManager.install``'s job). Raises ``BundleError``: ``download_failed``
+        (timeout, network, missing object), ``truncated``/``invalid`` (a bad archive)."""
+        obj = names.model_object_name(ref.name, ref.version, ref.variant)
+        part = self._partial(obj.replace("/", "_") + ".tar")
+        t0 = time.perf_counter()
+        limit = self._attempt_limit(0)
+        try:
+            with anyio.fail_after(limit):
+                size = await self._fetch(js, obj, part, None)
+        except TimeoutError as exc:
+            raise BundleError(obj, f"download did not finish within {limit:.0f}s", "download_failed") from exc
+        log.info("model_downloaded", object=obj, bytes=size, seconds=round(time.perf_counter() - t0, 3))
+        try:
+            bundle = await anyio.to_thread.run_sync(
+                unpack_archive, part, work_dir / "bundle", self.models.trust
+            )
+        finally:
+            await anyio.to_thread.run_sync(self._clean_partials, part.name)
         if bundle.manifest.ref != ref:
             raise BundleError(obj, f"archive holds {bundle.manifest.ref}, not the assigned {ref}", "invalid")
         return bundle
+
+
+def manifest_only_bundle(out: Path, raw: bytes, where: str) -> Bundle:
+    """Write the raw manifest into ``out`` (created) and parse it; file paths validated."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).write_bytes(raw)
+    return parse_manifest(out, raw, where)
+
+
+def _move_checked(part: Path, target: Path, f: BundleFile, where: str) -> None:
+    """Move a finished download into the bundle after checking its size and sha256."""
+    size = part.stat().st_size
+    if size != f.size_bytes or sha256_file(part) != f.sha256:
+        part.unlink(missing_ok=True)
+        raise BundleError(
+            where, f"{f.path}: the downloaded object does not match the manifest", "hash_mismatch"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(part, target)

@@ -18,6 +18,7 @@ import nats.errors
 import onnxruntime as ort
 import structlog
 
+from slmops.shared.capabilities import CAPABILITIES
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.messages import DeviceProfile, NodeStatus, encode_json
@@ -36,7 +37,8 @@ def memory_mb() -> int:
 
 
 def device_profile(data_dir: Path) -> DeviceProfile:
-    """What this device is: arch, OS, cores, memory, free disk under ``data_dir``, ORT."""
+    """What this device is: arch, OS, cores, memory, free disk under ``data_dir``, ORT, and
+    what its runtime can run (``shared.capabilities.CAPABILITIES``)."""
     try:
         free = shutil.disk_usage(data_dir).free // (1024 * 1024)
     except OSError:
@@ -49,6 +51,7 @@ def device_profile(data_dir: Path) -> DeviceProfile:
         free_disk_mb=int(free),
         ort_version=str(ort.__version__),
         providers=list(ort.get_available_providers()),
+        capabilities=list(CAPABILITIES),
     )
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "load_public_key",
     "new_keypair",
     "pack_archive",
+    "parse_manifest",
     "read_bundle",
     "resign_bundle",
     "sha256_file",
@@ -339,6 +340,16 @@ def _decode_manifest(raw: bytes, where: str) -> ModelManifest:
         raise BundleError(where, f"manifest is invalid: {exc}", "invalid") from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise BundleError(where, f"manifest is not valid JSON: {exc}", "invalid") from exc
+
+
+def parse_manifest(path: Path, raw: bytes, where: str = "bundle") -> Bundle:
+    """A ``Bundle`` at ``path`` from raw manifest bytes: decoded and its file list validated
+    (paths, roles), the files themselves not looked at. Raises ``BundleError`` (``invalid``)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(where, f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", "invalid")
+    manifest = _decode_manifest(raw, where)
+    _listed(manifest, where)
+    return Bundle(path=Path(path), manifest=manifest, raw=raw)
 
 
 def read_bundle(path: Path) -> Bundle:

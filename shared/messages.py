@@ -19,6 +19,7 @@ __all__ = [
     "WIRE_TYPES",
     "Assignment",
     "BundleFile",
+    "BundleIndex",
     "DeviceProfile",
     "DriftEvent",
     "HeldOutScores",
@@ -252,6 +253,24 @@ class Requirements(Wire, kw_only=True):
     multi_file: bool = False
     #: Node runtime capability level: 1 = the n-gram-only runtime, 2 = this build.
     min_runtime: int = 1
+
+
+class BundleIndex(Wire, kw_only=True):
+    """KV ``slmops_manifests`` ``_files.<name>.<version>.<variant>``: the few fields a node
+    reads before it downloads a bundle (a few hundred bytes, unlike the manifest with its
+    reference profile). Not trusted: the signed manifest, fetched by ``manifest_sha256`` from
+    the object store (``files/<sha256>``), is what the node verifies before any other file."""
+
+    v: int = SCHEMA_VERSION
+    name: str
+    version: int
+    variant: str
+    manifest_sha256: str
+    manifest_size: int
+    min_memory_mb: int = 0
+    requires: Requirements | None = None
+    #: Sum of the sizes of the files the manifest lists.
+    files_bytes: int = 0
 
 
 class ModelManifest(Wire, kw_only=True):

@@ -16,7 +16,9 @@ __all__ = [
     "STATUS_STREAM",
     "TELEMETRY_STREAM",
     "assignment_key",
+    "bundle_index_key",
     "drift_subject",
+    "file_object_name",
     "inbox_prefix",
     "manifest_key",
     "model_object_name",
@@ -99,6 +101,21 @@ def manifest_key(model: str, version: int, variant: str) -> str:
     """KV key (in ``slmops_manifests``) of one bundle's manifest: ``<model>.<version>.<variant>``."""
     name = validate_model_name(model).replace(".", "_")
     return f"{name}.{int(version)}.{validate_id(variant, 'variant')}"
+
+
+def file_object_name(sha256: str) -> str:
+    """Object-store name of one bundle file (or raw manifest), content-addressed:
+    ``files/<sha256>``; the same bytes are stored once whatever bundles list them."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+        raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+    return f"files/{sha256}"
+
+
+def bundle_index_key(model: str, version: int, variant: str) -> str:
+    """KV key (in ``slmops_manifests``) of a bundle's small index (``BundleIndex``):
+    ``_files.<manifest_key>``. Model names start with a letter or digit, so no manifest key
+    starts with "_" and listing manifests skips these."""
+    return f"_files.{manifest_key(model, version, variant)}"
 
 
 def msg_id(node: str, seq: int, fleet: str | None = None, install: str = "") -> str:

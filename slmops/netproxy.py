@@ -20,9 +20,16 @@ __all__ = ["TcpProxy"]
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1", rate: float | None = None
+    ) -> None:
+        """``rate``: bytes per second each direction of each connection may carry (a slow
+        steady link); None = as fast as loopback."""
         if not isinstance(target_port, int) or not 0 < target_port < 65536:
             raise ValueError(f"target_port must be 1..65535, got {target_port!r}")
+        if rate is not None and not rate > 0:
+            raise ValueError(f"rate must be > 0 bytes/s, got {rate!r}")
+        self.rate = rate
         self.target = (target_host, target_port)
         self.listen_host = listen_host
         self._port = 0
@@ -118,20 +125,29 @@ class TcpProxy:
                     except OSError:
                         return
                     async with upstream, anyio.create_task_group() as tg:
-                        tg.start_soon(self._pipe, client, upstream, tg.cancel_scope)
-                        tg.start_soon(self._pipe, upstream, client, tg.cancel_scope)
+                        tg.start_soon(self._pipe, client, upstream, tg.cancel_scope, self.rate)
+                        tg.start_soon(self._pipe, upstream, client, tg.cancel_scope, self.rate)
         finally:
             self._conns.discard(scope)
             self._conn_closed.set()
 
     @staticmethod
     async def _pipe(
-        src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, both: anyio.CancelScope
+        src: anyio.abc.SocketStream,
+        dst: anyio.abc.SocketStream,
+        both: anyio.CancelScope,
+        rate: float | None = None,
     ) -> None:
         # Either side ending (EOF or error) ends the whole connection: NATS needs no half-close.
         try:
             async for chunk in src:
-                await dst.send(chunk)
+                if rate is None:
+                    await dst.send(chunk)
+                    continue
+                for i in range(0, len(chunk), 1024):  # small pieces: a steady, not bursty, rate
+                    piece = chunk[i : i + 1024]
+                    await dst.send(piece)
+                    await anyio.sleep(len(piece) / rate)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:

@@ -225,10 +225,14 @@ def make_transformer_bundle(
     bias: list[float] | None = None,
     nan_word: str | None = None,
     smoke_texts: list[str] | None = None,
+    extra_data: int = 0,
+    notes: str = "",
 ) -> Bundle:
     """A signed tokenizer bundle: ``encoder.onnx`` + ``head.onnx`` + ``tokenizer.json``
     (classification), or one ``model.onnx`` (``single_file`` classifier or ``task`` embedding).
-    Smoke tests are the model's own answers on ``smoke_texts``."""
+    Smoke tests are the model's own answers on ``smoke_texts``. ``extra_data`` bytes of
+    seeded random data ship as a "data" file ``weights.bin`` (a big bundle); ``notes`` makes
+    the manifest as large as wanted."""
     from slmops.shared.runtime import load_session
 
     labels = list(labels or LABELS)
@@ -249,6 +253,9 @@ def make_transformer_bundle(
         outputs = [TensorSpec(name="logits", dtype="float32", shape=["N", len(labels)])]
         output, kind, man_labels = "logits", "logits", labels
     files.append(FileData("tokenizer.json", tok, "tokenizer"))
+    if extra_data:
+        data = np.random.default_rng(0).integers(0, 256, extra_data, dtype=np.uint8).tobytes()
+        files.append(FileData("weights.bin", data, "data"))
     manifest = ModelManifest(
         name=name,
         version=version,
@@ -263,6 +270,7 @@ def make_transformer_bundle(
         task=task,
         output=output,
         output_kind=kind,
+        notes=notes,
     )
     unsigned = write_bundle(out, files, manifest, key)
     session = load_session(unsigned)
