@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import msgspec
 
 from slmops.cloud.rollout.state import RolloutConfig
 from slmops.shared.config import Config
+from slmops.shared.connect import check_nats_url
 from slmops.shared.names import validate_id
 
-__all__ = ["CloudConfig", "DriftConfig"]
+__all__ = ["CloudConfig", "DriftConfig", "RecalibratePolicy"]
 
 
 class DriftConfig(Config, kw_only=True):
@@ -62,8 +65,23 @@ class RolloutSettings(RolloutConfig, kw_only=True, forbid_unknown_fields=True):
         return RolloutConfig(**msgspec.structs.asdict(self))
 
 
+#: What the cloud does on a fleet-wide label shift: nothing, propose a recalibrated version in
+#: a drift event, or build it and roll it out.
+RecalibratePolicy = Literal["off", "suggest", "auto"]
+
+
 class CloudConfig(Config, kw_only=True):
-    """What ``CloudService`` needs. ``fleets`` empty means every fleet."""
+    """What the cloud needs (``cloud.service``: ingest, and the tasks only the active
+    instance runs). ``fleets`` empty means every fleet."""
+
+    DURATIONS: ClassVar[tuple[str, ...]] = (
+        "fetch_timeout",
+        "ack_wait",
+        "lease_ttl",
+        "snapshot_interval",
+        "recalibration_cooldown",
+        "rollout_interval",
+    )
 
     nats_url: str = "nats://127.0.0.1:4222"
     state_dir: str = "./slmops-cloud"
@@ -90,10 +108,21 @@ class CloudConfig(Config, kw_only=True):
     recalibration_cooldown: float = 600.0
     #: How rollouts the cloud starts itself (recalibration policy ``auto``) advance.
     rollout: RolloutSettings = msgspec.field(default_factory=lambda: RolloutSettings())
+    #: Run the rollout controller (in the active instance).
+    rollouts: bool = True
+    #: Seconds between two steps of the rollout controller.
+    rollout_interval: float = 1.0
+    #: On a fleet-wide label shift (needs ``key``).
+    recalibrate: RecalibratePolicy = "off"
+    #: The cloud's Ed25519 private key file (mode 0600) that signs recalibrated versions.
+    key: str | None = None
 
     def __post_init__(self) -> None:
+        check_nats_url(self.nats_url)
         for fleet in self.fleets:
             validate_id(fleet, "fleet")
+        if self.recalibrate != "off" and self.key is None:
+            raise ValueError(f"recalibrate {self.recalibrate!r} needs key (the cloud's signing key, --key)")
         if not 1 <= self.batch_size <= 4096:
             raise ValueError(f"batch_size must be in 1..4096, got {self.batch_size!r}")
         for what, value in (
@@ -101,6 +130,7 @@ class CloudConfig(Config, kw_only=True):
             ("ack_wait", self.ack_wait),
             ("lease_ttl", self.lease_ttl),
             ("snapshot_interval", self.snapshot_interval),
+            ("rollout_interval", self.rollout_interval),
         ):
             if not value > 0:
                 raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")

@@ -18,8 +18,11 @@ Inside the active instance (each a task of one group): lease renewal, the teleme
 (``events.py``) and the fleet snapshot writer (``snapshot.py``). Losing the lease cancels them
 all and the instance goes back to standby.
 
-``extra_tasks`` run in the same group, only while active (the composition root passes the
-recalibration loop here, so a standby never acts on drift events either).
+``extra_tasks`` run in the same group, only while active, so a standby never acts on drift
+events either. ``assemble(config)`` is the one composition of the cloud: the service with the
+rollout controller and the recalibration loop as ``config`` says (``controller_tasks``);
+``slmops cloud`` runs it, and ``slmops rollout run`` runs the same controller tasks alone
+(``run_controllers``), so both read the same config the same way.
 
 Resources beyond DESIGN §3 (``slmops_leases``, ``slmops_fleet``) are created idempotently here.
 """
@@ -38,6 +41,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
+import anyio.abc
 import structlog
 from anyio.abc import TaskGroup
 from nats.js import JetStreamContext
@@ -53,10 +57,10 @@ from slmops.cloud.ingest.lease import Lease, ensure_leases_bucket
 from slmops.cloud.ingest.snapshot import SnapshotWriter, ensure_fleet_bucket
 from slmops.cloud.ingest.state import NodeState, StateStore
 from slmops.cloud.ingest.status import StatusIngest
-from slmops.shared.connect import Link
+from slmops.shared.connect import Link, connect_once
 from slmops.shared.provision import ensure_resources
 
-__all__ = ["ActiveTask", "CloudService", "tune_gc"]
+__all__ = ["ActiveTask", "CloudService", "assemble", "controller_tasks", "run_controllers", "tune_gc"]
 
 #: ``await task(js, task_status=...)``: extra work that must run only in the active instance
 #: (e.g. the recalibration loop); started after the consumers, cancelled on losing the lease.
@@ -255,3 +259,68 @@ class CloudService:
                 for task in self._extra:
                     await tg.start(partial(task, js))
                 self._active.set()
+
+
+def controller_tasks(config: CloudConfig) -> list[ActiveTask]:
+    """What only the active cloud runs beside ingest, from ``config``: the rollout controller
+    (``rollouts``, every ``rollout_interval``, limited to ``fleets``) and the recalibration
+    loop (``recalibrate`` with ``key``, ``rollout`` and ``recalibration_cooldown``). Reads the
+    key now: raises ``cloud.recalibration.loop.KeyFileError`` for an unusable key file."""
+    tasks: list[ActiveTask] = []
+    if config.rollouts:
+        from slmops.cloud.rollout import RolloutRunner
+
+        async def run_rollouts(js: JetStreamContext, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            runner = RolloutRunner(
+                js, url=config.nats_url, interval=config.rollout_interval, fleets=config.fleets
+            )
+            await runner.run(task_status=task_status)
+
+        tasks.append(run_rollouts)
+    if config.recalibrate != "off" and config.key is not None:
+        from slmops.cloud.recalibration.loop import RecalibrationLoop, load_cloud_key, run_loop
+
+        key = load_cloud_key(Path(config.key))
+
+        async def run_recalibration(
+            js: JetStreamContext, *, task_status: Any = anyio.TASK_STATUS_IGNORED
+        ) -> None:
+            loop = RecalibrationLoop(
+                js,
+                key,
+                policy=config.recalibrate,
+                rollout=config.rollout.config(),
+                cooldown=config.recalibration_cooldown,
+                url=config.nats_url,
+            )
+            await run_loop(js, loop, task_status=task_status)
+
+        tasks.append(run_recalibration)
+    return tasks
+
+
+def assemble(config: CloudConfig) -> CloudService:
+    """The cloud as ``config`` describes it: ingest, drift and events, plus the controller
+    tasks (``controller_tasks``) while active. ``async with assemble(config) as svc:``."""
+    return CloudService(config, extra_tasks=controller_tasks(config))
+
+
+async def run_controllers(
+    config: CloudConfig, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Run ``controller_tasks(config)`` alone (no ingest, no lease) until cancelled: connect
+    (``NatsUnavailable`` if the server cannot be reached within 5 s), provision, start each
+    task, then report started. Safe beside a cloud service: rollout state writes are
+    compare-and-set, and drift events reach the loop through one durable consumer."""
+    tasks = controller_tasks(config)
+    nc = await connect_once(config.nats_url, timeout=5.0, name="slmops-controllers")
+    try:
+        js = nc.jetstream()
+        await ensure_resources(js)
+        async with anyio.create_task_group() as tg:
+            for task in tasks:
+                await tg.start(partial(task, js))
+            task_status.started()
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await nc.drain()

@@ -1,43 +1,29 @@
 """The edge node's configuration (a ``shared.config.Config``: unknown keys are errors).
 
 Durations are seconds (``window=0.5``); sizes are bytes. ``EdgeConfig.build`` also accepts the
-human forms ``"500ms"``, ``"1m"``, ``"64k"`` for those fields, as the CLI and config files do.
+human forms ``"500ms"``, ``"1m"``, ``"64k"`` for those fields (``DURATIONS``, ``SIZES``), as
+the CLI and config files do.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
-from slmops.shared.config import Config, load_config, parse_duration, parse_size
-from slmops.shared.errors import ConfigError
+from slmops.shared.config import Config, load_config
+from slmops.shared.connect import check_nats_url
 from slmops.shared.names import validate_id
 
 __all__ = [
-    "DURATION_FIELDS",
-    "SIZE_FIELDS",
     "EdgeConfig",
     "RefreshTimings",
     "SafetyLimits",
     "is_loopback",
     "parse_hostport",
 ]
-
-#: Fields given in seconds; ``build`` parses "500ms", "2s", "1m" for them.
-DURATION_FIELDS = (
-    "window",
-    "max_batch_wait",
-    "status_interval",
-    "publish_timeout",
-    "link_backoff_max",
-    "commit_interval",
-)
-#: Fields given in bytes; ``build`` parses "64k", "10MB" for them.
-SIZE_FIELDS = ("outbox_max_bytes",)
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -114,6 +100,16 @@ class RefreshTimings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
 class EdgeConfig(Config, kw_only=True):
     """Everything one edge node needs. Callers may rely on every value being validated."""
 
+    DURATIONS: ClassVar[tuple[str, ...]] = (
+        "window",
+        "max_batch_wait",
+        "status_interval",
+        "publish_timeout",
+        "link_backoff_max",
+        "commit_interval",
+    )
+    SIZES: ClassVar[tuple[str, ...]] = ("outbox_max_bytes",)
+
     fleet: str
     node: str
     #: Directory for the SQLite buffer and the model cache (created if missing).
@@ -177,8 +173,10 @@ class EdgeConfig(Config, kw_only=True):
     def __post_init__(self) -> None:
         validate_id(self.fleet, "fleet")
         validate_id(self.node, "node")
-        if not self.nats_url or ("://" not in self.nats_url and ":" not in self.nats_url):
-            raise ValueError(f"nats_url {self.nats_url!r} is not a NATS URL like nats://host:4222")
+        try:
+            check_nats_url(self.nats_url)
+        except ValueError as exc:
+            raise ValueError(f"nats_url: {exc}") from None
         if not self.data_dir:
             raise ValueError("data_dir must be a directory path, got an empty string")
         if self.http is not None and self.http.strip().lower() in ("", "off"):
@@ -247,48 +245,8 @@ class EdgeConfig(Config, kw_only=True):
         """Build from a TOML/JSON file overlaid with ``data`` (None values are ignored);
         durations and sizes may be strings in both. Raises ``shared.errors.ConfigError``
         naming the source and the bad key."""
-        source = "flags" if path is None else str(path)
-        merged = _read_file(Path(path)) if path is not None else {}
-        merged.update({k: v for k, v in (data or {}).items() if v is not None})
-        fixed = {k: _plain(v) for k, v in merged.items()}
-        for key in DURATION_FIELDS:
-            if isinstance(fixed.get(key), str):
-                fixed[key] = _convert(source, key, fixed[key], parse_duration)
-        for key in SIZE_FIELDS:
-            if isinstance(fixed.get(key), str):
-                fixed[key] = _convert(source, key, fixed[key], parse_size)
-        try:
-            return load_config(cls, fixed)
-        except ConfigError as exc:
-            raise ConfigError(source, exc.reason) from exc
+        return load_config(cls, data, path)
 
     def replace(self, **changes: Any) -> EdgeConfig:
         """A copy with ``changes`` applied and validated again."""
         return msgspec.convert({**msgspec.structs.asdict(self), **changes}, EdgeConfig, strict=False)
-
-
-def _plain(value: Any) -> Any:
-    """Paths (and lists of them) as strings, the form the config Struct holds."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _convert(source: str, key: str, value: str, parse: Any) -> Any:
-    try:
-        return parse(value)
-    except ValueError as exc:
-        raise ConfigError(source, f"{key}: {exc}") from exc
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-        loaded = tomllib.loads(raw.decode()) if path.suffix == ".toml" else msgspec.json.decode(raw)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
-        raise ConfigError(str(path), f"cannot read: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise ConfigError(str(path), "top level must be a table/object")
-    return loaded

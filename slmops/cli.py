@@ -7,24 +7,15 @@ generally ``slmops edge --data`` from ``SLMOPS_EDGE_DATA`` (click's auto_envvar_
 from __future__ import annotations
 
 import json
-import sys
+from functools import partial
 from pathlib import Path
 
 import click
 
+from slmops.cli_common import run
 from slmops.shared.logging import configure_logging
 
 CONTEXT = {"auto_envvar_prefix": "SLMOPS", "help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-#: The ``--nats`` option every networked command shares.
-nats_option = click.option(
-    "--nats",
-    "nats_url",
-    envvar="SLMOPS_NATS_URL",
-    default="nats://127.0.0.1:4222",
-    show_default=True,
-    help="NATS server URL (several, comma-separated, for a cluster). Env: SLMOPS_NATS_URL.",
-)
 
 
 @click.group(context_settings=CONTEXT)
@@ -65,9 +56,9 @@ def server(host: str, port: int, store: Path | None) -> None:
 
     Prints the URL to connect to, then runs until Ctrl-C or SIGTERM.
     """
-    from slmops._server_cmd import run_server
+    from slmops._server_cmd import serve
 
-    sys.exit(run_server(host=host, port=port, store=store))
+    run(partial(serve, host, port, store), until_signal=True)
 
 
 @main.command()

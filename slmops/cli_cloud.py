@@ -4,9 +4,6 @@ only; the work is in ``cloud.service`` and ``cloud.query``."""
 from __future__ import annotations
 
 import json
-import signal
-import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,9 +12,8 @@ import anyio
 import click
 import msgspec
 
+from slmops.cli_common import fleet_id, nats_option, run
 from slmops.shared.config import parse_duration
-from slmops.shared.errors import SlmopsError
-from slmops.shared.names import validate_id
 
 if TYPE_CHECKING:
     from slmops.cloud.ingest.snapshot import NodeSnapshot
@@ -25,61 +21,11 @@ if TYPE_CHECKING:
 
 __all__ = ["cloud", "drift", "fleet"]
 
-_nats = click.option(
-    "--nats",
-    "nats_url",
-    envvar="SLMOPS_NATS_URL",
-    default="nats://127.0.0.1:4222",
-    show_default=True,
-    help="NATS server URL (several, comma-separated, for a cluster). Env: SLMOPS_NATS_URL.",
-)
-
-
-def _fleet_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
-    try:
-        if isinstance(value, tuple):
-            return tuple(validate_id(v, "fleet") for v in value)
-        return validate_id(value, "fleet") if value is not None else None
-    except (TypeError, ValueError) as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-def _run(main: Callable[[], Awaitable[int]]) -> None:
-    """Run ``main`` under anyio; SIGINT/SIGTERM end it cleanly with code 0; our errors exit 1
-    with their message."""
-
-    async def guarded() -> int:
-        result = 0
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with anyio.create_task_group() as tg:
-
-                async def body() -> None:
-                    nonlocal result
-                    try:
-                        result = await main()
-                    except SlmopsError as exc:
-                        click.echo(f"error: {exc}", err=True)
-                        result = 1
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(body)
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    break
-        return result
-
-    try:
-        code = anyio.run(guarded)
-    except KeyboardInterrupt:
-        code = 0
-    sys.exit(code)
-
-
 # -- slmops cloud ------------------------------------------------------------------------------
 
 
 @click.command("cloud")
-@_nats
+@nats_option
 @click.option(
     "--state",
     "state_dir",
@@ -94,7 +40,7 @@ def _run(main: Callable[[], Awaitable[int]]) -> None:
     "--fleet",
     "fleets",
     multiple=True,
-    callback=_fleet_id,
+    callback=fleet_id,
     help="Watch only this fleet and run only its rollouts (repeatable). Default: every fleet.",
 )
 @click.option(
@@ -119,7 +65,7 @@ def _run(main: Callable[[], Awaitable[int]]) -> None:
     "--target-false-rate",
     type=float,
     default=None,
-    help="Target false drift events per node-window on stationary traffic [1e-4].",
+    help="Target false drift events per node-window on stationary traffic [5e-5].",
 )
 @click.option(
     "--key",
@@ -132,15 +78,15 @@ def _run(main: Callable[[], Awaitable[int]]) -> None:
 @click.option(
     "--recalibrate",
     type=click.Choice(["off", "suggest", "auto"]),
-    default="off",
-    show_default=True,
+    default=None,
+    show_default="off",
     help="On a fleet-wide label shift: build a recalibrated version and roll it out (auto), "
     "propose it in a drift event (suggest), or do nothing (off). Needs --key.",
 )
 @click.option(
     "--rollouts/--no-rollouts",
-    default=True,
-    show_default=True,
+    default=None,
+    show_default="on",
     help="Run the rollout controller in the active instance.",
 )
 def cloud(
@@ -153,8 +99,8 @@ def cloud(
     min_count: int | None,
     target_false_rate: float | None,
     key_path: Path | None,
-    recalibrate: str,
-    rollouts: bool,
+    recalibrate: str | None,
+    rollouts: bool | None,
 ) -> None:
     """Run the cloud service: ingest telemetry, keep the fleet state, detect drift, publish
     drift events on slmops.drift.<fleet>. Runs until Ctrl-C or SIGTERM.
@@ -166,12 +112,17 @@ def cloud(
     from slmops.cloud.config import CloudConfig
     from slmops.shared.config import load_config
 
-    data: dict[str, Any] = {"nats_url": nats_url, "state_dir": str(state_dir), "fleets": list(fleets)}
-    if batch_size is not None:
-        data["batch_size"] = batch_size
+    data: dict[str, Any] = {
+        "nats_url": nats_url,
+        "state_dir": str(state_dir),
+        "fleets": list(fleets),
+        "batch_size": batch_size,
+        "lease_ttl": lease_ttl,
+        "key": None if key_path is None else str(key_path),
+        "recalibrate": recalibrate,
+        "rollouts": rollouts,
+    }
     try:
-        if lease_ttl is not None:
-            data["lease_ttl"] = parse_duration(lease_ttl)
         drift_flags = {"min_count": min_count, "target_false_rate": target_false_rate}
         drift_flags = {k: v for k, v in drift_flags.items() if v is not None}
         config = load_config(CloudConfig, data, config_path)
@@ -180,49 +131,20 @@ def cloud(
             config = msgspec.structs.replace(config, drift=msgspec.convert(merged, type(config.drift)))
     except (ValueError, msgspec.ValidationError) as exc:
         raise click.BadParameter(str(exc)) from exc
-    if recalibrate != "off" and key_path is None:
-        raise click.UsageError("--recalibrate suggest/auto needs --key (the cloud's signing key)")
 
-    async def main() -> int:
-        from slmops.cloud.service import ActiveTask, CloudService, tune_gc
+    async def main() -> None:
+        from slmops.cloud.service import assemble, tune_gc
 
         tune_gc()
-
-        extra: list[ActiveTask] = []
-        if rollouts:
-            from slmops.cloud.rollout import RolloutRunner
-
-            async def run_rollouts(js: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-                await RolloutRunner(js, url=nats_url, fleets=config.fleets).run(task_status=task_status)
-
-            extra.append(run_rollouts)
-        if recalibrate != "off" and key_path is not None:
-            from slmops.cloud.recalibration.loop import RecalibrationLoop, load_cloud_key, run_loop
-
-            key = load_cloud_key(key_path)
-
-            async def run_recalibration(js: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-                loop = RecalibrationLoop(
-                    js,
-                    key,
-                    policy=recalibrate,  # type: ignore[arg-type]  # click.Choice checked it
-                    rollout=config.rollout.config(),
-                    cooldown=config.recalibration_cooldown,
-                    url=nats_url,
-                )
-                await run_loop(js, loop, task_status=task_status)
-
-            extra.append(run_recalibration)
-        async with CloudService(config, extra_tasks=extra) as svc:
+        async with assemble(config) as svc:
             click.echo(
                 f"slmops cloud {svc.holder}: state {config.state_dir}, fleets "
                 f"{', '.join(config.fleets) or 'all'}; Ctrl-C stops it",
                 err=True,
             )
             await anyio.sleep_forever()
-        return 0
 
-    _run(main)
+    run(main, until_signal=True)
 
 
 # -- slmops drift watch ------------------------------------------------------------------------
@@ -279,8 +201,8 @@ def _line(cells: list[str], widths: list[int]) -> str:
 
 
 @drift.command("watch")
-@_nats
-@click.option("--fleet", default=None, callback=_fleet_id, help="Only this fleet. Default: every fleet.")
+@nats_option
+@click.option("--fleet", default=None, callback=fleet_id, help="Only this fleet. Default: every fleet.")
 @click.option(
     "--since", default="1h", show_default=True, help="Replay events from this long ago, e.g. 30m, 2d."
 )
@@ -299,7 +221,7 @@ def watch(
         raise click.BadParameter(f"must be >= 1, got {limit!r}", param_hint="--limit")
     start = None if replay_all else datetime.now(UTC) - timedelta(seconds=seconds)
 
-    async def main() -> int:
+    async def main() -> None:
         from slmops.cloud.ingest.query import watch_drift
         from slmops.shared.connect import connect_once
         from slmops.shared.messages import encode_json
@@ -320,9 +242,8 @@ def watch(
         finally:
             with anyio.CancelScope(shield=True):
                 await nc.close()
-        return 0
 
-    _run(main)
+    run(main, until_signal=True)
 
 
 # -- slmops fleet status -----------------------------------------------------------------------
@@ -364,8 +285,8 @@ _NODE_WIDTHS = [14, 16, 16, 9, 10, 7, 6, 7, 5, 6, 7, 0]
 
 
 @fleet.command("status")
-@_nats
-@click.option("--fleet", "fleet_id", default=None, callback=_fleet_id, help="Only this fleet.")
+@nats_option
+@click.option("--fleet", "fleet_id", default=None, callback=fleet_id, help="Only this fleet.")
 @click.option("--json", "as_json", is_flag=True, help='JSON: {"nodes": [{"node", "model_version", ...}]}.')
 def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
     """Per node: model, last seen, inferences counted exactly once, windows, seq high-water
@@ -374,7 +295,7 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
     Read from KV slmops_fleet, which the active cloud instance keeps up to date (within about
     a second); works while the cloud is down, showing its last state."""
 
-    async def main() -> int:
+    async def main() -> None:
         from slmops.cloud.ingest.query import fleet_status
         from slmops.shared.connect import connect_once
 
@@ -392,6 +313,5 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
                 click.echo(_line(_node_row(n), _NODE_WIDTHS))
             if not nodes:
                 click.echo("(no nodes: has the cloud service run against this NATS?)", err=True)
-        return 0
 
-    _run(main)
+    run(main, until_signal=True)

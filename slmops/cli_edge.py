@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
-import signal
-import sys
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import click
 
+from slmops.cli_common import nats_option, run
+from slmops.shared.errors import BundleError, PortUnavailable
+
 if TYPE_CHECKING:
     from slmops.edge.config import EdgeConfig
 
 
+def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Each --trust file must be a PEM public key; a private key is named as the mistake."""
+    from slmops.shared.bundle import load_public_key
+
+    for path in value:
+        try:
+            load_public_key(path)
+        except ValueError as exc:
+            try:
+                private = b"PRIVATE KEY" in path.read_bytes()[:200]
+            except OSError:
+                private = False
+            hint = f"{path} is a private key: give its public half (the .pub file)" if private else str(exc)
+            raise click.BadParameter(hint) from None
+    return value
+
+
 @click.command()
-@click.option(
-    "--nats",
-    "nats_url",
-    envvar="SLMOPS_NATS_URL",
-    default="nats://127.0.0.1:4222",
-    show_default=True,
-    help="NATS server URL (comma-separated for a cluster). Env: SLMOPS_NATS_URL.",
-)
+@nats_option
 @click.option("--fleet", default=None, help="Fleet id (one subject token: A-Z a-z 0-9 _ -). Required.")
 @click.option("--node", default=None, help="This node's id, unique in the fleet (same rules). Required.")
 @click.option(
@@ -46,6 +58,7 @@ if TYPE_CHECKING:
     "--trust",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    callback=_trust,
     help="Public key (PEM) whose bundle signatures are accepted; repeat for several. "
     "Env: SLMOPS_EDGE_TRUST (space-separated).",
 )
@@ -155,36 +168,24 @@ def edge(
         config = EdgeConfig.build(data, config_file)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    sys.exit(anyio.run(_serve, config))
+    run(partial(_serve, config), until_signal=True, exit_codes={BundleError: 2})
 
 
-async def _serve(config: EdgeConfig) -> int:
+async def _serve(config: EdgeConfig) -> None:
+    """Run the node and its HTTP API until cancelled (by a signal, in ``run``)."""
     import structlog
 
     from slmops.edge.api import serve_api
     from slmops.edge.node import EdgeNode
-    from slmops.shared.errors import BundleError, PortUnavailable, SlmopsError
 
     # Every log line of this process names the node (tasks inherit context variables).
     structlog.contextvars.bind_contextvars(fleet=config.fleet, node=config.node)
-
-    try:
-        async with EdgeNode(config) as node, AsyncExitStack() as stack:
-            address = config.http_address
-            if address is not None:
-                try:
-                    await stack.enter_async_context(serve_api(node))
-                except OSError as exc:
-                    reason = (exc.strerror or str(exc)).lower()
-                    raise PortUnavailable(*address, "--http", reason) from exc
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    node.log.info("signal_received", signal=signal.Signals(signum).name)
-                    break
-    except BundleError as exc:
-        click.echo(f"error: {exc} (code {exc.code})", err=True)
-        return 2
-    except (SlmopsError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        return 1
-    return 0
+    async with EdgeNode(config) as node, AsyncExitStack() as stack:
+        address = config.http_address
+        if address is not None:
+            try:
+                await stack.enter_async_context(serve_api(node))
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise PortUnavailable(*address, "--http", reason) from exc
+        await anyio.sleep_forever()

@@ -7,27 +7,14 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
-import anyio
 import click
 
-from slmops.shared.errors import BundleError, SlmopsError
+from slmops.cli_common import call, nats_option, run
 
 __all__ = ["keys", "models"]
 
-T = TypeVar("T")
-
-_nats = click.option(
-    "--nats",
-    "nats_url",
-    envvar="SLMOPS_NATS_URL",
-    default="nats://127.0.0.1:4222",
-    show_default=True,
-    help="NATS server URL. Env: SLMOPS_NATS_URL.",
-)
 _key = click.option(
     "--key",
     "key_path",
@@ -37,25 +24,6 @@ _key = click.option(
     help="Ed25519 private key (*.key from `slmops keys new`) that signs the bundle. Env: SLMOPS_SIGNING_KEY.",
 )
 _bundle_arg = click.argument("bundle", type=click.Path(exists=True, path_type=Path))
-
-
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run async work; turn our errors into a one-line message and exit status 1."""
-    try:
-        return anyio.run(fn)
-    except BundleError as exc:
-        raise click.ClickException(f"bundle refused [{exc.code}]: {exc.reason} ({exc.bundle})") from exc
-    except (SlmopsError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-def _sync(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except BundleError as exc:
-        raise click.ClickException(f"bundle refused [{exc.code}]: {exc.reason} ({exc.bundle})") from exc
-    except (SlmopsError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @click.group()
@@ -112,8 +80,8 @@ def build(
     from slmops.cloud.factory.build import build as build_model
     from slmops.shared.bundle import load_private_key
 
-    key = _sync(lambda: load_private_key(key_path))
-    report = _sync(
+    key = call(lambda: load_private_key(key_path))
+    report = call(
         lambda: build_model(
             out_dir,
             key,
@@ -169,16 +137,16 @@ def quantize(
     from slmops.cloud.factory.quantize import quantize as quantize_model
     from slmops.shared.bundle import load_private_key, read_bundle
 
-    key = _sync(lambda: load_private_key(key_path))
-    parent = _sync(lambda: read_bundle(bundle))
-    split = _sync(lambda: factory_split(parent.manifest, seed=seed))
+    key = call(lambda: load_private_key(key_path))
+    parent = call(lambda: read_bundle(bundle))
+    split = call(lambda: factory_split(parent.manifest, seed=seed))
     if split is not None:
         texts = split.held_out_texts + split.train_texts
         held_out: tuple[list[str], list[int]] | None = (split.held_out_texts, split.held_out_labels)
     else:
         texts, held_out = [t.text for t in parent.manifest.smoke_tests], None
         click.echo("labels are not the corpus topics: comparing on the smoke-test texts only", err=True)
-    r = _sync(
+    r = call(
         lambda: quantize_model(
             bundle, out_dir, key, eval_texts=texts, held_out=held_out, min_memory_mb=min_memory_mb
         )
@@ -204,15 +172,15 @@ def sign(bundle: Path, key_path: Path) -> None:
     it lists and sign the manifest with KEY, in place."""
     from slmops.shared.bundle import load_private_key, resign_bundle
 
-    key = _sync(lambda: load_private_key(key_path))
-    signed = _sync(lambda: resign_bundle(bundle, key))
+    key = call(lambda: load_private_key(key_path))
+    signed = call(lambda: resign_bundle(bundle, key))
     sig = signed.manifest.signature
     click.echo(f"signed {bundle} with key {sig.key_id if sig else '?'}; sha256 {signed.manifest.sha256}")
 
 
 @models.command()
 @_bundle_arg
-@_nats
+@nats_option
 @click.option(
     "--trust",
     "trust",
@@ -233,7 +201,7 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
 
     if not trust:
         raise click.UsageError("give at least one --trust public key (or SLMOPS_TRUST)")
-    store = _sync(lambda: TrustStore.from_files(trust))
+    store = call(lambda: TrustStore.from_files(trust))
     is_archive = bundle.is_file()
 
     async def main() -> None:
@@ -245,11 +213,11 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
         what = "stored" if result.stored else "already in the registry, unchanged"
         click.echo(f"{result.object_name}: {what} ({m.size_bytes} bytes, sha256 {m.sha256[:16]}…)")
 
-    _run(main)
+    run(main)
 
 
 @models.command(name="list")
-@_nats
+@nats_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of manifest summaries.")
 def list_(nats_url: str, as_json: bool) -> None:
     """List the model bundles in the registry."""
@@ -287,11 +255,11 @@ def list_(nats_url: str, as_json: bool) -> None:
                 f"{acc:>6} {r['min_memory_mb']!s:>6}  {r['created']}"
             )
 
-    _run(main)
+    run(main)
 
 
 @models.command()
-@_nats
+@nats_option
 @click.option("--fleet", required=True, help="Fleet id.")
 @click.option("--version", "version", required=True, type=click.IntRange(min=1), help="Version to run.")
 @click.option("--model", default=None, help="Model name (needed when the registry holds several).")
@@ -318,7 +286,7 @@ def assign(
         chosen = a.variant or f"node's choice of {', '.join(a.variants)}"
         click.echo(f"assigned {a.model} v{a.version} ({chosen}) to {who} of {a.fleet}")
 
-    _run(main)
+    run(main)
 
 
 @click.group()
@@ -343,5 +311,5 @@ def new(out_dir: Path, name: str) -> None:
     """
     from slmops.shared.bundle import key_id, load_public_key, new_keypair
 
-    priv, pub = _sync(lambda: new_keypair(out_dir, name))
+    priv, pub = call(lambda: new_keypair(out_dir, name))
     click.echo(f"private key  {priv}\npublic key   {pub}\nkey id       {key_id(load_public_key(pub))}")

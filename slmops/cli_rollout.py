@@ -5,36 +5,26 @@ the cloud service or in ``slmops rollout run``)."""
 from __future__ import annotations
 
 import json
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 import msgspec
 from nats.js import JetStreamContext
 
+from slmops.cli_common import nats_option, run
 from slmops.shared.config import parse_duration
-from slmops.shared.errors import SlmopsError
 
 if TYPE_CHECKING:
     from slmops.cloud.rollout import RolloutState
 
 __all__ = ["parse_percent", "parse_stages", "rollout"]
 
-T = TypeVar("T")
-
-_nats = click.option(
-    "--nats",
-    "nats_url",
-    envvar="SLMOPS_NATS_URL",
-    default="nats://127.0.0.1:4222",
-    show_default=True,
-    help="NATS server URL. Env: SLMOPS_NATS_URL.",
-)
 _fleet = click.option("--fleet", required=True, help="Fleet id.")
 
 
@@ -57,13 +47,6 @@ def parse_percent(value: str) -> float:
     if not 0 <= fraction < 1:
         raise ValueError(f"{value!r} must be between 0% and 100%")
     return fraction
-
-
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return anyio.run(fn)
-    except (SlmopsError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @asynccontextmanager
@@ -95,7 +78,7 @@ def rollout() -> None:
 
 
 @rollout.command()
-@_nats
+@nats_option
 @_fleet
 @click.option("--version", "version", required=True, type=click.IntRange(min=1), help="Version to roll out.")
 @click.option("--model", default=None, help="Model name (default: the fleet's current model).")
@@ -161,11 +144,11 @@ def start(
                 f"(from v{state.previous_version}) stages {config.stages}, soak {config.soak_s:g}s"
             )
 
-    _run(go)
+    run(go)
 
 
 @rollout.command()
-@_nats
+@nats_option
 @click.option("--fleet", default=None, help="Only this fleet (default: every fleet with a rollout).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full states as JSON (one array).")
 def status(nats_url: str, fleet: str | None, as_json: bool) -> None:
@@ -180,7 +163,7 @@ def status(nats_url: str, fleet: str | None, as_json: bool) -> None:
                 return [] if got is None else [got[0]]
             return [s for s, _ in await store.all()]
 
-    states = _run(go)
+    states = run(go)
     if as_json:
         click.echo(json.dumps(msgspec.to_builtins(states), indent=2))
         return
@@ -212,7 +195,7 @@ def _print_state(s: RolloutState) -> None:
 
 def _command(name: str, doc: str) -> click.Command:
     @click.command(name=name, help=doc)
-    @_nats
+    @nats_option
     @_fleet
     def cmd(nats_url: str, fleet: str) -> None:
         from slmops.cloud.rollout import RolloutStore
@@ -224,7 +207,7 @@ def _command(name: str, doc: str) -> click.Command:
                     f"{name} recorded for rollout {state.id}; the controller applies it at its next step"
                 )
 
-        _run(go)
+        run(go)
 
     return cmd
 
@@ -236,8 +219,8 @@ rollout.add_command(
 )
 
 
-@rollout.command()
-@_nats
+@rollout.command("run")
+@nats_option
 @click.option("--interval", default="1s", show_default=True, help="Time between controller steps.")
 @click.option(
     "--key",
@@ -246,55 +229,46 @@ rollout.add_command(
     envvar="SLMOPS_CLOUD_KEY",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="The cloud's Ed25519 private key (mode 0600) that signs recalibrated versions; nodes "
-    "trust its .pub with --trust. Env: SLMOPS_CLOUD_KEY. Without it, no recalibration.",
+    "trust its .pub with --trust. Env: SLMOPS_CLOUD_KEY. Needed by --recalibrate suggest/auto.",
 )
 @click.option(
     "--recalibrate",
     type=click.Choice(["auto", "suggest", "off"]),
-    default="suggest",
+    default="off",
     show_default=True,
     help="On a fleet-wide label-shift drift event: build, sign and push a recalibrated version, "
-    "then roll it out (auto) or name it in a follow-up drift event (suggest).",
+    "then roll it out (auto) or name it in a follow-up drift event (suggest); as `slmops cloud`.",
 )
-def run(nats_url: str, interval: str, key_path: Path | None, recalibrate: str) -> None:
+def run_controller(nats_url: str, interval: str, key_path: Path | None, recalibrate: str) -> None:
     """Run the rollout controller (and the recalibration loop) until Ctrl-C or SIGTERM.
 
-    Only needed when the cloud service does not run them. Safe to run twice: state writes
-    are compare-and-set, so two controllers never both drive one rollout, and drift events
-    go to one durable consumer, so each is acted on once.
+    Only needed when the cloud service does not run them; it runs the same tasks, built the
+    same way (cloud.service). Safe to run twice: state writes are compare-and-set, so two
+    controllers never both drive one rollout, and drift events go to one durable consumer,
+    so each is acted on once.
     """
-    from slmops.cloud.recalibration.loop import RecalibrationLoop, load_cloud_key, run_loop
-    from slmops.cloud.rollout import RolloutRunner
+    from slmops.cloud.config import CloudConfig
+    from slmops.shared.config import load_config
 
+    data: dict[str, Any] = {
+        "nats_url": nats_url,
+        "rollout_interval": interval,
+        "recalibrate": recalibrate,
+        "key": None if key_path is None else str(key_path),
+    }
     try:
-        seconds = parse_duration(interval)
+        config = load_config(CloudConfig, data)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    key = None if key_path is None or recalibrate == "off" else _sync_key(load_cloud_key, key_path)
 
     async def go() -> None:
-        async with _jetstream(nats_url) as js:
-            runner = RolloutRunner(js, url=nats_url, interval=max(seconds, 0.01))
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with anyio.create_task_group() as tg:
-                    await tg.start(runner.run)
-                    if key is not None:
-                        loop = RecalibrationLoop(js, key, policy=recalibrate, url=nats_url)  # type: ignore[arg-type]
-                        await tg.start(lambda task_status: run_loop(js, loop, task_status=task_status))
-                    click.echo(
-                        f"rollout controller running (recalibration: {recalibrate if key else 'off'}); "
-                        "Ctrl-C stops it",
-                        err=True,
-                    )
-                    async for _ in signals:
-                        tg.cancel_scope.cancel()
-                        break
+        from slmops.cloud.service import run_controllers
 
-    _run(go)
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(run_controllers, config))
+            click.echo(
+                f"rollout controller running (recalibration: {config.recalibrate}); Ctrl-C stops it",
+                err=True,
+            )
 
-
-def _sync_key(load: Callable[[Path], T], path: Path) -> T:
-    try:
-        return load(path)
-    except (SlmopsError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    run(go, until_signal=True)

@@ -53,6 +53,7 @@ from slmops.shared import names
 from slmops.shared.bundle import Bundle, TrustStore, load_private_key, unpack_archive
 from slmops.shared.errors import BundleError, NatsUnavailable
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
+from slmops.shared.objects import FetchError, fetch_object
 
 __all__ = [
     "LOOP_BUCKET",
@@ -326,11 +327,11 @@ class RecalibrationLoop:
         await anyio.Path(work).mkdir(parents=True, exist_ok=True)
         archive = work / "bundle.tar"
         try:
-            with anyio.fail_after(120):
-                store = await self._js.object_store(names.MODELS_BUCKET)
-                with archive.open("wb") as f:  # writeinto: linear time (DESIGN §9)
-                    await store.get(obj, writeinto=f)
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
+            # Streamed, with the subscription removed even when the timeout cancels it
+            # (nats-py's get(writeinto=) leaks it: shared.objects says why).
+            with anyio.fail_after(120), archive.open("wb") as f:
+                await fetch_object(self._js, names.MODELS_BUCKET, obj, f)
+        except (TimeoutError, FetchError, js_errors.Error, nats.errors.Error, OSError) as exc:
             raise NatsUnavailable(self._url, f"fetch {obj}: {exc!r}") from exc
         return await anyio.to_thread.run_sync(unpack_archive, archive, work / "old")
 

@@ -1,0 +1,137 @@
+"""What every ``slmops`` command shares: the one ``--nats`` option, the fleet-id check, and
+the one runner that turns errors into exit codes.
+
+Exit codes: 0 done (also after Ctrl-C/SIGTERM for commands that run until a signal);
+1 a failure at run time (NATS unreachable, a refused bundle, a port in use...), printed as one
+line ``Error: ...``; 2 a usage error (a bad flag, config value or file), printed by click.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from slmops.shared.connect import check_nats_url
+from slmops.shared.errors import BundleError, ConfigError, SlmopsError
+from slmops.shared.names import validate_id
+
+__all__ = ["call", "errors_to_exit_codes", "fleet_id", "nats_option", "run"]
+
+T = TypeVar("T")
+
+
+def _nats_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return check_nats_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+#: The ``--nats`` option of every networked command.
+nats_option = click.option(
+    "--nats",
+    "nats_url",
+    envvar="SLMOPS_NATS_URL",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    callback=_nats_url,
+    help="NATS server URL (several, comma-separated, for a cluster). Env: SLMOPS_NATS_URL.",
+)
+
+
+def fleet_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    """click callback: ``value`` (or each of a tuple) as a valid fleet id, else a usage error."""
+    try:
+        if isinstance(value, tuple):
+            return tuple(validate_id(v, "fleet") for v in value)
+        return validate_id(value, "fleet") if value is not None else None
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+class _Failed(click.ClickException):
+    exit_code = 1
+
+
+class _Failed2(_Failed):
+    exit_code = 2
+
+
+def _failed(exc: BaseException, exit_codes: Mapping[type[BaseException], int] | None) -> _Failed:
+    code = next((c for t, c in (exit_codes or {}).items() if isinstance(exc, t)), 1)
+    return (_Failed2 if code == 2 else _Failed)(_message(exc))
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, BundleError):
+        return f"bundle refused [{exc.code}]: {exc.reason} ({exc.bundle})"
+    return str(exc)
+
+
+def run(
+    main: Callable[[], Awaitable[T]],
+    *,
+    until_signal: bool = False,
+    exit_codes: Mapping[type[BaseException], int] | None = None,
+) -> T | None:
+    """Run ``main`` under anyio and map what it raises to an exit code: our errors,
+    ``ValueError`` and ``OSError`` exit 1 with their one-line message (``exit_codes`` may give
+    another code per type, e.g. ``{BundleError: 2}``); ``ConfigError`` is a usage error (2).
+    With ``until_signal``, SIGINT or SIGTERM cancels ``main`` and the command exits 0 (then
+    None is returned). A bug still shows its traceback."""
+
+    async def until_stopped() -> T | None:
+        result: T | None = None
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def body() -> None:
+                    nonlocal result
+                    result = await main()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(body)
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    break
+        return result
+
+    with errors_to_exit_codes(exit_codes):
+        try:
+            return anyio.run(until_stopped) if until_signal else anyio.run(main)
+        except KeyboardInterrupt:
+            return None
+    raise AssertionError("unreachable")  # pragma: no cover  # errors_to_exit_codes re-raises
+
+
+def call(fn: Callable[[], T], *, exit_codes: Mapping[type[BaseException], int] | None = None) -> T:
+    """``fn()`` with its errors mapped to exit codes as ``run`` does (for sync work)."""
+    with errors_to_exit_codes(exit_codes):
+        return fn()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextmanager
+def errors_to_exit_codes(exit_codes: Mapping[type[BaseException], int] | None = None) -> Iterator[None]:
+    """The one mapping of errors to exit codes (module docstring); see ``run``."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except (SlmopsError, ValueError, OSError) as exc:
+        raise _failed(exc, exit_codes) from exc
+    except BaseExceptionGroup as group:
+        # Task groups wrap our error: unwrap a lone one.
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, ConfigError):
+            raise click.UsageError(str(leaf)) from leaf
+        if isinstance(leaf, SlmopsError | ValueError | OSError):
+            raise _failed(leaf, exit_codes) from leaf
+        raise

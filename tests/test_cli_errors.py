@@ -1,0 +1,171 @@
+"""Start-up and usage errors of the commands, as a new user meets them (issue 13, fault 10):
+one line and exit 2 for a bad flag, a plain reason for a taken port, a warning when the
+server cannot be reached, and no nats-server left behind by a killed `slmops server`.
+Every command runs as a real process with default settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _edge_util import Keys
+from _nats import free_port
+
+SLMOPS = [sys.executable, "-m", "slmops.cli"]
+
+BAD_URLS = [
+    ("nats://host:abc", "no valid port"),
+    ("http://127.0.0.1:8222", "HTTP URL"),
+    ("nats://:4222", "not a NATS URL"),
+    ("nats://h:4222/path", "path"),
+]
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SLMOPS, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _one_line_usage_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, done.stderr
+    for word in words:
+        assert word in error_lines[0], done.stderr
+
+
+@pytest.mark.parametrize(("url", "reason"), BAD_URLS, ids=[u for u, _ in BAD_URLS])
+@pytest.mark.parametrize(
+    "command", [["cloud"], ["fleet", "status"], ["rollout", "status"], ["models", "list"]]
+)
+def test_a_malformed_nats_url_is_one_line_and_exit_2(command: list[str], url: str, reason: str) -> None:
+    """Each networked command refuses a URL it cannot use before connecting: the flag and the
+    reason in one line (it used to be a 40-line traceback, or a DNS error for http://)."""
+    _one_line_usage_error(_run(*command, "--nats", url), "--nats", reason)
+
+
+def test_edge_refuses_a_malformed_url_and_a_private_key_as_trust(tmp_path: Path) -> None:
+    keys = Keys(tmp_path / "keys")
+    base = ["edge", "--fleet", "f1", "--node", "n1", "--data", str(tmp_path / "d"), "--http", "off"]
+    _one_line_usage_error(_run(*base, "--nats", "nats://host:abc"), "--nats", "no valid port")
+    private = tmp_path / "keys" / "signing.key"
+    private.write_bytes(_private_pem(keys))
+    done = _run(*base, "--nats", "nats://127.0.0.1:1", "--trust", str(private))
+    _one_line_usage_error(done, "--trust", "private key", ".pub")
+
+
+def _private_pem(keys: Keys) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return keys.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def test_cloud_warns_at_the_default_log_level_when_nats_is_unreachable(tmp_path: Path) -> None:
+    """Nothing listens on the port: after the first failed attempts a warning names the URL
+    (info lines alone were all there was), and the service keeps retrying."""
+    port = free_port()
+    warning = None
+    with subprocess.Popen(
+        [
+            *SLMOPS,
+            "--log-json",
+            "cloud",
+            "--nats",
+            f"nats://127.0.0.1:{port}",
+            "--state",
+            str(tmp_path / "s"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            deadline = time.monotonic() + 60
+            while warning is None and time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                if line.startswith("{"):
+                    record = json.loads(line)
+                    if record.get("level") == "warning" and record.get("event") == "nats_unreachable":
+                        warning = record
+            assert proc.poll() is None, "the service keeps running while NATS is away"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    assert warning is not None
+    assert warning["url"] == f"nats://127.0.0.1:{port}"
+    assert warning["failures"] >= 3
+
+
+def test_server_on_a_taken_port_says_so_plainly_before_touching_the_store(tmp_path: Path) -> None:
+    """`slmops server` on a port something listens on: one line with the address, --port and
+    "address already in use", exit 1, no server banner, and the store directory not made."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        store = tmp_path / "js"
+        done = _run("server", "--port", str(port), "--store", str(store))
+    assert done.returncode == 1, done.stderr
+    assert f"127.0.0.1:{port} (--port): address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not store.exists()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_killed_server_command_takes_its_nats_server_with_it(tmp_path: Path) -> None:
+    """SIGKILL of `slmops server` (no chance to clean up): its nats-server child goes too."""
+    port = free_port()
+    with subprocess.Popen(
+        [*SLMOPS, "server", "--port", str(port), "--store", str(tmp_path / "js")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        assert "ready" in proc.stdout.readline()
+        (child,) = _children(proc.pid)
+        assert _alive(child)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    outlived = _alive(child)
+    if outlived:  # do not leave it running for the rest of the suite
+        os.kill(child, signal.SIGKILL)
+    assert not outlived, f"nats-server pid {child} outlived its parent"
