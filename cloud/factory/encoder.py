@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +39,11 @@ __all__ = [
 
 OPSET = 17
 #: Graph input name per tokenizer role (``Preprocessing.input_names``).
-INPUT_NAMES = {"input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": "token_type_ids"}
+INPUT_NAMES = {
+    "input_ids": "input_ids",
+    "attention_mask": "attention_mask",
+    "token_type_ids": "token_type_ids",
+}
 #: Added to the attention scores of padded keys: exp() of it is exactly 0 in float32.
 MASK_VALUE = -1e9
 
@@ -73,7 +78,7 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
         self._n += 1
         out = f"{op_type.lower()}_{self._n}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"n{self._n}", **attrs))
@@ -149,7 +154,9 @@ def build_encoder(
     tt = g.init("embeddings.token_type_embeddings.weight", tensors["embeddings.token_type_embeddings.weight"])
     # Position rows 0..T-1 for the batch's own length (padding is to the longest in the batch).
     seq_len = g.op("Gather", [g.op("Shape", [ids]), _const(g, "one_i64", [1], np.int64)], axis=0)
-    pos_rows = g.op("Slice", [pos, _const(g, "zero_1", [0], np.int64), seq_len, _const(g, "axis_0", [0], np.int64)])
+    pos_rows = g.op(
+        "Slice", [pos, _const(g, "zero_1", [0], np.int64), seq_len, _const(g, "axis_0", [0], np.int64)]
+    )
     x = g.op(
         "Add",
         [g.op("Add", [g.op("Gather", [word, ids]), pos_rows]), g.op("Gather", [tt, types])],
@@ -167,7 +174,9 @@ def build_encoder(
     m3 = g.op("Unsqueeze", [mask_f, _const(g, "axes_2", [2], np.int64)])  # [N,T,1]
     axis1 = _const(g, "axes_1", [1], np.int64)
     summed = g.op("ReduceSum", [g.op("Mul", [x, m3]), axis1], keepdims=0)  # [N,H]
-    count = g.op("Max", [g.op("ReduceSum", [m3, axis1], keepdims=0), _const(g, "min_count", [1e-9], np.float32)])
+    count = g.op(
+        "Max", [g.op("ReduceSum", [m3, axis1], keepdims=0), _const(g, "min_count", [1e-9], np.float32)]
+    )
     mean = g.op("Div", [summed, count])
     norm = g.op("ReduceL2", [mean], axes=[-1], keepdims=1)  # axes an attribute until opset 18
     norm = g.op("Max", [norm, _const(g, "min_norm", [1e-12], np.float32)])
@@ -182,7 +191,9 @@ def build_encoder(
     return _serialize(graph)
 
 
-def build_head(weight: npt.NDArray[np.float32], bias: npt.NDArray[np.float32], *, name: str = "slmops-head") -> bytes:
+def build_head(
+    weight: npt.NDArray[np.float32], bias: npt.NDArray[np.float32], *, name: str = "slmops-head"
+) -> bytes:
     """Serialized ONNX head: input ``embedding`` float32 [N, D] -> output ``logits`` float32
     [N, C] = embedding @ W + b, with initializers ``W`` [D, C] and ``b`` [C] (the bias a
     label-shift recalibration moves)."""
