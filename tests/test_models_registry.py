@@ -213,7 +213,18 @@ def test_cli_build_push_list_assign(nats_server: EmbeddedServer, tmp_path: Path)
     bundle = tmp_path / "b"
     key, pub = str(tmp_path / "keys" / "fleet.key"), str(tmp_path / "keys" / "fleet.pub")
     exit_code, output = _cli(
-        "models", "build", "--out", str(bundle), "--key", key, "--name", name, "--version", "5"
+        "models",
+        "build",
+        "--arch",
+        "ngram",
+        "--out",
+        str(bundle),
+        "--key",
+        key,
+        "--name",
+        name,
+        "--version",
+        "5",
     )
     assert exit_code == 0, output
     assert "held-out" in output

@@ -164,6 +164,11 @@ def quantize(
     parent = read_bundle(Path(bundle_dir))
     check_hash(parent)
     pm = parent.manifest
+    if pm.files or pm.preprocessing.kind != "hashed_ngrams":
+        raise ValueError(
+            f"{str(bundle_dir)!r} is a transformer bundle: its int8 variants are built by "
+            "`slmops models build` (--variants), with the head fitted after quantizing"
+        )
     if pm.variant != "fp32":
         raise ValueError(f"can only quantize an fp32 bundle, {str(bundle_dir)!r} is {pm.variant!r}")
     if not eval_texts:

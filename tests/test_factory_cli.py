@@ -1,0 +1,71 @@
+"""``slmops models build``: MiniLM by default (figures table, JSON), its clear refusals, and
+``--arch ngram`` keeping the old model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from slmops.cli import main
+from slmops.cloud.factory.weights import WHEEL
+from slmops.shared.bundle import TrustStore, load_public_key, new_keypair, read_bundle
+from slmops.shared.runtime import verify_bundle
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["--log-level", "error", *args])
+    return result.exit_code, result.output
+
+
+def test_build_without_weights_is_one_clear_line(tmp_path: Path) -> None:
+    key, _ = new_keypair(tmp_path / "keys")
+    empty = tmp_path / "airgap"
+    empty.mkdir()
+    code, out = _cli(
+        "models", "build", "--out", str(tmp_path / "b"), "--key", str(key), "--weights", str(empty)
+    )
+    assert code == 1
+    assert out.startswith(f"Error: weights {empty}: holds neither {WHEEL} nor both of"), out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_build_unknown_variant(tmp_path: Path, minilm_weights_dir: Path | None) -> None:
+    key, _ = new_keypair(tmp_path / "keys")
+    args = ["--weights", str(minilm_weights_dir)] if minilm_weights_dir else []
+    code, out = _cli(
+        "models", "build", "--out", str(tmp_path / "b"), "--key", str(key), "--variants", "int4", *args
+    )
+    assert code == 1
+    assert "unknown variants ['int4']; known: ['fp32', 'int8', 'int8-l3']" in out
+
+
+def test_build_one_minilm_variant_json(tmp_path: Path, minilm_weights_dir: Path | None) -> None:
+    key, pub = new_keypair(tmp_path / "keys")
+    args = ["--weights", str(minilm_weights_dir)] if minilm_weights_dir else []
+    out_dir = tmp_path / "b"
+    code, out = _cli(
+        "models", "build", "--out", str(out_dir), "--key", str(key), "--variants", "int8-l3", "--json", *args
+    )
+    assert code == 0, out
+    doc = json.loads(out)
+    (row,) = doc["variants"]
+    assert row["variant"] == "int8-l3"
+    assert row["layers"] == 3
+    assert row["accuracy"] > 0.75
+    assert row["agreement_with_fp32"] is None  # fp32 not built in this run
+    assert row["rss_peak_mb"] > row["rss_load_mb"] > 0
+    bundle = read_bundle(out_dir / "int8-l3")
+    assert bundle.manifest.min_memory_mb == row["min_memory_mb"]
+    verify_bundle(bundle, TrustStore([load_public_key(pub)]))
+
+
+def test_arch_ngram_keeps_the_old_model(tmp_path: Path) -> None:
+    key, _ = new_keypair(tmp_path / "keys")
+    code, out = _cli("models", "build", "--arch", "ngram", "--out", str(tmp_path / "b"), "--key", str(key))
+    assert code == 0, out
+    m = read_bundle(tmp_path / "b").manifest
+    assert m.preprocessing.kind == "hashed_ngrams"
+    assert not m.files
+    assert "held-out" in out
