@@ -5,6 +5,8 @@
   variant}, "durable": bool}`` — ``durable`` is false when the node's disk failed and the
   answer's telemetry was counted in the loss receipt instead of stored (``/v1/health``
   ``storage`` is then "degraded")
+- ``POST /v1/embed`` (embedding models) ``{"text": "..."}`` or ``{"texts": [...]}`` →
+  ``{"embeddings": [[...], ...], "model": {...}, "durable": bool}`` (L2-normalised vectors)
 - ``POST /v1/feedback`` ``{"prediction_id": "...", "label": "..."}`` → ``{"ok": true}``
 - ``GET /v1/health`` → ``EdgeNode.health()``
 - ``GET /metrics`` → Prometheus text format
@@ -57,6 +59,7 @@ class NodeService(Protocol):
     def log(self) -> Any: ...
     def texts(self, value: object, field: str = "texts", *, one: bool | None = None) -> Sequence[str]: ...
     async def predict(self, texts: Sequence[str]) -> Sequence[Any]: ...
+    async def embed(self, texts: Sequence[str]) -> Any: ...
     async def feedback(self, prediction_id: str, label: str) -> None: ...
     def health(self) -> dict[str, Any]: ...
     def statistics(self) -> _Counters: ...
@@ -154,18 +157,24 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-async def _predict(request: web.Request) -> web.Response:
+async def _texts(request: web.Request) -> Sequence[str]:
+    """The validated texts of a ``{"text": ...}`` or ``{"texts": [...]}`` body."""
     node = request.app[_NODE]
     body: _PredictBody = await _body(request, _PredictBody)
     if (body.text is None) == (body.texts is None):
         raise InvalidInput("text", 'send exactly one of "text" (a string) or "texts" (a list of strings)')
     if body.text is not None:
-        texts = node.texts(body.text, "text", one=True)
-    else:
-        texts = node.texts(body.texts, "texts", one=False)
-    preds = await node.predict(texts)
-    durable = all(getattr(p, "durable", True) for p in preds)
-    return _ok({"predictions": preds, "model": preds[0].model if preds else None, "durable": durable})
+        return node.texts(body.text, "text", one=True)
+    return node.texts(body.texts, "texts", one=False)
+
+
+async def _predict(request: web.Request) -> web.Response:
+    preds = await request.app[_NODE].predict(await _texts(request))
+    return _ok({"predictions": preds, "model": preds[0].model if preds else None})
+
+
+async def _embed(request: web.Request) -> web.Response:
+    return _ok(await request.app[_NODE].embed(await _texts(request)))
 
 
 async def _feedback(request: web.Request) -> web.Response:
@@ -238,7 +247,7 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
-_ROUTES = {"/v1/predict", "/v1/feedback", "/v1/health", "/metrics"}
+_ROUTES = {"/v1/predict", "/v1/embed", "/v1/feedback", "/v1/health", "/metrics"}
 
 
 def build_app(node: NodeService) -> web.Application:
@@ -251,6 +260,7 @@ def build_app(node: NodeService) -> web.Application:
     app[_COUNTS] = {}
     app[_LIMIT] = limit
     app.router.add_post("/v1/predict", _predict)
+    app.router.add_post("/v1/embed", _embed)
     app.router.add_post("/v1/feedback", _feedback)
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/metrics", _metrics)

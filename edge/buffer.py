@@ -45,6 +45,7 @@ from slmops.edge.privacy import EventRow, add_noise, suppress
 from slmops.edge.receipt import LossReceipt
 from slmops.edge.window import ModelInfo, build_aggregate, compact
 from slmops.shared.messages import (
+    EmbeddingStats,
     HistogramEdges,
     ModelRef,
     TelemetryAggregate,
@@ -335,18 +336,22 @@ class Buffer:
 
     # -- models -----------------------------------------------------------------------------
 
-    async def register_model(self, ref: ModelRef, labels: list[str], edges: HistogramEdges) -> ModelInfo:
+    async def register_model(
+        self, ref: ModelRef, labels: list[str], edges: HistogramEdges, embedding: EmbeddingStats | None = None
+    ) -> ModelInfo:
         """The id under which events of this model are stored (created on first use)."""
         key = f"{ref.name}/{ref.version}/{ref.variant}"
         for info in self._models.values():
             if info.ref == ref:
                 return info
-        blob = msgspec.json.encode(ModelInfo(model_id=0, ref=ref, labels=labels, edges=edges))
+        blob = msgspec.json.encode(
+            ModelInfo(model_id=0, ref=ref, labels=labels, edges=edges, embedding=embedding)
+        )
         async with self._tx():
             cur = await self.db.execute("INSERT INTO models(key, info) VALUES (?, ?)", (key, blob))
             mid = cur.lastrowid
         assert mid is not None
-        info = ModelInfo(model_id=mid, ref=ref, labels=labels, edges=edges)
+        info = ModelInfo(model_id=mid, ref=ref, labels=labels, edges=edges, embedding=embedding)
         self._models[mid] = info
         return info
 

@@ -23,12 +23,13 @@ from typing import NamedTuple
 import anyio
 import anyio.to_thread
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from slmops.edge.buffer import Buffer, Commit
 from slmops.edge.errors import EdgeError, NodeClosed, NoModel
 from slmops.edge.models import ActiveModel, ModelManager
-from slmops.edge.privacy import EventRow, derive_rows, error_rows
+from slmops.edge.privacy import EventRow, derive_rows, embedding_bins, embedding_rows, error_rows
 from slmops.shared.runtime import Session
 
 __all__ = ["Batcher", "InferenceFailed", "Result"]
@@ -50,15 +51,24 @@ class InferenceFailed(EdgeError):
 class Result:
     """What one request gets back: per text the class index and confidence, the model that
     made them (labels are ``model.manifest.labels[index]``), and the commit of their
-    telemetry rows."""
+    telemetry rows. For an embedding model, ``vectors`` holds the L2-normalised embeddings
+    (``index`` and ``confidence`` are then meaningless)."""
 
-    __slots__ = ("commit", "confidence", "index", "model")
+    __slots__ = ("commit", "confidence", "index", "model", "vectors")
 
-    def __init__(self, index: list[int], confidence: list[float], model: ActiveModel, commit: Commit) -> None:
+    def __init__(
+        self,
+        index: list[int],
+        confidence: list[float],
+        model: ActiveModel,
+        commit: Commit,
+        vectors: npt.NDArray[np.float32] | None = None,
+    ) -> None:
         self.index = index
         self.confidence = confidence
         self.model = model
         self.commit = commit
+        self.vectors = vectors
 
 
 class _Request:
@@ -133,7 +143,7 @@ class Batcher:
         if not all(out.ok):  # the queued path reports it too (rows, error per request)
             return None
         commit = await self.buffer.append(self._rows(active, out))
-        return Result(out.classes, out.confidence, active, commit)
+        return Result(out.classes, out.confidence, active, commit, out.vectors)
 
     def _rows(
         self, active: ActiveModel, out: _Output, failed: AbstractSet[int] = frozenset()
@@ -142,29 +152,35 @@ class Batcher:
         self.batches += 1
         self.model_seconds += out.seconds
         t = self._clock()
-        if not failed:
-            self.served += len(out.classes)
-            return derive_rows(
-                out.classes,
-                out.confidence,
-                out.lengths,
+        n = len(out.classes)
+        good = [i for i in range(n) if i not in failed]
+        self.served += len(good)
+        self.failed += len(failed)
+        pick = (lambda xs: xs) if not failed else (lambda xs: [xs[i] for i in good])
+        stats = active.manifest.embedding
+        if out.vectors is not None and out.norms is not None and stats is not None:
+            packed, norm_bins = embedding_bins(out.vectors, out.norms, stats)
+            rows = embedding_rows(
+                pick(packed),
+                pick(norm_bins),
+                pick(out.lengths),
                 t=t,
                 model_id=active.model_id,
                 edges=active.manifest.edges,
                 latency_ms=out.seconds * 1000.0,
             )
-        good = [i for i in range(len(out.classes)) if i not in failed]
-        self.served += len(good)
-        self.failed += len(failed)
-        rows = derive_rows(
-            [out.classes[i] for i in good],
-            [out.confidence[i] for i in good],
-            [out.lengths[i] for i in good],
-            t=t,
-            model_id=active.model_id,
-            edges=active.manifest.edges,
-            latency_ms=out.seconds * 1000.0,
-        )
+        else:
+            rows = derive_rows(
+                pick(out.classes),
+                pick(out.confidence),
+                pick(out.lengths),
+                t=t,
+                model_id=active.model_id,
+                edges=active.manifest.edges,
+                latency_ms=out.seconds * 1000.0,
+            )
+        if not failed:
+            return rows
         return rows + error_rows(len(failed), t=t, model_id=active.model_id)
 
     def close(self) -> None:
@@ -274,7 +290,7 @@ class Batcher:
             )
         commit = await self.buffer.append(self._rows(active, out, failed))
         if len(batch) == 1 and not failed:
-            batch[0].result = Result(out.classes, out.confidence, active, commit)
+            batch[0].result = Result(out.classes, out.confidence, active, commit, out.vectors)
             batch[0].done.set()
             return
         i = 0
@@ -286,7 +302,8 @@ class Batcher:
                     "non_finite_output",
                 )
             else:
-                r.result = Result(out.classes[i:j], out.confidence[i:j], active, commit)
+                vectors = out.vectors[i:j] if out.vectors is not None else None
+                r.result = Result(out.classes[i:j], out.confidence[i:j], active, commit, vectors)
             r.done.set()
             i = j
         if failed:
@@ -300,6 +317,9 @@ class _Output(NamedTuple):
     seconds: float
     #: False where the model gave a non-finite value (that text is an error).
     ok: list[bool]
+    #: Embedding models: the normalised vectors [n, dim] and their norms before normalisation.
+    vectors: npt.NDArray[np.float32] | None = None
+    norms: npt.NDArray[np.float32] | None = None
 
 
 def _run(session: Session, texts: list[str]) -> _Output:
@@ -307,7 +327,11 @@ def _run(session: Session, texts: list[str]) -> _Output:
     objects are made."""
     t0 = time.perf_counter()
     out = session.run(texts)
+    seconds = time.perf_counter() - t0
+    if session.task == "embedding":
+        n = len(texts)
+        return _Output([0] * n, [0.0] * n, out.lengths, seconds, out.ok.tolist(), out.values, out.norms)
     probs = out.values
     idx = probs.argmax(axis=1)
     conf = probs[np.arange(len(idx)), idx]
-    return _Output(idx.tolist(), conf.tolist(), out.lengths, time.perf_counter() - t0, out.ok.tolist())
+    return _Output(idx.tolist(), conf.tolist(), out.lengths, seconds, out.ok.tolist())

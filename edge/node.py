@@ -55,7 +55,7 @@ from slmops.edge._lock import DataDirLock
 from slmops.edge.buffer import Buffer
 from slmops.edge.config import EdgeConfig
 from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
-from slmops.edge.inference import Batcher
+from slmops.edge.inference import Batcher, Result
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.outbox import Publisher
 from slmops.edge.refresh import Refresher
@@ -86,6 +86,14 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return out
+
+
+class EmbeddingsOut(msgspec.Struct, kw_only=True):
+    """What ``/v1/embed`` answers: one L2-normalised vector per text."""
+
+    embeddings: list[list[float]]
+    model: ModelRef
+    durable: bool = True
 
 
 class PredictionOut(msgspec.Struct, kw_only=True):
@@ -326,7 +334,9 @@ class EdgeNode:
     # -- models -----------------------------------------------------------------------------
 
     async def _register_model(self, manifest: ModelManifest) -> int:
-        info = await self.buffer.register_model(manifest.ref, list(manifest.labels), manifest.edges)
+        info = await self.buffer.register_model(
+            manifest.ref, list(manifest.labels), manifest.edges, manifest.embedding
+        )
         return info.model_id
 
     def _on_model_change(self, event: str, active: ActiveModel) -> None:
@@ -365,11 +375,15 @@ class EdgeNode:
                 raise InvalidInput(name, f"is {len(t)} characters, more than the limit {limit}")
         return Texts(cast("list[str]", value))
 
-    async def predict(self, texts: Sequence[str] | str) -> list[PredictionOut]:
-        """Predict each text with the current model. Returns once the telemetry of these
-        inferences is committed (``durable_ack``). ``texts`` made by ``texts()`` are not
-        checked again. Raises ``InvalidInput``, ``NoModel``,
-        ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
+    def _check_task(self, task: str, endpoint: str) -> None:
+        current = self.models.current
+        if current is not None and current.manifest.task != task:
+            other = "/v1/embed" if current.manifest.task == "embedding" else "/v1/predict"
+            raise InvalidInput(
+                "model", f"the model is a {current.manifest.task} model: use {other}, not {endpoint}"
+            )
+
+    async def _infer(self, texts: Sequence[str] | str) -> Result:
         if self._stack is None:
             raise NodeClosed()
         valid = texts if isinstance(texts, Texts) else self.texts(texts)
@@ -384,6 +398,32 @@ class EdgeNode:
                 await result.commit.done.wait()
         finally:
             self._calls -= 1
+        return result
+
+    async def embed(self, texts: Sequence[str] | str) -> EmbeddingsOut:
+        """Embed each text with the current (embedding) model: L2-normalised vectors. Returns
+        once the telemetry of these inferences is committed (``durable_ack``). Raises
+        ``InvalidInput`` (also for a classification model), ``NoModel``,
+        ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
+        self._check_task("embedding", "/v1/embed")
+        result = await self._infer(texts)
+        if result.vectors is None:  # the model was swapped for a classifier meanwhile
+            raise InvalidInput("model", "the model is a classification model: use /v1/predict")
+        return EmbeddingsOut(
+            embeddings=[[round(float(x), 7) for x in v] for v in result.vectors],
+            model=result.model.ref,
+            durable=result.commit.stored,
+        )
+
+    async def predict(self, texts: Sequence[str] | str) -> list[PredictionOut]:
+        """Predict each text with the current model. Returns once the telemetry of these
+        inferences is committed (``durable_ack``). ``texts`` made by ``texts()`` are not
+        checked again. Raises ``InvalidInput`` (also for an embedding model), ``NoModel``,
+        ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
+        self._check_task("classification", "/v1/predict")
+        result = await self._infer(texts)
+        if result.vectors is not None:
+            raise InvalidInput("model", "the model is an embedding model: use /v1/embed")
         durable = result.commit.stored
         model = result.model
         ref, labels, memory, mid = model.ref, model.manifest.labels, self._memory, model.model_id

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from slmops.shared.histogram import Histogram, bin_index
-from slmops.shared.messages import HistogramEdges, Privacy, TelemetryAggregate
+from slmops.shared.messages import EmbeddingStats, HistogramEdges, Privacy, TelemetryAggregate
 
 __all__ = [
     "SENSITIVITY",
@@ -31,9 +31,12 @@ __all__ = [
     "add_noise",
     "bins",
     "derive_rows",
+    "embedding_bins",
+    "embedding_rows",
     "error_rows",
     "suppress",
     "two_sided_geometric",
+    "unpack_bins",
 ]
 
 #: Counts one inference can change: its class, confidence, length and latency bins, and one
@@ -46,8 +49,8 @@ class EventRow(NamedTuple):
 
     t: float
     model_id: int
-    label: int  #: class index, -1 for a failed inference
-    conf_bin: int
+    label: int  #: class index, -1 for a failed inference (embedding models: packed projection bins)
+    conf_bin: int  #: confidence bin (embedding models: norm bin)
     len_bin: int
     lat_bin: int
     error: int
@@ -85,6 +88,50 @@ def derive_rows(
     ]
 
 
+def embedding_bins(
+    vectors: npt.NDArray[np.float32], norms: npt.NDArray[np.float32], stats: EmbeddingStats
+) -> tuple[list[int], list[int]]:
+    """Per embedding: its projection bins on ``stats.directions`` packed into one integer
+    (mixed radix, base = bins per direction; what the event row's class column holds for an
+    embedding model) and its norm bin. Only these bins are kept, never the vector."""
+    d = np.asarray(stats.directions, dtype=np.float32)
+    proj = vectors @ d.T  # [n, k]
+    base = len(stats.projection_edges) - 1
+    packed = np.zeros(len(vectors), dtype=np.int64)
+    for j in range(d.shape[0] - 1, -1, -1):
+        packed = packed * base + np.asarray(bins(stats.projection_edges, proj[:, j]), dtype=np.int64)
+    return [int(x) for x in packed], bins(stats.norm_edges, norms)
+
+
+def embedding_rows(
+    packed: Sequence[int],
+    norm_bins: Sequence[int],
+    input_length: Sequence[int],
+    *,
+    t: float,
+    model_id: int,
+    edges: HistogramEdges,
+    latency_ms: float,
+) -> list[EventRow]:
+    """Event rows of an embedding model's micro-batch: packed projection bins and the norm
+    bin (from ``embedding_bins``) in place of class and confidence bin."""
+    lat_bin = bin_index(edges.latency_ms, latency_ms)
+    len_bins = bins(edges.input_length, input_length)
+    return [
+        EventRow(t, model_id, p, nb, n, lat_bin, 0)
+        for p, nb, n in zip(packed, norm_bins, len_bins, strict=True)
+    ]
+
+
+def unpack_bins(packed: int, k: int, base: int) -> list[int]:
+    """The ``k`` projection bins ``embedding_bins`` packed into ``packed``."""
+    out = []
+    for _ in range(k):
+        packed, b = divmod(packed, base)
+        out.append(b)
+    return out
+
+
 def error_rows(n: int, *, t: float, model_id: int) -> list[EventRow]:
     """Rows for ``n`` inferences that failed inside the model (counted as errors)."""
     return [EventRow(t, model_id, -1, 0, 0, 0, 1)] * n
@@ -113,7 +160,9 @@ def add_noise(
     it. Noised counts may be negative: clamping would bias every sum the cloud makes."""
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-    alpha = math.exp(-epsilon / SENSITIVITY)
+    # An embedding inference changes one bin per direction, the norm, length and latency bins.
+    sensitivity = max(SENSITIVITY, len(agg.embedding_projections) + 3) if agg.embedding_norm else SENSITIVITY
+    alpha = math.exp(-epsilon / sensitivity)
 
     def noisy(h: Histogram) -> Histogram:
         noise = two_sided_geometric(rng, alpha, len(h.counts))
@@ -135,6 +184,8 @@ def add_noise(
         latency_ms=noisy(agg.latency_ms),
         feedback=feedback,
         privacy=Privacy(k=agg.privacy.k, epsilon=epsilon, mechanism="geometric"),
+        embedding_projections=[noisy(h) for h in agg.embedding_projections],
+        embedding_norm=noisy(agg.embedding_norm) if agg.embedding_norm is not None else None,
     )
 
 
@@ -153,4 +204,6 @@ def suppress(agg: TelemetryAggregate) -> TelemetryAggregate:
         latency_ms=empty(agg.latency_ms),
         feedback={},
         privacy=Privacy(k=agg.privacy.k, epsilon=None, mechanism="suppressed"),
+        embedding_projections=[empty(h) for h in agg.embedding_projections],
+        embedding_norm=empty(agg.embedding_norm) if agg.embedding_norm is not None else None,
     )

@@ -16,8 +16,10 @@ import msgspec
 import structlog
 
 from slmops.edge.errors import StoreError
+from slmops.edge.privacy import unpack_bins
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
+    EmbeddingStats,
     HistogramEdges,
     ModelRef,
     Privacy,
@@ -51,6 +53,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     ref: ModelRef
     labels: list[str]
     edges: HistogramEdges
+    #: An embedding model's statistics (its rows carry projection and norm bins).
+    embedding: EmbeddingStats | None = None
 
 
 def to_datetime(t: float) -> datetime:
@@ -87,14 +91,23 @@ def build_aggregate(
     )
     classes: dict[str, int] = {}
     count = errors = 0
+    emb = info.embedding
+    proj = [Histogram.empty(emb.projection_edges) for _ in emb.directions] if emb is not None else []
+    norm = Histogram.empty(emb.norm_edges) if emb is not None else None
+    base = len(emb.projection_edges) - 1 if emb is not None else 0
     for label, cb, lb, tb, err, n in cells:
         count += n
-        if err or not 0 <= label < len(info.labels):
+        if emb is not None and norm is not None and not err and label >= 0:
+            for h, b in zip(proj, unpack_bins(label, len(proj), base), strict=True):
+                h.counts[min(b, len(h.counts) - 1)] += n
+            norm.counts[min(max(cb, 0), len(norm.counts) - 1)] += n
+        elif err or not 0 <= label < len(info.labels):
             errors += n
             continue
-        name = info.labels[label]
-        classes[name] = classes.get(name, 0) + n
-        conf.counts[min(max(cb, 0), len(conf.counts) - 1)] += n
+        else:
+            name = info.labels[label]
+            classes[name] = classes.get(name, 0) + n
+            conf.counts[min(max(cb, 0), len(conf.counts) - 1)] += n
         length.counts[min(max(lb, 0), len(length.counts) - 1)] += n
         lat.counts[min(max(tb, 0), len(lat.counts) - 1)] += n
     fb: dict[str, dict[str, int]] = {}
@@ -117,6 +130,8 @@ def build_aggregate(
         feedback=fb,
         privacy=Privacy(k=k),
         install=install,
+        embedding_projections=proj,
+        embedding_norm=norm,
     )
 
 
@@ -131,6 +146,8 @@ def mergeable(a: TelemetryAggregate, b: TelemetryAggregate) -> bool:
         and a.confidence.edges == b.confidence.edges
         and a.input_length.edges == b.input_length.edges
         and a.latency_ms.edges == b.latency_ms.edges
+        and [h.edges for h in a.embedding_projections] == [h.edges for h in b.embedding_projections]
+        and (a.embedding_norm is None) == (b.embedding_norm is None)
     )
 
 
@@ -167,6 +184,14 @@ def merge(a: TelemetryAggregate, b: TelemetryAggregate) -> TelemetryAggregate:
         windows=a.windows + b.windows,
         dropped_inferences=a.dropped_inferences + b.dropped_inferences,
         dropped_aggregates=a.dropped_aggregates + b.dropped_aggregates,
+        embedding_projections=[
+            x.merge(y) for x, y in zip(a.embedding_projections, b.embedding_projections, strict=True)
+        ],
+        embedding_norm=(
+            a.embedding_norm.merge(b.embedding_norm)
+            if a.embedding_norm is not None and b.embedding_norm is not None
+            else a.embedding_norm or b.embedding_norm
+        ),
     )
 
 

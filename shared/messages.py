@@ -22,6 +22,7 @@ __all__ = [
     "BundleIndex",
     "DeviceProfile",
     "DriftEvent",
+    "EmbeddingStats",
     "HeldOutScores",
     "HistogramEdges",
     "ModelManifest",
@@ -97,6 +98,11 @@ class TelemetryAggregate(Wire, kw_only=True):
     #: directory in the same SQLite database as ``seq``, so a wiped or quarantined database
     #: starts a new ``seq`` epoch. "" = an old node (the legacy epoch).
     install: str = ""
+    #: Embedding models (``ModelManifest.embedding``): per fixed direction, the histogram of the
+    #: served embeddings' projections on it, and the histogram of their norms (before
+    #: normalisation). Empty/None for classifiers and old nodes.
+    embedding_projections: list[Histogram] = []
+    embedding_norm: Histogram | None = None
 
 
 class DeviceProfile(Wire, kw_only=True):
@@ -217,6 +223,9 @@ class ReferenceProfile(Wire, kw_only=True):
     priors: dict[str, float] = {}
     source: str = "held-out"
     held_out: HeldOutScores | None = None
+    #: Embedding models: the held-out texts' projection and norm histograms (as in aggregates).
+    embedding_projections: list[Histogram] = []
+    embedding_norm: Histogram | None = None
 
 
 class SmokeTest(Wire, kw_only=True):
@@ -253,6 +262,18 @@ class Requirements(Wire, kw_only=True):
     multi_file: bool = False
     #: Node runtime capability level: 1 = the n-gram-only runtime, 2 = this build.
     min_runtime: int = 1
+
+
+class EmbeddingStats(Wire, kw_only=True):
+    """What an embedding model's aggregates watch (privacy-safe: marginal histograms only):
+    projections of the served, L2-normalised embeddings on a few fixed random unit
+    ``directions`` ([k][dim], seeded, made at build/import time) binned by
+    ``projection_edges`` (the same for each direction), and the embeddings' norms before
+    normalisation binned by ``norm_edges``. Edges come from held-out quantiles."""
+
+    directions: list[list[float]]
+    projection_edges: list[float]
+    norm_edges: list[float]
 
 
 class BundleIndex(Wire, kw_only=True):
@@ -308,6 +329,8 @@ class ModelManifest(Wire, kw_only=True):
     #: "probs", "logits" (softmax applied by the runtime) or "embedding".
     output_kind: str = "probs"
     requires: Requirements | None = None
+    #: Embedding drift statistics (task "embedding").
+    embedding: EmbeddingStats | None = None
 
     @property
     def ref(self) -> ModelRef:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -388,7 +389,24 @@ def load_session(
         raise _incompatible(
             where, f"an embedding model's output_kind must be 'embedding', not {manifest.output_kind!r}"
         )
+    if manifest.embedding is not None:
+        _check_embedding_stats(manifest, out_shape[-1], where)
     return session
+
+
+def _check_embedding_stats(manifest: ModelManifest, width: object, where: str) -> None:
+    stats = manifest.embedding
+    assert stats is not None
+    dims = {len(d) for d in stats.directions}
+    if manifest.task != "embedding" or not stats.directions or len(dims) != 1:
+        raise _incompatible(where, "embedding statistics need task 'embedding' and equally long directions")
+    if isinstance(width, int) and dims != {width}:
+        raise _incompatible(where, f"embedding directions have {dims.pop()} values, the output has {width}")
+    for name, edges in (("projection_edges", stats.projection_edges), ("norm_edges", stats.norm_edges)):
+        if len(edges) < 2 or any(not b > a for a, b in pairwise(edges)):
+            raise _incompatible(where, f"embedding {name} must be at least 2 increasing values")
+    if (len(stats.projection_edges) - 1) ** len(stats.directions) >= 2**62:
+        raise _incompatible(where, "too many embedding directions or bins to pack in one event row")
 
 
 def verify_bundle(
@@ -417,6 +435,10 @@ def verify_bundle(
     if memory_mb > 0 and need > memory_mb:
         raise BundleError(where, f"needs {need} MB of memory, this device has {memory_mb} MB", "too_large")
     check_files(bundle)
+    if bundle.manifest.task == "embedding" and bundle.manifest.embedding is None:
+        raise BundleError(
+            where, "an embedding model's manifest needs its embedding statistics", "incompatible"
+        )
     session = load_session(bundle, intra_op_threads=intra_op_threads)
     session.smoke_test()
     return session

@@ -285,7 +285,14 @@ def make_transformer_bundle(
         )
         for t, v in zip(texts, run.values, strict=True)
     ]
-    return write_bundle(out, files, msgspec_replace(unsigned.manifest, smoke_tests=smoke), key)
+    changes: dict[str, object] = {"smoke_tests": smoke}
+    if task == "embedding":
+        from slmops.cloud.factory.embedding import embedding_stats
+
+        probe = session.run([*texts, *LABELS, "hello world", "the text", "a long text " * 5])
+        assert probe.norms is not None
+        changes["embedding"] = embedding_stats(probe.values, probe.norms, bins=6)
+    return write_bundle(out, files, msgspec_replace(unsigned.manifest, **changes), key)
 
 
 def msgspec_replace(m: ModelManifest, **changes: object) -> ModelManifest:

@@ -28,11 +28,13 @@ import numpy as np
 import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from slmops.cloud.factory.embedding import embedding_histograms, embedding_stats
 from slmops.cloud.factory.profile import DEFAULT_EDGES, reference_profile, smoke_tests
 from slmops.shared.bundle import Bundle, FileData, TrustStore, read_bundle, write_bundle
 from slmops.shared.errors import BundleError
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
+    EmbeddingStats,
     HistogramEdges,
     ModelManifest,
     Preprocessing,
@@ -205,19 +207,27 @@ def _first_bad_line(session: Session, held: HeldOut, onnx_name: str, output: str
                 )
 
 
-def _embedding_reference(session: Session, held: HeldOut, edges: HistogramEdges) -> ReferenceProfile:
+def _embedding_reference(
+    session: Session, held: HeldOut, edges: HistogramEdges
+) -> tuple[ReferenceProfile, EmbeddingStats]:
     out = session.run(held.texts)
+    assert out.norms is not None
+    stats = embedding_stats(out.values, out.norms)
+    projections, norm = embedding_histograms(stats, out.values, out.norms)
     counts: dict[str, int] = {}
     for label in held.labels:
         if label:
             counts[label] = counts.get(label, 0) + 1
-    return ReferenceProfile(
+    profile = ReferenceProfile(
         count=len(held.texts),
         class_counts=dict(sorted(counts.items())),
         confidence=Histogram.empty(edges.confidence),
         input_length=Histogram.of(edges.input_length, out.lengths),
         source="held-out (embedding)",
+        embedding_projections=projections,
+        embedding_norm=norm,
     )
+    return profile, stats
 
 
 def _embedding_smoke(session: Session, texts: list[str]) -> list[SmokeTest]:
@@ -371,8 +381,9 @@ def import_model(
             profile = reference_profile(session, held.texts, [index[x] for x in held.labels], edges)
             smoke = smoke_tests(session, held.texts, tolerance=1e-3)
         else:
-            profile = _embedding_reference(session, held, edges)
+            profile, stats = _embedding_reference(session, held, edges)
             smoke = _embedding_smoke(session, held.texts)
+            manifest = msgspec.structs.replace(manifest, embedding=stats)
     manifest = msgspec.structs.replace(manifest, reference=profile, smoke_tests=smoke)
     bundle = write_bundle(out_dir, files, manifest, key)
     try:
