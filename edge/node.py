@@ -62,6 +62,7 @@ from slmops.edge.refresh import Refresher
 from slmops.edge.safety import Counters, SafetyMonitor
 from slmops.edge.status import StatusReporter, device_profile
 from slmops.edge.window import Windower
+from slmops.shared.backoff import Backoff
 from slmops.shared.bundle import TrustStore, read_bundle
 from slmops.shared.connect import ConnectFactory, Link, connect_attempt
 from slmops.shared.errors import BundleError
@@ -313,7 +314,7 @@ class EdgeNode:
 
     async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         crashes: list[float] = []
-        delay = 0.1
+        backoff = Backoff(0.1, _OPTIONAL_MAX_DELAY if name in _OPTIONAL_TASKS else 10.0)
         while True:
             try:
                 await fn()
@@ -327,9 +328,9 @@ class EdgeNode:
                         "task_failed_stopping_node", task=name, crashes=len(crashes), exc_info=True
                     )
                     raise
+                delay = backoff.next()
                 self.log.error("task_crashed", task=name, restart_in=delay, exc_info=True)
             await anyio.sleep(delay)
-            delay = min(delay * 2, _OPTIONAL_MAX_DELAY if name in _OPTIONAL_TASKS else 10.0)
 
     # -- models -----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import structlog
 
 from slmops.edge.buffer import Buffer
 from slmops.edge.errors import StoreError
+from slmops.shared.backoff import Backoff
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.names import msg_id
@@ -63,8 +64,7 @@ class Publisher:
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self._sleep = sleep
-        self._rng = rng if rng is not None else random.Random()
-        self._backoff = backoff
+        self._retry = Backoff(*backoff, jitter=True, rng=rng if rng is not None else random.Random())
         self.published = 0
         self.duplicates = 0
         self.failures = 0
@@ -96,9 +96,7 @@ class Publisher:
             failures += 1
             self.failures += 1
             self.last_error = error
-            low, cap = self._backoff
-            ceiling = min(cap, low * 2 ** min(failures - 1, 20))
-            delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+            delay = self._retry.delay(failures)
             log.warning(
                 "publish_failed",
                 error=error,

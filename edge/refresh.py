@@ -11,7 +11,7 @@ what it cannot run before downloading anything; it then fetches the signed manif
 sha256 and verifies the signature before any other byte, and fetches each listed file it
 does not already hold (content-addressed ``files/<sha256>``, so a new version that changes only
 ``head.onnx`` does not re-ship the encoder), each capped at its signed size and hash-checked.
-Downloads resume where the last attempt stopped (``edge._fetch.fetch_resumable`` keeps the
+Downloads resume where the last attempt stopped (``shared.objects.fetch_resumable`` keeps the
 chunk offset beside a partial file in ``.partial/``, across attempts and restarts). An attempt
 fails when no chunk arrives for ``STALL_SECONDS`` or when it outlasts ``download_timeout`` plus
 the bundle's size at ``MIN_RATE`` bytes/s, so the limit scales with size and progress. A bundle
@@ -49,9 +49,9 @@ from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from slmops.edge._fetch import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.edge.models import ModelManager
 from slmops.shared import names
+from slmops.shared.backoff import Backoff
 from slmops.shared.bundle import (
     MANIFEST_FILE,
     Bundle,
@@ -74,6 +74,7 @@ from slmops.shared.messages import (
     Requirements,
     decode_json,
 )
+from slmops.shared.objects import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.shared.variants import choose_variant
 
 __all__ = ["RETRYABLE", "RefreshStatistics", "Refresher"]
@@ -150,7 +151,7 @@ class Refresher:
         self._download_timeout = download_timeout
         self._op_timeout = op_timeout
         self._poll = poll_interval
-        self._retry = (retry_initial, retry_max)
+        self._retry = Backoff(retry_initial, max(retry_initial, retry_max))
         self._now = now
         #: Versions this node abandoned on its own (``edge.safety``): never fetched again.
         self._is_blocked = is_blocked or (lambda ref: False)
@@ -232,8 +233,7 @@ class Refresher:
                 self._wake.set()
 
     def _retry_delay(self, failures: int) -> float:
-        initial, cap = self._retry
-        return float(min(cap, initial * 2.0 ** max(0, failures - 1)))
+        return self._retry.delay(failures)
 
     async def _op(self, op: Awaitable[Any]) -> Any:
         with anyio.fail_after(self._op_timeout):

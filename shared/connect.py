@@ -26,6 +26,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from slmops.shared.backoff import Backoff
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.names import inbox_prefix
 
@@ -205,8 +206,12 @@ class Link:
         self._connect = connect
         self._clock = clock
         self._sleep = sleep
-        self._rng = rng if rng is not None else random.Random()
-        self._backoff = (float(backoff_initial), float(backoff_max))
+        self._backoff = Backoff(
+            float(backoff_initial),
+            float(backoff_max),
+            jitter=True,
+            rng=rng if rng is not None else random.Random(),
+        )
         self._connect_timeout = connect_timeout
         self._reconnect_time_wait = reconnect_time_wait
         self._pending_size = pending_size
@@ -339,9 +344,7 @@ class Link:
 
     def _delay(self, failures: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random."""
-        initial, cap = self._backoff
-        ceiling = min(cap, initial * 2.0 ** min(failures - 1, 30))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        return self._backoff.delay(failures)
 
     async def _run(self) -> None:
         failures = 0

@@ -9,12 +9,15 @@ from __future__ import annotations
 __all__ = [
     "BundleError",
     "ConfigError",
+    "JetStreamRefused",
     "NatsUnavailable",
+    "NotFound",
     "PortUnavailable",
     "ProvisionError",
     "ResourceConflict",
     "ServerStartError",
     "SlmopsError",
+    "WrongLastSequence",
 ]
 
 
@@ -48,6 +51,27 @@ class NatsUnavailable(SlmopsError):
         self.url = url
         self.reason = reason
         super().__init__(f"NATS at {url} unavailable: {reason}")
+
+
+class JetStreamRefused(SlmopsError):
+    """JetStream answered, and refused: ``code`` is its ``err_code`` (e.g. 10058 "stream name
+    already in use"), ``description`` its text. Translated from nats-py by
+    ``shared.jetstream.nats_errors``."""
+
+    def __init__(self, kind: str, name: str, code: int | None, description: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.code = code
+        self.description = description
+        super().__init__(f"JetStream refused {kind} {name!r}: {description} (err_code {code})")
+
+
+class NotFound(JetStreamRefused):
+    """The stream, bucket, key or object does not exist (or was deleted)."""
+
+
+class WrongLastSequence(JetStreamRefused):
+    """A compare-and-set write lost: the key changed since the revision it was based on."""
 
 
 class PortUnavailable(SlmopsError):

@@ -8,12 +8,21 @@ __all__ = [
     "ASSIGNMENTS_BUCKET",
     "DEADLETTER_STREAM",
     "DEADLETTER_SUBJECT",
+    "DRIFT_ALL",
     "DRIFT_STREAM",
+    "FLEET_BUCKET",
     "FLEET_WIDE",
+    "LEASES_BUCKET",
+    "LOOP_BUCKET",
+    "LOOP_CONSUMER",
     "MODELS_BUCKET",
     "MODELS_MANIFEST_BUCKET",
+    "ROLLOUTS_BUCKET",
+    "ROLLOUT_ALL",
     "ROLLOUT_STREAM",
+    "STATUS_ALL",
     "STATUS_STREAM",
+    "TELEMETRY_ALL",
     "TELEMETRY_STREAM",
     "assignment_key",
     "bundle_index_key",
@@ -25,6 +34,7 @@ __all__ = [
     "msg_id",
     "rollout_subject",
     "status_subject",
+    "telemetry_filter",
     "telemetry_subject",
     "validate_id",
     "validate_model_name",
@@ -39,6 +49,19 @@ DEADLETTER_SUBJECT = "slmops.deadletter"
 ASSIGNMENTS_BUCKET = "slmops_assignments"
 MODELS_BUCKET = "slmops_models"
 MODELS_MANIFEST_BUCKET = "slmops_manifests"
+#: The cloud's own buckets: single-active leases, the fleet snapshot read by ``fleet status``,
+#: rollout states, and the recalibration loop's proposals.
+LEASES_BUCKET = "slmops_leases"
+FLEET_BUCKET = "slmops_fleet"
+ROLLOUTS_BUCKET = "slmops_rollouts"
+LOOP_BUCKET = "slmops_loop"
+#: Durable consumer of the recalibration loop on ``DRIFT_STREAM``.
+LOOP_CONSUMER = "slmops_loop"
+#: Subject filters: every message of one kind, of every fleet.
+TELEMETRY_ALL = "slmops.telemetry.>"
+STATUS_ALL = "slmops.status.>"
+DRIFT_ALL = "slmops.drift.>"
+ROLLOUT_ALL = "slmops.rollout.>"
 #: The assignment key token that applies to every node of a fleet without a key of its own.
 #: Node ids may not start with "_", so it cannot collide with a node.
 FLEET_WIDE = "_fleet"
@@ -76,6 +99,11 @@ def telemetry_subject(fleet: str, node: str) -> str:
 
 def status_subject(fleet: str, node: str) -> str:
     return f"slmops.status.{validate_id(fleet, 'fleet')}.{validate_id(node, 'node')}"
+
+
+def telemetry_filter(fleet: str) -> str:
+    """Every node's telemetry subject of one fleet."""
+    return f"slmops.telemetry.{validate_id(fleet, 'fleet')}.>"
 
 
 def drift_subject(fleet: str) -> str:

@@ -8,28 +8,31 @@ never overwritten; a difference slmops cannot work with (subjects, storage, rete
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js import errors as js_errors
 
 from slmops.shared import names
-from slmops.shared.errors import NatsUnavailable, ProvisionError, ResourceConflict
+from slmops.shared.errors import JetStreamRefused, ProvisionError, ResourceConflict
+from slmops.shared.jetstream import (
+    ERR_STREAM_NAME_IN_USE,
+    ensure_kv,
+    ensure_object_store,
+    nats_errors,
+    stream_info,
+    url_of,
+)
 
 __all__ = ["STREAMS", "StreamSpec", "ensure_resources"]
 
 log = structlog.get_logger(__name__)
 
-# nats-server's "stream name already in use with a different configuration".
-_ERR_STREAM_NAME_IN_USE = 10058
 _MAX_REPLICAS = 5  # nats-server's own limit
-# JetStream's HTTP-like code for "temporarily unavailable" (no leader, restarting).
-_JS_UNAVAILABLE = 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +50,13 @@ class StreamSpec:
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         names.TELEMETRY_STREAM,
-        ("slmops.telemetry.>",),
+        (names.TELEMETRY_ALL,),
         max_age=timedelta(days=7),
         duplicate_window=timedelta(minutes=2),
     ),
-    StreamSpec(names.DRIFT_STREAM, ("slmops.drift.>",), max_age=timedelta(days=90)),
-    StreamSpec(names.STATUS_STREAM, ("slmops.status.>",), max_msgs_per_subject=100),
-    StreamSpec(names.ROLLOUT_STREAM, ("slmops.rollout.>",)),
+    StreamSpec(names.DRIFT_STREAM, (names.DRIFT_ALL,), max_age=timedelta(days=90)),
+    StreamSpec(names.STATUS_STREAM, (names.STATUS_ALL,), max_msgs_per_subject=100),
+    StreamSpec(names.ROLLOUT_STREAM, (names.ROLLOUT_ALL,)),
     StreamSpec(
         names.DEADLETTER_STREAM,
         (names.DEADLETTER_SUBJECT, f"{names.DEADLETTER_SUBJECT}.>"),
@@ -100,20 +103,17 @@ def _stream_config(spec: StreamSpec, replicas: int) -> js_api.StreamConfig:
 
 async def _ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None:
     want = _stream_config(spec, replicas)
-    have = await _stream_info(js, spec.name)
+    have = await stream_info(js, spec.name)
     if have is None:
         try:
-            await js.add_stream(want)
-        except js_errors.APIError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                raise _translate(js, exc, "stream", spec.name) from exc
-            # Someone created it between our look and our create: judge theirs.
-        except (nats.errors.Error, OSError) as exc:
-            raise _translate(js, exc, "stream", spec.name) from exc
+            with _refusal("stream", spec.name), nats_errors("stream", spec.name, url_of(js)):
+                await js.add_stream(want)
+        except _InUse:
+            pass  # someone created it between our look and our create: judge theirs
         else:
             log.info("stream_created", stream=spec.name, subjects=list(spec.subjects))
             return
-        have = await _stream_info(js, spec.name)
+        have = await stream_info(js, spec.name)
         if have is None:  # created and deleted again within a moment: let the caller retry
             raise ProvisionError("stream", spec.name, "it vanished while being created")
     _check_stream(spec, want, have.config)
@@ -145,86 +145,29 @@ def _check_stream(spec: StreamSpec, want: js_api.StreamConfig, have: js_api.Stre
         log.debug("stream_exists", stream=spec.name)
 
 
-async def _ensure_kv(js: JetStreamContext, bucket: str, history: int, replicas: int) -> None:
-    stream = f"KV_{bucket}"
-    have = await _stream_info(js, stream)
-    if have is not None:
-        if have.config.max_msgs_per_subject != history:
-            log.warning(
-                "kv_config_differs",
-                bucket=bucket,
-                differs={"history": {"have": have.config.max_msgs_per_subject, "want": history}},
-                action="kept",
-            )
-        else:
-            log.debug("kv_exists", bucket=bucket)
-        return
+class _InUse(Exception):
+    """A concurrent creator won: the resource exists now."""
+
+
+@contextmanager
+def _refusal(kind: str, name: str) -> Iterator[None]:
+    """A refused creation is a ``ProvisionError`` (limits, permissions, cluster size...)."""
     try:
-        await js.create_key_value(
-            js_api.KeyValueConfig(
-                bucket=bucket,
-                history=history,
-                storage=js_api.StorageType.FILE,
-                replicas=replicas,
-            )
-        )
-    except js_errors.APIError as exc:
-        if exc.err_code == _ERR_STREAM_NAME_IN_USE:
-            log.info("kv_exists", bucket=bucket, note="created concurrently by someone else")
-            return
-        raise _translate(js, exc, "kv bucket", bucket) from exc
-    except (nats.errors.Error, OSError) as exc:
-        raise _translate(js, exc, "kv bucket", bucket) from exc
-    log.info("kv_created", bucket=bucket, history=history)
+        yield
+    except JetStreamRefused as exc:
+        if exc.code == ERR_STREAM_NAME_IN_USE:
+            raise _InUse() from exc
+        raise ProvisionError(kind, name, f"{exc.description} (err_code {exc.code})") from exc
+
+
+async def _ensure_kv(js: JetStreamContext, bucket: str, history: int, replicas: int) -> None:
+    with _refusal("kv bucket", bucket):
+        await ensure_kv(js, bucket, history=history, replicas=replicas)
 
 
 async def _ensure_object_store(js: JetStreamContext, bucket: str, replicas: int) -> None:
-    if await _stream_info(js, f"OBJ_{bucket}") is not None:
-        log.debug("object_store_exists", bucket=bucket)
-        return
-    try:
-        await js.create_object_store(
-            bucket,
-            js_api.ObjectStoreConfig(storage=js_api.StorageType.FILE, replicas=replicas),
-        )
-    except js_errors.APIError as exc:
-        if exc.err_code == _ERR_STREAM_NAME_IN_USE:
-            log.info("object_store_exists", bucket=bucket, note="created concurrently")
-            return
-        raise _translate(js, exc, "object store", bucket) from exc
-    except (nats.errors.Error, OSError) as exc:
-        raise _translate(js, exc, "object store", bucket) from exc
-    log.info("object_store_created", bucket=bucket)
-
-
-async def _stream_info(js: JetStreamContext, name: str) -> js_api.StreamInfo | None:
-    try:
-        return await js.stream_info(name)
-    except js_errors.NotFoundError:
-        return None
-    except (nats.errors.Error, OSError) as exc:
-        raise _translate(js, exc, "stream", name) from exc
-
-
-def _translate(js: JetStreamContext, exc: BaseException, kind: str, name: str) -> Exception:
-    if isinstance(exc, js_errors.APIError) and exc.code != _JS_UNAVAILABLE:
-        return ProvisionError(kind, name, f"{exc.description} (err_code {exc.err_code})")
-    if isinstance(exc, nats.errors.NoRespondersError):
-        reason = "JetStream not enabled for this account or server (no responders)"
-    elif isinstance(exc, nats.errors.TimeoutError):
-        reason = f"JetStream did not answer in time while provisioning {kind} {name!r}"
-    else:
-        reason = f"{type(exc).__name__} while provisioning {kind} {name!r}: {exc}"
-    return NatsUnavailable(_url_of(js), reason)
-
-
-def _url_of(js: JetStreamContext) -> str:
-    # nats-py keeps the connection on the context without a public accessor.
-    nc: Any = getattr(js, "_nc", None)
-    url = getattr(nc, "connected_url", None)
-    if url is None:
-        return "<unknown>"
-    return f"{url.scheme}://{url.hostname}:{url.port}"
+    with _refusal("object store", bucket):
+        await ensure_object_store(js, bucket, replicas=replicas)
 
 
 def _same_limit(have: object, want: object) -> bool:

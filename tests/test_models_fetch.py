@@ -14,8 +14,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
-from slmops.edge._fetch import fetch_object
 from slmops.shared import names
+from slmops.shared.objects import fetch_object
 
 pytestmark = pytest.mark.anyio
 

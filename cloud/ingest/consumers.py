@@ -41,8 +41,9 @@ from nats.js import errors as js_errors
 
 from slmops.cloud.ingest.apply import Applier
 from slmops.cloud.ingest.pull import ConsumerGone, PullBatches, PullError
+from slmops.shared.backoff import Backoff
 from slmops.shared.messages import TelemetryAggregate, decode_telemetry
-from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, validate_id
+from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, telemetry_subject, validate_id
 
 __all__ = [
     "Consumer",
@@ -113,10 +114,10 @@ async def deadletter(
 async def deadletter_until_stored(js: JetStreamContext, msg: Msg, reason: str, kind: str) -> None:
     """``deadletter`` retried (backing off to 5 s) until the copy is stored. For an ack-all
     consumer: a nak'ed message would be dropped by the next batch's ack, so the batch waits."""
-    delay = 0.5
+    backoff = Backoff(0.5, _NAK_DELAY)
     while not await deadletter(js, msg, reason, kind, nak_on_failure=False):
+        delay = backoff.next()
         await anyio.sleep(delay)
-        delay = min(delay * 2, _NAK_DELAY)
 
 
 def check_telemetry(msg: Msg, known: set[str] | None = None) -> TelemetryAggregate:
@@ -128,7 +129,7 @@ def check_telemetry(msg: Msg, known: set[str] | None = None) -> TelemetryAggrega
     subject = msg.subject
     if known is not None and subject in known:
         # Ids of a known subject are dot-free, so equal strings mean equal tokens.
-        if subject != f"slmops.telemetry.{agg.fleet}.{agg.node}":
+        if subject != telemetry_subject(agg.fleet, agg.node):
             raise ValueError(f"aggregate of {agg.fleet}.{agg.node} published on subject {subject!r}")
     else:
         parts = subject.split(".")

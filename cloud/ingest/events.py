@@ -16,6 +16,7 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
 from slmops.cloud.ingest.state import StateStore
+from slmops.shared.backoff import Backoff
 from slmops.shared.messages import DriftEvent, encode_json
 from slmops.shared.names import drift_subject
 
@@ -58,7 +59,7 @@ class EventPublisher:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        delay = _RETRY[0]
+        backoff = Backoff(*_RETRY)
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
@@ -68,11 +69,11 @@ class EventPublisher:
                     with anyio.fail_after(_PUBLISH_TIMEOUT):
                         await self._js.publish(subject, data, headers={"Nats-Msg-Id": event_id})
                 except (nats.errors.Error, OSError, TimeoutError) as exc:
+                    delay = backoff.next()
                     log.warning("drift_event_publish_failed", id=event_id, error=repr(exc), retry_in=delay)
                     await anyio.sleep(delay)
-                    delay = min(delay * 2, _RETRY[1])
                     continue
-                delay = _RETRY[0]
+                backoff.reset()
                 await self._store.outbox_done([event_id])
                 self._pending.pop(0)
                 self.published += 1

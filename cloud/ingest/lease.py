@@ -16,44 +16,33 @@ import time
 from collections.abc import Callable
 
 import anyio
-import nats.errors
 import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
-from nats.js import api as js_api
-from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from slmops.cloud.errors import LeaseLost
+from slmops.shared import names
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, WrongLastSequence
+from slmops.shared.jetstream import ensure_kv, nats_errors, stream_info, url_of
 
 __all__ = ["LEASES_BUCKET", "Lease", "ensure_leases_bucket"]
 
 log = structlog.get_logger(__name__)
 
-LEASES_BUCKET = "slmops_leases"
+LEASES_BUCKET = names.LEASES_BUCKET
 #: Fraction of the TTL after the last renewal during which the holder may still commit.
 FENCE = 0.6
-_ERR_STREAM_NAME_IN_USE = 10058
 
 
 async def ensure_leases_bucket(js: JetStreamContext, ttl: float) -> tuple[KeyValue, float]:
     """The leases bucket, created with ``ttl`` if missing (an existing one is kept as is), and
     the TTL it really has: that one, not ours, decides when an unrenewed lease vanishes, so
     the caller must renew and fence by it."""
-    try:
-        kv = await js.key_value(LEASES_BUCKET)
-    except js_errors.BucketNotFoundError:
-        try:
-            kv = await js.create_key_value(
-                js_api.KeyValueConfig(
-                    bucket=LEASES_BUCKET, history=1, ttl=ttl, storage=js_api.StorageType.FILE
-                )
-            )
-        except js_errors.APIError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                raise
-            kv = await js.key_value(LEASES_BUCKET)
-    info = await js.stream_info(f"KV_{LEASES_BUCKET}")
+    kv = await ensure_kv(js, LEASES_BUCKET, ttl=ttl)
+    info = await stream_info(js, f"KV_{LEASES_BUCKET}")
+    if info is None:
+        raise NatsUnavailable(url_of(js), f"KV {LEASES_BUCKET} vanished right after it was made")
     actual = info.config.max_age or 0.0
     if actual <= 0:
         log.warning("lease_bucket_without_ttl", bucket=LEASES_BUCKET, note="a crashed holder keeps the lease")
@@ -98,8 +87,9 @@ class Lease:
     async def try_acquire(self) -> bool:
         started = self._clock()
         try:
-            self._revision = await self._kv.create(self.key, self.holder.encode())
-        except js_errors.KeyWrongLastSequenceError:
+            with nats_errors("lease", self.key):
+                self._revision = await self._kv.create(self.key, self.holder.encode())
+        except WrongLastSequence:
             return False
         self._renewed = started
         log.info("lease_acquired", key=self.key, holder=self.holder, revision=self._revision)
@@ -113,8 +103,8 @@ class Lease:
             try:
                 if await self.try_acquire():
                     return
-            except (nats.errors.Error, OSError) as exc:
-                log.warning("lease_acquire_failed", key=self.key, error=repr(exc))
+            except (NatsUnavailable, JetStreamRefused) as exc:
+                log.warning("lease_acquire_failed", key=self.key, error=str(exc))
             if not waited:
                 log.info("lease_standby", key=self.key, holder=self.holder)
                 waited = True
@@ -127,18 +117,18 @@ class Lease:
             await anyio.sleep(self.ttl / 3)
             started = self._clock()
             try:
-                with anyio.fail_after(self.ttl / 3):
+                with nats_errors("lease", self.key), anyio.fail_after(self.ttl / 3):
                     self._revision = await self._kv.update(
                         self.key, self.holder.encode(), last=self._revision
                     )
-            except js_errors.KeyWrongLastSequenceError as exc:
+            except WrongLastSequence as exc:
                 self._revision = None
                 raise LeaseLost(self.key, self.holder, "someone else holds it now") from exc
-            except (nats.errors.Error, OSError, TimeoutError) as exc:
+            except (NatsUnavailable, JetStreamRefused) as exc:
                 if not self.valid():
                     self._revision = None
-                    raise LeaseLost(self.key, self.holder, f"cannot renew: {exc!r}") from exc
-                log.warning("lease_renew_failed", key=self.key, error=repr(exc))
+                    raise LeaseLost(self.key, self.holder, f"cannot renew: {exc}") from exc
+                log.warning("lease_renew_failed", key=self.key, error=str(exc))
                 continue
             self._renewed = started
 
@@ -148,12 +138,12 @@ class Lease:
         if revision is None:
             return
         try:
-            with anyio.fail_after(self.ttl / 3):
+            with nats_errors("lease", self.key), anyio.fail_after(self.ttl / 3):
                 await self._kv.delete(self.key, last=revision)
             log.info("lease_released", key=self.key, holder=self.holder)
-        except js_errors.APIError as exc:
+        except JetStreamRefused as exc:
             # 10071: the revision moved on — a renewal cut off by our own shutdown landed, or
             # someone else holds the lease now. Either way it expires on its own.
-            log.info("lease_release_skipped", key=self.key, error=exc.description, code=exc.err_code)
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            log.warning("lease_release_failed", key=self.key, error=repr(exc))
+            log.info("lease_release_skipped", key=self.key, error=exc.description, code=exc.code)
+        except NatsUnavailable as exc:
+            log.warning("lease_release_failed", key=self.key, error=str(exc))

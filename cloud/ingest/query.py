@@ -22,7 +22,7 @@ from slmops.cloud.ingest.snapshot import FLEET_BUCKET, NodeSnapshot
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import DriftEvent, decode_json
-from slmops.shared.names import DRIFT_STREAM, drift_subject
+from slmops.shared.names import DRIFT_ALL, DRIFT_STREAM, drift_subject
 
 __all__ = ["fleet_status", "watch_drift"]
 
@@ -35,7 +35,7 @@ async def watch_drift(nc: NATS, fleet: str | None, since: datetime | None) -> As
     """Drift events of ``fleet`` (all fleets when None) from ``since`` (all stored when None),
     then new ones as they arrive, forever. Undecodable events are logged and skipped."""
     js = nc.jetstream()
-    subject = drift_subject(fleet) if fleet else "slmops.drift.>"
+    subject = drift_subject(fleet) if fleet else DRIFT_ALL
     if since is None:
         config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
     else:

@@ -12,22 +12,21 @@ from datetime import datetime
 
 import anyio
 import msgspec
-import nats.errors
 import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
-from nats.js import api as js_api
-from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from slmops.cloud.ingest.state import NodeState
+from slmops.shared import names
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable
+from slmops.shared.jetstream import ensure_kv, nats_errors
 
 __all__ = ["FLEET_BUCKET", "NodeSnapshot", "SnapshotWriter", "ensure_fleet_bucket", "snapshot_of"]
 
 log = structlog.get_logger(__name__)
 
-FLEET_BUCKET = "slmops_fleet"
-_ERR_STREAM_NAME_IN_USE = 10058
+FLEET_BUCKET = names.FLEET_BUCKET
 
 
 class NodeSnapshot(msgspec.Struct, kw_only=True):
@@ -101,18 +100,7 @@ def snapshot_of(n: NodeState) -> NodeSnapshot:
 
 async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:
     """The ``slmops_fleet`` bucket, created if missing (idempotent, concurrent-safe)."""
-    try:
-        return await js.key_value(FLEET_BUCKET)
-    except js_errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(
-            js_api.KeyValueConfig(bucket=FLEET_BUCKET, history=1, storage=js_api.StorageType.FILE)
-        )
-    except js_errors.APIError as exc:
-        if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-            raise
-        return await js.key_value(FLEET_BUCKET)
+    return await ensure_kv(js, FLEET_BUCKET)
 
 
 _enc = msgspec.json.Encoder()
@@ -137,13 +125,14 @@ class SnapshotWriter:
             n = self._nodes.get(key)
             if n is None:
                 continue
+            name = f"{n.fleet}.{n.node}"
             try:
-                with anyio.fail_after(5):
-                    await self._kv.put(f"{n.fleet}.{n.node}", _enc.encode(snapshot_of(n)))
+                with nats_errors("kv key", name), anyio.fail_after(5):
+                    await self._kv.put(name, _enc.encode(snapshot_of(n)))
                 self.writes += 1
-            except (nats.errors.Error, OSError, TimeoutError) as exc:
+            except (NatsUnavailable, JetStreamRefused) as exc:
                 self._dirty.add(key)  # try again next round
-                log.warning("fleet_snapshot_failed", fleet=n.fleet, node=n.node, error=repr(exc))
+                log.warning("fleet_snapshot_failed", fleet=n.fleet, node=n.node, error=str(exc))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -36,12 +36,10 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import msgspec
-import nats.errors
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from slmops.cloud.errors import CloudError
@@ -51,12 +49,12 @@ from slmops.cloud.rollout.assign import Assigner, start_rollout, variants_of
 from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
 from slmops.shared import names
 from slmops.shared.bundle import Bundle, TrustStore, load_private_key, unpack_archive
-from slmops.shared.errors import BundleError, NatsUnavailable
+from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable, NotFound
+from slmops.shared.jetstream import ensure_kv, nats_errors, url_of
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
 from slmops.shared.objects import FetchError, fetch_object
 
 __all__ = [
-    "LOOP_BUCKET",
     "LOOP_CONSUMER",
     "KeyFileError",
     "Policy",
@@ -70,9 +68,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 #: KV bucket of proposals, key ``<fleet>.<model>.<parent version>``.
-LOOP_BUCKET = "slmops_loop"
 Policy = Literal["auto", "suggest", "off"]
-_ERR_STREAM_NAME_IN_USE = 10058
 
 
 class KeyFileError(CloudError):
@@ -165,31 +161,20 @@ class RecalibrationLoop:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            try:
-                with anyio.fail_after(10):
-                    try:
-                        self._kv = await self._js.key_value(LOOP_BUCKET)
-                    except js_errors.BucketNotFoundError:
-                        try:
-                            cfg = js_api.KeyValueConfig(bucket=LOOP_BUCKET, storage=js_api.StorageType.FILE)
-                            self._kv = await self._js.create_key_value(cfg)
-                        except js_errors.APIError as exc:
-                            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                                raise
-                            self._kv = await self._js.key_value(LOOP_BUCKET)
-            except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-                raise NatsUnavailable(self._url, f"open KV {LOOP_BUCKET}: {exc!r}") from exc
+            with nats_errors("kv bucket", names.LOOP_BUCKET, self._url), anyio.fail_after(10):
+                self._kv = await ensure_kv(self._js, names.LOOP_BUCKET)
         return self._kv
 
     async def proposal(self, fleet: str, model: str, parent: int) -> Proposal | None:
+        """The proposal recorded for ``parent``'s version, if any. Raises ``NatsUnavailable``
+        or ``JetStreamRefused``."""
         kv = await self._bucket()
+        key = _proposal_key(fleet, model, parent)
         try:
-            with anyio.fail_after(10):
-                entry = await kv.get(_proposal_key(fleet, model, parent))
-        except js_errors.NotFoundError:
+            with nats_errors("kv key", key, self._url), anyio.fail_after(10):
+                entry = await kv.get(key)
+        except NotFound:
             return None
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"read proposal: {exc!r}") from exc
         try:
             return _proposal_decoder.decode(entry.value or b"")
         except msgspec.DecodeError:
@@ -197,16 +182,15 @@ class RecalibrationLoop:
 
     async def _record(self, p: Proposal) -> None:
         kv = await self._bucket()
-        try:
-            with anyio.fail_after(10):
-                await kv.put(_proposal_key(p.fleet, p.model, p.parent_version), msgspec.json.encode(p))
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"record proposal: {exc!r}") from exc
+        key = _proposal_key(p.fleet, p.model, p.parent_version)
+        with nats_errors("kv key", key, self._url), anyio.fail_after(10):
+            await kv.put(key, msgspec.json.encode(p))
 
     async def on_drift(self, event: DriftEvent) -> Proposal | None:
         """Act on one drift event; None when it is not for the loop (or policy is off).
         Raises ``NatsUnavailable`` (retry later) or ``CloudError`` (this event cannot be acted
-        on: no reference priors, the bundle does not recalibrate...)."""
+        on: no reference priors, the bundle does not recalibrate...); ``JetStreamRefused`` when
+        JetStream refuses a read or write (retried later as well)."""
         if self.policy == "off" or not is_label_shift(event):
             return None
         fleet, model, parent = event.fleet, event.model.name, event.model.version
@@ -329,10 +313,14 @@ class RecalibrationLoop:
         try:
             # Streamed, with the subscription removed even when the timeout cancels it
             # (nats-py's get(writeinto=) leaks it: shared.objects says why).
-            with anyio.fail_after(120), archive.open("wb") as f:
+            with (
+                nats_errors("object", obj, self._url),
+                anyio.fail_after(120),
+                archive.open("wb") as f,
+            ):
                 await fetch_object(self._js, names.MODELS_BUCKET, obj, f)
-        except (TimeoutError, FetchError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"fetch {obj}: {exc!r}") from exc
+        except FetchError as exc:
+            raise NatsUnavailable(self._url, f"fetch {obj}: {exc.reason}") from exc
         return await anyio.to_thread.run_sync(unpack_archive, archive, work / "old")
 
     async def _follow_up(self, event: DriftEvent, p: Proposal) -> None:
@@ -346,15 +334,11 @@ class RecalibrationLoop:
         follow = msgspec.structs.replace(
             event, state="updated", proposed_version=p.version, suggested_action=action, time=self._clock()
         )
-        try:
-            with anyio.fail_after(10):
-                await self._js.publish(
-                    names.drift_subject(event.fleet),
-                    encode_json(follow),
-                    headers={"Nats-Msg-Id": f"{event.id}:proposal:{p.version}"},
-                )
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"publish proposal event: {exc!r}") from exc
+        subject = names.drift_subject(event.fleet)
+        with nats_errors("publish", subject, self._url), anyio.fail_after(10):
+            await self._js.publish(
+                subject, encode_json(follow), headers={"Nats-Msg-Id": f"{event.id}:proposal:{p.version}"}
+            )
 
 
 def _proposal_key(fleet: str, model: str, parent: int) -> str:
@@ -365,7 +349,7 @@ def _proposal_key(fleet: str, model: str, parent: int) -> str:
 
 #: Durable consumer of the loop on ``SLMOPS_DRIFT``; it starts with events published after its
 #: creation (old events are history, not orders).
-LOOP_CONSUMER = "slmops_loop"
+LOOP_CONSUMER = names.LOOP_CONSUMER
 
 
 async def run_loop(
@@ -385,14 +369,12 @@ async def run_loop(
         ack_policy=js_api.AckPolicy.EXPLICIT,
         ack_wait=300.0,  # a recalibration (fetch, build, verify, push) takes seconds
         max_deliver=20,
-        filter_subject="slmops.drift.>",
+        filter_subject=names.DRIFT_ALL,
     )
-    try:
+    with nats_errors("consumer", durable, url_of(js)):
         sub = await js.pull_subscribe(
-            "slmops.drift.>", durable=durable, stream=names.DRIFT_STREAM, config=config
+            names.DRIFT_ALL, durable=durable, stream=names.DRIFT_STREAM, config=config
         )
-    except (js_errors.Error, nats.errors.Error, OSError) as exc:
-        raise NatsUnavailable("<nats>", f"create consumer {durable}: {exc!r}") from exc
     task_status.started()
     while True:
         try:
@@ -408,7 +390,7 @@ async def run_loop(
                 continue
             try:
                 await loop.on_drift(event)
-            except NatsUnavailable as exc:
+            except (NatsUnavailable, JetStreamRefused) as exc:
                 log.warning("recalibration_retry", drift_event=event.id, error=str(exc))
                 await msg.nak(delay=5.0)
                 continue

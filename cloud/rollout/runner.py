@@ -29,6 +29,7 @@ from slmops.cloud.rollout.assign import Assigner
 from slmops.cloud.rollout.controller import RolloutController
 from slmops.cloud.rollout.state import RolloutStore
 from slmops.shared import names
+from slmops.shared.backoff import Backoff
 from slmops.shared.errors import NatsUnavailable, SlmopsError
 from slmops.shared.messages import NodeStatus, RolloutEvent, decode_json, decode_telemetry, encode_json
 
@@ -98,12 +99,12 @@ class RolloutRunner:
         try:
             with anyio.fail_after(30):
                 status_sub = await self._js.subscribe(
-                    "slmops.status.>",
+                    names.STATUS_ALL,
                     ordered_consumer=True,
                     config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT),
                 )
                 tele_sub = await self._js.subscribe(
-                    "slmops.telemetry.>", ordered_consumer=True, config=tele_config
+                    names.TELEMETRY_ALL, ordered_consumer=True, config=tele_config
                 )
                 info = await self._js.stream_info(names.STATUS_STREAM)
         except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
@@ -153,16 +154,17 @@ class RolloutRunner:
         # judge a stage on a fleet it has not re-read yet.
         with anyio.move_on_after(_SYNC_TIMEOUT):
             await self._synced.wait()
-        delay = self.interval
+        crashes = Backoff(self.interval, max(self.interval, 60.0))
         while True:
+            delay = self.interval
             try:
                 await self.controller.step(self._clock())
-                delay = self.interval
+                crashes.reset()
             except SlmopsError as exc:  # NATS down for a moment: try again next step
                 log.warning("rollout_step_unavailable", error=str(exc))
             except Exception:
                 # A bug must not take the cloud service down with it: log it with its
                 # traceback and try again, backing off so it does not flood the log.
+                delay = crashes.next()
                 log.exception("rollout_step_crashed", retry_in=delay)
-                delay = min(delay * 2, 60.0)
             await anyio.sleep(delay)

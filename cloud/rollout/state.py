@@ -17,15 +17,14 @@ from typing import Literal
 
 import anyio
 import msgspec
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js import api as js_api
-from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from slmops.cloud.errors import CloudError
-from slmops.shared.errors import NatsUnavailable
+from slmops.shared import names
+from slmops.shared.errors import NotFound, WrongLastSequence
+from slmops.shared.jetstream import ensure_kv, nats_errors
 from slmops.shared.kv import kv_keys
 from slmops.shared.messages import Assignment, RolloutEvent
 from slmops.shared.names import validate_id
@@ -46,14 +45,13 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 #: KV bucket of rollout states, one key per fleet (created idempotently by ``RolloutStore``).
-ROLLOUTS_BUCKET = "slmops_rollouts"
+ROLLOUTS_BUCKET = names.ROLLOUTS_BUCKET
 
 Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
 Phase = Literal["assigning", "installing", "soaking", "cleanup", "done"]
 Command = Literal["pause", "resume", "abort"]
 ACTIVE: frozenset[str] = frozenset({"running", "paused"})
 TERMINAL: frozenset[str] = frozenset({"completed", "rolled_back", "aborted"})
-_ERR_STREAM_NAME_IN_USE = 10058
 
 
 class RolloutError(CloudError):
@@ -191,7 +189,7 @@ _encoder = msgspec.json.Encoder()
 
 class RolloutStore:
     """Rollout states in KV: read, create, compare-and-set, command. Translates NATS errors
-    into ``NatsUnavailable``/``RolloutError``."""
+    into ``NatsUnavailable``/``JetStreamRefused`` (``shared.jetstream``) and ``RolloutError``."""
 
     def __init__(self, js: JetStreamContext, *, url: str = "<nats>", timeout: float = 10.0) -> None:
         self._js = js
@@ -201,28 +199,9 @@ class RolloutStore:
 
     async def bucket(self) -> KeyValue:
         """The bucket, created on first use if missing (safe from several processes)."""
-        if self._kv is not None:
-            return self._kv
-        try:
-            with anyio.fail_after(self._timeout):
-                try:
-                    self._kv = await self._js.key_value(ROLLOUTS_BUCKET)
-                except js_errors.BucketNotFoundError:
-                    try:
-                        self._kv = await self._js.create_key_value(
-                            js_api.KeyValueConfig(
-                                bucket=ROLLOUTS_BUCKET, history=10, storage=js_api.StorageType.FILE
-                            )
-                        )
-                        log.info("kv_created", bucket=ROLLOUTS_BUCKET)
-                    except js_errors.APIError as exc:
-                        if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                            raise
-                        self._kv = await self._js.key_value(ROLLOUTS_BUCKET)
-        except TimeoutError as exc:
-            raise NatsUnavailable(self._url, f"open KV {ROLLOUTS_BUCKET}: timed out") from exc
-        except (js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"open KV {ROLLOUTS_BUCKET}: {exc!r}") from exc
+        if self._kv is None:
+            with nats_errors("kv bucket", ROLLOUTS_BUCKET, self._url), anyio.fail_after(self._timeout):
+                self._kv = await ensure_kv(self._js, ROLLOUTS_BUCKET, history=10)
         return self._kv
 
     async def get(self, fleet: str) -> tuple[RolloutState, int] | None:
@@ -230,14 +209,10 @@ class RolloutStore:
         logged and treated as absent (it is overwritten by the next rollout)."""
         kv = await self.bucket()
         try:
-            with anyio.fail_after(self._timeout):
+            with nats_errors("rollout", fleet, self._url), anyio.fail_after(self._timeout):
                 entry = await kv.get(validate_id(fleet, "fleet"))
-        except js_errors.NotFoundError:  # also KeyDeletedError
+        except NotFound:  # also a deleted key
             return None
-        except TimeoutError as exc:
-            raise NatsUnavailable(self._url, f"read rollout {fleet}: timed out") from exc
-        except (js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"read rollout {fleet}: {exc!r}") from exc
         try:
             return _decoder.decode(entry.value or b""), int(entry.revision or 0)
         except msgspec.DecodeError as exc:
@@ -247,13 +222,8 @@ class RolloutStore:
     async def fleets(self) -> list[str]:
         """Fleets with a rollout key (a deleted one included: ``get`` returns None for it)."""
         await self.bucket()
-        try:
-            with anyio.fail_after(self._timeout):
-                keys = await kv_keys(self._js, ROLLOUTS_BUCKET)
-        except TimeoutError as exc:
-            raise NatsUnavailable(self._url, "list rollouts: timed out") from exc
-        except (js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"list rollouts: {exc!r}") from exc
+        with nats_errors("kv bucket", ROLLOUTS_BUCKET, self._url), anyio.fail_after(self._timeout):
+            keys = await kv_keys(self._js, ROLLOUTS_BUCKET)
         return sorted(keys)
 
     async def all(self) -> list[tuple[RolloutState, int]]:
@@ -270,16 +240,12 @@ class RolloutStore:
         kv = await self.bucket()
         data = _encoder.encode(state)
         try:
-            with anyio.fail_after(self._timeout):
+            with nats_errors("rollout", state.fleet, self._url), anyio.fail_after(self._timeout):
                 if revision is None:
                     return int(await kv.create(state.fleet, data))
                 return int(await kv.update(state.fleet, data, last=revision))
-        except js_errors.KeyWrongLastSequenceError as exc:
+        except WrongLastSequence as exc:
             raise RolloutConflict(state.fleet, "its state changed since it was read") from exc
-        except TimeoutError as exc:
-            raise NatsUnavailable(self._url, f"write rollout {state.fleet}: timed out") from exc
-        except (js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"write rollout {state.fleet}: {exc!r}") from exc
 
     async def create(self, state: RolloutState) -> int:
         """Store a new rollout; refused with ``RolloutError`` while the fleet has an active one.

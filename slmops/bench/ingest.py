@@ -32,6 +32,7 @@ from slmops.shared.names import (
     TELEMETRY_STREAM,
     manifest_key,
     msg_id,
+    telemetry_filter,
     telemetry_subject,
 )
 from slmops.shared.provision import ensure_resources
@@ -73,7 +74,7 @@ async def _bare(
         max_ack_pending=max(4 * batch, 1024),
     )
     sub = await js.pull_subscribe(
-        f"slmops.telemetry.{fleet}.>", durable=f"bare-{fleet}", stream=TELEMETRY_STREAM, config=config
+        telemetry_filter(fleet), durable=f"bare-{fleet}", stream=TELEMETRY_STREAM, config=config
     )
     got = 0
     t0 = time.perf_counter()  # from the first fetch, like the project's timing

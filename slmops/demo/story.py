@@ -30,7 +30,7 @@ from slmops.demo.traffic import Traffic, raw_event_bytes
 from slmops.shared.bundle import load_private_key, new_keypair
 from slmops.shared.logging import get_logger
 from slmops.shared.messages import DriftEvent, RolloutEvent, decode_json
-from slmops.shared.names import drift_subject, rollout_subject
+from slmops.shared.names import drift_subject, rollout_subject, telemetry_filter
 from slmops.shared.server import EmbeddedServer
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -228,7 +228,7 @@ async def _story(
             except msgspec.DecodeError:
                 story.notes.append("undecodable rollout event")
 
-        await nc.subscribe(f"slmops.telemetry.{FLEET}.>", cb=on_telemetry)
+        await nc.subscribe(telemetry_filter(FLEET), cb=on_telemetry)
         await nc.subscribe(drift_subject(FLEET), cb=on_drift)
         await nc.subscribe(rollout_subject(FLEET), cb=on_rollout)
 
