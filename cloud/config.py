@@ -15,7 +15,7 @@ __all__ = ["CloudConfig", "DriftConfig", "RecalibratePolicy"]
 
 
 class DriftConfig(Config, kw_only=True):
-    """Drift-detection knobs (DESIGN §7). Defaults are what ``slmops bench drift`` measured."""
+    """Drift-detection knobs (docs/architecture.md §7). Defaults are what ``slmops bench drift`` measured."""
 
     #: Target false drift events per node-window on stationary traffic: half of the goal of
     #: 1 per 10,000, because at 1e-4 `slmops bench drift` measured 0.98 per 10,000 (sparse

@@ -1,5 +1,5 @@
 """The model registry: verified bundles in the ``slmops_models`` object store, their manifests in
-KV ``slmops_manifests``, and assignments in KV ``slmops_assignments`` (DESIGN §3, §7).
+KV ``slmops_manifests``, and assignments in KV ``slmops_assignments`` (docs/architecture.md §3, §7).
 
 A pushed version is immutable: pushing the same bundle again is a no-op, pushing different
 bytes under an existing name/version/variant is refused. Bundle files are stored once by
@@ -86,7 +86,7 @@ def verify_bundle(bundle: Bundle, trust: TrustStore) -> ModelManifest:
 
 @asynccontextmanager
 async def open_registry(url: str, *, timeout: float = 30.0) -> AsyncIterator[Registry]:
-    """Connect (failing fast with ``NatsUnavailable``), provision the resources of DESIGN §3
+    """Connect (failing fast with ``NatsUnavailable``), provision the resources of docs/architecture.md §3
     if missing, yield a ``Registry``; the connection is drained on exit. For commands."""
     nc = await connect_once(url, timeout=min(timeout, 10.0), name="slmops-registry")
     try:

@@ -24,7 +24,7 @@ rollout controller and the recalibration loop as ``config`` says (``controller_t
 ``slmops cloud`` runs it, and ``slmops rollout run`` runs the same controller tasks alone
 (``run_controllers``), so both read the same config the same way.
 
-Resources beyond DESIGN §3 (``slmops_leases``, ``slmops_fleet``) are created idempotently here.
+Resources beyond docs/architecture.md §3 (``slmops_leases``, ``slmops_fleet``) are created idempotently here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The node's SQLite store: privacy-filtered event rows, the outbox of numbered aggregates,
-the models served, node state and the DP ledger (DESIGN §5–6).
+the models served, node state and the DP ledger (docs/architecture.md §5–6).
 
 One connection, one writer: every transaction runs under ``self._lock`` with explicit
 ``BEGIN IMMEDIATE``/``COMMIT``, so the group-commit writer, the window closer and the outbox
@@ -615,7 +615,7 @@ class Buffer:
         return min(self.outbox_max_bytes, (outbox_bytes + free) // 2)
 
     async def _enforce_bound(self) -> None:
-        """DESIGN §5: merge never-attempted aggregates, then drop the oldest with a receipt,
+        """docs/architecture.md §5: merge never-attempted aggregates, then drop the oldest with a receipt,
         until the outbox fits ``outbox_bound``."""
         db = self.db
         async with db.execute("SELECT coalesce(sum(bytes), 0) FROM outbox") as cur:

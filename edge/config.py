@@ -141,7 +141,7 @@ class EdgeConfig(Config, kw_only=True):
     #: characters (~32 short texts) block the loop well under a millisecond. 0 = always a
     #: worker thread.
     inline_max_chars: int = 4096
-    #: Bound on the outbox (encoded aggregates waiting for the cloud), in bytes (DESIGN §5).
+    #: Bound on the outbox (encoded aggregates waiting for the cloud), in bytes (docs/architecture.md §5).
     outbox_max_bytes: int = 16 * 1024 * 1024
     #: Optional differential privacy: epsilon spent per published window (None = off).
     dp_epsilon: float | None = None

@@ -1,5 +1,5 @@
 """The node's models: a local cache holding the current and the previous bundle, verified
-installs, atomic swaps and rollback (DESIGN §6).
+installs, atomic swaps and rollback (docs/architecture.md §6).
 
 Cache layout under ``cache_dir``: one directory per bundle, ``<name>__<version>__<variant>``
 (``model.onnx`` + ``manifest.json``), and ``state.json`` naming ``current`` and ``previous``.

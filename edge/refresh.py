@@ -1,4 +1,4 @@
-"""The node follows its model assignment (DESIGN §6, §9).
+"""The node follows its model assignment (docs/architecture.md §6, §9).
 
 While online it watches its own key and the fleet-wide key of KV ``slmops_assignments``; on
 every (re)connect, at start and every ``poll_interval`` it re-reads both, because a watch can

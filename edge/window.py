@@ -1,5 +1,5 @@
 """Window aggregates: building one from event counts, merging two, and compacting an outbox
-that outgrew its bound (DESIGN §4–5). Pure functions plus the clock-driven ``Windower`` loop.
+that outgrew its bound (docs/architecture.md §4–5). Pure functions plus the clock-driven ``Windower`` loop.
 
 Merging is adding counts — exact, associative, commutative — so an aggregate merged from many
 windows says what the windows said together, and ``count`` sums stay exact under compaction.
@@ -214,7 +214,7 @@ def compact(
     size: Callable[[TelemetryAggregate], int] = lambda a: len(encode_telemetry(a)),
 ) -> Compaction:
     """Shrink never-sent aggregates (in ``seq`` order, contiguous) to at most ``budget``
-    bytes, DESIGN §5: first merge adjacent mergeable pairs — the pair spanning the fewest
+    bytes, docs/architecture.md §5: first merge adjacent mergeable pairs — the pair spanning the fewest
     windows, the oldest on a tie, so old data coarsens gradually — and only when no pair is
     left drop the oldest, moving its count (and the receipts it carried) into the loss
     receipt of the next survivor. Survivors are renumbered from the first ``seq``, so the

@@ -1,6 +1,6 @@
 """Connecting to NATS: a background link for services, a fail-fast connect for commands.
 
-nats-py's ``connect`` blocks through its retries (DESIGN §9), so a long-lived service never
+nats-py's ``connect`` blocks through its retries (docs/architecture.md §9), so a long-lived service never
 awaits it directly: ``Link`` runs the initial attempts in its own task, with exponential
 backoff and jitter, and once connected lets nats-py reconnect forever. Callers look at
 ``state`` or wait with ``wait_online``; ``nc``/``js`` raise ``NatsUnavailable`` while the link

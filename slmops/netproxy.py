@@ -1,4 +1,4 @@
-"""A loopback TCP proxy whose link can be cut and restored: the fault tests (DESIGN §8) and the
+"""A loopback TCP proxy whose link can be cut and restored: the fault tests (docs/architecture.md §8) and the
 demo put one between a node and NATS to cut that node's link for real.
 
 async with TcpProxy("127.0.0.1", server.port) as proxy:

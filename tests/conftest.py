@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
-    """nats-py is asyncio-only (DESIGN §9)."""
+    """nats-py is asyncio-only (docs/architecture.md §9)."""
     return "asyncio"
 
 

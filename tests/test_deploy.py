@@ -317,7 +317,7 @@ async def test_single_node_publishes_its_own_telemetry_and_status_with_acks(sing
 @pytest.mark.anyio
 async def test_single_node_is_denied_other_subjects_and_all_writes(single: _Server) -> None:
     """Another node's subjects, drift events, KV writes and stream management are refused;
-    the publisher sees a timeout and the reason arrives on error_cb (DESIGN §9)."""
+    the publisher sees a timeout and the reason arrives on error_cb (docs/architecture.md §9)."""
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
         js = nc.jetstream(timeout=1)
         await _assert_denied_publish(js, client, names.telemetry_subject(FLEET, OTHER))

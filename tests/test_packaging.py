@@ -139,7 +139,7 @@ def import_graph() -> dict[str, set[str]]:
     files = [p for p in files if not p.is_relative_to(ROOT / "slmops" / "shared")]  # links, seen above
     files = [p for p in files if not any(p.is_relative_to(ROOT / "slmops" / x) for x in ("edge", "cloud"))]
     # Package __init__ modules are left out: they re-export their package's public names
-    # (STYLE 1), so they import their own modules by design; a cycle among the modules
+    # (docs/architecture.md §10), so they import their own modules by design; a cycle among the modules
     # themselves is what makes a package hard to read and to load.
     modules = {_module_name(p): p for p in files if p.name != "__init__.py"}
     known = set(modules)

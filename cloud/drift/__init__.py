@@ -1,4 +1,4 @@
-"""Drift detection on telemetry aggregates (DESIGN §7): tests, calibration, label shift."""
+"""Drift detection on telemetry aggregates (docs/architecture.md §7): tests, calibration, label shift."""
 
 from slmops.cloud.drift.calibrate import Calibration, Calibrator, calibrate
 from slmops.cloud.drift.detector import DriftDetector

@@ -1,6 +1,6 @@
 """The drift detector: per-window tests, CUSUM evidence, BH across the fleet, hysteresis.
 
-How a decision is made (DESIGN §7):
+How a decision is made (docs/architecture.md §7):
 
 1. **Groups.** Aggregates are grouped by fleet and model (name, version, variant); each group
    has one reference per signal (``signals.py``).

@@ -1,5 +1,5 @@
 """Drift events as analysts read them: id, scope, evidence, window range, severity, the
-label-shift and expected-accuracy estimates, and a suggested action (DESIGN §7)."""
+label-shift and expected-accuracy estimates, and a suggested action (docs/architecture.md §7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The drift signals of an aggregate, as count vectors, and the references they are tested
-against (DESIGN §7).
+against (docs/architecture.md §7).
 
 Signals: ``class_prior`` (predicted-class counts), ``confidence``, ``input_length`` and
 ``latency`` (histograms), ``error_rate`` (errors vs successes, one-sided: only a rise counts),

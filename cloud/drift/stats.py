@@ -1,4 +1,4 @@
-"""Per-window tests on counts, effect sizes, Benjamini–Hochberg (DESIGN §7).
+"""Per-window tests on counts, effect sizes, Benjamini–Hochberg (docs/architecture.md §7).
 
 The per-window test is Pearson's χ² of observed counts against a reference distribution, with
 each cell's variance widened for what else is random under the null:

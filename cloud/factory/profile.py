@@ -1,5 +1,5 @@
 """What the factory measures of a model on held-out data and writes into its manifest: the
-reference profile (drift reference, DESIGN §7) and the smoke tests a node runs before a swap.
+reference profile (drift reference, docs/architecture.md §7) and the smoke tests a node runs before a swap.
 
 Everything is measured through ``shared.runtime.Session`` on the exported ONNX model, i.e.
 exactly the path a node serves with, not the training code's arithmetic.

@@ -1,4 +1,4 @@
-"""Exactly-once counting of a node's aggregates by ``seq`` (DESIGN §5).
+"""Exactly-once counting of a node's aggregates by ``seq`` (docs/architecture.md §5).
 
 Per node the cloud keeps ``contiguous`` — every seq ``1..contiguous`` has been applied — and the
 sorted set ``pending`` of applied seqs above it (those that arrived out of order). So:

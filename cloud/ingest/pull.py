@@ -1,4 +1,4 @@
-"""Batches from a durable JetStream pull consumer, by the pull protocol itself (ADR-13).
+"""Batches from a durable JetStream pull consumer, by the pull protocol itself (docs/decisions/0002).
 
 Why not nats-py's ``PullSubscription.fetch``: it takes each message of a batch through
 ``next_msg``, which creates two asyncio tasks and a uuid per message. Measured here (``slmops
@@ -40,7 +40,7 @@ __all__ = ["ConsumerGone", "PullBatches", "PullError"]
 
 log = structlog.get_logger(__name__)
 
-#: Statuses that end a pull request without an error (ADR-13): no messages (no_wait), request
+#: Statuses that end a pull request without an error (docs/decisions/0002): no messages (no_wait), request
 #: expired, idle heartbeat (never asked for here, ignored if sent).
 _NO_MESSAGES = "404"
 _EXPIRED = "408"

@@ -1,4 +1,4 @@
-"""Label-shift recalibration from aggregates alone (DESIGN §7).
+"""Label-shift recalibration from aggregates alone (docs/architecture.md §7).
 
 When the class priors of the traffic move from the reference priors π to estimated priors π',
 Bayes' rule gives p'(y|x) ∝ p(y|x)·π'(y)/π(y) (Saerens et al. 2002): for a softmax classifier

@@ -1,4 +1,4 @@
-"""Staged rollouts: cohorts by stable hash, quality gates, automatic rollback (DESIGN §7).
+"""Staged rollouts: cohorts by stable hash, quality gates, automatic rollback (docs/architecture.md §7).
 
 ``start_rollout`` records a rollout in KV ``slmops_rollouts``; a ``RolloutRunner`` (in the cloud
 service, or ``slmops rollout run``) drives it with a ``RolloutController``.
