@@ -11,6 +11,7 @@ always has its objects behind it.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,8 +32,16 @@ from nats.js.object_store import ObjectStore
 
 from slmops.cloud.errors import CloudError
 from slmops.shared import names
-from slmops.shared.bundle import Bundle, TrustStore, pack_archive
-from slmops.shared.capabilities import requirements_of
+from slmops.shared.bundle import (
+    MANIFEST_FILE,
+    Bundle,
+    TrustStore,
+    pack_archive,
+    parse_manifest,
+    read_bundle,
+    unpack_archive,
+)
+from slmops.shared.capabilities import requirements_of, unmet
 from slmops.shared.connect import connect_once
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.kv import kv_values
@@ -44,6 +53,7 @@ from slmops.shared.messages import (
     decode_json,
     encode_json,
 )
+from slmops.shared.objects import FetchError, fetch_object
 from slmops.shared.provision import ensure_resources
 from slmops.shared.runtime import verify_bundle as run_verification
 from slmops.shared.variants import PREFERENCE, choose_variant
@@ -123,6 +133,8 @@ class Registry:
             raise RegistryError(what, f"{type(exc).__name__}: {exc}") from exc
         except (nats.errors.Error, OSError) as exc:
             raise NatsUnavailable(self._url, f"{what}: {type(exc).__name__}: {exc}") from exc
+        except FetchError as exc:
+            raise RegistryError(what, exc.reason) from exc
 
     async def _bucket(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
@@ -150,8 +162,9 @@ class Registry:
         """Verify ``bundle`` (see ``verify_bundle``; a ``BundleError`` means nothing was
         written), then store it: each listed file and the raw signed manifest by sha256
         (``files/<sha256>``, skipped when already there: a new version re-uses the unchanged
-        files of the old), the archive (``<model>/<version>/<variant>``, for nodes and tools
-        that read archives), then the raw manifest and the small ``BundleIndex`` in KV.
+        files of the old), the archive (``<model>/<version>/<variant>``, only for bundles the
+        n-gram runtime of older nodes can run), then the raw manifest and the small
+        ``BundleIndex`` in KV.
         ``RegistryError`` if this name/version/variant already holds a different bundle."""
         manifest = await anyio.to_thread.run_sync(verify_bundle, bundle, trust)
         raw = bundle.raw or encode_json(manifest)
@@ -168,7 +181,10 @@ class Registry:
                 f"pushing {manifest.sha256[:12]}…); versions are immutable, push a new version",
             )
         stored = await self._store_files(store, bundle, raw)
-        if not await self._object_exists(store, obj):
+        legacy = requirements_of(manifest).min_runtime <= 1 and not manifest.files
+        # The archive is for nodes of the n-gram runtime only: a bundle they cannot run is not
+        # stored where they look, so they never download it.
+        if legacy and not await self._object_exists(store, obj):
             archive = await anyio.to_thread.run_sync(pack_archive, bundle)
             meta = js_api.ObjectMeta(
                 name=obj,
@@ -224,6 +240,42 @@ class Registry:
                     await self._call(f"store {name}", store.put(name, f, meta=meta))
             written += 1
         return written
+
+    async def fetch_bundle(self, model: str, version: int, variant: str, work: Path) -> Bundle:
+        """The bundle as pushed, assembled in ``work`` (created) from its content-addressed
+        files (or, for one pushed before they existed, from its archive). Each file is checked
+        against its sha256; the bundle is not verified otherwise (``verify_bundle``)."""
+        store = await self._store()
+        where = f"{model}/{version}/{variant}"
+        work = Path(work)
+        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
+        data = await self._kv_get(
+            names.MODELS_MANIFEST_BUCKET, names.bundle_index_key(model, version, variant)
+        )
+        if data is None:
+            obj = names.model_object_name(model, version, variant)
+            archive = work / "bundle.tar"
+            with archive.open("wb") as f:
+                await self._call(f"fetch {obj}", store.get(obj, writeinto=f))
+            return await anyio.to_thread.run_sync(unpack_archive, archive, work / "bundle")
+        index = decode_json(data, BundleIndex)
+        raw = await self._object_bytes(store, index.manifest_sha256)
+        bundle = await anyio.to_thread.run_sync(parse_manifest, work / "bundle", raw, where)
+        for entry in bundle.files:
+            body = await self._object_bytes(store, entry.sha256)
+            await anyio.to_thread.run_sync(_write_file, bundle.path / entry.path, body)
+        await anyio.to_thread.run_sync(_write_file, bundle.path / MANIFEST_FILE, raw)
+        return await anyio.to_thread.run_sync(read_bundle, bundle.path)
+
+    async def _object_bytes(self, store: ObjectStore, sha256: str) -> bytes:
+        name = names.file_object_name(sha256)
+        buf = io.BytesIO()
+        # Not store.get(): cancelled by a timeout it leaves its subscription (shared.objects).
+        await self._call(f"fetch {name}", fetch_object(self._js, names.MODELS_BUCKET, name, buf))
+        body = buf.getvalue()
+        if hashlib.sha256(body).hexdigest() != sha256:
+            raise RegistryError("fetch", f"object {name} does not hold the bytes of its sha256")
+        return body
 
     async def _object_exists(self, store: ObjectStore, obj: str) -> bool:
         try:
@@ -310,11 +362,33 @@ class Registry:
             raise RegistryError(
                 "assign", f"{model!r} v{version} has no variant {variant!r} (has {sorted(available)})"
             )
-        if variant is None and node is not None:
+        if node is not None:
             status = await self.latest_status(fleet, node)
             if status is not None:
-                variant = choose_variant({v: m.min_memory_mb for v, m in available.items()}, status.device)
-                log.info("variant_chosen", node=node, variant=variant, memory_mb=status.device.memory_mb)
+                # Never send a node a bundle its runtime cannot run (an old node reports no
+                # capabilities: the n-gram runtime).
+                caps = status.device.capabilities
+                missing = {v: unmet(requirements_of(m), caps) for v, m in available.items()}
+                runnable = {v: m for v, m in available.items() if not missing[v]}
+                if variant is not None and missing[variant]:
+                    raise RegistryError(
+                        "assign",
+                        f"node {node!r} cannot run {model!r} v{version} {variant}: it lacks "
+                        f"{', '.join(missing[variant])} "
+                        f"(capabilities {caps or 'none reported: an old node'})",
+                    )
+                if not runnable:
+                    raise RegistryError(
+                        "assign",
+                        f"node {node!r} can run no variant of {model!r} v{version}: "
+                        + "; ".join(f"{v} needs {', '.join(m)}" for v, m in sorted(missing.items())),
+                    )
+                available = runnable
+                if variant is None:
+                    variant = choose_variant(
+                        {v: m.min_memory_mb for v, m in available.items()}, status.device
+                    )
+                    log.info("variant_chosen", node=node, variant=variant, memory_mb=status.device.memory_mb)
         assignment = Assignment(
             fleet=fleet,
             node=node,
@@ -329,6 +403,11 @@ class Registry:
         await self._call(f"write assignment {key}", kv.put(key, encode_json(assignment)))
         log.info("model_assigned", key=key, model=model, version=version, variant=variant)
         return assignment
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def _variant_rank(variant: str) -> tuple[int, str]:

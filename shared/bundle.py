@@ -153,6 +153,7 @@ def _legacy_canonical(raw: bytes) -> bytes | None:
         return None
     full = msgspec.json.decode(msgspec.json.encode(msgspec.structs.replace(decoded, signature=None)))
     legacy = _prune(full, _document(raw))
+    _strip_new(legacy, strict=False)  # at its default a new field means what its absence meant
     legacy["signature"] = None
     return msgspec.json.encode(legacy, order="sorted")
 
@@ -171,6 +172,53 @@ def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> ModelManif
         msgspec.json.encode(msgspec.structs.replace(manifest, signature=None))
     )
     return msgspec.structs.replace(unsigned, signature=_signature_value(key, msgspec.json.encode(unsigned)))
+
+
+#: Manifest fields added after 06cfd20 (nested ones under their parent), with the values
+#: that mean "as before".
+_NEW_FIELDS: dict[str, Any] = {
+    "files": [],
+    "task": "classification",
+    "output": "",
+    "output_kind": "probs",
+    "requires": None,
+    "embedding": None,
+}
+_NEW_NESTED: dict[str, dict[str, Any]] = {
+    "preprocessing": {"tokenizer": "tokenizer.json", "input_names": {}},
+    "reference": {"embedding_projections": [], "embedding_norm": None},
+}
+
+
+def _strip_new(doc: dict[str, Any], *, strict: bool) -> None:
+    """Remove, in place, the fields added after 06cfd20 that hold their "as before" value;
+    with ``strict``, raise ``ValueError`` for one that does not."""
+    for spec, where in [(_NEW_FIELDS, doc)] + [
+        (fields, doc[parent]) for parent, fields in _NEW_NESTED.items() if isinstance(doc.get(parent), dict)
+    ]:
+        for name, default in spec.items():
+            if name not in where:
+                continue
+            if where[name] == default:
+                del where[name]
+            elif strict:
+                raise ValueError(f"field {name!r} is set: not a bundle for the legacy runtime")
+
+
+def _legacy_signed(manifest: ModelManifest, key: Ed25519PrivateKey) -> bytes:
+    """The raw manifest of a bundle the n-gram runtime can run, in the form builds up to
+    06cfd20 wrote and verified: no field they did not know (each is at its default here),
+    signed over the sorted-key JSON with ``signature: null``. This build verifies it through
+    ``_legacy_canonical``."""
+    unsigned = _manifest_decoder.decode(
+        msgspec.json.encode(msgspec.structs.replace(manifest, signature=None))
+    )
+    doc = msgspec.json.decode(msgspec.json.encode(unsigned))
+    _strip_new(doc, strict=True)
+    doc["signature"] = None
+    value = base64.b64encode(key.sign(msgspec.json.encode(doc, order="sorted"))).decode()
+    doc["signature"] = msgspec.to_builtins(Signature(key_id=key_id(key.public_key()), value=value))
+    return msgspec.json.format(msgspec.json.encode(doc))
 
 
 def sign_manifest_bytes(raw: bytes, key: Ed25519PrivateKey) -> bytes:
@@ -454,10 +502,16 @@ def write_bundle(
         manifest = msgspec.structs.replace(
             manifest, files=listed, sha256=main.sha256, size_bytes=main.size_bytes
         )
-    if manifest.requires is None:
-        manifest = msgspec.structs.replace(manifest, requires=requirements_of(manifest))
-    signed = sign_manifest(manifest, key)
-    raw = msgspec.json.format(msgspec.json.encode(signed))
+    if requirements_of(manifest).min_runtime <= 1 and not manifest.files:
+        # Runnable by the n-gram runtime: written and signed as builds up to 06cfd20 did, so
+        # nodes still running them verify it (they sign/verify the decoded Struct).
+        raw = _legacy_signed(manifest, key)
+        signed = _manifest_decoder.decode(raw)
+    else:
+        if manifest.requires is None:
+            manifest = msgspec.structs.replace(manifest, requires=requirements_of(manifest))
+        signed = sign_manifest(manifest, key)
+        raw = msgspec.json.format(msgspec.json.encode(signed))
     _atomic_write(out_dir / MANIFEST_FILE, raw)
     return Bundle(path=out_dir, manifest=signed, raw=raw)
 

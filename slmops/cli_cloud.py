@@ -311,6 +311,8 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
             click.echo(_line(_NODE_HEADER, _NODE_WIDTHS))
             for n in nodes:
                 click.echo(_line(_node_row(n), _NODE_WIDTHS))
+                if n.cannot_run:
+                    click.echo(f"  cannot run: {n.cannot_run}")
             if not nodes:
                 click.echo("(no nodes: has the cloud service run against this NATS?)", err=True)
 

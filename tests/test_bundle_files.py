@@ -3,16 +3,19 @@ checked signature-first and streamed capped at the signed sizes (issue 13, fault
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from _transformer import make_transformer_bundle
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from _models import make_bundle
@@ -318,3 +321,41 @@ def test_manifest_struct_encodes_back_to_the_signed_bytes(tf_bundle: Path, trust
     still verifies: signing normalises the Struct first."""
     b = read_bundle(tf_bundle)
     trust.verify(msgspec.json.encode(b.manifest))
+
+
+def _as_06cfd20_verifies(raw: bytes, public: Any) -> bool:
+    """What a node running 06cfd20 checks (its shared/bundle.py canonical_bytes and verify,
+    with its own ModelManifest, copied in tests/fixtures/messages_06cfd20.py): the manifest
+    decoded into that Struct (unknown fields dropped), signature set to None, re-encoded,
+    decoded again and encoded with sorted keys."""
+    from fixtures.messages_06cfd20 import ModelManifest as OldManifest
+
+    decoder = msgspec.json.Decoder(OldManifest)
+    manifest = decoder.decode(raw)
+    if manifest.signature is None:
+        return False
+    unsigned = msgspec.json.encode(msgspec.structs.replace(manifest, signature=None))
+    signed = msgspec.json.encode(decoder.decode(unsigned), order="sorted")
+    try:
+        public.verify(base64.b64decode(manifest.signature.value), signed)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def test_an_n_gram_bundle_written_by_this_build_verifies_on_06cfd20_nodes(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The reverse of the fixture test: an old node in the fleet can still run the n-gram
+    bundles this build writes (recalibrations included). The emulation of the old check is
+    itself checked against the fixture the old code wrote."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    old_pub = load_pem_public_key((FIXTURES / "old_bundle_06cfd20.pub").read_bytes())
+    assert _as_06cfd20_verifies((OLD / MANIFEST_FILE).read_bytes(), old_pub)
+    ngram = make_bundle(tmp_path / "ngram", key)
+    assert _as_06cfd20_verifies(ngram.raw, key.public_key())
+    verify_bundle(read_bundle(ngram.path), TrustStore([key.public_key()]))
+    # A tokenizer bundle needs this build: signed over the raw document, refused by old nodes.
+    tf = make_transformer_bundle(tmp_path / "tf", key)
+    assert not _as_06cfd20_verifies(tf.raw, key.public_key())

@@ -180,6 +180,11 @@ class Applier:
                 node.status_dropped_inferences = st.dropped_inferences
                 node.status_dropped_aggregates = st.dropped_aggregates
                 node.last_error = st.last_error
+                r = st.refresh
+                if r is not None and not r.ok and r.code == "incompatible":
+                    node.cannot_run = f"{r.model.name} v{r.model.version} {r.model.variant}: {r.reason}"
+                elif r is not None and r.ok:
+                    node.cannot_run = None
                 node.last_seen = now
             self._count("statuses", len(statuses))
             self._fence()

@@ -61,6 +61,10 @@ class NodeSnapshot(msgspec.Struct, kw_only=True):
     arch: str | None
     cores: int | None
     memory_mb: int | None
+    #: What the node's runtime can run (empty: an old node, n-gram classifiers only).
+    capabilities: list[str] = []
+    #: The last bundle it refused as one its runtime cannot run, with the reason.
+    cannot_run: str | None = None
 
 
 def snapshot_of(n: NodeState) -> NodeSnapshot:
@@ -95,6 +99,8 @@ def snapshot_of(n: NodeState) -> NodeSnapshot:
         arch=dev.arch or None if dev else None,
         cores=dev.cores if dev else None,
         memory_mb=dev.memory_mb if dev else None,
+        capabilities=list(dev.capabilities) if dev else [],
+        cannot_run=n.cannot_run,
     )
 
 

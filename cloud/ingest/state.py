@@ -73,6 +73,9 @@ class NodeState(msgspec.Struct, kw_only=True):
     status_dropped_inferences: int = 0
     status_dropped_aggregates: int = 0
     last_error: str | None = None
+    #: The last bundle the node refused because its runtime cannot run it (``incompatible``),
+    #: until it installs one: "<model> v<version> <variant>: <reason>".
+    cannot_run: str | None = None
 
 
 class StoredState(msgspec.Struct, kw_only=True):

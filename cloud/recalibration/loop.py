@@ -48,11 +48,10 @@ from slmops.cloud.registry import Registry, RegistryError
 from slmops.cloud.rollout.assign import Assigner, start_rollout, variants_of
 from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
 from slmops.shared import names
-from slmops.shared.bundle import Bundle, TrustStore, load_private_key, unpack_archive
+from slmops.shared.bundle import Bundle, TrustStore, load_private_key
 from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import ensure_kv, nats_errors, url_of
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
-from slmops.shared.objects import FetchError, fetch_object
 
 __all__ = [
     "LOOP_CONSUMER",
@@ -307,21 +306,11 @@ class RecalibrationLoop:
         return pushed
 
     async def _fetch(self, model: str, version: int, variant: str, work: Path) -> Bundle:
-        obj = names.model_object_name(model, version, variant)
-        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
-        archive = work / "bundle.tar"
         try:
-            # Streamed, with the subscription removed even when the timeout cancels it
-            # (nats-py's get(writeinto=) leaks it: shared.objects says why).
-            with (
-                nats_errors("object", obj, self._url),
-                anyio.fail_after(120),
-                archive.open("wb") as f,
-            ):
-                await fetch_object(self._js, names.MODELS_BUCKET, obj, f)
-        except FetchError as exc:
-            raise NatsUnavailable(self._url, f"fetch {obj}: {exc.reason}") from exc
-        return await anyio.to_thread.run_sync(unpack_archive, archive, work / "old")
+            with anyio.fail_after(120):
+                return await self.registry.fetch_bundle(model, version, variant, work)
+        except TimeoutError as exc:
+            raise NatsUnavailable(self._url, f"fetch {model}/{version}/{variant}: timed out") from exc
 
     async def _follow_up(self, event: DriftEvent, p: Proposal) -> None:
         """The drift event again, naming the proposed version (both policies: the record of

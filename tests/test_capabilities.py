@@ -1,0 +1,206 @@
+"""Runtime capabilities (issue 11): a bundle declares what it needs, a node reports what it can
+run, and no node is sent a bundle it cannot run: a node-specific assignment is refused by the
+registry, a node refuses a fleet-wide one from the small index before downloading, and fleet
+status says so. Old nodes (06cfd20, n-gram only) beside this cloud, and this node beside an
+old registry."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+from _transformer import make_transformer_bundle
+from fixtures.messages_06cfd20 import DeviceProfile as OldDevice
+from fixtures.messages_06cfd20 import NodeStatus as OldStatus
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js import errors as js_errors
+
+from _edge_util import Keys, edge_config
+from _models import make_bundle
+from _nats import wait_until
+from slmops.cloud.config import CloudConfig
+from slmops.cloud.ingest.query import fleet_status
+from slmops.cloud.registry import Registry, RegistryError
+from slmops.cloud.service import CloudService
+from slmops.edge.node import EdgeNode
+from slmops.shared import names
+from slmops.shared.bundle import MANIFEST_FILE, TrustStore, read_bundle, resign_bundle
+from slmops.shared.capabilities import CAPABILITIES
+from slmops.shared.messages import (
+    BundleIndex,
+    DeviceProfile,
+    ModelRef,
+    NodeStatus,
+    Requirements,
+    encode_json,
+)
+from slmops.shared.server import EmbeddedServer
+
+pytestmark = pytest.mark.anyio
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def model(fleet: str) -> str:
+    return "c" + fleet[2:]
+
+
+async def _status(js: JetStreamContext, fleet: str, node: str, payload: bytes) -> None:
+    await js.publish(names.status_subject(fleet, node), payload)
+
+
+async def test_assign_never_sends_a_node_a_bundle_its_runtime_cannot_run(
+    js: JetStreamContext, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    await registry.push(make_transformer_bundle(tmp_path / "tf", keys.key, name=model), trust)
+    await registry.push(make_bundle(tmp_path / "ng", keys.key, name=model, version=2), trust)
+    now = datetime.now(UTC)
+    # An old node's status, in the very format 06cfd20 publishes (no capabilities field).
+    old = OldStatus(fleet=fleet, node="old", time=now, device=OldDevice(memory_mb=4096))
+    await _status(js, fleet, "old", msgspec.json.encode(old))
+    new = NodeStatus(
+        fleet=fleet, node="new", time=now, device=DeviceProfile(memory_mb=4096, capabilities=CAPABILITIES)
+    )
+    await _status(js, fleet, "new", encode_json(new))
+    with pytest.raises(RegistryError) as info:
+        await registry.assign(fleet, 1, model=model, node="old")
+    assert str(info.value) == (
+        f"registry assign: node 'old' can run no variant of {model!r} v1: fp32 needs "
+        "preprocessing 'tokenizer', multi-file bundles, runtime level 2 (has 1)"
+    )
+    with pytest.raises(
+        RegistryError, match=r"node 'old' cannot run .* v1 fp32: it lacks preprocessing 'tokenizer'"
+    ):
+        await registry.assign(fleet, 1, model=model, node="old", variant="fp32")
+    assert (await registry.assign(fleet, 1, model=model, node="new")).variant == "fp32"
+    assert (await registry.assign(fleet, 2, model=model, node="old")).variant == "fp32"  # n-gram: fine
+
+
+async def test_old_nodes_find_no_archive_of_a_bundle_they_cannot_run(
+    js: JetStreamContext, tmp_path: Path, keys: Keys, model: str
+) -> None:
+    """Nodes of 06cfd20 fetch ``<model>/<version>/<variant>`` archives: the registry stores
+    one only for bundles they can run, so they never download a transformer bundle."""
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    await registry.push(make_transformer_bundle(tmp_path / "tf", keys.key, name=model), trust)
+    await registry.push(make_bundle(tmp_path / "ng", keys.key, name=model, version=2), trust)
+    store = await js.object_store(names.MODELS_BUCKET)
+    with pytest.raises(js_errors.NotFoundError):
+        await store.get_info(names.model_object_name(model, 1, "fp32"))
+    archive = await store.get(names.model_object_name(model, 2, "fp32"))
+    with tarfile.open(fileobj=io.BytesIO(archive.data or b"")) as tar:
+        assert tar.getnames() == ["manifest.json", "model.onnx"]  # what 06cfd20 unpacks
+    # The cloud itself still gets either bundle back (recalibration reads them).
+    back = await registry.fetch_bundle(model, 1, "fp32", tmp_path / "back")
+    assert back.raw == read_bundle(tmp_path / "tf").raw
+    assert sorted(f.path for f in back.files) == ["encoder.onnx", "head.onnx", "tokenizer.json"]
+
+
+async def _store_like_a_newer_registry(js: JetStreamContext, bundle_dir: Path) -> None:
+    """What a later registry would write for a bundle this build cannot verify as runnable
+    (push would refuse it): files by sha256, the manifest object, the index, the manifest."""
+    b = read_bundle(bundle_dir)
+    store = await js.object_store(names.MODELS_BUCKET)
+    for f in b.files:
+        await store.put(names.file_object_name(f.sha256), (b.path / f.path).read_bytes())
+    sha = hashlib.sha256(b.raw).hexdigest()
+    await store.put(names.file_object_name(sha), b.raw)
+    m = b.manifest
+    kv = await js.key_value(names.MODELS_MANIFEST_BUCKET)
+    index = BundleIndex(
+        name=m.name, version=m.version, variant=m.variant, manifest_sha256=sha, manifest_size=len(b.raw),
+        requires=m.requires, files_bytes=sum(f.size_bytes for f in b.files),
+    )  # fmt: skip
+    await kv.put(names.bundle_index_key(m.name, m.version, m.variant), encode_json(index))
+    await kv.put(names.manifest_key(m.name, m.version, m.variant), b.raw)
+
+
+async def test_a_node_refuses_a_bundle_for_a_newer_runtime_before_downloading_and_fleet_status_says_so(
+    js: JetStreamContext,
+    nc: NATS,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    model: str,
+) -> None:
+    b = make_transformer_bundle(tmp_path / "future", keys.key, name=model)
+    future = msgspec.structs.replace(
+        b.manifest,
+        requires=Requirements(
+            preprocessing="tokenizer", task="classification", multi_file=True, min_runtime=3
+        ),
+    )
+    (b.path / MANIFEST_FILE).write_bytes(msgspec.json.encode(future))
+    resign_bundle(b.path, keys.key)
+    await _store_like_a_newer_registry(js, b.path)
+    config = CloudConfig(nats_url=nats_server.url, state_dir=str(tmp_path / "cloud"), fleets=[fleet])
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
+    async with CloudService(config) as svc, EdgeNode(cfg) as node:
+        await svc.wait_active(30)
+        await node.link.wait_online(10)
+        await Registry(js).assign(fleet, 1, model=model)  # fleet-wide: the node judges
+        await wait_until(lambda: node.refresher.stats.rejections >= 1, 20, what="refusal")
+        assert node.refresher.stats.bytes_downloaded == 0
+        last = node.refresher.stats.last
+        assert last is not None
+        assert (last.code, last.reason) == (
+            "incompatible",
+            "this runtime can run none of the variants: "
+            "{'fp32': ['runtime level 3 (has 2)']} (not downloaded)",
+        )
+
+        async def said() -> bool:
+            snaps = [s for s in await fleet_status(nc, fleet) if s.node == "n1"]
+            return bool(snaps) and snaps[0].cannot_run is not None
+
+        await wait_until(said, 30, what="fleet status naming the refusal")
+        (snap,) = [s for s in await fleet_status(nc, fleet) if s.node == "n1"]
+        assert snap.cannot_run is not None
+        assert "runtime level 3 (has 2)" in snap.cannot_run
+        assert snap.capabilities == CAPABILITIES
+
+
+async def test_this_node_installs_a_bundle_from_an_old_registry(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    """The reverse: a registry of 06cfd20 stored the archive and the manifest in KV (no index,
+    no files by sha256); this node fetches the archive and runs the bundle it signed."""
+    old = read_bundle(FIXTURES / "old_bundle_06cfd20")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in (MANIFEST_FILE, "model.onnx"):
+            tar.add(old.path / name, arcname=name)
+    store = await js.object_store(names.MODELS_BUCKET)
+    await store.put(names.model_object_name("oldclf", 3, "fp32"), buf.getvalue())
+    kv = await js.key_value(names.MODELS_MANIFEST_BUCKET)
+    await kv.put(names.manifest_key("oldclf", 3, "fp32"), old.raw)
+    cfg = edge_config(
+        tmp_path, keys, fleet=fleet, url=nats_server.url, trust=[FIXTURES / "old_bundle_06cfd20.pub"]
+    )
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(10)
+        await Registry(js).assign(fleet, 3, model="oldclf", variant="fp32")
+        await wait_until(
+            lambda: (
+                node.models.current is not None
+                and node.models.current.ref == ModelRef(name="oldclf", version=3)
+            ),
+            20,
+            what="old bundle installed",
+        )
+        assert [p.label for p in await node.predict(["about gamma"])] == ["gamma"]
