@@ -102,6 +102,12 @@ class CloudConfig(Config, kw_only=True):
     #: Out-of-order seqs kept per node above the contiguous mark before the oldest gap is
     #: declared lost (bounds memory when a node never resends a seq).
     max_pending_seqs: int = 4096
+    #: How far (seconds) a node's window may end after the server time of its message
+    #: (node clocks run ahead); beyond it the aggregate is dead-lettered (``ingest/checks``).
+    max_clock_skew: float = 600.0
+    #: How long before the server time (seconds) a window may start: outbox backlogs after a
+    #: long outage are old but real; a window from 1970 is not.
+    max_window_age: float = 365 * 86400.0
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
     #: Seconds after proposing a recalibrated version during which drift on that version
     #: starts no further recalibration (it would chain estimate errors into v3, v4...).
@@ -131,6 +137,8 @@ class CloudConfig(Config, kw_only=True):
             ("lease_ttl", self.lease_ttl),
             ("snapshot_interval", self.snapshot_interval),
             ("rollout_interval", self.rollout_interval),
+            ("max_clock_skew", self.max_clock_skew),
+            ("max_window_age", self.max_window_age),
         ):
             if not value > 0:
                 raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")

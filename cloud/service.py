@@ -199,7 +199,7 @@ class CloudService:
                 with anyio.CancelScope(shield=True):
                     await lease.release()
 
-    def _consumer(self, kind: type[C], js: JetStreamContext, applier: Applier) -> C:
+    def _consumer(self, kind: type[C], js: JetStreamContext, applier: Applier, **extra: Any) -> C:
         cfg = self.config
         return kind(
             self._link.nc,
@@ -209,6 +209,7 @@ class CloudService:
             batch=cfg.batch_size,
             fetch_timeout=cfg.fetch_timeout,
             ack_wait=cfg.ack_wait,
+            **extra,
         )
 
     async def _serve(self, js: JetStreamContext, lease: Lease, fleet_kv: Any) -> None:
@@ -237,7 +238,13 @@ class CloudService:
                 max_pending_seqs=cfg.max_pending_seqs,
                 fence=fence,
             )
-            ingest = self._consumer(TelemetryIngest, js, applier)
+            ingest = self._consumer(
+                TelemetryIngest,
+                js,
+                applier,
+                max_clock_skew=cfg.max_clock_skew,
+                max_window_age=cfg.max_window_age,
+            )
             status = self._consumer(StatusIngest, js, applier)
             self._applier, self._ingest, self._publisher = applier, ingest, publisher
             self._status = status

@@ -28,6 +28,7 @@ __all__ = [
     "ModelManifest",
     "ModelRef",
     "NodeStatus",
+    "OpsEvent",
     "Preprocessing",
     "Privacy",
     "ReferenceProfile",
@@ -385,6 +386,28 @@ class DriftEvent(Wire, kw_only=True):
     time: datetime
 
 
+class OpsEvent(Wire, kw_only=True):
+    """An operational finding of the cloud about a node or a model (JSON on
+    ``slmops.events.<fleet>``, stream ``SLMOPS_EVENTS``); drift findings stay ``DriftEvent``.
+
+    ``kind``: "install_new" (a node started a new seq epoch: new or wiped data directory),
+    "install_conflict" (two installs live on one node id), "cloned_device" (the same install
+    and seq arrived with different content), "signal_quarantined" (a detector unit's state broke
+    a test; ingest goes on, the unit is rebuilt later), "unregistered_model" (aggregates of a
+    model the registry does not know: counted, not drift-tested)."""
+
+    v: int = SCHEMA_VERSION
+    id: str
+    fleet: str
+    kind: str
+    node: str | None = None
+    install: str | None = None
+    model: ModelRef | None = None
+    signal: str | None = None
+    detail: str = ""
+    time: datetime
+
+
 class RolloutEvent(Wire, kw_only=True):
     """A rollout's progress (JSON on ``slmops.rollout.<fleet>``)."""
 
@@ -408,6 +431,7 @@ class RolloutEvent(Wire, kw_only=True):
 
 WIRE_TYPES: tuple[type[Wire], ...] = (
     TelemetryAggregate,
+    OpsEvent,
     NodeStatus,
     DriftEvent,
     RolloutEvent,
@@ -428,8 +452,12 @@ def encode_telemetry(msg: TelemetryAggregate) -> bytes:
 
 
 def decode_telemetry(data: bytes) -> TelemetryAggregate:
-    """Decode one aggregate; raises ``msgspec.ValidationError``/``DecodeError`` (with a path)."""
-    return _telemetry_decoder.decode(data)
+    """Decode one aggregate; raises ``msgspec.ValidationError``/``DecodeError`` (with a path),
+    also for input nested too deeply to decode (msgspec raises ``RecursionError`` there)."""
+    try:
+        return _telemetry_decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("input nested too deeply to decode") from None
 
 
 def encode_json(msg: Wire) -> bytes:
@@ -440,7 +468,10 @@ def decode_json(data: bytes, type_: type[T]) -> T:
     decoder = _json_decoders.get(type_)
     if decoder is None:
         decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
-    result: T = decoder.decode(data)
+    try:
+        result: T = decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("input nested too deeply to decode") from None
     return result
 
 

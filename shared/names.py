@@ -10,6 +10,7 @@ __all__ = [
     "DEADLETTER_SUBJECT",
     "DRIFT_ALL",
     "DRIFT_STREAM",
+    "EVENTS_STREAM",
     "FLEET_BUCKET",
     "FLEET_WIDE",
     "LEASES_BUCKET",
@@ -27,6 +28,7 @@ __all__ = [
     "assignment_key",
     "bundle_index_key",
     "drift_subject",
+    "events_subject",
     "file_object_name",
     "inbox_prefix",
     "manifest_key",
@@ -45,6 +47,7 @@ DRIFT_STREAM = "SLMOPS_DRIFT"
 STATUS_STREAM = "SLMOPS_STATUS"
 ROLLOUT_STREAM = "SLMOPS_ROLLOUT"
 DEADLETTER_STREAM = "SLMOPS_DEADLETTER"
+EVENTS_STREAM = "SLMOPS_EVENTS"
 DEADLETTER_SUBJECT = "slmops.deadletter"
 ASSIGNMENTS_BUCKET = "slmops_assignments"
 MODELS_BUCKET = "slmops_models"
@@ -108,6 +111,11 @@ def telemetry_filter(fleet: str) -> str:
 
 def drift_subject(fleet: str) -> str:
     return f"slmops.drift.{validate_id(fleet, 'fleet')}"
+
+
+def events_subject(fleet: str) -> str:
+    """Subject of the cloud's operational events (``OpsEvent``) about a fleet."""
+    return f"slmops.events.{validate_id(fleet, 'fleet')}"
 
 
 def rollout_subject(fleet: str) -> str:

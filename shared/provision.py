@@ -57,6 +57,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(names.DRIFT_STREAM, (names.DRIFT_ALL,), max_age=timedelta(days=90)),
     StreamSpec(names.STATUS_STREAM, (names.STATUS_ALL,), max_msgs_per_subject=100),
     StreamSpec(names.ROLLOUT_STREAM, (names.ROLLOUT_ALL,)),
+    StreamSpec(names.EVENTS_STREAM, ("slmops.events.>",), max_age=timedelta(days=90)),
     StreamSpec(
         names.DEADLETTER_STREAM,
         (names.DEADLETTER_SUBJECT, f"{names.DEADLETTER_SUBJECT}.>"),

@@ -32,6 +32,8 @@ def bench(scenario: str, as_json: bool, quick: bool) -> None:
     drift     detection quality on synthetic fleets vs PSI and χ² rules
     refresh   assignment → nodes serving; delivery MB/s vs bare object get; int8 vs fp32
     recalibration  accuracy on label-shifted traffic: recalibrated vs unchanged model
+    fuzz      hypothesis, 10,000 examples each: every wire decoder and the whole cloud
+              ingest path (decode, checks, state, detectors); reports escapes (must be 0)
 
     Prints what it measured and the baseline beside it; never passes or fails on a time
     (shared machines are noisy: compare the ratio, not the absolute figures).

@@ -276,12 +276,13 @@ def _node_row(n: NodeSnapshot) -> list[str]:
         str(n.outbox_depth),
         f"{n.dropped_inferences}/{n.dropped_aggregates}",
         n.device or n.arch or "-",
+        "; ".join(n.notes) or "-",
     ]
 
 
 _NODE_HEADER = ["fleet", "node", "model", "last seen", "inferences", "windows", "seq", "missing", "dups",
-                "outbox", "dropped", "device"]  # fmt: skip
-_NODE_WIDTHS = [14, 16, 16, 9, 10, 7, 6, 7, 5, 6, 7, 0]
+                "outbox", "dropped", "device", "notes"]  # fmt: skip
+_NODE_WIDTHS = [14, 16, 16, 9, 10, 7, 6, 7, 5, 6, 7, 14, 0]
 
 
 @fleet.command("status")

@@ -259,11 +259,16 @@ async def test_a_second_instance_stands_by_and_takes_over_without_double_countin
     assert [(e.scope, e.state) for e in events if e.signal == "class_prior"] == [("fleet", "opened")]
 
 
-async def test_without_a_manifest_the_first_windows_are_the_reference_and_the_event_says_so(
+async def test_without_a_manifest_windows_are_counted_not_drift_tested_and_reported_unregistered(
     nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
 ) -> None:
-    """No manifest in KV: the first rounds become the reference; a later shift opens an
-    event whose ``reference`` is ``first_windows``."""
+    """No manifest in KV (a node serving a local ``--model PATH``): every aggregate is
+    counted, none is drift-tested (issue 13's precise terms; this test used to expect drift
+    events against the first windows, the path where ~40 one-class aggregates of such a
+    model stopped the service), the node shows "unregistered model" and one ``OpsEvent``
+    says so."""
+    from test_cloud_poison import ops_events
+
     rng = np.random.default_rng(6)
     model = ModelRef(name=f"nomanifest-{fleet}", version=3)
     async with CloudService(cloud_config(nats_server.url, tmp_path, fleet, warmup_rounds=4)) as svc:
@@ -274,9 +279,13 @@ async def test_without_a_manifest_the_first_windows_are_the_reference_and_the_ev
                 await publish(js, make_aggregate(fleet, node, seq, 300, rng, prior=prior, model=model))
         await wait_until(lambda: _applied(svc, fleet) == 64, 20, what="all applied")
         await wait_until(lambda: svc.statistics()["events_published"] >= 1, 10, what="event out")
-    events = [e for e in await drift_events(js, fleet) if e.signal == "class_prior"]
-    assert [(e.scope, e.state, e.reference) for e in events][:1] == [("fleet", "opened", "first_windows")]
-    assert events[0].model == model
+        nodes = [n for (f, _), n in svc.nodes.items() if f == fleet]
+        assert svc.detector is not None
+        assert not any(k.startswith(f"{fleet}/") for k in svc.detector.groups)
+    assert await drift_events(js, fleet) == []
+    assert all(n.model_registered is False and n.unregistered == 16 for n in nodes)
+    assert sum(n.inferences for n in nodes) == 64 * 300
+    assert [(e.kind, e.model) for e in await ops_events(js, fleet)] == [("unregistered_model", model)]
 
 
 async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_roll_it_back(

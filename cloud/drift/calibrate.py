@@ -26,9 +26,12 @@ import anyio
 import anyio.to_thread
 import msgspec
 import numpy as np
+import structlog
 from anyio.abc import TaskStatus
 
 __all__ = ["Calibration", "Calibrator", "calibrate", "n_bucket", "shared_calibrator"]
+
+log = structlog.get_logger(__name__)
 
 _STEP = 0.02  # grid of the CUSUM level
 _S_MAX = 40.0
@@ -227,6 +230,9 @@ class Calibrator:
         self._blocking = blocking
         self._cache: dict[tuple[object, ...], Calibration] = cache if cache is not None else {}
         self._wanted: dict[tuple[object, ...], tuple[list[float], int, float, float, int | None]] = {}
+        #: Calibrations that raised (a degenerate reference): never retried; ``get`` answers
+        #: None for them, so the detector falls back to its analytic tail.
+        self.failed: dict[tuple[object, ...], str] = {}
         self._wake = anyio.Event()
 
     def statistics(self) -> dict[str, int]:
@@ -261,6 +267,8 @@ class Calibrator:
             noise,
             upper_cell,
         )
+        if ck in self.failed:
+            return None
         if not self._blocking:
             if ck not in self._wanted:
                 self._wanted[ck] = args
@@ -293,8 +301,13 @@ class Calibrator:
             self._wake = anyio.Event()
             while self._wanted:
                 ck, args = next(iter(self._wanted.items()))
-                cal = await anyio.to_thread.run_sync(self._compute, ck, args)
-                self._cache[ck] = cal
+                try:
+                    cal = await anyio.to_thread.run_sync(self._compute, ck, args)
+                except Exception as exc:  # one bad reference must not stop ingest
+                    self.failed[ck] = f"{type(exc).__name__}: {exc}"
+                    log.warning("calibration_failed", key=str(ck[0]), error=self.failed[ck])
+                else:
+                    self._cache[ck] = cal
                 del self._wanted[ck]
 
 

@@ -86,7 +86,9 @@ class DriftDetector:
         #: Signal -> node windows due for their test, run together (``_run_tests``) before
         #: anything reads a node's CUSUM: at a round close and in ``take_dirty``. A node is in
         #: a round once, so no unit appears twice here.
-        self._tests: dict[str, list[tuple[UnitSig, SignalRef, Acc]]] = {}
+        self._tests: dict[str, list[tuple[UnitSig, SignalRef, Acc, str]]] = {}
+        #: Signals quarantined since the caller last took them (``take_quarantines``).
+        self._quarantined: list[tuple[Group, str, str]] = []
 
     def statistics(self) -> dict[str, int]:
         return {"groups": len(self.groups), "node_units": len(self.units), **self._cal.statistics()}
@@ -119,6 +121,7 @@ class DriftDetector:
         self._run_tests()
         for k in self._dirty_groups:
             self._flush_round(self.groups[k])
+        # A quarantine above may have marked more units dirty; all are returned.
         groups = [self.groups[k] for k in self._dirty_groups]
         units = [(k[0], k[1], self.units[k]) for k in self._dirty_units]
         self._dirty_groups.clear()
@@ -130,13 +133,6 @@ class DriftDetector:
     def observe(self, agg: TelemetryAggregate) -> list[DriftEvent]:
         """Account one (deduplicated) aggregate. ``add_group`` must have been called for it."""
         g = self.groups[group_key(agg.fleet, agg.model)]
-        self._dirty_groups.add(g.key)
-        events: list[DriftEvent] = []
-        in_round = self._round_sets.get(g.key)
-        if in_round is None:
-            in_round = self._round_sets[g.key] = set(g.round_nodes)
-        if agg.node in in_round:
-            events = self._close_round(g)
         if not g.labels and agg.class_counts:
             g.labels = sorted(agg.class_counts)
         if len(g.edges) < 3:
@@ -146,6 +142,19 @@ class DriftDetector:
                 ("latency", agg.latency_ms),
             ):
                 g.edges.setdefault(name, list(hist.edges))
+        # First, before any state changes: what this aggregate brings (an error here is the
+        # message's fault, and the caller dead-letters it).
+        signals = extract(agg, g.labels, g.edges)
+        self._dirty_groups.add(g.key)
+        events: list[DriftEvent] = []
+        in_round = self._round_sets.get(g.key)
+        if in_round is None:
+            in_round = self._round_sets[g.key] = set(g.round_nodes)
+        if agg.node in in_round:
+            events = self._close_round(g)
+        if g.quarantine:
+            self._lift_quarantine(g)
+            signals = {k: v for k, v in signals.items() if k not in g.quarantine}
         ukey = (g.key, agg.node)
         unit = self.units.get(ukey)
         if unit is None:
@@ -160,7 +169,8 @@ class DriftDetector:
         if pending is None:
             pending = self._round_pending[g.key] = {}
         tests = self._tests
-        for signal, (counts, noise) in extract(agg, g.labels, g.edges).items():
+        gkey = g.key
+        for signal, (counts, noise) in signals.items():
             total = sum(counts)
             waiting = pending.get(signal)
             if waiting is None:
@@ -187,9 +197,9 @@ class DriftDetector:
                 us = unit.sig[signal] = UnitSig()
             due = tests.get(signal)
             if due is None:
-                tests[signal] = [(us, ref, acc)]
+                tests[signal] = [(us, ref, acc, gkey)]
             else:
-                due.append((us, ref, acc))
+                due.append((us, ref, acc, gkey))
             tested = True
         if tested:
             g.round_node_windows += 1
@@ -221,18 +231,92 @@ class DriftDetector:
         quiet_z = self._cfg.quiet_z
         for signal, due in tests.items():
             upper = ONE_SIDED.get(signal)
-            if len(due) >= _ROWS_MIN:
-                zs = window_z_rows(
-                    [acc.counts for _, _, acc in due],
-                    [ref.probs for _, ref, _ in due],
-                    [ref.n_ref for _, ref, _ in due],
-                    [acc.noise for _, _, acc in due],
-                    upper,
-                )
-            else:
-                zs = [window_z(acc.counts, ref.probs, ref.n_ref, acc.noise, upper) for _, ref, acc in due]
-            for (us, _ref, acc), z in zip(due, zs, strict=True):
-                self._advance(us, z, acc, z < quiet_z, 0.0)
+            zs: list[float | None]
+            try:
+                if len(due) >= _ROWS_MIN:
+                    zs = window_z_rows(  # type: ignore[assignment]
+                        [acc.counts for _, _, acc, _ in due],
+                        [ref.probs for _, ref, _, _ in due],
+                        [ref.n_ref for _, ref, _, _ in due],
+                        [acc.noise for _, _, acc, _ in due],
+                        upper,
+                    )
+                else:
+                    zs = [
+                        window_z(acc.counts, ref.probs, ref.n_ref, acc.noise, upper) for _, ref, acc, _ in due
+                    ]
+            except Exception:  # find the unit at fault, one by one
+                zs = self._z_one_by_one(signal, due, upper)
+            for (us, _ref, acc, _g), z in zip(due, zs, strict=True):
+                if z is not None:
+                    self._advance(us, z, acc, z < quiet_z, 0.0)
+
+    def _z_one_by_one(
+        self, signal: str, due: list[tuple[UnitSig, SignalRef, Acc, str]], upper: int | None
+    ) -> list[float | None]:
+        """The z-scores of ``due`` one at a time; a window whose test raises quarantines its
+        group's signal (None in its place)."""
+        out: list[float | None] = []
+        for _us, ref, acc, gkey in due:
+            g = self.groups.get(gkey)
+            if g is None or signal in g.quarantine:
+                out.append(None)
+                continue
+            try:
+                out.append(window_z(acc.counts, ref.probs, ref.n_ref, acc.noise, upper))
+            except Exception as exc:  # state-level poison, see _quarantine
+                self._quarantine(g, signal, exc)
+                out.append(None)
+        return out
+
+    # -- quarantine (state-level poison) -------------------------------------------------------
+
+    def take_quarantines(self) -> list[tuple[Group, str, str]]:
+        """``(group, signal, reason)`` of the signals quarantined since the last call."""
+        out, self._quarantined = self._quarantined, []
+        return out
+
+    def _quarantine(self, g: Group, signal: str, exc: BaseException) -> None:
+        """When the accumulated state of one (fleet, model, signal) breaks a test (e.g. a
+        one-class reference: χ² with 0 degrees of freedom), drop that signal's state in the
+        group and its node units, skip the signal for ``QUARANTINE_ROUNDS`` rounds, then
+        rebuild it from the windows after. Ingest and counting go on; other signals and
+        groups are untouched."""
+        reason = f"{type(exc).__name__}: {exc}"[:300]
+        g.quarantine[signal] = g.rounds + QUARANTINE_ROUNDS
+        g.quarantine_reason[signal] = reason
+        g.fleet_sig.pop(signal, None)
+        g.round.pop(signal, None)
+        g.warm.pop(signal, None)
+        pending = self._round_pending.get(g.key)
+        if pending is not None:
+            pending.pop(signal, None)
+        due = self._tests.get(signal)
+        if due:
+            self._tests[signal] = [t for t in due if t[3] != g.key]
+        for (gk, node), unit in self.units.items():
+            if gk == g.key:
+                unit.sig.pop(signal, None)
+                unit.acc.pop(signal, None)
+                unit.warm.pop(signal, None)
+                unit.refs.pop(signal, None)
+                self._dirty_units.add((gk, node))
+        self._dirty_groups.add(g.key)
+        self._quarantined.append((g, signal, reason))
+        log.warning(
+            "drift_signal_quarantined",
+            group=g.key,
+            signal=signal,
+            reason=reason,
+            rebuild_at_round=g.quarantine[signal],
+        )
+
+    def _lift_quarantine(self, g: Group) -> None:
+        for signal, until in list(g.quarantine.items()):
+            if g.rounds >= until:
+                del g.quarantine[signal]
+                g.quarantine_reason.pop(signal, None)
+                log.info("drift_signal_rebuilding", group=g.key, signal=signal)
 
     def _advance(self, us: UnitSig, z: float, acc: Acc, quiet: bool, effect: float) -> None:
         was_zero = us.s <= 0
@@ -259,43 +343,54 @@ class DriftDetector:
         pending = self._round_pending.pop(g.key, None)
         if not pending:
             return
-        for signal, windows in pending.items():
-            cells = len(windows[0][0])
-            if any(len(w[0]) != cells for w in windows):
-                raise ValueError(f"{signal}: windows of different cell counts in one round")
-            sums = [sum(col) for col in zip(*[w[0] for w in windows], strict=True)]
-            racc = g.round.get(signal)
-            if racc is None:
-                racc = g.round[signal] = Acc(counts=sums, total=sum(sums), windows=0)
-                racc.noise = windows[0][1]
-                rest = windows[1:]
-            else:
-                if len(racc.counts) != cells:
-                    raise ValueError(f"{cells} cells added to an accumulator of {len(racc.counts)}")
-                racc.counts = [a + b for a, b in zip(racc.counts, sums, strict=True)]
-                racc.total += sum(sums)
-                rest = windows
-            for w in rest:
-                racc.noise += w[1]
-            racc.windows += len(windows)
-            for _counts, _noise, start, end in windows:
-                if racc.start is None or start < racc.start:
-                    racc.start = start
-                if racc.end is None or end > racc.end:
-                    racc.end = end
+        for signal, windows in list(pending.items()):
+            try:
+                self._flush_signal(g, signal, windows)
+            except Exception as exc:  # state-level poison, see _quarantine
+                self._quarantine(g, signal, exc)
+
+    def _flush_signal(
+        self, g: Group, signal: str, windows: list[tuple[list[float], float, datetime, datetime]]
+    ) -> None:
+        cells = len(windows[0][0])
+        if any(len(w[0]) != cells for w in windows):
+            raise ValueError(f"{signal}: windows of different cell counts in one round")
+        sums = [sum(col) for col in zip(*[w[0] for w in windows], strict=True)]
+        racc = g.round.get(signal)
+        if racc is None:
+            racc = g.round[signal] = Acc(counts=sums, total=sum(sums), windows=0)
+            racc.noise = windows[0][1]
+            rest = windows[1:]
+        else:
+            if len(racc.counts) != cells:
+                raise ValueError(f"{cells} cells added to an accumulator of {len(racc.counts)}")
+            racc.counts = [a + b for a, b in zip(racc.counts, sums, strict=True)]
+            racc.total += sum(sums)
+            rest = windows
+        for w in rest:
+            racc.noise += w[1]
+        racc.windows += len(windows)
+        for _counts, _noise, start, end in windows:
+            if racc.start is None or start < racc.start:
+                racc.start = start
+            if racc.end is None or end > racc.end:
+                racc.end = end
 
     def _close_round(self, g: Group) -> list[DriftEvent]:
         cfg = self._cfg
         self._run_tests()
         self._flush_round(g)
-        for signal, acc in g.round.items():
+        for signal, acc in list(g.round.items()):
             ref = g.refs.get(signal)
             if ref is not None:
                 if acc.n >= cfg.min_count:
                     us = g.fleet_sig.get(signal)
                     if us is None:
                         us = g.fleet_sig[signal] = UnitSig()
-                    self._step(us, signal, ref, acc, fleet=True)
+                    try:
+                        self._step(us, signal, ref, acc, fleet=True)
+                    except Exception as exc:  # state-level poison
+                        self._quarantine(g, signal, exc)
             else:
                 warm = g.warm.get(signal)
                 if warm is None or len(warm.counts) != len(acc.counts):
@@ -324,7 +419,12 @@ class DriftDetector:
         if family:
             pis = []
             keys: dict[tuple[str, bool], str] = {}  # one calibration key string per signal/scope
-            for unit_node, signal, us, ref in family:
+            bad: list[int] = []
+            for i, (unit_node, signal, us, ref) in enumerate(family):
+                if signal in g.quarantine:
+                    bad.append(i)
+                    pis.append(1.0)
+                    continue
                 if us.s <= 0:
                     # A CUSUM at zero has p = 1 under any calibration (``tail(0)``, and the
                     # fallback's too): no lookup. About half the family, stationary.
@@ -338,23 +438,34 @@ class DriftDetector:
                 key = keys.get((signal, is_node))
                 if key is None:
                     key = keys[signal, is_node] = f"{g.key}/{signal}/{'node' if is_node else 'fleet'}"
-                cal = self._cal.get(
-                    key,
-                    shared.probs,
-                    us.last_n,
-                    ref.n_ref,
-                    us.last_noise,
-                    ONE_SIDED.get(signal),
-                    baseline_windows=cfg.node_baseline_windows if unit_node is not None else 0,
-                )
-                us.pi = cal.tail(us.s) if cal is not None else self._fallback_tail(us.s)
+                try:
+                    cal = self._cal.get(
+                        key,
+                        shared.probs,
+                        us.last_n,
+                        ref.n_ref,
+                        us.last_noise,
+                        ONE_SIDED.get(signal),
+                        baseline_windows=cfg.node_baseline_windows if unit_node is not None else 0,
+                    )
+                    us.pi = cal.tail(us.s) if cal is not None else self._fallback_tail(us.s)
+                except Exception as exc:  # state-level poison
+                    self._quarantine(g, signal, exc)
+                    bad.append(i)
+                    us.pi = 1.0
                 pis.append(us.pi)
             q = min(0.1, cfg.target_false_rate * max(1, g.round_node_windows))
             rejected = benjamini_hochberg(pis, q)
-            for (unit_node, signal, us, ref), rej in zip(family, rejected, strict=True):
-                if rej or us.open:  # else _hysteresis has nothing to do (the common case)
-                    events += self._hysteresis(g, unit_node, signal, us, ref, rej)
+            skip = set(bad)
+            for i, ((unit_node, signal, us, ref), rej) in enumerate(zip(family, rejected, strict=True)):
                 us.fresh = False
+                if i in skip or signal in g.quarantine:
+                    continue
+                if rej or us.open:  # else _hysteresis has nothing to do (the common case)
+                    try:
+                        events += self._hysteresis(g, unit_node, signal, us, ref, rej)
+                    except Exception as exc:  # state-level poison
+                        self._quarantine(g, signal, exc)
         g.round = {}
         g.round_nodes = []
         in_round = self._round_sets.get(g.key)
@@ -448,6 +559,8 @@ class DriftDetector:
 
 
 _RANK = {"": 0, "info": 1, "warning": 2, "critical": 3}
+#: Rounds a quarantined signal is skipped before it is rebuilt from the windows after.
+QUARANTINE_ROUNDS = 50
 #: From this many windows of a signal on, ``window_z_rows`` beats ``window_z`` (measured: 1.6
 #: against 3.6 µs per window at 200 rows, break-even near 30).
 _ROWS_MIN = 32

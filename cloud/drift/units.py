@@ -65,6 +65,10 @@ class Group(msgspec.Struct, kw_only=True):
     confusion_source: str = ""
     ref_accuracy: float | None = None
     ref_mean_conf: float | None = None
+    #: Quarantined signals (state-level poison, ``DriftDetector._quarantine``): signal -> the
+    #: round from which it is rebuilt from later windows, and why it was quarantined.
+    quarantine: dict[str, int] = {}
+    quarantine_reason: dict[str, str] = {}
 
 
 def new_group(fleet: str, model: ModelRef, manifest: ModelManifest | None) -> Group:

@@ -9,8 +9,10 @@ propagates and the service restarts from the stored state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import datetime
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import msgspec
@@ -20,16 +22,34 @@ from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
 from slmops.cloud.drift.detector import DriftDetector
-from slmops.cloud.ingest.dedupe import Admit
+from slmops.cloud.ingest.checks import check_manifest
+from slmops.cloud.ingest.dedupe import Admit, SeqTracker
 from slmops.cloud.ingest.events import EventPublisher, encode_event
 from slmops.cloud.ingest.snapshot import SnapshotWriter
-from slmops.cloud.ingest.state import NodeState, StateStore
-from slmops.shared.messages import ModelManifest, ModelRef, NodeStatus, TelemetryAggregate, decode_json
-from slmops.shared.names import MODELS_MANIFEST_BUCKET, manifest_key
+from slmops.cloud.ingest.state import InstallEpoch, NodeState, StateStore
+from slmops.shared.messages import (
+    ModelManifest,
+    ModelRef,
+    NodeStatus,
+    OpsEvent,
+    TelemetryAggregate,
+    decode_json,
+    encode_json,
+)
+from slmops.shared.names import MODELS_MANIFEST_BUCKET, events_subject, manifest_key
 
 __all__ = ["Applier", "fetch_manifest"]
 
 log = structlog.get_logger(__name__)
+
+#: Seconds a model found missing from the registry is not looked up again.
+_UNKNOWN_RECHECK = 60.0
+_MANIFEST_CACHE = 10_000
+#: Install epochs kept per node id (the least recently stored one goes first; an install
+#: that comes back after that is counted from scratch).
+MAX_EPOCHS = 16
+#: Applied seqs per epoch whose payload hash is kept for the cloned-device check.
+RECENT_HASHES = 256
 
 
 async def fetch_manifest(js: JetStreamContext, model: ModelRef) -> ModelManifest | None:
@@ -66,6 +86,9 @@ class Applier:
         clock: Callable[[], datetime],
         max_pending_seqs: int = 4096,
         fence: Callable[[], None] = lambda: None,
+        manifest_source: Callable[[JetStreamContext, ModelRef], Awaitable[ModelManifest | None]] = (
+            fetch_manifest
+        ),
     ) -> None:
         self.store = store
         self.detector = detector
@@ -76,7 +99,33 @@ class Applier:
         self._clock = clock
         self._max_pending = max_pending_seqs
         self._fence = fence
+        self._manifest_source = manifest_source
         self.lock = anyio.Lock()
+        self._manifests: dict[tuple[str, int, str], tuple[ModelManifest | None, float]] = {}
+        #: Groups already reported as unregistered by this instance (one event each; the
+        #: event id is deterministic, so a restart's repeat is dropped by the stream).
+        self._unregistered_seen: set[str] = set()
+
+    async def _manifest(self, js: JetStreamContext, model: ModelRef) -> ModelManifest | None:
+        """The model's manifest, cached: a found one for good (a version never changes), a
+        missing one for ``_UNKNOWN_RECHECK`` seconds (the model may be pushed later)."""
+        key = (model.name, model.version, model.variant)
+        hit = self._manifests.get(key)
+        now = time.monotonic()
+        if hit is not None and (hit[0] is not None or now - hit[1] < _UNKNOWN_RECHECK):
+            return hit[0]
+        manifest = await self._manifest_source(js, model)
+        if len(self._manifests) >= _MANIFEST_CACHE:
+            self._manifests.clear()
+        self._manifests[key] = (manifest, now)
+        return manifest
+
+    def _ops_event(
+        self, fleet: str, kind: str, ident: str, now: datetime, **fields: Any
+    ) -> tuple[str, str, bytes]:
+        event = OpsEvent(id=f"{fleet}.{kind}.{ident}", fleet=fleet, kind=kind, time=now, **fields)
+        log.warning("ops_event", id=event.id, kind=kind, fleet=fleet, detail=event.detail)
+        return event.id, events_subject(fleet), encode_json(event)
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -88,38 +137,191 @@ class Applier:
             state = self.nodes[key] = NodeState(fleet=fleet, node=node, first_seen=now)
         return state
 
-    async def apply_aggregates(self, js: JetStreamContext, aggs: Sequence[TelemetryAggregate]) -> int:
-        """Apply a batch (duplicates are dropped) and commit it; returns how many were new."""
+    def _epoch(
+        self, node: NodeState, agg: TelemetryAggregate, stored: datetime, ops: list[tuple[str, str, bytes]]
+    ) -> InstallEpoch:
+        """The seq epoch of ``agg``'s install, created (and reported, for a real install id)
+        when new; checks whether another install of this node id is live at the same time."""
+        install = agg.install
+        epochs = node.epochs
+        epoch = epochs.get(install)
+        if epoch is None and (install == "" or not epochs):
+            # The previous release's single tracker is the legacy epoch's.
+            legacy = node.seqs
+            if legacy.contiguous or legacy.pending or legacy.abandoned:
+                epochs[""] = InstallEpoch(seqs=legacy)
+                node.seqs = SeqTracker()
+            epoch = epochs.get(install)
+        if epoch is None:
+            previous = [(k, e) for k, e in epochs.items() if e.aggregates]
+            epoch = epochs[install] = InstallEpoch(first_stored=stored)
+            if len(epochs) > MAX_EPOCHS:
+                oldest = min(
+                    (k for k in epochs if k != install),
+                    key=lambda k: epochs[k].last_stored or datetime.min.replace(tzinfo=UTC),
+                )
+                del epochs[oldest]
+            if install:
+                self._count("installs")
+                before = ", ".join(f"{k or 'legacy'} at seq {e.seqs.high}" for k, e in previous[-3:])
+                ops.append(
+                    self._ops_event(
+                        agg.fleet,
+                        "install_new",
+                        f"{agg.node}.{install}",
+                        stored,
+                        node=agg.node,
+                        install=install,
+                        detail=f"new seq epoch (install {install})"
+                        + (f" after {before}" if before else ": the node's first install"),
+                    )
+                )
+            node.install = install
+        if epoch.first_stored is None or stored < epoch.first_stored:
+            epoch.first_stored = stored
+        if epoch.last_stored is None or stored > epoch.last_stored:
+            epoch.last_stored = stored
+        for other, e in epochs.items():
+            if other == install or e.first_stored is None or e.last_stored is None:
+                continue
+            # Both live: each has an aggregate stored after the other's first one.
+            if e.first_stored < stored and epoch.first_stored < e.last_stored:
+                pair = "/".join(sorted((other or "legacy", install or "legacy")))
+                if pair not in node.conflicts:
+                    node.conflicts = [*node.conflicts[-7:], pair]
+                    self._count("install_conflicts")
+                    ops.append(
+                        self._ops_event(
+                            agg.fleet,
+                            "install_conflict",
+                            f"{agg.node}.{pair.replace('/', '.')}",
+                            stored,
+                            node=agg.node,
+                            install=install,
+                            detail=f"two installs live on node id {agg.node!r}: {pair} "
+                            "(two devices configured with one node id?)",
+                        )
+                    )
+        return epoch
+
+    def _check_clone(
+        self,
+        node: NodeState,
+        epoch: InstallEpoch,
+        agg: TelemetryAggregate,
+        digest: str | None,
+        stored: datetime,
+        ops: list[tuple[str, str, bytes]],
+    ) -> None:
+        """A seen (install, seq) with another payload than the one applied: a cloned device."""
+        if digest is None:
+            return
+        was = epoch.recent.get(agg.seq)
+        if was is None or was == digest:
+            return
+        node.clones += 1
+        self._count("clones")
+        ops.append(
+            self._ops_event(
+                agg.fleet,
+                "cloned_device",
+                f"{agg.node}.{agg.install or 'legacy'}",
+                stored,
+                node=agg.node,
+                install=agg.install,
+                detail=f"seq {agg.seq} of install {agg.install or 'legacy'} arrived again with other "
+                "content: a copied data directory (cloned device)?",
+            )
+        )
+
+    async def apply_aggregates(
+        self,
+        js: JetStreamContext,
+        aggs: Sequence[TelemetryAggregate],
+        stored: Sequence[datetime] | None = None,
+        digests: Sequence[str] | None = None,
+    ) -> tuple[int, list[tuple[int, str]]]:
+        """Apply a batch (duplicates are dropped) and commit it. Returns how many were new
+        and the aggregates refused, as ``(index in aggs, reason)``: labels or histogram
+        edges their model does not have, or any error while the detector took them in (the
+        caller dead-letters those; nothing of them was applied). An aggregate of a model the
+        registry does not know is counted but not drift-tested ("unregistered model")."""
+        manifests = {}
         for agg in aggs:
-            if not self.detector.has_group(agg.fleet, agg.model):
-                manifest = await fetch_manifest(js, agg.model)
-                self.detector.add_group(agg.fleet, agg.model, manifest)
+            key = (agg.model.name, agg.model.version, agg.model.variant)
+            if key not in manifests:
+                manifests[key] = await self._manifest(js, agg.model)
+        rejected: list[tuple[int, str]] = []
         async with self.lock:
             now = self._clock()
             dirty: set[tuple[str, str]] = set()
             events = []
+            ops: list[tuple[str, str, bytes]] = []
             applied = 0
-            for agg in aggs:
+            for i, agg in enumerate(aggs):
                 node = self._node(agg.fleet, agg.node, now)
+                at = stored[i] if stored is not None else now
+                digest = digests[i] if digests is not None else None
+                epoch = self._epoch(node, agg, at, ops)
                 dirty.add((agg.fleet, agg.node))
-                before_gaps = node.seqs.gaps_opened
-                kind = node.seqs.admit(agg.seq, self._max_pending)
-                if kind is Admit.DUPLICATE:
+                if epoch.seqs.seen(agg.seq):
                     node.duplicates += 1
                     self._count("duplicates")
+                    self._check_clone(node, epoch, agg, digest, at, ops)
                     continue
+                manifest = manifests[(agg.model.name, agg.model.version, agg.model.variant)]
+                try:
+                    if manifest is None:
+                        new_events = None
+                    else:
+                        check_manifest(agg, manifest)
+                        if not self.detector.has_group(agg.fleet, agg.model):
+                            self.detector.add_group(agg.fleet, agg.model, manifest)
+                        new_events = self.detector.observe(agg)
+                except Exception as exc:  # one message's fault: dead-letter it, go on
+                    rejected.append((i, f"{type(exc).__name__}: {exc}"[:1000]))
+                    continue
+                if new_events is None:
+                    node.unregistered += 1
+                    self._count("unregistered")
+                    gkey = f"{agg.fleet}/{agg.model.name}/{agg.model.version}/{agg.model.variant}"
+                    if gkey not in self._unregistered_seen:
+                        self._unregistered_seen.add(gkey)
+                        ops.append(
+                            self._ops_event(
+                                agg.fleet,
+                                "unregistered_model",
+                                f"{agg.model.name}.{agg.model.version}.{agg.model.variant}",
+                                now,
+                                node=agg.node,
+                                model=agg.model,
+                                detail="unregistered model: counted, not drift-tested "
+                                "(no manifest in the registry)",
+                            )
+                        )
+                else:
+                    events += new_events
+                seqs = epoch.seqs
+                before_gaps = seqs.gaps_opened
+                kind = seqs.admit(agg.seq, self._max_pending)
+                epoch.aggregates += 1
+                if digest is not None:
+                    epoch.recent[agg.seq] = digest
+                    if len(epoch.recent) > RECENT_HASHES:
+                        del epoch.recent[min(epoch.recent)]
                 if kind is Admit.LATE:
                     node.late += 1
                     self._count("late")
-                if node.seqs.gaps_opened != before_gaps:
+                if seqs.gaps_opened != before_gaps:
                     self._count("gaps")
                     log.warning(
                         "seq_gap",
                         fleet=agg.fleet,
                         node=agg.node,
+                        install=agg.install,
                         seq=agg.seq,
-                        missing=node.seqs.missing,
-                        ranges=node.seqs.missing_ranges(5),
+                        missing=seqs.missing,
+                        ranges=seqs.missing_ranges(5),
                     )
                 applied += 1
                 node.inferences += agg.count
@@ -129,13 +331,28 @@ class Applier:
                 node.dropped_inferences += agg.dropped_inferences
                 node.dropped_aggregates += agg.dropped_aggregates
                 node.model = agg.model
-                node.last_seen = now
+                if node.last_seen is None or at > node.last_seen:
+                    node.last_seen = at  # server time (fault 6), never the node's clock
+                node.model_registered = new_events is not None
                 if node.last_window_end is None or agg.window_end > node.last_window_end:
                     node.last_window_end = agg.window_end
-                events += self.detector.observe(agg)
             self._count("aggregates", applied)
             groups, units = self.detector.take_dirty()
-            rows = [encode_event(e) for e in events]
+            for g, signal, reason in self.detector.take_quarantines():
+                self._count("quarantines")
+                ops.append(
+                    self._ops_event(
+                        g.fleet,
+                        "signal_quarantined",
+                        f"{g.model.name}.{g.model.version}.{g.model.variant}.{signal}.{g.rounds}",
+                        now,
+                        model=g.model,
+                        signal=signal,
+                        detail=f"{reason}; counting goes on, the signal is rebuilt from the "
+                        f"windows after round {g.quarantine.get(signal, g.rounds)}",
+                    )
+                )
+            rows = [encode_event(e) for e in events] + ops
             self._fence()
             await self.store.commit(
                 nodes=[self.nodes[k] for k in dirty],
@@ -158,18 +375,26 @@ class Applier:
         self.publisher.add(rows)
         if self.snapshots is not None:
             self.snapshots.mark(dirty)
-        return applied
+        return applied, rejected
 
-    async def apply_statuses(self, statuses: Sequence[NodeStatus]) -> None:
-        """Fold node status reports into the fleet state and commit them."""
+    async def apply_statuses(
+        self, statuses: Sequence[NodeStatus], stored: Sequence[datetime] | None = None
+    ) -> None:
+        """Fold node status reports into the fleet state and commit them. ``stored``: each
+        report's server (JetStream) time, which orders them and dates ``last_seen``; the
+        node's own ``time`` is only shown, with its difference to the server as the node's
+        clock skew (a node whose clock ran hours ahead and was corrected is not ignored)."""
         async with self.lock:
             now = self._clock()
             dirty: set[tuple[str, str]] = set()
-            for st in statuses:
+            for i, st in enumerate(statuses):
                 node = self._node(st.fleet, st.node, now)
-                if node.status_time is not None and st.time < node.status_time:
+                at = stored[i] if stored is not None else now
+                if node.status_stored is not None and at < node.status_stored:
                     continue  # an older report arriving late must not overwrite a newer one
                 dirty.add((st.fleet, st.node))
+                node.status_stored = at
+                node.clock_skew = round((st.time - at).total_seconds(), 3)
                 node.status_time = st.time
                 node.status_event = st.event
                 node.device = st.device
@@ -185,7 +410,8 @@ class Applier:
                     node.cannot_run = f"{r.model.name} v{r.model.version} {r.model.variant}: {r.reason}"
                 elif r is not None and r.ok:
                     node.cannot_run = None
-                node.last_seen = now
+                if node.last_seen is None or at > node.last_seen:
+                    node.last_seen = at
             self._count("statuses", len(statuses))
             self._fence()
             await self.store.commit(nodes=[self.nodes[k] for k in dirty], counters=self.counters)

@@ -26,6 +26,7 @@ import hashlib
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import anyio
@@ -40,6 +41,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 
 from slmops.cloud.ingest.apply import Applier
+from slmops.cloud.ingest.checks import Rejected, check_ranges
 from slmops.cloud.ingest.pull import ConsumerGone, PullBatches, PullError
 from slmops.shared.backoff import Backoff
 from slmops.shared.messages import TelemetryAggregate, decode_telemetry
@@ -52,6 +54,7 @@ __all__ = [
     "consumer_name",
     "deadletter",
     "deadletter_until_stored",
+    "ingest_batch",
 ]
 
 log = structlog.get_logger(__name__)
@@ -60,6 +63,9 @@ _DEADLETTER_TIMEOUT = 5.0
 _NAK_DELAY = 5.0
 _MAX_CONSUMER_NAME = 48
 _KNOWN_SUBJECTS = 100_000
+#: Defaults of ``CloudConfig.max_clock_skew`` / ``max_window_age`` (see ``checks.py``).
+DEFAULT_MAX_CLOCK_SKEW = 600.0
+DEFAULT_MAX_WINDOW_AGE = 365 * 86400.0
 #: Seconds an abandoned recovery consumer lives on the server before it removes itself.
 _RECOVER_INACTIVE = 60.0
 
@@ -120,11 +126,20 @@ async def deadletter_until_stored(js: JetStreamContext, msg: Msg, reason: str, k
         await anyio.sleep(delay)
 
 
-def check_telemetry(msg: Msg, known: set[str] | None = None) -> TelemetryAggregate:
-    """Decode and check one telemetry message; ``ValueError``/``msgspec`` errors say why not.
+def check_telemetry(
+    msg: Msg,
+    known: set[str] | None = None,
+    *,
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+    max_window_age: float = DEFAULT_MAX_WINDOW_AGE,
+) -> TelemetryAggregate:
+    """Decode and check one telemetry message; ``ValueError``/``msgspec`` errors say why not
+    (``checks.Rejected`` for absurd values; any other exception is a message that cannot
+    be handled either, and the caller dead-letters it the same way).
 
     ``known``: subjects whose fleet and node ids were validated already (the caller keeps it,
-    bounded); for those, the aggregate only has to name the same fleet and node."""
+    bounded); for those, the aggregate only has to name the same fleet and node. Times are
+    judged against the message's JetStream timestamp (server time)."""
     agg = decode_telemetry(msg.data)
     subject = msg.subject
     if known is not None and subject in known:
@@ -141,13 +156,70 @@ def check_telemetry(msg: Msg, known: set[str] | None = None) -> TelemetryAggrega
             if len(known) >= _KNOWN_SUBJECTS:
                 known.clear()  # bounded; the live ones come back at the cost of one check each
             known.add(subject)
-    if agg.seq < 1:
-        raise ValueError(f"$.seq must be >= 1, got {agg.seq!r}")
-    if agg.count < 0 or agg.errors < 0 or agg.windows < 1:
-        raise ValueError(
-            f"negative count/errors or windows < 1: {agg.count!r}/{agg.errors!r}/{agg.windows!r}"
-        )
+    check_ranges(agg, server_time(msg), max_clock_skew=max_clock_skew, max_window_age=max_window_age)
     return agg
+
+
+def server_time(msg: Msg) -> datetime:
+    """When JetStream stored ``msg`` (its metadata timestamp, aware UTC); this host's clock
+    for a message without JetStream metadata."""
+    try:
+        ts = msg.metadata.timestamp
+    except (AttributeError, ValueError, IndexError, nats.errors.Error):
+        return datetime.now(UTC)
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def failure_reason(exc: BaseException) -> tuple[str, str]:
+    """``(reason, kind)`` for a message that could not be handled: msgspec's own message
+    for decode errors (it names the field path), the exception's type and text otherwise."""
+    if isinstance(exc, msgspec.ValidationError):
+        return str(exc), "invalid"
+    if isinstance(exc, msgspec.DecodeError):
+        return str(exc), "undecodable"
+    if isinstance(exc, Rejected):
+        return str(exc), "rejected"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to decode (RecursionError)", "undecodable"
+    if isinstance(exc, ValueError | TypeError):
+        return str(exc) or type(exc).__name__, "invalid"
+    return f"{type(exc).__name__}: {exc}", "failed"
+
+
+async def ingest_batch(
+    applier: Applier,
+    js: JetStreamContext,
+    msgs: Sequence[Msg],
+    known: set[str] | None = None,
+    *,
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+    max_window_age: float = DEFAULT_MAX_WINDOW_AGE,
+) -> tuple[list[Msg], list[tuple[Msg, str, str]]]:
+    """The whole ingest path of a batch short of settling it: decode, checks, dedupe, fleet
+    state, detectors, one commit. Returns the messages applied (or dropped as duplicates)
+    and those to dead-letter as ``(msg, reason, kind)``. A failure of one message never
+    escapes: it lands in the second list. Only a failing commit raises (``StateError``:
+    the disk, not a message)."""
+    good: list[Msg] = []
+    aggs: list[TelemetryAggregate] = []
+    bad: list[tuple[Msg, str, str]] = []
+    for msg in msgs:
+        try:
+            aggs.append(
+                check_telemetry(msg, known, max_clock_skew=max_clock_skew, max_window_age=max_window_age)
+            )
+            good.append(msg)
+        except Exception as exc:  # any failure of one message: dead-letter it, go on
+            bad.append((msg, *failure_reason(exc)))
+    if aggs:
+        stored = [server_time(m) for m in good]
+        digests = [hashlib.blake2b(m.data, digest_size=8).hexdigest() for m in good]
+        _, rejected = await applier.apply_aggregates(js, aggs, stored, digests)
+        if rejected:
+            refused = {i for i, _ in rejected}
+            bad += [(good[i], reason, "rejected") for i, reason in rejected]
+            good = [m for i, m in enumerate(good) if i not in refused]
+    return good, bad
 
 
 class PullLoop:
@@ -423,28 +495,23 @@ class TelemetryIngest(Consumer):
     durable_base = "slmops-cloud"
     ack_all = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+        max_window_age: float = DEFAULT_MAX_WINDOW_AGE,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.deadlettered = 0
         self._known: set[str] = set()
+        self._skew = max_clock_skew
+        self._age = max_window_age
 
     async def handle(self, msgs: list[Msg]) -> None:
-        good: list[Msg] = []
-        aggs: list[TelemetryAggregate] = []
-        bad: list[tuple[Msg, str, str]] = []
-        known = self._known
-        for msg in msgs:
-            try:
-                aggs.append(check_telemetry(msg, known))
-                good.append(msg)
-            except msgspec.ValidationError as exc:
-                bad.append((msg, str(exc), "invalid"))
-            except msgspec.DecodeError as exc:
-                bad.append((msg, str(exc), "undecodable"))
-            except (ValueError, TypeError) as exc:
-                bad.append((msg, str(exc), "invalid"))
-        if aggs:
-            await self._applier.apply_aggregates(self._js, aggs)
+        good, bad = await ingest_batch(
+            self._applier, self._js, msgs, self._known, max_clock_skew=self._skew, max_window_age=self._age
+        )
         stored = 0
         for msg, reason, kind in bad:
             if self.loop.ack_all:

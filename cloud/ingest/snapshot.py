@@ -17,16 +17,18 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from slmops.cloud.ingest.state import NodeState
+from slmops.cloud.ingest.state import InstallEpoch, NodeState
 from slmops.shared import names
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable
 from slmops.shared.jetstream import ensure_kv, nats_errors
 
-__all__ = ["FLEET_BUCKET", "NodeSnapshot", "SnapshotWriter", "ensure_fleet_bucket", "snapshot_of"]
+__all__ = ["FLEET_BUCKET", "NodeSnapshot", "SnapshotWriter", "ensure_fleet_bucket", "notes_of", "snapshot_of"]
 
 log = structlog.get_logger(__name__)
 
 FLEET_BUCKET = names.FLEET_BUCKET
+#: A node clock this far off the server's (seconds) is named in ``fleet status`` notes.
+SKEW_NOTE_S = 60.0
 
 
 class NodeSnapshot(msgspec.Struct, kw_only=True):
@@ -65,10 +67,29 @@ class NodeSnapshot(msgspec.Struct, kw_only=True):
     capabilities: list[str] = []
     #: The last bundle it refused as one its runtime cannot run, with the reason.
     cannot_run: str | None = None
+    #: Aggregates of a model the registry does not know (counted, not drift-tested).
+    unregistered: int = 0
+    #: "unregistered model" when the node's latest aggregates are of such a model.
+    model_note: str | None = None
+    #: What needs an operator's look, one phrase each (e.g. "unregistered model").
+    notes: list[str] = []
+    #: The install (seq epoch) of the node's latest new epoch, how many epochs it had, install
+    #: pairs seen live at once on this node id, and aggregates that repeated an applied
+    #: (install, seq) with other content (a cloned device).
+    install: str = ""
+    installs: int = 0
+    install_conflicts: list[str] = []
+    clones: int = 0
+    #: The node's clock minus the server's at its latest status report (seconds; positive =
+    #: the node runs ahead), and the server time of that report.
+    clock_skew_s: float | None = None
+    status_stored: datetime | None = None
 
 
 def snapshot_of(n: NodeState) -> NodeSnapshot:
     dev = n.device
+    epochs = list(n.epochs.values()) or [InstallEpoch(seqs=n.seqs)]
+    current = n.epochs.get(n.install) or epochs[-1]
     return NodeSnapshot(
         node=n.node,
         fleet=n.fleet,
@@ -83,11 +104,11 @@ def snapshot_of(n: NodeState) -> NodeSnapshot:
         aggregates=n.aggregates,
         duplicates=n.duplicates,
         late=n.late,
-        seq_high=n.seqs.high,
-        missing_seqs=n.seqs.missing,
-        missing_ranges=n.seqs.missing_ranges(),
-        gaps=n.seqs.gaps_opened,
-        abandoned_seqs=n.seqs.abandoned,
+        seq_high=current.seqs.high,
+        missing_seqs=sum(e.seqs.missing for e in epochs),
+        missing_ranges=current.seqs.missing_ranges(),
+        gaps=sum(e.seqs.gaps_opened for e in epochs),
+        abandoned_seqs=sum(e.seqs.abandoned for e in epochs),
         dropped_inferences=max(n.dropped_inferences, n.status_dropped_inferences),
         dropped_aggregates=max(n.dropped_aggregates, n.status_dropped_aggregates),
         outbox_depth=n.outbox_depth,
@@ -101,7 +122,30 @@ def snapshot_of(n: NodeState) -> NodeSnapshot:
         memory_mb=dev.memory_mb if dev else None,
         capabilities=list(dev.capabilities) if dev else [],
         cannot_run=n.cannot_run,
+        unregistered=n.unregistered,
+        model_note="unregistered model" if n.model_registered is False else None,
+        notes=notes_of(n),
+        install=n.install,
+        installs=len([k for k in n.epochs if k]),
+        install_conflicts=list(n.conflicts),
+        clones=n.clones,
+        clock_skew_s=n.clock_skew,
+        status_stored=n.status_stored,
     )
+
+
+def notes_of(n: NodeState) -> list[str]:
+    """Short phrases for ``fleet status`` about what is off with a node."""
+    out = []
+    if n.model_registered is False:
+        out.append("unregistered model")
+    if n.conflicts:
+        out.append(f"install conflict ({len(n.conflicts)}): two devices on one node id?")
+    if n.clones:
+        out.append(f"cloned device ({n.clones} repeated seqs with other content)")
+    if n.clock_skew is not None and abs(n.clock_skew) >= SKEW_NOTE_S:
+        out.append(f"clock skew {n.clock_skew:+.0f} s")
+    return out
 
 
 async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:

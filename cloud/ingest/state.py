@@ -29,7 +29,7 @@ from slmops.cloud.errors import StateError
 from slmops.cloud.ingest.dedupe import SeqTracker
 from slmops.shared.messages import DeviceProfile, ModelRef
 
-__all__ = ["NodeState", "StateStore", "StoredState"]
+__all__ = ["InstallEpoch", "NodeState", "StateStore", "StoredState"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (fleet TEXT NOT NULL, node TEXT NOT NULL, data BLOB NOT NULL,
@@ -40,6 +40,33 @@ CREATE TABLE IF NOT EXISTS units (grp TEXT NOT NULL, node TEXT NOT NULL, data BL
 CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, subject TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+class InstallEpoch(msgspec.Struct, kw_only=True):
+    """One node install's ``seq`` epoch (issue 13 fault 5): a node install numbers its
+    aggregates from 1 in its own SQLite database, so a wiped database starts a new epoch."""
+
+    #: The legacy tracker (one epoch per node): state written by the previous release has
+    #: it filled; it moves into ``epochs[""]`` on first use (``Applier._epoch``).
+    seqs: SeqTracker = msgspec.field(default_factory=SeqTracker)
+    #: Seq epochs by install id ("" = nodes that send none), see ``InstallEpoch``.
+    epochs: dict[str, InstallEpoch] = {}
+    #: The install of the latest new epoch seen.
+    install: str = ""
+    #: Install pairs ("a/b") seen live at once on this node id: two devices, one id.
+    conflicts: list[str] = []
+    #: Aggregates that repeated an applied (install, seq) with other content.
+    clones: int = 0
+    #: Server time of the latest status report and the node's clock minus it (seconds).
+    status_stored: datetime | None = None
+    clock_skew: float | None = None
+    #: Server (JetStream) times of the first and latest aggregate stored of this install.
+    first_stored: datetime | None = None
+    last_stored: datetime | None = None
+    aggregates: int = 0
+    #: Payload hash (hex) of the latest applied seqs, to tell a cloned device (same install
+    #: and seq, other content) from a redelivery; bounded by ``RECENT_HASHES``.
+    recent: dict[int, str] = {}
 
 
 class NodeState(msgspec.Struct, kw_only=True):
@@ -61,7 +88,24 @@ class NodeState(msgspec.Struct, kw_only=True):
     aggregates: int = 0
     duplicates: int = 0
     late: int = 0
+    #: Aggregates of a model the registry does not know (counted, not drift-tested).
+    unregistered: int = 0
+    #: Whether the model of the node's latest aggregate is in the registry (None: unknown).
+    model_registered: bool | None = None
+    #: The legacy tracker (one epoch per node): state written by the previous release has
+    #: it filled; it moves into ``epochs[""]`` on first use (``Applier._epoch``).
     seqs: SeqTracker = msgspec.field(default_factory=SeqTracker)
+    #: Seq epochs by install id ("" = nodes that send none), see ``InstallEpoch``.
+    epochs: dict[str, InstallEpoch] = {}
+    #: The install of the latest new epoch seen.
+    install: str = ""
+    #: Install pairs ("a/b") seen live at once on this node id: two devices, one id.
+    conflicts: list[str] = []
+    #: Aggregates that repeated an applied (install, seq) with other content.
+    clones: int = 0
+    #: Server time of the latest status report and the node's clock minus it (seconds).
+    status_stored: datetime | None = None
+    clock_skew: float | None = None
     #: Loss receipts carried by aggregates (outbox overflow at the edge).
     dropped_inferences: int = 0
     dropped_aggregates: int = 0

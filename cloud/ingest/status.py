@@ -1,17 +1,18 @@
 """Node status in: a durable pull consumer on ``SLMOPS_STATUS`` folded into the fleet state.
 
 Status reports (JSON ``NodeStatus``) carry what aggregates do not: device profile, outbox
-depth, drop counters, last error. A report older than the one applied is ignored, so
-redelivery and reordering cannot roll a node's state back. Undecodable reports are
+depth, drop counters, last error. A report stored (JetStream time) before the one applied is
+ignored, so redelivery and reordering cannot roll a node's state back; the node's own clock
+orders nothing (issue 13 fault 6), its offset to the server is reported as clock skew. Undecodable reports are
 dead-lettered like telemetry.
 """
 
 from __future__ import annotations
 
-import msgspec
 from nats.aio.msg import Msg
 
-from slmops.cloud.ingest.consumers import Consumer, deadletter
+from slmops.cloud.ingest.checks import MAX_COUNT
+from slmops.cloud.ingest.consumers import Consumer, deadletter, failure_reason, server_time
 from slmops.shared.messages import NodeStatus, decode_json
 from slmops.shared.names import STATUS_STREAM
 
@@ -35,12 +36,19 @@ class StatusIngest(Consumer):
                 parts = msg.subject.split(".")
                 if len(parts) != 4 or parts[2] != st.fleet or parts[3] != st.node:
                     raise ValueError(f"status of {st.fleet}.{st.node} on subject {msg.subject!r}")
+                if st.time.tzinfo is None or st.time.utcoffset() is None:
+                    raise ValueError(f"$.time must carry a time zone, got {st.time.isoformat()!r}")
+                for name in ("outbox_depth", "buffer_bytes", "dropped_inferences",
+                             "dropped_aggregates", "served", "last_seq"):  # fmt: skip
+                    value = getattr(st, name)
+                    if not 0 <= value <= MAX_COUNT:
+                        raise ValueError(f"$.{name} must be in 0..{MAX_COUNT}, got {value!r}")
                 statuses.append(st)
                 good.append(msg)
-            except (msgspec.DecodeError, ValueError) as exc:
-                bad.append((msg, str(exc)))
+            except Exception as exc:  # any failure of one message: dead-letter it, go on
+                bad.append((msg, failure_reason(exc)[0]))
         if statuses:
-            await self._applier.apply_statuses(statuses)
+            await self._applier.apply_statuses(statuses, [server_time(m) for m in good])
         for msg in good:
             await msg.ack()
         stored = 0

@@ -107,8 +107,9 @@ class RolloutController:
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def observe_status(self, status: NodeStatus) -> None:
-        self.nodes.observe(status)
+    def observe_status(self, status: NodeStatus, stored: float | None = None) -> None:
+        """``stored``: the status message's JetStream timestamp (epoch seconds)."""
+        self.nodes.observe(status, stored)
 
     def live_nodes(self, fleet: str, now: float) -> dict[str, NodeStatus]:
         """Nodes of ``fleet`` that reported within ``node_ttl_s`` and did not shut down."""

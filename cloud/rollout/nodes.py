@@ -10,8 +10,8 @@ from slmops.shared.messages import NodeStatus
 
 __all__ = ["NodeView"]
 
-#: Node clocks may run behind the controller's: a node's report counts for a stage when it is
-#: stamped at most this long before the node's assignment.
+#: A node's report counts for a stage when it was stored at most this long before the node's
+#: assignment (server times on both sides; the margin covers the controller's own clock).
 _SKEW_S = 60.0
 #: Refresh outcomes the node retries by itself: not a verdict on the version.
 _TRANSIENT = frozenset({"download_failed"})
@@ -24,27 +24,48 @@ class NodeView:
         self.node_ttl_s = node_ttl_s
         self._status: dict[str, dict[str, NodeStatus]] = collections.defaultdict(dict)
         self._rejects: dict[tuple[str, str], NodeStatus] = {}
+        #: When each status was stored (server time, epoch seconds): statuses are ordered and
+        #: nodes judged alive by it, never by the node's own clock (issue 13 fault 6).
+        self._stored: dict[int, float] = {}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._status.values())
 
-    def observe(self, status: NodeStatus) -> None:
+    def _at(self, status: NodeStatus) -> float:
+        """A status's server time; the node's clock only for one fed without it."""
+        at = self._stored.get(id(status))
+        return at if at is not None else status.time.timestamp()
+
+    def observe(self, status: NodeStatus, stored: float | None = None) -> None:
+        """``stored``: the JetStream timestamp of the status message (epoch seconds)."""
+        if stored is not None:
+            self._stored[id(status)] = stored
         nodes = self._status[status.fleet]
         old = nodes.get(status.node)
-        if old is None or status.time >= old.time:
+        if old is None or self._at(status) >= self._at(old):
             nodes[status.node] = status
+            if old is not None and old is not self._rejects.get((status.fleet, status.node)):
+                self._stored.pop(id(old), None)
+        elif stored is not None:
+            self._stored.pop(id(status), None)
         # A rejection is reported once (the node's next periodic status no longer carries
         # it), so it is kept here until the node reports another.
         r = status.refresh
         if r is not None and not r.ok and r.code not in _TRANSIENT:
+            before = self._rejects.get((status.fleet, status.node))
             self._rejects[(status.fleet, status.node)] = status
+            if before is not None and before is not nodes.get(status.node):
+                self._stored.pop(id(before), None)
+            if stored is not None:
+                self._stored[id(status)] = stored
 
     def live(self, fleet: str, now: float) -> dict[str, NodeStatus]:
-        """Nodes of ``fleet`` that reported within ``node_ttl_s`` and did not shut down."""
+        """Nodes of ``fleet`` that reported within ``node_ttl_s`` (server time) and did not
+        shut down."""
         return {
             n: s
             for n, s in self._status.get(fleet, {}).items()
-            if s.event != "shutdown" and s.time.timestamp() >= now - self.node_ttl_s
+            if s.event != "shutdown" and self._at(s) >= now - self.node_ttl_s
         }
 
     def failures(self, state: RolloutState) -> dict[str, str]:
@@ -56,12 +77,12 @@ class NodeView:
                 continue
             since = entry.assigned_at - _SKEW_S
             rejected = self._rejects.get((state.fleet, node))
-            r = rejected.refresh if rejected is not None and rejected.time.timestamp() >= since else None
+            r = rejected.refresh if rejected is not None and self._at(rejected) >= since else None
             if r is not None and r.model.name == state.model and r.model.version == state.version:
                 found[node] = f"rejected: {r.code or 'error'} {r.reason}".strip()
                 continue
             s = statuses.get(node)
-            if s is None or s.time.timestamp() < since:
+            if s is None or self._at(s) < since:
                 continue
             if (
                 s.previous_model is not None

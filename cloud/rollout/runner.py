@@ -128,7 +128,9 @@ class RolloutRunner:
     async def _statuses(self, sub: object) -> None:
         async for msg in sub.messages:  # type: ignore[attr-defined]
             try:
-                self.controller.observe_status(decode_json(msg.data, NodeStatus))
+                self.controller.observe_status(
+                    decode_json(msg.data, NodeStatus), msg.metadata.timestamp.timestamp()
+                )
             except msgspec.DecodeError as exc:
                 self.bad_messages += 1
                 log.warning("status_undecodable", subject=msg.subject, error=str(exc))

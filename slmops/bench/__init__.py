@@ -12,7 +12,7 @@ import importlib
 import platform
 from typing import Any
 
-SCENARIOS = ("edge", "buffer", "ingest", "drift", "refresh", "recalibration")
+SCENARIOS = ("edge", "buffer", "ingest", "drift", "refresh", "recalibration", "fuzz")
 REQUIRED_KEYS = ("scenario", "project", "baseline", "ratio", "units")
 
 __all__ = ["REQUIRED_KEYS", "SCENARIOS", "machine", "run_scenario"]
