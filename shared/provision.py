@@ -2,12 +2,14 @@
 
 Safe to run at every service start and from several processes at once. A resource that exists
 is left alone: settings that differ but do not break slmops (limits, ages, history) are logged,
-never overwritten; a difference slmops cannot work with (subjects, storage, retention) raises
-``ResourceConflict``. Nothing is ever deleted.
+never overwritten (except a limit the stream lacks entirely, e.g. a stream made by an older
+release without one: that limit is set, ``_tighten_stream``); a difference slmops cannot work
+with (subjects, storage, retention) raises ``ResourceConflict``. Nothing is ever deleted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,32 +37,89 @@ log = structlog.get_logger(__name__)
 _MAX_REPLICAS = 5  # nats-server's own limit
 
 
+_MIB = 1024 * 1024
+_GIB = 1024 * _MIB
+
+
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
-    """What slmops wants of one stream. ``None`` limits mean "unlimited"."""
+    """What slmops wants of one stream. ``None``/-1 limits mean "unlimited"; every stream
+    below states an age, a size, a message size and a consumer bound (issue 13 fault 12)."""
 
     name: str
     subjects: tuple[str, ...]
     max_age: timedelta | None = None
     duplicate_window: timedelta | None = None
     max_msgs_per_subject: int = -1
+    max_bytes: int = -1
+    #: "old": a full stream drops its oldest messages; "new": it refuses new ones (the
+    #: publisher sees an error and keeps the message, e.g. in the edge outbox).
+    discard: str = "old"
+    #: With ``discard="new"``: the per-subject limit refuses that subject's new messages only
+    #: (one flooding node cannot fill the stream for the others).
+    discard_new_per_subject: bool = False
+    max_msg_size: int = -1
+    max_consumers: int = -1
 
 
-#: The streams slmops owns, keyed by name.
+#: The streams slmops owns, keyed by name. Limits, and why (documented in deploy/README.md):
+#: telemetry is what the cloud counts, so a full stream refuses (nodes keep windows in their
+#: outbox and retry) rather than dropping what was not counted yet; the per-node subject cap
+#: (100,000 windows, a week at one per 6 s) stops one node from filling it. Everything else
+#: is diagnostic or history and drops its oldest.
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         names.TELEMETRY_STREAM,
         (names.TELEMETRY_ALL,),
         max_age=timedelta(days=7),
         duplicate_window=timedelta(minutes=2),
+        max_msgs_per_subject=100_000,
+        max_bytes=4 * _GIB,
+        discard="new",
+        discard_new_per_subject=True,
+        max_msg_size=1 * _MIB,
+        max_consumers=64,
     ),
-    StreamSpec(names.DRIFT_STREAM, (names.DRIFT_ALL,), max_age=timedelta(days=90)),
-    StreamSpec(names.STATUS_STREAM, (names.STATUS_ALL,), max_msgs_per_subject=100),
-    StreamSpec(names.ROLLOUT_STREAM, (names.ROLLOUT_ALL,)),
-    StreamSpec(names.EVENTS_STREAM, ("slmops.events.>",), max_age=timedelta(days=90)),
+    StreamSpec(
+        names.DRIFT_STREAM,
+        (names.DRIFT_ALL,),
+        max_age=timedelta(days=90),
+        max_bytes=1 * _GIB,
+        max_msg_size=1 * _MIB,
+        max_consumers=256,
+    ),
+    StreamSpec(
+        names.EVENTS_STREAM,
+        ("slmops.events.>",),
+        max_age=timedelta(days=90),
+        max_bytes=1 * _GIB,
+        max_msg_size=64 * 1024,
+        max_consumers=256,
+    ),
+    StreamSpec(
+        names.STATUS_STREAM,
+        (names.STATUS_ALL,),
+        max_age=timedelta(days=30),
+        max_msgs_per_subject=100,
+        max_bytes=1 * _GIB,
+        max_msg_size=256 * 1024,
+        max_consumers=64,
+    ),
+    StreamSpec(
+        names.ROLLOUT_STREAM,
+        (names.ROLLOUT_ALL,),
+        max_age=timedelta(days=365),
+        max_bytes=1 * _GIB,
+        max_msg_size=256 * 1024,
+        max_consumers=256,
+    ),
     StreamSpec(
         names.DEADLETTER_STREAM,
         (names.DEADLETTER_SUBJECT, f"{names.DEADLETTER_SUBJECT}.>"),
+        max_age=timedelta(days=14),
+        max_bytes=512 * _MIB,
+        max_msg_size=1 * _MIB + 64 * 1024,
+        max_consumers=64,
     ),
 )
 
@@ -99,7 +158,17 @@ def _stream_config(spec: StreamSpec, replicas: int) -> js_api.StreamConfig:
         max_age=spec.max_age.total_seconds() if spec.max_age is not None else None,
         duplicate_window=(spec.duplicate_window.total_seconds() if spec.duplicate_window is not None else 0),
         max_msgs_per_subject=spec.max_msgs_per_subject,
+        max_bytes=spec.max_bytes,
+        discard=js_api.DiscardPolicy.NEW if spec.discard == "new" else js_api.DiscardPolicy.OLD,
+        discard_new_per_subject=spec.discard_new_per_subject,
+        max_msg_size=spec.max_msg_size,
+        max_consumers=spec.max_consumers,
     )
+
+
+#: Limits a stream created by an older release may lack: when the server has none (unlimited)
+#: and slmops states one, it is set (an operator's own limit is never overwritten).
+_TIGHTEN = ("max_age", "max_bytes", "max_msg_size", "max_consumers", "max_msgs_per_subject")
 
 
 async def _ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None:
@@ -118,6 +187,40 @@ async def _ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) 
         if have is None:  # created and deleted again within a moment: let the caller retry
             raise ProvisionError("stream", spec.name, "it vanished while being created")
     _check_stream(spec, want, have.config)
+    await _tighten_stream(js, spec, want, have.config)
+
+
+async def _tighten_stream(
+    js: JetStreamContext, spec: StreamSpec, want: js_api.StreamConfig, have: js_api.StreamConfig
+) -> None:
+    """Give a stream that has no limit where slmops states one (a store written by the
+    previous release) that limit. ``max_consumers`` cannot change on an existing stream
+    (nats-server refuses), so it is only logged."""
+    changes = {
+        field: getattr(want, field)
+        for field in _TIGHTEN
+        if _same_limit(getattr(have, field), None) and not _same_limit(getattr(want, field), None)
+    }
+    if "max_consumers" in changes:
+        log.warning(
+            "stream_without_consumer_limit",
+            stream=spec.name,
+            want=changes.pop("max_consumers"),
+            note="set at creation only; recreate the stream to bound its consumers",
+        )
+    if not changes:
+        return
+    if "max_bytes" in changes and spec.discard == "new":
+        changes["discard"] = want.discard
+        changes["discard_new_per_subject"] = want.discard_new_per_subject
+    config = dataclasses.replace(have, **changes)
+    try:
+        with nats_errors("stream", spec.name, url_of(js)):
+            await js.update_stream(config)
+    except JetStreamRefused as exc:
+        log.warning("stream_limits_not_set", stream=spec.name, limits=list(changes), error=str(exc))
+        return
+    log.info("stream_limits_set", stream=spec.name, limits={k: _plain(v) for k, v in changes.items()})
 
 
 def _check_stream(spec: StreamSpec, want: js_api.StreamConfig, have: js_api.StreamConfig) -> None:

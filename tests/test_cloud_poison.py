@@ -218,7 +218,7 @@ async def test_poison_from_one_node_is_deadlettered_and_every_fleet_keeps_being_
     assert (fa, "p") not in nodes or nodes[(fa, "p")].aggregates == 0
     for key in ((fa, "g1"), (fa, "g2"), (fb, "h1")):
         assert nodes[key].aggregates == 30
-        assert nodes[key].seqs.missing == 0
+        assert nodes[key].epochs[""].seqs.missing == 0
     letters = await deadletters(js, fa)
     assert len(letters) == len(fault2) + len(fault3) + len(bad_status)
     reasons = " | ".join(letters.values())

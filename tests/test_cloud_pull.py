@@ -400,7 +400,9 @@ async def test_the_service_rides_out_a_server_restart_and_counts_each_aggregate_
             await _publish_acked(private_server.url, after)
             await wait_until(lambda: _applied(svc, fleet) == total, 40, what="rest applied after restart")
             assert _inferences(svc, fleet) == sum(a.count for a in before + after)
-            assert all(n.seqs.missing == 0 and n.seqs.high == 20 for n in svc.nodes.values())
+            assert all(
+                n.epochs[""].seqs.missing == 0 and n.epochs[""].seqs.high == 20 for n in svc.nodes.values()
+            )
     # The outage reached the service (its pull failed, or its lease lapsed and came back).
     assert {"fetch_failed", "lease_lost"} & {e["event"] for e in logs}
 

@@ -120,16 +120,16 @@ async def test_duplicated_reordered_and_late_aggregates_count_once_and_gaps_are_
         await wait_until(lambda: svc.statistics()["counters"].get("duplicates", 0) >= 1, 20, what="dup")
         node = svc.nodes[(fleet, n1)]
         assert node.aggregates == 4
-        assert node.seqs.missing == 1
-        assert node.seqs.missing_ranges() == [(3, 3)]
-        assert node.seqs.gaps_opened == 1
+        assert node.epochs[""].seqs.missing == 1
+        assert node.epochs[""].seqs.missing_ranges() == [(3, 3)]
+        assert node.epochs[""].seqs.gaps_opened == 1
         await publish(js, aggs[3])
         await wait_until(lambda: svc.nodes[(fleet, n1)].aggregates == 5, 20, what="late applied")
         node = svc.nodes[(fleet, n1)]
         assert node.inferences == sum(a.count for a in aggs.values())
         assert node.late == 2  # 4 (below 5) and 3
-        assert node.seqs.missing == 0
-        assert node.seqs.high == 5
+        assert node.epochs[""].seqs.missing == 0
+        assert node.epochs[""].seqs.high == 5
         kv = await js.key_value(FLEET_BUCKET)
 
         async def snapshot_done() -> bool:
@@ -215,7 +215,9 @@ async def test_restart_mid_stream_loses_no_window_and_counts_none_twice(
             lambda: svc.statistics()["counters"].get("duplicates", 0) >= 10, 10, what="dups seen"
         )
         assert _inferences(svc, fleet) == sum(a.count for a in aggs)
-        assert all(n.seqs.missing == 0 and n.seqs.high == 30 for n in svc.nodes.values())
+        assert all(
+            n.epochs[""].seqs.missing == 0 and n.epochs[""].seqs.high == 30 for n in svc.nodes.values()
+        )
 
 
 async def test_a_second_instance_stands_by_and_takes_over_without_double_counting(

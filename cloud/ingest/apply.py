@@ -418,7 +418,10 @@ class Applier:
         if self.snapshots is not None:
             self.snapshots.mark(dirty)
 
-    async def count_deadletters(self, n: int) -> None:
+    async def count_deadletters(self, n: int, suppressed: int = 0) -> None:
+        """Count dead letters stored, and those terminated without a copy (rate limit)."""
         async with self.lock:
             self._count("deadlettered", n)
+            if suppressed:
+                self._count("deadletter_suppressed", suppressed)
             await self.store.commit(counters=self.counters)

@@ -23,6 +23,7 @@ about three times as much per message.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,6 +50,7 @@ from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, telemetry_
 
 __all__ = [
     "Consumer",
+    "DeadletterLimiter",
     "PullLoop",
     "TelemetryIngest",
     "consumer_name",
@@ -444,6 +446,38 @@ class PullLoop:
         return sorted(found + msgs, key=lambda m: m.metadata.sequence.stream)
 
 
+class DeadletterLimiter:
+    """A token bucket per sender (message subject): ``burst`` dead letters at once, then
+    ``rate`` per second. Bounded: past ``max_senders`` buckets the table starts afresh."""
+
+    def __init__(self, rate: float = 0.2, burst: int = 20, max_senders: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._max = max_senders
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._logged: dict[str, float] = {}
+
+    def allow(self, sender: str, now: float | None = None) -> bool:
+        t = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(sender, (float(self.burst), t))
+        tokens = min(float(self.burst), tokens + (t - last) * self.rate)
+        ok = tokens >= 1.0
+        if len(self._buckets) >= self._max and sender not in self._buckets:
+            self._buckets.clear()
+        self._buckets[sender] = (tokens - 1.0 if ok else tokens, t)
+        return ok
+
+    def should_log(self, sender: str, every: float = 60.0) -> bool:
+        """At most one log line per sender per ``every`` seconds."""
+        t = time.monotonic()
+        if t - self._logged.get(sender, -every) < every:
+            return False
+        if len(self._logged) >= self._max:
+            self._logged.clear()
+        self._logged[sender] = t
+        return True
+
+
 class Consumer(ABC):
     """A consumer of the active instance: a ``PullLoop`` on ``stream`` for the selected fleets
     (subjects ``slmops.<kind>.<fleet>.>``), handing each batch to ``handle``."""
@@ -466,6 +500,9 @@ class Consumer(ABC):
     ) -> None:
         self._js = js
         self._applier = applier
+        self.limiter = DeadletterLimiter()
+        self.deadlettered = 0
+        self.suppressed = 0
         self.loop = PullLoop(
             nc,
             js,
@@ -486,6 +523,37 @@ class Consumer(ABC):
     async def handle(self, msgs: list[Msg]) -> None:
         """Apply one batch and settle (ack, dead-letter) its messages."""
 
+    async def settle_bad(self, bad: Sequence[tuple[Msg, str, str]], *, until_stored: bool) -> None:
+        """Dead-letter each ``(msg, reason, kind)``: a copy with the reason, then ``term()``.
+        Copies are rate-limited per sender (subject, ``DeadletterLimiter``): beyond the
+        limit a message is terminated without a copy and counted as ``deadletter_suppressed``,
+        so a flood of poison cannot fill the dead-letter stream. ``until_stored``: retry a
+        failed copy until stored (ack-all consumers) instead of nak'ing it."""
+        stored = suppressed = 0
+        for msg, reason, kind in bad:
+            if not self.limiter.allow(msg.subject):
+                await msg.term()
+                suppressed += 1
+                if self.limiter.should_log(msg.subject):
+                    log.warning(
+                        "deadletter_suppressed",
+                        subject=msg.subject,
+                        kind=kind,
+                        reason=reason[:200],
+                        note=f"over {self.limiter.burst} dead letters from this sender; "
+                        "terminated without a copy",
+                    )
+                continue
+            if until_stored:
+                await deadletter_until_stored(self._js, msg, reason, kind)
+                stored += 1
+            else:
+                stored += await deadletter(self._js, msg, reason, kind)
+        self.deadlettered += stored
+        self.suppressed += suppressed
+        if stored or suppressed:
+            await self._applier.count_deadletters(stored, suppressed)
+
 
 class TelemetryIngest(Consumer):
     """The telemetry consumer of the active instance."""
@@ -503,7 +571,6 @@ class TelemetryIngest(Consumer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.deadlettered = 0
         self._known: set[str] = set()
         self._skew = max_clock_skew
         self._age = max_window_age
@@ -512,16 +579,7 @@ class TelemetryIngest(Consumer):
         good, bad = await ingest_batch(
             self._applier, self._js, msgs, self._known, max_clock_skew=self._skew, max_window_age=self._age
         )
-        stored = 0
-        for msg, reason, kind in bad:
-            if self.loop.ack_all:
-                await deadletter_until_stored(self._js, msg, reason, kind)
-                stored += 1
-            else:
-                stored += await deadletter(self._js, msg, reason, kind)
-        self.deadlettered += stored
-        if stored:
-            await self._applier.count_deadletters(stored)
+        await self.settle_bad(bad, until_stored=self.loop.ack_all)
         if self.loop.ack_all:
             # One ack for the batch: every good message is at or below the last one, and
             # every bad one was copied and terminated above.

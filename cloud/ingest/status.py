@@ -12,7 +12,7 @@ from __future__ import annotations
 from nats.aio.msg import Msg
 
 from slmops.cloud.ingest.checks import MAX_COUNT
-from slmops.cloud.ingest.consumers import Consumer, deadletter, failure_reason, server_time
+from slmops.cloud.ingest.consumers import Consumer, failure_reason, server_time
 from slmops.shared.messages import NodeStatus, decode_json
 from slmops.shared.names import STATUS_STREAM
 
@@ -51,8 +51,4 @@ class StatusIngest(Consumer):
             await self._applier.apply_statuses(statuses, [server_time(m) for m in good])
         for msg in good:
             await msg.ack()
-        stored = 0
-        for msg, reason in bad:
-            stored += await deadletter(self._js, msg, reason, "status_invalid")
-        if stored:
-            await self._applier.count_deadletters(stored)
+        await self.settle_bad([(m, reason, "status_invalid") for m, reason in bad], until_stored=False)
