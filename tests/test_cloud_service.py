@@ -293,8 +293,10 @@ async def test_without_a_manifest_windows_are_counted_not_drift_tested_and_repor
 async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_roll_it_back(
     nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
 ) -> None:
-    """Outbox depth, drops, device and model come from NodeStatus; a late older report is
-    ignored; an undecodable report is dead-lettered."""
+    """Outbox depth, drops, device and model come from NodeStatus; reports are ordered by
+    their server (JetStream) time, never the node's clock (issue 13 fault 6: this test used to
+    expect the opposite), so one stored earlier and applied later (a redelivery) is ignored;
+    an undecodable report is dead-lettered."""
     node = f"{fleet}-n1"
     t1 = datetime(2026, 1, 1, 12, tzinfo=UTC)
     newer = NodeStatus(
@@ -317,8 +319,17 @@ async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_rol
         await wait_until(lambda: svc.statistics()["counters"].get("statuses", 0) >= 2, 20, what="statuses")
         await wait_until(lambda: svc.statistics()["counters"].get("deadlettered", 0) >= 1, 20, what="dead")
         state = svc.nodes[(fleet, node)]
-        assert (state.outbox_depth, state.served, state.status_dropped_inferences) == (7, 1234, 3)
+        # Stored last, so it is the latest, whatever the node's clock said.
+        assert (state.outbox_depth, state.served, state.status_dropped_inferences) == (99, 1234, 3)
+        assert state.status_time == older.time
+        assert state.clock_skew is not None
+        assert state.status_stored is not None
+        applier = svc._applier  # replaying a redelivery of the first report
+        assert applier is not None
+        await applier.apply_statuses([newer], [state.status_stored - timedelta(seconds=1)])
+        state = svc.nodes[(fleet, node)]
+        assert state.outbox_depth == 99
         assert state.device is not None
         assert state.device.profile == "gateway-small"
         assert state.model == ModelRef(name="kw", version=2, variant="int8")
-        assert state.status_time == t1
+        assert state.status_time == older.time
