@@ -1,6 +1,6 @@
 """The cloud starts on a state directory written by the previous release and carries on
-(issue 13, precise terms: upgrades). ``data/cloud-state-06cfd20.sqlite3`` was written by
-``slmops cloud`` at commit 06cfd20 with ``data/make_cloud_state_06cfd20.py.txt`` (run with a
+(issue 13, precise terms: upgrades). ``fixtures/cloud_state_06cfd20.sqlite3`` was written by
+``slmops cloud`` at commit 06cfd20 with ``fixtures/make_cloud_state_06cfd20.py.txt`` (run with a
 ``git archive 06cfd20`` tree on PYTHONPATH; kept as text because it imports the old top-level
 package names): fleet ``legacy``, nodes ``a`` and ``b``, seqs 1-10 each (150 inferences per
 window), one drift group."""
@@ -24,7 +24,7 @@ from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 
-OLD_STATE = Path(__file__).parent / "data" / "cloud-state-06cfd20.sqlite3"
+OLD_STATE = Path(__file__).parent / "fixtures" / "cloud_state_06cfd20.sqlite3"
 
 
 async def test_new_cloud_carries_on_from_the_previous_release_state(
