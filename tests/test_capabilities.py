@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -38,6 +42,7 @@ from slmops.shared.messages import (
     ModelRef,
     NodeStatus,
     Requirements,
+    decode_json,
     encode_json,
 )
 from slmops.shared.server import EmbeddedServer
@@ -204,3 +209,82 @@ async def test_this_node_installs_a_bundle_from_an_old_registry(
             what="old bundle installed",
         )
         assert [p.label for p in await node.predict(["about gamma"])] == ["gamma"]
+
+
+@pytest.fixture(scope="module")
+def old_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The code of commit 06cfd20 (the last build before runtime capabilities), from git."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("build-06cfd20")
+    tar = subprocess.run(
+        ["git", "-C", str(root), "archive", "06cfd20", "shared", "edge", "cloud", "slmops"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(out, filter="data")
+    return out
+
+
+async def test_a_06cfd20_node_beside_this_cloud_runs_n_gram_bundles_and_never_fetches_a_transformer(
+    js: JetStreamContext,
+    nc: NATS,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    model: str,
+    old_build: Path,
+) -> None:
+    """A real node process of the old build: it installs an n-gram bundle this registry
+    pushed (written and signed by this build), and when assigned a transformer bundle it finds
+    nothing it could download, says so, and keeps serving the n-gram model."""
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    await registry.push(make_bundle(tmp_path / "v1", keys.key, name=model, version=1), trust)
+    await registry.push(make_transformer_bundle(tmp_path / "v2", keys.key, name=model, version=2), trust)
+    seen: list[NodeStatus] = []
+
+    async def on_msg(msg: Any) -> None:
+        seen.append(decode_json(msg.data, NodeStatus))
+
+    sub = await nc.subscribe(names.status_subject(fleet, "old1"), cb=on_msg)
+    argv = [
+        sys.executable, "-m", "slmops.cli", "--log-level", "warning", "edge",
+        "--fleet", fleet, "--node", "old1", "--data", str(tmp_path / "old-data"),
+        "--nats", nats_server.url, "--trust", str(keys.pub), "--http", "off", "--status-interval", "1s",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(old_build)}
+    log = (tmp_path / "old-node.log").open("wb")
+    proc = subprocess.Popen(argv, cwd=old_build, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        await registry.assign(fleet, 1, model=model)
+
+        def installed(version: int) -> bool:
+            return any(s.model is not None and s.model.version == version for s in seen)
+
+        await wait_until(lambda: installed(1), 60, what="the old node installed the n-gram bundle")
+        await registry.assign(fleet, 2, model=model)
+
+        def refused() -> list[str]:
+            return [
+                s.refresh.reason
+                for s in seen
+                if s.refresh is not None and not s.refresh.ok and s.refresh.model.version == 2
+            ]
+
+        await wait_until(lambda: bool(refused()), 60, what="the old node reporting v2 unavailable")
+        assert "no such object in the model store" in refused()[0]
+        assert proc.poll() is None
+        assert seen[-1].model is not None
+        assert seen[-1].model.version == 1
+        assert not installed(2)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        await sub.unsubscribe()
