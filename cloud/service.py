@@ -34,6 +34,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -60,7 +61,15 @@ from slmops.cloud.ingest.status import StatusIngest
 from slmops.shared.connect import Link, connect_once
 from slmops.shared.provision import ensure_resources
 
-__all__ = ["ActiveTask", "CloudService", "assemble", "controller_tasks", "run_controllers", "tune_gc"]
+__all__ = [
+    "ActiveTask",
+    "CloudService",
+    "ServiceStatistics",
+    "assemble",
+    "controller_tasks",
+    "run_controllers",
+    "tune_gc",
+]
 
 #: ``await task(js, task_status=...)``: extra work that must run only in the active instance
 #: (e.g. the recalibration loop); started after the consumers, cancelled on losing the lease.
@@ -80,6 +89,21 @@ def tune_gc() -> None:
     are rare here, so collecting less often costs little memory.
     """
     gc.set_threshold(100_000, 20, 50)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatistics:
+    """A snapshot of ``CloudService.statistics()`` (a standby's counts are zero)."""
+
+    holder: str
+    active: bool
+    takeovers: int  #: times this instance became the active one
+    counters: dict[str, int]  #: the applier's counters (aggregates, duplicates, deadlettered...)
+    nodes: int
+    events_published: int
+    events_pending: int
+    batches: int
+    messages: int
 
 
 def _utcnow() -> datetime:
@@ -135,19 +159,19 @@ class CloudService:
         with anyio.fail_after(timeout):
             await self._active.wait()
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> ServiceStatistics:
         a = self._applier
-        return {
-            "holder": self.holder,
-            "active": self.active,
-            "takeovers": self.takeovers,
-            "counters": dict(a.counters) if a is not None else {},
-            "nodes": len(a.nodes) if a is not None else 0,
-            "events_published": self._publisher.published if self._publisher else 0,
-            "events_pending": self._publisher.pending if self._publisher else 0,
-            "batches": self._ingest.loop.batches if self._ingest else 0,
-            "messages": self._ingest.loop.messages if self._ingest else 0,
-        }
+        return ServiceStatistics(
+            holder=self.holder,
+            active=self.active,
+            takeovers=self.takeovers,
+            counters=dict(a.counters) if a is not None else {},
+            nodes=len(a.nodes) if a is not None else 0,
+            events_published=self._publisher.published if self._publisher else 0,
+            events_pending=self._publisher.pending if self._publisher else 0,
+            batches=self._ingest.loop.batches if self._ingest else 0,
+            messages=self._ingest.loop.messages if self._ingest else 0,
+        )
 
     async def __aenter__(self) -> Self:
         await self._link.__aenter__()

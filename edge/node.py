@@ -68,6 +68,7 @@ from slmops.shared.connect import ConnectFactory, Link, connect_attempt
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelManifest, ModelRef, NodeStatus
 from slmops.shared.names import status_subject, telemetry_subject
+from slmops.shared.vocabulary import NodeEvent
 
 __all__ = ["EdgeNode", "NodeCounters", "PredictionOut", "Texts"]
 
@@ -280,7 +281,7 @@ class EdgeNode:
         with anyio.CancelScope(shield=True):
             self.batcher.close()
             with anyio.move_on_after(1.0):
-                await self.report_status("shutdown")
+                await self.report_status(NodeEvent.SHUTDOWN)
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
         self.log.info("node_stopping")

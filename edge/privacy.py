@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from slmops.shared.histogram import Histogram, bin_index
 from slmops.shared.messages import EmbeddingStats, HistogramEdges, Privacy, TelemetryAggregate
+from slmops.shared.vocabulary import DP_SENSITIVITY
 
 __all__ = [
     "SENSITIVITY",
@@ -41,7 +42,7 @@ __all__ = [
 
 #: Counts one inference can change: its class, confidence, length and latency bins, and one
 #: feedback cell.
-SENSITIVITY = 5
+SENSITIVITY = DP_SENSITIVITY
 
 
 class EventRow(NamedTuple):

@@ -76,6 +76,7 @@ from slmops.shared.messages import (
 )
 from slmops.shared.objects import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.shared.variants import choose_variant
+from slmops.shared.vocabulary import RETRYABLE_CODES, NodeEvent
 
 __all__ = ["RETRYABLE", "RefreshStatistics", "Refresher"]
 
@@ -84,8 +85,8 @@ log = structlog.get_logger(__name__)
 #: ``await report(event, refresh=RefreshResult)`` publishes a status (``EdgeNode.report_status``).
 Report = Callable[..., Awaitable[bool]]
 
-#: Codes worth trying again later: the bundle may be fine, the way to it was not.
-RETRYABLE = frozenset({"download_failed"})
+#: Codes worth trying again later (``shared.vocabulary.RETRYABLE_CODES``).
+RETRYABLE = RETRYABLE_CODES
 
 _NATS_ERRORS = (nats.errors.Error, OSError, NatsUnavailable)
 #: An attempt fails when no chunk arrives for this long (chunks are 32 KiB: ~33 s at 1 kB/s).
@@ -289,7 +290,7 @@ class Refresher:
                 model=ref, ok=False, code="download_failed", reason=interrupted[1], at=self._now()
             )
             self.stats.last = failed
-            await self._report("model_rejected", refresh=failed)
+            await self._report(NodeEvent.MODEL_REJECTED, refresh=failed)
         log.info("refresh_start", model=ref.name, version=ref.version, variant=ref.variant)
         try:
             await self._fetch_and_install(js, ref)
@@ -303,7 +304,7 @@ class Refresher:
         self.stats.installs += 1
         result = RefreshResult(model=ref, ok=True, at=self._now())
         self.stats.last = result
-        await self._report("model_installed", refresh=result)
+        await self._report(NodeEvent.MODEL_INSTALLED, refresh=result)
         return result
 
     async def _refused_result(self, ref: ModelRef, assignment: Assignment, exc: BundleError) -> RefreshResult:
@@ -320,7 +321,7 @@ class Refresher:
             self.stats.rejections += 1
             self.stats.rejected[f"{ref.name}/{ref.version}/{ref.variant}"] = exc.code
             log.error("model_rejected", model=ref.name, version=ref.version, code=exc.code, reason=exc.reason)
-        await self._report("model_rejected", refresh=result)
+        await self._report(NodeEvent.MODEL_REJECTED, refresh=result)
         return result
 
     async def _read(self, kv: KeyValue, key: str) -> Assignment | None:

@@ -34,6 +34,7 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,8 +45,9 @@ from slmops.edge.config import SafetyLimits
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelRef
+from slmops.shared.vocabulary import NodeEvent
 
-__all__ = ["Counters", "SafetyLimits", "SafetyMonitor", "VersionHealth"]
+__all__ = ["Counters", "SafetyLimits", "SafetyMonitor", "SafetyStatistics", "VersionHealth"]
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +109,17 @@ class VersionHealth:
             self.latency.append(((after.model_seconds - before.model_seconds) * 1000.0 / batches, batches))
 
 
+@dataclass(frozen=True, slots=True)
+class SafetyStatistics:
+    """A snapshot of ``SafetyMonitor.statistics()``."""
+
+    watching: bool  #: a fresh install is being judged
+    version: int | None  #: the current version
+    samples: int  #: inferences the current version served since it became current
+    rollbacks: int
+    blocked: tuple[str, ...]  #: ``name/version`` of versions this node abandoned
+
+
 #: ``await report(event, **NodeStatus fields)`` → whether the status was sent.
 Report = Callable[..., Awaitable[bool]]
 
@@ -143,15 +156,15 @@ class SafetyMonitor:
             self._current = VersionHealth(current.ref, clock())
         models.on_change(self._on_change)
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> SafetyStatistics:
         cur = self._current
-        return {
-            "watching": self._watching,
-            "version": None if cur is None else cur.ref.version,
-            "samples": 0 if cur is None else cur.samples,
-            "rollbacks": self.rollbacks,
-            "blocked": sorted(f"{n}/{v}" for n, v in self.blocked),
-        }
+        return SafetyStatistics(
+            watching=self._watching,
+            version=None if cur is None else cur.ref.version,
+            samples=0 if cur is None else cur.samples,
+            rollbacks=self.rollbacks,
+            blocked=tuple(sorted(f"{n}/{v}" for n, v in self.blocked)),
+        )
 
     def is_blocked(self, ref: ModelRef) -> bool:
         """Whether this node abandoned ``ref``'s version for breaching its health limits."""
@@ -169,7 +182,9 @@ class SafetyMonitor:
         self._current = VersionHealth(active.ref, now, warming=True)
         # Watch a fresh install that has something to go back to; compare it with the
         # outgoing version when that is the one a rollback would restore.
-        self._watching = event == "model_installed" and previous is not None and previous != active.ref
+        self._watching = (
+            event == NodeEvent.MODEL_INSTALLED and previous is not None and previous != active.ref
+        )
         self._baseline = outgoing if outgoing is not None and outgoing.ref == previous else None
         if self._watching:
             log.info("safety_watching", version=active.ref.version, previous=previous and previous.version)
@@ -224,7 +239,9 @@ class SafetyMonitor:
                 breach = self.judge()
                 if breach is not None:
                     await self._roll_back(breach)
-        if self._pending_report is not None and await self._report("rollback", **self._pending_report):
+        if self._pending_report is not None and await self._report(
+            NodeEvent.ROLLBACK, **self._pending_report
+        ):
             self._pending_report = None
         return breach
 

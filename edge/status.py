@@ -22,6 +22,7 @@ from slmops.shared.capabilities import CAPABILITIES
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.messages import DeviceProfile, NodeStatus, encode_json
+from slmops.shared.vocabulary import NodeEvent
 
 __all__ = ["StatusReporter", "device_profile", "memory_mb"]
 
@@ -96,6 +97,6 @@ class StatusReporter:
                 await self._connected.wait()
             if self._connected.is_set():
                 self._connected = anyio.Event()
-                await self.publish(self.snapshot("connect"))
+                await self.publish(self.snapshot(NodeEvent.CONNECT))
             else:
-                await self.publish(self.snapshot("periodic"))
+                await self.publish(self.snapshot(NodeEvent.PERIODIC))

@@ -14,6 +14,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
@@ -77,30 +78,16 @@ class LinkState(enum.StrEnum):
     ONLINE = "online"
 
 
+@dataclass(frozen=True, slots=True)
 class LinkStatistics:
     """A snapshot of a link's counters (see ``Link.statistics()``)."""
 
-    __slots__ = ("attempts", "connects", "disconnects", "last_error", "since", "state")
-
-    def __init__(
-        self,
-        state: LinkState,
-        since: float,
-        attempts: int,
-        connects: int,
-        disconnects: int,
-        last_error: str | None,
-    ) -> None:
-        self.state = state
-        self.since = since  #: clock() of the last state change
-        self.attempts = attempts  #: initial-connect attempts that failed, in total
-        self.connects = connects  #: connects + reconnects that succeeded
-        self.disconnects = disconnects
-        self.last_error = last_error
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
-        return f"LinkStatistics({fields})"
+    state: LinkState
+    since: float  #: clock() of the last state change
+    attempts: int  #: initial-connect attempts that failed, in total
+    connects: int  #: connects + reconnects that succeeded
+    disconnects: int
+    last_error: str | None
 
 
 async def connect_attempt(url: str, **options: Any) -> NATS:

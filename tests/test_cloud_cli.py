@@ -45,7 +45,7 @@ async def test_drift_watch_json_and_fleet_status_json_show_what_the_cloud_found(
                 sent[node] += agg.count
                 await publish(js, agg)
         await wait_until(lambda: sum(n.aggregates for n in svc.nodes.values()) == 28, 20, what="all applied")
-        await wait_until(lambda: svc.statistics()["events_published"] >= 1, 10, what="event out")
+        await wait_until(lambda: svc.statistics().events_published >= 1, 10, what="event out")
         await anyio.sleep(0.3)  # one snapshot interval (0.1 s) and then some
     watch = await anyio.run_process(
         [

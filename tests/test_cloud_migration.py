@@ -60,7 +60,7 @@ async def test_new_cloud_carries_on_from_the_previous_release_state(
         await wait_until(lambda: svc.nodes[("legacy", "a")].aggregates == 18, 30, what="applied")
         await wait_until(lambda: svc.nodes[("legacy", "a")].duplicates == 3, 10, what="duplicates")
         a, b = svc.nodes[("legacy", "a")], svc.nodes[("legacy", "b")]
-        counters = svc.statistics()["counters"]
+        counters = svc.statistics().counters
     assert a.inferences == 18 * 150
     assert a.epochs[""].seqs.high == 15
     assert a.epochs[""].seqs.missing == 0

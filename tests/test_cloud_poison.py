@@ -195,13 +195,13 @@ async def test_poison_from_one_node_is_deadlettered_and_every_fleet_keeps_being_
             await publish(js, a)
         total = len(one_class) + len(good)
         await wait_until(
-            lambda: svc.statistics()["counters"].get("aggregates", 0) >= total,
+            lambda: svc.statistics().counters.get("aggregates", 0) >= total,
             60,
             what="every good one counted",
         )
         await wait_until(
             lambda: (
-                svc.statistics()["counters"].get("deadlettered", 0)
+                svc.statistics().counters.get("deadlettered", 0)
                 >= len(fault2) + len(fault3) + len(bad_status)
             ),
             30,
@@ -251,7 +251,7 @@ async def test_a_restarted_cloud_does_not_trip_over_the_poison_again(
     await publish(js, base)
     async with CloudService(default_config(nats_server.url, tmp_path, [fleet])) as svc:
         await svc.wait_active(30)
-        await wait_until(lambda: svc.statistics()["counters"].get("aggregates", 0) == 1, 20, what="counted")
+        await wait_until(lambda: svc.statistics().counters.get("aggregates", 0) == 1, 20, what="counted")
 
 
 def test_state_level_poison_quarantines_the_signal_and_rebuilds_it_later() -> None:
@@ -361,12 +361,12 @@ async def test_install_epochs_wiped_nodes_conflicts_and_clones(
                 headers={"Nats-Msg-Id": msg_id("e", seq, fleet)},
             )
         await wait_until(
-            lambda: svc.statistics()["counters"].get("aggregates", 0) >= len(sent), 30, what="all counted"
+            lambda: svc.statistics().counters.get("aggregates", 0) >= len(sent), 30, what="all counted"
         )
         await send(agg("d", 3, _install(5), n=999), with_id=False)  # the clone
-        await wait_until(lambda: svc.statistics()["counters"].get("clones", 0) == 1, 20, what="clone seen")
+        await wait_until(lambda: svc.statistics().counters.get("clones", 0) == 1, 20, what="clone seen")
         await anyio.sleep(2.5)  # the snapshot interval (1 s), twice
-        stats = svc.statistics()["counters"]
+        stats = svc.statistics().counters
         snaps = {n.node: n for n in await fleet_status(js._nc, fleet)}
     assert stats["aggregates"] == len(sent)
     assert sum(n.inferences for n in snaps.values()) == sum(a.count for a in sent)

@@ -201,7 +201,7 @@ async def test_a_fetch_on_a_deleted_consumer_raises_consumer_gone(
 
 
 def _counters(svc: CloudService) -> dict[str, int]:
-    counters: dict[str, int] = svc.statistics()["counters"]
+    counters: dict[str, int] = svc.statistics().counters
     return counters
 
 

@@ -71,11 +71,11 @@ async def test_a_poison_flood_from_one_node_is_rate_limited_in_the_dead_letter_s
         for i in range(3):
             await js.publish(telemetry_subject(fleet, "other"), b"\xc1 junk %d" % i)
         await wait_until(
-            lambda: sum(svc.statistics()["counters"].get(k, 0) for k in ("deadlettered", SUPPRESSED)) >= 203,
+            lambda: sum(svc.statistics().counters.get(k, 0) for k in ("deadlettered", SUPPRESSED)) >= 203,
             60,
             what="every poison settled",
         )
-        counters = svc.statistics()["counters"]
+        counters = svc.statistics().counters
         assert svc.active
     letters = await deadletters(js, fleet)
     flood = [k for k in letters if ".flood#" in k]

@@ -84,7 +84,7 @@ async def test_stationary_then_shift_opens_one_fleet_event_and_resolves_when_tra
                 await wait_until(lambda: _applied(svc, fleet) == 40, 20, what="stationary part applied")
                 assert await drift_events(js, fleet) == []
         await wait_until(lambda: _applied(svc, fleet) == len(plan) * 4, 30, what="all applied")
-        await wait_until(lambda: svc.statistics()["events_pending"] == 0, 10, what="events out")
+        await wait_until(lambda: svc.statistics().events_pending == 0, 10, what="events out")
         assert _inferences(svc, fleet) == sent
     events = await drift_events(js, fleet)
     prior_events = [(e.scope, e.state) for e in events if e.signal == "class_prior"]
@@ -117,7 +117,7 @@ async def test_duplicated_reordered_and_late_aggregates_count_once_and_gaps_are_
             encode_telemetry(aggs[2]),
             headers={"Nats-Msg-Id": f"{fleet}-other-id"},
         )
-        await wait_until(lambda: svc.statistics()["counters"].get("duplicates", 0) >= 1, 20, what="dup")
+        await wait_until(lambda: svc.statistics().counters.get("duplicates", 0) >= 1, 20, what="dup")
         node = svc.nodes[(fleet, n1)]
         assert node.aggregates == 4
         assert node.epochs[""].seqs.missing == 1
@@ -168,7 +168,7 @@ async def test_malformed_messages_are_deadlettered_and_the_service_keeps_going(
         )
         await publish(js, good[1])
         await wait_until(lambda: _applied(svc, fleet) == 2, 20, what="good ones applied")
-        await wait_until(lambda: svc.statistics()["counters"].get("deadlettered", 0) == 3, 20, what="3 dead")
+        await wait_until(lambda: svc.statistics().counters.get("deadlettered", 0) == 3, 20, what="3 dead")
     reasons: dict[str, tuple[str, str]] = {}
     with anyio.fail_after(10):
         while len(reasons) < 3:
@@ -211,9 +211,7 @@ async def test_restart_mid_stream_loses_no_window_and_counts_none_twice(
     async with CloudService(cfg) as svc:
         await svc.wait_active(20)
         await wait_until(lambda: _applied(svc, fleet) == len(aggs), 30, what="all applied after restart")
-        await wait_until(
-            lambda: svc.statistics()["counters"].get("duplicates", 0) >= 10, 10, what="dups seen"
-        )
+        await wait_until(lambda: svc.statistics().counters.get("duplicates", 0) >= 10, 10, what="dups seen")
         assert _inferences(svc, fleet) == sum(a.count for a in aggs)
         assert all(
             n.epochs[""].seqs.missing == 0 and n.epochs[""].seqs.high == 30 for n in svc.nodes.values()
@@ -246,14 +244,14 @@ async def test_a_second_instance_stands_by_and_takes_over_without_double_countin
             await publish(js, agg)
         await wait_until(lambda: _applied(a, fleet) == 48, 20, what="first part applied by a")
         assert not b.active
-        assert b.statistics()["messages"] == 0
+        assert b.statistics().messages == 0
         stop_a.set()
         await b.wait_active(20)
         for agg in aggs[48:]:
             await publish(js, agg)
         await wait_until(lambda: _applied(b, fleet) == len(aggs), 30, what="rest applied by b")
         assert _inferences(b, fleet) == sum(x.count for x in aggs)
-        await wait_until(lambda: b.statistics()["events_pending"] == 0, 10, what="events out")
+        await wait_until(lambda: b.statistics().events_pending == 0, 10, what="events out")
         stop_b.set()
     events = await drift_events(js, fleet)
     ids = [e.id for e in events]
@@ -280,7 +278,7 @@ async def test_without_a_manifest_windows_are_counted_not_drift_tested_and_repor
             for node in _nodes(fleet):
                 await publish(js, make_aggregate(fleet, node, seq, 300, rng, prior=prior, model=model))
         await wait_until(lambda: _applied(svc, fleet) == 64, 20, what="all applied")
-        await wait_until(lambda: svc.statistics()["events_published"] >= 1, 10, what="event out")
+        await wait_until(lambda: svc.statistics().events_published >= 1, 10, what="event out")
         nodes = [n for (f, _), n in svc.nodes.items() if f == fleet]
         assert svc.detector is not None
         assert not any(k.startswith(f"{fleet}/") for k in svc.detector.groups)
@@ -316,8 +314,8 @@ async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_rol
         await js.publish(status_subject(fleet, node), encode_json(newer))
         await js.publish(status_subject(fleet, node), encode_json(older))
         await js.publish(status_subject(fleet, node), b"{not json")
-        await wait_until(lambda: svc.statistics()["counters"].get("statuses", 0) >= 2, 20, what="statuses")
-        await wait_until(lambda: svc.statistics()["counters"].get("deadlettered", 0) >= 1, 20, what="dead")
+        await wait_until(lambda: svc.statistics().counters.get("statuses", 0) >= 2, 20, what="statuses")
+        await wait_until(lambda: svc.statistics().counters.get("deadlettered", 0) >= 1, 20, what="dead")
         state = svc.nodes[(fleet, node)]
         # Stored last, so it is the latest, whatever the node's clock said.
         assert (state.outbox_depth, state.served, state.status_dropped_inferences) == (99, 1234, 3)

@@ -155,7 +155,7 @@ async def test_healthy_version_stays_and_the_watch_ends(
         assert await monitor.tick() is None
     clock.t += LIMITS.watch_s
     await monitor.tick()
-    assert monitor.statistics()["watching"] is False
+    assert monitor.statistics().watching is False
     traffic.serve(100, ms=50)  # after the watch, the swap is settled: no local rollback
     clock.t += 1
     assert await monitor.tick() is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 
 import anyio
 import anyio.to_thread
@@ -208,6 +209,14 @@ def _calibration(tail: np.ndarray) -> Calibration:
     return Calibration(log_tail=[float(v) for v in log_tail[: last + 1]], slope=max(float(slope), 0.1))
 
 
+@dataclass(frozen=True, slots=True)
+class CalibratorStatistics:
+    """A snapshot of ``Calibrator.statistics()``: cached calibrations, and those waiting."""
+
+    calibrations: int
+    calibrations_queued: int
+
+
 class Calibrator:
     """Caches calibrations per (signal key, window-size bucket, noise level).
 
@@ -235,8 +244,8 @@ class Calibrator:
         self.failed: dict[tuple[object, ...], str] = {}
         self._wake = anyio.Event()
 
-    def statistics(self) -> dict[str, int]:
-        return {"calibrations": len(self._cache), "calibrations_queued": len(self._wanted)}
+    def statistics(self) -> CalibratorStatistics:
+        return CalibratorStatistics(calibrations=len(self._cache), calibrations_queued=len(self._wanted))
 
     def non_blocking(self) -> Calibrator:
         """A non-blocking calibrator sharing this one's cache."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
@@ -55,6 +56,16 @@ from slmops.shared.messages import DriftEvent, ModelManifest, ModelRef, Telemetr
 __all__ = ["DriftDetector"]
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorStatistics:
+    """A snapshot of ``DriftDetector.statistics()``."""
+
+    groups: int
+    node_units: int
+    calibrations: int
+    calibrations_queued: int
 
 
 class DriftDetector:
@@ -90,8 +101,14 @@ class DriftDetector:
         #: Signals quarantined since the caller last took them (``take_quarantines``).
         self._quarantined: list[tuple[Group, str, str]] = []
 
-    def statistics(self) -> dict[str, int]:
-        return {"groups": len(self.groups), "node_units": len(self.units), **self._cal.statistics()}
+    def statistics(self) -> DetectorStatistics:
+        cal = self._cal.statistics()
+        return DetectorStatistics(
+            groups=len(self.groups),
+            node_units=len(self.units),
+            calibrations=cal.calibrations,
+            calibrations_queued=cal.calibrations_queued,
+        )
 
     def load(self, groups: list[Group], units: dict[tuple[str, str], NodeUnit]) -> None:
         self.groups = {g.key: g for g in groups}

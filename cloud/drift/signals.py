@@ -7,7 +7,7 @@ Signals: ``class_prior`` (predicted-class counts), ``confidence``, ``input_lengt
 counts). The reference of a signal comes from the model manifest's ``ReferenceProfile`` when it
 has one; latency and error rate never come from the manifest (held-out data says nothing about
 a device's speed or its apps' failures), so they, and any signal the manifest lacks, use the
-first rounds of fleet traffic (``source="first_windows"``).
+first rounds of fleet traffic (``source=DriftReference.FIRST_WINDOWS``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import msgspec
 
 from slmops.cloud.drift.stats import geometric_noise_var, normalise
 from slmops.shared.messages import ModelManifest, TelemetryAggregate
+from slmops.shared.vocabulary import DP_SENSITIVITY, DriftReference, DriftSignal
 
 __all__ = [
     "NOISED",
@@ -30,15 +31,11 @@ __all__ = [
     "manifest_refs",
 ]
 
-SIGNALS = ("class_prior", "confidence", "input_length", "latency", "error_rate", "accuracy")
+SIGNALS = tuple(DriftSignal)
 #: Two-cell signals tested one-sided: the cell whose rise is evidence.
 ONE_SIDED = {"error_rate": 0, "accuracy": 0}
 #: Signals whose counts carry the edge's DP noise ("every histogram and class count").
-NOISED = frozenset({"class_prior", "confidence", "input_length", "latency", "accuracy"})
-#: Counts one inference changes at the edge (class, three histogram bins, one feedback cell):
-#: the edge draws noise with ``alpha = exp(-epsilon / 5)`` (edge/privacy.py ``SENSITIVITY``,
-#: restated here because cloud may not import edge).
-DP_SENSITIVITY = 5.0
+NOISED = frozenset(set(DriftSignal) - {DriftSignal.ERROR_RATE})
 
 
 class SignalRef(msgspec.Struct, kw_only=True):
@@ -150,14 +147,18 @@ def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
     if ref.class_counts and manifest.labels:
         counts = [float(ref.class_counts.get(label, 0)) for label in manifest.labels]
         if sum(counts) > 0:
-            out["class_prior"] = SignalRef(probs=normalise(counts), n_ref=sum(counts), source="manifest")
+            out["class_prior"] = SignalRef(
+                probs=normalise(counts), n_ref=sum(counts), source=DriftReference.MANIFEST
+            )
     for signal, hist, edges in (
         ("confidence", ref.confidence, manifest.edges.confidence),
         ("input_length", ref.input_length, manifest.edges.input_length),
     ):
         if hist.edges == edges and hist.total > 0:
             out[signal] = SignalRef(
-                probs=normalise([float(c) for c in hist.counts]), n_ref=float(hist.total), source="manifest"
+                probs=normalise([float(c) for c in hist.counts]),
+                n_ref=float(hist.total),
+                source=DriftReference.MANIFEST,
             )
     if ref.accuracy is not None and 0 <= ref.accuracy <= 1:
         wrong = 1.0 - ref.accuracy
@@ -165,7 +166,7 @@ def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
         out["accuracy"] = SignalRef(
             probs=normalise([wrong * ref.count, ref.accuracy * ref.count]),
             n_ref=float(ref.count),
-            source="manifest",
+            source=DriftReference.MANIFEST,
         )
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from slmops.cloud.rollout.nodes import NodeView
 from slmops.cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
 from slmops.shared.errors import SlmopsError
 from slmops.shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
+from slmops.shared.vocabulary import RolloutEventState
 
 __all__ = ["Publish", "RolloutController"]
 
@@ -41,6 +43,17 @@ Publish = Callable[[str, RolloutEvent, str], Awaitable[None]]
 #: Aggregates kept per fleet so a rollout seen late (restart, or created by another process)
 #: can replay what it missed. Bounded: 4096 windows ≈ 4 MB of aggregates.
 _RECENT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerStatistics:
+    """A snapshot of ``RolloutController.statistics()``."""
+
+    steps: int
+    conflicts: int
+    errors: int
+    rollouts_tracked: int
+    nodes_known: int
 
 
 class _Tracker:
@@ -96,14 +109,14 @@ class RolloutController:
         self._refs: dict[tuple[str, int], ReferenceProfile | None] = {}
         self.steps = self.conflicts = self.errors = 0
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "steps": self.steps,
-            "conflicts": self.conflicts,
-            "errors": self.errors,
-            "rollouts_tracked": len(self._trackers),
-            "nodes_known": len(self.nodes),
-        }
+    def statistics(self) -> ControllerStatistics:
+        return ControllerStatistics(
+            steps=self.steps,
+            conflicts=self.conflicts,
+            errors=self.errors,
+            rollouts_tracked=len(self._trackers),
+            nodes_known=len(self.nodes),
+        )
 
     # -- feeding ---------------------------------------------------------------------------
 
@@ -213,7 +226,7 @@ class RolloutController:
         if not state.active:
             return
         if state.events == 0:
-            state = self._event(state, "started", now, reason=state.reason)
+            state = self._event(state, RolloutEventState.STARTED, now, reason=state.reason)
             state, revision = await self._save(state, revision, now)
         if state.command is not None:
             state, revision, stop = await self._command(state, revision, now)
@@ -235,7 +248,9 @@ class RolloutController:
             state = msgspec.structs.replace(
                 state, status="aborted", phase="cleanup", reason="aborted by operator"
             )
-            state = self._event(state, "aborted", now, nodes=sorted(state.nodes), reason=state.reason)
+            state = self._event(
+                state, RolloutEventState.ABORTED, now, nodes=sorted(state.nodes), reason=state.reason
+            )
             state, revision = await self._save(state, revision, now)
             await self._cleanup(state, revision, now)
             return state, revision, True
@@ -245,7 +260,7 @@ class RolloutController:
             # A pause for missing samples restarts the sample clock when resumed.
             soak = now if state.phase == "soaking" else state.soak_started
             state = msgspec.structs.replace(state, status="running", soak_started=soak, reason="")
-            state = self._event(state, "resumed", now)
+            state = self._event(state, RolloutEventState.RESUMED, now)
         state, revision = await self._save(state, revision, now)
         return state, revision, False
 
@@ -273,7 +288,7 @@ class RolloutController:
                 state.nodes[node] = msgspec.structs.replace(entry, variant=variant)
         stage_nodes = sorted(n for n, e in state.nodes.items() if e.stage == state.stage)
         state = msgspec.structs.replace(state, phase="installing", stage_started=now)
-        state = self._event(state, "stage_started", now, nodes=stage_nodes)
+        state = self._event(state, RolloutEventState.STAGE_STARTED, now, nodes=stage_nodes)
         await self._save(state, revision, now)
 
     async def _reference(self, model: str, version: int | None) -> ReferenceProfile | None:
@@ -292,7 +307,9 @@ class RolloutController:
             for node in sorted(set(failures) - set(state.failures)):
                 state = self._event(
                     state,
-                    "node_rollback" if "rolled back" in failures[node] else "node_failed",
+                    RolloutEventState.NODE_ROLLBACK
+                    if "rolled back" in failures[node]
+                    else RolloutEventState.NODE_FAILED,
                     now,
                     nodes=[node],
                     reason=failures[node],
@@ -340,7 +357,7 @@ class RolloutController:
             if soaked > state.config.sample_timeout_s and state.status == "running":
                 reason = f"too few samples after {soaked:.0f}s of soak; resume to wait longer, or abort"
                 state = msgspec.structs.replace(state, status="paused", reason=reason, gates=summary)
-                state = self._event(state, "paused", now, reason=reason, gates=summary)
+                state = self._event(state, RolloutEventState.PAUSED, now, reason=reason, gates=summary)
                 await self._save(state, revision, now)
             return
         if soaked < state.config.soak_s or state.status == "paused":
@@ -348,7 +365,7 @@ class RolloutController:
         state = self._event(msgspec.structs.replace(state, gates=summary), "stage_passed", now, gates=summary)
         if state.stage + 1 >= len(state.config.stages):
             state = msgspec.structs.replace(state, status="completed", phase="cleanup")
-            state = self._event(state, "completed", now, nodes=sorted(state.nodes))
+            state = self._event(state, RolloutEventState.COMPLETED, now, nodes=sorted(state.nodes))
             state, revision = await self._save(state, revision, now)
             await self._cleanup(state, revision, now)
             return
@@ -362,8 +379,10 @@ class RolloutController:
         state = msgspec.structs.replace(
             state, status="rolled_back", phase="cleanup", reason=reason, gates=summary
         )
-        state = self._event(state, "gate_failed", now, reason=reason, gates=summary)
-        state = self._event(state, "rolled_back", now, reason=reason, nodes=sorted(state.nodes))
+        state = self._event(state, RolloutEventState.GATE_FAILED, now, reason=reason, gates=summary)
+        state = self._event(
+            state, RolloutEventState.ROLLED_BACK, now, reason=reason, nodes=sorted(state.nodes)
+        )
         state, revision = await self._save(state, revision, now)
         await self._cleanup(state, revision, now)
 

@@ -28,6 +28,7 @@ from slmops.shared.jetstream import ensure_kv, nats_errors
 from slmops.shared.kv import kv_keys
 from slmops.shared.messages import Assignment, RolloutEvent
 from slmops.shared.names import validate_id
+from slmops.shared.vocabulary import RolloutStatus
 
 __all__ = [
     "ACTIVE",
@@ -51,7 +52,9 @@ Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
 Phase = Literal["assigning", "installing", "soaking", "cleanup", "done"]
 Command = Literal["pause", "resume", "abort"]
 ACTIVE: frozenset[str] = frozenset({"running", "paused"})
-TERMINAL: frozenset[str] = frozenset({"completed", "rolled_back", "aborted"})
+TERMINAL: frozenset[str] = frozenset(
+    {RolloutStatus.COMPLETED, RolloutStatus.ROLLED_BACK, RolloutStatus.ABORTED}
+)
 
 
 class RolloutError(CloudError):

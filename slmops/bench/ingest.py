@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Any
 
 import anyio
 import nats
@@ -25,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from slmops.cloud.config import CloudConfig, DriftConfig
-from slmops.cloud.service import CloudService, tune_gc
+from slmops.cloud.service import CloudService, ServiceStatistics, tune_gc
 from slmops.shared.messages import encode_json, encode_telemetry
 from slmops.shared.names import (
     MODELS_MANIFEST_BUCKET,
@@ -99,7 +98,7 @@ async def _project(
     warm_msgs: list[tuple[str, bytes, str]],
     timed_msgs: list[tuple[str, bytes, str]],
     quick: bool,
-) -> tuple[float, dict[str, Any]]:
+) -> tuple[float, ServiceStatistics]:
     warm, total = len(warm_msgs), len(warm_msgs) + len(timed_msgs)
     config = CloudConfig(
         nats_url=url,
@@ -115,7 +114,7 @@ async def _project(
 
     def calibrating(svc: CloudService) -> bool:
         det = svc.detector
-        return det is None or det.statistics().get("calibrations_queued", 0) > 0
+        return det is None or det.statistics().calibrations_queued > 0
 
     await _publish_all(js, warm_msgs)
     async with CloudService(config) as svc:
@@ -185,6 +184,6 @@ async def run(quick: bool = False) -> list[dict[str, object]]:
             "ratio_to_bare_fetch_batch_ack_all": round(project / batched, 3),
             "signals": 6,
             "sqlite": "WAL, synchronous=FULL, one transaction per batch",
-            "counters": stats["counters"],
+            "counters": stats.counters,
         }
     ]

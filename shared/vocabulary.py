@@ -1,0 +1,106 @@
+"""The contract's words: the values of the wire fields that are typed ``str`` (bundle error
+codes, node status events, rollout event states, drift signals and references) as
+``StrEnum``s. Wire fields stay ``str`` — a field never changes type (msgspec's
+schema-evolution rule), and an old node may send a word a new cloud does not know — so a
+member compares equal to, and encodes as, its plain string.
+
+The one DP sensitivity constant lives here too: both the edge (which adds the noise) and the
+cloud (whose drift null allows for it) must agree on it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = [
+    "DP_SENSITIVITY",
+    "RETRYABLE_CODES",
+    "BundleCode",
+    "DriftReference",
+    "DriftSignal",
+    "NodeEvent",
+    "RolloutEventState",
+    "RolloutStatus",
+]
+
+#: Counts one inference changes under differential privacy, each by one: its class, one bin of
+#: each of the three histograms, one feedback cell. The edge draws noise with
+#: ``alpha = exp(-epsilon / DP_SENSITIVITY)``; the cloud's drift null allows for that noise.
+DP_SENSITIVITY = 5
+
+
+class BundleCode(StrEnum):
+    """``BundleError.code`` and ``RefreshResult.code``: why a bundle was refused."""
+
+    INVALID = "invalid"
+    UNSIGNED = "unsigned"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    HASH_MISMATCH = "hash_mismatch"
+    TRUNCATED = "truncated"
+    LOAD_FAILED = "load_failed"
+    SMOKE_FAILED = "smoke_failed"
+    NON_FINITE_OUTPUT = "non_finite_output"
+    INCOMPATIBLE = "incompatible"
+    TOO_LARGE = "too_large"
+    DOWNLOAD_FAILED = "download_failed"
+    NO_PREVIOUS = "no_previous"
+
+
+#: Codes worth trying again later: the bundle may be fine, the way to it was not.
+RETRYABLE_CODES = frozenset({BundleCode.DOWNLOAD_FAILED})
+
+
+class NodeEvent(StrEnum):
+    """``NodeStatus.event``: why a node sent a status."""
+
+    CONNECT = "connect"
+    PERIODIC = "periodic"
+    MODEL_INSTALLED = "model_installed"
+    MODEL_REJECTED = "model_rejected"
+    ROLLBACK = "rollback"
+    SHUTDOWN = "shutdown"
+
+
+class RolloutStatus(StrEnum):
+    """Where a rollout stands (its stored state)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+class RolloutEventState(StrEnum):
+    """``RolloutEvent.state``: what just happened to a rollout."""
+
+    STARTED = "started"
+    STAGE_STARTED = "stage_started"
+    STAGE_PASSED = "stage_passed"
+    GATE_FAILED = "gate_failed"
+    ROLLED_BACK = "rolled_back"
+    COMPLETED = "completed"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    ABORTED = "aborted"
+    NODE_ROLLBACK = "node_rollback"  #: a node left the version on its own
+    NODE_FAILED = "node_failed"  #: a node refused the bundle
+
+
+class DriftSignal(StrEnum):
+    """``DriftEvent.signal``: which distribution moved."""
+
+    CLASS_PRIOR = "class_prior"
+    CONFIDENCE = "confidence"
+    INPUT_LENGTH = "input_length"
+    LATENCY = "latency"
+    ERROR_RATE = "error_rate"
+    ACCURACY = "accuracy"
+
+
+class DriftReference(StrEnum):
+    """``DriftEvent.reference``: what a window was compared with."""
+
+    MANIFEST = "manifest"  #: the bundle's held-out profile
+    FIRST_WINDOWS = "first_windows"  #: the first rounds of fleet traffic
