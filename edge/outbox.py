@@ -8,10 +8,10 @@ its PubAck. Rows are marked "attempted" (committed) before the first send, so co
 renumbers a ``seq`` the server may already hold (a ghost write of a timed-out publish).
 
 Up to ``max_in_flight`` publishes are pending at once, each with its own timeout (nats-py's
-futures may never resolve on a server error, docs/architecture.md §9). They are started in ``seq`` order on
-one connection, so the server receives them in order. When one fails the round stops, acked
+futures may never resolve on a server error, docs/architecture.md §9). They are started in
+``seq`` order on one connection, so the server receives them in order. When one fails the round stops, acked
 rows are deleted, and the rest are retried after a backoff — the server drops the repeats by
-``Nats-Msg-Id`` within its duplicate window, and the cloud by ``(node, seq)`` after that.
+``Nats-Msg-Id`` within its duplicate window, and the cloud by ``(install, seq)`` after that.
 Nothing is published while the link is not online.
 """
 

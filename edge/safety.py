@@ -238,16 +238,14 @@ class SafetyMonitor:
             else:
                 breach = self.judge()
                 if breach is not None:
-                    await self._roll_back(breach)
+                    await self._roll_back(self._current, breach)
         if self._pending_report is not None and await self._report(
             NodeEvent.ROLLBACK, **self._pending_report
         ):
             self._pending_report = None
         return breach
 
-    async def _roll_back(self, breach: str) -> None:
-        cur = self._current
-        assert cur is not None  # judged above
+    async def _roll_back(self, cur: VersionHealth, breach: str) -> None:
         bad = cur.ref
         self.blocked.add((bad.name, bad.version))
         await anyio.to_thread.run_sync(self._save_blocked)

@@ -31,12 +31,21 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
+from slmops.bench._fleet import (
+    COND,
+    CONF_EDGES,
+    CONF_P,
+    LABELS,
+    LEN_P,
+    MODEL,
+    PRIOR,
+    SyntheticFleet,
+    manifest_for,
+)
 from slmops.cloud.config import DriftConfig
 from slmops.cloud.drift import DriftDetector
 from slmops.cloud.drift.stats import normalise, window_test
 from slmops.shared.messages import TelemetryAggregate
-
-from ._fleet import COND, CONF_EDGES, CONF_P, LABELS, LEN_P, MODEL, PRIOR, SyntheticFleet, manifest_for
 
 __all__ = ["run"]
 

@@ -23,6 +23,7 @@ import nats
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
+from slmops.bench._fleet import MODEL, SyntheticFleet, manifest_for
 from slmops.cloud.config import CloudConfig, DriftConfig
 from slmops.cloud.service import CloudService, ServiceStatistics, tune_gc
 from slmops.shared.messages import encode_json, encode_telemetry
@@ -36,8 +37,6 @@ from slmops.shared.names import (
 )
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
-
-from ._fleet import MODEL, SyntheticFleet, manifest_for
 
 __all__ = ["run"]
 
