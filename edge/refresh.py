@@ -1,6 +1,8 @@
 """The node follows its model assignment (docs/architecture.md §6, §9).
 
-While online it watches its own key and the fleet-wide key of KV ``slmops_assignments``; on
+While online it watches its own key and the fleet-wide key of KV ``slmops_assignments`` (a
+consumer per key made through the filtered-subject API form, ``_watch``) and reads them by
+direct gets by subject; on
 every (re)connect, at start and every ``poll_interval`` it re-reads both, because a watch can
 miss updates (a watcher took 10-20 s to recover after a server restart here). The node's own
 key overrides the fleet-wide one.
@@ -47,6 +49,7 @@ import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from slmops.edge.models import ModelManager
@@ -89,6 +92,8 @@ Report = Callable[..., Awaitable[bool]]
 RETRYABLE = RETRYABLE_CODES
 
 _NATS_ERRORS = (nats.errors.Error, OSError, NatsUnavailable)
+#: Seconds an assignment watch's consumer outlives its subscriber (a node gone offline).
+_WATCH_INACTIVE = 30.0
 #: An attempt fails when no chunk arrives for this long (chunks are 32 KiB: ~33 s at 1 kB/s).
 STALL_SECONDS = 60.0
 #: The slowest link an attempt is sized for: its limit is ``download_timeout + bytes / MIN_RATE``.
@@ -195,7 +200,7 @@ class Refresher:
                 lost.set()
 
         unsubscribe = self._link.on_change(on_change)
-        watchers: list[KeyValue.KeyWatcher] = []
+        watchers: list[Any] = []
         try:
             js = self._link.js
             kv = await self._op(js.key_value(names.ASSIGNMENTS_BUCKET))
@@ -209,9 +214,7 @@ class Refresher:
                 tg.start_soon(stop_when_offline)
                 # Watch before the first read, so nothing written in between is missed.
                 for key in (self._node_key, self._fleet_key):
-                    watcher = await self._op(kv.watch(key))
-                    watchers.append(watcher)
-                    tg.start_soon(self._pump, watcher)
+                    watchers.append(await self._op(self._watch(js, key)))
                 while True:
                     self._wake = anyio.Event()
                     result = await self._check(js, kv)
@@ -224,14 +227,44 @@ class Refresher:
             with anyio.move_on_after(1.0, shield=True):
                 for watcher in watchers:
                     try:
-                        await watcher.stop()  # type: ignore[no-untyped-call]
+                        await watcher.unsubscribe()
                     except _NATS_ERRORS as exc:  # offline: the server drops it on its own
                         log.debug("watcher_stop_failed", error=repr(exc))
 
-    async def _pump(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for _ in watcher:  # entries, delete markers, the initial "up to date" None
+    async def _watch(self, js: JetStreamContext, key: str) -> Any:
+        """A wake-up on every new value of ``key``: an ephemeral push consumer created through
+        the filtered-subject API form (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``,
+        the only consumer creation a node's credentials allow, for its own keys: issue 13
+        fault 11) delivering headers only to this node's inbox. A hint only: the value is
+        read by a direct get (``_check``), so a missed delivery costs at most a poll."""
+        nc = self._link.nc
+        inbox = nc.new_inbox()
+
+        async def wake(_msg: Any) -> None:
             if self._wake is not None:
                 self._wake.set()
+
+        sub = await nc.subscribe(inbox, cb=wake)
+        try:
+            await js.add_consumer(
+                f"KV_{names.ASSIGNMENTS_BUCKET}",
+                ConsumerConfig(
+                    name=f"watch-{os.urandom(8).hex()}",
+                    filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
+                    deliver_subject=inbox,
+                    deliver_policy=DeliverPolicy.NEW,
+                    ack_policy=AckPolicy.NONE,
+                    headers_only=True,
+                    inactive_threshold=_WATCH_INACTIVE,
+                    mem_storage=True,
+                    num_replicas=1,
+                ),
+            )
+        except BaseException:
+            with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
+            raise
+        return sub
 
     def _retry_delay(self, failures: int) -> float:
         return self._retry.delay(failures)

@@ -348,27 +348,65 @@ async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> 
         manifests = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
         assert (await manifests.get(names.manifest_key("other-model", 1, "fp32"))).value == b"manifest-1"
 
-        watcher: Any = await kv.watch(names.assignment_key(FLEET, NODE))
-        try:
-            first = await _next_entry(watcher)
-            assert first.value == b"own-v1"
-            cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
-            await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
-            entry = await _next_entry(watcher)
-            assert entry.value == b"own-v2"
-        finally:
-            await watcher.stop()
+        # The watch as edge/refresh.py makes it: a consumer created through the filtered-subject
+        # API form, delivering to the node's own inbox.
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.jetstream().add_consumer(
+            f"KV_{names.ASSIGNMENTS_BUCKET}",
+            js_api.ConsumerConfig(
+                name="watch-own",
+                filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}",
+                deliver_subject=inbox,
+                deliver_policy=js_api.DeliverPolicy.NEW,
+                ack_policy=js_api.AckPolicy.NONE,
+                inactive_threshold=30,
+            ),
+        )
+        cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+        await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
+        assert (await sub.next_msg(timeout=5)).data == b"own-v2"
+        await sub.unsubscribe()
         assert client.errors == []
 
 
-async def _next_entry(watcher: Any) -> Any:
-    """The watch's next entry, skipping its "initial values done" marker (None): nats-py may
-    send that marker before an entry it had already received (its consumer_info race)."""
-    with anyio.fail_after(5):
-        while True:
-            entry = await watcher.updates(timeout=5)
-            if entry is not None:
-                return entry
+@pytest.mark.anyio
+async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_filtered_form(
+    single: _Server,
+) -> None:
+    """Issue 13 fault 11: a node could create any number of consumers on the assignments
+    bucket (``$JS.API.CONSUMER.CREATE.<stream>`` carries the filter and the push target in
+    the body, where permissions cannot look). Now only the filtered-subject form for its own
+    two keys is allowed: nats-py's unfiltered watch and a consumer on another node's key are
+    refused (the edge reads values by direct gets by subject and watches through that form)."""
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        js = nc.jetstream(timeout=1)
+        kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+        with pytest.raises(nats.errors.TimeoutError):
+            await kv.watch(names.assignment_key(FLEET, NODE))
+        await client.wait_error(
+            f'permissions violation for publish to "$js.api.consumer.create.kv_{names.ASSIGNMENTS_BUCKET}"'
+        )
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.add_consumer(
+                f"KV_{names.ASSIGNMENTS_BUCKET}",
+                js_api.ConsumerConfig(
+                    name="peek",
+                    filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, OTHER)}",
+                    ack_policy=js_api.AckPolicy.NONE,
+                ),
+            )
+        await client.wait_error(".peek.$kv.")
+        own = await js.add_consumer(
+            f"KV_{names.ASSIGNMENTS_BUCKET}",
+            js_api.ConsumerConfig(
+                name="own",
+                filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET)}",
+                ack_policy=js_api.AckPolicy.NONE,
+                inactive_threshold=5,
+            ),
+        )
+        assert own.name == "own"
 
 
 @pytest.mark.anyio
@@ -643,12 +681,22 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
             js = nc.jetstream(timeout=2)
             kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
             assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
-            watcher: Any = await kv.watch(names.assignment_key(FLEET, NODE))
-            try:
-                entry = await _next_entry(watcher)
-                assert entry.value == b"own-v1"
-            finally:
-                await watcher.stop()
+            # The watch as edge/refresh.py makes it (the filtered-subject consumer form).
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await js.add_consumer(
+                f"KV_{names.ASSIGNMENTS_BUCKET}",
+                js_api.ConsumerConfig(
+                    name="watch-own",
+                    filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}",
+                    deliver_subject=inbox,
+                    deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+                    ack_policy=js_api.AckPolicy.NONE,
+                    inactive_threshold=30,
+                ),
+            )
+            assert (await sub.next_msg(timeout=5)).data == b"own-v1"
+            await sub.unsubscribe()
             store = await js.object_store(names.MODELS_BUCKET)
             out = io.BytesIO()
             with anyio.fail_after(30):

@@ -55,9 +55,10 @@ _BLOCK = """\
         # DIRECT.GET is what nats-py uses instead of MSG.GET once the bucket has allow_direct.
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}.{node}",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet",
-        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments",
-        "$JS.API.CONSUMER.INFO.KV_slmops_assignments.*",
-        "$JS.FC.KV_slmops_assignments.>",
+        # Watches of its two keys: consumers only through the filtered-subject form (the
+        # filter is in the subject, so permissions see it); no unfiltered CONSUMER.CREATE.
+        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.*.$KV.slmops_assignments.{fleet}.{node}",
+        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.*.$KV.slmops_assignments.{fleet}._fleet",
         # KV slmops_manifests, read-only.
         "$JS.API.STREAM.INFO.KV_slmops_manifests",
         "$JS.API.STREAM.MSG.GET.KV_slmops_manifests",
