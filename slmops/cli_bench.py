@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,11 +23,19 @@ def _fmt(value: Any) -> str:
 @click.argument("scenario", type=click.Choice([*SCENARIOS, "all"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
 @click.option("--quick", is_flag=True, help="Small sizes: a fast smoke run, figures not representative.")
-def bench(scenario: str, as_json: bool, quick: bool) -> None:
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="edge: the bundle directory to measure (e.g. a `models build` variant); default: the n-gram model.",
+)
+def bench(scenario: str, as_json: bool, quick: bool, model: Path | None) -> None:
     """Measure a scenario: the project's path and the bare-library baseline, in the same run.
 
     \b
-    edge      predictions/s via Python API and HTTP vs bare session.run
+    edge      predictions/s via Python API and HTTP vs bare tokenizer + session.run and a bare
+              aiohttp endpoint; per-call overhead µs; node RSS idle and peak
     buffer    telemetry events/s into SQLite vs bare aiosqlite executemany
     ingest    cloud aggregates/s vs bare nats-py fetch+ack
     drift     detection quality on synthetic fleets vs PSI and χ² rules
@@ -39,13 +48,16 @@ def bench(scenario: str, as_json: bool, quick: bool) -> None:
     (shared machines are noisy: compare the ratio, not the absolute figures).
     """
     names = SCENARIOS if scenario == "all" else (scenario,)
+    if model is not None and scenario != "edge":
+        raise click.UsageError("--model applies to the edge scenario only")
+    options: dict[str, Any] = {"model": model} if model is not None else {}
     info = machine()
     if not as_json:
         click.echo("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     failed = False
     for name in names:
         try:
-            results = anyio.run(lambda n=name: run_scenario(n, quick=quick))  # type: ignore[misc]
+            results = anyio.run(lambda n=name: run_scenario(n, quick=quick, **options))  # type: ignore[misc]
         except Exception as exc:  # one broken scenario must not hide the others' figures
             failed = True
             click.echo(f"bench {name} failed: {type(exc).__name__}: {exc}", err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slmops.bench import REQUIRED_KEYS, run_scenario
+from slmops.cloud.factory.cache import CachedModel
 
 
 def check(results: list[dict[str, object]]) -> None:
@@ -35,4 +36,20 @@ async def test_edge_bench_quick_covers_python_http_and_rss() -> None:
     assert any(n.startswith("edge python b32") for n in names)
     assert any(n.startswith("edge http b1") for n in names)
     assert any(n.startswith("edge http b32") for n in names)
-    assert names[-1] == "edge node rss"
+    assert names[-2:] == ["edge node rss idle", "edge node rss peak b32x64"]
+    http = [r for r in results if str(r["scenario"]).startswith("edge http")]
+    assert all(r["bare_http"] > 0 for r in http)  # type: ignore[operator]
+
+
+@pytest.mark.anyio
+async def test_edge_bench_quick_on_the_minilm_default(minilm_default: CachedModel) -> None:
+    """``--model PATH``: a multi-file tokenizer bundle, measured against the bare tokenizer +
+    encoder/head ``session.run`` and a bare aiohttp endpoint."""
+    results = await run_scenario("edge", quick=True, model=minilm_default.bundles["int8-l3"])
+    check(results)
+    assert all("int8-l3" in str(r["model"]) for r in results)
+    rows = {str(r["scenario"]): r for r in results}
+    assert rows["edge python b1 c1"]["max_tokens"] == 64
+    assert "overhead_us_per_call" in rows["edge http b1 c1"]
+    assert "bare_http_overhead_us_per_call" in rows["edge http b1 c1"]
+    assert rows["edge node rss peak b32x64"]["project"] >= rows["edge node rss idle"]["project"]

@@ -18,12 +18,13 @@ REQUIRED_KEYS = ("scenario", "project", "baseline", "ratio", "units")
 __all__ = ["REQUIRED_KEYS", "SCENARIOS", "machine", "run_scenario"]
 
 
-async def run_scenario(name: str, *, quick: bool = False) -> list[dict[str, Any]]:
-    """Run one scenario and check each result has the required keys."""
+async def run_scenario(name: str, *, quick: bool = False, **options: Any) -> list[dict[str, Any]]:
+    """Run one scenario (``options`` go to its ``run``, e.g. ``model`` for edge) and check each
+    result has the required keys."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown bench scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     module = importlib.import_module(f"slmops.bench.{name}")
-    results: list[dict[str, Any]] = await module.run(quick=quick)
+    results: list[dict[str, Any]] = await module.run(quick=quick, **options)
     for r in results:
         missing = [k for k in REQUIRED_KEYS if k not in r]
         if missing:
