@@ -99,3 +99,14 @@ def minilm_default(minilm_weights_dir: Path | None) -> CachedModel:
     from slmops.cloud.factory.cache import cached_minilm
 
     return cached_minilm(seed=0, weights_dir=minilm_weights_dir)
+
+
+#: A cold ``minilm_default`` builds the three variants inside the first test that asks for it
+#: (~60-90 s on a loaded 2-core machine), on top of that test's own work.
+MINILM_BUILD_TIMEOUT = 480
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "minilm_default" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(MINILM_BUILD_TIMEOUT))
