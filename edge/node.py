@@ -213,18 +213,13 @@ class EdgeNode:
             state_path=config.data_path / "safety.json",
             limits=config.safety,
         )
-        timings = config.refresh
         self.refresher = Refresher(
             fleet=config.fleet,
             node=config.node,
             link=self.link,
             models=self.models,
             report=self.report_status,
-            download_timeout=timings.download_timeout,
-            op_timeout=timings.op_timeout,
-            poll_interval=timings.poll_interval,
-            retry_initial=timings.retry_initial,
-            retry_max=timings.retry_max,
+            timings=config.refresh,
             is_blocked=self.safety.is_blocked,
         )
         self.started_at = clock()

@@ -52,6 +52,7 @@ from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
+from slmops.edge.config import RefreshTimings
 from slmops.edge.models import ModelManager
 from slmops.shared import names
 from slmops.shared.backoff import Backoff
@@ -132,32 +133,22 @@ class Refresher:
         link: Link,
         models: ModelManager,
         report: Report,
-        download_timeout: float = 120.0,
-        op_timeout: float = 10.0,
-        poll_interval: float = 60.0,
-        retry_initial: float = 1.0,
-        retry_max: float = 60.0,
+        timings: RefreshTimings | None = None,
         now: Callable[[], datetime] = _utcnow,
         is_blocked: Callable[[ModelRef], bool] | None = None,
     ) -> None:
+        """``timings``: download timeout, operation timeout, poll interval and retry backoff
+        (``EdgeConfig.refresh``; validated there)."""
         self._node_key = names.assignment_key(fleet, names.validate_id(node, "node"))
         self._fleet_key = names.assignment_key(fleet)
-        for what, value in (
-            ("download_timeout", download_timeout),
-            ("op_timeout", op_timeout),
-            ("poll_interval", poll_interval),
-            ("retry_initial", retry_initial),
-            ("retry_max", retry_max),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+        t = timings if timings is not None else RefreshTimings()
         self._link = link
         self.models = models
         self._report = report
-        self._download_timeout = download_timeout
-        self._op_timeout = op_timeout
-        self._poll = poll_interval
-        self._retry = Backoff(retry_initial, max(retry_initial, retry_max))
+        self._download_timeout = t.download_timeout
+        self._op_timeout = t.op_timeout
+        self._poll = t.poll_interval
+        self._retry = Backoff(t.retry_initial, max(t.retry_initial, t.retry_max))
         self._now = now
         #: Versions this node abandoned on its own (``edge.safety``): never fetched again.
         self._is_blocked = is_blocked or (lambda ref: False)

@@ -10,6 +10,7 @@ __all__ = [
     "DEADLETTER_SUBJECT",
     "DRIFT_ALL",
     "DRIFT_STREAM",
+    "EVENTS_ALL",
     "EVENTS_STREAM",
     "FLEET_BUCKET",
     "FLEET_WIDE",
@@ -65,6 +66,7 @@ TELEMETRY_ALL = "slmops.telemetry.>"
 STATUS_ALL = "slmops.status.>"
 DRIFT_ALL = "slmops.drift.>"
 ROLLOUT_ALL = "slmops.rollout.>"
+EVENTS_ALL = "slmops.events.>"
 #: The assignment key token that applies to every node of a fleet without a key of its own.
 #: Node ids may not start with "_", so it cannot collide with a node.
 FLEET_WIDE = "_fleet"

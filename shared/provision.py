@@ -90,7 +90,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     ),
     StreamSpec(
         names.EVENTS_STREAM,
-        ("slmops.events.>",),
+        (names.EVENTS_ALL,),
         max_age=timedelta(days=90),
         max_bytes=1 * _GIB,
         max_msg_size=64 * 1024,

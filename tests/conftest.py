@@ -30,19 +30,17 @@ def anyio_backend() -> str:
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     """A JetStream server on a free loopback port for the whole session. Do not stop it:
     tests that stop or restart a server use ``private_server``."""
-    server = EmbeddedServer(store_dir=tmp_path_factory.mktemp("jetstream"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(EmbeddedServer(store_dir=tmp_path_factory.mktemp("jetstream")))
 
 
 @pytest.fixture
 def private_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
     """A server of this test's own, free to stop/kill/restart. Its store is in ``tmp_path``,
     so ``stop()`` then ``start()`` keeps the data and the port."""
-    server = EmbeddedServer(store_dir=tmp_path / "jetstream")
+    yield from _running(EmbeddedServer(store_dir=tmp_path / "jetstream"))
+
+
+def _running(server: EmbeddedServer) -> Iterator[EmbeddedServer]:
     server.start()
     try:
         yield server
