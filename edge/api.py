@@ -14,6 +14,14 @@
 Errors are JSON ``{"error": {"code", "field", "message"}}`` with a 4xx status naming the
 field; 503 ``no_model`` until a model is installed. Nothing a client sends can stop the node.
 
+Resources are bounded (issue 13): request bodies in memory share one byte budget
+(``http_inflight_bytes``; a request waits for room, small ones fit beside big ones; 503
+``busy`` after ``_BUDGET_WAITS`` read timeouts without room), a client has
+``http_read_timeout`` seconds to deliver its body (408 and disconnect), aiohttp buffers at
+most ``_READ_BUFSIZE`` bytes per connection before the handler reads, JSON nested too
+deeply is a 400, and the node runs a big request in slices so a small one is not queued
+behind it (``EdgeNode.predict``).
+
 The command serves the API of a running node (``async with EdgeNode(config) as node,
 serve_api(node, host, port) as api:``); this module knows the node only through the
 ``NodeService`` protocol, so it imports nothing of ``edge.node``.
@@ -21,11 +29,14 @@ serve_api(node, host, port) as api:``); this module knows the node only through 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import ctypes
+import ctypes.util
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+import anyio
 import msgspec
 import structlog
 from aiohttp import web
@@ -68,8 +79,63 @@ class NodeService(Protocol):
 _NODE: web.AppKey[NodeService] = web.AppKey("node")
 _COUNTS: web.AppKey[dict[tuple[str, int], int]] = web.AppKey("counts")
 _LIMIT: web.AppKey[int] = web.AppKey("body_limit")
+_BUDGET: web.AppKey[ByteBudget] = web.AppKey("byte_budget")
+#: After serving a body this big, hand freed heap back to the OS (see ``_trim``).
+_TRIM_AFTER = 1024 * 1024
+#: A request waits at most this many read timeouts for room in the byte budget (then 503):
+#: a queue of big bodies is served in turn rather than refused at the first read timeout.
+_BUDGET_WAITS = 3
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return cast("Callable[[], object]", lambda: libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_trimmer = _malloc_trim()
+
+
+def _trim() -> None:
+    """glibc keeps the heap a big request's texts were decoded into (after a freed 10 MB
+    buffer its mmap threshold rises, so later big buffers land in the heap too): RSS then
+    grew with every 10 MB request served (+224 MB after 16, 3 at a time). ``malloc_trim``
+    returns the free pages; ~1 ms, once per big request."""
+    if _trimmer is not None:
+        _trimmer()
+
+
+#: Bytes aiohttp reads ahead per connection before the handler asks (its default is 64 KiB,
+#: paused at twice that): 1,000 half-sent bodies then hold ~32 MiB, not ~130 MiB.
+_READ_BUFSIZE = 16 * 1024
 _json = msgspec.json.Encoder()
 _decode_any = msgspec.json.Decoder()
+
+
+class ByteBudget:
+    """Bytes of request bodies held at once, over all connections. ``acquire(n)`` waits until
+    ``n`` more fit (a request larger than the whole budget waits until it is alone), so a
+    small request gets in while big ones wait; ``release(n)`` gives them back."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = anyio.Event()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.capacity)
+        while self.used + n > self.capacity:
+            changed = self._changed
+            await changed.wait()
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
 
 class _PredictBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -99,7 +165,7 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
             f"content type {request.content_type!r} is not application/json "
             "(with curl: -H 'Content-Type: application/json')",
         )
-    raw = await request.read()
+    raw = await _read(request)
     if not raw.strip():
         raise InvalidInput("body", "is empty; send a JSON object")
     try:
@@ -110,6 +176,8 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
         data = _decode_any.decode(raw)
     except msgspec.DecodeError as exc:
         raise InvalidInput("body", f"is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidInput("body", "is nested too deeply (send a flat JSON object)") from exc
     if not isinstance(data, dict):
         raise InvalidInput("body", f"must be a JSON object, got {type(data).__name__}")
     try:
@@ -120,13 +188,62 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
         raise InvalidInput(field, str(exc)) from exc
 
 
+class _TooSlow(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+async def _read(request: web.Request) -> bytes:
+    """The body within the read timeout; raises ``_TooSlow``."""
+    timeout = request.app[_NODE].config.http_read_timeout
+    with anyio.move_on_after(timeout) as reading:
+        raw = await request.read()
+    if reading.cancelled_caught:
+        raise _TooSlow(408, "request_timeout", f"the body did not arrive within {timeout:g} s")
+    return raw
+
+
+@asynccontextmanager
+async def _budgeted(request: web.Request) -> AsyncIterator[None]:
+    """Hold the request's declared body size (Content-Length, else the body limit) of the
+    byte budget while it is read, decoded and served; raises ``_TooSlow`` (503) when no room
+    came within the read timeout."""
+    if request.method != "POST":
+        yield
+        return
+    budget = request.app[_BUDGET]
+    timeout = request.app[_NODE].config.http_read_timeout
+    limit = request.app[_LIMIT]
+    want = request.content_length if request.content_length is not None else limit
+    if want > limit:  # refused before a byte is read or budgeted
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=want)
+    held = 0
+    with anyio.move_on_after(_BUDGET_WAITS * timeout):
+        held = await budget.acquire(max(1, want))
+    if not held:
+        raise _TooSlow(
+            503, "busy", f"no room for a {want}-byte body within {_BUDGET_WAITS * timeout:g} s; retry"
+        )
+    try:
+        yield
+    finally:
+        budget.release(held)
+        if held >= _TRIM_AFTER:
+            _trim()
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     node = request.app[_NODE]
     try:
-        response: web.StreamResponse = await handler(request)
+        async with _budgeted(request):
+            response: web.StreamResponse = await handler(request)
     except InvalidInput as exc:
         response = _error(400, "invalid_input", exc.reason, exc.field)
+    except _TooSlow as exc:
+        response = _error(exc.status, exc.code, str(exc), "body")
+        response.force_close()  # the rest of a stalled body is never read
     except UnknownPrediction as exc:
         response = _error(404, "unknown_prediction", str(exc), "prediction_id")
     except FeedbackConflict as exc:
@@ -259,6 +376,7 @@ def build_app(node: NodeService) -> web.Application:
     app[_NODE] = node
     app[_COUNTS] = {}
     app[_LIMIT] = limit
+    app[_BUDGET] = ByteBudget(cfg.http_inflight_bytes)
     app.router.add_post("/v1/predict", _predict)
     app.router.add_post("/v1/embed", _embed)
     app.router.add_post("/v1/feedback", _feedback)
@@ -288,7 +406,7 @@ async def serve_api(node: NodeService) -> AsyncIterator[ApiServer]:
     if not is_loopback(host):
         log.warning("http_not_loopback", host=host, note="the API has no authentication")
     app = build_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, read_bufsize=_READ_BUFSIZE)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

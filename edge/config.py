@@ -107,8 +107,9 @@ class EdgeConfig(Config, kw_only=True):
         "publish_timeout",
         "link_backoff_max",
         "commit_interval",
+        "http_read_timeout",
     )
-    SIZES: ClassVar[tuple[str, ...]] = ("outbox_max_bytes",)
+    SIZES: ClassVar[tuple[str, ...]] = ("outbox_max_bytes", "http_inflight_bytes")
 
     fleet: str
     node: str
@@ -141,6 +142,14 @@ class EdgeConfig(Config, kw_only=True):
     #: characters (~32 short texts) block the loop well under a millisecond. 0 = always a
     #: worker thread.
     inline_max_chars: int = 4096
+    #: Request bodies the HTTP API holds at once, in bytes, over all connections: a request
+    #: waits (up to ``http_read_timeout``, then 503) until its Content-Length fits, so 16
+    #: concurrent 10 MB bodies are not all in memory together; small requests still fit
+    #: beside big ones. A body larger than the budget is served alone.
+    http_inflight_bytes: int = 32 * 1024 * 1024
+    #: Seconds a client has to deliver its request body (including the wait for the byte
+    #: budget); a slower or stalled client gets 408 (503 for the budget) and is disconnected.
+    http_read_timeout: float = 10.0
     #: Bound on the outbox (encoded aggregates waiting for the cloud), in bytes (docs/architecture.md §5).
     outbox_max_bytes: int = 16 * 1024 * 1024
     #: Optional differential privacy: epsilon spent per published window (None = off).
@@ -210,6 +219,10 @@ class EdgeConfig(Config, kw_only=True):
         for name, ivalue in at_least_one.items():
             if ivalue < 1:
                 raise ValueError(f"{name} must be >= 1, got {ivalue!r}")
+        if self.http_inflight_bytes < 1024:
+            raise ValueError(f"http_inflight_bytes must be >= 1024, got {self.http_inflight_bytes!r}")
+        if not self.http_read_timeout > 0:
+            raise ValueError(f"http_read_timeout must be > 0 seconds, got {self.http_read_timeout!r}")
         if self.outbox_max_bytes < 1024:
             raise ValueError(f"outbox_max_bytes must be >= 1024, got {self.outbox_max_bytes!r}")
         if self.dp_epsilon is not None and not self.dp_epsilon > 0:
