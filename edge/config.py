@@ -143,7 +143,7 @@ class EdgeConfig(Config, kw_only=True):
     #: worker thread.
     inline_max_chars: int = 4096
     #: Request bodies the HTTP API holds at once, in bytes, over all connections: a request
-    #: waits (up to ``http_read_timeout``, then 503) until its Content-Length fits, so 16
+    #: waits (up to 3 x ``http_read_timeout``, then 503) until its Content-Length fits, so 16
     #: concurrent 10 MB bodies are not all in memory together; small requests still fit
     #: beside big ones. A body larger than the budget is served alone.
     http_inflight_bytes: int = 32 * 1024 * 1024
