@@ -287,7 +287,8 @@ async def _texts(request: web.Request) -> Sequence[str]:
 
 async def _predict(request: web.Request) -> web.Response:
     preds = await request.app[_NODE].predict(await _texts(request))
-    return _ok({"predictions": preds, "model": preds[0].model if preds else None})
+    durable = all(getattr(p, "durable", True) for p in preds)
+    return _ok({"predictions": preds, "model": preds[0].model if preds else None, "durable": durable})
 
 
 async def _embed(request: web.Request) -> web.Response:

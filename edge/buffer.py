@@ -90,6 +90,9 @@ _PRAGMAS = (
     "wal_autocheckpoint=256",
     f"journal_size_limit={1 << 20}",
 )
+#: Disk space the outbox bound leaves to the WAL: it grows to ~1 MiB between checkpoints
+#: (measured 1.15 MiB on a 4 MiB tmpfs) before being cut back.
+_WAL_RESERVE = 1536 * 1024
 #: Seconds between attempts to store again while the disk fails.
 _PROBE_INTERVAL = 1.0
 _info_decoder = msgspec.json.Decoder(ModelInfo)
@@ -606,13 +609,19 @@ class Buffer:
 
     def outbox_bound(self, outbox_bytes: int) -> int:
         """The outbox's byte bound now: ``outbox_max_bytes``, and at most half of what the
-        outbox plus the free disk space could hold, so a small or shared disk keeps as much
-        room free as the outbox takes (for the WAL, compaction and the rest of the device)."""
+        outbox plus the free disk space could hold once ``_WAL_RESERVE`` is kept for the WAL,
+        so a small or shared disk keeps as much room free as the outbox takes (for a
+        compaction's transaction and the rest of the device)."""
         try:
             free = shutil.disk_usage(self.path.parent).free
         except OSError:
             return self.outbox_max_bytes
-        return min(self.outbox_max_bytes, (outbox_bytes + free) // 2)
+        try:
+            wal = Path(f"{self.path}-wal").stat().st_size  # already taken from the disk
+        except OSError:
+            wal = 0
+        room = outbox_bytes + free - max(0, _WAL_RESERVE - wal)
+        return min(self.outbox_max_bytes, max(0, room) // 2)
 
     async def _enforce_bound(self) -> None:
         """docs/architecture.md §5: merge never-attempted aggregates, then drop the oldest with a receipt,
