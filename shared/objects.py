@@ -57,7 +57,9 @@ async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryI
     digest = hashlib.sha256()
     written = 0
     sub = await js.subscribe(
-        OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid), ordered_consumer=True
+        OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
+        ordered_consumer=True,
+        config=ConsumerConfig(name=_consumer_name()),
     )
     try:
         async for msg in sub.messages:
@@ -89,6 +91,15 @@ class _Resume(msgspec.Struct):
     #: Stream sequence of the next chunk to ask for, and bytes already in the partial file.
     next_seq: int
     bytes: int
+
+
+def _consumer_name() -> str:
+    """A name for a download's consumer: with a name (and its one filter subject) nats-py
+    creates it through the filtered-subject API form
+    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``, the only one node credentials allow
+    (issue 13 fault 11). A reset of nats-py's ordered consumer then fails (the name is taken)
+    and the download stalls: the resumable path takes it up from its last chunk."""
+    return f"dl-{os.urandom(8).hex()}"
 
 
 def _load_resume(path: Path) -> _Resume | None:
@@ -151,9 +162,11 @@ async def fetch_resumable(
     )
     if have < size:
         config = (
-            ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+            ConsumerConfig(
+                name=_consumer_name(), deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq
+            )
             if start_seq
-            else None
+            else ConsumerConfig(name=_consumer_name())
         )
         sub = await js.subscribe(
             OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid), ordered_consumer=True, config=config

@@ -39,6 +39,7 @@ from _nats import free_port, wait_until
 from slmops.shared import names
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
+from slmops.shared.objects import fetch_object
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import find_nats_server
 
@@ -407,6 +408,14 @@ async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_fi
             ),
         )
         assert own.name == "own"
+        # Object store: chunk downloads only, through the same form (shared/objects.py).
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.add_consumer(
+                "OBJ_slmops_models", js_api.ConsumerConfig(ack_policy=js_api.AckPolicy.NONE)
+            )
+        await client.wait_error(
+            'permissions violation for publish to "$js.api.consumer.create.obj_slmops_models"'
+        )
 
 
 @pytest.mark.anyio
@@ -418,10 +427,9 @@ async def test_single_node_downloads_a_model_bundle_object(single: _Server) -> N
         store = await cloud.jetstream().object_store(names.MODELS_BUCKET)
         await store.put(name, blob)
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
-        store = await nc.jetstream().object_store(names.MODELS_BUCKET)
         out = io.BytesIO()
-        with anyio.fail_after(30):
-            await store.get(name, writeinto=out)
+        with anyio.fail_after(30):  # as the edge does (a named, filtered consumer)
+            await fetch_object(nc.jetstream(), names.MODELS_BUCKET, name, out)
         assert hashlib.sha256(out.getvalue()).digest() == hashlib.sha256(blob).digest()
         denied = await nc.jetstream(timeout=1).object_store(names.MODELS_BUCKET)
         with pytest.raises(nats.errors.TimeoutError):
@@ -697,10 +705,9 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
             )
             assert (await sub.next_msg(timeout=5)).data == b"own-v1"
             await sub.unsubscribe()
-            store = await js.object_store(names.MODELS_BUCKET)
             out = io.BytesIO()
             with anyio.fail_after(30):
-                await store.get(name, writeinto=out)
+                await fetch_object(js, names.MODELS_BUCKET, name, out)
             assert out.getvalue() == blob
             await _assert_denied_publish(js, client, names.telemetry_subject(FLEET, OTHER))
             assert not any("$js.fc" in e or "$js.api" in e or "$js.hub" in e for e in client.errors)

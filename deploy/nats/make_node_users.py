@@ -67,7 +67,7 @@ _BLOCK = """\
         "$JS.API.STREAM.INFO.OBJ_slmops_models",
         "$JS.API.STREAM.NAMES",
         "$JS.API.STREAM.MSG.GET.OBJ_slmops_models",
-        "$JS.API.CONSUMER.CREATE.OBJ_slmops_models",
+        "$JS.API.CONSUMER.CREATE.OBJ_slmops_models.*.$O.slmops_models.C.>",
         "$JS.FC.OBJ_slmops_models.>",
       ]
     }}
