@@ -47,6 +47,7 @@ import structlog
 from anyio.abc import TaskGroup
 from nats.js import JetStreamContext
 
+from slmops.cloud.analyst.baseline import serve_baselines
 from slmops.cloud.config import CloudConfig
 from slmops.cloud.drift.calibrate import shared_calibrator
 from slmops.cloud.drift.detector import DriftDetector
@@ -287,6 +288,7 @@ class CloudService:
                 await tg.start(snapshots.run)
                 await tg.start(ingest.run)
                 await tg.start(status.run)
+                await tg.start(partial(serve_baselines, self._link.nc, applier))
                 for task in self._extra:
                     await tg.start(partial(task, js))
                 self._active.set()

@@ -377,13 +377,30 @@ class DriftEvent(Wire, kw_only=True):
     windows: int = 1
     state: DriftState
     severity: Literal["info", "warning", "critical"] = "warning"
-    #: Reference used: "manifest" or "first_windows".
+    #: Reference tested against: "manifest", "baseline:<id>" (the fleet's production
+    #: baseline), "first_windows" (no manifest, before a baseline existed) or "node_baseline".
     reference: str = "manifest"
     estimated_priors: dict[str, float] | None = None
     expected_accuracy: float | None = None
     suggested_action: str = ""
     proposed_version: int | None = None
     time: datetime
+    #: "drift" (a change against the reference, the default for older senders), "skew" (the
+    #: first windows of a model version differ from its manifest's reference: reported once,
+    #: never acted on) or "baseline" (a production baseline was accepted: automatic or set by
+    #: an analyst; ``reference`` names it, ``reference_start``/``reference_end`` its period).
+    kind: str = "drift"
+    #: One line for people, e.g. "class mix moved toward sports (+9 pts) since the baseline of
+    #: 10:02–10:12".
+    summary: str = ""
+    #: Skew: signal -> effect (total-variation distance net of noise) against the manifest.
+    differences: dict[str, float] = {}
+    #: The period of the baseline named in ``reference`` (aggregate window times, UTC).
+    reference_start: datetime | None = None
+    reference_end: datetime | None = None
+    #: The id of the still-open event of this unit and signal that this new episode follows
+    #: (a further shift, larger or in another direction, while it was open).
+    supersedes: str | None = None
 
 
 class OpsEvent(Wire, kw_only=True):

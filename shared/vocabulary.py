@@ -97,10 +97,17 @@ class DriftSignal(StrEnum):
     LATENCY = "latency"
     ERROR_RATE = "error_rate"
     ACCURACY = "accuracy"
+    #: Out-of-scope shares (``TelemetryAggregate.out_of_scope``): top probability below the
+    #: manifest's threshold; a letter outside the training scripts.
+    OOS_LOW_CONFIDENCE = "oos_low_confidence"
+    OOS_FOREIGN_SCRIPT = "oos_foreign_script"
 
 
 class DriftReference(StrEnum):
     """``DriftEvent.reference``: what a window was compared with."""
 
     MANIFEST = "manifest"  #: the bundle's held-out profile
-    FIRST_WINDOWS = "first_windows"  #: the first rounds of fleet traffic
+    FIRST_WINDOWS = "first_windows"  #: the first rounds of fleet traffic (state before issue 14)
+    NODE_BASELINE = "node_baseline"  #: the node's own first tested windows
+    #: A fleet's production baseline is named ``baseline:<id>`` (``auto-<n>``, ``analyst-<n>``).
+    BASELINE_PREFIX = "baseline:"

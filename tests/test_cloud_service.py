@@ -3,6 +3,7 @@ dead-lettering, restarts and a second instance."""
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from _cloud_util import (
     PRIOR,
+    T0,
     cloud_config,
     drift_events,
     make_aggregate,
@@ -82,15 +84,17 @@ async def test_stationary_then_shift_opens_one_fleet_event_and_resolves_when_tra
                 await publish(js, agg)
             if seq == 10:
                 await wait_until(lambda: _applied(svc, fleet) == 40, 20, what="stationary part applied")
-                assert await drift_events(js, fleet) == []
+                await wait_until(lambda: svc.statistics().events_published == 1, 10, what="baseline out")
+                assert [e.kind for e in await drift_events(js, fleet)] == ["baseline"]
         await wait_until(lambda: _applied(svc, fleet) == len(plan) * 4, 30, what="all applied")
         await wait_until(lambda: svc.statistics().events_pending == 0, 10, what="events out")
         assert _inferences(svc, fleet) == sent
     events = await drift_events(js, fleet)
     prior_events = [(e.scope, e.state) for e in events if e.signal == "class_prior"]
     assert prior_events == [("fleet", "opened"), ("fleet", "resolved")], events
-    opened = next(e for e in events if e.state == "opened")
-    assert opened.reference == "manifest"
+    opened = next(e for e in events if e.state == "opened" and e.kind == "drift")
+    assert opened.reference == "baseline:auto-1"  # the first 5 rounds, which match the manifest
+    assert [e.kind for e in events].count("skew") == 0
     assert opened.estimated_priors is not None
     l1 = sum(
         abs(opened.estimated_priors[k] - p) for k, p in zip(["alpha", "beta", "gamma"], shifted, strict=True)
@@ -286,6 +290,91 @@ async def test_without_a_manifest_windows_are_counted_not_drift_tested_and_repor
     assert all(n.model_registered is False and n.unregistered == 16 for n in nodes)
     assert sum(n.inferences for n in nodes) == 64 * 300
     assert [(e.kind, e.model) for e in await ops_events(js, fleet)] == [("unregistered_model", model)]
+
+
+async def test_an_analyst_baseline_is_the_pooled_rounds_of_a_period_and_named_by_later_events(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """Rounds 1-10 at the reference, 11-20 shifted (a fleet event opens). ``slmops drift
+    baseline --from <round 12> --to <round 18>`` (the real command, against the running
+    service) publishes a baseline event for that period, resolves the open event, and a
+    further shift later opens an event whose reference is that baseline."""
+    rng = np.random.default_rng(8)
+    await put_manifest(js, make_manifest())
+    shifted, further = [0.3, 0.3, 0.4], [0.1, 0.3, 0.6]
+    async with CloudService(cloud_config(nats_server.url, tmp_path, fleet)) as svc:
+        await svc.wait_active(20)
+        for seq in range(1, 21):
+            for node in _nodes(fleet):
+                await publish(
+                    js, make_aggregate(fleet, node, seq, 300, rng, prior=PRIOR if seq <= 10 else shifted)
+                )
+        await wait_until(lambda: _applied(svc, fleet) == 80, 30, what="first part applied")
+        start, end = T0 + timedelta(minutes=12), T0 + timedelta(minutes=19)
+        cmd = [
+            "baseline",
+            "--fleet",
+            fleet,
+            "--model",
+            "kw",
+            "--from",
+            start.isoformat(),
+            "--to",
+            end.isoformat(),
+        ]
+        result = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "slmops.cli",
+                "--log-level",
+                "warning",
+                "drift",
+                *cmd,
+                "--nats",
+                nats_server.url,
+            ],
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert b"baseline:analyst-2" in result.stdout
+        for seq in range(21, 31):
+            for node in _nodes(fleet):
+                await publish(js, make_aggregate(fleet, node, seq, 300, rng, prior=further))
+        await wait_until(lambda: _applied(svc, fleet) == 120, 30, what="all applied")
+
+        async def reopened() -> bool:
+            events = await drift_events(js, fleet)
+            return any(e.state == "opened" and e.reference.endswith("analyst-2") for e in events)
+
+        await wait_until(reopened, 20, what="an event against the analyst's baseline")
+        bad = await anyio.run_process(
+            [sys.executable, "-m", "slmops.cli", "drift", "baseline", "--fleet", fleet, "--model", "nope",
+             "--nats", nats_server.url],
+            check=False,
+        )  # fmt: skip
+        assert bad.returncode == 1
+        assert b"no traffic of nope" in bad.stderr
+    events = await drift_events(js, fleet)
+    fleet_prior = [
+        (e.kind, e.state, e.reference)
+        for e in events
+        if e.scope == "fleet" and e.signal in ("class_prior", "baseline")
+    ]
+    assert fleet_prior == [
+        ("baseline", "opened", "baseline:auto-1"),
+        ("drift", "opened", "baseline:auto-1"),
+        ("baseline", "opened", "baseline:analyst-2"),
+        ("drift", "resolved", "baseline:analyst-2"),
+        ("drift", "opened", "baseline:analyst-2"),
+    ], fleet_prior
+    analyst = next(e for e in events if e.reference == "baseline:analyst-2" and e.kind == "baseline")
+    assert (analyst.reference_start, analyst.reference_end) == (start, end)
+    assert analyst.windows == 7 * 4  # the rounds of seqs 12..18 lie wholly in the period
+    last = events[-1]
+    assert (last.reference_start, last.reference_end) == (start, end)
+    assert last.estimated_priors is not None
+    assert last.estimated_priors["gamma"] > 0.5
 
 
 async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_roll_it_back(

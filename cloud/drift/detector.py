@@ -40,8 +40,8 @@ import structlog
 
 from slmops.cloud.config import DriftConfig
 from slmops.cloud.drift.calibrate import Calibrator, shared_calibrator
-from slmops.cloud.drift.report import build_event, mean_confidence
-from slmops.cloud.drift.signals import ONE_SIDED, Acc, SignalRef, extract
+from slmops.cloud.drift.report import baseline_event, build_event, mean_confidence, skew_event
+from slmops.cloud.drift.signals import INPUT_SIDE, ONE_SIDED, Acc, SignalRef, extract
 from slmops.cloud.drift.stats import (
     benjamini_hochberg,
     noise_tv,
@@ -50,7 +50,7 @@ from slmops.cloud.drift.stats import (
     window_z,
     window_z_rows,
 )
-from slmops.cloud.drift.units import Group, NodeUnit, UnitSig, group_key, new_group
+from slmops.cloud.drift.units import Group, NodeUnit, RoundRecord, UnitSig, group_key, new_group
 from slmops.shared.messages import DriftEvent, ModelManifest, ModelRef, TelemetryAggregate
 
 __all__ = ["DriftDetector"]
@@ -100,6 +100,93 @@ class DriftDetector:
         self._tests: dict[str, list[tuple[UnitSig, SignalRef, Acc, str]]] = {}
         #: Signals quarantined since the caller last took them (``take_quarantines``).
         self._quarantined: list[tuple[Group, str, str]] = []
+        self._history: list[RoundRecord] = []
+
+    def take_rounds(self) -> list[RoundRecord]:
+        """The fleet rounds closed since the last call (pooled counts per signal), for the
+        round history (``StateStore``: the console's plots and analyst baselines)."""
+        out, self._history = self._history, []
+        return out
+
+    def set_baseline(self, fleet: str, model: ModelRef, rounds: list[RoundRecord]) -> list[DriftEvent]:
+        """An analyst's baseline: the pooled counts of ``rounds`` (from the round history)
+        become the group's references for every signal they hold, open fleet events on those
+        signals resolve (their traffic is the new normal) and their CUSUMs restart. Returns
+        the events (a ``kind="baseline"`` event, then any resolutions). Raises ``KeyError``
+        when the detector has no such group, ``ValueError`` when ``rounds`` hold no counts."""
+        g = self.groups[group_key(fleet, model)]
+        pooled: dict[str, Acc] = {}
+        for r in rounds:
+            for signal, acc in r.signals.items():
+                have = pooled.get(signal)
+                if have is None or len(have.counts) != len(acc.counts):
+                    pooled[signal] = acc.copy()
+                else:
+                    have.merge(acc)
+        pooled = {k: a for k, a in pooled.items() if a.n >= self._cfg.min_count}
+        if not pooled:
+            raise ValueError(f"{g.key}: no round in that period holds {self._cfg.min_count}+ inferences")
+        self._dirty_groups.add(g.key)
+        g.warm = {}
+        return self._accept_baseline(g, pooled, "analyst")
+
+    def _healthy(self, g: Group) -> bool:
+        """A round is healthy (may join the automatic baseline) when no node of the group has
+        an open event (a node incident must not become part of "normal")."""
+        for (gk, _node), unit in self.units.items():
+            if gk == g.key and any(us.open for us in unit.sig.values()):
+                return False
+        return True
+
+    def _accept_baseline(self, g: Group, pooled: dict[str, Acc], source: str) -> list[DriftEvent]:
+        """``pooled`` becomes the group's production baseline (automatic: for signals with no
+        reference yet, e.g. inherited input-side ones keep theirs). The first automatic one
+        is also compared with the manifest's reference once: a difference is a ``skew``
+        event, never drift."""
+        now = self._clock()
+        g.baselines += 1
+        bid = f"{source}-{g.baselines}"
+        name = f"baseline:{bid}"
+        events: list[DriftEvent] = []
+        start = min((a.start for a in pooled.values() if a.start is not None), default=None)
+        end = max((a.end for a in pooled.values() if a.end is not None), default=None)
+        for signal, acc in pooled.items():
+            if acc.n <= 0 or (source == "auto" and signal in g.refs):
+                continue
+            g.refs[signal] = SignalRef(
+                probs=normalise(acc.counts), n_ref=acc.n, source=name, start=acc.start, end=acc.end
+            )
+            us = g.fleet_sig.get(signal)
+            if us is not None:
+                if us.open:
+                    effect = self._effect(us.last, g.refs[signal]) if us.last else 0.0
+                    ev = self._event(g, None, signal, us, g.refs[signal], "resolved", effect)
+                    ev.summary = f"{signal}: accepted as normal in {name}"
+                    events.append(ev)
+                # Start over, but never reuse an episode number (event ids are message ids).
+                g.fleet_sig[signal] = UnitSig(episode=us.episode)
+                self._reset_nodes(g, signal)
+        g.baseline_id = bid
+        if "confidence" in g.refs and g.ref_mean_conf is None:
+            g.ref_mean_conf = mean_confidence(g, g.refs["confidence"].probs)
+        log.info("drift_baseline", group=g.key, baseline=name, signals=sorted(pooled), start=start, end=end)
+        events.insert(0, baseline_event(g, name, pooled, start, end, now))
+        if source == "auto" and not g.skew_checked:
+            g.skew_checked = True
+            differences: dict[str, float] = {}
+            for signal, mref in g.manifest_refs.items():
+                have = pooled.get(signal)
+                if have is None or len(have.counts) != len(mref.probs):
+                    continue
+                z = window_z(have.counts, mref.probs, mref.n_ref, have.noise, ONE_SIDED.get(signal))
+                effect = self._effect(have.counts, mref)
+                if z >= _SKEW_Z and effect >= self._cfg.min_effect:
+                    differences[signal] = round(effect, 4)
+            if differences:
+                skew = skew_event(g, differences, pooled, self._severity(max(differences.values())), now)
+                log.info("drift_skew", group=g.key, differences=differences)
+                events.append(skew)
+        return events
 
     def statistics(self) -> DetectorStatistics:
         cal = self._cal.statistics()
@@ -123,6 +210,18 @@ class DriftDetector:
     def add_group(self, fleet: str, model: ModelRef, manifest: ModelManifest | None) -> None:
         """Start watching a (fleet, model); ``manifest`` supplies the reference when given."""
         g = new_group(fleet, model, manifest)
+        # A new version (or variant) inherits the input-side baseline of the newest group of
+        # the same fleet and model name: those signals do not depend on the model.
+        older = [
+            o for o in self.groups.values()
+            if o.fleet == fleet and o.model.name == model.name and o.baseline_id
+        ]  # fmt: skip
+        if older:
+            prev = max(older, key=lambda o: (o.model.version, o.rounds))
+            for signal in INPUT_SIDE:
+                ref = prev.refs.get(signal)
+                if ref is not None and ref.source.startswith("baseline:"):
+                    g.refs[signal] = ref
         self.groups[g.key] = g
         self._dirty_groups.add(g.key)
         log.info(
@@ -239,7 +338,7 @@ class DriftDetector:
         z = window_z(acc.counts, ref.probs, ref.n_ref, acc.noise, ONE_SIDED.get(signal))
         effect = self._effect(acc.counts, ref) if fleet else 0.0
         quiet = z < self._cfg.quiet_z or (fleet and effect < self._cfg.min_effect / 2)
-        self._advance(us, z, acc, quiet, effect)
+        self._advance(us, signal, z, acc, quiet, effect)
 
     def _run_tests(self) -> None:
         """The node windows due (``_tests``): their z-scores together per signal
@@ -266,7 +365,7 @@ class DriftDetector:
                 zs = self._z_one_by_one(signal, due, upper)
             for (us, _ref, acc, _g), z in zip(due, zs, strict=True):
                 if z is not None:
-                    self._advance(us, z, acc, z < quiet_z, 0.0)
+                    self._advance(us, signal, z, acc, z < quiet_z, 0.0)
 
     def _z_one_by_one(
         self, signal: str, due: list[tuple[UnitSig, SignalRef, Acc, str]], upper: int | None
@@ -335,7 +434,7 @@ class DriftDetector:
                 g.quarantine_reason.pop(signal, None)
                 log.info("drift_signal_rebuilding", group=g.key, signal=signal)
 
-    def _advance(self, us: UnitSig, z: float, acc: Acc, quiet: bool, effect: float) -> None:
+    def _advance(self, us: UnitSig, signal: str, z: float, acc: Acc, quiet: bool, effect: float) -> None:
         was_zero = us.s <= 0
         s = us.s + z - self._cfg.cusum_allowance
         us.s = s if s > 0 else 0.0
@@ -348,6 +447,14 @@ class DriftDetector:
                 us.run.merge(acc)
         else:
             us.run = None
+        if us.open and len(us.opened_probs) == len(acc.counts):
+            try:
+                self._advance_change(us, signal, acc)
+            except Exception as exc:  # a broken episode state: no new-episode test for it
+                log.warning("drift_change_state_dropped", signal=signal, error=repr(exc)[:200])
+                us.opened_probs = []
+                us.s2 = 0.0
+                us.run2 = None
         us.quiet = us.quiet + 1 if quiet else 0
         us.last = acc.counts
         us.last_n = acc.n
@@ -397,34 +504,34 @@ class DriftDetector:
         cfg = self._cfg
         self._run_tests()
         self._flush_round(g)
+        healthy = g.baseline_id == "" and self._healthy(g)
+        warmed = False
         for signal, acc in list(g.round.items()):
             ref = g.refs.get(signal)
-            if ref is not None:
-                if acc.n >= cfg.min_count:
-                    us = g.fleet_sig.get(signal)
-                    if us is None:
-                        us = g.fleet_sig[signal] = UnitSig()
-                    try:
-                        self._step(us, signal, ref, acc, fleet=True)
-                    except Exception as exc:  # state-level poison
-                        self._quarantine(g, signal, exc)
-            else:
+            if ref is not None and acc.n >= cfg.min_count:
+                us = g.fleet_sig.get(signal)
+                if us is None:
+                    us = g.fleet_sig[signal] = UnitSig()
+                try:
+                    self._step(us, signal, ref, acc, fleet=True)
+                except Exception as exc:  # state-level poison
+                    self._quarantine(g, signal, exc)
+                    continue
+            if healthy and acc.n >= cfg.min_count and signal not in g.quarantine:
                 warm = g.warm.get(signal)
                 if warm is None or len(warm.counts) != len(acc.counts):
                     warm = g.warm[signal] = Acc.empty(len(acc.counts))
                 warm.merge(acc)
-        if g.warm:
+                warmed = True
+        self._history.append(RoundRecord.of(g, self._clock()))
+        if len(self._history) > _HISTORY_MAX:  # nobody takes them (a bench): keep the newest
+            del self._history[: _HISTORY_MAX // 2]
+        events: list[DriftEvent] = []
+        if warmed:
             g.warm_rounds += 1
             if g.warm_rounds >= cfg.warmup_rounds:
-                for signal, warm in g.warm.items():
-                    if warm.n > 0:
-                        g.refs[signal] = SignalRef(
-                            probs=normalise(warm.counts), n_ref=warm.n, source="first_windows"
-                        )
-                        log.info("drift_reference_from_windows", group=g.key, signal=signal, count=warm.n)
-                if "confidence" in g.refs and g.ref_mean_conf is None:
-                    g.ref_mean_conf = mean_confidence(g, g.refs["confidence"].probs)
-                g.warm = {}
+                pooled, g.warm = g.warm, {}
+                events += self._accept_baseline(g, pooled, "auto")
         family: list[tuple[str | None, str, UnitSig, SignalRef]] = [
             (None, s, us, g.refs[s]) for s, us in g.fleet_sig.items() if us.fresh
         ]
@@ -432,7 +539,6 @@ class DriftDetector:
             unit = self.units.get((g.key, node))
             if unit is not None:
                 family += [(node, s, us, unit.refs[s]) for s, us in unit.sig.items() if us.fresh]
-        events: list[DriftEvent] = []
         if family:
             pis = []
             keys: dict[tuple[str, bool], str] = {}  # one calibration key string per signal/scope
@@ -471,18 +577,42 @@ class DriftDetector:
                     bad.append(i)
                     us.pi = 1.0
                 pis.append(us.pi)
+            # Change points of open episodes join the same family (one more hypothesis each:
+            # "this unit moved on from the state its open event was raised in").
+            changes = [m for m in family if m[2].open and m[2].s2 > 0 and m[1] not in g.quarantine]
+            for unit_node, signal, us, _ref in changes:
+                try:
+                    cal = self._cal.get(
+                        f"{g.key}/{signal}/change/{unit_node or '_'}/{us.episode}",
+                        us.opened_probs,
+                        us.last_n,
+                        us.opened_n,
+                        us.last_noise,
+                        ONE_SIDED.get(signal),
+                    )
+                    us.pi2 = cal.tail(us.s2) if cal is not None else self._fallback_tail(us.s2)
+                except Exception as exc:  # state-level poison
+                    self._quarantine(g, signal, exc)
+                    us.pi2 = 1.0
+                pis.append(us.pi2)
             q = min(0.1, cfg.target_false_rate * max(1, g.round_node_windows))
             rejected = benjamini_hochberg(pis, q)
+            moved = {id(m[2]) for m, rej in zip(changes, rejected[len(family) :], strict=True) if rej}
             skip = set(bad)
-            for i, ((unit_node, signal, us, ref), rej) in enumerate(zip(family, rejected, strict=True)):
+            for i, ((unit_node, signal, us, ref), rej) in enumerate(
+                zip(family, rejected[: len(family)], strict=True)
+            ):
                 us.fresh = False
                 if i in skip or signal in g.quarantine:
                     continue
-                if rej or us.open:  # else _hysteresis has nothing to do (the common case)
-                    try:
+                try:
+                    new = self._new_episode(g, unit_node, signal, us, ref) if id(us) in moved else None
+                    if new is not None:
+                        events += new
+                    elif rej or us.open:  # else _hysteresis has nothing to do (the common case)
                         events += self._hysteresis(g, unit_node, signal, us, ref, rej)
-                    except Exception as exc:  # state-level poison
-                        self._quarantine(g, signal, exc)
+                except Exception as exc:  # state-level poison
+                    self._quarantine(g, signal, exc)
         g.round = {}
         g.round_nodes = []
         in_round = self._round_sets.get(g.key)
@@ -524,6 +654,9 @@ class DriftDetector:
                 us.s = 0.0
                 us.run = None
                 us.quiet = 0
+                us.opened_probs = []
+                us.s2 = 0.0
+                us.run2 = None
                 if node is None:
                     self._reset_nodes(g, signal)
                 return [event]
@@ -549,7 +682,76 @@ class DriftDetector:
         us.updates = 0
         us.quiet = 0
         us.severity = self._severity(effect)
-        return [self._event(g, node, signal, us, ref, "opened", effect)]
+        self._remember_open(us, node)
+        event = self._event(g, node, signal, us, ref, "opened", effect)
+        us.event_id = event.id
+        return [event]
+
+    @staticmethod
+    def _remember_open(us: UnitSig, node: str | None) -> None:
+        """The state the episode opens in: a fleet's last (pooled, large) window, a node's
+        evidence run. Later windows are tested against it for a new episode."""
+        counts = us.last if node is None or us.run is None else us.run.counts
+        us.opened_probs = normalise(counts)
+        us.opened_n = sum(c for c in counts if c > 0)
+        us.s2 = 0.0
+        us.run2 = None
+        us.pi2 = 1.0
+
+    def _advance_change(self, us: UnitSig, signal: str, acc: Acc) -> None:
+        """The change-point CUSUM of an open unit: this window against ``opened_probs``."""
+        z2 = window_z(acc.counts, us.opened_probs, us.opened_n, acc.noise, ONE_SIDED.get(signal))
+        was_zero = us.s2 <= 0
+        s2 = us.s2 + z2 - self._cfg.cusum_allowance
+        us.s2 = s2 if s2 > 0 else 0.0
+        if s2 > 0:
+            if was_zero or us.run2 is None:
+                us.run2 = acc.copy()
+            else:
+                us.run2.merge(acc)
+        else:
+            us.run2 = None
+
+    def _new_episode(
+        self, g: Group, node: str | None, signal: str, us: UnitSig, ref: SignalRef
+    ) -> list[DriftEvent] | None:
+        """A significant change point while an episode is open (BH rejected ``s2``) opens a new
+        episode when the unit moved on by at least ``min_effect`` (total variation, net of
+        sampling noise) **and** not back towards the reference: with ``d₀ = opened − ref`` and
+        ``d = now − ref``, split ``d = α·d₀ + r``; a new episode needs a larger shift along
+        the same direction (``(α − 1)·½|d₀|₁ ≥ min_effect``) or one in another direction
+        (``½|r|₁`` net of noise ``≥ min_effect``). Otherwise the open episode carries on."""
+        cfg = self._cfg
+        counts = us.last if node is None or us.run2 is None else us.run2.counts
+        n = sum(c for c in counts if c > 0)
+        opened = SignalRef(probs=us.opened_probs, n_ref=us.opened_n, source="opened")
+        moved = self._effect(counts, opened)
+        now_p = normalise(counts)
+        d0 = [a - b for a, b in zip(us.opened_probs, ref.probs, strict=True)]
+        d = [a - b for a, b in zip(now_p, ref.probs, strict=True)]
+        dd = sum(x * x for x in d0)
+        alpha = sum(x * y for x, y in zip(d, d0, strict=True)) / dd if dd > 0 else 0.0
+        larger = (alpha - 1) * 0.5 * sum(abs(x) for x in d0)
+        other = 0.5 * sum(abs(x - alpha * y) for x, y in zip(d, d0, strict=True))
+        other -= noise_tv(us.opened_probs, n, us.opened_n)
+        if moved < cfg.min_effect or max(larger, other) < cfg.min_effect:
+            return None  # the open episode carries on (``_hysteresis``)
+        previous = us.event_id
+        us.episode += 1
+        us.updates = 0
+        us.quiet = 0
+        us.s = max(us.s, us.s2)
+        us.run = us.run2 if us.run2 is not None else us.run
+        effect = self._effect(counts, ref)
+        us.severity = self._severity(effect)
+        how = "further in the same direction" if larger >= other else "in another direction"
+        self._remember_open(us, node)
+        event = self._event(g, node, signal, us, ref, "opened", effect)
+        event.supersedes = previous or None
+        event.summary = f"{event.summary}; a new change {how} while {previous or 'an event'} was open"
+        us.event_id = event.id
+        log.info("drift_new_episode", group=g.key, node=node, signal=signal, moved=round(moved, 4), how=how)
+        return [event]
 
     def _reset_nodes(self, g: Group, signal: str) -> None:
         """A fleet-wide episode is over: the evidence its nodes gathered meanwhile was the
@@ -578,6 +780,11 @@ class DriftDetector:
 _RANK = {"": 0, "info": 1, "warning": 2, "critical": 3}
 #: Rounds a quarantined signal is skipped before it is rebuilt from the windows after.
 QUARANTINE_ROUNDS = 50
+#: Skew needs z ≥ 5 (one-sided p ≈ 3e-7) on the pooled first rounds as well as the minimum
+#: effect: it is one test per signal and group, and its pooled counts are large.
+_SKEW_Z = 5.0
+#: Closed rounds kept for ``take_rounds`` between two calls.
+_HISTORY_MAX = 4096
 #: From this many windows of a signal on, ``window_z_rows`` beats ``window_z`` (measured: 1.6
 #: against 3.6 µs per window at 200 rows, break-even near 30).
 _ROWS_MIN = 32

@@ -22,6 +22,7 @@ from slmops.shared.messages import ModelManifest, TelemetryAggregate
 from slmops.shared.vocabulary import DP_SENSITIVITY, DriftReference, DriftSignal
 
 __all__ = [
+    "INPUT_SIDE",
     "NOISED",
     "ONE_SIDED",
     "SIGNALS",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 SIGNALS = tuple(DriftSignal)
+#: Signals of the inputs alone (not of the model): a new version inherits their baseline.
+INPUT_SIDE = ("input_length", "oos_foreign_script")
 #: Two-cell signals tested one-sided: the cell whose rise is evidence.
 ONE_SIDED = {"error_rate": 0, "accuracy": 0}
 #: Signals whose counts carry the edge's DP noise ("every histogram and class count").
@@ -43,7 +46,11 @@ class SignalRef(msgspec.Struct, kw_only=True):
 
     probs: list[float]
     n_ref: float
-    source: str  # "manifest" or "first_windows"
+    #: "manifest", "baseline:<id>", "first_windows" (legacy state) or "node_baseline".
+    source: str
+    #: The period the reference was pooled from (aggregate window times; None: the manifest).
+    start: datetime | None = None
+    end: datetime | None = None
 
 
 class Acc(msgspec.Struct, kw_only=True):

@@ -8,13 +8,15 @@ counts, its own baseline and its evidence per signal (``UnitSig``).
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import msgspec
 
 from slmops.cloud.drift.labelshift import confusion_matrix
 from slmops.cloud.drift.signals import Acc, SignalRef, manifest_refs, mean_of_histogram
 from slmops.shared.messages import ModelManifest, ModelRef
 
-__all__ = ["Group", "NodeUnit", "UnitSig", "group_key", "new_group"]
+__all__ = ["Group", "NodeUnit", "RoundRecord", "UnitSig", "group_key", "new_group"]
 
 
 def group_key(fleet: str, model: ModelRef) -> str:
@@ -37,6 +39,15 @@ class UnitSig(msgspec.Struct, kw_only=True):
     episode: int = 0
     updates: int = 0
     severity: str = ""
+    #: While open: the distribution when the episode opened (``opened_n`` counts), and a
+    #: second CUSUM ``s2`` of later windows against it, the change-point evidence for a new
+    #: episode (``DriftDetector._new_episode``); ``run2`` its counts since it left zero.
+    opened_probs: list[float] = []
+    opened_n: float = 0.0
+    s2: float = 0.0
+    run2: Acc | None = None
+    pi2: float = 1.0
+    event_id: str = ""  #: id of the open episode's "opened" event
 
 
 class NodeUnit(msgspec.Struct, kw_only=True):
@@ -69,6 +80,13 @@ class Group(msgspec.Struct, kw_only=True):
     #: round from which it is rebuilt from later windows, and why it was quarantined.
     quarantine: dict[str, int] = {}
     quarantine_reason: dict[str, str] = {}
+    #: The manifest's references (skew is checked against them once; ``refs`` holds what
+    #: the fleet is tested against: the production baseline, see ``DriftDetector``).
+    manifest_refs: dict[str, SignalRef] = {}
+    #: Baselines accepted so far (automatic or set by an analyst); ids are ``<source>-<n>``.
+    baselines: int = 0
+    baseline_id: str = ""
+    skew_checked: bool = False
 
 
 def new_group(fleet: str, model: ModelRef, manifest: ModelManifest | None) -> Group:
@@ -80,7 +98,7 @@ def new_group(fleet: str, model: ModelRef, manifest: ModelManifest | None) -> Gr
             "input_length": list(manifest.edges.input_length),
             "latency": list(manifest.edges.latency_ms),
         }
-        g.refs = manifest_refs(manifest)
+        g.manifest_refs = manifest_refs(manifest)
         ref = manifest.reference
         if ref is not None:
             g.ref_accuracy = ref.accuracy
@@ -91,3 +109,30 @@ def new_group(fleet: str, model: ModelRef, manifest: ModelManifest | None) -> Gr
                 [float(c) for c in ref.confidence.counts], ref.confidence.edges
             )
     return g
+
+
+class RoundRecord(msgspec.Struct, kw_only=True):
+    """One closed fleet round of a group: its pooled counts per signal (the round history
+    that plots and analyst baselines read), and the group's references' sources then."""
+
+    group: str
+    round: int
+    start: datetime | None
+    end: datetime | None
+    closed: datetime
+    signals: dict[str, Acc]
+    references: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, g: Group, now: datetime) -> RoundRecord:
+        starts = [a.start for a in g.round.values() if a.start is not None]
+        ends = [a.end for a in g.round.values() if a.end is not None]
+        return cls(
+            group=g.key,
+            round=g.rounds,
+            start=min(starts, default=None),
+            end=max(ends, default=None),
+            closed=now,
+            signals={k: a.copy() for k, a in g.round.items()},
+            references={k: r.source for k, r in g.refs.items()},
+        )

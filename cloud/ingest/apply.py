@@ -360,6 +360,7 @@ class Applier:
                 units=units,
                 counters=self.counters,
                 events=rows,
+                rounds=self.detector.take_rounds(),
             )
         for e in events:
             log.info(

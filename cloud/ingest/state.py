@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -24,12 +24,12 @@ import aiosqlite
 import anyio
 import msgspec
 
-from slmops.cloud.drift.units import Group, NodeUnit
+from slmops.cloud.drift.units import Group, NodeUnit, RoundRecord
 from slmops.cloud.errors import StateError
 from slmops.cloud.ingest.dedupe import SeqTracker
 from slmops.shared.messages import DeviceProfile, ModelRef
 
-__all__ = ["InstallEpoch", "NodeState", "StateStore", "StoredState"]
+__all__ = ["HISTORY_ROUNDS", "InstallEpoch", "NodeState", "StateStore", "StoredState"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (fleet TEXT NOT NULL, node TEXT NOT NULL, data BLOB NOT NULL,
@@ -39,7 +39,15 @@ CREATE TABLE IF NOT EXISTS units (grp TEXT NOT NULL, node TEXT NOT NULL, data BL
     PRIMARY KEY (grp, node));
 CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, subject TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (grp TEXT NOT NULL, round INTEGER NOT NULL, start TEXT, end_ TEXT,
+    data BLOB NOT NULL, PRIMARY KEY (grp, round));
+CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, fleet TEXT NOT NULL, time TEXT NOT NULL,
+    data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS events_fleet_time ON events (fleet, time);
 """
+#: Fleet rounds kept per group in the round history (the oldest are pruned): two weeks of
+#: 1-minute rounds.
+HISTORY_ROUNDS = 20_160
 
 
 class InstallEpoch(msgspec.Struct, kw_only=True):
@@ -134,6 +142,20 @@ _enc = msgspec.msgpack.Encoder()
 _node_dec = msgspec.msgpack.Decoder(NodeState)
 _group_dec = msgspec.msgpack.Decoder(Group)
 _unit_dec = msgspec.msgpack.Decoder(NodeUnit)
+_round_dec = msgspec.msgpack.Decoder(RoundRecord)
+
+
+def _iso(t: datetime | None) -> str | None:
+    """UTC ISO text that sorts as time does (SQLite compares the text)."""
+    return None if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _fleet_of(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
 
 
 class StateStore:
@@ -206,11 +228,64 @@ class StateStore:
         units: Sequence[tuple[str, str, NodeUnit]] = (),
         counters: dict[str, int] | None = None,
         events: Sequence[tuple[str, str, bytes]] = (),
+        rounds: Sequence[RoundRecord] = (),
     ) -> None:
         """Write one batch's changes atomically (all or nothing). Shielded from cancellation:
-        a commit that started finishes (or rolls back) before the caller sees the cancel."""
+        a commit that started finishes (or rolls back) before the caller sees the cancel.
+        ``events`` (id, subject, JSON) go to the outbox and the event log; ``rounds`` to the
+        round history (pruned to ``HISTORY_ROUNDS`` per group)."""
         with anyio.CancelScope(shield=True):
-            await self._commit(nodes, groups, units, counters, events)
+            await self._commit(nodes, groups, units, counters, events, rounds)
+
+    async def _history(self, rounds: Sequence[RoundRecord]) -> None:
+        db = self.db
+        try:
+            await db.executemany(
+                "INSERT OR REPLACE INTO rounds(grp, round, start, end_, data) VALUES (?,?,?,?,?)",
+                [(r.group, r.round, _iso(r.start), _iso(r.end), _enc.encode(r)) for r in rounds],
+            )
+            newest: dict[str, int] = {}
+            for r in rounds:
+                newest[r.group] = max(newest.get(r.group, 0), r.round)
+            await db.executemany(
+                "DELETE FROM rounds WHERE grp=? AND round<?",
+                [(g, n - HISTORY_ROUNDS) for g, n in newest.items()],
+            )
+        except sqlite3.Error as exc:
+            raise StateError(str(self.path), "round history", str(exc)) from exc
+
+    async def rounds(
+        self, group: str, since: datetime | None = None, until: datetime | None = None, limit: int = 2000
+    ) -> list[RoundRecord]:
+        """The group's stored rounds whose windows lie in [since, until], oldest first (at
+        most the newest ``limit``)."""
+        sql = "SELECT data FROM rounds WHERE grp=?"
+        args: list[Any] = [group]
+        if since is not None:
+            sql += " AND start>=?"
+            args.append(_iso(since))
+        if until is not None:
+            sql += " AND end_<=?"
+            args.append(_iso(until))
+        sql += " ORDER BY round DESC LIMIT ?"
+        args.append(limit)
+        try:
+            async with self.db.execute(sql, args) as cur:
+                rows = await cur.fetchall()
+            return [_round_dec.decode(d) for (d,) in reversed(list(rows))]
+        except (sqlite3.Error, msgspec.DecodeError) as exc:
+            raise StateError(str(self.path), "read rounds", str(exc)) from exc
+
+    async def events(self, fleet: str | None = None, limit: int = 500) -> list[bytes]:
+        """The newest logged drift events (JSON), oldest first."""
+        sql = "SELECT data FROM events" + (" WHERE fleet=?" if fleet else "") + " ORDER BY time DESC LIMIT ?"
+        args: list[Any] = [fleet, limit] if fleet else [limit]
+        try:
+            async with self.db.execute(sql, args) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(str(self.path), "read events", str(exc)) from exc
+        return [bytes(d) for (d,) in reversed(list(rows))]
 
     async def _commit(
         self,
@@ -219,6 +294,7 @@ class StateStore:
         units: Sequence[tuple[str, str, NodeUnit]],
         counters: dict[str, int] | None,
         events: Sequence[tuple[str, str, bytes]],
+        rounds: Sequence[RoundRecord] = (),
     ) -> None:
         db = self.db
         try:
@@ -247,6 +323,12 @@ class StateStore:
                     await db.executemany(
                         "INSERT OR IGNORE INTO outbox(id, subject, data) VALUES (?,?,?)", events
                     )
+                    await db.executemany(
+                        "INSERT OR IGNORE INTO events(id, fleet, time, data) VALUES (?,?,?,?)",
+                        [(i, _fleet_of(subject), _now_iso(), d) for i, subject, d in events],
+                    )
+                if rounds:
+                    await self._history(rounds)
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise

@@ -116,7 +116,8 @@ _proposal_decoder = msgspec.json.Decoder(Proposal)
 def is_label_shift(event: DriftEvent) -> bool:
     """A confirmed fleet-wide class-prior shift with an estimate, not one of our follow-ups."""
     return (
-        event.scope == "fleet"
+        event.kind == "drift"  # never skew alone, nor a baseline
+        and event.scope == "fleet"
         and event.signal == "class_prior"
         and event.state in ("opened", "updated")
         and bool(event.estimated_priors)

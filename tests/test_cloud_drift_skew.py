@@ -1,0 +1,118 @@
+"""Skew vs drift in the detector (issue 14): the first rounds of a model version are compared
+with the manifest once (a ``skew`` event), drift is watched against a production baseline,
+and a further shift while an event is open opens a new episode."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+
+from slmops.bench._fleet import LEN_P, MODEL, SyntheticFleet, manifest_for
+from slmops.cloud.config import DriftConfig
+from slmops.cloud.drift import DriftDetector
+from slmops.shared.messages import DriftEvent
+
+NODES = 20
+#: Quick calibrations (50k simulated windows): the test is about semantics, not the last digit.
+CONFIG = DriftConfig(calibration_windows=50_000)
+_LONG = np.array([0.0, 0.0, 0.0, 0.1, 0.4, 0.3, 0.2])
+
+
+def _run(plan: list[dict[str, np.ndarray]], seed: int = 5) -> list[tuple[int, DriftEvent]]:
+    """Feed ``plan`` (one dict of traffic per window, same for every node) through a detector."""
+    fleet = SyntheticFleet("skew", NODES, seed)
+    det = DriftDetector(CONFIG, clock=lambda: datetime.now(UTC))
+    det.add_group(fleet.fleet, MODEL, manifest_for())
+    out: list[tuple[int, DriftEvent]] = []
+    for w, traffic in enumerate(plan, start=1):
+        for i in range(NODES):
+            out += [(w, e) for e in det.observe(fleet.aggregate(i, w, **traffic))]  # type: ignore[arg-type]
+    return out
+
+
+def _moved(mix: np.ndarray, frm: int, to: int, pts: float) -> np.ndarray:
+    out = mix.copy()
+    out[frm] -= pts
+    out[to] += pts
+    return out
+
+
+def test_skewed_from_the_start_is_one_skew_event_and_no_drift() -> None:
+    """Traffic longer than the manifest's from window 1: one skew event naming input_length,
+    a baseline event, and no drift event in 40 windows."""
+    long = 0.7 * LEN_P + 0.3 * _LONG
+    events = _run([{"length": long}] * 40)
+    kinds = [(e.kind, e.signal, e.state) for _, e in events]
+    assert kinds[0] == ("baseline", "baseline", "opened"), kinds
+    skews = [e for _, e in events if e.kind == "skew"]
+    assert len(skews) == 1, kinds
+    assert "input_length" in skews[0].differences
+    assert skews[0].differences["input_length"] > 0.1
+    assert "input length moved toward" in skews[0].summary
+    assert skews[0].reference == "manifest"
+    assert [e for _, e in events if e.kind == "drift"] == []
+
+
+def test_a_later_change_opens_a_new_event_against_the_baseline() -> None:
+    """Skewed from the start, then at window 21 the class mix moves by 10 points: a drift event
+    opens against the automatic baseline (named, with its period), not the manifest."""
+    fleet = SyntheticFleet("skew", NODES, 5)
+    base = fleet.mix.mean(axis=0)
+    plan = [{"length": 0.7 * LEN_P + 0.3 * _LONG}] * 20 + [
+        {"length": 0.7 * LEN_P + 0.3 * _LONG, "prior": _moved(base, 0, 4, 0.10)}
+    ] * 10
+    events = _run(plan)
+    drift = [(w, e) for w, e in events if e.kind == "drift" and e.state == "opened"]
+    assert drift, [(e.kind, e.signal, e.state) for _, e in events]
+    w, first = drift[0]
+    assert 21 <= w <= 24
+    assert first.signal == "class_prior"
+    assert first.scope == "fleet"
+    assert first.reference == "baseline:auto-1"
+    assert first.reference_start is not None
+    assert first.reference_end is not None
+    assert "since the baseline:auto-1 of" in first.summary
+
+
+def _episodes(second: np.ndarray) -> list[tuple[int, DriftEvent]]:
+    fleet = SyntheticFleet("skew", NODES, 5)
+    base = fleet.mix.mean(axis=0)
+    first = _moved(base, 0, 4, 0.06)
+    plan: list[dict[str, np.ndarray]] = [{}] * 10 + [{"prior": first}] * 10 + [{"prior": second}] * 10
+    return [
+        (w, e)
+        for w, e in _run(plan)
+        if e.kind == "drift" and e.signal == "class_prior" and e.scope == "fleet"
+    ]
+
+
+def test_a_further_shift_in_the_same_direction_opens_a_new_episode() -> None:
+    fleet = SyntheticFleet("skew", NODES, 5)
+    base = fleet.mix.mean(axis=0)
+    events = _episodes(_moved(base, 0, 4, 0.16))
+    opened = [(w, e) for w, e in events if e.state == "opened"]
+    assert len(opened) == 2, [(w, e.id, e.state) for w, e in events]
+    (w1, e1), (w2, e2) = opened
+    assert 11 <= w1 <= 13
+    assert 21 <= w2 <= 24
+    assert e1.id != e2.id
+    assert e2.supersedes == e1.id
+    assert "same direction" in e2.summary
+
+
+def test_a_shift_in_another_direction_opens_a_new_episode() -> None:
+    fleet = SyntheticFleet("skew", NODES, 5)
+    base = fleet.mix.mean(axis=0)
+    events = _episodes(_moved(_moved(base, 0, 4, 0.06), 1, 2, 0.08))
+    opened = [(w, e) for w, e in events if e.state == "opened"]
+    assert len(opened) == 2, [(w, e.id, e.state) for w, e in events]
+    assert opened[1][1].supersedes == opened[0][1].id
+    assert "another direction" in opened[1][1].summary
+
+
+def test_an_open_event_on_steady_shifted_traffic_opens_no_new_episode() -> None:
+    fleet = SyntheticFleet("skew", NODES, 5)
+    base = fleet.mix.mean(axis=0)
+    events = _episodes(_moved(base, 0, 4, 0.06))
+    assert [e.state for _, e in events if e.state == "opened"] == ["opened"], [e.id for _, e in events]
