@@ -170,7 +170,7 @@ def _trial(
                 length=0.85 * LEN_P + 0.15 * _LONG if on and kind == "input_length" else LEN_P,
             )
             for e in det.observe(agg):
-                if e.state == "opened":
+                if e.state == "opened" and e.kind == "drift":
                     trial.opened.append((w, e.signal, e.node, e.estimated_priors))
             for rule, signals in rules.flags(i, agg).items():
                 for s in signals:
@@ -304,6 +304,83 @@ def _run_sync(quick: bool) -> list[dict[str, object]]:
             "estimates": len(l1_event),
             "goal": "<= 0.03",
             "reference_prior": [round(float(p), 3) for p in PRIOR],
+        }
+    )
+    results += _episodes(nodes, trials, config)
+    return results
+
+
+def _episode_trial(
+    second: str, seed: int, nodes: int, config: DriftConfig, hold: int
+) -> list[tuple[int, str | None]]:
+    """A 5-point fleet-wide prior shift at window ``_PRE + 1`` (class 0 -> 4); from window
+    ``_PRE + 11`` on, ``second``: "same" (5 more points the same way), "other" (class 1 -> 3,
+    8 points) or "none" (the first shift held). Returns (window, supersedes) of every fleet
+    class-prior "opened" drift event after the first shift."""
+    fleet = SyntheticFleet("bench", nodes, seed)
+    det = DriftDetector(config, clock=lambda: datetime.now(UTC))
+    det.add_group(fleet.fleet, MODEL, manifest_for())
+    out: list[tuple[int, str | None]] = []
+    for w in range(1, _PRE + hold + 1):
+        for i in range(nodes):
+            prior = None
+            if w > _PRE:
+                prior = _shifted_prior(fleet.mix[i], 0.05)
+                if w > _PRE + 10 and second == "same":
+                    prior = _shifted_prior(fleet.mix[i], 0.10)
+                elif w > _PRE + 10 and second == "other":
+                    prior = prior.copy()
+                    move = min(0.08, prior[1] - 1e-3)
+                    prior[1] -= move
+                    prior[3] += move
+            for e in det.observe(fleet.aggregate(i, w, prior=prior)):
+                if e.kind == "drift" and e.state == "opened" and e.signal == "class_prior" and e.node is None:
+                    out.append((w, e.supersedes))
+    return out
+
+
+def _episodes(nodes: int, trials: int, config: DriftConfig) -> list[dict[str, object]]:
+    """New episodes while an event is open (issue 14): power and delay for a further shift
+    in the same or another direction, and false new episodes on a held shift."""
+    results: list[dict[str, object]] = []
+    for second in ("same", "other"):
+        delays: list[float] = []
+        for t in range(trials):
+            got = _episode_trial(second, 3000 + 17 * t, nodes, config, 20)
+            hits = [w for w, sup in got if sup is not None and w > _PRE + 10]
+            delays.append(min(hits) - _PRE - 10 if hits else math.inf)
+        found = [d for d in delays if math.isfinite(d)]
+        results.append(
+            {
+                "scenario": f"drift_new_episode_{second}_direction",
+                "project": statistics.median(found) if found else None,
+                "baseline": None,
+                "ratio": None,
+                "units": "median windows from the further shift to a new episode (event open)",
+                "power_within_3": sum(1 for d in delays if d <= 3) / len(delays),
+                "miss_rate": sum(1 for d in delays if not math.isfinite(d)) / len(delays),
+                "trials": trials,
+                "nodes": nodes,
+            }
+        )
+    hold = 60
+    false = windows = 0
+    for t in range(trials):
+        got = _episode_trial("none", 5000 + 17 * t, nodes, config, hold)
+        false += sum(1 for _, sup in got if sup is not None)
+        first = min((w for w, _ in got), default=_PRE + hold)
+        windows += nodes * (_PRE + hold - first)
+    results.append(
+        {
+            "scenario": "drift_new_episode_false",
+            "project": round(1e4 * false / windows, 3) if windows else None,
+            "baseline": None,
+            "ratio": None,
+            "units": "false new episodes per 10k node-windows under an open event (shift held)",
+            "false_new_episodes": false,
+            "node_windows": windows,
+            "trials": trials,
+            "goal": "<= 1",
         }
     )
     return results
