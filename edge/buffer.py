@@ -62,8 +62,9 @@ log = structlog.get_logger(__name__)
 #: instead of three (BEGIN, executemany, COMMIT); a trip costs ~130 µs on the 2-core test
 #: machine, the insert itself ~2 µs/row (measured: 457k rows/s in 4096-row groups).
 _INSERT_EVENTS = (
-    "INSERT INTO events(t, model, label, conf, len, lat, err) SELECT "
-    "value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)"
+    "INSERT INTO events(t, model, label, conf, len, lat, err, oos) SELECT "
+    "value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7 "
+    "FROM json_each(?)"
 )
 _rows_encoder = msgspec.json.Encoder()
 #: Rows one group commit takes at most (measured: 4096 rows commit in ~6 ms here).
@@ -272,6 +273,10 @@ class Buffer:
         if check != ["ok"]:
             raise _Corrupt("; ".join(check[:3]))
         await self._db.executescript(SCHEMA)
+        async with self._db.execute("SELECT name FROM pragma_table_info('events')") as cur:
+            columns = {str(r[0]) for r in await cur.fetchall()}
+        if "oos" not in columns:  # a database made before out-of-scope counts
+            await self._db.execute("ALTER TABLE events ADD COLUMN oos INTEGER NOT NULL DEFAULT 0")
         async with self._db.execute("SELECT key, value FROM node_state") as cur:
             for key, value in await cur.fetchall():
                 self._state[key] = value
@@ -340,21 +345,37 @@ class Buffer:
     # -- models -----------------------------------------------------------------------------
 
     async def register_model(
-        self, ref: ModelRef, labels: list[str], edges: HistogramEdges, embedding: EmbeddingStats | None = None
+        self,
+        ref: ModelRef,
+        labels: list[str],
+        edges: HistogramEdges,
+        embedding: EmbeddingStats | None = None,
+        *,
+        out_of_scope: bool = False,
     ) -> ModelInfo:
-        """The id under which events of this model are stored (created on first use)."""
+        """The id under which events of this model are stored (created on first use);
+        ``out_of_scope``: its aggregates carry out-of-scope counts."""
         key = f"{ref.name}/{ref.version}/{ref.variant}"
         for info in self._models.values():
             if info.ref == ref:
                 return info
         blob = msgspec.json.encode(
-            ModelInfo(model_id=0, ref=ref, labels=labels, edges=edges, embedding=embedding)
+            ModelInfo(
+                model_id=0,
+                ref=ref,
+                labels=labels,
+                edges=edges,
+                embedding=embedding,
+                out_of_scope=out_of_scope,
+            )
         )
         async with self._tx():
             cur = await self.db.execute("INSERT INTO models(key, info) VALUES (?, ?)", (key, blob))
             mid = cur.lastrowid
         assert mid is not None
-        info = ModelInfo(model_id=mid, ref=ref, labels=labels, edges=edges, embedding=embedding)
+        info = ModelInfo(
+            model_id=mid, ref=ref, labels=labels, edges=edges, embedding=embedding, out_of_scope=out_of_scope
+        )
         self._models[mid] = info
         return info
 
@@ -514,8 +535,8 @@ class Buffer:
                 if n < self.k and not retired:
                     continue
                 async with db.execute(
-                    "SELECT label, conf, len, lat, err, count(*) FROM events WHERE model=? AND id<=? "
-                    "GROUP BY label, conf, len, lat, err",
+                    "SELECT label, conf, len, lat, err, count(*), oos FROM events WHERE model=? "
+                    "AND id<=? GROUP BY label, conf, len, lat, err, oos",
                     (mid, max_id),
                 ) as cur:
                     cells = await cur.fetchall()

@@ -31,6 +31,7 @@ from slmops.edge.errors import EdgeError, NodeClosed, NoModel
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.privacy import EventRow, derive_rows, embedding_bins, embedding_rows, error_rows
 from slmops.shared.runtime import Session
+from slmops.shared.scope import flags as oos_flags
 
 __all__ = ["Batcher", "InferenceFailed", "Result"]
 
@@ -142,13 +143,20 @@ class Batcher:
             return None
         if not all(out.ok):  # the queued path reports it too (rows, error per request)
             return None
-        commit = await self.buffer.append(self._rows(active, out))
+        spec = active.manifest.out_of_scope
+        signs = oos_flags(texts, out.confidence, spec) if spec is not None else None
+        commit = await self.buffer.append(self._rows(active, out, frozenset(), signs))
         return Result(out.classes, out.confidence, active, commit, out.vectors)
 
     def _rows(
-        self, active: ActiveModel, out: _Output, failed: AbstractSet[int] = frozenset()
+        self,
+        active: ActiveModel,
+        out: _Output,
+        failed: AbstractSet[int] = frozenset(),
+        signs: list[int] | None = None,
     ) -> list[EventRow]:
-        """Telemetry rows of a batch; texts at ``failed`` positions are error rows."""
+        """Telemetry rows of a batch; texts at ``failed`` positions are error rows; ``signs``
+        the texts' out-of-scope signs (``shared.scope.flags``) when the model counts them."""
         self.batches += 1
         self.model_seconds += out.seconds
         t = self._clock()
@@ -178,6 +186,7 @@ class Batcher:
                 model_id=active.model_id,
                 edges=active.manifest.edges,
                 latency_ms=out.seconds * 1000.0,
+                oos=pick(signs) if signs is not None else None,
             )
         if not failed:
             return rows
@@ -288,7 +297,9 @@ class Batcher:
                 requests=len(bad_requests),
                 model_version=active.ref.version,
             )
-        commit = await self.buffer.append(self._rows(active, out, failed))
+        spec = active.manifest.out_of_scope
+        signs = oos_flags(texts, out.confidence, spec) if spec is not None else None
+        commit = await self.buffer.append(self._rows(active, out, failed, signs))
         if len(batch) == 1 and not failed:
             batch[0].result = Result(out.classes, out.confidence, active, commit, out.vectors)
             batch[0].done.set()

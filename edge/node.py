@@ -335,7 +335,11 @@ class EdgeNode:
 
     async def _register_model(self, manifest: ModelManifest) -> int:
         info = await self.buffer.register_model(
-            manifest.ref, list(manifest.labels), manifest.edges, manifest.embedding
+            manifest.ref,
+            list(manifest.labels),
+            manifest.edges,
+            manifest.embedding,
+            out_of_scope=manifest.out_of_scope is not None,
         )
         return info.model_id
 

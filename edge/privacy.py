@@ -28,6 +28,7 @@ from slmops.shared.vocabulary import DP_SENSITIVITY
 
 __all__ = [
     "SENSITIVITY",
+    "SENSITIVITY_OOS",
     "EventRow",
     "add_noise",
     "bins",
@@ -43,6 +44,8 @@ __all__ = [
 #: Counts one inference can change: its class, confidence, length and latency bins, and one
 #: feedback cell.
 SENSITIVITY = DP_SENSITIVITY
+#: ... and its out-of-scope cell, for models that count them (``Privacy.sensitivity``).
+SENSITIVITY_OOS = DP_SENSITIVITY + 1
 
 
 class EventRow(NamedTuple):
@@ -55,6 +58,8 @@ class EventRow(NamedTuple):
     len_bin: int
     lat_bin: int
     error: int
+    #: Out-of-scope signs (OR of ``shared.messages.OOS_*``); 0 when the model counts none.
+    oos: int = 0
 
 
 def bins(edges: Sequence[float], values: npt.NDArray[np.floating[Any]] | Sequence[float]) -> list[int]:
@@ -76,6 +81,7 @@ def derive_rows(
     model_id: int,
     edges: HistogramEdges,
     latency_ms: float,
+    oos: Sequence[int] | None = None,
 ) -> list[EventRow]:
     """Event rows for one micro-batch: each inference's class index and bins — the only
     things of it that are kept. ``latency_ms`` is the batch's model time, which every
@@ -83,9 +89,14 @@ def derive_rows(
     lat_bin = bin_index(edges.latency_ms, latency_ms)
     conf_bins = bins(edges.confidence, confidence)
     len_bins = bins(edges.input_length, input_length)
+    if oos is None:
+        return [
+            EventRow(t, model_id, int(i), c, n, lat_bin, 0)
+            for i, c, n in zip(index, conf_bins, len_bins, strict=True)
+        ]
     return [
-        EventRow(t, model_id, int(i), c, n, lat_bin, 0)
-        for i, c, n in zip(index, conf_bins, len_bins, strict=True)
+        EventRow(t, model_id, int(i), c, n, lat_bin, 0, f)
+        for i, c, n, f in zip(index, conf_bins, len_bins, oos, strict=True)
     ]
 
 
@@ -163,6 +174,8 @@ def add_noise(
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     # An embedding inference changes one bin per direction, the norm, length and latency bins.
     sensitivity = max(SENSITIVITY, len(agg.embedding_projections) + 3) if agg.embedding_norm else SENSITIVITY
+    if agg.out_of_scope:  # ... and one out-of-scope cell
+        sensitivity += SENSITIVITY_OOS - SENSITIVITY
     alpha = math.exp(-epsilon / sensitivity)
 
     def noisy(h: Histogram) -> Histogram:
@@ -184,7 +197,13 @@ def add_noise(
         input_length=noisy(agg.input_length),
         latency_ms=noisy(agg.latency_ms),
         feedback=feedback,
-        privacy=Privacy(k=agg.privacy.k, epsilon=epsilon, mechanism="geometric"),
+        out_of_scope=[
+            c + n
+            for c, n in zip(
+                agg.out_of_scope, two_sided_geometric(rng, alpha, len(agg.out_of_scope)), strict=True
+            )
+        ],
+        privacy=Privacy(k=agg.privacy.k, epsilon=epsilon, mechanism="geometric", sensitivity=sensitivity),
         embedding_projections=[noisy(h) for h in agg.embedding_projections],
         embedding_norm=noisy(agg.embedding_norm) if agg.embedding_norm is not None else None,
     )
@@ -204,6 +223,7 @@ def suppress(agg: TelemetryAggregate) -> TelemetryAggregate:
         input_length=empty(agg.input_length),
         latency_ms=empty(agg.latency_ms),
         feedback={},
+        out_of_scope=[],
         privacy=Privacy(k=agg.privacy.k, epsilon=None, mechanism="suppressed"),
         embedding_projections=[empty(h) for h in agg.embedding_projections],
         embedding_norm=empty(agg.embedding_norm) if agg.embedding_norm is not None else None,

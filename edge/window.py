@@ -19,6 +19,7 @@ from slmops.edge.errors import StoreError
 from slmops.edge.privacy import unpack_bins
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
+    OOS_CELLS,
     EmbeddingStats,
     HistogramEdges,
     ModelRef,
@@ -42,8 +43,9 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: ``(label index or -1, conf bin, length bin, latency bin, error flag, how many)``.
-Cell = tuple[int, int, int, int, int, int]
+#: ``(label index or -1, conf bin, length bin, latency bin, error flag, how many)``, then
+#: optionally the out-of-scope signs (``OOS_*`` bits) of those inferences.
+Cell = tuple[int, ...]
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,6 +57,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     edges: HistogramEdges
     #: An embedding model's statistics (its rows carry projection and norm bins).
     embedding: EmbeddingStats | None = None
+    #: Its aggregates carry ``out_of_scope`` counts (the manifest has an ``OutOfScopeSpec``).
+    out_of_scope: bool = False
 
 
 def to_datetime(t: float) -> datetime:
@@ -90,12 +94,14 @@ def build_aggregate(
         Histogram.empty(e.latency_ms),
     )
     classes: dict[str, int] = {}
+    oos = [0] * OOS_CELLS if info.out_of_scope else []
     count = errors = 0
     emb = info.embedding
     proj = [Histogram.empty(emb.projection_edges) for _ in emb.directions] if emb is not None else []
     norm = Histogram.empty(emb.norm_edges) if emb is not None else None
     base = len(emb.projection_edges) - 1 if emb is not None else 0
-    for label, cb, lb, tb, err, n in cells:
+    for cell in cells:
+        label, cb, lb, tb, err, n = cell[:6]
         count += n
         if emb is not None and norm is not None and not err and label >= 0:
             for h, b in zip(proj, unpack_bins(label, len(proj), base), strict=True):
@@ -105,6 +111,8 @@ def build_aggregate(
             errors += n
             continue
         else:
+            if oos:
+                oos[(cell[6] if len(cell) > 6 else 0) % OOS_CELLS] += n
             name = info.labels[label]
             classes[name] = classes.get(name, 0) + n
             conf.counts[min(max(cb, 0), len(conf.counts) - 1)] += n
@@ -132,6 +140,7 @@ def build_aggregate(
         install=install,
         embedding_projections=proj,
         embedding_norm=norm,
+        out_of_scope=oos,
     )
 
 
@@ -148,6 +157,7 @@ def mergeable(a: TelemetryAggregate, b: TelemetryAggregate) -> bool:
         and a.latency_ms.edges == b.latency_ms.edges
         and [h.edges for h in a.embedding_projections] == [h.edges for h in b.embedding_projections]
         and (a.embedding_norm is None) == (b.embedding_norm is None)
+        and len(a.out_of_scope) == len(b.out_of_scope)
     )
 
 
@@ -192,6 +202,7 @@ def merge(a: TelemetryAggregate, b: TelemetryAggregate) -> TelemetryAggregate:
             if a.embedding_norm is not None and b.embedding_norm is not None
             else a.embedding_norm or b.embedding_norm
         ),
+        out_of_scope=[x + y for x, y in zip(a.out_of_scope, b.out_of_scope, strict=True)],
     )
 
 

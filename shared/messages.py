@@ -16,6 +16,10 @@ import msgspec
 from slmops.shared.histogram import Histogram
 
 __all__ = [
+    "OOS_CELLS",
+    "OOS_FOREIGN_SCRIPT",
+    "OOS_LOW_CONFIDENCE",
+    "OOS_UNKNOWN_TOKEN",
     "WIRE_TYPES",
     "Assignment",
     "BundleFile",
@@ -29,6 +33,7 @@ __all__ = [
     "ModelRef",
     "NodeStatus",
     "OpsEvent",
+    "OutOfScopeSpec",
     "Preprocessing",
     "Privacy",
     "ReferenceProfile",
@@ -65,6 +70,37 @@ class Privacy(Wire, kw_only=True):
     epsilon: float | None = None
     #: "none" or "geometric" (two-sided geometric noise on every histogram and class count).
     mechanism: str = "none"
+    #: Counts one inference changes (the noise is scaled to it): 5 before out-of-scope
+    #: counts, 6 with them.
+    sensitivity: int = 5
+
+
+#: Out-of-scope signs an inference can show (bits of ``OOS_CELLS``): its top probability is
+#: below the manifest's threshold; its text has a character outside the training scripts;
+#: its tokens include the tokenizer's unknown token.
+OOS_LOW_CONFIDENCE = 1
+OOS_FOREIGN_SCRIPT = 2
+OOS_UNKNOWN_TOKEN = 4
+#: ``TelemetryAggregate.out_of_scope`` has one count per combination of the three signs.
+OOS_CELLS = 8
+
+
+class OutOfScopeSpec(Wire, kw_only=True):
+    """How nodes count out-of-scope inputs of this model, and how often held-out data did.
+
+    ``threshold``: an inference whose top probability is below it is "low confidence"; chosen
+    on held-out data so that ``rate`` of it falls below. ``scripts``: the Unicode scripts of
+    the training text (first word of a character's Unicode name: "LATIN", "CYRILLIC", "CJK",
+    ...; digits, punctuation and symbols are never foreign). The shares are what held-out
+    data showed (the signals' reference)."""
+
+    threshold: float
+    rate: float
+    scripts: list[str] = []
+    low_confidence_share: float
+    foreign_script_share: float = 0.0
+    unknown_token_share: float | None = None
+    count: int
 
 
 class TelemetryAggregate(Wire, kw_only=True):
@@ -104,6 +140,10 @@ class TelemetryAggregate(Wire, kw_only=True):
     #: normalisation). Empty/None for classifiers and old nodes.
     embedding_projections: list[Histogram] = []
     embedding_norm: Histogram | None = None
+    #: Inferences per combination of out-of-scope signs (index = OR of the ``OOS_*`` bits,
+    #: ``OOS_CELLS`` counts, DP-noised like the histograms); [] = not counted (an old node,
+    #: or a model without ``ModelManifest.out_of_scope``).
+    out_of_scope: list[int] = []
 
 
 class DeviceProfile(Wire, kw_only=True):
@@ -332,6 +372,8 @@ class ModelManifest(Wire, kw_only=True):
     requires: Requirements | None = None
     #: Embedding drift statistics (task "embedding").
     embedding: EmbeddingStats | None = None
+    #: How nodes count out-of-scope inputs; None: they do not.
+    out_of_scope: OutOfScopeSpec | None = None
 
     @property
     def ref(self) -> ModelRef:

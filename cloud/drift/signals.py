@@ -4,10 +4,13 @@ against (docs/architecture.md §7).
 Signals: ``class_prior`` (predicted-class counts), ``confidence``, ``input_length`` and
 ``latency`` (histograms), ``error_rate`` (errors vs successes, one-sided: only a rise counts),
 ``accuracy`` (wrong vs right predictions from app feedback, one-sided: only a fall in accuracy
-counts). The reference of a signal comes from the model manifest's ``ReferenceProfile`` when it
-has one; latency and error rate never come from the manifest (held-out data says nothing about
-a device's speed or its apps' failures), so they, and any signal the manifest lacks, use the
-first rounds of fleet traffic (``source=DriftReference.FIRST_WINDOWS``).
+counts), and the out-of-scope shares ``oos_low_confidence`` (top probability below the
+manifest's threshold) and ``oos_foreign_script`` (a letter outside the training scripts), both
+one-sided, from ``TelemetryAggregate.out_of_scope``. The reference of a signal comes from the
+model manifest's ``ReferenceProfile`` when it has one; latency and error rate never come from
+the manifest (held-out data says nothing about a device's speed or its apps' failures), so
+they, and any signal the manifest lacks, are tested against the production baseline only
+(``DriftDetector``).
 """
 
 from __future__ import annotations
@@ -18,13 +21,20 @@ from datetime import datetime
 import msgspec
 
 from slmops.cloud.drift.stats import geometric_noise_var, normalise
-from slmops.shared.messages import ModelManifest, TelemetryAggregate
+from slmops.shared.messages import (
+    OOS_CELLS,
+    OOS_FOREIGN_SCRIPT,
+    OOS_LOW_CONFIDENCE,
+    ModelManifest,
+    TelemetryAggregate,
+)
 from slmops.shared.vocabulary import DP_SENSITIVITY, DriftReference, DriftSignal
 
 __all__ = [
     "INPUT_SIDE",
     "NOISED",
     "ONE_SIDED",
+    "OOS_SIGNALS",
     "SIGNALS",
     "Acc",
     "SignalRef",
@@ -35,8 +45,10 @@ __all__ = [
 SIGNALS = tuple(DriftSignal)
 #: Signals of the inputs alone (not of the model): a new version inherits their baseline.
 INPUT_SIDE = ("input_length", "oos_foreign_script")
+#: Out-of-scope signals: (signal, the ``OOS_*`` bit whose share it is).
+OOS_SIGNALS = (("oos_low_confidence", OOS_LOW_CONFIDENCE), ("oos_foreign_script", OOS_FOREIGN_SCRIPT))
 #: Two-cell signals tested one-sided: the cell whose rise is evidence.
-ONE_SIDED = {"error_rate": 0, "accuracy": 0}
+ONE_SIDED = {"error_rate": 0, "accuracy": 0, "oos_low_confidence": 0, "oos_foreign_script": 0}
 #: Signals whose counts carry the edge's DP noise ("every histogram and class count").
 NOISED = frozenset(set(DriftSignal) - {DriftSignal.ERROR_RATE})
 
@@ -115,7 +127,9 @@ def extract(
     """Each signal's ``(counts, noise_var)`` in this aggregate; signals it cannot provide
     (no feedback, histogram with other edges than the model's) are left out."""
     noise = (
-        geometric_noise_var(agg.privacy.epsilon, DP_SENSITIVITY) if agg.privacy.mechanism != "none" else 0.0
+        geometric_noise_var(agg.privacy.epsilon, agg.privacy.sensitivity or DP_SENSITIVITY)
+        if agg.privacy.mechanism != "none"
+        else 0.0
     )
     out: dict[str, tuple[list[float], float]] = {}
     # Integer counts are used as they are (int is a float for msgspec and arithmetic): no
@@ -142,6 +156,13 @@ def extract(
                 wrong += c
     if right + wrong > 0:
         out["accuracy"] = ([float(wrong), float(right)], noise)
+    oos = agg.out_of_scope
+    if len(oos) == OOS_CELLS:
+        total = sum(oos)
+        for signal, bit in OOS_SIGNALS:
+            hit = sum(c for i, c in enumerate(oos) if i & bit)
+            # Each cell is a sum of OOS_CELLS / 2 noised counts.
+            out[signal] = ([hit, total - hit], noise * OOS_CELLS / 2)
     return out
 
 
@@ -166,6 +187,17 @@ def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
                 probs=normalise([float(c) for c in hist.counts]),
                 n_ref=float(hist.total),
                 source=DriftReference.MANIFEST,
+            )
+    spec = manifest.out_of_scope
+    if spec is not None and spec.count > 0:
+        for signal, share in (
+            ("oos_low_confidence", spec.low_confidence_share),
+            ("oos_foreign_script", spec.foreign_script_share),
+        ):
+            out[signal] = SignalRef(
+                probs=normalise([share * spec.count, (1 - share) * spec.count]),
+                n_ref=float(spec.count),
+                source="manifest",
             )
     if ref.accuracy is not None and 0 <= ref.accuracy <= 1:
         wrong = 1.0 - ref.accuracy

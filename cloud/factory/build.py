@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops.cloud.factory.corpus import Split, load_topics, split_topics
 from slmops.cloud.factory.graph import build_classifier
-from slmops.cloud.factory.profile import DEFAULT_EDGES, reference_profile, smoke_tests
+from slmops.cloud.factory.profile import DEFAULT_EDGES, out_of_scope_spec, reference_profile, smoke_tests
 from slmops.shared.bundle import Bundle, write_bundle
 from slmops.shared.messages import HistogramEdges, ModelManifest, Preprocessing, TensorSpec
 from slmops.shared.names import validate_model_name
@@ -246,7 +246,8 @@ def build(
         session = load_session(model_path, manifest)
         profile = reference_profile(session, split.held_out_texts, split.held_out_labels, manifest.edges)
         smoke = smoke_tests(session, split.held_out_texts, tolerance=1e-4)
-    manifest = msgspec.structs.replace(manifest, reference=profile, smoke_tests=smoke)
+    oos = out_of_scope_spec(profile, split.train_texts, split.held_out_texts)
+    manifest = msgspec.structs.replace(manifest, reference=profile, smoke_tests=smoke, out_of_scope=oos)
     bundle = write_bundle(out_dir, onnx_bytes, manifest, key)
     accuracy = profile.accuracy if profile.accuracy is not None else 0.0
     log.info(

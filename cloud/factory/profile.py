@@ -13,10 +13,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from slmops.shared.histogram import Histogram
-from slmops.shared.messages import HeldOutScores, HistogramEdges, ReferenceProfile, SmokeTest
+from slmops.shared.messages import HeldOutScores, HistogramEdges, OutOfScopeSpec, ReferenceProfile, SmokeTest
 from slmops.shared.runtime import Session
+from slmops.shared.scope import foreign, scripts_of
 
-__all__ = ["DEFAULT_EDGES", "reference_profile", "smoke_tests"]
+__all__ = ["DEFAULT_EDGES", "OOS_RATE", "out_of_scope_spec", "reference_profile", "smoke_tests"]
+
+#: Share of held-out inputs the low-confidence threshold is calibrated to flag.
+OOS_RATE = 0.05
 
 #: Bin edges of the default classifier's aggregates. Confidence starts at 1/12 for 12 classes;
 #: input lengths are word counts (chat utterances: median ~6); latency in ms, where one ORT call
@@ -73,6 +77,34 @@ def reference_profile(
             probs=[[round(x, 6) for x in p.probs] for p in preds],
             lengths=[p.input_length for p in preds],
         ),
+    )
+
+
+def out_of_scope_spec(
+    profile: ReferenceProfile,
+    train_texts: Sequence[str],
+    held_out_texts: Sequence[str],
+    rate: float = OOS_RATE,
+) -> OutOfScopeSpec:
+    """How nodes count out-of-scope inputs of this model: the low-confidence threshold is the
+    ``rate`` quantile of the held-out top probabilities (``profile.held_out``), so about
+    ``rate`` of held-out inputs fall below it; the scripts are the training text's; the
+    shares are what the held-out texts show. ``ValueError`` without held-out scores."""
+    if profile.held_out is None or not profile.held_out.probs:
+        raise ValueError("the reference profile has no held-out scores to calibrate a threshold on")
+    top = np.sort(np.asarray([max(p) for p in profile.held_out.probs], dtype=np.float64))
+    threshold = float(np.quantile(top, rate))
+    below = float(np.mean(top < threshold))
+    scripts = scripts_of(train_texts)
+    frozen = frozenset(scripts)
+    foreign_share = sum(foreign(t, frozen) for t in held_out_texts) / max(1, len(held_out_texts))
+    return OutOfScopeSpec(
+        threshold=round(threshold, 6),
+        rate=rate,
+        scripts=scripts,
+        low_confidence_share=below,
+        foreign_script_share=foreign_share,
+        count=len(top),
     )
 
 
