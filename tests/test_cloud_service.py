@@ -260,7 +260,9 @@ async def test_a_second_instance_stands_by_and_takes_over_without_double_countin
     events = await drift_events(js, fleet)
     ids = [e.id for e in events]
     assert len(ids) == len(set(ids))
-    assert [(e.scope, e.state) for e in events if e.signal == "class_prior"] == [("fleet", "opened")]
+    assert [(e.scope, e.state) for e in events if e.signal == "class_prior"] == [("fleet", "opened")], [
+        (e.id, e.summary) for e in events
+    ]
 
 
 async def test_without_a_manifest_windows_are_counted_not_drift_tested_and_reported_unregistered(

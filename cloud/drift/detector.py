@@ -692,6 +692,8 @@ class DriftDetector:
         """The state the episode opens in: a fleet's last (pooled, large) window, a node's
         evidence run. Later windows are tested against it for a new episode."""
         counts = us.last if node is None or us.run is None else us.run.counts
+        us.opened_counts = list(counts)
+        us.opened_windows = 1
         us.opened_probs = normalise(counts)
         us.opened_n = sum(c for c in counts if c > 0)
         us.s2 = 0.0
@@ -711,6 +713,13 @@ class DriftDetector:
                 us.run2.merge(acc)
         else:
             us.run2 = None
+            if us.opened_windows < _OPENED_WINDOWS and len(us.opened_counts) == len(acc.counts):
+                # No sign of a further change: this window refines the estimate of the state
+                # the episode is in (one window alone is a noisy reference).
+                us.opened_counts = [a + b for a, b in zip(us.opened_counts, acc.counts, strict=True)]
+                us.opened_windows += 1
+                us.opened_probs = normalise(us.opened_counts)
+                us.opened_n = sum(c for c in us.opened_counts if c > 0)
 
     def _new_episode(
         self, g: Group, node: str | None, signal: str, us: UnitSig, ref: SignalRef
@@ -783,6 +792,8 @@ QUARANTINE_ROUNDS = 50
 #: Skew needs z ≥ 5 (one-sided p ≈ 3e-7) on the pooled first rounds as well as the minimum
 #: effect: it is one test per signal and group, and its pooled counts are large.
 _SKEW_Z = 5.0
+#: Windows pooled at most into the estimate of the state an open episode is in.
+_OPENED_WINDOWS = 10
 #: Closed rounds kept for ``take_rounds`` between two calls.
 _HISTORY_MAX = 4096
 #: From this many windows of a signal on, ``window_z_rows`` beats ``window_z`` (measured: 1.6

@@ -44,6 +44,8 @@ class UnitSig(msgspec.Struct, kw_only=True):
     #: episode (``DriftDetector._new_episode``); ``run2`` its counts since it left zero.
     opened_probs: list[float] = []
     opened_n: float = 0.0
+    opened_counts: list[float] = []
+    opened_windows: int = 0
     s2: float = 0.0
     run2: Acc | None = None
     pi2: float = 1.0
