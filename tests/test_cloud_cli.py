@@ -45,7 +45,7 @@ async def test_drift_watch_json_and_fleet_status_json_show_what_the_cloud_found(
                 sent[node] += agg.count
                 await publish(js, agg)
         await wait_until(lambda: sum(n.aggregates for n in svc.nodes.values()) == 28, 20, what="all applied")
-        await wait_until(lambda: svc.statistics().events_published >= 1, 10, what="event out")
+        await wait_until(lambda: svc.statistics().events_published >= 2, 10, what="events out")
         await anyio.sleep(0.3)  # one snapshot interval (0.1 s) and then some
     watch = await anyio.run_process(
         [
@@ -59,14 +59,16 @@ async def test_drift_watch_json_and_fleet_status_json_show_what_the_cloud_found(
             "--all",
             "--json",
             "--limit",
-            "1",
+            "2",
         ],
         check=False,
     )
     assert watch.returncode == 0, watch.stderr.decode()
-    event = json.loads(watch.stdout.decode().splitlines()[0])
+    baseline, event = (json.loads(line) for line in watch.stdout.decode().splitlines()[:2])
+    assert (baseline["kind"], baseline["reference"]) == ("baseline", "baseline:auto-1")
     assert event["fleet"] == fleet
     assert (event["scope"], event["signal"], event["state"]) == ("fleet", "class_prior", "opened")
+    assert event["reference"] == "baseline:auto-1"
     status = await anyio.run_process(
         [*SLMOPS, "fleet", "status", "--nats", nats_server.url, "--fleet", fleet, "--json"], check=False
     )
