@@ -16,10 +16,10 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
-from nats.js import errors as js_errors
 
 from slmops.cloud.ingest.snapshot import FLEET_BUCKET, NodeSnapshot
-from slmops.shared.errors import NatsUnavailable
+from slmops.shared.errors import NotFound
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import DriftEvent, decode_json
 from slmops.shared.names import DRIFT_ALL, DRIFT_STREAM, drift_subject
@@ -42,10 +42,8 @@ async def watch_drift(nc: NATS, fleet: str | None, since: datetime | None) -> As
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_TIME, opt_start_time=since
         )
-    try:
+    with nats_errors("subscription", subject, _url(nc)):
         sub = await js.subscribe(subject, stream=DRIFT_STREAM, ordered_consumer=True, config=config)
-    except (js_errors.Error, nats.errors.Error, OSError) as exc:
-        raise NatsUnavailable(_url(nc), f"cannot subscribe to {subject}: {exc!r}") from exc
     try:
         while True:
             try:
@@ -66,12 +64,11 @@ async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:
     cloud never ran."""
     js = nc.jetstream()
     try:
-        # Not kv.keys() or a bare watch: both can end their replay early (shared/kv.py).
-        values = await kv_values(js, FLEET_BUCKET, f"{fleet}.*" if fleet else ">")
-    except js_errors.NotFoundError:  # no bucket: the cloud never ran
+        with nats_errors("kv bucket", FLEET_BUCKET, _url(nc)):
+            # Not kv.keys() or a bare watch: both can end their replay early (shared/kv.py).
+            values = await kv_values(js, FLEET_BUCKET, f"{fleet}.*" if fleet else ">")
+    except NotFound:  # no bucket: the cloud never ran
         return []
-    except (nats.errors.Error, OSError) as exc:  # TimeoutError included (nats-py's)
-        raise NatsUnavailable(_url(nc), f"cannot read KV {FLEET_BUCKET}: {exc!r}") from exc
     out = []
     for key, value in values.items():
         try:

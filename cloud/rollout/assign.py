@@ -15,16 +15,15 @@ from collections.abc import Mapping
 
 import anyio
 import msgspec
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from slmops.cloud.registry import Registry, RegistryError
 from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
 from slmops.shared import names
-from slmops.shared.errors import NatsUnavailable
+from slmops.shared.errors import NotFound
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.messages import Assignment, DeviceProfile, ModelManifest, decode_json, encode_json
 from slmops.shared.variants import PREFERENCE, choose_variant
 
@@ -45,11 +44,8 @@ class Assigner:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            try:
-                with anyio.fail_after(10):
-                    self._kv = await self._js.key_value(names.ASSIGNMENTS_BUCKET)
-            except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-                raise NatsUnavailable(self._url, f"open KV {names.ASSIGNMENTS_BUCKET}: {exc!r}") from exc
+            with nats_errors("kv bucket", names.ASSIGNMENTS_BUCKET, self._url), anyio.fail_after(10):
+                self._kv = await self._js.key_value(names.ASSIGNMENTS_BUCKET)
         return self._kv
 
     async def current(self, fleet: str, node: str | None) -> Assignment | None:
@@ -57,12 +53,10 @@ class Assigner:
         kv = await self._bucket()
         key = names.assignment_key(fleet, node)
         try:
-            with anyio.fail_after(10):
+            with nats_errors("kv key", key, self._url), anyio.fail_after(10):
                 entry = await kv.get(key)
-        except js_errors.NotFoundError:
+        except NotFound:
             return None
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"read {key}: {exc!r}") from exc
         try:
             return decode_json(entry.value or b"", Assignment)
         except msgspec.DecodeError as exc:
@@ -91,14 +85,11 @@ class Assigner:
         """Put back the node's own key as it was before the rollout (delete it if none)."""
         kv = await self._bucket()
         key = names.assignment_key(fleet, node)
-        try:
-            with anyio.fail_after(10):
-                if prior is None:
-                    await kv.delete(key)
-                else:
-                    await kv.put(key, encode_json(prior))
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"restore {key}: {exc!r}") from exc
+        with nats_errors("kv key", key, self._url), anyio.fail_after(10):
+            if prior is None:
+                await kv.delete(key)
+            else:
+                await kv.put(key, encode_json(prior))
         log.info("assignment_restored", key=key, version=None if prior is None else prior.version)
 
     async def complete(self, state: RolloutState) -> None:
