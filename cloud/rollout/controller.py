@@ -26,9 +26,10 @@ import structlog
 
 from slmops.cloud.rollout.assign import Assigner, variants_of
 from slmops.cloud.rollout.cohort import cohort
-from slmops.cloud.rollout.gates import GateResult, Metrics, evaluate, install_gate, verdict
+from slmops.cloud.rollout.gates import GateResult, describe, evaluate, install_gate, verdict
 from slmops.cloud.rollout.nodes import NodeView
 from slmops.cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
+from slmops.cloud.rollout.tracker import Tracker
 from slmops.shared.errors import SlmopsError
 from slmops.shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
 from slmops.shared.vocabulary import RolloutEventState
@@ -56,33 +57,6 @@ class ControllerStatistics:
     nodes_known: int
 
 
-class _Tracker:
-    """In-memory metrics of one rollout. Canary and baseline accumulate for the whole
-    rollout; the control restarts with each stage (its nodes change)."""
-
-    def __init__(self, state: RolloutState) -> None:
-        self.id = state.id
-        self.stage = state.stage
-        self.canary = Metrics()
-        self.control = Metrics()  # previous version, outside the cohort, this stage
-        self.baseline = Metrics()  # previous version, anywhere, since the rollout started
-
-    def add(self, state: RolloutState, agg: TelemetryAggregate, *, control_only: bool = False) -> None:
-        if agg.model.name != state.model:
-            return
-        end = agg.window_end.timestamp()
-        if agg.model.version == state.version:
-            if not control_only:
-                self.canary.add(agg)
-            return
-        if state.previous_version is not None and agg.model.version != state.previous_version:
-            return
-        if end >= state.created and not control_only:
-            self.baseline.add(agg)
-        if end >= state.stage_started and agg.node not in state.nodes:
-            self.control.add(agg)
-
-
 class RolloutController:
     """See the module docstring. ``observe_*`` never block; ``step`` does the I/O."""
 
@@ -104,7 +78,8 @@ class RolloutController:
         self.node_ttl_s = node_ttl_s
         self.nodes = NodeView(node_ttl_s=node_ttl_s)
         self._recent: dict[str, collections.deque[TelemetryAggregate]] = {}
-        self._trackers: dict[str, _Tracker] = {}
+        self._trackers: dict[str, Tracker] = {}
+        self._no_nodes_logged: set[str] = set()
         self._states: dict[str, RolloutState] = {}
         self._refs: dict[tuple[str, int], ReferenceProfile | None] = {}
         self.steps = self.conflicts = self.errors = 0
@@ -151,17 +126,13 @@ class RolloutController:
             if not self.fleets or state.fleet in self.fleets:
                 self._states[state.fleet] = state
 
-    def _tracker(self, state: RolloutState) -> _Tracker:
+    def _tracker(self, state: RolloutState) -> Tracker:
         t = self._trackers.get(state.fleet)
-        recent = self._recent.get(state.fleet, ())
         if t is None or t.id != state.id:
-            t = self._trackers[state.fleet] = _Tracker(state)
-            for agg in recent:
+            t = self._trackers[state.fleet] = Tracker(state)
+            for agg in self._recent.get(state.fleet, ()):
                 t.add(state, agg)
-        elif t.stage != state.stage:
-            t.stage, t.control = state.stage, Metrics()
-            for agg in recent:
-                t.add(state, agg, control_only=True)
+        t.stage = state.stage
         return t
 
     # -- stepping --------------------------------------------------------------------------
@@ -267,7 +238,15 @@ class RolloutController:
     async def _assign(self, state: RolloutState, revision: int, now: float) -> None:
         live = self.live_nodes(state.fleet, now)
         if not live:  # none known yet (or after a restart, not re-read yet): a stage needs them
-            log.info("rollout_waiting_for_nodes", fleet=state.fleet, rollout=state.id)
+            if state.id not in self._no_nodes_logged:  # said once, not once a step
+                self._no_nodes_logged.add(state.id)
+                log.warning(
+                    "rollout_waiting_for_nodes", fleet=state.fleet, rollout=state.id, reason="no nodes"
+                )
+                if state.reason != "waiting: no nodes":
+                    await self._save(
+                        msgspec.structs.replace(state, reason="waiting: no nodes"), revision, now
+                    )
             return
         target = cohort(state.fleet, live, state.percent, already=state.nodes)
         fresh = sorted(target - set(state.nodes))
@@ -339,19 +318,29 @@ class RolloutController:
         tracker = self._tracker(state)
         canary_ref = await self._reference(state.model, state.version)
         control_ref = await self._reference(state.model, state.previous_version)
+        # A control group: nodes outside the rollout, or same-period figures of the previous
+        # version from earlier stages. Without either, the version's own reference judges.
+        outside = set(self.live_nodes(state.fleet, now)) - set(state.nodes)
+        canary, controls, source = tracker.sides(state.config.min_samples, control_group=bool(outside))
         gates += evaluate(
             state.config,
-            tracker.canary,
-            [tracker.control, tracker.baseline],
+            canary,
+            controls,
             canary_ref=canary_ref,
             control_ref=control_ref,
+            expect_control=bool(controls),
+            before=tracker.before(state),
+            source=source,
         )
         outcome = verdict(gates)
         summary = {g.name: msgspec.structs.asdict(g) for g in gates}
         if outcome == "fail":
-            failed = ", ".join(g.name for g in gates if g.outcome == "fail")
+            failed = "; ".join(describe(g) for g in gates if g.outcome == "fail")
             await self._roll_back(state, revision, now, gates, f"gate failed: {failed}")
             return
+        # No new nodes in this stage (a one-node fleet's 25% is the same node as its 5%): the
+        # gates have judged; a soak would only wait.
+        added = any(e.stage == state.stage for e in state.nodes.values())
         soaked = now - (state.soak_started or now)
         if outcome == "waiting":
             if soaked > state.config.sample_timeout_s and state.status == "running":
@@ -359,8 +348,15 @@ class RolloutController:
                 state = msgspec.structs.replace(state, status="paused", reason=reason, gates=summary)
                 state = self._event(state, RolloutEventState.PAUSED, now, reason=reason, gates=summary)
                 await self._save(state, revision, now)
+            elif summary != state.gates:  # `rollout status` shows "waiting: 37/200 predictions"
+                waiting = next(g.detail for g in gates if g.outcome == "waiting")
+                if state.status == "running":
+                    state = msgspec.structs.replace(state, reason=waiting)
+                await self._save(msgspec.structs.replace(state, gates=summary), revision, now)
             return
-        if soaked < state.config.soak_s or state.status == "paused":
+        if (soaked < state.config.soak_s and added) or state.status == "paused":
+            if state.reason.startswith("waiting") and state.status == "running":
+                await self._save(msgspec.structs.replace(state, reason="", gates=summary), revision, now)
             return
         state = self._event(msgspec.structs.replace(state, gates=summary), "stage_passed", now, gates=summary)
         if state.stage + 1 >= len(state.config.stages):

@@ -1,9 +1,12 @@
 """Quality gates of a rollout stage: canary against control on merged telemetry aggregates.
 
 Each gate needs ``min_samples`` inferences of the canary before it judges (until then it says
-"waiting"). The control is the previous version on the nodes outside the cohort; when those
-have too few samples (the last stage has no outside) the previous version's traffic since the
-rollout started is used, and without that the canary's own reference profile. Gates:
+"waiting: 37/200 predictions"). The control is the previous version measured IN THE SAME
+PERIOD as the canary (``cloud.rollout.tracker``: both under the same load); while the fleet
+has a control group and it has too few samples in that period, the gates wait too. A fleet
+with no control group (one node, or every node in the rollout from its first stage) is
+judged against the version's own reference, and each verdict says so. Every verdict names
+both figures. Gates:
 
 * ``install``: nodes that rejected the bundle or rolled back on their own, as a fraction of the
   stage's nodes, at most ``max_failures``.
@@ -12,7 +15,11 @@ rollout started is used, and without that the canary's own reference profile. Ga
   sample count a good version with a 1% base rate would otherwise fail by chance ~5% of the
   time.
 * ``latency_p95``: canary p95 / control p95 ≤ ``max_latency_ratio`` (histogram quantiles),
-  or the canary's p95 below ``latency_floor_ms``.
+  or the canary's p95 below ``latency_floor_ms``. A failure must hold against the canary's
+  own nodes too (their previous version in the minutes before the switch): on a busy device
+  the p95 is mostly scheduling, and one node slow whatever it runs is not the version's
+  fault. Without a control group those same nodes before the switch are the comparison,
+  else the version's reference latency.
 * ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
   of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
 * ``accuracy``: accuracy from app feedback (``TelemetryAggregate.feedback``: true label ->
@@ -38,7 +45,7 @@ from slmops.cloud.rollout.state import RolloutConfig
 from slmops.shared.histogram import Histogram, HistogramMismatch
 from slmops.shared.messages import ReferenceProfile, TelemetryAggregate
 
-__all__ = ["GateResult", "Metrics", "evaluate", "install_gate", "total_variation", "verdict"]
+__all__ = ["GateResult", "Metrics", "describe", "evaluate", "install_gate", "total_variation", "verdict"]
 
 Outcome = Literal["pass", "fail", "waiting"]
 
@@ -194,18 +201,44 @@ def evaluate(
     *,
     canary_ref: ReferenceProfile | None,
     control_ref: ReferenceProfile | None,
+    expect_control: bool = False,
+    before: Metrics | None = None,
+    source: str = "control",
 ) -> list[GateResult]:
     """The metric gates (not ``install``). ``controls`` in order of preference; the first
-    with ``min_samples`` is the control."""
+    with ``min_samples`` is the control. ``expect_control``: the fleet has a control group,
+    so without enough control samples the gates wait (rather than fall back on the
+    reference). ``before``: the previous version on the canary's own nodes just before they
+    switched, which confirms a latency failure (see the module docstring). ``source`` names
+    the control in each verdict (e.g. "control, same period 12:00:01-12:00:40 UTC")."""
     n = config.min_samples
+    names = ("error_rate", "latency_p95", "confidence", "accuracy", "drift")
     control = next((c for c in controls if c.count >= n), None)
     if canary.count < n:
         return [
-            GateResult(name=g, outcome="waiting", samples=canary.count, detail=f"canary has < {n} inferences")
-            for g in ("error_rate", "latency_p95", "confidence", "accuracy", "drift")
+            GateResult(
+                name=g,
+                outcome="waiting",
+                samples=canary.count,
+                detail=f"waiting: {canary.count}/{n} predictions",
+            )
+            for g in names
         ]
+    if control is None and expect_control:
+        have = max((c.count for c in controls), default=0)
+        return [
+            GateResult(
+                name=g,
+                outcome="waiting",
+                samples=canary.count,
+                detail=f"waiting: control {have}/{n} predictions in the same period",
+            )
+            for g in names
+        ]
+    against = source if control is not None else "no control group: the version's own reference"
     results: list[GateResult] = []
     # Error rate: without a control the canary is held to the increase over zero.
+    err_base = "no control group: zero"
     c_err = control.error_rate if control is not None else 0.0
     increase = canary.error_rate - c_err
     se = math.sqrt(
@@ -221,37 +254,24 @@ def evaluate(
             control=_num(c_err),
             limit=config.max_error_rate_increase,
             samples=canary.count,
+            detail=f"canary {canary.error_rate:.2%} vs {c_err:.2%} ({against if control else err_base})",
         )
     )
-    # Latency p95: a ratio needs a control; the reference latency (if the factory measured
-    # one) stands in, else the gate cannot judge and passes saying so.
-    c_lat = control.latency_p95 if control is not None else math.nan
-    if math.isnan(c_lat) and canary_ref is not None and canary_ref.latency_ms is not None:
-        c_lat = canary_ref.latency_ms.quantile(0.95)
-    lat = canary.latency_p95
-    if math.isnan(c_lat) or c_lat <= 0 or math.isnan(lat):
-        results.append(GateResult(name="latency_p95", outcome="pass", canary=_num(lat), detail="no control"))
-    else:
-        results.append(
-            GateResult(
-                name="latency_p95",
-                outcome="fail"
-                if lat / c_lat > config.max_latency_ratio and lat > config.latency_floor_ms
-                else "pass",
-                canary=_num(lat),
-                control=_num(c_lat),
-                limit=config.max_latency_ratio,
-                samples=canary.count,
-                detail=f"ratio {lat / c_lat:.2f}",
-            )
-        )
+    results.append(_latency_gate(config, canary, control, canary_ref, before, against))
     # Confidence: control's mean, else the canary's reference.
     c_conf = control.mean_confidence if control is not None else math.nan
     if math.isnan(c_conf) and canary_ref is not None:
         c_conf = _hist_mean(canary_ref.confidence)
     conf = canary.mean_confidence
     if math.isnan(c_conf) or math.isnan(conf):
-        results.append(GateResult(name="confidence", outcome="pass", canary=_num(conf), detail="no control"))
+        results.append(
+            GateResult(
+                name="confidence",
+                outcome="pass",
+                canary=_num(conf),
+                detail="no control group and no reference",
+            )
+        )
     else:
         results.append(
             GateResult(
@@ -261,6 +281,7 @@ def evaluate(
                 control=_num(c_conf),
                 limit=config.max_confidence_drop,
                 samples=canary.count,
+                detail=f"mean confidence {conf:.3f} vs {c_conf:.3f} ({against})",
             )
         )
     results.append(_accuracy_gate(config, canary, controls, canary_ref))
@@ -271,11 +292,13 @@ def evaluate(
         d_can = _excess_tv(canary, can_mix)
         d_ctl = _excess_tv(control, ctl_mix or can_mix) if control is not None else 0.0
         detail = "class mix vs own reference (total variation beyond sampling noise)"
+        if control is None:
+            detail += "; no control group: canary alone"
     elif control is not None:
         d_can, d_ctl = _excess_tv(canary, control.class_counts), 0.0
         detail = "class mix vs control (total variation beyond sampling noise)"
     else:
-        d_can, d_ctl, detail = math.nan, math.nan, "no reference and no control"
+        d_can, d_ctl, detail = math.nan, math.nan, "no reference and no control group"
     if math.isnan(d_can):
         results.append(GateResult(name="drift", outcome="pass", detail=detail))
     else:
@@ -291,6 +314,68 @@ def evaluate(
             )
         )
     return results
+
+
+def _latency_gate(
+    config: RolloutConfig,
+    canary: Metrics,
+    control: Metrics | None,
+    canary_ref: ReferenceProfile | None,
+    before: Metrics | None,
+    against: str,
+) -> GateResult:
+    """See the module docstring (``latency_p95``)."""
+    lat = canary.latency_p95
+    n = config.min_samples
+    limit = config.max_latency_ratio
+    own = before.latency_p95 if before is not None and before.count >= n else math.nan
+    if control is not None:
+        c_lat, what = control.latency_p95, against
+    elif not math.isnan(own):
+        # No control group: the canary's own nodes just before the switch are the fairest
+        # comparison (same devices); the factory's figure was measured on another machine.
+        c_lat, what, own = (
+            own,
+            "no control group: the canary's nodes on the previous version just before",
+            math.nan,
+        )
+    elif canary_ref is not None and canary_ref.latency_ms is not None:
+        c_lat, what = canary_ref.latency_ms.quantile(0.95), "no control group: the version's own reference"
+    else:
+        c_lat, what = math.nan, ""
+    if math.isnan(c_lat) or c_lat <= 0 or math.isnan(lat):
+        return GateResult(
+            name="latency_p95", outcome="pass", canary=_num(lat), detail="no control group and no reference"
+        )
+    ratio = lat / c_lat
+    over = ratio > limit and lat > config.latency_floor_ms
+    detail = f"p95 {lat:.3g} ms vs {c_lat:.3g} ms, ratio {ratio:.2f} (limit {limit:g}; {what})"
+    if over and not math.isnan(own) and own > 0 and lat / own <= limit:
+        # Slower than the control but not than the same nodes were just before: the nodes
+        # (their device, their load), not the version.
+        over = False
+        detail += (
+            f"; the canary's nodes ran {own:.3g} ms on the previous version just before: not the version"
+        )
+    return GateResult(
+        name="latency_p95",
+        outcome="fail" if over else "pass",
+        canary=_num(lat),
+        control=_num(c_lat),
+        limit=limit,
+        samples=canary.count,
+        detail=detail,
+    )
+
+
+def describe(result: GateResult) -> str:
+    """One line naming the gate, its outcome and both figures, for events and summaries."""
+    parts = [f"{result.name} {result.outcome}"]
+    if result.canary is not None or result.control is not None:
+        parts.append(f"canary {result.canary} vs control {result.control} (limit {result.limit})")
+    if result.detail:
+        parts.append(result.detail)
+    return ": ".join(parts[:1]) + (": " + "; ".join(parts[1:]) if len(parts) > 1 else "")
 
 
 def _accuracy_gate(

@@ -1,0 +1,131 @@
+"""What a rollout has measured: the canary (the new version) and the control (the previous
+version) over the SAME period, and the canary's nodes just before they switched.
+
+A rollout compares two versions that serve side by side. On a shared machine (or a fleet whose
+load changes over the day) a latency or confidence figure measured at another time says more
+about that time than about the version: a canary's p95 under load against the control's from
+a quiet hour fails a good version. So the gates read :meth:`Tracker.paired`: each side limited
+to the period in which BOTH versions were serving — from the later of the two sides' first
+window starts to the earlier of their last window ends; a window counts when its midpoint is
+inside. That interval only grows as windows
+arrive (a minimum over more windows only falls, a maximum only rises), so the merged figures
+are built incrementally: each aggregate is merged once.
+
+The latency gate also reads :meth:`Tracker.before`: the previous version on the canary's own
+nodes in the ``BEFORE_S`` seconds before their assignment — the same processes on the same
+devices — so that one node that is slow whatever it runs is not blamed on the version.
+"""
+
+from __future__ import annotations
+
+import collections
+from datetime import datetime
+
+from slmops.cloud.rollout.gates import Metrics
+from slmops.cloud.rollout.state import RolloutState
+from slmops.shared.messages import TelemetryAggregate
+
+__all__ = ["BEFORE_S", "Period", "Tracker"]
+
+#: Aggregates kept per side as candidates for the paired period (bounded memory: at 60 s
+#: windows, 20,000 is 1,000 nodes for 20 minutes, about 20 MB); what was merged stays merged.
+_KEEP = 20_000
+#: Windows of the previous version kept per node for the before/after comparison.
+_KEEP_BEFORE = 64
+#: How far before its assignment a node's previous-version windows count as "before".
+BEFORE_S = 300.0
+
+
+class Period:
+    """The interval in which both versions served (UTC datetimes), or None while one side has
+    not reported."""
+
+    __slots__ = ("end", "start")
+
+    def __init__(self, start: datetime, end: datetime) -> None:
+        self.start = start
+        self.end = end
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M:%S}-{self.end:%H:%M:%S} UTC"
+
+
+class Tracker:
+    """In-memory measurements of one rollout, fed every aggregate of its fleet."""
+
+    def __init__(self, state: RolloutState) -> None:
+        self.id = state.id
+        self.stage = state.stage
+        #: Every canary aggregate since the rollout started (each (node, seq) once).
+        self.canary = Metrics()
+        #: Every previous-version aggregate since the rollout started.
+        self.control = Metrics()
+        self._can: collections.deque[TelemetryAggregate] = collections.deque(maxlen=_KEEP)
+        self._ctl: collections.deque[TelemetryAggregate] = collections.deque(maxlen=_KEEP)
+        self._before: dict[str, collections.deque[TelemetryAggregate]] = {}
+        self._bounds: dict[str, tuple[datetime, datetime]] = {}
+        self._paired_can = Metrics()
+        self._paired_ctl = Metrics()
+        self._period: Period | None = None
+        self._dirty = False
+
+    def add(self, state: RolloutState, agg: TelemetryAggregate) -> None:
+        if agg.model.name != state.model:
+            return
+        if agg.model.version == state.version:
+            if self.canary.add(agg):
+                self._can.append(agg)
+                self._extend("canary", agg)
+            return
+        if state.previous_version is not None and agg.model.version != state.previous_version:
+            return
+        before = self._before.get(agg.node)
+        if before is None:
+            before = self._before[agg.node] = collections.deque(maxlen=_KEEP_BEFORE)
+        before.append(agg)
+        if agg.window_end.timestamp() >= state.created and self.control.add(agg):
+            self._ctl.append(agg)
+            self._extend("control", agg)
+
+    def _extend(self, side: str, agg: TelemetryAggregate) -> None:
+        lo, hi = self._bounds.get(side, (agg.window_start, agg.window_end))
+        self._bounds[side] = (min(lo, agg.window_start), max(hi, agg.window_end))
+        self._dirty = True
+
+    def paired(self) -> tuple[Metrics, Metrics, Period | None]:
+        """Canary and control merged over the period both served, and that period."""
+        if self._dirty and len(self._bounds) == 2:
+            self._dirty = False
+            (c_lo, c_hi), (k_lo, k_hi) = self._bounds["canary"], self._bounds["control"]
+            start, end = max(c_lo, k_lo), min(c_hi, k_hi)
+            if start <= end:
+                self._period = Period(start, end)
+                for side, metrics in ((self._can, self._paired_can), (self._ctl, self._paired_ctl)):
+                    for agg in side:  # Metrics.add skips what it already counted
+                        if start <= agg.window_start + (agg.window_end - agg.window_start) / 2 <= end:
+                            metrics.add(agg)
+        return self._paired_can, self._paired_ctl, self._period
+
+    def sides(self, min_samples: int, *, control_group: bool) -> tuple[Metrics, list[Metrics], str]:
+        """What the gates judge: ``(canary, controls, source)``. With a control group (nodes
+        outside the rollout, or enough same-period control figures from earlier stages) the
+        same-period figures; while the control has too few, the whole canary so its progress
+        shows. Without one, the whole canary and no control (the gates use the reference)."""
+        can, ctl, period = self.paired()
+        if not (control_group or ctl.count >= min_samples):
+            return self.canary, [], "no control group"
+        source = f"control, same period {period}" if period is not None else "control"
+        if ctl.count < min_samples:
+            return self.canary, [ctl], source
+        return can, [ctl], source
+
+    def before(self, state: RolloutState) -> Metrics:
+        """The previous version on the canary's nodes in the ``BEFORE_S`` before each node's
+        assignment (the same devices, just before the switch)."""
+        m = Metrics()
+        for node, entry in state.nodes.items():
+            for agg in self._before.get(node, ()):
+                end = agg.window_end.timestamp()
+                if entry.assigned_at - BEFORE_S <= end <= entry.assigned_at + 1.0:
+                    m.add(agg)
+        return m
