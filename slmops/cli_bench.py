@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import click
 
-from slmops.bench import SCENARIOS, machine, run_scenario
+from slmops.bench import LONG_SCENARIOS, SCENARIOS, machine, run_scenario
 
 
 def _fmt(value: Any) -> str:
@@ -20,7 +20,7 @@ def _fmt(value: Any) -> str:
 
 
 @click.command()
-@click.argument("scenario", type=click.Choice([*SCENARIOS, "all"]))
+@click.argument("scenario", type=click.Choice([*SCENARIOS, *LONG_SCENARIOS, "all"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
 @click.option("--quick", is_flag=True, help="Small sizes: a fast smoke run, figures not representative.")
 @click.option(
@@ -30,7 +30,16 @@ def _fmt(value: Any) -> str:
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="edge: the bundle directory to measure (e.g. a `models build` variant); default: the n-gram model.",
 )
-def bench(scenario: str, as_json: bool, quick: bool, model: Path | None) -> None:
+@click.option(
+    "--runs", type=click.IntRange(1, 100), default=10, show_default=True, help="demo: runs in a row."
+)
+@click.option(
+    "--load", type=click.IntRange(0, 64), default=2, show_default=True, help="demo: busy processes beside it."
+)
+@click.option("--nodes", type=click.IntRange(2, 50), default=None, help="demo: its --nodes [5].")
+def bench(
+    scenario: str, as_json: bool, quick: bool, model: Path | None, runs: int, load: int, nodes: int | None
+) -> None:
     """Measure a scenario: the project's path and the bare-library baseline, in the same run.
 
     \b
@@ -43,6 +52,8 @@ def bench(scenario: str, as_json: bool, quick: bool, model: Path | None) -> None
     recalibration  accuracy on label-shifted traffic: recalibrated vs unchanged model
     fuzz      hypothesis, 10,000 examples each: every wire decoder and the whole cloud
               ingest path (decode, checks, state, detectors); reports escapes (must be 0)
+    demo      `slmops demo` --runs times under --load busy processes: each run's outcome,
+              wall time, model warm (cached) or cold (built); not part of `all`
 
     Prints what it measured and the baseline beside it; never passes or fails on a time
     (shared machines are noisy: compare the ratio, not the absolute figures).
@@ -57,7 +68,8 @@ def bench(scenario: str, as_json: bool, quick: bool, model: Path | None) -> None
     failed = False
     for name in names:
         try:
-            results = anyio.run(lambda n=name: run_scenario(n, quick=quick, **options))  # type: ignore[misc]
+            opts = {"runs": runs, "load": load, "nodes": nodes} if name == "demo" else options
+            results = anyio.run(lambda n=name, o=opts: run_scenario(n, quick=quick, **o))  # type: ignore[misc]
         except Exception as exc:  # one broken scenario must not hide the others' figures
             failed = True
             click.echo(f"bench {name} failed: {type(exc).__name__}: {exc}", err=True)

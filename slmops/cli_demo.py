@@ -19,34 +19,45 @@ import click
     "--duration",
     default=90.0,
     show_default=True,
-    type=click.FloatRange(40, 3600),
-    help="Target seconds for the whole story (traffic phases scale with it).",
+    type=click.FloatRange(10, 3600),
+    help="The pace: the steady state lasts 15% of it and the offline node's time before the shift "
+    "10%; every other phase ends when its event happens (each within a generous bound).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="No live view; print the summary as one JSON line at the end."
 )
 @click.option("--seed", default=7, show_default=True, type=int, help="Seed of the model and the traffic.")
 @click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Build the default model afresh instead of taking it from the cache "
+    "(~/.cache/slmops/demo, keyed by the factory's code, the corpus and the library versions).",
+)
+@click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Keep logs, stores and databases in this new directory (default: a temporary one, removed).",
 )
-def demo(nodes: int, duration: float, as_json: bool, seed: int, workdir: Path | None) -> None:
+def demo(nodes: int, duration: float, as_json: bool, seed: int, no_cache: bool, workdir: Path | None) -> None:
     """Run the whole story on this machine, nothing else needed.
 
     Starts an embedded nats-server, the cloud and NODES edge node processes with the factory's
     default model, drives traffic from the real corpus, then: one node loses its link and keeps
     serving; a shift hits part of the fleet and drift events appear; the cloud recalibrates and
-    rolls out a new version; the offline node reconnects, drains and refreshes. Ends with a
-    summary: per node, inferences served vs counted by the cloud (equal). Exits 0 only if every
-    check of the story held.
+    rolls out a new version; the offline node reconnects, drains and refreshes. Each phase ends
+    when its event happens. Ends with a summary: per node, inferences served vs counted by the
+    cloud (equal); if a phase failed, which check, its figures and the log line to read (the
+    work directory is then kept). Exits 0 only if every check of the story held.
     """
     from slmops.demo.story import DemoOptions, run_demo
+    from slmops.demo.view import phase_line
 
-    opts = DemoOptions(nodes=nodes, duration=duration, seed=seed, workdir=workdir)
-    if as_json or not sys.stdout.isatty():
+    opts = DemoOptions(nodes=nodes, duration=duration, seed=seed, workdir=workdir, use_cache=not no_cache)
+    if as_json:
         summary = anyio.run(lambda: run_demo(opts))
+    elif not sys.stdout.isatty():  # a log file or a pipe: one line per phase, as it starts
+        summary = anyio.run(lambda: run_demo(opts, on_phase=lambda s: click.echo(phase_line(s))))
     else:
         from rich.live import Live
 
@@ -54,16 +65,17 @@ def demo(nodes: int, duration: float, as_json: bool, seed: int, workdir: Path | 
 
         with Live(refresh_per_second=4, transient=False) as live:
             summary = anyio.run(lambda: run_demo(opts, on_update=lambda s, f: live.update(render(s, f))))
-        _print_summary(summary)
     if as_json:
         click.echo(json.dumps(summary))
-    elif not sys.stdout.isatty():
+    else:
         _print_summary(summary)
     sys.exit(0 if summary["ok"] else 1)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
     click.echo("\nsummary")
+    for p in summary["phases"]:
+        click.echo(f"  {p['phase']:>4} {p['title']} ({p['seconds']:.1f}s)")
     click.echo(f"{'node':<10}{'served':>8}{'counted':>9}  model")
     for row in summary["nodes"]:
         click.echo(f"{row['node']:<10}{row['served']:>8}{row['counted']!s:>9}  v{row['model_version']}")
@@ -78,6 +90,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     for name, ok in summary["checks"].items():
         click.echo(f"  [{'ok' if ok else 'FAILED'}] {name}")
-    for m in summary["missing"]:
-        click.echo(f"  missing: {m}")
-    click.echo("demo ok" if summary["ok"] else "demo FAILED")
+    failure = summary.get("failure")
+    if failure:
+        click.echo(f"stopped at phase {failure.get('phase', '?')}: {failure.get('what', '')}")
+        if failure.get("detail"):
+            click.echo(f"  check: {failure['detail']}")
+        if failure.get("log"):
+            click.echo(f"  read: {failure['log']}")
+    if summary.get("workdir"):
+        click.echo(f"logs, stores and databases kept in {summary['workdir']}")
+    cached = summary.get("model_cached")
+    if cached is not None:
+        click.echo(f"model v1: {'from the cache (warm)' if cached else 'built this run (cold)'}")
+    click.echo(f"demo {'ok' if summary['ok'] else 'FAILED'} in {summary['seconds']:.0f} s")

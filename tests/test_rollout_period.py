@@ -227,3 +227,28 @@ async def test_a_rollout_to_a_fleet_without_nodes_says_no_nodes_once(
     got = await store.get(fleet)
     assert got is not None
     assert got[0].reason == "waiting: no nodes"
+
+
+def test_without_a_reporting_control_group_the_canary_is_not_held_by_a_sliver_of_overlap() -> None:
+    """The canary's own nodes ran the previous version until they switched: their last old
+    windows overlap the canary's first, a sliver of "same period" with plenty of control
+    samples and few canary ones. With no node outside still reporting (the only one is
+    offline), the gates judge the whole canary against its reference instead of waiting for
+    a period that cannot grow."""
+    state = _state(a=T0 + 50)
+    t = Tracker(state)
+    for i in range(6):
+        t.add(state, _agg("a", i + 1, 1, T0 + 10 * i, lat=1.0, n=300))  # a on v1, up to its switch
+    for i in range(5, 20):
+        t.add(state, _agg("a", 100 + i, 2, T0 + 10 * i, lat=1.0))  # a on v2 from T0+50
+    can, controls, source = t.sides(CFG.min_samples, control_group=False)
+    assert (can.count, controls, source) == (1500, [], "no control group")
+    gates = evaluate(CFG, can, controls, canary_ref=None, control_ref=None, before=t.before(state))
+    assert verdict(gates) == "pass"
+    assert "no control group" in gates[0].detail
+    # With a control group still reporting, the same sliver makes the gates wait for the period to fill.
+    can, controls, _ = t.sides(CFG.min_samples, control_group=True)
+    assert (
+        verdict(evaluate(CFG, can, controls, canary_ref=None, control_ref=None, expect_control=True))
+        == "waiting"
+    )

@@ -318,10 +318,12 @@ class RolloutController:
         tracker = self._tracker(state)
         canary_ref = await self._reference(state.model, state.version)
         control_ref = await self._reference(state.model, state.previous_version)
-        # A control group: nodes outside the rollout, or same-period figures of the previous
-        # version from earlier stages. Without either, the version's own reference judges.
+        # A control group: nodes outside the rollout that sent telemetry since it started (an
+        # offline one cannot be waited for), or same-period figures of the previous version
+        # from earlier stages. Without either, the version's own reference judges.
         outside = set(self.live_nodes(state.fleet, now)) - set(state.nodes)
-        canary, controls, source = tracker.sides(state.config.min_samples, control_group=bool(outside))
+        reporting = outside & tracker.control.nodes
+        canary, controls, source = tracker.sides(state.config.min_samples, control_group=bool(reporting))
         gates += evaluate(
             state.config,
             canary,

@@ -3,9 +3,10 @@
 Each gate needs ``min_samples`` inferences of the canary before it judges (until then it says
 "waiting: 37/200 predictions"). The control is the previous version measured IN THE SAME
 PERIOD as the canary (``cloud.rollout.tracker``: both under the same load); while the fleet
-has a control group and it has too few samples in that period, the gates wait too. A fleet
-with no control group (one node, or every node in the rollout from its first stage) is
-judged against the version's own reference, and each verdict says so. Every verdict names
+has a control group (nodes outside the rollout that sent telemetry since it started) and it
+has too few samples in that period, the gates wait too. A fleet with no control group (one
+node, every node in the rollout from its first stage, or the others offline) is judged
+against the version's own reference, and each verdict says so. Every verdict names
 both figures. Gates:
 
 * ``install``: nodes that rejected the bundle or rolled back on their own, as a fraction of the
@@ -77,18 +78,24 @@ class Metrics:
         self.right = 0
         self.wrong = 0
 
-    def add(self, agg: TelemetryAggregate) -> bool:
-        """Merge ``agg``; False (nothing changed) if it was already counted."""
+    def add(self, agg: TelemetryAggregate, *, latency: bool = True) -> bool:
+        """Merge ``agg``; False (nothing changed) if it was already counted. ``latency=False``
+        leaves its latency out (a node's first window on a new version: warm-up)."""
         key = (agg.node, agg.seq)
         if key in self.seen:
             return False
         try:
             confidence = agg.confidence if self.confidence is None else self.confidence.merge(agg.confidence)
-            latency = agg.latency_ms if self.latency is None else self.latency.merge(agg.latency_ms)
+            if not latency:
+                latency_h = self.latency
+            elif self.latency is None:
+                latency_h = agg.latency_ms
+            else:
+                latency_h = self.latency.merge(agg.latency_ms)
         except HistogramMismatch:
             return False  # another build of the model with other edges: not comparable
         self.seen.add(key)
-        self.confidence, self.latency = confidence, latency
+        self.confidence, self.latency = confidence, latency_h
         self.count += agg.count
         self.errors += agg.errors
         for label, n in agg.class_counts.items():

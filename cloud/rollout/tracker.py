@@ -64,6 +64,8 @@ class Tracker:
         self._ctl: collections.deque[TelemetryAggregate] = collections.deque(maxlen=_KEEP)
         self._before: dict[str, collections.deque[TelemetryAggregate]] = {}
         self._bounds: dict[str, tuple[datetime, datetime]] = {}
+        self._canary_nodes: set[str] = set()
+        self._warmup: set[tuple[str, int]] = set()
         self._paired_can = Metrics()
         self._paired_ctl = Metrics()
         self._period: Period | None = None
@@ -73,7 +75,13 @@ class Tracker:
         if agg.model.name != state.model:
             return
         if agg.model.version == state.version:
-            if self.canary.add(agg):
+            # A node's first window on the new version holds its swap: a new ORT session is
+            # slow on its first runs (and the install ran beside it). Its latency is left out.
+            warm = agg.node in self._canary_nodes
+            if not warm:
+                self._canary_nodes.add(agg.node)
+                self._warmup.add((agg.node, agg.seq))
+            if self.canary.add(agg, latency=warm):
                 self._can.append(agg)
                 self._extend("canary", agg)
             return
@@ -103,21 +111,24 @@ class Tracker:
                 for side, metrics in ((self._can, self._paired_can), (self._ctl, self._paired_ctl)):
                     for agg in side:  # Metrics.add skips what it already counted
                         if start <= agg.window_start + (agg.window_end - agg.window_start) / 2 <= end:
-                            metrics.add(agg)
+                            metrics.add(agg, latency=(agg.node, agg.seq) not in self._warmup)
         return self._paired_can, self._paired_ctl, self._period
 
     def sides(self, min_samples: int, *, control_group: bool) -> tuple[Metrics, list[Metrics], str]:
-        """What the gates judge: ``(canary, controls, source)``. With a control group (nodes
-        outside the rollout, or enough same-period control figures from earlier stages) the
-        same-period figures; while the control has too few, the whole canary so its progress
-        shows. Without one, the whole canary and no control (the gates use the reference)."""
+        """What the gates judge: ``(canary, controls, source)``.
+
+        Both sides have ``min_samples`` in the paired period (the last stage has no node
+        outside; earlier stages measured both): the paired figures. Else, with a control
+        group (nodes outside the rollout sending telemetry) the gates wait for the period to
+        fill — showing the whole canary's progress while the control is short. Else there is
+        no control group: the whole canary, judged against its own reference."""
         can, ctl, period = self.paired()
-        if not (control_group or ctl.count >= min_samples):
-            return self.canary, [], "no control group"
         source = f"control, same period {period}" if period is not None else "control"
-        if ctl.count < min_samples:
-            return self.canary, [ctl], source
-        return can, [ctl], source
+        if can.count >= min_samples and ctl.count >= min_samples:
+            return can, [ctl], source
+        if control_group:
+            return (can if ctl.count >= min_samples else self.canary), [ctl], source
+        return self.canary, [], "no control group"
 
     def before(self, state: RolloutState) -> Metrics:
         """The previous version on the canary's nodes in the ``BEFORE_S`` before each node's

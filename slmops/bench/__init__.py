@@ -13,16 +13,20 @@ import platform
 from typing import Any
 
 SCENARIOS = ("edge", "buffer", "ingest", "drift", "refresh", "recalibration", "fuzz")
+#: Scenarios run only when named (not by ``all``): they take many minutes.
+LONG_SCENARIOS = ("demo",)
 REQUIRED_KEYS = ("scenario", "project", "baseline", "ratio", "units")
 
-__all__ = ["REQUIRED_KEYS", "SCENARIOS", "machine", "run_scenario"]
+__all__ = ["LONG_SCENARIOS", "REQUIRED_KEYS", "SCENARIOS", "machine", "run_scenario"]
 
 
 async def run_scenario(name: str, *, quick: bool = False, **options: Any) -> list[dict[str, Any]]:
-    """Run one scenario (``options`` go to its ``run``, e.g. ``model`` for edge) and check each
-    result has the required keys."""
-    if name not in SCENARIOS:
-        raise ValueError(f"unknown bench scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+    """Run one scenario (``options`` go to its ``run``: ``model`` for edge; runs, load, nodes
+    for demo) and check each result has the required keys."""
+    if name not in SCENARIOS + LONG_SCENARIOS:
+        raise ValueError(
+            f"unknown bench scenario {name!r}; choose from {', '.join(SCENARIOS + LONG_SCENARIOS)}"
+        )
     module = importlib.import_module(f"slmops.bench.{name}")
     results: list[dict[str, Any]] = await module.run(quick=quick, **options)
     for r in results:

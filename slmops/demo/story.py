@@ -1,10 +1,21 @@
-"""``slmops demo``: the whole job on one machine, told as a story with checks.
+"""``slmops demo``: the whole job on one machine, told as a story driven by events.
 
-1. steady state; 2. one node loses its link and keeps serving, buffering; 3. a shift hits part
-of the fleet and drift events appear; 4. the cloud recalibrates and rolls the new version out;
-5. the offline node reconnects, drains its buffer and refreshes its model; 6. a summary: per
-node, inferences served and counted by the cloud (equal), its model version; drift events;
-versions; bytes sent against raw per-event telemetry.
+Each phase ends when its condition holds, not when a clock says so, and each has a generous
+bound (``DemoOptions.phase_timeout``); a phase that runs out names what it waited for:
+
+1. build the default model (or take it from the cache, keyed by its inputs: ``demo.cache``);
+2. start the cloud and the nodes — until every node serves;
+3. steady state — until the cloud has counted traffic from every node;
+4. one node loses its link (a real TCP cut) — until it buffers what it cannot send;
+5. the class mix shifts on the other nodes — until the cloud opens a drift event;
+6. the cloud recalibrates from aggregates alone and rolls the new version out — until the
+   rollout's first stage passed its gates (canary against control in the same period);
+7. the offline node reconnects — until it drained its buffer, runs the new version and the
+   rollout completed;
+8. drain — until every node's inferences served equal those the cloud counted.
+
+``duration`` sets the pace: the timed parts (the steady state, the offline node's time before
+the shift) are fractions of it; the phases that wait for an event end when it happens.
 
 Everything runs for real: the embedded nats-server, the cloud and every edge node are separate
 processes; a node's link is cut with a TCP proxy; traffic is HTTP to each node's local API.
@@ -14,9 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,30 +38,52 @@ import msgspec
 import nats
 
 from slmops.demo.fleet import Fleet, NodeProc, slmops_cmd
+from slmops.demo.report import StoryFailed, rollout_failure, summary
 from slmops.demo.traffic import Traffic, raw_event_bytes
-from slmops.shared.bundle import load_private_key, new_keypair
+from slmops.shared.bundle import load_private_key, new_keypair, read_bundle
 from slmops.shared.logging import get_logger
 from slmops.shared.messages import DriftEvent, RolloutEvent, decode_json
 from slmops.shared.names import drift_subject, rollout_subject, telemetry_filter
 from slmops.shared.server import EmbeddedServer
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["PHASES", "DemoOptions", "Story", "run_demo"]
 
 log = get_logger("slmops.demo")
 FLEET = "demo"
+
+#: The story's phases, numbered 1..8 in this order (the live view and the one-line-per-phase
+#: output number them the same way).
+PHASES = (
+    "building the model",
+    "starting the cloud and {nodes} nodes",
+    "steady state",
+    "{offline} loses its link, keeps serving and buffering",
+    "traffic shifts on {shifted} of {nodes} nodes: waiting for a drift event",
+    "the cloud recalibrates and rolls out a new version: waiting for its first stage",
+    "{offline} reconnects: drains its buffer, installs the new version with the last stage",
+    "draining: every inference counted once",
+)
 
 
 @dataclass
 class DemoOptions:
     nodes: int = 5
+    #: The pace: the steady state lasts 15% of it, the offline node's time before the shift 10%.
     duration: float = 90.0
     seed: int = 7
     #: Per-node inferences per second while traffic runs.
     rate: float = 40.0
     window: str = "2s"
     min_count: int = 5
-    #: Keep every log, store and database here (must not exist); default: a temporary dir.
+    #: Keep every log, store and database here (must not exist); default: a temporary dir,
+    #: removed after a run that passed and kept (and named) after one that failed.
     workdir: Path | None = None
+    #: Bound of each phase that waits for an event (building the model: ``build_timeout``).
+    phase_timeout: float = 240.0
+    build_timeout: float = 900.0
+    #: Take the built default model from the cache (and keep it there).
+    use_cache: bool = True
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -57,18 +91,339 @@ class Story:
     """What happened, for the live view and the summary."""
 
     phase: str = "starting"
+    #: 1-based number of the current phase (0 before the first).
+    number: int = 0
+    total: int = len(PHASES)
     started: float = field(default_factory=time.monotonic)
+    phase_started: float = field(default_factory=time.monotonic)
+    #: (number, title, seconds it took) of every finished phase.
+    done: list[tuple[int, str, float]] = field(default_factory=list)
     drift_events: list[DriftEvent] = field(default_factory=list)
     rollout_events: list[RolloutEvent] = field(default_factory=list)
     bytes_sent: int = 0
     messages_sent: int = 0
     offline_outbox_peak: int = 0
+    model_cached: bool | None = None
     checks: dict[str, bool] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
+    failure: dict[str, str] | None = None
     notes: list[str] = field(default_factory=list)
+    workdir: Path | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+Update = Callable[[Story, Fleet | None], None]
+
+
+class _Teller:
+    """Moves the story from phase to phase and tells whoever listens."""
+
+    def __init__(
+        self, story: Story, update: Update, on_phase: Callable[[Story], None], words: dict[str, Any]
+    ):
+        self.story = story
+        self.update = update
+        self.on_phase = on_phase
+        self.words = words
+        self.fleet: Fleet | None = None
+
+    def enter(self, number: int) -> None:
+        s = self.story
+        now = time.monotonic()
+        if s.number:
+            s.done.append((s.number, s.phase, round(now - s.phase_started, 1)))
+        s.number, s.phase, s.phase_started = number, PHASES[number - 1].format(**self.words), now
+        self.on_phase(s)
+        self.update(s, self.fleet)
+
+    async def until(
+        self, what: str, cond: Callable[[], Awaitable[bool]], *, timeout: float, at_least: float = 0.0
+    ) -> None:
+        """Wait until ``cond()`` holds (and ``at_least`` seconds of the phase passed); after
+        ``timeout`` seconds the story fails naming the phase and ``what``."""
+        with anyio.move_on_after(timeout):
+            while True:
+                if time.monotonic() - self.story.phase_started >= at_least and await cond():
+                    return
+                self.update(self.story, self.fleet)
+                await anyio.sleep(0.5)
+        s = self.story
+        raise StoryFailed(
+            phase=f"{s.number}/{s.total} {s.phase}", what=f"{what}: not within {timeout:.0f} s", detail=""
+        )
+
+
+async def run_demo(
+    opts: DemoOptions,
+    *,
+    on_update: Update | None = None,
+    on_phase: Callable[[Story], None] | None = None,
+) -> dict[str, Any]:
+    """Run the story; returns the summary (``ok`` says whether every check held). ``on_phase``
+    is called once as each phase starts."""
+    story = Story()
+    update = on_update or (lambda s, f: None)
+    if opts.workdir is None:
+        root, temporary = Path(tempfile.mkdtemp(prefix="slmops-demo-")), True
+    else:
+        root, temporary = opts.workdir, False
+        root.mkdir(parents=True, exist_ok=False)
+    story.workdir = root
+    result: dict[str, Any] = {}
+    try:
+        server = EmbeddedServer(store_dir=root / "js")
+        await server.start_async()
+        fleet = Fleet(root, server.url, server.port, FLEET)
+        try:
+            result = await _story(opts, story, update, on_phase or (lambda s: None), root, server, fleet)
+        finally:
+            story.phase = "stopping"
+            update(story, fleet)
+            await fleet.stop()
+            await server.stop_async()
+    finally:
+        if temporary and result.get("ok"):
+            shutil.rmtree(root, ignore_errors=True)
+            result["workdir"] = None
+    return result
+
+
+async def _story(
+    opts: DemoOptions,
+    story: Story,
+    update: Update,
+    on_phase: Callable[[Story], None],
+    root: Path,
+    server: EmbeddedServer,
+    fleet: Fleet,
+) -> dict[str, Any]:
+    from slmops.cloud.factory.corpus import load_topics, split_topics  # cloud extra: the corpus
+    from slmops.cloud.ingest.query import fleet_status
+    from slmops.cloud.rollout.cohort import hash_point
+
+    # The node that loses its link is the last a rollout's cohort reaches (and the shift spares
+    # it, so the shift stays visible while it is offline): the first stage runs on online nodes.
+    names = [f"node-{i}" for i in range(opts.nodes)]
+    offline_name = max(names, key=lambda n: (hash_point(FLEET, n), n))
+    shifted_names = [n for n in names if n != offline_name]
+    teller = _Teller(story, update, on_phase, {"nodes": opts.nodes, "offline": offline_name,
+                                                "shifted": len(shifted_names)})  # fmt: skip
+    teller.fleet = fleet
+    nodes: list[NodeProc] = []
+    counted: dict[str, dict[str, Any]] = {}
+    try:
+        # -- 1. the model -------------------------------------------------------------------
+        teller.enter(1)
+        with anyio.fail_after(opts.build_timeout):
+            model = await anyio.to_thread.run_sync(lambda: _model(opts, root))
+        story.model_cached = not model.built
+        bundle = read_bundle(model.bundle)
+        ref = bundle.manifest.reference
+        if ref is not None and ref.accuracy is not None:
+            story.notes.append(f"model v1 held-out accuracy {ref.accuracy:.3f}")
+        story.notes.append(f"model v1 {'from the cache' if story.model_cached else 'built'} ({model.key})")
+        await _run_ok([*slmops_cmd(), "models", "push", str(model.bundle), "--nats", server.url,
+                       "--trust", str(model.public_key)])  # fmt: skip
+        await _run_ok([*slmops_cmd(), "models", "assign", "--nats", server.url, "--fleet", FLEET,
+                       "--version", "1", "--model", bundle.manifest.name])  # fmt: skip
+
+        # -- 2. cloud and nodes ---------------------------------------------------------------
+        teller.enter(2)
+        cloud_config = root / "cloud.toml"
+        # Demo-sized rollouts: two stages, seconds of soak, gates judged on 100 inferences. The
+        # first stage takes one node of up to five, so that with three or more nodes one that is
+        # online stays outside it as the control group (the offline one cannot be one).
+        cloud_config.write_text(
+            "[drift]\nmin_count = 40\n\n[rollout]\nstages = [20, 100]\nsoak_s = 4.0\n"
+            "install_timeout_s = 20.0\nmin_samples = 100\n"
+        )
+        await fleet.start_cloud(
+            ["--key", str(model.private_key), "--recalibrate", "auto", "--config", str(cloud_config)]
+        )
+        for i in range(opts.nodes):
+            nodes.append(
+                await fleet.start_node(
+                    i,
+                    model=model.bundle,
+                    trust=model.public_key,
+                    window=opts.window,
+                    min_count=opts.min_count,
+                )
+            )
+        with anyio.fail_after(opts.phase_timeout):
+            for n in nodes:
+                await fleet.wait_ready(n, timeout=opts.phase_timeout)
+
+        split = split_topics(load_topics(), seed=opts.seed)
+        traffic = Traffic(split.held_out_texts, split.held_out_labels, split.labels, seed=opts.seed)
+        favoured = traffic.favoured(["sports", "money"])
+        shift_on = anyio.Event()
+        offline = next(n for n in nodes if n.name == offline_name)
+
+        def mix_for(node: NodeProc) -> Callable[[], dict[int, float]]:
+            def mix() -> dict[int, float]:
+                if shift_on.is_set() and node.name in shifted_names:
+                    return traffic.shifted(favoured, 4.0)
+                return traffic.natural()
+
+            return mix
+
+        nc = await nats.connect(server.url, name="slmops-demo-observer")
+        try:
+            await _observe(nc, story)
+
+            async def cloud_counts() -> dict[str, int]:
+                return {s.node: s.inferences for s in await fleet_status(nc, FLEET)}
+
+            def rollout_state(kind: str) -> list[RolloutEvent]:
+                return [e for e in story.rollout_events if e.state == kind]
+
+            def check_rollout() -> None:
+                bad = [e for e in story.rollout_events if e.state in ("rolled_back", "aborted")]
+                if bad:
+                    raise rollout_failure(story, bad[0], fleet.cloud_log)
+
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for n in nodes:
+                    tg.start_soon(_drive, fleet, n, traffic, mix_for(n), opts.rate, story, stop)
+                tg.start_soon(_watch_health, fleet, nodes, offline, story, update)
+
+                # -- 3. steady state ----------------------------------------------------------
+                teller.enter(3)
+
+                async def all_counted() -> bool:
+                    c = await cloud_counts()
+                    return all(c.get(n.name, 0) > 0 for n in nodes)
+
+                await teller.until("the cloud counting traffic from every node", all_counted,
+                                   timeout=opts.phase_timeout, at_least=0.15 * opts.duration)  # fmt: skip
+
+                # -- 4. the link cut ----------------------------------------------------------
+                teller.enter(4)
+                await offline.proxy.cut()
+
+                async def buffering() -> bool:
+                    return offline.health.get("link") != "online" and int(offline.health.get("outbox", 0)) > 0
+
+                await teller.until(f"{offline.name} buffering while offline", buffering,
+                                   timeout=opts.phase_timeout, at_least=0.10 * opts.duration)  # fmt: skip
+
+                # -- 5. the shift -------------------------------------------------------------
+                teller.enter(5)
+                shift_on.set()
+
+                async def drift_opened() -> bool:
+                    return any(e.state == "opened" for e in story.drift_events)
+
+                await teller.until("a drift event", drift_opened, timeout=opts.phase_timeout)
+
+                # -- 6. recalibration and the first stage -------------------------------------
+                teller.enter(6)
+
+                async def first_stage() -> bool:
+                    check_rollout()
+                    return bool(rollout_state("stage_passed") or rollout_state("completed"))
+
+                await teller.until("a recalibrated version passing the rollout's first stage", first_stage,
+                                   timeout=opts.phase_timeout)  # fmt: skip
+
+                # -- 7. reconnect -------------------------------------------------------------
+                teller.enter(7)
+                await offline.proxy.restore()
+                new_version = rollout_state("started")[0].version
+
+                async def back_and_refreshed() -> bool:
+                    check_rollout()
+                    model_now = offline.health.get("model") or {}
+                    return (
+                        bool(rollout_state("completed"))
+                        and offline.health.get("outbox") == 0
+                        and model_now.get("version") == new_version
+                    )
+
+                await teller.until(f"{offline.name} drained, on v{new_version}, and the rollout completed",
+                                   back_and_refreshed, timeout=opts.phase_timeout)  # fmt: skip
+
+                # -- 8. drain -------------------------------------------------------------------
+                teller.enter(8)
+                stop.set()
+                await anyio.sleep(0.5)
+                tg.cancel_scope.cancel()
+
+            # A last burst of k inferences per node so every node's final window reaches k and
+            # is published (k-anonymity holds smaller windows back until more traffic comes).
+            for n in nodes:
+                await _send(
+                    fleet, n, [t for t, _ in traffic.sample(traffic.natural(), opts.min_count)], story
+                )
+
+            async def every_inference_counted() -> bool:
+                for n in nodes:
+                    with contextlib.suppress(OSError, TimeoutError, anyio.EndOfStream):
+                        await fleet.health(n)
+                c = await cloud_counts()
+                return all(c.get(n.name) == n.served and n.health.get("outbox") == 0 for n in nodes)
+
+            await teller.until("every node's served inferences counted by the cloud", every_inference_counted,
+                               timeout=opts.phase_timeout)  # fmt: skip
+        finally:
+            await nc.close()
+        counted = await _counted(server.url)  # the public view: `slmops fleet status --json`
+        story.done.append((story.number, story.phase, round(time.monotonic() - story.phase_started, 1)))
+    except* StoryFailed as group:  # raised in a task group's body: it may come wrapped
+        first = group.exceptions[0]
+        story.failure = first.as_dict() if isinstance(first, StoryFailed) else {"what": str(first)}
+        log.warning("demo_failed", **story.failure)
+    return summary(opts.nodes, story, nodes, counted)
+
+
+def _model(opts: DemoOptions, root: Path) -> Any:
+    from slmops.cloud.factory.build import build
+    from slmops.demo.cache import cached_model
+
+    def make(keys: Path, out: Path) -> Path:
+        key_path, _ = new_keypair(keys, "fleet")
+        report = build(out, load_private_key(key_path), seed=opts.seed)
+        return report.bundle.path
+
+    return cached_model(opts.seed, make, root=opts.cache_dir, use_cache=opts.use_cache)
+
+
+async def _observe(nc: Any, story: Story) -> None:
+    async def on_telemetry(msg: Any) -> None:
+        story.bytes_sent += len(msg.data)
+        story.messages_sent += 1
+
+    async def on_drift(msg: Any) -> None:
+        try:
+            story.drift_events.append(decode_json(msg.data, DriftEvent))
+        except msgspec.DecodeError:
+            story.notes.append("undecodable drift event")
+
+    async def on_rollout(msg: Any) -> None:
+        try:
+            story.rollout_events.append(decode_json(msg.data, RolloutEvent))
+        except msgspec.DecodeError:
+            story.notes.append("undecodable rollout event")
+
+    await nc.subscribe(telemetry_filter(FLEET), cb=on_telemetry)
+    await nc.subscribe(drift_subject(FLEET), cb=on_drift)
+    await nc.subscribe(rollout_subject(FLEET), cb=on_rollout)
+
+
+async def _watch_health(
+    fleet: Fleet, nodes: list[NodeProc], offline: NodeProc, story: Story, update: Update
+) -> None:
+    while True:
+        for n in nodes:
+            with contextlib.suppress(OSError, TimeoutError, anyio.EndOfStream):
+                await fleet.health(n)
+        if offline.proxy.is_cut:
+            story.offline_outbox_peak = max(story.offline_outbox_peak, int(offline.health.get("outbox", 0)))
+        update(story, fleet)
+        await anyio.sleep(0.5)
 
 
 async def _counted(nats_url: str) -> dict[str, dict[str, Any]]:
@@ -111,244 +466,9 @@ async def _drive(
         await anyio.sleep(max(0.0, next_at - time.monotonic()))
 
 
-async def run_demo(
-    opts: DemoOptions, *, on_update: Callable[[Story, Fleet | None], None] | None = None
-) -> dict[str, Any]:
-    """Run the story; returns the summary (``ok`` says whether every check held)."""
-    story = Story()
-    update = on_update or (lambda s, f: None)
-    with contextlib.ExitStack() as stack:
-        if opts.workdir is None:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slmops-demo-")))
-        else:
-            root = opts.workdir
-            root.mkdir(parents=True, exist_ok=False)
-        server = EmbeddedServer(store_dir=root / "js")
-        await server.start_async()
-        fleet = Fleet(root, server.url, server.port, FLEET)
-        try:
-            return await _story(opts, story, update, root, server, fleet)
-        finally:
-            story.phase = "stopping"
-            update(story, fleet)
-            await fleet.stop()
-            await server.stop_async()
-
-
-async def _story(
-    opts: DemoOptions,
-    story: Story,
-    update: Callable[[Story, Fleet | None], None],
-    root: Path,
-    server: EmbeddedServer,
-    fleet: Fleet,
-) -> dict[str, Any]:
-    from slmops.cloud.factory.build import build
-    from slmops.cloud.factory.corpus import load_topics, split_topics  # cloud extra: the model and its corpus
-
-    # -- set-up: key, model v1, registry, cloud, nodes ------------------------------------------
-    story.phase = "building the model"
-    update(story, fleet)
-    key_path, pub_path = new_keypair(root / "keys", "fleet")
-    report = await anyio.to_thread.run_sync(
-        lambda: build(root / "bundles" / "v1", load_private_key(key_path), seed=opts.seed)
-    )
-    bundle_dir = report.bundle.path
-    story.notes.append(f"model v1 held-out accuracy {report.accuracy:.3f}")
-    await _run_ok(
-        [*slmops_cmd(), "models", "push", str(bundle_dir), "--nats", server.url, "--trust", str(pub_path)]
-    )
-    await _run_ok(
-        [
-            *slmops_cmd(),
-            "models",
-            "assign",
-            "--nats",
-            server.url,
-            "--fleet",
-            FLEET,
-            "--version",
-            "1",
-            "--model",
-            report.bundle.manifest.name,
-        ]
-    )
-
-    story.phase = "starting cloud and nodes"
-    update(story, fleet)
-    cloud_config = root / "cloud.toml"
-    # Demo-sized rollouts: two stages, seconds of soak, gates judged on 100 inferences.
-    cloud_config.write_text(
-        "[drift]\nmin_count = 40\n\n[rollout]\nstages = [40, 100]\nsoak_s = 4.0\n"
-        "install_timeout_s = 20.0\nmin_samples = 100\n"
-    )
-    await fleet.start_cloud(["--key", str(key_path), "--recalibrate", "auto", "--config", str(cloud_config)])
-    nodes = [
-        await fleet.start_node(
-            i, model=bundle_dir, trust=pub_path, window=opts.window, min_count=opts.min_count
-        )
-        for i in range(opts.nodes)
-    ]
-    for n in nodes:
-        await fleet.wait_ready(n)
-
-    split = split_topics(load_topics(), seed=opts.seed)
-    traffic = Traffic(split.held_out_texts, split.held_out_labels, split.labels, seed=opts.seed)
-    favoured = traffic.favoured(["sports", "money"])
-    # The shift hits every node but the last (which also loses its link): part of the fleet.
-    shifted_nodes = set(range(opts.nodes - 1))
-    shift_on = anyio.Event()
-
-    def mix_for(i: int) -> Callable[[], dict[int, float]]:
-        def mix() -> dict[int, float]:
-            if shift_on.is_set() and i in shifted_nodes:
-                return traffic.shifted(favoured, 4.0)
-            return traffic.natural()
-
-        return mix
-
-    mixes = {i: mix_for(i) for i in range(opts.nodes)}
-
-    nc = await nats.connect(server.url, name="slmops-demo-observer")
-    try:
-
-        async def on_telemetry(msg: Any) -> None:
-            story.bytes_sent += len(msg.data)
-            story.messages_sent += 1
-
-        async def on_drift(msg: Any) -> None:
-            try:
-                story.drift_events.append(decode_json(msg.data, DriftEvent))
-            except msgspec.DecodeError:
-                story.notes.append("undecodable drift event")
-
-        async def on_rollout(msg: Any) -> None:
-            try:
-                story.rollout_events.append(decode_json(msg.data, RolloutEvent))
-            except msgspec.DecodeError:
-                story.notes.append("undecodable rollout event")
-
-        await nc.subscribe(telemetry_filter(FLEET), cb=on_telemetry)
-        await nc.subscribe(drift_subject(FLEET), cb=on_drift)
-        await nc.subscribe(rollout_subject(FLEET), cb=on_rollout)
-
-        traffic_time = max(30.0, opts.duration - 25.0)
-        stop = anyio.Event()
-        offline = nodes[-1]  # the one node the shift does not hit: the shift stays visible online
-        async with anyio.create_task_group() as tg:
-            for i, n in enumerate(nodes):
-                tg.start_soon(_drive, fleet, n, traffic, mixes[i], opts.rate, story, stop)
-
-            async def watch_health() -> None:
-                while True:
-                    for n in nodes:
-                        with contextlib.suppress(OSError, TimeoutError, anyio.EndOfStream):
-                            await fleet.health(n)
-                    if offline.proxy.is_cut:
-                        story.offline_outbox_peak = max(
-                            story.offline_outbox_peak, int(offline.health.get("outbox", 0))
-                        )
-                    update(story, fleet)
-                    await anyio.sleep(0.5)
-
-            tg.start_soon(watch_health)
-            t0 = time.monotonic()
-
-            async def at(frac: float) -> None:
-                await anyio.sleep(max(0.0, t0 + frac * traffic_time - time.monotonic()))
-
-            story.phase = "1. steady state"
-            await at(0.15)
-            story.phase = f"2. {offline.name} loses its link, keeps serving and buffering"
-            await offline.proxy.cut()
-            await at(0.25)
-            story.phase = f"3. traffic shifts on {len(shifted_nodes)} of {opts.nodes} nodes"
-            shift_on.set()
-            await at(0.80)
-            story.phase = f"5. {offline.name} reconnects: drains its buffer, refreshes its model"
-            await offline.proxy.restore()
-            await at(1.0)
-            stop.set()
-            story.phase = "6. draining: last windows close, outboxes empty"
-            await anyio.sleep(0.5)
-            tg.cancel_scope.cancel()
-
-        # A last burst of k inferences per node so every node's final window reaches k and is
-        # published (k-anonymity holds smaller windows back until more traffic comes).
-        for n in nodes:
-            await _send(fleet, n, [t for t, _ in traffic.sample(traffic.natural(), opts.min_count)], story)
-        counted = await _wait_counted(fleet, nodes, server.url, story, update)
-    finally:
-        await nc.close()
-    return _summary(opts, story, fleet, nodes, counted)
-
-
 async def _run_ok(cmd: list[str]) -> None:
     proc = await anyio.run_process(cmd, check=False)
     if proc.returncode != 0:
         raise RuntimeError(
             f"{' '.join(cmd[3:6])} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-800:]}"
         )
-
-
-async def _wait_counted(
-    fleet: Fleet, nodes: list[NodeProc], url: str, story: Story, update: Callable[[Story, Fleet | None], None]
-) -> dict[str, dict[str, Any]]:
-    counted: dict[str, dict[str, Any]] = {}
-    with anyio.move_on_after(30):
-        while True:
-            for n in nodes:
-                await fleet.health(n)
-            update(story, fleet)
-            counted = await _counted(url)
-            if all(counted.get(n.name, {}).get("inferences") == n.served for n in nodes) and all(
-                n.health.get("outbox") == 0 for n in nodes
-            ):
-                break
-            await anyio.sleep(1.0)
-    return counted
-
-
-def _summary(
-    opts: DemoOptions, story: Story, fleet: Fleet, nodes: list[NodeProc], counted: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
-    for n in nodes:
-        model = n.health.get("model") or {}
-        rows.append(
-            {
-                "node": n.name,
-                "served": n.served,
-                "counted": counted.get(n.name, {}).get("inferences"),
-                "model_version": model.get("version"),
-                "failed_requests": n.failed,
-            }
-        )
-    versions: list[int] = sorted({int(r["model_version"]) for r in rows if r["model_version"] is not None})
-    opened = [e for e in story.drift_events if e.state == "opened"]
-    story.checks["served_equals_counted"] = all(r["counted"] == r["served"] and r["served"] > 0 for r in rows)
-    story.checks["no_failed_requests"] = all(r["failed_requests"] == 0 for r in rows)
-    story.checks["offline_node_buffered"] = story.offline_outbox_peak > 0
-    story.checks["outboxes_drained"] = all(n.health.get("outbox") == 0 for n in nodes)
-    story.checks["drift_event_opened"] = bool(opened)
-    story.checks["new_version_rolled_out"] = (
-        bool(versions) and max(versions) > 1 and all(r["model_version"] == max(versions) for r in rows)
-    )
-    if not story.checks["new_version_rolled_out"]:
-        story.missing.append("recalibration + rollout: not every node ended on a version newer than 1")
-    return {
-        "ok": all(story.checks.values()),
-        "nodes": rows,
-        "drift_events": len(story.drift_events),
-        "drift_opened": len(opened),
-        "drift_event_example": msgspec.to_builtins(opened[0]) if opened else None,
-        "rollout_events": len(story.rollout_events),
-        "versions": versions,
-        "bytes_sent": story.bytes_sent,
-        "bytes_raw_equivalent": sum(n.raw_bytes for n in nodes),
-        "checks": story.checks,
-        "missing": story.missing,
-        "notes": story.notes[-20:],
-        "seconds": round(story.elapsed(), 1),
-        "nodes_requested": opts.nodes,
-    }

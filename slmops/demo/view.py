@@ -12,11 +12,20 @@ if TYPE_CHECKING:
     from slmops.demo.fleet import Fleet
     from slmops.demo.story import Story
 
-__all__ = ["render"]
+__all__ = ["phase_line", "render"]
+
+
+def phase_line(story: Story) -> str:
+    """The one line printed as each phase starts when the output is not a terminal."""
+    return f"[{story.elapsed():6.1f}s] {story.number}/{story.total} {story.phase}"
 
 
 def render(story: Story, fleet: Fleet | None) -> Group:
-    head = Text(f"[{story.elapsed():5.1f}s] {story.phase}", style="bold cyan")
+    head = Text()
+    for number, title, seconds in story.done[-7:]:
+        head.append(f"  {number}/{story.total} {title} ({seconds:.1f}s)\n", style="dim")
+    label = f"{story.number}/{story.total} " if story.number else ""
+    head.append(f"[{story.elapsed():5.1f}s] {label}{story.phase}", style="bold cyan")
     table = Table(expand=False)
     for col in ("node", "link", "model", "served", "outbox", "buffer KiB", "last error"):
         table.add_column(col, justify="right" if col in ("served", "outbox", "buffer KiB") else "left")
