@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -252,3 +253,13 @@ def test_without_a_reporting_control_group_the_canary_is_not_held_by_a_sliver_of
         verdict(evaluate(CFG, can, controls, canary_ref=None, control_ref=None, expect_control=True))
         == "waiting"
     )
+
+
+def test_a_reinstalled_node_restarting_at_seq_1_is_counted_again_not_taken_for_a_duplicate() -> None:
+    from slmops.cloud.rollout import Metrics
+
+    m = Metrics()
+    old = msgspec.structs.replace(_agg("a", 1, 2, T0, lat=1.0), install="a" * 32)
+    new = msgspec.structs.replace(_agg("a", 1, 2, T0 + 10, lat=1.0), install="b" * 32)
+    assert (m.add(old), m.add(old), m.add(new)) == (True, False, True)
+    assert m.count == 200

@@ -52,7 +52,8 @@ Outcome = Literal["pass", "fail", "waiting"]
 
 
 class Metrics:
-    """Aggregates merged by adding counts, each ``(node, seq)`` counted once."""
+    """Aggregates merged by adding counts, each ``(node, install, seq)`` counted once (a
+    reinstalled node starts again at seq 1 under a new install id)."""
 
     __slots__ = (
         "class_counts",
@@ -73,7 +74,7 @@ class Metrics:
         self.confidence: Histogram | None = None
         self.latency: Histogram | None = None
         self.nodes: set[str] = set()
-        self.seen: set[tuple[str, int]] = set()
+        self.seen: set[tuple[str, str, int]] = set()
         #: Labelled answers from app feedback: predicted label equal to / other than the truth.
         self.right = 0
         self.wrong = 0
@@ -81,7 +82,7 @@ class Metrics:
     def add(self, agg: TelemetryAggregate, *, latency: bool = True) -> bool:
         """Merge ``agg``; False (nothing changed) if it was already counted. ``latency=False``
         leaves its latency out (a node's first window on a new version: warm-up)."""
-        key = (agg.node, agg.seq)
+        key = (agg.node, agg.install, agg.seq)
         if key in self.seen:
             return False
         try:

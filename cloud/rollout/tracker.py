@@ -65,7 +65,7 @@ class Tracker:
         self._before: dict[str, collections.deque[TelemetryAggregate]] = {}
         self._bounds: dict[str, tuple[datetime, datetime]] = {}
         self._canary_nodes: set[str] = set()
-        self._warmup: set[tuple[str, int]] = set()
+        self._warmup: set[tuple[str, str, int]] = set()
         self._paired_can = Metrics()
         self._paired_ctl = Metrics()
         self._period: Period | None = None
@@ -80,7 +80,7 @@ class Tracker:
             warm = agg.node in self._canary_nodes
             if not warm:
                 self._canary_nodes.add(agg.node)
-                self._warmup.add((agg.node, agg.seq))
+                self._warmup.add((agg.node, agg.install, agg.seq))
             if self.canary.add(agg, latency=warm):
                 self._can.append(agg)
                 self._extend("canary", agg)
@@ -111,7 +111,7 @@ class Tracker:
                 for side, metrics in ((self._can, self._paired_can), (self._ctl, self._paired_ctl)):
                     for agg in side:  # Metrics.add skips what it already counted
                         if start <= agg.window_start + (agg.window_end - agg.window_start) / 2 <= end:
-                            metrics.add(agg, latency=(agg.node, agg.seq) not in self._warmup)
+                            metrics.add(agg, latency=(agg.node, agg.install, agg.seq) not in self._warmup)
         return self._paired_can, self._paired_ctl, self._period
 
     def sides(self, min_samples: int, *, control_group: bool) -> tuple[Metrics, list[Metrics], str]:
