@@ -119,6 +119,37 @@ def test_a_slower_version_fails_latency_naming_both_figures_unless_its_nodes_wer
     assert "not the version" in lat2.detail  # type: ignore[attr-defined]
 
 
+def test_a_slower_tail_alone_is_scheduling_not_the_version() -> None:
+    """Measured on 2 cores at load 9: the same-speed versions' p95 were 20 and 10.8 ms in the
+    same 6 s. The tail moved, the median did not: pass, saying why; a version whose median
+    moves as much fails."""
+    from slmops.cloud.rollout import Metrics
+
+    def hist(*values_counts: tuple[float, int]) -> TelemetryAggregate:
+        agg = _agg("x", 1, 2, T0, lat=0.1, n=sum(c for _, c in values_counts))
+        return msgspec.structs.replace(
+            agg, latency_ms=Histogram.of(EDGES.latency_ms, [v for v, c in values_counts for _ in range(c)])
+        )
+
+    def metrics(node: str, agg: TelemetryAggregate) -> Metrics:
+        m = Metrics()
+        m.add(msgspec.structs.replace(agg, node=node))
+        return m
+
+    control = metrics("b", hist((0.3, 180), (8.0, 20)))
+    tail = metrics("a", hist((0.3, 180), (18.0, 20)))
+    lat = {g.name: g for g in evaluate(CFG, tail, [control], canary_ref=None, control_ref=None)}[
+        "latency_p95"
+    ]
+    assert lat.outcome == "pass"
+    assert "only the tail moved" in lat.detail
+    slow = metrics("a", hist((0.9, 180), (18.0, 20)))
+    lat = {g.name: g for g in evaluate(CFG, slow, [control], canary_ref=None, control_ref=None)}[
+        "latency_p95"
+    ]
+    assert lat.outcome == "fail"
+
+
 def test_gates_wait_for_control_samples_in_the_same_period_and_say_how_many() -> None:
     state = _state(a=T0)
     t = Tracker(state)

@@ -16,10 +16,11 @@ both figures. Gates:
   sample count a good version with a 1% base rate would otherwise fail by chance ~5% of the
   time.
 * ``latency_p95``: canary p95 / control p95 ≤ ``max_latency_ratio`` (histogram quantiles),
-  or the canary's p95 below ``latency_floor_ms``. A failure must hold against the canary's
-  own nodes too (their previous version in the minutes before the switch): on a busy device
-  the p95 is mostly scheduling, and one node slow whatever it runs is not the version's
-  fault. Without a control group those same nodes before the switch are the comparison,
+  or the canary's p95 below ``latency_floor_ms``. A failure must show in the median too (a
+  slower version moves the whole distribution; on a busy CPU the tail alone is mostly time
+  slices given to other processes) and hold against the canary's own nodes (their previous
+  version in the minutes before the switch: one node slow whatever it runs is not the
+  version's fault). Without a control group those same nodes before the switch are the comparison,
   else the version's reference latency.
 * ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
   of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
@@ -333,37 +334,50 @@ def _latency_gate(
     against: str,
 ) -> GateResult:
     """See the module docstring (``latency_p95``)."""
-    lat = canary.latency_p95
     n = config.min_samples
     limit = config.max_latency_ratio
-    own = before.latency_p95 if before is not None and before.count >= n else math.nan
+    own = before.latency if before is not None and before.count >= n else None
     if control is not None:
-        c_lat, what = control.latency_p95, against
-    elif not math.isnan(own):
+        base, what = control.latency, against
+    elif own is not None:
         # No control group: the canary's own nodes just before the switch are the fairest
         # comparison (same devices); the factory's figure was measured on another machine.
-        c_lat, what, own = (
+        base, what, own = (
             own,
             "no control group: the canary's nodes on the previous version just before",
-            math.nan,
+            None,
         )
     elif canary_ref is not None and canary_ref.latency_ms is not None:
-        c_lat, what = canary_ref.latency_ms.quantile(0.95), "no control group: the version's own reference"
+        base, what = canary_ref.latency_ms, "no control group: the version's own reference"
     else:
-        c_lat, what = math.nan, ""
-    if math.isnan(c_lat) or c_lat <= 0 or math.isnan(lat):
+        base, what = None, ""
+    lat = canary.latency_p95
+    c_lat = base.quantile(0.95) if base is not None else math.nan
+    if math.isnan(c_lat) or c_lat <= 0 or math.isnan(lat) or canary.latency is None or base is None:
         return GateResult(
             name="latency_p95", outcome="pass", canary=_num(lat), detail="no control group and no reference"
         )
     ratio = lat / c_lat
+    med, c_med = canary.latency.quantile(0.5), base.quantile(0.5)
+    med_ratio = med / c_med if c_med > 0 else math.inf
     over = ratio > limit and lat > config.latency_floor_ms
-    detail = f"p95 {lat:.3g} ms vs {c_lat:.3g} ms, ratio {ratio:.2f} (limit {limit:g}; {what})"
-    if over and not math.isnan(own) and own > 0 and lat / own <= limit:
+    detail = (
+        f"p95 {lat:.3g} ms vs {c_lat:.3g} ms, ratio {ratio:.2f} (limit {limit:g}; {what}); "
+        f"median {med:.3g} vs {c_med:.3g} ms"
+    )
+    if over and med_ratio <= limit:
+        # Only the tail moved: on a shared CPU the tail is mostly time slices given to other
+        # processes (two versions of one speed showed 20 ms against 10.8 ms in the same 6 s
+        # on 2 cores at load 9), while a slower version moves the whole distribution.
+        over = False
+        detail += f": the median is within the limit ({med_ratio:.2f}), only the tail moved"
+    if over and own is not None and own.quantile(0.95) > 0 and lat / own.quantile(0.95) <= limit:
         # Slower than the control but not than the same nodes were just before: the nodes
         # (their device, their load), not the version.
         over = False
         detail += (
-            f"; the canary's nodes ran {own:.3g} ms on the previous version just before: not the version"
+            f"; the canary's nodes ran {own.quantile(0.95):.3g} ms on the previous version just before: "
+            "not the version"
         )
     return GateResult(
         name="latency_p95",
