@@ -294,3 +294,37 @@ def test_a_reinstalled_node_restarting_at_seq_1_is_counted_again_not_taken_for_a
     new = msgspec.structs.replace(_agg("a", 1, 2, T0 + 10, lat=1.0), install="b" * 32)
     assert (m.add(old), m.add(old), m.add(new)) == (True, False, True)
     assert m.count == 200
+
+
+@pytest.mark.anyio
+async def test_latency_is_judged_on_the_whole_soak_while_errors_roll_back_at_once(
+    js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    controller, store, events, model = await _world(js, fleet, tmp_path)
+    for node in ("a", "b", "c", "d"):
+        controller.observe_status(_status(fleet, node, T0, model, 1))
+    config = RolloutConfig(stages=[25, 100], soak_s=60, min_samples=200)
+    await start_rollout(js, controller.assigner.registry, store, fleet=fleet, version=2, model=model,
+                        config=config, now=T0)  # fmt: skip
+    await controller.step(T0 + 1)
+    got = await store.get(fleet)
+    assert got is not None
+    (canary,) = got[0].nodes
+    controls = sorted({"a", "b", "c", "d"} - {canary})
+    controller.observe_status(_status(fleet, canary, T0 + 2, model, 2, "model_installed"))
+    await controller.step(T0 + 3)
+    for i in range(4):  # a slower version: p95 and median 10x the control's, same period
+        t = T0 + 3 + 10 * i
+        controller.observe_aggregate(_agg(canary, 10 + i, 2, t, lat=30.0, model=model, fleet=fleet))
+        for node in controls:
+            controller.observe_aggregate(_agg(node, 10 + i, 1, t, lat=3.0, model=model, fleet=fleet))
+    await controller.step(T0 + 40)  # 37 s into a 60 s soak: not final yet
+    got = await store.get(fleet)
+    assert got is not None
+    assert (got[0].status, got[0].reason) == ("running", "waiting: the end of the soak to judge latency_p95")
+    await controller.step(T0 + 64)
+    got = await store.get(fleet)
+    assert got is not None
+    assert got[0].status == "rolled_back"
+    assert got[0].reason.startswith("gate failed: latency_p95 fail: canary 48.5 vs control 4.85 (limit 1.5)")
+    assert events.kinds[-2:] == ["gate_failed", "rolled_back"]

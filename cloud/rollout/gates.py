@@ -20,7 +20,9 @@ both figures. Gates:
   slower version moves the whole distribution; on a busy CPU the tail alone is mostly time
   slices given to other processes) and hold against the canary's own nodes (their previous
   version in the minutes before the switch: one node slow whatever it runs is not the
-  version's fault). Without a control group those same nodes before the switch are the comparison,
+  version's fault). A latency failure is final only at the end of the stage's soak
+  (the controller judges it on the whole soak; the other gates roll back at once). Without
+  a control group those same nodes before the switch are the comparison,
   else the version's reference latency.
 * ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
   of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
