@@ -28,10 +28,13 @@ import click
 )
 @click.option("--seed", default=7, show_default=True, type=int, help="Seed of the model and the traffic.")
 @click.option(
-    "--no-cache",
-    is_flag=True,
-    help="Build the default model afresh instead of taking it from the cache "
-    "(~/.cache/slmops/demo, keyed by the factory's code, the corpus and the library versions).",
+    "--arch",
+    type=click.Choice(["minilm", "ngram"]),
+    default="minilm",
+    show_default=True,
+    help="minilm: the default model (its int8-l3 variant), built once into the factory's cache "
+    "(~/.cache/slmops/models, keyed by its inputs; the first run downloads the weights and builds "
+    "for about 2 minutes). ngram: the small hashed n-gram model, built in seconds.",
 )
 @click.option(
     "--workdir",
@@ -39,7 +42,7 @@ import click
     default=None,
     help="Keep logs, stores and databases in this new directory (default: a temporary one, removed).",
 )
-def demo(nodes: int, duration: float, as_json: bool, seed: int, no_cache: bool, workdir: Path | None) -> None:
+def demo(nodes: int, duration: float, as_json: bool, seed: int, arch: str, workdir: Path | None) -> None:
     """Run the whole story on this machine, nothing else needed.
 
     Starts an embedded nats-server, the cloud and NODES edge node processes with the factory's
@@ -53,7 +56,7 @@ def demo(nodes: int, duration: float, as_json: bool, seed: int, no_cache: bool, 
     from slmops.demo.story import DemoOptions, run_demo
     from slmops.demo.view import phase_line
 
-    opts = DemoOptions(nodes=nodes, duration=duration, seed=seed, workdir=workdir, use_cache=not no_cache)
+    opts = DemoOptions(nodes=nodes, duration=duration, seed=seed, workdir=workdir, arch=arch)
     if as_json:
         summary = anyio.run(lambda: run_demo(opts))
     elif not sys.stdout.isatty():  # a log file or a pipe: one line per phase, as it starts

