@@ -122,9 +122,25 @@ class CloudConfig(Config, kw_only=True):
     recalibrate: RecalibratePolicy = "off"
     #: The cloud's Ed25519 private key file (mode 0600) that signs recalibrated versions.
     key: str | None = None
+    #: ``HOST:PORT`` of the read-only web console, its JSON API and ``/metrics`` (Prometheus);
+    #: None: off. Port 0 picks a free one.
+    http: str | None = None
+    #: Bearer token every HTTP request must carry; required for a non-loopback ``http``.
+    http_token: str | None = None
 
     def __post_init__(self) -> None:
         check_nats_url(self.nats_url)
+        if self.http is not None:
+            from slmops.cloud.analyst.address import is_loopback, parse_http
+
+            host, _port = parse_http(self.http)
+            if not is_loopback(host) and not self.http_token:
+                raise ValueError(
+                    f"http {self.http!r} is not a loopback address: set http_token (--http-token) "
+                    "so the console is not open to the network"
+                )
+        if self.http_token is not None and len(self.http_token) < 16:
+            raise ValueError("http_token must be at least 16 characters")
         for fleet in self.fleets:
             validate_id(fleet, "fleet")
         if self.recalibrate != "off" and self.key is None:

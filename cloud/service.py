@@ -48,6 +48,8 @@ from anyio.abc import TaskGroup
 from nats.js import JetStreamContext
 
 from slmops.cloud.analyst.baseline import serve_baselines
+from slmops.cloud.analyst.metrics import MetricsRefresher
+from slmops.cloud.analyst.web import serve_http
 from slmops.cloud.config import CloudConfig
 from slmops.cloud.drift.calibrate import shared_calibrator
 from slmops.cloud.drift.detector import DriftDetector
@@ -141,6 +143,10 @@ class CloudService:
         self._publisher: EventPublisher | None = None
         self._extra = list(extra_tasks)
         self.takeovers = 0
+        #: Figures for ``/metrics`` that need a round trip (refreshed while active).
+        self.metrics = MetricsRefresher(self)
+        #: (host, port) the console and ``/metrics`` listen on, once serving (``config.http``).
+        self.http_address: tuple[str, int] | None = None
 
     @property
     def active(self) -> bool:
@@ -179,6 +185,14 @@ class CloudService:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        if self.config.http is not None:
+            try:
+                self.http_address = await tg.start(serve_http, self, self.metrics)
+            except BaseException:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+                await self._link.__aexit__(None, None, None)
+                raise
         tg.start_soon(self._run, name="cloud-service")
         return self
 
@@ -289,6 +303,7 @@ class CloudService:
                 await tg.start(ingest.run)
                 await tg.start(status.run)
                 await tg.start(partial(serve_baselines, self._link.nc, applier))
+                await tg.start(self.metrics.run, self._link.nc, js)
                 for task in self._extra:
                     await tg.start(partial(task, js))
                 self._active.set()

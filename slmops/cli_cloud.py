@@ -89,6 +89,19 @@ __all__ = ["cloud", "drift", "fleet"]
     show_default="on",
     help="Run the rollout controller in the active instance.",
 )
+@click.option(
+    "--http",
+    "http",
+    default=None,
+    help="HOST:PORT of the read-only web console, its JSON API and /metrics (Prometheus), "
+    "e.g. 127.0.0.1:8480 [off]. A non-loopback address needs --http-token.",
+)
+@click.option(
+    "--http-token",
+    envvar="SLMOPS_CLOUD_HTTP_TOKEN",
+    default=None,
+    help="Bearer token the console and /metrics require (16+ characters). Env: SLMOPS_CLOUD_HTTP_TOKEN.",
+)
 def cloud(
     nats_url: str,
     state_dir: Path,
@@ -101,6 +114,8 @@ def cloud(
     key_path: Path | None,
     recalibrate: str | None,
     rollouts: bool | None,
+    http: str | None,
+    http_token: str | None,
 ) -> None:
     """Run the cloud service: ingest telemetry, keep the fleet state, detect drift, publish
     drift events on slmops.drift.<fleet>. Runs until Ctrl-C or SIGTERM.
@@ -121,6 +136,8 @@ def cloud(
         "key": None if key_path is None else str(key_path),
         "recalibrate": recalibrate,
         "rollouts": rollouts,
+        "http": http,
+        "http_token": http_token,
     }
     try:
         drift_flags = {"min_count": min_count, "target_false_rate": target_false_rate}
@@ -142,6 +159,9 @@ def cloud(
                 f"{', '.join(config.fleets) or 'all'}; Ctrl-C stops it",
                 err=True,
             )
+            if svc.http_address is not None:
+                host, port = svc.http_address
+                click.echo(f"console and /metrics on http://{host}:{port}/", err=True)
             await anyio.sleep_forever()
 
     run(main, until_signal=True)

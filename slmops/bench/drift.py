@@ -144,7 +144,7 @@ def _trial(
     manifest = manifest_for()
     det.add_group(fleet.fleet, MODEL, manifest)
     group = next(iter(det.groups.values()))
-    rules = _Rules(refs={s: group.refs[s].probs for s in _SIGNALS})
+    rules = _Rules(refs={s: group.manifest_refs[s].probs for s in _SIGNALS})
     rng = np.random.default_rng(seed + 10_000)
     affected = (
         set(range(nodes))

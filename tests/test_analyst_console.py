@@ -1,0 +1,176 @@
+"""Issue 14: the cloud's read-only HTTP face against a real nats-server and the real
+service — Prometheus ``/metrics`` scraped and parsed, the JSON API, the bearer token and the
+loopback rule, and the web console in a real headless Chromium (from the distribution's
+packages): the page shows the running fleet's nodes and a drift event after a shift, with no
+console errors; its screenshot is kept as a test artefact (``$SLMOPS_ARTEFACTS`` or the test's
+temporary directory)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import aiohttp
+import anyio
+import numpy as np
+import pytest
+from _cloud_util import (
+    PRIOR,
+    cloud_config,
+    drift_events,
+    make_aggregate,
+    make_manifest,
+    publish,
+    put_manifest,
+)
+from nats.js import JetStreamContext
+from prometheus_client.parser import text_string_to_metric_families
+
+from _nats import wait_until
+from slmops.cloud.config import CloudConfig
+from slmops.cloud.service import CloudService
+from slmops.shared.server import EmbeddedServer
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "a-test-token-of-32-characters-xx"
+
+
+def _config(url: str, tmp: Path, fleet: str, **kw: object) -> CloudConfig:
+    import msgspec
+
+    base = msgspec.to_builtins(cloud_config(url, tmp, fleet))
+    return msgspec.convert({**base, "http": "127.0.0.1:0", **kw}, CloudConfig)
+
+
+async def _run_fleet(js: JetStreamContext, svc: CloudService, fleet: str, nodes: list[str]) -> None:
+    """10 rounds at the reference, then 8 shifted: a baseline and a fleet drift event."""
+    rng = np.random.default_rng(21)
+    for seq in range(1, 19):
+        for node in nodes:
+            prior = PRIOR if seq <= 10 else [0.2, 0.3, 0.5]
+            await publish(js, make_aggregate(fleet, node, seq, 300, rng, prior=prior))
+    await wait_until(
+        lambda: sum(n.aggregates for n in svc.nodes.values()) == 18 * len(nodes), 30, what="applied"
+    )
+
+    async def opened() -> bool:
+        return any(e.kind == "drift" and e.state == "opened" for e in await drift_events(js, fleet))
+
+    await wait_until(opened, 20, what="a drift event")
+
+
+def test_the_console_refuses_a_public_address_without_a_token() -> None:
+    with pytest.raises(ValueError, match="not a loopback address: set http_token"):
+        CloudConfig(http="0.0.0.0:8480")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        CloudConfig(http="8480")
+    assert CloudConfig(http="0.0.0.0:8480", http_token=TOKEN).http_token == TOKEN
+    assert CloudConfig(http="[::1]:8480").http == "[::1]:8480"
+
+
+async def test_metrics_are_scraped_and_say_what_the_cloud_did(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    await put_manifest(js, make_manifest())
+    nodes = [f"{fleet}-n{i}" for i in range(3)]
+    async with CloudService(_config(nats_server.url, tmp_path, fleet, http_token=TOKEN)) as svc:
+        await svc.wait_active(20)
+        await _run_fleet(js, svc, fleet, nodes)
+        assert svc.http_address is not None
+        host, port = svc.http_address
+        await anyio.sleep(svc.metrics.interval + 1)  # one refresh of the round-trip figures
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{host}:{port}/metrics") as r:
+                assert r.status == 401
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.get(f"http://{host}:{port}/metrics", headers=headers) as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"].startswith("text/plain")
+                text = await r.text()
+            async with http.get(f"http://{host}:{port}/api/openapi.json?token={TOKEN}") as r:
+                doc = await r.json()
+            async with http.get(f"http://{host}:{port}/api/fleet", headers=headers) as r:
+                fleet_doc = await r.json()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("slmops_cloud_aggregates_total", ())] == 18 * 3
+    assert samples[("slmops_cloud_active", (("holder", svc.holder),))] == 1
+    assert samples[("slmops_cloud_nodes_online", (("fleet", fleet),))] == 3
+    assert (
+        samples[
+            (
+                "slmops_cloud_drift_events_open",
+                (("fleet", fleet), ("scope", "fleet"), ("signal", "class_prior")),
+            )
+        ]
+        == 1
+    )
+    logged = (("kind", "drift"), ("signal", "class_prior"), ("state", "opened"))
+    assert samples[("slmops_cloud_drift_events_total", logged)] == 1
+    assert (
+        samples[
+            (
+                "slmops_cloud_drift_events_total",
+                (("kind", "baseline"), ("signal", "baseline"), ("state", "opened")),
+            )
+        ]
+        == 1
+    )
+    assert samples[("slmops_cloud_ingest_lag_messages", ())] == 0
+    assert samples[("slmops_cloud_rollouts", (("status", "running"),))] == 0
+    assert {"/api/fleet", "/api/drift", "/api/plot.svg", "/api/rollouts", "/metrics"} <= set(doc["paths"])
+    assert sorted(n["node"] for n in fleet_doc["nodes"]) == nodes
+    assert all(n["online"] for n in fleet_doc["nodes"])
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def test_the_console_in_a_headless_browser_shows_the_fleet_and_its_drift_event(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no chromium: .ci/run installs the Debian package chromium")
+        pytest.skip("no chromium on this machine (apt-get install chromium); CI installs it")
+    await put_manifest(js, make_manifest())
+    nodes = [f"{fleet}-n{i}" for i in range(3)]
+    artefacts = Path(os.environ.get("SLMOPS_ARTEFACTS", tmp_path))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shot = artefacts / "console.png"
+    async with CloudService(_config(nats_server.url, tmp_path, fleet)) as svc:
+        await svc.wait_active(20)
+        await _run_fleet(js, svc, fleet, nodes)
+        event = next(e for e in await drift_events(js, fleet) if e.kind == "drift" and e.state == "opened")
+        assert svc.http_address is not None
+        host, port = svc.http_address
+        url = f"http://{host}:{port}/"
+        common = [
+            browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+            "--virtual-time-budget=15000", "--window-size=1400,1800",
+        ]  # fmt: skip
+        dom = await anyio.run_process([*common, "--dump-dom", url], check=False)
+        await anyio.run_process([*common, f"--screenshot={shot}", url], check=False)
+    html = dom.stdout.decode()
+    log = dom.stderr.decode()
+    assert 'data-loaded="1"' in html, log[-3000:]
+    for node in nodes:
+        assert f"<td>{node}</td>" in html
+    assert f"<td>{event.id}</td>" in html
+    assert "api/plot.svg?group=" in html
+    errors = [
+        line for line in log.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)
+    ]
+    assert errors == [], errors
+    assert shot.exists()
+    assert shot.stat().st_size > 10_000
+    print(f"\nconsole screenshot: {shot}")
