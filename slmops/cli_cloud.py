@@ -175,45 +175,48 @@ def drift() -> None:
     """Drift events: what the cloud found in the fleet's traffic."""
 
 
+#: ``drift watch``'s table fits this many columns (an analyst's terminal).
+WATCH_COLUMNS = 120
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _event_row(e: DriftEvent) -> list[str]:
     where = e.node if e.scope == "node" and e.node else "(fleet)"
-    stat = f"{e.statistic}={e.value:.3g}"
-    if e.p_value is not None:
-        stat += f" p={e.p_value:.2g}"
-    extra = []
-    if e.estimated_priors:
-        extra.append("priors " + ",".join(f"{k}={v:.2f}" for k, v in e.estimated_priors.items()))
-    if e.expected_accuracy is not None:
-        extra.append(f"exp.acc {e.expected_accuracy:.3f}")
-    if e.reference != "manifest":
-        extra.append(f"ref {e.reference}")
+    what = e.state if e.kind == "drift" else e.kind
     return [
-        e.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-        e.fleet,
-        where,
-        f"{e.model.name} v{e.model.version}",
-        e.signal,
-        e.state,
-        e.severity,
-        f"{e.effect_size:.3f}",
-        stat,
-        "; ".join(extra),
+        e.time.astimezone(UTC).strftime("%m-%d %H:%M:%S"),
+        _cut(e.fleet, 12),
+        _cut(where, 12),
+        _cut(f"{e.model.name} v{e.model.version}", 12),
+        _cut(e.signal, 18),
+        _cut(what, 9),
+        e.severity[:4],
+        f"{e.effect_size:.3f}"[:5],
+        _cut(e.reference, 17),
     ]
 
 
-_EVENT_HEADER = [
-    "time (UTC)",
-    "fleet",
-    "node",
-    "model",
-    "signal",
-    "state",
-    "severity",
-    "effect",
-    "statistic",
-    "",
-]
-_EVENT_WIDTHS = [19, 14, 16, 12, 12, 8, 8, 6, 28, 0]
+def _event_lines(e: DriftEvent) -> list[str]:
+    """One event in at most ``WATCH_COLUMNS`` columns: its row, then its summary (or, for an
+    older event without one, its statistic and estimates) indented and wrapped."""
+    import textwrap
+
+    detail = e.summary
+    if not detail:
+        detail = f"{e.statistic}={e.value:.3g}" + (f" p={e.p_value:.2g}" if e.p_value is not None else "")
+        if e.estimated_priors:
+            detail += "; priors " + ",".join(f"{k}={v:.2f}" for k, v in e.estimated_priors.items())
+    if e.supersedes:
+        detail += f" (follows {e.supersedes})"
+    wrapped = textwrap.wrap(detail, WATCH_COLUMNS - 4) or [""]
+    return [_line(_event_row(e), _EVENT_WIDTHS), *("    " + w for w in wrapped[:3])]
+
+
+_EVENT_HEADER = ["time (UTC)", "fleet", "node", "model", "signal", "event", "sev", "effect", "reference"]
+_EVENT_WIDTHS = [14, 12, 12, 12, 18, 9, 4, 6, 0]
 
 
 def _line(cells: list[str], widths: list[int]) -> str:
@@ -255,7 +258,8 @@ def watch(
                 if as_json:
                     click.echo(encode_json(event).decode())
                 else:
-                    click.echo(_line(_event_row(event), _EVENT_WIDTHS))
+                    for line in _event_lines(event):
+                        click.echo(line)
                 seen += 1
                 if limit is not None and seen >= limit:
                     break

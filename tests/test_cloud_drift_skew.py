@@ -116,3 +116,35 @@ def test_an_open_event_on_steady_shifted_traffic_opens_no_new_episode() -> None:
     base = fleet.mix.mean(axis=0)
     events = _episodes(_moved(base, 0, 4, 0.06))
     assert [e.state for _, e in events if e.state == "opened"] == ["opened"], [e.id for _, e in events]
+
+
+def test_drift_watch_fits_120_columns() -> None:
+    """Every line ``drift watch`` prints for an event (long names, a long summary, a
+    superseded episode) and its header fit 120 columns."""
+    from slmops.cli_cloud import _EVENT_HEADER, _EVENT_WIDTHS, WATCH_COLUMNS, _event_lines, _line
+    from slmops.shared.messages import ModelRef
+
+    now = datetime.now(UTC)
+    e = DriftEvent(
+        id="x" * 80,
+        fleet="f" * 64,
+        scope="node",
+        node="n" * 64,
+        model=ModelRef(name="m" * 64, version=12345, variant="int8-l3"),
+        signal="oos_foreign_script",
+        statistic="cusum_chi2_z",
+        value=123.456,
+        p_value=1e-12,
+        effect_size=0.98765,
+        window_start=now,
+        window_end=now,
+        state="opened",
+        severity="critical",
+        reference="baseline:analyst-12345",
+        time=now,
+        summary="class mix moved toward sports (+9 pts) and money (+6 pts) since the baseline " * 5,
+        supersedes="y" * 90,
+    )
+    lines = [_line(_EVENT_HEADER, _EVENT_WIDTHS), *_event_lines(e)]
+    assert len(lines) >= 3
+    assert max(len(x) for x in lines) <= WATCH_COLUMNS, [len(x) for x in lines]
