@@ -7,7 +7,9 @@ temporary directory)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import aiohttp
 import anyio
 import numpy as np
 import pytest
+import yaml
 from _cloud_util import (
     PRIOR,
     cloud_config,
@@ -124,6 +127,16 @@ async def test_metrics_are_scraped_and_say_what_the_cloud_did(
     assert samples[("slmops_cloud_ingest_lag_messages", ())] == 0
     assert samples[("slmops_cloud_rollouts", (("status", "running"),))] == 0
     assert {"/api/fleet", "/api/drift", "/api/plot.svg", "/api/rollouts", "/metrics"} <= set(doc["paths"])
+    # Every metric the shipped dashboard and alert rules query is one the cloud exports.
+    exported = {name for name, _labels in samples}
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    dashboard = json.loads((root / "grafana" / "slmops-cloud.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((root / "prometheus" / "slmops-alerts.yml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    queried = {m for e in exprs for m in re.findall(r"slmops_[a-z_]+", e)}
+    assert len(queried) >= 10
+    assert queried <= exported, queried - exported
     assert sorted(n["node"] for n in fleet_doc["nodes"]) == nodes
     assert all(n["online"] for n in fleet_doc["nodes"])
 

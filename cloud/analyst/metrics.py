@@ -64,7 +64,9 @@ class MetricsRefresher:
         self.lag_seconds: float = 0.0
         self.rollouts: dict[str, int] = {}
         self.events: dict[tuple[str, str, str], int] = {}
-        self.deadletters: dict[str, int] = {}
+        #: By kind (``ingest.consumers.failure_reason``); the known kinds start at 0 so the
+        #: series exist before the first dead letter (alerts use ``increase``).
+        self.deadletters: dict[str, int] = dict.fromkeys(("undecodable", "invalid", "rejected", "failed"), 0)
         self.refreshed: float = 0.0
 
     async def run(self, nc: NATS, js: JetStreamContext, *, task_status: TaskStatus[None]) -> None:
