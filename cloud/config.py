@@ -127,6 +127,9 @@ class CloudConfig(Config, kw_only=True):
     http: str | None = None
     #: Bearer token every HTTP request must carry; required for a non-loopback ``http``.
     http_token: str | None = None
+    #: POST every drift event's JSON here (``cloud.analyst.webhook``: in order, retried with
+    #: backoff, bounded); None: off.
+    webhook_url: str | None = None
 
     def __post_init__(self) -> None:
         check_nats_url(self.nats_url)
@@ -139,6 +142,8 @@ class CloudConfig(Config, kw_only=True):
                     f"http {self.http!r} is not a loopback address: set http_token (--http-token) "
                     "so the console is not open to the network"
                 )
+        if self.webhook_url is not None and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook_url must be an http(s) URL, got {self.webhook_url!r}")
         if self.http_token is not None and len(self.http_token) < 16:
             raise ValueError("http_token must be at least 16 characters")
         for fleet in self.fleets:

@@ -50,6 +50,7 @@ from nats.js import JetStreamContext
 from slmops.cloud.analyst.baseline import serve_baselines
 from slmops.cloud.analyst.metrics import MetricsRefresher
 from slmops.cloud.analyst.web import serve_http
+from slmops.cloud.analyst.webhook import run_webhook
 from slmops.cloud.config import CloudConfig
 from slmops.cloud.drift.calibrate import shared_calibrator
 from slmops.cloud.drift.detector import DriftDetector
@@ -304,6 +305,8 @@ class CloudService:
                 await tg.start(status.run)
                 await tg.start(partial(serve_baselines, self._link.nc, applier))
                 await tg.start(self.metrics.run, self._link.nc, js)
+                if cfg.webhook_url is not None:
+                    await tg.start(partial(run_webhook, js, cfg.webhook_url, cfg.fleets))
                 for task in self._extra:
                     await tg.start(partial(task, js))
                 self._active.set()

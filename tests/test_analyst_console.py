@@ -187,3 +187,45 @@ async def test_the_console_in_a_headless_browser_shows_the_fleet_and_its_drift_e
     assert shot.exists()
     assert shot.stat().st_size > 10_000
     print(f"\nconsole screenshot: {shot}")
+
+
+async def test_drift_events_reach_a_webhook_in_order_despite_failures(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """A webhook that answers 503 to its first two requests still gets every event of the
+    fleet once, in the stream's order (retried with backoff, default settings)."""
+    from aiohttp import web
+
+    got: list[dict[str, object]] = []
+    failures = 0
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            return web.Response(status=503)
+        got.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        await put_manifest(js, make_manifest())
+        nodes = [f"{fleet}-n{i}" for i in range(3)]
+        cfg = _config(nats_server.url, tmp_path, fleet, webhook_url=f"http://127.0.0.1:{port}/hook")
+        async with CloudService(cfg) as svc:
+            await svc.wait_active(20)
+            await _run_fleet(js, svc, fleet, nodes)
+            stored = [e.id for e in await drift_events(js, fleet)]
+            await wait_until(lambda: len(got) >= len(stored), 30, what="every event at the webhook")
+    finally:
+        await runner.cleanup()
+    assert failures == 2
+    assert [e["id"] for e in got] == stored
+    with pytest.raises(ValueError, match="webhook_url must be an http"):
+        CloudConfig(webhook_url="ftp://x")
