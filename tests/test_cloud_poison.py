@@ -210,8 +210,8 @@ async def test_poison_from_one_node_is_deadlettered_and_every_fleet_keeps_being_
         assert svc.active
         nodes = svc.nodes
         stats = svc.statistics()
-    assert stats["counters"]["aggregates"] == total
-    assert stats["counters"]["deadlettered"] == len(fault2) + len(fault3) + len(bad_status)
+    assert stats.counters["aggregates"] == total
+    assert stats.counters["deadlettered"] == len(fault2) + len(fault3) + len(bad_status)
     assert nodes[(fa, "local")].aggregates == 40
     assert nodes[(fa, "local")].inferences == sum(a.count for a in one_class)
     assert nodes[(fa, "local")].model_registered is False

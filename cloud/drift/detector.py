@@ -178,8 +178,12 @@ class DriftDetector:
                 have = pooled.get(signal)
                 if have is None or len(have.counts) != len(mref.probs):
                     continue
-                z = window_z(have.counts, mref.probs, mref.n_ref, have.noise, ONE_SIDED.get(signal))
-                effect = self._effect(have.counts, mref)
+                try:
+                    z = window_z(have.counts, mref.probs, mref.n_ref, have.noise, ONE_SIDED.get(signal))
+                    effect = self._effect(have.counts, mref)
+                except Exception as exc:  # state-level poison (e.g. one cell): see _quarantine
+                    self._quarantine(g, signal, exc)
+                    continue
                 if z >= _SKEW_Z and effect >= self._cfg.min_effect:
                     differences[signal] = round(effect, 4)
             if differences:
