@@ -44,6 +44,8 @@ from aiohttp import web
 from slmops.edge.config import EdgeConfig, is_loopback
 from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
 from slmops.edge.inference import InferenceFailed
+from slmops.edge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from slmops.edge.metrics import NodeMetrics
 
 __all__ = ["ApiServer", "NodeService", "build_app", "serve_api"]
 
@@ -78,6 +80,7 @@ class NodeService(Protocol):
 
 _NODE: web.AppKey[NodeService] = web.AppKey("node")
 _COUNTS: web.AppKey[dict[tuple[str, int], int]] = web.AppKey("counts")
+_METRICS: web.AppKey[NodeMetrics] = web.AppKey("metrics")
 _LIMIT: web.AppKey[int] = web.AppKey("body_limit")
 _BUDGET: web.AppKey[ByteBudget] = web.AppKey("byte_budget")
 #: After serving a body this big, hand freed heap back to the OS (see ``_trim``).
@@ -286,13 +289,18 @@ async def _texts(request: web.Request) -> Sequence[str]:
 
 
 async def _predict(request: web.Request) -> web.Response:
-    preds = await request.app[_NODE].predict(await _texts(request))
+    texts = await _texts(request)
+    with request.app[_METRICS].predict_seconds.time():
+        preds = await request.app[_NODE].predict(texts)
     durable = all(getattr(p, "durable", True) for p in preds)
     return _ok({"predictions": preds, "model": preds[0].model if preds else None, "durable": durable})
 
 
 async def _embed(request: web.Request) -> web.Response:
-    return _ok(await request.app[_NODE].embed(await _texts(request)))
+    texts = await _texts(request)
+    with request.app[_METRICS].predict_seconds.time():
+        answer = await request.app[_NODE].embed(texts)
+    return _ok(answer)
 
 
 async def _feedback(request: web.Request) -> web.Response:
@@ -310,59 +318,9 @@ async def _health(request: web.Request) -> web.Response:
     return _ok(request.app[_NODE].health())
 
 
-def _metrics_text(node: NodeService, counts: dict[tuple[str, int], int]) -> str:
-    h = node.health()
-    b = node.statistics()
-    lines = [
-        "# HELP slmops_edge_predictions_total Inferences served.",
-        "# TYPE slmops_edge_predictions_total counter",
-        f"slmops_edge_predictions_total {b.served}",
-        "# HELP slmops_edge_inference_errors_total Inferences that failed in the model.",
-        "# TYPE slmops_edge_inference_errors_total counter",
-        f"slmops_edge_inference_errors_total {b.failed}",
-        "# HELP slmops_edge_batches_total Micro-batches run.",
-        "# TYPE slmops_edge_batches_total counter",
-        f"slmops_edge_batches_total {b.batches}",
-        "# HELP slmops_edge_model_seconds_total Seconds spent in featurize + ONNX Runtime.",
-        "# TYPE slmops_edge_model_seconds_total counter",
-        f"slmops_edge_model_seconds_total {b.model_seconds:.6f}",
-        "# HELP slmops_edge_outbox_depth Aggregates waiting for the cloud.",
-        "# TYPE slmops_edge_outbox_depth gauge",
-        f"slmops_edge_outbox_depth {h['outbox']}",
-        "# HELP slmops_edge_buffer_bytes Bytes of the SQLite buffer (db + wal + shm).",
-        "# TYPE slmops_edge_buffer_bytes gauge",
-        f"slmops_edge_buffer_bytes {h['buffer_bytes']}",
-        "# HELP slmops_edge_link_up 1 while the NATS link is online.",
-        "# TYPE slmops_edge_link_up gauge",
-        f"slmops_edge_link_up {1 if h['link'] == 'online' else 0}",
-        "# HELP slmops_edge_published_total Aggregates acknowledged by JetStream.",
-        "# TYPE slmops_edge_published_total counter",
-        f"slmops_edge_published_total {b.published}",
-        "# HELP slmops_edge_dropped_inferences_total Inferences dropped by outbox compaction.",
-        "# TYPE slmops_edge_dropped_inferences_total counter",
-        f"slmops_edge_dropped_inferences_total {h['dropped_inferences']}",
-        "# HELP slmops_edge_dropped_aggregates_total Aggregates dropped by outbox compaction.",
-        "# TYPE slmops_edge_dropped_aggregates_total counter",
-        f"slmops_edge_dropped_aggregates_total {h['dropped_aggregates']}",
-        "# HELP slmops_edge_model_info The current model (value 1).",
-        "# TYPE slmops_edge_model_info gauge",
-    ]
-    m = h["model"]
-    if m is not None:
-        labels = f'name="{m["name"]}",version="{m["version"]}",variant="{m["variant"]}"'
-        lines.append(f"slmops_edge_model_info{{{labels}}} 1")
-    lines += [
-        "# HELP slmops_edge_http_requests_total HTTP requests by path and status.",
-        "# TYPE slmops_edge_http_requests_total counter",
-    ]
-    for (path, status), n in sorted(counts.items()):
-        lines.append(f'slmops_edge_http_requests_total{{path="{path}",code="{status}"}} {n}')
-    return "\n".join(lines) + "\n"
-
-
 async def _metrics(request: web.Request) -> web.Response:
-    text = _metrics_text(request.app[_NODE], request.app[_COUNTS])
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    body = request.app[_METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 _ROUTES = {"/v1/predict", "/v1/embed", "/v1/feedback", "/v1/health", "/metrics"}
@@ -375,7 +333,9 @@ def build_app(node: NodeService) -> web.Application:
     limit = 1024 + cfg.max_texts * (cfg.max_text_chars * 4 + 16)
     app = web.Application(middlewares=[_errors], client_max_size=limit)
     app[_NODE] = node
-    app[_COUNTS] = {}
+    counts: dict[tuple[str, int], int] = {}
+    app[_COUNTS] = counts
+    app[_METRICS] = NodeMetrics(node, lambda: counts)
     app[_LIMIT] = limit
     app[_BUDGET] = ByteBudget(cfg.http_inflight_bytes)
     app.router.add_post("/v1/predict", _predict)

@@ -182,9 +182,24 @@ async def test_health_and_metrics_report_the_node(http: tuple[aiohttp.ClientSess
         assert key in health
     status, text = await call(http, "GET", "/metrics")
     assert status == 200
-    assert "slmops_edge_predictions_total 2" in text
-    assert 'slmops_edge_model_info{name="testclf",version="1",variant="fp32"} 1' in text
-    assert 'slmops_edge_http_requests_total{path="/v1/predict",code="200"} 1' in text
+    # prometheus_client's exposition (issue 14): parsed back (label order is the library's),
+    # with the request-latency histogram.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {
+        (x.name, tuple(sorted(x.labels.items()))): x.value for f in families.values() for x in f.samples
+    }
+    assert samples[("slmops_edge_predictions_total", ())] == 2
+    assert (
+        samples[("slmops_edge_model_info", (("name", "testclf"), ("variant", "fp32"), ("version", "1")))] == 1
+    )
+    assert samples[("slmops_edge_http_requests_total", (("code", "200"), ("path", "/v1/predict")))] == 1
+    latency = families["slmops_edge_predict_seconds"]
+    assert latency.type == "histogram"
+    count = next(s for s in latency.samples if s.name == "slmops_edge_predict_seconds_count")
+    assert count.value == 1
+    assert families["slmops_edge_predictions"].samples[0].value == 2
 
 
 @pytest.mark.anyio
