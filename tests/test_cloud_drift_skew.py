@@ -148,3 +148,40 @@ def test_drift_watch_fits_120_columns() -> None:
     lines = [_line(_EVENT_HEADER, _EVENT_WIDTHS), *_event_lines(e)]
     assert len(lines) >= 3
     assert max(len(x) for x in lines) <= WATCH_COLUMNS, [len(x) for x in lines]
+
+
+def test_a_new_version_inherits_the_input_side_baseline_and_builds_its_own_for_outputs() -> None:
+    """v2 of the model on the same fleet starts with v1's baseline for input length (and the
+    foreign-script share: inputs do not depend on the model), not for the class mix."""
+    from slmops.shared.messages import ModelRef
+
+    fleet = SyntheticFleet("skew", NODES, 5)
+    det = DriftDetector(CONFIG, clock=lambda: datetime.now(UTC))
+    det.add_group(fleet.fleet, MODEL, manifest_for())
+    for w in range(1, 8):
+        for i in range(NODES):
+            det.observe(fleet.aggregate(i, w))
+    v1 = det.groups[f"skew/{MODEL.name}/1/{MODEL.variant}"]
+    assert v1.refs["input_length"].source == "baseline:auto-1"
+    v2 = ModelRef(name=MODEL.name, version=2, variant=MODEL.variant)
+    det.add_group(fleet.fleet, v2, manifest_for(v2))
+    g2 = det.groups[f"skew/{MODEL.name}/2/{MODEL.variant}"]
+    assert g2.refs["input_length"] == v1.refs["input_length"]
+    assert "class_prior" not in g2.refs
+
+
+def test_recalibration_never_acts_on_skew_alone() -> None:
+    from slmops.cloud.recalibration.loop import is_label_shift
+    from slmops.shared.messages import ModelRef
+
+    now = datetime.now(UTC)
+    base = DriftEvent(
+        id="e", fleet="f", scope="fleet", model=ModelRef(name="m", version=1), signal="class_prior",
+        statistic="s", value=1.0, effect_size=0.1, window_start=now, window_end=now, state="opened",
+        time=now, estimated_priors={"a": 0.5, "b": 0.5},
+    )  # fmt: skip
+    import msgspec
+
+    assert is_label_shift(base)
+    assert not is_label_shift(msgspec.structs.replace(base, kind="skew"))
+    assert not is_label_shift(msgspec.structs.replace(base, kind="baseline"))
