@@ -20,7 +20,7 @@ def _fmt(value: Any) -> str:
 
 
 @click.command()
-@click.argument("scenario", type=click.Choice([*SCENARIOS, *LONG_SCENARIOS, "all"]))
+@click.argument("scenario", type=click.Choice([*SCENARIOS, *LONG_SCENARIOS, "chaos", "all"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
 @click.option("--quick", is_flag=True, help="Small sizes: a fast smoke run, figures not representative.")
 @click.option(
@@ -36,9 +36,19 @@ def _fmt(value: Any) -> str:
 @click.option(
     "--load", type=click.IntRange(0, 64), default=2, show_default=True, help="demo: busy processes beside it."
 )
-@click.option("--nodes", type=click.IntRange(2, 50), default=None, help="demo: its --nodes [5].")
+@click.option("--nodes", type=click.IntRange(1, 50), default=None, help="demo, chaos: edge nodes [5].")
+@click.option("--minutes", type=float, default=10.0, show_default=True, help="chaos: how long faults go on.")
+@click.option("--seed", type=int, default=1, show_default=True, help="chaos: the fault schedule's seed.")
 def bench(
-    scenario: str, as_json: bool, quick: bool, model: Path | None, runs: int, load: int, nodes: int | None
+    scenario: str,
+    as_json: bool,
+    quick: bool,
+    model: Path | None,
+    runs: int,
+    load: int,
+    nodes: int | None,
+    minutes: float,
+    seed: int,
 ) -> None:
     """Measure a scenario: the project's path and the bare-library baseline, in the same run.
 
@@ -54,10 +64,17 @@ def bench(
               ingest path (decode, checks, state, detectors); reports escapes (must be 0)
     demo      `slmops demo` --runs times under --load busy processes: each run's outcome,
               wall time, model warm (cached) or cold (built); not part of `all`
+    chaos     real server, cloud and edges under seeded faults (link cuts, kill -9 of edges,
+              cloud and server, disk-full spells on a tmpfs, clock jumps via libfaketime,
+              poison messages, duplicate node ids), then an exact reconciliation per node:
+              answered == counted + loss receipts; exits 1 unless reconciled; not in `all`
 
     Prints what it measured and the baseline beside it; never passes or fails on a time
     (shared machines are noisy: compare the ratio, not the absolute figures).
     """
+    if scenario == "chaos":
+        _chaos(minutes, nodes or 5, seed, as_json)
+        return
     names = SCENARIOS if scenario == "all" else (scenario,)
     if model is not None and scenario != "edge":
         raise click.UsageError("--model applies to the edge scenario only")
@@ -89,4 +106,25 @@ def bench(
                     + (f"  {json.dumps(extra)}" if extra else "")
                 )
     if failed:
+        sys.exit(1)
+
+
+def _chaos(minutes: float, nodes: int, seed: int, as_json: bool) -> None:
+    from slmops.bench.chaos import run_chaos
+
+    if minutes <= 0:
+        raise click.UsageError("--minutes must be > 0")
+    r = anyio.run(lambda: run_chaos(minutes=minutes, nodes=nodes, seed=seed))
+    r["machine"] = machine()
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"faults: {json.dumps(r['faults'])}  skipped: {json.dumps(r['skipped'])}")
+        for key in ("answered", "counted", "receipts", "double_counted", "missing_seqs",
+                    "poison_sent", "poison_deadlettered", "reconciled", "elapsed_s"):  # fmt: skip
+            click.echo(f"{key:<20} {r[key]}")
+        for row in r["per_node"]:
+            click.echo("  " + json.dumps(row))
+    if not r["reconciled"]:
+        click.echo(f"chaos: NOT reconciled; logs kept in {r.get('logs')}", err=True)
         sys.exit(1)
