@@ -65,6 +65,22 @@ class _Collector(Collector):
         if m is not None:
             info.add_metric([str(m["name"]), str(m["version"]), str(m["variant"])], 1)
         yield info
+        refresher = getattr(self.node, "refresher", None)
+        stats = getattr(refresher, "stats", None)
+        loads = CounterMetricFamily(
+            "slmops_edge_model_refreshes",
+            "Model refresh outcomes: installed, rejected (bundle refused), download_failed, blocked.",
+            labels=["result"],
+        )
+        if stats is not None:
+            for result, n in (
+                ("installed", stats.installs),
+                ("rejected", stats.rejections),
+                ("download_failed", stats.download_failures),
+                ("blocked", stats.blocked_skips),
+            ):
+                loads.add_metric([result], n)
+        yield loads
         req = CounterMetricFamily(
             "slmops_edge_http_requests", "HTTP requests by path and status.", labels=["path", "code"]
         )

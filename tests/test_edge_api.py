@@ -200,6 +200,7 @@ async def test_health_and_metrics_report_the_node(http: tuple[aiohttp.ClientSess
     count = next(s for s in latency.samples if s.name == "slmops_edge_predict_seconds_count")
     assert count.value == 1
     assert families["slmops_edge_predictions"].samples[0].value == 2
+    assert "slmops_edge_model_refreshes" in families
 
 
 @pytest.mark.anyio
