@@ -105,6 +105,7 @@ class Applier:
         #: Groups already reported as unregistered by this instance (one event each; the
         #: event id is deterministic, so a restart's repeat is dropped by the stream).
         self._unregistered_seen: set[str] = set()
+        self._clones_reported: set[tuple[str, str, str]] = set()
 
     async def _manifest(self, js: JetStreamContext, model: ModelRef) -> ModelManifest | None:
         """The model's manifest, cached: a found one for good (a version never changes), a
@@ -221,6 +222,12 @@ class Applier:
             return
         node.clones += 1
         self._count("clones")
+        key = (agg.fleet, agg.node, agg.install)
+        if key in self._clones_reported:
+            return  # counted; one event per (node, install) per instance is enough
+        if len(self._clones_reported) >= _MANIFEST_CACHE:
+            self._clones_reported.clear()
+        self._clones_reported.add(key)
         ops.append(
             self._ops_event(
                 agg.fleet,
