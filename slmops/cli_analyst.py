@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import anyio
 import click
 import msgspec
-import nats.errors
 
 from slmops.cli_common import fleet_id, nats_option, run
 
@@ -53,6 +52,8 @@ def baseline(
     (kind "baseline", reference "baseline:analyst-<n>") on slmops.drift.<fleet>."""
 
     async def main() -> None:
+        import nats.errors  # here, not at the top: `--help` imports no networking
+
         from slmops.cloud.analyst.baseline import BASELINE_SUBJECT, BaselineReply, BaselineRequest
         from slmops.shared.connect import connect_once
         from slmops.shared.messages import encode_json

@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import anyio
 import click
 
-from slmops.shared.connect import check_nats_url
 from slmops.shared.errors import BundleError, ConfigError, SlmopsError
 from slmops.shared.names import validate_id
 
@@ -26,6 +25,9 @@ T = TypeVar("T")
 
 
 def _nats_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    # Imported here: shared.connect imports nats (and nats aiohttp); `--help` must not.
+    from slmops.shared.connect import check_nats_url
+
     try:
         return check_nats_url(value)
     except ValueError as exc:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import click
 import msgspec
-from nats.js import JetStreamContext
 
 from slmops.cli_common import nats_option, run
 from slmops.shared.config import parse_duration
 
 if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
     from slmops.cloud.rollout import RolloutState
 
 __all__ = ["parse_percent", "parse_stages", "rollout"]

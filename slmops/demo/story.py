@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +236,8 @@ async def _story(
         # -- 2. cloud and nodes ---------------------------------------------------------------
         teller.enter(2)
         cloud_config = root / "cloud.toml"
-        # Demo-sized rollouts: two stages, 10 s of soak, gates judged on 200 inferences. The
+        # Demo-sized rollouts: two stages, 10 s of soak, gates judged on 200 inferences, 120 s
+        # for a node to install (MiniLM under load: download, verify, smoke tests). The
         # first stage takes one node of up to five, so that with three or more nodes one that is
         # online stays outside it as the control group (the offline one cannot be one). The
         # drift gate allows 0.3: the recalibrated version's reference holds priors estimated
@@ -243,7 +245,7 @@ async def _story(
         # 0.09-0.15 in demo runs); a version that answers one class is off by far more.
         cloud_config.write_text(
             "[drift]\nmin_count = 40\n\n[rollout]\nstages = [20, 100]\nsoak_s = 10.0\n"
-            "install_timeout_s = 20.0\nmin_samples = 200\nmax_drift_increase = 0.3\n"
+            "install_timeout_s = 120.0\nmin_samples = 200\nmax_drift_increase = 0.3\n"
         )
         await fleet.start_cloud(
             ["--key", str(model.private_key), "--recalibrate", "auto", "--config", str(cloud_config)]
@@ -320,11 +322,17 @@ async def _story(
                 # -- 5. the shift -------------------------------------------------------------
                 teller.enter(5)
                 shift_on.set()
+                shifted_at = datetime.now(UTC)
 
                 async def drift_opened() -> bool:
-                    return any(e.state == "opened" for e in story.drift_events)
+                    # The class mix's event, opened after the shift (a busy machine can open a
+                    # latency event earlier; that is not the story's shift).
+                    return any(
+                        e.state == "opened" and e.signal == "class_prior" and e.time >= shifted_at
+                        for e in story.drift_events
+                    )
 
-                await teller.until("a drift event", drift_opened, timeout=opts.phase_timeout)
+                await teller.until("a class-mix drift event", drift_opened, timeout=opts.phase_timeout)
 
                 # -- 6. recalibration and the first stage -------------------------------------
                 teller.enter(6)
