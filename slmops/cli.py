@@ -17,14 +17,45 @@ from slmops.shared.logging import configure_logging
 
 CONTEXT = {"auto_envvar_prefix": "SLMOPS", "help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+#: Options of the top-level command that may also be written after the subcommand
+#: (``slmops cloud --log-level debug``); name -> whether it takes a value.
+_ANYWHERE = {"--log-level": True, "--log-json": False, "--log-console": False}
 
-@click.group(context_settings=CONTEXT)
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``args`` with the top-level logging options moved to the front, wherever they were
+    written (up to a ``--``), so each subcommand accepts them too."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in _ANYWHERE:
+            takes_value = _ANYWHERE[name] and "=" not in arg
+            front += args[i : i + 2] if takes_value else [arg]
+            i += 2 if takes_value else 1
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
+class _Main(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
+
+@click.group(cls=_Main, context_settings=CONTEXT)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
-    help="Log verbosity.",
+    help="Log verbosity (may also follow the subcommand).",
 )
 @click.option(
     "--log-json/--log-console",

@@ -5,6 +5,7 @@ measures the time against `python -c pass`)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,3 +39,46 @@ def test_help_of_every_command_imports_no_heavy_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_log_options_are_accepted_after_the_subcommand_too() -> None:
+    from click.testing import CliRunner
+
+    from slmops.cli import hoist_global_options
+
+    assert hoist_global_options(["fleet", "status", "--log-level", "debug", "--json"]) == [
+        "--log-level", "debug", "fleet", "status", "--json"]  # fmt: skip
+    assert hoist_global_options(["schema", "--log-level=error", "--log-console"]) == [
+        "--log-level=error", "--log-console", "schema"]  # fmt: skip
+    assert hoist_global_options(["edge", "--", "--log-level"]) == ["edge", "--", "--log-level"]
+    ok = CliRunner().invoke(main, ["schema", "--log-level", "warning"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(main, ["schema", "--log-level", "loud"])
+    assert bad.exit_code == 2  # a usage error
+    assert "'loud' is not one of" in bad.output
+
+
+def test_the_readme_command_table_names_every_command_and_documents_completion() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `slmops ")]
+    for path in _commands(main, []):
+        if not path or isinstance(_lookup(path), click.Group):
+            continue
+        head, *sub = path
+        assert any(f"`slmops {head}" in row and all(s in row for s in sub) for row in rows), path
+    assert "_SLMOPS_COMPLETE=bash_source slmops" in readme
+    slmops = str(Path(sys.executable).parent / "slmops")  # the installed entry point
+    script = subprocess.run([slmops], env={**os.environ, "_SLMOPS_COMPLETE": "bash_source"},
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert script.returncode == 0
+    assert "_SLMOPS_COMPLETE=bash_complete" in script.stdout
+
+
+def _lookup(path: list[str]) -> click.Command:
+    cmd: click.Command = main
+    for name in path:
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.commands[name]
+    return cmd
