@@ -255,8 +255,13 @@ class Registry:
         if data is None:
             obj = names.model_object_name(model, version, variant)
             archive = work / "bundle.tar"
-            with archive.open("wb") as f:
-                await self._call(f"fetch {obj}", store.get(obj, writeinto=f))
+            # Streamed to disk by shared.objects: unlike store.get(writeinto=), a timeout or
+            # cancellation leaves no subscription filling memory behind.
+            f = await anyio.to_thread.run_sync(archive.open, "wb")
+            try:
+                await self._call(f"fetch {obj}", fetch_object(self._js, names.MODELS_BUCKET, obj, f))
+            finally:
+                f.close()  # at once: an await here would not run under cancellation
             return await anyio.to_thread.run_sync(unpack_archive, archive, work / "bundle")
         index = decode_json(data, BundleIndex)
         raw = await self._object_bytes(store, index.manifest_sha256)

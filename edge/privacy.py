@@ -23,7 +23,13 @@ import numpy as np
 import numpy.typing as npt
 
 from slmops.shared.histogram import Histogram, bin_index
-from slmops.shared.messages import EmbeddingStats, HistogramEdges, Privacy, TelemetryAggregate
+from slmops.shared.messages import (
+    EmbeddingHistograms,
+    EmbeddingStats,
+    HistogramEdges,
+    Privacy,
+    TelemetryAggregate,
+)
 from slmops.shared.vocabulary import DP_SENSITIVITY
 
 __all__ = [
@@ -173,7 +179,8 @@ def add_noise(
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     # An embedding inference changes one bin per direction, the norm, length and latency bins.
-    sensitivity = max(SENSITIVITY, len(agg.embedding_projections) + 3) if agg.embedding_norm else SENSITIVITY
+    emb = agg.embedding
+    sensitivity = max(SENSITIVITY, len(emb.projections) + 3) if emb is not None else SENSITIVITY
     if agg.out_of_scope:  # ... and one out-of-scope cell
         sensitivity += SENSITIVITY_OOS - SENSITIVITY
     alpha = math.exp(-epsilon / sensitivity)
@@ -204,8 +211,11 @@ def add_noise(
             )
         ],
         privacy=Privacy(k=agg.privacy.k, epsilon=epsilon, mechanism="geometric", sensitivity=sensitivity),
-        embedding_projections=[noisy(h) for h in agg.embedding_projections],
-        embedding_norm=noisy(agg.embedding_norm) if agg.embedding_norm is not None else None,
+        embedding=(
+            EmbeddingHistograms(projections=[noisy(h) for h in emb.projections], norm=noisy(emb.norm))
+            if emb is not None
+            else None
+        ),
     )
 
 
@@ -225,6 +235,11 @@ def suppress(agg: TelemetryAggregate) -> TelemetryAggregate:
         feedback={},
         out_of_scope=[],
         privacy=Privacy(k=agg.privacy.k, epsilon=None, mechanism="suppressed"),
-        embedding_projections=[empty(h) for h in agg.embedding_projections],
-        embedding_norm=empty(agg.embedding_norm) if agg.embedding_norm is not None else None,
+        embedding=(
+            EmbeddingHistograms(
+                projections=[empty(h) for h in agg.embedding.projections], norm=empty(agg.embedding.norm)
+            )
+            if agg.embedding is not None
+            else None
+        ),
     )

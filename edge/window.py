@@ -20,6 +20,7 @@ from slmops.edge.privacy import unpack_bins
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
     OOS_CELLS,
+    EmbeddingHistograms,
     EmbeddingStats,
     HistogramEdges,
     ModelRef,
@@ -138,8 +139,7 @@ def build_aggregate(
         feedback=fb,
         privacy=Privacy(k=k),
         install=install,
-        embedding_projections=proj,
-        embedding_norm=norm,
+        embedding=EmbeddingHistograms(projections=proj, norm=norm) if norm is not None else None,
         out_of_scope=oos,
     )
 
@@ -155,9 +155,24 @@ def mergeable(a: TelemetryAggregate, b: TelemetryAggregate) -> bool:
         and a.confidence.edges == b.confidence.edges
         and a.input_length.edges == b.input_length.edges
         and a.latency_ms.edges == b.latency_ms.edges
-        and [h.edges for h in a.embedding_projections] == [h.edges for h in b.embedding_projections]
-        and (a.embedding_norm is None) == (b.embedding_norm is None)
+        and _embedding_edges(a) == _embedding_edges(b)
         and len(a.out_of_scope) == len(b.out_of_scope)
+    )
+
+
+def _embedding_edges(a: TelemetryAggregate) -> list[list[float]] | None:
+    e = a.embedding
+    return None if e is None else [h.edges for h in e.projections] + [e.norm.edges]
+
+
+def _merge_embedding(
+    a: EmbeddingHistograms | None, b: EmbeddingHistograms | None
+) -> EmbeddingHistograms | None:
+    if a is None or b is None:
+        return a or b
+    return EmbeddingHistograms(
+        projections=[x.merge(y) for x, y in zip(a.projections, b.projections, strict=True)],
+        norm=a.norm.merge(b.norm),
     )
 
 
@@ -194,14 +209,7 @@ def merge(a: TelemetryAggregate, b: TelemetryAggregate) -> TelemetryAggregate:
         windows=a.windows + b.windows,
         dropped_inferences=a.dropped_inferences + b.dropped_inferences,
         dropped_aggregates=a.dropped_aggregates + b.dropped_aggregates,
-        embedding_projections=[
-            x.merge(y) for x, y in zip(a.embedding_projections, b.embedding_projections, strict=True)
-        ],
-        embedding_norm=(
-            a.embedding_norm.merge(b.embedding_norm)
-            if a.embedding_norm is not None and b.embedding_norm is not None
-            else a.embedding_norm or b.embedding_norm
-        ),
+        embedding=_merge_embedding(a.embedding, b.embedding),
         out_of_scope=[x + y for x, y in zip(a.out_of_scope, b.out_of_scope, strict=True)],
     )
 

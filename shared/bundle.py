@@ -186,7 +186,7 @@ _NEW_FIELDS: dict[str, Any] = {
 }
 _NEW_NESTED: dict[str, dict[str, Any]] = {
     "preprocessing": {"tokenizer": "tokenizer.json", "input_names": {}},
-    "reference": {"embedding_projections": [], "embedding_norm": None},
+    "reference": {"embedding": None},
 }
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "BundleIndex",
     "DeviceProfile",
     "DriftEvent",
+    "EmbeddingHistograms",
     "EmbeddingStats",
     "HeldOutScores",
     "HistogramEdges",
@@ -103,6 +104,15 @@ class OutOfScopeSpec(Wire, kw_only=True):
     count: int
 
 
+class EmbeddingHistograms(Wire, kw_only=True):
+    """An embedding model's traffic, privacy-safe: per fixed direction of
+    ``ModelManifest.embedding``, the histogram of the embeddings' projections on it, and the
+    histogram of their norms before normalisation."""
+
+    projections: list[Histogram]
+    norm: Histogram
+
+
 class TelemetryAggregate(Wire, kw_only=True):
     """One window of one node's privacy-filtered inference statistics (msgpack)."""
 
@@ -135,11 +145,9 @@ class TelemetryAggregate(Wire, kw_only=True):
     #: directory in the same SQLite database as ``seq``, so a wiped or quarantined database
     #: starts a new ``seq`` epoch. "" = an old node (the legacy epoch).
     install: str = ""
-    #: Embedding models (``ModelManifest.embedding``): per fixed direction, the histogram of the
-    #: served embeddings' projections on it, and the histogram of their norms (before
-    #: normalisation). Empty/None for classifiers and old nodes.
-    embedding_projections: list[Histogram] = []
-    embedding_norm: Histogram | None = None
+    #: Embedding models (``ModelManifest.embedding``): the served embeddings' statistics.
+    #: None for classifiers and old nodes.
+    embedding: EmbeddingHistograms | None = None
     #: Inferences per combination of out-of-scope signs (index = OR of the ``OOS_*`` bits,
     #: ``OOS_CELLS`` counts, DP-noised like the histograms); [] = not counted (an old node,
     #: or a model without ``ModelManifest.out_of_scope``).
@@ -265,8 +273,7 @@ class ReferenceProfile(Wire, kw_only=True):
     source: str = "held-out"
     held_out: HeldOutScores | None = None
     #: Embedding models: the held-out texts' projection and norm histograms (as in aggregates).
-    embedding_projections: list[Histogram] = []
-    embedding_norm: Histogram | None = None
+    embedding: EmbeddingHistograms | None = None
 
 
 class SmokeTest(Wire, kw_only=True):

@@ -68,10 +68,10 @@ async def test_embed_answers_normalised_vectors_and_aggregates_embedding_statist
     assert (agg.count, agg.errors, agg.class_counts) == (5, 0, {})
     assert want.norms is not None
     projections, norm = embedding_histograms(stats, want.values, want.norms)
-    assert [h.counts for h in agg.embedding_projections] == [h.counts for h in projections]
-    assert agg.embedding_norm is not None
-    assert agg.embedding_norm.counts == norm.counts
-    assert all(h.total == 5 for h in agg.embedding_projections)
+    assert agg.embedding is not None
+    assert [h.counts for h in agg.embedding.projections] == [h.counts for h in projections]
+    assert agg.embedding.norm.counts == norm.counts
+    assert all(h.total == 5 for h in agg.embedding.projections)
     assert agg.input_length.total == 5
 
 
@@ -100,7 +100,8 @@ async def test_a_non_finite_embedding_is_an_error(tmp_path: Path, keys: Keys, fl
         assert body["error"]["code"] == "non_finite_output"
         agg = await _aggregate(node)
     assert (agg.count, agg.errors) == (2, 2)
-    assert all(h.total == 0 for h in agg.embedding_projections)
+    assert agg.embedding is not None
+    assert all(h.total == 0 for h in agg.embedding.projections)
 
 
 @pytest.mark.anyio
@@ -117,11 +118,13 @@ async def test_embedding_statistics_merge_and_are_noised_and_suppressed(
         first, second = (decode_telemetry(p) for _, p in await node.buffer.outbox_take(5))
     assert (first.count, second.count) == (3, 2)
     both = merge(first, second)
-    assert [h.total for h in both.embedding_projections] == [first.count + second.count] * 4
+    assert both.embedding is not None
+    assert [h.total for h in both.embedding.projections] == [first.count + second.count] * 4
     noised = add_noise(both, 1.0, np.random.default_rng(0), [])
     assert noised.privacy.mechanism == "geometric"
-    assert [h.counts for h in noised.embedding_projections] != [h.counts for h in both.embedding_projections]
+    assert noised.embedding is not None
+    assert [h.counts for h in noised.embedding.projections] != [h.counts for h in both.embedding.projections]
     hidden = suppress(both)
-    assert all(h.total == 0 for h in hidden.embedding_projections)
-    assert hidden.embedding_norm is not None
-    assert hidden.embedding_norm.total == 0
+    assert hidden.embedding is not None
+    assert all(h.total == 0 for h in hidden.embedding.projections)
+    assert hidden.embedding.norm.total == 0

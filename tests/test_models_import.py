@@ -130,9 +130,9 @@ def test_an_embedding_model_imports_with_optional_labels(
     assert m.reference.class_counts == {"b": 1}
     assert m.embedding is not None
     assert len(m.embedding.directions) == 4
-    assert [h.total for h in m.reference.embedding_projections] == [3] * 4
-    assert m.reference.embedding_norm is not None
-    assert m.reference.embedding_norm.total == 3
+    assert m.reference.embedding is not None
+    assert [h.total for h in m.reference.embedding.projections] == [3] * 4
+    assert m.reference.embedding.norm.total == 3
     s = verify_bundle(read_bundle(tmp_path / "out"), TrustStore([key.public_key()]))
     v = s.run(["alpha", "gamma"]).values
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)

@@ -34,6 +34,7 @@ from slmops.shared.bundle import Bundle, FileData, TrustStore, read_bundle, writ
 from slmops.shared.errors import BundleError
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
+    EmbeddingHistograms,
     EmbeddingStats,
     HistogramEdges,
     ModelManifest,
@@ -224,8 +225,7 @@ def _embedding_reference(
         confidence=Histogram.empty(edges.confidence),
         input_length=Histogram.of(edges.input_length, out.lengths),
         source="held-out (embedding)",
-        embedding_projections=projections,
-        embedding_norm=norm,
+        embedding=EmbeddingHistograms(projections=projections, norm=norm),
     )
     return profile, stats
 

@@ -170,7 +170,7 @@ async def _measure(
         registry = Registry(js, url=server.url)
         for b in [*bundles, big]:
             await registry.push(b, trust)
-        out = [await _delivery(js, tmp, big)]
+        out = [await _delivery(js, tmp, big, trust)]
         async with TcpProxy("127.0.0.1", server.port) as proxy, AsyncExitStack() as stack:
             followers = [_Follower(i, proxy.url, tmp / "nodes" / f"n{i:03d}", trust) for i in range(n_nodes)]
             for f in followers:
@@ -244,7 +244,7 @@ async def _reconnect(
     }
 
 
-async def _delivery(js: Any, tmp: Path, big: Bundle) -> dict[str, object]:
+async def _delivery(js: Any, tmp: Path, big: Bundle, trust: TrustStore) -> dict[str, object]:
     ref = big.manifest.ref
     obj = names.model_object_name(ref.name, ref.version, ref.variant)
 
@@ -260,7 +260,7 @@ async def _delivery(js: Any, tmp: Path, big: Bundle) -> dict[str, object]:
         node="dl",
         link=dummy_link,
         report=noop,
-        models=ModelManager(tmp / "dl-cache", TrustStore(), register=register),
+        models=ModelManager(tmp / "dl-cache", trust, register=register),  # unpacked signature-first
     )
     project: list[float] = []
     baseline: list[float] = []
