@@ -434,8 +434,8 @@ class EdgeNode:
         ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
         self._check_task("embedding", "/v1/embed")
         results = await self._infer(texts)
-        refs = {r.model.ref for r in results}
-        if any(r.vectors is None for r in results) or len(refs) > 1:
+        first = results[0].model.ref
+        if any(r.vectors is None or r.model.ref != first for r in results):
             # the model was swapped (for a classifier, or between slices) meanwhile
             raise InvalidInput("model", "the model changed during the request; send it again")
         return EmbeddingsOut(

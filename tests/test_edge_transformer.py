@@ -5,6 +5,7 @@ that gives NaN for some inputs answers an error for those texts and counts them 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from _edge_util import Keys, edge_config
 from slmops.edge.api import ApiServer, serve_api
 from slmops.edge.inference import InferenceFailed
 from slmops.edge.node import EdgeNode
+from slmops.edge.window import merge
 from slmops.shared.bundle import TrustStore, read_bundle
 from slmops.shared.messages import TelemetryAggregate, decode_telemetry
 from slmops.shared.runtime import _length_groups, load_session, verify_bundle
@@ -30,9 +32,11 @@ def keys(tmp_path: Path) -> Keys:
 
 
 async def _aggregate(node: EdgeNode) -> TelemetryAggregate:
-    assert await node.windower.tick() == 1
-    ((_, payload),) = await node.buffer.outbox_take(5)
-    return decode_telemetry(payload)
+    # The windower may have closed a window on its own (boundaries are wall-clock minutes).
+    await node.windower.tick()
+    aggs = [decode_telemetry(payload) for _, payload in await node.buffer.outbox_take(50)]
+    assert aggs
+    return functools.reduce(merge, aggs)
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
