@@ -37,7 +37,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from slmops.shared.capabilities import requirements_of
 from slmops.shared.errors import BundleError
-from slmops.shared.messages import BundleFile, ModelManifest, Signature
+from slmops.shared.messages import (
+    BundleFile,
+    HistogramEdges,
+    ModelManifest,
+    Preprocessing,
+    ReferenceProfile,
+    Signature,
+    SmokeTest,
+    TensorSpec,
+)
 
 __all__ = [
     "MANIFEST_FILE",
@@ -174,35 +183,61 @@ def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> ModelManif
     return msgspec.structs.replace(unsigned, signature=_signature_value(key, msgspec.json.encode(unsigned)))
 
 
-#: Manifest fields added after 06cfd20 (nested ones under their parent), with the values
-#: that mean "as before".
-_NEW_FIELDS: dict[str, Any] = {
-    "files": [],
-    "task": "classification",
-    "output": "",
-    "output_kind": "probs",
-    "requires": None,
-    "embedding": None,
+#: The fields of the manifest (and of its nested messages) as build 06cfd20 knew them: any
+#: other field is newer, and means "as before" only at its default value.
+_OLD_MANIFEST = frozenset(
+    {
+        "v", "name", "version", "variant", "sha256", "size_bytes", "inputs", "outputs", "preprocessing",
+        "labels", "edges", "reference", "smoke_tests", "min_memory_mb", "parent_version", "created",
+        "notes", "signature",
+    }
+)  # fmt: skip
+_OLD_REFERENCE = frozenset(
+    {
+        "count", "class_counts", "confidence", "input_length", "latency_ms", "accuracy", "confusion",
+        "priors", "source", "held_out",
+    }
+)  # fmt: skip
+_OLD_PREPROCESSING = frozenset({"kind", "buckets", "max_tokens", "word_ngrams", "char_ngrams", "lowercase"})
+_OLD_TENSOR = frozenset({"name", "dtype", "shape"})
+_LEGACY_FIELDS: dict[str, tuple[type[msgspec.Struct], frozenset[str]]] = {
+    "": (ModelManifest, _OLD_MANIFEST),
+    "preprocessing": (Preprocessing, _OLD_PREPROCESSING),
+    "reference": (ReferenceProfile, _OLD_REFERENCE),
+    "edges": (HistogramEdges, frozenset({"confidence", "input_length", "latency_ms"})),
+    "inputs[]": (TensorSpec, _OLD_TENSOR),
+    "outputs[]": (TensorSpec, _OLD_TENSOR),
+    "smoke_tests[]": (SmokeTest, frozenset({"text", "label", "probs", "tolerance"})),
 }
-_NEW_NESTED: dict[str, dict[str, Any]] = {
-    "preprocessing": {"tokenizer": "tokenizer.json", "input_names": {}},
-    "reference": {"embedding": None},
-}
+
+
+def _default(struct: type[msgspec.Struct], name: str) -> Any:
+    for f in msgspec.structs.fields(struct):
+        if f.name == name:
+            if f.default is not msgspec.NODEFAULT:
+                return msgspec.to_builtins(f.default)
+            if f.default_factory is not msgspec.NODEFAULT:
+                return msgspec.to_builtins(f.default_factory())
+    return msgspec.NODEFAULT  # required, or unknown to this build: never "as before"
 
 
 def _strip_new(doc: dict[str, Any], *, strict: bool) -> None:
-    """Remove, in place, the fields added after 06cfd20 that hold their "as before" value;
-    with ``strict``, raise ``ValueError`` for one that does not."""
-    for spec, where in [(_NEW_FIELDS, doc)] + [
-        (fields, doc[parent]) for parent, fields in _NEW_NESTED.items() if isinstance(doc.get(parent), dict)
-    ]:
-        for name, default in spec.items():
-            if name not in where:
-                continue
-            if where[name] == default:
-                del where[name]
-            elif strict:
-                raise ValueError(f"field {name!r} is set: not a bundle for the legacy runtime")
+    """Remove, in place, the fields 06cfd20 did not know that hold their default value; with
+    ``strict``, raise ``ValueError`` for one that does not."""
+    for path, (struct, known) in _LEGACY_FIELDS.items():
+        if not path:
+            targets = [doc]
+        elif path.endswith("[]"):
+            items = doc.get(path[:-2])
+            targets = [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
+        else:
+            targets = [doc[path]] if isinstance(doc.get(path), dict) else []
+        for where in targets:
+            for name in [k for k in where if k not in known]:
+                if where[name] == _default(struct, name):
+                    del where[name]
+                elif strict:
+                    raise ValueError(f"field {name!r} is set: not a bundle for the legacy runtime")
 
 
 def _legacy_signed(manifest: ModelManifest, key: Ed25519PrivateKey) -> bytes:
