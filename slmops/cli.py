@@ -124,6 +124,10 @@ from slmops.cli_demo import demo as _demo  # noqa: E402
 
 main.add_command(_demo)
 
+from slmops.cli_traffic import traffic as _traffic  # noqa: E402
+
+main.add_command(_traffic)
+
 from slmops.cli_rollout import rollout as _rollout  # noqa: E402
 
 main.add_command(_rollout)
