@@ -5,12 +5,13 @@ one backoff helper."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import anyio
 import pytest
 from nats.js import JetStreamContext
-from structlog.testing import capture_logs
 
+from slmops.shared import jetstream
 from slmops.shared.backoff import Backoff
 from slmops.shared.errors import JetStreamRefused, NotFound, WrongLastSequence
 from slmops.shared.jetstream import ensure_kv, nats_errors, stream_info
@@ -31,9 +32,20 @@ async def test_kv_errors_come_out_as_ours(js: JetStreamContext, fleet: str) -> N
         await js.key_value(f"nope_{fleet}")
 
 
+class _Recorder:
+    """Stands in for the module's structlog logger: keeps each event and its fields (a
+    process-wide log level set by another test cannot hide them)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.events.append({"event": event, "level": level, **kw})
+
+
 @pytest.mark.anyio
 async def test_ensure_kv_is_concurrent_safe_and_keeps_an_existing_config(
-    js: JetStreamContext, fleet: str
+    js: JetStreamContext, fleet: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = f"c_{fleet}"
     made = []
@@ -45,8 +57,10 @@ async def test_ensure_kv_is_concurrent_safe_and_keeps_an_existing_config(
         for _ in range(4):
             tg.start_soon(one)
     assert len(made) == 4
-    with capture_logs() as logs:
-        await ensure_kv(js, bucket, history=1, ttl=60)
+    recorder = _Recorder()
+    monkeypatch.setattr(jetstream, "log", recorder)
+    await ensure_kv(js, bucket, history=1, ttl=60)
+    logs = recorder.events
     info = await stream_info(js, f"KV_{bucket}")
     assert info is not None
     assert info.config.max_msgs_per_subject == 3  # kept, not overwritten
