@@ -62,6 +62,7 @@ def bench(
     recalibration  accuracy on label-shifted traffic: recalibrated vs unchanged model
     fuzz      hypothesis, 10,000 examples each: every wire decoder and the whole cloud
               ingest path (decode, checks, state, detectors); reports escapes (must be 0)
+    cli       `slmops --help` and subcommands' --help vs `python -c pass` (median seconds)
     demo      `slmops demo` --runs times under --load busy processes: each run's outcome,
               wall time, model warm (cached) or cold (built); not part of `all`
     chaos     real server, cloud and edges under seeded faults (link cuts, kill -9 of edges,

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import click
+import pytest
 
 from slmops.cli import main
 
@@ -82,3 +83,16 @@ def _lookup(path: list[str]) -> click.Command:
         assert isinstance(cmd, click.Group)
         cmd = cmd.commands[name]
     return cmd
+
+
+def test_bench_cli_times_help_against_a_bare_interpreter() -> None:
+    from slmops.bench import REQUIRED_KEYS
+    from slmops.bench.cli import _runs
+
+    results = _runs(1)
+    assert results[0]["scenario"] == "cli slmops --help"
+    for r in results:
+        assert all(k in r for k in REQUIRED_KEYS)
+        assert r["project"] > 0
+        assert r["baseline"] > 0
+        assert r["ratio"] == pytest.approx(r["project"] / r["baseline"], rel=0.05)

@@ -12,7 +12,7 @@ import importlib
 import platform
 from typing import Any
 
-SCENARIOS = ("edge", "buffer", "ingest", "drift", "refresh", "recalibration", "fuzz")
+SCENARIOS = ("edge", "buffer", "ingest", "drift", "refresh", "recalibration", "fuzz", "cli")
 #: Scenarios run only when named (not by ``all``): they take many minutes.
 LONG_SCENARIOS = ("demo",)
 REQUIRED_KEYS = ("scenario", "project", "baseline", "ratio", "units")
