@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM
 
 if TYPE_CHECKING:
-    from slmops.cloud.service import CloudService
+    from slmops.cloud.analyst.view import ServiceView
 
 __all__ = ["CONTENT_TYPE", "CloudCollector", "MetricsRefresher", "exposition", "registry_for"]
 
@@ -57,7 +57,7 @@ class MetricsRefresher:
     """What a scrape cannot compute in the loop: stream lag, rollouts by state, drift events
     by kind/signal/state, dead letters by kind. ``run`` in the active instance."""
 
-    def __init__(self, svc: CloudService, interval: float = 5.0) -> None:
+    def __init__(self, svc: ServiceView, interval: float = 5.0) -> None:
         self.svc = svc
         self.interval = interval
         self.lag_messages: float = 0.0
@@ -137,7 +137,7 @@ def _aware(t: datetime) -> datetime:
 class CloudCollector(Collector):
     """The service's metrics, computed at scrape time (see the module docstring)."""
 
-    def __init__(self, svc: CloudService, refresher: MetricsRefresher) -> None:
+    def __init__(self, svc: ServiceView, refresher: MetricsRefresher) -> None:
         self.svc = svc
         self.refresher = refresher
 
@@ -249,7 +249,7 @@ class CloudCollector(Collector):
         yield receipts
 
 
-def registry_for(svc: CloudService, refresher: MetricsRefresher) -> CollectorRegistry:
+def registry_for(svc: ServiceView, refresher: MetricsRefresher) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(CloudCollector(svc, refresher))
     return reg

@@ -37,8 +37,8 @@ from slmops.cloud.drift.stats import noise_tv, total_variation
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_json
 
 if TYPE_CHECKING:
+    from slmops.cloud.analyst.view import ServiceView
     from slmops.cloud.drift.units import Group, RoundRecord
-    from slmops.cloud.service import CloudService
 
 __all__ = ["OPENAPI", "build_app", "serve_http"]
 
@@ -57,7 +57,7 @@ def _iso(t: datetime | None) -> str | None:
 
 
 class _Console:
-    def __init__(self, svc: CloudService, refresher: MetricsRefresher, token: str | None) -> None:
+    def __init__(self, svc: ServiceView, refresher: MetricsRefresher, token: str | None) -> None:
         self.svc = svc
         self.refresher = refresher
         self.token = token
@@ -342,7 +342,7 @@ class _Console:
         return _json({"versions": out})
 
 
-def build_app(svc: CloudService, refresher: MetricsRefresher, token: str | None) -> web.Application:
+def build_app(svc: ServiceView, refresher: MetricsRefresher, token: str | None) -> web.Application:
     c = _Console(svc, refresher, token)
     app = web.Application(middlewares=[c.auth])
     app.router.add_get("/", c.index)
@@ -360,7 +360,7 @@ def build_app(svc: CloudService, refresher: MetricsRefresher, token: str | None)
 
 
 async def serve_http(
-    svc: CloudService, refresher: MetricsRefresher, *, task_status: TaskStatus[tuple[str, int]]
+    svc: ServiceView, refresher: MetricsRefresher, *, task_status: TaskStatus[tuple[str, int]]
 ) -> None:
     """Serve ``build_app`` on ``svc.config.http`` until cancelled; reports the bound
     (host, port) (port 0 picks one). ``OSError`` naming the address when it cannot bind."""

@@ -12,7 +12,7 @@ from slmops.shared.messages import RolloutEvent
 
 if TYPE_CHECKING:
     from slmops.demo.fleet import NodeProc
-    from slmops.demo.story import Story
+    from slmops.demo.state import Story
 
 __all__ = ["StoryFailed", "log_line", "rollout_failure", "summary"]
 

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ import nats
 
 from slmops.demo.fleet import Fleet, NodeProc, slmops_cmd
 from slmops.demo.report import StoryFailed, rollout_failure, summary
+from slmops.demo.state import PHASES, Story
 from slmops.demo.traffic import Traffic, raw_event_bytes
 from slmops.shared.bundle import load_private_key, new_keypair, read_bundle
 from slmops.shared.logging import get_logger
@@ -56,16 +57,6 @@ FLEET = "demo"
 
 #: The story's phases, numbered 1..8 in this order (the live view and the one-line-per-phase
 #: output number them the same way).
-PHASES = (
-    "building the model",
-    "starting the cloud and {nodes} nodes",
-    "steady state",
-    "{offline} loses its link, keeps serving and buffering",
-    "traffic shifts on {shifted} of {nodes} nodes: waiting for a drift event",
-    "the cloud recalibrates and rolls out a new version: waiting for its first stage",
-    "{offline} reconnects: drains its buffer, installs the new version with the last stage",
-    "draining: every inference counted once",
-)
 
 
 @dataclass
@@ -88,33 +79,6 @@ class DemoOptions:
     cache_dir: Path | None = None
     #: "minilm" (the default model) or "ngram" (the small hashed n-gram model, built in seconds).
     arch: str = "minilm"
-
-
-@dataclass
-class Story:
-    """What happened, for the live view and the summary."""
-
-    phase: str = "starting"
-    #: 1-based number of the current phase (0 before the first).
-    number: int = 0
-    total: int = len(PHASES)
-    started: float = field(default_factory=time.monotonic)
-    phase_started: float = field(default_factory=time.monotonic)
-    #: (number, title, seconds it took) of every finished phase.
-    done: list[tuple[int, str, float]] = field(default_factory=list)
-    drift_events: list[DriftEvent] = field(default_factory=list)
-    rollout_events: list[RolloutEvent] = field(default_factory=list)
-    bytes_sent: int = 0
-    messages_sent: int = 0
-    offline_outbox_peak: int = 0
-    model_cached: bool | None = None
-    checks: dict[str, bool] = field(default_factory=dict)
-    failure: dict[str, str] | None = None
-    notes: list[str] = field(default_factory=list)
-    workdir: Path | None = None
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
 
 
 Update = Callable[[Story, Fleet | None], None]

@@ -10,7 +10,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from slmops.demo.fleet import Fleet
-    from slmops.demo.story import Story
+    from slmops.demo.state import Story
 
 __all__ = ["phase_line", "render"]
 
