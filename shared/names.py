@@ -6,6 +6,7 @@ import re
 
 __all__ = [
     "ASSIGNMENTS_BUCKET",
+    "BASELINE_SUBJECT",
     "DEADLETTER_STREAM",
     "DEADLETTER_SUBJECT",
     "DRIFT_ALL",
@@ -67,6 +68,8 @@ STATUS_ALL = "slmops.status.>"
 DRIFT_ALL = "slmops.drift.>"
 ROLLOUT_ALL = "slmops.rollout.>"
 EVENTS_ALL = "slmops.events.>"
+#: Request/reply subject on which the active cloud sets a drift baseline for an analyst.
+BASELINE_SUBJECT = "slmops.cloud.baseline"
 #: The assignment key token that applies to every node of a fleet without a key of its own.
 #: Node ids may not start with "_", so it cannot collide with a node.
 FLEET_WIDE = "_fleet"

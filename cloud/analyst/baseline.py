@@ -21,13 +21,14 @@ from nats.aio.msg import Msg
 
 from slmops.cloud.ingest.apply import Applier
 from slmops.cloud.ingest.events import encode_event
+from slmops.shared import names
 from slmops.shared.messages import DriftEvent
 
 __all__ = ["BASELINE_SUBJECT", "BaselineReply", "BaselineRequest", "serve_baselines", "set_baseline"]
 
 log = structlog.get_logger(__name__)
 
-BASELINE_SUBJECT = "slmops.cloud.baseline"
+BASELINE_SUBJECT = names.BASELINE_SUBJECT
 
 
 class BaselineRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
