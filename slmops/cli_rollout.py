@@ -16,7 +16,7 @@ import anyio
 import click
 import msgspec
 
-from slmops.cli_common import nats_option, run
+from slmops.cli_common import fleet_id, nats_option, run
 from slmops.shared.config import parse_duration
 
 if TYPE_CHECKING:
@@ -173,6 +173,42 @@ def status(nats_url: str, fleet: str | None, as_json: bool) -> None:
         return
     for s in states:
         _print_state(s)
+
+
+@rollout.command()
+@nats_option
+@click.option("--fleet", default=None, callback=fleet_id, help="Only this fleet (default: every fleet).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per rollout, per line.")
+def history(nats_url: str, fleet: str | None, as_json: bool) -> None:
+    """Every rollout, oldest first: versions, when, its outcome and why it started and ended
+    (also rollouts the cloud started itself to answer drift, and those a later one replaced)."""
+    from slmops.cloud.rollout.history import rollout_history
+
+    async def go() -> list[Any]:
+        async with _jetstream(nats_url) as js:
+            return await rollout_history(js, fleet, url=nats_url)
+
+    records = run(go) or []
+    if as_json:
+        for r in records:
+            click.echo(json.dumps(msgspec.to_builtins(r)))
+        return
+    if not records:
+        click.echo("no rollouts")
+        return
+    for r in records:
+        started = r.started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"{started}Z  {r.fleet}  {r.model} v{r.previous_version} → v{r.version}  {r.outcome:<11} "
+            f"stage {r.stage} ({r.percent}%)  {r.rollout}"
+        )
+        if r.trigger:
+            click.echo(f"    started: {r.trigger}")
+        if r.reason:
+            click.echo(f"    {'ended' if r.outcome != 'running' else 'last'}: {r.reason}")
+
+
+rollout.add_command(history, name="list")
 
 
 def _print_state(s: RolloutState) -> None:

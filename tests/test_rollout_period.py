@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 import structlog
@@ -328,3 +329,55 @@ async def test_latency_is_judged_on_the_whole_soak_while_errors_roll_back_at_onc
     assert got[0].status == "rolled_back"
     assert got[0].reason.startswith("gate failed: latency_p95 fail: canary 48.5 vs control 4.85 (limit 1.5)")
     assert events.kinds[-2:] == ["gate_failed", "rolled_back"]
+
+
+@pytest.mark.anyio
+async def test_rollout_history_lists_every_rollout_its_outcome_and_why(
+    nats_server: object, js: JetStreamContext, fleet: str
+) -> None:
+    """Two rollouts of one fleet — an operator's that a gate rolled back, then the cloud's own
+    recalibration rollout that completed — and one still running; an undecodable event is
+    skipped. `slmops rollout history` (and its alias `list`) shows the same."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+    from slmops.cloud.rollout.history import rollout_history
+    from slmops.shared.messages import encode_json
+    from slmops.shared.names import rollout_subject
+
+    def ev(rollout: str, state: str, t: float, version: int, **kw: object) -> RolloutEvent:
+        return RolloutEvent(rollout=rollout, fleet=fleet, model="m", version=version,
+                            previous_version=version - 1, state=state,
+                            time=datetime.fromtimestamp(t, UTC), **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    why = "gate failed: error_rate fail: canary 0.2 vs control 0.01"
+    events = [
+        ev("r1", "started", T0, 2),
+        ev("r1", "stage_started", T0 + 1, 2, percent=5),
+        ev("r1", "gate_failed", T0 + 60, 2, percent=5, reason=why),
+        ev("r1", "rolled_back", T0 + 60, 2, percent=5, reason=why),
+        ev("r2", "started", T0 + 100, 3, reason="trigger=drift demo.fleet._.m.2.fp32.class_prior.1.opened"),
+        ev("r2", "stage_passed", T0 + 160, 3, stage=1, percent=100),
+        ev("r2", "completed", T0 + 160, 3, stage=1, percent=100),
+        ev("r3", "started", T0 + 200, 4),
+    ]  # fmt: skip
+    for e in events[:4]:
+        await js.publish(rollout_subject(fleet), encode_json(e))
+    await js.publish(rollout_subject(fleet), b"{not json")
+    for e in events[4:]:
+        await js.publish(rollout_subject(fleet), encode_json(e))
+    records = await rollout_history(js, fleet)
+    assert [(r.rollout, r.outcome, r.version, r.stage) for r in records] == [
+        ("r1", "rolled_back", 2, 1), ("r2", "completed", 3, 2), ("r3", "running", 4, 1)]  # fmt: skip
+    assert records[0].reason.startswith("gate failed: error_rate fail: canary 0.2 vs control 0.01")
+    assert records[1].trigger.startswith("trigger=drift")
+    url = nats_server.url  # type: ignore[attr-defined]
+    for name in ("history", "list"):
+        result = await anyio.to_thread.run_sync(
+            lambda n=name: CliRunner().invoke(main, ["rollout", n, "--nats", url, "--fleet", fleet])  # type: ignore[misc]
+        )
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.output.splitlines() if not line.startswith("{")]  # not logs
+        assert "rolled_back" in lines[0]
+        assert "completed" in lines[2]
+        assert "m v2 → v3" in lines[2]
