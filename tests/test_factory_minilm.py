@@ -154,6 +154,8 @@ def test_bundle_follows_the_contract(minilm_default: CachedModel, variant: str) 
     assert "fp32 agreement" in m.notes
     assert "seed=0" in m.notes
     assert m.min_memory_mb > 0
+    assert m.out_of_scope is not None  # issue 14: nodes flag low-confidence / foreign-script inputs
+    assert 0 < m.out_of_scope.threshold < 1
     row = next(r for r in minilm_default.report["variants"] if r["variant"] == variant)
     assert row["rss_peak_mb"] > row["rss_load_mb"] > 0
     assert row["min_memory_mb"] == m.min_memory_mb

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from slmops.cloud.factory.corpus import Split, load_topics, split_topics
 from slmops.cloud.factory.encoder import INPUT_NAMES, MINILM_L6, build_encoder, build_head
 from slmops.cloud.factory.head import fit_head
-from slmops.cloud.factory.profile import DEFAULT_EDGES, reference_profile
+from slmops.cloud.factory.profile import DEFAULT_EDGES, out_of_scope_spec, reference_profile
 from slmops.cloud.factory.rss import MemoryFigures, measure_rss
 from slmops.cloud.factory.weights import Weights, load_weights
 from slmops.shared.bundle import Bundle, FileData, write_bundle
@@ -303,7 +303,12 @@ def _draft(
     return _Draft(
         variant=variant,
         files=files,
-        manifest=msgspec.structs.replace(manifest, reference=profile, smoke_tests=smoke),
+        manifest=msgspec.structs.replace(
+            manifest,
+            reference=profile,
+            smoke_tests=smoke,
+            out_of_scope=out_of_scope_spec(profile, split.train_texts, split.held_out_texts),
+        ),
         path=draft.path,
         size=sum(len(f.data) for f in files if isinstance(f.data, bytes)),
         accuracy=profile.accuracy if profile.accuracy is not None else 0.0,
