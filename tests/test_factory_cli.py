@@ -9,6 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from slmops.cli import main
+from slmops.cloud.factory.cache import CachedModel
 from slmops.cloud.factory.weights import WHEEL
 from slmops.shared.bundle import TrustStore, load_public_key, new_keypair, read_bundle
 from slmops.shared.runtime import verify_bundle
@@ -69,3 +70,15 @@ def test_arch_ngram_keeps_the_old_model(tmp_path: Path) -> None:
     assert m.preprocessing.kind == "hashed_ngrams"
     assert not m.files
     assert "held-out" in out
+
+
+def test_quantize_refuses_a_minilm_bundle(minilm_default: CachedModel, tmp_path: Path) -> None:
+    """Its int8 variants come from `models build` (head fitted after quantizing), not from
+    quantizing the fp32 bundle."""
+    code, out = _cli(
+        "models", "quantize", str(minilm_default.bundles["fp32"]), "--out", str(tmp_path / "q"),
+        "--key", str(minilm_default.key_path),
+    )  # fmt: skip
+    assert code == 1
+    assert "is a transformer bundle: its int8 variants are built by `slmops models build`" in out
+    assert not (tmp_path / "q").exists()

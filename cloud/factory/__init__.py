@@ -1,1 +1,2 @@
-"""The model factory: corpus, ONNX graph, reference profile, quantized variants (cloud-only)."""
+"""The model factory (cloud-only): corpus, pretrained weights, the MiniLM encoder graph and head
+(the default model and its variants), the n-gram model, reference profile, quantized variants."""

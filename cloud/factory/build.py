@@ -1,4 +1,6 @@
-"""The model factory: trains the default topic classifier and writes it as a signed bundle.
+"""The n-gram model factory (``slmops models build --arch ngram``, for the smallest devices):
+trains the small topic classifier and writes it as a signed bundle. The default model is the
+MiniLM classifier of ``cloud.factory.minilm``.
 
 The model is fastText-style: the mean of hashed word/char n-gram embeddings (features from
 ``shared.preprocess``, exactly what a node computes), a linear layer and softmax, trained with
