@@ -327,9 +327,13 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
         nc = await connect_once(nats_url)
         try:
             nodes = await fleet_status(nc, fleet_id)
+            known = sorted({n.fleet for n in await fleet_status(nc, None)}) if fleet_id and not nodes else []
         finally:
             with anyio.CancelScope(shield=True):
                 await nc.close()
+        if fleet_id and not nodes:
+            seen = f"fleets it knows: {', '.join(known)}" if known else "it knows no fleet yet"
+            raise ValueError(f"no such fleet {fleet_id!r}: the cloud has no node of it ({seen})")
         if as_json:
             click.echo(json.dumps({"nodes": msgspec.to_builtins(nodes)}))
         else:

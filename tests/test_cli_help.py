@@ -96,3 +96,14 @@ def test_bench_cli_times_help_against_a_bare_interpreter() -> None:
         assert r["project"] > 0
         assert r["baseline"] > 0
         assert r["ratio"] == pytest.approx(r["project"] / r["baseline"], rel=0.05)
+
+
+def test_fleet_status_of_an_unknown_fleet_says_so_plainly(nats_server: object) -> None:
+    from click.testing import CliRunner
+
+    url = nats_server.url  # type: ignore[attr-defined]
+    result = CliRunner().invoke(main, ["fleet", "status", "--nats", url, "--fleet", "nosuchfleet"])
+    assert result.exit_code == 1
+    assert "no such fleet 'nosuchfleet': the cloud has no node of it" in result.output
+    bad = CliRunner().invoke(main, ["fleet", "status", "--nats", url, "--fleet", "no.such"])
+    assert bad.exit_code == 2  # not a fleet id at all: a usage error
