@@ -39,6 +39,9 @@ def requirements_of(manifest: ModelManifest) -> Requirements:
         and manifest.task == "classification"
         and manifest.output_kind == "probs"
         and not manifest.output
+        # A field build 06cfd20 did not know, set away from its default (e.g. out_of_scope),
+        # cannot be carried by the legacy signature form: such a bundle needs this runtime.
+        and manifest.out_of_scope is None
     )
     return Requirements(
         preprocessing=manifest.preprocessing.kind,

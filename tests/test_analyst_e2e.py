@@ -79,7 +79,7 @@ async def test_skew_at_start_then_a_language_switch_opens_new_events(
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
     key = Ed25519PrivateKey.generate()
-    report = await anyio.to_thread.run_sync(lambda: build(tmp_path / "bundle", key))
+    report = await anyio.to_thread.run_sync(lambda: build(tmp_path / "bundle", key, out_of_scope=True))
     manifest = report.bundle.manifest
     assert manifest.out_of_scope is not None
     assert manifest.out_of_scope.scripts == ["LATIN"]

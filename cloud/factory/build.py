@@ -215,9 +215,16 @@ def build(
     min_memory_mb: int = FP32_MIN_MEMORY_MB,
     corpus_dir: Path | None = None,
     created: datetime | None = None,
+    out_of_scope: bool = False,
 ) -> BuildReport:
     """Train on the corpus, export, profile on held-out data and write a signed fp32 bundle
-    into ``out_dir`` (created; must be empty or absent)."""
+    into ``out_dir`` (created; must be empty or absent).
+
+    By default the bundle is in the form nodes of build 06cfd20 verify and run (the n-gram
+    model is the smallest device class, where old nodes live longest). ``out_of_scope=True``
+    adds the out-of-scope spec (issue 14's low-confidence threshold and training
+    scripts); that field is unknown to those nodes, so the bundle then needs runtime level 2
+    (``requires`` says so and assignment never sends it to an old node)."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive int, got {version!r}")
     validate_model_name(name)
@@ -248,7 +255,7 @@ def build(
         session = load_session(model_path, manifest)
         profile = reference_profile(session, split.held_out_texts, split.held_out_labels, manifest.edges)
         smoke = smoke_tests(session, split.held_out_texts, tolerance=1e-4)
-    oos = out_of_scope_spec(profile, split.train_texts, split.held_out_texts)
+    oos = out_of_scope_spec(profile, split.train_texts, split.held_out_texts) if out_of_scope else None
     manifest = msgspec.structs.replace(manifest, reference=profile, smoke_tests=smoke, out_of_scope=oos)
     bundle = write_bundle(out_dir, onnx_bytes, manifest, key)
     accuracy = profile.accuracy if profile.accuracy is not None else 0.0
