@@ -274,7 +274,9 @@ async def test_a_failed_deadletter_copy_under_ack_all_is_retried_until_stored_an
                 await wait_until(lambda: _applied(svc, fleet) == 2, 20, what="good ones applied")
                 await wait_until(
                     lambda: sum(e["event"] == "deadletter_failed" for e in logs) >= 2,
-                    10,
+                    # A copy to the missing stream can fail by its 5 s publish timeout (not a
+                    # quick "no responders"): two tries take 5 + backoff + 5 s.
+                    30,
                     what="copy tried twice",
                 )
                 assert _counters(svc).get("deadlettered", 0) == 0
