@@ -128,8 +128,6 @@ def cloud_config(url: str, state: Path, fleet: str, **drift: object) -> CloudCon
         fleets=[fleet],
         batch_size=64,
         fetch_timeout=0.2,
-        ack_wait=5.0,
-        lease_ttl=2.0,
         snapshot_interval=0.1,
         drift=msgspec.convert({"calibration_windows": 50_000, **drift}, DriftConfig),
     )
