@@ -236,9 +236,40 @@ async def _budgeted(request: web.Request) -> AsyncIterator[None]:
             _trim()
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _hostname(value: str) -> str:
+    """The host part of a Host header or an Origin (``http://h:p``), lower-cased."""
+    value = value.split("://", 1)[-1].split("/", 1)[0].lower()
+    if value.startswith("["):
+        return value.split("]", 1)[0] + "]"
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _foreign(request: web.Request) -> str | None:
+    """Why a request to a loopback-bound API did not come from this device's own software,
+    or None. A web page in a browser on the device can send "simple" cross-origin POSTs
+    (``text/plain``, no preflight) and, by DNS rebinding, reach 127.0.0.1 under its own host
+    name; browsers always send ``Origin`` on such POSTs and the page's name as ``Host``."""
+    address = request.app[_NODE].config.http_address
+    if address is None or not is_loopback(address[0]):
+        return None  # bound to a LAN address on purpose: the operator chose who may reach it
+    for header, what in (("Host", "a loopback name"), ("Origin", "a page on this device")):
+        value = request.headers.get(header)
+        if value is not None:
+            name = _hostname(value)
+            if name not in _LOOPBACK_NAMES and not name.startswith("127."):
+                return f"{header} {value!r} is not {what}"
+    return None
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     node = request.app[_NODE]
+    why = _foreign(request)
+    if why is not None:
+        return _error(403, "forbidden_origin", f"{why}: the API answers only this device's own clients")
     try:
         async with _budgeted(request):
             response: web.StreamResponse = await handler(request)

@@ -88,15 +88,24 @@ class Histogram(msgspec.Struct, kw_only=True):
         )
 
     def quantile(self, q: float) -> float:
-        """Approximate quantile by linear interpolation inside the bin (for p95 gates)."""
+        """Approximate quantile by linear interpolation inside the bin (for p95 gates).
+
+        The last bin is a catch-all when its upper edge is at least 10x its lower one (e.g.
+        latency 10 s .. 1e6 ms): nothing is known about where inside it a value lies, so a
+        quantile falling there is reported as the bin's lower edge, a lower bound (linear
+        interpolation made a p95 of "809 s" out of requests that took a few hundred ms)."""
         total = self.total
         if total <= 0:
             return float("nan")
         target = q * total
         seen = 0
+        last = len(self.counts) - 1
         for i, c in enumerate(self.counts):
             if c > 0 and seen + c >= target:
+                lo, hi = self.edges[i], self.edges[i + 1]
+                if i == last and lo > 0 and hi >= 10 * lo:
+                    return lo
                 frac = (target - seen) / c
-                return self.edges[i] + frac * (self.edges[i + 1] - self.edges[i])
+                return lo + frac * (hi - lo)
             seen += max(c, 0)
         return self.edges[-1]

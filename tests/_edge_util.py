@@ -43,7 +43,8 @@ class Keys:
 def edge_config(
     tmp: Path, keys: Keys, *, fleet: str, node: str = "n1", url: str = "nats://127.0.0.1:1", **kw: Any
 ) -> EdgeConfig:
-    """A fast-windowed config (no HTTP unless asked) with the keys trusted."""
+    """A fast-windowed config (no HTTP unless asked) with the keys trusted. Only pace shrinks
+    (window, min count, status interval); timeouts and link backoff keep their defaults."""
     data: dict[str, Any] = {
         "fleet": fleet,
         "node": node,
@@ -53,9 +54,7 @@ def edge_config(
         "http": None,
         "window": 0.2,
         "min_count": 1,
-        "publish_timeout": 2.0,
         "status_interval": 5.0,
-        "link_backoff_max": 0.5,
     }
     data.update(kw)
     if data.get("http") is None:

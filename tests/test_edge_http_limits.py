@@ -216,3 +216,27 @@ async def test_a_small_request_does_not_wait_behind_four_big_batches(tf_node: No
     bigs = sorted(t for name, t in times.items() if name.startswith("big"))
     assert times["small"] < 1.0, times
     assert times["small"] < bigs[-1], times
+
+
+@pytest.mark.anyio
+async def test_a_web_page_cannot_drive_the_loopback_api(node: Node) -> None:
+    """A page in a browser on the device sends a "simple" cross-origin POST (text/plain, no
+    preflight) with its Origin, or reaches 127.0.0.1 under its own name by DNS rebinding
+    (its Host). Old code: 200 for both. Now 403 naming the header; the node's own clients
+    (no Origin, a loopback Host) are still answered."""
+    url = node.base + "/v1/predict"
+    body = b'{"texts": ["hello"]}'
+    async with aiohttp.ClientSession() as session:
+        for headers, named in (
+            ({"Content-Type": "text/plain", "Origin": "https://evil.example"}, "Origin"),
+            ({"Content-Type": "application/json", "Host": "evil.example:8470"}, "Host"),
+            ({"Content-Type": "text/plain", "Origin": "null"}, "Origin"),
+        ):
+            async with session.post(url, data=body, headers=headers) as resp:
+                data = await resp.json(content_type=None)
+                assert resp.status == 403, data
+                assert data["error"]["code"] == "forbidden_origin"
+                assert named in data["error"]["message"]
+        for headers in ({"Content-Type": "application/json"}, {"Origin": "http://localhost:3000"}):
+            async with session.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()

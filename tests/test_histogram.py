@@ -82,3 +82,13 @@ def test_quantile_interpolates_inside_the_bin() -> None:
     h = Histogram(edges=[0.0, 10.0, 20.0], counts=[50, 50])
     assert h.quantile(0.5) == pytest.approx(10.0)
     assert h.quantile(0.75) == pytest.approx(15.0)
+
+
+def test_a_quantile_in_the_catch_all_last_bin_is_its_lower_edge() -> None:
+    """A p95 that falls in an open-ended top bin (100 ms .. 1e6 ms) is reported as 100 ms, a
+    lower bound: interpolating there made a "p95 of 809 s" out of a few slow requests."""
+    h = Histogram(edges=[0.0, 50.0, 100.0, 1e6], counts=[80, 10, 10])
+    assert h.quantile(0.95) == pytest.approx(100.0)
+    assert h.quantile(0.85) == pytest.approx(75.0)  # a bounded bin still interpolates
+    top = Histogram(edges=[0.0, 0.5, 0.9, 1.0], counts=[0, 50, 50])
+    assert top.quantile(0.75) == pytest.approx(0.95)  # [0.9, 1.0] is not a catch-all

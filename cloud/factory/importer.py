@@ -53,7 +53,7 @@ __all__ = ["TOKEN_EDGES", "HeldOut", "ImportRefused", "ImportReport", "import_mo
 TOKEN_EDGES = HistogramEdges(
     confidence=DEFAULT_EDGES.confidence,
     input_length=[0, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1_000_000],
-    latency_ms=[0, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 1_000_000],
+    latency_ms=[0, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 1_000_000],
 )
 _INT = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
 

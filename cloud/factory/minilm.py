@@ -77,7 +77,7 @@ EMBED_BATCH = 32
 EDGES = HistogramEdges(
     confidence=list(DEFAULT_EDGES.confidence),
     input_length=[0, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 48, 64, 1_000_000],
-    latency_ms=[0, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 1_000_000],
+    latency_ms=[0, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 1e6],
 )
 
 
