@@ -7,12 +7,12 @@ the CLI and config files do.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any, ClassVar
 
 import msgspec
 
+from slmops.shared.address import is_loopback, parse_hostport
 from slmops.shared.config import Config, load_config
 from slmops.shared.connect import check_nats_url
 from slmops.shared.names import validate_id
@@ -24,23 +24,6 @@ __all__ = [
     "is_loopback",
     "parse_hostport",
 ]
-
-
-def parse_hostport(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:8470"`` → ``("127.0.0.1", 8470)``; port 0 picks a free port."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"http address {value!r} is not valid: use HOST:PORT, e.g. 127.0.0.1:8470")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SafetyLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
