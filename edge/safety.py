@@ -8,11 +8,11 @@ two never mix. Once the new version has ``min_samples`` inferences it is judged:
 
 * error rate above ``max_error_rate``, or above the previous version's by more than
   ``max_error_increase``;
-* latency p95 above ``max_latency_ms`` (when set), or above ``max_latency_ratio`` times the
-  previous version's (when that one had ``min_samples`` too) *and* above
-  ``latency_floor_ms``. Latency is the mean model time per batch over one interval; p95 is
-  taken over those interval means, weighted by batches — what the counters allow without
-  touching the hot path — and only once both versions have ``min_intervals`` of them. The
+* latency p95 above ``max_latency_ms`` (when set), or above ``max_latency_ratio`` (when set;
+  off by default, see ``SafetyLimits``) times the previous version's (when that one had
+  ``min_samples`` too) *and* above ``latency_floor_ms``. Latency is the mean model time per
+  batch over one interval; p95 is taken over those interval means, weighted by batches —
+  what the counters allow without touching the hot path — and only once both versions have ``min_intervals`` of them. The
   first interval after a swap is not counted (a new ORT session is slow on its first runs).
   Why the floor and the interval count: 20 real nodes in one process on 2 cores, each swapping
   to an identical model, showed "4.3x" and "11.3x" the previous p95 (0.65 ms, 1.9 ms) from
@@ -214,6 +214,7 @@ class SafetyMonitor:
             p95 is not None
             and base_p95 is not None
             and base_p95 > 0
+            and lim.max_latency_ratio is not None
             and p95 > lim.latency_floor_ms
             and p95 / base_p95 > lim.max_latency_ratio
         ):

@@ -25,7 +25,7 @@ from slmops.shared.bundle import TrustStore
 from slmops.shared.messages import NodeStatus, decode_json
 from slmops.shared.server import EmbeddedServer
 
-LIMITS = SafetyLimits(min_samples=50, min_intervals=5, watch_s=60, interval=1.0)
+LIMITS = SafetyLimits(min_samples=50, min_intervals=5, watch_s=60, interval=1.0, max_latency_ratio=3.0)
 
 
 class Traffic:
@@ -252,3 +252,26 @@ async def _any_rollback(js: JetStreamContext, fleet: str) -> bool:
         s.event == "rollback" and s.last_error and "safety" in s.last_error
         for s in await _statuses(js, fleet)
     )
+
+
+@pytest.mark.anyio
+async def test_by_default_latency_measured_in_another_period_abandons_nothing(
+    setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path
+) -> None:
+    """With default limits a new version ten times slower than the previous one measured
+    earlier (what a busy device shows for versions of equal speed) is kept: latency is the
+    cloud's same-period gate's to judge. Old default (ratio 3): rolled back after 5 intervals."""
+    models, _, v2, _ = setup
+    limits = SafetyLimits(min_samples=50, min_intervals=5, watch_s=60, interval=1.0)
+    assert limits.max_latency_ratio is None
+    traffic, clock, reports = Traffic(), Clock(), Reports(online=True)
+    monitor = SafetyMonitor(
+        models, traffic, reports, state_path=tmp_path / "safety.json", limits=limits, clock=clock
+    )
+    await _baseline(monitor, traffic, clock)
+    await models.install(v2, source="test")
+    breach, _ = await _until_breach(monitor, traffic, clock, {"ms": 10.0})
+    assert breach is None
+    current = models.current
+    assert current is not None
+    assert current.ref.version == 2
