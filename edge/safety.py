@@ -12,8 +12,9 @@ two never mix. Once the new version has ``min_samples`` inferences it is judged:
   off by default, see ``SafetyLimits``) times the previous version's (when that one had
   ``min_samples`` too) *and* above ``latency_floor_ms``. Latency is the mean model time per
   batch over one interval; p95 is taken over those interval means, weighted by batches —
-  what the counters allow without touching the hot path — and only once both versions have ``min_intervals`` of them. The
-  first interval after a swap is not counted (a new ORT session is slow on its first runs).
+  what the counters allow without touching the hot path — and only once both versions have
+  ``min_intervals`` of them. The first interval after a swap is not counted (a new ORT
+  session is slow on its first runs).
   Why the floor and the interval count: 20 real nodes in one process on 2 cores, each swapping
   to an identical model, showed "4.3x" and "11.3x" the previous p95 (0.65 ms, 1.9 ms) from
   scheduling noise and warm-up alone, and rolled back a good version.
