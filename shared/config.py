@@ -56,6 +56,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     DURATIONS: ClassVar[tuple[str, ...]] = ()
     #: Fields in bytes that also take "64k", "10MB", "1GiB".
     SIZES: ClassVar[tuple[str, ...]] = ()
+    #: Field -> the command-line flag that sets it, where the names differ; errors name both.
+    FLAGS: ClassVar[dict[str, str]] = {}
 
 
 C = TypeVar("C", bound=Config)
@@ -89,7 +91,10 @@ def load_config(type_: type[C], data: dict[str, Any] | None = None, path: Path |
     try:
         return msgspec.convert(merged, type_, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(source, str(exc)) from exc
+        message = str(exc)
+        for field, flag in type_.FLAGS.items():
+            message = message.replace(f"`{field}`", f"`{field}` ({flag})")
+        raise ConfigError(source, message) from exc
 
 
 def _plain(value: Any) -> Any:

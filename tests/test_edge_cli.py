@@ -182,3 +182,12 @@ def test_a_taken_http_port_stops_the_command_at_once_naming_port_and_flag(tmp_pa
     assert f"127.0.0.1:{port} (--http)" in done.stderr, done.stderr
     assert "address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_missing_data_directory_is_named_by_its_flag() -> None:
+    """`slmops edge` without --data: the one-line usage error names --data, not only the
+    config field `data_dir` (the new-user try read "missing required field `data_dir`")."""
+    result = CliRunner().invoke(main, ["edge", "--fleet", "f", "--node", "n"])
+    assert result.exit_code == 2, result.output
+    assert "`data_dir` (--data)" in result.output
+    assert "Traceback" not in result.output
