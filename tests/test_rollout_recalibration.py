@@ -253,6 +253,16 @@ def test_cloud_key_must_be_private_to_its_owner(tmp_path: Path) -> None:
         load_cloud_key(tmp_path / "missing.key")
 
 
+def test_a_public_key_given_as_the_cloud_key_is_named_as_such_not_chmod(tmp_path: Path) -> None:
+    """The new-user try gave keys/slmops.pub (mode 644) and was told to chmod it first."""
+    _, public = new_keypair(tmp_path, "cloud")
+    os.chmod(public, 0o644)
+    with pytest.raises(KeyFileError) as err:
+        load_cloud_key(public)
+    assert "chmod" not in str(err.value)
+    assert "private key" in str(err.value).lower()
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 

@@ -84,12 +84,14 @@ def load_cloud_key(path: Path) -> Ed25519PrivateKey:
         mode = Path(path).stat().st_mode
     except OSError as exc:
         raise KeyFileError(str(path), f"cannot read: {exc.strerror}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(str(path), f"mode {stat.S_IMODE(mode):o} lets others read it; chmod 600 it")
+    # What the file is comes first: "chmod 600 it" is wrong advice for a public key given here.
     try:
-        return load_private_key(Path(path))
+        key = load_private_key(Path(path))
     except (BundleError, ValueError, OSError) as exc:
         raise KeyFileError(str(path), str(exc)) from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(str(path), f"mode {stat.S_IMODE(mode):o} lets others read it; chmod 600 it")
+    return key
 
 
 class Proposal(msgspec.Struct, kw_only=True):
