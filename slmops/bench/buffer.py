@@ -71,14 +71,14 @@ async def _baseline(path: Path, total: int) -> float:
         await db.execute(
             "CREATE TABLE events(id INTEGER PRIMARY KEY, t REAL NOT NULL, model INTEGER NOT NULL, "
             "label INTEGER NOT NULL, conf INTEGER NOT NULL, len INTEGER NOT NULL, lat INTEGER NOT NULL, "
-            "err INTEGER NOT NULL)"
+            "err INTEGER NOT NULL, oos INTEGER NOT NULL DEFAULT 0)"
         )
         await db.commit()
         rows = _rows(4096, 1)
         t0 = time.perf_counter()
         for _ in range(total // 4096):
             await db.executemany(
-                "INSERT INTO events(t, model, label, conf, len, lat, err) VALUES (?,?,?,?,?,?,?)", rows
+                "INSERT INTO events(t, model, label, conf, len, lat, err, oos) VALUES (?,?,?,?,?,?,?,?)", rows
             )
             await db.commit()
         return (total // 4096) * 4096 / (time.perf_counter() - t0)
