@@ -22,13 +22,11 @@ Measured figures in the manifest (latency, memory, created) vary.
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +42,7 @@ from slmops.cloud.factory.corpus import Split, load_topics, split_topics
 from slmops.cloud.factory.encoder import INPUT_NAMES, MINILM_L6, build_encoder, build_head
 from slmops.cloud.factory.head import fit_head
 from slmops.cloud.factory.profile import DEFAULT_EDGES, out_of_scope_spec, reference_profile
+from slmops.cloud.factory.quantize import quiet_root_logger
 from slmops.cloud.factory.rss import MemoryFigures, measure_rss
 from slmops.cloud.factory.weights import Weights, load_weights
 from slmops.shared.bundle import Bundle, FileData, write_bundle
@@ -135,24 +134,12 @@ class FactoryReport:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    # quantize_dynamic logs advisory warnings on the root logger (pre-processing hint).
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def quantize_encoder(fp32: bytes) -> bytes:
     """Dynamic int8 quantization of an encoder graph: weights of MatMul (with a constant B) and
     Gather (the embedding tables) per channel, activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="slmops-q-") as tmp, _quiet_root_logger():
+    with tempfile.TemporaryDirectory(prefix="slmops-q-") as tmp, quiet_root_logger():
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
         quantize_dynamic(

@@ -86,7 +86,7 @@ class QuantizeReport:
 
 
 @contextmanager
-def _quiet_root_logger() -> Iterator[None]:
+def quiet_root_logger() -> Iterator[None]:
     # quantize_dynamic logs an advisory "consider pre-processing" warning on the root logger
     # on every call; it does not apply to this graph (static shapes, no fusions to make).
     root = logging.getLogger()
@@ -101,7 +101,7 @@ def _quiet_root_logger() -> Iterator[None]:
 def _quantize_file(src: Path, dst: Path, setting: Setting) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet_root_logger():
+    with quiet_root_logger():
         quantize_dynamic(
             str(src),
             str(dst),
