@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -178,6 +179,13 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
     try:
         data = _decode_any.decode(raw)
     except msgspec.DecodeError as exc:
+        lone = _lone_surrogate(raw)
+        if lone is not None:  # msgspec calls a lone high one "Input data was truncated"
+            raise InvalidInput(
+                "body",
+                f"is not valid JSON: lone UTF-16 surrogate escape {lone[1]} at byte {lone[0]} "
+                r"(\uD800-\uDBFF must be followed by \uDC00-\uDFFF; send the character as UTF-8)",
+            ) from exc
         raise InvalidInput("body", f"is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise InvalidInput("body", "is nested too deeply (send a flat JSON object)") from exc
@@ -189,6 +197,27 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
         # msgspec says e.g. "Object contains unknown field `txt`"
         field = str(exc).split("`")[1] if "`" in str(exc) else "body"
         raise InvalidInput(field, str(exc)) from exc
+
+
+#: A ``\uXXXX`` escape preceded by an even number of backslashes (so a real escape), high or
+#: low surrogate.
+_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*(\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
+_LOW = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(raw: bytes) -> tuple[int, str] | None:
+    """The byte offset and text of the first surrogate escape in ``raw`` that is not half of
+    a high+low pair, or None. Only called on a body msgspec refused (it scans the body once)."""
+    pos = 0
+    while (m := _SURROGATE.search(raw, pos)) is not None:
+        start, escape = m.start(1), m.group(1)
+        if escape[2:3] in b"dD" and escape[3:4].lower() in b"89ab":  # high: needs a low next
+            if _LOW.match(raw, m.end(1)) is None:
+                return start, escape.decode()
+            pos = m.end(1) + 6
+        else:  # a low one not after a high
+            return start, escape.decode()
+    return None
 
 
 class _TooSlow(Exception):

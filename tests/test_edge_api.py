@@ -256,3 +256,40 @@ async def test_concurrent_requests_share_micro_batches(tmp_path: Path, keys: Key
         assert got == {i: ["alpha", "beta", "gamma"][i % 3] for i in range(32)}
         assert n.batcher.served == 32
         assert 4 <= n.batcher.batches < 32
+
+
+LONE_SURROGATES = [
+    ("high alone at the end", b'{"text": "abc\\ud800"}', "\\ud800", 13),
+    ("high then a letter", b'{"text": "\\uD83Dx"}', "\\uD83D", 10),
+    ("high then a high", b'{"texts": ["ok", "\\ud83d\\ud83d"]}', "\\ud83d", 18),
+    ("low alone", b'{"text": "\\udc00"}', "\\udc00", 10),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("case", "raw", "escape", "at"), LONE_SURROGATES, ids=[c[0] for c in LONE_SURROGATES]
+)
+async def test_a_lone_surrogate_escape_is_named_not_called_truncated(
+    http: tuple[aiohttp.ClientSession, str], case: str, raw: bytes, escape: str, at: int
+) -> None:
+    """JSON text is Unicode: a ``\\uD800``-``\\uDBFF`` escape must be followed by a low one.
+    Old code (msgspec's message): "is not valid JSON: Input data was truncated" for a
+    complete body. Now the 400 names the escape and its byte offset. An escaped backslash
+    before ``u`` is not an escape (``"\\\\ud800"`` is six characters) and is accepted."""
+    status, body = await call(
+        http, "POST", "/v1/predict", data=raw, headers={"Content-Type": "application/json"}
+    )
+    assert status == 400, (case, body)
+    message = body["error"]["message"]
+    assert "truncated" not in message, message
+    assert f"lone UTF-16 surrogate escape {escape} at byte {at}" in message, message
+    assert body["error"]["field"] == "body"
+    status, ok = await call(
+        http,
+        "POST",
+        "/v1/predict",
+        data=b'{"text": "a \\\\ud800 \\ud83d\\ude00"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 200, ok
