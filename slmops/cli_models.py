@@ -5,6 +5,7 @@ model bundles; make signing keys. Parsing only; the work is in ``cloud.factory``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -288,9 +289,14 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
             b = unpack_archive(bundle, Path(tmp), store) if is_archive else read_bundle(bundle)
             async with open_registry(nats_url) as registry:
                 result = await registry.push(b, store)
-        m = result.manifest
+        # The bundle is named by its signed manifest (which lists every file's sha256), as
+        # the registry stores it; the manifest's own sha256 field is only the model file's.
+        files = b.files
         what = "stored" if result.stored else "already in the registry, unchanged"
-        click.echo(f"{result.object_name}: {what} ({m.size_bytes} bytes, sha256 {m.sha256[:16]}…)")
+        click.echo(
+            f"{result.object_name}: {what} ({len(files)} file{'s' if len(files) != 1 else ''}, "
+            f"{sum(f.size_bytes for f in files)} bytes, bundle sha256 {hashlib.sha256(b.raw).hexdigest()})"
+        )
 
     run(main)
 

@@ -276,3 +276,77 @@ def test_cli_prints_the_refusal_on_one_line(tmp_path: Path, files: dict[str, Pat
     assert result.output.strip().splitlines() == [
         "Error: heldout.jsonl line 2: label 'delta' is not one of --labels ['alpha', 'beta', 'gamma']"
     ]
+
+
+def test_the_factory_model_imports_as_a_classifier_and_as_an_embedder(
+    tmp_path: Path, key: Ed25519PrivateKey, minilm_default: Any
+) -> None:
+    """The factory's own MiniLM (int8-l3 of the suite's cached build): its encoder + head
+    merged into one ONNX file imports as a classifier that scores the factory's held-out split
+    exactly as the factory measured it, and its encoder alone imports as an embedder whose
+    vectors are the factory bundle's."""
+    from onnx import compose
+
+    from slmops.cloud.factory.corpus import load_topics, split_topics
+
+    src = read_bundle(minilm_default.bundles["int8-l3"])
+    m0 = src.manifest
+    split = split_topics(load_topics(), seed=0)
+    assert split.labels == m0.labels
+    rows = [
+        {"text": t, "label": split.labels[y]}
+        for t, y in zip(split.held_out_texts, split.held_out_labels, strict=True)
+    ]
+    data = _jsonl(tmp_path / "heldout.jsonl", rows)
+    encoder = onnx.load(str(src.path / "encoder.onnx"))
+    head = onnx.load(str(src.path / "head.onnx"))
+    merged = compose.merge_models(encoder, head, io_map=[("embedding", "embedding")], prefix2="head_")
+    common = {
+        "tokenizer_path": src.path / "tokenizer.json",
+        "data_path": data,
+        "name": "imported-minilm",
+        "version": 1,
+        "key": key,
+        "max_tokens": m0.preprocessing.max_tokens,
+    }
+    clf = import_model(
+        onnx_path=_write(tmp_path / "model.onnx", merged.SerializeToString()),
+        out_dir=tmp_path / "clf",
+        labels=list(m0.labels),
+        **common,
+    ).bundle.manifest
+    assert (clf.task, clf.output_kind, clf.labels) == ("classification", "logits", m0.labels)
+    assert clf.reference is not None
+    assert m0.reference is not None
+    assert clf.reference.count == len(rows) == m0.reference.count
+    assert clf.reference.accuracy == pytest.approx(m0.reference.accuracy, abs=1e-9)
+    trust = TrustStore([key.public_key()])
+    texts = split.held_out_texts[:16]
+    ours = verify_bundle(read_bundle(tmp_path / "clf"), trust).predict(texts)
+    theirs = verify_bundle(src, TrustStore.from_files([minilm_default.pub_path])).predict(texts)
+    assert [p.label for p in ours] == [p.label for p in theirs]
+
+    emb_data = _jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in split.held_out_texts[:64]])
+    emb = import_model(
+        onnx_path=src.path / "encoder.onnx",
+        out_dir=tmp_path / "emb",
+        task="embedding",
+        **{**common, "data_path": emb_data, "name": "imported-minilm-emb"},
+    ).bundle.manifest
+    assert (emb.task, emb.output, emb.output_kind, emb.labels) == ("embedding", "embedding", "embedding", [])
+    assert emb.reference is not None
+    assert emb.reference.count == 64
+    session = verify_bundle(read_bundle(tmp_path / "emb"), trust)
+    assert session.run(texts).values.shape == (16, 384)
+    # Against the factory's own embedding of the same texts (its encoder, its tokenizer), one
+    # text per run: dynamic int8 takes its activation scale from the whole batch.
+    texts = texts[:4]
+    vectors = np.concatenate([session.run([t]).values for t in texts])
+    from slmops.cloud.factory.minilm import INPUT_NAMES, embed
+    from slmops.shared.preprocess import TokenizerFeaturizer
+
+    featurizer = TokenizerFeaturizer(src.path / "tokenizer.json", m0.preprocessing, dict(INPUT_NAMES), {})
+    encoder_bytes = (src.path / "encoder.onnx").read_bytes()
+    direct = np.concatenate([embed(encoder_bytes, featurizer, [t]) for t in texts])
+    cos = np.sum(vectors * direct, axis=1) / np.linalg.norm(direct, axis=1)
+    assert cos.min() > 0.99999

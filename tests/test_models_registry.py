@@ -297,3 +297,22 @@ def test_choose_variant_breaks_ties_by_preference_and_needs_a_choice() -> None:
     assert choose_variant({"custom": 64, "int8": 64}, DeviceProfile()) == "int8"
     with pytest.raises(ValueError, match="no variants"):
         choose_variant({}, DeviceProfile())
+
+
+def test_cli_push_names_the_bundle_not_its_first_file(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+    """A multi-file bundle's own identity is its signed manifest's sha256 (the registry's
+    ``files/<sha256>`` object of the manifest) and its size is every file's; the manifest's
+    ``sha256``/``size_bytes`` fields describe only the encoder."""
+    import hashlib
+
+    from _transformer import make_transformer_bundle
+
+    priv, pub = new_keypair(tmp_path / "keys")
+    name = _model_name()
+    b = make_transformer_bundle(tmp_path / "b", load_private_key(priv), name=name)
+    exit_code, output = _cli("models", "push", str(b.path), "--nats", nats_server.url, "--trust", str(pub))
+    assert exit_code == 0, output
+    bundle_sha = hashlib.sha256((b.path / "manifest.json").read_bytes()).hexdigest()
+    total = sum(f.size_bytes for f in b.files)
+    assert b.manifest.sha256 not in output
+    assert f"{name}/1/fp32: stored (3 files, {total} bytes, bundle sha256 {bundle_sha})" in output
