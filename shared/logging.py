@@ -5,12 +5,33 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
+import msgspec
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging", "get_logger", "plain_json"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _plain(obj: object) -> object:
+    """Fallback for a value msgspec cannot encode natively (a path, an exception, an object):
+    its ``str()``, never its Python ``repr()``."""
+    return str(obj)
+
+
+def plain_json(event_dict: Any, **_: Any) -> str:
+    """Serialise one log event as plain JSON values: datetimes as ISO 8601 strings, enums as
+    their values, Structs/dataclasses as objects, tuples and sets as arrays, anything else as
+    its ``str()`` (structlog's default JSON fallback writes ``repr()``, e.g.
+    ``"datetime.datetime(2026, ...)"``). Used as the ``JSONRenderer`` serializer."""
+    try:
+        return msgspec.json.encode(event_dict, enc_hook=_plain).decode()
+    except (TypeError, msgspec.EncodeError):
+        # e.g. a dict with non-string keys: fall back to builtins with string keys.
+        plain = msgspec.to_builtins(event_dict, enc_hook=_plain, str_keys=True)
+        return msgspec.json.encode(plain, enc_hook=_plain).decode()
 
 
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
@@ -19,7 +40,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         raise ValueError(f"log level {level!r} is not one of {sorted(_LEVELS)}")
     use_json = (not sys.stderr.isatty()) if json is None else json
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=plain_json) if use_json else structlog.dev.ConsoleRenderer()
     )
     structlog.configure(
         processors=[
