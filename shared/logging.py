@@ -39,9 +39,11 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     if level.lower() not in _LEVELS:
         raise ValueError(f"log level {level!r} is not one of {sorted(_LEVELS)}")
     use_json = (not sys.stderr.isatty()) if json is None else json
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer(serializer=plain_json) if use_json else structlog.dev.ConsoleRenderer()
-    )
+    renderer: structlog.typing.Processor
+    if use_json:
+        renderer = structlog.processors.JSONRenderer(serializer=plain_json)
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -17,6 +17,8 @@ from slmops.cloud.drift import DriftDetector
 from slmops.shared.logging import configure_logging, get_logger
 from slmops.shared.vocabulary import DriftSignal
 
+Capture = pytest.CaptureFixture[str]
+
 
 @pytest.fixture
 def json_logs() -> Iterator[None]:
@@ -29,7 +31,7 @@ def _lines(err: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
 
 
-def test_drift_baseline_line_has_iso_times_not_reprs(json_logs: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_drift_baseline_line_has_iso_times_not_reprs(json_logs: None, capsys: Capture) -> None:
     """A detector warms up on 5 nodes until its automatic baseline is accepted; the
     ``drift_baseline`` line's ``start``/``end`` are ISO 8601 strings that parse back."""
     configure_logging("info", json=True)  # binds the captured stderr
@@ -44,12 +46,13 @@ def test_drift_baseline_line_has_iso_times_not_reprs(json_logs: None, capsys: py
     lines = [d for d in _lines(err) if d["event"] == "drift_baseline"]
     assert lines, err[-2000:]
     line = lines[0]
-    assert isinstance(line["start"], str) and isinstance(line["end"], str)
+    assert isinstance(line["start"], str)
+    assert isinstance(line["end"], str)
     assert datetime.fromisoformat(line["start"]) <= datetime.fromisoformat(line["end"])
     assert isinstance(line["signals"], list)
 
 
-def test_hostile_values_are_logged_as_plain_strings(json_logs: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hostile_values_are_logged_as_plain_strings(json_logs: None, capsys: Capture) -> None:
     """Paths, exceptions, enums, sets, tuple-keyed dicts and arbitrary objects: every line is
     valid JSON and no value is a ``repr()``."""
     configure_logging("info", json=True)
