@@ -102,7 +102,9 @@ class EdgeConfig(Config, kw_only=True):
     )
     SIZES: ClassVar[tuple[str, ...]] = ("outbox_max_bytes", "http_inflight_bytes")
     FLAGS: ClassVar[dict[str, str]] = {
-        "data_dir": "--data", "nats_url": "--nats", "outbox_max_bytes": "--outbox-max"
+        "data_dir": "--data",
+        "nats_url": "--nats",
+        "outbox_max_bytes": "--outbox-max",
     }
 
     fleet: str

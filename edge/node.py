@@ -224,6 +224,7 @@ class EdgeNode:
             report=self.report_status,
             timings=config.refresh,
             is_blocked=self.safety.is_blocked,
+            on_assigned=self.safety.assigned,
         )
         self.started_at = clock()
         self.last_error: str | None = None

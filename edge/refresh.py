@@ -25,7 +25,8 @@ with ``NodeStatus.refresh`` (``download_failed`` with the reason).
 
 A bundle refused for what it is (signature, hash, load, smoke test...) is not fetched again
 for the same assignment; a failed download is retried with backoff. A version the node's
-safety monitor rolled back and blocked is not fetched again at all.
+safety monitor rolled back and blocked is not fetched again at all; every assignment read is
+handed to ``on_assigned`` first (the safety monitor learns which versions the cloud withdrew).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class Refresher:
         timings: RefreshTimings | None = None,
         now: Callable[[], datetime] = _utcnow,
         is_blocked: Callable[[ModelRef], bool] | None = None,
+        on_assigned: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         """``timings``: download timeout, operation timeout, poll interval and retry backoff
         (``EdgeConfig.refresh``; validated there)."""
@@ -152,6 +154,9 @@ class Refresher:
         self._now = now
         #: Versions this node abandoned on its own (``edge.safety``): never fetched again.
         self._is_blocked = is_blocked or (lambda ref: False)
+        #: Told (model, version) of every assignment read, before it is acted on
+        #: (``SafetyMonitor.assigned``: the versions the cloud moved the node back from).
+        self._on_assigned = on_assigned
         self._failures = 0
         self._wake: anyio.Event | None = None  # made in the event loop, by run()
         #: (ref, assigned_at) of assignments whose bundle was refused: not fetched again.
@@ -278,6 +283,8 @@ class Refresher:
         assignment = await self._read(kv, self._node_key) or await self._read(kv, self._fleet_key)
         if assignment is None:
             return None
+        if self._on_assigned is not None:
+            await self._on_assigned(assignment.model, assignment.version)
         try:
             ref = await self._wanted(js, assignment)
         except _NATS_ERRORS as exc:  # a timeout reading the registry on a slow link

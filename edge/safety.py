@@ -25,6 +25,15 @@ retried every interval until it was sent, so an offline node reports when it is 
 blocked version that gets installed again (its assignment still names it) is rolled back at
 once, without waiting for samples: ``is_blocked`` is there for the refresher to consult
 before it downloads.
+
+The node never falls back onto a version the cloud withdrew. The refresher hands every
+assignment it reads to ``assigned``: an assignment naming an older version of the model than
+the node's current or previous one means the cloud moved the node back (a rollout rolled back,
+or an operator's ``assign`` of an older version), so those newer versions are *withdrawn*
+(persisted beside the block list) until an assignment names them again. A swap whose previous
+version is withdrawn is not watched, and a breach with a withdrawn previous version keeps the
+current one and reports that instead of rolling back (issue 13: with v2 rolled back by the
+cloud, the node ran v1 with v2 as "previous" and its own rollback restored v2).
 """
 
 from __future__ import annotations
@@ -119,6 +128,8 @@ class SafetyStatistics:
     samples: int  #: inferences the current version served since it became current
     rollbacks: int
     blocked: tuple[str, ...]  #: ``name/version`` of versions this node abandoned
+    #: ``name/version`` of versions the cloud moved this node back from (never fallen back on)
+    withdrawn: tuple[str, ...] = ()
 
 
 #: ``await report(event, **NodeStatus fields)`` → whether the status was sent.
@@ -144,12 +155,13 @@ class SafetyMonitor:
         self._report = report
         self._clock = clock
         self.state_path = Path(state_path)
-        self.blocked: set[tuple[str, int]] = self._load_blocked()
+        self.blocked, self.withdrawn = self._load_state()
         self._last = counters()
         self._current: VersionHealth | None = None
         self._baseline: VersionHealth | None = None
         self._watching = False
-        self._pending_report: dict[str, Any] | None = None
+        #: (event, NodeStatus fields) of a status still to send
+        self._pending_report: tuple[str, dict[str, Any]] | None = None
         self._rolling_back = False
         self.rollbacks = 0
         current = models.current
@@ -165,11 +177,35 @@ class SafetyMonitor:
             samples=0 if cur is None else cur.samples,
             rollbacks=self.rollbacks,
             blocked=tuple(sorted(f"{n}/{v}" for n, v in self.blocked)),
+            withdrawn=tuple(sorted(f"{n}/{v}" for n, v in self.withdrawn)),
         )
 
     def is_blocked(self, ref: ModelRef) -> bool:
         """Whether this node abandoned ``ref``'s version for breaching its health limits."""
         return (ref.name, ref.version) in self.blocked
+
+    def is_withdrawn(self, ref: ModelRef) -> bool:
+        """Whether the cloud moved this node back from ``ref``'s version (see ``assigned``)."""
+        return (ref.name, ref.version) in self.withdrawn
+
+    async def assigned(self, model: str, version: int) -> None:
+        """The node's assignment names ``model`` ``version`` (the refresher calls this for
+        every assignment it reads, before acting on it): a newer version of ``model`` that is
+        the node's current or previous one is withdrawn; ``version`` itself is not."""
+        before = set(self.withdrawn)
+        current = self.models.current
+        for ref in (None if current is None else current.ref, self.models.previous):
+            if ref is not None and ref.name == model and ref.version > version:
+                self.withdrawn.add((ref.name, ref.version))
+        self.withdrawn.discard((model, version))
+        if self.withdrawn != before:
+            log.warning(
+                "safety_withdrawn_by_cloud",
+                model=model,
+                assigned=version,
+                withdrawn=sorted(v for n, v in self.withdrawn if n == model),
+            )
+            await anyio.to_thread.run_sync(self._save_state)
 
     # -- swaps -----------------------------------------------------------------------------
 
@@ -184,7 +220,10 @@ class SafetyMonitor:
         # Watch a fresh install that has something to go back to; compare it with the
         # outgoing version when that is the one a rollback would restore.
         self._watching = (
-            event == NodeEvent.MODEL_INSTALLED and previous is not None and previous != active.ref
+            event == NodeEvent.MODEL_INSTALLED
+            and previous is not None
+            and previous != active.ref
+            and not self.is_withdrawn(previous)
         )
         self._baseline = outgoing if outgoing is not None and outgoing.ref == previous else None
         if self._watching:
@@ -242,15 +281,26 @@ class SafetyMonitor:
                 if breach is not None:
                     await self._roll_back(self._current, breach)
         if self._pending_report is not None and await self._report(
-            NodeEvent.ROLLBACK, **self._pending_report
+            self._pending_report[0], **self._pending_report[1]
         ):
             self._pending_report = None
         return breach
 
     async def _roll_back(self, cur: VersionHealth, breach: str) -> None:
-        bad = cur.ref
+        bad, previous = cur.ref, self.models.previous
+        if previous is not None and self.is_withdrawn(previous):
+            self._watching = False
+            log.error(
+                "safety_rollback_refused", version=bad.version, previous=previous.version, reason=breach
+            )
+            why = (
+                f"safety: version {bad.version} breached ({breach}) but the previous version "
+                f"{previous.version} was withdrawn by the cloud; staying on {bad.version}"
+            )
+            self._pending_report = (NodeEvent.PERIODIC, {"last_error": why})
+            return
         self.blocked.add((bad.name, bad.version))
-        await anyio.to_thread.run_sync(self._save_blocked)
+        await anyio.to_thread.run_sync(self._save_state)
         try:
             back = await self.models.rollback()
         except BundleError as exc:
@@ -259,7 +309,8 @@ class SafetyMonitor:
             return
         self.rollbacks += 1
         log.warning("safety_rollback", bad_version=bad.version, to_version=back.version, reason=breach)
-        self._pending_report = {"last_error": f"safety rollback from version {bad.version}: {breach}"}
+        why = f"safety rollback from version {bad.version}: {breach}"
+        self._pending_report = (NodeEvent.ROLLBACK, {"last_error": why})
 
     async def run(self) -> None:
         while True:
@@ -268,22 +319,24 @@ class SafetyMonitor:
 
     # -- block list ------------------------------------------------------------------------
 
-    def _load_blocked(self) -> set[tuple[str, int]]:
+    def _load_state(self) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+        """(blocked, withdrawn) from the state file; a file from before ``withdrawn`` has none."""
         try:
             data = json.loads(self.state_path.read_text())
-            return {(str(n), int(v)) for n, v in data.get("blocked", [])}
+            blocked = {(str(n), int(v)) for n, v in data.get("blocked", [])}
+            return blocked, {(str(n), int(v)) for n, v in data.get("withdrawn", [])}
         except FileNotFoundError:
-            return set()
+            return set(), set()
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.error("safety_state_unreadable", path=str(self.state_path), error=repr(exc))
-            return set()
+            return set(), set()
 
-    def _save_blocked(self) -> None:
+    def _save_state(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=".safety-")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"blocked": sorted(self.blocked)}, f)
+                json.dump({"blocked": sorted(self.blocked), "withdrawn": sorted(self.withdrawn)}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_path)

@@ -17,6 +17,7 @@ from nats.js import api as js_api
 from _edge_util import Keys, edge_config
 from _models import make_bundle
 from _nats import wait_until
+from slmops.cloud.registry import Registry
 from slmops.edge.models import ModelManager
 from slmops.edge.node import EdgeNode
 from slmops.edge.safety import Counters, SafetyLimits, SafetyMonitor
@@ -275,3 +276,88 @@ async def test_by_default_latency_measured_in_another_period_abandons_nothing(
     current = models.current
     assert current is not None
     assert current.ref.version == 2
+
+
+@pytest.mark.anyio
+async def test_a_real_node_never_falls_back_onto_a_version_the_cloud_rolled_back(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """The cloud assigns v2, then moves the node back to v1 (what a rolled-back rollout's
+    cleanup writes). The node then runs v1 with v2 as its "previous". With v1 over the node's
+    limits (an absolute latency limit below any real latency; the default error limit acts
+    the same way) old code rolled back onto v2 — the version the cloud had just rolled back
+    — and blocked v1, so it stayed on v2 for good. Now v2 is withdrawn: the node stays on v1,
+    and remembers it across a restart; an assignment naming v2 again lifts that."""
+    keys = Keys(tmp_path / "keys")
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    v1, v2 = keys.bundle(1), keys.bundle(2)
+    model = v1.manifest.name
+    for b in (v1, v2):
+        await registry.push(b, trust)
+    await registry.assign(fleet, 1, model=model)
+    limits = SafetyLimits(min_samples=20, max_latency_ms=1e-6, interval=0.05)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=str(v1.path), safety=limits)
+
+    async def on(node: EdgeNode, version: int) -> bool:
+        await node.predict(["alpha words"] * 5)  # traffic, so the monitor has samples to judge
+        current = node.models.current
+        return current is not None and current.ref.version == version
+
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online()
+        await registry.assign(fleet, 2, model=model)
+        # v2 itself is judged too after this install: run past its watch with no latency limit
+        node.safety.limits = SafetyLimits(min_samples=20, interval=0.05)
+        await wait_until(lambda: on(node, 2), timeout=30, what="v2 installed")
+        node.safety.limits = limits
+        await registry.assign(fleet, 1, model=model)  # the cloud rolls v2 back
+        await wait_until(lambda: on(node, 1), timeout=30, what="v1 restored")
+        previous = node.models.previous
+        assert previous is not None
+        assert previous.version == 2
+        assert node.safety.statistics().withdrawn == (f"{model}/2",)
+        for _ in range(60):  # 3 s of traffic: 60 monitor intervals, 300+ samples over the limit
+            assert await on(node, 1), "the node fell back onto the version the cloud rolled back"
+            await anyio.sleep(0.05)
+        assert node.safety.statistics().blocked == ()
+    async with EdgeNode(cfg) as node:  # a restart remembers
+        assert node.safety.is_withdrawn(previous)
+        await node.link.wait_online()
+        await registry.assign(fleet, 2, model=model)  # the cloud wants v2 again
+        node.safety.limits = SafetyLimits(min_samples=20, interval=0.05)
+        await wait_until(lambda: on(node, 2), timeout=30, what="v2 installed again")
+        assert node.safety.statistics().withdrawn == ()
+
+
+@pytest.mark.anyio
+async def test_a_breach_with_a_withdrawn_previous_version_stays_and_says_so(
+    setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path
+) -> None:
+    """The node runs v3 (previous v2) and judges it when the assignment moves back to v1:
+    the cloud withdrew v2 and v3. A breach of v3 then keeps v3 (the refresher installs v1,
+    the assigned version) instead of restoring v2, blocks nothing, reports the refusal in a
+    status, and a restarted monitor still knows what was withdrawn. Old code: restored v2."""
+    models, _, v2, key = setup
+    v3 = make_bundle(tmp_path / "v3", key, version=3).path
+    traffic, clock, reports = Traffic(), Clock(), Reports()
+    state = tmp_path / "safety.json"
+    monitor = SafetyMonitor(models, traffic, reports, state_path=state, limits=LIMITS, clock=clock)
+    await models.install(v2, source="test")  # current v2, previous v1
+    await monitor.assigned(models.current.ref.name, 2)  # type: ignore[union-attr]
+    await models.install(v3, source="test")  # current v3, previous v2: watched
+    assert monitor.statistics().watching
+    await monitor.assigned(models.current.ref.name, 1)  # type: ignore[union-attr]  # back to v1
+    assert set(monitor.statistics().withdrawn) == {"testclf/2", "testclf/3"}
+    breach, _ = await _until_breach(monitor, traffic, clock, {"ms": 1.0, "failed": 10})
+    assert breach is not None
+    current = models.current
+    assert current is not None
+    assert current.ref.version == 3  # not v2; the refresher installs v1, the assigned one
+    assert monitor.statistics().blocked == ()
+    clock.t += 1
+    await monitor.tick()
+    assert [e for e, _ in reports.sent] == ["periodic"]
+    assert "withdrawn by the cloud" in str(reports.sent[0][1]["last_error"])
+    again = SafetyMonitor(models, traffic, reports, state_path=state, limits=LIMITS, clock=clock)
+    assert set(again.statistics().withdrawn) == {"testclf/2", "testclf/3"}
