@@ -135,12 +135,14 @@ main.add_command(_rollout)
 from slmops.cli_analyst import baseline as _baseline  # noqa: E402
 from slmops.cli_cloud import cloud as _cloud  # noqa: E402
 from slmops.cli_cloud import drift as _drift  # noqa: E402
-from slmops.cli_cloud import fleet as _fleet  # noqa: E402
+from slmops.cli_fleet import fleet as _fleet  # noqa: E402
+from slmops.cli_fleet import status as _status  # noqa: E402
 
 _drift.add_command(_baseline)
 main.add_command(_cloud)
 main.add_command(_drift)
 main.add_command(_fleet)
+main.add_command(_status)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

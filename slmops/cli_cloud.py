@@ -1,9 +1,8 @@
-"""``slmops cloud``, ``slmops drift watch`` and ``slmops fleet status``: parsing and output
-only; the work is in ``cloud.service`` and ``cloud.query``."""
+"""``slmops cloud`` and ``slmops drift watch``: parsing and output only; the work is in
+``cloud.service`` and ``cloud.ingest.query`` (``fleet`` and ``status`` are in ``cli_fleet``)."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,13 +12,13 @@ import click
 import msgspec
 
 from slmops.cli_common import fleet_id, nats_option, run
+from slmops.cli_common import table_line as _line
 from slmops.shared.config import parse_duration
 
 if TYPE_CHECKING:
-    from slmops.cloud.ingest.snapshot import NodeSnapshot
     from slmops.shared.messages import DriftEvent
 
-__all__ = ["cloud", "drift", "fleet"]
+__all__ = ["cloud", "drift"]
 
 # -- slmops cloud ------------------------------------------------------------------------------
 
@@ -219,10 +218,6 @@ _EVENT_HEADER = ["time (UTC)", "fleet", "node", "model", "signal", "event", "sev
 _EVENT_WIDTHS = [14, 12, 12, 12, 18, 9, 4, 6, 0]
 
 
-def _line(cells: list[str], widths: list[int]) -> str:
-    return "  ".join(c.ljust(w) if w else c for c, w in zip(cells, widths, strict=True)).rstrip()
-
-
 @drift.command("watch")
 @nats_option
 @click.option("--fleet", default=None, callback=fleet_id, help="Only this fleet. Default: every fleet.")
@@ -266,83 +261,5 @@ def watch(
         finally:
             with anyio.CancelScope(shield=True):
                 await nc.close()
-
-    run(main, until_signal=True)
-
-
-# -- slmops fleet status -----------------------------------------------------------------------
-
-
-@click.group("fleet")
-def fleet() -> None:
-    """The fleet as the cloud sees it."""
-
-
-def _ago(t: datetime | None) -> str:
-    if t is None:
-        return "-"
-    s = (datetime.now(UTC) - t).total_seconds()
-    return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago")
-
-
-def _node_row(n: NodeSnapshot) -> list[str]:
-    model = f"{n.model} v{n.model_version} {n.variant}" if n.model else "-"
-    return [
-        n.fleet,
-        n.node,
-        model,
-        _ago(n.last_seen),
-        str(n.inferences),
-        str(n.windows),
-        str(n.seq_high),
-        str(n.missing_seqs),
-        str(n.duplicates),
-        str(n.outbox_depth),
-        f"{n.dropped_inferences}/{n.dropped_aggregates}",
-        n.device or n.arch or "-",
-        "; ".join(n.notes) or "-",
-    ]
-
-
-_NODE_HEADER = ["fleet", "node", "model", "last seen", "inferences", "windows", "seq", "missing", "dups",
-                "outbox", "dropped", "device", "notes"]  # fmt: skip
-_NODE_WIDTHS = [14, 16, 16, 9, 10, 7, 6, 7, 5, 6, 7, 14, 0]
-
-
-@fleet.command("status")
-@nats_option
-@click.option("--fleet", "fleet_id", default=None, callback=fleet_id, help="Only this fleet.")
-@click.option("--json", "as_json", is_flag=True, help='JSON: {"nodes": [{"node", "model_version", ...}]}.')
-def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
-    """Per node: model, last seen, inferences counted exactly once, windows, seq high-water
-    mark and missing seqs, duplicates dropped, outbox depth and drops from status reports.
-
-    Read from KV slmops_fleet, which the active cloud instance keeps up to date (within about
-    a second); works while the cloud is down, showing its last state."""
-
-    async def main() -> None:
-        from slmops.cloud.ingest.query import fleet_status
-        from slmops.shared.connect import connect_once
-
-        nc = await connect_once(nats_url)
-        try:
-            nodes = await fleet_status(nc, fleet_id)
-            known = sorted({n.fleet for n in await fleet_status(nc, None)}) if fleet_id and not nodes else []
-        finally:
-            with anyio.CancelScope(shield=True):
-                await nc.close()
-        if fleet_id and not nodes:
-            seen = f"fleets it knows: {', '.join(known)}" if known else "it knows no fleet yet"
-            raise ValueError(f"no such fleet {fleet_id!r}: the cloud has no node of it ({seen})")
-        if as_json:
-            click.echo(json.dumps({"nodes": msgspec.to_builtins(nodes)}))
-        else:
-            click.echo(_line(_NODE_HEADER, _NODE_WIDTHS))
-            for n in nodes:
-                click.echo(_line(_node_row(n), _NODE_WIDTHS))
-                if n.cannot_run:
-                    click.echo(f"  cannot run: {n.cannot_run}")
-            if not nodes:
-                click.echo("(no nodes: has the cloud service run against this NATS?)", err=True)
 
     run(main, until_signal=True)

@@ -19,7 +19,7 @@ import click
 from slmops.shared.errors import BundleError, ConfigError, SlmopsError
 from slmops.shared.names import validate_id
 
-__all__ = ["call", "errors_to_exit_codes", "fleet_id", "nats_option", "run"]
+__all__ = ["call", "errors_to_exit_codes", "fleet_id", "nats_option", "run", "table_line"]
 
 T = TypeVar("T")
 
@@ -54,6 +54,11 @@ def fleet_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
         return validate_id(value, "fleet") if value is not None else None
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from exc
+
+
+def table_line(cells: list[str], widths: list[int]) -> str:
+    """One row of a plain-text table: each cell padded to its width (0: the last, unpadded)."""
+    return "  ".join(c.ljust(w) if w else c for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
 class _Failed(click.ClickException):

@@ -71,6 +71,8 @@ async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:
         return []
     out = []
     for key, value in values.items():
+        if key.startswith("_"):  # not a node: a forget record (``overview.forget_node``)
+            continue
         try:
             out.append(_snapshot_decoder.decode(value))
         except msgspec.DecodeError as exc:

@@ -1,0 +1,238 @@
+"""What ``slmops fleet status``, ``fleet forget`` and ``slmops status`` read: the fleet
+snapshots with an online/offline verdict by the server's clock, forgotten nodes, the lease
+holders, assignments, open drift events and active rollouts.
+
+Online is judged by the NATS server's time, never the reader's: ``server_time`` takes the
+``ts`` field of a ``STREAM.INFO`` answer (the server's clock when it answered), and a node is
+online when the server stored a message of it (``NodeSnapshot.last_seen``, also server time)
+within ``ONLINE_WITHIN_S``. A reader with a wrong clock therefore sees the same verdict.
+
+Forgetting a node (``forget_node``) writes ``_forgotten.<fleet>.<node>`` in KV
+``slmops_fleet`` with the node's ``last_seen`` at that moment. Status views hide a node while
+its ``last_seen`` is not newer than that; nothing in the cloud's state is touched, so its
+dedupe state (per-install seq high-water marks, install ids, counts) stays, and a forgotten
+node that sends again reappears, its messages counted exactly once. Fleet ids start with a
+letter or digit, so these keys never collide with a node's ``<fleet>.<node>`` key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js import errors as js_errors
+
+from slmops.cloud.ingest.query import fleet_status
+from slmops.cloud.ingest.snapshot import NodeSnapshot
+from slmops.shared import names
+from slmops.shared.errors import NotFound
+from slmops.shared.jetstream import nats_errors
+from slmops.shared.kv import kv_values
+from slmops.shared.messages import Assignment, DriftEvent, decode_json
+
+if TYPE_CHECKING:
+    from slmops.cloud.rollout import RolloutState
+
+__all__ = [
+    "FORGOTTEN_PREFIX",
+    "ONLINE_WITHIN_S",
+    "Forgotten",
+    "NodeView",
+    "active_rollouts",
+    "assignments",
+    "fleet_view",
+    "forget_node",
+    "lease_holders",
+    "open_drift_events",
+    "server_time",
+]
+
+#: A node the server heard from within this many seconds is online (four default status
+#: periods of 30 s; the console and /metrics use the same figure).
+ONLINE_WITHIN_S = 120.0
+FORGOTTEN_PREFIX = "_forgotten"
+
+
+class Forgotten(msgspec.Struct, kw_only=True):
+    """KV ``slmops_fleet`` value of ``_forgotten.<fleet>.<node>``."""
+
+    fleet: str
+    node: str
+    #: The node's last_seen (server time) when it was forgotten: a newer one brings it back.
+    last_seen: datetime | None
+    #: Server time of the forget.
+    at: datetime
+
+
+class NodeView(msgspec.Struct, kw_only=True):
+    """One node of ``fleet status``: its snapshot and the verdict by server time."""
+
+    snapshot: NodeSnapshot
+    online: bool
+    #: Seconds between the server's last message of the node and the server's clock now.
+    silent_s: float | None
+
+
+async def server_time(nc: NATS) -> tuple[datetime, str]:
+    """The NATS server's clock now, and where it came from: ``"server"`` (the ``ts`` of a
+    ``STREAM.INFO`` answer about one of slmops' streams) or ``"local"`` when no such stream
+    exists yet or the server is older than 2.10 (then this process's clock, UTC)."""
+    for stream in (f"KV_{names.FLEET_BUCKET}", names.STATUS_STREAM, names.TELEMETRY_STREAM):
+        with nats_errors("stream info", stream):
+            msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
+        try:
+            ts = json.loads(msg.data).get("ts")  # absent in an error answer (no such stream)
+        except (ValueError, AttributeError):
+            ts = None
+        if isinstance(ts, str):
+            return _parse_rfc3339(ts), "server"
+    return datetime.now(UTC), "local"
+
+
+def _parse_rfc3339(text: str) -> datetime:
+    # Go writes nanoseconds; datetime takes microseconds.
+    head, _, frac = text.rstrip("Z").partition(".")
+    micro = (frac + "000000")[:6] if frac else "0"
+    return datetime.fromisoformat(head).replace(microsecond=int(micro), tzinfo=UTC)
+
+
+async def forgotten(nc: NATS, fleet: str | None = None) -> dict[tuple[str, str], Forgotten]:
+    """The forget records (of ``fleet``), by (fleet, node); undecodable ones are left out."""
+    js = nc.jetstream()
+    key_filter = f"{FORGOTTEN_PREFIX}.{fleet}.*" if fleet else f"{FORGOTTEN_PREFIX}.>"
+    try:
+        with nats_errors("kv bucket", names.FLEET_BUCKET):
+            values = await kv_values(js, names.FLEET_BUCKET, key_filter)
+    except NotFound:
+        return {}
+    out = {}
+    for value in values.values():
+        try:
+            f = msgspec.json.decode(value, type=Forgotten)
+        except msgspec.DecodeError:
+            continue
+        out[(f.fleet, f.node)] = f
+    return out
+
+
+def _hidden(n: NodeSnapshot, f: Forgotten | None) -> bool:
+    if f is None:
+        return False
+    return n.last_seen is None or (f.last_seen is not None and n.last_seen <= f.last_seen)
+
+
+async def fleet_view(nc: NATS, fleet: str | None) -> tuple[list[NodeView], datetime, str]:
+    """Every node (of ``fleet``) not forgotten, with its online verdict; the server time it
+    was judged by and that time's source (``server_time``)."""
+    now, clock = await server_time(nc)
+    gone = await forgotten(nc, fleet)
+    views = []
+    for n in await fleet_status(nc, fleet):
+        if _hidden(n, gone.get((n.fleet, n.node))):
+            continue
+        silent = None if n.last_seen is None else max(0.0, (now - n.last_seen).total_seconds())
+        views.append(NodeView(snapshot=n, online=silent is not None and silent <= ONLINE_WITHIN_S,
+                              silent_s=silent))  # fmt: skip
+    return views, now, clock
+
+
+async def forget_node(nc: NATS, fleet: str, node: str, *, force: bool = False) -> Forgotten:
+    """Hide ``node`` of ``fleet`` from status views (module docstring). Refused with
+    ``ValueError`` when the cloud has no such node, or while it is online unless ``force``."""
+    names.validate_id(fleet, "fleet")
+    names.validate_id(node, "node")
+    snapshot = next((n for n in await fleet_status(nc, fleet) if n.node == node), None)
+    if snapshot is None:
+        raise ValueError(f"no node {node!r} in fleet {fleet!r}: the cloud has no record of it")
+    now, _ = await server_time(nc)
+    if snapshot.last_seen is not None and not force:
+        silent = (now - snapshot.last_seen).total_seconds()
+        if silent <= ONLINE_WITHIN_S:
+            raise ValueError(
+                f"node {node!r} of {fleet!r} is online (heard {silent:.0f} s ago by the server's clock): "
+                "stop it first, or give --force (it reappears as soon as it sends again)"
+            )
+    record = Forgotten(fleet=fleet, node=node, last_seen=snapshot.last_seen, at=now)
+    js = nc.jetstream()
+    with nats_errors("kv bucket", names.FLEET_BUCKET):
+        kv = await js.key_value(names.FLEET_BUCKET)
+        await kv.put(f"{FORGOTTEN_PREFIX}.{fleet}.{node}", msgspec.json.encode(record))
+    return record
+
+
+async def lease_holders(js: JetStreamContext) -> dict[str, str]:
+    """Lease key (``cloud`` or ``cloud-<fleets>``) -> the instance holding it now."""
+    try:
+        with nats_errors("kv bucket", names.LEASES_BUCKET):
+            values = await kv_values(js, names.LEASES_BUCKET)
+    except NotFound:
+        return {}
+    return {k: v.decode(errors="replace") for k, v in sorted(values.items())}
+
+
+async def assignments(js: JetStreamContext, fleet: str | None = None) -> list[Assignment]:
+    """Every assignment (of ``fleet``): fleet-wide ones (``node`` None) and per-node ones."""
+    try:
+        with nats_errors("kv bucket", names.ASSIGNMENTS_BUCKET):
+            values = await kv_values(js, names.ASSIGNMENTS_BUCKET, f"{fleet}.*" if fleet else ">")
+    except NotFound:
+        return []
+    out = []
+    for value in values.values():
+        try:
+            out.append(decode_json(value, Assignment))
+        except msgspec.DecodeError:
+            continue
+    return sorted(out, key=lambda a: (a.fleet, a.node or "", a.model))
+
+
+async def open_drift_events(nc: NATS, fleet: str | None = None) -> list[DriftEvent]:
+    """Drift episodes still open (of ``fleet``): the latest event of each episode (its id
+    without the state suffix) unless that is ``resolved`` or a later episode superseded it.
+    Skew and baseline announcements are not drift. Reads ``SLMOPS_DRIFT`` from its start."""
+    from nats.js import api as js_api
+
+    js = nc.jetstream()
+    subject = names.drift_subject(fleet) if fleet else names.DRIFT_ALL
+    latest: dict[str, DriftEvent] = {}
+    superseded: set[str] = set()
+    try:
+        with nats_errors("stream", names.DRIFT_STREAM):
+            info = await js.stream_info(names.DRIFT_STREAM, subjects_filter=subject)
+    except NotFound:
+        return []
+    total = sum((info.state.subjects or {}).values())  # stored now; later ones are not read
+    if not total:
+        return []
+    config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+    with nats_errors("subscription", subject):
+        sub = await js.subscribe(subject, stream=names.DRIFT_STREAM, ordered_consumer=True, config=config)
+    try:
+        for _ in range(total):
+            with nats_errors("subscription", subject):
+                msg = await sub.next_msg(timeout=10.0)
+            try:
+                e = decode_json(msg.data, DriftEvent)
+            except msgspec.DecodeError:
+                continue
+            if e.kind == "drift":
+                latest[e.id.rsplit(".", 1)[0]] = e
+                if e.supersedes:
+                    superseded.add(e.supersedes.rsplit(".", 1)[0])
+    finally:
+        with contextlib.suppress(nats.errors.Error, js_errors.Error, OSError):
+            await sub.unsubscribe()
+    return [e for k, e in latest.items() if e.state != "resolved" and k not in superseded]
+
+
+async def active_rollouts(js: JetStreamContext, url: str) -> list[RolloutState]:
+    """Running or paused rollouts (``RolloutState``), one per fleet at most."""
+    from slmops.cloud.rollout import RolloutStore
+
+    return [s for s, _ in await RolloutStore(js, url=url).all() if s.active]
