@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _models import make_bundle
+from slmops.cloud.registry import Registry
 from slmops.edge.config import EdgeConfig
-from slmops.shared.bundle import Bundle
+from slmops.shared.bundle import Bundle, TrustStore
 from slmops.shared.messages import TelemetryAggregate, decode_telemetry
 from slmops.shared.names import TELEMETRY_STREAM
 
@@ -38,6 +39,19 @@ class Keys:
         return make_bundle(
             self.root / f"bundle-v{version}-{kw.get('variant', 'fp32')}", self.key, version=version, **kw
         )
+
+    async def registry(
+        self, js: JetStreamContext, fleet: str, *versions: int
+    ) -> tuple[Registry, list[Bundle]]:
+        """A registry holding these versions' bundles (signed with this key), the fleet
+        assigned the first of them; and the bundles."""
+        registry = Registry(js)
+        trust = TrustStore([self.key.public_key()])
+        bundles = [self.bundle(v) for v in versions]
+        for b in bundles:
+            await registry.push(b, trust)
+        await registry.assign(fleet, versions[0], model=bundles[0].manifest.name)
+        return registry, bundles
 
 
 def edge_config(

@@ -13,10 +13,8 @@ from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_config
 from _nats import wait_until
-from slmops.cloud.registry import Registry
 from slmops.cloud.rollout import RolloutConfig, RolloutRunner, RolloutStore, start_rollout
 from slmops.edge.node import EdgeNode
-from slmops.shared.bundle import TrustStore
 from slmops.shared.server import EmbeddedServer
 
 N = 20
@@ -34,13 +32,8 @@ async def test_real_nodes_follow_a_rollout_stage_by_stage_to_completion(
     nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
 ) -> None:
     keys = Keys(tmp_path / "keys")
-    registry = Registry(js)
-    trust = TrustStore([keys.key.public_key()])
-    v1, v2 = keys.bundle(1), keys.bundle(2)
+    registry, (v1, _) = await keys.registry(js, fleet, 1, 2)
     model = v1.manifest.name
-    for b in (v1, v2):
-        await registry.push(b, trust)
-    await registry.assign(fleet, 1, model=model)
     # Real latencies on a shared machine are noisy; this test is about the flow, not speed.
     config = RolloutConfig(stages=[5, 25, 100], soak_s=0.3, min_samples=100, max_latency_ratio=20,
                            install_timeout_s=30)  # fmt: skip

@@ -17,7 +17,6 @@ from nats.js import api as js_api
 from _edge_util import Keys, edge_config
 from _models import make_bundle
 from _nats import wait_until
-from slmops.cloud.registry import Registry
 from slmops.edge.models import ModelManager
 from slmops.edge.node import EdgeNode
 from slmops.edge.safety import Counters, SafetyLimits, SafetyMonitor
@@ -289,13 +288,8 @@ async def test_a_real_node_never_falls_back_onto_a_version_the_cloud_rolled_back
     — and blocked v1, so it stayed on v2 for good. Now v2 is withdrawn: the node stays on v1,
     and remembers it across a restart; an assignment naming v2 again lifts that."""
     keys = Keys(tmp_path / "keys")
-    registry = Registry(js)
-    trust = TrustStore([keys.key.public_key()])
-    v1, v2 = keys.bundle(1), keys.bundle(2)
+    registry, (v1, _) = await keys.registry(js, fleet, 1, 2)
     model = v1.manifest.name
-    for b in (v1, v2):
-        await registry.push(b, trust)
-    await registry.assign(fleet, 1, model=model)
     limits = SafetyLimits(min_samples=20, max_latency_ms=1e-6, interval=0.05)
     cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=str(v1.path), safety=limits)
 
