@@ -125,6 +125,11 @@ async def test_metrics_are_scraped_and_say_what_the_cloud_did(
         == 1
     )
     assert samples[("slmops_cloud_ingest_lag_messages", ())] == 0
+    # The ingest batch-latency histogram: every batch handled is one observation.
+    batches = samples[("slmops_cloud_ingest_batch_seconds_count", ())]
+    assert batches >= 1
+    assert samples[("slmops_cloud_ingest_batch_seconds_bucket", (("le", "+Inf"),))] == batches
+    assert 0 < samples[("slmops_cloud_ingest_batch_seconds_sum", ())] < 60 * batches
     assert samples[("slmops_cloud_rollouts", (("status", "running"),))] == 0
     assert {"/api/fleet", "/api/drift", "/api/plot.svg", "/api/rollouts", "/metrics"} <= set(doc["paths"])
     # Every metric the shipped dashboard and alert rules query is one the cloud exports.

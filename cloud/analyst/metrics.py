@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from slmops.cloud.ingest.consumers import batch_histogram
 from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ _COUNTERS = {
     "unregistered": "aggregates of models without a manifest (counted, not drift-tested)",
     "quarantines": "drift signals quarantined (state-level poison)",
 }
+
+
+_EMPTY_BATCHES = batch_histogram()
 
 
 class MetricsRefresher:
@@ -195,6 +199,9 @@ class CloudCollector(Collector):
         for (kind, signal, state), n in sorted(r.events.items()):
             ev.add_metric([kind, signal, state], n)
         yield ev
+        ingest = svc._ingest
+        # A standby (or an instance not yet consuming) exports the same histogram, empty.
+        yield from (ingest.loop.batch_seconds if ingest is not None else _EMPTY_BATCHES).collect()
         yield from self._open_events()
         yield from self._nodes()
 
