@@ -214,6 +214,38 @@ def _event_lines(e: DriftEvent) -> list[str]:
     return [_line(_event_row(e), _EVENT_WIDTHS), *("    " + w for w in wrapped[:3])]
 
 
+def _event_wide(e: DriftEvent) -> list[str]:
+    """``--wide``: the event's row with no field cut (fleet, node, model and variant, signal,
+    reference with its period), then its id, the event it follows, its statistic, the
+    estimated priors and the whole summary, one per line, never wrapped."""
+    where = e.node if e.scope == "node" and e.node else "(fleet)"
+    what = e.state if e.kind == "drift" else e.kind
+    ref = e.reference
+    if e.reference_start is not None and e.reference_end is not None:
+        ref += f" ({e.reference_start:%m-%d %H:%M}–{e.reference_end:%m-%d %H:%M})"
+    row = [
+        e.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        e.fleet,
+        where,
+        f"{e.model.name} v{e.model.version} {e.model.variant}".rstrip(),
+        e.signal,
+        what,
+        e.severity,
+        f"{e.effect_size:.4f}",
+        ref,
+    ]
+    out = ["  ".join(row), f"    id: {e.id}"]
+    if e.supersedes:
+        out.append(f"    follows: {e.supersedes}")
+    stat = f"{e.statistic}={e.value:.4g}" + (f" p={e.p_value:.3g}" if e.p_value is not None else "")
+    out.append(f"    statistic: {stat}")
+    if e.estimated_priors:
+        out.append("    priors: " + ", ".join(f"{k}={v:.3f}" for k, v in e.estimated_priors.items()))
+    if e.summary:
+        out.append(f"    summary: {e.summary}")
+    return out
+
+
 _EVENT_HEADER = ["time (UTC)", "fleet", "node", "model", "signal", "event", "sev", "effect", "reference"]
 _EVENT_WIDTHS = [14, 12, 12, 12, 18, 9, 4, 6, 0]
 
@@ -226,11 +258,25 @@ _EVENT_WIDTHS = [14, 12, 12, 12, 18, 9, 4, 6, 0]
 )
 @click.option("--all", "replay_all", is_flag=True, help="Replay every stored event (overrides --since).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line instead of a table.")
+@click.option(
+    "--wide",
+    is_flag=True,
+    help="No field cut to fit 120 columns: full names, event id, the event it follows, whole summary.",
+)
 @click.option("--limit", type=int, default=None, help="Exit after this many events (for scripts).")
 def watch(
-    nats_url: str, fleet: str | None, since: str, replay_all: bool, as_json: bool, limit: int | None
+    nats_url: str,
+    fleet: str | None,
+    since: str,
+    replay_all: bool,
+    as_json: bool,
+    wide: bool,
+    limit: int | None,
 ) -> None:
-    """Replay recent drift events, then follow new ones live. Ctrl-C exits (code 0)."""
+    """Replay recent drift events, then follow new ones live. Ctrl-C exits (code 0).
+
+    The table fits 120 columns (long names are cut with "…", the summary wraps at 3 lines);
+    --wide or --json show every field in full."""
     try:
         seconds = parse_duration(since)
     except ValueError as exc:
@@ -247,11 +293,14 @@ def watch(
         nc = await connect_once(nats_url)
         seen = 0
         try:
-            if not as_json:
+            if not as_json and not wide:
                 click.echo(_line(_EVENT_HEADER, _EVENT_WIDTHS))
             async for event in watch_drift(nc, fleet, start):
                 if as_json:
                     click.echo(encode_json(event).decode())
+                elif wide:
+                    for line in _event_wide(event):
+                        click.echo(line)
                 else:
                     for line in _event_lines(event):
                         click.echo(line)

@@ -121,7 +121,14 @@ def test_an_open_event_on_steady_shifted_traffic_opens_no_new_episode() -> None:
 def test_drift_watch_fits_120_columns() -> None:
     """Every line ``drift watch`` prints for an event (long names, a long summary, a
     superseded episode) and its header fit 120 columns."""
-    from slmops.cli_cloud import _EVENT_HEADER, _EVENT_WIDTHS, WATCH_COLUMNS, _event_lines, _line
+    from slmops.cli_cloud import (
+        _EVENT_HEADER,
+        _EVENT_WIDTHS,
+        WATCH_COLUMNS,
+        _event_lines,
+        _event_wide,
+        _line,
+    )
     from slmops.shared.messages import ModelRef
 
     now = datetime.now(UTC)
@@ -148,6 +155,28 @@ def test_drift_watch_fits_120_columns() -> None:
     lines = [_line(_EVENT_HEADER, _EVENT_WIDTHS), *_event_lines(e)]
     assert len(lines) >= 3
     assert max(len(x) for x in lines) <= WATCH_COLUMNS, [len(x) for x in lines]
+    # The long fields the table cuts are in --wide, whole.
+    table = "\n".join(lines)
+    wide = "\n".join(_event_wide(e))
+    for whole in (e.fleet, e.node, e.model.name, e.id, e.supersedes, e.summary.strip()):
+        assert whole is not None
+        assert whole not in table
+        assert whole in wide
+    assert "int8-l3" in wide
+
+
+def test_drift_watch_wide_and_json_flags() -> None:
+    """``drift watch --help`` offers --wide and --json, and says the table fits 120 columns."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+    from slmops.cli_cloud import WATCH_COLUMNS
+
+    out = CliRunner().invoke(main, ["drift", "watch", "--help"], terminal_width=120).output
+    assert "--wide" in out
+    assert "--json" in out
+    assert "120 columns" in out
+    assert max(len(x) for x in out.splitlines()) <= WATCH_COLUMNS
 
 
 def test_a_new_version_inherits_the_input_side_baseline_and_builds_its_own_for_outputs() -> None:
