@@ -511,10 +511,12 @@ class Buffer:
     async def close_window(self, now: float) -> int:
         """Turn the stored events of each model into one numbered aggregate in the outbox, in
         one transaction; a model with fewer than ``k`` events keeps them for the next window
-        (k-anonymity). The first aggregate also carries the loss receipts not yet reported
-        (inferences not stored on a failing disk, and what compaction could not put into a
-        survivor); with none made, a count-0 aggregate of the current model carries them.
-        Compacts the outbox if it outgrew its bound. Returns aggregates made.
+        (k-anonymity) while it is current and had an event in the last two windows, else they
+        go out as counts only (``privacy.suppress``). The first aggregate also carries the
+        loss receipts not yet reported (inferences not stored on a failing disk, and what
+        compaction could not put into a survivor); with none made, a count-0 aggregate of
+        the current model carries them. Compacts the outbox if it outgrew its bound. Returns
+        aggregates made.
         Raises ``StoreError`` when the database cannot take the window (it stays open)."""
         made = closed = 0
         async with self._tx():
@@ -528,11 +530,17 @@ class Buffer:
                 info = self._models.get(mid)
                 if info is None:
                     continue
-                # A retired model's last < k events would wait forever for company: after
-                # two quiet windows they go out as counts only (no distribution), so the
-                # fleet's totals stay exact without publishing a small window's mix.
-                retired = mid != self.current_model_id and t1 < now - 2 * self.window
-                if n < self.k and not retired:
+                # Fewer than k events wait for company (k-anonymity of the distribution),
+                # but not forever: a version no longer serving (the node left it: swap,
+                # cloud rollback, safety rollback) gets none, and neither does one that has
+                # been quiet for two windows (an idle node, or one about to stop). Those go
+                # out as counts only (exact count and errors, no class or histogram cell,
+                # privacy "suppressed"), so every inference is counted without publishing
+                # a small window's mix. Old code waited two quiet windows for a retired
+                # version too, and a node stopped within them never published its last
+                # events; an idle node's current version never did (issue 15).
+                retired = self.current_model_id is not None and mid != self.current_model_id
+                if n < self.k and not retired and t1 >= now - 2 * self.window:
                     continue
                 async with db.execute(
                     "SELECT label, conf, len, lat, err, count(*), oos FROM events WHERE model=? "

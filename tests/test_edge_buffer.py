@@ -142,16 +142,16 @@ async def test_dp_noise_spends_budget_then_suppresses(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_retired_model_leftovers_below_k_go_out_as_counts_only(tmp_path: Path) -> None:
-    """Events of a model no longer serving, fewer than k, are not carried forever: two quiet
-    windows later they are published with their exact count and no distribution. The
-    serving model's leftovers below k keep waiting."""
+    """Events of a version no longer serving, fewer than k, go out at the first window close
+    after the swap with their exact count and no distribution (old code waited two quiet
+    windows, so a node stopped within them never published them). The serving model's
+    leftovers below k keep waiting."""
     async with make(tmp_path / "t.db") as buf:
         old = await buf.register_model(REF, ["a", "b"], EDGES)
         new = await buf.register_model(ModelRef(name="m", version=2), ["a", "b"], EDGES)
         buf.current_model_id = new.model_id
         await append_and_commit(buf, rows(old.model_id, 2) + rows(new.model_id, 2))
-        assert await buf.close_window(1001.5) == 0  # within two windows of the last event
-        assert await buf.close_window(1002.5) == 1
+        assert await buf.close_window(1001.0) == 1
         ((_, payload),) = await buf.outbox_take(5)
         agg = decode_telemetry(payload)
         assert agg.model == REF
@@ -160,3 +160,27 @@ async def test_retired_model_leftovers_below_k_go_out_as_counts_only(tmp_path: P
         assert agg.confidence.total == 0
         assert agg.privacy.mechanism == "suppressed"
         assert await buf.pending_events() == 2
+
+
+@pytest.mark.anyio
+async def test_an_idle_nodes_last_events_below_k_go_out_after_two_quiet_windows(tmp_path: Path) -> None:
+    """The serving version's 2 events (k=3) wait for company while traffic may still come;
+    after two windows without an event they are published as counts only, so a node that
+    goes quiet (or is about to be stopped) still has every inference counted. Old code:
+    they waited for ever."""
+    async with make(tmp_path / "t.db") as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        buf.current_model_id = info.model_id
+        await append_and_commit(buf, rows(info.model_id, 2))
+        assert await buf.close_window(1001.0) == 0
+        assert await buf.close_window(1002.0) == 0
+        assert await buf.close_window(1003.0) == 1
+        ((_, payload),) = await buf.outbox_take(5)
+        agg = decode_telemetry(payload)
+        assert (agg.count, agg.class_counts, agg.privacy.mechanism) == (2, {}, "suppressed")
+        assert agg.confidence.total == agg.input_length.total == agg.latency_ms.total == 0
+        assert await buf.pending_events() == 0
+        await append_and_commit(buf, rows(info.model_id, 3))  # k again: a full aggregate
+        assert await buf.close_window(1004.0) == 1
+        last = decode_telemetry((await buf.outbox_take(5))[-1][1])
+        assert (last.count, last.class_counts) == (3, {"a": 3})
