@@ -58,7 +58,7 @@ from slmops.shared.provision import ensure_resources
 from slmops.shared.runtime import verify_bundle as run_verification
 from slmops.shared.variants import PREFERENCE, choose_variant
 
-__all__ = ["PushResult", "Registry", "RegistryError", "open_registry", "verify_bundle"]
+__all__ = ["PushResult", "Registry", "RegistryError", "Yank", "open_registry", "verify_bundle", "yank_key"]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -75,6 +75,23 @@ class RegistryError(CloudError):
         self.operation = operation
         self.reason = reason
         super().__init__(f"registry {operation}: {reason}")
+
+
+class Yank(msgspec.Struct, kw_only=True):
+    """KV ``slmops_manifests`` value of ``_yanked.<model>.<version>`` (``yank_key``): a version
+    withdrawn by an operator (``slmops models yank``); ``assign`` refuses it from then on."""
+
+    model: str
+    version: int
+    reason: str
+    at: datetime
+    #: What the nodes were moved to: a version per assignment key, or None (nothing of it).
+    fallbacks: dict[str, int | None] = {}
+
+
+def yank_key(model: str, version: int) -> str:
+    """``_yanked.<model>.<version>``: starts with "_", so listing manifests skips it."""
+    return f"_yanked.{names.validate_model_name(model).replace('.', '_')}.{int(version)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +329,11 @@ class Registry:
                 log.warning("manifest_undecodable", key=key, error=str(exc))
         return sorted(found, key=lambda m: (m.name, m.version, _variant_rank(m.variant)))
 
+    async def yanked(self, model: str, version: int) -> Yank | None:
+        """The yank record of ``model`` ``version``, or None when it was never yanked."""
+        data = await self._kv_get(names.MODELS_MANIFEST_BUCKET, yank_key(model, version))
+        return None if data is None else msgspec.json.decode(data, type=Yank)
+
     async def variants(self, model: str, version: int) -> dict[str, ModelManifest]:
         return {m.variant: m for m in await self.manifests() if m.name == model and m.version == version}
 
@@ -358,6 +380,13 @@ class Registry:
                 raise RegistryError("assign", f"the registry holds models {models}; name one with --model")
             model = models[0]
         available = {m.variant: m for m in manifests if m.name == model and m.version == version}
+        yank = await self.yanked(model, version)
+        if yank is not None:
+            raise RegistryError(
+                "assign",
+                f"{model!r} version {version} was yanked at {yank.at:%Y-%m-%d %H:%M}Z "
+                f"({yank.reason}); assign another version",
+            )
         if not available:
             have = sorted({m.version for m in manifests if m.name == model})
             raise RegistryError(

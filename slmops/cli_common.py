@@ -9,9 +9,9 @@ line ``Error: ...``; 2 a usage error (a bad flag, config value or file), printed
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -19,7 +19,10 @@ import click
 from slmops.shared.errors import BundleError, ConfigError, SlmopsError
 from slmops.shared.names import validate_id
 
-__all__ = ["call", "errors_to_exit_codes", "fleet_id", "nats_option", "run", "table_line"]
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+__all__ = ["call", "errors_to_exit_codes", "fleet_id", "jetstream", "nats_option", "run", "table_line"]
 
 T = TypeVar("T")
 
@@ -54,6 +57,23 @@ def fleet_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
         return validate_id(value, "fleet") if value is not None else None
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from exc
+
+
+@asynccontextmanager
+async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on a fresh connection (failing fast with ``NatsUnavailable``), the
+    slmops resources provisioned if missing; drained on exit."""
+    from slmops.shared.connect import connect_once
+    from slmops.shared.provision import ensure_resources
+
+    nc = await connect_once(url, timeout=5.0, name="slmops-cli")
+    try:
+        js = nc.jetstream()
+        await ensure_resources(js)
+        yield js
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await nc.drain()
 
 
 def table_line(cells: list[str], widths: list[int]) -> str:

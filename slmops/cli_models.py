@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from slmops.cli_common import call, nats_option, run
+from slmops.cli_common import call, jetstream, nats_option, run
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -372,6 +373,103 @@ def assign(
         click.echo(f"assigned {a.model} v{a.version} ({chosen}) to {who} of {a.fleet}")
 
     run(main)
+
+
+_model_version = [
+    click.option("--model", required=True, help="Model name."),
+    click.option("--version", "version", required=True, type=click.IntRange(min=1), help="Model version."),
+]
+
+
+def _with_model_version(f: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_model_version):
+        f = option(f)
+    return nats_option(f)
+
+
+@models.command()
+@_with_model_version
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def show(nats_url: str, model: str, version: int, as_json: bool) -> None:
+    """Show one version: each variant's size, accuracy, memory, key, files, the assignments
+    naming it and whether it was yanked."""
+    from slmops.cloud.lifecycle import show_version
+    from slmops.cloud.registry import Registry
+
+    async def main() -> dict[str, Any]:
+        async with jetstream(nats_url) as js:
+            return await show_version(js, Registry(js, url=nats_url), model, version)
+
+    doc = run(main)
+    assert doc is not None
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    click.echo(f"{model} v{version}   (versions in the registry: {', '.join(map(str, doc['versions']))})")
+    y = doc["yanked"]
+    click.echo(f"yanked     {y['at'][:19]}Z: {y['reason']}" if y else "yanked     no")
+    click.echo(f"assigned   {', '.join(doc['assigned']) or 'nowhere'}")
+    for v in doc["variants"]:
+        acc = "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}"
+        click.echo(
+            f"variant    {v['variant']}: {v['size_bytes']} bytes, accuracy {acc}, min memory "
+            f"{v['min_memory_mb']} MB, key {v['key_id']}, created {v['created'][:19]}, "
+            f"sha256 {v['sha256'][:16]}…"
+        )
+        for f in v["files"]:
+            click.echo(f"             {f['path']} ({f['size_bytes']} B)")
+
+
+@models.command()
+@_with_model_version
+@click.option("--reason", default="yanked by an operator", show_default=True, help="Why: recorded and shown.")
+def yank(nats_url: str, model: str, version: int, reason: str) -> None:
+    """Withdraw a bad version at once: nodes assigned it fall back to the previous good
+    version (the highest lower one not yanked; online nodes now, offline ones when they
+    reconnect), running rollouts of it abort, and every later assignment or rollout of it is
+    refused. The yank is recorded (`models show`)."""
+    from slmops.cloud.lifecycle import yank_version
+    from slmops.cloud.registry import Registry
+
+    async def main() -> Any:
+        async with jetstream(nats_url) as js:
+            return await yank_version(
+                js, Registry(js, url=nats_url), model, version, reason=reason, url=nats_url
+            )
+
+    result = run(main)
+    assert result is not None
+    click.echo(
+        f"yanked {model} v{version}: {reason}" + (" (it was already yanked)" if result.already else "")
+    )
+    for fleet in result.aborted:
+        click.echo(f"  rollout of v{version} in fleet {fleet}: told to abort")
+    for key, good in sorted(result.moved.items()):
+        if good is None:
+            click.echo(
+                f"  {key}: no earlier good version of {model}: assignment removed; nodes running "
+                f"v{version} keep serving it until you assign another version"
+            )
+        else:
+            click.echo(f"  {key}: now v{good} (nodes switch at once, offline ones on reconnect)")
+    if not result.moved:
+        click.echo("  no assignment named it")
+
+
+@models.command("rm")
+@_with_model_version
+def rm(nats_url: str, model: str, version: int) -> None:
+    """Delete a version from the registry: its manifests, indexes and the files no other
+    version shares. Refused while an assignment or a running rollout names it."""
+    from slmops.cloud.lifecycle import remove_version
+    from slmops.cloud.registry import Registry
+
+    async def main() -> int:
+        async with jetstream(nats_url) as js:
+            return await remove_version(js, Registry(js, url=nats_url), model, version, nats_url)
+
+    deleted = run(main)
+    click.echo(f"removed {model} v{version} ({deleted} keys and objects)")
 
 
 @click.group()

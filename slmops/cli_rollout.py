@@ -5,8 +5,6 @@ the cloud service or in ``slmops rollout run``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -17,10 +15,10 @@ import click
 import msgspec
 
 from slmops.cli_common import fleet_id, nats_option, run
+from slmops.cli_common import jetstream as _jetstream
 from slmops.shared.config import parse_duration
 
 if TYPE_CHECKING:
-    from nats.js import JetStreamContext
 
     from slmops.cloud.rollout import RolloutState
 
@@ -48,21 +46,6 @@ def parse_percent(value: str) -> float:
     if not 0 <= fraction < 1:
         raise ValueError(f"{value!r} must be between 0% and 100%")
     return fraction
-
-
-@asynccontextmanager
-async def _jetstream(url: str) -> AsyncIterator[JetStreamContext]:
-    from slmops.shared.connect import connect_once
-    from slmops.shared.provision import ensure_resources
-
-    nc = await connect_once(url, timeout=5.0, name="slmops-rollout")
-    try:
-        js = nc.jetstream()
-        await ensure_resources(js)
-        yield js
-    finally:
-        with anyio.move_on_after(5, shield=True):
-            await nc.drain()
 
 
 @click.group()

@@ -155,6 +155,9 @@ async def start_rollout(
         raise RolloutError(fleet, exc.reason) from exc
     if not variants:
         raise RolloutError(fleet, f"{model!r} version {version} is not in the registry (push it first)")
+    yank = await registry.yanked(model, version)
+    if yank is not None:
+        raise RolloutError(fleet, f"{model!r} version {version} was yanked ({yank.reason}): roll out another")
     previous = fleet_wide.version if fleet_wide is not None and fleet_wide.model == model else None
     if previous == version:
         raise RolloutError(fleet, f"the fleet already runs {model!r} version {version}")
