@@ -37,20 +37,21 @@ def _serving(node: EdgeNode) -> ModelRef | None:
     return None if current is None else current.ref
 
 
-async def _push(js: JetStreamContext, tmp: Path, keys: Keys, model: str, *versions: int) -> Registry:
+async def _push(js: JetStreamContext, tmp: Path, fleet: str) -> tuple[Keys, str, Registry]:
+    """Versions 1 and 2 of a model of this test's own, pushed."""
+    keys = Keys(tmp / "keys")
+    model = "m" + fleet[2:]
     registry = Registry(js)
     trust = TrustStore([keys.key.public_key()])
-    for v in versions:
+    for v in (1, 2):
         await registry.push(make_bundle(tmp / f"v{v}", keys.key, version=v, name=model), trust)
-    return registry
+    return keys, model, registry
 
 
 async def test_a_yank_moves_online_nodes_at_once_and_an_offline_one_on_reconnect(
     js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, fleet: str
 ) -> None:
-    keys = Keys(tmp_path / "keys")
-    model = "m" + fleet[2:]
-    registry = await _push(js, tmp_path, keys, model, 1, 2)
+    keys, model, registry = await _push(js, tmp_path, fleet)
     v1 = ModelRef(name=model, version=1)
     v2 = ModelRef(name=model, version=2)
     url = nats_server.url
@@ -97,9 +98,7 @@ async def test_a_yank_moves_online_nodes_at_once_and_an_offline_one_on_reconnect
 async def test_rm_is_refused_while_assigned_and_removes_an_unused_version(
     js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, fleet: str
 ) -> None:
-    keys = Keys(tmp_path / "keys")
-    model = "m" + fleet[2:]
-    registry = await _push(js, tmp_path, keys, model, 1, 2)
+    _keys, model, registry = await _push(js, tmp_path, fleet)
     await registry.assign(fleet, 1, model=model)
     url = nats_server.url
     code, _, err = await _cli("models", "rm", "--nats", url, "--model", model, "--version", "1")
