@@ -17,7 +17,10 @@ field; 503 ``no_model`` until a model is installed. Nothing a client sends can s
 Resources are bounded (issue 13): request bodies in memory share one byte budget
 (``http_inflight_bytes``; a request waits for room, small ones fit beside big ones; 503
 ``busy`` after ``_BUDGET_WAITS`` read timeouts without room), a client has
-``http_read_timeout`` seconds to deliver its body (408 and disconnect), aiohttp buffers at
+``http_read_timeout`` seconds to deliver its body (408 and disconnect) and
+``http_head_timeout`` seconds to deliver a request head, counted from when it connected or
+got its last answer (slowloris; closed without an answer: aiohttp's keep-alive timer, which
+closes a connection whose next request head is incomplete when it fires), aiohttp buffers at
 most ``_READ_BUFSIZE`` bytes per connection before the handler reads, JSON nested too
 deeply is a 400, and the node runs a big request in slices so a small one is not queued
 behind it (``EdgeNode.predict``).
@@ -427,7 +430,16 @@ async def serve_api(node: NodeService) -> AsyncIterator[ApiServer]:
     if not is_loopback(host):
         log.warning("http_not_loopback", host=host, note="the API has no authentication")
     app = build_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, read_bufsize=_READ_BUFSIZE)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        read_bufsize=_READ_BUFSIZE,
+        # The only timer aiohttp has between connecting (or answering) and a complete
+        # request head; its default (3,630 s) let a client dripping header bytes hold a
+        # connection for an hour. It also closes idle kept-alive connections then.
+        keepalive_timeout=node.config.http_head_timeout,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -99,6 +99,7 @@ class EdgeConfig(Config, kw_only=True):
         "link_backoff_max",
         "commit_interval",
         "http_read_timeout",
+        "http_head_timeout",
     )
     SIZES: ClassVar[tuple[str, ...]] = ("outbox_max_bytes", "http_inflight_bytes")
     FLAGS: ClassVar[dict[str, str]] = {
@@ -146,6 +147,10 @@ class EdgeConfig(Config, kw_only=True):
     #: Seconds a client has to deliver its request body (including the wait for the byte
     #: budget); a slower or stalled client gets 408 (503 for the budget) and is disconnected.
     http_read_timeout: float = 10.0
+    #: Seconds a connection has to deliver a complete request head (request line and
+    #: headers), counted from when it connected or got its last answer; a slower client
+    #: (slowloris) or an idle kept-alive connection is closed without an answer.
+    http_head_timeout: float = 10.0
     #: Bound on the outbox (encoded aggregates waiting for the cloud), in bytes (docs/architecture.md §5).
     outbox_max_bytes: int = 16 * 1024 * 1024
     #: Optional differential privacy: epsilon spent per published window (None = off).
@@ -217,8 +222,9 @@ class EdgeConfig(Config, kw_only=True):
                 raise ValueError(f"{name} must be >= 1, got {ivalue!r}")
         if self.http_inflight_bytes < 1024:
             raise ValueError(f"http_inflight_bytes must be >= 1024, got {self.http_inflight_bytes!r}")
-        if not self.http_read_timeout > 0:
-            raise ValueError(f"http_read_timeout must be > 0 seconds, got {self.http_read_timeout!r}")
+        for name in ("http_read_timeout", "http_head_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
         if self.outbox_max_bytes < 1024:
             raise ValueError(f"outbox_max_bytes must be >= 1024, got {self.outbox_max_bytes!r}")
         if self.dp_epsilon is not None and not self.dp_epsilon > 0:

@@ -240,3 +240,59 @@ async def test_a_web_page_cannot_drive_the_loopback_api(node: Node) -> None:
         for headers in ({"Content-Type": "application/json"}, {"Origin": "http://localhost:3000"}):
             async with session.post(url, data=body, headers=headers) as resp:
                 assert resp.status == 200, await resp.text()
+
+
+async def _drip_until_cut(port: int, first: bytes, drip: bytes, every: float) -> float:
+    """Connect, send ``first``, then ``drip`` one byte every ``every`` s until the server
+    closes the connection; returns the seconds from the end of ``first`` to the close."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    try:
+        await stream.send(first)
+        if first:
+            reply = await stream.receive(65536)  # the complete first request's answer
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        started = time.monotonic()
+        for i in range(10_000):
+            try:
+                await stream.send(drip[i % len(drip) : i % len(drip) + 1])
+                with anyio.move_on_after(every):
+                    if not await stream.receive(65536):
+                        break
+                    raise AssertionError("the server answered a request head it never got")
+            except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError, BrokenPipeError):
+                break
+        return time.monotonic() - started
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.anyio
+async def test_request_heads_sent_byte_by_byte_are_cut_after_the_head_timeout(node: Node) -> None:
+    """Slowloris: clients send a request head one byte every 0.5 s (never finishing it), on a
+    fresh connection and after a first complete request on a kept-alive one. Each is cut
+    ``http_head_timeout`` (default 10 s) after it connected or got its last answer. Old code:
+    aiohttp's keep-alive timer (3,630 s) was the only bound, so 200 such clients held
+    connections for an hour. Meanwhile the node answers others."""
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 8000
+    ok = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 17\r\n\r\n{"text": "hello"}'
+    )
+    cut: list[float] = []
+
+    async def one(first: bytes) -> None:
+        cut.append(await _drip_until_cut(node.port, first, head, 0.5))
+
+    with anyio.fail_after(40):
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, ok if i % 2 else b"")
+            await anyio.sleep(1)
+            async with aiohttp.ClientSession() as session:
+                status, data, took = await post(session, node.base + "/v1/predict", b'{"text": "hello"}')
+            assert status == 200, data
+            assert took < 2, took
+    assert len(cut) == 200
+    assert min(cut) >= 9.0, sorted(cut)[:3]  # not cut before the bound (1 s of scheduling slack)
+    assert max(cut) <= 13.0, sorted(cut)[-3:]
+    assert node.proc.returncode is None
