@@ -1,6 +1,8 @@
 """The node's local HTTP API (aiohttp, meant for loopback):
 
-- ``POST /v1/predict`` ``{"text": "..."}`` or ``{"texts": [...]}`` → ``{"predictions": [{
+- ``POST /v1/predict`` ``{"text": "..."}`` or ``{"texts": [...]}``, optional ``"model":
+  "<name>"`` (a node serves several models side by side; default: its first classifier,
+  and for ``/v1/embed`` its first embedding model) → ``{"predictions": [{
   "prediction_id", "label", "confidence", "model": {...}, "durable"}], "model": {name, version,
   variant}, "durable": bool}`` — ``durable`` is false when the node's disk failed and the
   answer's telemetry was counted in the loss receipt instead of stored (``/v1/health``
@@ -75,8 +77,8 @@ class NodeService(Protocol):
     @property
     def log(self) -> Any: ...
     def texts(self, value: object, field: str = "texts", *, one: bool | None = None) -> Sequence[str]: ...
-    async def predict(self, texts: Sequence[str]) -> Sequence[Any]: ...
-    async def embed(self, texts: Sequence[str]) -> Any: ...
+    async def predict(self, texts: Sequence[str], model: str | None = None) -> Sequence[Any]: ...
+    async def embed(self, texts: Sequence[str], model: str | None = None) -> Any: ...
     async def feedback(self, prediction_id: str, label: str) -> None: ...
     def health(self) -> dict[str, Any]: ...
     def statistics(self) -> _Counters: ...
@@ -148,6 +150,7 @@ class ByteBudget:
 class _PredictBody(msgspec.Struct, forbid_unknown_fields=True):
     text: Any = None
     texts: Any = None
+    model: Any = None
 
 
 class _FeedbackBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -340,29 +343,32 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-async def _texts(request: web.Request) -> Sequence[str]:
-    """The validated texts of a ``{"text": ...}`` or ``{"texts": [...]}`` body."""
+async def _texts(request: web.Request) -> tuple[Sequence[str], str | None]:
+    """The validated texts of a ``{"text": ...}`` or ``{"texts": [...]}`` body, and its
+    optional ``"model"`` (a model name; None = the node's default for the endpoint)."""
     node = request.app[_NODE]
     body: _PredictBody = await _body(request, _PredictBody)
+    if body.model is not None and not isinstance(body.model, str):
+        raise InvalidInput("model", f"must be a model name (a string), got {type(body.model).__name__}")
     if (body.text is None) == (body.texts is None):
         raise InvalidInput("text", 'send exactly one of "text" (a string) or "texts" (a list of strings)')
     if body.text is not None:
-        return node.texts(body.text, "text", one=True)
-    return node.texts(body.texts, "texts", one=False)
+        return node.texts(body.text, "text", one=True), body.model
+    return node.texts(body.texts, "texts", one=False), body.model
 
 
 async def _predict(request: web.Request) -> web.Response:
-    texts = await _texts(request)
+    texts, model = await _texts(request)
     with request.app[_METRICS].predict_seconds.time():
-        preds = await request.app[_NODE].predict(texts)
+        preds = await request.app[_NODE].predict(texts, model)
     durable = all(getattr(p, "durable", True) for p in preds)
     return _ok({"predictions": preds, "model": preds[0].model if preds else None, "durable": durable})
 
 
 async def _embed(request: web.Request) -> web.Response:
-    texts = await _texts(request)
+    texts, model = await _texts(request)
     with request.app[_METRICS].predict_seconds.time():
-        answer = await request.app[_NODE].embed(texts)
+        answer = await request.app[_NODE].embed(texts, model)
     return _ok(answer)
 
 

@@ -193,6 +193,9 @@ class Buffer:
         self._models: dict[int, ModelInfo] = {}
         #: The model now serving (set by the node); others' leftovers below k are flushed.
         self.current_model_id: int | None = None
+        #: Ids of every model the node serves (several side by side); a model not among
+        #: them is retired: its last events go out after two quiet windows.
+        self.live_model_ids: set[int] = set()
         self._state: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0)
         self._outbox_depth = self._outbox_bytes = 0
         self._committed = self._lost = self._pending = self._unrecorded = 0
@@ -539,7 +542,11 @@ class Buffer:
                 # a small window's mix. Old code waited two quiet windows for a retired
                 # version too, and a node stopped within them never published its last
                 # events; an idle node's current version never did (issue 15).
-                retired = self.current_model_id is not None and mid != self.current_model_id
+                # Several models may serve side by side: each of them is live.
+                served = set(self.live_model_ids)
+                if self.current_model_id is not None:
+                    served.add(self.current_model_id)
+                retired = bool(served) and mid not in served
                 if n < self.k and not retired and t1 >= now - 2 * self.window:
                     continue
                 async with db.execute(

@@ -115,6 +115,8 @@ class EdgeConfig(Config, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     #: A bundle directory to install at start (else the cached model, else none).
     model: str | None = None
+    #: Further bundle directories served beside ``model`` (one per model name; issue 11).
+    models: list[str] = msgspec.field(default_factory=list)
     #: Public key files (PEM) whose bundle signatures this node accepts.
     trust: list[str] = msgspec.field(default_factory=list)
     #: ``HOST:PORT`` of the local HTTP API, or None (or "off") for no HTTP API.
@@ -246,6 +248,11 @@ class EdgeConfig(Config, kw_only=True):
     @property
     def model_path(self) -> Path | None:
         return None if self.model is None else Path(self.model)
+
+    @property
+    def model_paths(self) -> list[Path]:
+        """``model`` then ``models``: every bundle to install at start, default first."""
+        return [Path(p) for p in ([self.model] if self.model else []) + list(self.models)]
 
     @property
     def trust_paths(self) -> list[Path]:

@@ -16,6 +16,7 @@ Inference itself never waits for the disk, the network or a download.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import NamedTuple
@@ -73,10 +74,12 @@ class Result:
 
 
 class _Request:
-    __slots__ = ("done", "error", "result", "texts")
+    __slots__ = ("done", "error", "model", "result", "texts")
 
-    def __init__(self, texts: Sequence[str]) -> None:
+    def __init__(self, texts: Sequence[str], model: str) -> None:
         self.texts = texts
+        #: The name of the model it is for: a micro-batch holds requests of one model only.
+        self.model = model
         self.done = anyio.Event()
         self.result: Result | None = None
         self.error: BaseException | None = None
@@ -104,18 +107,23 @@ class Batcher:
         self._clock = clock
         # Bounded: under overload callers wait to enqueue (backpressure to the HTTP layer).
         self._send, self._recv = anyio.create_memory_object_stream[_Request](queue)
+        #: Requests taken off the queue while gathering another model's batch: served next,
+        #: in order (at most what the queue held, so bounded by ``queue``).
+        self._held: deque[_Request] = deque()
         self.served = 0
         self.failed = 0
         self.batches = 0
         self.model_seconds = 0.0
         self._busy = False
 
-    async def predict(self, texts: Sequence[str]) -> Result:
-        """Predict ``texts`` (already validated) with the current model. Raises ``NoModel``,
-        ``InferenceFailed`` or ``NodeClosed``."""
-        if self.models.current is None:
+    async def predict(self, texts: Sequence[str], model: str | None = None) -> Result:
+        """Run ``texts`` (already validated) through the current version of ``model`` (a
+        name; None: the node's default model). Raises ``NoModel``, ``InferenceFailed`` or
+        ``NodeClosed``."""
+        active = self.models.get(model)
+        if active is None:
             raise NoModel
-        req = _Request(texts)
+        req = _Request(texts, active.ref.name)
         try:
             await self._send.send(req)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
@@ -126,15 +134,15 @@ class Batcher:
         assert req.result is not None
         return req.result
 
-    async def serve_now(self, texts: Sequence[str]) -> Result | None:
+    async def serve_now(self, texts: Sequence[str], model: str | None = None) -> Result | None:
         """Serve ``texts`` right here, in the caller's task, when nothing is queued or
         running and they are small enough to run inline; else None (use ``predict``).
 
         A lone caller then skips the queue and two task switches (~100-200 µs on the 2-core
         test machine); concurrent callers still queue and share micro-batches."""
-        if self.max_wait > 0 or self._busy or self._recv.statistics().current_buffer_used:
+        if self.max_wait > 0 or self._busy or self._held or self._recv.statistics().current_buffer_used:
             return None
-        active = self.models.current
+        active = self.models.get(model)
         if active is None or sum(map(len, texts)) > self.inline_max_chars:
             return None
         try:
@@ -199,6 +207,10 @@ class Batcher:
     def aclose_nowait(self) -> None:
         """Fail what is still queued and release the queue (the node's last step)."""
         self._send.close()
+        while self._held:
+            req = self._held.popleft()
+            req.error = NodeClosed("inference")
+            req.done.set()
         while True:
             try:
                 req = self._recv.receive_nowait()
@@ -211,10 +223,13 @@ class Batcher:
     async def run(self) -> None:
         """Serve queued requests until the queue is closed and empty, or cancelled."""
         while True:
-            try:
-                first = await self._recv.receive()
-            except anyio.EndOfStream:
-                return
+            if self._held:
+                first = self._held.popleft()
+            else:
+                try:
+                    first = await self._recv.receive()
+                except anyio.EndOfStream:
+                    return
             batch = await self._gather(first)
             try:
                 await self._serve(batch)
@@ -226,7 +241,18 @@ class Batcher:
                 raise
 
     async def _gather(self, first: _Request) -> list[_Request]:
+        """``first`` and the queued requests for the same model, up to ``max_batch`` texts;
+        those of other models taken meanwhile wait in ``_held`` for their own batch."""
         batch, n = [first], len(first.texts)
+        held = [r for r in self._held if r.model == first.model]
+        if held:
+            for r in held:
+                if n >= self.max_batch:
+                    break
+                self._held.remove(r)
+                batch.append(r)
+                n += len(r.texts)
+            return batch
         deadline = time.monotonic() + self.max_wait
         while n < self.max_batch:
             req: _Request | None = None
@@ -244,12 +270,15 @@ class Batcher:
                 pass
             if req is None:
                 break
+            if req.model != first.model:
+                self._held.append(req)
+                continue
             batch.append(req)
             n += len(req.texts)
         return batch
 
     async def _serve(self, batch: list[_Request]) -> None:
-        active = self.models.current
+        active = self.models.get(batch[0].model)
         if active is None:
             for r in batch:
                 r.error = NoModel()

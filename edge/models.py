@@ -1,10 +1,18 @@
-"""The node's models: a local cache holding the current and the previous bundle, verified
-installs, atomic swaps and rollback (docs/architecture.md §6).
+"""The node's models: a local cache holding, per model name, the current and the previous
+bundle; verified installs, atomic swaps and rollback (docs/architecture.md §6).
+
+A node serves several models side by side (issue 11: a classifier and an embedder now, a
+generator later), one *slot* per model name, in the order they were first installed; the
+first is the node's default (``current``). Installing version 2 of "clf" swaps only the slot
+"clf"; installing a model of a new name adds a slot.
 
 Cache layout under ``cache_dir``: one directory per bundle, ``<name>__<version>__<variant>``
-(``model.onnx`` + ``manifest.json``), and ``state.json`` naming ``current`` and ``previous``.
-``state.json`` is replaced atomically, so a crash at any instant leaves the old or the new
-choice, never a mix; unfinished copies are ``.tmp-*`` directories removed at the next start.
+(``manifest.json`` + the files it lists), and ``state.json``: ``{"models": [{"name",
+"current", "previous"}, ...]}`` in slot order, plus the default slot's ``current`` and
+``previous`` at the top level (the only keys a single-model build wrote and reads, so a cache
+moves between builds either way). ``state.json`` is replaced atomically, so a crash at any
+instant leaves the old or the new choice, never a mix; unfinished copies are ``.tmp-*``
+directories removed at the next start.
 
 A swap replaces one reference: requests already running keep the session they started with.
 """
@@ -58,8 +66,19 @@ def _dirname(ref: ModelRef) -> str:
     return f"{ref.name}__{ref.version}__{ref.variant}"
 
 
+class _Slot:
+    """One model name's current model and the ref of its previous one."""
+
+    __slots__ = ("current", "previous")
+
+    def __init__(self, current: ActiveModel, previous: ModelRef | None) -> None:
+        self.current = current
+        self.previous = previous
+
+
 class ModelManager:
-    """Installs, caches and swaps models. ``current`` is None until a model is installed."""
+    """Installs, caches and swaps models, one slot per model name (module docstring).
+    ``current`` (the default model) is None until a model is installed."""
 
     def __init__(
         self,
@@ -77,18 +96,43 @@ class ModelManager:
         self.memory_mb = device_profile(self.cache_dir).memory_mb if memory_mb is None else memory_mb
         self._register = register
         self._threads = intra_op_threads
-        self._current: ActiveModel | None = None
-        self._previous: ModelRef | None = None
+        #: Slots by model name, in the order first installed (the first is the default).
+        self._slots: dict[str, _Slot] = {}
         self._lock = anyio.Lock()
         self._listeners: list[Callable[[str, ActiveModel], object]] = []
 
     @property
     def current(self) -> ActiveModel | None:
-        return self._current
+        """The default model: the first slot's current one (None before any install)."""
+        slot = next(iter(self._slots.values()), None)
+        return None if slot is None else slot.current
 
     @property
     def previous(self) -> ModelRef | None:
-        return self._previous
+        """The default model's previous version (what ``rollback()`` restores)."""
+        slot = next(iter(self._slots.values()), None)
+        return None if slot is None else slot.previous
+
+    def get(self, name: str | None = None) -> ActiveModel | None:
+        """The current model named ``name`` (None: the default model); None if not held."""
+        if name is None:
+            return self.current
+        slot = self._slots.get(name)
+        return None if slot is None else slot.current
+
+    def previous_of(self, name: str) -> ModelRef | None:
+        """The previous version of model ``name``, if the cache holds one."""
+        slot = self._slots.get(name)
+        return None if slot is None else slot.previous
+
+    def all(self) -> list[ActiveModel]:
+        """Every served model, default first."""
+        return [slot.current for slot in self._slots.values()]
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the served models, default first."""
+        return list(self._slots)
 
     def on_change(self, callback: Callable[[str, ActiveModel], object]) -> None:
         """Call ``callback(event, model)`` after every swap; event is ``model_installed``
@@ -98,38 +142,52 @@ class ModelManager:
     # -- start ------------------------------------------------------------------------------
 
     async def open(self) -> ActiveModel | None:
-        """Load the cached current model (or, if it fails its checks, the previous one)."""
+        """Load every cached model (for each, the current bundle or, if it fails its checks,
+        the previous one); returns the default model, None when none loaded."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         for junk in self.cache_dir.glob(".tmp-*"):
             shutil.rmtree(junk, ignore_errors=True)
         for junk in self.cache_dir.glob(".state-*"):
             junk.unlink(missing_ok=True)
-        state = self._read_state()
-        for role in ("current", "previous"):
-            name = state.get(role)
-            if not name:
-                continue
-            try:
-                active = await self._load(self.cache_dir / name)
-            except BundleError as exc:
-                log.error("cached_model_rejected", role=role, dir=name, code=exc.code, reason=exc.reason)
-                continue
-            self._current = active
-            other = state.get("previous") if role == "current" else None
-            self._previous = self._ref_of(other) if other else None
-            log.info("model_loaded", model=active.ref.name, version=active.ref.version, role=role)
-            return active
-        return None
+        for entry in self._read_state():
+            for role in ("current", "previous"):
+                name = entry.get(role)
+                if not name:
+                    continue
+                try:
+                    active = await self._load(self.cache_dir / name)
+                except BundleError as exc:
+                    log.error("cached_model_rejected", role=role, dir=name, code=exc.code, reason=exc.reason)
+                    continue
+                if active.ref.name in self._slots:
+                    log.error("cached_model_duplicate", dir=name, model=active.ref.name)
+                    break
+                other = entry.get("previous") if role == "current" else None
+                self._slots[active.ref.name] = _Slot(active, self._ref_of(other) if other else None)
+                log.info("model_loaded", model=active.ref.name, version=active.ref.version, role=role)
+                break
+        return self.current
 
-    def _read_state(self) -> dict[str, str]:
+    def _read_state(self) -> list[dict[str, str]]:
+        """Slot entries ``{"current": dir, "previous": dir}`` in slot order."""
         try:
             data = json.loads((self.cache_dir / _STATE).read_text())
         except FileNotFoundError:
-            return {}
+            return []
         except (OSError, ValueError) as exc:
             log.error("model_state_unreadable", error=repr(exc))
-            return {}
-        return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+            return []
+        if not isinstance(data, dict):
+            return []
+
+        def strings(d: object) -> dict[str, str]:
+            return {k: v for k, v in d.items() if isinstance(v, str)} if isinstance(d, dict) else {}
+
+        models = data.get("models")
+        if isinstance(models, list):
+            return [strings(d) for d in models]
+        legacy = strings(data)  # written by a single-model build
+        return [legacy] if legacy else []
 
     def _ref_of(self, dirname: str) -> ModelRef | None:
         try:
@@ -162,7 +220,7 @@ class ModelManager:
         async with self._lock:
             bundle = read_bundle(Path(bundle_dir))
             ref = bundle.manifest.ref
-            cur = self._current
+            cur = self.get(ref.name)
             if cur is not None and cur.ref == ref:
                 log.info("model_already_current", model=ref.name, version=ref.version, source=source)
                 return ref
@@ -176,11 +234,12 @@ class ModelManager:
             )
             return ref
 
-    async def rollback(self) -> ModelRef:
-        """Make the previous model current again. Raises ``BundleError`` (code
-        ``no_previous`` or a verification code) when that is not possible."""
+    async def rollback(self, name: str | None = None) -> ModelRef:
+        """Make model ``name``'s (None: the default model's) previous version current again.
+        Raises ``BundleError`` (code ``no_previous`` or a verification code) when that is
+        not possible."""
         async with self._lock:
-            prev = self._previous
+            prev = self.previous if name is None else self.previous_of(name)
             if prev is None:
                 raise BundleError("cache", "there is no previous model to roll back to", "no_previous")
             active = await self._load(self.cache_dir / _dirname(prev))
@@ -229,14 +288,24 @@ class ModelManager:
         return final
 
     def _swap(self, active: ActiveModel, event: str) -> None:
-        old = self._current
-        state = {"current": active.path.name}
+        name = active.ref.name
+        slot = self._slots.get(name)
+        old = None if slot is None else slot.current
+        previous = None if slot is None else slot.previous
         if old is not None and old.ref != active.ref:
-            state["previous"] = old.path.name
-        self._write_state(state)
-        self._current = active
-        self._previous = old.ref if old is not None and old.ref != active.ref else self._previous
-        keep = set(state.values())
+            previous = old.ref
+        slots = dict(self._slots)
+        slots[name] = _Slot(active, previous)
+        entries = []
+        for s in slots.values():
+            entry = {"name": s.current.ref.name, "current": s.current.path.name}
+            if s.previous is not None:
+                entry["previous"] = _dirname(s.previous)
+            entries.append(entry)
+        default = {k: v for k, v in entries[0].items() if k != "name"}
+        self._write_state({**default, "models": entries})
+        self._slots = slots
+        keep = {v for e in entries for k, v in e.items() if k != "name"}
         for d in self.cache_dir.iterdir():
             if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
@@ -246,7 +315,7 @@ class ModelManager:
             except Exception:
                 log.exception("model_listener_failed", callback=repr(callback))
 
-    def _write_state(self, state: dict[str, str]) -> None:
+    def _write_state(self, state: dict[str, object]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".state-")
         try:
             with os.fdopen(fd, "w") as f:

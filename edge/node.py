@@ -294,23 +294,32 @@ class EdgeNode:
         finally:
             self.batcher.aclose_nowait()
 
+    def _note_live_models(self) -> None:
+        """Tell the buffer which model ids are served (the others' last events are retired)."""
+        current = self.models.current
+        self.buffer.current_model_id = None if current is None else current.model_id
+        self.buffer.live_model_ids = {m.model_id for m in self.models.all()}
+
     async def _load_models(self) -> None:
-        active = await self.models.open()
-        if active is not None:
-            self.buffer.current_model_id = active.model_id
-        path = self.config.model_path
-        if path is None:
-            return
-        try:
-            wanted = read_bundle(path).manifest.ref
-        except BundleError as exc:
-            raise BundleError(exc.bundle, f"--model: {exc.reason}", exc.code) from exc
-        if active is not None and active.ref.name == wanted.name and active.ref.version > wanted.version:
-            # A newer version arrived (e.g. by assignment) since the flag was written: a
-            # restart must not silently downgrade the node.
-            self.log.warning("model_flag_skipped", flag_version=wanted.version, current=active.ref.version)
-            return
-        await self.models.install(path, source="local")
+        await self.models.open()
+        self._note_live_models()
+        for path in self.config.model_paths:
+            try:
+                wanted = read_bundle(path).manifest.ref
+            except BundleError as exc:
+                raise BundleError(exc.bundle, f"--model: {exc.reason}", exc.code) from exc
+            active = self.models.get(wanted.name)
+            if active is not None and active.ref.version > wanted.version:
+                # A newer version arrived (e.g. by assignment) since the flag was written: a
+                # restart must not silently downgrade the node.
+                self.log.warning(
+                    "model_flag_skipped",
+                    model=wanted.name,
+                    flag_version=wanted.version,
+                    current=active.ref.version,
+                )
+                continue
+            await self.models.install(path, source="local")
 
     async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         crashes: list[float] = []
@@ -345,8 +354,9 @@ class EdgeNode:
         return info.model_id
 
     def _on_model_change(self, event: str, active: ActiveModel) -> None:
-        self.buffer.current_model_id = active.model_id
-        self.log = self.log.bind(model_version=active.ref.version)
+        self._note_live_models()
+        if self.models.current is active:
+            self.log = self.log.bind(model_version=active.ref.version)
         if self._tg is not None:
             self._tg.start_soon(self.report_status, event)
 
@@ -380,16 +390,40 @@ class EdgeNode:
                 raise InvalidInput(name, f"is {len(t)} characters, more than the limit {limit}")
         return Texts(cast("list[str]", value))
 
-    def _check_task(self, task: str, endpoint: str) -> None:
-        current = self.models.current
-        if current is not None and current.manifest.task != task:
+    def _model_for(self, task: str, endpoint: str, model: str | None) -> str | None:
+        """The name of the model a request for ``endpoint`` goes to: ``model`` when given
+        (it must be served here, and be a ``task`` model), else the first served model of
+        that task — the node's only or first model (None before any is installed: the batcher
+        then answers ``NoModel``). Raises ``InvalidInput`` naming the field ``model``."""
+        served = self.models.all()
+        if model is not None:
+            if not isinstance(model, str):
+                raise InvalidInput("model", f"must be a string, got {type(model).__name__}")
+            active = self.models.get(model)
+            if active is None:
+                raise InvalidInput(
+                    "model", f"{model[:64]!r} is not served here (models: {self.models.names})"
+                )
+            if active.manifest.task != task:
+                other = "/v1/embed" if active.manifest.task == "embedding" else "/v1/predict"
+                raise InvalidInput(
+                    "model", f"{model!r} is a {active.manifest.task} model: use {other}, not {endpoint}"
+                )
+            return model
+        for active in served:
+            if active.manifest.task == task:
+                return active.ref.name
+        if served:
+            current = served[0]
             other = "/v1/embed" if current.manifest.task == "embedding" else "/v1/predict"
             raise InvalidInput(
                 "model", f"the model is a {current.manifest.task} model: use {other}, not {endpoint}"
             )
+        return None
 
-    async def _infer(self, texts: Sequence[str] | str) -> list[Result]:
-        """One ``Result`` per slice of ``texts`` (see ``_slices``), in order."""
+    async def _infer(self, texts: Sequence[str] | str, model: str | None) -> list[Result]:
+        """One ``Result`` per slice of ``texts`` (see ``_slices``), in order, from the model
+        named ``model`` (None: the default)."""
         if self._stack is None:
             raise NodeClosed()
         valid = texts if isinstance(texts, Texts) else self.texts(texts)
@@ -401,9 +435,9 @@ class EdgeNode:
                 # share micro-batches. A big request goes in slices, one queued at a time,
                 # so a small request queues behind at most a slice of each big one
                 # (issue 13: one text waited 12.6 s behind four 256-text batches).
-                result = await self.batcher.serve_now(part) if self._calls == 1 else None
+                result = await self.batcher.serve_now(part, model) if self._calls == 1 else None
                 if result is None:
-                    result = await self.batcher.predict(part)
+                    result = await self.batcher.predict(part, model)
                 results.append(result)
             if self.config.durable_ack:
                 for result in results:
@@ -428,13 +462,14 @@ class EdgeNode:
         out.append(texts[start:])
         return out
 
-    async def embed(self, texts: Sequence[str] | str) -> EmbeddingsOut:
-        """Embed each text with the current (embedding) model: L2-normalised vectors. Returns
-        once the telemetry of these inferences is committed (``durable_ack``). Raises
-        ``InvalidInput`` (also for a classification model), ``NoModel``,
+    async def embed(self, texts: Sequence[str] | str, model: str | None = None) -> EmbeddingsOut:
+        """Embed each text with the embedding model named ``model`` (None: the node's first
+        embedding model): L2-normalised vectors. Returns once the telemetry of these
+        inferences is committed (``durable_ack``). Raises ``InvalidInput`` (also for a
+        classification model or a model not served here), ``NoModel``,
         ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
-        self._check_task("embedding", "/v1/embed")
-        results = await self._infer(texts)
+        name = self._model_for("embedding", "/v1/embed", model)
+        results = await self._infer(texts, name)
         first = results[0].model.ref
         if any(r.vectors is None or r.model.ref != first for r in results):
             # the model was swapped (for a classifier, or between slices) meanwhile
@@ -445,21 +480,22 @@ class EdgeNode:
             durable=all(r.commit.stored for r in results),
         )
 
-    async def predict(self, texts: Sequence[str] | str) -> list[PredictionOut]:
-        """Predict each text with the current model. Returns once the telemetry of these
-        inferences is committed (``durable_ack``). ``texts`` made by ``texts()`` are not
-        checked again. Raises ``InvalidInput`` (also for an embedding model), ``NoModel``,
-        ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
-        self._check_task("classification", "/v1/predict")
-        results = await self._infer(texts)
+    async def predict(self, texts: Sequence[str] | str, model: str | None = None) -> list[PredictionOut]:
+        """Predict each text with the classifier named ``model`` (None: the node's first
+        classification model). Returns once the telemetry of these inferences is committed
+        (``durable_ack``). ``texts`` made by ``texts()`` are not checked again. Raises
+        ``InvalidInput`` (also for an embedding model or a model not served here),
+        ``NoModel``, ``edge.inference.InferenceFailed`` or ``NodeClosed``."""
+        name = self._model_for("classification", "/v1/predict", model)
+        results = await self._infer(texts, name)
         if any(r.vectors is not None for r in results):
             raise InvalidInput("model", "the model is an embedding model: use /v1/embed")
         memory, boot, ids = self._memory, self._boot, self._ids
         out = []
         for result in results:  # slices may differ in model after a swap: each says its own
             durable = result.commit.stored
-            model = result.model
-            ref, labels, mid = model.ref, model.manifest.labels, model.model_id
+            used = result.model
+            ref, labels, mid = used.ref, used.manifest.labels, used.model_id
             for i, conf in zip(result.index, result.confidence, strict=True):
                 pid = f"{boot}-{next(ids)}"
                 label = labels[i]
@@ -519,6 +555,7 @@ class EdgeNode:
             "node": self.config.node,
             "install": self.buffer.install,
             "model": self._model_dict(),
+            "models": [msgspec.structs.asdict(m.ref) for m in self.models.all()],
             "previous_model": None
             if self.models.previous is None
             else msgspec.structs.asdict(self.models.previous),
@@ -555,6 +592,7 @@ class EdgeNode:
             event=event,
             device=device_profile(self.config.data_path),
             model=None if active is None else active.ref,
+            models=[m.ref for m in self.models.all()],
             previous_model=self.models.previous,
             outbox_depth=s.outbox_depth,
             buffer_bytes=s.file_bytes,

@@ -191,6 +191,9 @@ class NodeStatus(Wire, kw_only=True):
     device: DeviceProfile = msgspec.field(default_factory=DeviceProfile)
     model: ModelRef | None = None
     previous_model: ModelRef | None = None
+    #: Every model the node serves side by side, default (``model``) first; [] from a
+    #: single-model node (then ``model`` is all it serves).
+    models: list[ModelRef] = msgspec.field(default_factory=list)
     outbox_depth: int = 0
     buffer_bytes: int = 0
     dropped_inferences: int = 0

@@ -49,10 +49,11 @@ def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]
 @click.option(
     "--model",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Bundle directory to install at start. Without it the cached model is used; with "
-    "neither, /v1/predict answers 503 until an assigned model arrives. A cached newer "
-    "version of the same model is kept (no silent downgrade on restart).",
+    multiple=True,
+    help="Bundle directory to install at start; repeat to serve several models side by side "
+    "(different names; the first is the default, requests pick one by its name). Without it "
+    "the cached models are used; with neither, /v1/predict answers 503 until an assigned "
+    "model arrives. A cached newer version of the same model is kept (no silent downgrade).",
 )
 @click.option(
     "--trust",
@@ -112,7 +113,7 @@ def edge(
     fleet: str | None,
     node: str | None,
     data_dir: Path | None,
-    model: Path | None,
+    model: tuple[Path, ...],
     trust: tuple[Path, ...],
     http: str,
     window: str,
@@ -142,7 +143,8 @@ def edge(
         "fleet": fleet,
         "node": node,
         "data_dir": data_dir,
-        "model": model,
+        "model": model[0] if model else None,
+        "models": [str(p) for p in model[1:]] or None,
         "trust": list(trust) or None,
         "http": http,
         "window": window,
@@ -159,7 +161,12 @@ def edge(
     # Only values given on the command line or in the environment override the --config
     # file; click's defaults must not (they equal EdgeConfig's own defaults).
     ctx = click.get_current_context()
-    param_of = {"nats_url": "nats_url", "intra_op_threads": "threads", "outbox_max_bytes": "outbox_max"}
+    param_of = {
+        "nats_url": "nats_url",
+        "intra_op_threads": "threads",
+        "outbox_max_bytes": "outbox_max",
+        "models": "model",
+    }
     for key in list(data):
         source = ctx.get_parameter_source(param_of.get(key, key))
         if source in (None, click.core.ParameterSource.DEFAULT):
