@@ -194,7 +194,7 @@ class Buffer:
         #: The model now serving (set by the node); others' leftovers below k are flushed.
         self.current_model_id: int | None = None
         #: Ids of every model the node serves (several side by side); a model not among
-        #: them is retired: its last events go out after two quiet windows.
+        #: them (nor ``current_model_id``) is retired: its leftovers below k are flushed.
         self.live_model_ids: set[int] = set()
         self._state: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0)
         self._outbox_depth = self._outbox_bytes = 0
