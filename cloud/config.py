@@ -83,6 +83,8 @@ class CloudConfig(Config, kw_only=True):
         "rollout_interval",
     )
 
+    FLAGS: ClassVar[dict[str, str]] = {"nats_url": "--nats", "state_dir": "--state", "fleets": "--fleet"}
+
     nats_url: str = "nats://127.0.0.1:4222"
     state_dir: str = "./slmops-cloud"
     fleets: list[str] = msgspec.field(default_factory=list)

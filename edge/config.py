@@ -106,6 +106,7 @@ class EdgeConfig(Config, kw_only=True):
         "data_dir": "--data",
         "nats_url": "--nats",
         "outbox_max_bytes": "--outbox-max",
+        "intra_op_threads": "--threads",
     }
 
     fleet: str

@@ -3,7 +3,13 @@ values come from a TOML/JSON file, ``SLMOPS_*`` environment variables or CLI fla
 
 A config type names its duration and size fields (``DURATIONS``, ``SIZES``); in a file or a
 flag those take the human forms ``"500ms"``, ``"2m"``, ``"64k"``, ``"16MiB"`` as well as plain
-seconds and bytes. Edge and cloud configs load the same way, through ``load_config``."""
+seconds and bytes. Edge and cloud configs load the same way, through ``load_config``.
+
+A config file's keys are the command's flag names: ``data``, ``nats``, ``outbox-max`` (or
+``outbox_max``), where the field behind a flag is named otherwise (``FLAGS``); keys without a
+flag are the field names (``[safety]``, ``max_in_flight``). The field names of earlier
+releases (``data_dir``, ``nats_url``...) are still read, with a warning naming the new key.
+``config_origins`` says where each effective value came from (default, file, env, flag)."""
 
 from __future__ import annotations
 
@@ -13,10 +19,13 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
+import structlog
 
 from slmops.shared.errors import ConfigError
 
-__all__ = ["Config", "load_config", "parse_duration", "parse_size"]
+__all__ = ["Config", "config_origins", "file_key", "load_config", "parse_duration", "parse_size"]
+
+log = structlog.get_logger(__name__)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -56,11 +65,45 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     DURATIONS: ClassVar[tuple[str, ...]] = ()
     #: Fields in bytes that also take "64k", "10MB", "1GiB".
     SIZES: ClassVar[tuple[str, ...]] = ()
-    #: Field -> the command-line flag that sets it, where the names differ; errors name both.
+    #: Field -> the command-line flag that sets it, where the names differ; errors name both,
+    #: and a config file writes the flag's name (``file_key``).
     FLAGS: ClassVar[dict[str, str]] = {}
 
 
 C = TypeVar("C", bound=Config)
+
+
+def file_key(type_: type[Config], field: str) -> str:
+    """The key a config file writes for ``field``: its flag's name (``data_dir`` -> ``data``)."""
+    flag = type_.FLAGS.get(field)
+    return flag.removeprefix("--").replace("-", "_") if flag else field
+
+
+def _read_file(type_: type[Config], path: Path, *, warn: bool = True) -> dict[str, Any]:
+    """The file's table with its keys as field names (flag names and their dash or
+    underscore spellings mapped; old field names accepted with a warning)."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+        loaded = tomllib.loads(raw.decode()) if source.endswith(".toml") else msgspec.json.decode(raw)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
+        raise ConfigError(source, f"cannot read: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(source, "top level must be a table/object")
+    by_key = {file_key(type_, f).replace("-", "_"): f for f in type_.__struct_fields__}
+    out: dict[str, Any] = {}
+    for key, value in loaded.items():
+        norm = str(key).replace("-", "_")
+        field = by_key.get(norm)
+        if field is None and norm in type_.FLAGS:  # an old field name with a flag of its own
+            field = norm
+            if warn:
+                log.warning(
+                    "config_key_deprecated", file=source, key=key, use=file_key(type_, norm),
+                    note=f"`{key}` still works; write `{file_key(type_, norm)}` (the flag's name)",
+                )  # fmt: skip
+        out[field or key] = value
+    return out
 
 
 def load_config(type_: type[C], data: dict[str, Any] | None = None, path: Path | None = None) -> C:
@@ -71,14 +114,7 @@ def load_config(type_: type[C], data: dict[str, Any] | None = None, path: Path |
     source = "flags"
     if path is not None:
         source = str(path)
-        try:
-            raw = Path(path).read_bytes()
-            loaded = tomllib.loads(raw.decode()) if str(path).endswith(".toml") else msgspec.json.decode(raw)
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
-            raise ConfigError(source, f"cannot read: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(source, "top level must be a table/object")
-        merged.update(loaded)
+        merged.update(_read_file(type_, path))
     merged.update({k: v for k, v in (data or {}).items() if v is not None})
     merged = {k: _plain(v) for k, v in merged.items()}
     for keys, parse in ((type_.DURATIONS, parse_duration), (type_.SIZES, parse_size)):
@@ -93,8 +129,28 @@ def load_config(type_: type[C], data: dict[str, Any] | None = None, path: Path |
     except msgspec.ValidationError as exc:
         message = str(exc)
         for field, flag in type_.FLAGS.items():
-            message = message.replace(f"`{field}`", f"`{field}` ({flag})")
+            if message.startswith("Object missing required field") and f"`{field}`" in message:
+                message = f"{flag} is required (or `{file_key(type_, field)}` in a config file)"
+            message = message.replace(f"`{field}`", f"`{file_key(type_, field)}` ({flag})")
         raise ConfigError(source, message) from exc
+
+
+def config_origins(
+    type_: type[Config], data: dict[str, Any] | None, path: Path | None, given: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Field -> where its effective value came from: ``given[field]`` (``"flag"`` or
+    ``"env"``) for a non-None value in ``data`` (``"flag"`` when not named), ``"file <path>"``
+    for a key of the file, else ``"default"``. Raises ``ConfigError`` as ``load_config``."""
+    from_file = _read_file(type_, path, warn=False) if path is not None else {}
+    out = {}
+    for field in type_.__struct_fields__:
+        if (data or {}).get(field) is not None:
+            out[field] = (given or {}).get(field, "flag")
+        elif field in from_file:
+            out[field] = f"file {path}"
+        else:
+            out[field] = "default"
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -11,7 +11,8 @@ import anyio
 import click
 import msgspec
 
-from slmops.cli_common import fleet_id, nats_option, run
+from slmops import cli_common
+from slmops.cli_common import fleet_id, nats_option, parameter_origins, run
 from slmops.cli_common import table_line as _line
 from slmops.shared.config import parse_duration
 
@@ -47,8 +48,13 @@ __all__ = ["cloud", "drift"]
     "config_path",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
-    help="TOML/JSON file with CloudConfig keys (e.g. batch_size, lease_ttl, [drift] min_count); "
-    "flags win over it.",
+    help="TOML/JSON file whose keys are these flags' names (nats, state, batch_size, lease_ttl = "
+    '"10s", [drift] min_count...; see deploy/cloud.toml); flags win over it.',
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the effective settings, each with where it came from (default, file, env, flag), and exit.",
 )
 @click.option(
     "--batch-size",
@@ -115,6 +121,7 @@ def cloud(
     rollouts: bool | None,
     http: str | None,
     http_token: str | None,
+    print_config: bool,
 ) -> None:
     """Run the cloud service: ingest telemetry, keep the fleet state, detect drift, publish
     drift events on slmops.drift.<fleet>. Runs until Ctrl-C or SIGTERM.
@@ -124,7 +131,7 @@ def cloud(
     lease TTL when it stops.
     """
     from slmops.cloud.config import CloudConfig
-    from slmops.shared.config import load_config
+    from slmops.shared.config import config_origins, load_config
 
     data: dict[str, Any] = {
         "nats_url": nats_url,
@@ -138,6 +145,10 @@ def cloud(
         "http": http,
         "http_token": http_token,
     }
+    # Only what the command line or the environment gave overrides the --config file.
+    param_of = {"fleets": "fleets", "key": "key_path", "state_dir": "state_dir"}
+    origins = parameter_origins(click.get_current_context(), {k: param_of.get(k, k) for k in data})
+    data = {k: v if k in origins else None for k, v in data.items()}
     try:
         drift_flags = {"min_count": min_count, "target_false_rate": target_false_rate}
         drift_flags = {k: v for k, v in drift_flags.items() if v is not None}
@@ -145,6 +156,11 @@ def cloud(
         if drift_flags:
             merged = {**msgspec.to_builtins(config.drift), **drift_flags}
             config = msgspec.structs.replace(config, drift=msgspec.convert(merged, type(config.drift)))
+            origins["drift"] = "flag (" + ", ".join(f"--{k.replace('_', '-')}" for k in drift_flags) + ")"
+        if print_config:
+            found = config_origins(CloudConfig, data, config_path, origins)
+            cli_common.print_config(config, {**found, **{k: v for k, v in origins.items() if k == "drift"}})
+            return
     except (ValueError, msgspec.ValidationError) as exc:
         raise click.BadParameter(str(exc)) from exc
 

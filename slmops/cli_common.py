@@ -8,6 +8,7 @@ line ``Error: ...``; 2 a usage error (a bad flag, config value or file), printed
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -22,7 +23,10 @@ from slmops.shared.names import validate_id
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-__all__ = ["call", "errors_to_exit_codes", "fleet_id", "jetstream", "nats_option", "run", "table_line"]
+__all__ = [
+    "call", "errors_to_exit_codes", "fleet_id", "jetstream", "nats_option", "parameter_origins",
+    "print_config", "run", "table_line",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -74,6 +78,58 @@ async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
     finally:
         with anyio.move_on_after(5, shield=True):
             await nc.drain()
+
+
+def parameter_origins(ctx: click.Context, params: Mapping[str, str]) -> dict[str, str]:
+    """Config field -> ``"flag"`` or ``"env <VAR>"`` for each click parameter (``params``:
+    field -> parameter name) given on the command line or in the environment."""
+    out = {}
+    for field, param in params.items():
+        source = ctx.get_parameter_source(param)
+        if source == click.core.ParameterSource.COMMANDLINE:
+            out[field] = "flag"
+        elif source == click.core.ParameterSource.ENVIRONMENT:
+            envvar = next((p.envvar for p in ctx.command.params if p.name == param), None)
+            auto = f"{ctx.auto_envvar_prefix}_{param.upper()}" if ctx.auto_envvar_prefix else "?"
+            out[field] = f"env {envvar if isinstance(envvar, str) else auto}"
+    return out
+
+
+def print_config(config: Any, origins: Mapping[str, str]) -> None:
+    """The effective settings as a config file would write them (flag names as keys), each
+    with where it came from: ``data = "./till-1"  # flag``."""
+    import msgspec
+
+    from slmops.shared.config import file_key
+
+    plain = msgspec.to_builtins(config)
+    tables = []
+    for field in type(config).__struct_fields__:
+        value, key, origin = plain[field], file_key(type(config), field), origins.get(field, "default")
+        if isinstance(value, dict):
+            tables.append((key, value, origin))
+        elif value is None:
+            click.echo(f"# {key} = (unset)  # {origin}")
+        else:
+            click.echo(f"{key} = {json.dumps(_human(type(config), field, value))}  # {origin}")
+    for key, table, origin in tables:
+        click.echo(f"\n[{key}]  # {origin}")
+        for k, v in table.items():
+            click.echo(f"{k} = {json.dumps(v)}" if v is not None else f"# {k} = (unset)")
+
+
+def _human(type_: Any, field: str, value: Any) -> Any:
+    """Durations and sizes in the forms a config file takes: ``60.0`` -> ``"60s"``."""
+    if field in getattr(type_, "DURATIONS", ()) and isinstance(value, int | float):
+        for unit, n in (("h", 3600), ("m", 60)):
+            if value >= n and value % n == 0:
+                return f"{value / n:g}{unit}"
+        return f"{value:g}s" if value >= 1 or value == 0 else f"{value * 1000:g}ms"
+    if field in getattr(type_, "SIZES", ()) and isinstance(value, int):
+        for unit, n in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+            if value and value % n == 0:
+                return f"{value // n}{unit}"
+    return value
 
 
 def table_line(cells: list[str], widths: list[int]) -> str:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import anyio
 import click
 
-from slmops.cli_common import nats_option, run
+from slmops import cli_common
+from slmops.cli_common import nats_option, parameter_origins, run
 from slmops.shared.errors import BundleError, PortUnavailable
 
 if TYPE_CHECKING:
@@ -106,7 +107,13 @@ def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]
     envvar="SLMOPS_EDGE_CONFIG",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="TOML/JSON file with EdgeConfig keys; flags given on the command line win.",
+    help='TOML/JSON file whose keys are these flags\' names (data, nats, window = "60s"...; '
+    "see deploy/edge.toml); flags given on the command line win.",
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the effective settings, each with where it came from (default, file, env, flag), and exit.",
 )
 def edge(
     nats_url: str,
@@ -127,6 +134,7 @@ def edge(
     dp_budget: float | None,
     status_interval: str,
     config_file: Path | None,
+    print_config: bool,
 ) -> None:
     """Run an edge node: local ONNX inference over HTTP, privacy-filtered telemetry in SQLite,
     window aggregates sent to NATS JetStream whenever the link is up.
@@ -136,6 +144,7 @@ def edge(
     SLMOPS_NATS_URL. Stops cleanly on Ctrl-C or SIGTERM.
     """
     from slmops.edge.config import EdgeConfig
+    from slmops.shared.config import config_origins
     from slmops.shared.errors import ConfigError
 
     data = {
@@ -167,12 +176,13 @@ def edge(
         "outbox_max_bytes": "outbox_max",
         "models": "model",
     }
-    for key in list(data):
-        source = ctx.get_parameter_source(param_of.get(key, key))
-        if source in (None, click.core.ParameterSource.DEFAULT):
-            data[key] = None
+    origins = parameter_origins(ctx, {key: param_of.get(key, key) for key in data})
+    data = {key: value if key in origins else None for key, value in data.items()}
     try:
         config = EdgeConfig.build(data, config_file)
+        if print_config:
+            cli_common.print_config(config, config_origins(EdgeConfig, data, config_file, origins))
+            return
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     run(partial(_serve, config), until_signal=True, exit_codes={BundleError: 2})

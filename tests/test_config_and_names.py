@@ -70,3 +70,62 @@ def test_subjects_and_keys_follow_the_contract() -> None:
     assert msg_id("till-7", 42, "f1", install="ab" * 16) == "f1/till-7/" + "ab" * 16 + ":42"
     with pytest.raises(ValueError, match="node"):
         telemetry_subject("shops", "till.7")
+
+
+def test_the_shipped_example_configs_load_with_flag_names_as_keys() -> None:
+    """deploy/edge.toml and deploy/cloud.toml load as they are, through the flag-named keys."""
+    from slmops.cloud.config import CloudConfig
+    from slmops.edge.config import EdgeConfig
+
+    deploy = Path(__file__).parent.parent / "deploy"
+    edge = EdgeConfig.build(None, deploy / "edge.toml")
+    assert (edge.fleet, edge.node, edge.data_dir) == ("shops", "till-1", "/var/lib/slmops/edge")
+    assert (edge.window, edge.outbox_max_bytes, edge.intra_op_threads) == (60.0, 16 * 1024**2, 1)
+    assert edge.trust == ["/etc/slmops/keys/slmops.pub"]
+    cloud = load_config(CloudConfig, None, deploy / "cloud.toml")
+    assert (cloud.nats_url, cloud.state_dir, cloud.fleets) == (
+        "nats://127.0.0.1:4222", "/var/lib/slmops/cloud", [])  # fmt: skip
+    assert (cloud.lease_ttl, cloud.drift.min_count, cloud.rollout.stages) == (10.0, 100, [5, 25, 100])
+
+
+def test_old_config_keys_still_load_with_a_warning_naming_the_new_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slmops.edge.config import EdgeConfig
+
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        'fleet = "f"\nnode = "n"\ndata_dir = "/d"\nnats_url = "nats://h:1"\noutbox-max = "1MiB"\n'
+    )
+    cfg = EdgeConfig.build(None, path)
+    assert (cfg.data_dir, cfg.nats_url, cfg.outbox_max_bytes) == ("/d", "nats://h:1", 1024**2)
+    err = capsys.readouterr()
+    logged = err.out + err.err
+    assert "config_key_deprecated" in logged
+    assert "write `data`" in logged
+    assert "write `nats`" in logged
+
+
+def test_print_config_names_where_each_setting_came_from(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    path = tmp_path / "edge.toml"
+    path.write_text('fleet = "f"\nnode = "n"\ndata = "/d"\nwindow = "10s"\n')
+    result = CliRunner().invoke(
+        main,
+        ["edge", "--config", str(path), "--print-config", "--node", "n2"],
+        env={"SLMOPS_EDGE_MIN_COUNT": "5"},
+    )
+    assert result.exit_code == 0, result.output
+    lines = set(result.output.splitlines())
+    assert f'fleet = "f"  # file {path}' in lines
+    assert 'node = "n2"  # flag' in lines
+    assert "min_count = 5  # env SLMOPS_EDGE_MIN_COUNT" in lines
+    assert f'window = "10s"  # file {path}' in lines
+    assert 'outbox_max = "16MiB"  # default' in lines
+    cloud = CliRunner().invoke(main, ["cloud", "--print-config", "--state", str(tmp_path / "s")])
+    assert cloud.exit_code == 0, cloud.output
+    assert f'state = "{tmp_path / "s"}"  # flag' in cloud.output.splitlines()
+    assert 'lease_ttl = "10s"  # default' in cloud.output.splitlines()

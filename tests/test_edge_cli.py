@@ -189,5 +189,6 @@ def test_a_missing_data_directory_is_named_by_its_flag() -> None:
     config field `data_dir` (the new-user try read "missing required field `data_dir`")."""
     result = CliRunner().invoke(main, ["edge", "--fleet", "f", "--node", "n"])
     assert result.exit_code == 2, result.output
-    assert "`data_dir` (--data)" in result.output
+    assert "--data is required (or `data` in a config file)" in result.output
+    assert "data_dir" not in result.output
     assert "Traceback" not in result.output
