@@ -210,6 +210,10 @@ class SafetyMonitor:
     # -- swaps -----------------------------------------------------------------------------
 
     def _on_change(self, event: str, active: ActiveModel) -> None:
+        if self.models.current is not active:
+            # Another model served beside the default one: this monitor watches only the
+            # default model (its counters are the node's, all models together).
+            return
         now = self._clock()
         if self._current is not None:  # close the outgoing version's window at the swap
             snap = self._counters()

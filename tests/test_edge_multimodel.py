@@ -151,31 +151,35 @@ async def test_a_new_version_of_one_model_leaves_the_other_alone(
     clf1 = make_transformer_bundle(tmp_path / "clf1", keys.key, name="clf")
     clf2 = make_transformer_bundle(tmp_path / "clf2", keys.key, name="clf", version=2, bias=[0.0, 0.1, 0.0])
     emb1 = make_transformer_bundle(tmp_path / "emb1", keys.key, task="embedding", name="emb")
-    emb2 = make_transformer_bundle(tmp_path / "emb2", keys.key, task="embedding", name="emb", version=2)
+    emb5 = make_transformer_bundle(tmp_path / "emb5", keys.key, task="embedding", name="emb", version=5)
     events: list[tuple[str, str, int]] = []
     cfg = edge_config(tmp_path, keys, fleet=fleet, model=clf1.path, models=[str(emb1.path)])
     async with EdgeNode(cfg) as node:
         node.models.on_change(lambda e, a: events.append((e, a.ref.name, a.ref.version)))
-        await node.models.install(emb2.path, source="test")
-        assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 1), ("emb", 2)]
-        assert node.models.previous_of("emb") is not None
-        assert node.models.previous is None  # the default (clf) has no previous version
-        assert (await node.embed(["alpha"])).model.version == 2
         await node.models.install(clf2.path, source="test")
-        assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 2), ("emb", 2)]
+        assert node.safety.statistics().watching  # the default's new version is watched
+        await node.models.install(emb5.path, source="test")
+        assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 2), ("emb", 5)]
+        assert (await node.embed(["alpha"])).model.version == 5
+        assert (await node.predict(["alpha"]))[0].model.version == 2
+        # The node's safety monitor watches the default model only: the embedder's new
+        # version is not taken for the default's (to judge and maybe roll back).
+        assert (node.safety.statistics().watching, node.safety.statistics().version) == (True, 2)
+        assert node.models.previous == clf1.manifest.ref
         back = await node.models.rollback("emb")
-        assert (back.name, back.version) == ("emb", 1)
+        assert back == emb1.manifest.ref
         assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 2), ("emb", 1)]
+        assert node.models.previous_of("emb") == emb5.manifest.ref
         assert (await node.predict(["alpha"]))[0].model.version == 2
         assert node.buffer.live_model_ids == {m.model_id for m in node.models.all()}
-    assert events == [("model_installed", "emb", 2), ("model_installed", "clf", 2), ("rollback", "emb", 1)]
+    assert events == [("model_installed", "clf", 2), ("model_installed", "emb", 5), ("rollback", "emb", 1)]
     # The cache keeps each model's current and previous bundle, nothing else.
     dirs = sorted(p.name for p in (cfg.data_path / "models").iterdir() if p.is_dir() and p.name[0] != ".")
-    assert dirs == ["clf__1__fp32", "clf__2__fp32", "emb__1__fp32", "emb__2__fp32"]
+    assert dirs == ["clf__1__fp32", "clf__2__fp32", "emb__1__fp32", "emb__5__fp32"]
     async with EdgeNode(edge_config(tmp_path, keys, fleet=fleet)) as node:
         assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 2), ("emb", 1)]
-        assert node.models.previous_of("emb") is not None
-        assert node.models.previous_of("emb").version == 2  # type: ignore[union-attr]
+        assert node.models.previous_of("emb") == emb5.manifest.ref
+        assert node.models.previous == clf1.manifest.ref
 
 
 def test_a_single_model_cache_written_by_the_old_layout_still_loads(
