@@ -6,9 +6,13 @@ import fcntl
 import os
 from pathlib import Path
 
+import structlog
+
 from slmops.edge.errors import DataDirInUse
 
 __all__ = ["DataDirLock"]
+
+log = structlog.get_logger(__name__)
 
 
 class DataDirLock:
@@ -28,8 +32,11 @@ class DataDirLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown pid"
             os.close(fd)
             raise DataDirInUse(str(self.path.parent), holder) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        try:  # who holds it, for the error above; a full disk cannot take it (nor must it stop us)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        except OSError as exc:
+            log.warning("lock_pid_not_written", path=str(self.path), error=str(exc))
         self.fd = fd
 
     def __exit__(self, *exc: object) -> None:

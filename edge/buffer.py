@@ -12,6 +12,10 @@ the disk fails (full, I/O errors), once they are counted in the durable loss rec
 (``edge.receipt``; ``Commit.stored`` is then False and the buffer is ``degraded``). A degraded
 buffer stops trying SQLite for every group and probes it every ``_PROBE_INTERVAL`` seconds;
 the first probe that stores ends the spell. Nothing a failing disk does stops the writer.
+A database that cannot even be opened at start on a full or failing disk is the same spell:
+the node serves degraded (models get provisional negative ids, losses no receipt can hold yet
+are ``unrecorded_events``), and the probe that opens it stores those ids and moves those
+losses into the receipt of the new install.
 The receipt reaches the cloud in ``dropped_inferences`` of the next aggregate, moved in the
 same transaction that records how much was moved (``receipt_reported``). A window close
 builds its aggregates, gives each the next ``seq``, inserts them into the outbox and deletes
@@ -22,6 +26,7 @@ both or neither. ``next_seq`` lives in the same database and survives restarts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import shutil
 import sqlite3
@@ -114,6 +119,19 @@ def _corrupt(exc: BaseException) -> bool:
     return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
+#: SQLite result codes (primary) of a disk that is full or failing, not of a bad path.
+_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+
+
+def _disk_failing(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full or failing (ENOSPC, EDQUOT, EIO, SQLite's FULL
+    or IOERR): then the node serves on degraded; any other error opening is a setup error."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL)
+
+
 class Commit:
     """Completion of one ``append``: ``done`` is set once the rows are committed (``stored``)
     or could not be (``error`` says why; they are then counted in the loss receipt unless
@@ -203,6 +221,8 @@ class Buffer:
         #: Why storage is degraded, None while SQLite takes rows; see the module docstring.
         self.degraded: str | None = None
         self._next_probe = 0.0
+        #: The database could not be opened at start (a full disk): ``_probe`` retries.
+        self._unopened = False
         self.outbox_changed = anyio.Event()
         #: This data directory's install id (see ``_load_install``); "" for a legacy database.
         self.install = ""
@@ -219,23 +239,18 @@ class Buffer:
         directory the node may not write)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            try:
-                await self._open()
-            except (sqlite3.DatabaseError, msgspec.DecodeError, _Corrupt) as exc:
-                if not _corrupt(exc):
-                    raise
-                await self._close_db()
-                self.receipt.close()
-                self._state = dict.fromkeys(_STATE_KEYS, 0)
-                self._models.clear()
-                self._quarantine(exc)
-                await self._open()
+            await self._open_or_quarantine()
         except (sqlite3.Error, OSError) as exc:
             await self._close_db()
             self.receipt.close()
-            self._send.close()
-            self._recv.close()
-            raise StoreError(str(self.path), f"cannot open: {exc}") from exc
+            if not _disk_failing(exc):
+                self._send.close()
+                self._recv.close()
+                raise StoreError(str(self.path), f"cannot open: {exc}") from exc
+            # A start on a full (or failing) disk: serve on, degraded, as when the disk
+            # fills while running; the writer's probe opens the database once it can.
+            self._unopened = True
+            self._degrade(StoreError(str(self.path), f"cannot open: {exc}"))
         self.quarantined = sorted(
             p.name
             for p in self.path.parent.glob(f"{self.path.name}.quarantined-*")
@@ -249,6 +264,46 @@ class Buffer:
             outbox=self._outbox_depth,
         )
         return self
+
+    async def _open_or_quarantine(self) -> None:
+        try:
+            await self._open()
+        except (sqlite3.DatabaseError, msgspec.DecodeError, _Corrupt) as exc:
+            if not _corrupt(exc):
+                raise
+            await self._close_db()
+            self.receipt.close()
+            self._state = dict.fromkeys(_STATE_KEYS, 0)
+            self._models = {k: v for k, v in self._models.items() if k < 0}
+            self._quarantine(exc)
+            await self._open()
+
+    async def _open_late(self) -> bool:
+        """Open a database that could not be opened at start (see ``__aenter__``): models
+        registered meanwhile keep their provisional (negative) ids, and losses no receipt
+        could count meanwhile go into the receipt now, so they reach the cloud. Returns
+        whether it opened; else the buffer stays degraded."""
+        try:
+            await self._open_or_quarantine()
+            async with self._tx():
+                await self.db.executemany(
+                    "INSERT OR IGNORE INTO models(id, key, info) VALUES (?, ?, ?)",
+                    [
+                        (mid, f"{i.ref.name}/{i.ref.version}/{i.ref.variant}", msgspec.json.encode(i))
+                        for mid, i in self._models.items()
+                        if mid < 0
+                    ],
+                )
+            self.receipt.add(self._unrecorded)
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            await self._close_db()
+            self.receipt.close()
+            self._degrade(StoreError(str(self.path), f"cannot open: {exc}"))
+            return False
+        log.warning("buffer_opened_late", install=self.install, receipted=self._unrecorded)
+        self._unrecorded = 0
+        self._unopened = False
+        return True
 
     def _quarantine(self, why: BaseException) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -341,7 +396,11 @@ class Buffer:
 
     @property
     def db(self) -> aiosqlite.Connection:
+        """The open connection. Raises ``StoreError`` while the database could not be opened
+        yet (a start on a full disk), ``NodeClosed`` once closed."""
         if self._db is None:
+            if self._unopened:
+                raise StoreError(str(self.path), self.degraded or "not open yet")
             raise NodeClosed("telemetry buffer")
         return self._db
 
@@ -362,6 +421,18 @@ class Buffer:
         for info in self._models.values():
             if info.ref == ref:
                 return info
+        if self._db is None and self._unopened:  # stored with this id once the db opens
+            provisional = min([0, *self._models]) - 1
+            info = ModelInfo(
+                model_id=provisional,
+                ref=ref,
+                labels=labels,
+                edges=edges,
+                embedding=embedding,
+                out_of_scope=out_of_scope,
+            )
+            self._models[provisional] = info
+            return info
         blob = msgspec.json.encode(
             ModelInfo(
                 model_id=0,
@@ -373,7 +444,11 @@ class Buffer:
             )
         )
         async with self._tx():
-            cur = await self.db.execute("INSERT INTO models(key, info) VALUES (?, ?)", (key, blob))
+            cur = await self.db.execute(  # ids > 0 also after provisional (negative) ones
+                "INSERT INTO models(id, key, info) VALUES "
+                "((SELECT max(1, coalesce(max(id), 0) + 1) FROM models), ?, ?)",
+                (key, blob),
+            )
             mid = cur.lastrowid
         assert mid is not None
         info = ModelInfo(
@@ -431,6 +506,8 @@ class Buffer:
 
     async def _commit_group(self, group: list[Commit]) -> None:
         rows = [r for c in group for r in c.rows]
+        if self._unopened and time.monotonic() >= self._next_probe:
+            await self._probe()
         if self.degraded is not None and time.monotonic() < self._next_probe:
             self._fail(group, len(rows), StoreError(str(self.path), self.degraded))
             return
@@ -463,7 +540,11 @@ class Buffer:
             self.degraded = None
 
     async def _probe(self) -> None:
-        """One small write: does the disk take rows again?"""
+        """One small write: does the disk take rows again? (Or: does the database open now?)"""
+        if self._unopened:
+            if await self._open_late():
+                self._recovered()
+            return
         try:
             async with self._lock:
                 await self.db.execute(

@@ -19,6 +19,7 @@ A swap replaces one reference: requests already running keep the session they st
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ __all__ = ["ActiveModel", "ModelManager"]
 log = structlog.get_logger(__name__)
 
 _STATE = "state.json"
+#: errno of a full or failing disk: an install is then served without being cached.
+_DISK_FAILING = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
 
 class ActiveModel(msgspec.Struct, frozen=True, kw_only=True):
@@ -225,10 +228,20 @@ class ModelManager:
                 log.info("model_already_current", model=ref.name, version=ref.version, source=source)
                 return ref
             session = await self._session(bundle)
-            path = await anyio.to_thread.run_sync(self._copy_into_cache, bundle)
+            try:
+                path = await anyio.to_thread.run_sync(self._copy_into_cache, bundle)
+                cached = True
+            except OSError as exc:
+                if exc.errno not in _DISK_FAILING:
+                    raise
+                # A full disk must not stop the node serving (issue 13): the session is
+                # loaded; the cache and state.json stay as they were (a restart loads the
+                # cached model, then installs this one again).
+                log.error("model_not_cached", model=ref.name, version=ref.version, error=str(exc))
+                path, cached = bundle.path, False
             model_id = await self._register(bundle.manifest)
             active = ActiveModel(session=session, manifest=bundle.manifest, path=path, model_id=model_id)
-            self._swap(active, "model_installed")
+            self._swap(active, "model_installed", cached=cached)
             log.info(
                 "model_installed", model=ref.name, version=ref.version, variant=ref.variant, source=source
             )
@@ -287,7 +300,9 @@ class ModelManager:
             raise
         return final
 
-    def _swap(self, active: ActiveModel, event: str) -> None:
+    def _swap(self, active: ActiveModel, event: str, *, cached: bool = True) -> None:
+        """Make ``active`` its model's current version; ``cached=False``: it is served from
+        outside the cache (a full disk), so the cache and its state file are left as they are."""
         name = active.ref.name
         slot = self._slots.get(name)
         old = None if slot is None else slot.current
@@ -303,10 +318,11 @@ class ModelManager:
                 entry["previous"] = _dirname(s.previous)
             entries.append(entry)
         default = {k: v for k, v in entries[0].items() if k != "name"}
-        self._write_state({**default, "models": entries})
+        if cached:
+            self._write_state({**default, "models": entries})
         self._slots = slots
         keep = {v for e in entries for k, v in e.items() if k != "name"}
-        for d in self.cache_dir.iterdir():
+        for d in self.cache_dir.iterdir() if cached else ():
             if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
         for callback in list(self._listeners):

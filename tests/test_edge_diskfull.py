@@ -220,3 +220,69 @@ async def test_outbox_bound_respects_free_disk_over_a_long_outage(tmp_path: Path
         total = sum(n for _, n in await node.buffer.outbox_counts())
         assert total == answered
         assert health["outbox_bytes"] <= 512 * 1024
+
+
+@pytest.mark.anyio
+async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
+    tmp_path: Path, fleet: str, nats_server: EmbeddedServer, js: JetStreamContext, small_disk: Path
+) -> None:
+    """The disk is already full when the node first starts (no database, no receipt, no
+    model cache yet). Old code: "Error: [Errno 28] No space left on device" and exit 1
+    (the lock file's pid, then SQLite, then the model cache). Now it serves, degraded, from
+    the bundle directory, counts what it answered; when space returns it opens its database
+    (a new install), puts those answers in the loss receipt, and the cloud gets
+    client-answered == counted + receipts, exactly."""
+    keys = Keys(tmp_path / "keys")
+    bundle = keys.bundle()
+    port = free_port()
+    log = tmp_path / "node.log"
+    filler = fill(small_disk)
+    async with aiohttp.ClientSession() as session:
+        args = [
+            sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
+            "edge", "--nats", nats_server.url, "--fleet", fleet, "--node", "n1",
+            "--data", str(small_disk / "data"), "--model", str(bundle.path), "--trust", str(keys.pub),
+            "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
+        ]  # fmt: skip
+        client = Client(session, f"http://127.0.0.1:{port}")
+        proc = await start(args, log, client)
+        try:
+            await client.burst(20, "a")
+            health = await client.health()
+            assert health["storage"] == "degraded", health
+            assert "cannot open" in health["storage_error"], health
+            assert health["model"]["version"] == 1
+            assert client.not_durable == client.answered > 0
+            await anyio.sleep(2)  # windows cannot close, the writer probes: the node stays up
+            assert proc.returncode is None, log.read_text()[-3000:]
+
+            os.unlink(filler)  # space returns: the database opens, storage resumes
+            with anyio.fail_after(30):
+                while True:
+                    before = client.not_durable
+                    await client.burst(4, "b")
+                    if client.not_durable == before and (await client.health())["storage"] == "ok":
+                        break
+                    await anyio.sleep(0.2)
+            await client.burst(20, "c")
+            health = await client.health()
+            assert health["install"], health  # a new install, made once the disk took it
+            assert health["loss_receipt"]["lost_inferences"] == client.not_durable, health
+            with anyio.fail_after(60):
+                while True:
+                    aggs = await read_telemetry(js, fleet)
+                    counted = sum(a.count for a in aggs)
+                    receipts = sum(a.dropped_inferences for a in aggs)
+                    if counted + receipts >= client.answered:
+                        break
+                    await anyio.sleep(0.3)
+            assert counted + receipts == client.answered, (counted, receipts, client.answered)
+            assert receipts == client.not_durable
+            assert {a.install for a in aggs} == {health["install"]}
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                assert await proc.wait() == 0, log.read_text()[-3000:]
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
