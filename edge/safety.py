@@ -193,8 +193,8 @@ class SafetyMonitor:
         every assignment it reads, before acting on it): a newer version of ``model`` that is
         the node's current or previous one is withdrawn; ``version`` itself is not."""
         before = set(self.withdrawn)
-        current = self.models.current
-        for ref in (None if current is None else current.ref, self.models.previous):
+        current = self.models.get(model)
+        for ref in (None if current is None else current.ref, self.models.previous_of(model)):
             if ref is not None and ref.name == model and ref.version > version:
                 self.withdrawn.add((ref.name, ref.version))
         self.withdrawn.discard((model, version))
