@@ -421,39 +421,22 @@ class Buffer:
         for info in self._models.values():
             if info.ref == ref:
                 return info
-        if self._db is None and self._unopened:  # stored with this id once the db opens
-            provisional = min([0, *self._models]) - 1
-            info = ModelInfo(
-                model_id=provisional,
-                ref=ref,
-                labels=labels,
-                edges=edges,
-                embedding=embedding,
-                out_of_scope=out_of_scope,
-            )
-            self._models[provisional] = info
-            return info
-        blob = msgspec.json.encode(
-            ModelInfo(
-                model_id=0,
-                ref=ref,
-                labels=labels,
-                edges=edges,
-                embedding=embedding,
-                out_of_scope=out_of_scope,
-            )
+        info = ModelInfo(
+            model_id=0, ref=ref, labels=labels, edges=edges, embedding=embedding, out_of_scope=out_of_scope
         )
+        if self._db is None and self._unopened:  # stored with this id once the db opens
+            info = msgspec.structs.replace(info, model_id=min([0, *self._models]) - 1)
+            self._models[info.model_id] = info
+            return info
         async with self._tx():
             cur = await self.db.execute(  # ids > 0 also after provisional (negative) ones
                 "INSERT INTO models(id, key, info) VALUES "
                 "((SELECT max(1, coalesce(max(id), 0) + 1) FROM models), ?, ?)",
-                (key, blob),
+                (key, msgspec.json.encode(info)),
             )
             mid = cur.lastrowid
         assert mid is not None
-        info = ModelInfo(
-            model_id=mid, ref=ref, labels=labels, edges=edges, embedding=embedding, out_of_scope=out_of_scope
-        )
+        info = msgspec.structs.replace(info, model_id=mid)
         self._models[mid] = info
         return info
 

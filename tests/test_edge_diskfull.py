@@ -114,6 +114,51 @@ async def start(args: list[str], log: Path, client: Client) -> anyio.abc.Process
                 await anyio.sleep(0.05)
 
 
+def edge_args(data: Path, keys: Keys, bundle: Path, port: int, nats: str, fleet: str) -> list[str]:
+    return [
+        sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
+        "edge", "--nats", nats, "--fleet", fleet, "--node", "n1",
+        "--data", str(data), "--model", str(bundle), "--trust", str(keys.pub),
+        "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
+    ]  # fmt: skip
+
+
+async def until_storage_ok(client: Client) -> None:
+    """Traffic until an answer is durable again and health says storage is ok."""
+    with anyio.fail_after(30):
+        while True:
+            before = client.not_durable
+            await client.burst(4, "d")
+            if client.not_durable == before and (await client.health())["storage"] == "ok":
+                return
+            await anyio.sleep(0.2)
+
+
+async def reconciled(js: JetStreamContext, fleet: str, client: Client) -> list[Any]:
+    """The fleet's aggregates once counted + receipts reach what the client was answered;
+    asserts they match exactly, every receipt an answer that said ``durable: false``."""
+    with anyio.fail_after(60):
+        while True:
+            aggs = await read_telemetry(js, fleet)
+            counted = sum(a.count for a in aggs)
+            receipts = sum(a.dropped_inferences for a in aggs)
+            if counted + receipts >= client.answered:
+                break
+            await anyio.sleep(0.3)
+    assert counted + receipts == client.answered, (counted, receipts, client.answered)
+    assert receipts == client.not_durable
+    assert receipts > 0
+    return aggs
+
+
+async def stop(proc: anyio.abc.Process, log: Path) -> None:
+    """SIGTERM: a clean exit (0) within 20 s."""
+    assert proc.returncode is None, log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    with anyio.fail_after(20):
+        assert await proc.wait() == 0, log.read_text()[-3000:]
+
+
 @pytest.mark.anyio
 async def test_full_disk_serves_on_counts_losses_durably_and_resumes(
     tmp_path: Path, fleet: str, nats_server: EmbeddedServer, js: JetStreamContext, small_disk: Path
@@ -125,12 +170,7 @@ async def test_full_disk_serves_on_counts_losses_durably_and_resumes(
     port = free_port()
     log = tmp_path / "node.log"
     async with TcpProxy("127.0.0.1", nats_server.port) as proxy, aiohttp.ClientSession() as session:
-        args = [
-            sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
-            "edge", "--nats", proxy.url, "--fleet", fleet, "--node", "n1",
-            "--data", str(small_disk / "data"), "--model", str(bundle.path), "--trust", str(keys.pub),
-            "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
-        ]  # fmt: skip
+        args = edge_args(small_disk / "data", keys, bundle.path, port, proxy.url, fleet)
         client = Client(session, f"http://127.0.0.1:{port}")
         await proxy.cut()  # an outage: nothing leaves the node while its disk fills
         proc = await start(args, log, client)
@@ -160,33 +200,14 @@ async def test_full_disk_serves_on_counts_losses_durably_and_resumes(
             assert proc.returncode is None, log.read_text()[-3000:]
 
             os.unlink(filler)  # space returns: storage resumes
-            with anyio.fail_after(30):
-                while True:
-                    before = client.not_durable
-                    await client.burst(4, "d")
-                    if client.not_durable == before and (await client.health())["storage"] == "ok":
-                        break
-                    await anyio.sleep(0.2)
+            await until_storage_ok(client)
             await client.burst(20, "e")
 
             await proxy.restore()
-            with anyio.fail_after(60):
-                while True:
-                    aggs = await read_telemetry(js, fleet)
-                    counted = sum(a.count for a in aggs)
-                    receipts = sum(a.dropped_inferences for a in aggs)
-                    if counted + receipts >= client.answered:
-                        break
-                    await anyio.sleep(0.3)
+            aggs = await reconciled(js, fleet, client)
             keys_seen = [(a.install, a.seq) for a in aggs]
             assert len(keys_seen) == len(set(keys_seen)), "an aggregate was stored twice"
-            assert counted + receipts == client.answered, (counted, receipts, client.answered)
-            assert receipts == client.not_durable
-            assert receipts > 0
-            assert proc.returncode is None, log.read_text()[-3000:]
-            proc.send_signal(signal.SIGTERM)
-            with anyio.fail_after(20):
-                assert await proc.wait() == 0, log.read_text()[-3000:]
+            await stop(proc, log)
         finally:
             if proc.returncode is None:
                 proc.kill()
@@ -238,12 +259,7 @@ async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
     log = tmp_path / "node.log"
     filler = fill(small_disk)
     async with aiohttp.ClientSession() as session:
-        args = [
-            sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
-            "edge", "--nats", nats_server.url, "--fleet", fleet, "--node", "n1",
-            "--data", str(small_disk / "data"), "--model", str(bundle.path), "--trust", str(keys.pub),
-            "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
-        ]  # fmt: skip
+        args = edge_args(small_disk / "data", keys, bundle.path, port, nats_server.url, fleet)
         client = Client(session, f"http://127.0.0.1:{port}")
         proc = await start(args, log, client)
         try:
@@ -257,31 +273,14 @@ async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
             assert proc.returncode is None, log.read_text()[-3000:]
 
             os.unlink(filler)  # space returns: the database opens, storage resumes
-            with anyio.fail_after(30):
-                while True:
-                    before = client.not_durable
-                    await client.burst(4, "b")
-                    if client.not_durable == before and (await client.health())["storage"] == "ok":
-                        break
-                    await anyio.sleep(0.2)
+            await until_storage_ok(client)
             await client.burst(20, "c")
             health = await client.health()
             assert health["install"], health  # a new install, made once the disk took it
             assert health["loss_receipt"]["lost_inferences"] == client.not_durable, health
-            with anyio.fail_after(60):
-                while True:
-                    aggs = await read_telemetry(js, fleet)
-                    counted = sum(a.count for a in aggs)
-                    receipts = sum(a.dropped_inferences for a in aggs)
-                    if counted + receipts >= client.answered:
-                        break
-                    await anyio.sleep(0.3)
-            assert counted + receipts == client.answered, (counted, receipts, client.answered)
-            assert receipts == client.not_durable
+            aggs = await reconciled(js, fleet, client)
             assert {a.install for a in aggs} == {health["install"]}
-            proc.send_signal(signal.SIGTERM)
-            with anyio.fail_after(20):
-                assert await proc.wait() == 0, log.read_text()[-3000:]
+            await stop(proc, log)
         finally:
             if proc.returncode is None:
                 proc.kill()
