@@ -15,10 +15,10 @@ from _models import make_bundle
 from slmops.cloud.registry import Registry
 from slmops.edge.config import EdgeConfig
 from slmops.shared.bundle import Bundle, TrustStore
-from slmops.shared.messages import TelemetryAggregate, decode_telemetry
+from slmops.shared.messages import NodeStatus, TelemetryAggregate, decode_telemetry
 from slmops.shared.names import TELEMETRY_STREAM
 
-__all__ = ["Keys", "distinct_total", "edge_config", "read_raw", "read_telemetry"]
+__all__ = ["Keys", "Statuses", "distinct_total", "edge_config", "read_raw", "read_telemetry"]
 
 
 class Keys:
@@ -52,6 +52,33 @@ class Keys:
             await registry.push(b, trust)
         await registry.assign(fleet, versions[0], model=bundles[0].manifest.name)
         return registry, bundles
+
+
+class Statuses:
+    """Every NodeStatus published by a fleet's nodes, as they arrive (the ``statuses``
+    fixture subscribes it to the test's fleet)."""
+
+    def __init__(self) -> None:
+        self.items: list[NodeStatus] = []
+
+    def of(self, node: str, event: str) -> list[NodeStatus]:
+        return [s for s in self.items if s.node == node and s.event == event]
+
+    def failures(self) -> list[str]:
+        """Reasons of the refreshes reported as ``download_failed``."""
+        return [
+            s.refresh.reason
+            for s in self.items
+            if s.refresh is not None and not s.refresh.ok and s.refresh.code == "download_failed"
+        ]
+
+    def rejected(self) -> list[tuple[str, str]]:
+        """``(code, reason)`` of every failed refresh."""
+        return [
+            (s.refresh.code, s.refresh.reason)
+            for s in self.items
+            if s.refresh is not None and not s.refresh.ok
+        ]
 
 
 def edge_config(

@@ -6,15 +6,15 @@ label, so tests can drive known class mixes through a real ORT session."""
 from __future__ import annotations
 
 import zlib
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from slmops.cloud.factory.build import classifier_manifest
 from slmops.cloud.factory.graph import build_classifier
 from slmops.shared.bundle import Bundle, write_bundle
-from slmops.shared.messages import HistogramEdges, ModelManifest, Preprocessing, SmokeTest, TensorSpec
+from slmops.shared.messages import HistogramEdges, Preprocessing, SmokeTest
 from slmops.shared.preprocess import featurize
 
 LABELS = ["alpha", "beta", "gamma"]
@@ -58,24 +58,8 @@ def make_bundle(
         SmokeTest(text=t, label=labels[int(p.argmax())], probs=[float(x) for x in p], tolerance=1e-4)
         for t, p in zip(texts, probs, strict=True)
     ]
-    manifest = ModelManifest(
-        name=name,
-        version=version,
-        variant=variant,
-        sha256="",
-        size_bytes=0,
-        inputs=[
-            TensorSpec(name="ids", dtype="int64", shape=["N", PP.max_tokens]),
-            TensorSpec(name="weights", dtype="float32", shape=["N", PP.max_tokens]),
-        ],
-        outputs=[
-            TensorSpec(name="logits", dtype="float32", shape=["N", n]),
-            TensorSpec(name="probs", dtype="float32", shape=["N", n]),
-        ],
-        preprocessing=PP,
-        labels=labels,
-        edges=EDGES,
-        smoke_tests=smoke,
-        created=datetime.now(UTC),
+    manifest = classifier_manifest(
+        name=name, version=version, labels=labels, preprocessing=PP, edges=EDGES, variant=variant
     )
+    manifest.smoke_tests = smoke
     return write_bundle(out, model, manifest, key)

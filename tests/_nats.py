@@ -5,10 +5,17 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
+from nats.js import JetStreamContext
+from nats.js import api as js_api
 
-__all__ = ["free_port", "new_fleet", "wait_until"]
+from slmops.shared.messages import decode_json
+
+__all__ = ["free_port", "new_fleet", "read_json", "read_stored", "wait_until"]
+
+T = TypeVar("T")
 
 
 def new_fleet() -> str:
@@ -45,3 +52,29 @@ async def wait_until(
                 await anyio.sleep(interval)
     except TimeoutError:
         raise TimeoutError(f"{what} not met within {timeout}s") from None
+
+
+async def read_json(js: JetStreamContext, subject: str, type_: type[T], n: int) -> list[T]:
+    """The first ``n`` JSON messages stored on ``subject`` (wildcards allowed), decoded as
+    ``type_``, read from the start by an ordered consumer; ``TimeoutError`` if fewer than ``n``
+    arrive within 10 s."""
+    out: list[T] = []
+    config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+    sub = await js.subscribe(subject, ordered_consumer=True, config=config)
+    try:
+        with anyio.fail_after(10):
+            async for msg in sub.messages:
+                out.append(decode_json(msg.data, type_))
+                if len(out) >= n:
+                    break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def read_stored(js: JetStreamContext, stream: str, subject: str, type_: type[T]) -> list[T]:
+    """Every JSON message ``stream`` holds on ``subject`` (wildcards allowed) right now, in
+    stream order, decoded as ``type_``."""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    total = sum((info.state.subjects or {}).values())
+    return await read_json(js, subject, type_, total) if total else []

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from _edge_util import Keys, Statuses
 from _nats import new_fleet
+from slmops.shared.messages import NodeStatus, decode_json
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
 
@@ -55,6 +57,18 @@ def fleet() -> str:
 
 
 @pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    """A fresh fleet signing key, its public key file under ``tmp_path/keys``."""
+    return Keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def model(fleet: str) -> str:
+    """A model name of this test's own: the object store is shared by the whole session."""
+    return "m" + fleet[2:]
+
+
+@pytest.fixture
 async def nc(nats_server: EmbeddedServer) -> AsyncIterator[NATS]:
     """A plain nats-py client of the session server."""
     client = await nats.connect(nats_server.url, allow_reconnect=False, connect_timeout=5)
@@ -70,6 +84,21 @@ async def js(nc: NATS) -> JetStreamContext:
     context = nc.jetstream()
     await ensure_resources(context)
     return context
+
+
+@pytest.fixture
+async def statuses(nc: NATS, fleet: str) -> AsyncIterator[Statuses]:
+    """Every NodeStatus the test's fleet publishes, recorded from the moment the test starts."""
+    found = Statuses()
+
+    async def on_msg(msg: Any) -> None:
+        found.items.append(decode_json(msg.data, NodeStatus))
+
+    sub = await nc.subscribe(f"slmops.status.{fleet}.>", cb=on_msg)
+    try:
+        yield found
+    finally:
+        await sub.unsubscribe()
 
 
 @pytest.fixture(scope="session")

@@ -51,16 +51,6 @@ pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
-@pytest.fixture
-def model(fleet: str) -> str:
-    return "c" + fleet[2:]
-
-
 async def _status(js: JetStreamContext, fleet: str, node: str, payload: bytes) -> None:
     await js.publish(names.status_subject(fleet, node), payload)
 

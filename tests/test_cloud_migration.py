@@ -8,8 +8,10 @@ window), one drift group."""
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from _cloud_util import make_aggregate, make_manifest, publish, put_manifest
@@ -17,6 +19,8 @@ from nats.js import JetStreamContext
 from test_cloud_poison import default_config
 
 from _nats import wait_until
+from slmops.cloud.ingest.dedupe import SeqTracker
+from slmops.cloud.ingest.state import InstallEpoch, NodeState
 from slmops.cloud.service import CloudService
 from slmops.shared.messages import encode_telemetry
 from slmops.shared.names import telemetry_subject
@@ -68,3 +72,21 @@ async def test_new_cloud_carries_on_from_the_previous_release_state(
     assert a.install == install
     assert b.aggregates == 10
     assert counters["aggregates"] == 20 + 8
+
+
+async def test_node_state_whose_epochs_carry_node_fields_still_decodes() -> None:
+    """State written while ``InstallEpoch`` repeated six ``NodeState`` fields (``epochs``,
+    ``install``, ``conflicts``, ``clones``, ``status_stored``, ``clock_skew``, all unused on an
+    epoch) decodes with the epoch's own fields intact."""
+    stored = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    epoch = msgspec.to_builtins(
+        InstallEpoch(seqs=SeqTracker(contiguous=7), first_stored=stored, aggregates=7, recent={7: "ab"})
+    )
+    epoch.update(epochs={}, install="x", conflicts=["a/b"], clones=2, status_stored=None, clock_skew=1.5)
+    blob = msgspec.msgpack.encode(
+        {"fleet": "f", "node": "n", "install": "i" * 32, "epochs": {"i" * 32: epoch}}
+    )
+    node = msgspec.msgpack.decode(blob, type=NodeState)
+    got = node.epochs["i" * 32]
+    assert (got.seqs.high, got.first_stored, got.aggregates, got.recent) == (7, stored, 7, {7: "ab"})
+    assert (node.install, node.conflicts, node.clones) == ("i" * 32, [], 0)

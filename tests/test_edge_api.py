@@ -20,11 +20,6 @@ from slmops.shared.messages import decode_telemetry
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
-@pytest.fixture
 async def served(tmp_path: Path, keys: Keys, fleet: str) -> AsyncIterator[tuple[EdgeNode, ApiServer]]:
     cfg = edge_config(
         tmp_path,

@@ -27,11 +27,6 @@ from slmops.shared.runtime import load_session
 TEXTS = ["alpha", "some words about beta", "the gamma text", "hello world", "a text " * 30]
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
 async def _post(s: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
     async with s.post(url, json=body) as resp:
         return resp.status, await resp.json(content_type=None)

@@ -19,22 +19,13 @@ import pytest
 from _edge_util import Keys, distinct_total, read_telemetry
 from _nats import free_port
 from _proxy import TcpProxy
+from slmops.bench._proc import wait_healthy
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
 
 
 async def wait_ready(session: aiohttp.ClientSession, base: str, proc: anyio.abc.Process, log: Path) -> None:
-    with anyio.fail_after(30):
-        while True:
-            if proc.returncode is not None:
-                raise AssertionError(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                async with session.get(base + "/v1/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await anyio.sleep(0.05)
+    await wait_healthy(session, base, proc=proc, log=log, timeout=30, interval=0.05)
 
 
 async def predict_batch(session: aiohttp.ClientSession, base: str, texts: list[str]) -> int:

@@ -23,6 +23,7 @@ from _transformer import make_transformer_bundle
 
 from _edge_util import Keys
 from _nats import free_port
+from slmops.bench._proc import wait_healthy
 
 
 def rss_mb(pid: int) -> float:
@@ -66,16 +67,9 @@ async def running(tmp_path: Path, keys: Keys, bundle: Path) -> AsyncIterator[Nod
         proc = await anyio.open_process(args, stdout=out, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession() as session:
-            with anyio.fail_after(30):
-                while True:
-                    assert proc.returncode is None, log.read_text()[-2000:]
-                    try:
-                        async with session.get(f"http://127.0.0.1:{port}/v1/health") as resp:
-                            if resp.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await anyio.sleep(0.05)
+            await wait_healthy(
+                session, f"http://127.0.0.1:{port}", proc=proc, log=log, timeout=30, interval=0.05
+            )
         yield Node(proc, port, log)
     finally:
         proc.kill()

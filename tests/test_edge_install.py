@@ -23,11 +23,6 @@ from slmops.shared.server import EmbeddedServer
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
 def by_install(aggs: list[TelemetryAggregate]) -> dict[tuple[str, str, int], int]:
     """``count`` per distinct ``(node, install, seq)``, asserting repeats agree."""
     seen: dict[tuple[str, str, int], int] = {}

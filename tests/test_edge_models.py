@@ -18,11 +18,6 @@ from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelManifest
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
 def manager(cache: Path, keys: Keys) -> ModelManager:
     ids: dict[tuple[str, int, str], int] = {}
 

@@ -18,11 +18,6 @@ from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
 async def wait_drained(node: EdgeNode, timeout: float = 20.0) -> None:
     """Until every event is in a sent aggregate: no pending events, empty outbox. Both are read
     from the database, in that order: a window close moves events to the outbox in one

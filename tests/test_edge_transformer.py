@@ -26,11 +26,6 @@ from slmops.shared.messages import TelemetryAggregate, decode_telemetry
 from slmops.shared.runtime import _length_groups, load_session, verify_bundle
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
 async def _aggregate(node: EdgeNode) -> TelemetryAggregate:
     # The windower may have closed a window on its own (boundaries are wall-clock minutes).
     await node.windower.tick()

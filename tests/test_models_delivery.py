@@ -7,70 +7,24 @@ signature is checked before any file is fetched; every failure is reported as
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from _transformer import make_transformer_bundle
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from _edge_util import Keys, edge_config
+from _edge_util import Keys, Statuses, edge_config
 from _nats import wait_until
 from _proxy import TcpProxy
 from slmops.cloud.registry import Registry
 from slmops.edge.node import EdgeNode
 from slmops.shared import names
 from slmops.shared.bundle import TrustStore
-from slmops.shared.messages import BundleIndex, ModelRef, NodeStatus, decode_json, encode_json
+from slmops.shared.messages import BundleIndex, ModelRef, decode_json, encode_json
 from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
-@pytest.fixture
-def model(fleet: str) -> str:
-    return "d" + fleet[2:]
-
-
-class Statuses:
-    def __init__(self) -> None:
-        self.items: list[NodeStatus] = []
-
-    def failures(self) -> list[str]:
-        return [
-            s.refresh.reason
-            for s in self.items
-            if s.refresh is not None and not s.refresh.ok and s.refresh.code == "download_failed"
-        ]
-
-    def rejected(self) -> list[tuple[str, str]]:
-        return [
-            (s.refresh.code, s.refresh.reason)
-            for s in self.items
-            if s.refresh is not None and not s.refresh.ok
-        ]
-
-
-@pytest.fixture
-async def statuses(nc: NATS, fleet: str) -> AsyncIterator[Statuses]:
-    found = Statuses()
-
-    async def on_msg(msg: Any) -> None:
-        found.items.append(decode_json(msg.data, NodeStatus))
-
-    sub = await nc.subscribe(f"slmops.status.{fleet}.>", cb=on_msg)
-    try:
-        yield found
-    finally:
-        await sub.unsubscribe()
 
 
 def serving(node: EdgeNode) -> ModelRef | None:

@@ -6,7 +6,6 @@ own key overriding the fleet's."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,9 @@ import anyio
 import msgspec
 import pytest
 from _bad_bundles import BAD_BUNDLES, resign
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from _edge_util import Keys, edge_config
+from _edge_util import Keys, Statuses, edge_config
 from _models import make_bundle
 from _nats import wait_until
 from _proxy import TcpProxy
@@ -31,49 +29,12 @@ from slmops.shared.messages import (
     Assignment,
     ModelManifest,
     ModelRef,
-    NodeStatus,
     RefreshResult,
-    decode_json,
     encode_json,
 )
 from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path / "keys")
-
-
-@pytest.fixture
-def model(fleet: str) -> str:
-    """A model name of this test's own: the object store is shared by the whole session."""
-    return "m" + fleet[2:]
-
-
-class Statuses:
-    """Every NodeStatus published by the fleet's nodes, as they arrive."""
-
-    def __init__(self) -> None:
-        self.items: list[NodeStatus] = []
-
-    def of(self, node: str, event: str) -> list[NodeStatus]:
-        return [s for s in self.items if s.node == node and s.event == event]
-
-
-@pytest.fixture
-async def statuses(nc: NATS, fleet: str) -> AsyncIterator[Statuses]:
-    found = Statuses()
-
-    async def on_msg(msg: Any) -> None:
-        found.items.append(decode_json(msg.data, NodeStatus))
-
-    sub = await nc.subscribe(f"slmops.status.{fleet}.>", cb=on_msg)
-    try:
-        yield found
-    finally:
-        await sub.unsubscribe()
 
 
 async def store_raw(

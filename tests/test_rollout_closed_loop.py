@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from _nats import wait_until
+from _rollout import wait_rollout
 from _simfleet import SimFleet, SimNode
 from slmops.cloud.factory.build import build, factory_split
 from slmops.cloud.recalibration.loop import RecalibrationLoop, run_loop
@@ -180,14 +181,10 @@ async def test_label_shift_is_detected_recalibrated_rolled_out_and_accuracy_reco
             await anyio.sleep(1.5)  # v1 on the shifted mix, measured before any new version
             sim.phase = "shifted"
 
-            async def completed() -> bool:
-                got = await store.get(fleet)
-                return got is not None and got[0].phase == "done"
-
-            await wait_until(completed, timeout=90, interval=0.1, what="recalibrated rollout finished")
-            got = await store.get(fleet)
-            assert got is not None
-            assert got[0].status == "completed", (got[0].reason, got[0].gates)
+            done = await wait_rollout(
+                store, fleet, lambda s: s.phase == "done", 90, 0.1, what="recalibrated rollout finished"
+            )
+            assert done.status == "completed", (done.reason, done.gates)
             await wait_until(lambda: sim.running(2) == set(sim.nodes), timeout=10, what="all on v2")
             sim.phase = "recalibrated"
             await anyio.sleep(1.5)

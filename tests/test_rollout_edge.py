@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_config
 from _nats import wait_until
+from _rollout import wait_rollout
 from slmops.cloud.rollout import RolloutConfig, RolloutRunner, RolloutStore, start_rollout
 from slmops.edge.node import EdgeNode
 from slmops.shared.server import EmbeddedServer
@@ -65,14 +66,9 @@ async def test_real_nodes_follow_a_rollout_stage_by_stage_to_completion(
         )
         await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
 
-        async def done() -> bool:
-            got = await store.get(fleet)
-            return got is not None and got[0].phase == "done"
-
-        await wait_until(done, timeout=60, interval=0.1, what="rollout finished")
-        got = await store.get(fleet)
-        assert got is not None
-        state = got[0]
+        state = await wait_rollout(
+            store, fleet, lambda s: s.phase == "done", 60, 0.1, what="rollout finished"
+        )
         assert state.status == "completed", (state.reason, state.gates)
         await wait_until(
             lambda: all(n.models.current is not None and n.models.current.ref.version == 2 for n in nodes),

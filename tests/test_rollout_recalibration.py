@@ -20,9 +20,8 @@ import numpy.typing as npt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
-from _nats import wait_until
+from _nats import read_json, wait_until
 from slmops.cloud.drift.labelshift import confusion_matrix, em_priors
 from slmops.cloud.factory.build import build, factory_split
 from slmops.cloud.factory.quantize import quantize
@@ -31,7 +30,7 @@ from slmops.cloud.registry import Registry
 from slmops.cloud.rollout import RolloutConfig, RolloutState, RolloutStore
 from slmops.shared import names
 from slmops.shared.bundle import Bundle, TrustStore, new_keypair, read_bundle, unpack_archive
-from slmops.shared.messages import DriftEvent, ModelManifest, ModelRef, decode_json, encode_json
+from slmops.shared.messages import DriftEvent, ModelManifest, ModelRef, encode_json
 from slmops.shared.runtime import load_session
 
 #: The shift: half the traffic becomes "science" (held-out recall ≈ 0.4), the other half keeps
@@ -134,21 +133,7 @@ async def _fetch(js: JetStreamContext, m: ModelManifest, out: Path) -> Bundle:
 
 
 async def _drift_events(js: JetStreamContext, fleet: str, n: int) -> list[DriftEvent]:
-    sub = await js.subscribe(
-        names.drift_subject(fleet),
-        ordered_consumer=True,
-        config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
-    )
-    out: list[DriftEvent] = []
-    try:
-        with anyio.fail_after(10):
-            async for msg in sub.messages:
-                out.append(decode_json(msg.data, DriftEvent))
-                if len(out) >= n:
-                    break
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_json(js, names.drift_subject(fleet), DriftEvent, n)
 
 
 @pytest.mark.anyio

@@ -12,17 +12,16 @@ import anyio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
 from _edge_util import Keys, edge_config
 from _models import make_bundle
-from _nats import wait_until
+from _nats import read_stored, wait_until
 from slmops.edge.models import ModelManager
 from slmops.edge.node import EdgeNode
 from slmops.edge.safety import Counters, SafetyLimits, SafetyMonitor
 from slmops.shared import names
 from slmops.shared.bundle import TrustStore
-from slmops.shared.messages import NodeStatus, decode_json
+from slmops.shared.messages import NodeStatus
 from slmops.shared.server import EmbeddedServer
 
 LIMITS = SafetyLimits(min_samples=50, min_intervals=5, watch_s=60, interval=1.0, max_latency_ratio=3.0)
@@ -228,23 +227,7 @@ async def test_real_edge_node_rolls_back_on_its_own_and_reports_it(
 
 
 async def _statuses(js: JetStreamContext, fleet: str) -> list[NodeStatus]:
-    subject = f"slmops.status.{fleet}.>"
-    info = await js.stream_info(names.STATUS_STREAM, subjects_filter=subject)
-    total = sum((info.state.subjects or {}).values())
-    out: list[NodeStatus] = []
-    if not total:
-        return out
-    config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-    sub = await js.subscribe(subject, ordered_consumer=True, config=config)
-    try:
-        with anyio.fail_after(10):
-            async for msg in sub.messages:
-                out.append(decode_json(msg.data, NodeStatus))
-                if len(out) >= total:
-                    break
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_stored(js, names.STATUS_STREAM, f"slmops.status.{fleet}.>", NodeStatus)
 
 
 async def _any_rollback(js: JetStreamContext, fleet: str) -> bool:

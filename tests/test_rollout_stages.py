@@ -14,16 +14,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
 from _models import make_bundle
-from _nats import wait_until
+from _nats import read_stored, wait_until
+from _rollout import wait_rollout
 from _simfleet import Profile, SimFleet
 from slmops.cloud.registry import Registry
 from slmops.cloud.rollout import (
     RolloutConfig,
     RolloutRunner,
-    RolloutState,
     RolloutStore,
     cohort,
     start_rollout,
@@ -68,41 +67,8 @@ async def setup(
     return registry, RolloutStore(js), model
 
 
-async def _wait_state(store: RolloutStore, fleet: str, pred: object, timeout: float = 30) -> RolloutState:
-    found: list[RolloutState] = []
-
-    async def check() -> bool:
-        got = await store.get(fleet)
-        if got is not None and pred(got[0]):  # type: ignore[operator]
-            found.append(got[0])
-            return True
-        return False
-
-    await wait_until(check, timeout=timeout, interval=0.05, what="rollout state")
-    return found[-1]
-
-
 async def _events(js: JetStreamContext, fleet: str) -> list[RolloutEvent]:
-    subject = names.rollout_subject(fleet)
-    info = await js.stream_info(names.ROLLOUT_STREAM, subjects_filter=subject)
-    total = (info.state.subjects or {}).get(subject, 0)
-    out: list[RolloutEvent] = []
-    if not total:
-        return out
-    sub = await js.subscribe(
-        subject,
-        ordered_consumer=True,
-        config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
-    )
-    try:
-        with anyio.fail_after(10):
-            async for msg in sub.messages:
-                out.append(decode_json(msg.data, RolloutEvent))
-                if len(out) >= total:
-                    break
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_stored(js, names.ROLLOUT_STREAM, names.rollout_subject(fleet), RolloutEvent)
 
 
 @asynccontextmanager
@@ -126,7 +92,7 @@ async def test_good_version_goes_through_every_stage_with_variants_per_device(
     sim = SimFleet(nc, js, fleet, n=N_NODES, model=model, profiles={}, start=ModelRef(name=model, version=1))
     async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=FAST)
-        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        final = await wait_rollout(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: sim.running(2) == set(sim.nodes), timeout=10, what="all nodes on v2")
     assert final.status == "completed", final.reason
     # Each device got its variant: small ones int8, big ones fp32, at every stage.
@@ -181,7 +147,7 @@ async def test_bad_version_is_caught_at_the_first_stage_and_rolled_back(
     )
     async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=3, model=model, config=FAST)
-        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        final = await wait_rollout(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: not sim.running(3), timeout=10, what="nobody on v3")
     assert final.status == "rolled_back"
     assert final.stage == 0
@@ -213,12 +179,12 @@ async def test_restart_mid_rollout_resumes_where_it_was_without_duplicate_events
             await inner.start(first.run)
             await wait_until(lambda: len(first.controller.live_nodes(fleet, 0)) == N_NODES, timeout=10)
             await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
-            mid = await _wait_state(store, fleet, lambda s: s.stage == 1 and s.phase == "soaking")
+            mid = await wait_rollout(store, fleet, lambda s: s.stage == 1 and s.phase == "soaking")
             inner.cancel_scope.cancel()  # the cloud dies mid-stage
         assert mid.status == "running"
         second = RolloutRunner(js, interval=0.05)
         await tg.start(second.run)
-        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        final = await wait_rollout(store, fleet, lambda s: s.phase == "done")
         tg.cancel_scope.cancel()
     assert final.status == "completed", final.reason
     assert final.id == mid.id
@@ -239,7 +205,7 @@ async def test_pause_holds_the_rollout_resume_continues_abort_restores(
     async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=FAST)
         await store.command(fleet, "pause")
-        paused = await _wait_state(store, fleet, lambda s: s.status == "paused")
+        paused = await wait_rollout(store, fleet, lambda s: s.status == "paused")
         # Held: well past the soak, it does not leave its stage.
         await anyio.sleep(FAST.soak_s * 4)
         got = await store.get(fleet)
@@ -247,9 +213,9 @@ async def test_pause_holds_the_rollout_resume_continues_abort_restores(
         assert got[0].stage == paused.stage
         assert got[0].status == "paused"
         await store.command(fleet, "resume")
-        await _wait_state(store, fleet, lambda s: s.stage >= 1 and s.status == "running")
+        await wait_rollout(store, fleet, lambda s: s.stage >= 1 and s.status == "running")
         await store.command(fleet, "abort")
-        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        final = await wait_rollout(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: sim.running(1) == set(sim.nodes), timeout=10, what="all back on v1")
     assert final.status == "aborted"
     kinds = [e.state for e in await _events(js, fleet)]
@@ -274,7 +240,7 @@ async def test_nodes_that_fail_the_version_go_back_at_once_and_stay_back_when_it
     config = msgspec.structs.replace(FAST, max_failures=0.45)
     async with _running(sim, js, fleet):
         await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
-        final = await _wait_state(store, fleet, lambda s: s.phase == "done")
+        final = await wait_rollout(store, fleet, lambda s: s.phase == "done")
         await wait_until(lambda: len(sim.running(2)) == N_NODES - 2, timeout=10, what="the others on v2")
     assert final.status == "completed", final.reason
     assert set(final.failures) == {refuser, leaver}

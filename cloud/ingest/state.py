@@ -52,22 +52,14 @@ HISTORY_ROUNDS = 20_160
 
 class InstallEpoch(msgspec.Struct, kw_only=True):
     """One node install's ``seq`` epoch (issue 13 fault 5): a node install numbers its
-    aggregates from 1 in its own SQLite database, so a wiped database starts a new epoch."""
+    aggregates from 1 in its own SQLite database, so a wiped database starts a new epoch.
 
-    #: The legacy tracker (one epoch per node): state written by the previous release has
-    #: it filled; it moves into ``epochs[""]`` on first use (``Applier._epoch``).
+    Blobs written before this class held only its own fields carry copies of ``NodeState``'s
+    install bookkeeping (``epochs``, ``install``, ``conflicts``, ``clones``, ``status_stored``,
+    ``clock_skew``), never read on an epoch: decoding ignores them."""
+
+    #: The epoch's seqs (the legacy epoch ``""`` takes over ``NodeState.seqs``).
     seqs: SeqTracker = msgspec.field(default_factory=SeqTracker)
-    #: Seq epochs by install id ("" = nodes that send none), see ``InstallEpoch``.
-    epochs: dict[str, InstallEpoch] = {}
-    #: The install of the latest new epoch seen.
-    install: str = ""
-    #: Install pairs ("a/b") seen live at once on this node id: two devices, one id.
-    conflicts: list[str] = []
-    #: Aggregates that repeated an applied (install, seq) with other content.
-    clones: int = 0
-    #: Server time of the latest status report and the node's clock minus it (seconds).
-    status_stored: datetime | None = None
-    clock_skew: float | None = None
     #: Server (JetStream) times of the first and latest aggregate stored of this install.
     first_stored: datetime | None = None
     last_stored: datetime | None = None

@@ -226,26 +226,10 @@ def evaluate(
     names = ("error_rate", "latency_p95", "confidence", "accuracy", "drift")
     control = next((c for c in controls if c.count >= n), None)
     if canary.count < n:
-        return [
-            GateResult(
-                name=g,
-                outcome="waiting",
-                samples=canary.count,
-                detail=f"waiting: {canary.count}/{n} predictions",
-            )
-            for g in names
-        ]
+        return _waiting(names, canary.count, f"waiting: {canary.count}/{n} predictions")
     if control is None and expect_control:
         have = max((c.count for c in controls), default=0)
-        return [
-            GateResult(
-                name=g,
-                outcome="waiting",
-                samples=canary.count,
-                detail=f"waiting: control {have}/{n} predictions in the same period",
-            )
-            for g in names
-        ]
+        return _waiting(names, canary.count, f"waiting: control {have}/{n} predictions in the same period")
     against = source if control is not None else "no control group: the version's own reference"
     results: list[GateResult] = []
     # Error rate: without a control the canary is held to the increase over zero.
@@ -285,14 +269,14 @@ def evaluate(
         )
     else:
         results.append(
-            GateResult(
-                name="confidence",
-                outcome="fail" if c_conf - conf > config.max_confidence_drop else "pass",
-                canary=_num(conf),
-                control=_num(c_conf),
-                limit=config.max_confidence_drop,
-                samples=canary.count,
-                detail=f"mean confidence {conf:.3f} vs {c_conf:.3f} ({against})",
+            _worse_by_gate(
+                "confidence",
+                conf,
+                c_conf,
+                c_conf - conf,
+                config.max_confidence_drop,
+                canary.count,
+                f"mean confidence {conf:.3f} vs {c_conf:.3f} ({against})",
             )
         )
     results.append(_accuracy_gate(config, canary, controls, canary_ref))
@@ -314,17 +298,31 @@ def evaluate(
         results.append(GateResult(name="drift", outcome="pass", detail=detail))
     else:
         results.append(
-            GateResult(
-                name="drift",
-                outcome="fail" if d_can - d_ctl > config.max_drift_increase else "pass",
-                canary=_num(d_can),
-                control=_num(d_ctl),
-                limit=config.max_drift_increase,
-                samples=canary.count,
-                detail=detail,
+            _worse_by_gate(
+                "drift", d_can, d_ctl, d_can - d_ctl, config.max_drift_increase, canary.count, detail
             )
         )
     return results
+
+
+def _waiting(names: tuple[str, ...], samples: int, detail: str) -> list[GateResult]:
+    return [GateResult(name=g, outcome="waiting", samples=samples, detail=detail) for g in names]
+
+
+def _worse_by_gate(
+    name: str, canary: float, control: float, worse: float, limit: float, samples: int, detail: str
+) -> GateResult:
+    """A gate that fails when the canary is ``worse`` than control by more than ``limit``
+    (``worse`` is the difference in the direction that hurts, in the units of ``limit``)."""
+    return GateResult(
+        name=name,
+        outcome="fail" if worse > limit else "pass",
+        canary=_num(canary),
+        control=_num(control),
+        limit=limit,
+        samples=samples,
+        detail=detail,
+    )
 
 
 def _latency_gate(

@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.msg import Msg
 
+from slmops.bench._proc import stop_process, wait_healthy
 from slmops.netproxy import TcpProxy
 from slmops.shared.messages import decode_telemetry
 from slmops.shared.names import DEADLETTER_STREAM, DEADLETTER_SUBJECT, TELEMETRY_STREAM, telemetry_subject
@@ -160,28 +161,12 @@ class Chaos:
                 self._edge_args(e), stdout=out, stderr=subprocess.STDOUT, env=env
             )
         async with aiohttp.ClientSession() as session:
-            with anyio.fail_after(60):
-                while True:
-                    if e.proc.returncode is not None:
-                        raise RuntimeError(f"edge {e.node} exited {e.proc.returncode}: see {e.log}")
-                    try:
-                        async with session.get(f"http://127.0.0.1:{e.port}/v1/health") as resp:
-                            if resp.status == 200:
-                                return
-                    except aiohttp.ClientError:
-                        pass
-                    await anyio.sleep(0.1)
+            await wait_healthy(session, f"http://127.0.0.1:{e.port}", proc=e.proc, log=e.log)
 
     async def stop_edge(self, e: EdgeProc, sig: int) -> None:
         if e.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            e.proc.send_signal(signal.Signals(sig))
-        with anyio.move_on_after(30):
-            await e.proc.wait()
-        if e.proc.returncode is None:
-            e.proc.kill()
-            await e.proc.wait()
+        await stop_process(e.proc, sig)
         e.proc = None
 
     async def start_cloud(self) -> None:
@@ -195,13 +180,7 @@ class Chaos:
     async def stop_cloud(self, sig: int) -> None:
         if self.cloud is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            self.cloud.send_signal(signal.Signals(sig))
-        with anyio.move_on_after(30):
-            await self.cloud.wait()
-        if self.cloud.returncode is None:
-            self.cloud.kill()
-            await self.cloud.wait()
+        await stop_process(self.cloud, sig)
         self.cloud = None
 
     # -- traffic ----------------------------------------------------------------------------

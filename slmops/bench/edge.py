@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops.bench._bare import BarePredictor
+from slmops.bench._proc import wait_healthy
 from slmops.edge.config import EdgeConfig
 from slmops.edge.node import EdgeNode
 from slmops.shared.bundle import Bundle, resign_bundle
@@ -151,18 +152,6 @@ def _status_mb(pid: int, field: str) -> int:
     return 0
 
 
-async def _wait_healthy(session: aiohttp.ClientSession, base: str) -> None:
-    with anyio.fail_after(60):
-        while True:
-            try:
-                async with session.get(base + "/v1/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await anyio.sleep(0.1)
-
-
 def _poster(session: aiohttp.ClientSession, url: str) -> Callable[[list[str]], Awaitable[None]]:
     async def call(chunk: list[str]) -> None:
         async with session.post(url, json={"texts": chunk}) as r:
@@ -197,8 +186,8 @@ async def _http_cases(
         try:
             connector = aiohttp.TCPConnector(limit=64)
             async with aiohttp.ClientSession(connector=connector) as session:
-                await _wait_healthy(session, base)
-                await _wait_healthy(session, bare_base)
+                await wait_healthy(session, base)
+                await wait_healthy(session, bare_base)
                 ours, theirs = (
                     _poster(session, base + "/v1/predict"),
                     _poster(session, bare_base + "/v1/predict"),
