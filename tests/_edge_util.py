@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import nats.errors
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -18,7 +21,18 @@ from slmops.shared.bundle import Bundle, TrustStore
 from slmops.shared.messages import NodeStatus, TelemetryAggregate, decode_telemetry
 from slmops.shared.names import TELEMETRY_STREAM
 
-__all__ = ["Keys", "Statuses", "distinct_total", "edge_config", "read_raw", "read_telemetry"]
+__all__ = [
+    "Keys",
+    "Statuses",
+    "distinct_total",
+    "edge_cli",
+    "edge_config",
+    "kill",
+    "read_raw",
+    "read_telemetry",
+    "terminate",
+    "wait_counted",
+]
 
 
 class Keys:
@@ -103,6 +117,31 @@ def edge_config(
     return EdgeConfig.build(data)
 
 
+def edge_cli(url: str, fleet: str, node: str, data: Path, bundle: Path, keys: Keys, port: int) -> list[str]:
+    """The command line of an ``slmops edge`` node process: JSON logs at info, the HTTP API on
+    loopback ``port``, 200 ms windows of k = 1 (only pace shrinks; timeouts keep defaults)."""
+    return [
+        sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
+        "edge", "--nats", url, "--fleet", fleet, "--node", node,
+        "--data", str(data), "--model", str(bundle), "--trust", str(keys.pub),
+        "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
+    ]  # fmt: skip
+
+
+async def terminate(proc: anyio.abc.Process, log: Path) -> None:
+    """SIGTERM a node process: it must exit 0 within 20 s (the tail of ``log`` says why not)."""
+    proc.send_signal(signal.SIGTERM)
+    with anyio.fail_after(20):
+        assert await proc.wait() == 0, log.read_text()[-3000:]
+
+
+async def kill(proc: anyio.abc.Process) -> None:
+    """SIGKILL the process unless it has exited, and reap it."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
 async def read_raw(js: JetStreamContext, subject: str, stream: str) -> list[bytes]:
     """The data of every message on ``subject`` in ``stream``, in stream order."""
     sub = await js.pull_subscribe(subject, stream=stream)
@@ -126,6 +165,17 @@ async def read_raw(js: JetStreamContext, subject: str, stream: str) -> list[byte
 async def read_telemetry(js: JetStreamContext, fleet: str) -> list[TelemetryAggregate]:
     """Every aggregate of ``fleet`` in SLMOPS_TELEMETRY, in stream order (duplicates kept)."""
     return [decode_telemetry(d) for d in await read_raw(js, f"slmops.telemetry.{fleet}.>", TELEMETRY_STREAM)]
+
+
+async def wait_counted(js: JetStreamContext, fleet: str, n: int, timeout: float) -> None:
+    """Until the distinct aggregates of ``fleet`` count at least ``n`` inferences (polled every
+    0.3 s); ``TimeoutError`` after ``timeout`` s."""
+    with anyio.fail_after(timeout):
+        while True:
+            total, _ = distinct_total(await read_telemetry(js, fleet))
+            if total >= n:
+                return
+            await anyio.sleep(0.3)
 
 
 def distinct_total(aggs: list[TelemetryAggregate]) -> tuple[int, dict[tuple[str, int], int]]:

@@ -1,13 +1,38 @@
-"""Helpers for the rollout tests: waiting on the state a ``RolloutStore`` holds."""
+"""Helpers for the rollout tests: starting a rollout under a controller, waiting on the state a
+``RolloutStore`` holds."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from _nats import wait_until
-from slmops.cloud.rollout import RolloutState, RolloutStore
+from nats.js import JetStreamContext
 
-__all__ = ["wait_rollout"]
+from _nats import wait_until
+from slmops.cloud.rollout import RolloutConfig, RolloutController, RolloutState, RolloutStore, start_rollout
+
+__all__ = ["start_and_step", "wait_rollout"]
+
+
+async def start_and_step(
+    js: JetStreamContext,
+    controller: RolloutController,
+    store: RolloutStore,
+    *,
+    fleet: str,
+    model: str,
+    config: RolloutConfig,
+    now: float,
+) -> RolloutState:
+    """Start the rollout of ``model`` version 2 on ``fleet`` at ``now`` (through the
+    controller's registry), let the controller take its first step a second later, and
+    return the state it stored."""
+    await start_rollout(
+        js, controller.assigner.registry, store, fleet=fleet, version=2, model=model, config=config, now=now
+    )
+    await controller.step(now + 1)
+    got = await store.get(fleet)
+    assert got is not None
+    return got[0]
 
 
 async def wait_rollout(

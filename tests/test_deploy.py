@@ -33,6 +33,8 @@ import nats.errors
 import pytest
 import yaml
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from _nats import free_port, wait_until
@@ -174,6 +176,25 @@ class _Client:
         with anyio.fail_after(timeout):
             while not any(needle in e for e in self.errors):
                 await self._arrived.wait()
+
+
+async def _watch_own(nc: NATS, js: JetStreamContext, deliver: js_api.DeliverPolicy) -> Subscription:
+    """The node's watch of its own assignment key as edge/refresh.py makes it: a consumer
+    created through the filtered-subject API form, delivering to the node's own inbox."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await js.add_consumer(
+        f"KV_{names.ASSIGNMENTS_BUCKET}",
+        js_api.ConsumerConfig(
+            name="watch-own",
+            filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}",
+            deliver_subject=inbox,
+            deliver_policy=deliver,
+            ack_policy=js_api.AckPolicy.NONE,
+            inactive_threshold=30,
+        ),
+    )
+    return sub
 
 
 @asynccontextmanager
@@ -349,21 +370,7 @@ async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> 
         manifests = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
         assert (await manifests.get(names.manifest_key("other-model", 1, "fp32"))).value == b"manifest-1"
 
-        # The watch as edge/refresh.py makes it: a consumer created through the filtered-subject
-        # API form, delivering to the node's own inbox.
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        await nc.jetstream().add_consumer(
-            f"KV_{names.ASSIGNMENTS_BUCKET}",
-            js_api.ConsumerConfig(
-                name="watch-own",
-                filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}",
-                deliver_subject=inbox,
-                deliver_policy=js_api.DeliverPolicy.NEW,
-                ack_policy=js_api.AckPolicy.NONE,
-                inactive_threshold=30,
-            ),
-        )
+        sub = await _watch_own(nc, nc.jetstream(), js_api.DeliverPolicy.NEW)
         cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
         await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
         assert (await sub.next_msg(timeout=5)).data == b"own-v2"
@@ -689,20 +696,7 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
             js = nc.jetstream(timeout=2)
             kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
             assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
-            # The watch as edge/refresh.py makes it (the filtered-subject consumer form).
-            inbox = nc.new_inbox()
-            sub = await nc.subscribe(inbox)
-            await js.add_consumer(
-                f"KV_{names.ASSIGNMENTS_BUCKET}",
-                js_api.ConsumerConfig(
-                    name="watch-own",
-                    filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}",
-                    deliver_subject=inbox,
-                    deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
-                    ack_policy=js_api.AckPolicy.NONE,
-                    inactive_threshold=30,
-                ),
-            )
+            sub = await _watch_own(nc, js, js_api.DeliverPolicy.LAST_PER_SUBJECT)
             assert (await sub.next_msg(timeout=5)).data == b"own-v1"
             await sub.unsubscribe()
             out = io.BytesIO()

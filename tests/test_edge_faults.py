@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import IO
 
@@ -15,8 +14,9 @@ import anyio
 import anyio.abc
 import nats
 import pytest
+from nats.js import JetStreamContext
 
-from _edge_util import Keys, distinct_total, read_telemetry
+from _edge_util import Keys, distinct_total, edge_cli, kill, read_telemetry, terminate, wait_counted
 from _nats import free_port
 from _proxy import TcpProxy
 from slmops.bench._proc import wait_healthy
@@ -51,10 +51,7 @@ async def test_exactly_once_across_link_cuts_and_three_kill9_restarts(
     try:
         async with TcpProxy("127.0.0.1", private_server.port) as proxy, aiohttp.ClientSession() as session:
             args = [
-                sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
-                "edge", "--nats", proxy.url, "--fleet", fleet, "--node", "n1",
-                "--data", str(tmp_path / "data"), "--model", str(bundle.path), "--trust", str(keys.pub),
-                "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
+                *edge_cli(proxy.url, fleet, "n1", tmp_path / "data", bundle.path, keys, port),
                 "--status-interval", "1s",
             ]  # fmt: skip
             for life in range(4):
@@ -86,19 +83,10 @@ async def test_exactly_once_across_link_cuts_and_three_kill9_restarts(
                         await proc.wait()
                         await proxy.restore()
                     else:
-                        with anyio.fail_after(60):
-                            while True:
-                                total, _ = distinct_total(await read_telemetry(js, fleet))
-                                if total >= answered:
-                                    break
-                                await anyio.sleep(0.3)
-                        proc.send_signal(signal.SIGTERM)
-                        with anyio.fail_after(20):
-                            assert await proc.wait() == 0, log.read_text()[-3000:]
+                        await wait_counted(js, fleet, answered, 60)
+                        await terminate(proc, log)
                 finally:
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+                    await kill(proc)
                     out.close()
         aggs = await read_telemetry(js, fleet)
         total, seen = distinct_total(aggs)
@@ -111,71 +99,55 @@ async def test_exactly_once_across_link_cuts_and_three_kill9_restarts(
 
 @pytest.mark.anyio
 async def test_kill9_under_load_loses_no_answered_inference(
-    tmp_path: Path, fleet: str, nats_server: EmbeddedServer
+    tmp_path: Path, fleet: str, nats_server: EmbeddedServer, js: JetStreamContext
 ) -> None:
     """``kill -9`` while 16 clients are mid-request: after a restart the telemetry holds every
     answered inference, and at most the ones that were sent (an unanswered request may or
     may not have been counted — the app never got its answer)."""
     keys = Keys(tmp_path / "keys")
     bundle = keys.bundle()
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await ensure_resources(js)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "node.log"
-    args = [
-        sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
-        "edge", "--nats", nats_server.url, "--fleet", fleet, "--node", "n2",
-        "--data", str(tmp_path / "data"), "--model", str(bundle.path), "--trust", str(keys.pub),
-        "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
-    ]  # fmt: skip
+    args = edge_cli(nats_server.url, fleet, "n2", tmp_path / "data", bundle.path, keys, port)
     answered = sent = 0
     enough = anyio.Event()
-    try:
-        async with aiohttp.ClientSession() as session:
-            for life in range(2):
-                with log.open("ab") as out:
-                    proc = await anyio.open_process(args, stdout=out, stderr=subprocess.STDOUT)
-                try:
-                    await wait_ready(session, base, proc, log)
-                    if life == 1:
-                        break
-
-                    async def client(i: int) -> None:
-                        nonlocal answered, sent
-                        while True:
-                            sent += 2
-                            try:
-                                answered += await predict_batch(session, base, [f"beta {i}", f"gamma {i}"])
-                            except (aiohttp.ClientError, AssertionError):
-                                return  # the node died under this request
-                            if answered >= 100:
-                                enough.set()
-
-                    async with anyio.create_task_group() as tg:
-                        for i in range(16):
-                            tg.start_soon(client, i)
-                        with anyio.fail_after(30):
-                            await enough.wait()  # well into the load, windows closing
-                        proc.send_signal(signal.SIGKILL)
-                        await proc.wait()
-                finally:
-                    if proc.returncode is None and life == 0:
-                        proc.kill()
-                        await proc.wait()
+    async with aiohttp.ClientSession() as session:
+        for life in range(2):
+            with log.open("ab") as out:
+                proc = await anyio.open_process(args, stdout=out, stderr=subprocess.STDOUT)
             try:
-                with anyio.fail_after(30):
+                await wait_ready(session, base, proc, log)
+                if life == 1:
+                    break
+
+                async def client(i: int) -> None:
+                    nonlocal answered, sent
                     while True:
-                        total, _ = distinct_total(await read_telemetry(js, fleet))
-                        if total >= answered:
-                            break
-                        await anyio.sleep(0.3)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                with anyio.fail_after(20):
+                        sent += 2
+                        try:
+                            answered += await predict_batch(session, base, [f"beta {i}", f"gamma {i}"])
+                        except (aiohttp.ClientError, AssertionError):
+                            return  # the node died under this request
+                        if answered >= 100:
+                            enough.set()
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(16):
+                        tg.start_soon(client, i)
+                    with anyio.fail_after(30):
+                        await enough.wait()  # well into the load, windows closing
+                    proc.send_signal(signal.SIGKILL)
                     await proc.wait()
-        total, _ = distinct_total(await read_telemetry(js, fleet))
-        assert answered <= total <= sent, (answered, total, sent)
-    finally:
-        await nc.close()
+            finally:
+                if proc.returncode is None and life == 0:
+                    proc.kill()
+                    await proc.wait()
+        try:
+            await wait_counted(js, fleet, answered, 30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                await proc.wait()
+    total, _ = distinct_total(await read_telemetry(js, fleet))
+    assert answered <= total <= sent, (answered, total, sent)

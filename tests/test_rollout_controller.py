@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _models import make_bundle
+from _rollout import start_and_step
 from slmops.cloud.registry import Registry
 from slmops.cloud.rollout import Assigner, RolloutConfig, RolloutController, RolloutStore, start_rollout
 from slmops.shared.bundle import TrustStore
@@ -70,12 +71,7 @@ async def test_a_stage_nobody_installs_is_rolled_back_after_the_install_timeout(
 ) -> None:
     controller, store, events, _, model = world
     config = RolloutConfig(install_timeout_s=60, soak_s=10)
-    await start_rollout(js, controller.assigner.registry, store, fleet=fleet, version=2, model=model,
-                        config=config, now=T0)  # fmt: skip
-    await controller.step(T0 + 1)
-    got = await store.get(fleet)
-    assert got is not None
-    state = got[0]
+    state = await start_and_step(js, controller, store, fleet=fleet, model=model, config=config, now=T0)
     assert (state.phase, len(state.nodes)) == ("installing", 1)
     (node,) = state.nodes
     assert await controller.assigner.current(fleet, node) is not None  # its own key: v2
@@ -99,12 +95,8 @@ async def test_too_few_samples_pause_the_rollout_for_a_person_instead_of_passing
 ) -> None:
     controller, store, events, _, model = world
     config = RolloutConfig(soak_s=10, sample_timeout_s=300, min_samples=200)
-    await start_rollout(js, controller.assigner.registry, store, fleet=fleet, version=2, model=model,
-                        config=config, now=T0)  # fmt: skip
-    await controller.step(T0 + 1)
-    got = await store.get(fleet)
-    assert got is not None
-    (node,) = got[0].nodes
+    state = await start_and_step(js, controller, store, fleet=fleet, model=model, config=config, now=T0)
+    (node,) = state.nodes
     controller.observe_status(
         _status(
             fleet, node.removeprefix(f"{fleet}-"), T0 + 2, ModelRef(name=model, version=2), "model_installed"

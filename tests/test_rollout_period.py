@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _models import EDGES, make_bundle
+from _rollout import start_and_step
 from slmops.cloud.registry import Registry
 from slmops.cloud.rollout import Assigner, RolloutConfig, RolloutController, RolloutStore, start_rollout
 from slmops.cloud.rollout.gates import describe, evaluate, verdict
@@ -305,12 +306,8 @@ async def test_latency_is_judged_on_the_whole_soak_while_errors_roll_back_at_onc
     for node in ("a", "b", "c", "d"):
         controller.observe_status(_status(fleet, node, T0, model, 1))
     config = RolloutConfig(stages=[25, 100], soak_s=60, min_samples=200)
-    await start_rollout(js, controller.assigner.registry, store, fleet=fleet, version=2, model=model,
-                        config=config, now=T0)  # fmt: skip
-    await controller.step(T0 + 1)
-    got = await store.get(fleet)
-    assert got is not None
-    (canary,) = got[0].nodes
+    state = await start_and_step(js, controller, store, fleet=fleet, model=model, config=config, now=T0)
+    (canary,) = state.nodes
     controls = sorted({"a", "b", "c", "d"} - {canary})
     controller.observe_status(_status(fleet, canary, T0 + 2, model, 2, "model_installed"))
     await controller.step(T0 + 3)
