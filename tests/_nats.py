@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import anyio
+import nats
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from slmops.shared.messages import decode_json
+from slmops.shared.provision import ensure_resources
 
-__all__ = ["free_port", "new_fleet", "read_json", "read_stored", "wait_until"]
+__all__ = ["free_port", "jetstream", "new_fleet", "read_json", "read_stored", "wait_until"]
 
 T = TypeVar("T")
 
@@ -78,3 +81,16 @@ async def read_stored(js: JetStreamContext, stream: str, subject: str, type_: ty
     info = await js.stream_info(stream, subjects_filter=subject)
     total = sum((info.state.subjects or {}).values())
     return await read_json(js, subject, type_, total) if total else []
+
+
+@asynccontextmanager
+async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+    """JetStream over a connection of its own to ``url`` (a server a test started itself),
+    with slmops' streams and buckets provisioned; the connection closes with the block."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_resources(js)
+        yield js
+    finally:
+        await nc.close()

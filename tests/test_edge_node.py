@@ -8,9 +8,10 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
+from nats.js import JetStreamContext
 
 from _edge_util import Keys, distinct_total, edge_config, read_raw, read_telemetry
-from _nats import free_port
+from _nats import free_port, jetstream
 from slmops.edge.node import EdgeNode
 from slmops.shared.messages import NodeStatus, decode_json
 from slmops.shared.names import STATUS_STREAM
@@ -46,29 +47,26 @@ async def test_offline_start_serves_then_drains_when_the_server_appears(
         await node.windower.tick()
         assert node.link.state.value != "online"
         assert node.health()["outbox"] >= 1
-        async with EmbeddedServer(port=port, store_dir=tmp_path / "js") as server:
-            nc = await nats.connect(server.url)
-            try:
-                js = nc.jetstream()
-                await ensure_resources(js)
-                await node.link.wait_online(timeout=10)
-                for i in range(10):
-                    await node.predict([f"gamma {i}"])
-                    n += 1
-                await wait_drained(node)
-                total, _ = distinct_total(await read_telemetry(js, fleet))
-                assert total == n
-                assert node.health()["last_sync"] is not None
-                # the node reported itself on connect: device profile, model, outbox
-                sub = await js.pull_subscribe(f"slmops.status.{fleet}.n1", stream=STATUS_STREAM)
-                first = decode_json((await sub.fetch(1, timeout=5))[0].data, NodeStatus)
-                assert first.event == "connect"
-                assert first.model is not None
-                assert first.model.version == 1
-                assert first.device.cores > 0
-                assert first.device.ort_version
-            finally:
-                await nc.close()
+        async with (
+            EmbeddedServer(port=port, store_dir=tmp_path / "js") as server,
+            jetstream(server.url) as js,
+        ):
+            await node.link.wait_online(timeout=10)
+            for i in range(10):
+                await node.predict([f"gamma {i}"])
+                n += 1
+            await wait_drained(node)
+            total, _ = distinct_total(await read_telemetry(js, fleet))
+            assert total == n
+            assert node.health()["last_sync"] is not None
+            # the node reported itself on connect: device profile, model, outbox
+            sub = await js.pull_subscribe(f"slmops.status.{fleet}.n1", stream=STATUS_STREAM)
+            first = decode_json((await sub.fetch(1, timeout=5))[0].data, NodeStatus)
+            assert first.event == "connect"
+            assert first.model is not None
+            assert first.model.version == 1
+            assert first.device.cores > 0
+            assert first.device.ort_version
 
 
 CANARIES = [
@@ -86,40 +84,34 @@ def all_bytes(root: Path) -> bytes:
 
 @pytest.mark.anyio
 async def test_no_input_text_reaches_disk_or_the_server(
-    tmp_path: Path, keys: Keys, fleet: str, nats_server: EmbeddedServer
+    tmp_path: Path, keys: Keys, fleet: str, nats_server: EmbeddedServer, js: JetStreamContext
 ) -> None:
     """Canary strings, e-mail addresses and phone numbers in inputs appear in no byte of the
     data directory (SQLite db, -wal, -shm, model cache) and in no message on the server."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await ensure_resources(js)
     cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle().path)
-    try:
-        async with EdgeNode(cfg) as node:
-            await node.link.wait_online(timeout=10)
-            answers = []
-            for i in range(20):
-                texts = [f"{c} alpha {i} call me" for c in CANARIES] + [" ".join(CANARIES)]
-                answers += await node.predict(texts)
-            await node.feedback(answers[0].prediction_id, "beta")
-            await node.report_status("periodic")
-            await wait_drained(node)
-            while_running = all_bytes(cfg.data_path)
-        after = all_bytes(cfg.data_path)
-        aggs = await read_telemetry(js, fleet)
-        assert sum(a.count for a in aggs) == 20 * (len(CANARIES) + 1)
-        statuses = await read_raw(js, f"slmops.status.{fleet}.>", STATUS_STREAM)
-        assert statuses
-        assert decode_json(statuses[0], NodeStatus).device.cores > 0
-        telemetry = await read_raw(js, f"slmops.telemetry.{fleet}.>", "SLMOPS_TELEMETRY")
-        wire = b"".join(statuses + telemetry)
-        for canary in CANARIES:
-            for blob, where in ((while_running, "data dir (running)"), (after, "data dir"), (wire, "server")):
-                for form in (canary, canary.lower(), canary.upper()):
-                    assert form.encode() not in blob, f"{form!r} found in {where}"
-                    assert form.encode("utf-16-le") not in blob, f"{form!r} (utf-16) found in {where}"
-    finally:
-        await nc.close()
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(timeout=10)
+        answers = []
+        for i in range(20):
+            texts = [f"{c} alpha {i} call me" for c in CANARIES] + [" ".join(CANARIES)]
+            answers += await node.predict(texts)
+        await node.feedback(answers[0].prediction_id, "beta")
+        await node.report_status("periodic")
+        await wait_drained(node)
+        while_running = all_bytes(cfg.data_path)
+    after = all_bytes(cfg.data_path)
+    aggs = await read_telemetry(js, fleet)
+    assert sum(a.count for a in aggs) == 20 * (len(CANARIES) + 1)
+    statuses = await read_raw(js, f"slmops.status.{fleet}.>", STATUS_STREAM)
+    assert statuses
+    assert decode_json(statuses[0], NodeStatus).device.cores > 0
+    telemetry = await read_raw(js, f"slmops.telemetry.{fleet}.>", "SLMOPS_TELEMETRY")
+    wire = b"".join(statuses + telemetry)
+    for canary in CANARIES:
+        for blob, where in ((while_running, "data dir (running)"), (after, "data dir"), (wire, "server")):
+            for form in (canary, canary.lower(), canary.upper()):
+                assert form.encode() not in blob, f"{form!r} found in {where}"
+                assert form.encode("utf-16-le") not in blob, f"{form!r} (utf-16) found in {where}"
 
 
 @pytest.mark.anyio
@@ -148,21 +140,18 @@ async def test_tiny_outbox_over_a_long_outage_compacts_and_still_sums_to_n(
         assert health["outbox_bytes"] <= 2048
         assert health["merged_windows"] > 0
         assert health["outbox"] < 60
-        async with EmbeddedServer(port=port, store_dir=tmp_path / "js") as server:
-            nc = await nats.connect(server.url)
-            try:
-                js = nc.jetstream()
-                await ensure_resources(js)
-                await wait_drained(node)
-                aggs = await read_telemetry(js, fleet)
-                total, seen = distinct_total(aggs)
-                receipts = sum(a.dropped_inferences for a in aggs)
-                assert total + receipts == n
-                assert receipts == node.health()["dropped_inferences"] == 0
-                assert sorted(s for _, s in seen) == list(range(1, len(seen) + 1))
-                assert sum(a.windows for a in aggs) >= 60
-            finally:
-                await nc.close()
+        async with (
+            EmbeddedServer(port=port, store_dir=tmp_path / "js") as server,
+            jetstream(server.url) as js,
+        ):
+            await wait_drained(node)
+            aggs = await read_telemetry(js, fleet)
+            total, seen = distinct_total(aggs)
+            receipts = sum(a.dropped_inferences for a in aggs)
+            assert total + receipts == n
+            assert receipts == node.health()["dropped_inferences"] == 0
+            assert sorted(s for _, s in seen) == list(range(1, len(seen) + 1))
+            assert sum(a.windows for a in aggs) >= 60
 
 
 @pytest.mark.anyio
@@ -212,25 +201,19 @@ async def test_server_restart_loses_and_duplicates_nothing_and_dp_is_stated(
 
 @pytest.mark.anyio
 async def test_same_node_id_in_two_fleets_is_not_deduplicated_away(
-    tmp_path: Path, keys: Keys, nats_server: EmbeddedServer
+    tmp_path: Path, keys: Keys, nats_server: EmbeddedServer, js: JetStreamContext
 ) -> None:
     """Node ids are unique per fleet only: ``n1`` of two fleets publishing seq 1 within the
     server's duplicate window must both be stored (the Nats-Msg-Id carries the fleet)."""
     from _nats import new_fleet
 
     fleets = [new_fleet(), new_fleet()]
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await ensure_resources(js)
-    try:
-        for i, f in enumerate(fleets):
-            cfg = edge_config(tmp_path / f, keys, fleet=f, url=nats_server.url, model=keys.bundle().path)
-            async with EdgeNode(cfg) as node:
-                await node.link.wait_online(timeout=10)
-                await node.predict(["alpha"] * (i + 1))
-                await wait_drained(node)
-        for i, f in enumerate(fleets):
-            aggs = await read_telemetry(js, f)
-            assert [(a.node, a.seq, a.count) for a in aggs] == [("n1", 1, i + 1)]
-    finally:
-        await nc.close()
+    for i, f in enumerate(fleets):
+        cfg = edge_config(tmp_path / f, keys, fleet=f, url=nats_server.url, model=keys.bundle().path)
+        async with EdgeNode(cfg) as node:
+            await node.link.wait_online(timeout=10)
+            await node.predict(["alpha"] * (i + 1))
+            await wait_drained(node)
+    for i, f in enumerate(fleets):
+        aggs = await read_telemetry(js, f)
+        assert [(a.node, a.seq, a.count) for a in aggs] == [("n1", 1, i + 1)]
