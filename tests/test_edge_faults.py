@@ -12,15 +12,13 @@ from typing import IO
 import aiohttp
 import anyio
 import anyio.abc
-import nats
 import pytest
 from nats.js import JetStreamContext
 
 from _edge_util import Keys, distinct_total, edge_cli, kill, read_telemetry, terminate, wait_counted
-from _nats import free_port
+from _nats import free_port, jetstream
 from _proxy import TcpProxy
 from slmops.bench._proc import wait_healthy
-from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
 
 
@@ -41,14 +39,11 @@ async def test_exactly_once_across_link_cuts_and_three_kill9_restarts(
 ) -> None:
     keys = Keys(tmp_path / "keys")
     bundle = keys.bundle()
-    nc = await nats.connect(private_server.url)
-    js = nc.jetstream()
-    await ensure_resources(js)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "node.log"
     answered = 0
-    try:
+    async with jetstream(private_server.url) as js:
         async with TcpProxy("127.0.0.1", private_server.port) as proxy, aiohttp.ClientSession() as session:
             args = [
                 *edge_cli(proxy.url, fleet, "n1", tmp_path / "data", bundle.path, keys, port),
@@ -93,8 +88,6 @@ async def test_exactly_once_across_link_cuts_and_three_kill9_restarts(
         assert total == answered, f"telemetry counts {total}, answered {answered}"
         assert sorted(seq for _, seq in seen) == list(range(1, len(seen) + 1)), "a gap in seq"
         assert all(a.dropped_inferences == 0 for a in aggs)
-    finally:
-        await nc.close()
 
 
 @pytest.mark.anyio
