@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +25,7 @@ import anyio.abc
 import pytest
 from nats.js import JetStreamContext
 
-from _edge_util import Keys, edge_config, read_telemetry
+from _edge_util import Keys, edge_cli, edge_config, read_telemetry, terminate
 from _nats import free_port
 from _proxy import TcpProxy
 from slmops.edge.node import EdgeNode
@@ -114,15 +113,6 @@ async def start(args: list[str], log: Path, client: Client) -> anyio.abc.Process
                 await anyio.sleep(0.05)
 
 
-def edge_args(data: Path, keys: Keys, bundle: Path, port: int, nats: str, fleet: str) -> list[str]:
-    return [
-        sys.executable, "-m", "slmops.cli", "--log-level", "info", "--log-json",
-        "edge", "--nats", nats, "--fleet", fleet, "--node", "n1",
-        "--data", str(data), "--model", str(bundle), "--trust", str(keys.pub),
-        "--http", f"127.0.0.1:{port}", "--window", "200ms", "--min-count", "1",
-    ]  # fmt: skip
-
-
 async def until_storage_ok(client: Client) -> None:
     """Traffic until an answer is durable again and health says storage is ok."""
     with anyio.fail_after(30):
@@ -154,9 +144,7 @@ async def reconciled(js: JetStreamContext, fleet: str, client: Client) -> list[A
 async def stop(proc: anyio.abc.Process, log: Path) -> None:
     """SIGTERM: a clean exit (0) within 20 s."""
     assert proc.returncode is None, log.read_text()[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    with anyio.fail_after(20):
-        assert await proc.wait() == 0, log.read_text()[-3000:]
+    await terminate(proc, log)
 
 
 @pytest.mark.anyio
@@ -170,7 +158,7 @@ async def test_full_disk_serves_on_counts_losses_durably_and_resumes(
     port = free_port()
     log = tmp_path / "node.log"
     async with TcpProxy("127.0.0.1", nats_server.port) as proxy, aiohttp.ClientSession() as session:
-        args = edge_args(small_disk / "data", keys, bundle.path, port, proxy.url, fleet)
+        args = edge_cli(proxy.url, fleet, "n1", small_disk / "data", bundle.path, keys, port)
         client = Client(session, f"http://127.0.0.1:{port}")
         await proxy.cut()  # an outage: nothing leaves the node while its disk fills
         proc = await start(args, log, client)
@@ -259,7 +247,7 @@ async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
     log = tmp_path / "node.log"
     filler = fill(small_disk)
     async with aiohttp.ClientSession() as session:
-        args = edge_args(small_disk / "data", keys, bundle.path, port, nats_server.url, fleet)
+        args = edge_cli(nats_server.url, fleet, "n1", small_disk / "data", bundle.path, keys, port)
         client = Client(session, f"http://127.0.0.1:{port}")
         proc = await start(args, log, client)
         try:
