@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import anyio
 import nats.errors
 import structlog
 from nats.js import JetStreamContext
@@ -34,7 +33,6 @@ __all__ = [
     "ERR_STREAM_NAME_IN_USE",
     "ensure_kv",
     "ensure_object_store",
-    "kv_get",
     "nats_errors",
     "stream_info",
     "url_of",
@@ -95,19 +93,6 @@ async def stream_info(js: JetStreamContext, name: str) -> js_api.StreamInfo | No
     try:
         with nats_errors("stream", name, url_of(js)):
             return await js.stream_info(name)
-    except NotFound:
-        return None
-
-
-async def kv_get(
-    kv: KeyValue, key: str, url: str = "<nats>", *, kind: str = "kv key", timeout: float = 10.0
-) -> KeyValue.Entry | None:
-    """The key's latest entry, or None when the key is missing or deleted. ``kind`` and ``url``
-    name it in errors. Raises ``NatsUnavailable`` (also when no answer comes within ``timeout``
-    seconds) or ``JetStreamRefused``."""
-    try:
-        with nats_errors(kind, key, url), anyio.fail_after(timeout):
-            return await kv.get(key)
     except NotFound:
         return None
 

@@ -50,7 +50,8 @@ from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
 from slmops.shared import names
 from slmops.shared.bundle import Bundle, TrustStore, load_private_key
 from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable
-from slmops.shared.jetstream import ensure_kv, kv_get, nats_errors, url_of
+from slmops.shared.jetstream import ensure_kv, nats_errors, url_of
+from slmops.shared.kv import kv_get
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
 
 __all__ = [

@@ -22,7 +22,8 @@ from nats.js.kv import KeyValue
 from slmops.cloud.registry import Registry, RegistryError
 from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
 from slmops.shared import names
-from slmops.shared.jetstream import kv_get, nats_errors
+from slmops.shared.jetstream import nats_errors
+from slmops.shared.kv import kv_get
 from slmops.shared.messages import Assignment, DeviceProfile, ModelManifest, decode_json, encode_json
 from slmops.shared.variants import PREFERENCE, choose_variant
 

@@ -24,8 +24,8 @@ from nats.js.kv import KeyValue
 from slmops.cloud.errors import CloudError
 from slmops.shared import names
 from slmops.shared.errors import WrongLastSequence
-from slmops.shared.jetstream import ensure_kv, kv_get, nats_errors
-from slmops.shared.kv import kv_keys
+from slmops.shared.jetstream import ensure_kv, nats_errors
+from slmops.shared.kv import kv_get, kv_keys
 from slmops.shared.messages import Assignment, RolloutEvent
 from slmops.shared.names import validate_id
 from slmops.shared.vocabulary import RolloutStatus
