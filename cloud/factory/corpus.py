@@ -15,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from slmops.cloud.factory.errors import FactoryInputError
+
 __all__ = ["CorpusError", "Split", "default_corpus_dir", "load_topics", "split_topics"]
 
 
-class CorpusError(ValueError):
+class CorpusError(FactoryInputError):
     """The corpus cannot be found or read, or too little of it is left to train on."""
 
-    def __init__(self, where: str, reason: str) -> None:
-        self.where = where
-        self.reason = reason
-        super().__init__(f"corpus {where}: {reason}")
+    what = "corpus"
 
 
 @dataclass(frozen=True, slots=True)

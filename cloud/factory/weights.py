@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from slmops.cloud.factory.errors import FactoryInputError
 from slmops.shared.bundle import sha256_file
 
 __all__ = [
@@ -64,13 +65,10 @@ WEIGHTS_ENV = "SLMOPS_WEIGHTS"
 _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 
 
-class WeightsError(ValueError):
+class WeightsError(FactoryInputError):
     """The pretrained weights cannot be found, fetched or verified."""
 
-    def __init__(self, where: str, reason: str) -> None:
-        self.where = where
-        self.reason = reason
-        super().__init__(f"weights {where}: {reason}")
+    what = "weights"
 
 
 @dataclass(frozen=True, slots=True)
