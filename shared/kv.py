@@ -9,13 +9,33 @@ subject filter): one request, nothing to race. The answer holds every key writte
 purged, deleted ones too (their last entry is a delete marker): read a key to know.
 ``kv_values`` reads them all through one watch, which it ends only once it has seen every
 listed key (not at the watch's own "no more" marker), instead of one request per key.
+``kv_get`` reads one key through the NATS boundary (``shared.jetstream.nats_errors``), None
+for a missing or deleted key.
 """
 
 from __future__ import annotations
 
+import anyio
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
-__all__ = ["kv_keys", "kv_values"]
+from slmops.shared.errors import NotFound
+from slmops.shared.jetstream import nats_errors
+
+__all__ = ["kv_get", "kv_keys", "kv_values"]
+
+
+async def kv_get(
+    kv: KeyValue, key: str, url: str = "<nats>", *, kind: str = "kv key", timeout: float = 10.0
+) -> KeyValue.Entry | None:
+    """The key's latest entry, or None when the key is missing or deleted. ``kind`` and ``url``
+    name it in errors. Raises ``NatsUnavailable`` (also when no answer comes within ``timeout``
+    seconds) or ``JetStreamRefused``."""
+    try:
+        with nats_errors(kind, key, url), anyio.fail_after(timeout):
+            return await kv.get(key)
+    except NotFound:
+        return None
 
 
 async def kv_keys(js: JetStreamContext, bucket: str, key_filter: str = ">") -> list[str]:

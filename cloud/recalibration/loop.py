@@ -49,8 +49,9 @@ from slmops.cloud.rollout.assign import Assigner, start_rollout, variants_of
 from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
 from slmops.shared import names
 from slmops.shared.bundle import Bundle, TrustStore, load_private_key
-from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable, NotFound
+from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable
 from slmops.shared.jetstream import ensure_kv, nats_errors, url_of
+from slmops.shared.kv import kv_get
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
 
 __all__ = [
@@ -172,10 +173,8 @@ class RecalibrationLoop:
         or ``JetStreamRefused``."""
         kv = await self._bucket()
         key = _proposal_key(fleet, model, parent)
-        try:
-            with nats_errors("kv key", key, self._url), anyio.fail_after(10):
-                entry = await kv.get(key)
-        except NotFound:
+        entry = await kv_get(kv, key, self._url)
+        if entry is None:
             return None
         try:
             return _proposal_decoder.decode(entry.value or b"")

@@ -22,8 +22,8 @@ from nats.js.kv import KeyValue
 from slmops.cloud.registry import Registry, RegistryError
 from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
 from slmops.shared import names
-from slmops.shared.errors import NotFound
 from slmops.shared.jetstream import nats_errors
+from slmops.shared.kv import kv_get
 from slmops.shared.messages import Assignment, DeviceProfile, ModelManifest, decode_json, encode_json
 from slmops.shared.variants import PREFERENCE, choose_variant
 
@@ -52,10 +52,8 @@ class Assigner:
         """The assignment under the node's own key (or the fleet-wide key when None)."""
         kv = await self._bucket()
         key = names.assignment_key(fleet, node)
-        try:
-            with nats_errors("kv key", key, self._url), anyio.fail_after(10):
-                entry = await kv.get(key)
-        except NotFound:
+        entry = await kv_get(kv, key, self._url)
+        if entry is None:
             return None
         try:
             return decode_json(entry.value or b"", Assignment)

@@ -23,9 +23,9 @@ from nats.js.kv import KeyValue
 
 from slmops.cloud.errors import CloudError
 from slmops.shared import names
-from slmops.shared.errors import NotFound, WrongLastSequence
+from slmops.shared.errors import WrongLastSequence
 from slmops.shared.jetstream import ensure_kv, nats_errors
-from slmops.shared.kv import kv_keys
+from slmops.shared.kv import kv_get, kv_keys
 from slmops.shared.messages import Assignment, RolloutEvent
 from slmops.shared.names import validate_id
 from slmops.shared.vocabulary import RolloutStatus
@@ -211,10 +211,9 @@ class RolloutStore:
         """The fleet's rollout and its revision, or None. A value that does not decode is
         logged and treated as absent (it is overwritten by the next rollout)."""
         kv = await self.bucket()
-        try:
-            with nats_errors("rollout", fleet, self._url), anyio.fail_after(self._timeout):
-                entry = await kv.get(validate_id(fleet, "fleet"))
-        except NotFound:  # also a deleted key
+        key = validate_id(fleet, "fleet")
+        entry = await kv_get(kv, key, self._url, kind="rollout", timeout=self._timeout)
+        if entry is None:  # also a deleted key
             return None
         try:
             return _decoder.decode(entry.value or b""), int(entry.revision or 0)
