@@ -12,7 +12,7 @@ import click
 import msgspec
 
 from slmops import cli_common
-from slmops.cli_common import fleet_id, nats_option, parameter_origins, run
+from slmops.cli_common import cloud_key_options, config_options, fleet_id, nats_option, parameter_origins, run
 from slmops.cli_common import table_line as _line
 from slmops.shared.config import parse_duration
 
@@ -43,18 +43,9 @@ __all__ = ["cloud", "drift"]
     callback=fleet_id,
     help="Watch only this fleet and run only its rollouts (repeatable). Default: every fleet.",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="TOML/JSON file whose keys are these flags' names (nats, state, batch_size, lease_ttl = "
-    '"10s", [drift] min_count...; see deploy/cloud.toml); flags win over it.',
-)
-@click.option(
-    "--print-config",
-    is_flag=True,
-    help="Print the effective settings, each with where it came from (default, file, env, flag), and exit.",
+@config_options(
+    'nats, state, batch_size, lease_ttl = "10s", [drift] min_count...; see deploy/cloud.toml',
+    "SLMOPS_CLOUD_CONFIG",
 )
 @click.option(
     "--batch-size",
@@ -72,22 +63,7 @@ __all__ = ["cloud", "drift"]
     default=None,
     help="Target false drift events per node-window on stationary traffic [5e-5].",
 )
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="SLMOPS_CLOUD_KEY",
-    default=None,
-    help="The cloud's Ed25519 private key file, to sign recalibrated versions. Env: SLMOPS_CLOUD_KEY.",
-)
-@click.option(
-    "--recalibrate",
-    type=click.Choice(["off", "suggest", "auto"]),
-    default=None,
-    show_default="off",
-    help="On a fleet-wide label shift: build a recalibrated version and roll it out (auto), "
-    "propose it in a drift event (suggest), or do nothing (off). Needs --key.",
-)
+@cloud_key_options(None)
 @click.option(
     "--rollouts/--no-rollouts",
     default=None,
@@ -111,7 +87,7 @@ def cloud(
     nats_url: str,
     state_dir: Path,
     fleets: tuple[str, ...],
-    config_path: Path | None,
+    config_file: Path | None,
     batch_size: int | None,
     lease_ttl: str | None,
     min_count: int | None,
@@ -152,13 +128,13 @@ def cloud(
     try:
         drift_flags = {"min_count": min_count, "target_false_rate": target_false_rate}
         drift_flags = {k: v for k, v in drift_flags.items() if v is not None}
-        config = load_config(CloudConfig, data, config_path)
+        config = load_config(CloudConfig, data, config_file)
         if drift_flags:
             merged = {**msgspec.to_builtins(config.drift), **drift_flags}
             config = msgspec.structs.replace(config, drift=msgspec.convert(merged, type(config.drift)))
             origins["drift"] = "flag (" + ", ".join(f"--{k.replace('_', '-')}" for k in drift_flags) + ")"
         if print_config:
-            found = config_origins(CloudConfig, data, config_path, origins)
+            found = config_origins(CloudConfig, data, config_file, origins)
             cli_common.print_config(config, {**found, **{k: v for k, v in origins.items() if k == "drift"}})
             return
     except (ValueError, msgspec.ValidationError) as exc:

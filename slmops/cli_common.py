@@ -12,6 +12,7 @@ import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
 __all__ = [
-    "call", "errors_to_exit_codes", "fleet_id", "jetstream", "nats_option", "parameter_origins",
-    "print_config", "run", "table_line",
+    "arch_option", "call", "cloud_key_options", "config_options", "errors_to_exit_codes", "fleet_id",
+    "jetstream", "nats_option", "out_dir_option", "parameter_origins", "print_config", "run",
+    "signing_key_option", "table_line", "trust_option",
 ]  # fmt: skip
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _nats_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -51,6 +54,102 @@ nats_option = click.option(
     callback=_nats_url,
     help="NATS server URL (several, comma-separated, for a cluster). Env: SLMOPS_NATS_URL.",
 )
+
+
+def out_dir_option(help: str, *, required: bool = True) -> Callable[[F], F]:
+    """``--out DIR`` (to ``out_dir``): a directory a command creates."""
+    return click.option(
+        "--out", "out_dir", required=required, default=None, type=click.Path(file_okay=False, path_type=Path),
+        help=help,
+    )  # fmt: skip
+
+
+#: ``--key`` of the commands that sign bundles (to ``key_path``).
+signing_key_option = click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="SLMOPS_SIGNING_KEY",
+    help="Ed25519 private key (*.key from `slmops keys new`) that signs the bundle. Env: SLMOPS_SIGNING_KEY.",
+)
+
+
+def cloud_key_options(recalibrate_default: str | None) -> Callable[[F], F]:
+    """``--key`` (the cloud's signing key, to ``key_path``) and ``--recalibrate`` of the
+    commands that run the recalibration loop (``slmops cloud``, ``slmops rollout run``)."""
+    key = click.option(
+        "--key",
+        "key_path",
+        default=None,
+        envvar="SLMOPS_CLOUD_KEY",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="The cloud's Ed25519 private key (mode 0600) that signs recalibrated versions; nodes "
+        "trust its .pub with --trust. Env: SLMOPS_CLOUD_KEY. Needed by --recalibrate suggest/auto.",
+    )
+    recalibrate = click.option(
+        "--recalibrate",
+        type=click.Choice(["off", "suggest", "auto"]),
+        default=recalibrate_default,
+        show_default="off",
+        help="On a fleet-wide label shift: build, sign and push a recalibrated version, then roll it "
+        "out (auto) or name it in a follow-up drift event (suggest), or do nothing (off). Needs --key.",
+    )
+    return lambda f: key(recalibrate(f))
+
+
+def config_options(example: str, envvar: str) -> Callable[[F], F]:
+    """``--config FILE`` (to ``config_file``, also from ``envvar``) and ``--print-config`` of
+    ``slmops edge`` and ``slmops cloud``; ``example`` names keys for the help."""
+    config = click.option(
+        "--config",
+        "config_file",
+        envvar=envvar,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help=f"TOML/JSON file whose keys are these flags' names ({example}); flags given on the "
+        "command line or in the environment win.",
+    )
+    show = click.option(
+        "--print-config",
+        is_flag=True,
+        help="Print the effective settings, each with where it came from (default, file, env, flag), "
+        "and exit.",
+    )
+    return lambda f: config(show(f))
+
+
+def arch_option(help: str) -> Callable[[F], F]:
+    """``--arch minilm|ngram`` (default minilm): which model the factory builds."""
+    return click.option(
+        "--arch", type=click.Choice(["minilm", "ngram"]), default="minilm", show_default=True, help=help
+    )
+
+
+def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Each --trust file must be a PEM public key; a private key is named as the mistake."""
+    from slmops.shared.bundle import load_public_key
+
+    for path in value:
+        try:
+            load_public_key(path)
+        except ValueError as exc:
+            try:
+                private = b"PRIVATE KEY" in path.read_bytes()[:200]
+            except OSError:
+                private = False
+            hint = f"{path} is a private key: give its public half (the .pub file)" if private else str(exc)
+            raise click.BadParameter(hint) from None
+    return value
+
+
+def trust_option(help: str, envvar: str | None) -> Callable[[F], F]:
+    """``--trust KEY.pub`` (repeatable, to ``trust``): public keys whose signatures are
+    accepted; a private key given there is a usage error saying so."""
+    return click.option(
+        "--trust", "trust", multiple=True, envvar=envvar, callback=_trust, help=help,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    )  # fmt: skip
 
 
 def fleet_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:

@@ -10,6 +10,8 @@ from typing import Any
 import anyio
 import click
 
+from slmops.cli_common import arch_option
+
 
 @click.command()
 @click.option(
@@ -27,14 +29,10 @@ import click
     "--json", "as_json", is_flag=True, help="No live view; print the summary as one JSON line at the end."
 )
 @click.option("--seed", default=7, show_default=True, type=int, help="Seed of the model and the traffic.")
-@click.option(
-    "--arch",
-    type=click.Choice(["minilm", "ngram"]),
-    default="minilm",
-    show_default=True,
-    help="minilm: the default model (its int8-l3 variant), built once into the factory's cache "
+@arch_option(
+    "minilm: the default model (its int8-l3 variant), built once into the factory's cache "
     "(~/.cache/slmops/models, keyed by its inputs; the first run downloads the weights and builds "
-    "for about 2 minutes). ngram: the small hashed n-gram model, built in seconds.",
+    "for about 2 minutes). ngram: the small hashed n-gram model, built in seconds."
 )
 @click.option(
     "--workdir",

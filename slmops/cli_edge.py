@@ -11,28 +11,11 @@ import anyio
 import click
 
 from slmops import cli_common
-from slmops.cli_common import nats_option, parameter_origins, run
+from slmops.cli_common import config_options, nats_option, parameter_origins, run, trust_option
 from slmops.shared.errors import BundleError, PortUnavailable
 
 if TYPE_CHECKING:
     from slmops.edge.config import EdgeConfig
-
-
-def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]) -> tuple[Path, ...]:
-    """Each --trust file must be a PEM public key; a private key is named as the mistake."""
-    from slmops.shared.bundle import load_public_key
-
-    for path in value:
-        try:
-            load_public_key(path)
-        except ValueError as exc:
-            try:
-                private = b"PRIVATE KEY" in path.read_bytes()[:200]
-            except OSError:
-                private = False
-            hint = f"{path} is a private key: give its public half (the .pub file)" if private else str(exc)
-            raise click.BadParameter(hint) from None
-    return value
 
 
 @click.command()
@@ -56,13 +39,10 @@ def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]
     "the cached models are used; with neither, /v1/predict answers 503 until an assigned "
     "model arrives. A cached newer version of the same model is kept (no silent downgrade).",
 )
-@click.option(
-    "--trust",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    callback=_trust,
-    help="Public key (PEM) whose bundle signatures are accepted; repeat for several. "
+@trust_option(
+    "Public key (PEM) whose bundle signatures are accepted; repeat for several. "
     "Env: SLMOPS_EDGE_TRUST (space-separated).",
+    envvar=None,
 )
 @click.option(
     "--http",
@@ -101,20 +81,7 @@ def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]
     "--dp-budget", type=float, default=None, help="Total epsilon this node may spend (unlimited if unset)."
 )
 @click.option("--status-interval", default="30s", show_default=True, help="Period of status reports.")
-@click.option(
-    "--config",
-    "config_file",
-    envvar="SLMOPS_EDGE_CONFIG",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help='TOML/JSON file whose keys are these flags\' names (data, nats, window = "60s"...; '
-    "see deploy/edge.toml); flags given on the command line win.",
-)
-@click.option(
-    "--print-config",
-    is_flag=True,
-    help="Print the effective settings, each with where it came from (default, file, env, flag), and exit.",
-)
+@config_options('data, nats, window = "60s"...; see deploy/edge.toml', "SLMOPS_EDGE_CONFIG")
 def edge(
     nats_url: str,
     fleet: str | None,

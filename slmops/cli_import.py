@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from slmops.cli_common import out_dir_option, signing_key_option
+
 __all__ = ["import_cmd"]
 
 _file = click.Path(dir_okay=False, exists=True, path_type=Path)
@@ -35,20 +37,9 @@ _file = click.Path(dir_okay=False, exists=True, path_type=Path)
 )
 @click.option("--name", required=True, help="Model name.")
 @click.option("--version", required=True, type=click.IntRange(min=1), help="Model version.")
-@click.option(
-    "--key",
-    "key_path",
-    required=True,
-    type=_file,
-    envvar="SLMOPS_SIGNING_KEY",
-    help="Ed25519 private key that signs the bundle. Env: SLMOPS_SIGNING_KEY.",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Bundle directory to write (must be empty or absent). Default: ./<name>-v<version>.",
+@signing_key_option
+@out_dir_option(
+    "Bundle directory to write (must be empty or absent). Default: ./<name>-v<version>.", required=False
 )
 @click.option("--output", default="", help="Model output to read. Default: its first output.")
 @click.option(

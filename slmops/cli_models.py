@@ -14,21 +14,22 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from slmops.cli_common import call, jetstream, nats_option, run
+from slmops.cli_common import (
+    arch_option,
+    call,
+    jetstream,
+    nats_option,
+    out_dir_option,
+    run,
+    signing_key_option,
+    trust_option,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = ["keys", "models"]
 
-_key = click.option(
-    "--key",
-    "key_path",
-    required=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    envvar="SLMOPS_SIGNING_KEY",
-    help="Ed25519 private key (*.key from `slmops keys new`) that signs the bundle. Env: SLMOPS_SIGNING_KEY.",
-)
 _bundle_arg = click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 
 
@@ -43,15 +44,11 @@ def models() -> None:
 
 
 @models.command()
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to create (must be empty or absent): one bundle per variant in OUT/<variant>/ "
-    "(minilm), or the bundle itself (ngram).",
+@out_dir_option(
+    "Directory to create (must be empty or absent): one bundle per variant in OUT/<variant>/ "
+    "(minilm), or the bundle itself (ngram)."
 )
-@_key
+@signing_key_option
 @click.option(
     "--version",
     "version",
@@ -68,13 +65,9 @@ def models() -> None:
     type=int,
     help="Seed of the train/held-out split (and of the n-gram model's initialisation and shuffles).",
 )
-@click.option(
-    "--arch",
-    type=click.Choice(["minilm", "ngram"]),
-    default="minilm",
-    show_default=True,
-    help="minilm: all-MiniLM-L6-v2 encoder + linear head, variants fp32/int8/int8-l3. "
-    "ngram: the 1 MB hashed n-gram classifier (the smallest devices).",
+@arch_option(
+    "minilm: all-MiniLM-L6-v2 encoder + linear head, variants fp32/int8/int8-l3. "
+    "ngram: the 1 MB hashed n-gram classifier (the smallest devices)."
 )
 @click.option(
     "--weights",
@@ -185,14 +178,8 @@ def _build_ngram(
 
 @models.command()
 @_bundle_arg
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of the int8 bundle to create (must be empty or absent).",
-)
-@_key
+@out_dir_option("Directory of the int8 bundle to create (must be empty or absent).")
+@signing_key_option
 @click.option(
     "--seed",
     default=None,
@@ -247,7 +234,7 @@ def quantize(
 
 @models.command()
 @_bundle_arg
-@_key
+@signing_key_option
 def sign(bundle: Path, key_path: Path) -> None:
     """Re-sign BUNDLE (a directory) after an edit: recompute the sha256 and size of every file
     it lists and sign the manifest with KEY, in place."""
@@ -262,13 +249,9 @@ def sign(bundle: Path, key_path: Path) -> None:
 @models.command()
 @_bundle_arg
 @nats_option
-@click.option(
-    "--trust",
-    "trust",
-    multiple=True,
+@trust_option(
+    "Public key (*.pub) whose signatures are accepted; repeatable. Env: SLMOPS_TRUST (space-separated).",
     envvar="SLMOPS_TRUST",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Public key (*.pub) whose signatures are accepted; repeatable. Env: SLMOPS_TRUST (space-separated).",
 )
 def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
     """Verify BUNDLE (directory or archive) and store it in the registry.
@@ -478,13 +461,7 @@ def keys() -> None:
 
 
 @keys.command()
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the key pair (created).",
-)
+@out_dir_option("Directory for the key pair (created).")
 @click.option("--name", default="slmops", show_default=True, help="File name stem: NAME.key and NAME.pub.")
 def new(out_dir: Path, name: str) -> None:
     """Write a new key pair: NAME.key (private, mode 0600) and NAME.pub (public).

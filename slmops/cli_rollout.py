@@ -14,12 +14,11 @@ import anyio
 import click
 import msgspec
 
-from slmops.cli_common import fleet_id, nats_option, run
+from slmops.cli_common import cloud_key_options, fleet_id, nats_option, run
 from slmops.cli_common import jetstream as _jetstream
 from slmops.shared.config import parse_duration
 
 if TYPE_CHECKING:
-
     from slmops.cloud.rollout import RolloutState
 
 __all__ = ["parse_percent", "parse_stages", "rollout"]
@@ -242,23 +241,7 @@ rollout.add_command(
 @rollout.command("run")
 @nats_option
 @click.option("--interval", default="1s", show_default=True, help="Time between controller steps.")
-@click.option(
-    "--key",
-    "key_path",
-    default=None,
-    envvar="SLMOPS_CLOUD_KEY",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="The cloud's Ed25519 private key (mode 0600) that signs recalibrated versions; nodes "
-    "trust its .pub with --trust. Env: SLMOPS_CLOUD_KEY. Needed by --recalibrate suggest/auto.",
-)
-@click.option(
-    "--recalibrate",
-    type=click.Choice(["auto", "suggest", "off"]),
-    default="off",
-    show_default=True,
-    help="On a fleet-wide label-shift drift event: build, sign and push a recalibrated version, "
-    "then roll it out (auto) or name it in a follow-up drift event (suggest); as `slmops cloud`.",
-)
+@cloud_key_options("off")
 def run_controller(nats_url: str, interval: str, key_path: Path | None, recalibrate: str) -> None:
     """Run the rollout controller (and the recalibration loop) until Ctrl-C or SIGTERM.
 
