@@ -378,3 +378,39 @@ async def test_rollout_history_lists_every_rollout_its_outcome_and_why(
         assert "rolled_back" in lines[0]
         assert "completed" in lines[2]
         assert "m v2 → v3" in lines[2]
+
+
+def test_against_the_factory_reference_alone_a_slower_latency_is_reported_not_acted_on() -> None:
+    """One node, no windows of it just before the switch: the only comparison is the latency
+    the factory measured (another machine, one text at a time). A canary 3x slower there
+    passes, saying the failure is advisory; with the node's own windows before the switch
+    the same canary fails."""
+    from slmops.shared.messages import ReferenceProfile
+
+    ref = ReferenceProfile(
+        count=1000, class_counts={"alpha": 500, "beta": 500},
+        confidence=Histogram.of(EDGES.confidence, [0.85] * 1000),
+        input_length=Histogram.of(EDGES.input_length, [5] * 1000),
+        latency_ms=Histogram.of(EDGES.latency_ms, [10.0] * 1000),
+    )  # fmt: skip
+    state = _state(a=T0 + 60)
+    t = Tracker(state)
+    for i in range(6, 12):
+        t.add(state, _agg("a", i + 1, 2, T0 + 10 * i, lat=30.0))
+    can, controls, _ = t.sides(CFG.min_samples, control_group=False)
+    gates = {g.name: g for g in evaluate(CFG, can, controls, canary_ref=ref, control_ref=None,
+                                           before=t.before(state))}  # fmt: skip
+    lat = gates["latency_p95"]
+    assert lat.outcome == "pass"
+    assert "advisory only" in lat.detail
+    assert "the version's own reference" in lat.detail
+
+    t2 = Tracker(state)
+    for i in range(6):
+        t2.add(state, _agg("a", i + 1, 1, T0 + 10 * i, lat=10.0))  # the node just before, at 10 ms
+    for i in range(6, 12):
+        t2.add(state, _agg("a", i + 1, 2, T0 + 10 * i, lat=30.0))
+    can2, controls2, _ = t2.sides(CFG.min_samples, control_group=False)
+    gates2 = {g.name: g for g in evaluate(CFG, can2, controls2, canary_ref=ref, control_ref=None,
+                                            before=t2.before(state))}  # fmt: skip
+    assert gates2["latency_p95"].outcome == "fail"
