@@ -1,11 +1,12 @@
 """The node follows its model assignment (docs/architecture.md §6, §9).
 
-While online it watches its own key and the fleet-wide key of KV ``slmops_assignments`` (a
-consumer per key made through the filtered-subject API form, ``_watch``) and reads them by
-direct gets by subject; on
-every (re)connect, at start and every ``poll_interval`` it re-reads both, because a watch can
-miss updates (a watcher took 10-20 s to recover after a server restart here). The node's own
-key overrides the fleet-wide one.
+While online it watches its own key and the fleet-wide key of KV ``slmops_assignments`` (one
+consumer per key, named for the node and made through the filtered-subject API form,
+``_watch``) and reads them by direct gets by subject (``shared.kv.kv_get_direct``); on every
+(re)connect, at start and every ``poll_interval`` it re-reads both, because a watch can miss
+updates (a watcher took 10-20 s to recover after a server restart here), and a watch the
+server refuses (its consumer bound reached) leaves the node polling. The node's own key
+overrides the fleet-wide one.
 
 A wanted version that is not current is fetched file by file. The node reads only the
 bundle's small index (``BundleIndex``: memory, requirements, the manifest's sha256) and refuses
@@ -51,7 +52,6 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.kv import KeyValue
 
 from slmops.edge.config import RefreshTimings
 from slmops.edge.models import ModelManager
@@ -68,6 +68,7 @@ from slmops.shared.bundle import (
 from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import BundleError, NatsUnavailable
+from slmops.shared.kv import kv_get_direct
 from slmops.shared.messages import (
     Assignment,
     BundleFile,
@@ -143,6 +144,7 @@ class Refresher:
         (``EdgeConfig.refresh``; validated there)."""
         self._node_key = names.assignment_key(fleet, names.validate_id(node, "node"))
         self._fleet_key = names.assignment_key(fleet)
+        self._fleet, self._node = fleet, node
         t = timings if timings is not None else RefreshTimings()
         self._link = link
         self.models = models
@@ -199,7 +201,6 @@ class Refresher:
         watchers: list[Any] = []
         try:
             js = self._link.js
-            kv = await self._op(js.key_value(names.ASSIGNMENTS_BUCKET))
             async with anyio.create_task_group() as tg:
 
                 async def stop_when_offline() -> None:
@@ -209,11 +210,13 @@ class Refresher:
 
                 tg.start_soon(stop_when_offline)
                 # Watch before the first read, so nothing written in between is missed.
-                for key in (self._node_key, self._fleet_key):
-                    watchers.append(await self._op(self._watch(js, key)))
+                for own in (True, False):
+                    watcher = await self._watch(js, own=own)
+                    if watcher is not None:
+                        watchers.append(watcher)
                 while True:
                     self._wake = anyio.Event()
-                    result = await self._check(js, kv)
+                    result = await self._check(js)
                     retry = result is not None and not result.ok and result.code in RETRYABLE
                     wait = self._retry_delay(self._failures) if retry else self._poll
                     with anyio.move_on_after(wait):
@@ -227,14 +230,19 @@ class Refresher:
                     except _NATS_ERRORS as exc:  # offline: the server drops it on its own
                         log.debug("watcher_stop_failed", error=repr(exc))
 
-    async def _watch(self, js: JetStreamContext, key: str) -> Any:
-        """A wake-up on every new value of ``key``: an ephemeral push consumer created through
-        the filtered-subject API form (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``,
-        the only consumer creation a node's credentials allow, for its own keys: issue 13
-        fault 11) delivering headers only to this node's inbox. A hint only: the value is
-        read by a direct get (``_check``), so a missed delivery costs at most a poll."""
+    async def _watch(self, js: JetStreamContext, *, own: bool) -> Any | None:
+        """A wake-up on every new value of the node's own key (``own``) or its fleet's key: a
+        push consumer named ``names.watch_consumer`` created through the filtered-subject API
+        form (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``, the only consumer creation
+        node credentials allow: these two names, their one filter each; issue 13 fault 11),
+        delivering headers only to the fixed ``names.watch_inbox``, so a restarted node asks
+        for the same consumer and the server keeps the one it has. A hint only: the value is
+        read by a direct get (``_check``), so a missed delivery costs at most a poll. None
+        when the server refuses the watch (consumer bound reached, a differing consumer of
+        that name): the node then polls."""
         nc = self._link.nc
-        inbox = nc.new_inbox()
+        inbox = names.watch_inbox(self._node, own=own)
+        key = self._node_key if own else self._fleet_key
 
         async def wake(_msg: Any) -> None:
             if self._wake is not None:
@@ -242,20 +250,27 @@ class Refresher:
 
         sub = await nc.subscribe(inbox, cb=wake)
         try:
-            await js.add_consumer(
-                f"KV_{names.ASSIGNMENTS_BUCKET}",
-                ConsumerConfig(
-                    name=f"watch-{os.urandom(8).hex()}",
-                    filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
-                    deliver_subject=inbox,
-                    deliver_policy=DeliverPolicy.NEW,
-                    ack_policy=AckPolicy.NONE,
-                    headers_only=True,
-                    inactive_threshold=_WATCH_INACTIVE,
-                    mem_storage=True,
-                    num_replicas=1,
-                ),
+            await self._op(
+                js.add_consumer(
+                    f"KV_{names.ASSIGNMENTS_BUCKET}",
+                    ConsumerConfig(
+                        name=names.watch_consumer(self._fleet, self._node, own=own),
+                        filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
+                        deliver_subject=inbox,
+                        deliver_policy=DeliverPolicy.NEW,
+                        ack_policy=AckPolicy.NONE,
+                        headers_only=True,
+                        inactive_threshold=_WATCH_INACTIVE,
+                        mem_storage=True,
+                        num_replicas=1,
+                    ),
+                )
             )
+        except js_errors.APIError as exc:
+            with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
+            log.warning("assignment_watch_refused", key=key, error=str(exc), note="polling instead")
+            return None
         except BaseException:
             with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_NATS_ERRORS):
                 await sub.unsubscribe()
@@ -274,13 +289,11 @@ class Refresher:
     async def check(self) -> RefreshResult | None:
         """Read the assignment now and install what it names if that is not current.
         Returns the outcome, or None when nothing was to be done. Needs the link online."""
-        js = self._link.js
-        kv = await self._op(js.key_value(names.ASSIGNMENTS_BUCKET))
-        return await self._check(js, kv)
+        return await self._check(self._link.js)
 
-    async def _check(self, js: JetStreamContext, kv: KeyValue) -> RefreshResult | None:
+    async def _check(self, js: JetStreamContext) -> RefreshResult | None:
         self.stats.checks += 1
-        assignment = await self._read(kv, self._node_key) or await self._read(kv, self._fleet_key)
+        assignment = await self._read(js, self._node_key) or await self._read(js, self._fleet_key)
         if assignment is None:
             return None
         if self._on_assigned is not None:
@@ -355,15 +368,12 @@ class Refresher:
         await self._report(NodeEvent.MODEL_REJECTED, refresh=result)
         return result
 
-    async def _read(self, kv: KeyValue, key: str) -> Assignment | None:
-        try:
-            entry = await self._op(kv.get(key))
-        except js_errors.NotFoundError:  # missing or deleted
-            return None
-        if entry.value is None:
+    async def _read(self, js: JetStreamContext, key: str) -> Assignment | None:
+        value = await self._op(kv_get_direct(js, names.ASSIGNMENTS_BUCKET, key))
+        if value is None:  # missing or deleted
             return None
         try:
-            a = decode_json(entry.value, Assignment)
+            a = decode_json(value, Assignment)
             names.validate_model_name(a.model)
             for variant in [a.variant] if a.variant is not None else a.variants:
                 names.validate_id(variant, "variant")
@@ -412,19 +422,17 @@ class Refresher:
     ) -> BundleIndex | None:
         """The bundle's small index; for a bundle pushed by an older registry, the index
         fields of its manifest (read whole: older registries wrote nothing smaller)."""
-        kv = await self._op(js.key_value(names.MODELS_MANIFEST_BUCKET))
         for key in (
             names.bundle_index_key(model, version, variant),
             names.manifest_key(model, version, variant),
         ):
-            try:
-                entry = await self._op(kv.get(key))
-            except js_errors.NotFoundError:
+            value = await self._op(kv_get_direct(js, names.MODELS_MANIFEST_BUCKET, key))
+            if value is None:
                 continue
             try:
                 if key.startswith("_"):
-                    return decode_json(entry.value or b"", BundleIndex)
-                m = decode_json(entry.value or b"", ModelManifest)
+                    return decode_json(value, BundleIndex)
+                m = decode_json(value, ModelManifest)
             except (msgspec.DecodeError, ValueError) as exc:
                 log.warning("index_undecodable", key=key, error=str(exc))
                 continue

@@ -16,6 +16,7 @@ nats-py → ours (``nats_errors``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,7 @@ from nats.js.kv import KeyValue
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound, WrongLastSequence
 
 __all__ = [
+    "DEFAULT_MAX_CONSUMERS",
     "ERR_STREAM_NAME_IN_USE",
     "ensure_kv",
     "ensure_object_store",
@@ -97,6 +99,36 @@ async def stream_info(js: JetStreamContext, name: str) -> js_api.StreamInfo | No
         return None
 
 
+#: Consumers a KV bucket's or object store's stream may hold unless told otherwise: the cloud's
+#: own watches and downloads need a few; node credentials create consumers only on the
+#: buckets ``shared.provision`` sizes for them (issue 13 fault 11).
+DEFAULT_MAX_CONSUMERS = 64
+
+
+def _kv_stream_config(
+    bucket: str, history: int, ttl: float | None, replicas: int, max_consumers: int
+) -> js_api.StreamConfig:
+    """The stream nats-py's ``create_key_value`` would make (nats-py 2.16), plus
+    ``allow_direct`` (reads by subject, ``kv_get_direct``) and a consumer bound, which its
+    ``KeyValueConfig`` cannot carry."""
+    return js_api.StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=js_api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, ttl) if ttl else 120.0,
+        max_age=ttl,
+        max_consumers=max_consumers,
+        max_msgs=-1,
+        max_msgs_per_subject=history,
+        num_replicas=replicas,
+        storage=js_api.StorageType.FILE,
+    )
+
+
 async def ensure_kv(
     js: JetStreamContext,
     bucket: str,
@@ -104,27 +136,26 @@ async def ensure_kv(
     history: int = 1,
     ttl: float | None = None,
     replicas: int = 1,
+    max_consumers: int = DEFAULT_MAX_CONSUMERS,
 ) -> KeyValue:
-    """The KV bucket, created (file storage) if missing; idempotent and safe against a
-    concurrent creator. An existing bucket is kept as it is: a history or TTL that differs
-    from what is asked is logged (``kv_config_differs``), never overwritten. Raises
-    ``NatsUnavailable`` or ``JetStreamRefused``."""
+    """The KV bucket, created (file storage, direct gets allowed, at most ``max_consumers``
+    consumers) if missing; idempotent and safe against a concurrent creator. An existing
+    bucket keeps its history and TTL (a difference is logged, ``kv_config_differs``); one
+    made by an older release without direct gets or without a consumer bound gets them
+    (``_tighten``). Raises ``NatsUnavailable`` or ``JetStreamRefused``."""
     url = url_of(js)
     have = await stream_info(js, f"KV_{bucket}")
     if have is None:
-        config = js_api.KeyValueConfig(
-            bucket=bucket, history=history, ttl=ttl, storage=js_api.StorageType.FILE, replicas=replicas
-        )
+        config = _kv_stream_config(bucket, history, ttl, replicas, max_consumers)
         try:
             with nats_errors("kv bucket", bucket, url):
-                kv = await js.create_key_value(config)
+                await js.add_stream(config)
         except JetStreamRefused as exc:
             if exc.code != ERR_STREAM_NAME_IN_USE:
                 raise
             log.info("kv_exists", bucket=bucket, note="created concurrently by someone else")
         else:
-            log.info("kv_created", bucket=bucket, history=history, ttl=ttl)
-            return kv
+            log.info("kv_created", bucket=bucket, history=history, ttl=ttl, max_consumers=max_consumers)
     else:
         differs: dict[str, dict[str, object]] = {}
         if have.config.max_msgs_per_subject != history:
@@ -135,15 +166,21 @@ async def ensure_kv(
             log.warning("kv_config_differs", bucket=bucket, differs=differs, action="kept")
         else:
             log.debug("kv_exists", bucket=bucket)
+        await _tighten(js, "kv bucket", bucket, have.config, max_consumers)
     with nats_errors("kv bucket", bucket, url):
         return await js.key_value(bucket)
 
 
-async def ensure_object_store(js: JetStreamContext, bucket: str, *, replicas: int = 1) -> None:
-    """The object store, created (file storage) if missing; idempotent, concurrent-safe.
+async def ensure_object_store(
+    js: JetStreamContext, bucket: str, *, replicas: int = 1, max_consumers: int = DEFAULT_MAX_CONSUMERS
+) -> None:
+    """The object store, created (file storage, at most ``max_consumers`` consumers) if
+    missing; idempotent, concurrent-safe; an existing one without a consumer bound gets it.
     Raises ``NatsUnavailable`` or ``JetStreamRefused``."""
-    if await stream_info(js, f"OBJ_{bucket}") is not None:
+    have = await stream_info(js, f"OBJ_{bucket}")
+    if have is not None:
         log.debug("object_store_exists", bucket=bucket)
+        await _tighten(js, "object store", bucket, have.config, max_consumers)
         return
     config = js_api.ObjectStoreConfig(storage=js_api.StorageType.FILE, replicas=replicas)
     try:
@@ -154,4 +191,34 @@ async def ensure_object_store(js: JetStreamContext, bucket: str, *, replicas: in
             raise
         log.info("object_store_exists", bucket=bucket, note="created concurrently")
         return
-    log.info("object_store_created", bucket=bucket)
+    # nats-py's ObjectStoreConfig cannot carry the bound: set it right after creation.
+    made = await stream_info(js, f"OBJ_{bucket}")
+    if made is not None:
+        await _tighten(js, "object store", bucket, made.config, max_consumers)
+    log.info("object_store_created", bucket=bucket, max_consumers=max_consumers)
+
+
+async def _tighten(
+    js: JetStreamContext,
+    kind: str,
+    name: str,
+    have: js_api.StreamConfig,
+    max_consumers: int,
+) -> None:
+    """Turn on direct gets and set a consumer bound on a bucket's stream that lacks them (made
+    by an older release or by nats-py's defaults). An operator's own bound is kept. A server
+    that refuses the change (older servers cannot change ``max_consumers``) is logged."""
+    changes: dict[str, Any] = {}
+    if not have.allow_direct:
+        changes["allow_direct"] = True
+    if max_consumers > 0 and (have.max_consumers is None or have.max_consumers <= 0):
+        changes["max_consumers"] = max_consumers
+    if not changes:
+        return
+    try:
+        with nats_errors(kind, name, url_of(js)):
+            await js.update_stream(dataclasses.replace(have, **changes))
+    except JetStreamRefused as exc:
+        log.warning("bucket_limits_not_set", bucket=name, limits=changes, error=str(exc))
+        return
+    log.info("bucket_limits_set", bucket=name, limits=changes)

@@ -11,18 +11,29 @@ purged, deleted ones too (their last entry is a delete marker): read a key to kn
 listed key (not at the watch's own "no more" marker), instead of one request per key.
 ``kv_get`` reads one key through the NATS boundary (``shared.jetstream.nats_errors``), None
 for a missing or deleted key.
+
+``kv_get_direct`` reads one key with a direct get BY SUBJECT (``$JS.API.DIRECT.GET.KV_<bucket>.
+$KV.<bucket>.<key>``, no request body), the only KV read node credentials allow: the key is in
+the subject, where permissions see it, so a node can read its own assignment and not another's
+(``STREAM.MSG.GET`` carries the key in the body; issue 13 fault 11). It needs no bind
+(``STREAM.INFO``) and does not depend on how nats-py judges the bucket.
 """
 
 from __future__ import annotations
 
 import anyio
 from nats.js import JetStreamContext
+from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from slmops.shared.errors import NotFound
 from slmops.shared.jetstream import nats_errors
 
-__all__ = ["kv_get", "kv_keys", "kv_values"]
+__all__ = ["kv_get", "kv_get_direct", "kv_keys", "kv_values"]
+
+#: KV operation header and the operations that mean "no value" (nats-py's ``KV_OP`` values).
+_KV_OP = "KV-Operation"
+_NO_VALUE = ("DEL", "PURGE")
 
 
 async def kv_get(
@@ -36,6 +47,21 @@ async def kv_get(
             return await kv.get(key)
     except NotFound:
         return None
+
+
+async def kv_get_direct(js: JetStreamContext, bucket: str, key: str) -> bytes | None:
+    """The current value of ``key`` in KV ``bucket``, or None when it was never written, was
+    deleted or purged. One direct get by subject (module docstring); the bucket's stream
+    must allow direct gets (``shared.jetstream.ensure_kv`` makes it so). Raises nats-py's
+    ``NoRespondersError`` when it does not (or the stream is missing), its ``TimeoutError``
+    (also what a permission refusal looks like) and its other request errors."""
+    try:
+        msg = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
+    except js_errors.NotFoundError:
+        return None
+    if (msg.headers or {}).get(_KV_OP) in _NO_VALUE:
+        return None
+    return msg.data or b""
 
 
 async def kv_keys(js: JetStreamContext, bucket: str, key_filter: str = ">") -> list[str]:

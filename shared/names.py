@@ -42,6 +42,8 @@ __all__ = [
     "telemetry_subject",
     "validate_id",
     "validate_model_name",
+    "watch_consumer",
+    "watch_inbox",
 ]
 
 TELEMETRY_STREAM = "SLMOPS_TELEMETRY"
@@ -169,6 +171,21 @@ def msg_id(node: str, seq: int, fleet: str | None = None, install: str = "") -> 
     if fleet is None:
         return f"{node}/{install}:{seq}" if install else f"{node}:{seq}"
     return f"{fleet}/{node}/{install}:{seq}" if install else f"{fleet}/{node}:{seq}"
+
+
+def watch_consumer(fleet: str, node: str, *, own: bool) -> str:
+    """The name of node ``node``'s consumer watching its own assignment key (``own``) or its
+    fleet's key, on ``KV_slmops_assignments``: ``w~<fleet>~<node>~own|fleet``. Node
+    credentials may create exactly these two consumers (deploy/nats), so one node holds at
+    most two there (issue 13 fault 11); ``~`` is in no id, so two fleets' names never meet."""
+    return f"w~{validate_id(fleet, 'fleet')}~{validate_id(node, 'node')}~{'own' if own else 'fleet'}"
+
+
+def watch_inbox(node: str, *, own: bool) -> str:
+    """The fixed subject the watch ``watch_consumer`` delivers to, under the node's inbox
+    prefix: a restarted node re-creates its watch with the same config (so the server keeps
+    the one it has) and listens there again."""
+    return f"{inbox_prefix(node)}.watch.{'own' if own else 'fleet'}"
 
 
 def inbox_prefix(node: str | None) -> str:

@@ -123,11 +123,19 @@ STREAMS: tuple[StreamSpec, ...] = (
     ),
 )
 
-#: KV buckets and their history depth.
-_KV_BUCKETS: tuple[tuple[str, int], ...] = (
-    (names.ASSIGNMENTS_BUCKET, 5),
-    (names.MODELS_MANIFEST_BUCKET, 1),
+#: KV buckets: history depth and consumer bound. Node credentials may create consumers only
+#: on ``slmops_assignments``, and only two each, named for the node (its own key's watch and
+#: the fleet key's; deploy/nats): the bound is two per node for fleets up to 4,000 nodes
+#: watching, plus the cloud's. A node refused a watch (the bound reached) still follows its
+#: assignment by polling (``edge.refresh``).
+_KV_BUCKETS: tuple[tuple[str, int, int], ...] = (
+    (names.ASSIGNMENTS_BUCKET, 5, 8192),
+    (names.MODELS_MANIFEST_BUCKET, 1, 64),
 )
+#: Consumers of the model object store: one per download in flight, fleet-wide (nodes and
+#: the cloud's recalibration loop). A download refused by the bound is retried with backoff
+#: (``download_failed``), so the bound caps concurrent downloads, not delivery.
+MODELS_MAX_CONSUMERS = 128
 
 
 async def ensure_resources(js: JetStreamContext, *, replicas: int = 1) -> None:
@@ -143,9 +151,9 @@ async def ensure_resources(js: JetStreamContext, *, replicas: int = 1) -> None:
         raise ValueError(f"replicas must be between 1 and {_MAX_REPLICAS}, got {replicas!r}")
     for spec in STREAMS:
         await _ensure_stream(js, spec, replicas)
-    for bucket, history in _KV_BUCKETS:
-        await _ensure_kv(js, bucket, history, replicas)
-    await _ensure_object_store(js, names.MODELS_BUCKET, replicas)
+    for bucket, history, max_consumers in _KV_BUCKETS:
+        await _ensure_kv(js, bucket, history, replicas, max_consumers)
+    await _ensure_object_store(js, names.MODELS_BUCKET, replicas, MODELS_MAX_CONSUMERS)
 
 
 def _stream_config(spec: StreamSpec, replicas: int) -> js_api.StreamConfig:
@@ -194,31 +202,27 @@ async def _tighten_stream(
     js: JetStreamContext, spec: StreamSpec, want: js_api.StreamConfig, have: js_api.StreamConfig
 ) -> None:
     """Give a stream that has no limit where slmops states one (a store written by the
-    previous release) that limit. ``max_consumers`` cannot change on an existing stream
-    (nats-server refuses), so it is only logged."""
+    previous release) that limit. A server that cannot change ``max_consumers`` on an
+    existing stream (before 2.10) refuses: the other limits are then set without it."""
     changes = {
         field: getattr(want, field)
         for field in _TIGHTEN
         if _same_limit(getattr(have, field), None) and not _same_limit(getattr(want, field), None)
     }
-    if "max_consumers" in changes:
-        log.warning(
-            "stream_without_consumer_limit",
-            stream=spec.name,
-            want=changes.pop("max_consumers"),
-            note="set at creation only; recreate the stream to bound its consumers",
-        )
     if not changes:
         return
     if "max_bytes" in changes and spec.discard == "new":
         changes["discard"] = want.discard
         changes["discard_new_per_subject"] = want.discard_new_per_subject
-    config = dataclasses.replace(have, **changes)
     try:
         with nats_errors("stream", spec.name, url_of(js)):
-            await js.update_stream(config)
+            await js.update_stream(dataclasses.replace(have, **changes))
     except JetStreamRefused as exc:
-        log.warning("stream_limits_not_set", stream=spec.name, limits=list(changes), error=str(exc))
+        if "max_consumers" not in changes:
+            log.warning("stream_limits_not_set", stream=spec.name, limits=list(changes), error=str(exc))
+            return
+        log.warning("stream_without_consumer_limit", stream=spec.name, error=str(exc))
+        await _tighten_stream(js, spec, dataclasses.replace(want, max_consumers=-1), have)
         return
     log.info("stream_limits_set", stream=spec.name, limits={k: _plain(v) for k, v in changes.items()})
 
@@ -264,14 +268,16 @@ def _refusal(kind: str, name: str) -> Iterator[None]:
         raise ProvisionError(kind, name, f"{exc.description} (err_code {exc.code})") from exc
 
 
-async def _ensure_kv(js: JetStreamContext, bucket: str, history: int, replicas: int) -> None:
+async def _ensure_kv(
+    js: JetStreamContext, bucket: str, history: int, replicas: int, max_consumers: int
+) -> None:
     with _refusal("kv bucket", bucket):
-        await ensure_kv(js, bucket, history=history, replicas=replicas)
+        await ensure_kv(js, bucket, history=history, replicas=replicas, max_consumers=max_consumers)
 
 
-async def _ensure_object_store(js: JetStreamContext, bucket: str, replicas: int) -> None:
+async def _ensure_object_store(js: JetStreamContext, bucket: str, replicas: int, max_consumers: int) -> None:
     with _refusal("object store", bucket):
-        await ensure_object_store(js, bucket, replicas=replicas)
+        await ensure_object_store(js, bucket, replicas=replicas, max_consumers=max_consumers)
 
 
 def _same_limit(have: object, want: object) -> bool:

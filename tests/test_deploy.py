@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import importlib.util
@@ -33,14 +34,13 @@ import nats.errors
 import pytest
 import yaml
 from nats.aio.client import Client as NATS
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from _nats import free_port, wait_until
 from slmops.shared import names
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
+from slmops.shared.kv import kv_get_direct
 from slmops.shared.objects import fetch_object
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import find_nats_server
@@ -176,25 +176,6 @@ class _Client:
         with anyio.fail_after(timeout):
             while not any(needle in e for e in self.errors):
                 await self._arrived.wait()
-
-
-async def _watch_own(nc: NATS, js: JetStreamContext, deliver: js_api.DeliverPolicy) -> Subscription:
-    """The node's watch of its own assignment key as edge/refresh.py makes it: a consumer
-    created through the filtered-subject API form, delivering to the node's own inbox."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await js.add_consumer(
-        f"KV_{names.ASSIGNMENTS_BUCKET}",
-        js_api.ConsumerConfig(
-            name="watch-own",
-            filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}",
-            deliver_subject=inbox,
-            deliver_policy=deliver,
-            ack_policy=js_api.AckPolicy.NONE,
-            inactive_threshold=30,
-        ),
-    )
-    return sub
 
 
 @asynccontextmanager
@@ -370,12 +351,34 @@ async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> 
         manifests = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
         assert (await manifests.get(names.manifest_key("other-model", 1, "fp32"))).value == b"manifest-1"
 
-        sub = await _watch_own(nc, nc.jetstream(), js_api.DeliverPolicy.NEW)
+        # The watch as edge/refresh.py makes it: the node's named consumer, created through the
+        # filtered-subject API form, delivering to its fixed watch inbox; asked twice (a
+        # restarted node) the server keeps the one it has.
+        sub = await nc.subscribe(names.watch_inbox(NODE, own=True))
+        for _ in range(2):
+            await nc.jetstream().add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", _watch_config(NODE, own=True))
         cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
         await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
-        assert (await sub.next_msg(timeout=5)).data == b"own-v2"
+        woken = await sub.next_msg(timeout=5)  # headers only: a wake-up, the value is read by kv_get_direct
+        assert woken.subject == f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}"
         await sub.unsubscribe()
         assert client.errors == []
+
+
+def _watch_config(node: str, *, own: bool, name: str | None = None, key_node: str | None = None) -> Any:
+    """The consumer config edge/refresh.py asks for (``name``/``key_node`` to try others)."""
+    key = names.assignment_key(FLEET, key_node or node) if own else names.assignment_key(FLEET)
+    return js_api.ConsumerConfig(
+        name=name or names.watch_consumer(FLEET, node, own=own),
+        filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
+        deliver_subject=names.watch_inbox(node, own=own),
+        deliver_policy=js_api.DeliverPolicy.NEW,
+        ack_policy=js_api.AckPolicy.NONE,
+        headers_only=True,
+        inactive_threshold=30,
+        mem_storage=True,
+        num_replicas=1,
+    )
 
 
 @pytest.mark.anyio
@@ -384,9 +387,11 @@ async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_fi
 ) -> None:
     """Issue 13 fault 11: a node could create any number of consumers on the assignments
     bucket (``$JS.API.CONSUMER.CREATE.<stream>`` carries the filter and the push target in
-    the body, where permissions cannot look). Now only the filtered-subject form for its own
-    two keys is allowed: nats-py's unfiltered watch and a consumer on another node's key are
-    refused (the edge reads values by direct gets by subject and watches through that form)."""
+    the body, where permissions cannot look), on any filter. Now only its two named watches
+    (filtered-subject form, own key and fleet key) and model-chunk downloads are allowed:
+    nats-py's unfiltered watch, another name on its own key, a consumer on another node's key,
+    and push consumers on any other subject (another node's telemetry, object metadata, the
+    drift stream) are refused."""
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
         js = nc.jetstream(timeout=1)
         kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
@@ -395,26 +400,33 @@ async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_fi
         await client.wait_error(
             f'permissions violation for publish to "$js.api.consumer.create.kv_{names.ASSIGNMENTS_BUCKET}"'
         )
-        with pytest.raises(nats.errors.TimeoutError):
-            await js.add_consumer(
-                f"KV_{names.ASSIGNMENTS_BUCKET}",
-                js_api.ConsumerConfig(
-                    name="peek",
-                    filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, OTHER)}",
-                    ack_policy=js_api.AckPolicy.NONE,
-                ),
-            )
-        await client.wait_error(".peek.$kv.")
-        own = await js.add_consumer(
-            f"KV_{names.ASSIGNMENTS_BUCKET}",
-            js_api.ConsumerConfig(
-                name="own",
-                filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET)}",
-                ack_policy=js_api.AckPolicy.NONE,
-                inactive_threshold=5,
+        stream = f"KV_{names.ASSIGNMENTS_BUCKET}"
+        refused = [
+            (stream, _watch_config(NODE, own=True, name="peek", key_node=OTHER), ".peek.$kv."),
+            (stream, _watch_config(NODE, own=True, name="spare"), ".spare.$kv."),
+            # Its own watch's name with another node's key.
+            (
+                stream,
+                _watch_config(NODE, own=True, key_node=OTHER),
+                f".$kv.{names.ASSIGNMENTS_BUCKET}.{FLEET}.{OTHER}",
             ),
+        ]
+        push = js_api.ConsumerConfig(
+            name="tap", deliver_subject=names.watch_inbox(NODE, own=True), ack_policy=js_api.AckPolicy.NONE
         )
-        assert own.name == "own"
+        for target_stream, subject in (
+            (names.TELEMETRY_STREAM, names.telemetry_subject(FLEET, OTHER)),
+            (names.DRIFT_STREAM, names.drift_subject(FLEET)),
+            ("OBJ_slmops_models", f"$O.{names.MODELS_BUCKET}.M.>"),
+        ):
+            refused.append((target_stream, dataclasses.replace(push, filter_subject=subject), ".tap."))
+        for target_stream, config, needle in refused:
+            with pytest.raises(nats.errors.TimeoutError):
+                await js.add_consumer(target_stream, config)
+            await client.wait_error(needle)
+        for own in (True, False):
+            made = await js.add_consumer(stream, _watch_config(NODE, own=own))
+            assert made.name == names.watch_consumer(FLEET, NODE, own=own)
         # Object store: chunk downloads only, through the same form (shared/objects.py).
         with pytest.raises(nats.errors.TimeoutError):
             await js.add_consumer(
@@ -423,6 +435,92 @@ async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_fi
         await client.wait_error(
             'permissions violation for publish to "$js.api.consumer.create.obj_slmops_models"'
         )
+    async with _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _):
+        made_names = {c.name for c in await cloud.jetstream().consumers_info(stream)}
+        assert made_names == {names.watch_consumer(FLEET, NODE, own=own) for own in (True, False)}
+        for target_stream in (names.TELEMETRY_STREAM, names.DRIFT_STREAM, "OBJ_slmops_models"):
+            assert await cloud.jetstream().consumers_info(target_stream) == []
+
+
+@pytest.mark.anyio
+async def test_single_node_cannot_create_the_200th_consumer(single: _Server) -> None:
+    """Issue 13 fault 11 found 200 of 200 consumer creations allowed to a node. Now: 200
+    never-expiring pull consumers on model chunks (the one form where a node picks the name)
+    stop at the model store's bound ``MODELS_MAX_CONSUMERS`` (the 200th is refused), 20 more
+    names for a watch of its own key are all refused by permission, and the account bounds
+    every consumer (deploy configs)."""
+    from slmops.shared.provision import MODELS_MAX_CONSUMERS
+
+    tries = 200
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        replies = f"{names.inbox_prefix(NODE)}.probe"
+        answers = await nc.subscribe(replies, max_msgs=tries)
+        for i in range(tries):  # never-expiring pull consumers on model chunks
+            config = js_api.ConsumerConfig(
+                name=f"c{i}",
+                filter_subject=f"$O.{names.MODELS_BUCKET}.C.x{i}",
+                ack_policy=js_api.AckPolicy.NONE,
+                inactive_threshold=3600,
+            )
+            body = json.dumps({"stream_name": "OBJ_slmops_models", "config": config.as_dict()}).encode()
+            subject = f"$JS.API.CONSUMER.CREATE.OBJ_slmops_models.c{i}.{config.filter_subject}"
+            await nc.publish(subject, body, reply=replies)
+        for i in range(20):  # watches of its own key under other names
+            config = _watch_config(NODE, own=True, name=f"w{i}")
+            stream = f"KV_{names.ASSIGNMENTS_BUCKET}"
+            body = json.dumps({"stream_name": stream, "config": config.as_dict()}).encode()
+            await nc.publish(f"$JS.API.CONSUMER.CREATE.{stream}.w{i}.{config.filter_subject}", body)
+        await nc.flush()
+        got: list[dict[str, Any]] = []
+        with anyio.fail_after(30):
+            async for msg in answers.messages:
+                got.append(json.loads(msg.data))
+        made = [a for a in got if "error" not in a]
+        limit = [a for a in got if "error" in a and "maximum consumers" in a["error"].get("description", "")]
+        assert len(made) == MODELS_MAX_CONSUMERS, got[-1]
+        assert len(limit) == tries - MODELS_MAX_CONSUMERS, got[-1]
+        assert "maximum consumers" in got[-1]["error"]["description"]  # the 200th
+        with anyio.fail_after(10):
+            while sum(".$kv." in e and ".w" in e for e in client.errors) < 20:
+                await client.wait_error(".w")
+    async with _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _):
+        js = cloud.jetstream()
+        assert await js.consumers_info(f"KV_{names.ASSIGNMENTS_BUCKET}") == []
+        assert len(await js.consumers_info("OBJ_slmops_models")) == MODELS_MAX_CONSUMERS
+        for stream, bound in (
+            (f"KV_{names.ASSIGNMENTS_BUCKET}", 8192),
+            (f"KV_{names.MODELS_MANIFEST_BUCKET}", 64),
+            ("OBJ_slmops_models", MODELS_MAX_CONSUMERS),
+        ):
+            assert (await js.stream_info(stream)).config.max_consumers == bound, stream
+        account = await js.account_info()
+        assert account.limits.max_consumers == 10_000
+
+
+@pytest.mark.anyio
+async def test_single_node_cannot_read_another_nodes_assignment(single: _Server) -> None:
+    """Issue 13 fault 11: ``STREAM.MSG.GET`` (what nats-py's KV get used on these buckets)
+    carries the key in the request body, so node credentials let it read any node's
+    assignment. Now a node reads by direct get by subject (``shared.kv.kv_get_direct``), its own key
+    and its fleet's only; MSG.GET and the body form of DIRECT.GET are refused."""
+    stream = f"KV_{names.ASSIGNMENTS_BUCKET}"
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        js = nc.jetstream(timeout=1)
+        assert (
+            await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, NODE)) == b"own-v1"
+        )
+        assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET)) == b"fleet-v1"
+        with pytest.raises(nats.errors.TimeoutError):
+            await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, OTHER))
+        await client.wait_error(f".$kv.{names.ASSIGNMENTS_BUCKET}.{FLEET}.{OTHER}")
+        other = f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, OTHER)}"
+        for subject in (f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}"):
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(subject, json.dumps({"last_by_subj": other}).encode(), timeout=1)
+            await client.wait_error(f'permissions violation for publish to "{subject.lower()}"')
+        with pytest.raises(nats.errors.TimeoutError):  # nats-py's own KV get
+            await (await js.key_value(names.ASSIGNMENTS_BUCKET)).get(names.assignment_key(FLEET, OTHER))
+        assert not any("other-v1" in e for e in client.errors)
 
 
 @pytest.mark.anyio
@@ -694,10 +792,23 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
         assert ack.seq == 1
         async with _connect(at_site, node=NODE) as (nc, client):
             js = nc.jetstream(timeout=2)
-            kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
-            assert (await kv.get(names.assignment_key(FLEET, NODE))).value == b"own-v1"
-            sub = await _watch_own(nc, js, js_api.DeliverPolicy.LAST_PER_SUBJECT)
-            assert (await sub.next_msg(timeout=5)).data == b"own-v1"
+            # Read and watch as edge/refresh.py does: a direct get by subject, the node's named
+            # watch (filtered-subject consumer form).
+            assert (
+                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, NODE))
+                == b"own-v1"
+            )
+            sub = await nc.subscribe(names.watch_inbox(NODE, own=True))
+            await js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", _watch_config(NODE, own=True))
+            async with _connect(hub.creds("cloud", CLOUD_PW)) as (cloud, _):
+                await (await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)).put(
+                    names.assignment_key(FLEET, NODE), b"own-v2"
+                )
+            assert (await sub.next_msg(timeout=5)).subject.endswith(names.assignment_key(FLEET, NODE))
+            assert (
+                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, NODE))
+                == b"own-v2"
+            )
             await sub.unsubscribe()
             out = io.BytesIO()
             with anyio.fail_after(30):
@@ -826,6 +937,9 @@ async def _exercise_edge(server: _Server, node: str, proc: subprocess.Popen[byte
         assert body["model"]["version"] == 1
         async with _connect(server.creds("cloud", CLOUD_PW)) as (nc, _):
             js = nc.jetstream()
+            # Its two named watches (issue 13 fault 11), nothing else on the bucket.
+            watches = {c.name for c in await js.consumers_info(f"KV_{names.ASSIGNMENTS_BUCKET}")}
+            assert watches == {names.watch_consumer(FLEET, node, own=own) for own in (True, False)}
             for subject in (names.telemetry_subject(FLEET, node), names.status_subject(FLEET, node)):
                 stream = names.TELEMETRY_STREAM if "telemetry" in subject else names.STATUS_STREAM
                 while True:

@@ -12,8 +12,10 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import structlog.testing
 from _bad_bundles import BAD_BUNDLES, resign
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from _edge_util import Keys, Statuses, edge_config
 from _models import make_bundle
@@ -320,3 +322,36 @@ async def test_a_version_the_node_blocked_is_not_fetched_again(
         assert node.refresher.stats.bytes_downloaded == 0
         await assign(js, fleet, model, 3)
         await wait_until(lambda: serving(node) == ModelRef(name=model, version=3), 20, what="v3")
+
+
+async def test_a_node_refused_its_watch_follows_its_assignment_by_polling(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    """Issue 13 fault 11: a node's two watch consumers have fixed names, and streams bound
+    their consumers; when the server refuses a watch (here: consumers of those names with
+    another config already there) the refresher does not end its session but reads its
+    assignment by direct gets, at start and every poll."""
+    for own in (True, False):
+        key = names.assignment_key(fleet, "n1") if own else names.assignment_key(fleet)
+        await js.add_consumer(
+            f"KV_{names.ASSIGNMENTS_BUCKET}",
+            ConsumerConfig(
+                name=names.watch_consumer(fleet, "n1", own=own),
+                filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
+                deliver_subject=f"elsewhere.{fleet}.{own}",
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=60,
+            ),
+        )
+    v4 = make_bundle(tmp_path / "v4", keys.key, version=4, name=model)
+    await Registry(js).push(v4, TrustStore([keys.key.public_key()]))
+    await assign(js, fleet, model, 4)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
+    with structlog.testing.capture_logs() as logs:
+        async with EdgeNode(cfg) as node:
+            await wait_until(
+                lambda: serving(node) == ModelRef(name=model, version=4), 20, what="v4 by polling"
+            )
+            assert node.refresher.stats.checks >= 1
+    refused = [e for e in logs if e["event"] == "assignment_watch_refused"]
+    assert len(refused) == 2, [e["event"] for e in logs]

@@ -49,19 +49,19 @@ _BLOCK = """\
         # the PubAck comes back on the node's inbox.
         "slmops.telemetry.{fleet}.{node}",
         "slmops.status.{fleet}.{node}",
-        # KV slmops_assignments, read-only: bind (stream info), get, watch.
+        # KV slmops_assignments: its own two keys only, by direct get by subject (the key
+        # is in the subject, where permissions see it). Bind (stream info) is for nodes of
+        # the previous release (it lists key names, never values).
         "$JS.API.STREAM.INFO.KV_slmops_assignments",
-        "$JS.API.STREAM.MSG.GET.KV_slmops_assignments",
-        # DIRECT.GET is what nats-py uses instead of MSG.GET once the bucket has allow_direct.
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}.{node}",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet",
-        # Watches of its two keys: consumers only through the filtered-subject form (the
-        # filter is in the subject, so permissions see it); no unfiltered CONSUMER.CREATE.
-        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.*.$KV.slmops_assignments.{fleet}.{node}",
-        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.*.$KV.slmops_assignments.{fleet}._fleet",
+        # Watches of its two keys: two consumers, each of one fixed name and one filter, only
+        # through the filtered-subject form (name and filter are in the subject, where
+        # permissions see them): the node cannot make a third, nor one on any other key.
+        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~own.$KV.slmops_assignments.{fleet}.{node}",
+        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~fleet.$KV.slmops_assignments.{fleet}._fleet",
         # KV slmops_manifests, read-only.
         "$JS.API.STREAM.INFO.KV_slmops_manifests",
-        "$JS.API.STREAM.MSG.GET.KV_slmops_manifests",
         "$JS.API.DIRECT.GET.KV_slmops_manifests.>",
         # Object store slmops_models, read-only: bind, object info, chunk download.
         "$JS.API.STREAM.INFO.OBJ_slmops_models",
