@@ -84,7 +84,7 @@ from slmops.shared.objects import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.shared.variants import choose_variant
 from slmops.shared.vocabulary import RETRYABLE_CODES, NodeEvent
 
-__all__ = ["RETRYABLE", "RefreshStatistics", "Refresher"]
+__all__ = ["RETRYABLE", "RefreshStatistics", "Refresher", "watch_config"]
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +122,20 @@ class RefreshStatistics:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def watch_config(fleet: str, node: str, *, own: bool) -> ConsumerConfig:
+    """The consumer a node's assignment watch asks for (``Refresher._watch``): named
+    ``names.watch_consumer``, one filter (its own key, or its fleet's), headers only to
+    ``names.watch_inbox``, new values only, in memory, gone ``_WATCH_INACTIVE`` s after its
+    node left. The same every time, so a restarted node gets the consumer it had."""
+    key = names.assignment_key(fleet, node if own else None)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE, headers_only=True)
+    config.name = names.watch_consumer(fleet, node, own=own)
+    config.filter_subject = f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}"
+    config.deliver_subject = names.watch_inbox(node, own=own)
+    config.inactive_threshold, config.mem_storage, config.num_replicas = _WATCH_INACTIVE, True, 1
+    return config
 
 
 class Refresher:
@@ -250,22 +264,8 @@ class Refresher:
 
         sub = await nc.subscribe(inbox, cb=wake)
         try:
-            await self._op(
-                js.add_consumer(
-                    f"KV_{names.ASSIGNMENTS_BUCKET}",
-                    ConsumerConfig(
-                        name=names.watch_consumer(self._fleet, self._node, own=own),
-                        filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
-                        deliver_subject=inbox,
-                        deliver_policy=DeliverPolicy.NEW,
-                        ack_policy=AckPolicy.NONE,
-                        headers_only=True,
-                        inactive_threshold=_WATCH_INACTIVE,
-                        mem_storage=True,
-                        num_replicas=1,
-                    ),
-                )
-            )
+            config = watch_config(self._fleet, self._node, own=own)
+            await self._op(js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", config))
         except js_errors.APIError as exc:
             with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_NATS_ERRORS):
                 await sub.unsubscribe()

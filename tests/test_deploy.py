@@ -37,6 +37,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from _nats import free_port, wait_until
+from slmops.edge.refresh import watch_config
 from slmops.shared import names
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
@@ -367,18 +368,12 @@ async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> 
 
 def _watch_config(node: str, *, own: bool, name: str | None = None, key_node: str | None = None) -> Any:
     """The consumer config edge/refresh.py asks for (``name``/``key_node`` to try others)."""
-    key = names.assignment_key(FLEET, key_node or node) if own else names.assignment_key(FLEET)
-    return js_api.ConsumerConfig(
-        name=name or names.watch_consumer(FLEET, node, own=own),
-        filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
-        deliver_subject=names.watch_inbox(node, own=own),
-        deliver_policy=js_api.DeliverPolicy.NEW,
-        ack_policy=js_api.AckPolicy.NONE,
-        headers_only=True,
-        inactive_threshold=30,
-        mem_storage=True,
-        num_replicas=1,
-    )
+    config = watch_config(FLEET, node, own=own)
+    if name is not None:
+        config.name = name
+    if key_node is not None:
+        config.filter_subject = f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, key_node)}"
+    return config
 
 
 @pytest.mark.anyio
