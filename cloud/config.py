@@ -104,6 +104,10 @@ class CloudConfig(Config, kw_only=True):
     #: Out-of-order seqs kept per node above the contiguous mark before the oldest gap is
     #: declared lost (bounds memory when a node never resends a seq).
     max_pending_seqs: int = 4096
+    #: A seq more than this above its install's highest applied one is quarantined (dead-
+    #: lettered as ``seq_jump``, not counted as missing; ``ingest/dedupe.py``). The default is
+    #: the telemetry stream's per-node message cap: no more of a node's aggregates can wait.
+    max_seq_jump: int = 100_000
     #: How far (seconds) a node's window may end after the server time of its message
     #: (node clocks run ahead); beyond it the aggregate is dead-lettered (``ingest/checks``).
     max_clock_skew: float = 600.0
@@ -167,5 +171,7 @@ class CloudConfig(Config, kw_only=True):
                 raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
         if self.lease_ttl < 1:
             raise ValueError(f"lease_ttl must be >= 1 s (KV TTL granularity), got {self.lease_ttl!r}")
+        if self.max_seq_jump < 1:
+            raise ValueError(f"max_seq_jump must be >= 1, got {self.max_seq_jump!r}")
         if self.max_pending_seqs < 16:
             raise ValueError(f"max_pending_seqs must be >= 16, got {self.max_pending_seqs!r}")

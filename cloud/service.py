@@ -276,6 +276,7 @@ class CloudService:
                 snapshots,
                 clock=self._clock,
                 max_pending_seqs=cfg.max_pending_seqs,
+                max_seq_jump=cfg.max_seq_jump,
                 fence=fence,
             )
             ingest = self._consumer(

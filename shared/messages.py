@@ -463,7 +463,8 @@ class OpsEvent(Wire, kw_only=True):
     "install_conflict" (two installs live on one node id), "cloned_device" (the same install
     and seq arrived with different content), "signal_quarantined" (a detector unit's state broke
     a test; ingest goes on, the unit is rebuilt later), "unregistered_model" (aggregates of a
-    model the registry does not know: counted, not drift-tested)."""
+    model the registry does not know: counted, not drift-tested), "seq_jump" (an aggregate's seq
+    beyond ``max_seq_jump`` above its install's highest: dead-lettered, not counted as missing)."""
 
     v: int = SCHEMA_VERSION
     id: str

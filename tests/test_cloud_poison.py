@@ -455,3 +455,98 @@ def test_rollout_node_view_judges_liveness_and_order_by_server_time() -> None:
     late = NodeStatus(fleet="f", node="x", time=now + timedelta(hours=7), served=0)
     view.observe(late, now.timestamp() - 60)  # stored before the last one: a redelivery
     assert view.live("f", now.timestamp())["x"].served == 2
+
+
+async def test_a_seq_jump_is_quarantined_not_counted_as_missing(
+    nats_server: EmbeddedServer, nc: NATS, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """A node forging seq 10^12 on its own subject left 10^12 "missing" seqs in the cloud for
+    good (the tracker waited for every seq below it). Now (``ingest/dedupe.py``): a seq more
+    than ``max_seq_jump`` (100,000) above the install's highest applied seq is dead-lettered as
+    ``seq_jump`` and reported (ops event), not applied, no hole; node ``a``'s later windows are
+    counted as before. Node ``b`` really moved on (its telemetry aged out of the stream while
+    the cloud was away): three jumps in a row re-base it, only the two quarantined seqs are
+    holes. Node ``f`` is first seen at seq 500,000: the seqs below are skipped, not missing."""
+    from slmops.cloud.ingest.query import fleet_status
+
+    fleet = new_fleet()
+    rng = np.random.default_rng(9)
+    await put_manifest(js, make_manifest())
+    now = datetime.now(UTC)
+    inst = _install(7)
+
+    def agg(node: str, seq: int, minute: int) -> TelemetryAggregate:
+        a = make_aggregate(fleet, node, 1, 10, rng)
+        start = now - timedelta(minutes=100 - minute)
+        return msgspec.structs.replace(
+            a, seq=seq, install=inst, window_start=start, window_end=start + timedelta(minutes=1)
+        )
+
+    plan = [("a", seq, seq) for seq in range(1, 11)] + [("a", 10**12, 11)]
+    plan += [("a", seq, seq + 1) for seq in range(11, 21)]
+    plan += [("b", seq, seq) for seq in range(1, 6)] + [("b", 200_000 + i, 6 + i) for i in range(1, 11)]
+    plan += [("f", 500_000 + i, i) for i in range(5)]
+    async with CloudService(default_config(nats_server.url, tmp_path, [fleet])) as svc:
+        await svc.wait_active(30)
+        for node, seq, minute in plan:
+            a = agg(node, seq, minute)
+            await js.publish(
+                telemetry_subject(fleet, node),
+                encode_telemetry(a),
+                headers={"Nats-Msg-Id": f"{fleet}/{node}/{inst}:{seq}"},
+            )
+        counted = 20 + 5 + 8 + 5
+        await wait_until(
+            lambda: svc.statistics().counters.get("aggregates", 0) >= counted, 30, what="all counted"
+        )
+        await wait_until(lambda: svc.statistics().counters.get("seq_jumps", 0) >= 3, 20, what="jumps")
+        await anyio.sleep(2.5)  # the snapshot interval (1 s), twice
+        stats = svc.statistics().counters
+        snaps = {n.node: n for n in await fleet_status(js._nc, fleet)}
+    assert stats["aggregates"] == counted
+    assert stats["seq_jumps"] == 3
+    assert snaps["a"].aggregates == 20
+    assert snaps["a"].missing_seqs == 0
+    assert snaps["b"].aggregates == 5 + 8
+    assert snaps["b"].missing_seqs == 2  # 200,001 and 200,002: in the dead-letter stream
+    assert snaps["f"].aggregates == 5
+    assert snaps["f"].missing_seqs == 0
+    reasons = list((await deadletters(js, fleet)).values())
+    assert len(reasons) == 3
+    assert all(r.startswith("seq_jump: seq ") and "max_seq_jump (100000)" in r for r in reasons)
+    assert any("seq 1000000000000 " in r and "highest applied seq 10 " in r for r in reasons)
+    jumps = sorted(e.node or "" for e in await ops_events(js, fleet) if e.kind == "seq_jump")
+    assert jumps == ["a", "b"]
+
+
+def test_seq_tracker_jump_rule() -> None:
+    """``SeqTracker.jump`` unit cases: the bound, first sight, confirmation, and an applied
+    seq between two jumps resetting the confirmation."""
+    from slmops.cloud.ingest.dedupe import JUMP_CONFIRM, SeqTracker
+
+    t = SeqTracker()
+    assert not t.jump(5, 100)  # within the bound of a fresh tracker
+    t.admit(5)
+    assert t.missing == 4
+    assert not t.jump(105, 100)  # exactly the bound
+    assert t.jump(106, 100)
+    assert t.missing == 4  # a quarantined jump opens no hole
+    fresh = SeqTracker()
+    assert not fresh.jump(10**12, 100)  # first sight: re-based, nothing missing
+    fresh.admit(10**12)
+    assert (fresh.missing, fresh.skipped) == (0, 10**12 - 1)
+    assert fresh.jump(10**12 + 10**6, 100)
+    u = SeqTracker()
+    for seq in (1, 2, 3):
+        u.admit(seq)
+    for k in range(JUMP_CONFIRM - 1):  # a forger's jumps, interleaved with real seqs
+        assert u.jump(10**9 + k, 100)
+        u.admit(4 + k)
+    assert u.jump(10**9 + 5, 100)  # the chain was reset by the applied seqs
+    c = SeqTracker()
+    c.admit(1)
+    assert c.jump(1000, 100)
+    assert c.jump(1001, 100)
+    assert not c.jump(1003, 100)  # the third in a row: re-based below 1000
+    c.admit(1003)
+    assert (c.contiguous, c.missing, c.skipped) == (999, 3, 998)  # 1000-1002 are holes

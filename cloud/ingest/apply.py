@@ -85,6 +85,7 @@ class Applier:
         *,
         clock: Callable[[], datetime],
         max_pending_seqs: int = 4096,
+        max_seq_jump: int = 100_000,
         fence: Callable[[], None] = lambda: None,
         manifest_source: Callable[[JetStreamContext, ModelRef], Awaitable[ModelManifest | None]] = (
             fetch_manifest
@@ -98,6 +99,9 @@ class Applier:
         self.snapshots = snapshots
         self._clock = clock
         self._max_pending = max_pending_seqs
+        self._max_seq_jump = max_seq_jump
+        #: (fleet, node, install) whose seq jump this instance reported (one event each).
+        self._jumps_reported: set[tuple[str, str, str]] = set()
         self._fence = fence
         self._manifest_source = manifest_source
         self.lock = anyio.Lock()
@@ -241,6 +245,41 @@ class Applier:
             )
         )
 
+    def _seq_jump(
+        self,
+        node: NodeState,
+        agg: TelemetryAggregate,
+        high: int,
+        at: datetime,
+        ops: list[tuple[str, str, bytes]],
+    ) -> str:
+        """Count a quarantined seq jump (``SeqTracker.jump``), report the first of each
+        (node, install) seen by this instance as an ops event; return the dead-letter reason."""
+        node.seq_jumps += 1
+        self._count("seq_jumps")
+        install = agg.install or "legacy"
+        reason = (
+            f"seq_jump: seq {agg.seq} is more than max_seq_jump ({self._max_seq_jump}) above the highest "
+            f"applied seq {high} of install {install}: quarantined, not counted, not missing"
+        )
+        key = (agg.fleet, agg.node, agg.install)
+        if key not in self._jumps_reported:
+            if len(self._jumps_reported) >= _MANIFEST_CACHE:
+                self._jumps_reported.clear()
+            self._jumps_reported.add(key)
+            ops.append(
+                self._ops_event(
+                    agg.fleet,
+                    "seq_jump",
+                    f"{agg.node}.{install}",
+                    at,
+                    node=agg.node,
+                    install=agg.install,
+                    detail=reason,
+                )
+            )
+        return reason
+
     async def apply_aggregates(
         self,
         js: JetStreamContext,
@@ -275,6 +314,10 @@ class Applier:
                     node.duplicates += 1
                     self._count("duplicates")
                     self._check_clone(node, epoch, agg, digest, at, ops)
+                    continue
+                high = epoch.seqs.high
+                if epoch.seqs.jump(agg.seq, self._max_seq_jump):
+                    rejected.append((i, self._seq_jump(node, agg, high, at, ops)))
                     continue
                 manifest = manifests[(agg.model.name, agg.model.version, agg.model.variant)]
                 try:

@@ -13,6 +13,20 @@ declared lost (``abandoned``) and ``contiguous`` jumps over it; an aggregate tha
 for an abandoned seq afterwards cannot be told from a duplicate and is counted as ``too_late``
 rather than applied. With the default bound of 4096 this needs a node to resend a window after
 4096 later ones were applied.
+
+Seq jumps are bounded (``jump``, issue 13): a node numbers its aggregates one by one, and at
+most ``max_jump`` of them (the telemetry stream's per-node message cap, 100,000) can wait in
+the stream unapplied, so a seq more than ``max_jump`` above the highest applied one is not
+traffic in flight. It is quarantined: the caller dead-letters it and reports it; it is not
+applied and opens no hole (a forged seq of 10^12 no longer leaves 10^12 "missing" for good).
+Two cases are not jumps: the first seq of a fresh tracker (the cloud may see a node first long
+after its install started, e.g. after losing its state: the seqs below are ``skipped``, never
+missing), and a confirmed jump — ``JUMP_CONFIRM`` quarantined seqs in a row, each above the
+last and within ``max_jump`` of it, with no applied seq between them (the node really moved
+on, e.g. its telemetry aged out of the stream while the cloud was down longer than the
+stream keeps it): the tracker re-bases below the first of them, the holes it had become
+``abandoned``, the seqs jumped over ``skipped``, and the quarantined ones (in the dead-letter
+stream) are the only new holes.
 """
 
 from __future__ import annotations
@@ -22,7 +36,10 @@ from enum import Enum
 
 import msgspec
 
-__all__ = ["Admit", "SeqTracker"]
+__all__ = ["JUMP_CONFIRM", "Admit", "SeqTracker"]
+
+#: Quarantined jumps in a row (each above the last, within the bound) that re-base a tracker.
+JUMP_CONFIRM = 3
 
 
 class Admit(Enum):
@@ -40,6 +57,11 @@ class SeqTracker(msgspec.Struct, kw_only=True):
     abandoned: int = 0
     #: Times a seq arrived beyond ``high + 1`` (a new gap opened).
     gaps_opened: int = 0
+    #: Quarantined jump seqs in a row (``jump``), oldest first; emptied by an applied seq.
+    jumps: list[int] = []
+    #: Seqs never expected: below a fresh tracker's first seq, or jumped over by a confirmed
+    #: jump (not missing, not counted).
+    skipped: int = 0
 
     @property
     def high(self) -> int:
@@ -63,6 +85,7 @@ class SeqTracker(msgspec.Struct, kw_only=True):
             raise ValueError(f"seq must be an int >= 1, got {seq!r}")
         if self.seen(seq):
             return Admit.DUPLICATE
+        self.jumps = []
         high = self.high
         kind = Admit.LATE if seq < high else Admit.NEW
         if seq > high + 1:
@@ -86,6 +109,32 @@ class SeqTracker(msgspec.Struct, kw_only=True):
                 while self.pending and self.pending[0] == self.contiguous + 1:
                     self.contiguous = self.pending.pop(0)
         return kind
+
+    def jump(self, seq: int, max_jump: int) -> bool:
+        """True when ``seq`` is a jump to quarantine: more than ``max_jump`` above the highest
+        applied seq, not the first seq of a fresh tracker, not a confirmed jump (module
+        docstring). A fresh tracker's first seq above ``max_jump``, or a confirmed jump,
+        re-bases the tracker (``skipped``) and returns False: ``admit`` it next. Call only
+        for a seq not ``seen``."""
+        high = self.high
+        if seq <= high + max_jump:
+            return False
+        if high == 0 and not self.abandoned and not self.skipped:  # first sight of this install
+            self.skipped += seq - 1
+            self.contiguous = seq - 1
+            return False
+        if self.jumps and self.jumps[-1] < seq <= self.jumps[-1] + max_jump:
+            self.jumps.append(seq)
+        else:
+            self.jumps = [seq]
+        if len(self.jumps) < JUMP_CONFIRM:
+            return True
+        first = self.jumps[0]
+        self.abandoned += self.missing
+        self.skipped += first - 1 - high
+        self.contiguous, self.pending = first - 1, []
+        self.jumps = []
+        return False
 
     def missing_ranges(self, limit: int = 20) -> list[tuple[int, int]]:
         """Up to ``limit`` holes as inclusive ``(first, last)`` seq ranges, oldest first."""

@@ -103,6 +103,8 @@ class NodeState(msgspec.Struct, kw_only=True):
     conflicts: list[str] = []
     #: Aggregates that repeated an applied (install, seq) with other content.
     clones: int = 0
+    #: Aggregates quarantined as seq jumps (``SeqTracker.jump``): dead-lettered, not counted.
+    seq_jumps: int = 0
     #: Server time of the latest status report and the node's clock minus it (seconds).
     status_stored: datetime | None = None
     clock_skew: float | None = None
