@@ -52,6 +52,7 @@ NATS_DIR = DEPLOY / "nats"
 CONFS = sorted(NATS_DIR.rglob("*.conf"))
 
 FLEET, NODE, OTHER = "shop", "till-001", "till-002"
+OWN_KEY = names.assignment_key(FLEET, NODE)
 CLOUD_PW = "EXAMPLE-cloud-password-CHANGE-ME"
 NODE_PW = "EXAMPLE-node-till-001-password-CHANGE-ME"
 BCRYPT_NODE_PW = "EXAMPLE-node-till-002-password-CHANGE-ME"
@@ -507,7 +508,7 @@ async def test_single_node_cannot_read_another_nodes_assignment(single: _Server)
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
         js = nc.jetstream(timeout=1)
         assert (
-            await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, NODE)) == b"own-v1"
+            await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY) == b"own-v1"
         )
         assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET)) == b"fleet-v1"
         with pytest.raises(nats.errors.TimeoutError):
@@ -795,7 +796,7 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
             # Read and watch as edge/refresh.py does: a direct get by subject, the node's named
             # watch (filtered-subject consumer form).
             assert (
-                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, NODE))
+                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY)
                 == b"own-v1"
             )
             sub = await nc.subscribe(names.watch_inbox(NODE, own=True))
@@ -806,7 +807,7 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
                 )
             assert (await sub.next_msg(timeout=5)).subject.endswith(names.assignment_key(FLEET, NODE))
             assert (
-                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, NODE))
+                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY)
                 == b"own-v2"
             )
             await sub.unsubscribe()
