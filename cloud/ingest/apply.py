@@ -226,24 +226,32 @@ class Applier:
             return
         node.clones += 1
         self._count("clones")
-        key = (agg.fleet, agg.node, agg.install)
-        if key in self._clones_reported:
-            return  # counted; one event per (node, install) per instance is enough
-        if len(self._clones_reported) >= _MANIFEST_CACHE:
-            self._clones_reported.clear()
-        self._clones_reported.add(key)
-        ops.append(
-            self._ops_event(
-                agg.fleet,
-                "cloned_device",
-                f"{agg.node}.{agg.install or 'legacy'}",
-                stored,
-                node=agg.node,
-                install=agg.install,
-                detail=f"seq {agg.seq} of install {agg.install or 'legacy'} arrived again with other "
-                "content: a copied data directory (cloned device)?",
-            )
+        detail = (
+            f"seq {agg.seq} of install {agg.install or 'legacy'} arrived again with other "
+            "content: a copied data directory (cloned device)?"
         )
+        self._report_once(self._clones_reported, agg, "cloned_device", stored, detail, ops)
+
+    def _report_once(
+        self,
+        reported: set[tuple[str, str, str]],
+        agg: TelemetryAggregate,
+        kind: str,
+        at: datetime,
+        detail: str,
+        ops: list[tuple[str, str, bytes]],
+    ) -> None:
+        """An ops event of ``kind`` about ``agg``'s (node, install), unless this instance
+        reported one already (``reported``, bounded): counted each time, reported once."""
+        key = (agg.fleet, agg.node, agg.install)
+        if key in reported:
+            return
+        if len(reported) >= _MANIFEST_CACHE:
+            reported.clear()
+        reported.add(key)
+        ident = f"{agg.node}.{agg.install or 'legacy'}"
+        event = self._ops_event(agg.fleet, kind, ident, at, node=agg.node, install=agg.install, detail=detail)
+        ops.append(event)
 
     def _seq_jump(
         self,
@@ -262,22 +270,7 @@ class Applier:
             f"seq_jump: seq {agg.seq} is more than max_seq_jump ({self._max_seq_jump}) above the highest "
             f"applied seq {high} of install {install}: quarantined, not counted, not missing"
         )
-        key = (agg.fleet, agg.node, agg.install)
-        if key not in self._jumps_reported:
-            if len(self._jumps_reported) >= _MANIFEST_CACHE:
-                self._jumps_reported.clear()
-            self._jumps_reported.add(key)
-            ops.append(
-                self._ops_event(
-                    agg.fleet,
-                    "seq_jump",
-                    f"{agg.node}.{install}",
-                    at,
-                    node=agg.node,
-                    install=agg.install,
-                    detail=reason,
-                )
-            )
+        self._report_once(self._jumps_reported, agg, "seq_jump", at, reason, ops)
         return reason
 
     async def apply_aggregates(
