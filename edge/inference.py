@@ -152,7 +152,7 @@ class Batcher:
         if not all(out.ok):  # the queued path reports it too (rows, error per request)
             return None
         spec = active.manifest.out_of_scope
-        signs = oos_flags(texts, out.confidence, spec) if spec is not None else None
+        signs = oos_flags(texts, out.confidence, spec, out.unknown) if spec is not None else None
         commit = await self.buffer.append(self._rows(active, out, frozenset(), signs))
         return Result(out.classes, out.confidence, active, commit, out.vectors)
 
@@ -327,7 +327,7 @@ class Batcher:
                 model_version=active.ref.version,
             )
         spec = active.manifest.out_of_scope
-        signs = oos_flags(texts, out.confidence, spec) if spec is not None else None
+        signs = oos_flags(texts, out.confidence, spec, out.unknown) if spec is not None else None
         commit = await self.buffer.append(self._rows(active, out, failed, signs))
         if len(batch) == 1 and not failed:
             batch[0].result = Result(out.classes, out.confidence, active, commit, out.vectors)
@@ -360,6 +360,8 @@ class _Output(NamedTuple):
     #: Embedding models: the normalised vectors [n, dim] and their norms before normalisation.
     vectors: npt.NDArray[np.float32] | None = None
     norms: npt.NDArray[np.float32] | None = None
+    #: Tokenizer models: unknown tokens per text (``shared.runtime.Outputs.unknown``).
+    unknown: list[int] | None = None
 
 
 def _run(session: Session, texts: list[str]) -> _Output:
@@ -370,8 +372,10 @@ def _run(session: Session, texts: list[str]) -> _Output:
     seconds = time.perf_counter() - t0
     if session.task == "embedding":
         n = len(texts)
-        return _Output([0] * n, [0.0] * n, out.lengths, seconds, out.ok.tolist(), out.values, out.norms)
+        return _Output(
+            [0] * n, [0.0] * n, out.lengths, seconds, out.ok.tolist(), out.values, out.norms, out.unknown
+        )
     probs = out.values
     idx = probs.argmax(axis=1)
     conf = probs[np.arange(len(idx)), idx]
-    return _Output(idx.tolist(), conf.tolist(), out.lengths, seconds, out.ok.tolist())
+    return _Output(idx.tolist(), conf.tolist(), out.lengths, seconds, out.ok.tolist(), unknown=out.unknown)

@@ -85,14 +85,18 @@ def featurize(texts: Sequence[str], pp: Preprocessing) -> Features:
 
 
 class TokenRows:
-    """Unpadded token ids (and type ids) of a batch of texts."""
+    """Unpadded token ids (and type ids) of a batch of texts; ``unknown``: per text, how many
+    of its tokens are the tokenizer's unknown token (``[UNK]``), [] when it has none."""
 
-    __slots__ = ("ids", "lengths", "types")
+    __slots__ = ("ids", "lengths", "types", "unknown")
 
-    def __init__(self, ids: list[list[int]], types: list[list[int]]) -> None:
+    def __init__(
+        self, ids: list[list[int]], types: list[list[int]], unknown: list[int] | None = None
+    ) -> None:
         self.ids = ids
         self.types = types
         self.lengths = [len(r) for r in ids]
+        self.unknown = unknown if unknown is not None else []
 
 
 class TokenizerFeaturizer:
@@ -116,6 +120,10 @@ class TokenizerFeaturizer:
         if not isinstance(pad, int):
             pad = tok.token_to_id("[PAD]")
         self.pad_id = pad if isinstance(pad, int) else 0
+        #: The id of the model's unknown token (WordPiece/BPE/Unigram name one; None: none).
+        unk = getattr(tok.model, "unk_token", None)
+        unk_id = tok.token_to_id(unk) if isinstance(unk, str) else None
+        self.unk_id: int | None = unk_id if isinstance(unk_id, int) else None
         tok.no_padding()
         tok.enable_truncation(max_length=pp.max_tokens)
         self._tok = tok
@@ -124,7 +132,10 @@ class TokenizerFeaturizer:
 
     def encode(self, texts: Sequence[str]) -> TokenRows:
         encs = self._tok.encode_batch(list(texts), add_special_tokens=True)
-        return TokenRows([e.ids for e in encs], [e.type_ids for e in encs])
+        ids = [e.ids for e in encs]
+        unk = self.unk_id
+        unknown = [r.count(unk) for r in ids] if unk is not None else None
+        return TokenRows(ids, [e.type_ids for e in encs], unknown)
 
     def feeds(self, rows: TokenRows, index: Sequence[int]) -> dict[str, npt.NDArray[np.generic]]:
         """Graph feeds for rows ``index`` of ``rows``, padded to their longest (at least 1)."""

@@ -70,9 +70,10 @@ class Outputs:
     """One batch's results, in input order: ``values`` float32 [n, k] (probabilities, or
     L2-normalised embeddings), ``ok`` bool [n] (False: the model gave a non-finite value for
     that text), ``lengths`` (input length per text, in tokens or n-gram tokens) and, for
-    embeddings, ``norms`` [n] before normalisation."""
+    embeddings, ``norms`` [n] before normalisation; ``unknown``: for tokenizer models whose
+    tokenizer has an unknown token, how many of each text's tokens are it (None otherwise)."""
 
-    __slots__ = ("lengths", "norms", "ok", "values")
+    __slots__ = ("lengths", "norms", "ok", "unknown", "values")
 
     def __init__(
         self,
@@ -80,11 +81,13 @@ class Outputs:
         ok: npt.NDArray[np.bool_],
         lengths: list[int],
         norms: npt.NDArray[np.float32] | None = None,
+        unknown: list[int] | None = None,
     ) -> None:
         self.values = values
         self.ok = ok
         self.lengths = lengths
         self.norms = norms
+        self.unknown = unknown
 
 
 def _softmax(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -153,10 +156,10 @@ class Session:
             raise ValueError(f"output {self.output_name!r} has shape {list(arr.shape)}, expected [batch, k]")
         return arr
 
-    def _raw(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[int]]:
+    def _raw(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[int], list[int] | None]:
         if self.tokenizer is None:
             feats = featurize(texts, self.manifest.preprocessing)
-            return self._graph(feats.feeds()), feats.lengths
+            return self._graph(feats.feeds()), feats.lengths, None
         rows = self.tokenizer.encode(texts)
         parts: list[tuple[list[int], npt.NDArray[np.float32]]] = []
         for group in _length_groups(rows.lengths):
@@ -165,11 +168,11 @@ class Session:
         out = np.empty((len(texts), width), dtype=np.float32)
         for group, values in parts:
             out[group] = values
-        return out, rows.lengths
+        return out, rows.lengths, rows.unknown if self.tokenizer.unk_id is not None else None
 
     def run(self, texts: Sequence[str]) -> Outputs:
         """Run ``texts`` (any number) and bind the output as the manifest says."""
-        raw, lengths = self._raw(texts)
+        raw, lengths, unknown = self._raw(texts)
         with np.errstate(all="ignore"):
             if self.kind == "logits":
                 values = _softmax(raw)
@@ -182,7 +185,7 @@ class Session:
             ok: npt.NDArray[np.bool_] = np.asarray(
                 np.isfinite(values).all(axis=1) & np.isfinite(raw).all(axis=1)
             )
-        return Outputs(values, ok, lengths, norms)
+        return Outputs(values, ok, lengths, norms, unknown)
 
     def probs(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[int]]:
         """Probabilities [n, labels] and input lengths (rows may hold NaN: see ``run``)."""

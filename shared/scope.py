@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-from slmops.shared.messages import OOS_FOREIGN_SCRIPT, OOS_LOW_CONFIDENCE, OutOfScopeSpec
+from slmops.shared.messages import OOS_FOREIGN_SCRIPT, OOS_LOW_CONFIDENCE, OOS_UNKNOWN_TOKEN, OutOfScopeSpec
 
 __all__ = ["char_script", "flags", "foreign", "scripts_of"]
 
@@ -52,14 +52,26 @@ def foreign(text: str, scripts: frozenset[str]) -> bool:
     return False
 
 
-def flags(texts: Sequence[str], confidence: Sequence[float], spec: OutOfScopeSpec) -> list[int]:
+def flags(
+    texts: Sequence[str],
+    confidence: Sequence[float],
+    spec: OutOfScopeSpec,
+    unknown: Sequence[int] | None = None,
+) -> list[int]:
     """Per text, the OR of its out-of-scope signs (``OOS_*``): top probability below the
-    spec's threshold, a letter outside its scripts (none when the spec names no script)."""
+    spec's threshold, a letter outside its scripts (none when the spec names no script), and
+    — for tokenizer models whose manifest counts it (``spec.unknown_token_share`` set) — a
+    token that is the tokenizer's unknown token (``unknown``: per text, how many).
+    An inference shows a sign or not (one count per inference: DP sensitivity stays 1 per
+    cell), so the unknown-token signal is the share of inferences with an unknown token."""
     scripts = frozenset(spec.scripts)
+    unk = unknown if unknown is not None and spec.unknown_token_share is not None else None
     out = []
-    for text, conf in zip(texts, confidence, strict=True):
+    for i, (text, conf) in enumerate(zip(texts, confidence, strict=True)):
         f = OOS_LOW_CONFIDENCE if conf < spec.threshold else 0
         if scripts and foreign(text, scripts):
             f |= OOS_FOREIGN_SCRIPT
+        if unk is not None and unk[i] > 0:
+            f |= OOS_UNKNOWN_TOKEN
         out.append(f)
     return out

@@ -98,9 +98,11 @@ class DriftSignal(StrEnum):
     ERROR_RATE = "error_rate"
     ACCURACY = "accuracy"
     #: Out-of-scope shares (``TelemetryAggregate.out_of_scope``): top probability below the
-    #: manifest's threshold; a letter outside the training scripts.
+    #: manifest's threshold; a letter outside the training scripts; an unknown token.
     OOS_LOW_CONFIDENCE = "oos_low_confidence"
     OOS_FOREIGN_SCRIPT = "oos_foreign_script"
+    #: Tokenizer models: the share of inferences with a token the tokenizer does not know.
+    OOS_UNKNOWN_TOKEN = "oos_unknown_token"
 
 
 class DriftReference(StrEnum):

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 from _models import EDGES
 from slmops.shared.bundle import Bundle, FileData, write_bundle
-from slmops.shared.messages import ModelManifest, Preprocessing, SmokeTest, TensorSpec
+from slmops.shared.messages import ModelManifest, OutOfScopeSpec, Preprocessing, SmokeTest, TensorSpec
 
 LABELS = ["alpha", "beta", "gamma"]
 WORDS = ["some", "words", "about", "the", "a", "text", "hello", "world", "nanword", "long", "##s"]
@@ -227,6 +227,7 @@ def make_transformer_bundle(
     smoke_texts: list[str] | None = None,
     extra_data: int = 0,
     notes: str = "",
+    out_of_scope: OutOfScopeSpec | None = None,
 ) -> Bundle:
     """A signed tokenizer bundle: ``encoder.onnx`` + ``head.onnx`` + ``tokenizer.json``
     (classification), or one ``model.onnx`` (``single_file`` classifier or ``task`` embedding).
@@ -286,6 +287,8 @@ def make_transformer_bundle(
         for t, v in zip(texts, run.values, strict=True)
     ]
     changes: dict[str, object] = {"smoke_tests": smoke}
+    if out_of_scope is not None:
+        changes["out_of_scope"] = out_of_scope
     if task == "embedding":
         from slmops.cloud.factory.embedding import embedding_stats
 

@@ -264,7 +264,7 @@ class DriftDetector:
                 g.edges.setdefault(name, list(hist.edges))
         # First, before any state changes: what this aggregate brings (an error here is the
         # message's fault, and the caller dead-letters it).
-        signals = extract(agg, g.labels, g.edges)
+        signals = extract(agg, g.labels, g.edges, "oos_unknown_token" in g.manifest_refs)
         self._dirty_groups.add(g.key)
         events: list[DriftEvent] = []
         in_round = self._round_sets.get(g.key)

@@ -34,14 +34,14 @@ ACTIONS = {
     "accuracy": "accuracy from app feedback fell: retrain on recent feedback",
     "oos_low_confidence": "more inputs the model is unsure of: look for new topics or languages; "
     "retrain with them",
-    "oos_unknown_tokens": "more unknown tokens: a new language or vocabulary; retrain or route",
+    "oos_unknown_token": "more inputs with unknown tokens: a new language or vocabulary; retrain or route",
     "oos_foreign_script": "more text outside the training script(s): a new language; retrain or route",
 }
 _TWO_CELL = {
     "error_rate": ("errors", "successes"),
     "accuracy": ("wrong", "right"),
     "oos_low_confidence": ("out of scope", "in scope"),
-    "oos_unknown_tokens": ("unknown tokens", "known tokens"),
+    "oos_unknown_token": ("texts with an unknown token", "texts without"),
     "oos_foreign_script": ("foreign-script characters", "training-script characters"),
 }
 _NAMES = {
@@ -52,7 +52,7 @@ _NAMES = {
     "error_rate": "error rate",
     "accuracy": "feedback accuracy",
     "oos_low_confidence": "low-confidence share",
-    "oos_unknown_tokens": "unknown-token share",
+    "oos_unknown_token": "unknown-token share",
     "oos_foreign_script": "foreign-script share",
 }
 

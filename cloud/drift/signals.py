@@ -5,12 +5,13 @@ Signals: ``class_prior`` (predicted-class counts), ``confidence``, ``input_lengt
 ``latency`` (histograms), ``error_rate`` (errors vs successes, one-sided: only a rise counts),
 ``accuracy`` (wrong vs right predictions from app feedback, one-sided: only a fall in accuracy
 counts), and the out-of-scope shares ``oos_low_confidence`` (top probability below the
-manifest's threshold) and ``oos_foreign_script`` (a letter outside the training scripts), both
-one-sided, from ``TelemetryAggregate.out_of_scope``. The reference of a signal comes from the
-model manifest's ``ReferenceProfile`` when it has one; latency and error rate never come from
-the manifest (held-out data says nothing about a device's speed or its apps' failures), so
-they, and any signal the manifest lacks, are tested against the production baseline only
-(``DriftDetector``).
+manifest's threshold), ``oos_foreign_script`` (a letter outside the training scripts) and, for
+tokenizer models whose manifest sets ``unknown_token_share``, ``oos_unknown_token`` (a token
+the tokenizer does not know), all one-sided, from ``TelemetryAggregate.out_of_scope``. The
+reference of a signal comes from the model manifest's ``ReferenceProfile`` when it has one;
+latency and error rate never come from the manifest (held-out data says nothing about a
+device's speed or its apps' failures), so they, and any signal the manifest lacks, are tested
+against the production baseline only (``DriftDetector``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from slmops.shared.messages import (
     OOS_CELLS,
     OOS_FOREIGN_SCRIPT,
     OOS_LOW_CONFIDENCE,
+    OOS_UNKNOWN_TOKEN,
     ModelManifest,
     TelemetryAggregate,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "ONE_SIDED",
     "OOS_SIGNALS",
     "SIGNALS",
+    "UNKNOWN_TOKEN",
     "Acc",
     "SignalRef",
     "extract",
@@ -44,11 +47,19 @@ __all__ = [
 
 SIGNALS = tuple(DriftSignal)
 #: Signals of the inputs alone (not of the model): a new version inherits their baseline.
-INPUT_SIDE = ("input_length", "oos_foreign_script")
-#: Out-of-scope signals: (signal, the ``OOS_*`` bit whose share it is).
+INPUT_SIDE = ("input_length", "oos_foreign_script", "oos_unknown_token")
+#: Out-of-scope signals: (signal, the ``OOS_*`` bit whose share it is). The unknown-token one
+#: is extracted only for groups whose manifest counts it (``extract(unknown_token=True)``).
 OOS_SIGNALS = (("oos_low_confidence", OOS_LOW_CONFIDENCE), ("oos_foreign_script", OOS_FOREIGN_SCRIPT))
+UNKNOWN_TOKEN = ("oos_unknown_token", OOS_UNKNOWN_TOKEN)
 #: Two-cell signals tested one-sided: the cell whose rise is evidence.
-ONE_SIDED = {"error_rate": 0, "accuracy": 0, "oos_low_confidence": 0, "oos_foreign_script": 0}
+ONE_SIDED = {
+    "error_rate": 0,
+    "accuracy": 0,
+    "oos_low_confidence": 0,
+    "oos_foreign_script": 0,
+    "oos_unknown_token": 0,
+}
 #: Signals whose counts carry the edge's DP noise ("every histogram and class count").
 NOISED = frozenset(set(DriftSignal) - {DriftSignal.ERROR_RATE})
 
@@ -122,10 +133,11 @@ class Acc(msgspec.Struct, kw_only=True):
 
 
 def extract(
-    agg: TelemetryAggregate, labels: list[str], edges: dict[str, list[float]]
+    agg: TelemetryAggregate, labels: list[str], edges: dict[str, list[float]], unknown_token: bool = False
 ) -> dict[str, tuple[list[float], float]]:
     """Each signal's ``(counts, noise_var)`` in this aggregate; signals it cannot provide
-    (no feedback, histogram with other edges than the model's) are left out."""
+    (no feedback, histogram with other edges than the model's) are left out, and so is the
+    unknown-token share unless ``unknown_token`` (the model's manifest counts it)."""
     noise = (
         geometric_noise_var(agg.privacy.epsilon, agg.privacy.sensitivity or DP_SENSITIVITY)
         if agg.privacy.mechanism != "none"
@@ -159,7 +171,7 @@ def extract(
     oos = agg.out_of_scope
     if len(oos) == OOS_CELLS:
         total = sum(oos)
-        for signal, bit in OOS_SIGNALS:
+        for signal, bit in (*OOS_SIGNALS, UNKNOWN_TOKEN) if unknown_token else OOS_SIGNALS:
             hit = sum(c for i, c in enumerate(oos) if i & bit)
             # Each cell is a sum of OOS_CELLS / 2 noised counts.
             out[signal] = ([hit, total - hit], noise * OOS_CELLS / 2)
@@ -190,10 +202,13 @@ def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
             )
     spec = manifest.out_of_scope
     if spec is not None and spec.count > 0:
-        for signal, share in (
+        shares = [
             ("oos_low_confidence", spec.low_confidence_share),
             ("oos_foreign_script", spec.foreign_script_share),
-        ):
+        ]
+        if spec.unknown_token_share is not None:
+            shares.append(("oos_unknown_token", spec.unknown_token_share))
+        for signal, share in shares:
             out[signal] = SignalRef(
                 probs=normalise([share * spec.count, (1 - share) * spec.count]),
                 n_ref=float(spec.count),

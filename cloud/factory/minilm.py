@@ -205,6 +205,15 @@ def _manifest(
     )
 
 
+def _unknown_tokens(session: Session, texts: Sequence[str]) -> list[int] | None:
+    """Unknown tokens per held-out text (the reference of the unknown-token share); None
+    when the bundle's tokenizer has no unknown token."""
+    tok = session.tokenizer
+    if tok is None or tok.unk_id is None:
+        return None
+    return tok.encode(texts).unknown
+
+
 def _latency_p50(session: Session, texts: Sequence[str], n: int = 50) -> float:
     session.predict([texts[0]])
     samples = []
@@ -294,7 +303,12 @@ def _draft(
             manifest,
             reference=profile,
             smoke_tests=smoke,
-            out_of_scope=out_of_scope_spec(profile, split.train_texts, split.held_out_texts),
+            out_of_scope=out_of_scope_spec(
+                profile,
+                split.train_texts,
+                split.held_out_texts,
+                unknown=_unknown_tokens(session, split.held_out_texts),
+            ),
         ),
         path=draft.path,
         size=sum(len(f.data) for f in files if isinstance(f.data, bytes)),

@@ -87,11 +87,15 @@ def out_of_scope_spec(
     train_texts: Sequence[str],
     held_out_texts: Sequence[str],
     rate: float = OOS_RATE,
+    unknown: Sequence[int] | None = None,
 ) -> OutOfScopeSpec:
     """How nodes count out-of-scope inputs of this model: the low-confidence threshold is the
     ``rate`` quantile of the held-out top probabilities (``profile.held_out``), so about
     ``rate`` of held-out inputs fall below it; the scripts are the training text's; the
-    shares are what the held-out texts show. ``ValueError`` without held-out scores."""
+    shares are what the held-out texts show. ``unknown`` (tokenizer models): the unknown
+    tokens of each held-out text; the share of texts with one becomes
+    ``unknown_token_share``, and nodes then count that sign. ``ValueError`` without
+    held-out scores."""
     if profile.held_out is None or not profile.held_out.probs:
         raise ValueError("the reference profile has no held-out scores to calibrate a threshold on")
     top = np.sort(np.asarray([max(p) for p in profile.held_out.probs], dtype=np.float64))
@@ -106,6 +110,9 @@ def out_of_scope_spec(
         scripts=scripts,
         low_confidence_share=below,
         foreign_script_share=foreign_share,
+        unknown_token_share=(
+            sum(1 for u in unknown if u > 0) / max(1, len(unknown)) if unknown is not None else None
+        ),
         count=len(top),
     )
 
