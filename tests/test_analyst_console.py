@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+from datetime import UTC, datetime
+from html import unescape
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 from _cloud_util import (
+    MODEL,
     PRIOR,
     cloud_config,
     drift_events,
@@ -150,6 +153,40 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+async def _lineage(js: JetStreamContext, fleet: str, event_id: str) -> str:
+    """What the cloud stores when it recalibrates for ``event_id`` and the rollout of the new
+    version fails: v2 in the registry (parent v1), the loop's proposal naming the event, and
+    the rollout's started / rolled_back events. Returns the rollout id."""
+    import msgspec
+
+    from slmops.cloud.recalibration.loop import Proposal, _proposal_key
+    from slmops.shared.jetstream import ensure_kv
+    from slmops.shared.messages import ModelRef, RolloutEvent, encode_json
+    from slmops.shared.names import LOOP_BUCKET, rollout_subject
+
+    v2 = make_manifest(ModelRef(name=MODEL.name, version=2, variant=MODEL.variant))
+    notes = "label-shift recalibration of version 1: prior ratios a 0.67x, b 1.20x, c 2.50x"
+    await put_manifest(js, msgspec.structs.replace(v2, parent_version=1, notes=notes))
+    now = datetime.now(UTC)
+    proposal = Proposal(
+        fleet=fleet, model=MODEL.name, parent_version=1, version=2, variants=[MODEL.variant],
+        priors={}, event_id=event_id, policy="auto", outcome="rollout_started", time=now,
+    )  # fmt: skip
+    kv = await ensure_kv(js, LOOP_BUCKET)
+    await kv.put(_proposal_key(fleet, MODEL.name, 1), msgspec.json.encode(proposal))
+    rid = f"{fleet}-r1"
+    for state, reason in (
+        ("started", f"recalibration for drift event {event_id}"),
+        ("rolled_back", "gate failed: error rate 0.09 > 0.02"),
+    ):
+        e = RolloutEvent(
+            rollout=rid, fleet=fleet, model=MODEL.name, version=2, previous_version=1,
+            state=state, reason=reason, time=now,
+        )  # fmt: skip
+        await js.publish(rollout_subject(fleet), encode_json(e))
+    return rid
+
+
 async def test_the_console_in_a_headless_browser_shows_the_fleet_and_its_drift_event(
     nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
 ) -> None:
@@ -167,6 +204,7 @@ async def test_the_console_in_a_headless_browser_shows_the_fleet_and_its_drift_e
         await svc.wait_active(20)
         await _run_fleet(js, svc, fleet, nodes)
         event = next(e for e in await drift_events(js, fleet) if e.kind == "drift" and e.state == "opened")
+        rollout = await _lineage(js, fleet, event.id)
         assert svc.http_address is not None
         host, port = svc.http_address
         url = f"http://{host}:{port}/"
@@ -185,6 +223,19 @@ async def test_the_console_in_a_headless_browser_shows_the_fleet_and_its_drift_e
         assert f"<td>{node}</td>" in html
     assert f"<td>{event.id}</td>" in html
     assert "api/plot.svg?group=" in html
+    # Lineage: v2 recalibrated from v1 because of this event, pushed to the fleet, rolled back.
+    lineage = html[html.index('id="lineage"') :]
+    rows = re.findall(r"<tr>(.*?)</tr>", lineage.split("</table>", 1)[0])
+    cells = [[unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", r)] for r in rows]
+    assert [c[:6] for c in cells if c and c[3] == "recalibration"] == [
+        [MODEL.name, "v1", "v2", "recalibration", fleet, event.id]
+    ], cells
+    assert [c[1:8] for c in cells if c and c[3] == "rollout"] == [
+        ["v1", "v2", "rollout", fleet, f"recalibration for drift event {event.id}", rollout, "rolled_back"]
+    ], cells
+    assert [c[1:9] for c in cells if c and c[3] == "rollback"] == [
+        ["v2", "v1", "rollback", fleet, "–", rollout, "rolled_back", "gate failed: error rate 0.09 > 0.02"]
+    ], cells
     errors = [
         line for line in log.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)
     ]

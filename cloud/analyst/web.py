@@ -44,6 +44,9 @@ __all__ = ["OPENAPI", "build_app", "serve_http"]
 
 log = structlog.get_logger(__name__)
 
+_LINEAGE_DOC = (
+    "{lineage: [{model, from_version, to_version, kind, fleet, event, rollout, outcome, reason, time}]}"
+)
 #: Rounds a plot or series reads at most (the newest).
 SERIES_ROUNDS = 500
 
@@ -309,22 +312,42 @@ class _Console:
             )
         return _json({"rollouts": out})
 
-    async def versions(self, _request: web.Request) -> web.Response:
+    async def _manifests(self) -> list[ModelManifest]:
+        """The registry's manifests (undecodable values skipped). Raises what the KV read
+        raises (no bucket yet, a stalled watch)."""
         from slmops.shared.kv import kv_values
         from slmops.shared.names import MODELS_MANIFEST_BUCKET
 
-        if not self.svc.active:
-            return _json({"versions": []})
-        try:
-            raw = await kv_values(self.svc._link.js, MODELS_MANIFEST_BUCKET)
-        except Exception as exc:  # no bucket yet, a stalled watch: say so, do not fail the page
-            return _json({"versions": [], "error": f"registry unreadable: {type(exc).__name__}"})
+        raw = await kv_values(self.svc._link.js, MODELS_MANIFEST_BUCKET)
         out = []
         for value in raw.values():
             try:
-                m = decode_json(value, ModelManifest)
+                out.append(decode_json(value, ModelManifest))
             except msgspec.DecodeError:
                 continue
+        return out
+
+    async def lineage(self, _request: web.Request) -> web.Response:
+        from slmops.cloud.analyst.lineage import lineage
+
+        if not self.svc.active:
+            return _json({"lineage": []})
+        try:
+            manifests = await self._manifests()
+        except Exception as exc:  # no bucket yet: rollouts may still say something
+            log.debug("lineage_registry_unread", error=repr(exc)[:200])
+            manifests = []
+        return _json({"lineage": await lineage(self.svc._link.js, manifests)})
+
+    async def versions(self, _request: web.Request) -> web.Response:
+        if not self.svc.active:
+            return _json({"versions": []})
+        try:
+            manifests = await self._manifests()
+        except Exception as exc:  # no bucket yet, a stalled watch: say so, do not fail the page
+            return _json({"versions": [], "error": f"registry unreadable: {type(exc).__name__}"})
+        out = []
+        for m in manifests:
             out.append(
                 {
                     "name": m.name,
@@ -356,6 +379,7 @@ def build_app(svc: ServiceView, refresher: MetricsRefresher, token: str | None) 
     app.router.add_get("/api/plot.svg", c.plot)
     app.router.add_get("/api/rollouts", c.rollouts)
     app.router.add_get("/api/versions", c.versions)
+    app.router.add_get("/api/lineage", c.lineage)
     return app
 
 
@@ -416,6 +440,9 @@ OPENAPI: dict[str, Any] = {
                                   "responses": {"200": {"description": "{rollouts: [...]}"}}}},
         "/api/versions": {"get": {"summary": "The registry: versions, variants, lineage (parent_version)",
                                   "responses": {"200": {"description": "{versions: [...]}"}}}},
+        "/api/lineage": {"get": {"summary": "Version lineage: recalibrations (with the drift event that "
+                                            "caused them), rollouts per fleet and their outcome, rollbacks",
+                                 "responses": {"200": {"description": _LINEAGE_DOC}}}},
         "/metrics": {"get": {"summary": "Prometheus text exposition",
                              "responses": {"200": {"description": "text/plain"}}}},
     },

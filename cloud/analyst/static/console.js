@@ -102,8 +102,17 @@ async function renderVersions() {
   ]));
 }
 
+async function renderLineage() {
+  const steps = (await api("/api/lineage")).lineage;
+  const v = (n) => (n === null || n === undefined ? null : "v" + n);
+  fill("lineage", steps.map((s) => [
+    cell(s.model), cell(v(s.from_version)), cell(v(s.to_version)), cell(s.kind), cell(s.fleet),
+    cell(s.event), cell(s.rollout), cell(s.outcome), cell(s.reason), cell(short(s.time)),
+  ]));
+}
+
 async function refresh() {
-  const parts = [renderFleet, renderGroups, renderEvents, renderRollouts, renderVersions];
+  const parts = [renderFleet, renderGroups, renderEvents, renderRollouts, renderVersions, renderLineage];
   const results = await Promise.allSettled(parts.map((f) => f()));
   const failed = results.filter((r) => r.status === "rejected");
   if (failed.length) document.getElementById("status").textContent += " · " + failed.map((f) => f.reason.message).join("; ");
