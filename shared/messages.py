@@ -8,6 +8,7 @@ Encoders and decoders are built once here and reused.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -44,6 +45,7 @@ __all__ = [
     "SmokeTest",
     "TelemetryAggregate",
     "TensorSpec",
+    "decode_each",
     "decode_json",
     "decode_telemetry",
     "encode_json",
@@ -543,6 +545,18 @@ def decode_json(data: bytes, type_: type[T]) -> T:
     except RecursionError:
         raise msgspec.DecodeError("input nested too deeply to decode") from None
     return result
+
+
+def decode_each(values: Iterable[bytes], type_: type[T]) -> list[T]:
+    """``decode_json`` of each of ``values``, leaving out those that do not decode (a stored
+    value written by a newer or broken writer must not hide the others)."""
+    out: list[T] = []
+    for value in values:
+        try:
+            out.append(decode_json(value, type_))
+        except msgspec.DecodeError:
+            continue
+    return out
 
 
 def json_schemas() -> dict[str, Any]:

@@ -40,16 +40,20 @@ class LineageStep(msgspec.Struct, kw_only=True, omit_defaults=True):
     rolled_back or aborted) or "rollback" (the fleet went back to ``to_version``)."""
 
     model: str
+    #: None: the fleet ran no version before this rollout (or a rollback had nowhere to go).
     from_version: int | None
     to_version: int | None
     kind: str
+    #: The fleet a rollout or rollback happened on, or the loop's recalibration was for.
     fleet: str | None = None
     #: The drift event that caused it (recalibrations), or the rollout's trigger.
     event: str | None = None
+    #: The rollout id and its outcome (rollouts and rollbacks).
     rollout: str | None = None
     outcome: str | None = None
     #: Why (a rollback's reason, a recalibration's notes).
     reason: str = ""
+    #: When: the version built, the rollout started, the rollback happened.
     time: datetime | None = None
 
 

@@ -34,7 +34,7 @@ from slmops.cloud.analyst.metrics import (
 from slmops.cloud.drift.labelshift import confusion_matrix, em_priors
 from slmops.cloud.drift.report import _NAMES
 from slmops.cloud.drift.stats import noise_tv, total_variation
-from slmops.shared.messages import DriftEvent, ModelManifest, decode_json
+from slmops.shared.messages import DriftEvent, ModelManifest, decode_each
 
 if TYPE_CHECKING:
     from slmops.cloud.analyst.view import ServiceView
@@ -103,13 +103,7 @@ class _Console:
         applier = self.svc._applier
         if applier is None:
             return []
-        out = []
-        for raw in await applier.store.events(fleet, limit=1000):
-            try:
-                out.append(decode_json(raw, DriftEvent))
-            except msgspec.DecodeError:
-                continue
-        return out
+        return decode_each(await applier.store.events(fleet, limit=1000), DriftEvent)
 
     # -- handlers -------------------------------------------------------------------------------
 
@@ -319,13 +313,7 @@ class _Console:
         from slmops.shared.names import MODELS_MANIFEST_BUCKET
 
         raw = await kv_values(self.svc._link.js, MODELS_MANIFEST_BUCKET)
-        out = []
-        for value in raw.values():
-            try:
-                out.append(decode_json(value, ModelManifest))
-            except msgspec.DecodeError:
-                continue
-        return out
+        return decode_each(raw.values(), ModelManifest)
 
     async def lineage(self, _request: web.Request) -> web.Response:
         from slmops.cloud.analyst.lineage import lineage

@@ -34,7 +34,7 @@ from slmops.shared import names
 from slmops.shared.errors import NotFound
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_values
-from slmops.shared.messages import Assignment, DriftEvent, decode_json
+from slmops.shared.messages import Assignment, DriftEvent, decode_each, decode_json
 
 if TYPE_CHECKING:
     from slmops.cloud.rollout import RolloutState
@@ -183,12 +183,7 @@ async def assignments(js: JetStreamContext, fleet: str | None = None) -> list[As
             values = await kv_values(js, names.ASSIGNMENTS_BUCKET, f"{fleet}.*" if fleet else ">")
     except NotFound:
         return []
-    out = []
-    for value in values.values():
-        try:
-            out.append(decode_json(value, Assignment))
-        except msgspec.DecodeError:
-            continue
+    out = decode_each(values.values(), Assignment)
     return sorted(out, key=lambda a: (a.fleet, a.node or "", a.model))
 
 
