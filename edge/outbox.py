@@ -21,14 +21,14 @@ import random
 from collections.abc import Awaitable, Callable
 
 import anyio
-import nats.errors
 import structlog
 
 from slmops.edge.buffer import Buffer
 from slmops.edge.errors import StoreError
 from slmops.shared.backoff import Backoff
 from slmops.shared.connect import Link
-from slmops.shared.errors import NatsUnavailable
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.names import msg_id
 
 __all__ = ["Publisher"]
@@ -122,14 +122,17 @@ class Publisher:
     async def _one(self, seq: int, payload: bytes, results: dict[int, str | None]) -> None:
         try:
             js = self.link.js
-            with anyio.fail_after(self.timeout + 1.0):
+            with (
+                anyio.fail_after(self.timeout + 1.0),
+                nats_errors("stream publish", self.subject, self.link.url),
+            ):
                 ack = await js.publish(
                     self.subject,
                     payload,
                     timeout=self.timeout,
                     headers={"Nats-Msg-Id": self._msg_id(seq)},
                 )
-        except (NatsUnavailable, nats.errors.Error, TimeoutError, OSError) as exc:
+        except (NatsUnavailable, JetStreamRefused, TimeoutError) as exc:
             results[seq] = f"seq {seq}: {type(exc).__name__}: {exc}"
             return
         results[seq] = None

@@ -47,10 +47,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import msgspec
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js import errors as js_errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from slmops.edge.config import RefreshTimings
@@ -67,7 +65,8 @@ from slmops.shared.bundle import (
 )
 from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.connect import Link, LinkState
-from slmops.shared.errors import BundleError, NatsUnavailable
+from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable, NotFound
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_get_direct
 from slmops.shared.messages import (
     Assignment,
@@ -94,7 +93,9 @@ Report = Callable[..., Awaitable[bool]]
 #: Codes worth trying again later (``shared.vocabulary.RETRYABLE_CODES``).
 RETRYABLE = RETRYABLE_CODES
 
-_NATS_ERRORS = (nats.errors.Error, OSError, NatsUnavailable)
+# What a lost link, a slow one or a refusing server raise once translated; OSError covers the
+# per-call timeout (TimeoutError) and the partial file of a download.
+_NATS_ERRORS = (NatsUnavailable, JetStreamRefused, OSError)
 #: Seconds an assignment watch's consumer outlives its subscriber (a node gone offline).
 _WATCH_INACTIVE = 30.0
 #: An attempt fails when no chunk arrives for this long (chunks are 32 KiB: ~33 s at 1 kB/s).
@@ -240,7 +241,8 @@ class Refresher:
             with anyio.move_on_after(1.0, shield=True):
                 for watcher in watchers:
                     try:
-                        await watcher.unsubscribe()
+                        with nats_errors("kv watch", "assignment", self._link.url):
+                            await watcher.unsubscribe()
                     except _NATS_ERRORS as exc:  # offline: the server drops it on its own
                         log.debug("watcher_stop_failed", error=repr(exc))
 
@@ -262,26 +264,35 @@ class Refresher:
             if self._wake is not None:
                 self._wake.set()
 
-        sub = await nc.subscribe(inbox, cb=wake)
+        with nats_errors("kv watch", key, self._link.url):
+            sub = await nc.subscribe(inbox, cb=wake)
         try:
             config = watch_config(self._fleet, self._node, own=own)
-            await self._op(js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", config))
-        except js_errors.APIError as exc:
-            with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_NATS_ERRORS):
-                await sub.unsubscribe()
+            await self._op(js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", config), "kv watch", key)
+        except JetStreamRefused as exc:
+            await self._unsubscribe(sub, key)
             log.warning("assignment_watch_refused", key=key, error=str(exc), note="polling instead")
             return None
         except BaseException:
-            with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_NATS_ERRORS):
-                await sub.unsubscribe()
+            await self._unsubscribe(sub, key)
             raise
         return sub
+
+    async def _unsubscribe(self, sub: Any, key: str) -> None:
+        with (
+            anyio.move_on_after(1.0, shield=True),
+            contextlib.suppress(*_NATS_ERRORS),
+            nats_errors("kv watch", key, self._link.url),
+        ):
+            await sub.unsubscribe()
 
     def _retry_delay(self, failures: int) -> float:
         return self._retry.delay(failures)
 
-    async def _op(self, op: Awaitable[Any]) -> Any:
-        with anyio.fail_after(self._op_timeout):
+    async def _op(self, op: Awaitable[Any], kind: str, name: str) -> Any:
+        """``op`` within the per-call timeout (``TimeoutError``), nats-py's errors translated
+        (``NotFound``, ``JetStreamRefused``, ``NatsUnavailable``) naming ``kind`` ``name``."""
+        with anyio.fail_after(self._op_timeout), nats_errors(kind, name, self._link.url):
             return await op
 
     # -- one pass ---------------------------------------------------------------------------
@@ -369,7 +380,7 @@ class Refresher:
         return result
 
     async def _read(self, js: JetStreamContext, key: str) -> Assignment | None:
-        value = await self._op(kv_get_direct(js, names.ASSIGNMENTS_BUCKET, key))
+        value = await self._op(kv_get_direct(js, names.ASSIGNMENTS_BUCKET, key), "kv key", key)
         if value is None:  # missing or deleted
             return None
         try:
@@ -426,7 +437,7 @@ class Refresher:
             names.bundle_index_key(model, version, variant),
             names.manifest_key(model, version, variant),
         ):
-            value = await self._op(kv_get_direct(js, names.MODELS_MANIFEST_BUCKET, key))
+            value = await self._op(kv_get_direct(js, names.MODELS_MANIFEST_BUCKET, key), "kv key", key)
             if value is None:
                 continue
             try:
@@ -518,7 +529,7 @@ class Refresher:
                 stall_timeout=STALL_SECONDS,
                 on_chunk=progress,
             )
-        except js_errors.NotFoundError as exc:
+        except NotFound as exc:
             raise BundleError(obj, "no such object in the model store", "download_failed") from exc
         except FetchError as exc:
             raise BundleError(obj, f"download incomplete: {exc.reason}", "download_failed") from exc

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import nats.errors
 import onnxruntime as ort
 import structlog
 
 from slmops.shared.capabilities import CAPABILITIES
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import NatsUnavailable
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.messages import DeviceProfile, NodeStatus, encode_json
 from slmops.shared.vocabulary import NodeEvent
 
@@ -82,8 +82,9 @@ class StatusReporter:
     async def publish(self, status: NodeStatus) -> bool:
         """Send ``status`` now if online; returns whether it was sent."""
         try:
-            await self.link.nc.publish(self.subject, encode_json(status))
-        except (NatsUnavailable, nats.errors.Error, OSError) as exc:
+            with nats_errors("subject", self.subject, self.link.url):
+                await self.link.nc.publish(self.subject, encode_json(status))
+        except NatsUnavailable as exc:
             log.debug("status_not_sent", status_event=status.event, error=repr(exc))
             return False
         self.sent += 1

@@ -21,14 +21,13 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.abc
-import nats
-import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from slmops.shared.backoff import Backoff
 from slmops.shared.errors import NatsUnavailable
+from slmops.shared.jetstream import is_connection_error, is_nats_error, nats_errors
 from slmops.shared.names import inbox_prefix
 
 __all__ = [
@@ -60,17 +59,6 @@ ConnectFactory = Callable[..., Awaitable[NATS]]
 #: attempt is normal while a server starts, three in a row (~2 s with the default backoff) not.
 _WARN_AFTER = 3
 _WARN_EVERY = 100
-
-# Errors that mean "the connection is gone or not there yet", not "something is wrong".
-_CONNECTION_ERRORS = (
-    OSError,
-    TimeoutError,
-    nats.errors.NoServersError,
-    nats.errors.UnexpectedEOF,
-    nats.errors.StaleConnectionError,
-    nats.errors.ConnectionClosedError,
-)
-
 
 class LinkState(enum.StrEnum):
     OFFLINE = "offline"
@@ -129,8 +117,9 @@ async def connect_once(
     async def error_cb(exc: Exception) -> None:
         errors.append(exc)
 
+    where = redact_url(url)
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(timeout), nats_errors("connection", where, where):
             return await connect_attempt(
                 url,
                 name=name,
@@ -140,10 +129,11 @@ async def connect_once(
                 pending_size=PENDING_SIZE,
                 error_cb=error_cb,
             )
-    except (OSError, TimeoutError, nats.errors.Error) as exc:
-        cause = errors[-1] if errors else exc
+    except (NatsUnavailable, TimeoutError) as exc:
+        # The callback saw the server's own words (auth, TLS); nats-py's final error does not.
+        cause = errors[-1] if errors else exc.__cause__ or exc
         reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-        raise NatsUnavailable(redact_url(url), reason) from exc
+        raise NatsUnavailable(where, reason) from exc
 
 
 class Link:
@@ -349,7 +339,7 @@ class Link:
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 self._set_state(LinkState.OFFLINE)
                 delay = self._delay(failures)
-                expected = isinstance(exc, (*_CONNECTION_ERRORS, nats.errors.Error))
+                expected = is_nats_error(exc)  # the connection is gone or not there yet
                 if failures == _WARN_AFTER or failures % _WARN_EVERY == 0:
                     # Said once at the default log level, then rarely: the retries go on.
                     log.warning(
@@ -384,7 +374,7 @@ class Link:
 
     def _options(self, session: _Session) -> dict[str, Any]:
         async def error_cb(exc: Exception) -> None:
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if is_connection_error(exc):
                 # A drop or a failed (re)connect: the state change and the backoff loop
                 # already say so.
                 log.debug("nats_error", url=self._shown_url, error=repr(exc))

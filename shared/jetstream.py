@@ -35,6 +35,8 @@ __all__ = [
     "ERR_STREAM_NAME_IN_USE",
     "ensure_kv",
     "ensure_object_store",
+    "is_connection_error",
+    "is_nats_error",
     "nats_errors",
     "stream_info",
     "url_of",
@@ -71,6 +73,35 @@ def nats_errors(kind: str, name: str, url: str = "<nats>") -> Iterator[None]:
         raise NatsUnavailable(url, f"JetStream did not answer in time ({kind} {name!r})") from exc
     except (nats.errors.Error, OSError) as exc:
         raise NatsUnavailable(url, f"{type(exc).__name__} on {kind} {name!r}: {exc}") from exc
+
+
+#: What ``nats_errors`` maps to ``NatsUnavailable`` at the least (nats-py's own, timeouts, sockets).
+_TRANSPORT_ERRORS = (nats.errors.Error, TimeoutError, OSError)
+
+
+def is_nats_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one that ``nats_errors`` translates (nats-py's errors, a timeout, an
+    ``OSError``): for code that only classifies an error from an injected connection factory,
+    e.g. to log an expected refusal quietly. Code that calls nats-py uses ``nats_errors``."""
+    return isinstance(exc, _TRANSPORT_ERRORS)
+
+
+# The connection is gone or not there yet (a drop, a refused or failed connect), as opposed to
+# a server that answered with an error (permissions, auth).
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    nats.errors.NoServersError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection is gone or not there yet (a drop, a refused
+    connect), not that a server refused something (a permission violation, bad credentials)."""
+    return isinstance(exc, _CONNECTION_ERRORS)
 
 
 def _code_and_text(exc: js_errors.APIError, default: str) -> tuple[int | None, str]:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import anyio
 from nats.js import JetStreamContext
-from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from slmops.shared.errors import NotFound
-from slmops.shared.jetstream import nats_errors
+from slmops.shared.jetstream import nats_errors, url_of
 
 __all__ = ["kv_get", "kv_get_direct", "kv_keys", "kv_values"]
 
@@ -52,12 +51,13 @@ async def kv_get(
 async def kv_get_direct(js: JetStreamContext, bucket: str, key: str) -> bytes | None:
     """The current value of ``key`` in KV ``bucket``, or None when it was never written, was
     deleted or purged. One direct get by subject (module docstring); the bucket's stream
-    must allow direct gets (``shared.jetstream.ensure_kv`` makes it so). Raises nats-py's
-    ``NoRespondersError`` when it does not (or the stream is missing), its ``TimeoutError``
-    (also what a permission refusal looks like) and its other request errors."""
+    must allow direct gets (``shared.jetstream.ensure_kv`` makes it so). Raises
+    ``NatsUnavailable`` when it does not (no responders; also a missing stream), on a timeout
+    (also what a permission refusal looks like) and for other request errors."""
     try:
-        msg = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
-    except js_errors.NotFoundError:
+        with nats_errors("kv key", f"{bucket}/{key}", url_of(js)):
+            msg = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
+    except NotFound:
         return None
     if (msg.headers or {}).get(_KV_OP) in _NO_VALUE:
         return None
@@ -67,11 +67,12 @@ async def kv_get_direct(js: JetStreamContext, bucket: str, key: str) -> bytes | 
 async def kv_keys(js: JetStreamContext, bucket: str, key_filter: str = ">") -> list[str]:
     """Sorted keys of KV ``bucket`` matching the subject-style ``key_filter`` (``>``, ``a.*``).
 
-    Raises nats-py's ``NotFoundError`` when the bucket does not exist, and its request errors.
+    Raises ``NotFound`` when the bucket does not exist, ``NatsUnavailable`` for the request.
     The server returns up to 100,000 subjects per request; buckets here hold far fewer.
     """
     prefix = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + key_filter)
+    with nats_errors("kv bucket", bucket, url_of(js)):
+        info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + key_filter)
     subjects = info.state.subjects or {}
     return sorted(s[len(prefix) :] for s in subjects if s.startswith(prefix))
 
@@ -80,11 +81,18 @@ async def kv_values(
     js: JetStreamContext, bucket: str, key_filter: str = ">", *, timeout: float = 5.0
 ) -> dict[str, bytes]:
     """The current value of every live key of KV ``bucket`` matching ``key_filter`` (deleted
-    and purged keys are left out). Raises nats-py's ``NotFoundError`` for a missing bucket
-    and its ``TimeoutError`` when the watch stalls for ``timeout`` seconds."""
+    and purged keys are left out). Raises ``NotFound`` for a missing bucket and
+    ``NatsUnavailable`` when the watch stalls for ``timeout`` seconds or the link fails."""
     want = set(await kv_keys(js, bucket, key_filter))
     if not want:
         return {}
+    with nats_errors("kv bucket", bucket, url_of(js)):
+        return await _values(js, bucket, key_filter, want, timeout)
+
+
+async def _values(
+    js: JetStreamContext, bucket: str, key_filter: str, want: set[str], timeout: float
+) -> dict[str, bytes]:
     kv = await js.key_value(bucket)
     out: dict[str, bytes] = {}
     watcher = await kv.watch(key_filter)  # last entry per key, delete markers included

@@ -24,10 +24,13 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 import msgspec
-import nats.errors
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TYPE
+
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable
+from slmops.shared.jetstream import nats_errors, url_of
 
 __all__ = ["STATE_SUFFIX", "FetchError", "fetch_object", "fetch_resumable"]
 
@@ -42,11 +45,14 @@ class FetchError(Exception):
 
 
 async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryIO) -> int:
-    """Write object ``obj`` of ``bucket`` into ``out``; return its size. Raises nats-py's
-    ``NotFoundError`` for a missing object, ``FetchError`` for a short or corrupt transfer,
-    nats/OS errors for the connection. Put a timeout around it: cancelling is safe."""
-    store = await js.object_store(bucket)
-    info = await store.get_info(obj)
+    """Write object ``obj`` of ``bucket`` into ``out``; return its size. Raises ``NotFound``
+    for a missing object or bucket, ``FetchError`` for a short or corrupt transfer,
+    ``NatsUnavailable`` / ``JetStreamRefused`` for the connection and the server, ``OSError``
+    from writing ``out``. Put a timeout around it: cancelling is safe."""
+    url = url_of(js)
+    with nats_errors("object", f"{bucket}/{obj}", url):
+        store = await js.object_store(bucket)
+        info = await store.get_info(obj)
     if info.options is not None and info.options.link is not None:
         raise FetchError(obj, "is a link to another object; slmops stores bundles directly")
     size = info.size or 0
@@ -56,13 +62,20 @@ async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryI
         raise FetchError(obj, "object metadata lacks its chunk id or digest")
     digest = hashlib.sha256()
     written = 0
-    sub = await js.subscribe(
-        OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
-        ordered_consumer=True,
-        config=ConsumerConfig(name=_consumer_name()),
-    )
+    with nats_errors("object", f"{bucket}/{obj}", url):
+        sub = await js.subscribe(
+            OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
+            ordered_consumer=True,
+            config=ConsumerConfig(name=_consumer_name()),
+        )
     try:
-        async for msg in sub.messages:
+        messages = sub.messages
+        while True:
+            with nats_errors("object", f"{bucket}/{obj}", url):  # not around the write below
+                try:
+                    msg = await anext(messages)
+                except StopAsyncIteration:  # unsubscribed under us: the size check says so
+                    break
             data = msg.data
             await anyio.to_thread.run_sync(out.write, data)
             digest.update(data)
@@ -71,8 +84,7 @@ async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryI
                 break
     finally:
         # Connection gone: the server drops the consumer on its own, nothing to undo here.
-        with anyio.move_on_after(2.0, shield=True), contextlib.suppress(nats.errors.Error, OSError):
-            await sub.unsubscribe()
+        await _unsubscribe(sub, f"{bucket}/{obj}", url)
     if written != size:
         raise FetchError(obj, f"received {written} bytes, the object has {size}")
     want = info.digest.removeprefix(OBJ_DIGEST_TYPE).removeprefix(OBJ_DIGEST_TYPE.upper())
@@ -80,6 +92,17 @@ async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryI
         raise FetchError(obj, "SHA-256 of the received bytes does not match the object's digest")
     await anyio.to_thread.run_sync(out.flush)
     return written
+
+
+async def _unsubscribe(sub: Subscription, where: str, url: str) -> None:
+    """Remove the download's subscription, shielded, in at most 2 s; a connection already gone
+    is fine (the server drops the consumer on its own)."""
+    with (
+        anyio.move_on_after(2.0, shield=True),
+        contextlib.suppress(NatsUnavailable, JetStreamRefused),
+        nats_errors("subscription", where, url),
+    ):
+        await sub.unsubscribe()
 
 
 #: Suffix of the file that records how far a partial download got.
@@ -145,10 +168,13 @@ async def fetch_resumable(
     file holds all of it and its SHA-256 matches the object's digest (the state file is then
     removed). ``max_size``: refuse an object larger than this before fetching (the size the
     signed manifest lists). Raises ``FetchError`` (too large, no chunk for ``stall_timeout``
-    seconds, short or corrupt), nats-py's ``NotFoundError``, nats/OS errors; the partial file
-    and its state stay for the next attempt. ``on_chunk(n)`` is called with each chunk's size."""
-    store = await js.object_store(bucket)
-    info = await store.get_info(obj)
+    seconds, short or corrupt), ``NotFound``, ``NatsUnavailable`` / ``JetStreamRefused``,
+    ``OSError`` from the file; the partial file and its state stay for the next attempt.
+    ``on_chunk(n)`` is called with each chunk's size."""
+    url, where = url_of(js), f"{bucket}/{obj}"
+    with nats_errors("object", where, url):
+        store = await js.object_store(bucket)
+        info = await store.get_info(obj)
     if info.options is not None and info.options.link is not None:
         raise FetchError(obj, "is a link to another object; slmops stores bundles directly")
     size = info.size or 0
@@ -168,18 +194,23 @@ async def fetch_resumable(
             if start_seq
             else ConsumerConfig(name=_consumer_name())
         )
-        sub = await js.subscribe(
-            OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid), ordered_consumer=True, config=config
-        )
+        with nats_errors("object", where, url):
+            sub = await js.subscribe(
+                OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
+                ordered_consumer=True,
+                config=config,
+            )
         try:
             with partial.open("ab") as f:
                 while have < size:
-                    try:
-                        msg = await sub.next_msg(timeout=stall_timeout)
-                    except nats.errors.TimeoutError as exc:
-                        raise FetchError(
-                            obj, f"no data for {stall_timeout:g}s after {have} of {size} bytes (will resume)"
-                        ) from exc
+                    with nats_errors("object", where, url):
+                        try:
+                            msg = await sub.next_msg(timeout=stall_timeout)
+                        except TimeoutError as exc:  # nats-py's own TimeoutError is one
+                            raise FetchError(
+                                obj,
+                                f"no data for {stall_timeout:g}s after {have} of {size} bytes (will resume)",
+                            ) from exc
                     data = msg.data
                     if have + len(data) > size:
                         raise FetchError(obj, f"more than the object's {size} bytes arrived")
@@ -192,8 +223,7 @@ async def fetch_resumable(
                     if msg.metadata.num_pending == 0:
                         break
         finally:
-            with anyio.move_on_after(2.0, shield=True), contextlib.suppress(nats.errors.Error, OSError):
-                await sub.unsubscribe()
+            await _unsubscribe(sub, where, url)
     if have != size:
         await anyio.to_thread.run_sync(_discard, partial, state_path)
         raise FetchError(obj, f"received {have} bytes, the object has {size}")

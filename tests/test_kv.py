@@ -6,6 +6,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
+from slmops.shared.errors import NotFound
 from slmops.shared.kv import kv_keys, kv_values
 
 pytestmark = pytest.mark.anyio
@@ -16,7 +17,7 @@ async def test_every_key_put_is_listed_at_once_filtered_and_deleted_ones_too(
 ) -> None:
     """Right after 300 puts all 300 keys are listed (nats-py's keys() could end its replay
     early); a subject filter narrows the list; a deleted key stays listed (reading it says
-    it is gone), a missing bucket is NotFoundError."""
+    it is gone), a missing bucket is NotFound."""
     bucket = f"KVT_{fleet}"
     kv = await js.create_key_value(bucket=bucket, history=1)
     try:
@@ -32,7 +33,7 @@ async def test_every_key_put_is_listed_at_once_filtered_and_deleted_ones_too(
         assert "b.k000" in await kv_keys(js, bucket, "b.*")
         with pytest.raises(js_errors.KeyNotFoundError):  # nats-py's answer for a deleted key
             await kv.get("b.k000")
-        with pytest.raises(js_errors.NotFoundError):
+        with pytest.raises(NotFound):
             await kv_keys(js, f"KVT_{fleet}_missing")
     finally:
         await js.delete_key_value(bucket)
@@ -42,7 +43,7 @@ async def test_values_of_live_keys_come_through_one_watch_deleted_ones_left_out(
     js: JetStreamContext, fleet: str
 ) -> None:
     """``kv_values``: every live key's latest value, filtered; deleted keys are left out; an
-    empty bucket gives {} and a missing one NotFoundError."""
+    empty bucket gives {} and a missing one NotFound."""
     bucket = f"KVV_{fleet}"
     kv = await js.create_key_value(bucket=bucket, history=2)
     try:
@@ -54,7 +55,7 @@ async def test_values_of_live_keys_come_through_one_watch_deleted_ones_left_out(
         values = await kv_values(js, bucket, "a.*")
         assert values == {f"a.k{i:02d}": str(i).encode() for i in range(3, 50, 2)}
         assert len(await kv_values(js, bucket)) == 49
-        with pytest.raises(js_errors.NotFoundError):
+        with pytest.raises(NotFound):
             await kv_values(js, f"KVV_{fleet}_missing")
     finally:
         await js.delete_key_value(bucket)

@@ -12,9 +12,9 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js import errors as js_errors
 
 from slmops.shared import names
+from slmops.shared.errors import NotFound
 from slmops.shared.objects import fetch_object
 
 pytestmark = pytest.mark.anyio
@@ -81,5 +81,5 @@ async def test_a_failed_write_leaves_no_subscription(
 
 
 async def test_a_missing_object_is_not_found(js: JetStreamContext) -> None:
-    with pytest.raises(js_errors.NotFoundError):
+    with pytest.raises(NotFound):
         await fetch_object(js, names.MODELS_BUCKET, "no/such/object", io.BytesIO())
