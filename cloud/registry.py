@@ -22,11 +22,9 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 import msgspec
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -43,7 +41,8 @@ from slmops.shared.bundle import (
 )
 from slmops.shared.capabilities import requirements_of, unmet
 from slmops.shared.connect import connect_once
-from slmops.shared.errors import NatsUnavailable
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import (
     Assignment,
@@ -140,16 +139,12 @@ class Registry:
 
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         try:
-            with anyio.fail_after(self._timeout):
+            with anyio.fail_after(self._timeout), nats_errors("registry", what, self._url):
                 return await op
-        except TimeoutError as exc:  # ours (fail_after) or nats-py's, which subclasses it
+        except TimeoutError as exc:  # ours (fail_after); nats-py's is NatsUnavailable already
             raise NatsUnavailable(self._url, f"{what}: timed out") from exc
-        except js_errors.APIError as exc:
-            raise RegistryError(what, f"server refused: {exc}") from exc
-        except js_errors.Error as exc:
-            raise RegistryError(what, f"{type(exc).__name__}: {exc}") from exc
-        except (nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"{what}: {type(exc).__name__}: {exc}") from exc
+        except JetStreamRefused as exc:
+            raise RegistryError(what, f"server refused: {exc.description} (err_code {exc.code})") from exc
         except FetchError as exc:
             raise RegistryError(what, exc.reason) from exc
 
@@ -168,7 +163,7 @@ class Registry:
         try:
             entry = await self._call(f"read {bucket} {key}", kv.get(key))
         except RegistryError as exc:
-            if isinstance(exc.__cause__, js_errors.NotFoundError):  # missing or deleted
+            if isinstance(exc.__cause__, NotFound):  # missing or deleted
                 return None
             raise
         return entry.value
@@ -303,7 +298,7 @@ class Registry:
         try:
             info = await self._call(f"look up {obj}", store.get_info(obj))
         except RegistryError as exc:
-            if isinstance(exc.__cause__, js_errors.NotFoundError):
+            if isinstance(exc.__cause__, NotFound):
                 return False
             raise
         return not info.deleted
@@ -343,7 +338,7 @@ class Registry:
         try:
             msg = await self._call(f"read {subject}", self._js.get_last_msg(names.STATUS_STREAM, subject))
         except RegistryError as exc:
-            if isinstance(exc.__cause__, js_errors.NotFoundError):
+            if isinstance(exc.__cause__, NotFound):
                 return None
             raise
         try:

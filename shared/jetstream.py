@@ -10,6 +10,9 @@ nats-py → ours (``nats_errors``):
 - ``KeyWrongLastSequenceError`` (a lost compare-and-set) → ``WrongLastSequence``
 - any other JetStream API error → ``JetStreamRefused(kind, name, code, description)``, except
   code 503 (no leader, restarting) → ``NatsUnavailable``
+- nats-py's own JetStream checks (invalid key or bucket name, bad object metadata, digest
+  mismatch) → ``JetStreamRefused`` with ``code`` None; no stream answering a publish →
+  ``NatsUnavailable``
 - no responders (JetStream off for the account), timeouts, a closed connection, ``OSError``
   → ``NatsUnavailable``
 """
@@ -19,10 +22,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import nats.errors
 import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js import errors as js_errors
@@ -38,6 +44,7 @@ __all__ = [
     "is_connection_error",
     "is_nats_error",
     "nats_errors",
+    "stored_at",
     "stream_info",
     "url_of",
 ]
@@ -71,6 +78,11 @@ def nats_errors(kind: str, name: str, url: str = "<nats>") -> Iterator[None]:
         ) from exc
     except (TimeoutError, nats.errors.TimeoutError) as exc:
         raise NatsUnavailable(url, f"JetStream did not answer in time ({kind} {name!r})") from exc
+    except js_errors.Error as exc:
+        if isinstance(exc, js_errors.NoStreamResponseError):  # no stream answered (yet)
+            raise NatsUnavailable(url, f"{type(exc).__name__} on {kind} {name!r}: {exc}") from exc
+        # nats-py's own checks (invalid key or name, bad object meta, digest mismatch...).
+        raise JetStreamRefused(kind, name, None, f"{type(exc).__name__}: {exc}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise NatsUnavailable(url, f"{type(exc).__name__} on {kind} {name!r}: {exc}") from exc
 
@@ -111,14 +123,24 @@ def _code_and_text(exc: js_errors.APIError, default: str) -> tuple[int | None, s
     return code, str(text)
 
 
-def url_of(js: JetStreamContext) -> str:
-    """The server URL ``js`` is connected to, for messages (``<unknown>`` if not connected)."""
+def url_of(conn: JetStreamContext | NATS) -> str:
+    """The server URL a client, or a JetStream context's client, is connected to, for
+    messages (``<unknown>`` if not connected)."""
     # nats-py keeps the connection on the context without a public accessor.
-    nc: Any = getattr(js, "_nc", None)
+    nc: Any = conn if isinstance(conn, NATS) else getattr(conn, "_nc", None)
     url = getattr(nc, "connected_url", None)
     if url is None:
         return "<unknown>"
     return f"{url.scheme}://{url.hostname}:{url.port}"
+
+
+def stored_at(msg: Msg) -> datetime | None:
+    """When JetStream stored ``msg`` (its metadata timestamp), or None for a message without
+    JetStream metadata (not from a stream, or a reply subject nats-py cannot parse)."""
+    try:
+        return msg.metadata.timestamp
+    except (AttributeError, ValueError, IndexError, nats.errors.Error):
+        return None
 
 
 async def stream_info(js: JetStreamContext, name: str) -> js_api.StreamInfo | None:

@@ -52,10 +52,11 @@ def baseline(
     (kind "baseline", reference "baseline:analyst-<n>") on slmops.drift.<fleet>."""
 
     async def main() -> None:
-        import nats.errors  # here, not at the top: `--help` imports no networking
-
+        # Here, not at the top: `--help` imports no networking.
         from slmops.cloud.analyst.baseline import BASELINE_SUBJECT, BaselineReply, BaselineRequest
-        from slmops.shared.connect import connect_once
+        from slmops.shared.connect import connect_once, redact_url
+        from slmops.shared.errors import NatsUnavailable
+        from slmops.shared.jetstream import nats_errors
         from slmops.shared.messages import encode_json
 
         req = BaselineRequest(
@@ -64,11 +65,10 @@ def baseline(
         nc = await connect_once(nats_url)
         try:
             try:
-                msg = await nc.request(BASELINE_SUBJECT, msgspec.json.encode(req), timeout=15)
-            except (nats.errors.Error, TimeoutError) as exc:  # no responders, timeout
-                raise ValueError(
-                    f"no active cloud answered on {BASELINE_SUBJECT} ({type(exc).__name__})"
-                ) from exc
+                with nats_errors("request", BASELINE_SUBJECT, redact_url(nats_url)):
+                    msg = await nc.request(BASELINE_SUBJECT, msgspec.json.encode(req), timeout=15)
+            except NatsUnavailable as exc:  # no responders, timeout
+                raise ValueError(f"no active cloud answered on {BASELINE_SUBJECT} ({exc.reason})") from exc
         finally:
             with anyio.CancelScope(shield=True):
                 await nc.close()

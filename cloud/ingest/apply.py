@@ -16,10 +16,8 @@ from typing import Any
 
 import anyio
 import msgspec
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js import errors as js_errors
 
 from slmops.cloud.drift.detector import DriftDetector
 from slmops.cloud.ingest.checks import check_manifest
@@ -27,6 +25,8 @@ from slmops.cloud.ingest.dedupe import Admit, SeqTracker
 from slmops.cloud.ingest.events import EventPublisher, encode_event
 from slmops.cloud.ingest.snapshot import SnapshotWriter
 from slmops.cloud.ingest.state import InstallEpoch, NodeState, StateStore
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
+from slmops.shared.jetstream import nats_errors, url_of
 from slmops.shared.messages import (
     ModelManifest,
     ModelRef,
@@ -55,11 +55,13 @@ RECENT_HASHES = 256
 async def fetch_manifest(js: JetStreamContext, model: ModelRef) -> ModelManifest | None:
     """The model's manifest from KV ``slmops_manifests``, or None when absent or unreadable."""
     try:
-        kv = await js.key_value(MODELS_MANIFEST_BUCKET)
-        entry = await kv.get(manifest_key(model.name, model.version, model.variant))
-    except (js_errors.BucketNotFoundError, js_errors.KeyNotFoundError):
+        key = manifest_key(model.name, model.version, model.variant)
+        with nats_errors("kv key", f"{MODELS_MANIFEST_BUCKET}/{key}", url_of(js)):
+            kv = await js.key_value(MODELS_MANIFEST_BUCKET)
+            entry = await kv.get(key)
+    except NotFound:  # no bucket, no key, or a deleted one
         return None
-    except (nats.errors.Error, OSError, ValueError) as exc:
+    except (NatsUnavailable, JetStreamRefused, ValueError) as exc:
         log.warning("manifest_fetch_failed", model=model.name, version=model.version, error=repr(exc))
         return None
     if entry.value is None:

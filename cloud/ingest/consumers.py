@@ -27,25 +27,26 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import anyio
 import msgspec
-import nats.errors
 import structlog
 from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js import errors as js_errors
 from prometheus_client import Histogram as PromHistogram
 
 from slmops.cloud.ingest.apply import Applier
 from slmops.cloud.ingest.checks import Rejected, check_ranges
 from slmops.cloud.ingest.pull import ConsumerGone, PullBatches, PullError
 from slmops.shared.backoff import Backoff
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
+from slmops.shared.jetstream import nats_errors, stored_at, url_of
 from slmops.shared.messages import TelemetryAggregate, decode_telemetry
 from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM, telemetry_subject, validate_id
 
@@ -108,9 +109,12 @@ async def deadletter(
         "Slmops-Stream-Seq": stream_seq,
     }
     try:
-        with anyio.fail_after(_DEADLETTER_TIMEOUT):
+        with (
+            anyio.fail_after(_DEADLETTER_TIMEOUT),
+            nats_errors("stream publish", DEADLETTER_SUBJECT, url_of(js)),
+        ):
             await js.publish(DEADLETTER_SUBJECT, msg.data, headers=headers)
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
+    except (NatsUnavailable, JetStreamRefused, TimeoutError) as exc:
         log.error("deadletter_failed", subject=msg.subject, stream_seq=stream_seq, error=repr(exc))
         if nak_on_failure:
             await msg.nak(delay=_NAK_DELAY)
@@ -166,9 +170,8 @@ def check_telemetry(
 def server_time(msg: Msg) -> datetime:
     """When JetStream stored ``msg`` (its metadata timestamp, aware UTC); this host's clock
     for a message without JetStream metadata."""
-    try:
-        ts = msg.metadata.timestamp
-    except (AttributeError, ValueError, IndexError, nats.errors.Error):
+    ts = stored_at(msg)
+    if ts is None:
         return datetime.now(UTC)
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
@@ -296,6 +299,9 @@ class PullLoop:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    def _errors(self) -> AbstractContextManager[None]:
+        return nats_errors("consumer", f"{self._stream}/{self._durable}", url_of(self._js))
+
     async def _bind(self) -> None:
         """Bind the durable consumer, creating it when absent (an existing one keeps its own
         config, so its ack policy is read back from the server)."""
@@ -313,9 +319,11 @@ class PullLoop:
         else:
             config.filter_subject = self._subjects[0]
         try:
-            info = await self._js.consumer_info(self._stream, self._durable)
-        except js_errors.NotFoundError:
-            info = await self._js.add_consumer(self._stream, config)
+            with self._errors():
+                info = await self._js.consumer_info(self._stream, self._durable)
+        except NotFound:
+            with self._errors():
+                info = await self._js.add_consumer(self._stream, config)
         self.ack_all = info.config.ack_policy == js_api.AckPolicy.ALL
         # Deliveries before this bind that nobody acked (a predecessor killed mid-batch):
         # recover them before the first ack, which would cover them.
@@ -358,10 +366,10 @@ class PullLoop:
                 await anyio.sleep(0.5)
                 try:
                     await self._bind()
-                except (js_errors.Error, nats.errors.Error, OSError) as bind_exc:
+                except (NatsUnavailable, JetStreamRefused) as bind_exc:
                     log.warning("consumer_bind_failed", durable=self._durable, error=repr(bind_exc))
                 continue
-            except (PullError, nats.errors.Error, OSError) as exc:
+            except (PullError, NatsUnavailable, JetStreamRefused) as exc:
                 # Disconnected or the server is restarting: nats-py reconnects on its own.
                 # Deliveries may have been lost on the way: recover before the next ack.
                 log.warning("fetch_failed", durable=self._durable, error=repr(exc))
@@ -408,9 +416,11 @@ class PullLoop:
         """``msgs`` preceded by every message of the consumer's subjects between its ack
         floor and this batch that the batch does not hold, read again from the stream (an
         ephemeral, ack-less consumer). Applying those (dedupe drops the ones applied before)
-        makes the batch's ack cover only applied messages. Raises nats errors when the
-        stream cannot be read: the batch is then nak'ed and fetched again."""
-        info = await self._js.consumer_info(self._stream, self._durable)
+        makes the batch's ack cover only applied messages. Raises ``NatsUnavailable`` or
+        ``JetStreamRefused`` when the stream cannot be read: the batch is then nak'ed and
+        fetched again."""
+        with self._errors():
+            info = await self._js.consumer_info(self._stream, self._durable)
         floor = info.ack_floor.stream_seq or 0
         held = {m.metadata.sequence.stream for m in msgs}
         top = max(held)
@@ -429,7 +439,8 @@ class PullLoop:
             config.filter_subjects = self._subjects
         else:
             config.filter_subject = self._subjects[0]
-        await self._js.add_consumer(self._stream, config)
+        with nats_errors("consumer", f"{self._stream}/{name}", url_of(self._js)):
+            await self._js.add_consumer(self._stream, config)
         found: list[Msg] = []
         try:
             async with PullBatches(self._nc, self._stream, name, prefetch=False) as pull:
@@ -451,8 +462,9 @@ class PullLoop:
         finally:
             with anyio.move_on_after(_DEADLETTER_TIMEOUT, shield=True):
                 try:
-                    await self._js.delete_consumer(self._stream, name)
-                except (js_errors.Error, nats.errors.Error, OSError) as exc:
+                    with nats_errors("consumer", f"{self._stream}/{name}", url_of(self._js)):
+                        await self._js.delete_consumer(self._stream, name)
+                except (NatsUnavailable, JetStreamRefused) as exc:
                     log.debug("recover_consumer_delete_failed", name=name, error=repr(exc))
         self.recoveries += 1
         self.recovered += len(found)

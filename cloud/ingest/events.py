@@ -10,13 +10,14 @@ within its duplicate window, and the outbox row is deleted only after the PubAck
 from __future__ import annotations
 
 import anyio
-import nats.errors
 import structlog
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
 from slmops.cloud.ingest.state import StateStore
 from slmops.shared.backoff import Backoff
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable
+from slmops.shared.jetstream import nats_errors, url_of
 from slmops.shared.messages import DriftEvent, encode_json
 from slmops.shared.names import drift_subject
 
@@ -66,9 +67,12 @@ class EventPublisher:
             while self._pending:
                 event_id, subject, data = self._pending[0]
                 try:
-                    with anyio.fail_after(_PUBLISH_TIMEOUT):
+                    with (
+                        anyio.fail_after(_PUBLISH_TIMEOUT),
+                        nats_errors("stream publish", subject, url_of(self._js)),
+                    ):
                         await self._js.publish(subject, data, headers={"Nats-Msg-Id": event_id})
-                except (nats.errors.Error, OSError, TimeoutError) as exc:
+                except (NatsUnavailable, JetStreamRefused, TimeoutError) as exc:
                     delay = backoff.next()
                     log.warning("drift_event_publish_failed", id=event_id, error=repr(exc), retry_in=delay)
                     await anyio.sleep(delay)

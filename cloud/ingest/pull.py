@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import AbstractContextManager
 
 import anyio
-import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable
+from slmops.shared.jetstream import nats_errors, url_of
 
 __all__ = ["ConsumerGone", "PullBatches", "PullError"]
 
@@ -93,8 +96,12 @@ class PullBatches:
 
     async def __aenter__(self) -> PullBatches:
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        with self._errors():
+            self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
         return self
+
+    def _errors(self) -> AbstractContextManager[None]:
+        return nats_errors("consumer", f"{self._stream}/{self._durable}", url_of(self._nc))
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -151,7 +158,8 @@ class PullBatches:
         self._open, self._remaining = token, batch
         self.requests += 1
         try:
-            await self._nc.publish(self._api, json.dumps(body).encode(), reply=f"{self._inbox}.{token}")
+            with self._errors():
+                await self._nc.publish(self._api, json.dumps(body).encode(), reply=f"{self._inbox}.{token}")
         except BaseException:
             self._open = None
             raise
@@ -181,7 +189,7 @@ class PullBatches:
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to ``batch`` messages; ``[]`` when none came within ``timeout`` seconds.
         Raises ``PullError`` (``ConsumerGone``) when the server refused the request, and
-        nats-py's errors when the connection is closed."""
+        ``NatsUnavailable`` when the connection is closed."""
         if self._sub is None:
             raise RuntimeError("PullBatches used outside 'async with'")
         if batch < 1:
@@ -211,8 +219,9 @@ class PullBatches:
         with anyio.move_on_after(_CLOSE_WAIT, shield=True):
             await self._nak_buffered()
             try:
-                await sub.unsubscribe()
-            except (nats.errors.Error, OSError) as exc:
+                with self._errors():
+                    await sub.unsubscribe()
+            except (NatsUnavailable, JetStreamRefused) as exc:
                 log.debug("unsubscribe_failed", error=repr(exc))
             await self._nak_buffered()  # any that came while the naks above went out
 
@@ -220,4 +229,5 @@ class PullBatches:
         buffered, self._buf = self._buf, []
         for msg in buffered:
             if not msg.is_acked:
-                await msg.nak()
+                with self._errors():
+                    await msg.nak()

@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import msgspec
-import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from slmops.cloud.ingest.snapshot import FLEET_BUCKET, NodeSnapshot
-from slmops.shared.errors import NotFound
-from slmops.shared.jetstream import nats_errors
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
+from slmops.shared.jetstream import nats_errors, url_of
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import DriftEvent, decode_json
 from slmops.shared.names import DRIFT_ALL, DRIFT_STREAM, drift_subject
@@ -42,20 +41,24 @@ async def watch_drift(nc: NATS, fleet: str | None, since: datetime | None) -> As
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_TIME, opt_start_time=since
         )
-    with nats_errors("subscription", subject, _url(nc)):
+    with nats_errors("subscription", subject, url_of(nc)):
         sub = await js.subscribe(subject, stream=DRIFT_STREAM, ordered_consumer=True, config=config)
     try:
         while True:
-            try:
-                msg = await sub.next_msg(timeout=None)
-            except nats.errors.TimeoutError:
-                continue
+            with nats_errors("subscription", subject, url_of(nc)):
+                try:
+                    msg = await sub.next_msg(timeout=None)
+                except TimeoutError:  # nats-py's own TimeoutError is one
+                    continue
             try:
                 yield decode_json(msg.data, DriftEvent)
             except msgspec.DecodeError as exc:
                 log.warning("drift_event_undecodable", subject=msg.subject, error=str(exc))
     finally:
-        with contextlib.suppress(nats.errors.Error, OSError):
+        with (
+            contextlib.suppress(NatsUnavailable, JetStreamRefused),
+            nats_errors("subscription", subject, url_of(nc)),
+        ):
             await sub.unsubscribe()
 
 
@@ -64,7 +67,7 @@ async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:
     cloud never ran."""
     js = nc.jetstream()
     try:
-        with nats_errors("kv bucket", FLEET_BUCKET, _url(nc)):
+        with nats_errors("kv bucket", FLEET_BUCKET, url_of(nc)):
             # Not kv.keys() or a bare watch: both can end their replay early (shared/kv.py).
             values = await kv_values(js, FLEET_BUCKET, f"{fleet}.*" if fleet else ">")
     except NotFound:  # no bucket: the cloud never ran
@@ -78,8 +81,3 @@ async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:
         except msgspec.DecodeError as exc:
             log.warning("fleet_snapshot_undecodable", key=key, error=str(exc))
     return sorted(out, key=lambda s: (s.fleet, s.node))
-
-
-def _url(nc: NATS) -> str:
-    url = nc.connected_url
-    return f"{url.scheme}://{url.hostname}:{url.port}" if url is not None else "<nats>"

@@ -8,11 +8,11 @@ import contextlib
 from datetime import datetime
 
 import msgspec
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.messages import RolloutEvent, decode_json
 from slmops.shared.names import ROLLOUT_ALL, ROLLOUT_STREAM, rollout_subject
@@ -57,10 +57,11 @@ async def rollout_history(
         sub = await js.subscribe(subject, stream=ROLLOUT_STREAM, ordered_consumer=True, config=config)
     try:
         while True:
-            try:
-                msg = await sub.next_msg(timeout=timeout)
-            except nats.errors.TimeoutError:
-                break  # nothing more within the timeout: the replay is over
+            with nats_errors("stream", ROLLOUT_STREAM, url):
+                try:
+                    msg = await sub.next_msg(timeout=timeout)
+                except TimeoutError:  # nats-py's own TimeoutError is one
+                    break  # nothing more within the timeout: the replay is over
             try:
                 _apply(records, decode_json(msg.data, RolloutEvent))
             except msgspec.DecodeError as exc:
@@ -68,7 +69,10 @@ async def rollout_history(
             if msg.metadata.num_pending == 0:
                 break
     finally:
-        with contextlib.suppress(nats.errors.Error, OSError):
+        with (
+            contextlib.suppress(NatsUnavailable, JetStreamRefused),
+            nats_errors("subscription", subject, url),
+        ):
             await sub.unsubscribe()
     return sorted(records.values(), key=lambda r: (r.started, r.rollout))
 

@@ -18,11 +18,9 @@ from datetime import UTC, datetime
 import anyio
 import anyio.abc
 import msgspec
-import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js import errors as js_errors
 
 from slmops.cloud.registry import Registry
 from slmops.cloud.rollout.assign import Assigner
@@ -30,7 +28,8 @@ from slmops.cloud.rollout.controller import RolloutController
 from slmops.cloud.rollout.state import RolloutStore
 from slmops.shared import names
 from slmops.shared.backoff import Backoff
-from slmops.shared.errors import NatsUnavailable, SlmopsError
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, SlmopsError
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.messages import NodeStatus, RolloutEvent, decode_json, decode_telemetry, encode_json
 
 __all__ = ["RolloutRunner"]
@@ -76,13 +75,12 @@ class RolloutRunner:
         self._synced = anyio.Event()
 
     async def _publish(self, fleet: str, event: RolloutEvent, msg_id: str) -> None:
+        subject = names.rollout_subject(fleet)
         try:
-            with anyio.fail_after(10):
-                await self._js.publish(
-                    names.rollout_subject(fleet), encode_json(event), headers={"Nats-Msg-Id": msg_id}
-                )
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"publish rollout event {msg_id}: {exc!r}") from exc
+            with anyio.fail_after(10), nats_errors("stream publish", subject, self._url):
+                await self._js.publish(subject, encode_json(event), headers={"Nats-Msg-Id": msg_id})
+        except TimeoutError as exc:  # ours; JetStream's refusals and nats-py's errors are mapped
+            raise NatsUnavailable(self._url, f"publish rollout event {msg_id}: timed out") from exc
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         states = [s for s, _ in await self.store.all() if s.active or s.phase != "done"]
@@ -97,7 +95,7 @@ class RolloutRunner:
             )
         self._synced = anyio.Event()
         try:
-            with anyio.fail_after(30):
+            with anyio.fail_after(30), nats_errors("rollout consumers", names.STATUS_STREAM, self._url):
                 status_sub = await self._js.subscribe(
                     names.STATUS_ALL,
                     ordered_consumer=True,
@@ -107,8 +105,8 @@ class RolloutRunner:
                     names.TELEMETRY_ALL, ordered_consumer=True, config=tele_config
                 )
                 info = await self._js.stream_info(names.STATUS_STREAM)
-        except (TimeoutError, js_errors.Error, nats.errors.Error, OSError) as exc:
-            raise NatsUnavailable(self._url, f"rollout consumers: {exc!r}") from exc
+        except TimeoutError as exc:  # ours, as above
+            raise NatsUnavailable(self._url, "rollout consumers: not created within 30 s") from exc
         if not info.state.messages:
             self._synced.set()
         log.info("rollout_runner_started", active=len(states), replay_from=start)
@@ -122,7 +120,10 @@ class RolloutRunner:
             with anyio.move_on_after(2, shield=True):
                 for sub in (status_sub, tele_sub):
                     # The connection may already be gone.
-                    with contextlib.suppress(nats.errors.Error, OSError):
+                    with (
+                        contextlib.suppress(NatsUnavailable, JetStreamRefused),
+                        nats_errors("subscription", str(sub.subject), self._url),
+                    ):
                         await sub.unsubscribe()
 
     async def _statuses(self, sub: object) -> None:
