@@ -23,10 +23,11 @@ from datetime import UTC, datetime
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js import errors as js_errors
 
 from slmops.cloud.registry import Registry, RegistryError, Yank, yank_key
 from slmops.shared import names
+from slmops.shared.errors import NotFound
+from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import Assignment, BundleIndex, ModelManifest, decode_json
 
@@ -155,16 +156,19 @@ async def remove_version(js: JetStreamContext, registry: Registry, model: str, v
         ):
             await kv.delete(key)
             deleted += 1
+        obj = names.model_object_name(model, version, variant)
         try:
-            await obs.delete(names.model_object_name(model, version, variant))
+            with nats_errors("object", obj):
+                await obs.delete(obj)
             deleted += 1
-        except js_errors.NotFoundError:
+        except NotFound:
             pass  # no archive: a bundle only nodes of runtime 2 and later can run
     for sha in sorted(doomed - keep):
         try:
-            await obs.delete(names.file_object_name(sha))
+            with nats_errors("object", names.file_object_name(sha)):
+                await obs.delete(names.file_object_name(sha))
             deleted += 1
-        except js_errors.NotFoundError:
+        except NotFound:
             pass  # already gone
     return deleted
 

@@ -31,10 +31,14 @@ def _nats_bindings(tree: ast.AST) -> dict[str, str]:
                 if alias.name == "nats" or alias.name.startswith("nats."):
                     local = alias.asname or alias.name.split(".")[0]
                     bound[local] = alias.name if alias.asname else local
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "nats" or node.module.startswith("nats."):
-                for alias in node.names:
-                    bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and (node.module == "nats" or node.module.startswith("nats."))
+        ):
+            for alias in node.names:
+                bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
     return bound
 
 
@@ -94,7 +98,7 @@ def nats_handlers(path: Path, root: Path = ROOT) -> list[str]:
     refs = {id(n) for n in _refs(tree)}
     aliases = {
         target.id
-        for node in tree.body  # type: ignore[attr-defined]
+        for node in tree.body
         if isinstance(node, ast.Assign) and any(id(n) in refs for n in ast.walk(node.value))
         for target in node.targets
         if isinstance(target, ast.Name)

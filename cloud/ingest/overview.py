@@ -23,15 +23,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js import errors as js_errors
 
 from slmops.cloud.ingest.query import fleet_status
 from slmops.cloud.ingest.snapshot import NodeSnapshot
 from slmops.shared import names
-from slmops.shared.errors import NotFound
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import Assignment, DriftEvent, decode_each, decode_json
@@ -221,7 +219,7 @@ async def open_drift_events(nc: NATS, fleet: str | None = None) -> list[DriftEve
                 if e.supersedes:
                     superseded.add(e.supersedes.rsplit(".", 1)[0])
     finally:
-        with contextlib.suppress(nats.errors.Error, js_errors.Error, OSError):
+        with contextlib.suppress(NatsUnavailable, JetStreamRefused), nats_errors("subscription", subject):
             await sub.unsubscribe()
     return [e for k, e in latest.items() if e.state != "resolved" and k not in superseded]
 
