@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import ClassVar, Literal
 
 import msgspec
 
-from slmops.cloud.rollout.state import RolloutConfig
 from slmops.shared.config import Config
 from slmops.shared.connect import check_nats_url
 from slmops.shared.names import validate_id
 
-__all__ = ["CloudConfig", "DriftConfig", "RecalibratePolicy"]
+__all__ = ["CloudConfig", "DriftConfig", "RecalibratePolicy", "RolloutConfig", "RolloutSettings"]
 
 
 class DriftConfig(Config, kw_only=True):
@@ -55,6 +55,70 @@ class DriftConfig(Config, kw_only=True):
             )
         if self.calibration_windows < 10_000:
             raise ValueError(f"calibration_windows must be >= 10000, got {self.calibration_windows!r}")
+
+
+class RolloutConfig(msgspec.Struct, kw_only=True):
+    """How a rollout advances and what stops it. Validated on construction. Stored inside the
+    rollout state in KV (``cloud.rollout.state``), so it tolerates fields a newer controller
+    added; the config file's ``[rollout]`` table is the strict ``RolloutSettings``."""
+
+    #: Cumulative percentages of the fleet per stage; the last is 100.
+    stages: list[int] = msgspec.field(default_factory=lambda: [5, 25, 100])
+    #: Seconds each stage runs after its nodes installed, before its gates are judged.
+    soak_s: float = 120.0
+    #: Fraction of a stage's nodes that may fail to install (rejected, rolled back locally).
+    max_failures: float = 0.02
+    #: Seconds to wait for a stage's nodes to install; then the stage soaks with those that
+    #: did (nodes offline for days must not hold a rollout forever) unless none did.
+    install_timeout_s: float = 300.0
+    #: Inferences the canary (and, for comparisons, the control) needs before a gate judges.
+    min_samples: int = 200
+    #: Past this many seconds of soak without enough samples the rollout pauses for a person.
+    sample_timeout_s: float = 1800.0
+    #: Canary error rate may exceed control's by at most this (absolute).
+    max_error_rate_increase: float = 0.01
+    #: Canary latency p95 may be at most this times control's.
+    max_latency_ratio: float = 1.5
+    #: ... unless the canary's p95 is below this: sub-millisecond figures (one ORT call of the
+    #: default model is ~0.1 ms) move by bins with scheduling noise alone.
+    latency_floor_ms: float = 2.0
+    #: Canary mean confidence (the expected-accuracy proxy) may be at most this lower.
+    max_confidence_drop: float = 0.05
+    #: Canary's class-mix distance to its own reference may exceed control's by at most this
+    #: (total variation), so a recalibrated version that predicts a new mix on purpose passes.
+    max_drift_increase: float = 0.1
+    #: Canary accuracy from app feedback may be at most this lower than control's (absolute).
+    max_accuracy_drop: float = 0.05
+    #: Labelled answers (app feedback) each side needs before the accuracy gate judges; with
+    #: fewer it passes saying so (apps need not send feedback at all).
+    min_feedback: int = 100
+
+    def __post_init__(self) -> None:
+        st = self.stages
+        if not st or any(isinstance(p, bool) or not isinstance(p, int) for p in st):
+            raise ValueError(f"stages must be a non-empty list of ints, got {st!r}")
+        if any(not 0 < p <= 100 for p in st) or any(b <= a for a, b in itertools.pairwise(st)):
+            raise ValueError(f"stages must increase strictly within 1..100, got {st!r}")
+        if st[-1] != 100:
+            raise ValueError(f"the last stage must be 100 (the whole fleet), got {st!r}")
+        if not 0 <= self.max_failures < 1:
+            raise ValueError(f"max_failures must be a fraction in [0, 1), got {self.max_failures!r}")
+        for name in (
+            "soak_s",
+            "install_timeout_s",
+            "sample_timeout_s",
+            "max_error_rate_increase",
+            "latency_floor_ms",
+        ):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        for name in ("max_latency_ratio", "max_confidence_drop", "max_drift_increase", "max_accuracy_drop"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("min_samples", "min_feedback"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class RolloutSettings(RolloutConfig, kw_only=True, forbid_unknown_fields=True):

@@ -8,8 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from slmops.cloud.config import CloudConfig
-from slmops.cloud.rollout.state import RolloutConfig
+from slmops.cloud.config import CloudConfig, RolloutConfig
 from slmops.shared.config import load_config
 from slmops.shared.errors import ConfigError
 

@@ -81,3 +81,23 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
         f.unlink()
     assert names == {"slmops.cloud.ingest", "slmops.edge"}
     assert violations(names, FORBIDDEN["edge"]) == ["slmops.cloud.ingest"]
+
+
+#: Configuration types (what a file or flag sets) are named like this ...
+CONFIG_SUFFIXES = ("Config", "Settings", "Limits", "Timings")
+#: ... and live in a package's ``config`` module (issue 16 §4), not beside what they configure
+#: in persistence or service modules. The factory's build hyperparameters (``TrainConfig``,
+#: the encoder's ``BertConfig``) are arguments of one build step, not service configuration.
+CONFIG_ELSEWHERE_OK = {"cloud/factory/build.py", "cloud/factory/encoder.py", "shared/config.py"}
+
+
+def test_config_types_live_in_config_modules() -> None:
+    found = {
+        f"{path.relative_to(ROOT)}:{node.name}"
+        for package in FORBIDDEN
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path.name != "config.py" and path.relative_to(ROOT).as_posix() not in CONFIG_ELSEWHERE_OK
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name.endswith(CONFIG_SUFFIXES)
+    }
+    assert found == set()

@@ -42,11 +42,12 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
+from slmops.cloud.config import RolloutConfig
 from slmops.cloud.errors import CloudError
 from slmops.cloud.recalibration.recalibrate import RecalibrationError, recalibrate_bundle
 from slmops.cloud.registry import Registry, RegistryError
 from slmops.cloud.rollout.assign import Assigner, start_rollout, variants_of
-from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutStore
+from slmops.cloud.rollout.state import RolloutError, RolloutStore
 from slmops.shared import names
 from slmops.shared.bundle import Bundle, TrustStore, load_private_key
 from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable

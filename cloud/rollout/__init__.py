@@ -4,6 +4,7 @@
 service, or ``slmops rollout run``) drives it with a ``RolloutController``.
 """
 
+from slmops.cloud.config import RolloutConfig  # a config type: lives in cloud.config
 from slmops.cloud.rollout.assign import Assigner, start_rollout
 from slmops.cloud.rollout.cohort import cohort, hash_point
 from slmops.cloud.rollout.controller import RolloutController
@@ -12,7 +13,6 @@ from slmops.cloud.rollout.nodes import NodeView
 from slmops.cloud.rollout.runner import RolloutRunner
 from slmops.cloud.rollout.state import (
     ROLLOUTS_BUCKET,
-    RolloutConfig,
     RolloutConflict,
     RolloutError,
     RolloutState,

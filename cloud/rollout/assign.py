@@ -19,8 +19,9 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from slmops.cloud.config import RolloutConfig
 from slmops.cloud.registry import Registry, RegistryError
-from slmops.cloud.rollout.state import RolloutConfig, RolloutError, RolloutState, RolloutStore
+from slmops.cloud.rollout.state import RolloutError, RolloutState, RolloutStore
 from slmops.shared import names
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_get

@@ -48,7 +48,7 @@ from typing import Literal
 
 import msgspec
 
-from slmops.cloud.rollout.state import RolloutConfig
+from slmops.cloud.config import RolloutConfig
 from slmops.shared.histogram import Histogram, HistogramMismatch
 from slmops.shared.messages import ReferenceProfile, TelemetryAggregate
 
