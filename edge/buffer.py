@@ -151,7 +151,9 @@ class Commit:
         return self.done.is_set() and self.error is None
 
 
-class BufferStats(msgspec.Struct, kw_only=True):
+class BufferStats(msgspec.Struct, kw_only=True, frozen=True):
+    """A snapshot of ``EventBuffer.statistics()`` (a frozen Struct: it is also encoded)."""
+
     outbox_depth: int
     outbox_bytes: int
     file_bytes: int

@@ -37,6 +37,7 @@ from slmops.shared.bundle import MANIFEST_FILE, Bundle, TrustStore, check_files,
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelManifest, ModelRef
 from slmops.shared.runtime import Session, verify_bundle
+from slmops.shared.vocabulary import BundleCode
 
 __all__ = ["ActiveModel", "ModelManager"]
 
@@ -254,7 +255,9 @@ class ModelManager:
         async with self._lock:
             prev = self.previous if name is None else self.previous_of(name)
             if prev is None:
-                raise BundleError("cache", "there is no previous model to roll back to", "no_previous")
+                raise BundleError(
+                    "cache", "there is no previous model to roll back to", BundleCode.NO_PREVIOUS
+                )
             active = await self._load(self.cache_dir / _dirname(prev))
             self._swap(active, "rollback")
             log.warning("model_rolled_back", model=prev.name, version=prev.version)
@@ -263,7 +266,9 @@ class ModelManager:
     async def _session(self, bundle: Bundle) -> Session:
         """``shared.runtime.verify_bundle``: the same checks as ``models push``."""
         if len(self.trust) == 0:
-            raise BundleError(str(bundle.path), "no trusted keys are configured (--trust)", "unknown_key")
+            raise BundleError(
+                str(bundle.path), "no trusted keys are configured (--trust)", BundleCode.UNKNOWN_KEY
+            )
         return await anyio.to_thread.run_sync(
             lambda: verify_bundle(
                 bundle, self.trust, memory_mb=self.memory_mb, intra_op_threads=self._threads

@@ -113,7 +113,8 @@ class LossReceipt:
             raise OSError(f"loss receipt {self.path}: short write")
 
     def _read(self) -> tuple[int, int, str] | None:
-        assert self._fd is not None
+        if self._fd is None:  # runtime state, not an invariant: say so even under python -O
+            raise OSError(f"loss receipt {self.path} is not open")
         best: tuple[int, int, str] | None = None
         for offset in (0, _SLOT_GAP):
             raw = os.pread(self._fd, _HEAD.size + _CRC.size, offset)

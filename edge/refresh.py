@@ -38,10 +38,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -81,7 +82,7 @@ from slmops.shared.messages import (
 )
 from slmops.shared.objects import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.shared.variants import choose_variant
-from slmops.shared.vocabulary import RETRYABLE_CODES, NodeEvent
+from slmops.shared.vocabulary import RETRYABLE_CODES, BundleCode, NodeEvent
 
 __all__ = ["RETRYABLE", "RefreshStatistics", "Refresher", "watch_config"]
 
@@ -106,7 +107,9 @@ PARTIAL_DIR = ".partial"
 
 
 @dataclass
-class RefreshStatistics:
+class _Counters:
+    """The refresher's live counters (``Refresher.stats``); ``statistics()`` copies them."""
+
     checks: int = 0
     installs: int = 0
     rejections: int = 0
@@ -119,6 +122,25 @@ class RefreshStatistics:
     bytes_reused: int = 0
     last: RefreshResult | None = None
     rejected: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshStatistics:
+    """A snapshot of ``Refresher.statistics()``: counts since the node started."""
+
+    checks: int
+    installs: int
+    rejections: int
+    download_failures: int
+    #: Checks that found the assigned version on the node's block list (``edge.safety``).
+    blocked_skips: int
+    bytes_downloaded: int
+    #: Bundle files taken from bundles the node already held instead of downloaded.
+    files_reused: int
+    bytes_reused: int
+    last: RefreshResult | None
+    #: ``model/version/variant`` → the code it was refused with (a copy).
+    rejected: Mapping[str, str]
 
 
 def _utcnow() -> datetime:
@@ -181,10 +203,23 @@ class Refresher:
         self._skipped: set[tuple[str, int, str, datetime]] = set()
         #: The download cut short by cancellation (link lost): reported at the next attempt.
         self._interrupted: tuple[ModelRef, str] | None = None
-        self.stats = RefreshStatistics()
+        self.stats = _Counters()
 
     def statistics(self) -> RefreshStatistics:
-        return self.stats
+        """A frozen snapshot of the counters (changing it changes nothing here)."""
+        c = self.stats
+        return RefreshStatistics(
+            checks=c.checks,
+            installs=c.installs,
+            rejections=c.rejections,
+            download_failures=c.download_failures,
+            blocked_skips=c.blocked_skips,
+            bytes_downloaded=c.bytes_downloaded,
+            files_reused=c.files_reused,
+            bytes_reused=c.bytes_reused,
+            last=c.last,
+            rejected=MappingProxyType(dict(c.rejected)),
+        )
 
     # -- the service ------------------------------------------------------------------------
 
@@ -315,7 +350,7 @@ class Refresher:
             failure = BundleError(
                 f"{assignment.model}/{assignment.version}",
                 f"reading the registry failed: {type(exc).__name__}: {exc}",
-                "download_failed",
+                BundleCode.DOWNLOAD_FAILED,
             )
             return await self._refused_result(
                 ModelRef(name=assignment.model, version=assignment.version, variant="?"), assignment, failure
@@ -342,7 +377,7 @@ class Refresher:
             # The last attempt was cut off with the link: report it now that we can.
             self.stats.download_failures += 1
             failed = RefreshResult(
-                model=ref, ok=False, code="download_failed", reason=interrupted[1], at=self._now()
+                model=ref, ok=False, code=BundleCode.DOWNLOAD_FAILED, reason=interrupted[1], at=self._now()
             )
             self.stats.last = failed
             await self._report(NodeEvent.MODEL_REJECTED, refresh=failed)
@@ -415,12 +450,12 @@ class Refresher:
                 raise BundleError(
                     f"{a.model}/{a.version}",
                     f"this runtime can run none of the variants: {unmet_by} (not downloaded)",
-                    "incompatible",
+                    BundleCode.INCOMPATIBLE,
                 )
             raise BundleError(
                 f"{a.model}/{a.version}",
                 f"no manifest of variants {a.variants} in the registry",
-                "download_failed",
+                BundleCode.DOWNLOAD_FAILED,
             )
         return ModelRef(
             name=a.model,
@@ -469,14 +504,14 @@ class Refresher:
             raise BundleError(
                 where,
                 f"this runtime cannot run it: needs {', '.join(missing)} (not downloaded)",
-                "incompatible",
+                BundleCode.INCOMPATIBLE,
             )
         memory = self.models.memory_mb
         if memory > 0 and index.min_memory_mb > memory:
             raise BundleError(
                 where,
                 f"needs {index.min_memory_mb} MB of memory, this device has {memory} MB (not downloaded)",
-                "too_large",
+                BundleCode.TOO_LARGE,
             )
 
     async def _fetch_and_install(self, js: JetStreamContext, ref: ModelRef) -> None:
@@ -485,7 +520,9 @@ class Refresher:
             index = await self._index(js, ref.name, ref.version, ref.variant)
         except _NATS_ERRORS as exc:
             raise BundleError(
-                where, f"reading the bundle index failed: {type(exc).__name__}: {exc}", "download_failed"
+                where,
+                f"reading the bundle index failed: {type(exc).__name__}: {exc}",
+                BundleCode.DOWNLOAD_FAILED,
             ) from exc
         if index is not None:
             self._precheck(ref, index)
@@ -499,7 +536,9 @@ class Refresher:
             try:
                 await self.models.install(bundle.path, source=f"assignment {ref.name}/{ref.version}")
             except OSError as exc:  # disk full, permissions: the bundle may be fine
-                raise BundleError(str(bundle.path), f"cannot install: {exc}", "download_failed") from exc
+                raise BundleError(
+                    str(bundle.path), f"cannot install: {exc}", BundleCode.DOWNLOAD_FAILED
+                ) from exc
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, tmp, True)
@@ -530,12 +569,12 @@ class Refresher:
                 on_chunk=progress,
             )
         except NotFound as exc:
-            raise BundleError(obj, "no such object in the model store", "download_failed") from exc
+            raise BundleError(obj, "no such object in the model store", BundleCode.DOWNLOAD_FAILED) from exc
         except FetchError as exc:
-            raise BundleError(obj, f"download incomplete: {exc.reason}", "download_failed") from exc
+            raise BundleError(obj, f"download incomplete: {exc.reason}", BundleCode.DOWNLOAD_FAILED) from exc
         except _NATS_ERRORS as exc:
             raise BundleError(
-                obj, f"download failed: {type(exc).__name__}: {exc}", "download_failed"
+                obj, f"download failed: {type(exc).__name__}: {exc}", BundleCode.DOWNLOAD_FAILED
             ) from exc
 
     async def download_files(
@@ -556,7 +595,7 @@ class Refresher:
             raise BundleError(
                 f"{ref.name}/{ref.version}/{ref.variant}",
                 f"download did not finish within {limit:.0f}s (resumes at the next attempt)",
-                "download_failed",
+                BundleCode.DOWNLOAD_FAILED,
             ) from exc
         log.info(
             "model_downloaded",
@@ -576,12 +615,14 @@ class Refresher:
         raw = await anyio.to_thread.run_sync(part.read_bytes)
         if hashlib.sha256(raw).hexdigest() != index.manifest_sha256:
             raise BundleError(
-                where, "the manifest object does not match the index's sha256", "download_failed"
+                where, "the manifest object does not match the index's sha256", BundleCode.DOWNLOAD_FAILED
             )
         self.models.trust.verify(raw, where)  # signature first: nothing else is fetched for a forgery
         bundle = await anyio.to_thread.run_sync(manifest_only_bundle, out, raw, where)
         if bundle.manifest.ref != ref:
-            raise BundleError(where, f"manifest is {bundle.manifest.ref}, not the assigned {ref}", "invalid")
+            raise BundleError(
+                where, f"manifest is {bundle.manifest.ref}, not the assigned {ref}", BundleCode.INVALID
+            )
         for f in bundle.files:
             target = out / f.path
             if await anyio.to_thread.run_sync(self._reuse, f, target):
@@ -627,7 +668,9 @@ class Refresher:
             with anyio.fail_after(limit):
                 size = await self._fetch(js, obj, part, None)
         except TimeoutError as exc:
-            raise BundleError(obj, f"download did not finish within {limit:.0f}s", "download_failed") from exc
+            raise BundleError(
+                obj, f"download did not finish within {limit:.0f}s", BundleCode.DOWNLOAD_FAILED
+            ) from exc
         log.info("model_downloaded", object=obj, bytes=size, seconds=round(time.perf_counter() - t0, 3))
         try:
             bundle = await anyio.to_thread.run_sync(
@@ -636,7 +679,9 @@ class Refresher:
         finally:
             await anyio.to_thread.run_sync(self._clean_partials, part.name)
         if bundle.manifest.ref != ref:
-            raise BundleError(obj, f"archive holds {bundle.manifest.ref}, not the assigned {ref}", "invalid")
+            raise BundleError(
+                obj, f"archive holds {bundle.manifest.ref}, not the assigned {ref}", BundleCode.INVALID
+            )
         return bundle
 
 
@@ -653,7 +698,7 @@ def _move_checked(part: Path, target: Path, f: BundleFile, where: str) -> None:
     if size != f.size_bytes or sha256_file(part) != f.sha256:
         part.unlink(missing_ok=True)
         raise BundleError(
-            where, f"{f.path}: the downloaded object does not match the manifest", "hash_mismatch"
+            where, f"{f.path}: the downloaded object does not match the manifest", BundleCode.HASH_MISMATCH
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, target)

@@ -47,6 +47,7 @@ from slmops.shared.messages import (
     SmokeTest,
     TensorSpec,
 )
+from slmops.shared.vocabulary import BundleCode
 
 __all__ = [
     "MANIFEST_FILE",
@@ -123,9 +124,9 @@ def _document(raw: bytes, where: str = "manifest") -> dict[str, Any]:
     try:
         doc = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise BundleError(where, f"manifest is not valid JSON: {exc}", "invalid") from exc
+        raise BundleError(where, f"manifest is not valid JSON: {exc}", BundleCode.INVALID) from exc
     if not isinstance(doc, dict):
-        raise BundleError(where, "manifest is not a JSON object", "invalid")
+        raise BundleError(where, "manifest is not a JSON object", BundleCode.INVALID)
     return doc
 
 
@@ -349,22 +350,26 @@ class TrustStore:
         try:
             sig = msgspec.convert(doc.get("signature"), Signature | None)
         except msgspec.ValidationError as exc:
-            raise BundleError(where, f"manifest signature is malformed: {exc}", "bad_signature") from exc
+            raise BundleError(
+                where, f"manifest signature is malformed: {exc}", BundleCode.BAD_SIGNATURE
+            ) from exc
         if sig is None:
-            raise BundleError(where, "manifest is not signed", code="unsigned")
+            raise BundleError(where, "manifest is not signed", code=BundleCode.UNSIGNED)
         if sig.algorithm != "ed25519":
-            raise BundleError(where, f"unsupported signature algorithm {sig.algorithm!r}", "bad_signature")
+            raise BundleError(
+                where, f"unsupported signature algorithm {sig.algorithm!r}", BundleCode.BAD_SIGNATURE
+            )
         key = self._keys.get(sig.key_id)
         if key is None:
             raise BundleError(
                 where,
                 f"signed by key {sig.key_id!r}, which is not trusted (trusted: {self.key_ids})",
-                code="unknown_key",
+                code=BundleCode.UNKNOWN_KEY,
             )
         try:
             value = base64.b64decode(sig.value, validate=True)
         except ValueError as exc:
-            raise BundleError(where, "signature is not base64", "bad_signature") from exc
+            raise BundleError(where, "signature is not base64", BundleCode.BAD_SIGNATURE) from exc
         for signed in (canonical_bytes(raw), _legacy_canonical(raw)):
             if signed is None:
                 continue
@@ -373,7 +378,7 @@ class TrustStore:
                 return
             except InvalidSignature:
                 continue
-        raise BundleError(where, "signature does not match the manifest", "bad_signature")
+        raise BundleError(where, "signature does not match the manifest", BundleCode.BAD_SIGNATURE)
 
 
 # -- reading and writing directories ---------------------------------------------------------
@@ -394,7 +399,7 @@ def check_path(path: str, where: str = "bundle") -> PurePosixPath:
         or len(path) > 255
     ):
         raise BundleError(
-            where, f"file path {path!r} is not a plain relative path inside the bundle", "invalid"
+            where, f"file path {path!r} is not a plain relative path inside the bundle", BundleCode.INVALID
         )
     return p
 
@@ -405,14 +410,14 @@ def _listed(manifest: ModelManifest, where: str) -> dict[str, BundleFile]:
     for f in files:
         check_path(f.path, where)
         if f.path in listed:
-            raise BundleError(where, f"file {f.path!r} is listed twice", "invalid")
+            raise BundleError(where, f"file {f.path!r} is listed twice", BundleCode.INVALID)
         if f.role and f.role not in ROLES:
             raise BundleError(where, f"file {f.path!r} has unknown role {f.role!r} (known: {sorted(ROLES)})")
         if f.size_bytes < 0:
-            raise BundleError(where, f"file {f.path!r} has a negative size", "invalid")
+            raise BundleError(where, f"file {f.path!r} has a negative size", BundleCode.INVALID)
         listed[f.path] = f
     if manifest.files and not any(f.role == "model" for f in files):
-        raise BundleError(where, "no file with role 'model' is listed", "invalid")
+        raise BundleError(where, "no file with role 'model' is listed", BundleCode.INVALID)
     return listed
 
 
@@ -420,16 +425,18 @@ def _decode_manifest(raw: bytes, where: str) -> ModelManifest:
     try:
         return _manifest_decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        raise BundleError(where, f"manifest is invalid: {exc}", "invalid") from exc
+        raise BundleError(where, f"manifest is invalid: {exc}", BundleCode.INVALID) from exc
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise BundleError(where, f"manifest is not valid JSON: {exc}", "invalid") from exc
+        raise BundleError(where, f"manifest is not valid JSON: {exc}", BundleCode.INVALID) from exc
 
 
 def parse_manifest(path: Path, raw: bytes, where: str = "bundle") -> Bundle:
     """A ``Bundle`` at ``path`` from raw manifest bytes: decoded and its file list validated
     (paths, roles), the files themselves not looked at. Raises ``BundleError`` (``invalid``)."""
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise BundleError(where, f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", "invalid")
+        raise BundleError(
+            where, f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", BundleCode.INVALID
+        )
     manifest = _decode_manifest(raw, where)
     _listed(manifest, where)
     return Bundle(path=Path(path), manifest=manifest, raw=raw)
@@ -445,23 +452,27 @@ def read_bundle(path: Path) -> Bundle:
         with (path / MANIFEST_FILE).open("rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as exc:
-        raise BundleError(where, f"no {MANIFEST_FILE} in the bundle", "invalid") from exc
+        raise BundleError(where, f"no {MANIFEST_FILE} in the bundle", BundleCode.INVALID) from exc
     except OSError as exc:
-        raise BundleError(where, f"cannot read {MANIFEST_FILE}: {exc}", "invalid") from exc
+        raise BundleError(where, f"cannot read {MANIFEST_FILE}: {exc}", BundleCode.INVALID) from exc
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise BundleError(where, f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", "invalid")
+        raise BundleError(
+            where, f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", BundleCode.INVALID
+        )
     manifest = _decode_manifest(raw, where)
     listed = _listed(manifest, where)
     for name in listed:
         p = path / name
         if p.is_symlink() or not p.is_file():
-            raise BundleError(where, f"listed file {name!r} is missing from the bundle", "invalid")
+            raise BundleError(where, f"listed file {name!r} is missing from the bundle", BundleCode.INVALID)
     dirs = {str(parent) for name in listed for parent in PurePosixPath(name).parents} - {"."}
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
         if rel == MANIFEST_FILE or rel in listed or (rel in dirs and p.is_dir() and not p.is_symlink()):
             continue
-        raise BundleError(where, f"file {rel!r} is in the bundle but not listed in its manifest", "invalid")
+        raise BundleError(
+            where, f"file {rel!r} is in the bundle but not listed in its manifest", BundleCode.INVALID
+        )
     return Bundle(path=path, manifest=manifest, raw=raw)
 
 
@@ -473,14 +484,16 @@ def check_files(bundle: Bundle) -> None:
         size = p.stat().st_size
         if size != f.size_bytes:
             raise BundleError(
-                str(bundle.path), f"{f.path} is {size} bytes, manifest says {f.size_bytes}", "truncated"
+                str(bundle.path),
+                f"{f.path} is {size} bytes, manifest says {f.size_bytes}",
+                BundleCode.TRUNCATED,
             )
         digest = sha256_file(p)
         if digest != f.sha256:
             raise BundleError(
                 str(bundle.path),
                 f"{f.path} sha256 {digest} does not match manifest {f.sha256}",
-                "hash_mismatch",
+                BundleCode.HASH_MISMATCH,
             )
 
 
@@ -608,7 +621,9 @@ def _copy_capped(src: IO[bytes], out: Path, entry: BundleFile, where: str) -> No
         while left > 0:
             chunk = src.read(min(left, 1 << 20))
             if not chunk:
-                raise BundleError(where, f"{entry.path} ends {left} bytes early in the archive", "truncated")
+                raise BundleError(
+                    where, f"{entry.path} ends {left} bytes early in the archive", BundleCode.TRUNCATED
+                )
             h.update(chunk)
             dst.write(chunk)
             left -= len(chunk)
@@ -616,7 +631,7 @@ def _copy_capped(src: IO[bytes], out: Path, entry: BundleFile, where: str) -> No
         raise BundleError(
             where,
             f"{entry.path} sha256 {h.hexdigest()} does not match manifest {entry.sha256}",
-            "hash_mismatch",
+            BundleCode.HASH_MISMATCH,
         )
 
 
@@ -641,15 +656,15 @@ def unpack_archive(archive: Path | BinaryIO, out_dir: Path, trust: TrustStore | 
         ) as tar:
             first = tar.next()
             if first is None or first.name != MANIFEST_FILE or not first.isreg() or first.issparse():
-                raise BundleError(where, f"archive must start with {MANIFEST_FILE}", "invalid")
+                raise BundleError(where, f"archive must start with {MANIFEST_FILE}", BundleCode.INVALID)
             if first.size > MAX_MANIFEST_BYTES:
                 raise BundleError(
-                    where, f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", "invalid"
+                    where, f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", BundleCode.INVALID
                 )
             src = tar.extractfile(first)
             raw = src.read() if src is not None else b""
             if len(raw) != first.size:
-                raise BundleError(where, f"{MANIFEST_FILE} is cut short in the archive", "truncated")
+                raise BundleError(where, f"{MANIFEST_FILE} is cut short in the archive", BundleCode.TRUNCATED)
             manifest = _decode_manifest(raw, where)
             if trust is not None:
                 trust.verify(raw, where)
@@ -660,12 +675,14 @@ def unpack_archive(archive: Path | BinaryIO, out_dir: Path, trust: TrustStore | 
                 entry = listed.get(name)
                 if entry is None:
                     raise BundleError(
-                        where, f"archive member {name!r} is not listed in the manifest", "invalid"
+                        where, f"archive member {name!r} is not listed in the manifest", BundleCode.INVALID
                     )
                 if name in seen:
-                    raise BundleError(where, f"archive holds {name!r} twice", "invalid")
+                    raise BundleError(where, f"archive holds {name!r} twice", BundleCode.INVALID)
                 if not member.isreg() or member.issparse():
-                    raise BundleError(where, f"archive member {name!r} is not a plain file", "invalid")
+                    raise BundleError(
+                        where, f"archive member {name!r} is not a plain file", BundleCode.INVALID
+                    )
                 if member.size != entry.size_bytes:
                     raise BundleError(
                         where,
@@ -675,13 +692,15 @@ def unpack_archive(archive: Path | BinaryIO, out_dir: Path, trust: TrustStore | 
                     )
                 data = tar.extractfile(member)
                 if data is None:
-                    raise BundleError(where, f"cannot read {name!r} from the archive", "invalid")
+                    raise BundleError(where, f"cannot read {name!r} from the archive", BundleCode.INVALID)
                 _copy_capped(data, out_dir / name, entry, where)
                 seen.add(name)
             missing = sorted(set(listed) - seen)
             if missing:
-                raise BundleError(where, f"listed files missing from the archive: {missing}", "invalid")
+                raise BundleError(
+                    where, f"listed files missing from the archive: {missing}", BundleCode.INVALID
+                )
     except (tarfile.TarError, EOFError) as exc:
-        raise BundleError(where, f"archive is damaged or truncated: {exc}", "truncated") from exc
+        raise BundleError(where, f"archive is damaged or truncated: {exc}", BundleCode.TRUNCATED) from exc
     _atomic_write(out_dir / MANIFEST_FILE, raw)
     return Bundle(path=out_dir, manifest=manifest, raw=raw)

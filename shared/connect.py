@@ -60,6 +60,7 @@ ConnectFactory = Callable[..., Awaitable[NATS]]
 _WARN_AFTER = 3
 _WARN_EVERY = 100
 
+
 class LinkState(enum.StrEnum):
     OFFLINE = "offline"
     CONNECTING = "connecting"

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from slmops.shared.histogram import Histogram
+from slmops.shared.vocabulary import DP_SENSITIVITY
 
 __all__ = [
     "OOS_CELLS",
@@ -73,9 +74,9 @@ class Privacy(Wire, kw_only=True):
     epsilon: float | None = None
     #: "none" or "geometric" (two-sided geometric noise on every histogram and class count).
     mechanism: str = "none"
-    #: Counts one inference changes (the noise is scaled to it): 5 before out-of-scope
-    #: counts, 6 with them.
-    sensitivity: int = 5
+    #: Counts one inference changes (the noise is scaled to it): ``DP_SENSITIVITY`` (5)
+    #: before out-of-scope counts, 6 with them. The default is what older senders meant.
+    sensitivity: int = DP_SENSITIVITY
 
 
 #: Out-of-scope signs an inference can show (bits of ``OOS_CELLS``): its top probability is

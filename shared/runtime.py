@@ -35,6 +35,7 @@ from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelManifest
 from slmops.shared.preprocess import TOKEN_ROLES, TokenizerFeaturizer, featurize
+from slmops.shared.vocabulary import BundleCode
 
 __all__ = ["HOSTILE_TEXTS", "Outputs", "Prediction", "Session", "load_session", "verify_bundle"]
 
@@ -226,7 +227,9 @@ class Session:
             took = time.perf_counter() - t0
             for k, t in enumerate(tests):
                 if not out.ok[k]:
-                    raise BundleError(name, f"smoke test {t.text!r}: non-finite output", "smoke_failed")
+                    raise BundleError(
+                        name, f"smoke test {t.text!r}: non-finite output", BundleCode.SMOKE_FAILED
+                    )
                 got = out.values[k]
                 if self.task == "classification":
                     label = self.manifest.labels[int(got.argmax())]
@@ -234,20 +237,20 @@ class Session:
                         raise BundleError(
                             name,
                             f"smoke test {t.text!r}: expected {t.label!r}, got {label!r}",
-                            "smoke_failed",
+                            BundleCode.SMOKE_FAILED,
                         )
                 if t.probs and len(t.probs) != len(got):
                     raise BundleError(
                         name,
                         f"smoke test {t.text!r}: {len(t.probs)} expected values, model gives {len(got)}",
-                        "smoke_failed",
+                        BundleCode.SMOKE_FAILED,
                     )
                 diff = float(np.max(np.abs(got - np.asarray(t.probs, dtype=np.float32)))) if t.probs else 0.0
                 if diff > t.tolerance:
                     raise BundleError(
                         name,
                         f"smoke test {t.text!r}: values differ by {diff:.4g} > {t.tolerance}",
-                        "smoke_failed",
+                        BundleCode.SMOKE_FAILED,
                     )
         try:
             hostile = self.run(list(HOSTILE_TEXTS))
@@ -255,14 +258,14 @@ class Session:
             raise BundleError(
                 name,
                 f"hostile smoke inputs: the model fails: {str(exc).splitlines()[0][:300]}",
-                "smoke_failed",
+                BundleCode.SMOKE_FAILED,
             ) from exc
         for text, good in zip(HOSTILE_TEXTS, hostile.ok.tolist(), strict=True):
             if not good:
                 raise BundleError(
                     name,
                     f"hostile smoke input {text[:40]!r}: the model gives non-finite output",
-                    "smoke_failed",
+                    BundleCode.SMOKE_FAILED,
                 )
         return took
 
@@ -281,11 +284,13 @@ def _ort(source: Path | bytes, opts: ort.SessionOptions, where: str) -> ort.Infe
             source if isinstance(source, bytes) else str(source), opts, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # ORT raises several unrelated types (Fail, InvalidGraph, RuntimeError)
-        raise BundleError(where, f"ONNX Runtime cannot load the model: {exc}", "load_failed") from exc
+        raise BundleError(
+            where, f"ONNX Runtime cannot load the model: {exc}", BundleCode.LOAD_FAILED
+        ) from exc
 
 
 def _incompatible(where: str, reason: str) -> BundleError:
-    return BundleError(where, reason, "incompatible")
+    return BundleError(where, reason, BundleCode.INCOMPATIBLE)
 
 
 def load_session(
@@ -359,7 +364,7 @@ def load_session(
                 base / pp.tokenizer, pp, mapping, {n: _INT_TYPES[graph_in[n].type] for n in fed}
             )
         except (ValueError, OSError) as exc:
-            raise BundleError(where, str(exc), "load_failed") from exc
+            raise BundleError(where, str(exc), BundleCode.LOAD_FAILED) from exc
     else:
         raise _incompatible(where, f"preprocessing kind {pp.kind!r} is not one this runtime knows")
     encoder_output = ""
@@ -429,18 +434,24 @@ def verify_bundle(
     ``truncated``, ``hash_mismatch``, ``load_failed``, ``smoke_failed``). CPU-bound."""
     where = str(bundle.path)
     if len(trust) == 0:
-        raise BundleError(where, "no trusted public key is configured to verify the signature", "unknown_key")
+        raise BundleError(
+            where, "no trusted public key is configured to verify the signature", BundleCode.UNKNOWN_KEY
+        )
     trust.verify(bundle, where)
     missing = unmet(requirements_of(bundle.manifest), capabilities)
     if missing:
-        raise BundleError(where, f"this runtime cannot run it: needs {', '.join(missing)}", "incompatible")
+        raise BundleError(
+            where, f"this runtime cannot run it: needs {', '.join(missing)}", BundleCode.INCOMPATIBLE
+        )
     need = bundle.manifest.min_memory_mb
     if memory_mb > 0 and need > memory_mb:
-        raise BundleError(where, f"needs {need} MB of memory, this device has {memory_mb} MB", "too_large")
+        raise BundleError(
+            where, f"needs {need} MB of memory, this device has {memory_mb} MB", BundleCode.TOO_LARGE
+        )
     check_files(bundle)
     if bundle.manifest.task == "embedding" and bundle.manifest.embedding is None:
         raise BundleError(
-            where, "an embedding model's manifest needs its embedding statistics", "incompatible"
+            where, "an embedding model's manifest needs its embedding statistics", BundleCode.INCOMPATIBLE
         )
     session = load_session(bundle, intra_op_threads=intra_op_threads)
     session.smoke_test()

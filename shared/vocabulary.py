@@ -1,5 +1,6 @@
 """The contract's words: the values of the wire fields that are typed ``str`` (bundle error
-codes, node status events, rollout event states, drift signals and references) as
+codes, node status events, rollout states and events, drift event kinds, signals and
+references) as
 ``StrEnum``s. Wire fields stay ``str`` — a field never changes type (msgspec's
 schema-evolution rule), and an old node may send a word a new cloud does not know — so a
 member compares equal to, and encodes as, its plain string.
@@ -16,6 +17,7 @@ __all__ = [
     "DP_SENSITIVITY",
     "RETRYABLE_CODES",
     "BundleCode",
+    "DriftKind",
     "DriftReference",
     "DriftSignal",
     "NodeEvent",
@@ -103,6 +105,19 @@ class DriftSignal(StrEnum):
     OOS_FOREIGN_SCRIPT = "oos_foreign_script"
     #: Tokenizer models: the share of inferences with a token the tokenizer does not know.
     OOS_UNKNOWN_TOKEN = "oos_unknown_token"
+
+
+class DriftKind(StrEnum):
+    """``DriftEvent.kind``: what an event on a drift subject reports (issue 14)."""
+
+    #: A change against the reference (the default for senders older than ``kind``).
+    DRIFT = "drift"
+    #: The first windows of a model version differ from its manifest's reference: reported
+    #: once per version, never acted on. Its ``signal`` is the signal that differs most.
+    SKEW = "skew"
+    #: A production baseline was accepted (automatic or by an analyst); the event's
+    #: ``signal`` is ``"baseline"`` too, as it concerns no single signal.
+    BASELINE = "baseline"
 
 
 class DriftReference(StrEnum):

@@ -15,6 +15,7 @@ from slmops import cli_common
 from slmops.cli_common import cloud_key_options, config_options, fleet_id, nats_option, parameter_origins, run
 from slmops.cli_common import table_line as _line
 from slmops.shared.config import parse_duration
+from slmops.shared.vocabulary import DriftKind
 
 if TYPE_CHECKING:
     from slmops.shared.messages import DriftEvent
@@ -176,7 +177,7 @@ def _cut(text: str, width: int) -> str:
 
 def _event_row(e: DriftEvent) -> list[str]:
     where = e.node if e.scope == "node" and e.node else "(fleet)"
-    what = e.state if e.kind == "drift" else e.kind
+    what = e.state if e.kind == DriftKind.DRIFT else e.kind
     return [
         e.time.astimezone(UTC).strftime("%m-%d %H:%M:%S"),
         _cut(e.fleet, 12),
@@ -211,7 +212,7 @@ def _event_wide(e: DriftEvent) -> list[str]:
     reference with its period), then its id, the event it follows, its statistic, the
     estimated priors and the whole summary, one per line, never wrapped."""
     where = e.node if e.scope == "node" and e.node else "(fleet)"
-    what = e.state if e.kind == "drift" else e.kind
+    what = e.state if e.kind == DriftKind.DRIFT else e.kind
     ref = e.reference
     if e.reference_start is not None and e.reference_end is not None:
         ref += f" ({e.reference_start:%m-%d %H:%M}–{e.reference_end:%m-%d %H:%M})"

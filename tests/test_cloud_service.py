@@ -411,7 +411,7 @@ async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_rol
         # Stored last, so it is the latest, whatever the node's clock said.
         assert (state.outbox_depth, state.served, state.status_dropped_inferences) == (99, 1234, 3)
         assert state.status_time == older.time
-        assert state.clock_skew is not None
+        assert state.clock_skew_s is not None
         assert state.status_stored is not None
         applier = svc._applier  # replaying a redelivery of the first report
         assert applier is not None

@@ -35,6 +35,7 @@ from slmops.cloud.drift.labelshift import confusion_matrix, em_priors
 from slmops.cloud.drift.report import _NAMES
 from slmops.cloud.drift.stats import noise_tv, total_variation
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_each
+from slmops.shared.vocabulary import DriftKind, DriftSignal
 
 if TYPE_CHECKING:
     from slmops.cloud.analyst.view import ServiceView
@@ -126,7 +127,9 @@ class _Console:
         now = datetime.now(UTC)
         events = await self._events(want)
         skewed = {
-            (e.fleet, e.model.name, e.model.version, e.model.variant): e for e in events if e.kind == "skew"
+            (e.fleet, e.model.name, e.model.version, e.model.variant): e
+            for e in events
+            if e.kind == DriftKind.SKEW
         }
         nodes = []
         for (fleet, node), n in sorted(self.svc.nodes.items()):
@@ -226,7 +229,7 @@ class _Console:
         signal = request.query.get("signal", "class_prior")
         series = await self._series(g, signal)
         series.pop("_times")
-        if signal == "class_prior" and g.labels:
+        if signal == DriftSignal.CLASS_PRIOR and g.labels:
             series["priors"] = await self._priors(g)
         return _json(series)
 
@@ -257,10 +260,10 @@ class _Console:
             if e.model != g.model or e.scope != "fleet":
                 continue
             # Marked at the traffic's time (the windows), the plot's own axis.
-            if e.kind == "baseline":
+            if e.kind == DriftKind.BASELINE:
                 marks.append((e.reference_end or e.window_end, e.reference))
             elif e.signal == signal and e.state == "opened":
-                what = f"opened {e.kind}" if e.kind != "drift" else f"opened ep{e.id.split('.')[-2]}"
+                what = f"opened {e.kind}" if e.kind != DriftKind.DRIFT else f"opened ep{e.id.split('.')[-2]}"
                 marks.append((e.window_end, what))
         series = {f"vs {s['reference'] or 'baseline'}": s["effect_vs_baseline"]}
         if any(v is not None for v in s["effect_vs_manifest"]):
@@ -377,7 +380,8 @@ async def serve_http(
     """Serve ``build_app`` on ``svc.config.http`` until cancelled; reports the bound
     (host, port) (port 0 picks one). ``OSError`` naming the address when it cannot bind."""
     cfg = svc.config
-    assert cfg.http is not None
+    if cfg.http is None:
+        raise ValueError("serve_http needs config.http (host:port to listen on), got None")
     host, port = parse_http(cfg.http)
     runner = web.AppRunner(build_app(svc, refresher, cfg.http_token), access_log=None, handle_signals=False)
     await runner.setup()

@@ -13,6 +13,7 @@ from slmops.cloud.drift.labelshift import confusion_matrix, em_priors, expected_
 from slmops.cloud.drift.signals import Acc, SignalRef, mean_of_histogram
 from slmops.cloud.drift.units import Group, UnitSig
 from slmops.shared.messages import DriftEvent
+from slmops.shared.vocabulary import DriftKind, DriftReference, DriftSignal
 
 __all__ = [
     "ACTIONS",
@@ -59,7 +60,7 @@ _NAMES = {
 
 def cell_names(g: Group, signal: str, cells: int) -> list[str]:
     """What each count cell of ``signal`` is, for people (labels, bin ranges)."""
-    if signal == "class_prior" and len(g.labels) == cells:
+    if signal == DriftSignal.CLASS_PRIOR and len(g.labels) == cells:
         return list(g.labels)
     if signal in _TWO_CELL and cells == 2:
         return list(_TWO_CELL[signal])
@@ -118,7 +119,7 @@ def estimates(
     """The unit's estimated class priors (EM on its latest class counts with the reference
     confusion) and expected accuracy (from its latest mean confidence), when it has them."""
     priors = None
-    prior_us = us if signal == "class_prior" else sigs.get("class_prior")
+    prior_us = us if signal == DriftSignal.CLASS_PRIOR else sigs.get("class_prior")
     if prior_us is not None and g.labels and len(g.labels) >= 2:
         # The latest tested window (for the fleet: the whole last round): the evidence run
         # may reach back before the shift and would mix old and new priors.
@@ -214,7 +215,7 @@ def skew_event(
                      f"(TV {differences[signal]:.2f})")  # fmt: skip
     prior_acc = pooled.get("class_prior")
     return DriftEvent(
-        id=".".join(str(p) for p in (g.fleet, "fleet", "_", m.name, m.version, m.variant, "skew")),
+        id=".".join(str(p) for p in (g.fleet, "fleet", "_", m.name, m.version, m.variant, DriftKind.SKEW)),
         fleet=g.fleet,
         scope="fleet",
         model=m,
@@ -227,12 +228,12 @@ def skew_event(
         windows=acc.windows,
         state="opened",
         severity=severity,  # type: ignore[arg-type]
-        reference="manifest",
+        reference=DriftReference.MANIFEST,
         estimated_priors=_priors(g, prior_acc.counts) if prior_acc is not None else None,
         suggested_action="training-serving skew, not a change: the fleet's traffic differed from the "
         "held-out reference from the start; drift is watched against the production baseline",
         time=now,
-        kind="skew",
+        kind=DriftKind.SKEW,
         summary="skew against the manifest: " + "; ".join(parts),
         differences=differences,
     )
@@ -248,12 +249,13 @@ def baseline_event(
     period = _period(start, end)
     return DriftEvent(
         id=".".join(
-            str(p) for p in (g.fleet, "fleet", "_", m.name, m.version, m.variant, "baseline", name[9:])
+            str(p)
+            for p in (g.fleet, "fleet", "_", m.name, m.version, m.variant, DriftKind.BASELINE, name[9:])
         ),
         fleet=g.fleet,
         scope="fleet",
         model=m,
-        signal="baseline",
+        signal=DriftKind.BASELINE,  # about no single signal
         statistic="pooled_inferences",
         value=float(n),
         effect_size=0.0,
@@ -265,7 +267,7 @@ def baseline_event(
         reference=name,
         suggested_action="none: drift is now watched against this baseline",
         time=now,
-        kind="baseline",
+        kind=DriftKind.BASELINE,
         summary=f"{name} accepted: {int(n)} inferences in {windows} node windows"
         + (f", {period}" if period else "")
         + f" ({', '.join(sorted(pooled))})",

@@ -47,11 +47,14 @@ __all__ = [
 
 SIGNALS = tuple(DriftSignal)
 #: Signals of the inputs alone (not of the model): a new version inherits their baseline.
-INPUT_SIDE = ("input_length", "oos_foreign_script", "oos_unknown_token")
+INPUT_SIDE = (DriftSignal.INPUT_LENGTH, DriftSignal.OOS_FOREIGN_SCRIPT, DriftSignal.OOS_UNKNOWN_TOKEN)
 #: Out-of-scope signals: (signal, the ``OOS_*`` bit whose share it is). The unknown-token one
 #: is extracted only for groups whose manifest counts it (``extract(unknown_token=True)``).
-OOS_SIGNALS = (("oos_low_confidence", OOS_LOW_CONFIDENCE), ("oos_foreign_script", OOS_FOREIGN_SCRIPT))
-UNKNOWN_TOKEN = ("oos_unknown_token", OOS_UNKNOWN_TOKEN)
+OOS_SIGNALS = (
+    (DriftSignal.OOS_LOW_CONFIDENCE, OOS_LOW_CONFIDENCE),
+    (DriftSignal.OOS_FOREIGN_SCRIPT, OOS_FOREIGN_SCRIPT),
+)
+UNKNOWN_TOKEN = (DriftSignal.OOS_UNKNOWN_TOKEN, OOS_UNKNOWN_TOKEN)
 #: Two-cell signals tested one-sided: the cell whose rise is evidence.
 ONE_SIDED = {
     "error_rate": 0,

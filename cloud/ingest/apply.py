@@ -37,6 +37,7 @@ from slmops.shared.messages import (
     encode_json,
 )
 from slmops.shared.names import MODELS_MANIFEST_BUCKET, events_subject, manifest_key
+from slmops.shared.vocabulary import BundleCode
 
 __all__ = ["Applier", "fetch_manifest"]
 
@@ -440,7 +441,7 @@ class Applier:
                     continue  # an older report arriving late must not overwrite a newer one
                 dirty.add((st.fleet, st.node))
                 node.status_stored = at
-                node.clock_skew = round((st.time - at).total_seconds(), 3)
+                node.clock_skew_s = round((st.time - at).total_seconds(), 3)
                 node.status_time = st.time
                 node.status_event = st.event
                 node.device = st.device
@@ -452,7 +453,7 @@ class Applier:
                 node.status_dropped_aggregates = st.dropped_aggregates
                 node.last_error = st.last_error
                 r = st.refresh
-                if r is not None and not r.ok and r.code == "incompatible":
+                if r is not None and not r.ok and r.code == BundleCode.INCOMPATIBLE:
                     node.cannot_run = f"{r.model.name} v{r.model.version} {r.model.variant}: {r.reason}"
                 elif r is not None and r.ok:
                     node.cannot_run = None

@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import ModelManifest, TelemetryAggregate
+from slmops.shared.vocabulary import DP_SENSITIVITY
 
 __all__ = ["MAX_COUNT", "MAX_SEQ", "Rejected", "check_manifest", "check_ranges", "noise_slack"]
 
@@ -40,8 +41,7 @@ MAX_SEQ = 2**53 - 1
 MAX_WINDOWS = 10**9
 #: -ln(1e-13 / 2): a geometric noise draw exceeds ``_TAIL / (-ln alpha)`` with chance 1e-13.
 _TAIL = -math.log(0.5e-13)
-_SENSITIVITY = 5.0
-_INSTALL = re.compile(r"[0-9a-f]{32}")  # edge/privacy.py SENSITIVITY (cloud may not import edge)
+_INSTALL = re.compile(r"[0-9a-f]{32}")
 
 
 class Rejected(ValueError):
@@ -56,7 +56,8 @@ def noise_slack(agg: TelemetryAggregate) -> int:
     eps = p.epsilon
     if eps is None or not math.isfinite(eps) or eps <= 0:
         raise Rejected(f"$.privacy.epsilon must be a positive number with geometric noise, got {eps!r}")
-    per_window = math.ceil(_TAIL * _SENSITIVITY / eps)
+    # The sensitivity the node noised with (it says so), else the contract's one constant.
+    per_window = math.ceil(_TAIL * (p.sensitivity or DP_SENSITIVITY) / eps)
     return min(per_window * agg.windows, MAX_COUNT)
 
 

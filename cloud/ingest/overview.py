@@ -33,6 +33,7 @@ from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import Assignment, DriftEvent, decode_each, decode_json
+from slmops.shared.vocabulary import DriftKind
 
 if TYPE_CHECKING:
     from slmops.cloud.rollout import RolloutState
@@ -214,7 +215,7 @@ async def open_drift_events(nc: NATS, fleet: str | None = None) -> list[DriftEve
                 e = decode_json(msg.data, DriftEvent)
             except msgspec.DecodeError:
                 continue
-            if e.kind == "drift":
+            if e.kind == DriftKind.DRIFT:
                 latest[e.id.rsplit(".", 1)[0]] = e
                 if e.supersedes:
                     superseded.add(e.supersedes.rsplit(".", 1)[0])

@@ -129,7 +129,7 @@ def snapshot_of(n: NodeState) -> NodeSnapshot:
         installs=len([k for k in n.epochs if k]),
         install_conflicts=list(n.conflicts),
         clones=n.clones,
-        clock_skew_s=n.clock_skew,
+        clock_skew_s=n.clock_skew_s,
         status_stored=n.status_stored,
     )
 
@@ -143,8 +143,8 @@ def notes_of(n: NodeState) -> list[str]:
         out.append(f"install conflict ({len(n.conflicts)}): two devices on one node id?")
     if n.clones:
         out.append(f"cloned device ({n.clones} repeated seqs with other content)")
-    if n.clock_skew is not None and abs(n.clock_skew) >= SKEW_NOTE_S:
-        out.append(f"clock skew {n.clock_skew:+.0f} s")
+    if n.clock_skew_s is not None and abs(n.clock_skew_s) >= SKEW_NOTE_S:
+        out.append(f"clock skew {n.clock_skew_s:+.0f} s")
     return out
 
 

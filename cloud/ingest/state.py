@@ -105,9 +105,10 @@ class NodeState(msgspec.Struct, kw_only=True):
     clones: int = 0
     #: Aggregates quarantined as seq jumps (``SeqTracker.jump``): dead-lettered, not counted.
     seq_jumps: int = 0
-    #: Server time of the latest status report and the node's clock minus it (seconds).
+    #: Server time of the latest status report and the node's clock minus it (seconds; stored
+    #: under its first name, ``clock_skew``).
     status_stored: datetime | None = None
-    clock_skew: float | None = None
+    clock_skew_s: float | None = msgspec.field(default=None, name="clock_skew")
     #: Loss receipts carried by aggregates (outbox overflow at the edge).
     dropped_inferences: int = 0
     dropped_aggregates: int = 0

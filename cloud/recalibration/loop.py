@@ -54,6 +54,7 @@ from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable
 from slmops.shared.jetstream import ensure_kv, nats_errors, url_of
 from slmops.shared.kv import kv_get
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_json, encode_json
+from slmops.shared.vocabulary import DriftKind, DriftSignal
 
 __all__ = [
     "LOOP_CONSUMER",
@@ -120,9 +121,9 @@ _proposal_decoder = msgspec.json.Decoder(Proposal)
 def is_label_shift(event: DriftEvent) -> bool:
     """A confirmed fleet-wide class-prior shift with an estimate, not one of our follow-ups."""
     return (
-        event.kind == "drift"  # never skew alone, nor a baseline
+        event.kind == DriftKind.DRIFT  # never skew alone, nor a baseline
         and event.scope == "fleet"
-        and event.signal == "class_prior"
+        and event.signal == DriftSignal.CLASS_PRIOR
         and event.state in ("opened", "updated")
         and bool(event.estimated_priors)
         and event.proposed_version is None

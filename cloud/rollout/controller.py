@@ -32,7 +32,7 @@ from slmops.cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict,
 from slmops.cloud.rollout.tracker import Tracker
 from slmops.shared.errors import SlmopsError
 from slmops.shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
-from slmops.shared.vocabulary import RolloutEventState
+from slmops.shared.vocabulary import RolloutEventState, RolloutStatus
 
 __all__ = ["Publish", "RolloutController"]
 
@@ -207,7 +207,7 @@ class RolloutController:
             if stop:
                 return
         if state.phase == "assigning":
-            if state.status == "paused":
+            if state.status == RolloutStatus.PAUSED:
                 return
             await self._assign(state, revision, now)
             return
@@ -220,7 +220,7 @@ class RolloutController:
         state = msgspec.structs.replace(state, command=None)
         if cmd == "abort":
             state = msgspec.structs.replace(
-                state, status="aborted", phase="cleanup", reason="aborted by operator"
+                state, status=RolloutStatus.ABORTED, phase="cleanup", reason="aborted by operator"
             )
             state = self._event(
                 state, RolloutEventState.ABORTED, now, nodes=sorted(state.nodes), reason=state.reason
@@ -228,12 +228,14 @@ class RolloutController:
             state, revision = await self._save(state, revision, now)
             await self._cleanup(state, revision, now)
             return state, revision, True
-        if cmd == "pause" and state.status == "running":
-            state = self._event(msgspec.structs.replace(state, status="paused"), "paused", now)
-        elif cmd == "resume" and state.status == "paused":
+        if cmd == "pause" and state.status == RolloutStatus.RUNNING:
+            state = self._event(
+                msgspec.structs.replace(state, status=RolloutStatus.PAUSED), RolloutEventState.PAUSED, now
+            )
+        elif cmd == "resume" and state.status == RolloutStatus.PAUSED:
             # A pause for missing samples restarts the sample clock when resumed.
             soak = now if state.phase == "soaking" else state.soak_started
-            state = msgspec.structs.replace(state, status="running", soak_started=soak, reason="")
+            state = msgspec.structs.replace(state, status=RolloutStatus.RUNNING, soak_started=soak, reason="")
             state = self._event(state, RolloutEventState.RESUMED, now)
         state, revision = await self._save(state, revision, now)
         return state, revision, False
@@ -354,9 +356,11 @@ class RolloutController:
             await self._roll_back(state, revision, now, gates, f"gate failed: {failed}")
             return
         if outcome == "waiting":
-            if soaked > state.config.sample_timeout_s and state.status == "running":
+            if soaked > state.config.sample_timeout_s and state.status == RolloutStatus.RUNNING:
                 reason = f"too few samples after {soaked:.0f}s of soak; resume to wait longer, or abort"
-                state = msgspec.structs.replace(state, status="paused", reason=reason, gates=summary)
+                state = msgspec.structs.replace(
+                    state, status=RolloutStatus.PAUSED, reason=reason, gates=summary
+                )
                 state = self._event(state, RolloutEventState.PAUSED, now, reason=reason, gates=summary)
                 await self._save(state, revision, now)
             elif summary != state.gates:  # `rollout status` shows "waiting: 37/200 predictions"
@@ -364,17 +368,19 @@ class RolloutController:
                     (g.detail for g in gates if g.outcome == "waiting"),
                     f"waiting: the end of the soak to judge {', '.join(sorted(failing))}",
                 )
-                if state.status == "running":
+                if state.status == RolloutStatus.RUNNING:
                     state = msgspec.structs.replace(state, reason=waiting)
                 await self._save(msgspec.structs.replace(state, gates=summary), revision, now)
             return
-        if (soaked < state.config.soak_s and added) or state.status == "paused":
-            if state.reason.startswith("waiting") and state.status == "running":
+        if (soaked < state.config.soak_s and added) or state.status == RolloutStatus.PAUSED:
+            if state.reason.startswith("waiting") and state.status == RolloutStatus.RUNNING:
                 await self._save(msgspec.structs.replace(state, reason="", gates=summary), revision, now)
             return
-        state = self._event(msgspec.structs.replace(state, gates=summary), "stage_passed", now, gates=summary)
+        state = self._event(
+            msgspec.structs.replace(state, gates=summary), RolloutEventState.STAGE_PASSED, now, gates=summary
+        )
         if state.stage + 1 >= len(state.config.stages):
-            state = msgspec.structs.replace(state, status="completed", phase="cleanup")
+            state = msgspec.structs.replace(state, status=RolloutStatus.COMPLETED, phase="cleanup")
             state = self._event(state, RolloutEventState.COMPLETED, now, nodes=sorted(state.nodes))
             state, revision = await self._save(state, revision, now)
             await self._cleanup(state, revision, now)
@@ -387,7 +393,7 @@ class RolloutController:
     ) -> None:
         summary = {g.name: msgspec.structs.asdict(g) for g in gates}
         state = msgspec.structs.replace(
-            state, status="rolled_back", phase="cleanup", reason=reason, gates=summary
+            state, status=RolloutStatus.ROLLED_BACK, phase="cleanup", reason=reason, gates=summary
         )
         state = self._event(state, RolloutEventState.GATE_FAILED, now, reason=reason, gates=summary)
         state = self._event(
@@ -397,7 +403,7 @@ class RolloutController:
         await self._cleanup(state, revision, now)
 
     async def _cleanup(self, state: RolloutState, revision: int, now: float) -> None:
-        if state.status == "completed":
+        if state.status == RolloutStatus.COMPLETED:
             await self.assigner.complete(state)
         else:
             for node, entry in sorted(state.nodes.items()):

@@ -16,6 +16,7 @@ from slmops.shared.errors import JetStreamRefused, NatsUnavailable
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.messages import RolloutEvent, decode_json
 from slmops.shared.names import ROLLOUT_ALL, ROLLOUT_STREAM, rollout_subject
+from slmops.shared.vocabulary import RolloutEventState
 
 __all__ = ["RolloutRecord", "rollout_history"]
 
@@ -84,11 +85,11 @@ def _apply(records: dict[str, RolloutRecord], e: RolloutEvent) -> None:
             rollout=e.rollout, fleet=e.fleet, model=e.model, version=e.version,
             previous_version=e.previous_version, started=e.time,
         )  # fmt: skip
-    if e.state == "started":
+    if e.state == RolloutEventState.STARTED:
         r.started, r.trigger = e.time, e.reason
     r.stage, r.percent = max(r.stage, e.stage + 1), max(r.percent, e.percent)
     if e.state in _END:
         r.outcome, r.ended = e.state, e.time
         r.reason = e.reason or r.reason
-    elif e.state == "gate_failed" and e.reason:
+    elif e.state == RolloutEventState.GATE_FAILED and e.reason:
         r.reason = e.reason

@@ -7,6 +7,7 @@ import collections
 
 from slmops.cloud.rollout.state import RolloutState
 from slmops.shared.messages import NodeStatus
+from slmops.shared.vocabulary import NodeEvent
 
 __all__ = ["NodeView"]
 
@@ -65,7 +66,7 @@ class NodeView:
         return {
             n: s
             for n, s in self._status.get(fleet, {}).items()
-            if s.event != "shutdown" and self._at(s) >= now - self.node_ttl_s
+            if s.event != NodeEvent.SHUTDOWN and self._at(s) >= now - self.node_ttl_s
         }
 
     def failures(self, state: RolloutState) -> dict[str, str]:

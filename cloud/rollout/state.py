@@ -48,10 +48,12 @@ log = structlog.get_logger(__name__)
 #: KV bucket of rollout states, one key per fleet (created idempotently by ``RolloutStore``).
 ROLLOUTS_BUCKET = names.ROLLOUTS_BUCKET
 
-Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
+#: Where a rollout stands: the same five words the field held as a ``Literal`` (a stored
+#: state encodes and validates exactly as before).
+Status = RolloutStatus
 Phase = Literal["assigning", "installing", "soaking", "cleanup", "done"]
 Command = Literal["pause", "resume", "abort"]
-ACTIVE: frozenset[str] = frozenset({"running", "paused"})
+ACTIVE: frozenset[str] = frozenset({RolloutStatus.RUNNING, RolloutStatus.PAUSED})
 TERMINAL: frozenset[str] = frozenset(
     {RolloutStatus.COMPLETED, RolloutStatus.ROLLED_BACK, RolloutStatus.ABORTED}
 )
@@ -96,7 +98,7 @@ class RolloutState(msgspec.Struct, kw_only=True):
     #: The fleet-wide version when the rollout started (None: the fleet had none).
     previous_version: int | None = None
     config: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
-    status: Status = "running"
+    status: Status = RolloutStatus.RUNNING
     phase: Phase = "assigning"
     stage: int = 0
     created: float
