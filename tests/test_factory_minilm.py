@@ -74,12 +74,35 @@ def test_fp32_encoder_matches_sentence_transformers(minilm_default: CachedModel)
 
 
 def test_int8_encoder_close_to_sentence_transformers(minilm_default: CachedModel) -> None:
-    """Dynamic int8 (activations quantized per tensor at run time) moves short texts most:
-    mean ≥ 0.99 over the 20 sentences; each ≥ 0.97 (measured min 0.979: "hello")."""
+    """Every one of the 20 sentences (one padded batch) at cosine >= 0.99 with the reference
+    (issue 11). Dynamic int8 quantizes activations per tensor at run time; without the
+    factory's activation smoothing (``cloud.factory.smooth``) short texts fell to 0.979
+    ("hello"), mean 0.9908; measured with it: min 0.9925, mean 0.9961."""
     b = minilm_default.bundles["int8"]
     cos, _ = _cosines(b / "encoder.onnx", b / "tokenizer.json")
-    assert cos.mean() >= 0.99, cos.round(4).tolist()
-    assert cos.min() >= 0.97, cos.round(4).tolist()
+    assert cos.min() >= 0.99, cos.round(4).tolist()
+    assert cos.mean() >= 0.995, cos.round(4).tolist()
+
+
+def test_smoothing_keeps_the_fp32_graph_exact(minilm_default: CachedModel) -> None:
+    """Smoothing alone (no quantization) leaves the float encoder's embeddings unchanged to
+    float rounding, adds one Mul per MatMul input, and is deterministic."""
+    from slmops.cloud.factory.minilm import calibration_batches
+    from slmops.cloud.factory.smooth import smooth_activations
+
+    b = minilm_default.bundles["fp32"]
+    fp32 = (b / "encoder.onnx").read_bytes()
+    feat = _featurizer(b / "tokenizer.json", MAX_TOKENS)
+    batches = calibration_batches(feat, ["hello", "what is the weather like today in paris", "ok"])
+    smoothed = smooth_activations(fp32, batches)
+    assert smoothed == smooth_activations(fp32, batches)
+    graph = onnx.load_from_string(smoothed).graph
+    muls = [n for n in graph.node if n.name.endswith("/smooth")]
+    assert len(muls) == 4 * 6  # Q/K/V input, attention output, FFN in, FFN out per layer
+    cos, _ = _cosines(smoothed, b / "tokenizer.json")
+    assert cos.min() >= 0.9999, cos.round(6).tolist()
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_activations(fp32, batches, alpha=1.5)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmops.cloud.factory import corpus, encoder, head, minilm, profile, rss, weights
+from slmops.cloud.factory import corpus, encoder, head, minilm, profile, rss, smooth, weights
 from slmops.cloud.factory.minilm import VARIANTS, FactoryReport, build_minilm
 from slmops.cloud.factory.weights import WHEEL_SHA256, cache_dir
 from slmops.shared import bundle, messages, preprocess, runtime
 
 __all__ = ["CachedModel", "cache_key", "cached_minilm", "report_json"]
 
-_SOURCES = (corpus, encoder, head, minilm, profile, rss, weights, bundle, messages, preprocess, runtime)
+_SOURCES = (
+    corpus,
+    encoder,
+    head,
+    minilm,
+    profile,
+    rss,
+    smooth,
+    weights,
+    bundle,
+    messages,
+    preprocess,
+    runtime,
+)
 
 
 @dataclass(frozen=True, slots=True)
