@@ -7,9 +7,10 @@ refused; then each running rollout of it is told to abort; then every assignment
 moves to the previous good version: the highest lower version of the model in the registry
 that is not yanked itself (the node's own variant if that version has it). Nodes online switch
 at once (they watch their keys); a node offline finds the new assignment when it reconnects
-and never installs the yanked version again. With no previous good version the assignment is
-deleted and the result says that nodes on the version keep what they run: a node only swaps
-between versions it is assigned.
+and never installs the yanked version again. With no previous good version the assignment keeps
+naming the version with ``withdrawn`` set: nodes stop serving the model (its cache goes too)
+and answer 503 ``no_model`` with the reason; nodes of releases before this field keep serving
+it.
 
 Remove (``remove``): refused while an assignment or a running rollout names the version;
 otherwise its manifests, bundle indexes and archives go, and each content-addressed file no
@@ -29,7 +30,7 @@ from slmops.shared import names
 from slmops.shared.errors import NotFound
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_values
-from slmops.shared.messages import Assignment, BundleIndex, ModelManifest, decode_json
+from slmops.shared.messages import Assignment, BundleIndex, ModelManifest, decode_json, encode_json
 
 __all__ = ["YankResult", "remove_version", "show_version", "yank_version"]
 
@@ -111,7 +112,9 @@ async def yank_version(
         if a.model != model or a.version != version:
             continue
         if good is None:
-            await assignments_kv.delete(key)
+            why = f"{model} v{version} was yanked ({reason}) and no earlier good version exists"
+            withdrawn = msgspec.structs.replace(a, withdrawn=why, assigned_at=datetime.now(UTC))
+            await assignments_kv.put(key, encode_json(withdrawn))
             result.moved[key] = None
             continue
         variant = a.variant if a.variant in versions[good] else None

@@ -317,8 +317,8 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response = _error(404, "unknown_prediction", str(exc), "prediction_id")
     except FeedbackConflict as exc:
         response = _error(409, "feedback_exists", str(exc), "prediction_id")
-    except NoModel:
-        response = _error(503, "no_model", "no model installed yet")
+    except NoModel as exc:
+        response = _error(503, "no_model", str(exc))
     except NodeClosed as exc:
         response = _error(503, "shutting_down", str(exc))
     except InferenceFailed as exc:

@@ -25,10 +25,11 @@ class EdgeError(SlmopsError):
 
 
 class NoModel(EdgeError):
-    """No model is installed yet, so the node cannot predict."""
+    """No model is installed yet (or it was withdrawn: ``reason`` says so), so the node cannot
+    predict."""
 
-    def __init__(self) -> None:
-        super().__init__("no model installed yet")
+    def __init__(self, reason: str = "no model installed yet") -> None:
+        super().__init__(reason)
 
 
 class NodeClosed(EdgeError):

@@ -122,7 +122,7 @@ class Batcher:
         ``NodeClosed``."""
         active = self.models.get(model)
         if active is None:
-            raise NoModel
+            raise NoModel(self.models.why_not(model))
         req = _Request(texts, active.ref.name)
         try:
             await self._send.send(req)
@@ -281,7 +281,7 @@ class Batcher:
         active = self.models.get(batch[0].model)
         if active is None:
             for r in batch:
-                r.error = NoModel()
+                r.error = NoModel(self.models.why_not(batch[0].model))
                 r.done.set()
             return
         texts = [t for r in batch for t in r.texts]

@@ -102,6 +102,8 @@ class ModelManager:
         self._threads = intra_op_threads
         #: Slots by model name, in the order first installed (the first is the default).
         self._slots: dict[str, _Slot] = {}
+        #: Model name -> why it is no longer served (its version yanked with no earlier good one).
+        self.withdrawn: dict[str, str] = {}
         self._lock = anyio.Lock()
         self._listeners: list[Callable[[str, ActiveModel], object]] = []
 
@@ -305,10 +307,42 @@ class ModelManager:
             raise
         return final
 
+    def why_not(self, name: str | None = None) -> str:
+        """Why model ``name`` (None: the default) is not served: its withdrawal, or not yet."""
+        if name is None:
+            return next(iter(self.withdrawn.values()), "no model installed yet") if not self._slots else ""
+        return self.withdrawn.get(name, f"model {name!r} is not installed")
+
+    async def withdraw(self, name: str, reason: str) -> bool:
+        """Stop serving model ``name`` (every version, current and previous: its cache goes
+        too, so a restart does not bring it back); ``reason`` is what requests for it are
+        told. Returns True when it was being served."""
+        async with self._lock:
+            self.withdrawn[name] = reason
+            slot = self._slots.get(name)
+            if slot is None:
+                return False
+            slots = {k: v for k, v in self._slots.items() if k != name}
+            entries = []
+            for s in slots.values():
+                entry = {"name": s.current.ref.name, "current": s.current.path.name}
+                if s.previous is not None:
+                    entry["previous"] = _dirname(s.previous)
+                entries.append(entry)
+            default = {k: v for k, v in entries[0].items() if k != "name"} if entries else {}
+            self._write_state({**default, "models": entries})
+            self._slots = slots
+            for d in self.cache_dir.iterdir():
+                if d.is_dir() and d.name.startswith(f"{name}__"):
+                    shutil.rmtree(d, ignore_errors=True)
+            log.warning("model_withdrawn", model=name, version=slot.current.ref.version, reason=reason)
+            return True
+
     def _swap(self, active: ActiveModel, event: str, *, cached: bool = True) -> None:
         """Make ``active`` its model's current version; ``cached=False``: it is served from
         outside the cache (a full disk), so the cache and its state file are left as they are."""
         name = active.ref.name
+        self.withdrawn.pop(name, None)  # assigned a good version again
         slot = self._slots.get(name)
         old = None if slot is None else slot.current
         previous = None if slot is None else slot.previous

@@ -342,6 +342,9 @@ class Refresher:
         assignment = await self._read(js, self._node_key) or await self._read(js, self._fleet_key)
         if assignment is None:
             return None
+        if assignment.withdrawn is not None:  # yanked, no earlier good version: serve none of it
+            await self.models.withdraw(assignment.model, assignment.withdrawn)
+            return None
         if self._on_assigned is not None:
             await self._on_assigned(assignment.model, assignment.version)
         try:

@@ -406,6 +406,9 @@ class Assignment(Wire, kw_only=True):
     variants: list[str] = msgspec.field(default_factory=lambda: ["fp32"])
     rollout: str | None = None
     assigned_at: datetime
+    #: Set by ``slmops models yank`` when the yanked version had no earlier good one: nodes
+    #: stop serving this model (their API answers 503 ``no_model`` naming this reason).
+    withdrawn: str | None = None
 
 
 DriftState = Literal["opened", "updated", "resolved"]

@@ -409,8 +409,9 @@ def show(nats_url: str, model: str, version: int, as_json: bool) -> None:
 def yank(nats_url: str, model: str, version: int, reason: str) -> None:
     """Withdraw a bad version at once: nodes assigned it fall back to the previous good
     version (the highest lower one not yanked; online nodes now, offline ones when they
-    reconnect), running rollouts of it abort, and every later assignment or rollout of it is
-    refused. The yank is recorded (`models show`)."""
+    reconnect), or, with none, stop serving the model (503 no_model naming the yank); running
+    rollouts of it abort, and every later assignment or rollout of it is refused. The yank is
+    recorded (`models show`)."""
     from slmops.cloud.lifecycle import yank_version
     from slmops.cloud.registry import Registry
 
@@ -430,8 +431,8 @@ def yank(nats_url: str, model: str, version: int, reason: str) -> None:
     for key, good in sorted(result.moved.items()):
         if good is None:
             click.echo(
-                f"  {key}: no earlier good version of {model}: assignment removed; nodes running "
-                f"v{version} keep serving it until you assign another version"
+                f"  {key}: no earlier good version of {model}: nodes stop serving {model} (503 no_model, "
+                "naming the yank) until you assign another version"
             )
         else:
             click.echo(f"  {key}: now v{good} (nodes switch at once, offline ones on reconnect)")

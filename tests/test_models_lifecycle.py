@@ -119,3 +119,27 @@ async def test_rm_is_refused_while_assigned_and_removes_an_unused_version(
     # v1's bundle still downloads whole: the files v2 shared with it were kept.
     bundle = await registry.fetch_bundle(model, 1, "fp32", tmp_path / "fetched")
     assert bundle.manifest.version == 1
+
+
+async def test_a_yank_with_no_earlier_good_version_stops_the_model_and_says_why(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, fleet: str
+) -> None:
+    """v1 is the only version: yanked, the node serves nothing of the model and its answer
+    names the yank; assigning a good version brings it back."""
+    from slmops.edge.errors import NoModel
+
+    keys, model, registry = await _push(js, tmp_path, fleet)
+    await registry.assign(fleet, 1, model=model)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, node="solo", url=nats_server.url, model=tmp_path / "v1")
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(10)
+        code, out, err = await _cli("models", "yank", "--nats", nats_server.url, "--model", model,
+                                    "--version", "1", "--reason", "leaks data")  # fmt: skip
+        assert code == 0, err
+        assert f"no earlier good version of {model}: nodes stop serving {model}" in out
+        await wait_until(lambda: _serving(node) is None, 20, what="the model withdrawn")
+        with pytest.raises(NoModel, match=r"v1 was yanked \(leaks data\) and no earlier good version"):
+            await node.predict(["hello"])
+        assert not any(p.name.startswith(f"{model}__1__") for p in node.models.cache_dir.iterdir())
+        await registry.assign(fleet, 2, model=model)
+        await wait_until(lambda: _serving(node) == ModelRef(name=model, version=2), 20, what="v2 serving")
