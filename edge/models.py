@@ -323,20 +323,27 @@ class ModelManager:
             if slot is None:
                 return False
             slots = {k: v for k, v in self._slots.items() if k != name}
-            entries = []
-            for s in slots.values():
-                entry = {"name": s.current.ref.name, "current": s.current.path.name}
-                if s.previous is not None:
-                    entry["previous"] = _dirname(s.previous)
-                entries.append(entry)
-            default = {k: v for k, v in entries[0].items() if k != "name"} if entries else {}
-            self._write_state({**default, "models": entries})
-            self._slots = slots
-            for d in self.cache_dir.iterdir():
-                if d.is_dir() and d.name.startswith(f"{name}__"):
-                    shutil.rmtree(d, ignore_errors=True)
+            self._keep_only(slots, cached=True)
             log.warning("model_withdrawn", model=name, version=slot.current.ref.version, reason=reason)
             return True
+
+    def _keep_only(self, slots: dict[str, _Slot], *, cached: bool) -> None:
+        """Make ``slots`` the served models; with ``cached``, write them to the state file
+        and remove every other bundle from the cache."""
+        entries = []
+        for s in slots.values():
+            entry = {"name": s.current.ref.name, "current": s.current.path.name}
+            if s.previous is not None:
+                entry["previous"] = _dirname(s.previous)
+            entries.append(entry)
+        default = {k: v for k, v in entries[0].items() if k != "name"} if entries else {}
+        if cached:
+            self._write_state({**default, "models": entries})
+        self._slots = slots
+        keep = {v for e in entries for k, v in e.items() if k != "name"}
+        for d in self.cache_dir.iterdir() if cached else ():
+            if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
 
     def _swap(self, active: ActiveModel, event: str, *, cached: bool = True) -> None:
         """Make ``active`` its model's current version; ``cached=False``: it is served from
@@ -350,20 +357,7 @@ class ModelManager:
             previous = old.ref
         slots = dict(self._slots)
         slots[name] = _Slot(active, previous)
-        entries = []
-        for s in slots.values():
-            entry = {"name": s.current.ref.name, "current": s.current.path.name}
-            if s.previous is not None:
-                entry["previous"] = _dirname(s.previous)
-            entries.append(entry)
-        default = {k: v for k, v in entries[0].items() if k != "name"}
-        if cached:
-            self._write_state({**default, "models": entries})
-        self._slots = slots
-        keep = {v for e in entries for k, v in e.items() if k != "name"}
-        for d in self.cache_dir.iterdir() if cached else ():
-            if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+        self._keep_only(slots, cached=cached)
         for callback in list(self._listeners):
             try:
                 callback(event, active)
