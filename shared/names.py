@@ -27,6 +27,7 @@ __all__ = [
     "STATUS_STREAM",
     "TELEMETRY_ALL",
     "TELEMETRY_STREAM",
+    "WEBHOOK_CONSUMER",
     "assignment_key",
     "bundle_index_key",
     "drift_subject",
@@ -64,6 +65,8 @@ ROLLOUTS_BUCKET = "slmops_rollouts"
 LOOP_BUCKET = "slmops_loop"
 #: Durable consumer of the recalibration loop on ``DRIFT_STREAM``.
 LOOP_CONSUMER = "slmops_loop"
+#: Durable consumer (name base) of the drift webhook on ``DRIFT_STREAM``.
+WEBHOOK_CONSUMER = "slmops_webhook"
 #: Subject filters: every message of one kind, of every fleet.
 TELEMETRY_ALL = "slmops.telemetry.>"
 STATUS_ALL = "slmops.status.>"

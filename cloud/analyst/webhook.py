@@ -20,12 +20,13 @@ from nats.js import api as js_api
 
 from slmops.cloud.ingest.consumers import consumer_name
 from slmops.shared import names
+from slmops.shared.backoff import Backoff
 
 __all__ = ["WEBHOOK_ATTEMPTS", "WEBHOOK_CONSUMER", "post_with_retries", "run_webhook"]
 
 log = structlog.get_logger(__name__)
 
-WEBHOOK_CONSUMER = "slmops_webhook"
+WEBHOOK_CONSUMER = names.WEBHOOK_CONSUMER
 WEBHOOK_ATTEMPTS = 8
 _MAX_DELAY = 60.0
 
@@ -33,9 +34,11 @@ _MAX_DELAY = 60.0
 async def post_with_retries(
     http: ClientSession, url: str, body: bytes, *, attempts: int = WEBHOOK_ATTEMPTS, first_delay: float = 1.0
 ) -> bool:
-    """POST ``body`` (JSON) until a 2xx answer; False after ``attempts`` failures."""
-    delay = first_delay
+    """POST ``body`` (JSON) until a 2xx answer; False after ``attempts`` failures. Waits
+    ``first_delay`` seconds after the first failure, doubling up to 60 s (``shared.backoff``)."""
+    backoff = Backoff(first_delay, max(_MAX_DELAY, first_delay))
     for attempt in range(1, attempts + 1):
+        delay = backoff.delay(attempt)
         try:
             async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
                 if 200 <= r.status < 300:
@@ -46,7 +49,6 @@ async def post_with_retries(
         log.warning("webhook_failed", url=url, attempt=attempt, error=why[:200], retry_in=delay)
         if attempt < attempts:
             await anyio.sleep(delay)
-            delay = min(_MAX_DELAY, delay * 2)
     return False
 
 
