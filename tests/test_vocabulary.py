@@ -73,7 +73,7 @@ VOCABULARY: dict[str, type[StrEnum]] = {
 }
 
 
-def bare_words(path: Path) -> list[str]:
+def bare_words(path: Path, root: Path = ROOT) -> list[str]:
     """``path:line: field='word'`` for each vocabulary word spelled as a string literal in a
     keyword argument or comparison on a field of that name, or as ``BundleError``'s code."""
     found: list[str] = []
@@ -81,7 +81,7 @@ def bare_words(path: Path) -> list[str]:
     def check(node: ast.AST, field: str) -> None:
         words = {m.value for m in VOCABULARY[field]} if field in VOCABULARY else set()
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in words:
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {field}={node.value!r}")
+            found.append(f"{path.relative_to(root)}:{node.lineno}: {field}={node.value!r}")
         elif isinstance(node, ast.Tuple | ast.Set | ast.List):
             for element in node.elts:
                 check(element, field)

@@ -4,9 +4,10 @@
 
 Each figure is one function below; the docstring says exactly what it counts. Everything is read
 with ``ast`` or plain text from ROOT (nothing of ROOT is imported), so an old tree whose modules
-import as ``shared``/``edge``/``cloud`` is read the same as today's ``slmops.*``. The vocabulary
-word lists come from this checkout's ``slmops.shared.vocabulary`` (the old tree had no enums).
-The nats-py figures are ``tests/test_nats_boundary.py``'s (run it with ROOT as argument).
+import as ``shared``/``edge``/``cloud`` is read the same as today's ``slmops.*``. The import-cycle
+and vocabulary checks are the suite's own (``tests/test_packaging.py``, ``tests/test_vocabulary.py``;
+the word lists are this checkout's enums: the old tree had none). The nats-py figures are
+``tests/test_nats_boundary.py``'s (run it with ROOT as argument).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from slmops.shared import vocabulary as v
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_packaging import module_imports, strongly_connected  # the suite's own checkers
+from test_vocabulary import bare_words
 
 PACKAGES = ("shared", "edge", "cloud")
 
@@ -124,79 +127,22 @@ def hand_written_backoffs(root: Path) -> list[str]:
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
-    """Module → modules of the product it imports at module level (``__init__`` left out, as in
-    ``tests/test_packaging.py``); names without the ``slmops.`` prefix so both trees compare."""
-    files = {p for p in product_files(root) if p.name != "__init__.py"}
+    """Module → modules of the product it imports at module level, by the suite's own reader
+    (``tests/test_packaging.module_imports``; ``__init__`` left out as there). Names lose the
+    ``slmops.`` prefix of today's tree, so both trees compare."""
+    prefix = "slmops." if (root / "slmops" / "shared").exists() else ""
+    files = [p for p in product_files(root) if p.name != "__init__.py"]
 
     def name(p: Path) -> str:
         parts = p.relative_to(root).with_suffix("").parts
-        return ".".join(parts)
+        return (prefix if parts[0] in PACKAGES else "") + ".".join(parts)
 
     known = {name(p) for p in files}
-    graph: dict[str, set[str]] = {}
-    for p in files:
-        me = name(p)
-        package = me.rpartition(".")[0]
-        found: set[str] = set()
-        for node in parse(p).body:
-            stmts = [node]
-            if isinstance(node, ast.If | ast.Try):
-                stmts = [s for s in ast.walk(node) if isinstance(s, ast.Import | ast.ImportFrom)]
-            for s in stmts:
-                if isinstance(s, ast.Import):
-                    found.update(a.name for a in s.names)
-                elif isinstance(s, ast.ImportFrom):
-                    base = s.module or ""
-                    if s.level:
-                        up = package.split(".")[: len(package.split(".")) - s.level + 1]
-                        base = ".".join([*up, *([s.module] if s.module else [])])
-                    subs = {f"{base}.{a.name}" for a in s.names}
-                    found.update(subs | {base})
-        out = set()
-        for m in found:
-            m = m.removeprefix("slmops.") if m.split(".")[1:2] and m.split(".")[1] in PACKAGES else m
-            while m and m not in known:
-                m = m.rpartition(".")[0]
-            if m and m != me:
-                out.add(m)
-        graph[me] = out
-    return graph
 
+    def bare(m: str) -> str:
+        return m.removeprefix(prefix) if prefix and m.split(".")[1] in PACKAGES else m
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan), i.e. import cycles."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    found: list[list[str]] = []
-    sys.setrecursionlimit(10_000)
-
-    def visit(x: str) -> None:
-        index[x] = low[x] = len(index)
-        stack.append(x)
-        on.add(x)
-        for y in graph[x]:
-            if y not in index:
-                visit(y)
-                low[x] = min(low[x], low[y])
-            elif y in on:
-                low[x] = min(low[x], index[y])
-        if low[x] == index[x]:
-            comp = []
-            while True:
-                y = stack.pop()
-                on.discard(y)
-                comp.append(y)
-                if y == x:
-                    break
-            if len(comp) > 1:
-                found.append(sorted(comp))
-
-    for x in sorted(graph):
-        if x not in index:
-            visit(x)
-    return found
+    return {bare(name(p)): {bare(m) for m in module_imports(p, name(p), known)} for p in files}
 
 
 def floors(graph: dict[str, set[str]], prefix: str) -> int:
@@ -222,51 +168,14 @@ def loose_cloud_modules(root: Path) -> int:
 
 # -- §5 ---------------------------------------------------------------------------------------
 
-FIELDS: dict[str, set[str]] = {
-    "code": {m.value for m in v.BundleCode},
-    "event": {m.value for m in v.NodeEvent},
-    "status": {m.value for m in v.RolloutStatus},
-    "state": {m.value for m in v.RolloutEventState},
-    "signal": {m.value for m in v.DriftSignal},
-    "reference": {m.value for m in v.DriftReference},
-    "kind": {m.value for m in v.DriftKind},
-}
-
 
 def bare_vocabulary_words(root: Path) -> list[str]:
-    """Vocabulary words spelled as string literals where the word is a field's value: a keyword
-    argument or a comparison on a field of that name, or ``BundleError``'s code (the same rule
-    as ``tests/test_vocabulary.py``), outside ``shared/vocabulary.py``."""
-    out: list[str] = []
-    for p in product_files(root):
-        if rel(root, p) == "shared/vocabulary.py":
-            continue
-
-        def check(node: ast.AST, field: str | None) -> None:
-            if (
-                isinstance(node, ast.Constant)
-                and isinstance(node.value, str)
-                and node.value in FIELDS.get(field or "", ())
-            ):
-                out.append(f"{rel(root, p)}:{node.lineno}: {field}={node.value!r}")  # noqa: B023
-            elif isinstance(node, ast.Tuple | ast.Set | ast.List):
-                for e in node.elts:
-                    check(e, field)
-
-        for node in ast.walk(parse(p)):
-            if isinstance(node, ast.keyword) and node.arg:
-                check(node.value, node.arg)
-            elif isinstance(node, ast.Compare):
-                sides = [node.left, *node.comparators]
-                for s in sides:
-                    f = s.attr if isinstance(s, ast.Attribute) else getattr(s, "id", None)
-                    for o in sides if f else ():
-                        check(o, f)
-            elif isinstance(node, ast.Call) and len(node.args) >= 3:
-                fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                if fn == "BundleError":
-                    check(node.args[2], "code")
-    return out
+    """Vocabulary words spelled as string literals where the word is a field's value
+    (``tests/test_vocabulary.py``'s rule, with this checkout's word lists), outside
+    ``shared/vocabulary.py``."""
+    return [
+        w for p in product_files(root) if rel(root, p) != "shared/vocabulary.py" for w in bare_words(p, root)
+    ]
 
 
 def sensitivity_restated(root: Path) -> list[str]:
@@ -367,7 +276,7 @@ def asserts(root: Path) -> list[str]:
 
 def main(root: Path) -> None:
     graph = import_graph(root)
-    edge_cycles = [c for c in cycles(graph) if c[0].startswith("edge.")]
+    edge_cycles = [c for c in strongly_connected(graph) if c[0].startswith("edge.")]
     rows = {
         "§1 imports of top-level shared/edge/cloud": old_top_level_imports(root),
         "§2 modules creating a KV bucket (get-or-create copies)": kv_create_sites(root),
@@ -376,7 +285,7 @@ def main(root: Path) -> None:
         "§2 edge/_fetch.py exists": (root / "edge" / "_fetch.py").exists(),
         "§2 modules using shared/objects.py": grep(root, r"shared\.objects import"),
         "§3 import cycles among edge modules": edge_cycles,
-        "§3 import cycles in any package": cycles(graph),
+        "§3 import cycles in any package": strongly_connected(graph),
         "§3 for_node factories": grep(root, r"def for_node\b"),
         "§3 tests overwriting node.safety.limits": grep(
             root, r"safety\.limits\s*=", sorted((root / "tests").rglob("*.py"))
