@@ -19,13 +19,10 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
-import structlog
 
 from slmops.shared.errors import ConfigError
 
 __all__ = ["Config", "config_origins", "file_key", "load_config", "parse_duration", "parse_size"]
-
-log = structlog.get_logger(__name__)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -98,7 +95,9 @@ def _read_file(type_: type[Config], path: Path, *, warn: bool = True) -> dict[st
         if field is None and norm in type_.FLAGS:  # an old field name with a flag of its own
             field = norm
             if warn:
-                log.warning(
+                import structlog  # here: `slmops --help` imports this module, not structlog
+
+                structlog.get_logger(__name__).warning(
                     "config_key_deprecated", file=source, key=key, use=file_key(type_, norm),
                     note=f"`{key}` still works; write `{file_key(type_, norm)}` (the flag's name)",
                 )  # fmt: skip

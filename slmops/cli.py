@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from slmops.cli_common import run
-from slmops.shared.logging import configure_logging
 
 CONTEXT = {"auto_envvar_prefix": "SLMOPS", "help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -46,7 +45,11 @@ def hoist_global_options(args: list[str]) -> list[str]:
 
 class _Main(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(args))
+        hoisted = hoist_global_options(args)
+        words = hoisted[: hoisted.index("--")] if "--" in hoisted else hoisted
+        # A --help prints and exits: no logging set-up for it (structlog pulls in rich).
+        ctx.meta["slmops.help"] = any(a in ctx.help_option_names for a in words)
+        return super().parse_args(ctx, hoisted)
 
 
 @click.group(cls=_Main, context_settings=CONTEXT)
@@ -70,6 +73,10 @@ def main(log_level: str, log_json: bool | None) -> None:
     aggregates over NATS; the cloud watches them for drift and rolls out new model versions.
     Start with `slmops demo`, or see README.md for a five-minute tour.
     """
+    if click.get_current_context().meta.get("slmops.help"):
+        return
+    from slmops.shared.logging import configure_logging
+
     configure_logging(log_level, json=log_json)
 
 
