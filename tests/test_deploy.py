@@ -507,9 +507,7 @@ async def test_single_node_cannot_read_another_nodes_assignment(single: _Server)
     stream = f"KV_{names.ASSIGNMENTS_BUCKET}"
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
         js = nc.jetstream(timeout=1)
-        assert (
-            await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY) == b"own-v1"
-        )
+        assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY) == b"own-v1"
         assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET)) == b"fleet-v1"
         with pytest.raises(NatsUnavailable, match="did not answer in time"):  # a refused read times out
             await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, OTHER))
@@ -795,10 +793,7 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
             js = nc.jetstream(timeout=2)
             # Read and watch as edge/refresh.py does: a direct get by subject, the node's named
             # watch (filtered-subject consumer form).
-            assert (
-                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY)
-                == b"own-v1"
-            )
+            assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY) == b"own-v1"
             sub = await nc.subscribe(names.watch_inbox(NODE, own=True))
             await js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", _watch_config(NODE, own=True))
             async with _connect(hub.creds("cloud", CLOUD_PW)) as (cloud, _):
@@ -806,10 +801,7 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
                     names.assignment_key(FLEET, NODE), b"own-v2"
                 )
             assert (await sub.next_msg(timeout=5)).subject.endswith(names.assignment_key(FLEET, NODE))
-            assert (
-                await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY)
-                == b"own-v2"
-            )
+            assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY) == b"own-v2"
             await sub.unsubscribe()
             out = io.BytesIO()
             with anyio.fail_after(30):

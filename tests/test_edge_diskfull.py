@@ -17,12 +17,13 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import anyio
 import anyio.abc
 import pytest
+from _edge_proc import Client, start
 from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_cli, edge_config, read_telemetry, terminate
@@ -68,49 +69,6 @@ def fill(disk: Path) -> Path:
         os.close(fd)
     assert error == errno.ENOSPC, os.strerror(error)
     return filler
-
-
-class Client:
-    """Counts what the app was answered (HTTP 200s), and which answers were not durable."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session, self.base = session, base
-        self.answered = self.not_durable = 0
-
-    async def predict(self, texts: list[str]) -> None:
-        async with self.session.post(self.base + "/v1/predict", json={"texts": texts}) as resp:
-            body = await resp.text()
-            assert resp.status == 200, body
-            data = await resp.json()
-        self.answered += len(data["predictions"])
-        if not data["durable"]:
-            self.not_durable += len(data["predictions"])
-
-    async def burst(self, n: int, tag: str) -> None:
-        async with anyio.create_task_group() as tg:
-            for i in range(n):
-                tg.start_soon(self.predict, [f"alpha {tag} {i}", f"beta {tag} {i}"][: 1 + i % 2])
-
-    async def health(self) -> dict[str, Any]:
-        async with self.session.get(self.base + "/v1/health") as resp:
-            assert resp.status == 200
-            data: dict[str, Any] = await resp.json()
-            return data
-
-
-async def start(args: list[str], log: Path, client: Client) -> anyio.abc.Process:
-    out: IO[bytes]
-    with log.open("ab") as out:
-        proc = await anyio.open_process(args, stdout=out, stderr=subprocess.STDOUT)
-    with anyio.fail_after(30):
-        while True:
-            if proc.returncode is not None:
-                raise AssertionError(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                await client.health()
-                return proc
-            except (aiohttp.ClientError, AssertionError):
-                await anyio.sleep(0.05)
 
 
 async def until_storage_ok(client: Client) -> None:

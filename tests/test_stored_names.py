@@ -15,4 +15,3 @@ def test_node_state_clock_skew_keeps_its_stored_name() -> None:
     raw = msgspec.json.encode(state)
     assert b'"clock_skew":-12.5' in raw
     assert b"clock_skew_s" not in raw
-

@@ -14,11 +14,15 @@ Fault kinds (round-robin over a seeded shuffle, each at a seeded node, overlappi
 - ``kill_cloud`` / ``kill_server``: ``kill -9`` of the cloud / the nats-server, restarted
   after 0.5-3 s (the server keeps its store).
 - ``disk_full``: a filler file takes the node's tmpfs to ENOSPC for 4-12 s.
-- ``clock_jump``: the edge restarts with its wall clock moved by -30 min … +5 min
-  (libfaketime via ``LD_PRELOAD``; the offset is fixed per process: libfaketime also moves
-  ``CLOCK_MONOTONIC``, and a jump inside a running process stalls asyncio's timers). Forward
-  jumps stay within the cloud's default ``max_clock_skew`` (600 s): further ones are dead-
-  lettered by design.
+- ``clock_jump``: a RUNNING edge's wall clock moves to -30 min … +5 min of the true time,
+  under traffic, without a restart. Every edge runs under libfaketime (``LD_PRELOAD``) reading
+  its offset from a file (``FAKETIME_TIMESTAMP_FILE``, re-read on every call:
+  ``FAKETIME_NO_CACHE``); the jump rewrites that file. ``FAKETIME_DONT_FAKE_MONOTONIC`` keeps
+  ``CLOCK_MONOTONIC`` true, so asyncio's timers (the loop clock) do not stall — faking it is
+  what stalled them when offsets were changed in a running process. Each jump is checked
+  to have reached the process (the HTTP ``Date`` header of its next answer, within 3 s of
+  the new offset: ``clock_jumps_seen``). Forward offsets stay within the cloud's default
+  ``max_clock_skew`` (600 s): further ones are dead-lettered by design.
 - ``poison``: 1-3 malformed or absurd telemetry messages published on the node's subject.
 - ``duplicate_node``: a second edge process with the same node id (its own data dir, so its
   own install) serves traffic for 6-15 s, then drains and stops.
@@ -52,6 +56,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +77,7 @@ from slmops.shared.names import DEADLETTER_STREAM, DEADLETTER_SUBJECT, TELEMETRY
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
 
-__all__ = ["KINDS", "run", "run_chaos"]
+__all__ = ["KINDS", "faketime_env", "run", "run_chaos", "set_clock"]
 
 KINDS = (
     "link_cut",
@@ -87,6 +92,30 @@ KINDS = (
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 _HAVE_FAKETIME = FAKETIME_LIB.exists()
 TEXTS = ["hello there", "my bill is wrong", "cannot log in", "how much is it", "thanks a lot"]
+
+
+def set_clock(clock_file: Path, offset: int) -> None:
+    """Set the wall-clock offset (seconds from the true time) of every process started with
+    ``faketime_env(clock_file)``, at once (atomically: libfaketime re-reads the file on
+    every call)."""
+    tmp = clock_file.with_name(clock_file.name + ".new")
+    tmp.write_text(f"{offset:+d}\n")
+    os.replace(tmp, clock_file)
+
+
+def faketime_env(clock_file: Path) -> dict[str, str]:
+    """Environment for a process whose wall clock (``CLOCK_REALTIME``: ``time.time()``) is
+    moved by ``set_clock(clock_file, ...)`` while it runs; its monotonic clock stays true
+    (asyncio's loop clock). Needs libfaketime (``FAKETIME_LIB``; Debian package
+    ``faketime``); the file is created at offset 0 if missing."""
+    if not clock_file.exists():
+        set_clock(clock_file, 0)
+    return {
+        "LD_PRELOAD": str(FAKETIME_LIB),
+        "FAKETIME_TIMESTAMP_FILE": str(clock_file),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
 
 
 def _free_port() -> int:
@@ -119,11 +148,21 @@ class EdgeProc:
     nats_url: str
     proxy: TcpProxy | None = None
     proc: anyio.abc.Process | None = None
-    offset: int = 0  #: libfaketime offset of the wall clock, seconds
+    offset: int = 0  #: libfaketime offset of the wall clock, seconds (changed while running)
     paused: bool = False
     inflight: int = 0
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     stopped: bool = False  #: the twin after its spell
+
+    @property
+    def clock_file(self) -> Path:
+        """The file libfaketime reads this edge's wall-clock offset from (``+N``/``-N`` s)."""
+        return self.log.with_name(self.log.stem + ".faketime")
+
+    def set_offset(self, offset: int) -> None:
+        """Move this edge's wall clock to ``offset`` s from the true time, now."""
+        self.offset = offset
+        set_clock(self.clock_file, offset)
 
 
 @dataclass
@@ -145,6 +184,8 @@ class Chaos:
     cut: dict[str, list[int]] = field(default_factory=dict)
     poison_sent: Counter[str] = field(default_factory=Counter)
     disk_note: str | None = None
+    #: Clock jumps the edge's own answers showed (its HTTP Date header) within 3 s.
+    clock_jumps_seen: int = 0
     _twins: int = 0
 
     # -- processes --------------------------------------------------------------------------
@@ -160,9 +201,9 @@ class Chaos:
 
     async def start_edge(self, e: EdgeProc) -> None:
         env = dict(os.environ)
-        if e.offset and _HAVE_FAKETIME:
-            env["LD_PRELOAD"] = str(FAKETIME_LIB)
-            env["FAKETIME"] = f"{e.offset:+d}"
+        if _HAVE_FAKETIME:  # always: a clock jump may come while it runs
+            e.set_offset(e.offset)
+            env.update(faketime_env(e.clock_file))
         with e.log.open("ab") as out:
             e.proc = await anyio.open_process(
                 self._edge_args(e), stdout=out, stderr=subprocess.STDOUT, env=env
@@ -243,12 +284,20 @@ class Chaos:
             await self.start_edge(e)
 
     async def clock_jump(self, e: EdgeProc, rng: random.Random) -> None:
+        """Move the running edge's wall clock (traffic goes on), then check it moved."""
+        if not _HAVE_FAKETIME:
+            self.skipped["clock_jump"] += 1
+            return
         async with e.lock:
-            await self.quiesce(e)
-            await self.stop_edge(e, signal.SIGTERM)
-            e.offset = rng.choice([rng.randint(-1800, -60), rng.randint(60, 300)])
-            await self.start_edge(e)
-            e.paused = False
+            e.set_offset(rng.choice([rng.randint(-1800, -60), rng.randint(60, 300)]))
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError, TypeError):
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{e.port}/v1/health") as resp,
+                ):
+                    seen = parsedate_to_datetime(resp.headers["Date"]).timestamp() - time.time()
+                    if abs(seen - e.offset) <= 3:
+                        self.clock_jumps_seen += 1
 
     async def kill_cloud(self, e: EdgeProc, rng: random.Random) -> None:
         await self.stop_cloud(signal.SIGKILL)
@@ -597,6 +646,7 @@ async def _reconcile(chaos: Chaos, drained: dict[str, Any], minutes: float) -> d
         "faults": dict(sorted(chaos.faults.items())),
         "skipped": dict(chaos.skipped),
         "note": chaos.disk_note,
+        "clock_jumps_seen": chaos.clock_jumps_seen,
         "answered": sum(r["answered"] for r in per_node),
         "counted": sum(r["counted"] for r in per_node),
         "receipts": sum(r["receipts"] for r in per_node),
