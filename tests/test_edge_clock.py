@@ -16,9 +16,9 @@ from pathlib import Path
 import aiohttp
 import anyio
 import pytest
-from _edge_proc import Client, start
 from nats.js import JetStreamContext
 
+from _edge_proc import Client, start
 from _edge_util import Keys, edge_cli, kill, terminate
 from _nats import free_port
 from slmops.bench.chaos import FAKETIME_LIB, faketime_env, set_clock

@@ -23,9 +23,9 @@ import aiohttp
 import anyio
 import anyio.abc
 import pytest
-from _edge_proc import Client, start
 from nats.js import JetStreamContext
 
+from _edge_proc import Client, start
 from _edge_util import Keys, edge_cli, edge_config, read_telemetry, terminate
 from _nats import free_port
 from _proxy import TcpProxy
