@@ -358,11 +358,14 @@ class Registry:
         node: str | None = None,
         variant: str | None = None,
         now: datetime | None = None,
+        side_by_side: bool = False,
     ) -> Assignment:
         """Write the assignment of ``model`` ``version`` for one node, or fleet-wide when
         ``node`` is None. The variant is ``variant`` if given; else, for a node whose last
         status reports its device, the one ``shared.variants.choose_variant`` picks; else None
-        (the node picks from ``variants`` itself)."""
+        (the node picks from ``variants`` itself). ``side_by_side`` writes the per-model key
+        (``names.assignment_key(..., model=)``): the node serves the model beside its others
+        instead of as its default model (nodes of a single-model build ignore that key)."""
         names.validate_id(fleet, "fleet")
         if node is not None:
             names.validate_id(node, "node")
@@ -428,7 +431,7 @@ class Registry:
             assigned_at=now or datetime.now(UTC),
         )
         kv = await self._bucket(names.ASSIGNMENTS_BUCKET)
-        key = names.assignment_key(fleet, node)
+        key = names.assignment_key(fleet, node, model if side_by_side else None)
         await self._call(f"write assignment {key}", kv.put(key, encode_json(assignment)))
         log.info("model_assigned", key=key, model=model, version=version, variant=variant)
         return assignment

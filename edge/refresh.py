@@ -68,7 +68,7 @@ from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import BundleError, JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
-from slmops.shared.kv import kv_get_direct
+from slmops.shared.kv import kv_get_direct, kv_keys
 from slmops.shared.messages import (
     Assignment,
     BundleFile,
@@ -338,10 +338,70 @@ class Refresher:
         return await self._check(self._link.js)
 
     async def _check(self, js: JetStreamContext) -> RefreshResult | None:
+        """Follow every assignment (``_assignments``) once. Returns the first outcome worth a
+        quick retry, else the last outcome, else None."""
         self.stats.checks += 1
-        assignment = await self._read(js, self._node_key) or await self._read(js, self._fleet_key)
-        if assignment is None:
-            return None
+        outcome: RefreshResult | None = None
+        for assignment in await self._assignments(js):
+            result = await self._follow(js, assignment)
+            if result is None:
+                continue
+            if outcome is None or not (not outcome.ok and outcome.code in RETRYABLE):
+                outcome = result
+        return outcome
+
+    async def _assignments(self, js: JetStreamContext) -> list[Assignment]:
+        """What the node should run, one assignment per model name, default model first.
+
+        The legacy keys (``<fleet>.<node>``, else ``<fleet>._fleet``) name the default model,
+        as for a single-model node. Per-model keys (``names.assignment_key(..., model=)``)
+        assign models side by side; for one model name the node's own per-model key wins,
+        then its legacy key (if it names that model), then the fleet's per-model key, then
+        the fleet's legacy key. Per-model keys are found by listing the key names
+        (``shared.kv.kv_keys``) at each check (each poll, wake-up and reconnect): they have
+        no watch of their own (the node's two watches are its legacy keys)."""
+        own = await self._read(js, self._node_key)
+        fleet_wide = await self._read(js, self._fleet_key)
+        legacy = own or fleet_wide
+        found: dict[str, Assignment] = {} if legacy is None else {legacy.model: legacy}
+        for model, (has_own, has_fleet) in (await self._model_keys(js)).items():
+            a = (
+                await self._read(js, names.assignment_key(self._fleet, self._node, model))
+                if has_own
+                else None
+            )
+            if a is None and own is not None and own.model == model:
+                continue  # the node's legacy key already names it
+            if a is None and has_fleet:
+                a = await self._read(js, names.assignment_key(self._fleet, None, model))
+            if a is None:
+                continue
+            if a.model != model:
+                log.error("assignment_misfiled", key_model=model, model=a.model, note="ignored")
+                continue
+            found[model] = a
+        return list(found.values())
+
+    async def _model_keys(self, js: JetStreamContext) -> dict[str, tuple[bool, bool]]:
+        """Model names with a per-model key: ``{model: (node's own key exists, fleet's key
+        exists)}`` (deleted keys are listed too: reading them gives None). {} when the
+        server refuses the listing (the node then follows its legacy keys only)."""
+        out: dict[str, tuple[bool, bool]] = {}
+        for node in (self._node, None):
+            prefix = names.assignment_key(self._fleet, node) + "."
+            try:
+                keys = await self._op(kv_keys(js, names.ASSIGNMENTS_BUCKET, prefix + ">"), "kv keys", prefix)
+            except (NotFound, JetStreamRefused) as exc:
+                log.debug("assignment_keys_unlisted", prefix=prefix, error=str(exc))
+                continue
+            for key in keys:
+                model = key[len(prefix) :]
+                mine, theirs = out.get(model, (False, False))
+                out[model] = (mine or node is not None, theirs or node is None)
+        return out
+
+    async def _follow(self, js: JetStreamContext, assignment: Assignment) -> RefreshResult | None:
+        """Install what ``assignment`` names unless its model already runs it."""
         if assignment.withdrawn is not None:  # yanked, no earlier good version: serve none of it
             await self.models.withdraw(assignment.model, assignment.withdrawn)
             return None
@@ -362,7 +422,7 @@ class Refresher:
             return await self._refused_result(
                 ModelRef(name=assignment.model, version=assignment.version, variant="?"), assignment, exc
             )
-        current = self.models.current
+        current = self.models.get(ref.name)
         if current is not None and current.ref == ref:
             self._failures = 0
             return None

@@ -132,10 +132,16 @@ def rollout_subject(fleet: str) -> str:
     return f"slmops.rollout.{validate_id(fleet, 'fleet')}"
 
 
-def assignment_key(fleet: str, node: str | None = None) -> str:
-    """KV key of a node's assignment, or of the fleet-wide default when ``node`` is None."""
+def assignment_key(fleet: str, node: str | None = None, model: str | None = None) -> str:
+    """KV key of a node's assignment, or of the fleet-wide default when ``node`` is None:
+    ``<fleet>.<node>`` / ``<fleet>._fleet`` name the node's default model (the only keys a
+    single-model node reads); with ``model``, ``<fleet>.<node>.<model>`` /
+    ``<fleet>._fleet.<model>`` assign that model beside the others (issue 11: a node serves
+    several models, assignments are keyed by node and model name; a model name may hold dots,
+    so it is the rest of the key)."""
     token = FLEET_WIDE if node is None else validate_id(node, "node")
-    return f"{validate_id(fleet, 'fleet')}.{token}"
+    key = f"{validate_id(fleet, 'fleet')}.{token}"
+    return key if model is None else f"{key}.{validate_model_name(model)}"
 
 
 def model_object_name(model: str, version: int, variant: str) -> str:

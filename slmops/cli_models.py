@@ -338,22 +338,41 @@ def list_(nats_url: str, as_json: bool) -> None:
     default=None,
     help="Force a variant; default: chosen from the node's reported device profile, or left to each node.",
 )
+@click.option(
+    "--side-by-side",
+    is_flag=True,
+    help="Serve the model beside the node's others (its own per-model key) instead of as its "
+    "default model; requests pick it by name. Nodes of a single-model build ignore it.",
+)
 def assign(
-    nats_url: str, fleet: str, version: int, model: str | None, node: str | None, variant: str | None
+    nats_url: str,
+    fleet: str,
+    version: int,
+    model: str | None,
+    node: str | None,
+    variant: str | None,
+    side_by_side: bool,
 ) -> None:
     """Assign a model version to a fleet, or to one node of it.
 
     Nodes follow their own key, else the fleet-wide one; online nodes switch within moments,
-    offline nodes on reconnect.
+    offline nodes on reconnect. A --side-by-side assignment is read at each poll
+    (poll_interval, 60 s by default) and whenever the node's own keys change.
     """
     from slmops.cloud.registry import open_registry
 
+    if side_by_side and model is None:
+        raise click.UsageError("--side-by-side needs --model")
+
     async def main() -> None:
         async with open_registry(nats_url) as registry:
-            a = await registry.assign(fleet, version, model=model, node=node, variant=variant)
+            a = await registry.assign(
+                fleet, version, model=model, node=node, variant=variant, side_by_side=side_by_side
+            )
         who = f"node {a.node}" if a.node else "the whole fleet"
         chosen = a.variant or f"node's choice of {', '.join(a.variants)}"
-        click.echo(f"assigned {a.model} v{a.version} ({chosen}) to {who} of {a.fleet}")
+        beside = ", beside its other models" if side_by_side else ""
+        click.echo(f"assigned {a.model} v{a.version} ({chosen}) to {who} of {a.fleet}{beside}")
 
     run(main)
 

@@ -64,6 +64,10 @@ def test_subjects_and_keys_follow_the_contract() -> None:
     assert telemetry_subject("shops", "till-7") == "slmops.telemetry.shops.till-7"
     assert assignment_key("shops", "till-7") == "shops.till-7"
     assert assignment_key("shops") == "shops._fleet"
+    assert assignment_key("shops", "till-7", "minilm.emb") == "shops.till-7.minilm.emb"
+    assert assignment_key("shops", None, "minilm.emb") == "shops._fleet.minilm.emb"
+    with pytest.raises(ValueError, match="model name"):
+        assignment_key("shops", "till-7", "bad name")
     assert model_object_name("clf", 3, "int8") == "clf/3/int8"
     assert msg_id("till-7", 42) == "till-7:42"
     assert msg_id("till-7", 42, "f1") == "f1/till-7:42"

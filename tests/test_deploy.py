@@ -41,7 +41,7 @@ from slmops.edge.refresh import watch_config
 from slmops.shared import names
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
-from slmops.shared.kv import kv_get_direct
+from slmops.shared.kv import kv_get_direct, kv_keys
 from slmops.shared.objects import fetch_object
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import find_nats_server
@@ -520,6 +520,31 @@ async def test_single_node_cannot_read_another_nodes_assignment(single: _Server)
         with pytest.raises(nats.errors.TimeoutError):  # nats-py's own KV get
             await (await js.key_value(names.ASSIGNMENTS_BUCKET)).get(names.assignment_key(FLEET, OTHER))
         assert not any("other-v1" in e for e in client.errors)
+
+
+@pytest.mark.anyio
+async def test_single_node_reads_its_per_model_keys_and_no_other_nodes(single: _Server) -> None:
+    """Models side by side (issue 11): a node finds its own and its fleet's per-model keys by
+    listing key names (stream info) and reads them by direct get; another node's per-model
+    key stays unreadable."""
+    own, fleet_wide, other = (
+        names.assignment_key(FLEET, NODE, "embedder.v"),
+        names.assignment_key(FLEET, None, "embedder.v"),
+        names.assignment_key(FLEET, OTHER, "embedder.v"),
+    )
+    async with _connect(single.creds("cloud", CLOUD_PW)) as (nc, _):
+        kv = await nc.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+        for key in (own, fleet_wide, other):
+            await kv.put(key, key.encode())
+    async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
+        js = nc.jetstream(timeout=1)
+        assert await kv_keys(js, names.ASSIGNMENTS_BUCKET, f"{OWN_KEY}.>") == [own]
+        assert await kv_keys(js, names.ASSIGNMENTS_BUCKET, f"{names.assignment_key(FLEET)}.>") == [fleet_wide]
+        assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, own) == own.encode()
+        assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, fleet_wide) == fleet_wide.encode()
+        with pytest.raises(NatsUnavailable, match="did not answer in time"):
+            await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, other)
+        await client.wait_error(f".$kv.{names.ASSIGNMENTS_BUCKET}.{other.lower()}")
 
 
 @pytest.mark.anyio

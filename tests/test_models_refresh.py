@@ -355,3 +355,93 @@ async def test_a_node_refused_its_watch_follows_its_assignment_by_polling(
             assert node.refresher.stats.checks >= 1
     refused = [e for e in logs if e["event"] == "assignment_watch_refused"]
     assert len(refused) == 2, [e["event"] for e in logs]
+
+
+async def test_models_assigned_side_by_side_are_each_followed(
+    js: JetStreamContext,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    model: str,
+    statuses: Statuses,
+) -> None:
+    """Issue 11, assignments keyed by node and model name: a classifier assigned the usual
+    way (legacy fleet key) and an embedder assigned side by side (its per-model fleet key)
+    are both installed and served; the embedder's new version, on the node's own per-model
+    key, replaces only the embedder; the classifier's, on the node's legacy key, only the
+    classifier."""
+    from _transformer import make_transformer_bundle
+
+    clf, emb = f"{model}-clf", f"{model}-emb"
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    for name, version, task in (
+        (clf, 1, "classification"),
+        (clf, 2, "classification"),
+        (emb, 1, "embedding"),
+        (emb, 2, "embedding"),
+    ):
+        b = make_transformer_bundle(
+            tmp_path / f"{name}-{version}", keys.key, name=name, version=version, task=task
+        )
+        await registry.push(b, trust)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(10)
+
+        def held() -> list[tuple[str, int]]:
+            return [(m.ref.name, m.ref.version) for m in node.models.all()]
+
+        await registry.assign(fleet, 1, model=clf)  # its watch wakes the node
+        await wait_until(lambda: held() == [(clf, 1)], 20, what="the classifier served")
+        await registry.assign(fleet, 1, model=emb, side_by_side=True)
+        # A per-model key has no watch: it is read at the next check (each poll, wake-up of
+        # the legacy keys' watches, reconnect); the test asks for that check now.
+        await node.refresher.check()
+        assert held() == [(clf, 1), (emb, 1)]  # the first installed is the default
+        assert (await node.predict(["alpha"]))[0].model.name == clf
+        assert (await node.embed(["alpha"])).model.name == emb
+
+        await registry.assign(fleet, 2, model=emb, node="n1", side_by_side=True)
+        assert (await node.refresher.check()) == RefreshResult(
+            model=ModelRef(name=emb, version=2),
+            ok=True,
+            at=node.refresher.statistics().last.at,  # type: ignore[union-attr]
+        )
+        assert held() == [(clf, 1), (emb, 2)]
+        await registry.assign(fleet, 2, model=clf, node="n1")
+        await wait_until(lambda: held() == [(clf, 2), (emb, 2)], 20, what="classifier v2")
+        assert (await node.predict(["alpha"]))[0].model.version == 2
+        assert (await node.embed(["alpha"])).model.version == 2
+        assert node.models.previous_of(emb) == ModelRef(name=emb, version=1)
+        assert node.models.previous == ModelRef(name=clf, version=1)
+        await wait_until(
+            lambda: len([s for s in statuses.of("n1", "model_installed") if s.refresh is not None]) >= 4,
+            10,
+            what="four installed statuses",
+        )
+        installed = [s.refresh.model for s in statuses.of("n1", "model_installed") if s.refresh is not None]
+        assert sorted((r.name, r.version) for r in installed) == [(clf, 1), (clf, 2), (emb, 1), (emb, 2)]
+        last = statuses.of("n1", "model_installed")[-1]
+        assert [(r.name, r.version) for r in last.models] == [(clf, 2), (emb, 2)]
+
+
+async def test_a_per_model_key_naming_another_model_is_ignored(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    """A value under ``<fleet>.<node>.<A>`` that names model B is someone's mistake: the node
+    follows the keys it can trust and logs the misfiled one."""
+    v1 = make_bundle(tmp_path / "v1", keys.key, version=1, name=model)
+    await Registry(js).push(v1, TrustStore([keys.key.public_key()]))
+    kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+    a = await assign(js, fleet, model, 1, node="n1")
+    await kv.put(names.assignment_key(fleet, "n1", "other-model"), encode_json(a))
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online(10)
+        with structlog.testing.capture_logs() as logs:
+            await wait_until(lambda: serving(node) == v1.manifest.ref, 20, what="v1 serving")
+            await node.refresher.check()
+        assert node.models.names == [model]
+        assert any(e["event"] == "assignment_misfiled" and e["key_model"] == "other-model" for e in logs)

@@ -49,12 +49,15 @@ _BLOCK = """\
         # the PubAck comes back on the node's inbox.
         "slmops.telemetry.{fleet}.{node}",
         "slmops.status.{fleet}.{node}",
-        # KV slmops_assignments: its own two keys only, by direct get by subject (the key
-        # is in the subject, where permissions see it). Bind (stream info) is for nodes of
-        # the previous release (it lists key names, never values).
+        # KV slmops_assignments: its own two keys and their per-model keys (<key>.<model>,
+        # models served side by side) only, by direct get by subject (the key is in the
+        # subject, where permissions see it). Stream info lists key names, never values: the
+        # node finds its per-model keys with it (and nodes of the previous release bind).
         "$JS.API.STREAM.INFO.KV_slmops_assignments",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}.{node}",
+        "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}.{node}.>",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet",
+        "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet.>",
         # Watches of its two keys: two consumers, each of one fixed name and one filter, only
         # through the filtered-subject form (name and filter are in the subject, where
         # permissions see them): the node cannot make a third, nor one on any other key.
