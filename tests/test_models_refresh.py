@@ -363,7 +363,6 @@ async def test_models_assigned_side_by_side_are_each_followed(
     tmp_path: Path,
     keys: Keys,
     fleet: str,
-    model: str,
     statuses: Statuses,
 ) -> None:
     """Issue 11, assignments keyed by node and model name: a classifier assigned the usual
@@ -373,7 +372,7 @@ async def test_models_assigned_side_by_side_are_each_followed(
     classifier."""
     from _transformer import make_transformer_bundle
 
-    clf, emb = f"{model}-clf", f"{model}-emb"
+    clf, emb = f"c{fleet}", f"e{fleet}"  # the model store is shared by the session
     registry = Registry(js)
     trust = TrustStore([keys.key.public_key()])
     for name, version, task in (
