@@ -105,6 +105,11 @@ class DriftSignal(StrEnum):
     OOS_FOREIGN_SCRIPT = "oos_foreign_script"
     #: Tokenizer models: the share of inferences with a token the tokenizer does not know.
     OOS_UNKNOWN_TOKEN = "oos_unknown_token"
+    #: Embedding models (``TelemetryAggregate.embedding``): the histograms of the served
+    #: embeddings' projections on the manifest's fixed directions, all directions' bins as
+    #: one count vector; and the histogram of their norms before normalisation.
+    EMBEDDING_PROJECTION = "embedding_projection"
+    EMBEDDING_NORM = "embedding_norm"
 
 
 class DriftKind(StrEnum):

@@ -7,7 +7,9 @@ Signals: ``class_prior`` (predicted-class counts), ``confidence``, ``input_lengt
 counts), and the out-of-scope shares ``oos_low_confidence`` (top probability below the
 manifest's threshold), ``oos_foreign_script`` (a letter outside the training scripts) and, for
 tokenizer models whose manifest sets ``unknown_token_share``, ``oos_unknown_token`` (a token
-the tokenizer does not know), all one-sided, from ``TelemetryAggregate.out_of_scope``. The
+the tokenizer does not know), all one-sided, from ``TelemetryAggregate.out_of_scope``; for embedding models
+``embedding_projection`` (the projections' histograms on the manifest's fixed directions, the
+directions' bins side by side in one vector) and ``embedding_norm``. The
 reference of a signal comes from the model manifest's ``ReferenceProfile`` when it has one;
 latency and error rate never come from the manifest (held-out data says nothing about a
 device's speed or its apps' failures), so they, and any signal the manifest lacks, are tested
@@ -171,6 +173,20 @@ def extract(
                 wrong += c
     if right + wrong > 0:
         out["accuracy"] = ([float(wrong), float(right)], noise)
+    emb = agg.embedding
+    if emb is not None and emb.projections:
+        for signal, hists in (
+            (DriftSignal.EMBEDDING_PROJECTION, emb.projections),
+            (DriftSignal.EMBEDDING_NORM, [emb.norm]),
+        ):
+            want = edges.get(signal)
+            if want is None or all(h.edges == want for h in hists):
+                # Each direction sees the same embeddings: the directions' bins side by side,
+                # each count divided by the directions' number, so the vector counts the
+                # window's inferences once (its test is the mean of the per-direction tests,
+                # not their sum: conservative, as the directions are not independent).
+                k = len(hists)
+                out[signal] = ([c / k for h in hists for c in h.counts], noise / (k * k))
     oos = agg.out_of_scope
     if len(oos) == OOS_CELLS:
         total = sum(oos)
@@ -217,6 +233,19 @@ def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
                 n_ref=float(spec.count),
                 source="manifest",
             )
+    emb = ref.embedding
+    stats = manifest.embedding
+    if emb is not None and stats is not None and emb.projections:
+        for signal, hists, edges in (
+            (DriftSignal.EMBEDDING_PROJECTION, emb.projections, stats.projection_edges),
+            (DriftSignal.EMBEDDING_NORM, [emb.norm], stats.norm_edges),
+        ):
+            counts = [float(c) for h in hists for c in h.counts]
+            if all(h.edges == edges for h in hists) and sum(counts) > 0:
+                # As ``extract``: all directions' bins in one vector, counting each text once.
+                out[signal] = SignalRef(
+                    probs=normalise(counts), n_ref=float(hists[0].total), source=DriftReference.MANIFEST
+                )
     if ref.accuracy is not None and 0 <= ref.accuracy <= 1:
         wrong = 1.0 - ref.accuracy
         # The manifest's accuracy is a point estimate; its count is the held-out size.
