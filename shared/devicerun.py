@@ -1,0 +1,117 @@
+"""One measurement of a bundle the way a device class would run it, in a process of its own:
+``python -m slmops.shared.devicerun`` reads a JSON request on stdin and prints one JSON line.
+
+It imports only ``slmops.shared`` (importing ``slmops.cloud`` would add tens of MB a node never
+pays), pins itself to the given CPUs (``os.sched_setaffinity``) and loads sessions with the given
+ONNX Runtime intra-op thread count. Two modes (``cloud.factory.lab`` runs both):
+
+- ``latency``: loads the candidate and the reference (L6 fp32) and times them **interleaved,
+  text by text** (candidate, reference, candidate, ...), so both see the same load on a shared
+  machine; batch 1 on every text, then batch 32. Prints per-call milliseconds' p50/p95.
+- ``memory``: loads the candidate alone, runs its smoke tests (``Session.smoke_test``), every
+  text one by one, then one batch of 32, and prints the peak resident set (``VmHWM`` from
+  ``/proc/self/status``; ``ru_maxrss`` elsewhere) and the smoke-test outcome.
+
+Request: ``{"mode", "bundle", "reference" (latency), "cpus": [int], "threads": int,
+"texts": [str], "samples": int}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _quantiles(ms: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
+
+
+def _session(path: str, threads: int) -> Any:
+    from slmops.shared.bundle import read_bundle
+    from slmops.shared.runtime import load_session
+
+    return load_session(read_bundle(Path(path)), intra_op_threads=threads)
+
+
+def _timed(session: Any, texts: list[str]) -> float:
+    t0 = time.perf_counter()
+    session.run(texts)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _latency(req: dict[str, Any]) -> dict[str, Any]:
+    threads = int(req["threads"])
+    cand, ref = _session(req["bundle"], threads), _session(req["reference"], threads)
+    texts: list[str] = req["texts"]
+    n = int(req["samples"])
+    for s in (cand, ref):  # warm-up: first calls allocate
+        _timed(s, texts[:1])
+        _timed(s, texts[:32])
+    c1: list[float] = []
+    r1: list[float] = []
+    for i in range(n):
+        text = [texts[i % len(texts)]]
+        c1.append(_timed(cand, text))
+        r1.append(_timed(ref, text))
+    c32: list[float] = []
+    r32: list[float] = []
+    for i in range(max(3, n // 20)):
+        start = (i * 32) % max(1, len(texts) - 32)
+        batch = texts[start : start + 32]
+        c32.append(_timed(cand, batch))
+        r32.append(_timed(ref, batch))
+    return {
+        "candidate": {"batch1": _quantiles(c1), "batch32": _quantiles(c32)},
+        "reference": {"batch1": _quantiles(r1), "batch32": _quantiles(r32)},
+    }
+
+
+def _memory(req: dict[str, Any]) -> dict[str, Any]:
+    from slmops.shared.errors import BundleError
+
+    try:
+        session = _session(req["bundle"], int(req["threads"]))
+    except BundleError as exc:
+        return {"smoke_ok": False, "smoke_error": str(exc), "peak_mb": _peak_mb()}
+    smoke_error = ""
+    try:
+        session.smoke_test()
+    except BundleError as exc:
+        smoke_error = str(exc)
+    texts: list[str] = req["texts"]
+    for text in texts[: int(req["samples"])]:
+        session.run([text])
+    session.run(texts[:32])
+    return {"smoke_ok": not smoke_error, "smoke_error": smoke_error, "peak_mb": round(_peak_mb(), 1)}
+
+
+def main() -> None:
+    req = json.loads(sys.stdin.read())
+    cpus = req.get("cpus") or []
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(cpus))
+    out = _latency(req) if req["mode"] == "latency" else _memory(req)
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

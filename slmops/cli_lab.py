@@ -1,0 +1,121 @@
+"""``slmops models test``: run a bundle the way a device class would (``cloud.factory.lab``
+does the work; this parses and prints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from slmops.cli_common import call
+
+if TYPE_CHECKING:
+    from slmops.cloud.factory.lab import LabResult
+
+__all__ = ["test_cmd"]
+
+
+@click.command(name="test")
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--profile",
+    "profile_refs",
+    multiple=True,
+    help="A device profile: a name in --profiles, or a path to a profile .toml. Repeat for several; "
+    "default: every profile in --profiles.",
+)
+@click.option(
+    "--profiles",
+    "profiles_dir",
+    default=Path("deploy/profiles"),
+    show_default=True,
+    envvar="SLMOPS_PROFILES",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of device profiles (*.toml). Env: SLMOPS_PROFILES.",
+)
+@click.option(
+    "--reference",
+    "reference",
+    default=None,
+    type=click.Path(exists=True, path_type=Path),
+    help="The L6 fp32 bundle latency budgets are relative to. Default: the factory's default "
+    "model's fp32 variant from the model cache (built there first when absent, ~1 min).",
+)
+@click.option(
+    "--samples",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=20),
+    help="Batch-1 calls per bundle (interleaved with the reference's).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of the table.")
+def test_cmd(
+    bundle: Path,
+    profile_refs: tuple[str, ...],
+    profiles_dir: Path,
+    reference: Path | None,
+    samples: int,
+    as_json: bool,
+) -> None:
+    """Run BUNDLE as each device profile would, and check it against the profile's budgets.
+
+    In fresh processes pinned to the profile's cores (CPU affinity) with its thread count: the
+    smoke tests, latency (p50/p95 at batch 1, p50 at batch 32) on the corpus's held-out texts
+    interleaved with the reference L6 fp32 model, peak RSS, and size on disk. The latency budget
+    is the profile's `latency_factor` times the reference's p95 measured in the same run;
+    memory is judged by peak RSS; absolute times are printed, never judged.
+
+    Exit 0 when every profile's smoke tests and budgets hold, 1 when any fails, 2 for a usage
+    error (an unknown profile, a bad profile file).
+    """
+    from slmops.cloud.factory.lab import run_profile
+    from slmops.shared.profiles import find_profile, load_profiles
+
+    def work() -> list[LabResult]:
+        specs = (
+            [find_profile(r, profiles_dir) for r in profile_refs]
+            if profile_refs
+            else list(load_profiles(profiles_dir).values())
+        )
+        ref = reference if reference is not None else _default_reference()
+        return [run_profile(bundle, spec, ref, samples=samples) for spec in specs]
+
+    results = call(work)
+    if as_json:
+        doc = {"ok": all(r.ok for r in results), "results": [r.to_json() for r in results]}
+        click.echo(json.dumps(doc, indent=1))
+    else:
+        _table(results)
+    if not all(r.ok for r in results):
+        raise SystemExit(1)
+
+
+def _default_reference() -> Path:
+    from slmops.cloud.factory.cache import cached_minilm
+
+    return cached_minilm().bundles["fp32"]
+
+
+def _table(results: list[LabResult]) -> None:
+    click.echo(
+        f"{'profile':<10} {'variant':<9} {'smoke':<5} {'p50 ms':>8} {'p95 ms':>8} {'ref p95':>8} "
+        f"{'ratio':>6} {'budget':>6} {'RSS MB':>7} {'/ max':>6} {'size MB':>8} {'/ max':>6}  verdict"
+    )
+    for r in results:
+        verdict = "ok" if r.ok else "FAIL"
+        click.echo(
+            f"{r.profile:<10} {r.variant:<9} {'ok' if r.smoke_ok else 'FAIL':<5} {r.latency.p50_ms:>8.2f} "
+            f"{r.latency.p95_ms:>8.2f} {r.reference.p95_ms:>8.2f} {r.latency_ratio:>6.2f} "
+            f"{r.latency_factor:>6.2f} "
+            f"{r.peak_rss_mb:>7.0f} {r.model_memory_mb:>6} {r.size_mb:>8.1f} {r.model_disk_mb:>6}  {verdict}"
+        )
+        for line in r.notes:
+            click.echo(f"    note: {line}")
+        for line in r.failures:
+            click.echo(f"    fails {line}")
+    click.echo(
+        "latency budget: p95 <= budget x the reference L6 fp32's p95, same host, same run; "
+        "memory: peak RSS"
+    )
