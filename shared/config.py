@@ -127,9 +127,12 @@ def load_config(type_: type[C], data: dict[str, Any] | None = None, path: Path |
         return msgspec.convert(merged, type_, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
+        missing = re.match(r"Object missing required field `(\w+)`", message)
+        if missing:
+            field = missing.group(1)
+            flag = type_.FLAGS.get(field, "--" + field.replace("_", "-"))
+            message = f"{flag} is required (or `{file_key(type_, field)}` in a config file)"
         for field, flag in type_.FLAGS.items():
-            if message.startswith("Object missing required field") and f"`{field}`" in message:
-                message = f"{flag} is required (or `{file_key(type_, field)}` in a config file)"
             message = message.replace(f"`{field}`", f"`{file_key(type_, field)}` ({flag})")
         raise ConfigError(source, message) from exc
 

@@ -192,3 +192,13 @@ def test_a_missing_data_directory_is_named_by_its_flag() -> None:
     assert "--data is required (or `data` in a config file)" in result.output
     assert "data_dir" not in result.output
     assert "Traceback" not in result.output
+
+
+def test_every_missing_required_setting_is_named_by_its_flag() -> None:
+    """`slmops edge` with nothing: the usage error names --fleet, then --node (the lead's try
+    read "Object missing required field `fleet`"), as it does --data."""
+    for given, flag in (([], "--fleet"), (["--fleet", "f"], "--node")):
+        result = CliRunner().invoke(main, ["edge", *given])
+        assert result.exit_code == 2, result.output
+        assert f"{flag} is required (or `{flag[2:]}` in a config file)" in result.output
+        assert "Object missing" not in result.output
