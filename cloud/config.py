@@ -145,6 +145,8 @@ class CloudConfig(Config, kw_only=True):
         "snapshot_interval",
         "recalibration_cooldown",
         "rollout_interval",
+        "max_clock_skew",
+        "max_window_age",
     )
 
     FLAGS: ClassVar[dict[str, str]] = {"nats_url": "--nats", "state_dir": "--state", "fleets": "--fleet"}

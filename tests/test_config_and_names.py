@@ -92,6 +92,17 @@ def test_the_shipped_example_configs_load_with_flag_names_as_keys() -> None:
     assert (cloud.lease_ttl, cloud.drift.min_count, cloud.rollout.stages) == (10.0, 100, [5, 25, 100])
 
 
+def test_every_cloud_time_setting_takes_a_duration_string(tmp_path: Path) -> None:
+    """The clock-skew and window-age bounds take "5m"/"30d" like every other time setting
+    (they were plain seconds only, and --print-config showed 31536000.0)."""
+    from slmops.cloud.config import CloudConfig
+
+    path = tmp_path / "cloud.toml"
+    path.write_text('max_clock_skew = "5m"\nmax_window_age = "30d"\n')
+    cloud = load_config(CloudConfig, None, path)
+    assert (cloud.max_clock_skew, cloud.max_window_age) == (300.0, 30 * 86400.0)
+
+
 def test_old_config_keys_still_load_with_a_warning_naming_the_new_key(tmp_path: Path) -> None:
     from structlog.testing import capture_logs
 
