@@ -436,6 +436,69 @@ class Registry:
         log.info("model_assigned", key=key, model=model, version=version, variant=variant)
         return assignment
 
+    async def fleet_nodes(self, fleet: str) -> list[str]:
+        """Node ids that ever reported a status in ``fleet`` (``SLMOPS_STATUS`` subjects)."""
+        prefix = f"slmops.status.{names.validate_id(fleet, 'fleet')}."
+        info = await self._call(
+            f"list nodes of {fleet}", self._js.stream_info(names.STATUS_STREAM, subjects_filter=prefix + "*")
+        )
+        return sorted(s[len(prefix) :] for s in (info.state.subjects or {}) if s.startswith(prefix))
+
+    async def pin_incapable(self, fleet: str, model: str, version: int) -> list[str]:
+        """After a fleet-wide assignment of ``model`` ``version``: give each node of the fleet
+        that follows the fleet-wide key (no key of its own) and whose last status says its
+        runtime can run no variant of that version (an old node reports no capabilities: the
+        n-gram runtime) a key of its own naming the newest earlier version, not yanked, it
+        can run; a node that can run none keeps no key of its own and is named in the
+        result (it will refuse the version: ``fleet status`` shows it). Returns one line
+        per node handled, saying what and why. Raises ``RegistryError``."""
+        manifests = [m for m in await self.manifests() if m.name == model]
+        by_version: dict[int, dict[str, ModelManifest]] = {}
+        for m in manifests:
+            by_version.setdefault(m.version, {})[m.variant] = m
+        kv = await self._bucket(names.ASSIGNMENTS_BUCKET)
+        notes: list[str] = []
+        for node in await self.fleet_nodes(fleet):
+            status = await self.latest_status(fleet, node)
+            if status is None:
+                continue
+            caps = status.device.capabilities
+            wanted = by_version.get(version, {})
+            lacks = sorted({x for m in wanted.values() for x in unmet(requirements_of(m), caps)})
+            if not wanted or any(not unmet(requirements_of(m), caps) for m in wanted.values()):
+                continue
+            if await self._kv_get(names.ASSIGNMENTS_BUCKET, names.assignment_key(fleet, node)) is not None:
+                continue  # it follows its own key: not this assignment's to change
+            fallback = None
+            for v in sorted((v for v in by_version if v < version), reverse=True):
+                runnable = {k: m for k, m in by_version[v].items() if not unmet(requirements_of(m), caps)}
+                if runnable and await self.yanked(model, v) is None:
+                    fallback = (v, runnable)
+                    break
+            what = (
+                f"its runtime lacks {', '.join(lacks)} (capabilities {caps or 'none reported: an old node'})"
+            )
+            if fallback is None:
+                notes.append(f"node {node}: can run no version of {model!r}; {what}")
+                log.warning("assignment_unrunnable", fleet=fleet, node=node, model=model, version=version)
+                continue
+            v, runnable = fallback
+            variant = choose_variant({k: m.min_memory_mb for k, m in runnable.items()}, status.device)
+            pinned = Assignment(
+                fleet=fleet,
+                node=node,
+                model=model,
+                version=v,
+                variant=variant,
+                variants=sorted(runnable, key=_variant_rank),
+                assigned_at=datetime.now(UTC),
+            )
+            key = names.assignment_key(fleet, node)
+            await self._call(f"write assignment {key}", kv.put(key, encode_json(pinned)))
+            notes.append(f"node {node}: kept on v{v} ({variant}), the newest it can run; {what}")
+            log.info("assignment_pinned", fleet=fleet, node=node, model=model, version=v, wanted=version)
+        return notes
+
 
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -356,7 +356,9 @@ def assign(
     """Assign a model version to a fleet, or to one node of it.
 
     Nodes follow their own key, else the fleet-wide one; online nodes switch within moments,
-    offline nodes on reconnect. A --side-by-side assignment is read at each poll
+    offline nodes on reconnect. Fleet-wide, a node whose runtime (last status) can run no
+    variant of the version gets a key of its own naming the newest earlier version it can
+    run, or is listed when there is none. A --side-by-side assignment is read at each poll
     (poll_interval, 60 s by default) and whenever the node's own keys change.
     """
     from slmops.cloud.registry import open_registry
@@ -369,10 +371,14 @@ def assign(
             a = await registry.assign(
                 fleet, version, model=model, node=node, variant=variant, side_by_side=side_by_side
             )
+            # Fleet-wide: nodes whose runtime cannot run this version stay on one they can.
+            notes = await registry.pin_incapable(fleet, a.model, a.version) if node is None else []
         who = f"node {a.node}" if a.node else "the whole fleet"
         chosen = a.variant or f"node's choice of {', '.join(a.variants)}"
         beside = ", beside its other models" if side_by_side else ""
         click.echo(f"assigned {a.model} v{a.version} ({chosen}) to {who} of {a.fleet}{beside}")
+        for note in notes:
+            click.echo(f"  {note}")
 
     run(main)
 

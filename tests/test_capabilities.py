@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import msgspec
 import pytest
 from _transformer import make_transformer_bundle
@@ -37,6 +38,7 @@ from slmops.shared import names
 from slmops.shared.bundle import MANIFEST_FILE, TrustStore, read_bundle, resign_bundle
 from slmops.shared.capabilities import CAPABILITIES
 from slmops.shared.messages import (
+    Assignment,
     BundleIndex,
     DeviceProfile,
     ModelRef,
@@ -278,3 +280,62 @@ async def test_a_06cfd20_node_beside_this_cloud_runs_n_gram_bundles_and_never_fe
             proc.wait()
         log.close()
         await sub.unsubscribe()
+
+
+async def test_a_fleet_wide_assignment_keeps_old_nodes_on_the_newest_version_they_can_run(
+    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+) -> None:
+    """Fleet-wide v2 (a transformer) while the fleet has old n-gram nodes: the old node gets a
+    key of its own naming v1 (n-gram, the newest it can run) instead of failing on v2; a new
+    node follows the fleet key; an old node of a model it can run no version of is named.
+    The old statuses are in the very format 06cfd20 publishes."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    await registry.push(make_bundle(tmp_path / "ng", keys.key, name=model, version=1), trust)
+    await registry.push(make_transformer_bundle(tmp_path / "tf", keys.key, name=model, version=2), trust)
+    only_tf = f"{model}-tf"
+    await registry.push(make_transformer_bundle(tmp_path / "tf2", keys.key, name=only_tf, version=1), trust)
+    now = datetime.now(UTC)
+    for node in ("old1", "old2"):
+        old = OldStatus(fleet=fleet, node=node, time=now, device=OldDevice(memory_mb=4096))
+        await _status(js, fleet, node, msgspec.json.encode(old))
+    new = NodeStatus(
+        fleet=fleet, node="new", time=now, device=DeviceProfile(memory_mb=4096, capabilities=CAPABILITIES)
+    )
+    await _status(js, fleet, "new", encode_json(new))
+    kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+    own_old2 = Assignment(fleet=fleet, node="old2", model=model, version=1, variant="fp32", assigned_at=now)
+    await kv.put(names.assignment_key(fleet, "old2"), encode_json(own_old2))  # its own: untouched
+
+    async def cli(*args: str) -> str:
+        argv = ["models", "assign", "--nats", nats_server.url, "--fleet", fleet, *args]
+        result = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, argv))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    out = await cli("--model", only_tf, "--version", "1")
+    lacks = "its runtime lacks multi-file bundles, preprocessing 'tokenizer'"
+    assert f"node old1: can run no version of {only_tf!r}; {lacks}" in out
+    assert "old2" not in out  # it follows its own key
+    with pytest.raises(js_errors.KeyNotFoundError):
+        await kv.get(names.assignment_key(fleet, "old1"))  # nothing it could run: no key written
+
+    out = await cli("--model", model, "--version", "2")
+    assert f"assigned {model} v2" in out
+    assert "node old1: kept on v1 (fp32), the newest it can run; its runtime lacks " in out
+    assert "capabilities none reported: an old node" in out
+    assert "old2" not in out
+    assert "node new" not in out
+    pinned = decode_json((await kv.get(names.assignment_key(fleet, "old1"))).value or b"", Assignment)
+    assert (pinned.model, pinned.version, pinned.variant) == (model, 1, "fp32")
+    assert (
+        decode_json((await kv.get(names.assignment_key(fleet, "old2"))).value or b"", Assignment) == own_old2
+    )
+    with pytest.raises(js_errors.KeyNotFoundError):
+        await kv.get(names.assignment_key(fleet, "new"))
+    fleet_wide = decode_json((await kv.get(names.assignment_key(fleet))).value or b"", Assignment)
+    assert (fleet_wide.model, fleet_wide.version) == (model, 2)
