@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -421,15 +421,7 @@ class Registry:
                         {v: m.min_memory_mb for v, m in available.items()}, status.device
                     )
                     log.info("variant_chosen", node=node, variant=variant, memory_mb=status.device.memory_mb)
-        assignment = Assignment(
-            fleet=fleet,
-            node=node,
-            model=model,
-            version=version,
-            variant=variant,
-            variants=sorted(available, key=_variant_rank),
-            assigned_at=now or datetime.now(UTC),
-        )
+        assignment = _assignment(fleet, node, model, version, variant, available, now)
         kv = await self._bucket(names.ASSIGNMENTS_BUCKET)
         key = names.assignment_key(fleet, node, model if side_by_side else None)
         await self._call(f"write assignment {key}", kv.put(key, encode_json(assignment)))
@@ -484,20 +476,34 @@ class Registry:
                 continue
             v, runnable = fallback
             variant = choose_variant({k: m.min_memory_mb for k, m in runnable.items()}, status.device)
-            pinned = Assignment(
-                fleet=fleet,
-                node=node,
-                model=model,
-                version=v,
-                variant=variant,
-                variants=sorted(runnable, key=_variant_rank),
-                assigned_at=datetime.now(UTC),
-            )
+            pinned = _assignment(fleet, node, model, v, variant, runnable, None)
             key = names.assignment_key(fleet, node)
             await self._call(f"write assignment {key}", kv.put(key, encode_json(pinned)))
             notes.append(f"node {node}: kept on v{v} ({variant}), the newest it can run; {what}")
             log.info("assignment_pinned", fleet=fleet, node=node, model=model, version=v, wanted=version)
         return notes
+
+
+def _assignment(
+    fleet: str,
+    node: str | None,
+    model: str,
+    version: int,
+    variant: str | None,
+    available: Mapping[str, ModelManifest],
+    now: datetime | None,
+) -> Assignment:
+    """The assignment of ``model`` ``version`` (``variant``, or the node's pick of
+    ``available``'s variants, best first), dated ``now`` (default: the current time)."""
+    return Assignment(
+        fleet=fleet,
+        node=node,
+        model=model,
+        version=version,
+        variant=variant,
+        variants=sorted(available, key=_variant_rank),
+        assigned_at=now or datetime.now(UTC),
+    )
 
 
 def _write_file(path: Path, data: bytes) -> None:
