@@ -42,6 +42,7 @@ def requirements_of(manifest: ModelManifest) -> Requirements:
         # A field build 06cfd20 did not know, set away from its default (e.g. out_of_scope),
         # cannot be carried by the legacy signature form: such a bundle needs this runtime.
         and manifest.out_of_scope is None
+        and manifest.optimization is None
     )
     return Requirements(
         preprocessing=manifest.preprocessing.kind,

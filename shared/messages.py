@@ -36,6 +36,7 @@ __all__ = [
     "ModelRef",
     "NodeStatus",
     "OpsEvent",
+    "Optimization",
     "OutOfScopeSpec",
     "Preprocessing",
     "Privacy",
@@ -348,6 +349,34 @@ class BundleIndex(Wire, kw_only=True):
     files_bytes: int = 0
 
 
+class Optimization(Wire, kw_only=True):
+    """How a variant was made for a device profile by ``slmops models optimize``: the chain of
+    passes applied to the teacher (the fp32 bundle it started from) and the figures measured
+    on the written bundle. Latency and RSS were measured on the factory host pinned to the
+    profile's cores and threads; ``latency_ratio`` is p95 (batch 1) over the teacher's p95 in
+    the same run. Accuracies are on the held-out split (``held_out`` texts, seed ``seed``)."""
+
+    profile: str
+    candidate: str
+    chain: list[str] = []
+    teacher_sha256: str = ""
+    seed: int = 0
+    held_out: int = 0
+    accuracy: float = 0.0
+    teacher_accuracy: float = 0.0
+    agreement: float = 0.0
+    max_prob_gap: float = 0.0
+    ece: float = 0.0
+    latency_ratio: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p95_ms: float = 0.0
+    batch32_p50_ms: float = 0.0
+    peak_rss_mb: float = 0.0
+    size_bytes: int = 0
+    gzip_bytes: int = 0
+    notes: list[str] = []
+
+
 class ModelManifest(Wire, kw_only=True):
     """Everything a node needs to trust, load, feed and watch a model.
 
@@ -387,6 +416,8 @@ class ModelManifest(Wire, kw_only=True):
     embedding: EmbeddingStats | None = None
     #: How nodes count out-of-scope inputs; None: they do not.
     out_of_scope: OutOfScopeSpec | None = None
+    #: The device profile this variant was optimised for and how (None: not optimised).
+    optimization: Optimization | None = None
 
     @property
     def ref(self) -> ModelRef:
