@@ -117,9 +117,9 @@ main.add_command(_bench)
 
 from slmops.cli_import import import_cmd as _import  # noqa: E402
 from slmops.cli_lab import test_cmd as _test  # noqa: E402
-from slmops.cli_optimize import optimize_cmd as _optimize  # noqa: E402
 from slmops.cli_models import keys as _keys  # noqa: E402
 from slmops.cli_models import models as _models  # noqa: E402
+from slmops.cli_optimize import optimize_cmd as _optimize  # noqa: E402
 
 _models.add_command(_import)
 _models.add_command(_test)

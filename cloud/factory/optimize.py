@@ -70,7 +70,11 @@ F32 = npt.NDArray[np.float32]
 FP32_TOLERANCE, INT8_TOLERANCE = 1e-3, 5e-2
 #: Out-of-vocabulary texts added to the smoke tests (with a clear top-1, as the hostile ones):
 #: words no corpus holds, which a pruned vocabulary must still tokenize through its fallback.
-OOV_SMOKE = ("zxqvbl frumious quokkapalooza", "Grzegorz's thermoplasticity antidisestablishment")
+OOV_SMOKE = (
+    "Which zxqvbl movie won the quokkapalooza award?",
+    "My frumious computer keeps rebooting its blorptastic drive",
+    "zxqvbl frumious quokkapalooza",
+)
 #: Smoke texts kept only when the top-1 margin is at least this (a near-tie could flip).
 SMOKE_MARGIN = 0.1
 #: Bins of the expected calibration error (equal width over the top-1 probability).
@@ -127,19 +131,27 @@ class AccuracyFloor:
         return max(self.min_accuracy, teacher_accuracy - self.max_drop)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Teacher:
-    """The bundle being optimised, its corpus split, and its held-out and training outputs."""
+    """The bundle being optimised, its corpus split, and its held-out outputs; its labels of the
+    training texts (for the n-gram student) are computed on first use."""
 
     bundle: Bundle
     split: Split
     seed: int
     held_out_probs: F32
-    train_labels: list[int]
+    _train_labels: list[int] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
         return float(np.mean(self.held_out_probs.argmax(1) == np.asarray(self.split.held_out_labels)))
+
+    def train_labels(self) -> list[int]:
+        """The teacher's top-1 label of each training text."""
+        if not self._train_labels:
+            probs, _ = load_session(self.bundle).probs(self.split.train_texts)
+            self._train_labels = [int(i) for i in probs.argmax(1)]
+        return self._train_labels
 
 
 @dataclass(slots=True)
@@ -178,11 +190,11 @@ def load_teacher(path: Path) -> Teacher:
     split = factory_split(m)
     if split is None:
         raise ValueError(f"{path}: its labels are not the factory corpus's topics; no training split to use")
-    seed = _seed_of(m.notes)
-    session = load_session(bundle)
-    held, _ = session.probs(split.held_out_texts)
-    train, _ = session.probs(split.train_texts)
-    return Teacher(bundle, split, seed, np.asarray(held, np.float32), [int(i) for i in train.argmax(1)])
+    encoder = bundle.file("model")
+    assert encoder is not None  # read_bundle: a multi-file bundle has a "model" file
+    passes.tensors_of(encoder.read_bytes())  # ValueError now, not per candidate, for an int8 teacher
+    held, _ = load_session(bundle).probs(split.held_out_texts)
+    return Teacher(bundle, split, _seed_of(m.notes), np.asarray(held, np.float32))
 
 
 def _seed_of(notes: str) -> int:
@@ -278,7 +290,7 @@ def _write_transformer(spec: CandidateSpec, teacher: Teacher, target: Path, key:
 
 
 def _write_ngram(spec: CandidateSpec, teacher: Teacher, target: Path, key: Ed25519PrivateKey) -> Bundle:
-    model = passes.ngram_student(teacher.split, teacher.train_labels, seed=teacher.seed)
+    model = passes.ngram_student(teacher.split, teacher.train_labels(), seed=teacher.seed)
     m = teacher.bundle.manifest
     manifest = classifier_manifest(
         name=m.name,

@@ -116,11 +116,12 @@ def prune_vocabulary(state: EncoderState, texts: Sequence[str]) -> EncoderState:
     if model.get("type") != "WordPiece":
         raise ValueError(f"vocabulary pruning needs a WordPiece tokenizer, got {model.get('type')!r}")
     vocab: dict[str, int] = model["vocab"]
-    with tempfile.TemporaryDirectory(prefix="slmops-vocab-") as tmp:
-        path = Path(tmp) / "tokenizer.json"
-        path.write_bytes(state.tokenizer)
-        rows = featurizer(path).encode(list(texts))
-    seen = {i for ids in rows.ids for i in ids}
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(state.tokenizer.decode())
+    tok.no_padding()
+    tok.no_truncation()  # every token of a long text, not only those a node's truncation keeps
+    seen = {i for e in tok.encode_batch(list(texts)) for i in e.ids}
     special = {int(t["id"]) for t in doc.get("added_tokens", [])}
     keep = sorted(i for tok, i in vocab.items() if i in seen or i in special or _fallback(tok))
     new_id = {old: new for new, old in enumerate(keep)}
