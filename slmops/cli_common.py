@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "arch_option", "call", "cloud_key_options", "config_options", "errors_to_exit_codes", "fleet_id",
-    "jetstream", "nats_option", "out_dir_option", "parameter_origins", "print_config", "run",
-    "signing_key_option", "table_line", "trust_option",
+    "jetstream", "nats_option", "out_dir_option", "parameter_origins", "print_config", "profiles_dir_option",
+    "run", "samples_option", "signing_key_option", "table_line", "trust_option",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -61,6 +61,26 @@ def out_dir_option(help: str, *, required: bool = True) -> Callable[[F], F]:
     return click.option(
         "--out", "out_dir", required=required, default=None, type=click.Path(file_okay=False, path_type=Path),
         help=help,
+    )  # fmt: skip
+
+
+#: ``--profiles DIR`` (to ``profiles_dir``) of the commands that read device profiles.
+profiles_dir_option = click.option(
+    "--profiles",
+    "profiles_dir",
+    default=Path("deploy/profiles"),
+    show_default=True,
+    envvar="SLMOPS_PROFILES",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of device profiles (*.toml). Env: SLMOPS_PROFILES.",
+)
+
+
+def samples_option(default: int) -> Callable[[F], F]:
+    """``--samples N`` of the device lab: batch-1 calls per bundle and profile (at least 20)."""
+    return click.option(
+        "--samples", default=default, show_default=True, type=click.IntRange(min=20),
+        help="Batch-1 calls per bundle and profile (interleaved with the reference's).",
     )  # fmt: skip
 
 

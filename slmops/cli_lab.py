@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from slmops.cli_common import call
+from slmops.cli_common import call, profiles_dir_option, samples_option
 
 if TYPE_CHECKING:
     from slmops.cloud.factory.lab import LabResult
@@ -26,15 +26,7 @@ __all__ = ["test_cmd"]
     help="A device profile: a name in --profiles, or a path to a profile .toml. Repeat for several; "
     "default: every profile in --profiles.",
 )
-@click.option(
-    "--profiles",
-    "profiles_dir",
-    default=Path("deploy/profiles"),
-    show_default=True,
-    envvar="SLMOPS_PROFILES",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of device profiles (*.toml). Env: SLMOPS_PROFILES.",
-)
+@profiles_dir_option
 @click.option(
     "--reference",
     "reference",
@@ -43,13 +35,7 @@ __all__ = ["test_cmd"]
     help="The L6 fp32 bundle latency budgets are relative to. Default: the factory's default "
     "model's fp32 variant from the model cache (built there first when absent, ~1 min).",
 )
-@click.option(
-    "--samples",
-    default=200,
-    show_default=True,
-    type=click.IntRange(min=20),
-    help="Batch-1 calls per bundle (interleaved with the reference's).",
-)
+@samples_option(200)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of the table.")
 def test_cmd(
     bundle: Path,
@@ -116,6 +102,5 @@ def _table(results: list[LabResult]) -> None:
         for line in r.failures:
             click.echo(f"    fails {line}")
     click.echo(
-        "latency budget: p95 <= budget x the reference L6 fp32's p95, same host, same run; "
-        "memory: peak RSS"
+        "latency budget: p95 <= budget x the reference L6 fp32's p95, same host, same run; memory: peak RSS"
     )

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from slmops.cli_common import call
+from slmops.cli_common import call, out_dir_option, profiles_dir_option, samples_option, signing_key_option
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -19,34 +20,22 @@ if TYPE_CHECKING:
 
 __all__ = ["optimize_cmd"]
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fraction(flag: str, default: float, what: str) -> Callable[[F], F]:
+    return click.option(flag, default=default, show_default=True, type=click.FloatRange(0.0, 1.0),
+                        help=f"Accuracy floor: {what}.")  # fmt: skip
+
 
 @click.command(name="optimize")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--profiles",
-    "profiles_dir",
-    default=Path("deploy/profiles"),
-    show_default=True,
-    envvar="SLMOPS_PROFILES",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of device profiles (*.toml). Env: SLMOPS_PROFILES.",
+@profiles_dir_option
+@out_dir_option(
+    "Directory for candidates/<name>/, one variant bundle per profile (<profile>/), report.json, "
+    "report.md and report.png (created; files there are replaced)."
 )
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for candidates/<name>/, one variant bundle per profile (<profile>/), report.json, "
-    "report.md and report.png (created; files there are replaced).",
-)
-@click.option(
-    "--key",
-    "key_path",
-    required=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    envvar="SLMOPS_SIGNING_KEY",
-    help="Ed25519 private key that signs every bundle written. Env: SLMOPS_SIGNING_KEY.",
-)
+@signing_key_option
 @click.option(
     "--candidates",
     "candidate_names",
@@ -54,29 +43,18 @@ __all__ = ["optimize_cmd"]
     help="Comma-separated candidate names to try (default: all; see --list).",
 )
 @click.option(
-    "--list", "list_only", is_flag=True, help="Print the candidates and their pass chains, then exit."
+    "--list",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=lambda ctx, _param, value: _list(ctx) if value else None,
+    help="Print the candidates and their pass chains, then exit.",
 )
-@click.option(
-    "--max-drop",
-    default=0.02,
-    show_default=True,
-    type=click.FloatRange(0.0, 1.0),
-    help="Accuracy floor: never choose a candidate more than this below the teacher's held-out accuracy.",
+@_fraction(
+    "--max-drop", 0.02, "never choose a candidate more than this below the teacher's held-out accuracy"
 )
-@click.option(
-    "--min-accuracy",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0.0, 1.0),
-    help="Accuracy floor: never choose a candidate below this held-out accuracy.",
-)
-@click.option(
-    "--samples",
-    default=60,
-    show_default=True,
-    type=click.IntRange(min=20),
-    help="Batch-1 calls per candidate and profile (interleaved with the teacher's).",
-)
+@_fraction("--min-accuracy", 0.0, "never choose a candidate below this held-out accuracy")
+@samples_option(60)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 def optimize_cmd(
     bundle: Path,
@@ -84,7 +62,6 @@ def optimize_cmd(
     out_dir: Path,
     key_path: Path,
     candidate_names: str,
-    list_only: bool,
     max_drop: float,
     min_accuracy: float,
     samples: int,
@@ -107,10 +84,6 @@ def optimize_cmd(
     from slmops.cloud.factory.search import run_optimize
     from slmops.shared.bundle import load_private_key
 
-    if list_only:
-        for c in DEFAULT_CANDIDATES:
-            click.echo(f"{c.name:<16} {' -> '.join(c.chain) or '(the teacher as it is)'}")
-        return
     known = {c.name: c for c in DEFAULT_CANDIDATES}
     wanted = [n.strip() for n in candidate_names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in known]
@@ -138,6 +111,14 @@ def optimize_cmd(
         _summary(run)
     if not run.ok:
         raise SystemExit(1)
+
+
+def _list(ctx: click.Context) -> None:
+    from slmops.cloud.factory.optimize import DEFAULT_CANDIDATES
+
+    for c in DEFAULT_CANDIDATES:
+        click.echo(f"{c.name:<16} {' -> '.join(c.chain) or '(the teacher as it is)'}")
+    ctx.exit(0)
 
 
 class _Bar:

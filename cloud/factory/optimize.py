@@ -162,16 +162,22 @@ class CandidateResult:
     spec: CandidateSpec
     status: str = "ok"
     note: str = ""
+    #: The candidate's signed bundle (variant = its name).
     path: Path | None = None
+    #: Held-out accuracy, and top-1 agreement with the teacher on the same texts (fractions).
     accuracy: float = 0.0
     agreement: float = 0.0
+    #: Largest |p - p_teacher| over every held-out text and label.
     max_prob_gap: float = 0.0
+    #: Expected calibration error (``expected_calibration_error``).
     ece: float = 0.0
     #: Held-out texts the candidate gets right and the teacher wrong, and the reverse (paired).
     wins: int = 0
     losses: int = 0
+    #: Bytes of the bundle's files (manifest included) on disk, and gzipped file by file.
     size_bytes: int = 0
     gzip_bytes: int = 0
+    #: The device lab's result per profile name.
     lab: dict[str, LabResult] = field(default_factory=dict)
 
     def fits(self, profile: str) -> bool:
@@ -292,12 +298,9 @@ def _write_transformer(spec: CandidateSpec, teacher: Teacher, target: Path, key:
 def _write_ngram(spec: CandidateSpec, teacher: Teacher, target: Path, key: Ed25519PrivateKey) -> Bundle:
     model = passes.ngram_student(teacher.split, teacher.train_labels(), seed=teacher.seed)
     m = teacher.bundle.manifest
+    pp, variant = model.preprocessing, spec.name
     manifest = classifier_manifest(
-        name=m.name,
-        version=m.version,
-        labels=model.labels,
-        preprocessing=model.preprocessing,
-        variant=spec.name,
+        name=m.name, version=m.version, labels=m.labels, preprocessing=pp, variant=variant
     )
     return _profiled(target, model.onnx_bytes(m.name), manifest, teacher, key, FP32_TOLERANCE)
 

@@ -18,19 +18,7 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from slmops.cloud.factory.optimize import (
-    DEFAULT_CANDIDATES,
-    AccuracyFloor,
-    CandidateResult,
-    CandidateSpec,
-    build_candidate,
-    choose,
-    load_teacher,
-    measure,
-    profiles_of,
-    result_json,
-    write_variant,
-)
+from slmops.cloud.factory import optimize as opt
 from slmops.cloud.factory.pareto import pareto_names, write_json, write_markdown, write_plot
 from slmops.shared.errors import BundleError
 from slmops.shared.profiles import load_profiles
@@ -70,8 +58,8 @@ def run_optimize(
     out_dir: Path,
     key: Ed25519PrivateKey,
     *,
-    candidates: Sequence[CandidateSpec] = DEFAULT_CANDIDATES,
-    floor: AccuracyFloor | None = None,
+    candidates: Sequence[opt.CandidateSpec] = opt.DEFAULT_CANDIDATES,
+    floor: opt.AccuracyFloor | None = None,
     samples: int = DEFAULT_SAMPLES,
     progress: Progress | None = None,
 ) -> OptimizeRun:
@@ -86,9 +74,9 @@ def run_optimize(
     names = [c.name for c in candidates]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"candidate names must be unique and at least one, got {names}")
-    profiles = profiles_of(load_profiles(profiles_dir))
-    floor = floor or AccuracyFloor()
-    teacher = load_teacher(bundle)
+    profiles = opt.profiles_of(load_profiles(profiles_dir))
+    floor = floor or opt.AccuracyFloor()
+    teacher = opt.load_teacher(bundle)
     floor_value = floor.value(teacher.accuracy)
     out_dir = Path(out_dir)
     (out_dir / "candidates").mkdir(parents=True, exist_ok=True)
@@ -97,13 +85,13 @@ def run_optimize(
         if progress is not None:
             progress(name, what)
 
-    results: list[CandidateResult] = []
+    results: list[opt.CandidateResult] = []
     for spec in candidates:
         step(spec.name, "build")
         try:
-            result = build_candidate(spec, teacher, out_dir / "candidates", key)
+            result = opt.build_candidate(spec, teacher, out_dir / "candidates", key)
             step(spec.name, "measure")
-            measure(
+            opt.measure(
                 result,
                 teacher,
                 profiles,
@@ -111,7 +99,7 @@ def run_optimize(
                 on_profile=functools.partial(_profile_step, step, spec.name),
             )
         except (BundleError, ValueError, RuntimeError, OSError) as exc:
-            result = CandidateResult(spec, status="failed", note=str(exc).splitlines()[0][:300])
+            result = opt.CandidateResult(spec, status="failed", note=str(exc).splitlines()[0][:300])
         log.info(
             "candidate_measured",
             candidate=spec.name,
@@ -120,12 +108,14 @@ def run_optimize(
         )
         results.append(result)
         step(spec.name, "done")
-    chosen = choose(results, [p.name for p in profiles], floor_value)
+    chosen = opt.choose(results, [p.name for p in profiles], floor_value)
     variants = {
-        p: str(write_variant(r, p, teacher, out_dir, key).path) for p, r in chosen.items() if r is not None
+        p: str(opt.write_variant(r, p, teacher, out_dir, key).path)
+        for p, r in chosen.items()
+        if r is not None
     }
     m = teacher.bundle.manifest
-    rows = [result_json(r, floor_value) for r in results]
+    rows = [opt.result_json(r, floor_value) for r in results]
     doc: dict[str, Any] = {
         "teacher": {
             "bundle": str(teacher.bundle.path),
