@@ -152,22 +152,23 @@ async def stream_info(js: JetStreamContext, name: str) -> js_api.StreamInfo | No
         return None
 
 
-#: Consumers a KV bucket's or object store's stream may hold unless told otherwise: the cloud's
-#: own watches and downloads need a few; node credentials create consumers only on the
-#: buckets ``shared.provision`` sizes for them (issue 13 fault 11).
-DEFAULT_MAX_CONSUMERS = 64
+#: Consumers a KV bucket's or object store's stream may hold unless told otherwise. Node
+#: credentials create consumers only on the buckets ``shared.provision`` sizes for them (issue
+#: 13 fault 11); on the others only the cloud does, and a listing (``kv_values``) is a watch
+#: whose consumer outlives it by the server's 5 s inactivity threshold, so a busy cloud holds
+#: dozens at once (64 was reached by the test suite's rollouts).
+DEFAULT_MAX_CONSUMERS = 1024
 
 
 def _kv_stream_config(
-    bucket: str, history: int, ttl: float | None, replicas: int, max_consumers: int
+    bucket: str, history: int, ttl: float | None, replicas: int, max_consumers: int, direct: bool
 ) -> js_api.StreamConfig:
-    """The stream nats-py's ``create_key_value`` would make (nats-py 2.16), plus
-    ``allow_direct`` (reads by subject, ``kv_get_direct``) and a consumer bound, which its
-    ``KeyValueConfig`` cannot carry."""
+    """The stream nats-py's ``create_key_value`` would make (nats-py 2.16), with a consumer
+    bound, which its ``KeyValueConfig`` cannot carry, and ``allow_direct`` as asked."""
     return js_api.StreamConfig(
         name=f"KV_{bucket}",
         subjects=[f"$KV.{bucket}.>"],
-        allow_direct=True,
+        allow_direct=direct,
         allow_rollup_hdrs=True,
         allow_msg_ttl=True,
         deny_delete=True,
@@ -190,16 +191,20 @@ async def ensure_kv(
     ttl: float | None = None,
     replicas: int = 1,
     max_consumers: int = DEFAULT_MAX_CONSUMERS,
+    direct: bool = False,
 ) -> KeyValue:
-    """The KV bucket, created (file storage, direct gets allowed, at most ``max_consumers``
-    consumers) if missing; idempotent and safe against a concurrent creator. An existing
-    bucket keeps its history and TTL (a difference is logged, ``kv_config_differs``); one
-    made by an older release without direct gets or without a consumer bound gets them
+    """The KV bucket, created (file storage, at most ``max_consumers`` consumers) if missing;
+    idempotent and safe against a concurrent creator. ``direct``: allow direct gets, the
+    reads by subject node credentials are limited to (``shared.kv.kv_get_direct``); any
+    replica may answer them, so a read can lag a write by moments in a cluster — the cloud's
+    own buckets leave it off (reads from the leader). An existing bucket keeps its history
+    and TTL (a difference is logged, ``kv_config_differs``); one made by an older release
+    without a consumer bound, or without direct gets when ``direct``, gets them
     (``_tighten``). Raises ``NatsUnavailable`` or ``JetStreamRefused``."""
     url = url_of(js)
     have = await stream_info(js, f"KV_{bucket}")
     if have is None:
-        config = _kv_stream_config(bucket, history, ttl, replicas, max_consumers)
+        config = _kv_stream_config(bucket, history, ttl, replicas, max_consumers, direct)
         try:
             with nats_errors("kv bucket", bucket, url):
                 await js.add_stream(config)
@@ -219,7 +224,7 @@ async def ensure_kv(
             log.warning("kv_config_differs", bucket=bucket, differs=differs, action="kept")
         else:
             log.debug("kv_exists", bucket=bucket)
-        await _tighten(js, "kv bucket", bucket, have.config, max_consumers)
+        await _tighten(js, "kv bucket", bucket, have.config, max_consumers, direct=direct)
     with nats_errors("kv bucket", bucket, url):
         return await js.key_value(bucket)
 
@@ -257,12 +262,15 @@ async def _tighten(
     name: str,
     have: js_api.StreamConfig,
     max_consumers: int,
+    *,
+    direct: bool = False,
 ) -> None:
-    """Turn on direct gets and set a consumer bound on a bucket's stream that lacks them (made
-    by an older release or by nats-py's defaults). An operator's own bound is kept. A server
-    that refuses the change (older servers cannot change ``max_consumers``) is logged."""
+    """Set a consumer bound (and with ``direct`` turn on direct gets) on a bucket's stream
+    that lacks it (made by an older release or by nats-py's defaults). An operator's own
+    bound is kept. A server that refuses the change (older servers cannot change
+    ``max_consumers``) is logged."""
     changes: dict[str, Any] = {}
-    if not have.allow_direct:
+    if direct and not have.allow_direct:
         changes["allow_direct"] = True
     if max_consumers > 0 and (have.max_consumers is None or have.max_consumers <= 0):
         changes["max_consumers"] = max_consumers

@@ -130,7 +130,7 @@ STREAMS: tuple[StreamSpec, ...] = (
 #: assignment by polling (``edge.refresh``).
 _KV_BUCKETS: tuple[tuple[str, int, int], ...] = (
     (names.ASSIGNMENTS_BUCKET, 5, 8192),
-    (names.MODELS_MANIFEST_BUCKET, 1, 64),
+    (names.MODELS_MANIFEST_BUCKET, 1, 1024),
 )
 #: Consumers of the model object store: one per download in flight, fleet-wide (nodes and
 #: the cloud's recalibration loop). A download refused by the bound is retried with backoff
@@ -272,7 +272,10 @@ async def _ensure_kv(
     js: JetStreamContext, bucket: str, history: int, replicas: int, max_consumers: int
 ) -> None:
     with _refusal("kv bucket", bucket):
-        await ensure_kv(js, bucket, history=history, replicas=replicas, max_consumers=max_consumers)
+        # Nodes read both buckets, by direct get by subject (deploy/nats).
+        await ensure_kv(
+            js, bucket, history=history, replicas=replicas, max_consumers=max_consumers, direct=True
+        )
 
 
 async def _ensure_object_store(js: JetStreamContext, bucket: str, replicas: int, max_consumers: int) -> None:

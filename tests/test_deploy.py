@@ -490,12 +490,12 @@ async def test_single_node_cannot_create_the_200th_consumer(single: _Server) -> 
         assert len(await js.consumers_info("OBJ_slmops_models")) == MODELS_MAX_CONSUMERS
         for stream, bound in (
             (f"KV_{names.ASSIGNMENTS_BUCKET}", 8192),
-            (f"KV_{names.MODELS_MANIFEST_BUCKET}", 64),
+            (f"KV_{names.MODELS_MANIFEST_BUCKET}", 1024),
             ("OBJ_slmops_models", MODELS_MAX_CONSUMERS),
         ):
             assert (await js.stream_info(stream)).config.max_consumers == bound, stream
         account = await js.account_info()
-        assert account.limits.max_consumers == 10_000
+        assert account.limits.max_consumers == 16_384
 
 
 @pytest.mark.anyio
