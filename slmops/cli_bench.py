@@ -65,6 +65,9 @@ def bench(
     cli       `slmops --help` and subcommands' --help vs `python -c pass` (median seconds)
     demo      `slmops demo` --runs times under --load busy processes: each run's outcome,
               wall time, model warm (cached) or cold (built); not part of `all`
+    optimize  `models optimize` on the default model per seed (0-2; --quick: seed 0, three
+              candidates): per profile the chosen variant vs L6 fp32, accuracy difference
+              (paired), latency and size ratios, mean and spread; not part of `all`
     chaos     real server, cloud and edges under seeded faults (link cuts, kill -9 of edges,
               cloud and server, disk-full spells on a tmpfs, clock jumps via libfaketime,
               poison messages, duplicate node ids), then an exact reconciliation per node:

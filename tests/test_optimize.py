@@ -281,3 +281,32 @@ def test_optimize_end_to_end(minilm_default: CachedModel, tmp_path: Path) -> Non
          "--reference", fp32, "--samples", "20", "--json"],
     )  # fmt: skip
     assert lab.exit_code == 0, lab.output
+
+
+def test_bench_compares_the_chosen_variant_with_fp32() -> None:
+    """``bench optimize`` per profile: paired accuracy difference, p50/p95 latency and size
+    ratios of the chosen candidate against the teacher's row (fp32-l6) of the same report."""
+    from slmops.bench.optimize import _per_profile, _stats
+
+    def lab(p50: float, ref50: float, ratio: float) -> dict[str, object]:
+        return {"latency": {"p50_ms": p50}, "reference": {"p50_ms": ref50}, "latency_ratio": ratio}
+
+    doc = {
+        "teacher": {"accuracy": 0.8},
+        "chosen": {"till": "small", "gateway": "fp32-l6", "tablet": None},
+        "candidates": [
+            {
+                "name": "fp32-l6",
+                "accuracy": 0.8,
+                "size_bytes": 100,
+                "profiles": {"gateway": lab(10, 10, 1.0)},
+            },
+            {"name": "small", "accuracy": 0.79, "size_bytes": 20, "profiles": {"till": lab(2, 10, 0.25)}},
+        ],
+    }
+    got = _per_profile(doc)
+    assert got["tablet"] == {"chosen": None}
+    assert got["till"]["accuracy_diff"] == pytest.approx(-0.01)
+    assert (got["till"]["p50_ratio"], got["till"]["p95_ratio"], got["till"]["size_ratio"]) == (0.2, 0.25, 0.2)
+    assert got["gateway"]["size_ratio"] == 1.0
+    assert _stats([0.1, 0.3, 0.2]) == {"mean": 0.2, "spread": 0.2}

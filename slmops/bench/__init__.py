@@ -14,7 +14,7 @@ from typing import Any
 
 SCENARIOS = ("edge", "buffer", "ingest", "drift", "refresh", "recalibration", "fuzz", "cli")
 #: Scenarios run only when named (not by ``all``): they take many minutes.
-LONG_SCENARIOS = ("demo",)
+LONG_SCENARIOS = ("demo", "optimize")
 REQUIRED_KEYS = ("scenario", "project", "baseline", "ratio", "units")
 
 __all__ = ["LONG_SCENARIOS", "REQUIRED_KEYS", "SCENARIOS", "machine", "run_scenario"]
