@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _models import make_bundle
+from _nats import model_of
 from slmops.cloud.registry import Registry
 from slmops.edge.config import EdgeConfig
 from slmops.shared.bundle import Bundle, TrustStore
@@ -58,10 +59,12 @@ class Keys:
         self, js: JetStreamContext, fleet: str, *versions: int
     ) -> tuple[Registry, list[Bundle]]:
         """A registry holding these versions' bundles (signed with this key), the fleet
-        assigned the first of them; and the bundles."""
+        assigned the first of them; and the bundles. The model is named after ``fleet``
+        (``model_of``): the registry of the session server is shared by every test, and two
+        tests pushing the same name and version with their own keys would collide."""
         registry = Registry(js)
         trust = TrustStore([self.key.public_key()])
-        bundles = [self.bundle(v) for v in versions]
+        bundles = [self.bundle(v, name=model_of(fleet)) for v in versions]
         for b in bundles:
             await registry.push(b, trust)
         await registry.assign(fleet, versions[0], model=bundles[0].manifest.name)

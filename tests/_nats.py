@@ -16,7 +16,7 @@ from nats.js import api as js_api
 from slmops.shared.messages import decode_json
 from slmops.shared.provision import ensure_resources
 
-__all__ = ["free_port", "jetstream", "new_fleet", "read_json", "read_stored", "wait_until"]
+__all__ = ["free_port", "jetstream", "model_of", "new_fleet", "read_json", "read_stored", "wait_until"]
 
 T = TypeVar("T")
 
@@ -24,6 +24,13 @@ T = TypeVar("T")
 def new_fleet() -> str:
     """A fleet id no other test uses, so tests sharing one server stay apart."""
     return "f_" + uuid.uuid4().hex[:10]
+
+
+def model_of(fleet: str) -> str:
+    """The model name of the test that owns ``fleet`` (from ``new_fleet``). The session
+    server's registry and object store are shared by every test, and a name/version/variant
+    holds one bundle for good: a test pushing into them must use a name no other test uses."""
+    return "m" + fleet.removeprefix("f_")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

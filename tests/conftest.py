@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from _edge_util import Keys, Statuses
-from _nats import new_fleet
+from _nats import model_of, new_fleet
 from slmops.shared.messages import NodeStatus, decode_json
 from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
@@ -65,7 +65,7 @@ def keys(tmp_path: Path) -> Keys:
 @pytest.fixture
 def model(fleet: str) -> str:
     """A model name of this test's own: the object store is shared by the whole session."""
-    return "m" + fleet[2:]
+    return model_of(fleet)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_config
 from _models import make_bundle
-from _nats import wait_until
+from _nats import model_of, wait_until
 from _proxy import TcpProxy
 from slmops.cloud.registry import Registry
 from slmops.edge.node import EdgeNode
@@ -40,7 +40,7 @@ def _serving(node: EdgeNode) -> ModelRef | None:
 async def _push(js: JetStreamContext, tmp: Path, fleet: str) -> tuple[Keys, str, Registry]:
     """Versions 1 and 2 of a model of this test's own, pushed."""
     keys = Keys(tmp / "keys")
-    model = "m" + fleet[2:]
+    model = model_of(fleet)
     registry = Registry(js)
     trust = TrustStore([keys.key.public_key()])
     for v in (1, 2):

@@ -195,7 +195,7 @@ def test_cli_push_refuses_a_bad_bundle_with_the_reason(
     priv, pub = new_keypair(tmp_path / "keys")
     key = load_private_key(priv)
     out = tmp_path / "bad"
-    code = BAD_BUNDLES[case](out, key, 1)
+    code = BAD_BUNDLES[case](out, key, 1, _model_name())  # a name of its own: the registry is shared
     doc = json.loads((out / "manifest.json").read_text())
     before = anyio.run(_manifest_keys, nats_server.url)
     exit_code, output = _cli("models", "push", str(out), "--nats", nats_server.url, "--trust", str(pub))
