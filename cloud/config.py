@@ -21,6 +21,11 @@ class DriftConfig(Config, kw_only=True):
     #: 1 per 10,000, because at 1e-4 `slmops bench drift` measured 0.98 per 10,000 (sparse
     #: histogram cells in small node windows make the calibration approximate).
     target_false_rate: float = 5e-5
+    #: Target false drift events per (fleet, model) per day (issue 14's goal: ≤ 1 on a
+    #: 10,000-node fleet with 1-minute windows; half of it, as for ``target_false_rate``). A
+    #: round's BH level is capped at this × the round's window length / 1 day, so a large
+    #: fleet's thousands of node windows per round no longer raise it to the 0.1 ceiling.
+    target_false_per_fleet_day: float = 0.5
     #: A node's counts are tested only once at least this many inferences accumulated; a
     #: smaller window is carried into the node's next one (never tested alone).
     min_count: int = 100
@@ -44,6 +49,10 @@ class DriftConfig(Config, kw_only=True):
     def __post_init__(self) -> None:
         if not 0 < self.target_false_rate < 1:
             raise ValueError(f"target_false_rate must be in (0, 1), got {self.target_false_rate!r}")
+        if not self.target_false_per_fleet_day > 0:
+            raise ValueError(
+                f"target_false_per_fleet_day must be > 0, got {self.target_false_per_fleet_day!r}"
+            )
         if self.min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {self.min_count!r}")
         if not 0 <= self.min_effect < 1:

@@ -72,6 +72,9 @@ class Group(msgspec.Struct, kw_only=True):
     round: dict[str, Acc] = {}
     round_nodes: list[str] = []
     round_node_windows: int = 0
+    #: Length in seconds of the windows of the round being closed (its aggregates'
+    #: ``window_end - window_start``; 60 until one is seen): rounds per day for the BH level.
+    window_s: float = 60.0
     rounds: int = 0
     fleet_sig: dict[str, UnitSig] = {}
     joint: list[list[float]] | None = None
