@@ -308,7 +308,7 @@ def _run_sync(quick: bool) -> list[dict[str, object]]:
         }
     )
     results += _episodes(nodes, trials, config)
-    if not quick:  # ~30 min of one core (10,000 nodes); tested on its own at 300 nodes
+    if not quick:  # ~6 min of one core (10,000 nodes, 85 windows); tested on its own, small
         results.append(_fleet_day(quick))
     return results
 
@@ -316,7 +316,7 @@ def _run_sync(quick: bool) -> list[dict[str, object]]:
 def _fleet_day(quick: bool) -> dict[str, object]:
     """False events per fleet-day (issue 14's goal ≤ 1) on a synthetic 10,000-node fleet,
     1-minute windows, every signal on (``fleetday.py``): the real detector on 60 windows after
-    the settling ones (an hour of the fleet: a whole day costs ~2 h of one core), counted and
+    the settling ones (an hour of the fleet: a whole day costs ~1.7 h of one core), counted and
     scaled to a day, with the Poisson 95% upper bound of that rate. ``quick``: 100 nodes, 30
     windows (not run by ``bench drift --quick``; the tests call it)."""
     from slmops.bench.fleetday import DAY_WINDOWS, SETTLE, fleet_day
