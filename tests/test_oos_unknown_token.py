@@ -15,7 +15,8 @@ import pytest
 from _transformer import make_transformer_bundle
 
 from _edge_util import Keys, edge_config
-from slmops.bench._fleet import MODEL, SyntheticFleet, manifest_for
+from slmops.bench._fleet import MODEL, SyntheticFleet
+from slmops.bench.fleetday import oos_manifest, oos_probs
 from slmops.cloud.config import DriftConfig
 from slmops.cloud.drift import DriftDetector
 from slmops.cloud.factory.cache import CachedModel
@@ -27,7 +28,6 @@ from slmops.shared.messages import (
     OOS_FOREIGN_SCRIPT,
     OOS_LOW_CONFIDENCE,
     OOS_UNKNOWN_TOKEN,
-    ModelManifest,
     OutOfScopeSpec,
     ReferenceProfile,
     TelemetryAggregate,
@@ -131,27 +131,9 @@ NODES = 3
 _BASE_UNK = 0.02
 
 
-def _manifest(unknown_share: float | None) -> ModelManifest:
-    m = manifest_for()
-    m.out_of_scope = OutOfScopeSpec(
-        threshold=0.5,
-        rate=0.05,
-        scripts=["LATIN"],
-        low_confidence_share=0.05,
-        foreign_script_share=0.0,
-        unknown_token_share=unknown_share,
-        count=20_000,
-    )
-    return m
-
-
 def _oos(rng: np.random.Generator, n: int, unk: float) -> list[int]:
-    p = np.zeros(OOS_CELLS)
-    p[0] = 0.95 * (1 - unk)
-    p[OOS_LOW_CONFIDENCE] = 0.05 * (1 - unk)
-    p[OOS_UNKNOWN_TOKEN] = 0.95 * unk
-    p[OOS_UNKNOWN_TOKEN | OOS_LOW_CONFIDENCE] = 0.05 * unk
-    return [int(c) for c in rng.multinomial(n, p)]
+    rates = {OOS_LOW_CONFIDENCE: 0.05, OOS_UNKNOWN_TOKEN: unk}
+    return [int(c) for c in rng.multinomial(n, oos_probs(rates))]
 
 
 def _run(unknown_share: float | None, switch_at: int, windows: int) -> list[tuple[int, str, str, str]]:
@@ -160,7 +142,8 @@ def _run(unknown_share: float | None, switch_at: int, windows: int) -> list[tupl
     fleet = SyntheticFleet("unk", NODES, 11)
     rng = np.random.default_rng(12)
     det = DriftDetector(DriftConfig(calibration_windows=50_000), clock=lambda: datetime.now(UTC))
-    det.add_group(fleet.fleet, MODEL, _manifest(unknown_share))
+    rates = {OOS_LOW_CONFIDENCE: 0.05, OOS_UNKNOWN_TOKEN: unknown_share or 0.0}
+    det.add_group(fleet.fleet, MODEL, oos_manifest(rates, unknown=unknown_share is not None, count=20_000))
     out = []
     for w in range(1, windows + 1):
         for i in range(NODES):

@@ -50,7 +50,7 @@ from slmops.shared.messages import (
     TelemetryAggregate,
 )
 
-__all__ = ["DAY_WINDOWS", "SETTLE", "fleet_day"]
+__all__ = ["DAY_WINDOWS", "SETTLE", "fleet_day", "oos_manifest", "oos_probs"]
 
 #: 1-minute windows in a day.
 DAY_WINDOWS = 1440
@@ -62,24 +62,30 @@ _OOS = {OOS_LOW_CONFIDENCE: 0.05, OOS_FOREIGN_SCRIPT: 0.01, OOS_UNKNOWN_TOKEN: 0
 _FEEDBACK_SHARE = 0.05
 
 
-def _oos_probs() -> np.ndarray:
+def oos_probs(rates: dict[int, float] = _OOS) -> np.ndarray:
+    """The ``OOS_CELLS`` cell probabilities of independent signs (``OOS_*`` bit -> rate)."""
     p = np.ones(OOS_CELLS)
     for cell in range(OOS_CELLS):
-        for bit, rate in _OOS.items():
+        for bit in (OOS_LOW_CONFIDENCE, OOS_FOREIGN_SCRIPT, OOS_UNKNOWN_TOKEN):
+            rate = rates.get(bit, 0.0)
             p[cell] *= rate if cell & bit else 1 - rate
     return p
 
 
-def _manifest() -> ModelManifest:
+def oos_manifest(
+    rates: dict[int, float] = _OOS, *, unknown: bool = True, count: int = 50_000
+) -> ModelManifest:
+    """The bench manifest with an ``OutOfScopeSpec`` whose shares are ``rates`` (the
+    unknown-token share only when ``unknown``: a model that counts it)."""
     m = manifest_for()
     m.out_of_scope = OutOfScopeSpec(
         threshold=0.5,
-        rate=_OOS[OOS_LOW_CONFIDENCE],
+        rate=rates.get(OOS_LOW_CONFIDENCE, 0.0),
         scripts=["LATIN"],
-        low_confidence_share=_OOS[OOS_LOW_CONFIDENCE],
-        foreign_script_share=_OOS[OOS_FOREIGN_SCRIPT],
-        unknown_token_share=_OOS[OOS_UNKNOWN_TOKEN],
-        count=50_000,
+        low_confidence_share=rates.get(OOS_LOW_CONFIDENCE, 0.0),
+        foreign_script_share=rates.get(OOS_FOREIGN_SCRIPT, 0.0),
+        unknown_token_share=rates.get(OOS_UNKNOWN_TOKEN, 0.0) if unknown else None,
+        count=count,
     )
     return m
 
@@ -96,7 +102,7 @@ class _Round:
         self.length = rng.multinomial(n, LEN_P).tolist()
         self.latency = rng.multinomial(n, LAT_P).tolist()
         self.errors = rng.binomial(n, 0.005).tolist()
-        self.oos = rng.multinomial(n, _oos_probs()).tolist()
+        self.oos = rng.multinomial(n, oos_probs()).tolist()
         fed = rng.binomial(n, _FEEDBACK_SHARE)
         truth = rng.multinomial(fed, mix)  # (nodes, classes)
         cond = _cond()  # P(pred = i | true = j)
@@ -125,7 +131,7 @@ def fleet_day(
     pred_p = mix @ _cond().T
     names = [f"node-{i:05d}" for i in range(nodes)]
     det = DriftDetector(config or DriftConfig(), clock=lambda: datetime.now(UTC))
-    det.add_group("fleetday", MODEL, _manifest())
+    det.add_group("fleetday", MODEL, oos_manifest())
     privacy = Privacy(k=5)
     events: dict[str, int] = {}
     opened_after = 0
