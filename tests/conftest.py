@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
+import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -26,6 +27,20 @@ if TYPE_CHECKING:
 def anyio_backend() -> str:
     """nats-py is asyncio-only (docs/architecture.md §9)."""
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config() -> Iterator[None]:
+    """structlog's configuration as each test found it, restored after it. ``configure_logging``
+    (an in-process CLI run: ``CliRunner().invoke(main, ["--log-level", "error", ...])``)
+    configures the process for good; ``capture_logs`` swaps only the processors, so a later
+    test's capture saw nothing below that level, and a logger factory holding an earlier
+    test's captured stderr."""
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import structlog
 
 from slmops.bench._fleet import MODEL, SyntheticFleet, manifest_for
 from slmops.cloud.config import DriftConfig
@@ -21,10 +19,9 @@ Capture = pytest.CaptureFixture[str]
 
 
 @pytest.fixture
-def json_logs() -> Iterator[None]:
+def json_logs() -> None:
+    """JSON lines at info (conftest restores structlog's configuration after the test)."""
     configure_logging("info", json=True)
-    yield
-    structlog.reset_defaults()
 
 
 def _lines(err: str) -> list[dict[str, object]]:
