@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from slmops.cli import main
 from slmops.cloud.factory import passes
 from slmops.cloud.factory.cache import CachedModel
+from slmops.cloud.factory.choice import choose
 from slmops.cloud.factory.corpus import Split, load_topics, split_topics
 from slmops.cloud.factory.lab import LabResult, Latency
 from slmops.cloud.factory.minilm import embed
@@ -25,7 +26,6 @@ from slmops.cloud.factory.optimize import (
     AccuracyFloor,
     CandidateResult,
     CandidateSpec,
-    choose,
     expected_calibration_error,
 )
 from slmops.shared.bundle import TrustStore, load_public_key, read_bundle

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from slmops.cloud.factory import choice
 from slmops.cloud.factory import optimize as opt
 from slmops.cloud.factory.pareto import pareto_names, write_json, write_markdown, write_plot
 from slmops.shared.errors import BundleError
@@ -74,7 +75,7 @@ def run_optimize(
     names = [c.name for c in candidates]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"candidate names must be unique and at least one, got {names}")
-    profiles = opt.profiles_of(load_profiles(profiles_dir))
+    profiles = choice.profiles_of(load_profiles(profiles_dir))
     floor = floor or opt.AccuracyFloor()
     teacher = opt.load_teacher(bundle)
     floor_value = floor.value(teacher.accuracy)
@@ -108,14 +109,14 @@ def run_optimize(
         )
         results.append(result)
         step(spec.name, "done")
-    chosen = opt.choose(results, [p.name for p in profiles], floor_value)
+    chosen = choice.choose(results, [p.name for p in profiles], floor_value)
     variants = {
-        p: str(opt.write_variant(r, p, teacher, out_dir, key).path)
+        p: str(choice.write_variant(r, p, teacher, out_dir, key).path)
         for p, r in chosen.items()
         if r is not None
     }
     m = teacher.bundle.manifest
-    rows = [opt.result_json(r, floor_value) for r in results]
+    rows = [choice.result_json(r, floor_value) for r in results]
     doc: dict[str, Any] = {
         "teacher": {
             "bundle": str(teacher.bundle.path),
