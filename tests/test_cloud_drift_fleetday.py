@@ -39,6 +39,12 @@ def test_the_detector_uses_the_windows_length_of_the_round() -> None:
             det.observe(agg)
     (g,) = det.groups.values()
     assert g.window_s == 2.0
+    # A window closed early (milliseconds long) counts as 1 s, not as 86,400,000 rounds a day.
+    for i in range(2):
+        agg = fleet.aggregate(i, 4)
+        agg.window_end = agg.window_start + timedelta(milliseconds=5)
+        det.observe(agg)
+    assert g.window_s == 1.0
 
 
 def test_a_node_baseline_of_sparse_feedback_pools_20_tested_windows() -> None:

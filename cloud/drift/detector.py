@@ -282,8 +282,9 @@ class DriftDetector:
         if in_round is None:
             in_round = self._round_sets[g.key] = set(g.round_nodes)
         if agg.node in in_round:
-            # The round's window length (data time): rounds per day for the BH level.
-            g.window_s = max(1e-3, (agg.window_end - agg.window_start).total_seconds())
+            # The round's window length (data time): rounds per day for the BH level. At least
+            # 1 s: a window closed early (a tick, a version change) is not the fleet's cadence.
+            g.window_s = max(1.0, (agg.window_end - agg.window_start).total_seconds())
             events = self._close_round(g)
         if g.quarantine:
             self._lift_quarantine(g)
