@@ -52,7 +52,7 @@ from slmops.shared.messages import (
     decode_json,
     encode_json,
 )
-from slmops.shared.objects import FetchError, fetch_object
+from slmops.shared.objects import FetchError, fetch_object, recorded_sha256
 from slmops.shared.provision import ensure_resources
 from slmops.shared.runtime import verify_bundle as run_verification
 from slmops.shared.variants import PREFERENCE, choose_variant
@@ -173,10 +173,11 @@ class Registry:
     async def push(self, bundle: Bundle, trust: TrustStore) -> PushResult:
         """Verify ``bundle`` (see ``verify_bundle``; a ``BundleError`` means nothing was
         written), then store it: each listed file and the raw signed manifest by sha256
-        (``files/<sha256>``, skipped when already there: a new version re-uses the unchanged
-        files of the old), the archive (``<model>/<version>/<variant>``, only for bundles the
-        n-gram runtime of older nodes can run), then the raw manifest and the small
-        ``BundleIndex`` in KV.
+        (``files/<sha256>``, skipped when already there with that size and the digest nats-py
+        recorded at put: a new version re-uses the unchanged files of the old; an object there
+        holding other bytes is put again, logged as ``model_file_replaced``), the archive
+        (``<model>/<version>/<variant>``, only for bundles the n-gram runtime of older nodes
+        can run), then the raw manifest and the small ``BundleIndex`` in KV.
         ``RegistryError`` if this name/version/variant already holds a different bundle."""
         manifest = await anyio.to_thread.run_sync(verify_bundle, bundle, trust)
         raw = bundle.raw or encode_json(manifest)
@@ -196,7 +197,7 @@ class Registry:
         legacy = requirements_of(manifest).min_runtime <= 1 and not manifest.files
         # The archive is for nodes of the n-gram runtime only: a bundle they cannot run is not
         # stored where they look, so they never download it.
-        if legacy and not await self._object_exists(store, obj):
+        if legacy and await self._object_info(store, obj) is None:
             archive = await anyio.to_thread.run_sync(pack_archive, bundle)
             meta = js_api.ObjectMeta(
                 name=obj,
@@ -238,8 +239,14 @@ class Registry:
         items += [(f.sha256, f.size_bytes, bundle.path / f.path) for f in bundle.files]
         for sha, size, src in items:
             name = names.file_object_name(sha)
-            if await self._object_exists(store, name):
-                continue
+            info = await self._object_info(store, name)
+            if info is not None:
+                if info.size == size and recorded_sha256(info) == bytes.fromhex(sha):
+                    continue
+                # Damaged, or put by hand: every bundle sharing this file would stay
+                # undeliverable if a push trusted the name.
+                log.warning("model_file_replaced", object=name, size_bytes=info.size, want_bytes=size,
+                            reason="holds other bytes than its sha256")  # fmt: skip
             meta = js_api.ObjectMeta(
                 name=name,
                 description=f"sha256={sha} size={size}",
@@ -294,14 +301,15 @@ class Registry:
             raise RegistryError("fetch", f"object {name} does not hold the bytes of its sha256")
         return body
 
-    async def _object_exists(self, store: ObjectStore, obj: str) -> bool:
+    async def _object_info(self, store: ObjectStore, obj: str) -> js_api.ObjectInfo | None:
+        """The object's metadata, or None if there is no such object (or it was deleted)."""
         try:
             info = await self._call(f"look up {obj}", store.get_info(obj))
         except RegistryError as exc:
             if isinstance(exc.__cause__, NotFound):
-                return False
+                return None
             raise
-        return not info.deleted
+        return None if info.deleted else info
 
     # -- read ------------------------------------------------------------------------------
 

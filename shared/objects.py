@@ -26,13 +26,13 @@ import anyio.to_thread
 import msgspec
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectInfo
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TYPE
 
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable
 from slmops.shared.jetstream import nats_errors, url_of
 
-__all__ = ["STATE_SUFFIX", "FetchError", "fetch_object", "fetch_resumable"]
+__all__ = ["STATE_SUFFIX", "FetchError", "fetch_object", "fetch_resumable", "recorded_sha256"]
 
 
 class FetchError(Exception):
@@ -42,6 +42,18 @@ class FetchError(Exception):
         self.obj = obj
         self.reason = reason
         super().__init__(f"object {obj}: {reason}")
+
+
+def recorded_sha256(info: ObjectInfo) -> bytes | None:
+    """The SHA-256 (32 bytes) the object's metadata records for its content: nats-py writes
+    ``SHA-256=<base64url>`` when it puts the object. None when missing or malformed."""
+    if not info.digest:
+        return None
+    want = info.digest.removeprefix(OBJ_DIGEST_TYPE).removeprefix(OBJ_DIGEST_TYPE.upper())
+    try:
+        return base64.urlsafe_b64decode(want)
+    except ValueError:  # binascii.Error
+        return None
 
 
 async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryIO) -> int:
@@ -87,8 +99,7 @@ async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryI
         await _unsubscribe(sub, f"{bucket}/{obj}", url)
     if written != size:
         raise FetchError(obj, f"received {written} bytes, the object has {size}")
-    want = info.digest.removeprefix(OBJ_DIGEST_TYPE).removeprefix(OBJ_DIGEST_TYPE.upper())
-    if digest.digest() != base64.urlsafe_b64decode(want):
+    if digest.digest() != recorded_sha256(info):
         raise FetchError(obj, "SHA-256 of the received bytes does not match the object's digest")
     await anyio.to_thread.run_sync(out.flush)
     return written
@@ -227,11 +238,9 @@ async def fetch_resumable(
     if have != size:
         await anyio.to_thread.run_sync(_discard, partial, state_path)
         raise FetchError(obj, f"received {have} bytes, the object has {size}")
-    if size:
-        want = (info.digest or "").removeprefix(OBJ_DIGEST_TYPE).removeprefix(OBJ_DIGEST_TYPE.upper())
-        if digest.digest() != base64.urlsafe_b64decode(want):
-            await anyio.to_thread.run_sync(_discard, partial, state_path)
-            raise FetchError(obj, "SHA-256 of the received bytes does not match the object's digest")
+    if size and digest.digest() != recorded_sha256(info):
+        await anyio.to_thread.run_sync(_discard, partial, state_path)
+        raise FetchError(obj, "SHA-256 of the received bytes does not match the object's digest")
     await anyio.to_thread.run_sync(lambda: state_path.unlink(missing_ok=True))
     return size
 

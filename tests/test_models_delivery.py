@@ -165,18 +165,24 @@ async def test_an_object_larger_than_its_signed_size_is_not_fetched(
     model: str,
     statuses: Statuses,
 ) -> None:
-    """The object store holds 10 MB under the encoder's sha256: refused from its size, with a
-    download_failed status naming the object and both sizes."""
+    """The object store holds 10 MB under the encoder's sha256 (damaged after the push): refused
+    from its size, with a download_failed status naming the object and both sizes. The encoder
+    is every test bundle's: a push puts it back at the end (the session's store is shared)."""
     b = make_transformer_bundle(tmp_path / "b", keys.key, version=1, name=model)
     enc = next(f for f in b.files if f.path == "encoder.onnx")
+    registry, trust = Registry(js), TrustStore([keys.key.public_key()])
+    await registry.push(b, trust)
     store = await js.object_store(names.MODELS_BUCKET)
     await store.put(names.file_object_name(enc.sha256), b"\0" * 10_000_000)
-    await Registry(js).push(b, TrustStore([keys.key.public_key()]))  # the object exists: not replaced
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
-    async with EdgeNode(cfg) as node:
-        await node.link.wait_online(10)
-        await Registry(js).assign(fleet, 1, model=model, variant="fp32")
-        await wait_until(lambda: bool(statuses.failures()), 20, what="download_failed status")
-        reason = statuses.failures()[0]
-        assert f"is 10000000 bytes, the signed manifest lists {enc.size_bytes}" in reason
-        assert node.refresher.stats.bytes_downloaded < 1_000_000
+    try:
+        cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
+        async with EdgeNode(cfg) as node:
+            await node.link.wait_online(10)
+            await registry.assign(fleet, 1, model=model, variant="fp32")
+            await wait_until(lambda: bool(statuses.failures()), 20, what="download_failed status")
+            reason = statuses.failures()[0]
+            assert f"is 10000000 bytes, the signed manifest lists {enc.size_bytes}" in reason
+            assert node.refresher.stats.bytes_downloaded < 1_000_000
+    finally:
+        await registry.push(b, trust)
+    assert (await store.get_info(names.file_object_name(enc.sha256))).size == enc.size_bytes

@@ -4,6 +4,7 @@ bundle with a non-zero exit naming the reason, and stores nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,9 +14,11 @@ import msgspec
 import nats
 import pytest
 from _bad_bundles import BAD_BUNDLES, resign
+from _transformer import make_transformer_bundle
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
+from structlog.testing import capture_logs
 
 from _models import make_bundle
 from _nats import new_fleet
@@ -86,6 +89,37 @@ async def test_a_pushed_version_cannot_be_replaced(
     stored = await registry.manifest(name, 1, "fp32")
     assert stored is not None
     assert stored.sha256 != other.manifest.sha256
+
+
+async def test_push_puts_again_a_file_object_that_holds_other_bytes_than_its_sha256(
+    js: JetStreamContext, key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """``files/<sha256>`` was trusted by its name: an object there holding other bytes (a
+    damaged object, a short one) made every later push skip it, so every bundle sharing that
+    file stayed undeliverable for good (nodes refuse it by size or digest, the cloud's
+    ``fetch_bundle`` failed with "does not hold the bytes of its sha256"). A push checks each
+    existing object's size and digest and puts a wrong one again, saying so; intact objects
+    are not written twice."""
+    name = _model_name()
+    labels = [f"{word}{name}" for word in ("alpha", "beta", "gamma")]  # a tokenizer of its own
+    bundle = make_transformer_bundle(tmp_path / "b", key, name=name, labels=labels)
+    tokenizer = next(f for f in bundle.files if f.path == "tokenizer.json")
+    manifest = names.file_object_name(hashlib.sha256(bundle.raw).hexdigest())
+    store = await js.object_store(names.MODELS_BUCKET)
+    await store.put(manifest, bundle.raw[: len(bundle.raw) // 2])  # short
+    await store.put(names.file_object_name(tokenizer.sha256), b"\0" * tokenizer.size_bytes)  # other bytes
+    registry = Registry(js)
+    trust = TrustStore([key.public_key()])
+    with capture_logs() as logs:
+        assert (await registry.push(bundle, trust)).stored
+    replaced = {e["object"] for e in logs if e["event"] == "model_file_replaced"}
+    assert replaced == {manifest, names.file_object_name(tokenizer.sha256)}
+    back = await registry.fetch_bundle(name, 1, "fp32", tmp_path / "back")
+    for f in bundle.files:
+        assert (back.path / f.path).read_bytes() == (bundle.path / f.path).read_bytes(), f.path
+    with capture_logs() as logs:
+        assert not (await registry.push(bundle, trust)).stored
+    assert [e for e in logs if e["event"] == "model_file_replaced"] == []
 
 
 async def test_push_refuses_a_bad_bundle_before_writing_anything(
@@ -303,10 +337,6 @@ def test_cli_push_names_the_bundle_not_its_first_file(nats_server: EmbeddedServe
     """A multi-file bundle's own identity is its signed manifest's sha256 (the registry's
     ``files/<sha256>`` object of the manifest) and its size is every file's; the manifest's
     ``sha256``/``size_bytes`` fields describe only the encoder."""
-    import hashlib
-
-    from _transformer import make_transformer_bundle
-
     priv, pub = new_keypair(tmp_path / "keys")
     name = _model_name()
     b = make_transformer_bundle(tmp_path / "b", load_private_key(priv), name=name)
