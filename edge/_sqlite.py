@@ -38,21 +38,32 @@ CREATE TABLE IF NOT EXISTS dp_ledger(
 
 class Transaction:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` on ``db`` while holding ``lock``, so statements of
-    other tasks never land inside it. On error it rolls back, calls ``on_rollback`` and
+    other tasks never land inside it. ``on_begin`` runs once the lock is held (where the
+    caller saves the in-memory state its ``on_rollback`` restores: saved any earlier, a
+    rollback would also undo what transactions committed meanwhile, e.g. a compaction's
+    ``next_seq``). On error it rolls back, calls ``on_rollback`` and
     raises ``StoreError`` for sqlite errors (other errors propagate as they are). Commit and
     rollback run shielded: a cancelled caller never leaves a transaction open."""
 
     def __init__(
-        self, db: aiosqlite.Connection, lock: anyio.Lock, where: str, *, on_rollback: Callable[[], None]
+        self,
+        db: aiosqlite.Connection,
+        lock: anyio.Lock,
+        where: str,
+        *,
+        on_begin: Callable[[], None] = lambda: None,
+        on_rollback: Callable[[], None],
     ) -> None:
         self.db = db
         self.lock = lock
         self.where = where
+        self.on_begin = on_begin
         self.on_rollback = on_rollback
 
     async def __aenter__(self) -> None:
         await self.lock.acquire()
         try:
+            self.on_begin()
             await self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self.lock.release()

@@ -843,9 +843,13 @@ class Buffer:
     # -- transactions -----------------------------------------------------------------------
 
     def _tx(self) -> Transaction:
-        saved = dict(self._state)
+        saved: dict[str, float] = {}
+
+        def save() -> None:  # under the lock: no other transaction is changing the state
+            saved.clear()
+            saved.update(self._state)
 
         def restore() -> None:  # in-memory state changed inside follows the rollback
-            self._state = saved
+            self._state = dict(saved)
 
-        return Transaction(self.db, self._lock, str(self.path), on_rollback=restore)
+        return Transaction(self.db, self._lock, str(self.path), on_begin=save, on_rollback=restore)

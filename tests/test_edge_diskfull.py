@@ -22,14 +22,19 @@ from typing import Any
 import aiohttp
 import anyio
 import anyio.abc
+import msgspec
 import pytest
 from nats.js import JetStreamContext
+from test_edge_buffer import EDGES, REF, append_and_commit, make, rows
 
 from _edge_proc import Client, start
 from _edge_util import Keys, edge_cli, edge_config, read_telemetry, terminate
 from _nats import free_port
 from _proxy import TcpProxy
+from slmops.edge.config import EdgeConfig
+from slmops.edge.errors import StoreError
 from slmops.edge.node import EdgeNode
+from slmops.shared.messages import decode_telemetry
 from slmops.shared.server import EmbeddedServer
 
 
@@ -231,3 +236,60 @@ async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.mark.anyio
+async def test_a_transaction_failing_on_the_full_disk_never_undoes_a_compaction(small_disk: Path) -> None:
+    """chaos (2 min, 3 nodes, seed 11) left a permanent hole in n0's seqs. On a nearly full
+    disk the outbox bound is 0, so a window close drops every never-sent aggregate (their
+    counts go to the carried receipt) and takes ``next_seq`` back to the first of them. A
+    transaction queued behind that close (the publisher's ``outbox_done``) failed on the
+    full disk and its rollback restored the in-memory state it had copied BEFORE it got the
+    lock: ``next_seq`` one ahead again and the carried receipt gone. The next aggregate then
+    went out as seq 2 with no seq 1 ever sent (the cloud's ``missing``), and the dropped
+    counts were never reported. Right: a rollback restores only what its own transaction
+    changed; seqs stay contiguous and the receipt carries every dropped inference.
+    Real SQLite on a real 4 MiB tmpfs; default ``outbox_max_bytes``, k 1."""
+    (default_bound,) = (f.default for f in msgspec.structs.fields(EdgeConfig) if f.name == "outbox_max_bytes")
+    async with make(small_disk / "t.db", k=1, outbox_max_bytes=default_bound) as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        await append_and_commit(buf, rows(info.model_id, 3))
+        assert await buf.close_window(1001.0) == 1
+        assert await buf.outbox_counts() == [(1, 3)]
+        await append_and_commit(buf, rows(info.model_id, 2))
+        # Leave 1 MiB free: less than the WAL reserve, so the outbox bound is 0.
+        (small_disk / "other").write_bytes(bytes(shutil.disk_usage(small_disk).free - (1 << 20)))
+
+        async def fill_disk() -> None:
+            async with buf._lock:  # between the close and the publisher: the disk fills up
+                fill(small_disk)
+
+        failed: list[StoreError] = []
+
+        async def publisher_done() -> None:
+            try:
+                await buf.outbox_done([1])  # seq 1 was acked meanwhile
+            except StoreError as exc:
+                failed.append(exc)
+
+        await buf._lock.acquire()  # another transaction (the group commit) is running
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(buf.close_window, 1002.0)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(fill_disk)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(publisher_done)
+            await anyio.wait_all_tasks_blocked()
+            buf._lock.release()
+        assert failed, "outbox_done should have failed on the full disk"
+        stats = buf.statistics()
+        assert (stats.merges, stats.dropped_aggregates) == (1, 1)
+        assert stats.next_seq == 1, stats
+
+        (small_disk / "filler").unlink()
+        (small_disk / "other").unlink()
+        await append_and_commit(buf, rows(info.model_id, 1))
+        assert await buf.close_window(1003.0) == 1
+        taken = [decode_telemetry(p) for _, p in await buf.outbox_take(10)]
+        assert [a.seq for a in taken] == [1]
+        assert (taken[0].count, taken[0].dropped_inferences, taken[0].dropped_aggregates) == (1, 5, 1)
