@@ -178,7 +178,10 @@ async def test_skew_at_start_then_a_language_switch_opens_new_events(
         foreign.window_end,
         switched_at,
     )
-    assert foreign.window_start >= switched_at - timedelta(seconds=WINDOW_S)
+    assert foreign.window_start >= switched_at - timedelta(seconds=WINDOW_S), (
+        foreign.window_start,
+        switched_at,
+    )
     assert "foreign-script" in foreign.summary
 
 
