@@ -109,6 +109,11 @@ def test_vocabulary_pruning_uses_training_text_and_keeps_every_word_tokenizable(
         _embed(passes.encoder_of(full), split.train_texts[:16]),
         atol=1e-5,
     )
+    common = passes.prune_vocabulary(full, split.train_texts, keep_first=5000)
+    assert common.vocab_size > small.vocab_size
+    full_vocab = json.loads(full.tokenizer)["model"]["vocab"]
+    kept = json.loads(common.tokenizer)["model"]["vocab"]
+    assert {t for t, i in full_vocab.items() if i < 5000} <= set(kept)
     vocab = json.loads(small.tokenizer)["model"]["vocab"]
     train_tokens = {t for row in _tokens(full, split.train_texts) for t in row}
     held_only = {t for row in _tokens(full, split.held_out_texts) for t in row} - train_tokens
@@ -173,6 +178,9 @@ def test_unknown_pass_is_refused() -> None:
         CandidateSpec("x", ("prune-heads",))
     with pytest.raises(ValueError, match="unknown pass 'layers'"):
         CandidateSpec("x", ("layers",))
+    with pytest.raises(ValueError, match="unknown pass 'head:3'"):
+        CandidateSpec("x", ("head:3",))
+    assert CandidateSpec("x", ("vocab:15000", "vocab")).chain == ("vocab:15000", "vocab")
 
 
 def _lab(profile: str, ok: bool) -> LabResult:

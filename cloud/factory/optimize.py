@@ -4,7 +4,8 @@ candidates, measure every candidate under every device profile, and sign one var
 A candidate is a chain of passes (``cloud.factory.passes``) named in ``CandidateSpec.chain``:
 
 - ``layers:K`` keep the first K transformer layers; ``vocab`` prune the WordPiece vocabulary to
-  the training text's tokens plus the character fallback; ``int8-dynamic`` / ``int8-static``
+  the training text's tokens plus the character fallback (``vocab:N``: and the first N pieces);
+  ``int8-dynamic`` / ``int8-static``
   quantize the written encoder; ``head`` refit the linear head on the final encoder;
 - ``ngram`` the hashed n-gram student trained on the teacher's labels (numpy);
 - ``distill`` a student fine-tuned on the teacher's soft labels: needs torch (an optional
@@ -87,7 +88,8 @@ class CandidateSpec:
     def __post_init__(self) -> None:
         for step in self.chain:
             kind, _, arg = step.partition(":")
-            if kind not in _PASSES or (kind == "layers") != bool(arg) or (arg and not arg.isdigit()):
+            bad_arg = (kind == "layers" and not arg) or (kind not in ("layers", "vocab") and bool(arg))
+            if kind not in _PASSES or bad_arg or (arg and not arg.isdigit()):
                 raise ValueError(
                     f"candidate {self.name!r}: unknown pass {step!r}; passes: {', '.join(_PASSES)}"
                 )
@@ -95,14 +97,21 @@ class CandidateSpec:
 
 _PASSES = ("layers", "vocab", "int8-dynamic", "int8-static", "head", "ngram", "distill")
 
+#: ``vocab:N`` also keeps the first N pieces of the full vocabulary (BERT's WordPiece ids run
+#: roughly by frequency after the single characters). Measured here, L3 int8, seed 0: the
+#: training text's tokens alone (4,668 pieces) gave 0.736 held-out accuracy, + the first 8,000
+#: 0.792, + the first 15,000 (14,554 pieces) 0.801, unpruned 0.811: 1,237 training texts miss
+#: too many of the held-out texts' words, which then split into characters.
+COMMON_PIECES = 15000
+
 DEFAULT_CANDIDATES: tuple[CandidateSpec, ...] = (
     CandidateSpec("fp32-l6", ()),
     CandidateSpec("int8-l6", ("int8-dynamic", "head")),
     CandidateSpec("int8-l4", ("layers:4", "int8-dynamic", "head")),
     CandidateSpec("int8-l3", ("layers:3", "int8-dynamic", "head")),
-    CandidateSpec("int8-l3-vocab", ("layers:3", "vocab", "int8-dynamic", "head")),
-    CandidateSpec("qdq-l3-vocab", ("layers:3", "vocab", "int8-static", "head")),
-    CandidateSpec("int8-l2-vocab", ("layers:2", "vocab", "int8-dynamic", "head")),
+    CandidateSpec("int8-l3-vocab", ("layers:3", f"vocab:{COMMON_PIECES}", "int8-dynamic", "head")),
+    CandidateSpec("qdq-l3-vocab", ("layers:3", f"vocab:{COMMON_PIECES}", "int8-static", "head")),
+    CandidateSpec("int8-l2-vocab", ("layers:2", f"vocab:{COMMON_PIECES}", "int8-dynamic", "head")),
     CandidateSpec("int8-l1-vocab", ("layers:1", "vocab", "int8-dynamic", "head")),
     CandidateSpec("ngram", ("ngram",)),
     CandidateSpec("distill-l3", ("layers:3", "distill", "int8-dynamic", "head")),
@@ -265,7 +274,7 @@ def _write_transformer(spec: CandidateSpec, teacher: Teacher, target: Path, key:
         if kind == "layers":
             state = passes.keep_layers(state, int(arg))
         elif kind == "vocab":
-            state = passes.prune_vocabulary(state, teacher.split.train_texts)
+            state = passes.prune_vocabulary(state, teacher.split.train_texts, keep_first=int(arg or 0))
         elif kind in ("int8-dynamic", "int8-static"):
             state = state if state.encoder else passes.encoder_of(state, name=f"{spec.name}-encoder")
             int8 = True
@@ -317,7 +326,20 @@ def _profiled(
     profile = reference_profile(
         session, split.held_out_texts, split.held_out_labels, manifest.edges, latency_samples=20
     )
-    tests = smoke_tests(session, split.held_out_texts, tolerance=tolerance) + _extra_smoke(session, tolerance)
+    chosen = [
+        *smoke_tests(session, split.held_out_texts, tolerance=tolerance),
+        *_extra_smoke(session, tolerance),
+    ]
+    # Expected values from one run of exactly these texts, as a node runs them: dynamic int8
+    # quantizes activations per batch, so other batch-mates (padding) move probabilities
+    # (0.077 on one hostile text between a held-out batch and the smoke batch, measured here).
+    out = session.run([t.text for t in chosen])
+    labels = session.manifest.labels
+    tests = [
+        SmokeTest(text=t.text, label=labels[int(row.argmax())], probs=[round(float(x), 6) for x in row],
+                  tolerance=tolerance)
+        for t, row in zip(chosen, out.values, strict=True)
+    ]  # fmt: skip
     final = msgspec.structs.replace(
         manifest,
         reference=profile,

@@ -105,12 +105,16 @@ def _fallback(token: str) -> bool:
     return len(token) == 1 or (token.startswith("##") and len(token) == 3)
 
 
-def prune_vocabulary(state: EncoderState, texts: Sequence[str]) -> EncoderState:
+def prune_vocabulary(state: EncoderState, texts: Sequence[str], *, keep_first: int = 0) -> EncoderState:
     """Keep the WordPiece tokens that ``texts`` (training/calibration text: never the held-out
     set a candidate is judged on) tokenize to, the special tokens and the character fallback;
     renumber them in their old order and rewrite ``tokenizer.json`` (vocabulary, special-token
     ids, padding id) and the embedding table's rows together. A character the full vocabulary
-    lacks still becomes ``[UNK]``, so the unknown-token count is the full vocabulary's."""
+    lacks still becomes ``[UNK]``, so the unknown-token count is the full vocabulary's.
+    ``keep_first`` also keeps the pieces with ids below it (the common words of the language,
+    whatever the training text holds). Raises ``ValueError`` for a negative ``keep_first``."""
+    if keep_first < 0:
+        raise ValueError(f"keep_first must be >= 0, got {keep_first!r}")
     doc = json.loads(state.tokenizer)
     model = doc.get("model", {})
     if model.get("type") != "WordPiece":
@@ -123,7 +127,9 @@ def prune_vocabulary(state: EncoderState, texts: Sequence[str]) -> EncoderState:
     tok.no_truncation()  # every token of a long text, not only those a node's truncation keeps
     seen = {i for e in tok.encode_batch(list(texts)) for i in e.ids}
     special = {int(t["id"]) for t in doc.get("added_tokens", [])}
-    keep = sorted(i for tok, i in vocab.items() if i in seen or i in special or _fallback(tok))
+    keep = sorted(
+        i for tok, i in vocab.items() if i in seen or i in special or i < keep_first or _fallback(tok)
+    )
     new_id = {old: new for new, old in enumerate(keep)}
     by_id = {i: tok for tok, i in vocab.items()}
     model["vocab"] = {by_id[old]: new for old, new in new_id.items()}
