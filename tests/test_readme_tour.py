@@ -163,10 +163,13 @@ def test_the_readme_tour_completes_as_written(tour: Tour) -> None:
     assigned = status["fleets"]["shops"]["assigned"]
     assert [(a["model"], a["version"], a["node"]) for a in assigned] == [("topics", 2, None)]
 
-    # v2 is no worse than v1 on the accuracy each build measured (held-out, per variant).
+    # v2 is no worse than v1: each build measures its held-out accuracy on its own split (413
+    # utterances), so two equally good models differ by sampling noise alone (one binomial
+    # standard error is ~1.9 points at 0.81); v2 may be lower than v1 by at most two of them.
     acc = {}
     for version in (1, 2):
         doc = json.loads(tour.run(f"slmops models show --model topics --version {version} --json"))
         acc[version] = {v["variant"]: v["accuracy"] for v in doc["variants"]}
     for variant, v1 in acc[1].items():
-        assert acc[2][variant] >= v1, (variant, acc)
+        noise = 2 * (v1 * (1 - v1) / 413) ** 0.5
+        assert acc[2][variant] >= v1 - noise, (variant, acc)
