@@ -726,8 +726,12 @@ class Buffer:
         return min(self.outbox_max_bytes, max(0, room) // 2)
 
     async def _enforce_bound(self) -> None:
-        """docs/architecture.md §5: merge never-attempted aggregates, then drop the oldest with a receipt,
-        until the outbox fits ``outbox_bound``."""
+        """docs/architecture.md §5: merge never-attempted aggregates until the outbox fits
+        ``outbox_bound``; drop the oldest (with a receipt) only while it is over the
+        configured ``outbox_max_bytes`` (a long outage), never because the disk is full:
+        an aggregate in the outbox is stored, its space already taken, and issue 13 (fault 4)
+        asks for losses only where storing failed. A CI run dropped 30 stored inferences
+        into receipts when a window closed on a nearly full disk (bound 0)."""
         db = self.db
         async with db.execute("SELECT coalesce(sum(bytes), 0) FROM outbox") as cur:
             row = await cur.fetchone()
@@ -741,7 +745,11 @@ class Buffer:
             pending = [decode_telemetry(p) for (p,) in await cur.fetchall()]
         if not pending:
             return
-        result = compact(pending, max(0, bound - attempted_bytes))
+        result = compact(
+            pending,
+            max(0, bound - attempted_bytes),
+            drop_budget=max(0, self.outbox_max_bytes - attempted_bytes),
+        )
         await db.execute("DELETE FROM outbox WHERE attempted=0")
         await self._insert_outbox(result.aggregates)
         self._state["next_seq"] = pending[0].seq + len(result.aggregates)

@@ -231,12 +231,17 @@ def compact(
     pending: Sequence[TelemetryAggregate],
     budget: int,
     size: Callable[[TelemetryAggregate], int] = lambda a: len(encode_telemetry(a)),
+    *,
+    drop_budget: int | None = None,
 ) -> Compaction:
     """Shrink never-sent aggregates (in ``seq`` order, contiguous) to at most ``budget``
     bytes, docs/architecture.md §5: first merge adjacent mergeable pairs — the pair spanning the fewest
     windows, the oldest on a tie, so old data coarsens gradually — and only when no pair is
     left drop the oldest, moving its count (and the receipts it carried) into the loss
-    receipt of the next survivor. Survivors are renumbered from the first ``seq``, so the
+    receipt of the next survivor. Drops stop once the aggregates fit ``drop_budget`` bytes
+    (default ``budget``): a bound below it (free disk) only merges, since stored aggregates
+    already hold their space and dropping them would lose inferences that were stored.
+    Survivors are renumbered from the first ``seq``, so the
     node's sequence has no gap (none of them was ever sent, so no one saw the old numbers).
 
     Invariant (tested): sum of surviving ``count`` + ``dropped_inferences`` + carried
@@ -262,6 +267,8 @@ def compact(
             sizes[best : best + 2] = [size(merged)]
             out.merges += 1
             continue
+        if drop_budget is not None and sum(sizes) <= drop_budget:
+            break
         gone = aggs.pop(0)
         sizes.pop(0)
         out.dropped_aggregates += 1

@@ -31,6 +31,7 @@ from _edge_proc import Client, start
 from _edge_util import Keys, edge_cli, edge_config, read_telemetry, terminate
 from _nats import free_port
 from _proxy import TcpProxy
+from slmops.edge.buffer import _PROBE_INTERVAL
 from slmops.edge.config import EdgeConfig
 from slmops.edge.errors import StoreError
 from slmops.edge.node import EdgeNode
@@ -249,6 +250,8 @@ async def test_a_transaction_failing_on_the_full_disk_never_undoes_a_compaction(
     went out as seq 2 with no seq 1 ever sent (the cloud's ``missing``), and the dropped
     counts were never reported. Right: a rollback restores only what its own transaction
     changed; seqs stay contiguous and the receipt carries every dropped inference.
+    Since a full disk no longer drops stored aggregates (see the next test), the close
+    merges seq 1 and 2 instead; a stale rollback would undo that merge (``merges`` 0).
     Real SQLite on a real 4 MiB tmpfs; default ``outbox_max_bytes``, k 1."""
     (default_bound,) = (f.default for f in msgspec.structs.fields(EdgeConfig) if f.name == "outbox_max_bytes")
     async with make(small_disk / "t.db", k=1, outbox_max_bytes=default_bound) as buf:
@@ -283,13 +286,54 @@ async def test_a_transaction_failing_on_the_full_disk_never_undoes_a_compaction(
             buf._lock.release()
         assert failed, "outbox_done should have failed on the full disk"
         stats = buf.statistics()
-        assert (stats.merges, stats.dropped_aggregates) == (1, 1)
-        assert stats.next_seq == 1, stats
+        assert (stats.merges, stats.dropped_aggregates) == (1, 0)
+        assert stats.next_seq == 2, stats
 
         (small_disk / "filler").unlink()
         (small_disk / "other").unlink()
         await append_and_commit(buf, rows(info.model_id, 1))
         assert await buf.close_window(1003.0) == 1
         taken = [decode_telemetry(p) for _, p in await buf.outbox_take(10)]
-        assert [a.seq for a in taken] == [1]
-        assert (taken[0].count, taken[0].dropped_inferences, taken[0].dropped_aggregates) == (1, 5, 1)
+        assert [a.seq for a in taken] == [1, 2]
+        assert [(a.count, a.windows, a.dropped_inferences) for a in taken] == [(5, 2, 0), (1, 1, 0)]
+
+
+@pytest.mark.anyio
+async def test_a_window_closing_on_a_nearly_full_disk_keeps_every_stored_inference(small_disk: Path) -> None:
+    """The CI replica of the serving test above failed with ``receipts == not_durable`` as
+    ``120 == 90``: 30 inferences the node had STORED (answered ``durable: true``) reached the
+    cloud as dropped. Cause: on a nearly full disk the outbox bound (it respects free disk)
+    is 0, and a window close then dropped every never-sent aggregate into the carried
+    receipt; whether a window closed during the spell depended on load. Aggregates already
+    in the outbox hold their space: a full disk may merge them (fewer rows, every count
+    kept) but never drop them (issue 13, fault 4: losses only where storing failed).
+    Deterministic here: the close runs while the disk leaves less than the WAL reserve.
+    Real SQLite on a real 4 MiB tmpfs; default ``outbox_max_bytes``, k 1."""
+    (default_bound,) = (f.default for f in msgspec.structs.fields(EdgeConfig) if f.name == "outbox_max_bytes")
+    async with make(small_disk / "t.db", k=1, outbox_max_bytes=default_bound) as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        await append_and_commit(buf, rows(info.model_id, 20))  # stored: durable answers
+        assert await buf.close_window(1001.0) == 1
+        await append_and_commit(buf, rows(info.model_id, 7))
+        other = small_disk / "other"
+        other.write_bytes(bytes(shutil.disk_usage(small_disk).free - (1 << 20)))
+        assert buf.outbox_bound(buf.statistics().outbox_bytes) == 0
+        assert await buf.close_window(1002.0) == 1  # the close itself fits on the disk
+        stats = buf.statistics()
+        assert (stats.dropped_aggregates, stats.dropped_inferences) == (0, 0), stats
+        assert sum(n for _, n in await buf.outbox_counts()) == 27
+
+        filler = fill(small_disk)  # now truly full: these 5 are not stored, so receipted
+        commit = await buf.append(rows(info.model_id, 5))
+        await buf._commit_group(buf._gather(await buf._recv.receive()))
+        assert (commit.done.is_set(), commit.stored, commit.receipted) == (True, False, True)
+        filler.unlink()
+        other.unlink()
+        await anyio.sleep(_PROBE_INTERVAL)  # the degraded buffer tries SQLite again after it
+        await append_and_commit(buf, rows(info.model_id, 1))
+        assert await buf.close_window(1003.0) == 1
+        taken = [decode_telemetry(p) for _, p in await buf.outbox_take(10)]
+        assert [a.seq for a in taken] == list(range(1, len(taken) + 1))
+        # stored == counted, and the receipts hold exactly the 5 never stored
+        assert sum(a.count for a in taken) == 28
+        assert sum(a.dropped_inferences for a in taken) == 5
