@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from test_edge_buffer import EDGES, REF, append_and_commit, make, rows
 
 from _edge_proc import Client, start
-from _edge_util import Keys, edge_cli, edge_config, read_telemetry, terminate
+from _edge_util import Keys, edge_cli, edge_config, kill, read_telemetry, terminate
 from _nats import free_port
 from _proxy import TcpProxy
 from slmops.edge.buffer import _PROBE_INTERVAL
@@ -161,9 +161,7 @@ async def test_full_disk_serves_on_counts_losses_durably_and_resumes(
             assert len(keys_seen) == len(set(keys_seen)), "an aggregate was stored twice"
             await stop(proc, log)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await kill(proc)
 
 
 @pytest.mark.anyio
@@ -234,24 +232,21 @@ async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
             assert {a.install for a in aggs} == {health["install"]}
             await stop(proc, log)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await kill(proc)
 
 
 @pytest.mark.anyio
 async def test_a_transaction_failing_on_the_full_disk_never_undoes_a_compaction(small_disk: Path) -> None:
-    """chaos (2 min, 3 nodes, seed 11) left a permanent hole in n0's seqs. On a nearly full
-    disk the outbox bound is 0, so a window close drops every never-sent aggregate (their
-    counts go to the carried receipt) and takes ``next_seq`` back to the first of them. A
-    transaction queued behind that close (the publisher's ``outbox_done``) failed on the
-    full disk and its rollback restored the in-memory state it had copied BEFORE it got the
-    lock: ``next_seq`` one ahead again and the carried receipt gone. The next aggregate then
-    went out as seq 2 with no seq 1 ever sent (the cloud's ``missing``), and the dropped
-    counts were never reported. Right: a rollback restores only what its own transaction
-    changed; seqs stay contiguous and the receipt carries every dropped inference.
-    Since a full disk no longer drops stored aggregates (see the next test), the close
-    merges seq 1 and 2 instead; a stale rollback would undo that merge (``merges`` 0).
+    """chaos (2 min, 3 nodes, seed 11) left a permanent hole in n0's seqs: a transaction queued
+    behind a window close (the publisher's ``outbox_done``) failed on the full disk, and its
+    rollback restored the in-memory state it had copied BEFORE it got the lock, undoing what
+    the close had just done to the outbox (then a drop: ``next_seq`` one ahead again, the
+    carried receipt gone, so the next aggregate skipped a seq). Right: a rollback restores
+    only what its own transaction changed. Here, on a nearly full disk the outbox bound is 0,
+    so the close merges the never-sent seqs 1 and 2 into seq 1 (a full disk merges, never
+    drops: see the next test); then ``outbox_done`` fails on the full disk. A stale rollback
+    would undo that merge in memory (``merges`` 0) while the database holds it; the seqs stay
+    contiguous and every count is kept.
     Real SQLite on a real 4 MiB tmpfs; default ``outbox_max_bytes``, k 1."""
     (default_bound,) = (f.default for f in msgspec.structs.fields(EdgeConfig) if f.name == "outbox_max_bytes")
     async with make(small_disk / "t.db", k=1, outbox_max_bytes=default_bound) as buf:
