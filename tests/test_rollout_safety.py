@@ -2,20 +2,23 @@
 replaced by the previous one by the node itself (even offline), blocked, and reported.
 
 The logic is driven with a real ModelManager (real bundles, real ORT) and injected inference
-counters and clock; the last test runs a real EdgeNode on a real server."""
+counters and clock; the real-node tests run a real EdgeNode on a real server."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-import anyio
 import pytest
+from _transformer import make_transformer_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_config
 from _models import make_bundle
-from _nats import read_stored, wait_until
+from _nats import model_of, read_stored, wait_until
+from slmops.cloud.registry import Registry
+from slmops.edge.inference import InferenceFailed
 from slmops.edge.models import ModelManager
 from slmops.edge.node import EdgeNode
 from slmops.edge.safety import Counters, SafetyLimits, SafetyMonitor
@@ -261,48 +264,91 @@ async def test_by_default_latency_measured_in_another_period_abandons_nothing(
 
 
 @pytest.mark.anyio
+async def test_a_real_node_with_default_limits_rolls_back_an_erring_version_on_its_own(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """``test_real_edge_node_rolls_back_on_its_own_and_reports_it`` with the DEFAULT
+    ``SafetyLimits`` (1 s intervals, 50 samples, error rate 0.05; no latency limit): a real
+    node swaps to a signed v2 that passes its smoke tests but gives a non-finite output for
+    one word; with one request in five failing, the node goes back to v1 by itself, blocks v2
+    and publishes a ``rollback``."""
+    keys = Keys(tmp_path / "keys")
+    name = model_of(fleet)
+    v1 = make_transformer_bundle(tmp_path / "v1", keys.key, version=1, name=name)
+    v2 = make_transformer_bundle(tmp_path / "v2", keys.key, version=2, name=name, nan_word="nanword")
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=v1.path)
+    assert cfg.safety == SafetyLimits()
+    async with EdgeNode(cfg) as node:
+        await node.link.wait_online()
+        await node.models.install(v2.path, source="test")
+
+        async def serving_v1_again() -> bool:
+            await _traffic(node)
+            current = node.models.current
+            return current is not None and current.ref.version == 1
+
+        await wait_until(serving_v1_again, timeout=60, what="rolled back to v1")
+        assert node.safety.statistics().blocked == (f"{name}/2",)
+        await wait_until(lambda: _any_rollback(js, fleet), timeout=30, what="rollback status")
+
+
+async def _traffic(node: EdgeNode) -> None:
+    """Five requests, one of them failing on a version built with ``nan_word="nanword"``."""
+    await node.predict(["alpha words"] * 4)
+    with contextlib.suppress(InferenceFailed):
+        await node.predict(["a nanword here"])
+
+
+@pytest.mark.anyio
 async def test_a_real_node_never_falls_back_onto_a_version_the_cloud_rolled_back(
     nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
 ) -> None:
     """The cloud assigns v2, then moves the node back to v1 (what a rolled-back rollout's
-    cleanup writes). The node then runs v1 with v2 as its "previous". With v1 over the node's
-    limits (an absolute latency limit below any real latency; the default error limit acts
-    the same way) old code rolled back onto v2 — the version the cloud had just rolled back
-    — and blocked v1, so it stayed on v2 for good. Now v2 is withdrawn: the node stays on v1,
-    and remembers it across a restart; an assignment naming v2 again lifts that."""
+    cleanup writes). The node then runs v1 with v2 as its "previous", and v1 breaches the
+    default limits (one request in five fails: a non-finite output for one word). Old code
+    rolled back onto v2 — the version the cloud had just rolled back — and blocked v1, so it
+    stayed on v2 for good. Now v2 is withdrawn: the node does not watch v1 against it and stays
+    on v1 past the samples a judgement needs, and remembers it across a restart; an
+    assignment naming v2 again lifts that. Default ``SafetyLimits``."""
     keys = Keys(tmp_path / "keys")
-    registry, (v1, _) = await keys.registry(js, fleet, 1, 2)
-    model = v1.manifest.name
-    limits = SafetyLimits(min_samples=20, max_latency_ms=1e-6, interval=0.05)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=str(v1.path), safety=limits)
+    model = model_of(fleet)
+    registry = Registry(js)
+    trust = TrustStore([keys.key.public_key()])
+    v1 = make_transformer_bundle(tmp_path / "v1", keys.key, version=1, name=model, nan_word="nanword")
+    for b in (v1, make_transformer_bundle(tmp_path / "v2", keys.key, version=2, name=model)):
+        await registry.push(b, trust)
+    await registry.assign(fleet, 1, model=model)
+    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=str(v1.path))
+    limits = cfg.safety
+    assert limits == SafetyLimits()
 
     async def on(node: EdgeNode, version: int) -> bool:
-        await node.predict(["alpha words"] * 5)  # traffic, so the monitor has samples to judge
         current = node.models.current
         return current is not None and current.ref.version == version
 
     async with EdgeNode(cfg) as node:
         await node.link.wait_online()
         await registry.assign(fleet, 2, model=model)
-        # v2 itself is judged too after this install: run past its watch with no latency limit
-        node.safety.limits = SafetyLimits(min_samples=20, interval=0.05)
         await wait_until(lambda: on(node, 2), timeout=30, what="v2 installed")
-        node.safety.limits = limits
         await registry.assign(fleet, 1, model=model)  # the cloud rolls v2 back
         await wait_until(lambda: on(node, 1), timeout=30, what="v1 restored")
         previous = node.models.previous
         assert previous is not None
         assert previous.version == 2
         assert node.safety.statistics().withdrawn == (f"{model}/2",)
-        for _ in range(60):  # 3 s of traffic: 60 monitor intervals, 300+ samples over the limit
-            assert await on(node, 1), "the node fell back onto the version the cloud rolled back"
-            await anyio.sleep(0.05)
+        assert not node.safety.statistics().watching
+
+        async def judged() -> bool:  # v1 has the samples a watched version is judged on
+            await _traffic(node)
+            return node.safety.statistics().samples >= 2 * limits.min_samples
+
+        await wait_until(judged, timeout=60, what=f"{2 * limits.min_samples} samples of v1")
+        assert await on(node, 1), "the node fell back onto the version the cloud rolled back"
         assert node.safety.statistics().blocked == ()
     async with EdgeNode(cfg) as node:  # a restart remembers
         assert node.safety.is_withdrawn(previous)
         await node.link.wait_online()
         await registry.assign(fleet, 2, model=model)  # the cloud wants v2 again
-        node.safety.limits = SafetyLimits(min_samples=20, interval=0.05)
         await wait_until(lambda: on(node, 2), timeout=30, what="v2 installed again")
         assert node.safety.statistics().withdrawn == ()
 
