@@ -183,16 +183,18 @@ def fleet_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
 
 
 @asynccontextmanager
-async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+async def jetstream(url: str, *, provision: bool = True) -> AsyncIterator[JetStreamContext]:
     """A JetStream context on a fresh connection (failing fast with ``NatsUnavailable``), the
-    slmops resources provisioned if missing; drained on exit."""
+    slmops resources provisioned if missing unless ``provision`` is False (a read command
+    creates nothing: its reads take a missing resource as empty); drained on exit."""
     from slmops.shared.connect import connect_once
     from slmops.shared.provision import ensure_resources
 
     nc = await connect_once(url, timeout=5.0, name="slmops-cli")
     try:
         js = nc.jetstream()
-        await ensure_resources(js)
+        if provision:
+            await ensure_resources(js)
         yield js
     finally:
         with anyio.move_on_after(5, shield=True):

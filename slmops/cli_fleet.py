@@ -172,10 +172,8 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
 
 async def _overview(nc: NATS, url: str, fleet: str | None) -> dict[str, Any]:
     from slmops.cloud.ingest import overview as ov
-    from slmops.shared.provision import ensure_resources
 
-    js = nc.jetstream()
-    await ensure_resources(js)
+    js = nc.jetstream()  # a read: nothing is created (each read takes a missing resource as empty)
     views, now, clock = await ov.fleet_view(nc, fleet)
     holders = await ov.lease_holders(js)
     fleets: dict[str, dict[str, Any]] = {}

@@ -139,7 +139,7 @@ def status(nats_url: str, fleet: str | None, as_json: bool) -> None:
     from slmops.cloud.rollout import RolloutStore
 
     async def go() -> list[RolloutState]:
-        async with _jetstream(nats_url) as js:
+        async with _jetstream(nats_url, provision=False) as js:
             store = RolloutStore(js, url=nats_url)
             if fleet is not None:
                 got = await store.get(fleet)
@@ -167,7 +167,7 @@ def history(nats_url: str, fleet: str | None, as_json: bool) -> None:
     from slmops.cloud.rollout.history import rollout_history
 
     async def go() -> list[Any]:
-        async with _jetstream(nats_url) as js:
+        async with _jetstream(nats_url, provision=False) as js:
             return await rollout_history(js, fleet, url=nats_url)
 
     records = run(go) or []

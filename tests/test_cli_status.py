@@ -198,3 +198,29 @@ async def test_status_says_plainly_when_nats_is_unreachable() -> None:
     code, out, _ = await _cli("status", "--nats", url)
     assert code == 1
     assert "unreachable" in out
+
+
+async def test_read_commands_create_nothing_on_the_server(private_server: EmbeddedServer) -> None:
+    """`slmops status`, `fleet status`, `rollout status` and `rollout list` on a server slmops
+    never used: they answer (nothing there yet) and leave it as it was, no stream and no
+    bucket made. Old code: `status` provisioned every stream and bucket, and reading
+    rollouts created ``slmops_rollouts``."""
+    import nats
+
+    url = private_server.url
+    expected: list[tuple[tuple[str, ...], str]] = [
+        (("status", "--json"), '"fleets": {}'),
+        (("fleet", "status", "--json"), '"nodes": []'),
+        (("rollout", "status", "--json"), "[]"),
+        (("rollout", "list"), "no rollouts"),
+    ]
+    for args, says in expected:
+        code, out, err = await _cli(*args, "--nats", url)
+        assert code == 0, (args, err)
+        assert says in out, (args, out)
+    nc = await nats.connect(url)
+    try:
+        made = [s.config.name for s in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
+    assert made == []

@@ -12,7 +12,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from slmops.shared.errors import JetStreamRefused, NatsUnavailable
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.messages import RolloutEvent, decode_json
 from slmops.shared.names import ROLLOUT_ALL, ROLLOUT_STREAM, rollout_subject
@@ -50,10 +50,14 @@ async def rollout_history(
     ``NatsUnavailable`` when the stream cannot be read."""
     subject = rollout_subject(fleet) if fleet else ROLLOUT_ALL
     records: dict[str, RolloutRecord] = {}
+    try:
+        with nats_errors("stream", ROLLOUT_STREAM, url):
+            info = await js.stream_info(ROLLOUT_STREAM)
+    except NotFound:  # never provisioned: no rollout was ever started
+        return []
+    if not info.state.messages:
+        return []
     with nats_errors("stream", ROLLOUT_STREAM, url):
-        info = await js.stream_info(ROLLOUT_STREAM)
-        if not info.state.messages:
-            return []
         config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
         sub = await js.subscribe(subject, stream=ROLLOUT_STREAM, ordered_consumer=True, config=config)
     try:

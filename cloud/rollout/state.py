@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 from slmops.cloud.config import RolloutConfig
 from slmops.cloud.errors import CloudError
 from slmops.shared import names
-from slmops.shared.errors import WrongLastSequence
+from slmops.shared.errors import NotFound, WrongLastSequence
 from slmops.shared.jetstream import ensure_kv, nats_errors
 from slmops.shared.kv import kv_get, kv_keys
 from slmops.shared.messages import Assignment, RolloutEvent
@@ -140,17 +140,30 @@ class RolloutStore:
         self._kv: KeyValue | None = None
 
     async def bucket(self) -> KeyValue:
-        """The bucket, created on first use if missing (safe from several processes)."""
+        """The bucket, created on first use if missing (safe from several processes). Only
+        writes call this: a read of a missing bucket finds no rollouts and creates nothing."""
         if self._kv is None:
             with nats_errors("kv bucket", ROLLOUTS_BUCKET, self._url), anyio.fail_after(self._timeout):
                 self._kv = await ensure_kv(self._js, ROLLOUTS_BUCKET, history=10)
         return self._kv
 
+    async def _existing(self) -> KeyValue | None:
+        """The bucket if it exists (None: no rollout was ever written)."""
+        if self._kv is None:
+            try:
+                with nats_errors("kv bucket", ROLLOUTS_BUCKET, self._url), anyio.fail_after(self._timeout):
+                    self._kv = await self._js.key_value(ROLLOUTS_BUCKET)
+            except NotFound:
+                return None
+        return self._kv
+
     async def get(self, fleet: str) -> tuple[RolloutState, int] | None:
         """The fleet's rollout and its revision, or None. A value that does not decode is
         logged and treated as absent (it is overwritten by the next rollout)."""
-        kv = await self.bucket()
         key = validate_id(fleet, "fleet")
+        kv = await self._existing()
+        if kv is None:
+            return None
         entry = await kv_get(kv, key, self._url, kind="rollout", timeout=self._timeout)
         if entry is None:  # also a deleted key
             return None
@@ -162,9 +175,11 @@ class RolloutStore:
 
     async def fleets(self) -> list[str]:
         """Fleets with a rollout key (a deleted one included: ``get`` returns None for it)."""
-        await self.bucket()
-        with nats_errors("kv bucket", ROLLOUTS_BUCKET, self._url), anyio.fail_after(self._timeout):
-            keys = await kv_keys(self._js, ROLLOUTS_BUCKET)
+        try:
+            with nats_errors("kv bucket", ROLLOUTS_BUCKET, self._url), anyio.fail_after(self._timeout):
+                keys = await kv_keys(self._js, ROLLOUTS_BUCKET)
+        except NotFound:  # no bucket: no rollout was ever written
+            return []
         return sorted(keys)
 
     async def all(self) -> list[tuple[RolloutState, int]]:
