@@ -107,6 +107,7 @@ class EdgeConfig(Config, kw_only=True):
         "nats_url": "--nats",
         "outbox_max_bytes": "--outbox-max",
         "intra_op_threads": "--threads",
+        "memory_mb": "--memory-mb",
     }
 
     fleet: str
@@ -118,6 +119,13 @@ class EdgeConfig(Config, kw_only=True):
     model: str | None = None
     #: Further bundle directories served beside ``model`` (one per model name; issue 11).
     models: list[str] = msgspec.field(default_factory=list)
+    #: A device profile file (``deploy/profiles/*.toml``, ``shared.profiles``): the node
+    #: reports its name in ``NodeStatus.device.profile`` (the cloud assigns the variant made
+    #: for it) and its ``memory_mb`` as the device's memory, unless ``memory_mb`` is set.
+    profile: str | None = None
+    #: Memory (MB) the served models' ``min_memory_mb`` must fit in together; None = the
+    #: profile's ``memory_mb``, else this machine's physical memory; 0 = not checked.
+    memory_mb: int | None = None
     #: Public key files (PEM) whose bundle signatures this node accepts.
     trust: list[str] = msgspec.field(default_factory=list)
     #: ``HOST:PORT`` of the local HTTP API, or None (or "off") for no HTTP API.
@@ -230,6 +238,8 @@ class EdgeConfig(Config, kw_only=True):
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
         if self.outbox_max_bytes < 1024:
             raise ValueError(f"outbox_max_bytes must be >= 1024, got {self.outbox_max_bytes!r}")
+        if self.memory_mb is not None and self.memory_mb < 0:
+            raise ValueError(f"memory_mb must be >= 0 (0 = not checked), got {self.memory_mb!r}")
         if self.dp_epsilon is not None and not self.dp_epsilon > 0:
             raise ValueError(f"dp_epsilon must be > 0 (or unset), got {self.dp_epsilon!r}")
         if self.dp_budget is not None and not self.dp_budget > 0:

@@ -95,8 +95,9 @@ class ModelManager:
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.trust = trust
-        #: Device memory (MB) a bundle's ``min_memory_mb`` is checked against; None at
-        #: construction means this machine's physical memory; 0 = unknown, no check.
+        #: Device memory (MB) the served models' ``min_memory_mb`` must fit in *together*
+        #: (``memory_check``); None at construction means this machine's physical memory;
+        #: 0 = unknown, no check.
         self.memory_mb = device_profile(self.cache_dir).memory_mb if memory_mb is None else memory_mb
         self._register = register
         self._threads = intra_op_threads
@@ -161,7 +162,7 @@ class ModelManager:
                 if not name:
                     continue
                 try:
-                    active = await self._load(self.cache_dir / name)
+                    active = await self._load(self.cache_dir / name, check_memory=True)
                 except BundleError as exc:
                     log.error("cached_model_rejected", role=role, dir=name, code=exc.code, reason=exc.reason)
                     continue
@@ -217,6 +218,32 @@ class ModelManager:
                     return p
         return None
 
+    def memory_check(self, name: str, need_mb: int) -> str | None:
+        """Why a bundle of model ``name`` needing ``need_mb`` MB (its ``min_memory_mb``) does
+        not fit beside the other served models, or None when it fits. The models served
+        together must fit in ``memory_mb`` *summed* (a new version of ``name`` replaces that
+        model's share). The sum over-counts: each ``min_memory_mb`` is the peak RSS of a
+        process serving that bundle alone (``shared.variants``), interpreter and ORT
+        included, so two models share one interpreter this sum counts twice; it errs on
+        the side of refusing."""
+        if self.memory_mb <= 0:
+            return None
+        others = {
+            n: s.current.manifest.min_memory_mb
+            for n, s in self._slots.items()
+            if n != name and s.current.manifest.min_memory_mb > 0
+        }
+        total = need_mb + sum(others.values())
+        if total <= self.memory_mb:
+            return None
+        if not others:
+            return f"needs {need_mb} MB of memory, this device has {self.memory_mb} MB"
+        beside = ", ".join(f"{n} {mb} MB" for n, mb in others.items())
+        return (
+            f"needs {need_mb} MB of memory beside the models served with it ({beside}): "
+            f"{total} MB in all, over this device's {self.memory_mb} MB"
+        )
+
     # -- install ----------------------------------------------------------------------------
 
     async def install(self, bundle_dir: Path, *, source: str) -> ModelRef:
@@ -230,6 +257,9 @@ class ModelManager:
             if cur is not None and cur.ref == ref:
                 log.info("model_already_current", model=ref.name, version=ref.version, source=source)
                 return ref
+            over = self.memory_check(ref.name, bundle.manifest.min_memory_mb)
+            if over is not None:
+                raise BundleError(str(bundle.path), over, BundleCode.TOO_LARGE)
             session = await self._session(bundle)
             try:
                 path = await anyio.to_thread.run_sync(self._copy_into_cache, bundle)
@@ -277,8 +307,12 @@ class ModelManager:
             )
         )
 
-    async def _load(self, path: Path) -> ActiveModel:
+    async def _load(self, path: Path, *, check_memory: bool = False) -> ActiveModel:
         bundle = read_bundle(path)
+        m = bundle.manifest
+        over = self.memory_check(m.name, m.min_memory_mb) if check_memory else None
+        if over is not None:
+            raise BundleError(str(path), over, BundleCode.TOO_LARGE)
         session = await self._session(bundle)
         model_id = await self._register(bundle.manifest)
         return ActiveModel(session=session, manifest=bundle.manifest, path=path, model_id=model_id)

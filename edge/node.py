@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -66,8 +67,9 @@ from slmops.shared.backoff import Backoff
 from slmops.shared.bundle import TrustStore, read_bundle
 from slmops.shared.connect import ConnectFactory, Link, connect_attempt
 from slmops.shared.errors import BundleError
-from slmops.shared.messages import ModelManifest, ModelRef, NodeStatus
+from slmops.shared.messages import DeviceProfile, ModelManifest, ModelRef, NodeStatus
 from slmops.shared.names import status_subject, telemetry_subject
+from slmops.shared.profiles import ProfileSpec, load_profile
 from slmops.shared.vocabulary import NodeEvent
 
 __all__ = ["EdgeNode", "NodeCounters", "PredictionOut", "Texts"]
@@ -152,6 +154,12 @@ class EdgeNode:
         clock: Callable[[], float] = time.time,
         connect: ConnectFactory = connect_attempt,
     ) -> None:
+        # First: a bad profile file fails the node before anything is made.
+        #: The device profile this node runs as (``config.profile``; ConfigError naming the
+        #: file and key when it is bad), None when none is configured.
+        self.profile: ProfileSpec | None = (
+            None if config.profile is None else load_profile(Path(config.profile))
+        )
         self.config = config
         self._clock = clock
         self.log = structlog.get_logger("edge").bind(fleet=config.fleet, node=config.node)
@@ -168,11 +176,15 @@ class EdgeNode:
             commit_interval=config.group_commit_interval,
             clock=clock,
         )
+        memory = config.memory_mb
+        if memory is None and self.profile is not None:
+            memory = self.profile.memory_mb
         self.models = ModelManager(
             config.data_path / "models",
             TrustStore.from_files(config.trust_paths),
             register=self._register_model,
             intra_op_threads=config.intra_op_threads,
+            memory_mb=memory,
         )
         self.link = Link(
             config.nats_url,
@@ -400,6 +412,8 @@ class EdgeNode:
             if not isinstance(model, str):
                 raise InvalidInput("model", f"must be a string, got {type(model).__name__}")
             active = self.models.get(model)
+            if active is None and model in self.models.withdrawn:
+                return model  # the batcher answers NoModel with the reason (withdrawn, unassigned)
             if active is None:
                 raise InvalidInput(
                     "model", f"{model[:64]!r} is not served here (models: {self.models.names})"
@@ -590,7 +604,7 @@ class EdgeNode:
             quarantined=list(self.buffer.quarantined),
             time=datetime.fromtimestamp(self._clock(), UTC),
             event=event,
-            device=device_profile(self.config.data_path),
+            device=self._device(),
             model=None if active is None else active.ref,
             models=[m.ref for m in self.models.all()],
             previous_model=self.models.previous,
@@ -604,6 +618,17 @@ class EdgeNode:
             last_error=self.last_error or self.publisher.last_error,
         )
         return msgspec.structs.replace(status, **fields) if fields else status
+
+    def _device(self) -> DeviceProfile:
+        """What this device is (``edge.status.device_profile``), with the configured profile's
+        name and the memory the node holds its models to (what the cloud chooses by)."""
+        device = device_profile(self.config.data_path)
+        changes: dict[str, Any] = {}
+        if self.profile is not None:
+            changes["profile"] = self.profile.name
+        if self.models.memory_mb != device.memory_mb:
+            changes["memory_mb"] = self.models.memory_mb
+        return msgspec.structs.replace(device, **changes) if changes else device
 
     async def report_status(self, event: str, **fields: Any) -> bool:
         """Publish a ``NodeStatus`` with ``event`` (and any NodeStatus ``fields``, e.g.

@@ -1,12 +1,14 @@
 """The node follows its model assignment (docs/architecture.md §6, §9).
 
-While online it watches its own key and the fleet-wide key of KV ``slmops_assignments`` (one
-consumer per key, named for the node and made through the filtered-subject API form,
-``_watch``) and reads them by direct gets by subject (``shared.kv.kv_get_direct``); on every
-(re)connect, at start and every ``poll_interval`` it re-reads both, because a watch can miss
+While online it watches its own key and the fleet-wide key of KV ``slmops_assignments``, and
+the per-model keys under each (``<key>.<model>``, models served side by side) — four consumers
+(``WATCHES``), named for the node and made through the filtered-subject API form, ``_watch`` —
+and reads the keys by direct gets by subject (``shared.kv.kv_get_direct``); on every
+(re)connect, at start and every ``poll_interval`` it re-reads them, because a watch can miss
 updates (a watcher took 10-20 s to recover after a server restart here), and a watch the
 server refuses (its consumer bound reached) leaves the node polling. The node's own key
-overrides the fleet-wide one.
+overrides the fleet-wide one. A model whose per-model keys were all deleted is unloaded
+(``_remove``); a per-model key holding a bad value unloads nothing.
 
 A wanted version that is not current is fetched file by file. The node reads only the
 bundle's small index (``BundleIndex``: memory, requirements, the manifest's sha256) and refuses
@@ -84,7 +86,7 @@ from slmops.shared.objects import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.shared.variants import choose_variant
 from slmops.shared.vocabulary import RETRYABLE_CODES, BundleCode, NodeEvent
 
-__all__ = ["RETRYABLE", "RefreshStatistics", "Refresher", "watch_config"]
+__all__ = ["RETRYABLE", "WATCHES", "RefreshStatistics", "Refresher", "watch_config"]
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +116,8 @@ class _Counters:
     installs: int = 0
     rejections: int = 0
     download_failures: int = 0
+    #: Models unloaded because their per-model assignment keys were deleted.
+    removals: int = 0
     #: Checks that found the assigned version on the node's block list (``edge.safety``).
     blocked_skips: int = 0
     bytes_downloaded: int = 0
@@ -141,22 +145,29 @@ class RefreshStatistics:
     last: RefreshResult | None
     #: ``model/version/variant`` → the code it was refused with (a copy).
     rejected: Mapping[str, str]
+    #: Models unloaded because their per-model assignment keys were deleted.
+    removals: int = 0
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def watch_config(fleet: str, node: str, *, own: bool) -> ConsumerConfig:
+#: The node's four assignment watches: (own, models) — its own key, its fleet's key, and the
+#: per-model keys under each (models side by side).
+WATCHES = ((True, False), (False, False), (True, True), (False, True))
+
+
+def watch_config(fleet: str, node: str, *, own: bool, models: bool = False) -> ConsumerConfig:
     """The consumer a node's assignment watch asks for (``Refresher._watch``): named
-    ``names.watch_consumer``, one filter (its own key, or its fleet's), headers only to
-    ``names.watch_inbox``, new values only, in memory, gone ``_WATCH_INACTIVE`` s after its
-    node left. The same every time, so a restarted node gets the consumer it had."""
-    key = names.assignment_key(fleet, node if own else None)
+    ``names.watch_consumer``, one filter (``names.watch_filter``: its own key or its fleet's,
+    or with ``models`` the per-model keys under it), headers only to ``names.watch_inbox``,
+    new values only, in memory, gone ``_WATCH_INACTIVE`` s after its node left. The same
+    every time, so a restarted node gets the consumer it had."""
     config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE, headers_only=True)
-    config.name = names.watch_consumer(fleet, node, own=own)
-    config.filter_subject = f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}"
-    config.deliver_subject = names.watch_inbox(node, own=own)
+    config.name = names.watch_consumer(fleet, node, own=own, models=models)
+    config.filter_subject = names.watch_filter(fleet, node, own=own, models=models)
+    config.deliver_subject = names.watch_inbox(node, own=own, models=models)
     config.inactive_threshold, config.mem_storage, config.num_replicas = _WATCH_INACTIVE, True, 1
     return config
 
@@ -204,6 +215,9 @@ class Refresher:
         #: The download cut short by cancellation (link lost): reported at the next attempt.
         self._interrupted: tuple[ModelRef, str] | None = None
         self.stats = _Counters()
+        self._checking = anyio.Lock()
+        #: Keys whose value did not decode in the current check (``_read``).
+        self._invalid: set[str] = set()
 
     def statistics(self) -> RefreshStatistics:
         """A frozen snapshot of the counters (changing it changes nothing here)."""
@@ -219,6 +233,7 @@ class Refresher:
             bytes_reused=c.bytes_reused,
             last=c.last,
             rejected=MappingProxyType(dict(c.rejected)),
+            removals=c.removals,
         )
 
     # -- the service ------------------------------------------------------------------------
@@ -260,8 +275,8 @@ class Refresher:
 
                 tg.start_soon(stop_when_offline)
                 # Watch before the first read, so nothing written in between is missed.
-                for own in (True, False):
-                    watcher = await self._watch(js, own=own)
+                for own, models in WATCHES:
+                    watcher = await self._watch(js, own=own, models=models)
                     if watcher is not None:
                         watchers.append(watcher)
                 while True:
@@ -281,8 +296,9 @@ class Refresher:
                     except _NATS_ERRORS as exc:  # offline: the server drops it on its own
                         log.debug("watcher_stop_failed", error=repr(exc))
 
-    async def _watch(self, js: JetStreamContext, *, own: bool) -> Any | None:
-        """A wake-up on every new value of the node's own key (``own``) or its fleet's key: a
+    async def _watch(self, js: JetStreamContext, *, own: bool, models: bool = False) -> Any | None:
+        """A wake-up on every new value (a deletion included) of the node's own key (``own``)
+        or its fleet's key, or with ``models`` of any per-model key under it: a
         push consumer named ``names.watch_consumer`` created through the filtered-subject API
         form (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``, the only consumer creation
         node credentials allow: these two names, their one filter each; issue 13 fault 11),
@@ -292,8 +308,8 @@ class Refresher:
         when the server refuses the watch (consumer bound reached, a differing consumer of
         that name): the node then polls."""
         nc = self._link.nc
-        inbox = names.watch_inbox(self._node, own=own)
-        key = self._node_key if own else self._fleet_key
+        inbox = names.watch_inbox(self._node, own=own, models=models)
+        key = (self._node_key if own else self._fleet_key) + (".>" if models else "")
 
         async def wake(_msg: Any) -> None:
             if self._wake is not None:
@@ -302,7 +318,7 @@ class Refresher:
         with nats_errors("kv watch", key, self._link.url):
             sub = await nc.subscribe(inbox, cb=wake)
         try:
-            config = watch_config(self._fleet, self._node, own=own)
+            config = watch_config(self._fleet, self._node, own=own, models=models)
             await self._op(js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", config), "kv watch", key)
         except JetStreamRefused as exc:
             await self._unsubscribe(sub, key)
@@ -339,10 +355,18 @@ class Refresher:
 
     async def _check(self, js: JetStreamContext) -> RefreshResult | None:
         """Follow every assignment (``_assignments``) once. Returns the first outcome worth a
-        quick retry, else the last outcome, else None."""
+        quick retry, else the last outcome, else None. One check at a time (``check`` may be
+        called while the service's own runs): two would download into the same partial file."""
+        async with self._checking:
+            return await self._check_locked(js)
+
+    async def _check_locked(self, js: JetStreamContext) -> RefreshResult | None:
         self.stats.checks += 1
         outcome: RefreshResult | None = None
-        for assignment in await self._assignments(js):
+        assignments, unassigned = await self._assignments(js)
+        for model in unassigned:
+            await self._remove(model)
+        for assignment in assignments:
             result = await self._follow(js, assignment)
             if result is None:
                 continue
@@ -350,20 +374,35 @@ class Refresher:
                 outcome = result
         return outcome
 
-    async def _assignments(self, js: JetStreamContext) -> list[Assignment]:
-        """What the node should run, one assignment per model name, default model first.
+    async def _remove(self, model: str) -> None:
+        """Stop serving ``model``, whose per-model keys were all deleted (it was assigned
+        side by side and is no longer): unloaded and dropped from the cache, reported."""
+        if self.models.get(model) is None:
+            return
+        why = f"model {model!r} is no longer assigned to this node (its assignment keys were deleted)"
+        if await self.models.withdraw(model, why):
+            self.stats.removals += 1
+            log.warning("model_unassigned", model=model)
+            await self._report(NodeEvent.MODEL_REMOVED, last_error=why)
+
+    async def _assignments(self, js: JetStreamContext) -> tuple[list[Assignment], list[str]]:
+        """What the node should run, one assignment per model name, default model first;
+        and the models whose per-model keys all exist only as deletions (no longer assigned:
+        ``_remove``), unless a legacy key names them.
 
         The legacy keys (``<fleet>.<node>``, else ``<fleet>._fleet``) name the default model,
         as for a single-model node. Per-model keys (``names.assignment_key(..., model=)``)
         assign models side by side; for one model name the node's own per-model key wins,
         then its legacy key (if it names that model), then the fleet's per-model key, then
         the fleet's legacy key. Per-model keys are found by listing the key names
-        (``shared.kv.kv_keys``) at each check (each poll, wake-up and reconnect): they have
-        no watch of their own (the node's two watches are its legacy keys)."""
+        (``shared.kv.kv_keys``) at each check (each poll, wake-up of any of the four watches,
+        and reconnect)."""
+        self._invalid.clear()
         own = await self._read(js, self._node_key)
         fleet_wide = await self._read(js, self._fleet_key)
         legacy = own or fleet_wide
         found: dict[str, Assignment] = {} if legacy is None else {legacy.model: legacy}
+        gone: list[str] = []
         for model, (has_own, has_fleet) in (await self._model_keys(js)).items():
             a = (
                 await self._read(js, names.assignment_key(self._fleet, self._node, model))
@@ -375,12 +414,15 @@ class Refresher:
             if a is None and has_fleet:
                 a = await self._read(js, names.assignment_key(self._fleet, None, model))
             if a is None:
+                keys = {names.assignment_key(self._fleet, n, model) for n in (self._node, None)}
+                if not keys & self._invalid:  # deleted, not merely a bad write
+                    gone.append(model)
                 continue
             if a.model != model:
                 log.error("assignment_misfiled", key_model=model, model=a.model, note="ignored")
                 continue
             found[model] = a
-        return list(found.values())
+        return list(found.values()), [m for m in gone if m not in found]
 
     async def _model_keys(self, js: JetStreamContext) -> dict[str, tuple[bool, bool]]:
         """Model names with a per-model key: ``{model: (node's own key exists, fleet's key
@@ -489,8 +531,10 @@ class Refresher:
             if a.version < 1:
                 raise ValueError(f"version must be >= 1, got {a.version!r}")
         except (msgspec.DecodeError, ValueError, TypeError) as exc:
-            # Someone else's bad write must not stop the node following later good ones.
+            # Someone else's bad write must not stop the node following later good ones,
+            # nor unload what the key assigned before (``_assignments``).
             log.error("assignment_invalid", key=key, error=str(exc))
+            self._invalid.add(key)
             return None
         return a
 
@@ -569,13 +613,9 @@ class Refresher:
                 f"this runtime cannot run it: needs {', '.join(missing)} (not downloaded)",
                 BundleCode.INCOMPATIBLE,
             )
-        memory = self.models.memory_mb
-        if memory > 0 and index.min_memory_mb > memory:
-            raise BundleError(
-                where,
-                f"needs {index.min_memory_mb} MB of memory, this device has {memory} MB (not downloaded)",
-                BundleCode.TOO_LARGE,
-            )
+        over = self.models.memory_check(ref.name, index.min_memory_mb)
+        if over is not None:
+            raise BundleError(where, f"{over} (not downloaded)", BundleCode.TOO_LARGE)
 
     async def _fetch_and_install(self, js: JetStreamContext, ref: ModelRef) -> None:
         where = f"{ref.name}/{ref.version}/{ref.variant}"

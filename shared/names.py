@@ -182,19 +182,33 @@ def msg_id(node: str, seq: int, fleet: str | None = None, install: str = "") -> 
     return f"{fleet}/{node}/{install}:{seq}" if install else f"{fleet}/{node}:{seq}"
 
 
-def watch_consumer(fleet: str, node: str, *, own: bool) -> str:
-    """The name of node ``node``'s consumer watching its own assignment key (``own``) or its
-    fleet's key, on ``KV_slmops_assignments``: ``w~<fleet>~<node>~own|fleet``. Node
-    credentials may create exactly these two consumers (deploy/nats), so one node holds at
-    most two there (issue 13 fault 11); ``~`` is in no id, so two fleets' names never meet."""
-    return f"w~{validate_id(fleet, 'fleet')}~{validate_id(node, 'node')}~{'own' if own else 'fleet'}"
+def _watch_kind(own: bool, models: bool) -> str:
+    return ("own" if own else "fleet") + ("-models" if models else "")
 
 
-def watch_inbox(node: str, *, own: bool) -> str:
+def watch_consumer(fleet: str, node: str, *, own: bool, models: bool = False) -> str:
+    """The name of node ``node``'s consumer watching, on ``KV_slmops_assignments``, its own
+    assignment key (``own``) or its fleet's key, or with ``models`` the per-model keys under
+    it (``<key>.>``, models served side by side, issue 11):
+    ``w~<fleet>~<node>~own|fleet|own-models|fleet-models``. Node credentials may create
+    exactly these four consumers (deploy/nats), so one node holds at most four there (issue
+    13 fault 11); ``~`` is in no id, so two fleets' names never meet."""
+    kind = _watch_kind(own, models)
+    return f"w~{validate_id(fleet, 'fleet')}~{validate_id(node, 'node')}~{kind}"
+
+
+def watch_filter(fleet: str, node: str, *, own: bool, models: bool = False) -> str:
+    """The one subject the watch ``watch_consumer`` filters on: the key's KV subject, or with
+    ``models`` every per-model key under it (``$KV.<bucket>.<key>.>``)."""
+    key = assignment_key(fleet, validate_id(node, "node") if own else None)
+    return f"$KV.{ASSIGNMENTS_BUCKET}.{key}" + (".>" if models else "")
+
+
+def watch_inbox(node: str, *, own: bool, models: bool = False) -> str:
     """The fixed subject the watch ``watch_consumer`` delivers to, under the node's inbox
     prefix: a restarted node re-creates its watch with the same config (so the server keeps
     the one it has) and listens there again."""
-    return f"{inbox_prefix(node)}.watch.{'own' if own else 'fleet'}"
+    return f"{inbox_prefix(node)}.watch.{_watch_kind(own, models)}"
 
 
 def inbox_prefix(node: str | None) -> str:

@@ -62,6 +62,8 @@ class NodeEvent(StrEnum):
     MODEL_REJECTED = "model_rejected"
     ROLLBACK = "rollback"
     SHUTDOWN = "shutdown"
+    #: A model served side by side was unloaded: its per-model assignment keys were deleted.
+    MODEL_REMOVED = "model_removed"
 
 
 class RolloutStatus(StrEnum):

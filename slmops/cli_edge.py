@@ -68,6 +68,20 @@ if TYPE_CHECKING:
 )
 @click.option("--threads", default=1, show_default=True, type=int, help="ORT intra-op threads.")
 @click.option(
+    "--profile",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Device profile file (deploy/profiles/*.toml): its name is reported to the cloud, which "
+    "assigns the variant made for it, and its memory_mb bounds the models served together.",
+)
+@click.option(
+    "--memory-mb",
+    default=None,
+    type=int,
+    help="Memory (MB) the served models' needs must fit in together [default: the profile's, "
+    "else this machine's; 0 = not checked].",
+)
+@click.option(
     "--outbox-max",
     default="16MiB",
     show_default=True,
@@ -96,6 +110,8 @@ def edge(
     max_batch: int,
     max_batch_wait: str,
     threads: int,
+    profile: Path | None,
+    memory_mb: int | None,
     outbox_max: str,
     dp_epsilon: float | None,
     dp_budget: float | None,
@@ -129,6 +145,8 @@ def edge(
         "max_batch": max_batch,
         "max_batch_wait": max_batch_wait,
         "intra_op_threads": threads,
+        "profile": None if profile is None else str(profile),
+        "memory_mb": memory_mb,
         "outbox_max_bytes": outbox_max,
         "dp_epsilon": dp_epsilon,
         "dp_budget": dp_budget,

@@ -228,6 +228,7 @@ def make_transformer_bundle(
     extra_data: int = 0,
     notes: str = "",
     out_of_scope: OutOfScopeSpec | None = None,
+    min_memory_mb: int = 0,
 ) -> Bundle:
     """A signed tokenizer bundle: ``encoder.onnx`` + ``head.onnx`` + ``tokenizer.json``
     (classification), or one ``model.onnx`` (``single_file`` classifier or ``task`` embedding).
@@ -272,6 +273,7 @@ def make_transformer_bundle(
         output=output,
         output_kind=kind,
         notes=notes,
+        min_memory_mb=min_memory_mb,
     )
     unsigned = write_bundle(out, files, manifest, key)
     session = load_session(unsigned)

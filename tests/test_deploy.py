@@ -37,7 +37,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from _nats import free_port, wait_until
-from slmops.edge.refresh import watch_config
+from slmops.edge.refresh import WATCHES, watch_config
 from slmops.shared import names
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
@@ -420,9 +420,15 @@ async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_fi
             with pytest.raises(nats.errors.TimeoutError):
                 await js.add_consumer(target_stream, config)
             await client.wait_error(needle)
-        for own in (True, False):
-            made = await js.add_consumer(stream, _watch_config(NODE, own=own))
-            assert made.name == names.watch_consumer(FLEET, NODE, own=own)
+        # The per-model watches (filter ``<key>.>``): allowed on its own keys only.
+        other_models = watch_config(FLEET, NODE, own=True, models=True)
+        other_models.filter_subject = names.watch_filter(FLEET, OTHER, own=True, models=True)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.add_consumer(stream, other_models)
+        await client.wait_error(f".$kv.{names.ASSIGNMENTS_BUCKET}.{FLEET}.{OTHER}.>")
+        for own, models in WATCHES:
+            made = await js.add_consumer(stream, watch_config(FLEET, NODE, own=own, models=models))
+            assert made.name == names.watch_consumer(FLEET, NODE, own=own, models=models)
         # Object store: chunk downloads only, through the same form (shared/objects.py).
         with pytest.raises(nats.errors.TimeoutError):
             await js.add_consumer(
@@ -433,7 +439,7 @@ async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_fi
         )
     async with _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _):
         made_names = {c.name for c in await cloud.jetstream().consumers_info(stream)}
-        assert made_names == {names.watch_consumer(FLEET, NODE, own=own) for own in (True, False)}
+        assert made_names == {names.watch_consumer(FLEET, NODE, own=o, models=m) for o, m in WATCHES}
         for target_stream in (names.TELEMETRY_STREAM, names.DRIFT_STREAM, "OBJ_slmops_models"):
             assert await cloud.jetstream().consumers_info(target_stream) == []
 
@@ -955,9 +961,9 @@ async def _exercise_edge(server: _Server, node: str, proc: subprocess.Popen[byte
         assert body["model"]["version"] == 1
         async with _connect(server.creds("cloud", CLOUD_PW)) as (nc, _):
             js = nc.jetstream()
-            # Its two named watches (issue 13 fault 11), nothing else on the bucket.
+            # Its four named watches (issue 13 fault 11), nothing else on the bucket.
             watches = {c.name for c in await js.consumers_info(f"KV_{names.ASSIGNMENTS_BUCKET}")}
-            assert watches == {names.watch_consumer(FLEET, node, own=own) for own in (True, False)}
+            assert watches == {names.watch_consumer(FLEET, node, own=o, models=m) for o, m in WATCHES}
             for subject in (names.telemetry_subject(FLEET, node), names.status_subject(FLEET, node)):
                 stream = names.TELEMETRY_STREAM if "telemetry" in subject else names.STATUS_STREAM
                 while True:

@@ -210,3 +210,75 @@ def test_a_single_model_cache_written_by_the_old_layout_still_loads(
         ]
 
     anyio.run(main)
+
+
+@pytest.mark.anyio
+async def test_models_served_together_must_fit_the_memory_budget_summed(
+    tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    """Issue 11: memory is checked over every model a node serves, not per bundle. With a
+    300 MB budget a 200 MB classifier and a 150 MB embedder each fit alone but not together:
+    the embedder is refused (``too_large``, naming the classifier and the sum) and the node
+    keeps serving; a new classifier version replaces the old one's share (250 MB fits); a
+    restart with a smaller budget loads only what fits."""
+    from slmops.shared.errors import BundleError
+
+    clf1 = make_transformer_bundle(tmp_path / "clf1", keys.key, name="clf", min_memory_mb=200)
+    clf2 = make_transformer_bundle(tmp_path / "clf2", keys.key, name="clf", version=2, min_memory_mb=250)
+    emb = make_transformer_bundle(tmp_path / "emb", keys.key, task="embedding", name="emb", min_memory_mb=150)
+    small = make_transformer_bundle(
+        tmp_path / "small", keys.key, task="embedding", name="e2", min_memory_mb=50
+    )
+    cfg = edge_config(tmp_path, keys, fleet=fleet, model=clf1.path, memory_mb=300)
+    async with EdgeNode(cfg) as node:
+        with pytest.raises(BundleError) as err:
+            await node.models.install(emb.path, source="test")
+        assert err.value.code == "too_large"
+        assert err.value.reason == (
+            "needs 150 MB of memory beside the models served with it (clf 200 MB): "
+            "350 MB in all, over this device's 300 MB"
+        )
+        assert node.models.names == ["clf"]
+        assert (await node.predict(["alpha"]))[0].model.name == "clf"
+        await node.models.install(clf2.path, source="test")  # 250 replaces 200: fits alone
+        await node.models.install(small.path, source="test")  # 250 + 50 = 300: fits
+        assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 2), ("e2", 1)]
+        assert node._snapshot("periodic").device.memory_mb == 300
+    # Restart with 280 MB: the default (250) loads, the second (50 more) is refused.
+    async with EdgeNode(edge_config(tmp_path, keys, fleet=fleet, memory_mb=280)) as node:
+        assert node.models.names == ["clf"]
+
+
+def test_a_node_reports_its_device_profile_and_holds_models_to_its_memory(
+    tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    """Issue 12: a node configured with a device profile reports its name in its status and
+    holds its models to the profile's memory; a bad profile file is a config error naming
+    the file and the key."""
+    from slmops.shared.errors import ConfigError
+
+    repo = Path(__file__).resolve().parents[1]
+    big = make_transformer_bundle(tmp_path / "big", keys.key, name="big", min_memory_mb=600)
+    clf = make_transformer_bundle(tmp_path / "clf", keys.key, name="clf", min_memory_mb=200)
+
+    async def main() -> None:
+        cfg = edge_config(
+            tmp_path, keys, fleet=fleet, model=clf.path, profile=str(repo / "deploy/profiles/till.toml")
+        )
+        async with EdgeNode(cfg) as node:
+            device = node._snapshot("periodic").device
+            assert (device.profile, device.memory_mb) == ("till", 512)
+            from slmops.shared.errors import BundleError
+
+            with pytest.raises(
+                BundleError, match=r"needs 600 MB of memory beside .* over this device's 512 MB"
+            ):
+                await node.models.install(big.path, source="test")
+
+    anyio.run(main)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        (repo / "deploy/profiles/till.toml").read_text().replace("memory_mb = 512", "memory_mb = -1")
+    )
+    with pytest.raises(ConfigError, match=r"bad\.toml.*memory_mb"):
+        EdgeNode(edge_config(tmp_path, keys, fleet=fleet, node="n2", profile=str(bad)))

@@ -24,6 +24,7 @@ from _proxy import TcpProxy
 from slmops.cloud.factory.build import build
 from slmops.cloud.registry import Registry
 from slmops.edge.config import EdgeConfig
+from slmops.edge.errors import NoModel
 from slmops.edge.node import EdgeNode
 from slmops.shared import names
 from slmops.shared.bundle import TrustStore, pack_archive, read_bundle
@@ -395,20 +396,15 @@ async def test_models_assigned_side_by_side_are_each_followed(
         await registry.assign(fleet, 1, model=clf)  # its watch wakes the node
         await wait_until(lambda: held() == [(clf, 1)], 20, what="the classifier served")
         await registry.assign(fleet, 1, model=emb, side_by_side=True)
-        # A per-model key has no watch: it is read at the next check (each poll, wake-up of
-        # the legacy keys' watches, reconnect); the test asks for that check now.
-        await node.refresher.check()
+        # The per-model keys have watches of their own: the node follows within seconds,
+        # not at its next poll (60 s).
+        await wait_until(lambda: held() == [(clf, 1), (emb, 1)], 20, what="the embedder by its watch")
         assert held() == [(clf, 1), (emb, 1)]  # the first installed is the default
         assert (await node.predict(["alpha"]))[0].model.name == clf
         assert (await node.embed(["alpha"])).model.name == emb
 
         await registry.assign(fleet, 2, model=emb, node="n1", side_by_side=True)
-        assert (await node.refresher.check()) == RefreshResult(
-            model=ModelRef(name=emb, version=2),
-            ok=True,
-            at=node.refresher.statistics().last.at,  # type: ignore[union-attr]
-        )
-        assert held() == [(clf, 1), (emb, 2)]
+        await wait_until(lambda: held() == [(clf, 1), (emb, 2)], 20, what="embedder v2 by its watch")
         await registry.assign(fleet, 2, model=clf, node="n1")
         await wait_until(lambda: held() == [(clf, 2), (emb, 2)], 20, what="classifier v2")
         assert (await node.predict(["alpha"]))[0].model.version == 2
@@ -424,6 +420,31 @@ async def test_models_assigned_side_by_side_are_each_followed(
         assert sorted((r.name, r.version) for r in installed) == [(clf, 1), (clf, 2), (emb, 1), (emb, 2)]
         last = statuses.of("n1", "model_installed")[-1]
         assert [(r.name, r.version) for r in last.models] == [(clf, 2), (emb, 2)]
+
+        # Hostile: a bad value on the node's own per-model key unloads nothing (the fleet's
+        # per-model key still names v1, but a bad write is not a deletion).
+        kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
+        checks = node.refresher.stats.checks
+        await kv.put(names.assignment_key(fleet, "n1", emb), b'{"model": 7')
+        await wait_until(
+            lambda: node.refresher.stats.checks > checks, 20, what="re-check after the bad write"
+        )
+        assert node.models.get(emb) is not None
+        # Deleting every per-model key of the embedder unloads it (woken by the watch).
+        await kv.delete(names.assignment_key(fleet, "n1", emb))
+        await kv.delete(names.assignment_key(fleet, None, emb))
+        await wait_until(lambda: held() == [(clf, 2)], 20, what="the embedder unloaded")
+        assert node.refresher.statistics().removals == 1
+        with pytest.raises(NoModel, match="no longer assigned to this node"):
+            await node.embed(["alpha"], emb)
+        await wait_until(lambda: bool(statuses.of("n1", "model_removed")), 10, what="model_removed status")
+        assert [(r.name, r.version) for r in statuses.of("n1", "model_removed")[-1].models] == [(clf, 2)]
+        # The classifier (named by the legacy key) stays; its cache keeps only its bundles.
+        cached = sorted(d.name for d in node.models.cache_dir.iterdir() if d.is_dir() and d.name[0] != ".")
+        assert all(d.startswith(clf) for d in cached), cached
+        # Assigned again, it comes back.
+        await registry.assign(fleet, 2, model=emb, side_by_side=True)
+        await wait_until(lambda: held() == [(clf, 2), (emb, 2)], 20, what="the embedder back")
 
 
 async def test_a_per_model_key_naming_another_model_is_ignored(

@@ -58,11 +58,13 @@ _BLOCK = """\
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}.{node}.>",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet.>",
-        # Watches of its two keys: two consumers, each of one fixed name and one filter, only
-        # through the filtered-subject form (name and filter are in the subject, where
-        # permissions see them): the node cannot make a third, nor one on any other key.
+        # Watches of its two keys and of the per-model keys under each: four consumers, each of
+        # one fixed name and one filter, only through the filtered-subject form (name and filter
+        # are in the subject, where permissions see them): no fifth, none on any other key.
         "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~own.$KV.slmops_assignments.{fleet}.{node}",
+        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~own-models.$KV.slmops_assignments.{fleet}.{node}.>",
         "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~fleet.$KV.slmops_assignments.{fleet}._fleet",
+        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~fleet-models.$KV.slmops_assignments.{fleet}._fleet.>",
         # KV slmops_manifests, read-only.
         "$JS.API.STREAM.INFO.KV_slmops_manifests",
         "$JS.API.DIRECT.GET.KV_slmops_manifests.>",
