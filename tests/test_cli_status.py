@@ -224,3 +224,54 @@ async def test_read_commands_create_nothing_on_the_server(private_server: Embedd
     finally:
         await nc.close()
     assert made == []
+
+
+async def test_a_forgotten_node_leaves_the_console_and_the_metrics_until_it_sends_again(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
+) -> None:
+    """After `fleet forget`, the cloud's ``/api/fleet`` (what the console lists) and
+    ``slmops_cloud_nodes`` / ``slmops_cloud_nodes_online`` leave the node out, as `fleet
+    status` does; when it sends again it is back in all of them. Old code: the console and
+    /metrics still counted it."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from slmops.cloud.config import CloudConfig
+
+    rng = np.random.default_rng(7)
+    await put_manifest(js, make_manifest())
+    config = msgspec.convert(
+        {**msgspec.to_builtins(_paced_config(nats_server.url, tmp_path, fleet)), "http": "127.0.0.1:0"},
+        CloudConfig,
+    )
+    async with CloudService(config) as svc, aiohttp.ClientSession() as http:
+        await svc.wait_active(20)
+        assert svc.http_address is not None
+        base = "http://{}:{}".format(*svc.http_address)
+
+        async def shown() -> tuple[list[str], float, float]:
+            async with http.get(f"{base}/api/fleet?fleet={fleet}") as r:
+                listed = [n["node"] for n in (await r.json())["nodes"]]
+            async with http.get(f"{base}/metrics") as r:
+                text = await r.text()
+            samples = {
+                s.name: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.labels.get("fleet") == fleet
+            }
+            return listed, samples.get("slmops_cloud_nodes", 0), samples.get("slmops_cloud_nodes_online", 0)
+
+        async def shows(want: tuple[list[str], float, float]) -> bool:
+            return await shown() == want
+
+        await publish(js, make_aggregate(fleet, "old", 1, 40, rng))
+        await publish(js, make_aggregate(fleet, "keep", 1, 30, rng))
+        await wait_until(lambda: shows((["keep", "old"], 2, 2)), 20, what="both nodes shown")
+        code, _, err = await _cli(
+            "fleet", "forget", "--nats", nats_server.url, "--fleet", fleet, "--node", "old", "--force"
+        )
+        assert code == 0, err
+        await wait_until(lambda: shows((["keep"], 1, 1)), 20, what="the forgotten node left out")
+        await publish(js, make_aggregate(fleet, "old", 2, 40, rng))  # it comes back
+        await wait_until(lambda: shows((["keep", "old"], 2, 2)), 20, what="the node shown again")

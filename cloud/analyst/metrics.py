@@ -29,18 +29,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from slmops.cloud.ingest.consumers import batch_histogram
+from slmops.cloud.ingest.presence import ONLINE_WITHIN_S, Forgotten, forgotten, is_hidden, is_online
 from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM
 
 if TYPE_CHECKING:
     from slmops.cloud.analyst.view import ServiceView
+    from slmops.cloud.ingest.state import NodeState
 
 __all__ = ["CONTENT_TYPE", "CloudCollector", "MetricsRefresher", "exposition", "registry_for"]
 
 log = structlog.get_logger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: A node counts as online when the cloud heard from it within this many seconds.
-ONLINE_WITHIN_S = 120.0
 #: Applier counters exported as ``slmops_cloud_<name>_total``.
 _COUNTERS = {
     "aggregates": "aggregates applied (each counted once)",
@@ -59,7 +59,8 @@ _EMPTY_BATCHES = batch_histogram()
 
 class MetricsRefresher:
     """What a scrape cannot compute in the loop: stream lag, rollouts by state, drift events
-    by kind/signal/state, dead letters by kind. ``run`` in the active instance."""
+    by kind/signal/state, dead letters by kind, forgotten nodes (``slmops fleet forget``,
+    seen within one ``interval``). ``run`` in the active instance."""
 
     def __init__(self, svc: ServiceView, interval: float = 5.0) -> None:
         self.svc = svc
@@ -71,7 +72,14 @@ class MetricsRefresher:
         #: By kind (``ingest.consumers.failure_reason``); the known kinds start at 0 so the
         #: series exist before the first dead letter (alerts use ``increase``).
         self.deadletters: dict[str, int] = dict.fromkeys(("undecodable", "invalid", "rejected", "failed"), 0)
+        self.forgotten: dict[tuple[str, str], Forgotten] = {}
         self.refreshed: float = 0.0
+
+    def shown(self) -> Iterator[tuple[tuple[str, str], NodeState]]:
+        """The service's nodes, by (fleet, node), but those hidden by a forget record."""
+        for key, n in self.svc.nodes.items():
+            if not is_hidden(n.last_seen, self.forgotten.get(key)):
+                yield key, n
 
     async def run(self, nc: NATS, js: JetStreamContext, *, task_status: TaskStatus[None]) -> None:
         async def on_deadletter(msg: Any) -> None:
@@ -107,6 +115,8 @@ class MetricsRefresher:
                 oldest = await _message_time(js, max(floor + 1, stream.state.first_seq))
                 if oldest is not None:
                     self.lag_seconds = max(0.0, (datetime.now(UTC) - _aware(oldest)).total_seconds())
+        with anyio.fail_after(5):
+            self.forgotten = await forgotten(js)
         from slmops.cloud.rollout import RolloutStore
 
         counts: dict[str, int] = {}
@@ -233,7 +243,9 @@ class CloudCollector(Collector):
             f"nodes heard from within {ONLINE_WITHIN_S:g} s, per fleet",
             labels=["fleet"],
         )
-        known = GaugeMetricFamily("slmops_cloud_nodes", "nodes known, per fleet", labels=["fleet"])
+        known = GaugeMetricFamily(
+            "slmops_cloud_nodes", "nodes known (but those forgotten), per fleet", labels=["fleet"]
+        )
         receipts = CounterMetricFamily(
             "slmops_cloud_loss_receipts_inferences",
             "inferences nodes reported they could not keep (loss receipts), per fleet",
@@ -241,12 +253,12 @@ class CloudCollector(Collector):
         )
         now = datetime.now(UTC)
         per: dict[str, list[int]] = {}
-        for (fleet, _node), n in self.svc.nodes.items():
-            row = per.setdefault(fleet, [0, 0, 0])
+        for (fleet, _node), n in self.svc.nodes.items():  # a forgotten node's receipts stay: a counter
+            per.setdefault(fleet, [0, 0, 0])[2] += n.dropped_inferences
+        for (fleet, _node), n in self.refresher.shown():
+            row = per[fleet]
             row[0] += 1
-            if n.last_seen is not None and (now - n.last_seen).total_seconds() <= ONLINE_WITHIN_S:
-                row[1] += 1
-            row[2] += n.dropped_inferences
+            row[1] += is_online(n.last_seen, now)
         for fleet, (k, o, d) in sorted(per.items()):
             known.add_metric([fleet], k)
             online.add_metric([fleet], o)

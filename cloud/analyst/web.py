@@ -26,7 +26,6 @@ from anyio.abc import TaskStatus
 from slmops.cloud.analyst.address import parse_http
 from slmops.cloud.analyst.metrics import (
     CONTENT_TYPE,
-    ONLINE_WITHIN_S,
     MetricsRefresher,
     exposition,
     registry_for,
@@ -34,6 +33,7 @@ from slmops.cloud.analyst.metrics import (
 from slmops.cloud.drift.labelshift import confusion_matrix, em_priors
 from slmops.cloud.drift.report import _NAMES
 from slmops.cloud.drift.stats import noise_tv, total_variation
+from slmops.cloud.ingest.presence import is_online
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_each
 from slmops.shared.vocabulary import DriftKind, DriftSignal
 
@@ -132,7 +132,7 @@ class _Console:
             if e.kind == DriftKind.SKEW
         }
         nodes = []
-        for (fleet, node), n in sorted(self.svc.nodes.items()):
+        for (fleet, node), n in sorted(self.refresher.shown()):
             if want and fleet != want:
                 continue
             m = n.model
@@ -141,8 +141,7 @@ class _Console:
                 {
                     "fleet": fleet,
                     "node": node,
-                    "online": n.last_seen is not None
-                    and (now - n.last_seen).total_seconds() <= ONLINE_WITHIN_S,
+                    "online": is_online(n.last_seen, now),
                     "model": m.name if m else None,
                     "version": m.version if m else None,
                     "variant": m.variant if m else None,

@@ -5,14 +5,10 @@ holders, assignments, open drift events and active rollouts.
 Online is judged by the NATS server's time, never the reader's: ``server_time`` takes the
 ``ts`` field of a ``STREAM.INFO`` answer (the server's clock when it answered), and a node is
 online when the server stored a message of it (``NodeSnapshot.last_seen``, also server time)
-within ``ONLINE_WITHIN_S``. A reader with a wrong clock therefore sees the same verdict.
+within ``presence.ONLINE_WITHIN_S``. A reader with a wrong clock therefore sees the same verdict.
 
-Forgetting a node (``forget_node``) writes ``_forgotten.<fleet>.<node>`` in KV
-``slmops_fleet`` with the node's ``last_seen`` at that moment. Status views hide a node while
-its ``last_seen`` is not newer than that; nothing in the cloud's state is touched, so its
-dedupe state (per-install seq high-water marks, install ids, counts) stays, and a forgotten
-node that sends again reappears, its messages counted exactly once. Fleet ids start with a
-letter or digit, so these keys never collide with a node's ``<fleet>.<node>`` key.
+Which nodes are hidden (``fleet forget``) and the online rule are ``presence``'s, shared
+with the console and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -26,6 +22,13 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from slmops.cloud.ingest.presence import (
+    FORGOTTEN_PREFIX,
+    ONLINE_WITHIN_S,
+    Forgotten,
+    forgotten,
+    is_hidden,
+)
 from slmops.cloud.ingest.query import fleet_status
 from slmops.cloud.ingest.snapshot import NodeSnapshot
 from slmops.shared import names
@@ -51,22 +54,6 @@ __all__ = [
     "open_drift_events",
     "server_time",
 ]
-
-#: A node the server heard from within this many seconds is online (four default status
-#: periods of 30 s; the console and /metrics use the same figure).
-ONLINE_WITHIN_S = 120.0
-FORGOTTEN_PREFIX = "_forgotten"
-
-
-class Forgotten(msgspec.Struct, kw_only=True):
-    """KV ``slmops_fleet`` value of ``_forgotten.<fleet>.<node>``."""
-
-    fleet: str
-    node: str
-    #: The node's last_seen (server time) when it was forgotten: a newer one brings it back.
-    last_seen: datetime | None
-    #: Server time of the forget.
-    at: datetime
 
 
 class NodeView(msgspec.Struct, kw_only=True):
@@ -101,39 +88,14 @@ def _parse_rfc3339(text: str) -> datetime:
     return datetime.fromisoformat(head).replace(microsecond=int(micro), tzinfo=UTC)
 
 
-async def forgotten(nc: NATS, fleet: str | None = None) -> dict[tuple[str, str], Forgotten]:
-    """The forget records (of ``fleet``), by (fleet, node); undecodable ones are left out."""
-    js = nc.jetstream()
-    key_filter = f"{FORGOTTEN_PREFIX}.{fleet}.*" if fleet else f"{FORGOTTEN_PREFIX}.>"
-    try:
-        with nats_errors("kv bucket", names.FLEET_BUCKET):
-            values = await kv_values(js, names.FLEET_BUCKET, key_filter)
-    except NotFound:
-        return {}
-    out = {}
-    for value in values.values():
-        try:
-            f = msgspec.json.decode(value, type=Forgotten)
-        except msgspec.DecodeError:
-            continue
-        out[(f.fleet, f.node)] = f
-    return out
-
-
-def _hidden(n: NodeSnapshot, f: Forgotten | None) -> bool:
-    if f is None:
-        return False
-    return n.last_seen is None or (f.last_seen is not None and n.last_seen <= f.last_seen)
-
-
 async def fleet_view(nc: NATS, fleet: str | None) -> tuple[list[NodeView], datetime, str]:
     """Every node (of ``fleet``) not forgotten, with its online verdict; the server time it
     was judged by and that time's source (``server_time``)."""
     now, clock = await server_time(nc)
-    gone = await forgotten(nc, fleet)
+    gone = await forgotten(nc.jetstream(), fleet)
     views = []
     for n in await fleet_status(nc, fleet):
-        if _hidden(n, gone.get((n.fleet, n.node))):
+        if is_hidden(n.last_seen, gone.get((n.fleet, n.node))):
             continue
         silent = None if n.last_seen is None else max(0.0, (now - n.last_seen).total_seconds())
         views.append(NodeView(snapshot=n, online=silent is not None and silent <= ONLINE_WITHIN_S,
