@@ -85,6 +85,18 @@ class _Request:
         self.error: BaseException | None = None
 
 
+class _Counts:
+    """One model's cumulative inference counters (``Batcher.counts_of``)."""
+
+    __slots__ = ("batches", "failed", "model_seconds", "served")
+
+    def __init__(self) -> None:
+        self.served = 0
+        self.failed = 0
+        self.batches = 0
+        self.model_seconds = 0.0
+
+
 class Batcher:
     """Runs the model for queued requests in micro-batches (see the module docstring)."""
 
@@ -114,7 +126,21 @@ class Batcher:
         self.failed = 0
         self.batches = 0
         self.model_seconds = 0.0
+        #: The same counters per model name (``counts_of``; the node's safety monitor judges
+        #: each model served side by side on its own).
+        self._by_model: dict[str, _Counts] = {}
         self._busy = False
+
+    def counts_of(self, model: str) -> tuple[int, int, int, float]:
+        """(served, failed, batches, model seconds) of model ``model`` since the node started."""
+        c = self._by_model.get(model)
+        return (0, 0, 0, 0.0) if c is None else (c.served, c.failed, c.batches, c.model_seconds)
+
+    def _counts(self, model: str) -> _Counts:
+        c = self._by_model.get(model)
+        if c is None:
+            c = self._by_model[model] = _Counts()
+        return c
 
     async def predict(self, texts: Sequence[str], model: str | None = None) -> Result:
         """Run ``texts`` (already validated) through the current version of ``model`` (a
@@ -172,6 +198,11 @@ class Batcher:
         good = [i for i in range(n) if i not in failed]
         self.served += len(good)
         self.failed += len(failed)
+        c = self._counts(active.ref.name)
+        c.batches += 1
+        c.model_seconds += out.seconds
+        c.served += len(good)
+        c.failed += len(failed)
         pick = (lambda xs: xs) if not failed else (lambda xs: [xs[i] for i in good])
         stats = active.manifest.embedding
         if out.vectors is not None and out.norms is not None and stats is not None:
@@ -296,6 +327,7 @@ class Batcher:
         except Exception as exc:  # ORT raises several unrelated types; each is one failed batch
             log.error("inference_failed", texts=len(texts), error=repr(exc), model_version=active.ref.version)
             self.failed += len(texts)
+            self._counts(active.ref.name).failed += len(texts)
             commit = await self.buffer.append(
                 error_rows(len(texts), t=self._clock(), model_id=active.model_id)
             )

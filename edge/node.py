@@ -223,7 +223,7 @@ class EdgeNode:
         #: Node-local safety: a new version over its health limits is rolled back here.
         self.safety = SafetyMonitor(
             self.models,
-            lambda: Counters(batcher.served, batcher.failed, batcher.batches, batcher.model_seconds),
+            lambda name: Counters(*batcher.counts_of(name)),
             self.report_status,
             state_path=config.data_path / "safety.json",
             limits=config.safety,

@@ -1,7 +1,9 @@
 """Node-local safety: a freshly swapped-in model that breaches the node's health limits is
 replaced by the previous one, by the node itself — online or not — and the node says so.
 
-After every install the new version is watched for ``watch_s``. Each ``interval`` the monitor
+Each served model (models side by side, issue 11) is watched on its own, with its own
+inference counters, baseline and rollback. After every install the new version is watched for
+``watch_s``. Each ``interval`` the monitor
 reads the inference counters (served, failed, batches, model seconds) and attributes the change
 to the version that is current; the swap itself closes the previous version's window, so the
 two never mix. Once the new version has ``min_samples`` inferences it is judged:
@@ -57,10 +59,12 @@ from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelRef
 from slmops.shared.vocabulary import NodeEvent
 
-__all__ = ["Counters", "SafetyLimits", "SafetyMonitor", "SafetyStatistics", "VersionHealth"]
+__all__ = ["Counters", "CountersOf", "SafetyLimits", "SafetyMonitor", "SafetyStatistics", "VersionHealth"]
 
 log = structlog.get_logger(__name__)
 
+#: Statuses kept waiting to be sent (a node offline through many rollbacks keeps the newest).
+_PENDING = 32
 #: Interval samples kept per version (at 1 s per interval: the last ~8.5 minutes).
 _SAMPLES = 512
 
@@ -121,28 +125,50 @@ class VersionHealth:
 
 @dataclass(frozen=True, slots=True)
 class SafetyStatistics:
-    """A snapshot of ``SafetyMonitor.statistics()``."""
+    """A snapshot of ``SafetyMonitor.statistics()``; the first three fields are the default
+    model's, ``watching_models`` every model's."""
 
-    watching: bool  #: a fresh install is being judged
-    version: int | None  #: the current version
-    samples: int  #: inferences the current version served since it became current
+    watching: bool  #: a fresh install of the default model is being judged
+    version: int | None  #: the default model's current version
+    samples: int  #: inferences the default model's current version served since it became current
     rollbacks: int
     blocked: tuple[str, ...]  #: ``name/version`` of versions this node abandoned
     #: ``name/version`` of versions the cloud moved this node back from (never fallen back on)
     withdrawn: tuple[str, ...] = ()
+    #: ``name/version`` of every model's fresh install being judged (models side by side).
+    watching_models: tuple[str, ...] = ()
 
 
 #: ``await report(event, **NodeStatus fields)`` → whether the status was sent.
 Report = Callable[..., Awaitable[bool]]
 
+#: ``counters(model_name)`` → that model's cumulative inference counters.
+CountersOf = Callable[[str], Counters]
+
+
+class _Track:
+    """One served model's watch: its current version's health, the outgoing version's (the
+    baseline a rollback would restore), whether a fresh install is being judged, and the
+    counters last attributed."""
+
+    __slots__ = ("baseline", "current", "last", "watching")
+
+    def __init__(self, last: Counters, current: VersionHealth | None = None) -> None:
+        self.last = last
+        self.current = current
+        self.baseline: VersionHealth | None = None
+        self.watching = False
+
 
 class SafetyMonitor:
-    """See the module docstring. ``run`` until cancelled; ``tick(now)`` is one check."""
+    """See the module docstring. ``run`` until cancelled; ``tick(now)`` is one check. Each
+    served model is watched on its own (issue 11: models side by side), with its own
+    counters (``counters(name)``), its own baseline and its own rollback."""
 
     def __init__(
         self,
         models: ModelManager,
-        counters: Callable[[], Counters],
+        counters: CountersOf,
         report: Report,
         *,
         state_path: Path,
@@ -156,28 +182,34 @@ class SafetyMonitor:
         self._clock = clock
         self.state_path = Path(state_path)
         self.blocked, self.withdrawn = self._load_state()
-        self._last = counters()
-        self._current: VersionHealth | None = None
-        self._baseline: VersionHealth | None = None
-        self._watching = False
-        #: (event, NodeStatus fields) of a status still to send
-        self._pending_report: tuple[str, dict[str, Any]] | None = None
-        self._rolling_back = False
+        #: Statuses still to send, oldest first: (event, NodeStatus fields).
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         self.rollbacks = 0
-        current = models.current
-        if current is not None:
-            self._current = VersionHealth(current.ref, clock())
+        self._tracks: dict[str, _Track] = {}
+        for active in models.all():
+            name = active.ref.name
+            self._tracks[name] = _Track(counters(name), VersionHealth(active.ref, clock()))
         models.on_change(self._on_change)
 
+    def _default_track(self) -> _Track | None:
+        names = self.models.names
+        return self._tracks.get(names[0]) if names else None
+
     def statistics(self) -> SafetyStatistics:
-        cur = self._current
+        track = self._default_track()
+        cur = None if track is None else track.current
         return SafetyStatistics(
-            watching=self._watching,
+            watching=track is not None and track.watching,
             version=None if cur is None else cur.ref.version,
             samples=0 if cur is None else cur.samples,
             rollbacks=self.rollbacks,
             blocked=tuple(sorted(f"{n}/{v}" for n, v in self.blocked)),
             withdrawn=tuple(sorted(f"{n}/{v}" for n, v in self.withdrawn)),
+            watching_models=tuple(
+                f"{n}/{t.current.ref.version}"
+                for n, t in self._tracks.items()
+                if t.watching and t.current is not None
+            ),
         )
 
     def is_blocked(self, ref: ModelRef) -> bool:
@@ -210,35 +242,44 @@ class SafetyMonitor:
     # -- swaps -----------------------------------------------------------------------------
 
     def _on_change(self, event: str, active: ActiveModel) -> None:
-        if self.models.current is not active:
-            # Another model served beside the default one: this monitor watches only the
-            # default model (its counters are the node's, all models together).
-            return
+        name = active.ref.name
         now = self._clock()
-        if self._current is not None:  # close the outgoing version's window at the swap
-            snap = self._counters()
-            self._current.add(self._last, snap)
-            self._last = snap
-        outgoing, previous = self._current, self.models.previous
-        self._current = VersionHealth(active.ref, now, warming=True)
+        snap = self._counters(name)
+        track = self._tracks.get(name)
+        if track is None:
+            track = self._tracks[name] = _Track(snap)
+        elif track.current is not None:  # close the outgoing version's window at the swap
+            track.current.add(track.last, snap)
+        track.last = snap
+        outgoing, previous = track.current, self.models.previous_of(name)
+        track.current = VersionHealth(active.ref, now, warming=True)
         # Watch a fresh install that has something to go back to; compare it with the
         # outgoing version when that is the one a rollback would restore.
-        self._watching = (
+        track.watching = (
             event == NodeEvent.MODEL_INSTALLED
             and previous is not None
             and previous != active.ref
             and not self.is_withdrawn(previous)
         )
-        self._baseline = outgoing if outgoing is not None and outgoing.ref == previous else None
-        if self._watching:
-            log.info("safety_watching", version=active.ref.version, previous=previous and previous.version)
+        track.baseline = outgoing if outgoing is not None and outgoing.ref == previous else None
+        if track.watching:
+            log.info(
+                "safety_watching",
+                model=name,
+                version=active.ref.version,
+                previous=previous and previous.version,
+            )
 
     # -- checks ----------------------------------------------------------------------------
 
-    def judge(self) -> str | None:
-        """The breach of the version being watched, or None (healthy or too few samples)."""
-        cur, base, lim = self._current, self._baseline, self.limits
-        if cur is None or not self._watching:
+    def judge(self, model: str | None = None) -> str | None:
+        """The breach of model ``model``'s (None: the default model's) version being watched,
+        or None (healthy, too few samples, or not watched)."""
+        track = self._default_track() if model is None else self._tracks.get(model)
+        if track is None:
+            return None
+        cur, base, lim = track.current, track.baseline, self.limits
+        if cur is None or not track.watching:
             return None
         if self.is_blocked(cur.ref):
             return f"version {cur.ref.version} is blocked on this node"
@@ -266,55 +307,85 @@ class SafetyMonitor:
         return None
 
     async def tick(self, now: float | None = None) -> str | None:
-        """Attribute the counters, judge, roll back on a breach, (re)send a pending report.
-        Returns the breach acted on, if any."""
+        """Attribute each model's counters, judge each, roll back a breaching one, (re)send
+        pending reports. Returns the first breach acted on, if any."""
         now = self._clock() if now is None else now
-        snap = self._counters()
-        if self._current is None and self.models.current is not None:  # loaded from the cache
-            self._current = VersionHealth(self.models.current.ref, now)
-        elif self._current is not None:
-            self._current.add(self._last, snap)
-        self._last = snap
-        breach = None
-        if self._watching and self._current is not None:
-            if now - self._current.since > self.limits.watch_s and not self.is_blocked(self._current.ref):
-                self._watching = False
-                log.info("safety_watch_passed", version=self._current.ref.version)
-            else:
-                breach = self.judge()
-                if breach is not None:
-                    await self._roll_back(self._current, breach)
-        if self._pending_report is not None and await self._report(
-            self._pending_report[0], **self._pending_report[1]
-        ):
-            self._pending_report = None
+        served = self.models.names
+        for gone in [n for n in self._tracks if n not in served]:  # unloaded (unassigned, withdrawn)
+            del self._tracks[gone]
+        first: str | None = None
+        for name in served:
+            breach = await self._tick_model(name, now)
+            first = first if first is not None else breach
+        while self._pending and await self._report(self._pending[0][0], **self._pending[0][1]):
+            self._pending.pop(0)
+        return first
+
+    async def _tick_model(self, name: str, now: float) -> str | None:
+        snap = self._counters(name)
+        track = self._tracks.get(name)
+        active = self.models.get(name)
+        if track is None:
+            track = self._tracks[name] = _Track(snap)
+        if track.current is None and active is not None:  # loaded from the cache
+            track.current = VersionHealth(active.ref, now)
+        elif track.current is not None:
+            track.current.add(track.last, snap)
+        track.last = snap
+        cur = track.current
+        if not track.watching or cur is None:
+            return None
+        if now - cur.since > self.limits.watch_s and not self.is_blocked(cur.ref):
+            track.watching = False
+            log.info("safety_watch_passed", model=name, version=cur.ref.version)
+            return None
+        breach = self.judge(name)
+        if breach is not None:
+            await self._roll_back(track, cur, breach)
         return breach
 
-    async def _roll_back(self, cur: VersionHealth, breach: str) -> None:
-        bad, previous = cur.ref, self.models.previous
+    async def _roll_back(self, track: _Track, cur: VersionHealth, breach: str) -> None:
+        bad = cur.ref
+        previous = self.models.previous_of(bad.name)
+        # The default model's messages stay as a single-model node wrote them.
+        of = "" if bad.name == (self.models.names or [""])[0] else f"{bad.name} "
         if previous is not None and self.is_withdrawn(previous):
-            self._watching = False
+            track.watching = False
             log.error(
-                "safety_rollback_refused", version=bad.version, previous=previous.version, reason=breach
+                "safety_rollback_refused",
+                model=bad.name,
+                version=bad.version,
+                previous=previous.version,
+                reason=breach,
             )
             why = (
-                f"safety: version {bad.version} breached ({breach}) but the previous version "
+                f"safety: {of}version {bad.version} breached ({breach}) but the previous version "
                 f"{previous.version} was withdrawn by the cloud; staying on {bad.version}"
             )
-            self._pending_report = (NodeEvent.PERIODIC, {"last_error": why})
+            self._pending.append((NodeEvent.PERIODIC, {"last_error": why}))
+            del self._pending[:-_PENDING]  # offline for long: the newest are kept
             return
         self.blocked.add((bad.name, bad.version))
         await anyio.to_thread.run_sync(self._save_state)
         try:
-            back = await self.models.rollback()
+            back = await self.models.rollback(bad.name)
         except BundleError as exc:
-            self._watching = False
-            log.error("safety_rollback_impossible", version=bad.version, reason=breach, code=exc.code)
+            track.watching = False
+            log.error(
+                "safety_rollback_impossible",
+                model=bad.name,
+                version=bad.version,
+                reason=breach,
+                code=exc.code,
+            )
             return
         self.rollbacks += 1
-        log.warning("safety_rollback", bad_version=bad.version, to_version=back.version, reason=breach)
-        why = f"safety rollback from version {bad.version}: {breach}"
-        self._pending_report = (NodeEvent.ROLLBACK, {"last_error": why})
+        log.warning(
+            "safety_rollback", model=bad.name, bad_version=bad.version, to_version=back.version, reason=breach
+        )
+        why = f"safety rollback {'of ' + of if of else ''}from version {bad.version}: {breach}"
+        self._pending.append((NodeEvent.ROLLBACK, {"last_error": why}))
+        del self._pending[:-_PENDING]  # offline for long: the newest are kept
 
     async def run(self) -> None:
         while True:

@@ -6,6 +6,7 @@ other alone) and its own rollback; both come back from the cache after a restart
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,45 @@ def test_a_node_reports_its_device_profile_and_holds_models_to_its_memory(
     )
     with pytest.raises(ConfigError, match=r"bad\.toml.*memory_mb"):
         EdgeNode(edge_config(tmp_path, keys, fleet=fleet, node="n2", profile=str(bad)))
+
+
+@pytest.mark.anyio
+async def test_each_model_served_side_by_side_is_watched_and_rolled_back_on_its_own(
+    tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    """Issue 11: the safety monitor judges every served model, each on its own counters.
+    With DEFAULT ``SafetyLimits`` a node serving a classifier (the default) and an embedder
+    swaps the embedder to a signed v2 that passes its smoke tests but gives a non-finite
+    output for one word; with one embed request in five failing (and the classifier's
+    traffic healthy) the node itself rolls the embedder back to v1 and blocks emb/2, and
+    leaves the classifier alone. Before: only the default model was watched, and v2 stayed."""
+    from slmops.edge.config import SafetyLimits
+    from slmops.edge.inference import InferenceFailed
+
+    clf = make_transformer_bundle(tmp_path / "clf", keys.key, name="clf")
+    emb1 = make_transformer_bundle(tmp_path / "emb1", keys.key, task="embedding", name="emb")
+    emb2 = make_transformer_bundle(
+        tmp_path / "emb2", keys.key, task="embedding", name="emb", version=2, nan_word="nanword"
+    )
+    cfg = edge_config(tmp_path, keys, fleet=fleet, model=clf.path, models=[str(emb1.path)])
+    assert cfg.safety == SafetyLimits()
+    async with EdgeNode(cfg) as node:
+        await node.models.install(emb2.path, source="test")
+        assert node.safety.statistics().watching_models == ("emb/2",)
+        assert node.safety.statistics().watching is False  # the default model was not swapped
+
+        async def emb_back_on_v1() -> bool:
+            await node.predict(["alpha words"] * 4)
+            await node.embed(["alpha words"] * 4)
+            with contextlib.suppress(InferenceFailed):
+                await node.embed(["a nanword here"])
+            return node.models.get("emb").ref.version == 1  # type: ignore[union-attr]
+
+        with anyio.fail_after(60):
+            while not await emb_back_on_v1():
+                await anyio.sleep(0.05)
+        assert node.safety.statistics().blocked == ("emb/2",)
+        assert node.safety.statistics().rollbacks == 1
+        assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 1), ("emb", 1)]
+        assert node.safety.is_blocked(emb2.manifest.ref)
+        assert not node.safety.is_blocked(clf.manifest.ref)
