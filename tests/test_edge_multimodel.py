@@ -18,6 +18,7 @@ import pytest
 from _transformer import make_transformer_bundle
 
 from _edge_util import Keys, edge_config
+from _nats import wait_until
 from slmops.cloud.factory.cache import CachedModel
 from slmops.edge.api import serve_api
 from slmops.edge.errors import InvalidInput
@@ -317,9 +318,7 @@ async def test_each_model_served_side_by_side_is_watched_and_rolled_back_on_its_
                 await node.embed(["a nanword here"])
             return node.models.get("emb").ref.version == 1  # type: ignore[union-attr]
 
-        with anyio.fail_after(60):
-            while not await emb_back_on_v1():
-                await anyio.sleep(0.05)
+        await wait_until(emb_back_on_v1, 60, what="the embedder rolled back to v1")
         assert node.safety.statistics().blocked == ("emb/2",)
         assert node.safety.statistics().rollbacks == 1
         assert [(m.ref.name, m.ref.version) for m in node.models.all()] == [("clf", 1), ("emb", 1)]
