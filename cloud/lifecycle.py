@@ -9,8 +9,17 @@ that is not yanked itself (the node's own variant if that version has it). Nodes
 at once (they watch their keys); a node offline finds the new assignment when it reconnects
 and never installs the yanked version again. With no previous good version the assignment keeps
 naming the version with ``withdrawn`` set: nodes stop serving the model (its cache goes too)
-and answer 503 ``no_model`` with the reason; nodes of releases before this field keep serving
-it.
+and answer 503 ``no_model`` with the reason.
+
+Nodes of releases before that field (``Assignment.withdrawn``, added 30 Nov 2026 in 45497a4;
+the 06cfd20 release, for one) cannot honour it: they decode the assignment without the field
+(wire messages ignore unknown fields) and read it as an assignment of the yanked version, so
+one running it keeps serving it, and one running another version (say, offline during the
+yank) downloads and installs it on reconnect — the bundle stays in the registry, only
+``assign`` refuses it. Nothing the cloud can write stops them: after such a yank, find them in
+``slmops fleet status`` (still on the version) and push and assign a fixed version, or stop
+them. A yank that moves assignments to an earlier good version works on old nodes too (it is
+a plain assignment). ``slmops models yank`` prints this when it withdraws.
 
 Remove (``remove``): refused while an assignment or a running rollout names the version;
 otherwise its manifests, bundle indexes and archives go, and each content-addressed file no

@@ -463,6 +463,12 @@ def yank(nats_url: str, model: str, version: int, reason: str) -> None:
             click.echo(f"  {key}: now v{good} (nodes switch at once, offline ones on reconnect)")
     if not result.moved:
         click.echo("  no assignment named it")
+    if None in result.moved.values():
+        click.echo(
+            f"  note: nodes of releases before the withdrawal field (before 45497a4) ignore it and "
+            f"keep serving v{version}, or install it on reconnect: find them in `slmops fleet status` "
+            "and push and assign a fixed version, or stop them"
+        )
 
 
 @models.command("rm")

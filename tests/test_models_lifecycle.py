@@ -137,6 +137,7 @@ async def test_a_yank_with_no_earlier_good_version_stops_the_model_and_says_why(
                                     "--version", "1", "--reason", "leaks data")  # fmt: skip
         assert code == 0, err
         assert f"no earlier good version of {model}: nodes stop serving {model}" in out
+        assert "ignore it and keep serving v1, or install it on reconnect" in out  # old releases
         await wait_until(lambda: _serving(node) is None, 20, what="the model withdrawn")
         with pytest.raises(NoModel, match=r"v1 was yanked \(leaks data\) and no earlier good version"):
             await node.predict(["hello"])
