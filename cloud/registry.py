@@ -444,14 +444,19 @@ class Registry:
         )
         return sorted(s[len(prefix) :] for s in (info.state.subjects or {}) if s.startswith(prefix))
 
-    async def pin_incapable(self, fleet: str, model: str, version: int) -> list[str]:
+    async def pin_incapable(
+        self, fleet: str, model: str, version: int, *, side_by_side: bool = False
+    ) -> list[str]:
         """After a fleet-wide assignment of ``model`` ``version``: give each node of the fleet
         that follows the fleet-wide key (no key of its own) and whose last status says its
         runtime can run no variant of that version (an old node reports no capabilities: the
         n-gram runtime) a key of its own naming the newest earlier version, not yanked, it
         can run; a node that can run none keeps no key of its own and is named in the
         result (it will refuse the version: ``fleet status`` shows it). Returns one line
-        per node handled, saying what and why. Raises ``RegistryError``."""
+        per node handled, saying what and why. ``side_by_side``: the assignment was of the
+        per-model keys (``assign(side_by_side=True)``), so are the nodes' keys read and
+        written here. Raises ``RegistryError``."""
+        key_model = model if side_by_side else None
         manifests = [m for m in await self.manifests() if m.name == model]
         by_version: dict[int, dict[str, ModelManifest]] = {}
         for m in manifests:
@@ -467,7 +472,8 @@ class Registry:
             lacks = sorted({x for m in wanted.values() for x in unmet(requirements_of(m), caps)})
             if not wanted or any(not unmet(requirements_of(m), caps) for m in wanted.values()):
                 continue
-            if await self._kv_get(names.ASSIGNMENTS_BUCKET, names.assignment_key(fleet, node)) is not None:
+            own_key = names.assignment_key(fleet, node, key_model)
+            if await self._kv_get(names.ASSIGNMENTS_BUCKET, own_key) is not None:
                 continue  # it follows its own key: not this assignment's to change
             fallback = None
             for v in sorted((v for v in by_version if v < version), reverse=True):
@@ -485,8 +491,7 @@ class Registry:
             v, runnable = fallback
             variant = choose_variant({k: m.min_memory_mb for k, m in runnable.items()}, status.device)
             pinned = _assignment(fleet, node, model, v, variant, runnable, None)
-            key = names.assignment_key(fleet, node)
-            await self._call(f"write assignment {key}", kv.put(key, encode_json(pinned)))
+            await self._call(f"write assignment {own_key}", kv.put(own_key, encode_json(pinned)))
             notes.append(f"node {node}: kept on v{v} ({variant}), the newest it can run; {what}")
             log.info("assignment_pinned", fleet=fleet, node=node, model=model, version=v, wanted=version)
         return notes

@@ -358,8 +358,8 @@ def assign(
     Nodes follow their own key, else the fleet-wide one; online nodes switch within moments,
     offline nodes on reconnect. Fleet-wide, a node whose runtime (last status) can run no
     variant of the version gets a key of its own naming the newest earlier version it can
-    run, or is listed when there is none. A --side-by-side assignment is read at each poll
-    (poll_interval, 60 s by default) and whenever the node's own keys change.
+    run, or is listed when there is none. A --side-by-side assignment is watched by the nodes
+    like the default model's (and re-read at each poll).
     """
     from slmops.cloud.registry import open_registry
 
@@ -372,7 +372,11 @@ def assign(
                 fleet, version, model=model, node=node, variant=variant, side_by_side=side_by_side
             )
             # Fleet-wide: nodes whose runtime cannot run this version stay on one they can.
-            notes = await registry.pin_incapable(fleet, a.model, a.version) if node is None else []
+            notes = (
+                await registry.pin_incapable(fleet, a.model, a.version, side_by_side=side_by_side)
+                if node is None
+                else []
+            )
         who = f"node {a.node}" if a.node else "the whole fleet"
         chosen = a.variant or f"node's choice of {', '.join(a.variants)}"
         beside = ", beside its other models" if side_by_side else ""

@@ -90,6 +90,14 @@ def rollout() -> None:
     show_default=True,
     help="How long a stage waits for its nodes to install.",
 )
+@click.option(
+    "--side-by-side/--default-model",
+    "side_by_side",
+    default=None,
+    help="Roll out on the model's per-model keys (a model served beside the nodes' default one) "
+    "or on the legacy keys (the default model) [default: side by side when the fleet already "
+    "assigns this model side by side, or its fleet key names another model].",
+)
 def start(
     nats_url: str,
     fleet: str,
@@ -100,6 +108,7 @@ def start(
     max_failures: str,
     min_samples: int,
     install_timeout: str,
+    side_by_side: bool | None,
 ) -> None:
     """Start rolling out --version to --fleet (refused while another rollout is active)."""
     from slmops.cloud.registry import Registry
@@ -120,11 +129,12 @@ def start(
         async with _jetstream(nats_url) as js:
             state = await start_rollout(
                 js, Registry(js, url=nats_url), RolloutStore(js, url=nats_url),
-                fleet=fleet, version=version, model=model, config=config,
+                fleet=fleet, version=version, model=model, config=config, side_by_side=side_by_side,
             )  # fmt: skip
+            beside = ", side by side (per-model keys)" if state.side_by_side else ""
             click.echo(
                 f"rollout {state.id}: {state.model} v{state.version} "
-                f"(from v{state.previous_version}) stages {config.stages}, soak {config.soak_s:g}s"
+                f"(from v{state.previous_version}) stages {config.stages}, soak {config.soak_s:g}s{beside}"
             )
 
     run(go)

@@ -4,7 +4,13 @@ A rollout gives each cohort node a key of its own (``<fleet>.<node>``), which ov
 fleet-wide key. Rolling back restores each node's key to what it was before the rollout —
 deleted when the node followed the fleet-wide key — so nothing is left pinned. Completing
 writes the fleet-wide key and then deletes the nodes' own keys (they already run the version
-the fleet key now names, so nothing moves).
+the fleet key now names, so nothing moves), then pins the nodes whose runtime can run no
+variant of the version to the newest earlier one they can (``Registry.pin_incapable``, as a
+fleet-wide ``models assign`` does).
+
+A rollout of a model served side by side (``RolloutState.side_by_side``) does the same on that
+model's per-model keys (``<fleet>.<node>.<model>``, ``<fleet>._fleet.<model>``), so the nodes'
+default model is never touched.
 """
 
 from __future__ import annotations
@@ -49,10 +55,11 @@ class Assigner:
                 self._kv = await self._js.key_value(names.ASSIGNMENTS_BUCKET)
         return self._kv
 
-    async def current(self, fleet: str, node: str | None) -> Assignment | None:
-        """The assignment under the node's own key (or the fleet-wide key when None)."""
+    async def current(self, fleet: str, node: str | None, model: str | None = None) -> Assignment | None:
+        """The assignment under the node's own key (or the fleet-wide key when None); with
+        ``model``, under its per-model key (models side by side)."""
         kv = await self._bucket()
-        key = names.assignment_key(fleet, node)
+        key = names.assignment_key(fleet, node, model)
         entry = await kv_get(kv, key, self._url)
         if entry is None:
             return None
@@ -77,13 +84,23 @@ class Assigner:
         (None when its device is unknown: the node then picks by the same rule)."""
         needs = await self.variant_needs(state.model, state.version)
         variant = choose_variant(needs, device) if needs and device is not None else None
-        await self.registry.assign(state.fleet, state.version, model=state.model, node=node, variant=variant)
+        await self.registry.assign(
+            state.fleet,
+            state.version,
+            model=state.model,
+            node=node,
+            variant=variant,
+            side_by_side=state.side_by_side,
+        )
         return variant
 
-    async def restore_node(self, fleet: str, node: str, prior: Assignment | None) -> None:
-        """Put back the node's own key as it was before the rollout (delete it if none)."""
+    async def restore_node(
+        self, fleet: str, node: str, prior: Assignment | None, model: str | None = None
+    ) -> None:
+        """Put back the node's own key (with ``model``: its per-model key) as it was before
+        the rollout (delete it if none)."""
         kv = await self._bucket()
-        key = names.assignment_key(fleet, node)
+        key = names.assignment_key(fleet, node, model)
         with nats_errors("kv key", key, self._url), anyio.fail_after(10):
             if prior is None:
                 await kv.delete(key)
@@ -91,19 +108,29 @@ class Assigner:
                 await kv.put(key, encode_json(prior))
         log.info("assignment_restored", key=key, version=None if prior is None else prior.version)
 
-    async def complete(self, state: RolloutState) -> None:
+    async def complete(self, state: RolloutState) -> list[str]:
         """Fleet-wide key to the new version, then the nodes' own keys removed — except on
         nodes that failed the version (``state.failures``): they keep a key of their own
         naming what they ran before, so the fleet-wide key does not offer it to them again
-        (``slmops rollout status`` lists them; assigning them by hand clears it)."""
-        await self.registry.assign(state.fleet, state.version, model=state.model)
+        (``slmops rollout status`` lists them; assigning them by hand clears it). Then the
+        fleet's nodes whose runtime can run no variant of the version are pinned to the
+        newest earlier one they can (``Registry.pin_incapable``); returns its notes."""
+        sbs = state.side_by_side
+        key_model = state.model if sbs else None
+        await self.registry.assign(state.fleet, state.version, model=state.model, side_by_side=sbs)
         for node, entry in sorted(state.nodes.items()):
             if node not in state.failures:
-                await self.restore_node(state.fleet, node, None)
+                await self.restore_node(state.fleet, node, None, key_model)
             elif entry.prior is not None:
-                await self.restore_node(state.fleet, node, entry.prior)
+                await self.restore_node(state.fleet, node, entry.prior, key_model)
             elif state.previous_version is not None:
-                await self.registry.assign(state.fleet, state.previous_version, model=state.model, node=node)
+                await self.registry.assign(
+                    state.fleet, state.previous_version, model=state.model, node=node, side_by_side=sbs
+                )
+        notes = await self.registry.pin_incapable(state.fleet, state.model, state.version, side_by_side=sbs)
+        for note in notes:
+            log.warning("rollout_node_pinned", fleet=state.fleet, rollout=state.id, note=note)
+        return notes
 
 
 async def variants_of(registry: Registry, model: str, version: int) -> dict[str, ModelManifest]:
@@ -131,9 +158,13 @@ async def start_rollout(
     config: RolloutConfig | None = None,
     now: float | None = None,
     extra: Mapping[str, str] | None = None,
+    side_by_side: bool | None = None,
 ) -> RolloutState:
-    """Validate and record a new rollout for a controller to drive. Raises ``RolloutError``
-    (active rollout, unknown version) or ``NatsUnavailable``."""
+    """Validate and record a new rollout for a controller to drive. ``side_by_side``: roll
+    out on the model's per-model keys (``RolloutState.side_by_side``); None = decide: yes when
+    the fleet already has a per-model key for the model, or its legacy fleet key names
+    another model. Raises ``RolloutError`` (active rollout, unknown version) or
+    ``NatsUnavailable``."""
     names.validate_id(fleet, "fleet")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive int, got {version!r}")
@@ -157,7 +188,13 @@ async def start_rollout(
     yank = await registry.yanked(model, version)
     if yank is not None:
         raise RolloutError(fleet, f"{model!r} version {version} was yanked ({yank.reason}): roll out another")
-    previous = fleet_wide.version if fleet_wide is not None and fleet_wide.model == model else None
+    per_model = await assigner.current(fleet, None, model)
+    if side_by_side is None:
+        side_by_side = per_model is not None or (fleet_wide is not None and fleet_wide.model != model)
+    if side_by_side:
+        previous = per_model.version if per_model is not None and per_model.model == model else None
+    else:
+        previous = fleet_wide.version if fleet_wide is not None and fleet_wide.model == model else None
     if previous == version:
         raise RolloutError(fleet, f"the fleet already runs {model!r} version {version}")
     t = time.time() if now is None else now
@@ -167,6 +204,7 @@ async def start_rollout(
         model=model,
         version=version,
         previous_version=previous,
+        side_by_side=side_by_side,
         config=config or RolloutConfig(),
         created=t,
         stage_started=t,
@@ -175,6 +213,12 @@ async def start_rollout(
     )
     await store.create(state)
     log.info(
-        "rollout_created", fleet=fleet, rollout=state.id, model=model, version=version, previous=previous
+        "rollout_created",
+        fleet=fleet,
+        rollout=state.id,
+        model=model,
+        version=version,
+        previous=previous,
+        side_by_side=side_by_side,
     )
     return state

@@ -257,7 +257,7 @@ class RolloutController:
         fresh = sorted(target - set(state.nodes))
         nodes = dict(state.nodes)
         for node in fresh:  # read what to restore before anything is written
-            prior = await self.assigner.current(state.fleet, node)
+            prior = await self.assigner.current(state.fleet, node, _key_model(state))
             nodes[node] = NodeEntry(stage=state.stage, assigned_at=now, prior=prior)
         if fresh:
             state, revision = await self._save(msgspec.structs.replace(state, nodes=nodes), revision, now)
@@ -304,7 +304,9 @@ class RolloutController:
             # before at once, even while the stage goes on: otherwise its assignment would
             # keep offering it a version it has already judged bad.
             for node in sorted(failures):
-                await self.assigner.restore_node(state.fleet, node, state.nodes[node].prior)
+                await self.assigner.restore_node(
+                    state.fleet, node, state.nodes[node].prior, _key_model(state)
+                )
         gates: list[GateResult] = [install_gate(state.config, len(state.nodes), len(failures))]
         if gates[0].outcome == "fail":
             await self._roll_back(state, revision, now, gates, "install failures over the limit")
@@ -407,8 +409,13 @@ class RolloutController:
             await self.assigner.complete(state)
         else:
             for node, entry in sorted(state.nodes.items()):
-                await self.assigner.restore_node(state.fleet, node, entry.prior)
+                await self.assigner.restore_node(state.fleet, node, entry.prior, _key_model(state))
         state = msgspec.structs.replace(state, phase="done")
         await self._save(state, revision, now)
         self._trackers.pop(state.fleet, None)
         log.info("rollout_finished", fleet=state.fleet, rollout=state.id, status=state.status)
+
+
+def _key_model(state: RolloutState) -> str | None:
+    """The model whose per-model keys the rollout writes, or None for the legacy keys."""
+    return state.model if state.side_by_side else None

@@ -97,6 +97,10 @@ class RolloutState(msgspec.Struct, kw_only=True):
     version: int
     #: The fleet-wide version when the rollout started (None: the fleet had none).
     previous_version: int | None = None
+    #: The model is served side by side (issue 11): the rollout writes its per-model keys
+    #: (``<fleet>.<node>.<model>``, ``<fleet>._fleet.<model>``), not the legacy keys that
+    #: name each node's default model.
+    side_by_side: bool = False
     config: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     status: Status = RolloutStatus.RUNNING
     phase: Phase = "assigning"
