@@ -212,13 +212,6 @@ async def start_rollout(
         reason=", ".join(f"{k}={v}" for k, v in (extra or {}).items()),
     )
     await store.create(state)
-    log.info(
-        "rollout_created",
-        fleet=fleet,
-        rollout=state.id,
-        model=model,
-        version=version,
-        previous=previous,
-        side_by_side=side_by_side,
-    )
+    where = {"fleet": fleet, "rollout": state.id, "side_by_side": side_by_side}
+    log.info("rollout_created", model=model, version=version, previous=previous, **where)
     return state
