@@ -30,6 +30,16 @@ async def wait_drained(node: EdgeNode, timeout: float = 20.0) -> None:
             await anyio.sleep(0.05)
 
 
+async def provision(store: Path) -> None:
+    """Make slmops' streams and buckets in ``store`` through a server on another port, one no
+    node is pointed at. The server a test then starts on ``store`` has them the moment it
+    listens: a node that connects at once (before the test's own ``jetstream`` provisions)
+    would otherwise send its ``connect`` status to a subject no stream holds yet, and lose it
+    (seen under load: the first stored status was ``periodic``)."""
+    async with EmbeddedServer(store_dir=store) as server, jetstream(server.url):
+        pass
+
+
 @pytest.mark.anyio
 async def test_offline_start_serves_then_drains_when_the_server_appears(
     tmp_path: Path, keys: Keys, fleet: str
@@ -47,6 +57,7 @@ async def test_offline_start_serves_then_drains_when_the_server_appears(
         await node.windower.tick()
         assert node.link.state.value != "online"
         assert node.health()["outbox"] >= 1
+        await provision(tmp_path / "js")
         async with (
             EmbeddedServer(port=port, store_dir=tmp_path / "js") as server,
             jetstream(server.url) as js,
