@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import anyio
 import click
 
 from slmops.bench import LONG_SCENARIOS, SCENARIOS, machine, run_scenario
+from slmops.cli_common import describe, leaf_errors
+from slmops.shared.errors import SlmopsError
 
 
 def _fmt(value: Any) -> str:
@@ -93,7 +96,9 @@ def bench(
             results = anyio.run(lambda n=name, o=opts: run_scenario(n, quick=quick, **o))  # type: ignore[misc]
         except Exception as exc:  # one broken scenario must not hide the others' figures
             failed = True
-            click.echo(f"bench {name} failed: {type(exc).__name__}: {exc}", err=True)
+            click.echo(f"bench {name} failed: {describe(exc)}", err=True)
+            if not all(isinstance(e, SlmopsError | ValueError | OSError) for e in leaf_errors(exc)):
+                click.echo("".join(traceback.format_exception(exc)), err=True)  # a bug: where
             continue
         for r in results:
             if as_json:

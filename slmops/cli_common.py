@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
 __all__ = [
-    "arch_option", "call", "cloud_key_options", "config_options", "errors_to_exit_codes", "fleet_id",
-    "jetstream", "nats_option", "out_dir_option", "parameter_origins", "print_config", "profiles_dir_option",
-    "run", "samples_option", "signing_key_option", "table_line", "trust_option",
+    "arch_option", "call", "cloud_key_options", "config_options", "describe", "errors_to_exit_codes",
+    "fleet_id", "jetstream", "leaf_errors", "nats_option", "out_dir_option", "parameter_origins",
+    "print_config", "profiles_dir_option", "run", "samples_option", "signing_key_option", "table_line",
+    "trust_option",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -271,6 +272,19 @@ def _failed(exc: BaseException, exit_codes: Mapping[type[BaseException], int] | 
     return (_Failed2 if code == 2 else _Failed)(_message(exc))
 
 
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    """The errors inside ``exc``: itself, or the leaves of a (nested) exception group, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaf_errors(sub)]
+    return [exc]
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of each error inside ``exc`` (``leaf_errors``), joined by ``"; "``: a
+    task group's ``ExceptionGroup`` named by its causes instead of "unhandled errors"."""
+    return "; ".join(f"{type(e).__name__}: {_message(e)}" for e in leaf_errors(exc))
+
+
 def _message(exc: BaseException) -> str:
     if isinstance(exc, BundleError):
         return f"bundle refused [{exc.code}]: {exc.reason} ({exc.bundle})"
@@ -331,9 +345,8 @@ def errors_to_exit_codes(exit_codes: Mapping[type[BaseException], int] | None = 
         raise _failed(exc, exit_codes) from exc
     except BaseExceptionGroup as group:
         # Task groups wrap our error: unwrap a lone one.
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
+        found = leaf_errors(group)
+        leaf = found[0] if len(found) == 1 else group
         if isinstance(leaf, ConfigError):
             raise click.UsageError(str(leaf)) from leaf
         if isinstance(leaf, SlmopsError | ValueError | OSError):

@@ -169,3 +169,33 @@ def test_a_killed_server_command_takes_its_nats_server_with_it(tmp_path: Path) -
     if outlived:  # do not leave it running for the rest of the suite
         os.kill(child, signal.SIGKILL)
     assert not outlived, f"nats-server pid {child} outlived its parent"
+
+
+def test_a_task_group_failure_is_named_by_its_causes() -> None:
+    """What `slmops bench` prints for a failed scenario (and the one-error unwrapping of the
+    exit-code runner): a real anyio task group's ``ExceptionGroup`` is named by each error in
+    it. Old code printed only "ExceptionGroup: unhandled errors in a TaskGroup (2
+    sub-exceptions)"."""
+    import anyio
+    import anyio.lowlevel
+
+    from slmops.cli_common import describe, leaf_errors
+
+    async def fail(exc: Exception) -> None:
+        with anyio.CancelScope(shield=True):  # raised even when the other failure came first
+            await anyio.lowlevel.checkpoint()
+        raise exc
+
+    async def main() -> None:
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(fail, ConnectionResetError("the node's socket went away"))
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(fail, KeyError("texts"))
+
+    with pytest.raises(BaseExceptionGroup) as caught:
+        anyio.run(main)
+    text = describe(caught.value)
+    assert "ConnectionResetError: the node's socket went away" in text
+    assert "KeyError: 'texts'" in text
+    assert "unhandled errors" not in text
+    assert [type(e) for e in leaf_errors(ValueError("x"))] == [ValueError]
