@@ -1,14 +1,16 @@
 """The node follows its model assignment (docs/architecture.md §6, §9).
 
-While online it watches its own key and the fleet-wide key of KV ``slmops_assignments``, and
-the per-model keys under each (``<key>.<model>``, models served side by side) — four consumers
-(``WATCHES``), named for the node and made through the filtered-subject API form, ``_watch`` —
-and reads the keys by direct gets by subject (``shared.kv.kv_get_direct``); on every
-(re)connect, at start and every ``poll_interval`` it re-reads them, because a watch can miss
-updates (a watcher took 10-20 s to recover after a server restart here), and a watch the
-server refuses (its consumer bound reached) leaves the node polling. The node's own key
-overrides the fleet-wide one. A model whose per-model keys were all deleted is unloaded
-(``_remove``); a per-model key holding a bad value unloads nothing.
+While online it is woken by every new value (a deletion included) of its own key and the
+fleet-wide key of KV ``slmops_assignments`` and of the per-model keys under each
+(``<key>.<model>``, models served side by side): core subscriptions on the subjects the
+bucket republishes those puts to, headers only (``names.assignment_subjects``; ``_watch``).
+No consumer is created, so a node needs no consumer right and has no push target to choose
+(issue 13 fault 11). It reads the keys by direct gets by subject (``shared.kv.kv_get_direct``);
+on every (re)connect, at start and every ``poll_interval`` it re-reads them, because a
+subscription misses what was written while the node was away, and one the server refuses
+(permissions of an older release) leaves the node polling. The node's own key overrides the
+fleet-wide one. A model whose per-model keys were all deleted is unloaded (``_remove``); a
+per-model key holding a bad value unloads nothing.
 
 A wanted version that is not current is fetched file by file. The node reads only the
 bundle's small index (``BundleIndex``: memory, requirements, the manifest's sha256) and refuses
@@ -52,7 +54,6 @@ import anyio.to_thread
 import msgspec
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from slmops.edge.config import RefreshTimings
 from slmops.edge.models import ModelManager
@@ -86,7 +87,7 @@ from slmops.shared.objects import STATE_SUFFIX, FetchError, fetch_resumable
 from slmops.shared.variants import choose_variant
 from slmops.shared.vocabulary import RETRYABLE_CODES, BundleCode, NodeEvent
 
-__all__ = ["RETRYABLE", "WATCHES", "RefreshStatistics", "Refresher", "watch_config"]
+__all__ = ["RETRYABLE", "RefreshStatistics", "Refresher"]
 
 log = structlog.get_logger(__name__)
 
@@ -99,8 +100,6 @@ RETRYABLE = RETRYABLE_CODES
 # What a lost link, a slow one or a refusing server raise once translated; OSError covers the
 # per-call timeout (TimeoutError) and the partial file of a download.
 _NATS_ERRORS = (NatsUnavailable, JetStreamRefused, OSError)
-#: Seconds an assignment watch's consumer outlives its subscriber (a node gone offline).
-_WATCH_INACTIVE = 30.0
 #: An attempt fails when no chunk arrives for this long (chunks are 32 KiB: ~33 s at 1 kB/s).
 STALL_SECONDS = 60.0
 #: The slowest link an attempt is sized for: its limit is ``download_timeout + bytes / MIN_RATE``.
@@ -151,25 +150,6 @@ class RefreshStatistics:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-#: The node's four assignment watches: (own, models) — its own key, its fleet's key, and the
-#: per-model keys under each (models side by side).
-WATCHES = ((True, False), (False, False), (True, True), (False, True))
-
-
-def watch_config(fleet: str, node: str, *, own: bool, models: bool = False) -> ConsumerConfig:
-    """The consumer a node's assignment watch asks for (``Refresher._watch``): named
-    ``names.watch_consumer``, one filter (``names.watch_filter``: its own key or its fleet's,
-    or with ``models`` the per-model keys under it), headers only to ``names.watch_inbox``,
-    new values only, in memory, gone ``_WATCH_INACTIVE`` s after its node left. The same
-    every time, so a restarted node gets the consumer it had."""
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE, headers_only=True)
-    config.name = names.watch_consumer(fleet, node, own=own, models=models)
-    config.filter_subject = names.watch_filter(fleet, node, own=own, models=models)
-    config.deliver_subject = names.watch_inbox(node, own=own, models=models)
-    config.inactive_threshold, config.mem_storage, config.num_replicas = _WATCH_INACTIVE, True, 1
-    return config
 
 
 class Refresher:
@@ -275,10 +255,7 @@ class Refresher:
 
                 tg.start_soon(stop_when_offline)
                 # Watch before the first read, so nothing written in between is missed.
-                for own, models in WATCHES:
-                    watcher = await self._watch(js, own=own, models=models)
-                    if watcher is not None:
-                        watchers.append(watcher)
+                watchers.extend(await self._watch())
                 while True:
                     self._wake = anyio.Event()
                     result = await self._check(js)
@@ -296,38 +273,29 @@ class Refresher:
                     except _NATS_ERRORS as exc:  # offline: the server drops it on its own
                         log.debug("watcher_stop_failed", error=repr(exc))
 
-    async def _watch(self, js: JetStreamContext, *, own: bool, models: bool = False) -> Any | None:
-        """A wake-up on every new value (a deletion included) of the node's own key (``own``)
-        or its fleet's key, or with ``models`` of any per-model key under it: a
-        push consumer named ``names.watch_consumer`` created through the filtered-subject API
-        form (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``, the only consumer creation
-        node credentials allow: these two names, their one filter each; issue 13 fault 11),
-        delivering headers only to the fixed ``names.watch_inbox``, so a restarted node asks
-        for the same consumer and the server keeps the one it has. A hint only: the value is
-        read by a direct get (``_check``), so a missed delivery costs at most a poll. None
-        when the server refuses the watch (consumer bound reached, a differing consumer of
-        that name): the node then polls."""
+    async def _watch(self) -> list[Any]:
+        """Wake-ups on every new value of the node's assignment keys: core subscriptions on
+        ``names.assignment_subjects`` (its own key, its fleet's, and the per-model keys under
+        each), where the bucket republishes each put, headers only. A hint only: the value is
+        read by a direct get (``_check``), so a missed message costs at most a poll. A
+        subscription the server refuses (permissions of an older release) is reported on
+        the link's error callback; the node then polls."""
         nc = self._link.nc
-        inbox = names.watch_inbox(self._node, own=own, models=models)
-        key = (self._node_key if own else self._fleet_key) + (".>" if models else "")
 
         async def wake(_msg: Any) -> None:
             if self._wake is not None:
                 self._wake.set()
 
-        with nats_errors("kv watch", key, self._link.url):
-            sub = await nc.subscribe(inbox, cb=wake)
+        subs: list[Any] = []
         try:
-            config = watch_config(self._fleet, self._node, own=own, models=models)
-            await self._op(js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", config), "kv watch", key)
-        except JetStreamRefused as exc:
-            await self._unsubscribe(sub, key)
-            log.warning("assignment_watch_refused", key=key, error=str(exc), note="polling instead")
-            return None
+            for subject in names.assignment_subjects(self._fleet, self._node):
+                with nats_errors("kv watch", subject, self._link.url):
+                    subs.append(await nc.subscribe(subject, cb=wake))
         except BaseException:
-            await self._unsubscribe(sub, key)
+            for sub in subs:
+                await self._unsubscribe(sub, "assignment")
             raise
-        return sub
+        return subs
 
     async def _unsubscribe(self, sub: Any, key: str) -> None:
         with (
@@ -395,8 +363,7 @@ class Refresher:
         assign models side by side; for one model name the node's own per-model key wins,
         then its legacy key (if it names that model), then the fleet's per-model key, then
         the fleet's legacy key. Per-model keys are found by listing the key names
-        (``shared.kv.kv_keys``) at each check (each poll, wake-up of any of the four watches,
-        and reconnect)."""
+        (``shared.kv.kv_keys``) at each check (each poll, wake-up and reconnect)."""
         self._invalid.clear()
         own = await self._read(js, self._node_key)
         fleet_wide = await self._read(js, self._fleet_key)

@@ -161,11 +161,19 @@ DEFAULT_MAX_CONSUMERS = 1024
 
 
 def _kv_stream_config(
-    bucket: str, history: int, ttl: float | None, replicas: int, max_consumers: int, direct: bool
+    bucket: str,
+    history: int,
+    ttl: float | None,
+    replicas: int,
+    max_consumers: int,
+    direct: bool,
+    republish: js_api.RePublish | None = None,
 ) -> js_api.StreamConfig:
     """The stream nats-py's ``create_key_value`` would make (nats-py 2.16), with a consumer
-    bound, which its ``KeyValueConfig`` cannot carry, and ``allow_direct`` as asked."""
+    bound, which its ``KeyValueConfig`` cannot carry, ``allow_direct`` and ``republish`` as
+    asked."""
     return js_api.StreamConfig(
+        republish=republish,
         name=f"KV_{bucket}",
         subjects=[f"$KV.{bucket}.>"],
         allow_direct=direct,
@@ -192,6 +200,7 @@ async def ensure_kv(
     replicas: int = 1,
     max_consumers: int = DEFAULT_MAX_CONSUMERS,
     direct: bool = False,
+    republish: js_api.RePublish | None = None,
 ) -> KeyValue:
     """The KV bucket, created (file storage, at most ``max_consumers`` consumers) if missing;
     idempotent and safe against a concurrent creator. ``direct``: allow direct gets, the
@@ -200,11 +209,12 @@ async def ensure_kv(
     own buckets leave it off (reads from the leader). An existing bucket keeps its history
     and TTL (a difference is logged, ``kv_config_differs``); one made by an older release
     without a consumer bound, or without direct gets when ``direct``, gets them
-    (``_tighten``). Raises ``NatsUnavailable`` or ``JetStreamRefused``."""
+    (``_tighten``). ``republish``: the stream republishes each put (a bucket without it gets
+    it). Raises ``NatsUnavailable`` or ``JetStreamRefused``."""
     url = url_of(js)
     have = await stream_info(js, f"KV_{bucket}")
     if have is None:
-        config = _kv_stream_config(bucket, history, ttl, replicas, max_consumers, direct)
+        config = _kv_stream_config(bucket, history, ttl, replicas, max_consumers, direct, republish)
         try:
             with nats_errors("kv bucket", bucket, url):
                 await js.add_stream(config)
@@ -224,7 +234,9 @@ async def ensure_kv(
             log.warning("kv_config_differs", bucket=bucket, differs=differs, action="kept")
         else:
             log.debug("kv_exists", bucket=bucket)
-        await _tighten(js, "kv bucket", bucket, have.config, max_consumers, direct=direct)
+        await _tighten(
+            js, "kv bucket", bucket, have.config, max_consumers, direct=direct, republish=republish
+        )
     with nats_errors("kv bucket", bucket, url):
         return await js.key_value(bucket)
 
@@ -264,14 +276,17 @@ async def _tighten(
     max_consumers: int,
     *,
     direct: bool = False,
+    republish: js_api.RePublish | None = None,
 ) -> None:
-    """Set a consumer bound (and with ``direct`` turn on direct gets) on a bucket's stream
-    that lacks it (made by an older release or by nats-py's defaults). An operator's own
-    bound is kept. A server that refuses the change (older servers cannot change
-    ``max_consumers``) is logged."""
+    """Set a consumer bound (and with ``direct`` turn on direct gets, with ``republish`` the
+    republishing of puts) on a bucket's stream that lacks it (made by an older release or by
+    nats-py's defaults). An operator's own bound is kept. A server that refuses the change
+    (older servers cannot change ``max_consumers``) is logged."""
     changes: dict[str, Any] = {}
     if direct and not have.allow_direct:
         changes["allow_direct"] = True
+    if republish is not None and (have.republish is None or have.republish.dest != republish.dest):
+        changes["republish"] = republish
     if max_consumers > 0 and (have.max_consumers is None or have.max_consumers <= 0):
         changes["max_consumers"] = max_consumers
     if not changes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "ASSIGNED_PREFIX",
     "ASSIGNMENTS_BUCKET",
     "BASELINE_SUBJECT",
     "DEADLETTER_STREAM",
@@ -29,6 +30,7 @@ __all__ = [
     "TELEMETRY_STREAM",
     "WEBHOOK_CONSUMER",
     "assignment_key",
+    "assignment_subjects",
     "bundle_index_key",
     "drift_subject",
     "events_subject",
@@ -43,8 +45,6 @@ __all__ = [
     "telemetry_subject",
     "validate_id",
     "validate_model_name",
-    "watch_consumer",
-    "watch_inbox",
 ]
 
 TELEMETRY_STREAM = "SLMOPS_TELEMETRY"
@@ -55,6 +55,8 @@ DEADLETTER_STREAM = "SLMOPS_DEADLETTER"
 EVENTS_STREAM = "SLMOPS_EVENTS"
 DEADLETTER_SUBJECT = "slmops.deadletter"
 ASSIGNMENTS_BUCKET = "slmops_assignments"
+#: Where the assignments bucket republishes each put (headers only): node wake-ups.
+ASSIGNED_PREFIX = "slmops.assigned"
 MODELS_BUCKET = "slmops_models"
 MODELS_MANIFEST_BUCKET = "slmops_manifests"
 #: The cloud's own buckets: single-active leases, the fleet snapshot read by ``fleet status``,
@@ -182,33 +184,16 @@ def msg_id(node: str, seq: int, fleet: str | None = None, install: str = "") -> 
     return f"{fleet}/{node}/{install}:{seq}" if install else f"{fleet}/{node}:{seq}"
 
 
-def _watch_kind(own: bool, models: bool) -> str:
-    return ("own" if own else "fleet") + ("-models" if models else "")
-
-
-def watch_consumer(fleet: str, node: str, *, own: bool, models: bool = False) -> str:
-    """The name of node ``node``'s consumer watching, on ``KV_slmops_assignments``, its own
-    assignment key (``own``) or its fleet's key, or with ``models`` the per-model keys under
-    it (``<key>.>``, models served side by side, issue 11):
-    ``w~<fleet>~<node>~own|fleet|own-models|fleet-models``. Node credentials may create
-    exactly these four consumers (deploy/nats), so one node holds at most four there (issue
-    13 fault 11); ``~`` is in no id, so two fleets' names never meet."""
-    kind = _watch_kind(own, models)
-    return f"w~{validate_id(fleet, 'fleet')}~{validate_id(node, 'node')}~{kind}"
-
-
-def watch_filter(fleet: str, node: str, *, own: bool, models: bool = False) -> str:
-    """The one subject the watch ``watch_consumer`` filters on: the key's KV subject, or with
-    ``models`` every per-model key under it (``$KV.<bucket>.<key>.>``)."""
-    key = assignment_key(fleet, validate_id(node, "node") if own else None)
-    return f"$KV.{ASSIGNMENTS_BUCKET}.{key}" + (".>" if models else "")
-
-
-def watch_inbox(node: str, *, own: bool, models: bool = False) -> str:
-    """The fixed subject the watch ``watch_consumer`` delivers to, under the node's inbox
-    prefix: a restarted node re-creates its watch with the same config (so the server keeps
-    the one it has) and listens there again."""
-    return f"{inbox_prefix(node)}.watch.{_watch_kind(own, models)}"
+def assignment_subjects(fleet: str, node: str) -> list[str]:
+    """The subjects that wake node ``node`` on a new value of its assignment keys: the
+    assignments bucket republishes each put, headers only, from ``$KV.slmops_assignments.<key>``
+    to ``slmops.assigned.<key>`` (``shared.provision``; ``$KV.>`` itself never crosses a leaf
+    link, measured with nats-server 2.15). Its own key, its fleet's key, and the per-model
+    keys under each (``<key>.<model>``). Node credentials may subscribe exactly these
+    (deploy/nats, ``cloud.trust.permissions``; issue 13 fault 11)."""
+    own = f"{ASSIGNED_PREFIX}.{assignment_key(fleet, node)}"
+    fleet_wide = f"{ASSIGNED_PREFIX}.{assignment_key(fleet)}"
+    return [own, f"{own}.>", fleet_wide, f"{fleet_wide}.>"]
 
 
 def inbox_prefix(node: str | None) -> str:

@@ -2,13 +2,18 @@
 a partial file that a later attempt resumes (``fetch_resumable``). The edge fetches bundles
 with it, the cloud's recalibration loop the bundles it recalibrates.
 
-Why not ``ObjectStore.get(name, writeinto=f)`` under a timeout: it is linear too, but when it is
-cancelled (timeout, link lost) its ordered-consumer subscription is never unsubscribed, and the
-server keeps pushing the rest of the object into that subscription's pending queue (up to
-nats-py's 128 MiB default) for the life of the connection — on a flaky edge link, every timed-out
-attempt would leak up to one model's size of memory and bandwidth. This is the same protocol
-(``get_info``, an ordered consumer on the chunk subject, the SHA-256 digest of the meta), with
-the subscription removed in every case.
+The chunks are read with **batched direct gets** (``$JS.API.DIRECT.GET.OBJ_<bucket>`` with
+``{"seq", "next_by_subj": "$O.<bucket>.C.<nuid>", "batch"}``, nats-server >= 2.11): the server
+answers with up to ``BATCH`` chunks and an end-of-batch status, and the next request starts
+after the last sequence received. No consumer is created, so a node's credentials need no
+consumer right at all: it can neither take the bucket's consumer slots nor aim a push
+consumer at another subject (issue 13 fault 11). One request is in flight per download, so
+a batch (``BATCH`` × 128 KiB = 2 MiB) amortises the round trip.
+
+Why not ``ObjectStore.get(name, writeinto=f)`` under a timeout: when it is cancelled (timeout,
+link lost) its ordered-consumer subscription is never unsubscribed, and the server keeps
+pushing the rest of the object into that subscription's pending queue for the life of the
+connection. Here the reply subscription is removed in every case.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import base64
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,7 +31,7 @@ import anyio.to_thread
 import msgspec
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectInfo
+from nats.js.api import ObjectInfo
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TYPE
 
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable
@@ -74,29 +79,16 @@ async def fetch_object(js: JetStreamContext, bucket: str, obj: str, out: BinaryI
         raise FetchError(obj, "object metadata lacks its chunk id or digest")
     digest = hashlib.sha256()
     written = 0
-    with nats_errors("object", f"{bucket}/{obj}", url):
-        sub = await js.subscribe(
-            OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
-            ordered_consumer=True,
-            config=ConsumerConfig(name=_consumer_name()),
-        )
+    chunks = _chunks(js, bucket, str(info.nuid), 0, where=f"{bucket}/{obj}")
     try:
-        messages = sub.messages
-        while True:
-            with nats_errors("object", f"{bucket}/{obj}", url):  # not around the write below
-                try:
-                    msg = await anext(messages)
-                except StopAsyncIteration:  # unsubscribed under us: the size check says so
-                    break
-            data = msg.data
+        async for data, _seq in chunks:
             await anyio.to_thread.run_sync(out.write, data)
             digest.update(data)
             written += len(data)
-            if msg.metadata.num_pending == 0:
+            if written >= size:
                 break
     finally:
-        # Connection gone: the server drops the consumer on its own, nothing to undo here.
-        await _unsubscribe(sub, f"{bucket}/{obj}", url)
+        await chunks.aclose()
     if written != size:
         raise FetchError(obj, f"received {written} bytes, the object has {size}")
     if digest.digest() != recorded_sha256(info):
@@ -127,13 +119,65 @@ class _Resume(msgspec.Struct):
     bytes: int
 
 
-def _consumer_name() -> str:
-    """A name for a download's consumer: with a name (and its one filter subject) nats-py
-    creates it through the filtered-subject API form
-    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``, the only one node credentials allow
-    (issue 13 fault 11). A reset of nats-py's ordered consumer then fails (the name is taken)
-    and the download stalls: the resumable path takes it up from its last chunk."""
-    return f"dl-{os.urandom(8).hex()}"
+class _Stalled(FetchError):
+    """No chunk arrived for the stall timeout."""
+
+
+#: Chunks asked for per direct-get request: 16 × 128 KiB = 2 MiB per round trip.
+BATCH = 16
+
+
+async def _chunks(
+    js: JetStreamContext,
+    bucket: str,
+    nuid: str,
+    start_seq: int,
+    *,
+    where: str,
+    stall_timeout: float = 60.0,
+) -> AsyncGenerator[tuple[bytes, int], None]:
+    """Yield ``(data, stream sequence)`` of each chunk of the object ``nuid`` from stream
+    sequence ``start_seq`` on (0 = the first), by batched direct gets, until the stream has no
+    more chunks of it. ``_Stalled`` (a ``FetchError``) when nothing arrives for ``stall_timeout`` seconds (a
+    refused request looks like that too: its reason is on the client's ``error_cb``)."""
+    nc = js._nc
+    url = url_of(js)
+    stream, subject = f"OBJ_{bucket}", OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
+    inbox = nc.new_inbox()
+    with nats_errors("object", where, url):
+        sub = await nc.subscribe(inbox, pending_bytes_limit=4 * BATCH * _CHUNK_BOUND)
+    try:
+        seq = max(1, start_seq)
+        while True:
+            request = msgspec.json.encode({"seq": seq, "next_by_subj": subject, "batch": BATCH})
+            with nats_errors("object", where, url):
+                await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+            got = 0
+            while True:
+                with nats_errors("object", where, url):
+                    try:
+                        msg = await sub.next_msg(timeout=stall_timeout)
+                    except TimeoutError as exc:  # nats-py's own TimeoutError is one
+                        raise _Stalled(where, f"no data for {stall_timeout:g}s") from exc
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status is not None:
+                    if status == "204":  # end of this batch
+                        break
+                    if status == "404":  # no more chunks of this object
+                        return
+                    raise FetchError(where, f"direct get refused: {status} {headers.get('Description', '')}")
+                got += 1
+                seq = int(headers.get("Nats-Sequence", seq)) + 1
+                yield msg.data, seq - 1
+            if got == 0:
+                return
+    finally:
+        await _unsubscribe(sub, where, url)
+
+
+#: A chunk is 128 KiB (nats-py's object-store default); its headers add little.
+_CHUNK_BOUND = 128 * 1024 + 1024
 
 
 def _load_resume(path: Path) -> _Resume | None:
@@ -198,43 +242,26 @@ async def fetch_resumable(
         _prepare, partial, state_path, str(info.nuid), size
     )
     if have < size:
-        config = (
-            ConsumerConfig(
-                name=_consumer_name(), deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq
-            )
-            if start_seq
-            else ConsumerConfig(name=_consumer_name())
-        )
-        with nats_errors("object", where, url):
-            sub = await js.subscribe(
-                OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
-                ordered_consumer=True,
-                config=config,
-            )
+        chunks = _chunks(js, bucket, str(info.nuid), start_seq, where=where, stall_timeout=stall_timeout)
         try:
             with partial.open("ab") as f:
-                while have < size:
-                    with nats_errors("object", where, url):
-                        try:
-                            msg = await sub.next_msg(timeout=stall_timeout)
-                        except TimeoutError as exc:  # nats-py's own TimeoutError is one
-                            raise FetchError(
-                                obj,
-                                f"no data for {stall_timeout:g}s after {have} of {size} bytes (will resume)",
-                            ) from exc
-                    data = msg.data
+                async for data, seq in chunks:
                     if have + len(data) > size:
                         raise FetchError(obj, f"more than the object's {size} bytes arrived")
                     digest.update(data)
                     have += len(data)
-                    resume = _Resume(str(info.nuid), msg.metadata.sequence.stream + 1, have)
+                    resume = _Resume(str(info.nuid), seq + 1, have)
                     await anyio.to_thread.run_sync(_append, f, data, state_path, resume)
                     if on_chunk is not None:
                         on_chunk(len(data))
-                    if msg.metadata.num_pending == 0:
+                    if have >= size:
                         break
+        except _Stalled as exc:
+            raise FetchError(
+                obj, f"no data for {stall_timeout:g}s after {have} of {size} bytes (will resume)"
+            ) from exc
         finally:
-            await _unsubscribe(sub, where, url)
+            await chunks.aclose()
     if have != size:
         await anyio.to_thread.run_sync(_discard, partial, state_path)
         raise FetchError(obj, f"received {have} bytes, the object has {size}")

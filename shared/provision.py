@@ -123,11 +123,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     ),
 )
 
-#: KV buckets: history depth and consumer bound. Node credentials may create consumers only
-#: on ``slmops_assignments``, and only two each, named for the node (its own key's watch and
-#: the fleet key's; deploy/nats): the bound is two per node for fleets up to 4,000 nodes
-#: watching, plus the cloud's. A node refused a watch (the bound reached) still follows its
-#: assignment by polling (``edge.refresh``).
+#: KV buckets: history depth and consumer bound. Node credentials create no consumer (they
+#: read by direct gets and are woken by republished puts; deploy/nats, issue 13 fault 11):
+#: the bounds are for the cloud and nodes of the previous release (two watches each).
 _KV_BUCKETS: tuple[tuple[str, int, int], ...] = (
     (names.ASSIGNMENTS_BUCKET, 5, 8192),
     (names.MODELS_MANIFEST_BUCKET, 1, 1024),
@@ -272,10 +270,17 @@ async def _ensure_kv(
     js: JetStreamContext, bucket: str, history: int, replicas: int, max_consumers: int
 ) -> None:
     with _refusal("kv bucket", bucket):
-        # Nodes read both buckets, by direct get by subject (deploy/nats).
-        await ensure_kv(
-            js, bucket, history=history, replicas=replicas, max_consumers=max_consumers, direct=True
+        # Nodes read both buckets, by direct get by subject (deploy/nats), and are woken by
+        # the assignments' republished puts (names.assignment_subjects).
+        republish = (
+            js_api.RePublish(src=f"$KV.{bucket}.>", dest=f"{names.ASSIGNED_PREFIX}.>", headers_only=True)
+            if bucket == names.ASSIGNMENTS_BUCKET
+            else None
         )
+        await ensure_kv(
+            js, bucket, history=history, replicas=replicas, max_consumers=max_consumers, direct=True,
+            republish=republish,
+        )  # fmt: skip
 
 
 async def _ensure_object_store(js: JetStreamContext, bucket: str, replicas: int, max_consumers: int) -> None:

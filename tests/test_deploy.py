@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import dataclasses
 import gc
 import hashlib
 import importlib.util
@@ -37,7 +36,6 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from _nats import free_port, wait_until
-from slmops.edge.refresh import WATCHES, watch_config
 from slmops.shared import names
 from slmops.shared.connect import Link
 from slmops.shared.errors import NatsUnavailable
@@ -342,7 +340,8 @@ async def test_single_node_is_denied_other_subjects_and_all_writes(single: _Serv
 
 @pytest.mark.anyio
 async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> None:
-    """The node reads its own and the fleet-wide key, and its watch sees the cloud's update."""
+    """The node reads its own and the fleet-wide key, and is woken by the cloud's update
+    through a core subscription on its own key's subject (no consumer)."""
     async with (
         _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client),
         _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _),
@@ -353,111 +352,83 @@ async def test_single_node_reads_and_watches_its_assignment(single: _Server) -> 
         manifests = await nc.jetstream().key_value(names.MODELS_MANIFEST_BUCKET)
         assert (await manifests.get(names.manifest_key("other-model", 1, "fp32"))).value == b"manifest-1"
 
-        # The watch as edge/refresh.py makes it: the node's named consumer, created through the
-        # filtered-subject API form, delivering to its fixed watch inbox; asked twice (a
-        # restarted node) the server keeps the one it has.
-        sub = await nc.subscribe(names.watch_inbox(NODE, own=True))
-        for _ in range(2):
-            await nc.jetstream().add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", _watch_config(NODE, own=True))
+        # The watch as edge/refresh.py makes it: subscriptions on its assignment subjects.
+        subs = [await nc.subscribe(s) for s in names.assignment_subjects(FLEET, NODE)]
+        await nc.flush()
         cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
         await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
-        woken = await sub.next_msg(timeout=5)  # headers only: a wake-up, the value is read by kv_get_direct
-        assert woken.subject == f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}"
-        await sub.unsubscribe()
+        await cloud_kv.put(names.assignment_key(FLEET, None, "m2"), b"fleet-m2")
+        woken = await subs[0].next_msg(timeout=5)  # headers only: the value is read by direct get
+        assert woken.subject == f"{names.ASSIGNED_PREFIX}.{names.assignment_key(FLEET, NODE)}"
+        assert woken.data == b""
+        assert (await subs[3].next_msg(timeout=5)).subject.endswith(f"{FLEET}._fleet.m2")
+        for sub in subs:
+            await sub.unsubscribe()
         assert client.errors == []
 
 
-def _watch_config(node: str, *, own: bool, name: str | None = None, key_node: str | None = None) -> Any:
-    """The consumer config edge/refresh.py asks for (``name``/``key_node`` to try others)."""
-    config = watch_config(FLEET, node, own=own)
-    if name is not None:
-        config.name = name
-    if key_node is not None:
-        config.filter_subject = f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, key_node)}"
-    return config
-
-
 @pytest.mark.anyio
-async def test_single_node_creates_consumers_only_on_its_own_keys_through_the_filtered_form(
-    single: _Server,
-) -> None:
-    """Issue 13 fault 11: a node could create any number of consumers on the assignments
-    bucket (``$JS.API.CONSUMER.CREATE.<stream>`` carries the filter and the push target in
-    the body, where permissions cannot look), on any filter. Now only its two named watches
-    (filtered-subject form, own key and fleet key) and model-chunk downloads are allowed:
-    nats-py's unfiltered watch, another name on its own key, a consumer on another node's key,
-    and push consumers on any other subject (another node's telemetry, object metadata, the
-    drift stream) are refused."""
+async def test_single_node_creates_no_consumer_and_watches_no_other_key(single: _Server) -> None:
+    """Issue 13 fault 11: a node could create consumers (``$JS.API.CONSUMER.CREATE.<stream>``
+    carries the filter and the push target in the body, where permissions cannot look), pick
+    the names of model-chunk consumers (taking the model store's slots) and aim a push
+    consumer at another node's inbox. Now a node holds no consumer right at all: every form —
+    nats-py's KV watch, the filtered-subject form on its own key, a named chunk download, a
+    push consumer aimed at another inbox, a durable — is refused, and it may not subscribe to
+    another node's wake-up subject nor the bucket's own KV subjects."""
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
         js = nc.jetstream(timeout=1)
         kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
         with pytest.raises(nats.errors.TimeoutError):
             await kv.watch(names.assignment_key(FLEET, NODE))
         await client.wait_error(
-            f'permissions violation for publish to "$js.api.consumer.create.kv_{names.ASSIGNMENTS_BUCKET}"'
+            f'permissions violation for publish to "$js.api.consumer.create.kv_{names.ASSIGNMENTS_BUCKET}'
         )
-        stream = f"KV_{names.ASSIGNMENTS_BUCKET}"
-        refused = [
-            (stream, _watch_config(NODE, own=True, name="peek", key_node=OTHER), ".peek.$kv."),
-            (stream, _watch_config(NODE, own=True, name="spare"), ".spare.$kv."),
-            # Its own watch's name with another node's key.
+        own = f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}"
+        tries: list[tuple[str, js_api.ConsumerConfig]] = [
+            (f"KV_{names.ASSIGNMENTS_BUCKET}", js_api.ConsumerConfig(name="w", filter_subject=own)),
             (
-                stream,
-                _watch_config(NODE, own=True, key_node=OTHER),
-                f".$kv.{names.ASSIGNMENTS_BUCKET}.{FLEET}.{OTHER}",
+                "OBJ_slmops_models",
+                js_api.ConsumerConfig(name="dl-mine", filter_subject=f"$O.{names.MODELS_BUCKET}.C.x"),
             ),
+            (
+                "OBJ_slmops_models",
+                js_api.ConsumerConfig(
+                    name="tap",
+                    filter_subject=f"$O.{names.MODELS_BUCKET}.C.x",
+                    deliver_subject=f"{names.inbox_prefix(OTHER)}.x",
+                ),
+            ),
+            (names.TELEMETRY_STREAM, js_api.ConsumerConfig(durable_name="d")),
         ]
-        push = js_api.ConsumerConfig(
-            name="tap", deliver_subject=names.watch_inbox(NODE, own=True), ack_policy=js_api.AckPolicy.NONE
-        )
-        for target_stream, subject in (
-            (names.TELEMETRY_STREAM, names.telemetry_subject(FLEET, OTHER)),
-            (names.DRIFT_STREAM, names.drift_subject(FLEET)),
-            ("OBJ_slmops_models", f"$O.{names.MODELS_BUCKET}.M.>"),
-        ):
-            refused.append((target_stream, dataclasses.replace(push, filter_subject=subject), ".tap."))
-        for target_stream, config, needle in refused:
+        for stream, config in tries:
             with pytest.raises(nats.errors.TimeoutError):
-                await js.add_consumer(target_stream, config)
-            await client.wait_error(needle)
-        # The per-model watches (filter ``<key>.>``): allowed on its own keys only.
-        other_models = watch_config(FLEET, NODE, own=True, models=True)
-        other_models.filter_subject = names.watch_filter(FLEET, OTHER, own=True, models=True)
-        with pytest.raises(nats.errors.TimeoutError):
-            await js.add_consumer(stream, other_models)
-        await client.wait_error(f".$kv.{names.ASSIGNMENTS_BUCKET}.{FLEET}.{OTHER}.>")
-        for own, models in WATCHES:
-            made = await js.add_consumer(stream, watch_config(FLEET, NODE, own=own, models=models))
-            assert made.name == names.watch_consumer(FLEET, NODE, own=own, models=models)
-        # Object store: chunk downloads only, through the same form (shared/objects.py).
-        with pytest.raises(nats.errors.TimeoutError):
-            await js.add_consumer(
-                "OBJ_slmops_models", js_api.ConsumerConfig(ack_policy=js_api.AckPolicy.NONE)
-            )
-        await client.wait_error(
-            'permissions violation for publish to "$js.api.consumer.create.obj_slmops_models"'
-        )
+                await js.add_consumer(stream, config, timeout=1)
+            kind = "durable.create" if config.durable_name else "create"
+            await client.wait_error(f'for publish to "$js.api.consumer.{kind}.{stream.lower()}')
+        for subject in (
+            f"{names.ASSIGNED_PREFIX}.{names.assignment_key(FLEET, OTHER)}",
+            f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}",
+        ):
+            await nc.subscribe(subject)
+            await client.wait_error(f'for subscription to "{subject.lower()}')
     async with _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _):
-        made_names = {c.name for c in await cloud.jetstream().consumers_info(stream)}
-        assert made_names == {names.watch_consumer(FLEET, NODE, own=o, models=m) for o, m in WATCHES}
-        for target_stream in (names.TELEMETRY_STREAM, names.DRIFT_STREAM, "OBJ_slmops_models"):
-            assert await cloud.jetstream().consumers_info(target_stream) == []
+        for stream in (f"KV_{names.ASSIGNMENTS_BUCKET}", names.TELEMETRY_STREAM, "OBJ_slmops_models"):
+            assert await cloud.jetstream().consumers_info(stream) == []
 
 
 @pytest.mark.anyio
-async def test_single_node_cannot_create_the_200th_consumer(single: _Server) -> None:
-    """Issue 13 fault 11 found 200 of 200 consumer creations allowed to a node. Now: 200
-    never-expiring pull consumers on model chunks (the one form where a node picks the name)
-    stop at the model store's bound ``MODELS_MAX_CONSUMERS`` (the 200th is refused), 20 more
-    names for a watch of its own key are all refused by permission, and the account bounds
-    every consumer (deploy configs)."""
+async def test_single_node_cannot_create_any_of_200_consumers(single: _Server) -> None:
+    """Issue 13 fault 11 found 200 of 200 consumer creations allowed to a node (then 128 of
+    200, the model store's bound, with named chunk consumers). Now: 200 creations through the
+    chunk form with names the node chose, and 20 watches of its own key, are all refused by
+    permission; no consumer exists afterwards, and the streams and the account keep their
+    bounds for other users."""
     from slmops.shared.provision import MODELS_MAX_CONSUMERS
 
     tries = 200
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
-        replies = f"{names.inbox_prefix(NODE)}.probe"
-        answers = await nc.subscribe(replies, max_msgs=tries - 1)
-        for i in range(tries - 1):  # never-expiring pull consumers on model chunks
+        for i in range(tries):
             config = js_api.ConsumerConfig(
                 name=f"c{i}",
                 filter_subject=f"$O.{names.MODELS_BUCKET}.C.x{i}",
@@ -466,34 +437,21 @@ async def test_single_node_cannot_create_the_200th_consumer(single: _Server) -> 
             )
             body = json.dumps({"stream_name": "OBJ_slmops_models", "config": config.as_dict()}).encode()
             subject = f"$JS.API.CONSUMER.CREATE.OBJ_slmops_models.c{i}.{config.filter_subject}"
-            await nc.publish(subject, body, reply=replies)
-        for i in range(20):  # watches of its own key under other names
-            config = _watch_config(NODE, own=True, name=f"w{i}")
+            await nc.publish(subject, body, reply=f"{names.inbox_prefix(NODE)}.probe")
+        own = f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}"
+        for i in range(20):
             stream = f"KV_{names.ASSIGNMENTS_BUCKET}"
+            config = js_api.ConsumerConfig(name=f"w{i}", filter_subject=own, ack_policy=js_api.AckPolicy.NONE)
             body = json.dumps({"stream_name": stream, "config": config.as_dict()}).encode()
-            await nc.publish(f"$JS.API.CONSUMER.CREATE.{stream}.w{i}.{config.filter_subject}", body)
+            await nc.publish(f"$JS.API.CONSUMER.CREATE.{stream}.w{i}.{own}", body)
         await nc.flush()
-        got: list[dict[str, Any]] = []
         with anyio.fail_after(30):
-            async for msg in answers.messages:
-                got.append(json.loads(msg.data))
-        made = [a for a in got if "error" not in a]
-        limit = [a for a in got if "error" in a and "maximum consumers" in a["error"].get("description", "")]
-        assert len(made) == MODELS_MAX_CONSUMERS, got[-1]
-        assert len(limit) == tries - 1 - MODELS_MAX_CONSUMERS, got[-1]
-        # The 200th, once the 199 are answered (the server answers them in any order).
-        last = js_api.ConsumerConfig(
-            name="c199", filter_subject=f"$O.{names.MODELS_BUCKET}.C.x199", ack_policy=js_api.AckPolicy.NONE
-        )
-        with pytest.raises(nats.js.errors.APIError, match="maximum consumers"):
-            await nc.jetstream().add_consumer("OBJ_slmops_models", last)
-        with anyio.fail_after(10):
-            while sum(".$kv." in e and ".w" in e for e in client.errors) < 20:
-                await client.wait_error(".w")
+            while sum("consumer.create" in e for e in client.errors) < tries + 20:
+                await client._arrived.wait()
     async with _connect(single.creds("cloud", CLOUD_PW)) as (cloud, _):
         js = cloud.jetstream()
         assert await js.consumers_info(f"KV_{names.ASSIGNMENTS_BUCKET}") == []
-        assert len(await js.consumers_info("OBJ_slmops_models")) == MODELS_MAX_CONSUMERS
+        assert await js.consumers_info("OBJ_slmops_models") == []
         for stream, bound in (
             (f"KV_{names.ASSIGNMENTS_BUCKET}", 8192),
             (f"KV_{names.MODELS_MANIFEST_BUCKET}", 1024),
@@ -822,16 +780,23 @@ async def test_leaf_site_without_jetstream_passes_node_traffic_to_the_hub(tmp_pa
         assert ack.seq == 1
         async with _connect(at_site, node=NODE) as (nc, client):
             js = nc.jetstream(timeout=2)
-            # Read and watch as edge/refresh.py does: a direct get by subject, the node's named
-            # watch (filtered-subject consumer form).
+            # Read and watch as edge/refresh.py does: a direct get by subject, a subscription on
+            # its own key's subject (the interest crosses the leaf link to the hub).
             assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY) == b"own-v1"
-            sub = await nc.subscribe(names.watch_inbox(NODE, own=True))
-            await js.add_consumer(f"KV_{names.ASSIGNMENTS_BUCKET}", _watch_config(NODE, own=True))
+            sub = await nc.subscribe(names.assignment_subjects(FLEET, NODE)[0])
+            await nc.flush()
+            # Interest crosses the leaf link asynchronously: the cloud writes until one arrives.
             async with _connect(hub.creds("cloud", CLOUD_PW)) as (cloud, _):
-                await (await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)).put(
-                    names.assignment_key(FLEET, NODE), b"own-v2"
-                )
-            assert (await sub.next_msg(timeout=5)).subject.endswith(names.assignment_key(FLEET, NODE))
+                cloud_kv = await cloud.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+                with anyio.fail_after(10):
+                    while True:
+                        await cloud_kv.put(names.assignment_key(FLEET, NODE), b"own-v2")
+                        try:
+                            woken = await sub.next_msg(timeout=0.5)
+                            break
+                        except nats.errors.TimeoutError:
+                            continue
+            assert woken.subject.endswith(names.assignment_key(FLEET, NODE))
             assert await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, OWN_KEY) == b"own-v2"
             await sub.unsubscribe()
             out = io.BytesIO()
@@ -961,9 +926,9 @@ async def _exercise_edge(server: _Server, node: str, proc: subprocess.Popen[byte
         assert body["model"]["version"] == 1
         async with _connect(server.creds("cloud", CLOUD_PW)) as (nc, _):
             js = nc.jetstream()
-            # Its four named watches (issue 13 fault 11), nothing else on the bucket.
-            watches = {c.name for c in await js.consumers_info(f"KV_{names.ASSIGNMENTS_BUCKET}")}
-            assert watches == {names.watch_consumer(FLEET, node, own=o, models=m) for o, m in WATCHES}
+            # It made no consumer (issue 13 fault 11): no watch, no download consumer.
+            assert await js.consumers_info(f"KV_{names.ASSIGNMENTS_BUCKET}") == []
+            assert await js.consumers_info("OBJ_slmops_models") == []
             for subject in (names.telemetry_subject(FLEET, node), names.status_subject(FLEET, node)):
                 stream = names.TELEMETRY_STREAM if "telemetry" in subject else names.STATUS_STREAM
                 while True:

@@ -15,7 +15,6 @@ import pytest
 import structlog.testing
 from _bad_bundles import BAD_BUNDLES, resign
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from _edge_util import Keys, Statuses, edge_config
 from _models import make_bundle
@@ -325,37 +324,34 @@ async def test_a_version_the_node_blocked_is_not_fetched_again(
         await wait_until(lambda: serving(node) == ModelRef(name=model, version=3), 20, what="v3")
 
 
-async def test_a_node_refused_its_watch_follows_its_assignment_by_polling(
+async def test_a_node_is_woken_by_its_assignment_without_any_consumer(
     js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
 ) -> None:
-    """Issue 13 fault 11: a node's two watch consumers have fixed names, and streams bound
-    their consumers; when the server refuses a watch (here: consumers of those names with
-    another config already there) the refresher does not end its session but reads its
-    assignment by direct gets, at start and every poll."""
-    for own in (True, False):
-        key = names.assignment_key(fleet, "n1") if own else names.assignment_key(fleet)
-        await js.add_consumer(
-            f"KV_{names.ASSIGNMENTS_BUCKET}",
-            ConsumerConfig(
-                name=names.watch_consumer(fleet, "n1", own=own),
-                filter_subject=f"$KV.{names.ASSIGNMENTS_BUCKET}.{key}",
-                deliver_subject=f"elsewhere.{fleet}.{own}",
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=60,
-            ),
-        )
+    """Issue 13 fault 11: a node's watches were consumers (names and push targets in the
+    request body). Now it is woken by the bucket's republished puts on its own subjects
+    (``names.assignment_subjects``) and downloads by direct gets: a new assignment is
+    installed well within the 60 s poll, and no consumer on the assignments bucket filters
+    this fleet's keys at any point."""
     v4 = make_bundle(tmp_path / "v4", keys.key, version=4, name=model)
-    await Registry(js).push(v4, TrustStore([keys.key.public_key()]))
+    v5 = make_bundle(tmp_path / "v5", keys.key, version=5, name=model)
+    registry = Registry(js)
+    for bundle in (v4, v5):
+        await registry.push(bundle, TrustStore([keys.key.public_key()]))
     await assign(js, fleet, model, 4)
     cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
-    with structlog.testing.capture_logs() as logs:
-        async with EdgeNode(cfg) as node:
-            await wait_until(
-                lambda: serving(node) == ModelRef(name=model, version=4), 20, what="v4 by polling"
-            )
-            assert node.refresher.stats.checks >= 1
-    refused = [e for e in logs if e["event"] == "assignment_watch_refused"]
-    assert len(refused) == 2, [e["event"] for e in logs]
+    assert cfg.refresh.poll_interval >= 60  # the default: a pass below is a wake-up, not a poll
+
+    async def fleet_consumers() -> list[str]:
+        infos = await js.consumers_info(f"KV_{names.ASSIGNMENTS_BUCKET}")
+        return [c.name for c in infos if fleet in (c.config.filter_subject or "")]
+
+    async with EdgeNode(cfg) as node:
+        await wait_until(lambda: serving(node) == ModelRef(name=model, version=4), 20, what="v4")
+        checks = node.refresher.stats.checks
+        await assign(js, fleet, model, 5)
+        await wait_until(lambda: serving(node) == ModelRef(name=model, version=5), 20, what="v5 by wake-up")
+        assert node.refresher.stats.checks > checks
+        assert await fleet_consumers() == []
 
 
 async def test_models_assigned_side_by_side_are_each_followed(
@@ -396,8 +392,8 @@ async def test_models_assigned_side_by_side_are_each_followed(
         await registry.assign(fleet, 1, model=clf)  # its watch wakes the node
         await wait_until(lambda: held() == [(clf, 1)], 20, what="the classifier served")
         await registry.assign(fleet, 1, model=emb, side_by_side=True)
-        # The per-model keys have watches of their own: the node follows within seconds,
-        # not at its next poll (60 s).
+        # The per-model keys wake the node too: it follows within seconds, not at its next
+        # poll (60 s).
         await wait_until(lambda: held() == [(clf, 1), (emb, 1)], 20, what="the embedder by its watch")
         assert held() == [(clf, 1), (emb, 1)]  # the first installed is the default
         assert (await node.predict(["alpha"]))[0].model.name == clf

@@ -16,9 +16,11 @@ password then exists only in the env files, so ``--env-dir`` is required. Hashin
 ``bcrypt`` package if installed, else Python's ``crypt`` module (Linux, Python <= 3.12).
 
 The permissions are the exact set nats-py 2.16 needs for what a node does (publish its own
-telemetry and status with JetStream acks, read and watch KV ``slmops_assignments``, read KV
-``slmops_manifests``, download from object store ``slmops_models``), measured against
-nats-server 2.15 — see deploy/README.md. Standard library only: runs on any Python >= 3.11.
+telemetry and status with JetStream acks, read KV ``slmops_assignments`` by direct get and be
+woken by its own keys' subjects, read KV ``slmops_manifests``, download from object store
+``slmops_models`` by direct gets; no consumer), measured against nats-server 2.15 — see
+deploy/README.md. ``cloud/trust/permissions.py`` grants the same set in JWT mode (a test
+keeps the two equal). Standard library only: runs on any Python >= 3.11.
 """
 
 from __future__ import annotations
@@ -49,35 +51,36 @@ _BLOCK = """\
         # the PubAck comes back on the node's inbox.
         "slmops.telemetry.{fleet}.{node}",
         "slmops.status.{fleet}.{node}",
-        # KV slmops_assignments: its own two keys and their per-model keys (<key>.<model>,
-        # models served side by side) only, by direct get by subject (the key is in the
-        # subject, where permissions see it). Stream info lists key names, never values: the
-        # node finds its per-model keys with it (and nodes of the previous release bind).
+        # KV slmops_assignments: its own key and its fleet's, and the per-model keys under each
+        # (<key>.<model>), only by direct get by subject (the key is in the subject, where
+        # permissions see it). Stream info lists key names, never values: the node finds its
+        # per-model keys with it.
         "$JS.API.STREAM.INFO.KV_slmops_assignments",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}.{node}",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}.{node}.>",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet",
         "$JS.API.DIRECT.GET.KV_slmops_assignments.$KV.slmops_assignments.{fleet}._fleet.>",
-        # Watches of its two keys and of the per-model keys under each: four consumers, each of
-        # one fixed name and one filter, only through the filtered-subject form (name and filter
-        # are in the subject, where permissions see them): no fifth, none on any other key.
-        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~own.$KV.slmops_assignments.{fleet}.{node}",
-        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~own-models.$KV.slmops_assignments.{fleet}.{node}.>",
-        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~fleet.$KV.slmops_assignments.{fleet}._fleet",
-        "$JS.API.CONSUMER.CREATE.KV_slmops_assignments.w~{fleet}~{node}~fleet-models.$KV.slmops_assignments.{fleet}._fleet.>",
         # KV slmops_manifests, read-only.
         "$JS.API.STREAM.INFO.KV_slmops_manifests",
         "$JS.API.DIRECT.GET.KV_slmops_manifests.>",
-        # Object store slmops_models, read-only: bind, object info, chunk download.
+        # Object store slmops_models, read-only: bind, object info, chunks by batched direct
+        # get (every object there is a signed bundle any node may download). No consumer
+        # right at all: a node creates none (issue 13 fault 11).
         "$JS.API.STREAM.INFO.OBJ_slmops_models",
-        "$JS.API.STREAM.NAMES",
         "$JS.API.STREAM.MSG.GET.OBJ_slmops_models",
-        "$JS.API.CONSUMER.CREATE.OBJ_slmops_models.*.$O.slmops_models.C.>",
-        "$JS.FC.OBJ_slmops_models.>",
+        "$JS.API.DIRECT.GET.OBJ_slmops_models",
       ]
     }}
     subscribe: {{
-      allow: ["_INBOX_{node}.>"]
+      allow: [
+        # Its own replies.
+        "_INBOX_{node}.>",
+        # Wake-ups on its assignment keys (the bucket republishes each put there, headers only).
+        "slmops.assigned.{fleet}.{node}",
+        "slmops.assigned.{fleet}.{node}.>",
+        "slmops.assigned.{fleet}._fleet",
+        "slmops.assigned.{fleet}._fleet.>",
+      ]
     }}
   }}
 }}"""

@@ -1,0 +1,349 @@
+"""A fleet's NATS identities on disk: ``slmops fleet init|enroll|revoke`` (issue 17).
+
+``FleetDir.init(path)`` makes an operator (with a signing key), the ``SLMOPS`` account (with
+a signing key; JetStream enabled, consumers bounded), the system account ``SYS`` with one user
+for claim updates, the cloud's creds, and the server config fragment ``server.conf``
+(operator JWT, system account, a *full* resolver and the two account JWTs preloaded).
+``enroll`` mints one user (a fresh user NKey, its JWT signed by the account's signing key with
+the role's rights from ``cloud.trust.permissions``) and writes its ``.creds``. ``revoke``
+adds a user's key to the account JWT's revocation list, re-signs it with the operator's
+signing key and rewrites ``server.conf``; pushing it to running servers is
+``cloud.trust.push``.
+
+Layout (secrets mode 0600 in 0700 folders)::
+
+    fleet.json               operator/account public keys, every minted user (role, fleet, node)
+    operator.jwt             the operator JWT the servers trust
+    accounts/SLMOPS.jwt      the account JWT (its revocation list), accounts/SYS.jwt
+    keys/*.nk                seeds: operator, operator-signing, SLMOPS, SLMOPS-signing, SYS
+    creds/cloud.creds        the cloud (account-wide rights), creds/sys.creds (claim updates)
+    creds/nodes/<fleet>/<node>.creds, creds/<role>-<name>.creds
+    server.conf              include it in nats-server's config (``slmops server --auth DIR``)
+    resolver/                the full resolver's JWT store of ``slmops server --auth``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from slmops.cloud.trust.permissions import ROLES, Role, permissions_for
+from slmops.shared import names
+from slmops.shared.identity import (
+    IdentityError,
+    KeyPair,
+    decode_jwt,
+    encode_jwt,
+    new_key,
+    read_seed,
+    write_creds,
+    write_secret,
+)
+
+__all__ = ["ACCOUNT", "SYSTEM_ACCOUNT", "FleetDir", "FleetDirError", "UserRecord"]
+
+ACCOUNT = "SLMOPS"
+SYSTEM_ACCOUNT = "SYS"
+#: Consumers in the account (the sum of the streams' own bounds fits: deploy/README.md).
+ACCOUNT_MAX_CONSUMERS = 16384
+
+
+class FleetDirError(ValueError):
+    """A fleet directory that is missing, incomplete, already initialised, or asked for
+    something it does not hold (an unknown node)."""
+
+
+class UserRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """One minted user, as ``fleet.json`` keeps it."""
+
+    public: str
+    role: str
+    name: str
+    issued_at: int
+    fleet: str | None = None
+    node: str | None = None
+    revoked_at: int | None = None
+
+
+class _Index(msgspec.Struct, forbid_unknown_fields=True):
+    operator: str
+    account: str
+    system_account: str
+    users: list[UserRecord] = msgspec.field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    """What ``enroll`` made: the user's record and where its creds file is."""
+
+    record: UserRecord
+    creds: Path
+
+
+def _now_after(previous: int) -> int:
+    """Seconds now, but later than ``previous``: a resolver keeps the newer of two JWTs of an
+    account by ``iat``, so a re-signed account JWT must never carry the same second."""
+    return max(int(time.time()), previous + 1)
+
+
+class FleetDir:
+    """An initialised fleet directory (see the module docstring). ``FleetDirError`` when
+    ``path`` is not one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        index = self.path / "fleet.json"
+        if not index.is_file():
+            raise FleetDirError(
+                f"{self.path}: not a fleet directory (no fleet.json; run `slmops fleet init`)"
+            )
+        try:
+            self._index = msgspec.json.decode(index.read_bytes(), type=_Index)
+        except (OSError, msgspec.DecodeError) as exc:
+            raise FleetDirError(f"{index}: unreadable ({exc})") from None
+
+    # -- creation ---------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: Path, *, operator_name: str = "slmops") -> FleetDir:
+        """Create the operator, the accounts, the system user, the cloud's creds and
+        ``server.conf`` in ``path`` (created; must be empty or absent)."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FleetDirError(f"{path}: exists and is not an empty directory; refusing to overwrite keys")
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        operator, operator_signing = new_key("operator"), new_key("operator")
+        account, account_signing = new_key("account"), new_key("account")
+        system = new_key("account")
+        for name, key in (
+            ("operator", operator),
+            ("operator-signing", operator_signing),
+            (ACCOUNT, account),
+            (f"{ACCOUNT}-signing", account_signing),
+            (SYSTEM_ACCOUNT, system),
+        ):
+            write_secret(path / "keys" / f"{name}.nk", key.seed + "\n")
+        os.chmod(path / "keys", 0o700)
+        operator_jwt = encode_jwt(
+            "operator",
+            operator.public,
+            operator_name,
+            {"signing_keys": [operator_signing.public], "system_account": system.public},
+            operator,
+        )
+        (path / "operator.jwt").write_text(operator_jwt + "\n")
+        index = _Index(operator=operator.public, account=account.public, system_account=system.public)
+        _write_index(path, index)
+        self = cls(path)
+        self._write_account_jwt(SYSTEM_ACCOUNT, self._system_claims(), issued_at=int(time.time()))
+        self._write_account_jwt(ACCOUNT, self._account_claims({}), issued_at=int(time.time()))
+        # The system user signs claim updates (revocations); the system account signs it itself.
+        sys_user = new_key("user")
+        unlimited = {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
+        sys_jwt = encode_jwt("user", sys_user.public, "sys", unlimited, system)
+        write_creds(path / "creds" / "sys.creds", sys_jwt, sys_user)
+        os.chmod(path / "creds", 0o700)
+        self.enroll("cloud", name="cloud", out=path / "creds" / "cloud.creds")
+        self.write_server_conf()
+        return self
+
+    # -- users ------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        role: Role,
+        *,
+        fleet: str | None = None,
+        node: str | None = None,
+        name: str | None = None,
+        out: Path | None = None,
+    ) -> Enrolled:
+        """Mint a user of ``role`` (a fresh user NKey) and write its creds file: for a node
+        ``creds/nodes/<fleet>/<node>.creds``, else ``creds/<role>-<name>.creds``, or ``out``.
+        Earlier creds of the same node stay valid until revoked."""
+        if role not in ROLES:
+            raise FleetDirError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if role == "node":
+            if fleet is None or node is None:
+                raise FleetDirError("a node is enrolled with --fleet and --node")
+            fleet, node = names.validate_id(fleet, "fleet"), names.validate_id(node, "node")
+            label = f"node-{fleet}-{node}"
+        else:
+            if node is not None:
+                raise FleetDirError(f"--node is for role node, not {role}")
+            if fleet is not None:
+                fleet = names.validate_id(fleet, "fleet")
+            label = f"{role}-{names.validate_id(name or role, 'name')}"
+        claims = permissions_for(role, fleet=fleet, node=node)
+        signing = self._key(f"{ACCOUNT}-signing", "account")
+        user = new_key("user")
+        issued = int(time.time())
+        token = encode_jwt(
+            "user", user.public, label, {**claims, "issuer_account": self._index.account}, signing,
+            issued_at=issued,
+        )  # fmt: skip
+        if out is None:
+            out = (
+                self.path / "creds" / "nodes" / str(fleet) / f"{node}.creds"
+                if role == "node"
+                else self.path / "creds" / f"{label}.creds"
+            )
+        write_creds(out, token, user)
+        record = UserRecord(
+            public=user.public, role=role, name=label, issued_at=issued, fleet=fleet, node=node
+        )
+        self._index.users.append(record)
+        _write_index(self.path, self._index)
+        return Enrolled(record, out)
+
+    def users(self) -> list[UserRecord]:
+        return list(self._index.users)
+
+    def revoke(
+        self, *, fleet: str | None = None, node: str | None = None, public: str | None = None
+    ) -> list[UserRecord]:
+        """Revoke every key enrolled for ``fleet``/``node`` (or the one user key ``public``):
+        each goes into the account JWT's revocation list (JWTs of that key issued up to now
+        are refused), the account JWT is re-signed and ``server.conf`` rewritten. Returns the
+        users revoked now. ``FleetDirError`` when nothing matches. Push the new account JWT
+        with ``cloud.trust.push.push_account``."""
+        if public is None:
+            if fleet is None or node is None:
+                raise FleetDirError("revoke needs --fleet and --node (or a user key)")
+            fleet, node = names.validate_id(fleet, "fleet"), names.validate_id(node, "node")
+            hits = [u for u in self._index.users if u.role == "node" and u.fleet == fleet and u.node == node]
+            what = f"node {node!r} of fleet {fleet!r}"
+        else:
+            hits = [u for u in self._index.users if u.public == public]
+            what = f"user key {public!r}"
+        if not hits:
+            raise FleetDirError(f"{what} was never enrolled in {self.path}")
+        now = int(time.time())
+        for u in hits:
+            if u.revoked_at is None:
+                u.revoked_at = max(now, u.issued_at)
+        revocations = {u.public: u.revoked_at for u in self._index.users if u.revoked_at is not None}
+        previous = decode_jwt(self.account_jwt()).issued_at
+        self._write_account_jwt(ACCOUNT, self._account_claims(revocations), issued_at=_now_after(previous))
+        _write_index(self.path, self._index)
+        self.write_server_conf()
+        return hits
+
+    # -- files ------------------------------------------------------------------------------
+
+    @property
+    def operator_public(self) -> str:
+        return self._index.operator
+
+    @property
+    def account_public(self) -> str:
+        return self._index.account
+
+    @property
+    def system_account_public(self) -> str:
+        return self._index.system_account
+
+    def account_jwt(self, which: str = ACCOUNT) -> str:
+        return (self.path / "accounts" / f"{which}.jwt").read_text().strip()
+
+    @property
+    def operator_jwt_path(self) -> Path:
+        return self.path / "operator.jwt"
+
+    @property
+    def sys_creds(self) -> Path:
+        return self.path / "creds" / "sys.creds"
+
+    @property
+    def cloud_creds(self) -> Path:
+        return self.path / "creds" / "cloud.creds"
+
+    @property
+    def server_conf(self) -> Path:
+        return self.path / "server.conf"
+
+    def server_conf_text(self, resolver_dir: Path | str) -> str:
+        """The operator-mode part of a nats-server config, with the full resolver's JWT store
+        at ``resolver_dir`` (one per server)."""
+        return (
+            "# slmops fleet identities (operator mode, JWT). Written by `slmops fleet init`;\n"
+            "# `slmops fleet revoke` rewrites the preload. Include this in a server's config.\n"
+            f'operator: "{self.operator_jwt_path.resolve()}"\n'
+            f"system_account: {self.system_account_public}\n"
+            "resolver: {\n"
+            "  type: full\n"
+            f'  dir: "{resolver_dir}"\n'
+            "  # Accounts are never deleted through the system account.\n"
+            "  allow_delete: false\n"
+            "  # How often servers of a cluster compare their JWT stores.\n"
+            '  interval: "2m"\n'
+            '  timeout: "1.9s"\n'
+            "}\n"
+            "# The account JWTs at the time of writing; a newer one pushed through\n"
+            "# $SYS.REQ.CLAIMS.UPDATE (slmops fleet revoke) wins by its issue time.\n"
+            "resolver_preload: {\n"
+            f"  {self.system_account_public}: {self.account_jwt(SYSTEM_ACCOUNT)}\n"
+            f"  {self.account_public}: {self.account_jwt(ACCOUNT)}\n"
+            "}\n"
+        )
+
+    def write_server_conf(self) -> Path:
+        resolver = self.path / "resolver"
+        resolver.mkdir(exist_ok=True)
+        self.server_conf.write_text(self.server_conf_text(resolver.resolve()))
+        return self.server_conf
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _key(self, name: str, kind: str) -> KeyPair:
+        path = self.path / "keys" / f"{name}.nk"
+        try:
+            return read_seed(path, kind)  # type: ignore[arg-type]
+        except IdentityError as exc:
+            raise FleetDirError(str(exc)) from None
+
+    def _account_claims(self, revocations: dict[str, int]) -> dict[str, Any]:
+        signing = self._key(f"{ACCOUNT}-signing", "account")
+        claims: dict[str, Any] = {
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+                "conn": -1, "leaf": -1,
+                # JetStream on (storage != 0); consumers bounded for the whole account (fault 11).
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": ACCOUNT_MAX_CONSUMERS,
+            },
+            "signing_keys": [signing.public],
+            "default_permissions": {"pub": {}, "sub": {}},
+        }  # fmt: skip
+        if revocations:
+            claims["revocations"] = dict(sorted(revocations.items()))
+        return claims
+
+    def _system_claims(self) -> dict[str, Any]:
+        return {
+            "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                       "wildcards": True, "conn": -1, "leaf": -1},
+            "default_permissions": {"pub": {}, "sub": {}},
+        }  # fmt: skip
+
+    def _write_account_jwt(self, which: str, claims: dict[str, Any], *, issued_at: int) -> None:
+        subject = self._index.account if which == ACCOUNT else self._index.system_account
+        token = encode_jwt(
+            "account", subject, which, claims, self._key("operator-signing", "operator"), issued_at=issued_at
+        )
+        folder = self.path / "accounts"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{which}.jwt.tmp"
+        tmp.write_text(token + "\n")
+        os.replace(tmp, folder / f"{which}.jwt")
+
+
+def _write_index(path: Path, index: _Index) -> None:
+    data = json.loads(msgspec.json.encode(index))
+    write_secret(path / "fleet.json", json.dumps(data, indent=1) + "\n", mode=0o600)

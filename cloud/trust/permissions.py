@@ -1,0 +1,107 @@
+"""What each role of a fleet may do on NATS, as the ``nats`` part of a user JWT.
+
+Subjects a permission can judge are the ones in the *subject* of a request, never its body.
+So a node reads only by requests whose subject names what is read (docs/architecture.md §9,
+issue 13 fault 11):
+
+- its assignment by direct gets **by subject** (``$JS.API.DIRECT.GET.KV_slmops_assignments.
+  $KV.slmops_assignments.<fleet>.<node>``, its per-model keys under it, and its fleet's
+  ``_fleet`` keys), and the wake-ups of new values by core subscriptions on the subjects the
+  bucket republishes those keys' puts to (``names.assignment_subjects``; no consumer, so no
+  name and no push target to choose);
+- manifests by direct get by subject (every manifest is readable by every node: it is the
+  registry);
+- model bundles by batched direct gets on the object store's stream
+  (``$JS.API.DIRECT.GET.OBJ_slmops_models``, chunk subject in the body: every object in that
+  store is a signed bundle every node may download) — again no consumer.
+
+A node creates **no consumer**: no ``$JS.API.CONSUMER.>`` right at all, so it can neither
+take the model store's consumer slots nor aim a push consumer at another node's inbox. It
+receives only on its own inbox prefix (``_INBOX_<node>``) and its own assignment subjects.
+
+Limits: ``subs`` bounds a node's subscriptions (it needs ~8: inbox, assignment wake-ups,
+one per batched download), ``payload`` its largest message (status ≤ 256 KiB, aggregates a few
+KiB; 1 MiB = the telemetry stream's own max message).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from slmops.shared import names
+
+__all__ = ["NODE_PAYLOAD", "NODE_SUBS", "ROLES", "Role", "permissions_for"]
+
+Role = Literal["node", "cloud", "operator", "analyst"]
+ROLES: tuple[Role, ...] = ("node", "cloud", "operator", "analyst")
+
+#: Subscriptions of one node: its inbox (1), four assignment subjects, a few downloads in flight.
+NODE_SUBS = 32
+#: Largest message a node may publish: the telemetry stream's max message size.
+NODE_PAYLOAD = 1024 * 1024
+
+_A = names.ASSIGNMENTS_BUCKET
+_M = names.MODELS_MANIFEST_BUCKET
+_O = names.MODELS_BUCKET
+
+
+def _node(fleet: str, node: str) -> dict[str, Any]:
+    fleet, node = names.validate_id(fleet, "fleet"), names.validate_id(node, "node")
+    own, fleet_wide = (f"$KV.{_A}.{names.assignment_key(fleet, n)}" for n in (node, None))
+    kv_subjects = [own, f"{own}.>", fleet_wide, f"{fleet_wide}.>"]
+    pub = [
+        names.telemetry_subject(fleet, node),
+        names.status_subject(fleet, node),
+        # Assignment: direct get by subject, its own keys only.
+        *(f"$JS.API.DIRECT.GET.KV_{_A}.{s}" for s in kv_subjects),
+        # Key names only (never values): how the node finds its per-model keys.
+        f"$JS.API.STREAM.INFO.KV_{_A}",
+        # Manifests: readable by every node.
+        f"$JS.API.STREAM.INFO.KV_{_M}",
+        f"$JS.API.DIRECT.GET.KV_{_M}.>",
+        # Model store: bind, object info, chunks by batched direct get (body form).
+        f"$JS.API.STREAM.INFO.OBJ_{_O}",
+        f"$JS.API.STREAM.MSG.GET.OBJ_{_O}",
+        f"$JS.API.DIRECT.GET.OBJ_{_O}",
+    ]
+    sub = [f"{names.inbox_prefix(node)}.>", *names.assignment_subjects(fleet, node)]
+    return {
+        "pub": {"allow": pub},
+        "sub": {"allow": sub},
+        "subs": NODE_SUBS,
+        "payload": NODE_PAYLOAD,
+        "data": -1,
+    }
+
+
+def _analyst(fleet: str | None) -> dict[str, Any]:
+    scope = "*" if fleet is None else names.validate_id(fleet, "fleet")
+    sub = [f"slmops.drift.{scope}", f"slmops.rollout.{scope}", f"slmops.status.{scope}.*",
+           f"slmops.events.{scope}"]  # fmt: skip
+    if fleet is None:
+        sub = [names.DRIFT_ALL, names.ROLLOUT_ALL, names.STATUS_ALL, names.EVENTS_ALL]
+    return {"pub": {"deny": [">"]}, "sub": {"allow": sub}, "subs": 64, "payload": -1, "data": -1}
+
+
+def _cloud() -> dict[str, Any]:
+    # The cloud (and a human operator's tools) run the whole SLMOPS account: ingest, registry,
+    # rollouts, provisioning. Limits are the account's.
+    return {"pub": {"allow": [">"]}, "sub": {"allow": [">"]}, "subs": -1, "payload": -1, "data": -1}
+
+
+def permissions_for(role: Role, *, fleet: str | None = None, node: str | None = None) -> dict[str, Any]:
+    """The ``nats`` claims (``pub``, ``sub``, limits) of a user of ``role``.
+
+    ``node`` needs ``fleet`` and ``node``; ``analyst`` may be limited to one ``fleet`` (reads
+    live drift, rollout, status and event messages; publishes nothing); ``cloud`` and
+    ``operator`` hold the account. ``ValueError`` for an unknown role or a missing id.
+    """
+    if role == "node":
+        if fleet is None or node is None:
+            raise ValueError("a node user needs --fleet and --node")
+        return _node(fleet, node)
+    if role == "analyst":
+        return _analyst(fleet)
+    if role in ("cloud", "operator"):
+        return _cloud()
+    raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")

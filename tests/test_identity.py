@@ -1,0 +1,182 @@
+"""NATS identities (shared.identity) and the fleet directory (cloud.trust.fleetdir): the JWT
+format, creds files, the rights of each role, and hostile input. The server-side checks are
+in tests/test_trust_server.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from slmops.cloud.trust import FleetDir, FleetDirError, permissions_for
+from slmops.shared import names
+from slmops.shared.identity import (
+    IdentityError,
+    decode_jwt,
+    encode_jwt,
+    new_key,
+    read_creds,
+    write_creds,
+)
+
+
+def _claims_of(token: str) -> dict[str, object]:
+    part = token.split(".")[1]
+    decoded: dict[str, object] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    return decoded
+
+
+def test_a_user_jwt_has_the_nats_header_claims_and_a_verifying_signature() -> None:
+    """Header ``ed25519-nkey``, claims iss/sub/iat/jti/nats.type/version 2, signature by the
+    issuer; decode verifies it."""
+    account, user = new_key("account"), new_key("user")
+    token = encode_jwt("user", user.public, "u1", {"pub": {"allow": ["a"]}}, account, issued_at=1_700_000_000)
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header == {"typ": "JWT", "alg": "ed25519-nkey"}
+    body = _claims_of(token)
+    assert body["iss"] == account.public
+    assert body["sub"] == user.public
+    assert body["iat"] == 1_700_000_000
+    assert isinstance(body["jti"], str)
+    assert len(body["jti"]) == 52  # base32 of a 32-byte SHA-512/256, unpadded
+    assert body["nats"] == {"pub": {"allow": ["a"]}, "type": "user", "version": 2}
+    claims = decode_jwt(token)
+    assert (claims.subject, claims.issuer, claims.kind) == (user.public, account.public, "user")
+    assert "=" not in token
+
+
+def test_a_tampered_or_foreign_jwt_is_refused() -> None:
+    account, user = new_key("account"), new_key("user")
+    token = encode_jwt("user", user.public, "u1", {"pub": {"allow": ["own"]}}, account)
+    head, body, sig = token.split(".")
+    claims = _claims_of(token)
+    claims["nats"] = {"pub": {"allow": [">"]}, "type": "user", "version": 2}
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    with pytest.raises(IdentityError, match="does not verify"):
+        decode_jwt(f"{head}.{forged}.{sig}")
+    for bad in ("", "a.b", "x.y.z", f"{head}.{body}", "e30.e30.e30"):
+        with pytest.raises(IdentityError):
+            decode_jwt(bad)
+
+
+def test_wrong_signer_or_subject_kinds_are_refused() -> None:
+    operator, account, user = new_key("operator"), new_key("account"), new_key("user")
+    with pytest.raises(IdentityError, match="signed by an account key"):
+        encode_jwt("user", user.public, "u", {}, operator)
+    with pytest.raises(IdentityError, match="subject must be a account"):
+        encode_jwt("account", user.public, "a", {}, operator)
+    encode_jwt("account", account.public, "a", {}, operator)
+
+
+def test_creds_file_round_trips_is_private_and_checks_its_seed(tmp_path: Path) -> None:
+    account, user, stranger = new_key("account"), new_key("user"), new_key("user")
+    token = encode_jwt("user", user.public, "u", {}, account)
+    path = tmp_path / "u.creds"
+    write_creds(path, token, user)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_creds(path) == (token, user)
+    text = path.read_text()
+    assert text.startswith("-----BEGIN NATS USER JWT-----\n")
+    path.write_text(text.replace(user.seed, stranger.seed))
+    with pytest.raises(IdentityError, match="not the key of the JWT's user"):
+        read_creds(path)
+    path.write_text("hello")
+    with pytest.raises(IdentityError, match="not a NATS creds file"):
+        read_creds(path)
+    with pytest.raises(IdentityError, match="cannot read"):
+        read_creds(tmp_path / "missing.creds")
+
+
+def test_node_rights_name_only_its_own_subjects_and_no_consumer_api() -> None:
+    """A node may publish its telemetry/status and the read requests of its own keys, and
+    subscribe to its inbox and wake-up subjects; no ``CONSUMER`` right, no wildcard over
+    other nodes."""
+    claims = permissions_for("node", fleet="shop", node="till-001")
+    pub, sub = claims["pub"]["allow"], claims["sub"]["allow"]
+    assert "slmops.telemetry.shop.till-001" in pub
+    assert "slmops.status.shop.till-001" in pub
+    assert not any("CONSUMER" in s or "$JS.FC" in s or s in (">", "slmops.>") for s in pub)
+    assert not any("till-002" in s for s in pub + sub)
+    assert sub == ["_INBOX_till-001.>", *names.assignment_subjects("shop", "till-001")]
+    assert claims["subs"] > 0
+    assert claims["payload"] == 1024 * 1024
+    analyst = permissions_for("analyst")
+    assert analyst["pub"] == {"deny": [">"]}
+
+
+def test_node_rights_in_jwt_mode_equal_the_password_generator_block() -> None:
+    """deploy/nats/make_node_users.py (passwords) and cloud/trust (JWT) grant the same set."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "make_node_users.py"
+    spec = importlib.util.spec_from_file_location("make_node_users", path)
+    assert spec is not None
+    assert spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    block = gen.node_block("shop", "till-001", "pw")
+    quoted = [
+        line.strip().strip(",").strip('"') for line in block.splitlines() if line.strip().startswith('"')
+    ]
+    claims = permissions_for("node", fleet="shop", node="till-001")
+    assert sorted(quoted) == sorted(claims["pub"]["allow"] + claims["sub"]["allow"])
+
+
+def test_fleet_dir_init_enroll_revoke_files(tmp_path: Path) -> None:
+    d = FleetDir.init(tmp_path / "fleet")
+    assert stat.S_IMODE((tmp_path / "fleet" / "keys").stat().st_mode) == 0o700
+    for seed in (tmp_path / "fleet" / "keys").iterdir():
+        assert stat.S_IMODE(seed.stat().st_mode) == 0o600
+    operator = decode_jwt(d.operator_jwt_path.read_text())
+    assert operator.nats["system_account"] == d.system_account_public
+    account = decode_jwt(d.account_jwt())
+    assert account.issuer in operator.nats["signing_keys"]
+    assert account.nats["limits"]["consumer"] == 16384
+    enrolled = d.enroll("node", fleet="shop", node="till-001")
+    jwt, user = read_creds(enrolled.creds)
+    claims = decode_jwt(jwt)
+    assert claims.nats["issuer_account"] == d.account_public
+    assert claims.issuer in account.nats["signing_keys"]
+    assert claims.name == "node-shop-till-001"
+    revoked = d.revoke(fleet="shop", node="till-001")
+    assert [u.public for u in revoked] == [user.public]
+    newer = decode_jwt(FleetDir(d.path).account_jwt())
+    assert newer.nats["revocations"] == {user.public: revoked[0].revoked_at}
+    assert newer.issued_at > account.issued_at
+    assert newer.jti != account.jti
+    assert newer.subject == account.subject
+    assert d.account_jwt() in d.server_conf.read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"role": "node", "fleet": "shop"}, "--fleet and --node"),
+        ({"role": "node", "fleet": "shop", "node": "a.b"}, "node"),
+        ({"role": "node", "fleet": "../etc", "node": "n"}, "fleet"),
+        ({"role": "root"}, "role must be one of"),
+        ({"role": "analyst", "node": "n"}, "--node is for role node"),
+        ({"role": "analyst", "name": "a b"}, "name"),
+    ],
+)
+def test_enroll_refuses_bad_input_with_a_clear_error(
+    tmp_path: Path, kwargs: dict[str, str], match: str
+) -> None:
+    d = FleetDir.init(tmp_path / "fleet")
+    role = kwargs.pop("role")
+    with pytest.raises(ValueError, match=match):
+        d.enroll(role, **kwargs)  # type: ignore[arg-type]
+
+
+def test_init_never_overwrites_and_other_dirs_are_refused(tmp_path: Path) -> None:
+    FleetDir.init(tmp_path / "fleet")
+    with pytest.raises(FleetDirError, match="refusing to overwrite keys"):
+        FleetDir.init(tmp_path / "fleet")
+    with pytest.raises(FleetDirError, match="not a fleet directory"):
+        FleetDir(tmp_path)
+    d = FleetDir(tmp_path / "fleet")
+    with pytest.raises(FleetDirError, match="never enrolled"):
+        d.revoke(fleet="shop", node="ghost")
