@@ -48,8 +48,9 @@ from slmops.shared.identity import (
 
 __all__ = ["ACCOUNT", "SYSTEM_ACCOUNT", "FleetDir", "FleetDirError", "UserRecord"]
 
-ACCOUNT = "SLMOPS"
-SYSTEM_ACCOUNT = "SYS"
+#: The account every slmops user lives in (users are told apart by their rights), and the
+#: system account (server events, claim updates).
+ACCOUNT, SYSTEM_ACCOUNT = "SLMOPS", "SYS"
 #: Consumers in the account (the sum of the streams' own bounds fits: deploy/README.md).
 ACCOUNT_MAX_CONSUMERS = 16384
 
@@ -62,12 +63,17 @@ class FleetDirError(ValueError):
 class UserRecord(msgspec.Struct, forbid_unknown_fields=True):
     """One minted user, as ``fleet.json`` keeps it."""
 
+    #: The user's NKey public key (``U…``), what a revocation names.
     public: str
+    #: ``node``, ``cloud``, ``operator`` or ``analyst`` (``cloud.trust.permissions``).
     role: str
+    #: The JWT's name: ``node-<fleet>-<node>`` or ``<role>-<name>``.
     name: str
+    #: Unix seconds, the JWT's ``iat``; a revocation at or after it refuses the JWT.
     issued_at: int
     fleet: str | None = None
     node: str | None = None
+    #: Unix seconds of the revocation, None while valid.
     revoked_at: int | None = None
 
 
