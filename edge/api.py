@@ -10,6 +10,9 @@
 - ``POST /v1/embed`` (embedding models) ``{"text": "..."}`` or ``{"texts": [...]}`` →
   ``{"embeddings": [[...], ...], "model": {...}, "durable": bool}`` (L2-normalised vectors)
 - ``POST /v1/feedback`` ``{"prediction_id": "...", "label": "..."}`` → ``{"ok": true}``
+- ``POST /v1/generate`` and the OpenAI-compatible ``POST /v1/chat/completions`` (generation
+  models; ``"stream": true`` for server-sent events): see ``edge.chat``; 429 ``busy`` with
+  ``Retry-After`` when every generation slot and queue place is taken
 - ``GET /v1/health`` → ``EdgeNode.health()``
 - ``GET /metrics`` → Prometheus text format
 
@@ -50,8 +53,10 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from slmops.edge.chat import chat_completions, generate
 from slmops.edge.config import EdgeConfig, is_loopback
-from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
+from slmops.edge.errors import Busy, FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
+from slmops.edge.generate import Generations
 from slmops.edge.inference import InferenceFailed
 from slmops.edge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slmops.edge.metrics import NodeMetrics
@@ -85,6 +90,8 @@ class NodeService(Protocol):
     async def feedback(self, prediction_id: str, label: str) -> None: ...
     def health(self) -> dict[str, Any]: ...
     def statistics(self) -> _Counters: ...
+    @property
+    def generations(self) -> Generations: ...
 
 
 _NODE: web.AppKey[NodeService] = web.AppKey("node")
@@ -344,6 +351,9 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response = _error(409, "feedback_exists", str(exc), "prediction_id")
     except NoModel as exc:
         response = _error(503, "no_model", str(exc))
+    except Busy as exc:
+        response = _error(429, "busy", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after)
     except NodeClosed as exc:
         response = _error(503, "shutting_down", str(exc))
     except InferenceFailed as exc:
@@ -408,6 +418,16 @@ async def _feedback(request: web.Request) -> web.Response:
     return _ok({"ok": True})
 
 
+async def _generate(request: web.Request) -> web.StreamResponse:
+    body: dict[str, Any] = await _body(request, dict)
+    return await generate(request, request.app[_NODE].generations, body)
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    body: dict[str, Any] = await _body(request, dict)
+    return await chat_completions(request, request.app[_NODE].generations, body)
+
+
 async def _health(request: web.Request) -> web.Response:
     return _ok(request.app[_NODE].health())
 
@@ -417,7 +437,15 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-_ROUTES = {"/v1/predict", "/v1/embed", "/v1/feedback", "/v1/health", "/metrics"}
+_ROUTES = {
+    "/v1/predict",
+    "/v1/embed",
+    "/v1/feedback",
+    "/v1/generate",
+    "/v1/chat/completions",
+    "/v1/health",
+    "/metrics",
+}
 
 
 def build_app(node: NodeService) -> web.Application:
@@ -435,6 +463,8 @@ def build_app(node: NodeService) -> web.Application:
     app.router.add_post("/v1/predict", _predict)
     app.router.add_post("/v1/embed", _embed)
     app.router.add_post("/v1/feedback", _feedback)
+    app.router.add_post("/v1/generate", _generate)
+    app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/metrics", _metrics)
     return app

@@ -51,6 +51,7 @@ from slmops.edge.receipt import LossReceipt
 from slmops.edge.window import ModelInfo, build_aggregate, compact
 from slmops.shared.messages import (
     EmbeddingStats,
+    GenerationSpec,
     HistogramEdges,
     ModelRef,
     TelemetryAggregate,
@@ -416,15 +417,24 @@ class Buffer:
         embedding: EmbeddingStats | None = None,
         *,
         out_of_scope: bool = False,
+        generation: GenerationSpec | None = None,
     ) -> ModelInfo:
         """The id under which events of this model are stored (created on first use);
-        ``out_of_scope``: its aggregates carry out-of-scope counts."""
+        ``out_of_scope``: its aggregates carry out-of-scope counts; ``generation``: a
+        generation model's spec (its extra histogram edges and refusal categories)."""
         key = f"{ref.name}/{ref.version}/{ref.variant}"
         for info in self._models.values():
             if info.ref == ref:
                 return info
         info = ModelInfo(
-            model_id=0, ref=ref, labels=labels, edges=edges, embedding=embedding, out_of_scope=out_of_scope
+            model_id=0,
+            ref=ref,
+            labels=labels,
+            edges=edges,
+            embedding=embedding,
+            out_of_scope=out_of_scope,
+            generation=generation.edges if generation is not None else None,
+            refusals=list(generation.refusals) if generation is not None else [],
         )
         if self._db is None and self._unopened:  # stored with this id once the db opens
             info = msgspec.structs.replace(info, model_id=min([0, *self._models]) - 1)

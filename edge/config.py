@@ -19,6 +19,7 @@ from slmops.shared.names import validate_id
 
 __all__ = [
     "EdgeConfig",
+    "GenerationLimits",
     "RefreshTimings",
     "SafetyLimits",
     "is_loopback",
@@ -86,6 +87,31 @@ class RefreshTimings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+class GenerationLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How much generation a node takes on (``edge.generate``); the ``[generation]`` table of
+    an edge config file. A request may lower the model's limits, never raise them."""
+
+    #: Generations running at once (each steps in a worker thread; 2 cores here: 1 keeps a
+    #: stream's tokens/s, more share the cores).
+    max_concurrent: int = 1
+    #: Requests waiting for a slot; beyond it the API answers 429 with ``Retry-After``.
+    max_queue: int = 8
+    #: Longest prompt, in messages' characters (before tokenizing: bounds the tokenizer's work).
+    max_prompt_chars: int = 32_000
+    #: Share of requests whose prompt log-likelihood is computed; None = the manifest's.
+    loglik_share: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent", "max_prompt_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max_queue must be an int >= 0, got {self.max_queue!r}")
+        if self.loglik_share is not None and not 0 <= self.loglik_share <= 1:
+            raise ValueError(f"loglik_share must be in [0, 1], got {self.loglik_share!r}")
 
 
 class EdgeConfig(Config, kw_only=True):
@@ -190,6 +216,8 @@ class EdgeConfig(Config, kw_only=True):
     safety: SafetyLimits = msgspec.field(default_factory=SafetyLimits)
     #: Timings of following the model assignment.
     refresh: RefreshTimings = msgspec.field(default_factory=RefreshTimings)
+    #: Generation models: concurrency, queue and prompt limits.
+    generation: GenerationLimits = msgspec.field(default_factory=GenerationLimits)
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, "fleet")

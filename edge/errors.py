@@ -32,6 +32,19 @@ class NoModel(EdgeError):
         super().__init__(reason)
 
 
+class Busy(EdgeError):
+    """Every generation slot and queue place is taken: try again after ``retry_after`` s."""
+
+    def __init__(self, running: int, waiting: int, retry_after: int) -> None:
+        self.running = running
+        self.waiting = waiting
+        self.retry_after = retry_after
+        super().__init__(
+            f"busy: {running} generations running and {waiting} waiting (the limit); "
+            f"retry after {retry_after} s"
+        )
+
+
 class NodeClosed(EdgeError):
     """The node is shutting down or was never started."""
 

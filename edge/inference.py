@@ -31,6 +31,7 @@ from slmops.edge.buffer import Buffer, Commit
 from slmops.edge.errors import EdgeError, NodeClosed, NoModel
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.privacy import EventRow, derive_rows, embedding_bins, embedding_rows, error_rows
+from slmops.shared.generation import GenerationSession
 from slmops.shared.runtime import Session
 from slmops.shared.scope import flags as oos_flags
 
@@ -396,9 +397,11 @@ class _Output(NamedTuple):
     unknown: list[int] | None = None
 
 
-def _run(session: Session, texts: list[str]) -> _Output:
+def _run(session: Session | GenerationSession, texts: list[str]) -> _Output:
     """Preprocessing + ORT (``Session.run``, grouped by length), then argmax: no per-text
     objects are made."""
+    if not isinstance(session, Session):
+        raise InferenceFailed("a generation model neither classifies nor embeds", "wrong_task")
     t0 = time.perf_counter()
     out = session.run(texts)
     seconds = time.perf_counter() - t0

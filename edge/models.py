@@ -35,6 +35,7 @@ import structlog
 from slmops.edge.status import device_profile
 from slmops.shared.bundle import MANIFEST_FILE, Bundle, TrustStore, check_files, read_bundle
 from slmops.shared.errors import BundleError
+from slmops.shared.generation import GenerationSession
 from slmops.shared.messages import ModelManifest, ModelRef
 from slmops.shared.runtime import Session, verify_bundle
 from slmops.shared.vocabulary import BundleCode
@@ -51,7 +52,8 @@ _DISK_FAILING = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 class ActiveModel(msgspec.Struct, frozen=True, kw_only=True):
     """A loaded model as inference uses it; immutable, swapped as a whole."""
 
-    session: Session
+    #: A ``GenerationSession`` for task "generation" (``shared.generation``).
+    session: Session | GenerationSession
     manifest: ModelManifest
     path: Path
     #: The buffer's id for this model's events.
@@ -295,7 +297,7 @@ class ModelManager:
             log.warning("model_rolled_back", model=prev.name, version=prev.version)
             return prev
 
-    async def _session(self, bundle: Bundle) -> Session:
+    async def _session(self, bundle: Bundle) -> Session | GenerationSession:
         """``shared.runtime.verify_bundle``: the same checks as ``models push``."""
         if len(self.trust) == 0:
             raise BundleError(

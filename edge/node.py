@@ -56,6 +56,7 @@ from slmops.edge._lock import DataDirLock
 from slmops.edge.buffer import Buffer
 from slmops.edge.config import EdgeConfig
 from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
+from slmops.edge.generate import Generations
 from slmops.edge.inference import Batcher, Result
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.outbox import Publisher
@@ -201,6 +202,9 @@ class EdgeNode:
             max_wait=config.max_batch_wait,
             inline_max_chars=config.inline_max_chars,
             clock=clock,
+        )
+        self.generations = Generations(
+            self.models, self.buffer, config.generation, durable=config.durable_ack, clock=clock
         )
         # The close path (module docstring): windower -> buffer -> window -> privacy -> buffer.
         self.windower = Windower(config.window, self.buffer.close_window, clock=clock)
@@ -362,6 +366,7 @@ class EdgeNode:
             manifest.edges,
             manifest.embedding,
             out_of_scope=manifest.out_of_scope is not None,
+            generation=manifest.generation,
         )
         return info.model_id
 

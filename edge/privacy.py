@@ -15,7 +15,7 @@ epsilon-DP per inference. ``count`` and ``errors`` stay exact (the wire contract
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -26,6 +26,7 @@ from slmops.shared.histogram import Histogram, bin_index
 from slmops.shared.messages import (
     EmbeddingHistograms,
     EmbeddingStats,
+    GenerationHistograms,
     HistogramEdges,
     Privacy,
     TelemetryAggregate,
@@ -42,9 +43,11 @@ __all__ = [
     "embedding_bins",
     "embedding_rows",
     "error_rows",
+    "generation_row",
     "suppress",
     "two_sided_geometric",
     "unpack_bins",
+    "unpack_generation",
 ]
 
 #: Counts one inference can change: its class, confidence, length and latency bins, and one
@@ -150,6 +153,49 @@ def unpack_bins(packed: int, k: int, base: int) -> list[int]:
     return out
 
 
+#: Bits of a generation row's ``oos`` column: output-token bin, tokens/s bin (6 bits each),
+#: empty answer (1), refusal category index + 1 (0 = none).
+_GEN_BITS = 6
+
+
+def generation_row(
+    *,
+    t: float,
+    model_id: int,
+    reason: int,
+    loglik_bin: int,
+    prompt_bin: int,
+    ttft_bin: int,
+    output_bin: int,
+    tps_bin: int,
+    empty: bool,
+    refusal: int | None,
+) -> EventRow:
+    """One generation as an event row of small integers: ``label`` = stop-reason index (into
+    the manifest's labels), ``conf`` = prompt-likelihood bin (-1: not sampled), ``len`` =
+    prompt-token bin, ``lat`` = time-to-first-token bin, and the output-token and tokens/s bins,
+    the empty flag and the refusal category packed into ``oos``. Never the text or its tokens."""
+    mask = (1 << _GEN_BITS) - 1
+    packed = (
+        (min(output_bin, mask))
+        | (min(tps_bin, mask) << _GEN_BITS)
+        | (int(empty) << (2 * _GEN_BITS))
+        | ((0 if refusal is None else min(refusal + 1, mask)) << (2 * _GEN_BITS + 1))
+    )
+    return EventRow(t, model_id, reason, loglik_bin, prompt_bin, ttft_bin, 0, packed)
+
+
+def unpack_generation(packed: int) -> tuple[int, int, int, int]:
+    """``(output bin, tokens/s bin, empty 0/1, refusal index or -1)`` of ``generation_row``'s ``oos``."""
+    mask = (1 << _GEN_BITS) - 1
+    return (
+        packed & mask,
+        (packed >> _GEN_BITS) & mask,
+        (packed >> (2 * _GEN_BITS)) & 1,
+        ((packed >> (2 * _GEN_BITS + 1)) & mask) - 1,
+    )
+
+
 def error_rows(n: int, *, t: float, model_id: int) -> list[EventRow]:
     """Rows for ``n`` inferences that failed inside the model (counted as errors)."""
     return [EventRow(t, model_id, -1, 0, 0, 0, 1)] * n
@@ -183,6 +229,9 @@ def add_noise(
     sensitivity = max(SENSITIVITY, len(emb.projections) + 3) if emb is not None else SENSITIVITY
     if agg.out_of_scope:  # ... and one out-of-scope cell
         sensitivity += SENSITIVITY_OOS - SENSITIVITY
+    gen = agg.generation
+    if gen is not None:  # ... its output-token and tokens/s bins, stop reason, empty, refusal
+        sensitivity += 5
     alpha = math.exp(-epsilon / sensitivity)
 
     def noisy(h: Histogram) -> Histogram:
@@ -216,6 +265,27 @@ def add_noise(
             if emb is not None
             else None
         ),
+        generation=_noisy_generation(gen, rng, alpha, noisy) if gen is not None else None,
+    )
+
+
+def _noisy_generation(
+    gen: GenerationHistograms,
+    rng: np.random.Generator,
+    alpha: float,
+    noisy: Callable[[Histogram], Histogram],
+) -> GenerationHistograms:
+    def counts(d: dict[str, int]) -> dict[str, int]:
+        keys = sorted(d)
+        return {k: d[k] + n for k, n in zip(keys, two_sided_geometric(rng, alpha, len(keys)), strict=True)}
+
+    return GenerationHistograms(
+        output_tokens=noisy(gen.output_tokens),
+        tokens_per_s=noisy(gen.tokens_per_s),
+        stop_reasons=counts(gen.stop_reasons),
+        empty=gen.empty + two_sided_geometric(rng, alpha, 1)[0],
+        refusals=counts(gen.refusals),
+        loglik_sampled=gen.loglik_sampled,
     )
 
 
@@ -240,6 +310,14 @@ def suppress(agg: TelemetryAggregate) -> TelemetryAggregate:
                 projections=[empty(h) for h in agg.embedding.projections], norm=empty(agg.embedding.norm)
             )
             if agg.embedding is not None
+            else None
+        ),
+        generation=(
+            GenerationHistograms(
+                output_tokens=empty(agg.generation.output_tokens),
+                tokens_per_s=empty(agg.generation.tokens_per_s),
+            )
+            if agg.generation is not None
             else None
         ),
     )

@@ -16,12 +16,15 @@ import msgspec
 import structlog
 
 from slmops.edge.errors import StoreError
-from slmops.edge.privacy import unpack_bins
+from slmops.edge.privacy import unpack_bins, unpack_generation
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
     OOS_CELLS,
+    STOP_REASONS,
     EmbeddingHistograms,
     EmbeddingStats,
+    GenerationEdges,
+    GenerationHistograms,
     HistogramEdges,
     ModelRef,
     Privacy,
@@ -60,6 +63,10 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     embedding: EmbeddingStats | None = None
     #: Its aggregates carry ``out_of_scope`` counts (the manifest has an ``OutOfScopeSpec``).
     out_of_scope: bool = False
+    #: A generation model's extra histogram edges (its rows pack their bins, ``edge.generate``).
+    generation: GenerationEdges | None = None
+    #: Its declared refusal categories, in manifest order.
+    refusals: list[str] = []
 
 
 def to_datetime(t: float) -> datetime:
@@ -101,9 +108,13 @@ def build_aggregate(
     proj = [Histogram.empty(emb.projection_edges) for _ in emb.directions] if emb is not None else []
     norm = Histogram.empty(emb.norm_edges) if emb is not None else None
     base = len(emb.projection_edges) - 1 if emb is not None else 0
+    gen = _GenerationCounts(info) if info.generation is not None else None
     for cell in cells:
         label, cb, lb, tb, err, n = cell[:6]
         count += n
+        if gen is not None:
+            errors += gen.add(cell, classes, conf, length, lat)
+            continue
         if emb is not None and norm is not None and not err and label >= 0:
             for h, b in zip(proj, unpack_bins(label, len(proj), base), strict=True):
                 h.counts[min(b, len(h.counts) - 1)] += n
@@ -141,7 +152,78 @@ def build_aggregate(
         install=install,
         embedding=EmbeddingHistograms(projections=proj, norm=norm) if norm is not None else None,
         out_of_scope=oos,
+        generation=gen.histograms() if gen is not None else None,
     )
+
+
+class _GenerationCounts:
+    """A generation model's cells (``edge.privacy.generation_row``) into its histograms."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        edges = info.generation
+        assert edges is not None
+        self.labels = info.labels
+        self.refusal_names = info.refusals
+        self.out = Histogram.empty(edges.output_tokens)
+        self.tps = Histogram.empty(edges.tokens_per_s)
+        self.stops: dict[str, int] = dict.fromkeys(STOP_REASONS, 0)
+        self.refusals: dict[str, int] = dict.fromkeys(info.refusals, 0)
+        self.empty = self.sampled = 0
+
+    def add(
+        self, cell: Cell, classes: dict[str, int], conf: Histogram, length: Histogram, lat: Histogram
+    ) -> int:
+        """Count one cell; returns how many of its inferences were errors."""
+        label, cb, lb, tb, err, n = cell[:6]
+        if err or not 0 <= label < len(self.labels):
+            self.stops["error"] += n
+            return n
+        reason = self.labels[label]
+        classes[reason] = classes.get(reason, 0) + n
+        self.stops[reason] = self.stops.get(reason, 0) + n
+        if cb >= 0:  # the prompt likelihood was sampled
+            conf.counts[min(cb, len(conf.counts) - 1)] += n
+            self.sampled += n
+        length.counts[min(max(lb, 0), len(length.counts) - 1)] += n
+        lat.counts[min(max(tb, 0), len(lat.counts) - 1)] += n
+        ob, sb, empty, refusal = unpack_generation(cell[6] if len(cell) > 6 else 0)
+        self.out.counts[min(ob, len(self.out.counts) - 1)] += n
+        self.tps.counts[min(sb, len(self.tps.counts) - 1)] += n
+        self.empty += n * empty
+        if 0 <= refusal < len(self.refusal_names):
+            name = self.refusal_names[refusal]
+            self.refusals[name] += n
+        return 0
+
+    def histograms(self) -> GenerationHistograms:
+        return GenerationHistograms(
+            output_tokens=self.out,
+            tokens_per_s=self.tps,
+            stop_reasons=self.stops,
+            empty=self.empty,
+            refusals=self.refusals,
+            loglik_sampled=self.sampled,
+        )
+
+
+def _merge_generation(
+    a: GenerationHistograms | None, b: GenerationHistograms | None
+) -> GenerationHistograms | None:
+    if a is None or b is None:
+        return a or b
+    return GenerationHistograms(
+        output_tokens=a.output_tokens.merge(b.output_tokens),
+        tokens_per_s=a.tokens_per_s.merge(b.tokens_per_s),
+        stop_reasons=_add(a.stop_reasons, b.stop_reasons),
+        empty=a.empty + b.empty,
+        refusals=_add(a.refusals, b.refusals),
+        loglik_sampled=a.loglik_sampled + b.loglik_sampled,
+    )
+
+
+def _generation_edges(a: TelemetryAggregate) -> list[list[float]] | None:
+    g = a.generation
+    return None if g is None else [g.output_tokens.edges, g.tokens_per_s.edges]
 
 
 def mergeable(a: TelemetryAggregate, b: TelemetryAggregate) -> bool:
@@ -157,6 +239,7 @@ def mergeable(a: TelemetryAggregate, b: TelemetryAggregate) -> bool:
         and a.latency_ms.edges == b.latency_ms.edges
         and _embedding_edges(a) == _embedding_edges(b)
         and len(a.out_of_scope) == len(b.out_of_scope)
+        and _generation_edges(a) == _generation_edges(b)
     )
 
 
@@ -210,6 +293,7 @@ def merge(a: TelemetryAggregate, b: TelemetryAggregate) -> TelemetryAggregate:
         dropped_inferences=a.dropped_inferences + b.dropped_inferences,
         dropped_aggregates=a.dropped_aggregates + b.dropped_aggregates,
         embedding=_merge_embedding(a.embedding, b.embedding),
+        generation=_merge_generation(a.generation, b.generation),
         out_of_scope=[x + y for x, y in zip(a.out_of_scope, b.out_of_scope, strict=True)],
     )
 

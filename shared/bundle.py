@@ -82,7 +82,7 @@ MANIFEST_FILE = "manifest.json"
 #: held-out scores, are ~0.1-1 MB).
 MAX_MANIFEST_BYTES = 16 << 20
 #: Roles a bundle file may have.
-ROLES = frozenset({"model", "head", "tokenizer", "data"})
+ROLES = frozenset({"model", "head", "tokenizer", "data", "genai_config"})
 _manifest_decoder = msgspec.json.Decoder(ModelManifest)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from slmops.shared.generation import available as _genai_available
 from slmops.shared.messages import ModelManifest, Requirements
 
 __all__ = ["CAPABILITIES", "LEGACY_CAPABILITIES", "RUNTIME_LEVEL", "requirements_of", "unmet"]
@@ -22,6 +23,8 @@ CAPABILITIES: list[str] = [
     "embedding",
     "multi_file",
     f"runtime:{RUNTIME_LEVEL}",
+    # Generation models (ONNX Runtime GenAI folders) only where the optional extra is installed.
+    *(["genai", "generation"] if _genai_available() else []),
 ]
 #: What a node that reports no capabilities can run.
 LEGACY_CAPABILITIES: list[str] = ["hashed_ngrams", "classification", "runtime:1"]

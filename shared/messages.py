@@ -22,6 +22,7 @@ __all__ = [
     "OOS_FOREIGN_SCRIPT",
     "OOS_LOW_CONFIDENCE",
     "OOS_UNKNOWN_TOKEN",
+    "STOP_REASONS",
     "WIRE_TYPES",
     "Assignment",
     "BundleFile",
@@ -30,6 +31,10 @@ __all__ = [
     "DriftEvent",
     "EmbeddingHistograms",
     "EmbeddingStats",
+    "GenerationEdges",
+    "GenerationHistograms",
+    "GenerationSmoke",
+    "GenerationSpec",
     "HeldOutScores",
     "HistogramEdges",
     "ModelManifest",
@@ -117,6 +122,32 @@ class EmbeddingHistograms(Wire, kw_only=True):
     norm: Histogram
 
 
+#: Why a generation ended (``GenerationHistograms.stop_reasons`` keys, and the class names a
+#: generation model's aggregates count in ``class_counts``): the model's end-of-sequence token,
+#: one of the request's stop strings, the new-token limit, the client went away, a failure.
+STOP_REASONS: tuple[str, ...] = ("eos", "stop", "length", "cancelled", "error")
+
+
+class GenerationHistograms(Wire, kw_only=True):
+    """A generation model's traffic beyond the common histograms, privacy-safe (numbers only).
+
+    For task "generation" the common fields mean: ``input_length`` = prompt tokens,
+    ``latency_ms`` = time to first token, ``confidence`` = the prompt's likelihood under the
+    model, exp(mean token log-likelihood) in (0, 1] (only the sampled requests:
+    ``loglik_sampled`` of ``count``), ``class_counts`` = stop reasons (``STOP_REASONS``)."""
+
+    output_tokens: Histogram
+    tokens_per_s: Histogram
+    #: Stop reason -> count, every reason of ``STOP_REASONS`` (errors included).
+    stop_reasons: dict[str, int] = {}
+    #: Answers with no visible text.
+    empty: int = 0
+    #: Declared refusal category (``GenerationSpec.refusals``) -> answers matching it.
+    refusals: dict[str, int] = {}
+    #: Requests whose prompt likelihood was computed (the ``confidence`` histogram's total).
+    loglik_sampled: int = 0
+
+
 class TelemetryAggregate(Wire, kw_only=True):
     """One window of one node's privacy-filtered inference statistics (msgpack)."""
 
@@ -156,6 +187,9 @@ class TelemetryAggregate(Wire, kw_only=True):
     #: ``OOS_CELLS`` counts, DP-noised like the histograms); [] = not counted (an old node,
     #: or a model without ``ModelManifest.out_of_scope``).
     out_of_scope: list[int] = []
+    #: Generation models: output tokens, tokens/s, stop reasons, empty answers, refusals.
+    #: None for other models and old nodes.
+    generation: GenerationHistograms | None = None
 
 
 class DeviceProfile(Wire, kw_only=True):
@@ -331,6 +365,54 @@ class EmbeddingStats(Wire, kw_only=True):
     norm_edges: list[float]
 
 
+class GenerationEdges(Wire, kw_only=True):
+    """Bin edges of ``GenerationHistograms`` (prompt tokens, TTFT and likelihood use
+    ``ModelManifest.edges``: input_length, latency_ms, confidence)."""
+
+    output_tokens: list[float]
+    tokens_per_s: list[float]
+
+
+class GenerationSmoke(Wire, kw_only=True):
+    """A greedy smoke test: ``prompt`` as one user message through the chat template; the
+    first ``k`` generated token ids must be ``token_ids`` (int4/int8 kernels differ across
+    CPUs, so only a prefix is compared)."""
+
+    prompt: str
+    k: int
+    token_ids: list[int]
+
+
+class GenerationSpec(Wire, kw_only=True):
+    """How a generation model (task "generation", an ONNX Runtime GenAI folder) is run and watched.
+
+    Files: role "model" (the decoder), "data" (external weights), "genai_config" (the GenAI
+    ``genai_config.json``), "tokenizer" (``tokenizer.json``, ``tokenizer_config.json``).
+    Defaults apply when a request does not set them; requests may lower, never raise, the
+    limits. ``temperature`` 0 is greedy."""
+
+    genai_config: str = "genai_config.json"
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = []
+    #: Jinja chat template; "" = the tokenizer_config.json's own.
+    chat_template: str = ""
+    #: Declared refusal categories: name -> phrases, matched case-insensitively in the answer.
+    refusals: dict[str, list[str]] = {}
+    #: Share of requests (0-1) whose prompt log-likelihood is computed (a logits read of
+    #: [prompt tokens x vocabulary] floats each).
+    loglik_share: float = 0.25
+    edges: GenerationEdges
+    smoke: list[GenerationSmoke] = []
+    #: The held-out prompts' generation statistics (the drift reference beside
+    #: ``ModelManifest.reference``).
+    reference: GenerationHistograms | None = None
+    #: Held-out prompts the reference was computed from.
+    reference_prompts: int = 0
+
+
 class BundleIndex(Wire, kw_only=True):
     """KV ``slmops_manifests`` ``_files.<name>.<version>.<variant>``: the few fields a node
     reads before it downloads a bundle (a few hundred bytes, unlike the manifest with its
@@ -418,6 +500,8 @@ class ModelManifest(Wire, kw_only=True):
     out_of_scope: OutOfScopeSpec | None = None
     #: The device profile this variant was optimised for and how (None: not optimised).
     optimization: Optimization | None = None
+    #: Task "generation": how the model is run and watched (None otherwise).
+    generation: GenerationSpec | None = None
 
     @property
     def ref(self) -> ModelRef:

@@ -33,6 +33,7 @@ import onnxruntime as ort
 from slmops.shared.bundle import Bundle, TrustStore, check_files
 from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.errors import BundleError
+from slmops.shared.generation import GenerationSession, load_generation
 from slmops.shared.messages import ModelManifest
 from slmops.shared.preprocess import TOKEN_ROLES, TokenizerFeaturizer, featurize
 from slmops.shared.vocabulary import BundleCode
@@ -424,7 +425,7 @@ def verify_bundle(
     memory_mb: int = 0,
     capabilities: Sequence[str] = CAPABILITIES,
     intra_op_threads: int = 1,
-) -> Session:
+) -> Session | GenerationSession:
     """Everything a node checks before it serves a bundle, in this order: a trusted signature
     over the raw manifest, requirements this runtime meets, memory (``memory_mb`` 0 = not
     checked), every file's size and sha256, ONNX Runtime load with matching inputs/outputs,
@@ -453,6 +454,10 @@ def verify_bundle(
         raise BundleError(
             where, "an embedding model's manifest needs its embedding statistics", BundleCode.INCOMPATIBLE
         )
+    if bundle.manifest.task == "generation":
+        gen = load_generation(bundle.path, bundle.manifest, intra_op_threads=intra_op_threads)
+        gen.smoke_test()
+        return gen
     session = load_session(bundle, intra_op_threads=intra_op_threads)
     session.smoke_test()
     return session

@@ -16,21 +16,37 @@ _file = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 @click.command(name="import")
 @click.option(
-    "--onnx", "onnx_path", required=True, type=_file, help="The ONNX model (inputs named as the tokenizer's)."
+    "--onnx", "onnx_path", default=None, type=_file, help="The ONNX model (inputs named as the tokenizer's)."
 )
 @click.option(
     "--tokenizer",
     "tokenizer_path",
-    required=True,
+    default=None,
     type=_file,
     help="Its HF tokenizers file (tokenizer.json).",
+)
+@click.option(
+    "--genai",
+    "genai_dir",
+    default=None,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="An ONNX Runtime GenAI folder (decoder, genai_config.json, tokenizer): a generation model "
+    '(instead of --onnx/--tokenizer; --data holds {"prompt": ...} lines).',
+)
+@click.option(
+    "--max-new-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Generation models: the most new tokens per answer.",
 )
 @click.option("--labels", default=None, help="Comma-separated class labels, in the model's output order.")
 @click.option(
     "--task",
     type=click.Choice(["classification", "embedding"]),
     default=None,
-    help="embedding: the output is a pooled [batch, dim] vector (no --labels). Default: classification.",
+    help="embedding: the output is a pooled [batch, dim] vector (no --labels). Default: classification "
+    "(generation with --genai).",
 )
 @click.option(
     "--data", "data_path", required=True, type=_file, help='Held-out JSON lines {"text": ..., "label": ...}.'
@@ -51,8 +67,10 @@ _file = click.Path(dir_okay=False, exists=True, path_type=Path)
 )
 @click.option("--min-memory-mb", default=0, type=click.IntRange(min=0), help="Device memory the model needs.")
 def import_cmd(
-    onnx_path: Path,
-    tokenizer_path: Path,
+    onnx_path: Path | None,
+    tokenizer_path: Path | None,
+    genai_dir: Path | None,
+    max_new_tokens: int,
     labels: str | None,
     task: str | None,
     data_path: Path,
@@ -73,6 +91,14 @@ def import_cmd(
     """
     from slmops.cloud.factory.importer import ImportRefused, import_model
     from slmops.shared.bundle import load_private_key
+
+    if genai_dir is not None:
+        if onnx_path is not None or tokenizer_path is not None or labels is not None:
+            raise click.UsageError("--genai takes the whole folder: no --onnx, --tokenizer or --labels")
+        _import_genai(genai_dir, data_path, name, version, key_path, out_dir, max_new_tokens, min_memory_mb)
+        return
+    if onnx_path is None or tokenizer_path is None:
+        raise click.UsageError("give --onnx and --tokenizer (or --genai DIR for a generation model)")
 
     label_list = [x.strip() for x in labels.split(",")] if labels is not None else None
     try:
@@ -102,3 +128,39 @@ def import_cmd(
         click.echo(f"held-out     {report.held_out} texts, accuracy {report.accuracy:.4f}")
     else:
         click.echo(f"held-out     {report.held_out} texts")
+
+
+def _import_genai(
+    folder: Path,
+    data_path: Path,
+    name: str,
+    version: int,
+    key_path: Path,
+    out_dir: Path | None,
+    max_new_tokens: int,
+    min_memory_mb: int,
+) -> None:
+    from slmops.cloud.factory.genai import GenerationImportRefused, make_generation_bundle, read_prompts
+    from slmops.shared.bundle import load_private_key
+    from slmops.shared.errors import BundleError
+
+    try:
+        report = make_generation_bundle(
+            folder,
+            prompts=read_prompts(data_path),
+            name=name,
+            version=version,
+            key=load_private_key(key_path),
+            out_dir=out_dir or Path(f"{name}-v{version}"),
+            max_new_tokens=max_new_tokens,
+            min_memory_mb=min_memory_mb,
+        )
+    except (GenerationImportRefused, BundleError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    m = report.bundle.manifest
+    click.echo(f"bundle       {report.bundle.path}  ({m.name} v{m.version}, task {m.task})")
+    click.echo(f"files        {', '.join(f'{f.path} ({f.size_bytes} B, {f.role})' for f in m.files)}")
+    click.echo(
+        f"held-out     {report.prompts} prompts; smoke tests: first {report.smoke[0].k} greedy tokens "
+        f"of {len(report.smoke)} prompts ({report.seconds:.1f} s)"
+    )

@@ -143,6 +143,23 @@ def minilm_default(minilm_weights_dir: Path | None) -> CachedModel:
     return cached_minilm(seed=0, weights_dir=minilm_weights_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny generative decoder in the ONNX Runtime GenAI format (``tests/_decoder.py``),
+    built once per session (~1 s): the folder ``models import --genai`` takes."""
+    from _decoder import write_decoder
+
+    return write_decoder(tmp_path_factory.mktemp("tiny-decoder"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second variant of the tiny decoder: same bigram logits, other attention weights."""
+    from _decoder import write_decoder
+
+    return write_decoder(tmp_path_factory.mktemp("tiny-decoder-v2"), seed=1)
+
+
 #: A cold ``minilm_default`` builds the three variants inside the first test that asks for it
 #: (~60-90 s on a loaded 2-core machine), on top of that test's own work.
 MINILM_BUILD_TIMEOUT = 480

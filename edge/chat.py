@@ -1,0 +1,194 @@
+"""The generation endpoints of the node's HTTP API (routed by ``edge.api``):
+
+- ``POST /v1/generate`` ``{"prompt": "..."}`` or ``{"messages": [...]}``, optional
+  ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``model``, ``stream`` →
+  ``{"text", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}, "model"}``; with
+  ``"stream": true`` server-sent events ``data: {"text": "..."}`` …, then
+  ``data: {"finish_reason", "usage", "model"}`` and ``data: [DONE]``.
+- ``POST /v1/chat/completions``: the OpenAI chat completions request and response (and its
+  ``chat.completion.chunk`` events with ``"stream": true``), so OpenAI clients work unchanged.
+  ``finish_reason`` is "stop" (end of sequence or a stop string) or "length".
+
+The final event (``[DONE]``) is sent only after the answer's telemetry row is committed
+(durable answers). A client that goes away mid-stream (its connection closes, or a write
+fails) ends the generation at once; it is counted as "cancelled". A failure after the
+stream started is sent as ``data: {"error": {...}}`` and the stream ends without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from slmops.edge.errors import InvalidInput
+from slmops.edge.generate import Generations, Stream
+from slmops.edge.inference import InferenceFailed
+
+__all__ = ["chat_completions", "generate"]
+
+_json = msgspec.json.Encoder()
+#: OpenAI's finish reasons for ours.
+_OPENAI_REASON = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _event(payload: Any) -> bytes:
+    return b"data: " + _json.encode(payload) + b"\n\n"
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await resp.prepare(request)
+    return resp
+
+
+async def _write(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    if _gone(request):
+        raise _ClientGone
+    try:
+        await resp.write(data)
+    except (ConnectionError, RuntimeError) as exc:  # aiohttp: "Cannot write to closing transport"
+        raise _ClientGone from exc
+
+
+async def _pump(
+    request: web.Request, resp: web.StreamResponse, stream: Stream, piece_event: Any
+) -> tuple[str, bool]:
+    """Stream pieces until the model finishes; returns (reason, ok). On a model failure an
+    error event is written and ok is False."""
+    try:
+        while (piece := await stream.next()) is not None:
+            if _gone(request):
+                raise _ClientGone
+            if piece:
+                await _write(request, resp, _event(piece_event(piece)))
+    except InferenceFailed as exc:
+        with contextlib.suppress(_ClientGone):
+            await _write(request, resp, _event({"error": {"code": exc.code, "message": str(exc)}}))
+        return "error", False
+    return await stream.finish(), True
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(name, f"must be true or false, got {str(value)[:32]!r}")
+    return value
+
+
+def _usage(stream: Stream) -> dict[str, int]:
+    p, c = stream.prompt_tokens, stream.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def generate(request: web.Request, gens: Generations, body: dict[str, Any]) -> web.StreamResponse:
+    """``POST /v1/generate`` (see the module docstring)."""
+    has_prompt, has_messages = "prompt" in body, "messages" in body
+    if has_prompt == has_messages:
+        raise InvalidInput("prompt", 'send exactly one of "prompt" (a string) or "messages" (chat messages)')
+    if has_prompt and not isinstance(body["prompt"], str):
+        raise InvalidInput("prompt", f"must be a string, got {type(body['prompt']).__name__}")
+    streaming = _flag(body, "stream")
+    stream = await gens.open(body["prompt"] if has_prompt else body["messages"], body, body.get("model"))
+    model = msgspec.structs.asdict(stream.active.ref)
+    resp: web.StreamResponse | None = None
+    try:
+        if not streaming:
+            while await stream.next() is not None:
+                if _gone(request):
+                    raise _ClientGone
+            reason = await stream.finish()
+            return web.Response(
+                body=_json.encode(
+                    {"text": stream.text, "finish_reason": reason, "usage": _usage(stream), "model": model}
+                ),
+                content_type="application/json",
+            )
+        resp = await _sse(request)
+        reason, ok = await _pump(request, resp, stream, lambda piece: {"text": piece})
+        if ok:
+            await _write(
+                request, resp, _event({"finish_reason": reason, "usage": _usage(stream), "model": model})
+            )
+            await _write(request, resp, b"data: [DONE]\n\n")
+        return resp
+    except _ClientGone:  # nobody reads the answer; aiohttp logs nothing for a closed peer
+        return resp if resp is not None else web.Response(status=499)
+    finally:
+        await stream.aclose()
+
+
+async def chat_completions(
+    request: web.Request, gens: Generations, body: dict[str, Any]
+) -> web.StreamResponse:
+    """``POST /v1/chat/completions`` (OpenAI-compatible; see the module docstring)."""
+    if "messages" not in body:
+        raise InvalidInput("messages", "is required (a list of {role, content} objects)")
+    n = body.get("n", 1)
+    if n != 1:
+        raise InvalidInput("n", f"only n=1 is served, got {str(n)[:32]!r}")
+    streaming = _flag(body, "stream")
+    stream = await gens.open(body["messages"], body, body.get("model"))
+    name = stream.active.ref.name
+    ident = "chatcmpl-" + secrets.token_hex(12)
+    created = int(time.time())
+
+    def chunk(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+        return {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+        }
+
+    resp: web.StreamResponse | None = None
+    try:
+        if not streaming:
+            while await stream.next() is not None:
+                if _gone(request):
+                    raise _ClientGone
+            reason = await stream.finish()
+            payload = {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": stream.text},
+                        "finish_reason": _OPENAI_REASON[reason],
+                    }
+                ],
+                "usage": _usage(stream),
+            }
+            return web.Response(body=_json.encode(payload), content_type="application/json")
+        resp = await _sse(request)
+        await _write(request, resp, _event(chunk({"role": "assistant", "content": ""}, None)))
+        reason, ok = await _pump(request, resp, stream, lambda piece: chunk({"content": piece}, None))
+        if ok:
+            final = chunk({}, _OPENAI_REASON[reason])
+            final["usage"] = _usage(stream)
+            await _write(request, resp, _event(final))
+            await _write(request, resp, b"data: [DONE]\n\n")
+        return resp
+    except _ClientGone:  # nobody reads the answer; aiohttp logs nothing for a closed peer
+        return resp if resp is not None else web.Response(status=499)
+    finally:
+        await stream.aclose()
