@@ -91,6 +91,13 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
+def _messages_list(body: dict[str, Any]) -> None:
+    value = body.get("messages")
+    if not isinstance(value, list):
+        kind = type(value).__name__
+        raise InvalidInput("messages", f"must be a list of {{role, content}} objects, got {kind}")
+
+
 def _usage(stream: Stream) -> dict[str, int]:
     p, c = stream.prompt_tokens, stream.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -103,6 +110,8 @@ async def generate(request: web.Request, gens: Generations, body: dict[str, Any]
         raise InvalidInput("prompt", 'send exactly one of "prompt" (a string) or "messages" (chat messages)')
     if has_prompt and not isinstance(body["prompt"], str):
         raise InvalidInput("prompt", f"must be a string, got {type(body['prompt']).__name__}")
+    if has_messages:
+        _messages_list(body)
     streaming = _flag(body, "stream")
     stream = await gens.open(body["prompt"] if has_prompt else body["messages"], body, body.get("model"))
     model = msgspec.structs.asdict(stream.active.ref)
@@ -137,8 +146,7 @@ async def chat_completions(
     request: web.Request, gens: Generations, body: dict[str, Any]
 ) -> web.StreamResponse:
     """``POST /v1/chat/completions`` (OpenAI-compatible; see the module docstring)."""
-    if "messages" not in body:
-        raise InvalidInput("messages", "is required (a list of {role, content} objects)")
+    _messages_list(body)
     n = body.get("n", 1)
     if n != 1:
         raise InvalidInput("n", f"only n=1 is served, got {str(n)[:32]!r}")
