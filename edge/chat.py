@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -103,6 +104,47 @@ def _usage(stream: Stream) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+class _Shape:
+    """How one endpoint words its answers: the whole answer, a streamed piece, the events
+    before the first piece and the final event (each given the stream or the piece)."""
+
+    def __init__(
+        self,
+        whole: Callable[[Stream, str], dict[str, Any]],
+        piece: Callable[[str], dict[str, Any]],
+        final: Callable[[Stream, str], dict[str, Any]],
+        opening: dict[str, Any] | None = None,
+    ) -> None:
+        self.whole, self.piece, self.final, self.opening = whole, piece, final, opening
+
+
+async def _answer(request: web.Request, stream: Stream, streaming: bool, shape: _Shape) -> web.StreamResponse:
+    """Run ``stream`` to its end and answer in ``shape``; records "cancelled" when the client
+    went away, always releases the stream's slot."""
+    resp: web.StreamResponse | None = None
+    try:
+        if not streaming:
+            while await stream.next() is not None:
+                if _gone(request):
+                    raise _ClientGone
+            reason = await stream.finish()
+            return web.Response(
+                body=_json.encode(shape.whole(stream, reason)), content_type="application/json"
+            )
+        resp = await _sse(request)
+        if shape.opening is not None:
+            await _write(request, resp, _event(shape.opening))
+        reason, ok = await _pump(request, resp, stream, shape.piece)
+        if ok:
+            await _write(request, resp, _event(shape.final(stream, reason)))
+            await _write(request, resp, b"data: [DONE]\n\n")
+        return resp
+    except _ClientGone:  # nobody reads the answer; aiohttp logs nothing for a closed peer
+        return resp if resp is not None else web.Response(status=499)
+    finally:
+        await stream.aclose()
+
+
 async def generate(request: web.Request, gens: Generations, body: dict[str, Any]) -> web.StreamResponse:
     """``POST /v1/generate`` (see the module docstring)."""
     has_prompt, has_messages = "prompt" in body, "messages" in body
@@ -115,31 +157,16 @@ async def generate(request: web.Request, gens: Generations, body: dict[str, Any]
     streaming = _flag(body, "stream")
     stream = await gens.open(body["prompt"] if has_prompt else body["messages"], body, body.get("model"))
     model = msgspec.structs.asdict(stream.active.ref)
-    resp: web.StreamResponse | None = None
-    try:
-        if not streaming:
-            while await stream.next() is not None:
-                if _gone(request):
-                    raise _ClientGone
-            reason = await stream.finish()
-            return web.Response(
-                body=_json.encode(
-                    {"text": stream.text, "finish_reason": reason, "usage": _usage(stream), "model": model}
-                ),
-                content_type="application/json",
-            )
-        resp = await _sse(request)
-        reason, ok = await _pump(request, resp, stream, lambda piece: {"text": piece})
-        if ok:
-            await _write(
-                request, resp, _event({"finish_reason": reason, "usage": _usage(stream), "model": model})
-            )
-            await _write(request, resp, b"data: [DONE]\n\n")
-        return resp
-    except _ClientGone:  # nobody reads the answer; aiohttp logs nothing for a closed peer
-        return resp if resp is not None else web.Response(status=499)
-    finally:
-        await stream.aclose()
+
+    def final(s: Stream, reason: str) -> dict[str, Any]:
+        return {"finish_reason": reason, "usage": _usage(s), "model": model}
+
+    return await _answer(
+        request,
+        stream,
+        streaming,
+        _Shape(whole=lambda s, r: {"text": s.text, **final(s, r)}, piece=lambda p: {"text": p}, final=final),
+    )
 
 
 async def chat_completions(
@@ -152,51 +179,29 @@ async def chat_completions(
         raise InvalidInput("n", f"only n=1 is served, got {str(n)[:32]!r}")
     streaming = _flag(body, "stream")
     stream = await gens.open(body["messages"], body, body.get("model"))
-    name = stream.active.ref.name
-    ident = "chatcmpl-" + secrets.token_hex(12)
-    created = int(time.time())
+    head = {
+        "id": "chatcmpl-" + secrets.token_hex(12),
+        "created": int(time.time()),
+        "model": stream.active.ref.name,
+    }
 
     def chunk(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
-        return {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-        }
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-    resp: web.StreamResponse | None = None
-    try:
-        if not streaming:
-            while await stream.next() is not None:
-                if _gone(request):
-                    raise _ClientGone
-            reason = await stream.finish()
-            payload = {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": stream.text},
-                        "finish_reason": _OPENAI_REASON[reason],
-                    }
-                ],
-                "usage": _usage(stream),
-            }
-            return web.Response(body=_json.encode(payload), content_type="application/json")
-        resp = await _sse(request)
-        await _write(request, resp, _event(chunk({"role": "assistant", "content": ""}, None)))
-        reason, ok = await _pump(request, resp, stream, lambda piece: chunk({"content": piece}, None))
-        if ok:
-            final = chunk({}, _OPENAI_REASON[reason])
-            final["usage"] = _usage(stream)
-            await _write(request, resp, _event(final))
-            await _write(request, resp, b"data: [DONE]\n\n")
-        return resp
-    except _ClientGone:  # nobody reads the answer; aiohttp logs nothing for a closed peer
-        return resp if resp is not None else web.Response(status=499)
-    finally:
-        await stream.aclose()
+    def whole(s: Stream, reason: str) -> dict[str, Any]:
+        message = {"role": "assistant", "content": s.text}
+        choice = {"index": 0, "message": message, "finish_reason": _OPENAI_REASON[reason]}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(s)}
+
+    return await _answer(
+        request,
+        stream,
+        streaming,
+        _Shape(
+            whole=whole,
+            piece=lambda p: chunk({"content": p}, None),
+            final=lambda s, r: {**chunk({}, _OPENAI_REASON[r]), "usage": _usage(s)},
+            opening=chunk({"role": "assistant", "content": ""}, None),
+        ),
+    )

@@ -36,13 +36,11 @@ class Busy(EdgeError):
     """Every generation slot and queue place is taken: try again after ``retry_after`` s."""
 
     def __init__(self, running: int, waiting: int, retry_after: int) -> None:
-        self.running = running
-        self.waiting = waiting
-        self.retry_after = retry_after
         super().__init__(
             f"busy: {running} generations running and {waiting} waiting (the limit); "
             f"retry after {retry_after} s"
         )
+        self.running, self.waiting, self.retry_after = running, waiting, retry_after
 
 
 class NodeClosed(EdgeError):

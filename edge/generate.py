@@ -110,11 +110,8 @@ class Stream:
     def __init__(
         self, owner: Generations, active: ActiveModel, run: GenerationRun, sample: bool, started: float
     ) -> None:
-        self._owner = owner
-        self.active = active
-        self.run = run
-        self._sample = sample
-        self._started = started
+        self._owner, self.active, self.run = owner, active, run
+        self._sample, self._started = sample, started
         self._first: float | None = None
         self._end: float | None = None
         self._loglik: float | None = None
@@ -227,29 +224,20 @@ class Generations:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
-        self.models = models
-        self.buffer = buffer
-        self.limits = limits
-        self.durable = durable
-        self.clock = clock
+        self.models, self.buffer, self.limits = models, buffer, limits
+        self.durable, self.clock = durable, clock
         self._rng = rng or random.Random()
         self._slots = anyio.Semaphore(limits.max_concurrent)
         self._running = 0
         self._waiting = 0
-        self._served = self._cancelled = self._failed = self._busy = 0
+        #: Answers by how they ended ("served", "cancelled", "failed") and requests refused busy.
+        self._counts = {"served": 0, "cancelled": 0, "failed": 0, "refused_busy": 0}
         #: Seconds the last answers took (for ``Retry-After``).
         self._mean_s = 1.0
         self._holding: set[Stream] = set()
 
     def statistics(self) -> GenerationStats:
-        return GenerationStats(
-            running=self._running,
-            waiting=self._waiting,
-            served=self._served,
-            cancelled=self._cancelled,
-            failed=self._failed,
-            refused_busy=self._busy,
-        )
+        return GenerationStats(running=self._running, waiting=self._waiting, **self._counts)
 
     def model_for(self, model: object) -> ActiveModel:
         """The generation model named ``model`` (None: the node's first generation model).
@@ -333,7 +321,7 @@ class Generations:
                 "messages", f"the prompt is {exc.tokens} tokens, more than the limit {exc.limit}"
             ) from None
         if self._running >= self.limits.max_concurrent and self._waiting >= self.limits.max_queue:
-            self._busy += 1
+            self._counts["refused_busy"] += 1
             retry = max(1, math.ceil(self._mean_s * (1 + self._waiting) / self.limits.max_concurrent))
             raise Busy(self._running, self._waiting, retry)
         self._waiting += 1
@@ -363,12 +351,7 @@ class Generations:
         self._slots.release()
         took = time.perf_counter() - stream._started
         self._mean_s = 0.8 * self._mean_s + 0.2 * took
-        if reason == "cancelled":
-            self._cancelled += 1
-        elif reason == "error":
-            self._failed += 1
-        else:
-            self._served += 1
+        self._counts[{"cancelled": "cancelled", "error": "failed"}.get(reason, "served")] += 1
 
     async def generate(
         self, messages: object, body: dict[str, Any] | None = None, model: object = None

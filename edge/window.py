@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import msgspec
@@ -164,61 +165,55 @@ class _GenerationCounts:
         assert edges is not None
         self.labels = info.labels
         self.refusal_names = info.refusals
-        self.out = Histogram.empty(edges.output_tokens)
-        self.tps = Histogram.empty(edges.tokens_per_s)
-        self.stops: dict[str, int] = dict.fromkeys(STOP_REASONS, 0)
-        self.refusals: dict[str, int] = dict.fromkeys(info.refusals, 0)
-        self.empty = self.sampled = 0
+        self.h = GenerationHistograms(
+            output_tokens=Histogram.empty(edges.output_tokens),
+            tokens_per_s=Histogram.empty(edges.tokens_per_s),
+            stop_reasons=dict.fromkeys(STOP_REASONS, 0),
+            refusals=dict.fromkeys(info.refusals, 0),
+        )
 
     def add(
         self, cell: Cell, classes: dict[str, int], conf: Histogram, length: Histogram, lat: Histogram
     ) -> int:
         """Count one cell; returns how many of its inferences were errors."""
         label, cb, lb, tb, err, n = cell[:6]
+        h = self.h
         if err or not 0 <= label < len(self.labels):
-            self.stops["error"] += n
+            h.stop_reasons["error"] += n
             return n
         reason = self.labels[label]
         classes[reason] = classes.get(reason, 0) + n
-        self.stops[reason] = self.stops.get(reason, 0) + n
+        h.stop_reasons[reason] = h.stop_reasons.get(reason, 0) + n
         if cb >= 0:  # the prompt likelihood was sampled
             conf.counts[min(cb, len(conf.counts) - 1)] += n
-            self.sampled += n
+            h.loglik_sampled += n
         length.counts[min(max(lb, 0), len(length.counts) - 1)] += n
         lat.counts[min(max(tb, 0), len(lat.counts) - 1)] += n
         ob, sb, empty, refusal = unpack_generation(cell[6] if len(cell) > 6 else 0)
-        self.out.counts[min(ob, len(self.out.counts) - 1)] += n
-        self.tps.counts[min(sb, len(self.tps.counts) - 1)] += n
-        self.empty += n * empty
+        h.output_tokens.counts[min(ob, len(h.output_tokens.counts) - 1)] += n
+        h.tokens_per_s.counts[min(sb, len(h.tokens_per_s.counts) - 1)] += n
+        h.empty += n * empty
         if 0 <= refusal < len(self.refusal_names):
-            name = self.refusal_names[refusal]
-            self.refusals[name] += n
+            h.refusals[self.refusal_names[refusal]] += n
         return 0
 
     def histograms(self) -> GenerationHistograms:
-        return GenerationHistograms(
-            output_tokens=self.out,
-            tokens_per_s=self.tps,
-            stop_reasons=self.stops,
-            empty=self.empty,
-            refusals=self.refusals,
-            loglik_sampled=self.sampled,
-        )
+        return self.h
 
 
 def _merge_generation(
     a: GenerationHistograms | None, b: GenerationHistograms | None
 ) -> GenerationHistograms | None:
+    """Field by field: histograms merge, counts per key and plain counts add."""
     if a is None or b is None:
         return a or b
-    return GenerationHistograms(
-        output_tokens=a.output_tokens.merge(b.output_tokens),
-        tokens_per_s=a.tokens_per_s.merge(b.tokens_per_s),
-        stop_reasons=_add(a.stop_reasons, b.stop_reasons),
-        empty=a.empty + b.empty,
-        refusals=_add(a.refusals, b.refusals),
-        loglik_sampled=a.loglik_sampled + b.loglik_sampled,
-    )
+    merged: dict[str, Any] = {}
+    for name in a.__struct_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        merged[name] = (
+            x.merge(y) if isinstance(x, Histogram) else _add(x, y) if isinstance(x, dict) else x + y
+        )
+    return GenerationHistograms(**merged)
 
 
 def _generation_edges(a: TelemetryAggregate) -> list[list[float]] | None:

@@ -25,21 +25,11 @@ _file = click.Path(dir_okay=False, exists=True, path_type=Path)
     type=_file,
     help="Its HF tokenizers file (tokenizer.json).",
 )
-@click.option(
-    "--genai",
-    "genai_dir",
-    default=None,
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="An ONNX Runtime GenAI folder (decoder, genai_config.json, tokenizer): a generation model "
-    '(instead of --onnx/--tokenizer; --data holds {"prompt": ...} lines).',
-)
-@click.option(
-    "--max-new-tokens",
-    default=128,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Generation models: the most new tokens per answer.",
-)
+@click.option("--genai", "genai_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="An ONNX Runtime GenAI folder (decoder, genai_config.json, tokenizer): a generation "
+              'model (instead of --onnx/--tokenizer; --data holds {"prompt": ...} lines).')  # fmt: skip
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Generation models: the most new tokens per answer.")  # fmt: skip
 @click.option("--labels", default=None, help="Comma-separated class labels, in the model's output order.")
 @click.option(
     "--task",

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from slmops.cloud.factory.corpus import default_corpus_dir, load_topics
+from slmops.shared.bundle import Bundle
+from slmops.shared.generation import GenerationSession
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 400
@@ -269,21 +273,20 @@ def held_out_prompts(n: int = 40) -> list[str]:
 
 
 def make_generation_bundle_for_tests(
-    folder: Path, out: Path, key: object, *, name: str = "chat", version: int = 1, **kw: object
-) -> object:
+    folder: Path, out: Path, key: Ed25519PrivateKey, *, name: str = "chat", version: int = 1, **kw: Any
+) -> Bundle:
     """A signed generation bundle of ``folder`` (the tiny decoder) with the test defaults."""
     from slmops.cloud.factory.genai import make_generation_bundle
 
+    kw.setdefault("max_new_tokens", 24)
     report = make_generation_bundle(
-        folder,
-        prompts=held_out_prompts(),
-        name=name,
-        version=version,
-        key=key,  # type: ignore[arg-type]
-        out_dir=out,
-        max_new_tokens=int(kw.pop("max_new_tokens", 24)),  # type: ignore[call-overload]
-        refusals=REFUSALS,
-        smoke_k=4,
-        **kw,  # type: ignore[arg-type]
-    )
+        folder, prompts=held_out_prompts(), name=name, version=version, key=key, out_dir=out,
+        refusals=REFUSALS, smoke_k=4, **kw,
+    )  # fmt: skip
     return report.bundle
+
+
+def bundle_and_session(folder: Path, out: Path, key: Ed25519PrivateKey) -> tuple[Bundle, GenerationSession]:
+    """``make_generation_bundle_for_tests`` and a GenAI session of the written bundle."""
+    bundle = make_generation_bundle_for_tests(folder, out, key)
+    return bundle, GenerationSession(bundle.path, bundle.manifest)

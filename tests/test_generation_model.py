@@ -11,14 +11,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from _decoder import REFUSALS, held_out_prompts, make_generation_bundle_for_tests
+from _decoder import REFUSALS, bundle_and_session, held_out_prompts, make_generation_bundle_for_tests
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from _edge_util import Keys
 from slmops.cli import main
 from slmops.cloud.factory.genai import GenerationImportRefused, make_generation_bundle
-from slmops.shared.bundle import Bundle, TrustStore, read_bundle, write_bundle
+from slmops.shared.bundle import TrustStore, read_bundle, write_bundle
 from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.errors import BundleError
 from slmops.shared.generation import GenerationParams, GenerationSession, PromptTooLong
@@ -36,16 +36,10 @@ RECORDED = {
 }
 
 
-def _session(folder: Path, bundle: Bundle) -> GenerationSession:
-    return GenerationSession(folder, bundle.manifest)
-
-
 def test_greedy_outputs_of_the_tiny_decoder_match_the_recorded_token_ids(
     tiny_decoder: Path, tmp_path: Path, keys: Keys
 ) -> None:
-    bundle = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "b", keys.key)
-    assert isinstance(bundle, Bundle)
-    session = _session(bundle.path, bundle)
+    _, session = bundle_and_session(tiny_decoder, tmp_path / "b", keys.key)
     for prompt, ids in RECORDED.items():
         assert session.greedy(prompt, K) == ids, prompt
     # The cache is real: the answers differ by prompt, and a run continues where it stopped.
@@ -56,7 +50,6 @@ def test_a_generation_bundle_verifies_and_says_what_it_needs(
     tiny_decoder: Path, tmp_path: Path, keys: Keys
 ) -> None:
     bundle = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "b", keys.key)
-    assert isinstance(bundle, Bundle)
     m = bundle.manifest
     assert m.task == "generation"
     assert {f.path: f.role for f in m.files} == {
@@ -92,7 +85,6 @@ def test_a_bundle_whose_greedy_tokens_differ_from_its_smoke_test_is_refused(
     tiny_decoder: Path, tmp_path: Path, keys: Keys
 ) -> None:
     good = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "b", keys.key)
-    assert isinstance(good, Bundle)
     spec = good.manifest.generation
     assert spec is not None
     smoke = spec.smoke[0]
@@ -116,9 +108,7 @@ def _file_data(root: Path, path: str, role: str) -> object:
 def test_stop_strings_are_never_streamed_and_limits_hold(
     tiny_decoder: Path, tmp_path: Path, keys: Keys
 ) -> None:
-    bundle = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "b", keys.key)
-    assert isinstance(bundle, Bundle)
-    session = _session(bundle.path, bundle)
+    _, session = bundle_and_session(tiny_decoder, tmp_path / "b", keys.key)
     ids = session.encode("tell me about computers")
     free = session.start(ids, GenerationParams(max_new_tokens=8))
     pieces = []
@@ -148,9 +138,7 @@ def test_the_prompt_likelihood_is_higher_on_english_chat_than_on_other_languages
     """The signal the drift test relies on: the decoder's bigram logits are English chat."""
     from _decoder import utterances
 
-    bundle = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "b", keys.key)
-    assert isinstance(bundle, Bundle)
-    session = _session(bundle.path, bundle)
+    _, session = bundle_and_session(tiny_decoder, tmp_path / "b", keys.key)
 
     def mean_ll(prompts: list[str]) -> float:
         values = []

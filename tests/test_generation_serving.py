@@ -10,6 +10,8 @@ import functools
 import json
 import socket
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,25 @@ from slmops.shared.server import EmbeddedServer
 
 
 def _bundle(tiny_decoder: Path, tmp_path: Path, keys: Keys, **kw: Any) -> Bundle:
-    b = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "chat-bundle", keys.key, **kw)
-    assert isinstance(b, Bundle)
-    return b
+    return make_generation_bundle_for_tests(tiny_decoder, tmp_path / "chat-bundle", keys.key, **kw)
+
+
+@asynccontextmanager
+async def _serving(
+    tiny_decoder: Path,
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    config: dict[str, Any] | None = None,
+    **kw: Any,
+) -> AsyncIterator[tuple[EdgeNode, str, aiohttp.ClientSession]]:
+    """A node serving the tiny decoder's bundle over HTTP (60 s windows): (node, base URL, client)."""
+    b = _bundle(tiny_decoder, tmp_path, keys, **kw)
+    cfg = edge_config(
+        tmp_path, keys, fleet=fleet, model=b.path, http="127.0.0.1:0", window=60.0, **(config or {})
+    )
+    async with EdgeNode(cfg) as node, serve_api(node) as api, aiohttp.ClientSession() as s:
+        yield node, f"http://127.0.0.1:{api.port}", s
 
 
 async def _aggregate(node: EdgeNode) -> TelemetryAggregate:
@@ -60,10 +78,7 @@ async def _sse(resp: aiohttp.ClientResponse) -> list[str]:
 async def test_generate_answers_whole_and_streamed_and_the_aggregate_counts_it(
     tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
-    b = _bundle(tiny_decoder, tmp_path, keys)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, model=b.path, http="127.0.0.1:0", window=60.0)
-    async with EdgeNode(cfg) as node, serve_api(node) as api, aiohttp.ClientSession() as s:
-        base = f"http://127.0.0.1:{api.port}"
+    async with _serving(tiny_decoder, tmp_path, keys, fleet) as (node, base, s):
         async with s.post(f"{base}/v1/generate", json={"prompt": "tell me about computers"}) as r:
             assert r.status == 200
             whole = await r.json()
@@ -106,10 +121,8 @@ async def test_the_openai_client_streams_chat_completions(
 ) -> None:
     from openai import AsyncOpenAI
 
-    b = _bundle(tiny_decoder, tmp_path, keys)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, model=b.path, http="127.0.0.1:0", window=60.0)
-    async with EdgeNode(cfg) as node, serve_api(node) as api:
-        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{api.port}/v1", api_key="unused", max_retries=0)
+    async with _serving(tiny_decoder, tmp_path, keys, fleet) as (node, base, _):
+        client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         try:
             stream = await client.chat.completions.create(
                 model="chat",
@@ -153,11 +166,8 @@ async def test_the_telemetry_row_is_committed_before_done(
     tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
     """Read the node's SQLite file from another connection the moment ``[DONE]`` arrives."""
-    b = _bundle(tiny_decoder, tmp_path, keys)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, model=b.path, http="127.0.0.1:0", window=60.0)
-    db = cfg.data_path / "telemetry.db"
-    async with EdgeNode(cfg) as node, serve_api(node) as api, aiohttp.ClientSession() as s:
-        base = f"http://127.0.0.1:{api.port}"
+    async with _serving(tiny_decoder, tmp_path, keys, fleet) as (node, base, s):
+        db = node.config.data_path / "telemetry.db"
         for i in range(1, 4):
             body = {"messages": [{"role": "user", "content": f"hello {i}"}], "stream": True}
             async with s.post(f"{base}/v1/chat/completions", json=body) as r:
@@ -178,9 +188,8 @@ async def test_the_telemetry_row_is_committed_before_done(
 async def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(
     tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
-    b = _bundle(tiny_decoder, tmp_path, keys, max_new_tokens=512)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, model=b.path, http="127.0.0.1:0", window=60.0)
-    async with EdgeNode(cfg) as node, serve_api(node) as api:
+    async with _serving(tiny_decoder, tmp_path, keys, fleet, max_new_tokens=512) as (node, base, _):
+        port = int(base.rsplit(":", 1)[1])
         # A raw socket: read the first event, then close without reading the rest.
         body = json.dumps({"prompt": "tell me about computers", "stream": True, "max_new_tokens": 512})
         request = (
@@ -188,7 +197,7 @@ async def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(
             f"Content-Length: {len(body)}\r\n\r\n{body}"
         ).encode()
         for _ in range(3):
-            sock = await anyio.connect_tcp("127.0.0.1", api.port)
+            sock = await anyio.connect_tcp("127.0.0.1", port)
             await sock.send(request)
             got = b""
             with anyio.fail_after(30):
@@ -212,13 +221,8 @@ async def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(
 async def test_limits_prompt_tokens_new_tokens_and_a_full_queue(
     tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
-    b = _bundle(tiny_decoder, tmp_path, keys, max_new_tokens=512)
-    cfg = edge_config(
-        tmp_path, keys, fleet=fleet, model=b.path, http="127.0.0.1:0", window=60.0,
-        generation={"max_concurrent": 1, "max_queue": 1},
-    )  # fmt: skip
-    async with EdgeNode(cfg) as node, serve_api(node) as api, aiohttp.ClientSession() as s:
-        base = f"http://127.0.0.1:{api.port}"
+    limits = {"generation": {"max_concurrent": 1, "max_queue": 1}}
+    async with _serving(tiny_decoder, tmp_path, keys, fleet, limits, max_new_tokens=512) as (node, base, s):
 
         async def post(body: dict[str, Any]) -> tuple[int, Any, Any]:
             async with s.post(f"{base}/v1/generate", json=body) as r:
@@ -289,10 +293,7 @@ HOSTILE_BODIES: list[Any] = [
 async def test_hostile_requests_get_a_4xx_naming_the_field_and_the_node_keeps_serving(
     tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
-    b = _bundle(tiny_decoder, tmp_path, keys)
-    cfg = edge_config(tmp_path, keys, fleet=fleet, model=b.path, http="127.0.0.1:0", window=60.0)
-    async with EdgeNode(cfg) as node, serve_api(node) as api, aiohttp.ClientSession() as s:
-        base = f"http://127.0.0.1:{api.port}"
+    async with _serving(tiny_decoder, tmp_path, keys, fleet) as (node, base, s):
         for path in ("/v1/generate", "/v1/chat/completions"):
             for body in HOSTILE_BODIES:
                 if path.endswith("completions") and "prompt" in body:

@@ -261,15 +261,9 @@ def make_generation_bundle(
         ),
         reference_prompts=len(prompts),
     )
+    extra = {"min_memory_mb": min_memory_mb, "parent_version": parent_version, "notes": notes}
     manifest = _manifest(name, version, variant, spec, files, model_file)
-    manifest = msgspec.structs.replace(
-        manifest,
-        edges=edges,
-        reference=reference,
-        min_memory_mb=min_memory_mb,
-        parent_version=parent_version,
-        notes=notes,
-    )
+    manifest = msgspec.structs.replace(manifest, edges=edges, reference=reference, **extra)
     bundle = write_bundle(out_dir, files, manifest, key)
     verify_bundle(read_bundle(out_dir), TrustStore([key.public_key()]))
     return GenerationReport(
@@ -281,11 +275,11 @@ def _manifest(
     name: str, version: int, variant: str, spec: GenerationSpec, files: list[FileData], model_file: str
 ) -> ModelManifest:
     return ModelManifest(
+        task="generation",
+        generation=spec,
         name=name,
         version=version,
         variant=variant,
-        sha256="",
-        size_bytes=0,
         inputs=[TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"])],
         outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", "sequence", "vocab"])],
         preprocessing=Preprocessing(kind="genai", max_tokens=spec.max_prompt_tokens, tokenizer=""),
@@ -294,9 +288,9 @@ def _manifest(
             confidence=[0.0, 1.0 + 1e-9], input_length=_PROMPT_EDGES, latency_ms=_TTFT_EDGES
         ),
         created=datetime.now(UTC).replace(microsecond=0),
-        task="generation",
+        sha256="",
+        size_bytes=0,
         output="logits",
         output_kind="logits",
         requires=Requirements(preprocessing="genai", task="generation", multi_file=True, min_runtime=2),
-        generation=spec,
     )
