@@ -95,6 +95,16 @@ async def test_a_side_by_side_rollout_writes_per_model_keys_and_pins_nodes_that_
     assert fleet_default is not None
     assert (fleet_default.model, fleet_default.version) == (default, 1)
 
+    # The canary serving v2 beside its default model counts as installed.
+    controller.observe_status(
+        msgspec.structs.replace(
+            new,
+            time=datetime.fromtimestamp(T0 + 2, UTC),
+            models=[ModelRef(name=default, version=1), ModelRef(name=beside, version=2)],
+        )
+    )
+    assert controller.nodes.installed(got[0]) == {"new"}
+
     # Completing: the fleet's per-model key names v2, the canary's own key is gone, the old
     # node is pinned on its per-model key to v1 (the newest it can run), and said so.
     notes = await assigner.complete(got[0])

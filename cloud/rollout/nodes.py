@@ -95,11 +95,13 @@ class NodeView:
         return found
 
     def installed(self, state: RolloutState) -> set[str]:
+        """Nodes of the rollout whose last status shows its version served: as the default
+        model, or beside it (``NodeStatus.models``, models side by side)."""
         statuses = self._status.get(state.fleet, {})
+        want = (state.model, state.version)
         return {
             n
             for n in state.nodes
             if (s := statuses.get(n)) is not None
-            and s.model is not None
-            and (s.model.name, s.model.version) == (state.model, state.version)
+            and any((m.name, m.version) == want for m in [*([s.model] if s.model else []), *s.models])
         }
