@@ -47,6 +47,7 @@ from slmops.shared.kv import kv_values
 from slmops.shared.messages import (
     Assignment,
     BundleIndex,
+    DeviceProfile,
     ModelManifest,
     NodeStatus,
     decode_json,
@@ -55,7 +56,7 @@ from slmops.shared.messages import (
 from slmops.shared.objects import FetchError, fetch_object, recorded_sha256
 from slmops.shared.provision import ensure_resources
 from slmops.shared.runtime import verify_bundle as run_verification
-from slmops.shared.variants import PREFERENCE, choose_variant
+from slmops.shared.variants import PREFERENCE, choose_variant, device_fit
 
 __all__ = ["PushResult", "Registry", "RegistryError", "Yank", "open_registry", "verify_bundle", "yank_key"]
 
@@ -423,12 +424,18 @@ class Registry:
                         f"node {node!r} can run no variant of {model!r} v{version}: "
                         + "; ".join(f"{v} needs {', '.join(m)}" for v, m in sorted(missing.items())),
                     )
-                available = runnable
+                available = _fitting(node, model, version, variant, runnable, status.device)
                 if variant is None:
                     variant = choose_variant(
                         {v: m.min_memory_mb for v, m in available.items()}, status.device
                     )
-                    log.info("variant_chosen", node=node, variant=variant, memory_mb=status.device.memory_mb)
+                    log.info(
+                        "variant_chosen",
+                        node=node,
+                        variant=variant,
+                        memory_mb=status.device.memory_mb,
+                        profile=status.device.profile,
+                    )
         assignment = _assignment(fleet, node, model, version, variant, available, now)
         kv = await self._bucket(names.ASSIGNMENTS_BUCKET)
         key = names.assignment_key(fleet, node, model if side_by_side else None)
@@ -495,6 +502,31 @@ class Registry:
             notes.append(f"node {node}: kept on v{v} ({variant}), the newest it can run; {what}")
             log.info("assignment_pinned", fleet=fleet, node=node, model=model, version=v, wanted=version)
         return notes
+
+
+def _fitting(
+    node: str,
+    model: str,
+    version: int,
+    variant: str | None,
+    available: dict[str, ModelManifest],
+    device: DeviceProfile,
+) -> dict[str, ModelManifest]:
+    """``available`` without the variants whose measured figures break the node's device
+    profile (``shared.variants.device_fit``, issue 12's device-fit check). Raises
+    ``RegistryError`` naming why when ``variant`` (asked for) or every variant does not fit."""
+    unfit = {v: why for v, m in available.items() if (why := device_fit(m, device)) is not None}
+    if variant is not None and variant in unfit:
+        raise RegistryError("assign", f"node {node!r} does not fit {model!r} v{version}: {unfit[variant]}")
+    if unfit and len(unfit) == len(available):
+        raise RegistryError(
+            "assign",
+            f"node {node!r}: no variant of {model!r} v{version} fits its device profile: "
+            + "; ".join(unfit[v] for v in sorted(unfit)),
+        )
+    for v, why in sorted(unfit.items()):
+        log.info("variant_unfit", node=node, model=model, version=version, variant=v, reason=why)
+    return {v: m for v, m in available.items() if v not in unfit}
 
 
 def _assignment(

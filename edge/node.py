@@ -241,6 +241,7 @@ class EdgeNode:
             timings=config.refresh,
             is_blocked=self.safety.is_blocked,
             on_assigned=self.safety.assigned,
+            profile="" if self.profile is None else self.profile.name,
         )
         self.started_at = clock()
         self.last_error: str | None = None
@@ -631,6 +632,8 @@ class EdgeNode:
         changes: dict[str, Any] = {}
         if self.profile is not None:
             changes["profile"] = self.profile.name
+            changes["model_memory_mb"] = self.profile.model_memory_mb
+            changes["latency_factor"] = self.profile.latency_factor
         if self.models.memory_mb != device.memory_mb:
             changes["memory_mb"] = self.models.memory_mb
         return msgspec.structs.replace(device, **changes) if changes else device

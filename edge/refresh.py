@@ -167,9 +167,13 @@ class Refresher:
         now: Callable[[], datetime] = _utcnow,
         is_blocked: Callable[[ModelRef], bool] | None = None,
         on_assigned: Callable[[str, int], Awaitable[None]] | None = None,
+        profile: str = "",
     ) -> None:
         """``timings``: download timeout, operation timeout, poll interval and retry backoff
-        (``EdgeConfig.refresh``; validated there)."""
+        (``EdgeConfig.refresh``; validated there). ``profile``: the node's device profile
+        name; when an assignment leaves the variant to the node, the one made for that
+        profile is taken (``shared.variants.choose_variant``)."""
+        self._profile = profile
         self._node_key = names.assignment_key(fleet, names.validate_id(node, "node"))
         self._fleet_key = names.assignment_key(fleet)
         self._fleet, self._node = fleet, node
@@ -534,7 +538,9 @@ class Refresher:
         return ModelRef(
             name=a.model,
             version=a.version,
-            variant=choose_variant(needs, DeviceProfile(memory_mb=self.models.memory_mb)),
+            variant=choose_variant(
+                needs, DeviceProfile(memory_mb=self.models.memory_mb, profile=self._profile)
+            ),
         )
 
     async def _index(

@@ -200,8 +200,15 @@ class DeviceProfile(Wire, kw_only=True):
     free_disk_mb: int = 0
     ort_version: str = ""
     providers: list[str] = []
-    #: A name for a class of device, e.g. "gateway-small"; free text.
+    #: A name for a class of device, e.g. "gateway-small"; free text. A node configured with
+    #: a device profile (``shared.profiles``) reports its name: the cloud assigns it the
+    #: variant made for that profile (``slmops models optimize`` names it so).
     profile: str = ""
+    #: The profile's budgets (0 = not stated): the serving process's peak RSS (MB) and p95
+    #: latency as a multiple of L6 fp32's on the same host (``ProfileSpec``); the cloud's
+    #: device-fit check compares a variant's measured figures with them.
+    model_memory_mb: int = 0
+    latency_factor: float = 0.0
     #: What this node's runtime can run (``shared.capabilities``): preprocessing kinds, tasks,
     #: "multi_file", and "runtime:<level>". Empty = an old node (n-gram classifiers only).
     capabilities: list[str] = []

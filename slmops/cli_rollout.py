@@ -206,12 +206,16 @@ rollout.add_command(history, name="list")
 def _print_state(s: RolloutState) -> None:
     updated = datetime.fromtimestamp(s.updated, UTC).strftime("%Y-%m-%d %H:%M:%S")
     click.echo(f"{s.fleet}  {s.id}")
+    beside = "   side by side" if s.side_by_side else ""
     click.echo(
-        f"  {s.model} v{s.previous_version} → v{s.version}   {s.status}/{s.phase}   updated {updated}Z"
+        f"  {s.model} v{s.previous_version} → v{s.version}   {s.status}/{s.phase}"
+        f"   updated {updated}Z{beside}"
     )
     click.echo(f"  stage {s.stage + 1}/{len(s.config.stages)} ({s.percent}%), {len(s.nodes)} nodes assigned")
     for node, why in sorted(s.failures.items()):
         click.echo(f"  failed {node}: {why}")
+    for node, why in sorted(s.unfit.items()):
+        click.echo(f"  left out {node}: {why}")
     for name, g in s.gates.items():
         if isinstance(g, dict):
             click.echo(

@@ -32,11 +32,20 @@ from slmops.shared import names
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_get
 from slmops.shared.messages import Assignment, DeviceProfile, ModelManifest, decode_json, encode_json
-from slmops.shared.variants import PREFERENCE, choose_variant
+from slmops.shared.variants import PREFERENCE, choose_fitting
 
-__all__ = ["Assigner", "start_rollout", "variants_of"]
+__all__ = ["Assigner", "DeviceUnfit", "start_rollout", "variants_of"]
 
 log = structlog.get_logger(__name__)
+
+
+class DeviceUnfit(RolloutError):
+    """No variant of the rollout's version fits a node's device profile (device-fit gate)."""
+
+    def __init__(self, fleet: str, node: str, why: str) -> None:
+        self.node = node
+        self.why = why
+        super().__init__(fleet, f"node {node!r}: no variant fits its device profile: {why}")
 
 
 class Assigner:
@@ -47,7 +56,7 @@ class Assigner:
         self.registry = registry
         self._url = url
         self._kv: KeyValue | None = None
-        self._memory: dict[tuple[str, int], dict[str, int]] = {}
+        self._manifests: dict[tuple[str, int], dict[str, ModelManifest]] = {}
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -69,21 +78,28 @@ class Assigner:
             log.warning("assignment_undecodable", key=key, error=str(exc))
             return None
 
-    async def variant_needs(self, model: str, version: int) -> dict[str, int]:
-        """``{variant: min_memory_mb}`` of a version (cached: versions are immutable)."""
+    async def variant_manifests(self, model: str, version: int) -> dict[str, ModelManifest]:
+        """The manifests of a version by variant (cached: versions are immutable)."""
         key = (model, version)
-        if key not in self._memory:
+        if key not in self._manifests:
             found = await variants_of(self.registry, model, version)
             if not found:
                 return {}
-            self._memory[key] = {v: m.min_memory_mb for v, m in found.items()}
-        return self._memory[key]
+            self._manifests[key] = found
+        return self._manifests[key]
 
     async def assign_node(self, state: RolloutState, node: str, device: DeviceProfile | None) -> str | None:
-        """Give ``node`` the rollout's version, in the variant its device profile calls for
-        (None when its device is unknown: the node then picks by the same rule)."""
-        needs = await self.variant_needs(state.model, state.version)
-        variant = choose_variant(needs, device) if needs and device is not None else None
+        """Give ``node`` the rollout's version, in the variant its device profile calls for:
+        the one made for its profile, else by memory (None when its device is unknown: the
+        node then picks by the same rule), never one whose measured figures break its
+        profile's budgets (``shared.variants.device_fit``). Raises ``DeviceUnfit`` naming why
+        when no variant fits the node (nothing is written then)."""
+        manifests = await self.variant_manifests(state.model, state.version)
+        variant: str | None = None
+        if manifests and device is not None:
+            variant, unfit = choose_fitting(manifests, device)
+            if variant is None:
+                raise DeviceUnfit(state.fleet, node, "; ".join(unfit[v] for v in sorted(unfit)))
         await self.registry.assign(
             state.fleet,
             state.version,
@@ -112,7 +128,8 @@ class Assigner:
         """Fleet-wide key to the new version, then the nodes' own keys removed — except on
         nodes that failed the version (``state.failures``): they keep a key of their own
         naming what they ran before, so the fleet-wide key does not offer it to them again
-        (``slmops rollout status`` lists them; assigning them by hand clears it). Then the
+        (``slmops rollout status`` lists them; assigning them by hand clears it); so do the
+        nodes the device-fit gate left out (``state.unfit``). Then the
         fleet's nodes whose runtime can run no variant of the version are pinned to the
         newest earlier one they can (``Registry.pin_incapable``); returns its notes."""
         sbs = state.side_by_side
@@ -127,6 +144,15 @@ class Assigner:
                 await self.registry.assign(
                     state.fleet, state.previous_version, model=state.model, node=node, side_by_side=sbs
                 )
+        for node in sorted(state.unfit):  # the device-fit gate kept the version from them
+            own = await self.current(state.fleet, node, key_model)
+            if own is None and state.previous_version is not None:
+                try:
+                    await self.registry.assign(
+                        state.fleet, state.previous_version, model=state.model, node=node, side_by_side=sbs
+                    )
+                except RegistryError as exc:  # the previous version does not fit it either
+                    log.warning("rollout_unfit_not_pinned", fleet=state.fleet, node=node, reason=exc.reason)
         notes = await self.registry.pin_incapable(state.fleet, state.model, state.version, side_by_side=sbs)
         for note in notes:
             log.warning("rollout_node_pinned", fleet=state.fleet, rollout=state.id, note=note)
@@ -142,9 +168,9 @@ async def variants_of(registry: Registry, model: str, version: int) -> dict[str,
         m = await registry.manifest(model, version, variant)
         if m is not None:
             found[variant] = m
-    if not found:
-        found = await registry.variants(model, version)
-    return found
+    # Variants made per device profile (``<profile>``, ``models optimize``) have no usual
+    # name: the listing adds them (when it comes back short, the usual ones are still there).
+    return {**await registry.variants(model, version), **found}
 
 
 async def start_rollout(

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from slmops.cloud.rollout.assign import Assigner, variants_of
+from slmops.cloud.rollout.assign import Assigner, DeviceUnfit, variants_of
 from slmops.cloud.rollout.cohort import cohort
 from slmops.cloud.rollout.gates import GateResult, describe, evaluate, install_gate, verdict
 from slmops.cloud.rollout.nodes import NodeView
@@ -253,7 +253,8 @@ class RolloutController:
                         msgspec.structs.replace(state, reason="waiting: no nodes"), revision, now
                     )
             return
-        target = cohort(state.fleet, live, state.percent, already=state.nodes)
+        candidates = {n: st for n, st in live.items() if n not in state.unfit}
+        target = cohort(state.fleet, candidates, state.percent, already=state.nodes)
         fresh = sorted(target - set(state.nodes))
         nodes = dict(state.nodes)
         for node in fresh:  # read what to restore before anything is written
@@ -263,13 +264,24 @@ class RolloutController:
             state, revision = await self._save(msgspec.structs.replace(state, nodes=nodes), revision, now)
         # Every node of this stage is (re)assigned: idempotent, and covers a restart between
         # the write above and these assignments.
+        unfit: dict[str, str] = {}
         for node, entry in sorted(state.nodes.items()):
-            if entry.stage == state.stage:
+            if entry.stage == state.stage and node not in state.failures:
                 status = live.get(node)
-                variant = await self.assigner.assign_node(
-                    state, node, None if status is None else status.device
-                )
+                try:
+                    variant = await self.assigner.assign_node(
+                        state, node, None if status is None else status.device
+                    )
+                except DeviceUnfit as exc:  # the device-fit gate: left out, never assigned
+                    unfit[node] = f"device fit: {exc.why}"
+                    continue
                 state.nodes[node] = msgspec.structs.replace(entry, variant=variant)
+        for node, why in sorted(unfit.items()):
+            log.warning("rollout_node_unfit", fleet=state.fleet, rollout=state.id, node=node, reason=why)
+            state = self._event(state, RolloutEventState.NODE_FAILED, now, nodes=[node], reason=why)
+        if unfit:
+            nodes = {n: e for n, e in state.nodes.items() if n not in unfit}
+            state = msgspec.structs.replace(state, nodes=nodes, unfit={**state.unfit, **unfit})
         stage_nodes = sorted(n for n, e in state.nodes.items() if e.stage == state.stage)
         state = msgspec.structs.replace(state, phase="installing", stage_started=now)
         state = self._event(state, RolloutEventState.STAGE_STARTED, now, nodes=stage_nodes)

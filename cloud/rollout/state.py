@@ -111,6 +111,10 @@ class RolloutState(msgspec.Struct, kw_only=True):
     nodes: dict[str, NodeEntry] = {}
     #: Node -> why it counts as failed (rejected the bundle, rolled back on its own).
     failures: dict[str, str] = {}
+    #: Node -> why no variant of the version fits its device profile (the device-fit gate,
+    #: ``shared.variants.device_fit``): never assigned, not counted as a failure, and kept on
+    #: what it ran when the rollout completes.
+    unfit: dict[str, str] = {}
     #: An operator's command not yet applied.
     command: Command | None = None
     reason: str = ""
