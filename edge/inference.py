@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import anyio
@@ -51,27 +52,18 @@ class InferenceFailed(EdgeError):
         super().__init__(f"inference failed: {reason}")
 
 
+@dataclass(slots=True, eq=False)
 class Result:
     """What one request gets back: per text the class index and confidence, the model that
     made them (labels are ``model.manifest.labels[index]``), and the commit of their
     telemetry rows. For an embedding model, ``vectors`` holds the L2-normalised embeddings
     (``index`` and ``confidence`` are then meaningless)."""
 
-    __slots__ = ("commit", "confidence", "index", "model", "vectors")
-
-    def __init__(
-        self,
-        index: list[int],
-        confidence: list[float],
-        model: ActiveModel,
-        commit: Commit,
-        vectors: npt.NDArray[np.float32] | None = None,
-    ) -> None:
-        self.index = index
-        self.confidence = confidence
-        self.model = model
-        self.commit = commit
-        self.vectors = vectors
+    index: list[int]
+    confidence: list[float]
+    model: ActiveModel
+    commit: Commit
+    vectors: npt.NDArray[np.float32] | None = None
 
 
 class _Request:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class Prediction(msgspec.Struct, frozen=True):
     input_length: int
 
 
+@dataclass(slots=True, eq=False)
 class Outputs:
     """One batch's results, in input order: ``values`` float32 [n, k] (probabilities, or
     L2-normalised embeddings), ``ok`` bool [n] (False: the model gave a non-finite value for
@@ -75,21 +77,11 @@ class Outputs:
     embeddings, ``norms`` [n] before normalisation; ``unknown``: for tokenizer models whose
     tokenizer has an unknown token, how many of each text's tokens are it (None otherwise)."""
 
-    __slots__ = ("lengths", "norms", "ok", "unknown", "values")
-
-    def __init__(
-        self,
-        values: npt.NDArray[np.float32],
-        ok: npt.NDArray[np.bool_],
-        lengths: list[int],
-        norms: npt.NDArray[np.float32] | None = None,
-        unknown: list[int] | None = None,
-    ) -> None:
-        self.values = values
-        self.ok = ok
-        self.lengths = lengths
-        self.norms = norms
-        self.unknown = unknown
+    values: npt.NDArray[np.float32]
+    ok: npt.NDArray[np.bool_]
+    lengths: list[int]
+    norms: npt.NDArray[np.float32] | None = None
+    unknown: list[int] | None = None
 
 
 def _softmax(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
