@@ -13,7 +13,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 import click
@@ -291,6 +291,20 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
+@overload
+def run(
+    main: Callable[[], Awaitable[T]],
+    *,
+    until_signal: Literal[False] = False,
+    exit_codes: Mapping[type[BaseException], int] | None = None,
+) -> T: ...
+@overload
+def run(
+    main: Callable[[], Awaitable[T]],
+    *,
+    until_signal: Literal[True],
+    exit_codes: Mapping[type[BaseException], int] | None = None,
+) -> T | None: ...
 def run(
     main: Callable[[], Awaitable[T]],
     *,
@@ -300,8 +314,9 @@ def run(
     """Run ``main`` under anyio and map what it raises to an exit code: our errors,
     ``ValueError`` and ``OSError`` exit 1 with their one-line message (``exit_codes`` may give
     another code per type, e.g. ``{BundleError: 2}``); ``ConfigError`` is a usage error (2).
-    With ``until_signal``, SIGINT or SIGTERM cancels ``main`` and the command exits 0 (then
-    None is returned). A bug still shows its traceback."""
+    Returns what ``main`` returned. With ``until_signal``, SIGINT or SIGTERM cancels ``main``
+    and the command exits 0 (then None is returned); without it, Ctrl-C aborts the command
+    (click's "Aborted!", exit 1). A bug still shows its traceback."""
 
     async def until_stopped() -> T | None:
         result: T | None = None
@@ -323,7 +338,9 @@ def run(
         try:
             return anyio.run(until_stopped) if until_signal else anyio.run(main)
         except KeyboardInterrupt:
-            return None
+            if until_signal:
+                return None
+            raise click.Abort from None
     raise AssertionError("unreachable")  # pragma: no cover  # errors_to_exit_codes re-raises
 
 

@@ -36,7 +36,7 @@ async def _connected(url: str) -> AsyncIterator[NATS]:
             await nc.close()
 
 
-def _with_nats(url: str, read: Callable[[NATS], Awaitable[T]]) -> T | None:
+def _with_nats(url: str, read: Callable[[NATS], Awaitable[T]]) -> T:
     async def main() -> T:
         async with _connected(url) as nc:
             return await read(nc)
@@ -98,7 +98,6 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool) -> None
         return got, known
 
     result = _with_nats(nats_url, read)
-    assert result is not None
     (views, now, clock), known = result
     if fleet_id and not views:
         seen = f"fleets it knows: {', '.join(known)}" if known else "it knows no fleet yet"
@@ -134,7 +133,6 @@ def forget(nats_url: str, fleet_id: str, node: str, force: bool) -> None:
     from slmops.cloud.ingest.overview import forget_node
 
     record = _with_nats(nats_url, lambda nc: forget_node(nc, fleet_id, node, force=force))
-    assert record is not None
     seen = record.last_seen.isoformat() if record.last_seen else "never"
     click.echo(f"forgot {fleet_id}/{node} (last seen {seen}); it reappears if it sends again")
 
@@ -163,7 +161,6 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
         else:
             click.echo(f"nats     {nats_url}: unreachable")
         raise
-    assert doc is not None
     if as_json:
         click.echo(json.dumps(doc))
         return

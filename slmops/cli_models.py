@@ -413,7 +413,6 @@ def show(nats_url: str, model: str, version: int, as_json: bool) -> None:
             return await show_version(js, Registry(js, url=nats_url), model, version)
 
     doc = run(main)
-    assert doc is not None
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -451,7 +450,6 @@ def yank(nats_url: str, model: str, version: int, reason: str) -> None:
             )
 
     result = run(main)
-    assert result is not None
     click.echo(
         f"yanked {model} v{version}: {reason}" + (" (it was already yanked)" if result.already else "")
     )

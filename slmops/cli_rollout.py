@@ -180,7 +180,7 @@ def history(nats_url: str, fleet: str | None, as_json: bool) -> None:
         async with _jetstream(nats_url, provision=False) as js:
             return await rollout_history(js, fleet, url=nats_url)
 
-    records = run(go) or []
+    records = run(go)
     if as_json:
         for r in records:
             click.echo(json.dumps(msgspec.to_builtins(r)))

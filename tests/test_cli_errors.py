@@ -199,3 +199,23 @@ def test_a_task_group_failure_is_named_by_its_causes() -> None:
     assert "KeyError: 'texts'" in text
     assert "unhandled errors" not in text
     assert [type(e) for e in leaf_errors(ValueError("x"))] == [ValueError]
+
+
+def test_ctrl_c_aborts_a_one_shot_command_plainly() -> None:
+    """Ctrl-C while `slmops fleet status` waits for NATS (a socket that accepts and never
+    answers): "Aborted!" and exit 1. Old code: the runner returned None for it and the
+    command failed on ``assert result is not None`` with a traceback."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        args = [*SLMOPS, "fleet", "status", "--nats", url]
+        with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            conn, _ = silent.accept()  # the command now waits for the server's INFO
+            with conn:
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1, err
+    assert "Aborted!" in err
+    assert "Traceback" not in err
