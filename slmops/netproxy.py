@@ -34,8 +34,8 @@ class TcpProxy:
         self.listen_host = listen_host
         self._port = 0
         self._tg: anyio.abc.TaskGroup | None = None
-        self._listening: anyio.CancelScope | None = None
-        self._listener_closed: anyio.Event | None = None
+        #: While listening: the listener's cancel scope and the event set once it closed.
+        self._listening: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._conns: set[anyio.CancelScope] = set()
         self._conn_closed = anyio.Event()
         self.accepted = 0  #: connections accepted in total
@@ -68,17 +68,22 @@ class TcpProxy:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        tg = self._group()
+        tg.cancel_scope.cancel()
+        return await tg.__aexit__(exc_type, exc, tb)
+
+    def _group(self) -> anyio.abc.TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("the proxy is not open: use `async with TcpProxy(...)`")
+        return self._tg
 
     async def cut(self) -> None:
         """Close every open connection and stop listening (new connects are refused)."""
         if self._listening is not None:
-            self._listening.cancel()
+            scope, closed = self._listening
             self._listening = None
-            assert self._listener_closed is not None
-            await self._listener_closed.wait()
+            scope.cancel()
+            await closed.wait()
         for scope in list(self._conns):
             scope.cancel()
         with anyio.fail_after(5):
@@ -92,12 +97,11 @@ class TcpProxy:
             await self._listen()
 
     async def _listen(self) -> None:
-        assert self._tg is not None
+        tg = self._group()
         listener = await anyio.create_tcp_listener(local_host=self.listen_host, local_port=self._port)
         self._port = listener.extra(SocketAttribute.local_port)
-        self._listening = anyio.CancelScope()
-        self._listener_closed = anyio.Event()
-        self._tg.start_soon(self._serve, listener, self._listening, self._listener_closed)
+        self._listening = (anyio.CancelScope(), anyio.Event())
+        tg.start_soon(self._serve, listener, *self._listening)
 
     async def _serve(
         self,
@@ -105,11 +109,10 @@ class TcpProxy:
         scope: anyio.CancelScope,
         closed: anyio.Event,
     ) -> None:
-        assert self._tg is not None
         try:
             with scope:
                 async with listener:
-                    await listener.serve(self._handle, task_group=self._tg)
+                    await listener.serve(self._handle, task_group=self._group())
         finally:
             closed.set()
 
