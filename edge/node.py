@@ -613,6 +613,7 @@ class EdgeNode:
             device=self._device(),
             model=None if active is None else active.ref,
             models=[m.ref for m in self.models.all()],
+            previous_models=[p for n in self.models.names if (p := self.models.previous_of(n)) is not None],
             previous_model=self.models.previous,
             outbox_depth=s.outbox_depth,
             buffer_bytes=s.file_bytes,

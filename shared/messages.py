@@ -239,6 +239,9 @@ class NodeStatus(Wire, kw_only=True):
     #: Every model the node serves side by side, default (``model``) first; [] from a
     #: single-model node (then ``model`` is all it serves).
     models: list[ModelRef] = msgspec.field(default_factory=list)
+    #: The previous version of each model in ``models`` that has one (a rollout controller
+    #: sees a side-by-side model the node rolled back on its own); [] from older nodes.
+    previous_models: list[ModelRef] = msgspec.field(default_factory=list)
     outbox_depth: int = 0
     buffer_bytes: int = 0
     dropped_inferences: int = 0

@@ -104,6 +104,16 @@ async def test_a_side_by_side_rollout_writes_per_model_keys_and_pins_nodes_that_
         )
     )
     assert controller.nodes.installed(got[0]) == {"new"}
+    # Its safety monitor takes the side-by-side model back to v1: a failure of the rollout.
+    back = msgspec.structs.replace(
+        new,
+        time=datetime.fromtimestamp(T0 + 3, UTC),
+        models=[ModelRef(name=default, version=1), ModelRef(name=beside, version=1)],
+        previous_models=[ModelRef(name=beside, version=2)],
+    )
+    controller.observe_status(back)
+    assert controller.nodes.failures(got[0]) == {"new": "rolled back on the node (local health limits)"}
+    controller.observe_status(msgspec.structs.replace(back, time=datetime.fromtimestamp(T0 + 4, UTC)))
 
     # Completing: the fleet's per-model key names v2, the canary's own key is gone, the old
     # node is pinned on its per-model key to v1 (the newest it can run), and said so.

@@ -90,7 +90,7 @@ class NodeView:
                 and s.previous_model.version == state.version
                 and s.previous_model.name == state.model
                 and (s.model is None or s.model.version != state.version)
-            ):
+            ) or _left_beside(s, state):
                 found[node] = "rolled back on the node (local health limits)"
         return found
 
@@ -105,3 +105,14 @@ class NodeView:
             if (s := statuses.get(n)) is not None
             and any((m.name, m.version) == want for m in [*([s.model] if s.model else []), *s.models])
         }
+
+
+def _left_beside(s: NodeStatus, state: RolloutState) -> bool:
+    """Whether the node left the rollout's version of a model it serves side by side: that
+    version is the model's previous one and another is current (``NodeStatus.models``)."""
+    if not state.side_by_side:
+        return False
+    want = (state.model, state.version)
+    was = any((p.name, p.version) == want for p in s.previous_models)
+    now = next((m for m in s.models if m.name == state.model), None)
+    return was and now is not None and now.version != state.version
