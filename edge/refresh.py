@@ -409,6 +409,11 @@ class Refresher:
                 continue
             for key in keys:
                 model = key[len(prefix) :]
+                try:
+                    names.validate_model_name(model)
+                except ValueError as exc:  # a key no model can have: someone else's bad write
+                    log.error("assignment_key_invalid", key=key, error=str(exc))
+                    continue
                 mine, theirs = out.get(model, (False, False))
                 out[model] = (mine or node is not None, theirs or node is None)
         return out

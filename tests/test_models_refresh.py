@@ -453,6 +453,9 @@ async def test_a_per_model_key_naming_another_model_is_ignored(
     kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
     a = await assign(js, fleet, model, 1, node="n1")
     await kv.put(names.assignment_key(fleet, "n1", "other-model"), encode_json(a))
+    # Hostile: per-model keys whose model part no model name can be (KV allows "=" and "/").
+    for bad in ("a=b", "_x", "x/y", "m" * 100):
+        await kv.put(f"{names.assignment_key(fleet, 'n1')}.{bad}", encode_json(a))
     cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
     async with EdgeNode(cfg) as node:
         await node.link.wait_online(10)
@@ -461,3 +464,5 @@ async def test_a_per_model_key_naming_another_model_is_ignored(
             await node.refresher.check()
         assert node.models.names == [model]
         assert any(e["event"] == "assignment_misfiled" and e["key_model"] == "other-model" for e in logs)
+        assert len([e for e in logs if e["event"] == "assignment_key_invalid"]) >= 4
+        assert node.refresher.stats.rejections == 0
