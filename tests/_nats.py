@@ -6,7 +6,8 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import nats
@@ -16,7 +17,20 @@ from nats.js import api as js_api
 from slmops.shared.messages import decode_json
 from slmops.shared.provision import ensure_resources
 
-__all__ = ["free_port", "jetstream", "model_of", "new_fleet", "read_json", "read_stored", "wait_until"]
+if TYPE_CHECKING:
+    from slmops.cloud.trust import FleetDir
+    from slmops.shared.server import EmbeddedServer
+
+__all__ = [
+    "free_port",
+    "jetstream",
+    "model_of",
+    "new_fleet",
+    "operator_server",
+    "read_json",
+    "read_stored",
+    "wait_until",
+]
 
 T = TypeVar("T")
 
@@ -101,3 +115,25 @@ async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
         yield js
     finally:
         await nc.close()
+
+
+@asynccontextmanager
+async def operator_server(directory: Path) -> AsyncIterator[tuple[EmbeddedServer, FleetDir]]:
+    """A real nats-server in operator mode (decentralized JWT auth, full resolver) on a free
+    loopback port: a fleet directory made by ``FleetDir.init(directory)``, the server run
+    with its ``server.conf``, slmops' resources provisioned as the fleet's cloud user."""
+    from slmops.cloud.trust import FleetDir
+    from slmops.shared.server import EmbeddedServer
+
+    fleet_dir = FleetDir.init(directory)
+    server = EmbeddedServer(extra_args=["-c", str(fleet_dir.server_conf)])
+    await server.start_async()
+    try:
+        nc = await nats.connect(server.url, user_credentials=str(fleet_dir.cloud_creds))
+        try:
+            await ensure_resources(nc.jetstream())
+        finally:
+            await nc.close()
+        yield server, fleet_dir
+    finally:
+        await server.stop_async()

@@ -46,7 +46,7 @@ from slmops.shared.identity import (
     write_secret,
 )
 
-__all__ = ["ACCOUNT", "SYSTEM_ACCOUNT", "FleetDir", "FleetDirError", "UserRecord"]
+__all__ = ["ACCOUNT", "SYSTEM_ACCOUNT", "Enrolled", "FleetDir", "FleetDirError", "UserRecord"]
 
 #: The account every slmops user lives in (users are told apart by their rights), and the
 #: system account (server events, claim updates).

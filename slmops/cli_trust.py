@@ -1,0 +1,157 @@
+"""``slmops fleet init|enroll|revoke|push``: per-device NATS identities (issue 17). Parsing
+and output only; the work is in ``cloud.trust``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from slmops.cli_common import call, fleet_id, run
+
+__all__ = ["enroll", "init", "push", "revoke"]
+
+_ROLES = ("node", "cloud", "operator", "analyst")
+
+auth_dir_option = click.option(
+    "--auth",
+    "auth_dir",
+    envvar="SLMOPS_AUTH_DIR",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The fleet directory `slmops fleet init` made. Env: SLMOPS_AUTH_DIR.",
+)
+
+
+def _node_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    from slmops.shared.names import validate_id
+
+    try:
+        return validate_id(value, "node") if value is not None else None
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--operator-name", default="slmops", show_default=True, help="The operator JWT's name.")
+def init(directory: Path, operator_name: str) -> None:
+    """Create a fleet's NATS identities in DIRECTORY (new or empty): an operator and the
+    SLMOPS account, each with a signing key, the system account with a user for claim
+    updates, the cloud's creds, and server.conf (a full resolver) for
+    `slmops server --auth DIRECTORY` or any nats-server's config (`include`).
+
+    DIRECTORY holds the seeds: keep it on the operator's machine, mode 0700."""
+    from slmops.cloud.trust import FleetDir
+
+    d = call(lambda: FleetDir.init(directory, operator_name=operator_name))
+    click.echo(f"fleet identities in {d.path}")
+    click.echo(f"  operator        {d.operator_public}")
+    click.echo(f"  account SLMOPS  {d.account_public}")
+    click.echo(f"  system account  {d.system_account_public}")
+    click.echo(f"  server config   {d.server_conf}   (slmops server --auth {d.path})")
+    click.echo(f"  cloud creds     {d.cloud_creds}   (slmops cloud --creds ...)")
+    click.echo(f"next: slmops fleet enroll --auth {d.path} --fleet FLEET --node NODE")
+
+
+@click.command("enroll")
+@auth_dir_option
+@click.option("--fleet", callback=fleet_id, help="The node's fleet (role node; optional for analyst).")
+@click.option("--node", callback=_node_id, help="The node's id (role node).")
+@click.option(
+    "--role", type=click.Choice(_ROLES), default="node", show_default=True, help="What the user may do."
+)
+@click.option("--name", help="A name for a cloud, operator or analyst user (default: the role).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the creds file (default: DIR/creds/nodes/FLEET/NODE.creds, "
+    "or DIR/creds/ROLE-NAME.creds).",
+)
+def enroll(
+    auth_dir: Path, fleet: str | None, node: str | None, role: str, name: str | None, out: Path | None
+) -> None:
+    """Mint a user (a fresh NKey, its JWT signed by the account's signing key) and write its
+    .creds file (mode 0600). A node may publish only its own telemetry and status, read only
+    its own assignment and the model store, and receive only on its own inbox; it creates
+    no JetStream consumer. No server needs to change: copy the creds file to the device
+    and start `slmops edge --creds FILE`."""
+    from slmops.cloud.trust import FleetDir
+    from slmops.cloud.trust.fleetdir import Enrolled
+
+    def mint() -> Enrolled:
+        return FleetDir(auth_dir).enroll(role, fleet=fleet, node=node, name=name, out=out)  # type: ignore[arg-type]
+
+    made = call(mint)
+    click.echo(f"enrolled {made.record.name} (user {made.record.public})")
+    click.echo(f"creds: {made.creds}  (mode 0600; copy it to the device, e.g. /etc/slmops/nats.creds)")
+
+
+@click.command("revoke")
+@auth_dir_option
+@click.option("--fleet", callback=fleet_id, help="The node's fleet.")
+@click.option("--node", callback=_node_id, help="The node to revoke (every key enrolled for it).")
+@click.option("--user", "user_key", help="Revoke one user key (U...) instead, e.g. an analyst's.")
+@click.option(
+    "--nats",
+    "urls",
+    envvar="SLMOPS_NATS_URL",
+    multiple=True,
+    help="Running server(s) to update, no credentials in the URL (repeatable; one server of "
+    "a cluster is enough). Env: SLMOPS_NATS_URL.",
+)
+@click.option(
+    "--no-push", is_flag=True, help="Only update the fleet directory (push later with `fleet push`)."
+)
+def revoke(
+    auth_dir: Path,
+    fleet: str | None,
+    node: str | None,
+    user_key: str | None,
+    urls: tuple[str, ...],
+    no_push: bool,
+) -> None:
+    """Revoke a node's credentials: its user keys go into the account JWT's revocation list,
+    which is pushed to the running server(s) through the system account
+    ($SYS.REQ.CLAIMS.UPDATE). The server disconnects the device at once and refuses it from
+    then on; no restart, no config reload. server.conf in the fleet directory is rewritten
+    too (a server started later preloads the new list)."""
+    from slmops.cloud.trust import FleetDir
+
+    if (user_key is None) == (node is None):
+        raise click.UsageError("give --fleet and --node, or --user")
+    if not no_push and not urls:
+        raise click.UsageError("give the running server(s) with --nats URL (or --no-push)")
+    d = call(lambda: FleetDir(auth_dir))
+    hits = call(lambda: d.revoke(fleet=fleet, node=node, public=user_key))
+    for u in hits:
+        click.echo(f"revoked {u.name} (user {u.public}) at {u.revoked_at}")
+    if no_push:
+        click.echo(f"not pushed: run `slmops fleet push --auth {d.path} --nats URL`")
+        return
+    _push(d.path, urls)
+
+
+@click.command("push")
+@auth_dir_option
+@click.option(
+    "--nats", "urls", envvar="SLMOPS_NATS_URL", multiple=True, required=True,
+    help="Running server(s) to update (repeatable). Env: SLMOPS_NATS_URL.",
+)  # fmt: skip
+def push(auth_dir: Path, urls: tuple[str, ...]) -> None:
+    """Push the fleet directory's current account JWT (its revocations) to running servers,
+    e.g. one that was down during `fleet revoke`."""
+    _push(auth_dir, urls)
+
+
+def _push(auth_dir: Path, urls: tuple[str, ...]) -> None:
+    from slmops.cloud.trust import FleetDir, push_account
+
+    d = call(lambda: FleetDir(auth_dir))
+
+    async def main() -> None:
+        for url in urls:
+            answer = await push_account(url, d.sys_creds, d.account_jwt())
+            click.echo(f"{url}: {answer}")
+
+    run(main)
