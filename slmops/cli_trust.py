@@ -3,7 +3,9 @@ and output only; the work is in ``cloud.trust``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -12,6 +14,7 @@ from slmops.cli_common import call, fleet_id, run
 __all__ = ["enroll", "init", "push", "revoke"]
 
 _ROLES = ("node", "cloud", "operator", "analyst")
+F = TypeVar("F", bound=Callable[..., Any])
 
 auth_dir_option = click.option(
     "--auth",
@@ -54,10 +57,19 @@ def init(directory: Path, operator_name: str) -> None:
     click.echo(f"next: slmops fleet enroll --auth {d.path} --fleet FLEET --node NODE")
 
 
+def _fleet_node_options(fleet_help: str, node_help: str) -> Callable[[F], F]:
+    """``--auth DIR``, ``--fleet`` and ``--node`` (validated ids)."""
+
+    def decorate(f: F) -> F:
+        f = click.option("--node", callback=_node_id, help=node_help)(f)
+        f = click.option("--fleet", callback=fleet_id, help=fleet_help)(f)
+        return auth_dir_option(f)
+
+    return decorate
+
+
 @click.command("enroll")
-@auth_dir_option
-@click.option("--fleet", callback=fleet_id, help="The node's fleet (role node; optional for analyst).")
-@click.option("--node", callback=_node_id, help="The node's id (role node).")
+@_fleet_node_options("The node's fleet (role node; optional for analyst).", "The node's id (role node).")
 @click.option(
     "--role", type=click.Choice(_ROLES), default="node", show_default=True, help="What the user may do."
 )
@@ -88,9 +100,7 @@ def enroll(
 
 
 @click.command("revoke")
-@auth_dir_option
-@click.option("--fleet", callback=fleet_id, help="The node's fleet.")
-@click.option("--node", callback=_node_id, help="The node to revoke (every key enrolled for it).")
+@_fleet_node_options("The node's fleet.", "The node to revoke (every key enrolled for it).")
 @click.option("--user", "user_key", help="Revoke one user key (U...) instead, e.g. an analyst's.")
 @click.option(
     "--nats",
