@@ -27,6 +27,10 @@ both figures. Gates:
   factory measured that figure on another machine, one text at a time, under another load,
   so a one-node fleet (the README tour's) on a busy machine would otherwise be rolled back
   for the load alone (seen: median 94.7 ms against the reference's 37.1 ms at load 11).
+* ``tokens_per_s`` (generation models only): the canary's median decode rate may be at most
+  ``max_latency_ratio`` times lower than the control's. For a generation model
+  ``latency_p95`` is the time to first token, ``confidence`` the prompt likelihood and
+  ``drift`` the stop-reason mix (``shared.messages.GenerationHistograms``).
 * ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
   of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
 * ``accuracy``: accuracy from app feedback (``TelemetryAggregate.feedback``: true label ->
@@ -70,6 +74,7 @@ class Metrics:
         "nodes",
         "right",
         "seen",
+        "tokens_per_s",
         "wrong",
     )
 
@@ -81,6 +86,8 @@ class Metrics:
         self.latency: Histogram | None = None
         self.nodes: set[str] = set()
         self.seen: set[tuple[str, str, int]] = set()
+        #: Generation models: the tokens/s histogram (None: no generation telemetry).
+        self.tokens_per_s: Histogram | None = None
         #: Labelled answers from app feedback: predicted label equal to / other than the truth.
         self.right = 0
         self.wrong = 0
@@ -99,10 +106,14 @@ class Metrics:
                 latency_h = agg.latency_ms
             else:
                 latency_h = self.latency.merge(agg.latency_ms)
+            tps = self.tokens_per_s
+            if agg.generation is not None and latency:
+                gen = agg.generation.tokens_per_s
+                tps = gen if tps is None else tps.merge(gen)
         except HistogramMismatch:
             return False  # another build of the model with other edges: not comparable
         self.seen.add(key)
-        self.confidence, self.latency = confidence, latency_h
+        self.confidence, self.latency, self.tokens_per_s = confidence, latency_h, tps
         self.count += agg.count
         self.errors += agg.errors
         for label, n in agg.class_counts.items():
@@ -256,6 +267,8 @@ def evaluate(
         )
     )
     results.append(_latency_gate(config, canary, control, canary_ref, before, against))
+    if canary.tokens_per_s is not None:
+        results.append(_tokens_per_s_gate(config, canary, control, before, against))
     # Confidence: control's mean, else the canary's reference.
     c_conf = control.mean_confidence if control is not None else math.nan
     if math.isnan(c_conf) and canary_ref is not None:
@@ -398,6 +411,38 @@ def _latency_gate(
         limit=limit,
         samples=canary.count,
         detail=detail,
+    )
+
+
+def _tokens_per_s_gate(
+    config: RolloutConfig, canary: Metrics, control: Metrics | None, before: Metrics | None, against: str
+) -> GateResult:
+    """Generation models: the canary's median tokens/s may be at most ``max_latency_ratio``
+    times lower than the control's (else its own nodes' on the previous version just before
+    the switch). Medians: a decode rate's tail on a shared CPU is other processes' time slices."""
+    base: Histogram | None = None
+    what = against
+    if control is not None and control.tokens_per_s is not None:
+        base = control.tokens_per_s
+    elif before is not None and before.tokens_per_s is not None and before.count >= config.min_samples:
+        base, what = (
+            before.tokens_per_s,
+            "no control group: the canary's nodes on the previous version just before",
+        )
+    tps = canary.tokens_per_s.quantile(0.5) if canary.tokens_per_s is not None else math.nan
+    if base is None or math.isnan(tps):
+        return GateResult(name="tokens_per_s", outcome="pass", canary=_num(tps), detail="no control group")
+    c_tps = base.quantile(0.5)
+    slower = c_tps / tps if tps > 0 else math.inf
+    return GateResult(
+        name="tokens_per_s",
+        outcome="fail" if slower > config.max_latency_ratio else "pass",
+        canary=_num(tps),
+        control=_num(c_tps),
+        limit=config.max_latency_ratio,
+        samples=canary.count,
+        detail=f"median {tps:.3g} vs {c_tps:.3g} tokens/s, {slower:.2f}x slower "
+        f"(limit {config.max_latency_ratio:g}; {what})",
     )
 
 
