@@ -4,13 +4,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from _edge_util import Keys, edge_config
 from _nats import wait_until
-from slmops.cloud.rollout import RolloutConfig, RolloutController, RolloutState, RolloutStore, start_rollout
+from slmops.cloud.rollout import (
+    RolloutConfig,
+    RolloutController,
+    RolloutRunner,
+    RolloutState,
+    RolloutStore,
+    start_rollout,
+)
+from slmops.edge.node import EdgeNode
 
-__all__ = ["start_and_step", "wait_rollout"]
+__all__ = ["edge_nodes", "roll_out_v2", "start_and_step", "wait_rollout"]
 
 
 async def start_and_step(
@@ -56,3 +67,61 @@ async def wait_rollout(
 
     await wait_until(check, timeout=timeout, interval=interval, what=what)
     return found[-1]
+
+
+async def edge_nodes(
+    stack: AsyncExitStack,
+    tmp_path: Path,
+    keys: Keys,
+    *,
+    fleet: str,
+    url: str,
+    model: Path,
+    n: int,
+    prefix: str = "e",
+) -> list[EdgeNode]:
+    """``n`` running EdgeNodes ``<fleet>-<prefix><i>`` on ``model`` (status every 0.5 s), closed
+    with ``stack``."""
+    configs = [
+        edge_config(
+            tmp_path,
+            keys,
+            fleet=fleet,
+            node=f"{fleet}-{prefix}{i}",
+            url=url,
+            model=str(model),
+            status_interval=0.5,
+        )
+        for i in range(n)
+    ]
+    return [await stack.enter_async_context(EdgeNode(cfg)) for cfg in configs]
+
+
+async def roll_out_v2(
+    js: JetStreamContext,
+    runner: RolloutRunner,
+    nodes: list[EdgeNode],
+    *,
+    fleet: str,
+    model: str,
+    config: RolloutConfig,
+    timeout: float,
+) -> RolloutState:
+    """Once the runner sees every node, start the rollout of ``model`` version 2 and wait
+    until it completed and every node serves version 2; returns the final state."""
+    store = RolloutStore(js)
+    await wait_until(
+        lambda: len(runner.controller.live_nodes(fleet, 0)) == len(nodes), timeout=30, what="statuses"
+    )
+    registry = runner.controller.assigner.registry
+    await start_rollout(js, registry, store, fleet=fleet, version=2, model=model, config=config)
+    state = await wait_rollout(
+        store, fleet, lambda s: s.phase == "done", timeout, 0.1, what="rollout finished"
+    )
+    assert state.status == "completed", (state.reason, state.gates)
+    await wait_until(
+        lambda: all(n.models.current is not None and n.models.current.ref.version == 2 for n in nodes),
+        timeout=30,
+        what="every node serving v2",
+    )
+    return state

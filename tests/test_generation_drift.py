@@ -96,12 +96,12 @@ def _window(info: ModelInfo, fleet: str, node: str, seq: int, rows: list[EventRo
 
 
 async def test_a_language_shift_at_equal_prompt_lengths_opens_a_likelihood_or_stop_reason_event(
-    nats_server: EmbeddedServer,
-    js: JetStreamContext,
-    fleet: str,
-    tmp_path: Path,
-    keys: Keys,
     tiny_decoder: Path,
+    keys: Keys,
+    tmp_path: Path,
+    fleet: str,
+    js: JetStreamContext,
+    nats_server: EmbeddedServer,
 ) -> None:
     bundle = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "b", keys.key, name=model_of(fleet))
     m = bundle.manifest
