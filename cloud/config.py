@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import msgspec
 
 from slmops.shared.config import Config
 from slmops.shared.connect import check_nats_url
+from slmops.shared.connopts import ConnectOptions
 from slmops.shared.names import validate_id
 
 __all__ = ["CloudConfig", "DriftConfig", "RecalibratePolicy", "RolloutConfig", "RolloutSettings"]
@@ -161,6 +163,11 @@ class CloudConfig(Config, kw_only=True):
     FLAGS: ClassVar[dict[str, str]] = {"nats_url": "--nats", "state_dir": "--state", "fleets": "--fleet"}
 
     nats_url: str = "nats://127.0.0.1:4222"
+    #: TLS to NATS (``shared.connopts.ConnectOptions``): the CA file the server's certificate
+    #: must chain to, and this client's certificate + key for mutual TLS (PEM paths).
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     state_dir: str = "./slmops-cloud"
     fleets: list[str] = msgspec.field(default_factory=list)
     #: Messages per pull (one SQLite transaction and one ack per batch). Per-batch costs
@@ -214,6 +221,7 @@ class CloudConfig(Config, kw_only=True):
 
     def __post_init__(self) -> None:
         check_nats_url(self.nats_url)
+        self.connect_options  # noqa: B018 -- validates the TLS settings (cert and key go together)
         if self.http is not None:
             from slmops.cloud.analyst.address import is_loopback, parse_http
 
@@ -250,3 +258,12 @@ class CloudConfig(Config, kw_only=True):
             raise ValueError(f"max_seq_jump must be >= 1, got {self.max_seq_jump!r}")
         if self.max_pending_seqs < 16:
             raise ValueError(f"max_pending_seqs must be >= 16, got {self.max_pending_seqs!r}")
+
+    @property
+    def connect_options(self) -> ConnectOptions:
+        """The TLS settings as ``ConnectOptions`` (``ValueError`` for a cert without a key)."""
+        return ConnectOptions(
+            tls_ca=None if self.tls_ca is None else Path(self.tls_ca),
+            tls_cert=None if self.tls_cert is None else Path(self.tls_cert),
+            tls_key=None if self.tls_key is None else Path(self.tls_key),
+        )

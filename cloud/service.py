@@ -135,7 +135,7 @@ class CloudService:
         self._clock = clock
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_key = consumer_name("cloud", config.fleets)
-        self._link = Link(config.nats_url, name=f"slmops-cloud {self.holder}")
+        self._link = Link(config.nats_url, name=f"slmops-cloud {self.holder}", options=config.connect_options)
         self._tg: TaskGroup | None = None
         self._active = anyio.Event()
         self._applier: Applier | None = None
@@ -365,7 +365,9 @@ async def run_controllers(
     task, then report started. Safe beside a cloud service: rollout state writes are
     compare-and-set, and drift events reach the loop through one durable consumer."""
     tasks = controller_tasks(config)
-    nc = await connect_once(config.nats_url, timeout=5.0, name="slmops-controllers")
+    nc = await connect_once(
+        config.nats_url, timeout=5.0, name="slmops-controllers", options=config.connect_options
+    )
     try:
         js = nc.jetstream()
         await ensure_resources(js)

@@ -15,6 +15,7 @@ import msgspec
 from slmops.shared.address import is_loopback, parse_hostport
 from slmops.shared.config import Config, load_config
 from slmops.shared.connect import check_nats_url
+from slmops.shared.connopts import ConnectOptions
 from slmops.shared.names import validate_id
 
 __all__ = [
@@ -141,6 +142,11 @@ class EdgeConfig(Config, kw_only=True):
     #: Directory for the SQLite buffer and the model cache (created if missing).
     data_dir: str
     nats_url: str = "nats://127.0.0.1:4222"
+    #: TLS to NATS (``shared.connopts.ConnectOptions``): the CA file the server's certificate
+    #: must chain to, and this client's certificate + key for mutual TLS (PEM paths).
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     #: A bundle directory to install at start (else the cached model, else none).
     model: str | None = None
     #: Further bundle directories served beside ``model`` (one per model name; issue 11).
@@ -226,6 +232,7 @@ class EdgeConfig(Config, kw_only=True):
             check_nats_url(self.nats_url)
         except ValueError as exc:
             raise ValueError(f"nats_url: {exc}") from None
+        self.connect_options  # noqa: B018 -- validates the TLS settings (cert and key go together)
         if not self.data_dir:
             raise ValueError("data_dir must be a directory path, got an empty string")
         if self.http is not None and self.http.strip().lower() in ("", "off"):
@@ -311,3 +318,12 @@ class EdgeConfig(Config, kw_only=True):
     def replace(self, **changes: Any) -> EdgeConfig:
         """A copy with ``changes`` applied and validated again."""
         return msgspec.convert({**msgspec.structs.asdict(self), **changes}, EdgeConfig, strict=False)
+
+    @property
+    def connect_options(self) -> ConnectOptions:
+        """The TLS settings as ``ConnectOptions`` (``ValueError`` for a cert without a key)."""
+        return ConnectOptions(
+            tls_ca=None if self.tls_ca is None else Path(self.tls_ca),
+            tls_cert=None if self.tls_cert is None else Path(self.tls_cert),
+            tls_key=None if self.tls_key is None else Path(self.tls_key),
+        )

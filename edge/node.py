@@ -194,6 +194,7 @@ class EdgeNode:
             connect=connect,
             backoff_initial=min(0.5, config.link_backoff_max),
             backoff_max=config.link_backoff_max,
+            options=config.connect_options,
         )
         self.batcher = Batcher(
             self.models,

@@ -26,12 +26,14 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from slmops.shared.backoff import Backoff
+from slmops.shared.connopts import ConnectOptions, current_connect_options, explain_tls_error
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.jetstream import is_connection_error, is_nats_error, nats_errors
 from slmops.shared.names import inbox_prefix
 
 __all__ = [
     "ConnectFactory",
+    "ConnectOptions",
     "Link",
     "LinkState",
     "LinkStatistics",
@@ -85,8 +87,10 @@ async def connect_attempt(url: str, **options: Any) -> NATS:
     ``options`` go to ``NATS.connect``; their ``max_reconnect_attempts`` and
     ``reconnect_time_wait`` apply after the first successful connect. (nats-py reads both from
     ``nc.options`` on every reconnect, and offers no other way to make its initial connect
-    try once: with -1 it would block forever.)
+    try once: with -1 it would block forever.) ``require_tls=True`` (set with a ``tls``
+    context) refuses a server that did not switch to TLS: nats-py would go on in plain text.
     """
+    require_tls = bool(options.pop("require_tls", False))
     after_attempts = options.pop("max_reconnect_attempts", -1)
     after_wait = options.pop("reconnect_time_wait", 2)
     servers, auth = split_servers(url)
@@ -98,29 +102,63 @@ async def connect_attempt(url: str, **options: Any) -> NATS:
         # then raises NoServersError.
         await nc.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, **options)
     except BaseException:
-        await _close_quietly(nc)
+        # After a refused TLS handshake nats-py's close waits on a transport that never
+        # finished its handshake (5 s measured): a client that never connected gets 1 s.
+        await _close_quietly(nc, timeout=1.0)
         raise
+    if require_tls and not tls_in_use(nc):
+        await _close_quietly(nc)
+        raise NatsUnavailable(redact_url(url), _NO_TLS)
     nc.options["max_reconnect_attempts"] = after_attempts
     nc.options["reconnect_time_wait"] = after_wait
     return nc
 
 
+#: Why a TLS-configured client refuses a server that answered in plain text.
+_NO_TLS = "the server does not offer TLS, but TLS files were given (--tls-ca/--tls-cert): refusing plain text"
+
+
+def tls_in_use(nc: NATS) -> bool:
+    """True when ``nc``'s connection runs over TLS. (nats-py exposes no public flag: the
+    transport's stream writer carries the ``ssl_object`` once upgraded.)"""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    get_extra = getattr(writer, "get_extra_info", None)
+    return get_extra is not None and get_extra("ssl_object") is not None
+
+
 async def connect_once(
-    url: str, timeout: float = 5.0, *, name: str | None = None, node: str | None = None
+    url: str,
+    timeout: float = 5.0,
+    *,
+    name: str | None = None,
+    node: str | None = None,
+    options: ConnectOptions | None = None,
 ) -> NATS:
     """Connect for a short-lived command; raise ``NatsUnavailable`` naming ``url`` if that
-    fails within ``timeout`` seconds. The client does not reconnect: commands fail fast."""
+    fails within ``timeout`` seconds. The client does not reconnect: commands fail fast.
+
+    ``options`` (TLS files) default to the command's (``current_connect_options()``); a TLS
+    failure's reason names the certificate problem. ``TlsError`` (a ``ValueError``) for a TLS
+    file that cannot be read or used."""
     _check_url(url)
+    options = options if options is not None else current_connect_options()
+    tls = options.nats_options()
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     errors: list[BaseException] = []
 
+    # A refused certificate does not heal within the timeout: stop at once (nats-py itself
+    # would sit out the whole timeout after a failed handshake).
+    refused = anyio.CancelScope()
+
     async def error_cb(exc: Exception) -> None:
         errors.append(exc)
+        if explain_tls_error(exc, options) is not None:
+            refused.cancel()
 
     where = redact_url(url)
     try:
-        with anyio.fail_after(timeout), nats_errors("connection", where, where):
+        with anyio.fail_after(timeout), nats_errors("connection", where, where), refused:
             return await connect_attempt(
                 url,
                 name=name,
@@ -129,11 +167,18 @@ async def connect_once(
                 connect_timeout=min(timeout, 2.0),
                 pending_size=PENDING_SIZE,
                 error_cb=error_cb,
+                require_tls=options.tls,
+                **tls,
             )
+        raise TimeoutError("TLS handshake refused")  # only reached when ``refused`` was cancelled
     except (NatsUnavailable, TimeoutError) as exc:
         # The callback saw the server's own words (auth, TLS); nats-py's final error does not.
         cause = errors[-1] if errors else exc.__cause__ or exc
-        reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        if isinstance(exc, NatsUnavailable) and exc.reason == _NO_TLS:
+            raise
+        # A refused handshake can be followed by a broken pipe: the TLS reason is the news.
+        tls_reason = next(filter(None, (explain_tls_error(e, options) for e in errors)), None)
+        reason = tls_reason or (f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__)
         raise NatsUnavailable(where, reason) from exc
 
 
@@ -161,8 +206,12 @@ class Link:
         connect_timeout: float = 2.0,
         reconnect_time_wait: float = 2.0,
         pending_size: int = PENDING_SIZE,
+        options: ConnectOptions | None = None,
     ) -> None:
         _check_url(url)
+        self._conn_options = options if options is not None else current_connect_options()
+        # Built once, now: a missing or broken TLS file is a start-up error, not a retry loop.
+        self._tls = self._conn_options.nats_options()
         self._prefix = inbox_prefix(node)  # validates node
         for what, value in (
             ("backoff_initial", backoff_initial),
@@ -337,10 +386,14 @@ class Link:
             except Exception as exc:  # any failed attempt, even a surprising one, backs off
                 failures += 1
                 self._attempts += 1
-                self._last_error = f"{type(exc).__name__}: {exc}"
+                tls_reason = explain_tls_error(session.tls_error or exc, self._conn_options)
+                self._last_error = tls_reason or f"{type(exc).__name__}: {exc}"
                 self._set_state(LinkState.OFFLINE)
                 delay = self._delay(failures)
                 expected = is_nats_error(exc)  # the connection is gone or not there yet
+                if tls_reason is not None and failures == 1:
+                    # A certificate problem does not heal by waiting: say so at once.
+                    log.warning("nats_tls_refused", url=self._shown_url, error=tls_reason)
                 if failures == _WARN_AFTER or failures % _WARN_EVERY == 0:
                     # Said once at the default log level, then rarely: the retries go on.
                     log.warning(
@@ -382,6 +435,8 @@ class Link:
             else:
                 # Permission violations and other server errors only ever arrive here.
                 log.warning("nats_error", url=self._shown_url, error=repr(exc))
+            if session.tls_error is None and explain_tls_error(exc, self._conn_options) is not None:
+                session.tls_error = exc
             if session.current:
                 self._last_error = f"{type(exc).__name__}: {exc}"
 
@@ -392,6 +447,13 @@ class Link:
                 self._set_state(LinkState.OFFLINE)
 
         async def reconnected_cb() -> None:
+            nc = self._nc
+            if session.current and self._conn_options.tls and nc is not None and not tls_in_use(nc):
+                # A server (or something in between) answered the reconnect in plain text.
+                log.error("nats_tls_missing", url=self._shown_url, error=_NO_TLS)
+                self._last_error = _NO_TLS
+                await _close_quietly(nc)
+                return
             if session.current:
                 self._connects += 1
                 self._set_state(LinkState.ONLINE)
@@ -411,6 +473,8 @@ class Link:
             "disconnected_cb": disconnected_cb,
             "reconnected_cb": reconnected_cb,
             "closed_cb": closed_cb,
+            "require_tls": self._conn_options.tls,
+            **self._tls,
         }
 
 
@@ -420,11 +484,13 @@ class _Session:
     def __init__(self) -> None:
         self.current = False
         self.closed = anyio.Event()
+        self.tls_error: BaseException | None = None  #: the first TLS refusal seen
 
 
-async def _close_quietly(nc: NATS) -> None:
-    """Close a client, shielded and bounded; errors of an already broken client are logged."""
-    with anyio.move_on_after(5, shield=True):
+async def _close_quietly(nc: NATS, timeout: float = 5.0) -> None:
+    """Close a client, shielded and bounded by ``timeout`` seconds; errors of an already broken
+    client are logged."""
+    with anyio.move_on_after(timeout, shield=True):
         try:
             await nc.close()
         except Exception as exc:  # a half-connected client can fail to close cleanly

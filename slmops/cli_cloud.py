@@ -86,6 +86,9 @@ __all__ = ["cloud", "drift"]
 )
 def cloud(
     nats_url: str,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     state_dir: Path,
     fleets: tuple[str, ...],
     config_file: Path | None,
@@ -112,6 +115,9 @@ def cloud(
 
     data: dict[str, Any] = {
         "nats_url": nats_url,
+        "tls_ca": None if tls_ca is None else str(tls_ca),
+        "tls_cert": None if tls_cert is None else str(tls_cert),
+        "tls_key": None if tls_key is None else str(tls_key),
         "state_dir": str(state_dir),
         "fleets": list(fleets),
         "batch_size": batch_size,

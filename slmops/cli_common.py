@@ -45,8 +45,7 @@ def _nats_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from exc
 
 
-#: The ``--nats`` option of every networked command.
-nats_option = click.option(
+_url_option = click.option(
     "--nats",
     "nats_url",
     envvar="SLMOPS_NATS_URL",
@@ -55,6 +54,47 @@ nats_option = click.option(
     callback=_nats_url,
     help="NATS server URL (several, comma-separated, for a cluster). Env: SLMOPS_NATS_URL.",
 )
+
+#: click parameter name -> (flag, env var, help) of the TLS options every networked command has.
+TLS_OPTIONS = {
+    "tls_ca": ("--tls-ca", "SLMOPS_TLS_CA", "PEM file of the CA that signed the NATS server's certificate; "
+               "with it (or --tls-cert) the connection must be TLS. Env: SLMOPS_TLS_CA."),
+    "tls_cert": ("--tls-cert", "SLMOPS_TLS_CERT", "This client's certificate (PEM) for a server that "
+                 "verifies clients (mutual TLS); needs --tls-key. Env: SLMOPS_TLS_CERT."),
+    "tls_key": ("--tls-key", "SLMOPS_TLS_KEY", "Private key (PEM) of --tls-cert. Env: SLMOPS_TLS_KEY."),
+}  # fmt: skip
+
+
+def nats_option(f: F) -> F:
+    """``--nats`` (to ``nats_url``) and ``--tls-ca/--tls-cert/--tls-key`` of every networked
+    command. The TLS files become the command's default connect options
+    (``shared.connopts.use_connect_options``), so every connection it makes uses them; a
+    command whose function takes ``tls_ca``/``tls_cert``/``tls_key`` receives them too (the
+    edge and cloud put them in their config). One of cert/key without the other, or a file
+    that is not PEM, is a usage error."""
+    import functools
+    import inspect
+
+    wanted = set(inspect.signature(f).parameters)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from slmops.shared.connopts import ConnectOptions, use_connect_options
+
+        tls = {name: kwargs.pop(name) if name not in wanted else kwargs[name] for name in TLS_OPTIONS}
+        try:
+            options = ConnectOptions(**tls)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        with use_connect_options(options):
+            return f(*args, **kwargs)
+
+    for name, (flag, envvar, help_) in reversed(TLS_OPTIONS.items()):
+        wrapper = click.option(
+            flag, name, envvar=envvar, default=None, help=help_,
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        )(wrapper)  # fmt: skip
+    return _url_option(wrapper)  # type: ignore[return-value]  # functools.wraps keeps F's signature
 
 
 def out_dir_option(help: str, *, required: bool = True) -> Callable[[F], F]:

@@ -98,6 +98,9 @@ if TYPE_CHECKING:
 @config_options('data, nats, window = "60s"...; see deploy/edge.toml', "SLMOPS_EDGE_CONFIG")
 def edge(
     nats_url: str,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     fleet: str | None,
     node: str | None,
     data_dir: Path | None,
@@ -132,6 +135,9 @@ def edge(
 
     data = {
         "nats_url": nats_url,
+        "tls_ca": None if tls_ca is None else str(tls_ca),
+        "tls_cert": None if tls_cert is None else str(tls_cert),
+        "tls_key": None if tls_key is None else str(tls_key),
         "fleet": fleet,
         "node": node,
         "data_dir": data_dir,

@@ -1,0 +1,168 @@
+"""How a NATS client proves itself and checks the server, beyond the URL: TLS files.
+
+``ConnectOptions`` is what every connecting command and service takes besides the URL
+(``--tls-ca``, ``--tls-cert``, ``--tls-key``; env ``SLMOPS_TLS_CA``/``_CERT``/``_KEY``).
+With any TLS file given the client *requires* TLS: a server that does not offer it is
+refused (nats-py itself would fall back to plain text), and a server certificate that does
+not verify against the CA is refused with the certificate problem named.
+
+Commands set the default for their run (``with use_connect_options(...)``); library code that is given
+no options reads it (``current_connect_options``), so the long tail of one-shot commands
+(registry, rollout, fleet status...) connects the same way as the command's flags say.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConnectOptions",
+    "TlsError",
+    "current_connect_options",
+    "explain_tls_error",
+    "use_connect_options",
+]
+
+
+class TlsError(ValueError):
+    """A TLS file that cannot be used (missing, unreadable, not PEM, key not matching)."""
+
+    def __init__(self, what: str, path: Path | None, reason: str) -> None:
+        self.what, self.path, self.reason = what, path, reason
+        where = f" {str(path)!r}" if path is not None else ""
+        super().__init__(f"{what}{where}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """TLS settings of one NATS client (all optional; none = plain ``nats://``).
+
+    - ``tls_ca``: PEM file of the CA(s) the server's certificate must chain to; without it
+      the system's trust store is used (only when ``tls_cert`` is given or the URL is
+      ``tls://``).
+    - ``tls_cert`` + ``tls_key``: this client's certificate and private key (PEM), for a
+      server that verifies clients (mutual TLS). One without the other is a ``ValueError``.
+    """
+
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            raise ValueError(
+                f"{given} (--{given.replace('_', '-')}) needs {missing} (--{missing.replace('_', '-')}) too: "
+                "a client certificate and its private key go together"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """True when any TLS file is given: the client then requires TLS."""
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that verifies the server (against ``tls_ca`` or the system store)
+        and presents ``tls_cert`` when given. Raises ``TlsError`` naming the file at fault."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if self.tls_ca is not None:
+            _check_file("--tls-ca", self.tls_ca)
+            try:
+                ctx.load_verify_locations(cafile=str(self.tls_ca))
+            except (ssl.SSLError, ValueError) as exc:
+                raise TlsError("--tls-ca", self.tls_ca, f"not a PEM CA certificate ({exc})") from None
+        if self.tls_cert is not None and self.tls_key is not None:
+            _check_file("--tls-cert", self.tls_cert)
+            _check_file("--tls-key", self.tls_key)
+            try:
+                ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key))
+            except ssl.SSLError as exc:
+                raise TlsError(
+                    "--tls-cert/--tls-key",
+                    self.tls_cert,
+                    f"certificate and key cannot be used together ({exc.reason or exc})",
+                ) from None
+        return ctx
+
+    def nats_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``nats.NATS.connect`` (``{}`` without TLS)."""
+        return {"tls": self.ssl_context()} if self.tls else {}
+
+    def merged(self, fallback: ConnectOptions) -> ConnectOptions:
+        """These options, with each unset field taken from ``fallback``."""
+        return ConnectOptions(
+            tls_ca=self.tls_ca or fallback.tls_ca,
+            tls_cert=self.tls_cert or fallback.tls_cert,
+            tls_key=self.tls_key or fallback.tls_key,
+        )
+
+
+def _check_file(what: str, path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            head = f.read(64 * 1024)
+    except OSError as exc:
+        raise TlsError(what, path, exc.strerror or str(exc)) from None
+    if b"-----BEGIN " not in head:
+        raise TlsError(what, path, "not a PEM file (no '-----BEGIN' line)")
+
+
+def explain_tls_error(exc: BaseException, options: ConnectOptions | None) -> str | None:
+    """A one-line reason for a failed TLS handshake, naming the certificate problem and the
+    option to look at; None when ``exc`` is not a TLS error."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or str(exc)
+        ca = options.tls_ca if options is not None else None
+        against = f"--tls-ca {str(ca)!r}" if ca is not None else "the system trust store (give --tls-ca)"
+        return f"the server's TLS certificate does not verify against {against}: {detail}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        lowered = reason.lower().replace("_", " ")
+        mine = options.tls_cert if options is not None else None
+        if "certificate required" in lowered or (mine is None and "handshake failure" in lowered):
+            return (
+                f"the server requires a client certificate (mutual TLS) and got none ({reason}): "
+                "give --tls-cert and --tls-key"
+            )
+        if any(word in lowered for word in ("unknown ca", "bad certificate", "certificate unknown")):
+            return (
+                f"the server refused our client certificate --tls-cert {str(mine)!r} ({reason}): "
+                "it is not signed by a CA the server trusts, or has expired"
+            )
+        return f"TLS handshake failed: {reason}"
+    return None
+
+
+_current: contextvars.ContextVar[ConnectOptions] = contextvars.ContextVar(
+    "slmops_connect_options",
+    default=ConnectOptions(),  # noqa: B039 -- frozen, so one shared default is safe
+)
+
+
+def current_connect_options() -> ConnectOptions:
+    """The options the running command was given (``ConnectOptions()`` if none)."""
+    return _current.get()
+
+
+@contextmanager
+def use_connect_options(options: ConnectOptions) -> Iterator[None]:
+    """Within the block, ``options`` are the default of every connection made in this context
+    (tasks and worker threads started inside inherit it); the previous default comes back
+    after it, so one command's TLS files never leak into the next (tests run many)."""
+    if not isinstance(options, ConnectOptions):
+        raise TypeError(f"options must be ConnectOptions, got {options!r}")
+    token = _current.set(options)
+    try:
+        yield
+    finally:
+        _current.reset(token)
