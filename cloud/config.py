@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import msgspec
@@ -262,8 +261,4 @@ class CloudConfig(Config, kw_only=True):
     @property
     def connect_options(self) -> ConnectOptions:
         """The TLS settings as ``ConnectOptions`` (``ValueError`` for a cert without a key)."""
-        return ConnectOptions(
-            tls_ca=None if self.tls_ca is None else Path(self.tls_ca),
-            tls_cert=None if self.tls_cert is None else Path(self.tls_cert),
-            tls_key=None if self.tls_key is None else Path(self.tls_key),
-        )
+        return ConnectOptions.of(self)

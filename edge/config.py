@@ -322,8 +322,4 @@ class EdgeConfig(Config, kw_only=True):
     @property
     def connect_options(self) -> ConnectOptions:
         """The TLS settings as ``ConnectOptions`` (``ValueError`` for a cert without a key)."""
-        return ConnectOptions(
-            tls_ca=None if self.tls_ca is None else Path(self.tls_ca),
-            tls_cert=None if self.tls_cert is None else Path(self.tls_cert),
-            tls_key=None if self.tls_key is None else Path(self.tls_key),
-        )
+        return ConnectOptions.of(self)

@@ -66,6 +66,12 @@ class ConnectOptions:
                 "a client certificate and its private key go together"
             )
 
+    @classmethod
+    def of(cls, config: object) -> ConnectOptions:
+        """The options of a config with ``tls_ca``/``tls_cert``/``tls_key`` fields (paths as
+        strings or None), as the edge and cloud configs have."""
+        return cls(**{name: getattr(config, name) for name in ("tls_ca", "tls_cert", "tls_key")})
+
     @property
     def tls(self) -> bool:
         """True when any TLS file is given: the client then requires TLS."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -80,6 +81,22 @@ def main(log_level: str, log_json: bool | None) -> None:
     configure_logging(log_level, json=log_json)
 
 
+def _server_tls_options(f: Any) -> Any:
+    """``--tls-cert``, ``--tls-key``, ``--tls-ca`` of ``slmops server`` (env SLMOPS_SERVER_TLS_*)."""
+    helps = {
+        "cert": "The server's certificate (PEM): clients must then connect with TLS. Needs --tls-key.",
+        "key": "Private key (PEM) of --tls-cert.",
+        "ca": "Mutual TLS: every client must present a certificate from this CA (PEM). Needs --tls-cert.",
+    }
+    for what, text in reversed(helps.items()):
+        env = f"SLMOPS_SERVER_TLS_{what.upper()}"
+        f = click.option(
+            f"--tls-{what}", f"tls_{what}", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None, envvar=env, help=f"{text} Env: {env}.",
+        )(f)  # fmt: skip
+    return f
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=4222, show_default=True, type=int, help="Client port; -1 picks a free port.")
@@ -89,29 +106,7 @@ def main(log_level: str, log_json: bool | None) -> None:
     default=None,
     help="JetStream store directory (kept). Default: a temporary directory removed on exit.",
 )
-@click.option(
-    "--tls-cert",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="SLMOPS_SERVER_TLS_CERT",
-    help="The server's certificate (PEM): clients must then connect with TLS. Needs --tls-key. "
-    "Env: SLMOPS_SERVER_TLS_CERT.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="SLMOPS_SERVER_TLS_KEY",
-    help="Private key (PEM) of --tls-cert. Env: SLMOPS_SERVER_TLS_KEY.",
-)
-@click.option(
-    "--tls-ca",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="SLMOPS_SERVER_TLS_CA",
-    help="Mutual TLS: every client must present a certificate signed by this CA (PEM). Needs "
-    "--tls-cert. Env: SLMOPS_SERVER_TLS_CA.",
-)
+@_server_tls_options
 def server(
     host: str, port: int, store: Path | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None
 ) -> None:
