@@ -35,7 +35,7 @@ from slmops.shared.bundle import Bundle, TrustStore, check_files
 from slmops.shared.capabilities import CAPABILITIES, requirements_of, unmet
 from slmops.shared.errors import BundleError
 from slmops.shared.generation import GenerationSession, load_generation
-from slmops.shared.messages import ModelManifest
+from slmops.shared.messages import EmbeddingStats, ModelManifest
 from slmops.shared.preprocess import TOKEN_ROLES, TokenizerFeaturizer, featurize
 from slmops.shared.vocabulary import BundleCode
 
@@ -391,13 +391,11 @@ def load_session(
             where, f"an embedding model's output_kind must be 'embedding', not {manifest.output_kind!r}"
         )
     if manifest.embedding is not None:
-        _check_embedding_stats(manifest, out_shape[-1], where)
+        _check_embedding_stats(manifest, manifest.embedding, out_shape[-1], where)
     return session
 
 
-def _check_embedding_stats(manifest: ModelManifest, width: object, where: str) -> None:
-    stats = manifest.embedding
-    assert stats is not None
+def _check_embedding_stats(manifest: ModelManifest, stats: EmbeddingStats, width: object, where: str) -> None:
     dims = {len(d) for d in stats.directions}
     if manifest.task != "embedding" or not stats.directions or len(dims) != 1:
         raise _incompatible(where, "embedding statistics need task 'embedding' and equally long directions")

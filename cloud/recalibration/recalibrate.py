@@ -81,12 +81,11 @@ def shift_bias(model_bytes: bytes, delta: npt.NDArray[np.float32], *, bias_name:
 
 def _reweighted_reference(
     manifest: ModelManifest,
+    ref: ReferenceProfile,
     held: HeldOutScores,
     ratio: npt.NDArray[np.float32],
     new_priors: npt.NDArray[np.float64],
 ) -> ReferenceProfile:
-    ref = manifest.reference
-    assert ref is not None  # checked by log_prior_ratio
     labels, edges = manifest.labels, manifest.edges
     probs = np.asarray(held.probs, dtype=np.float64) * np.exp(ratio.astype(np.float64))
     probs /= probs.sum(axis=1, keepdims=True)
@@ -149,7 +148,7 @@ def recalibrate_bundle(
         np.log([max(m.reference.priors.get(label, 0.0), PRIOR_FLOOR) for label in m.labels]) + ratio
     )
     new_p = new_p / new_p.sum()
-    reference = _reweighted_reference(m, m.reference.held_out, ratio, new_p)
+    reference = _reweighted_reference(m, m.reference, m.reference.held_out, ratio, new_p)
     shift = ", ".join(f"{label} {math.exp(float(r)):.2f}x" for label, r in zip(m.labels, ratio, strict=True))
     manifest = msgspec.structs.replace(
         m,
