@@ -56,7 +56,7 @@ from slmops.cloud.drift.calibrate import shared_calibrator
 from slmops.cloud.drift.detector import DriftDetector
 from slmops.cloud.errors import LeaseLost
 from slmops.cloud.ingest.apply import Applier
-from slmops.cloud.ingest.consumers import Consumer, TelemetryIngest, consumer_name
+from slmops.cloud.ingest.consumers import Consumer, PullLoop, TelemetryIngest, consumer_name
 from slmops.cloud.ingest.events import EventPublisher
 from slmops.cloud.ingest.lease import Lease, ensure_leases_bucket
 from slmops.cloud.ingest.snapshot import SnapshotWriter, ensure_fleet_bucket
@@ -157,6 +157,16 @@ class CloudService:
     def nodes(self) -> dict[tuple[str, str], NodeState]:
         """The active instance's fleet state (empty on a standby)."""
         return dict(self._applier.nodes) if self._applier is not None else {}
+
+    @property
+    def store(self) -> StateStore | None:
+        """The active instance's state store (None on a standby)."""
+        return self._applier.store if self._applier is not None else None
+
+    @property
+    def ingest_loop(self) -> PullLoop | None:
+        """The active instance's telemetry pull loop (None on a standby)."""
+        return self._ingest.loop if self._ingest is not None else None
 
     @property
     def detector(self) -> DriftDetector | None:

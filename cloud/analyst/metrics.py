@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from slmops.cloud.ingest.consumers import batch_histogram
+from slmops.cloud.ingest.batches import batch_histogram
 from slmops.cloud.ingest.presence import ONLINE_WITHIN_S, Forgotten, forgotten, is_hidden, is_online
 from slmops.shared.names import DEADLETTER_SUBJECT, TELEMETRY_STREAM
 
@@ -101,10 +101,10 @@ class MetricsRefresher:
 
     async def refresh(self, js: JetStreamContext) -> None:
         svc = self.svc
-        ingest = svc._ingest
-        if ingest is not None:
+        loop = svc.ingest_loop
+        if loop is not None:
             with anyio.fail_after(5):
-                info = await js.consumer_info(TELEMETRY_STREAM, ingest.loop.durable)
+                info = await js.consumer_info(TELEMETRY_STREAM, loop.durable)
                 stream = await js.stream_info(TELEMETRY_STREAM)
             pending = float(info.num_pending or 0) + float(info.num_ack_pending or 0)
             self.lag_messages = pending
@@ -124,9 +124,9 @@ class MetricsRefresher:
             for state, _rev in await RolloutStore(js).all():
                 counts[state.status] = counts.get(state.status, 0) + 1
         self.rollouts = counts
-        applier = svc._applier
-        if applier is not None:
-            rows = await applier.store.query(
+        store = svc.store
+        if store is not None:
+            rows = await store.query(
                 "SELECT json_extract(data, '$.kind'), json_extract(data, '$.signal'), "
                 "json_extract(data, '$.state'), count(*) FROM events GROUP BY 1, 2, 3"
             )
@@ -209,9 +209,9 @@ class CloudCollector(Collector):
         for (kind, signal, state), n in sorted(r.events.items()):
             ev.add_metric([kind, signal, state], n)
         yield ev
-        ingest = svc._ingest
+        loop = svc.ingest_loop
         # A standby (or an instance not yet consuming) exports the same histogram, empty.
-        yield from (ingest.loop.batch_seconds if ingest is not None else _EMPTY_BATCHES).collect()
+        yield from (loop.batch_seconds if loop is not None else _EMPTY_BATCHES).collect()
         yield from self._open_events()
         yield from self._nodes()
 

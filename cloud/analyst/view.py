@@ -1,20 +1,30 @@
-"""What the analyst surfaces (metrics, the HTTP API) read of the running cloud service, as a
-protocol: ``cloud.service.CloudService`` satisfies it, and the analyst modules need not import
-the service that composes them (no import cycle, docs/architecture.md §1)."""
+"""What the analyst surfaces (metrics, the HTTP API) read of the running cloud service, as
+protocols: ``cloud.service.CloudService`` satisfies them, and the analyst modules need neither
+the service that composes them (no import cycle, docs/architecture.md §1) nor the ingest
+machinery behind it (only the state store and two figures of the ingest loop)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
     from slmops.cloud.config import CloudConfig
     from slmops.cloud.drift.detector import DriftDetector
-    from slmops.cloud.ingest.apply import Applier
-    from slmops.cloud.ingest.consumers import TelemetryIngest
-    from slmops.cloud.ingest.state import NodeState
+    from slmops.cloud.ingest.state import NodeState, StateStore
     from slmops.shared.connect import Link
 
-__all__ = ["ServiceView"]
+__all__ = ["IngestLoop", "ServiceView"]
+
+
+class IngestLoop(Protocol):
+    """The telemetry pull loop as the surfaces see it (``ingest.consumers.PullLoop``)."""
+
+    @property
+    def durable(self) -> str: ...
+    @property
+    def batch_seconds(self) -> Histogram: ...
 
 
 class ServiceView(Protocol):
@@ -22,10 +32,7 @@ class ServiceView(Protocol):
 
     config: CloudConfig
     holder: str
-    # Parts the surfaces read directly (the applier's state, the ingest loop's counters, the
-    # link's JetStream context); None on a standby.
-    _applier: Applier | None
-    _ingest: TelemetryIngest | None
+    # The link's JetStream context, read directly.
     _link: Link
 
     @property
@@ -34,4 +41,8 @@ class ServiceView(Protocol):
     def nodes(self) -> dict[tuple[str, str], NodeState]: ...
     @property
     def detector(self) -> DriftDetector | None: ...
+    @property
+    def store(self) -> StateStore | None: ...
+    @property
+    def ingest_loop(self) -> IngestLoop | None: ...
     def statistics(self) -> Any: ...

@@ -95,16 +95,16 @@ class _Console:
         return det.groups[key]
 
     async def _rounds(self, g: Group) -> list[RoundRecord]:
-        applier = self.svc._applier
-        if applier is None:
+        store = self.svc.store
+        if store is None:
             return []
-        return await applier.store.rounds(g.key, limit=SERIES_ROUNDS)
+        return await store.rounds(g.key, limit=SERIES_ROUNDS)
 
     async def _events(self, fleet: str | None) -> list[DriftEvent]:
-        applier = self.svc._applier
-        if applier is None:
+        store = self.svc.store
+        if store is None:
             return []
-        return decode_each(await applier.store.events(fleet, limit=1000), DriftEvent)
+        return decode_each(await store.events(fleet, limit=1000), DriftEvent)
 
     # -- handlers -------------------------------------------------------------------------------
 

@@ -39,9 +39,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from prometheus_client import Histogram as PromHistogram
 
 from slmops.cloud.ingest.apply import Applier
+from slmops.cloud.ingest.batches import batch_histogram
 from slmops.cloud.ingest.checks import Rejected, check_ranges
 from slmops.cloud.ingest.pull import ConsumerGone, PullBatches, PullError
 from slmops.shared.backoff import Backoff
@@ -226,21 +226,6 @@ async def ingest_batch(
             bad += [(good[i], reason, "rejected") for i, reason in rejected]
             good = [m for i, m in enumerate(good) if i not in refused]
     return good, bad
-
-
-#: Buckets (seconds) of the batch-latency histogram: a 4096-message batch (the default) takes
-#: ~0.25 s at the measured ~60 µs per message; a slow SQLite commit or a calibration, seconds.
-BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def batch_histogram() -> PromHistogram:
-    """An empty ``slmops_cloud_ingest_batch_seconds`` histogram, registered nowhere."""
-    return PromHistogram(
-        "slmops_cloud_ingest_batch_seconds",
-        "seconds to handle one ingest batch (decode, dedupe, state, drift detection, commit, ack)",
-        buckets=BATCH_BUCKETS,
-        registry=None,
-    )
 
 
 class PullLoop:
