@@ -112,6 +112,13 @@ class DriftSignal(StrEnum):
     #: one count vector; and the histogram of their norms before normalisation.
     EMBEDDING_PROJECTION = "embedding_projection"
     EMBEDDING_NORM = "embedding_norm"
+    #: Generation models (``TelemetryAggregate.generation``): the output-token histogram, the
+    #: share of empty answers and the share of answers in a declared refusal category (both
+    #: one-sided). Their prompt likelihood is ``confidence``, their stop reasons ``class_prior``,
+    #: their time to first token ``latency``.
+    OUTPUT_TOKENS = "output_tokens"
+    EMPTY_OUTPUT = "empty_output"
+    REFUSAL = "refusal"
 
 
 class DriftKind(StrEnum):

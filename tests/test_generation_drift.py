@@ -161,3 +161,5 @@ async def test_a_language_shift_at_equal_prompt_lengths_opens_a_likelihood_or_st
     assert "input_length" not in signals, opened
     first = min((e for e in opened if e.signal in ("confidence", "class_prior")), key=lambda e: e.window_end)
     assert first.window_end > T0 + timedelta(minutes=STATIONARY)  # after the shift, not before
+    # Stop reasons are not classes: no label-shift estimate, nothing for the recalibration loop.
+    assert all(e.estimated_priors is None for e in opened), opened

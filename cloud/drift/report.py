@@ -26,9 +26,10 @@ __all__ = [
 ]
 
 ACTIONS = {
-    "class_prior": "class mix changed: check the estimated priors; a recalibrated version "
-    "(logit bias + log(new/old prior)) can absorb a pure label shift",
-    "confidence": "model confidence changed: review recent inputs; retrain if accuracy falls",
+    "class_prior": "class mix changed (generation models: the stop reasons): check the estimated priors; "
+    "a recalibrated version (logit bias + log(new/old prior)) can absorb a pure label shift",
+    "confidence": "model confidence changed (generation models: the prompts' likelihood under the model, "
+    "i.e. new topics or languages): review recent inputs; retrain if accuracy falls",
     "input_length": "inputs changed length: check what the apps send",
     "latency": "latency changed: check device load and the model variant assigned",
     "error_rate": "inference errors rose: check node logs and the installed model",
@@ -37,6 +38,9 @@ ACTIONS = {
     "retrain with them",
     "oos_unknown_token": "more inputs with unknown tokens: a new language or vocabulary; retrain or route",
     "oos_foreign_script": "more text outside the training script(s): a new language; retrain or route",
+    "output_tokens": "answers changed length: check the prompts and the stop settings",
+    "empty_output": "more empty answers: check the prompts, stop strings and the model",
+    "refusal": "more answers in a declared refusal category: look for new topics the model declines",
 }
 _TWO_CELL = {
     "error_rate": ("errors", "successes"),
@@ -44,6 +48,8 @@ _TWO_CELL = {
     "oos_low_confidence": ("out of scope", "in scope"),
     "oos_unknown_token": ("texts with an unknown token", "texts without"),
     "oos_foreign_script": ("foreign-script characters", "training-script characters"),
+    "empty_output": ("empty answers", "answers with text"),
+    "refusal": ("refusals", "other answers"),
 }
 _NAMES = {
     "class_prior": "class mix",
@@ -55,6 +61,9 @@ _NAMES = {
     "oos_low_confidence": "low-confidence share",
     "oos_unknown_token": "unknown-token share",
     "oos_foreign_script": "foreign-script share",
+    "output_tokens": "answer length",
+    "empty_output": "empty-answer share",
+    "refusal": "refusal share",
 }
 
 
@@ -120,7 +129,10 @@ def estimates(
     confusion) and expected accuracy (from its latest mean confidence), when it has them."""
     priors = None
     prior_us = us if signal == DriftSignal.CLASS_PRIOR else sigs.get("class_prior")
-    if prior_us is not None and g.labels and len(g.labels) >= 2:
+    # A generation model's "classes" are stop reasons: no label shift to estimate, and so
+    # nothing for the recalibration loop (its groups alone have output-token edges).
+    generation = DriftSignal.OUTPUT_TOKENS in g.edges
+    if prior_us is not None and g.labels and len(g.labels) >= 2 and not generation:
         # The latest tested window (for the fleet: the whole last round): the evidence run
         # may reach back before the shift and would mix old and new priors.
         counts = prior_us.last

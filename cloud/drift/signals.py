@@ -64,6 +64,8 @@ ONE_SIDED = {
     "oos_low_confidence": 0,
     "oos_foreign_script": 0,
     "oos_unknown_token": 0,
+    "empty_output": 0,
+    "refusal": 0,
 }
 #: Signals whose counts carry the edge's DP noise ("every histogram and class count").
 NOISED = frozenset(set(DriftSignal) - {DriftSignal.ERROR_RATE})
@@ -187,6 +189,18 @@ def extract(
                 # not their sum: conservative, as the directions are not independent).
                 k = len(hists)
                 out[signal] = ([c / k for h in hists for c in h.counts], noise / (k * k))
+    gen = agg.generation
+    if gen is not None:
+        want = edges.get(DriftSignal.OUTPUT_TOKENS)
+        if want is None or gen.output_tokens.edges == want:
+            out[DriftSignal.OUTPUT_TOKENS] = (gen.output_tokens.counts, noise)  # type: ignore[assignment]
+        answered = agg.count - agg.errors
+        if answered > 0:
+            out[DriftSignal.EMPTY_OUTPUT] = ([gen.empty, answered - gen.empty], noise)
+            if gen.refusals:
+                refused = sum(gen.refusals.values())
+                # Each category's count is noised on its own: the sum carries their noise.
+                out[DriftSignal.REFUSAL] = ([refused, answered - refused], noise * len(gen.refusals))
     oos = agg.out_of_scope
     if len(oos) == OOS_CELLS:
         total = sum(oos)
@@ -246,6 +260,7 @@ def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
                 out[signal] = SignalRef(
                     probs=normalise(counts), n_ref=float(hists[0].total), source=DriftReference.MANIFEST
                 )
+    out.update(_generation_refs(manifest))
     if ref.accuracy is not None and 0 <= ref.accuracy <= 1:
         wrong = 1.0 - ref.accuracy
         # The manifest's accuracy is a point estimate; its count is the held-out size.
@@ -253,6 +268,32 @@ def manifest_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
             probs=normalise([wrong * ref.count, ref.accuracy * ref.count]),
             n_ref=float(ref.count),
             source=DriftReference.MANIFEST,
+        )
+    return out
+
+
+def _generation_refs(manifest: ModelManifest) -> dict[str, SignalRef]:
+    """A generation model's references from its held-out prompts (``GenerationSpec.reference``)."""
+    spec = manifest.generation
+    gref = spec.reference if spec is not None else None
+    if spec is None or gref is None or spec.reference_prompts <= 0:
+        return {}
+    n = float(spec.reference_prompts)
+    out: dict[str, SignalRef] = {}
+    hist = gref.output_tokens
+    if hist.edges == spec.edges.output_tokens and hist.total > 0:
+        out[DriftSignal.OUTPUT_TOKENS] = SignalRef(
+            probs=normalise([float(c) for c in hist.counts]),
+            n_ref=float(hist.total),
+            source=DriftReference.MANIFEST,
+        )
+    out[DriftSignal.EMPTY_OUTPUT] = SignalRef(
+        probs=normalise([float(gref.empty), n - gref.empty]), n_ref=n, source=DriftReference.MANIFEST
+    )
+    if gref.refusals:
+        refused = float(sum(gref.refusals.values()))
+        out[DriftSignal.REFUSAL] = SignalRef(
+            probs=normalise([refused, n - refused]), n_ref=n, source=DriftReference.MANIFEST
         )
     return out
 

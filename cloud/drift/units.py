@@ -103,6 +103,8 @@ def new_group(fleet: str, model: ModelRef, manifest: ModelManifest | None) -> Gr
             "input_length": list(manifest.edges.input_length),
             "latency": list(manifest.edges.latency_ms),
         }
+        if manifest.generation is not None:
+            g.edges["output_tokens"] = list(manifest.generation.edges.output_tokens)
         g.manifest_refs = manifest_refs(manifest)
         ref = manifest.reference
         if ref is not None:
