@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -180,10 +180,11 @@ def config_options(example: str, envvar: str) -> Callable[[F], F]:
     return lambda f: config(show(f))
 
 
-def arch_option(help: str) -> Callable[[F], F]:
-    """``--arch minilm|ngram`` (default minilm): which model the factory builds."""
+def arch_option(help: str, choices: Sequence[str] = ("minilm", "ngram")) -> Callable[[F], F]:
+    """``--arch minilm|ngram`` (default minilm; ``choices`` may add more): which model the
+    factory builds."""
     return click.option(
-        "--arch", type=click.Choice(["minilm", "ngram"]), default="minilm", show_default=True, help=help
+        "--arch", type=click.Choice(list(choices)), default="minilm", show_default=True, help=help
     )
 
 

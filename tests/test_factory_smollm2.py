@@ -197,3 +197,53 @@ def test_a_graph_that_reads_the_table_otherwise_is_refused() -> None:
     model.graph.node.append(helper.make_node("Identity", ["embed"], ["copy"]))
     with pytest.raises(ValueError, match="must be read by one Gather and one Transpose"):
         quantize_tied_embedding(model, table="embed", bits=8)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def test_build_without_the_extra_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``models build --arch smollm2`` where the conversion extra is missing: exit 1, one
+    ``Error:`` line naming the extra and how to install it, nothing written."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+    from slmops.shared.bundle import new_keypair
+
+    monkeypatch.setattr(S, "_MODULES", ("torch", "slmops_no_such_module_anywhere"))
+    key, _ = new_keypair(tmp_path / "keys")
+    out = tmp_path / "bundles"
+    result = CliRunner().invoke(
+        main,
+        [
+            "--log-level",
+            "error",
+            "models",
+            "build",
+            "--arch",
+            "smollm2",
+            "--out",
+            str(out),
+            "--key",
+            str(key),
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "Error: models build --arch smollm2 needs the optional extra 'smollm2-convert'"
+    )
+    assert "pip install 'slmops[smollm2-convert]'" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unknown_smollm2_variant_is_named_before_anything_runs(tmp_path: Path) -> None:
+    from slmops.cloud.factory.smollm2_build import build_smollm2
+    from slmops.shared.bundle import load_private_key, new_keypair
+
+    key, _ = new_keypair(tmp_path / "keys")
+    with pytest.raises(ValueError, match=r"unknown smollm2 variants \['fp16'\]; choose from"):
+        build_smollm2(tmp_path / "out", load_private_key(key), variants=["fp16"])
