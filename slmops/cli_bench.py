@@ -31,7 +31,8 @@ def _fmt(value: Any) -> str:
     "model",
     default=None,
     type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="edge: the bundle directory to measure (e.g. a `models build` variant); default: the n-gram model.",
+    help="edge: the bundle directory to measure (e.g. a `models build` variant); default: the n-gram model. "
+    "generate: the generation bundle (required; e.g. `models build --arch smollm2` OUT/int4-embed).",
 )
 @click.option(
     "--runs", type=click.IntRange(1, 100), default=10, show_default=True, help="demo: runs in a row."
@@ -71,6 +72,9 @@ def bench(
     optimize  `models optimize` on the default model per seed (0-2; --quick: seed 0, three
               candidates): per profile the chosen variant vs L6 fp32, accuracy difference
               (paired), latency and size ratios, mean and spread; not part of `all`
+    generate  a generation bundle (--model): decode tokens/s and time to first token via
+              Python API and HTTP streaming vs bare onnxruntime-genai, node RSS, the prompt
+              log-likelihood's cost; needs onnxruntime-genai; not part of `all`
     chaos     real server, cloud and edges under seeded faults (link cuts, kill -9 of edges,
               cloud and server, disk-full spells on a tmpfs, clock jumps via libfaketime,
               poison messages, duplicate node ids), then an exact reconciliation per node:
@@ -83,8 +87,8 @@ def bench(
         _chaos(minutes, nodes or 5, seed, as_json)
         return
     names = SCENARIOS if scenario == "all" else (scenario,)
-    if model is not None and scenario != "edge":
-        raise click.UsageError("--model applies to the edge scenario only")
+    if model is not None and scenario not in ("edge", "generate"):
+        raise click.UsageError("--model applies to the edge and generate scenarios only")
     options: dict[str, Any] = {"model": model} if model is not None else {}
     info = machine()
     if not as_json:

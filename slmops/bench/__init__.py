@@ -14,14 +14,14 @@ from typing import Any
 
 SCENARIOS = ("edge", "buffer", "ingest", "drift", "refresh", "recalibration", "fuzz", "cli")
 #: Scenarios run only when named (not by ``all``): they take many minutes.
-LONG_SCENARIOS = ("demo", "optimize")
+LONG_SCENARIOS = ("demo", "optimize", "generate")
 REQUIRED_KEYS = ("scenario", "project", "baseline", "ratio", "units")
 
 __all__ = ["LONG_SCENARIOS", "REQUIRED_KEYS", "SCENARIOS", "machine", "run_scenario"]
 
 
 async def run_scenario(name: str, *, quick: bool = False, **options: Any) -> list[dict[str, Any]]:
-    """Run one scenario (``options`` go to its ``run``: ``model`` for edge; runs, load, nodes
+    """Run one scenario (``options`` go to its ``run``: ``model`` for edge and generate; runs, load, nodes
     for demo) and check each result has the required keys."""
     if name not in SCENARIOS + LONG_SCENARIOS:
         raise ValueError(

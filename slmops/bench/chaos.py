@@ -66,11 +66,9 @@ import anyio.abc
 import msgspec
 import nats
 import nats.errors
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.msg import Msg
 
-from slmops.bench._proc import stop_process, wait_healthy
+from slmops.bench._proc import bench_key, stop_process, wait_healthy
 from slmops.netproxy import TcpProxy
 from slmops.shared.messages import decode_telemetry
 from slmops.shared.names import DEADLETTER_STREAM, DEADLETTER_SUBJECT, TELEMETRY_STREAM, telemetry_subject
@@ -472,17 +470,6 @@ async def _cloud_counts(url: str, fleet: str) -> dict[str, Any]:
         await nc.close()
 
 
-def _keys(tmp: Path) -> tuple[Ed25519PrivateKey, Path]:
-    key = Ed25519PrivateKey.generate()
-    pub = tmp / "fleet.pub"
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return key, pub
-
-
 async def run_chaos(
     *, minutes: float = 10.0, nodes: int = 5, seed: int = 1, window: str = "1s", pace: float = 0.1
 ) -> dict[str, Any]:
@@ -493,7 +480,7 @@ async def run_chaos(
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="slmops-chaos-"))
     fleet = f"chaos{seed}x{rng.randrange(10**6)}"
-    key, pub = _keys(tmp)
+    key, pub = bench_key(tmp)
     bundle = build(tmp / "bundle", key).bundle.path
     server = EmbeddedServer(store_dir=tmp / "jetstream")
     await anyio.to_thread.run_sync(server.start)

@@ -35,11 +35,10 @@ from typing import Any
 import aiohttp
 import anyio
 import anyio.abc
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops.bench._bare import BarePredictor
-from slmops.bench._proc import wait_healthy
+from slmops.bench._proc import bench_key, edge_command, status_mb, wait_healthy
 from slmops.edge.config import EdgeConfig
 from slmops.edge.node import EdgeNode
 from slmops.shared.bundle import Bundle, resign_bundle
@@ -145,13 +144,6 @@ def _free_port() -> int:
         return port
 
 
-def _status_mb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) // 1024
-    return 0
-
-
 def _poster(session: aiohttp.ClientSession, url: str) -> Callable[[list[str]], Awaitable[None]]:
     async def call(chunk: list[str]) -> None:
         async with session.post(url, json={"texts": chunk}) as r:
@@ -168,12 +160,7 @@ async def _http_cases(
     """Per case (batch, concurrency, ours, bare session, bare aiohttp) predictions/s, and the
     node's RSS: after warm-up + idle, and peak after one max_batch × max_tokens request."""
     port, bare_port = _free_port(), _free_port()
-    args = [
-        sys.executable, "-m", "slmops.cli", "--log-level", "warning", "edge",
-        "--nats", "nats://127.0.0.1:1", "--fleet", "bench", "--node", "http1",
-        "--data", str(tmp / "http-node"), "--model", str(bundle.path), "--trust", str(pub),
-        "--http", f"127.0.0.1:{port}", "--window", "1s", "--min-count", "1",
-    ]  # fmt: skip
+    args = edge_command(tmp / "http-node", "http1", bundle.path, pub, port)
     bare_args = [sys.executable, "-m", "slmops.bench._bare", str(bundle.path), str(bare_port)]
     base, bare_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{bare_port}"
     out: list[tuple[int, int, float, float, float]] = []
@@ -196,7 +183,7 @@ async def _http_cases(
                     await ours(bare.texts[:1])
                     await theirs(bare.texts[:1])
                 await anyio.sleep(3.0)
-                rss["idle_mb"] = _status_mb(proc.pid, "VmRSS")
+                rss["idle_mb"] = status_mb(proc.pid, "VmRSS")
                 for batch, conc in cases:
                     pn = pt = bn = bt = hn = ht = 0.0
                     for _ in range(_SLICES):
@@ -207,11 +194,11 @@ async def _http_cases(
                         n, t = await _callers(theirs, bare.texts, batch, conc, seconds / _SLICES)
                         hn, ht = hn + n, ht + t
                     out.append((batch, conc, pn / pt, bn / bt, hn / ht))
-                rss["after_load_mb"] = _status_mb(proc.pid, "VmRSS")
+                rss["after_load_mb"] = status_mb(proc.pid, "VmRSS")
                 long_text = " ".join(["word"] * 2 * bundle.manifest.preprocessing.max_tokens)
                 await ours([long_text] * 32)
-                rss["peak_mb"] = _status_mb(proc.pid, "VmHWM")
-                rss["bare_http_mb"] = _status_mb(bare_proc.pid, "VmRSS")
+                rss["peak_mb"] = status_mb(proc.pid, "VmHWM")
+                rss["bare_http_mb"] = status_mb(bare_proc.pid, "VmRSS")
         finally:
             for p in (proc, bare_proc):
                 p.terminate()
@@ -263,13 +250,7 @@ async def run(quick: bool = False, model: Path | None = None) -> list[dict[str, 
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slmops-bench-edge-") as tmp_name:
         tmp = Path(tmp_name)
-        key = Ed25519PrivateKey.generate()
-        pub = tmp / "fleet.pub"
-        pub.write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
+        key, pub = bench_key(tmp)
         bundle, described = _bundle(tmp, key, model)
         texts = _bench_texts(bundle)
         bare = _Bare(bundle, texts)
