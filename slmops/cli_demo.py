@@ -40,7 +40,36 @@ from slmops.cli_common import arch_option
     default=None,
     help="Keep logs, stores and databases in this new directory (default: a temporary one, removed).",
 )
-def demo(nodes: int, duration: float, as_json: bool, seed: int, arch: str, workdir: Path | None) -> None:
+@click.option(
+    "--generative",
+    is_flag=True,
+    help="After the story, a second fleet of two nodes serving chat with SmolLM2 (one goes offline "
+    "and comes back); skipped, saying why, without onnxruntime-genai or a SmolLM2 bundle (built once "
+    "into the factory's cache with the smollm2-convert extra).",
+)
+@click.option(
+    "--generative-model",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="--generative: serve this generation bundle instead of SmolLM2 (with --generative-trust).",
+)
+@click.option(
+    "--generative-trust",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="--generative-model: the public key that signed it.",
+)
+def demo(
+    nodes: int,
+    duration: float,
+    as_json: bool,
+    seed: int,
+    arch: str,
+    workdir: Path | None,
+    generative: bool,
+    generative_model: Path | None,
+    generative_trust: Path | None,
+) -> None:
     """Run the whole story on this machine, nothing else needed.
 
     Starts an embedded nats-server, the cloud and NODES edge node processes with the factory's
@@ -54,7 +83,10 @@ def demo(nodes: int, duration: float, as_json: bool, seed: int, arch: str, workd
     from slmops.demo.story import DemoOptions, run_demo
     from slmops.demo.view import phase_line
 
-    opts = DemoOptions(nodes=nodes, duration=duration, seed=seed, workdir=workdir, arch=arch)
+    opts = DemoOptions(
+        nodes=nodes, duration=duration, seed=seed, workdir=workdir, arch=arch, generative=generative,
+        generative_model=generative_model, generative_trust=generative_trust,
+    )  # fmt: skip
     if as_json:
         summary = anyio.run(lambda: run_demo(opts))
     elif not sys.stdout.isatty():  # a log file or a pipe: one line per phase, as it starts
@@ -98,9 +130,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
             click.echo(f"  check: {failure['detail']}")
         if failure.get("log"):
             click.echo(f"  read: {failure['log']}")
+    gen = summary.get("generative")
+    if gen is not None:
+        _print_generative(gen)
     if summary.get("workdir"):
         click.echo(f"logs, stores and databases kept in {summary['workdir']}")
     cached = summary.get("model_cached")
     if cached is not None:
         click.echo(f"model v1: {'from the cache (warm)' if cached else 'built this run (cold)'}")
     click.echo(f"demo {'ok' if summary['ok'] else 'FAILED'} in {summary['seconds']:.0f} s")
+
+
+def _print_generative(gen: dict[str, Any]) -> None:
+    if gen["skipped"]:
+        click.echo(f"generative: skipped: {gen['skipped']}")
+        return
+    click.echo(f"generative ({gen['model']}): {'ok' if gen['ok'] else 'FAILED'}")
+    for s in gen["steps"]:
+        click.echo(f"  {s['step']} ({s['seconds']:.1f}s)")
+    for node, row in gen["nodes"].items():
+        click.echo(
+            f"  {node:<10} chats answered {row['answered']}, counted {row['counted']}, failed {row['failed']}"
+        )
+    if gen["failure"]:
+        click.echo(f"  stopped: {gen['failure']}")

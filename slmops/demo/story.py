@@ -79,6 +79,11 @@ class DemoOptions:
     cache_dir: Path | None = None
     #: "minilm" (the default model) or "ngram" (the small hashed n-gram model, built in seconds).
     arch: str = "minilm"
+    #: After the story, a second fleet of two nodes serving chat (``demo.generative``).
+    generative: bool = False
+    #: The generation bundle it serves and the key that signed it (default: SmolLM2, cached).
+    generative_model: Path | None = None
+    generative_trust: Path | None = None
 
 
 Update = Callable[[Story, Fleet | None], None]
@@ -145,6 +150,8 @@ async def run_demo(
         fleet = Fleet(root, server.url, server.port, FLEET)
         try:
             result = await _story(opts, story, update, on_phase or (lambda s: None), root, server, fleet)
+            if opts.generative:
+                result = await _generative(opts, root, server, result)
         finally:
             story.phase = "stopping"
             update(story, fleet)
@@ -356,6 +363,26 @@ async def _story(
         story.failure = first.as_dict() if isinstance(first, StoryFailed) else {"what": str(first)}
         log.warning("demo_failed", **story.failure)
     return summary(opts.nodes, story, nodes, counted)
+
+
+async def _generative(
+    opts: DemoOptions, root: Path, server: EmbeddedServer, result: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``--generative`` epilogue; a skip (its reason in the summary) keeps the story's verdict."""
+    from slmops.demo.generative import GenerativeOutcome, resolve_model, run_generative
+
+    model = await anyio.to_thread.run_sync(
+        lambda: resolve_model(opts.generative_model, opts.generative_trust, opts.cache_dir)
+    )
+    if isinstance(model, str):
+        outcome = GenerativeOutcome(skipped=model)
+    else:
+        outcome = await run_generative(root, server.url, server.port, model, timeout=opts.phase_timeout)
+    return {
+        **result,
+        "generative": outcome.as_dict(),
+        "ok": bool(result.get("ok")) and (outcome.ok or bool(outcome.skipped)),
+    }
 
 
 @dataclass(frozen=True)
