@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from types import TracebackType
 
 import aiosqlite
@@ -36,6 +37,7 @@ CREATE TABLE IF NOT EXISTS dp_ledger(
 """
 
 
+@dataclass(eq=False)
 class Transaction:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` on ``db`` while holding ``lock``, so statements of
     other tasks never land inside it. ``on_begin`` runs once the lock is held (where the
@@ -45,20 +47,12 @@ class Transaction:
     raises ``StoreError`` for sqlite errors (other errors propagate as they are). Commit and
     rollback run shielded: a cancelled caller never leaves a transaction open."""
 
-    def __init__(
-        self,
-        db: aiosqlite.Connection,
-        lock: anyio.Lock,
-        where: str,
-        *,
-        on_begin: Callable[[], None] = lambda: None,
-        on_rollback: Callable[[], None],
-    ) -> None:
-        self.db = db
-        self.lock = lock
-        self.where = where
-        self.on_begin = on_begin
-        self.on_rollback = on_rollback
+    db: aiosqlite.Connection
+    lock: anyio.Lock
+    where: str
+    _: KW_ONLY
+    on_rollback: Callable[[], None]
+    on_begin: Callable[[], None] = lambda: None
 
     async def __aenter__(self) -> None:
         await self.lock.acquire()
