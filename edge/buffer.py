@@ -46,6 +46,7 @@ import structlog
 
 from slmops.edge._sqlite import SCHEMA, Transaction
 from slmops.edge.errors import NodeClosed, StoreError
+from slmops.edge.ledger import PrivacyLedger
 from slmops.edge.privacy import EventRow, add_noise, suppress
 from slmops.edge.receipt import LossReceipt
 from slmops.edge.window import ModelInfo, build_aggregate, compact
@@ -198,8 +199,12 @@ class Buffer:
         commit_interval: float = 0.0,
         clock: Callable[[], float],
         rng: np.random.Generator | None = None,
+        ledger: PrivacyLedger | None = None,
     ) -> None:
         self.path = Path(path)
+        #: Epsilon spent over every install of this node (``edge.ledger``); None: only this
+        #: database's own table counts.
+        self.ledger = ledger
         self.fleet, self.node, self.k, self.window = fleet, node, k, window
         self.outbox_max_bytes = outbox_max_bytes
         self.dp_epsilon, self.dp_budget = dp_epsilon, dp_budget
@@ -346,6 +351,8 @@ class Buffer:
             self._state["next_seq"] = 1
         self.install = await self._load_install(fresh)
         self.receipt.open(self.install, floor=int(self._state["receipt_reported"]))
+        if self.ledger is not None:
+            await self._carry_ledger()
         async with self._db.execute("SELECT id, info FROM models") as cur:
             for mid, info in await cur.fetchall():
                 self._models[mid] = msgspec.structs.replace(_info_decoder.decode(info), model_id=mid)
@@ -361,6 +368,22 @@ class Buffer:
             self._recv.close()
             await self._close_db()
             self.receipt.close()
+
+    async def _carry_ledger(self) -> None:
+        """Copy into the install-independent ledger what this database spent before it
+        existed (a node upgraded from a release without it), once."""
+        assert self.ledger is not None
+        async with self.db.execute("SELECT coalesce(sum(epsilon), 0) FROM dp_ledger") as cur:
+            row = await cur.fetchone()
+        here = float(row[0]) if row else 0.0
+        async with self.db.execute("SELECT value FROM node_meta WHERE key='ledger_carried'") as cur:
+            done = await cur.fetchone()
+        if done is not None or here <= 0:
+            if done is None:
+                await self.db.execute("INSERT INTO node_meta(key, value) VALUES ('ledger_carried', '1')")
+            return
+        await self.ledger.carry(self.install, here)
+        await self.db.execute("INSERT INTO node_meta(key, value) VALUES ('ledger_carried', '1')")
 
     async def _load_install(self, fresh: bool) -> str:
         """The install id stored beside ``seq`` (table ``node_meta``), made on first open: a
@@ -698,19 +721,28 @@ class Buffer:
         eps = self.dp_epsilon
         if eps is None:
             return agg
-        async with self.db.execute("SELECT coalesce(sum(epsilon), 0) FROM dp_ledger") as cur:
-            row = await cur.fetchone()
-        spent = float(row[0]) if row else 0.0
+        spent = await self.dp_spent()
         if self.dp_budget is not None and spent + eps > self.dp_budget + 1e-12:
             log.warning("dp_budget_spent", spent=spent, budget=self.dp_budget, seq=agg.seq)
             return suppress(agg)
+        if self.ledger is not None:
+            # Before the aggregate commits: a crash in between over-counts, never under.
+            await self.ledger.spend(self.install, agg.seq, eps)
         await self.db.execute("INSERT INTO dp_ledger(seq, epsilon, t) VALUES (?,?,?)", (agg.seq, eps, now))
         return add_noise(agg, eps, self._rng, info.labels)
 
     async def dp_spent(self) -> float:
+        """Epsilon spent by this node: this database's ledger, or the install-independent
+        ``ledger`` (``edge.ledger``) when that says more (an earlier install spent it)."""
         async with self.db.execute("SELECT coalesce(sum(epsilon), 0) FROM dp_ledger") as cur:
             row = await cur.fetchone()
-        return float(row[0]) if row else 0.0
+        here = float(row[0]) if row else 0.0
+        if self.ledger is None:
+            return here
+        try:
+            return max(here, await self.ledger.spent())
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(str(self.ledger.path), f"privacy ledger unreadable: {exc}") from exc
 
     async def _insert_outbox(self, aggs: Sequence[TelemetryAggregate]) -> None:
         rows = []

@@ -16,6 +16,7 @@ from slmops.shared.address import is_loopback, parse_hostport
 from slmops.shared.config import Config, load_config
 from slmops.shared.connect import check_nats_url
 from slmops.shared.connopts import ConnectOptions
+from slmops.shared.fleetconfig import PUSHABLE
 from slmops.shared.names import validate_id
 
 __all__ = [
@@ -224,6 +225,16 @@ class EdgeConfig(Config, kw_only=True):
     refresh: RefreshTimings = msgspec.field(default_factory=RefreshTimings)
     #: Generation models: concurrency, queue and prompt limits.
     generation: GenerationLimits = msgspec.field(default_factory=GenerationLimits)
+    #: Settings a pushed fleet configuration may not change on this node ("local flags
+    #: win"): top-level names (``"window"``) or ``"safety.<name>"`` / ``"refresh.<name>"``
+    #: (``shared.fleetconfig.PUSHABLE``). The privacy floors need no pin: pushed config can
+    #: never loosen this node's ``min_count``, ``dp_epsilon`` or ``dp_budget``.
+    pin: list[str] = msgspec.field(default_factory=list)
+    #: The differential-privacy budget ledger (SQLite), kept apart from the telemetry
+    #: database so a new install (a wiped or quarantined database) does not get a fresh
+    #: budget. None = ``<data>/privacy_ledger.db``; put it outside the data directory
+    #: (e.g. /var/lib/slmops-privacy/) for it to outlive a wiped data directory too.
+    dp_ledger: str | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, "fleet")
@@ -279,6 +290,11 @@ class EdgeConfig(Config, kw_only=True):
             raise ValueError(f"dp_epsilon must be > 0 (or unset), got {self.dp_epsilon!r}")
         if self.dp_budget is not None and not self.dp_budget > 0:
             raise ValueError(f"dp_budget must be > 0 (or unset), got {self.dp_budget!r}")
+        for name in self.pin:
+            top, _, sub = str(name).partition(".")
+            table = {"safety": SafetyLimits, "refresh": RefreshTimings}.get(top)
+            if top not in PUSHABLE or (sub and (table is None or sub not in table.__struct_fields__)):
+                raise ValueError(f"pin: {name!r} is not a pushable setting (pushable: {sorted(PUSHABLE)})")
 
     @property
     def group_commit_interval(self) -> float:
@@ -299,6 +315,10 @@ class EdgeConfig(Config, kw_only=True):
     def model_paths(self) -> list[Path]:
         """``model`` then ``models``: every bundle to install at start, default first."""
         return [Path(p) for p in ([self.model] if self.model else []) + list(self.models)]
+
+    @property
+    def dp_ledger_path(self) -> Path:
+        return Path(self.dp_ledger) if self.dp_ledger else self.data_path / "privacy_ledger.db"
 
     @property
     def trust_paths(self) -> list[Path]:

@@ -57,7 +57,9 @@ from slmops.edge.buffer import Buffer
 from slmops.edge.config import EdgeConfig
 from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
 from slmops.edge.generate import Generations
+from slmops.edge.fleetconfig import ConfigFollower, Resolved
 from slmops.edge.inference import Batcher, Result
+from slmops.edge.ledger import PrivacyLedger
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.outbox import Publisher
 from slmops.edge.refresh import Refresher
@@ -68,6 +70,7 @@ from slmops.shared.backoff import Backoff
 from slmops.shared.bundle import TrustStore, read_bundle
 from slmops.shared.connect import ConnectFactory, Link, connect_attempt
 from slmops.shared.errors import BundleError
+from slmops.shared.logging import set_level
 from slmops.shared.messages import DeviceProfile, ModelManifest, ModelRef, NodeStatus
 from slmops.shared.names import status_subject, telemetry_subject
 from slmops.shared.profiles import ProfileSpec, load_profile
@@ -82,7 +85,7 @@ _CRASH_WINDOW = 60.0
 #: Tasks that only talk to the network (or watch health) never stop the node: inference goes
 #: on offline, so a refused permission or a broken server must not take answers down. They
 #: restart with backoff up to this many seconds, for as long as the node runs.
-_OPTIONAL_TASKS = frozenset({"publisher", "status", "refresh", "safety"})
+_OPTIONAL_TASKS = frozenset({"publisher", "status", "refresh", "safety", "fleetconfig"})
 _OPTIONAL_MAX_DELAY = 60.0
 #: Characters of one slice of a big request (see ``EdgeNode.predict``): ~100 ms of
 #: tokenizing on the test machine, so slices interleave finely with other requests.
@@ -154,13 +157,26 @@ class EdgeNode:
         *,
         clock: Callable[[], float] = time.time,
         connect: ConnectFactory = connect_attempt,
+        log_level: str = "info",
     ) -> None:
+        """``log_level``: the level the command configured, restored when a pushed
+        configuration that changed it is undone."""
         # First: a bad profile file fails the node before anything is made.
         #: The device profile this node runs as (``config.profile``; ConfigError naming the
         #: file and key when it is bad), None when none is configured.
         self.profile: ProfileSpec | None = (
             None if config.profile is None else load_profile(Path(config.profile))
         )
+        self._log_level = log_level
+        #: The node's own settings (file and flags); ``config`` is what is in effect, with
+        #: the pushed fleet configuration applied (``edge.fleetconfig``).
+        self.local_config = config
+        trust = TrustStore.from_files(config.trust_paths)
+        self.fleetcfg = ConfigFollower(config, trust, report=self.report_status, apply=self._apply_config)
+        start = self.fleetcfg.startup()
+        config = start.config
+        if start.log_level is not None:
+            set_level(start.log_level)
         self.config = config
         self._clock = clock
         self.log = structlog.get_logger("edge").bind(fleet=config.fleet, node=config.node)
@@ -176,13 +192,14 @@ class EdgeNode:
             dp_budget=config.dp_budget,
             commit_interval=config.group_commit_interval,
             clock=clock,
+            ledger=PrivacyLedger(config.dp_ledger_path, fleet=config.fleet, node=config.node),
         )
         memory = config.memory_mb
         if memory is None and self.profile is not None:
             memory = self.profile.memory_mb
         self.models = ModelManager(
             config.data_path / "models",
-            TrustStore.from_files(config.trust_paths),
+            trust,
             register=self._register_model,
             intra_op_threads=config.intra_op_threads,
             memory_mb=memory,
@@ -209,6 +226,8 @@ class EdgeNode:
         )
         # The close path (module docstring): windower -> buffer -> window -> privacy -> buffer.
         self.windower = Windower(config.window, self.buffer.close_window, clock=clock)
+        self.windower.on_window = self._window_changed
+        self.fleetcfg.link = self.link
         self.publisher = Publisher(
             self.buffer,
             self.link,
@@ -276,6 +295,7 @@ class EdgeNode:
                 ("status", self.status.run),
                 ("refresh", self.refresher.run),
                 ("safety", self.safety.run),
+                ("fleetconfig", self.fleetcfg.run),
             ):
                 self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
         except BaseException:
@@ -358,6 +378,27 @@ class EdgeNode:
                 delay = backoff.next()
                 self.log.error("task_crashed", task=name, restart_in=delay, exc_info=True)
             await anyio.sleep(delay)
+
+    # -- pushed configuration ---------------------------------------------------------------
+
+    def _apply_config(self, resolved: Resolved) -> None:
+        """Put a pushed configuration into effect (``edge.fleetconfig``; which setting takes
+        effect when: ``shared.fleetconfig``). Called with the local one to undo."""
+        c = self.config = resolved.config
+        b = self.buffer
+        b.k, b.dp_epsilon, b.dp_budget = c.min_count, c.dp_epsilon, c.dp_budget
+        b.outbox_max_bytes = c.outbox_max_bytes
+        self.windower.set_window(c.window)
+        self.publisher.timeout = c.publish_timeout
+        self.status.interval = c.status_interval
+        self.safety.limits = c.safety
+        self.refresher.set_timings(c.refresh)
+        set_level(resolved.log_level or self._log_level)
+        self.link.set_url(c.nats_url)
+
+    def _window_changed(self, window: float) -> None:
+        self.buffer.window = window
+        self.log.info("window_changed", window=window)
 
     # -- models -----------------------------------------------------------------------------
 
@@ -624,6 +665,7 @@ class EdgeNode:
             last_seq=s.next_seq - 1,
             last_sync=None if s.last_sync is None else datetime.fromtimestamp(s.last_sync, UTC),
             last_error=self.last_error or self.publisher.last_error,
+            **self.fleetcfg.status_fields(),
         )
         return msgspec.structs.replace(status, **fields) if fields else status
 
@@ -643,4 +685,6 @@ class EdgeNode:
     async def report_status(self, event: str, **fields: Any) -> bool:
         """Publish a ``NodeStatus`` with ``event`` (and any NodeStatus ``fields``, e.g.
         ``refresh=RefreshResult(...)``) now, if online. Returns whether it was sent."""
+        if event == NodeEvent.ROLLBACK:
+            self.fleetcfg.safety_tripped(str(fields.get("last_error") or "a model was rolled back"))
         return await self.status.publish(self._snapshot(event, **fields))

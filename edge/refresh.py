@@ -177,14 +177,10 @@ class Refresher:
         self._node_key = names.assignment_key(fleet, names.validate_id(node, "node"))
         self._fleet_key = names.assignment_key(fleet)
         self._fleet, self._node = fleet, node
-        t = timings if timings is not None else RefreshTimings()
         self._link = link
         self.models = models
         self._report = report
-        self._download_timeout = t.download_timeout
-        self._op_timeout = t.op_timeout
-        self._poll = t.poll_interval
-        self._retry = Backoff(t.retry_initial, max(t.retry_initial, t.retry_max))
+        self.set_timings(timings if timings is not None else RefreshTimings())
         self._now = now
         #: Versions this node abandoned on its own (``edge.safety``): never fetched again.
         self._is_blocked = is_blocked or (lambda ref: False)
@@ -202,6 +198,13 @@ class Refresher:
         self._checking = anyio.Lock()
         #: Keys whose value did not decode in the current check (``_read``).
         self._invalid: set[str] = set()
+
+    def set_timings(self, t: RefreshTimings) -> None:
+        """Use ``t`` from the next operation on (pushed fleet configuration)."""
+        self._download_timeout = t.download_timeout
+        self._op_timeout = t.op_timeout
+        self._poll = t.poll_interval
+        self._retry = Backoff(t.retry_initial, max(t.retry_initial, t.retry_max))
 
     def statistics(self) -> RefreshStatistics:
         """A frozen snapshot of the counters (changing it changes nothing here)."""

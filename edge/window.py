@@ -392,6 +392,17 @@ class Windower:
         self.closed = 0  #: aggregates made so far
         #: Why the last close failed (None once one succeeds).
         self.last_error: str | None = None
+        #: A new window length waiting for the next boundary (``set_window``).
+        self._next: float | None = None
+        #: Called with the new length once it takes effect.
+        self.on_window: Callable[[float], object] | None = None
+
+    def set_window(self, window: float) -> None:
+        """Use ``window`` seconds from the next boundary on: the window being filled closes
+        where it was going to (pushed fleet config, ``edge.fleetconfig``)."""
+        if not window > 0:
+            raise ValueError(f"window must be > 0 seconds, got {window!r}")
+        self._next = None if window == self.window else window
 
     async def tick(self) -> int:
         """Close the window now; returns how many aggregates were made."""
@@ -407,6 +418,10 @@ class Windower:
         while True:
             now = self._clock()
             await self._sleep(max(0.0, next_tick(now, self.window) - now))
+            if self._next is not None:
+                self.window, self._next = self._next, None
+                if self.on_window is not None:
+                    self.on_window(self.window)
             try:
                 await self.tick()
             except StoreError as exc:

@@ -338,6 +338,28 @@ class TrustStore:
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
 
+    def verify_detached(self, data: bytes, sig: Signature | None, where: str) -> None:
+        """Check ``sig`` over ``data`` (signed data other than a manifest, e.g. a fleet
+        configuration: ``shared.fleetconfig``). Raises ``BundleError`` (code ``unsigned``,
+        ``unknown_key`` or ``bad_signature``) naming ``where``."""
+        if sig is None:
+            raise BundleError(where, "not signed", code=BundleCode.UNSIGNED)
+        if sig.algorithm != "ed25519":
+            raise BundleError(
+                where, f"unsupported signature algorithm {sig.algorithm!r}", BundleCode.BAD_SIGNATURE
+            )
+        key = self._keys.get(sig.key_id)
+        if key is None:
+            raise BundleError(
+                where,
+                f"signed by key {sig.key_id!r}, which is not trusted (trusted: {self.key_ids})",
+                code=BundleCode.UNKNOWN_KEY,
+            )
+        try:
+            key.verify(base64.b64decode(sig.value, validate=True), data)
+        except (ValueError, InvalidSignature) as exc:
+            raise BundleError(where, "signature does not match", BundleCode.BAD_SIGNATURE) from exc
+
     def verify(self, manifest: Bundle | bytes | ModelManifest, where: str = "bundle") -> None:
         """Check the signature of a bundle's raw manifest bytes (a Struct stands for its own
         encoding, as signed by ``sign_manifest``). Raise ``BundleError`` (code ``unsigned``,

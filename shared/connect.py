@@ -280,6 +280,19 @@ class Link:
             self._js = nc.jetstream()
         return self._js
 
+    def set_url(self, url: str) -> None:
+        """Connect to ``url`` from now on (pushed fleet configuration): the current
+        connection, if any, is closed and the link reconnects in the background, as after a
+        drop. Raises ``ValueError`` for a URL ``check_nats_url`` refuses."""
+        _check_url(url)
+        if url == self._url:
+            return
+        log.info("link_url_changed", old=self._shown_url, new=redact_url(url))
+        self._url, self._shown_url = url, redact_url(url)
+        nc = self._nc
+        if nc is not None and self._tg is not None:
+            self._tg.start_soon(_close_quietly, nc)
+
     def statistics(self) -> LinkStatistics:
         return LinkStatistics(
             self._state,

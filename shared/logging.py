@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "plain_json"]
+__all__ = ["configure_logging", "get_logger", "plain_json", "set_level"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -57,6 +57,14 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def set_level(level: str) -> None:
+    """Change the level of every logger made from now on (and of unbound module loggers);
+    the rest of the configuration stays. Raises ``ValueError`` for an unknown level."""
+    if str(level).lower() not in _LEVELS:
+        raise ValueError(f"log level {level!r} is not one of {sorted(_LEVELS)}")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]))
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

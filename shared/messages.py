@@ -258,6 +258,17 @@ class NodeStatus(Wire, kw_only=True):
     storage: str = ""
     #: File names of unreadable databases the node set aside (renamed) and replaced.
     quarantined: list[str] = []
+    #: Pushed fleet configuration (``shared.fleetconfig``): the version in effect (None: only
+    #: the node's own settings), and what happened to the last version it saw
+    #: (``config_seen``): ``config_state`` "applied", "probation" (applied, being watched),
+    #: "rejected" or "rolled_back" (with ``config_reason``); "" from a node that does not say.
+    config_version: int | None = None
+    config_seen: int | None = None
+    config_state: str = ""
+    config_reason: str | None = None
+    #: What the node did not take as pushed: unknown keys of a newer schema, pinned keys, keys
+    #: held at the node's privacy floor.
+    config_warnings: list[str] = []
 
 
 class TensorSpec(Wire, kw_only=True):

@@ -7,13 +7,17 @@ import re
 __all__ = [
     "ASSIGNED_PREFIX",
     "ASSIGNMENTS_BUCKET",
+    "AUDIT_ALL",
+    "AUDIT_STREAM",
     "BASELINE_SUBJECT",
+    "CHANGE_SUBJECT",
     "DEADLETTER_STREAM",
     "DEADLETTER_SUBJECT",
     "DRIFT_ALL",
     "DRIFT_STREAM",
     "EVENTS_ALL",
     "EVENTS_STREAM",
+    "FLEETCONFIG_BUCKET",
     "FLEET_BUCKET",
     "FLEET_WIDE",
     "LEASES_BUCKET",
@@ -31,10 +35,12 @@ __all__ = [
     "WEBHOOK_CONSUMER",
     "assignment_key",
     "assignment_subjects",
+    "audit_subject",
     "bundle_index_key",
     "drift_subject",
     "events_subject",
     "file_object_name",
+    "fleetconfig_key",
     "inbox_prefix",
     "manifest_key",
     "model_object_name",
@@ -75,6 +81,18 @@ STATUS_ALL = "slmops.status.>"
 DRIFT_ALL = "slmops.drift.>"
 ROLLOUT_ALL = "slmops.rollout.>"
 EVENTS_ALL = "slmops.events.>"
+#: Fleet configuration (``shared.fleetconfig``): signed, versioned edge settings. Keys
+#: ``<fleet>.<node>`` / ``<fleet>._fleet`` (what nodes read: the newer of the two wins),
+#: ``<fleet>._v.<version>`` (every version ever published) and ``<fleet>._rollout`` (a staged
+#: rollout's state; the cloud's only).
+FLEETCONFIG_BUCKET = "slmops_fleetconfig"
+#: Who changed what, when (``shared.audit.AuditRecord``, JSON): ``slmops.audit.<fleet>``, or
+#: ``slmops.audit._global`` for changes not tied to one fleet (keys).
+AUDIT_STREAM = "SLMOPS_AUDIT"
+AUDIT_ALL = "slmops.audit.>"
+#: Request/reply subject of the active cloud's change service (``cloud.audit``): audited
+#: changes are asked for here, so the identity recorded is the one the server authenticated.
+CHANGE_SUBJECT = "slmops.cloud.change"
 #: Request/reply subject on which the active cloud sets a drift baseline for an analyst.
 BASELINE_SUBJECT = "slmops.cloud.baseline"
 #: The assignment key token that applies to every node of a fleet without a key of its own.
@@ -144,6 +162,18 @@ def assignment_key(fleet: str, node: str | None = None, model: str | None = None
     token = FLEET_WIDE if node is None else validate_id(node, "node")
     key = f"{validate_id(fleet, 'fleet')}.{token}"
     return key if model is None else f"{key}.{validate_model_name(model)}"
+
+
+def fleetconfig_key(fleet: str, node: str | None = None) -> str:
+    """KV key (in ``slmops_fleetconfig``) of a node's pushed configuration, or of the
+    fleet-wide one when ``node`` is None: ``<fleet>.<node>`` / ``<fleet>._fleet``."""
+    token = FLEET_WIDE if node is None else validate_id(node, "node")
+    return f"{validate_id(fleet, 'fleet')}.{token}"
+
+
+def audit_subject(fleet: str | None) -> str:
+    """Subject of the audit records about ``fleet`` (None: fleet-independent changes)."""
+    return f"slmops.audit.{'_global' if fleet is None else validate_id(fleet, 'fleet')}"
 
 
 def model_object_name(model: str, version: int, variant: str) -> str:

@@ -114,6 +114,14 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_consumers=256,
     ),
     StreamSpec(
+        names.AUDIT_STREAM,
+        (names.AUDIT_ALL,),
+        max_age=timedelta(days=365 * 2),
+        max_bytes=1 * _GIB,
+        max_msg_size=256 * 1024,
+        max_consumers=256,
+    ),
+    StreamSpec(
         names.DEADLETTER_STREAM,
         (names.DEADLETTER_SUBJECT, f"{names.DEADLETTER_SUBJECT}.>"),
         max_age=timedelta(days=14),
@@ -129,6 +137,8 @@ STREAMS: tuple[StreamSpec, ...] = (
 _KV_BUCKETS: tuple[tuple[str, int, int], ...] = (
     (names.ASSIGNMENTS_BUCKET, 5, 8192),
     (names.MODELS_MANIFEST_BUCKET, 1, 1024),
+    # Nodes read it by direct gets and wake on core subscriptions: no consumers of theirs.
+    (names.FLEETCONFIG_BUCKET, 1, 1024),
 )
 #: Consumers of the model object store: one per download in flight, fleet-wide (nodes and
 #: the cloud's recalibration loop). A download refused by the bound is retried with backoff

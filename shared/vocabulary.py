@@ -64,6 +64,10 @@ class NodeEvent(StrEnum):
     SHUTDOWN = "shutdown"
     #: A model served side by side was unloaded: its per-model assignment keys were deleted.
     MODEL_REMOVED = "model_removed"
+    #: Pushed fleet configuration (``shared.fleetconfig``): taken, refused, undone.
+    CONFIG_APPLIED = "config_applied"
+    CONFIG_REJECTED = "config_rejected"
+    CONFIG_ROLLED_BACK = "config_rolled_back"
 
 
 class RolloutStatus(StrEnum):

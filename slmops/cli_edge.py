@@ -176,10 +176,11 @@ def edge(
             return
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    run(partial(_serve, config), until_signal=True, exit_codes={BundleError: 2})
+    level = str(ctx.find_root().params.get("log_level") or "info")
+    run(partial(_serve, config, level), until_signal=True, exit_codes={BundleError: 2})
 
 
-async def _serve(config: EdgeConfig) -> None:
+async def _serve(config: EdgeConfig, log_level: str = "info") -> None:
     """Run the node and its HTTP API until cancelled (by a signal, in ``run``)."""
     import structlog
 
@@ -188,7 +189,7 @@ async def _serve(config: EdgeConfig) -> None:
 
     # Every log line of this process names the node (tasks inherit context variables).
     structlog.contextvars.bind_contextvars(fleet=config.fleet, node=config.node)
-    async with EdgeNode(config) as node, AsyncExitStack() as stack:
+    async with EdgeNode(config, log_level=log_level) as node, AsyncExitStack() as stack:
         address = config.http_address
         if address is not None:
             try:
