@@ -51,10 +51,12 @@ from slmops.cloud.analyst.baseline import serve_baselines
 from slmops.cloud.analyst.metrics import MetricsRefresher
 from slmops.cloud.analyst.web import serve_http
 from slmops.cloud.analyst.webhook import run_webhook
+from slmops.cloud.audit import serve_changes
 from slmops.cloud.config import CloudConfig
 from slmops.cloud.drift.calibrate import shared_calibrator
 from slmops.cloud.drift.detector import DriftDetector
 from slmops.cloud.errors import LeaseLost
+from slmops.cloud.fleetconfig import run_config_rollouts
 from slmops.cloud.ingest.apply import Applier
 from slmops.cloud.ingest.consumers import Consumer, PullLoop, TelemetryIngest, consumer_name
 from slmops.cloud.ingest.events import EventPublisher
@@ -315,6 +317,8 @@ class CloudService:
                 await tg.start(ingest.run)
                 await tg.start(status.run)
                 await tg.start(partial(serve_baselines, self._link.nc, applier))
+                await tg.start(partial(serve_changes, self._link.nc, js, url=cfg.nats_url))
+                await tg.start(partial(run_config_rollouts, js, url=cfg.nats_url))
                 await tg.start(self.metrics.run, self._link.nc, js)
                 if cfg.webhook_url is not None:
                     await tg.start(partial(run_webhook, js, cfg.webhook_url, cfg.fleets))

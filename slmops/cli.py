@@ -185,6 +185,8 @@ from slmops.cli_trust import enroll as _trust_enroll  # noqa: E402
 from slmops.cli_trust import init as _trust_init  # noqa: E402
 from slmops.cli_trust import push as _trust_push  # noqa: E402
 from slmops.cli_trust import revoke as _trust_revoke  # noqa: E402
+from slmops.cli_fleetconfig import audit as _audit  # noqa: E402
+from slmops.cli_fleetconfig import config as _fleet_config  # noqa: E402
 
 _drift.add_command(_baseline)
 main.add_command(_cloud)
@@ -193,6 +195,8 @@ for _cmd in (_trust_init, _trust_enroll, _trust_revoke, _trust_push):
     _fleet.add_command(_cmd)
 main.add_command(_fleet)
 main.add_command(_status)
+_fleet.add_command(_fleet_config)
+main.add_command(_audit)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

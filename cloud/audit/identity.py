@@ -1,0 +1,95 @@
+"""Who sent a request, as the NATS server says — never as the request says.
+
+When a request crosses a service import marked ``share: true`` (from an operator's account
+into the cloud's), nats-server writes a ``Nats-Request-Info`` header with the requester's
+account, user and, for a JWT user, the name in its JWT (``name_tag``); it *replaces* any such
+header the client sent (server/client.go ``processServiceImport`` → ``setHeader``, which
+removes the old value). A request from inside the cloud's own account crosses no import, so
+the server adds nothing there and a header present was written by the client. Hence the
+rule (``IdentityReader.of``):
+
+* no authentication on the server (``$SYS.REQ.USER.INFO`` answers account ``$G``, no user):
+  ``"unauthenticated"``, whatever headers say;
+* authentication on, a header whose account differs from the cloud's own: that identity
+  (``name_tag``, else ``user``) — only the server can have written it;
+* anything else (no header; a header claiming the cloud's own account): ``"unauthenticated"``.
+
+The deployment must keep the change subject unpublishable inside the cloud's account for
+anyone but the cloud (a same-account client could otherwise write a header naming another
+account): ``deploy/`` and ``slmops fleet init`` give operators their own account with the
+import.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+import anyio
+import structlog
+from nats.aio.client import Client as NATS
+
+from slmops.shared.audit import UNAUTHENTICATED
+
+__all__ = ["REQUEST_INFO", "Identity", "IdentityReader"]
+
+log = structlog.get_logger(__name__)
+
+REQUEST_INFO = "Nats-Request-Info"
+#: The account of every client of a server without accounts or authentication.
+_GLOBAL = "$G"
+
+
+class Identity(NamedTuple):
+    who: str
+    account: str | None = None
+    user: str | None = None
+
+
+class IdentityReader:
+    """Reads requesters' identities for one connection of the cloud (``await start()``
+    first)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self.own_account: str | None = None
+        self.auth = False
+
+    async def start(self) -> None:
+        """Ask the server who this connection is (``$SYS.REQ.USER.INFO``). A server that does
+        not answer is treated as authenticating with an unknown own account: then no header
+        is trusted (every record says "unauthenticated")."""
+        try:
+            with anyio.fail_after(5.0):
+                msg = await self._nc.request("$SYS.REQ.USER.INFO", b"", timeout=5.0)
+            data: dict[str, Any] = json.loads(msg.data).get("data") or {}
+        except Exception as exc:  # no responders, timeout, not JSON: trust no header
+            log.warning("audit_identity_unknown", error=repr(exc))
+            self.auth, self.own_account = True, None
+            return
+        self.own_account = str(data.get("account") or "") or None
+        self.auth = bool(data.get("user")) or self.own_account not in (None, _GLOBAL)
+        log.info("audit_identity", account=self.own_account, auth=self.auth)
+
+    def of(self, headers: dict[str, str] | None) -> Identity:
+        """The requester of a message with ``headers`` (module docstring)."""
+        if not self.auth or self.own_account is None:
+            return Identity(UNAUTHENTICATED)
+        raw = (headers or {}).get(REQUEST_INFO)
+        if not raw:
+            return Identity(UNAUTHENTICATED, self.own_account)
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            return Identity(UNAUTHENTICATED)
+        if not isinstance(info, dict):
+            return Identity(UNAUTHENTICATED)
+        account = info.get("acc")
+        if not isinstance(account, str) or not account or account == self.own_account:
+            return Identity(UNAUTHENTICATED, self.own_account)
+        user = info.get("user") if isinstance(info.get("user"), str) else None
+        tag = info.get("name_tag") if isinstance(info.get("name_tag"), str) else None
+        who = tag or user
+        if not who:
+            return Identity(UNAUTHENTICATED, account)
+        return Identity(who, account, user if user != who else None)

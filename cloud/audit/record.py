@@ -1,0 +1,86 @@
+"""Writing and reading ``SLMOPS_AUDIT`` (``shared.audit.AuditRecord``, JSON)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from slmops.cloud.audit.identity import Identity
+from slmops.shared.audit import AuditRecord
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable
+from slmops.shared.jetstream import nats_errors
+from slmops.shared.messages import decode_json, encode_json
+from slmops.shared.names import AUDIT_ALL, AUDIT_STREAM, audit_subject
+
+__all__ = ["new_record", "read_audit", "record_audit"]
+
+log = structlog.get_logger(__name__)
+
+
+def new_record(identity: Identity, action: str, fleet: str | None, **fields: Any) -> AuditRecord:
+    return AuditRecord(
+        id=uuid.uuid4().hex,
+        time=datetime.now(UTC),
+        who=identity.who,
+        account=identity.account,
+        user=identity.user,
+        action=action,
+        fleet=fleet,
+        **fields,
+    )
+
+
+async def record_audit(js: JetStreamContext, record: AuditRecord, *, url: str = "<nats>") -> None:
+    """Store ``record`` (deduplicated by its id). Raises ``NatsUnavailable`` /
+    ``JetStreamRefused`` when it could not be stored: the caller must then not report the
+    change as done without its record."""
+    with nats_errors("stream", AUDIT_STREAM, url):
+        await js.publish(
+            audit_subject(record.fleet), encode_json(record), timeout=5.0, headers={"Nats-Msg-Id": record.id}
+        )
+    log.info(
+        "audit", who=record.who, action=record.action, fleet=record.fleet, ok=record.ok, target=record.target
+    )
+
+
+async def read_audit(
+    js: JetStreamContext, fleet: str | None = None, *, url: str = "<nats>", timeout: float = 3.0
+) -> list[AuditRecord]:
+    """Every record (of ``fleet``, and the fleet-independent ones; all when None), oldest
+    first. Raises ``NatsUnavailable`` when the stream cannot be read."""
+    subjects = [AUDIT_ALL] if fleet is None else [audit_subject(fleet), audit_subject(None)]
+    out: list[AuditRecord] = []
+    for subject in subjects:
+        with nats_errors("stream", AUDIT_STREAM, url):
+            info = await js.stream_info(AUDIT_STREAM, subjects_filter=subject)
+            if not info.state.subjects:
+                continue
+            config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+            sub = await js.subscribe(subject, stream=AUDIT_STREAM, ordered_consumer=True, config=config)
+        try:
+            while True:
+                with nats_errors("stream", AUDIT_STREAM, url):
+                    try:
+                        msg = await sub.next_msg(timeout=timeout)
+                    except TimeoutError:
+                        break
+                try:
+                    out.append(decode_json(msg.data, AuditRecord))
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("audit_record_undecodable", subject=msg.subject, error=str(exc))
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with (
+                contextlib.suppress(NatsUnavailable, JetStreamRefused),
+                nats_errors("subscription", subject, url),
+            ):
+                await sub.unsubscribe()
+    return sorted(out, key=lambda r: (r.time, r.id))
