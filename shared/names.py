@@ -37,6 +37,7 @@ __all__ = [
     "assignment_subjects",
     "audit_subject",
     "bundle_index_key",
+    "change_subject",
     "drift_subject",
     "events_subject",
     "file_object_name",
@@ -90,8 +91,9 @@ FLEETCONFIG_BUCKET = "slmops_fleetconfig"
 #: ``slmops.audit._global`` for changes not tied to one fleet (keys).
 AUDIT_STREAM = "SLMOPS_AUDIT"
 AUDIT_ALL = "slmops.audit.>"
-#: Request/reply subject of the active cloud's change service (``cloud.audit``): audited
-#: changes are asked for here, so the identity recorded is the one the server authenticated.
+#: Request/reply subjects of the active cloud's change service (``cloud.audit``), one per
+#: fleet (``change_subject``): audited changes are asked for here, so the identity recorded is
+#: the one the server authenticated.
 CHANGE_SUBJECT = "slmops.cloud.change"
 #: Request/reply subject on which the active cloud sets a drift baseline for an analyst.
 BASELINE_SUBJECT = "slmops.cloud.baseline"
@@ -169,6 +171,11 @@ def fleetconfig_key(fleet: str, node: str | None = None) -> str:
     fleet-wide one when ``node`` is None: ``<fleet>.<node>`` / ``<fleet>._fleet``."""
     token = FLEET_WIDE if node is None else validate_id(node, "node")
     return f"{validate_id(fleet, 'fleet')}.{token}"
+
+
+def change_subject(fleet: str) -> str:
+    """Where changes to ``fleet`` are asked of the cloud serving it."""
+    return f"{CHANGE_SUBJECT}.{validate_id(fleet, 'fleet')}"
 
 
 def audit_subject(fleet: str | None) -> str:

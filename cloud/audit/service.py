@@ -49,13 +49,19 @@ def _stages(stages: list[int]) -> list[int]:
 
 
 async def handle_change(
-    req: ChangeRequest, who: Identity, store: ConfigStore, trust: TrustStore | None = None
+    req: ChangeRequest,
+    who: Identity,
+    store: ConfigStore,
+    trust: TrustStore | None = None,
+    subject: str | None = None,
 ) -> tuple[ChangeReply, AuditRecord]:
     """Do ``req``; returns the reply and the audit record (stored by the caller). Raises
     ``ValueError`` (``ConfigRejected`` among them) for a request it refuses."""
     if req.action not in ACTIONS:
         raise ValueError(f"unknown action {req.action!r} (known: {list(ACTIONS)})")
     fleet = names.validate_id(req.fleet, "fleet")
+    if subject is not None and subject != names.change_subject(fleet):
+        raise ValueError(f"a change to fleet {fleet!r} sent on {subject!r}")
     raw = req.document.encode()
     doc = verify_config(raw, trust) if trust is not None else decode_doc(raw, "document")
     if doc.fleet != fleet:
@@ -104,7 +110,7 @@ async def _answer(msg: Msg, reader: IdentityReader, store: ConfigStore, trust: T
         req = msgspec.json.decode(msg.data, type=ChangeRequest)
         fleet = req.fleet if isinstance(req.fleet, str) else None
         action = req.action if isinstance(req.action, str) else action
-        reply, record = await handle_change(req, who, store, trust)
+        reply, record = await handle_change(req, who, store, trust, msg.subject)
     except (NatsUnavailable, JetStreamRefused) as exc:
         reply, record = ChangeReply(ok=False, error=f"cloud could not do it: {exc}"), None
     except (
@@ -142,23 +148,38 @@ async def serve_changes(
     nc: NATS,
     js: JetStreamContext,
     *,
+    fleets: list[str] | None = None,
     trust: TrustStore | None = None,
     url: str = "<nats>",
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer change requests until cancelled (run only in the active instance). One bad
-    request never stops it: each is answered (or refused) and recorded on its own."""
+    """Answer change requests for ``fleets`` (None or empty: every fleet) until cancelled
+    (run only in the active instance). One bad request never stops it: each is answered (or
+    refused) and recorded on its own."""
     reader = IdentityReader(nc)
     await reader.start()
     store = await ConfigStore(js, url=url).open()
-    sub = await nc.subscribe(names.CHANGE_SUBJECT, max_msgs=0)
+    subjects = [names.change_subject(f) for f in fleets] if fleets else [f"{names.CHANGE_SUBJECT}.*"]
+    send, receive = anyio.create_memory_object_stream[Msg](64)
+
+    async def on_msg(msg: Msg) -> None:
+        # Full (64 requests waiting): wait here; nats-py then buffers in its own bounded
+        # pending queue and, beyond it, drops — the requester sees a timeout.
+        try:
+            await send.send(msg)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # shutting down: the requester times out and asks again
+
+    subs = [await nc.subscribe(s, cb=on_msg) for s in subjects]
     task_status.started()
     try:
-        async for msg in sub.messages:
-            try:
-                await _answer(msg, reader, store, trust)
-            except Exception:  # a bug for one request must not end the service
-                log.exception("change_failed")
+        async with send, receive:
+            async for msg in receive:
+                try:
+                    await _answer(msg, reader, store, trust)
+                except Exception:  # a bug for one request must not end the service
+                    log.exception("change_failed")
     finally:
         with anyio.CancelScope(shield=True):
-            await sub.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()

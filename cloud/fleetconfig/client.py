@@ -75,10 +75,11 @@ async def send_change(nc: NATS, request: ChangeRequest, *, timeout: float = REQU
     """Ask the active cloud. Raises ``ChangeRefused`` with the cloud's reason, or when no
     cloud answers."""
     try:
-        msg = await nc.request(names.CHANGE_SUBJECT, encode_json(request), timeout=timeout)
+        msg = await nc.request(names.change_subject(request.fleet), encode_json(request), timeout=timeout)
     except NoRespondersError as exc:
         raise ChangeRefused(
-            f"no cloud answers on {names.CHANGE_SUBJECT}: is `slmops cloud` running (and may you reach it)?"
+            f"no cloud answers on {names.change_subject(request.fleet)}: is `slmops cloud` running for this "
+            "fleet (and may you reach it)?"
         ) from exc
     except NatsTimeout as exc:
         raise ChangeRefused(

@@ -136,10 +136,15 @@ async def step_rollout(store: ConfigStore, state: ConfigRollout, now: float | No
 
 
 async def run_config_rollouts(
-    js: JetStreamContext, *, url: str = "<nats>", task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    js: JetStreamContext,
+    *,
+    fleets: list[str] | None = None,
+    url: str = "<nats>",
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Step every running configuration rollout every ``INTERVAL_S`` until cancelled (the
-    active cloud only). One rollout's failure is logged and does not stop the others."""
+    """Step every running configuration rollout of ``fleets`` (None or empty: all) every
+    ``INTERVAL_S`` until cancelled (the active cloud only). One rollout's failure is logged
+    and does not stop the others."""
     store = await ConfigStore(js, url=url).open()
     task_status.started()
     while True:
@@ -149,6 +154,8 @@ async def run_config_rollouts(
             log.warning("config_rollouts_unreadable", error=str(exc))
             keys = []
         for key in keys:
+            if fleets and key.split(".", 1)[0] not in fleets:
+                continue
             try:
                 entry = await kv_get(store.kv, key, url)
                 if entry is None or not entry.value:
