@@ -11,6 +11,7 @@ before), then written to the fleet's key, to the selected nodes' keys, or staged
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
@@ -165,10 +166,9 @@ async def serve_changes(
     async def on_msg(msg: Msg) -> None:
         # Full (64 requests waiting): wait here; nats-py then buffers in its own bounded
         # pending queue and, beyond it, drops — the requester sees a timeout.
-        try:
+        # Shutting down (closed): the requester times out and asks again.
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             await send.send(msg)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # shutting down: the requester times out and asks again
 
     subs = [await nc.subscribe(s, cb=on_msg) for s in subjects]
     task_status.started()
