@@ -5,7 +5,7 @@ node's *local* config (its file and flags), never from the previous pushed one, 
 document is a whole description and a rollback is exact. Rules, in order:
 
 * a key this build does not know: refused, unless the document's ``schema`` is newer than
-  ``FLEETCONFIG_SCHEMA`` (then skipped, with a warning listing them);
+  ``fc.FLEETCONFIG_SCHEMA`` (then skipped, with a warning listing them);
 * a key (or ``safety.x`` / ``refresh.x``) named in the local ``pin`` list: the local value
   stays, with a warning ("local flags win");
 * the privacy floors stay on the device: ``min_count`` never below the local one,
@@ -27,11 +27,8 @@ to its last good configuration on its own, marks the version bad and reports
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import anyio
@@ -39,23 +36,18 @@ import msgspec
 import structlog
 
 from slmops.edge.config import EdgeConfig, RefreshTimings, SafetyLimits
+from slmops.shared import fleetconfig as fc
 from slmops.shared import names
+from slmops.shared.atomic import write_atomic
 from slmops.shared.bundle import TrustStore
 from slmops.shared.config import parse_duration, parse_size
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable
-from slmops.shared.fleetconfig import (
-    FLEETCONFIG_SCHEMA,
-    PUSHABLE,
-    ConfigRejected,
-    FleetConfigDoc,
-    verify_config,
-)
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.kv import kv_get_direct
 from slmops.shared.vocabulary import NodeEvent
 
-__all__ = ["PROBATION_S", "ConfigFollower", "Resolved", "resolve"]
+__all__ = ["PROBATION_S", "ConfigFollower", "Hooks", "Resolved", "resolve"]
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +72,7 @@ class Resolved(NamedTuple):
 
 def _table(local: EdgeConfig, top: str, value: object, schema: int, warnings: list[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigRejected(f"{top} must be a table, got {type(value).__name__}")
+        raise fc.ConfigRejected(f"{top} must be a table, got {type(value).__name__}")
     known = _TABLES[top].__struct_fields__
     out = msgspec.structs.asdict(getattr(local, top))
     unknown = []
@@ -92,8 +84,8 @@ def _table(local: EdgeConfig, top: str, value: object, schema: int, warnings: li
             warnings.append(f"{name}: pinned locally, kept {out[key]!r}")
         else:
             out[key] = sub
-    if unknown and schema <= FLEETCONFIG_SCHEMA:
-        raise ConfigRejected(f"unknown keys {unknown} (schema {schema})")
+    if unknown and schema <= fc.FLEETCONFIG_SCHEMA:
+        raise fc.ConfigRejected(f"unknown keys {unknown} (schema {schema})")
     if unknown:
         warnings.append(f"unknown keys of schema {schema} skipped: {unknown}")
     return out
@@ -145,31 +137,33 @@ def _bounds(changes: Mapping[str, Any]) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise ConfigRejected(f"{name} must be a number in [{low:g}, {high:g}] when pushed, got {value!r}")
+            raise fc.ConfigRejected(
+                f"{name} must be a number in [{low:g}, {high:g}] when pushed, got {value!r}"
+            )
 
 
 def _named(name: str, parse: Callable[[str], Any], value: str) -> Any:
     try:
         return parse(value)
     except ValueError as exc:
-        raise ConfigRejected(f"{name}: {exc}") from exc
+        raise fc.ConfigRejected(f"{name}: {exc}") from exc
 
 
 def resolve(local: EdgeConfig, settings: Mapping[str, Any], *, schema: int) -> Resolved:
     """The node's config with ``settings`` (a document's) applied by the module's rules.
-    Raises ``ConfigRejected`` with the reason."""
+    Raises ``fc.ConfigRejected`` with the reason."""
     if not isinstance(settings, Mapping):
-        raise ConfigRejected(f"settings must be an object, got {type(settings).__name__}")
+        raise fc.ConfigRejected(f"settings must be an object, got {type(settings).__name__}")
     warnings: list[str] = []
-    unknown = sorted(str(k) for k in settings if k not in PUSHABLE)
-    if unknown and schema <= FLEETCONFIG_SCHEMA:
-        raise ConfigRejected(f"unknown keys {unknown} (schema {schema}; pushable: {sorted(PUSHABLE)})")
+    unknown = sorted(str(k) for k in settings if k not in fc.PUSHABLE)
+    if unknown and schema <= fc.FLEETCONFIG_SCHEMA:
+        raise fc.ConfigRejected(f"unknown keys {unknown} (schema {schema}; pushable: {sorted(fc.PUSHABLE)})")
     if unknown:
         warnings.append(f"unknown keys of schema {schema} skipped: {unknown}")
     changes: dict[str, Any] = {}
     log_level: str | None = None
     for key, value in settings.items():
-        if key not in PUSHABLE:
+        if key not in fc.PUSHABLE:
             continue
         if key in local.pin:
             kept = "(unchanged)" if key == "log_level" else repr(getattr(local, key))
@@ -179,7 +173,7 @@ def resolve(local: EdgeConfig, settings: Mapping[str, Any], *, schema: int) -> R
             changes[key] = _table(local, key, value, schema, warnings)
         elif key == "log_level":
             if not isinstance(value, str) or value.lower() not in _LEVELS:
-                raise ConfigRejected(f"log_level must be one of {list(_LEVELS)}, got {value!r}")
+                raise fc.ConfigRejected(f"log_level must be one of {list(_LEVELS)}, got {value!r}")
             log_level = value.lower()
         else:
             changes[key] = value
@@ -195,7 +189,7 @@ def resolve(local: EdgeConfig, settings: Mapping[str, Any], *, schema: int) -> R
         _bounds(changes)
         config = local.replace(**changes)
     except (ValueError, TypeError, OverflowError, msgspec.ValidationError) as exc:
-        raise ConfigRejected(str(exc)) from exc
+        raise fc.ConfigRejected(str(exc)) from exc
     return Resolved(config, log_level, warnings)
 
 
@@ -207,35 +201,35 @@ class _Saved(msgspec.Struct, kw_only=True):
     bad: dict[str, str] = {}  #: version -> why it was refused or rolled back
 
 
-Apply = Callable[[Resolved], None]
-Report = Callable[..., Awaitable[bool]]
+class Hooks(NamedTuple):
+    """What the follower calls on the node."""
+
+    #: Put a configuration into effect (``EdgeNode._apply_config``).
+    apply: Callable[[Resolved], None]
+    #: Publish a status with an event now; returns whether it was sent.
+    report: Callable[..., Awaitable[bool]]
 
 
 class ConfigFollower:
     """See the module docstring. ``startup()`` before the node builds its parts; ``run``
     until cancelled; ``status_fields()`` for each status message."""
 
-    def __init__(
-        self,
-        local: EdgeConfig,
-        trust: TrustStore,
-        link: Link | None = None,
-        *,
-        report: Report | None = None,
-        apply: Apply | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    #: Monotonic seconds (the probation's clock); a test may replace it.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
+    def __init__(self, local: EdgeConfig, trust: TrustStore, hooks: Hooks | None = None) -> None:
+        """``hooks``: how to put a configuration into effect and to publish a status (the
+        node's; without them the follower only decides)."""
         self.local = local
         self.trust = trust
         #: Set by the node once its link exists (before ``run``).
-        self.link: Link = link  # type: ignore[assignment]
-        self.report = report
-        self.apply = apply
-        self._clock = clock
+        self.link: Link
+        self.report = hooks.report if hooks else None
+        self.apply = hooks.apply if hooks else None
         self._path = local.data_path / "fleetconfig.json"
         self._keys = (names.fleetconfig_key(local.fleet, local.node), names.fleetconfig_key(local.fleet))
         self.saved = self._load()
-        self.good: FleetConfigDoc | None = None
+        self.good: fc.FleetConfigDoc | None = None
         self.current: Resolved = Resolved(local, None, [])
         #: (version, state, reason) of the last version seen: status ``config_*`` fields.
         self.seen: tuple[int | None, str, str | None] = (None, "", None)
@@ -256,18 +250,7 @@ class ConfigFollower:
             return _Saved()
 
     def _save(self) -> None:
-        data = msgspec.json.encode(self.saved)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".fleetconfig-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self._path, msgspec.json.encode(self.saved), prefix=".fleetconfig-")
 
     # -- start ------------------------------------------------------------------------------
 
@@ -277,9 +260,9 @@ class ConfigFollower:
         if self.saved.good is None:
             return self.current
         try:
-            doc = verify_config(self.saved.good.encode(), self.trust, "saved fleet config")
+            doc = fc.verify_config(self.saved.good.encode(), self.trust, "saved fleet config")
             resolved = resolve(self.local, doc.settings, schema=doc.schema)
-        except ConfigRejected as exc:
+        except fc.ConfigRejected as exc:
             log.error("fleetconfig_saved_refused", error=str(exc), note="starting with the local config")
             return self.current
         self.good, self.current = doc, resolved
@@ -377,17 +360,17 @@ class ConfigFollower:
             if raw is None:
                 continue
             try:
-                doc = verify_config(raw, self.trust, f"fleet config {key}")
+                doc = fc.verify_config(raw, self.trust, f"fleet config {key}")
                 if doc.fleet != self.local.fleet:
-                    raise ConfigRejected(f"fleet config {key}: it is for fleet {doc.fleet!r}", doc.version)
-            except ConfigRejected as exc:
+                    raise fc.ConfigRejected(f"fleet config {key}: it is for fleet {doc.fleet!r}", doc.version)
+            except fc.ConfigRejected as exc:
                 await self._refuse_unreadable(raw, exc)
                 continue
             if doc.version > self.saved.highest and (best is None or doc.version > best[0]):
                 best = (doc.version, raw)
         return None if best is None else best[1]
 
-    async def _refuse_unreadable(self, raw: bytes, exc: ConfigRejected) -> None:
+    async def _refuse_unreadable(self, raw: bytes, exc: fc.ConfigRejected) -> None:
         """A stored document that does not verify or decode: reported once per content."""
         import hashlib
 
@@ -407,11 +390,11 @@ class ConfigFollower:
                 log.warning("fleetconfig_report_failed", error=repr(exc))
 
     async def _take(self, raw: bytes) -> None:
-        doc = verify_config(raw, self.trust)  # verified in _check: cannot fail now
+        doc = fc.verify_config(raw, self.trust)  # verified in _check: cannot fail now
         self.saved.highest = doc.version
         try:
             resolved = resolve(self.local, doc.settings, schema=doc.schema)
-        except ConfigRejected as exc:
+        except fc.ConfigRejected as exc:
             self._mark_bad(doc.version, exc.reason)
             log.error("fleetconfig_rejected", version=doc.version, reason=exc.reason)
             self.seen = (doc.version, "rejected", exc.reason)
@@ -479,14 +462,14 @@ class ConfigFollower:
         """None when the applied version proved good within ``PROBATION_S``, else why not.
         ``connects``: the link's connect count before a URL change (then only a connection
         made since proves anything)."""
-        deadline = self._clock() + PROBATION_S
+        deadline = self.clock() + PROBATION_S
         reached = False
         while True:
             if self._tripped is not None:
                 return f"safety monitor tripped: {self._tripped}"
             if not reached and self._online(connects):
                 reached = self.report is None or await self.report(NodeEvent.CONFIG_APPLIED)
-            if self._clock() >= deadline:
+            if self.clock() >= deadline:
                 break
             await anyio.sleep(0.25)
         if not reached:

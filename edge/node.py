@@ -56,8 +56,8 @@ from slmops.edge._lock import DataDirLock
 from slmops.edge.buffer import Buffer
 from slmops.edge.config import EdgeConfig
 from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, UnknownPrediction
+from slmops.edge.fleetconfig import ConfigFollower, Hooks, Resolved
 from slmops.edge.generate import Generations
-from slmops.edge.fleetconfig import ConfigFollower, Resolved
 from slmops.edge.inference import Batcher, Result
 from slmops.edge.ledger import PrivacyLedger
 from slmops.edge.models import ActiveModel, ModelManager
@@ -172,7 +172,7 @@ class EdgeNode:
         #: the pushed fleet configuration applied (``edge.fleetconfig``).
         self.local_config = config
         trust = TrustStore.from_files(config.trust_paths)
-        self.fleetcfg = ConfigFollower(config, trust, report=self.report_status, apply=self._apply_config)
+        self.fleetcfg = ConfigFollower(config, trust, Hooks(self._apply_config, self.report_status))
         start = self.fleetcfg.startup()
         config = start.config
         if start.log_level is not None:

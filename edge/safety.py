@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,6 +53,7 @@ import structlog
 
 from slmops.edge.config import SafetyLimits
 from slmops.edge.models import ActiveModel, ModelManager
+from slmops.shared.atomic import write_atomic
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import ModelRef
 from slmops.shared.vocabulary import NodeEvent
@@ -407,14 +406,5 @@ class SafetyMonitor:
             return set(), set()
 
     def _save_state(self) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=".safety-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"blocked": sorted(self.blocked), "withdrawn": sorted(self.withdrawn)}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        state = {"blocked": sorted(self.blocked), "withdrawn": sorted(self.withdrawn)}
+        write_atomic(self.state_path, json.dumps(state).encode(), prefix=".safety-")

@@ -28,19 +28,19 @@ class AuditRecord(Wire, kw_only=True):
     """Who changed what, when (JSON on ``slmops.audit.<fleet>``)."""
 
     v: int = 1
-    id: str
-    #: When the cloud did it (its own clock, UTC).
-    time: datetime
+    #: e.g. "config.apply", "config.rollback", "config.stage", "config.halted".
+    action: str
+    fleet: str | None = None
     #: The credential's name as the server authenticated it (a JWT's name, else the user),
     #: ``"unauthenticated"``, or ``"cloud"`` for the cloud's own automatic steps.
     who: str
+    #: When the cloud did it (its own clock, UTC).
+    time: datetime
     #: The requester's account (from the server), when known.
     account: str | None = None
     #: The user's public key or name as the server gave it, when it differs from ``who``.
     user: str | None = None
-    #: e.g. "config.apply", "config.rollback", "config.stage", "config.halted".
-    action: str
-    fleet: str | None = None
+    id: str
     #: What it applied to: "fleet", "nodes a,b", "cohort 10%: a".
     target: str = ""
     detail: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -24,7 +24,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from slmops.shared.atomic import write_atomic
 from slmops.shared.capabilities import requirements_of
 from slmops.shared.errors import BundleError
 from slmops.shared.messages import (
@@ -338,10 +338,9 @@ class TrustStore:
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
 
-    def verify_detached(self, data: bytes, sig: Signature | None, where: str) -> None:
-        """Check ``sig`` over ``data`` (signed data other than a manifest, e.g. a fleet
-        configuration: ``shared.fleetconfig``). Raises ``BundleError`` (code ``unsigned``,
-        ``unknown_key`` or ``bad_signature``) naming ``where``."""
+    def _key_for(self, sig: Signature | None, where: str) -> Ed25519PublicKey:
+        """The trusted key ``sig`` names. Raises ``BundleError`` (code ``unsigned``,
+        ``unknown_key`` or ``bad_signature`` for an algorithm other than Ed25519)."""
         if sig is None:
             raise BundleError(where, "not signed", code=BundleCode.UNSIGNED)
         if sig.algorithm != "ed25519":
@@ -355,6 +354,14 @@ class TrustStore:
                 f"signed by key {sig.key_id!r}, which is not trusted (trusted: {self.key_ids})",
                 code=BundleCode.UNKNOWN_KEY,
             )
+        return key
+
+    def verify_detached(self, data: bytes, sig: Signature | None, where: str) -> None:
+        """Check ``sig`` over ``data`` (signed data other than a manifest, e.g. a fleet
+        configuration: ``shared.fleetconfig``). Raises ``BundleError`` (code ``unsigned``,
+        ``unknown_key`` or ``bad_signature``) naming ``where``."""
+        key = self._key_for(sig, where)
+        assert sig is not None  # _key_for refused None
         try:
             key.verify(base64.b64decode(sig.value, validate=True), data)
         except (ValueError, InvalidSignature) as exc:
@@ -377,17 +384,7 @@ class TrustStore:
             ) from exc
         if sig is None:
             raise BundleError(where, "manifest is not signed", code=BundleCode.UNSIGNED)
-        if sig.algorithm != "ed25519":
-            raise BundleError(
-                where, f"unsupported signature algorithm {sig.algorithm!r}", BundleCode.BAD_SIGNATURE
-            )
-        key = self._keys.get(sig.key_id)
-        if key is None:
-            raise BundleError(
-                where,
-                f"signed by key {sig.key_id!r}, which is not trusted (trusted: {self.key_ids})",
-                code=BundleCode.UNKNOWN_KEY,
-            )
+        key = self._key_for(sig, where)
         try:
             value = base64.b64decode(sig.value, validate=True)
         except ValueError as exc:
@@ -597,16 +594,7 @@ def resign_bundle(path: Path, key: Ed25519PrivateKey) -> Bundle:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, prefix=f".{path.name}.")
 
 
 # -- the archive -----------------------------------------------------------------------------

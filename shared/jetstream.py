@@ -19,8 +19,9 @@ nats-py → ours (``nats_errors``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "is_connection_error",
     "is_nats_error",
     "nats_errors",
+    "replay",
     "stored_at",
     "stream_info",
     "url_of",
@@ -298,3 +300,36 @@ async def _tighten(
         log.warning("bucket_limits_not_set", bucket=name, limits=changes, error=str(exc))
         return
     log.info("bucket_limits_set", bucket=name, limits=changes)
+
+
+async def replay(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    on_msg: Callable[[Msg], None],
+    *,
+    url: str = "<nats>",
+    timeout: float = 3.0,
+) -> None:
+    """Hand every message of ``stream`` on ``subject`` to ``on_msg``, oldest first, through an
+    ordered consumer; done when none is pending, or when none arrives within ``timeout``
+    seconds. ``on_msg`` handles its own decode errors. Raises ``NatsUnavailable``."""
+    with nats_errors("stream", stream, url):
+        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+        sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
+    try:
+        while True:
+            with nats_errors("stream", stream, url):
+                try:
+                    msg = await sub.next_msg(timeout=timeout)
+                except TimeoutError:  # nats-py's own TimeoutError is one
+                    break  # nothing more within the timeout: the replay is over
+            on_msg(msg)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with (
+            contextlib.suppress(NatsUnavailable, JetStreamRefused),
+            nats_errors("subscription", subject, url),
+        ):
+            await sub.unsubscribe()

@@ -20,6 +20,7 @@ from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
 
 if TYPE_CHECKING:
+    from _fleetcfg import Env
     from slmops.cloud.factory.cache import CachedModel
 
 
@@ -114,6 +115,22 @@ async def statuses(nc: NATS, fleet: str) -> AsyncIterator[Statuses]:
         yield found
     finally:
         await sub.unsubscribe()
+
+
+@pytest.fixture
+def env(
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    js: JetStreamContext,
+    nats_server: EmbeddedServer,
+    statuses: Statuses,
+) -> Env:
+    """A fleet configuration test's world (``_fleetcfg.Env``): directory, key, fleet, the
+    session server and its fleet's statuses."""
+    from _fleetcfg import Env
+
+    return Env(tmp_path, keys, fleet, js, nats_server.url, statuses)
 
 
 @pytest.fixture(scope="session")

@@ -14,28 +14,23 @@ import anyio
 import nats
 import pytest
 from _cloud_util import cloud_config
-from _fleetcfg import config_state, signed
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
-from nats.js import JetStreamContext
 
-from _edge_util import Keys, Statuses, edge_config
+from _edge_util import Keys
+from _fleetcfg import WAIT, Env, signed
 from _nats import wait_until
 from slmops.cli import main
 from slmops.cloud.audit import read_audit
 from slmops.cloud.fleetconfig import ConfigStore
 from slmops.cloud.rollout.cohort import cohort
 from slmops.cloud.service import CloudService
-from slmops.edge.fleetconfig import PROBATION_S
-from slmops.edge.node import EdgeNode
 from slmops.shared import names
 from slmops.shared.audit import ChangeReply, ChangeRequest
 from slmops.shared.messages import decode_json, encode_json
 from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
-
-WAIT = PROBATION_S * 3
 
 
 def _key_file(keys: Keys) -> Path:
@@ -64,106 +59,79 @@ async def _cloud(url: str, state: Path, fleet: str) -> AsyncIterator[CloudServic
         yield svc
 
 
-async def test_apply_show_history_rollback_and_audit_without_auth(
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    js: JetStreamContext,
-    nats_server: EmbeddedServer,
-    statuses: Statuses,
-) -> None:
-    url = nats_server.url
-    key = str(_key_file(keys))
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=url, model=keys.bundle().path)
-    v1 = tmp_path / "v1.toml"
-    v1.write_text('min_count = 4\nstatus_interval = "6s"\n[safety]\nmax_error_rate = 0.1\n')
-    v2 = tmp_path / "v2.toml"
-    v2.write_text("min_count = 8\n")
-    bad = tmp_path / "bad.toml"
-    bad.write_text("min_count = 4\nturbo = true\n")
-    async with _cloud(url, tmp_path / "state", fleet), EdgeNode(cfg) as node:
-        await node.link.wait_online(10)
-        # a file with a key that is not pushable: refused before anything is published
-        code, out = await _cli(
-            "fleet", "config", "apply", "--nats", url, "--fleet", fleet, "--key", key, str(bad)
+def _fleetcmd(env: Env, command: str, *args: str) -> list[str]:
+    return ["fleet", "config", command, "--nats", env.url, "--fleet", env.fleet, *args]
+
+
+async def _apply(env: Env, text: str, *args: str) -> tuple[int, str]:
+    """``fleet config apply`` of a TOML file holding ``text``, signed with the test's key."""
+    path = env.tmp / f"c{len(list(env.tmp.glob('c*.toml')))}.toml"
+    path.write_text(text)
+    return await _cli(*_fleetcmd(env, "apply", "--key", str(_key_file(env.keys)), *args, str(path)))
+
+
+async def _forge_and_misuse(env: Env) -> None:
+    """Requests a client fills in itself: an identity in the body and a forged server
+    header (recorded as unauthenticated), a version not newer (refused, recorded), junk."""
+    forged = {
+        **json.loads(encode_json(ChangeRequest(action="config.apply", fleet=env.fleet))),
+        "document": signed(env.fleet, 4, {"min_count": 5}, env.keys.key).decode(),
+        "who": "admin",
+    }
+    claim = {"Nats-Request-Info": json.dumps({"acc": "OPS", "user": "mallory", "name_tag": "mallory"})}
+    stale = {**forged, "document": signed(env.fleet, 2, {"min_count": 5}, env.keys.key).decode()}
+    junk = [b"", b"[" * 50_000, b'{"action": 1}', b"\xff" * 1000, b'{"action":"config.apply","fleet":"../x"}']
+    nc = await nats.connect(env.url)
+    try:
+        subject = names.change_subject(env.fleet)
+        msg = await nc.request(subject, json.dumps(forged).encode(), timeout=20, headers=claim)
+        assert decode_json(msg.data, ChangeReply).ok
+        refused = decode_json(
+            (await nc.request(subject, json.dumps(stale).encode(), timeout=20)).data, ChangeReply
         )
+        assert not refused.ok
+        assert "not newer" in (refused.error or "")
+        for body in junk:
+            assert not decode_json((await nc.request(subject, body, timeout=20)).data, ChangeReply).ok
+    finally:
+        await nc.close()
+
+
+async def test_apply_show_history_rollback_and_audit_without_auth(env: Env) -> None:
+    async with _cloud(env.url, env.tmp / "state", env.fleet), env.node() as node:
+        # a file with a key that is not pushable: refused before anything is published
+        code, out = await _apply(env, "min_count = 4\nturbo = true\n")
         assert code == 2, out
         assert "turbo" in out
-        code, out = await _cli(
-            "fleet", "config", "apply", "--nats", url, "--fleet", fleet, "--key", key, str(v1)
+        code, out = await _apply(
+            env, 'min_count = 4\nstatus_interval = "6s"\n[safety]\nmax_error_rate = 0.1\n'
         )
         assert code == 0, out
         assert "version 1 published" in out
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 1, "applied") is not None, WAIT, what="v1"
-        )
+        await env.wait_state("n1", 1, "applied")
         assert node.buffer.k == 4
-        code, out = await _cli("fleet", "config", "show", "--nats", url, "--fleet", fleet, "--json")
+        code, out = await _cli(*_fleetcmd(env, "show", "--json"))
         assert code == 0, out
         shown = json.loads(out)
         assert shown["keys"]["_fleet"]["version"] == 1
         assert shown["nodes"]["n1"]["state"] == "applied"
-        code, out = await _cli(
-            "fleet", "config", "apply", "--nats", url, "--fleet", fleet, "--key", key, str(v2)
-        )
+        code, out = await _apply(env, "min_count = 8\n")
         assert code == 0, out
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 2, "applied") is not None, WAIT, what="v2"
-        )
+        await env.wait_state("n1", 2, "applied")
         assert node.buffer.k == 8
-        code, out = await _cli(
-            "fleet", "config", "rollback", "--nats", url, "--fleet", fleet, "--key", key, "--to", "1"
-        )
+        code, out = await _cli(*_fleetcmd(env, "rollback", "--key", str(_key_file(env.keys)), "--to", "1"))
         assert code == 0, out
         assert "version 3 published" in out
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 3, "applied") is not None, WAIT, what="v3"
-        )
-        assert node.buffer.k == 4
-        assert node.status.interval == 6.0
-        code, out = await _cli("fleet", "config", "history", "--nats", url, "--fleet", fleet, "--json")
+        await env.wait_state("n1", 3, "applied")
+        assert (node.buffer.k, node.status.interval) == (4, 6.0)
+        code, out = await _cli(*_fleetcmd(env, "history", "--json"))
         assert code == 0, out
         docs = [json.loads(line) for line in out.splitlines()]
         assert [d["version"] for d in docs] == [1, 2, 3]
         assert docs[2]["note"] == "rollback to v1"
         assert docs[2]["settings"] == docs[0]["settings"]
-
-        # A client that writes its own identity: a body field and a forged server header.
-        forged = {
-            **json.loads(encode_json(ChangeRequest(action="config.apply", fleet=fleet))),
-            "document": signed(fleet, 4, {"min_count": 5}, keys.key).decode(),
-            "who": "admin",
-        }
-        nc = await nats.connect(url)
-        try:
-            msg = await nc.request(
-                names.change_subject(fleet),
-                json.dumps(forged).encode(),
-                timeout=20,
-                headers={
-                    "Nats-Request-Info": json.dumps({"acc": "OPS", "user": "mallory", "name_tag": "mallory"})
-                },
-            )
-            assert decode_json(msg.data, ChangeReply).ok
-            # a version that is not newer is refused, and the refusal is recorded too
-            stale = {**forged, "document": signed(fleet, 2, {"min_count": 5}, keys.key).decode()}
-            msg = await nc.request(names.change_subject(fleet), json.dumps(stale).encode(), timeout=20)
-            refused = decode_json(msg.data, ChangeReply)
-            assert not refused.ok
-            assert "not newer" in (refused.error or "")
-            # hostile request bodies: answered, recorded, the service goes on
-            for body in (
-                b"",
-                b"[" * 50_000,
-                b'{"action": 1}',
-                b"\xff" * 1000,
-                b'{"action":"config.apply","fleet":"../x"}',
-            ):
-                msg = await nc.request(names.change_subject(fleet), body, timeout=20)
-                assert not decode_json(msg.data, ChangeReply).ok
-        finally:
-            await nc.close()
-        records = await read_audit(js, fleet)
+        await _forge_and_misuse(env)
+        records = await read_audit(env.js, env.fleet)
         assert [r.action for r in records if r.ok] == [
             "config.apply",
             "config.apply",
@@ -172,112 +140,43 @@ async def test_apply_show_history_rollback_and_audit_without_auth(
         ]
         assert {r.who for r in records} == {"unauthenticated"}
         assert any(not r.ok and "not newer" in (r.reason or "") for r in records)
-        code, out = await _cli("audit", "--nats", url, "--fleet", fleet)
+        code, out = await _cli("audit", "--nats", env.url, "--fleet", env.fleet)
         assert code == 0, out
-        assert "config.rollback" in out
-        assert "unauthenticated" in out
-        assert "mallory" not in out
-        assert "admin" not in out
+        for seen in ("config.rollback", "unauthenticated"):
+            assert seen in out
+        for unseen in ("mallory", "admin"):
+            assert unseen not in out
 
 
-async def test_staged_config_rollout_waits_for_applied_and_healthy_and_halts_on_a_refusal(
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    js: JetStreamContext,
-    nats_server: EmbeddedServer,
-    statuses: Statuses,
-) -> None:
-    url = nats_server.url
+async def test_staged_config_rollout_waits_for_applied_and_healthy_and_halts_on_a_refusal(env: Env) -> None:
     nodes = ["n1", "n2", "n3"]
-    canary = sorted(cohort(fleet, nodes, 30))
+    canary = sorted(cohort(env.fleet, nodes, 30))
     assert len(canary) == 1
-    key = str(_key_file(keys))
-    conf = tmp_path / "c.toml"
-    conf.write_text("min_count = 3\n")
-    bundle = keys.bundle().path
+    others = [n for n in nodes if n not in canary]
+    staged = ("--stages", "30,100")
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(_cloud(url, tmp_path / "state", fleet))
-        running = {}
-        for n in nodes:
-            running[n] = await stack.enter_async_context(
-                EdgeNode(edge_config(tmp_path, keys, fleet=fleet, node=n, url=url, model=bundle))
-            )
-        for n in nodes:
-            await running[n].link.wait_online(10)
-        store = await ConfigStore(js).open()
-        await wait_until(lambda: _known(store, fleet, nodes), 20, what="all nodes reported")
-        code, out = await _cli(
-            "fleet",
-            "config",
-            "apply",
-            "--nats",
-            url,
-            "--fleet",
-            fleet,
-            "--key",
-            key,
-            "--stages",
-            "30,100",
-            str(conf),
-        )
+        await stack.enter_async_context(_cloud(env.url, env.tmp / "state", env.fleet))
+        running = {n: await stack.enter_async_context(env.node(n)) for n in nodes}
+        store = await ConfigStore(env.js).open()
+        await wait_until(lambda: _known(store, env.fleet, nodes), 20, what="all nodes reported")
+        code, out = await _apply(env, "min_count = 3\n", *staged)
         assert code == 0, out
         assert f"nodes now: {canary[0]}" in out
-        others = [n for n in nodes if n not in canary]
-        await wait_until(
-            lambda: config_state(statuses.items, canary[0], 1, "applied") is not None, WAIT, what="canary"
-        )
-        canary_at = statuses.items.index(config_state(statuses.items, canary[0], 1, "applied"))  # type: ignore[arg-type]
+        first = await env.wait_state(canary[0], 1, "applied")
+        canary_at = env.statuses.items.index(first)
         # until the canary said "applied", nobody else had the version
-        assert all(s.config_seen != 1 for s in statuses.items[:canary_at] if s.node in others)
+        assert all(s.config_seen != 1 for s in env.statuses.items[:canary_at] if s.node in others)
         for n in others:
-            await wait_until(
-                lambda n=n: config_state(statuses.items, n, 1, "applied") is not None, WAIT, what=n
-            )
-        await wait_until(lambda: _rollout_status(store, fleet, "completed"), 20, what="rollout completed")
-        assert (await store.current(fleet)).keys() >= {"_fleet"}
+            await env.wait_state(n, 1, "applied")
+        await wait_until(lambda: _rollout_status(store, env.fleet, "completed"), 20, what="rollout completed")
+        assert "_fleet" in await store.current(env.fleet)
         assert all(running[n].buffer.k == 3 for n in nodes)
-
-        # Version 2 is refused by the canary (a value under the pushed bounds): halted there.
-        conf.write_text("min_count = 6\n")
-        code, out = await _cli(
-            "fleet",
-            "config",
-            "apply",
-            "--nats",
-            url,
-            "--fleet",
-            fleet,
-            "--key",
-            key,
-            "--stages",
-            "30,100",
-            str(conf),
-        )
+        # The canary's next version fails its probation (a URL nobody listens on): halted.
+        code, out = await _apply(env, 'min_count = 6\nnats_url = "nats://127.0.0.1:9"\n', *staged)
         assert code == 0, out
-        await wait_until(
-            lambda: config_state(statuses.items, canary[0], 2, "applied") is not None, WAIT, what="v2"
-        )
-        # make the canary's next version fail its probation: a pushed URL nobody listens on
-        conf.write_text('min_count = 6\nnats_url = "nats://127.0.0.1:9"\n')
-        code, out = await _cli(
-            "fleet",
-            "config",
-            "apply",
-            "--nats",
-            url,
-            "--fleet",
-            fleet,
-            "--key",
-            key,
-            "--stages",
-            "30,100",
-            str(conf),
-        )
-        assert code == 0, out
-        await wait_until(lambda: _rollout_status(store, fleet, "halted"), WAIT * 2, what="rollout halted")
-        assert all(running[n].fleetcfg.saved.highest < 3 for n in others)
-        records = await read_audit(js, fleet)
+        await wait_until(lambda: _rollout_status(store, env.fleet, "halted"), WAIT * 2, what="rollout halted")
+        assert all(running[n].fleetcfg.saved.highest < 2 for n in others)
+        records = await read_audit(env.js, env.fleet)
         actions = [r.action for r in records]
         assert "config.halted" in actions
         assert "config.completed" in actions

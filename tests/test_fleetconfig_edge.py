@@ -4,24 +4,22 @@ link, pinned keys and privacy floors kept, the DP budget kept across a reinstall
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import anyio
 import pytest
-from _fleetcfg import config_state, put_config, put_raw, signed
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nats.js import JetStreamContext
 
-from _edge_util import Keys, Statuses, edge_config
+from _edge_util import Keys, edge_config
+from _fleetcfg import WAIT, Env, put_config, put_raw
 from _nats import free_port, wait_until
-from slmops.edge.fleetconfig import PROBATION_S, resolve
+from slmops.edge.fleetconfig import resolve
 from slmops.edge.node import EdgeNode
 from slmops.shared.fleetconfig import ConfigRejected
-from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
-
-WAIT = PROBATION_S * 3
 
 
 def test_resolve_keeps_pins_and_privacy_floors_and_refuses_unknown_keys(tmp_path: Path, keys: Keys) -> None:
@@ -77,128 +75,65 @@ def test_resolve_keeps_pins_and_privacy_floors_and_refuses_unknown_keys(tmp_path
         resolve(edge_config(tmp_path, keys, fleet="f"), {"window": 1e-9}, schema=1)
 
 
-async def test_config_applied_at_run_time_and_reported(
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    js: JetStreamContext,
-    nats_server: EmbeddedServer,
-    statuses: Statuses,
-) -> None:
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle().path)
-    async with EdgeNode(cfg) as node:
-        await node.link.wait_online(10)
-        await put_config(
-            js,
-            fleet,
-            1,
-            {
-                "window": "400ms",
-                "min_count": 3,
-                "status_interval": "7s",
-                "outbox_max_bytes": "2MB",
-                "safety": {"max_error_rate": 0.2},
-                "refresh": {"poll_interval": "30s"},
-                "log_level": "warning",
-            },
-            keys.key,
-        )
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 1, "applied") is not None, WAIT, what="v1 applied"
-        )
-        st = config_state(statuses.items, "n1", 1, "applied")
-        assert st is not None
+async def test_config_applied_at_run_time_and_reported(env: Env) -> None:
+    async with env.node() as node:
+        settings = {
+            "window": "400ms",
+            "min_count": 3,
+            "status_interval": "7s",
+            "outbox_max_bytes": "2MB",
+            "safety": {"max_error_rate": 0.2},
+            "refresh": {"poll_interval": "30s"},
+            "log_level": "warning",
+        }
+        await env.put(1, settings)
+        st = await env.wait_state("n1", 1, "applied")
         assert st.config_version == 1
         assert st.config_warnings == []
-        assert node.buffer.k == 3
-        assert node.status.interval == 7.0
+        assert (node.buffer.k, node.status.interval) == (3, 7.0)
         assert node.buffer.outbox_max_bytes == 2_000_000
         assert node.safety.limits.max_error_rate == 0.2
-        # window: at the next boundary (long passed after the probation)
-        assert node.windower.window == 0.4
-        assert node.buffer.window == 0.4
-        assert node.config.window == 0.4
+        # window: from the next boundary on (long passed after the probation)
+        assert (node.windower.window, node.buffer.window, node.config.window) == (0.4, 0.4, 0.4)
         assert node.local_config.window == 0.2
-        # Served throughout: a prediction works
-        assert len(await node.predict(["hello there"])) == 1
+        assert len(await node.predict(["hello there"])) == 1  # served throughout
+        cfg = node.local_config
     # A restart starts with the last good pushed config, before it connects.
     async with EdgeNode(cfg.replace(nats_url="nats://127.0.0.1:1")) as again:
-        assert again.buffer.k == 3
-        assert again.windower.window == 0.4
+        assert (again.buffer.k, again.windower.window) == (3, 0.4)
 
 
-async def test_rejected_config_is_reported_with_its_reason(
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    js: JetStreamContext,
-    nats_server: EmbeddedServer,
-    statuses: Statuses,
-) -> None:
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle().path)
-    async with EdgeNode(cfg) as node:
-        await node.link.wait_online(10)
+async def test_rejected_config_is_reported_with_its_reason(env: Env) -> None:
+    async with env.node() as node:
         # signed by a key the node does not trust
-        await put_config(js, fleet, 1, {"min_count": 3}, Ed25519PrivateKey.generate())
+        await put_config(env.js, env.fleet, 1, {"min_count": 3}, Ed25519PrivateKey.generate())
         await wait_until(
-            lambda: any(
-                s.config_state == "rejected" and "not trusted" in (s.config_reason or "")
-                for s in statuses.items
-            ),
+            lambda: any("not trusted" in (s.config_reason or "") for s in env.statuses.items),
             WAIT,
             what="untrusted config rejected",
         )
         # trusted, but a value the node refuses
-        await put_config(js, fleet, 2, {"status_interval": "-3s"}, keys.key)
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 2, "rejected") is not None, WAIT, what="v2 rejected"
-        )
-        st = config_state(statuses.items, "n1", 2, "rejected")
-        assert st is not None
+        await env.put(2, {"status_interval": "-3s"})
+        st = await env.wait_state("n1", 2, "rejected")
         assert "status_interval" in (st.config_reason or "")
         assert st.config_version is None  # nothing pushed is in effect
-        assert node.buffer.k == cfg.min_count
-        assert node.status.interval == cfg.status_interval
+        assert (node.buffer.k, node.status.interval) == (node.local_config.min_count, 5.0)
         # unknown key at the node's own schema: refused; from a newer schema: warned and taken
-        await put_config(js, fleet, 3, {"min_count": 4, "turbo": 1}, keys.key)
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 3, "rejected") is not None, WAIT, what="v3"
-        )
-        await put_config(js, fleet, 4, {"min_count": 4, "turbo": 1}, keys.key, schema=2)
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 4, "applied") is not None, WAIT, what="v4"
-        )
-        st = config_state(statuses.items, "n1", 4, "applied")
-        assert st is not None
+        await env.put(3, {"min_count": 4, "turbo": 1})
+        await env.wait_state("n1", 3, "rejected")
+        await env.put(4, {"min_count": 4, "turbo": 1}, schema=2)
+        st = await env.wait_state("n1", 4, "applied")
         assert any("turbo" in w for w in st.config_warnings)
         assert node.buffer.k == 4
 
 
-async def test_config_that_cuts_the_node_off_nats_is_rolled_back_on_the_node(
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    js: JetStreamContext,
-    nats_server: EmbeddedServer,
-    statuses: Statuses,
-) -> None:
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle().path)
-    async with EdgeNode(cfg) as node:
-        await node.link.wait_online(10)
-        await put_config(js, fleet, 1, {"min_count": 2}, keys.key)
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 1, "applied") is not None, WAIT, what="v1"
-        )
-        dead = f"nats://127.0.0.1:{free_port()}"
-        await put_config(js, fleet, 2, {"nats_url": dead, "min_count": 7}, keys.key)
+async def test_config_that_cuts_the_node_off_nats_is_rolled_back_on_the_node(env: Env) -> None:
+    async with env.node() as node:
+        await env.put(1, {"min_count": 2})
+        await env.wait_state("n1", 1, "applied")
+        await env.put(2, {"nats_url": f"nats://127.0.0.1:{free_port()}", "min_count": 7})
         await wait_until(lambda: node.buffer.k == 7, WAIT, what="v2 taken")
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 2, "rolled_back") is not None,
-            WAIT * 2,
-            what="v2 rolled back",
-        )
-        st = config_state(statuses.items, "n1", 2, "rolled_back")
-        assert st is not None
+        st = await env.wait_state("n1", 2, "rolled_back", WAIT * 2)
         assert "could not reach NATS" in (st.config_reason or "")
         assert st.config_version == 1
         assert node.buffer.k == 2
@@ -209,101 +144,56 @@ async def test_config_that_cuts_the_node_off_nats_is_rolled_back_on_the_node(
         assert "2" in node.fleetcfg.saved.bad
 
 
-async def test_pinned_key_and_privacy_floor_hold_on_a_running_node(
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    js: JetStreamContext,
-    nats_server: EmbeddedServer,
-    statuses: Statuses,
-) -> None:
-    cfg = edge_config(
-        tmp_path,
-        keys,
-        fleet=fleet,
-        url=nats_server.url,
-        model=keys.bundle().path,
-        pin=["status_interval"],
-        min_count=5,
-        dp_epsilon=1.0,
-        dp_budget=20.0,
-    )
-    async with EdgeNode(cfg) as node:
-        await node.link.wait_online(10)
-        await put_config(
-            js,
-            fleet,
-            1,
-            {"status_interval": "2s", "min_count": 1, "dp_epsilon": 8.0, "dp_budget": 1000, "window": "1s"},
-            keys.key,
+async def test_pinned_key_and_privacy_floor_hold_on_a_running_node(env: Env) -> None:
+    floors = {"min_count": 5, "dp_epsilon": 1.0, "dp_budget": 20.0}
+    async with env.node(pin=["status_interval"], **floors) as node:
+        await env.put(
+            1, {"status_interval": "2s", "min_count": 1, "dp_epsilon": 8.0, "dp_budget": 1000, "window": "1s"}
         )
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", 1, "applied") is not None, WAIT, what="v1"
-        )
-        st = config_state(statuses.items, "n1", 1, "applied")
-        assert st is not None
+        st = await env.wait_state("n1", 1, "applied")
         assert node.status.interval == 5.0  # pinned
         assert (node.buffer.k, node.buffer.dp_epsilon, node.buffer.dp_budget) == (5, 1.0, 20.0)
         assert node.windower.window == 1.0  # not pinned, not a floor: taken
         joined = " | ".join(st.config_warnings)
-        assert "status_interval: pinned" in joined
-        assert "min_count: 1" in joined
-        assert "dp_epsilon: 8.0" in joined
-        assert "dp_budget: 1000" in joined
+        for part in ("status_interval: pinned", "min_count: 1", "dp_epsilon: 8.0", "dp_budget: 1000"):
+            assert part in joined
+
+
+async def _spend(node: EdgeNode, windows: int) -> float:
+    for _ in range(windows):
+        await node.predict(["hello", "football is great"])
+        await node.windower.tick()
+    return await node.buffer.dp_spent()
 
 
 async def test_dp_budget_survives_config_changes_and_a_reinstall(
     tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
-    """Three windows of epsilon 1 spend a budget of 3; a wiped telemetry database (a new
-    install id) does not get a fresh budget, nor does a bigger pushed budget."""
+    """Windows of epsilon 1 spend a budget of 3; a wiped telemetry database (a new install
+    id) does not get a fresh budget; a ledger outside the data directory outlives a wiped
+    data directory."""
     cfg = edge_config(
         tmp_path, keys, fleet=fleet, model=keys.bundle().path, dp_epsilon=1.0, dp_budget=3.0, window=60.0
     )
     async with EdgeNode(cfg) as node:
         first_install = node.buffer.install
-        for _ in range(4):
-            await node.predict(["hello", "football is great"])
-            await node.windower.tick()
-        assert await node.buffer.dp_spent() == pytest.approx(3.0)
-    db = cfg.data_path / "telemetry.db"
+        assert await _spend(node, 4) == pytest.approx(3.0)
     for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
+        Path(f"{cfg.data_path / 'telemetry.db'}{suffix}").unlink(missing_ok=True)
     async with EdgeNode(cfg) as node:
         assert node.buffer.install != first_install  # a new install
-        assert await node.buffer.dp_spent() == pytest.approx(3.0)
-        await node.predict(["hello again"])
-        await node.windower.tick()
-        assert await node.buffer.dp_spent() == pytest.approx(3.0)  # nothing more spent
-    # A ledger outside the data directory outlives a wiped data directory too.
-    outside = tmp_path / "privacy" / "ledger.db"
-    cfg2 = cfg.replace(data_dir=str(tmp_path / "data-b"), dp_ledger=str(outside))
+        assert await _spend(node, 1) == pytest.approx(3.0)  # nothing more spent
+    cfg2 = cfg.replace(data_dir=str(tmp_path / "data-b"), dp_ledger=str(tmp_path / "privacy" / "ledger.db"))
     async with EdgeNode(cfg2) as node:
-        await node.predict(["one"])
-        await node.windower.tick()
-        assert await node.buffer.dp_spent() == pytest.approx(1.0)
-    import shutil
-
+        assert await _spend(node, 1) == pytest.approx(1.0)
     shutil.rmtree(tmp_path / "data-b")
     async with EdgeNode(cfg2) as node:
         assert await node.buffer.dp_spent() == pytest.approx(1.0)
 
 
-async def test_hostile_config_payloads_never_stop_the_node(
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    js: JetStreamContext,
-    nats_server: EmbeddedServer,
-    statuses: Statuses,
-) -> None:
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url, model=keys.bundle().path)
-    deep: object = 1
-    for _ in range(5000):
-        deep = [deep]
-    import json
-
-    hostile: list[bytes] = [
+def _hostile() -> tuple[list[bytes], list[dict[str, object]]]:
+    """Unsigned junk, and signed settings that must be refused."""
+    raw = [
         b"",
         b"\x00\xff" * 100,
         b"[" * 100_000,
@@ -311,13 +201,13 @@ async def test_hostile_config_payloads_never_stop_the_node(
         b'{"v": 1, "fleet": "x", "version": 99999999999999999999999999}',
         b"null",
         json.dumps(
-            {"fleet": fleet, "version": 5, "settings": {}, "signature": {"key_id": "x", "value": "!!"}}
+            {"fleet": "x", "version": 5, "settings": {}, "signature": {"key_id": "x", "value": "!!"}}
         ).encode(),
         b"x" * 70_000,
     ]
-    signed_hostile = [
+    settings: list[dict[str, object]] = [
         {"window": "1e309"},
-        {"window": 10**400},
+        {"window": 1e-9},
         {"safety": []},
         {"safety": {"min_samples": True}},
         {"refresh": {"poll_interval": "forever"}},
@@ -327,28 +217,20 @@ async def test_hostile_config_payloads_never_stop_the_node(
         {"nats_url": "http://example.com"},
         {"nats_url": 12},
     ]
-    async with EdgeNode(cfg) as node:
-        await node.link.wait_online(10)
-        for raw in hostile:
-            await put_raw(js, fleet, raw)
-            await put_raw(js, fleet, raw, node="n1")
-        version = 1
-        for settings in signed_hostile:
-            try:
-                raw = signed(fleet, version, settings, keys.key)
-            except (OverflowError, TypeError, ValueError):
-                continue
-            await put_raw(js, fleet, raw)
-            version += 1
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", version - 1, "rejected") is not None,
-            WAIT,
-            what="last hostile",
-        )
+    return raw, settings
+
+
+async def test_hostile_config_payloads_never_stop_the_node(env: Env) -> None:
+    raw, settings = _hostile()
+    async with env.node() as node:
+        for body in raw:
+            await put_raw(env.js, env.fleet, body)
+            await put_raw(env.js, env.fleet, body, node="n1")
+        for version, hostile in enumerate(settings, start=1):
+            await env.put(version, hostile)
+        await env.wait_state("n1", len(settings), "rejected")
         assert len(await node.predict(["still serving"])) == 1
-        await put_config(js, fleet, version, {"min_count": 6}, keys.key)
-        await wait_until(
-            lambda: config_state(statuses.items, "n1", version, "applied") is not None, WAIT, what="good"
-        )
+        await env.put(len(settings) + 1, {"min_count": 6})
+        await env.wait_state("n1", len(settings) + 1, "applied")
         assert node.buffer.k == 6
         assert node.last_error is None or "fleetconfig" not in node.last_error

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import structlog
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
 from slmops.cloud.audit.identity import Identity
 from slmops.shared.audit import AuditRecord
-from slmops.shared.errors import JetStreamRefused, NatsUnavailable
-from slmops.shared.jetstream import nats_errors
+from slmops.shared.jetstream import nats_errors, replay
 from slmops.shared.messages import decode_json, encode_json
 from slmops.shared.names import AUDIT_ALL, AUDIT_STREAM, audit_subject
 
@@ -57,30 +55,16 @@ async def read_audit(
     first. Raises ``NatsUnavailable`` when the stream cannot be read."""
     subjects = [AUDIT_ALL] if fleet is None else [audit_subject(fleet), audit_subject(None)]
     out: list[AuditRecord] = []
+
+    def on_msg(msg: Msg) -> None:
+        try:
+            out.append(decode_json(msg.data, AuditRecord))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("audit_record_undecodable", subject=msg.subject, error=str(exc))
+
     for subject in subjects:
         with nats_errors("stream", AUDIT_STREAM, url):
             info = await js.stream_info(AUDIT_STREAM, subjects_filter=subject)
-            if not info.state.subjects:
-                continue
-            config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-            sub = await js.subscribe(subject, stream=AUDIT_STREAM, ordered_consumer=True, config=config)
-        try:
-            while True:
-                with nats_errors("stream", AUDIT_STREAM, url):
-                    try:
-                        msg = await sub.next_msg(timeout=timeout)
-                    except TimeoutError:
-                        break
-                try:
-                    out.append(decode_json(msg.data, AuditRecord))
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.warning("audit_record_undecodable", subject=msg.subject, error=str(exc))
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            with (
-                contextlib.suppress(NatsUnavailable, JetStreamRefused),
-                nats_errors("subscription", subject, url),
-            ):
-                await sub.unsubscribe()
+        if info.state.subjects:
+            await replay(js, AUDIT_STREAM, subject, on_msg, url=url, timeout=timeout)
     return sorted(out, key=lambda r: (r.time, r.id))

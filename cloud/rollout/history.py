@@ -4,16 +4,15 @@ and those whose KV state a later rollout replaced."""
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime
 
 import msgspec
 import structlog
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
-from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
-from slmops.shared.jetstream import nats_errors
+from slmops.shared.errors import NotFound
+from slmops.shared.jetstream import nats_errors, replay
 from slmops.shared.messages import RolloutEvent, decode_json
 from slmops.shared.names import ROLLOUT_ALL, ROLLOUT_STREAM, rollout_subject
 from slmops.shared.vocabulary import RolloutEventState
@@ -57,28 +56,14 @@ async def rollout_history(
         return []
     if not info.state.messages:
         return []
-    with nats_errors("stream", ROLLOUT_STREAM, url):
-        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-        sub = await js.subscribe(subject, stream=ROLLOUT_STREAM, ordered_consumer=True, config=config)
-    try:
-        while True:
-            with nats_errors("stream", ROLLOUT_STREAM, url):
-                try:
-                    msg = await sub.next_msg(timeout=timeout)
-                except TimeoutError:  # nats-py's own TimeoutError is one
-                    break  # nothing more within the timeout: the replay is over
-            try:
-                _apply(records, decode_json(msg.data, RolloutEvent))
-            except msgspec.DecodeError as exc:
-                log.warning("rollout_event_undecodable", subject=msg.subject, error=str(exc))
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        with (
-            contextlib.suppress(NatsUnavailable, JetStreamRefused),
-            nats_errors("subscription", subject, url),
-        ):
-            await sub.unsubscribe()
+
+    def on_msg(msg: Msg) -> None:
+        try:
+            _apply(records, decode_json(msg.data, RolloutEvent))
+        except msgspec.DecodeError as exc:
+            log.warning("rollout_event_undecodable", subject=msg.subject, error=str(exc))
+
+    await replay(js, ROLLOUT_STREAM, subject, on_msg, url=url, timeout=timeout)
     return sorted(records.values(), key=lambda r: (r.started, r.rollout))
 
 
