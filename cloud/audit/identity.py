@@ -56,9 +56,15 @@ class IdentityReader:
         self.auth = False
 
     async def start(self) -> None:
-        """Ask the server who this connection is (``$SYS.REQ.USER.INFO``). A server that does
-        not answer is treated as authenticating with an unknown own account: then no header
-        is trusted (every record says "unauthenticated")."""
+        """Learn whether the server authenticates (its INFO's ``auth_required``) and, if it
+        does, which account this connection is in (``$SYS.REQ.USER.INFO``: the cloud user
+        needs the right to publish it). A server that does not answer leaves the own
+        account unknown: then no header is trusted (every record says "unauthenticated")."""
+        info = getattr(self._nc, "_server_info", None) or {}  # nats-py keeps INFO there
+        if not info.get("auth_required"):
+            self.auth, self.own_account = False, _GLOBAL
+            log.info("audit_identity", account=self.own_account, auth=False)
+            return
         try:
             with anyio.fail_after(5.0):
                 msg = await self._nc.request("$SYS.REQ.USER.INFO", b"", timeout=5.0)

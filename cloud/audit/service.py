@@ -158,7 +158,6 @@ async def serve_changes(
     (run only in the active instance). One bad request never stops it: each is answered (or
     refused) and recorded on its own."""
     reader = IdentityReader(nc)
-    await reader.start()
     store = await ConfigStore(js, url=url).open()
     subjects = [names.change_subject(f) for f in fleets] if fleets else [f"{names.CHANGE_SUBJECT}.*"]
     send, receive = anyio.create_memory_object_stream[Msg](64)
@@ -173,6 +172,7 @@ async def serve_changes(
     subs = [await nc.subscribe(s, cb=on_msg) for s in subjects]
     task_status.started()
     try:
+        await reader.start()  # requests wait in the stream meanwhile
         async with send, receive:
             async for msg in receive:
                 try:

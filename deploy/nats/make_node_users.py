@@ -63,6 +63,10 @@ _BLOCK = """\
         # KV slmops_manifests, read-only.
         "$JS.API.STREAM.INFO.KV_slmops_manifests",
         "$JS.API.DIRECT.GET.KV_slmops_manifests.>",
+        # KV slmops_fleetconfig, read-only: its own key and its fleet's, by direct get by
+        # subject (pushed configuration, edge/fleetconfig.py).
+        "$JS.API.DIRECT.GET.KV_slmops_fleetconfig.$KV.slmops_fleetconfig.{fleet}.{node}",
+        "$JS.API.DIRECT.GET.KV_slmops_fleetconfig.$KV.slmops_fleetconfig.{fleet}._fleet",
         # Object store slmops_models, read-only: bind, object info, chunks by batched direct
         # get (every object there is a signed bundle any node may download). No consumer
         # right at all: a node creates none (issue 13 fault 11).
@@ -80,6 +84,9 @@ _BLOCK = """\
         "slmops.assigned.{fleet}.{node}.>",
         "slmops.assigned.{fleet}._fleet",
         "slmops.assigned.{fleet}._fleet.>",
+        # Wake-ups on its two fleet configuration keys (the puts' own KV subjects; no consumer).
+        "$KV.slmops_fleetconfig.{fleet}.{node}",
+        "$KV.slmops_fleetconfig.{fleet}._fleet",
       ]
     }}
   }}
