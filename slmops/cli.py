@@ -181,12 +181,12 @@ from slmops.cli_cloud import cloud as _cloud  # noqa: E402
 from slmops.cli_cloud import drift as _drift  # noqa: E402
 from slmops.cli_fleet import fleet as _fleet  # noqa: E402
 from slmops.cli_fleet import status as _status  # noqa: E402
+from slmops.cli_fleetconfig import audit as _audit  # noqa: E402
+from slmops.cli_fleetconfig import config as _fleet_config  # noqa: E402
 from slmops.cli_trust import enroll as _trust_enroll  # noqa: E402
 from slmops.cli_trust import init as _trust_init  # noqa: E402
 from slmops.cli_trust import push as _trust_push  # noqa: E402
 from slmops.cli_trust import revoke as _trust_revoke  # noqa: E402
-from slmops.cli_fleetconfig import audit as _audit  # noqa: E402
-from slmops.cli_fleetconfig import config as _fleet_config  # noqa: E402
 
 _drift.add_command(_baseline)
 main.add_command(_cloud)
