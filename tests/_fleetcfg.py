@@ -31,18 +31,6 @@ async def put_raw(js: JetStreamContext, fleet: str, raw: bytes, node: str | None
     await kv.put(names.fleetconfig_key(fleet, node), raw)
 
 
-async def put_config(
-    js: JetStreamContext,
-    fleet: str,
-    version: int,
-    settings: dict[str, Any],
-    key: Ed25519PrivateKey,
-    node: str | None = None,
-    **kw: Any,
-) -> None:
-    await put_raw(js, fleet, signed(fleet, version, settings, key, **kw), node)
-
-
 def config_state(items: list[NodeStatus], node: str, version: int, state: str) -> NodeStatus | None:
     """The first status of ``node`` saying ``state`` about ``version``."""
     for s in items:
@@ -67,7 +55,7 @@ class Env:
     statuses: Statuses
 
     async def put(self, version: int, settings: dict[str, Any], node: str | None = None, **kw: Any) -> None:
-        await put_config(self.js, self.fleet, version, settings, self.keys.key, node, **kw)
+        await put_raw(self.js, self.fleet, signed(self.fleet, version, settings, self.keys.key, **kw), node)
 
     async def wait_state(self, node: str, version: int, state: str, timeout: float = WAIT) -> NodeStatus:
         """The first status of ``node`` saying ``state`` about ``version`` (waited for)."""

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from _edge_util import Keys, edge_config
-from _fleetcfg import WAIT, Env, put_config, put_raw
+from _fleetcfg import WAIT, Env, put_raw, signed
 from _nats import free_port, wait_until
 from slmops.edge.fleetconfig import resolve
 from slmops.edge.node import EdgeNode
@@ -106,7 +106,7 @@ async def test_config_applied_at_run_time_and_reported(env: Env) -> None:
 async def test_rejected_config_is_reported_with_its_reason(env: Env) -> None:
     async with env.node() as node:
         # signed by a key the node does not trust
-        await put_config(env.js, env.fleet, 1, {"min_count": 3}, Ed25519PrivateKey.generate())
+        await put_raw(env.js, env.fleet, signed(env.fleet, 1, {"min_count": 3}, Ed25519PrivateKey.generate()))
         await wait_until(
             lambda: any("not trusted" in (s.config_reason or "") for s in env.statuses.items),
             WAIT,
