@@ -81,6 +81,21 @@ class _Collector(Collector):
             ):
                 loads.add_metric([result], n)
         yield loads
+        gens = getattr(self.node, "generations", None)
+        if gens is not None:
+            g = gens.statistics()
+            done = CounterMetricFamily(
+                "slmops_edge_generations",
+                "Generation requests by outcome: served, cancelled (client gone), failed, refused_busy.",
+                labels=["outcome"],
+            )
+            for outcome in ("served", "cancelled", "failed", "refused_busy"):
+                done.add_metric([outcome], getattr(g, outcome))
+            yield done
+            yield GaugeMetricFamily("slmops_edge_generations_running", "Generations running now.", g.running)
+            yield GaugeMetricFamily(
+                "slmops_edge_generations_waiting", "Generations queued for a slot.", g.waiting
+            )
         req = CounterMetricFamily(
             "slmops_edge_http_requests", "HTTP requests by path and status.", labels=["path", "code"]
         )

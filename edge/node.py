@@ -634,6 +634,7 @@ class EdgeNode:
             "lost_events": s.lost_events,
             "merged_windows": s.merges,
             "served": self.batcher.served,
+            "generation": msgspec.structs.asdict(self.generations.statistics()),
             "next_seq": s.next_seq,
             "uptime_s": round(self._clock() - self.started_at, 3),
             "last_error": self.last_error or self.windower.last_error or self.publisher.last_error,

@@ -182,6 +182,14 @@ async def test_the_telemetry_row_is_committed_before_done(
                 else:
                     pytest.fail(f"no [DONE] in {buf[-300:]!r}")
         assert node.generations.statistics().served == 3
+        async with s.get(f"{base}/v1/health") as r:
+            health = await r.json()
+        assert health["generation"] == {
+            "running": 0, "waiting": 0, "served": 3, "cancelled": 0, "failed": 0, "refused_busy": 0
+        }  # fmt: skip
+        async with s.get(f"{base}/metrics") as r:
+            text = await r.text()
+        assert 'slmops_edge_generations_total{outcome="served"} 3.0' in text
 
 
 @pytest.mark.anyio
