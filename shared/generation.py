@@ -90,12 +90,18 @@ def refusal_category(text: str, refusals: dict[str, list[str]]) -> str | None:
     return None
 
 
-def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log softmax(logits)[i, targets[i]] per row, in float64 (rows of a vocabulary)."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
-    return np.asarray(x[np.arange(len(targets)), targets] - lse)
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray, *, block: int = 64) -> np.ndarray:
+    """log softmax(logits)[i, targets[i]] per row (rows of a vocabulary), in float32 blocks of
+    ``block`` rows with float64 sums: [336, 49152] took 0.39 s, against 3.5 s converting the
+    whole array to float64 first (measured here, load ~8), to within 3e-7."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for i in range(0, len(targets), block):
+        rows = logits[i : i + block]
+        top = rows.max(axis=1, keepdims=True)
+        total = np.exp(rows - top).sum(axis=1, dtype=np.float64)
+        picked = rows[np.arange(len(rows)), targets[i : i + block]] - top[:, 0]
+        out[i : i + block] = picked.astype(np.float64) - np.log(total)
+    return out
 
 
 class GenerationRun:

@@ -160,3 +160,15 @@ def test_the_cloud_reads_generation_signals_and_their_manifest_references(
     assert sum(signals["output_tokens"][0]) == 20
     assert signals["class_prior"][0] == [20, 0, 0, 0]
     assert functools.reduce(lambda x, y: x + y, signals["input_length"][0]) == 20
+
+
+def test_the_prompt_log_likelihood_read_matches_a_float64_log_softmax() -> None:
+    from scipy.special import log_softmax
+
+    from slmops.shared.generation import _log_softmax_at
+
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=(150, 3000)) * 8).astype(np.float32)
+    targets = rng.integers(0, 3000, 150)
+    want = log_softmax(logits.astype(np.float64), axis=1)[np.arange(150), targets]
+    assert np.allclose(_log_softmax_at(logits, targets), want, atol=1e-5)
