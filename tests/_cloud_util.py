@@ -3,7 +3,7 @@ reference profile, publishing with ``Nats-Msg-Id``, and reading drift events bac
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -11,7 +11,7 @@ import numpy as np
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from slmops.bench._fleet import synthetic_manifest
+from slmops.bench._fleet import synthetic_aggregate, synthetic_manifest
 from slmops.cloud.config import CloudConfig, DriftConfig
 from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
@@ -19,7 +19,6 @@ from slmops.shared.messages import (
     HistogramEdges,
     ModelManifest,
     ModelRef,
-    Privacy,
     ReferenceProfile,
     TelemetryAggregate,
     decode_json,
@@ -38,6 +37,7 @@ LEN_P = [0.05, 0.15, 0.3, 0.3, 0.15, 0.04, 0.01]
 LAT_P = [0.3, 0.4, 0.2, 0.08, 0.015, 0.005]
 MODEL = ModelRef(name="kw", version=1, variant="fp32")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+EDGES = HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES)
 
 
 def make_aggregate(
@@ -50,22 +50,10 @@ def make_aggregate(
     prior: list[float] = PRIOR,
     model: ModelRef = MODEL,
 ) -> TelemetryAggregate:
-    start = T0 + timedelta(minutes=seq)
     cc = rng.multinomial(n, prior)
-    return TelemetryAggregate(
-        fleet=fleet,
-        node=node,
-        model=model,
-        seq=seq,
-        window_start=start,
-        window_end=start + timedelta(minutes=1),
-        count=n,
-        errors=int(rng.binomial(n, 0.01)),
-        class_counts={label: int(c) for label, c in zip(LABELS, cc, strict=True)},
-        confidence=Histogram(edges=CONF_EDGES, counts=rng.multinomial(n, CONF_P).tolist()),
-        input_length=Histogram(edges=LEN_EDGES, counts=rng.multinomial(n, LEN_P).tolist()),
-        latency_ms=Histogram(edges=LAT_EDGES, counts=rng.multinomial(n, LAT_P).tolist()),
-        privacy=Privacy(k=5),
+    counts = {label: int(c) for label, c in zip(LABELS, cc, strict=True)}
+    return synthetic_aggregate(
+        fleet, node, model, seq, counts, rng, edges=EDGES, shares=(CONF_P, LEN_P, LAT_P), error_rate=0.01
     )
 
 
@@ -85,7 +73,7 @@ def make_manifest(model: ModelRef = MODEL, count: int = 20000) -> ModelManifest:
     return synthetic_manifest(
         model,
         LABELS,
-        HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES),
+        EDGES,
         ref,
     )
 

@@ -18,7 +18,7 @@ from slmops.shared.messages import (
     TelemetryAggregate,
 )
 
-__all__ = ["SyntheticFleet", "manifest_for", "synthetic_manifest"]
+__all__ = ["SyntheticFleet", "manifest_for", "synthetic_aggregate", "synthetic_manifest"]
 
 LABELS = ["greeting", "billing", "support", "sales", "other"]
 CONF_EDGES = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0001]
@@ -76,6 +76,51 @@ def synthetic_manifest(
     )
 
 
+def synthetic_aggregate(
+    fleet: str,
+    node: str,
+    model: ModelRef,
+    seq: int,
+    predicted: dict[str, int],
+    rng: np.random.Generator,
+    *,
+    edges: HistogramEdges,
+    shares: tuple[np.ndarray | list[float], np.ndarray | list[float], np.ndarray | list[float]],
+    error_rate: float,
+    epsilon: float | None = None,
+) -> TelemetryAggregate:
+    """The one-minute window ``seq`` (starting ``seq`` minutes after ``T0``) of ``node`` with
+    these predicted-class counts: its errors (rate ``error_rate``) and its confidence, input
+    length and latency histograms (cell ``shares``, over ``edges``) drawn from ``rng`` in that
+    order. ``epsilon`` only states DP noise (none is added)."""
+    n = sum(predicted.values())
+    start = T0 + timedelta(minutes=seq)
+    conf_p, len_p, lat_p = shares
+
+    def hist(cells: list[float], p: np.ndarray | list[float]) -> Histogram:
+        return Histogram(edges=cells, counts=[int(c) for c in rng.multinomial(n, p)])
+
+    return TelemetryAggregate(
+        fleet=fleet,
+        node=node,
+        model=model,
+        seq=seq,
+        window_start=start,
+        window_end=start + timedelta(minutes=1),
+        count=n,
+        errors=int(rng.binomial(n, error_rate)),
+        class_counts=predicted,
+        confidence=hist(edges.confidence, conf_p),
+        input_length=hist(edges.input_length, len_p),
+        latency_ms=hist(edges.latency_ms, lat_p),
+        privacy=Privacy(k=5, epsilon=epsilon, mechanism="geometric" if epsilon else "none"),
+    )
+
+
+#: The bench model's histogram edges.
+EDGES = HistogramEdges(confidence=CONF_EDGES, input_length=LEN_EDGES, latency_ms=LAT_EDGES)
+
+
 def manifest_for(model: ModelRef = MODEL, count: int = 50_000) -> ModelManifest:
     pred = COND @ PRIOR
     ref = ReferenceProfile(
@@ -120,23 +165,8 @@ class SyntheticFleet:
         n = int(self.sizes[i])
         true_mix = self.mix[i] if prior is None else prior
         predicted = rng.multinomial(n, COND @ true_mix)
-        start = T0 + timedelta(minutes=seq)
-
-        def hist(edges: list[float], p: np.ndarray) -> Histogram:
-            return Histogram(edges=edges, counts=[int(c) for c in rng.multinomial(n, p)])
-
-        return TelemetryAggregate(
-            fleet=self.fleet,
-            node=self.names[i],
-            model=MODEL,
-            seq=seq,
-            window_start=start,
-            window_end=start + timedelta(minutes=1),
-            count=n,
-            errors=int(rng.binomial(n, 0.005)),
-            class_counts={label: int(c) for label, c in zip(LABELS, predicted, strict=True)},
-            confidence=hist(CONF_EDGES, conf),
-            input_length=hist(LEN_EDGES, length),
-            latency_ms=hist(LAT_EDGES, LAT_P),
-            privacy=Privacy(k=5, epsilon=epsilon, mechanism="geometric" if epsilon else "none"),
-        )
+        counts = {label: int(c) for label, c in zip(LABELS, predicted, strict=True)}
+        return synthetic_aggregate(
+            self.fleet, self.names[i], MODEL, seq, counts, rng,
+            edges=EDGES, shares=(conf, length, LAT_P), error_rate=0.005, epsilon=epsilon,
+        )  # fmt: skip
