@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 import anyio
@@ -306,12 +305,7 @@ class EmbeddedServer:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc_info: object) -> None:
         self.stop()
 
     # -- async API --------------------------------------------------------------------------
@@ -335,13 +329,8 @@ class EmbeddedServer:
         await self.start_async()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop_async()
+    async def __aexit__(self, *_exc_info: object) -> None:
+        await self.stop_async()  # also after an error: the server never outlives the block
 
     # -- internals --------------------------------------------------------------------------
 
