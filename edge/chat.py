@@ -11,7 +11,8 @@
 
 The final event (``[DONE]``) is sent only after the answer's telemetry row is committed
 (durable answers). A client that goes away mid-stream (its connection closes, or a write
-fails) ends the generation at once; it is counted as "cancelled". A failure after the
+fails, or a write cannot complete within ``WRITE_TIMEOUT_S`` because it stopped reading) ends
+the generation at once; it is counted as "cancelled". A failure after the
 stream started is sent as ``data: {"error": {...}}`` and the stream ends without ``[DONE]``.
 """
 
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import msgspec
 from aiohttp import web
 
@@ -58,13 +60,24 @@ async def _sse(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+#: A write that cannot complete in this many seconds (the client stopped reading: its socket
+#: and aiohttp's 64 KiB buffer are full) ends the answer as cancelled, so a client that never
+#: reads cannot hold a generation slot.
+WRITE_TIMEOUT_S = 10.0
+
+
 async def _write(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
     if _gone(request):
         raise _ClientGone
     try:
-        await resp.write(data)
+        with anyio.move_on_after(WRITE_TIMEOUT_S) as scope:
+            await resp.write(data)
     except (ConnectionError, RuntimeError) as exc:  # aiohttp: "Cannot write to closing transport"
         raise _ClientGone from exc
+    if scope.cancelled_caught:
+        if request.transport is not None:
+            request.transport.close()
+        raise _ClientGone
 
 
 async def _pump(

@@ -123,7 +123,11 @@ class GenerationRun:
         self._emitted = 0
         self._hold = max((len(s) for s in params.stop), default=1) - 1
         gp = og.GeneratorParams(session.model)
-        opts: dict[str, Any] = {"max_length": self.prompt_tokens + params.max_new_tokens}
+        # GenAI refuses a max_length past the model's context: the answer then ends at the
+        # context ("length"), as it would in any runtime.
+        opts: dict[str, Any] = {
+            "max_length": min(self.prompt_tokens + params.max_new_tokens, session.context)
+        }
         if params.temperature > 0:
             opts.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             if params.seed is not None:
@@ -217,19 +221,21 @@ class GenerationSession:
                 f"onnxruntime-genai cannot load the model: {str(exc).splitlines()[0][:300]}",
                 BundleCode.LOAD_FAILED,
             ) from exc
-        self.eos = set(self._eos_ids(folder / spec.genai_config))
+        self.eos, self.context = self._read_config(folder / spec.genai_config)
 
     @property
     def task(self) -> str:
         return "generation"
 
     @staticmethod
-    def _eos_ids(config: Path) -> list[int]:
-        try:
-            eos = json.loads(config.read_text())["model"]["eos_token_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
-        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    def _read_config(config: Path) -> tuple[set[int], int]:
+        """The end-of-sequence ids and the context length (tokens) of ``genai_config.json``
+        (GenAI loaded it already, so it is readable; an absent field means none / no limit)."""
+        model = json.loads(config.read_text()).get("model", {})
+        eos = model.get("eos_token_id", [])
+        context = model.get("context_length")
+        ids = {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+        return ids, int(context) if isinstance(context, int) and context > 0 else 1 << 30
 
     def template(self, messages: Sequence[dict[str, str]]) -> str:
         """The prompt text: ``messages`` ([{"role", "content"}]) through the chat template,
@@ -247,6 +253,7 @@ class GenerationSession:
             messages = [{"role": "user", "content": messages}]
         ids = [int(i) for i in self.tokenizer.encode(self.template(messages))]
         most = self.spec.max_prompt_tokens if limit is None else limit
+        most = min(most, self.context - 1)  # room for at least one new token
         if len(ids) > most:
             raise PromptTooLong(len(ids), most)
         return ids

@@ -226,6 +226,21 @@ async def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(
 
 
 @pytest.mark.anyio
+async def test_an_answer_that_reaches_the_model_context_ends_with_length_not_a_failure(
+    tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
+) -> None:
+    """The model's limit of 1,020 new tokens plus the prompt passes its 1,024-token context
+    (GenAI refuses such a max_length: it was a 500); the answer stops at the context."""
+    async with _serving(tiny_decoder, tmp_path, keys, fleet, max_new_tokens=1020) as (node, base, s):
+        async with s.post(f"{base}/v1/generate", json={"prompt": "23 skiddoo!"}) as r:
+            assert r.status == 200, await r.text()
+            got = await r.json()
+        assert got["finish_reason"] == "length"
+        assert got["usage"]["prompt_tokens"] + got["usage"]["completion_tokens"] == 1024
+        assert node.generations.statistics().served == 1
+
+
+@pytest.mark.anyio
 async def test_limits_prompt_tokens_new_tokens_and_a_full_queue(
     tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
 ) -> None:
