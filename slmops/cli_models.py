@@ -87,7 +87,9 @@ def models() -> None:
     "--variants",
     default="fp32,int8,int8-l3",
     show_default=True,
-    help="minilm: comma-separated variants to build (smollm2: int8-embed,int4-embed, the default for it).",
+    help="minilm: comma-separated variants to build (smollm2: int8-embed,int4-embed, the default for it); "
+    "minilm's int8-l3-ft (the 3-layer student with its last layer fine-tuned on the corpus) needs the "
+    "finetune extra: pip install 'slmops[finetune]'.",
 )
 @click.option(
     "--min-memory-mb",

@@ -55,6 +55,7 @@ from slmops.shared.runtime import Session, load_session
 
 __all__ = [
     "EDGES",
+    "FINETUNED",
     "MAX_TOKENS",
     "VARIANTS",
     "FactoryReport",
@@ -91,6 +92,9 @@ class Variant:
     layers: int
     int8: bool
     smoke_tolerance: float
+    #: Fine-tune the last layer (and a head) on the training split first (``finetune``:
+    #: needs the optional CPU torch extra).
+    finetune: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -100,6 +104,11 @@ VARIANTS: dict[str, Variant] = {
         Variant("int8", 6, int8=True, smoke_tolerance=5e-2),
         Variant("int8-l3", 3, int8=True, smoke_tolerance=5e-2),
     )
+}
+#: Variants built only when asked for by name (``--variants``): they need the ``finetune``
+#: extra (a CPU torch), which the default build never does.
+FINETUNED: dict[str, Variant] = {
+    "int8-l3-ft": Variant("int8-l3-ft", 3, int8=True, smoke_tolerance=5e-2, finetune=True)
 }
 
 #: Hostile inputs added to the smoke tests when the variant's top-1 margin on them is at
@@ -299,7 +308,20 @@ def _draft(
     created: datetime | None,
 ) -> _Draft:
     t0 = time.perf_counter()
-    encoder = build_encoder(weights.tensors, layers=variant.layers, name=f"{name}-{variant.name}-encoder")
+    tensors = weights.tensors
+    if variant.finetune:
+        from slmops.cloud.factory.finetune import finetune_student
+
+        frozen = build_encoder(tensors, layers=variant.layers)
+        start = fit_head(embed(frozen, tokenizer, split.train_texts), split.train_labels, len(split.labels))
+        tuned = finetune_student(
+            tensors, tokenizer, split.train_texts, split.train_labels, start, layers=variant.layers
+        )
+        log.info(
+            "student_finetuned", variant=variant.name, losses=tuned.losses, seconds=round(tuned.seconds, 1)
+        )
+        tensors = tuned.tensors
+    encoder = build_encoder(tensors, layers=variant.layers, name=f"{name}-{variant.name}-encoder")
     if variant.int8:
         encoder = quantize_encoder(
             encoder, calibration_batches(tokenizer, split.train_texts[:CALIBRATION_TEXTS])
@@ -362,6 +384,7 @@ def _finish(
     agree_note = f"{agreement:.4f}" if agreement is not None else "n/a"
     notes = (
         f"all-MiniLM-L6-v2, {v.layers} of {MINILM_L6.layers} layers"
+        f"{', the last fine-tuned on the training split (torch)' if v.finetune else ''}"
         f"{', int8 dynamic per-channel' if v.int8 else ', fp32'}, linear head fitted on its embeddings; "
         f"chatterbot-corpus english, {len(split.labels)} topics, seed={seed}, "
         f"train={len(split.train_texts)}, held_out={len(split.held_out_texts)}; "
@@ -418,22 +441,23 @@ def build_minilm(
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive int, got {version!r}")
     validate_model_name(name)
-    unknown = [v for v in variants if v not in VARIANTS]
+    known = {**VARIANTS, **FINETUNED}
+    unknown = [v for v in variants if v not in known]
     if unknown or not variants:
-        raise ValueError(f"unknown variants {unknown or 'none given'}; known: {sorted(VARIANTS)}")
+        raise ValueError(f"unknown variants {unknown or 'none given'}; known: {sorted(known)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"output directory {str(out_dir)!r} is not empty")
     weights = weights or load_weights(weights_dir)
     split = split_topics(load_topics(corpus_dir), seed=seed)
-    ordered = sorted(set(variants), key=list(VARIANTS).index)  # fp32 first: the others agree with it
+    ordered = sorted(set(variants), key=list(known).index)  # fp32 first: the others agree with it
     with tempfile.TemporaryDirectory(prefix="slmops-minilm-") as tmp:
         tok_path = Path(tmp) / TOKENIZER_FILE
         tok_path.write_bytes(weights.tokenizer_json)
         tokenizer = TokenizerFeaturizer(tok_path, preprocessing(), dict(INPUT_NAMES), {})
         drafts = [
             _draft(
-                VARIANTS[v],
+                known[v],
                 weights,
                 split,
                 tokenizer,
