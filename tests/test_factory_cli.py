@@ -39,7 +39,7 @@ def test_build_unknown_variant(tmp_path: Path, minilm_weights_dir: Path | None) 
         "models", "build", "--out", str(tmp_path / "b"), "--key", str(key), "--variants", "int4", *args
     )
     assert code == 1
-    assert "unknown variants ['int4']; known: ['fp32', 'int8', 'int8-l3']" in out
+    assert "unknown variants ['int4']; known: ['fp32', 'int8', 'int8-l3', 'int8-l3-ft']" in out
 
 
 def test_build_one_minilm_variant_json(tmp_path: Path, minilm_weights_dir: Path | None) -> None:
