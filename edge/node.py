@@ -99,6 +99,10 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+#: Where a model of each task is served (for the error naming the right endpoint).
+_ENDPOINT_OF = {"embedding": "/v1/embed", "generation": "/v1/generate or /v1/chat/completions"}
+
+
 class EmbeddingsOut(msgspec.Struct, kw_only=True):
     """What ``/v1/embed`` answers: one L2-normalised vector per text."""
 
@@ -467,7 +471,7 @@ class EdgeNode:
                     "model", f"{model[:64]!r} is not served here (models: {self.models.names})"
                 )
             if active.manifest.task != task:
-                other = "/v1/embed" if active.manifest.task == "embedding" else "/v1/predict"
+                other = _ENDPOINT_OF.get(active.manifest.task, "/v1/predict")
                 raise InvalidInput(
                     "model", f"{model!r} is a {active.manifest.task} model: use {other}, not {endpoint}"
                 )
@@ -477,7 +481,7 @@ class EdgeNode:
                 return active.ref.name
         if served:
             current = served[0]
-            other = "/v1/embed" if current.manifest.task == "embedding" else "/v1/predict"
+            other = _ENDPOINT_OF.get(current.manifest.task, "/v1/predict")
             raise InvalidInput(
                 "model", f"the model is a {current.manifest.task} model: use {other}, not {endpoint}"
             )

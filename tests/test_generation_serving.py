@@ -330,6 +330,11 @@ async def test_hostile_requests_get_a_4xx_naming_the_field_and_the_node_keeps_se
                     assert r.status == 400, (path, raw[:20])
         async with s.post(f"{base}/v1/generate", json={"prompt": "hello", "max_new_tokens": 3}) as r:
             assert r.status == 200
+        for path in ("/v1/predict", "/v1/embed"):  # the wrong endpoint names the right one
+            async with s.post(base + path, json={"text": "hello"}) as r:
+                got = await r.json()
+            assert (r.status, got["error"]["field"]) == (400, "model")
+            assert "use /v1/generate or /v1/chat/completions" in got["error"]["message"]
         stats = node.generations.statistics()
         assert (stats.running, stats.waiting) == (0, 0)
 
