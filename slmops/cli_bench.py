@@ -23,7 +23,7 @@ def _fmt(value: Any) -> str:
 
 
 @click.command()
-@click.argument("scenario", type=click.Choice([*SCENARIOS, *LONG_SCENARIOS, "chaos", "all"]))
+@click.argument("scenario", type=click.Choice([*SCENARIOS, *LONG_SCENARIOS, "chaos", "fleet", "all"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
 @click.option("--quick", is_flag=True, help="Small sizes: a fast smoke run, figures not representative.")
 @click.option(
@@ -40,8 +40,28 @@ def _fmt(value: Any) -> str:
 @click.option(
     "--load", type=click.IntRange(0, 64), default=2, show_default=True, help="demo: busy processes beside it."
 )
-@click.option("--nodes", type=click.IntRange(1, 50), default=None, help="demo, chaos: edge nodes [5].")
-@click.option("--minutes", type=float, default=10.0, show_default=True, help="chaos: how long faults go on.")
+@click.option(
+    "--nodes",
+    type=click.IntRange(1, 1_000_000),
+    multiple=True,
+    help="demo, chaos: edge nodes [5], at most 50; fleet: simulated nodes, repeatable (growth between runs).",
+)
+@click.option(
+    "--minutes",
+    type=float,
+    default=None,
+    help="chaos: how long faults go on [10]; fleet: steady windows [5].",
+)
+@click.option(
+    "--backlog",
+    type=click.IntRange(0, 100_000),
+    default=1440,
+    show_default=True,
+    help="fleet: buffered windows per reconnecting node (1440 = a day; 0 skips the storm).",
+)
+@click.option(
+    "--period", type=float, default=2.0, show_default=True, help="fleet: wall seconds per 60 s window."
+)
 @click.option("--seed", type=int, default=1, show_default=True, help="chaos: the fault schedule's seed.")
 def bench(
     scenario: str,
@@ -50,8 +70,10 @@ def bench(
     model: Path | None,
     runs: int,
     load: int,
-    nodes: int | None,
-    minutes: float,
+    nodes: tuple[int, ...],
+    minutes: float | None,
+    backlog: int,
+    period: float,
     seed: int,
 ) -> None:
     """Measure a scenario: the project's path and the bare-library baseline, in the same run.
@@ -75,6 +97,10 @@ def bench(
     generate  a generation bundle (--model): decode tokens/s and time to first token via
               Python API and HTTP streaming vs bare onnxruntime-genai, node RSS, the prompt
               log-likelihood's cost; needs onnxruntime-genai; not part of `all`
+    fleet     one cloud against --nodes N simulated nodes (repeat --nodes for the growth
+              between N): ingest rate and lag, cloud RSS and SQLite bytes per node, drift
+              round and `fleet status` time, drain after 10% reconnect at once with --backlog
+              buffered windows each (own connections); bare JetStream publish/fetch beside it
     chaos     real server, cloud and edges under seeded faults (link cuts, kill -9 of edges,
               cloud and server, disk-full spells on a tmpfs, clock jumps via libfaketime,
               poison messages, duplicate node ids), then an exact reconciliation per node:
@@ -83,8 +109,13 @@ def bench(
     Prints what it measured and the baseline beside it; never passes or fails on a time
     (shared machines are noisy: compare the ratio, not the absolute figures).
     """
+    if scenario == "fleet":
+        _fleet(nodes or (1000,), int(minutes or 5), backlog, period, as_json)
+        return
+    if len(nodes) > 1 or any(n > 50 for n in nodes):
+        raise click.UsageError("--nodes: demo and chaos take one value, at most 50")
     if scenario == "chaos":
-        _chaos(minutes, nodes or 5, seed, as_json)
+        _chaos(minutes or 10.0, nodes[0] if nodes else 5, seed, as_json)
         return
     names = SCENARIOS if scenario == "all" else (scenario,)
     if model is not None and scenario not in ("edge", "generate"):
@@ -96,7 +127,11 @@ def bench(
     failed = False
     for name in names:
         try:
-            opts = {"runs": runs, "load": load, "nodes": nodes} if name == "demo" else options
+            opts = (
+                {"runs": runs, "load": load, "nodes": nodes[0] if nodes else None}
+                if name == "demo"
+                else options
+            )
             results = anyio.run(lambda n=name, o=opts: run_scenario(n, quick=quick, **o))  # type: ignore[misc]
         except Exception as exc:  # one broken scenario must not hide the others' figures
             failed = True
@@ -140,4 +175,35 @@ def _chaos(minutes: float, nodes: int, seed: int, as_json: bool) -> None:
             click.echo("  " + json.dumps(row))
     if not r["reconciled"]:
         click.echo(f"chaos: NOT reconciled; logs kept in {r.get('logs')}", err=True)
+        sys.exit(1)
+
+
+def _fleet(nodes: tuple[int, ...], minutes: int, backlog: int, period: float, as_json: bool) -> None:
+    from slmops.bench.fleet import growth, load_average, run_fleet
+
+    if minutes < 1 or period <= 0:
+        raise click.UsageError("--minutes must be >= 1 and --period > 0")
+    info = machine()
+    results = []
+    for n in nodes:
+        load_before = load_average()
+        r = anyio.run(lambda n=n: run_fleet(nodes=n, minutes=minutes, period=period, backlog=backlog))  # type: ignore[misc]
+        r["load_before"], r["load_after"] = load_before, load_average()
+        results.append(r)
+        if as_json:
+            click.echo(json.dumps({"scenario": "fleet", **r, "machine": info}))
+        else:
+            click.echo(f"fleet, {n} nodes:")
+            for key, value in r.items():
+                click.echo(f"  {key:<44} {_fmt(value)}")
+    for row in growth(results):
+        if as_json:
+            click.echo(json.dumps({"scenario": "fleet_growth", **row}))
+        else:
+            click.echo(
+                f"growth {row['figure']:<28} {row['from_nodes']} -> {row['to_nodes']} nodes "
+                f"(x{row['nodes_ratio']:g}): x{row['growth']:g} ({row['kind']})"
+            )
+    if not all(r["exactly_once"] for r in results):
+        click.echo("fleet: some node's count differs from what it sent", err=True)
         sys.exit(1)

@@ -76,45 +76,78 @@ _NODE_WIDTHS = [14, 16, 7, 16, 9, 10, 7, 6, 7, 5, 6, 7, 14, 0]
 @nats_option
 @click.option("--fleet", "fleet_id", default=None, callback=fleet_id, help="Only this fleet.")
 @click.option(
-    "--json", "as_json", is_flag=True, help='JSON: {"nodes": [{"node", "online", "model_version", ...}]}.'
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='JSON: {"nodes": [{"node", "online", "model_version", ...}]}, every node, streamed.',
 )
-def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
+@click.option("--page", type=click.IntRange(1), default=1, show_default=True, help="Table: which page.")
+@click.option(
+    "--page-size", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Table: nodes a page."
+)
+def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: int, page_size: int) -> None:
     """Per node: online or offline (the server heard from it within 120 s, by the server's
     clock), model, last seen, inferences counted exactly once, windows, seq high-water mark and
     missing seqs, duplicates dropped, outbox depth and drops from status reports.
 
     Read from KV slmops_fleet, which the active cloud instance keeps up to date (within about
     a second); works while the cloud is down, showing its last state. Forgotten nodes
-    (`fleet forget`) are left out until they send again."""
+    (`fleet forget`) are left out until they send again. The table shows one page of nodes
+    (sorted by fleet and node; --page, --page-size); --json writes every node, streamed as
+    they are read."""
+    from slmops.cloud.ingest.overview import forgotten, node_keys, read_views, server_time
+
+    async def main() -> None:
+        async with _connected(nats_url) as nc:
+            keys = await node_keys(nc, fleet_id)
+            if fleet_id and not keys:
+                known = sorted({k.split(".", 1)[0] for k in await node_keys(nc, None)})
+                seen = f"fleets it knows: {', '.join(known)}" if known else "it knows no fleet yet"
+                raise click.ClickException(
+                    f"no such fleet {fleet_id!r}: the cloud has no node of it ({seen})"
+                )
+            now, clock = await server_time(nc)
+            gone = await forgotten(nc, fleet_id)
+            if as_json:
+                await _stream_json(nc, keys, now, clock, gone, read_views)
+                return
+            first = (page - 1) * page_size
+            views = await read_views(nc, keys[first : first + page_size], now, gone)
+            _print_page(views, clock, first, len(keys), page, page_size)
+
+    run(main)
+
+
+async def _stream_json(nc: NATS, keys: list[str], now: datetime, clock: str, gone: Any, read: Any) -> None:
+    """``{"server_time", "clock", "nodes": [...]}``, written node by node as chunks are read."""
     import msgspec
 
-    from slmops.cloud.ingest.overview import fleet_view
+    click.echo(f'{{"server_time": {json.dumps(now.isoformat())}, "clock": {json.dumps(clock)}, "nodes": [')
+    sep = ""
+    for i in range(0, len(keys), _JSON_CHUNK):
+        for v in await read(nc, keys[i : i + _JSON_CHUNK], now, gone):
+            doc = {**msgspec.to_builtins(v.snapshot), "online": v.online, "silent_s": v.silent_s}
+            click.echo(sep + json.dumps(doc), nl=False)
+            sep = ",\n"
+    click.echo("\n]}")
 
-    async def read(nc: NATS) -> tuple[Any, list[str]]:
-        from slmops.cloud.ingest.query import fleet_status
 
-        got = await fleet_view(nc, fleet_id)
-        known = sorted({n.fleet for n in await fleet_status(nc, None)}) if fleet_id and not got[0] else []
-        return got, known
+#: Nodes read per round while streaming ``--json``.
+_JSON_CHUNK = 1000
 
-    result = _with_nats(nats_url, read)
-    (views, now, clock), known = result
-    if fleet_id and not views:
-        seen = f"fleets it knows: {', '.join(known)}" if known else "it knows no fleet yet"
-        raise click.ClickException(f"no such fleet {fleet_id!r}: the cloud has no node of it ({seen})")
-    if as_json:
-        nodes = [
-            {**msgspec.to_builtins(v.snapshot), "online": v.online, "silent_s": v.silent_s} for v in views
-        ]
-        click.echo(json.dumps({"nodes": nodes, "server_time": now.isoformat(), "clock": clock}))
-        return
+
+def _print_page(views: list[NodeView], clock: str, first: int, total: int, page: int, size: int) -> None:
     click.echo(table_line(_NODE_HEADER, _NODE_WIDTHS))
     for v in views:
         click.echo(table_line(_node_row(v), _NODE_WIDTHS))
         if v.snapshot.cannot_run:
             click.echo(f"  cannot run: {v.snapshot.cannot_run}")
-    if not views:
+    if not total:
         click.echo("(no nodes: has the cloud service run against this NATS?)", err=True)
+    elif first + size < total:
+        click.echo(
+            f"(nodes {first + 1}-{first + size} of {total}: --page {page + 1} for more, --json for all)"
+        )
     if clock != "server":
         click.echo("(online judged by this machine's clock: the server gave no time)", err=True)
 

@@ -112,6 +112,14 @@ class DriftDetector:
         #: Signals quarantined since the caller last took them (``take_quarantines``).
         self._quarantined: list[tuple[Group, str, str]] = []
         self._history: list[RoundRecord] = []
+        #: Group key -> node -> its unit (the same objects as ``units``): fleet-wide steps
+        #: (episode open/close, quarantine) touch one group's units, not every group's.
+        self._by_group: dict[str, dict[str, NodeUnit]] = {}
+        #: Group key -> nodes that opened an event and may still have it open (checked, and
+        #: dropped once closed, by ``_healthy``): a round's health check was a scan of every
+        #: unit, O(nodes) per round — in a reconnect drain, where a round closes at nearly
+        #: every aggregate, that made the drain O(nodes × aggregates) (issue 18).
+        self._maybe_open: dict[str, set[str]] = {}
 
     def take_rounds(self) -> list[RoundRecord]:
         """The fleet rounds closed since the last call (pooled counts per signal), for the
@@ -143,11 +151,21 @@ class DriftDetector:
 
     def _healthy(self, g: Group) -> bool:
         """A round is healthy (may join the automatic baseline) when no node of the group has
-        an open event (a node incident must not become part of "normal")."""
-        for (gk, _node), unit in self.units.items():
-            if gk == g.key and any(us.open for us in unit.sig.values()):
+        an open event (a node incident must not become part of "normal"). O(nodes with an
+        event opened since last checked), not O(nodes)."""
+        maybe = self._maybe_open.get(g.key)
+        if not maybe:
+            return True
+        units = self._by_group.get(g.key, {})
+        for node in list(maybe):
+            unit = units.get(node)
+            if unit is not None and any(us.open for us in unit.sig.values()):
                 return False
+            maybe.discard(node)
         return True
+
+    def _group_units(self, g: Group) -> dict[str, NodeUnit]:
+        return self._by_group.get(g.key, {})
 
     def _accept_baseline(self, g: Group, pooled: dict[str, Acc], source: str) -> list[DriftEvent]:
         """``pooled`` becomes the group's production baseline (automatic: for signals with no
@@ -215,6 +233,11 @@ class DriftDetector:
     def load(self, groups: list[Group], units: dict[tuple[str, str], NodeUnit]) -> None:
         self.groups = {g.key: g for g in groups}
         self.units = dict(units)
+        self._by_group, self._maybe_open = {}, {}
+        for (gk, node), unit in self.units.items():
+            self._by_group.setdefault(gk, {})[node] = unit
+            if any(us.open for us in unit.sig.values()):
+                self._maybe_open.setdefault(gk, set()).add(node)
         self._round_sets = {}
         self._round_pending = {}
         self._tests = {}
@@ -293,6 +316,7 @@ class DriftDetector:
         unit = self.units.get(ukey)
         if unit is None:
             unit = self.units[ukey] = NodeUnit()
+            self._by_group.setdefault(g.key, {})[agg.node] = unit
         self._dirty_units.add(ukey)
         g.round_nodes.append(agg.node)
         in_round.add(agg.node)
@@ -437,13 +461,12 @@ class DriftDetector:
         due = self._tests.get(signal)
         if due:
             self._tests[signal] = [t for t in due if t[3] != g.key]
-        for (gk, node), unit in self.units.items():
-            if gk == g.key:
-                unit.sig.pop(signal, None)
-                unit.acc.pop(signal, None)
-                unit.warm.pop(signal, None)
-                unit.refs.pop(signal, None)
-                self._dirty_units.add((gk, node))
+        for node, unit in self._group_units(g).items():
+            unit.sig.pop(signal, None)
+            unit.acc.pop(signal, None)
+            unit.warm.pop(signal, None)
+            unit.refs.pop(signal, None)
+            self._dirty_units.add((g.key, node))
         self._dirty_groups.add(g.key)
         self._quarantined.append((g, signal, reason))
         log.warning(
@@ -701,10 +724,12 @@ class DriftDetector:
                 return []  # the fleet-wide event already covers this node
         if node is None:
             # Baselines being learnt now likely hold the shift's first windows: start over.
-            for ukey, unit in self.units.items():
-                if ukey[0] == g.key and unit.warm.pop(signal, None) is not None:
-                    self._dirty_units.add(ukey)
+            for unode, unit in self._group_units(g).items():
+                if unit.warm.pop(signal, None) is not None:
+                    self._dirty_units.add((g.key, unode))
         us.open = True
+        if node is not None:
+            self._maybe_open.setdefault(g.key, set()).add(node)
         us.episode += 1
         us.updates = 0
         us.quiet = 0
@@ -792,12 +817,12 @@ class DriftDetector:
     def _reset_nodes(self, g: Group, signal: str) -> None:
         """A fleet-wide episode is over: the evidence its nodes gathered meanwhile was the
         fleet's (their own events were suppressed), so it must not open node events now."""
-        for (gk, _node), unit in self.units.items():
-            us = unit.sig.get(signal) if gk == g.key else None
+        for node, unit in self._group_units(g).items():
+            us = unit.sig.get(signal)
             if us is not None and not us.open:
                 us.s = 0.0
                 us.run = None
-                self._dirty_units.add((gk, _node))
+                self._dirty_units.add((g.key, node))
 
     def _severity(self, effect: float) -> str:
         if effect >= 5 * self._cfg.min_effect:

@@ -156,7 +156,7 @@ class Applier:
         if epoch is None and (install == "" or not epochs):
             # The previous release's single tracker is the legacy epoch's.
             legacy = node.seqs
-            if legacy.contiguous or legacy.pending or legacy.abandoned:
+            if legacy.contiguous or legacy.runs or legacy.abandoned:
                 epochs[""] = InstallEpoch(seqs=legacy)
                 node.seqs = SeqTracker()
             epoch = epochs.get(install)

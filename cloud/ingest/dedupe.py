@@ -1,18 +1,25 @@
 """Exactly-once counting of a node's aggregates by ``seq`` (docs/architecture.md §5).
 
-Per node the cloud keeps ``contiguous`` — every seq ``1..contiguous`` has been applied — and the
-sorted set ``pending`` of applied seqs above it (those that arrived out of order). So:
+Per node the cloud keeps ``contiguous`` — every seq ``1..contiguous`` has been applied — and
+``runs``, the applied seqs above it (those that arrived out of order) as sorted, disjoint
+inclusive ranges ``(first, last)``. So:
 
-* a seq ``<= contiguous`` or in ``pending`` is a duplicate and is dropped;
+* a seq ``<= contiguous`` or inside a run is a duplicate and is dropped;
 * any other seq is applied once, even when it is late (below the highest seq seen): it fills a
-  hole, and when the hole below ``pending`` closes, ``contiguous`` advances over it;
+  hole, and when the hole below the first run closes, ``contiguous`` advances over the run;
 * the holes between ``contiguous`` and the highest seq are the *missing* seqs, reported as gaps.
 
-``pending`` is bounded (``max_pending``): when it grows past the bound, the oldest hole is
-declared lost (``abandoned``) and ``contiguous`` jumps over it; an aggregate that still arrives
-for an abandoned seq afterwards cannot be told from a duplicate and is counted as ``too_late``
-rather than applied. With the default bound of 4096 this needs a node to resend a window after
-4096 later ones were applied.
+Memory is one pair per hole, not one integer per seq (issue 18): a node that reconnects and
+sends 1,000 windows out of order above a hole keeps a single run, not a set of 1,000. (Until
+issue 18 this was a sorted list of every out-of-order seq; a stored state of that form, key
+``pending``, is read into runs.)
+
+The seqs held in runs are bounded (``max_pending``): when they grow past the bound, the oldest
+hole is declared lost (``abandoned``) and ``contiguous`` jumps over it; an aggregate that still
+arrives for an abandoned seq afterwards cannot be told from a duplicate and is counted as
+``too_late`` rather than applied. With the default bound of 4096 this needs a node to resend a
+window after 4096 later ones were applied. Runs are therefore at most ``max_pending`` too (a
+hostile node sending every other seq), and normally one or two.
 
 Seq jumps are bounded (``jump``, issue 13): a node numbers its aggregates one by one, and at
 most ``max_jump`` of them (the telemetry stream's per-node message cap, 100,000) can wait in
@@ -31,7 +38,7 @@ stream) are the only new holes.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_right
 from enum import Enum
 
 import msgspec
@@ -49,10 +56,14 @@ class Admit(Enum):
 
 
 class SeqTracker(msgspec.Struct, kw_only=True):
-    """The applied seqs of one node (persisted with the node's state)."""
+    """The applied seqs of one node install (persisted with the node's state)."""
 
     contiguous: int = 0
-    pending: list[int] = []
+    #: Applied seqs above ``contiguous + 1``: sorted, disjoint, non-adjacent ``(first, last)``.
+    runs: list[tuple[int, int]] = []
+    #: The form stored before issue 18 (one entry per out-of-order seq): read into ``runs`` on
+    #: decode, always written empty.
+    legacy_pending: list[int] = msgspec.field(default_factory=list, name="pending")
     #: Seqs given up on (holes older than the pending bound).
     abandoned: int = 0
     #: Times a seq arrived beyond ``high + 1`` (a new gap opened).
@@ -63,21 +74,57 @@ class SeqTracker(msgspec.Struct, kw_only=True):
     #: jump (not missing, not counted).
     skipped: int = 0
 
+    def __post_init__(self) -> None:
+        if self.legacy_pending:
+            old, self.legacy_pending = self.legacy_pending, []
+            for seq in sorted(set(old)):
+                if seq == self.contiguous + 1:
+                    self.contiguous = seq
+                elif not self.seen(seq):
+                    self._place(seq)
+
     @property
     def high(self) -> int:
         """The highest seq applied."""
-        return self.pending[-1] if self.pending else self.contiguous
+        return self.runs[-1][1] if self.runs else self.contiguous
+
+    @property
+    def held(self) -> int:
+        """How many applied seqs lie above ``contiguous`` (in runs)."""
+        return sum(b - a + 1 for a, b in self.runs)
+
+    @property
+    def pending(self) -> list[int]:
+        """Every applied seq above ``contiguous``, ascending (for inspection: O(held))."""
+        return [s for a, b in self.runs for s in range(a, b + 1)]
 
     @property
     def missing(self) -> int:
         """Seqs below ``high`` not applied yet (open holes)."""
-        return self.high - self.contiguous - len(self.pending)
+        return self.high - self.contiguous - self.held
 
     def seen(self, seq: int) -> bool:
         if seq <= self.contiguous:
             return True
-        i = bisect_left(self.pending, seq)
-        return i < len(self.pending) and self.pending[i] == seq
+        i = bisect_right(self.runs, (seq, seq)) - 1  # the last run starting at or below seq
+        if i + 1 < len(self.runs) and self.runs[i + 1][0] == seq:
+            return True
+        return i >= 0 and self.runs[i][0] <= seq <= self.runs[i][1]
+
+    def _place(self, seq: int) -> None:
+        """Put a seq above ``contiguous + 1``, not seen, into the runs (merging neighbours)."""
+        runs = self.runs
+        i = bisect_right(runs, (seq, seq))  # runs[:i] start at or below seq (all end below it)
+        joins_left = i > 0 and runs[i - 1][1] == seq - 1
+        joins_right = i < len(runs) and runs[i][0] == seq + 1
+        if joins_left and joins_right:
+            runs[i - 1 : i + 1] = [(runs[i - 1][0], runs[i][1])]
+        elif joins_left:
+            runs[i - 1] = (runs[i - 1][0], seq)
+        elif joins_right:
+            runs[i] = (seq, runs[i][1])
+        else:
+            runs.insert(i, (seq, seq))
 
     def admit(self, seq: int, max_pending: int = 4096) -> Admit:
         """Record ``seq`` as applied unless already seen. Raises ``ValueError`` if ``seq < 1``."""
@@ -92,22 +139,15 @@ class SeqTracker(msgspec.Struct, kw_only=True):
             self.gaps_opened += 1
         if seq == self.contiguous + 1:
             self.contiguous = seq
-            # Close up with the out-of-order seqs that now follow on.
-            n = 0
-            while n < len(self.pending) and self.pending[n] == self.contiguous + 1:
-                self.contiguous += 1
-                n += 1
-            if n:
-                del self.pending[:n]
+            if self.runs and self.runs[0][0] == seq + 1:  # close up with the run that follows
+                self.contiguous = self.runs.pop(0)[1]
         else:
-            insort(self.pending, seq)
-            while len(self.pending) > max_pending:
-                # Give up on the oldest hole: jump over it to the first pending run.
-                first = self.pending.pop(0)
+            self._place(seq)
+            while self.runs and self.held > max_pending:
+                # Give up on the oldest hole: jump over it to the end of the first run.
+                first, last = self.runs.pop(0)
                 self.abandoned += first - self.contiguous - 1
-                self.contiguous = first
-                while self.pending and self.pending[0] == self.contiguous + 1:
-                    self.contiguous = self.pending.pop(0)
+                self.contiguous = last
         return kind
 
     def jump(self, seq: int, max_jump: int) -> bool:
@@ -132,7 +172,7 @@ class SeqTracker(msgspec.Struct, kw_only=True):
         first = self.jumps[0]
         self.abandoned += self.missing
         self.skipped += first - 1 - high
-        self.contiguous, self.pending = first - 1, []
+        self.contiguous, self.runs = first - 1, []
         self.jumps = []
         return False
 
@@ -140,10 +180,9 @@ class SeqTracker(msgspec.Struct, kw_only=True):
         """Up to ``limit`` holes as inclusive ``(first, last)`` seq ranges, oldest first."""
         out: list[tuple[int, int]] = []
         prev = self.contiguous
-        for seq in self.pending:
-            if seq > prev + 1:
-                out.append((prev + 1, seq - 1))
-                if len(out) >= limit:
-                    break
-            prev = seq
+        for first, last in self.runs:
+            out.append((prev + 1, first - 1))  # runs are never adjacent: a hole before each
+            if len(out) >= limit:
+                break
+            prev = last
         return out

@@ -1,0 +1,350 @@
+"""``slmops bench fleet --nodes N [--minutes M]``: one cloud against N simulated nodes.
+
+Parts, all real: an embedded nats-server (``shared.server.EmbeddedServer``), the cloud
+(``CloudService`` with default settings, in this process so its memory and drift rounds can be
+read) and the nodes in a child process (``bench._simnodes``: edge-built aggregates on each
+node's own subject with its own ``Nats-Msg-Id``, status reports, windows of 60 s compressed to
+``period`` s of wall time, outages with reconnect bursts; many nodes per connection).
+
+Phases and figures (times are wall-clock seconds on this machine; nothing passes or fails):
+
+1. **steady** — ``minutes`` windows per node. Ingest throughput (aggregates applied / s while
+   traffic runs) and lag (a window's last PubAck → the cloud has applied everything sent so far;
+   median and max).
+2. **state** — cloud RSS growth per node (RSS after steady minus RSS once active, / N), SQLite
+   state bytes per node, drift-round time (``DriftDetector._close_round``, timed by wrapping it),
+   ``fleet status`` time: its first page (100 nodes), every node (``--json``), and the old
+   read of every snapshot at once (``overview.fleet_view``).
+3. **storm** — a ``storm`` share of the nodes reconnect at once, each on its own NATS
+   connection (the number is reported), each with ``backlog`` buffered windows (1,440 = a day);
+   drain time = the first connect → the cloud has applied every one. Drain rate / the steady
+   rate of one window per node per minute = the ingest headroom.
+4. **baseline** — in the same run, bare JetStream: the child publishes the steady phase's
+   messages back to back (other fleet id), and a bare durable pull consumer fetches and acks
+   them (``bench.ingest._bare``: ``fetch(256)`` + one ack per message).
+
+After all, every node's aggregate count is checked against what was sent (exactly once).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import nats
+from anyio.streams.text import TextReceiveStream
+
+from slmops.bench._fleet import MODEL, manifest_for
+from slmops.bench.ingest import _bare
+from slmops.cloud.config import CloudConfig
+from slmops.cloud.ingest.overview import fleet_view, forgotten, node_keys, read_views, server_time
+from slmops.cloud.service import CloudService, tune_gc
+from slmops.shared.messages import encode_json
+from slmops.shared.names import MODELS_MANIFEST_BUCKET, manifest_key
+from slmops.shared.provision import ensure_resources
+from slmops.shared.server import EmbeddedServer
+
+__all__ = ["growth", "run_fleet"]
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of ``pid`` (this process by default), from ``/proc``."""
+    with open(f"/proc/{pid or 'self'}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc status")
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+async def _child(args: list[str], on_line: Callable[[dict[str, Any]], None], log: Path) -> None:
+    """Run ``python -m slmops.bench._simnodes ARGS``; each JSON line of its stdout goes to
+    ``on_line``; its stderr to ``log``. Raises ``RuntimeError`` when it fails."""
+    cmd = [sys.executable, "-m", "slmops.bench._simnodes", *args]
+    with open(log, "ab") as err:  # noqa: ASYNC230 -- a local log file, opened once per child
+        async with await anyio.open_process(cmd, stdout=-1, stderr=err) as proc:
+            assert proc.stdout is not None
+            buf = ""
+            async for chunk in TextReceiveStream(proc.stdout):
+                buf += chunk
+                *lines, buf = buf.split("\n")
+                for line in lines:
+                    if line.strip():
+                        on_line(json.loads(line))
+            code = await proc.wait()
+    if code != 0:
+        tail = log.read_text(errors="replace")[-2000:]  # noqa: ASYNC240 -- once, on failure
+        raise RuntimeError(f"simulated nodes ({args[0]}) exited {code}: {tail}")
+
+
+class _Rounds:
+    """Times each call of the detector's round close (the fleet pooling, BH and events)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def wrap(self, detector: Any) -> None:
+        inner = detector._close_round  # private on purpose: the bench times what a round costs
+
+        def timed(g: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(g)
+            finally:
+                self.seconds.append(time.perf_counter() - t0)
+
+        detector._close_round = timed
+
+
+async def _wait_applied(svc: CloudService, want: int, timeout: float) -> float:
+    """Wait until the cloud has applied ``want`` aggregates; returns the time.time() then."""
+    with anyio.fail_after(timeout):
+        while svc.statistics().counters.get("aggregates", 0) < want:  # noqa: ASYNC110 -- polling a counter
+            await anyio.sleep(0.05)
+    return time.time()
+
+
+async def run_fleet(
+    *,
+    nodes: int,
+    minutes: int = 5,
+    period: float = 2.0,
+    conns: int = 16,
+    storm: float = 0.1,
+    backlog: int = 1440,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """One run at ``nodes`` nodes; returns the figures (module docstring) as one dict."""
+    tune_gc()
+    fleet = "scale"
+    tmp = tempfile.TemporaryDirectory(prefix="slmops-bench-fleet-") if workdir is None else None
+    work = Path(tmp.name) if tmp else workdir
+    assert work is not None
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "simnodes.log"
+    state = str(work / "cloud")
+    out: dict[str, Any] = {"nodes": nodes, "minutes": minutes, "period_s": period, "conns": conns}
+    try:
+        async with EmbeddedServer(store_dir=work / "js") as server:
+            nc = await nats.connect(server.url)
+            try:
+                js = nc.jetstream()
+                await ensure_resources(js)
+                kv = await js.key_value(MODELS_MANIFEST_BUCKET)
+                await kv.put(
+                    manifest_key(MODEL.name, MODEL.version, MODEL.variant), encode_json(manifest_for())
+                )
+                config = CloudConfig(nats_url=server.url, state_dir=state, fleets=[fleet])
+                common = ["--url", server.url, "--fleet", fleet, "--nodes", str(nodes)]
+                async with CloudService(config) as svc:
+                    await svc.wait_active(60)
+                    rounds = _Rounds()
+                    assert svc.detector is not None
+                    rounds.wrap(svc.detector)
+                    rss0 = rss_bytes()
+                    await _steady(svc, out, common, minutes, period, conns, log)
+                    out["cloud_rss_bytes"] = rss1 = rss_bytes()
+                    out["cloud_rss_per_node_bytes"] = round((rss1 - rss0) / nodes)
+                    await _status(nc, svc, out, fleet, nodes)
+                    out["sqlite_bytes"] = _dir_bytes(state)
+                    out["sqlite_bytes_per_node"] = round(out["sqlite_bytes"] / nodes)
+                    r = rounds.seconds
+                    out["drift_rounds"] = len(r)
+                    out["drift_round_s_median"] = round(statistics.median(r), 4) if r else None
+                    out["drift_round_s_max"] = round(max(r), 4) if r else None
+                    if storm > 0 and backlog > 0:
+                        await _storm(svc, out, common, minutes, storm, backlog, log)
+                    out["cloud_rss_after_storm_bytes"] = rss_bytes()
+                    counts = {n.node: n.aggregates for n in svc.nodes.values()}
+                    dup = svc.statistics().counters.get("duplicates", 0)
+                out["exactly_once"] = _check(counts, nodes, minutes, storm, backlog)
+                out["duplicates_dropped"] = dup
+                await _baseline(js, out, server.url, nodes, minutes, conns, log)
+            finally:
+                await nc.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return out
+
+
+async def _steady(
+    svc: CloudService,
+    out: dict[str, Any],
+    common: list[str],
+    minutes: int,
+    period: float,
+    conns: int,
+    log: Path,
+) -> None:
+    windows: list[tuple[float, int]] = []
+    lags: list[float] = []
+    done = anyio.Event()
+
+    async def watch() -> None:
+        k = 0
+        while not (done.is_set() and k >= len(windows)):
+            if k < len(windows):
+                t, sent = windows[k]
+                lags.append(await _wait_applied(svc, sent, 600) - t)
+                k += 1
+            else:
+                await anyio.sleep(0.05)
+
+    last: dict[str, Any] = {}
+
+    def on_line(d: dict[str, Any]) -> None:
+        if d["event"] == "window":
+            windows.append((d["t"], d["sent"]))
+        else:
+            last.update(d)
+
+    t0 = time.time()
+    base = svc.statistics().counters.get("aggregates", 0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await _child(
+            ["steady", *common, "--minutes", str(minutes), "--period", str(period), "--conns", str(conns)],
+            on_line,
+            log,
+        )
+        done.set()
+    elapsed = time.time() - t0
+    applied = svc.statistics().counters.get("aggregates", 0) - base
+    out["steady_sent"] = last.get("sent")
+    out["steady_applied"] = applied
+    out["steady_rate_per_s"] = round(applied / elapsed, 1)
+    out["lag_s_median"] = round(statistics.median(lags), 3) if lags else None
+    out["lag_s_max"] = round(max(lags), 3) if lags else None
+
+
+async def _status(nc: Any, svc: CloudService, out: dict[str, Any], fleet: str, nodes: int) -> None:
+    # The snapshot writer runs every snapshot_interval: wait until every node's is in KV.
+    t0 = time.perf_counter()
+    with anyio.fail_after(600):
+        while True:
+            writer = svc._applier.snapshots if svc._applier is not None else None  # bench reads inside
+            if writer is not None and not writer._dirty:
+                break
+            await anyio.sleep(0.1)
+    await anyio.sleep(CloudConfig().snapshot_interval + 0.5)
+    out["snapshot_catch_up_s"] = round(time.perf_counter() - t0, 2)
+    # As `slmops fleet status` reads: the first page (table), then every node (--json).
+    t0 = time.perf_counter()
+    keys = await node_keys(nc, fleet)
+    now, _ = await server_time(nc)
+    gone = await forgotten(nc, fleet)
+    first = await read_views(nc, keys[:100], now, gone)
+    out["fleet_status_first_page_s"] = round(time.perf_counter() - t0, 3)
+    rows = len(first)
+    for i in range(100, len(keys), 1000):
+        rows += len(await read_views(nc, keys[i : i + 1000], now, gone))
+    out["fleet_status_all_s"] = round(time.perf_counter() - t0, 3)
+    out["fleet_status_rows"] = rows
+    # Before issue 18 the command read every snapshot before printing anything:
+    t0 = time.perf_counter()
+    await fleet_view(nc, fleet)
+    out["fleet_status_read_all_at_once_s"] = round(time.perf_counter() - t0, 3)
+
+
+async def _storm(
+    svc: CloudService,
+    out: dict[str, Any],
+    common: list[str],
+    minutes: int,
+    share: float,
+    backlog: int,
+    log: Path,
+) -> None:
+    every = max(1, round(1 / share))
+    members = len(range(0, int(common[common.index("--nodes") + 1]), every))
+    want = svc.statistics().counters.get("aggregates", 0) + members * backlog
+    info: dict[str, Any] = {}
+
+    def on_line(d: dict[str, Any]) -> None:
+        info[d["event"]] = d
+
+    t0 = time.time()
+    await _child(
+        ["storm", *common, "--storm", str(share), "--backlog", str(backlog), "--from-seq", str(minutes)],
+        on_line,
+        log,
+    )
+    t_end = await _wait_applied(svc, want, 3600)
+    out["storm_nodes"] = members
+    out["storm_connections"] = info["connected"]["connections"]
+    out["storm_connect_s"] = round(info["connected"]["seconds"], 2)
+    out["storm_backlog_windows"] = backlog
+    out["storm_aggregates"] = members * backlog
+    out["storm_publish_s"] = round(info["done"]["seconds"], 2)
+    out["storm_resent_for_want_of_puback"] = info["done"]["resent"]
+    out["storm_drain_s"] = round(t_end - t0, 2)
+    rate = members * backlog / (t_end - t0)
+    out["storm_drain_rate_per_s"] = round(rate, 1)
+    steady = out["nodes"] / 60.0
+    out["headroom_vs_one_window_per_node_per_minute"] = round(rate / steady, 1)
+
+
+async def _baseline(
+    js: Any, out: dict[str, Any], url: str, nodes: int, minutes: int, conns: int, log: Path
+) -> None:
+    info: dict[str, Any] = {}
+    common = ["--url", url, "--fleet", "bare", "--nodes", str(nodes)]
+    await _child(["bare", *common, "--minutes", str(minutes), "--conns", str(conns)], info.update, log)
+    out["bare_publish_rate_per_s"] = round(info["sent"] / info["seconds"], 1)
+    out["bare_fetch_ack_rate_per_s"] = round(await _bare(js, "bare", info["sent"]), 1)
+
+
+def _check(counts: dict[str, int], nodes: int, minutes: int, share: float, backlog: int) -> bool:
+    every = max(1, round(1 / share)) if share > 0 else 0
+    for i in range(nodes):
+        want = minutes + (backlog if every and i % every == 0 and backlog > 0 else 0)
+        if counts.get(f"n{i:06d}", 0) != want:
+            return False
+    return len(counts) == nodes
+
+
+#: Figures compared between runs at different N, and what "linear or better" means for each:
+#: per-node figures should stay flat (growth ≈ 1), totals should grow at most like N.
+GROWTH = (
+    ("cloud_rss_per_node_bytes", "per node"),
+    ("sqlite_bytes_per_node", "per node"),
+    ("drift_round_s_median", "total"),
+    ("fleet_status_first_page_s", "total"),
+    ("fleet_status_all_s", "total"),
+    ("lag_s_median", "total"),
+    ("storm_drain_s", "total"),
+    ("steady_rate_per_s", "total"),
+)
+
+
+def growth(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each figure's ratio between consecutive runs (sorted by nodes), beside the ratio of N."""
+    rows = []
+    runs = sorted(results, key=lambda r: r["nodes"])
+    for a, b in itertools.pairwise(runs):
+        n_ratio = b["nodes"] / a["nodes"]
+        for key, kind in GROWTH:
+            x, y = a.get(key), b.get(key)
+            if not x or y is None:
+                continue
+            rows.append({"figure": key, "from_nodes": a["nodes"], "to_nodes": b["nodes"],
+                         "nodes_ratio": n_ratio, "growth": round(y / x, 2), "kind": kind})  # fmt: skip
+    return rows
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
