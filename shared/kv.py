@@ -21,6 +21,8 @@ the subject, where permissions see it, so a node can read its own assignment and
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -28,7 +30,7 @@ from nats.js.kv import KeyValue
 from slmops.shared.errors import NotFound
 from slmops.shared.jetstream import nats_errors, url_of
 
-__all__ = ["kv_get", "kv_get_direct", "kv_keys", "kv_values"]
+__all__ = ["kv_get", "kv_get_direct", "kv_keys", "kv_stream", "kv_values"]
 
 #: KV operation header and the operations that mean "no value" (nats-py's ``KV_OP`` values).
 _KV_OP = "KV-Operation"
@@ -84,28 +86,35 @@ async def kv_values(
     and purged keys are left out). Raises ``NotFound`` for a missing bucket and
     ``NatsUnavailable`` when the watch stalls for ``timeout`` seconds or the link fails."""
     want = set(await kv_keys(js, bucket, key_filter))
-    if not want:
-        return {}
-    with nats_errors("kv bucket", bucket, url_of(js)):
-        return await _values(js, bucket, key_filter, want, timeout)
-
-
-async def _values(
-    js: JetStreamContext, bucket: str, key_filter: str, want: set[str], timeout: float
-) -> dict[str, bytes]:
-    kv = await js.key_value(bucket)
     out: dict[str, bytes] = {}
-    watcher = await kv.watch(key_filter)  # last entry per key, delete markers included
+    async for key, value in kv_stream(js, bucket, key_filter, want, timeout=timeout):
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+async def kv_stream(
+    js: JetStreamContext, bucket: str, key_filter: str, want: set[str], *, timeout: float = 5.0
+) -> AsyncIterator[tuple[str, bytes | None]]:
+    """``(key, value)`` as one watch of KV ``bucket`` delivers them (in stream order, not key
+    order), value None for a deleted or purged key, until every key of ``want`` (from
+    ``kv_keys``; emptied as it goes) was seen. Raises as ``kv_values``."""
+    if not want:
+        return
+    with nats_errors("kv bucket", bucket, url_of(js)):
+        kv = await js.key_value(bucket)
+        watcher = await kv.watch(key_filter)  # last entry per key, delete markers included
     try:
         while want:
-            entry = await watcher.updates(timeout=timeout)  # type: ignore[no-untyped-call]
+            with nats_errors("kv bucket", bucket, url_of(js)):
+                entry = await watcher.updates(timeout=timeout)  # type: ignore[no-untyped-call]
             if entry is None:  # the watch's "initial values done": not trusted, see above
                 continue
             want.discard(entry.key)
-            if entry.operation is None and entry.value is not None:  # a put
-                out[entry.key] = entry.value
-            else:
-                out.pop(entry.key, None)
+            is_put = entry.operation is None and entry.value is not None
+            yield entry.key, entry.value if is_put else None
     finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return out
+        with nats_errors("kv bucket", bucket, url_of(js)):
+            await watcher.stop()  # type: ignore[no-untyped-call]

@@ -94,8 +94,8 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
     a second); works while the cloud is down, showing its last state. Forgotten nodes
     (`fleet forget`) are left out until they send again. The table shows one page of nodes
     (sorted by fleet and node; --page, --page-size); --json writes every node, streamed as
-    they are read."""
-    from slmops.cloud.ingest.overview import forgotten, node_keys, read_views, server_time
+    they are read (in the order the bucket delivers them, not sorted)."""
+    from slmops.cloud.ingest.overview import forgotten, node_keys, read_views, server_time, stream_views
 
     async def main() -> None:
         async with _connected(nats_url) as nc:
@@ -109,7 +109,7 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
             now, clock = await server_time(nc)
             gone = await forgotten(nc, fleet_id)
             if as_json:
-                await _stream_json(nc, keys, now, clock, gone, read_views)
+                await _stream_json(stream_views(nc, keys, now, gone), now, clock)
                 return
             first = (page - 1) * page_size
             views = await read_views(nc, keys[first : first + page_size], now, gone)
@@ -118,22 +118,17 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
     run(main)
 
 
-async def _stream_json(nc: NATS, keys: list[str], now: datetime, clock: str, gone: Any, read: Any) -> None:
-    """``{"server_time", "clock", "nodes": [...]}``, written node by node as chunks are read."""
+async def _stream_json(views: AsyncIterator[NodeView], now: datetime, clock: str) -> None:
+    """``{"server_time", "clock", "nodes": [...]}``, written node by node as they are read."""
     import msgspec
 
     click.echo(f'{{"server_time": {json.dumps(now.isoformat())}, "clock": {json.dumps(clock)}, "nodes": [')
     sep = ""
-    for i in range(0, len(keys), _JSON_CHUNK):
-        for v in await read(nc, keys[i : i + _JSON_CHUNK], now, gone):
-            doc = {**msgspec.to_builtins(v.snapshot), "online": v.online, "silent_s": v.silent_s}
-            click.echo(sep + json.dumps(doc), nl=False)
-            sep = ",\n"
+    async for v in views:
+        doc = {**msgspec.to_builtins(v.snapshot), "online": v.online, "silent_s": v.silent_s}
+        click.echo(sep + json.dumps(doc), nl=False)
+        sep = ",\n"
     click.echo("\n]}")
-
-
-#: Nodes read per round while streaming ``--json``.
-_JSON_CHUNK = 1000
 
 
 def _print_page(views: list[NodeView], clock: str, first: int, total: int, page: int, size: int) -> None:

@@ -67,11 +67,16 @@ def _count(value: int, path: str, low: int = 0) -> None:
 
 
 def _hist(h: Histogram, path: str, slack: int, total_max: int) -> None:
-    for i, e in enumerate(h.edges):
-        if not math.isfinite(e):
-            raise Rejected(f"{path}.edges[{i}] must be finite, got {e!r}")
-    for i, c in enumerate(h.counts):
-        _count(c, f"{path}.counts[{i}]", -slack)
+    # Checked in bulk first and named one by one only on failure: building each cell's path
+    # eagerly was a quarter of the cloud's ingest time in a reconnect drain (issue 18 profile).
+    if not all(map(math.isfinite, h.edges)):
+        for i, e in enumerate(h.edges):
+            if not math.isfinite(e):
+                raise Rejected(f"{path}.edges[{i}] must be finite, got {e!r}")
+    low = -slack
+    if not all(low <= c <= MAX_COUNT for c in h.counts):
+        for i, c in enumerate(h.counts):
+            _count(c, f"{path}.counts[{i}]", low)
     total = sum(h.counts)
     if total > total_max + slack * len(h.counts):
         raise Rejected(f"{path} counts sum to {total}, more than $.count ({total_max})")
@@ -104,8 +109,9 @@ def check_ranges(
     # The edge counts answered inferences (count - errors) in classes and histograms; the
     # bound is ``count`` so that producers counting errors there too are not refused.
     answered = agg.count
-    for label, c in agg.class_counts.items():
-        _count(c, f"$.class_counts[{label!r}]", -slack)
+    if not all(-slack <= c <= MAX_COUNT for c in agg.class_counts.values()):
+        for label, c in agg.class_counts.items():
+            _count(c, f"$.class_counts[{label!r}]", -slack)
     classes = sum(agg.class_counts.values())
     if classes > answered + slack * len(agg.class_counts):
         raise Rejected(f"$.class_counts sum to {classes}, more than $.count ({agg.count})")
@@ -113,8 +119,9 @@ def check_ranges(
     _hist(agg.input_length, "$.input_length", slack, answered)
     _hist(agg.latency_ms, "$.latency_ms", slack, answered)
     for truth, row in agg.feedback.items():
-        for label, c in row.items():
-            _count(c, f"$.feedback[{truth!r}][{label!r}]", -slack)
+        if not all(-slack <= c <= MAX_COUNT for c in row.values()):
+            for label, c in row.items():
+                _count(c, f"$.feedback[{truth!r}][{label!r}]", -slack)
     start, end = agg.window_start, agg.window_end
     for path, t in (("$.window_start", start), ("$.window_end", end)):
         if t.tzinfo is None or t.utcoffset() is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,7 @@ from slmops.cloud.ingest.snapshot import NodeSnapshot
 from slmops.shared import names
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
-from slmops.shared.kv import kv_get, kv_keys, kv_values
+from slmops.shared.kv import kv_get, kv_keys, kv_stream, kv_values
 from slmops.shared.messages import Assignment, DriftEvent, decode_each, decode_json
 from slmops.shared.vocabulary import DriftKind
 
@@ -57,6 +57,7 @@ __all__ = [
     "open_drift_events",
     "read_views",
     "server_time",
+    "stream_views",
 ]
 
 
@@ -141,20 +142,37 @@ async def read_views(
     async with anyio.create_task_group() as tg:
         for i in range(len(keys)):
             tg.start_soon(one, i)
-    views = []
-    for value in values:
-        if not value:
+    return [v for v in (_view(value, now, gone) for value in values) if v is not None]
+
+
+async def stream_views(
+    nc: NATS, keys: Sequence[str], now: datetime, gone: dict[tuple[str, str], Forgotten]
+) -> AsyncIterator[NodeView]:
+    """The nodes of ``keys`` as ``read_views`` gives them, but from one watch of the bucket,
+    in the order it delivers them (not sorted): every node at the speed of one watch, the
+    first ones at once (``fleet status --json``)."""
+    fleets = {k.split(".", 1)[0] for k in keys}
+    key_filter = f"{next(iter(fleets))}.*" if len(fleets) == 1 else ">"
+    want = set(keys)
+    async for key, value in kv_stream(nc.jetstream(), names.FLEET_BUCKET, key_filter, want):
+        if key.startswith("_"):
             continue
-        try:
-            n = msgspec.json.decode(value, type=NodeSnapshot)
-        except msgspec.DecodeError:
-            continue
-        if _hidden(n, gone.get((n.fleet, n.node))):
-            continue
-        silent = None if n.last_seen is None else max(0.0, (now - n.last_seen).total_seconds())
-        views.append(NodeView(snapshot=n, online=silent is not None and silent <= ONLINE_WITHIN_S,
-                              silent_s=silent))  # fmt: skip
-    return views
+        view = _view(value, now, gone)
+        if view is not None:
+            yield view
+
+
+def _view(value: bytes | None, now: datetime, gone: dict[tuple[str, str], Forgotten]) -> NodeView | None:
+    if not value:
+        return None
+    try:
+        n = msgspec.json.decode(value, type=NodeSnapshot)
+    except msgspec.DecodeError:
+        return None
+    if _hidden(n, gone.get((n.fleet, n.node))):
+        return None
+    silent = None if n.last_seen is None else max(0.0, (now - n.last_seen).total_seconds())
+    return NodeView(snapshot=n, online=silent is not None and silent <= ONLINE_WITHIN_S, silent_s=silent)
 
 
 async def forget_node(nc: NATS, fleet: str, node: str, *, force: bool = False) -> Forgotten:
