@@ -95,7 +95,8 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
     (`fleet forget`) are left out until they send again. The table shows one page of nodes
     (sorted by fleet and node; --page, --page-size); --json writes every node, streamed as
     they are read (in the order the bucket delivers them, not sorted)."""
-    from slmops.cloud.ingest.overview import forgotten, node_keys, read_views, server_time, stream_views
+    from slmops.cloud.ingest.overview import node_keys, read_views, server_time, stream_views
+    from slmops.cloud.ingest.presence import forgotten
 
     async def main() -> None:
         async with _connected(nats_url) as nc:
@@ -107,7 +108,7 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
                     f"no such fleet {fleet_id!r}: the cloud has no node of it ({seen})"
                 )
             now, clock = await server_time(nc)
-            gone = await forgotten(nc, fleet_id)
+            gone = await forgotten(nc.jetstream(), fleet_id)
             if as_json:
                 await _stream_json(stream_views(nc, keys, now, gone), now, clock)
                 return
@@ -122,13 +123,14 @@ async def _stream_json(views: AsyncIterator[NodeView], now: datetime, clock: str
     """``{"server_time", "clock", "nodes": [...]}``, written node by node as they are read."""
     import msgspec
 
-    click.echo(f'{{"server_time": {json.dumps(now.isoformat())}, "clock": {json.dumps(clock)}, "nodes": [')
-    sep = ""
+    head = f'{{"server_time": {json.dumps(now.isoformat())}, "clock": {json.dumps(clock)}, "nodes": ['
+    click.echo(head, nl=False)
+    sep = "\n"
     async for v in views:
         doc = {**msgspec.to_builtins(v.snapshot), "online": v.online, "silent_s": v.silent_s}
         click.echo(sep + json.dumps(doc), nl=False)
         sep = ",\n"
-    click.echo("\n]}")
+    click.echo("]}" if sep == "\n" else "\n]}")
 
 
 def _print_page(views: list[NodeView], clock: str, first: int, total: int, page: int, size: int) -> None:

@@ -98,14 +98,8 @@ async def fleet_view(nc: NATS, fleet: str | None) -> tuple[list[NodeView], datet
     was judged by and that time's source (``server_time``)."""
     now, clock = await server_time(nc)
     gone = await forgotten(nc.jetstream(), fleet)
-    views = []
-    for n in await fleet_status(nc, fleet):
-        if is_hidden(n.last_seen, gone.get((n.fleet, n.node))):
-            continue
-        silent = None if n.last_seen is None else max(0.0, (now - n.last_seen).total_seconds())
-        views.append(NodeView(snapshot=n, online=silent is not None and silent <= ONLINE_WITHIN_S,
-                              silent_s=silent))  # fmt: skip
-    return views, now, clock
+    views = [_verdict(n, now, gone) for n in await fleet_status(nc, fleet)]
+    return [v for v in views if v is not None], now, clock
 
 
 async def node_keys(nc: NATS, fleet: str | None) -> list[str]:
@@ -169,7 +163,12 @@ def _view(value: bytes | None, now: datetime, gone: dict[tuple[str, str], Forgot
         n = msgspec.json.decode(value, type=NodeSnapshot)
     except msgspec.DecodeError:
         return None
-    if _hidden(n, gone.get((n.fleet, n.node))):
+    return _verdict(n, now, gone)
+
+
+def _verdict(n: NodeSnapshot, now: datetime, gone: dict[tuple[str, str], Forgotten]) -> NodeView | None:
+    """``n`` with its online verdict at server time ``now``; None when it is forgotten."""
+    if is_hidden(n.last_seen, gone.get((n.fleet, n.node))):
         return None
     silent = None if n.last_seen is None else max(0.0, (now - n.last_seen).total_seconds())
     return NodeView(snapshot=n, online=silent is not None and silent <= ONLINE_WITHIN_S, silent_s=silent)

@@ -51,12 +51,12 @@ from slmops.bench.ingest import _bare
 from slmops.cloud.config import CloudConfig
 from slmops.cloud.ingest.overview import (
     fleet_view,
-    forgotten,
     node_keys,
     read_views,
     server_time,
     stream_views,
 )
+from slmops.cloud.ingest.presence import forgotten
 from slmops.cloud.service import CloudService, tune_gc
 from slmops.shared.messages import encode_json
 from slmops.shared.names import MODELS_MANIFEST_BUCKET, manifest_key
@@ -259,7 +259,7 @@ async def _status(nc: Any, svc: CloudService, out: dict[str, Any], fleet: str, n
     t0 = time.perf_counter()
     keys = await node_keys(nc, fleet)
     now, _ = await server_time(nc)
-    gone = await forgotten(nc, fleet)
+    gone = await forgotten(nc.jetstream(), fleet)
     first = await read_views(nc, keys[:100], now, gone)
     out["fleet_status_first_page_s"] = round(time.perf_counter() - t0, 3)
     out["fleet_status_first_page_rows"] = len(first)
