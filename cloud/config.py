@@ -159,7 +159,9 @@ class CloudConfig(Config, kw_only=True):
         "max_window_age",
     )
 
-    FLAGS: ClassVar[dict[str, str]] = {"nats_url": "--nats", "state_dir": "--state", "fleets": "--fleet"}
+    FLAGS: ClassVar[dict[str, str]] = {
+        "nats_url": "--nats", "nats_creds": "--creds", "state_dir": "--state", "fleets": "--fleet",
+    }  # fmt: skip
 
     nats_url: str = "nats://127.0.0.1:4222"
     #: TLS to NATS (``shared.connopts.ConnectOptions``): the CA file the server's certificate
@@ -167,6 +169,8 @@ class CloudConfig(Config, kw_only=True):
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: A NATS ``.creds`` file (``slmops fleet enroll``) for a server in operator mode.
+    nats_creds: str | None = None
     state_dir: str = "./slmops-cloud"
     fleets: list[str] = msgspec.field(default_factory=list)
     #: Messages per pull (one SQLite transaction and one ack per batch). Per-batch costs

@@ -133,6 +133,7 @@ class EdgeConfig(Config, kw_only=True):
     FLAGS: ClassVar[dict[str, str]] = {
         "data_dir": "--data",
         "nats_url": "--nats",
+        "nats_creds": "--creds",
         "outbox_max_bytes": "--outbox-max",
         "intra_op_threads": "--threads",
         "memory_mb": "--memory-mb",
@@ -148,6 +149,8 @@ class EdgeConfig(Config, kw_only=True):
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: A NATS ``.creds`` file (``slmops fleet enroll``) for a server in operator mode.
+    nats_creds: str | None = None
     #: A bundle directory to install at start (else the cached model, else none).
     model: str | None = None
     #: Further bundle directories served beside ``model`` (one per model name; issue 11).

@@ -94,6 +94,8 @@ async def connect_attempt(url: str, **options: Any) -> NATS:
     after_attempts = options.pop("max_reconnect_attempts", -1)
     after_wait = options.pop("reconnect_time_wait", 2)
     servers, auth = split_servers(url)
+    if auth and options.get("user_credentials"):
+        raise ValueError("the NATS URL carries a user or token and a creds file was given (--creds): use one")
     for key, value in auth.items():
         options.setdefault(key, value)
     nc = NATS()

@@ -1,4 +1,5 @@
-"""How a NATS client proves itself and checks the server, beyond the URL: TLS files.
+"""How a NATS client proves itself and checks the server, beyond the URL: TLS files and
+NATS creds (per-device JWT identities).
 
 ``ConnectOptions`` is what every connecting command and service takes besides the URL
 (``--tls-ca``, ``--tls-cert``, ``--tls-key``; env ``SLMOPS_TLS_CA``/``_CERT``/``_KEY``).
@@ -48,14 +49,18 @@ class ConnectOptions:
       ``tls://``).
     - ``tls_cert`` + ``tls_key``: this client's certificate and private key (PEM), for a
       server that verifies clients (mutual TLS). One without the other is a ``ValueError``.
+    - ``nats_creds``: a NATS ``.creds`` file (user JWT + NKey seed; ``slmops fleet enroll``)
+      for a server in operator mode (decentralized JWT auth, issue 17). Not together with a
+      user or password in the URL (``connect_attempt`` says so).
     """
 
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    nats_creds: Path | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tls_ca", "tls_cert", "tls_key"):
+        for name in ("tls_ca", "tls_cert", "tls_key", "nats_creds"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -68,9 +73,10 @@ class ConnectOptions:
 
     @classmethod
     def of(cls, config: object) -> ConnectOptions:
-        """The options of a config with ``tls_ca``/``tls_cert``/``tls_key`` fields (paths as
-        strings or None), as the edge and cloud configs have."""
-        return cls(**{name: getattr(config, name) for name in ("tls_ca", "tls_cert", "tls_key")})
+        """The options of a config with ``tls_ca``/``tls_cert``/``tls_key`` (and ``nats_creds``)
+        fields (paths as strings or None), as the edge and cloud configs have."""
+        names = ("tls_ca", "tls_cert", "tls_key", "nats_creds")
+        return cls(**{name: getattr(config, name, None) for name in names})
 
     @property
     def tls(self) -> bool:
@@ -101,8 +107,16 @@ class ConnectOptions:
         return ctx
 
     def nats_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``nats.NATS.connect`` (``{}`` without TLS)."""
-        return {"tls": self.ssl_context()} if self.tls else {}
+        """Keyword arguments for ``nats.NATS.connect`` (``{}`` without TLS or creds). Raises
+        ``TlsError`` for a TLS file, ``IdentityError`` (a ``ValueError`` naming the file) for
+        a creds file that cannot be read or is not one."""
+        out: dict[str, Any] = {"tls": self.ssl_context()} if self.tls else {}
+        if self.nats_creds is not None:
+            from slmops.shared.identity import read_creds
+
+            read_creds(self.nats_creds)  # a broken file is a start-up error, not a retry loop
+            out["user_credentials"] = str(self.nats_creds)
+        return out
 
     def merged(self, fallback: ConnectOptions) -> ConnectOptions:
         """These options, with each unset field taken from ``fallback``."""
@@ -110,6 +124,7 @@ class ConnectOptions:
             tls_ca=self.tls_ca or fallback.tls_ca,
             tls_cert=self.tls_cert or fallback.tls_cert,
             tls_key=self.tls_key or fallback.tls_key,
+            nats_creds=self.nats_creds or fallback.nats_creds,
         )
 
 

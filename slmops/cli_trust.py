@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
-from slmops.cli_common import call, fleet_id, run
+from slmops.cli_common import call, fleet_id, nats_option, run
+from slmops.shared.connect import redact_url
 
 __all__ = ["enroll", "init", "push", "revoke"]
 
@@ -102,14 +103,7 @@ def enroll(
 @click.command("revoke")
 @_fleet_node_options("The node's fleet.", "The node to revoke (every key enrolled for it).")
 @click.option("--user", "user_key", help="Revoke one user key (U...) instead, e.g. an analyst's.")
-@click.option(
-    "--nats",
-    "urls",
-    envvar="SLMOPS_NATS_URL",
-    multiple=True,
-    help="Running server(s) to update, no credentials in the URL (repeatable; one server of "
-    "a cluster is enough). Env: SLMOPS_NATS_URL.",
-)
+@nats_option
 @click.option(
     "--no-push", is_flag=True, help="Only update the fleet directory (push later with `fleet push`)."
 )
@@ -118,11 +112,11 @@ def revoke(
     fleet: str | None,
     node: str | None,
     user_key: str | None,
-    urls: tuple[str, ...],
+    nats_url: str,
     no_push: bool,
 ) -> None:
     """Revoke a node's credentials: its user keys go into the account JWT's revocation list,
-    which is pushed to the running server(s) through the system account
+    which is pushed to the running server (--nats) through the system account
     ($SYS.REQ.CLAIMS.UPDATE). The server disconnects the device at once and refuses it from
     then on; no restart, no config reload. server.conf in the fleet directory is rewritten
     too (a server started later preloads the new list)."""
@@ -130,8 +124,6 @@ def revoke(
 
     if (user_key is None) == (node is None):
         raise click.UsageError("give --fleet and --node, or --user")
-    if not no_push and not urls:
-        raise click.UsageError("give the running server(s) with --nats URL (or --no-push)")
     d = call(lambda: FleetDir(auth_dir))
     hits = call(lambda: d.revoke(fleet=fleet, node=node, public=user_key))
     for u in hits:
@@ -139,29 +131,26 @@ def revoke(
     if no_push:
         click.echo(f"not pushed: run `slmops fleet push --auth {d.path} --nats URL`")
         return
-    _push(d.path, urls)
+    _push(d.path, nats_url)
 
 
 @click.command("push")
 @auth_dir_option
-@click.option(
-    "--nats", "urls", envvar="SLMOPS_NATS_URL", multiple=True, required=True,
-    help="Running server(s) to update (repeatable). Env: SLMOPS_NATS_URL.",
-)  # fmt: skip
-def push(auth_dir: Path, urls: tuple[str, ...]) -> None:
-    """Push the fleet directory's current account JWT (its revocations) to running servers,
-    e.g. one that was down during `fleet revoke`."""
-    _push(auth_dir, urls)
+@nats_option
+def push(auth_dir: Path, nats_url: str) -> None:
+    """Push the fleet directory's current account JWT (its revocations) to a running server
+    (one of a cluster is enough), e.g. one that was down during `fleet revoke`. Connects as
+    the directory's system user (any --creds is not used)."""
+    _push(auth_dir, nats_url)
 
 
-def _push(auth_dir: Path, urls: tuple[str, ...]) -> None:
+def _push(auth_dir: Path, url: str) -> None:
     from slmops.cloud.trust import FleetDir, push_account
 
     d = call(lambda: FleetDir(auth_dir))
 
     async def main() -> None:
-        for url in urls:
-            answer = await push_account(url, d.sys_creds, d.account_jwt())
-            click.echo(f"{url}: {answer}")
+        answer = await push_account(url, d.sys_creds, d.account_jwt())
+        click.echo(f"{redact_url(url)}: {answer}")
 
     run(main)

@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 
 import anyio
-import nats
-from nats.aio.client import Client as NATS
 
-from slmops.shared.connect import check_nats_url, redact_url, split_servers
+from slmops.shared.connect import connect_once, redact_url
+from slmops.shared.connopts import ConnectOptions, current_connect_options
 from slmops.shared.errors import NatsUnavailable, SlmopsError
 
 __all__ = ["ClaimsRefused", "push_account"]
@@ -31,39 +30,23 @@ class ClaimsRefused(SlmopsError):
 
 
 async def push_account(url: str, sys_creds: Path, account_jwt: str, *, timeout: float = 10.0) -> str:
-    """Send ``account_jwt`` to the server(s) at ``url`` as the system user of ``sys_creds``;
-    return the server's message (``"jwt updated"``). Raises ``NatsUnavailable`` (cannot
-    connect, no answer within ``timeout`` s: no resolver takes updates there),
-    ``ClaimsRefused`` (the server said no: wrong operator, older JWT...)."""
-    check_nats_url(url)
-    servers, auth = split_servers(url)
-    if auth:
-        raise ValueError("give the URL without user or password: the system user's creds are used")
+    """Send ``account_jwt`` to the server(s) at ``url`` as the system user of ``sys_creds``
+    (TLS as the command was given: ``shared.connopts.current_connect_options``); return the
+    server's message (``"jwt updated"``). Raises ``NatsUnavailable`` (cannot connect, no
+    answer within ``timeout`` s: no resolver takes updates there), ``ClaimsRefused`` (the
+    server said no: wrong operator, older JWT...), ``ValueError`` for a URL with a user."""
+    options = ConnectOptions(nats_creds=sys_creds).merged(current_connect_options())
     where = redact_url(url)
-    errors: list[str] = []
-
-    async def error_cb(exc: Exception) -> None:
-        errors.append(f"{type(exc).__name__}: {exc}")
-
-    nc: NATS | None = None
+    nc = await connect_once(url, timeout=timeout, name="slmops-fleet-push", options=options)
     try:
-        with anyio.fail_after(timeout):
-            nc = await nats.connect(
-                servers, user_credentials=str(sys_creds), allow_reconnect=False,
-                max_reconnect_attempts=1, connect_timeout=min(timeout, 2.0), error_cb=error_cb,
-            )  # fmt: skip
-            reply = await nc.request(CLAIMS_UPDATE, account_jwt.encode(), timeout=timeout)
-    except TimeoutError as exc:
+        reply = await nc.request(CLAIMS_UPDATE, account_jwt.encode(), timeout=timeout)
+    except Exception as exc:  # nats-py's timeout / no responders / connection errors
         raise NatsUnavailable(
-            where, "no answer to the claims update (is the resolver full or memory?)"
+            where, f"no answer to the claims update (is the resolver full or memory?): {type(exc).__name__}"
         ) from exc
-    except Exception as exc:  # nats-py's connect and request errors
-        reason = errors[-1] if errors else f"{type(exc).__name__}: {exc}"
-        raise NatsUnavailable(where, reason) from exc
     finally:
-        if nc is not None:
-            with anyio.CancelScope(shield=True):
-                await nc.close()
+        with anyio.CancelScope(shield=True):
+            await nc.close()
     try:
         answer = json.loads(reply.data)
     except ValueError:
