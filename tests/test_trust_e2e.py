@@ -51,8 +51,8 @@ async def test_enrolled_edge_node_gets_its_model_and_the_cloud_counts_its_aggreg
             async with CloudService(cloud_cfg) as svc, EdgeNode(node_cfg) as node:
                 await svc.wait_active(20)
                 want = ModelRef(name="kw", version=1)
-                installed = "the assigned model installed over operator-mode creds"
-                await wait_until(lambda: getattr(node.models.current, "ref", None) == want, 30, what=installed)
+                msg = "the assigned model installed with creds"
+                await wait_until(lambda: getattr(node.models.current, "ref", None) == want, 30, what=msg)
                 answered = 0
                 for _ in range(5):
                     answered += len(await node.predict(["alpha", "beta gamma"]))
