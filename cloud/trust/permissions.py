@@ -43,12 +43,14 @@ NODE_PAYLOAD = 1024 * 1024
 _A = names.ASSIGNMENTS_BUCKET
 _M = names.MODELS_MANIFEST_BUCKET
 _O = names.MODELS_BUCKET
+_F = names.FLEETCONFIG_BUCKET
 
 
 def _node(fleet: str, node: str) -> dict[str, Any]:
     fleet, node = names.validate_id(fleet, "fleet"), names.validate_id(node, "node")
     own, fleet_wide = (f"$KV.{_A}.{names.assignment_key(fleet, n)}" for n in (node, None))
     kv_subjects = [own, f"{own}.>", fleet_wide, f"{fleet_wide}.>"]
+    config_subjects = [f"$KV.{_F}.{names.fleetconfig_key(fleet, n)}" for n in (node, None)]
     pub = [
         names.telemetry_subject(fleet, node),
         names.status_subject(fleet, node),
@@ -56,6 +58,8 @@ def _node(fleet: str, node: str) -> dict[str, Any]:
         *(f"$JS.API.DIRECT.GET.KV_{_A}.{s}" for s in kv_subjects),
         # Key names only (never values): how the node finds its per-model keys.
         f"$JS.API.STREAM.INFO.KV_{_A}",
+        # Pushed fleet configuration (edge/fleetconfig.py): its own key and its fleet's.
+        *(f"$JS.API.DIRECT.GET.KV_{_F}.{s}" for s in config_subjects),
         # Manifests: readable by every node.
         f"$JS.API.STREAM.INFO.KV_{_M}",
         f"$JS.API.DIRECT.GET.KV_{_M}.>",
@@ -64,7 +68,7 @@ def _node(fleet: str, node: str) -> dict[str, Any]:
         f"$JS.API.STREAM.MSG.GET.OBJ_{_O}",
         f"$JS.API.DIRECT.GET.OBJ_{_O}",
     ]
-    sub = [f"{names.inbox_prefix(node)}.>", *names.assignment_subjects(fleet, node)]
+    sub = [f"{names.inbox_prefix(node)}.>", *names.assignment_subjects(fleet, node), *config_subjects]
     return {
         "pub": {"allow": pub},
         "sub": {"allow": sub},
