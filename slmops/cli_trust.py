@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 import click
 
 from slmops.cli_common import call, fleet_id, nats_option, run
-from slmops.shared.connect import redact_url
 
 __all__ = ["enroll", "init", "push", "revoke"]
 
@@ -146,6 +145,7 @@ def push(auth_dir: Path, nats_url: str) -> None:
 
 def _push(auth_dir: Path, url: str) -> None:
     from slmops.cloud.trust import FleetDir, push_account
+    from slmops.shared.connect import redact_url
 
     d = call(lambda: FleetDir(auth_dir))
 
