@@ -4,8 +4,8 @@ measured.
 
 Steps: the pinned GGUF (``smollm2_weights``), converted once into an ORT GenAI folder cached
 under ``cache_dir()/models`` keyed by the GGUF's and the converter's versions (conversion took
-16–47 s here); per variant (``smollm2.VARIANTS``) the tied embedding quantized, the memory of a
-fresh process measured at the longest prompt the bundle admits, then
+16–69 s here, by the machine's load); per variant (``smollm2.VARIANTS``) the tied embedding
+quantized, the memory of a fresh process measured at the longest prompt the bundle admits, then
 ``cloud.factory.genai.make_generation_bundle``: greedy smoke tests of the first
 ``SMOKE_K`` tokens of ``SMOKE_PROMPTS`` and the reference from held-out prompts — the questions
 of the chatterbot corpus's held-out split (the same split as the topic model, ``seed``), each
