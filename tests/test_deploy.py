@@ -641,6 +641,36 @@ async def _consumers(nc: NATS) -> list[str]:
 # -- the 3-node cluster ---------------------------------------------------------------------------
 
 
+def _cluster_confs(tmp_path: Path) -> list[tuple[Path, Path]]:
+    """cluster/n1..n3.conf on loopback (free client and route ports, stores in ``tmp_path``):
+    (config, run directory) pairs for ``_servers``. A restarted server keeps its route port."""
+    (tmp_path / "accounts.conf").write_text((NATS_DIR / "accounts.conf").read_text())
+    route_ports = {n: free_port() for n in (1, 2, 3)}
+    pairs = []
+    for n in (1, 2, 3):
+        rewrites = _local(tmp_path / f"js{n}")
+        rewrites["listen: 0.0.0.0:6222"] = f"listen: 127.0.0.1:{route_ports[n]}"
+        for m in (1, 2, 3):
+            rewrites[f"@n{m}:6222"] = f"@127.0.0.1:{route_ports[m]}"
+        conf = _copy_conf(NATS_DIR / "cluster" / f"n{n}.conf", tmp_path / "cluster" / f"n{n}.conf", rewrites)
+        pairs.append((conf, tmp_path / f"run{n}"))
+    return pairs
+
+
+async def _wait_replicated(js: Any, timeout: float = 30.0) -> None:
+    """Until every stream has two current followers: scaling up copies the data in the
+    background, and a server may only go down once that is done (as the README tells operators)."""
+
+    async def all_replicated() -> bool:
+        for stream in await js.streams_info():
+            followers = (stream.cluster.replicas if stream.cluster else None) or []
+            if len(followers) != 2 or not all(f.current for f in followers):
+                return False
+        return True
+
+    await wait_until(all_replicated, timeout, what="every stream with 2 current followers")
+
+
 async def _publish_until_acked(url: str | list[str], subject: str, msg_id: str, timeout: float = 30.0) -> Any:
     """Publish (same Nats-Msg-Id each try, as the edge outbox does) until a PubAck comes:
     right after a start or a server loss JetStream answers 503 until leaders are elected."""
@@ -664,17 +694,7 @@ async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_s
     `slmops cloud` provisions to 3 replicas; they take node publishes, and keep taking them
     (with the data) after one server stops — also through slmops' Link given only the stopped
     server's URL, or all three comma-separated."""
-    (tmp_path / "accounts.conf").write_text((NATS_DIR / "accounts.conf").read_text())
-    route_ports = {n: free_port() for n in (1, 2, 3)}
-    pairs = []
-    for n in (1, 2, 3):
-        rewrites = _local(tmp_path / f"js{n}")
-        rewrites["listen: 0.0.0.0:6222"] = f"listen: 127.0.0.1:{route_ports[n]}"
-        for m in (1, 2, 3):
-            rewrites[f"@n{m}:6222"] = f"@127.0.0.1:{route_ports[m]}"
-        conf = _copy_conf(NATS_DIR / "cluster" / f"n{n}.conf", tmp_path / "cluster" / f"n{n}.conf", rewrites)
-        pairs.append((conf, tmp_path / f"run{n}"))
-    async with _servers(*pairs) as servers:
+    async with _servers(*_cluster_confs(tmp_path)) as servers:
         # As `slmops cloud` does (one replica), then set_replicas.py as the README says.
         await _provision(servers[0].creds("cloud", CLOUD_PW))
         argv = [
@@ -700,16 +720,7 @@ async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_s
             js = nc.jetstream()
             assert all(s.config.num_replicas == 3 for s in await js.streams_info())
 
-            async def all_replicated() -> bool:
-                # Scaling up copies the data in the background; a server may only go down
-                # once every stream has two current followers (as the README tells operators).
-                for stream in await js.streams_info():
-                    followers = (stream.cluster.replicas if stream.cluster else None) or []
-                    if len(followers) != 2 or not all(f.current for f in followers):
-                        return False
-                return True
-
-            await wait_until(all_replicated, 30, what="every stream with 2 current followers")
+            await _wait_replicated(js)
 
         # slmops' own Link, given only n1 (it learns n2, n3 from the cluster) or all three as
         # the comma-separated SLMOPS_NATS_URL, fails over with the node's credentials.
@@ -743,6 +754,99 @@ async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_s
         async with _connect(servers[2].creds("cloud", CLOUD_PW)) as (nc, _):
             info = await nc.jetstream().stream_info(names.TELEMETRY_STREAM)
             assert info.state.messages == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
+async def test_cluster_loses_a_server_during_a_fleet_run_and_nothing_is_lost_or_counted_twice(
+    tmp_path: Path,
+) -> None:
+    """Issue 18, short version (the long one: `slmops bench fleet`). The cloud service (one
+    active instance, given all three URLs) ingests two nodes' windows from an R3 cluster;
+    mid-run server n1 is stopped, later started again on the same store. The nodes publish
+    like the edge's outbox (each window until its PubAck, same Nats-Msg-Id) through slmops'
+    Link, so they fail over; the cloud goes on ingesting; at the end each node's windows
+    were counted exactly once (counts, inferences, no missing seq)."""
+    import numpy as np
+    from _cloud_util import make_aggregate, make_manifest, put_manifest
+
+    from slmops.cloud.config import CloudConfig
+    from slmops.cloud.service import CloudService
+    from slmops.shared.messages import encode_telemetry
+
+    rng = np.random.default_rng(18)
+    windows = 30
+    nodes = {NODE: NODE_PW, OTHER: BCRYPT_NODE_PW}
+    aggs = {n: [make_aggregate(FLEET, n, s, 60, rng) for s in range(1, windows + 1)] for n in nodes}
+    async with _servers(*_cluster_confs(tmp_path)) as servers:
+        await _provision(servers[0].creds("cloud", CLOUD_PW), replicas=3)
+        async with _connect(servers[1].creds("cloud", CLOUD_PW)) as (nc, _):
+            await _wait_replicated(nc.jetstream())
+            await put_manifest(nc.jetstream(), make_manifest())
+        cloud_url = ",".join(s.creds("cloud", CLOUD_PW) for s in servers)
+        config = CloudConfig(nats_url=cloud_url, state_dir=str(tmp_path / "cloud"), fleets=[FLEET])
+        sent = dict.fromkeys(nodes, 0)
+
+        async def node(name: str, link: Link) -> None:
+            await link.wait_online(30)
+            for agg in aggs[name]:
+                mid = names.msg_id(name, agg.seq, FLEET)
+                with anyio.fail_after(60):
+                    while True:  # the outbox: until the PubAck, same id (the stream dedupes)
+                        try:
+                            await link.js.publish(
+                                names.telemetry_subject(FLEET, name),
+                                encode_telemetry(agg),
+                                headers={"Nats-Msg-Id": mid},
+                                timeout=2,
+                            )
+                            break
+                        except (nats.errors.Error, NatsUnavailable, OSError):
+                            await anyio.sleep(0.2)
+                sent[name] = agg.seq
+                await anyio.sleep(0.05)
+
+        def applied(svc: CloudService) -> dict[str, int]:
+            return {n: st.aggregates for (f, n), st in svc.nodes.items() if f == FLEET}
+
+        urls = {n: ",".join(s.creds(f"node-{n}", pw) for s in servers) for n, pw in nodes.items()}
+
+        async def _run_nodes(tg: Any, link_a: Link, link_b: Link) -> None:
+            tg.start_soon(node, NODE, link_a)
+            tg.start_soon(node, OTHER, link_b)
+            await wait_until(lambda: min(sent.values()) >= windows // 3, 60, what="a third sent")
+            await anyio.to_thread.run_sync(servers[0].stop)
+            await wait_until(lambda: min(sent.values()) >= 2 * windows // 3, 60, what="sent without n1")
+            # Ingest goes on without n1 (not only after it is back).
+            await wait_until(
+                lambda: min(applied(svc).values(), default=0) >= 2 * windows // 3,
+                60,
+                what="applied without n1",
+            )
+            await anyio.to_thread.run_sync(servers[0].start)
+
+        async with CloudService(config) as svc:
+            await svc.wait_active(30)
+            # The cloud made its own buckets (leases, fleet snapshots) with one replica; the
+            # operator then scales everything to three, as deploy/README.md says.
+            argv = [sys.executable, str(NATS_DIR / "set_replicas.py"), "3", "--nats", cloud_url]
+            done = await anyio.to_thread.run_sync(
+                lambda: subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            async with _connect(servers[2].creds("cloud", CLOUD_PW)) as (nc, _):
+                await _wait_replicated(nc.jetstream(), 60)
+            async with (
+                Link(urls[NODE], node=NODE, reconnect_time_wait=0.1) as link_a,
+                Link(urls[OTHER], node=OTHER, reconnect_time_wait=0.1) as link_b,
+                anyio.create_task_group() as tg,
+            ):
+                await _run_nodes(tg, link_a, link_b)
+            await wait_until(lambda: applied(svc) == dict.fromkeys(nodes, windows), 90, what="all applied")
+            for name, st in ((n, st) for (f, n), st in svc.nodes.items() if f == FLEET):
+                assert st.inferences == sum(a.count for a in aggs[name])
+                assert all(e.seqs.missing == 0 for e in st.epochs.values())
+            gc.collect()  # nats-py's dropped-writer warnings fire inside this test (filtered)
 
 
 # -- hub and site leaf node -----------------------------------------------------------------------
