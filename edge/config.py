@@ -151,6 +151,9 @@ class EdgeConfig(Config, kw_only=True):
     tls_key: str | None = None
     #: A NATS ``.creds`` file (``slmops fleet enroll``) for a server in operator mode.
     nats_creds: str | None = None
+    #: JetStream domain of the hub, for a device logged in at a leaf site in operator mode
+    #: (deploy/nats/jwt/leaf): its JetStream requests go to ``$JS.<domain>.API``.
+    js_domain: str | None = None
     #: A bundle directory to install at start (else the cached model, else none).
     model: str | None = None
     #: Further bundle directories served beside ``model`` (one per model name; issue 11).

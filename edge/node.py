@@ -216,6 +216,7 @@ class EdgeNode:
             backoff_initial=min(0.5, config.link_backoff_max),
             backoff_max=config.link_backoff_max,
             options=config.connect_options,
+            js_domain=config.js_domain,
         )
         self.batcher = Batcher(
             self.models,

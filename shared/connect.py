@@ -29,7 +29,7 @@ from slmops.shared.backoff import Backoff
 from slmops.shared.connopts import ConnectOptions, current_connect_options, explain_tls_error
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.jetstream import is_connection_error, is_nats_error, nats_errors
-from slmops.shared.names import inbox_prefix
+from slmops.shared.names import inbox_prefix, validate_id
 
 __all__ = [
     "ConnectFactory",
@@ -209,8 +209,12 @@ class Link:
         reconnect_time_wait: float = 2.0,
         pending_size: int = PENDING_SIZE,
         options: ConnectOptions | None = None,
+        js_domain: str | None = None,
     ) -> None:
         _check_url(url)
+        if js_domain is not None:
+            validate_id(js_domain, "JetStream domain")
+        self._js_domain = js_domain
         self._conn_options = options if options is not None else current_connect_options()
         # Built once, now: a missing or broken TLS file is a start-up error, not a retry loop.
         self._tls = self._conn_options.nats_options()
@@ -279,7 +283,8 @@ class Link:
         """JetStream on the connected client; raises ``NatsUnavailable`` unless online."""
         nc = self.nc
         if self._js is None:
-            self._js = nc.jetstream()
+            # A device at a leaf site reaches the hub's JetStream by its domain (deploy/nats/jwt).
+            self._js = nc.jetstream(domain=self._js_domain)
         return self._js
 
     def set_url(self, url: str) -> None:

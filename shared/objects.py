@@ -151,7 +151,7 @@ async def _chunks(
         while True:
             request = msgspec.json.encode({"seq": seq, "next_by_subj": subject, "batch": BATCH})
             with nats_errors("object", where, url):
-                await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+                await nc.publish(f"{js._prefix}.DIRECT.GET.{stream}", request, reply=inbox)
             got = 0
             while True:
                 with nats_errors("object", where, url):

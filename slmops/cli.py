@@ -201,11 +201,12 @@ from slmops.cli_trust import enroll as _trust_enroll  # noqa: E402
 from slmops.cli_trust import init as _trust_init  # noqa: E402
 from slmops.cli_trust import push as _trust_push  # noqa: E402
 from slmops.cli_trust import revoke as _trust_revoke  # noqa: E402
+from slmops.cli_trust import server_config as _trust_server_config  # noqa: E402
 
 _drift.add_command(_baseline)
 main.add_command(_cloud)
 main.add_command(_drift)
-for _cmd in (_trust_init, _trust_enroll, _trust_revoke, _trust_push):
+for _cmd in (_trust_init, _trust_enroll, _trust_revoke, _trust_push, _trust_server_config):
     _fleet.add_command(_cmd)
 main.add_command(_fleet)
 main.add_command(_status)

@@ -95,6 +95,11 @@ if TYPE_CHECKING:
     "--dp-budget", type=float, default=None, help="Total epsilon this node may spend (unlimited if unset)."
 )
 @click.option("--status-interval", default="30s", show_default=True, help="Period of status reports.")
+@click.option(
+    "--js-domain",
+    default=None,
+    help="JetStream domain of the hub, for a device at a leaf site in operator mode (e.g. hub).",
+)
 @config_options('data, nats, window = "60s"...; see deploy/edge.toml', "SLMOPS_EDGE_CONFIG")
 def edge(
     nats_url: str,
@@ -120,6 +125,7 @@ def edge(
     dp_epsilon: float | None,
     dp_budget: float | None,
     status_interval: str,
+    js_domain: str | None,
     config_file: Path | None,
     print_config: bool,
 ) -> None:
@@ -140,6 +146,7 @@ def edge(
         "tls_cert": None if tls_cert is None else str(tls_cert),
         "tls_key": None if tls_key is None else str(tls_key),
         "nats_creds": None if nats_creds is None else str(nats_creds),
+        "js_domain": js_domain,
         "fleet": fleet,
         "node": node,
         "data_dir": data_dir,

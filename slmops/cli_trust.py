@@ -11,7 +11,7 @@ import click
 
 from slmops.cli_common import call, fleet_id, nats_option, run
 
-__all__ = ["enroll", "init", "push", "revoke"]
+__all__ = ["enroll", "init", "push", "revoke", "server_config"]
 
 _ROLES = ("node", "cloud", "operator", "analyst")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,8 +80,18 @@ def _fleet_node_options(fleet_help: str, node_help: str) -> Callable[[F], F]:
     help="Where to write the creds file (default: DIR/creds/nodes/FLEET/NODE.creds, "
     "or DIR/creds/ROLE-NAME.creds).",
 )
+@click.option(
+    "--js-domain",
+    help="For a node at a leaf site: the hub's JetStream domain (its edge runs with --js-domain too).",
+)
 def enroll(
-    auth_dir: Path, fleet: str | None, node: str | None, role: str, name: str | None, out: Path | None
+    auth_dir: Path,
+    fleet: str | None,
+    node: str | None,
+    role: str,
+    name: str | None,
+    out: Path | None,
+    js_domain: str | None,
 ) -> None:
     """Mint a user (a fresh NKey, its JWT signed by the account's signing key) and write its
     .creds file (mode 0600). A node may publish only its own telemetry and status, read only
@@ -92,7 +102,8 @@ def enroll(
     from slmops.cloud.trust.fleetdir import Enrolled
 
     def mint() -> Enrolled:
-        return FleetDir(auth_dir).enroll(role, fleet=fleet, node=node, name=name, out=out)  # type: ignore[arg-type]
+        d = FleetDir(auth_dir)
+        return d.enroll(role, fleet=fleet, node=node, name=name, out=out, js_domain=js_domain)  # type: ignore[arg-type]
 
     made = call(mint)
     click.echo(f"enrolled {made.record.name} (user {made.record.public})")
@@ -154,3 +165,27 @@ def _push(auth_dir: Path, url: str) -> None:
         click.echo(f"{redact_url(url)}: {answer}")
 
     run(main)
+
+
+@click.command("server-config")
+@auth_dir_option
+@click.option(
+    "--resolver-dir",
+    required=True,
+    help="Where this server keeps its account JWTs (its own, e.g. /var/lib/nats/jwt).",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here (default: stdout).")
+@click.option(
+    "--leaf-site", is_flag=True, help="For a site's leaf server: also the account variables its remotes name."
+)
+def server_config(auth_dir: Path, resolver_dir: str, out: Path | None, leaf_site: bool) -> None:
+    """Print the operator-mode part of a nats-server config (the operator JWT, the system
+    account, a full resolver at --resolver-dir, the account JWTs preloaded), to `include`
+    in each server's config (deploy/nats/jwt/). Holds no secret."""
+    from slmops.cloud.trust import FleetDir
+
+    text = call(lambda: FleetDir(auth_dir).server_conf_text(resolver_dir, leaf_site=leaf_site))
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        call(lambda: out.write_text(text))

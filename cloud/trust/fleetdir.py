@@ -170,10 +170,12 @@ class FleetDir:
         node: str | None = None,
         name: str | None = None,
         out: Path | None = None,
+        js_domain: str | None = None,
     ) -> Enrolled:
         """Mint a user of ``role`` (a fresh user NKey) and write its creds file: for a node
         ``creds/nodes/<fleet>/<node>.creds``, else ``creds/<role>-<name>.creds``, or ``out``.
-        Earlier creds of the same node stay valid until revoked."""
+        Earlier creds of the same node stay valid until revoked. ``js_domain``: a node at a
+        leaf site reaching the hub's JetStream by that domain."""
         if role not in ROLES:
             raise FleetDirError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if role == "node":
@@ -187,7 +189,7 @@ class FleetDir:
             if fleet is not None:
                 fleet = names.validate_id(fleet, "fleet")
             label = f"{role}-{names.validate_id(name or role, 'name')}"
-        claims = permissions_for(role, fleet=fleet, node=node)
+        claims = permissions_for(role, fleet=fleet, node=node, js_domain=js_domain)
         signing = self._key(f"{ACCOUNT}-signing", "account")
         user = new_key("user")
         issued = int(time.time())
@@ -275,15 +277,25 @@ class FleetDir:
     def server_conf(self) -> Path:
         return self.path / "server.conf"
 
-    def server_conf_text(self, resolver_dir: Path | str) -> str:
-        """The operator-mode part of a nats-server config, with the full resolver's JWT store
-        at ``resolver_dir`` (one per server)."""
+    def server_conf_text(self, resolver_dir: Path | str, *, leaf_site: bool = False) -> str:
+        """The operator-mode part of a nats-server config, self-contained (the operator JWT
+        inline), with the full resolver's JWT store at ``resolver_dir`` (one per server).
+        ``leaf_site``: also the variables ``$SLMOPS_ACCOUNT`` / ``$SLMOPS_SYSTEM_ACCOUNT`` a
+        site's leafnodes remotes name (nats-server refuses them where unused)."""
         return (
             "# slmops fleet identities (operator mode, JWT). Written by `slmops fleet init`;\n"
             "# `slmops fleet revoke` rewrites the preload. Include this in a server's config.\n"
-            f'operator: "{self.operator_jwt_path.resolve()}"\n'
+            f"operator: {self.operator_jwt_path.read_text().strip()}\n"
             f"system_account: {self.system_account_public}\n"
-            "resolver: {\n"
+            + (
+                "# The two accounts' public keys, for the leafnodes remotes of a site\n"
+                "# (deploy/nats/jwt/leaf/site.conf).\n"
+                f'SLMOPS_ACCOUNT: "{self.account_public}"\n'
+                f'SLMOPS_SYSTEM_ACCOUNT: "{self.system_account_public}"\n'
+                if leaf_site
+                else ""
+            )
+            + "resolver: {\n"
             "  type: full\n"
             f'  dir: "{resolver_dir}"\n'
             "  # Accounts are never deleted through the system account.\n"

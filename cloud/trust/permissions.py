@@ -46,7 +46,7 @@ _O = names.MODELS_BUCKET
 _F = names.FLEETCONFIG_BUCKET
 
 
-def _node(fleet: str, node: str) -> dict[str, Any]:
+def _node(fleet: str, node: str, js_domain: str | None) -> dict[str, Any]:
     fleet, node = names.validate_id(fleet, "fleet"), names.validate_id(node, "node")
     own, fleet_wide = (f"$KV.{_A}.{names.assignment_key(fleet, n)}" for n in (node, None))
     kv_subjects = [own, f"{own}.>", fleet_wide, f"{fleet_wide}.>"]
@@ -68,6 +68,10 @@ def _node(fleet: str, node: str) -> dict[str, Any]:
         f"$JS.API.STREAM.MSG.GET.OBJ_{_O}",
         f"$JS.API.DIRECT.GET.OBJ_{_O}",
     ]
+    if js_domain is not None:
+        # At a leaf site the device addresses the hub's JetStream by its domain.
+        api = f"$JS.{names.validate_id(js_domain, 'JetStream domain')}.API."
+        pub = [s.replace("$JS.API.", api, 1) for s in pub]
     sub = [f"{names.inbox_prefix(node)}.>", *names.assignment_subjects(fleet, node), *config_subjects]
     return {
         "pub": {"allow": pub},
@@ -93,17 +97,21 @@ def _cloud() -> dict[str, Any]:
     return {"pub": {"allow": [">"]}, "sub": {"allow": [">"]}, "subs": -1, "payload": -1, "data": -1}
 
 
-def permissions_for(role: Role, *, fleet: str | None = None, node: str | None = None) -> dict[str, Any]:
+def permissions_for(
+    role: Role, *, fleet: str | None = None, node: str | None = None, js_domain: str | None = None
+) -> dict[str, Any]:
     """The ``nats`` claims (``pub``, ``sub``, limits) of a user of ``role``.
 
-    ``node`` needs ``fleet`` and ``node``; ``analyst`` may be limited to one ``fleet`` (reads
-    live drift, rollout, status and event messages; publishes nothing); ``cloud`` and
+    ``node`` needs ``fleet`` and ``node`` (``js_domain``: its JetStream rights under the hub's
+    domain, for a device at a leaf site, deploy/nats/jwt/leaf); ``analyst`` may be limited to
+    one ``fleet`` (reads live drift, rollout, status and event messages; publishes nothing);
+    ``cloud`` and
     ``operator`` hold the account. ``ValueError`` for an unknown role or a missing id.
     """
     if role == "node":
         if fleet is None or node is None:
             raise ValueError("a node user needs --fleet and --node")
-        return _node(fleet, node)
+        return _node(fleet, node, js_domain)
     if role == "analyst":
         return _analyst(fleet)
     if role in ("cloud", "operator"):
