@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
@@ -43,7 +44,8 @@ from slmops.shared.capabilities import requirements_of, unmet
 from slmops.shared.connect import connect_once
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
-from slmops.shared.kv import kv_values
+from slmops.shared.keylist import KEYLIST_KEY, apply_to
+from slmops.shared.kv import kv_get_direct, kv_values
 from slmops.shared.messages import (
     Assignment,
     BundleIndex,
@@ -171,7 +173,9 @@ class Registry:
 
     # -- push ------------------------------------------------------------------------------
 
-    async def push(self, bundle: Bundle, trust: TrustStore) -> PushResult:
+    async def push(
+        self, bundle: Bundle, trust: TrustStore, *, roots: Sequence[Ed25519PublicKey] = ()
+    ) -> PushResult:
         """Verify ``bundle`` (see ``verify_bundle``; a ``BundleError`` means nothing was
         written), then store it: each listed file and the raw signed manifest by sha256
         (``files/<sha256>``, skipped when already there with that size and the digest nats-py
@@ -179,7 +183,14 @@ class Registry:
         holding other bytes is put again, logged as ``model_file_replaced``), the archive
         (``<model>/<version>/<variant>``, only for bundles the n-gram runtime of older nodes
         can run), then the raw manifest and the small ``BundleIndex`` in KV.
-        ``RegistryError`` if this name/version/variant already holds a different bundle."""
+        ``RegistryError`` if this name/version/variant already holds a different bundle.
+
+        The fleet's key list (KV ``slmops_keys``) amends ``trust`` (``shared.keylist.apply_to``):
+        a bundle signed by a key it retires or marks compromised is refused (``revoked_key``);
+        with ``roots`` the list must verify against them and its active keys are trusted."""
+        listed = await kv_get_direct(self._js, names.KEYS_BUCKET, KEYLIST_KEY)
+        if listed is not None:
+            trust = apply_to(trust, listed, roots)
         manifest = await anyio.to_thread.run_sync(verify_bundle, bundle, trust)
         raw = bundle.raw or encode_json(manifest)
         obj = names.model_object_name(manifest.name, manifest.version, manifest.variant)

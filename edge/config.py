@@ -167,6 +167,9 @@ class EdgeConfig(Config, kw_only=True):
     memory_mb: int | None = None
     #: Public key files (PEM) whose bundle signatures this node accepts.
     trust: list[str] = msgspec.field(default_factory=list)
+    #: Root public keys (PEM) whose signed key list (KV ``slmops_keys``) this node follows:
+    #: the list adds, retires and revokes bundle-signing keys (``shared.keylist``).
+    trust_root: list[str] = msgspec.field(default_factory=list)
     #: ``HOST:PORT`` of the local HTTP API, or None (or "off") for no HTTP API.
     http: str | None = "127.0.0.1:8470"
     #: Seconds per telemetry window.

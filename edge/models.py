@@ -72,6 +72,10 @@ def _dirname(ref: ModelRef) -> str:
     return f"{ref.name}__{ref.version}__{ref.variant}"
 
 
+def _no_trusted_version(name: str, why: str) -> str:
+    return f"model {name!r} is not served: {why}, and the cache holds no version with a trusted signer"
+
+
 class _Slot:
     """One model name's current model and the ref of its previous one."""
 
@@ -167,12 +171,17 @@ class ModelManager:
                     active = await self._load(self.cache_dir / name, check_memory=True)
                 except BundleError as exc:
                     log.error("cached_model_rejected", role=role, dir=name, code=exc.code, reason=exc.reason)
+                    if exc.code == BundleCode.REVOKED_KEY and entry.get("name"):
+                        # Kept in the cache (a newer key list may trust it again); requests
+                        # are told why nothing is served.
+                        self.withdrawn[entry["name"]] = _no_trusted_version(entry["name"], exc.reason)
                     continue
                 if active.ref.name in self._slots:
                     log.error("cached_model_duplicate", dir=name, model=active.ref.name)
                     break
                 other = entry.get("previous") if role == "current" else None
                 self._slots[active.ref.name] = _Slot(active, self._ref_of(other) if other else None)
+                self.withdrawn.pop(active.ref.name, None)  # a trusted version was found
                 log.info("model_loaded", model=active.ref.name, version=active.ref.version, role=role)
                 break
         return self.current
@@ -297,16 +306,17 @@ class ModelManager:
             log.warning("model_rolled_back", model=prev.name, version=prev.version)
             return prev
 
-    async def _session(self, bundle: Bundle) -> Session | GenerationSession:
-        """``shared.runtime.verify_bundle``: the same checks as ``models push``."""
+    async def _session(self, bundle: Bundle, *, serving: bool = False) -> Session | GenerationSession:
+        """``shared.runtime.verify_bundle``: the same checks as ``models push``. ``serving``:
+        a bundle that already ran here (cache, rollback), which a retired signer may have
+        signed; a new install needs a key the key list still calls active."""
         if len(self.trust) == 0:
             raise BundleError(
                 str(bundle.path), "no trusted keys are configured (--trust)", BundleCode.UNKNOWN_KEY
             )
+        trust = self.trust.serving() if serving else self.trust
         return await anyio.to_thread.run_sync(
-            lambda: verify_bundle(
-                bundle, self.trust, memory_mb=self.memory_mb, intra_op_threads=self._threads
-            )
+            lambda: verify_bundle(bundle, trust, memory_mb=self.memory_mb, intra_op_threads=self._threads)
         )
 
     async def _load(self, path: Path, *, check_memory: bool = False) -> ActiveModel:
@@ -315,7 +325,7 @@ class ModelManager:
         over = self.memory_check(m.name, m.min_memory_mb) if check_memory else None
         if over is not None:
             raise BundleError(str(path), over, BundleCode.TOO_LARGE)
-        session = await self._session(bundle)
+        session = await self._session(bundle, serving=True)
         model_id = await self._register(bundle.manifest)
         return ActiveModel(session=session, manifest=bundle.manifest, path=path, model_id=model_id)
 
@@ -342,6 +352,60 @@ class ModelManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+    async def apply_trust(self, trust: TrustStore) -> list[tuple[str, str]]:
+        """Judge from now on with ``trust`` (a new key list), and stop serving every model
+        whose current bundle's signer it marks compromised: fall back to that model's previous
+        version when its signer is still trusted, else serve nothing of it (requests get 503
+        with the reason) while its cache stays as it is. Returns ``(model, what happened)``
+        per model touched, for the status report."""
+        async with self._lock:
+            self.trust = trust
+            touched: list[tuple[str, str]] = []
+            for name, slot in list(self._slots.items()):
+                sig = slot.current.manifest.signature
+                signer = None if sig is None else sig.key_id
+                if signer is None or trust.status_of(signer) != "compromised":
+                    continue
+                version = slot.current.ref.version
+                why = f"v{version} is signed by key {signer}, which the key list marks compromised"
+                fallback = await self._fallback(slot)
+                if fallback is not None:
+                    self._swap_in(name, slot, fallback)
+                    note = f"{why}; fell back to v{fallback.ref.version}"
+                    log.error(
+                        "model_signer_compromised", model=name, fallback=fallback.ref.version, reason=why
+                    )
+                else:
+                    self.withdrawn[name] = _no_trusted_version(name, why)
+                    self._keep_only({k: v for k, v in self._slots.items() if k != name}, cached=False)
+                    note = f"{why}; no cached version with a trusted signer: not served (503)"
+                    log.error("model_signer_compromised", model=name, fallback=None, reason=why)
+                touched.append((name, note))
+            return touched
+
+    async def _fallback(self, slot: _Slot) -> ActiveModel | None:
+        if slot.previous is None:
+            return None
+        try:
+            return await self._load(self.cache_dir / _dirname(slot.previous))
+        except BundleError as exc:
+            log.error(
+                "fallback_refused", model=slot.previous.name, version=slot.previous.version, reason=exc.reason
+            )
+            return None
+
+    def _swap_in(self, name: str, slot: _Slot, active: ActiveModel) -> None:
+        """``active`` (the previous version) current in place of a revoked one, which leaves
+        the served set but stays in the cache directory (not deleted: the key list decides)."""
+        slots = dict(self._slots)
+        slots[name] = _Slot(active, None)
+        self._keep_only(slots, cached=False)
+        for callback in list(self._listeners):
+            try:
+                callback("rollback", active)
+            except Exception:
+                log.exception("model_listener_failed", callback=repr(callback))
 
     def why_not(self, name: str | None = None) -> str:
         """Why model ``name`` (None: the default) is not served: its withdrawal, or not yet."""

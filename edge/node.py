@@ -60,6 +60,7 @@ from slmops.edge.fleetconfig import ConfigFollower, Hooks, Resolved
 from slmops.edge.generate import Generations
 from slmops.edge.inference import Batcher, Result
 from slmops.edge.ledger import PrivacyLedger
+from slmops.edge.keys import KeyFollower
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.outbox import Publisher
 from slmops.edge.refresh import Refresher
@@ -67,7 +68,7 @@ from slmops.edge.safety import Counters, SafetyMonitor
 from slmops.edge.status import StatusReporter, device_profile
 from slmops.edge.window import Windower
 from slmops.shared.backoff import Backoff
-from slmops.shared.bundle import TrustStore, read_bundle
+from slmops.shared.bundle import TrustStore, load_public_key, read_bundle
 from slmops.shared.connect import ConnectFactory, Link, connect_attempt
 from slmops.shared.errors import BundleError
 from slmops.shared.logging import set_level
@@ -85,7 +86,7 @@ _CRASH_WINDOW = 60.0
 #: Tasks that only talk to the network (or watch health) never stop the node: inference goes
 #: on offline, so a refused permission or a broken server must not take answers down. They
 #: restart with backoff up to this many seconds, for as long as the node runs.
-_OPTIONAL_TASKS = frozenset({"publisher", "status", "refresh", "safety", "fleetconfig"})
+_OPTIONAL_TASKS = frozenset({"publisher", "status", "refresh", "safety", "fleetconfig", "keys"})
 _OPTIONAL_MAX_DELAY = 60.0
 #: Characters of one slice of a big request (see ``EdgeNode.predict``): ~100 ms of
 #: tokenizing on the test machine, so slices interleave finely with other requests.
@@ -257,6 +258,15 @@ class EdgeNode:
             state_path=config.data_path / "safety.json",
             limits=config.safety,
         )
+        #: The fleet's signed key list (issue 17): decides ``models.trust`` with ``--trust``.
+        self.keys = KeyFollower(
+            config.data_path,
+            [load_public_key(Path(p)) for p in config.trust_root],
+            [load_public_key(p) for p in config.trust_paths],
+            self.models,
+            self.link,
+            self.report_status,
+        )
         self.refresher = Refresher(
             fleet=config.fleet,
             node=config.node,
@@ -267,6 +277,7 @@ class EdgeNode:
             is_blocked=self.safety.is_blocked,
             on_assigned=self.safety.assigned,
             profile="" if self.profile is None else self.profile.name,
+            trust_refresh=self.keys.refresh_now,
         )
         self.started_at = clock()
         self.last_error: str | None = None
@@ -301,6 +312,7 @@ class EdgeNode:
                 ("refresh", self.refresher.run),
                 ("safety", self.safety.run),
                 ("fleetconfig", self.fleetcfg.run),
+                ("keys", self.keys.run),
             ):
                 self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
         except BaseException:
@@ -344,6 +356,7 @@ class EdgeNode:
         self.buffer.live_model_ids = {m.model_id for m in self.models.all()}
 
     async def _load_models(self) -> None:
+        self.keys.load()  # the accepted key list decides what the cache may serve
         await self.models.open()
         self._note_live_models()
         for path in self.config.model_paths:
@@ -656,6 +669,7 @@ class EdgeNode:
             install=self.buffer.install,
             storage="degraded" if s.degraded else "ok",
             quarantined=list(self.buffer.quarantined),
+            key_list_version=self.keys.version,
             time=datetime.fromtimestamp(self._clock(), UTC),
             event=event,
             device=self._device(),

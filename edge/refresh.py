@@ -168,12 +168,16 @@ class Refresher:
         is_blocked: Callable[[ModelRef], bool] | None = None,
         on_assigned: Callable[[str, int], Awaitable[None]] | None = None,
         profile: str = "",
+        trust_refresh: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """``timings``: download timeout, operation timeout, poll interval and retry backoff
         (``EdgeConfig.refresh``; validated there). ``profile``: the node's device profile
         name; when an assignment leaves the variant to the node, the one made for that
-        profile is taken (``shared.variants.choose_variant``)."""
+        profile is taken (``shared.variants.choose_variant``). ``trust_refresh``: re-read the
+        fleet's key list (``edge.keys``), True when a newer one was accepted; a bundle signed
+        by a key this node does not know is tried once more after it (key rotation)."""
         self._profile = profile
+        self._trust_refresh = trust_refresh
         self._node_key = names.assignment_key(fleet, names.validate_id(node, "node"))
         self._fleet_key = names.assignment_key(fleet)
         self._fleet, self._node = fleet, node
@@ -467,7 +471,7 @@ class Refresher:
             await self._report(NodeEvent.MODEL_REJECTED, refresh=failed)
         log.info("refresh_start", model=ref.name, version=ref.version, variant=ref.variant)
         try:
-            await self._fetch_and_install(js, ref)
+            await self._install_trusting(js, ref)
         except BundleError as exc:
             return await self._refused_result(ref, assignment, exc)
         except anyio.get_cancelled_exc_class():
@@ -480,6 +484,19 @@ class Refresher:
         self.stats.last = result
         await self._report(NodeEvent.MODEL_INSTALLED, refresh=result)
         return result
+
+    async def _install_trusting(self, js: JetStreamContext, ref: ModelRef) -> None:
+        """``_fetch_and_install``; a bundle signed by an unknown key is tried once more after
+        a newer key list arrived (it may name the key that signed it: rotation)."""
+        try:
+            await self._fetch_and_install(js, ref)
+        except BundleError as exc:
+            if exc.code != BundleCode.UNKNOWN_KEY or self._trust_refresh is None:
+                raise
+            if not await self._trust_refresh():
+                raise
+            log.info("refresh_retry_after_keylist", model=ref.name, version=ref.version)
+            await self._fetch_and_install(js, ref)
 
     async def _refused_result(self, ref: ModelRef, assignment: Assignment, exc: BundleError) -> RefreshResult:
         result = RefreshResult(model=ref, ok=False, code=exc.code, reason=exc.reason, at=self._now())

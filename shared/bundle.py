@@ -24,7 +24,7 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
@@ -72,6 +72,7 @@ __all__ = [
     "sha256_file",
     "sign_manifest",
     "sign_manifest_bytes",
+    "signer_of",
     "unpack_archive",
     "write_bundle",
 ]
@@ -322,10 +323,31 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 class TrustStore:
-    """The public keys a node accepts bundle signatures from."""
+    """The public keys a node accepts bundle signatures from, and the keys revoked by the
+    fleet's key list (``shared.keylist``): key id -> ``"retired"`` (refused for installs,
+    still accepted by the ``serving()`` view, which checks what already runs) or
+    ``"compromised"`` (refused for both)."""
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey] = ()) -> None:
-        self._keys = {key_id(k): k for k in keys}
+    def __init__(
+        self,
+        keys: Iterable[Ed25519PublicKey] = (),
+        *,
+        revoked: Mapping[str, str] | None = None,
+        serving: bool = False,
+    ) -> None:
+        self._revoked = dict(revoked or {})
+        self._keys = {kid: k for k in keys if self._revoked.get(kid := key_id(k)) != "compromised"}
+        self._serving = serving
+
+    def serving(self) -> TrustStore:
+        """This store as it judges bundles a node already serves: retired keys still count."""
+        return TrustStore(self._keys.values(), revoked=self._revoked, serving=True)
+
+    def status_of(self, kid: str) -> str:
+        """``"trusted"``, ``"retired"``, ``"compromised"`` or ``"unknown"`` for key id ``kid``."""
+        if kid in self._revoked:
+            return self._revoked[kid]
+        return "trusted" if kid in self._keys else "unknown"
 
     @classmethod
     def from_files(cls, paths: Iterable[Path]) -> TrustStore:
@@ -333,6 +355,11 @@ class TrustStore:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def public_keys(self) -> list[Ed25519PublicKey]:
+        """The trusted keys (compromised ones excluded)."""
+        return list(self._keys.values())
 
     @property
     def key_ids(self) -> list[str]:
@@ -346,6 +373,14 @@ class TrustStore:
         if sig.algorithm != "ed25519":
             raise BundleError(
                 where, f"unsupported signature algorithm {sig.algorithm!r}", BundleCode.BAD_SIGNATURE
+            )
+        revoked = self._revoked.get(sig.key_id)
+        if revoked == "compromised" or (revoked == "retired" and not self._serving):
+            what = "serves no bundle of it" if revoked == "compromised" else "installs no new bundle of it"
+            raise BundleError(
+                where,
+                f"signed by key {sig.key_id!r}, which the key list marks {revoked}: this node {what}",
+                code=BundleCode.REVOKED_KEY,
             )
         key = self._keys.get(sig.key_id)
         if key is None:
@@ -398,6 +433,20 @@ class TrustStore:
             except InvalidSignature:
                 continue
         raise BundleError(where, "signature does not match the manifest", BundleCode.BAD_SIGNATURE)
+
+
+def signer_of(manifest: Bundle | bytes | ModelManifest) -> str | None:
+    """The key id a manifest says signed it (None when unsigned or unreadable); not verified."""
+    if isinstance(manifest, Bundle):
+        raw = manifest.raw or msgspec.json.encode(manifest.manifest)
+    else:
+        raw = _raw_of(manifest)
+    try:
+        sig = _document(raw).get("signature")
+    except BundleError:
+        return None
+    kid = sig.get("key_id") if isinstance(sig, dict) else None
+    return kid if isinstance(kid, str) else None
 
 
 # -- reading and writing directories ---------------------------------------------------------

@@ -269,6 +269,8 @@ class NodeStatus(Wire, kw_only=True):
     #: What the node did not take as pushed: unknown keys of a newer schema, pinned keys, keys
     #: held at the node's privacy floor.
     config_warnings: list[str] = []
+    #: Version of the signed key list the node holds (``shared.keylist``); 0 = none.
+    key_list_version: int = 0
 
 
 class TensorSpec(Wire, kw_only=True):

@@ -20,6 +20,7 @@ __all__ = [
     "FLEETCONFIG_BUCKET",
     "FLEET_BUCKET",
     "FLEET_WIDE",
+    "KEYS_BUCKET",
     "LEASES_BUCKET",
     "LOOP_BUCKET",
     "LOOP_CONSUMER",
@@ -66,6 +67,8 @@ ASSIGNMENTS_BUCKET = "slmops_assignments"
 ASSIGNED_PREFIX = "slmops.assigned"
 MODELS_BUCKET = "slmops_models"
 MODELS_MANIFEST_BUCKET = "slmops_manifests"
+#: The fleet's root-signed list of bundle-signing keys (``shared.keylist``), key ``keylist``.
+KEYS_BUCKET = "slmops_keys"
 #: The cloud's own buckets: single-active leases, the fleet snapshot read by ``fleet status``,
 #: rollout states, and the recalibration loop's proposals.
 LEASES_BUCKET = "slmops_leases"

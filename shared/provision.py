@@ -139,6 +139,8 @@ _KV_BUCKETS: tuple[tuple[str, int, int], ...] = (
     (names.MODELS_MANIFEST_BUCKET, 1, 1024),
     # Nodes read it by direct gets and wake on core subscriptions: no consumers of theirs.
     (names.FLEETCONFIG_BUCKET, 1, 1024),
+    # Every signed version kept a while for operators (nodes keep their own; history 10).
+    (names.KEYS_BUCKET, 10, 1024),
 )
 #: Consumers of the model object store: one per download in flight, fleet-wide (nodes and
 #: the cloud's recalibration loop). A download refused by the bound is retried with backoff

@@ -38,6 +38,8 @@ class BundleCode(StrEnum):
     UNSIGNED = "unsigned"
     UNKNOWN_KEY = "unknown_key"
     BAD_SIGNATURE = "bad_signature"
+    #: Signed by a key the fleet's key list retired (no new installs) or marked compromised.
+    REVOKED_KEY = "revoked_key"
     HASH_MISMATCH = "hash_mismatch"
     TRUNCATED = "truncated"
     LOAD_FAILED = "load_failed"
@@ -68,6 +70,10 @@ class NodeEvent(StrEnum):
     CONFIG_APPLIED = "config_applied"
     CONFIG_REJECTED = "config_rejected"
     CONFIG_ROLLED_BACK = "config_rolled_back"
+    #: A newer signed key list was accepted (``NodeStatus.key_list_version``).
+    KEYS_UPDATED = "keys_updated"
+    #: A key list was refused (bad signature, older version...): ``last_error`` says why.
+    KEYS_REFUSED = "keys_refused"
 
 
 class RolloutStatus(StrEnum):

@@ -163,8 +163,8 @@ from slmops.cli_bench import bench as _bench  # noqa: E402
 main.add_command(_bench)
 
 from slmops.cli_import import import_cmd as _import  # noqa: E402
+from slmops.cli_keys import keys as _keys  # noqa: E402  # the group, with the key-list commands
 from slmops.cli_lab import test_cmd as _test  # noqa: E402
-from slmops.cli_models import keys as _keys  # noqa: E402
 from slmops.cli_models import models as _models  # noqa: E402
 from slmops.cli_optimize import optimize_cmd as _optimize  # noqa: E402
 

@@ -207,12 +207,13 @@ def _trust(_ctx: click.Context, _param: click.Parameter, value: tuple[Path, ...]
     return value
 
 
-def trust_option(help: str, envvar: str | None) -> Callable[[F], F]:
+def trust_option(help: str, envvar: str | None, *, flag: str = "--trust") -> Callable[[F], F]:
     """``--trust KEY.pub`` (repeatable, to ``trust``): public keys whose signatures are
-    accepted; a private key given there is a usage error saying so."""
+    accepted; a private key given there is a usage error saying so. ``flag="--trust-root"``
+    makes the option of the key-list root keys (to ``trust_root``)."""
     return click.option(
-        "--trust", "trust", multiple=True, envvar=envvar, callback=_trust, help=help,
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        flag, flag.removeprefix("--").replace("-", "_"), multiple=True, envvar=envvar, callback=_trust,
+        help=help, type=click.Path(exists=True, dir_okay=False, path_type=Path),
     )  # fmt: skip
 
 

@@ -44,6 +44,12 @@ if TYPE_CHECKING:
     "Env: SLMOPS_EDGE_TRUST (space-separated).",
     envvar=None,
 )
+@trust_option(
+    "Root public key (PEM) of the fleet's signed key list (KV slmops_keys, `slmops keys rotate`): "
+    "the list adds, retires and revokes bundle-signing keys; repeat for several roots.",
+    envvar=None,
+    flag="--trust-root",
+)
 @click.option(
     "--http",
     default="127.0.0.1:8470",
@@ -112,6 +118,7 @@ def edge(
     data_dir: Path | None,
     model: tuple[Path, ...],
     trust: tuple[Path, ...],
+    trust_root: tuple[Path, ...],
     http: str,
     window: str,
     min_count: int,
@@ -153,6 +160,7 @@ def edge(
         "model": model[0] if model else None,
         "models": [str(p) for p in model[1:]] or None,
         "trust": list(trust) or None,
+        "trust_root": [str(p) for p in trust_root] or None,
         "http": http,
         "window": window,
         "min_count": min_count,

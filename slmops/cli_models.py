@@ -273,7 +273,13 @@ def sign(bundle: Path, key_path: Path) -> None:
     "Public key (*.pub) whose signatures are accepted; repeatable. Env: SLMOPS_TRUST (space-separated).",
     envvar="SLMOPS_TRUST",
 )
-def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
+@trust_option(
+    "Root public key of the fleet's key list: its active keys are accepted too. Without it the "
+    "list's revocations still apply (a retired or compromised signer is refused).",
+    envvar="SLMOPS_TRUST_ROOT",
+    flag="--trust-root",
+)
+def push(bundle: Path, nats_url: str, trust: tuple[Path, ...], trust_root: tuple[Path, ...]) -> None:
     """Verify BUNDLE (directory or archive) and store it in the registry.
 
     Checks the signature against the --trust keys, the model's sha256, that ONNX Runtime
@@ -281,18 +287,19 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...]) -> None:
     and nothing is stored.
     """
     from slmops.cloud.registry import open_registry
-    from slmops.shared.bundle import TrustStore, read_bundle, unpack_archive
+    from slmops.shared.bundle import TrustStore, load_public_key, read_bundle, unpack_archive
 
-    if not trust:
-        raise click.UsageError("give at least one --trust public key (or SLMOPS_TRUST)")
+    if not trust and not trust_root:
+        raise click.UsageError("give at least one --trust public key (or SLMOPS_TRUST), or --trust-root")
     store = call(lambda: TrustStore.from_files(trust))
+    roots = call(lambda: [load_public_key(p) for p in trust_root])
     is_archive = bundle.is_file()
 
     async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="slmops-push-") as tmp:
-            b = unpack_archive(bundle, Path(tmp), store) if is_archive else read_bundle(bundle)
+            b = unpack_archive(bundle, Path(tmp)) if is_archive else read_bundle(bundle)
             async with open_registry(nats_url) as registry:
-                result = await registry.push(b, store)
+                result = await registry.push(b, store, roots=roots)
         # The bundle is named by its signed manifest (which lists every file's sha256), as
         # the registry stores it; the manifest's own sha256 field is only the model file's.
         files = b.files
@@ -511,7 +518,8 @@ def rm(nats_url: str, model: str, version: int) -> None:
 
 @click.group()
 def keys() -> None:
-    """Make Ed25519 signing keys for model bundles."""
+    """Signing keys: make bundle keys (new), the fleet's root key (init-root), and publish the
+    root-signed key list nodes follow (rotate, revoke, list)."""
 
 
 @keys.command()

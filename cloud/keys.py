@@ -1,0 +1,72 @@
+"""Publishing the fleet's signed key list (``shared.keylist``) in KV ``slmops_keys``.
+
+Every change reads the list held in KV, checks that it verifies against the root given (the
+operator signs with the root's private key, so a list signed by another root is never
+silently replaced), makes the next version (``shared.keylist.revise``), signs it and writes
+it compare-and-set on the revision read: two operators changing the list at once cannot lose
+one change (the second gets ``KeyListConflict`` and runs again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nats.js import JetStreamContext
+
+from slmops.cloud.errors import CloudError
+from slmops.shared import names
+from slmops.shared.errors import JetStreamRefused, NotFound
+from slmops.shared.jetstream import nats_errors
+from slmops.shared.keylist import KEYLIST_KEY, KeyList, KeyStatus, decode_signed, revise, sign
+
+__all__ = ["KeyListConflict", "change_key_list", "read_key_list"]
+
+
+class KeyListConflict(CloudError):
+    """The key list changed in KV between our read and our write."""
+
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+        super().__init__(
+            f"the key list changed while this change was made (read revision {revision}); run it again"
+        )
+
+
+async def read_key_list(js: JetStreamContext, url: str = "<nats>") -> tuple[bytes | None, int]:
+    """The signed list's bytes in KV and its revision; ``(None, 0)`` when there is none."""
+    kv = await js.key_value(names.KEYS_BUCKET)
+    try:
+        with nats_errors("kv key", KEYLIST_KEY, url):
+            entry = await kv.get(KEYLIST_KEY)
+    except NotFound:
+        return None, 0
+    return entry.value, entry.revision or 0
+
+
+async def change_key_list(
+    js: JetStreamContext,
+    root: Ed25519PrivateKey,
+    *,
+    add: Iterable[Ed25519PublicKey] = (),
+    status: dict[str, KeyStatus] | None = None,
+    url: str = "<nats>",
+) -> KeyList:
+    """Write the next version of the list: ``add`` keys as active, then ``status`` per key id;
+    signed by ``root``. Returns the list written. ``KeyListError`` when the held list does not
+    verify against ``root``; ``ValueError`` for a change ``revise`` refuses; ``KeyListConflict``
+    when another change came first."""
+    raw, revision = await read_key_list(js, url)
+    held = None if raw is None else decode_signed(raw, [root.public_key()])
+    new = revise(held, add=add, status=status)
+    signed = sign(new, root)
+    kv = await js.key_value(names.KEYS_BUCKET)
+    try:
+        with nats_errors("kv key", KEYLIST_KEY, url):
+            if revision:
+                await kv.update(KEYLIST_KEY, signed, last=revision)
+            else:
+                await kv.create(KEYLIST_KEY, signed)
+    except JetStreamRefused as exc:
+        raise KeyListConflict(revision) from exc
+    return decode_signed(signed, [root.public_key()])
