@@ -173,6 +173,20 @@ class Registry:
 
     # -- push ------------------------------------------------------------------------------
 
+    async def _key_list(self) -> bytes | None:
+        """The signed key list's bytes (None: no list, or no key-list bucket on a server
+        provisioned by an older release). A server that does not answer is an error: a
+        push is never let through unchecked because the list could not be read."""
+        try:
+            return await kv_get_direct(self._js, names.KEYS_BUCKET, KEYLIST_KEY)
+        except NatsUnavailable:
+            try:
+                with nats_errors("kv bucket", names.KEYS_BUCKET, self._url):
+                    await self._js.stream_info(f"KV_{names.KEYS_BUCKET}")
+            except NotFound:
+                return None
+            raise
+
     async def push(
         self, bundle: Bundle, trust: TrustStore, *, roots: Sequence[Ed25519PublicKey] = ()
     ) -> PushResult:
@@ -188,7 +202,7 @@ class Registry:
         The fleet's key list (KV ``slmops_keys``) amends ``trust`` (``shared.keylist.apply_to``):
         a bundle signed by a key it retires or marks compromised is refused (``revoked_key``);
         with ``roots`` the list must verify against them and its active keys are trusted."""
-        listed = await kv_get_direct(self._js, names.KEYS_BUCKET, KEYLIST_KEY)
+        listed = await self._key_list()
         if listed is not None:
             trust = apply_to(trust, listed, roots)
         manifest = await anyio.to_thread.run_sync(verify_bundle, bundle, trust)

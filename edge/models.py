@@ -310,7 +310,7 @@ class ModelManager:
         """``shared.runtime.verify_bundle``: the same checks as ``models push``. ``serving``:
         a bundle that already ran here (cache, rollback), which a retired signer may have
         signed; a new install needs a key the key list still calls active."""
-        if len(self.trust) == 0:
+        if len(self.trust) == 0 and not self.trust.revoked:  # (revoked: its verify says why)
             raise BundleError(
                 str(bundle.path), "no trusted keys are configured (--trust)", BundleCode.UNKNOWN_KEY
             )

@@ -357,6 +357,11 @@ class TrustStore:
         return len(self._keys)
 
     @property
+    def revoked(self) -> dict[str, str]:
+        """Key id -> ``"retired"`` or ``"compromised"``, as the key list says."""
+        return dict(self._revoked)
+
+    @property
     def public_keys(self) -> list[Ed25519PublicKey]:
         """The trusted keys (compromised ones excluded)."""
         return list(self._keys.values())

@@ -424,7 +424,7 @@ def verify_bundle(
     (``unknown_key``, ``bad_signature``, ``unsigned``, ``incompatible``, ``too_large``,
     ``truncated``, ``hash_mismatch``, ``load_failed``, ``smoke_failed``). CPU-bound."""
     where = str(bundle.path)
-    if len(trust) == 0:
+    if len(trust) == 0 and not trust.revoked:  # (with revocations, verify names the revoked signer)
         raise BundleError(
             where, "no trusted public key is configured to verify the signature", BundleCode.UNKNOWN_KEY
         )
