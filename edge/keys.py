@@ -130,9 +130,10 @@ class KeyFollower:
             await anyio.to_thread.run_sync(save, self.path, raw)
             self.keylist, self.last_refusal = new, None
             touched = await self.models.apply_trust(trust_store(self.static, new))
-            log.info("keylist_accepted", version=new.version, keys=len(new.keys), models_touched=len(touched))
+            log.info("keylist_accepted", version=new.version, keys=len(new.keys), touched=len(touched))
             note = "; ".join(f"{name}: {what}" for name, what in touched) or None
-            await self._report(NodeEvent.ROLLBACK if touched else NodeEvent.KEYS_UPDATED, last_error=note)
+            event = NodeEvent.KEYS_FALLBACK if touched else NodeEvent.KEYS_UPDATED
+            await self._report(event, last_error=note)
             return True
 
     async def _report(self, event: str, **fields: Any) -> None:

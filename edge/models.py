@@ -38,7 +38,7 @@ from slmops.shared.errors import BundleError
 from slmops.shared.generation import GenerationSession
 from slmops.shared.messages import ModelManifest, ModelRef
 from slmops.shared.runtime import Session, verify_bundle
-from slmops.shared.vocabulary import BundleCode
+from slmops.shared.vocabulary import BundleCode, NodeEvent
 
 __all__ = ["ActiveModel", "ModelManager"]
 
@@ -403,7 +403,7 @@ class ModelManager:
         self._keep_only(slots, cached=False)
         for callback in list(self._listeners):
             try:
-                callback("rollback", active)
+                callback(NodeEvent.KEYS_FALLBACK, active)
             except Exception:
                 log.exception("model_listener_failed", callback=repr(callback))
 

@@ -59,8 +59,8 @@ from slmops.edge.errors import FeedbackConflict, InvalidInput, NodeClosed, Unkno
 from slmops.edge.fleetconfig import ConfigFollower, Hooks, Resolved
 from slmops.edge.generate import Generations
 from slmops.edge.inference import Batcher, Result
-from slmops.edge.ledger import PrivacyLedger
 from slmops.edge.keys import KeyFollower
+from slmops.edge.ledger import PrivacyLedger
 from slmops.edge.models import ActiveModel, ModelManager
 from slmops.edge.outbox import Publisher
 from slmops.edge.refresh import Refresher

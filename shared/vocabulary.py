@@ -74,6 +74,10 @@ class NodeEvent(StrEnum):
     KEYS_UPDATED = "keys_updated"
     #: A key list was refused (bad signature, older version...): ``last_error`` says why.
     KEYS_REFUSED = "keys_refused"
+    #: A model's signer became compromised: the node fell back to a version whose signer is
+    #: still trusted, or stopped serving it (``last_error`` says which). Not a safety
+    #: rollback: pushed configuration is not blamed for it.
+    KEYS_FALLBACK = "keys_fallback"
 
 
 class RolloutStatus(StrEnum):

@@ -158,7 +158,7 @@ async def test_a_compromised_signer_falls_back_then_answers_503_with_the_reason(
             await wait_until(lambda: serving(node) == ModelRef(name=model, version=1), 30, what="fallback")
 
             def fallback_reported() -> bool:
-                notes = [s.last_error or "" for s in found.of("n1", "rollback")]
+                notes = [s.last_error or "" for s in found.of("n1", "keys_fallback")]
                 return any("compromised" in n and "fell back to v1" in n for n in notes)
 
             await wait_until(fallback_reported, 30, what="fallback reported with its reason")
