@@ -60,6 +60,7 @@ from slmops.edge.generate import Generations
 from slmops.edge.inference import InferenceFailed
 from slmops.edge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slmops.edge.metrics import NodeMetrics
+from slmops.shared.httpauth import bearer_refusal
 
 __all__ = ["ApiServer", "NodeService", "build_app", "serve_api"]
 
@@ -448,12 +449,32 @@ _ROUTES = {
 }
 
 
-def build_app(node: NodeService) -> web.Application:
-    """The aiohttp application for ``node``. Bodies above what ``max_texts`` texts of
-    ``max_text_chars`` need are refused with 413 before they are read."""
+def _bearer(token: str) -> Any:
+    """Middleware: every request must carry ``Authorization: Bearer <token>`` (401 otherwise,
+    before its body is read), on every route: predict, embed, feedback, generate, chat,
+    health and metrics."""
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        why = bearer_refusal(request.headers.get("Authorization"), token)
+        if why is not None:
+            response = _error(401, "unauthorized", why)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="slmops-edge"'
+            return response
+        result: web.StreamResponse = await handler(request)
+        return result
+
+    return auth
+
+
+def build_app(node: NodeService, token: str | None = None) -> web.Application:
+    """The aiohttp application for ``node``; with ``token`` every request needs it as a
+    bearer token. Bodies above what ``max_texts`` texts of ``max_text_chars`` need are
+    refused with 413 before they are read."""
     cfg = node.config
     limit = 1024 + cfg.max_texts * (cfg.max_text_chars * 4 + 16)
-    app = web.Application(middlewares=[_errors], client_max_size=limit)
+    middlewares = [_errors] if token is None else [_bearer(token), _errors]
+    app = web.Application(middlewares=middlewares, client_max_size=limit)
     app[_NODE] = node
     counts: dict[tuple[str, int], int] = {}
     app[_COUNTS] = counts
@@ -488,9 +509,10 @@ async def serve_api(node: NodeService) -> AsyncIterator[ApiServer]:
         raise ValueError("the node's config has no HTTP address (http is off)")
     host, port = address
     log = structlog.get_logger("edge.api")
-    if not is_loopback(host):
-        log.warning("http_not_loopback", host=host, note="the API has no authentication")
-    app = build_app(node)
+    token = node.config.api_token()
+    if token is None and not is_loopback(host):  # EdgeConfig refuses this; a hand-made config too
+        raise ValueError(f"API address {host!r} is not loopback and has no bearer token (--http-token-file)")
+    app = build_app(node, token)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -506,7 +528,7 @@ async def serve_api(node: NodeService) -> AsyncIterator[ApiServer]:
         await web.TCPSite(runner, host, port).start()
         addresses = runner.addresses
         bound = int(addresses[0][1]) if addresses else port
-        log.info("http_listening", host=host, port=bound)
+        log.info("http_listening", host=host, port=bound, token=token is not None)
         yield ApiServer(host, bound)
     finally:
         await runner.cleanup()

@@ -17,6 +17,7 @@ from slmops.shared.config import Config, load_config
 from slmops.shared.connect import check_nats_url
 from slmops.shared.connopts import ConnectOptions
 from slmops.shared.fleetconfig import PUSHABLE
+from slmops.shared.httpauth import check_token, read_token
 from slmops.shared.names import validate_id
 
 __all__ = [
@@ -172,6 +173,12 @@ class EdgeConfig(Config, kw_only=True):
     trust_root: list[str] = msgspec.field(default_factory=list)
     #: ``HOST:PORT`` of the local HTTP API, or None (or "off") for no HTTP API.
     http: str | None = "127.0.0.1:8470"
+    #: Bearer token every API request must carry (``Authorization: Bearer <token>``); better
+    #: given as ``http_token_file`` or env SLMOPS_EDGE_HTTP_TOKEN than on a command line.
+    #: Required (one of the two) for a non-loopback ``http``.
+    http_token: str | None = None
+    #: File holding that token (read at start; surrounding whitespace dropped).
+    http_token_file: str | None = None
     #: Seconds per telemetry window.
     window: float = 60.0
     #: k of k-anonymity: a window with fewer inferences is not published alone.
@@ -258,7 +265,17 @@ class EdgeConfig(Config, kw_only=True):
         if self.http is not None and self.http.strip().lower() in ("", "off"):
             self.http = None
         if self.http is not None:
-            parse_hostport(self.http)
+            host, _port = parse_hostport(self.http)
+            if not is_loopback(host) and self.http_token is None and self.http_token_file is None:
+                raise ValueError(
+                    f"http {self.http!r} is not a loopback address: give a bearer token "
+                    "(--http-token-file FILE or env SLMOPS_EDGE_HTTP_TOKEN) so the API is not open "
+                    "to the network"
+                )
+        if self.http_token is not None and self.http_token_file is not None:
+            raise ValueError("give http_token or http_token_file, not both")
+        if self.http_token is not None:
+            check_token(self.http_token, "http_token")
         positive = {
             "window": self.window,
             "publish_timeout": self.publish_timeout,
@@ -332,6 +349,13 @@ class EdgeConfig(Config, kw_only=True):
     @property
     def trust_paths(self) -> list[Path]:
         return [Path(p) for p in self.trust]
+
+    def api_token(self) -> str | None:
+        """The bearer token the API requires (None: none). Reads ``http_token_file``;
+        ``ValueError`` naming the file when it cannot be read or holds no usable token."""
+        if self.http_token_file is not None:
+            return read_token(Path(self.http_token_file))
+        return self.http_token
 
     @property
     def http_address(self) -> tuple[str, int] | None:

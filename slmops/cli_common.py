@@ -272,6 +272,8 @@ def print_config(config: Any, origins: Mapping[str, str]) -> None:
     tables = []
     for field in type(config).__struct_fields__:
         value, key, origin = plain[field], file_key(type(config), field), origins.get(field, "default")
+        if field.endswith("token") and isinstance(value, str):
+            value = "***"  # a secret: printed settings end up in tickets and logs
         if isinstance(value, dict):
             tables.append((key, value, origin))
         elif value is None:

@@ -54,8 +54,17 @@ if TYPE_CHECKING:
     "--http",
     default="127.0.0.1:8470",
     show_default=True,
-    help="HOST:PORT of the local HTTP API (port 0 = any free port), or 'off'.",
+    help="HOST:PORT of the local HTTP API (port 0 = any free port), or 'off'. A non-loopback "
+    "address needs a bearer token (--http-token-file or SLMOPS_EDGE_HTTP_TOKEN).",
 )
+@click.option(
+    "--http-token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the bearer token every API request must carry (Authorization: Bearer ...), "
+    "16+ characters. Env: SLMOPS_EDGE_HTTP_TOKEN_FILE, or the token itself in SLMOPS_EDGE_HTTP_TOKEN.",
+)
+@click.option("--http-token", default=None, hidden=True, envvar="SLMOPS_EDGE_HTTP_TOKEN")
 @click.option("--window", default="60s", show_default=True, help="Telemetry window, e.g. 500ms, 2s, 1m.")
 @click.option(
     "--min-count",
@@ -120,6 +129,8 @@ def edge(
     trust: tuple[Path, ...],
     trust_root: tuple[Path, ...],
     http: str,
+    http_token_file: Path | None,
+    http_token: str | None,
     window: str,
     min_count: int,
     max_text_chars: int,
@@ -162,6 +173,8 @@ def edge(
         "trust": list(trust) or None,
         "trust_root": [str(p) for p in trust_root] or None,
         "http": http,
+        "http_token_file": None if http_token_file is None else str(http_token_file),
+        "http_token": http_token,
         "window": window,
         "min_count": min_count,
         "max_text_chars": max_text_chars,
