@@ -70,12 +70,12 @@ async def test_every_endpoint_needs_the_token(
 
 async def test_the_right_token_gets_a_prediction(served: tuple[EdgeNode, ApiServer]) -> None:
     _, api = served
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        async with http.post(
-            f"http://127.0.0.1:{api.port}/v1/predict", json={"texts": ["about alpha"]}
-        ) as resp:
-            assert resp.status == 200, await resp.text()
-            assert (await resp.json())["predictions"][0]["label"] == "alpha"
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+        http.post(f"http://127.0.0.1:{api.port}/v1/predict", json={"texts": ["about alpha"]}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["predictions"][0]["label"] == "alpha"
 
 
 def test_a_non_loopback_bind_without_a_token_is_refused(tmp_path: Path) -> None:
@@ -133,8 +133,10 @@ async def test_a_node_process_on_all_interfaces_with_a_token_from_env(tmp_path: 
                 await proc.wait()
     # Loopback, no token: open as before.
     cfg = edge_config(tmp_path, keys, fleet="f2", model=keys.bundle().path, http="127.0.0.1:0")
-    async with EdgeNode(cfg) as node, serve_api(node) as api, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"http://127.0.0.1:{api.port}/v1/predict", json={"texts": ["about beta"]}
-        ) as resp:
-            assert resp.status == 200, await resp.text()
+    async with (
+        EdgeNode(cfg) as node,
+        serve_api(node) as api,
+        aiohttp.ClientSession() as http,
+        http.post(f"http://127.0.0.1:{api.port}/v1/predict", json={"texts": ["about beta"]}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
