@@ -123,10 +123,12 @@ async def test_a_node_process_on_all_interfaces_with_a_token_from_env(tmp_path: 
         proc = await start_edge(args, tmp_path / "edge.log", client, env={"SLMOPS_EDGE_HTTP_TOKEN": TOKEN})
         try:
             await client.predict(["about beta"])
-            async with aiohttp.ClientSession() as anon:
-                async with anon.post(f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["x"]}) as resp:
-                    assert resp.status == 401
-                    assert "missing bearer token" in (await resp.json())["error"]["message"]
+            async with (
+                aiohttp.ClientSession() as anon,
+                anon.post(f"http://127.0.0.1:{port}/v1/predict", json={"texts": ["x"]}) as resp,
+            ):
+                assert resp.status == 401
+                assert "missing bearer token" in (await resp.json())["error"]["message"]
         finally:
             proc.terminate()
             with anyio.fail_after(30):
