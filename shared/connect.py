@@ -181,6 +181,14 @@ async def connect_once(
         # A refused handshake can be followed by a broken pipe: the TLS reason is the news.
         tls_reason = next(filter(None, (explain_tls_error(e, options) for e in errors)), None)
         reason = tls_reason or (f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__)
+        if tls_reason is None and options.tls and isinstance(cause, ConnectionError):
+            # Under TLS 1.3 a server judges the client certificate after the client finished
+            # its handshake; its alert may be lost to the closed socket (2 of 15 tries here).
+            reason += "; the server closed the connection after the TLS handshake: " + (
+                "if it requires a client certificate (mutual TLS), give --tls-cert and --tls-key"
+                if options.tls_cert is None
+                else f"it may have refused our client certificate --tls-cert {str(options.tls_cert)!r}"
+            )
         raise NatsUnavailable(where, reason) from exc
 
 

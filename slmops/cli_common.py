@@ -25,9 +25,25 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
 __all__ = [
-    "arch_option", "call", "cloud_key_options", "config_options", "describe", "errors_to_exit_codes",
-    "fleet_id", "jetstream", "leaf_errors", "nats_option", "out_dir_option", "parameter_origins",
-    "print_config", "profiles_dir_option", "run", "samples_option", "signing_key_option", "table_line",
+    "arch_option",
+    "call",
+    "cloud_key_options",
+    "config_options",
+    "describe",
+    "errors_to_exit_codes",
+    "fleet_id",
+    "jetstream",
+    "key_file_option",
+    "leaf_errors",
+    "nats_option",
+    "out_dir_option",
+    "parameter_origins",
+    "print_config",
+    "profiles_dir_option",
+    "run",
+    "samples_option",
+    "signing_key_option",
+    "table_line",
     "trust_option",
 ]  # fmt: skip
 
@@ -127,29 +143,32 @@ def samples_option(default: int) -> Callable[[F], F]:
     )  # fmt: skip
 
 
+def key_file_option(
+    flag: str, dest: str, *, envvar: str, help: str, required: bool = False
+) -> Callable[[F], F]:
+    """An option naming an existing private key file (to ``dest``; ``Env: ENVVAR.`` added to
+    ``help``)."""
+    return click.option(
+        flag, dest, required=required, default=None, envvar=envvar, help=f"{help} Env: {envvar}.",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    )  # fmt: skip
+
+
 #: ``--key`` of the commands that sign bundles (to ``key_path``).
-signing_key_option = click.option(
-    "--key",
-    "key_path",
-    required=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    envvar="SLMOPS_SIGNING_KEY",
-    help="Ed25519 private key (*.key from `slmops keys new`) that signs the bundle. Env: SLMOPS_SIGNING_KEY.",
-)
+signing_key_option = key_file_option(
+    "--key", "key_path", required=True, envvar="SLMOPS_SIGNING_KEY",
+    help="Ed25519 private key (*.key from `slmops keys new`) that signs the bundle.",
+)  # fmt: skip
 
 
 def cloud_key_options(recalibrate_default: str | None) -> Callable[[F], F]:
     """``--key`` (the cloud's signing key, to ``key_path``) and ``--recalibrate`` of the
     commands that run the recalibration loop (``slmops cloud``, ``slmops rollout run``)."""
-    key = click.option(
-        "--key",
-        "key_path",
-        default=None,
-        envvar="SLMOPS_CLOUD_KEY",
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    key = key_file_option(
+        "--key", "key_path", envvar="SLMOPS_CLOUD_KEY",
         help="The cloud's Ed25519 private key (mode 0600) that signs recalibrated versions; nodes "
-        "trust its .pub with --trust. Env: SLMOPS_CLOUD_KEY. Needed by --recalibrate suggest/auto.",
-    )
+        "trust its .pub with --trust; needed by --recalibrate suggest/auto.",
+    )  # fmt: skip
     recalibrate = click.option(
         "--recalibrate",
         type=click.Choice(["off", "suggest", "auto"]),

@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from slmops.cli_common import call, nats_option, out_dir_option, run, table_line, trust_option
+from slmops.cli_common import (
+    call,
+    key_file_option,
+    nats_option,
+    out_dir_option,
+    run,
+    table_line,
+    trust_option,
+)
 from slmops.cli_models import keys
 
 if TYPE_CHECKING:
@@ -19,15 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = ["keys"]
 
-_root_option = click.option(
-    "--root",
-    "root_path",
-    required=True,
-    envvar="SLMOPS_ROOT_KEY",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The root private key (root.key from `slmops keys init-root`) that signs the key list. "
-    "Env: SLMOPS_ROOT_KEY.",
-)
+_root_option = key_file_option(
+    "--root", "root_path", required=True, envvar="SLMOPS_ROOT_KEY",
+    help="The root private key (root.key from `slmops keys init-root`) that signs the key list.",
+)  # fmt: skip
 
 
 def _key_ids(values: tuple[str, ...]) -> list[str]:

@@ -31,10 +31,7 @@ from slmops.shared.keylist import (
     trust_store,
 )
 
-
-@pytest.fixture(scope="module")
-def root() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+root = pytest.fixture(scope="module", name="root")(Ed25519PrivateKey.generate)
 
 
 def listed(
