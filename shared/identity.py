@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "read_creds",
     "read_seed",
     "write_creds",
+    "write_secret",
 ]
 
 Kind = Literal["operator", "account", "user"]
@@ -274,8 +276,6 @@ def read_creds(path: Path) -> tuple[str, KeyPair]:
 
 def write_secret(path: Path, text: str, mode: int = 0o600) -> None:
     """Write ``text`` to ``path`` with ``mode`` from the start (never briefly world-readable)."""
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
