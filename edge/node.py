@@ -212,6 +212,7 @@ class EdgeNode:
         self.link = Link(
             config.nats_url,
             name=f"slmops-edge-{config.node}",
+            fleet=config.fleet,
             node=config.node,
             connect=connect,
             backoff_initial=min(0.5, config.link_backoff_max),

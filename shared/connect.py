@@ -133,6 +133,7 @@ async def connect_once(
     timeout: float = 5.0,
     *,
     name: str | None = None,
+    fleet: str | None = None,
     node: str | None = None,
     options: ConnectOptions | None = None,
 ) -> NATS:
@@ -164,7 +165,7 @@ async def connect_once(
             return await connect_attempt(
                 url,
                 name=name,
-                inbox_prefix=inbox_prefix(node),
+                inbox_prefix=inbox_prefix(fleet, node),
                 allow_reconnect=False,
                 connect_timeout=min(timeout, 2.0),
                 pending_size=PENDING_SIZE,
@@ -195,7 +196,7 @@ async def connect_once(
 class Link:
     """A NATS connection that is made, and kept, in the background.
 
-    ``async with Link(url, name="edge-n1", node="n1") as link:`` returns at once, whatever the
+    ``async with Link(url, name="edge-n1", fleet="f1", node="n1") as link:`` returns at once, whatever the
     network does. ``state`` goes ``offline`` → ``connecting`` → ``online``; after a drop it is
     ``offline`` while nats-py reconnects, and ``online`` again when it has. Leaving the block
     closes the connection (flushing what was published).
@@ -206,6 +207,7 @@ class Link:
         url: str,
         *,
         name: str | None = None,
+        fleet: str | None = None,
         node: str | None = None,
         connect: ConnectFactory = connect_attempt,
         clock: Callable[[], float] = time.monotonic,
@@ -226,7 +228,7 @@ class Link:
         self._conn_options = options if options is not None else current_connect_options()
         # Built once, now: a missing or broken TLS file is a start-up error, not a retry loop.
         self._tls = self._conn_options.nats_options()
-        self._prefix = inbox_prefix(node)  # validates node
+        self._prefix = inbox_prefix(fleet, node)  # validates both ids
         for what, value in (
             ("backoff_initial", backoff_initial),
             ("backoff_max", backoff_max),

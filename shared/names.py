@@ -236,6 +236,15 @@ def assignment_subjects(fleet: str, node: str) -> list[str]:
     return [own, f"{own}.>", fleet_wide, f"{fleet_wide}.>"]
 
 
-def inbox_prefix(node: str | None) -> str:
-    """A per-client inbox prefix, so permissions can allow each node only its own replies."""
-    return "_INBOX" if node is None else f"_INBOX_{validate_id(node, 'node')}"
+def inbox_prefix(fleet: str | None = None, node: str | None = None) -> str:
+    """A per-client inbox prefix, so permissions can allow each node only its own replies:
+    ``_INBOX_<fleet>.<node>`` for a node (ids hold no ``.``, so no two (fleet, node) pairs share
+    it; node ids repeat across fleets), ``_INBOX`` for every other client.
+
+    Raises ``ValueError`` for an invalid id, or when only one of ``fleet``/``node`` is given.
+    """
+    if fleet is None and node is None:
+        return "_INBOX"
+    if fleet is None or node is None:
+        raise ValueError("a node's inbox prefix needs both its fleet and its node id")
+    return f"_INBOX_{validate_id(fleet, 'fleet')}.{validate_id(node, 'node')}"

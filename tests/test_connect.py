@@ -39,7 +39,7 @@ async def test_link_comes_online_when_the_server_appears_and_follows_restarts(tm
     port = free_port()
     server = EmbeddedServer(port=port, store_dir=tmp_path / "js")
     seen: list[LinkState] = []
-    async with Link(f"nats://127.0.0.1:{port}", node="n1", **FAST) as link:  # type: ignore[arg-type]
+    async with Link(f"nats://127.0.0.1:{port}", fleet="f1", node="n1", **FAST) as link:  # type: ignore[arg-type]
         link.on_change(seen.append)
         await wait_until(lambda: link.statistics().attempts >= 1, what="a failed attempt")
         try:
@@ -152,10 +152,10 @@ async def test_connect_once_on_a_dead_port_fails_fast_naming_the_url() -> None:
 
 
 async def test_connect_once_connects_to_a_live_server(nats_server: EmbeddedServer) -> None:
-    nc = await connect_once(nats_server.url, name="cli", node="n1")
+    nc = await connect_once(nats_server.url, name="cli", fleet="f1", node="n1")
     try:
         assert nc.is_connected
-        assert nc.new_inbox().startswith("_INBOX_n1.")
+        assert nc.new_inbox().startswith("_INBOX_f1.n1.")
     finally:
         await nc.close()
 

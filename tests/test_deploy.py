@@ -186,7 +186,7 @@ async def _connect(url: str | list[str], node: str | None = None) -> AsyncIterat
     try:
         await nc.connect(
             url,
-            inbox_prefix=names.inbox_prefix(node),
+            inbox_prefix=names.inbox_prefix(FLEET if node else None, node),
             allow_reconnect=False,
             connect_timeout=5,
             error_cb=client.error_cb,
@@ -397,7 +397,7 @@ async def test_single_node_creates_no_consumer_and_watches_no_other_key(single: 
                 js_api.ConsumerConfig(
                     name="tap",
                     filter_subject=f"$O.{names.MODELS_BUCKET}.C.x",
-                    deliver_subject=f"{names.inbox_prefix(OTHER)}.x",
+                    deliver_subject=f"{names.inbox_prefix(FLEET, OTHER)}.x",
                 ),
             ),
             (names.TELEMETRY_STREAM, js_api.ConsumerConfig(durable_name="d")),
@@ -438,7 +438,7 @@ async def test_single_node_cannot_create_any_of_200_consumers(single: _Server) -
             )
             body = json.dumps({"stream_name": "OBJ_slmops_models", "config": config.as_dict()}).encode()
             subject = f"$JS.API.CONSUMER.CREATE.OBJ_slmops_models.c{i}.{config.filter_subject}"
-            await nc.publish(subject, body, reply=f"{names.inbox_prefix(NODE)}.probe")
+            await nc.publish(subject, body, reply=f"{names.inbox_prefix(FLEET, NODE)}.probe")
         own = f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(FLEET, NODE)}"
         for i in range(20):
             stream = f"KV_{names.ASSIGNMENTS_BUCKET}"
@@ -551,9 +551,9 @@ async def test_single_bcrypt_node_logs_in_and_wrong_password_is_refused(single: 
 async def test_single_node_cannot_receive_other_inboxes(single: _Server) -> None:
     """A node may subscribe only to its own inbox prefix, so it cannot read others' replies."""
     async with _connect(single.creds(f"node-{NODE}", NODE_PW), node=NODE) as (nc, client):
-        await nc.subscribe(f"{names.inbox_prefix(OTHER)}.>")
+        await nc.subscribe(f"{names.inbox_prefix(FLEET, OTHER)}.>")
         await client.wait_error(
-            f'permissions violation for subscription to "{names.inbox_prefix(OTHER).lower()}'
+            f'permissions violation for subscription to "{names.inbox_prefix(FLEET, OTHER).lower()}'
         )
         await nc.subscribe(names.telemetry_subject(FLEET, OTHER))
         await client.wait_error('permissions violation for subscription to "slmops.telemetry')
@@ -728,8 +728,8 @@ async def test_cluster_configs_form_a_cluster_that_keeps_r3_data_when_a_server_s
         only_n1 = servers[0].creds(f"node-{NODE}", NODE_PW)
         all_three = ",".join(s.creds(f"node-{NODE}", NODE_PW) for s in servers)
         async with (
-            Link(only_n1, node=NODE, reconnect_time_wait=0.1) as link_a,
-            Link(all_three, node=NODE, reconnect_time_wait=0.1) as link_b,
+            Link(only_n1, fleet=FLEET, node=NODE, reconnect_time_wait=0.1) as link_a,
+            Link(all_three, fleet=FLEET, node=NODE, reconnect_time_wait=0.1) as link_b,
         ):
             await link_a.wait_online(10)
             await link_b.wait_online(10)
@@ -838,8 +838,8 @@ async def test_cluster_loses_a_server_during_a_fleet_run_and_nothing_is_lost_or_
             async with _connect(servers[2].creds("cloud", CLOUD_PW)) as (nc, _):
                 await _wait_replicated(nc.jetstream(), 60)
             async with (
-                Link(urls[NODE], node=NODE, reconnect_time_wait=0.1) as link_a,
-                Link(urls[OTHER], node=OTHER, reconnect_time_wait=0.1) as link_b,
+                Link(urls[NODE], fleet=FLEET, node=NODE, reconnect_time_wait=0.1) as link_a,
+                Link(urls[OTHER], fleet=FLEET, node=OTHER, reconnect_time_wait=0.1) as link_b,
                 anyio.create_task_group() as tg,
             ):
                 await _run_nodes(tg, link_a, link_b)

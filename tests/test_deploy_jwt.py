@@ -105,7 +105,7 @@ async def test_leaf_site_in_operator_mode_serves_its_devices_and_applies_a_revoc
             closed.set()
 
         nc = await nats.connect(
-            s.url, user_credentials=str(node.creds), inbox_prefix=names.inbox_prefix("till-001"),
+            s.url, user_credentials=str(node.creds), inbox_prefix=names.inbox_prefix("shop", "till-001"),
             error_cb=error_cb, closed_cb=closed_cb,
         )  # fmt: skip
         try:

@@ -100,7 +100,7 @@ def test_node_rights_name_only_its_own_subjects_and_no_consumer_api() -> None:
     assert "slmops.status.shop.till-001" in pub
     assert not any("CONSUMER" in s or "$JS.FC" in s or s in (">", "slmops.>") for s in pub)
     assert not any("till-002" in s for s in pub + sub)
-    assert sub[: 1 + 4] == ["_INBOX_till-001.>", *names.assignment_subjects("shop", "till-001")]
+    assert sub[: 1 + 4] == ["_INBOX_shop.till-001.>", *names.assignment_subjects("shop", "till-001")]
     assert sub[5:] == [
         f"$KV.{names.FLEETCONFIG_BUCKET}.shop.till-001",
         f"$KV.{names.FLEETCONFIG_BUCKET}.shop._fleet",

@@ -209,7 +209,7 @@ async def test_a_node_with_the_wrong_ca_stays_offline_and_says_why(pki: Pki) -> 
     """The long-running link (edge, cloud) never connects with a wrong CA: it stays offline,
     retrying, and its last error names the certificate problem at once."""
     with tls_server(pki, mutual=False) as srv:
-        async with Link(srv.url, node="n1", options=ConnectOptions(tls_ca=pki.other_ca)) as link:
+        async with Link(srv.url, fleet="f1", node="n1", options=ConnectOptions(tls_ca=pki.other_ca)) as link:
 
             async def failed() -> bool:
                 return link.statistics().attempts >= 1
@@ -218,7 +218,7 @@ async def test_a_node_with_the_wrong_ca_stays_offline_and_says_why(pki: Pki) -> 
             assert link.state is not LinkState.ONLINE
             last = link.statistics().last_error or ""
             assert "does not verify against --tls-ca" in last, last
-        async with Link(srv.url, node="n1", options=ConnectOptions(tls_ca=pki.ca)) as link:
+        async with Link(srv.url, fleet="f1", node="n1", options=ConnectOptions(tls_ca=pki.ca)) as link:
             await link.wait_online(30)
 
 

@@ -80,7 +80,7 @@ async def _connect(url: str, creds: Path, node: str | None = None) -> AsyncItera
     nc = await nats.connect(
         url,
         user_credentials=str(creds),
-        inbox_prefix=names.inbox_prefix(node),
+        inbox_prefix=names.inbox_prefix(FLEET if node else None, node),
         error_cb=client.error_cb,
         disconnected_cb=client.disconnected_cb,
         reconnected_cb=client.reconnected_cb,
@@ -171,8 +171,8 @@ async def test_node_reads_its_own_assignment_and_model_and_not_another_nodes(
         await client.wait_error(
             f'permissions violation for subscription to "{names.ASSIGNED_PREFIX}.{FLEET}.{B}"'
         )
-        await nc.subscribe(f"{names.inbox_prefix(B)}.>")
-        await client.wait_error(f'permissions violation for subscription to "_inbox_{B}.>"')
+        await nc.subscribe(f"{names.inbox_prefix(FLEET, B)}.>")
+        await client.wait_error(f'permissions violation for subscription to "_inbox_{FLEET}.{B}.>"')
 
         blob = await _download(nc)
         assert len(blob) == 3 * 1024 * 1024 + 17
@@ -212,7 +212,7 @@ async def test_node_cannot_create_any_consumer(op: tuple[EmbeddedServer, FleetDi
             ("OBJ_slmops_models", js_api.ConsumerConfig(name="mine", filter_subject=chunk), "create"),
             (
                 "OBJ_slmops_models",
-                js_api.ConsumerConfig(name="tap", filter_subject=chunk, deliver_subject=f"_INBOX_{B}.x"),
+                js_api.ConsumerConfig(name="tap", filter_subject=chunk, deliver_subject=f"_INBOX_{FLEET}.{B}.x"),
                 "create",
             ),
             (names.TELEMETRY_STREAM, js_api.ConsumerConfig(durable_name="d"), "durable.create"),
@@ -229,6 +229,27 @@ async def test_node_cannot_create_any_consumer(op: tuple[EmbeddedServer, FleetDi
     async with _connect(server.url, fleet_dir.cloud_creds) as (cloud, _):
         for stream in (f"KV_{names.ASSIGNMENTS_BUCKET}", "OBJ_slmops_models", names.TELEMETRY_STREAM):
             assert await cloud.jetstream().consumers_info(stream) == []
+
+
+async def test_a_node_id_reused_in_another_fleet_cannot_read_the_first_ones_replies(
+    op: tuple[EmbeddedServer, FleetDir],
+) -> None:
+    """Node ids repeat across fleets (``till-a`` in ``shop`` and in ``mall``); each one's inbox
+    right names its fleet, so ``mall``'s till-a is refused ``shop``'s till-a inbox, and a reply
+    to a request of shop's till-a (its own direct get) still reaches it."""
+    server, fleet_dir = op
+    fleet_dir.enroll("node", fleet="mall", node=A)
+    mall_creds = fleet_dir.path / "creds" / "nodes" / "mall" / f"{A}.creds"
+    async with _connect(server.url, mall_creds) as (nc, client):
+        await nc.subscribe(f"{names.inbox_prefix(FLEET, A)}.>")
+        await client.wait_error(
+            f'permissions violation for subscription to "{names.inbox_prefix(FLEET, A).lower()}.>"'
+        )
+    async with _connect(server.url, _creds(fleet_dir, A), A) as (nc, client):
+        js = nc.jetstream(timeout=5)
+        got = await kv_get_direct(js, names.ASSIGNMENTS_BUCKET, names.assignment_key(FLEET, A))
+        assert got == f"{A}-v1".encode()
+        assert client.errors == []
 
 
 async def test_revoked_node_is_cut_off_within_seconds_and_another_stays_connected(

@@ -17,7 +17,7 @@ issue 13 fault 11):
 
 A node creates **no consumer**: no ``$JS.API.CONSUMER.>`` right at all, so it can neither
 take the model store's consumer slots nor aim a push consumer at another node's inbox. It
-receives only on its own inbox prefix (``_INBOX_<node>``) and its own assignment subjects.
+receives only on its own inbox prefix (``_INBOX_<fleet>.<node>``) and its own assignment subjects.
 
 Limits: ``subs`` bounds a node's subscriptions (it needs ~8: inbox, assignment wake-ups,
 one per batched download), ``payload`` its largest message (status ≤ 256 KiB, aggregates a few
@@ -72,7 +72,7 @@ def _node(fleet: str, node: str, js_domain: str | None) -> dict[str, Any]:
         # At a leaf site the device addresses the hub's JetStream by its domain.
         api = f"$JS.{names.validate_id(js_domain, 'JetStream domain')}.API."
         pub = [s.replace("$JS.API.", api, 1) for s in pub]
-    sub = [f"{names.inbox_prefix(node)}.>", *names.assignment_subjects(fleet, node), *config_subjects]
+    sub = [f"{names.inbox_prefix(fleet, node)}.>", *names.assignment_subjects(fleet, node), *config_subjects]
     return {
         "pub": {"allow": pub},
         "sub": {"allow": sub},

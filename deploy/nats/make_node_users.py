@@ -78,7 +78,7 @@ _BLOCK = """\
     subscribe: {{
       allow: [
         # Its own replies.
-        "_INBOX_{node}.>",
+        "_INBOX_{fleet}.{node}.>",
         # Wake-ups on its assignment keys (the bucket republishes each put there, headers only).
         "slmops.assigned.{fleet}.{node}",
         "slmops.assigned.{fleet}.{node}.>",

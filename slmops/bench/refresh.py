@@ -51,7 +51,7 @@ class _Follower:
 
     def __init__(self, i: int, url: str, cache: Path, trust: TrustStore) -> None:
         self.name = f"n{i:03d}"
-        self.link = Link(url, name=f"bench-{self.name}", node=self.name)
+        self.link = Link(url, name=f"bench-{self.name}", fleet=FLEET, node=self.name)
         self.swapped: dict[int, float] = {}
 
         async def register(manifest: ModelManifest) -> int:
