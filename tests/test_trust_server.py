@@ -212,7 +212,9 @@ async def test_node_cannot_create_any_consumer(op: tuple[EmbeddedServer, FleetDi
             ("OBJ_slmops_models", js_api.ConsumerConfig(name="mine", filter_subject=chunk), "create"),
             (
                 "OBJ_slmops_models",
-                js_api.ConsumerConfig(name="tap", filter_subject=chunk, deliver_subject=f"_INBOX_{FLEET}.{B}.x"),
+                js_api.ConsumerConfig(
+                    name="tap", filter_subject=chunk, deliver_subject=f"{names.inbox_prefix(FLEET, B)}.x"
+                ),
                 "create",
             ),
             (names.TELEMETRY_STREAM, js_api.ConsumerConfig(durable_name="d"), "durable.create"),
