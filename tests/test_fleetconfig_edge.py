@@ -11,13 +11,17 @@ from pathlib import Path
 import anyio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _edge_util import Keys, edge_config
 from _fleetcfg import WAIT, Env, put_raw, signed
 from _nats import free_port, wait_until
+from slmops.edge.config import EdgeConfig
 from slmops.edge.fleetconfig import resolve
 from slmops.edge.node import EdgeNode
-from slmops.shared.fleetconfig import ConfigRejected
+from slmops.shared.bundle import TrustStore
+from slmops.shared.fleetconfig import PUSHABLE, ConfigRejected, verify_config
 
 pytestmark = pytest.mark.anyio
 
@@ -234,3 +238,44 @@ async def test_hostile_config_payloads_never_stop_the_node(env: Env) -> None:
         await env.wait_state("n1", len(settings) + 1, "applied")
         assert node.buffer.k == 6
         assert node.last_error is None or "fleetconfig" not in node.last_error
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_keys = st.sampled_from([*PUSHABLE, "safety", "refresh", "turbo", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    settings_=st.dictionaries(
+        _keys, _json | st.dictionaries(st.text(max_size=20), _json, max_size=4), max_size=6
+    ),
+    schema=st.integers(min_value=-2, max_value=5),
+)
+def test_fuzzed_settings_are_resolved_or_refused_with_a_reason(
+    settings_: dict[str, object], schema: int
+) -> None:
+    """Whatever a (signed) document holds, ``resolve`` gives a validated config or
+    ``ConfigRejected`` — never another exception, never a loosened floor."""
+    local = EdgeConfig(fleet="f", node="n", data_dir="/tmp/x", min_count=5, dp_epsilon=1.0, dp_budget=9.0)
+    try:
+        r = resolve(local, settings_, schema=schema)
+    except ConfigRejected as exc:
+        reason = exc.reason
+        assert reason, "a refusal names its reason"
+        return
+    assert r.config.min_count >= 5
+    assert r.config.dp_epsilon is not None
+    assert r.config.dp_epsilon <= 1.0
+    assert r.config.dp_budget is not None
+    assert r.config.dp_budget <= 9.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=300) | _json.map(lambda v: json.dumps(v).encode()))
+def test_fuzzed_stored_documents_are_refused_with_a_reason(raw: bytes) -> None:
+    with pytest.raises(ConfigRejected):
+        verify_config(raw, TrustStore([]))
