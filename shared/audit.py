@@ -53,7 +53,7 @@ class ChangeRequest(Wire, kw_only=True):
     """What a tool asks the cloud to change. It carries no identity: the server's is used."""
 
     v: int = 1
-    #: "config.apply" or "config.rollback".
+    #: "config.apply", "config.rollback" or "assign".
     action: str
     fleet: str
     #: The signed ``FleetConfigDoc`` (JSON text), made and signed by the operator's tool.
@@ -65,6 +65,9 @@ class ChangeRequest(Wire, kw_only=True):
     #: waits until its nodes report the version "applied" and healthy for ``soak_s``.
     stages: list[int] = msgspec.field(default_factory=list)
     soak_s: float = 0.0
+    #: The arguments of actions other than configuration (e.g. "assign": model, version,
+    #: node, variant, side_by_side).
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class ChangeReply(Wire, kw_only=True):
@@ -74,3 +77,6 @@ class ChangeReply(Wire, kw_only=True):
     version: int | None = None
     #: The nodes written now (a staged rollout: the first stage's).
     nodes: list[str] = msgspec.field(default_factory=list)
+    #: What the action made (e.g. the ``Assignment`` written), and notes for the operator.
+    result: dict[str, Any] = msgspec.field(default_factory=dict)
+    notes: list[str] = msgspec.field(default_factory=list)

@@ -388,22 +388,31 @@ def assign(
     run, or is listed when there is none. A --side-by-side assignment is watched by the nodes
     like the default model's (and re-read at each poll).
     """
-    from slmops.cloud.registry import open_registry
-
     if side_by_side and model is None:
         raise click.UsageError("--side-by-side needs --model")
 
     async def main() -> None:
-        async with open_registry(nats_url) as registry:
-            a = await registry.assign(
-                fleet, version, model=model, node=node, variant=variant, side_by_side=side_by_side
-            )
-            # Fleet-wide: nodes whose runtime cannot run this version stay on one they can.
-            notes = (
-                await registry.pin_incapable(fleet, a.model, a.version, side_by_side=side_by_side)
-                if node is None
-                else []
-            )
+        import msgspec
+
+        from slmops.cloud.fleetconfig.client import request_change
+        from slmops.shared.audit import ChangeRequest
+        from slmops.shared.messages import Assignment
+
+        # Through the active cloud (audited with the identity the server gives); with no
+        # cloud serving the fleet, written here and said to be unaudited.
+        params = {
+            "version": version,
+            "model": model,
+            "node": node,
+            "variant": variant,
+            "side_by_side": side_by_side,
+        }
+        reply = await request_change(nats_url, ChangeRequest(action="assign", fleet=fleet, params=params))
+        if reply is not None:
+            a, notes = msgspec.convert(reply.result, Assignment), reply.notes
+        else:
+            click.echo(f"note: no cloud serves fleet {fleet}: assigned directly, not audited", err=True)
+            a, notes = await _assign_directly(nats_url, fleet, params)
         who = f"node {a.node}" if a.node else "the whole fleet"
         chosen = a.variant or f"node's choice of {', '.join(a.variants)}"
         beside = ", beside its other models" if side_by_side else ""
@@ -412,6 +421,23 @@ def assign(
             click.echo(f"  {note}")
 
     run(main)
+
+
+async def _assign_directly(url: str, fleet: str, params: dict[str, Any]) -> tuple[Any, list[str]]:
+    """``models assign`` without a cloud: written here (``params``: the request's)."""
+    from slmops.cloud.registry import open_registry
+
+    p = dict(params)
+    version, side_by_side = p.pop("version"), p["side_by_side"]
+    async with open_registry(url) as registry:
+        a = await registry.assign(fleet, version, **p)
+        # Fleet-wide: nodes whose runtime cannot run this version stay on one they can.
+        notes = (
+            []
+            if p["node"]
+            else await registry.pin_incapable(fleet, a.model, a.version, side_by_side=side_by_side)
+        )
+        return a, notes
 
 
 _model_version = [

@@ -251,3 +251,22 @@ async def test_audit_records_the_identity_the_server_authenticated(
         assert (records[0].who, records[0].account, records[0].action) == ("alice", "OPS", "config.apply")
     finally:
         server.stop()
+
+
+async def test_models_assign_goes_through_the_cloud_and_is_audited(env: Env) -> None:
+    """With a cloud serving the fleet, ``models assign`` is done by it and recorded; with
+    none, it is written directly and says it was not audited."""
+    _, bundles = await env.keys.registry(env.js, env.fleet, 1, 2)
+    model = bundles[0].manifest.name
+    assign = ("models", "assign", "--nats", env.url, "--fleet", env.fleet, "--model", model)
+    code, out = await _cli(*assign, "--version", "2")
+    assert code == 0, out
+    assert "not audited" in out
+    async with _cloud(env.url, env.tmp / "state", env.fleet):
+        code, out = await _cli(*assign, "--version", "1", "--node", "n7")
+        assert code == 0, out
+        assert f"assigned {model} v1" in out
+        assert "not audited" not in out
+    records = await read_audit(env.js, env.fleet)
+    assert [(r.action, r.who, r.target) for r in records] == [("assign", "unauthenticated", "node n7")]
+    assert records[0].detail["version"] == 1

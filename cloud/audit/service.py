@@ -2,11 +2,11 @@
 does the change and records it on ``SLMOPS_AUDIT`` with the requester's identity as the
 server gave it (``cloud.audit.identity``). Refused requests are recorded too (who tried what).
 
-Actions: ``config.apply`` and ``config.rollback`` (a rollback is a new version carrying an
-older one's settings, made and signed by the operator's tool): the signed document is stored
-as ``<fleet>._v.<version>`` (a version is never overwritten and must be newer than every one
-before), then written to the fleet's key, to the selected nodes' keys, or staged
-(``cloud.fleetconfig.rollout``).
+Actions: ``assign`` (``cloud.audit.assign``), ``config.apply`` and ``config.rollback`` (a
+rollback is a new version carrying an older one's settings, made and signed by the
+operator's tool): the signed document is stored as ``<fleet>._v.<version>`` (a version is
+never overwritten and must be newer than every one before), then written to the fleet's
+key, to the selected nodes' keys, or staged (``cloud.fleetconfig.rollout``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from slmops.cloud.audit.assign import assign_change
 from slmops.cloud.audit.identity import Identity, IdentityReader
 from slmops.cloud.audit.record import new_record, record_audit
 from slmops.cloud.fleetconfig.rollout import ConfigRollout, start_config_rollout
@@ -37,7 +38,7 @@ __all__ = ["ACTIONS", "handle_change", "serve_changes"]
 
 log = structlog.get_logger(__name__)
 
-ACTIONS = ("config.apply", "config.rollback")
+ACTIONS = ("config.apply", "config.rollback", "assign")
 
 
 def _stages(stages: list[int]) -> list[int]:
@@ -63,6 +64,10 @@ async def handle_change(
     fleet = names.validate_id(req.fleet, "fleet")
     if subject is not None and subject != names.change_subject(fleet):
         raise ValueError(f"a change to fleet {fleet!r} sent on {subject!r}")
+    if req.action == "assign":
+        reply, target, done = await assign_change(req, store.js, store.url)
+        record = new_record(who, req.action, fleet, target=target, detail=done)
+        return msgspec.structs.replace(reply, audit_id=record.id), record
     raw = req.document.encode()
     doc = verify_config(raw, trust) if trust is not None else decode_doc(raw, "document")
     if doc.fleet != fleet:

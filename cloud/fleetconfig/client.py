@@ -21,17 +21,17 @@ from slmops.shared.audit import ChangeReply, ChangeRequest
 from slmops.shared.fleetconfig import FleetConfigDoc, sign_config
 from slmops.shared.messages import decode_json, encode_json
 
-__all__ = ["ChangeRefused", "history", "propose", "rollback_document", "send_change"]
+__all__ = ["ChangeRefused", "history", "propose", "request_change", "rollback_document", "send_change"]
 
 #: Seconds to wait for the change service's answer (a staged first step reads statuses).
 REQUEST_TIMEOUT = 20.0
 
 
 class ChangeRefused(CloudError):
-    """The cloud refused a change, or no cloud answered."""
+    """The cloud refused a change, or no cloud answered (``no_cloud``)."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, reason: str, *, no_cloud: bool = False) -> None:
+        self.reason, self.no_cloud = reason, no_cloud
         super().__init__(reason)
 
 
@@ -79,7 +79,8 @@ async def send_change(nc: NATS, request: ChangeRequest, *, timeout: float = REQU
     except NoRespondersError as exc:
         raise ChangeRefused(
             f"no cloud answers on {names.change_subject(request.fleet)}: is `slmops cloud` running for this "
-            "fleet (and may you reach it)?"
+            "fleet (and may you reach it)?",
+            no_cloud=True,
         ) from exc
     except NatsTimeout as exc:
         raise ChangeRefused(
@@ -92,6 +93,23 @@ async def send_change(nc: NATS, request: ChangeRequest, *, timeout: float = REQU
     if not reply.ok:
         raise ChangeRefused(reply.error or "refused")
     return reply
+
+
+async def request_change(url: str, request: ChangeRequest) -> ChangeReply | None:
+    """``send_change`` over a connection of its own to ``url``; None when no cloud serves the
+    fleet (the caller may then do the change itself, unaudited, and say so). Raises
+    ``ChangeRefused`` with the cloud's reason, ``NatsUnavailable`` when ``url`` is down."""
+    from slmops.shared.connect import connect_once
+
+    nc = await connect_once(url, timeout=5.0, name="slmops-cli")
+    try:
+        return await send_change(nc, request)
+    except ChangeRefused as exc:
+        if exc.no_cloud:
+            return None
+        raise
+    finally:
+        await nc.close()
 
 
 async def history(js: JetStreamContext, fleet: str) -> list[FleetConfigDoc]:
