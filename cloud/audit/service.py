@@ -116,6 +116,8 @@ async def _answer(msg: Msg, reader: IdentityReader, store: ConfigStore, trust: T
         req = msgspec.json.decode(msg.data, type=ChangeRequest)
         fleet = req.fleet if isinstance(req.fleet, str) else None
         action = req.action if isinstance(req.action, str) else action
+        if store.closed:
+            await store.open()
         reply, record = await handle_change(req, who, store, trust, msg.subject)
     except (NatsUnavailable, JetStreamRefused) as exc:
         reply, record = ChangeReply(ok=False, error=f"cloud could not do it: {exc}"), None
@@ -163,7 +165,9 @@ async def serve_changes(
     (run only in the active instance). One bad request never stops it: each is answered (or
     refused) and recorded on its own."""
     reader = IdentityReader(nc)
-    store = await ConfigStore(js, url=url).open()
+    # Opened at the first request (``_answer``): nothing here may fail the cloud's start on a
+    # server that is restarting.
+    store = ConfigStore(js, url=url)
     subjects = [names.change_subject(f) for f in fleets] if fleets else [f"{names.CHANGE_SUBJECT}.*"]
     send, receive = anyio.create_memory_object_stream[Msg](64)
 

@@ -145,10 +145,12 @@ async def run_config_rollouts(
     """Step every running configuration rollout of ``fleets`` (None or empty: all) every
     ``INTERVAL_S`` until cancelled (the active cloud only). One rollout's failure is logged
     and does not stop the others."""
-    store = await ConfigStore(js, url=url).open()
+    store = ConfigStore(js, url=url)
     task_status.started()
     while True:
         try:
+            if store.closed:
+                await store.open()
             keys = await kv_keys(js, names.FLEETCONFIG_BUCKET, "*._rollout")
         except (NatsUnavailable, JetStreamRefused) as exc:
             log.warning("config_rollouts_unreadable", error=str(exc))

@@ -61,6 +61,11 @@ class ConfigStore:
         return self
 
     @property
+    def closed(self) -> bool:
+        """Whether ``open()`` is still to be called."""
+        return self._kv is None
+
+    @property
     def kv(self) -> KeyValue:
         if self._kv is None:
             raise RuntimeError("ConfigStore.open() first")
