@@ -43,7 +43,8 @@ class Transaction:
     other tasks never land inside it. ``on_begin`` runs once the lock is held (where the
     caller saves the in-memory state its ``on_rollback`` restores: saved any earlier, a
     rollback would also undo what transactions committed meanwhile, e.g. a compaction's
-    ``next_seq``). On error it rolls back, calls ``on_rollback`` and
+    ``next_seq``); ``on_commit`` runs once ``COMMIT`` succeeded, still under the lock. On
+    error it rolls back, calls ``on_rollback`` and
     raises ``StoreError`` for sqlite errors (other errors propagate as they are). Commit and
     rollback run shielded: a cancelled caller never leaves a transaction open."""
 
@@ -53,6 +54,7 @@ class Transaction:
     _: KW_ONLY
     on_rollback: Callable[[], None]
     on_begin: Callable[[], None] = lambda: None
+    on_commit: Callable[[], None] = lambda: None
 
     async def __aenter__(self) -> None:
         await self.lock.acquire()
@@ -60,9 +62,11 @@ class Transaction:
             self.on_begin()
             await self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            self.on_rollback()  # nothing changed yet: ends what ``on_begin`` started
             self.lock.release()
             raise StoreError(self.where, f"cannot begin a transaction: {exc}") from exc
         except BaseException:
+            self.on_rollback()
             self.lock.release()
             raise
 
@@ -74,10 +78,11 @@ class Transaction:
                 if et is None:
                     try:
                         await self.db.execute("COMMIT")
-                        return False
                     except sqlite3.Error as exc:
                         await self._rollback()
                         raise StoreError(self.where, f"commit failed: {exc}") from exc
+                    self.on_commit()
+                    return False
                 await self._rollback()
                 if isinstance(e, sqlite3.Error):
                     raise StoreError(self.where, str(e)) from e

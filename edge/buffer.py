@@ -223,6 +223,9 @@ class Buffer:
         #: them (nor ``current_model_id``) is retired: its leftovers below k are flushed.
         self.live_model_ids: set[int] = set()
         self._state: dict[str, float] = dict.fromkeys(_STATE_KEYS, 0)
+        #: While a transaction runs: the state it began from, which ``statistics()`` shows
+        #: until the commit (see ``_tx``).
+        self._shown: dict[str, float] | None = None
         self._outbox_depth = self._outbox_bytes = 0
         self._committed = self._lost = self._pending = self._unrecorded = 0
         self.receipt = LossReceipt(self.path.with_name("loss_receipt.bin"))
@@ -694,12 +697,17 @@ class Buffer:
                 await self._insert_outbox([self._with_receipts(suppress(agg), receipt_lost)])
                 self._state["next_seq"] = seq + 1
                 made += 1
+            outbox = self._outbox_depth, self._outbox_bytes
             if made:
                 await self._enforce_bound()
                 await self._save_state()
+                outbox = await self._outbox_stats()  # as this transaction will commit it
+        # One step with the commit, no await in between: a ``statistics()`` read (health)
+        # never sees these events gone from ``pending_events`` and not yet in the outbox
+        # (chaos seed 11: a drained-looking twin was stopped with one aggregate unsent).
         self._pending -= closed
         if made:
-            await self._refresh_outbox_stats()
+            self._outbox_depth, self._outbox_bytes = outbox
             self._notify()
         return made
 
@@ -835,7 +843,9 @@ class Buffer:
             self._state["sent"] += len(seqs)
             self._state["last_sync"] = self._clock()
             await self._save_state()
-        await self._refresh_outbox_stats()
+            outbox = await self._outbox_stats()
+        # Read under the lock: a refresh after it could land after a later close's.
+        self._outbox_depth, self._outbox_bytes = outbox
 
     # -- state ------------------------------------------------------------------------------
 
@@ -846,10 +856,15 @@ class Buffer:
             list(self._state.items()),
         )
 
-    async def _refresh_outbox_stats(self) -> None:
+    async def _outbox_stats(self) -> tuple[int, int]:
+        """``(depth, bytes)`` of the outbox as this connection sees it (inside a transaction:
+        what its commit will leave)."""
         async with self.db.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM outbox") as cur:
             row = await cur.fetchone()
-        self._outbox_depth, self._outbox_bytes = (int(row[0]), int(row[1])) if row else (0, 0)
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def _refresh_outbox_stats(self) -> None:
+        self._outbox_depth, self._outbox_bytes = await self._outbox_stats()
 
     def _notify(self) -> None:
         event, self.outbox_changed = self.outbox_changed, anyio.Event()
@@ -870,7 +885,7 @@ class Buffer:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):  # -wal/-shm exist only while open
                 size += Path(f"{self.path}{suffix}").stat().st_size
-        s = self._state
+        s = self._shown if self._shown is not None else self._state
         return BufferStats(
             outbox_depth=self._outbox_depth,
             outbox_bytes=self._outbox_bytes,
@@ -893,13 +908,24 @@ class Buffer:
     # -- transactions -----------------------------------------------------------------------
 
     def _tx(self) -> Transaction:
+        """A transaction whose changes to the in-memory state follow its outcome: a rollback
+        restores the state it began from, and ``statistics()`` shows that state until the
+        commit (a health read inside a window close never sees its receipts reported before
+        the aggregate carrying them is stored)."""
         saved: dict[str, float] = {}
 
         def save() -> None:  # under the lock: no other transaction is changing the state
             saved.clear()
             saved.update(self._state)
+            self._shown = saved
 
         def restore() -> None:  # in-memory state changed inside follows the rollback
             self._state = dict(saved)
+            self._shown = None
 
-        return Transaction(self.db, self._lock, str(self.path), on_begin=save, on_rollback=restore)
+        def committed() -> None:
+            self._shown = None
+
+        return Transaction(
+            self.db, self._lock, str(self.path), on_begin=save, on_rollback=restore, on_commit=committed
+        )

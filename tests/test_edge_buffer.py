@@ -3,11 +3,15 @@ restarts, the disk bound, the attempted mark and the DP ledger."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
 
-from slmops.edge.buffer import Buffer
+from slmops.edge.buffer import Buffer, BufferStats
 from slmops.edge.privacy import EventRow
 from slmops.shared.messages import HistogramEdges, ModelRef, decode_telemetry
 
@@ -30,6 +34,28 @@ def make(path: Path, **kw: object) -> Buffer:
 
 def rows(mid: int, n: int, label: int = 0) -> list[EventRow]:
     return [EventRow(1000.0, mid, label, 1, 0, 0, 0)] * n
+
+
+@asynccontextmanager
+async def statistics_seen(buf: Buffer) -> AsyncIterator[list[BufferStats]]:
+    """Every ``statistics()`` snapshot, taken at each checkpoint while the block runs (as a
+    health request may read it at any of them)."""
+    seen: list[BufferStats] = []
+    watching, done = anyio.Event(), anyio.Event()
+
+    async def watch() -> None:
+        watching.set()
+        while not done.is_set():
+            seen.append(buf.statistics())
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await watching.wait()
+        try:
+            yield seen
+        finally:
+            done.set()
 
 
 async def append_and_commit(buf: Buffer, rs: list[EventRow]) -> None:
@@ -184,3 +210,32 @@ async def test_an_idle_nodes_last_events_below_k_go_out_after_two_quiet_windows(
         assert await buf.close_window(1004.0) == 1
         last = decode_telemetry((await buf.outbox_take(5))[-1][1])
         assert (last.count, last.class_counts) == (3, {"a": 3})
+
+
+@pytest.mark.anyio
+async def test_a_closing_window_shows_pending_or_in_the_outbox_never_neither(tmp_path: Path) -> None:
+    """chaos (2 min, 3 nodes, seed 11): n2 answered 181, the cloud counted 159 + 21 receipts.
+    The missing inference sat in the outbox of n2's duplicate-node twin (seq 2, count 1,
+    never attempted): the bench drains a node until its health says outbox 0 and
+    pending_events 0, then stops it. ``close_window`` took the events out of
+    ``pending_events`` as its transaction committed but refreshed ``outbox_depth`` one SQLite
+    trip later, so a health read in between said 0 and 0 while the aggregate was unpublished
+    (and the twin's ``outbox_done`` of seq 1 had just set the depth to 0). Right: a
+    ``statistics()`` snapshot shows every unpublished inference as pending or in the outbox.
+    Real SQLite file; a task reads ``statistics()`` at every checkpoint, as a health request
+    may."""
+    async with make(tmp_path / "t.db", k=1) as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        await append_and_commit(buf, rows(info.model_id, 3))
+        async with statistics_seen(buf) as stats:
+            assert await buf.close_window(1001.0) == 1  # the outbox was empty: seq 1
+            assert [s for s, _ in await buf.outbox_take(10)] == [1]  # published, PubAck pending
+            await append_and_commit(buf, rows(info.model_id, 1))
+            async with anyio.create_task_group() as twin:  # seq 1's PubAck as seq 2's window closes
+                twin.start_soon(buf.outbox_done, [1])
+                twin.start_soon(buf.close_window, 1002.0)
+        seen = [(s.pending_events, s.outbox_depth) for s in stats]
+        assert await buf.outbox_counts() == [(2, 1)]
+        assert (buf.statistics().pending_events, buf.statistics().outbox_depth) == (0, 1)
+        drained = [i for i, (pending, depth) in enumerate(seen) if pending == 0 and depth == 0]
+        assert not drained, f"drained while unpublished, at snapshots {drained[:5]} of {len(seen)}: {seen}"

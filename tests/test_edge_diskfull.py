@@ -25,7 +25,7 @@ import anyio.abc
 import msgspec
 import pytest
 from nats.js import JetStreamContext
-from test_edge_buffer import EDGES, REF, append_and_commit, make, rows
+from test_edge_buffer import EDGES, REF, append_and_commit, make, rows, statistics_seen
 
 from _edge_proc import Client, start
 from _edge_util import Keys, edge_cli, edge_config, kill, read_telemetry, terminate
@@ -332,3 +332,31 @@ async def test_a_window_closing_on_a_nearly_full_disk_keeps_every_stored_inferen
         # stored == counted, and the receipts hold exactly the 5 never stored
         assert sum(a.count for a in taken) == 28
         assert sum(a.dropped_inferences for a in taken) == 5
+
+
+@pytest.mark.anyio
+async def test_receipts_never_show_reported_before_their_aggregate_is_stored(small_disk: Path) -> None:
+    """The chaos bench drains a node until health says outbox 0, pending_events 0 and
+    ``loss_receipt`` reported == lost, then stops it. After a full-disk spell with no
+    stored event left, a window close makes a count-0 aggregate carrying the receipts; old
+    code marked them reported in memory at the start of that transaction, so a health read
+    during it (or before the outbox depth was refreshed after it) looked drained while the
+    receipts were in no stored aggregate. Right: ``statistics()`` shows a transaction's
+    changes only once it committed, and the outbox with them. Real 4 MiB tmpfs, real ENOSPC;
+    default ``outbox_max_bytes``, k 1; a task reads ``statistics()`` at every checkpoint."""
+    (default_bound,) = (f.default for f in msgspec.structs.fields(EdgeConfig) if f.name == "outbox_max_bytes")
+    async with make(small_disk / "t.db", k=1, outbox_max_bytes=default_bound) as buf:
+        info = await buf.register_model(REF, ["a", "b"], EDGES)
+        buf.current_model_id = info.model_id
+        filler = fill(small_disk)
+        commit = await buf.append(rows(info.model_id, 2))  # answered, not stored: receipted
+        await buf._commit_group(buf._gather(await buf._recv.receive()))
+        assert (commit.stored, commit.receipted) == (False, True)
+        filler.unlink()
+        async with statistics_seen(buf) as stats:
+            assert await buf.close_window(1001.0) == 1  # a count-0 aggregate carries the 2
+        seen = [(s.pending_events, s.outbox_depth, s.receipt_lost, s.receipt_reported) for s in stats]
+        assert seen[0] == (0, 0, 2, 0), seen[:3]
+        assert (await buf.outbox_counts(), buf.statistics().receipt_reported) == ([(1, 0)], 2)
+        drained = [s for s in seen if s[:2] == (0, 0) and s[2] == s[3]]
+        assert not drained, f"looked drained with the receipts in no stored aggregate: {seen}"
