@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "JetStreamRefused",
     "NatsUnavailable",
+    "NoResponders",
     "NotFound",
     "PortUnavailable",
     "ProvisionError",
@@ -51,6 +52,15 @@ class NatsUnavailable(SlmopsError):
         self.url = url
         self.reason = reason
         super().__init__(f"NATS at {url} unavailable: {reason}")
+
+
+class NoResponders(NatsUnavailable):
+    """A core request found nobody subscribed to its subject (NATS answered at once with
+    "no responders"): the service is not running, or not for that subject."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        self.subject = subject
+        super().__init__(url, f"no responders on {subject}")
 
 
 class JetStreamRefused(SlmopsError):

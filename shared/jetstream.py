@@ -35,7 +35,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
-from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound, WrongLastSequence
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NoResponders, NotFound, WrongLastSequence
 
 __all__ = [
     "DEFAULT_MAX_CONSUMERS",
@@ -46,6 +46,7 @@ __all__ = [
     "is_nats_error",
     "nats_errors",
     "replay",
+    "service_request",
     "stored_at",
     "stream_info",
     "url_of",
@@ -87,6 +88,21 @@ def nats_errors(kind: str, name: str, url: str = "<nats>") -> Iterator[None]:
         raise JetStreamRefused(kind, name, None, f"{type(exc).__name__}: {exc}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise NatsUnavailable(url, f"{type(exc).__name__} on {kind} {name!r}: {exc}") from exc
+
+
+async def service_request(nc: NATS, subject: str, payload: bytes, *, timeout: float) -> Msg:
+    """A core NATS request to a service (not JetStream) on ``subject``; its reply. Raises
+    ``NoResponders`` when nobody serves the subject, ``NatsUnavailable`` when no answer came
+    within ``timeout`` seconds or the connection failed."""
+    url = url_of(nc)
+    try:
+        return await nc.request(subject, payload, timeout=timeout)
+    except nats.errors.NoRespondersError as exc:
+        raise NoResponders(url, subject) from exc
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        raise NatsUnavailable(url, f"no answer on {subject} within {timeout:g} s") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise NatsUnavailable(url, f"{type(exc).__name__} on request to {subject}: {exc}") from exc
 
 
 #: What ``nats_errors`` maps to ``NatsUnavailable`` at the least (nats-py's own, timeouts, sockets).

@@ -17,6 +17,7 @@ __all__ = [
     "DP_SENSITIVITY",
     "RETRYABLE_CODES",
     "BundleCode",
+    "ConfigRolloutStatus",
     "DriftKind",
     "DriftReference",
     "DriftSignal",
@@ -88,6 +89,15 @@ class RolloutStatus(StrEnum):
     COMPLETED = "completed"
     ROLLED_BACK = "rolled_back"
     ABORTED = "aborted"
+
+
+class ConfigRolloutStatus(StrEnum):
+    """Where a staged fleet-configuration rollout stands (``cloud.fleetconfig.rollout``)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    #: A node refused the version or rolled it back: the rollout waits for the operator.
+    HALTED = "halted"
 
 
 class RolloutEventState(StrEnum):

@@ -9,11 +9,12 @@ from typing import Any
 
 import anyio
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from slmops.shared import jetstream
 from slmops.shared.backoff import Backoff
-from slmops.shared.errors import JetStreamRefused, NotFound, WrongLastSequence
+from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NoResponders, NotFound, WrongLastSequence
 from slmops.shared.jetstream import ensure_kv, nats_errors, stream_info
 
 
@@ -83,3 +84,23 @@ def test_backoff_doubles_to_its_cap_with_optional_equal_jitter() -> None:
         Backoff(0, 1)
     with pytest.raises(ValueError, match="cap"):
         Backoff(2, 1)
+
+
+@pytest.mark.anyio
+async def test_service_request_names_a_missing_service_and_a_silent_one(nc: NATS) -> None:
+    """No subscriber → ``NoResponders`` naming the subject (at once, not after the timeout); a
+    subscriber that never answers → ``NatsUnavailable`` saying so; an answer comes back."""
+    with anyio.fail_after(2):
+        with pytest.raises(NoResponders, match=r"no responders on svc\.none"):
+            await jetstream.service_request(nc, "svc.none", b"x", timeout=10)
+    silent = await nc.subscribe("svc.silent")
+    with pytest.raises(NatsUnavailable, match=r"no answer on svc\.silent within 0\.5 s") as caught:
+        await jetstream.service_request(nc, "svc.silent", b"x", timeout=0.5)
+    assert not isinstance(caught.value, NoResponders)
+    await silent.unsubscribe()
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(msg.data.upper())
+
+    await nc.subscribe("svc.echo", cb=echo)
+    assert (await jetstream.service_request(nc, "svc.echo", b"ok", timeout=5)).data == b"OK"

@@ -10,15 +10,15 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
 from slmops.cloud.errors import CloudError
 from slmops.cloud.fleetconfig.store import ConfigStore, decode_doc
 from slmops.shared import names
 from slmops.shared.audit import ChangeReply, ChangeRequest
+from slmops.shared.errors import NatsUnavailable, NoResponders
 from slmops.shared.fleetconfig import FleetConfigDoc, sign_config
+from slmops.shared.jetstream import service_request
 from slmops.shared.messages import decode_json, encode_json
 
 __all__ = ["ChangeRefused", "history", "propose", "request_change", "rollback_document", "send_change"]
@@ -75,17 +75,17 @@ async def send_change(nc: NATS, request: ChangeRequest, *, timeout: float = REQU
     """Ask the active cloud. Raises ``ChangeRefused`` with the cloud's reason, or when no
     cloud answers."""
     try:
-        msg = await nc.request(names.change_subject(request.fleet), encode_json(request), timeout=timeout)
-    except NoRespondersError as exc:
+        msg = await service_request(
+            nc, names.change_subject(request.fleet), encode_json(request), timeout=timeout
+        )
+    except NoResponders as exc:
         raise ChangeRefused(
             f"no cloud answers on {names.change_subject(request.fleet)}: is `slmops cloud` running for this "
             "fleet (and may you reach it)?",
             no_cloud=True,
         ) from exc
-    except NatsTimeout as exc:
-        raise ChangeRefused(
-            f"the cloud did not answer on {names.CHANGE_SUBJECT} within {timeout:g} s"
-        ) from exc
+    except NatsUnavailable as exc:
+        raise ChangeRefused(f"the cloud did not answer: {exc.reason}") from exc
     try:
         reply = decode_json(msg.data, ChangeReply)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

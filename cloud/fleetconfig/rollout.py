@@ -25,6 +25,7 @@ from slmops.cloud.rollout.cohort import cohort
 from slmops.shared import names
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable
 from slmops.shared.kv import kv_get, kv_keys
+from slmops.shared.vocabulary import ConfigRolloutStatus
 
 __all__ = ["CLOUD", "ConfigRollout", "run_config_rollouts", "start_config_rollout", "step_rollout"]
 
@@ -51,8 +52,7 @@ class ConfigRollout(msgspec.Struct, kw_only=True):
     written: list[str] = msgspec.field(default_factory=list)
     #: When every node of the current stage was first seen applied and healthy (epoch s).
     healthy_at: float | None = None
-    #: "running", "completed" or "halted".
-    status: str = "running"
+    status: ConfigRolloutStatus = ConfigRolloutStatus.RUNNING
     reason: str = ""
 
 
@@ -83,7 +83,7 @@ async def _audit(store: ConfigStore, state: ConfigRollout, action: str, target: 
 
 async def step_rollout(store: ConfigStore, state: ConfigRollout, now: float | None = None) -> ConfigRollout:
     """Advance one running rollout as far as its gates allow now, storing the new state."""
-    if state.status != "running":
+    if state.status != ConfigRolloutStatus.RUNNING:
         return state
     now = time.time() if now is None else now
     targets = state.nodes or await store.known_nodes(state.fleet)
@@ -104,7 +104,7 @@ async def step_rollout(store: ConfigStore, state: ConfigRollout, now: float | No
             and st.config_seen == state.version
             and st.config_state in ("rejected", "rolled_back")
         ):
-            state.status = "halted"
+            state.status = ConfigRolloutStatus.HALTED
             state.reason = f"{node}: {st.config_state}: {st.config_reason}"
             await _audit(store, state, "config.halted", node)
             break
@@ -115,14 +115,14 @@ async def step_rollout(store: ConfigStore, state: ConfigRollout, now: float | No
             or st.storage == "degraded"
         ):
             healthy = False
-    if state.status == "running" and healthy:
+    if state.status == ConfigRolloutStatus.RUNNING and healthy:
         state.healthy_at = state.healthy_at or now
         if now - state.healthy_at >= state.soak_s:
             state.stage += 1
             state.healthy_at = None
             if state.stage >= len(state.stages):
                 state.stage = len(state.stages) - 1
-                state.status = "completed"
+                state.status = ConfigRolloutStatus.COMPLETED
                 if not state.nodes:  # the whole fleet: nodes that join later get it too
                     await store.write(state.fleet, raw, None)
                 await _audit(
