@@ -13,6 +13,7 @@ import pytest
 
 from slmops.cloud.trust import FleetDir, FleetDirError, permissions_for
 from slmops.shared import names
+from slmops.shared.atomic import write_atomic
 from slmops.shared.identity import (
     IdentityError,
     decode_jwt,
@@ -184,3 +185,29 @@ def test_init_never_overwrites_and_other_dirs_are_refused(tmp_path: Path) -> Non
     d = FleetDir(tmp_path / "fleet")
     with pytest.raises(FleetDirError, match="never enrolled"):
         d.revoke(fleet="shop", node="ghost")
+
+
+def test_a_world_readable_leftover_temp_file_never_makes_a_secret_readable(tmp_path: Path) -> None:
+    """A crash leftover (or a file another user pre-created) at the old fixed temp name
+    ``.NAME.tmp`` with mode 0644 must not pass its mode on to the creds file."""
+    account, user = new_key("account"), new_key("user")
+    token = encode_jwt("user", user.public, "u", {}, account)
+    path = tmp_path / "u.creds"
+    leftover = tmp_path / ".u.creds.tmp"
+    leftover.write_text("old junk")
+    leftover.chmod(0o644)
+    write_creds(path, token, user)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert user.seed in path.read_text()
+    assert read_creds(path) == (token, user)
+    assert leftover.read_text() == "old junk"  # never opened: the secret did not go through it
+
+
+def test_write_atomic_is_private_by_default_and_takes_a_mode(tmp_path: Path) -> None:
+    write_atomic(tmp_path / "secret", b"s")
+    write_atomic(tmp_path / "public", b"p", mode=0o644)
+    assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "public").stat().st_mode) == 0o644
+    assert (tmp_path / "public").read_bytes() == b"p"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["public", "secret"]  # no temp left
+

@@ -35,6 +35,7 @@ import msgspec
 
 from slmops.cloud.trust.permissions import ROLES, Role, permissions_for
 from slmops.shared import names
+from slmops.shared.atomic import write_atomic
 from slmops.shared.identity import (
     IdentityError,
     KeyPair,
@@ -355,13 +356,10 @@ class FleetDir:
         token = encode_jwt(
             "account", subject, which, claims, self._key("operator-signing", "operator"), issued_at=issued_at
         )
-        folder = self.path / "accounts"
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f".{which}.jwt.tmp"
-        tmp.write_text(token + "\n")
-        os.replace(tmp, folder / f"{which}.jwt")
+        # A signed public document (the server and `fleet push` read it), not a secret.
+        write_atomic(self.path / "accounts" / f"{which}.jwt", (token + "\n").encode(), mode=0o644)
 
 
 def _write_index(path: Path, index: _Index) -> None:
     data = json.loads(msgspec.json.encode(index))
-    write_secret(path / "fleet.json", json.dumps(data, indent=1) + "\n", mode=0o600)
+    write_secret(path / "fleet.json", json.dumps(data, indent=1) + "\n")
