@@ -204,12 +204,18 @@ class FleetDir:
                 if role == "node"
                 else self.path / "creds" / f"{label}.creds"
             )
-        write_creds(out, token, user)
         record = UserRecord(
             public=user.public, role=role, name=label, issued_at=issued, fleet=fleet, node=node
         )
+        # The index first: a crash before the creds file is written leaves a known key that
+        # `fleet revoke` finds, never a working credential the index does not know.
         self._index.users.append(record)
-        _write_index(self.path, self._index)
+        try:
+            _write_index(self.path, self._index)
+        except BaseException:
+            self._index.users.pop()
+            raise
+        write_creds(out, token, user)
         return Enrolled(record, out)
 
     def users(self) -> list[UserRecord]:
@@ -240,8 +246,10 @@ class FleetDir:
                 u.revoked_at = max(now, u.issued_at)
         revocations = {u.public: u.revoked_at for u in self._index.users if u.revoked_at is not None}
         previous = decode_jwt(self.account_jwt()).issued_at
-        self._write_account_jwt(ACCOUNT, self._account_claims(revocations), issued_at=_now_after(previous))
+        # The index (source of truth) first: a crash before the account JWT is written keeps
+        # revoked_at, and the next revoke re-signs the JWT from it, never dropping a key.
         _write_index(self.path, self._index)
+        self._write_account_jwt(ACCOUNT, self._account_claims(revocations), issued_at=_now_after(previous))
         self.write_server_conf()
         return hits
 
