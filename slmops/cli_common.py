@@ -154,10 +154,11 @@ def key_file_option(
     )  # fmt: skip
 
 
-#: ``--key`` of the commands that sign bundles (to ``key_path``).
+#: ``--key`` of the commands that sign bundles or fleet configuration (to ``key_path``).
 signing_key_option = key_file_option(
     "--key", "key_path", required=True, envvar="SLMOPS_SIGNING_KEY",
-    help="Ed25519 private key (*.key from `slmops keys new`) that signs the bundle.",
+    help="Ed25519 private key (*.key from `slmops keys new`) that signs what the command publishes "
+    "(a bundle, a fleet configuration); nodes must trust its key.",
 )  # fmt: skip
 
 

@@ -179,6 +179,7 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
     """The whole system at a glance: is NATS reachable, which cloud instance holds the lease,
     and per fleet: nodes online (of those not forgotten), assigned versions, open drift events,
     running rollouts. Exits 1 when NATS is unreachable (saying so, also with --json)."""
+    from slmops.shared.connect import redact_url
     from slmops.shared.errors import NatsUnavailable
 
     try:
@@ -187,9 +188,11 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
         if not isinstance(exc.__cause__, NatsUnavailable):
             raise
         if as_json:
-            click.echo(json.dumps({"nats": {"url": nats_url, "reachable": False, "error": exc.message}}))
+            click.echo(
+                json.dumps({"nats": {"url": redact_url(nats_url), "reachable": False, "error": exc.message}})
+            )
         else:
-            click.echo(f"nats     {nats_url}: unreachable")
+            click.echo(f"nats     {redact_url(nats_url)}: unreachable")
         raise
     if as_json:
         click.echo(json.dumps(doc))
@@ -199,6 +202,7 @@ def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
 
 async def _overview(nc: NATS, url: str, fleet: str | None) -> dict[str, Any]:
     from slmops.cloud.ingest import overview as ov
+    from slmops.shared.connect import redact_url
 
     js = nc.jetstream()  # a read: nothing is created (each read takes a missing resource as empty)
     views, now, clock = await ov.fleet_view(nc, fleet)
@@ -237,7 +241,7 @@ async def _overview(nc: NATS, url: str, fleet: str | None) -> dict[str, Any]:
                  "stages": len(r.config.stages), "percent": r.percent}
             )  # fmt: skip
     return {
-        "nats": {"url": url, "reachable": True, "server_time": now.isoformat(), "clock": clock},
+        "nats": {"url": redact_url(url), "reachable": True, "server_time": now.isoformat(), "clock": clock},
         "cloud": {"leases": holders, "active": bool(holders)},
         "fleets": dict(sorted(fleets.items())),
     }

@@ -221,9 +221,12 @@ def show_cmd(nats_url: str, fleet: str, as_json: bool) -> None:
         )
     for node, st in sorted(out["nodes"].items()):
         reason = f" ({st['reason']})" if st["reason"] else ""
-        click.echo(
-            f"  {node}: in effect v{st['config_version']}, last seen v{st['seen']} {st['state']}{reason}"
-        )
+        if st["seen"] is None and st["config_version"] is None:
+            click.echo(f"  {node}: has reported no pushed configuration yet")
+            continue
+        in_effect = "none" if st["config_version"] is None else f"v{st['config_version']}"
+        seen = "none" if st["seen"] is None else f"v{st['seen']}"
+        click.echo(f"  {node}: in effect {in_effect}, last seen {seen} {st['state']}{reason}")
 
 
 @config.command("history")

@@ -189,15 +189,16 @@ async def test_status_names_the_lease_holder_assignments_drift_and_rollouts(
 async def test_status_says_plainly_when_nats_is_unreachable() -> None:
     from _nats import free_port
 
-    url = f"nats://127.0.0.1:{free_port()}"
+    url = f"nats://alice:s3cret@127.0.0.1:{free_port()}"  # the password never printed
     code, out, err = await _cli("status", "--nats", url, "--json")
     assert code == 1
     assert json.loads(out)["nats"]["reachable"] is False
     assert err.startswith("Error: ")
     assert len(err.strip().splitlines()) == 1
-    code, out, _ = await _cli("status", "--nats", url)
+    code, out2, err2 = await _cli("status", "--nats", url)
     assert code == 1
-    assert "unreachable" in out
+    assert "unreachable" in out2
+    assert not any("s3cret" in text for text in (out, err, out2, err2))
 
 
 async def test_read_commands_create_nothing_on_the_server(private_server: EmbeddedServer) -> None:
