@@ -17,9 +17,11 @@ document is a whole description and a rollback is exact. Rules, in order:
 and its fleet's key (``names.fleetconfig_key``) by direct gets, on every (re)connect, on a
 wake-up (a core subscription to the keys' ``$KV`` subjects: no consumer) and every
 ``refresh.poll_interval``; it takes the newest version of the two, verified against the
-node's trust store, only if it is newer than every version seen (no replay). Once applied, a
-version is on *probation* for ``PROBATION_S``: if the node cannot publish a status in that time
-(it cannot reach NATS) or its safety monitor rolls a model back meanwhile, the node returns
+node's trust store as it is at that moment (``--trust`` keys with the fleet's key list applied:
+a key the list adds signs, a retired or compromised one does not), only if it is newer than
+every version seen (no replay). Once applied, a version is on *probation* for
+``PROBATION_S``: if the node cannot publish a status in that time (it cannot reach NATS)
+or its safety monitor rolls a model back meanwhile, the node returns
 to its last good configuration on its own, marks the version bad and reports
 ``config_rolled_back`` with the reason once it can. The last good document is kept in
 ``<data>/fleetconfig.json`` and applied at the next start before anything connects.
@@ -91,26 +93,25 @@ def _table(local: EdgeConfig, top: str, value: object, schema: int, warnings: li
     return out
 
 
-def _floors(local: EdgeConfig, changes: dict[str, Any], warnings: list[str]) -> None:
-    """Hold the privacy settings at the node's own floors (module docstring)."""
-    if (
-        "min_count" in changes
-        and isinstance(changes["min_count"], int)
-        and changes["min_count"] < local.min_count
-    ):
+def _floors(
+    local: EdgeConfig, typed: EdgeConfig, changes: Mapping[str, Any], warnings: list[str]
+) -> dict[str, Any]:
+    """The privacy settings to hold at the node's own floors (module docstring), judged on
+    ``typed``: the document's values as the node would take them (``EdgeConfig.replace``
+    converts ``"1000"`` to 1000.0 and ``2.0`` to 2), so a value of another JSON type cannot
+    slip past. Returns key -> the local value to keep."""
+    held: dict[str, Any] = {}
+    if typed.min_count < local.min_count:
         warnings.append(
-            f"min_count: {changes['min_count']} is below this node's floor {local.min_count}; kept it"
+            f"min_count: {changes.get('min_count')!r} is below this node's floor {local.min_count}; kept it"
         )
-        changes["min_count"] = local.min_count
+        held["min_count"] = local.min_count
     for key in ("dp_epsilon", "dp_budget"):
-        mine = getattr(local, key)
-        if key not in changes or mine is None:
-            continue
-        pushed = changes[key]
-        looser = pushed is None or (isinstance(pushed, int | float) and pushed > mine)
-        if looser:
-            warnings.append(f"{key}: {pushed!r} is looser than this node's {mine!r}; kept it")
-            changes[key] = mine
+        mine, pushed = getattr(local, key), getattr(typed, key)
+        if mine is not None and (pushed is None or pushed > mine):
+            warnings.append(f"{key}: {changes.get(key)!r} is looser than this node's {mine!r}; kept it")
+            held[key] = mine
+    return held
 
 
 #: Ranges a *pushed* value must fall in, beyond a local config's own rules: one signed
@@ -185,7 +186,7 @@ def resolve(local: EdgeConfig, settings: Mapping[str, Any], *, schema: int) -> R
         for sub, value in list(changes.get("refresh", {}).items()):
             if isinstance(value, str):
                 changes["refresh"][sub] = _named(f"refresh.{sub}", parse_duration, value)
-        _floors(local, changes, warnings)
+        changes.update(_floors(local, local.replace(**changes), changes, warnings))
         _bounds(changes)
         config = local.replace(**changes)
     except (ValueError, TypeError, OverflowError, msgspec.ValidationError) as exc:
@@ -217,9 +218,14 @@ class ConfigFollower:
     #: Monotonic seconds (the probation's clock); a test may replace it.
     clock: Callable[[], float] = staticmethod(time.monotonic)
 
-    def __init__(self, local: EdgeConfig, trust: TrustStore, hooks: Hooks | None = None) -> None:
-        """``hooks``: how to put a configuration into effect and to publish a status (the
-        node's; without them the follower only decides)."""
+    def __init__(
+        self, local: EdgeConfig, trust: Callable[[], TrustStore], hooks: Hooks | None = None
+    ) -> None:
+        """``trust``: the node's trust store *now* (its ``--trust`` keys with the fleet's key
+        list applied, ``edge.keys``), read at every check, so a key the list adds signs
+        documents and one it retires or marks compromised no longer does. ``hooks``: how to
+        put a configuration into effect and to publish a status (the node's; without them the
+        follower only decides)."""
         self.local = local
         self.trust = trust
         #: Set by the node once its link exists (before ``run``).
@@ -260,7 +266,7 @@ class ConfigFollower:
         if self.saved.good is None:
             return self.current
         try:
-            doc = fc.verify_config(self.saved.good.encode(), self.trust, "saved fleet config")
+            doc = fc.verify_config(self.saved.good.encode(), self.trust(), "saved fleet config")
             resolved = resolve(self.local, doc.settings, schema=doc.schema)
         except fc.ConfigRejected as exc:
             log.error("fleetconfig_saved_refused", error=str(exc), note="starting with the local config")
@@ -360,7 +366,7 @@ class ConfigFollower:
             if raw is None:
                 continue
             try:
-                doc = fc.verify_config(raw, self.trust, f"fleet config {key}")
+                doc = fc.verify_config(raw, self.trust(), f"fleet config {key}")
                 if doc.fleet != self.local.fleet:
                     raise fc.ConfigRejected(f"fleet config {key}: it is for fleet {doc.fleet!r}", doc.version)
             except fc.ConfigRejected as exc:
@@ -390,7 +396,11 @@ class ConfigFollower:
                 log.warning("fleetconfig_report_failed", error=repr(exc))
 
     async def _take(self, raw: bytes) -> None:
-        doc = fc.verify_config(raw, self.trust)  # verified in _check: cannot fail now
+        try:
+            doc = fc.verify_config(raw, self.trust())
+        except fc.ConfigRejected as exc:  # verified in _check, but the key list changed since
+            await self._refuse_unreadable(raw, exc)
+            return
         self.saved.highest = doc.version
         try:
             resolved = resolve(self.local, doc.settings, schema=doc.schema)

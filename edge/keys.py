@@ -48,16 +48,18 @@ class KeyFollower:
         roots: Sequence[Ed25519PublicKey],
         static: Sequence[Ed25519PublicKey],
         models: ModelManager,
-        link: Link,
         report: Report,
         *,
         interval: float = 10.0,
     ) -> None:
+        """``attach(link)`` before ``run`` or ``refresh_now``; ``load()`` needs no link (the
+        node loads the saved list before it knows which server it connects to)."""
         self.path = Path(data_dir) / KEYLIST_FILE
         self.roots = list(roots)
         self.static = list(static)
         self.models = models
-        self.link = link
+        #: Set by ``attach``.
+        self.link: Link
         self.report = report
         self.interval = interval
         self.keylist: KeyList | None = None
@@ -66,6 +68,10 @@ class KeyFollower:
         self._seen: bytes | None = None
         self._lock = anyio.Lock()
         self._wake = anyio.Event()
+
+    def attach(self, link: Link) -> None:
+        """Follow the list over ``link``: read it on each connect."""
+        self.link = link
         link.on_change(self._on_link)
 
     @property

@@ -176,8 +176,30 @@ class EdgeNode:
         #: The node's own settings (file and flags); ``config`` is what is in effect, with
         #: the pushed fleet configuration applied (``edge.fleetconfig``).
         self.local_config = config
-        trust = TrustStore.from_files(config.trust_paths)
-        self.fleetcfg = ConfigFollower(config, trust, Hooks(self._apply_config, self.report_status))
+        memory = config.memory_mb
+        if memory is None and self.profile is not None:
+            memory = self.profile.memory_mb
+        self.models = ModelManager(
+            config.data_path / "models",
+            TrustStore.from_files(config.trust_paths),
+            register=self._register_model,
+            intra_op_threads=config.intra_op_threads,
+            memory_mb=memory,
+        )
+        #: The fleet's signed key list (issue 17): decides ``models.trust`` with ``--trust``,
+        #: the signers of bundles and of pushed fleet configs alike. Loaded before the saved
+        #: fleet config is checked again; it follows the link once that exists.
+        self.keys = KeyFollower(
+            config.data_path,
+            [load_public_key(Path(p)) for p in config.trust_root],
+            [load_public_key(p) for p in config.trust_paths],
+            self.models,
+            self.report_status,
+        )
+        self.keys.load()
+        self.fleetcfg = ConfigFollower(
+            config, lambda: self.models.trust, Hooks(self._apply_config, self.report_status)
+        )
         start = self.fleetcfg.startup()
         config = start.config
         if start.log_level is not None:
@@ -198,16 +220,6 @@ class EdgeNode:
             commit_interval=config.group_commit_interval,
             clock=clock,
             ledger=PrivacyLedger(config.dp_ledger_path, fleet=config.fleet, node=config.node),
-        )
-        memory = config.memory_mb
-        if memory is None and self.profile is not None:
-            memory = self.profile.memory_mb
-        self.models = ModelManager(
-            config.data_path / "models",
-            trust,
-            register=self._register_model,
-            intra_op_threads=config.intra_op_threads,
-            memory_mb=memory,
         )
         self.link = Link(
             config.nats_url,
@@ -259,15 +271,7 @@ class EdgeNode:
             state_path=config.data_path / "safety.json",
             limits=config.safety,
         )
-        #: The fleet's signed key list (issue 17): decides ``models.trust`` with ``--trust``.
-        self.keys = KeyFollower(
-            config.data_path,
-            [load_public_key(Path(p)) for p in config.trust_root],
-            [load_public_key(p) for p in config.trust_paths],
-            self.models,
-            self.link,
-            self.report_status,
-        )
+        self.keys.attach(self.link)
         self.refresher = Refresher(
             fleet=config.fleet,
             node=config.node,
@@ -357,7 +361,6 @@ class EdgeNode:
         self.buffer.live_model_ids = {m.model_id for m in self.models.all()}
 
     async def _load_models(self) -> None:
-        self.keys.load()  # the accepted key list decides what the cache may serve
         await self.models.open()
         self._note_live_models()
         for path in self.config.model_paths:

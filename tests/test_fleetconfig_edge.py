@@ -163,6 +163,25 @@ async def test_pinned_key_and_privacy_floor_hold_on_a_running_node(env: Env) -> 
             assert part in joined
 
 
+async def test_privacy_floors_hold_against_values_of_another_json_type(env: Env) -> None:
+    # Hostile: a signed document whose looser values are strings or floats. The node converts
+    # them ("1000" -> 1000.0, 2.0 -> 2), so the floors must be judged on the converted values.
+    floors = {"min_count": 5, "dp_epsilon": 1.0, "dp_budget": 20.0}
+    async with env.node(**floors) as node:
+        await env.put(1, {"min_count": 2.0, "dp_epsilon": "1000", "dp_budget": "1e9", "window": "1s"})
+        st = await env.wait_state("n1", 1, "applied")
+        assert (node.config.min_count, node.config.dp_epsilon, node.config.dp_budget) == (5, 1.0, 20.0)
+        assert (node.buffer.k, node.buffer.dp_epsilon, node.buffer.dp_budget) == (5, 1.0, 20.0)
+        assert node.windower.window == 1.0  # the rest of the document is taken
+        joined = " | ".join(st.config_warnings)
+        for part in ("min_count: 2.0", "dp_epsilon: '1000'", "dp_budget: '1e9'"):
+            assert part in joined
+        # A tighter value of another type is taken as the node converts it.
+        await env.put(2, {"min_count": 7.0, "dp_epsilon": "0.5", "dp_budget": "10"})
+        await env.wait_state("n1", 2, "applied")
+        assert (node.buffer.k, node.buffer.dp_epsilon, node.buffer.dp_budget) == (7, 0.5, 10.0)
+
+
 async def _spend(node: EdgeNode, windows: int) -> float:
     for _ in range(windows):
         await node.predict(["hello", "football is great"])

@@ -230,3 +230,57 @@ async def test_hostile_lists_in_kv_are_refused_reported_and_the_held_list_kept(
                 )
         assert first.version == 1
         tg.cancel_scope.cancel()
+
+
+async def test_fleet_configs_are_signed_by_the_keys_the_list_trusts_now(
+    private_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The key list decides fleet-config signers as it decides bundle signers: a key added
+    only by the list (a rotation) signs a config; a config signed by a key the list marks
+    compromised is refused even though the node's ``--trust`` file names it; and a restart
+    checks the saved config against the saved list."""
+    from _fleetcfg import put_raw, signed
+
+    fleet = new_fleet()
+    root = Ed25519PrivateKey.generate()
+    root_pub = tmp_path / "root.pub"
+    from cryptography.hazmat.primitives import serialization
+
+    root_pub.write_bytes(
+        root.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    a, b = Keys(tmp_path / "a"), Ed25519PrivateKey.generate()  # a: the --trust file; b: list only
+    found = Statuses()
+    url = private_server.url
+    async with jetstream(url) as js, anyio.create_task_group() as tg:
+        await record_statuses(js, fleet, found, tg)
+        await change_key_list(js, root, add=[a.key.public_key(), b.public_key()])
+        cfg = edge_config(tmp_path, a, fleet=fleet, url=url, trust_root=[str(root_pub)])
+        async with EdgeNode(cfg) as node:
+            await wait_until(lambda: node.keys.version == 1, 30, what="list v1 accepted")
+            await put_raw(js, fleet, signed(fleet, 1, {"status_interval": "7s"}, b))
+            await wait_until(lambda: node.fleetcfg.seen[0] == 1, 30, what="v1 seen")
+            assert node.fleetcfg.seen[1] in ("probation", "applied"), node.fleetcfg.seen
+            assert node.status.interval == 7.0
+            await wait_until(lambda: node.fleetcfg.seen == (1, "applied", None), 60, what="v1 good")
+            # A leaks: the list marks it compromised; a config it signs is refused, saying why.
+            await change_key_list(js, root, status={key_id(a.key.public_key()): "compromised"})
+            await wait_until(lambda: node.keys.version == 2, 30, what="list v2 accepted")
+            await put_raw(js, fleet, signed(fleet, 2, {"status_interval": "9s"}, a.key))
+            await wait_until(lambda: "compromised" in (node.fleetcfg.seen[2] or ""), 30, what="v2 refused")
+            assert node.status.interval == 7.0
+            assert node.fleetcfg.status_fields()["config_version"] == 1
+            await wait_until(
+                lambda: any("compromised" in (s.config_reason or "") for s in found.items),
+                30,
+                what="refusal reported",
+            )
+        tg.cancel_scope.cancel()
+    # A restart without the server: the saved config (by B) verifies against the saved list.
+    private_server.stop()
+    async with EdgeNode(cfg) as node:
+        assert node.keys.version == 2
+        assert node.status.interval == 7.0
+        assert node.fleetcfg.status_fields()["config_version"] == 1
