@@ -4,8 +4,10 @@ NATS creds (per-device JWT identities).
 ``ConnectOptions`` is what every connecting command and service takes besides the URL
 (``--tls-ca``, ``--tls-cert``, ``--tls-key``; env ``SLMOPS_TLS_CA``/``_CERT``/``_KEY``).
 With any TLS file given the client *requires* TLS: a server that does not offer it is
-refused (nats-py itself would fall back to plain text), and a server certificate that does
-not verify against the CA is refused with the certificate problem named.
+refused (nats-py itself would fall back to plain text) — after nats-py has sent its CONNECT
+(with a URL's user and password, if any), since the check can only read the finished
+connection — and a server certificate that does not verify against the CA is refused with the
+certificate problem named.
 
 Commands set the default for their run (``with use_connect_options(...)``); library code that is given
 no options reads it (``current_connect_options``), so the long tail of one-shot commands
