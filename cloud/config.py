@@ -173,6 +173,12 @@ class CloudConfig(Config, kw_only=True):
     nats_creds: str | None = None
     state_dir: str = "./slmops-cloud"
     fleets: list[str] = msgspec.field(default_factory=list)
+    #: Accounts whose requests reach the change service through a service import with
+    #: ``share: true`` (names in a password config, public keys in operator mode): only their
+    #: server-written ``Nats-Request-Info`` is believed by the audit (``cloud.audit.identity``).
+    #: Empty (default): every audit record says "unauthenticated" — a header from any other
+    #: account may have been written by a client of the cloud's own account.
+    audit_accounts: list[str] = msgspec.field(default_factory=list)
     #: Messages per pull (one SQLite transaction and one ack per batch). Per-batch costs
     #: (commit, fsync, node and detector rows) dominate small batches: in `slmops bench
     #: ingest`, 1024 ran 15-40% faster than 256 and 4096 a mean 18% faster than 1024 (6 pairs).

@@ -317,7 +317,16 @@ class CloudService:
                 await tg.start(ingest.run)
                 await tg.start(status.run)
                 await tg.start(partial(serve_baselines, self._link.nc, applier))
-                await tg.start(partial(serve_changes, self._link.nc, js, fleets=cfg.fleets, url=cfg.nats_url))
+                await tg.start(
+                    partial(
+                        serve_changes,
+                        self._link.nc,
+                        js,
+                        fleets=cfg.fleets,
+                        url=cfg.nats_url,
+                        audit_accounts=cfg.audit_accounts,
+                    )
+                )
                 await tg.start(partial(run_config_rollouts, js, fleets=cfg.fleets, url=cfg.nats_url))
                 await tg.start(self.metrics.run, self._link.nc, js)
                 if cfg.webhook_url is not None:

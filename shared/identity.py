@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nkeys  # type: ignore[import-untyped]
+
+from slmops.shared.atomic import write_atomic
 
 __all__ = [
     "Claims",
@@ -274,11 +275,7 @@ def read_creds(path: Path) -> tuple[str, KeyPair]:
     return jwt, user
 
 
-def write_secret(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` with ``mode`` from the start (never briefly world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600 from the start (never briefly readable
+    by others; see ``slmops.shared.atomic.write_atomic``). Raises ``OSError``."""
+    write_atomic(path, text.encode(), prefix=f".{path.name}.")

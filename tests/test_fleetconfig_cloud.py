@@ -9,8 +9,10 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
+import msgspec
 import nats
 import pytest
 from _cloud_util import cloud_config
@@ -53,8 +55,8 @@ async def _cli(*args: str) -> tuple[int, str]:
 
 
 @asynccontextmanager
-async def _cloud(url: str, state: Path, fleet: str) -> AsyncIterator[CloudService]:
-    async with CloudService(cloud_config(url, state, fleet)) as svc:
+async def _cloud(url: str, state: Path, fleet: str, **config: Any) -> AsyncIterator[CloudService]:
+    async with CloudService(msgspec.structs.replace(cloud_config(url, state, fleet), **config)) as svc:
         await svc.wait_active(30)
         yield svc
 
@@ -209,9 +211,16 @@ accounts {
 """
 
 
+@pytest.mark.parametrize(
+    ("accounts", "expected"), [(["OPS"], ("alice", "OPS")), ([], ("unauthenticated", "OPS"))]
+)
 async def test_audit_records_the_identity_the_server_authenticated(
-    tmp_path: Path, keys: Keys, fleet: str
+    tmp_path: Path, keys: Keys, fleet: str, accounts: list[str], expected: tuple[str, str]
 ) -> None:
+    """alice (account OPS, reaching the change service through its import with ``share: true``)
+    is recorded as the server names her, a forged header replaced; with OPS not among the
+    cloud's ``audit_accounts`` (the default: none) no header is believed — a client of the
+    cloud's own account could have written it."""
     conf = tmp_path / "auth.conf"
     conf.write_text(_AUTH)
     server = EmbeddedServer(store_dir=tmp_path / "js", extra_args=["-c", str(conf)])
@@ -219,7 +228,7 @@ async def test_audit_records_the_identity_the_server_authenticated(
     try:
         host = server.url.removeprefix("nats://")
         cloud_url, alice_url = f"nats://cloud:cloudpw@{host}", f"nats://alice:alicepw@{host}"
-        async with _cloud(cloud_url, tmp_path / "state", fleet):
+        async with _cloud(cloud_url, tmp_path / "state", fleet, audit_accounts=accounts):
             nc = await nats.connect(alice_url)
             try:
                 body = encode_json(
@@ -248,7 +257,7 @@ async def test_audit_records_the_identity_the_server_authenticated(
             finally:
                 await cloud_nc.close()
         assert len(records) == 1
-        assert (records[0].who, records[0].account, records[0].action) == ("alice", "OPS", "config.apply")
+        assert (records[0].who, records[0].account, records[0].action) == (*expected, "config.apply")
     finally:
         server.stop()
 

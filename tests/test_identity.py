@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from slmops.cloud.trust import FleetDir, FleetDirError, permissions_for
+from slmops.cloud.trust import FleetDir, FleetDirError, fleetdir, permissions_for
 from slmops.shared import names
+from slmops.shared.atomic import write_atomic
 from slmops.shared.identity import (
     IdentityError,
     decode_jwt,
@@ -184,3 +185,80 @@ def test_init_never_overwrites_and_other_dirs_are_refused(tmp_path: Path) -> Non
     d = FleetDir(tmp_path / "fleet")
     with pytest.raises(FleetDirError, match="never enrolled"):
         d.revoke(fleet="shop", node="ghost")
+
+
+def test_a_world_readable_leftover_temp_file_never_makes_a_secret_readable(tmp_path: Path) -> None:
+    """A crash leftover (or a file another user pre-created) at the old fixed temp name
+    ``.NAME.tmp`` with mode 0644 must not pass its mode on to the creds file."""
+    account, user = new_key("account"), new_key("user")
+    token = encode_jwt("user", user.public, "u", {}, account)
+    path = tmp_path / "u.creds"
+    leftover = tmp_path / ".u.creds.tmp"
+    leftover.write_text("old junk")
+    leftover.chmod(0o644)
+    write_creds(path, token, user)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert user.seed in path.read_text()
+    assert read_creds(path) == (token, user)
+    assert leftover.read_text() == "old junk"  # never opened: the secret did not go through it
+
+
+def test_write_atomic_is_private_by_default_and_takes_a_mode(tmp_path: Path) -> None:
+    write_atomic(tmp_path / "secret", b"s")
+    write_atomic(tmp_path / "public", b"p", mode=0o644)
+    assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "public").stat().st_mode) == 0o644
+    assert (tmp_path / "public").read_bytes() == b"p"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["public", "secret"]  # no temp left
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device (simulated crash)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+@pytest.mark.parametrize("failing", ["_write_index", "write_creds"])
+def test_a_crash_during_enroll_never_leaves_a_credential_revoke_cannot_find(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    d = FleetDir.init(tmp_path / "fleet")
+    _fail_once(monkeypatch, fleetdir, failing)
+    out = tmp_path / "fleet" / "creds" / "nodes" / "shop" / "till-001.creds"
+    with pytest.raises(OSError, match="simulated crash"):
+        d.enroll("node", fleet="shop", node="till-001")
+    reloaded = FleetDir(d.path)
+    nodes = {u.public for u in reloaded.users() if u.role == "node"}
+    # Either nothing was minted, or the index knows the key: never a creds file it does not.
+    assert not out.exists() or read_creds(out)[1].public in nodes, "a credential the index does not know"
+    if nodes:
+        revoked = reloaded.revoke(fleet="shop", node="till-001")
+        assert {u.public for u in revoked} == nodes
+        assert set(decode_jwt(reloaded.account_jwt()).nats["revocations"]) == nodes
+
+
+def test_a_crash_during_revoke_keeps_the_revocation_in_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = FleetDir.init(tmp_path / "fleet")
+    a = d.enroll("node", fleet="shop", node="a").record
+    b = d.enroll("node", fleet="shop", node="b").record
+    d.revoke(fleet="shop", node="a")
+    _fail_once(monkeypatch, FleetDir, "_write_account_jwt")
+    with pytest.raises(OSError, match="simulated crash"):
+        d.revoke(fleet="shop", node="b")
+    reloaded = FleetDir(d.path)
+    by_key = {u.public: u for u in reloaded.users()}
+    assert by_key[a.public].revoked_at is not None
+    assert by_key[b.public].revoked_at is not None, "the crash lost b's revocation"
+    c = reloaded.enroll("node", fleet="shop", node="c").record
+    reloaded.revoke(fleet="shop", node="c")  # the next revoke rebuilds the claims from the index
+    revocations = decode_jwt(FleetDir(d.path).account_jwt()).nats["revocations"]
+    assert set(revocations) == {a.public, b.public, c.public}

@@ -29,6 +29,7 @@ from slmops.shared import names
 from slmops.shared.connect import connect_attempt
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.identity import decode_jwt, encode_jwt, new_key, read_creds, write_creds
+from slmops.shared.keylist import KEYLIST_KEY
 from slmops.shared.kv import kv_get_direct
 from slmops.shared.objects import fetch_object
 from slmops.shared.server import EmbeddedServer
@@ -231,6 +232,22 @@ async def test_node_cannot_create_any_consumer(op: tuple[EmbeddedServer, FleetDi
     async with _connect(server.url, fleet_dir.cloud_creds) as (cloud, _):
         for stream in (f"KV_{names.ASSIGNMENTS_BUCKET}", "OBJ_slmops_models", names.TELEMETRY_STREAM):
             assert await cloud.jetstream().consumers_info(stream) == []
+
+
+async def test_a_node_reads_the_signed_key_list_with_its_own_creds(
+    op: tuple[EmbeddedServer, FleetDir],
+) -> None:
+    """The key list (``edge/keys.py``) is read by direct get with the node's own rights: without
+    them key rotation and revocation never reach a node enrolled with creds (new-user trial:
+    "permissions violation for publish to $js.api.direct.get.kv_slmops_keys…")."""
+    server, fleet_dir = op
+    async with _connect(server.url, fleet_dir.cloud_creds) as (cloud, _):
+        kv = await cloud.jetstream().key_value(names.KEYS_BUCKET)
+        await kv.put(KEYLIST_KEY, b"signed-list-bytes")
+    async with _connect(server.url, _creds(fleet_dir, A), A) as (nc, client):
+        js = nc.jetstream(timeout=5)
+        assert await kv_get_direct(js, names.KEYS_BUCKET, KEYLIST_KEY) == b"signed-list-bytes"
+        assert client.errors == []
 
 
 async def test_a_node_id_reused_in_another_fleet_cannot_read_the_first_ones_replies(

@@ -10,19 +10,24 @@ rule (``IdentityReader.of``):
 
 * no authentication on the server (``$SYS.REQ.USER.INFO`` answers account ``$G``, no user):
   ``"unauthenticated"``, whatever headers say;
-* authentication on, a header whose account differs from the cloud's own: that identity
-  (``name_tag``, else ``user``) — only the server can have written it;
-* anything else (no header; a header claiming the cloud's own account): ``"unauthenticated"``.
+* authentication on, a header naming one of the configured ``audit_accounts`` (the operator
+  accounts that import the change service with ``share: true``), not the cloud's own: that
+  identity (``name_tag``, else ``user``);
+* anything else (no header; the cloud's own account; an account not configured):
+  ``"unauthenticated"``.
 
-The deployment must keep the change subject unpublishable inside the cloud's account for
-anyone but the cloud (a same-account client could otherwise write a header naming another
-account): ``deploy/`` and ``slmops fleet init`` give operators their own account with the
-import.
+Why an allow-list and not "any other account": a client inside the cloud's own account can
+publish the change subject directly with a header naming any account it likes, and the server
+leaves that header alone (no import crossed). Only for an account that reaches the subject
+through the import is the header the server's. ``slmops fleet init`` puts every user in one
+account, so in that layout nothing is believed (every record "unauthenticated") until an
+operator account with the import is set up and named in ``audit_accounts``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import anyio
@@ -50,8 +55,10 @@ class IdentityReader:
     """Reads requesters' identities for one connection of the cloud (``await start()``
     first)."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, accounts: Iterable[str] = ()) -> None:
         self._nc = nc
+        #: The operator accounts whose server-written header is believed (module docstring).
+        self.accounts = frozenset(accounts)
         self.own_account: str | None = None
         self.auth = False
 
@@ -93,6 +100,8 @@ class IdentityReader:
         account = info.get("acc")
         if not isinstance(account, str) or not account or account == self.own_account:
             return Identity(UNAUTHENTICATED, self.own_account)
+        if account not in self.accounts:
+            return Identity(UNAUTHENTICATED, account)
         user = info.get("user") if isinstance(info.get("user"), str) else None
         tag = info.get("name_tag") if isinstance(info.get("name_tag"), str) else None
         who = tag or user

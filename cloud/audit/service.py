@@ -159,12 +159,14 @@ async def serve_changes(
     fleets: list[str] | None = None,
     trust: TrustStore | None = None,
     url: str = "<nats>",
+    audit_accounts: list[str] | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer change requests for ``fleets`` (None or empty: every fleet) until cancelled
     (run only in the active instance). One bad request never stops it: each is answered (or
-    refused) and recorded on its own."""
-    reader = IdentityReader(nc)
+    refused) and recorded on its own. ``audit_accounts``: the operator accounts whose
+    server-written identity is believed (``IdentityReader``)."""
+    reader = IdentityReader(nc, audit_accounts or ())
     # Opened at the first request (``_answer``): nothing here may fail the cloud's start on a
     # server that is restarting.
     store = ConfigStore(js, url=url)

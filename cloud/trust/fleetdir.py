@@ -35,6 +35,7 @@ import msgspec
 
 from slmops.cloud.trust.permissions import ROLES, Role, permissions_for
 from slmops.shared import names
+from slmops.shared.atomic import write_atomic
 from slmops.shared.identity import (
     IdentityError,
     KeyPair,
@@ -203,12 +204,18 @@ class FleetDir:
                 if role == "node"
                 else self.path / "creds" / f"{label}.creds"
             )
-        write_creds(out, token, user)
         record = UserRecord(
             public=user.public, role=role, name=label, issued_at=issued, fleet=fleet, node=node
         )
+        # The index first: a crash before the creds file is written leaves a known key that
+        # `fleet revoke` finds, never a working credential the index does not know.
         self._index.users.append(record)
-        _write_index(self.path, self._index)
+        try:
+            _write_index(self.path, self._index)
+        except BaseException:
+            self._index.users.pop()
+            raise
+        write_creds(out, token, user)
         return Enrolled(record, out)
 
     def users(self) -> list[UserRecord]:
@@ -239,8 +246,10 @@ class FleetDir:
                 u.revoked_at = max(now, u.issued_at)
         revocations = {u.public: u.revoked_at for u in self._index.users if u.revoked_at is not None}
         previous = decode_jwt(self.account_jwt()).issued_at
-        self._write_account_jwt(ACCOUNT, self._account_claims(revocations), issued_at=_now_after(previous))
+        # The index (source of truth) first: a crash before the account JWT is written keeps
+        # revoked_at, and the next revoke re-signs the JWT from it, never dropping a key.
         _write_index(self.path, self._index)
+        self._write_account_jwt(ACCOUNT, self._account_claims(revocations), issued_at=_now_after(previous))
         self.write_server_conf()
         return hits
 
@@ -355,13 +364,10 @@ class FleetDir:
         token = encode_jwt(
             "account", subject, which, claims, self._key("operator-signing", "operator"), issued_at=issued_at
         )
-        folder = self.path / "accounts"
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f".{which}.jwt.tmp"
-        tmp.write_text(token + "\n")
-        os.replace(tmp, folder / f"{which}.jwt")
+        # A signed public document (the server and `fleet push` read it), not a secret.
+        write_atomic(self.path / "accounts" / f"{which}.jwt", (token + "\n").encode(), mode=0o644)
 
 
 def _write_index(path: Path, index: _Index) -> None:
     data = json.loads(msgspec.json.encode(index))
-    write_secret(path / "fleet.json", json.dumps(data, indent=1) + "\n", mode=0o600)
+    write_secret(path / "fleet.json", json.dumps(data, indent=1) + "\n")

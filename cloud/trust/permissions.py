@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from slmops.shared import names
+from slmops.shared.keylist import KEYLIST_KEY
 
 __all__ = ["NODE_PAYLOAD", "NODE_SUBS", "ROLES", "Role", "permissions_for"]
 
@@ -44,6 +45,7 @@ _A = names.ASSIGNMENTS_BUCKET
 _M = names.MODELS_MANIFEST_BUCKET
 _O = names.MODELS_BUCKET
 _F = names.FLEETCONFIG_BUCKET
+_K = names.KEYS_BUCKET
 
 
 def _node(fleet: str, node: str, js_domain: str | None) -> dict[str, Any]:
@@ -60,6 +62,8 @@ def _node(fleet: str, node: str, js_domain: str | None) -> dict[str, Any]:
         f"$JS.API.STREAM.INFO.KV_{_A}",
         # Pushed fleet configuration (edge/fleetconfig.py): its own key and its fleet's.
         *(f"$JS.API.DIRECT.GET.KV_{_F}.{s}" for s in config_subjects),
+        # The root-signed list of signing keys (edge/keys.py): one key, the same for every node.
+        f"$JS.API.DIRECT.GET.KV_{_K}.$KV.{_K}.{KEYLIST_KEY}",
         # Manifests: readable by every node.
         f"$JS.API.STREAM.INFO.KV_{_M}",
         f"$JS.API.DIRECT.GET.KV_{_M}.>",

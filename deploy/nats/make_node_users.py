@@ -67,6 +67,9 @@ _BLOCK = """\
         # subject (pushed configuration, edge/fleetconfig.py).
         "$JS.API.DIRECT.GET.KV_slmops_fleetconfig.$KV.slmops_fleetconfig.{fleet}.{node}",
         "$JS.API.DIRECT.GET.KV_slmops_fleetconfig.$KV.slmops_fleetconfig.{fleet}._fleet",
+        # KV slmops_keys, read-only: the root-signed list of signing keys (edge/keys.py), by
+        # direct get by subject; one key, the same for every node.
+        "$JS.API.DIRECT.GET.KV_slmops_keys.$KV.slmops_keys.keylist",
         # Object store slmops_models, read-only: bind, object info, chunks by batched direct
         # get (every object there is a signed bundle any node may download). No consumer
         # right at all: a node creates none (issue 13 fault 11).

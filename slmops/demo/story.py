@@ -457,7 +457,12 @@ async def _counted(nats_url: str) -> dict[str, dict[str, Any]]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"fleet status failed: {proc.stderr.decode(errors='replace')[-500:]}")
-    doc = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    try:
+        # One JSON document, written node by node over several lines (`--json` streams).
+        doc = json.loads(proc.stdout)
+    except ValueError as exc:
+        tail = proc.stdout[-300:]
+        raise RuntimeError(f"fleet status --json printed no JSON document ({exc}): {tail!r}") from exc
     return {n["node"]: n for n in doc.get("nodes", [])}
 
 
