@@ -470,9 +470,10 @@ class Registry:
 
     async def fleet_nodes(self, fleet: str) -> list[str]:
         """Node ids that ever reported a status in ``fleet`` (``SLMOPS_STATUS`` subjects)."""
-        prefix = f"slmops.status.{names.validate_id(fleet, 'fleet')}."
+        wanted = names.status_filter(fleet)
+        prefix = wanted.removesuffix("*")
         info = await self._call(
-            f"list nodes of {fleet}", self._js.stream_info(names.STATUS_STREAM, subjects_filter=prefix + "*")
+            f"list nodes of {fleet}", self._js.stream_info(names.STATUS_STREAM, subjects_filter=wanted)
         )
         return sorted(s[len(prefix) :] for s in (info.state.subjects or {}) if s.startswith(prefix))
 

@@ -167,7 +167,7 @@ def explain_tls_error(exc: BaseException, options: ConnectOptions | None) -> str
 
 
 _current: contextvars.ContextVar[ConnectOptions] = contextvars.ContextVar(
-    "slmops_connect_options",
+    "connect_options",
     default=ConnectOptions(),  # noqa: B039 -- frozen, so one shared default is safe
 )
 

@@ -48,6 +48,7 @@ __all__ = [
     "model_object_name",
     "msg_id",
     "rollout_subject",
+    "status_filter",
     "status_subject",
     "telemetry_filter",
     "telemetry_subject",
@@ -137,6 +138,11 @@ def telemetry_subject(fleet: str, node: str) -> str:
 
 def status_subject(fleet: str, node: str) -> str:
     return f"slmops.status.{validate_id(fleet, 'fleet')}.{validate_id(node, 'node')}"
+
+
+def status_filter(fleet: str) -> str:
+    """Every node's status subject of one fleet (``slmops.status.<fleet>.*``)."""
+    return f"slmops.status.{validate_id(fleet, 'fleet')}.*"
 
 
 def telemetry_filter(fleet: str) -> str:

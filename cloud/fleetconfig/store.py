@@ -114,9 +114,10 @@ class ConfigStore:
 
     async def known_nodes(self, fleet: str) -> list[str]:
         """The nodes of ``fleet`` that ever reported a status (still in ``SLMOPS_STATUS``)."""
-        prefix = f"slmops.status.{names.validate_id(fleet, 'fleet')}."
+        wanted = names.status_filter(fleet)
+        prefix = wanted.removesuffix("*")
         with nats_errors("stream", names.STATUS_STREAM, self.url):
-            info = await self.js.stream_info(names.STATUS_STREAM, subjects_filter=prefix + "*")
+            info = await self.js.stream_info(names.STATUS_STREAM, subjects_filter=wanted)
         return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
 
     async def last_status(self, fleet: str, node: str) -> NodeStatus | None:

@@ -87,11 +87,11 @@ def _node(fleet: str, node: str, js_domain: str | None) -> dict[str, Any]:
 
 
 def _analyst(fleet: str | None) -> dict[str, Any]:
-    scope = "*" if fleet is None else names.validate_id(fleet, "fleet")
-    sub = [f"slmops.drift.{scope}", f"slmops.rollout.{scope}", f"slmops.status.{scope}.*",
-           f"slmops.events.{scope}"]  # fmt: skip
     if fleet is None:
         sub = [names.DRIFT_ALL, names.ROLLOUT_ALL, names.STATUS_ALL, names.EVENTS_ALL]
+    else:
+        sub = [names.drift_subject(fleet), names.rollout_subject(fleet), names.status_filter(fleet),
+               names.events_subject(fleet)]  # fmt: skip
     return {"pub": {"deny": [">"]}, "sub": {"allow": sub}, "subs": 64, "payload": -1, "data": -1}
 
 
