@@ -34,10 +34,26 @@ def plain_json(event_dict: Any, **_: Any) -> str:
         return msgspec.json.encode(plain, enc_hook=_plain).decode()
 
 
+class _DropTlsEofNotice(logging.Filter):
+    """Drop asyncio's "returning true from eof_received() has no effect when using ssl".
+
+    nats-py upgrades a plain connection to TLS with ``loop.start_tls`` after the server's INFO,
+    so asyncio's stream protocol still believes it is not over TLS and returns true from
+    ``eof_received``; asyncio then logs this notice (through the stdlib ``asyncio`` logger,
+    i.e. ``logging.lastResort`` on stderr) each time the server closes a TLS connection. It is
+    harmless and said nothing to a user except noise before our own error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Configure structlog for the process. ``json=None`` picks by whether stderr is a TTY."""
     if level.lower() not in _LEVELS:
         raise ValueError(f"log level {level!r} is not one of {sorted(_LEVELS)}")
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropTlsEofNotice) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropTlsEofNotice())
     use_json = (not sys.stderr.isatty()) if json is None else json
     renderer: structlog.typing.Processor
     if use_json:
