@@ -3,8 +3,10 @@ reference profile, publishing with ``Nats-Msg-Id``, and reading drift events bac
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -55,6 +57,24 @@ def make_aggregate(
     return synthetic_aggregate(
         fleet, node, model, seq, counts, rng, edges=EDGES, shares=(CONF_P, LEN_P, LAT_P), error_rate=0.01
     )
+
+
+def opened_event(fleet: str, model: ModelRef, **fields: Any) -> DriftEvent:
+    """A fleet-scope ``class_prior`` drift event opened now (window and time: now), with a
+    unique id; ``fields`` gives the statistic and anything else (or overrides these)."""
+    now = datetime.now(UTC)
+    base: dict[str, Any] = {
+        "id": f"{fleet}-class_prior-{uuid.uuid4().hex[:6]}",
+        "fleet": fleet,
+        "scope": "fleet",
+        "model": model,
+        "signal": "class_prior",
+        "window_start": now,
+        "window_end": now,
+        "state": "opened",
+        "time": now,
+    }
+    return DriftEvent(**(base | fields))
 
 
 def make_manifest(model: ModelRef = MODEL, count: int = 20000) -> ModelManifest:

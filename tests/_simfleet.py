@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -196,13 +197,28 @@ class SimFleet:
         except (TimeoutError, nats.errors.Error, OSError):
             self.lost += 1
 
+    def window(self, node: SimNode, **stats: Any) -> TelemetryAggregate:
+        """The next aggregate of ``node``: its seq advanced, a window ending now, k = 1, and
+        the statistics ``stats`` (the fields of ``TelemetryAggregate`` past its identity)."""
+        assert node.model is not None
+        node.seq += 1
+        now = datetime.now(UTC)
+        return TelemetryAggregate(
+            fleet=self.fleet,
+            node=node.name,
+            model=node.model,
+            seq=node.seq,
+            window_start=now,
+            window_end=now,
+            privacy=Privacy(k=1),
+            **stats,
+        )
+
     def aggregate(self, node: SimNode) -> TelemetryAggregate:
         assert node.model is not None
         p = self.profiles.get(node.model.version, Profile())
-        node.seq += 1
         n = self.per_tick
         counts = {label: round(share * n) for label, share in p.mix.items()}
-        now = datetime.now(UTC)
         conf = Histogram.empty(EDGES.confidence)
         conf.add(p.confidence, n)
         lat = Histogram.empty(EDGES.latency_ms)
@@ -211,19 +227,13 @@ class SimFleet:
         length.add(5, n)
         right = round(p.accuracy * n)
         feedback = {"alpha": {"alpha": right, "beta": n - right}}
-        return TelemetryAggregate(
-            fleet=self.fleet,
-            node=node.name,
-            model=node.model,
-            seq=node.seq,
-            window_start=now,
-            window_end=now,
+        return self.window(
+            node,
             count=n,
             errors=round(p.error_rate * n),
             class_counts=counts,
             confidence=conf,
             input_length=length,
             latency_ms=lat,
-            privacy=Privacy(k=1),
             feedback=feedback,
         )

@@ -20,6 +20,8 @@ from slmops.shared.provision import ensure_resources
 from slmops.shared.server import EmbeddedServer
 
 if TYPE_CHECKING:
+    from _delivery import Delivery
+
     from _fleetcfg import Env
     from slmops.cloud.factory.cache import CachedModel
 
@@ -131,6 +133,23 @@ def env(
     from _fleetcfg import Env
 
     return Env(tmp_path, keys, fleet, js, nats_server.url, statuses)
+
+
+@pytest.fixture
+def d(
+    js: JetStreamContext,
+    nats_server: EmbeddedServer,
+    tmp_path: Path,
+    keys: Keys,
+    fleet: str,
+    model: str,
+    statuses: Statuses,
+) -> Delivery:
+    """A model-delivery test's world (``_delivery.Delivery``): the registry on the session
+    server, the test's fleet, model name, key and directory, and its fleet's statuses."""
+    from _delivery import Delivery
+
+    return Delivery(js, nats_server, tmp_path, keys, fleet, model, statuses)
 
 
 @pytest.fixture(scope="session")

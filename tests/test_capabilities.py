@@ -19,6 +19,7 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 import pytest
+from _delivery import Delivery
 from _transformer import make_transformer_bundle
 from fixtures.messages_06cfd20 import DeviceProfile as OldDevice
 from fixtures.messages_06cfd20 import NodeStatus as OldStatus
@@ -35,7 +36,7 @@ from slmops.cloud.registry import Registry, RegistryError
 from slmops.cloud.service import CloudService
 from slmops.edge.node import EdgeNode
 from slmops.shared import names
-from slmops.shared.bundle import MANIFEST_FILE, TrustStore, read_bundle, resign_bundle
+from slmops.shared.bundle import MANIFEST_FILE, read_bundle, resign_bundle
 from slmops.shared.capabilities import CAPABILITIES
 from slmops.shared.messages import (
     Assignment,
@@ -57,53 +58,45 @@ async def _status(js: JetStreamContext, fleet: str, node: str, payload: bytes) -
     await js.publish(names.status_subject(fleet, node), payload)
 
 
-async def test_assign_never_sends_a_node_a_bundle_its_runtime_cannot_run(
-    js: JetStreamContext, tmp_path: Path, keys: Keys, fleet: str, model: str
-) -> None:
-    registry = Registry(js)
-    trust = TrustStore([keys.key.public_key()])
-    await registry.push(make_transformer_bundle(tmp_path / "tf", keys.key, name=model), trust)
-    await registry.push(make_bundle(tmp_path / "ng", keys.key, name=model, version=2), trust)
+async def test_assign_never_sends_a_node_a_bundle_its_runtime_cannot_run(d: Delivery) -> None:
+    await d.push(make_transformer_bundle(d.tmp / "tf", d.keys.key, name=d.model))
+    await d.push(make_bundle(d.tmp / "ng", d.keys.key, name=d.model, version=2))
     now = datetime.now(UTC)
     # An old node's status, in the very format 06cfd20 publishes (no capabilities field).
-    old = OldStatus(fleet=fleet, node="old", time=now, device=OldDevice(memory_mb=4096))
-    await _status(js, fleet, "old", msgspec.json.encode(old))
+    old = OldStatus(fleet=d.fleet, node="old", time=now, device=OldDevice(memory_mb=4096))
+    await _status(d.js, d.fleet, "old", msgspec.json.encode(old))
     new = NodeStatus(
-        fleet=fleet, node="new", time=now, device=DeviceProfile(memory_mb=4096, capabilities=CAPABILITIES)
+        fleet=d.fleet, node="new", time=now, device=DeviceProfile(memory_mb=4096, capabilities=CAPABILITIES)
     )
-    await _status(js, fleet, "new", encode_json(new))
+    await _status(d.js, d.fleet, "new", encode_json(new))
     with pytest.raises(RegistryError) as info:
-        await registry.assign(fleet, 1, model=model, node="old")
+        await d.assign(1, node="old")
     assert str(info.value) == (
-        f"registry assign: node 'old' can run no variant of {model!r} v1: fp32 needs "
+        f"registry assign: node 'old' can run no variant of {d.model!r} v1: fp32 needs "
         "preprocessing 'tokenizer', multi-file bundles, runtime level 2 (has 1)"
     )
     with pytest.raises(
         RegistryError, match=r"node 'old' cannot run .* v1 fp32: it lacks preprocessing 'tokenizer'"
     ):
-        await registry.assign(fleet, 1, model=model, node="old", variant="fp32")
-    assert (await registry.assign(fleet, 1, model=model, node="new")).variant == "fp32"
-    assert (await registry.assign(fleet, 2, model=model, node="old")).variant == "fp32"  # n-gram: fine
+        await d.assign(1, node="old", variant="fp32")
+    assert (await d.assign(1, node="new")).variant == "fp32"
+    assert (await d.assign(2, node="old")).variant == "fp32"  # n-gram: fine
 
 
-async def test_old_nodes_find_no_archive_of_a_bundle_they_cannot_run(
-    js: JetStreamContext, tmp_path: Path, keys: Keys, model: str
-) -> None:
+async def test_old_nodes_find_no_archive_of_a_bundle_they_cannot_run(d: Delivery) -> None:
     """Nodes of 06cfd20 fetch ``<model>/<version>/<variant>`` archives: the registry stores
     one only for bundles they can run, so they never download a transformer bundle."""
-    registry = Registry(js)
-    trust = TrustStore([keys.key.public_key()])
-    await registry.push(make_transformer_bundle(tmp_path / "tf", keys.key, name=model), trust)
-    await registry.push(make_bundle(tmp_path / "ng", keys.key, name=model, version=2), trust)
-    store = await js.object_store(names.MODELS_BUCKET)
+    await d.push(make_transformer_bundle(d.tmp / "tf", d.keys.key, name=d.model))
+    await d.push(make_bundle(d.tmp / "ng", d.keys.key, name=d.model, version=2))
+    store = await d.js.object_store(names.MODELS_BUCKET)
     with pytest.raises(js_errors.NotFoundError):
-        await store.get_info(names.model_object_name(model, 1, "fp32"))
-    archive = await store.get(names.model_object_name(model, 2, "fp32"))
+        await store.get_info(names.model_object_name(d.model, 1, "fp32"))
+    archive = await store.get(names.model_object_name(d.model, 2, "fp32"))
     with tarfile.open(fileobj=io.BytesIO(archive.data or b"")) as tar:
         assert tar.getnames() == ["manifest.json", "model.onnx"]  # what 06cfd20 unpacks
     # The cloud itself still gets either bundle back (recalibration reads them).
-    back = await registry.fetch_bundle(model, 1, "fp32", tmp_path / "back")
-    assert back.raw == read_bundle(tmp_path / "tf").raw
+    back = await d.registry.fetch_bundle(d.model, 1, "fp32", d.tmp / "back")
+    assert back.raw == read_bundle(d.tmp / "tf").raw
     assert sorted(f.path for f in back.files) == ["encoder.onnx", "head.onnx", "tokenizer.json"]
 
 
@@ -127,15 +120,9 @@ async def _store_like_a_newer_registry(js: JetStreamContext, bundle_dir: Path) -
 
 
 async def test_a_node_refuses_a_bundle_for_a_newer_runtime_before_downloading_and_fleet_status_says_so(
-    js: JetStreamContext,
-    nc: NATS,
-    nats_server: EmbeddedServer,
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    model: str,
+    d: Delivery, nc: NATS
 ) -> None:
-    b = make_transformer_bundle(tmp_path / "future", keys.key, name=model)
+    b = make_transformer_bundle(d.tmp / "future", d.keys.key, name=d.model)
     future = msgspec.structs.replace(
         b.manifest,
         requires=Requirements(
@@ -143,14 +130,14 @@ async def test_a_node_refuses_a_bundle_for_a_newer_runtime_before_downloading_an
         ),
     )
     (b.path / MANIFEST_FILE).write_bytes(msgspec.json.encode(future))
-    resign_bundle(b.path, keys.key)
-    await _store_like_a_newer_registry(js, b.path)
-    config = CloudConfig(nats_url=nats_server.url, state_dir=str(tmp_path / "cloud"), fleets=[fleet])
-    cfg = edge_config(tmp_path, keys, fleet=fleet, url=nats_server.url)
+    resign_bundle(b.path, d.keys.key)
+    await _store_like_a_newer_registry(d.js, b.path)
+    config = CloudConfig(nats_url=d.server.url, state_dir=str(d.tmp / "cloud"), fleets=[d.fleet])
+    cfg = d.config()
     async with CloudService(config) as svc, EdgeNode(cfg) as node:
         await svc.wait_active(30)
         await node.link.wait_online(10)
-        await Registry(js).assign(fleet, 1, model=model)  # fleet-wide: the node judges
+        await d.assign(1)  # fleet-wide: the node judges
         await wait_until(lambda: node.refresher.stats.rejections >= 1, 20, what="refusal")
         assert node.refresher.stats.bytes_downloaded == 0
         last = node.refresher.stats.last
@@ -162,11 +149,11 @@ async def test_a_node_refuses_a_bundle_for_a_newer_runtime_before_downloading_an
         )
 
         async def said() -> bool:
-            snaps = [s for s in await fleet_status(nc, fleet) if s.node == "n1"]
+            snaps = [s for s in await fleet_status(nc, d.fleet) if s.node == "n1"]
             return bool(snaps) and snaps[0].cannot_run is not None
 
         await wait_until(said, 30, what="fleet status naming the refusal")
-        (snap,) = [s for s in await fleet_status(nc, fleet) if s.node == "n1"]
+        (snap,) = [s for s in await fleet_status(nc, d.fleet) if s.node == "n1"]
         assert snap.cannot_run is not None
         assert "runtime level 3 (has 2)" in snap.cannot_run
         assert snap.capabilities == CAPABILITIES
@@ -219,44 +206,35 @@ def old_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_a_06cfd20_node_beside_this_cloud_runs_n_gram_bundles_and_never_fetches_a_transformer(
-    js: JetStreamContext,
-    nc: NATS,
-    nats_server: EmbeddedServer,
-    tmp_path: Path,
-    keys: Keys,
-    fleet: str,
-    model: str,
-    old_build: Path,
+    d: Delivery, nc: NATS, old_build: Path
 ) -> None:
     """A real node process of the old build: it installs an n-gram bundle this registry
     pushed (written and signed by this build), and when assigned a transformer bundle it finds
     nothing it could download, says so, and keeps serving the n-gram model."""
-    registry = Registry(js)
-    trust = TrustStore([keys.key.public_key()])
-    await registry.push(make_bundle(tmp_path / "v1", keys.key, name=model, version=1), trust)
-    await registry.push(make_transformer_bundle(tmp_path / "v2", keys.key, name=model, version=2), trust)
+    await d.push(make_bundle(d.tmp / "v1", d.keys.key, name=d.model, version=1))
+    await d.push(make_transformer_bundle(d.tmp / "v2", d.keys.key, name=d.model, version=2))
     seen: list[NodeStatus] = []
 
     async def on_msg(msg: Any) -> None:
         seen.append(decode_json(msg.data, NodeStatus))
 
-    sub = await nc.subscribe(names.status_subject(fleet, "old1"), cb=on_msg)
+    sub = await nc.subscribe(names.status_subject(d.fleet, "old1"), cb=on_msg)
     argv = [
         sys.executable, "-m", "slmops.cli", "--log-level", "warning", "edge",
-        "--fleet", fleet, "--node", "old1", "--data", str(tmp_path / "old-data"),
-        "--nats", nats_server.url, "--trust", str(keys.pub), "--http", "off", "--status-interval", "1s",
+        "--fleet", d.fleet, "--node", "old1", "--data", str(d.tmp / "old-data"),
+        "--nats", d.server.url, "--trust", str(d.keys.pub), "--http", "off", "--status-interval", "1s",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(old_build)}
-    log = (tmp_path / "old-node.log").open("wb")
+    log = (d.tmp / "old-node.log").open("wb")
     proc = subprocess.Popen(argv, cwd=old_build, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        await registry.assign(fleet, 1, model=model)
+        await d.assign(1)
 
         def installed(version: int) -> bool:
             return any(s.model is not None and s.model.version == version for s in seen)
 
         await wait_until(lambda: installed(1), 60, what="the old node installed the n-gram bundle")
-        await registry.assign(fleet, 2, model=model)
+        await d.assign(2)
 
         def refused() -> list[str]:
             return [
@@ -283,7 +261,7 @@ async def test_a_06cfd20_node_beside_this_cloud_runs_n_gram_bundles_and_never_fe
 
 
 async def test_a_fleet_wide_assignment_keeps_old_nodes_on_the_newest_version_they_can_run(
-    js: JetStreamContext, nats_server: EmbeddedServer, tmp_path: Path, keys: Keys, fleet: str, model: str
+    d: Delivery,
 ) -> None:
     """Fleet-wide v2 (a transformer) while the fleet has old n-gram nodes: the old node gets a
     key of its own naming v1 (n-gram, the newest it can run) instead of failing on v2; a new
@@ -293,26 +271,26 @@ async def test_a_fleet_wide_assignment_keeps_old_nodes_on_the_newest_version_the
 
     from slmops.cli import main
 
-    registry = Registry(js)
-    trust = TrustStore([keys.key.public_key()])
-    await registry.push(make_bundle(tmp_path / "ng", keys.key, name=model, version=1), trust)
-    await registry.push(make_transformer_bundle(tmp_path / "tf", keys.key, name=model, version=2), trust)
-    only_tf = f"{model}-tf"
-    await registry.push(make_transformer_bundle(tmp_path / "tf2", keys.key, name=only_tf, version=1), trust)
+    await d.push(make_bundle(d.tmp / "ng", d.keys.key, name=d.model, version=1))
+    await d.push(make_transformer_bundle(d.tmp / "tf", d.keys.key, name=d.model, version=2))
+    only_tf = f"{d.model}-tf"
+    await d.push(make_transformer_bundle(d.tmp / "tf2", d.keys.key, name=only_tf, version=1))
     now = datetime.now(UTC)
     for node in ("old1", "old2"):
-        old = OldStatus(fleet=fleet, node=node, time=now, device=OldDevice(memory_mb=4096))
-        await _status(js, fleet, node, msgspec.json.encode(old))
+        old = OldStatus(fleet=d.fleet, node=node, time=now, device=OldDevice(memory_mb=4096))
+        await _status(d.js, d.fleet, node, msgspec.json.encode(old))
     new = NodeStatus(
-        fleet=fleet, node="new", time=now, device=DeviceProfile(memory_mb=4096, capabilities=CAPABILITIES)
+        fleet=d.fleet, node="new", time=now, device=DeviceProfile(memory_mb=4096, capabilities=CAPABILITIES)
     )
-    await _status(js, fleet, "new", encode_json(new))
-    kv = await js.key_value(names.ASSIGNMENTS_BUCKET)
-    own_old2 = Assignment(fleet=fleet, node="old2", model=model, version=1, variant="fp32", assigned_at=now)
-    await kv.put(names.assignment_key(fleet, "old2"), encode_json(own_old2))  # its own: untouched
+    await _status(d.js, d.fleet, "new", encode_json(new))
+    kv = await d.js.key_value(names.ASSIGNMENTS_BUCKET)
+    own_old2 = Assignment(
+        fleet=d.fleet, node="old2", model=d.model, version=1, variant="fp32", assigned_at=now
+    )
+    await kv.put(names.assignment_key(d.fleet, "old2"), encode_json(own_old2))  # its own: untouched
 
     async def cli(*args: str) -> str:
-        argv = ["models", "assign", "--nats", nats_server.url, "--fleet", fleet, *args]
+        argv = ["models", "assign", "--nats", d.server.url, "--fleet", d.fleet, *args]
         result = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, argv))
         assert result.exit_code == 0, result.output
         return result.output
@@ -322,20 +300,21 @@ async def test_a_fleet_wide_assignment_keeps_old_nodes_on_the_newest_version_the
     assert f"node old1: can run no version of {only_tf!r}; {lacks}" in out
     assert "old2" not in out  # it follows its own key
     with pytest.raises(js_errors.KeyNotFoundError):
-        await kv.get(names.assignment_key(fleet, "old1"))  # nothing it could run: no key written
+        await kv.get(names.assignment_key(d.fleet, "old1"))  # nothing it could run: no key written
 
-    out = await cli("--model", model, "--version", "2")
-    assert f"assigned {model} v2" in out
+    out = await cli("--model", d.model, "--version", "2")
+    assert f"assigned {d.model} v2" in out
     assert "node old1: kept on v1 (fp32), the newest it can run; its runtime lacks " in out
     assert "capabilities none reported: an old node" in out
     assert "old2" not in out
     assert "node new" not in out
-    pinned = decode_json((await kv.get(names.assignment_key(fleet, "old1"))).value or b"", Assignment)
-    assert (pinned.model, pinned.version, pinned.variant) == (model, 1, "fp32")
+    pinned = decode_json((await kv.get(names.assignment_key(d.fleet, "old1"))).value or b"", Assignment)
+    assert (pinned.model, pinned.version, pinned.variant) == (d.model, 1, "fp32")
     assert (
-        decode_json((await kv.get(names.assignment_key(fleet, "old2"))).value or b"", Assignment) == own_old2
+        decode_json((await kv.get(names.assignment_key(d.fleet, "old2"))).value or b"", Assignment)
+        == own_old2
     )
     with pytest.raises(js_errors.KeyNotFoundError):
-        await kv.get(names.assignment_key(fleet, "new"))
-    fleet_wide = decode_json((await kv.get(names.assignment_key(fleet))).value or b"", Assignment)
-    assert (fleet_wide.model, fleet_wide.version) == (model, 2)
+        await kv.get(names.assignment_key(d.fleet, "new"))
+    fleet_wide = decode_json((await kv.get(names.assignment_key(d.fleet))).value or b"", Assignment)
+    assert (fleet_wide.model, fleet_wide.version) == (d.model, 2)

@@ -59,6 +59,18 @@ async def call(
         return resp.status, body
 
 
+async def error_of(
+    http: tuple[aiohttp.ClientSession, str], want: int, method: str, path: str, **kw: Any
+) -> Any:
+    """The ``error`` object of a request that must be answered with status ``want``."""
+    status, body = await call(http, method, path, **kw)
+    assert status == want, body
+    return body["error"]
+
+
+JSON = {"Content-Type": "application/json"}
+
+
 @pytest.mark.anyio
 async def test_predict_answers_with_labels_ids_and_model(http: tuple[aiohttp.ClientSession, str]) -> None:
     status, body = await call(http, "POST", "/v1/predict", json={"texts": ["about alpha", "a beta thing"]})
@@ -126,40 +138,22 @@ async def test_feedback_errors_and_success(http: tuple[aiohttp.ClientSession, st
         assert (status, err["error"]["field"]) == (want, field), (payload, err)
     status, ok = await call(http, "POST", "/v1/feedback", json={"prediction_id": pid, "label": "beta"})
     assert (status, ok) == (200, {"ok": True})
-    status, err = await call(http, "POST", "/v1/feedback", json={"prediction_id": pid, "label": "beta"})
-    assert status == 409
-    assert err["error"]["code"] == "feedback_exists"
-    status, err = await call(
-        http, "POST", "/v1/feedback", data=b"\xff", headers={"Content-Type": "application/json"}
-    )
-    assert status == 400
-    assert err["error"]["field"] == "body"
+    err = await error_of(http, 409, "POST", "/v1/feedback", json={"prediction_id": pid, "label": "beta"})
+    assert err["code"] == "feedback_exists"
+    assert (await error_of(http, 400, "POST", "/v1/feedback", data=b"\xff", headers=JSON))["field"] == "body"
 
 
 @pytest.mark.anyio
 async def test_wrong_methods_paths_and_huge_bodies_are_json_errors(
     http: tuple[aiohttp.ClientSession, str],
 ) -> None:
-    status, err = await call(http, "GET", "/v1/predict")
-    assert status == 405
-    assert err["error"]["code"] == "method_not_allowed"
-    status, err = await call(http, "GET", "/v1/nothing")
-    assert status == 404
-    assert err["error"]["code"] == "not_found"
-    status, err = await call(
-        http,
-        "POST",
-        "/v1/predict",
-        data=io.BytesIO(b'{"text": "' + b"a" * 3_000_000 + b'"}'),
-        headers={"Content-Type": "application/json"},
-    )
-    assert status == 413
-    assert err["error"]["field"] == "body"
-    status, err = await call(
-        http, "POST", "/v1/predict", data=b'{"text": "a"}', headers={"Content-Type": "image/png"}
-    )
-    assert status == 400
-    assert err["error"]["field"] == "body"
+    assert (await error_of(http, 405, "GET", "/v1/predict"))["code"] == "method_not_allowed"
+    assert (await error_of(http, 404, "GET", "/v1/nothing"))["code"] == "not_found"
+    huge = io.BytesIO(b'{"text": "' + b"a" * 3_000_000 + b'"}')
+    assert (await error_of(http, 413, "POST", "/v1/predict", data=huge, headers=JSON))["field"] == "body"
+    png = {"Content-Type": "image/png"}
+    err = await error_of(http, 400, "POST", "/v1/predict", data=b'{"text": "a"}', headers=png)
+    assert err["field"] == "body"
 
 
 @pytest.mark.anyio

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+from _cloud_util import opened_event
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,7 +15,6 @@ from slmops.shared.histogram import Histogram
 from slmops.shared.messages import (
     WIRE_TYPES,
     Assignment,
-    DriftEvent,
     ModelRef,
     NodeStatus,
     Privacy,
@@ -111,21 +111,14 @@ def test_schema_names_every_wire_message_and_is_json() -> None:
 
 
 def test_drift_event_json_is_readable_by_plain_json() -> None:
-    now = datetime.now(UTC)
-    ev = DriftEvent(
+    ev = opened_event(
+        "f",
+        ModelRef(name="m", version=1),
         id="e1",
-        fleet="f",
-        scope="fleet",
-        model=ModelRef(name="m", version=1),
-        signal="class_prior",
         statistic="G",
         value=12.5,
         p_value=0.001,
         effect_size=0.12,
-        window_start=now,
-        window_end=now,
-        state="opened",
-        time=now,
     )
     doc = json.loads(encode_json(ev))
     assert doc["state"] == "opened"

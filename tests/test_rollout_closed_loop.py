@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -36,7 +35,7 @@ from slmops.cloud.service import CloudService
 from slmops.shared import names
 from slmops.shared.bundle import TrustStore, unpack_archive
 from slmops.shared.histogram import Histogram
-from slmops.shared.messages import HistogramEdges, ModelRef, Privacy, TelemetryAggregate
+from slmops.shared.messages import HistogramEdges, ModelRef, TelemetryAggregate
 from slmops.shared.runtime import load_session
 from slmops.shared.server import EmbeddedServer
 
@@ -121,26 +120,18 @@ class ModelFleet(SimFleet):
         tally = self.correct.setdefault((node.model.version, self.phase), [0, 0])
         tally[0] += right
         tally[1] += len(idx)
-        node.seq += 1
         edges = self.edges
         assert edges is not None
-        now = datetime.now(UTC)
         counts: dict[str, int] = {}
         for k in out.pred[idx]:
             counts[self.labels[k]] = counts.get(self.labels[k], 0) + 1
-        return TelemetryAggregate(
-            fleet=self.fleet,
-            node=node.name,
-            model=node.model,
-            seq=node.seq,
-            window_start=now,
-            window_end=now,
+        return self.window(
+            node,
             count=len(idx),
             class_counts=counts,
             confidence=Histogram.of(edges.confidence, out.conf[idx].tolist()),
             input_length=Histogram.of(edges.input_length, [out.lengths[i] for i in idx]),
             latency_ms=Histogram.of(edges.latency_ms, [out.latency_ms] * len(idx)),
-            privacy=Privacy(k=1),
         )
 
     def accuracy(self, version: int, phase: str) -> float:

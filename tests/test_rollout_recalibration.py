@@ -10,7 +10,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -18,6 +17,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 import pytest
+from _cloud_util import opened_event
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
@@ -97,21 +97,9 @@ def _estimated_priors(s: Scenario) -> dict[str, float]:
 
 
 def _event(fleet: str, manifest: ModelManifest, priors: dict[str, float]) -> DriftEvent:
-    now = datetime.now(UTC)
-    return DriftEvent(
-        id=f"{fleet}-class_prior-{uuid.uuid4().hex[:6]}",
-        fleet=fleet,
-        scope="fleet",
-        model=ModelRef(name=manifest.name, version=manifest.version),
-        signal="class_prior",
-        statistic="chi2_z",
-        value=12.0,
-        effect_size=0.3,
-        window_start=now,
-        window_end=now,
-        state="opened",
-        estimated_priors=priors,
-        time=now,
+    model = ModelRef(name=manifest.name, version=manifest.version)
+    return opened_event(
+        fleet, model, statistic="chi2_z", value=12.0, effect_size=0.3, estimated_priors=priors
     )
 
 

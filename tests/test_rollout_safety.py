@@ -101,6 +101,18 @@ async def _baseline(monitor: SafetyMonitor, traffic: Traffic, clock: Clock) -> N
         assert await monitor.tick() is None
 
 
+async def _v2_watched(
+    models: ModelManager, v2: Path, state: Path, reports: Reports, limits: SafetyLimits = LIMITS
+) -> tuple[SafetyMonitor, Traffic, Clock]:
+    """A monitor (state in ``state``) that saw v1's healthy baseline (``_baseline``), then v2
+    installed: v2 is being watched."""
+    traffic, clock = Traffic(), Clock()
+    monitor = SafetyMonitor(models, traffic, reports, state_path=state, limits=limits, clock=clock)
+    await _baseline(monitor, traffic, clock)
+    await models.install(v2, source="test")
+    return monitor, traffic, clock
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("bad", "why"),
@@ -111,12 +123,8 @@ async def test_breaching_version_is_rolled_back_blocked_and_reported_once_online
     setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path, bad: dict[str, float], why: str
 ) -> None:
     models, _, v2, _ = setup
-    traffic, clock, reports = Traffic(), Clock(), Reports(online=False)
-    monitor = SafetyMonitor(
-        models, traffic, reports, state_path=tmp_path / "safety.json", limits=LIMITS, clock=clock
-    )
-    await _baseline(monitor, traffic, clock)
-    await models.install(v2, source="test")
+    reports = Reports(online=False)
+    monitor, traffic, clock = await _v2_watched(models, v2, tmp_path / "safety.json", reports)
     # Below the minimum sample count nothing is judged, however bad.
     traffic.serve(30, **bad)  # type: ignore[arg-type]
     clock.t += 1
@@ -145,12 +153,8 @@ async def test_healthy_version_stays_and_the_watch_ends(
     setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path
 ) -> None:
     models, _, v2, _ = setup
-    traffic, clock, reports = Traffic(), Clock(), Reports()
-    monitor = SafetyMonitor(
-        models, traffic, reports, state_path=tmp_path / "safety.json", limits=LIMITS, clock=clock
-    )
-    await _baseline(monitor, traffic, clock)
-    await models.install(v2, source="test")
+    reports = Reports()
+    monitor, traffic, clock = await _v2_watched(models, v2, tmp_path / "safety.json", reports)
     for _ in range(5):
         traffic.serve(100, ms=1.3)  # a little slower: within the 3x limit
         clock.t += 1
@@ -172,11 +176,8 @@ async def test_block_list_survives_a_restart_and_a_reinstall_is_undone_at_once(
     setup: tuple[ModelManager, Path, Path, Ed25519PrivateKey], tmp_path: Path
 ) -> None:
     models, _, v2, _ = setup
-    traffic, clock, reports = Traffic(), Clock(), Reports()
-    state = tmp_path / "safety.json"
-    monitor = SafetyMonitor(models, traffic, reports, state_path=state, limits=LIMITS, clock=clock)
-    await _baseline(monitor, traffic, clock)
-    await models.install(v2, source="test")
+    reports, state = Reports(), tmp_path / "safety.json"
+    monitor, traffic, clock = await _v2_watched(models, v2, state, reports)
     breach, _ = await _until_breach(monitor, traffic, clock, {"ms": 10.0})
     assert breach is not None
     # A new monitor (node restart) still knows; the assignment installs v2 again.
@@ -250,12 +251,8 @@ async def test_by_default_latency_measured_in_another_period_abandons_nothing(
     models, _, v2, _ = setup
     limits = SafetyLimits(min_samples=50, min_intervals=5, watch_s=60, interval=1.0)
     assert limits.max_latency_ratio is None
-    traffic, clock, reports = Traffic(), Clock(), Reports(online=True)
-    monitor = SafetyMonitor(
-        models, traffic, reports, state_path=tmp_path / "safety.json", limits=limits, clock=clock
-    )
-    await _baseline(monitor, traffic, clock)
-    await models.install(v2, source="test")
+    reports = Reports(online=True)
+    monitor, traffic, clock = await _v2_watched(models, v2, tmp_path / "safety.json", reports, limits)
     breach, _ = await _until_breach(monitor, traffic, clock, {"ms": 10.0})
     assert breach is None
     current = models.current
