@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 import msgspec
 
-from slmops.shared.config import Config
+from slmops.shared.config import Config, positive
 from slmops.shared.connect import check_nats_url
 from slmops.shared.connopts import ConnectOptions
 from slmops.shared.names import validate_id
@@ -123,8 +123,7 @@ class RolloutConfig(msgspec.Struct, kw_only=True):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
         for name in ("max_latency_ratio", "max_confidence_drop", "max_drift_increase", "max_accuracy_drop"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            positive(name, getattr(self, name))
         for name in ("min_samples", "min_feedback"):
             value = getattr(self, name)
             if isinstance(value, bool) or value < 1:

@@ -44,8 +44,8 @@ from slmops.shared.capabilities import requirements_of, unmet
 from slmops.shared.connect import connect_once
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
-from slmops.shared.keylist import KEYLIST_KEY, apply_to
-from slmops.shared.kv import kv_get_direct, kv_values
+from slmops.shared.keylist import apply_to, read_signed
+from slmops.shared.kv import kv_values
 from slmops.shared.messages import (
     Assignment,
     BundleIndex,
@@ -178,7 +178,7 @@ class Registry:
         provisioned by an older release). A server that does not answer is an error: a
         push is never let through unchecked because the list could not be read."""
         try:
-            return await kv_get_direct(self._js, names.KEYS_BUCKET, KEYLIST_KEY)
+            return await read_signed(self._js)
         except NatsUnavailable:
             try:
                 with nats_errors("kv bucket", names.KEYS_BUCKET, self._url):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from slmops.shared.address import is_loopback, parse_hostport
-from slmops.shared.config import Config, load_config
+from slmops.shared.config import Config, load_config, positive
 from slmops.shared.connect import check_nats_url
 from slmops.shared.connopts import ConnectOptions
 from slmops.shared.fleetconfig import PUSHABLE
@@ -59,16 +59,15 @@ class SafetyLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.latency_floor_ms >= 0:
             raise ValueError(f"latency_floor_ms must not be negative, got {self.latency_floor_ms!r}")
-        if self.max_latency_ratio is not None and not self.max_latency_ratio > 0:
-            raise ValueError(f"max_latency_ratio must be positive, got {self.max_latency_ratio!r}")
+        if self.max_latency_ratio is not None:
+            positive("max_latency_ratio", self.max_latency_ratio)
         for name in ("watch_s", "interval"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            positive(name, getattr(self, name))
         for name in ("max_error_rate", "max_error_increase"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
-        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
-            raise ValueError(f"max_latency_ms must be positive, got {self.max_latency_ms!r}")
+        if self.max_latency_ms is not None:
+            positive("max_latency_ms", self.max_latency_ms)
 
 
 class RefreshTimings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -22,11 +22,18 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops.edge.models import ModelManager
-from slmops.shared import names
 from slmops.shared.connect import Link, LinkState
 from slmops.shared.errors import NatsUnavailable
-from slmops.shared.keylist import KEYLIST_KEY, KeyList, KeyListError, accept, load_saved, save, trust_store
-from slmops.shared.kv import kv_get_direct
+from slmops.shared.keylist import (
+    KeyList,
+    KeyListError,
+    KeyListHeld,
+    accept,
+    load_saved,
+    read_signed,
+    save,
+    trust_store,
+)
 from slmops.shared.vocabulary import NodeEvent
 
 __all__ = ["KeyFollower"]
@@ -117,7 +124,7 @@ class KeyFollower:
             return False
         async with self._lock:
             try:
-                raw = await kv_get_direct(self.link.js, names.KEYS_BUCKET, KEYLIST_KEY)
+                raw = await read_signed(self.link.js)
             except NatsUnavailable as exc:
                 log.debug("keylist_read_failed", error=str(exc))
                 return False
@@ -126,9 +133,9 @@ class KeyFollower:
             self._seen = raw
             try:
                 new = accept(self.keylist, raw, self.roots)
+            except KeyListHeld:
+                return False
             except KeyListError as exc:
-                if self.keylist is not None and exc.reason.endswith("the one held"):
-                    return False
                 self.last_refusal = exc.reason
                 log.warning("keylist_refused", reason=exc.reason, held=self.version)
                 await self._report(NodeEvent.KEYS_REFUSED, last_error=str(exc))

@@ -22,7 +22,15 @@ import msgspec
 
 from slmops.shared.errors import ConfigError
 
-__all__ = ["Config", "config_origins", "file_key", "load_config", "parse_duration", "parse_size"]
+__all__ = [
+    "Config",
+    "config_origins",
+    "file_key",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+    "positive",
+]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -40,6 +48,14 @@ def parse_duration(value: str | float | int) -> float:
     if not m:
         raise ValueError(f"duration {value!r} is not valid: use e.g. 500ms, 2s, 1m, 1h, 2d")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def positive(name: str, value: float) -> float:
+    """``value`` when it is above 0; ``ValueError`` "``name`` must be positive, got ``value``"
+    otherwise (NaN too). The one check behind every "must be positive" setting and argument."""
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return value
 
 
 def parse_size(value: str | int) -> int:

@@ -28,9 +28,12 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nats.js import JetStreamContext
 
+from slmops.shared import names
 from slmops.shared.atomic import write_atomic
 from slmops.shared.bundle import TrustStore, key_id
+from slmops.shared.kv import kv_get_direct
 
 __all__ = [
     "KEYLIST_KEY",
@@ -38,12 +41,14 @@ __all__ = [
     "KeyEntry",
     "KeyList",
     "KeyListError",
+    "KeyListHeld",
     "KeyStatus",
     "accept",
     "apply_to",
     "decode_signed",
     "encode_public",
     "load_saved",
+    "read_signed",
     "revise",
     "save",
     "sign",
@@ -67,6 +72,11 @@ class KeyListError(ValueError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"key list refused: {reason}")
+
+
+class KeyListHeld(KeyListError):
+    """``accept`` was given the very list already held (read again, not a replay): nothing
+    to apply, nothing to report."""
 
 
 class KeyEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
@@ -178,14 +188,18 @@ def _check(keylist: KeyList) -> None:
 
 def accept(held: KeyList | None, raw: bytes, roots: Iterable[Ed25519PublicKey]) -> KeyList:
     """The list in ``raw`` if it verifies and is newer than ``held``; ``KeyListError`` for an
-    older or equal version (a replay) as for a bad signature."""
+    older or equal version (a replay) as for a bad signature, ``KeyListHeld`` (a subclass)
+    when ``raw`` holds the very list held."""
     new = decode_signed(raw, roots)
     if held is not None and new.version <= held.version:
         same = new.version == held.version and _canonical(msgspec.to_builtins(new)) == _canonical(
             msgspec.to_builtins(held)
         )
-        what = "the one held" if same else f"older than or as old as the one held (version {held.version})"
-        raise KeyListError(f"version {new.version} is {what}")
+        if same:
+            raise KeyListHeld(f"version {new.version} is the one held")
+        raise KeyListError(
+            f"version {new.version} is older than or as old as the one held (version {held.version})"
+        )
     return new
 
 
@@ -250,6 +264,14 @@ def apply_to(trust: TrustStore, raw: bytes, roots: Sequence[Ed25519PublicKey]) -
         return trust
     revoked = {e.key_id: str(s) for e in unverified.keys if (s := unverified.status(e.key_id)) != "active"}
     return TrustStore(trust.public_keys, revoked=revoked)
+
+
+async def read_signed(js: JetStreamContext) -> bytes | None:
+    """The signed list's bytes as KV holds them, unverified (None: no list). One direct get
+    (``shared.kv.kv_get_direct``, whose errors it raises): what a node and ``models push``
+    read. The operator's commands read with the revision, to write compare-and-set
+    (``cloud.keys``)."""
+    return await kv_get_direct(js, names.KEYS_BUCKET, KEYLIST_KEY)
 
 
 def save(path: Path, raw: bytes) -> None:

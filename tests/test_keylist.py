@@ -21,6 +21,7 @@ from slmops.shared.errors import BundleError
 from slmops.shared.keylist import (
     KeyList,
     KeyListError,
+    KeyListHeld,
     accept,
     apply_to,
     decode_signed,
@@ -56,9 +57,10 @@ def test_only_a_newer_version_is_accepted(root: Ed25519PrivateKey) -> None:
     v1, raw1 = listed(root, a)
     v2, raw2 = listed(root, b, held=v1)
     assert accept(v1, raw2, [root.public_key()]).version == 2
-    with pytest.raises(KeyListError, match="version 1 is older than or as old as the one held"):
+    with pytest.raises(KeyListError, match="version 1 is older than or as old as the one held") as replay:
         accept(v2, raw1, [root.public_key()])  # a replay of the old list
-    with pytest.raises(KeyListError, match="version 2 is the one held"):
+    assert not isinstance(replay.value, KeyListHeld)  # refused and reported, not taken as a re-read
+    with pytest.raises(KeyListHeld, match="version 2 is the one held"):
         accept(v2, raw2, [root.public_key()])
     # Another list with the same version number (signed by the root, e.g. two operators):
     other = sign(revise(v1, add=[Ed25519PrivateKey.generate().public_key()]), root)

@@ -31,6 +31,7 @@ from slmops.cloud.factory.corpus import Split, load_topics, split_topics
 from slmops.cloud.factory.graph import build_classifier
 from slmops.cloud.factory.profile import DEFAULT_EDGES, out_of_scope_spec, reference_profile, smoke_tests
 from slmops.shared.bundle import Bundle, write_bundle
+from slmops.shared.config import positive
 from slmops.shared.messages import HistogramEdges, ModelManifest, Preprocessing, TensorSpec
 from slmops.shared.names import validate_model_name
 from slmops.shared.preprocess import featurize
@@ -72,8 +73,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        positive("learning_rate", self.learning_rate)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from slmops.cloud.errors import LeaseLost
 from slmops.shared import names
+from slmops.shared.config import positive
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, WrongLastSequence
 from slmops.shared.jetstream import ensure_kv, nats_errors, stream_info, url_of
 
@@ -66,11 +67,9 @@ class Lease:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not ttl > 0:
-            raise ValueError(f"ttl must be positive, got {ttl!r}")
+        self.ttl = positive("ttl", ttl)
         self.key = key
         self.holder = holder
-        self.ttl = ttl
         self._kv = kv
         self._clock = clock
         self._revision: int | None = None

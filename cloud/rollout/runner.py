@@ -28,6 +28,7 @@ from slmops.cloud.rollout.controller import RolloutController
 from slmops.cloud.rollout.state import RolloutStore
 from slmops.shared import names
 from slmops.shared.backoff import Backoff
+from slmops.shared.config import positive
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, SlmopsError
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.messages import NodeStatus, RolloutEvent, decode_json, decode_telemetry, encode_json
@@ -55,11 +56,9 @@ class RolloutRunner:
         fleets: Sequence[str] = (),
     ) -> None:
         """``fleets``: advance only these fleets' rollouts (empty: all)."""
-        if not interval > 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
+        self.interval = positive("interval", interval)
         self._js = js
         self._url = url
-        self.interval = interval
         self._clock = clock
         self.store = RolloutStore(js, url=url)
         self.registry = Registry(js, url=url)
