@@ -10,6 +10,7 @@ import msgspec
 from slmops.shared.config import Config, positive
 from slmops.shared.connect import check_nats_url
 from slmops.shared.connopts import ConnectOptions
+from slmops.shared.httpauth import MIN_TOKEN_CHARS
 from slmops.shared.names import validate_id
 
 __all__ = ["CloudConfig", "DriftConfig", "RecalibratePolicy", "RolloutConfig", "RolloutSettings"]
@@ -241,8 +242,8 @@ class CloudConfig(Config, kw_only=True):
                 )
         if self.webhook_url is not None and not self.webhook_url.startswith(("http://", "https://")):
             raise ValueError(f"webhook_url must be an http(s) URL, got {self.webhook_url!r}")
-        if self.http_token is not None and len(self.http_token) < 16:
-            raise ValueError("http_token must be at least 16 characters")
+        if self.http_token is not None and len(self.http_token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"http_token must be at least {MIN_TOKEN_CHARS} characters")
         for fleet in self.fleets:
             validate_id(fleet, "fleet")
         if self.recalibrate != "off" and self.key is None:

@@ -1,12 +1,12 @@
-"""Bearer tokens of the HTTP APIs (the edge API; issue 17): reading a token file and judging
-an ``Authorization`` header, in constant time."""
+"""Bearer tokens of the HTTP APIs (the edge API and the cloud console; issue 17): reading a
+token file, judging an ``Authorization`` header, comparing a token in constant time."""
 
 from __future__ import annotations
 
 import hmac
 from pathlib import Path
 
-__all__ = ["MIN_TOKEN_CHARS", "bearer_refusal", "check_token", "read_token"]
+__all__ = ["MIN_TOKEN_CHARS", "bearer_refusal", "check_token", "read_token", "same_token"]
 
 #: Shortest token accepted: 16 characters (the cloud console's rule too).
 MIN_TOKEN_CHARS = 16
@@ -31,6 +31,11 @@ def read_token(path: Path) -> str:
     return check_token(text.strip(), f"http token file {str(path)!r}")
 
 
+def same_token(given: str, token: str) -> bool:
+    """Whether ``given`` is ``token``, in the same time whatever ``given`` holds."""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
 def bearer_refusal(header: str | None, token: str) -> str | None:
     """Why a request with this ``Authorization`` header is refused, or None when it carries
     ``Bearer <token>``. The comparison takes the same time whatever the header holds."""
@@ -39,6 +44,6 @@ def bearer_refusal(header: str | None, token: str) -> str | None:
     scheme, _, given = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         return "the Authorization header is not of the form 'Bearer <token>'"
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not same_token(given.strip(), token):
         return "wrong bearer token"
     return None

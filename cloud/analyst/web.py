@@ -12,7 +12,6 @@ by the server (``plots.py``).
 
 from __future__ import annotations
 
-import hmac
 from datetime import UTC, datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from slmops.cloud.drift.labelshift import confusion_matrix, em_priors
 from slmops.cloud.drift.report import _NAMES
 from slmops.cloud.drift.stats import noise_tv, total_variation
 from slmops.cloud.ingest.presence import is_online
+from slmops.shared.httpauth import same_token
 from slmops.shared.messages import DriftEvent, ModelManifest, decode_each
 from slmops.shared.vocabulary import DriftKind, DriftSignal
 
@@ -76,7 +76,7 @@ class _Console:
             header = request.headers.get("Authorization", "")
             if header.startswith("Bearer "):
                 given = header[7:]
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+            if not same_token(given, self.token):
                 return _json({"error": "missing or wrong bearer token"}, 401)
         try:
             response: web.StreamResponse = await handler(request)
