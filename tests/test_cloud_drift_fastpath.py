@@ -18,7 +18,8 @@ from slmops.shared.messages import DriftEvent, ModelRef, TelemetryAggregate
 
 
 def test_window_z_is_window_test_z_bit_for_bit() -> None:
-    """Random windows, with and without DP noise, two-sided and one-sided, some cells negative."""
+    """Random windows, with and without DP noise, two-sided and one-sided, some cells negative:
+    the hot path's ``z`` is the one ``window_test`` computes beside the effect (its own loop)."""
     rng = np.random.default_rng(3)
     for _ in range(2000):
         cells = int(rng.integers(2, 12))
@@ -27,8 +28,9 @@ def test_window_z_is_window_test_z_bit_for_bit() -> None:
         n_ref = float(rng.choice([0.0, 500.0, 1e6]))
         noise = float(rng.choice([0.0, 3.7]))
         upper = 0 if cells == 2 and rng.random() < 0.5 else None
-        want, _ = window_test(counts, probs, n_ref, noise, upper_cell=upper, want_effect=False)
+        want, _ = window_test(counts, probs, n_ref, noise, upper_cell=upper)
         assert window_z(counts, probs, n_ref, noise, upper) == want
+        assert window_test(counts, probs, n_ref, noise, upper_cell=upper, want_effect=False) == (want, 0.0)
     with pytest.raises(ValueError, match="2 counts against 3"):
         window_z([1, 2], [0.2, 0.3, 0.5], 10.0)
 

@@ -109,6 +109,8 @@ def window_test(
     fall gives ``-|z|``). ``effect`` is the total-variation distance. Negative counts (DP noise)
     count as zero. One pass over the cells: this runs for every signal of every window.
     """
+    if not want_effect:
+        return window_z(counts, probs, n_ref, noise_var, upper_cell), 0.0
     if len(counts) != len(probs):
         raise ValueError(f"{len(counts)} counts against {len(probs)} reference cells")
     n = 0.0
@@ -121,16 +123,11 @@ def window_test(
     stat = 0.0
     tv = 0.0
     inv_n = 1.0 / n
-    if want_effect:
-        for c, p in zip(counts, probs, strict=True):
-            d = c - n * p
-            stat += d * d / (p * inflate + noise_var)
-            share = c * inv_n if c > 0 else 0.0
-            tv += share - p if share > p else p - share
-    else:
-        for c, p in zip(counts, probs, strict=True):
-            d = c - n * p
-            stat += d * d / (p * inflate + noise_var)
+    for c, p in zip(counts, probs, strict=True):
+        d = c - n * p
+        stat += d * d / (p * inflate + noise_var)
+        share = c * inv_n if c > 0 else 0.0
+        tv += share - p if share > p else p - share
     z = wilson_hilferty_z(stat, len(counts) - 1)
     if upper_cell is not None and counts[upper_cell] < n * probs[upper_cell]:
         z = -abs(z)
@@ -144,8 +141,8 @@ def window_z(
     noise_var: float = 0.0,
     upper_cell: int | None = None,
 ) -> float:
-    """``window_test(...)[0]`` with ``want_effect=False``, bit for bit, for the ingest hot path
-    (no effect, no tuple, the Wilson–Hilferty constants of each ``df`` computed once)."""
+    """``z`` of ``window_test`` (which calls this when ``want_effect`` is False), for the ingest
+    hot path: no effect, no tuple, the Wilson–Hilferty constants of each ``df`` computed once."""
     if len(counts) != len(probs):
         raise ValueError(f"{len(counts)} counts against {len(probs)} reference cells")
     n = 0.0
