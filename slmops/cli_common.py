@@ -4,6 +4,7 @@ the one runner that turns errors into exit codes.
 Exit codes: 0 done (also after Ctrl-C/SIGTERM for commands that run until a signal);
 1 a failure at run time (NATS unreachable, a refused bundle, a port in use...), printed as one
 line ``Error: ...``; 2 a usage error (a bad flag, config value or file), printed by click.
+Output into a pipe whose reader left (``| head``) ends the command quietly (click's exit 1 on EPIPE).
 """
 
 from __future__ import annotations
@@ -422,6 +423,8 @@ def errors_to_exit_codes(exit_codes: Mapping[type[BaseException], int] | None = 
     """The one mapping of errors to exit codes (module docstring); see ``run``."""
     try:
         yield
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): click's main exits quietly on EPIPE
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     except (SlmopsError, ValueError, OSError) as exc:
@@ -430,6 +433,8 @@ def errors_to_exit_codes(exit_codes: Mapping[type[BaseException], int] | None = 
         # Task groups wrap our error: unwrap a lone one.
         found = leaf_errors(group)
         leaf = found[0] if len(found) == 1 else group
+        if isinstance(leaf, BrokenPipeError):
+            raise leaf from None
         if isinstance(leaf, ConfigError):
             raise click.UsageError(str(leaf)) from leaf
         if isinstance(leaf, SlmopsError | ValueError | OSError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -126,10 +126,12 @@ async def _stream_json(views: AsyncIterator[NodeView], now: datetime, clock: str
     head = f'{{"server_time": {json.dumps(now.isoformat())}, "clock": {json.dumps(clock)}, "nodes": ['
     click.echo(head, nl=False)
     sep = "\n"
-    async for v in views:
-        doc = {**msgspec.to_builtins(v.snapshot), "online": v.online, "silent_s": v.silent_s}
-        click.echo(sep + json.dumps(doc), nl=False)
-        sep = ",\n"
+    # aclosing: a reader gone early (`| head`) stops the watch here, while the connection is open.
+    async with aclosing(views):
+        async for v in views:
+            doc = {**msgspec.to_builtins(v.snapshot), "online": v.online, "silent_s": v.silent_s}
+            click.echo(sep + json.dumps(doc), nl=False)
+            sep = ",\n"
     click.echo("]}" if sep == "\n" else "\n]}")
 
 

@@ -5,6 +5,8 @@ streamed; forgotten nodes stay hidden in both."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import anyio
@@ -57,3 +59,33 @@ async def test_fleet_status_pages_the_table_and_streams_every_node_as_json(
     assert {n["node"]: n["inferences"] for n in doc["nodes"]}["n4"] == 104
     assert doc["clock"] == "server"
     assert all(n["online"] for n in doc["nodes"])
+
+
+@pytest.mark.anyio
+async def test_fleet_status_json_into_a_closed_pipe_exits_quietly(
+    nats_server: EmbeddedServer, js: JetStreamContext, fleet: str
+) -> None:
+    """``fleet status --json | head -1``: the reader leaves after one line; the command must
+    stop without a traceback (it printed the watch's failed close and "Broken pipe")."""
+    kv = await ensure_fleet_bucket(js)
+    for i in range(200):  # ~160 kB of JSON: more than a pipe holds, so the writer meets the close
+        await kv.put(f"{fleet}.n{i}", msgspec.json.encode(_snapshot(fleet, f"n{i}", i)))
+
+    def head_1() -> tuple[str, int, str]:
+        cmd = [sys.executable, "-m", "slmops.cli", "fleet", "status", "--json"]
+        with subprocess.Popen(
+            [*cmd, "--nats", nats_server.url, "--fleet", fleet],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ) as proc:  # fmt: skip
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            first = proc.stdout.readline()
+            proc.stdout.close()
+            err = proc.stderr.read()
+            return first, proc.wait(timeout=60), err
+
+    first, code, err = await anyio.to_thread.run_sync(head_1)
+    assert first.startswith('{"server_time"')
+    for word in ("Traceback", "Broken pipe", "Error"):
+        assert word not in err, err
+    assert code == 1  # click's exit on EPIPE, quiet

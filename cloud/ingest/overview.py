@@ -148,12 +148,15 @@ async def stream_views(
     fleets = {k.split(".", 1)[0] for k in keys}
     key_filter = f"{next(iter(fleets))}.*" if len(fleets) == 1 else ">"
     want = set(keys)
-    async for key, value in kv_stream(nc.jetstream(), names.FLEET_BUCKET, key_filter, want):
-        if key.startswith("_"):
-            continue
-        view = _view(value, now, gone)
-        if view is not None:
-            yield view
+    # aclosing: closing this generator early stops the watch now, not at garbage collection
+    # (by then the connection is closed and stopping it fails).
+    async with contextlib.aclosing(kv_stream(nc.jetstream(), names.FLEET_BUCKET, key_filter, want)) as kvs:
+        async for key, value in kvs:
+            if key.startswith("_"):
+                continue
+            view = _view(value, now, gone)
+            if view is not None:
+                yield view
 
 
 def _view(value: bytes | None, now: datetime, gone: dict[tuple[str, str], Forgotten]) -> NodeView | None:
