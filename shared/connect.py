@@ -26,7 +26,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from slmops.shared.backoff import Backoff
-from slmops.shared.connopts import ConnectOptions, current_connect_options, explain_tls_error
+from slmops.shared.connopts import (
+    ConnectOptions,
+    current_connect_options,
+    explain_tls_error,
+    note_permission_denial,
+)
 from slmops.shared.errors import NatsUnavailable
 from slmops.shared.jetstream import is_connection_error, is_nats_error, nats_errors
 from slmops.shared.names import inbox_prefix, validate_id
@@ -156,6 +161,7 @@ async def connect_once(
 
     async def error_cb(exc: Exception) -> None:
         errors.append(exc)
+        note_permission_denial(exc)  # after the connect, the only place a refusal shows
         if explain_tls_error(exc, options) is not None:
             refused.cancel()
 

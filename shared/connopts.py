@@ -27,8 +27,11 @@ from typing import Any
 __all__ = [
     "ConnectOptions",
     "TlsError",
+    "collect_permission_denials",
     "current_connect_options",
     "explain_tls_error",
+    "note_permission_denial",
+    "permission_denial",
     "use_connect_options",
 ]
 
@@ -189,3 +192,43 @@ def use_connect_options(options: ConnectOptions) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+#: nats-py's words for the server's ``-ERR 'Permissions Violation for ...'`` (it lower-cases them).
+_VIOLATION = "permissions violation for "
+
+_denials: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "permission_denials", default=None
+)
+
+
+def permission_denial(exc: BaseException) -> str | None:
+    """What the server refused, as in ``publish to "$js.api.stream.info.kv_slmops_fleet"``,
+    when ``exc`` is a permission violation; else None. nats-py hands these only to the error
+    callback (the refused request itself just times out) and lower-cases the server's text, so
+    the subject is shown lower-cased."""
+    text = str(exc)
+    at = text.find(_VIOLATION)
+    return text[at + len(_VIOLATION) :].strip() if at >= 0 else None
+
+
+def note_permission_denial(exc: BaseException) -> None:
+    """Record ``exc`` for the enclosing ``collect_permission_denials`` block, if it is a
+    permission violation and there is such a block (called by the error callback of
+    ``connect.connect_once``'s clients)."""
+    denied, what = _denials.get(), permission_denial(exc)
+    if denied is not None and what is not None and what not in denied:
+        denied.append(what)
+
+
+@contextmanager
+def collect_permission_denials() -> Iterator[list[str]]:
+    """A list that collects what the server refused (``permission_denial``) to the clients
+    ``connect_once`` makes within the block, in order, each once: a command that then fails on
+    a timeout can say "permission denied" instead (``slmops.cli_common.run``)."""
+    denied: list[str] = []
+    token = _denials.set(denied)
+    try:
+        yield denied
+    finally:
+        _denials.reset(token)

@@ -13,6 +13,7 @@ __all__ = [
     "NatsUnavailable",
     "NoResponders",
     "NotFound",
+    "PermissionDenied",
     "PortUnavailable",
     "ProvisionError",
     "ResourceConflict",
@@ -61,6 +62,16 @@ class NoResponders(NatsUnavailable):
     def __init__(self, url: str, subject: str) -> None:
         self.subject = subject
         super().__init__(url, f"no responders on {subject}")
+
+
+class PermissionDenied(SlmopsError):
+    """The NATS server refused what these credentials tried (``denied``: the server's words,
+    e.g. ``publish to "$js.api.stream.info.kv_slmops_fleet"``, lower-cased by nats-py)."""
+
+    def __init__(self, denied: list[str]) -> None:
+        self.denied = denied
+        shown = ", ".join(denied[:3]) + (f" and {len(denied) - 3} more" if len(denied) > 3 else "")
+        super().__init__(f"permission denied: {shown} (refused by the server for the credentials in use)")
 
 
 class JetStreamRefused(SlmopsError):

@@ -21,7 +21,7 @@ the subject, where permissions see it, so a node can read its own assignment and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 from nats.js import JetStreamContext
@@ -97,7 +97,7 @@ async def kv_values(
 
 async def kv_stream(
     js: JetStreamContext, bucket: str, key_filter: str, want: set[str], *, timeout: float = 5.0
-) -> AsyncIterator[tuple[str, bytes | None]]:
+) -> AsyncGenerator[tuple[str, bytes | None]]:
     """``(key, value)`` as one watch of KV ``bucket`` delivers them (in stream order, not key
     order), value None for a deleted or purged key, until every key of ``want`` (from
     ``kv_keys``; emptied as it goes) was seen. Raises as ``kv_values``."""

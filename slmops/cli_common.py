@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import anyio
 import click
 
-from slmops.shared.errors import BundleError, ConfigError, SlmopsError
+from slmops.shared.errors import BundleError, ConfigError, NatsUnavailable, PermissionDenied, SlmopsError
 from slmops.shared.names import validate_id
 
 if TYPE_CHECKING:
@@ -339,6 +339,17 @@ def _failed(exc: BaseException, exit_codes: Mapping[type[BaseException], int] | 
     return (_Failed2 if code == 2 else _Failed)(_message(exc))
 
 
+def _reported(exc: BaseException, denied: Sequence[str]) -> BaseException:
+    """``exc``, or ``PermissionDenied`` (caused by it) when NATS failed after the server refused
+    something: the refused request timed out, the refusal (seen only by the error callback) is
+    the news."""
+    if denied and isinstance(exc, NatsUnavailable):
+        refused = PermissionDenied(list(denied))
+        refused.__cause__ = exc
+        return refused
+    return exc
+
+
 def leaf_errors(exc: BaseException) -> list[BaseException]:
     """The errors inside ``exc``: itself, or the leaves of a (nested) exception group, in order."""
     if isinstance(exc, BaseExceptionGroup):
@@ -420,23 +431,30 @@ def call(fn: Callable[[], T], *, exit_codes: Mapping[type[BaseException], int] |
 
 @contextmanager
 def errors_to_exit_codes(exit_codes: Mapping[type[BaseException], int] | None = None) -> Iterator[None]:
-    """The one mapping of errors to exit codes (module docstring); see ``run``."""
-    try:
-        yield
-    except BrokenPipeError:
-        raise  # the reader left (`| head`): click's main exits quietly on EPIPE
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except (SlmopsError, ValueError, OSError) as exc:
-        raise _failed(exc, exit_codes) from exc
-    except BaseExceptionGroup as group:
-        # Task groups wrap our error: unwrap a lone one.
-        found = leaf_errors(group)
-        leaf = found[0] if len(found) == 1 else group
-        if isinstance(leaf, BrokenPipeError):
-            raise leaf from None
-        if isinstance(leaf, ConfigError):
-            raise click.UsageError(str(leaf)) from leaf
-        if isinstance(leaf, SlmopsError | ValueError | OSError):
-            raise _failed(leaf, exit_codes) from leaf
-        raise
+    """The one mapping of errors to exit codes (module docstring); see ``run``. A NATS failure
+    after the server refused a request for lack of permission (seen by ``connect_once``'s
+    clients) is reported as ``permission denied: <what>``."""
+    from slmops.shared.connopts import collect_permission_denials
+
+    with collect_permission_denials() as denied:
+        try:
+            yield
+        except BrokenPipeError:
+            raise  # the reader left (`| head`): click's main exits quietly on EPIPE
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except (SlmopsError, ValueError, OSError) as exc:
+            reported = _reported(exc, denied)
+            raise _failed(reported, exit_codes) from reported
+        except BaseExceptionGroup as group:
+            # Task groups wrap our error: unwrap a lone one.
+            found = leaf_errors(group)
+            leaf = found[0] if len(found) == 1 else group
+            if isinstance(leaf, BrokenPipeError):
+                raise leaf from None
+            if isinstance(leaf, ConfigError):
+                raise click.UsageError(str(leaf)) from leaf
+            if isinstance(leaf, SlmopsError | ValueError | OSError):
+                reported = _reported(leaf, denied)
+                raise _failed(reported, exit_codes) from reported
+            raise

@@ -4,7 +4,7 @@ only; the reads are in ``cloud.ingest.overview`` (online judged by the server's 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -119,7 +119,7 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
     run(main)
 
 
-async def _stream_json(views: AsyncIterator[NodeView], now: datetime, clock: str) -> None:
+async def _stream_json(views: AsyncGenerator[NodeView], now: datetime, clock: str) -> None:
     """``{"server_time", "clock", "nodes": [...]}``, written node by node as they are read."""
     import msgspec
 
@@ -180,20 +180,21 @@ def _iso(t: datetime | None) -> str | None:
 def status(nats_url: str, fleet_id: str | None, as_json: bool) -> None:
     """The whole system at a glance: is NATS reachable, which cloud instance holds the lease,
     and per fleet: nodes online (of those not forgotten), assigned versions, open drift events,
-    running rollouts. Exits 1 when NATS is unreachable (saying so, also with --json)."""
+    running rollouts. Exits 1 when NATS is unreachable or refuses these credentials (saying so,
+    also with --json)."""
     from slmops.shared.connect import redact_url
-    from slmops.shared.errors import NatsUnavailable
+    from slmops.shared.errors import NatsUnavailable, PermissionDenied
 
     try:
         doc = _with_nats(nats_url, lambda nc: _overview(nc, nats_url, fleet_id))
     except click.ClickException as exc:
-        if not isinstance(exc.__cause__, NatsUnavailable):
+        denied = isinstance(exc.__cause__, PermissionDenied)
+        if not (denied or isinstance(exc.__cause__, NatsUnavailable)):
             raise
         if as_json:
-            click.echo(
-                json.dumps({"nats": {"url": redact_url(nats_url), "reachable": False, "error": exc.message}})
-            )
-        else:
+            nats = {"url": redact_url(nats_url), "reachable": denied, "error": exc.message}
+            click.echo(json.dumps({"nats": nats}))
+        elif not denied:
             click.echo(f"nats     {redact_url(nats_url)}: unreachable")
         raise
     if as_json:

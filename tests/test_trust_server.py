@@ -374,3 +374,29 @@ async def test_analyst_reads_drift_live_and_cannot_publish(op: tuple[EmbeddedSer
             await client.wait_error(f'permissions violation for publish to "{subject.lower()}"')
         await nc.subscribe(names.TELEMETRY_ALL)
         await client.wait_error('permissions violation for subscription to "slmops.telemetry.>"')
+
+
+async def test_an_operator_command_with_a_nodes_creds_says_permission_denied(
+    op: tuple[EmbeddedServer, FleetDir],
+) -> None:
+    """`slmops status` (or `fleet status`: the same path) run with a node's creds: the server
+    refuses its requests (the refusal reaches only nats-py's error callback, the request then
+    times out); the user is told "permission denied" and what was refused, not that JetStream
+    did not answer, nor that NATS is unreachable."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    server, fleet_dir = op
+    args = ["status", "--json", "--nats", server.url, "--creds", str(_creds(fleet_dir, A))]
+    result = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, args))
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, result.output
+    # A node may subscribe only under its own inbox prefix, and no JetStream API is open to it.
+    assert error[0].startswith("Error: permission denied: subscription to "), error
+    assert 'publish to "$js.api.' in error[0]
+    assert "did not answer in time" not in error[0]
+    doc = json.loads(result.output.splitlines()[0])
+    assert doc["nats"]["reachable"] is True
+    assert doc["nats"]["error"] == error[0].removeprefix("Error: ")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -141,7 +141,7 @@ async def read_views(
 
 async def stream_views(
     nc: NATS, keys: Sequence[str], now: datetime, gone: dict[tuple[str, str], Forgotten]
-) -> AsyncIterator[NodeView]:
+) -> AsyncGenerator[NodeView]:
     """The nodes of ``keys`` as ``read_views`` gives them, but from one watch of the bucket,
     in the order it delivers them (not sorted): every node at the speed of one watch, the
     first ones at once (``fleet status --json``)."""
