@@ -93,8 +93,9 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
     Read from KV slmops_fleet, which the active cloud instance keeps up to date (within about
     a second); works while the cloud is down, showing its last state. Forgotten nodes
     (`fleet forget`) are left out until they send again. The table shows one page of nodes
-    (sorted by fleet and node; --page, --page-size); --json writes every node, streamed as
-    they are read (in the order the bucket delivers them, not sorted)."""
+    (sorted by fleet and node; --page, --page-size; a page past the last is an error); --json
+    writes every node, streamed as they are read (in the order the bucket delivers them, not
+    sorted)."""
     from slmops.cloud.ingest.overview import node_keys, read_views, server_time, stream_views
     from slmops.cloud.ingest.presence import forgotten
 
@@ -112,6 +113,12 @@ def fleet_status_cmd(nats_url: str, fleet_id: str | None, as_json: bool, page: i
             if as_json:
                 await _stream_json(stream_views(nc, keys, now, gone), now, clock)
                 return
+            pages = -(-len(keys) // page_size)
+            if page > max(pages, 1):
+                raise click.ClickException(
+                    f"page {page} is past the last page ({pages} page{'s' if pages != 1 else ''} "
+                    f"at --page-size {page_size})"
+                )
             first = (page - 1) * page_size
             views = await read_views(nc, keys[first : first + page_size], now, gone)
             _print_page(views, clock, first, len(keys), page, page_size)

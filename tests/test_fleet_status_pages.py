@@ -54,6 +54,13 @@ async def test_fleet_status_pages_the_table_and_streams_every_node_as_json(
     rows = [line.split()[1] for line in page2.splitlines() if line.startswith(fleet)]
     assert rows == ["n2", "n3"]
     assert "(nodes 3-4 of 7: --page 3 for more, --json for all)" in page2
+    past = await anyio.to_thread.run_sync(
+        lambda: CliRunner().invoke(
+            main, ["fleet", "status", "--nats", nats_server.url, "--fleet", fleet, "--page", "99"]
+        )
+    )
+    assert past.exit_code == 1, past.output  # it printed the header alone and exited 0
+    assert past.output.strip() == "Error: page 99 is past the last page (1 page at --page-size 100)"
     doc = json.loads(await anyio.to_thread.run_sync(lambda: cli("--json")))
     assert sorted(n["node"] for n in doc["nodes"]) == ["n0", "n1", "n2", "n3", "n4"]
     assert {n["node"]: n["inferences"] for n in doc["nodes"]}["n4"] == 104
