@@ -39,10 +39,13 @@ def _node_id(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--operator-name", default="slmops", show_default=True, help="The operator JWT's name.")
 def init(directory: Path, operator_name: str) -> None:
-    """Create a fleet's NATS identities in DIRECTORY (new or empty): an operator and the
-    SLMOPS account, each with a signing key, the system account with a user for claim
-    updates, the cloud's creds, and server.conf (a full resolver) for
-    `slmops server --auth DIRECTORY` or any nats-server's config (`include`).
+    """Create a fleet's NATS identities in DIRECTORY (new or empty): an operator, the SLMOPS
+    account (cloud, nodes, analysts) and the OPERATOR account (operators' tools, which reach
+    the cloud's change service through an import that makes the server name them in the
+    audit), each with a signing key, the system account with a user for claim updates, the
+    cloud's creds, cloud.toml (`slmops cloud --config`: those creds and audit_accounts =
+    [OPERATOR]), and server.conf (a full resolver) for `slmops server --auth DIRECTORY` or
+    any nats-server's config (`include`).
 
     DIRECTORY holds the seeds: keep it on the operator's machine, mode 0700."""
     from slmops.cloud.trust import FleetDir
@@ -51,10 +54,13 @@ def init(directory: Path, operator_name: str) -> None:
     click.echo(f"fleet identities in {d.path}")
     click.echo(f"  operator        {d.operator_public}")
     click.echo(f"  account SLMOPS  {d.account_public}")
+    click.echo(f"  account OPERATOR {d.operator_account_public}")
     click.echo(f"  system account  {d.system_account_public}")
     click.echo(f"  server config   {d.server_conf}   (slmops server --auth {d.path})")
-    click.echo(f"  cloud creds     {d.cloud_creds}   (slmops cloud --creds ...)")
+    click.echo(f"  cloud creds     {d.cloud_creds}")
+    click.echo(f"  cloud config    {d.cloud_toml}   (slmops cloud --config ...)")
     click.echo(f"next: slmops fleet enroll --auth {d.path} --fleet FLEET --node NODE")
+    click.echo(f"      slmops fleet enroll --auth {d.path} --role operator --name YOU")
 
 
 def _fleet_node_options(fleet_help: str, node_help: str) -> Callable[[F], F]:
@@ -141,28 +147,32 @@ def revoke(
     if no_push:
         click.echo(f"not pushed: run `slmops fleet push --auth {d.path} --nats URL`")
         return
-    _push(d.path, nats_url)
+    _push(d.path, nats_url, d.accounts_of(hits))
 
 
 @click.command("push")
 @auth_dir_option
 @nats_option
 def push(auth_dir: Path, nats_url: str) -> None:
-    """Push the fleet directory's current account JWT (its revocations) to a running server
-    (one of a cluster is enough), e.g. one that was down during `fleet revoke`. Connects as
-    the directory's system user (any --creds is not used)."""
-    _push(auth_dir, nats_url)
+    """Push the fleet directory's current account JWTs (SLMOPS and OPERATOR: their
+    revocations) to a running server (one of a cluster is enough), e.g. one that was down
+    during `fleet revoke`. Connects as the directory's system user (any --creds is not used)."""
+    _push(auth_dir, nats_url, None)
 
 
-def _push(auth_dir: Path, url: str) -> None:
+def _push(auth_dir: Path, url: str, accounts: list[str] | None) -> None:
     from slmops.cloud.trust import FleetDir, push_account
+    from slmops.cloud.trust.fleetdir import ACCOUNT, OPERATOR_ACCOUNT
     from slmops.shared.connect import redact_url
 
     d = call(lambda: FleetDir(auth_dir))
+    if accounts is None:
+        accounts = [ACCOUNT, OPERATOR_ACCOUNT] if d.operator_account_public else [ACCOUNT]
 
     async def main() -> None:
-        answer = await push_account(url, d.sys_creds, d.account_jwt())
-        click.echo(f"{redact_url(url)}: {answer}")
+        for which in accounts:
+            answer = await push_account(url, d.sys_creds, d.account_jwt(which))
+            click.echo(f"{redact_url(url)}: {which}: {answer}")
 
     run(main)
 

@@ -156,6 +156,34 @@ def test_fleet_dir_init_enroll_revoke_files(tmp_path: Path) -> None:
     assert d.account_jwt() in d.server_conf.read_text()
 
 
+def test_operators_live_in_their_own_account_which_imports_the_change_service_shared(tmp_path: Path) -> None:
+    """fleet init: OPERATOR imports the change service with share (the server then names the
+    requester) and only reads of JetStream; an operator's revocation goes into OPERATOR's JWT."""
+    d = FleetDir.init(tmp_path / "fleet")
+    ops = decode_jwt(d.account_jwt("OPERATOR"))
+    assert ops.subject == d.operator_account_public
+    change = [i for i in ops.nats["imports"] if i["subject"] == "slmops.cloud.change.>"]
+    assert change == [
+        {"name": "change", "subject": "slmops.cloud.change.>", "account": d.account_public,
+         "type": "service", "share": True}
+    ]  # fmt: skip
+    imported = {i["subject"] for i in ops.nats["imports"]}
+    writes = ("$JS.API.STREAM.CREATE", "$JS.API.CONSUMER.CREATE", "$KV", "$O")
+    assert not any(s.startswith(writes) for s in imported)
+    exported = {e["subject"] for e in decode_jwt(d.account_jwt()).nats["exports"]}
+    assert imported <= exported
+    assert d.operator_account_public in d.server_conf.read_text()
+    assert f'audit_accounts = ["{d.operator_account_public}"]' in d.cloud_toml.read_text()
+    alice = d.enroll("operator", name="alice")
+    claims = decode_jwt(read_creds(alice.creds)[0])
+    assert claims.nats["issuer_account"] == d.operator_account_public
+    assert claims.issuer in ops.nats["signing_keys"]
+    before = decode_jwt(d.account_jwt())
+    d.revoke(public=alice.record.public)
+    assert set(decode_jwt(d.account_jwt("OPERATOR")).nats["revocations"]) == {alice.record.public}
+    assert decode_jwt(d.account_jwt()).jti == before.jti  # SLMOPS's JWT untouched
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

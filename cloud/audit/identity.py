@@ -11,17 +11,26 @@ rule (``IdentityReader.of``):
 * no authentication on the server (``$SYS.REQ.USER.INFO`` answers account ``$G``, no user):
   ``"unauthenticated"``, whatever headers say;
 * authentication on, a header naming one of the configured ``audit_accounts`` (the operator
-  accounts that import the change service with ``share: true``), not the cloud's own: that
+  accounts that import the change service with ``share: true``), not the cloud's own, on a
+  request whose reply subject is the server's service-import reply (``_R_.…``): that
   identity (``name_tag``, else ``user``);
-* anything else (no header; the cloud's own account; an account not configured):
-  ``"unauthenticated"``.
+* anything else (no header; the cloud's own account; an account not configured; a reply
+  subject the server did not make for an import): ``"unauthenticated"``.
 
 Why an allow-list and not "any other account": a client inside the cloud's own account can
 publish the change subject directly with a header naming any account it likes, and the server
 leaves that header alone (no import crossed). Only for an account that reaches the subject
-through the import is the header the server's. ``slmops fleet init`` puts every user in one
-account, so in that layout nothing is believed (every record "unauthenticated") until an
-operator account with the import is set up and named in ``audit_accounts``.
+through the import is the header the server's. ``slmops fleet init`` makes that layout: its
+``OPERATOR`` account imports the service, its ``cloud.toml`` lists it, and in ``SLMOPS`` only
+the cloud's own users may publish on the change subjects (nodes and analysts may not).
+
+Why the reply subject too: a request that crosses a service import reaches the service with
+the reply subject the server mapped it to (``_R_.<random>.<random>``); a message published
+inside the cloud's account with a made-up header normally carries the client's own inbox,
+and a message JetStream delivers (a push consumer aimed at the change subject, replaying a
+stored message whose headers a node wrote) carries ``$JS.ACK.…``. Neither is believed. A
+holder of the cloud's own creds can still choose ``_R_.`` as its reply: those creds are the
+cloud itself.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ __all__ = ["REQUEST_INFO", "Identity", "IdentityReader"]
 log = structlog.get_logger(__name__)
 
 REQUEST_INFO = "Nats-Request-Info"
+#: How nats-server names the reply subject of a request that crossed a service import.
+IMPORT_REPLY_PREFIX = "_R_."
 #: The account of every client of a server without accounts or authentication.
 _GLOBAL = "$G"
 
@@ -84,13 +95,17 @@ class IdentityReader:
         self.auth = bool(data.get("user")) or self.own_account not in (None, _GLOBAL)
         log.info("audit_identity", account=self.own_account, auth=self.auth)
 
-    def of(self, headers: dict[str, str] | None) -> Identity:
-        """The requester of a message with ``headers`` (module docstring)."""
+    def of(self, headers: dict[str, str] | None, reply: str | None = None) -> Identity:
+        """The requester of a message with ``headers`` and reply subject ``reply`` (module
+        docstring)."""
         if not self.auth or self.own_account is None:
             return Identity(UNAUTHENTICATED)
         raw = (headers or {}).get(REQUEST_INFO)
         if not raw:
             return Identity(UNAUTHENTICATED, self.own_account)
+        if not (reply or "").startswith(IMPORT_REPLY_PREFIX):
+            # Not a request that crossed an import: whoever sent it wrote the header.
+            return Identity(UNAUTHENTICATED)
         try:
             info = json.loads(raw)
         except ValueError:

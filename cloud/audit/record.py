@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from slmops.cloud.audit.identity import Identity
 from slmops.shared.audit import AuditRecord
+from slmops.shared.errors import JetStreamRefused
 from slmops.shared.jetstream import nats_errors, replay
 from slmops.shared.messages import decode_json, encode_json
 from slmops.shared.names import AUDIT_ALL, AUDIT_STREAM, audit_subject
@@ -52,19 +55,46 @@ async def read_audit(
     js: JetStreamContext, fleet: str | None = None, *, url: str = "<nats>", timeout: float = 3.0
 ) -> list[AuditRecord]:
     """Every record (of ``fleet``, and the fleet-independent ones; all when None), oldest
-    first. Raises ``NatsUnavailable`` when the stream cannot be read."""
+    first. Read through an ordered consumer; a reader that may create no consumer (an
+    operator of ``slmops fleet init``'s OPERATOR account reads through read-only imports)
+    gets them one message get at a time. Raises ``NatsUnavailable`` when the stream cannot
+    be read."""
     subjects = [AUDIT_ALL] if fleet is None else [audit_subject(fleet), audit_subject(None)]
     out: list[AuditRecord] = []
 
-    def on_msg(msg: Msg) -> None:
+    def take(subject: str, data: bytes) -> None:
         try:
-            out.append(decode_json(msg.data, AuditRecord))
+            out.append(decode_json(data, AuditRecord))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("audit_record_undecodable", subject=msg.subject, error=str(exc))
+            log.warning("audit_record_undecodable", subject=subject, error=str(exc))
+
+    def on_msg(msg: Msg) -> None:
+        take(msg.subject, msg.data)
 
     for subject in subjects:
         with nats_errors("stream", AUDIT_STREAM, url):
             info = await js.stream_info(AUDIT_STREAM, subjects_filter=subject)
         if info.state.subjects:
-            await replay(js, AUDIT_STREAM, subject, on_msg, url=url, timeout=timeout)
+            try:
+                await replay(js, AUDIT_STREAM, subject, on_msg, url=url, timeout=timeout)
+            except JetStreamRefused:  # no consumer may be made: read message by message
+                await _read_by_gets(js, subject, take, url)
     return sorted(out, key=lambda r: (r.time, r.id))
+
+
+async def _read_by_gets(
+    js: JetStreamContext, subject: str, take: Callable[[str, bytes], None], url: str
+) -> None:
+    """Every message of ``subject`` by ``STREAM.MSG.GET`` (next by subject from a sequence),
+    handed to ``take(subject, data)``; one request per record."""
+    seq = 1
+    while True:
+        with nats_errors("stream", AUDIT_STREAM, url):
+            try:
+                raw = await js.get_msg(AUDIT_STREAM, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return
+        take(raw.subject or subject, raw.data or b"")
+        if raw.seq is None:
+            return
+        seq = raw.seq + 1

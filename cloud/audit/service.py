@@ -109,7 +109,7 @@ async def handle_change(
 
 
 async def _answer(msg: Msg, reader: IdentityReader, store: ConfigStore, trust: TrustStore | None) -> None:
-    who = reader.of(msg.headers)
+    who = reader.of(msg.headers, msg.reply)
     fleet: str | None = None
     action = "unknown"
     try:

@@ -1,9 +1,20 @@
 """A fleet's NATS identities on disk: ``slmops fleet init|enroll|revoke`` (issue 17).
 
 ``FleetDir.init(path)`` makes an operator (with a signing key), the ``SLMOPS`` account (with
-a signing key; JetStream enabled, consumers bounded), the system account ``SYS`` with one user
-for claim updates, the cloud's creds, and the server config fragment ``server.conf``
-(operator JWT, system account, a *full* resolver and the two account JWTs preloaded).
+a signing key; JetStream enabled, consumers bounded), the ``OPERATOR`` account of the human
+operators' tools (with a signing key; no JetStream of its own), the system account ``SYS``
+with one user for claim updates, the cloud's creds, ``cloud.toml`` (the cloud's creds and
+``audit_accounts = [OPERATOR]``) and the server config fragment ``server.conf`` (operator
+JWT, system account, a *full* resolver and the account JWTs preloaded).
+
+Why operators have an account of their own: the audit must name who made a change as the
+server authenticated it (``cloud.audit.identity``). ``SLMOPS`` exports the cloud's change
+service (``slmops.cloud.change.>``) and ``OPERATOR`` imports it with ``share: true``, so
+nats-server writes the ``Nats-Request-Info`` header (account, user, the JWT's name) on every
+request that crosses the import, replacing any the client sent. ``SLMOPS`` also exports the
+read-only part of its JetStream API (``OPERATOR_JS_READ``: stream and consumer info, direct
+and message gets), so an operator's tools read versions, key lists and statuses; they write
+nothing there themselves — every change is asked of the cloud and audited.
 ``enroll`` mints one user (a fresh user NKey, its JWT signed by the account's signing key with
 the role's rights from ``cloud.trust.permissions``) and writes its ``.creds``. ``revoke``
 adds a user's key to the account JWT's revocation list, re-signs it with the operator's
@@ -14,10 +25,13 @@ Layout (secrets mode 0600 in 0700 folders)::
 
     fleet.json               operator/account public keys, every minted user (role, fleet, node)
     operator.jwt             the operator JWT the servers trust
-    accounts/SLMOPS.jwt      the account JWT (its revocation list), accounts/SYS.jwt
-    keys/*.nk                seeds: operator, operator-signing, SLMOPS, SLMOPS-signing, SYS
+    accounts/SLMOPS.jwt      the account JWT (its revocation list), accounts/OPERATOR.jwt,
+                             accounts/SYS.jwt
+    keys/*.nk                seeds: operator, operator-signing, SLMOPS, SLMOPS-signing,
+                             OPERATOR, OPERATOR-signing, SYS
     creds/cloud.creds        the cloud (account-wide rights), creds/sys.creds (claim updates)
     creds/nodes/<fleet>/<node>.creds, creds/<role>-<name>.creds
+    cloud.toml               `slmops cloud --config DIR/cloud.toml`: creds and audit_accounts
     server.conf              include it in nats-server's config (``slmops server --auth DIR``)
     resolver/                the full resolver's JWT store of ``slmops server --auth``
 """
@@ -47,11 +61,36 @@ from slmops.shared.identity import (
     write_secret,
 )
 
-__all__ = ["ACCOUNT", "SYSTEM_ACCOUNT", "Enrolled", "FleetDir", "FleetDirError", "UserRecord"]
+__all__ = [
+    "ACCOUNT",
+    "OPERATOR_ACCOUNT",
+    "OPERATOR_JS_READ",
+    "SYSTEM_ACCOUNT",
+    "Enrolled",
+    "FleetDir",
+    "FleetDirError",
+    "UserRecord",
+]
 
-#: The account every slmops user lives in (users are told apart by their rights), and the
-#: system account (server events, claim updates).
-ACCOUNT, SYSTEM_ACCOUNT = "SLMOPS", "SYS"
+#: The account of the cloud, the nodes and the analysts (told apart by their rights), the
+#: account of the human operators' tools (role ``operator``), and the system account (server
+#: events, claim updates).
+ACCOUNT, OPERATOR_ACCOUNT, SYSTEM_ACCOUNT = "SLMOPS", "OPERATOR", "SYS"
+#: The JetStream API subjects ``SLMOPS`` exports to ``OPERATOR``: reads only (stream and
+#: consumer info, direct and message gets; a KV get and a key list read are these). No
+#: create, update, delete, purge or consumer creation: an operator changes nothing but
+#: through the audited change service.
+OPERATOR_JS_READ = (
+    "$JS.API.INFO",
+    "$JS.API.STREAM.NAMES",
+    "$JS.API.STREAM.LIST",
+    "$JS.API.STREAM.INFO.*",
+    "$JS.API.STREAM.MSG.GET.*",
+    "$JS.API.DIRECT.GET.>",
+    "$JS.API.CONSUMER.INFO.*.*",
+    "$JS.API.CONSUMER.NAMES.*",
+    "$JS.API.CONSUMER.LIST.*",
+)
 #: Consumers in the account (the sum of the streams' own bounds fits: deploy/README.md).
 ACCOUNT_MAX_CONSUMERS = 16384
 
@@ -83,6 +122,9 @@ class _Index(msgspec.Struct, forbid_unknown_fields=True):
     account: str
     system_account: str
     users: list[UserRecord] = msgspec.field(default_factory=list)
+    #: The ``OPERATOR`` account's public key; None in a directory made before it existed
+    #: (its operator users then live in ``SLMOPS``, and their changes are "unauthenticated").
+    operator_account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +170,15 @@ class FleetDir:
         os.chmod(path, 0o700)
         operator, operator_signing = new_key("operator"), new_key("operator")
         account, account_signing = new_key("account"), new_key("account")
+        ops, ops_signing = new_key("account"), new_key("account")
         system = new_key("account")
         for name, key in (
             ("operator", operator),
             ("operator-signing", operator_signing),
             (ACCOUNT, account),
             (f"{ACCOUNT}-signing", account_signing),
+            (OPERATOR_ACCOUNT, ops),
+            (f"{OPERATOR_ACCOUNT}-signing", ops_signing),
             (SYSTEM_ACCOUNT, system),
         ):
             write_secret(path / "keys" / f"{name}.nk", key.seed + "\n")
@@ -146,11 +191,19 @@ class FleetDir:
             operator,
         )
         (path / "operator.jwt").write_text(operator_jwt + "\n")
-        index = _Index(operator=operator.public, account=account.public, system_account=system.public)
+        index = _Index(
+            operator=operator.public,
+            account=account.public,
+            system_account=system.public,
+            operator_account=ops.public,
+        )
         _write_index(path, index)
         self = cls(path)
         self._write_account_jwt(SYSTEM_ACCOUNT, self._system_claims(), issued_at=int(time.time()))
         self._write_account_jwt(ACCOUNT, self._account_claims({}), issued_at=int(time.time()))
+        self._write_account_jwt(
+            OPERATOR_ACCOUNT, self._operator_account_claims({}), issued_at=int(time.time())
+        )
         # The system user signs claim updates (revocations); the system account signs it itself.
         sys_user = new_key("user")
         unlimited = {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
@@ -159,6 +212,7 @@ class FleetDir:
         os.chmod(path / "creds", 0o700)
         self.enroll("cloud", name="cloud", out=path / "creds" / "cloud.creds")
         self.write_server_conf()
+        self.write_cloud_toml()
         return self
 
     # -- users ------------------------------------------------------------------------------
@@ -191,11 +245,12 @@ class FleetDir:
                 fleet = names.validate_id(fleet, "fleet")
             label = f"{role}-{names.validate_id(name or role, 'name')}"
         claims = permissions_for(role, fleet=fleet, node=node, js_domain=js_domain)
-        signing = self._key(f"{ACCOUNT}-signing", "account")
+        which = self._account_of(role)
+        signing = self._key(f"{which}-signing", "account")
         user = new_key("user")
         issued = int(time.time())
         token = encode_jwt(
-            "user", user.public, label, {**claims, "issuer_account": self._index.account}, signing,
+            "user", user.public, label, {**claims, "issuer_account": self._public_of(which)}, signing,
             issued_at=issued,
         )  # fmt: skip
         if out is None:
@@ -244,14 +299,29 @@ class FleetDir:
         for u in hits:
             if u.revoked_at is None:
                 u.revoked_at = max(now, u.issued_at)
-        revocations = {u.public: u.revoked_at for u in self._index.users if u.revoked_at is not None}
-        previous = decode_jwt(self.account_jwt()).issued_at
         # The index (source of truth) first: a crash before the account JWT is written keeps
         # revoked_at, and the next revoke re-signs the JWT from it, never dropping a key.
         _write_index(self.path, self._index)
-        self._write_account_jwt(ACCOUNT, self._account_claims(revocations), issued_at=_now_after(previous))
+        for which in sorted({self._account_of(u.role) for u in hits}):  # type: ignore[arg-type]
+            revocations = {
+                u.public: u.revoked_at
+                for u in self._index.users
+                if u.revoked_at is not None and self._account_of(u.role) == which  # type: ignore[arg-type]
+            }
+            previous = decode_jwt(self.account_jwt(which)).issued_at
+            claims = (
+                self._account_claims(revocations)
+                if which == ACCOUNT
+                else self._operator_account_claims(revocations)
+            )
+            self._write_account_jwt(which, claims, issued_at=_now_after(previous))
         self.write_server_conf()
         return hits
+
+    def accounts_of(self, users: list[UserRecord]) -> list[str]:
+        """The accounts (``SLMOPS``, ``OPERATOR``) whose JWTs hold ``users``' revocations:
+        the ones ``fleet revoke`` pushes."""
+        return sorted({self._account_of(u.role) for u in users})  # type: ignore[arg-type]
 
     # -- files ------------------------------------------------------------------------------
 
@@ -266,6 +336,15 @@ class FleetDir:
     @property
     def system_account_public(self) -> str:
         return self._index.system_account
+
+    @property
+    def operator_account_public(self) -> str | None:
+        """The ``OPERATOR`` account's public key (None in a directory older than it)."""
+        return self._index.operator_account
+
+    @property
+    def cloud_toml(self) -> Path:
+        return self.path / "cloud.toml"
 
     def account_jwt(self, which: str = ACCOUNT) -> str:
         return (self.path / "accounts" / f"{which}.jwt").read_text().strip()
@@ -318,7 +397,12 @@ class FleetDir:
             "resolver_preload: {\n"
             f"  {self.system_account_public}: {self.account_jwt(SYSTEM_ACCOUNT)}\n"
             f"  {self.account_public}: {self.account_jwt(ACCOUNT)}\n"
-            "}\n"
+            + (
+                f"  {self.operator_account_public}: {self.account_jwt(OPERATOR_ACCOUNT)}\n"
+                if self.operator_account_public
+                else ""
+            )
+            + "}\n"
         )
 
     def write_server_conf(self) -> Path:
@@ -326,6 +410,23 @@ class FleetDir:
         resolver.mkdir(exist_ok=True)
         self.server_conf.write_text(self.server_conf_text(resolver.resolve()))
         return self.server_conf
+
+    def cloud_toml_text(self) -> str:
+        """A cloud config (``slmops cloud --config``) with the cloud's creds and, in
+        ``audit_accounts``, the ``OPERATOR`` account: the only account whose server-written
+        identity the audit believes (``cloud.audit.identity``). Other settings are defaults."""
+        accounts = [self.operator_account_public] if self.operator_account_public else []
+        return (
+            "# Written by `slmops fleet init`: slmops cloud --config THIS [--nats URL] [--state DIR]\n"
+            f"creds = {json.dumps(str(self.cloud_creds.resolve()))}\n"
+            "# Changes asked through the OPERATOR account's import of the change service (share:\n"
+            "# true) are audited with the identity the server authenticated.\n"
+            f"audit_accounts = {json.dumps(accounts)}\n"
+        )
+
+    def write_cloud_toml(self) -> Path:
+        self.cloud_toml.write_text(self.cloud_toml_text())
+        return self.cloud_toml
 
     # -- internals --------------------------------------------------------------------------
 
@@ -335,6 +436,18 @@ class FleetDir:
             return read_seed(path, kind)  # type: ignore[arg-type]
         except IdentityError as exc:
             raise FleetDirError(str(exc)) from None
+
+    def _account_of(self, role: Role) -> str:
+        """The account a user of ``role`` is minted in: ``OPERATOR`` for operators (when the
+        directory has it), else ``SLMOPS``."""
+        return OPERATOR_ACCOUNT if role == "operator" and self._index.operator_account else ACCOUNT
+
+    def _public_of(self, which: str) -> str:
+        if which == OPERATOR_ACCOUNT and self._index.operator_account:
+            return self._index.operator_account
+        if which == SYSTEM_ACCOUNT:
+            return self._index.system_account
+        return self._index.account
 
     def _account_claims(self, revocations: dict[str, int]) -> dict[str, Any]:
         signing = self._key(f"{ACCOUNT}-signing", "account")
@@ -346,6 +459,37 @@ class FleetDir:
                 "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": ACCOUNT_MAX_CONSUMERS,
             },
             "signing_keys": [signing.public],
+            "default_permissions": {"pub": {}, "sub": {}},
+        }  # fmt: skip
+        if self._index.operator_account:
+            claims["exports"] = [
+                # The change service: the server adds the requester's identity on the import.
+                {"name": "change", "subject": f"{names.CHANGE_SUBJECT}.>", "type": "service",
+                 "response_type": "Singleton"},
+                *({"name": f"js-read-{i}", "subject": s, "type": "service", "response_type": "Stream"}
+                  for i, s in enumerate(OPERATOR_JS_READ)),
+            ]  # fmt: skip
+        if revocations:
+            claims["revocations"] = dict(sorted(revocations.items()))
+        return claims
+
+    def _operator_account_claims(self, revocations: dict[str, int]) -> dict[str, Any]:
+        signing = self._key(f"{OPERATOR_ACCOUNT}-signing", "account")
+        imports = [
+            {"name": "change", "subject": f"{names.CHANGE_SUBJECT}.>", "account": self._index.account,
+             "type": "service", "share": True},
+            *({"name": f"js-read-{i}", "subject": s, "account": self._index.account, "type": "service"}
+              for i, s in enumerate(OPERATOR_JS_READ)),
+        ]  # fmt: skip
+        claims: dict[str, Any] = {
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+                "conn": -1, "leaf": -1,
+                # No JetStream of its own: it reads SLMOPS's through the imports above.
+                "mem_storage": 0, "disk_storage": 0, "streams": 0, "consumer": 0,
+            },
+            "signing_keys": [signing.public],
+            "imports": imports,
             "default_permissions": {"pub": {}, "sub": {}},
         }  # fmt: skip
         if revocations:
@@ -360,7 +504,7 @@ class FleetDir:
         }  # fmt: skip
 
     def _write_account_jwt(self, which: str, claims: dict[str, Any], *, issued_at: int) -> None:
-        subject = self._index.account if which == ACCOUNT else self._index.system_account
+        subject = self._public_of(which)
         token = encode_jwt(
             "account", subject, which, claims, self._key("operator-signing", "operator"), issued_at=issued_at
         )
