@@ -103,6 +103,8 @@ def _send(url: str, request_of: Callable[[JetStreamContext], Awaitable[Any]]) ->
     if reply is not None:
         nodes = f" (nodes now: {', '.join(reply.nodes)})" if reply.nodes else ""
         click.echo(f"version {reply.version} published{nodes}; audit record {reply.audit_id}")
+        for note in reply.notes:
+            click.echo(f"  note: {note}")
 
 
 @click.group("config")

@@ -279,3 +279,25 @@ async def test_models_assign_goes_through_the_cloud_and_is_audited(env: Env) -> 
     records = [r for r in await read_audit(env.js, env.fleet) if r.fleet == env.fleet]  # not _global's
     assert [(r.action, r.who, r.target) for r in records] == [("assign", "unauthenticated", "node n7")]
     assert records[0].detail["version"] == 1
+
+
+async def test_apply_to_a_fleet_no_node_ever_reported_says_nothing_was_applied(
+    nats_server: EmbeddedServer, nc: nats.NATS, keys: Keys, fleet: str, tmp_path: Path
+) -> None:
+    """`fleet config apply --fleet nosuch` (new-user trial): the version is stored for nodes
+    that join, and the user is told no node of that fleet ever reported, so nothing was
+    applied now (it printed "version 1 published" alone)."""
+    from functools import partial
+
+    from slmops.cloud.audit import serve_changes
+
+    path = tmp_path / "c.toml"
+    path.write_text("min_count = 5\n")
+    apply = ["fleet", "config", "apply", "--nats", nats_server.url, "--fleet", fleet]
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(serve_changes, nc, nc.jetstream(), fleets=[fleet], url=nats_server.url))
+        code, out = await _cli(*apply, "--key", str(_key_file(keys)), str(path))
+        tg.cancel_scope.cancel()
+    assert code == 0, out
+    assert out.splitlines()[0].startswith("version 1 published; audit record ")
+    assert f"note: no node of fleet {fleet!r} has ever reported to the cloud: nothing was applied now" in out

@@ -6,7 +6,8 @@ Actions: ``assign`` (``cloud.audit.assign``), ``config.apply`` and ``config.roll
 rollback is a new version carrying an older one's settings, made and signed by the
 operator's tool): the signed document is stored as ``<fleet>._v.<version>`` (a version is
 never overwritten and must be newer than every one before), then written to the fleet's
-key, to the selected nodes' keys, or staged (``cloud.fleetconfig.rollout``).
+key, to the selected nodes' keys, or staged (``cloud.fleetconfig.rollout``). For a fleet
+none of whose nodes ever reported, the reply's notes say that nothing was applied now.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ async def handle_change(
         raise ConfigRejected(
             f"version {doc.version} is not newer than the latest, {versions[-1]}", doc.version
         )
-    nodes = select_nodes(await store.known_nodes(fleet), req.nodes) if req.nodes.strip() else None
+    known = await store.known_nodes(fleet)
+    nodes = select_nodes(known, req.nodes) if req.nodes.strip() else None
     await store.record_version(fleet, doc.version, raw)
     if stages:
         written = await start_config_rollout(
@@ -104,8 +106,18 @@ async def handle_change(
     if stages:
         detail.update(stages=stages, soak_s=req.soak_s)
     record = new_record(who, req.action, fleet, target=target, detail=detail)
-    reply = ChangeReply(ok=True, audit_id=record.id, version=doc.version, nodes=written)
+    notes = [] if known else [_no_node_yet(fleet, doc.version)]
+    reply = ChangeReply(ok=True, audit_id=record.id, version=doc.version, nodes=written, notes=notes)
     return reply, record
+
+
+def _no_node_yet(fleet: str, version: int) -> str:
+    """The note of a version stored for a fleet none of whose nodes ever reported: a new
+    fleet (its nodes take it when they join) or a mistyped name."""
+    return (
+        f"no node of fleet {fleet!r} has ever reported to the cloud: nothing was applied now; "
+        f"nodes of {fleet!r} that join take version {version} (a mistyped --fleet? see `slmops fleet status`)"
+    )
 
 
 async def _answer(msg: Msg, reader: IdentityReader, store: ConfigStore, trust: TrustStore | None) -> None:
