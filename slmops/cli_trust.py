@@ -113,7 +113,19 @@ def enroll(
 
     made = call(mint)
     click.echo(f"enrolled {made.record.name} (user {made.record.public})")
-    click.echo(f"creds: {made.creds}  (mode 0600; copy it to the device, e.g. /etc/slmops/nats.creds)")
+    click.echo(f"creds: {made.creds}  (mode 0600; {_WHERE_TO[role]})")
+
+
+#: Where the creds file of each role goes, as ``enroll`` suggests it.
+_WHERE_TO = {
+    "node": "copy it to the device, e.g. /etc/slmops/nats.creds, and start `slmops edge --creds FILE`",
+    "cloud": "copy it to the cloud's host, e.g. /etc/slmops/cloud.creds, and start "
+    "`slmops cloud --creds FILE`",
+    "operator": "keep it on the operator's machine, e.g. ~/.config/slmops/operator.creds, and give it "
+    "with --creds or SLMOPS_NATS_CREDS",
+    "analyst": "copy it to the analyst's machine, e.g. ~/.config/slmops/analyst.creds, and give it "
+    "with --creds or SLMOPS_NATS_CREDS",
+}
 
 
 @click.command("revoke")

@@ -290,3 +290,30 @@ def test_a_crash_during_revoke_keeps_the_revocation_in_the_index(
     reloaded.revoke(fleet="shop", node="c")  # the next revoke rebuilds the claims from the index
     revocations = decode_jwt(FleetDir(d.path).account_jwt()).nats["revocations"]
     assert set(revocations) == {a.public, b.public, c.public}
+
+
+@pytest.mark.parametrize(
+    ("role", "extra", "suggested"),
+    [
+        ("node", ["--fleet", "shop", "--node", "till-1"], "/etc/slmops/nats.creds"),
+        ("analyst", ["--name", "alice"], "~/.config/slmops/analyst.creds"),
+        ("operator", [], "~/.config/slmops/operator.creds"),
+    ],
+)
+def test_enroll_suggests_a_place_for_the_creds_that_fits_the_role(
+    tmp_path: Path, role: str, extra: list[str], suggested: str
+) -> None:
+    """New-user trial: an analyst was told to copy its creds to /etc/slmops/nats.creds, a
+    device's path; a person's creds belong in their own config directory."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    FleetDir.init(tmp_path / "fleet")
+    result = CliRunner().invoke(
+        main, ["fleet", "enroll", "--auth", str(tmp_path / "fleet"), "--role", role, *extra]
+    )
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("creds: "))
+    assert suggested in line
+    assert role == "node" or "/etc/" not in line
