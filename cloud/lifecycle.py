@@ -88,7 +88,8 @@ async def _active_rollouts(js: JetStreamContext, url: str, model: str, version: 
     from slmops.cloud.rollout import RolloutStore
 
     store = RolloutStore(js, url=url)
-    return [s.fleet for s, _ in await store.all() if s.active and s.model == model and s.version == version]
+    headers = await store.all(parts=False)
+    return [s.fleet for s, _ in headers if s.active and s.model == model and s.version == version]
 
 
 async def yank_version(

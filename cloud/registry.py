@@ -45,11 +45,10 @@ from slmops.shared.connect import connect_once
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
 from slmops.shared.jetstream import nats_errors
 from slmops.shared.keylist import apply_to, read_signed
-from slmops.shared.kv import kv_values
+from slmops.shared.kv import kv_keys, kv_values
 from slmops.shared.messages import (
     Assignment,
     BundleIndex,
-    DeviceProfile,
     ModelManifest,
     NodeStatus,
     decode_json,
@@ -60,7 +59,16 @@ from slmops.shared.provision import ensure_resources
 from slmops.shared.runtime import verify_bundle as run_verification
 from slmops.shared.variants import PREFERENCE, choose_variant, device_fit
 
-__all__ = ["PushResult", "Registry", "RegistryError", "Yank", "open_registry", "verify_bundle", "yank_key"]
+__all__ = [
+    "PushResult",
+    "Registry",
+    "RegistryError",
+    "Yank",
+    "node_assignment",
+    "open_registry",
+    "verify_bundle",
+    "yank_key",
+]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -428,40 +436,16 @@ class Registry:
             raise RegistryError(
                 "assign", f"{model!r} v{version} has no variant {variant!r} (has {sorted(available)})"
             )
-        if node is not None:
-            status = await self.latest_status(fleet, node)
-            if status is not None:
-                # Never send a node a bundle its runtime cannot run (an old node reports no
-                # capabilities: the n-gram runtime).
-                caps = status.device.capabilities
-                missing = {v: unmet(requirements_of(m), caps) for v, m in available.items()}
-                runnable = {v: m for v, m in available.items() if not missing[v]}
-                if variant is not None and missing[variant]:
-                    raise RegistryError(
-                        "assign",
-                        f"node {node!r} cannot run {model!r} v{version} {variant}: it lacks "
-                        f"{', '.join(missing[variant])} "
-                        f"(capabilities {caps or 'none reported: an old node'})",
-                    )
-                if not runnable:
-                    raise RegistryError(
-                        "assign",
-                        f"node {node!r} can run no variant of {model!r} v{version}: "
-                        + "; ".join(f"{v} needs {', '.join(m)}" for v, m in sorted(missing.items())),
-                    )
-                available = _fitting(node, model, version, variant, runnable, status.device)
-                if variant is None:
-                    variant = choose_variant(
-                        {v: m.min_memory_mb for v, m in available.items()}, status.device
-                    )
-                    log.info(
-                        "variant_chosen",
-                        node=node,
-                        variant=variant,
-                        memory_mb=status.device.memory_mb,
-                        profile=status.device.profile,
-                    )
-        assignment = _assignment(fleet, node, model, version, variant, available, now)
+        status = None if node is None else await self.latest_status(fleet, node)
+        assignment = node_assignment(fleet, node, model, version, variant, available, status, now)
+        if status is not None and variant is None:
+            log.info(
+                "variant_chosen",
+                node=node,
+                variant=assignment.variant,
+                memory_mb=status.device.memory_mb,
+                profile=status.device.profile,
+            )
         kv = await self._bucket(names.ASSIGNMENTS_BUCKET)
         key = names.assignment_key(fleet, node, model if side_by_side else None)
         await self._call(f"write assignment {key}", kv.put(key, encode_json(assignment)))
@@ -478,7 +462,13 @@ class Registry:
         return sorted(s[len(prefix) :] for s in (info.state.subjects or {}) if s.startswith(prefix))
 
     async def pin_incapable(
-        self, fleet: str, model: str, version: int, *, side_by_side: bool = False
+        self,
+        fleet: str,
+        model: str,
+        version: int,
+        *,
+        side_by_side: bool = False,
+        statuses: Mapping[str, NodeStatus] | None = None,
     ) -> list[str]:
         """After a fleet-wide assignment of ``model`` ``version``: give each node of the fleet
         that follows the fleet-wide key (no key of its own) and whose last status says its
@@ -488,7 +478,9 @@ class Registry:
         result (it will refuse the version: ``fleet status`` shows it). Returns one line
         per node handled, saying what and why. ``side_by_side``: the assignment was of the
         per-model keys (``assign(side_by_side=True)``), so are the nodes' keys read and
-        written here. Raises ``RegistryError``."""
+        written here. ``statuses``: the nodes' last statuses by node, when the caller has
+        them (the rollout controller): then none is read, and the nodes' own keys are listed
+        once instead of read one by one. Raises ``RegistryError``."""
         key_model = model if side_by_side else None
         manifests = [m for m in await self.manifests() if m.name == model]
         by_version: dict[int, dict[str, ModelManifest]] = {}
@@ -496,8 +488,13 @@ class Registry:
             by_version.setdefault(m.version, {})[m.variant] = m
         kv = await self._bucket(names.ASSIGNMENTS_BUCKET)
         notes: list[str] = []
-        for node in await self.fleet_nodes(fleet):
-            status = await self.latest_status(fleet, node)
+        own_keys: set[str] | None = None
+        if statuses is not None:
+            pattern = f"{fleet}.*" if key_model is None else f"{fleet}.*.{key_model}"
+            found = kv_keys(self._js, names.ASSIGNMENTS_BUCKET, pattern)
+            own_keys = set(await self._call(f"list assignments of {fleet}", found))
+        for node in sorted(statuses) if statuses is not None else await self.fleet_nodes(fleet):
+            status = statuses[node] if statuses is not None else await self.latest_status(fleet, node)
             if status is None:
                 continue
             caps = status.device.capabilities
@@ -506,7 +503,9 @@ class Registry:
             if not wanted or any(not unmet(requirements_of(m), caps) for m in wanted.values()):
                 continue
             own_key = names.assignment_key(fleet, node, key_model)
-            if await self._kv_get(names.ASSIGNMENTS_BUCKET, own_key) is not None:
+            if own_keys is not None and own_key not in own_keys:
+                pass  # never written: no key of its own (a listed one may be deleted: read it)
+            elif await self._kv_get(names.ASSIGNMENTS_BUCKET, own_key) is not None:
                 continue  # it follows its own key: not this assignment's to change
             fallback = None
             for v in sorted((v for v in by_version if v < version), reverse=True):
@@ -523,49 +522,33 @@ class Registry:
                 continue
             v, runnable = fallback
             variant = choose_variant({k: m.min_memory_mb for k, m in runnable.items()}, status.device)
-            pinned = _assignment(fleet, node, model, v, variant, runnable, None)
+            pinned = node_assignment(fleet, node, model, v, variant, runnable, None)
             await self._call(f"write assignment {own_key}", kv.put(own_key, encode_json(pinned)))
             notes.append(f"node {node}: kept on v{v} ({variant}), the newest it can run; {what}")
             log.info("assignment_pinned", fleet=fleet, node=node, model=model, version=v, wanted=version)
         return notes
 
 
-def _fitting(
-    node: str,
-    model: str,
-    version: int,
-    variant: str | None,
-    available: dict[str, ModelManifest],
-    device: DeviceProfile,
-) -> dict[str, ModelManifest]:
-    """``available`` without the variants whose measured figures break the node's device
-    profile (``shared.variants.device_fit``, issue 12's device-fit check). Raises
-    ``RegistryError`` naming why when ``variant`` (asked for) or every variant does not fit."""
-    unfit = {v: why for v, m in available.items() if (why := device_fit(m, device)) is not None}
-    if variant is not None and variant in unfit:
-        raise RegistryError("assign", f"node {node!r} does not fit {model!r} v{version}: {unfit[variant]}")
-    if unfit and len(unfit) == len(available):
-        raise RegistryError(
-            "assign",
-            f"node {node!r}: no variant of {model!r} v{version} fits its device profile: "
-            + "; ".join(unfit[v] for v in sorted(unfit)),
-        )
-    for v, why in sorted(unfit.items()):
-        log.info("variant_unfit", node=node, model=model, version=version, variant=v, reason=why)
-    return {v: m for v, m in available.items() if v not in unfit}
-
-
-def _assignment(
+def node_assignment(
     fleet: str,
     node: str | None,
     model: str,
     version: int,
     variant: str | None,
     available: Mapping[str, ModelManifest],
-    now: datetime | None,
+    status: NodeStatus | None,
+    now: datetime | None = None,
 ) -> Assignment:
-    """The assignment of ``model`` ``version`` (``variant``, or the node's pick of
-    ``available``'s variants, best first), dated ``now`` (default: the current time)."""
+    """The assignment of ``model`` ``version`` for ``node`` given its last ``status`` (None:
+    unknown, the node picks), without I/O: ``available`` (variant -> manifest of that version)
+    is cut to what the node's runtime can run and its device profile fits, and the variant is
+    ``variant`` if given, else chosen by memory (``shared.variants.choose_variant``). Raises
+    ``RegistryError`` naming why when the node can run, or fit, none (or not ``variant``).
+    ``Registry.assign`` and the rollout's batched writes both build assignments here."""
+    if node is not None and status is not None:
+        available = _runnable_fitting(node, model, version, variant, available, status)
+        if variant is None:
+            variant = choose_variant({v: m.min_memory_mb for v, m in available.items()}, status.device)
     return Assignment(
         fleet=fleet,
         node=node,
@@ -575,6 +558,49 @@ def _assignment(
         variants=sorted(available, key=_variant_rank),
         assigned_at=now or datetime.now(UTC),
     )
+
+
+def _runnable_fitting(
+    node: str,
+    model: str,
+    version: int,
+    variant: str | None,
+    available: Mapping[str, ModelManifest],
+    status: NodeStatus,
+) -> dict[str, ModelManifest]:
+    """``available`` cut to the variants the node's runtime can run and whose measured
+    figures keep to its device profile (``shared.variants.device_fit``, issue 12's device-fit
+    check); ``RegistryError`` naming why when none, or not ``variant``, is left."""
+    # Never send a node a bundle its runtime cannot run (an old node reports no
+    # capabilities: the n-gram runtime).
+    caps = status.device.capabilities
+    missing = {v: unmet(requirements_of(m), caps) for v, m in available.items()}
+    runnable = {v: m for v, m in available.items() if not missing[v]}
+    if variant is not None and missing[variant]:
+        raise RegistryError(
+            "assign",
+            f"node {node!r} cannot run {model!r} v{version} {variant}: it lacks "
+            f"{', '.join(missing[variant])} "
+            f"(capabilities {caps or 'none reported: an old node'})",
+        )
+    if not runnable:
+        raise RegistryError(
+            "assign",
+            f"node {node!r} can run no variant of {model!r} v{version}: "
+            + "; ".join(f"{v} needs {', '.join(m)}" for v, m in sorted(missing.items())),
+        )
+    unfit = {v: why for v, m in runnable.items() if (why := device_fit(m, status.device)) is not None}
+    if variant is not None and variant in unfit:
+        raise RegistryError("assign", f"node {node!r} does not fit {model!r} v{version}: {unfit[variant]}")
+    if unfit and len(unfit) == len(runnable):
+        raise RegistryError(
+            "assign",
+            f"node {node!r}: no variant of {model!r} v{version} fits its device profile: "
+            + "; ".join(unfit[v] for v in sorted(unfit)),
+        )
+    for v, why in sorted(unfit.items()):
+        log.info("variant_unfit", node=node, model=model, version=version, variant=v, reason=why)
+    return {v: m for v, m in runnable.items() if v not in unfit}
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -637,10 +637,16 @@ class RolloutEvent(Wire, kw_only=True):
     state: str
     stage: int = 0
     percent: int = 0
+    #: The nodes concerned, sorted; since issue 18 at most the first 100 of them (a stage of
+    #: a large fleet would pass the stream's 256 KiB message limit): ``node_count`` says how
+    #: many there are, and ``slmops rollout status`` / the rollout's KV state list them all.
     nodes: list[str] = []
     reason: str = ""
     gates: dict[str, Any] = {}
     time: datetime
+    #: How many nodes the event concerns (None: an event from before issue 18, whose
+    #: ``nodes`` lists them all).
+    node_count: int | None = None
 
 
 WIRE_TYPES: tuple[type[Wire], ...] = (

@@ -7,10 +7,13 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_config
+from _models import make_bundle
 from _nats import wait_until
+from slmops.cloud.registry import Registry
 from slmops.cloud.rollout import (
     RolloutConfig,
     RolloutController,
@@ -20,8 +23,21 @@ from slmops.cloud.rollout import (
     start_rollout,
 )
 from slmops.edge.node import EdgeNode
+from slmops.shared.bundle import TrustStore
 
-__all__ = ["edge_nodes", "roll_out_v2", "start_and_step", "wait_rollout"]
+__all__ = ["edge_nodes", "roll_out_v2", "start_and_step", "two_versions", "wait_rollout"]
+
+
+async def two_versions(js: JetStreamContext, tmp_path: Path, fleet: str, model: str) -> Registry:
+    """A registry holding ``model`` versions 1 and 2 (signed test bundles, under ``tmp_path``)
+    with ``fleet`` assigned version 1 fleet-wide."""
+    key = Ed25519PrivateKey.generate()
+    registry = Registry(js)
+    for version in (1, 2):
+        bundle = make_bundle(tmp_path / f"v{version}", key, version=version, name=model)
+        await registry.push(bundle, TrustStore([key.public_key()]))
+    await registry.assign(fleet, 1, model=model)
+    return registry
 
 
 async def start_and_step(

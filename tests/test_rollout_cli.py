@@ -9,14 +9,11 @@ from pathlib import Path
 import anyio
 import pytest
 from click.testing import CliRunner
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
-from _models import make_bundle
+from _rollout import two_versions
 from slmops.cli import main
 from slmops.cli_rollout import parse_percent, parse_stages
-from slmops.cloud.registry import Registry
-from slmops.shared.bundle import TrustStore
 from slmops.shared.server import EmbeddedServer
 
 
@@ -40,13 +37,8 @@ def test_flag_parsers_accept_percentages_and_refuse_nonsense() -> None:
 async def test_start_status_pause_abort_round_trip(
     nats_server: EmbeddedServer, js: JetStreamContext, fleet: str, tmp_path: Path
 ) -> None:
-    key = Ed25519PrivateKey.generate()
-    registry = Registry(js)
     model = f"cli_{fleet}"
-    for version in (1, 2):
-        bundle = make_bundle(tmp_path / f"v{version}", key, version=version, name=model)
-        await registry.push(bundle, TrustStore([key.public_key()]))
-    await registry.assign(fleet, 1, model=model)
+    await two_versions(js, tmp_path, fleet, model)
     url = nats_server.url
 
     def cli(*args: str) -> tuple[int, str]:

@@ -121,7 +121,7 @@ class MetricsRefresher:
 
         counts: dict[str, int] = {}
         with anyio.fail_after(5):
-            for state, _rev in await RolloutStore(js).all():
+            for state, _rev in await RolloutStore(js).all(parts=False):  # statuses only
                 counts[state.status] = counts.get(state.status, 0) + 1
         self.rollouts = counts
         store = svc.store

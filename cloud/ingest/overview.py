@@ -265,4 +265,4 @@ async def active_rollouts(js: JetStreamContext, url: str) -> list[RolloutState]:
     """Running or paused rollouts (``RolloutState``), one per fleet at most."""
     from slmops.cloud.rollout import RolloutStore
 
-    return [s for s, _ in await RolloutStore(js, url=url).all() if s.active]
+    return [s for s, _ in await RolloutStore(js, url=url).all(parts=False) if s.active]

@@ -10,13 +10,21 @@ Every transition is written (compare-and-set) before its side effects, and the e
 idempotent, so a controller killed anywhere resumes correctly from KV; a second controller's
 conflicting write is refused and it re-reads. Terminal states keep ``phase="cleanup"`` until
 their assignment writes are done.
+
+At fleet scale (issue 18) a step reads the rollout's header only and the parts it has not seen
+(``RolloutStore.fill``); a stage's assignments are planned from the statuses in memory and
+written a part at a time, ``PARALLEL`` at once, each part's completion recorded in the header
+(``RolloutState.written``), so a controller killed mid-stage writes again at most the part it
+was writing. Which nodes installed or failed is kept per rollout and updated only for nodes
+whose status changed (``_Progress``). Events name at most ``EVENT_NODES`` nodes and carry the
+count (``RolloutEvent.node_count``): a stage of 23,000 names would pass the stream's 256 KiB.
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,17 +32,18 @@ from typing import Any
 import msgspec
 import structlog
 
-from slmops.cloud.rollout.assign import Assigner, DeviceUnfit, variants_of
+from slmops.cloud.registry import node_assignment
+from slmops.cloud.rollout.assign import Assigner, variants_of
 from slmops.cloud.rollout.cohort import cohort
 from slmops.cloud.rollout.gates import GateResult, describe, evaluate, install_gate, verdict
 from slmops.cloud.rollout.nodes import NodeView
 from slmops.cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
 from slmops.cloud.rollout.tracker import Tracker
 from slmops.shared.errors import SlmopsError
-from slmops.shared.messages import NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
+from slmops.shared.messages import Assignment, NodeStatus, ReferenceProfile, RolloutEvent, TelemetryAggregate
 from slmops.shared.vocabulary import RolloutEventState, RolloutStatus
 
-__all__ = ["Publish", "RolloutController"]
+__all__ = ["EVENT_NODES", "Publish", "RolloutController"]
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +56,21 @@ _AT_SOAK_END = frozenset({"latency_p95"})
 #: Aggregates kept per fleet so a rollout seen late (restart, or created by another process)
 #: can replay what it missed. Bounded: 4096 windows ≈ 4 MB of aggregates.
 _RECENT = 4096
+
+#: Node names an event carries at most (the first, sorted); ``node_count`` says how many.
+EVENT_NODES = 100
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Which of a rollout's nodes run its version and which failed, kept up to date from the
+    statuses of nodes that reported since the last step (``dirty``), not re-derived per node."""
+
+    id: str
+    checked: set[str]
+    installed: set[str]
+    failed: dict[str, str]
+    dirty: set[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +109,12 @@ class RolloutController:
         self._no_nodes_logged: set[str] = set()
         self._states: dict[str, RolloutState] = {}
         self._refs: dict[tuple[str, int], ReferenceProfile | None] = {}
+        #: Per fleet: the rollout as last read with its parts, and its install progress.
+        self._full: dict[str, RolloutState] = {}
+        self._progress: dict[str, _Progress] = {}
+        #: Assignments planned but maybe not written yet, by rollout and node (lost at a
+        #: restart: then planned again from the entry's variant).
+        self._planned: dict[str, dict[str, Assignment]] = {}
         self.steps = self.conflicts = self.errors = 0
 
     def statistics(self) -> ControllerStatistics:
@@ -101,6 +131,9 @@ class RolloutController:
     def observe_status(self, status: NodeStatus, stored: float | None = None) -> None:
         """``stored``: the status message's JetStream timestamp (epoch seconds)."""
         self.nodes.observe(status, stored)
+        progress = self._progress.get(status.fleet)
+        if progress is not None:
+            progress.dirty.add(status.node)
 
     def live_nodes(self, fleet: str, now: float) -> dict[str, NodeStatus]:
         """Nodes of ``fleet`` that reported within ``node_ttl_s`` and did not shut down."""
@@ -145,13 +178,19 @@ class RolloutController:
         the next step; they never stop the others."""
         now = time.time() if now is None else now
         self.steps += 1
-        for state, revision in await self.store.all():
-            if self.fleets and state.fleet not in self.fleets:
+        for header, revision in await self.store.all(parts=False):
+            if self.fleets and header.fleet not in self.fleets:
                 continue
-            self._states[state.fleet] = state
-            if state.phase == "done" and not state.pending:
+            self._states[header.fleet] = header
+            if header.phase == "done" and not header.pending:
+                self._full.pop(header.fleet, None)
+                self._progress.pop(header.fleet, None)
                 continue
+            state = header
             try:
+                state, revision = await self.store.migrate(header, revision)
+                state = await self.store.fill(state, self._full.get(state.fleet))
+                self._full[state.fleet] = self._states[state.fleet] = state
                 await self._advance(state, revision, now)
             except RolloutConflict:
                 self.conflicts += 1
@@ -163,13 +202,13 @@ class RolloutController:
     async def _save(self, state: RolloutState, revision: int, now: float) -> tuple[RolloutState, int]:
         state = msgspec.structs.replace(state, updated=now)
         revision = await self.store.put(state, revision)
-        self._states[state.fleet] = state
+        self._states[state.fleet] = self._full[state.fleet] = state
         if state.pending:
             for p in state.pending:
                 await self._publish(state.fleet, p.event, f"{state.id}:{p.n}")
             state = msgspec.structs.replace(state, pending=[])
             revision = await self.store.put(state, revision)
-            self._states[state.fleet] = state
+            self._states[state.fleet] = self._full[state.fleet] = state
         return state, revision
 
     def _event(self, state: RolloutState, kind: str, now: float, **fields: Any) -> RolloutState:
@@ -186,6 +225,8 @@ class RolloutController:
             time=datetime.fromtimestamp(now, UTC),
             **fields,
         )
+        if "nodes" in fields:  # the log line names as many as the event
+            fields = {**fields, "nodes": event.nodes[:EVENT_NODES], "node_count": event.node_count}
         log.info("rollout_" + kind, fleet=state.fleet, rollout=state.id, stage=state.stage, **fields)
         return msgspec.structs.replace(
             state, events=n, pending=[*state.pending, PendingEvent(n=n, event=event)]
@@ -223,7 +264,7 @@ class RolloutController:
                 state, status=RolloutStatus.ABORTED, phase="cleanup", reason="aborted by operator"
             )
             state = self._event(
-                state, RolloutEventState.ABORTED, now, nodes=sorted(state.nodes), reason=state.reason
+                state, RolloutEventState.ABORTED, now, **_nodes(state.nodes), reason=state.reason
             )
             state, revision = await self._save(state, revision, now)
             await self._cleanup(state, revision, now)
@@ -253,39 +294,84 @@ class RolloutController:
                         msgspec.structs.replace(state, reason="waiting: no nodes"), revision, now
                     )
             return
-        candidates = {n: st for n, st in live.items() if n not in state.unfit}
+        planned = self._planned.setdefault(state.id, {})
+        candidates = [n for n in live if n not in state.unfit]
         target = cohort(state.fleet, candidates, state.percent, already=state.nodes)
-        fresh = sorted(target - set(state.nodes))
-        nodes = dict(state.nodes)
-        for node in fresh:  # read what to restore before anything is written
-            prior = await self.assigner.current(state.fleet, node, _key_model(state))
-            nodes[node] = NodeEntry(stage=state.stage, assigned_at=now, prior=prior)
+        fresh = sorted(target - state.nodes.keys())
         if fresh:
-            state, revision = await self._save(msgspec.structs.replace(state, nodes=nodes), revision, now)
-        # Every node of this stage is (re)assigned: idempotent, and covers a restart between
-        # the write above and these assignments.
-        unfit: dict[str, str] = {}
-        for node, entry in sorted(state.nodes.items()):
-            if entry.stage == state.stage and node not in state.failures:
-                status = live.get(node)
-                try:
-                    variant = await self.assigner.assign_node(
-                        state, node, None if status is None else status.device
+            # What to restore is read, and the variants chosen, before anything is written;
+            # the new parts count once the header naming them is saved.
+            priors = await self.assigner.priors(state, fresh)
+            plan, unfit = await self.assigner.plan(state, {n: (live[n], None) for n in fresh})
+            if unfit:
+                state = await self.store.append(state, "u", unfit)
+                by_reason: dict[str, list[str]] = collections.defaultdict(list)
+                for node, why in sorted(unfit.items()):
+                    by_reason[why].append(node)
+                for why, nodes in sorted(by_reason.items()):
+                    log.warning("rollout_node_unfit", fleet=state.fleet, rollout=state.id, reason=why)
+                    state = self._event(
+                        state, RolloutEventState.NODE_FAILED, now, **_nodes(nodes), reason=why
                     )
-                except DeviceUnfit as exc:  # the device-fit gate: left out, never assigned
-                    unfit[node] = f"device fit: {exc.why}"
-                    continue
-                state.nodes[node] = msgspec.structs.replace(entry, variant=variant)
-        for node, why in sorted(unfit.items()):
-            log.warning("rollout_node_unfit", fleet=state.fleet, rollout=state.id, node=node, reason=why)
-            state = self._event(state, RolloutEventState.NODE_FAILED, now, nodes=[node], reason=why)
-        if unfit:
-            nodes = {n: e for n, e in state.nodes.items() if n not in unfit}
-            state = msgspec.structs.replace(state, nodes=nodes, unfit={**state.unfit, **unfit})
-        stage_nodes = sorted(n for n, e in state.nodes.items() if e.stage == state.stage)
+            entries = {
+                n: NodeEntry(stage=state.stage, variant=a.variant, assigned_at=now, prior=priors.get(n))
+                for n, a in plan.items()
+            }
+            state = await self.store.append(state, "n", entries)
+            state, revision = await self._save(state, revision, now)
+            planned.update(plan)
+        # The parts not written yet, one at a time, each recorded done in the header: after
+        # a restart only the part cut short is written again (idempotent).
+        count = state.parts.get("n", 0)
+        todo: dict[int, list[str]] = collections.defaultdict(list)
+        if state.written < count:
+            for node, entry in state.nodes.items():
+                if entry.part >= state.written and node not in state.failures:
+                    todo[entry.part].append(node)
+        for part in range(state.written, count):
+            again = {
+                n: (self.nodes.status(state.fleet, n), state.nodes[n].variant)
+                for n in todo[part]
+                if n not in planned
+            }
+            replanned, refused = await self.assigner.plan(state, again) if again else ({}, {})
+            for node, why in refused.items():  # its device changed since: the variant chosen then
+                log.warning("rollout_replan_refused", fleet=state.fleet, node=node, reason=why)
+                replanned[node] = node_assignment(
+                    state.fleet, node, state.model, state.version, state.nodes[node].variant,
+                    await self.assigner.variant_manifests(state.model, state.version), None,
+                )  # fmt: skip
+            await self.assigner.write(state, {n: planned.get(n) or replanned[n] for n in todo[part]})
+            state, revision = await self._save(
+                msgspec.structs.replace(state, written=part + 1), revision, now
+            )
+            for node in todo[part]:
+                planned.pop(node, None)
+        stage_nodes = [n for n, e in state.nodes.items() if e.stage == state.stage]
         state = msgspec.structs.replace(state, phase="installing", stage_started=now)
-        state = self._event(state, RolloutEventState.STAGE_STARTED, now, nodes=stage_nodes)
+        state = self._event(state, RolloutEventState.STAGE_STARTED, now, **_nodes(stage_nodes))
         await self._save(state, revision, now)
+
+    def _refresh(self, state: RolloutState) -> _Progress:
+        """The rollout's install progress, brought up to date: nodes new to it and nodes that
+        reported since the last step are judged again; the others keep their verdict."""
+        p = self._progress.get(state.fleet)
+        if p is None or p.id != state.id:
+            p = self._progress[state.fleet] = _Progress(state.id, set(), set(), dict(state.failures), set())
+        fresh = [n for n in state.nodes if n not in p.checked] if len(p.checked) != len(state.nodes) else []
+        for node in [*fresh, *(p.dirty & state.nodes.keys())]:
+            p.checked.add(node)
+            if (
+                node not in p.failed
+                and (why := self.nodes.failure(state, node, state.nodes[node])) is not None
+            ):
+                p.failed[node] = why[:500]
+            if self.nodes.is_installed(state, node):
+                p.installed.add(node)
+            else:
+                p.installed.discard(node)
+        p.dirty.clear()
+        return p
 
     async def _reference(self, model: str, version: int | None) -> ReferenceProfile | None:
         if version is None:
@@ -298,34 +384,29 @@ class RolloutController:
         return self._refs[key]
 
     async def _judge(self, state: RolloutState, revision: int, now: float) -> None:
-        failures = self.nodes.failures(state)
-        if failures != state.failures:
-            for node in sorted(set(failures) - set(state.failures)):
-                state = self._event(
-                    state,
-                    RolloutEventState.NODE_ROLLBACK
-                    if "rolled back" in failures[node]
-                    else RolloutEventState.NODE_FAILED,
-                    now,
-                    nodes=[node],
-                    reason=failures[node],
+        progress = self._refresh(state)
+        failures = progress.failed
+        new = {n: why for n, why in failures.items() if n not in state.failures}
+        if new:
+            for node, why in sorted(new.items()):
+                kind = (
+                    RolloutEventState.NODE_ROLLBACK if "rolled back" in why else RolloutEventState.NODE_FAILED
                 )
-            state = msgspec.structs.replace(state, failures=failures)
-            state, revision = await self._save(state, revision, now)
+                state = self._event(state, kind, now, nodes=[node], node_count=1, reason=why)
             # A node that refused the version or left it on its own goes back to what it ran
             # before at once, even while the stage goes on: otherwise its assignment would
-            # keep offering it a version it has already judged bad.
-            for node in sorted(failures):
-                await self.assigner.restore_node(
-                    state.fleet, node, state.nodes[node].prior, _key_model(state)
-                )
+            # keep offering it a version it has already judged bad. Restored before the
+            # failure is saved: a restart in between finds it again and restores again.
+            await self.assigner.restore(state, sorted(new))
+            state = await self.store.append(state, "f", new)
+            state, revision = await self._save(state, revision, now)
         gates: list[GateResult] = [install_gate(state.config, len(state.nodes), len(failures))]
         if gates[0].outcome == "fail":
             await self._roll_back(state, revision, now, gates, "install failures over the limit")
             return
         if state.phase == "installing":
-            installed = self.nodes.installed(state) - set(failures)
-            pending = set(state.nodes) - installed - set(failures)
+            installed = len(progress.installed - failures.keys())
+            pending = len(state.nodes) - installed - len(failures)
             timed_out = now - state.stage_started >= state.config.install_timeout_s
             if pending and not timed_out:
                 return
@@ -340,9 +421,10 @@ class RolloutController:
         # A control group: nodes outside the rollout that sent telemetry since it started (an
         # offline one cannot be waited for), or same-period figures of the previous version
         # from earlier stages. Without either, the version's own reference judges.
-        outside = set(self.live_nodes(state.fleet, now)) - set(state.nodes)
-        reporting = outside & tracker.control.nodes
-        canary, controls, source = tracker.sides(state.config.min_samples, control_group=bool(reporting))
+        reporting = any(
+            n not in state.nodes and self.nodes.is_live(state.fleet, n, now) for n in tracker.control.nodes
+        )
+        canary, controls, source = tracker.sides(state.config.min_samples, control_group=reporting)
         gates += evaluate(
             state.config,
             canary,
@@ -395,7 +477,7 @@ class RolloutController:
         )
         if state.stage + 1 >= len(state.config.stages):
             state = msgspec.structs.replace(state, status=RolloutStatus.COMPLETED, phase="cleanup")
-            state = self._event(state, RolloutEventState.COMPLETED, now, nodes=sorted(state.nodes))
+            state = self._event(state, RolloutEventState.COMPLETED, now, **_nodes(state.nodes))
             state, revision = await self._save(state, revision, now)
             await self._cleanup(state, revision, now)
             return
@@ -410,24 +492,24 @@ class RolloutController:
             state, status=RolloutStatus.ROLLED_BACK, phase="cleanup", reason=reason, gates=summary
         )
         state = self._event(state, RolloutEventState.GATE_FAILED, now, reason=reason, gates=summary)
-        state = self._event(
-            state, RolloutEventState.ROLLED_BACK, now, reason=reason, nodes=sorted(state.nodes)
-        )
+        state = self._event(state, RolloutEventState.ROLLED_BACK, now, reason=reason, **_nodes(state.nodes))
         state, revision = await self._save(state, revision, now)
         await self._cleanup(state, revision, now)
 
     async def _cleanup(self, state: RolloutState, revision: int, now: float) -> None:
         if state.status == RolloutStatus.COMPLETED:
-            await self.assigner.complete(state)
+            await self.assigner.complete(state, self.nodes.statuses(state.fleet) or None)
         else:
-            for node, entry in sorted(state.nodes.items()):
-                await self.assigner.restore_node(state.fleet, node, entry.prior, _key_model(state))
+            await self.assigner.restore(state, state.nodes)
         state = msgspec.structs.replace(state, phase="done")
         await self._save(state, revision, now)
         self._trackers.pop(state.fleet, None)
+        self._progress.pop(state.fleet, None)
+        self._planned.pop(state.id, None)
         log.info("rollout_finished", fleet=state.fleet, rollout=state.id, status=state.status)
 
 
-def _key_model(state: RolloutState) -> str | None:
-    """The model whose per-model keys the rollout writes, or None for the legacy keys."""
-    return state.model if state.side_by_side else None
+def _nodes(nodes: Iterable[str]) -> dict[str, Any]:
+    """An event's ``nodes`` (the first ``EVENT_NODES``, sorted) and ``node_count``."""
+    ordered = sorted(nodes)
+    return {"nodes": ordered[:EVENT_NODES], "node_count": len(ordered)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 
-from slmops.cloud.rollout.state import RolloutState
+from slmops.cloud.rollout.state import NodeEntry, RolloutState
 from slmops.shared.messages import NodeStatus
 from slmops.shared.vocabulary import NodeEvent
 
@@ -69,42 +69,59 @@ class NodeView:
             if s.event != NodeEvent.SHUTDOWN and self._at(s) >= now - self.node_ttl_s
         }
 
+    def is_live(self, fleet: str, node: str, now: float) -> bool:
+        """Whether ``node`` is one of ``live(fleet, now)`` (without building that dict)."""
+        s = self._status.get(fleet, {}).get(node)
+        return s is not None and s.event != NodeEvent.SHUTDOWN and self._at(s) >= now - self.node_ttl_s
+
+    def statuses(self, fleet: str) -> dict[str, NodeStatus]:
+        """Every node's last status in ``fleet`` (alive or not), by node."""
+        return dict(self._status.get(fleet, {}))
+
+    def status(self, fleet: str, node: str) -> NodeStatus | None:
+        """The node's last status (alive or not)."""
+        return self._status.get(fleet, {}).get(node)
+
     def failures(self, state: RolloutState) -> dict[str, str]:
         """Nodes that rejected the version or left it on their own, from their statuses."""
         found = dict(state.failures)
-        statuses = self._status.get(state.fleet, {})
         for node, entry in state.nodes.items():
-            if node in found:
-                continue
-            since = entry.assigned_at - _SKEW_S
-            rejected = self._rejects.get((state.fleet, node))
-            r = rejected.refresh if rejected is not None and self._at(rejected) >= since else None
-            if r is not None and r.model.name == state.model and r.model.version == state.version:
-                found[node] = f"rejected: {r.code or 'error'} {r.reason}".strip()
-                continue
-            s = statuses.get(node)
-            if s is None or self._at(s) < since:
-                continue
-            if (
-                s.previous_model is not None
-                and s.previous_model.version == state.version
-                and s.previous_model.name == state.model
-                and (s.model is None or s.model.version != state.version)
-            ) or _left_beside(s, state):
-                found[node] = "rolled back on the node (local health limits)"
+            if node not in found and (why := self.failure(state, node, entry)) is not None:
+                found[node] = why
         return found
+
+    def failure(self, state: RolloutState, node: str, entry: NodeEntry) -> str | None:
+        """Why ``node`` counts as failed in ``state`` since its assignment (``entry``):
+        it rejected the version or left it on its own; None when it did neither."""
+        since = entry.assigned_at - _SKEW_S
+        rejected = self._rejects.get((state.fleet, node))
+        r = rejected.refresh if rejected is not None and self._at(rejected) >= since else None
+        if r is not None and r.model.name == state.model and r.model.version == state.version:
+            return f"rejected: {r.code or 'error'} {r.reason}".strip()
+        s = self._status.get(state.fleet, {}).get(node)
+        if s is None or self._at(s) < since:
+            return None
+        if (
+            s.previous_model is not None
+            and s.previous_model.version == state.version
+            and s.previous_model.name == state.model
+            and (s.model is None or s.model.version != state.version)
+        ) or _left_beside(s, state):
+            return "rolled back on the node (local health limits)"
+        return None
 
     def installed(self, state: RolloutState) -> set[str]:
         """Nodes of the rollout whose last status shows its version served: as the default
         model, or beside it (``NodeStatus.models``, models side by side)."""
-        statuses = self._status.get(state.fleet, {})
+        return {n for n in state.nodes if self.is_installed(state, n)}
+
+    def is_installed(self, state: RolloutState, node: str) -> bool:
+        """Whether the node's last status shows the rollout's version served."""
+        s = self._status.get(state.fleet, {}).get(node)
         want = (state.model, state.version)
-        return {
-            n
-            for n in state.nodes
-            if (s := statuses.get(n)) is not None
-            and any((m.name, m.version) == want for m in [*([s.model] if s.model else []), *s.models])
-        }
+        return s is not None and any(
+            (m.name, m.version) == want for m in [*([s.model] if s.model else []), *s.models]
+        )
 
 
 def _left_beside(s: NodeStatus, state: RolloutState) -> bool:

@@ -7,12 +7,22 @@ refused and it re-reads. Operators' commands (pause/resume/abort) are written in
 key's ``command`` field, also with compare-and-set, and applied at the controller's next step.
 Events not yet published travel in ``pending`` with their sequence number, so a restart
 re-publishes them with the same ``Nats-Msg-Id`` and the stream drops the duplicates.
+
+The fleet's key holds the header only (a few kB whatever the fleet's size; issue 18: one value
+holding every node passed KV's 1 MiB limit at ~13,000 nodes). The rollout's nodes, failures
+and unfit nodes live in immutable parts of at most ``PART_SIZE`` entries under keys of their
+own (``<fleet>.<rollout token>.<kind><index>``); the header counts them (``parts``), and a part
+counts only once a header naming it is written. So parts are written first, then the header
+(compare-and-set): a controller killed in between leaves an unnamed part that the next write
+of that index replaces. A value an older cloud wrote (``v`` 1: every node inside the one
+value) is read as it is and migrated into parts by the controller (``RolloutStore.migrate``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+import hashlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 import msgspec
@@ -32,6 +42,8 @@ from slmops.shared.vocabulary import RolloutStatus
 
 __all__ = [
     "ACTIVE",
+    "PARALLEL",
+    "PART_SIZE",
     "ROLLOUTS_BUCKET",
     "TERMINAL",
     "NodeEntry",
@@ -44,9 +56,19 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: KV bucket of rollout states, one key per fleet (created idempotently by ``RolloutStore``).
 ROLLOUTS_BUCKET = names.ROLLOUTS_BUCKET
+#: Entries per part key. A node entry holding the assignment to restore is ~300 bytes of JSON
+#: at most, so a part stays near 150 kB, far under KV's 1 MiB value limit.
+PART_SIZE = 500
+#: KV reads or writes in flight at once for one batch (parts, assignments): enough to hide
+#: the round trip on loopback and a LAN, few enough not to swamp a server shared by a fleet.
+PARALLEL = 32
+#: Part kinds: nodes assigned, nodes failed (rejected, rolled back), nodes left out (unfit).
+Kind = Literal["n", "f", "u"]
+KINDS: tuple[Kind, ...] = ("n", "f", "u")
 
 #: Where a rollout stands: the same five words the field held as a ``Literal`` (a stored
 #: state encodes and validates exactly as before).
@@ -80,6 +102,9 @@ class NodeEntry(msgspec.Struct, kw_only=True):
     assigned_at: float
     #: The node's own assignment before the rollout (None: it followed the fleet-wide key).
     prior: Assignment | None = None
+    #: The part (``RolloutState.parts["n"]`` index) holding this entry: assignments are
+    #: written part by part, and ``RolloutState.written`` counts the parts done.
+    part: int = 0
 
 
 class PendingEvent(msgspec.Struct, kw_only=True):
@@ -90,7 +115,8 @@ class PendingEvent(msgspec.Struct, kw_only=True):
 class RolloutState(msgspec.Struct, kw_only=True):
     """One fleet's rollout. Times are Unix seconds from the controller's clock."""
 
-    v: int = 1
+    #: 1: an older cloud's value, every node inside it; 2: nodes in parts (module docstring).
+    v: int = 2
     id: str
     fleet: str
     model: str
@@ -123,6 +149,11 @@ class RolloutState(msgspec.Struct, kw_only=True):
     pending: list[PendingEvent] = []
     gates: dict[str, object] = {}
     updated: float = 0.0
+    #: Parts written and named by this header, by kind (``KINDS``). ``nodes``, ``failures``
+    #: and ``unfit`` are their merged entries in memory, never in the header itself.
+    parts: dict[str, int] = {}
+    #: Node parts whose assignments are all written (a resumed stage writes the rest only).
+    written: int = 0
 
     @property
     def active(self) -> bool:
@@ -135,6 +166,51 @@ class RolloutState(msgspec.Struct, kw_only=True):
 
 _decoder = msgspec.json.Decoder(RolloutState)
 _encoder = msgspec.json.Encoder()
+_part_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    "n": msgspec.json.Decoder(dict[str, NodeEntry]),
+    "f": msgspec.json.Decoder(dict[str, str]),
+    "u": msgspec.json.Decoder(dict[str, str]),
+}
+
+
+def part_key(state: RolloutState, kind: str, index: int) -> str:
+    """KV key of one part of a rollout's state (a token of the rollout id: ids may hold
+    characters keys do not)."""
+    token = hashlib.sha256(state.id.encode()).hexdigest()[:16]
+    return f"{state.fleet}.{token}.{kind}{index}"
+
+
+def _entries(state: RolloutState, kind: str) -> dict[str, Any]:
+    """The in-memory entries of ``kind`` (the state's own dict: copy before changing it)."""
+    if kind == "n":
+        return cast(dict[str, Any], state.nodes)
+    return cast(dict[str, Any], state.failures if kind == "f" else state.unfit)
+
+
+def _with(state: RolloutState, kind: str, entries: dict[str, Any], **fields: Any) -> RolloutState:
+    field = {"n": "nodes", "f": "failures", "u": "unfit"}[kind]
+    return msgspec.structs.replace(state, **{field: entries}, **fields)
+
+
+async def bounded(items: Iterable[T], work: Callable[[T], Awaitable[None]], limit: int = PARALLEL) -> None:
+    """``await work(item)`` for every item, at most ``limit`` at once; the first error
+    cancels the rest and is raised."""
+    pending = iter(items)
+    errors: list[Exception] = []
+
+    async def worker() -> None:
+        try:
+            for item in pending:  # the workers share one iterator: each item is taken once
+                await work(item)
+        except Exception as exc:  # raised below as itself, not wrapped in an ExceptionGroup
+            errors.append(exc)
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(limit):
+            tg.start_soon(worker)
+    if errors:
+        raise errors[0]
 
 
 class RolloutStore:
@@ -165,9 +241,10 @@ class RolloutStore:
                 return None
         return self._kv
 
-    async def get(self, fleet: str) -> tuple[RolloutState, int] | None:
+    async def get(self, fleet: str, *, parts: bool = True) -> tuple[RolloutState, int] | None:
         """The fleet's rollout and its revision, or None. A value that does not decode is
-        logged and treated as absent (it is overwritten by the next rollout)."""
+        logged and treated as absent (it is overwritten by the next rollout). ``parts``:
+        read its nodes, failures and unfit nodes too (False: the header alone, a few kB)."""
         key = validate_id(fleet, "fleet")
         kv = await self._existing()
         if kv is None:
@@ -176,24 +253,67 @@ class RolloutStore:
         if entry is None:  # also a deleted key
             return None
         try:
-            return _decoder.decode(entry.value or b""), int(entry.revision or 0)
+            state = _decoder.decode(entry.value or b"")
         except msgspec.DecodeError as exc:
             log.error("rollout_state_undecodable", fleet=fleet, error=str(exc))
             return None
+        if parts:
+            state = await self.fill(state)
+        return state, int(entry.revision or 0)
+
+    async def fill(self, state: RolloutState, known: RolloutState | None = None) -> RolloutState:
+        """``state`` (a header) with the entries of every part it names. ``known``: the same
+        rollout as read before; parts are immutable, so only those it lacks are read.
+        Raises ``RolloutError`` when a named part is missing or does not decode."""
+        if not state.parts:
+            return state
+        if known is not None and (
+            known.id != state.id or any(known.parts.get(k, 0) > state.parts.get(k, 0) for k in KINDS)
+        ):
+            known = None
+        for kind in KINDS:
+            have = known.parts.get(kind, 0) if known is not None else 0
+            count = state.parts.get(kind, 0)
+            entries = _entries(known, kind) if known is not None else {}
+            if count > have:
+                entries = {**entries, **await self._read_parts(state, kind, range(have, count))}
+            state = _with(state, kind, entries)
+        return state
+
+    async def _read_parts(self, state: RolloutState, kind: str, indices: range) -> dict[str, Any]:
+        """The entries of parts ``indices`` of ``kind``, merged in index order."""
+        kv = await self.bucket()
+        got: dict[int, dict[str, Any]] = {}
+
+        async def read(index: int) -> None:
+            key = part_key(state, kind, index)
+            entry = await kv_get(kv, key, self._url, kind="rollout part", timeout=self._timeout)
+            if entry is None:
+                raise RolloutError(state.fleet, f"part {key} of rollout {state.id} is missing")
+            try:
+                got[index] = _part_decoders[kind].decode(entry.value or b"")
+            except msgspec.DecodeError as exc:
+                raise RolloutError(state.fleet, f"part {key} does not decode: {exc}") from exc
+
+        await bounded(indices, read)
+        merged: dict[str, Any] = {}
+        for index in indices:
+            merged.update(got[index])
+        return merged
 
     async def fleets(self) -> list[str]:
         """Fleets with a rollout key (a deleted one included: ``get`` returns None for it)."""
         try:
             with nats_errors("kv bucket", ROLLOUTS_BUCKET, self._url), anyio.fail_after(self._timeout):
-                keys = await kv_keys(self._js, ROLLOUTS_BUCKET)
+                keys = await kv_keys(self._js, ROLLOUTS_BUCKET, "*")  # not the parts' keys
         except NotFound:  # no bucket: no rollout was ever written
             return []
         return sorted(keys)
 
-    async def all(self) -> list[tuple[RolloutState, int]]:
+    async def all(self, *, parts: bool = True) -> list[tuple[RolloutState, int]]:
         found = []
         for fleet in await self.fleets():
-            got = await self.get(fleet)
+            got = await self.get(fleet, parts=parts)
             if got is not None:
                 found.append(got)
         return found
@@ -202,7 +322,8 @@ class RolloutStore:
         """Write ``state`` if the key is still at ``revision`` (None: the key must not hold
         an active rollout). Returns the new revision; ``RolloutConflict`` when refused."""
         kv = await self.bucket()
-        data = _encoder.encode(state)
+        header = state if state.v < 2 else msgspec.structs.replace(state, nodes={}, failures={}, unfit={})
+        data = _encoder.encode(header)
         try:
             with nats_errors("rollout", state.fleet, self._url), anyio.fail_after(self._timeout):
                 if revision is None:
@@ -229,13 +350,74 @@ class RolloutStore:
                 f"rollout {old.id} of version {old.version} is still {old.status}; "
                 "abort it first (slmops rollout abort)",
             )
-        return await self.put(state, revision)
+        revision = await self.put(state, revision)
+        await self._drop_parts(old)
+        return revision
+
+    async def _drop_parts(self, old: RolloutState) -> None:
+        """Purge the parts of a rollout a new one replaced (its events stay in the stream)."""
+        kv = await self.bucket()
+        keys = [part_key(old, kind, i) for kind in KINDS for i in range(old.parts.get(kind, 0))]
+
+        async def purge(key: str) -> None:
+            with nats_errors("rollout part", key, self._url), anyio.fail_after(self._timeout):
+                await kv.purge(key)
+
+        await bounded(keys, purge)
+
+    async def append(self, state: RolloutState, kind: Kind, entries: Mapping[str, Any]) -> RolloutState:
+        """Write ``entries`` (node -> ``NodeEntry`` for ``"n"``, node -> reason otherwise) as
+        new parts after those ``state`` names, and return ``state`` naming them and holding
+        them. The parts count once the returned state is ``put``; until then a restart reads
+        ``state`` without them (and the next append overwrites them)."""
+        if not entries:
+            return state
+        if state.v < 2:
+            raise RolloutError(state.fleet, "an older cloud's state: migrate it before appending")
+        kv = await self.bucket()
+        first = state.parts.get(kind, 0)
+        ordered = sorted(entries.items())
+        chunks = [dict(ordered[i : i + PART_SIZE]) for i in range(0, len(ordered), PART_SIZE)]
+        if kind == "n":
+            chunks = [
+                {n: msgspec.structs.replace(e, part=first + i) for n, e in chunk.items()}
+                for i, chunk in enumerate(chunks)
+            ]
+
+        async def write(i: int) -> None:
+            key = part_key(state, kind, first + i)
+            with nats_errors("rollout part", key, self._url), anyio.fail_after(self._timeout):
+                await kv.put(key, _encoder.encode(chunks[i]))
+
+        await bounded(range(len(chunks)), write)
+        merged = dict(_entries(state, kind))
+        for chunk in chunks:
+            merged.update(chunk)
+        return _with(state, kind, merged, parts={**state.parts, kind: first + len(chunks)})
+
+    async def migrate(self, state: RolloutState, revision: int) -> tuple[RolloutState, int]:
+        """An older cloud's state (``v`` 1: every node inside the one value) moved into parts
+        and its header written (compare-and-set: ``RolloutConflict`` when it changed). Node
+        parts hold one stage each, and the stages before the current one (all of them past
+        ``assigning``) count as written. A state already in parts is returned as it is."""
+        if state.v >= 2:
+            return state, revision
+        new = msgspec.structs.replace(state, v=2, nodes={}, failures={}, unfit={}, parts={}, written=0)
+        for stage in sorted({e.stage for e in state.nodes.values()}):
+            new = await self.append(new, "n", {n: e for n, e in state.nodes.items() if e.stage == stage})
+            if stage < state.stage or state.phase != "assigning":
+                new = msgspec.structs.replace(new, written=new.parts["n"])
+        new = await self.append(new, "f", state.failures)
+        new = await self.append(new, "u", state.unfit)
+        revision = await self.put(new, revision)
+        log.info("rollout_state_migrated", fleet=state.fleet, rollout=state.id, nodes=len(new.nodes))
+        return new, revision
 
     async def modify(self, fleet: str, change: Callable[[RolloutState], RolloutState]) -> RolloutState:
         """Apply ``change`` to the current state with compare-and-set, retrying on conflict
         (operators' commands). ``RolloutError`` if the fleet has no rollout."""
         for _ in range(20):
-            got = await self.get(fleet)
+            got = await self.get(fleet, parts=False)  # commands change the header only
             if got is None:
                 raise RolloutError(fleet, "there is no rollout for this fleet")
             state, revision = got

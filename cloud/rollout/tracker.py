@@ -66,6 +66,10 @@ class Tracker:
         self._bounds: dict[str, tuple[datetime, datetime]] = {}
         self._canary_nodes: set[str] = set()
         self._warmup: set[tuple[str, str, int]] = set()
+        #: The canary's nodes before their switch (``before``), merged as nodes join:
+        #: node -> its assignment time, for the nodes already merged.
+        self._before_m = Metrics()
+        self._folded: dict[str, float] = {}
         self._paired_can = Metrics()
         self._paired_ctl = Metrics()
         self._period: Period | None = None
@@ -91,6 +95,12 @@ class Tracker:
         if before is None:
             before = self._before[agg.node] = collections.deque(maxlen=_KEEP_BEFORE)
         before.append(agg)
+        end = agg.window_end.timestamp()
+        while before and before[0].window_end.timestamp() < end - 2 * BEFORE_S:
+            before.popleft()  # older than any assignment still to come can look back
+        at = self._folded.get(agg.node)
+        if at is not None and at - BEFORE_S <= end <= at + 1.0:  # late, for a node merged
+            self._before_m.add(agg)
         if agg.window_end.timestamp() >= state.created and self.control.add(agg):
             self._ctl.append(agg)
             self._extend("control", agg)
@@ -133,10 +143,13 @@ class Tracker:
     def before(self, state: RolloutState) -> Metrics:
         """The previous version on the canary's nodes in the ``BEFORE_S`` before each node's
         assignment (the same devices, just before the switch)."""
-        m = Metrics()
-        for node, entry in state.nodes.items():
-            for agg in self._before.get(node, ()):
-                end = agg.window_end.timestamp()
-                if entry.assigned_at - BEFORE_S <= end <= entry.assigned_at + 1.0:
-                    m.add(agg)
-        return m
+        if len(self._folded) < len(state.nodes):  # nodes joined: merge theirs once
+            for node, entry in state.nodes.items():
+                if node in self._folded:
+                    continue
+                self._folded[node] = entry.assigned_at
+                for agg in self._before.get(node, ()):
+                    end = agg.window_end.timestamp()
+                    if entry.assigned_at - BEFORE_S <= end <= entry.assigned_at + 1.0:
+                        self._before_m.add(agg)
+        return self._before_m
