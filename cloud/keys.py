@@ -18,9 +18,16 @@ from slmops.cloud.errors import CloudError
 from slmops.shared import names
 from slmops.shared.errors import JetStreamRefused, NotFound
 from slmops.shared.jetstream import nats_errors
-from slmops.shared.keylist import KEYLIST_KEY, KeyList, KeyStatus, decode_signed, revise, sign
+from slmops.shared.keylist import KEYLIST_KEY, KeyList, KeyStatus, accept, decode_signed, revise, sign
 
-__all__ = ["KeyListConflict", "change_key_list", "read_key_list"]
+__all__ = [
+    "KeyListConflict",
+    "change_key_list",
+    "next_key_list",
+    "publish_key_list",
+    "read_key_list",
+    "write_key_list",
+]
 
 
 class KeyListConflict(CloudError):
@@ -44,6 +51,52 @@ async def read_key_list(js: JetStreamContext, url: str = "<nats>") -> tuple[byte
     return entry.value, entry.revision or 0
 
 
+async def next_key_list(
+    js: JetStreamContext,
+    root: Ed25519PrivateKey,
+    *,
+    add: Iterable[Ed25519PublicKey] = (),
+    status: dict[str, KeyStatus] | None = None,
+    url: str = "<nats>",
+) -> tuple[bytes, int]:
+    """The next version of the list held in KV (``add`` keys as active, then ``status`` per
+    key id), signed by ``root``, and the KV revision it was made from; not written.
+    ``KeyListError`` when the held list does not verify against ``root``; ``ValueError`` for
+    a change ``revise`` refuses."""
+    raw, revision = await read_key_list(js, url)
+    held = None if raw is None else decode_signed(raw, [root.public_key()])
+    return sign(revise(held, add=add, status=status), root), revision
+
+
+async def write_key_list(js: JetStreamContext, signed: bytes, revision: int, url: str = "<nats>") -> None:
+    """Write ``signed`` compare-and-set on ``revision`` (0: the key must not exist yet).
+    ``KeyListConflict`` when another change came first."""
+    kv = await js.key_value(names.KEYS_BUCKET)
+    try:
+        with nats_errors("kv key", KEYLIST_KEY, url):
+            if revision:
+                await kv.update(KEYLIST_KEY, signed, last=revision)
+            else:
+                await kv.create(KEYLIST_KEY, signed)
+    except JetStreamRefused as exc:
+        raise KeyListConflict(revision) from exc
+
+
+async def publish_key_list(
+    js: JetStreamContext, signed: bytes, root: Ed25519PublicKey, url: str = "<nats>"
+) -> KeyList:
+    """The change service's side (``keys rotate|revoke`` through the cloud): write a list an
+    operator made and signed, if it verifies against ``root``, the list held (if any)
+    verifies against the same root (a list of another root is never replaced) and it is
+    newer. Returns the list written. ``KeyListError`` (a ``ValueError``) or
+    ``KeyListConflict``."""
+    raw, revision = await read_key_list(js, url)
+    held = None if raw is None else decode_signed(raw, [root])
+    new = accept(held, signed, [root])
+    await write_key_list(js, signed, revision, url)
+    return new
+
+
 async def change_key_list(
     js: JetStreamContext,
     root: Ed25519PrivateKey,
@@ -56,17 +109,6 @@ async def change_key_list(
     signed by ``root``. Returns the list written. ``KeyListError`` when the held list does not
     verify against ``root``; ``ValueError`` for a change ``revise`` refuses; ``KeyListConflict``
     when another change came first."""
-    raw, revision = await read_key_list(js, url)
-    held = None if raw is None else decode_signed(raw, [root.public_key()])
-    new = revise(held, add=add, status=status)
-    signed = sign(new, root)
-    kv = await js.key_value(names.KEYS_BUCKET)
-    try:
-        with nats_errors("kv key", KEYLIST_KEY, url):
-            if revision:
-                await kv.update(KEYLIST_KEY, signed, last=revision)
-            else:
-                await kv.create(KEYLIST_KEY, signed)
-    except JetStreamRefused as exc:
-        raise KeyListConflict(revision) from exc
+    signed, revision = await next_key_list(js, root, add=add, status=status, url=url)
+    await write_key_list(js, signed, revision, url)
     return decode_signed(signed, [root.public_key()])

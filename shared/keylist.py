@@ -45,6 +45,7 @@ __all__ = [
     "KeyStatus",
     "accept",
     "apply_to",
+    "decode_public",
     "decode_signed",
     "encode_public",
     "load_saved",
@@ -120,6 +121,11 @@ def encode_public(key: Ed25519PublicKey) -> str:
     return base64.b64encode(
         key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     ).decode()
+
+
+def decode_public(value: str) -> Ed25519PublicKey:
+    """The key ``encode_public`` wrote; ``KeyListError`` for anything else."""
+    return _public(value)
 
 
 def _public(value: str) -> Ed25519PublicKey:

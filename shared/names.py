@@ -10,6 +10,7 @@ __all__ = [
     "AUDIT_ALL",
     "AUDIT_STREAM",
     "BASELINE_SUBJECT",
+    "CHANGE_GLOBAL",
     "CHANGE_SUBJECT",
     "DEADLETTER_STREAM",
     "DEADLETTER_SUBJECT",
@@ -99,6 +100,8 @@ AUDIT_ALL = "slmops.audit.>"
 #: fleet (``change_subject``): audited changes are asked for here, so the identity recorded is
 #: the one the server authenticated.
 CHANGE_SUBJECT = "slmops.cloud.change"
+#: The change subject of changes tied to no fleet (the key list: ``keys rotate|revoke``).
+CHANGE_GLOBAL = f"{CHANGE_SUBJECT}._global"
 #: Request/reply subject on which the active cloud sets a drift baseline for an analyst.
 BASELINE_SUBJECT = "slmops.cloud.baseline"
 #: The assignment key token that applies to every node of a fleet without a key of its own.

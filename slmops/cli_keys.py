@@ -50,16 +50,30 @@ def _load_root(path: Path) -> Ed25519PrivateKey:
     return call(lambda: load_private_key(path))
 
 
-def _change(nats_url: str, root: Ed25519PrivateKey, add: list[Path], status: dict[str, KeyStatus]) -> None:
+def _change(
+    nats_url: str, root: Ed25519PrivateKey, add: list[Path], status: dict[str, KeyStatus], action: str
+) -> None:
+    """Make the next list here (the root key stays on this machine) and ask the active cloud
+    to write it (audited as ``action``); with no cloud running, write it here, unaudited."""
     from slmops.cli_common import jetstream
-    from slmops.cloud.keys import change_key_list
+    from slmops.cloud.fleetconfig.client import request_change
+    from slmops.cloud.keys import next_key_list, write_key_list
+    from slmops.shared.audit import ChangeRequest
     from slmops.shared.bundle import load_public_key
+    from slmops.shared.keylist import decode_signed, encode_public
 
     added = call(lambda: [load_public_key(p) for p in add])
 
     async def main() -> KeyList:
         async with jetstream(nats_url) as js:
-            return await change_key_list(js, root, add=added, status=status, url=nats_url)
+            signed, revision = await next_key_list(js, root, add=added, status=status, url=nats_url)
+        params = {"root": encode_public(root.public_key())}
+        request = ChangeRequest(action=action, fleet="", document=signed.decode(), params=params)
+        if await request_change(nats_url, request) is None:
+            click.echo("note: no cloud answers: key list written directly, not audited", err=True)
+            async with jetstream(nats_url) as js:
+                await write_key_list(js, signed, revision, url=nats_url)
+        return decode_signed(signed, [root.public_key()])
 
     new = run(main)
     assert new is not None
@@ -107,7 +121,7 @@ def rotate(nats_url: str, root_path: Path, add: tuple[Path, ...], retire: tuple[
     if not add and not retire:
         raise click.UsageError("give --add NEW.pub and/or --retire OLD")
     status: dict[str, KeyStatus] = dict.fromkeys(call(lambda: _key_ids(retire)), "retired")
-    _change(nats_url, _load_root(root_path), list(add), status)
+    _change(nats_url, _load_root(root_path), list(add), status, "keys.rotate")
 
 
 @keys.command()
@@ -125,7 +139,9 @@ def revoke(nats_url: str, root_path: Path, key: str, compromised: bool) -> None:
     new installs of its bundles; what runs keeps running), or --compromised. `models push`
     refuses bundles signed by it either way."""
     (kid,) = call(lambda: _key_ids((key,)))
-    _change(nats_url, _load_root(root_path), [], {kid: "compromised" if compromised else "retired"})
+    _change(
+        nats_url, _load_root(root_path), [], {kid: "compromised" if compromised else "retired"}, "keys.revoke"
+    )
 
 
 @keys.command(name="list")

@@ -126,16 +126,34 @@ def start(
         raise click.BadParameter(str(exc)) from exc
 
     async def go() -> None:
-        async with _jetstream(nats_url) as js:
-            state = await start_rollout(
-                js, Registry(js, url=nats_url), RolloutStore(js, url=nats_url),
-                fleet=fleet, version=version, model=model, config=config, side_by_side=side_by_side,
-            )  # fmt: skip
-            beside = ", side by side (per-model keys)" if state.side_by_side else ""
-            click.echo(
-                f"rollout {state.id}: {state.model} v{state.version} "
-                f"(from v{state.previous_version}) stages {config.stages}, soak {config.soak_s:g}s{beside}"
-            )
+        from slmops.cloud.audit.rollout import rollout_summary
+        from slmops.cloud.fleetconfig.client import request_change
+        from slmops.shared.audit import ChangeRequest
+
+        # Through the active cloud (audited with the identity the server gives); with no
+        # cloud serving the fleet, written here and said to be unaudited.
+        params = {
+            "version": version, "model": model, "config": msgspec.to_builtins(config),
+            "side_by_side": side_by_side,
+        }  # fmt: skip
+        reply = await request_change(
+            nats_url, ChangeRequest(action="rollout.start", fleet=fleet, params=params)
+        )
+        if reply is not None:
+            s = reply.result
+        else:
+            click.echo(f"note: no cloud serves fleet {fleet}: started directly, not audited", err=True)
+            async with _jetstream(nats_url) as js:
+                state = await start_rollout(
+                    js, Registry(js, url=nats_url), RolloutStore(js, url=nats_url),
+                    fleet=fleet, version=version, model=model, config=config, side_by_side=side_by_side,
+                )  # fmt: skip
+            s = rollout_summary(state)
+        beside = ", side by side (per-model keys)" if s["side_by_side"] else ""
+        click.echo(
+            f"rollout {s['id']}: {s['model']} v{s['version']} "
+            f"(from v{s['previous_version']}) stages {config.stages}, soak {config.soak_s:g}s{beside}"
+        )
 
     run(go)
 
@@ -234,11 +252,20 @@ def _command(name: str, doc: str) -> click.Command:
         from slmops.cloud.rollout import RolloutStore
 
         async def go() -> None:
-            async with _jetstream(nats_url) as js:
-                state = await RolloutStore(js, url=nats_url).command(fleet, name)  # type: ignore[arg-type]
-                click.echo(
-                    f"{name} recorded for rollout {state.id}; the controller applies it at its next step"
-                )
+            from slmops.cloud.fleetconfig.client import request_change
+            from slmops.shared.audit import ChangeRequest
+
+            reply = await request_change(nats_url, ChangeRequest(action=f"rollout.{name}", fleet=fleet))
+            if reply is not None:
+                rollout_id = reply.result["id"]
+            else:
+                click.echo(f"note: no cloud serves fleet {fleet}: recorded directly, not audited", err=True)
+                async with _jetstream(nats_url) as js:
+                    state = await RolloutStore(js, url=nats_url).command(fleet, name)  # type: ignore[arg-type]
+                rollout_id = state.id
+            click.echo(
+                f"{name} recorded for rollout {rollout_id}; the controller applies it at its next step"
+            )
 
         run(go)
 

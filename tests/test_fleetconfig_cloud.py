@@ -301,3 +301,39 @@ async def test_apply_to_a_fleet_no_node_ever_reported_says_nothing_was_applied(
     assert code == 0, out
     assert out.splitlines()[0].startswith("version 1 published; audit record ")
     assert f"note: no node of fleet {fleet!r} has ever reported to the cloud: nothing was applied now" in out
+
+
+async def test_rollout_commands_go_through_the_cloud_and_are_audited(env: Env) -> None:
+    """``rollout start|pause|resume`` with a cloud serving the fleet are done by it and
+    recorded (a refused start too); ``rollout abort`` with none is written directly and says
+    it was not audited."""
+    _, bundles = await env.keys.registry(env.js, env.fleet, 1, 2)
+    model = bundles[0].manifest.name
+    where = ("--nats", env.url, "--fleet", env.fleet)
+    start = ("rollout", "start", *where, "--version", "2", "--model", model)
+    async with _cloud(env.url, env.tmp / "state", env.fleet, rollouts=False):
+        code, out = await _cli(*start)
+        assert code == 0, out
+        assert f"{model} v2 (from v1)" in out
+        assert "not audited" not in out
+        rollout_id = out.split()[1].rstrip(":")
+        for command in ("pause", "resume"):
+            code, out = await _cli("rollout", command, *where)
+            assert code == 0, out
+            assert f"{command} recorded for rollout {rollout_id}" in out
+            assert "not audited" not in out
+        code, out = await _cli(*start)  # another rollout is active: refused, and recorded
+        assert code != 0
+        assert "still running" in out
+    code, out = await _cli("rollout", "abort", *where)
+    assert code == 0, out
+    assert "not audited" in out
+    records = [r for r in await read_audit(env.js, env.fleet) if r.fleet == env.fleet]
+    target = f"rollout {rollout_id}"
+    assert [(r.action, r.ok, r.target, r.who) for r in records] == [
+        ("rollout.start", True, target, "unauthenticated"),
+        ("rollout.pause", True, target, "unauthenticated"),
+        ("rollout.resume", True, target, "unauthenticated"),
+        ("rollout.start", False, "", "unauthenticated"),
+    ]
+    assert (records[0].detail["model"], records[0].detail["version"]) == (model, 2)

@@ -2,12 +2,17 @@
 does the change and records it on ``SLMOPS_AUDIT`` with the requester's identity as the
 server gave it (``cloud.audit.identity``). Refused requests are recorded too (who tried what).
 
-Actions: ``assign`` (``cloud.audit.assign``), ``config.apply`` and ``config.rollback`` (a
+Actions: ``assign`` (``cloud.audit.assign``), ``rollout.start|pause|resume|abort``
+(``cloud.audit.rollout``), ``keys.rotate|revoke`` (``cloud.audit.keys``; on
+``names.CHANGE_GLOBAL``, recorded with no fleet), ``config.apply`` and ``config.rollback`` (a
 rollback is a new version carrying an older one's settings, made and signed by the
 operator's tool): the signed document is stored as ``<fleet>._v.<version>`` (a version is
 never overwritten and must be newer than every one before), then written to the fleet's
 key, to the selected nodes' keys, or staged (``cloud.fleetconfig.rollout``). For a fleet
 none of whose nodes ever reported, the reply's notes say that nothing was applied now.
+
+Every instance subscribes in one queue group (``QUEUE``), so a request is done once even
+where several active instances (fleets split between them) all hear the global subject.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from nats.js import JetStreamContext
 
 from slmops.cloud.audit.assign import assign_change
 from slmops.cloud.audit.identity import Identity, IdentityReader
+from slmops.cloud.audit.keys import KEY_ACTIONS, keys_change
 from slmops.cloud.audit.record import new_record, record_audit
+from slmops.cloud.audit.rollout import ROLLOUT_ACTIONS, rollout_change
+from slmops.cloud.errors import CloudError
 from slmops.cloud.fleetconfig.rollout import ConfigRollout, start_config_rollout
 from slmops.cloud.fleetconfig.store import ConfigStore, decode_doc, select_nodes
 from slmops.shared import names
@@ -35,11 +43,14 @@ from slmops.shared.errors import JetStreamRefused, NatsUnavailable
 from slmops.shared.fleetconfig import ConfigRejected, verify_config
 from slmops.shared.messages import encode_json
 
-__all__ = ["ACTIONS", "handle_change", "serve_changes"]
+__all__ = ["ACTIONS", "QUEUE", "handle_change", "serve_changes"]
 
 log = structlog.get_logger(__name__)
 
-ACTIONS = ("config.apply", "config.rollback", "assign")
+ACTIONS = ("config.apply", "config.rollback", "assign", *ROLLOUT_ACTIONS, *KEY_ACTIONS)
+#: The queue group of every instance's change subscriptions.
+QUEUE = "slmops-cloud-change"
+_HANDLERS = {"assign": assign_change, **dict.fromkeys(ROLLOUT_ACTIONS, rollout_change)}
 
 
 def _stages(stages: list[int]) -> list[int]:
@@ -62,11 +73,20 @@ async def handle_change(
     ``ValueError`` (``ConfigRejected`` among them) for a request it refuses."""
     if req.action not in ACTIONS:
         raise ValueError(f"unknown action {req.action!r} (known: {list(ACTIONS)})")
+    if req.action in KEY_ACTIONS:
+        if req.fleet or (subject is not None and subject != names.CHANGE_GLOBAL):
+            raise ValueError(
+                f'{req.action} belongs to no fleet: ask it on {names.CHANGE_GLOBAL} with fleet ""'
+            )
+        reply, target, done = await keys_change(req, store.js, store.url)
+        record = new_record(who, req.action, None, target=target, detail=done)
+        return msgspec.structs.replace(reply, audit_id=record.id), record
     fleet = names.validate_id(req.fleet, "fleet")
     if subject is not None and subject != names.change_subject(fleet):
         raise ValueError(f"a change to fleet {fleet!r} sent on {subject!r}")
-    if req.action == "assign":
-        reply, target, done = await assign_change(req, store.js, store.url)
+    handler = _HANDLERS.get(req.action)
+    if handler is not None:
+        reply, target, done = await handler(req, store.js, store.url)
         record = new_record(who, req.action, fleet, target=target, detail=done)
         return msgspec.structs.replace(reply, audit_id=record.id), record
     raw = req.document.encode()
@@ -136,6 +156,7 @@ async def _answer(msg: Msg, reader: IdentityReader, store: ConfigStore, trust: T
     except (
         ValueError,
         TypeError,
+        CloudError,  # refused as asked: unknown version, another rollout active, list conflict
         msgspec.DecodeError,
         msgspec.ValidationError,
         RecursionError,
@@ -182,7 +203,11 @@ async def serve_changes(
     # Opened at the first request (``_answer``): nothing here may fail the cloud's start on a
     # server that is restarting.
     store = ConfigStore(js, url=url)
-    subjects = [names.change_subject(f) for f in fleets] if fleets else [f"{names.CHANGE_SUBJECT}.*"]
+    subjects = (
+        [*(names.change_subject(f) for f in fleets), names.CHANGE_GLOBAL]
+        if fleets
+        else [f"{names.CHANGE_SUBJECT}.*"]  # the global subject among them
+    )
     send, receive = anyio.create_memory_object_stream[Msg](64)
 
     async def on_msg(msg: Msg) -> None:
@@ -192,7 +217,7 @@ async def serve_changes(
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             await send.send(msg)
 
-    subs = [await nc.subscribe(s, cb=on_msg) for s in subjects]
+    subs = [await nc.subscribe(s, queue=QUEUE, cb=on_msg) for s in subjects]
     task_status.started()
     try:
         await reader.start()  # requests wait in the stream meanwhile

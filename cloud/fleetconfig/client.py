@@ -72,15 +72,15 @@ async def rollback_document(js: JetStreamContext, fleet: str, to: int, key: Ed25
 
 
 async def send_change(nc: NATS, request: ChangeRequest, *, timeout: float = REQUEST_TIMEOUT) -> ChangeReply:
-    """Ask the active cloud. Raises ``ChangeRefused`` with the cloud's reason, or when no
-    cloud answers."""
+    """Ask the active cloud (on the fleet's change subject; a request with no fleet, e.g.
+    ``keys.rotate``, on ``names.CHANGE_GLOBAL``). Raises ``ChangeRefused`` with the cloud's
+    reason, or when no cloud answers."""
+    subject = names.change_subject(request.fleet) if request.fleet else names.CHANGE_GLOBAL
     try:
-        msg = await service_request(
-            nc, names.change_subject(request.fleet), encode_json(request), timeout=timeout
-        )
+        msg = await service_request(nc, subject, encode_json(request), timeout=timeout)
     except NoResponders as exc:
         raise ChangeRefused(
-            f"no cloud answers on {names.change_subject(request.fleet)}: is `slmops cloud` running for this "
+            f"no cloud answers on {subject}: is `slmops cloud` running for this "
             "fleet (and may you reach it)?",
             no_cloud=True,
         ) from exc
