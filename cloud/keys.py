@@ -10,6 +10,7 @@ one change (the second gets ``KeyListConflict`` and runs again).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nats.js import JetStreamContext
@@ -97,18 +98,10 @@ async def publish_key_list(
     return new
 
 
-async def change_key_list(
-    js: JetStreamContext,
-    root: Ed25519PrivateKey,
-    *,
-    add: Iterable[Ed25519PublicKey] = (),
-    status: dict[str, KeyStatus] | None = None,
-    url: str = "<nats>",
-) -> KeyList:
-    """Write the next version of the list: ``add`` keys as active, then ``status`` per key id;
-    signed by ``root``. Returns the list written. ``KeyListError`` when the held list does not
-    verify against ``root``; ``ValueError`` for a change ``revise`` refuses; ``KeyListConflict``
-    when another change came first."""
-    signed, revision = await next_key_list(js, root, add=add, status=status, url=url)
-    await write_key_list(js, signed, revision, url)
+async def change_key_list(js: JetStreamContext, root: Ed25519PrivateKey, **change: Any) -> KeyList:
+    """Write the next version of the list (``change``: ``add``, ``status``, ``url`` as for
+    ``next_key_list``): made, signed by ``root`` and written here, not through the cloud.
+    Returns the list written. Raises as ``next_key_list`` and ``write_key_list``."""
+    signed, revision = await next_key_list(js, root, **change)
+    await write_key_list(js, signed, revision, change.get("url", "<nats>"))
     return decode_signed(signed, [root.public_key()])
