@@ -99,7 +99,13 @@ def _server_tls_options(f: Any) -> Any:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=4222, show_default=True, type=int, help="Client port; -1 picks a free port.")
+@click.option(
+    "--port",
+    default=4222,
+    show_default=True,
+    type=click.IntRange(-1, 65535),
+    help="Client port; -1 picks a free port.",
+)
 @click.option(
     "--store",
     type=click.Path(file_okay=False, path_type=Path),

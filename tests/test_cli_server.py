@@ -88,3 +88,17 @@ def test_schema_command_prints_json_schema_of_every_message() -> None:
     doc = json.loads(out.stdout)
     assert set(doc["messages"]) == {t.__name__ for t in WIRE_TYPES}
     assert doc["$defs"]["TelemetryAggregate"]["required"]
+
+
+@pytest.mark.parametrize("port", ["-5", "65536"])
+def test_server_refuses_a_port_out_of_range_as_a_usage_error(port: str) -> None:
+    """A usage error like every other bad flag (exit 2, naming --port); it exited 1 with the
+    server class's own message."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    result = CliRunner().invoke(main, ["server", "--port", port])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--port'" in result.output
+    assert f"{port} is not in the range -1<=x<=65535" in result.output
