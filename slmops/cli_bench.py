@@ -12,6 +12,7 @@ import anyio
 import click
 
 from slmops.bench import LONG_SCENARIOS, SCENARIOS, machine, run_scenario
+from slmops.bench.fleet_figures import DEFAULT_BACKLOG, figures_help
 from slmops.cli_common import describe, leaf_errors
 from slmops.shared.errors import SlmopsError
 
@@ -22,7 +23,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-@click.command()
+@click.command(epilog=figures_help())
 @click.argument("scenario", type=click.Choice([*SCENARIOS, *LONG_SCENARIOS, "chaos", "fleet", "all"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
 @click.option("--quick", is_flag=True, help="Small sizes: a fast smoke run, figures not representative.")
@@ -55,9 +56,10 @@ def _fmt(value: Any) -> str:
 @click.option(
     "--backlog",
     type=click.IntRange(0, 100_000),
-    default=1440,
+    default=DEFAULT_BACKLOG,
     show_default=True,
-    help="fleet: buffered windows per reconnecting node (1440 = a day; 0 skips the storm).",
+    help="fleet: buffered windows per reconnecting node (60 = an hour offline, 1440 a day; 0 skips "
+    "the storm).",
 )
 @click.option(
     "--period", type=float, default=2.0, show_default=True, help="fleet: wall seconds per 60 s window."
@@ -100,7 +102,8 @@ def bench(
     fleet     one cloud against --nodes N simulated nodes (repeat --nodes for the growth
               between N): ingest rate and lag, cloud RSS and SQLite bytes per node, drift
               round and `fleet status` time, drain after 10% reconnect at once with --backlog
-              buffered windows each (own connections); bare JetStream publish/fetch beside it
+              buffered windows each (own connections); bare JetStream publish/fetch beside it;
+              logs warnings only unless --log-level is given; each figure below
     chaos     real server, cloud and edges under seeded faults (link cuts, kill -9 of edges,
               cloud and server, disk-full spells on a tmpfs, clock jumps via libfaketime,
               poison messages, duplicate node ids), then an exact reconciliation per node:
@@ -110,6 +113,13 @@ def bench(
     (shared machines are noisy: compare the ratio, not the absolute figures).
     """
     if scenario == "fleet":
+        root = click.get_current_context().find_root()
+        if root.get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT:
+            # The cloud runs in this process: its info lines (one per node and drift event)
+            # would bury the figures. Warnings and errors still show.
+            from slmops.shared.logging import set_level
+
+            set_level("warning")
         _fleet(nodes or (1000,), int(minutes or 5), backlog, period, as_json)
         return
     if len(nodes) > 1 or any(n > 50 for n in nodes):

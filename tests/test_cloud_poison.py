@@ -22,6 +22,7 @@ from _cloud_util import LABELS, make_aggregate, make_manifest, publish, put_mani
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from structlog.testing import capture_logs
 
 from _nats import new_fleet, wait_until
 from slmops.cloud.config import CloudConfig, DriftConfig
@@ -339,35 +340,36 @@ async def test_install_epochs_wiped_nodes_conflicts_and_clones(
         await js.publish(telemetry_subject(fleet, a.node), encode_telemetry(a), headers=headers)
 
     sent: list[TelemetryAggregate] = []
-    async with CloudService(default_config(nats_server.url, tmp_path, [fleet])) as svc:
-        await svc.wait_active(30)
-        for inst in (_install(1), _install(2)):  # a wiped data directory in between
-            for seq in range(1, 11):
-                sent.append(agg("a", seq, inst))
+    with capture_logs() as logs:
+        async with CloudService(default_config(nats_server.url, tmp_path, [fleet])) as svc:
+            await svc.wait_active(30)
+            for inst in (_install(1), _install(2)):  # a wiped data directory in between
+                for seq in range(1, 11):
+                    sent.append(agg("a", seq, inst))
+                    await send(sent[-1])
+            for seq in range(1, 11):  # two devices, one node id
+                for inst in (_install(3), _install(4)):
+                    sent.append(agg("c", seq, inst))
+                    await send(sent[-1])
+            for seq in range(1, 6):
+                sent.append(agg("d", seq, _install(5)))
                 await send(sent[-1])
-        for seq in range(1, 11):  # two devices, one node id
-            for inst in (_install(3), _install(4)):
-                sent.append(agg("c", seq, inst))
-                await send(sent[-1])
-        for seq in range(1, 6):
-            sent.append(agg("d", seq, _install(5)))
-            await send(sent[-1])
-        # A legacy node (no install) keeps the old id form and is counted as before.
-        for seq in range(1, 4):
-            sent.append(agg("e", seq, ""))
-            await js.publish(
-                telemetry_subject(fleet, "e"),
-                encode_telemetry(sent[-1]),
-                headers={"Nats-Msg-Id": msg_id("e", seq, fleet)},
+            # A legacy node (no install) keeps the old id form and is counted as before.
+            for seq in range(1, 4):
+                sent.append(agg("e", seq, ""))
+                await js.publish(
+                    telemetry_subject(fleet, "e"),
+                    encode_telemetry(sent[-1]),
+                    headers={"Nats-Msg-Id": msg_id("e", seq, fleet)},
+                )
+            await wait_until(
+                lambda: svc.statistics().counters.get("aggregates", 0) >= len(sent), 30, what="all counted"
             )
-        await wait_until(
-            lambda: svc.statistics().counters.get("aggregates", 0) >= len(sent), 30, what="all counted"
-        )
-        await send(agg("d", 3, _install(5), n=999), with_id=False)  # the clone
-        await wait_until(lambda: svc.statistics().counters.get("clones", 0) == 1, 20, what="clone seen")
-        await anyio.sleep(2.5)  # the snapshot interval (1 s), twice
-        stats = svc.statistics().counters
-        snaps = {n.node: n for n in await fleet_status(js._nc, fleet)}
+            await send(agg("d", 3, _install(5), n=999), with_id=False)  # the clone
+            await wait_until(lambda: svc.statistics().counters.get("clones", 0) == 1, 20, what="clone seen")
+            await anyio.sleep(2.5)  # the snapshot interval (1 s), twice
+            stats = svc.statistics().counters
+            snaps = {n.node: n for n in await fleet_status(js._nc, fleet)}
     assert stats["aggregates"] == len(sent)
     assert sum(n.inferences for n in snaps.values()) == sum(a.count for a in sent)
     assert snaps["a"].aggregates == 20
@@ -394,6 +396,14 @@ async def test_install_epochs_wiped_nodes_conflicts_and_clones(
             ("cloned_device", "d"),
         ]
     )
+    # A node's first install is routine (info: bench fleet at 200 nodes logged 200 warnings);
+    # a new install after an earlier one (a wiped or second device) is a warning.
+    installs = sorted(
+        (e["log_level"], e["id"].split(".")[2])
+        for e in logs
+        if e.get("event") == "ops_event" and e.get("kind") == "install_new"
+    )
+    assert installs == [("info", "a"), ("info", "c"), ("info", "d"), ("warning", "a"), ("warning", "c")]
 
 
 async def test_statuses_are_ordered_by_server_time_and_the_node_clock_skew_is_reported(

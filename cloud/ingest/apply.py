@@ -129,10 +129,14 @@ class Applier:
         return manifest
 
     def _ops_event(
-        self, fleet: str, kind: str, ident: str, now: datetime, **fields: Any
+        self, fleet: str, kind: str, ident: str, now: datetime, *, routine: bool = False, **fields: Any
     ) -> tuple[str, str, bytes]:
+        """The event (id, subject, body) to publish, logged: a warning, or info when ``routine``
+        (a node's first install: a fleet of N new nodes is not N warnings)."""
         event = OpsEvent(id=f"{fleet}.{kind}.{ident}", fleet=fleet, kind=kind, time=now, **fields)
-        log.warning("ops_event", id=event.id, kind=kind, fleet=fleet, detail=event.detail)
+        (log.info if routine else log.warning)(
+            "ops_event", id=event.id, kind=kind, fleet=fleet, detail=event.detail
+        )
         return event.id, events_subject(fleet), encode_json(event)
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -178,6 +182,7 @@ class Applier:
                         "install_new",
                         f"{agg.node}.{install}",
                         stored,
+                        routine=not previous,
                         node=agg.node,
                         install=install,
                         detail=f"new seq epoch (install {install})"

@@ -18,7 +18,7 @@ Phases and figures (times are wall-clock seconds on this machine; nothing passes
    ``fleet status`` time: its first page (100 nodes), every node (``--json``), and the old
    read of every snapshot at once (``overview.fleet_view``).
 3. **storm** — a ``storm`` share of the nodes reconnect at once, each on its own NATS
-   connection (the number is reported), each with ``backlog`` buffered windows (1,440 = a day);
+   connection (the number is reported), each with ``backlog`` buffered windows (60 = an hour);
    drain time = the first connect → the cloud has applied every one. Drain rate / the steady
    rate of one window per node per minute (``storm_drain_vs_steady_rate``).
 4. **baseline** — in the same run, bare JetStream: the child publishes the steady phase's
@@ -47,6 +47,7 @@ import nats
 from anyio.streams.text import TextReceiveStream
 
 from slmops.bench._fleet import MODEL, manifest_for
+from slmops.bench.fleet_figures import DEFAULT_BACKLOG
 from slmops.bench.ingest import _bare
 from slmops.cloud.config import CloudConfig
 from slmops.cloud.ingest.overview import (
@@ -133,10 +134,11 @@ async def run_fleet(
     period: float = 2.0,
     conns: int = 16,
     storm: float = 0.1,
-    backlog: int = 1440,
+    backlog: int = DEFAULT_BACKLOG,
     workdir: Path | None = None,
 ) -> dict[str, Any]:
-    """One run at ``nodes`` nodes; returns the figures (module docstring) as one dict."""
+    """One run at ``nodes`` nodes; returns the figures (module docstring; each one's meaning in
+    ``fleet_figures.FIGURES``) as one dict."""
     tune_gc()
     fleet = "scale"
     tmp = tempfile.TemporaryDirectory(prefix="slmops-bench-fleet-") if workdir is None else None
