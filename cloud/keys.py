@@ -42,9 +42,11 @@ class KeyListConflict(CloudError):
 
 
 async def read_key_list(js: JetStreamContext, url: str = "<nats>") -> tuple[bytes | None, int]:
-    """The signed list's bytes in KV and its revision; ``(None, 0)`` when there is none."""
-    kv = await js.key_value(names.KEYS_BUCKET)
+    """The signed list's bytes in KV and its revision; ``(None, 0)`` when there is none (no
+    key, or no bucket yet: nothing is created)."""
     try:
+        with nats_errors("kv bucket", names.KEYS_BUCKET, url):
+            kv = await js.key_value(names.KEYS_BUCKET)
         with nats_errors("kv key", KEYLIST_KEY, url):
             entry = await kv.get(KEYLIST_KEY)
     except NotFound:

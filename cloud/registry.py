@@ -353,8 +353,14 @@ class Registry:
 
     async def manifests(self) -> list[ModelManifest]:
         """Every manifest in the registry, sorted by name, version, variant. A value that does
-        not decode is logged and skipped (someone else wrote it)."""
-        await self._bucket(names.MODELS_MANIFEST_BUCKET)
+        not decode is logged and skipped (someone else wrote it). No manifest bucket yet (a
+        server nothing was pushed to): an empty list, and nothing is created."""
+        try:
+            await self._bucket(names.MODELS_MANIFEST_BUCKET)
+        except RegistryError as exc:
+            if isinstance(exc.__cause__, NotFound):
+                return []
+            raise
         values = await self._call("list manifests", kv_values(self._js, names.MODELS_MANIFEST_BUCKET))
         found: list[ModelManifest] = []
         for key, data in values.items():

@@ -21,9 +21,12 @@ __all__ = ["audit", "config"]
 T = TypeVar("T")
 
 
-def _with_js(url: str, fn: Callable[[JetStreamContext], Awaitable[T]]) -> T | None:
+def _with_js(url: str, fn: Callable[[JetStreamContext], Awaitable[T]], *, provision: bool = True) -> T | None:
+    """Run ``fn`` on a fresh JetStream context; ``provision=False`` for reads (they create
+    nothing on the server and take a missing bucket or stream as empty)."""
+
     async def main() -> T:
-        async with jetstream(url) as js:
+        async with jetstream(url, provision=provision) as js:
             return await fn(js)
 
     return run(main)
@@ -185,15 +188,21 @@ def show_cmd(nats_url: str, fleet: str, as_json: bool) -> None:
     """What the fleet's keys hold now (fleet-wide and per node), each node's last report of
     its configuration, and a staged rollout's state."""
     from slmops.cloud.fleetconfig.store import ConfigStore
+    from slmops.shared.errors import NotFound
+    from slmops.shared.jetstream import nats_errors
 
     async def read(js: JetStreamContext) -> dict[str, Any]:
-        store = await ConfigStore(js, url=nats_url).open()
+        try:
+            store = await ConfigStore(js, url=nats_url).open()
+        except NotFound:  # nothing was ever pushed to this server
+            return {"keys": {}, "rollout": None, "nodes": {}}
         keys = {k: json.loads(v) for k, v in (await store.current(fleet)).items()}
         entry = None
         try:
-            got = await store.kv.get(f"{fleet}._rollout")
+            with nats_errors("kv key", f"{fleet}._rollout", nats_url):
+                got = await store.kv.get(f"{fleet}._rollout")
             entry = json.loads(got.value) if got.value else None
-        except Exception:  # nats-py's KeyNotFoundError: no rollout
+        except NotFound:  # no rollout (or a deleted one)
             entry = None
         nodes = {}
         for node in await store.known_nodes(fleet):
@@ -205,7 +214,7 @@ def show_cmd(nats_url: str, fleet: str, as_json: bool) -> None:
                 }  # fmt: skip
         return {"keys": keys, "rollout": entry, "nodes": nodes}
 
-    out = _with_js(nats_url, read)
+    out = _with_js(nats_url, read, provision=False)
     if out is None:
         return
     if as_json:
@@ -239,7 +248,7 @@ def history_cmd(nats_url: str, fleet: str, as_json: bool) -> None:
     """Every version published for the fleet, oldest first."""
     from slmops.cloud.fleetconfig.client import history
 
-    docs = _with_js(nats_url, lambda js: history(js, fleet)) or []
+    docs = _with_js(nats_url, lambda js: history(js, fleet), provision=False) or []
     for d in docs:
         if as_json:
             click.echo(msgspec.json.encode(d).decode())
@@ -260,7 +269,7 @@ def audit(nats_url: str, fleet: str | None, as_json: bool) -> None:
     server authenticated (or "unauthenticated"), never one a client wrote."""
     from slmops.cloud.audit import read_audit
 
-    records = _with_js(nats_url, lambda js: read_audit(js, fleet, url=nats_url)) or []
+    records = _with_js(nats_url, lambda js: read_audit(js, fleet, url=nats_url), provision=False) or []
     widths = [20, 18, 16, 14, 24, 0]
     if not as_json:
         click.echo(table_line(["time", "who", "action", "fleet", "target", "detail"], widths))

@@ -164,7 +164,7 @@ def list_(nats_url: str, trust_root: tuple[Path, ...], as_json: bool) -> None:
     roots = call(lambda: [load_public_key(p) for p in trust_root])
 
     async def main() -> bytes | None:
-        async with jetstream(nats_url) as js:
+        async with jetstream(nats_url, provision=False) as js:
             return (await read_key_list(js, nats_url))[0]
 
     raw = run(main)

@@ -316,12 +316,12 @@ def push(bundle: Path, nats_url: str, trust: tuple[Path, ...], trust_root: tuple
 @nats_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of manifest summaries.")
 def list_(nats_url: str, as_json: bool) -> None:
-    """List the model bundles in the registry."""
-    from slmops.cloud.registry import open_registry
+    """List the model bundles in the registry (a read: creates nothing on the server)."""
+    from slmops.cloud.registry import Registry
 
     async def main() -> None:
-        async with open_registry(nats_url) as registry:
-            manifests = await registry.manifests()
+        async with jetstream(nats_url, provision=False) as js:
+            manifests = await Registry(js, url=nats_url).manifests()
         rows = [
             {
                 "name": m.name,
@@ -462,7 +462,7 @@ def show(nats_url: str, model: str, version: int, as_json: bool) -> None:
     from slmops.cloud.registry import Registry
 
     async def main() -> dict[str, Any]:
-        async with jetstream(nats_url) as js:
+        async with jetstream(nats_url, provision=False) as js:
             return await show_version(js, Registry(js, url=nats_url), model, version)
 
     doc = run(main)

@@ -202,29 +202,47 @@ async def test_status_says_plainly_when_nats_is_unreachable() -> None:
 
 
 async def test_read_commands_create_nothing_on_the_server(private_server: EmbeddedServer) -> None:
-    """`slmops status`, `fleet status`, `rollout status` and `rollout list` on a server slmops
-    never used: they answer (nothing there yet) and leave it as it was, no stream and no
-    bucket made. Old code: `status` provisioned every stream and bucket, and reading
-    rollouts created ``slmops_rollouts``."""
+    """Every read command (`status`, `fleet status`, `rollout status/list`, `models list/show`,
+    `fleet config show/history`, `audit`, `keys list`) on a server slmops never used: each
+    answers (nothing there yet) and leaves it as it was, no stream and no bucket made. Old
+    code: `status` provisioned every stream and bucket, reading rollouts created
+    ``slmops_rollouts``, and `models list`, `fleet config show/history`, `audit` and `keys
+    list` provisioned everything."""
     import nats
 
     url = private_server.url
-    expected: list[tuple[tuple[str, ...], str]] = [
-        (("status", "--json"), '"fleets": {}'),
-        (("fleet", "status", "--json"), '"nodes": []'),
-        (("rollout", "status", "--json"), "[]"),
-        (("rollout", "list"), "no rollouts"),
+    expected: list[tuple[tuple[str, ...], int, str]] = [
+        (("status", "--json"), 0, '"fleets": {}'),
+        (("fleet", "status", "--json"), 0, '"nodes": []'),
+        (("rollout", "status", "--json"), 0, "[]"),
+        (("rollout", "list"), 0, "no rollouts"),
+        (("models", "list"), 0, "no models in the registry"),
+        (("models", "show", "--model", "topic", "--version", "1"), 1, "version 1 is not in the registry"),
+        (("fleet", "config", "show", "--fleet", "f1"), 0, "no configuration pushed"),
+        (("fleet", "config", "history", "--fleet", "f1", "--json"), 0, ""),
+        (("audit", "--json"), 0, ""),
+        (("keys", "list"), 1, "no key list in KV slmops_keys yet"),
     ]
-    for args, says in expected:
-        code, out, err = await _cli(*args, "--nats", url)
-        assert code == 0, (args, err)
-        assert says in out, (args, out)
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    async def invoke(*argv: str) -> tuple[int, str, str]:
+        """In process (a thread: the command runs its own event loop), as `slmops` would."""
+        r = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, ["--log-level", "error", *argv]))
+        return r.exit_code, r.stdout, r.stderr
+
     nc = await nats.connect(url)
     try:
-        made = [s.config.name for s in await nc.jetstream().streams_info()]
+        for args, want_code, says in expected:
+            code, out, err = await invoke(*args, "--nats", url)
+            assert (code, says in out + err) == (want_code, True), (args, code, out, err)
+            if not says:
+                assert out == "", (args, out)  # nothing to list
+            made = [s.config.name for s in await nc.jetstream().streams_info()]
+            assert made == [], (args, made)
     finally:
         await nc.close()
-    assert made == []
 
 
 async def test_a_forgotten_node_leaves_the_console_and_the_metrics_until_it_sends_again(

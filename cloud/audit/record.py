@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 
 from slmops.cloud.audit.identity import Identity
 from slmops.shared.audit import AuditRecord
-from slmops.shared.errors import JetStreamRefused
+from slmops.shared.errors import JetStreamRefused, NotFound
 from slmops.shared.jetstream import nats_errors, replay
 from slmops.shared.messages import decode_json, encode_json
 from slmops.shared.names import AUDIT_ALL, AUDIT_STREAM, audit_subject
@@ -57,8 +57,8 @@ async def read_audit(
     """Every record (of ``fleet``, and the fleet-independent ones; all when None), oldest
     first. Read through an ordered consumer; a reader that may create no consumer (an
     operator of ``slmops fleet init``'s OPERATOR account reads through read-only imports)
-    gets them one message get at a time. Raises ``NatsUnavailable`` when the stream cannot
-    be read."""
+    gets them one message get at a time. None when the audit stream does not exist yet.
+    Raises ``NatsUnavailable`` when the stream cannot be read."""
     subjects = [AUDIT_ALL] if fleet is None else [audit_subject(fleet), audit_subject(None)]
     out: list[AuditRecord] = []
 
@@ -72,8 +72,11 @@ async def read_audit(
         take(msg.subject, msg.data)
 
     for subject in subjects:
-        with nats_errors("stream", AUDIT_STREAM, url):
-            info = await js.stream_info(AUDIT_STREAM, subjects_filter=subject)
+        try:
+            with nats_errors("stream", AUDIT_STREAM, url):
+                info = await js.stream_info(AUDIT_STREAM, subjects_filter=subject)
+        except NotFound:  # no audit stream yet: no change was ever recorded on this server
+            return []
         if info.state.subjects:
             try:
                 await replay(js, AUDIT_STREAM, subject, on_msg, url=url, timeout=timeout)

@@ -16,7 +16,7 @@ from slmops.cloud.errors import CloudError
 from slmops.cloud.fleetconfig.store import ConfigStore, decode_doc
 from slmops.shared import names
 from slmops.shared.audit import ChangeReply, ChangeRequest
-from slmops.shared.errors import NatsUnavailable, NoResponders
+from slmops.shared.errors import NatsUnavailable, NoResponders, NotFound
 from slmops.shared.fleetconfig import FleetConfigDoc, sign_config
 from slmops.shared.jetstream import service_request
 from slmops.shared.messages import decode_json, encode_json
@@ -113,8 +113,12 @@ async def request_change(url: str, request: ChangeRequest) -> ChangeReply | None
 
 
 async def history(js: JetStreamContext, fleet: str) -> list[FleetConfigDoc]:
-    """Every published version of ``fleet``, oldest first (undecodable ones skipped)."""
-    store = await ConfigStore(js).open()
+    """Every published version of ``fleet``, oldest first (undecodable ones skipped); none
+    when the config bucket does not exist (nothing created)."""
+    try:
+        store = await ConfigStore(js).open()
+    except NotFound:
+        return []
     out = []
     for v in await store.versions(fleet):
         raw = await store.version(fleet, v)
