@@ -103,6 +103,10 @@ class RolloutConfig(msgspec.Struct, kw_only=True):
     #: Labelled answers (app feedback) each side needs before the accuracy gate judges; with
     #: fewer it passes saying so (apps need not send feedback at all).
     min_feedback: int = 100
+    #: Generation models: the share (0-1) of the version's quality set
+    #: (``GenerationSpec.quality``) its canary nodes must pass, as they report it after
+    #: installing (``NodeStatus.quality``); None: no quality gate.
+    min_quality: float | None = None
 
     def __post_init__(self) -> None:
         st = self.stages
@@ -125,6 +129,9 @@ class RolloutConfig(msgspec.Struct, kw_only=True):
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
         for name in ("max_latency_ratio", "max_confidence_drop", "max_drift_increase", "max_accuracy_drop"):
             positive(name, getattr(self, name))
+        q = self.min_quality
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not 0 <= q <= 1):
+            raise ValueError(f"min_quality must be a fraction in [0, 1], got {q!r}")
         for name in ("min_samples", "min_feedback"):
             value = getattr(self, name)
             if isinstance(value, bool) or value < 1:

@@ -39,6 +39,7 @@ from slmops.edge.privacy import generation_row
 from slmops.shared.generation import GenerationParams, GenerationRun, GenerationSession, PromptTooLong
 from slmops.shared.generation import refusal_category as _refusal
 from slmops.shared.histogram import bin_index
+from slmops.shared.messages import ModelRef, QualityScore
 
 __all__ = ["GenerationOut", "GenerationStats", "Generations", "Stream"]
 
@@ -265,6 +266,37 @@ class Generations:
         #: Seconds the last answers took (for ``Retry-After``).
         self._mean_s = 1.0
         self._holding: set[Stream] = set()
+        #: Quality-set scores by (name, version, variant), each set run once (``run_quality``).
+        self._quality: dict[tuple[str, int, str], QualityScore] = {}
+
+    async def run_quality(self, active: ActiveModel) -> QualityScore | None:
+        """Run ``active``'s quality set (``GenerationSpec.quality``) once, greedy, one case per
+        worker-thread hop, holding one generation slot (so it waits for, and never exceeds,
+        ``max_concurrent``); returns and keeps its score (None: not a generation model or no
+        quality set). A case the model fails on counts as not passed."""
+        session = active.session
+        if not isinstance(session, GenerationSession) or not session.spec.quality:
+            return None
+        ref = active.ref
+        key = (ref.name, ref.version, ref.variant)
+        if key in self._quality:
+            return self._quality[key]
+        passed = 0
+        async with self._slots:
+            for case in session.spec.quality:
+                try:
+                    passed += await anyio.to_thread.run_sync(session.run_quality, [case])
+                except Exception as exc:  # GenAI raises several unrelated types; the case fails
+                    log.warning("quality_case_failed", error=repr(exc)[:200], model_version=ref.version)
+        score = QualityScore(model=ref, passed=passed, total=len(session.spec.quality))
+        self._quality[key] = score
+        log.info("quality_set_run", model=ref.name, version=ref.version, passed=passed, total=score.total)
+        return score
+
+    def quality_scores(self, refs: list[ModelRef]) -> list[QualityScore]:
+        """The kept quality scores of ``refs`` (those whose set has run)."""
+        keys = [(r.name, r.version, r.variant) for r in refs]
+        return [self._quality[k] for k in keys if k in self._quality]
 
     def statistics(self) -> GenerationStats:
         return GenerationStats(running=self._running, waiting=self._waiting, **self._counts)

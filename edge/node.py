@@ -320,6 +320,9 @@ class EdgeNode:
                 ("keys", self.keys.run),
             ):
                 self._tg.start_soon(self._supervise, name, fn, name=f"edge-{name}")
+            for active in self.models.all():  # loaded before the task group: their quality sets
+                if active.manifest.generation is not None and active.manifest.generation.quality:
+                    self._tg.start_soon(self._run_quality, active)
         except BaseException:
             try:
                 await stack.__aexit__(None, None, None)
@@ -441,6 +444,13 @@ class EdgeNode:
             self.log = self.log.bind(model_version=active.ref.version)
         if self._tg is not None:
             self._tg.start_soon(self.report_status, event)
+            if active.manifest.generation is not None and active.manifest.generation.quality:
+                self._tg.start_soon(self._run_quality, active)
+
+    async def _run_quality(self, active: ActiveModel) -> None:
+        """The model's quality set, then a status carrying its score (``NodeStatus.quality``)."""
+        if await self.generations.run_quality(active) is not None:
+            await self.report_status(NodeEvent.PERIODIC)
 
     # -- Python API -------------------------------------------------------------------------
 
@@ -689,6 +699,7 @@ class EdgeNode:
             last_seq=s.next_seq - 1,
             last_sync=None if s.last_sync is None else datetime.fromtimestamp(s.last_sync, UTC),
             last_error=self.last_error or self.publisher.last_error,
+            quality=self.generations.quality_scores([m.ref for m in self.models.all()]),
             **self.fleetcfg.status_fields(),
         )
         return msgspec.structs.replace(status, **fields) if fields else status

@@ -28,7 +28,7 @@ import msgspec
 import numpy as np
 
 from slmops.shared.errors import BundleError
-from slmops.shared.messages import GenerationSpec, ModelManifest
+from slmops.shared.messages import GenerationQualityCase, GenerationSpec, ModelManifest
 from slmops.shared.vocabulary import BundleCode
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "PromptTooLong",
     "available",
     "load_generation",
+    "quality_passed",
     "refusal_category",
 ]
 
@@ -88,6 +89,15 @@ def refusal_category(text: str, refusals: dict[str, list[str]]) -> str | None:
         if any(p and p.lower() in low for p in phrases):
             return name
     return None
+
+
+def quality_passed(text: str, case: GenerationQualityCase) -> bool:
+    """Whether the answer ``text`` passes ``case`` (see ``GenerationQualityCase``): "exact"
+    compares both stripped, any other ``match`` ("contains") looks for ``expect`` in the
+    answer case-insensitively."""
+    if case.match == "exact":
+        return text.strip() == case.expect.strip()
+    return case.expect.strip().lower() in text.lower()
 
 
 def _log_softmax_at(logits: np.ndarray, targets: np.ndarray, *, block: int = 64) -> np.ndarray:
@@ -267,6 +277,19 @@ class GenerationSession:
         while run.step() is not None:
             pass
         return run.tokens[:k]
+
+    def answer(self, prompt: str, max_new_tokens: int) -> str:
+        """The greedy answer to one user message (blocking), the prompt untruncated."""
+        run = self.start(self.encode(prompt, limit=1 << 30), GenerationParams(max_new_tokens=max_new_tokens))
+        while run.step() is not None:
+            pass
+        return run.text
+
+    def run_quality(self, cases: Sequence[GenerationQualityCase] | None = None) -> int:
+        """How many of ``cases`` (default: the manifest's quality set) pass, greedy (blocking:
+        one answer of at most each case's ``max_new_tokens`` per case)."""
+        todo = self.spec.quality if cases is None else cases
+        return sum(quality_passed(self.answer(c.prompt, c.max_new_tokens), c) for c in todo)
 
     def smoke_test(self) -> float:
         """The manifest's greedy smoke tests, then ``HOSTILE_PROMPTS`` (4 tokens each, no

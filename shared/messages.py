@@ -33,6 +33,7 @@ __all__ = [
     "EmbeddingStats",
     "GenerationEdges",
     "GenerationHistograms",
+    "GenerationQualityCase",
     "GenerationSmoke",
     "GenerationSpec",
     "HeldOutScores",
@@ -45,6 +46,7 @@ __all__ = [
     "OutOfScopeSpec",
     "Preprocessing",
     "Privacy",
+    "QualityScore",
     "ReferenceProfile",
     "Requirements",
     "RolloutEvent",
@@ -224,6 +226,15 @@ class RefreshResult(Wire, kw_only=True):
     at: datetime | None = None
 
 
+class QualityScore(Wire, kw_only=True):
+    """A generation model's quality set (``GenerationSpec.quality``) as run on a node once
+    after the model was installed: ``passed`` of ``total`` cases, greedy."""
+
+    model: ModelRef
+    passed: int
+    total: int
+
+
 class NodeStatus(Wire, kw_only=True):
     """A node's self-report (JSON), on connect and periodically."""
 
@@ -271,6 +282,9 @@ class NodeStatus(Wire, kw_only=True):
     config_warnings: list[str] = []
     #: Version of the signed key list the node holds (``shared.keylist``); 0 = none.
     key_list_version: int = 0
+    #: Quality sets of the generation models it serves, once run ([] until then, and for
+    #: models without one).
+    quality: list[QualityScore] = []
 
 
 class TensorSpec(Wire, kw_only=True):
@@ -406,6 +420,18 @@ class GenerationSmoke(Wire, kw_only=True):
     token_ids: list[int]
 
 
+class GenerationQualityCase(Wire, kw_only=True):
+    """One case of a generation model's quality set: ``prompt`` (one user message through the
+    chat template, greedy, at most ``max_new_tokens``) passes when the answer equals ``expect``
+    (``match`` "exact": both stripped of surrounding whitespace) or contains it (``match``
+    "contains": case-insensitive)."""
+
+    prompt: str
+    expect: str
+    match: str = "contains"
+    max_new_tokens: int = 32
+
+
 class GenerationSpec(Wire, kw_only=True):
     """How a generation model (task "generation", an ONNX Runtime GenAI folder) is run and watched.
 
@@ -434,6 +460,10 @@ class GenerationSpec(Wire, kw_only=True):
     reference: GenerationHistograms | None = None
     #: Held-out prompts the reference was computed from.
     reference_prompts: int = 0
+    #: The optional quality set (exact match / containment): each node runs it once after
+    #: installing the model and reports its score (``NodeStatus.quality``); a rollout with
+    #: ``RolloutConfig.min_quality`` holds the canary nodes' score to that threshold.
+    quality: list[GenerationQualityCase] = []
 
 
 class BundleIndex(Wire, kw_only=True):

@@ -34,15 +34,16 @@ def parse_stages(value: str) -> list[int]:
         raise ValueError(f"stages {value!r} is not valid: use percentages like 5,25,100") from exc
 
 
-def parse_percent(value: str) -> float:
-    """``"2%"`` → 0.02; a bare number ≤ 1 is a fraction, above 1 a percentage."""
+def parse_percent(value: str, *, whole: bool = False) -> float:
+    """``"2%"`` → 0.02; a bare number ≤ 1 is a fraction, above 1 a percentage. ``whole``:
+    100% is allowed too."""
     text = value.strip()
     try:
         number = float(text.rstrip("%"))
     except ValueError as exc:
         raise ValueError(f"{value!r} is not a percentage: use e.g. 2% or 0.02") from exc
     fraction = number / 100 if text.endswith("%") or number > 1 else number
-    if not 0 <= fraction < 1:
+    if not (0 <= fraction <= 1 if whole else 0 <= fraction < 1):
         raise ValueError(f"{value!r} must be between 0% and 100%")
     return fraction
 
@@ -91,6 +92,12 @@ def rollout() -> None:
     help="How long a stage waits for its nodes to install.",
 )
 @click.option(
+    "--min-quality",
+    default=None,
+    help="Generation models: share of the version's quality set (exact match / containment) "
+    "its canary nodes must pass, e.g. 80% or 0.8 [default: no quality gate].",
+)
+@click.option(
     "--side-by-side/--default-model",
     "side_by_side",
     default=None,
@@ -108,6 +115,7 @@ def start(
     max_failures: str,
     min_samples: int,
     install_timeout: str,
+    min_quality: str | None,
     side_by_side: bool | None,
 ) -> None:
     """Start rolling out --version to --fleet (refused while another rollout is active)."""
@@ -121,6 +129,7 @@ def start(
             max_failures=parse_percent(max_failures),
             min_samples=min_samples,
             install_timeout_s=parse_duration(install_timeout),
+            min_quality=None if min_quality is None else parse_percent(min_quality, whole=True),
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

@@ -290,3 +290,41 @@ def bundle_and_session(folder: Path, out: Path, key: Ed25519PrivateKey) -> tuple
     """``make_generation_bundle_for_tests`` and a GenAI session of the written bundle."""
     bundle = make_generation_bundle_for_tests(folder, out, key)
     return bundle, GenerationSession(bundle.path, bundle.manifest)
+
+
+def quality_cases_for(bundle: Bundle, prompts: list[str], max_new_tokens: int = 12) -> list[Any]:
+    """Quality cases the bundle's model passes: its own greedy answer to each prompt, the
+    first as an exact match, the others by containment of the answer's first word
+    upper-cased (containment is case-insensitive)."""
+    from slmops.shared.messages import GenerationQualityCase
+
+    session = GenerationSession(bundle.path, bundle.manifest)
+    cases = []
+    for i, prompt in enumerate(prompts):
+        text = session.answer(prompt, max_new_tokens)
+        assert text.strip(), f"the tiny decoder answered {prompt!r} with nothing"
+        if i == 0:
+            cases.append(
+                GenerationQualityCase(
+                    prompt=prompt, expect=text, match="exact", max_new_tokens=max_new_tokens
+                )
+            )
+        else:
+            word = text.split()[0].upper()
+            cases.append(GenerationQualityCase(prompt=prompt, expect=word, max_new_tokens=max_new_tokens))
+    return cases
+
+
+def with_quality(bundle: Bundle, out: Path, key: Ed25519PrivateKey, cases: list[Any]) -> Bundle:
+    """A copy of ``bundle`` in ``out`` whose manifest holds the quality set ``cases``, re-signed."""
+    import msgspec
+
+    from slmops.shared.bundle import FileData, write_bundle
+
+    m = bundle.manifest
+    assert m.generation is not None
+    manifest = msgspec.structs.replace(
+        m, generation=msgspec.structs.replace(m.generation, quality=list(cases))
+    )
+    items = [FileData(f.path, (bundle.path / f.path).read_bytes(), f.role) for f in m.files]
+    return write_bundle(out, items, manifest, key)

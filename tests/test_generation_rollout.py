@@ -3,7 +3,8 @@ nats-server, the cloud's registry and rollout runner, and two real EdgeNodes (in
 refresh from KV and the object store, onnxruntime-genai, SQLite windows, telemetry) serving
 generation traffic. Stage 1 puts one node on version 2 beside one on version 1 (the control,
 same period); the gates (error rate, time-to-first-token p95, tokens/s, likelihood,
-stop-reason mix) pass and the rollout completes with both nodes on version 2."""
+stop-reason mix, and the quality set v2 carries, run by each canary node) pass and the rollout
+completes with both nodes on version 2."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _decoder import held_out_prompts, make_generation_bundle_for_tests
+from _decoder import held_out_prompts, make_generation_bundle_for_tests, quality_cases_for, with_quality
 from nats.js import JetStreamContext
 
 from _edge_util import Keys
@@ -50,7 +51,12 @@ async def test_a_staged_rollout_of_a_second_decoder_variant_passes_its_gates(
 ) -> None:
     name = model_of(fleet)
     v1 = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "v1", keys.key, name=name, version=1)
-    v2 = make_generation_bundle_for_tests(tiny_decoder_v2, tmp_path / "v2", keys.key, name=name, version=2)
+    v2 = make_generation_bundle_for_tests(
+        tiny_decoder_v2, tmp_path / "v2-plain", keys.key, name=name, version=2
+    )
+    # v2 carries a quality set (its own greedy answers: exact match, then containment) and the
+    # rollout requires all of it on the canary nodes.
+    v2 = with_quality(v2, tmp_path / "v2", keys.key, quality_cases_for(v2, PROMPTS[:2]))
     assert v1.manifest.files[1].sha256 != v2.manifest.files[1].sha256  # another model file
     registry = Registry(js)
     trust = TrustStore([keys.key.public_key()])
@@ -58,7 +64,7 @@ async def test_a_staged_rollout_of_a_second_decoder_variant_passes_its_gates(
         await registry.push(b, trust)
     await registry.assign(fleet, 1, model=name)
     # Pace only: a 2 s soak instead of 120 s (the per-test timeout); every limit is the default.
-    config = RolloutConfig(stages=[50, 100], soak_s=2.0)
+    config = RolloutConfig(stages=[50, 100], soak_s=2.0, min_quality=1.0)
     runner = RolloutRunner(js, interval=0.2)
     async with AsyncExitStack() as stack:
         nodes = await edge_nodes(
@@ -71,6 +77,10 @@ async def test_a_staged_rollout_of_a_second_decoder_variant_passes_its_gates(
         state = await roll_out_v2(js, runner, nodes, fleet=fleet, model=name, config=config, timeout=150)
         tg.cancel_scope.cancel()
     gates = state.gates
+    quality = gates["quality"]
+    assert isinstance(quality, dict)
+    # The last stage's canaries: both nodes ran the 2 cases on v2 and passed them.
+    assert (quality["outcome"], quality["canary"], quality["samples"]) == ("pass", 1.0, 4), quality
     judged = ("error_rate", "latency_p95", "tokens_per_s", "confidence", "drift")
     assert {"install", *judged} <= set(gates), gates
     for name in judged:

@@ -35,6 +35,7 @@ from slmops.shared.messages import (
     STOP_REASONS,
     GenerationEdges,
     GenerationHistograms,
+    GenerationQualityCase,
     GenerationSmoke,
     GenerationSpec,
     HistogramEdges,
@@ -210,13 +211,23 @@ def make_generation_bundle(
     min_memory_mb: int = 0,
     parent_version: int | None = None,
     notes: str = "",
+    quality: Sequence[GenerationQualityCase] = (),
 ) -> GenerationReport:
     """Check, measure, sign and write the bundle into ``out_dir`` (must be empty or absent).
     Smoke tests: the first ``smoke_k`` greedy tokens of each of ``smoke_prompts`` (default:
     the first three held-out prompts). Raises ``GenerationImportRefused`` (bad folder,
-    prompts, a prompt over ``max_prompt_tokens``) or ``BundleError`` (GenAI cannot load it)."""
+    prompts, a prompt over ``max_prompt_tokens``, a quality case whose ``match`` is not "exact"
+    or "contains" or whose ``expect`` is empty) or ``BundleError`` (GenAI cannot load it).
+    ``quality``: the optional quality set (``GenerationSpec.quality``), stored as given."""
     t0 = time.perf_counter()
     validate_model_name(name)
+    for i, case in enumerate(quality):
+        if case.match not in ("exact", "contains") or not case.expect.strip() or case.max_new_tokens < 1:
+            raise GenerationImportRefused(
+                f"quality[{i}]",
+                f"match must be 'exact' or 'contains', expect non-empty, max_new_tokens >= 1 "
+                f"(got {case.match!r}, {case.expect[:32]!r}, {case.max_new_tokens})",
+            )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise GenerationImportRefused(str(out_dir), "the output directory is not empty")
     files, model_file = _files(folder)
@@ -260,6 +271,7 @@ def make_generation_bundle(
             loglik_sampled=len(measured.likelihood),
         ),
         reference_prompts=len(prompts),
+        quality=list(quality),
     )
     extra = {"min_memory_mb": min_memory_mb, "parent_version": parent_version, "notes": notes}
     manifest = _manifest(name, version, variant, spec, files, model_file)

@@ -35,7 +35,7 @@ import structlog
 from slmops.cloud.registry import node_assignment
 from slmops.cloud.rollout.assign import Assigner, variants_of
 from slmops.cloud.rollout.cohort import cohort
-from slmops.cloud.rollout.gates import GateResult, describe, evaluate, install_gate, verdict
+from slmops.cloud.rollout.gates import GateResult, describe, evaluate, install_gate, quality_gate, verdict
 from slmops.cloud.rollout.nodes import NodeView
 from slmops.cloud.rollout.state import NodeEntry, PendingEvent, RolloutConflict, RolloutState, RolloutStore
 from slmops.cloud.rollout.tracker import Tracker
@@ -435,6 +435,10 @@ class RolloutController:
             before=tracker.before(state),
             source=source,
         )
+        serving = self.nodes.installed(state) - set(failures)
+        quality = quality_gate(state.config, self.nodes.quality(state, serving))
+        if quality is not None:
+            gates.append(quality)
         # No new nodes in this stage (a one-node fleet's 25% is the same node as its 5%): the
         # gates have judged; a soak would only wait.
         added = any(e.stage == state.stage for e in state.nodes.values())

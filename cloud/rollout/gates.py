@@ -31,6 +31,11 @@ both figures. Gates:
   ``max_latency_ratio`` times lower than the control's. For a generation model
   ``latency_p95`` is the time to first token, ``confidence`` the prompt likelihood and
   ``drift`` the stop-reason mix (``shared.messages.GenerationHistograms``).
+* ``quality`` (generation models, only with ``min_quality``): the version's quality set
+  (``GenerationSpec.quality``, exact match / containment) as run by each canary node after it
+  installed the version (``NodeStatus.quality``): the cases passed over all reporting canary
+  nodes, as a share of those run, must be at least ``min_quality``. It waits until every
+  canary node that runs the version has reported; a version without a quality set fails it.
 * ``confidence``: control mean confidence − canary's ≤ ``max_confidence_drop``; the difference
   of mean confidences is the label-free expected-accuracy change (Guillory et al. 2021).
 * ``accuracy``: accuracy from app feedback (``TelemetryAggregate.feedback``: true label ->
@@ -54,9 +59,18 @@ import msgspec
 
 from slmops.cloud.config import RolloutConfig
 from slmops.shared.histogram import Histogram, HistogramMismatch
-from slmops.shared.messages import ReferenceProfile, TelemetryAggregate
+from slmops.shared.messages import QualityScore, ReferenceProfile, TelemetryAggregate
 
-__all__ = ["GateResult", "Metrics", "describe", "evaluate", "install_gate", "total_variation", "verdict"]
+__all__ = [
+    "GateResult",
+    "Metrics",
+    "describe",
+    "evaluate",
+    "install_gate",
+    "quality_gate",
+    "total_variation",
+    "verdict",
+]
 
 Outcome = Literal["pass", "fail", "waiting"]
 
@@ -443,6 +457,42 @@ def _tokens_per_s_gate(
         samples=canary.count,
         detail=f"median {tps:.3g} vs {c_tps:.3g} tokens/s, {slower:.2f}x slower "
         f"(limit {config.max_latency_ratio:g}; {what})",
+    )
+
+
+def quality_gate(config: RolloutConfig, scores: dict[str, QualityScore | None]) -> GateResult | None:
+    """The ``quality`` gate (module docstring) over the canary nodes serving the version and
+    their reported scores (None: not reported yet); None when ``min_quality`` is not set."""
+    need = config.min_quality
+    if need is None:
+        return None
+    have = {n: s for n, s in scores.items() if s is not None}
+    if len(have) < len(scores) or not scores:
+        return GateResult(
+            name="quality",
+            outcome="waiting",
+            limit=need,
+            samples=len(have),
+            detail=f"waiting: quality set run on {len(have)}/{len(scores)} canary nodes",
+        )
+    total = sum(s.total for s in have.values())
+    if total == 0:
+        return GateResult(
+            name="quality",
+            outcome="fail",
+            limit=need,
+            detail="the version has no quality set (GenerationSpec.quality) but the rollout requires one",
+        )
+    passed = sum(s.passed for s in have.values())
+    share = passed / total
+    return GateResult(
+        name="quality",
+        outcome="fail" if share < need else "pass",
+        canary=_num(share),
+        limit=need,
+        samples=total,
+        detail=f"{passed} of {total} quality cases passed on {len(have)} canary nodes "
+        f"({', '.join(f'{n} {s.passed}/{s.total}' for n, s in sorted(have.items()))})",
     )
 
 

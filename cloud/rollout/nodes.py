@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 
 from slmops.cloud.rollout.state import NodeEntry, RolloutState
-from slmops.shared.messages import NodeStatus
+from slmops.shared.messages import NodeStatus, QualityScore
 from slmops.shared.vocabulary import NodeEvent
 
 __all__ = ["NodeView"]
@@ -110,6 +110,12 @@ class NodeView:
             return "rolled back on the node (local health limits)"
         return None
 
+    def quality(self, state: RolloutState, nodes: set[str]) -> dict[str, QualityScore | None]:
+        """Each of ``nodes``' reported quality-set score for the rollout's version (None: not
+        reported yet)."""
+        statuses = self._status.get(state.fleet, {})
+        return {n: quality_of(statuses.get(n), state.model, state.version) for n in sorted(nodes)}
+
     def installed(self, state: RolloutState) -> set[str]:
         """Nodes of the rollout whose last status shows its version served: as the default
         model, or beside it (``NodeStatus.models``, models side by side)."""
@@ -122,6 +128,13 @@ class NodeView:
         return s is not None and any(
             (m.name, m.version) == want for m in [*([s.model] if s.model else []), *s.models]
         )
+
+
+def quality_of(status: NodeStatus | None, model: str, version: int) -> QualityScore | None:
+    """The quality-set score ``status`` reports for ``model`` version ``version``, if any."""
+    if status is None:
+        return None
+    return next((q for q in status.quality if (q.model.name, q.model.version) == (model, version)), None)
 
 
 def _left_beside(s: NodeStatus, state: RolloutState) -> bool:
