@@ -13,9 +13,11 @@ the disk fails (full, I/O errors), once they are counted in the durable loss rec
 buffer stops trying SQLite for every group and probes it every ``_PROBE_INTERVAL`` seconds;
 the first probe that stores ends the spell. Nothing a failing disk does stops the writer.
 A database that cannot even be opened at start on a full or failing disk is the same spell:
-the node serves degraded (models get provisional negative ids, losses no receipt can hold yet
-are ``unrecorded_events``), and the probe that opens it stores those ids and moves those
-losses into the receipt of the new install.
+the node serves degraded (models get provisional negative ids; losses go to the receipt,
+which on a disk that never had room for it counts in its length, see ``edge.receipt``, so
+they outlive a restart during the spell; only what even that cannot take is
+``unrecorded_events``, in memory), and the probe that opens it stores those ids and moves
+those losses into the receipt of the new install.
 The receipt reaches the cloud in ``dropped_inferences`` of the next aggregate, moved in the
 same transaction that records how much was moved (``receipt_reported``). A window close
 builds its aggregates, gives each the next ``seq``, inserts them into the outbox and deletes
@@ -262,6 +264,7 @@ class Buffer:
             # fills while running; the writer's probe opens the database once it can.
             self._unopened = True
             self._degrade(StoreError(str(self.path), f"cannot open: {exc}"))
+            self._open_early_receipt()
         self.quarantined = sorted(
             p.name
             for p in self.path.parent.glob(f"{self.path.name}.quarantined-*")
@@ -310,11 +313,21 @@ class Buffer:
             await self._close_db()
             self.receipt.close()
             self._degrade(StoreError(str(self.path), f"cannot open: {exc}"))
+            self._open_early_receipt()
             return False
         log.warning("buffer_opened_late", install=self.install, receipted=self._unrecorded)
         self._unrecorded = 0
         self._unopened = False
         return True
+
+    def _open_early_receipt(self) -> None:
+        """While the database cannot open, count losses in the receipt anyway (its reserved
+        slots, or its length on a disk that never had room for them: ``LossReceipt.open_early``),
+        so they outlive a restart during the spell; else only in memory (``unrecorded_events``)."""
+        try:
+            self.receipt.open_early()
+        except OSError as exc:
+            log.error("loss_receipt_failed", error=repr(exc), note="losses counted in memory only")
 
     def _quarantine(self, why: BaseException) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")

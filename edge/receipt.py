@@ -12,6 +12,14 @@ Format: two 64-byte slots (offsets 0 and ``_SLOT_GAP``) written alternately, eac
 generation wins, so a torn write of one slot leaves the other. ``lost`` is cumulative for the
 node install ``install``; the buffer moves it into aggregates (``dropped_inferences``) and
 remembers how much it moved in SQLite, in the same transaction as the aggregate.
+
+A node that starts on a disk already full has no reserved page yet (and no install: the
+database cannot open). Its receipt is then an empty file whose *length* is the count: lost
+inferences = length - ``_EARLY_BASE``, grown with ``ftruncate``, which changes only the
+inode (a sparse file: no data block), so it works on a full tmpfs or ext4 and survives
+``kill -9`` and restarts during the spell (``open_early``). When the database opens, the
+count moves into a slot of the new install (one 64-byte write: before it the length still
+counts, after it the slot does) and the file shrinks to its reserved page.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ _CRC = struct.Struct("<I")
 _SLOT_GAP = 512
 #: Bytes reserved on disk (one page): both slots live inside it.
 SIZE = 4096
+#: Length of an early receipt (``open_early``) that counts 0: far above ``SIZE``, so a
+#: reserved file whose slots were never written (a crash while creating it) is not read as
+#: a count.
+_EARLY_BASE = 1 << 20
 
 
 class LossReceipt:
@@ -49,16 +61,27 @@ class LossReceipt:
         self.install = ""
         self._generation = 0
         self._fd: int | None = None
+        #: Counting in the file's length (``open_early``), not in a slot.
+        self.early = False
 
     def open(self, install: str, floor: int = 0) -> None:
         """Open for node install ``install``. A receipt of another install (its database was
         lost, so its count can no longer be told apart) or below ``floor`` (what the database
-        says was already reported) restarts at ``floor``."""
+        says was already reported) restarts at ``floor``. An early receipt (``open_early``)
+        becomes this install's, its count added to ``floor``."""
+        self.close()
         created = not self.path.exists()
         if created:
             self._create()
         self._fd = os.open(self.path, os.O_RDWR)
         found = self._read()
+        early = self._early_count() if found is None else None
+        if early is not None:
+            self._generation, self.install, self.lost, self.early = 0, install, floor + early, False
+            self._write()  # from here the slot counts, not the length
+            os.ftruncate(self._fd, SIZE)
+            log.warning("loss_receipt_early_moved", path=str(self.path), install=install, lost=early)
+            return
         if found is None:
             if not created:
                 log.warning("loss_receipt_unreadable", path=str(self.path))
@@ -71,6 +94,40 @@ class LossReceipt:
                 )
             self.install, self.lost = install, floor
             self._write()
+
+    def open_early(self) -> None:
+        """Open while the database cannot (a start on a full or failing disk): a receipt
+        with a written slot counts on in place, for the install it names; a missing one is
+        made early (an empty file counting in its length, see the module docstring), as is
+        one found early from a previous start. Raises ``OSError`` when neither works (an
+        unreadable reserved file, no inode left)."""
+        self.close()
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, _EARLY_BASE)
+            except OSError:
+                os.close(fd)
+                os.unlink(self.path)
+                raise
+            os.close(fd)
+        self._fd = os.open(self.path, os.O_RDWR)
+        found = self._read()
+        if found is not None:
+            self._generation, self.lost, self.install = found
+            self.early = False
+            return
+        early = self._early_count()
+        if early is None:
+            self.close()
+            raise OSError(f"loss receipt {self.path} is unreadable and too small to count in its length")
+        self.lost, self.install, self.early = early, "", True
+
+    def _early_count(self) -> int | None:
+        if self._fd is None:
+            raise OSError(f"loss receipt {self.path} is not open")
+        size = os.fstat(self._fd).st_size
+        return size - _EARLY_BASE if size >= _EARLY_BASE else None
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -107,6 +164,9 @@ class LossReceipt:
     def _write(self) -> None:
         if self._fd is None:
             raise OSError(f"loss receipt {self.path} is not open")
+        if self.early:  # the length is the count: an inode change, no data block
+            os.ftruncate(self._fd, _EARLY_BASE + self.lost)
+            return
         self._generation += 1
         data = self._slot(self._generation)
         if os.pwrite(self._fd, data, (self._generation % 2) * _SLOT_GAP) != len(data):

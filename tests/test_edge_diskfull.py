@@ -202,7 +202,11 @@ async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
     (the lock file's pid, then SQLite, then the model cache). Now it serves, degraded, from
     the bundle directory, counts what it answered; when space returns it opens its database
     (a new install), puts those answers in the loss receipt, and the cloud gets
-    client-answered == counted + receipts, exactly."""
+    client-answered == counted + receipts, exactly — also when the node is killed (-9)
+    and restarted while the disk is still full: the count of the first run lives in the
+    receipt's length (no free block needed), not in memory. Old code (after the full-disk
+    start was served): the 20 answers of the first run were counted in memory only and
+    missing from the receipts (counted + receipts == answered - 30)."""
     keys = Keys(tmp_path / "keys")
     bundle = keys.bundle()
     port = free_port()
@@ -219,6 +223,12 @@ async def test_a_fresh_start_on_a_full_disk_serves_degraded_then_resumes(
             assert "cannot open" in health["storage_error"], health
             assert health["model"]["version"] == 1
             assert client.not_durable == client.answered > 0
+            await kill(proc)  # -9 during the spell, then a second start on the still full disk
+            proc = await start(args, log, client)
+            await client.burst(20, "b")
+            health = await client.health()
+            assert health["storage"] == "degraded", health
+            assert health["loss_receipt"]["lost_inferences"] == client.not_durable == client.answered, health
             await anyio.sleep(2)  # windows cannot close, the writer probes: the node stays up
             assert proc.returncode is None, log.read_text()[-3000:]
 

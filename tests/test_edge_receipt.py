@@ -57,3 +57,37 @@ def test_a_receipt_of_another_install_restarts_at_what_the_database_reported(tmp
     same.open("b" * 32, floor=4)  # the database says 4 were reported: never below that
     assert same.lost == 4
     same.close()
+
+
+def test_an_early_receipt_counts_in_its_length_and_moves_into_a_slot_exactly_once(tmp_path: Path) -> None:
+    """A start on a full disk: no page can be reserved, so the count is the file's length
+    (sparse: no data block). Across a restart it goes on; when the database opens it moves
+    into a slot of the new install; a crash between the slot write and the shrink still
+    reads the slot, never the length again."""
+    path = tmp_path / "loss_receipt.bin"
+    r = LossReceipt(path)
+    r.open_early()
+    assert (r.early, r.lost, r.install) == (True, 0, "")
+    r.add(5)
+    r.close()
+    assert path.stat().st_blocks == 0  # no data block was needed
+    again = LossReceipt(path)
+    again.open_early()  # a second start, the disk still full
+    again.add(2)
+    assert again.lost == 7
+    again.open("b" * 32, floor=0)  # the database opened: a new install
+    assert (again.early, again.lost, again.install) == (False, 7, "b" * 32)
+    assert path.stat().st_size == SIZE
+    again.add(1)
+    again.close()
+    big = path.stat().st_size
+    with path.open("r+b") as f:  # as if killed after the slot write, before the shrink
+        f.truncate(big + (1 << 21))
+    last = LossReceipt(path)
+    last.open("b" * 32, floor=0)
+    assert last.lost == 8
+    last.close()
+    reserved = LossReceipt(path)
+    reserved.open_early()  # a later start on a full disk keeps counting in the slots
+    assert (reserved.early, reserved.lost, reserved.install) == (False, 8, "b" * 32)
+    reserved.close()
