@@ -188,7 +188,14 @@ async def connect_once(
         # A refused handshake can be followed by a broken pipe: the TLS reason is the news.
         tls_reason = next(filter(None, (explain_tls_error(e, options) for e in errors)), None)
         reason = tls_reason or (f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__)
-        if tls_reason is None and options.tls and isinstance(cause, ConnectionError):
+        if tls_reason is None and options.tls and isinstance(cause, TimeoutError):
+            # Handshake first: a server that never answers our TLS hello (plain text that
+            # waits for CONNECT, or a TLS server without handshake_first) got nothing else.
+            reason += (
+                "; no TLS handshake completed: the server may be plain text, or its tls block may lack "
+                "handshake_first (nothing but the TLS hello was sent to it)"
+            )
+        elif tls_reason is None and options.tls and isinstance(cause, ConnectionError):
             # Under TLS 1.3 a server judges the client certificate after the client finished
             # its handshake; its alert may be lost to the closed socket (2 of 15 tries here).
             reason += "; the server closed the connection after the TLS handshake: " + (

@@ -3,11 +3,13 @@ NATS creds (per-device JWT identities).
 
 ``ConnectOptions`` is what every connecting command and service takes besides the URL
 (``--tls-ca``, ``--tls-cert``, ``--tls-key``; env ``SLMOPS_TLS_CA``/``_CERT``/``_KEY``).
-With any TLS file given the client *requires* TLS: a server that does not offer it is
-refused (nats-py itself would fall back to plain text) — after nats-py has sent its CONNECT
-(with a URL's user and password, if any), since the check can only read the finished
-connection — and a server certificate that does not verify against the CA is refused with the
-certificate problem named.
+With any TLS file given the client *requires* TLS, and starts it before any NATS message
+(nats-py's ``tls_handshake_first``; the server's ``tls { handshake_first: ... }``, which
+``slmops server`` sets): a server that answers in plain text fails the handshake before the
+client has sent anything else — no CONNECT, so no URL password or creds signature, reaches it
+— and a server certificate that does not verify against the CA is refused with the
+certificate problem named. A server without ``handshake_first`` cannot serve these clients
+(``explain_tls_error`` says so).
 
 Commands set the default for their run (``with use_connect_options(...)``); library code that is given
 no options reads it (``current_connect_options``), so the long tail of one-shot commands
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "PLAIN_TEXT",
     "ConnectOptions",
     "TlsError",
     "collect_permission_denials",
@@ -34,6 +37,10 @@ __all__ = [
     "permission_denial",
     "use_connect_options",
 ]
+
+
+#: How ``explain_tls_error`` starts when a server answered our TLS hello in plain text.
+PLAIN_TEXT = "the server answered in plain text, not TLS, but TLS files were given (--tls-ca/--tls-cert)"
 
 
 class TlsError(ValueError):
@@ -115,7 +122,7 @@ class ConnectOptions:
         """Keyword arguments for ``nats.NATS.connect`` (``{}`` without TLS or creds). Raises
         ``TlsError`` for a TLS file, ``IdentityError`` (a ``ValueError`` naming the file) for
         a creds file that cannot be read or is not one."""
-        out: dict[str, Any] = {"tls": self.ssl_context()} if self.tls else {}
+        out: dict[str, Any] = {"tls": self.ssl_context(), "tls_handshake_first": True} if self.tls else {}
         if self.nats_creds is not None:
             from slmops.shared.identity import read_creds
 
@@ -155,6 +162,13 @@ def explain_tls_error(exc: BaseException, options: ConnectOptions | None) -> str
         reason = exc.reason or str(exc)
         lowered = reason.lower().replace("_", " ")
         mine = options.tls_cert if options is not None else None
+        if "wrong version number" in lowered or "record layer failure" in lowered:
+            # Our TLS hello was answered by something that is not TLS: a plain-text server's
+            # INFO line. Only the hello was sent (tls_handshake_first): no CONNECT, no password.
+            return (
+                f"{PLAIN_TEXT} ({reason}); nothing but the TLS hello was sent to it. A nats-server "
+                "serving TLS needs `handshake_first` in its tls block (`slmops server` sets it)"
+            )
         if "certificate required" in lowered or (mine is None and "handshake failure" in lowered):
             return (
                 f"the server requires a client certificate (mutual TLS) and got none ({reason}): "

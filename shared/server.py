@@ -107,12 +107,37 @@ class ServerTls:
             if b"-----BEGIN " not in head:
                 raise ValueError(f"server TLS {name} {str(path)!r}: not a PEM file (no '-----BEGIN' line)")
 
-    def args(self) -> list[str]:
-        """nats-server command-line flags for this TLS setup."""
-        out = ["--tls", "--tlscert", str(self.cert), "--tlskey", str(self.key)]
+    def conf_text(self) -> str:
+        """The ``tls`` block of a nats-server config for this setup. ``handshake_first:
+        auto``: a client may start TLS before any NATS message (slmops' clients do:
+        ``shared.connopts``, so a TLS client never sends CONNECT in plain text); a client
+        that waits for the server's INFO instead gets it after 50 ms (nats-server's
+        fallback delay), so other tools keep working. (Command-line flags cannot set it.)"""
+        lines = [f"  cert_file: {json.dumps(str(self.cert.resolve()))}",
+                 f"  key_file: {json.dumps(str(self.key.resolve()))}"]  # fmt: skip
         if self.verify_ca is not None:
-            out += ["--tlscacert", str(self.verify_ca), "--tlsverify"]
-        return out
+            lines += [f"  ca_file: {json.dumps(str(self.verify_ca.resolve()))}", "  verify: true"]
+        lines.append("  handshake_first: auto")
+        return "tls {\n" + "\n".join(lines) + "\n}\n"
+
+    def config_file(self, directory: Path, extra_args: list[str]) -> tuple[Path, list[str]]:
+        """Write ``directory/tls.conf`` (the ``tls`` block; a ``-c FILE`` among ``extra_args``
+        is included from it, nats-server taking one config file) and return it with the
+        remaining arguments."""
+        rest, include = list(extra_args), None
+        for flag in ("-c", "--config"):
+            if flag in rest:
+                i = rest.index(flag)
+                include = Path(rest[i + 1])
+                del rest[i : i + 2]
+                break
+        text = self.conf_text()
+        if include is not None:
+            # nats-server resolves an include against the including file's directory.
+            text = f"include {json.dumps(os.path.relpath(include.resolve(), directory.resolve()))}\n" + text
+        path = directory / "tls.conf"
+        path.write_text(text)
+        return path, rest
 
 
 class EmbeddedServer:
@@ -244,8 +269,7 @@ class EmbeddedServer:
             "-js",
             "-sd", str(store),
             "--ports_file_dir", str(ports_dir),
-            *(self._tls.args() if self._tls is not None else ()),
-            *self._extra_args,
+            *self._config_args(),
         ]  # fmt: skip
         try:
             # The log goes to a file, not a pipe: a chatty server must never block on a full
@@ -261,6 +285,15 @@ class EmbeddedServer:
             self._cleanup_run()
             raise ServerStartError(f"cannot run {str(binary)!r}: {exc}") from exc
         return ports_dir
+
+    def _config_args(self) -> list[str]:
+        """The extra arguments; with TLS, a config file holding the ``tls`` block (and
+        including a ``-c`` file given)."""
+        if self._tls is None:
+            return list(self._extra_args)
+        assert self._run_dir is not None
+        conf, rest = self._tls.config_file(self._run_dir, self._extra_args)
+        return ["-c", str(conf), *rest]
 
     def _ready(self, ports_dir: Path) -> None:
         if self._proc is None:

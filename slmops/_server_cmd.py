@@ -72,7 +72,7 @@ async def _provision(srv: EmbeddedServer, creds: Path | None = None) -> None:
             with anyio.fail_after(5):
                 nc = await connect_attempt(
                     srv.url, name="slmops-server-provision", allow_reconnect=False,
-                    tls=_self_context(srv.tls), require_tls=True, **creds_options,
+                    tls=_self_context(srv.tls), tls_handshake_first=True, require_tls=True, **creds_options,
                 )  # fmt: skip
         except (ssl.SSLError, TimeoutError, SlmopsError) as exc:
             _skip_provision(exc)

@@ -206,8 +206,42 @@ async def test_mutual_tls_refuses_a_missing_or_foreign_client_certificate_saying
 async def test_tls_files_refuse_a_plain_text_server(pki: Pki, nats_server: EmbeddedServer) -> None:
     """nats-py would go on in plain text with a server that does not offer TLS; given TLS
     files, slmops refuses it (a downgrade is not silently accepted)."""
-    with pytest.raises(NatsUnavailable, match="does not offer TLS"):
+    with pytest.raises(NatsUnavailable, match="answered in plain text, not TLS"):
         await connect_once(nats_server.url, options=ConnectOptions(tls_ca=pki.ca))
+
+
+async def test_a_tls_client_sends_no_connect_and_no_password_to_a_plain_text_server(pki: Pki) -> None:
+    """A man in the middle posing as a plain-text NATS server (it sends INFO, asks for auth,
+    never starts TLS) receives the client's TLS hello and nothing else: no CONNECT, so not
+    the URL's password (nats-py's tls_handshake_first; before, CONNECT went out first)."""
+    received = bytearray()
+    closed = anyio.Event()
+    info = b'INFO {"server_id":"mitm","version":"2.10.0","auth_required":true,"max_payload":1048576}\r\n'
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.send(info)
+            with anyio.move_on_after(30):
+                try:
+                    while True:
+                        received.extend(await stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    pass
+        closed.set()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        url = f"nats://alice:s3cret-pw@127.0.0.1:{port}"
+        with pytest.raises(NatsUnavailable, match="no TLS handshake completed"):
+            await connect_once(url, options=ConnectOptions(tls_ca=pki.ca))
+        with anyio.fail_after(30):
+            await closed.wait()
+        tg.cancel_scope.cancel()
+    assert received[:1] == b"\x16", bytes(received[:64])  # a TLS handshake record: the hello
+    assert b"CONNECT" not in received
+    assert b"s3cret-pw" not in received
 
 
 async def test_a_node_with_the_wrong_ca_stays_offline_and_says_why(pki: Pki) -> None:
