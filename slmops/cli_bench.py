@@ -178,8 +178,14 @@ def _chaos(minutes: float, nodes: int, seed: int, as_json: bool) -> None:
         click.echo(json.dumps(r))
     else:
         click.echo(f"faults: {json.dumps(r['faults'])}  skipped: {json.dumps(r['skipped'])}")
+        click.echo(
+            f"measured {r['counted'] + r['receipts']} (cloud counted {r['counted']} + receipts "
+            f"{r['receipts']})  baseline {r['answered']} (answered: the clients' HTTP 200s)  "
+            f"difference {r['cut_stored']} (cut requests stored, of {r['cut_texts']} cut texts)"
+        )
         for key in ("answered", "counted", "receipts", "double_counted", "missing_seqs",
-                    "poison_sent", "poison_deadlettered", "reconciled", "elapsed_s"):  # fmt: skip
+                    "poison_sent", "poison_deadlettered", "reconciled", "count_readings",
+                    "drain_readings", "elapsed_s"):  # fmt: skip
             click.echo(f"{key:<20} {r[key]}")
         for row in r["per_node"]:
             click.echo("  " + json.dumps(row))
