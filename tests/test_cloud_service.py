@@ -3,9 +3,11 @@ dead-lettering, restarts and a second instance."""
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -22,10 +24,12 @@ from _cloud_util import (
     put_manifest,
 )
 from anyio.abc import TaskStatus
+from click.testing import CliRunner
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from _nats import wait_until
+from slmops.cli import main
 from slmops.cloud.ingest.snapshot import FLEET_BUCKET, NodeSnapshot
 from slmops.cloud.service import CloudService
 from slmops.shared.messages import DeviceProfile, ModelRef, NodeStatus, encode_json, encode_telemetry
@@ -398,6 +402,11 @@ async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_rol
         dropped_inferences=3,
         dropped_aggregates=1,
         served=1234,
+        key_list_version=3,
+        config_version=4,
+        config_seen=5,
+        config_state="rejected",
+        config_reason="window: 0 is below 1",
     )
     older = msgspec.structs.replace(newer, time=t1 - timedelta(minutes=5), outbox_depth=99)
     async with CloudService(cloud_config(nats_server.url, tmp_path, fleet)) as svc:
@@ -422,3 +431,18 @@ async def test_status_reports_fill_the_fleet_state_and_an_older_one_does_not_rol
         assert state.device.profile == "gateway-small"
         assert state.model == ModelRef(name="kw", version=2, variant="int8")
         assert state.status_time == older.time
+        # fleet status --json shows the key list and configuration each node reports.
+        status = ["fleet", "status", "--nats", nats_server.url, "--fleet", fleet, "--json"]
+        found: list[dict[str, Any]] = []
+
+        async def shown() -> bool:  # "no such fleet" before the first snapshot: not yet
+            result = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, status))
+            docs = json.loads(result.output)["nodes"] if result.exit_code == 0 else []
+            found[:] = [d for d in docs if d["node"] == node and d["config_state"]]
+            return bool(found)
+
+        await wait_until(shown, 20, what="the snapshot in fleet status --json")
+        doc = found[0]
+        assert (doc["key_list_version"], doc["config_version"], doc["config_seen"]) == (3, 4, 5)
+        assert (doc["config_state"], doc["config_reason"]) == ("rejected", "window: 0 is below 1")
+        assert "config v5 rejected: window: 0 is below 1" in doc["notes"]

@@ -457,6 +457,9 @@ class Applier:
                 node.status_dropped_inferences = st.dropped_inferences
                 node.status_dropped_aggregates = st.dropped_aggregates
                 node.last_error = st.last_error
+                node.key_list_version = st.key_list_version
+                node.config_version, node.config_seen = st.config_version, st.config_seen
+                node.config_state, node.config_reason = st.config_state, st.config_reason
                 r = st.refresh
                 if r is not None and not r.ok and r.code == BundleCode.INCOMPATIBLE:
                     node.cannot_run = f"{r.model.name} v{r.model.version} {r.model.variant}: {r.reason}"

@@ -84,6 +84,15 @@ class NodeSnapshot(msgspec.Struct, kw_only=True):
     #: the node runs ahead), and the server time of that report.
     clock_skew_s: float | None = None
     status_stored: datetime | None = None
+    #: From the node's latest status (``NodeState``): the signed key list version it holds
+    #: (0: none) and its pushed configuration's version in effect, last version seen, that
+    #: version's state ("applied", "probation", "rejected", "rolled_back"; "" = not said) and
+    #: the reason of a refusal or rollback.
+    key_list_version: int = 0
+    config_version: int | None = None
+    config_seen: int | None = None
+    config_state: str = ""
+    config_reason: str | None = None
 
 
 def snapshot_of(n: NodeState) -> NodeSnapshot:
@@ -131,6 +140,11 @@ def snapshot_of(n: NodeState) -> NodeSnapshot:
         clones=n.clones,
         clock_skew_s=n.clock_skew_s,
         status_stored=n.status_stored,
+        key_list_version=n.key_list_version,
+        config_version=n.config_version,
+        config_seen=n.config_seen,
+        config_state=n.config_state,
+        config_reason=n.config_reason,
     )
 
 
@@ -145,6 +159,9 @@ def notes_of(n: NodeState) -> list[str]:
         out.append(f"cloned device ({n.clones} repeated seqs with other content)")
     if n.clock_skew_s is not None and abs(n.clock_skew_s) >= SKEW_NOTE_S:
         out.append(f"clock skew {n.clock_skew_s:+.0f} s")
+    if n.config_state in ("rejected", "rolled_back"):
+        why = f": {n.config_reason[:120]}" if n.config_reason else ""
+        out.append(f"config v{n.config_seen} {n.config_state.replace('_', ' ')}{why}")
     return out
 
 

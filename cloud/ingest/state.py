@@ -123,6 +123,14 @@ class NodeState(msgspec.Struct, kw_only=True):
     #: The last bundle the node refused because its runtime cannot run it (``incompatible``),
     #: until it installs one: "<model> v<version> <variant>: <reason>".
     cannot_run: str | None = None
+    #: The signed key list version the node holds (0: none, or a node that does not say) and
+    #: its pushed configuration (``NodeStatus.config_*``): the version in effect, the last one
+    #: seen, what happened to it ("applied", "probation", "rejected", "rolled_back") and why.
+    key_list_version: int = 0
+    config_version: int | None = None
+    config_seen: int | None = None
+    config_state: str = ""
+    config_reason: str | None = None
 
 
 class StoredState(msgspec.Struct, kw_only=True):
