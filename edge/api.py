@@ -459,6 +459,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         )
     except web.HTTPException as exc:
         response = _error(exc.status, "http_error", exc.reason)
+    except ConnectionResetError as exc:
+        # The client went away mid-request (aiohttp: "Connection lost" while its body was read,
+        # or a closed transport while a stream was written): nobody to answer, nothing broken.
+        node.log.info("client_disconnected", path=request.path, error=str(exc))
+        response = _error(499, "client_disconnected", "the client closed the connection")  # nginx's 499
+        response.force_close()
     except Exception as exc:  # a bug must answer 500, not kill the node
         node.log.exception("api_handler_failed", path=request.path)
         response = _error(500, "internal", f"{type(exc).__name__}")

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from _edge_util import Keys, edge_config
 from slmops.edge.api import ApiServer, serve_api
@@ -154,6 +155,35 @@ async def test_wrong_methods_paths_and_huge_bodies_are_json_errors(
     png = {"Content-Type": "image/png"}
     err = await error_of(http, 400, "POST", "/v1/predict", data=b'{"text": "a"}', headers=png)
     assert err["field"] == "body"
+
+
+@pytest.mark.anyio
+async def test_a_client_leaving_mid_body_is_logged_as_a_disconnect_without_a_traceback(
+    served: tuple[EdgeNode, ApiServer], http: tuple[aiohttp.ClientSession, str]
+) -> None:
+    """New-user trial: 300 half-sent bodies whose clients left gave 300 error lines with a
+    traceback (``api_handler_failed``). Leaving is the client's right: one info line each,
+    counted under status 499 (nginx's "client closed request"), and the node answers on."""
+    head = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 300\r\n\r\n{"text": "ab'
+    )
+    with capture_logs() as logs:
+        for _ in range(2):
+            stream = await anyio.connect_tcp("127.0.0.1", served[1].port)
+            await stream.send(head)
+            await stream.aclose()
+        with anyio.fail_after(10):
+            while sum(e["event"] == "client_disconnected" for e in logs) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+    api = [e for e in logs if e.get("path") == "/v1/predict"]
+    assert [(e["event"], e["log_level"], "exc_info" in e) for e in api] == [
+        ("client_disconnected", "info", False)
+    ] * 2
+    status, _ = await call(http, "POST", "/v1/predict", json={"text": "alpha"})
+    assert status == 200
+    _, text = await call(http, "GET", "/metrics")
+    assert 'slmops_edge_http_requests_total{code="499",path="/v1/predict"} 2.0' in text
 
 
 @pytest.mark.anyio
