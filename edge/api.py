@@ -13,11 +13,13 @@
 - ``POST /v1/generate`` and the OpenAI-compatible ``POST /v1/chat/completions`` (generation
   models; ``"stream": true`` for server-sent events): see ``edge.chat``; 429 ``busy`` with
   ``Retry-After`` when every generation slot and queue place is taken
+- ``GET /v1/models`` → OpenAI's list of models (``edge.chat.list_models``)
 - ``GET /v1/health`` → ``EdgeNode.health()``
 - ``GET /metrics`` → Prometheus text format
 
-Errors are JSON ``{"error": {"code", "field", "message"}}`` with a 4xx status naming the
-field; 503 ``no_model`` until a model is installed. Nothing a client sends can stop the node.
+Errors are JSON ``{"error": {"code", "field", "message", "param"}}`` with a 4xx status naming
+the field (``param``: the same, OpenAI's name for it); 503 ``no_model`` until a model is
+installed. Nothing a client sends can stop the node.
 
 Resources are bounded (issue 13): request bodies in memory share one byte budget
 (``http_inflight_bytes``; a request waits for room, small ones fit beside big ones; 503
@@ -59,7 +61,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from slmops.edge.chat import chat_completions, generate
+from slmops.edge.chat import chat_completions, generate, list_models
 from slmops.edge.config import EdgeConfig, is_loopback
 from slmops.edge.errors import Busy, FeedbackConflict, InvalidInput, NodeClosed, NoModel, UnknownPrediction
 from slmops.edge.generate import Generations
@@ -248,7 +250,8 @@ def _invalid(exc: msgspec.ValidationError) -> InvalidInput:
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    body = {"error": {"code": code, "field": field, "message": message}}
+    # "param" is OpenAI's name for "field" (its clients read it, e.g. BadRequestError.param).
+    body = {"error": {"code": code, "field": field, "message": message, "param": field}}
     return web.Response(status=status, body=_json.encode(body), content_type="application/json")
 
 
@@ -524,6 +527,10 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     return await chat_completions(request, request.app[_NODE].generations, body)
 
 
+async def _models(request: web.Request) -> web.Response:
+    return _ok(list_models(request.app[_NODE].generations))
+
+
 async def _health(request: web.Request) -> web.Response:
     return _ok(request.app[_NODE].health())
 
@@ -539,6 +546,7 @@ _ROUTES = {
     "/v1/feedback",
     "/v1/generate",
     "/v1/chat/completions",
+    "/v1/models",
     "/v1/health",
     "/metrics",
 }
@@ -547,7 +555,7 @@ _ROUTES = {
 def _bearer(token: str) -> Any:
     """Middleware: every request must carry ``Authorization: Bearer <token>`` (401 otherwise,
     before its body is read), on every route: predict, embed, feedback, generate, chat,
-    health and metrics."""
+    models, health and metrics."""
 
     @web.middleware
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -581,6 +589,7 @@ def build_app(node: NodeService, token: str | None = None) -> web.Application:
     app.router.add_post("/v1/feedback", _feedback)
     app.router.add_post("/v1/generate", _generate)
     app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/metrics", _metrics)
     return app

@@ -7,7 +7,13 @@
   ``data: {"finish_reason", "usage", "model"}`` and ``data: [DONE]``.
 - ``POST /v1/chat/completions``: the OpenAI chat completions request and response (and its
   ``chat.completion.chunk`` events with ``"stream": true``), so OpenAI clients work unchanged.
-  ``finish_reason`` is "stop" (end of sequence or a stop string) or "length".
+  ``finish_reason`` is "stop" (end of sequence or a stop string) or "length". ``model`` (in
+  the request: optional) names the served model as ``GET /v1/models`` lists it,
+  ``name:vVERSION`` (the bundle's name and version; the bare name is accepted too), and the
+  answer says which one answered. A prompt over the model's token limit is refused (400)
+  naming ``messages``, as OpenAI does (``prompt`` on ``/v1/generate`` when given so).
+- ``GET /v1/models``: OpenAI's model list ``{"object": "list", "data": [{"id", "object":
+  "model", "created", "owned_by", "task"}]}``, generation models first.
 
 The final event (``[DONE]``) is sent only after the answer's telemetry row is committed
 (durable answers). A client that goes away mid-stream (its connection closes, or a write
@@ -29,10 +35,10 @@ import msgspec
 from aiohttp import web
 
 from slmops.edge.errors import InvalidInput
-from slmops.edge.generate import Generations, Stream
+from slmops.edge.generate import Generations, Stream, model_id
 from slmops.edge.inference import InferenceFailed
 
-__all__ = ["chat_completions", "generate"]
+__all__ = ["chat_completions", "generate", "list_models"]
 
 _json = msgspec.json.Encoder()
 #: OpenAI's finish reasons for ours.
@@ -195,7 +201,7 @@ async def chat_completions(
     head = {
         "id": "chatcmpl-" + secrets.token_hex(12),
         "created": int(time.time()),
-        "model": stream.active.ref.name,
+        "model": model_id(stream.active),
     }
 
     def chunk(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
@@ -218,3 +224,15 @@ async def chat_completions(
             opening=chunk({"role": "assistant", "content": ""}, None),
         ),
     )
+
+
+def list_models(gens: Generations) -> dict[str, Any]:
+    """``GET /v1/models``: every served model in OpenAI's list shape (``created``: the
+    bundle's build time, Unix seconds), generation models first (the ones chat can use)."""
+    served = sorted(gens.models.all(), key=lambda a: a.manifest.task != "generation")
+    data = [
+        {"id": model_id(a), "object": "model", "created": int(a.manifest.created.timestamp()),
+         "owned_by": "slmops", "task": a.manifest.task}
+        for a in served
+    ]  # fmt: skip
+    return {"object": "list", "data": data}

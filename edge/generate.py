@@ -41,7 +41,7 @@ from slmops.shared.generation import refusal_category as _refusal
 from slmops.shared.histogram import bin_index
 from slmops.shared.messages import ModelRef, QualityScore
 
-__all__ = ["GenerationOut", "GenerationStats", "Generations", "Stream"]
+__all__ = ["GenerationOut", "GenerationStats", "Generations", "Stream", "model_id"]
 
 log = structlog.get_logger(__name__)
 
@@ -238,6 +238,12 @@ class Stream:
             log.warning("generation_not_recorded", error=repr(exc)[:200])
 
 
+def model_id(active: ActiveModel) -> str:
+    """The id the OpenAI-compatible API names a served model by: ``name:vVERSION`` (e.g.
+    ``smollm2:v3``), accepted back as a request's ``model`` beside the bare name."""
+    return f"{active.ref.name}:v{active.ref.version}"
+
+
 def _index(name: str | None, names: list[str]) -> int | None:
     return None if name is None else names.index(name)
 
@@ -302,16 +308,17 @@ class Generations:
         return GenerationStats(running=self._running, waiting=self._waiting, **self._counts)
 
     def model_for(self, model: object) -> ActiveModel:
-        """The generation model named ``model`` (None: the node's first generation model).
-        Raises ``InvalidInput`` (not served, not a generation model) or ``NoModel``."""
+        """The generation model named ``model``: its name, or its id ``name:vVERSION`` as
+        ``model_id`` gives it (None: the node's first generation model). Raises
+        ``InvalidInput`` (not served, another version, not a generation model) or ``NoModel``."""
         if model is not None:
             if not isinstance(model, str):
                 raise InvalidInput("model", f"must be a string, got {type(model).__name__}")
-            active = self.models.get(model)
-            if active is None:
-                raise InvalidInput(
-                    "model", f"{model[:64]!r} is not served here (models: {self.models.names})"
-                )
+            name, _, version = model.partition(":")
+            active = self.models.get(name)
+            if active is None or (version and version != f"v{active.ref.version}"):
+                served = [model_id(a) for a in self.models.all()]
+                raise InvalidInput("model", f"{model[:64]!r} is not served here (models: {served})")
             if active.manifest.task != "generation":
                 raise InvalidInput(
                     "model", f"{model!r} is a {active.manifest.task} model, not a generation model"
@@ -368,8 +375,12 @@ class Generations:
         ``NoModel`` or ``Busy``."""
         body = body or {}
         limit = self.limits.max_prompt_chars
+        # The field a too-long prompt is named by: OpenAI's "messages" for chat, else "prompt".
+        field = "prompt" if isinstance(messages, str) else "messages"
         if isinstance(messages, str):
-            msgs = check_messages([{"role": "user", "content": messages}], limit)
+            if not _str(messages, "prompt", limit).strip():
+                raise InvalidInput("prompt", "must not be empty or only whitespace")
+            msgs = [{"role": "user", "content": messages}]
         else:
             msgs = check_messages(messages, limit)
         active = self.model_for(model)
@@ -380,7 +391,7 @@ class Generations:
             ids = session.encode(msgs)
         except PromptTooLong as exc:
             raise InvalidInput(
-                "messages", f"the prompt is {exc.tokens} tokens, more than the limit {exc.limit}"
+                field, f"the prompt is {exc.tokens} tokens, more than the limit {exc.limit}"
             ) from None
         if self._running >= self.limits.max_concurrent and self._waiting >= self.limits.max_queue:
             self._counts["refused_busy"] += 1

@@ -133,7 +133,7 @@ async def test_the_openai_client_streams_chat_completions(
             pieces, reasons = [], []
             async for chunk in stream:
                 assert chunk.object == "chat.completion.chunk"
-                assert chunk.model == "chat"
+                assert chunk.model == "chat:v1"  # the bundle's name and version (it said "chat")
                 choice = chunk.choices[0]
                 if choice.delta.content:
                     pieces.append(choice.delta.content)
@@ -141,9 +141,14 @@ async def test_the_openai_client_streams_chat_completions(
                     reasons.append(choice.finish_reason)
             assert "".join(pieces) == "I am not in Python?"
             assert reasons == ["length"]
+            models = await client.models.list()
+            assert [(m.id, m.object, m.owned_by) for m in models.data] == [("chat:v1", "model", "slmops")]
             whole = await client.chat.completions.create(
-                model="chat", messages=[{"role": "user", "content": "tell me about computers"}], max_tokens=8
+                model=models.data[0].id,
+                messages=[{"role": "user", "content": "tell me about computers"}],
+                max_tokens=8,
             )
+            assert whole.model == "chat:v1"
             assert whole.choices[0].message.content == "I am not in Python?"
             assert whole.usage is not None
             assert whole.usage.completion_tokens == 8
@@ -153,7 +158,12 @@ async def test_the_openai_client_streams_chat_completions(
                 await client.chat.completions.create(
                     model="nope", messages=[{"role": "user", "content": "hi"}], stream=True
                 )
-            assert "not served here" in str(err.value)
+            assert "not served here (models: ['chat:v1'])" in str(err.value)
+            assert err.value.param == "model"
+            with pytest.raises(BadRequestError, match="not served here"):  # another version
+                await client.chat.completions.create(
+                    model="chat:v2", messages=[{"role": "user", "content": "hi"}]
+                )
         finally:
             await client.close()
         agg = await _aggregate(node)
@@ -251,10 +261,12 @@ async def test_limits_prompt_tokens_new_tokens_and_a_full_queue(
             async with s.post(f"{base}/v1/generate", json=body) as r:
                 return r.status, await r.json(content_type=None), r.headers
 
+        # Named by the field that held it (it was "messages" for a "prompt"), as OpenAI names it.
         status, err, _ = await post({"prompt": "word " * 600})
-        assert status == 400
-        assert err["error"]["field"] == "messages"
+        assert (status, err["error"]["field"], err["error"]["param"]) == (400, "prompt", "prompt")
         assert "more than the limit 512" in err["error"]["message"]
+        status, err, _ = await post({"messages": [{"role": "user", "content": "word " * 600}]})
+        assert (status, err["error"]["field"]) == (400, "messages")
         status, err, _ = await post({"prompt": "hi", "max_new_tokens": 513})
         assert (status, err["error"]["field"]) == (400, "max_new_tokens")
         # One running (opened through the Python API and not stepped: it holds its slot), one
