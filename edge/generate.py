@@ -7,7 +7,8 @@ generated, from a worker thread so the event loop never blocks on the model: the
 runs the prefill and the first token in one thread hop, each later call up to
 ``STEPS_PER_HOP`` tokens (what they make visible, as one piece);
 ``Stream.finish`` records the one event row of the answer and, with durable answers, waits for
-its group commit — the API sends the final chunk (``[DONE]``) only after it returns. A stream
+its group commit (at most ``COMMIT_WAIT_S``, then logs ``generation_commit_wait_gave_up``) —
+the API sends the final chunk (``[DONE]``) only after it returns. A stream
 closed before its model finished (the client went away, the caller stopped) is recorded as
 "cancelled" by ``Stream.aclose``.
 
@@ -45,6 +46,10 @@ __all__ = ["GenerationOut", "GenerationStats", "Generations", "Stream", "model_i
 
 log = structlog.get_logger(__name__)
 
+#: Seconds an answer waits for its telemetry row's commit (durable answers) before it gives up
+#: and says so: twice the buffer's SQLite busy timeout (5 s), after which a failing disk has
+#: already made the writer answer with a loss receipt; only a stopped writer is slower.
+COMMIT_WAIT_S = 10.0
 _ROLES = frozenset({"system", "user", "assistant"})
 #: Most messages in one request, and stop strings (each at most 64 characters).
 _MAX_MESSAGES = 64
@@ -233,7 +238,12 @@ class Stream:
         try:
             self.commit = await self._owner.buffer.append([row])
             if self._owner.durable:
-                await self.commit.done.wait()
+                # Bounded: this also runs in ``aclose`` (shielded), which must end even when the
+                # buffer's writer is gone (a node shutting down).
+                with anyio.move_on_after(COMMIT_WAIT_S) as waiting:
+                    await self.commit.done.wait()
+                if waiting.cancelled_caught:
+                    log.warning("generation_commit_wait_gave_up", waited_s=COMMIT_WAIT_S, reason=reason)
         except Exception as exc:  # a closed/failing buffer must not break the answer's cleanup
             log.warning("generation_not_recorded", error=repr(exc)[:200])
 

@@ -21,9 +21,11 @@ import pytest
 from _decoder import make_generation_bundle_for_tests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from _edge_util import Keys, edge_config, read_raw, read_telemetry
 from slmops.edge.api import serve_api
+from slmops.edge.generate import COMMIT_WAIT_S
 from slmops.edge.node import EdgeNode
 from slmops.edge.window import merge
 from slmops.shared.bundle import Bundle
@@ -200,6 +202,18 @@ async def test_the_telemetry_row_is_committed_before_done(
         async with s.get(f"{base}/metrics") as r:
             text = await r.text()
         assert 'slmops_edge_generations_total{outcome="served"} 3.0' in text
+        # The wait for the commit is bounded (it was not): with the buffer's writer stuck (its
+        # transaction lock held, as by a long transaction) an answer's cleanup gives up after
+        # COMMIT_WAIT_S and says so, instead of holding its caller (or a shutdown) forever.
+        held = await node.generations.open("hello")
+        async with node.buffer._lock:  # the writer waits for it: no commit completes meanwhile
+            with capture_logs() as logs, anyio.fail_after(COMMIT_WAIT_S + 20):
+                await held.aclose()
+        gave_up = [e for e in logs if e["event"] == "generation_commit_wait_gave_up"]
+        assert gave_up == [
+            {"event": "generation_commit_wait_gave_up", "log_level": "warning", "waited_s": COMMIT_WAIT_S,
+             "reason": "cancelled"}
+        ]  # fmt: skip
 
 
 @pytest.mark.anyio
