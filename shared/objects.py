@@ -22,6 +22,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +35,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ObjectInfo
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TYPE
 
+from slmops.shared.atomic import write_atomic
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable
 from slmops.shared.jetstream import nats_errors, url_of
 
@@ -176,6 +178,10 @@ async def _chunks(
         await _unsubscribe(sub, where, url)
 
 
+#: Seconds of download between two saves of the resume state: a restart re-fetches at most
+#: what arrived in that time.
+STATE_EVERY_S = 0.5
+
 #: A chunk is 128 KiB (nats-py's object-store default); its headers add little.
 _CHUNK_BOUND = 128 * 1024 + 1024
 
@@ -188,9 +194,7 @@ def _load_resume(path: Path) -> _Resume | None:
 
 
 def _save_resume(path: Path, state: _Resume) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgspec.json.encode(state))
-    os.replace(tmp, path)
+    write_atomic(path, msgspec.json.encode(state), prefix=f".{path.name}.")
 
 
 def _sha256_prefix(path: Path, size: int) -> hashlib._Hash:
@@ -218,14 +222,15 @@ async def fetch_resumable(
     on_chunk: Callable[[int], None] | None = None,
 ) -> int:
     """Download object ``obj`` into the file ``partial``, resuming where an earlier attempt
-    stopped: each chunk's stream sequence is recorded next to it (``<partial>.state``), so a
-    cut link or a restart costs only the chunk in flight. Return the object's size once the
-    file holds all of it and its SHA-256 matches the object's digest (the state file is then
-    removed). ``max_size``: refuse an object larger than this before fetching (the size the
-    signed manifest lists). Raises ``FetchError`` (too large, no chunk for ``stall_timeout``
-    seconds, short or corrupt), ``NotFound``, ``NatsUnavailable`` / ``JetStreamRefused``,
-    ``OSError`` from the file; the partial file and its state stay for the next attempt.
-    ``on_chunk(n)`` is called with each chunk's size."""
+    stopped: the stream sequence of the next chunk is recorded next to it (``<partial>.state``,
+    at most every ``STATE_EVERY_S``), so a cut link or a restart costs only what arrived since.
+    Return the object's size once the file holds all of it and its SHA-256 matches the
+    object's digest (the state file is then removed). ``max_size``: refuse an object larger
+    than this before fetching (the size the signed manifest lists). Raises ``FetchError``
+    (too large, no chunk for ``stall_timeout`` seconds, short or corrupt), ``NotFound``,
+    ``NatsUnavailable`` / ``JetStreamRefused``, ``OSError`` from the file; the partial file
+    and its state stay for the next attempt. ``on_chunk(n)`` is called with each chunk's
+    size."""
     url, where = url_of(js), f"{bucket}/{obj}"
     with nats_errors("object", where, url):
         store = await js.object_store(bucket)
@@ -242,6 +247,7 @@ async def fetch_resumable(
         _prepare, partial, state_path, str(info.nuid), size
     )
     if have < size:
+        saved_at = time.monotonic()
         chunks = _chunks(js, bucket, str(info.nuid), start_seq, where=where, stall_timeout=stall_timeout)
         try:
             with partial.open("ab") as f:
@@ -250,8 +256,13 @@ async def fetch_resumable(
                         raise FetchError(obj, f"more than the object's {size} bytes arrived")
                     digest.update(data)
                     have += len(data)
+                    # The state (two fsyncs and a rename) at most every STATE_EVERY_S: saved per
+                    # chunk it made a fast download 2-4x slower (32 MiB: 2.0-3.7 s, not 0.8 s).
+                    now = time.monotonic()
                     resume = _Resume(str(info.nuid), seq + 1, have)
-                    await anyio.to_thread.run_sync(_append, f, data, state_path, resume)
+                    save = now - saved_at >= STATE_EVERY_S and have < size
+                    await anyio.to_thread.run_sync(_append, f, data, state_path, resume if save else None)
+                    saved_at = now if save else saved_at
                     if on_chunk is not None:
                         on_chunk(len(data))
                     if have >= size:
@@ -295,8 +306,14 @@ def _discard(partial: Path, state_path: Path) -> None:
     partial.unlink(missing_ok=True)
 
 
-def _append(f: BinaryIO, data: bytes, state_path: Path, resume: _Resume) -> None:
-    """Data first, then the state naming it: the file is never shorter than its state says."""
+def _append(f: BinaryIO, data: bytes, state_path: Path, resume: _Resume | None) -> None:
+    """``data`` appended; with ``resume``, the data fsynced and then the state naming it
+    replaced whole (``write_atomic``), so even after a power cut the file is never shorter than
+    its state says and the state file is never torn (it was written through a fixed temp name,
+    neither fsynced). Bytes past the state's count are cut off on resume (``_prepare``)."""
     f.write(data)
+    if resume is None:
+        return
     f.flush()
+    os.fsync(f.fileno())
     _save_resume(state_path, resume)
