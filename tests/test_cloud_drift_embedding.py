@@ -85,7 +85,12 @@ async def test_a_shift_in_what_is_embedded_opens_an_embedding_drift_event(
 
     async with CloudService(cloud_config(nats_server.url, tmp_path / "cloud", fleet)) as svc:
         await svc.wait_active(20)
-        for node, seq, payload in payloads:
+        # In window-time order, as live nodes send them: rounds are keyed by window time, so
+        # one node's whole outbox ahead of the other's would make the other's windows late
+        # (node evidence only, ``DriftDetector``).
+        for _, (node, seq, payload) in sorted(
+            zip(aggs, payloads, strict=True), key=lambda x: x[0].window_end
+        ):
             await js.publish(
                 telemetry_subject(fleet, node), payload, headers={"Nats-Msg-Id": msg_id(node, seq, fleet)}
             )

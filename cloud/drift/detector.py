@@ -9,11 +9,31 @@ How a decision is made (docs/architecture.md §7):
    are then tested against the reference (``stats.window_test``: a χ² z-score with the
    reference's and the DP noise's variance in the null). The z-score feeds a one-sided CUSUM,
    ``S = max(0, S + z - k)``.
-3. **Rounds (fleet pooling first).** A round is one window from every node that reports: it
-   closes when a node sends its next aggregate. At round close, all the round's counts pooled
-   fleet-wide are tested the same way (a fleet-wide shift shows there with far more power), and
-   every unit × signal updated in the round gets a p-value: the calibrated chance that a null
-   CUSUM stands at its ``S`` (``calibrate.py``).
+3. **Rounds (fleet pooling first), keyed by window time.** A round is one window from every
+   node that reports: it closes when a node sends its next *current* aggregate. At round close,
+   all the round's counts pooled fleet-wide are tested the same way (a fleet-wide shift shows
+   there with far more power), and every unit × signal updated in the round gets a p-value: the
+   calibrated chance that a null CUSUM stands at its ``S`` (``calibrate.py``). A closed round
+   sets the group's *frontier*: the median ``window_end`` of its windows (a median, so a node
+   whose clock runs ahead — up to the ingest's ``max_clock_skew`` — cannot move it alone; the
+   frontier never goes back). An aggregate whose ``window_end`` is at or before the frontier is
+   **late**: its window time's round was already evaluated (a reconnecting node draining its
+   outbox, a straggler, a compacted backlog). A late window joins its node's evidence only
+   (node CUSUM, node baseline, carried-over counts, in the node's own order), never a fleet
+   pool, and never closes a round; its node joins the next round's BH family once, however
+   many late windows it sent (its CUSUM then holds all of them: one look, not one per
+   window). So a drain of a day of old windows costs node tests only, the rounds evaluated are
+   at most one per window time, and the fleet pool is never a handful of draining nodes (the
+   flapping fleet events of issue 18). Late windows are counted as usual (the ingest's node
+   state) but are not in the round history (``take_rounds``). When many nodes drain at once
+   while the rest are silent (a fleet-wide outage, a reconnect storm), the rounds follow the
+   first node to send its next window and the others' windows of that time arrive late; such
+   rounds hold a few nodes, so a round is tested *as the fleet* only when it holds at least
+   half the most nodes of a round closed in the last hour or two (``_quorate``, the
+   detector's clock): a smaller one is closed for its nodes' tests but neither steps the
+   fleet CUSUM nor joins the automatic baseline, so its composition cannot open or close
+   fleet events. (A fleet that loses over half its reporting nodes within an hour — for good,
+   or a quiet night — has no fleet test until that memory has passed: one to two hours.)
 4. **Benjamini–Hochberg** over that family (fleet × signals and nodes × signals) at level
    ``q = min(0.1, target_false_rate × node windows in the round, target_false_per_fleet_day ×
    window length / 1 day)`` (``round_level``): under stationary traffic the chance of any false
@@ -34,6 +54,7 @@ Not thread-safe; one detector per service. Its state is the plain msgspec Struct
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -100,6 +121,8 @@ class DriftDetector:
         #: Group key -> set of ``Group.round_nodes`` (rebuilt from the list when missing): the
         #: round-close check runs per aggregate, a list scan would be O(nodes).
         self._round_sets: dict[str, set[str]] = {}
+        #: Group key -> set of ``Group.late_nodes`` (the same index for late windows).
+        self._late_sets: dict[str, set[str]] = {}
         #: Group key -> signal -> this round's windows not yet added into ``Group.round``
         #: (counts, noise, start, end), added per batch (``take_dirty``) and at round close:
         #: one column sum per signal instead of a list sum per aggregate. Integer counts, so the
@@ -239,6 +262,7 @@ class DriftDetector:
             if any(us.open for us in unit.sig.values()):
                 self._maybe_open.setdefault(gk, set()).add(node)
         self._round_sets = {}
+        self._late_sets = {}
         self._round_pending = {}
         self._tests = {}
 
@@ -304,7 +328,9 @@ class DriftDetector:
         in_round = self._round_sets.get(g.key)
         if in_round is None:
             in_round = self._round_sets[g.key] = set(g.round_nodes)
-        if agg.node in in_round:
+        end_ts = agg.window_end.timestamp()
+        late = g.frontier is not None and end_ts <= g.frontier
+        if not late and agg.node in in_round:
             # The round's window length (data time): rounds per day for the BH level. At least
             # 1 s: a window closed early (a tick, a version change) is not the fleet's cadence.
             g.window_s = max(1.0, (agg.window_end - agg.window_start).total_seconds())
@@ -318,8 +344,12 @@ class DriftDetector:
             unit = self.units[ukey] = NodeUnit()
             self._by_group.setdefault(g.key, {})[agg.node] = unit
         self._dirty_units.add(ukey)
-        g.round_nodes.append(agg.node)
-        in_round.add(agg.node)
+        if late:
+            self._late(g, agg.node)
+        else:
+            g.round_nodes.append(agg.node)
+            g.round_ends.append(end_ts)
+            in_round.add(agg.node)
         tested = False
         min_count = self._cfg.min_count
         start, end = agg.window_start, agg.window_end
@@ -330,11 +360,12 @@ class DriftDetector:
         gkey = g.key
         for signal, (counts, noise) in signals.items():
             total = sum(counts)
-            waiting = pending.get(signal)
-            if waiting is None:
-                pending[signal] = [(counts, noise, start, end)]
-            else:
-                waiting.append((counts, noise, start, end))
+            if not late:
+                waiting = pending.get(signal)
+                if waiting is None:
+                    pending[signal] = [(counts, noise, start, end)]
+                else:
+                    waiting.append((counts, noise, start, end))
             acc = unit.acc.pop(signal, None)
             if acc is None:
                 # Hot path: most windows are big enough to be tested on their own.
@@ -359,9 +390,20 @@ class DriftDetector:
             else:
                 due.append((us, ref, acc, gkey))
             tested = True
-        if tested:
+        if tested and not late:
             g.round_node_windows += 1
         return events
+
+    def _late(self, g: Group, node: str) -> None:
+        """Note ``node`` as having sent a late window since the last round close: its units
+        join that round's BH family once (``Group.late_nodes``; the set is the in-memory
+        index, rebuilt from the list after a restart)."""
+        late = self._late_sets.get(g.key)
+        if late is None:
+            late = self._late_sets[g.key] = set(g.late_nodes)
+        if node not in late:
+            late.add(node)
+            g.late_nodes.append(node)
 
     def _warm_node(self, unit: NodeUnit, signal: str, acc: Acc) -> None:
         """Pool one tested window into the node's baseline being learnt; after
@@ -550,15 +592,37 @@ class DriftDetector:
             if racc.end is None or end > racc.end:
                 racc.end = end
 
+    def _quorate(self, g: Group) -> bool:
+        """Whether the round being closed holds enough of the fleet to stand for it: at least
+        ``_QUORUM_SHARE`` of the most nodes in a round closed over the last one to two
+        ``_QUORUM_SECONDS`` of the detector's clock (two periods' maxima are kept,
+        ``Group.round_sizes``). A smaller round (a few nodes draining their outboxes while
+        the rest are silent) is still closed for its nodes' tests, but its pool is not the
+        fleet's: a fleet test of it would judge its composition, not the traffic. The memory
+        is in clock time, not rounds: a drain closes rounds much faster than the windows'
+        cadence, so a count of rounds would forget the fleet within one drain."""
+        in_round = self._round_sets.get(g.key)
+        size = len(in_round) if in_round is not None else len(set(g.round_nodes))
+        quorate = size >= _QUORUM_SHARE * max(g.round_sizes, default=0)
+        now = self._clock().timestamp()
+        if g.round_sizes_since is None or not g.round_sizes:
+            g.round_sizes, g.round_sizes_since = [size], now
+        elif now - g.round_sizes_since >= _QUORUM_SECONDS:
+            g.round_sizes, g.round_sizes_since = [g.round_sizes[-1], size], now
+        else:
+            g.round_sizes[-1] = max(g.round_sizes[-1], size)
+        return quorate
+
     def _close_round(self, g: Group) -> list[DriftEvent]:
         cfg = self._cfg
         self._run_tests()
         self._flush_round(g)
-        healthy = g.baseline_id == "" and self._healthy(g)
+        quorate = self._quorate(g)
+        healthy = quorate and g.baseline_id == "" and self._healthy(g)
         warmed = False
         for signal, acc in list(g.round.items()):
             ref = g.refs.get(signal)
-            if ref is not None and acc.n >= cfg.min_count:
+            if quorate and ref is not None and acc.n >= cfg.min_count:
                 us = g.fleet_sig.get(signal)
                 if us is None:
                     us = g.fleet_sig[signal] = UnitSig()
@@ -585,7 +649,7 @@ class DriftDetector:
         family: list[tuple[str | None, str, UnitSig, SignalRef]] = [
             (None, s, us, g.refs[s]) for s, us in g.fleet_sig.items() if us.fresh
         ]
-        for node in dict.fromkeys(g.round_nodes):
+        for node in dict.fromkeys([*g.round_nodes, *g.late_nodes]):
             unit = self.units.get((g.key, node))
             if unit is not None:
                 family += [(node, s, us, unit.refs[s]) for s, us in unit.sig.items() if us.fresh]
@@ -663,11 +727,21 @@ class DriftDetector:
                         events += self._hysteresis(g, unit_node, signal, us, ref, rej)
                 except Exception as exc:  # state-level poison
                     self._quarantine(g, signal, exc)
+        if g.round_ends:
+            # The window time this round stood for: later windows at or before it are late.
+            frontier = statistics.median_low(g.round_ends)
+            if g.frontier is None or frontier > g.frontier:
+                g.frontier = frontier
         g.round = {}
         g.round_nodes = []
+        g.round_ends = []
+        g.late_nodes = []
         in_round = self._round_sets.get(g.key)
         if in_round is not None:
             in_round.clear()
+        late = self._late_sets.get(g.key)
+        if late is not None:
+            late.clear()
         g.round_node_windows = 0
         g.rounds += 1
         return events
@@ -844,6 +918,10 @@ QUARANTINE_ROUNDS = 50
 #: Skew needs z ≥ 5 (one-sided p ≈ 3e-7) on the pooled first rounds as well as the minimum
 #: effect: it is one test per signal and group, and its pooled counts are large.
 _SKEW_Z = 5.0
+#: A round is tested as the fleet's when it holds at least this share of the most nodes seen
+#: in a round over the last one to two ``_QUORUM_SECONDS`` (``DriftDetector._quorate``).
+_QUORUM_SHARE = 0.5
+_QUORUM_SECONDS = 3600.0
 #: Windows pooled at most into the estimate of the state an open episode is in.
 _OPENED_WINDOWS = 10
 #: Closed rounds kept for ``take_rounds`` between two calls.

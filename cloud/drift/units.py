@@ -71,7 +71,23 @@ class Group(msgspec.Struct, kw_only=True):
     warm_rounds: int = 0
     round: dict[str, Acc] = {}
     round_nodes: list[str] = []
+    #: ``window_end`` (POSIX seconds) of each window in the round, in ``round_nodes`` order:
+    #: their median becomes ``frontier`` when the round closes.
+    round_ends: list[float] = []
     round_node_windows: int = 0
+    #: Window time (POSIX seconds) of the last closed round: an aggregate whose window ends at
+    #: or before it is late (node evidence only, ``DriftDetector``). None until a round closes
+    #: (and in state written before issue 18: every window is then current, as before).
+    frontier: float | None = None
+    #: Nodes that sent a late window since the last round close (each once): their units join
+    #: the next round's BH family.
+    late_nodes: list[str] = []
+    #: The most nodes in a round closed in the previous and the current hour of the
+    #: detector's clock (``[previous, current]``), and when the current hour began (POSIX
+    #: seconds): a round with under half of their maximum is not tested as the fleet
+    #: (``DriftDetector._quorate``).
+    round_sizes: list[int] = []
+    round_sizes_since: float | None = None
     #: Length in seconds of the windows of the round being closed (its aggregates'
     #: ``window_end - window_start``; 60 until one is seen): rounds per day for the BH level.
     window_s: float = 60.0

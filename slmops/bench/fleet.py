@@ -20,7 +20,9 @@ Phases and figures (times are wall-clock seconds on this machine; nothing passes
 3. **storm** — a ``storm`` share of the nodes reconnect at once, each on its own NATS
    connection (the number is reported), each with ``backlog`` buffered windows (60 = an hour);
    drain time = the first connect → the cloud has applied every one. Drain rate / the steady
-   rate of one window per node per minute (``storm_drain_vs_steady_rate``).
+   rate of one window per node per minute (``storm_drain_vs_steady_rate``); drift rounds
+   closed and events (drift and ops) made during the drain (``storm_drift_rounds``,
+   ``storm_events``).
 4. **baseline** — in the same run, bare JetStream: the child publishes the steady phase's
    messages back to back (other fleet id), and a bare durable pull consumer fetches and acks
    them (``bench.ingest._bare``: ``fetch(256)`` + one ack per message).
@@ -119,6 +121,12 @@ class _Rounds:
         detector._close_round = timed
 
 
+def _events(svc: CloudService) -> int:
+    """Drift and ops events the cloud has made so far (published or still queued)."""
+    st = svc.statistics()
+    return st.events_published + st.events_pending
+
+
 async def _wait_applied(svc: CloudService, want: int, timeout: float) -> float:
     """Wait until the cloud has applied ``want`` aggregates; returns the time.time() then."""
     with anyio.fail_after(timeout):
@@ -177,7 +185,11 @@ async def run_fleet(
                     out["drift_round_s_median"] = round(statistics.median(r), 4) if r else None
                     out["drift_round_s_max"] = round(max(r), 4) if r else None
                     if storm > 0 and backlog > 0:
+                        before = (len(r), _events(svc))
                         await _storm(svc, out, common, minutes, storm, backlog, log)
+                        # Rounds keyed by window time: at most one per window time drained.
+                        out["storm_drift_rounds"] = len(rounds.seconds) - before[0]
+                        out["storm_events"] = _events(svc) - before[1]
                     out["cloud_rss_after_storm_bytes"] = rss_bytes()
                     counts = {n.node: n.aggregates for n in svc.nodes.values()}
                     dup = svc.statistics().counters.get("duplicates", 0)
