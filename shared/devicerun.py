@@ -12,8 +12,14 @@ ONNX Runtime intra-op thread count. Two modes (``cloud.factory.lab`` runs both):
   text one by one, then one batch of 32, and prints the peak resident set (``VmHWM`` from
   ``/proc/self/status``; ``ru_maxrss`` elsewhere) and the smoke-test outcome.
 
+- ``generation``: a generation bundle (``shared.generation``) alone: its smoke tests, then
+  ``samples`` greedy answers (one held-out text each as the user message, at most
+  ``max_new_tokens``), each timed: time to first token (template, encode, prefill, first token)
+  and decode tokens/s ((tokens - 1) / (last token - first token)); prints their p50/p95, the
+  decode rate over all answers, and the peak resident set.
+
 Request: ``{"mode", "bundle", "reference" (latency), "cpus": [int], "threads": int,
-"texts": [str], "samples": int}``.
+"texts": [str], "samples": int, "max_new_tokens" (generation)}``.
 """
 
 from __future__ import annotations
@@ -104,12 +110,64 @@ def _memory(req: dict[str, Any]) -> dict[str, Any]:
     return {"smoke_ok": not smoke_error, "smoke_error": smoke_error, "peak_mb": round(_peak_mb(), 1)}
 
 
+def _generation(req: dict[str, Any]) -> dict[str, Any]:
+    from slmops.shared.bundle import read_bundle
+    from slmops.shared.errors import BundleError
+    from slmops.shared.generation import GenerationParams, load_generation
+
+    bundle = read_bundle(Path(req["bundle"]))
+    try:
+        session = load_generation(bundle.path, bundle.manifest, intra_op_threads=int(req["threads"]))
+    except BundleError as exc:
+        return {"smoke_ok": False, "smoke_error": str(exc), "peak_mb": _peak_mb()}
+    smoke_error = ""
+    try:
+        session.smoke_test()
+    except BundleError as exc:
+        smoke_error = str(exc)
+    texts: list[str] = req["texts"]
+    params = GenerationParams(max_new_tokens=int(req["max_new_tokens"]))
+    ttft: list[float] = []
+    rates: list[float] = []
+    tokens = 0
+    decode_s = 0.0
+    for i in range(int(req["samples"])):
+        t0 = time.perf_counter()
+        run = session.start(session.encode(texts[i % len(texts)], limit=1 << 30), params)
+        run.prefill()
+        first = end = 0.0
+        n = 0
+        while run.step() is not None:
+            if len(run.tokens) > n:  # a token (not the end-of-sequence one) was generated
+                n = len(run.tokens)
+                end = time.perf_counter()
+                first = first or end
+        if not first:  # ended before any token: nothing to time
+            continue
+        ttft.append((first - t0) * 1000.0)
+        if n > 1 and end > first:
+            rates.append((n - 1) / (end - first))
+            tokens += n - 1
+            decode_s += end - first
+    return {
+        "smoke_ok": not smoke_error,
+        "smoke_error": smoke_error,
+        "peak_mb": round(_peak_mb(), 1),
+        "answers": len(ttft),
+        "ttft": _quantiles(ttft) if ttft else {"p50_ms": 0.0, "p95_ms": 0.0},
+        "tokens_per_s_p50": float(sorted(rates)[len(rates) // 2]) if rates else 0.0,
+        "tokens_per_s": tokens / decode_s if decode_s > 0 else 0.0,
+        "output_tokens": tokens + len(ttft),
+    }
+
+
 def main() -> None:
     req = json.loads(sys.stdin.read())
     cpus = req.get("cpus") or []
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cpus))
-    out = _latency(req) if req["mode"] == "latency" else _memory(req)
+    modes = {"latency": _latency, "memory": _memory, "generation": _generation}
+    out = modes[req["mode"]](req)
     sys.stdout.write(json.dumps(out) + "\n")
 
 

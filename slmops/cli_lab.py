@@ -53,10 +53,17 @@ def test_cmd(
     is the profile's `latency_factor` times the reference's p95 measured in the same run;
     memory is judged by peak RSS; absolute times are printed, never judged.
 
+    A generation bundle (e.g. SmolLM2 from `models build --arch smollm2`) runs alone in such a
+    process: its smoke tests and 20 greedy answers to held-out texts (at most 32 new tokens
+    each), printing time to first token (p50/p95) and decode tokens/s (median answer, and all
+    answers' tokens over their decode time), judged on smoke tests, peak RSS and size only
+    (no reference; --reference and --samples are not used).
+
     Exit 0 when every profile's smoke tests and budgets hold, 1 when any fails, 2 for a usage
     error (an unknown profile, a bad profile file).
     """
     from slmops.cloud.factory.lab import run_profile
+    from slmops.shared.bundle import read_bundle
     from slmops.shared.profiles import find_profile, load_profiles
 
     def work() -> list[LabResult]:
@@ -65,7 +72,8 @@ def test_cmd(
             if profile_refs
             else list(load_profiles(profiles_dir).values())
         )
-        ref = reference if reference is not None else _default_reference()
+        generation = read_bundle(bundle).manifest.task == "generation"
+        ref = reference if reference is not None or generation else _default_reference()
         return [run_profile(bundle, spec, ref, samples=samples) for spec in specs]
 
     results = call(work)
@@ -91,6 +99,18 @@ def _table(results: list[LabResult]) -> None:
     )
     for r in results:
         verdict = "ok" if r.ok else "FAIL"
+        if r.generation is not None:
+            g = r.generation
+            click.echo(
+                f"{r.profile:<10} {r.variant:<9} {'ok' if r.smoke_ok else 'FAIL':<5} "
+                f"time to first token p50 {g.ttft_p50_ms:.1f} ms, p95 {g.ttft_p95_ms:.1f} ms; "
+                f"{g.tokens_per_s:.1f} tokens/s ({g.answers} answers, {g.output_tokens} tokens); "
+                f"RSS {r.peak_rss_mb:.0f}/{r.model_memory_mb} MB, "
+                f"{r.size_mb:.1f}/{r.model_disk_mb} MB  {verdict}"
+            )
+            for line in [*(f"note: {n}" for n in r.notes), *(f"fails {f}" for f in r.failures)]:
+                click.echo(f"    {line}")
+            continue
         click.echo(
             f"{r.profile:<10} {r.variant:<9} {'ok' if r.smoke_ok else 'FAIL':<5} {r.latency.p50_ms:>8.2f} "
             f"{r.latency.p95_ms:>8.2f} {r.reference.p95_ms:>8.2f} {r.latency_ratio:>6.2f} "

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
+from _edge_util import Keys
 from slmops.cli import main
 from slmops.cloud.factory.cache import CachedModel
 from slmops.shared.bundle import FileData, load_private_key, read_bundle, write_bundle
@@ -130,3 +131,33 @@ def test_memory_and_smoke_failures_exit_1(minilm_default: CachedModel, tmp_path:
     assert not r["smoke_ok"]
     assert "expected" in r["smoke_error"], r
     assert r["failures"][0].startswith("smoke:")
+
+
+def test_a_generation_bundle_runs_under_profiles(tiny_decoder: Path, tmp_path: Path, keys: Keys) -> None:
+    """``models test --profile`` on the suite's tiny decoder: smoke tests, time to first token
+    and tokens/s per profile (printed, not judged), memory and disk judged; no reference
+    bundle (the MiniLM one is never built or read)."""
+    from _decoder import make_generation_bundle_for_tests
+
+    bundle = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "chat", keys.key)
+    code, doc = _run([str(bundle.path), "--profile", "till", "--profile", "gateway"])
+    assert code == 0, doc
+    assert [r["profile"] for r in doc["results"]] == ["till", "gateway"]
+    for r in doc["results"]:
+        g = r["generation"]
+        assert r["smoke_ok"], r
+        assert r["ok"], r
+        assert (g["answers"], g["max_new_tokens"]) == (20, 32), g
+        assert g["output_tokens"] >= g["answers"]
+        assert 0 < g["ttft_p50_ms"] <= g["ttft_p95_ms"]
+        assert g["tokens_per_s"] > 0
+        assert g["tokens_per_s_p50"] > 0
+        assert r["latency"]["p95_ms"] == g["ttft_p95_ms"]
+        assert any("not judged" in n for n in r["notes"])
+        assert 0 < r["peak_rss_mb"] <= r["model_memory_mb"]
+    # A budget the bundle breaks fails the run (exit 1), naming it.
+    tight = tmp_path / "tiny.toml"
+    tight.write_text(_GOOD.replace("model_memory_mb = 256", "model_memory_mb = 1"))
+    code, doc = _run([str(bundle.path), "--profile", str(tight)])
+    assert code == 1
+    assert doc["results"][0]["failures"][0].startswith("memory: peak RSS"), doc

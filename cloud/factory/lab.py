@@ -13,6 +13,13 @@ profile's ONNX Runtime thread count (``shared.devicerun``):
 
 Absolute milliseconds are printed, never judged: a shared x86 host is not the device
 (docs/decisions/0008-relative-device-budgets.md).
+
+A generation bundle (task "generation") runs in one pinned process instead
+(``shared.devicerun`` mode ``generation``): its smoke tests, ``GENERATION_ANSWERS`` greedy
+answers to held-out texts (at most ``GENERATION_MAX_NEW_TOKENS`` new tokens each) timed for
+time to first token and decode tokens/s, and the peak RSS. Memory and disk are judged as above;
+time to first token and tokens/s are printed, not judged (there is no generation reference to
+be relative to), and no reference bundle is needed.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any
 from slmops.shared.bundle import read_bundle
 from slmops.shared.profiles import ProfileSpec
 
-__all__ = ["LabResult", "Latency", "default_texts", "run_profile"]
+__all__ = ["GenerationLab", "LabResult", "Latency", "default_texts", "run_profile"]
 
 #: Batch-1 calls per bundle and per profile: enough for a stable p95 (the 95th of 200 is the
 #: 10th slowest call), short enough for CI (~2 s per profile for MiniLM int8-l3 here).
@@ -44,6 +51,26 @@ class Latency:
     p95_ms: float
     batch32_p50_ms: float
     batch32_p95_ms: float = 0.0
+
+
+#: Answers per generation bundle and profile, and their new-token limit: 20 × 32 tokens took
+#: ~1 s for the suite's tiny decoder; about 20 s for SmolLM2-135M int4 at ~40 tokens/s.
+GENERATION_ANSWERS = 20
+GENERATION_MAX_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationLab:
+    """A generation bundle's figures under one profile: time to first token (ms, p50/p95
+    over the answers), decode tokens/s (median answer, and over all answers' tokens)."""
+
+    answers: int
+    output_tokens: int
+    max_new_tokens: int
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    tokens_per_s_p50: float
+    tokens_per_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +97,8 @@ class LabResult:
     memory_method: str
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: Generation bundles: their figures (then ``latency``/``reference`` are zeros).
+    generation: GenerationLab | None = None
 
     @property
     def ok(self) -> bool:
@@ -125,7 +154,7 @@ def _latency(doc: dict[str, Any]) -> Latency:
 def run_profile(
     bundle: Path,
     profile: ProfileSpec,
-    reference: Path,
+    reference: Path | None,
     *,
     texts: Sequence[str] | None = None,
     samples: int = DEFAULT_SAMPLES,
@@ -133,11 +162,15 @@ def run_profile(
 ) -> LabResult:
     """Measure ``bundle`` under ``profile`` against ``reference`` (L6 fp32). Raises
     ``BundleError`` when a bundle cannot be read, ``RuntimeError`` when a measuring process
-    fails, ``ValueError`` for ``samples < 20``."""
+    fails, ``ValueError`` for ``samples < 20`` or a classifier without ``reference``. A
+    generation bundle needs no reference (module docstring)."""
     if samples < 20:
         raise ValueError(f"samples must be at least 20 for a p95, got {samples}")
     manifest = read_bundle(Path(bundle)).manifest
-    read_bundle(Path(reference))  # fail early, naming the reference
+    if manifest.task != "generation":
+        if reference is None:
+            raise ValueError(f"{bundle} is a {manifest.task} bundle: its latency needs the reference bundle")
+        read_bundle(Path(reference))  # fail early, naming the reference
     lines = list(texts) if texts is not None else default_texts()
     cpus = profile.host_cores()
     notes: list[str] = []
@@ -146,23 +179,20 @@ def run_profile(
     if profile.providers and profile.providers != ["CPUExecutionProvider"]:
         notes.append(f"providers {profile.providers} are not used here: ran on CPUExecutionProvider")
     base = {"cpus": cpus, "threads": profile.threads, "texts": lines, "samples": samples}
+    if manifest.task == "generation":
+        return _run_generation(bundle, profile, manifest.variant, base, notes, timeout)
+    assert reference is not None
     mem = _child({**base, "mode": "memory", "bundle": str(bundle)}, timeout)
     lat = _child({**base, "mode": "latency", "bundle": str(bundle), "reference": str(reference)}, timeout)
     cand, ref = _latency(lat["candidate"]), _latency(lat["reference"])
     ratio = cand.p95_ms / ref.p95_ms if ref.p95_ms > 0 else float("inf")
-    size_mb = _bundle_bytes(Path(bundle)) / 1e6
-    failures: list[str] = []
-    if not mem["smoke_ok"]:
-        failures.append(f"smoke: {mem['smoke_error']}")
+    size_mb, failures = _budgets(profile, bundle, mem)
     if ratio > profile.latency_factor:
-        failures.append(
+        failures.insert(
+            1 if failures and failures[0].startswith("smoke") else 0,
             f"latency: p95 {cand.p95_ms:.2f} ms is {ratio:.2f}x L6 fp32's {ref.p95_ms:.2f} ms "
-            f"(budget {profile.latency_factor}x)"
+            f"(budget {profile.latency_factor}x)",
         )
-    if mem["peak_mb"] > profile.model_memory_mb:
-        failures.append(f"memory: peak RSS {mem['peak_mb']:.0f} MB > {profile.model_memory_mb} MB")
-    if size_mb > profile.model_disk_mb:
-        failures.append(f"disk: {size_mb:.1f} MB > {profile.model_disk_mb} MB")
     return LabResult(
         profile=profile.name,
         bundle=str(bundle),
@@ -182,4 +212,60 @@ def run_profile(
         memory_method="peak RSS (VmHWM) of a process serving the bundle alone; no cgroup limit set",
         notes=notes,
         failures=failures,
+    )
+
+
+def _budgets(profile: ProfileSpec, bundle: Path, smoke: dict[str, Any]) -> tuple[float, list[str]]:
+    """(size in MB, failures) of the smoke tests, memory and disk budgets."""
+    size_mb = _bundle_bytes(Path(bundle)) / 1e6
+    failures: list[str] = []
+    if not smoke["smoke_ok"]:
+        failures.append(f"smoke: {smoke['smoke_error']}")
+    if smoke["peak_mb"] > profile.model_memory_mb:
+        failures.append(f"memory: peak RSS {smoke['peak_mb']:.0f} MB > {profile.model_memory_mb} MB")
+    if size_mb > profile.model_disk_mb:
+        failures.append(f"disk: {size_mb:.1f} MB > {profile.model_disk_mb} MB")
+    return size_mb, failures
+
+
+def _run_generation(
+    bundle: Path, profile: ProfileSpec, variant: str, base: dict[str, Any], notes: list[str], timeout: float
+) -> LabResult:
+    """A generation bundle under ``profile`` (module docstring)."""
+    req = {**base, "samples": GENERATION_ANSWERS, "max_new_tokens": GENERATION_MAX_NEW_TOKENS}
+    doc = _child({**req, "mode": "generation", "bundle": str(bundle)}, timeout)
+    size_mb, failures = _budgets(profile, bundle, doc)
+    gen = None
+    if "answers" in doc:
+        gen = GenerationLab(
+            answers=int(doc["answers"]),
+            output_tokens=int(doc["output_tokens"]),
+            max_new_tokens=GENERATION_MAX_NEW_TOKENS,
+            ttft_p50_ms=round(doc["ttft"]["p50_ms"], 3),
+            ttft_p95_ms=round(doc["ttft"]["p95_ms"], 3),
+            tokens_per_s_p50=round(doc["tokens_per_s_p50"], 2),
+            tokens_per_s=round(doc["tokens_per_s"], 2),
+        )
+    notes.append("generation model: time to first token and tokens/s are printed, not judged (no reference)")
+    zero = Latency(p50_ms=0.0, p95_ms=0.0, batch32_p50_ms=0.0)
+    return LabResult(
+        profile=profile.name,
+        bundle=str(bundle),
+        variant=variant,
+        cpus=base["cpus"],
+        threads=profile.threads,
+        smoke_ok=bool(doc["smoke_ok"]),
+        smoke_error=str(doc["smoke_error"]),
+        latency=zero if gen is None else Latency(gen.ttft_p50_ms, gen.ttft_p95_ms, 0.0),
+        reference=zero,
+        latency_ratio=0.0,
+        latency_factor=profile.latency_factor,
+        peak_rss_mb=float(doc["peak_mb"]),
+        model_memory_mb=profile.model_memory_mb,
+        size_mb=round(size_mb, 2),
+        model_disk_mb=profile.model_disk_mb,
+        memory_method="peak RSS (VmHWM) of a process serving the bundle alone; no cgroup limit set",
+        notes=notes,
+        failures=failures,
+        generation=gen,
     )
