@@ -93,10 +93,12 @@ def _default_reference() -> Path:
 
 
 def _table(results: list[LabResult]) -> None:
-    click.echo(
-        f"{'profile':<10} {'variant':<9} {'smoke':<5} {'p50 ms':>8} {'p95 ms':>8} {'ref p95':>8} "
-        f"{'ratio':>6} {'budget':>6} {'RSS MB':>7} {'/ max':>6} {'size MB':>8} {'/ max':>6}  verdict"
-    )
+    classifiers = any(r.generation is None for r in results)
+    if classifiers:
+        click.echo(
+            f"{'profile':<10} {'variant':<9} {'smoke':<5} {'p50 ms':>8} {'p95 ms':>8} {'ref p95':>8} "
+            f"{'ratio':>6} {'budget':>6} {'RSS MB':>7} {'/ max':>6} {'size MB':>8} {'/ max':>6}  verdict"
+        )
     for r in results:
         verdict = "ok" if r.ok else "FAIL"
         if r.generation is not None:
@@ -121,6 +123,8 @@ def _table(results: list[LabResult]) -> None:
             click.echo(f"    note: {line}")
         for line in r.failures:
             click.echo(f"    fails {line}")
-    click.echo(
-        "latency budget: p95 <= budget x the reference L6 fp32's p95, same host, same run; memory: peak RSS"
-    )
+    if classifiers:
+        click.echo(
+            "latency budget: p95 <= budget x the reference L6 fp32's p95, same host, same run; "
+            "memory: peak RSS"
+        )
