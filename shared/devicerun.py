@@ -29,6 +29,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,18 +92,26 @@ def _latency(req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _memory(req: dict[str, Any]) -> dict[str, Any]:
+def _loaded(load: Callable[[], Any]) -> tuple[Any, str]:
+    """``load()`` and its smoke tests: (session, "" or the smoke failure), or (None, why it
+    cannot load)."""
     from slmops.shared.errors import BundleError
 
     try:
-        session = _session(req["bundle"], int(req["threads"]))
+        session = load()
     except BundleError as exc:
-        return {"smoke_ok": False, "smoke_error": str(exc), "peak_mb": _peak_mb()}
-    smoke_error = ""
+        return None, str(exc)
     try:
         session.smoke_test()
     except BundleError as exc:
-        smoke_error = str(exc)
+        return session, str(exc)
+    return session, ""
+
+
+def _memory(req: dict[str, Any]) -> dict[str, Any]:
+    session, smoke_error = _loaded(lambda: _session(req["bundle"], int(req["threads"])))
+    if session is None:
+        return {"smoke_ok": False, "smoke_error": smoke_error, "peak_mb": _peak_mb()}
     texts: list[str] = req["texts"]
     for text in texts[: int(req["samples"])]:
         session.run([text])
@@ -112,19 +121,14 @@ def _memory(req: dict[str, Any]) -> dict[str, Any]:
 
 def _generation(req: dict[str, Any]) -> dict[str, Any]:
     from slmops.shared.bundle import read_bundle
-    from slmops.shared.errors import BundleError
     from slmops.shared.generation import GenerationParams, load_generation
 
     bundle = read_bundle(Path(req["bundle"]))
-    try:
-        session = load_generation(bundle.path, bundle.manifest, intra_op_threads=int(req["threads"]))
-    except BundleError as exc:
-        return {"smoke_ok": False, "smoke_error": str(exc), "peak_mb": _peak_mb()}
-    smoke_error = ""
-    try:
-        session.smoke_test()
-    except BundleError as exc:
-        smoke_error = str(exc)
+    session, smoke_error = _loaded(
+        lambda: load_generation(bundle.path, bundle.manifest, intra_op_threads=int(req["threads"]))
+    )
+    if session is None:
+        return {"smoke_ok": False, "smoke_error": smoke_error, "peak_mb": _peak_mb()}
     texts: list[str] = req["texts"]
     params = GenerationParams(max_new_tokens=int(req["max_new_tokens"]))
     ttft: list[float] = []

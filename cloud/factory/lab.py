@@ -193,25 +193,44 @@ def run_profile(
             f"latency: p95 {cand.p95_ms:.2f} ms is {ratio:.2f}x L6 fp32's {ref.p95_ms:.2f} ms "
             f"(budget {profile.latency_factor}x)",
         )
+    return _result(bundle, profile, manifest.variant, cpus, mem, (cand, ref, ratio), size_mb, notes, failures)
+
+
+def _result(
+    bundle: Path,
+    profile: ProfileSpec,
+    variant: str,
+    cpus: list[int],
+    doc: dict[str, Any],
+    latency: tuple[Latency, Latency, float],
+    size_mb: float,
+    notes: list[str],
+    failures: list[str],
+    generation: GenerationLab | None = None,
+) -> LabResult:
+    """A ``LabResult`` from the smoke/memory child's ``doc`` and the latency figures
+    (candidate, reference, p95 ratio)."""
+    cand, ref, ratio = latency
     return LabResult(
         profile=profile.name,
         bundle=str(bundle),
-        variant=manifest.variant,
+        variant=variant,
         cpus=cpus,
         threads=profile.threads,
-        smoke_ok=bool(mem["smoke_ok"]),
-        smoke_error=str(mem["smoke_error"]),
+        smoke_ok=bool(doc["smoke_ok"]),
+        smoke_error=str(doc["smoke_error"]),
         latency=cand,
         reference=ref,
         latency_ratio=round(ratio, 3),
         latency_factor=profile.latency_factor,
-        peak_rss_mb=float(mem["peak_mb"]),
+        peak_rss_mb=float(doc["peak_mb"]),
         model_memory_mb=profile.model_memory_mb,
         size_mb=round(size_mb, 2),
         model_disk_mb=profile.model_disk_mb,
         memory_method="peak RSS (VmHWM) of a process serving the bundle alone; no cgroup limit set",
         notes=notes,
         failures=failures,
+        generation=generation,
     )
 
 
@@ -248,24 +267,7 @@ def _run_generation(
         )
     notes.append("generation model: time to first token and tokens/s are printed, not judged (no reference)")
     zero = Latency(p50_ms=0.0, p95_ms=0.0, batch32_p50_ms=0.0)
-    return LabResult(
-        profile=profile.name,
-        bundle=str(bundle),
-        variant=variant,
-        cpus=base["cpus"],
-        threads=profile.threads,
-        smoke_ok=bool(doc["smoke_ok"]),
-        smoke_error=str(doc["smoke_error"]),
-        latency=zero if gen is None else Latency(gen.ttft_p50_ms, gen.ttft_p95_ms, 0.0),
-        reference=zero,
-        latency_ratio=0.0,
-        latency_factor=profile.latency_factor,
-        peak_rss_mb=float(doc["peak_mb"]),
-        model_memory_mb=profile.model_memory_mb,
-        size_mb=round(size_mb, 2),
-        model_disk_mb=profile.model_disk_mb,
-        memory_method="peak RSS (VmHWM) of a process serving the bundle alone; no cgroup limit set",
-        notes=notes,
-        failures=failures,
-        generation=gen,
+    ttft = zero if gen is None else Latency(gen.ttft_p50_ms, gen.ttft_p95_ms, 0.0)
+    return _result(
+        bundle, profile, variant, base["cpus"], doc, (ttft, zero, 0.0), size_mb, notes, failures, gen
     )
