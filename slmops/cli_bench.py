@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,12 @@ def _fmt(value: Any) -> str:
     "--period", type=float, default=2.0, show_default=True, help="fleet: wall seconds per 60 s window."
 )
 @click.option("--seed", type=int, default=1, show_default=True, help="chaos: the fault schedule's seed.")
+@click.option(
+    "--rollout",
+    is_flag=True,
+    help="fleet: also roll version 2 out to every node (one 100% stage), then abort it; "
+    "prints the times and the rollout state's sizes.",
+)
 def bench(
     scenario: str,
     as_json: bool,
@@ -77,6 +84,7 @@ def bench(
     backlog: int,
     period: float,
     seed: int,
+    rollout: bool,
 ) -> None:
     """Measure a scenario: the project's path and the bare-library baseline, in the same run.
 
@@ -120,7 +128,7 @@ def bench(
             from slmops.shared.logging import set_level
 
             set_level("warning")
-        _fleet(nodes or (1000,), int(minutes or 5), backlog, period, as_json)
+        _fleet(nodes or (1000,), int(minutes or 5), backlog, period, as_json, rollout=rollout)
         return
     if len(nodes) > 1 or any(n > 50 for n in nodes):
         raise click.UsageError("--nodes: demo and chaos take one value, at most 50")
@@ -194,7 +202,9 @@ def _chaos(minutes: float, nodes: int, seed: int, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _fleet(nodes: tuple[int, ...], minutes: int, backlog: int, period: float, as_json: bool) -> None:
+def _fleet(
+    nodes: tuple[int, ...], minutes: int, backlog: int, period: float, as_json: bool, *, rollout: bool = False
+) -> None:
     from slmops.bench.fleet import growth, load_average, run_fleet
 
     if minutes < 1 or period <= 0:
@@ -203,7 +213,9 @@ def _fleet(nodes: tuple[int, ...], minutes: int, backlog: int, period: float, as
     results = []
     for n in nodes:
         load_before = load_average()
-        r = anyio.run(lambda n=n: run_fleet(nodes=n, minutes=minutes, period=period, backlog=backlog))  # type: ignore[misc]
+        r = anyio.run(
+            partial(run_fleet, nodes=n, minutes=minutes, period=period, backlog=backlog, rollout=rollout)
+        )
         r["load_before"], r["load_after"] = load_before, load_average()
         results.append(r)
         if as_json:

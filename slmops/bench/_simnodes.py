@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import msgspec
 import nats
 import numpy as np
 from nats.aio.client import Client as NATS
@@ -40,7 +41,14 @@ from nats.aio.client import Client as NATS
 from slmops.bench._fleet import COND, CONF_P, LABELS, LAT_P, LEN_P, MODEL, PRIOR, manifest_for
 from slmops.edge.window import Cell, ModelInfo, build_aggregate
 from slmops.shared import names
-from slmops.shared.messages import DeviceProfile, NodeStatus, encode_json, encode_telemetry
+from slmops.shared.messages import (
+    Assignment,
+    DeviceProfile,
+    NodeStatus,
+    decode_json,
+    encode_json,
+    encode_telemetry,
+)
 
 #: Simulated time of window 1's start (seconds since the epoch); windows are 60 s.
 T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
@@ -108,11 +116,14 @@ class Nodes:
         mid = names.msg_id(node, seq, fleet=self.fleet, install=install)
         return names.telemetry_subject(self.fleet, node), encode_telemetry(agg), {"Nats-Msg-Id": mid}
 
-    def status(self, i: int, seq: int, event: str = "periodic") -> tuple[str, bytes]:
+    def status(
+        self, i: int, seq: int, event: str = "periodic", version: int | None = None
+    ) -> tuple[str, bytes]:
         node = node_name(i)
+        model = MODEL if version is None else msgspec.structs.replace(MODEL, version=version)
         s = NodeStatus(
             fleet=self.fleet, node=node, time=datetime.now(UTC), event=event,
-            device=DeviceProfile(memory_mb=512 if i % 2 else 4096, cores=2), model=MODEL,
+            device=DeviceProfile(memory_mb=512 if i % 2 else 4096, cores=2), model=model,
             last_seq=seq, install=f"{i + 1:032x}", storage="ok",
         )  # fmt: skip
         return names.status_subject(self.fleet, node), encode_json(s)
@@ -256,6 +267,40 @@ async def storm(a: argparse.Namespace) -> None:
             await nc.close()
 
 
+async def adopt(a: argparse.Namespace) -> None:
+    """Nodes that follow their assignments: a watch on the fleet's assignment keys, and for
+    each node key naming a version, a status from that node reporting the version installed
+    (as an edge node does once it has swapped; no bundle is fetched). Ends once every node
+    reported ``--version``, or after ``--minutes`` minutes."""
+    nc = await _connect(a.url, "sim-adopt")
+    nodes = Nodes(a.fleet, a.nodes)
+    index = {node_name(i): i for i in range(a.nodes)}
+    on: set[str] = set()
+    t0 = time.time()
+    try:
+        kv = await nc.jetstream().key_value(names.ASSIGNMENTS_BUCKET)
+        watcher = await kv.watch(f"{a.fleet}.*")
+        _emit(event="ready", t=time.time())
+        while len(on) < a.nodes and time.time() - t0 < a.minutes * 60:
+            entry = await watcher.updates(timeout=a.minutes * 60)  # type: ignore[no-untyped-call]
+            if entry is None or entry.value is None or entry.operation is not None:
+                continue  # the initial-values marker, a delete or a purge
+            node = entry.key.split(".", 1)[1]
+            if node not in index:
+                continue  # the fleet-wide key
+            version = decode_json(entry.value, Assignment).version
+            await nc.publish(*nodes.status(index[node], a.from_seq, version=version))
+            if version == a.version:
+                on.add(node)
+            else:
+                on.discard(node)
+        await nc.flush()
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    finally:
+        await nc.close()
+    _emit(event="done", t=time.time(), adopted=len(on), seconds=time.time() - t0)
+
+
 async def bare(a: argparse.Namespace) -> None:
     nodes = Nodes(a.fleet, a.nodes)
     conns = [await _connect(a.url, f"bare-{c}") for c in range(a.conns)]
@@ -278,7 +323,7 @@ async def bare(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m slmops.bench._simnodes")
-    p.add_argument("mode", choices=("steady", "storm", "bare"))
+    p.add_argument("mode", choices=("steady", "storm", "bare", "adopt"))
     p.add_argument("--url", required=True)
     p.add_argument("--fleet", required=True)
     p.add_argument("--nodes", type=int, required=True)
@@ -291,8 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-seq", type=int, default=0)
     p.add_argument("--connect-parallel", type=int, default=1000)
     p.add_argument("--in-flight", type=int, default=64, help="storm: PubAcks outstanding per node")
+    p.add_argument("--version", type=int, default=2, help="adopt: the version every node ends on")
     a = p.parse_args(argv)
-    anyio.run({"steady": steady, "storm": storm, "bare": bare}[a.mode], a)
+    anyio.run({"steady": steady, "storm": storm, "bare": bare, "adopt": adopt}[a.mode], a)
 
 
 if __name__ == "__main__":

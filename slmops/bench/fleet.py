@@ -23,7 +23,15 @@ Phases and figures (times are wall-clock seconds on this machine; nothing passes
    rate of one window per node per minute (``storm_drain_vs_steady_rate``); drift rounds
    closed and events (drift and ops) made during the drain (``storm_drift_rounds``,
    ``storm_events``).
-4. **baseline** — in the same run, bare JetStream: the child publishes the steady phase's
+4. **rollout** (``--rollout``) — after the state phase, version 2 is rolled out to every node in
+   one stage of 100 % by the cloud's own rollout controller (default settings otherwise), while
+   a child follows the assignments as nodes do (``_simnodes adopt``: a status reporting the
+   version once its key names it; no bundle is fetched). Time from the start to every node
+   assigned (phase ``installing``) and to every node reporting the version (phase ``soaking``:
+   the stage "completes" in issue 18's terms, bundle delivery excepted), the rollout's KV header
+   and parts in bytes beside the one value the old state would have been, the stage event's
+   size; then the rollout is aborted and the time to restore every node's key is measured.
+5. **baseline** — in the same run, bare JetStream: the child publishes the steady phase's
    messages back to back (other fleet id), and a bare durable pull consumer fetches and acks
    them (``bench.ingest._bare``: ``fetch(256)`` + one ack per message).
 
@@ -45,6 +53,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import nats
 from anyio.streams.text import TextReceiveStream
 
@@ -144,6 +153,7 @@ async def run_fleet(
     storm: float = 0.1,
     backlog: int = DEFAULT_BACKLOG,
     workdir: Path | None = None,
+    rollout: bool = False,
 ) -> dict[str, Any]:
     """One run at ``nodes`` nodes; returns the figures (module docstring; each one's meaning in
     ``fleet_figures.FIGURES``) as one dict."""
@@ -184,6 +194,8 @@ async def run_fleet(
                     out["drift_rounds"] = len(r)
                     out["drift_round_s_median"] = round(statistics.median(r), 4) if r else None
                     out["drift_round_s_max"] = round(max(r), 4) if r else None
+                    if rollout:
+                        await _rollout(js, out, fleet, common, log)
                     if storm > 0 and backlog > 0:
                         before = (len(r), _events(svc))
                         await _storm(svc, out, common, minutes, storm, backlog, log)
@@ -326,6 +338,63 @@ async def _storm(
     rate = members * backlog / (t_end - t0)
     out["storm_drain_rate_per_s"] = round(rate, 1)
     out["storm_drain_vs_steady_rate"] = round(rate / (out["nodes"] / 60.0), 2)
+
+
+async def _rollout(js: Any, out: dict[str, Any], fleet: str, common: list[str], log: Path) -> None:
+    from slmops.cloud.registry import Registry
+    from slmops.cloud.rollout import RolloutConfig, RolloutStore, start_rollout
+    from slmops.cloud.rollout.controller import EVENT_NODES
+    from slmops.shared.kv import kv_values
+    from slmops.shared.names import ROLLOUT_STREAM, ROLLOUTS_BUCKET, rollout_subject
+
+    v2 = msgspec.structs.replace(MODEL, version=2)
+    kv = await js.key_value(MODELS_MANIFEST_BUCKET)
+    await kv.put(manifest_key(v2.name, 2, v2.variant), encode_json(manifest_for(v2)))
+    registry, store = Registry(js), RolloutStore(js)
+    await registry.assign(fleet, 1, model=MODEL.name)  # the fleet-wide key the rollout replaces
+    ready = anyio.Event()
+
+    def on_line(d: dict[str, Any]) -> None:
+        if d["event"] == "ready":
+            ready.set()
+
+    async def phase_at(want: str, t0: float) -> float:
+        with anyio.fail_after(1800):
+            while True:
+                got = await store.get(fleet, parts=False)
+                if got is not None and got[0].phase == want:
+                    return time.perf_counter() - t0
+                if got is not None and not got[0].active and want != "done":
+                    raise RuntimeError(f"rollout ended early: {got[0].status}: {got[0].reason}")
+                await anyio.sleep(0.1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_child, ["adopt", *common, "--minutes", "30", "--version", "2"], on_line, log)
+        with anyio.fail_after(120):
+            await ready.wait()
+        t0 = time.perf_counter()
+        config = RolloutConfig(stages=[100])
+        await start_rollout(js, registry, store, fleet=fleet, version=2, model=MODEL.name, config=config)
+        out["rollout_assigned_all_s"] = round(await phase_at("installing", t0), 2)
+        out["rollout_stage_installed_s"] = round(await phase_at("soaking", t0), 2)
+        got = await store.get(fleet)
+        assert got is not None
+        state = got[0]
+        out["rollout_nodes"] = len(state.nodes)
+        rkv = await js.key_value(ROLLOUTS_BUCKET)
+        out["rollout_header_bytes"] = len((await rkv.get(fleet)).value or b"")
+        parts = await kv_values(js, ROLLOUTS_BUCKET, f"{fleet}.>", timeout=30)
+        out["rollout_parts"] = len(parts)
+        out["rollout_parts_bytes"] = sum(len(v) for v in parts.values())
+        # What the state was before issue 18: every node inside the one value (KV's limit: 1 MiB).
+        out["rollout_single_value_bytes_old_format"] = len(msgspec.json.encode(state))
+        last = await js.get_last_msg(ROLLOUT_STREAM, rollout_subject(fleet))
+        out["rollout_stage_event_bytes"] = len(last.data or b"")
+        out["rollout_stage_event_nodes_listed"] = min(len(state.nodes), EVENT_NODES)
+        t1 = time.perf_counter()
+        await store.command(fleet, "abort")
+        out["rollout_abort_restored_all_s"] = round(await phase_at("done", t1), 2)
+        tg.cancel_scope.cancel()  # the adopting child: its work is done
 
 
 async def _baseline(
