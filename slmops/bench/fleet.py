@@ -69,7 +69,7 @@ from slmops.cloud.ingest.overview import (
     stream_views,
 )
 from slmops.cloud.ingest.presence import forgotten
-from slmops.cloud.service import CloudService, tune_gc
+from slmops.cloud.service import CloudService, controller_tasks, tune_gc
 from slmops.shared.messages import encode_json
 from slmops.shared.names import MODELS_MANIFEST_BUCKET, manifest_key
 from slmops.shared.provision import ensure_resources
@@ -178,7 +178,9 @@ async def run_fleet(
                 )
                 config = CloudConfig(nats_url=server.url, state_dir=state, fleets=[fleet])
                 common = ["--url", server.url, "--fleet", fleet, "--nodes", str(nodes)]
-                async with CloudService(config) as svc:
+                # --rollout: the rollout controller too, as ``slmops cloud`` runs it.
+                extra = controller_tasks(config) if rollout else ()
+                async with CloudService(config, extra_tasks=extra) as svc:
                     await svc.wait_active(60)
                     rounds = _Rounds()
                     assert svc.detector is not None
