@@ -389,7 +389,13 @@ async def _rollout(js: Any, out: dict[str, Any], fleet: str, common: list[str], 
         out["rollout_parts"] = len(parts)
         out["rollout_parts_bytes"] = sum(len(v) for v in parts.values())
         # What the state was before issue 18: every node inside the one value (KV's limit: 1 MiB).
-        out["rollout_single_value_bytes_old_format"] = len(msgspec.json.encode(state))
+        old = msgspec.to_builtins(state)
+        old.update(v=1)
+        for field in ("parts", "written"):  # fields the old format did not have
+            old.pop(field)
+        for entry in old["nodes"].values():
+            entry.pop("part")
+        out["rollout_single_value_bytes_old_format"] = len(msgspec.json.encode(old))
         last = await js.get_last_msg(ROLLOUT_STREAM, rollout_subject(fleet))
         out["rollout_stage_event_bytes"] = len(last.data or b"")
         out["rollout_stage_event_nodes_listed"] = min(len(state.nodes), EVENT_NODES)
