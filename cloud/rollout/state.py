@@ -335,12 +335,12 @@ class RolloutStore:
     async def create(self, state: RolloutState) -> int:
         """Store a new rollout; refused with ``RolloutError`` while the fleet has an active one.
         A finished rollout is replaced (its events stay in the ``SLMOPS_ROLLOUT`` stream)."""
-        existing = await self.get(state.fleet)
+        existing = await self.get(state.fleet, parts=False)  # the header names its parts
         if existing is None:
             try:
                 return await self.put(state, None)
             except RolloutConflict:
-                existing = await self.get(state.fleet)
+                existing = await self.get(state.fleet, parts=False)  # the header names its parts
                 if existing is None:
                     raise
         old, revision = existing
