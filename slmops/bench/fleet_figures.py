@@ -50,6 +50,21 @@ FIGURES = {
     "storm_drain_rate_per_s": "storm_aggregates / storm_drain_s",
     "storm_drain_vs_steady_rate": "storm_drain_rate_per_s / the real steady rate (one window per node "
     "per minute)",
+    "storm_drift_rounds": "drift rounds closed during the drain (rounds are keyed by window time)",
+    "storm_events": "events (drift and ops) the cloud made during the drain",
+    "rollout_assigned_all_s": "--rollout (version 2 to every node, one 100% stage): start -> every "
+    "node assigned (phase installing; the controller steps every 1 s)",
+    "rollout_stage_installed_s": "start -> every node reports version 2 (phase soaking; the simulated "
+    "nodes fetch no bundle)",
+    "rollout_nodes": "nodes in the rollout's state",
+    "rollout_header_bytes": "the rollout's own KV value (the header)",
+    "rollout_parts": "KV keys holding its nodes (at most 500 each)",
+    "rollout_parts_bytes": "their bytes together",
+    "rollout_single_value_bytes_old_format": "the one value the state was before issue 18 (KV's limit: "
+    "1 MiB)",
+    "rollout_stage_event_bytes": "the stage_started event's size (the stream's limit: 256 KiB)",
+    "rollout_stage_event_nodes_listed": "node names that event lists (it counts them all)",
+    "rollout_abort_restored_all_s": "abort -> every node's own assignment key restored",
     "cloud_rss_after_storm_bytes": "the cloud's resident memory after the storm",
     "exactly_once": "every node's count in the cloud equals what it sent (exit 1 if not)",
     "duplicates_dropped": "messages the cloud dropped as already counted",
