@@ -31,7 +31,9 @@ they are freed. Predict, embed and feedback bodies are decoded straight into the
 Structs, so a value of the wrong shape fails at its first byte: decoded as any JSON, a 10 MB
 body of ``[[],[],...]`` became 212 MB of Python lists; a body holding more strings than its
 endpoint takes is refused before decoding (a list of 2-character strings decodes to 12x its
-size). A client has
+size). Bodies of the generation endpoints are decoded as any JSON: they hold, besides
+their bytes, ``_VALUE_COST`` per value their punctuation allows (``_values_at_most``), and
+one whose bound exceeds the whole budget is refused before decoding. A client has
 ``http_read_timeout`` seconds to deliver its body (408 and disconnect) and
 ``http_head_timeout`` seconds to deliver a request head, counted from when it connected or
 got its last answer (slowloris; closed without an answer: aiohttp's keep-alive timer, which
@@ -201,6 +203,15 @@ class _Hold:
             self.budget.release(self.held - n)
             self.held = n
 
+    async def grow(self, n: int, timeout: float) -> None:
+        """Hold ``n`` more; raises ``_TooSlow`` (503) when no room came within ``timeout``."""
+        got = 0
+        with anyio.move_on_after(timeout):
+            got = await self.budget.acquire(n)
+        if not got:
+            raise _TooSlow(503, "busy", f"no room to decode the body within {timeout:g} s; retry")
+        self.held += got
+
 
 _HOLD: web.RequestKey[_Hold] = web.RequestKey("budget_hold", _Hold)
 
@@ -229,6 +240,19 @@ def _strings_at_least(raw: bytes | bytearray) -> int:
     """A lower bound on the JSON strings in ``raw``, in two C-speed scans: every real quote
     mark is one not escaped, and every escaped one follows a backslash."""
     return (raw.count(b'"') - raw.count(b'\\"')) // 2
+
+
+#: What one decoded JSON value of any kind costs at most beyond its characters: an object
+#: (dict 64-232 bytes, list 56, str 49-80, int 28, float 24) and its slot in its container
+#: (a list's pointer, a dict's entry), rounded up.
+_VALUE_COST = 128
+
+
+def _values_at_most(raw: bytes | bytearray) -> int:
+    """An upper bound on the JSON values (keys included) in ``raw``: each value but the first
+    of its container follows a comma, each key precedes a colon, each container opens with a
+    bracket; those bytes inside strings only raise the bound."""
+    return sum(raw.count(c) for c in (b",", b":", b"[", b"{")) + 1
 
 
 def _decoded_bound(raw: bytes | bytearray) -> int:
@@ -278,6 +302,19 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
                 "body", f"holds more than {most} JSON strings (more texts than one request takes)"
             )
     bound = _decoded_bound(raw)
+    hold = request.get(_HOLD)
+    if typed is None and hold is not None:  # any JSON: each value may be an object of its own
+        values = _values_at_most(raw)
+        bound = len(raw) + _VALUE_COST * values
+        need = len(raw) + len(raw) // 8 + bound  # the bytes and their values at once
+        if need > hold.budget.capacity:
+            raise InvalidInput(
+                "body",
+                f"holds up to {values} JSON values: with them decoded it could take {need} bytes, "
+                f"more than the node's {hold.budget.capacity}-byte budget for request bodies",
+            )
+        if need > hold.held:
+            await hold.grow(need - hold.held, _BUDGET_WAITS * request.app[_NODE].config.http_read_timeout)
     try:
         # checks UTF-8 itself: no decoded copy of the body
         data = typed.decode(raw) if typed is not None else _decode_any.decode(raw)
@@ -297,11 +334,9 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
         raise InvalidInput("body", f"is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise InvalidInput("body", "is nested too deeply (send a flat JSON object)") from exc
-    if typed is not None:
-        del raw  # the bytes' share of the budget goes back: the decoded texts keep theirs
-        hold = request.get(_HOLD)
-        if hold is not None:
-            hold.keep(bound)
+    del raw  # the bytes' share of the budget goes back: the decoded values keep theirs
+    if hold is not None:
+        hold.keep(bound)
     return data
 
 

@@ -125,14 +125,16 @@ BUDGET_MIB = 32
 OVER_BUDGET_MIB = 2
 
 
-async def _concurrently(node: Node, bodies: list[bytes]) -> tuple[list[tuple[int, Any, float]], float]:
-    """POST ``bodies`` to predict all at once; their answers and how far RSS grew (MiB)."""
+async def _concurrently(
+    node: Node, bodies: list[bytes], path: str = "/v1/predict"
+) -> tuple[list[tuple[int, Any, float]], float]:
+    """POST ``bodies`` to ``path`` all at once; their answers and how far RSS grew (MiB)."""
     peak = Peak(node.proc.pid)
     results: list[tuple[int, Any, float]] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=110)) as session:
 
         async def one(body: bytes) -> None:
-            results.append(await post(session, node.base + "/v1/predict", body))
+            results.append(await post(session, node.base + path, body))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(peak.run)
@@ -152,7 +154,8 @@ async def test_sixteen_concurrent_10mb_bodies_stay_within_the_byte_budget(node: 
     at 128 KiB (``api._pin_mmap_threshold``).
     Old code: the budget counted the bytes only (+51..70 MiB with 32 MiB) and freed pages of
     bodies stayed in glibc's heap (+41.6/42.6 MiB with the decoded texts counted); hostile
-    bodies were decoded as any JSON: a 10 MB ``[[],[],...]`` became 212 MB of lists.
+    bodies were decoded as any JSON: a 10 MB ``[[],[],...]`` became 212 MB of lists (also
+    on the chat endpoint, which still decodes any JSON but now within the budget).
     Before that: +312 MB without a budget; +154..215 MB from a full ``bytes.decode`` of each
     body and aiohttp's ``read()`` copies."""
     body = big_body()
@@ -172,6 +175,14 @@ async def test_sixteen_concurrent_10mb_bodies_stay_within_the_byte_budget(node: 
     fields = sorted(r[1]["error"]["field"] for r in results)
     assert fields == ["body", "body", "other", "texts[0]"], fields
     assert grew < BUDGET_MIB + OVER_BUDGET_MIB, f"RSS grew {grew:.1f} MiB for hostile bodies"
+    chat = [  # the generation endpoints decode any JSON: bounded by their punctuation
+        b'{"messages": [' + b",".join([b"[]"] * n) + b"]}",
+        b'{"messages": [{"role": "user", "content": "hi"}], "x": [' + b",".join([b"{}"] * n) + b"]}",
+    ]
+    results, grew = await _concurrently(node, chat * 2, "/v1/chat/completions")
+    assert grew < BUDGET_MIB + OVER_BUDGET_MIB, f"RSS grew {grew:.1f} MiB for hostile chat bodies"
+    assert [r[0] for r in results] == [400] * 4, [r[1] for r in results]
+    assert all(r[1]["error"]["field"] == "body" for r in results), [r[1] for r in results]
     assert node.proc.returncode is None
 
 
