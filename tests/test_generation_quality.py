@@ -63,10 +63,12 @@ async def test_a_node_runs_the_quality_set_once_and_the_gate_judges_its_score(
     assert waiting is not None
     assert (waiting.outcome, waiting.detail) == ("waiting", "waiting: quality set run on 1/2 canary nodes")
     assert quality_gate(RolloutConfig(), {"n1": score}) is None  # optional: off by default
-    none = quality_gate(RolloutConfig(min_quality=0.5), {"n1": QualityScore(model=ref, passed=0, total=0)})
+    # A version whose variant has no quality set: its nodes never report one, so the gate
+    # fails at once rather than waiting.
+    none = quality_gate(RolloutConfig(min_quality=0.5), {"n1": None}, missing="fp32")
     assert none is not None
     assert none.outcome == "fail"
-    assert "no quality set" in none.detail
+    assert "variant(s) fp32 have none" in none.detail
 
 
 def test_bad_quality_sets_and_thresholds_are_refused(tiny_decoder: Path, tmp_path: Path, keys: Keys) -> None:

@@ -109,6 +109,7 @@ class RolloutController:
         self._no_nodes_logged: set[str] = set()
         self._states: dict[str, RolloutState] = {}
         self._refs: dict[tuple[str, int], ReferenceProfile | None] = {}
+        self._no_quality: dict[tuple[str, int], str] = {}
         #: Per fleet: the rollout as last read with its parts, and its install progress.
         self._full: dict[str, RolloutState] = {}
         self._progress: dict[str, _Progress] = {}
@@ -383,6 +384,17 @@ class RolloutController:
             self._refs[key] = None if m is None else m.reference
         return self._refs[key]
 
+    async def _without_quality(self, state: RolloutState) -> str:
+        """The version's variants without a quality set, comma-separated ("" when all have
+        one). Read from the registry once per rollout."""
+        key = (state.model, state.version)
+        if key not in self._no_quality:
+            variants = await variants_of(self.assigner.registry, state.model, state.version)
+            self._no_quality[key] = ", ".join(
+                sorted(v for v, m in variants.items() if m.generation is None or not m.generation.quality)
+            )
+        return self._no_quality[key]
+
     async def _judge(self, state: RolloutState, revision: int, now: float) -> None:
         progress = self._refresh(state)
         failures = progress.failed
@@ -436,7 +448,8 @@ class RolloutController:
             source=source,
         )
         serving = self.nodes.installed(state) - set(failures)
-        quality = quality_gate(state.config, self.nodes.quality(state, serving))
+        missing = await self._without_quality(state) if state.config.min_quality is not None else ""
+        quality = quality_gate(state.config, self.nodes.quality(state, serving), missing)
         if quality is not None:
             gates.append(quality)
         # No new nodes in this stage (a one-node fleet's 25% is the same node as its 5%): the

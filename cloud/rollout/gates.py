@@ -460,12 +460,24 @@ def _tokens_per_s_gate(
     )
 
 
-def quality_gate(config: RolloutConfig, scores: dict[str, QualityScore | None]) -> GateResult | None:
+def quality_gate(
+    config: RolloutConfig, scores: dict[str, QualityScore | None], missing: str = ""
+) -> GateResult | None:
     """The ``quality`` gate (module docstring) over the canary nodes serving the version and
-    their reported scores (None: not reported yet); None when ``min_quality`` is not set."""
+    their reported scores (None: not reported yet); None when ``min_quality`` is not set.
+    ``missing``: the version's variants without a quality set (their nodes never report one),
+    which fails the gate at once."""
     need = config.min_quality
     if need is None:
         return None
+    if missing:
+        return GateResult(
+            name="quality",
+            outcome="fail",
+            limit=need,
+            detail=f"the rollout requires a quality set; variant(s) {missing} have none "
+            "(GenerationSpec.quality)",
+        )
     have = {n: s for n, s in scores.items() if s is not None}
     if len(have) < len(scores) or not scores:
         return GateResult(
