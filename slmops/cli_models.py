@@ -101,6 +101,15 @@ def models() -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="minilm, smollm2: print the figures as one JSON document."
 )
+@click.option(
+    "--cache/--no-cache",
+    "use_cache",
+    default=True,
+    show_default=True,
+    help="minilm with the three default variants: reuse the build of the same inputs (weights, seed, "
+    "name, version, corpus, factory code) kept under the user cache directory, copied and re-signed "
+    "with --key (a hit takes seconds, a miss builds it there first); --no-cache builds afresh here.",
+)
 def build(
     out_dir: Path,
     key_path: Path,
@@ -112,6 +121,7 @@ def build(
     variants: str,
     min_memory_mb: int | None,
     as_json: bool,
+    use_cache: bool,
 ) -> None:
     """Build the default topic classifier as signed bundles.
 
@@ -139,34 +149,57 @@ def build(
             weights_dir=weights_dir, variants=smol_variants, as_json=as_json,
         )  # fmt: skip
         return
-    from slmops.cloud.factory.cache import report_json
-    from slmops.cloud.factory.minilm import build_minilm
+    from slmops.cloud.factory.cache import copy_cached, report_json
+    from slmops.cloud.factory.minilm import VARIANTS, build_minilm
 
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    report = call(
-        lambda: build_minilm(
-            out_dir, key, name=name, version=version, seed=seed, variants=chosen, weights_dir=weights_dir
+    if use_cache and sorted(chosen) == sorted(VARIANTS):
+        doc = call(
+            lambda: copy_cached(out_dir, key, name=name, version=version, seed=seed, weights_dir=weights_dir)
         )
-    )
+    else:
+        doc = report_json(
+            call(
+                lambda: build_minilm(
+                    out_dir,
+                    key,
+                    name=name,
+                    version=version,
+                    seed=seed,
+                    variants=chosen,
+                    weights_dir=weights_dir,
+                )
+            )
+        )
     if as_json:
-        click.echo(json.dumps(report_json(report)))
+        click.echo(json.dumps(doc))
         return
-    click.echo(f"bundles      {out_dir}/<variant>  ({name} v{version}; weights {report.weights_source})")
-    click.echo(f"data         train {report.train_size}, held-out {report.held_out_size} (seed {seed}); "
-               f"majority class {report.majority_accuracy:.4f}")  # fmt: skip
+    click.echo(f"bundles      {out_dir}/<variant>  ({name} v{version}; weights {doc['weights']})")
+    click.echo(f"data         train {doc['train_size']}, held-out {doc['held_out_size']} (seed {seed}); "
+               f"majority class {doc['majority_accuracy']:.4f}")  # fmt: skip
     click.echo(
         f"{'variant':<9}{'layers':>7}{'accuracy':>10}{'agree':>8}{'size MB':>9}{'p50 ms':>8}"
         f"{'RSS MB':>8}{'peak MB':>9}{'min MB':>8}"
     )
-    for v in report.variants:
-        agree = "-" if v.agreement is None else f"{v.agreement:.3f}"
-        load = "-" if v.memory is None else f"{v.memory.load_mb:.0f}"
-        peak = "-" if v.memory is None else f"{v.memory.peak_mb:.0f}"
+    for v in doc["variants"]:
+        agree = "-" if v["agreement_with_fp32"] is None else f"{v['agreement_with_fp32']:.3f}"
+        load = "-" if v["rss_load_mb"] is None else f"{v['rss_load_mb']:.0f}"
+        peak = "-" if v["rss_peak_mb"] is None else f"{v['rss_peak_mb']:.0f}"
         click.echo(
-            f"{v.name:<9}{v.layers:>7}{v.accuracy:>10.4f}{agree:>8}{v.size_bytes / 1e6:>9.1f}"
-            f"{v.latency_ms_p50:>8.2f}{load:>8}{peak:>9}{v.min_memory_mb:>8}"
+            f"{v['variant']:<9}{v['layers']:>7}{v['accuracy']:>10.4f}{agree:>8}{v['size_bytes'] / 1e6:>9.1f}"
+            f"{v['latency_ms_p50']:>8.2f}{load:>8}{peak:>9}{v['min_memory_mb']:>8}"
         )
-    click.echo(f"factory      {report.seconds:.1f} s")
+    if doc.get("cache_hit"):
+        click.echo(
+            f"factory      {doc['seconds']:.1f} s when built; reused from {doc['cache_entry']} and signed "
+            "with --key (--no-cache builds afresh)"
+        )
+    elif "cache_entry" in doc:
+        click.echo(
+            f"factory      {doc['seconds']:.1f} s; kept in {doc['cache_entry']} for the next identical build"
+        )
+    else:
+        click.echo(f"factory      {doc['seconds']:.1f} s")
 
 
 def _build_ngram(

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from slmops.cli import main
 from slmops.cloud.factory.cache import CachedModel
 from slmops.cloud.factory.weights import WHEEL
 from slmops.shared.bundle import TrustStore, load_public_key, new_keypair, read_bundle
+from slmops.shared.errors import BundleError
 from slmops.shared.runtime import verify_bundle
 
 
@@ -25,8 +27,9 @@ def test_build_without_weights_is_one_clear_line(tmp_path: Path) -> None:
     empty = tmp_path / "airgap"
     empty.mkdir()
     code, out = _cli(
-        "models", "build", "--out", str(tmp_path / "b"), "--key", str(key), "--weights", str(empty)
-    )
+        "models", "build", "--out", str(tmp_path / "b"), "--key", str(key), "--weights", str(empty),
+        "--no-cache",  # a cached build of the same inputs needs no weights: the session's cache holds one
+    )  # fmt: skip
     assert code == 1
     assert out.startswith(f"Error: weights {empty}: holds neither {WHEEL} nor both of"), out
     assert len(out.strip().splitlines()) == 1
@@ -82,3 +85,37 @@ def test_quantize_refuses_a_minilm_bundle(minilm_default: CachedModel, tmp_path:
     assert code == 1
     assert "is a transformer bundle: its int8 variants are built by `slmops models build`" in out
     assert not (tmp_path / "q").exists()
+
+
+def test_default_build_reuses_the_cached_build_signed_with_the_given_key(
+    minilm_default: CachedModel, tmp_path: Path, minilm_weights_dir: Path | None
+) -> None:
+    """`models build` of the three default variants with the inputs the session's cached
+    build has (seed 0, topics v1): the cached bundles copied and signed with --key, so they
+    verify against that key and not the cache's own; model files byte-identical, figures
+    those of the cached build; an --out that is not empty is refused before anything is
+    written; `--variants` other than the default three builds afresh (the test above)."""
+    key, pub = new_keypair(tmp_path / "keys")
+    args = ["--weights", str(minilm_weights_dir)] if minilm_weights_dir else []
+    out_dir = tmp_path / "b"
+    code, out = _cli("models", "build", "--out", str(out_dir), "--key", str(key), "--json", *args)
+    assert code == 0, out
+    doc = json.loads(out)
+    assert (doc["cache_hit"], doc["cache_entry"]) == (True, str(minilm_default.root))
+    assert [v["variant"] for v in doc["variants"]] == ["fp32", "int8", "int8-l3"]
+    assert doc["variants"] == minilm_default.report["variants"]
+    mine = TrustStore([load_public_key(pub)])
+    cache_key = TrustStore([load_public_key(minilm_default.pub_path)])
+    for variant, cached in minilm_default.bundles.items():
+        b = read_bundle(out_dir / variant)
+        verify_bundle(b, mine)
+        with pytest.raises(BundleError) as refused:
+            verify_bundle(b, cache_key)
+        assert refused.value.code == "unknown_key", (variant, refused.value)
+        assert b.model_path.read_bytes() == read_bundle(cached).model_path.read_bytes()
+    code, out = _cli("models", "build", "--out", str(out_dir), "--key", str(key), *args)
+    assert code == 1
+    assert f"output directory {str(out_dir)!r} is not empty" in out
+    code, table = _cli("models", "build", "--out", str(tmp_path / "c"), "--key", str(key), *args)
+    assert code == 0, table
+    assert f"reused from {minilm_default.root} and signed with --key" in table

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from slmops.cloud.factory import corpus, encoder, head, minilm, profile, rss, smooth, weights
 from slmops.cloud.factory.minilm import VARIANTS, FactoryReport, build_minilm
 from slmops.cloud.factory.weights import WHEEL_SHA256, cache_dir
 from slmops.shared import bundle, messages, preprocess, runtime
 
-__all__ = ["CachedModel", "cache_key", "cached_minilm", "report_json"]
+__all__ = ["CachedModel", "cache_key", "cached_minilm", "copy_cached", "report_json"]
 
 _SOURCES = (
     corpus,
@@ -151,3 +153,33 @@ def cached_minilm(
         raise
     built = _entry(entry)
     return CachedModel(built.root, built.key_path, built.pub_path, built.bundles, built.report, hit=False)
+
+
+def copy_cached(
+    out_dir: Path,
+    key: Ed25519PrivateKey,
+    *,
+    seed: int = 0,
+    name: str = "topics",
+    version: int = 1,
+    weights_dir: Path | None = None,
+    corpus_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The three default variants of ``cached_minilm`` (built there first on a miss) copied to
+    ``out_dir/<variant>/`` and each re-signed with ``key`` (``bundle.resign_bundle``: the
+    model files are byte-identical to the cached ones, the manifest names ``key``). Returns
+    the build's figures (``report_json``'s document, its ``seconds`` those of the original
+    build) plus ``cache_entry`` (its path) and ``cache_hit`` (false when this call built it).
+    Raises ``ValueError`` when ``out_dir`` exists and is not empty (nothing is written then),
+    and what ``cached_minilm`` raises."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"output directory {str(out_dir)!r} is not empty")
+    cached = cached_minilm(
+        seed=seed, name=name, version=version, weights_dir=weights_dir, corpus_dir=corpus_dir
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for variant, src in cached.bundles.items():
+        shutil.copytree(src, out_dir / variant)
+        bundle.resign_bundle(out_dir / variant, key)
+    return {**cached.report, "cache_entry": str(cached.root), "cache_hit": cached.hit}
