@@ -15,18 +15,19 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import aiohttp
 import anyio
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from _edge_util import Keys, Statuses, edge_config
 from _models import make_bundle
 from _nats import jetstream, new_fleet, wait_until
+from slmops.cli import main
 from slmops.cloud.keys import change_key_list, read_key_list
 from slmops.cloud.registry import Registry
 from slmops.edge.api import serve_api
@@ -41,14 +42,14 @@ from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 
-SLMOPS = [sys.executable, "-m", "slmops.cli"]
-
 
 async def slmops(*args: str) -> str:
-    """Run an `slmops` command; its stdout, or an AssertionError with its output."""
-    out = await anyio.run_process([*SLMOPS, *args], check=False)
-    assert out.returncode == 0, out.stderr.decode() + out.stdout.decode()
-    return out.stdout.decode()
+    """Run an `slmops` command in this process (the command's work, not a process's start-up, is
+    under test: ~2-5 s of Python start-up and imports each, five per rotation); its stdout, or
+    an AssertionError with its output."""
+    out = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, ["--log-level", "error", *args]))
+    assert out.exit_code == 0, out.stderr + out.stdout + repr(out.exception)
+    return out.stdout
 
 
 def serving(node: EdgeNode) -> ModelRef | None:

@@ -1,21 +1,22 @@
-"""`slmops models yank / rm / show` as real processes against a real nats-server, with real
-edge nodes (one online, one behind a cut link) following their assignments."""
+"""`slmops models yank / rm / show` run in process (the CLI's code; its process start-up is
+another test's subject) against a real nats-server, with real edge nodes (one online, one
+behind a cut link) following their assignments."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import anyio
 import pytest
+from click.testing import CliRunner
 from nats.js import JetStreamContext
 
 from _edge_util import Keys, edge_config
 from _models import make_bundle
 from _nats import model_of, wait_until
 from _proxy import TcpProxy
+from slmops.cli import main
 from slmops.cloud.registry import Registry
 from slmops.edge.node import EdgeNode
 from slmops.shared.bundle import TrustStore
@@ -24,12 +25,12 @@ from slmops.shared.server import EmbeddedServer
 
 pytestmark = pytest.mark.anyio
 
-SLMOPS = [sys.executable, "-m", "slmops.cli"]
-
 
 async def _cli(*args: str) -> tuple[int, str, str]:
-    r = await anyio.run_process([*SLMOPS, *args], check=False, env=dict(os.environ))
-    return r.returncode, r.stdout.decode(), r.stderr.decode()
+    """An `slmops` command in this process (a subprocess paid ~2-5 s of start-up per call, ten
+    calls here): exit code, stdout, stderr."""
+    r = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, ["--log-level", "error", *args]))
+    return r.exit_code, r.stdout, r.stderr
 
 
 def _serving(node: EdgeNode) -> ModelRef | None:
