@@ -1,6 +1,7 @@
 """`slmops status`, `fleet status`'s online column (by the server's clock) and `fleet forget`,
-as real processes against a real nats-server and a real cloud service (default settings but
-the pace: batch, fetch linger, snapshot interval)."""
+in process (a real process where the reader's faked clock needs one) against a real
+nats-server and a real cloud service (default settings but the pace: batch, fetch linger,
+snapshot interval)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import numpy as np
 import pytest
 from _cloud_util import cloud_config as _paced_config
 from _cloud_util import make_aggregate, make_manifest, publish, put_manifest
+from click.testing import CliRunner
 from nats.js import JetStreamContext
 
 from _nats import wait_until
 from slmops.bench.chaos import FAKETIME_LIB
+from slmops.cli import main
 from slmops.cloud.ingest.snapshot import NodeSnapshot
 from slmops.cloud.service import CloudService
 from slmops.shared.messages import encode_telemetry
@@ -33,8 +36,14 @@ SLMOPS = [sys.executable, "-m", "slmops.cli"]
 
 
 async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    r = await anyio.run_process([*SLMOPS, *args], check=False, env={**os.environ, **(env or {})})
-    return r.returncode, r.stdout.decode(), r.stderr.decode()
+    """`slmops ARGS`: exit code, stdout, stderr. With ``env`` (libfaketime's LD_PRELOAD) a real
+    process; else in process (a thread: the command runs its own event loop), as `slmops` would
+    (each subprocess paid ~2-5 s of start-up under load; the commands' work is under test)."""
+    if env is not None:
+        r = await anyio.run_process([*SLMOPS, *args], check=False, env={**os.environ, **env})
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
+    res = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, ["--log-level", "error", *args]))
+    return res.exit_code, res.stdout, res.stderr
 
 
 async def _status_json(url: str, fleet: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -223,19 +232,10 @@ async def test_read_commands_create_nothing_on_the_server(private_server: Embedd
         (("audit", "--json"), 0, ""),
         (("keys", "list"), 1, "no key list in KV slmops_keys yet"),
     ]
-    from click.testing import CliRunner
-
-    from slmops.cli import main
-
-    async def invoke(*argv: str) -> tuple[int, str, str]:
-        """In process (a thread: the command runs its own event loop), as `slmops` would."""
-        r = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(main, ["--log-level", "error", *argv]))
-        return r.exit_code, r.stdout, r.stderr
-
     nc = await nats.connect(url)
     try:
         for args, want_code, says in expected:
-            code, out, err = await invoke(*args, "--nats", url)
+            code, out, err = await _cli(*args, "--nats", url)
             assert (code, says in out + err) == (want_code, True), (args, code, out, err)
             if not says:
                 assert out == "", (args, out)  # nothing to list
