@@ -107,7 +107,7 @@ class ServiceStatistics:
     counters: dict[str, int]  #: the applier's counters (aggregates, duplicates, deadlettered...)
     nodes: int
     events_published: int
-    events_pending: int
+    events_pending: int  #: made and not yet published (queued, or in a batch being committed)
     batches: int
     messages: int
 
@@ -188,7 +188,11 @@ class CloudService:
             counters=dict(a.counters) if a is not None else {},
             nodes=len(a.nodes) if a is not None else 0,
             events_published=self._publisher.published if self._publisher else 0,
-            events_pending=self._publisher.pending if self._publisher else 0,
+            # Queued for publishing, plus those of a batch still being committed (its nodes'
+            # counts already show it applied: without them a reader saw "applied, nothing
+            # pending" while the batch's events were not yet queued).
+            events_pending=(self._publisher.pending if self._publisher else 0)
+            + (a.events_in_commit if a is not None else 0),
             batches=self._ingest.loop.batches if self._ingest else 0,
             messages=self._ingest.loop.messages if self._ingest else 0,
         )

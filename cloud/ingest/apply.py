@@ -108,6 +108,9 @@ class Applier:
         self._fence = fence
         self._manifest_source = manifest_source
         self.lock = anyio.Lock()
+        #: Events (drift and ops rows) of the batch being committed: made, not yet handed to
+        #: the publisher (``CloudService.statistics().events_pending`` counts them).
+        self.events_in_commit = 0
         self._manifests: dict[tuple[str, int, str], tuple[ModelManifest | None, float]] = {}
         #: Groups already reported as unregistered by this instance (one event each; the
         #: event id is deterministic, so a restart's repeat is dropped by the stream).
@@ -405,14 +408,19 @@ class Applier:
                 )
             rows = [encode_event(e) for e in events] + ops
             self._fence()
-            await self.store.commit(
-                nodes=[self.nodes[k] for k in dirty],
-                groups=groups,
-                units=units,
-                counters=self.counters,
-                events=rows,
-                rounds=self.detector.take_rounds(),
-            )
+            self.events_in_commit = len(rows)
+            try:
+                await self.store.commit(
+                    nodes=[self.nodes[k] for k in dirty],
+                    groups=groups,
+                    units=units,
+                    counters=self.counters,
+                    events=rows,
+                    rounds=self.detector.take_rounds(),
+                )
+            except BaseException:
+                self.events_in_commit = 0
+                raise
         for e in events:
             log.info(
                 "drift_event",
@@ -425,6 +433,7 @@ class Applier:
                 p_value=e.p_value,
             )
         self.publisher.add(rows)
+        self.events_in_commit = 0
         if self.snapshots is not None:
             self.snapshots.mark(dirty)
         return applied, rejected
