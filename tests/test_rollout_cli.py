@@ -54,6 +54,14 @@ async def test_start_status_pause_abort_round_trip(
     )
     assert code != 0
     assert "version 9 is not in the registry" in out
+    # --min-quality on a classifier (no quality set in its bundles): refused at start, not
+    # installed on canaries to fail its gate there (new-user trial).
+    code, out = await anyio.to_thread.run_sync(
+        lambda: cli("start", "--nats", url, "--fleet", fleet, "--version", "2", "--min-quality", "80%")
+    )
+    assert code != 0
+    assert "--min-quality needs a quality set" in out, out
+    assert "fp32 has none" in out, out
     code, out = await anyio.to_thread.run_sync(
         lambda: cli(
             "start", "--nats", url, "--fleet", fleet, "--version", "2", "--soak", "1s", "--max-failures", "5%"
