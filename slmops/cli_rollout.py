@@ -230,6 +230,13 @@ def history(nats_url: str, fleet: str | None, as_json: bool) -> None:
 rollout.add_command(history, name="list")
 
 
+def _figure(value: object) -> str:
+    """A gate figure for the table: "-" for none, 4 significant digits for a float."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _print_state(s: RolloutState) -> None:
     updated = datetime.fromtimestamp(s.updated, UTC).strftime("%Y-%m-%d %H:%M:%S")
     click.echo(f"{s.fleet}  {s.id}")
@@ -238,17 +245,21 @@ def _print_state(s: RolloutState) -> None:
         f"  {s.model} v{s.previous_version} → v{s.version}   {s.status}/{s.phase}"
         f"   updated {updated}Z{beside}"
     )
-    click.echo(f"  stage {s.stage + 1}/{len(s.config.stages)} ({s.percent}%), {len(s.nodes)} nodes assigned")
+    assigned = f"{len(s.nodes)} node{'' if len(s.nodes) == 1 else 's'} assigned"
+    click.echo(f"  stage {s.stage + 1}/{len(s.config.stages)} ({s.percent}%), {assigned}")
     for node, why in sorted(s.failures.items()):
         click.echo(f"  failed {node}: {why}")
     for node, why in sorted(s.unfit.items()):
         click.echo(f"  left out {node}: {why}")
     for name, g in s.gates.items():
         if isinstance(g, dict):
-            click.echo(
-                f"  gate {name:<12} {g.get('outcome')}  canary {g.get('canary')}  "
-                f"control {g.get('control')}  limit {g.get('limit')}"
-            )
+            line = f"  gate {name:<12} {g.get('outcome')}"
+            if g.get("canary") is not None or g.get("control") is not None:
+                line += f"  canary {_figure(g.get('canary'))}  control {_figure(g.get('control'))}"
+                line += f"  limit {_figure(g.get('limit'))}"
+            if g.get("detail"):  # e.g. "no control group", "no labelled answers yet"
+                line += f"  ({g['detail']})"
+            click.echo(line)
     if s.reason:
         click.echo(f"  reason: {s.reason}")
 
