@@ -5,10 +5,11 @@ the cloud service or in ``slmops rollout run``)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from slmops.cloud.rollout import RolloutState
 
 __all__ = ["parse_percent", "parse_stages", "rollout"]
+
+T = TypeVar("T")
 
 _fleet = click.option("--fleet", required=True, help="Fleet id.")
 
@@ -46,6 +49,15 @@ def parse_percent(value: str, *, whole: bool = False) -> float:
     if not (0 <= fraction <= 1 if whole else 0 <= fraction < 1):
         raise ValueError(f"{value!r} must be between 0% and 100%")
     return fraction
+
+
+def _flag(flag: str, parse: Callable[[str], T], value: str) -> T:
+    """``parse(value)``; its ``ValueError`` as a usage error naming ``flag`` ("Invalid value for
+    '--stages': ...") — options parsed in the command body have no click param to name."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{flag}'") from exc
 
 
 @click.group()
@@ -122,14 +134,25 @@ def start(
     from slmops.cloud.registry import Registry
     from slmops.cloud.rollout import RolloutConfig, RolloutStore, start_rollout
 
+    def whole_stages(value: str) -> list[int]:
+        return RolloutConfig(stages=parse_stages(value)).stages  # its checks, named as --stages
+
+    def not_negative(value: str) -> float:
+        seconds = parse_duration(value)
+        if seconds < 0:
+            raise ValueError(f"duration {value!r} must not be negative")
+        return seconds
+
     try:
         config = RolloutConfig(
-            stages=parse_stages(stages),
-            soak_s=parse_duration(soak),
-            max_failures=parse_percent(max_failures),
+            stages=_flag("--stages", whole_stages, stages),
+            soak_s=_flag("--soak", not_negative, soak),
+            max_failures=_flag("--max-failures", parse_percent, max_failures),
             min_samples=min_samples,
-            install_timeout_s=parse_duration(install_timeout),
-            min_quality=None if min_quality is None else parse_percent(min_quality, whole=True),
+            install_timeout_s=_flag("--install-timeout", not_negative, install_timeout),
+            min_quality=None
+            if min_quality is None
+            else _flag("--min-quality", partial(parse_percent, whole=True), min_quality),
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
