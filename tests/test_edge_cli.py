@@ -39,7 +39,7 @@ def test_help_explains_the_command() -> None:
         (["--node", "-x"], {}, "node"),
         (["--window", "5 parsecs"], {}, "window"),
         (["--http", "nohost"], {}, "http"),
-        (["--min-count", "0"], {}, "min_count"),
+        (["--min-count", "0"], {}, "'--min-count': must be >= 1"),  # the flag, not the field
         ([], {"SLMOPS_EDGE_FLEET": "from env!"}, "fleet"),
     ],
 )
