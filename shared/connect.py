@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
@@ -33,6 +34,7 @@ from slmops.shared.connopts import (
     note_permission_denial,
 )
 from slmops.shared.errors import NatsUnavailable
+from slmops.shared.identity import IdentityError, decode_jwt
 from slmops.shared.jetstream import is_connection_error, is_nats_error, nats_errors
 from slmops.shared.names import inbox_prefix, validate_id
 
@@ -103,6 +105,8 @@ async def connect_attempt(url: str, **options: Any) -> NATS:
         raise ValueError("the NATS URL carries a user or token and a creds file was given (--creds): use one")
     for key, value in auth.items():
         options.setdefault(key, value)
+    if options.get("inbox_prefix", "_INBOX") == "_INBOX" and options.get("user_credentials"):
+        options["inbox_prefix"] = own_inbox(str(options["user_credentials"]))
     nc = NATS()
     try:
         # max_reconnect_attempts=1 with no wait: nats-py tries the server twice, at once,
@@ -119,6 +123,22 @@ async def connect_attempt(url: str, **options: Any) -> NATS:
     nc.options["max_reconnect_attempts"] = after_attempts
     nc.options["reconnect_time_wait"] = after_wait
     return nc
+
+
+def own_inbox(creds: str) -> str:
+    """The inbox prefix a ``.creds`` file's user must use: ``_INBOX.<its public key>`` when its
+    JWT allows it to receive there and nowhere else among inboxes (an analyst,
+    ``cloud.trust.permissions``), else ``_INBOX``. A file that cannot be read or parsed gives
+    ``_INBOX`` (nats-py then reports the file itself)."""
+    try:
+        text = Path(creds).expanduser().read_text()
+        jwt = text.split("-----BEGIN NATS USER JWT-----", 1)[1].split("---", 1)[0]
+        claims = decode_jwt(jwt, verify=False)
+    except (OSError, IndexError, IdentityError, UnicodeDecodeError):
+        return "_INBOX"
+    own = f"_INBOX.{claims.subject}"
+    allowed = (claims.nats.get("sub") or {}).get("allow") or []
+    return own if isinstance(allowed, list) and f"{own}.>" in allowed else "_INBOX"
 
 
 #: Why a TLS-configured client refuses a server that answered in plain text.

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -91,11 +92,11 @@ async def _read_by_gets(
     handed to ``take(subject, data)``; one request per record."""
     seq = 1
     while True:
-        try:
-            with nats_errors("stream", AUDIT_STREAM, url):
+        with nats_errors("stream", AUDIT_STREAM, url):
+            try:
                 raw = await js.get_msg(AUDIT_STREAM, seq=seq, subject=subject, next=True)
-        except NotFound:  # no record after ``seq``
-            return
+            except nats.js.errors.NotFoundError:
+                return
         take(raw.subject or subject, raw.data or b"")
         if raw.seq is None:
             return

@@ -31,7 +31,15 @@ from typing import Any, Literal
 from slmops.shared import names
 from slmops.shared.keylist import KEYLIST_KEY
 
-__all__ = ["NODE_PAYLOAD", "NODE_SUBS", "ROLES", "Role", "permissions_for"]
+__all__ = [
+    "ANALYST_STREAMS",
+    "NODE_PAYLOAD",
+    "NODE_SUBS",
+    "ROLES",
+    "Role",
+    "analyst_inbox",
+    "permissions_for",
+]
 
 Role = Literal["node", "cloud", "operator", "analyst"]
 ROLES: tuple[Role, ...] = ("node", "cloud", "operator", "analyst")
@@ -86,13 +94,47 @@ def _node(fleet: str, node: str, js_domain: str | None) -> dict[str, Any]:
     }
 
 
-def _analyst(fleet: str | None) -> dict[str, Any]:
+#: The streams an analyst reads (README: drift, rollout, status, events; and the audit) and
+#: the KV buckets behind ``rollout status``, ``fleet status`` and ``status`` (rollout state,
+#: node records, assignments, the cloud's lease).
+ANALYST_STREAMS = (
+    names.DRIFT_STREAM, names.ROLLOUT_STREAM, names.STATUS_STREAM, names.EVENTS_STREAM, names.AUDIT_STREAM,
+    *(f"KV_{b}" for b in (names.ROLLOUTS_BUCKET, names.FLEET_BUCKET, names.ASSIGNMENTS_BUCKET,
+                          names.LEASES_BUCKET)),
+)  # fmt: skip
+
+
+def analyst_inbox(user: str) -> str:
+    """The inbox prefix of the analyst whose user public key is ``user`` (``_INBOX.U…``): no
+    other client's inbox matches it (nats-py's own are ``_INBOX.<22-character nuid>``, a node's
+    ``_INBOX_<fleet>.<node>``), so an analyst receives only the replies to its own requests."""
+    if not (user.startswith("U") and len(user) == 56 and user.isalnum()):
+        raise ValueError(f"not a user public key: {user!r}")
+    return f"_INBOX.{user}"
+
+
+def _analyst(fleet: str | None, user: str | None) -> dict[str, Any]:
     if fleet is None:
         sub = [names.DRIFT_ALL, names.ROLLOUT_ALL, names.STATUS_ALL, names.EVENTS_ALL]
     else:
         sub = [names.drift_subject(fleet), names.rollout_subject(fleet), names.status_filter(fleet),
                names.events_subject(fleet)]  # fmt: skip
-    return {"pub": {"deny": [">"]}, "sub": {"allow": sub}, "subs": 64, "payload": -1, "data": -1}
+    if user is None:
+        return {"pub": {"deny": [">"]}, "sub": {"allow": sub}, "subs": 64, "payload": -1, "data": -1}
+    # Stored reads (replays, key listings): stream and consumer info, message gets, ephemeral consumers
+    # by the legacy subject only (the server refuses a durable name there), on the read streams;
+    # flow-control answers of those consumers; replies on its own inbox only. No consumer
+    # delete, no durable, no stream or KV write, no publish anywhere else.
+    pub = [
+        *(f"$JS.API.STREAM.INFO.{s}" for s in ANALYST_STREAMS),
+        *(f"$JS.API.STREAM.MSG.GET.{s}" for s in ANALYST_STREAMS),
+        *(f"$JS.API.DIRECT.GET.{s}.>" for s in ANALYST_STREAMS),
+        *(f"$JS.API.CONSUMER.CREATE.{s}" for s in ANALYST_STREAMS),
+        *(f"$JS.API.CONSUMER.INFO.{s}.*" for s in ANALYST_STREAMS),
+        *(f"$JS.FC.{s}.>" for s in ANALYST_STREAMS),
+    ]
+    sub = [*sub, f"{analyst_inbox(user)}.>"]
+    return {"pub": {"allow": pub}, "sub": {"allow": sub}, "subs": 64, "payload": 64 * 1024, "data": -1}
 
 
 def _cloud() -> dict[str, Any]:
@@ -102,13 +144,20 @@ def _cloud() -> dict[str, Any]:
 
 
 def permissions_for(
-    role: Role, *, fleet: str | None = None, node: str | None = None, js_domain: str | None = None
+    role: Role,
+    *,
+    fleet: str | None = None,
+    node: str | None = None,
+    js_domain: str | None = None,
+    user: str | None = None,
 ) -> dict[str, Any]:
     """The ``nats`` claims (``pub``, ``sub``, limits) of a user of ``role``.
 
     ``node`` needs ``fleet`` and ``node`` (``js_domain``: its JetStream rights under the hub's
     domain, for a device at a leaf site, deploy/nats/jwt/leaf); ``analyst`` may be limited to
-    one ``fleet`` (reads live drift, rollout, status and event messages; publishes nothing);
+    one ``fleet`` (reads live drift, rollout, status and event messages; with ``user``, its
+    user public key, also the stored ones of ``ANALYST_STREAMS`` through its own inbox
+    ``analyst_inbox(user)`` — ephemeral consumers and gets, no writes);
     ``cloud`` and
     ``operator`` hold the account. ``ValueError`` for an unknown role or a missing id.
     """
@@ -117,7 +166,7 @@ def permissions_for(
             raise ValueError("a node user needs --fleet and --node")
         return _node(fleet, node, js_domain)
     if role == "analyst":
-        return _analyst(fleet)
+        return _analyst(fleet, user)
     if role in ("cloud", "operator"):
         return _cloud()
     raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
