@@ -23,6 +23,7 @@ from slmops.cli import main
 from slmops.cloud.service import CloudService
 from slmops.shared import names
 from slmops.shared.connect import own_inbox
+from slmops.shared.identity import decode_jwt, read_creds
 from slmops.shared.messages import ModelRef, encode_json
 
 pytestmark = pytest.mark.anyio
@@ -75,6 +76,10 @@ async def test_an_analyst_runs_every_read_command_and_still_writes_nothing(
         alice = ids.enroll("analyst", name="alice").creds
         assert own_inbox(str(alice)).startswith("_INBOX.U")
         assert own_inbox(str(ids.cloud_creds)) == "_INBOX"
+        # One fleet's analyst keeps live reads only: stored ones would not stay in its fleet.
+        bob = ids.enroll("analyst", name="bob", fleet=fleet).creds
+        assert own_inbox(str(bob)) == "_INBOX"
+        assert decode_jwt(read_creds(bob)[0]).nats["pub"] == {"deny": [">"]}
         creds = ("--nats", server.url, "--creds", str(alice))
         model = ModelRef(name="m", version=1)
         stats = {"statistic": "G", "value": 12.5, "p_value": 0.001, "effect_size": 0.12}

@@ -119,7 +119,9 @@ def _analyst(fleet: str | None, user: str | None) -> dict[str, Any]:
     else:
         sub = [names.drift_subject(fleet), names.rollout_subject(fleet), names.status_filter(fleet),
                names.events_subject(fleet)]  # fmt: skip
-    if user is None:
+    if user is None or fleet is not None:
+        # One fleet's analyst: live messages only. Stored reads would not stay in its fleet (a
+        # consumer's filter and a KV listing are in the request body, which rights cannot judge).
         return {"pub": {"deny": [">"]}, "sub": {"allow": sub}, "subs": 64, "payload": -1, "data": -1}
     # Stored reads (replays, key listings): stream and consumer info, message gets, ephemeral consumers
     # by the legacy subject only (the server refuses a durable name there), on the read streams;
@@ -155,9 +157,9 @@ def permissions_for(
 
     ``node`` needs ``fleet`` and ``node`` (``js_domain``: its JetStream rights under the hub's
     domain, for a device at a leaf site, deploy/nats/jwt/leaf); ``analyst`` may be limited to
-    one ``fleet`` (reads live drift, rollout, status and event messages; with ``user``, its
-    user public key, also the stored ones of ``ANALYST_STREAMS`` through its own inbox
-    ``analyst_inbox(user)`` — ephemeral consumers and gets, no writes);
+    one ``fleet`` (reads live drift, rollout, status and event messages; an analyst of every
+    fleet with ``user``, its user public key, also the stored ones of ``ANALYST_STREAMS``
+    through its own inbox ``analyst_inbox(user)`` — ephemeral consumers and gets, no writes);
     ``cloud`` and
     ``operator`` hold the account. ``ValueError`` for an unknown role or a missing id.
     """
