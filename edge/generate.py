@@ -338,7 +338,12 @@ class Generations:
             if active.manifest.task == "generation":
                 return active
         if self.models.all():
-            raise InvalidInput("model", "no generation model is served here (use /v1/predict or /v1/embed)")
+            endpoint = {"classification": "/v1/predict", "embedding": "/v1/embed"}
+            served = sorted({endpoint.get(a.manifest.task, "/v1/predict") for a in self.models.all()})
+            raise InvalidInput(
+                "model",
+                f"no generation model is served here (the models served answer on {' and '.join(served)})",
+            )
         raise NoModel(self.models.why_not(None))
 
     def params(self, active: ActiveModel, body: dict[str, Any]) -> GenerationParams:

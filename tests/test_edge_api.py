@@ -122,6 +122,18 @@ async def test_bad_predict_bodies_get_400_naming_the_field(
 
 
 @pytest.mark.anyio
+async def test_generate_on_a_classifier_node_names_the_endpoint_its_model_answers_on(
+    http: tuple[aiohttp.ClientSession, str],
+) -> None:
+    """`/v1/generate` where only a classifier is served: a 400 naming /v1/predict, and not
+    /v1/embed, which refuses a classifier (new-user trial)."""
+    error = await error_of(http, 400, "POST", "/v1/generate", json={"prompt": "hello"})
+    assert error["message"] == (
+        "no generation model is served here (the models served answer on /v1/predict)"
+    ), error
+
+
+@pytest.mark.anyio
 async def test_feedback_errors_and_success(http: tuple[aiohttp.ClientSession, str]) -> None:
     _, body = await call(http, "POST", "/v1/predict", json={"text": "alpha here"})
     pid = body["predictions"][0]["prediction_id"]
