@@ -198,3 +198,40 @@ def test_a_few_nodes_draining_while_the_fleet_is_silent_are_not_tested_as_the_fl
     det.take_dirty()
     assert [f for f in found if f[0] == "drift" and f[1] is None] == [], found
     assert det.groups[group_key("f", MODEL)].rounds <= 38
+
+
+def test_a_fast_clock_node_draining_its_backlog_does_not_make_the_fleet_late() -> None:
+    """One node of 11 labels its windows 3 minutes ahead (inside the ingest's clock-skew
+    bound), is offline for windows 31-41 and drains them behind the others' window 42. Each
+    drained window closes a round holding that node alone; the frontier must not follow its
+    clock past the cloud's (the detector's clock minus one window), or every honest window
+    after is late for good (reviewer's reproduction: rounds pooled 1 window of 11 from then
+    on, and that node alone opened fleet events once the quorum memory had passed)."""
+    rng = np.random.default_rng(8)
+    now = [cu.T0]
+    det = DriftDetector(DriftConfig(calibration_windows=50_000), clock=lambda: now[0])
+    det.add_group("f", MODEL, cu.make_manifest())
+    ahead = timedelta(minutes=3)
+
+    def fast(seq: int) -> None:
+        a = cu.make_aggregate("f", "fast", seq, 300, rng)
+        det.observe(
+            msgspec.structs.replace(a, window_start=a.window_start + ahead, window_end=a.window_end + ahead)
+        )
+
+    for seq in range(1, 61):
+        now[0] = cu.T0 + timedelta(minutes=seq + 1, seconds=5)  # window seq has just ended
+        if not 31 <= seq <= 42:
+            fast(seq)
+        if seq == 42:
+            for old in range(31, 43):
+                fast(old)
+        for i in range(10):
+            det.observe(cu.make_aggregate("f", f"n{i}", seq, 300, rng))
+    det.take_dirty()
+    after = [r for r in det.take_rounds() if r.closed >= cu.T0 + timedelta(minutes=48)]
+    assert len(after) >= 10, len(after)
+    assert all(r.signals["class_prior"].windows == 11 for r in after), [
+        r.signals["class_prior"].windows for r in after
+    ]
+    assert det.groups[group_key("f", MODEL)].late_nodes == []

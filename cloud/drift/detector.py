@@ -15,8 +15,12 @@ How a decision is made (docs/architecture.md §7):
    there with far more power), and every unit × signal updated in the round gets a p-value: the
    calibrated chance that a null CUSUM stands at its ``S`` (``calibrate.py``). A closed round
    sets the group's *frontier*: the median ``window_end`` of its windows (a median, so a node
-   whose clock runs ahead — up to the ingest's ``max_clock_skew`` — cannot move it alone; the
-   frontier never goes back). An aggregate whose ``window_end`` is at or before the frontier is
+   whose clock runs ahead — up to the ingest's ``max_clock_skew`` — cannot move it alone), but
+   never later than the detector's clock less one window (a fast node draining its backlog
+   closes rounds holding itself alone, whose median is its own clock); the frontier never goes
+   back. A node whose clock runs *behind* the fleet by more than a window sends only late
+   windows: it is tested as a node, never pooled into the fleet (known limit).
+   An aggregate whose ``window_end`` is at or before the frontier is
    **late**: its window time's round was already evaluated (a reconnecting node draining its
    outbox, a straggler, a compacted backlog). A late window joins its node's evidence only
    (node CUSUM, node baseline, carried-over counts, in the node's own order), never a fleet
@@ -729,7 +733,12 @@ class DriftDetector:
                     self._quarantine(g, signal, exc)
         if g.round_ends:
             # The window time this round stood for: later windows at or before it are late.
-            frontier = statistics.median_low(g.round_ends)
+            # Never past the detector's own clock less one window: the window times are the
+            # nodes' clocks, and a node whose clock runs ahead, draining its backlog alone,
+            # would otherwise carry the frontier past every honest node's windows for good.
+            frontier = min(
+                statistics.median_low(g.round_ends), self._clock().timestamp() - max(g.window_s, 1.0)
+            )
             if g.frontier is None or frontier > g.frontier:
                 g.frontier = frontier
         g.round = {}
