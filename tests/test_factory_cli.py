@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ from click.testing import CliRunner
 from slmops.cli import main
 from slmops.cloud.factory.cache import CachedModel
 from slmops.cloud.factory.weights import WHEEL
-from slmops.shared.bundle import TrustStore, load_public_key, new_keypair, read_bundle
+from slmops.shared.bundle import (
+    TrustStore,
+    load_private_key,
+    load_public_key,
+    new_keypair,
+    read_bundle,
+    resign_bundle,
+)
 from slmops.shared.errors import BundleError
 from slmops.shared.runtime import verify_bundle
 
@@ -129,3 +137,31 @@ def test_default_build_reuses_the_cached_build_signed_with_the_given_key(
     code, table = _cli("models", "build", "--out", str(tmp_path / "c"), "--key", str(key), *args)
     assert code == 0, table
     assert f"reused from {minilm_default.root} and signed with --key" in table
+
+
+def test_a_damaged_cache_entry_is_not_signed_with_the_users_key(
+    minilm_default: CachedModel, tmp_path: Path
+) -> None:
+    """The check `models build` runs on a cache entry before signing its bundles with --key
+    (review: 10 bytes overwritten in a cached head.onnx were signed): an intact copy passes;
+    a changed byte in one file, or a manifest the entry's key did not sign, fails it."""
+    from dataclasses import replace
+
+    from slmops.cloud.factory.cache import _intact
+
+    copy = tmp_path / "entry"
+    shutil.copytree(minilm_default.root, copy)
+    entry = replace(
+        minilm_default, root=copy, bundles={v: copy / "bundles" / v for v in minilm_default.bundles}
+    )
+    assert _intact(entry)
+    head = copy / "bundles" / "int8" / "head.onnx"
+    data = bytearray(head.read_bytes())
+    data[-10:] = b"\x00" * 10
+    head.write_bytes(bytes(data))
+    assert not _intact(entry)
+    shutil.copytree(minilm_default.root / "bundles" / "int8", copy / "bundles" / "int8", dirs_exist_ok=True)
+    assert _intact(entry)
+    other, _ = new_keypair(tmp_path / "other")
+    resign_bundle(copy / "bundles" / "fp32", load_private_key(other))
+    assert not _intact(entry)

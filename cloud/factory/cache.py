@@ -21,12 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops.cloud.factory import corpus, encoder, head, minilm, profile, rss, smooth, weights
 from slmops.cloud.factory.minilm import VARIANTS, FactoryReport, build_minilm
 from slmops.cloud.factory.weights import WHEEL_SHA256, cache_dir
 from slmops.shared import bundle, messages, preprocess, runtime
+from slmops.shared.errors import BundleError
+
+log = structlog.get_logger(__name__)
 
 __all__ = ["CachedModel", "cache_key", "cached_minilm", "copy_cached", "report_json"]
 
@@ -171,15 +175,40 @@ def copy_cached(
     the build's figures (``report_json``'s document, its ``seconds`` those of the original
     build) plus ``cache_entry`` (its path) and ``cache_hit`` (false when this call built it).
     Raises ``ValueError`` when ``out_dir`` exists and is not empty (nothing is written then),
-    and what ``cached_minilm`` raises."""
+    and what ``cached_minilm`` raises.
+
+    Nothing is signed with ``key`` that the entry's own signer did not sign: each cached
+    bundle's signature (the cache-local key) and every file's size and sha256 are checked
+    first; an entry failing them (corrupted, or edited on disk) is deleted and built again."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"output directory {str(out_dir)!r} is not empty")
-    cached = cached_minilm(
-        seed=seed, name=name, version=version, weights_dir=weights_dir, corpus_dir=corpus_dir
-    )
+    args: dict[str, Any] = {
+        "seed": seed, "name": name, "version": version, "weights_dir": weights_dir, "corpus_dir": corpus_dir
+    }  # fmt: skip
+    cached = cached_minilm(**args)
+    if not _intact(cached):
+        shutil.rmtree(cached.root, ignore_errors=True)
+        cached = cached_minilm(**args)
+        if not _intact(cached):
+            raise BundleError(str(cached.root), "a fresh cached build fails its own checks")
     out_dir.mkdir(parents=True, exist_ok=True)
     for variant, src in cached.bundles.items():
         shutil.copytree(src, out_dir / variant)
         bundle.resign_bundle(out_dir / variant, key)
     return {**cached.report, "cache_entry": str(cached.root), "cache_hit": cached.hit}
+
+
+def _intact(cached: CachedModel) -> bool:
+    """Whether every bundle of the entry is signed by the entry's key and its files match
+    their manifest (sizes and sha256); a failure is logged with its reason."""
+    trust = bundle.TrustStore([bundle.load_public_key(cached.pub_path)])
+    for src in cached.bundles.values():
+        try:
+            b = bundle.read_bundle(src)
+            trust.verify(b, str(src))
+            bundle.check_files(b)
+        except (BundleError, OSError) as exc:
+            log.warning("model_cache_entry_damaged", entry=str(cached.root), error=str(exc))
+            return False
+    return True
