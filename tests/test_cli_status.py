@@ -287,6 +287,14 @@ async def test_a_forgotten_node_leaves_the_console_and_the_metrics_until_it_send
         await publish(js, make_aggregate(fleet, "old", 1, 40, rng))
         await publish(js, make_aggregate(fleet, "keep", 1, 30, rng))
         await wait_until(lambda: shows((["keep", "old"], 2, 2)), 20, what="both nodes shown")
+
+        async def recorded() -> bool:  # what `fleet forget` reads: the snapshots in KV (~1 s behind)
+            code, out, _ = await _cli(
+                "fleet", "status", "--nats", nats_server.url, "--fleet", fleet, "--json"
+            )
+            return code == 0 and {n["node"] for n in json.loads(out)["nodes"]} == {"keep", "old"}
+
+        await wait_until(recorded, 20, what="both nodes' snapshots in KV")
         code, _, err = await _cli(
             "fleet", "forget", "--nats", nats_server.url, "--fleet", fleet, "--node", "old", "--force"
         )
