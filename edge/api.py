@@ -27,8 +27,10 @@ Resources are bounded (issue 13): request bodies in memory share one byte budget
 costs while it is held: a request reserves twice its Content-Length (its bytes, read into one
 buffer, and its decoded texts side by side while msgspec decodes them — UTF-8 is checked by
 that decode, never by decoding the whole body to a str) and gives back the bytes' share once
-they are freed. Predict, embed and feedback bodies are decoded straight into their typed
-Structs, so a value of the wrong shape fails at its first byte: decoded as any JSON, a 10 MB
+they are freed; a body with a character beyond Latin-1 reserves its characters at 2 or 4
+bytes each (``_char_width``: a str is stored at its widest character's width). Predict,
+embed and feedback bodies are decoded straight into their typed Structs, so a value of the
+wrong shape fails at its first byte: decoded as any JSON, a 10 MB
 body of ``[[],[],...]`` became 212 MB of Python lists; a body holding more strings than its
 endpoint takes is refused before decoding (a list of 2-character strings decodes to 12x its
 size). Bodies of the generation endpoints are decoded as any JSON: they hold, besides
@@ -255,11 +257,45 @@ def _values_at_most(raw: bytes | bytearray) -> int:
     return sum(raw.count(c) for c in (b",", b":", b"[", b"{")) + 1
 
 
-def _decoded_bound(raw: bytes | bytearray) -> int:
-    """Bytes a typed body's decoded values can hold at most: each string's characters take at
-    most the bytes that spelled them (UCS-4 for 4-byte UTF-8, UCS-2 for 2-3 bytes, Latin-1
-    for 1), plus ``_STR_COST`` per string."""
-    return len(raw) + _STR_COST * (raw.count(b'"') // 2 + 1)
+#: Bytes that make a decoded str wider than Latin-1: a UTF-8 lead byte of U+0100 or above
+#: (UCS-2), of an astral character (UCS-4), and ``\\u`` escapes (a surrogate pair: UCS-4).
+_UCS2_BYTE = re.compile(rb"[\xc4-\xff]")
+_UCS4_BYTE = re.compile(rb"[\xf0-\xff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB]")
+
+
+def _char_width(raw: bytes | bytearray) -> int:
+    """Bytes per character a str decoded from ``raw`` can be stored at (1, 2 or 4): CPython
+    stores a whole str at the width of its widest character, so one emoji makes each ASCII
+    character of its string 4 bytes. Judged over the whole body (C-speed scans, no copy)."""
+    if _UCS4_BYTE.search(raw) or _SURROGATE_ESCAPE.search(raw):
+        return 4
+    if _UCS2_BYTE.search(raw) or b"\\u" in raw:
+        return 2
+    return 1
+
+
+#: UTF-8 continuation bytes (0x80-0xBF): every other byte starts a character.
+_CONTINUATION = bytes(range(0x80, 0xC0))
+
+
+def _chars_at_most(raw: bytes | bytearray, width: int) -> int:
+    """An upper bound on the characters ``raw``'s strings decode to: its bytes for a body of
+    width 1, else the bytes that start a UTF-8 character (counted in 64 KiB steps)."""
+    if width == 1:
+        return len(raw)
+    step = 1 << 16
+    return sum(len(raw[i : i + step].translate(None, _CONTINUATION)) for i in range(0, len(raw), step))
+
+
+def _decoded_bound(raw: bytes | bytearray, width: int | None = None) -> int:
+    """Bytes a typed body's decoded values can hold at most: its characters
+    (``_chars_at_most``), each stored at ``_char_width`` bytes (a 2,000,016-byte body of
+    2,000,000 ``a`` and one emoji decodes to an 8,000,080-byte str; a body of emoji only, to
+    about its length), plus ``_STR_COST`` per string (``width``: ``_char_width(raw)`` when
+    already known)."""
+    width = width or _char_width(raw)
+    return width * _chars_at_most(raw, width) + _STR_COST * (raw.count(b'"') // 2 + 1)
 
 
 def _invalid(exc: msgspec.ValidationError) -> InvalidInput:
@@ -301,11 +337,13 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
             raise InvalidInput(
                 "body", f"holds more than {most} JSON strings (more texts than one request takes)"
             )
-    bound = _decoded_bound(raw)
+    width = _char_width(raw)
     hold = request.get(_HOLD)
+    need = 0
+    bound = _decoded_bound(raw, width) if typed is not None else 0
     if typed is None and hold is not None:  # any JSON: each value may be an object of its own
         values = _values_at_most(raw)
-        bound = len(raw) + _VALUE_COST * values
+        bound = width * _chars_at_most(raw, width) + _VALUE_COST * values
         need = len(raw) + len(raw) // 8 + bound  # the bytes and their values at once
         if need > hold.budget.capacity:
             raise InvalidInput(
@@ -313,8 +351,19 @@ async def _body(request: web.Request, type_: type[Any]) -> Any:
                 f"holds up to {values} JSON values: with them decoded it could take {need} bytes, "
                 f"more than the node's {hold.budget.capacity}-byte budget for request bodies",
             )
-        if need > hold.held:
-            await hold.grow(need - hold.held, _BUDGET_WAITS * request.app[_NODE].config.http_read_timeout)
+    elif hold is not None and width > 1:
+        # wider than Latin-1: the decoded texts can take up to 4x the bytes (ASCII bodies
+        # keep the 2.125x their read reserved)
+        need = len(raw) + bound
+        if need > hold.budget.capacity:
+            raise InvalidInput(
+                "body",
+                f"its texts decoded could take {need} bytes (one character beyond Latin-1 stores "
+                f"a whole string at 2 or 4 bytes a character), more than the node's "
+                f"{hold.budget.capacity}-byte budget for request bodies",
+            )
+    if hold is not None and need > hold.held:
+        await hold.grow(need - hold.held, _BUDGET_WAITS * request.app[_NODE].config.http_read_timeout)
     try:
         # checks UTF-8 itself: no decoded copy of the body
         data = typed.decode(raw) if typed is not None else _decode_any.decode(raw)

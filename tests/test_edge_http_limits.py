@@ -18,12 +18,14 @@ from typing import Any
 import aiohttp
 import anyio
 import anyio.abc
+import msgspec
 import pytest
 from _transformer import make_transformer_bundle
 
 from _edge_util import Keys
 from _nats import free_port
 from slmops.bench._proc import wait_healthy
+from slmops.edge.api import _decoded_bound
 
 
 def rss_mb(pid: int) -> float:
@@ -347,3 +349,23 @@ async def test_invalid_utf8_is_named_by_its_byte_offset_also_past_64k(node: Node
             status, data, _ = await post(session, node.base + "/v1/predict", raw)
             assert status == 400, data
             assert data["error"]["message"] == f"is not valid UTF-8 (byte {at})", data
+
+
+def test_the_decoded_bound_covers_a_str_widened_by_one_character() -> None:
+    """CPython stores a str at the width of its widest character: 2,000,000 ``a`` and one
+    emoji decode to 8,000,080 bytes. The bound a request keeps (and reserves while decoding)
+    covers that for ASCII, 2-byte, 3-byte, astral and escaped bodies, and stays near the
+    body's length for one of emoji only (``big_body``). Old code: the bound was the body's
+    length (2,000,112 bytes for the emoji body)."""
+    cases = [("a", None), ("é", None), ("ā", None), ("中", None), ("😀", None)]
+    cases += [("ā", "\\u0101"), ("😀", "\\ud83d\\ude00"), ("😀", "\\uD83D\\uDE00")]
+    for ch, esc in cases:
+        body = b'{"texts": ["' + b"a" * 2_000_000 + (esc or ch).encode() + b'"]}'
+        text = msgspec.json.decode(body)["texts"][0]
+        assert text.endswith(ch)
+        assert _decoded_bound(body) >= sys.getsizeof(text), (ch, esc, _decoded_bound(body))
+    ascii_body = b'{"texts": ["' + b"a" * 1000 + b'"]}'
+    assert _decoded_bound(ascii_body) == len(ascii_body) + 96 * 3  # unchanged for ASCII
+    body = big_body()
+    decoded = sum(sys.getsizeof(t) for t in msgspec.json.decode(body)["texts"])
+    assert decoded <= _decoded_bound(body) < 1.01 * len(body), (decoded, _decoded_bound(body), len(body))
