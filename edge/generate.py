@@ -299,11 +299,17 @@ class Generations:
             return self._quality[key]
         passed = 0
         async with self._slots:
-            for case in session.spec.quality:
-                try:
-                    passed += await anyio.to_thread.run_sync(session.run_quality, [case])
-                except Exception as exc:  # GenAI raises several unrelated types; the case fails
-                    log.warning("quality_case_failed", error=repr(exc)[:200], model_version=ref.version)
+            # counted as running: ``open``'s Busy check then refuses past ``max_queue`` waiting
+            # while the set runs (uncounted, every request was let wait)
+            self._running += 1
+            try:
+                for case in session.spec.quality:
+                    try:
+                        passed += await anyio.to_thread.run_sync(session.run_quality, [case])
+                    except Exception as exc:  # GenAI raises several unrelated types; the case fails
+                        log.warning("quality_case_failed", error=repr(exc)[:200], model_version=ref.version)
+            finally:
+                self._running -= 1
         score = QualityScore(model=ref, passed=passed, total=len(session.spec.quality))
         self._quality[key] = score
         log.info("quality_set_run", model=ref.name, version=ref.version, passed=passed, total=score.total)

@@ -6,7 +6,9 @@ inside a whole staged rollout is in ``test_generation_rollout.py``."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -17,6 +19,7 @@ from slmops.cloud.config import RolloutConfig
 from slmops.cloud.factory.genai import GenerationImportRefused
 from slmops.cloud.rollout.gates import quality_gate
 from slmops.cloud.rollout.nodes import quality_of
+from slmops.edge.errors import Busy
 from slmops.edge.node import EdgeNode
 from slmops.shared.generation import quality_passed
 from slmops.shared.messages import GenerationQualityCase, QualityScore
@@ -33,7 +36,7 @@ def test_exact_match_and_containment() -> None:
 
 @pytest.mark.anyio
 async def test_a_node_runs_the_quality_set_once_and_the_gate_judges_its_score(
-    tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str
+    tiny_decoder: Path, tmp_path: Path, keys: Keys, fleet: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plain = make_generation_bundle_for_tests(tiny_decoder, tmp_path / "plain", keys.key)
     prompts = held_out_prompts(3)
@@ -47,6 +50,7 @@ async def test_a_node_runs_the_quality_set_once_and_the_gate_judges_its_score(
                 await anyio.sleep(0.05)
         status = node._snapshot("periodic")
         assert await node.generations.run_quality(node.models.all()[0]) == status.quality[0]  # once
+        await _a_running_quality_set_counts_against_the_queue(node, monkeypatch)
     assert status.quality == [QualityScore(model=ref, passed=2, total=3)]
     score = quality_of(status, ref.name, ref.version)
     assert quality_of(status, ref.name, ref.version + 1) is None
@@ -69,6 +73,45 @@ async def test_a_node_runs_the_quality_set_once_and_the_gate_judges_its_score(
     assert none is not None
     assert none.outcome == "fail"
     assert "variant(s) fp32 have none" in none.detail
+
+
+async def _a_running_quality_set_counts_against_the_queue(
+    node: EdgeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a quality set runs (it holds the one generation slot, default limits) it counts as
+    running: 8 requests wait (``max_queue``), the 9th is refused ``Busy`` (HTTP 429). Old code:
+    the run was not counted in ``running``, so every request was let wait (30 of 30)."""
+    gens = node.generations
+    active = node.models.all()[0]
+    assert (gens.limits.max_concurrent, gens.limits.max_queue) == (1, 8)
+    gens._quality.clear()  # run the set again, its first case held until the queue is full
+    go = threading.Event()
+    real = active.session.run_quality
+
+    def held(cases: Any) -> int:
+        go.wait(60)
+        return real(cases)
+
+    monkeypatch.setattr(active.session, "run_quality", held)
+
+    async def wait_and_close() -> None:
+        stream = await gens.open("hello")
+        await stream.aclose()
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gens.run_quality, active)
+            while gens.statistics().running < 1:  # noqa: ASYNC110 - no event for it
+                await anyio.sleep(0.01)
+            for _ in range(8):
+                tg.start_soon(wait_and_close)
+            while gens.statistics().waiting < 8:  # noqa: ASYNC110 - no event for it
+                await anyio.sleep(0.01)
+            with pytest.raises(Busy, match="1 generations running and 8 waiting"):
+                await gens.open("hello")
+            go.set()
+    stats = gens.statistics()
+    assert (stats.running, stats.waiting, stats.refused_busy, stats.cancelled) == (0, 0, 1, 8)
 
 
 def test_bad_quality_sets_and_thresholds_are_refused(tiny_decoder: Path, tmp_path: Path, keys: Keys) -> None:
