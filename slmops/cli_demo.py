@@ -28,7 +28,14 @@ from slmops.cli_common import arch_option
 @click.option(
     "--json", "as_json", is_flag=True, help="No live view; print the summary as one JSON line at the end."
 )
-@click.option("--seed", default=7, show_default=True, type=int, help="Seed of the model and the traffic.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the model and the traffic (0: the model `slmops models build` makes, so one cached "
+    "build serves both).",
+)
 @arch_option(
     "minilm: the default model (its int8-l3 variant), built once into the factory's cache "
     "(~/.cache/slmops/models, keyed by its inputs; the first run downloads the weights and builds "

@@ -64,7 +64,7 @@ class DemoOptions:
     nodes: int = 5
     #: The pace: the steady state lasts 15% of it, the offline node's time before the shift 10%.
     duration: float = 90.0
-    seed: int = 7
+    seed: int = 0
     #: Per-node inferences per second while traffic runs.
     rate: float = 16.0
     window: str = "3s"
