@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -40,11 +40,14 @@ from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NoResponders
 __all__ = [
     "DEFAULT_MAX_CONSUMERS",
     "ERR_STREAM_NAME_IN_USE",
+    "consumerless",
     "ensure_kv",
     "ensure_object_store",
     "is_connection_error",
     "is_nats_error",
+    "msgs_by_gets",
     "nats_errors",
+    "read_by_gets",
     "replay",
     "service_request",
     "stored_at",
@@ -318,6 +321,14 @@ async def _tighten(
     log.info("bucket_limits_set", bucket=name, limits=changes)
 
 
+def consumerless(js: JetStreamContext) -> bool:
+    """True when ``js``'s client may not create consumers: its inbox is an analyst's own
+    (``_INBOX.U<user key>``, ``shared.connect.own_inbox``; ``cloud.trust.permissions`` gives
+    analysts message and direct gets but no consumer, whose delivery subject it cannot judge)."""
+    prefix = getattr(getattr(js, "_nc", None), "_inbox_prefix", b"")
+    return bytes(prefix).startswith(b"_INBOX.U")
+
+
 async def replay(
     js: JetStreamContext,
     stream: str,
@@ -329,7 +340,12 @@ async def replay(
 ) -> None:
     """Hand every message of ``stream`` on ``subject`` to ``on_msg``, oldest first, through an
     ordered consumer; done when none is pending, or when none arrives within ``timeout``
-    seconds. ``on_msg`` handles its own decode errors. Raises ``NatsUnavailable``."""
+    seconds. ``on_msg`` handles its own decode errors. Raises ``NatsUnavailable``. A client
+    that may not create consumers (``consumerless``) reads by message gets instead."""
+    if consumerless(js):
+        async for raw in msgs_by_gets(js, stream, subject, url):
+            on_msg(Msg(js._nc, subject=raw.subject or subject, data=raw.data or b"", headers=raw.headers))
+        return
     with nats_errors("stream", stream, url):
         config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
         sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
@@ -349,3 +365,42 @@ async def replay(
             nats_errors("subscription", subject, url),
         ):
             await sub.unsubscribe()
+
+
+async def read_by_gets(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    take: Callable[[str, bytes], None],
+    url: str,
+    *,
+    last: int = 0,
+) -> None:
+    """Every message of ``subject`` in ``stream`` handed to ``take(subject, data)`` in stream
+    order, by message gets (``msgs_by_gets``). Raises as it does."""
+    async for raw in msgs_by_gets(js, stream, subject, url, last=last):
+        take(raw.subject or subject, raw.data or b"")
+
+
+async def msgs_by_gets(
+    js: JetStreamContext, stream: str, subject: str, url: str, *, last: int = 0, since: datetime | None = None
+) -> AsyncIterator[js_api.RawStreamMsg]:
+    """Every message of ``subject`` in ``stream`` by ``STREAM.MSG.GET`` (next by subject from a
+    sequence), in stream order; one request per message, no consumer (what an analyst may read,
+    ``cloud.trust.permissions``). ``last`` > 0: stop after that stream sequence; ``since``:
+    skip messages stored before it (they are still fetched). Raises ``NatsUnavailable`` or
+    ``JetStreamRefused``."""
+    seq = 1
+    while not last or seq <= last:
+        with nats_errors("stream", stream, url):
+            try:
+                raw = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except js_errors.NotFoundError:
+                return
+        if raw.seq is not None and last and raw.seq > last:
+            return
+        if since is None or raw.time is None or raw.time >= since:
+            yield raw
+        if raw.seq is None:
+            return
+        seq = raw.seq + 1

@@ -9,6 +9,9 @@ subject filter): one request, nothing to race. The answer holds every key writte
 purged, deleted ones too (their last entry is a delete marker): read a key to know.
 ``kv_values`` reads them all through one watch, which it ends only once it has seen every
 listed key (not at the watch's own "no more" marker), instead of one request per key.
+A client that may not create consumers (an analyst, ``consumerless``) gets ``kv_stream`` and
+``kv_values`` by one ``STREAM.MSG.GET`` (last by subject) per key instead of the watch, and
+``kv_get`` the same way (the cloud's own buckets allow no direct get).
 ``kv_get`` reads one key through the NATS boundary (``shared.jetstream.nats_errors``), None
 for a missing or deleted key.
 
@@ -25,10 +28,11 @@ from collections.abc import AsyncGenerator
 
 import anyio
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.kv import KeyValue
 
 from slmops.shared.errors import NotFound
-from slmops.shared.jetstream import nats_errors, url_of
+from slmops.shared.jetstream import consumerless, nats_errors, url_of
 
 __all__ = ["kv_get", "kv_get_direct", "kv_keys", "kv_stream", "kv_values"]
 
@@ -43,6 +47,12 @@ async def kv_get(
     """The key's latest entry, or None when the key is missing or deleted. ``kind`` and ``url``
     name it in errors. Raises ``NatsUnavailable`` (also when no answer comes within ``timeout``
     seconds) or ``JetStreamRefused``."""
+    js = getattr(kv, "_js", None)
+    if js is not None and consumerless(js):  # an analyst: a message get, not nats-py's
+        bucket: str = kv._name
+        with anyio.fail_after(timeout):
+            msg = await _direct(js, bucket, key, direct=False)
+        return None if msg is None else KeyValue.Entry(bucket, key, msg.data or b"", msg.seq, 0, 0, None)
     try:
         with nats_errors(kind, key, url), anyio.fail_after(timeout):
             return await kv.get(key)
@@ -56,14 +66,20 @@ async def kv_get_direct(js: JetStreamContext, bucket: str, key: str) -> bytes | 
     must allow direct gets (``shared.jetstream.ensure_kv`` makes it so). Raises
     ``NatsUnavailable`` when it does not (no responders; also a missing stream), on a timeout
     (also what a permission refusal looks like) and for other request errors."""
+    msg = await _direct(js, bucket, key)
+    return None if msg is None else msg.data or b""
+
+
+async def _direct(js: JetStreamContext, bucket: str, key: str, *, direct: bool = True) -> RawStreamMsg | None:
+    """``kv_get_direct``'s message (its sequence is the key's revision), None for no value;
+    ``direct=False``: by ``STREAM.MSG.GET`` (last by subject; the leader answers, and buckets
+    without direct gets, the cloud's own, allow it), what ``consumerless`` clients read with."""
     try:
         with nats_errors("kv key", f"{bucket}/{key}", url_of(js)):
-            msg = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
+            msg = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=direct)
     except NotFound:
         return None
-    if (msg.headers or {}).get(_KV_OP) in _NO_VALUE:
-        return None
-    return msg.data or b""
+    return None if (msg.headers or {}).get(_KV_OP) in _NO_VALUE else msg
 
 
 async def kv_keys(js: JetStreamContext, bucket: str, key_filter: str = ">") -> list[str]:
@@ -102,6 +118,12 @@ async def kv_stream(
     order), value None for a deleted or purged key, until every key of ``want`` (from
     ``kv_keys``; emptied as it goes) was seen. Raises as ``kv_values``."""
     if not want:
+        return
+    if consumerless(js):  # an analyst: one message get per key, in key order, no watch
+        for key in sorted(want):
+            want.discard(key)
+            msg = await _direct(js, bucket, key, direct=False)
+            yield key, None if msg is None else msg.data or b""
         return
     with nats_errors("kv bucket", bucket, url_of(js)):
         kv = await js.key_value(bucket)

@@ -1,5 +1,8 @@
 """An analyst of ``slmops fleet init`` reads what the README promises (drift, rollout, status,
-events, the audit; stored and live) with nothing but its creds, and still writes nothing.
+events, the audit; stored and live) with nothing but its creds, and still writes nothing, nor
+creates any consumer (its delivery subject is in the request body, which rights cannot judge:
+a push consumer could aim deliveries at a node's inbox or at a subject a stream stores), so
+every read goes by message and direct gets and a core subscription.
 Against a real nats-server in operator mode (JWT) with a cloud running (new-user trial: every
 read command failed with 'permission denied' on its inbox and on consumer creation)."""
 
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -17,14 +21,18 @@ import nats.js.errors
 import pytest
 from _cloud_util import cloud_config, opened_event
 from click.testing import CliRunner
+from test_fleet_status_pages import _snapshot
 
 from _nats import operator_server
 from slmops.cli import main
+from slmops.cloud.ingest.snapshot import ensure_fleet_bucket
+from slmops.cloud.rollout import RolloutStore
+from slmops.cloud.rollout.state import NodeEntry, RolloutState
 from slmops.cloud.service import CloudService
 from slmops.shared import names
 from slmops.shared.connect import own_inbox
 from slmops.shared.identity import decode_jwt, read_creds
-from slmops.shared.messages import ModelRef, encode_json
+from slmops.shared.messages import Assignment, ModelRef, RolloutEvent, encode_json
 
 pytestmark = pytest.mark.anyio
 
@@ -107,22 +115,54 @@ async def test_an_analyst_runs_every_read_command_and_still_writes_nothing(
                 events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
                 assert len(events) == 2, out
                 assert all(e["fleet"] == fleet for e in events)
-                for cmd in (
-                    ("rollout", "status", *creds),
-                    ("fleet", "status", *creds),
-                    ("status", *creds),
-                    ("audit", *creds),
-                ):
-                    code, out = await anyio.to_thread.run_sync(lambda c=cmd: _cli(*c))  # type: ignore[misc]
-                    assert code == 0, f"{cmd[:2]}: {out}"
+                # KV reads without a consumer: a node's snapshot and an assignment (the cloud's
+                # own buckets allow no direct get: message gets by subject), the cloud's lease.
+                fleet_kv = await ensure_fleet_bucket(js)
+                await fleet_kv.put(f"{fleet}.n1", msgspec.json.encode(_snapshot(fleet, "n1", 7)))
+                assigned = Assignment(fleet=fleet, model="m", version=1, assigned_at=datetime.now(UTC))
+                await js.publish(
+                    f"$KV.{names.ASSIGNMENTS_BUCKET}.{names.assignment_key(fleet)}", encode_json(assigned)
+                )
+                # A rollout of a fleet this cloud does not run (its controller leaves it be):
+                # its state (KV, in parts) and its event (stream).
+                other, now = f"{fleet}x", datetime.now(UTC)
+                t0, n1 = now.timestamp(), NodeEntry(stage=0, assigned_at=now.timestamp())
+                started = RolloutState(id="r-an", fleet=other, model="m", version=2, previous_version=1,
+                                       created=t0, stage_started=t0, nodes={"n1": n1})  # fmt: skip
+                await RolloutStore(js).create(started)
+                event = RolloutEvent(
+                    rollout="r-an", fleet=other, model="m", version=2, state="started", time=now
+                )
+                await js.publish(names.rollout_subject(other), encode_json(event))
+                expect = {
+                    ("rollout", "status"): ["r-an"],
+                    ("rollout", "history"): ["r-an"],
+                    ("fleet", "status"): ["n1"],
+                    ("fleet", "status", "--json"): ['"n1"'],
+                    ("status",): ["holds lease", "m v1", "drift open class_prior ("],
+                    ("audit",): [],
+                }
+                for cmd, shown in expect.items():
+                    code, out = await anyio.to_thread.run_sync(lambda c=cmd: _cli(*c[:2], *creds, *c[2:]))  # type: ignore[misc]
+                    assert code == 0, f"{cmd}: {out}"
                     assert "permission denied" not in out.lower(), out
+                    assert all(s in out for s in shown), f"{cmd}: {out}"
         finally:
             await cloud.close()
-        # Still writes nothing: no KV put, no telemetry, no durable consumer (by either
-        # subject), no consumer delete, no stream change, nothing outside the read streams.
+        # Still writes nothing: no KV put, no telemetry, no consumer (ephemeral or durable, by
+        # either create subject; one delivering into a node's inbox), no consumer delete, no
+        # stream change, nothing outside the read streams.
         durable = json.dumps({"stream_name": names.DRIFT_STREAM, "config": {"durable_name": "mine"}}).encode()
+        aimed = {"deliver_subject": f"{names.inbox_prefix(fleet, 'n1')}.x", "deliver_policy": "all"}
+        ephemeral = json.dumps({"stream_name": names.DRIFT_STREAM, "config": aimed}).encode()
         api = "$JS.API"
         attempts = [
+            (f"{api}.CONSUMER.CREATE.{names.DRIFT_STREAM}", ephemeral),
+            (f"{api}.CONSUMER.CREATE.{names.DRIFT_STREAM}", durable),
+            (f"{api}.CONSUMER.CREATE.{names.DRIFT_STREAM}.eph", ephemeral),
+            (f"{api}.CONSUMER.CREATE.KV_{names.ROLLOUTS_BUCKET}", b"{}"),
+            (f"{api}.CONSUMER.CREATE.{names.AUDIT_STREAM}", b"{}"),
+            (f"$JS.FC.{names.DRIFT_STREAM}.x", b""),
             (f"$KV.{names.ASSIGNMENTS_BUCKET}.{fleet}.n1", b"{}"),
             (names.telemetry_subject(fleet, "n1"), b"{}"),
             (names.drift_subject(fleet), b"{}"),
@@ -140,11 +180,3 @@ async def test_an_analyst_runs_every_read_command_and_still_writes_nothing(
         # ... and listens on no other client's inbox (a node's, the cloud's) nor on telemetry.
         listen = ["_INBOX.>", f"{names.inbox_prefix(fleet, 'n1')}.>", names.TELEMETRY_ALL, "$KV.>"]
         assert await _denied(server.url, alice, attempts, listen) == {s for s, _ in attempts} | set(listen)
-        # A durable asked on the ephemeral subject (permissions cannot read the body): the
-        # server itself refuses it.
-        nc = await nats.connect(server.url, user_credentials=str(alice), inbox_prefix=own_inbox(str(alice)))
-        try:
-            reply = await nc.request(f"{api}.CONSUMER.CREATE.{names.DRIFT_STREAM}", durable, timeout=5)
-            assert "error" in json.loads(reply.data), reply.data
-        finally:
-            await nc.close()

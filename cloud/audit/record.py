@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -16,7 +14,7 @@ from nats.js import JetStreamContext
 from slmops.cloud.audit.identity import Identity
 from slmops.shared.audit import AuditRecord
 from slmops.shared.errors import JetStreamRefused, NotFound
-from slmops.shared.jetstream import nats_errors, replay
+from slmops.shared.jetstream import nats_errors, read_by_gets, replay
 from slmops.shared.messages import decode_json, encode_json
 from slmops.shared.names import AUDIT_ALL, AUDIT_STREAM, audit_subject
 
@@ -81,23 +79,5 @@ async def read_audit(
             try:
                 await replay(js, AUDIT_STREAM, subject, on_msg, url=url, timeout=timeout)
             except JetStreamRefused:  # no consumer may be made: read message by message
-                await _read_by_gets(js, subject, take, url)
+                await read_by_gets(js, AUDIT_STREAM, subject, take, url)
     return sorted(out, key=lambda r: (r.time, r.id))
-
-
-async def _read_by_gets(
-    js: JetStreamContext, subject: str, take: Callable[[str, bytes], None], url: str
-) -> None:
-    """Every message of ``subject`` by ``STREAM.MSG.GET`` (next by subject from a sequence),
-    handed to ``take(subject, data)``; one request per record."""
-    seq = 1
-    while True:
-        with nats_errors("stream", AUDIT_STREAM, url):
-            try:
-                raw = await js.get_msg(AUDIT_STREAM, seq=seq, subject=subject, next=True)
-            except nats.js.errors.NotFoundError:
-                return
-        take(raw.subject or subject, raw.data or b"")
-        if raw.seq is None:
-            return
-        seq = raw.seq + 1

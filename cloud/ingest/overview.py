@@ -35,7 +35,7 @@ from slmops.cloud.ingest.query import fleet_status
 from slmops.cloud.ingest.snapshot import NodeSnapshot
 from slmops.shared import names
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
-from slmops.shared.jetstream import nats_errors
+from slmops.shared.jetstream import consumerless, nats_errors, read_by_gets, url_of
 from slmops.shared.kv import kv_get, kv_keys, kv_stream, kv_values
 from slmops.shared.messages import Assignment, DriftEvent, decode_each, decode_json
 from slmops.shared.vocabulary import DriftKind
@@ -240,6 +240,20 @@ async def open_drift_events(nc: NATS, fleet: str | None = None) -> list[DriftEve
     total = sum((info.state.subjects or {}).values())  # stored now; later ones are not read
     if not total:
         return []
+
+    def take(_subject: str, data: bytes) -> None:
+        try:
+            e = decode_json(data, DriftEvent)
+        except msgspec.DecodeError:
+            return
+        if e.kind == DriftKind.DRIFT:
+            latest[e.id.rsplit(".", 1)[0]] = e
+            if e.supersedes:
+                superseded.add(e.supersedes.rsplit(".", 1)[0])
+
+    if consumerless(js):  # an analyst: message gets up to the last stored one, no consumer
+        await read_by_gets(js, names.DRIFT_STREAM, subject, take, url_of(nc), last=info.state.last_seq)
+        return [e for k, e in latest.items() if e.state != "resolved" and k not in superseded]
     config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
     with nats_errors("subscription", subject):
         sub = await js.subscribe(subject, stream=names.DRIFT_STREAM, ordered_consumer=True, config=config)
@@ -247,14 +261,7 @@ async def open_drift_events(nc: NATS, fleet: str | None = None) -> list[DriftEve
         for _ in range(total):
             with nats_errors("subscription", subject):
                 msg = await sub.next_msg(timeout=10.0)
-            try:
-                e = decode_json(msg.data, DriftEvent)
-            except msgspec.DecodeError:
-                continue
-            if e.kind == DriftKind.DRIFT:
-                latest[e.id.rsplit(".", 1)[0]] = e
-                if e.supersedes:
-                    superseded.add(e.supersedes.rsplit(".", 1)[0])
+            take(msg.subject, msg.data)
     finally:
         with contextlib.suppress(NatsUnavailable, JetStreamRefused), nats_errors("subscription", subject):
             await sub.unsubscribe()

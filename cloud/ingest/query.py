@@ -7,6 +7,7 @@ cloud instance writes to KV ``slmops_fleet`` (``snapshot.py``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -18,7 +19,7 @@ from nats.js import api as js_api
 
 from slmops.cloud.ingest.snapshot import FLEET_BUCKET, NodeSnapshot
 from slmops.shared.errors import JetStreamRefused, NatsUnavailable, NotFound
-from slmops.shared.jetstream import nats_errors, url_of
+from slmops.shared.jetstream import consumerless, msgs_by_gets, nats_errors, url_of
 from slmops.shared.kv import kv_values
 from slmops.shared.messages import DriftEvent, decode_json
 from slmops.shared.names import DRIFT_ALL, DRIFT_STREAM, drift_subject
@@ -35,6 +36,10 @@ async def watch_drift(nc: NATS, fleet: str | None, since: datetime | None) -> As
     then new ones as they arrive, forever. Undecodable events are logged and skipped."""
     js = nc.jetstream()
     subject = drift_subject(fleet) if fleet else DRIFT_ALL
+    if consumerless(js):
+        async for event in _watch_by_gets(nc, subject, since):
+            yield event
+        return
     if since is None:
         config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
     else:
@@ -60,6 +65,59 @@ async def watch_drift(nc: NATS, fleet: str | None, since: datetime | None) -> As
             nats_errors("subscription", subject, url_of(nc)),
         ):
             await sub.unsubscribe()
+
+
+#: Replayed event ids remembered to drop the live copies of the last ones (``_watch_by_gets``).
+_RECENT_IDS = 1024
+#: Live drift events buffered while the replay runs (nats-py drops beyond it: slow consumer).
+_LIVE_BUFFER = 4096
+
+
+async def _watch_by_gets(nc: NATS, subject: str, since: datetime | None) -> AsyncIterator[DriftEvent]:
+    """``watch_drift`` without a consumer (an analyst, ``shared.kv.consumerless``): a core
+    subscription on ``subject`` first, then the stored events up to the stream's last sequence
+    by message gets (``since``: by their stored time), then the live ones; the live copies of
+    events the replay already gave (published as it started) are dropped by event id."""
+    js, url = nc.jetstream(), url_of(nc)
+    with nats_errors("subscription", subject, url):
+        sub = await nc.subscribe(subject, pending_msgs_limit=_LIVE_BUFFER)
+    try:
+        try:
+            with nats_errors("stream", DRIFT_STREAM, url):
+                last = (await js.stream_info(DRIFT_STREAM)).state.last_seq
+        except NotFound:  # no stream yet: nothing stored
+            last = 0
+        recent: collections.deque[str] = collections.deque(maxlen=_RECENT_IDS)
+        if last > 0:
+            async for raw in msgs_by_gets(js, DRIFT_STREAM, subject, url, last=last, since=since):
+                event = _decode(raw.subject or subject, raw.data or b"")
+                if event is not None:
+                    recent.append(event.id)
+                    yield event
+        seen = set(recent)
+        while True:
+            with nats_errors("subscription", subject, url):
+                try:
+                    msg = await sub.next_msg(timeout=None)
+                except TimeoutError:  # nats-py's own TimeoutError is one
+                    continue
+            event = _decode(msg.subject, msg.data)
+            if event is not None and event.id not in seen:
+                yield event
+    finally:
+        with (
+            contextlib.suppress(NatsUnavailable, JetStreamRefused),
+            nats_errors("subscription", subject, url),
+        ):
+            await sub.unsubscribe()
+
+
+def _decode(subject: str, data: bytes) -> DriftEvent | None:
+    try:
+        return decode_json(data, DriftEvent)
+    except msgspec.DecodeError as exc:
+        log.warning("drift_event_undecodable", subject=subject, error=str(exc))
+        return None
 
 
 async def fleet_status(nc: NATS, fleet: str | None) -> list[NodeSnapshot]:

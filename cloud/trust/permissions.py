@@ -123,17 +123,16 @@ def _analyst(fleet: str | None, user: str | None) -> dict[str, Any]:
         # One fleet's analyst: live messages only. Stored reads would not stay in its fleet (a
         # consumer's filter and a KV listing are in the request body, which rights cannot judge).
         return {"pub": {"deny": [">"]}, "sub": {"allow": sub}, "subs": 64, "payload": -1, "data": -1}
-    # Stored reads (replays, key listings): stream and consumer info, message gets, ephemeral consumers
-    # by the legacy subject only (the server refuses a durable name there), on the read streams;
-    # flow-control answers of those consumers; replies on its own inbox only. No consumer
-    # delete, no durable, no stream or KV write, no publish anywhere else.
+    # Stored reads (replays, key listings): stream info, message and direct gets on the read
+    # streams; replies on its own inbox only. No consumer at all, ephemeral or durable: its
+    # delivery subject is in the request body, which rights cannot judge (nats-server#8274), so
+    # a push consumer could deliver into node inboxes, the change subject or a subject a stream
+    # stores (nodes are denied consumers for the same reason). Readers use message gets
+    # (``shared.jetstream.consumerless``). No stream or KV write, no publish anywhere else.
     pub = [
         *(f"$JS.API.STREAM.INFO.{s}" for s in ANALYST_STREAMS),
         *(f"$JS.API.STREAM.MSG.GET.{s}" for s in ANALYST_STREAMS),
         *(f"$JS.API.DIRECT.GET.{s}.>" for s in ANALYST_STREAMS),
-        *(f"$JS.API.CONSUMER.CREATE.{s}" for s in ANALYST_STREAMS),
-        *(f"$JS.API.CONSUMER.INFO.{s}.*" for s in ANALYST_STREAMS),
-        *(f"$JS.FC.{s}.>" for s in ANALYST_STREAMS),
     ]
     sub = [*sub, f"{analyst_inbox(user)}.>"]
     return {"pub": {"allow": pub}, "sub": {"allow": sub}, "subs": 64, "payload": 64 * 1024, "data": -1}
@@ -159,7 +158,8 @@ def permissions_for(
     domain, for a device at a leaf site, deploy/nats/jwt/leaf); ``analyst`` may be limited to
     one ``fleet`` (reads live drift, rollout, status and event messages; an analyst of every
     fleet with ``user``, its user public key, also the stored ones of ``ANALYST_STREAMS``
-    through its own inbox ``analyst_inbox(user)`` — ephemeral consumers and gets, no writes);
+    through its own inbox ``analyst_inbox(user)`` — message and direct gets, no consumer, no
+    writes);
     ``cloud`` and
     ``operator`` hold the account. ``ValueError`` for an unknown role or a missing id.
     """
