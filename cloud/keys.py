@@ -17,9 +17,20 @@ from nats.js import JetStreamContext
 
 from slmops.cloud.errors import CloudError
 from slmops.shared import names
+from slmops.shared.bundle import key_id
 from slmops.shared.errors import JetStreamRefused, NotFound
 from slmops.shared.jetstream import nats_errors
-from slmops.shared.keylist import KEYLIST_KEY, KeyList, KeyStatus, accept, decode_signed, revise, sign
+from slmops.shared.keylist import (
+    KEYLIST_KEY,
+    KeyList,
+    KeyListError,
+    KeyStatus,
+    UntrustedRoot,
+    accept,
+    decode_signed,
+    revise,
+    sign,
+)
 
 __all__ = [
     "KeyListConflict",
@@ -64,10 +75,18 @@ async def next_key_list(
 ) -> tuple[bytes, int]:
     """The next version of the list held in KV (``add`` keys as active, then ``status`` per
     key id), signed by ``root``, and the KV revision it was made from; not written.
-    ``KeyListError`` when the held list does not verify against ``root``; ``ValueError`` for
+    ``KeyListError`` when the held list does not verify against ``root`` (signed by another
+    root: naming both); ``ValueError`` for
     a change ``revise`` refuses."""
     raw, revision = await read_key_list(js, url)
-    held = None if raw is None else decode_signed(raw, [root.public_key()])
+    try:
+        held = None if raw is None else decode_signed(raw, [root.public_key()])
+    except UntrustedRoot as exc:  # the held list is genuine here: the root given is the wrong one
+        given = key_id(root.public_key())
+        raise KeyListError(
+            f"the list held is signed by root {exc.root}; the root key given (--root) is {given}, "
+            "not that root"
+        ) from exc
     return sign(revise(held, add=add, status=status), root), revision
 
 

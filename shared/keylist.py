@@ -43,6 +43,7 @@ __all__ = [
     "KeyListError",
     "KeyListHeld",
     "KeyStatus",
+    "UntrustedRoot",
     "accept",
     "apply_to",
     "decode_public",
@@ -73,6 +74,15 @@ class KeyListError(ValueError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"key list refused: {reason}")
+
+
+class UntrustedRoot(KeyListError):
+    """The list is signed by ``root`` (a key id), none of the ``trusted`` root key ids."""
+
+    def __init__(self, root: str, trusted: list[str]) -> None:
+        self.root = root
+        self.trusted = trusted
+        super().__init__(f"signed by root {root!r}, which is not a trusted root ({trusted})")
 
 
 class KeyListHeld(KeyListError):
@@ -169,7 +179,7 @@ def decode_signed(raw: bytes, roots: Iterable[Ed25519PublicKey]) -> KeyList:
     by_id = {key_id(r): r for r in roots}
     root = by_id.get(keylist.root)
     if root is None:
-        raise KeyListError(f"signed by root {keylist.root!r}, which is not a trusted root ({sorted(by_id)})")
+        raise UntrustedRoot(keylist.root, sorted(by_id))
     try:
         root.verify(base64.b64decode(keylist.signature, validate=True), _canonical(doc))
     except (InvalidSignature, ValueError):

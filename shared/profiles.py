@@ -1,5 +1,7 @@
 """Device profiles: a class of devices a model variant is made and tested for
-(``deploy/profiles/*.toml``: a shop till, a tablet, a gateway).
+(``deploy/profiles/*.toml``: a shop till, a tablet, a gateway). The files live in the package,
+``slmops/shared/device_profiles`` (``deploy/profiles`` links there), so an installed ``slmops``
+finds them from any directory (``shipped_profiles_dir``).
 
 A profile states what the device gives a model: the cores and inference threads, the memory and
 disk the serving process may use, and a latency budget. The budget is **relative**: the p95 of
@@ -16,12 +18,13 @@ fails python + ORT for reasons unrelated to real memory use.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 from slmops.shared.config import Config, load_config
 from slmops.shared.errors import ConfigError
 
-__all__ = ["ProfileSpec", "find_profile", "load_profile", "load_profiles"]
+__all__ = ["ProfileSpec", "find_profile", "load_profile", "load_profiles", "shipped_profiles_dir"]
 
 
 class ProfileSpec(Config, kw_only=True):
@@ -68,6 +71,12 @@ class ProfileSpec(Config, kw_only=True):
         else:
             allowed = list(range(os.cpu_count() or 1))
         return allowed[: self.cores]
+
+
+def shipped_profiles_dir() -> Path:
+    """The device profiles shipped in the package (package data of ``slmops.shared``; the
+    repository's ``deploy/profiles`` is a link to the same folder)."""
+    return Path(str(resources.files("slmops.shared") / "device_profiles"))
 
 
 def load_profile(path: Path) -> ProfileSpec:

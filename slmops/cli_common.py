@@ -128,12 +128,19 @@ def out_dir_option(help: str, *, required: bool = True) -> Callable[[F], F]:
 profiles_dir_option = click.option(
     "--profiles",
     "profiles_dir",
-    default=Path("deploy/profiles"),
-    show_default=True,
+    default=None,
     envvar="SLMOPS_PROFILES",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of device profiles (*.toml). Env: SLMOPS_PROFILES.",
+    callback=lambda _ctx, _param, value: value if value is not None else _shipped_profiles(),
+    help="Directory of device profiles (*.toml). Default: the profiles shipped with slmops "
+    "(till, tablet, gateway; deploy/profiles in the repository). Env: SLMOPS_PROFILES.",
 )
+
+
+def _shipped_profiles() -> Path:
+    from slmops.shared.profiles import shipped_profiles_dir
+
+    return shipped_profiles_dir()
 
 
 def samples_option(default: int) -> Callable[[F], F]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from slmops.shared.errors import BundleError, PortUnavailable
 
 if TYPE_CHECKING:
     from slmops.edge.config import EdgeConfig
+    from slmops.shared.errors import ConfigError
 
 
 @click.command()
@@ -205,9 +207,29 @@ def edge(
             cli_common.print_config(config, config_origins(EdgeConfig, data, config_file, origins))
             return
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise _usage_error(exc, ctx, {f: param_of.get(f, f) for f in origins}) from exc
+    try:
+        config.data_path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        origin = origins.get("data_dir", f"data_dir in {config_file}")
+        where = {"flag": "--data"}.get(origin, origin.removeprefix("env "))
+        reason = exc.strerror or str(exc)
+        message = f"{where}: cannot create the data directory {config.data_path}: {reason}"
+        raise click.UsageError(message) from exc
     level = str(ctx.find_root().params.get("log_level") or "info")
     run(partial(_serve, config, level), until_signal=True, exit_codes={BundleError: 2})
+
+
+def _usage_error(exc: ConfigError, ctx: click.Context, params: dict[str, str]) -> click.UsageError:
+    """``exc`` as click's "Invalid value for '--threads': must be >= 1, got -2" when its reason
+    starts with a config field given by a flag or the environment (``params``: field -> click
+    parameter name); else as it is (a config file's key is named as in the file)."""
+    for field, name in params.items():
+        match = re.match(rf"`?{re.escape(field)}`?\b:?\s*", exc.reason)
+        param = next((p for p in ctx.command.params if p.name == name), None)
+        if exc.source == "flags" and match and param is not None:
+            return click.BadParameter(exc.reason[match.end() :], ctx=ctx, param=param)
+    return click.UsageError(str(exc))
 
 
 async def _serve(config: EdgeConfig, log_level: str = "info") -> None:

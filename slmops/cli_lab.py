@@ -126,5 +126,6 @@ def _table(results: list[LabResult]) -> None:
     if classifiers:
         click.echo(
             "latency budget: p95 <= budget x the reference L6 fp32's p95, same host, same run; "
-            "memory: peak RSS"
+            "memory: peak RSS <= the profile's model_memory_mb (RSS MB / max); size: the bundle's bytes "
+            "on disk <= its model_disk_mb (size MB / max)"
         )

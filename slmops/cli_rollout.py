@@ -5,10 +5,11 @@ the cloud service or in ``slmops rollout run``)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from slmops.cloud.rollout import RolloutState
 
 __all__ = ["parse_percent", "parse_stages", "rollout"]
+
+T = TypeVar("T")
 
 _fleet = click.option("--fleet", required=True, help="Fleet id.")
 
@@ -46,6 +49,15 @@ def parse_percent(value: str, *, whole: bool = False) -> float:
     if not (0 <= fraction <= 1 if whole else 0 <= fraction < 1):
         raise ValueError(f"{value!r} must be between 0% and 100%")
     return fraction
+
+
+def _flag(flag: str, parse: Callable[[str], T], value: str) -> T:
+    """``parse(value)``; its ``ValueError`` as a usage error naming ``flag`` ("Invalid value for
+    '--stages': ...") — options parsed in the command body have no click param to name."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{flag}'") from exc
 
 
 @click.group()
@@ -122,14 +134,25 @@ def start(
     from slmops.cloud.registry import Registry
     from slmops.cloud.rollout import RolloutConfig, RolloutStore, start_rollout
 
+    def whole_stages(value: str) -> list[int]:
+        return RolloutConfig(stages=parse_stages(value)).stages  # its checks, named as --stages
+
+    def not_negative(value: str) -> float:
+        seconds = parse_duration(value)
+        if seconds < 0:
+            raise ValueError(f"duration {value!r} must not be negative")
+        return seconds
+
     try:
         config = RolloutConfig(
-            stages=parse_stages(stages),
-            soak_s=parse_duration(soak),
-            max_failures=parse_percent(max_failures),
+            stages=_flag("--stages", whole_stages, stages),
+            soak_s=_flag("--soak", not_negative, soak),
+            max_failures=_flag("--max-failures", parse_percent, max_failures),
             min_samples=min_samples,
-            install_timeout_s=parse_duration(install_timeout),
-            min_quality=None if min_quality is None else parse_percent(min_quality, whole=True),
+            install_timeout_s=_flag("--install-timeout", not_negative, install_timeout),
+            min_quality=None
+            if min_quality is None
+            else _flag("--min-quality", partial(parse_percent, whole=True), min_quality),
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
@@ -230,6 +253,13 @@ def history(nats_url: str, fleet: str | None, as_json: bool) -> None:
 rollout.add_command(history, name="list")
 
 
+def _figure(value: object) -> str:
+    """A gate figure for the table: "-" for none, 4 significant digits for a float."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _print_state(s: RolloutState) -> None:
     updated = datetime.fromtimestamp(s.updated, UTC).strftime("%Y-%m-%d %H:%M:%S")
     click.echo(f"{s.fleet}  {s.id}")
@@ -238,17 +268,21 @@ def _print_state(s: RolloutState) -> None:
         f"  {s.model} v{s.previous_version} → v{s.version}   {s.status}/{s.phase}"
         f"   updated {updated}Z{beside}"
     )
-    click.echo(f"  stage {s.stage + 1}/{len(s.config.stages)} ({s.percent}%), {len(s.nodes)} nodes assigned")
+    assigned = f"{len(s.nodes)} node{'' if len(s.nodes) == 1 else 's'} assigned"
+    click.echo(f"  stage {s.stage + 1}/{len(s.config.stages)} ({s.percent}%), {assigned}")
     for node, why in sorted(s.failures.items()):
         click.echo(f"  failed {node}: {why}")
     for node, why in sorted(s.unfit.items()):
         click.echo(f"  left out {node}: {why}")
     for name, g in s.gates.items():
         if isinstance(g, dict):
-            click.echo(
-                f"  gate {name:<12} {g.get('outcome')}  canary {g.get('canary')}  "
-                f"control {g.get('control')}  limit {g.get('limit')}"
-            )
+            line = f"  gate {name:<12} {g.get('outcome')}"
+            if g.get("canary") is not None or g.get("control") is not None:
+                line += f"  canary {_figure(g.get('canary'))}  control {_figure(g.get('control'))}"
+                line += f"  limit {_figure(g.get('limit'))}"
+            if g.get("detail"):  # e.g. "no control group", "no labelled answers yet"
+                line += f"  ({g['detail']})"
+            click.echo(line)
     if s.reason:
         click.echo(f"  reason: {s.reason}")
 

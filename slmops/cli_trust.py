@@ -90,6 +90,12 @@ def _fleet_node_options(fleet_help: str, node_help: str) -> Callable[[F], F]:
     "--js-domain",
     help="For a node at a leaf site: the hub's JetStream domain (its edge runs with --js-domain too).",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Enroll again where the creds file exists: a new key, the file overwritten (the old "
+    "creds stay valid until `slmops fleet revoke`).",
+)
 def enroll(
     auth_dir: Path,
     fleet: str | None,
@@ -98,6 +104,7 @@ def enroll(
     name: str | None,
     out: Path | None,
     js_domain: str | None,
+    force: bool,
 ) -> None:
     """Mint a user (a fresh NKey, its JWT signed by the account's signing key) and write its
     .creds file (mode 0600). A node may publish only its own telemetry and status, read only
@@ -109,7 +116,7 @@ def enroll(
 
     def mint() -> Enrolled:
         d = FleetDir(auth_dir)
-        return d.enroll(role, fleet=fleet, node=node, name=name, out=out, js_domain=js_domain)  # type: ignore[arg-type]
+        return d.enroll(role, fleet=fleet, node=node, name=name, out=out, js_domain=js_domain, force=force)  # type: ignore[arg-type]
 
     made = call(mint)
     click.echo(f"enrolled {made.record.name} (user {made.record.public})")

@@ -223,3 +223,35 @@ def test_ctrl_c_aborts_a_one_shot_command_plainly() -> None:
         assert proc.returncode == 1, err
     else:  # the connect timed out before the interrupt was handled
         assert err.startswith("Error: NATS at "), err
+
+
+_START = ["rollout", "start", "--fleet", "f", "--version", "2"]
+_EDGE = ["edge", "--fleet", "f", "--node", "n", "--nats", "nats://127.0.0.1:1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        ([*_START, "--min-quality", "150%"], "Invalid value for '--min-quality'"),
+        ([*_START, "--stages", "50,10"], "Invalid value for '--stages'"),
+        ([*_START, "--soak", "-1s"], "Invalid value for '--soak'"),
+        ([*_START, "--max-failures", "200%"], "Invalid value for '--max-failures'"),
+        ([*_EDGE, "--data", "DATA", "--threads", "-2"], "for '--threads': must be >= 1, got -2"),
+        ([*_EDGE, "--data", "DATA", "--outbox-max", "-1"], "for '--outbox-max': size '-1' is not valid"),
+        ([*_EDGE, "--data", "/proc/nope"], "--data: cannot create the data directory /proc/nope"),
+    ],
+)
+def test_a_bad_value_names_the_option_typed(args: list[str], said: str, tmp_path: Path) -> None:
+    """In-process: each is refused before any connection, naming the flag the user typed
+    (click's "Invalid value for '--x'"), not a config field or a bare errno."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    args = [str(tmp_path / "data") if a == "DATA" else a for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert said in result.output
+    assert "intra_op_threads" not in result.output
+    assert "outbox_max_bytes" not in result.output
+    assert not (tmp_path / "data").exists()

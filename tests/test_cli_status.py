@@ -223,6 +223,8 @@ async def test_read_commands_create_nothing_on_the_server(private_server: Embedd
     expected: list[tuple[tuple[str, ...], int, str]] = [
         (("status", "--json"), 0, '"fleets": {}'),
         (("fleet", "status", "--json"), 0, '"nodes": []'),
+        (("fleet", "status"), 0, "no nodes: has the cloud service run"),
+        (("fleet", "status"), 0, "no nodes: has the cloud service run"),
         (("rollout", "status", "--json"), 0, "[]"),
         (("rollout", "list"), 0, "no rollouts"),
         (("models", "list"), 0, "no models in the registry"),

@@ -14,10 +14,12 @@ from click.testing import CliRunner
 
 from _edge_util import Keys
 from slmops.cli import main
+from slmops.cli_lab import _table
 from slmops.cloud.factory.cache import CachedModel
+from slmops.cloud.factory.lab import LabResult, Latency
 from slmops.shared.bundle import FileData, load_private_key, read_bundle, write_bundle
 from slmops.shared.errors import ConfigError
-from slmops.shared.profiles import find_profile, load_profile, load_profiles
+from slmops.shared.profiles import find_profile, load_profile, load_profiles, shipped_profiles_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "deploy" / "profiles"
@@ -63,6 +65,35 @@ def test_bad_profile_names_the_key(tmp_path: Path, text: str, named: str) -> Non
 def test_unknown_profile_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="no profile named 'kiosk'; profiles here: gateway, tablet, till"):
         find_profile("kiosk", PROFILES)
+
+
+def test_models_test_finds_the_shipped_profiles_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default --profiles is the package's copy, not a path relative to a repo checkout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLMOPS_PROFILES", raising=False)
+    (tmp_path / "b").mkdir()
+    result = CliRunner().invoke(main, ["models", "test", "b", "--profile", "kiosk"])
+    assert result.exit_code == 2, result.output
+    assert "no profile named 'kiosk'; profiles here: gateway, tablet, till" in result.output
+    assert set(load_profiles(shipped_profiles_dir())) == {"till", "tablet", "gateway"}
+    assert PROFILES.resolve() == shipped_profiles_dir().resolve()  # deploy/profiles links there
+    override = CliRunner().invoke(main, ["models", "test", "b", "--profile", "kiosk", "--profiles", "b"])
+    assert "no device profiles (*.toml) here" in override.output  # --profiles DIR still wins
+
+
+def test_the_table_legend_explains_every_judged_column(capsys: pytest.CaptureFixture[str]) -> None:
+    lat = Latency(p50_ms=1.0, p95_ms=2.0, batch32_p50_ms=10.0)
+    row = LabResult(
+        profile="till", bundle="b", variant="int8-l3", cpus=[0], threads=1, smoke_ok=True, smoke_error="",
+        latency=lat, reference=lat, latency_ratio=1.0, latency_factor=0.25, peak_rss_mb=90.0,
+        model_memory_mb=256, size_mb=20.0, model_disk_mb=64, memory_method="peak RSS",
+    )  # fmt: skip
+    _table([row])
+    legend = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "memory: peak RSS <= the profile's model_memory_mb" in legend
+    assert "model_disk_mb" in legend
 
 
 def _run(args: list[str]) -> tuple[int, dict]:

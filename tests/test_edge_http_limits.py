@@ -280,11 +280,17 @@ async def test_a_web_page_cannot_drive_the_loopback_api(node: Node) -> None:
                 assert resp.status == 200, await resp.text()
 
 
-async def _drip_until_cut(port: int, first: bytes, drip: bytes, every: float) -> float:
+async def _drip_until_cut(port: int, first: bytes, drip: bytes, every: float) -> tuple[float, float]:
     """Connect, send ``first``, then ``drip`` one byte every ``every`` s until the server
-    closes the connection; returns the seconds from the end of ``first`` to the close."""
+    closes the connection. Returns two durations to the close: from before the server's
+    timer can have started (before connecting, or before sending ``first``: at most the
+    time the server held the connection) and from after it surely had (the end of ``first``'s
+    answer: at least that time), so a busy event loop cannot shift either bound."""
+    before = time.monotonic()
     stream = await anyio.connect_tcp("127.0.0.1", port)
     try:
+        if first:
+            before = time.monotonic()
         await stream.send(first)
         if first:
             reply = await stream.receive(65536)  # the complete first request's answer
@@ -299,7 +305,8 @@ async def _drip_until_cut(port: int, first: bytes, drip: bytes, every: float) ->
                     raise AssertionError("the server answered a request head it never got")
             except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError, BrokenPipeError):
                 break
-        return time.monotonic() - started
+        end = time.monotonic()
+        return end - before, end - started
     finally:
         await stream.aclose()
 
@@ -316,7 +323,7 @@ async def test_request_heads_sent_byte_by_byte_are_cut_after_the_head_timeout(no
         b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b'Content-Length: 17\r\n\r\n{"text": "hello"}'
     )
-    cut: list[float] = []
+    cut: list[tuple[float, float]] = []
 
     async def one(first: bytes) -> None:
         cut.append(await _drip_until_cut(node.port, first, head, 0.5))
@@ -331,8 +338,10 @@ async def test_request_heads_sent_byte_by_byte_are_cut_after_the_head_timeout(no
             assert status == 200, data
             assert took < 2, took
     assert len(cut) == 200
-    assert min(cut) >= 9.0, sorted(cut)[:3]  # not cut before the bound (1 s of scheduling slack)
-    assert max(cut) <= 13.0, sorted(cut)[-3:]
+    at_most = sorted(c[0] for c in cut)  # from before the server's timer started
+    at_least = sorted(c[1] for c in cut)  # from after it had
+    assert at_most[0] >= 9.0, at_most[:3]  # not cut before the bound (1 s of slack)
+    assert at_least[-1] <= 13.0, at_least[-3:]
     assert node.proc.returncode is None
 
 

@@ -317,3 +317,30 @@ def test_enroll_suggests_a_place_for_the_creds_that_fits_the_role(
     line = next(x for x in result.output.splitlines() if x.startswith("creds: "))
     assert suggested in line
     assert role == "node" or "/etc/" not in line
+
+
+def test_enroll_twice_refuses_to_overwrite_the_creds_unless_forced(tmp_path: Path) -> None:
+    """New-user trial: a second `fleet enroll` of the same node silently replaced its creds file
+    with a new key while the old one stayed valid. Now refused, naming --force and the revoke."""
+    from click.testing import CliRunner
+
+    from slmops.cli import main
+
+    d = FleetDir.init(tmp_path / "fleet")
+    args = ["fleet", "enroll", "--auth", str(d.path), "--fleet", "shop", "--node", "till-001"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    creds = d.path / "creds" / "nodes" / "shop" / "till-001.creds"
+    before = creds.read_bytes()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0
+    assert "--force" in again.output
+    assert "stay valid until `slmops fleet revoke --fleet shop --node till-001`" in again.output
+    assert creds.read_bytes() == before
+    assert len([u for u in FleetDir(d.path).users() if u.node == "till-001"]) == 1  # no key minted
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert creds.read_bytes() != before
+    FleetDir(d.path).revoke(fleet="shop", node="till-001")
+    after_revoke = FleetDir(d.path).enroll("node", fleet="shop", node="till-001")  # dead creds: no --force
+    assert after_revoke.creds == creds

@@ -34,7 +34,7 @@ from slmops.edge.api import serve_api
 from slmops.edge.errors import NoModel
 from slmops.edge.node import EdgeNode
 from slmops.shared import names
-from slmops.shared.bundle import TrustStore, key_id
+from slmops.shared.bundle import TrustStore, key_id, load_private_key, new_keypair
 from slmops.shared.errors import BundleError
 from slmops.shared.keylist import KEYLIST_KEY, revise, sign
 from slmops.shared.messages import ModelRef, NodeStatus, decode_json
@@ -285,3 +285,28 @@ async def test_fleet_configs_are_signed_by_the_keys_the_list_trusts_now(
         assert node.keys.version == 2
         assert node.status.interval == 7.0
         assert node.fleetcfg.status_fields()["config_version"] == 1
+
+
+def test_rotate_with_the_wrong_root_names_the_held_lists_root_and_the_one_given(
+    private_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """In-process `keys rotate --root WRONG.key`: the held list is genuine, the key passed is
+    not its root; the message says which is which (it read as if the held root were untrusted)."""
+    right = Ed25519PrivateKey.generate()
+
+    async def first() -> None:
+        async with jetstream(private_server.url) as js:
+            await change_key_list(js, right, add=[Ed25519PrivateKey.generate().public_key()])
+
+    anyio.run(first)
+    wrong_key, _ = new_keypair(tmp_path / "wrong", "root")
+    _, signer = new_keypair(tmp_path / "signer", "signer")
+    wrong = load_private_key(wrong_key)
+    rotate = ["keys", "rotate", "--nats", private_server.url, "--root", str(wrong_key), "--add", str(signer)]
+    result = CliRunner().invoke(main, rotate)
+    assert result.exit_code != 0
+    said = (
+        f"the list held is signed by root {key_id(right.public_key())}; the root key given (--root) "
+        f"is {key_id(wrong.public_key())}, not that root"
+    )
+    assert said in result.output, result.output

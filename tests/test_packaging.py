@@ -52,6 +52,8 @@ def test_the_wheel_holds_only_the_slmops_package(tmp_path: Path) -> None:
     assert {t for t in tops if not t.endswith(".dist-info")} == {"slmops"}
     for module in ("slmops/shared/names.py", "slmops/edge/node.py", "slmops/cloud/service.py"):
         assert module in names  # the linked folders are in, as files
+    for profile in ("till", "tablet", "gateway"):  # `models test` reads them from any directory
+        assert f"slmops/shared/device_profiles/{profile}.toml" in names
 
 
 def _module_name(path: Path) -> str:

@@ -54,6 +54,14 @@ async def test_start_status_pause_abort_round_trip(
     )
     assert code != 0
     assert "version 9 is not in the registry" in out
+    # --min-quality on a classifier (no quality set in its bundles): refused at start, not
+    # installed on canaries to fail its gate there (new-user trial).
+    code, out = await anyio.to_thread.run_sync(
+        lambda: cli("start", "--nats", url, "--fleet", fleet, "--version", "2", "--min-quality", "80%")
+    )
+    assert code != 0
+    assert "--min-quality needs a quality set" in out, out
+    assert "fp32 has none" in out, out
     code, out = await anyio.to_thread.run_sync(
         lambda: cli(
             "start", "--nats", url, "--fleet", fleet, "--version", "2", "--soak", "1s", "--max-failures", "5%"
@@ -86,3 +94,29 @@ async def test_start_status_pause_abort_round_trip(
     code, out = await anyio.to_thread.run_sync(lambda: cli("abort", "--nats", url, "--fleet", "f_norollout"))
     assert code != 0
     assert "no rollout" in out
+
+
+def test_status_table_shows_gate_figures_or_the_reason_there_are_none(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A gate without figures (no labelled answers, no control group) prints its detail, not
+    Python's ``None``; figures are rounded; one node is "1 node" (new-user trial)."""
+    from slmops.cli_rollout import _print_state
+    from slmops.cloud.rollout.state import NodeEntry, RolloutState
+
+    state = RolloutState(
+        id="r1", fleet="shops", model="topics", version=2, previous_version=1, created=0.0, stage_started=0.0,
+        nodes={"till-1": NodeEntry(stage=0, assigned_at=0.0)},
+        gates={
+            "accuracy": {"outcome": "pass", "canary": None, "control": None, "limit": None,
+                         "detail": "no labelled answers yet"},
+            "latency_p95": {"outcome": "pass", "canary": 12.345678, "control": 11.0, "limit": 1.5,
+                            "detail": ""},
+        },
+    )  # fmt: skip
+    _print_state(state)
+    out = capsys.readouterr().out
+    assert "None" not in out, out
+    assert "1 node assigned" in out, out
+    assert "gate accuracy     pass  (no labelled answers yet)" in out, out
+    assert "gate latency_p95  pass  canary 12.35  control 11  limit 1.5" in out, out

@@ -313,8 +313,9 @@ async def test_revoked_node_is_cut_off_within_seconds_and_another_stays_connecte
         assert b.is_connected
         assert b_client.errors == []
         assert server.pid == pid  # the same process: no restart
-    # A node enrolled again gets a new key, which the revocation does not cover.
-    again = fleet_dir.enroll("node", fleet=FLEET, node=A)
+    # A node enrolled again gets a new key, which the revocation does not cover (read the
+    # directory again: the revocation was the CLI's; its old creds are dead, so no --force).
+    again = FleetDir(fleet_dir.path).enroll("node", fleet=FLEET, node=A)
     async with _connect(server.url, again.creds, A) as (nc, client):
         ack = await nc.jetstream(timeout=5).publish(names.telemetry_subject(FLEET, A), b"new key")
         assert ack.stream == names.TELEMETRY_STREAM

@@ -123,7 +123,10 @@ async def read_views(
 ) -> list[NodeView]:
     """The nodes of ``keys`` (from ``node_keys``), in that order, with their online verdict at
     server time ``now``; forgotten (``gone``), deleted and undecodable ones left out. Reads
-    ``_READS_IN_FLIGHT`` keys at a time. Raises ``NatsUnavailable`` for a failed read."""
+    ``_READS_IN_FLIGHT`` keys at a time. No keys: none, without opening the bucket (it does
+    not exist until a cloud has run). Raises ``NatsUnavailable`` for a failed read."""
+    if not keys:
+        return []
     kv = await nc.jetstream().key_value(names.FLEET_BUCKET)
     values: list[bytes | None] = [None] * len(keys)
     limiter = anyio.CapacityLimiter(_READS_IN_FLIGHT)

@@ -282,6 +282,16 @@ async def start_rollout(
     yank = await registry.yanked(model, version)
     if yank is not None:
         raise RolloutError(fleet, f"{model!r} version {version} was yanked ({yank.reason}): roll out another")
+    if config is not None and config.min_quality is not None:
+        # The quality gate could only fail (after installing on the canaries): refuse now.
+        lacking = sorted(v for v, m in variants.items() if m.generation is None or not m.generation.quality)
+        if lacking:
+            raise RolloutError(
+                fleet,
+                f"--min-quality needs a quality set (prompts with expected answers) in every variant "
+                f"of {model!r} version {version}; {', '.join(lacking)} "
+                f"{'has' if len(lacking) == 1 else 'have'} none (only generation bundles carry one)",
+            )
     per_model = await assigner.current(fleet, None, model)
     if side_by_side is None:
         side_by_side = per_model is not None or (fleet_wide is not None and fleet_wide.model != model)

@@ -226,11 +226,14 @@ class FleetDir:
         name: str | None = None,
         out: Path | None = None,
         js_domain: str | None = None,
+        force: bool = False,
     ) -> Enrolled:
         """Mint a user of ``role`` (a fresh user NKey) and write its creds file: for a node
         ``creds/nodes/<fleet>/<node>.creds``, else ``creds/<role>-<name>.creds``, or ``out``.
         Earlier creds of the same node stay valid until revoked. ``js_domain``: a node at a
-        leaf site reaching the hub's JetStream by that domain."""
+        leaf site reaching the hub's JetStream by that domain. ``FleetDirError`` when the creds
+        file exists, unless ``force`` or it is the default file of a user whose keys are all
+        revoked (a node enrolled again after ``fleet revoke``)."""
         if role not in ROLES:
             raise FleetDirError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if role == "node":
@@ -244,7 +247,15 @@ class FleetDir:
             if fleet is not None:
                 fleet = names.validate_id(fleet, "fleet")
             label = f"{role}-{names.validate_id(name or role, 'name')}"
-        user = new_key("user")
+        default = (
+            self.path / "creds" / "nodes" / str(fleet) / f"{node}.creds"
+            if role == "node"
+            else self.path / "creds" / f"{label}.creds"
+        )
+        out = default if out is None else out
+        if out.exists() and not force:
+            self._refuse_overwrite(out, default, label)
+        user = new_key("user")  # first: an analyst's rights name its own inbox by this key
         claims = permissions_for(role, fleet=fleet, node=node, js_domain=js_domain, user=user.public)
         which = self._account_of(role)
         signing = self._key(f"{which}-signing", "account")
@@ -253,12 +264,6 @@ class FleetDir:
             "user", user.public, label, {**claims, "issuer_account": self._public_of(which)}, signing,
             issued_at=issued,
         )  # fmt: skip
-        if out is None:
-            out = (
-                self.path / "creds" / "nodes" / str(fleet) / f"{node}.creds"
-                if role == "node"
-                else self.path / "creds" / f"{label}.creds"
-            )
         record = UserRecord(
             public=user.public, role=role, name=label, issued_at=issued, fleet=fleet, node=node
         )
@@ -272,6 +277,26 @@ class FleetDir:
             raise
         write_creds(out, token, user)
         return Enrolled(record, out)
+
+    def _refuse_overwrite(self, out: Path, default: Path, label: str) -> None:
+        """``FleetDirError`` for an existing creds file ``out``, unless it is the default file
+        of ``label`` whose keys are all revoked (its creds are dead: enrolling again is fine)."""
+        live = [u for u in self._index.users if u.name == label and u.revoked_at is None]
+        if not live and out == default:
+            return
+        u = live[0] if live else None
+        revoke = (
+            "`slmops fleet revoke`"
+            if u is None
+            else f"`slmops fleet revoke --fleet {u.fleet} --node {u.node}`"
+            if u.role == "node"
+            else f"`slmops fleet revoke --user {u.public}`"
+        )
+        why = f"{label} is enrolled already" if live else "not written by this enrollment"
+        raise FleetDirError(
+            f"{out} exists ({why}): --force mints a new key and overwrites the file; "
+            f"the old creds stay valid until {revoke}"
+        )
 
     def users(self) -> list[UserRecord]:
         return list(self._index.users)
